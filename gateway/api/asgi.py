@@ -1,0 +1,67 @@
+"""Small ASGI helpers shared by the HTTP layer: headers, request ids, error replies."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Iterable
+from typing import Any
+
+from ..errors import GatewayError
+
+__all__ = ["RequestHeaders", "new_request_id", "error_headers", "send_error", "send_body"]
+
+_SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
+JSON = b"application/json"
+
+
+def new_request_id() -> str:
+    return "req_" + secrets.token_hex(12)
+
+
+class RequestHeaders:
+    """The few request headers the gateway reads, found in one pass over the ASGI list."""
+
+    __slots__ = ("credential", "request_id", "content_length")
+
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+        credential = request_id = None
+        content_length: int | None = None
+        for name, value in raw:
+            if name == b"authorization":
+                scheme, _, token = value.decode("latin-1").partition(" ")
+                if scheme.lower() == "bearer" and token.strip():
+                    credential = token.strip()
+            elif name == b"api-key" and credential is None:
+                credential = value.decode("latin-1").strip() or None
+            elif name == b"x-request-id":
+                candidate = value.decode("latin-1")
+                if _SANE_REQUEST_ID.fullmatch(candidate):
+                    request_id = candidate
+            elif name == b"content-length":
+                content_length = int(value) if value.isdigit() else -1
+        self.credential = credential
+        self.request_id = request_id or new_request_id()
+        self.content_length = content_length
+
+
+def error_headers(error: GatewayError, request_id: str, body: bytes) -> list[tuple[bytes, bytes]]:
+    headers = [
+        (b"content-type", JSON),
+        (b"content-length", str(len(body)).encode()),
+        (b"x-request-id", request_id.encode()),
+    ]
+    if error.status == 401:
+        headers.append((b"www-authenticate", b"Bearer"))
+    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items())
+    return headers
+
+
+async def send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+async def send_error(send: Any, error: GatewayError, request_id: str) -> None:
+    body = error.body()
+    await send_body(send, error.status, error_headers(error, request_id, body), body)

@@ -1,0 +1,116 @@
+"""The `gateway` command: serve, check, schema, keys."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from . import __version__
+from .auth.keys import generate_key, hash_key
+from .policy import PolicyError, load_policy
+from .policy.schema import json_schema
+from .telemetry.logs import configure_logging
+
+__all__ = ["main"]
+
+DEFAULT_POLICY = Path("policies/gateway.yaml")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "command", None):
+        parser.print_help()
+        return 2
+    return int(args.run(args))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gateway", description="OpenAI-compatible LLM gateway")
+    parser.add_argument("--version", action="version", version=f"gateway {__version__}")
+    commands = parser.add_subparsers(dest="command")
+
+    serve = commands.add_parser("serve", help="run the gateway")
+    serve.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (default: %(default)s)")
+    serve.add_argument("--host", help="listen address (default: the policy's server.host)")
+    serve.add_argument("--port", type=int, help="listen port (default: the policy's server.port)")
+    serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    serve.set_defaults(run=_serve)
+
+    check = commands.add_parser("check", help="validate policy files; print every error; exit 1 on any")
+    check.add_argument("files", nargs="+", type=Path)
+    check.add_argument("--strict-env", action="store_true", help="also fail when a referenced env var is unset")
+    check.set_defaults(run=_check)
+
+    schema = commands.add_parser("schema", help="print the policy's JSON Schema")
+    schema.set_defaults(run=_schema)
+
+    keys = commands.add_parser("keys", help="virtual keys")
+    key_commands = keys.add_subparsers(dest="keys_command", required=True)
+    hash_cmd = key_commands.add_parser("hash", help="print the policy form (sha256:...) of a key")
+    hash_cmd.add_argument("key", nargs="?", help="the key (default: read one line from stdin)")
+    hash_cmd.set_defaults(run=_keys_hash)
+    gen_cmd = key_commands.add_parser("generate", help="make a new random key and print it with its hash")
+    gen_cmd.set_defaults(run=_keys_generate)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> int:
+    configure_logging()
+    if args.workers < 1:
+        print("gateway: --workers must be at least 1", file=sys.stderr)
+        return 2
+    try:
+        policy = load_policy(args.policy)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    from .server import serve
+
+    serve(args.policy, policy, args.host, args.port, args.workers)
+    return 0
+
+
+def _check(args: argparse.Namespace) -> int:
+    failed = False
+    for file in args.files:
+        try:
+            policy = load_policy(file, require_env=args.strict_env)
+        except PolicyError as exc:
+            failed = True
+            for issue in exc.issues:
+                print(issue, file=sys.stderr)
+            continue
+        for warning in policy.warnings:
+            print(f"warning: {warning}", file=sys.stderr)
+        print(f"{file}: ok ({len(policy.models)} model aliases, {len(policy.providers)} providers, "
+              f"auth: {policy.auth}, version {policy.version})")
+    return 1 if failed else 0
+
+
+def _schema(args: argparse.Namespace) -> int:
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+def _keys_hash(args: argparse.Namespace) -> int:
+    key = args.key if args.key is not None else sys.stdin.readline().rstrip("\r\n")
+    if not key:
+        print("gateway: no key given", file=sys.stderr)
+        return 2
+    print(hash_key(key))
+    return 0
+
+
+def _keys_generate(args: argparse.Namespace) -> int:
+    key = generate_key()
+    print(f"key:  {key}\nhash: {hash_key(key)}")
+    return 0
+
+
+if __name__ == "__main__":
+    logging.basicConfig()
+    raise SystemExit(main())

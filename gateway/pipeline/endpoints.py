@@ -1,0 +1,41 @@
+"""The OpenAI endpoints the gateway serves, with the request struct that checks each."""
+
+from __future__ import annotations
+
+import enum
+
+import msgspec
+
+from ..schemas.openai import ChatRequest, CompletionRequest, EmbeddingRequest
+
+__all__ = ["Endpoint"]
+
+
+class Endpoint(enum.Enum):
+    CHAT = "chat/completions"
+    COMPLETIONS = "completions"
+    EMBEDDINGS = "embeddings"
+
+    @property
+    def path(self) -> str:
+        return self.value
+
+    @property
+    def label(self) -> str:
+        """The metric label: short, fixed set."""
+        return self.name.lower()
+
+    @property
+    def request_type(self) -> type[msgspec.Struct]:
+        return _REQUEST_TYPES[self]
+
+    @property
+    def streams(self) -> bool:
+        return self is not Endpoint.EMBEDDINGS
+
+
+_REQUEST_TYPES: dict[Endpoint, type[msgspec.Struct]] = {
+    Endpoint.CHAT: ChatRequest,
+    Endpoint.COMPLETIONS: CompletionRequest,
+    Endpoint.EMBEDDINGS: EmbeddingRequest,
+}

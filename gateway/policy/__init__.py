@@ -1,0 +1,16 @@
+"""Policy: the YAML file's schema, its loading with located errors, and its compiled form."""
+
+from .compile import compile_text, load_policy
+from .compiled import ModelRoute, Policy, ProviderConfig, Timeouts
+from .loader import PolicyError, PolicyIssue
+
+__all__ = [
+    "ModelRoute",
+    "Policy",
+    "PolicyError",
+    "PolicyIssue",
+    "ProviderConfig",
+    "Timeouts",
+    "compile_text",
+    "load_policy",
+]

@@ -1,0 +1,156 @@
+"""Turn a decoded `PolicySpec` into a frozen `Policy`, checking what types cannot.
+
+Cross-checks (an alias names a provider that exists, a key names aliases that
+exist, an `openai` provider has a usable base URL...) are reported like decoding
+errors, with file, line and field, all at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from types import MappingProxyType
+from urllib.parse import urlsplit
+
+from ..auth.keys import KeyRing, VirtualKey
+from .compiled import ModelRoute, Policy, ProviderConfig, Timeouts
+from .loader import PolicyError, PolicyIssue, _Located, parse_spec
+from .schema import PolicySpec, ProviderSpec
+
+__all__ = ["compile_policy", "load_policy", "PolicyError"]
+
+DEMO_BASE_URL = "demo://in-process"
+
+
+def load_policy(path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = True) -> Policy:
+    """Read, validate and compile a policy file. Raises `PolicyError` with every issue."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([PolicyIssue(file, 1, "", f"cannot read the policy file: {exc}")]) from exc
+    return compile_text(text, file, env, require_env=require_env)
+
+
+def compile_text(
+    text: str, file: str = "<policy>", env: Mapping[str, str] | None = None, *, require_env: bool = True
+) -> Policy:
+    spec, doc = parse_spec(text, file)
+    version = hashlib.sha256(text.encode()).hexdigest()[:16]
+    return compile_policy(spec, doc, os.environ if env is None else env, version, require_env=require_env)
+
+
+def compile_policy(
+    spec: PolicySpec, doc: _Located, env: Mapping[str, str], version: str, *, require_env: bool = True
+) -> Policy:
+    warnings: list[str] = []
+    providers = {
+        name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
+    }
+    models = {}
+    for alias, model in spec.models.items():
+        if model.provider not in spec.providers:
+            known = ", ".join(sorted(spec.providers)) or "none"
+            doc.issue(("models", alias, "provider"), f"unknown provider `{model.provider}` (defined: {known})")
+        models[alias] = ModelRoute(alias, model.provider, model.model, model.description)
+    keys = _keys(spec, doc)
+    if not spec.models:
+        doc.issue(("models",), "at least one model alias is required")
+    if doc.issues:
+        raise PolicyError(doc.issues)
+    return Policy(
+        source=doc.file,
+        version=version,
+        server=spec.server,
+        auth=spec.auth,
+        keys=KeyRing(keys),
+        providers=MappingProxyType(providers),
+        models=MappingProxyType(models),
+        warnings=tuple(warnings),
+    )
+
+
+def _keys(spec: PolicySpec, doc: _Located) -> dict[bytes, VirtualKey]:
+    if spec.auth == "keys" and not spec.keys:
+        doc.issue(("auth",), "`auth: keys` needs at least one entry under `keys` (or use `auth: none` for local use)")
+    if spec.auth == "none" and spec.keys:
+        doc.issue(("keys",), "`keys` are listed but `auth: none` ignores them; remove them or set `auth: keys`")
+    keys: dict[bytes, VirtualKey] = {}
+    for index, key in enumerate(spec.keys):
+        digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
+        if digest in keys:
+            doc.issue(("keys", index, "hash"), "the same key hash is listed twice")
+        unknown = [alias for alias in key.models if alias != "*" and alias not in spec.models]
+        if unknown:
+            doc.issue(("keys", index, "models"), f"unknown model alias(es): {', '.join(unknown)}")
+        aliases = None if "*" in key.models else frozenset(key.models)
+        keys[digest] = VirtualKey(key.name or f"key-{index}", key.tenant, digest, aliases)
+    return keys
+
+
+def _provider(
+    name: str, spec: ProviderSpec, doc: _Located, env: Mapping[str, str], require_env: bool, warnings: list[str]
+) -> ProviderConfig:
+    path = ("providers", name)
+    base_url = DEMO_BASE_URL
+    if spec.kind == "openai":
+        base_url = _base_url(spec.base_url, doc, path)
+    elif spec.base_url is not None:
+        doc.issue(path + ("base_url",), "a `demo` provider answers in-process and takes no base_url")
+    t = spec.timeouts
+    if t.first_byte_s > t.total_s or t.connect_s > t.total_s:
+        doc.issue(path + ("timeouts",), "connect_s and first_byte_s must not exceed total_s")
+    headers: dict[str, str] = {}
+    for header, value in spec.headers.items():
+        if header.lower() in ("authorization", spec.api_key_header.lower()) and spec.api_key_env:
+            doc.issue(path + ("headers", header), "the API key header is set from api_key_env; do not repeat it")
+        if _looks_secret(header):
+            doc.issue(path + ("headers", header), "put secrets in headers_env (an environment variable), not inline")
+        headers[header] = value
+    secrets = dict(spec.headers_env)
+    if spec.api_key_env:
+        secrets[spec.api_key_header] = spec.api_key_env
+    for header, var in secrets.items():
+        value = env.get(var)
+        if value is None:
+            message = f"environment variable `{var}` is not set"
+            field = "api_key_env" if var == spec.api_key_env and header == spec.api_key_header else "headers_env"
+            if require_env:
+                doc.issue(path + (field,), message)
+            else:
+                warnings.append(f"{doc.file}:{doc.line_of(path + (field,))}: providers.{name}.{field}: {message}")
+            continue
+        bearer = header.lower() == "authorization" and not value.lower().startswith(("bearer ", "basic "))
+        headers[header] = f"Bearer {value}" if bearer else value
+    return ProviderConfig(
+        name=name,
+        kind=spec.kind,
+        base_url=base_url,
+        headers=MappingProxyType(headers),
+        query=MappingProxyType(dict(spec.query)),
+        timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
+        pool_size=spec.pool_size,
+        stream_usage=spec.stream_usage,
+        chunk_delay_ms=spec.chunk_delay_ms,
+    )
+
+
+def _base_url(url: str | None, doc: _Located, path: tuple[str, ...]) -> str:
+    if not url:
+        doc.issue(path, "an `openai` provider needs `base_url` (e.g. https://api.openai.com/v1)")
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        doc.issue(path + ("base_url",), f"`{url}` is not an http(s) URL with a host")
+    if parts.query or parts.fragment:
+        doc.issue(path + ("base_url",), "put query parameters under `query`, not in base_url")
+    if parts.username or parts.password:
+        doc.issue(path + ("base_url",), "credentials in base_url are not allowed; use api_key_env")
+    return url.rstrip("/")
+
+
+def _looks_secret(header: str) -> bool:
+    lowered = header.lower()
+    return lowered in ("authorization", "api-key", "x-api-key", "proxy-authorization") or "token" in lowered

@@ -1,0 +1,188 @@
+"""Read a policy file: YAML to typed structs, with every error located.
+
+Why not just `msgspec.yaml.decode`: it stops at the first error and knows no line
+numbers. An operator fixing a file wants all of its errors at once, each with
+file, line and field path. So the YAML is composed into nodes first (which carry
+their marks), then checked field by field against the structs of
+`policy.schema`, collecting issues, and only then decoded.
+"""
+
+from __future__ import annotations
+
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+import yaml
+
+from .schema import PolicySpec
+
+__all__ = ["PolicyError", "PolicyIssue", "load_spec", "parse_spec"]
+
+_PathPart = str | int
+_Path = tuple[_PathPart, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyIssue:
+    file: str
+    line: int
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        where = f"{self.path}: " if self.path else ""
+        return f"{self.file}:{self.line}: {where}{self.message}"
+
+
+class PolicyError(Exception):
+    """A policy file that cannot be used; carries every issue found."""
+
+    def __init__(self, issues: list[PolicyIssue]) -> None:
+        self.issues = issues
+        super().__init__("\n".join(str(issue) for issue in issues))
+
+
+def format_path(path: _Path) -> str:
+    out = ""
+    for part in path:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+class _Located:
+    """The YAML document as plain data, plus the line of every path in it."""
+
+    def __init__(self, file: str, text: str) -> None:
+        self.file = file
+        self.lines: dict[_Path, int] = {}
+        self.issues: list[PolicyIssue] = []
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            self.data: Any = None if node is None else loader.construct_document(node)
+        finally:
+            loader.dispose()
+        if node is not None:
+            self._index(node, ())
+
+    def _index(self, node: yaml.Node, path: _Path) -> None:
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.MappingNode):
+            seen: set[object] = set()
+            for key_node, value_node in node.value:
+                key = key_node.value
+                if key == "<<":
+                    continue
+                if key in seen:
+                    self.issue(path + (key,), f"duplicate key `{key}`", key_node.start_mark.line + 1)
+                seen.add(key)
+                self.lines[path + (key,)] = key_node.start_mark.line + 1
+                self._index(value_node, path + (key,))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                self._index(item, path + (index,))
+
+    def line_of(self, path: _Path) -> int:
+        while path and path not in self.lines:
+            path = path[:-1]
+        return self.lines.get(path, 1)
+
+    def issue(self, path: _Path, message: str, line: int | None = None) -> None:
+        line = self.line_of(path) if line is None else line
+        self.issues.append(PolicyIssue(self.file, line, format_path(path), message))
+
+
+def _struct_type(tp: Any) -> type[msgspec.Struct] | None:
+    return tp if isinstance(tp, type) and issubclass(tp, msgspec.Struct) else None
+
+
+def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
+    """Check `value` against type `tp`, recording every issue found under `path`."""
+    struct = _struct_type(tp)
+    if struct is not None:
+        _check_struct(doc, value, struct, path)
+        return
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is dict and _struct_type(args[1]) is not None:
+        if not isinstance(value, dict):
+            doc.issue(path, f"expected a mapping, got {_kind(value)}")
+            return
+        for key, item in value.items():
+            _convert(doc, key, args[0], path + (str(key),), what="name")
+            _check(doc, item, args[1], path + (str(key),))
+        return
+    if origin is list and _struct_type(args[0]) is not None:
+        if not isinstance(value, list):
+            doc.issue(path, f"expected a list, got {_kind(value)}")
+            return
+        for index, item in enumerate(value):
+            _check(doc, item, args[0], path + (index,))
+        return
+    _convert(doc, value, tp, path)
+
+
+def _check_struct(doc: _Located, value: Any, struct: type[msgspec.Struct], path: _Path) -> None:
+    if not isinstance(value, dict):
+        doc.issue(path, f"expected a mapping, got {_kind(value)}")
+        return
+    fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+    for key in value:
+        if key not in fields:
+            allowed = ", ".join(sorted(fields))
+            doc.issue(path + (str(key),), f"unknown field `{key}` (allowed: {allowed})")
+    for name, field in fields.items():
+        if name in value:
+            _check(doc, value[name], field.type, path + (name,))
+        elif field.required:
+            doc.issue(path, f"missing required field `{name}`")
+
+
+def _convert(doc: _Located, value: Any, tp: Any, path: _Path, what: str = "value") -> None:
+    try:
+        msgspec.convert(value, tp)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `")
+        suffix = where.rstrip("`")
+        if suffix.startswith("$") and len(suffix) > 1:
+            message = f"{message} (at {suffix[1:].lstrip('.')})"
+        if what == "name":
+            message = f"invalid name `{value}`: {message}"
+        doc.issue(path, message[0].lower() + message[1:])
+
+
+def _kind(value: Any) -> str:
+    return {dict: "a mapping", list: "a list", str: "a string", types.NoneType: "nothing"}.get(
+        type(value), type(value).__name__
+    )
+
+
+def parse_spec(text: str, file: str = "<policy>") -> tuple[PolicySpec, _Located]:
+    """Decode policy text, or raise `PolicyError` listing every problem."""
+    try:
+        doc = _Located(file, text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark else 1
+        raise PolicyError([PolicyIssue(file, line, "", f"YAML syntax error: {exc.problem or exc}")]) from exc
+    except yaml.YAMLError as exc:
+        raise PolicyError([PolicyIssue(file, 1, "", f"YAML error: {exc}")]) from exc
+    if doc.data is None:
+        raise PolicyError([PolicyIssue(file, 1, "", "the policy file is empty")])
+    _check(doc, doc.data, PolicySpec, ())
+    if doc.issues:
+        raise PolicyError(doc.issues)
+    return msgspec.convert(doc.data, PolicySpec), doc
+
+
+def load_spec(path: str | Path) -> tuple[PolicySpec, _Located]:
+    """Read and decode a policy file."""
+    file = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PolicyError([PolicyIssue(file, 1, "", f"cannot read the policy file: {exc}")]) from exc
+    return parse_spec(text, file)

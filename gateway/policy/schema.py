@@ -1,0 +1,102 @@
+"""The policy file's raw shape (version 1), as msgspec structs.
+
+These structs are what YAML decodes into: every field typed, unknown fields
+rejected, defaults written down here once. They are checked field by field by
+`policy.loader` (so that one run reports every error with its line) and then
+turned into the runtime objects of `policy.compiled` by `policy.compile`.
+`gateway schema` prints the JSON Schema generated from these same structs.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "AuthMode",
+    "KeySpec",
+    "ModelSpec",
+    "PolicySpec",
+    "ProviderKind",
+    "ProviderSpec",
+    "ServerSpec",
+    "TimeoutSpec",
+    "json_schema",
+]
+
+Seconds = Annotated[float, Meta(gt=0, le=86_400, description="seconds")]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable")]
+HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+KeyHash = Annotated[
+    str,
+    Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="output of `gateway keys hash`"),
+]
+ProviderKind = Literal["openai", "demo"]
+AuthMode = Literal["none", "keys"]
+
+
+class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Common options: reject unknown fields, immutable."""
+
+
+class ServerSpec(_Spec, kw_only=True):
+    host: str = "127.0.0.1"
+    port: Annotated[int, Meta(ge=1, le=65_535)] = 8080
+    max_body_bytes: Annotated[int, Meta(ge=1_024, le=256 * 1024 * 1024)] = 4 * 1024 * 1024
+    drain_timeout_s: Seconds = 30.0
+    metrics: bool = True
+    access_log: bool = False
+
+
+class TimeoutSpec(_Spec, kw_only=True):
+    connect_s: Seconds = 5.0
+    first_byte_s: Seconds = 120.0
+    idle_s: Seconds = 60.0
+    total_s: Seconds = 600.0
+
+
+class ProviderSpec(_Spec, kw_only=True):
+    kind: ProviderKind
+    base_url: str | None = None
+    api_key_env: EnvVarName | None = None
+    api_key_header: HeaderName = "Authorization"
+    headers: dict[HeaderName, str] = {}
+    headers_env: dict[HeaderName, EnvVarName] = {}
+    query: dict[str, str] = {}
+    timeouts: TimeoutSpec = TimeoutSpec()
+    pool_size: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    stream_usage: bool = True
+    chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+
+
+class ModelSpec(_Spec, kw_only=True):
+    provider: Name
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    description: str = ""
+
+
+class KeySpec(_Spec, kw_only=True):
+    hash: KeyHash
+    tenant: Name
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    name: str = ""
+
+
+class PolicySpec(_Spec, kw_only=True):
+    version: Literal[1]
+    server: ServerSpec = ServerSpec()
+    auth: AuthMode = "keys"
+    keys: list[KeySpec] = []
+    providers: dict[Name, ProviderSpec]
+    models: dict[Name, ModelSpec]
+
+
+def json_schema() -> dict[str, object]:
+    """The policy's JSON Schema, for editors (yaml-language-server and friends)."""
+    schema = msgspec.json.schema(PolicySpec)
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "LLM gateway policy, version 1"
+    return schema

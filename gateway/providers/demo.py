@@ -1,0 +1,186 @@
+"""The built-in demo model: answers in-process, deterministically, streamed or not.
+
+It lets a newcomer run the gateway with no API key and no network, and it gives
+tests and demos a model whose every answer is known in advance. Usage figures are
+real token counts (tiktoken) of the prompt and of the answer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import itertools
+import struct
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgspec
+
+from ..pipeline.endpoints import Endpoint
+from ..policy.compiled import ProviderConfig
+from ..schemas.openai import Usage
+from ..telemetry.tokens import TokenCounter, message_text
+from ..upstream.sse import DONE_EVENT, data_event
+from .base import Call, Completion
+
+__all__ = ["DemoProvider", "demo_reply"]
+
+_encode = msgspec.json.Encoder().encode
+_ids = itertools.count(1)
+_FINGERPRINT = "fp_gateway_demo"
+_EMBEDDING_DIMENSIONS = 256
+
+
+def demo_reply(prompt: str) -> str:
+    """The demo model's answer: fixed words plus a short, deterministic echo of the prompt."""
+    words = prompt.split()
+    echo = " ".join(words[:12]) + (" ..." if len(words) > 12 else "")
+    said = f' You said: "{echo}".' if echo else ""
+    return f"Hello! This is the gateway's built-in demo model answering.{said} Point a model alias at a real provider to get real answers."
+
+
+class DemoProvider:
+    def __init__(self, config: ProviderConfig, tokens: TokenCounter | None = None) -> None:
+        self.name = config.name
+        self.config = config
+        self.tokens = tokens or TokenCounter()
+        self._delay = config.chunk_delay_ms / 1000
+
+    async def start(self) -> None:
+        await asyncio.to_thread(self.tokens.load)
+
+    async def close(self) -> None:
+        return None
+
+    def _prompt(self, call: Call) -> str:
+        body = call.body
+        if call.endpoint is Endpoint.CHAT:
+            messages = body.get("messages")
+            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] if isinstance(messages, list) else []
+            return "\n".join(message_text(users[-1:])) if users else ""
+        prompt = body.get("prompt")
+        return prompt if isinstance(prompt, str) else ""
+
+    def _usage(self, call: Call, answer: str) -> Usage:
+        if call.endpoint is Endpoint.CHAT:
+            texts = message_text(call.body.get("messages"))
+            prompt_tokens = sum(self.tokens.count(t) for t in texts) + 3 * len(call.body.get("messages") or ()) + 3
+        else:
+            prompt_tokens = self.tokens.count(self._prompt(call))
+        choices = _choices(call)
+        completion_tokens = self.tokens.count(answer) * choices
+        return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
+
+    async def complete(self, call: Call) -> Completion:
+        if call.endpoint is Endpoint.EMBEDDINGS:
+            return self._embeddings(call)
+        answer = demo_reply(self._prompt(call))
+        usage = self._usage(call, answer)
+        created, model = int(time.time()), call.body["model"]
+        if call.endpoint is Endpoint.CHAT:
+            body: dict[str, Any] = {
+                "id": f"chatcmpl-demo-{next(_ids)}", "object": "chat.completion", "created": created, "model": model,
+                "system_fingerprint": _FINGERPRINT,
+                "choices": [
+                    {"index": i, "message": {"role": "assistant", "content": answer, "refusal": None},
+                     "logprobs": None, "finish_reason": "stop"} for i in range(_choices(call))
+                ],
+            }
+        else:
+            body = {
+                "id": f"cmpl-demo-{next(_ids)}", "object": "text_completion", "created": created, "model": model,
+                "system_fingerprint": _FINGERPRINT,
+                "choices": [{"index": i, "text": answer, "logprobs": None, "finish_reason": "stop"} for i in range(_choices(call))],
+            }
+        body["usage"] = msgspec.to_builtins(usage)
+        return Completion(_encode(body), usage)
+
+    async def open_stream(self, call: Call) -> DemoStream:
+        return DemoStream(self, call)
+
+    def _embeddings(self, call: Call) -> Completion:
+        raw = call.body.get("input")
+        inputs = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)) else raw
+        dims = call.body.get("dimensions") or _EMBEDDING_DIMENSIONS
+        as_base64 = call.body.get("encoding_format") == "base64"
+        data, prompt_tokens = [], 0
+        for index, item in enumerate(inputs or []):
+            text = item if isinstance(item, str) else " ".join(map(str, item))
+            prompt_tokens += self.tokens.count(item) if isinstance(item, str) else len(item)
+            vector = _vector(text, dims)
+            embedding: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
+            data.append({"object": "embedding", "index": index, "embedding": embedding})
+        usage = Usage(prompt_tokens, 0, prompt_tokens)
+        body = {"object": "list", "data": data, "model": call.body["model"],
+                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
+        return Completion(_encode(body), usage)
+
+
+def _choices(call: Call) -> int:
+    n = call.body.get("n")
+    return n if isinstance(n, int) and n > 0 else 1
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    """A deterministic unit vector derived from the text."""
+    seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
+    values: list[float] = []
+    counter = 0
+    while len(values) < dims:
+        block = hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+        values.extend((b - 127.5) / 127.5 for b in block)
+        counter += 1
+    values = values[:dims]
+    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    return [round(v / norm, 6) for v in values]
+
+
+class DemoStream:
+    """The demo answer as an OpenAI SSE stream, one word a chunk."""
+
+    def __init__(self, provider: DemoProvider, call: Call) -> None:
+        self.usage: Usage | None = None
+        self.error = None
+        self._provider = provider
+        self._call = call
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._events()
+
+    async def aclose(self) -> None:
+        return None
+
+    async def _events(self) -> AsyncIterator[bytes]:
+        call, provider = self._call, self._provider
+        chat = call.endpoint is Endpoint.CHAT
+        answer = demo_reply(provider._prompt(call))
+        words = answer.split(" ")
+        base = {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-demo-{next(_ids)}",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()), "model": call.body["model"], "system_fingerprint": _FINGERPRINT,
+        }
+        n = _choices(call)
+
+        def chunk(piece: str | None, finish: str | None, first: bool = False) -> bytes:
+            if chat:
+                delta: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None} if first else (
+                    {"content": piece} if piece is not None else {})
+                choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish} for i in range(n)]
+            else:
+                choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish} for i in range(n)]
+            return data_event(_encode({**base, "choices": choices}))
+
+        if chat:
+            yield chunk(None, None, first=True)
+        for i, word in enumerate(words):
+            if self._provider._delay:
+                await asyncio.sleep(self._provider._delay)
+            yield chunk(word if i == 0 else " " + word, None)
+        yield chunk(None, "stop")
+        self.usage = provider._usage(call, answer)
+        if call.client_wants_usage:
+            yield data_event(_encode({**base, "choices": [], "usage": msgspec.to_builtins(self.usage)}))
+        yield DONE_EVENT

@@ -1,0 +1,114 @@
+"""The OpenAI wire format: what ingress checks, and the typed pieces the gateway reads.
+
+The request structs type the fields the gateway interprets or that clients most
+often get wrong; they accept unknown fields, because the body is forwarded as the
+client sent it (tools, response_format, seed, image parts and fields that do not
+exist yet all pass through). Validation runs on the decoded dict; the dict, not
+the struct, is what travels on.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+import msgspec
+from msgspec import Meta, Struct
+
+__all__ = [
+    "ChatRequest",
+    "CompletionRequest",
+    "EmbeddingRequest",
+    "StreamOptions",
+    "Usage",
+    "UsagePeek",
+    "ChunkPeek",
+]
+
+Unit = Annotated[float, Meta(ge=0, le=2)]
+Penalty = Annotated[float, Meta(ge=-2, le=2)]
+Positive = Annotated[int, Meta(ge=1)]
+ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
+Stop = str | list[str] | None
+Tokens = list[int]
+Prompt = Annotated[str, Meta(max_length=10_000_000)] | list[str] | Tokens | list[Tokens]
+
+
+class StreamOptions(Struct):
+    include_usage: bool | None = None
+
+
+class Message(Struct):
+    role: Literal["system", "developer", "user", "assistant", "tool", "function"]
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+
+class _Sampling(Struct, kw_only=True):
+    model: ModelName
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: Unit | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    n: Annotated[int, Meta(ge=1, le=128)] | None = None
+    max_tokens: Positive | None = None
+    stop: Stop = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    seed: int | None = None
+    user: str | None = None
+
+
+class ChatRequest(_Sampling, kw_only=True):
+    messages: Annotated[list[Message], Meta(min_length=1)]
+    max_completion_tokens: Positive | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Meta(ge=0, le=20)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+
+
+class CompletionRequest(_Sampling, kw_only=True):
+    prompt: Prompt
+    echo: bool | None = None
+    logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None
+    suffix: str | None = None
+
+
+class EmbeddingRequest(Struct, kw_only=True):
+    model: ModelName
+    input: Prompt
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: Positive | None = None
+    user: str | None = None
+
+
+class PromptTokensDetails(Struct):
+    cached_tokens: int | None = None
+
+
+class Usage(Struct, omit_defaults=True):
+    """Token usage as the upstream reported it (OpenAI's shape)."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+
+
+class UsagePeek(Struct):
+    """Just enough of a complete response to read its usage (other fields are skipped, not copied)."""
+
+    usage: Usage | None = None
+
+
+class ErrorPeek(Struct):
+    message: Any = None
+    type: Any = None
+    code: Any = None
+
+
+class ChunkPeek(Struct):
+    """Just enough of a stream chunk to account for it and to spot an in-band error."""
+
+    usage: Usage | None = None
+    choices: list[msgspec.Raw] | None = None
+    error: ErrorPeek | None = None

@@ -1,0 +1,94 @@
+"""Every metric the gateway exports, in one place, with bounded labels.
+
+Labels take values from closed sets only: endpoint names, policy aliases (or
+"unknown"), provider names, and the HTTP statuses the gateway emits. Never
+client text, never keys or tenants' secrets.
+
+With several worker processes, prometheus_client's multiprocess mode is used
+(`PROMETHEUS_MULTIPROC_DIR`, set by `gateway serve --workers N`), so that any
+worker's `/metrics` shows the sum over all of them.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import multiprocess
+
+__all__ = ["Metrics", "CONTENT_TYPE"]
+
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = None if self.multiprocess else self.registry
+        if self.multiprocess:
+            multiprocess.MultiProcessCollector(self.registry)
+        self.requests = Counter(
+            "gateway_requests", "Requests answered, by endpoint, model alias and HTTP status.",
+            ("endpoint", "model", "status"), registry=registry,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds", "Time from request arrival to the last byte sent.",
+            ("endpoint", "model"), buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.upstream_duration = Histogram(
+            "gateway_upstream_duration_seconds", "Time spent waiting on and reading from the upstream.",
+            ("provider",), buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.overhead = Histogram(
+            "gateway_overhead_seconds", "The gateway's own time: total minus upstream time.",
+            ("endpoint",), buckets=_OVERHEAD_BUCKETS, registry=registry,
+        )
+        self.first_chunk = Histogram(
+            "gateway_time_to_first_chunk_seconds", "Streams: time from arrival to the first chunk sent.",
+            ("model",), buckets=_LATENCY_BUCKETS, registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight", "Requests being handled now (streams until their end).",
+            registry=registry, multiprocess_mode="livesum",
+        )
+        self.tokens = Counter(
+            "gateway_tokens", "Tokens reported by upstreams, by model alias and kind (prompt, completion).",
+            ("model", "kind"), registry=registry,
+        )
+        self._children: dict[tuple[object, ...], object] = {}
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    def record(
+        self, endpoint: str, model: str, status: int, total: float, provider: str | None, upstream: float,
+        first_chunk: float | None, prompt_tokens: int, completion_tokens: int,
+    ) -> None:
+        """Everything about one finished request, in one call (cached label children)."""
+        key = (endpoint, model, status, provider)
+        children = self._children.get(key)
+        if children is None:
+            children = self._children[key] = (
+                self.requests.labels(endpoint, model, str(status)),
+                self.duration.labels(endpoint, model),
+                self.upstream_duration.labels(provider) if provider else None,
+                self.overhead.labels(endpoint),
+                self.first_chunk.labels(model),
+                self.tokens.labels(model, "prompt"),
+                self.tokens.labels(model, "completion"),
+            )
+        requests, duration, upstream_h, overhead, first, prompt_c, completion_c = children  # type: ignore[misc]
+        requests.inc()
+        duration.observe(total)
+        if upstream_h is not None:
+            upstream_h.observe(upstream)
+            overhead.observe(max(0.0, total - upstream))
+        if first_chunk is not None:
+            first.observe(first_chunk)
+        if prompt_tokens:
+            prompt_c.inc(prompt_tokens)
+        if completion_tokens:
+            completion_c.inc(completion_tokens)

@@ -1,0 +1,73 @@
+"""Incremental Server-Sent Events decoding and encoding, for OpenAI-style streams.
+
+Network reads split events anywhere; the decoder keeps the tail and returns the
+`data` payloads of the events completed so far, so that each can be forwarded
+as soon as its last byte arrives.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+__all__ = ["SSEDecoder", "DONE_EVENT", "data_event", "error_event"]
+
+DONE = b"[DONE]"
+DONE_EVENT = b"data: [DONE]\n\n"
+_MAX_PENDING = 8 * 1024 * 1024  # an event larger than this is not an OpenAI chunk
+
+
+class SSEDecoder:
+    """Feed it bytes; get back the data payloads of every complete event."""
+
+    __slots__ = ("_pending",)
+
+    def __init__(self) -> None:
+        self._pending = b""
+
+    def feed(self, data: bytes) -> list[bytes]:
+        buf = self._pending + data if self._pending else data
+        if b"\r" in buf:
+            keep_cr = buf.endswith(b"\r")
+            buf = buf.replace(b"\r\n", b"\n")
+            if keep_cr:  # a "\r\n" may be split across reads: wait for the "\n"
+                buf = buf[:-1]
+            buf = buf.replace(b"\r", b"\n") + (b"\r" if keep_cr else b"")
+        events = buf.split(b"\n\n")
+        self._pending = events.pop()
+        if len(self._pending) > _MAX_PENDING:
+            raise ValueError("stream event too large")
+        payloads = []
+        for event in events:
+            payload = _data_of(event)
+            if payload is not None:
+                payloads.append(payload)
+        return payloads
+
+    def flush(self) -> list[bytes]:
+        """The last event, when the stream ended without its blank line."""
+        rest, self._pending = self._pending.rstrip(b"\r\n"), b""
+        payload = _data_of(rest) if rest else None
+        return [payload] if payload is not None else []
+
+
+def _data_of(event: bytes) -> bytes | None:
+    if event.startswith(b"data:") and b"\n" not in event:  # the common case: one data line
+        return event[6:] if event[5:6] == b" " else event[5:]
+    parts = []
+    for line in event.split(b"\n"):
+        if line.startswith(b"data:"):
+            parts.append(line[6:] if line[5:6] == b" " else line[5:])
+    return b"\n".join(parts) if parts else None
+
+
+def data_event(payload: bytes) -> bytes:
+    return b"data: " + payload + b"\n\n"
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def error_event(message: str, type_: str, code: str | None) -> bytes:
+    """The in-band error OpenAI's SDKs turn into an `APIError` mid-stream."""
+    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
+    return b"data: " + _encoder.encode(body) + b"\n\n"

@@ -1,0 +1,580 @@
+"""A mock OpenAI-compatible upstream model server with fault injection.
+
+The gateway's end-to-end tests need an upstream that speaks OpenAI's real wire
+format (JSON bodies and server-sent events) and that misbehaves on demand.  The
+server runs on its own event loop in a background thread, so synchronous tests
+can drive it with ordinary HTTP clients while it records what it received.
+
+Faults are chosen by the request's ``model`` field (see ``parse_fault``): it is
+the one value a gateway forwards after mapping an alias, so a test selects a
+failure just by picking an alias that maps to, say, ``fault-status-429``.
+
+Run ``python -m tests.support.mock_upstream --port 9999`` to try it by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import hashlib
+import itertools
+import json
+import re
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, NoReturn
+
+from aiohttp import web
+
+STALL_SECONDS = 60.0
+POLL_SECONDS = 0.05
+SLOW_STREAM_CHUNKS = 50
+PARTIAL_BODY_BYTES = 10
+DEFAULT_DIMENSIONS = 8
+MODEL_IDS = ("mock-model", "gpt-4o-mini", "text-embedding-3-small")
+MODEL_CREATED = 1_700_000_000
+# Deliberately leaks an internal address and a key: a gateway must scrub these.
+LEAKY_DETAIL = "upstream at http://10.0.0.5:8080/internal rejected key sk-upstream-test"
+MALFORMED_BODY = b'{"id": "chatcmpl-broken", "choices": ['
+MALFORMED_EVENT = b"data: {not json}\n\n"
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+@dataclass
+class RecordedRequest:
+    """One request as the mock received it (header names lower-cased)."""
+
+    method: str
+    path: str
+    headers: dict[str, str]
+    body: bytes
+    json: Any | None
+    model: str | None
+
+
+@dataclass(frozen=True)
+class Fault:
+    """A misbehaviour requested through the model name, e.g. ``fault-stall-after-3``."""
+
+    kind: str
+    value: int = 0
+
+
+_FAULT_RE = re.compile(
+    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream)-(\d+)"
+    r"|fault-(reset-before|malformed-json)"
+)
+
+
+def parse_fault(model: Any) -> Fault | None:
+    """Return the fault named by ``model``, or None for a well-behaved answer."""
+    match = _FAULT_RE.fullmatch(model) if isinstance(model, str) else None
+    if match is None:
+        return None
+    if match.group(3):
+        return Fault(match.group(3))
+    return Fault(match.group(1), int(match.group(2)))
+
+
+class RequestError(Exception):
+    """A request the real API would reject with 400 invalid_request_error."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+@dataclass
+class SseAnswer:
+    """Encoded SSE events; ``first_content`` indexes the first content event,
+    which is where "after <n> chunks" faults start counting."""
+
+    events: list[bytes]
+    first_content: int
+
+
+# ---------------------------------------------------------------- wire format
+
+
+def error_response(
+    status: int, message: str, type_: str, code: str | None,
+    param: str | None = None, headers: dict[str, str] | None = None,
+) -> web.Response:
+    body = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def status_fault_response(status: int) -> web.Response:
+    """The error a real upstream would send for ``status``, plus leaky details."""
+    message = f"Mock upstream failure {status}: {LEAKY_DETAIL}"
+    if status == 429:
+        return error_response(status, message, "rate_limit_exceeded",
+                              "rate_limit_exceeded", headers={"Retry-After": "7"})
+    if status == 401:
+        return error_response(status, message, "invalid_request_error", "invalid_api_key")
+    if status == 404:
+        return error_response(status, message, "invalid_request_error", "model_not_found")
+    if status >= 500:
+        return error_response(status, message, "server_error", None)
+    return error_response(status, message, "invalid_request_error", None)
+
+
+def auth_error_response(authorization: str) -> web.Response:
+    key = authorization.removeprefix("Bearer ").strip()
+    if not key:
+        message = "You didn't provide an API key."
+    else:  # mask like OpenAI does, so the mock itself never echoes a key
+        message = f"Incorrect API key provided: {key[:3]}***{key[-4:]}."
+    return error_response(401, message, "invalid_request_error", "invalid_api_key")
+
+
+def bad_json_response() -> web.Response:
+    return error_response(
+        400, "We could not parse the JSON body of your request. The API expects a "
+        "JSON object as the request body.", "invalid_request_error", None)
+
+
+def sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"
+
+
+def count_words(text: Any) -> int:
+    return len(text.split()) if isinstance(text, str) else 0
+
+
+def chat_prompt_tokens(messages: Any) -> int:
+    """Deterministic stand-in for a tokenizer: words in text content + 3 per message."""
+    total = 0
+    for message in messages if isinstance(messages, list) else []:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            total += sum(count_words(part.get("text")) for part in content
+                         if isinstance(part, dict) and part.get("type") == "text")
+        else:
+            total += count_words(content)
+        total += 3
+    return total
+
+
+def prompt_inputs(value: Any, param: str) -> list[tuple[str, int]]:
+    """Normalise a completions prompt / embeddings input to (text, tokens) pairs.
+
+    Accepts a string, a list of strings, a token list, or a list of token lists."""
+    if isinstance(value, str):
+        return [(value, count_words(value))]
+    if isinstance(value, list) and value and all(type(v) is int for v in value):
+        return [(" ".join(map(str, value)), len(value))]
+    if isinstance(value, list) and value:
+        items = [prompt_inputs(v, param) for v in value if isinstance(v, (str, list))]
+        if len(items) == len(value) and all(len(i) == 1 for i in items):
+            return [i[0] for i in items]
+    raise RequestError(f"'{param}' must be a string, a list of strings or token lists", param)
+
+
+def chat_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt, "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
+        },
+    }
+
+
+def embedding_vector(text: str, dimensions: int) -> list[float]:
+    """Deterministic pseudo-embedding in [-1, 1), rounded to float32 so that the
+    float and base64 encodings carry exactly the same numbers."""
+    raw = b"".join(hashlib.sha256(f"{block}:{text}".encode()).digest()
+                   for block in range((dimensions * 4 + 31) // 32))
+    values = [n / 2**31 - 1.0 for n in struct.unpack(f"<{dimensions}I", raw[:dimensions * 4])]
+    return list(struct.unpack(f"<{dimensions}f", struct.pack(f"<{dimensions}f", *values)))
+
+
+def _choice_count(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return n if type(n) is int and n > 1 else 1
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
+
+
+def _streamed(base: dict[str, Any], n: int, pieces: list[dict[str, Any]], final: dict[str, Any],
+              usage: dict[str, Any] | None, first: dict[str, Any] | None = None) -> SseAnswer:
+    """Encode an OpenAI stream: optional opening choice, one event per piece and
+    choice index, a finishing event per choice, the usage event, then [DONE]."""
+    def event(choices: list[dict[str, Any]], **extra: Any) -> bytes:
+        return sse({**base, "choices": choices, **({"usage": None} if usage else {}), **extra})
+
+    opening = [event([{"index": i, **first}]) for i in range(n)] if first else []
+    body = [event([{"index": i, **piece}]) for piece in pieces for i in range(n)]
+    closing = [event([{"index": i, **final}]) for i in range(n)]
+    tail = [event([], usage=usage)] if usage else []
+    return SseAnswer(opening + body + closing + tail + [SSE_DONE], len(opening))
+
+
+def chat_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
+    n, text = _choice_count(body), " ".join(words)
+    base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model") or "mock-model", "system_fingerprint": "fp_mock"}
+    usage = chat_usage(chat_prompt_tokens(body.get("messages")), len(words) * n)
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": text, "refusal": None}
+        choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": "stop"}
+                   for i in range(n)]
+        return {**base, "choices": choices, "usage": usage}
+    pieces = [{"delta": {"content": w if pos == 0 else " " + w}, "logprobs": None,
+               "finish_reason": None} for pos, w in enumerate(words)]
+    first = {"delta": {"role": "assistant", "content": "", "refusal": None},
+             "logprobs": None, "finish_reason": None}
+    final = {"delta": {}, "logprobs": None, "finish_reason": "stop"}
+    return _streamed({**base, "object": "chat.completion.chunk"}, n, pieces, final,
+                     usage if _include_usage(body) else None, first)
+
+
+def completion_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
+    n, text = _choice_count(body), " ".join(words)
+    prompt = sum(tokens for _, tokens in prompt_inputs(body.get("prompt", ""), "prompt"))
+    base = {"id": f"cmpl-mock-{serial}", "object": "text_completion", "created": int(time.time()),
+            "model": body.get("model") or "mock-model", "system_fingerprint": "fp_mock"}
+    completion = len(words) * n
+    usage = {"prompt_tokens": prompt, "completion_tokens": completion,
+             "total_tokens": prompt + completion}
+    if not body.get("stream"):
+        choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": "stop"}
+                   for i in range(n)]
+        return {**base, "choices": choices, "usage": usage}
+    pieces = [{"text": w if pos == 0 else " " + w, "logprobs": None, "finish_reason": None}
+              for pos, w in enumerate(words)]
+    final = {"text": "", "logprobs": None, "finish_reason": "stop"}
+    return _streamed(base, n, pieces, final, usage if _include_usage(body) else None)
+
+
+def embeddings_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any]:
+    inputs = prompt_inputs(body.get("input"), "input")
+    dimensions = body.get("dimensions")
+    dimensions = dimensions if type(dimensions) is int and dimensions > 0 else DEFAULT_DIMENSIONS
+    as_base64 = body.get("encoding_format") == "base64"
+    data = []
+    for index, (text, _) in enumerate(inputs):
+        vector: Any = embedding_vector(text, dimensions)
+        if as_base64:
+            vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+        data.append({"object": "embedding", "index": index, "embedding": vector})
+    tokens = sum(t for _, t in inputs)
+    return {"object": "list", "data": data, "model": body.get("model") or "mock-model",
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+
+
+# ---------------------------------------------------------------- delivery
+
+_RECORD = web.RequestKey("mock_record", RecordedRequest)
+_RESPONSE = web.RequestKey("mock_response", web.StreamResponse)
+_ABORTED = web.RequestKey("mock_aborted", bool)
+_GONE = web.RequestKey("mock_gone", bool)
+Builder = Callable[[dict[str, Any], list[str], int], "dict[str, Any] | SseAnswer"]
+
+
+def _client_gone(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _pause(request: web.BaseRequest, seconds: float) -> None:
+    """Sleep, but notice a vanished client within POLL_SECONDS (raises then)."""
+    deadline = time.monotonic() + seconds
+    while (remaining := deadline - time.monotonic()) > 0:
+        if _client_gone(request):
+            raise ConnectionResetError("client went away")
+        await asyncio.sleep(min(POLL_SECONDS, remaining))
+
+
+def _abort(request: web.BaseRequest) -> NoReturn:
+    """Reset the TCP connection (SO_LINGER 0 makes close() send an RST)."""
+    request[_ABORTED] = True
+    transport = request.transport
+    if transport is not None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        transport.abort()
+    raise ConnectionResetError("mock upstream reset the connection")
+
+
+async def _send(request: web.BaseRequest, resp: web.Response) -> web.Response:
+    """Write a whole response inside the handler, so a failed write is seen there."""
+    request[_RESPONSE] = resp
+    await resp.prepare(request)
+    await resp.write_eof()
+    return resp
+
+
+async def _before_first_byte(request: web.BaseRequest, fault: Fault | None) -> None:
+    if fault and fault.kind == "slow-first-byte":
+        await _pause(request, fault.value / 1000)
+    elif fault and fault.kind == "reset-before":
+        _abort(request)
+
+
+async def _deliver_json(request: web.BaseRequest, payload: dict[str, Any],
+                        fault: Fault | None) -> web.StreamResponse:
+    await _before_first_byte(request, fault)
+    kind, value = (fault.kind, fault.value) if fault else (None, 0)
+    if kind == "slow-stream":
+        await _pause(request, SLOW_STREAM_CHUNKS * value / 1000)
+    if kind == "malformed-json":
+        return await _send(request, web.Response(body=MALFORMED_BODY, content_type="application/json"))
+    if kind not in ("stall-after", "reset-after"):
+        return await _send(request, web.json_response(payload))
+    # Announce the full length, send a few bytes, then stall or reset.
+    body = json.dumps(payload).encode()
+    resp = web.StreamResponse(headers={"Content-Type": "application/json"})
+    resp.content_length = len(body)
+    request[_RESPONSE] = resp
+    await resp.prepare(request)
+    await resp.write(body[:PARTIAL_BODY_BYTES])
+    if kind == "reset-after":
+        await asyncio.sleep(POLL_SECONDS)  # let the partial body leave before the RST
+        _abort(request)
+    await _pause(request, STALL_SECONDS)
+    await resp.write(body[PARTIAL_BODY_BYTES:])
+    await resp.write_eof()
+    return resp
+
+
+async def _deliver_stream(request: web.BaseRequest, answer: SseAnswer,
+                          fault: Fault | None) -> web.StreamResponse:
+    await _before_first_byte(request, fault)
+    kind, value = (fault.kind, fault.value) if fault else (None, 0)
+    events = list(answer.events)
+    if kind == "malformed-json":
+        events.insert(1, MALFORMED_EVENT)
+    cut = answer.first_content + value if kind in ("stall-after", "reset-after") else -1
+    gap = value / 1000 if kind == "slow-stream" else 0.0
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
+                                       "Cache-Control": "no-cache"})
+    request[_RESPONSE] = resp
+    await resp.prepare(request)
+    for index, event in enumerate(events):
+        if index == cut and kind == "reset-after":
+            await asyncio.sleep(POLL_SECONDS)  # let the sent chunks leave before the RST
+            _abort(request)
+        if index == cut:  # stall-after: hang (connection open), carry on if nobody left
+            await _pause(request, STALL_SECONDS)
+        if gap and index:
+            await _pause(request, gap)
+        await resp.write(event)  # one write per event: the client sees them one by one
+    await resp.write_eof()
+    return resp
+
+
+# ---------------------------------------------------------------- server
+
+
+class MockUpstream:
+    """OpenAI-compatible model server on 127.0.0.1, run in a background thread."""
+
+    REPLY_WORDS: tuple[str, ...] = (
+        "Hello", "from", "the", "mock", "upstream", "server:", "this", "canned", "reply",
+        "has", "exactly", "twenty", "words", "for", "deterministic", "end", "to", "end",
+        "gateway", "tests.",
+    )
+
+    def __init__(self, api_key: str | None = "sk-upstream-test", *,
+                 host: str = "127.0.0.1", port: int = 0) -> None:
+        self.api_key = api_key
+        self.host = host
+        self.port = port
+        self.requests: list[RecordedRequest] = []
+        self.disconnects: list[RecordedRequest] = []
+        self._cond = threading.Condition()
+        self._serials = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._runner: web.AppRunner | None = None
+        self._stopping = False
+
+    @property
+    def reply_text(self) -> str:
+        return " ".join(self.REPLY_WORDS)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1"
+
+    # -- lifecycle
+
+    def start(self) -> MockUpstream:
+        """Start serving; returns once the socket is accepting connections."""
+        if self._thread is not None:
+            return self
+        self._stopping = False
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever,
+                                        name="mock-upstream", daemon=True)
+        self._thread.start()
+        self.port = asyncio.run_coroutine_threadsafe(self._serve(), self._loop).result(10)
+        return self
+
+    def stop(self) -> None:
+        """Close the server, cut in-flight requests (not counted as disconnects)."""
+        if self._thread is None or self._loop is None:
+            return
+        self._stopping = True
+        asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop).result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+        self._loop.close()
+        self._thread = self._loop = self._runner = None
+
+    def __enter__(self) -> MockUpstream:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    async def _serve(self) -> int:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 2**20)
+        app.router.add_post("/v1/chat/completions", self._route(chat_answer))
+        app.router.add_post("/v1/completions", self._route(completion_answer))
+        app.router.add_post("/v1/embeddings", self._route(embeddings_answer))
+        app.router.add_get("/v1/models", self._models)
+        app.router.add_get("/v1/models/{model_id:.+}", self._model)
+        # handler_cancellation: a client that goes away cancels its handler.
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     handle_signals=False, shutdown_timeout=0.25)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return int(self._runner.addresses[0][1])
+
+    async def _shutdown(self) -> None:
+        assert self._runner is not None
+        await self._runner.cleanup()
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # -- recording
+
+    def clear(self) -> None:
+        with self._cond:
+            self.requests.clear()
+            self.disconnects.clear()
+
+    def wait_for_disconnect(self, timeout: float = 5.0) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: len(self.disconnects) > 0, timeout)
+
+    def _record(self, request: web.BaseRequest, body: bytes) -> RecordedRequest:
+        try:
+            parsed = json.loads(body) if body else None
+        except ValueError:
+            parsed = None
+        model = parsed.get("model") if isinstance(parsed, dict) else None
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            key = name.lower()
+            headers[key] = f"{headers[key]}, {value}" if key in headers else value
+        record = RecordedRequest(request.method, request.path, headers, body, parsed,
+                                 model if isinstance(model, str) else None)
+        with self._cond:
+            self.requests.append(record)
+        return record
+
+    def _note_disconnect(self, request: web.BaseRequest) -> None:
+        """Record a client that left early; once, and not for our own resets."""
+        if self._stopping or _RECORD not in request or request.get(_ABORTED) or request.get(_GONE):
+            return
+        request[_GONE] = True
+        with self._cond:
+            self.disconnects.append(request[_RECORD])
+            self._cond.notify_all()
+
+    # -- handlers
+
+    @web.middleware
+    async def _middleware(self, request: web.Request,
+                          handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+                          ) -> web.StreamResponse:
+        """Record, authenticate, and turn early client exits into disconnect records."""
+        request[_RECORD] = self._record(request, await request.read())
+        try:
+            authorization = request.headers.get("Authorization", "")
+            if self.api_key is not None and authorization != f"Bearer {self.api_key}":
+                return await _send(request, auth_error_response(authorization))
+            try:
+                return await handler(request)
+            except web.HTTPException as exc:  # unknown route or method
+                return await _send(request, error_response(
+                    exc.status, f"Invalid URL ({request.method} {request.path})",
+                    "invalid_request_error", None))
+        except asyncio.CancelledError:
+            self._note_disconnect(request)
+            raise
+        except ConnectionResetError:
+            self._note_disconnect(request)
+            return request.get(_RESPONSE) or web.Response()
+
+    def _route(self, build: Builder) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+        async def handle(request: web.Request) -> web.StreamResponse:
+            body = request[_RECORD].json
+            if not isinstance(body, dict):
+                return await _send(request, bad_json_response())
+            fault = parse_fault(body.get("model"))
+            if fault and fault.kind == "status":
+                return await _send(request, status_fault_response(fault.value))
+            words = list(self.REPLY_WORDS)
+            if fault and fault.kind == "slow-stream":
+                words = list(itertools.islice(itertools.cycle(words), SLOW_STREAM_CHUNKS))
+            try:
+                answer = build(body, words, next(self._serials))
+            except RequestError as exc:
+                return await _send(request, error_response(
+                    400, str(exc), "invalid_request_error", None, param=exc.param))
+            if isinstance(answer, SseAnswer):
+                return await _deliver_stream(request, answer, fault)
+            return await _deliver_json(request, answer, fault)
+        return handle
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        data = [_model_object(model_id) for model_id in MODEL_IDS]
+        return await _send(request, web.json_response({"object": "list", "data": data}))
+
+    async def _model(self, request: web.Request) -> web.StreamResponse:
+        """Every id exists: chat accepts any model name, so the mock knows them all."""
+        return await _send(request, web.json_response(_model_object(request.match_info["model_id"])))
+
+
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": MODEL_CREATED, "owned_by": "mock"}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Run the mock OpenAI upstream in the foreground.")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--api-key", default="sk-upstream-test",
+                        help="required bearer key; empty string disables the check")
+    args = parser.parse_args(argv)
+    mock = MockUpstream(args.api_key or None, host=args.host, port=args.port).start()
+    print(f"mock upstream listening on {mock.base_url} (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        mock.stop()
+
+
+if __name__ == "__main__":
+    main()

@@ -29,8 +29,9 @@ Penalty = Annotated[float, Meta(ge=-2, le=2)]
 Positive = Annotated[int, Meta(ge=1)]
 ModelName = Annotated[str, Meta(min_length=1, max_length=256)]
 Stop = str | list[str] | None
-Tokens = list[int]
-Prompt = Annotated[str, Meta(max_length=10_000_000)] | list[str] | Tokens | list[Tokens]
+# msgspec allows one array type per union, so a list of strings, token ids or token
+# lists is typed as one list of that union; the upstream rejects a mixed list.
+Prompt = str | Annotated[list[str | int | list[int]], Meta(min_length=1)]
 
 
 class StreamOptions(Struct):

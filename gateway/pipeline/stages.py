@@ -40,8 +40,9 @@ def decode_body(ctx: RequestContext) -> dict[str, Any]:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
         body = _decode_json(ctx.raw_body)
-    except msgspec.DecodeError as exc:
-        raise InvalidRequest(f"the request body is not valid JSON: {exc}") from exc
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}.get(type(exc), str(exc))
+        raise InvalidRequest(f"the request body is not valid JSON: {reason}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
     try:

@@ -55,7 +55,7 @@ class _Sampling(Struct, kw_only=True):
     stop: Stop = None
     presence_penalty: Penalty | None = None
     frequency_penalty: Penalty | None = None
-    seed: int | None = None
+    seed: Annotated[int, Meta(ge=-(2**63), le=2**63 - 1)] | None = None
     user: str | None = None
 
 

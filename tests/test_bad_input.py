@@ -1,0 +1,153 @@
+"""A bad-input sweep: whatever a client sends, the answer is a 4xx with an OpenAI error body, never a 500."""
+
+from __future__ import annotations
+
+import socket
+
+import httpx
+import pytest
+
+from tests.conftest import FULL_KEY, RunningGateway
+
+AUTH = {"Authorization": f"Bearer {FULL_KEY}", "Content-Type": "application/json"}
+
+BAD_BODIES: list[tuple[str, bytes]] = [
+    ("empty", b""),
+    ("not json", b"{model: chat"),
+    ("truncated", b'{"model": "chat", "messages": ['),
+    ("array", b"[1, 2, 3]"),
+    ("string", b'"hello"'),
+    ("null", b"null"),
+    ("no messages", b'{"model": "chat"}'),
+    ("empty messages", b'{"model": "chat", "messages": []}'),
+    ("messages not a list", b'{"model": "chat", "messages": "hi"}'),
+    ("message not an object", b'{"model": "chat", "messages": ["hi"]}'),
+    ("bad role", b'{"model": "chat", "messages": [{"role": "wizard", "content": "x"}]}'),
+    ("no role", b'{"model": "chat", "messages": [{"content": "x"}]}'),
+    ("content a number", b'{"model": "chat", "messages": [{"role": "user", "content": 5}]}'),
+    ("model a number", b'{"model": 5, "messages": [{"role": "user", "content": "x"}]}'),
+    ("model empty", b'{"model": "", "messages": [{"role": "user", "content": "x"}]}'),
+    ("no model", b'{"messages": [{"role": "user", "content": "x"}]}'),
+    ("stream a string", b'{"model": "chat", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}'),
+    ("temperature a string", b'{"model": "chat", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]}'),
+    ("temperature out of range", b'{"model": "chat", "temperature": 9, "messages": [{"role": "user", "content": "x"}]}'),
+    ("n zero", b'{"model": "chat", "n": 0, "messages": [{"role": "user", "content": "x"}]}'),
+    ("max_tokens negative", b'{"model": "chat", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}'),
+    ("stream_options wrong", b'{"model": "chat", "stream_options": 3, "messages": [{"role": "user", "content": "x"}]}'),
+    ("invalid utf-8", b'{"model": "chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'),
+    ("deep nesting", b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    ("huge number", b'{"model": "chat", "seed": 1' + b"0" * 400 + b', "messages": [{"role": "user", "content": "x"}]}'),
+]
+
+
+@pytest.mark.parametrize(("name", "body"), BAD_BODIES, ids=[n for n, _ in BAD_BODIES])
+def test_bad_chat_bodies_get_400(gateway: RunningGateway, name: str, body: bytes) -> None:
+    response = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=body)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["type"] == "invalid_request_error" and error["message"]
+
+
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/completions", b'{"model": "chat"}'),
+        ("/completions", b'{"model": "chat", "prompt": 5}'),
+        ("/completions", b'{"model": "chat", "prompt": []}'),
+        ("/embeddings", b'{"model": "embed"}'),
+        ("/embeddings", b'{"model": "embed", "input": {"a": 1}}'),
+        ("/embeddings", b'{"model": "embed", "input": "x", "encoding_format": "hex"}'),
+        ("/embeddings", b'{"model": "embed", "input": "x", "dimensions": 0}'),
+    ],
+)
+def test_bad_bodies_on_other_endpoints(gateway: RunningGateway, path: str, body: bytes) -> None:
+    response = httpx.post(gateway.base_url + path, headers=AUTH, content=body)
+    assert response.status_code == 400, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_the_error_names_the_bad_field(gateway: RunningGateway) -> None:
+    body = b'{"model": "chat", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]}'
+    error = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=body).json()["error"]
+    assert error["param"] == "temperature"
+
+
+def test_a_10_mb_body_gets_413(gateway: RunningGateway) -> None:
+    big = b'{"model": "chat", "messages": [{"role": "user", "content": "' + b"a" * (10 * 1024 * 1024) + b'"}]}'
+    response = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=big, timeout=30)
+    assert response.status_code == 413
+    assert response.json()["error"]["code"] == "request_too_large"
+
+
+def test_a_chunked_body_over_the_limit_gets_413(gateway: RunningGateway) -> None:
+    def pieces():  # no Content-Length: the limit is enforced while reading
+        yield b'{"model": "chat", "messages": [{"role": "user", "content": "'
+        for _ in range(40):
+            yield b"a" * 65536
+        yield b'"}]}'
+
+    response = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=pieces(), timeout=30)
+    assert response.status_code == 413
+
+
+def test_wrong_method_and_unknown_paths(gateway: RunningGateway) -> None:
+    wrong = httpx.get(gateway.base_url + "/chat/completions", headers=AUTH)
+    assert wrong.status_code == 405 and wrong.json()["error"]["code"] == "method_not_allowed"
+    missing = httpx.post(gateway.base_url + "/nothing/here", headers=AUTH, content=b"{}")
+    assert missing.status_code == 404 and "error" in missing.json()
+    put_models = httpx.put(gateway.base_url + "/models", headers=AUTH)
+    assert put_models.status_code == 405 and "error" in put_models.json()
+
+
+def test_odd_auth_headers(gateway: RunningGateway) -> None:
+    body = b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}'
+    for value in ("Bearer", "Basic Zm9vOmJhcg==", "Bearer " + "x" * 5000, "bearer  " + FULL_KEY + "\u00e9"):
+        response = httpx.post(gateway.base_url + "/chat/completions", content=body,
+                              headers={"Authorization": value.encode("latin-1"), "Content-Type": "application/json"})
+        assert response.status_code == 401, value
+    ok = httpx.post(gateway.base_url + "/chat/completions", content=body, headers={"api-key": FULL_KEY})
+    assert ok.status_code == 200
+
+
+def _raw(gateway: RunningGateway, request: bytes) -> bytes:
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(request)
+        chunks = []
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (ConnectionResetError, TimeoutError):
+                break
+            if not data:
+                break
+            chunks.append(data)
+        return b"".join(chunks)
+
+
+def test_oversized_headers_get_a_4xx(gateway: RunningGateway) -> None:
+    huge = b"X-Big: " + b"a" * (200 * 1024) + b"\r\n"
+    reply = _raw(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n" + huge + b"Content-Length: 2\r\n\r\n{}")
+    status = reply.split(b" ", 2)[1] if reply else b""
+    assert reply == b"" or status.startswith(b"4"), reply[:200]
+    assert not status.startswith(b"5")
+
+
+def test_bad_content_length_gets_400(gateway: RunningGateway) -> None:
+    reply = _raw(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}")
+    assert reply.split(b" ", 2)[1].startswith(b"4")
+
+
+def test_odd_but_valid_text_is_not_an_error(gateway: RunningGateway) -> None:
+    def post(content: bytes) -> httpx.Response:
+        body = b'{"model": "chat", "messages": [{"role": "user", "content": ' + content + b"}]}"
+        return httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=body)
+
+    for content in (b'"\\u0000"', '"\u202e\U0001f600"'.encode()):
+        assert post(content).status_code == 200
+    assert post(b'"\\ud800"').status_code == 400  # a lone surrogate is not text
+
+
+def test_the_gateway_still_answers_after_the_sweep(gateway: RunningGateway) -> None:
+    body = b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}'
+    assert httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=body).status_code == 200
+    assert 'status="500"' not in gateway.metrics()

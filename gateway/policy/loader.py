@@ -42,7 +42,7 @@ class PolicyError(Exception):
     """A policy file that cannot be used; carries every issue found."""
 
     def __init__(self, issues: list[PolicyIssue]) -> None:
-        self.issues = issues
+        self.issues = sorted(issues, key=lambda issue: (issue.file, issue.line))
         super().__init__("\n".join(str(issue) for issue in issues))
 
 

@@ -1,0 +1,173 @@
+"""Policy files: every kind of mistake is reported with file, line and field; `gateway check` fails on it."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from gateway.auth.keys import hash_key
+from gateway.policy import PolicyError, compile_text, load_policy
+
+REPO = Path(__file__).resolve().parents[1]
+GOOD = """\
+version: 1
+server:
+  port: 8080
+auth: keys
+keys:
+  - name: a
+    tenant: acme
+    hash: "sha256:%s"
+    models: [chat]
+providers:
+  up:
+    kind: openai
+    base_url: https://api.example.com/v1
+    api_key_env: UP_KEY
+  local:
+    kind: demo
+models:
+  chat:
+    provider: up
+    model: gpt-4o-mini
+""" % ("ab" * 32)
+ENV = {"UP_KEY": "sk-real"}
+
+
+def issues_of(text: str, env: dict[str, str] | None = None) -> list[str]:
+    with pytest.raises(PolicyError) as caught:
+        compile_text(text, "p.yaml", ENV if env is None else env)
+    return [str(issue) for issue in caught.value.issues]
+
+
+def test_the_good_policy_compiles_and_is_frozen() -> None:
+    policy = compile_text(GOOD, "p.yaml", ENV)
+    assert policy.models["chat"].upstream_model == "gpt-4o-mini"
+    assert policy.providers["up"].headers["Authorization"] == "Bearer sk-real"
+    assert "sk-real" not in repr(policy.providers["up"])
+    with pytest.raises(TypeError):
+        policy.models["other"] = policy.models["chat"]  # type: ignore[index]
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("version: 1", "version: 2", "p.yaml:1: version: invalid enum value 2"),
+        ("  port: 8080", "  port: eighty", "p.yaml:3: server.port: expected `int`, got `str`"),
+        ("  port: 8080", "  port: 99999", "p.yaml:3: server.port: expected `int` <= 65535"),
+        ("  port: 8080", "  port: 8080\n  colour: blue", "p.yaml:4: server.colour: unknown field `colour`"),
+        ("auth: keys", "auth: maybe", "p.yaml:4: auth: invalid enum value 'maybe'"),
+        ("    kind: demo", "    kind: martian", "p.yaml:16: providers.local.kind: invalid enum value 'martian'"),
+        ("    model: gpt-4o-mini", "", "p.yaml:18: models.chat: missing required field `model`"),
+        ('    hash: "sha256:' + "ab" * 32 + '"', '    hash: "md5:1234"',
+         "p.yaml:8: keys[0].hash: expected `str` matching regex"),
+        ("    models: [chat]", "    models: chat", "p.yaml:9: keys[0].models: expected `array`, got `str`"),
+        ("    api_key_env: UP_KEY", "    api_key_env: sk-live-12345",
+         "p.yaml:14: providers.up.api_key_env: expected `str` matching regex"),
+        ("    base_url: https://api.example.com/v1", "    base_url: https://api.example.com/v1\n    pool_size: 0",
+         "p.yaml:14: providers.up.pool_size: expected `int` >= 1"),
+        ("  chat:\n", "  chat:\n    provider: up\n", "p.yaml:20: models.chat.provider: duplicate key `provider`"),
+        ("    provider: up", "    provider: nowhere", "p.yaml:19: models.chat.provider: unknown provider `nowhere`"),
+        ("    models: [chat]", "    models: [chat, ghost]", "p.yaml:9: keys[0].models: unknown model alias(es): ghost"),
+        ("    base_url: https://api.example.com/v1", "    base_url: ftp://files",
+         "p.yaml:13: providers.up.base_url: `ftp://files` is not an http(s) URL"),
+        ("    base_url: https://api.example.com/v1", "    base_url: https://u:p@api.example.com/v1",
+         "p.yaml:13: providers.up.base_url: credentials in base_url are not allowed"),
+        ("    base_url: https://api.example.com/v1", "    base_url: https://api.example.com/v1?v=1",
+         "p.yaml:13: providers.up.base_url: put query parameters under `query`"),
+        ("    base_url: https://api.example.com/v1\n", "", "p.yaml:11: providers.up: an `openai` provider needs `base_url`"),
+        ("    kind: demo", "    kind: demo\n    base_url: http://x", "p.yaml:17: providers.local.base_url: a `demo` provider"),
+        ("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n    headers: {X-Api-Key: sk-inline}",
+         "p.yaml:15: providers.up.headers.X-Api-Key: put secrets in headers_env"),
+        ("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n    timeouts: {first_byte_s: 900, total_s: 60}",
+         "p.yaml:15: providers.up.timeouts: connect_s and first_byte_s must not exceed total_s"),
+        ("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n    timeouts: {idle_s: -1}",
+         "p.yaml:15: providers.up.timeouts.idle_s: expected `float` > 0.0"),
+        ("keys:\n  - name: a", "keys: []\nold:\n  - name: a", "p.yaml:6: old: unknown field `old`"),
+        ("models:\n  chat:\n    provider: up\n    model: gpt-4o-mini\n", "models: {}\n",
+         "p.yaml:17: models: at least one model alias is required"),
+    ],
+)
+def test_each_mistake_is_located(old: str, new: str, expected: str) -> None:
+    assert old in GOOD, old
+    found = issues_of(GOOD.replace(old, new, 1))
+    assert any(issue.startswith(expected) for issue in found), found
+
+
+def test_every_error_is_reported_at_once() -> None:
+    text = GOOD.replace("  port: 8080", "  port: x\n  bogus: 1").replace("    kind: demo", "    kind: nope")
+    found = issues_of(text)
+    assert len(found) == 3
+    assert [f.split(":")[1] for f in found] == ["3", "4", "17"]
+
+
+def test_auth_consistency() -> None:
+    assert any("needs at least one entry under `keys`" in i for i in issues_of(GOOD.split("keys:")[0] + "providers:" + GOOD.split("providers:")[1]))
+    assert any("`auth: none` ignores them" in i for i in issues_of(GOOD.replace("auth: keys", "auth: none")))
+    twice = GOOD.replace("    models: [chat]\n", "    models: [chat]\n  - tenant: b\n    hash: \"sha256:" + "ab" * 32 + "\"\n")
+    assert any("listed twice" in i for i in issues_of(twice))
+
+
+def test_missing_secret_env_is_an_error_to_serve_and_a_warning_to_check() -> None:
+    assert any("`UP_KEY` is not set" in i and ":14: providers.up.api_key_env" in i for i in issues_of(GOOD, env={}))
+    policy = compile_text(GOOD, "p.yaml", {}, require_env=False)
+    assert any("UP_KEY" in w for w in policy.warnings)
+
+
+def test_yaml_syntax_and_shape_errors() -> None:
+    assert issues_of("version: 1\nserver: [\n")[0].startswith("p.yaml:3: YAML syntax error")
+    assert issues_of("")[0] == "p.yaml:1: the policy file is empty"
+    assert issues_of("- 1\n- 2\n")[0].startswith("p.yaml:1: expected a mapping, got a list")
+    assert issues_of("version: 1\nproviders: []\nmodels: {}\n")[0].startswith("p.yaml:2: providers: expected a mapping")
+
+
+def test_unreadable_file(tmp_path: Path) -> None:
+    with pytest.raises(PolicyError) as caught:
+        load_policy(tmp_path / "absent.yaml")
+    assert "cannot read the policy file" in str(caught.value)
+
+
+def gateway_cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, input=stdin,
+                          cwd=REPO, timeout=60)
+
+
+def test_check_command(tmp_path: Path) -> None:
+    good = tmp_path / "good.yaml"
+    good.write_text(GOOD.replace("kind: openai\n    base_url: https://api.example.com/v1\n    api_key_env: UP_KEY",
+                                 "kind: demo"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(GOOD.replace("  port: 8080", "  port: x\n  bogus: 1"))
+    ok = gateway_cli("check", str(good), "policies/gateway.yaml")
+    assert ok.returncode == 0, ok.stderr
+    assert "good.yaml: ok" in ok.stdout
+    failed = gateway_cli("check", str(good), str(bad))
+    assert failed.returncode == 1
+    assert f"{bad}:3: server.port: expected `int`, got `str`" in failed.stderr
+    assert f"{bad}:4: server.bogus: unknown field `bogus`" in failed.stderr
+    examples = gateway_cli("check", *map(str, sorted((REPO / "policies" / "examples").glob("*.yaml"))))
+    assert examples.returncode == 0, examples.stderr
+    strict = gateway_cli("check", "--strict-env", str(REPO / "policies" / "examples" / "openai.yaml"))
+    assert strict.returncode == 1 and "OPENAI_API_KEY" in strict.stderr
+
+
+def test_schema_command_describes_the_policy() -> None:
+    result = gateway_cli("schema")
+    schema = json.loads(result.stdout)
+    assert schema["$schema"].endswith("2020-12/schema")
+    spec = schema["$defs"]["PolicySpec"]
+    assert set(spec["required"]) == {"version", "providers", "models"}
+    assert spec["additionalProperties"] is False
+
+
+def test_keys_commands() -> None:
+    hashed = gateway_cli("keys", "hash", "gw-secret")
+    assert hashed.stdout.strip() == hash_key("gw-secret")
+    assert gateway_cli("keys", "hash", stdin="gw-secret\n").stdout.strip() == hash_key("gw-secret")
+    generated = gateway_cli("keys", "generate").stdout.split()
+    key, digest = generated[1], generated[3]
+    assert key.startswith("gw-") and len(key) > 40 and digest == hash_key(key)

@@ -184,5 +184,5 @@ def sanitize_upstream_message(message: object) -> str:
     text = text[: _MAX_UPSTREAM_MESSAGE * 2]
     for pattern, replacement in _SCRUBBERS:
         text = pattern.sub(replacement, text)
-    text = " ".join(text.split())
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
     return text[:_MAX_UPSTREAM_MESSAGE]

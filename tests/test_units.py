@@ -1,0 +1,93 @@
+"""Unit tests of pure logic: SSE decoding, message sanitizing, key hashing, status mapping."""
+
+from __future__ import annotations
+
+import pytest
+
+from gateway.auth.keys import KeyRing, VirtualKey, digest_of, generate_key, hash_key
+from gateway.errors import RateLimited, UpstreamError, UpstreamTimeout, sanitize_upstream_message
+from gateway.providers.openai_compat import status_error
+from gateway.upstream.sse import SSEDecoder
+
+EVENTS = b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive comment\n\ndata: [DONE]\n\n'
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 5, 7, 11, 64, len(EVENTS)])
+def test_sse_decoder_survives_any_split(size: int) -> None:
+    decoder = SSEDecoder()
+    payloads = []
+    for start in range(0, len(EVENTS), size):
+        payloads += decoder.feed(EVENTS[start:start + size])
+    assert payloads == [b'{"a":1}', b'{"b":2}', b"[DONE]"]
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 4, 100])
+def test_sse_decoder_handles_crlf_split_anywhere(size: int) -> None:
+    data = EVENTS.replace(b"\n", b"\r\n")
+    decoder = SSEDecoder()
+    payloads = []
+    for start in range(0, len(data), size):
+        payloads += decoder.feed(data[start:start + size])
+    assert payloads == [b'{"a":1}', b'{"b":2}', b"[DONE]"]
+
+
+def test_sse_decoder_multiline_data_and_flush() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"event: x\ndata: one\ndata: two\n\ndata:nospace") == [b"one\ntwo"]
+    assert decoder.flush() == [b"nospace"]
+    assert decoder.flush() == []
+
+
+def test_sse_decoder_refuses_an_endless_event() -> None:
+    decoder = SSEDecoder()
+    with pytest.raises(ValueError):
+        for _ in range(200):
+            decoder.feed(b"x" * 65536)
+
+
+@pytest.mark.parametrize(
+    ("message", "hidden"),
+    [
+        ("Incorrect API key provided: sk-proj-abcdefghijklmnop1234", "sk-proj-abcdefghijklmnop1234"),
+        ("failed to reach http://10.1.2.3:8000/v1/chat", "10.1.2.3"),
+        ("host 192.168.0.7:443 refused", "192.168.0.7"),
+        ("upstream inference.svc.cluster.local:9000 busy", "cluster.local"),
+        ("Authorization: Bearer abc.def.ghi was rejected", "abc.def.ghi"),
+        ("token " + "a1" * 20 + " expired", "a1" * 20),
+        ("[fe80::1]:8080 down", "fe80::1"),
+    ],
+)
+def test_sanitizer_removes_secrets_and_addresses(message: str, hidden: str) -> None:
+    cleaned = sanitize_upstream_message(message)
+    assert hidden not in cleaned
+    assert cleaned  # something useful is left
+
+
+def test_sanitizer_keeps_plain_messages_and_bounds_length() -> None:
+    assert sanitize_upstream_message("max_tokens is too large: 99999") == "max_tokens is too large: 99999"
+    assert len(sanitize_upstream_message("word " * 1000)) <= 500
+    assert sanitize_upstream_message({"not": "a string"}) == ""
+    assert sanitize_upstream_message("line\nbreaks\tand\x00nul") == "line breaks and nul"
+
+
+def test_status_mapping() -> None:
+    limited = status_error("p", 429, "slow down", "12")
+    assert isinstance(limited, RateLimited) and limited.headers == {"Retry-After": "12"}
+    assert status_error("p", 429, None, "12; DROP TABLE").headers == {}
+    assert isinstance(status_error("p", 503, None, None), UpstreamError)
+    assert status_error("p", 401, "bad key sk-xxxxxxxxxxxx", None).status == 502
+    assert "sk-xxxx" not in status_error("p", 401, "bad key sk-xxxxxxxxxxxx", None).message
+    assert isinstance(status_error("p", 504, None, None), UpstreamTimeout)
+    assert status_error("p", 422, "bad", None).status == 400
+
+
+def test_keys_are_hashed_and_found() -> None:
+    key = generate_key()
+    record = VirtualKey("k", "t", digest_of(key), frozenset({"a"}))
+    ring = KeyRing({record.digest: record})
+    assert ring.find(key) is record
+    assert ring.find(key + "x") is None
+    assert ring.find("") is None
+    assert hash_key(key) == "sha256:" + record.digest.hex()
+    assert record.allows("a") and not record.allows("b")
+    assert key not in repr(record) and record.digest.hex() not in repr(record)

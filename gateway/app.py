@@ -39,7 +39,7 @@ from .telemetry.metrics import Metrics
 from .telemetry.stage import Telemetry
 from .telemetry.tokens import TokenCounter
 
-__all__ = ["Gateway", "Runtime", "create_app", "app_from_env"]
+__all__ = ["Gateway", "Runtime", "app_from_env", "create_app"]
 
 log = logging.getLogger("gateway")
 POLICY_ENV = "GATEWAY_POLICY"

@@ -16,20 +16,20 @@ import re
 import msgspec
 
 __all__ = [
-    "GatewayError",
-    "InvalidRequest",
-    "BodyTooLarge",
     "AuthenticationFailed",
-    "PermissionDenied",
+    "BodyTooLarge",
+    "GatewayError",
+    "InternalError",
+    "InvalidRequest",
+    "MethodNotAllowed",
     "ModelNotFound",
     "NotFound",
-    "MethodNotAllowed",
+    "PermissionDenied",
     "RateLimited",
+    "ServiceUnavailable",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
-    "ServiceUnavailable",
-    "InternalError",
     "error_body",
     "sanitize_upstream_message",
 ]
@@ -167,13 +167,13 @@ def error_body(message: str, type_: str, param: str | None = None, code: str | N
 # host:port pairs (internal addresses), IP addresses, and anything shaped like a
 # credential. Compiled once, at import.
 _SCRUBBERS: tuple[tuple[re.Pattern[str], str], ...] = (
-    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.I), "[url]"),
+    (re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]+", re.IGNORECASE), "[url]"),
     (re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}(?::\d+)?\b"), "[address]"),
-    (re.compile(r"\[[0-9a-f:]{2,}\](?::\d+)?", re.I), "[address]"),
-    (re.compile(r"\b(?:sk|pk|rk|gw|key|api|token)[-_][A-Za-z0-9*_\-]{6,}", re.I), "[redacted]"),
-    (re.compile(r"\b(?:Bearer|Basic)\s+[A-Za-z0-9._~+/=*-]+", re.I), "[redacted]"),
+    (re.compile(r"\[[0-9a-f:]{2,}\](?::\d+)?", re.IGNORECASE), "[address]"),
+    (re.compile(r"\b(?:sk|pk|rk|gw|key|api|token)[-_][A-Za-z0-9*_\-]{6,}", re.IGNORECASE), "[redacted]"),
+    (re.compile(r"\b(?:Bearer|Basic)\s+[A-Za-z0-9._~+/=*-]+", re.IGNORECASE), "[redacted]"),
     (re.compile(r"\b[A-Za-z0-9_\-]{32,}\b"), "[redacted]"),
-    (re.compile(r"\b[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:internal|local|lan|svc|cluster\.local)(?::\d+)?\b", re.I), "[host]"),
+    (re.compile(r"\b[a-z0-9][a-z0-9-]*(?:\.[a-z0-9-]+)*\.(?:internal|local|lan|svc|cluster\.local)(?::\d+)?\b", re.IGNORECASE), "[host]"),
 )
 _MAX_UPSTREAM_MESSAGE = 500
 

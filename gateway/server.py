@@ -11,6 +11,7 @@ import logging
 import os
 import tempfile
 from pathlib import Path
+
 import uvicorn
 from uvicorn.supervisors import Multiprocess
 

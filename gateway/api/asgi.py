@@ -9,7 +9,7 @@ from typing import Any
 
 from ..errors import GatewayError
 
-__all__ = ["RequestHeaders", "new_request_id", "error_headers", "send_error", "send_body"]
+__all__ = ["RequestHeaders", "error_headers", "new_request_id", "send_body", "send_error"]
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 JSON = b"application/json"
@@ -22,7 +22,7 @@ def new_request_id() -> str:
 class RequestHeaders:
     """The few request headers the gateway reads, found in one pass over the ASGI list."""
 
-    __slots__ = ("credential", "request_id", "content_length")
+    __slots__ = ("content_length", "credential", "request_id")
 
     def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
         credential = request_id = None

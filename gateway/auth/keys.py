@@ -14,7 +14,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-__all__ = ["VirtualKey", "KeyRing", "generate_key", "hash_key", "digest_of"]
+__all__ = ["KeyRing", "VirtualKey", "digest_of", "generate_key", "hash_key"]
 
 KEY_PREFIX = "gw-"
 

@@ -19,7 +19,7 @@ from .compiled import ModelRoute, Policy, ProviderConfig, Timeouts
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
 from .schema import PolicySpec, ProviderSpec
 
-__all__ = ["compile_policy", "load_policy", "PolicyError"]
+__all__ = ["PolicyError", "compile_policy", "load_policy"]
 
 DEMO_BASE_URL = "demo://in-process"
 
@@ -113,8 +113,8 @@ def _provider(
     if spec.api_key_env:
         secrets[spec.api_key_header] = spec.api_key_env
     for header, var in secrets.items():
-        value = env.get(var)
-        if value is None:
+        secret = env.get(var)
+        if secret is None:
             message = f"environment variable `{var}` is not set"
             field = "api_key_env" if var == spec.api_key_env and header == spec.api_key_header else "headers_env"
             if require_env:
@@ -122,8 +122,8 @@ def _provider(
             else:
                 warnings.append(f"{doc.file}:{doc.line_of(path + (field,))}: providers.{name}.{field}: {message}")
             continue
-        bearer = header.lower() == "authorization" and not value.lower().startswith(("bearer ", "basic "))
-        headers[header] = f"Bearer {value}" if bearer else value
+        bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
+        headers[header] = f"Bearer {secret}" if bearer else secret
     return ProviderConfig(
         name=name,
         kind=spec.kind,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from ..auth.keys import KeyRing
 from .schema import AuthMode, ProviderKind, ServerSpec
 
-__all__ = ["Policy", "ProviderConfig", "ModelRoute", "Timeouts"]
+__all__ = ["ModelRoute", "Policy", "ProviderConfig", "Timeouts"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -42,7 +42,7 @@ class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Common options: reject unknown fields, immutable."""
 
 
-class ServerSpec(_Spec, kw_only=True):
+class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65_535)] = 8080
     max_body_bytes: Annotated[int, Meta(ge=1_024, le=256 * 1024 * 1024)] = 4 * 1024 * 1024
@@ -51,14 +51,14 @@ class ServerSpec(_Spec, kw_only=True):
     access_log: bool = False
 
 
-class TimeoutSpec(_Spec, kw_only=True):
+class TimeoutSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     connect_s: Seconds = 5.0
     first_byte_s: Seconds = 120.0
     idle_s: Seconds = 60.0
     total_s: Seconds = 600.0
 
 
-class ProviderSpec(_Spec, kw_only=True):
+class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     kind: ProviderKind
     base_url: str | None = None
     api_key_env: EnvVarName | None = None
@@ -72,20 +72,20 @@ class ProviderSpec(_Spec, kw_only=True):
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
 
 
-class ModelSpec(_Spec, kw_only=True):
+class ModelSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     provider: Name
     model: Annotated[str, Meta(min_length=1, max_length=256)]
     description: str = ""
 
 
-class KeySpec(_Spec, kw_only=True):
+class KeySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     hash: KeyHash
     tenant: Name
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     name: str = ""
 
 
-class PolicySpec(_Spec, kw_only=True):
+class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Literal[1]
     server: ServerSpec = ServerSpec()
     auth: AuthMode = "keys"

@@ -18,6 +18,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import GatewayError
 from ..pipeline.endpoints import Endpoint
 from ..policy.compiled import ProviderConfig
 from ..schemas.openai import Usage
@@ -142,7 +143,7 @@ class DemoStream:
 
     def __init__(self, provider: DemoProvider, call: Call) -> None:
         self.usage: Usage | None = None
-        self.error = None
+        self.error: GatewayError | None = None
         self._provider = provider
         self._call = call
 

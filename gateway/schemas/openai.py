@@ -16,12 +16,12 @@ from msgspec import Meta, Struct
 
 __all__ = [
     "ChatRequest",
+    "ChunkPeek",
     "CompletionRequest",
     "EmbeddingRequest",
     "StreamOptions",
     "Usage",
     "UsagePeek",
-    "ChunkPeek",
 ]
 
 Unit = Annotated[float, Meta(ge=0, le=2)]

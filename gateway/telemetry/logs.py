@@ -8,7 +8,7 @@ import time
 
 import msgspec
 
-__all__ = ["configure_logging", "JsonFormatter"]
+__all__ = ["JsonFormatter", "configure_logging"]
 
 _encode = msgspec.json.Encoder().encode
 

@@ -12,15 +12,28 @@ worker's `/metrics` shows the sum over all of them.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import multiprocess
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-__all__ = ["Metrics", "CONTENT_TYPE"]
+__all__ = ["CONTENT_TYPE", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+
+@dataclass(frozen=True, slots=True)
+class _Series:
+    """The labelled children one (endpoint, model, status, provider) touches, looked up once."""
+
+    requests: Counter
+    duration: Histogram
+    upstream: Histogram | None
+    overhead: Histogram
+    first_chunk: Histogram
+    prompt_tokens: Counter
+    completion_tokens: Counter
 
 
 class Metrics:
@@ -29,7 +42,7 @@ class Metrics:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = None if self.multiprocess else self.registry
         if self.multiprocess:
-            multiprocess.MultiProcessCollector(self.registry)
+            multiprocess.MultiProcessCollector(self.registry)  # type: ignore[no-untyped-call]
         self.requests = Counter(
             "gateway_requests", "Requests answered, by endpoint, model alias and HTTP status.",
             ("endpoint", "model", "status"), registry=registry,
@@ -58,7 +71,7 @@ class Metrics:
             "gateway_tokens", "Tokens reported by upstreams, by model alias and kind (prompt, completion).",
             ("model", "kind"), registry=registry,
         )
-        self._children: dict[tuple[object, ...], object] = {}
+        self._series: dict[tuple[str, str, int, str | None], _Series] = {}
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
@@ -69,9 +82,9 @@ class Metrics:
     ) -> None:
         """Everything about one finished request, in one call (cached label children)."""
         key = (endpoint, model, status, provider)
-        children = self._children.get(key)
-        if children is None:
-            children = self._children[key] = (
+        series = self._series.get(key)
+        if series is None:
+            series = self._series[key] = _Series(
                 self.requests.labels(endpoint, model, str(status)),
                 self.duration.labels(endpoint, model),
                 self.upstream_duration.labels(provider) if provider else None,
@@ -80,15 +93,14 @@ class Metrics:
                 self.tokens.labels(model, "prompt"),
                 self.tokens.labels(model, "completion"),
             )
-        requests, duration, upstream_h, overhead, first, prompt_c, completion_c = children  # type: ignore[misc]
-        requests.inc()
-        duration.observe(total)
-        if upstream_h is not None:
-            upstream_h.observe(upstream)
-            overhead.observe(max(0.0, total - upstream))
+        series.requests.inc()
+        series.duration.observe(total)
+        if series.upstream is not None:
+            series.upstream.observe(upstream)
+            series.overhead.observe(max(0.0, total - upstream))
         if first_chunk is not None:
-            first.observe(first_chunk)
+            series.first_chunk.observe(first_chunk)
         if prompt_tokens:
-            prompt_c.inc(prompt_tokens)
+            series.prompt_tokens.inc(prompt_tokens)
         if completion_tokens:
-            completion_c.inc(completion_tokens)
+            series.completion_tokens.inc(completion_tokens)

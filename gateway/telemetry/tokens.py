@@ -34,7 +34,7 @@ class TokenCounter:
                     import tiktoken
 
                     self._encoding = tiktoken.get_encoding(self.encoding_name)
-                except Exception as exc:  # any failure here only degrades counts to estimates
+                except Exception as exc:  # noqa: BLE001 -- any failure here only degrades counts to estimates
                     self._failed = True
                     log.warning("tiktoken encoding %s unavailable (%s); token counts are estimates",
                                 self.encoding_name, type(exc).__name__)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import msgspec
 
-__all__ = ["SSEDecoder", "DONE_EVENT", "data_event", "error_event"]
+__all__ = ["DONE_EVENT", "SSEDecoder", "data_event", "error_event"]
 
 DONE = b"[DONE]"
 DONE_EVENT = b"data: [DONE]\n\n"

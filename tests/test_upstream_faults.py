@@ -145,3 +145,14 @@ def test_errors_are_counted_by_status(gateway: RunningGateway) -> None:
     metrics = gateway.metrics()
     assert 'gateway_requests_total{endpoint="chat",model="unknown",status="404"}' in metrics
     assert "made-up-model-name-xyz" not in metrics  # client text never becomes a label
+
+
+def test_invalid_and_oversized_requests_raise_the_sdk_exceptions(gateway: RunningGateway) -> None:
+    api = client(gateway)
+    with pytest.raises(openai.BadRequestError) as invalid:
+        api.chat.completions.create(model="chat", messages=[])
+    assert invalid.value.status_code == 400 and invalid.value.body["param"] == "messages"  # type: ignore[index]
+    with pytest.raises(openai.APIStatusError) as oversized:
+        api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x" * 2_000_000}])
+    assert oversized.value.status_code == 413
+    assert oversized.value.body["code"] == "request_too_large"  # type: ignore[index]

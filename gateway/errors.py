@@ -26,7 +26,6 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
-    "ServiceUnavailable",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -142,12 +141,6 @@ class UpstreamUnavailable(UpstreamError):
     """502: could not connect to the upstream at all."""
 
     code = "upstream_unavailable"
-
-
-class ServiceUnavailable(GatewayError):
-    status = 503
-    type = "server_error"
-    code = "unavailable"
 
 
 class InternalError(GatewayError):

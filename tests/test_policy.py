@@ -105,6 +105,13 @@ def test_every_error_is_reported_at_once() -> None:
     assert [f.split(":")[1] for f in found] == ["3", "4", "17"]
 
 
+def test_reference_errors_come_with_type_errors() -> None:
+    text = GOOD.replace("  port: 8080", "  port: x").replace("    provider: up", "    provider: gone")
+    found = issues_of(text)
+    assert [f.split(":")[1] for f in found] == ["3", "19"]
+    assert "unknown provider `gone`" in found[1]
+
+
 def test_auth_consistency() -> None:
     assert any("needs at least one entry under `keys`" in i for i in issues_of(GOOD.split("keys:")[0] + "providers:" + GOOD.split("providers:")[1]))
     assert any("`auth: none` ignores them" in i for i in issues_of(GOOD.replace("auth: keys", "auth: none")))

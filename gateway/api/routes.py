@@ -9,6 +9,7 @@ from litestar import Request, Response, get
 
 from ..errors import ModelNotFound
 from ..pipeline.stages import authenticate
+from ..telemetry.metrics import CONTENT_TYPE
 from .asgi import RequestHeaders
 
 if TYPE_CHECKING:
@@ -66,8 +67,6 @@ def ops_routes(gateway: Gateway) -> list[Any]:
 
     @get("/metrics", sync_to_thread=False)
     def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-        from ..telemetry.metrics import CONTENT_TYPE
-
         return Response(gateway.metrics.render(), media_type=CONTENT_TYPE,
                         headers={"x-request-id": RequestHeaders(request.scope["headers"]).request_id})
 

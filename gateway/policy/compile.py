@@ -50,14 +50,9 @@ def compile_policy(
         name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
     }
     models = {}
-    for alias, model in spec.models.items():
-        if model.provider not in spec.providers:
-            known = ", ".join(sorted(spec.providers)) or "none"
-            doc.issue(("models", alias, "provider"), f"unknown provider `{model.provider}` (defined: {known})")
+    for alias, model in spec.models.items():  # references were checked by the loader
         models[alias] = ModelRoute(alias, model.provider, model.model, model.description)
     keys = _keys(spec, doc)
-    if not spec.models:
-        doc.issue(("models",), "at least one model alias is required")
     if doc.issues:
         raise PolicyError(doc.issues)
     return Policy(
@@ -82,9 +77,6 @@ def _keys(spec: PolicySpec, doc: _Located) -> dict[bytes, VirtualKey]:
         digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
         if digest in keys:
             doc.issue(("keys", index, "hash"), "the same key hash is listed twice")
-        unknown = [alias for alias in key.models if alias != "*" and alias not in spec.models]
-        if unknown:
-            doc.issue(("keys", index, "models"), f"unknown model alias(es): {', '.join(unknown)}")
         aliases = None if "*" in key.models else frozenset(key.models)
         keys[digest] = VirtualKey(key.name or f"key-{index}", key.tenant, digest, aliases)
     return keys

@@ -12,7 +12,6 @@ from __future__ import annotations
 import types
 import typing
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -20,7 +19,7 @@ import yaml
 
 from .schema import PolicySpec
 
-__all__ = ["PolicyError", "PolicyIssue", "load_spec", "parse_spec"]
+__all__ = ["PolicyError", "PolicyIssue", "parse_spec"]
 
 _PathPart = str | int
 _Path = tuple[_PathPart, ...]
@@ -160,6 +159,29 @@ def _kind(value: Any) -> str:
     )
 
 
+def _check_references(doc: _Located, data: Any) -> None:
+    """Cross-references, checked on the raw data so that they are reported with type errors."""
+    if not isinstance(data, dict):
+        return
+    providers, models = data.get("providers"), data.get("models")
+    providers = providers if isinstance(providers, dict) else {}
+    if isinstance(models, dict) and not models:
+        doc.issue(("models",), "at least one model alias is required")
+    models = models if isinstance(models, dict) else {}
+    for alias, model in models.items():
+        target = model.get("provider") if isinstance(model, dict) else None
+        if isinstance(target, str) and target not in providers:
+            known = ", ".join(sorted(map(str, providers))) or "none"
+            doc.issue(("models", str(alias), "provider"), f"unknown provider `{target}` (defined: {known})")
+    keys = data.get("keys")
+    for index, key in enumerate(keys if isinstance(keys, list) else []):
+        aliases = key.get("models") if isinstance(key, dict) else None
+        if isinstance(aliases, list):
+            unknown = [str(a) for a in aliases if a != "*" and a not in models]
+            if unknown:
+                doc.issue(("keys", index, "models"), f"unknown model alias(es): {', '.join(unknown)}")
+
+
 def parse_spec(text: str, file: str = "<policy>") -> tuple[PolicySpec, _Located]:
     """Decode policy text, or raise `PolicyError` listing every problem."""
     try:
@@ -173,16 +195,7 @@ def parse_spec(text: str, file: str = "<policy>") -> tuple[PolicySpec, _Located]
     if doc.data is None:
         raise PolicyError([PolicyIssue(file, 1, "", "the policy file is empty")])
     _check(doc, doc.data, PolicySpec, ())
+    _check_references(doc, doc.data)
     if doc.issues:
         raise PolicyError(doc.issues)
     return msgspec.convert(doc.data, PolicySpec), doc
-
-
-def load_spec(path: str | Path) -> tuple[PolicySpec, _Located]:
-    """Read and decode a policy file."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([PolicyIssue(file, 1, "", f"cannot read the policy file: {exc}")]) from exc
-    return parse_spec(text, file)

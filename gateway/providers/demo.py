@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import GatewayError
+from ..errors import GatewayError, InvalidRequest
 from ..pipeline.endpoints import Endpoint
 from ..policy.compiled import ProviderConfig
 from ..schemas.openai import Usage
@@ -32,6 +32,7 @@ _encode = msgspec.json.Encoder().encode
 _ids = itertools.count(1)
 _FINGERPRINT = "fp_gateway_demo"
 _EMBEDDING_DIMENSIONS = 256
+_MAX_DEMO_DIMENSIONS = 4096
 
 
 def demo_reply(prompt: str) -> str:
@@ -105,6 +106,8 @@ class DemoProvider:
         raw = call.body.get("input")
         inputs = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)) else raw
         dims = call.body.get("dimensions") or _EMBEDDING_DIMENSIONS
+        if dims > _MAX_DEMO_DIMENSIONS:
+            raise InvalidRequest(f"the demo model makes at most {_MAX_DEMO_DIMENSIONS} dimensions", param="dimensions")
         as_base64 = call.body.get("encoding_format") == "base64"
         data, prompt_tokens = [], 0
         for index, item in enumerate(inputs or []):

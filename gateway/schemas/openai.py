@@ -79,7 +79,7 @@ class EmbeddingRequest(Struct, kw_only=True):
     model: ModelName
     input: Prompt
     encoding_format: Literal["float", "base64"] | None = None
-    dimensions: Positive | None = None
+    dimensions: Annotated[int, Meta(ge=1, le=65_536)] | None = None
     user: str | None = None
 
 

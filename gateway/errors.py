@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "AuthenticationFailed",
     "BodyTooLarge",
+    "HeadersTooLarge",
     "GatewayError",
     "InternalError",
     "InvalidRequest",
@@ -83,6 +84,12 @@ class BodyTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class HeadersTooLarge(GatewayError):
+    status = 431
+    type = "invalid_request_error"
+    code = "headers_too_large"
 
 
 class AuthenticationFailed(GatewayError):

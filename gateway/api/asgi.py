@@ -22,12 +22,14 @@ def new_request_id() -> str:
 class RequestHeaders:
     """The few request headers the gateway reads, found in one pass over the ASGI list."""
 
-    __slots__ = ("content_length", "credential", "request_id")
+    __slots__ = ("content_length", "credential", "request_id", "size")
 
     def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
         credential = request_id = None
         content_length: int | None = None
+        size = 0
         for name, value in raw:
+            size += len(name) + len(value) + 4
             if name == b"authorization":
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 if scheme.lower() == "bearer" and token.strip():
@@ -43,6 +45,7 @@ class RequestHeaders:
         self.credential = credential
         self.request_id = request_id or new_request_id()
         self.content_length = content_length
+        self.size = size
 
 
 def error_headers(error: GatewayError, request_id: str, body: bytes) -> list[tuple[bytes, bytes]]:

@@ -14,7 +14,14 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed
+from ..errors import (
+    BodyTooLarge,
+    GatewayError,
+    HeadersTooLarge,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+)
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.endpoints import Endpoint
 from .asgi import JSON, RequestHeaders, send_body, send_error
@@ -25,6 +32,8 @@ if TYPE_CHECKING:
 __all__ = ["ProxyEndpoint"]
 
 log = logging.getLogger("gateway.proxy")
+# uvicorn's httptools parser sets no limit of its own; nothing legitimate sends more.
+MAX_HEADER_BYTES = 64 * 1024
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -48,6 +57,8 @@ class ProxyEndpoint:
         headers = RequestHeaders(scope["headers"])
         request_id = headers.request_id
         try:
+            if headers.size > MAX_HEADER_BYTES:
+                raise HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"use POST for /v1/{self.endpoint.path}", headers={"Allow": "POST"})
             raw = await self._read_body(receive, headers.content_length)

@@ -1,0 +1,153 @@
+"""Canned payloads shared by the nginx upstream, the pass-through apps and the load generator.
+
+Everything lives in one module so that the upstream's answer, the ceiling app's answer
+and the request bodies wrk sends cannot drift apart between Part 1 (transport choice)
+and Part 2 (gateway benchmark).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+#: Model names the benchmark policy maps to the non-streaming / streaming upstream.
+JSON_MODEL = "bench-json"
+SSE_MODEL = "bench-sse"
+
+#: Number of ``chat.completion.chunk`` events in the SSE answer (the last one carries usage).
+SSE_CHUNKS = 20
+
+_CREATED = 1732540000
+_ID = "chatcmpl-BenchAbCdEfGhIjKlMnOpQrStUvWx"
+_FINGERPRINT = "fp_0ba0d124f1"
+_WORDS = (
+    "Hello",
+    "!",
+    " How",
+    " can",
+    " I",
+    " help",
+    " you",
+    " today",
+    "?",
+    " I",
+    " am",
+    " a",
+    " benchmark",
+    " upstream",
+    " answering",
+    " canned",
+    " tokens",
+)
+
+
+def _dumps(obj: Any) -> str:
+    """Compact JSON like OpenAI sends it (no spaces, no trailing newline)."""
+    return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+
+
+def request_body(stream: bool) -> bytes:
+    """The client request wrk sends; ``"stream":true`` is written without spaces on purpose.
+
+    The pass-through apps route on the literal bytes ``"stream":true`` instead of parsing
+    JSON, so the spelling here is part of their contract.
+    """
+    body: dict[str, Any] = {
+        "model": SSE_MODEL if stream else JSON_MODEL,
+        "messages": [{"role": "user", "content": "Say hello"}],
+    }
+    if stream:
+        body["stream"] = True
+    return _dumps(body).encode()
+
+
+def chat_completion() -> bytes:
+    """A realistic non-streamed ``chat.completion`` object (about 700 bytes)."""
+    content = "".join(_WORDS)
+    obj = {
+        "id": _ID,
+        "object": "chat.completion",
+        "created": _CREATED,
+        "model": "gpt-4o-mini-2024-07-18",
+        "choices": [
+            {
+                "index": 0,
+                "message": {
+                    "role": "assistant",
+                    "content": content,
+                    "refusal": None,
+                    "annotations": [],
+                },
+                "logprobs": None,
+                "finish_reason": "stop",
+            }
+        ],
+        "usage": {
+            "prompt_tokens": 9,
+            "completion_tokens": len(_WORDS),
+            "total_tokens": 9 + len(_WORDS),
+            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+            "completion_tokens_details": {
+                "reasoning_tokens": 0,
+                "audio_tokens": 0,
+                "accepted_prediction_tokens": 0,
+                "rejected_prediction_tokens": 0,
+            },
+        },
+        "service_tier": "default",
+        "system_fingerprint": _FINGERPRINT,
+    }
+    return _dumps(obj).encode()
+
+
+def _chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+    obj: dict[str, Any] = {
+        "id": _ID,
+        "object": "chat.completion.chunk",
+        "created": _CREATED,
+        "model": "gpt-4o-mini-2024-07-18",
+        "service_tier": "default",
+        "system_fingerprint": _FINGERPRINT,
+        "choices": choices,
+        "usage": usage,
+    }
+    return "data: " + _dumps(obj) + "\n\n"
+
+
+def sse_stream() -> bytes:
+    """A 20-event ``chat.completion.chunk`` stream as OpenAI sends it with include_usage.
+
+    Event 1 carries the role, events 2..18 one token each, event 19 the finish_reason and
+    event 20 the usage (with ``choices: []``); then ``data: [DONE]``.
+    """
+    events = [
+        _chunk(
+            [
+                {
+                    "index": 0,
+                    "delta": {"role": "assistant", "content": "", "refusal": None},
+                    "logprobs": None,
+                    "finish_reason": None,
+                }
+            ]
+        )
+    ]
+    for word in _WORDS:
+        events.append(_chunk([{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}]))
+    events.append(_chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
+    usage = {
+        "prompt_tokens": 9,
+        "completion_tokens": len(_WORDS),
+        "total_tokens": 9 + len(_WORDS),
+        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "completion_tokens_details": {
+            "reasoning_tokens": 0,
+            "audio_tokens": 0,
+            "accepted_prediction_tokens": 0,
+            "rejected_prediction_tokens": 0,
+        },
+    }
+    events.append(_chunk([], usage))
+    assert len(events) == SSE_CHUNKS
+    events.append("data: [DONE]\n\n")
+    return "".join(events).encode()

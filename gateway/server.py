@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -25,8 +26,9 @@ log = logging.getLogger("gateway.server")
 
 def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None, workers: int) -> None:
     os.environ[POLICY_ENV] = str(policy_path.resolve())
+    metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
+        metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     config = uvicorn.Config(
         "gateway.app:app_from_env",
         factory=True,
@@ -45,10 +47,14 @@ def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None,
         log_config=None,
     )
     log.info("serving %s on %s:%s with %d worker(s)", policy_path, config.host, config.port, workers)
-    if workers > 1:
-        Multiprocess(config, sockets=[config.bind_socket()]).run()
-    else:
-        uvicorn.Server(config).run()
+    try:
+        if workers > 1:
+            Multiprocess(config, sockets=[config.bind_socket()]).run()
+        else:
+            uvicorn.Server(config).run()
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
 def _has(module: str) -> bool:

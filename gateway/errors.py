@@ -18,8 +18,8 @@ import msgspec
 __all__ = [
     "AuthenticationFailed",
     "BodyTooLarge",
-    "HeadersTooLarge",
     "GatewayError",
+    "HeadersTooLarge",
     "InternalError",
     "InvalidRequest",
     "MethodNotAllowed",

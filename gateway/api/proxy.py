@@ -134,7 +134,7 @@ class ProxyEndpoint:
             pass
         finally:
             watcher.cancel()
-            await stream.aclose()  # type: ignore[attr-defined]
+            await stream.aclose()  # runs every stage's clean-up, even if the stream never started
 
 
 async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], gone: asyncio.Event) -> None:

@@ -6,7 +6,6 @@ Stages are stateless; everything that belongs to one request lives on its
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ from ..auth.keys import VirtualKey
 from ..policy.compiled import ModelRoute
 from ..schemas.openai import Usage
 from .endpoints import Endpoint
+from .streams import StreamWatch
 
 if TYPE_CHECKING:
     from ..app import Runtime
@@ -27,7 +27,7 @@ class Reply:
     """What goes back to the client: a complete body, or a stream of SSE bytes."""
 
     body: bytes | None = None
-    stream: AsyncIterator[bytes] | None = None
+    stream: StreamWatch | None = None
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
 

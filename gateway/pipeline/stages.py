@@ -15,9 +15,10 @@ import msgspec
 from ..auth.keys import VirtualKey
 from ..errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
 from ..policy.compiled import Policy
-from ..providers.base import Call
+from ..providers.base import Call, ChunkStream
 from .context import Reply, RequestContext
 from .runner import Next
+from .streams import StreamWatch
 
 __all__ = ["Authenticate", "CallUpstream", "Ingress", "Route", "authenticate"]
 
@@ -112,7 +113,7 @@ class CallUpstream:
         try:
             if ctx.stream:
                 stream = await ctx.provider.open_stream(call)
-                return Reply(stream=_StreamTap(ctx, stream).events())
+                return Reply(stream=_tap(ctx, stream))
             completion = await ctx.provider.complete(call)
             ctx.usage = completion.usage
             return Reply(body=completion.body)
@@ -120,24 +121,17 @@ class CallUpstream:
             ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
 
 
-class _StreamTap:
-    """Follows a provider stream to note first-chunk time, usage and a mid-stream error."""
+def _tap(ctx: RequestContext, stream: ChunkStream) -> StreamWatch:
+    """Follow a provider stream: first-chunk time, then usage and a mid-stream error at its end."""
 
-    __slots__ = ("ctx", "stream")
+    def on_chunk(chunk: bytes) -> None:
+        if ctx.first_chunk_seconds is None:
+            ctx.first_chunk_seconds = time.perf_counter() - ctx.started
 
-    def __init__(self, ctx: RequestContext, stream: Any) -> None:
-        self.ctx, self.stream = ctx, stream
+    def on_end(reason: BaseException | None) -> None:
+        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+        ctx.usage = stream.usage
+        if stream.error is not None:
+            ctx.status, ctx.error_code = stream.error.status, stream.error.code
 
-    async def events(self) -> Any:
-        ctx, stream = self.ctx, self.stream
-        try:
-            async for chunk in stream:
-                if ctx.first_chunk_seconds is None:
-                    ctx.first_chunk_seconds = time.perf_counter() - ctx.started
-                yield chunk
-        finally:
-            await stream.aclose()
-            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-            ctx.usage = stream.usage
-            if stream.error is not None:
-                ctx.status, ctx.error_code = stream.error.status, stream.error.code
+    return StreamWatch(stream, on_end, on_chunk)

@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
 
 from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
+from ..pipeline.streams import StreamWatch
 from .metrics import Metrics
 
 __all__ = ["Telemetry"]
@@ -46,17 +46,13 @@ class Telemetry:
         reply.stream = self._follow(ctx, reply.stream)
         return reply
 
-    async def _follow(self, ctx: RequestContext, stream: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in stream:
-                yield chunk
-        except BaseException:
-            if ctx.error_code is None:
+    def _follow(self, ctx: RequestContext, stream: StreamWatch) -> StreamWatch:
+        def on_end(reason: BaseException | None) -> None:
+            if reason is not None and ctx.error_code is None:
                 ctx.status, ctx.error_code = 499, "client_closed_request"
-            raise
-        finally:
-            await stream.aclose()  # type: ignore[attr-defined]
             self._finish(ctx)
+
+        return StreamWatch(stream, on_end)
 
     def _finish(self, ctx: RequestContext) -> None:
         self.metrics.in_flight.dec()

@@ -43,7 +43,7 @@ def free_port() -> int:
 def policy_text(upstream_url: str, **server: object) -> str:
     """The test policy: a mock-backed provider, a fast-timeout one, the demo, and three keys."""
     fault_models = "\n".join(f"  {f}: {{provider: mock-fast, model: {f}}}" for f in FAULTS)
-    server_lines = "\n".join(f"  {k}: {v}" for k, v in server.items())
+    server_lines = "\n        ".join(f"  {k}: {v}" for k, v in server.items())  # indented like the template
     return textwrap.dedent(f"""\
         version: 1
         server:
@@ -80,9 +80,7 @@ def policy_text(upstream_url: str, **server: object) -> str:
           chat: {{provider: mock, model: mock-model}}
           embed: {{provider: mock, model: text-embedding-3-small}}
           demo: {{provider: demo, model: demo-1}}
-          dead: {{provider: dead, model: x}}
-        """).replace("  dead: {provider: dead, model: x}\n", fault_models + "\n").replace(
-        "        \n", "\n")
+        """) + fault_models + "\n"
 
 
 class RunningGateway:

@@ -137,3 +137,20 @@ def test_request_id_is_echoed_or_made(gateway: RunningGateway, upstream: MockUps
         assert httpx.get(gateway.url + path, headers=headers).headers["x-request-id"]
     error = httpx.post(gateway.base_url + "/chat/completions", json=body)
     assert error.status_code == 401 and error.headers["x-request-id"].startswith("req_")
+
+
+def test_access_log_has_the_facts_and_no_prompt_or_key(make_gateway, caplog: pytest.LogCaptureFixture) -> None:  # type: ignore[no-untyped-def]
+    running = make_gateway(access_log="true")
+    secret_prompt = "my passport number is X1234567"
+    with caplog.at_level("INFO", logger="gateway.access"):
+        client(running).chat.completions.create(model="chat", messages=[{"role": "user", "content": secret_prompt}])
+        with pytest.raises(openai.NotFoundError):
+            client(running).chat.completions.create(model="nope", messages=MESSAGES)  # type: ignore[arg-type]
+    records = [r for r in caplog.records if r.name == "gateway.access"]
+    assert len(records) == 2
+    fields = records[0].fields  # type: ignore[attr-defined]
+    assert fields["model"] == "chat" and fields["tenant"] == "acme" and fields["status"] == 200
+    assert fields["prompt_tokens"] > 0 and fields["request_id"].startswith("req_")
+    assert records[1].fields["status"] == 404 and records[1].fields["model"] == "unknown"  # type: ignore[attr-defined]
+    logged = " ".join(str(r.__dict__) for r in caplog.records)
+    assert secret_prompt not in logged and FULL_KEY not in logged and UPSTREAM_KEY not in logged

@@ -131,7 +131,7 @@ class ProxyEndpoint:
                 raise
             task.uncancel()
         except OSError:  # the server reports a write to a closed connection
-            pass
+            log.debug("client went away mid-stream", extra={"fields": {"request_id": request_id}})
         finally:
             watcher.cancel()
             await stream.aclose()  # runs every stage's clean-up, even if the stream never started

@@ -43,7 +43,6 @@ class RequestContext:
     body: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
     key: VirtualKey | None = None
-    tenant: str = "anonymous"
     route: ModelRoute | None = None
     provider: Provider | None = None
     upstream_started: float = 0.0
@@ -52,6 +51,10 @@ class RequestContext:
     status: int = 200
     error_code: str | None = None
     usage: Usage | None = None
+
+    @property
+    def tenant(self) -> str:
+        return self.key.tenant if self.key is not None else "anonymous"
 
     @property
     def alias_label(self) -> str:

@@ -62,8 +62,6 @@ class Authenticate:
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         ctx.key = authenticate(ctx.runtime.policy, ctx.credential)
-        if ctx.key is not None:
-            ctx.tenant = ctx.key.tenant
         return await call_next(ctx)
 
 

@@ -133,9 +133,9 @@ def gateway(upstream: MockUpstream) -> Iterator[RunningGateway]:
 def make_gateway(upstream: MockUpstream) -> Iterator[Callable[..., RunningGateway]]:
     started: list[RunningGateway] = []
 
-    def make(text: str | None = None, **server: object) -> RunningGateway:
+    def make(text: str | None = None, env: dict[str, str] | None = None, **server: object) -> RunningGateway:
         running = RunningGateway(text or policy_text(upstream.base_url, **server),
-                                 {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}).start()
+                                 {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, **(env or {})}).start()
         started.append(running)
         return running
 

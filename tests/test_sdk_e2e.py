@@ -154,3 +154,29 @@ def test_access_log_has_the_facts_and_no_prompt_or_key(make_gateway, caplog: pyt
     assert records[1].fields["status"] == 404 and records[1].fields["model"] == "unknown"  # type: ignore[attr-defined]
     logged = " ".join(str(r.__dict__) for r in caplog.records)
     assert secret_prompt not in logged and FULL_KEY not in logged and UPSTREAM_KEY not in logged
+
+
+def test_azure_style_provider_sends_query_and_api_key_header(make_gateway) -> None:  # type: ignore[no-untyped-def]
+    with MockUpstream(api_key=None) as azure:
+        text = f"""\
+version: 1
+auth: none
+providers:
+  azure:
+    kind: openai
+    base_url: {azure.base_url}
+    query: {{api-version: "2024-10-21"}}
+    api_key_env: AZURE_KEY
+    api_key_header: api-key
+models:
+  gpt-4o: {{provider: azure, model: gpt-4o}}
+"""
+        running = make_gateway(text, env={"AZURE_KEY": "azure-secret-value"})
+        answer = openai.OpenAI(base_url=running.base_url, api_key="x", max_retries=0).chat.completions.create(
+            model="gpt-4o", messages=MESSAGES)  # type: ignore[arg-type]
+        assert answer.choices[0].message.content == azure.reply_text
+        sent = azure.requests[-1]
+        assert sent.path == "/v1/chat/completions"
+        assert sent.query == {"api-version": "2024-10-21"}
+        assert sent.headers["api-key"] == "azure-secret-value"
+        assert "authorization" not in sent.headers

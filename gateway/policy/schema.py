@@ -53,7 +53,7 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 class TimeoutSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     connect_s: Seconds = 5.0
-    first_byte_s: Seconds = 120.0
+    first_byte_s: Seconds = 300.0  # non-streamed: the whole generation happens before the first byte
     idle_s: Seconds = 60.0
     total_s: Seconds = 600.0
 

@@ -26,7 +26,7 @@ import struct
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -55,6 +55,7 @@ class RecordedRequest:
     body: bytes
     json: Any | None
     model: str | None
+    query: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -485,7 +486,7 @@ class MockUpstream:
             key = name.lower()
             headers[key] = f"{headers[key]}, {value}" if key in headers else value
         record = RecordedRequest(request.method, request.path, headers, body, parsed,
-                                 model if isinstance(model, str) else None)
+                                 model if isinstance(model, str) else None, dict(request.query))
         with self._cond:
             self.requests.append(record)
         return record

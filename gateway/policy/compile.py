@@ -124,6 +124,7 @@ def _provider(
         query=MappingProxyType(dict(spec.query)),
         timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
         pool_size=spec.pool_size,
+        keepalive_s=spec.keepalive_s,
         stream_usage=spec.stream_usage,
         chunk_delay_ms=spec.chunk_delay_ms,
     )

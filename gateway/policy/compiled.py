@@ -32,6 +32,7 @@ class ProviderConfig:
     query: Mapping[str, str]
     timeouts: Timeouts
     pool_size: int
+    keepalive_s: float
     stream_usage: bool
     chunk_delay_ms: float
 

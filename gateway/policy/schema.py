@@ -68,6 +68,10 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     query: dict[str, str] = {}
     timeouts: TimeoutSpec = TimeoutSpec()
     pool_size: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    # Idle pooled connections are closed after this long. Keep it below the upstream's own
+    # idle timeout (uvicorn-based servers such as vLLM close theirs after 5 s), or a request
+    # may be sent on a connection the upstream is closing and fail with a 502.
+    keepalive_s: Annotated[float, Meta(gt=0, le=3_600)] = 4.0
     stream_usage: bool = True
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
 

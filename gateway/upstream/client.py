@@ -26,7 +26,7 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     connector = aiohttp.TCPConnector(
         limit=config.pool_size,
         limit_per_host=config.pool_size,
-        keepalive_timeout=30,
+        keepalive_timeout=config.keepalive_s,
         ttl_dns_cache=300,
         enable_cleanup_closed=False,
     )

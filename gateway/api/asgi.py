@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 import secrets
 from collections.abc import Iterable
@@ -15,8 +16,15 @@ _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 JSON = b"application/json"
 
 
+# Request ids must be unique, not unpredictable: a random per-process prefix and a
+# counter cost a fraction of reading the OS's random source on every request
+# (a profile showed `secrets.token_hex` at 2% of the gateway's CPU).
+_ID_PREFIX = "req_" + secrets.token_hex(6)
+_id_counter = itertools.count(1)
+
+
 def new_request_id() -> str:
-    return "req_" + secrets.token_hex(12)
+    return f"{_ID_PREFIX}{next(_id_counter):012x}"
 
 
 class RequestHeaders:

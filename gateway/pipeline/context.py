@@ -29,7 +29,6 @@ class Reply:
     body: bytes | None = None
     stream: StreamWatch | None = None
     status: int = 200
-    headers: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(slots=True, eq=False)

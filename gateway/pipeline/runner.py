@@ -40,7 +40,3 @@ class Pipeline:
 
     def run(self, ctx: RequestContext) -> Awaitable[Reply]:
         return self._entry(ctx)
-
-    @property
-    def names(self) -> list[str]:
-        return [stage.name for stage in self.stages]

@@ -39,6 +39,18 @@ _WORDS = (
     " canned",
     " tokens",
 )
+_USAGE = {  # the same usage in the JSON answer and in the stream's final chunk
+    "prompt_tokens": 9,
+    "completion_tokens": len(_WORDS),
+    "total_tokens": 9 + len(_WORDS),
+    "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+    "completion_tokens_details": {
+        "reasoning_tokens": 0,
+        "audio_tokens": 0,
+        "accepted_prediction_tokens": 0,
+        "rejected_prediction_tokens": 0,
+    },
+}
 
 
 def _dumps(obj: Any) -> str:
@@ -82,18 +94,7 @@ def chat_completion() -> bytes:
                 "finish_reason": "stop",
             }
         ],
-        "usage": {
-            "prompt_tokens": 9,
-            "completion_tokens": len(_WORDS),
-            "total_tokens": 9 + len(_WORDS),
-            "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-            "completion_tokens_details": {
-                "reasoning_tokens": 0,
-                "audio_tokens": 0,
-                "accepted_prediction_tokens": 0,
-                "rejected_prediction_tokens": 0,
-            },
-        },
+        "usage": _USAGE,
         "service_tier": "default",
         "system_fingerprint": _FINGERPRINT,
     }
@@ -135,18 +136,7 @@ def sse_stream() -> bytes:
     for word in _WORDS:
         events.append(_chunk([{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}]))
     events.append(_chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
-    usage = {
-        "prompt_tokens": 9,
-        "completion_tokens": len(_WORDS),
-        "total_tokens": 9 + len(_WORDS),
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
-        "completion_tokens_details": {
-            "reasoning_tokens": 0,
-            "audio_tokens": 0,
-            "accepted_prediction_tokens": 0,
-            "rejected_prediction_tokens": 0,
-        },
-    }
+    usage = _USAGE
     events.append(_chunk([], usage))
     assert len(events) == SSE_CHUNKS
     events.append("data: [DONE]\n\n")

@@ -19,7 +19,7 @@ from typing import Any
 from litestar import Litestar, Request, Response, asgi
 from litestar.exceptions import HTTPException
 
-from .api.asgi import RequestHeaders
+from .api.asgi import RequestHeaders, error_header_map
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .errors import (
@@ -92,10 +92,9 @@ class Gateway:
 
 
 def _error_response(error: GatewayError, request: Request[Any, Any, Any]) -> Response[bytes]:
-    headers = {"x-request-id": RequestHeaders(request.scope["headers"]).request_id, **error.headers}
-    if error.status == 401:
-        headers["www-authenticate"] = "Bearer"
-    return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
+    request_id = RequestHeaders(request.scope["headers"]).request_id
+    return Response(error.body(), status_code=error.status, media_type="application/json",
+                    headers=error_header_map(error, request_id))
 
 
 def _http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:

@@ -9,7 +9,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import FULL_KEY, LIMITED_KEY, RunningGateway
+from tests.conftest import FULL_KEY, LIMITED_KEY, RunningGateway, policy_text
 from tests.support.mock_upstream import MockUpstream
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -76,8 +76,6 @@ def test_connection_refused_is_502(make_gateway, upstream: MockUpstream) -> None
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         dead_port = sock.getsockname()[1]
-    from tests.conftest import policy_text
-
     running = make_gateway(policy_text(f"http://127.0.0.1:{dead_port}/v1"))
     with pytest.raises(openai.APIStatusError) as caught:
         chat(running, "chat")

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import GatewayError
 
-__all__ = ["RequestHeaders", "error_headers", "new_request_id", "send_body", "send_error"]
+__all__ = ["RequestHeaders", "error_header_map", "new_request_id", "send_body", "send_error"]
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 JSON = b"application/json"
@@ -56,15 +56,11 @@ class RequestHeaders:
         self.size = size
 
 
-def error_headers(error: GatewayError, request_id: str, body: bytes) -> list[tuple[bytes, bytes]]:
-    headers = [
-        (b"content-type", JSON),
-        (b"content-length", str(len(body)).encode()),
-        (b"x-request-id", request_id.encode()),
-    ]
+def error_header_map(error: GatewayError, request_id: str) -> dict[str, str]:
+    """The headers every error reply carries, whichever layer sends it."""
+    headers = {"x-request-id": request_id, **{k.lower(): v for k, v in error.headers.items()}}
     if error.status == 401:
-        headers.append((b"www-authenticate", b"Bearer"))
-    headers.extend((k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in error.headers.items())
+        headers["www-authenticate"] = "Bearer"
     return headers
 
 
@@ -75,4 +71,6 @@ async def send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]], 
 
 async def send_error(send: Any, error: GatewayError, request_id: str) -> None:
     body = error.body()
-    await send_body(send, error.status, error_headers(error, request_id, body), body)
+    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
+    headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error_header_map(error, request_id).items()]
+    await send_body(send, error.status, headers, body)

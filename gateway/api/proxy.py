@@ -61,13 +61,14 @@ class ProxyEndpoint:
                 raise HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
             if scope["method"] != "POST":
                 raise MethodNotAllowed(f"use POST for /v1/{self.endpoint.path}", headers={"Allow": "POST"})
-            raw = await self._read_body(receive, headers.content_length)
+            runtime = self.gateway.runtime  # one policy for the whole request, even across a reload
+            raw = await self._read_body(receive, headers.content_length, runtime.policy.server.max_body_bytes)
         except GatewayError as exc:
             await send_error(send, exc, request_id)
             return
         except ClientGone:
             return
-        ctx = RequestContext(request_id, self.endpoint, self.gateway.runtime, raw, headers.credential, started)
+        ctx = RequestContext(request_id, self.endpoint, runtime, raw, headers.credential, started)
         try:
             reply = await self.gateway.pipeline.run(ctx)
         except GatewayError as exc:
@@ -88,8 +89,7 @@ class ProxyEndpoint:
         else:
             await self._send_stream(reply, request_id, receive, send)
 
-    async def _read_body(self, receive: Any, content_length: int | None) -> bytes:
-        limit = self.gateway.runtime.policy.server.max_body_bytes
+    async def _read_body(self, receive: Any, content_length: int | None, limit: int) -> bytes:
         if content_length is not None:
             if content_length < 0:
                 raise InvalidRequest("invalid Content-Length header")

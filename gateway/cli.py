@@ -11,12 +11,12 @@ from pathlib import Path
 from . import __version__
 from .auth.keys import generate_key, hash_key
 from .policy import PolicyError, load_policy
+from .policy.compile import open_to_network
+from .policy.default import resolve_policy_path
 from .policy.schema import json_schema
 from .telemetry.logs import configure_logging
 
 __all__ = ["main"]
-
-DEFAULT_POLICY = Path("policies/gateway.yaml")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -34,10 +34,14 @@ def _parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command")
 
     serve = commands.add_parser("serve", help="run the gateway")
-    serve.add_argument("--policy", type=Path, default=DEFAULT_POLICY, help="policy file (default: %(default)s)")
+    serve.add_argument("--policy", type=Path, default=None,
+                       help="policy file (default: ./policies/gateway.yaml if it exists, else the built-in demo policy)")
     serve.add_argument("--host", help="listen address (default: the policy's server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: the policy's server.port)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
+    serve.add_argument("--allow-open", action="store_true",
+                       help="serve a non-loopback address with `auth: none` and real providers "
+                            "(anyone who reaches it can spend their credit)")
     serve.set_defaults(run=_serve)
 
     check = commands.add_parser("check", help="validate policy files; print every error; exit 1 on any")
@@ -63,15 +67,20 @@ def _serve(args: argparse.Namespace) -> int:
     if args.workers < 1:
         print("gateway: --workers must be at least 1", file=sys.stderr)
         return 2
+    path = resolve_policy_path(args.policy)
     try:
-        policy = load_policy(args.policy)
+        policy = load_policy(path)
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    host = args.host or policy.server.host
+    if open_to_network(policy, host) and not args.allow_open:
+        print(f"gateway: refusing to serve {host} with `auth: none`: anyone who reaches it could use your "
+              "providers' credentials. Use `auth: keys`, listen on 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+        return 2
     from .server import serve
 
-    serve(args.policy, policy, args.host, args.port, args.workers)
-    return 0
+    return serve(path, policy, args.host, args.port, args.workers)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -18,6 +18,7 @@ import msgspec
 __all__ = [
     "AuthenticationFailed",
     "BodyTooLarge",
+    "GatewayBusy",
     "GatewayError",
     "HeadersTooLarge",
     "InternalError",
@@ -27,6 +28,7 @@ __all__ = [
     "NotFound",
     "PermissionDenied",
     "RateLimited",
+    "ShuttingDown",
     "UpstreamError",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -148,6 +150,22 @@ class UpstreamUnavailable(UpstreamError):
     """502: could not connect to the upstream at all."""
 
     code = "upstream_unavailable"
+
+
+class GatewayBusy(GatewayError):
+    """503: the gateway cannot take this request now (a full upstream pool); retry shortly."""
+
+    status = 503
+    type = "server_error"
+    code = "gateway_busy"
+
+
+class ShuttingDown(GatewayError):
+    """503: the gateway is draining for shutdown and cut this request at the deadline."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
 
 
 class InternalError(GatewayError):

@@ -1,60 +1,167 @@
 """Run the gateway under uvicorn: one process, or N workers sharing one socket.
 
-SIGTERM (or Ctrl-C) stops accepting connections and lets in-flight requests,
-streams included, finish within `server.drain_timeout_s`; `/readyz` answers 503
-from the first signal on, so that a load balancer stops sending traffic.
+The entry point owns the process, so process-wide set-up happens here, once per
+process: logging (in every worker too), signal handlers, and `gc.freeze()` after
+start-up. Settings reach worker processes inside uvicorn's pickled config (the
+app factory is a `functools.partial` over `ServeSettings`), not through the
+environment; the one exception is `PROMETHEUS_MULTIPROC_DIR`, which
+prometheus_client reads from the environment at import.
+
+Shutdown: SIGTERM marks the gateway draining (`/readyz` answers 503) and, after
+`server.drain_delay_s`, stops accepting connections; requests in flight, streams
+included, get `server.drain_timeout_s` to finish; at that deadline the gateway
+ends the rest itself (streams with an error event, others with 503) before
+uvicorn would cancel them. A clean drain exits with status 0. SIGHUP reloads the
+policy (with several workers, the supervisor passes it to every worker).
 """
 
 from __future__ import annotations
 
+import asyncio
+import functools
+import gc
 import logging
 import os
 import shutil
+import signal
 import tempfile
+import threading
+from dataclasses import dataclass
 from pathlib import Path
+from types import FrameType
+from typing import Any
 
 import uvicorn
+from litestar import Litestar
 from uvicorn.supervisors import Multiprocess
 
-from .app import POLICY_ENV
-from .policy import Policy
+from .app import Gateway, create_app
+from .policy import Policy, load_policy
+from .telemetry.logs import configure_logging
 
-__all__ = ["serve"]
+__all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
 
 log = logging.getLogger("gateway.server")
+_GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so the gateway cuts first
 
 
-def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None, workers: int) -> None:
-    os.environ[POLICY_ENV] = str(policy_path.resolve())
+@dataclass(frozen=True, slots=True)
+class ServeSettings:
+    policy_path: Path
+    supervised: bool = False  # a worker of `--workers N`: reloads are passed to every worker
+
+
+def build_served_app(settings: ServeSettings) -> Litestar:
+    """The app factory uvicorn calls in each serving process."""
+    configure_logging()
+    policy = load_policy(settings.policy_path)
+    gateway = Gateway(policy, source=settings.policy_path)
+    if settings.supervised:
+        parent = os.getppid()
+        gateway.reload_requested = lambda: os.kill(parent, signal.SIGHUP)
+    process = _ServedProcess(gateway)
+    return create_app(gateway, on_startup=[process.started])
+
+
+class _ServedProcess:
+    """Process-wide set-up for the one gateway this process serves."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.loop: asyncio.AbstractEventLoop | None = None
+
+    def started(self) -> None:
+        self.loop = asyncio.get_running_loop()
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                previous = signal.getsignal(sig)
+                signal.signal(sig, functools.partial(self._on_stop, previous=previous))
+            signal.signal(signal.SIGHUP, self._on_hup)
+        # Everything built so far lives as long as the process: move it out of the collector's
+        # reach, so that full collections stay short (bench: p99 at 16 connections ~30 ms -> ~6 ms).
+        gc.collect()
+        gc.freeze()
+
+    def _on_stop(self, signum: int, frame: FrameType | None, previous: Any) -> None:
+        loop = self.loop
+        assert loop is not None
+        first = not self.gateway.draining
+        self.gateway.begin_drain()
+        server = self.gateway.runtime.policy.server
+        delay = server.drain_delay_s if signum == signal.SIGTERM and first else 0.0
+
+        def stop_accepting() -> None:
+            if callable(previous):
+                previous(signum, frame)
+            if first:
+                loop.call_later(server.drain_timeout_s, self.gateway.cut_all)
+
+        loop.call_soon_threadsafe(loop.call_later, delay, stop_accepting)
+
+    def _on_hup(self, signum: int, frame: FrameType | None) -> None:
+        loop = self.loop
+        assert loop is not None
+        loop.call_soon_threadsafe(lambda: self.gateway._spawn(self.gateway.reload("signal")))
+
+
+class _Supervisor(Multiprocess):
+    """uvicorn's supervisor, except that SIGHUP reloads every worker's policy instead of
+    restarting the workers (a restart would drop their streams)."""
+
+    def handle_hup(self) -> None:
+        for process in self.processes:
+            if process.pid is not None:
+                try:
+                    os.kill(process.pid, signal.SIGHUP)
+                except ProcessLookupError:
+                    pass
+
+
+def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config:
+    """The server settings, shared by `gateway serve` and the test harness."""
+    server = policy.server
+    options: dict[str, Any] = {
+        "host": server.host,
+        "port": server.port,
+        "loop": "uvloop" if _has("uvloop") else "asyncio",
+        "http": "httptools" if _has("httptools") else "h11",
+        "lifespan": "on",
+        "access_log": False,
+        "log_level": "info",
+        "timeout_graceful_shutdown": server.drain_timeout_s + _GRACE_S,
+        "timeout_keep_alive": 30,
+        "server_header": False,
+        "proxy_headers": False,
+        "log_config": None,
+    }
+    options.update(overrides)
+    return uvicorn.Config(app, **options)
+
+
+def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None, workers: int) -> int:
+    policy_path = policy_path.resolve()
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-    config = uvicorn.Config(
-        "gateway.app:app_from_env",
-        factory=True,
-        host=host or policy.server.host,
-        port=port or policy.server.port,
-        workers=workers,
-        loop="uvloop" if _has("uvloop") else "asyncio",
-        http="httptools" if _has("httptools") else "h11",
-        lifespan="on",
-        access_log=False,
-        log_level="info",
-        timeout_graceful_shutdown=int(policy.server.drain_timeout_s) or 1,
-        timeout_keep_alive=30,
-        server_header=False,
-        proxy_headers=False,
-        log_config=None,
+    settings = ServeSettings(policy_path, supervised=workers > 1)
+    config = uvicorn_config(
+        functools.partial(build_served_app, settings), policy, factory=True, workers=workers,
+        host=host or policy.server.host, port=port or policy.server.port,
     )
     log.info("serving %s on %s:%s with %d worker(s)", policy_path, config.host, config.port, workers)
+    # uvicorn re-raises the signal that stopped it once it has drained; with these handlers in
+    # place that re-raise is a no-op, so a clean drain exits with status 0.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
     try:
         if workers > 1:
-            Multiprocess(config, sockets=[config.bind_socket()]).run()
+            _Supervisor(config, sockets=[config.bind_socket()]).run()
         else:
             uvicorn.Server(config).run()
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+    return 0
 
 
 def _has(module: str) -> bool:

@@ -89,7 +89,7 @@ class RunningGateway:
     def __init__(self, text: str, env: dict[str, str]) -> None:
         self.policy = compile_text(text, "test-policy.yaml", env)
         self.gateway = Gateway(self.policy)
-        self.app = create_app(self.policy, self.gateway)
+        self.app = create_app(self.gateway)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"

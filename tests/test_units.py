@@ -7,7 +7,6 @@ import pytest
 from gateway.auth.keys import KeyRing, VirtualKey, digest_of, generate_key, hash_key
 from gateway.errors import RateLimited, UpstreamError, UpstreamTimeout, sanitize_upstream_message
 from gateway.providers.openai_compat import status_error
-from gateway.pipeline.streams import ClosedEarly, StreamWatch
 from gateway.upstream.sse import SSEDecoder
 
 EVENTS = b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive comment\n\ndata: [DONE]\n\n'
@@ -92,49 +91,3 @@ def test_keys_are_hashed_and_found() -> None:
     assert hash_key(key) == "sha256:" + record.digest.hex()
     assert record.allows("a") and not record.allows("b")
     assert key not in repr(record) and record.digest.hex() not in repr(record)
-
-
-class _Source:
-    """A chunk source that records whether it was closed."""
-
-    def __init__(self, chunks: list[bytes], fail: bool = False) -> None:
-        self.chunks, self.fail, self.closed = chunks, fail, False
-
-    def __aiter__(self) -> _Source:
-        return self
-
-    async def __anext__(self) -> bytes:
-        if self.chunks:
-            return self.chunks.pop(0)
-        if self.fail:
-            raise ConnectionResetError
-        raise StopAsyncIteration
-
-    async def aclose(self) -> None:
-        self.closed = True
-
-
-async def test_stream_watch_ends_once_when_finished() -> None:
-    ends: list[BaseException | None] = []
-    seen: list[bytes] = []
-    source = _Source([b"a", b"b"])
-    watch = StreamWatch(source, ends.append, seen.append)
-    assert [chunk async for chunk in watch] == [b"a", b"b"]
-    await watch.aclose()
-    assert seen == [b"a", b"b"] and ends == [None] and source.closed
-
-
-async def test_stream_watch_cleans_up_a_stream_that_never_started() -> None:
-    ends: list[BaseException | None] = []
-    source = _Source([b"a"])
-    await StreamWatch(StreamWatch(source, ends.append), ends.append).aclose()
-    assert source.closed and len(ends) == 2 and all(isinstance(e, ClosedEarly) for e in ends)
-
-
-async def test_stream_watch_reports_a_failure() -> None:
-    ends: list[BaseException | None] = []
-    watch = StreamWatch(_Source([b"a"], fail=True), ends.append)
-    with pytest.raises(ConnectionResetError):
-        async for _ in watch:
-            pass
-    assert len(ends) == 1 and isinstance(ends[0], ConnectionResetError)

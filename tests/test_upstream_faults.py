@@ -29,7 +29,7 @@ def chat(gateway: RunningGateway, model: str, key: str = FULL_KEY) -> object:
     [
         ("chat", "gw-wrong-key", openai.AuthenticationError, 401),
         ("chat", "", openai.AuthenticationError, 401),
-        ("embed", LIMITED_KEY, openai.PermissionDeniedError, 403),
+        ("embed", LIMITED_KEY, openai.NotFoundError, 404),  # as unknown: a key cannot enumerate aliases
         ("no-such-alias", FULL_KEY, openai.NotFoundError, 404),
         ("fault-status-429", FULL_KEY, openai.RateLimitError, 429),
         ("fault-status-500", FULL_KEY, openai.APIStatusError, 502),

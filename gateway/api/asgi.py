@@ -10,21 +10,25 @@ from typing import Any
 
 from ..errors import GatewayError
 
-__all__ = ["RequestHeaders", "error_header_map", "new_request_id", "send_body", "send_error"]
+__all__ = ["RequestHeaders", "RequestIds", "error_header_map", "send_body", "send_error"]
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 JSON = b"application/json"
 
 
-# Request ids must be unique, not unpredictable: a random per-process prefix and a
-# counter cost a fraction of reading the OS's random source on every request
-# (a profile showed `secrets.token_hex` at 2% of the gateway's CPU).
-_ID_PREFIX = "req_" + secrets.token_hex(6)
-_id_counter = itertools.count(1)
+class RequestIds:
+    """Request ids, unique rather than unpredictable: a random prefix per gateway and a counter
+    cost a fraction of reading the OS's random source on every request (a profile showed
+    `secrets.token_hex` at 2% of the gateway's CPU)."""
 
+    __slots__ = ("_counter", "_prefix")
 
-def new_request_id() -> str:
-    return f"{_ID_PREFIX}{next(_id_counter):012x}"
+    def __init__(self) -> None:
+        self._prefix = "req_" + secrets.token_hex(6)
+        self._counter = itertools.count(1)
+
+    def new(self) -> str:
+        return f"{self._prefix}{next(self._counter):012x}"
 
 
 class RequestHeaders:
@@ -32,7 +36,7 @@ class RequestHeaders:
 
     __slots__ = ("content_length", "credential", "request_id", "size")
 
-    def __init__(self, raw: Iterable[tuple[bytes, bytes]]) -> None:
+    def __init__(self, raw: Iterable[tuple[bytes, bytes]], ids: RequestIds) -> None:
         credential = request_id = None
         content_length: int | None = None
         size = 0
@@ -51,7 +55,7 @@ class RequestHeaders:
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
         self.credential = credential
-        self.request_id = request_id or new_request_id()
+        self.request_id = request_id or ids.new()
         self.content_length = content_length
         self.size = size
 

@@ -1,10 +1,11 @@
 """The proxied OpenAI endpoints, as raw ASGI handlers mounted in litestar.
 
-Why raw ASGI here: these three routes are the hot path. Reading the body with
-our own size limit, sending the reply ourselves and watching for the client's
-disconnect with one task keeps the per-request cost to what the gateway needs,
-and gives exact control over streams: chunks are sent as they arrive, and a
-client that goes away cancels the upstream read at once.
+Why raw ASGI here: these three routes are the hot path. Sending the reply
+ourselves and watching for the client's disconnect with one task keeps the
+per-request cost to what the gateway needs, and gives exact control over a
+request's life: events are written as they arrive, a client that goes away
+cancels the upstream call at once (waiting for the first byte, or mid-stream),
+and a stream cut on shutdown ends with an error event.
 """
 
 from __future__ import annotations
@@ -12,28 +13,20 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
-from ..errors import (
-    BodyTooLarge,
-    GatewayError,
-    HeadersTooLarge,
-    InternalError,
-    InvalidRequest,
-    MethodNotAllowed,
-)
-from ..pipeline.context import Reply, RequestContext
-from ..pipeline.endpoints import Endpoint
-from .asgi import JSON, RequestHeaders, send_body, send_error
+from ..errors import GatewayError, InternalError, ShuttingDown
+from ..pipeline.context import Reply, RequestContext, RequestHead
+from ..pipeline.lifecycle import Lifecycle
+from ..pipeline.stages import ClientGone
+from ..runtime import Runtime
+from ..schemas.endpoints import Endpoint
+from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
+from .sse import error_frame, frame
 
-if TYPE_CHECKING:
-    from ..app import Gateway
-
-__all__ = ["ProxyEndpoint"]
+__all__ = ["EdgeHost", "ProxyEndpoint"]
 
 log = logging.getLogger("gateway.proxy")
-# uvicorn's httptools parser sets no limit of its own; nothing legitimate sends more.
-MAX_HEADER_BYTES = 64 * 1024
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -41,106 +34,94 @@ _SSE_HEADERS = [
 ]
 
 
-class ClientGone(Exception):
-    """The client closed the connection before the request body arrived."""
+class EdgeHost(Protocol):
+    """What the edge needs from the gateway: handed in, never imported."""
+
+    request_ids: RequestIds
+    active: set[Lifecycle]
+
+    def acquire_runtime(self) -> Runtime: ...
 
 
 class ProxyEndpoint:
-    """One OpenAI endpoint: read the body, run the pipeline, send the reply."""
+    """One OpenAI endpoint: run the pipeline for a request, send the reply."""
 
-    def __init__(self, gateway: Gateway, endpoint: Endpoint) -> None:
-        self.gateway = gateway
+    def __init__(self, host: EdgeHost, endpoint: Endpoint) -> None:
+        self.host = host
         self.endpoint = endpoint
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
-        headers = RequestHeaders(scope["headers"])
+        host = self.host
+        headers = RequestHeaders(scope["headers"], host.request_ids)
         request_id = headers.request_id
+        task = asyncio.current_task()
+        assert task is not None
+        life = Lifecycle(task)
+        runtime = host.acquire_runtime()
+        host.active.add(life)
+        head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size)
+        ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
         try:
-            if headers.size > MAX_HEADER_BYTES:
-                raise HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
-            if scope["method"] != "POST":
-                raise MethodNotAllowed(f"use POST for /v1/{self.endpoint.path}", headers={"Allow": "POST"})
-            runtime = self.gateway.runtime  # one policy for the whole request, even across a reload
-            raw = await self._read_body(receive, headers.content_length, runtime.policy.server.max_body_bytes)
-        except GatewayError as exc:
-            await send_error(send, exc, request_id)
-            return
+            reply = await runtime.pipeline.run(ctx)
+            if reply.stream is None:
+                life.protect()
+                assert reply.body is not None
+                await send_body(send, reply.status, [
+                    (b"content-type", JSON),
+                    (b"content-length", str(len(reply.body)).encode()),
+                    (b"x-request-id", request_id.encode()),
+                ], reply.body)
+            else:
+                await self._send_stream(ctx, reply, send)
+        except asyncio.CancelledError:
+            if life.reason is None:
+                raise  # not ours (the server is cancelling its tasks): let it through
+            task.uncancel()
+            if life.reason == "shutdown" and not life.response_started:
+                await _send_quietly(send_error(send, ShuttingDown("the gateway is shutting down; retry"), request_id))
         except ClientGone:
-            return
-        ctx = RequestContext(request_id, self.endpoint, runtime, raw, headers.credential, started)
-        try:
-            reply = await self.gateway.pipeline.run(ctx)
+            pass
         except GatewayError as exc:
             await send_error(send, exc, request_id)
-            return
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
             await send_error(send, InternalError("the gateway failed to handle this request"), request_id)
-            return
-        if reply.stream is None:
-            assert reply.body is not None
-            response_headers = [
-                (b"content-type", JSON),
-                (b"content-length", str(len(reply.body)).encode()),
-                (b"x-request-id", request_id.encode()),
-            ]
-            await send_body(send, reply.status, response_headers, reply.body)
-        else:
-            await self._send_stream(reply, request_id, receive, send)
+        finally:
+            life.stop()
+            host.active.discard(life)
+            runtime.release()
 
-    async def _read_body(self, receive: Any, content_length: int | None, limit: int) -> bytes:
-        if content_length is not None:
-            if content_length < 0:
-                raise InvalidRequest("invalid Content-Length header")
-            if content_length > limit:
-                raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                raise ClientGone
-            chunk = message.get("body", b"")
-            if chunk:
-                size += len(chunk)
-                if size > limit:
-                    raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
-                chunks.append(chunk)
-            if not message.get("more_body", False):
-                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
-
-    async def _send_stream(self, reply: Reply, request_id: str, receive: Any, send: Any) -> None:
-        """Forward the stream; if the client goes away, cancel it (and so the upstream read)."""
+    async def _send_stream(self, ctx: RequestContext, reply: Reply, send: Any) -> None:
         stream = reply.stream
         assert stream is not None
-        task = asyncio.current_task()
-        assert task is not None
-        gone = asyncio.Event()
-        watcher = asyncio.ensure_future(_watch_disconnect(receive, task, gone))
+        life = ctx.lifecycle
+        wants_usage = ctx.wants_usage
         try:
             await send({
                 "type": "http.response.start", "status": reply.status,
-                "headers": [*_SSE_HEADERS, (b"x-request-id", request_id.encode())],
+                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode())],
             })
-            async for chunk in stream:
-                await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            life.response_started = True
+            async for batch in stream:
+                await send({"type": "http.response.body", "body": frame(batch, wants_usage), "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if life.reason != "shutdown":
                 raise
-            task.uncancel()
+            asyncio.current_task().uncancel()  # type: ignore[union-attr]
+            cut = ShuttingDown("the gateway is shutting down; the stream was cut at the drain deadline")
+            await stream.aclose("shutdown", cut)
+            await _send_quietly(send({"type": "http.response.body", "body": error_frame(cut), "more_body": True}))
+            await _send_quietly(send({"type": "http.response.body", "body": b"", "more_body": False}))
         except OSError:  # the server reports a write to a closed connection
-            log.debug("client went away mid-stream", extra={"fields": {"request_id": request_id}})
+            life.reason = life.reason or "client_gone"
         finally:
-            watcher.cancel()
-            await stream.aclose()  # runs every stage's clean-up, even if the stream never started
+            await stream.aclose("client_gone" if life.reason != "shutdown" else "shutdown")
 
 
-async def _watch_disconnect(receive: Any, task: asyncio.Task[Any], gone: asyncio.Event) -> None:
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            gone.set()
-            task.cancel()
-            return
+async def _send_quietly(sending: Any) -> None:
+    try:
+        await sending
+    except OSError:
+        pass

@@ -2,22 +2,32 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+import hmac
+from typing import Any, Protocol
 
 import msgspec
 from litestar import Request, Response, get
 
-from ..errors import ModelNotFound
-from ..pipeline.stages import authenticate
-from ..telemetry.metrics import CONTENT_TYPE
-from .asgi import RequestHeaders
+from ..errors import AuthenticationFailed, GatewayError, NotFound
+from ..pipeline.stages import authenticate, model_not_found
+from ..runtime import Runtime
+from ..telemetry.metrics import CONTENT_TYPE, Metrics
+from .asgi import RequestHeaders, RequestIds
 
-if TYPE_CHECKING:
-    from ..app import Gateway
-
-__all__ = ["ops_routes"]
+__all__ = ["OpsHost", "bearer_matches", "ops_routes"]
 
 _encode = msgspec.json.Encoder().encode
+
+
+class OpsHost(Protocol):
+    """What these routes need from the gateway: handed in, never imported."""
+
+    request_ids: RequestIds
+    runtime: Runtime
+    metrics: Metrics
+    started: bool
+    draining: bool
+    last_reload: dict[str, Any] | None
 
 
 def _json(data: Any, request_id: str, status: int = 200) -> Response[bytes]:
@@ -25,12 +35,20 @@ def _json(data: Any, request_id: str, status: int = 200) -> Response[bytes]:
                     headers={"x-request-id": request_id})
 
 
-def ops_routes(gateway: Gateway) -> list[Any]:
+def bearer_matches(headers: RequestHeaders, token: str | None) -> bool:
+    """Constant-time check of a presented bearer token against a configured one."""
+    presented = headers.credential
+    if not token or presented is None:
+        return False
+    return hmac.compare_digest(presented.encode(), token.encode())
+
+
+def ops_routes(host: OpsHost) -> list[Any]:
     """Route handlers bound to one gateway (no module globals)."""
 
     def visible_models(request: Request[Any, Any, Any]) -> tuple[str, list[dict[str, Any]]]:
-        headers = RequestHeaders(request.scope["headers"])
-        runtime = gateway.runtime
+        headers = RequestHeaders(request.scope["headers"], host.request_ids)
+        runtime = host.runtime
         key = authenticate(runtime.policy, headers.credential)
         models = [
             {"id": alias, "object": "model", "created": runtime.created, "owned_by": route.provider}
@@ -51,26 +69,40 @@ def ops_routes(gateway: Gateway) -> list[Any]:
         for model in models:
             if model["id"] == wanted:
                 return _json(model, request_id)
-        raise ModelNotFound(f"the model `{wanted[:64]}` does not exist", param="model")
+        raise model_not_found(wanted)
 
     @get("/healthz", sync_to_thread=False)
     def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
-        return _json({"status": "ok"}, RequestHeaders(request.scope["headers"]).request_id)
+        return _json({"status": "ok"}, RequestHeaders(request.scope["headers"], host.request_ids).request_id)
 
     @get("/readyz", sync_to_thread=False)
     def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-        request_id = RequestHeaders(request.scope["headers"]).request_id
-        if gateway.draining or not gateway.started:
-            state = "draining" if gateway.draining else "starting"
-            return _json({"status": state}, request_id, status=503)
-        return _json({"status": "ready", "policy_version": gateway.runtime.policy.version}, request_id)
+        request_id = RequestHeaders(request.scope["headers"], host.request_ids).request_id
+        runtime = host.runtime
+        detail: dict[str, Any] = {
+            "policy_version": runtime.policy.version,
+            "store": {"backend": runtime.policy.state.backend, "healthy": runtime.store.healthy},
+        }
+        if host.last_reload is not None:
+            detail["last_reload"] = host.last_reload
+        if host.draining or not host.started:
+            state = "draining" if host.draining else "starting"
+            return _json({"status": state, **detail}, request_id, status=503)
+        return _json({"status": "ready", **detail}, request_id)
 
     @get("/metrics", sync_to_thread=False)
     def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
-        return Response(gateway.metrics.render(), media_type=CONTENT_TYPE,
-                        headers={"x-request-id": RequestHeaders(request.scope["headers"]).request_id})
+        headers = RequestHeaders(request.scope["headers"], host.request_ids)
+        policy = host.runtime.policy
+        if not policy.server.metrics:
+            raise NotFound("metrics are turned off in this policy (server.metrics)")
+        if policy.metrics_token is not None and not bearer_matches(headers, policy.metrics_token):
+            raise _unauthorized("/metrics needs `Authorization: Bearer <metrics token>`")
+        host.metrics.store_up.labels(policy.state.backend).set(1 if host.runtime.store.healthy else 0)
+        return Response(host.metrics.render(), media_type=CONTENT_TYPE, headers={"x-request-id": headers.request_id})
 
-    routes: list[Any] = [list_models, get_model, healthz, readyz]
-    if gateway.runtime.policy.server.metrics:
-        routes.append(metrics)
-    return routes
+    return [list_models, get_model, healthz, readyz, metrics]
+
+
+def _unauthorized(message: str) -> GatewayError:
+    return AuthenticationFailed(message, code="invalid_token")

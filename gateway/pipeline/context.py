@@ -1,7 +1,7 @@
 """Per-request state, and the reply a pipeline produces.
 
 Stages are stateless; everything that belongs to one request lives on its
-`RequestContext`, created by the HTTP layer and dropped when the response ends.
+`RequestContext`, created by the HTTP edge and dropped when the response ends.
 """
 
 from __future__ import annotations
@@ -9,25 +9,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import msgspec
+
 from ..auth.keys import VirtualKey
 from ..policy.compiled import ModelRoute
+from ..schemas.endpoints import Endpoint
 from ..schemas.openai import Usage
-from .endpoints import Endpoint
-from .streams import StreamWatch
+from .lifecycle import Lifecycle
 
 if TYPE_CHECKING:
-    from ..app import Runtime
     from ..providers.base import Provider
+    from ..runtime import Runtime
+    from .streams import ReplyStream
 
-__all__ = ["Reply", "RequestContext"]
+__all__ = ["Reply", "RequestContext", "RequestHead"]
+
+
+@dataclass(slots=True)
+class RequestHead:
+    """What the edge read from the request line and headers (one pass, see `api.asgi`)."""
+
+    method: str
+    credential: str | None  # the presented virtual key, if any: never logged
+    content_length: int | None
+    header_bytes: int
 
 
 @dataclass(slots=True)
 class Reply:
-    """What goes back to the client: a complete body, or a stream of SSE bytes."""
+    """What goes back to the client: a complete body, or a stream of typed events."""
 
     body: bytes | None = None
-    stream: StreamWatch | None = None
+    stream: ReplyStream | None = None
     status: int = 200
 
 
@@ -35,21 +48,27 @@ class Reply:
 class RequestContext:
     request_id: str
     endpoint: Endpoint
-    runtime: Runtime
-    raw_body: bytes
-    credential: str | None  # the presented virtual key, if any: never logged
+    runtime: Runtime  # held for the whole request: a reload never changes it mid-way
+    head: RequestHead
+    receive: Any  # the ASGI receive callable, for the body
+    lifecycle: Lifecycle
     started: float  # perf_counter at arrival
-    body: dict[str, Any] = field(default_factory=dict)
+    raw_body: bytes = b""
+    body: dict[str, Any] = field(default_factory=dict)  # what is forwarded (unknown fields included)
+    request: msgspec.Struct | None = None  # the same body, typed: what stages read
     stream: bool = False
+    wants_usage: bool = False  # the client asked for the usage chunk itself
     key: VirtualKey | None = None
     route: ModelRoute | None = None
     provider: Provider | None = None
     upstream_started: float = 0.0
     upstream_seconds: float = 0.0
     first_chunk_seconds: float | None = None
+    chunks: int = 0  # content batches forwarded (a token estimate when nothing else is known)
     status: int = 200
     error_code: str | None = None
     usage: Usage | None = None
+    usage_estimated: bool = False
 
     @property
     def tenant(self) -> str:

@@ -1,8 +1,10 @@
-"""The core stages: ingress, auth, route, upstream call.
+"""The core stages, in pipeline order: admit, authenticate, ingress, authorize, select, call.
 
-Telemetry, the outermost stage, lives in `telemetry.stage`. Later capabilities
-(limits, guards, cache) are new stages placed between these, see
-`docs/architecture.md`.
+Telemetry, the outermost stage, lives in `telemetry.stage`. The key is checked
+before the body is read or parsed, so a caller without a key learns nothing
+about the parser. Authorization (may this key use this alias?) is apart from
+target selection, so that a cache lookup can sit between them: after the key's
+rights are known, before any upstream is chosen.
 """
 
 from __future__ import annotations
@@ -13,46 +15,51 @@ from typing import Any
 import msgspec
 
 from ..auth.keys import VirtualKey
-from ..errors import AuthenticationFailed, InvalidRequest, ModelNotFound, PermissionDenied
+from ..errors import (
+    AuthenticationFailed,
+    BodyTooLarge,
+    HeadersTooLarge,
+    InvalidRequest,
+    MethodNotAllowed,
+    ModelNotFound,
+)
 from ..policy.compiled import Policy
-from ..providers.base import Call, ChunkStream
+from ..providers.base import Call
+from ..schemas.endpoints import Endpoint
+from ..schemas.openai import StreamOptions
 from .context import Reply, RequestContext
 from .runner import Next
-from .streams import StreamWatch
+from .streams import ReplyStream
 
-__all__ = ["Authenticate", "CallUpstream", "Ingress", "Route", "authenticate"]
+__all__ = [
+    "MAX_HEADER_BYTES",
+    "Admit",
+    "Authenticate",
+    "Authorize",
+    "CallUpstream",
+    "Ingress",
+    "SelectTarget",
+    "authenticate",
+    "model_not_found",
+]
 
+# The HTTP server refuses larger heads before buffering them (see `http_server`); this
+# check covers servers that do not, such as a test harness.
+MAX_HEADER_BYTES = 64 * 1024
 _decode_json = msgspec.json.Decoder().decode
 
 
-class Ingress:
-    """Decode and check the body: a JSON object that fits the endpoint's schema."""
+class Admit:
+    """Refuse what no endpoint serves: oversized headers (431), a method other than POST (405)."""
 
-    name = "ingress"
+    name = "admit"
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        ctx.body = decode_body(ctx)
-        ctx.stream = ctx.endpoint.streams and ctx.body.get("stream") is True
+        if ctx.head.header_bytes > MAX_HEADER_BYTES:
+            raise HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
+        if ctx.head.method != "POST":
+            raise MethodNotAllowed(f"use POST for /v1/{ctx.endpoint.path}", headers={"Allow": "POST"})
         return await call_next(ctx)
-
-
-def decode_body(ctx: RequestContext) -> dict[str, Any]:
-    if not ctx.raw_body:
-        raise InvalidRequest("the request body is empty; expected a JSON object")
-    try:
-        body = _decode_json(ctx.raw_body)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        reason = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}.get(type(exc), str(exc))
-        raise InvalidRequest(f"the request body is not valid JSON: {reason}") from exc
-    if not isinstance(body, dict):
-        raise InvalidRequest("the request body must be a JSON object")
-    try:
-        msgspec.convert(body, ctx.endpoint.request_type, str_keys=True)
-    except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        param = where.rstrip("`").lstrip(".") or None
-        raise InvalidRequest(f"invalid request: {message}" + (f" at `{param}`" if param else ""), param=param) from exc
-    return body
 
 
 class Authenticate:
@@ -61,7 +68,7 @@ class Authenticate:
     name = "auth"
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        ctx.key = authenticate(ctx.runtime.policy, ctx.credential)
+        ctx.key = authenticate(ctx.runtime.policy, ctx.head.credential)
         return await call_next(ctx)
 
 
@@ -77,21 +84,87 @@ def authenticate(policy: Policy, credential: str | None) -> VirtualKey | None:
     return key
 
 
-class Route:
-    """Alias to its route and provider: 404 for an unknown alias, 403 for one the key may not use."""
+class Ingress:
+    """Read the body (size limit), decode it, check it against the endpoint's schema, keep both forms."""
 
-    name = "route"
+    name = "ingress"
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        ctx.raw_body = await read_body(ctx.receive, ctx.head.content_length, ctx.runtime.policy.server.max_body_bytes)
+        ctx.lifecycle.watch(ctx.receive)  # from here to the last byte, a client that leaves cancels the request
+        ctx.body, ctx.request = decode_body(ctx.raw_body, ctx.endpoint)
+        if ctx.endpoint.streams:
+            ctx.stream = getattr(ctx.request, "stream", False) is True
+            options = getattr(ctx.request, "stream_options", None)
+            ctx.wants_usage = isinstance(options, StreamOptions) and options.include_usage is True
+        return await call_next(ctx)
+
+
+class ClientGone(Exception):
+    """The client closed the connection before its body arrived."""
+
+
+async def read_body(receive: Any, content_length: int | None, limit: int) -> bytes:
+    if content_length is not None:
+        if content_length < 0:
+            raise InvalidRequest("invalid Content-Length header")
+        if content_length > limit:
+            raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientGone
+        chunk = message.get("body", b"")
+        if chunk:
+            size += len(chunk)
+            if size > limit:
+                raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
+            chunks.append(chunk)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec.Struct]:
+    """The body as a dict (forwarded, unknown fields and all) and as the endpoint's typed struct."""
+    if not raw:
+        raise InvalidRequest("the request body is empty; expected a JSON object")
+    try:
+        body = _decode_json(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        reason = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}.get(type(exc), str(exc))
+        raise InvalidRequest(f"the request body is not valid JSON: {reason}") from exc
+    if not isinstance(body, dict):
+        raise InvalidRequest("the request body must be a JSON object")
+    try:
+        typed = msgspec.convert(body, endpoint.request_type, str_keys=True)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).partition(" - at `$")
+        param = where.rstrip("`").lstrip(".") or None
+        raise InvalidRequest(f"invalid request: {message}" + (f" at `{param}`" if param else ""), param=param) from exc
+    return body, typed
+
+
+class Authorize:
+    """Alias to its route, if this key may use it. An alias that does not exist and one the key
+    may not use get the same 404, as OpenAI answers, so that a key cannot enumerate aliases."""
+
+    name = "authorize"
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         alias = ctx.body["model"]
         route = ctx.runtime.policy.models.get(alias)
-        if route is None:
-            raise ModelNotFound(f"the model `{_printable(alias)}` does not exist", param="model")
-        if ctx.key is not None and not ctx.key.allows(alias):
-            raise PermissionDenied(f"this key may not use the model `{alias}`", param="model")
+        if route is None or (ctx.key is not None and not ctx.key.allows(alias)):
+            raise model_not_found(alias)
         ctx.route = route
-        ctx.provider = ctx.runtime.providers[route.provider]
         return await call_next(ctx)
+
+
+def model_not_found(alias: str) -> ModelNotFound:
+    return ModelNotFound(
+        f"The model `{_printable(alias)}` does not exist or you do not have access to it.", param="model",
+    )
 
 
 def _printable(text: str) -> str:
@@ -99,8 +172,19 @@ def _printable(text: str) -> str:
     return "".join(c if c.isprintable() else "?" for c in short) + ("..." if len(text) > 64 else "")
 
 
+class SelectTarget:
+    """The provider that will answer. One target per alias today; routing extends this stage."""
+
+    name = "select"
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        assert ctx.route is not None
+        ctx.provider = ctx.runtime.providers[ctx.route.provider]
+        return await call_next(ctx)
+
+
 class CallUpstream:
-    """The terminal stage: one call to the routed provider, timed."""
+    """The terminal stage: one call to the selected provider, timed."""
 
     name = "upstream"
 
@@ -108,28 +192,15 @@ class CallUpstream:
         assert ctx.route is not None and ctx.provider is not None
         call = Call(ctx.endpoint, {**ctx.body, "model": ctx.route.upstream_model}, ctx.stream, ctx.request_id)
         ctx.upstream_started = time.perf_counter()
+        if ctx.stream:
+            try:
+                source = await ctx.provider.open_stream(call)
+            finally:
+                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            return Reply(stream=ReplyStream(source, ctx))
         try:
-            if ctx.stream:
-                stream = await ctx.provider.open_stream(call)
-                return Reply(stream=_tap(ctx, stream))
             completion = await ctx.provider.complete(call)
-            ctx.usage = completion.usage
-            return Reply(body=completion.body)
         finally:
             ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-
-
-def _tap(ctx: RequestContext, stream: ChunkStream) -> StreamWatch:
-    """Follow a provider stream: first-chunk time, then usage and a mid-stream error at its end."""
-
-    def on_chunk(chunk: bytes) -> None:
-        if ctx.first_chunk_seconds is None:
-            ctx.first_chunk_seconds = time.perf_counter() - ctx.started
-
-    def on_end(reason: BaseException | None) -> None:
-        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        ctx.usage = stream.usage
-        if stream.error is not None:
-            ctx.status, ctx.error_code = stream.error.status, stream.error.code
-
-    return StreamWatch(stream, on_end, on_chunk)
+        ctx.usage = completion.usage
+        return Reply(body=completion.body)

@@ -1,74 +1,129 @@
-"""Watching a chunk stream as it passes: per chunk, and exactly once at its end.
+"""A streamed reply: the provider's events, through the stream stages, to the edge.
 
-Stages that act on a streamed reply (telemetry now; accounting, output guards and
-cache storing later) wrap its iterator. An async generator would not do: one that
-was never started ignores `aclose()`, so a client that left before the first
-chunk would skip the wrapper's clean-up (an in-flight count, an open upstream
-connection). `StreamWatch` runs its end callback whether the stream finished,
-failed, or was closed before or while it ran.
+Stages that act on a stream (telemetry now; accounting, output guards and cache
+storing next) register with the reply's `ReplyStream` as `StreamStage`s. One loop
+here drives them all, with no nested generators: per batch of events, each stage
+that reads events may pass, rewrite, hold back or add events; at the end, every
+stage's `on_end` runs exactly once, whether the stream finished, failed, was left
+by the client, or was cut on shutdown, even before its first event. A stage that
+fails mid-stream ends the stream with an error event (the client already has a
+200), and its bug is logged as one.
+
+When no stage reads events, batches pass straight from the provider to the edge.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterable, AsyncIterator, Callable
-from typing import Any
+import logging
+import time
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
-__all__ = ["ClosedEarly", "StreamWatch"]
+from ..errors import GatewayError, InternalError
+from ..schemas.events import Chunk, EventSource, StreamDone, StreamError, StreamEvent, UsageReport
+
+if TYPE_CHECKING:
+    from .context import RequestContext
+
+__all__ = ["ReplyStream", "StreamEnd", "StreamStage"]
+
+log = logging.getLogger("gateway.pipeline")
+Outcome = Literal["done", "error", "client_gone", "shutdown"]
 
 
-class ClosedEarly(Exception):
-    """Passed to `on_end` when the consumer closed the stream before its end."""
+class StreamEnd:
+    """How a stream ended. `error` is set for "error" (what the client was told)."""
+
+    __slots__ = ("error", "outcome")
+
+    def __init__(self, outcome: Outcome, error: GatewayError | None = None) -> None:
+        self.outcome = outcome
+        self.error = error
 
 
-class StreamWatch:
-    __slots__ = ("_done", "_inner", "_iterator", "_on_chunk", "_on_end")
+class StreamStage(Protocol):
+    """A stage's part in a stream. Stateless stages register themselves; a stage with
+    per-request state (a guard's held-back window) registers a small object of its own."""
 
-    def __init__(
-        self,
-        inner: AsyncIterable[bytes],
-        on_end: Callable[[BaseException | None], None],
-        on_chunk: Callable[[bytes], None] | None = None,
-    ) -> None:
-        self._inner = inner
-        self._iterator: AsyncIterator[bytes] | None = None
-        self._on_chunk = on_chunk
-        self._on_end = on_end
-        self._done = False
+    reads_events: bool  # False: only `on_end` is called (and the raw bytes pass untouched)
 
-    def __aiter__(self) -> StreamWatch:
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]: ...
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None: ...
+
+
+class ReplyStream:
+    """Iterate for batches of events; `aclose(outcome)` when the consumer stops early."""
+
+    __slots__ = ("_ctx", "_end", "_iterator", "_readers", "_source", "_stages", "_terminal")
+
+    def __init__(self, source: EventSource, ctx: RequestContext) -> None:
+        self._source = source
+        self._ctx = ctx
+        self._iterator: Any = None
+        self._stages: list[StreamStage] = []  # in the order added: innermost (closest to the upstream) first
+        self._readers: tuple[StreamStage, ...] = ()
+        self._terminal: StreamEnd | None = None
+        self._end: StreamEnd | None = None  # set once the end hooks ran
+
+    def add(self, stage: StreamStage) -> None:
+        self._stages.append(stage)
+        if stage.reads_events:
+            self._readers = (*self._readers, stage)
+
+    def __aiter__(self) -> ReplyStream:
         return self
 
-    async def __anext__(self) -> bytes:
+    async def __anext__(self) -> list[StreamEvent]:
+        if self._terminal is not None:
+            await self._finish(self._terminal)
+            raise StopAsyncIteration
+        ctx = self._ctx
         if self._iterator is None:
-            self._iterator = aiter(self._inner)
+            self._iterator = aiter(self._source)
         try:
-            chunk = await anext(self._iterator)
-        except StopAsyncIteration:
-            await self._finish(None)
-            raise
-        except BaseException as exc:
-            await self._finish(exc)
-            raise
-        if self._on_chunk is not None:
-            self._on_chunk(chunk)
-        return chunk
+            batch: list[StreamEvent] = await anext(self._iterator)
+        except StopAsyncIteration:  # a source that ended without its last event
+            batch = [StreamError(InternalError("the stream ended unexpectedly"))]
+        except GatewayError as exc:
+            batch = [StreamError(exc)]
+        for stage in self._readers:
+            try:
+                batch = await stage.on_events(ctx, batch)
+            except GatewayError as exc:
+                batch = [StreamError(exc)]
+            except Exception:
+                log.exception("stream stage failed", extra={"fields": {"request_id": ctx.request_id}})
+                batch = [StreamError(InternalError("the gateway failed while streaming the answer"))]
+        for event in batch:
+            if isinstance(event, Chunk):
+                ctx.chunks += 1
+            elif isinstance(event, UsageReport):
+                ctx.usage = event.usage
+            elif isinstance(event, StreamDone):
+                self._terminal = StreamEnd("done")
+            elif isinstance(event, StreamError):
+                self._terminal = StreamEnd("error", event.error)
+        if ctx.first_chunk_seconds is None:
+            ctx.first_chunk_seconds = time.perf_counter() - ctx.started
+        return batch
 
-    async def aclose(self) -> None:
-        await self._finish(ClosedEarly())
+    async def aclose(self, outcome: Outcome = "client_gone", error: GatewayError | None = None) -> None:
+        """Stop early (the client left, or a cut); a no-op once the end hooks ran."""
+        await self._finish(self._terminal or StreamEnd(outcome, error))
 
-    async def _finish(self, reason: BaseException | None) -> None:
-        if self._done:
+    async def _finish(self, end: StreamEnd) -> None:
+        if self._end is not None:
             return
-        self._done = True
+        self._end = end
+        ctx = self._ctx
+        ctx.lifecycle.protect()
         try:
-            await _close(self._iterator)
-            if self._inner is not self._iterator:
-                await _close(self._inner)
+            await self._source.aclose()
         finally:
-            self._on_end(reason)
-
-
-async def _close(thing: Any) -> None:
-    close = getattr(thing, "aclose", None)
-    if close is not None:
-        await close()
+            if ctx.upstream_started:
+                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            for stage in self._stages:
+                try:
+                    await stage.on_end(ctx, end)
+                except Exception:
+                    log.exception("stream end hook failed", extra={"fields": {"request_id": ctx.request_id}})

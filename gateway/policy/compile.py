@@ -8,6 +8,7 @@ errors, with file, line and field, all at once.
 from __future__ import annotations
 
 import hashlib
+import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -15,13 +16,15 @@ from types import MappingProxyType
 from urllib.parse import urlsplit
 
 from ..auth.keys import KeyRing, VirtualKey
+from ..store.base import StoreConfig
 from .compiled import ModelRoute, Policy, ProviderConfig, Timeouts
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
-from .schema import PolicySpec, ProviderSpec
+from .schema import PolicySpec, ProviderSpec, StateSpec
 
-__all__ = ["PolicyError", "compile_policy", "load_policy"]
+__all__ = ["PolicyError", "compile_policy", "is_loopback", "load_policy", "open_to_network"]
 
 DEMO_BASE_URL = "demo://in-process"
+_INTERNAL_SUFFIXES = (".internal", ".local", ".lan", ".svc", ".cluster.local", ".localdomain", ".home.arpa")
 
 
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = True) -> Policy:
@@ -53,17 +56,94 @@ def compile_policy(
     for alias, model in spec.models.items():  # references were checked by the loader
         models[alias] = ModelRoute(alias, model.provider, model.model, model.description)
     keys = _keys(spec, doc)
+    state = _state(spec.state, doc, env, require_env, warnings)
+    metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
+                           warnings, "/metrics refuses every request until it is set")
+    admin_token = _token(spec.server.admin_token_env, ("server", "admin_token_env"), doc, env, require_env,
+                         warnings, "the admin API stays off until it is set")
+    if not is_loopback(spec.server.host) and spec.auth == "none" and _spends(spec):
+        warnings.append(
+            f"{doc.file}:{doc.line_of(('server', 'host'))}: server.host: SECURITY: `{spec.server.host}` serves the "
+            "network with `auth: none`: anyone who reaches it can spend your providers' credit "
+            "(`gateway serve` refuses this without --allow-open)"
+        )
     if doc.issues:
         raise PolicyError(doc.issues)
     return Policy(
         source=doc.file,
         version=version,
         server=spec.server,
+        state=state,
         auth=spec.auth,
         keys=KeyRing(keys),
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
         warnings=tuple(warnings),
+        metrics_token=metrics_token,
+        admin_token=admin_token,
+    )
+
+
+def _spends(spec: PolicySpec) -> bool:
+    """Whether any provider spends real credit (everything but the in-process demo)."""
+    return any(provider.kind != "demo" for provider in spec.providers.values())
+
+
+def open_to_network(policy: Policy, host: str) -> bool:
+    """Anyone who reaches `host` could spend the providers' credit: no keys, a real provider, not loopback."""
+    return policy.auth == "none" and not is_loopback(host) and any(
+        provider.kind != "demo" for provider in policy.providers.values()
+    )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen address keeps the gateway on this machine."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _token(
+    var: str | None, path: tuple[str, ...], doc: _Located, env: Mapping[str, str], require_env: bool,
+    warnings: list[str], consequence: str,
+) -> str | None:
+    """A bearer token from the environment. Named but unset: the feature fails closed."""
+    if var is None:
+        return None
+    value = env.get(var)
+    if value:
+        return value
+    message = f"environment variable `{var}` is not set"
+    if require_env:
+        doc.issue(path, message)
+    else:
+        warnings.append(f"{doc.file}:{doc.line_of(path)}: {'.'.join(path)}: {message}; {consequence}")
+    return None if path[-1] == "admin_token_env" else ""
+
+
+def _state(
+    spec: StateSpec, doc: _Located, env: Mapping[str, str], require_env: bool, warnings: list[str]
+) -> StoreConfig:
+    url = None
+    if spec.backend == "redis":
+        if spec.url_env is None:
+            doc.issue(("state", "backend"), "`backend: redis` needs `url_env` (the variable holding the Redis URL)")
+        else:
+            url = env.get(spec.url_env)
+            if not url:
+                message = f"environment variable `{spec.url_env}` is not set"
+                if require_env:
+                    doc.issue(("state", "url_env"), message)
+                else:
+                    warnings.append(f"{doc.file}:{doc.line_of(('state', 'url_env'))}: state.url_env: {message}")
+    elif spec.url_env is not None:
+        doc.issue(("state", "url_env"), "`url_env` is for `backend: redis`; the memory backend takes none")
+    return StoreConfig(
+        backend=spec.backend, url=url, key_prefix=spec.key_prefix, connect_timeout_s=spec.connect_timeout_s,
+        op_timeout_s=spec.op_timeout_s, on_unavailable=spec.on_unavailable, max_connections=spec.max_connections,
     )
 
 
@@ -101,10 +181,11 @@ def _provider(
         if _looks_secret(header):
             doc.issue(path + ("headers", header), "put secrets in headers_env (an environment variable), not inline")
         headers[header] = value
-    secrets = dict(spec.headers_env)
+    secret_vars = dict(spec.headers_env)
     if spec.api_key_env:
-        secrets[spec.api_key_header] = spec.api_key_env
-    for header, var in secrets.items():
+        secret_vars[spec.api_key_header] = spec.api_key_env
+    secret_values: list[str] = []
+    for header, var in secret_vars.items():
         secret = env.get(var)
         if secret is None:
             message = f"environment variable `{var}` is not set"
@@ -116,6 +197,7 @@ def _provider(
             continue
         bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
         headers[header] = f"Bearer {secret}" if bearer else secret
+        secret_values.append(secret)
     return ProviderConfig(
         name=name,
         kind=spec.kind,
@@ -124,10 +206,26 @@ def _provider(
         query=MappingProxyType(dict(spec.query)),
         timeouts=Timeouts(t.connect_s, t.first_byte_s, t.idle_s, t.total_s),
         pool_size=spec.pool_size,
+        pool_timeout_s=spec.pool_timeout_s,
         keepalive_s=spec.keepalive_s,
         stream_usage=spec.stream_usage,
         chunk_delay_ms=spec.chunk_delay_ms,
+        secrets=tuple(secret_values),
+        public_hosts=_public_hosts(base_url),
     )
+
+
+def _public_hosts(base_url: str) -> tuple[str, ...]:
+    """The provider's host when it is a public API host (https, a domain name, not internal)."""
+    parts = urlsplit(base_url)
+    host = (parts.hostname or "").lower()
+    if parts.scheme != "https" or "." not in host or host.endswith(_INTERNAL_SUFFIXES):
+        return ()
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return (host,)
+    return ()
 
 
 def _base_url(url: str | None, doc: _Located, path: tuple[str, ...]) -> str:

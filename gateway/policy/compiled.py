@@ -10,6 +10,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from ..auth.keys import KeyRing
+from ..store.base import StoreConfig
 from .schema import AuthMode, ProviderKind, ServerSpec
 
 __all__ = ["ModelRoute", "Policy", "ProviderConfig", "Timeouts"]
@@ -32,9 +33,12 @@ class ProviderConfig:
     query: Mapping[str, str]
     timeouts: Timeouts
     pool_size: int
+    pool_timeout_s: float
     keepalive_s: float
     stream_usage: bool
     chunk_delay_ms: float
+    secrets: tuple[str, ...] = field(default=(), repr=False)  # credential values: scrubbed from upstream errors
+    public_hosts: tuple[str, ...] = ()  # the provider's own host: may appear in its error messages
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,8 +56,11 @@ class Policy:
     source: str
     version: str  # sha256 of the file's text, short: names this policy in logs and cache keys
     server: ServerSpec
+    state: StoreConfig
     auth: AuthMode
     keys: KeyRing
     providers: Mapping[str, ProviderConfig]
     models: Mapping[str, ModelRoute]
     warnings: tuple[str, ...] = ()
+    metrics_token: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)

@@ -22,6 +22,7 @@ __all__ = [
     "ProviderKind",
     "ProviderSpec",
     "ServerSpec",
+    "StateSpec",
     "TimeoutSpec",
     "json_schema",
 ]
@@ -43,12 +44,44 @@ class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The HTTP server. `host`, `port` and the connection limits take effect at start;
+    everything else is re-read on reload."""
+
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65_535)] = 8080
     max_body_bytes: Annotated[int, Meta(ge=1_024, le=256 * 1024 * 1024)] = 4 * 1024 * 1024
+    # Request line + headers; refused with 431 before they are buffered.
+    max_header_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024)] = 64 * 1024
+    # A connection must send its request head within this; silent connections are closed.
+    header_timeout_s: Seconds = 10.0
+    # Open connections per process; over it new requests get 503.
+    max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 20_000
     drain_timeout_s: Seconds = 30.0
+    # On SIGTERM: keep serving, with /readyz answering 503, this long before closing the
+    # listening socket, so that a load balancer sees the drain (Kubernetes: 5-10).
+    drain_delay_s: Annotated[float, Meta(ge=0, le=300)] = 0.0
     metrics: bool = True
+    # If set, /metrics requires `Authorization: Bearer <value of this variable>`.
+    metrics_token_env: EnvVarName | None = None
+    # If set, /admin/* is on, behind `Authorization: Bearer <value of this variable>`.
+    admin_token_env: EnvVarName | None = None
     access_log: bool = False
+    # Reload when the policy file changes (polled), on SIGHUP and on POST /admin/reload.
+    watch_policy: bool = True
+    watch_interval_s: Annotated[float, Meta(ge=0.1, le=3_600)] = 2.0
+
+
+class StateSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Where shared state (limits, budgets, breakers, cache) lives."""
+
+    backend: Literal["memory", "redis"] = "memory"
+    url_env: EnvVarName | None = None  # the Redis URL, from this environment variable
+    key_prefix: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9:_.{}-]*$")] = "gw:"
+    connect_timeout_s: Seconds = 2.0
+    op_timeout_s: Annotated[float, Meta(gt=0, le=30)] = 0.25
+    max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 200
+    # What features that use the store do when it cannot answer (each may override it).
+    on_unavailable: Literal["open", "closed"] = "open"
 
 
 class TimeoutSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -67,7 +100,10 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     headers_env: dict[HeaderName, EnvVarName] = {}
     query: dict[str, str] = {}
     timeouts: TimeoutSpec = TimeoutSpec()
-    pool_size: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    # Concurrent requests to this provider from one process (a stream holds its slot until
+    # it ends); the next waits at most pool_timeout_s, then gets 503.
+    pool_size: Annotated[int, Meta(ge=1, le=100_000)] = 1_000
+    pool_timeout_s: Seconds = 10.0
     # Idle pooled connections are closed after this long. Keep it below the upstream's own
     # idle timeout (uvicorn-based servers such as vLLM close theirs after 5 s), or a request
     # may be sent on a connection the upstream is closing and fail with a 502.
@@ -92,6 +128,7 @@ class KeySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Literal[1]
     server: ServerSpec = ServerSpec()
+    state: StateSpec = StateSpec()
     auth: AuthMode = "keys"
     keys: list[KeySpec] = []
     providers: dict[Name, ProviderSpec]

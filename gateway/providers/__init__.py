@@ -1,4 +1,4 @@
-"""Providers: one module per upstream API behind the `Provider` protocol."""
+"""Providers: one module per upstream API behind the `Provider` protocol, registered by kind."""
 
 from __future__ import annotations
 
@@ -6,18 +6,21 @@ from collections.abc import Callable
 
 from ..policy.compiled import ProviderConfig
 from ..telemetry.tokens import TokenCounter
-from .base import Call, ChunkStream, Completion, Provider
+from ..upstream.client import ConnectionGate, GateObserver
+from .base import Call, Completion, Provider
 from .demo import DemoProvider
 from .openai_compat import OpenAICompatProvider
 
-__all__ = ["Call", "ChunkStream", "Completion", "Provider", "build_provider"]
+__all__ = ["Call", "Completion", "Provider", "build_provider"]
 
-_FACTORIES: dict[str, Callable[[ProviderConfig, TokenCounter], Provider]] = {
-    "openai": lambda config, tokens: OpenAICompatProvider(config),
-    "demo": lambda config, tokens: DemoProvider(config, tokens),
+_Factory = Callable[[ProviderConfig, TokenCounter, GateObserver | None], Provider]
+_FACTORIES: dict[str, _Factory] = {
+    "openai": lambda config, tokens, observer: OpenAICompatProvider(
+        config, ConnectionGate(config.name, config.pool_size, config.pool_timeout_s, observer)),
+    "demo": lambda config, tokens, observer: DemoProvider(config, tokens),
 }
 
 
-def build_provider(config: ProviderConfig, tokens: TokenCounter) -> Provider:
+def build_provider(config: ProviderConfig, tokens: TokenCounter, observer: GateObserver | None = None) -> Provider:
     """The provider object for a policy entry, by its `kind`."""
-    return _FACTORIES[config.kind](config, tokens)
+    return _FACTORIES[config.kind](config, tokens, observer)

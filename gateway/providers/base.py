@@ -1,24 +1,28 @@
 """The small typed interface every provider module implements.
 
 A provider turns one canonical (OpenAI-shaped) request into an answer from its
-upstream, in OpenAI's shape: a complete `Completion`, or a `ChunkStream` of
-ready-to-send SSE bytes. Translation is re-run per attempt from the original
-request, so a later fallback starts clean. Errors leave a provider only as
-`GatewayError`s (see `errors`), already sanitized.
+upstream: a complete `Completion` in OpenAI's shape, or an `EventSource` of typed
+stream events (`schemas.events`). Translation is re-run per attempt from the
+original request, so a later fallback starts clean. Errors leave a provider only
+as `GatewayError`s (see `errors`), already sanitized. Providers import nothing
+from the pipeline: they sit below it.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from ..errors import GatewayError
-from ..pipeline.endpoints import Endpoint
+import msgspec
+
 from ..policy.compiled import ProviderConfig
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import EventSource
 from ..schemas.openai import Usage
 
-__all__ = ["Call", "ChunkStream", "Completion", "Provider"]
+__all__ = ["Call", "Completion", "Provider"]
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
 
 
 @dataclass(slots=True)
@@ -36,30 +40,20 @@ class Call:
         return isinstance(options, dict) and options.get("include_usage") is True
 
 
-@dataclass(slots=True)
 class Completion:
-    """A complete answer: the body to send as is, and the usage read from it."""
+    """A complete answer: the body to send as is, the usage read from it, its decoded form on demand."""
 
-    body: bytes
-    usage: Usage | None
+    __slots__ = ("_data", "body", "usage")
 
+    def __init__(self, body: bytes, usage: Usage | None, data: dict[str, Any] | None = None) -> None:
+        self.body = body
+        self.usage = usage
+        self._data = data
 
-class ChunkStream(Protocol):
-    """A started stream: the upstream's headers have arrived and said 200.
-
-    Iterating yields bytes holding one or more whole SSE events, in the order and
-    at the pace the upstream sent them. `usage` is set once a usage chunk has
-    passed. `aclose` releases the upstream connection; it is safe to call twice.
-    An error after the start ends the iteration with an error event, not an
-    exception, because the client already has a 200.
-    """
-
-    usage: Usage | None
-    error: GatewayError | None  # set when the stream ended on an error event
-
-    def __aiter__(self) -> AsyncIterator[bytes]: ...
-
-    async def aclose(self) -> None: ...
+    def data(self) -> dict[str, Any]:
+        if self._data is None:
+            self._data = _decode(self.body)
+        return self._data
 
 
 class Provider(Protocol):
@@ -67,13 +61,12 @@ class Provider(Protocol):
     config: ProviderConfig
 
     async def start(self) -> None:
-        """Open pools, load what is needed; called once at app start-up."""
+        """Open pools, load what is needed; called once when its runtime starts."""
 
     async def close(self) -> None:
         """Release every connection."""
 
     async def complete(self, call: Call) -> Completion: ...
 
-    async def open_stream(self, call: Call) -> ChunkStream:
+    async def open_stream(self, call: Call) -> EventSource:
         """Return once the upstream has accepted the stream, or raise `GatewayError`."""
-        ...

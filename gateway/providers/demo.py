@@ -18,18 +18,17 @@ from typing import Any
 
 import msgspec
 
-from ..errors import GatewayError, InvalidRequest
-from ..pipeline.endpoints import Endpoint
+from ..errors import InvalidRequest
 from ..policy.compiled import ProviderConfig
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import DONE, Chunk, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter, message_text
-from ..upstream.sse import DONE_EVENT, data_event
 from .base import Call, Completion
 
 __all__ = ["DemoProvider", "demo_reply"]
 
 _encode = msgspec.json.Encoder().encode
-_ids = itertools.count(1)
 _FINGERPRINT = "fp_gateway_demo"
 _EMBEDDING_DIMENSIONS = 256
 _MAX_DEMO_DIMENSIONS = 4096
@@ -48,7 +47,9 @@ class DemoProvider:
         self.name = config.name
         self.config = config
         self.tokens = tokens or TokenCounter()
+        self.stream_usage_expected = True
         self._delay = config.chunk_delay_ms / 1000
+        self._ids = itertools.count(1)  # per provider: answers' ids are unique within one runtime
 
     async def start(self) -> None:
         await asyncio.to_thread(self.tokens.load)
@@ -83,7 +84,7 @@ class DemoProvider:
         created, model = int(time.time()), call.body["model"]
         if call.endpoint is Endpoint.CHAT:
             body: dict[str, Any] = {
-                "id": f"chatcmpl-demo-{next(_ids)}", "object": "chat.completion", "created": created, "model": model,
+                "id": f"chatcmpl-demo-{next(self._ids)}", "object": "chat.completion", "created": created, "model": model,
                 "system_fingerprint": _FINGERPRINT,
                 "choices": [
                     {"index": i, "message": {"role": "assistant", "content": answer, "refusal": None},
@@ -92,7 +93,7 @@ class DemoProvider:
             }
         else:
             body = {
-                "id": f"cmpl-demo-{next(_ids)}", "object": "text_completion", "created": created, "model": model,
+                "id": f"cmpl-demo-{next(self._ids)}", "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": _FINGERPRINT,
                 "choices": [{"index": i, "text": answer, "logprobs": None, "finish_reason": "stop"} for i in range(_choices(call))],
             }
@@ -142,49 +143,45 @@ def _vector(text: str, dims: int) -> list[float]:
 
 
 class DemoStream:
-    """The demo answer as an OpenAI SSE stream, one word a chunk."""
+    """The demo answer as OpenAI chunk events, one word a chunk (one batch each, like a real upstream)."""
 
     def __init__(self, provider: DemoProvider, call: Call) -> None:
-        self.usage: Usage | None = None
-        self.error: GatewayError | None = None
         self._provider = provider
         self._call = call
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events()
+    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
+        return self._batches()
 
     async def aclose(self) -> None:
         return None
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         call, provider = self._call, self._provider
         chat = call.endpoint is Endpoint.CHAT
         answer = demo_reply(provider._prompt(call))
         words = answer.split(" ")
         base = {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-demo-{next(_ids)}",
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-demo-{next(provider._ids)}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": call.body["model"], "system_fingerprint": _FINGERPRINT,
         }
         n = _choices(call)
 
-        def chunk(piece: str | None, finish: str | None, first: bool = False) -> bytes:
+        def chunk(piece: str | None, finish: str | None, first: bool = False) -> Chunk:
             if chat:
                 delta: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None} if first else (
                     {"content": piece} if piece is not None else {})
                 choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish} for i in range(n)]
             else:
                 choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish} for i in range(n)]
-            return data_event(_encode({**base, "choices": choices}))
+            return Chunk.of({**base, "choices": choices})
 
         if chat:
-            yield chunk(None, None, first=True)
+            yield [chunk(None, None, first=True)]
         for i, word in enumerate(words):
-            if self._provider._delay:
-                await asyncio.sleep(self._provider._delay)
-            yield chunk(word if i == 0 else " " + word, None)
-        yield chunk(None, "stop")
-        self.usage = provider._usage(call, answer)
-        if call.client_wants_usage:
-            yield data_event(_encode({**base, "choices": [], "usage": msgspec.to_builtins(self.usage)}))
-        yield DONE_EVENT
+            if provider._delay:
+                await asyncio.sleep(provider._delay)
+            yield [chunk(word if i == 0 else " " + word, None)]
+        usage = provider._usage(call, answer)
+        usage_chunk = _encode({**base, "choices": [], "usage": msgspec.to_builtins(usage)})
+        yield [chunk(None, "stop"), UsageReport(usage, usage_chunk), DONE]

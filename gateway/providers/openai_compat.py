@@ -1,15 +1,17 @@
-"""Any upstream that speaks OpenAI's API: OpenAI, Azure-style deployments, vLLM, Ollama, LM Studio, Groq...
+"""Any OpenAI-compatible upstream: OpenAI itself, Azure-style deployments, vLLM, Ollama...
 
-Translation is nearly the identity: the request goes out as the client sent it
-with `model` set to the upstream's name, and the answer comes back as is. What
-this module adds is the discipline around it: per-phase timeouts, mapping of
-upstream statuses to the gateway's errors with sanitized messages, usage read
-from the answer, and streams forwarded event by event as they arrive.
+The request is the client's own body with `model` rewritten, so nothing is lost
+in translation. This module adds the discipline around it: a bounded wait for a
+pooled connection, per-phase timeouts, mapping of upstream statuses to the
+gateway's errors with sanitized messages, usage read from the answer, and streams
+turned into typed events as they arrive, their bytes untouched unless the gateway
+itself changed what the upstream sends (the usage it asked for).
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -25,14 +27,16 @@ from ..errors import (
     UpstreamTimeout,
     sanitize_upstream_message,
 )
-from ..pipeline.endpoints import Endpoint
 from ..policy.compiled import ProviderConfig
-from ..schemas.openai import ChunkPeek, Usage, UsagePeek
-from ..upstream.client import new_session, transport_error
-from ..upstream.sse import DONE, DONE_EVENT, SSEDecoder, data_event, error_event
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import DONE, Chunk, StreamError, StreamEvent, UsageReport
+from ..schemas.openai import ChunkPeek, UsagePeek
+from ..upstream.client import ConnectionGate, new_session, transport_error
+from ..upstream.sse import DONE as DONE_PAYLOAD
+from ..upstream.sse import SSEDecoder
 from .base import Call, Completion
 
-__all__ = ["OpenAICompatProvider"]
+__all__ = ["OpenAICompatProvider", "status_error"]
 
 _encode = msgspec.json.Encoder().encode
 _peek_usage = msgspec.json.Decoder(UsagePeek).decode
@@ -40,14 +44,20 @@ _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
 _MAX_RESPONSE_BODY = 64 * 1024 * 1024
+# The `"usage": null` an upstream adds to every chunk once asked for usage. A JSON key
+# cannot occur inside a string unescaped, so this never matches content text.
+_NULL_USAGE_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
+_NULL_USAGE_FIRST = re.compile(rb'"usage"\s*:\s*null\s*,')
 
 
 class OpenAICompatProvider:
-    def __init__(self, config: ProviderConfig) -> None:
+    def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         self.name = config.name
         self.config = config
+        self.stream_usage_expected = config.stream_usage  # set False once the upstream ignores the request
         self._urls = {endpoint: f"{config.base_url}/{endpoint.path}" for endpoint in Endpoint}
         self._query = dict(config.query) or None
+        self._gate = gate
         self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
@@ -62,28 +72,29 @@ class OpenAICompatProvider:
     def _payload(self, call: Call) -> bytes:
         body = call.body
         if call.stream and self.config.stream_usage and not call.client_wants_usage:
-            # Ask for the usage chunk so that accounting has real figures; it is not
-            # forwarded to a client that did not ask for it (see `_OpenAIStream`).
+            # Ask for the usage chunk so that accounting has real figures; the stream undoes
+            # every trace of this request before the client sees it (see `_OpenAIStream`).
             options = body.get("stream_options")
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         return _encode(body)
 
+    def sanitize(self, message: object) -> str:
+        return sanitize_upstream_message(message, secrets=self.config.secrets, public_hosts=self.config.public_hosts)
+
     async def _send(self, call: Call) -> tuple[aiohttp.ClientResponse, float]:
-        """POST and wait for the response headers (connect + first byte); map failures."""
+        """POST and wait for the response headers (connect + first byte); map failures.
+
+        The caller holds a connection permit from the gate and must release it.
+        """
         assert self._session is not None, "provider not started"
         timeouts = self.config.timeouts
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + timeouts.total_s
+        deadline = asyncio.get_running_loop().time() + timeouts.total_s
         try:
             async with asyncio.timeout(timeouts.first_byte_s):
                 response = await self._session.post(
-                    self._urls[call.endpoint],
-                    data=self._payload(call),
-                    params=self._query,
+                    self._urls[call.endpoint], data=self._payload(call), params=self._query,
                     headers={"X-Request-Id": call.request_id},
                 )
-        except GatewayError:
-            raise
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise transport_error(exc, self.name, "waiting for the response") from exc
         if response.status != 200:
@@ -94,31 +105,56 @@ class OpenAICompatProvider:
         return response, deadline
 
     async def complete(self, call: Call) -> Completion:
-        response, deadline = await self._send(call)
+        await self._gate.acquire()
         try:
-            async with asyncio.timeout_at(deadline):
-                body = await response.read()
-        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-            response.close()
-            raise transport_error(exc, self.name, "reading the response") from exc
+            response, deadline = await self._send(call)
+            body = await self._read_body(response, deadline)
         finally:
-            response.release()
-        if len(body) > _MAX_RESPONSE_BODY:
-            raise UpstreamError(f"upstream `{self.name}` answered with an oversized body")
+            self._gate.release()
         try:
             usage = _peek_usage(body).usage
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(body, usage)
 
-    async def open_stream(self, call: Call) -> _OpenAIStream:
-        response, deadline = await self._send(call)
-        content_type = response.headers.get("Content-Type", "")
-        if not content_type.startswith("text/event-stream"):
+    async def _read_body(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
+        """Read a whole body with the idle timeout between reads and the size cap while reading."""
+        loop = asyncio.get_running_loop()
+        idle_s = self.config.timeouts.idle_s
+        parts: list[bytes] = []
+        size = 0
+        try:
+            while True:
+                async with asyncio.timeout_at(min(deadline, loop.time() + idle_s)):
+                    data = await response.content.readany()
+                if not data:
+                    break
+                size += len(data)
+                if size > _MAX_RESPONSE_BODY:
+                    raise UpstreamError(f"upstream `{self.name}` answered with an oversized body")
+                parts.append(data)
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             response.close()
+            raise transport_error(exc, self.name, "reading the response") from exc
+        except GatewayError:
+            response.close()
+            raise
+        response.release()
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def open_stream(self, call: Call) -> _OpenAIStream:
+        await self._gate.acquire()
+        try:
+            response, deadline = await self._send(call)
+        except BaseException:
+            self._gate.release()
+            raise
+        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+            response.close()
+            self._gate.release()
             raise UpstreamError(f"upstream `{self.name}` did not answer with an event stream")
-        hide_usage = self.config.stream_usage and not call.client_wants_usage
-        return _OpenAIStream(self.name, response, deadline, self.config.timeouts.idle_s, hide_usage)
+        asked_for_usage = self.config.stream_usage and not call.client_wants_usage
+        return _OpenAIStream(self, response, deadline, asked_for_usage)
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
         """Turn a non-200 answer into the gateway error a client should see."""
@@ -129,12 +165,11 @@ class OpenAICompatProvider:
             message = detail.get("message") if isinstance(detail, dict) else detail
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
             message = None
-        return status_error(self.name, response.status, message, response.headers.get("Retry-After"))
+        return status_error(self.name, response.status, self.sanitize(message), response.headers.get("Retry-After"))
 
 
-def status_error(provider: str, status: int, message: object, retry_after: str | None) -> GatewayError:
-    """The client-facing error for an upstream's HTTP status."""
-    detail = sanitize_upstream_message(message)
+def status_error(provider: str, status: int, detail: str, retry_after: str | None) -> GatewayError:
+    """The client-facing error for an upstream's HTTP status (`detail` already sanitized)."""
     suffix = f": {detail}" if detail else ""
     if status == 429:
         headers = {"Retry-After": retry_after} if retry_after and _safe_retry_after(retry_after) else {}
@@ -154,78 +189,99 @@ def _safe_retry_after(value: str) -> bool:
     return len(value) <= 40 and (value.isdigit() or value[:3].isalpha())
 
 
+def strip_null_usage(payload: bytes) -> bytes:
+    """Remove the top-level `"usage": null` that the gateway's own usage request added."""
+    stripped, count = _NULL_USAGE_AFTER.subn(b"", payload, count=1)
+    return stripped if count else _NULL_USAGE_FIRST.sub(b"", payload, count=1)
+
+
 class _OpenAIStream:
-    """A started OpenAI SSE stream, forwarded event by event (see `ChunkStream`)."""
+    """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
+
+    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_provider", "_response")
 
     def __init__(
-        self, provider: str, response: aiohttp.ClientResponse, deadline: float, idle_s: float, hide_usage: bool
+        self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
+        asked_for_usage: bool,
     ) -> None:
-        self.usage: Usage | None = None
-        self.error: GatewayError | None = None
         self._provider = provider
         self._response = response
         self._deadline = deadline
-        self._idle_s = idle_s
-        self._hide_usage = hide_usage
+        self._asked_for_usage = asked_for_usage
+        self._closed = False
 
-    def __aiter__(self) -> AsyncIterator[bytes]:
-        return self._events()
+    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
+        return self._batches()
 
     async def aclose(self) -> None:
-        self._response.close()
+        if not self._closed:
+            self._closed = True
+            self._response.close()
+            self._provider._gate.release()
 
-    async def _events(self) -> AsyncIterator[bytes]:
+    async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         decoder = SSEDecoder()
         content = self._response.content
         loop = asyncio.get_running_loop()
+        idle_s = self._provider.config.timeouts.idle_s
+        saw_usage = False
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(min(self._deadline, loop.time() + self._idle_s)):
+                    async with asyncio.timeout_at(min(self._deadline, loop.time() + idle_s)):
                         data = await content.readany()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    yield self._fail(transport_error(exc, self._provider, "mid-stream"))
+                    yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
-                payloads = decoder.feed(data) if data else decoder.flush()
-                out, finished = self._forward(payloads)
-                if out:
-                    yield out
+                try:
+                    payloads = decoder.feed(data) if data else decoder.flush()
+                except ValueError as exc:
+                    yield [StreamError(UpstreamError(f"upstream `{self._provider.name}` sent an invalid stream: {exc}"))]
+                    return
+                events, finished = self._events(payloads)
+                saw_usage = saw_usage or any(type(e) is UsageReport for e in events)
+                if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
+                    events.append(DONE)
+                    finished = True
+                if finished and self._asked_for_usage and not saw_usage:
+                    self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
+                if events:
+                    yield events
                 if finished:
                     return
-                if not data:  # the upstream ended without [DONE]: end the client's stream properly
-                    yield DONE_EVENT
-                    return
-        except ValueError as exc:
-            yield self._fail(UpstreamError(f"upstream `{self._provider}` sent an invalid stream: {exc}"))
         finally:
-            self._response.close()
+            await self.aclose()
 
-    def _fail(self, error: GatewayError) -> bytes:
-        """Remember why the stream ended and make the error event that tells the client."""
-        self.error = error
-        return error_event(error.message, error.type, error.code)
-
-    def _forward(self, payloads: list[bytes]) -> tuple[bytes, bool]:
-        """The bytes to send for these events, and whether the stream is over."""
-        out = []
+    def _events(self, payloads: list[bytes]) -> tuple[list[StreamEvent], bool]:
+        """The events for these SSE payloads, and whether the stream is over."""
+        events: list[StreamEvent] = []
+        hide = self._asked_for_usage
         for payload in payloads:
-            if payload == DONE:
-                out.append(DONE_EVENT)
-                return b"".join(out), True
-            try:
-                peek = _peek_chunk(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                out.append(self._fail(UpstreamError(f"upstream `{self._provider}` sent a malformed stream event")))
-                return b"".join(out), True
-            if peek.error is not None:
-                detail = sanitize_upstream_message(peek.error.message)
-                out.append(self._fail(UpstreamError(f"upstream `{self._provider}` failed mid-stream: {detail}")))
-                return b"".join(out), True
-            if peek.usage is not None:
-                self.usage = peek.usage
-                if self._hide_usage and not peek.choices:
+            if payload == DONE_PAYLOAD:
+                events.append(DONE)
+                return events, True
+            if b'"error"' in payload or b'"usage"' in payload:
+                try:
+                    peek = _peek_chunk(payload)
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    events.append(self._fail("sent a malformed stream event"))
+                    return events, True
+                if peek.error is not None:
+                    detail = self._provider.sanitize(peek.error.message)
+                    events.append(self._fail(f"failed mid-stream: {detail}"))
+                    return events, True
+                if peek.usage is not None:
+                    if peek.choices:  # usage riding on a content chunk
+                        events.append(Chunk(payload))
+                        events.append(UsageReport(peek.usage))
+                    else:
+                        events.append(UsageReport(peek.usage, payload))
                     continue
-            out.append(data_event(payload))
-        return b"".join(out), False
+                if hide:
+                    payload = strip_null_usage(payload)
+            events.append(Chunk(payload))
+        return events, False
 
+    def _fail(self, what: str) -> StreamError:
+        return StreamError(UpstreamError(f"upstream `{self._provider.name}` {what}"))
 

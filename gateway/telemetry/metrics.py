@@ -71,7 +71,46 @@ class Metrics:
             "gateway_tokens", "Tokens reported by upstreams, by model alias and kind (prompt, completion).",
             ("model", "kind"), registry=registry,
         )
+        self.reloads = Counter(
+            "gateway_policy_reload", "Policy reloads, by result (ok, invalid, failed, unchanged).",
+            ("result",), registry=registry,
+        )
+        self.policy_info = Gauge(
+            "gateway_policy_info", "The policy version being served (1) and the ones before it (0).",
+            ("version",), registry=registry, multiprocess_mode="livemax",
+        )
+        self.store_up = Gauge(
+            "gateway_store_up", "Whether the shared-state store answered its last operations (1) or not (0).",
+            ("backend",), registry=registry, multiprocess_mode="livemin",
+        )
+        self.pool_waiting = Gauge(
+            "gateway_upstream_pool_waiting", "Requests waiting for a free upstream connection slot.",
+            ("provider",), registry=registry, multiprocess_mode="livesum",
+        )
+        self.pool_timeouts = Counter(
+            "gateway_upstream_pool_timeouts", "Requests refused (503) after waiting pool_timeout_s for a slot.",
+            ("provider",), registry=registry,
+        )
         self._series: dict[tuple[str, str, int, str | None], _Series] = {}
+        self._versions: set[str] = set()
+
+    # ConnectionGate's observer (upstream/client.py)
+    def waiting(self, provider: str, delta: int) -> None:
+        self.pool_waiting.labels(provider).inc(delta)
+
+    def timed_out(self, provider: str) -> None:
+        self.pool_timeouts.labels(provider).inc()
+
+    def serving(self, version: str) -> None:
+        """Mark `version` as the policy being served; earlier versions drop to 0 (a bounded set)."""
+        for old in self._versions - {version}:
+            self.policy_info.labels(old).set(0)
+        if len(self._versions) > 16:  # keep the series count bounded over many reloads
+            for old in list(self._versions - {version})[: len(self._versions) - 16]:
+                self.policy_info.remove(old)
+                self._versions.discard(old)
+        self._versions.add(version)
+        self.policy_info.labels(version).set(1)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,38 +1,52 @@
-"""The outermost pipeline stage: in-flight count, metrics, and the access log, always.
+"""The outermost pipeline stage: in-flight count, metrics, and the access log, for every request.
 
-For a stream the record is made when the stream ends (completed, failed or
-cancelled by a client that went away), by wrapping the reply's iterator.
+Every answer passes here, errors included (431, 405, 413 and the rest are raised
+by stages inside it), and so does every ending: a stream is recorded when it ends
+(finished, failed, left by the client, or cut on shutdown), a request whose
+client left before the answer as 499, a cut as 503, a bug as 500.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 
 from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
-from ..pipeline.streams import StreamWatch
+from ..pipeline.stages import ClientGone
+from ..pipeline.streams import StreamEnd
+from ..schemas.events import StreamEvent
 from .metrics import Metrics
 
 __all__ = ["Telemetry"]
 
 access_log = logging.getLogger("gateway.access")
+CLIENT_CLOSED = 499
 
 
 class Telemetry:
     name = "telemetry"
+    reads_events = False
 
-    def __init__(self, metrics: Metrics, log_requests: bool) -> None:
+    def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self.log_requests = log_requests
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         self.metrics.in_flight.inc()
         try:
             reply = await call_next(ctx)
         except GatewayError as exc:
-            ctx.status, ctx.error_code = exc.status, exc.code
+            ctx.status, ctx.error_code = exc.status, exc.code or exc.type
+            self._finish(ctx)
+            raise
+        except (asyncio.CancelledError, ClientGone):
+            reason = ctx.lifecycle.reason
+            if reason == "shutdown":
+                ctx.status, ctx.error_code = 503, "shutting_down"
+            else:
+                ctx.status, ctx.error_code = CLIENT_CLOSED, "client_closed_request"
             self._finish(ctx)
             raise
         except BaseException:
@@ -42,17 +56,21 @@ class Telemetry:
         if reply.stream is None:
             ctx.status = reply.status
             self._finish(ctx)
-            return reply
-        reply.stream = self._follow(ctx, reply.stream)
+        else:
+            reply.stream.add(self)
         return reply
 
-    def _follow(self, ctx: RequestContext, stream: StreamWatch) -> StreamWatch:
-        def on_end(reason: BaseException | None) -> None:
-            if reason is not None and ctx.error_code is None:
-                ctx.status, ctx.error_code = 499, "client_closed_request"
-            self._finish(ctx)
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
 
-        return StreamWatch(stream, on_end)
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        if end.outcome == "error" and end.error is not None:
+            ctx.status, ctx.error_code = end.error.status, end.error.code or end.error.type
+        elif end.outcome == "client_gone":
+            ctx.status, ctx.error_code = CLIENT_CLOSED, "client_closed_request"
+        elif end.outcome == "shutdown":
+            ctx.status, ctx.error_code = 503, "shutting_down"
+        self._finish(ctx)
 
     def _finish(self, ctx: RequestContext) -> None:
         self.metrics.in_flight.dec()
@@ -63,14 +81,17 @@ class Telemetry:
             ctx.endpoint.label, ctx.alias_label, ctx.status, total, provider, ctx.upstream_seconds,
             ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
         )
-        if self.log_requests or ctx.status >= 500:
+        if ctx.runtime.policy.server.access_log or ctx.status >= 500:
             access_log.info(
                 "request", extra={"fields": {
                     "request_id": ctx.request_id, "endpoint": ctx.endpoint.label, "model": ctx.alias_label,
-                    "tenant": ctx.tenant, "provider": provider, "stream": ctx.stream, "status": ctx.status,
-                    "error": ctx.error_code, "total_ms": round(total * 1000, 2),
-                    "upstream_ms": round(ctx.upstream_seconds * 1000, 2),
+                    "tenant": ctx.tenant, "key": ctx.key.name if ctx.key is not None else None,
+                    "provider": provider, "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,
+                    "total_ms": round(total * 1000, 2), "upstream_ms": round(ctx.upstream_seconds * 1000, 2),
+                    "first_chunk_ms": round(ctx.first_chunk_seconds * 1000, 2) if ctx.first_chunk_seconds else None,
                     "prompt_tokens": usage.prompt_tokens if usage else None,
                     "completion_tokens": usage.completion_tokens if usage else None,
+                    "tokens_estimated": ctx.usage_estimated,
+                    "policy_version": ctx.runtime.policy.version,
                 }},
             )

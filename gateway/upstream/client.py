@@ -1,31 +1,81 @@
-"""Pooled upstream connections, and the mapping of transport failures to gateway errors.
+"""Pooled upstream connections, the bounded wait for one, and the mapping of transport failures.
 
 The transport is aiohttp's client, chosen by measurement (see `bench/results/
 transport.md`): per request it costs a fraction of the CPU of httpx's default
-transport. One `ClientSession` per provider holds that provider's keep-alive pool.
+transport. One `ClientSession` per provider holds that provider's keep-alive pool;
+a `ConnectionGate` in front of it bounds how many requests use the provider at
+once (`pool_size`) and how long a request may wait for its turn (`pool_timeout_s`),
+so that a full pool answers 503 instead of queueing a request silently.
 """
 
 from __future__ import annotations
 
 import asyncio
+from typing import Protocol
 
 import aiohttp
 
-from ..errors import GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import GatewayBusy, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..policy.compiled import ProviderConfig
 
-__all__ = ["new_session", "transport_error"]
+__all__ = ["ConnectionGate", "GateObserver", "new_session", "transport_error"]
+
+
+class GateObserver(Protocol):
+    """Where a gate reports waits (the metrics module implements it)."""
+
+    def waiting(self, provider: str, delta: int) -> None: ...
+
+    def timed_out(self, provider: str) -> None: ...
+
+
+class ConnectionGate:
+    """At most `size` concurrent upstream exchanges; a bounded wait for the next free one.
+
+    A stream holds its permit until it ends, so `size` is also the number of
+    concurrent streams one provider can carry from one process.
+    """
+
+    __slots__ = ("_observer", "_provider", "_semaphore", "_timeout_s")
+
+    def __init__(self, provider: str, size: int, timeout_s: float, observer: GateObserver | None = None) -> None:
+        self._provider = provider
+        self._semaphore = asyncio.Semaphore(size)
+        self._timeout_s = timeout_s
+        self._observer = observer
+
+    async def acquire(self) -> None:
+        if not self._semaphore.locked():
+            await self._semaphore.acquire()  # returns at once: no suspension, no timer
+            return
+        observer = self._observer
+        if observer is not None:
+            observer.waiting(self._provider, 1)
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                await self._semaphore.acquire()
+        except TimeoutError:
+            if observer is not None:
+                observer.timed_out(self._provider)
+            raise GatewayBusy(
+                f"all {self._provider} connections are busy; try again shortly", headers={"Retry-After": "1"},
+            ) from None
+        finally:
+            if observer is not None:
+                observer.waiting(self._provider, -1)
+
+    def release(self) -> None:
+        self._semaphore.release()
 
 
 def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
-    """A session with this provider's pool size and connect timeout.
+    """A session with this provider's connect timeout; the gate, not the connector, bounds its size.
 
     Read timeouts (first byte, idle, total) are enforced by the caller with one
     rescheduled `asyncio.Timeout`, so that each phase gets its own limit.
     """
     connector = aiohttp.TCPConnector(
-        limit=config.pool_size,
-        limit_per_host=config.pool_size,
+        limit=0,  # bounded by the ConnectionGate, which also bounds the wait
         keepalive_timeout=config.keepalive_s,
         ttl_dns_cache=300,
         enable_cleanup_closed=False,

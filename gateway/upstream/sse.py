@@ -1,4 +1,4 @@
-"""Incremental Server-Sent Events decoding and encoding, for OpenAI-style streams.
+"""Incremental Server-Sent Events decoding, for OpenAI-style upstream streams.
 
 Network reads split events anywhere; the decoder keeps the tail and returns the
 `data` payloads of the events completed so far, so that each can be forwarded
@@ -7,12 +7,9 @@ as soon as its last byte arrives.
 
 from __future__ import annotations
 
-import msgspec
-
-__all__ = ["DONE_EVENT", "SSEDecoder", "data_event", "error_event"]
+__all__ = ["DONE", "SSEDecoder"]
 
 DONE = b"[DONE]"
-DONE_EVENT = b"data: [DONE]\n\n"
 _MAX_PENDING = 8 * 1024 * 1024  # an event larger than this is not an OpenAI chunk
 
 
@@ -58,16 +55,3 @@ def _data_of(event: bytes) -> bytes | None:
         if line.startswith(b"data:"):
             parts.append(line[6:] if line[5:6] == b" " else line[5:])
     return b"\n".join(parts) if parts else None
-
-
-def data_event(payload: bytes) -> bytes:
-    return b"data: " + payload + b"\n\n"
-
-
-_encoder = msgspec.json.Encoder()
-
-
-def error_event(message: str, type_: str, code: str | None) -> bytes:
-    """The in-band error OpenAI's SDKs turn into an `APIError` mid-stream."""
-    body = {"error": {"message": message, "type": type_, "param": None, "code": code}}
-    return b"data: " + _encoder.encode(body) + b"\n\n"

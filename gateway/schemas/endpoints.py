@@ -6,7 +6,7 @@ import enum
 
 import msgspec
 
-from ..schemas.openai import ChatRequest, CompletionRequest, EmbeddingRequest
+from .openai import ChatRequest, CompletionRequest, EmbeddingRequest
 
 __all__ = ["Endpoint"]
 

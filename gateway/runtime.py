@@ -1,0 +1,86 @@
+"""Everything built from one policy, with a life of its own: start, serve, retire, close.
+
+A `Runtime` owns the compiled policy, the provider objects and their connection
+pools, the shared-state store and the pipeline. A request holds the runtime it
+started with until its last byte (streams included), so a reload can build and
+start a new runtime, swap it in, and close the old one's pools only after its
+last request ended: nothing in flight ever sees a half-applied policy or a closed
+pool.
+
+This module sits below the pipeline and the HTTP edge: it imports neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+from .policy import Policy
+from .providers import Provider
+from .store.base import Store
+
+if TYPE_CHECKING:
+    from .pipeline.runner import Pipeline
+
+__all__ = ["Runtime"]
+
+log = logging.getLogger("gateway.runtime")
+
+
+class Runtime:
+    __slots__ = ("_active", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store")
+
+    def __init__(
+        self, policy: Policy, providers: Mapping[str, Provider], store: Store, pipeline: Pipeline,
+    ) -> None:
+        self.policy = policy
+        self.providers = providers
+        self.store = store
+        self.pipeline = pipeline
+        self.created = int(time.time())
+        self._active = 0
+        self._retired = False
+        self._idle: asyncio.Event | None = None
+
+    async def start(self) -> None:
+        """Open the pools and the store. A store that cannot be reached does not stop the start:
+        it reports itself unhealthy and recovers on its own (features follow `on_unavailable`)."""
+        await asyncio.gather(*(provider.start() for provider in self.providers.values()))
+        await self.store.start()
+
+    def acquire(self) -> Runtime:
+        self._active += 1
+        return self
+
+    def release(self) -> None:
+        self._active -= 1
+        if self._active == 0 and self._idle is not None:
+            self._idle.set()
+
+    @property
+    def active(self) -> int:
+        return self._active
+
+    async def retire(self, timeout_s: float) -> None:
+        """Wait (bounded) for the requests still holding this runtime, then close it."""
+        self._retired = True
+        if self._active:
+            self._idle = asyncio.Event()
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await self._idle.wait()
+            except TimeoutError:
+                log.warning("closing policy %s with %d request(s) still running", self.policy.version, self._active)
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        results = await asyncio.gather(
+            *(provider.close() for provider in self.providers.values()), self.store.aclose(),
+            return_exceptions=True,
+        )
+        for result in results:
+            if isinstance(result, Exception):
+                log.warning("error while closing policy %s: %s", self.policy.version, type(result).__name__)

@@ -1,0 +1,95 @@
+"""Typed stream events: what a provider's stream yields, and what stream stages transform.
+
+A provider turns its upstream's wire format into these events; stages read or
+rewrite them; the HTTP edge frames them as Server-Sent Events exactly once. So an
+output guard can hold text back, accounting can read usage without re-parsing,
+and a cache can store an answer as events, while a stream that no stage reads
+passes its raw bytes straight through (a `Chunk` is decoded only when asked).
+
+Events travel in batches (`list[StreamEvent]`): one batch per network read, so
+that a fast upstream's twenty events cost one trip through the stages and one
+write to the client, not twenty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+import msgspec
+
+from ..errors import GatewayError
+from .openai import Usage
+
+__all__ = ["DONE", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport"]
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.Encoder().encode
+
+
+class Chunk:
+    """One content event in OpenAI's chunk shape: its JSON bytes, decoded on demand, at most once."""
+
+    __slots__ = ("_data", "payload")
+
+    def __init__(self, payload: bytes, data: dict[str, Any] | None = None) -> None:
+        self.payload = payload
+        self._data = data
+
+    @classmethod
+    def of(cls, data: dict[str, Any]) -> Chunk:
+        """A chunk built by the gateway (a translator, a guard, a cache replay)."""
+        return cls(_encode(data), data)
+
+    def data(self) -> dict[str, Any]:
+        """The decoded chunk. Stages that change it must build a new `Chunk.of(...)`."""
+        if self._data is None:
+            self._data = _decode(self.payload)
+        return self._data
+
+    def __repr__(self) -> str:
+        return f"Chunk({len(self.payload)} bytes)"
+
+
+class UsageReport:
+    """Token usage for the whole answer. `payload` is the upstream's usage-only chunk, if any:
+    the edge forwards it only to a client that asked for usage (`stream_options.include_usage`)."""
+
+    __slots__ = ("payload", "usage")
+
+    def __init__(self, usage: Usage, payload: bytes | None = None) -> None:
+        self.usage = usage
+        self.payload = payload
+
+
+class StreamError:
+    """The stream failed after it started: the last event; the edge writes an error event."""
+
+    __slots__ = ("error",)
+
+    def __init__(self, error: GatewayError) -> None:
+        self.error = error
+
+
+class StreamDone:
+    """The upstream finished cleanly (OpenAI's `[DONE]`): the last event."""
+
+    __slots__ = ()
+
+
+DONE = StreamDone()
+StreamEvent = Chunk | UsageReport | StreamError | StreamDone
+
+
+class EventSource(Protocol):
+    """A started provider stream: the upstream accepted it (its headers said 200).
+
+    Iterating yields batches of events as they arrive, ending with a `StreamDone`
+    or a `StreamError` (never an exception: the client already has its 200).
+    `aclose` releases the upstream connection; safe to call twice, and before the
+    first batch.
+    """
+
+    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]: ...
+
+    async def aclose(self) -> None: ...

@@ -1,0 +1,138 @@
+"""Token counts when the upstream reports none: counted with tiktoken, marked as estimates.
+
+An upstream may not report usage: a non-streamed answer without a `usage` field,
+a provider configured with `stream_usage: false`, or an OpenAI-compatible server
+that ignores `stream_options.include_usage`. Tokens must not silently read 0
+then: this stage counts the prompt and the answer itself and marks the figure
+`usage_estimated`. It reads a stream's content only when the provider is known
+not to report usage; when a provider that should have reported it does not, that
+stream's answer is estimated from its chunk count (OpenAI-compatible servers send
+about one token a chunk) and the provider's later streams are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import msgspec
+
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..pipeline.streams import StreamEnd
+from ..schemas.events import Chunk, StreamEvent
+from ..schemas.openai import Usage
+from .tokens import TokenCounter, message_text
+
+__all__ = ["CountTokens"]
+
+_OFF_LOOP_CHARS = 64 * 1024  # count larger texts in a thread: tiktoken holds the GIL but not the loop
+_MESSAGE_OVERHEAD = 3  # OpenAI's chat format: tokens per message, and for the reply's priming
+
+
+class CountTokens:
+    name = "count_tokens"
+    reads_events = False
+
+    def __init__(self, tokens: TokenCounter) -> None:
+        self.tokens = tokens
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        reply = await call_next(ctx)
+        if reply.stream is not None:
+            provider = ctx.provider
+            if provider is not None and not getattr(provider, "stream_usage_expected", True):
+                reply.stream.add(_StreamText(self))
+            else:
+                reply.stream.add(self)
+        elif ctx.usage is None and reply.body is not None:
+            completion = await self._count(_answer_text(reply.body))
+            ctx.usage = await self._usage(ctx, completion)
+        return reply
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        if ctx.usage is None and ctx.provider is not None:
+            ctx.usage = await self._usage(ctx, ctx.chunks)
+
+    async def _usage(self, ctx: RequestContext, completion_tokens: int) -> Usage:
+        prompt = await self._count(_prompt_text(ctx.body))
+        if isinstance(ctx.body.get("messages"), list):
+            prompt += _MESSAGE_OVERHEAD * (len(ctx.body["messages"]) + 1)
+        ctx.usage_estimated = True
+        return Usage(prompt, completion_tokens, prompt + completion_tokens)
+
+    async def _count(self, text: str) -> int:
+        if len(text) > _OFF_LOOP_CHARS:
+            return await asyncio.to_thread(self.tokens.count, text)
+        return self.tokens.count(text)
+
+
+class _StreamText:
+    """Per stream: keeps the answer's text (only for providers that report no usage)."""
+
+    __slots__ = ("_counter", "_parts")
+    reads_events = True
+
+    def __init__(self, counter: CountTokens) -> None:
+        self._counter = counter
+        self._parts: list[str] = []
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        for event in events:
+            if isinstance(event, Chunk):
+                _collect(event.data(), self._parts)
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        if ctx.usage is None:
+            completion = await self._counter._count("".join(self._parts))
+            ctx.usage = await self._counter._usage(ctx, completion)
+
+
+def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
+    for choice in chunk.get("choices") or ():
+        if not isinstance(choice, dict):
+            continue
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            _text_of_message(delta, parts)
+        elif isinstance(choice.get("text"), str):
+            parts.append(choice["text"])
+
+
+def _text_of_message(message: dict[str, Any], parts: list[str]) -> None:
+    if isinstance(message.get("content"), str):
+        parts.append(message["content"])
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") if isinstance(call, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            parts.append(function["arguments"])
+
+
+def _answer_text(body: bytes) -> str:
+    try:
+        data = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return ""
+    parts: list[str] = []
+    for choice in data.get("choices") or () if isinstance(data, dict) else ():
+        if isinstance(choice, dict):
+            if isinstance(choice.get("message"), dict):
+                _text_of_message(choice["message"], parts)
+            elif isinstance(choice.get("text"), str):
+                parts.append(choice["text"])
+    return "".join(parts)
+
+
+def _prompt_text(body: dict[str, Any]) -> str:
+    if "messages" in body:
+        return "\n".join(message_text(body["messages"]))
+    prompt = body.get("prompt", body.get("input"))
+    if isinstance(prompt, str):
+        return prompt
+    if isinstance(prompt, list):
+        return "\n".join(p for p in prompt if isinstance(p, str))
+    return ""

@@ -1,0 +1,157 @@
+"""Unit tests of the stream driver: stages over typed events, end hooks exactly once."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+
+from gateway.errors import GatewayError, UpstreamError
+from gateway.pipeline.lifecycle import Lifecycle
+from gateway.pipeline.streams import ReplyStream, StreamEnd
+from gateway.schemas.events import DONE, Chunk, StreamError, StreamEvent, UsageReport
+from gateway.schemas.openai import Usage
+
+
+class Source:
+    """An event source that records whether it was closed."""
+
+    def __init__(self, batches: list[list[StreamEvent]]) -> None:
+        self.batches, self.closed = batches, 0
+
+    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
+        return self._run()
+
+    async def _run(self) -> AsyncIterator[list[StreamEvent]]:
+        for batch in self.batches:
+            yield batch
+
+    async def aclose(self) -> None:
+        self.closed += 1
+
+
+class Recorder:
+    def __init__(self, reads: bool = True, fail_on: int | None = None, fail_end: bool = False) -> None:
+        self.reads_events = reads
+        self.seen: list[int] = []
+        self.ends: list[StreamEnd] = []
+        self.fail_on, self.fail_end = fail_on, fail_end
+
+    async def on_events(self, ctx: Any, events: list[StreamEvent]) -> list[StreamEvent]:
+        self.seen.append(len(events))
+        if self.fail_on is not None and len(self.seen) == self.fail_on:
+            raise RuntimeError("a bug in a stage")
+        return events
+
+    async def on_end(self, ctx: Any, end: StreamEnd) -> None:
+        self.ends.append(end)
+        if self.fail_end:
+            raise RuntimeError("a bug in an end hook")
+
+
+def context() -> Any:
+    task = asyncio.current_task()
+    assert task is not None
+    return SimpleNamespace(request_id="r", chunks=0, usage=None, first_chunk_seconds=None, started=0.0,
+                           upstream_started=0.0, upstream_seconds=0.0, lifecycle=Lifecycle(task))
+
+
+def chunk(text: str) -> Chunk:
+    return Chunk.of({"choices": [{"index": 0, "delta": {"content": text}}]})
+
+
+async def drain(stream: ReplyStream) -> list[StreamEvent]:
+    return [event async for batch in stream for event in batch]
+
+
+async def test_a_finished_stream_ends_once_and_closes_its_source() -> None:
+    usage = Usage(1, 2, 3)
+    source = Source([[chunk("a")], [chunk("b"), UsageReport(usage, b"{}"), DONE]])
+    ctx, stage, end_only = context(), Recorder(), Recorder(reads=False)
+    stream = ReplyStream(source, ctx)
+    stream.add(stage)
+    stream.add(end_only)
+    events = await drain(stream)
+    await stream.aclose()
+    assert len(events) == 4 and events[-1] is DONE
+    assert stage.seen == [1, 3] and end_only.seen == []  # a stage that reads nothing is never called per batch
+    assert [e.outcome for e in stage.ends] == ["done"] and [e.outcome for e in end_only.ends] == ["done"]
+    assert source.closed >= 1 and ctx.usage is usage and ctx.chunks == 2
+
+
+async def test_a_stream_closed_before_its_first_event_still_runs_every_end_hook() -> None:
+    source = Source([[chunk("a")], [DONE]])
+    stage = Recorder()
+    stream = ReplyStream(source, context())
+    stream.add(stage)
+    await stream.aclose()
+    await stream.aclose()
+    assert [e.outcome for e in stage.ends] == ["client_gone"] and source.closed == 1 and stage.seen == []
+
+
+async def test_an_upstream_error_event_ends_the_stream_as_an_error() -> None:
+    error = UpstreamError("upstream failed mid-stream")
+    stage = Recorder()
+    stream = ReplyStream(Source([[chunk("a")], [StreamError(error)]]), context())
+    stream.add(stage)
+    events = await drain(stream)
+    assert isinstance(events[-1], StreamError)
+    assert stage.ends[0].outcome == "error" and stage.ends[0].error is error
+
+
+async def test_a_stage_that_fails_mid_stream_ends_it_with_an_error_event_and_other_hooks_still_run() -> None:
+    failing, after = Recorder(fail_on=2, fail_end=True), Recorder()
+    stream = ReplyStream(Source([[chunk("a")], [chunk("b")], [DONE]]), context())
+    stream.add(failing)
+    stream.add(after)
+    events = await drain(stream)
+    assert isinstance(events[-1], StreamError)
+    assert isinstance(events[-1].error, GatewayError) and events[-1].error.status == 500
+    assert "bug" not in events[-1].error.message  # the client never sees internals
+    assert after.ends[0].outcome == "error" and failing.ends[0].outcome == "error"
+
+
+async def test_a_stage_may_hold_back_and_rewrite_events() -> None:
+    class HoldBack:
+        reads_events = True
+
+        def __init__(self) -> None:
+            self.held: list[StreamEvent] = []
+
+        async def on_events(self, ctx: Any, events: list[StreamEvent]) -> list[StreamEvent]:
+            out = []
+            for event in events:
+                if isinstance(event, Chunk):
+                    self.held.append(chunk(event.data()["choices"][0]["delta"]["content"].upper()))
+                else:
+                    out.extend(self.held)
+                    out.append(event)
+            return out
+
+        async def on_end(self, ctx: Any, end: StreamEnd) -> None:
+            return None
+
+    stream = ReplyStream(Source([[chunk("a")], [chunk("b")], [DONE]]), context())
+    stream.add(HoldBack())
+    batches = [batch async for batch in stream]
+    assert [len(b) for b in batches] == [0, 0, 3]
+    texts = [e.data()["choices"][0]["delta"]["content"] for e in batches[-1] if isinstance(e, Chunk)]
+    assert texts == ["A", "B"]
+
+
+def test_a_chunk_is_decoded_at_most_once() -> None:
+    raw = Chunk(b'{"choices": []}')
+    assert raw.data() is raw.data()
+
+
+@pytest.mark.parametrize("outcome", ["client_gone", "shutdown"])
+async def test_an_early_close_reports_why(outcome: Any) -> None:
+    stage = Recorder()
+    stream = ReplyStream(Source([[chunk("a")], [DONE]]), context())
+    stream.add(stage)
+    await anext(stream)
+    await stream.aclose(outcome)
+    assert [e.outcome for e in stage.ends] == [outcome]

@@ -56,6 +56,7 @@ class Gateway:
         self.last_reload: dict[str, Any] | None = None
         self.reload_requested: Callable[[], None] | None = None  # set by a supervised worker: tell every worker
         self._reload_lock: asyncio.Lock | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on, once started
         self._tasks: set[asyncio.Task[Any]] = set()
 
     def _build(self, policy: Policy) -> Runtime:
@@ -76,6 +77,7 @@ class Gateway:
         return self.runtime.acquire()
 
     async def start(self) -> None:
+        self.loop = asyncio.get_running_loop()
         self._reload_lock = asyncio.Lock()
         await asyncio.to_thread(self.tokens.load)
         await self.runtime.start()

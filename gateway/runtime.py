@@ -31,7 +31,9 @@ log = logging.getLogger("gateway.runtime")
 
 
 class Runtime:
-    __slots__ = ("_active", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store")
+    __slots__ = (
+        "_active", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store", "version_header",
+    )
 
     def __init__(
         self, policy: Policy, providers: Mapping[str, Provider], store: Store, pipeline: Pipeline,
@@ -41,6 +43,7 @@ class Runtime:
         self.store = store
         self.pipeline = pipeline
         self.created = int(time.time())
+        self.version_header = (b"x-gateway-policy-version", policy.version.encode())  # on every proxied answer
         self._active = 0
         self._retired = False
         self._idle: asyncio.Event | None = None

@@ -30,7 +30,8 @@ OTHER_TENANT_KEY = "gw-test-other-tenant-22222222222222222222"
 FAULTS = (
     "fault-status-400", "fault-status-401", "fault-status-404", "fault-status-429", "fault-status-500",
     "fault-status-503", "fault-slow-first-byte-3000", "fault-stall-after-3", "fault-reset-before",
-    "fault-reset-after-3", "fault-malformed-json", "fault-slow-stream-100",
+    "fault-reset-after-3", "fault-malformed-json", "fault-slow-stream-100", "fault-no-usage",
+    "fault-echo-secrets", "fault-echo-secrets-midstream", "fault-huge-body-512",
 )
 
 
@@ -86,9 +87,11 @@ def policy_text(upstream_url: str, **server: object) -> str:
 class RunningGateway:
     """A gateway served by uvicorn in a thread, on a real port."""
 
-    def __init__(self, text: str, env: dict[str, str]) -> None:
-        self.policy = compile_text(text, "test-policy.yaml", env)
-        self.gateway = Gateway(self.policy)
+    def __init__(self, text: str, env: dict[str, str], source: Path | None = None) -> None:
+        if source is not None:  # a policy file that reloads can re-read (env vars must be in os.environ)
+            source.write_text(text)
+        self.policy = compile_text(text, str(source or "test-policy.yaml"), env)
+        self.gateway = Gateway(self.policy, source=source)
         self.app = create_app(self.gateway)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"

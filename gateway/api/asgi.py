@@ -73,8 +73,8 @@ async def send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]], 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Any, error: GatewayError, request_id: str) -> None:
+async def send_error(send: Any, error: GatewayError, request_id: str, *extra: tuple[bytes, bytes]) -> None:
     body = error.body()
-    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode())]
+    headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *extra]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error_header_map(error, request_id).items()]
     await send_body(send, error.status, headers, body)

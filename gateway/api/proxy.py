@@ -62,6 +62,7 @@ class ProxyEndpoint:
         host.active.add(life)
         head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size)
         ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
+        version = runtime.version_header
         try:
             reply = await runtime.pipeline.run(ctx)
             if reply.stream is None:
@@ -71,6 +72,7 @@ class ProxyEndpoint:
                     (b"content-type", JSON),
                     (b"content-length", str(len(reply.body)).encode()),
                     (b"x-request-id", request_id.encode()),
+                    version,
                 ], reply.body)
             else:
                 await self._send_stream(ctx, reply, send)
@@ -79,14 +81,15 @@ class ProxyEndpoint:
                 raise  # not ours (the server is cancelling its tasks): let it through
             task.uncancel()
             if life.reason == "shutdown" and not life.response_started:
-                await _send_quietly(send_error(send, ShuttingDown("the gateway is shutting down; retry"), request_id))
+                cut = ShuttingDown("the gateway is shutting down; retry")
+                await _send_quietly(send_error(send, cut, request_id, version))
         except ClientGone:
             pass
         except GatewayError as exc:
-            await send_error(send, exc, request_id)
+            await send_error(send, exc, request_id, version)
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            await send_error(send, InternalError("the gateway failed to handle this request"), request_id)
+            await send_error(send, InternalError("the gateway failed to handle this request"), request_id, version)
         finally:
             life.stop()
             host.active.discard(life)
@@ -100,7 +103,7 @@ class ProxyEndpoint:
         try:
             await send({
                 "type": "http.response.start", "status": reply.status,
-                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode())],
+                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header],
             })
             life.response_started = True
             async for batch in stream:

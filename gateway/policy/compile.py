@@ -210,6 +210,7 @@ def _provider(
         keepalive_s=spec.keepalive_s,
         stream_usage=spec.stream_usage,
         chunk_delay_ms=spec.chunk_delay_ms,
+        max_response_bytes=spec.max_response_bytes,
         secrets=tuple(secret_values),
         public_hosts=_public_hosts(base_url),
     )

@@ -37,6 +37,7 @@ class ProviderConfig:
     keepalive_s: float
     stream_usage: bool
     chunk_delay_ms: float
+    max_response_bytes: int = 64 * 1024 * 1024
     secrets: tuple[str, ...] = field(default=(), repr=False)  # credential values: scrubbed from upstream errors
     public_hosts: tuple[str, ...] = ()  # the provider's own host: may appear in its error messages
 

@@ -109,6 +109,8 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     # may be sent on a connection the upstream is closing and fail with a 502.
     keepalive_s: Annotated[float, Meta(gt=0, le=3_600)] = 4.0
     stream_usage: bool = True
+    # A non-streamed answer larger than this is refused (502) while it is read.
+    max_response_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
 
 

@@ -43,7 +43,6 @@ _peek_usage = msgspec.json.Decoder(UsagePeek).decode
 _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
-_MAX_RESPONSE_BODY = 64 * 1024 * 1024
 # The `"usage": null` an upstream adds to every chunk once asked for usage. A JSON key
 # cannot occur inside a string unescaped, so this never matches content text.
 _NULL_USAGE_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
@@ -130,7 +129,7 @@ class OpenAICompatProvider:
                 if not data:
                     break
                 size += len(data)
-                if size > _MAX_RESPONSE_BODY:
+                if size > self.config.max_response_bytes:
                     raise UpstreamError(f"upstream `{self.name}` answered with an oversized body")
                 parts.append(data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -260,25 +259,24 @@ class _OpenAIStream:
             if payload == DONE_PAYLOAD:
                 events.append(DONE)
                 return events, True
-            if b'"error"' in payload or b'"usage"' in payload:
-                try:
-                    peek = _peek_chunk(payload)
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    events.append(self._fail("sent a malformed stream event"))
-                    return events, True
-                if peek.error is not None:
-                    detail = self._provider.sanitize(peek.error.message)
-                    events.append(self._fail(f"failed mid-stream: {detail}"))
-                    return events, True
-                if peek.usage is not None:
-                    if peek.choices:  # usage riding on a content chunk
-                        events.append(Chunk(payload))
-                        events.append(UsageReport(peek.usage))
-                    else:
-                        events.append(UsageReport(peek.usage, payload))
-                    continue
-                if hide:
-                    payload = strip_null_usage(payload)
+            try:  # every event is checked: a malformed one ends the stream cleanly (~0.5 us)
+                peek = _peek_chunk(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                events.append(self._fail("sent a malformed stream event"))
+                return events, True
+            if peek.error is not None:
+                detail = self._provider.sanitize(peek.error.message)
+                events.append(self._fail(f"failed mid-stream: {detail}"))
+                return events, True
+            if peek.usage is not None:
+                if peek.choices:  # usage riding on a content chunk
+                    events.append(Chunk(payload))
+                    events.append(UsageReport(peek.usage))
+                else:
+                    events.append(UsageReport(peek.usage, payload))
+                continue
+            if hide and b'"usage"' in payload:
+                payload = strip_null_usage(payload)
             events.append(Chunk(payload))
         return events, False
 

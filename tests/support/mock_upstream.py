@@ -67,9 +67,13 @@ class Fault:
 
 
 _FAULT_RE = re.compile(
-    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream)-(\d+)"
-    r"|fault-(reset-before|malformed-json)"
+    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body)-(\d+)"
+    r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream)"
 )
+# What a careless upstream echoes in its errors: internal host names, IPv6, and the very
+# credential it was sent, without its `Bearer` (filled in per request).
+ECHO_DETAIL = ("Incorrect API key provided: {key}. Backends vllm-0.vllm-headless:8000, vllm-gpu-7:8000, "
+               "gpu-worker-17.prod.example.com and fd00::1:8000 refused it.")
 
 
 def parse_fault(model: Any) -> Fault | None:
@@ -533,6 +537,12 @@ class MockUpstream:
             fault = parse_fault(body.get("model"))
             if fault and fault.kind == "status":
                 return await _send(request, status_fault_response(fault.value))
+            key = request.headers.get("Authorization", "").removeprefix("Bearer ")
+            if fault and fault.kind == "echo-secrets":
+                return await _send(request, error_response(
+                    500, ECHO_DETAIL.format(key=key), "server_error", None))
+            if fault and fault.kind == "no-usage":
+                body = {**body, "stream_options": None}  # answer as an upstream that ignores include_usage
             words = list(self.REPLY_WORDS)
             if fault and fault.kind == "slow-stream":
                 words = list(itertools.islice(itertools.cycle(words), SLOW_STREAM_CHUNKS))
@@ -542,7 +552,14 @@ class MockUpstream:
                 return await _send(request, error_response(
                     400, str(exc), "invalid_request_error", None, param=exc.param))
             if isinstance(answer, SseAnswer):
+                if fault and fault.kind == "echo-secrets-midstream":
+                    error = {"error": {"message": ECHO_DETAIL.format(key=key), "type": "server_error"}}
+                    answer.events.insert(answer.first_content + 2, sse(error))
                 return await _deliver_stream(request, answer, fault)
+            if fault and fault.kind == "no-usage":
+                answer.pop("usage", None)
+            if fault and fault.kind == "huge-body":  # a valid answer of fault.value KiB
+                answer["padding"] = "x" * (fault.value * 1024)
             return await _deliver_json(request, answer, fault)
         return handle
 

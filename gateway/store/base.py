@@ -1,0 +1,201 @@
+"""The shared-state `Store`: one small interface for limits, budgets, cache, breakers and reload signals.
+
+Everything that must agree across gateway replicas sits on this interface, so that each feature is written
+once and runs the same on one process (the in-memory backend, no Redis needed) and on many replicas (Redis).
+The interface is deliberately narrow: a handful of atomic primitives are easy to implement exactly on both
+backends and to test with one contract suite; richer behaviour belongs to the callers.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Protocol, Self
+
+__all__ = [
+    "Backend",
+    "Channel",
+    "OnUnavailable",
+    "Reservation",
+    "Store",
+    "StoreConfig",
+    "StoreUnavailable",
+    "WindowCount",
+]
+
+Backend = Literal["memory", "redis"]
+OnUnavailable = Literal["open", "closed"]
+
+
+class StoreUnavailable(Exception):
+    """The backend did not answer within its timeout, is down, or refused the operation.
+
+    Every backend failure (network, timeout, server error) surfaces as this one exception so that a caller
+    has exactly one thing to catch and applies its own policy: fail open (serve without the limit, the cache
+    or the shared breaker state) or fail closed (refuse the request). The store never makes that choice; it
+    only carries the configured default in `Store.on_unavailable`.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class StoreConfig:
+    """How to build a store; frozen so that a running store can never drift from its configuration.
+
+    `url` is already resolved from the environment by the caller (the policy names environment variables,
+    never secrets). Timeouts are small on purpose: a request must never wait long on shared state, and the
+    caller's `on_unavailable` policy decides what a missing answer means.
+    """
+
+    backend: Backend = "memory"
+    url: str | None = None
+    key_prefix: str = "gw:"
+    connect_timeout_s: float = 1.0
+    """Budget for a new connection, at start and for the recovery probe (operations use `op_timeout_s`)."""
+    op_timeout_s: float = 0.3
+    """Upper bound of every operation, including waiting for a pooled connection."""
+    on_unavailable: OnUnavailable = "open"
+    max_connections: int = 64
+    backoff_min_s: float = 0.1
+    """After a failure, operations fail fast for at least this long before Redis is probed again."""
+    backoff_max_s: float = 2.0
+    """The probe interval doubles while Redis stays down, up to this; recovery is noticed within it."""
+    max_entries: int = 100_000
+    """Memory backend: keys kept at most (least recently used evicted first), so memory stays bounded."""
+    channel_buffer: int = 1_000
+    """Messages buffered per subscriber; when a slow subscriber falls behind, the oldest are dropped."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in ("memory", "redis"):
+            raise ValueError(f"store backend must be 'memory' or 'redis', not {self.backend!r}")
+        if self.backend == "redis" and not self.url:
+            raise ValueError("the redis store backend needs a url")
+        if self.on_unavailable not in ("open", "closed"):
+            raise ValueError(f"on_unavailable must be 'open' or 'closed', not {self.on_unavailable!r}")
+        for name in ("connect_timeout_s", "op_timeout_s", "backoff_min_s", "backoff_max_s"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{name} must be a positive number of seconds, not {value!r}")
+        if self.backoff_max_s < self.backoff_min_s:
+            raise ValueError("backoff_max_s must not be below backoff_min_s")
+        for name in ("max_connections", "max_entries", "channel_buffer"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 1")
+
+
+@dataclass(frozen=True, slots=True)
+class WindowCount:
+    """A fixed-window counter after an operation: what rate limits need for 429s and their headers."""
+
+    count: int
+    """Total in the current window, this increment included."""
+    reset_s: float
+    """Seconds until the window closes and the count starts again from zero (`Retry-After`, `x-ratelimit-reset`)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """The answer to `Store.reserve`: whether the amount fit under the limit, and the total it left."""
+
+    ok: bool
+    total: float
+    """The total after the reservation when `ok`, else the unchanged total that refused it."""
+    limit: float
+
+    @property
+    def remaining(self) -> float:
+        """What is left under the limit (never negative), e.g. for `x-ratelimit-remaining-tokens`."""
+        return max(0.0, self.limit - self.total)
+
+
+class Channel(Protocol):
+    """One subscription to a pub/sub channel: iterate it for messages, `aclose()` it when done.
+
+    Delivery is at most once: a message published while a subscriber is disconnected (Redis restarting) or
+    too slow (its buffer is full) is lost. Use messages as hints to re-read state kept under keys, never as
+    the only copy of that state. Iteration ends after `aclose()` (or when the store closes).
+    """
+
+    @property
+    def name(self) -> str: ...
+
+    def __aiter__(self) -> Self: ...
+
+    async def __anext__(self) -> bytes: ...
+
+    async def aclose(self) -> None: ...
+
+    async def __aenter__(self) -> Self: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class Store(Protocol):
+    """Shared state with atomic primitives; every backend passes the same contract tests.
+
+    Keys and channel names are the caller's; the store prefixes each with `StoreConfig.key_prefix`, so that
+    several gateways (or tests) can share one Redis. Every operation raises `StoreUnavailable` when the
+    backend cannot answer in time, and never anything else for a backend failure. Amounts (`reserve`,
+    `settle`) are kept as integer millionths, so that sums are exact and identical on every backend.
+    """
+
+    @property
+    def on_unavailable(self) -> OnUnavailable:
+        """The configured default for callers' fail-open / fail-closed decisions."""
+        ...
+
+    @property
+    def healthy(self) -> bool:
+        """Whether the last operations reached the backend (for `/readyz` and a store-up gauge)."""
+        ...
+
+    async def start(self) -> None:
+        """Open connections and background work; an unreachable backend is not an error here (see `healthy`)."""
+        ...
+
+    async def aclose(self) -> None:
+        """Close connections, stop background work and end every open subscription."""
+        ...
+
+    async def ping(self) -> bool:
+        """One real round trip, bounded by the timeout; updates `healthy` and never raises."""
+        ...
+
+    async def get(self, key: str) -> bytes | None: ...
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        """Store `value`; with `ttl_s` the key expires after it, without it the key stays (and drops any TTL)."""
+        ...
+
+    async def delete(self, key: str) -> bool:
+        """Remove the key; whether it existed."""
+        ...
+
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
+        """Write `new` only if the value is `expected` (None: only if the key is absent); whether it wrote."""
+        ...
+
+    async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
+        """Add `amount` to a fixed-window counter; the window opens at its first increment and lasts `window_s`."""
+        ...
+
+    async def get_window(self, key: str, window_s: float) -> WindowCount:
+        """Read a window counter without changing it; an absent one reads as 0 with a full window ahead."""
+        ...
+
+    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+        """Add `amount` only if the total stays at or under `limit`, atomically (reserve-then-settle budgets).
+
+        `ttl_s` applies when the key is created (or has no TTL); later calls do not extend it, so a budget
+        period is not stretched by traffic.
+        """
+        ...
+
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+        """Replace an earlier reservation by the actual amount (total never below 0); the new total."""
+        ...
+
+    async def publish(self, channel: str, message: bytes) -> None: ...
+
+    async def subscribe(self, channel: str) -> Channel:
+        """Subscribe; once this returns, every message published afterwards reaches the channel (at most once)."""
+        ...

@@ -1,0 +1,200 @@
+"""The embedded store: one process, no Redis, the same contract as the shared backend.
+
+Operations never await while they read and write, so each one is atomic on the event loop without locks.
+Every structure is bounded: keys by `max_entries` (least recently used evicted first, like Redis's
+`allkeys-lru`), expired keys by lazy expiry plus a periodic sweep, subscriber buffers by `channel_buffer`.
+Values are kept as bytes and counters as ASCII integers, exactly as Redis keeps them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
+from gateway.store.base import Channel, OnUnavailable, Reservation, StoreConfig, StoreUnavailable, WindowCount
+
+__all__ = ["MemoryStore"]
+
+SWEEP_INTERVAL_S = 5.0
+
+
+@dataclass(slots=True)
+class _Entry:
+    value: bytes
+    expires_at: float | None  # on the store's clock
+
+
+class MemoryStore:
+    """`Store` in this process's memory; see `gateway.store.base.Store` for the contract."""
+
+    def __init__(self, config: StoreConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self._config = config or StoreConfig()
+        self._prefix = self._config.key_prefix
+        self._clock = clock
+        self._data: OrderedDict[str, _Entry] = OrderedDict()
+        self._channels: dict[str, set[QueueChannel]] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    @property
+    def on_unavailable(self) -> OnUnavailable:
+        return self._config.on_unavailable
+
+    @property
+    def healthy(self) -> bool:
+        return True
+
+    async def start(self) -> None:
+        if self._sweeper is None:
+            self._sweeper = asyncio.create_task(self._sweep_forever(), name="memory-store-sweep")
+
+    async def aclose(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        for subscribers in self._channels.values():
+            for channel in subscribers:
+                channel.close_nowait()
+        self._channels.clear()
+        self._data.clear()
+
+    async def ping(self) -> bool:
+        return True
+
+    # -- keys ------------------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        entry = self._live(self._prefix + key)
+        return None if entry is None else entry.value
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        self._put(self._prefix + key, bytes(value), self._expiry(ttl_ms(ttl_s)))
+
+    async def delete(self, key: str) -> bool:
+        return self._live(self._prefix + key) is not None and self._data.pop(self._prefix + key, None) is not None
+
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
+        ttl = ttl_ms(ttl_s)
+        entry = self._live(self._prefix + key)
+        current = None if entry is None else entry.value
+        if current != expected:
+            return False
+        self._put(self._prefix + key, bytes(new), self._expiry(ttl))
+        return True
+
+    # -- counters --------------------------------------------------------------------------------------
+
+    async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
+        window = check_window(amount, window_s)
+        full = self._prefix + key
+        entry = self._live(full)
+        count = (self._int(entry) if entry else 0) + amount
+        expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
+        self._put(full, b"%d" % count, expires_at)
+        return WindowCount(count, self._remaining(expires_at, window))
+
+    async def get_window(self, key: str, window_s: float) -> WindowCount:
+        window = check_window(0, window_s)
+        entry = self._live(self._prefix + key)
+        if entry is None:
+            return WindowCount(0, window / 1000)
+        return WindowCount(self._int(entry), self._remaining(entry.expires_at, window))
+
+    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+        units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
+        full = self._prefix + key
+        entry = self._live(full)
+        current = self._int(entry) if entry else 0
+        if current + units > cap:
+            return Reservation(False, from_units(current), limit)
+        self._put(full, b"%d" % (current + units), self._keep_or_set_expiry(entry, ttl))
+        return Reservation(True, from_units(current + units), limit)
+
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+        delta = to_units(actual, "actual") - to_units(reserved, "reserved")
+        ttl = ttl_ms(ttl_s)
+        full = self._prefix + key
+        entry = self._live(full)
+        total = max(0, (self._int(entry) if entry else 0) + delta)
+        self._put(full, b"%d" % total, self._keep_or_set_expiry(entry, ttl))
+        return from_units(total)
+
+    # -- pub/sub ---------------------------------------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        for subscriber in tuple(self._channels.get(self._prefix + channel, ())):
+            subscriber.push(bytes(message))
+
+    async def subscribe(self, channel: str) -> Channel:
+        full = self._prefix + channel
+        subscriber = QueueChannel(channel, self._config.channel_buffer, self._unsubscribe)
+        self._channels.setdefault(full, set()).add(subscriber)
+        return subscriber
+
+    async def _unsubscribe(self, subscriber: QueueChannel) -> None:
+        full = self._prefix + subscriber.name
+        subscribers = self._channels.get(full)
+        if subscribers is not None:
+            subscribers.discard(subscriber)
+            if not subscribers:
+                del self._channels[full]
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _live(self, full_key: str) -> _Entry | None:
+        entry = self._data.get(full_key)
+        if entry is None:
+            return None
+        if entry.expires_at is not None and entry.expires_at <= self._clock():
+            del self._data[full_key]
+            return None
+        self._data.move_to_end(full_key)
+        return entry
+
+    def _put(self, full_key: str, value: bytes, expires_at: float | None) -> None:
+        self._data[full_key] = _Entry(value, expires_at)
+        self._data.move_to_end(full_key)
+        while len(self._data) > self._config.max_entries:
+            self._data.popitem(last=False)
+
+    def _expiry(self, ttl: int | None) -> float | None:
+        return None if ttl is None else self._clock() + ttl / 1000
+
+    def _keep_or_set_expiry(self, entry: _Entry | None, ttl: int | None) -> float | None:
+        if entry is not None and entry.expires_at is not None:
+            return entry.expires_at
+        return self._expiry(ttl)
+
+    def _remaining(self, expires_at: float | None, window_ms: int) -> float:
+        if expires_at is None:
+            return window_ms / 1000
+        return max(0.0, expires_at - self._clock())
+
+    @staticmethod
+    def _int(entry: _Entry) -> int:
+        try:
+            return int(entry.value)
+        except ValueError:
+            raise StoreUnavailable("the value at this key is not an integer counter") from None
+
+    def sweep(self) -> int:
+        """Drop every expired key now; how many. Runs periodically after `start()`."""
+        now = self._clock()
+        expired = [k for k, e in self._data.items() if e.expires_at is not None and e.expires_at <= now]
+        for full_key in expired:
+            del self._data[full_key]
+        return len(expired)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(SWEEP_INTERVAL_S)
+            self.sweep()

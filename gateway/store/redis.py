@@ -1,0 +1,231 @@
+"""The shared store on Redis (standalone, TLS, unix socket, Sentinel or Cluster; see `redis_url`).
+
+Failure handling, the reason this module exists rather than plain redis-py calls:
+
+* every operation runs under `asyncio.timeout(op_timeout_s)`; every redis, OS and timeout error becomes
+  `StoreUnavailable`, so a request never waits longer than that on shared state and never crashes;
+* the first failure marks the store unhealthy; from then on operations fail fast (no network, no wait)
+  while one background probe PINGs Redis after `backoff_min_s`, doubling up to `backoff_max_s`; the first
+  answer (probe, `ping()`, or any operation still in flight) marks it healthy again, without a new store;
+* a command error from a live server (wrong type, bad argument) is also `StoreUnavailable` to the caller,
+  but does not mark Redis down (one bad key must not stop every request); out-of-memory, read-only
+  replica and cluster-down errors do;
+* an operation that timed out may or may not have been applied (as with any remote call): callers treat
+  `StoreUnavailable` by their fail-open / fail-closed policy, never by retrying a non-idempotent call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+from redis.commands.core import AsyncScript
+from redis.exceptions import (
+    ClusterDownError,
+    DataError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
+
+from gateway.store import redis_scripts as lua
+from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
+from gateway.store.base import Channel, OnUnavailable, Reservation, StoreConfig, StoreUnavailable, WindowCount
+from gateway.store.redis_client import Client, RedisHandle, open_client
+from gateway.store.redis_pubsub import RedisChannel
+from gateway.store.redis_url import parse_redis_url
+
+__all__ = ["RedisStore"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError)
+
+
+class RedisStore:
+    """`Store` on Redis; see `gateway.store.base.Store` for the contract and this module for failures."""
+
+    def __init__(self, config: StoreConfig) -> None:
+        if not config.url:
+            raise ValueError("the redis store backend needs a url")
+        self._config = config
+        self._target = parse_redis_url(config.url)
+        self._prefix = config.key_prefix
+        self._handle: RedisHandle | None = None
+        self._scripts: dict[str, AsyncScript] = {}
+        self._healthy = False
+        self._closed = False
+        self._probe: asyncio.Task[None] | None = None
+        self._channels: set[RedisChannel] = set()
+
+    @property
+    def on_unavailable(self) -> OnUnavailable:
+        return self._config.on_unavailable
+
+    @property
+    def healthy(self) -> bool:
+        return self._healthy
+
+    async def start(self) -> None:
+        """Create the pool and try one PING; if Redis does not answer, run degraded and recover by itself."""
+        if self._handle is not None:
+            return
+        self._closed = False
+        self._handle = open_client(self._target, self._config)
+        client = self._handle.client
+        self._scripts = {
+            name: client.register_script(getattr(lua, name))
+            for name in ("COMPARE_AND_SET", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE")
+        }
+        if not await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
+            log.warning("store: redis did not answer at start; serving without it until it does")
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for channel in tuple(self._channels):
+            await channel.aclose()
+        if self._probe is not None:
+            self._probe.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._probe
+            self._probe = None
+        handle, self._handle = self._handle, None
+        self._healthy = False
+        if handle is not None:
+            with contextlib.suppress(RedisError, OSError, TimeoutError):
+                async with asyncio.timeout(self._config.connect_timeout_s):
+                    await handle.aclose()
+
+    async def ping(self) -> bool:
+        """A real PING even while backing off (readiness checks want the truth), bounded by `op_timeout_s`."""
+        return await self._check(self._config.op_timeout_s)
+
+    # -- keys ------------------------------------------------------------------------------------------
+
+    async def get(self, key: str) -> bytes | None:
+        value = await self._run(lambda c: c.get(self._prefix + key))
+        return value.encode() if isinstance(value, str) else value  # str only with decode_responses, never set
+
+    async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
+        ttl = ttl_ms(ttl_s)
+        await self._run(lambda c: c.set(self._prefix + key, value, px=ttl))
+
+    async def delete(self, key: str) -> bool:
+        removed: int = await self._run(lambda c: c.delete(self._prefix + key))
+        return removed > 0
+
+    async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
+        ttl = ttl_ms(ttl_s)
+        args = ["0" if expected is None else "1", expected or b"", new, "" if ttl is None else ttl]
+        written: int = await self._script("COMPARE_AND_SET", key, args)
+        return written == 1
+
+    # -- counters --------------------------------------------------------------------------------------
+
+    async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
+        window = check_window(amount, window_s)
+        count, pttl = await self._script("INCR_WINDOW", key, [amount, window])
+        return WindowCount(int(count), int(pttl) / 1000)
+
+    async def get_window(self, key: str, window_s: float) -> WindowCount:
+        window = check_window(0, window_s)
+        count, pttl = await self._script("GET_WINDOW", key, [])
+        return WindowCount(int(count), (int(pttl) if int(pttl) >= 0 else window) / 1000)
+
+    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+        units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
+        ok, total = await self._script("RESERVE", key, [units, cap, "" if ttl is None else ttl])
+        return Reservation(int(ok) == 1, from_units(int(total)), limit)
+
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+        delta = to_units(actual, "actual") - to_units(reserved, "reserved")
+        ttl = ttl_ms(ttl_s)
+        total = await self._script("SETTLE", key, [delta, "" if ttl is None else ttl])
+        return from_units(int(total))
+
+    # -- pub/sub ---------------------------------------------------------------------------------------
+
+    async def publish(self, channel: str, message: bytes) -> None:
+        await self._run(lambda c: c.publish(self._prefix + channel, message))
+
+    async def subscribe(self, channel: str) -> Channel:
+        """Subscribe now when Redis is up (publishes after this returns are seen); else keep trying in the back."""
+        if self._handle is None:
+            raise StoreUnavailable("the store is not started")
+        subscriber = RedisChannel(channel, self._prefix + channel, self._handle.client, self._config, self._forget)
+        self._channels.add(subscriber)
+        await subscriber.open(try_now=self._healthy)
+        return subscriber
+
+    async def _forget(self, channel: QueueChannel) -> None:
+        self._channels.discard(channel)
+
+    # -- failure handling ------------------------------------------------------------------------------
+
+    async def _script(self, name: str, key: str, args: list[Any]) -> Any:
+        script = self._scripts.get(name)
+        if script is None:
+            raise StoreUnavailable("the store is not started")
+        return await self._run(lambda c: script(keys=[self._prefix + key], args=args))
+
+    async def _run(self, op: Callable[[Client], Awaitable[T]]) -> T:
+        handle = self._handle
+        if handle is None:
+            raise StoreUnavailable("the store is not started")
+        if not self._healthy:
+            raise StoreUnavailable("redis is unavailable (failing fast; reconnecting in the background)")
+        try:
+            async with asyncio.timeout(self._config.op_timeout_s):
+                result = await op(handle.client)
+        except (RedisError, OSError, TimeoutError) as exc:
+            if isinstance(exc, (ResponseError, DataError)) and not isinstance(exc, _OUTAGE_REPLIES):
+                raise StoreUnavailable(f"redis rejected the operation: {exc}") from exc  # alive: no back-off
+            self._mark_down(exc)
+            raise StoreUnavailable(f"redis unavailable: {_describe(exc)}") from exc
+        self._mark_up()
+        return result
+
+    async def _check(self, timeout_s: float) -> bool:
+        handle = self._handle
+        if handle is None:
+            return False
+        try:
+            async with asyncio.timeout(timeout_s):
+                await handle.client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            self._mark_down(exc)
+            return False
+        self._mark_up()
+        return True
+
+    def _mark_up(self) -> None:
+        if not self._healthy and not self._closed:
+            log.info("store: redis is answering again")
+            self._healthy = True
+
+    def _mark_down(self, exc: BaseException) -> None:
+        if self._closed:
+            return
+        if self._healthy:
+            log.warning("store: redis unavailable (%s); failing fast and probing", _describe(exc))
+        self._healthy = False
+        if self._probe is None or self._probe.done():
+            self._probe = asyncio.create_task(self._recover(), name="redis-store-probe")
+
+    async def _recover(self) -> None:
+        delay = self._config.backoff_min_s
+        while not self._healthy and not self._closed:
+            await asyncio.sleep(delay)
+            if await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
+                return
+            delay = min(delay * 2, self._config.backoff_max_s)
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

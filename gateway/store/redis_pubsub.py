@@ -1,0 +1,130 @@
+"""A Redis pub/sub subscription that outlives Redis restarts.
+
+A background task owns one PubSub connection and feeds the channel's bounded buffer. When the connection
+breaks (Redis restarted, network cut, no answer to an idle ping) it closes it and subscribes again with a
+doubling back-off, so consumers just keep iterating; what was published in between is lost (at most once).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio.client import PubSub
+from redis.exceptions import RedisError
+
+from gateway.store._common import QueueChannel
+from gateway.store.base import StoreConfig
+from gateway.store.redis_client import Client
+
+__all__ = ["RedisChannel"]
+
+log = logging.getLogger(__name__)
+IDLE_PING_S = 5.0
+"""A quiet subscription sends a PING this often; no answer in time means the connection is dead."""
+READ_SLICE_S = 1.0
+ERRORS = (RedisError, OSError, TimeoutError)
+
+
+class RedisChannel(QueueChannel):
+    """One subscription: `QueueChannel`'s buffer, filled by a reconnecting reader task."""
+
+    def __init__(
+        self,
+        name: str,
+        full_name: str,
+        client: Client,
+        config: StoreConfig,
+        on_close: Callable[[QueueChannel], Awaitable[None]],
+    ) -> None:
+        super().__init__(name, config.channel_buffer, on_close)
+        self._full_name = full_name
+        self._client = client
+        self._config = config
+        self._task: asyncio.Task[None] | None = None
+        self.reconnects = 0
+
+    async def open(self, try_now: bool) -> None:
+        """Subscribe now if `try_now` (so that later publishes are seen), then keep the subscription alive."""
+        pubsub = None
+        if try_now:
+            try:
+                pubsub = await self._subscribe()
+            except ERRORS as exc:
+                log.warning("store subscription %r not established yet (%s); retrying", self.name, exc)
+        self._task = asyncio.create_task(self._read_forever(pubsub), name=f"store-subscriber:{self.name}")
+
+    async def aclose(self) -> None:
+        if self.closed:
+            return
+        await super().aclose()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _subscribe(self) -> PubSub:
+        pubsub: PubSub = self._client.pubsub()
+        try:
+            async with asyncio.timeout(self._config.connect_timeout_s + self._config.op_timeout_s):
+                await pubsub.subscribe(self._full_name)
+                while True:  # the confirmation: from here on the server delivers every publish to us
+                    message = await pubsub.get_message(timeout=None)
+                    if message is not None and message["type"] == "subscribe":
+                        return pubsub
+        except BaseException:
+            await _close(pubsub)
+            raise
+
+    async def _read_forever(self, pubsub: PubSub | None) -> None:
+        delay = self._config.backoff_min_s
+        try:
+            while True:
+                if pubsub is None:
+                    try:
+                        pubsub = await self._subscribe()
+                    except ERRORS:
+                        await asyncio.sleep(delay)
+                        delay = min(delay * 2, self._config.backoff_max_s)
+                        continue
+                    self.reconnects += 1
+                    log.info("store subscription %r re-established", self.name)
+                    delay = self._config.backoff_min_s
+                try:
+                    await self._pump(pubsub)
+                except ERRORS as exc:
+                    log.warning("store subscription %r lost (%s); reconnecting", self.name, exc)
+                await _close(pubsub)
+                pubsub = None
+        finally:
+            if pubsub is not None:
+                await _close(pubsub)
+
+    async def _pump(self, pubsub: PubSub) -> None:
+        """Move messages into the buffer until the connection fails (raises) or stops answering pings."""
+        loop = asyncio.get_running_loop()
+        last_seen, ping_sent = loop.time(), None
+        answer_within = self._config.connect_timeout_s + self._config.op_timeout_s
+        while True:
+            message: dict[str, Any] | None = await pubsub.get_message(timeout=READ_SLICE_S)
+            now = loop.time()
+            if message is not None:
+                last_seen, ping_sent = now, None
+                if message["type"] == "message":
+                    self.push(message["data"])
+            elif ping_sent is not None and now - ping_sent > answer_within:
+                raise TimeoutError("no answer to a ping on the subscription")
+            elif ping_sent is None and now - last_seen > IDLE_PING_S:
+                async with asyncio.timeout(self._config.op_timeout_s):
+                    await pubsub.ping()
+                ping_sent = now
+
+
+async def _close(pubsub: PubSub) -> None:
+    with contextlib.suppress(*ERRORS):
+        async with asyncio.timeout(1.0):
+            await pubsub.aclose()  # type: ignore[no-untyped-call]

@@ -82,11 +82,10 @@ class Gateway:
         await asyncio.to_thread(self.tokens.load)
         await self.runtime.start()
         self._announce(self.runtime.policy)
+        interval = lambda: self.runtime.policy.server.watch_interval_s  # noqa: E731 - read per tick: reloads change it
         if self.source is not None and self.runtime.policy.server.watch_policy:
-            self._spawn(watch_policy_file(
-                self.source, lambda: self.runtime.policy.server.watch_interval_s,
-                lambda: self.reload("file"), self._check_store,
-            ))
+            self._spawn(watch_policy_file(self.source, interval, lambda: self.reload("file")))
+        self._spawn(self._watch_store(interval))
         self.started = True
 
     async def stop(self) -> None:
@@ -149,12 +148,16 @@ class Gateway:
         for warning in policy.warnings:
             log.warning("%s", warning)
 
-    async def _check_store(self) -> None:
-        runtime = self.runtime
-        backend = runtime.policy.state.backend
-        if backend != "memory":
-            await runtime.store.ping()
-        self.metrics.store_up.labels(backend).set(1 if runtime.store.healthy else 0)
+    async def _watch_store(self, interval: Callable[[], float]) -> None:
+        """Ping a remote store now and then, so that /readyz and `gateway_store_up` show its health
+        even when no request has used it lately (and a recovery is noticed)."""
+        while True:
+            runtime = self.runtime
+            backend = runtime.policy.state.backend
+            if backend != "memory":
+                await runtime.store.ping()
+            self.metrics.store_up.labels(backend).set(1 if runtime.store.healthy else 0)
+            await asyncio.sleep(interval())
 
     def _spawn(self, work: Awaitable[Any]) -> None:
         task = asyncio.ensure_future(work)

@@ -30,14 +30,11 @@ def _fingerprint(path: Path) -> tuple[int, int, int] | None:
 
 async def watch_policy_file(
     path: Path, interval_s: Callable[[], float], on_change: Callable[[], Awaitable[object]],
-    on_tick: Callable[[], Awaitable[object]] | None = None,
 ) -> None:
-    """Run until cancelled: call `on_change` after the file's metadata changed, `on_tick` every interval."""
+    """Run until cancelled: call `on_change` after the file's metadata changed."""
     last = _fingerprint(path)
     while True:
         await asyncio.sleep(interval_s())
-        if on_tick is not None:
-            await on_tick()
         current = _fingerprint(path)
         if current != last and current is not None:
             last = current

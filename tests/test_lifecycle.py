@@ -277,3 +277,39 @@ def gateway_loop_call(running: RunningGateway, callback: Callable[[], None]) -> 
     """Run `callback` on the gateway's event loop (it runs in a thread)."""
     assert running.gateway.loop is not None
     running.gateway.loop.call_soon_threadsafe(callback)
+
+
+# -- shared state: Redis going away never fails or hangs a request -----------------------------------
+
+
+def test_redis_stopped_and_restarted_while_requests_run(make_gateway: Make, upstream: MockUpstream) -> None:
+    from tests.support.redis_server import RedisServer
+
+    with RedisServer() as redis_server:
+        text = policy_text(upstream.base_url, watch_interval_s=0.2).replace(
+            "auth: keys", "state: {backend: redis, url_env: GW_TEST_REDIS, op_timeout_s: 0.2}\nauth: keys")
+        running = make_gateway(text, env={"GW_TEST_REDIS": redis_server.url})
+
+        def ready() -> dict[str, object]:
+            response = httpx.get(running.url + "/readyz", timeout=5)
+            assert response.status_code == 200  # the gateway keeps serving either way
+            return response.json()  # type: ignore[no-any-return]
+
+        def store_healthy() -> bool:
+            return bool(ready()["store"]["healthy"])  # type: ignore[index]
+
+        def chat_ok() -> bool:
+            started = time.monotonic()
+            response = httpx.post(running.base_url + "/chat/completions", headers=AUTH, timeout=10,
+                                  json={"model": "chat", "messages": MESSAGES})
+            return response.status_code == 200 and time.monotonic() - started < 2
+
+        assert wait_for(store_healthy)
+        assert 'gateway_store_up{backend="redis"} 1.0' in running.metrics()
+        redis_server.stop()
+        assert wait_for(lambda: not store_healthy())
+        assert all(chat_ok() for _ in range(5))
+        assert 'gateway_store_up{backend="redis"} 0.0' in running.metrics()
+        redis_server.start()
+        assert wait_for(store_healthy, timeout=10)
+        assert chat_ok()

@@ -91,3 +91,39 @@ def test_keys_are_hashed_and_found() -> None:
     assert hash_key(key) == "sha256:" + record.digest.hex()
     assert record.allows("a") and not record.allows("b")
     assert key not in repr(record) and record.digest.hex() not in repr(record)
+
+
+def test_a_gateway_sets_up_nothing_process_wide_and_keeps_its_own_ids() -> None:
+    import asyncio
+    import gc
+    import signal
+
+    from gateway.app import Gateway
+    from gateway.policy import compile_text
+
+    policy = compile_text("version: 1\nauth: none\nproviders: {d: {kind: demo}}\nmodels: {m: {provider: d, model: x}}\n")
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
+    frozen = gc.get_freeze_count()
+    first, second = Gateway(policy), Gateway(policy)
+
+    async def cycle(gateway: Gateway) -> None:
+        await gateway.start()
+        await gateway.stop()
+
+    asyncio.run(cycle(first))
+    asyncio.run(cycle(second))
+    assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
+    assert gc.get_freeze_count() == frozen
+    assert first.request_ids.new()[:16] != second.request_ids.new()[:16]  # per-gateway prefixes
+    assert first.runtime.providers["d"]._ids is not second.runtime.providers["d"]._ids  # type: ignore[attr-defined]
+
+
+def test_the_typed_request_is_kept_beside_the_forwarded_body() -> None:
+    from gateway.pipeline.stages import decode_body
+    from gateway.schemas.endpoints import Endpoint
+    from gateway.schemas.openai import ChatRequest
+
+    body, typed = decode_body(b'{"model": "m", "messages": [{"role": "user", "content": "hi"}], '
+                              b'"temperature": 0, "brand_new_field": {"x": 1}}', Endpoint.CHAT)
+    assert isinstance(typed, ChatRequest) and typed.temperature == 0 and typed.messages[0].content == "hi"
+    assert body["brand_new_field"] == {"x": 1}  # unknown fields are forwarded unchanged

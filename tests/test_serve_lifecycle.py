@@ -1,0 +1,191 @@
+"""`gateway serve` as a real process: drain on SIGTERM, exit status, reload across workers, logs in workers.
+
+Each server runs through `tests.support.processes.running` (its own process group,
+output drained from threads, the whole group stopped when the test ends).
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.conftest import free_port
+from tests.support.processes import ManagedProcess, running
+
+GATEWAY = [sys.executable, "-m", "gateway"]
+MESSAGES = [{"role": "user", "content": "Hello there, demo"}]
+ADMIN_TOKEN = "serve-admin-token-0123456789"
+
+
+def demo_policy(port: int, **server: object) -> str:
+    lines = "".join(f"\n  {key}: {value}" for key, value in server.items())
+    return textwrap.dedent(f"""\
+        version: 1
+        server:
+          host: 127.0.0.1
+          port: {port}""") + lines + textwrap.dedent("""
+        auth: none
+        providers:
+          demo: {kind: demo}
+          slow: {kind: demo, chunk_delay_ms: 200}
+        models:
+          demo: {provider: demo, model: demo-1}
+          slow: {provider: slow, model: demo-1}
+        """)
+
+
+@contextmanager
+def serving(policy: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> Iterator[ManagedProcess]:
+    args = [*GATEWAY, "serve", "--policy", str(policy), *extra]
+    with running(args, env={"PYTHONUNBUFFERED": "1", **(env or {})}) as server:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not become ready:\n{server.text()}")
+            time.sleep(0.1)
+        yield server
+
+
+def chat(port: int, **headers: str) -> httpx.Response:
+    with httpx.Client(timeout=10) as client:  # a new connection each time: any worker may answer
+        return client.post(f"http://127.0.0.1:{port}/v1/chat/completions", headers=headers,
+                           json={"model": "demo", "messages": MESSAGES})
+
+
+def versions_seen(port: int, tries: int = 16) -> set[str]:
+    seen = set()
+    for _ in range(tries):
+        with httpx.Client(timeout=5) as client:
+            seen.add(client.get(f"http://127.0.0.1:{port}/readyz").json()["policy_version"])
+    return seen
+
+
+def wait_for(condition: object, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.1)
+    return bool(condition())  # type: ignore[operator]
+
+
+def test_every_worker_writes_its_access_lines(tmp_path: Path) -> None:
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, access_log="true"))
+    with serving(policy, port, "--workers", "2") as server:
+        ids = [f"access-line-{n}" for n in range(20)]
+        for request_id in ids:
+            assert chat(port, **{"x-request-id": request_id}).status_code == 200
+        assert server.wait_for_output(ids[-1], timeout=10)
+        lines = [json.loads(line) for line in server.text().splitlines() if '"logger":"gateway.access"' in line]
+    assert {line["request_id"] for line in lines} >= set(ids)
+    assert all("Hello there" not in json.dumps(line) for line in lines)  # no prompt text
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_keeps_serving_through_the_drain_delay_with_readyz_503_and_exits_0(
+    tmp_path: Path, workers: str,
+) -> None:
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, drain_delay_s=2, drain_timeout_s=5))
+    with serving(policy, port, "--workers", workers) as server:
+        server.send_signal(signal.SIGTERM)
+        time.sleep(1.0)  # uvicorn's supervisor looks at its signals every 0.5 s
+        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503
+        assert chat(port).status_code == 200  # still served while the load balancer catches up
+        assert server.wait(timeout=20) == 0
+
+
+def test_a_stream_cut_at_the_drain_deadline_gets_an_error_event_and_no_traceback(tmp_path: Path) -> None:
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, drain_timeout_s=1))
+    with serving(policy, port) as server:
+        received = b""
+        body = {"model": "slow", "messages": MESSAGES, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=20) as response:
+            for piece in response.iter_raw():
+                received += piece
+                if received.count(b"\n\n") == 2:
+                    server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        log = server.text()
+    last = [event for event in received.decode().split("\n\n") if event][-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert "Traceback" not in log and "timeout graceful shutdown exceeded" not in log
+
+
+def test_two_workers_reload_to_the_same_version_on_a_file_change_sighup_and_the_admin_api(tmp_path: Path) -> None:
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    text = demo_policy(port, watch_interval_s=0.2, admin_token_env="GW_ADMIN")
+    policy.write_text(text)
+    with serving(policy, port, "--workers", "2", env={"GW_ADMIN": ADMIN_TOKEN}) as server:
+        first = versions_seen(port)
+        assert len(first) == 1
+        policy.write_text(text + "# changed\n")  # 1: the file watcher in each worker
+        assert wait_for(lambda: versions_seen(port) not in ({*first}, set()) and len(versions_seen(port)) == 1)
+        second = versions_seen(port)
+        policy.write_text(text.replace("watch_interval_s: 0.2", "watch_policy: false"))
+        time.sleep(0.6)  # the watchers may pick this one up too; from now on they are off
+        third = versions_seen(port)
+        assert len(third) == 1 and third != second
+        policy.write_text(text.replace("watch_interval_s: 0.2", "watch_policy: false") + "# by SIGHUP\n")
+        server.send_signal(signal.SIGHUP)  # 2: the supervisor passes it to every worker
+        assert wait_for(lambda: len(versions_seen(port)) == 1 and versions_seen(port) != third)
+        fourth = versions_seen(port)
+        policy.write_text(text.replace("watch_interval_s: 0.2", "watch_policy: false") + "# by the admin API\n")
+        reply = httpx.post(f"http://127.0.0.1:{port}/admin/reload", timeout=10,
+                           headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        assert reply.status_code == 200 and reply.json()["result"] == "ok"
+        assert wait_for(lambda: len(versions_seen(port)) == 1 and versions_seen(port) != fourth)  # 3: both workers
+        assert server.poll() is None
+
+
+def test_serve_refuses_a_network_address_with_no_keys_in_front_of_a_real_provider(tmp_path: Path) -> None:
+    policy = tmp_path / "open.yaml"
+    policy.write_text(textwrap.dedent("""\
+        version: 1
+        server: {host: 0.0.0.0, port: 8080}
+        auth: none
+        providers:
+          openai: {kind: openai, base_url: "https://api.openai.com/v1"}
+        models:
+          gpt: {provider: openai, model: gpt-4o-mini}
+        """))
+    with running([*GATEWAY, "serve", "--policy", str(policy)]) as server:
+        assert server.wait(timeout=20) == 2
+        assert "--allow-open" in server.text()
+    with running([*GATEWAY, "check", str(policy)]) as check:
+        assert check.wait(timeout=20) == 0
+        assert "SECURITY" in check.text()
+
+
+def test_serve_without_a_policy_outside_a_checkout_uses_the_packaged_demo_policy(tmp_path: Path) -> None:
+    port = free_port()
+    with running([*GATEWAY, "serve", "--port", str(port)], cwd=tmp_path, env={"PYTHONUNBUFFERED": "1"}) as server:
+        assert wait_for(lambda: _ready(port), timeout=30), server.text()
+        assert chat(port).status_code == 200
+
+
+def _ready(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
+    except httpx.TransportError:
+        return False

@@ -189,3 +189,18 @@ def _ready(port: int) -> bool:
         return httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200
     except httpx.TransportError:
         return False
+
+
+def test_the_kubernetes_example_serves_keys_with_a_drain_delay() -> None:
+    import yaml
+
+    from gateway.policy import compile_text
+    from gateway.policy.compile import open_to_network
+
+    docs = list(yaml.safe_load_all((Path(__file__).resolve().parents[1] / "deploy" / "kubernetes.yaml").read_text()))
+    text = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["gateway.yaml"]
+    policy = compile_text(text, "kubernetes.yaml", {}, require_env=False)
+    assert policy.auth == "keys" and not open_to_network(policy, policy.server.host)
+    assert policy.server.drain_delay_s > 0
+    deployment = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
+    assert deployment["terminationGracePeriodSeconds"] > policy.server.drain_delay_s + policy.server.drain_timeout_s

@@ -24,6 +24,7 @@ runs last; both fail the run when something leaked, and clean it up.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import os
@@ -153,6 +154,7 @@ def session_start() -> Baseline:
         return _baseline
     system_tmp = Path(tempfile.gettempdir())  # also fixes this process's own temp folder before TMPDIR changes
     session_tmp = Path(tempfile.mkdtemp(prefix="gateway-test-tmp-"))
+    atexit.register(shutil.rmtree, session_tmp, ignore_errors=True)  # also when no finish check runs
     token = uuid.uuid4().hex[:16]
     outer = os.environ.get(MARKER_ENV)
     os.environ[MARKER_ENV] = f"{outer}:{token}" if outer else token  # nested sessions keep the outer mark

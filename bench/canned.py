@@ -115,12 +115,16 @@ def _chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -
     return "data: " + _dumps(obj) + "\n\n"
 
 
-def sse_stream() -> bytes:
-    """A 20-event ``chat.completion.chunk`` stream as OpenAI sends it with include_usage.
+def sse_events(chunks: int = SSE_CHUNKS) -> list[bytes]:
+    """``chunks`` ``chat.completion.chunk`` events (each ``data: ...\n\n``), as OpenAI sends them.
 
-    Event 1 carries the role, events 2..18 one token each, event 19 the finish_reason and
-    event 20 the usage (with ``choices: []``); then ``data: [DONE]``.
+    Event 1 carries the role, events 2..chunks-2 one token each (the canned words, repeated
+    as needed), event chunks-1 the finish_reason and the last one the usage (with
+    ``choices: []``). ``data: [DONE]`` is not included (see :data:`SSE_DONE`).
     """
+    if chunks < 3:
+        raise ValueError("an SSE answer needs at least 3 chunks (role, finish, usage)")
+    tokens = chunks - 3
     events = [
         _chunk(
             [
@@ -133,11 +137,24 @@ def sse_stream() -> bytes:
             ]
         )
     ]
-    for word in _WORDS:
+    for i in range(tokens):
+        word = _WORDS[i % len(_WORDS)]
         events.append(_chunk([{"index": 0, "delta": {"content": word}, "logprobs": None, "finish_reason": None}]))
     events.append(_chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}]))
-    usage = _USAGE
+    usage = dict(_USAGE, completion_tokens=tokens, total_tokens=9 + tokens)
     events.append(_chunk([], usage))
-    assert len(events) == SSE_CHUNKS
-    events.append("data: [DONE]\n\n")
-    return "".join(events).encode()
+    assert len(events) == chunks
+    return [event.encode() for event in events]
+
+
+#: The end-of-stream marker that follows the last event.
+SSE_DONE = b"data: [DONE]\n\n"
+
+
+def sse_stream() -> bytes:
+    """A 20-event ``chat.completion.chunk`` stream as OpenAI sends it with include_usage.
+
+    Event 1 carries the role, events 2..18 one token each, event 19 the finish_reason and
+    event 20 the usage (with ``choices: []``); then ``data: [DONE]``.
+    """
+    return b"".join(sse_events(SSE_CHUNKS)) + SSE_DONE

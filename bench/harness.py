@@ -41,6 +41,7 @@ BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
 VENV_BIN = Path(sys.executable).parent
 NGINX_TEMPLATE = BENCH_DIR / "nginx" / "nginx.conf.template"
+NGINX_PROXY_TEMPLATE = BENCH_DIR / "nginx" / "proxy.conf.template"
 WRK_SCRIPT = BENCH_DIR / "wrk" / "chat.lua"
 
 INSTALL_HINT = "apt-get update && apt-get install -y nginx-light wrk"
@@ -294,13 +295,13 @@ def post(port: int, path: str, body: bytes, key: str, timeout: float = 10.0) -> 
         conn.close()
 
 
-def check_answer(port: int, path: str, mode: str, key: str) -> None:
+def check_answer(port: int, path: str, mode: str, key: str, timeout: float = 10.0) -> None:
     """Send one request of ``mode`` and verify the answer looks right.
 
     Load numbers for a misrouted or failing endpoint are worthless, so every target is
     smoke-tested before wrk touches it.
     """
-    status, ctype, body = post(port, path, canned.request_body(stream=mode == "sse"), key)
+    status, ctype, body = post(port, path, canned.request_body(stream=mode == "sse"), key, timeout=timeout)
     where = f"POST http://{HOST}:{port}{path} ({mode})"
     if status != 200:
         raise BenchError(f"{where} -> {status}: {body[:300]!r}")
@@ -319,7 +320,13 @@ def check_answer(port: int, path: str, mode: str, key: str) -> None:
 
 
 def wait_until_serving(
-    service: Service, port: int, path: str, modes: Sequence[str], key: str, timeout: float = 30.0
+    service: Service,
+    port: int,
+    path: str,
+    modes: Sequence[str],
+    key: str,
+    timeout: float = 30.0,
+    answer_timeout: float = 10.0,
 ) -> None:
     """Wait for the port, then retry a valid answer for each mode until ``timeout``.
 
@@ -334,7 +341,7 @@ def wait_until_serving(
             break
         try:
             for mode in modes:
-                check_answer(port, path, mode, key)
+                check_answer(port, path, mode, key, timeout=answer_timeout)
             return
         except (OSError, http.client.HTTPException, BenchError) as exc:
             last = exc
@@ -363,6 +370,23 @@ def render_nginx_conf(tmp: Path, port: int) -> str:
     return conf.replace("@TMP@", str(tmp)).replace("@PORT@", str(port))
 
 
+def _start_nginx(nginx: str, name: str, tmp: Path, conf_text: str, *, log_dir: Path, cpu: str | None) -> Service:
+    """Check ``conf_text`` with ``nginx -t`` and return the (not yet started) service."""
+    conf = tmp / "nginx.conf"
+    conf.write_text(conf_text)
+    check = subprocess.run(
+        [nginx, "-t", "-q", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if check.returncode != 0:
+        raise BenchError(f"nginx rejected {conf}:\n{check.stderr}")
+    return Service(
+        name, [nginx, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)], log_dir=log_dir, cpu=cpu
+    )
+
+
 @contextlib.contextmanager
 def nginx_upstream(nginx: str, workdir: Path, cpu: str | None) -> Iterator[int]:
     """Run the canned upstream in the foreground (``daemon off``); yield its port.
@@ -373,24 +397,37 @@ def nginx_upstream(nginx: str, workdir: Path, cpu: str | None) -> Iterator[int]:
     tmp = workdir / "nginx"
     tmp.mkdir(parents=True, exist_ok=True)
     port = free_port()
-    conf = tmp / "nginx.conf"
-    conf.write_text(render_nginx_conf(tmp, port))
-    check = subprocess.run(
-        [nginx, "-t", "-q", "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    if check.returncode != 0:
-        raise BenchError(f"nginx rejected {conf}:\n{check.stderr}")
-    service = Service(
-        "nginx", [nginx, "-p", str(tmp), "-e", str(tmp / "error.log"), "-c", str(conf)], log_dir=workdir, cpu=cpu
-    )
+    service = _start_nginx(nginx, "nginx", tmp, render_nginx_conf(tmp, port), log_dir=workdir, cpu=cpu)
     with service:
         wait_for_port(service, port)
         for mode, path in UPSTREAM_PATHS.items():
             check_answer(port, path, mode, "sk-bench")
         yield port
+
+
+@contextlib.contextmanager
+def nginx_proxy(nginx: str, workdir: Path, cpu: str | None, upstream_port: int) -> Iterator[tuple[Service, int]]:
+    """nginx as a reverse proxy (``proxy_pass``, one worker) in front of the canned upstream.
+
+    The compiled floor for the gateway: same paths as the canned upstream (``/json/...``,
+    ``/sse/...``), HTTP/1.1 with a keep-alive pool upstream, ``proxy_buffering off``.
+    Yields the service (for CPU accounting: master + its worker) and its port.
+    """
+    tmp = workdir / "nginx-proxy"
+    tmp.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = (
+        NGINX_PROXY_TEMPLATE.read_text()
+        .replace("@TMP@", str(tmp))
+        .replace("@UPSTREAM_PORT@", str(upstream_port))
+        .replace("@PORT@", str(port))
+    )
+    service = _start_nginx(nginx, "nginx-proxy", tmp, conf, log_dir=workdir, cpu=cpu)
+    with service:
+        wait_for_port(service, port)
+        for mode, path in UPSTREAM_PATHS.items():
+            check_answer(port, path, mode, "sk-bench")
+        yield service, port
 
 
 @contextlib.contextmanager
@@ -425,21 +462,7 @@ def _stat_fields(pid: int) -> list[str] | None:
 
 def process_tree_cpu_seconds(root: int) -> float:
     """User+system CPU seconds of ``root`` and all its live descendants."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            fields = _stat_fields(int(entry))
-            if fields is not None:
-                children.setdefault(int(fields[1]), []).append(int(entry))  # ppid
-    total = 0
-    stack = [root]
-    while stack:
-        pid = stack.pop()
-        fields = _stat_fields(pid)
-        if fields is not None:
-            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14, 15)
-        stack.extend(children.get(pid, ()))
-    return total / _CLK_TCK
+    return sum(process_cpu_seconds(pid) for pid in tree_pids(root))
 
 
 def core_busy_seconds(cpu: str) -> float:
@@ -450,6 +473,61 @@ def core_busy_seconds(cpu: str) -> float:
             idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
             return (sum(values[:8]) - idle) / _CLK_TCK
     return 0.0
+
+
+def tree_pids(root: int) -> list[int]:
+    """``root`` and all its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            fields = _stat_fields(int(entry))
+            if fields is not None:
+                children.setdefault(int(fields[1]), []).append(int(entry))
+    out: list[int] = []
+    stack = [root]
+    while stack:
+        pid = stack.pop()
+        out.append(pid)
+        stack.extend(children.get(pid, ()))
+    return out
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """utime + stime of one process (``/proc/<pid>/stat``), 0.0 if it is gone."""
+    fields = _stat_fields(pid)
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK if fields is not None else 0.0
+
+
+def process_tree_rss_bytes(root: int) -> int:
+    """Sum of ``VmRSS`` (``/proc/<pid>/status``) over ``root`` and its descendants."""
+    total = 0
+    for pid in tree_pids(root):
+        with contextlib.suppress(OSError, ValueError):
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+                    break
+    return total
+
+
+def raise_nofile(want: int) -> int:
+    """Raise this process's RLIMIT_NOFILE (inherited by the children) towards ``want``.
+
+    The soft limit goes up to the hard one; the hard one only with CAP_SYS_RESOURCE.
+    Returns the soft limit now in force.
+    """
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < want:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+            soft, hard = want, want
+    target = hard if hard == resource.RLIM_INFINITY else min(hard, max(want, soft))
+    if soft != resource.RLIM_INFINITY and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 # --------------------------------------------------------------------------------------

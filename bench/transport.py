@@ -208,7 +208,8 @@ def run_mode(
                 if not disturbed(r):
                     break
                 print(
-                    f"[{mode} run {run + 1}/{opts.runs}] {variant.key}: {r.other_cpu_s:.1f} s of foreign load, repeating"
+                    f"[{mode} run {run + 1}/{opts.runs}] {variant.key}: "
+                    f"{r.other_cpu_s:.1f} s of foreign load, repeating"
                 )
                 r = measure(variant, mode, opts, tools, wd, upstream)
             results[variant.key].append(r)

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import typing
 from pathlib import Path
+from typing import Any
 
+import msgspec
 import pytest
 
 from gateway.auth.keys import hash_key
 from gateway.policy import PolicyError, compile_text, load_policy
+from gateway.policy.loader import _check, _Located
+from gateway.policy.schema import PolicySpec
 
 REPO = Path(__file__).resolve().parents[1]
 GOOD = """\
@@ -56,12 +61,13 @@ def test_the_good_policy_compiles_and_is_frozen() -> None:
 @pytest.mark.parametrize(
     ("old", "new", "expected"),
     [
-        ("version: 1", "version: 2", "p.yaml:1: version: invalid enum value 2"),
+        ("version: 1", "version: 2", "p.yaml:1: version: unknown value `2` (allowed: 1)"),
         ("  port: 8080", "  port: eighty", "p.yaml:3: server.port: expected `int`, got `str`"),
         ("  port: 8080", "  port: 99999", "p.yaml:3: server.port: expected `int` <= 65535"),
         ("  port: 8080", "  port: 8080\n  colour: blue", "p.yaml:4: server.colour: unknown field `colour`"),
-        ("auth: keys", "auth: maybe", "p.yaml:4: auth: invalid enum value 'maybe'"),
-        ("    kind: demo", "    kind: martian", "p.yaml:16: providers.local.kind: invalid enum value 'martian'"),
+        ("auth: keys", "auth: maybe", "p.yaml:4: auth: unknown value `maybe` (allowed: keys, none)"),
+        ("    kind: demo", "    kind: martian",
+         "p.yaml:16: providers.local.kind: unknown value `martian` (allowed: demo, openai)"),
         ("    model: gpt-4o-mini", "", "p.yaml:18: models.chat: missing required field `model`"),
         ('    hash: "sha256:' + "ab" * 32 + '"', '    hash: "md5:1234"',
          "p.yaml:8: keys[0].hash: expected `str` matching regex"),
@@ -79,8 +85,10 @@ def test_the_good_policy_compiles_and_is_frozen() -> None:
          "p.yaml:13: providers.up.base_url: credentials in base_url are not allowed"),
         ("    base_url: https://api.example.com/v1", "    base_url: https://api.example.com/v1?v=1",
          "p.yaml:13: providers.up.base_url: put query parameters under `query`"),
-        ("    base_url: https://api.example.com/v1\n", "", "p.yaml:11: providers.up: an `openai` provider needs `base_url`"),
-        ("    kind: demo", "    kind: demo\n    base_url: http://x", "p.yaml:17: providers.local.base_url: a `demo` provider"),
+        ("    base_url: https://api.example.com/v1\n", "",
+         "p.yaml:11: providers.up: an `openai` provider needs `base_url`"),
+        ("    kind: demo", "    kind: demo\n    base_url: http://x",
+         "p.yaml:17: providers.local.base_url: a `demo` provider"),
         ("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n    headers: {X-Api-Key: sk-inline}",
          "p.yaml:15: providers.up.headers.X-Api-Key: put secrets in headers_env"),
         ("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n    timeouts: {first_byte_s: 900, total_s: 60}",
@@ -98,6 +106,84 @@ def test_each_mistake_is_located(old: str, new: str, expected: str) -> None:
     assert any(issue.startswith(expected) for issue in found), found
 
 
+@pytest.mark.parametrize(
+    ("old", "new", "expected"),
+    [
+        ("    kind: demo", "    kind: anthropic",
+         "p.yaml:16: providers.local.kind: unknown value `anthropic` (allowed: demo, openai)"),
+        ("    kind: demo", "    kind: 5", "p.yaml:16: providers.local.kind: unknown value `5` (allowed: demo, openai)"),
+        ("    kind: demo", "    kind: [demo]",
+         "p.yaml:16: providers.local.kind: expected one of demo, openai, got a list"),
+        ("version: 1", "version: true", "p.yaml:1: version: unknown value `true` (allowed: 1)"),
+        ("version: 1", "version: '1'", "p.yaml:1: version: unknown value `'1'` (allowed: 1)"),
+        ("auth: keys", "auth: ", "p.yaml:4: auth: expected one of keys, none, got nothing"),
+    ],
+)
+def test_a_closed_set_of_values_is_listed(old: str, new: str, expected: str) -> None:
+    assert old in GOOD, old
+    found = issues_of(GOOD.replace(old, new, 1))
+    assert expected in found, found
+
+
+def _literal_fields(struct: Any, path: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], Any, tuple[Any, ...]]]:
+    """(path, struct, allowed values) of every Literal-typed field reachable from `struct`."""
+    found = []
+    for field in msgspec.structs.fields(struct):
+        tp = field.type
+        while typing.get_origin(tp) in (dict, list):
+            tp = typing.get_args(tp)[-1]
+        if typing.get_origin(tp) is typing.Literal:
+            found.append((path + (field.encode_name,), struct, typing.get_args(tp)))
+        elif isinstance(tp, type) and issubclass(tp, msgspec.Struct):
+            found.extend(_literal_fields(tp, path + (field.encode_name,)))
+    return found
+
+
+LITERAL_FIELDS = _literal_fields(PolicySpec)
+
+
+@pytest.mark.parametrize(("path", "struct", "allowed"), LITERAL_FIELDS, ids=[".".join(f[0]) for f in LITERAL_FIELDS])
+def test_every_literal_field_lists_its_allowed_values(path: tuple[str, ...], struct: Any,
+                                                      allowed: tuple[Any, ...]) -> None:
+    doc = _Located("p.yaml", "x: 1\n")
+    _check(doc, {path[-1]: "surely-not-allowed"}, struct, ())
+    listed = ", ".join(sorted(str(v).lower() if isinstance(v, bool) else str(v) for v in allowed))
+    shown = "surely-not-allowed" if all(isinstance(v, str) for v in allowed) else "'surely-not-allowed'"
+    assert f"p.yaml:1: {path[-1]}: unknown value `{shown}` (allowed: {listed})" in map(str, doc.issues)
+
+
+def test_the_known_literal_fields_are_covered() -> None:
+    assert {("version",), ("auth",), ("providers", "kind")} <= {f[0] for f in LITERAL_FIELDS}
+
+
+@pytest.mark.parametrize(
+    ("new", "expected"),
+    [
+        ('    headers: {"X Bad": "1"}', "p.yaml:15: providers.up.headers.X Bad: invalid header name `X Bad` (a header"),
+        ('    headers: {"X-Ok": "1", "X:Colon": "2"}',
+         "p.yaml:15: providers.up.headers.X:Colon: invalid header name `X:Colon`"),
+        ('    headers_env: {"Bad Header": UP_KEY}',
+         "p.yaml:15: providers.up.headers_env.Bad Header: invalid header name `Bad Header`"),
+        ('    api_key_header: "api key"', "p.yaml:15: providers.up.api_key_header: invalid header name `api key`"),
+        ('    headers: {X-Ok: 5}', "p.yaml:15: providers.up.headers.X-Ok: expected `str`, got `int`"),
+        ('    headers_env: {X-Key: not-an-env-var}',
+         "p.yaml:15: providers.up.headers_env.X-Key: expected `str` matching regex"),
+    ],
+)
+def test_a_bad_header_is_named(new: str, expected: str) -> None:
+    found = issues_of(GOOD.replace("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n" + new, 1))
+    assert any(issue.startswith(expected) for issue in found), found
+    assert not any("pattern" in issue or "regex" in issue for issue in found if "header name" in issue)
+
+
+def test_bad_header_names_are_all_reported_with_their_lines() -> None:
+    text = GOOD.replace("    api_key_env: UP_KEY", "    api_key_env: UP_KEY\n    headers:\n      X Bad: a\n"
+                        "      X-Good: b\n      Also Bad: c", 1)
+    found = issues_of(text)
+    assert [i.split(": ", 1)[0] for i in found] == ["p.yaml:16", "p.yaml:18"], found
+    assert "`X Bad`" in found[0] and "`Also Bad`" in found[1]
+
+
 def test_every_error_is_reported_at_once() -> None:
     text = GOOD.replace("  port: 8080", "  port: x\n  bogus: 1").replace("    kind: demo", "    kind: nope")
     found = issues_of(text)
@@ -113,9 +199,11 @@ def test_reference_errors_come_with_type_errors() -> None:
 
 
 def test_auth_consistency() -> None:
-    assert any("needs at least one entry under `keys`" in i for i in issues_of(GOOD.split("keys:")[0] + "providers:" + GOOD.split("providers:")[1]))
+    no_keys = GOOD.split("keys:")[0] + "providers:" + GOOD.split("providers:")[1]
+    assert any("needs at least one entry under `keys`" in i for i in issues_of(no_keys))
     assert any("`auth: none` ignores them" in i for i in issues_of(GOOD.replace("auth: keys", "auth: none")))
-    twice = GOOD.replace("    models: [chat]\n", "    models: [chat]\n  - tenant: b\n    hash: \"sha256:" + "ab" * 32 + "\"\n")
+    twice = GOOD.replace("    models: [chat]\n",
+                         "    models: [chat]\n  - tenant: b\n    hash: \"sha256:" + "ab" * 32 + "\"\n")
     assert any("listed twice" in i for i in issues_of(twice))
 
 

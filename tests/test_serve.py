@@ -1,4 +1,9 @@
-"""`gateway serve` as a real process: default policy, Docker's entry command, workers, SIGTERM drain."""
+"""`gateway serve` as a real process: default policy, Docker's entry command, workers, SIGTERM drain.
+
+Each server runs through `tests.support.processes.running`: its own process group
+(uvicorn's workers and multiprocessing's helpers included), output drained from
+threads, and the whole group stopped and waited for when the test ends.
+"""
 
 from __future__ import annotations
 
@@ -16,17 +21,19 @@ from pathlib import Path
 
 import httpx
 import openai
+import pytest
 
+from gateway.policy.default import PACKAGED_POLICY, resolve_policy_path
 from tests.conftest import free_port
+from tests.support.processes import ManagedProcess, group_members, running
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 @contextmanager
-def serving(args: list[str], port: int, cwd: Path = REPO) -> Iterator[subprocess.Popen[bytes]]:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    try:
+def serving(args: list[str], port: int, cwd: Path = REPO, env: dict[str, str] | None = None,
+            ) -> Iterator[ManagedProcess]:
+    with running(args, cwd=cwd, env={"PYTHONUNBUFFERED": "1", **(env or {})}) as server:
         deadline = time.monotonic() + 30
         while True:
             try:
@@ -34,15 +41,10 @@ def serving(args: list[str], port: int, cwd: Path = REPO) -> Iterator[subprocess
                     break
             except httpx.TransportError:
                 pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = process.stdout.read().decode() if process.stdout else ""
-                raise RuntimeError(f"gateway did not become ready:\n{output}")
+            if server.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"gateway did not become ready:\n{server.text()}")
             time.sleep(0.1)
-        yield process
-    finally:
-        if process.poll() is None:
-            process.kill()
-        process.wait(10)
+        yield server
 
 
 def test_default_policy_answers_with_no_key_and_no_network() -> None:
@@ -90,12 +92,13 @@ def test_sigterm_drains_an_in_flight_stream(tmp_path: Path) -> None:
           slow: {provider: slow, model: demo-slow}
         """))
     port = free_port()
-    with serving([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port)], port) as proc:
+    args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port)]
+    with serving(args, port) as proc:
         body = {"model": "slow", "stream": True, "messages": [{"role": "user", "content": "Tell me a story"}]}
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=30) as response:
             chunks = response.iter_text()
             received = next(chunks)
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(signal.SIGTERM)  # the server only, as an orchestrator would
             time.sleep(0.3)
             assert proc.poll() is None  # still draining
             received += "".join(chunks)
@@ -109,11 +112,14 @@ def test_sigterm_drains_an_in_flight_stream(tmp_path: Path) -> None:
             raise AssertionError("still serving after SIGTERM")
         except httpx.TransportError:
             pass
+        assert not group_members(proc.pgid), "the server exited but left processes behind"
 
 
-def test_several_workers_share_one_port_and_one_metrics_view() -> None:
+def test_several_workers_share_one_port_and_one_metrics_view(tmp_path: Path) -> None:
     port = free_port()
-    with serving([sys.executable, "-m", "gateway", "serve", "--port", str(port), "--workers", "2"], port):
+    # TMPDIR: the multiprocess metrics folder is made here, so that the test can see it go.
+    args = [sys.executable, "-m", "gateway", "serve", "--port", str(port), "--workers", "2"]
+    with serving(args, port, env={"TMPDIR": str(tmp_path)}) as server:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
         for _ in range(20):
             with httpx.Client() as fresh:  # new connections spread over the workers
@@ -121,6 +127,12 @@ def test_several_workers_share_one_port_and_one_metrics_view() -> None:
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         total = re.search(r'gateway_requests_total\{endpoint="chat",model="demo",status="200"\} (\S+)', metrics)
         assert total is not None and float(total.group(1)) == 20.0
+        assert len(server.members()) >= 3  # the supervisor and two workers (plus multiprocessing's helpers)
+        assert [p.name for p in tmp_path.glob("gateway-metrics-*")], "no multiprocess metrics folder"
+        server.signal_group(signal.SIGTERM)  # a clean stop: the supervisor removes the metrics folder
+        assert server.wait(20) in (0, -signal.SIGTERM), server.text()
+    assert not group_members(server.pgid)
+    assert not list(tmp_path.glob("gateway-metrics-*")), "the metrics folder outlived the server"
 
 
 def test_serve_refuses_a_bad_policy(tmp_path: Path) -> None:
@@ -130,3 +142,25 @@ def test_serve_refuses_a_bad_policy(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1
     assert f"{bad}:3: models.x.provider: unknown provider `y`" in result.stderr
+
+
+# The default policy, wherever the command runs (gateway/policy/default.py).
+# An end-to-end `gateway serve` from a folder with no policies/ needs cli.py to call
+# resolve_policy_path (the lead's part); until then the resolution itself is tested here.
+
+
+def test_the_packaged_default_policy_is_the_repository_one() -> None:
+    assert PACKAGED_POLICY.read_text() == (REPO / "policies" / "gateway.yaml").read_text()
+
+
+def test_resolve_policy_path(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    given = tmp_path / "mine.yaml"
+    monkeypatch.chdir(tmp_path)  # no policies/ here
+    assert resolve_policy_path(given) == given  # an explicit path wins, even one that does not exist (yet)
+    packaged = resolve_policy_path(None)
+    assert packaged.is_file() and packaged.read_text() == PACKAGED_POLICY.read_text()
+    assert packaged.is_absolute()
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "gateway.yaml").write_text("version: 1\n")
+    assert resolve_policy_path(None) == Path("policies/gateway.yaml")  # the working directory's, when present
+    assert os.path.samefile(resolve_policy_path(None), tmp_path / "policies" / "gateway.yaml")

@@ -17,7 +17,7 @@ from typing import Any
 import msgspec
 import yaml
 
-from .schema import PolicySpec
+from .schema import HeaderName, PolicySpec
 
 __all__ = ["PolicyError", "PolicyIssue", "parse_spec"]
 
@@ -106,21 +106,23 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
         _check_struct(doc, value, struct, path)
         return
     origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is dict and _struct_type(args[1]) is not None:
-        if not isinstance(value, dict):
+    if origin is dict:  # each key and each value on its own, so that an error names the entry at fault
+        if isinstance(value, dict):
+            for key, item in value.items():
+                _convert(doc, key, args[0], path + (str(key),), what="name")
+                _check(doc, item, args[1], path + (str(key),))
+            return
+        if _struct_type(args[1]) is not None:
             doc.issue(path, f"expected a mapping, got {_kind(value)}")
             return
-        for key, item in value.items():
-            _convert(doc, key, args[0], path + (str(key),), what="name")
-            _check(doc, item, args[1], path + (str(key),))
-        return
-    if origin is list and _struct_type(args[0]) is not None:
-        if not isinstance(value, list):
+    if origin is list:
+        if isinstance(value, list):
+            for index, item in enumerate(value):
+                _check(doc, item, args[0], path + (index,))
+            return
+        if _struct_type(args[0]) is not None:
             doc.issue(path, f"expected a list, got {_kind(value)}")
             return
-        for index, item in enumerate(value):
-            _check(doc, item, args[0], path + (index,))
-        return
     _convert(doc, value, tp, path)
 
 
@@ -144,13 +146,63 @@ def _convert(doc: _Located, value: Any, tp: Any, path: _Path, what: str = "value
     try:
         msgspec.convert(value, tp)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `")
-        suffix = where.rstrip("`")
-        if suffix.startswith("$") and len(suffix) > 1:
-            message = f"{message} (at {suffix[1:].lstrip('.')})"
-        if what == "name":
-            message = f"invalid name `{value}`: {message}"
-        doc.issue(path, message[0].lower() + message[1:])
+        doc.issue(path, _friendly(exc, value, tp, what))
+
+
+_HEADER_NAME_CHARACTERS = "letters, digits and !#$%&'*+.^_`|~-"
+
+
+def _friendly(exc: msgspec.ValidationError, value: Any, tp: Any, what: str) -> str:
+    """msgspec's message, said in the policy's terms where it has better ones."""
+    allowed = _literal_values(tp)
+    if allowed:  # a closed set of values: name them
+        choices = ", ".join(sorted(map(_show, allowed)))
+        if isinstance(value, (str, int, float, bool)):
+            quoted = isinstance(value, str) and not all(isinstance(v, str) for v in allowed)  # `'1'` is not `1`
+            shown = repr(value) if quoted else _show(value)
+            return f"unknown value `{shown}` (allowed: {choices})"
+        return f"expected one of {choices}, got {_kind(value)}"
+    if _is_header_name(tp):
+        if isinstance(value, str):
+            return f"invalid header name `{value}` (a header name is {_HEADER_NAME_CHARACTERS}; no spaces or colons)"
+        return f"invalid header name `{_show(value)}`: expected a string, got {_kind(value)}"
+    message, _, where = str(exc).partition(" - at `")
+    suffix = where.rstrip("`")
+    if suffix.startswith("$") and len(suffix) > 1:
+        message = f"{message} (at {suffix[1:].lstrip('.')})"
+    if what == "name":
+        message = f"invalid name `{value}`: {message}"
+    return message[0].lower() + message[1:]
+
+
+def _literal_values(tp: Any) -> tuple[Any, ...]:
+    """The allowed values when `tp` is a Literal (possibly Annotated, or in a union with None); else ()."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Literal:
+        return typing.get_args(tp)
+    if origin is typing.Annotated:
+        return _literal_values(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        groups = [(None,) if arg is types.NoneType else _literal_values(arg) for arg in typing.get_args(tp)]
+        if all(groups):
+            return tuple(value for group in groups for value in group)
+    return ()
+
+
+def _is_header_name(tp: Any) -> bool:
+    try:
+        return bool(tp == HeaderName)
+    except TypeError:
+        return False
+
+
+def _show(value: Any) -> str:
+    """A scalar as it is written in YAML."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
 
 
 def _kind(value: Any) -> str:

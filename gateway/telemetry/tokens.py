@@ -1,53 +1,219 @@
 """Token counting with tiktoken, for what an upstream does not report (and the demo model).
 
-tiktoken downloads its encodings on first use; offline, point `TIKTOKEN_CACHE_DIR`
-at a folder that holds them. If the encoding cannot be loaded, counting falls back
-to an estimate (about four characters a token) and says so once in the log,
-rather than failing requests.
+tiktoken reads its encodings from a cache folder (`TIKTOKEN_CACHE_DIR`, else
+`DATA_GYM_CACHE_DIR`, else `<tmp>/data-gym-cache`) and downloads what is missing,
+with no timeout: on a machine whose firewall drops packets that would hang the
+gateway's start-up. So an encoding is loaded in a thread, and waited for only a
+short, bounded time when its file is not already in the cache folder; if it does
+not arrive, counting falls back to an estimate (about four characters a token)
+and the log says once how to point the gateway at local encodings. Nothing is
+ever loaded on the request path: `count` uses what `load` made available.
+
+Encodings follow the model family (o200k_base for gpt-4o, gpt-4.1, gpt-5 and the
+o-series; cl100k_base for gpt-4, gpt-3.5 and the embeddings), each loaded once
+per process and shared.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import re
+import tempfile
 import threading
+import time
+from collections.abc import Iterable
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
-__all__ = ["TokenCounter", "message_text"]
+__all__ = ["DEFAULT_ENCODING", "TokenCounter", "cached_encoding_file", "encoding_for_model", "message_text"]
 
 log = logging.getLogger("gateway.tokens")
 
+DEFAULT_ENCODING = "o200k_base"
+DOWNLOAD_TIMEOUT_S = 3.0  # the longest start-up waits for an encoding that is not in the cache folder
+LOCAL_LOAD_TIMEOUT_S = 60.0  # reading and parsing a cached file (a few MB) on a slow machine
+TOKENS_PER_MESSAGE = 3  # chat format overhead, as in OpenAI's cookbook (gpt-3.5-turbo-0613 and later)
+TOKENS_PER_NAME = 1
+REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
+
+_BLOB = "https://openaipublic.blob.core.windows.net/encodings/"
+_ENCODING_FILES = {  # where tiktoken fetches each encoding from; its cache file is named by the URL's sha1
+    "o200k_base": _BLOB + "o200k_base.tiktoken",
+    "o200k_harmony": _BLOB + "o200k_base.tiktoken",
+    "cl100k_base": _BLOB + "cl100k_base.tiktoken",
+    "p50k_base": _BLOB + "p50k_base.tiktoken",
+    "p50k_edit": _BLOB + "p50k_base.tiktoken",
+    "r50k_base": _BLOB + "r50k_base.tiktoken",
+}
+_O200K_FAMILIES = ("gpt-4o", "chatgpt-4o", "gpt-4.1", "gpt-4.5", "gpt-5", "gpt-oss", "codex-")
+_CL100K_FAMILIES = ("gpt-4", "gpt-3.5", "gpt-35", "text-embedding-")
+_O_SERIES = re.compile(r"o\d+(?:$|-)")
+
+# One load attempt per encoding per process, shared by every counter: {encoding name: its future}.
+_attempts: dict[str, Future[Any]] = {}
+_attempts_lock = threading.Lock()
+_hint_given = False
+
+
+def encoding_for_model(model: str) -> str:
+    """The tiktoken encoding of an upstream model name (o200k_base for unknown ones)."""
+    name = model.strip().lower().removeprefix("ft:").rsplit("/", 1)[-1]  # "ft:gpt-4o:org::id", "openai/gpt-4o"
+    if name.startswith(_O200K_FAMILIES) or _O_SERIES.match(name):
+        return "o200k_base"
+    if name.startswith(_CL100K_FAMILIES):
+        return "cl100k_base"
+    return DEFAULT_ENCODING
+
+
+def _cache_dir() -> str:
+    """tiktoken's cache folder, by its own rules (tiktoken.load.read_file_cached)."""
+    if "TIKTOKEN_CACHE_DIR" in os.environ:
+        return os.environ["TIKTOKEN_CACHE_DIR"]
+    if "DATA_GYM_CACHE_DIR" in os.environ:
+        return os.environ["DATA_GYM_CACHE_DIR"]
+    return os.path.join(tempfile.gettempdir(), "data-gym-cache")
+
+
+def cached_encoding_file(encoding: str) -> Path | None:
+    """The cache file tiktoken would read for `encoding`, if it is there."""
+    url, folder = _ENCODING_FILES.get(encoding), _cache_dir()
+    if url is None or not folder:
+        return None
+    path = Path(folder) / hashlib.sha1(url.encode()).hexdigest()  # noqa: S324 -- tiktoken's file naming, not security
+    return path if path.is_file() else None
+
+
+def _construct(encoding: str) -> Any:
+    """Blocking: build the encoding (reading tiktoken's cache folder, downloading what is missing)."""
+    import tiktoken
+
+    try:  # not through tiktoken.get_encoding: it holds a global lock while downloading
+        from tiktoken_ext.openai_public import ENCODING_CONSTRUCTORS  # type: ignore[import-untyped]
+    except ImportError:
+        return tiktoken.get_encoding(encoding)
+    constructor = ENCODING_CONSTRUCTORS.get(encoding)
+    return tiktoken.Encoding(**constructor()) if constructor is not None else tiktoken.get_encoding(encoding)
+
+
+def _run(encoding: str, future: Future[Any]) -> None:
+    try:
+        result = _construct(encoding)
+    except BaseException as exc:  # noqa: BLE001 -- handed to whoever waits
+        future.set_exception(exc)
+    else:
+        future.set_result(result)
+
+
+def _attempt(encoding: str) -> Future[Any]:
+    """The process's load of `encoding`: the one running or done, or a new one if the last failed."""
+    with _attempts_lock:
+        future = _attempts.get(encoding)
+        if future is None or (future.done() and future.exception() is not None):
+            future = Future()
+            _attempts[encoding] = future
+            thread = threading.Thread(target=_run, args=(encoding, future), name=f"tiktoken-{encoding}", daemon=True)
+            thread.start()
+        return future
+
 
 class TokenCounter:
-    """Counts tokens of one encoding. Load it once (off the event loop) with `load()`."""
+    """Counts tokens. Load the encodings once (off the event loop) with `load()`; counting never loads.
 
-    def __init__(self, encoding: str = "o200k_base") -> None:
+    `encoding` is the default, used by `count(text)` and for models whose encoding is not loaded.
+    """
+
+    def __init__(self, encoding: str = DEFAULT_ENCODING, *, download_timeout_s: float = DOWNLOAD_TIMEOUT_S) -> None:
         self.encoding_name = encoding
-        self._encoding: Any = None
+        self.download_timeout_s = download_timeout_s
+        self._loaded: dict[str, Any] = {}
+        self._tried: set[str] = set()
         self._lock = threading.Lock()
-        self._failed = False
 
-    def load(self) -> bool:
-        """Blocking: read (or download) the encoding. True when exact counts are available."""
+    def load(self, models: Iterable[str] = ()) -> bool:
+        """Blocking, bounded: load the default encoding and those of `models`. True when the default is exact.
+
+        An encoding in the cache folder is read from it; one that is not may be downloaded, but the
+        wait is at most `download_timeout_s`. Each encoding is tried once per counter.
+        """
+        names = dict.fromkeys([self.encoding_name, *(encoding_for_model(m) for m in models)])
         with self._lock:
-            if self._encoding is None and not self._failed:
+            wanted = [name for name in names if name not in self._tried]
+            self._tried.update(wanted)
+            plans = [(name, cached_encoding_file(name), _attempt(name)) for name in wanted]
+            for name, cached, future in plans:
+                bound = LOCAL_LOAD_TIMEOUT_S if cached is not None else self.download_timeout_s
+                started = time.monotonic()
                 try:
-                    import tiktoken
+                    self._loaded[name] = future.result(timeout=bound)
+                except TimeoutError:
+                    self._unavailable(name, cached, f"not loaded within {bound:g} s")
+                except Exception as exc:  # noqa: BLE001 -- any failure only degrades counts to estimates
+                    self._unavailable(name, cached, f"{type(exc).__name__}: {exc}"[:200])
+                else:
+                    log.debug("tiktoken encoding %s loaded in %.2f s", name, time.monotonic() - started)
+        return self.exact
 
-                    self._encoding = tiktoken.get_encoding(self.encoding_name)
-                except Exception as exc:  # noqa: BLE001 -- any failure here only degrades counts to estimates
-                    self._failed = True
-                    log.warning("tiktoken encoding %s unavailable (%s); token counts are estimates",
-                                self.encoding_name, type(exc).__name__)
-        return self._encoding is not None
+    def _unavailable(self, name: str, cached: Path | None, reason: str) -> None:
+        global _hint_given
+        where = _cache_dir() or "(caching disabled)"
+        log.warning("tiktoken encoding %s unavailable (%s; %s); token counts for it are estimates",
+                    name, reason, f"cache file {cached}" if cached else f"not in the cache folder {where}")
+        if not _hint_given:
+            _hint_given = True
+            log.warning("for exact token counts offline, set TIKTOKEN_CACHE_DIR to a folder holding tiktoken's "
+                        "encoding files (copy them from the cache folder of a machine that has downloaded them)")
 
     @property
     def exact(self) -> bool:
-        return self._encoding is not None
+        """Whether `count(text)` (the default encoding) is exact."""
+        return self.encoding_name in self._loaded
 
-    def count(self, text: str) -> int:
-        if self._encoding is not None:
-            return len(self._encoding.encode_ordinary(text))
+    def exact_for(self, model: str) -> bool:
+        return encoding_for_model(model) in self._loaded
+
+    def _encoding(self, model: str | None) -> Any:
+        if model is not None:
+            encoding = self._loaded.get(encoding_for_model(model))
+            if encoding is not None:
+                return encoding
+        return self._loaded.get(self.encoding_name)  # a near miss for another family beats an estimate
+
+    def count(self, text: str, model: str | None = None) -> int:
+        """Tokens of `text` in `model`'s encoding (the default encoding without a model). Never blocks on I/O."""
+        encoding = self._encoding(model)
+        if encoding is not None:
+            return len(encoding.encode_ordinary(text))
         return max(1, (len(text) + 3) // 4) if text else 0
+
+    def count_messages(self, messages: object, model: str | None = None) -> int:
+        """Prompt tokens of chat `messages`, with the chat format's overhead (OpenAI's cookbook method).
+
+        Every message costs 3 tokens plus its role, content text parts and name (1 more for a name);
+        tool calls count their function name and arguments; the reply's priming adds 3.
+        Image and audio parts are not counted.
+        """
+        if not isinstance(messages, list):
+            return 0
+        total = REPLY_PRIMING
+        for message in messages:
+            total += TOKENS_PER_MESSAGE
+            if not isinstance(message, dict):
+                continue
+            for key in ("role", "name"):
+                value = message.get(key)
+                if isinstance(value, str):
+                    total += self.count(value, model) + (TOKENS_PER_NAME if key == "name" else 0)
+            total += sum(self.count(text, model) for text in message_text([message]))
+            calls = message.get("tool_calls")
+            for call in calls if isinstance(calls, list) else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict):
+                    total += sum(self.count(function[k], model) for k in ("name", "arguments")
+                                 if isinstance(function.get(k), str))
+        return total
 
 
 def message_text(messages: object) -> list[str]:
@@ -62,5 +228,6 @@ def message_text(messages: object) -> list[str]:
         if isinstance(content, str):
             texts.append(content)
         elif isinstance(content, list):
-            texts.extend(part["text"] for part in content if isinstance(part, dict) and isinstance(part.get("text"), str))
+            texts.extend(part["text"] for part in content
+                         if isinstance(part, dict) and isinstance(part.get("text"), str))
     return texts

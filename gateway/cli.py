@@ -35,7 +35,7 @@ def _parser() -> argparse.ArgumentParser:
 
     serve = commands.add_parser("serve", help="run the gateway")
     serve.add_argument("--policy", type=Path, default=None,
-                       help="policy file (default: ./policies/gateway.yaml if it exists, else the built-in demo policy)")
+                       help="policy file (default: ./policies/gateway.yaml if it exists, else the built-in one)")
     serve.add_argument("--host", help="listen address (default: the policy's server.host)")
     serve.add_argument("--port", type=int, help="listen port (default: the policy's server.port)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")

@@ -21,6 +21,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 from gateway.app import Gateway, create_app  # noqa: E402
 from gateway.auth.keys import hash_key  # noqa: E402
 from gateway.policy import compile_text  # noqa: E402
+from tests.support.leakcheck import pytest_sessionfinish, pytest_sessionstart  # noqa: E402,F401 -- suite-end leak check
 from tests.support.mock_upstream import MockUpstream  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-test"

@@ -9,7 +9,7 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
-"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test]' 2>&1 | grep -v '^WARNING: Location' || true
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v '^WARNING: Location' || true
 "$venv/bin/python" -c "import gateway, openai, pytest" # fail here, clearly, if the install did not work
 
 export GATEWAY_SHARED_DIR="${GATEWAY_SHARED_DIR:-$(cd .. && pwd)/shared}"

@@ -29,13 +29,16 @@ BAD_BODIES: list[tuple[str, bytes]] = [
     ("model empty", b'{"model": "", "messages": [{"role": "user", "content": "x"}]}'),
     ("no model", b'{"messages": [{"role": "user", "content": "x"}]}'),
     ("stream a string", b'{"model": "chat", "stream": "yes", "messages": [{"role": "user", "content": "x"}]}'),
-    ("temperature a string", b'{"model": "chat", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]}'),
-    ("temperature out of range", b'{"model": "chat", "temperature": 9, "messages": [{"role": "user", "content": "x"}]}'),
+    ("temperature a string",
+     b'{"model": "chat", "temperature": "hot", "messages": [{"role": "user", "content": "x"}]}'),
+    ("temperature out of range",
+     b'{"model": "chat", "temperature": 9, "messages": [{"role": "user", "content": "x"}]}'),
     ("n zero", b'{"model": "chat", "n": 0, "messages": [{"role": "user", "content": "x"}]}'),
     ("max_tokens negative", b'{"model": "chat", "max_tokens": -1, "messages": [{"role": "user", "content": "x"}]}'),
     ("stream_options wrong", b'{"model": "chat", "stream_options": 3, "messages": [{"role": "user", "content": "x"}]}'),
     ("invalid utf-8", b'{"model": "chat", "messages": [{"role": "user", "content": "\xff\xfe"}]}'),
-    ("deep nesting", b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
+    ("deep nesting",
+     b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "x": ' + b"[" * 5000 + b"]" * 5000 + b"}"),
     ("huge number", b'{"model": "chat", "seed": 1' + b"0" * 400 + b', "messages": [{"role": "user", "content": "x"}]}'),
 ]
 
@@ -127,7 +130,8 @@ def _raw(gateway: RunningGateway, request: bytes) -> bytes:
 def test_oversized_headers_get_a_4xx(gateway: RunningGateway) -> None:
     huge = b"X-Big: " + b"a" * (200 * 1024) + b"\r\n"
     body = b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}'
-    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer " + FULL_KEY.encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Bearer "
+               + FULL_KEY.encode()
                + b"\r\n" + huge + b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body)
     reply = _raw(gateway, request)
     assert reply.split(b" ", 2)[1] == b"431", reply[:200]
@@ -135,7 +139,8 @@ def test_oversized_headers_get_a_4xx(gateway: RunningGateway) -> None:
 
 
 def test_bad_content_length_gets_400(gateway: RunningGateway) -> None:
-    reply = _raw(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: abc\r\n\r\n{}")
+    reply = _raw(gateway, b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                          b"Content-Length: abc\r\n\r\n{}")
     assert reply.split(b" ", 2)[1].startswith(b"4")
 
 

@@ -140,8 +140,8 @@ def test_the_key_is_checked_before_the_body_is_parsed(gateway: RunningGateway) -
 def with_provider(upstream: MockUpstream, provider: str, models: str, **server: object) -> str:
     """The test policy plus one more provider (its YAML flow mapping) and its aliases."""
     text = policy_text(upstream.base_url, **server)
-    extra = f"  extra:\n    {{kind: openai, base_url: {upstream.base_url}, api_key_env: MOCK_UPSTREAM_KEY, {provider}}}\n"
-    text = text.replace("providers:\n", "providers:\n" + extra.replace("  extra:\n    ", "  extra: "), 1)
+    extra = f"  extra: {{kind: openai, base_url: {upstream.base_url}, api_key_env: MOCK_UPSTREAM_KEY, {provider}}}\n"
+    text = text.replace("providers:\n", "providers:\n" + extra, 1)
     return text + models
 
 

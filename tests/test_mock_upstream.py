@@ -23,7 +23,7 @@ import httpx
 import openai
 import pytest
 
-from tests.support.mock_upstream import MockUpstream, parse_fault, Fault
+from tests.support.mock_upstream import Fault, MockUpstream, parse_fault
 
 KEY = "sk-upstream-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}

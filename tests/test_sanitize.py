@@ -165,7 +165,8 @@ def test_masked_echoes_are_not_the_secret() -> None:
     secrets = ["Bearer sk-abcdefgh1234"]
     assert sanitize("the key ending in 1234 was rejected", secrets=secrets) == "the key ending in 1234 was rejected"
     assert sanitize("key abc...1234 was rejected", secrets=secrets) == "key abc...1234 was rejected"
-    assert sanitize("Incorrect API key provided: sk-***1234", secrets=secrets) == "Incorrect API key provided: [redacted]"
+    masked = sanitize("Incorrect API key provided: sk-***1234", secrets=secrets)
+    assert masked == "Incorrect API key provided: [redacted]"
 
 
 def test_a_bare_string_of_secrets_is_one_secret() -> None:

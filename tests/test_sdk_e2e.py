@@ -127,7 +127,8 @@ def test_fields_the_gateway_does_not_interpret_are_forwarded(gateway: RunningGat
 def test_request_id_is_echoed_or_made(gateway: RunningGateway, upstream: MockUpstream) -> None:
     headers = {"Authorization": f"Bearer {FULL_KEY}"}
     body = {"model": "chat", "messages": MESSAGES}
-    given = httpx.post(gateway.base_url + "/chat/completions", headers={**headers, "x-request-id": "abc-123"}, json=body)
+    given = httpx.post(gateway.base_url + "/chat/completions", headers={**headers, "x-request-id": "abc-123"},
+                       json=body)
     assert given.headers["x-request-id"] == "abc-123"
     assert upstream.requests[-1].headers["x-request-id"] == "abc-123"
     insane = httpx.post(gateway.base_url + "/chat/completions",

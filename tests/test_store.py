@@ -22,7 +22,9 @@ from gateway.store.redis_url import parse_redis_url
 from tests.support.redis_server import RedisServer, free_port
 
 OP_TIMEOUT = 0.25
-FAST: dict[str, Any] = {"op_timeout_s": OP_TIMEOUT, "connect_timeout_s": 0.5, "backoff_min_s": 0.05, "backoff_max_s": 0.2}
+FAST: dict[str, Any] = {
+    "op_timeout_s": OP_TIMEOUT, "connect_timeout_s": 0.5, "backoff_min_s": 0.05, "backoff_max_s": 0.2,
+}
 # The contract tests check results, not speed: a loaded CI machine must not turn them into timeouts.
 PATIENT: dict[str, Any] = {**FAST, "op_timeout_s": 5.0, "connect_timeout_s": 5.0}
 

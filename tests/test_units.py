@@ -101,7 +101,8 @@ def test_a_gateway_sets_up_nothing_process_wide_and_keeps_its_own_ids() -> None:
     from gateway.app import Gateway
     from gateway.policy import compile_text
 
-    policy = compile_text("version: 1\nauth: none\nproviders: {d: {kind: demo}}\nmodels: {m: {provider: d, model: x}}\n")
+    policy = compile_text(
+        "version: 1\nauth: none\nproviders: {d: {kind: demo}}\nmodels: {m: {provider: d, model: x}}\n")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
     frozen = gc.get_freeze_count()
     first, second = Gateway(policy), Gateway(policy)

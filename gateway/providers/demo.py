@@ -39,7 +39,8 @@ def demo_reply(prompt: str) -> str:
     words = prompt.split()
     echo = " ".join(words[:12]) + (" ..." if len(words) > 12 else "")
     said = f' You said: "{echo}".' if echo else ""
-    return f"Hello! This is the gateway's built-in demo model answering.{said} Point a model alias at a real provider to get real answers."
+    return (f"Hello! This is the gateway's built-in demo model answering.{said} "
+            "Point a model alias at a real provider to get real answers.")
 
 
 class DemoProvider:
@@ -61,7 +62,8 @@ class DemoProvider:
         body = call.body
         if call.endpoint is Endpoint.CHAT:
             messages = body.get("messages")
-            users = [m for m in messages if isinstance(m, dict) and m.get("role") == "user"] if isinstance(messages, list) else []
+            listed = messages if isinstance(messages, list) else []
+            users = [m for m in listed if isinstance(m, dict) and m.get("role") == "user"]
             return "\n".join(message_text(users[-1:])) if users else ""
         prompt = body.get("prompt")
         return prompt if isinstance(prompt, str) else ""
@@ -84,7 +86,8 @@ class DemoProvider:
         created, model = int(time.time()), call.body["model"]
         if call.endpoint is Endpoint.CHAT:
             body: dict[str, Any] = {
-                "id": f"chatcmpl-demo-{next(self._ids)}", "object": "chat.completion", "created": created, "model": model,
+                "id": f"chatcmpl-demo-{next(self._ids)}", "object": "chat.completion", "created": created,
+                "model": model,
                 "system_fingerprint": _FINGERPRINT,
                 "choices": [
                     {"index": i, "message": {"role": "assistant", "content": answer, "refusal": None},
@@ -95,7 +98,8 @@ class DemoProvider:
             body = {
                 "id": f"cmpl-demo-{next(self._ids)}", "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": _FINGERPRINT,
-                "choices": [{"index": i, "text": answer, "logprobs": None, "finish_reason": "stop"} for i in range(_choices(call))],
+                "choices": [{"index": i, "text": answer, "logprobs": None, "finish_reason": "stop"}
+                            for i in range(_choices(call))],
             }
         body["usage"] = msgspec.to_builtins(usage)
         return Completion(_encode(body), usage)
@@ -173,7 +177,8 @@ class DemoStream:
                     {"content": piece} if piece is not None else {})
                 choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish} for i in range(n)]
             else:
-                choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish} for i in range(n)]
+                choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
+                           for i in range(n)]
             return Chunk.of({**base, "choices": choices})
 
         if chat:

@@ -235,7 +235,7 @@ class _OpenAIStream:
                 try:
                     payloads = decoder.feed(data) if data else decoder.flush()
                 except ValueError as exc:
-                    yield [StreamError(UpstreamError(f"upstream `{self._provider.name}` sent an invalid stream: {exc}"))]
+                    yield [self._fail(f"sent an invalid stream: {exc}")]
                     return
                 events, finished = self._events(payloads)
                 saw_usage = saw_usage or any(type(e) is UsageReport for e in events)

@@ -18,12 +18,14 @@ policy (with several workers, the supervisor passes it to every worker).
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import functools
 import gc
 import logging
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from dataclasses import dataclass
@@ -42,6 +44,7 @@ from .telemetry.logs import configure_logging
 __all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
 
 log = logging.getLogger("gateway.server")
+_PR_SET_PDEATHSIG = 1
 _GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so the gateway cuts first
 
 
@@ -59,8 +62,20 @@ def build_served_app(settings: ServeSettings) -> Litestar:
     if settings.supervised:
         parent = os.getppid()
         gateway.reload_requested = lambda: os.kill(parent, signal.SIGHUP)
+        _die_with(parent)
     process = _ServedProcess(gateway)
     return create_app(gateway, on_startup=[process.started])
+
+
+def _die_with(parent: int) -> None:
+    """Linux: a worker whose supervisor dies (even by SIGKILL) gets SIGTERM and drains, rather
+    than serving on as an orphan that nothing will ever stop."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # it died before the call
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 class _ServedProcess:

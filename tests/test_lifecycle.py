@@ -313,3 +313,19 @@ def test_redis_stopped_and_restarted_while_requests_run(make_gateway: Make, upst
         redis_server.start()
         assert wait_for(store_healthy, timeout=10)
         assert chat_ok()
+
+
+def test_metrics_can_require_a_token(make_gateway: Make) -> None:
+    running = make_gateway(metrics_token_env="GW_METRICS_TOKEN", env={"GW_METRICS_TOKEN": "scrape-token-123456"})
+    assert httpx.get(running.url + "/metrics").status_code == 401
+    assert httpx.get(running.url + "/metrics", headers={"Authorization": "Bearer wrong"}).status_code == 401
+    scraped = httpx.get(running.url + "/metrics", headers={"Authorization": "Bearer scrape-token-123456"})
+    assert scraped.status_code == 200 and "gateway_requests_in_flight" in scraped.text
+
+
+def test_a_metrics_token_variable_that_is_not_set_locks_metrics(upstream: MockUpstream) -> None:
+    from gateway.policy import compile_text
+
+    text = policy_text(upstream.base_url, metrics_token_env="GW_UNSET_TOKEN")
+    policy = compile_text(text, "p.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}, require_env=False)
+    assert policy.metrics_token == "" and any("GW_UNSET_TOKEN" in w for w in policy.warnings)

@@ -204,3 +204,18 @@ def test_the_kubernetes_example_serves_keys_with_a_drain_delay() -> None:
     assert policy.server.drain_delay_s > 0
     deployment = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     assert deployment["terminationGracePeriodSeconds"] > policy.server.drain_delay_s + policy.server.drain_timeout_s
+
+
+def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
+    from tests.support.processes import group_members
+
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port))
+    metrics = tmp_path / "metrics"  # a killed supervisor cannot remove its own folder: give it one here
+    metrics.mkdir()
+    with serving(policy, port, "--workers", "2", env={"PROMETHEUS_MULTIPROC_DIR": str(metrics)}) as server:
+        members = server.members()
+        assert len(members) >= 3  # supervisor and two workers (and multiprocessing's helper)
+        server.send_signal(signal.SIGKILL)
+        assert wait_for(lambda: not [pid for pid in group_members(members[0]) if pid in members], timeout=20)

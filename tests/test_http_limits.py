@@ -1,0 +1,467 @@
+"""The HTTP protocol's limits (gateway/http_server.py), on real sockets on 127.0.0.1.
+
+Each test starts uvicorn in a thread with a tiny raw ASGI app and `server_limits(...)`, for
+httptools on uvloop (production), httptools on asyncio (the test harness) and h11 (the fallback).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import select
+import selectors
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import uvicorn
+
+from gateway.http_server import HAVE_HTTPTOOLS, server_limits
+
+try:
+    import uvloop  # noqa: F401
+except ImportError:  # pragma: no cover
+    HAVE_UVLOOP = False
+else:
+    HAVE_UVLOOP = True
+
+LIMIT = 64 * 1024
+
+VARIANTS = [
+    pytest.param(("httptools", "uvloop"), id="httptools-uvloop",
+                 marks=pytest.mark.skipif(not (HAVE_HTTPTOOLS and HAVE_UVLOOP), reason="httptools or uvloop missing")),
+    pytest.param(("httptools", "asyncio"), id="httptools-asyncio",
+                 marks=pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")),
+    pytest.param(("h11", "asyncio"), id="h11-asyncio"),
+]
+
+
+class AppState:
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.holding = 0
+        self.disconnects = 0
+
+
+def make_app(state: AppState) -> Callable[..., Any]:
+    async def app(scope: dict[str, Any], receive: Callable[..., Any], send: Callable[..., Any]) -> None:
+        assert scope["type"] == "http"
+        path, status = scope["path"], 200
+        if path == "/healthz":
+            body = b'{"status":"ok"}'
+        elif path == "/echo":
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    state.disconnects += 1
+                    return
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            body = b"".join(chunks)
+        elif path == "/hold":
+            state.holding += 1
+            while not state.release.is_set():
+                await asyncio.sleep(0.01)
+            body = b"released"
+        else:
+            status, body = 404, b"{}"
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    return app
+
+
+class Server:
+    """uvicorn with `server_limits(**limits)` in a thread, on a socket bound here (no port race)."""
+
+    def __init__(self, variant: tuple[str, str], **limits: Any) -> None:
+        http, loop = variant
+        self.state = AppState()
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        config = uvicorn.Config(make_app(self.state), log_config=None, access_log=False, lifespan="off",
+                                loop=loop, timeout_graceful_shutdown=2, **server_limits(http=http, **limits))  # type: ignore[arg-type]
+        self.server = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 10
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                self.stop()
+                raise AssertionError("server did not start")
+            time.sleep(0.01)
+
+    @property
+    def connections(self) -> int:
+        return len(self.server.server_state.connections)
+
+    def stop(self) -> None:
+        self.state.release.set()
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+        assert not self.thread.is_alive(), "server thread did not stop"
+
+
+@pytest.fixture(params=VARIANTS)
+def variant(request: pytest.FixtureRequest) -> tuple[str, str]:
+    return request.param  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def serve(variant: tuple[str, str]) -> Iterator[Callable[..., Server]]:
+    servers: list[Server] = []
+
+    def start(**limits: Any) -> Server:
+        servers.append(Server(variant, **limits))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def connect() -> Iterator[Callable[[Server], socket.socket]]:
+    """Client sockets, every one closed at the end of the test."""
+    opened: list[socket.socket] = []
+
+    def open_(server: Server) -> socket.socket:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=5)
+        opened.append(sock)
+        return sock
+
+    yield open_
+    for sock in opened:
+        sock.close()
+
+
+# -- a minimal HTTP/1.1 client on raw sockets ----------------------------------------------------
+
+def request_bytes(method: str, path: str, headers: dict[str, str] | None = None, body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", "Host: 127.0.0.1"]
+    lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
+    if body or method == "POST":
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+_unread: weakref.WeakKeyDictionary[socket.socket, bytes] = weakref.WeakKeyDictionary()
+
+
+def read_response(sock: socket.socket, timeout: float = 5.0) -> tuple[int, dict[str, str], bytes]:
+    """One response; what was read past its end is kept for the next call (pipelining)."""
+    sock.settimeout(timeout)
+    buf = _unread.pop(sock, b"")
+    while b"\r\n\r\n" not in buf:
+        chunk = sock.recv(65536)
+        if not chunk:
+            raise EOFError(f"connection closed after {buf!r}")
+        buf += chunk
+    head, _, rest = buf.partition(b"\r\n\r\n")
+    status_line, *header_lines = head.decode("latin-1").split("\r\n")
+    headers = {}
+    for line in header_lines:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    length = int(headers.get("content-length", "0"))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    _unread[sock] = rest[length:]
+    return int(status_line.split()[1]), headers, rest[:length]
+
+
+def get(server: Server, path: str = "/healthz", **kwargs: Any) -> tuple[int, dict[str, str], bytes]:
+    with socket.create_connection(("127.0.0.1", server.port), timeout=5) as sock:
+        sock.sendall(request_bytes("GET", path, **kwargs))
+        return read_response(sock)
+
+
+def closed_by_server(sock: socket.socket, timeout: float) -> bool:
+    """True if the server closes (FIN or reset) within `timeout`; any response before is read and dropped."""
+    sock.settimeout(timeout)
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if not sock.recv(65536):
+                return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
+    except TimeoutError:
+        return False
+    return False
+
+
+def rss_bytes() -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+def wait_until(predicate: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.01)
+
+
+def assert_error(status: int, headers: dict[str, str], body: bytes, expected: int, code: str) -> None:
+    assert status == expected
+    assert headers["content-type"] == "application/json"
+    assert headers["connection"] == "close"
+    error = json.loads(body)["error"]
+    assert error["code"] == code and error["param"] is None and error["message"]
+    assert error["type"] == ("server_error" if expected == 503 else "invalid_request_error")
+
+
+# -- head size -------------------------------------------------------------------------------------
+
+def test_huge_header_is_refused_before_it_is_buffered(serve: Callable[..., Server],
+                                                      connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    assert get(server)[0] == 200  # warm up everything a request allocates
+    before = rss_bytes()
+    sock = connect(server)
+    sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Big: ")
+    piece, total, sent = b"a" * 65536, 32 * 1024 * 1024, 0
+    answered = False
+    try:
+        while sent < total:
+            sock.sendall(piece)
+            sent += len(piece)
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                answered = True
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        answered = True
+    grown = rss_bytes() - before
+    assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
+    assert answered, "the server took 32 MiB of header without answering"
+    assert sent < total
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 431, "headers_too_large")
+    assert closed_by_server(sock, 3)
+
+
+def test_one_mib_header_gets_431_and_close(serve: Callable[..., Server],
+                                           connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/healthz", {"X-Big": "b" * (1024 * 1024)}))
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 431, "headers_too_large")
+    assert closed_by_server(sock, 3)
+    assert get(server)[0] == 200
+
+
+def test_head_limit_is_exact_and_counts_only_the_head(serve: Callable[..., Server],
+                                                      connect: Callable[[Server], socket.socket]) -> None:
+    server = serve(max_header_bytes=LIMIT)
+    bare = len(request_bytes("GET", "/healthz", {"X-Pad": ""}))
+    assert get(server, headers={"X-Pad": "p" * (LIMIT - bare)})[0] == 200  # exactly the limit
+    assert get(server, headers={"X-Pad": "p" * (LIMIT - bare + 1)})[0] == 431  # one byte over
+    assert get(server, headers={"X-Big": "c" * (60 * 1024)})[0] == 200  # a 60 KiB header
+    # A 60 KiB head with a 32 KiB body in one write: the body does not count toward the head.
+    sock = connect(server)
+    body = bytes(range(256)) * 128
+    sock.sendall(request_bytes("POST", "/echo", {"X-Big": "d" * (60 * 1024)}, body))
+    status, _, echoed = read_response(sock)
+    assert (status, echoed) == (200, body)
+    # ... and the connection is still good for the next request.
+    sock.sendall(request_bytes("GET", "/healthz"))
+    assert read_response(sock)[0] == 200
+
+
+def test_pipelined_requests_still_work_and_an_oversized_one_is_refused(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/healthz") + request_bytes("POST", "/echo", body=b"abc")
+                 + request_bytes("GET", "/healthz", {"X-Pad": "e" * 60_000}))
+    assert read_response(sock)[0] == 200
+    assert read_response(sock)[::2] == (200, b"abc")
+    assert read_response(sock)[0] == 200
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/healthz") + request_bytes("GET", "/healthz", {"X-Big": "f" * 2**20}))
+    assert read_response(sock)[0] == 200
+    try:
+        status, headers, body = read_response(sock)
+    except (EOFError, ConnectionResetError):
+        pass  # refused while the first response was in flight: closed without a reply
+    else:
+        assert_error(status, headers, body, 431, "headers_too_large")
+    assert closed_by_server(sock, 3)
+    assert get(server)[0] == 200
+
+
+def test_bytes_held_in_incomplete_heads_are_bounded_across_connections(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve(max_pending_head_bytes=256 * 1024, header_timeout_s=10)
+    def held() -> int:  # the server's count (its state is made by its first connection)
+        shared = getattr(server.server.server_state, "_gateway_http_limits", None)
+        return -1 if shared is None else int(shared.held)
+
+    partial = b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: " + b"p" * 60_000  # never ends
+    slow = [connect(server) for _ in range(4)]
+    for sock in slow:
+        sock.sendall(partial)
+    wait_until(lambda: held() == 4 * len(partial))
+    extra = connect(server)
+    extra.sendall(partial)  # 5 x 60 KB > 256 KiB
+    status, headers, body = read_response(extra)
+    assert_error(status, headers, body, 503, "server_overloaded")
+    assert closed_by_server(extra, 3)
+    assert get(server)[0] == 200  # a head that arrives in one read is never held
+    for sock in slow[:2]:  # the held heads still complete...
+        sock.sendall(b"\r\n\r\n")
+        assert read_response(sock)[0] == 200
+    for sock in slow[2:]:  # ... or go away, and their bytes are released
+        sock.close()
+    wait_until(lambda: held() == 0)
+
+
+# -- timeouts --------------------------------------------------------------------------------------
+
+def test_silent_and_half_sent_connections_are_closed_after_the_head_timeout(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    timeout = 1.0
+    server = serve(header_timeout_s=timeout)
+    started = time.monotonic()
+    silent = [connect(server) for _ in range(300)]
+    half = [connect(server) for _ in range(300)]
+    for sock in half:
+        sock.sendall(b"GET /healthz HT")
+    assert get(server)[0] == 200  # a real client is not locked out
+    wait_until(lambda: server.connections >= 600)
+    selector = selectors.DefaultSelector()
+    try:
+        for sock in silent + half:
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ)
+        received: dict[socket.socket, bytes] = {sock: b"" for sock in silent + half}
+        closed: set[socket.socket] = set()
+        deadline = started + timeout + 4
+        while len(closed) < len(received) and time.monotonic() < deadline:
+            for key, _ in selector.select(0.2):
+                ready = key.fileobj
+                assert isinstance(ready, socket.socket)
+                try:
+                    chunk = ready.recv(65536)
+                except ConnectionResetError:
+                    chunk = b""
+                received[ready] += chunk
+                if not chunk:
+                    closed.add(ready)
+                    selector.unregister(ready)
+    finally:
+        selector.close()
+    assert len(closed) == 600, f"{600 - len(closed)} connections still open"
+    assert time.monotonic() - started >= timeout * 0.9
+    assert all(received[sock] == b"" for sock in silent)  # nothing to answer
+    assert all(received[sock].startswith(b"HTTP/1.1 408 ") for sock in half)
+    wait_until(lambda: server.connections == 0)
+    assert get(server)[0] == 200
+
+
+def test_keep_alive_idle_is_not_a_head_timeout_but_a_slow_next_head_is(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve(header_timeout_s=0.5, keep_alive_s=5)
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/healthz"))
+    assert read_response(sock)[0] == 200
+    time.sleep(1.2)  # idle between requests: longer than the head timeout, shorter than keep-alive
+    sock.sendall(request_bytes("GET", "/healthz"))
+    assert read_response(sock)[0] == 200
+    sock.sendall(b"GET /heal")  # the third head never completes
+    started = time.monotonic()
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 408, "request_timeout")
+    assert closed_by_server(sock, 2)
+    assert 0.4 < time.monotonic() - started < 2
+
+
+def test_stalled_body_times_out_and_a_slow_one_does_not(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve(body_timeout_s=0.5)
+    steady = connect(server)
+    body = b"x" * 100
+    steady.sendall(request_bytes("POST", "/echo", body=body)[:-len(body)])
+    for i in range(0, 100, 20):  # a piece every 0.3 s: slower than nothing, never idle for 0.5 s
+        time.sleep(0.3)
+        steady.sendall(body[i:i + 20])
+    status, _, echoed = read_response(steady)
+    assert (status, echoed) == (200, body)
+    stalled = connect(server)
+    stalled.sendall(request_bytes("POST", "/echo", body=body)[:-90])  # 10 of 100 body bytes
+    started = time.monotonic()
+    status, headers, reply = read_response(stalled)
+    assert_error(status, headers, reply, 408, "request_timeout")
+    assert closed_by_server(stalled, 2)
+    assert 0.4 < time.monotonic() - started < 2
+    wait_until(lambda: server.state.disconnects == 1)  # the app's receive() saw the disconnect
+
+
+# -- connections and requests ----------------------------------------------------------------------
+
+def test_connections_over_the_limit_are_refused_not_left_hanging(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve(max_connections=20, header_timeout_s=10)
+    idle = [connect(server) for _ in range(20)]
+    wait_until(lambda: server.connections == 20)
+    extra = connect(server)
+    try:
+        extra.sendall(request_bytes("GET", "/healthz"))
+    except (BrokenPipeError, ConnectionResetError):
+        pass
+    started = time.monotonic()
+    assert closed_by_server(extra, 3)
+    assert time.monotonic() - started < 2
+    for sock in idle[:5]:
+        sock.close()
+    wait_until(lambda: server.connections <= 15)
+    assert get(server)[0] == 200
+
+
+def test_requests_over_the_limit_get_503(serve: Callable[..., Server],
+                                         connect: Callable[[Server], socket.socket]) -> None:
+    server = serve(max_requests=5)
+    held = [connect(server) for _ in range(5)]
+    for sock in held:
+        sock.sendall(request_bytes("GET", "/hold"))
+    wait_until(lambda: server.state.holding == 5)
+    idle = [connect(server) for _ in range(10)]  # idle connections do not count as requests
+    status, headers, body = get(server)
+    assert_error(status, headers, body, 503, "server_overloaded")
+    assert headers["retry-after"] == "1"
+    server.state.release.set()
+    for sock in held:
+        assert read_response(sock)[0] == 200
+    wait_until(lambda: not server.server.server_state.tasks)  # a task ends just after its response
+    for sock in idle:
+        sock.sendall(request_bytes("GET", "/healthz"))
+        assert read_response(sock)[0] == 200
+
+
+def test_server_limits_validates_and_replaces_the_uvicorn_arguments() -> None:
+    kwargs = server_limits()
+    assert set(kwargs) == {"http", "timeout_keep_alive", "limit_concurrency", "h11_max_incomplete_event_size"}
+    assert kwargs["limit_concurrency"] is None and kwargs["h11_max_incomplete_event_size"] == LIMIT
+    import pickle
+
+    assert pickle.loads(pickle.dumps(kwargs["http"])).keywords == kwargs["http"].keywords  # --workers N
+    with pytest.raises(ValueError):
+        server_limits(header_timeout_s=0)

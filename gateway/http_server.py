@@ -67,6 +67,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from .errors import error_body
+from .telemetry.metrics import HTTP_REFUSED
 
 try:
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
@@ -292,6 +293,7 @@ class _Guard:
         shared = self._shared
         if len(self.connections) > shared.limits.max_connections:
             _warn("refused", "refused a connection: %d open (max_connections)", len(self.connections) - 1)
+            _count("too_many_connections")
             self._state = _DONE
             self.transport.close()
         else:
@@ -324,6 +326,7 @@ class _Guard:
                 self._receive(data[allowed:])  # body, or a pipelined request, counted afresh
                 return
         _warn("431", "431: a request head over %d bytes from %s", self._max_head, _peer(self.client))
+        _count("headers_too_large")
         self._refuse_head(_too_large(self._max_head))
 
     def _refuse_head(self, reply: tuple[bytes, bytes]) -> None:
@@ -376,6 +379,7 @@ class _Guard:
                 if shared.held > shared.limits.max_pending_head_bytes:
                     _warn("held", "503: incomplete request heads hold over %d bytes (max_pending_head_bytes)",
                           shared.limits.max_pending_head_bytes)
+                    _count("heads_held")
                     self._refuse_head(_json_error(
                         b"503 Service Unavailable", "the gateway holds too many incomplete requests; retry shortly",
                         "server_error", "server_overloaded", b"retry-after: 1\r\n"))
@@ -401,6 +405,7 @@ class _Guard:
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a response is in flight; after it, uvicorn's keep-alive timer takes over
         log.debug("request head timeout (%d bytes received) from %s", self._state, _peer(self.client))
+        _count("header_timeout")
         if self._state > 0:
             self._write_408(f"the request headers were not received within {self._shared.timeout:g} s")
         self._state = _DONE
@@ -420,6 +425,7 @@ class _Guard:
             self._body_timer = self.loop.call_later(timeout, self._on_body_timeout)
             return
         log.debug("request body stalled for %g s from %s", timeout, _peer(self.client))
+        _count("body_timeout")
         self._state = _DONE
         if not cycle.response_started and not cycle.response_complete:
             cycle.disconnected = True  # the app's receive() returns http.disconnect, its send() is dropped
@@ -440,6 +446,12 @@ def _peer(client: tuple[str, int] | None) -> str:
 
 
 _last_warning: dict[str, float] = {}
+_refused = HTTP_REFUSED.labels
+
+
+def _count(reason: str) -> None:
+    """Refusals never reach the app, so they are counted here (`gateway_http_refused_total`)."""
+    _refused(reason).inc()
 
 
 def _warn(kind: str, message: str, *args: object) -> None:
@@ -513,6 +525,7 @@ if HAVE_HTTPTOOLS:
                 self._head_done()
             if len(self.tasks) >= self._max_requests:
                 _warn("503", "503: %d requests in flight (max_requests)", len(self.tasks))
+                _count("too_many_requests")
                 app, self.app = self.app, _overloaded
                 try:
                     HttpToolsProtocol.on_headers_complete(self)

@@ -38,6 +38,7 @@ from litestar import Litestar
 from uvicorn.supervisors import Multiprocess
 
 from .app import Gateway, create_app
+from .http_server import server_limits
 from .policy import Policy, load_policy
 from .telemetry.logs import configure_logging
 
@@ -139,15 +140,18 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
         "host": server.host,
         "port": server.port,
         "loop": "uvloop" if _has("uvloop") else "asyncio",
-        "http": "httptools" if _has("httptools") else "h11",
         "lifespan": "on",
         "access_log": False,
         "log_level": "info",
         "timeout_graceful_shutdown": server.drain_timeout_s + _GRACE_S,
-        "timeout_keep_alive": 30,
         "server_header": False,
         "proxy_headers": False,
         "log_config": None,
+        **server_limits(
+            max_header_bytes=server.max_header_bytes, header_timeout_s=server.header_timeout_s,
+            body_timeout_s=server.body_timeout_s, max_connections=server.max_connections,
+            max_requests=server.max_requests, keep_alive_s=30,
+        ),
     }
     options.update(overrides)
     return uvicorn.Config(app, **options)
@@ -163,6 +167,7 @@ def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None,
         functools.partial(build_served_app, settings), policy, factory=True, workers=workers,
         host=host or policy.server.host, port=port or policy.server.port,
     )
+    _raise_open_file_limit(policy.server.max_connections)
     log.info("serving %s on %s:%s with %d worker(s)", policy_path, config.host, config.port, workers)
     # uvicorn re-raises the signal that stopped it once it has drained; with these handlers in
     # place that re-raise is a no-op, so a clean drain exits with status 0.
@@ -177,6 +182,21 @@ def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None,
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
+
+
+def _raise_open_file_limit(max_connections: int) -> None:
+    """Each client connection may hold an upstream one: raise the soft descriptor limit (inherited
+    by workers) toward the hard one, so that `max_connections` is not cut short by `ulimit -n`."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on Windows
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = 2 * max_connections + 1024
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        if target > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _has(module: str) -> bool:

@@ -21,6 +21,7 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 from gateway.app import Gateway, create_app  # noqa: E402
 from gateway.auth.keys import hash_key  # noqa: E402
 from gateway.policy import compile_text  # noqa: E402
+from gateway.server import uvicorn_config  # noqa: E402
 from tests.support.leakcheck import pytest_sessionfinish, pytest_sessionstart  # noqa: E402,F401 -- suite-end leak check
 from tests.support.mock_upstream import MockUpstream  # noqa: E402
 
@@ -97,9 +98,9 @@ class RunningGateway:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
-        config = uvicorn.Config(self.app, host="127.0.0.1", port=self.port, log_config=None,
-                                access_log=False, lifespan="on", loop="asyncio", http="httptools",
-                                timeout_graceful_shutdown=2, h11_max_incomplete_event_size=16 * 1024)
+        # the server settings `gateway serve` uses (head limits and timeouts included)
+        config = uvicorn_config(self.app, self.policy, host="127.0.0.1", port=self.port, loop="asyncio",
+                                timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 

@@ -32,7 +32,6 @@ from .runner import Next
 from .streams import ReplyStream
 
 __all__ = [
-    "MAX_HEADER_BYTES",
     "Admit",
     "Authenticate",
     "Authorize",
@@ -43,9 +42,6 @@ __all__ = [
     "model_not_found",
 ]
 
-# The HTTP server refuses larger heads before buffering them (see `http_server`); this
-# check covers servers that do not, such as a test harness.
-MAX_HEADER_BYTES = 64 * 1024
 _decode_json = msgspec.json.Decoder().decode
 
 
@@ -55,8 +51,9 @@ class Admit:
     name = "admit"
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        if ctx.head.header_bytes > MAX_HEADER_BYTES:
-            raise HeadersTooLarge(f"request headers exceed {MAX_HEADER_BYTES} bytes")
+        limit = ctx.runtime.policy.server.max_header_bytes  # `http_server` refuses larger heads before
+        if ctx.head.header_bytes > limit:  # buffering them; this covers a server without it
+            raise HeadersTooLarge(f"request headers exceed {limit} bytes")
         if ctx.head.method != "POST":
             raise MethodNotAllowed(f"use POST for /v1/{ctx.endpoint.path}", headers={"Allow": "POST"})
         return await call_next(ctx)

@@ -54,8 +54,12 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     max_header_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024)] = 64 * 1024
     # A connection must send its request head within this; silent connections are closed.
     header_timeout_s: Seconds = 10.0
-    # Open connections per process; over it new requests get 503.
-    max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 20_000
+    # A request body that sends nothing for this long is answered 408 and closed.
+    body_timeout_s: Seconds = 30.0
+    # Open connections per process; more are closed at accept.
+    max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 16_384
+    # Requests in flight per process (streams count until they end); more get 503.
+    max_requests: Annotated[int, Meta(ge=1, le=1_000_000)] = 12_288
     drain_timeout_s: Seconds = 30.0
     # On SIGTERM: keep serving, with /readyz answering 503, this long before closing the
     # listening socket, so that a load balancer sees the drain (Kubernetes: 5-10).

@@ -16,11 +16,20 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-__all__ = ["CONTENT_TYPE", "Metrics"]
+__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+
+# The HTTP server belongs to the process, not to one gateway: what it refuses before a request
+# exists (oversized or slow heads, floods) is counted once per process, here. With several
+# workers the multiprocess collector adds it up like every other metric.
+_SERVER_REGISTRY = CollectorRegistry(auto_describe=True)
+HTTP_REFUSED = Counter(
+    "gateway_http_refused", "Connections and requests the HTTP server refused before the app saw them, by reason.",
+    ("reason",), registry=_SERVER_REGISTRY,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +122,9 @@ class Metrics:
         self.policy_info.labels(version).set(1)
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.multiprocess:  # the server's counter is in the shared files already
+            return generate_latest(self.registry)
+        return generate_latest(self.registry) + generate_latest(_SERVER_REGISTRY)
 
     def record(
         self, endpoint: str, model: str, status: int, total: float, provider: str | None, upstream: float,

@@ -58,6 +58,7 @@ class Gateway:
         self._reload_lock: asyncio.Lock | None = None
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on, once started
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._retiring: set[Runtime] = set()  # replaced by a reload, still finishing requests
 
     def _build(self, policy: Policy) -> Runtime:
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
@@ -93,7 +94,8 @@ class Gateway:
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        await self.runtime.aclose()
+        await asyncio.gather(self.runtime.aclose(), *(old.aclose() for old in self._retiring))
+        self._retiring.clear()
 
     def begin_drain(self) -> None:
         self.draining = True
@@ -140,8 +142,15 @@ class Gateway:
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
-        self._spawn(old.retire(old.policy.server.drain_timeout_s))
+        self._retiring.add(old)
+        self._spawn(self._retire(old))
         return {"result": "ok", "trigger": trigger, "version": policy.version, "previous": old.policy.version}
+
+    async def _retire(self, old: Runtime) -> None:
+        try:
+            await old.retire(old.policy.server.drain_timeout_s)
+        finally:
+            self._retiring.discard(old)
 
     def _announce(self, policy: Policy) -> None:
         self.metrics.serving(policy.version)

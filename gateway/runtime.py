@@ -32,7 +32,7 @@ log = logging.getLogger("gateway.runtime")
 
 class Runtime:
     __slots__ = (
-        "_active", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store", "version_header",
+        "_active", "_closed", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store", "version_header",
     )
 
     def __init__(
@@ -46,6 +46,7 @@ class Runtime:
         self.version_header = (b"x-gateway-policy-version", policy.version.encode())  # on every proxied answer
         self._active = 0
         self._retired = False
+        self._closed = False
         self._idle: asyncio.Event | None = None
 
     async def start(self) -> None:
@@ -80,6 +81,9 @@ class Runtime:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
         results = await asyncio.gather(
             *(provider.close() for provider in self.providers.values()), self.store.aclose(),
             return_exceptions=True,

@@ -28,6 +28,7 @@ from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingre
 from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
 from .reload import watch_policy_file
+from .routing import Router
 from .runtime import Runtime
 from .schemas.endpoints import Endpoint
 from .store import build_store
@@ -61,6 +62,8 @@ class Gateway:
 
     def _build(self, policy: Policy) -> Runtime:
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
+        store = build_store(policy.state)
+        router = Router(policy, providers, store, self.metrics, self.tokens)
         pipeline = Pipeline([
             Telemetry(self.metrics),
             CountTokens(self.tokens),
@@ -68,10 +71,10 @@ class Gateway:
             Authenticate(),
             Ingress(),
             Authorize(),
-            SelectTarget(),
-            CallUpstream(),
+            SelectTarget(router),
+            CallUpstream(router),
         ])
-        return Runtime(policy, providers, build_store(policy.state), pipeline)
+        return Runtime(policy, providers, store, pipeline, (router,))
 
     def acquire_runtime(self) -> Runtime:
         return self.runtime.acquire()

@@ -123,6 +123,14 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
         if _struct_type(args[0]) is not None:
             doc.issue(path, f"expected a list, got {_kind(value)}")
             return
+        allowed = _literal_values(args[0])
+        if allowed and isinstance(value, (str, int, float, bool)):  # `retry_on: timeout`: name the choices
+            message = "expected a list, got a single value" if value in allowed else None
+            if message is None:
+                _convert(doc, value, args[0], path)
+            else:
+                doc.issue(path, message)
+            return
     _convert(doc, value, tp, path)
 
 

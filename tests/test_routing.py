@@ -372,7 +372,7 @@ def test_when_every_target_is_open_refuse_if_configured(make_gateway: Make, upst
 
 def test_an_unreachable_store_never_fails_or_slows_a_request(make_gateway: Make, upstream: MockUpstream,
                                                              upstream_b: MockUpstream) -> None:
-    state = f"state: {{backend: redis, url_env: GW_DEAD_REDIS, op_timeout_s: 0.2}}\n"
+    state = "state: {backend: redis, url_env: GW_DEAD_REDIS, op_timeout_s: 0.2}\n"
     running = make_gateway(routing_policy(upstream, upstream_b, """\
         guarded:
           targets: [{provider: a, model: mock-model}, {provider: b, model: mock-model}]
@@ -411,7 +411,7 @@ def test_a_stream_falls_back_when_its_first_content_is_late(make_gateway: Make, 
             - {provider: b, model: mock-model}
         """))
     started = time.monotonic()
-    headers, events = stream(running, "main")
+    headers, _events = stream(running, "main")
     assert time.monotonic() - started < 1.5
     assert headers["x-gateway-target"] == "b/mock-model" and headers["x-gateway-fallback-reason"] == "timeout"
 

@@ -86,6 +86,7 @@ class Router:
         self._shared = shared
         self._rng = rng or random.Random()
         self._counters: dict[tuple[Any, ...], Any] = {}
+        self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life ---------------------------------------------------------------------------------------
@@ -146,8 +147,7 @@ class Router:
     async def call(self, ctx: RequestContext) -> Reply:
         route = ctx.plan
         assert route is not None
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + route.deadline_s if route.deadline_s is not None else None
+        deadline = asyncio.get_running_loop().time() + route.deadline_s if route.deadline_s is not None else None
         failures: list[tuple[Target, GatewayError, str]] = []
         candidates = ctx.candidates
         for _ in range(_MAX_ROUTES):
@@ -206,7 +206,6 @@ class Router:
     ) -> Reply | str:
         """One target, with its retries: a reply, or "next", "context" or "stop" (the deadline)."""
         retry = 0
-        loop = asyncio.get_running_loop()
         while True:
             started = time.perf_counter()
             try:
@@ -225,7 +224,7 @@ class Router:
                 if retry >= target.retry.attempts or kind == "busy":
                     return "next"
                 delay = backoff(target.retry, retry, exc, self._rng)
-                if deadline is not None and loop.time() + delay >= deadline:
+                if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
                     return "stop"
                 self._count(self.metrics.retries, target.name, kind).inc()
                 await asyncio.sleep(delay)
@@ -306,8 +305,13 @@ class Router:
 
     def _answered(self, ctx: RequestContext, target: Target, seconds: float) -> None:
         self.breakers.success(target.name)
-        self._count(self.metrics.attempts, target.name, "ok").inc()
-        self._count(self.metrics.routed, ctx.alias_label, target.name).inc()
+        key = (ctx.alias_label, target.name)
+        children = self._answers.get(key)
+        if children is None:
+            children = self._answers[key] = (self.metrics.attempts.labels(target.name, "ok"),
+                                             self.metrics.routed.labels(*key))
+        children[0].inc()
+        children[1].inc()
         if ctx.attempts is not None:
             ctx.attempts.append((target.name, "ok", round(seconds * 1000, 2)))
 

@@ -505,3 +505,25 @@ def test_through_the_official_sdk(make_gateway: Make, upstream: MockUpstream, up
     assert failed.value.status_code == 502 and failed.value.response.headers["x-gateway-attempts"] == "2"
     with pytest.raises(openai.RateLimitError):
         client.chat.completions.create(model="limited", messages=MESSAGES)  # type: ignore[arg-type]
+
+
+def test_an_active_health_check_closes_the_breaker_of_a_recovered_target(
+    make_gateway: Make, upstream: MockUpstream, upstream_b: MockUpstream,
+) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        checked:
+          targets:
+            - {provider: a, model: mock-model, health_check: {interval_s: 1, timeout_s: 1}}
+            - {provider: b, model: mock-model}
+        """, extra="routing: {breaker: {failures: 1, cooldown_s: 600}}\n"))
+    upstream.override = "fault-status-500"
+    assert target(chat(running, "checked")) == "b/mock-model"  # a failed: open for ten minutes
+    upstream.override = None
+    deadline = time.monotonic() + 5
+    while 'gateway_breaker_state{target="a/mock-model"} 0.0' not in running.metrics():
+        assert time.monotonic() < deadline, "the health check did not close the breaker"
+        time.sleep(0.1)
+    assert target(chat(running, "checked")) == "a/mock-model"
+    checks = [r for r in upstream.requests if r.json and r.json.get("max_tokens") == 1]
+    assert checks and checks[0].headers["x-request-id"] == "health-check"
+    assert 'outcome="health_ok",target="a/mock-model"' in running.metrics()

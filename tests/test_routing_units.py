@@ -196,7 +196,10 @@ def test_rules_are_attached_only_to_the_aliases_they_can_match() -> None:
 ROUTES = compile_text(policy("""\
     weighted:
       strategy: weighted
-      targets: [{provider: a, model: m, weight: 1}, {provider: b, model: m, weight: 3}, {provider: c, model: m, weight: 0}]
+      targets:
+        - {provider: a, model: m, weight: 1}
+        - {provider: b, model: m, weight: 3}
+        - {provider: c, model: m, weight: 0}
     sticky:
       strategy: weighted
       sticky: tenant

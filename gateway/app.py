@@ -60,10 +60,12 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on, once started
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    def _build(self, policy: Policy) -> Runtime:
+    def _build(self, policy: Policy, previous: Runtime | None = None) -> Runtime:
+        """A runtime for `policy`; after a reload, routing keeps what it learnt about targets that stay."""
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
         store = build_store(policy.state)
-        router = Router(policy, providers, store, self.metrics, self.tokens)
+        earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
+        router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         pipeline = Pipeline([
             Telemetry(self.metrics),
             CountTokens(self.tokens),
@@ -131,7 +133,7 @@ class Gateway:
                     "errors": [str(issue) for issue in exc.issues]}
         if policy.version == old.policy.version:
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
-        new = self._build(policy)
+        new = self._build(policy, old)
         try:
             await new.start()
         except Exception as exc:

@@ -395,3 +395,19 @@ def test_gateway_route_prints_the_rule_and_the_candidates(tmp_path: Path, capsys
     assert main(args) == 1
     assert "400 (no_route): not you" in capsys.readouterr().out
     assert main(args[:-2]) == 1 and "401" in capsys.readouterr().out
+
+
+def test_a_reload_keeps_what_routing_learnt_about_targets_that_stay() -> None:
+    from gateway.routing import Router
+    from gateway.telemetry.metrics import Metrics
+
+    extra = "routing: {breaker: {failures: 1}}\n"
+    first = Router(compile_text(policy("x: {provider: a, model: m}\ny: {provider: b, model: m}\n", extra),
+                                "p.yaml", {}), {}, None, Metrics())
+    first.stats["a/m"].observe(False, 0.5)
+    first.breakers.failure("a/m")
+    second = Router(compile_text(policy("x: {provider: a, model: m}\nz: {provider: c, model: m}\n", extra),
+                                 "p.yaml", {}), {}, None, Metrics(), previous=first)
+    assert second.stats["a/m"] is first.stats["a/m"] and second.stats["a/m"].full_answer_s == 0.5
+    assert second.breakers.state("a/m") == OPEN and second.breakers.state("c/m") == CLOSED
+    assert "b/m" not in second.stats

@@ -53,12 +53,13 @@ class Breakers:
     def __init__(
         self, spec: BreakerSpec, targets: Iterable[str], store: Store | None,
         on_change: Callable[[str, int], None] = lambda target, state: None,
-        clock: Callable[[], float] = time.monotonic,
+        clock: Callable[[], float] = time.monotonic, previous: Breakers | None = None,
     ) -> None:
         self.spec = spec
         self._clock = clock
         now = clock()
-        self._states = {name: _State(now) for name in targets}
+        kept: dict[str, _State] = previous._states if previous is not None else {}
+        self._states: dict[str, _State] = {name: kept.get(name) or _State(now) for name in targets}
         self._store = store
         self._on_change = on_change
         self._tasks: set[asyncio.Task[None]] = set()

@@ -73,16 +73,22 @@ def all_targets(policy: Policy) -> dict[str, Target]:
 class Router:
     def __init__(
         self, policy: Policy, providers: Mapping[str, Provider], store: Store | None, metrics: Metrics,
-        tokens: TokenCounter | None = None, rng: random.Random | None = None,
+        tokens: TokenCounter | None = None, rng: random.Random | None = None, previous: Router | None = None,
     ) -> None:
         self.policy = policy
         self.providers = providers
         self.metrics = metrics
         self.tokens = tokens
         self.targets = all_targets(policy)
-        self.stats = {name: TargetStats() for name in self.targets}
+        # After a reload, targets that stay keep their measurements and breakers (the same objects, so
+        # requests still running on the old policy go on updating them); a reload must not let a
+        # target that is down be hammered again.
+        kept: dict[str, TargetStats] = previous.stats if previous is not None else {}
+        self.stats: dict[str, TargetStats] = {name: kept.get(name) or TargetStats() for name in self.targets}
         shared = store if store is not None and policy.state.backend != "memory" else None
-        self.breakers = Breakers(policy.breaker, self.targets, shared, on_change=self._breaker_changed)
+        earlier: Breakers | None = previous.breakers if previous is not None else None
+        self.breakers: Breakers = Breakers(policy.breaker, self.targets, shared, on_change=self._breaker_changed,
+                                           previous=earlier)
         self._shared = shared
         self._rng = rng or random.Random()
         self._counters: dict[tuple[Any, ...], Any] = {}

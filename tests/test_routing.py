@@ -41,7 +41,8 @@ def _clear_b(request: pytest.FixtureRequest) -> None:
         request.getfixturevalue("upstream_b").clear()
 
 
-def routing_policy(a: MockUpstream, b: MockUpstream, models: str, extra: str = "", state: str = "") -> str:
+def routing_policy(a: MockUpstream, b: MockUpstream, models: str, extra: str = "", state: str = "",
+                   providers: str = "") -> str:
     from gateway.auth.keys import hash_key
 
     return textwrap.dedent(f"""\
@@ -55,7 +56,7 @@ def routing_policy(a: MockUpstream, b: MockUpstream, models: str, extra: str = "
           a: {{kind: openai, base_url: "{a.base_url}", api_key_env: MOCK_UPSTREAM_KEY, {FAST}}}
           b: {{kind: openai, base_url: "{b.base_url}", api_key_env: MOCK_UPSTREAM_KEY, {FAST}}}
           dead: {{kind: openai, base_url: "http://127.0.0.1:{free_port()}/v1", api_key_env: MOCK_UPSTREAM_KEY}}
-        """) + extra + "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
+        """) + providers + extra + "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
 
 
 def chat(gateway: RunningGateway, model: str, **extra: object) -> httpx.Response:
@@ -127,7 +128,7 @@ def test_latency_moves_traffic_away_from_a_slowed_target_and_back(make_gateway: 
     slowed = [target(chat(running, "fastest")) for _ in range(30)]
     assert slowed[-20:].count("b/mock-model") >= 14, slowed  # 18 expected (a 10% exploration)
     upstream.override = None  # a recovers; now b slows down
-    upstream_b.override = "fault-slow-first-byte-250"
+    upstream_b.override = "fault-slow-first-byte-500"
     recovered = [target(chat(running, "fastest")) for _ in range(40)]
     assert recovered[-20:].count("a/mock-model") >= 14, recovered
 
@@ -152,8 +153,8 @@ def test_least_busy_prefers_the_idle_target(make_gateway: Make, upstream: MockUp
         time.sleep(0.08)  # a is still busy with the first request when the others arrive
     for thread in threads:
         thread.join(30)
-    assert results.count("a/fault-slow-first-byte-800") == 1, results
-    assert results.count("b/mock-model") == 5, results
+    assert results.count("a/fault-slow-first-byte-800") <= 2, results  # 1, unless two arrived at once
+    assert results.count("b/mock-model") >= 4, results
 
 
 def test_cost_picks_the_cheaper_healthy_target(make_gateway: Make, upstream: MockUpstream,
@@ -175,6 +176,24 @@ def test_cost_picks_the_cheaper_healthy_target(make_gateway: Make, upstream: Moc
     response = chat(running, "thrifty")
     assert target(response) == "a/mock-model" and response.headers["x-gateway-attempts"] == "1"
     assert not upstream_b.requests  # skipped while its breaker is open
+
+
+def test_a_full_connection_pool_moves_on_to_the_next_target(make_gateway: Make, upstream: MockUpstream,
+                                                             upstream_b: MockUpstream) -> None:
+    narrow = (f'  narrow: {{kind: openai, base_url: "{upstream.base_url}", api_key_env: MOCK_UPSTREAM_KEY, '
+              "pool_size: 1, pool_timeout_s: 0.2}\n")
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        held: {provider: narrow, model: fault-slow-stream-100}
+        main:
+          targets: [{provider: narrow, model: mock-model}, {provider: b, model: mock-model}]
+        """, providers=narrow))
+    with httpx.stream("POST", running.base_url + "/chat/completions", headers=AUTH, timeout=20,
+                      json={"model": "held", "messages": MESSAGES, "stream": True}) as held:
+        pieces = held.iter_raw()
+        next(pieces)  # the one slot of `narrow` is taken
+        response = chat(running, "main")
+        assert response.status_code == 200 and target(response) == "b/mock-model"
+        assert response.headers["x-gateway-fallback-reason"] == "busy"
 
 
 # -- retries and fallbacks ------------------------------------------------------------------------

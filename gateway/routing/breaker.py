@@ -172,6 +172,8 @@ class Breakers:
                 await self._store.publish(CHANNEL, b"open " + until + b" " + target.encode())
         except StoreUnavailable as exc:
             log.info("breaker state not shared (store unavailable: %s); kept locally", exc)
+        except Exception:  # sharing is best effort: a bug here must not end up in a request
+            log.exception("breaker state not shared")
 
     def apply(self, message: bytes) -> None:
         """Apply another replica's change: `open <until> <target>` or `close <target>`."""
@@ -208,7 +210,10 @@ class Breakers:
         listener = asyncio.get_running_loop().create_task(self._listen())
         try:
             while True:
-                await self._read_all()
+                try:
+                    await self._read_all()
+                except Exception:  # keep syncing whatever one round did
+                    log.exception("reading shared breaker state failed")
                 await asyncio.sleep(self.spec.sync_interval_s)
         finally:
             listener.cancel()
@@ -230,13 +235,13 @@ class Breakers:
         assert self._store is not None
         while True:
             try:
-                channel = await self._store.subscribe(CHANNEL)
+                async with await self._store.subscribe(CHANNEL) as channel:
+                    async for message in channel:
+                        self.apply(message)
             except StoreUnavailable:
-                await asyncio.sleep(self.spec.sync_interval_s)
-                continue
-            async with channel:
-                async for message in channel:
-                    self.apply(message)
+                pass
+            except Exception:  # the poll in `sync_forever` still covers what the channel misses
+                log.exception("listening for breaker changes failed")
             await asyncio.sleep(self.spec.sync_interval_s)  # the subscription ended (store closing): retry
 
     async def aclose(self) -> None:

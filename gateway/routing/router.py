@@ -176,6 +176,7 @@ class Router:
         tried = False
         for target in candidates:
             if not self.breakers.allow(target.name):
+                self._count(self.metrics.fallbacks, ctx.alias_label, "breaker_open").inc()
                 if ctx.fallback_reason is None:
                     ctx.fallback_reason = "breaker_open"
                 continue
@@ -221,7 +222,7 @@ class Router:
                 self._failed(ctx, target, exc, kind, time.perf_counter() - started, failures)
                 if isinstance(exc, DeadlineExceeded):
                     return "stop"
-                if kind not in route.retry_on:
+                if kind not in route.retry_on and kind != "busy":  # a full local pool: try the next target
                     raise self._tagged(ctx, exc) from None
                 if kind == "context_length":
                     if route.context_fallback is None:

@@ -28,6 +28,7 @@ from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingre
 from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
 from .reload import watch_policy_file
+from .routing import Router
 from .runtime import Runtime
 from .schemas.endpoints import Endpoint
 from .store import build_store
@@ -60,8 +61,12 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retiring: set[Runtime] = set()  # replaced by a reload, still finishing requests
 
-    def _build(self, policy: Policy) -> Runtime:
+    def _build(self, policy: Policy, previous: Runtime | None = None) -> Runtime:
+        """A runtime for `policy`; after a reload, routing keeps what it learnt about targets that stay."""
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
+        store = build_store(policy.state)
+        earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
+        router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         pipeline = Pipeline([
             Telemetry(self.metrics),
             CountTokens(self.tokens),
@@ -69,10 +74,10 @@ class Gateway:
             Authenticate(),
             Ingress(),
             Authorize(),
-            SelectTarget(),
-            CallUpstream(),
+            SelectTarget(router),
+            CallUpstream(router),
         ])
-        return Runtime(policy, providers, build_store(policy.state), pipeline)
+        return Runtime(policy, providers, store, pipeline, (router,))
 
     def acquire_runtime(self) -> Runtime:
         return self.runtime.acquire()
@@ -130,7 +135,7 @@ class Gateway:
                     "errors": [str(issue) for issue in exc.issues]}
         if policy.version == old.policy.version:
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
-        new = self._build(policy)
+        new = self._build(policy, old)
         try:
             await new.start()
         except Exception as exc:

@@ -49,6 +49,14 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--strict-env", action="store_true", help="also fail when a referenced env var is unset")
     check.set_defaults(run=_check)
 
+    route = commands.add_parser("route", help="show which rule a request matches and its candidate targets")
+    route.add_argument("request", type=Path, help="the request body as JSON (a file, or - for stdin)")
+    route.add_argument("--policy", type=Path, default=None, help="policy file (default: as for serve)")
+    route.add_argument("--key", help="the virtual key the request would carry (its tenant and name)")
+    route.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'",
+                       help="a request header rules may read (repeat for more)")
+    route.set_defaults(run=_route)
+
     schema = commands.add_parser("schema", help="print the policy's JSON Schema")
     schema.set_defaults(run=_schema)
 
@@ -98,6 +106,36 @@ def _check(args: argparse.Namespace) -> int:
         print(f"{file}: ok ({len(policy.models)} model aliases, {len(policy.providers)} providers, "
               f"auth: {policy.auth}, version {policy.version})")
     return 1 if failed else 0
+
+
+def _route(args: argparse.Namespace) -> int:
+    from .errors import GatewayError
+    from .routing.explain import explain_route
+
+    try:
+        policy = load_policy(resolve_policy_path(args.policy), require_env=False)
+    except PolicyError as exc:
+        print(exc, file=sys.stderr)
+        return 1
+    try:
+        raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
+    except OSError as exc:
+        print(f"gateway: cannot read {args.request}: {exc}", file=sys.stderr)
+        return 2
+    headers = []
+    for header in args.header:
+        name, colon, value = header.partition(":")
+        if not colon or not name.strip():
+            print(f"gateway: --header wants 'Name: value', not {header!r}", file=sys.stderr)
+            return 2
+        headers.append((name, value))
+    try:
+        lines = explain_route(policy, raw, args.key, headers)
+    except GatewayError as exc:
+        print(f"the gateway would answer {exc.status} ({exc.code or exc.type}): {exc.message}")
+        return 1
+    print("\n".join(lines))
+    return 0
 
 
 def _schema(args: argparse.Namespace) -> int:

@@ -19,8 +19,10 @@ from urllib.parse import quote, urlsplit
 import msgspec
 
 __all__ = [
+    "AllTargetsFailed",
     "AuthenticationFailed",
     "BodyTooLarge",
+    "ContextLengthExceeded",
     "GatewayBusy",
     "GatewayError",
     "HeadersTooLarge",
@@ -28,6 +30,7 @@ __all__ = [
     "InvalidRequest",
     "MethodNotAllowed",
     "ModelNotFound",
+    "NoRoute",
     "NotFound",
     "PermissionDenied",
     "RateLimited",
@@ -60,6 +63,7 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
+    upstream_status: int | None = None  # the upstream's HTTP status, when it answered with an error
 
     def __init__(
         self,
@@ -83,6 +87,18 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class ContextLengthExceeded(InvalidRequest):
+    """400: the upstream said the prompt does not fit its context window (routing may fall back)."""
+
+    code = "context_length_exceeded"
+
+
+class NoRoute(InvalidRequest):
+    """400: a routing rule refuses this request (its message is the policy's)."""
+
+    code = "no_route"
 
 
 class BodyTooLarge(GatewayError):
@@ -141,6 +157,12 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+
+
+class AllTargetsFailed(UpstreamError):
+    """502: every target of an alias was tried and failed (the message lists the attempts)."""
+
+    code = "all_targets_failed"
 
 
 class UpstreamTimeout(GatewayError):

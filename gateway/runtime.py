@@ -16,7 +16,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol
 
 from .policy import Policy
 from .providers import Provider
@@ -25,23 +25,35 @@ from .store.base import Store
 if TYPE_CHECKING:
     from .pipeline.runner import Pipeline
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "Service"]
 
 log = logging.getLogger("gateway.runtime")
 
 
+class Service(Protocol):
+    """Background work of one policy (the router's breaker sync and health checks): started after the
+    providers and the store, closed before them."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Runtime:
     __slots__ = (
-        "_active", "_closed", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store", "version_header",
+        "_active", "_closed", "_idle", "_retired", "created", "pipeline", "policy", "providers", "services",
+        "store", "version_header",
     )
 
     def __init__(
         self, policy: Policy, providers: Mapping[str, Provider], store: Store, pipeline: Pipeline,
+        services: tuple[Service, ...] = (),
     ) -> None:
         self.policy = policy
         self.providers = providers
         self.store = store
         self.pipeline = pipeline
+        self.services = services
         self.created = int(time.time())
         self.version_header = (b"x-gateway-policy-version", policy.version.encode())  # on every proxied answer
         self._active = 0
@@ -54,6 +66,8 @@ class Runtime:
         it reports itself unhealthy and recovers on its own (features follow `on_unavailable`)."""
         await asyncio.gather(*(provider.start() for provider in self.providers.values()))
         await self.store.start()
+        for service in self.services:
+            await service.start()
 
     def acquire(self) -> Runtime:
         self._active += 1
@@ -84,6 +98,11 @@ class Runtime:
         if self._closed:
             return
         self._closed = True
+        for service in self.services:
+            try:
+                await service.aclose()
+            except Exception:  # closing goes on whatever one service does
+                log.warning("error while closing a service of policy %s", self.policy.version, exc_info=True)
         results = await asyncio.gather(
             *(provider.close() for provider in self.providers.values()), self.store.aclose(),
             return_exceptions=True,

@@ -63,10 +63,13 @@ def test_twenty_reloads_under_load_fail_no_request_and_close_old_pools_after_the
                     if not ok:
                         failures.append(f"{response.status_code} {text[-200:]}")
 
+    streaming = threading.Event()
+
     def long_stream() -> None:  # spans several reloads: its runtime must stay open until it ends
         body = {"model": "fault-slow-stream-100", "messages": MESSAGES, "stream": True}
         with httpx.stream("POST", reloadable.base_url + "/chat/completions", headers=AUTH, json=body,
                           timeout=30) as response:
+            streaming.set()  # it holds the first runtime from here
             text = response.read().decode()
             if not text.endswith("data: [DONE]\n\n"):
                 failures.append("long stream: " + text[-200:])
@@ -75,6 +78,7 @@ def test_twenty_reloads_under_load_fail_no_request_and_close_old_pools_after_the
     workers.append(threading.Thread(target=long_stream))
     for worker in workers:
         worker.start()
+    assert streaming.wait(10)  # on a busy machine the thread may start late: reload only once it streams
     try:
         for n in range(20):
             time.sleep(0.1)

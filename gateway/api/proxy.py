@@ -60,7 +60,7 @@ class ProxyEndpoint:
         life = Lifecycle(task)
         runtime = host.acquire_runtime()
         host.active.add(life)
-        head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size)
+        head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size, scope["headers"])
         ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
         version = runtime.version_header
         try:
@@ -73,6 +73,7 @@ class ProxyEndpoint:
                     (b"content-length", str(len(reply.body)).encode()),
                     (b"x-request-id", request_id.encode()),
                     version,
+                    *routing_headers(ctx),
                 ], reply.body)
             else:
                 await self._send_stream(ctx, reply, send)
@@ -103,7 +104,8 @@ class ProxyEndpoint:
         try:
             await send({
                 "type": "http.response.start", "status": reply.status,
-                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header],
+                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
+                            *routing_headers(ctx)],
             })
             life.response_started = True
             async for batch in stream:
@@ -121,6 +123,21 @@ class ProxyEndpoint:
             life.reason = life.reason or "client_gone"
         finally:
             await stream.aclose("client_gone" if life.reason != "shutdown" else "shutdown")
+
+
+_ATTEMPTS = [(b"x-gateway-attempts", str(n).encode()) for n in range(16)]
+
+
+def routing_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
+    """Which target answered, after how many attempts, and why it fell back (if it did)."""
+    target = ctx.target
+    if target is None:
+        return []
+    count = ctx.attempt_count
+    attempts = _ATTEMPTS[count] if count < 16 else (b"x-gateway-attempts", str(count).encode())
+    if ctx.fallback_reason is None:
+        return [target.header, attempts]
+    return [target.header, attempts, (b"x-gateway-fallback-reason", ctx.fallback_reason.encode())]
 
 
 async def _send_quietly(sending: Any) -> None:

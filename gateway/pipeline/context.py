@@ -6,13 +6,14 @@ Stages are stateless; everything that belongs to one request lives on its
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
 from ..auth.keys import VirtualKey
-from ..policy.compiled import ModelRoute
+from ..policy.compiled import ModelRoute, Target
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import Usage
 from .lifecycle import Lifecycle
@@ -33,6 +34,7 @@ class RequestHead:
     credential: str | None  # the presented virtual key, if any: never logged
     content_length: int | None
     header_bytes: int
+    raw_headers: Sequence[tuple[bytes, bytes]] = ()  # the ASGI list as received (rules and sticky read it)
 
 
 @dataclass(slots=True)
@@ -59,7 +61,14 @@ class RequestContext:
     stream: bool = False
     wants_usage: bool = False  # the client asked for the usage chunk itself
     key: VirtualKey | None = None
-    route: ModelRoute | None = None
+    route: ModelRoute | None = None  # the alias asked for
+    plan: ModelRoute | None = None  # where routing sends it (the alias, or a rule's alias or targets)
+    candidates: Sequence[Target] = ()  # in the order the fallback walks them
+    rule: str | None = None  # the rule that matched
+    target: Target | None = None  # the target that answered (or was tried last)
+    attempt_count: int = 0
+    attempts: list[tuple[str, str, float]] | None = None  # (target, outcome, ms) once more than one ran
+    fallback_reason: str | None = None
     provider: Provider | None = None
     upstream_started: float = 0.0
     upstream_seconds: float = 0.0

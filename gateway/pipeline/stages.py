@@ -9,8 +9,7 @@ rights are known, before any upstream is chosen.
 
 from __future__ import annotations
 
-import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -24,12 +23,13 @@ from ..errors import (
     ModelNotFound,
 )
 from ..policy.compiled import Policy
-from ..providers.base import Call
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import StreamOptions
 from .context import Reply, RequestContext
 from .runner import Next
-from .streams import ReplyStream
+
+if TYPE_CHECKING:
+    from ..routing.router import Router
 
 __all__ = [
     "Admit",
@@ -170,34 +170,25 @@ def _printable(text: str) -> str:
 
 
 class SelectTarget:
-    """The provider that will answer. One target per alias today; routing extends this stage."""
+    """Rules, then the alias's strategy: the candidate targets in the order to try them (`routing`)."""
 
     name = "select"
 
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        assert ctx.route is not None
-        ctx.provider = ctx.runtime.providers[ctx.route.provider]
+        self.router.select(ctx)
         return await call_next(ctx)
 
 
 class CallUpstream:
-    """The terminal stage: one call to the selected provider, timed."""
+    """The terminal stage: the candidates, with retries and fallbacks, until one answers (`routing`)."""
 
     name = "upstream"
 
+    def __init__(self, router: Router) -> None:
+        self.router = router
+
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        assert ctx.route is not None and ctx.provider is not None
-        call = Call(ctx.endpoint, {**ctx.body, "model": ctx.route.upstream_model}, ctx.stream, ctx.request_id)
-        ctx.upstream_started = time.perf_counter()
-        if ctx.stream:
-            try:
-                source = await ctx.provider.open_stream(call)
-            finally:
-                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-            return Reply(stream=ReplyStream(source, ctx))
-        try:
-            completion = await ctx.provider.complete(call)
-        finally:
-            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        ctx.usage = completion.usage
-        return Reply(body=completion.body)
+        return await self.router.call(ctx)

@@ -1,7 +1,7 @@
 """Policy: the YAML file's schema, its loading with located errors, and its compiled form."""
 
 from .compile import compile_text, load_policy
-from .compiled import ModelRoute, Policy, ProviderConfig, Timeouts
+from .compiled import ModelRoute, Policy, ProviderConfig, Target, Timeouts
 from .loader import PolicyError, PolicyIssue
 
 __all__ = [
@@ -10,6 +10,7 @@ __all__ = [
     "PolicyError",
     "PolicyIssue",
     "ProviderConfig",
+    "Target",
     "Timeouts",
     "compile_text",
     "load_policy",

@@ -17,8 +17,9 @@ from urllib.parse import urlsplit
 
 from ..auth.keys import KeyRing, VirtualKey
 from ..store.base import StoreConfig
-from .compiled import ModelRoute, Policy, ProviderConfig, Timeouts
+from .compiled import Policy, ProviderConfig, Timeouts
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
+from .routes import compile_routing
 from .schema import PolicySpec, ProviderSpec, StateSpec
 
 __all__ = ["PolicyError", "compile_policy", "is_loopback", "load_policy", "open_to_network"]
@@ -52,9 +53,7 @@ def compile_policy(
     providers = {
         name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
     }
-    models = {}
-    for alias, model in spec.models.items():  # references were checked by the loader
-        models[alias] = ModelRoute(alias, model.provider, model.model, model.description)
+    models, rules, prices = compile_routing(spec, doc, providers)
     keys = _keys(spec, doc)
     state = _state(spec.state, doc, env, require_env, warnings)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
@@ -78,6 +77,9 @@ def compile_policy(
         keys=KeyRing(keys),
         providers=MappingProxyType(providers),
         models=MappingProxyType(models),
+        rules=rules,
+        prices=prices,
+        breaker=spec.routing.breaker,
         warnings=tuple(warnings),
         metrics_token=metrics_token,
         admin_token=admin_token,

@@ -8,12 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any
 
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
-from .schema import AuthMode, ProviderKind, ServerSpec
+from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
 
-__all__ = ["ModelRoute", "Policy", "ProviderConfig", "Timeouts"]
+__all__ = [
+    "HealthCheck",
+    "Match",
+    "ModelRoute",
+    "Policy",
+    "Price",
+    "PriceTable",
+    "ProviderConfig",
+    "RetryPolicy",
+    "Rule",
+    "Target",
+    "Timeouts",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,13 +57,126 @@ class ProviderConfig:
 
 
 @dataclass(frozen=True, slots=True)
-class ModelRoute:
-    """Where an alias goes. The routing issue turns this into an ordered target list."""
+class Price:
+    """USD per million tokens."""
 
-    alias: str
+    input_per_mtok: float
+    output_per_mtok: float
+
+    @property
+    def per_token(self) -> float:
+        """One figure to rank targets by: input and output prices, equally weighted."""
+        return (self.input_per_mtok + self.output_per_mtok) / 2_000_000
+
+
+class PriceTable:
+    """Prices of upstream models: the one place routing (and, later, accounting) reads them from.
+
+    Keys are an upstream model name (`gpt-4o-mini`) or one provider's (`azure/gpt-4o-mini`, which wins).
+    """
+
+    __slots__ = ("_prices",)
+
+    def __init__(self, prices: Mapping[str, Price]) -> None:
+        self._prices = dict(prices)
+
+    def price(self, provider: str, model: str) -> Price | None:
+        return self._prices.get(f"{provider}/{model}") or self._prices.get(model)
+
+    def __len__(self) -> int:
+        return len(self._prices)
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    attempts: int  # retries of the same target after its first try
+    backoff_s: float
+    backoff_max_s: float
+    retry_after_max_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class HealthCheck:
+    interval_s: float
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """One upstream model behind an alias. `name` (`provider/model`) keys its breaker and metrics."""
+
+    name: str
     provider: str
     upstream_model: str
-    description: str
+    weight: float
+    retry: RetryPolicy
+    price: Price | None
+    timeouts: Timeouts | None = None  # None: the provider's own
+    extra_body: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}))
+    health_check: HealthCheck | None = None
+    header: tuple[bytes, bytes] = (b"x-gateway-target", b"")  # precomputed response header
+
+
+@dataclass(frozen=True, slots=True)
+class ModelRoute:
+    """Where an alias (or a rule's target list) goes: its targets, and how to order them."""
+
+    alias: str
+    targets: tuple[Target, ...]
+    strategy: str = "priority"
+    sticky: str | None = None  # "tenant", "key", "user" or "header:<name>"
+    explore: float = 0.05
+    retry_on: frozenset[str] = frozenset()
+    context_fallback: str | None = None
+    deadline_s: float | None = None
+    description: str = ""
+    rules: tuple[Rule, ...] = ()  # the rules that may apply to requests for this alias, in policy order
+    cumulative: tuple[float, ...] = ()  # weighted: running sums of the weights
+
+    @property
+    def provider(self) -> str:
+        return self.targets[0].provider
+
+    @property
+    def upstream_model(self) -> str:
+        return self.targets[0].upstream_model
+
+    @property
+    def single(self) -> bool:
+        """One target, nothing to decide: the hot path skips every strategy."""
+        return len(self.targets) == 1
+
+
+@dataclass(frozen=True, slots=True)
+class Match:
+    """A rule's conditions, compiled: sets to test membership in, header names as lower-case bytes."""
+
+    alias: frozenset[str] | None = None
+    tenant: frozenset[str] | None = None
+    key: frozenset[str] | None = None
+    headers: tuple[tuple[bytes, frozenset[str] | None], ...] = ()  # None: present with any value
+    user: frozenset[str] | None = None
+    metadata: tuple[tuple[str, frozenset[str]], ...] = ()
+    prompt_tokens_over: int | None = None
+    prompt_tokens_under: int | None = None
+    has_tools: bool | None = None
+    has_images: bool | None = None
+    json_response: bool | None = None
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.prompt_tokens_over is not None or self.prompt_tokens_under is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Rule:
+    """First match wins: send to `alias`, to `route` (a target list), or refuse with `deny`."""
+
+    name: str
+    match: Match
+    alias: str | None = None
+    route: ModelRoute | None = None
+    deny: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -62,6 +189,9 @@ class Policy:
     keys: KeyRing
     providers: Mapping[str, ProviderConfig]
     models: Mapping[str, ModelRoute]
+    rules: tuple[Rule, ...] = ()
+    prices: PriceTable = field(default_factory=lambda: PriceTable({}))
+    breaker: BreakerSpec = field(default_factory=BreakerSpec)
     warnings: tuple[str, ...] = ()
     metrics_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)

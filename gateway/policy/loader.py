@@ -106,6 +106,11 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
         _check_struct(doc, value, struct, path)
         return
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and value is not None:  # `X | None` given a value: check as X
+        present = [arg for arg in args if arg is not types.NoneType]
+        if len(present) == 1:
+            _check(doc, value, present[0], path)
+            return
     if origin is dict:  # each key and each value on its own, so that an error names the entry at fault
         if isinstance(value, dict):
             for key, item in value.items():
@@ -122,6 +127,14 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
             return
         if _struct_type(args[0]) is not None:
             doc.issue(path, f"expected a list, got {_kind(value)}")
+            return
+        allowed = _literal_values(args[0])
+        if allowed and isinstance(value, (str, int, float, bool)):  # `retry_on: timeout`: name the choices
+            message = "expected a list, got a single value" if value in allowed else None
+            if message is None:
+                _convert(doc, value, args[0], path)
+            else:
+                doc.issue(path, message)
             return
     _convert(doc, value, tp, path)
 

@@ -9,20 +9,31 @@ turned into the runtime objects of `policy.compiled` by `policy.compile`.
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
 
 __all__ = [
     "AuthMode",
+    "BreakerSpec",
+    "HealthCheckSpec",
     "KeySpec",
+    "MatchSpec",
     "ModelSpec",
     "PolicySpec",
+    "PriceSpec",
     "ProviderKind",
     "ProviderSpec",
+    "RetryOn",
+    "RetrySpec",
+    "RoutingSpec",
+    "RuleSpec",
     "ServerSpec",
     "StateSpec",
+    "Strategy",
+    "TargetSpec",
+    "TargetTimeoutSpec",
     "TimeoutSpec",
     "json_schema",
 ]
@@ -118,10 +129,123 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
 
 
-class ModelSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+Strategy = Literal["priority", "weighted", "latency", "least_busy", "cost"]
+# What a failed attempt may be retried or fallen back on. Anything else (an upstream 400, 404, ...) is
+# answered at once: another target would refuse the same request.
+RetryOn = Literal["connect", "timeout", "rate_limit", "server_error", "context_length"]
+StickyKey = Annotated[str, Meta(pattern=r"^(tenant|key|user|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+)$",
+                                description="tenant, key, user, or header:<name>")]
+Price = Annotated[float, Meta(ge=0, le=1_000_000, description="USD per million tokens")]
+
+
+class PriceSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A model's price, in USD per million tokens (the accounting issue reads the same table)."""
+
+    input_per_mtok: Price
+    output_per_mtok: Price
+
+
+class RetrySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Retries of one target before the fallback moves on: exponential backoff with full jitter."""
+
+    attempts: Annotated[int, Meta(ge=0, le=10)] = 0  # retries after the first try
+    backoff_s: Annotated[float, Meta(ge=0.001, le=60)] = 0.25  # the first backoff's ceiling
+    backoff_max_s: Annotated[float, Meta(ge=0.001, le=300)] = 8.0
+    retry_after_max_s: Annotated[float, Meta(ge=0, le=600)] = 10.0  # an upstream's Retry-After, honoured up to this
+
+
+class TargetTimeoutSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Per-target overrides of the provider's timeouts (unset: the provider's)."""
+
+    connect_s: Seconds | None = None
+    first_byte_s: Seconds | None = None  # streams: also bounds the wait for the first content event
+    idle_s: Seconds | None = None
+    total_s: Seconds | None = None
+
+
+class HealthCheckSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """An active check: a one-token chat request on an interval, fed to the target's breaker."""
+
+    interval_s: Annotated[float, Meta(ge=1, le=3_600)] = 30.0
+    timeout_s: Annotated[float, Meta(gt=0, le=300)] = 10.0
+
+
+class TargetSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     provider: Name
     model: Annotated[str, Meta(min_length=1, max_length=256)]
+    weight: Annotated[float, Meta(ge=0, le=1_000_000)] = 1.0
+    timeouts: TargetTimeoutSpec | None = None
+    retry: RetrySpec | None = None  # default: the alias's, else routing.retry
+    price: PriceSpec | None = None  # default: the `prices` table
+    extra_body: dict[str, Any] = {}  # fields merged into the request sent to this target
+    health_check: HealthCheckSpec | None = None
+
+
+class ModelSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """An alias: one target (`provider` and `model`), or a list of `targets` and a `strategy`."""
+
+    provider: Name | None = None
+    model: Annotated[str, Meta(min_length=1, max_length=256)] | None = None
+    targets: list[TargetSpec] = []
+    strategy: Strategy = "priority"
+    sticky: StickyKey | None = None  # weighted only: the same caller keeps the same target
+    explore: Annotated[float, Meta(ge=0, le=1)] = 0.05  # latency only: share of requests that try another target
+    retry: RetrySpec | None = None
+    retry_on: list[RetryOn] | None = None  # default: routing.retry_on
+    context_fallback: Name | None = None  # the alias with a larger window, on "context length exceeded"
+    deadline_s: Seconds | None = None  # all attempts together; default: routing.deadline_s
     description: str = ""
+
+
+class MatchSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """A rule's conditions; all that are given must hold. Lists match any of their values."""
+
+    alias: list[Name] | None = None  # the alias the client asked for
+    tenant: list[str] | None = None
+    key: list[str] | None = None  # key names
+    header: dict[HeaderName, list[str]] | None = None  # exact values; ["*"]: present with any value
+    user: list[str] | None = None  # the request's `user` field
+    metadata: dict[str, list[str]] | None = None  # the request's `metadata` fields
+    prompt_tokens_over: Annotated[int, Meta(ge=0)] | None = None  # estimated with tiktoken
+    prompt_tokens_under: Annotated[int, Meta(ge=1)] | None = None
+    has_tools: bool | None = None
+    has_images: bool | None = None
+    json_response: bool | None = None  # response_format json_object or json_schema
+
+
+class RuleSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Before the strategy, first match wins: send the request to `alias`, to `targets`, or `deny` it."""
+
+    name: Name
+    when: MatchSpec = MatchSpec()
+    alias: Name | None = None
+    targets: list[TargetSpec] | None = None
+    strategy: Strategy = "priority"
+    sticky: StickyKey | None = None
+    deny: Annotated[str, Meta(min_length=1, max_length=500)] | None = None  # 400 with this message
+
+
+class BreakerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """The circuit breaker of every target (keyed by provider and model, shared by aliases)."""
+
+    enabled: bool = True
+    failures: Annotated[int, Meta(ge=1, le=1_000)] = 5  # consecutive failures that open it
+    failure_ratio: Annotated[float, Meta(gt=0, le=1)] = 0.5  # ... or this share of a window's requests
+    min_requests: Annotated[int, Meta(ge=1, le=100_000)] = 20  # a window needs this many for the ratio
+    window_s: Annotated[float, Meta(ge=1, le=3_600)] = 30.0
+    cooldown_s: Annotated[float, Meta(ge=0.05, le=3_600)] = 30.0  # open this long, then one probe
+    when_all_open: Literal["try_least_recent", "refuse"] = "try_least_recent"
+    sync_interval_s: Annotated[float, Meta(ge=0.05, le=60)] = 1.0  # shared store: read other replicas' breakers
+
+
+class RoutingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """Defaults of every alias, and the breaker."""
+
+    retry: RetrySpec = RetrySpec()
+    retry_on: list[RetryOn] = msgspec.field(
+        default_factory=lambda: ["connect", "timeout", "rate_limit", "server_error", "context_length"])
+    deadline_s: Seconds | None = None
+    breaker: BreakerSpec = BreakerSpec()
 
 
 class KeySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -139,6 +263,10 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     keys: list[KeySpec] = []
     providers: dict[Name, ProviderSpec]
     models: dict[Name, ModelSpec]
+    routing: RoutingSpec = RoutingSpec()
+    rules: list[RuleSpec] = []
+    # Prices by upstream model name, or `provider/model` for one provider's (USD per million tokens).
+    prices: dict[str, PriceSpec] = {}
 
 
 def json_schema() -> dict[str, object]:

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..policy.compiled import ProviderConfig
+from ..policy.compiled import ProviderConfig, Timeouts
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.openai import Usage
@@ -33,6 +33,7 @@ class Call:
     body: dict[str, Any]  # the client's request, `model` already set to the upstream's name
     stream: bool
     request_id: str
+    timeouts: Timeouts | None = None  # a target's own timeouts; None: the provider's
 
     @property
     def client_wants_usage(self) -> bool:

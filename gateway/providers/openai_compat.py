@@ -20,6 +20,7 @@ import msgspec
 
 from ..errors import (
     BodyTooLarge,
+    ContextLengthExceeded,
     GatewayError,
     InvalidRequest,
     RateLimited,
@@ -47,6 +48,8 @@ _MAX_ERROR_BODY = 64 * 1024
 # cannot occur inside a string unescaped, so this never matches content text.
 _NULL_USAGE_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
 _NULL_USAGE_FIRST = re.compile(rb'"usage"\s*:\s*null\s*,')
+# How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
+_CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|prompt is too long", re.IGNORECASE)
 
 
 class OpenAICompatProvider:
@@ -86,13 +89,16 @@ class OpenAICompatProvider:
         The caller holds a connection permit from the gate and must release it.
         """
         assert self._session is not None, "provider not started"
-        timeouts = self.config.timeouts
+        timeouts = call.timeouts or self.config.timeouts
         deadline = asyncio.get_running_loop().time() + timeouts.total_s
+        extra: dict[str, Any] = {}
+        if call.timeouts is not None and call.timeouts.connect_s != self.config.timeouts.connect_s:
+            extra["timeout"] = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=call.timeouts.connect_s)
         try:
             async with asyncio.timeout(timeouts.first_byte_s):
                 response = await self._session.post(
                     self._urls[call.endpoint], data=self._payload(call), params=self._query,
-                    headers={"X-Request-Id": call.request_id},
+                    headers={"X-Request-Id": call.request_id}, **extra,
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise transport_error(exc, self.name, "waiting for the response") from exc
@@ -107,7 +113,7 @@ class OpenAICompatProvider:
         await self._gate.acquire()
         try:
             response, deadline = await self._send(call)
-            body = await self._read_body(response, deadline)
+            body = await self._read_body(response, deadline, (call.timeouts or self.config.timeouts).idle_s)
         finally:
             self._gate.release()
         try:
@@ -116,10 +122,9 @@ class OpenAICompatProvider:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(body, usage)
 
-    async def _read_body(self, response: aiohttp.ClientResponse, deadline: float) -> bytes:
+    async def _read_body(self, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:
         """Read a whole body with the idle timeout between reads and the size cap while reading."""
         loop = asyncio.get_running_loop()
-        idle_s = self.config.timeouts.idle_s
         parts: list[bytes] = []
         size = 0
         try:
@@ -153,7 +158,7 @@ class OpenAICompatProvider:
             self._gate.release()
             raise UpstreamError(f"upstream `{self.name}` did not answer with an event stream")
         asked_for_usage = self.config.stream_usage and not call.client_wants_usage
-        return _OpenAIStream(self, response, deadline, asked_for_usage)
+        return _OpenAIStream(self, response, deadline, asked_for_usage, (call.timeouts or self.config.timeouts).idle_s)
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
         """Turn a non-200 answer into the gateway error a client should see."""
@@ -162,14 +167,24 @@ class OpenAICompatProvider:
                 raw = await response.content.read(_MAX_ERROR_BODY)
             detail = _peek_error(raw).get("error")
             message = detail.get("message") if isinstance(detail, dict) else detail
+            code = detail.get("code") if isinstance(detail, dict) else None
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
-            message = None
-        return status_error(self.name, response.status, self.sanitize(message), response.headers.get("Retry-After"))
+            message = code = None
+        error = status_error(self.name, response.status, self.sanitize(message), response.headers.get("Retry-After"),
+                             code if isinstance(code, str) else None, message if isinstance(message, str) else "")
+        error.upstream_status = response.status
+        return error
 
 
-def status_error(provider: str, status: int, detail: str, retry_after: str | None) -> GatewayError:
-    """The client-facing error for an upstream's HTTP status (`detail` already sanitized)."""
+def status_error(
+    provider: str, status: int, detail: str, retry_after: str | None, code: str | None = None, raw: str = "",
+) -> GatewayError:
+    """The client-facing error for an upstream's HTTP status (`detail` already sanitized; `code` and `raw`,
+    the upstream's own error code and message, are only read to recognise a context window overflow)."""
     suffix = f": {detail}" if detail else ""
+    if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(raw[:2000])):
+        return ContextLengthExceeded(f"upstream `{provider}` rejected the request: the prompt exceeds its context "
+                                     f"window{suffix}")
     if status == 429:
         headers = {"Retry-After": retry_after} if retry_after and _safe_retry_after(retry_after) else {}
         return RateLimited(f"upstream `{provider}` is rate limited{suffix}", headers=headers)
@@ -197,12 +212,13 @@ def strip_null_usage(payload: bytes) -> bytes:
 class _OpenAIStream:
     """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
 
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_provider", "_response")
+    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_provider", "_response")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
-        asked_for_usage: bool,
+        asked_for_usage: bool, idle_s: float,
     ) -> None:
+        self._idle_s = idle_s
         self._provider = provider
         self._response = response
         self._deadline = deadline
@@ -222,7 +238,7 @@ class _OpenAIStream:
         decoder = SSEDecoder()
         content = self._response.content
         loop = asyncio.get_running_loop()
-        idle_s = self._provider.config.timeouts.idle_s
+        idle_s = self._idle_s
         saw_usage = False
         try:
             while True:

@@ -100,6 +100,26 @@ class Metrics:
             "gateway_upstream_pool_timeouts", "Requests refused (503) after waiting pool_timeout_s for a slot.",
             ("provider",), registry=registry,
         )
+        self.attempts = Counter(
+            "gateway_upstream_attempts", "Attempts against a target (`provider/model`), by outcome.",
+            ("target", "outcome"), registry=registry,
+        )
+        self.retries = Counter(
+            "gateway_upstream_retries", "Retries of the same target, by the failure that caused them.",
+            ("target", "reason"), registry=registry,
+        )
+        self.fallbacks = Counter(
+            "gateway_fallbacks", "Moves to the next target (or the context fallback alias), by reason.",
+            ("model", "reason"), registry=registry,
+        )
+        self.breaker_state = Gauge(
+            "gateway_breaker_state", "Circuit breaker per target: 0 closed, 1 half-open, 2 open.",
+            ("target",), registry=registry, multiprocess_mode="livemax",
+        )
+        self.routed = Counter(
+            "gateway_routed_requests", "Requests answered, by the alias asked for and the target that answered.",
+            ("model", "target"), registry=registry,
+        )
         self._series: dict[tuple[str, str, int, str | None], _Series] = {}
         self._versions: set[str] = set()
 

@@ -86,7 +86,9 @@ class Telemetry:
                 "request", extra={"fields": {
                     "request_id": ctx.request_id, "endpoint": ctx.endpoint.label, "model": ctx.alias_label,
                     "tenant": ctx.tenant, "key": ctx.key.name if ctx.key is not None else None,
-                    "provider": provider, "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,
+                    "provider": provider, "target": ctx.target.name if ctx.target is not None else None,
+                    "rule": ctx.rule, "attempts": _attempts(ctx), "fallback_reason": ctx.fallback_reason,
+                    "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,
                     "total_ms": round(total * 1000, 2), "upstream_ms": round(ctx.upstream_seconds * 1000, 2),
                     "first_chunk_ms": round(ctx.first_chunk_seconds * 1000, 2) if ctx.first_chunk_seconds else None,
                     "prompt_tokens": usage.prompt_tokens if usage else None,
@@ -95,3 +97,13 @@ class Telemetry:
                     "policy_version": ctx.runtime.policy.version,
                 }},
             )
+
+
+def _attempts(ctx: RequestContext) -> list[dict[str, object]]:
+    """Every attempt, in order: target, outcome and milliseconds (one line when the first answered)."""
+    if ctx.attempts is not None:
+        return [{"target": target, "outcome": outcome, "ms": ms} for target, outcome, ms in ctx.attempts]
+    if ctx.target is None:
+        return []
+    outcome = "ok" if ctx.status < 400 or ctx.status == CLIENT_CLOSED else "error"
+    return [{"target": ctx.target.name, "outcome": outcome}]

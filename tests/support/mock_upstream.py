@@ -9,6 +9,12 @@ Faults are chosen by the request's ``model`` field (see ``parse_fault``): it is
 the one value a gateway forwards after mapping an alias, so a test selects a
 failure just by picking an alias that maps to, say, ``fault-status-429``.
 
+Routing tests need an upstream whose behaviour changes while the gateway's policy
+stays put: set ``override`` to a fault name (``mock.override = "fault-status-500"``)
+and every request misbehaves so until it is set back to None. ``retry-after-<s>``
+is a 429 with that Retry-After, ``context-length`` a 400 context window overflow,
+``error-first`` a stream that answers 200 and then an error event before any content.
+
 Run ``python -m tests.support.mock_upstream --port 9999`` to try it by hand.
 """
 
@@ -67,8 +73,9 @@ class Fault:
 
 
 _FAULT_RE = re.compile(
-    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body)-(\d+)"
-    r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream)"
+    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body|retry-after)-(\d+)"
+    r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
+    r"|error-first)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
 # credential it was sent, without its `Bearer` (filled in per request).
@@ -399,6 +406,7 @@ class MockUpstream:
         self.host = host
         self.port = port
         self.requests: list[RecordedRequest] = []
+        self.override: str | None = None  # a fault name applied to every request (see the module's docstring)
         self.disconnects: list[RecordedRequest] = []
         self._cond = threading.Condition()
         self._serials = itertools.count(1)
@@ -471,6 +479,7 @@ class MockUpstream:
     # -- recording
 
     def clear(self) -> None:
+        self.override = None
         with self._cond:
             self.requests.clear()
             self.disconnects.clear()
@@ -534,9 +543,28 @@ class MockUpstream:
             body = request[_RECORD].json
             if not isinstance(body, dict):
                 return await _send(request, bad_json_response())
-            fault = parse_fault(body.get("model"))
+            fault = parse_fault(self.override or body.get("model"))
             if fault and fault.kind == "status":
                 return await _send(request, status_fault_response(fault.value))
+            if fault and fault.kind == "retry-after":
+                return await _send(request, error_response(429, "Rate limit reached, retry later",
+                                                           "rate_limit_exceeded", "rate_limit_exceeded",
+                                                           headers={"Retry-After": str(fault.value)}))
+            if fault and fault.kind == "context-length":
+                return await _send(request, error_response(
+                    400, "This model's maximum context length is 128 tokens. However, your messages resulted in "
+                    "4000 tokens.", "invalid_request_error", "context_length_exceeded", param="messages"))
+            if fault and fault.kind == "error-first" and body.get("stream") is True:
+                error = {"error": {"message": "The server had an error while processing your request",
+                                   "type": "server_error"}}
+                resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+                request[_RESPONSE] = resp
+                await resp.prepare(request)
+                await resp.write(sse(error))
+                await resp.write_eof()
+                return resp
+            if fault and fault.kind == "error-first":
+                return await _send(request, status_fault_response(500))
             key = request.headers.get("Authorization", "").removeprefix("Bearer ")
             if fault and fault.kind == "echo-secrets":
                 return await _send(request, error_response(

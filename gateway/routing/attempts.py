@@ -1,0 +1,152 @@
+"""The pieces of the retry and fallback loop: what a failure is, how long to wait, one error for many.
+
+`classify` names a failure by what the policy's `retry_on` can list. `backoff`
+is exponential with full jitter (a random wait between zero and the ceiling), so
+that clients failing together do not retry together; an upstream's Retry-After
+replaces it, up to the target's cap. `aggregate` turns every failed attempt into
+the one error the client gets. `peek` reads a stream up to its first content event,
+so that a stream that fails before any content (even with a 200 and an in-band
+error) can still fall back; `Replay` then hands the buffered batches on, unchanged.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import random
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+from ..errors import (
+    AllTargetsFailed,
+    ContextLengthExceeded,
+    GatewayBusy,
+    GatewayError,
+    InternalError,
+    RateLimited,
+    UpstreamError,
+    UpstreamTimeout,
+)
+from ..policy.compiled import RetryPolicy, Target
+from ..schemas.events import Chunk, EventSource, StreamDone, StreamError, StreamEvent
+
+__all__ = ["BREAKER_FAILURES", "Replay", "aggregate", "backoff", "classify", "peek", "retry_after_s"]
+
+# Failures that say something about the target's health. A 429 says it is busy (Retry-After
+# covers it), a full local pool says the gateway is, a client error says nothing about the target.
+BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error"})
+_MAX_MESSAGE = 900
+
+
+def classify(error: GatewayError) -> str:
+    """The `retry_on` name of a failure, or `client_error` (never retried) / `busy` (the local pool)."""
+    if isinstance(error, ContextLengthExceeded):
+        return "context_length"
+    if isinstance(error, RateLimited):
+        return "rate_limit"
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if isinstance(error, GatewayBusy):
+        return "busy"
+    if isinstance(error, UpstreamError):
+        status = error.upstream_status
+        if status is not None and 400 <= status < 500:
+            return "client_error"  # 401, 403, 404...: the spec says no retry on other 4xx
+        return "connect" if error.code == "upstream_unavailable" else "server_error"
+    return "client_error"
+
+
+def retry_after_s(error: GatewayError) -> float | None:
+    """The upstream's Retry-After in seconds (delta or HTTP date), if it sent one."""
+    value = error.headers.get("Retry-After")
+    if not value:
+        return None
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Random) -> float:
+    """The wait before retry number `retry` (0-based): Retry-After up to its cap, else full jitter."""
+    hinted = retry_after_s(error)
+    if hinted is not None:
+        return min(hinted, policy.retry_after_max_s)
+    ceiling = min(policy.backoff_max_s, policy.backoff_s * (2 ** retry))
+    return rng.uniform(0, ceiling)
+
+
+def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) -> GatewayError:
+    """One error for all attempts: 429 when every one was rate limited (with the smallest Retry-After),
+    504 when every one timed out, else 502; its message lists each attempt."""
+    if len(failures) == 1:
+        return failures[0][1]
+    kinds = {kind for _, _, kind in failures}
+    listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
+    if len(listed) > _MAX_MESSAGE:
+        listed = listed[:_MAX_MESSAGE] + "..."
+    what = f"all {len(failures)} attempts for `{alias}` failed ({listed})"
+    if kinds == {"rate_limit"}:
+        hints = [h for _, error, _ in failures if (h := retry_after_s(error)) is not None]
+        headers = {"Retry-After": str(max(1, round(min(hints))))} if hints else {}
+        return RateLimited(what, headers=headers)
+    if kinds == {"timeout"}:
+        return UpstreamTimeout(what)
+    return AllTargetsFailed(what)
+
+
+async def peek(source: EventSource) -> tuple[list[list[StreamEvent]], AsyncIterator[list[StreamEvent]]]:
+    """Read batches until the first content event (or the clean end); raise the error of a stream that
+    fails before it. Returns the batches read and the iterator to go on with."""
+    iterator = aiter(source)
+    buffered: list[list[StreamEvent]] = []
+    while True:
+        try:
+            batch = await anext(iterator)
+        except StopAsyncIteration:
+            raise UpstreamError("the upstream stream ended before any content") from None
+        buffered.append(batch)
+        for event in batch:
+            if isinstance(event, (Chunk, StreamDone)):
+                return buffered, iterator
+            if isinstance(event, StreamError):
+                raise event.error
+
+
+class Replay:
+    """A peeked stream: the buffered batches first, then the rest, as one `EventSource`."""
+
+    __slots__ = ("_buffered", "_closed", "_iterator", "_on_close", "_source")
+
+    def __init__(
+        self, source: EventSource, buffered: list[list[StreamEvent]], iterator: AsyncIterator[list[StreamEvent]],
+        on_close: Callable[[], None],
+    ) -> None:
+        self._source = source
+        self._buffered = buffered
+        self._iterator = iterator
+        self._on_close = on_close
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
+        return self._batches()
+
+    async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
+        buffered, self._buffered = self._buffered, []
+        for batch in buffered:
+            yield batch
+        try:
+            async for batch in self._iterator:
+                yield batch
+        except GatewayError as exc:
+            yield [StreamError(exc)]
+        except Exception:  # noqa: BLE001 -- a provider bug mid-stream ends this stream, not the process
+            yield [StreamError(InternalError("the stream ended unexpectedly"))]
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._on_close()
+            await self._source.aclose()

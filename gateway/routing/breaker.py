@@ -1,0 +1,250 @@
+"""Circuit breakers, one per target (`provider/model`), kept locally and shared through the `Store`.
+
+Why local first: a request must never wait on shared state to learn whether a target
+is up, and a Redis outage must never fail or slow a request. So every decision reads
+this process's state, and sharing happens beside the requests: when a breaker opens
+(or closes after a probe), the change is written to the store with the cooldown as
+its TTL and published; every replica applies published changes at once and re-reads
+the open breakers every `sync_interval_s` (messages are at most once). Store errors
+are logged and ignored: the local breaker keeps working on its own.
+
+States: closed (traffic flows; consecutive failures and a per-window failure ratio
+are counted) -> open (skipped for `cooldown_s`) -> half-open (exactly one request of
+this process probes it) -> closed on success, open again on failure.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+
+from ..policy.schema import BreakerSpec
+from ..store.base import Store, StoreUnavailable
+
+__all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breakers"]
+
+log = logging.getLogger("gateway.routing")
+CLOSED, HALF_OPEN, OPEN = 0, 1, 2  # also the values of the `gateway_breaker_state` gauge
+CHANNEL = "routing:breakers"
+_KEY = "breaker:"
+
+
+class _State:
+    __slots__ = ("consecutive", "last_failure", "open_until", "probing", "state", "window_failures",
+                 "window_requests", "window_start")
+
+    def __init__(self, now: float) -> None:
+        self.state = CLOSED
+        self.consecutive = 0
+        self.window_start = now
+        self.window_requests = 0
+        self.window_failures = 0
+        self.open_until = 0.0
+        self.last_failure = 0.0
+        self.probing = False
+
+
+class Breakers:
+    """The breakers of one runtime's targets. `on_change(target, state)` reports transitions (metrics)."""
+
+    def __init__(
+        self, spec: BreakerSpec, targets: Iterable[str], store: Store | None,
+        on_change: Callable[[str, int], None] = lambda target, state: None,
+        clock: Callable[[], float] = time.monotonic, previous: Breakers | None = None,
+    ) -> None:
+        self.spec = spec
+        self._clock = clock
+        now = clock()
+        kept: dict[str, _State] = previous._states if previous is not None else {}
+        self._states: dict[str, _State] = {name: kept.get(name) or _State(now) for name in targets}
+        self._store = store
+        self._on_change = on_change
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def state(self, target: str) -> int:
+        entry = self._states[target]
+        if entry.state == OPEN and self._clock() >= entry.open_until:
+            return HALF_OPEN
+        return entry.state
+
+    # -- decisions (synchronous: never wait on the store) -----------------------------------------
+
+    def allow(self, target: str) -> bool:
+        """Whether to send a request to `target` now. In half-open, True once (the probe) until it reports."""
+        if not self.spec.enabled:
+            return True
+        entry = self._states[target]
+        if entry.state == CLOSED:
+            return True
+        if entry.state == OPEN:
+            if self._clock() < entry.open_until:
+                return False
+            self._set(target, entry, HALF_OPEN)
+        if entry.probing:
+            return False
+        entry.probing = True
+        return True
+
+    def release(self, target: str) -> None:
+        """A probe that ended without a verdict (the client left): let the next request probe."""
+        self._states[target].probing = False
+
+    def least_recently_failed(self, targets: Iterable[str]) -> str:
+        return min(targets, key=lambda name: self._states[name].last_failure)
+
+    def retry_in(self, targets: Iterable[str]) -> float:
+        """Seconds until the first of `targets` may be probed."""
+        now = self._clock()
+        return max(0.0, min(self._states[name].open_until - now for name in targets))
+
+    # -- outcomes ---------------------------------------------------------------------------------
+
+    def success(self, target: str) -> None:
+        entry = self._states[target]
+        entry.consecutive = 0
+        self._count(entry, failed=False)
+        if entry.state != CLOSED:
+            entry.probing = False
+            self._set(target, entry, CLOSED)
+            self._share(target, None)
+
+    def failure(self, target: str) -> None:
+        entry = self._states[target]
+        now = self._clock()
+        entry.consecutive += 1
+        entry.last_failure = now
+        self._count(entry, failed=True)
+        if not self.spec.enabled:
+            return
+        if entry.state != CLOSED:  # a failed probe (or the forced try of an all-open alias): open again
+            entry.probing = False
+            self._open(target, entry, now, self.spec.cooldown_s)
+            return
+        spec = self.spec
+        tripped = entry.consecutive >= spec.failures or (
+            entry.window_requests >= spec.min_requests
+            and entry.window_failures >= spec.failure_ratio * entry.window_requests
+        )
+        if tripped:
+            self._open(target, entry, now, spec.cooldown_s)
+
+    def _count(self, entry: _State, failed: bool) -> None:
+        now = self._clock()
+        if now - entry.window_start >= self.spec.window_s:
+            entry.window_start, entry.window_requests, entry.window_failures = now, 0, 0
+        entry.window_requests += 1
+        entry.window_failures += failed
+
+    def _open(self, target: str, entry: _State, now: float, seconds: float) -> None:
+        entry.open_until = now + seconds
+        entry.consecutive = 0
+        entry.window_start, entry.window_requests, entry.window_failures = now, 0, 0
+        self._set(target, entry, OPEN)
+        log.warning("circuit breaker opened", extra={"fields": {"target": target, "cooldown_s": seconds}})
+        self._share(target, seconds)
+
+    def _set(self, target: str, entry: _State, state: int) -> None:
+        if entry.state != state:
+            entry.state = state
+            self._on_change(target, state)
+
+    # -- sharing through the store ------------------------------------------------------------------
+
+    def _share(self, target: str, open_for: float | None) -> None:
+        if self._store is None:
+            return
+        task = asyncio.get_running_loop().create_task(self._write(target, open_for))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _write(self, target: str, open_for: float | None) -> None:
+        assert self._store is not None
+        try:
+            if open_for is None:
+                await self._store.delete(_KEY + target)
+                await self._store.publish(CHANNEL, b"close " + target.encode())
+            else:
+                until = b"%.3f" % (time.time() + open_for)
+                await self._store.set(_KEY + target, until, ttl_s=open_for)
+                await self._store.publish(CHANNEL, b"open " + until + b" " + target.encode())
+        except StoreUnavailable as exc:
+            log.info("breaker state not shared (store unavailable: %s); kept locally", exc)
+        except Exception:  # sharing is best effort: a bug here must not end up in a request
+            log.exception("breaker state not shared")
+
+    def apply(self, message: bytes) -> None:
+        """Apply another replica's change: `open <until> <target>` or `close <target>`."""
+        verb, _, rest = message.decode("utf-8", "replace").partition(" ")
+        if verb == "open":
+            until, _, target = rest.partition(" ")
+            try:
+                self._remote_open(target, float(until))
+            except ValueError:
+                return
+        elif verb == "close":
+            entry = self._states.get(rest)
+            if entry is not None and entry.state != CLOSED:
+                entry.probing = False
+                entry.consecutive = 0
+                self._set(rest, entry, CLOSED)
+
+    def _remote_open(self, target: str, until_wall: float) -> None:
+        entry = self._states.get(target)
+        remaining = until_wall - time.time()
+        if entry is None or remaining <= 0:
+            return
+        now = self._clock()
+        if entry.state == OPEN and entry.open_until >= now + remaining - 0.05:
+            return  # already open as long (our own message, or an older one)
+        entry.open_until = now + remaining
+        entry.last_failure = max(entry.last_failure, now)
+        entry.probing = False
+        self._set(target, entry, OPEN)
+
+    async def sync_forever(self) -> None:
+        """Replicas: follow published changes, and re-read open breakers now and then."""
+        assert self._store is not None
+        listener = asyncio.get_running_loop().create_task(self._listen())
+        try:
+            while True:
+                try:
+                    await self._read_all()
+                except Exception:  # keep syncing whatever one round did
+                    log.exception("reading shared breaker state failed")
+                await asyncio.sleep(self.spec.sync_interval_s)
+        finally:
+            listener.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await listener
+
+    async def _read_all(self) -> None:
+        assert self._store is not None
+        for target in self._states:
+            try:
+                value = await self._store.get(_KEY + target)
+            except StoreUnavailable:
+                return
+            if value is not None:
+                with contextlib.suppress(ValueError):
+                    self._remote_open(target, float(value))
+
+    async def _listen(self) -> None:
+        assert self._store is not None
+        while True:
+            try:
+                async with await self._store.subscribe(CHANNEL) as channel:
+                    async for message in channel:
+                        self.apply(message)
+            except StoreUnavailable:
+                pass
+            except Exception:  # the poll in `sync_forever` still covers what the channel misses
+                log.exception("listening for breaker changes failed")
+            await asyncio.sleep(self.spec.sync_interval_s)  # the subscription ended (store closing): retry
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)

@@ -1,0 +1,95 @@
+"""`gateway route`: which rule a request matches and the order its targets would be tried, offline.
+
+Nothing is sent: the policy is compiled as for serving, the request decoded as the
+endpoint would, and the router's own `explain` (the same rules and strategies that
+serve traffic) orders the targets. Breakers read as closed and latency and load as
+unknown, since an offline command sees no traffic; a weighted alias without a
+sticky key shows one random draw and the weights.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import msgspec
+
+from ..pipeline.stages import authenticate, decode_body, model_not_found
+from ..policy.compiled import ModelRoute, Policy, Target
+from ..schemas.endpoints import Endpoint
+from ..telemetry.metrics import Metrics
+from ..telemetry.tokens import TokenCounter
+from .router import Router
+from .rules import Facts
+
+__all__ = ["explain_route"]
+
+
+def explain_route(
+    policy: Policy, raw: bytes, key: str | None = None, headers: Sequence[tuple[str, str]] = (),
+) -> list[str]:
+    """The report's lines; raises `GatewayError` (as the gateway would answer) for a refused request."""
+    endpoint = _endpoint(raw)
+    body, _ = decode_body(raw, endpoint)
+    virtual_key = authenticate(policy, key)
+    alias = body["model"]
+    if alias not in policy.models or (virtual_key is not None and not virtual_key.allows(alias)):
+        raise model_not_found(alias)
+    tokens = TokenCounter()
+    if any(rule.match.needs_tokens for rule in policy.rules):
+        tokens.load(route.upstream_model for route in policy.models.values())
+    raw_headers = [(name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")) for name, value in headers]
+    facts = Facts(body, virtual_key, raw_headers, tokens, policy.models[alias].upstream_model)
+    router = Router(policy, {}, None, Metrics(), tokens)
+    stream = body.get("stream") is True
+    rule, route, order = router.explain(facts, alias, stream)
+    lines = [
+        f"endpoint: /v1/{endpoint.path}" + (" (streamed)" if stream else ""),
+        f"alias: {alias}" + (f"  (tenant {virtual_key.tenant}, key {virtual_key.name})" if virtual_key else ""),
+        f"rule: {rule or 'none matched'}",
+        f"route: {route.alias}  strategy: {route.strategy}{_strategy_note(route, facts)}",
+        f"retry_on: {', '.join(sorted(route.retry_on)) or 'nothing'}"
+        + (f"  context_fallback: {route.context_fallback}" if route.context_fallback else "")
+        + (f"  deadline: {route.deadline_s:g} s" if route.deadline_s else ""),
+        "candidates, in the order they would be tried:",
+    ]
+    if any(rule.match.needs_tokens for rule in policy.models[alias].rules):
+        lines.insert(3, f"prompt tokens: {facts.prompt_tokens}" + ("" if tokens.exact else " (estimated)"))
+    for index, target in enumerate(order, 1):
+        lines.append(f"  {index}. {target.name}{_target_note(route, target)}")
+    lines.append("(offline: breakers read as closed, latency and load as unknown; nothing was sent)")
+    return lines
+
+
+def _endpoint(raw: bytes) -> Endpoint:
+    try:
+        data: Any = msgspec.json.decode(raw)
+    except msgspec.DecodeError:
+        return Endpoint.CHAT  # decode_body reports it
+    if isinstance(data, dict) and "messages" not in data:
+        if "input" in data:
+            return Endpoint.EMBEDDINGS
+        if "prompt" in data:
+            return Endpoint.COMPLETIONS
+    return Endpoint.CHAT
+
+
+def _strategy_note(route: ModelRoute, facts: Facts) -> str:
+    if route.strategy != "weighted":
+        return ""
+    if route.sticky is None:
+        return "  (one random draw by weight; each request draws again)"
+    value = facts.sticky_value(route.sticky)
+    return f"  (sticky on {route.sticky}: " + (f"{value!r})" if value is not None else "absent: drawn at random)")
+
+
+def _target_note(route: ModelRoute, target: Target) -> str:
+    notes = []
+    if route.strategy == "weighted":
+        notes.append(f"weight {target.weight:g}")
+    if target.price is not None:
+        notes.append(f"${target.price.input_per_mtok:g}/${target.price.output_per_mtok:g} per Mtok")
+    if target.retry.attempts:
+        notes.append(f"{target.retry.attempts} {'retry' if target.retry.attempts == 1 else 'retries'}")
+    return f"  ({', '.join(notes)})" if notes else ""
+

@@ -1,0 +1,386 @@
+"""The router: rules and strategy pick the candidates (`select`), the fallback walks them (`call`).
+
+One `Router` per runtime (so per policy version), built with its providers and store.
+`select` runs in the `SelectTarget` stage and `call` in `CallUpstream`, after
+`Authorize`, so a cache can sit between the key's rights and the choice of target.
+
+The walk: for each candidate in order, skip it while its breaker is open; try it,
+retrying the same target on a retryable failure (backoff with full jitter, or the
+upstream's Retry-After up to a cap); on a failure `retry_on` does not list, answer
+at once; on "context length exceeded", go on with the alias's `context_fallback`;
+otherwise fall back to the next candidate. A deadline bounds the whole walk. Each
+attempt builds its upstream body from the client's original request. A stream may
+fall back until its first content event; after that its errors reach the client.
+
+A single-target alias costs one dictionary merge (the body, as before routing) and
+two counter increments: everything else is precomputed at load.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from ..errors import GatewayError, NoRoute, UpstreamTimeout
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.streams import ReplyStream
+from ..policy.compiled import ModelRoute, Policy, Target
+from ..providers.base import Call, Provider
+from ..schemas.endpoints import Endpoint
+from ..store.base import Store
+from ..telemetry.metrics import Metrics
+from ..telemetry.tokens import TokenCounter
+from .attempts import BREAKER_FAILURES, Replay, aggregate, backoff, classify, peek
+from .breaker import Breakers
+from .rules import Facts, first_match
+from .stats import TargetStats
+from .strategies import order_targets
+
+__all__ = ["DeadlineExceeded", "Router", "TargetsUnavailable", "all_targets"]
+
+log = logging.getLogger("gateway.routing")
+_MAX_ROUTES = 8  # context fallbacks followed per request (cycles are refused at load; this is a backstop)
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """504: the alias's `deadline_s` ran out before any attempt answered."""
+
+    code = "deadline_exceeded"
+
+
+class TargetsUnavailable(GatewayError):
+    """503: every target's breaker is open and the policy says `when_all_open: refuse`."""
+
+    status = 503
+    type = "server_error"
+    code = "targets_unavailable"
+
+
+def all_targets(policy: Policy) -> dict[str, Target]:
+    """Every target the policy names (aliases and rules), once per `provider/model`."""
+    found: dict[str, Target] = {}
+    routes = [*policy.models.values(), *(r.route for r in policy.rules if r.route is not None)]
+    for route in routes:
+        for target in route.targets:
+            found.setdefault(target.name, target)
+    return found
+
+
+class Router:
+    def __init__(
+        self, policy: Policy, providers: Mapping[str, Provider], store: Store | None, metrics: Metrics,
+        tokens: TokenCounter | None = None, rng: random.Random | None = None, previous: Router | None = None,
+    ) -> None:
+        self.policy = policy
+        self.providers = providers
+        self.metrics = metrics
+        self.tokens = tokens
+        self.targets = all_targets(policy)
+        # After a reload, targets that stay keep their measurements and breakers (the same objects, so
+        # requests still running on the old policy go on updating them); a reload must not let a
+        # target that is down be hammered again.
+        kept: dict[str, TargetStats] = previous.stats if previous is not None else {}
+        self.stats: dict[str, TargetStats] = {name: kept.get(name) or TargetStats() for name in self.targets}
+        shared = store if store is not None and policy.state.backend != "memory" else None
+        earlier: Breakers | None = previous.breakers if previous is not None else None
+        self.breakers: Breakers = Breakers(policy.breaker, self.targets, shared, on_change=self._breaker_changed,
+                                           previous=earlier)
+        self._shared = shared
+        self._rng = rng or random.Random()
+        self._counters: dict[tuple[Any, ...], Any] = {}
+        self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    # -- life ---------------------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        for name in self.targets:
+            self.metrics.breaker_state.labels(name).set(self.breakers.state(name))
+        if self._shared is not None:
+            self._spawn(self.breakers.sync_forever())
+        for target in self.targets.values():
+            if target.health_check is not None:
+                self._spawn(self._health_check(target))
+
+    async def aclose(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.breakers.aclose()
+
+    def _spawn(self, work: Any) -> None:
+        task = asyncio.get_running_loop().create_task(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- choosing -----------------------------------------------------------------------------------
+
+    def select(self, ctx: RequestContext) -> None:
+        """Rules, then the strategy: set `ctx.plan` and `ctx.candidates` (or refuse with 400)."""
+        route = ctx.route
+        assert route is not None
+        facts = None
+        if route.rules or route.sticky is not None:
+            facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
+        if route.rules:
+            assert facts is not None
+            rule = first_match(route.rules, route.alias, facts)
+            if rule is not None:
+                ctx.rule = rule.name
+                if rule.deny is not None:
+                    raise NoRoute(rule.deny)
+                route = rule.route if rule.route is not None else self.policy.models[rule.alias or route.alias]
+        ctx.plan = route
+        ctx.candidates = order_targets(route, facts, self.stats, ctx.stream, self._rng)
+        ctx.provider = self.providers[ctx.candidates[0].provider]
+
+    def explain(self, facts: Facts, alias: str, stream: bool) -> tuple[str | None, ModelRoute, Sequence[Target]]:
+        """`gateway route`: the rule that matches and the candidate order, without sending anything."""
+        route = self.policy.models[alias]
+        rule = first_match(route.rules, alias, facts) if route.rules else None
+        if rule is not None and rule.deny is not None:
+            raise NoRoute(rule.deny)
+        if rule is not None:
+            route = rule.route if rule.route is not None else self.policy.models[rule.alias or alias]
+        return (rule.name if rule else None), route, order_targets(route, facts, self.stats, stream, self._rng)
+
+    # -- calling ------------------------------------------------------------------------------------
+
+    async def call(self, ctx: RequestContext) -> Reply:
+        route = ctx.plan
+        assert route is not None
+        deadline = asyncio.get_running_loop().time() + route.deadline_s if route.deadline_s is not None else None
+        failures: list[tuple[Target, GatewayError, str]] = []
+        candidates = ctx.candidates
+        for _ in range(_MAX_ROUTES):
+            reply, fallback = await self._walk(ctx, route, candidates, deadline, failures)
+            if reply is not None:
+                return reply
+            if fallback is None:
+                break
+            self._fallback(ctx, "context_length")
+            route = fallback
+            facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens) if route.sticky else None
+            candidates = order_targets(route, facts, self.stats, ctx.stream, self._rng)
+        raise self._tagged(ctx, aggregate(ctx.alias_label, failures))
+
+    async def _walk(
+        self, ctx: RequestContext, route: ModelRoute, candidates: Sequence[Target], deadline: float | None,
+        failures: list[tuple[Target, GatewayError, str]],
+    ) -> tuple[Reply | None, ModelRoute | None]:
+        """Try the candidates in order. Returns a reply, or the context fallback's route, or (None, None)."""
+        tried = False
+        for target in candidates:
+            if not self.breakers.allow(target.name):
+                self._count(self.metrics.fallbacks, ctx.alias_label, "breaker_open").inc()
+                if ctx.fallback_reason is None:
+                    ctx.fallback_reason = "breaker_open"
+                continue
+            if tried:
+                self._fallback(ctx, failures[-1][2] if failures else "breaker_open")
+            tried = True
+            outcome = await self._target(ctx, route, target, deadline, failures)
+            if isinstance(outcome, Reply):
+                return outcome, None
+            if outcome == "context":
+                return None, self.policy.models[route.context_fallback] if route.context_fallback else None
+            if outcome == "stop":
+                return None, None
+        if tried or not candidates:
+            return None, None
+        names = [t.name for t in candidates]
+        if self.policy.breaker.when_all_open == "refuse":
+            wait = max(1, round(self.breakers.retry_in(names)))
+            raise self._tagged(ctx, TargetsUnavailable(
+                f"every target of `{ctx.alias_label}` is failing (circuit open); retry later",
+                headers={"Retry-After": str(wait)}))
+        forced = self.breakers.least_recently_failed(names)
+        target = next(t for t in candidates if t.name == forced)
+        outcome = await self._target(ctx, route, target, deadline, failures)
+        if isinstance(outcome, Reply):
+            return outcome, None
+        if outcome == "context" and route.context_fallback:
+            return None, self.policy.models[route.context_fallback]
+        return None, None
+
+    async def _target(
+        self, ctx: RequestContext, route: ModelRoute, target: Target, deadline: float | None,
+        failures: list[tuple[Target, GatewayError, str]],
+    ) -> Reply | str:
+        """One target, with its retries: a reply, or "next", "context" or "stop" (the deadline)."""
+        retry = 0
+        while True:
+            started = time.perf_counter()
+            try:
+                reply = await self._attempt(ctx, route, target, deadline)
+            except GatewayError as exc:
+                kind = classify(exc)
+                self._failed(ctx, target, exc, kind, time.perf_counter() - started, failures)
+                if isinstance(exc, DeadlineExceeded):
+                    return "stop"
+                if kind not in route.retry_on and kind != "busy":  # a full local pool: try the next target
+                    raise self._tagged(ctx, exc) from None
+                if kind == "context_length":
+                    if route.context_fallback is None:
+                        raise self._tagged(ctx, exc) from None
+                    return "context"
+                if retry >= target.retry.attempts or kind == "busy":
+                    return "next"
+                delay = backoff(target.retry, retry, exc, self._rng)
+                if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
+                    return "stop"
+                self._count(self.metrics.retries, target.name, kind).inc()
+                await asyncio.sleep(delay)
+                retry += 1
+            except BaseException:
+                self.breakers.release(target.name)  # cancelled (client gone, shutdown): no verdict
+                raise
+            else:
+                self._answered(ctx, target, time.perf_counter() - started)
+                return reply
+
+    async def _attempt(self, ctx: RequestContext, route: ModelRoute, target: Target, deadline: float | None
+                       ) -> Reply:
+        provider = self.providers[target.provider]
+        body = ctx.body
+        body = {**body, **target.extra_body, "model": target.upstream_model} if target.extra_body else {
+            **body, "model": target.upstream_model}
+        call = Call(ctx.endpoint, body, ctx.stream, ctx.request_id, target.timeouts)
+        ctx.provider = provider
+        ctx.target = target
+        ctx.attempt_count += 1
+        if not ctx.upstream_started:
+            ctx.upstream_started = time.perf_counter()
+        if deadline is None:
+            return await self._exchange(ctx, route, target, provider, call)
+        try:
+            async with asyncio.timeout_at(deadline):
+                return await self._exchange(ctx, route, target, provider, call)
+        except TimeoutError:
+            raise DeadlineExceeded(
+                f"`{ctx.alias_label}` found no answer within its deadline (last tried: {target.name})") from None
+
+    async def _exchange(
+        self, ctx: RequestContext, route: ModelRoute, target: Target, provider: Provider, call: Call,
+    ) -> Reply:
+        stats = self.stats[target.name]
+        started = time.perf_counter()
+        stats.in_flight += 1
+        if not ctx.stream:
+            try:
+                completion = await provider.complete(call)
+            finally:
+                stats.in_flight -= 1
+                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            stats.observe(False, time.perf_counter() - started)
+            ctx.usage = completion.usage
+            return Reply(body=completion.body)
+        try:
+            source = await provider.open_stream(call)
+        except BaseException:
+            stats.in_flight -= 1
+            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            raise
+        if route.single and target.retry.attempts == 0 and route.context_fallback is None:
+            # Nothing to fall back to: no need to hold the first events back.
+            stats.in_flight -= 1
+            stats.observe(True, time.perf_counter() - started)
+            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            return Reply(stream=ReplyStream(source, ctx))
+        first_byte_s = (target.timeouts or provider.config.timeouts).first_byte_s
+        try:
+            async with asyncio.timeout(max(0.0, first_byte_s - (time.perf_counter() - started))):
+                buffered, iterator = await peek(source)
+        except TimeoutError:
+            stats.in_flight -= 1
+            await source.aclose()
+            raise UpstreamTimeout(f"upstream `{target.provider}` sent no content within {first_byte_s:g} s") from None
+        except BaseException:
+            stats.in_flight -= 1
+            await source.aclose()
+            raise
+        finally:
+            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+        stats.observe(True, time.perf_counter() - started)
+        return Reply(stream=ReplyStream(Replay(source, buffered, iterator, stats.release), ctx))
+
+    # -- recording ----------------------------------------------------------------------------------
+
+    def _answered(self, ctx: RequestContext, target: Target, seconds: float) -> None:
+        self.breakers.success(target.name)
+        key = (ctx.alias_label, target.name)
+        children = self._answers.get(key)
+        if children is None:
+            children = self._answers[key] = (self.metrics.attempts.labels(target.name, "ok"),
+                                             self.metrics.routed.labels(*key))
+        children[0].inc()
+        children[1].inc()
+        if ctx.attempts is not None:
+            ctx.attempts.append((target.name, "ok", round(seconds * 1000, 2)))
+
+    def _failed(
+        self, ctx: RequestContext, target: Target, error: GatewayError, kind: str, seconds: float,
+        failures: list[tuple[Target, GatewayError, str]],
+    ) -> None:
+        failures.append((target, error, kind))
+        if kind in BREAKER_FAILURES:
+            self.breakers.failure(target.name)
+        elif kind in ("client_error", "context_length"):
+            self.breakers.success(target.name)  # it answered: alive
+        else:
+            self.breakers.release(target.name)
+        self._count(self.metrics.attempts, target.name, kind).inc()
+        if ctx.attempts is None:
+            ctx.attempts = []
+        ctx.attempts.append((target.name, kind, round(seconds * 1000, 2)))
+
+    def _fallback(self, ctx: RequestContext, reason: str) -> None:
+        ctx.fallback_reason = reason
+        self._count(self.metrics.fallbacks, ctx.alias_label, reason).inc()
+
+    def _tagged(self, ctx: RequestContext, error: GatewayError) -> GatewayError:
+        """The error the client gets, with the routing headers."""
+        error.headers = {**error.headers, "x-gateway-attempts": str(ctx.attempt_count)}
+        if ctx.target is not None:
+            error.headers["x-gateway-target"] = ctx.target.header[1].decode("latin-1")
+        if ctx.fallback_reason is not None:
+            error.headers["x-gateway-fallback-reason"] = ctx.fallback_reason
+        return error
+
+    def _count(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        child = self._counters.get(key)
+        if child is None:
+            child = self._counters[key] = metric.labels(*labels)
+        return child
+
+    def _breaker_changed(self, target: str, state: int) -> None:
+        self.metrics.breaker_state.labels(target).set(state)
+
+    # -- active health checks -----------------------------------------------------------------------
+
+    async def _health_check(self, target: Target) -> None:
+        """A one-token request on an interval; its outcome feeds the breaker (a success closes it)."""
+        assert target.health_check is not None
+        check = target.health_check
+        provider = self.providers[target.provider]
+        body = {"model": target.upstream_model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
+        while True:
+            await asyncio.sleep(check.interval_s)
+            try:
+                async with asyncio.timeout(check.timeout_s):
+                    await provider.complete(Call(Endpoint.CHAT, {**body, **target.extra_body}, False,
+                                                 "health-check", target.timeouts))
+            except (GatewayError, TimeoutError) as exc:
+                kind = "timeout" if isinstance(exc, TimeoutError) else classify(exc)
+                if kind in BREAKER_FAILURES:
+                    self.breakers.failure(target.name)
+                self._count(self.metrics.attempts, target.name, "health_" + kind).inc()
+            else:
+                self.breakers.success(target.name)
+                self._count(self.metrics.attempts, target.name, "health_ok").inc()
+

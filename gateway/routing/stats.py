@@ -1,0 +1,42 @@
+"""What this process knows about each target's load and speed: requests in flight, latency averages.
+
+Kept per process and per target name (`provider/model`), shared by every alias that lists the
+target: the latency and least-busy strategies read it on every request, so it must be a field
+read, not a store round trip. (Breaker state, which replicas must agree on, is in `breaker`.)
+"""
+
+from __future__ import annotations
+
+__all__ = ["ALPHA", "TargetStats"]
+
+ALPHA = 0.3  # weight of the newest sample: a slowed target is noticed within a few requests
+
+
+class TargetStats:
+    """In-flight count and exponentially weighted moving averages of the time to the first content
+    event (streams) and to the full answer (non-streamed); None until the first sample."""
+
+    __slots__ = ("first_event_s", "full_answer_s", "in_flight")
+
+    def __init__(self) -> None:
+        self.in_flight = 0
+        self.first_event_s: float | None = None
+        self.full_answer_s: float | None = None
+
+    def release(self) -> None:
+        self.in_flight -= 1
+
+    def observe(self, stream: bool, seconds: float) -> None:
+        if stream:
+            old = self.first_event_s
+            self.first_event_s = seconds if old is None else old + ALPHA * (seconds - old)
+        else:
+            old = self.full_answer_s
+            self.full_answer_s = seconds if old is None else old + ALPHA * (seconds - old)
+
+    def latency(self, stream: bool) -> float:
+        """The average that matters for this request; 0 when unknown, so an unmeasured target is tried."""
+        value = self.first_event_s if stream else self.full_answer_s
+        if value is None:  # fall back on the other kind of sample, if any
+            value = self.full_answer_s if stream else self.first_event_s
+        return 0.0 if value is None else value

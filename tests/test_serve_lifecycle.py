@@ -103,11 +103,11 @@ def test_sigterm_keeps_serving_through_the_drain_delay_with_readyz_503_and_exits
 ) -> None:
     port = free_port()
     policy = tmp_path / "gateway.yaml"
-    policy.write_text(demo_policy(port, drain_delay_s=2, drain_timeout_s=5))
+    policy.write_text(demo_policy(port, drain_delay_s=5, drain_timeout_s=5))
     with serving(policy, port, "--workers", workers) as server:
         server.send_signal(signal.SIGTERM)
-        time.sleep(1.0)  # uvicorn's supervisor looks at its signals every 0.5 s
-        assert httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503
+        # uvicorn's supervisor looks at its signals every 0.5 s, then signals its workers
+        assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503, 4)
         assert chat(port).status_code == 200  # still served while the load balancer catches up
         assert server.wait(timeout=20) == 0
 

@@ -128,3 +128,20 @@ def test_the_typed_request_is_kept_beside_the_forwarded_body() -> None:
                               b'"temperature": 0, "brand_new_field": {"x": 1}}', Endpoint.CHAT)
     assert isinstance(typed, ChatRequest) and typed.temperature == 0 and typed.messages[0].content == "hi"
     assert body["brand_new_field"] == {"x": 1}  # unknown fields are forwarded unchanged
+
+
+@pytest.mark.parametrize(("payload", "expected"), [
+    (b'{"id":"c","choices":[],"usage":null}', b'{"id":"c","choices":[]}'),  # OpenAI's compact form
+    (b'{"id": "c", "choices": [], "usage": null}', b'{"id": "c", "choices": []}'),  # spaced
+    (b'{"usage": null, "id": "c"}', b'{"id": "c"}'),  # first key
+    (b'{"id":"c","usage":null,"x":1}', b'{"id":"c","x":1}'),  # middle
+    (b'{"id":"c","text":"\\"usage\\":null"}', b'{"id":"c","text":"\\"usage\\":null"}'),  # inside a string: kept
+])
+def test_the_gateways_own_null_usage_is_stripped_and_nothing_else(payload: bytes, expected: bytes) -> None:
+    import json
+
+    from gateway.providers.openai_compat import strip_null_usage
+
+    stripped = strip_null_usage(payload)
+    assert stripped == expected
+    json.loads(stripped)

@@ -47,7 +47,7 @@ _MAX_ERROR_BODY = 64 * 1024
 # The `"usage": null` an upstream adds to every chunk once asked for usage. A JSON key
 # cannot occur inside a string unescaped, so this never matches content text.
 _NULL_USAGE_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
-_NULL_USAGE_FIRST = re.compile(rb'"usage"\s*:\s*null\s*,')
+_NULL_USAGE_FIRST = re.compile(rb'"usage"\s*:\s*null\s*,\s*')
 # How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
 _CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|prompt is too long", re.IGNORECASE)
 
@@ -203,8 +203,13 @@ def _safe_retry_after(value: str) -> bool:
     return len(value) <= 40 and (value.isdigit() or value[:3].isalpha())
 
 
+_COMPACT_NULL_USAGE = b',"usage":null}'
+
+
 def strip_null_usage(payload: bytes) -> bytes:
     """Remove the top-level `"usage": null` that the gateway's own usage request added."""
+    if payload.endswith(_COMPACT_NULL_USAGE):  # OpenAI's own compact form, last key: the common case
+        return payload[: -len(_COMPACT_NULL_USAGE)] + b"}"
     stripped, count = _NULL_USAGE_AFTER.subn(b"", payload, count=1)
     return stripped if count else _NULL_USAGE_FIRST.sub(b"", payload, count=1)
 

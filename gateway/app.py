@@ -22,6 +22,8 @@ from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
+from .guards.runtime import GuardRuntime
+from .guards.stage import GuardStage
 from .pipeline.lifecycle import Lifecycle
 from .pipeline.runner import Pipeline
 from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingress, SelectTarget
@@ -61,6 +63,7 @@ class Gateway:
 
     def _build(self, policy: Policy) -> Runtime:
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
+        guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             CountTokens(self.tokens),
@@ -68,10 +71,11 @@ class Gateway:
             Authenticate(),
             Ingress(),
             Authorize(),
+            *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
             SelectTarget(),
             CallUpstream(),
         ])
-        return Runtime(policy, providers, build_store(policy.state), pipeline)
+        return Runtime(policy, providers, build_store(policy.state), pipeline, [guards] if guards else [])
 
     def acquire_runtime(self) -> Runtime:
         return self.runtime.acquire()

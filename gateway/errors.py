@@ -21,6 +21,7 @@ import msgspec
 __all__ = [
     "AuthenticationFailed",
     "BodyTooLarge",
+    "ContentPolicyViolation",
     "GatewayBusy",
     "GatewayError",
     "HeadersTooLarge",
@@ -83,6 +84,14 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class ContentPolicyViolation(GatewayError):
+    """400: a guard blocked the request. The message names the guard and the entity types, never the text."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "content_policy_violation"
 
 
 class BodyTooLarge(GatewayError):

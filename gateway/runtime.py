@@ -15,8 +15,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Protocol
 
 from .policy import Policy
 from .providers import Provider
@@ -25,19 +25,30 @@ from .store.base import Store
 if TYPE_CHECKING:
     from .pipeline.runner import Pipeline
 
-__all__ = ["Runtime"]
+__all__ = ["Runtime", "Service"]
 
 log = logging.getLogger("gateway.runtime")
 
 
+class Service(Protocol):
+    """Something else built from the policy with a life of its own (the guards' analyzers and pool)."""
+
+    async def start(self) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
 class Runtime:
     __slots__ = (
-        "_active", "_idle", "_retired", "created", "pipeline", "policy", "providers", "store", "version_header",
+        "_active", "_idle", "_retired", "created", "pipeline", "policy", "providers", "services", "store",
+        "version_header",
     )
 
     def __init__(
         self, policy: Policy, providers: Mapping[str, Provider], store: Store, pipeline: Pipeline,
+        services: Sequence[Service] = (),
     ) -> None:
+        self.services = tuple(services)
         self.policy = policy
         self.providers = providers
         self.store = store
@@ -53,6 +64,8 @@ class Runtime:
         it reports itself unhealthy and recovers on its own (features follow `on_unavailable`)."""
         await asyncio.gather(*(provider.start() for provider in self.providers.values()))
         await self.store.start()
+        for service in self.services:
+            await service.start()
 
     def acquire(self) -> Runtime:
         self._active += 1
@@ -82,7 +95,7 @@ class Runtime:
     async def aclose(self) -> None:
         results = await asyncio.gather(
             *(provider.close() for provider in self.providers.values()), self.store.aclose(),
-            return_exceptions=True,
+            *(service.aclose() for service in self.services), return_exceptions=True,
         )
         for result in results:
             if isinstance(result, Exception):

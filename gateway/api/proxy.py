@@ -73,6 +73,7 @@ class ProxyEndpoint:
                     (b"content-length", str(len(reply.body)).encode()),
                     (b"x-request-id", request_id.encode()),
                     version,
+                    *(ctx.headers or ()),
                 ], reply.body)
             else:
                 await self._send_stream(ctx, reply, send)
@@ -103,7 +104,8 @@ class ProxyEndpoint:
         try:
             await send({
                 "type": "http.response.start", "status": reply.status,
-                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header],
+                "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
+                            *(ctx.headers or ())],
             })
             life.response_started = True
             async for batch in stream:

@@ -14,6 +14,8 @@ from typing import Annotated, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .guard_schema import GuardsSpec
+
 __all__ = [
     "AuthMode",
     "KeySpec",
@@ -135,6 +137,7 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     keys: list[KeySpec] = []
     providers: dict[Name, ProviderSpec]
     models: dict[Name, ModelSpec]
+    guards: GuardsSpec = GuardsSpec()
 
 
 def json_schema() -> dict[str, object]:

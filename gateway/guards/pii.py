@@ -1,0 +1,212 @@
+"""PII with presidio-analyzer: the `patterns` and `ner` engines, built once per runtime.
+
+`patterns`: presidio's pattern recognizers (e-mail, phone via `phonenumbers`,
+cards with Luhn, IBANs with their checksum, IPs) and the gateway's own
+(`recognizers.py`), over a tokenizer-only spaCy pipeline: no model, a few
+milliseconds, run on the event loop. `ner`: the same plus a spaCy pipeline's
+named entities (PERSON, LOCATION...), loaded by package name or from a directory
+(offline); CPU-bound, so it runs on the guard pool (`pool.py`).
+
+An `Engine` is plain data (picklable) so that a process pool can build the same
+analyzer in each worker; `analyzer()` builds it once per process or runtime.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ..policy.guard_check import NER_ENTITIES, default_entities
+from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSpec
+from .base import Finding, Where
+from .common import GuardBase
+from .pool import GuardPool
+from .recognizers import VALIDATORS
+
+__all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
+
+# Presidio's own scores where its defaults are tuned for recall on a single label, not for a gateway:
+# a phone number scores 0.4 without a context word; an IBAN or a card whose checksum holds is sure.
+_DEFAULT_THRESHOLDS = {"PHONE_NUMBER": 0.4, "PERSON": 0.5}
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "BR", "AU", "ES", "IT", "NL", "MX", "JP", "ZA", "SE", "PL",
+                  "CH", "IL", "IE", "AT", "BE", "PT", "NG", "KE", "SG", "NZ", "AR", "CO", "TR", "KR", "CN", "PH")
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """What an analyzer is built from (hashable, picklable)."""
+
+    kind: str  # patterns | ner
+    model: str | None
+    languages: tuple[str, ...]
+    entities: tuple[str, ...]
+    recognizers: tuple[tuple[str, RecognizerSpec], ...]
+
+
+_lock = threading.Lock()
+_built: dict[Engine, Any] = {}
+
+
+def quiet_network() -> None:
+    """Keep tldextract (used by presidio's e-mail recognizer) off the network: its bundled suffix list."""
+    import tldextract
+    import tldextract.tldextract as tld
+
+    tld.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=())
+
+
+def analyzer(engine: Engine) -> Any:
+    """The analyzer for `engine`, built once per process."""
+    found = _built.get(engine)
+    if found is None:
+        with _lock:
+            found = _built.get(engine)
+            if found is None:
+                found = _built[engine] = build_analyzer(engine)
+    return found
+
+
+def build_analyzer(engine: Engine) -> Any:
+    from presidio_analyzer import AnalyzerEngine, Pattern, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer, DateRecognizer, EmailRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer,
+        SpacyRecognizer, UkNinoRecognizer, UrlRecognizer, UsSsnRecognizer,
+    )
+
+    from .recognizers import ContextRecognizer, gateway_recognizers
+
+    quiet_network()
+    wanted = set(engine.entities)
+    models = [{"lang_code": lang, "model_name": engine.model or "blank"} for lang in engine.languages]
+    if engine.kind == "ner":
+        nlp_engine: Any = SpacyNlpEngine(models=models, ner_model_configuration=NerModelConfiguration(
+            labels_to_ignore=["CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "WORK_OF_ART", "LAW",
+                              "LANGUAGE", "EVENT", "PRODUCT", "FAC", "TIME", "DATE"]))
+    else:
+        nlp_engine = _BlankNlpEngine(models=models)
+    registry = RecognizerRegistry(supported_languages=list(engine.languages))
+    builtin: dict[str, Any] = {
+        "EMAIL_ADDRESS": EmailRecognizer, "CREDIT_CARD": CreditCardRecognizer, "IBAN_CODE": IbanRecognizer,
+        "IP_ADDRESS": IpRecognizer, "US_SSN": UsSsnRecognizer, "UK_NINO": UkNinoRecognizer, "URL": UrlRecognizer,
+        "DATE_TIME": DateRecognizer,
+    }
+    for lang in engine.languages:
+        for entity, recognizer in builtin.items():
+            if entity in wanted:
+                registry.add_recognizer(recognizer(supported_language=lang))
+        if "PHONE_NUMBER" in wanted:
+            registry.add_recognizer(PhoneRecognizer(supported_language=lang, supported_regions=_PHONE_REGIONS))
+        for recognizer in gateway_recognizers(lang, wanted):
+            registry.add_recognizer(recognizer)
+        ner = sorted(wanted & NER_ENTITIES)
+        if engine.kind == "ner" and ner:
+            registry.add_recognizer(SpacyRecognizer(supported_language=lang, supported_entities=ner))
+        for name, spec in engine.recognizers:
+            registry.add_recognizer(ContextRecognizer(
+                spec.entity, f"policy.{name}", [Pattern(f"{name}{i}", p.regex, p.score) for i, p in
+                                                enumerate(spec.patterns)],
+                language=lang, context=spec.context, validator=VALIDATORS.get(spec.validator),
+                deny_list=spec.deny_list))
+    return AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=list(engine.languages))
+
+
+class _BlankNlpEngine:
+    """Tokens only (spaCy's blank pipeline): what pattern recognizers need, loaded in milliseconds.
+    Subclassing is done lazily, so that importing this module does not import spaCy."""
+
+    def __new__(cls, models: list[dict[str, str]]) -> Any:
+        from presidio_analyzer.nlp_engine import SpacyNlpEngine
+
+        class Blank(SpacyNlpEngine):
+            def load(self) -> None:
+                import spacy
+                from spacy.language import Language
+
+                if "gateway_lemma" not in Language.factories:
+                    # Lower-cased tokens as lemmas, so presidio's context words ("phone", "card") still count.
+                    @Language.component("gateway_lemma")
+                    def lemma(doc: Any) -> Any:
+                        for token in doc:
+                            token.lemma_ = token.lower_
+                        return doc
+
+                self.nlp: dict[str, Any] = {}  # type: ignore[assignment]
+                for m in self.models:
+                    nlp = spacy.blank(m["lang_code"])
+                    nlp.add_pipe("gateway_lemma")
+                    self.nlp[m["lang_code"]] = nlp
+
+        return Blank(models=models)
+
+
+def analyze(engine: Engine, text: str, threshold: float) -> list[tuple[str, int, int, float, str]]:
+    """(type, start, end, score, recognizer) for every result; module-level so a process pool can call it."""
+    found: list[tuple[str, int, int, float, str]] = []
+    built = analyzer(engine)
+    for lang in engine.languages:
+        for r in built.analyze(text, language=lang, entities=list(engine.entities), score_threshold=threshold,
+                               regex_flags=re.DOTALL | re.MULTILINE):
+            recognizer = (r.recognition_metadata or {}).get("recognizer_name", "presidio")
+            found.append((r.entity_type, r.start, r.end, float(r.score), str(recognizer)))
+    return found
+
+
+class PiiGuard(GuardBase):
+    kind = "pii"
+
+    def __init__(self, name: str, spec: PiiGuardSpec, pool: GuardPool) -> None:
+        super().__init__(name, spec)
+        entities = tuple(spec.entities) or default_entities(spec.engine)
+        self.engine = Engine(spec.engine, spec.model, tuple(spec.languages), entities,
+                             tuple(sorted(spec.recognizers.items())))
+        self.pool = pool
+        self.offload = spec.engine == "ner"
+        self.actions: dict[str, Action] = {e: _own(spec, e).action or spec.action for e in entities}
+        self.thresholds = {e: _threshold(spec, e) for e in entities}
+        self.keep = {e: _keep(_own(spec, e).keep) for e in entities}
+        self.floor = min(self.thresholds.values(), default=spec.threshold)
+        self.allow = frozenset(v.casefold() for v in spec.allow)
+        self.allow_patterns = [re.compile(p) for p in spec.allow_patterns]
+
+    def build(self) -> None:
+        """Build the analyzer now (at runtime start), not on the first request."""
+        analyzer(self.engine)
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        if not text.strip():
+            return []
+        if self.offload:
+            raw = await self.pool.run(analyze, self.engine, text, self.floor)
+        else:
+            raw = analyze(self.engine, text, self.floor)
+        return self.findings(text, raw)
+
+    def findings(self, text: str, raw: list[tuple[str, int, int, float, str]]) -> list[Finding]:
+        out = []
+        for entity, start, end, score, recognizer in raw:
+            if score < self.thresholds.get(entity, 1.1):
+                continue
+            value = text[start:end]
+            if value.casefold() in self.allow or any(p.fullmatch(value) for p in self.allow_patterns):
+                continue
+            out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
+                               self.keep[entity]))
+        return out
+
+
+def _own(spec: PiiGuardSpec, entity: str) -> EntitySpec:
+    return spec.entities.get(entity) or EntitySpec()
+
+
+def _keep(keep: int | None) -> int:
+    return 4 if keep is None else keep
+
+
+def _threshold(spec: PiiGuardSpec, entity: str) -> float:
+    own = spec.entities.get(entity)
+    if own is not None and own.threshold is not None:
+        return own.threshold
+    return min(spec.threshold, _DEFAULT_THRESHOLDS.get(entity, spec.threshold))

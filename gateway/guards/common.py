@@ -18,7 +18,7 @@ class GuardBase:
         self.mode: Literal["enforce", "shadow", "off"] = spec.mode
         self.fail: Literal["closed", "open"] = spec.fail
         self.timeout_s = spec.timeout_s
-        self.places: frozenset[Place] = frozenset(spec.on)
+        self.places: frozenset[Place] = frozenset(spec.places)
 
     def hold_from(self, text: str) -> int | None:
         return None

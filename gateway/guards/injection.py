@@ -66,11 +66,15 @@ PATTERNS: list[tuple[str, float]] = [
     (r"\b(ignore|ignora|esqueca)\b.{0,30}\b(instrucoes|regras)\b.{0,20}\b(anteriores|acima)", 0.9),
     # Dutch
     (r"\b(negeer|vergeet)\b.{0,30}\b(vorige|eerdere|bovenstaande|alle)\b.{0,20}\b(instructies|regels)", 0.9),
-    # Russian and Chinese (after folding, Cyrillic is kept where it is not a Latin look-alike)
-    (r"(игнорируй|игнорируите|забудь)\s.{0,30}(инструкции|правила|указания)", 0.9),
+]
+# Non-Latin scripts, matched on the case-folded text without homoglyph folding (which would turn
+# Cyrillic words into Latin look-alikes).
+NATIVE_PATTERNS: list[tuple[str, float]] = [
+    (r"(игнорируй|игнорируйте|забудь|забудьте)\s.{0,30}(инструкции|правила|указания)", 0.9),
     (r"(忽略|无视|忘记).{0,10}(之前|以前|上面|所有).{0,10}(指令|指示|说明|规则)", 0.9),
 ]
 _COMPILED = [(re.compile(p, re.DOTALL), w, f"injection.p{i}") for i, (p, w) in enumerate(PATTERNS)]
+_NATIVE = [(re.compile(p, re.DOTALL), w, f"injection.n{i}") for i, (p, w) in enumerate(NATIVE_PATTERNS)]
 
 
 class Classifier(Protocol):
@@ -87,6 +91,13 @@ def injection_score(text: str) -> tuple[float, list[tuple[int, int, str]]]:
         if match is not None and match.end() > match.start():
             miss *= 1.0 - weight
             spans.append((where[match.start()], where[match.end() - 1] + 1, name))
+    if not text.isascii():
+        native = text.casefold()  # same length as the text for these scripts: offsets carry over
+        for pattern, weight, name in _NATIVE:
+            match = pattern.search(native)
+            if match is not None and len(native) == len(text):
+                miss *= 1.0 - weight
+                spans.append((match.start(), match.end(), name))
     return 1.0 - miss, spans
 
 

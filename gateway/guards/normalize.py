@@ -1,6 +1,6 @@
-"""Text as a filter should read it: case-folded, compatibility-decomposed without accents, no invisible characters, homoglyphs folded.
+"""Text as a filter should read it: case-folded, without accents or invisible characters, homoglyphs folded.
 
-`ign\u200bore` and `іgnore` (Cyrillic і) must read as `ignore`. The folded text
+`ign\\u200bore` and `\\u0456gnore` (a Cyrillic i) must read as `ignore`. The folded text
 keeps a map back to the original offsets, so a finding in it can still redact
 the right characters of the original.
 """
@@ -12,12 +12,12 @@ import unicodedata
 __all__ = ["fold"]
 
 # Look-alikes of Latin letters in Cyrillic and Greek (lower case, after casefold), plus common digit swaps.
-_HOMOGLYPHS = str.maketrans({
-    "а": "a", "в": "b", "е": "e", "ё": "e", "к": "k", "м": "m", "н": "h", "о": "o", "р": "p", "с": "c",
-    "т": "t", "у": "y", "х": "x", "і": "i", "ї": "i", "ј": "j", "ѕ": "s", "ԁ": "d", "ɡ": "g", "ո": "n",
-    "α": "a", "β": "b", "ε": "e", "η": "n", "ι": "i", "κ": "k", "ν": "v", "ο": "o", "ρ": "p", "τ": "t",
-    "υ": "u", "χ": "x", "ω": "w", "ς": "s",
-})
+_HOMOGLYPHS = str.maketrans(
+    "\u0430\u0432\u0435\u0451\u043a\u043c\u043d\u043e\u0440\u0441\u0442\u0443\u0445\u0456\u0457\u0458"
+    "\u0455\u0501\u0261\u0578\u03b1\u03b2\u03b5\u03b7\u03b9\u03ba\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7"
+    "\u03c9\u03c2",
+    "abeekmhopctyxiijsdgnabenikvoptuxws",
+)
 
 
 def fold(text: str) -> tuple[str, list[int]]:

@@ -72,8 +72,16 @@ def build_analyzer(engine: Engine) -> Any:
     from presidio_analyzer import AnalyzerEngine, Pattern, RecognizerRegistry
     from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
     from presidio_analyzer.predefined_recognizers import (
-        CreditCardRecognizer, DateRecognizer, EmailRecognizer, IbanRecognizer, IpRecognizer, PhoneRecognizer,
-        SpacyRecognizer, UkNinoRecognizer, UrlRecognizer, UsSsnRecognizer,
+        CreditCardRecognizer,
+        DateRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        SpacyRecognizer,
+        UkNinoRecognizer,
+        UrlRecognizer,
+        UsSsnRecognizer,
     )
 
     from .recognizers import ContextRecognizer, gateway_recognizers

@@ -64,7 +64,9 @@ class SecretsGuard(GuardBase):
         super().__init__(name, spec)
         kinds = spec.detectors if spec.detectors is not None else list(DETECTORS) + ["entropy"]
         self.action = spec.action
-        self.patterns = [(label, re.compile(rx)) for kind in kinds if kind in DETECTORS for label, rx in DETECTORS[kind]]
+        self.patterns = [
+            (label, re.compile(rx)) for kind in kinds if kind in DETECTORS for label, rx in DETECTORS[kind]
+        ]
         self.entropy_bits = spec.entropy_bits if "entropy" in kinds else None
         self.allow = frozenset(spec.allow)
 

@@ -184,7 +184,8 @@ class StreamGuard:
             cut = len(text) if final else len(text) - Pseudonyms.open_tail(text)
             return self._emit(lane, text, cut, [], [], where)
         spec = self.spec
-        if not final and (len(text) < spec.window_chars + spec.step_chars or len(text) - lane.scanned < spec.step_chars):
+        waiting = len(text) < spec.window_chars + spec.step_chars or len(text) - lane.scanned < spec.step_chars
+        if not final and waiting:
             return ""
         lane.scanned = len(text)
         offset = len(lane.context)

@@ -50,12 +50,14 @@ def check_guards(spec: GuardsSpec, doc: _Located, aliases: set[str], tenants: se
         _check_guard(guard, doc, base + ("global", name))
     for alias, guards in spec.models.items():
         if alias not in aliases:
-            doc.issue(base + ("models", alias), f"unknown model alias `{alias}` (defined: {', '.join(sorted(aliases))})")
+            known = ", ".join(sorted(aliases))
+            doc.issue(base + ("models", alias), f"unknown model alias `{alias}` (defined: {known})")
         for name, guard in guards.items():
             _check_guard(guard, doc, base + ("models", alias, name))
     for tenant, guards in spec.tenants.items():
         if tenants and tenant not in tenants:
-            doc.issue(base + ("tenants", tenant), f"no key has tenant `{tenant}` (tenants: {', '.join(sorted(tenants))})")
+            known = ", ".join(sorted(tenants))
+            doc.issue(base + ("tenants", tenant), f"no key has tenant `{tenant}` (tenants: {known})")
         for name, guard in guards.items():
             _check_guard(guard, doc, base + ("tenants", tenant, name))
     if spec.stream.step_chars > spec.stream.max_hold_chars or spec.stream.window_chars > spec.stream.max_hold_chars:
@@ -63,8 +65,8 @@ def check_guards(spec: GuardsSpec, doc: _Located, aliases: set[str], tenants: se
 
 
 def _check_guard(guard: GuardSpec, doc: _Located, path: tuple[Any, ...]) -> None:
-    if not guard.on:
-        doc.issue(path + ("on",), "name at least one place: input, output")
+    if not guard.places:
+        doc.issue(path + ("places",), "name at least one place: input, output")
     if isinstance(guard, PiiGuardSpec):
         _check_pii(guard, doc, path)
     elif isinstance(guard, DenyListGuardSpec):
@@ -73,8 +75,8 @@ def _check_guard(guard: GuardSpec, doc: _Located, path: tuple[Any, ...]) -> None
         for index, regex in enumerate(guard.patterns):
             _regex(regex, doc, path + ("patterns", index))
     elif isinstance(guard, LimitsGuardSpec):
-        if "output" in guard.on:
-            doc.issue(path + ("on",), "limits apply to the input only")
+        if "output" in guard.places:
+            doc.issue(path + ("places",), "limits apply to the input only")
         if guard.max_chars is None and guard.max_messages is None and guard.max_tokens is None:
             doc.issue(path, "a limits guard needs max_chars, max_messages or max_tokens")
     elif isinstance(guard, InjectionGuardSpec) and guard.classifier is not None:

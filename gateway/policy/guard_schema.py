@@ -78,7 +78,7 @@ class _GuardBase(_Spec, tag_field="kind", forbid_unknown_fields=True, frozen=Tru
     mode: Mode = "enforce"  # shadow: decide and record, change nothing; off: not run
     fail: Fail = "closed"  # what an error or a timeout of this guard means for the request
     timeout_s: Timeout = 2.0
-    on: list[Place] = msgspec.field(default_factory=lambda: ["input", "output"])
+    places: list[Place] = msgspec.field(default_factory=lambda: ["input", "output"])
 
 
 class PiiGuardSpec(_GuardBase, tag="pii", forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -101,7 +101,7 @@ class SecretsGuardSpec(_GuardBase, tag="secrets", forbid_unknown_fields=True, fr
 
 
 class InjectionGuardSpec(_GuardBase, tag="injection", forbid_unknown_fields=True, frozen=True, kw_only=True):
-    on: list[Place] = msgspec.field(default_factory=lambda: ["input"])
+    places: list[Place] = msgspec.field(default_factory=lambda: ["input"])
     action: Literal["block", "record"] = "block"
     threshold: Score = 0.5
     classifier: Annotated[str, Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None  # "module:factory"
@@ -115,7 +115,7 @@ class DenyListGuardSpec(_GuardBase, tag="denylist", forbid_unknown_fields=True, 
 
 
 class LimitsGuardSpec(_GuardBase, tag="limits", forbid_unknown_fields=True, frozen=True, kw_only=True):
-    on: list[Place] = msgspec.field(default_factory=lambda: ["input"])
+    places: list[Place] = msgspec.field(default_factory=lambda: ["input"])
     action: Literal["block", "record"] = "block"
     max_chars: Annotated[int, Meta(ge=1)] | None = None
     max_messages: Annotated[int, Meta(ge=1)] | None = None

@@ -18,6 +18,8 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import msgspec
+
 from ..policy.guard_check import NER_ENTITIES, default_entities
 from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSpec
 from .base import Finding, Where
@@ -42,7 +44,7 @@ class Engine:
     model: str | None
     languages: tuple[str, ...]
     entities: tuple[str, ...]
-    recognizers: tuple[tuple[str, RecognizerSpec], ...]
+    recognizers: tuple[tuple[str, bytes], ...]  # (name, the RecognizerSpec as JSON): hashable
 
 
 _lock = threading.Lock()
@@ -112,7 +114,8 @@ def build_analyzer(engine: Engine) -> Any:
         ner = sorted(wanted & NER_ENTITIES)
         if engine.kind == "ner" and ner:
             registry.add_recognizer(SpacyRecognizer(supported_language=lang, supported_entities=ner))
-        for name, spec in engine.recognizers:
+        for name, encoded in engine.recognizers:
+            spec = msgspec.json.decode(encoded, type=RecognizerSpec)
             registry.add_recognizer(ContextRecognizer(
                 spec.entity, f"policy.{name}", [Pattern(f"{name}{i}", p.regex, p.score) for i, p in
                                                 enumerate(spec.patterns)],
@@ -169,7 +172,7 @@ class PiiGuard(GuardBase):
         super().__init__(name, spec)
         entities = tuple(spec.entities) or default_entities(spec.engine)
         self.engine = Engine(spec.engine, spec.model, tuple(spec.languages), entities,
-                             tuple(sorted(spec.recognizers.items())))
+                             tuple((n, msgspec.json.encode(r)) for n, r in sorted(spec.recognizers.items())))
         self.pool = pool
         self.offload = spec.engine == "ner"
         self.actions: dict[str, Action] = {e: _own(spec, e).action or spec.action for e in entities}
@@ -198,11 +201,42 @@ class PiiGuard(GuardBase):
             if score < self.thresholds.get(entity, 1.1):
                 continue
             value = text[start:end]
+            if entity == "PHONE_NUMBER" and _DOTTED_QUAD.fullmatch(value):
+                continue  # an IPv4 address, which libphonenumber accepts as a number with dots
+            if entity == "PERSON" and recognizer == "SpacyRecognizer":
+                score = _name_score(text, start, end, score)
+                if score < self.thresholds[entity]:
+                    continue
             if value.casefold() in self.allow or any(p.fullmatch(value) for p in self.allow_patterns):
                 continue
             out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
                                self.keep[entity]))
         return out
+
+
+_DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_PARTICLES = frozenset({"van", "von", "der", "den", "de", "del", "della", "di", "da", "dos", "du", "le", "la", "al",
+                        "el", "bin", "ibn", "ben", "ter", "zu", "y", "e"})
+_NOT_IN_NAMES = frozenset("0123456789@/|()[]{}<>=:;#*_\\\"")
+
+
+def _name_score(text: str, start: int, end: int, score: float) -> float:
+    """A spaCy PERSON that does not look like a name scores 0: a lower-case word that is no particle
+    (a small English model tags "Merci de mettre" or "ich wohne"), digits or symbols. A single word at
+    the start of a sentence is weak evidence (capitalized anyway): its score drops by 0.3."""
+    value = text[start:end]
+    words = value.split()
+    if not words or any(c in _NOT_IN_NAMES for c in value):
+        return 0.0
+    if any(not w[0].isupper() and w.casefold() not in _PARTICLES for w in words if w[0].isalpha()):
+        return 0.0
+    if not any(w[0].isupper() for w in words):
+        return 0.0
+    if len(words) == 1:
+        before = text[:start].rstrip()
+        if not before or before[-1] in ".!?:\n":
+            return score - 0.3
+    return score
 
 
 def _own(spec: PiiGuardSpec, entity: str) -> EntitySpec:

@@ -61,7 +61,8 @@ class GuardPool:
         finally:
             self._pending -= 1
 
-    def close(self) -> None:
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+    async def aclose(self) -> None:
+        """Stop the workers (off the loop: a worker may be finishing an analysis)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)

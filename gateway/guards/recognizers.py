@@ -16,6 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
+import regex  # type: ignore[import-untyped]  # presidio matches with it; no stubs
 from presidio_analyzer import Pattern, PatternRecognizer, RecognizerResult
 
 __all__ = ["VALIDATORS", "ContextRecognizer", "gateway_recognizers", "iban_ok", "luhn_ok"]
@@ -74,8 +75,13 @@ class ContextRecognizer(PatternRecognizer):
         context: Sequence[str] = (), required: bool = False, negative: Sequence[str] = (), window: int = 48,
         boost: float = 0.35, validator: Callable[[str], bool] | None = None, deny_list: Sequence[str] = (),
     ) -> None:
-        super().__init__(supported_entity=entity, name=name, supported_language=language,
-                         patterns=list(patterns) or None, deny_list=list(deny_list) or None)  # type: ignore[arg-type]
+        patterns = list(patterns)
+        if deny_list:  # whole words, any case (presidio's own deny list follows the recognizer's flags)
+            terms = "|".join(regex.escape(term) for term in sorted(deny_list, key=len, reverse=True))
+            patterns.append(Pattern(f"{name}.deny", rf"(?i:(?<!\w)(?:{terms})(?!\w))", 1.0))
+        # Case matters: `[A-Z]` in an id pattern means upper case (presidio's default flags ignore case).
+        super().__init__(supported_entity=entity, name=name, supported_language=language, patterns=patterns,
+                         global_regex_flags=regex.DOTALL | regex.MULTILINE)
         self._context = _words(context)
         self._negative = _words(negative)
         self._required = required
@@ -130,9 +136,10 @@ _ADDRESS = [
     rf"\b\d{{1,5}}[A-Za-z]?\s+(?:[A-Z][\w'.-]*\s+){{1,4}}{_STREET_SUFFIX}\b{_CITY_TAIL}",
     # Hauptstraße 12, 10115 Berlin / Keizersgracht 123, 1015 CJ Amsterdam
     r"\b[A-ZÄÖÜ][\wäöüß-]*(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|gracht|straat|laan|plein|"
-    r"vej|gade|gatan|vägen)\s+\d{1,4}[a-z]?(?:,\s*\d{4,5}(?:\s?[A-Z]{2})?\s+[A-ZÄÖÜ][\wäöü-]+)?",
+    r"vej|gade|gatan|vägen)\s+\d{1,4}[a-z]?(?:,\s*(?:\d{4,5}|\d{3}\s\d{2})(?:\s?[A-Z]{2})?\s+[A-ZÄÖÜ][\wäöü-]+)?",
     # 12 rue de la Paix, 75002 Paris / Calle Mayor 5, 28013 Madrid / Via Roma 10, 00184 Roma
-    r"(?i:\b\d{1,4},?\s+(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai)\s+(?:[\w'-]+\s+){0,4}?[\w'-]+)"
+    r"(?i:\b\d{1,4},?\s+(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai)(?:\s+[\w'-]+){1,5}?)"
+    r"(?=\s*(?:[,.;|\"]|$))"
     r"(?:,\s*\d{5}\s+[A-Z][\w-]+)?",
     r"\b(?:Calle|Avenida|Av\.|Paseo|Plaza|Via|Viale|Piazza|Corso|Rua|Travessa)\s+(?:[\w'-]+\s+){0,4}?\d{1,4}"
     r"(?:,\s*\d{4,5}(?:-\d{3})?\s+[A-Z][\w-]+)?",
@@ -162,8 +169,12 @@ _GOV_IDS: list[tuple[str, str, float, Sequence[str], bool, Callable[[str], bool]
      ("driver's license", "drivers license", "driver license", "driving licence", "führerschein", "dl#", "dl no"),
      True, None),
 ]
+_CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"
+_PHONE_INTL = r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w.-]?\d)"
+_PHONE_WORDS = ("phone", "tel", "tel.", "mobile", "cell", "call", "telefon", "téléphone", "teléfono", "handy",
+                "whatsapp")
 _PERSONAL_URL = (r"(?i:\b(?:https?://)?(?:www\.)?(?:linkedin\.com/in|github\.com|gitlab\.com|twitter\.com|x\.com|"
-                 r"facebook\.com|instagram\.com|tiktok\.com/@?|medium\.com/@|mastodon\.social/@|keybase\.io)"
+                 r"facebook\.com|instagram\.com|tiktok\.com|medium\.com|mastodon\.social|keybase\.io)"
                  r"/@?[A-Za-z0-9_.-]{2,60}/?)(?![\w/])")
 
 
@@ -183,6 +194,12 @@ def gateway_recognizers(language: str, entities: set[str]) -> list[PatternRecogn
             out.append(ContextRecognizer("GOV_ID", f"gateway.{name}", [Pattern(name, regex, score)], language=language,
                                          context=context, required=required, window=40, boost=0.5,
                                          validator=validator))
+    if "CREDIT_CARD" in entities:  # brands presidio's card pattern misses: Mastercard 2-series, UnionPay, Maestro
+        out.append(ContextRecognizer("CREDIT_CARD", "gateway.card", [Pattern("iin", _CARD, 0.9)], language=language,
+                                     validator=luhn_ok))
+    if "PHONE_NUMBER" in entities:  # international numbers that libphonenumber does not know as valid
+        out.append(ContextRecognizer("PHONE_NUMBER", "gateway.phone_intl", [Pattern("intl", _PHONE_INTL, 0.45)],
+                                     language=language, context=_PHONE_WORDS, window=30, boost=0.3))
     if "PERSONAL_URL" in entities:
         out.append(ContextRecognizer("PERSONAL_URL", "gateway.personal_url", [Pattern("social", _PERSONAL_URL, 0.7)],
                                      language=language))

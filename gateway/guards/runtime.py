@@ -94,7 +94,7 @@ class GuardRuntime:
             self.pool.start(_warm, tuple(offloaded))
 
     async def aclose(self) -> None:
-        self.pool.close()
+        await self.pool.aclose()
 
     def resolve(self, tenant: str, alias: str) -> GuardSet:
         key = (tenant, alias)

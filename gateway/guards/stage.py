@@ -15,6 +15,7 @@ is decoded, checked and re-encoded; a stream gets a `StreamGuard`.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from functools import partial
 from typing import Any
 
 import msgspec
@@ -28,6 +29,7 @@ from .base import Finding, Part, Where
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
 from .stream import StreamGuard
+from .verdict import apply
 
 __all__ = ["GuardStage", "input_texts"]
 
@@ -152,13 +154,16 @@ class GuardStage:
                     refs.append((function, "arguments", Where("output", "tool_arguments"), True))
             for container, field, where, json_string in refs:
                 text = container[field]
+                enforced: list[Finding] = []
                 if guard_set.output:
-                    verdict = await self.guards.check(guard_set.output, text, where, session)
-                    if verdict.decision == "block":
+                    enforced, shadow = await self.guards.detect(guard_set.output, text, where)
+                    session.note_findings(enforced, "enforce", "output")
+                    session.note_findings(shadow, "shadow", "output")
+                    if any(f.action == "block" for f in enforced):
                         holder[key] = None if chat else ""
                         holder.pop("tool_calls", None)
                         choice["finish_reason"] = "content_filter"
                         break
-                    text = verdict.text
-                container[field] = session.pseudonyms.restore(text, json_string=json_string)
+                restore = partial(session.pseudonyms.restore, json_string=json_string)
+                container[field] = apply(text, enforced, session.pseudonyms, restore)
         return _encode(data)

@@ -18,6 +18,7 @@ is dropped.
 from __future__ import annotations
 
 import time
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..policy.guard_schema import StreamScanSpec
@@ -227,7 +228,8 @@ class StreamGuard:
         applied = [f for f in enforced if f.start < cut]
         self.session.note_findings(applied, "enforce", where.place)
         self.session.note_findings([f for f in shadow if f.start < cut], "shadow", where.place)
-        out = self.session.pseudonyms.restore(apply(released, applied, self.session.pseudonyms), json_string=lane.json)
+        pseudonyms = self.session.pseudonyms
+        out = apply(released, applied, pseudonyms, partial(pseudonyms.restore, json_string=lane.json))
         lane.context = (lane.context + released)[-self.spec.window_chars:]
         lane.pending = text[cut:]
         lane.scanned = max(0, lane.scanned - cut)

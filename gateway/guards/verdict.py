@@ -8,7 +8,7 @@ Shadow findings are reported but change nothing.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -49,22 +49,32 @@ def resolve(findings: Iterable[Finding]) -> list[Finding]:
     return sorted(taken, key=lambda f: f.start)
 
 
-def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None) -> str:
-    """`text` with every rewriting finding replaced; placeholders already in it are never touched."""
+def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
+          restore: Callable[[str], str] | None = None) -> str:
+    """`text` with every rewriting finding replaced; placeholders already in it are never touched.
+
+    `restore` (output: placeholders back to originals) applies to the text between findings only,
+    so that a placeholder made for a finding of the answer itself stays a placeholder.
+    """
+    keep = restore or _same
     rewriting = [f for f in findings if f.action in ("redact", "mask", "pseudonymize")]
     if not rewriting:
-        return text
+        return keep(text)
     guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
     out: list[str] = []
     at = 0
     for f in resolve(rewriting):
         if f.start < at or any(f.start < e and f.end > s for s, e in guarded):
             continue
-        out.append(text[at:f.start])
+        out.append(keep(text[at:f.start]))
         out.append(replacement(f, text[f.start:f.end], pseudonyms))
         at = f.end
-    out.append(text[at:])
+    out.append(keep(text[at:]))
     return "".join(out)
+
+
+def _same(text: str) -> str:
+    return text
 
 
 def replacement(finding: Finding, original: str, pseudonyms: Pseudonyms | None) -> str:

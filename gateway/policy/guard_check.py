@@ -10,7 +10,6 @@ nothing above it.
 from __future__ import annotations
 
 import importlib
-import re
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +100,7 @@ def _check_pii(guard: PiiGuardSpec, doc: _Located, path: tuple[Any, ...]) -> Non
     custom = {r.entity for r in guard.recognizers.values()}
     known = PATTERN_ENTITIES | custom | (NER_ENTITIES if guard.engine == "ner" else frozenset())
     for entity in guard.entities:
-        if entity in NER_ENTITIES and guard.engine != "ner":
+        if entity in NER_ENTITIES and guard.engine != "ner" and entity not in custom:
             doc.issue(path + ("entities", entity), f"`{entity}` is found by the ner engine only (set `engine: ner`)")
         elif entity not in known:
             doc.issue(path + ("entities", entity), f"unknown entity type `{entity}` (known: {', '.join(sorted(known))};"
@@ -110,14 +109,15 @@ def _check_pii(guard: PiiGuardSpec, doc: _Located, path: tuple[Any, ...]) -> Non
         where = path + ("recognizers", name)
         if not recognizer.patterns and not recognizer.deny_list:
             doc.issue(where, "a recognizer needs patterns or a deny_list")
-        for index, pattern in enumerate(recognizer.patterns):
-            _regex(pattern.regex, doc, where + ("patterns", index, "regex"))
+        for index, pattern in enumerate(recognizer.patterns):  # presidio matches with `regex` (\p{Lu} and all)
+            _regex(pattern.regex, doc, where + ("patterns", index, "regex"), engine="regex")
     for index, allowed in enumerate(guard.allow_patterns):
         _regex(allowed, doc, path + ("allow_patterns", index))
 
 
-def _regex(pattern: str, doc: _Located, path: tuple[Any, ...]) -> None:
+def _regex(pattern: str, doc: _Located, path: tuple[Any, ...], engine: str = "re") -> None:
+    module: Any = importlib.import_module(engine)
     try:
-        re.compile(pattern)
-    except re.error as exc:
+        module.compile(pattern)
+    except module.error as exc:
         doc.issue(path, f"invalid regular expression: {exc}")

@@ -121,8 +121,10 @@ async def whole(runtime: GuardRuntime, text: str) -> str:
     return verdict.text
 
 
-async def evaluate(model: str | None, *, samples_path: Path = SAMPLES, stream_sizes: tuple[int, ...] = tuple(range(1, 8)), every: int = 1,
-                   engines: tuple[str, ...] = ("patterns", "ner")) -> dict[str, Any]:
+async def evaluate(
+    model: str | None, *, samples_path: Path = SAMPLES, stream_sizes: tuple[int, ...] = tuple(range(1, 8)),
+    every: int = 1, engines: tuple[str, ...] = ("patterns", "ner"),
+) -> dict[str, Any]:
     samples = load_samples(samples_path)
     pii = [s for s in samples if s["kind"] == "pii"]
     clean = [s for s in samples if s["kind"] == "clean"]

@@ -387,3 +387,16 @@ def test_policy_validation_of_guard_scopes(upstream: MockUpstream, section: str,
     with pytest.raises(PolicyError) as caught:
         compile_text(text, "p.yaml", {"MOCK_UPSTREAM_KEY": "x"})
     assert any(f": {where}: " in str(i) for i in caught.value.issues), caught.value.issues
+
+
+def test_streamed_completions_and_the_usage_chunk_keep_their_shape(gw: RunningGateway) -> None:
+    body = {"model": "out", "prompt": f"write to {EMAIL} today please", "stream": True, "echo_chunk": 3,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", gw.base_url + "/completions", headers=AUTH, json=body, timeout=20) as response:
+        events = [e.removeprefix("data: ") for e in response.read().decode().split("\n\n") if e]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert "".join(c["choices"][0]["text"] for c in chunks if c["choices"]) == "write to <EMAIL_ADDRESS> today please"
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+    assert all(c["object"] == "text_completion" for c in chunks)
+    assert 'gateway_guard_stream_delay_seconds_count{model="out"}' in gw.metrics()

@@ -170,6 +170,36 @@ async def evaluate(
     return report
 
 
+_PRESIDIO_TYPES = {"LOCATION": "STREET_ADDRESS", "DATE_TIME": "DATE_OF_BIRTH", "URL": "PERSONAL_URL",
+                   "US_SSN": "GOV_ID", "UK_NINO": "GOV_ID", "US_PASSPORT": "GOV_ID", "US_DRIVER_LICENSE": "GOV_ID",
+                   "IT_FISCAL_CODE": "GOV_ID", "ES_NIF": "GOV_ID", "IN_AADHAAR": "GOV_ID", "UK_PASSPORT": "GOV_ID"}
+
+
+def presidio_default(model: str, samples_path: Path = SAMPLES) -> dict[str, Any]:
+    """Presidio out of the box, for comparison: its predefined recognizers and the same spaCy pipeline,
+    no score threshold, no context rules; its types mapped to ours (LOCATION counts as an address,
+    DATE_TIME as a date of birth, URL as a profile URL, national ids as GOV_ID)."""
+    from presidio_analyzer import AnalyzerEngine
+    from presidio_analyzer.nlp_engine import NlpEngineProvider
+
+    from gateway.guards.pii import quiet_network
+
+    quiet_network()
+    nlp = NlpEngineProvider(nlp_configuration={"nlp_engine_name": "spacy", "models": [
+        {"lang_code": "en", "model_name": model}]}).create_engine()
+    engine = AnalyzerEngine(nlp_engine=nlp, supported_languages=["en"])
+    samples = load_samples(samples_path)
+    pii = [s for s in samples if s["kind"] == "pii"]
+    clean = [s for s in samples if s["kind"] == "clean"]
+    found = {}
+    for s in pii + clean:
+        results = engine.analyze(s["text"], language="en")
+        found[s["id"]] = [(_PRESIDIO_TYPES.get(r.entity_type, r.entity_type), r.start, r.end) for r in results]
+    result = score_pii(pii, found)
+    result["clean_changed"] = _ratio(sum(1 for s in clean if found[s["id"]]), len(clean))
+    return result
+
+
 async def _secrets(samples: list[dict[str, Any]]) -> dict[str, Any]:
     runtime, _ = runtime_for("patterns", None)
     guard = next(g for g in runtime.resolve("t", "a").input if g.kind == "secrets")
@@ -203,10 +233,13 @@ def main() -> None:
     parser.add_argument("--model", help="spaCy pipeline (package name or directory) for the ner engine")
     parser.add_argument("--every", type=int, default=1, help="stream every Nth sample (the stream part is slow)")
     parser.add_argument("--json", help="write the report here too")
+    parser.add_argument("--baseline", action="store_true", help="also measure presidio out of the box")
     parser.add_argument("--samples", default=str(SAMPLES), help="a set written by generate.py (default: the committed)")
     args = parser.parse_args()
     model = str(Path(args.model).resolve()) if args.model and Path(args.model).exists() else args.model
     report = asyncio.run(evaluate(model, samples_path=Path(args.samples), every=args.every))
+    if args.baseline and model:
+        report["presidio_default"] = presidio_default(model, Path(args.samples))
     text = json.dumps(report, indent=2)
     print(text)
     if args.json:

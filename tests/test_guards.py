@@ -400,3 +400,11 @@ def test_streamed_completions_and_the_usage_chunk_keep_their_shape(gw: RunningGa
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
     assert all(c["object"] == "text_completion" for c in chunks)
     assert 'gateway_guard_stream_delay_seconds_count{model="out"}' in gw.metrics()
+
+
+def test_a_long_text_is_analyzed_off_the_loop_too(gw: RunningGateway, upstream: MockUpstream) -> None:
+    text = "lorem ipsum " * 2000 + f"mail {EMAIL}"
+    response = httpx.post(gw.base_url + "/embeddings", headers=AUTH, timeout=20, json={"model": "embed", "input": text})
+    assert response.status_code == 200
+    assert upstream.requests[-1].json["input"].endswith("mail <EMAIL_ADDRESS>")
+    assert response.headers["x-gateway-guards"] == "pii.redact=1"

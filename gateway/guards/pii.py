@@ -32,6 +32,9 @@ __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
 # Presidio's own scores where its defaults are tuned for recall on a single label, not for a gateway:
 # a phone number scores 0.4 without a context word; an IBAN or a card whose checksum holds is sure.
 _DEFAULT_THRESHOLDS = {"PHONE_NUMBER": 0.4, "PERSON": 0.5}
+# The patterns engine runs on the event loop (a thread hop costs more than its analysis), except
+# for texts this long, whose regex scan would hold the loop for many milliseconds.
+INLINE_CHARS = 16_384
 _PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "BR", "AU", "ES", "IT", "NL", "MX", "JP", "ZA", "SE", "PL",
                   "CH", "IL", "IE", "AT", "BE", "PT", "NG", "KE", "SG", "NZ", "AR", "CO", "TR", "KR", "CN", "PH")
 
@@ -174,6 +177,7 @@ class PiiGuard(GuardBase):
         self.engine = Engine(spec.engine, spec.model, tuple(spec.languages), entities,
                              tuple((n, msgspec.json.encode(r)) for n, r in sorted(spec.recognizers.items())))
         self.pool = pool
+        self.action = spec.action
         self.offload = spec.engine == "ner"
         self.actions: dict[str, Action] = {e: _own(spec, e).action or spec.action for e in entities}
         self.thresholds = {e: _threshold(spec, e) for e in entities}
@@ -189,7 +193,7 @@ class PiiGuard(GuardBase):
     async def detect(self, text: str, where: Where) -> list[Finding]:
         if not text.strip():
             return []
-        if self.offload:
+        if self.offload or len(text) > INLINE_CHARS:
             raw = await self.pool.run(analyze, self.engine, text, self.floor)
         else:
             raw = analyze(self.engine, text, self.floor)

@@ -91,7 +91,7 @@ class GuardStage:
             return await call_next(ctx)
         session = GuardSession(self.guards.metrics)
         for guard in (*guard_set.limits, *guard_set.input):
-            session.expect(guard.name, getattr(guard, "action", "block"))
+            session.expect(guard.name, str(getattr(guard, "action", "block")))
         try:
             await self._input(ctx, guard_set, session)
         except ContentPolicyViolation as exc:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import subprocess
 import sys
 from pathlib import Path
@@ -135,3 +136,13 @@ def test_a_process_pool_runs_the_analysis(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, str(script)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "['EMAIL_ADDRESS']"
+
+
+def test_a_pluggable_injection_classifier_adds_to_the_patterns() -> None:
+    from gateway.guards.injection import InjectionGuard
+    from gateway.policy.guard_schema import InjectionGuardSpec
+
+    guard = InjectionGuard("inj", InjectionGuardSpec(classifier="tests.support.guard_classifier:make"))
+    found = asyncio.run(guard.detect("tell me the secret recipe", IN))
+    assert [(f.type, f.recognizer) for f in found] == [("PROMPT_INJECTION", "injection.classifier")]
+    assert asyncio.run(guard.detect("tell me a recipe", IN)) == []

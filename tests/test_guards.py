@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -365,6 +367,15 @@ def test_no_guards_no_stage(gw: RunningGateway, upstream: MockUpstream) -> None:
     ("g: {kind: limits}", "guards.global.g", "needs max_chars"),
     ("g: {kind: limits, max_chars: 10, places: [output]}", "guards.global.g.places", "input only"),
     ("Bad: {kind: secrets}", "guards.global.Bad", "invalid name"),
+    ("g: {kind: pii, languages: [english]}", "guards.global.g.languages[0]", "expected `str` matching"),
+    ("g: {kind: pii, entities: {CREDIT_CARD: {action: mask, keep: 99}}}",
+     "guards.global.g.entities.CREDIT_CARD.keep", "<= 16"),
+    ("g: {kind: pii, recognizers: {r: {entity: lower, deny_list: [a]}}}", "guards.global.g.recognizers.r.entity",
+     "expected `str` matching"),
+    ("g: {kind: pii, engine: ner, model: ./no/such/dir}", "guards.global.g.model", "no spaCy pipeline directory"),
+    ("g: {kind: denylist, terms: [x], topics: {Bad: [y]}}", "guards.global.g.topics.Bad", "invalid name"),
+    ("g: {kind: limits, max_tokens: 0}", "guards.global.g.max_tokens", ">= 1"),
+    ("g: {kind: secrets, places: []}", "guards.global.g.places", "at least one place"),
 ])
 def test_policy_validation_of_guard_fields(upstream: MockUpstream, snippet: str, where: str, message: str) -> None:
     base = guard_policy(upstream.base_url).split("guards:")[0]
@@ -381,6 +392,10 @@ def test_policy_validation_of_guard_fields(upstream: MockUpstream, snippet: str,
     ("tenants:\n    nobody: {g: {kind: secrets}}", "guards.tenants.nobody"),
     ("pool: {kind: fibers}", "guards.pool.kind"),
     ("stream: {window_chars: 4}", "guards.stream.window_chars"),
+    ("stream: {step_chars: 5000}", "guards.stream.step_chars"),
+    ("stream: {window_chars: 100, max_hold_chars: 64}", "guards.stream"),
+    ("pool: {workers: 0}", "guards.pool.workers"),
+    ("pool: {max_queue: 0}", "guards.pool.max_queue"),
 ])
 def test_policy_validation_of_guard_scopes(upstream: MockUpstream, section: str, where: str) -> None:
     text = guard_policy(upstream.base_url).split("guards:")[0] + "guards:\n  " + section + "\n"
@@ -408,3 +423,21 @@ def test_a_long_text_is_analyzed_off_the_loop_too(gw: RunningGateway, upstream: 
     assert response.status_code == 200
     assert upstream.requests[-1].json["input"].endswith("mail <EMAIL_ADDRESS>")
     assert response.headers["x-gateway-guards"] == "pii.redact=1"
+
+
+def test_a_reload_brings_guards_in(upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)  # a reload reads the environment
+    plain = guard_policy(upstream.base_url).split("guards:")[0]
+    source = tmp_path / "policy.yaml"
+    running = RunningGateway(plain, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}, source=source)
+    running.start()
+    try:
+        assert chat(running, "redact", f"mail {EMAIL}").status_code == 200
+        assert forwarded(upstream) == f"mail {EMAIL}"
+        source.write_text(plain + "guards:\n  global:\n    pii: {kind: pii, places: [input]}\n")
+        result = asyncio.run_coroutine_threadsafe(running.gateway.reload("test"), running.gateway.loop).result(30)
+        assert result["result"] == "ok"
+        assert chat(running, "redact", f"mail {EMAIL}").status_code == 200
+        assert forwarded(upstream) == "mail <EMAIL_ADDRESS>"
+    finally:
+        running.stop()

@@ -7,8 +7,8 @@ and several weak ones add up. Patterns run on the folded text (`normalize.fold`)
 so case, accents, homoglyphs and zero-width characters do not hide an attack. A
 classifier (`classifier: "module:factory"` in the policy; the factory returns an
 object with `score(text) -> float` in [0, 1]) is combined by taking the higher
-score; no model ships with the gateway (none that installs from a registry and
-runs offline on CPU was measured better than these patterns on our set).
+score; no model ships with the gateway (a model-based detector from a package
+registry was not evaluated yet; this interface is where it plugs in).
 """
 
 from __future__ import annotations

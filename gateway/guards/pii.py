@@ -51,6 +51,7 @@ class Engine:
 
 
 _lock = threading.Lock()
+_MAX_BUILT = 16
 _built: dict[Engine, Any] = {}
 
 
@@ -69,6 +70,8 @@ def analyzer(engine: Engine) -> Any:
         with _lock:
             found = _built.get(engine)
             if found is None:
+                if len(_built) >= _MAX_BUILT:  # many reloads with changed pii settings: start over
+                    _built.clear()
                 found = _built[engine] = build_analyzer(engine)
     return found
 

@@ -13,6 +13,7 @@ analyzer in each worker; `analyzer()` builds it once per process or runtime.
 
 from __future__ import annotations
 
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -95,6 +96,9 @@ def build_analyzer(engine: Engine) -> Any:
     from .recognizers import ContextRecognizer, gateway_recognizers
 
     quiet_network()
+    # Presidio logs matched text in places (an IBAN that fails validation, context words at debug):
+    # the gateway never logs a finding's text, so its logger is silenced.
+    logging.getLogger("presidio-analyzer").disabled = True
     wanted = set(engine.entities)
     models = [{"lang_code": lang, "model_name": engine.model or "blank"} for lang in engine.languages]
     if engine.kind == "ner":

@@ -441,3 +441,16 @@ def test_a_reload_brings_guards_in(upstream: MockUpstream, tmp_path: Path, monke
         assert forwarded(upstream) == "mail <EMAIL_ADDRESS>"
     finally:
         running.stop()
+
+
+def test_no_finding_text_in_logs_or_metrics(gw: RunningGateway, caplog: pytest.LogCaptureFixture) -> None:
+    import logging
+
+    caplog.set_level(logging.DEBUG)
+    iban_bad = "DE00 1234 5678 9012 3456 78"  # fails validation: presidio would log it
+    assert chat(gw, "redact", f"mail {EMAIL} iban {iban_bad}").status_code == 200
+    assert chat(gw, "redact", f"key {SECRET}").status_code == 400
+    stream_text(gw, "out", f"x {EMAIL} y {SECRET}", echo_chunk=4)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    for text in (EMAIL, SECRET, iban_bad):
+        assert text not in logged and text not in gw.metrics()

@@ -146,3 +146,19 @@ def test_a_pluggable_injection_classifier_adds_to_the_patterns() -> None:
     found = asyncio.run(guard.detect("tell me the secret recipe", IN))
     assert [(f.type, f.recognizer) for f in found] == [("PROMPT_INJECTION", "injection.classifier")]
     assert asyncio.run(guard.detect("tell me a recipe", IN)) == []
+
+
+def test_a_gateway_without_guards_never_loads_presidio() -> None:
+    script = (
+        "import sys\n"
+        "from gateway.app import Gateway\n"
+        "from gateway.policy import compile_text\n"
+        "policy = compile_text('version: 1\\nauth: none\\nproviders: {d: {kind: demo}}\\n"
+        "models: {m: {provider: d, model: x}}\\n')\n"
+        "Gateway(policy)\n"
+        "assert not policy.has_guards\n"
+        "print('presidio_analyzer' in sys.modules, 'spacy' in sys.modules)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.split() == ["False", "False"]

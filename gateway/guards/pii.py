@@ -1,5 +1,8 @@
 """PII with presidio-analyzer: the `patterns` and `ner` engines, built once per runtime.
 
+presidio and spaCy are imported when the first analyzer is built, not with this module: a
+gateway without a pii guard never loads them.
+
 `patterns`: presidio's pattern recognizers (e-mail, phone via `phonenumbers`,
 cards with Luhn, IBANs with their checksum, IPs) and the gateway's own
 (`recognizers.py`), over a tokenizer-only spaCy pipeline: no model, a few
@@ -26,7 +29,6 @@ from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSp
 from .base import Finding, Where
 from .common import GuardBase
 from .pool import GuardPool
-from .recognizers import VALIDATORS
 
 __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
 
@@ -93,7 +95,7 @@ def build_analyzer(engine: Engine) -> Any:
         UsSsnRecognizer,
     )
 
-    from .recognizers import ContextRecognizer, gateway_recognizers
+    from .recognizers import VALIDATORS, ContextRecognizer, gateway_recognizers
 
     quiet_network()
     # Presidio logs matched text in places (an IBAN that fails validation, context words at debug):

@@ -162,3 +162,19 @@ def test_a_gateway_without_guards_never_loads_presidio() -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.split() == ["False", "False"]
+
+
+def test_the_patterns_engine_skips_texts_that_cannot_hold_its_types(monkeypatch: pytest.MonkeyPatch) -> None:
+    from gateway.guards import pii
+    from gateway.guards.pool import GuardPool
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    calls: list[str] = []
+    monkeypatch.setattr(pii, "analyze", lambda engine, text, floor: calls.append(text) or [])
+    guard = pii.PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec()))
+    for text in ("hello there", "see you at noon", "mail me at a@b.org", "room 12", "github.com/someone"):
+        asyncio.run(guard.detect(text, IN))
+    assert calls == ["mail me at a@b.org", "room 12", "github.com/someone"]
+    ner = pii.PiiGuard("pii", msgspec.convert({"engine": "ner", "model": "x", "entities": {"PERSON": {}}},
+                                              PiiGuardSpec), GuardPool(GuardPoolSpec()))
+    assert ner.prefilter is None  # names can be anywhere

@@ -8,6 +8,7 @@ the right characters of the original.
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Sequence
 
 __all__ = ["fold"]
 
@@ -20,8 +21,10 @@ _HOMOGLYPHS = str.maketrans(
 )
 
 
-def fold(text: str) -> tuple[str, list[int]]:
+def fold(text: str) -> tuple[str, Sequence[int]]:
     """The folded text, and for each of its characters the offset of the original character."""
+    if text.isascii():  # the common case, at C speed
+        return text.lower(), range(len(text))
     out: list[str] = []
     where: list[int] = []
     for index, char in enumerate(text):

@@ -2,8 +2,8 @@
 
 Presidio's date recognizer fires on every date, its URL recognizer on every URL,
 and it has no street addresses. These recognizers look at the characters around
-a match instead (presidio's context enhancer needs lemmas that a tokenizer-only
-pipeline does not have): a date is a date of birth only next to "born", "DOB",
+a match instead (presidio's context enhancer needs a spaCy pass for lemmas, which
+the patterns engine does without): a date is a date of birth only next to "born", "DOB",
 "geboren"...; an address next to "Inc.", "headquarters" or "office" is a
 company's and scores low; an id number counts only next to the word that names
 it, or when its checksum holds. The same class serves the policy's own

@@ -22,6 +22,8 @@ from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
+from .guards.runtime import GuardRuntime
+from .guards.stage import GuardStage
 from .pipeline.lifecycle import Lifecycle
 from .pipeline.runner import Pipeline
 from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingress, SelectTarget
@@ -29,7 +31,7 @@ from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
 from .reload import watch_policy_file
 from .routing import Router
-from .runtime import Runtime
+from .runtime import Runtime, Service
 from .schemas.endpoints import Endpoint
 from .store import build_store
 from .telemetry.metrics import Metrics
@@ -67,6 +69,7 @@ class Gateway:
         store = build_store(policy.state)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
+        guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             CountTokens(self.tokens),
@@ -74,10 +77,14 @@ class Gateway:
             Authenticate(),
             Ingress(),
             Authorize(),
+            *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
             SelectTarget(router),
             CallUpstream(router),
         ])
-        return Runtime(policy, providers, store, pipeline, (router,))
+        services: list[Service] = [router]
+        if guards is not None:
+            services.append(guards)
+        return Runtime(policy, providers, store, pipeline, services)
 
     def acquire_runtime(self) -> Runtime:
         return self.runtime.acquire()

@@ -22,6 +22,7 @@ __all__ = [
     "AllTargetsFailed",
     "AuthenticationFailed",
     "BodyTooLarge",
+    "ContentPolicyViolation",
     "ContextLengthExceeded",
     "GatewayBusy",
     "GatewayError",
@@ -87,6 +88,14 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class ContentPolicyViolation(GatewayError):
+    """400: a guard blocked the request. The message names the guard and the entity types, never the text."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "content_policy_violation"
 
 
 class ContextLengthExceeded(InvalidRequest):

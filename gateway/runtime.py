@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .policy import Policy
@@ -31,8 +31,9 @@ log = logging.getLogger("gateway.runtime")
 
 
 class Service(Protocol):
-    """Background work of one policy (the router's breaker sync and health checks): started after the
-    providers and the store, closed before them."""
+    """Something else built from the policy with a life of its own (the router's breaker sync and
+    health checks, the guards' analyzers and pool): started after the providers and the store,
+    closed before them."""
 
     async def start(self) -> None: ...
 
@@ -47,13 +48,13 @@ class Runtime:
 
     def __init__(
         self, policy: Policy, providers: Mapping[str, Provider], store: Store, pipeline: Pipeline,
-        services: tuple[Service, ...] = (),
+        services: Sequence[Service] = (),
     ) -> None:
+        self.services = tuple(services)
         self.policy = policy
         self.providers = providers
         self.store = store
         self.pipeline = pipeline
-        self.services = services
         self.created = int(time.time())
         self.version_header = (b"x-gateway-policy-version", policy.version.encode())  # on every proxied answer
         self._active = 0

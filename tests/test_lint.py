@@ -40,7 +40,7 @@ def test_ruff() -> None:
     ruff = Path(sys.executable).with_name("ruff")
     command = str(ruff) if ruff.exists() else shutil.which("ruff")
     assert command, "ruff is installed but its command is not found"
-    result = subprocess.run([command, "check", "--no-cache", "gateway", "tests", "bench"], cwd=REPO,
+    result = subprocess.run([command, "check", "--no-cache", "gateway", "tests", "bench", "evals"], cwd=REPO,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stdout + result.stderr
 

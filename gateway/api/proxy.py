@@ -74,6 +74,7 @@ class ProxyEndpoint:
                     (b"x-request-id", request_id.encode()),
                     version,
                     *routing_headers(ctx),
+                    *(ctx.headers or ()),
                 ], reply.body)
             else:
                 await self._send_stream(ctx, reply, send)
@@ -105,7 +106,7 @@ class ProxyEndpoint:
             await send({
                 "type": "http.response.start", "status": reply.status,
                 "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
-                            *routing_headers(ctx)],
+                            *routing_headers(ctx), *(ctx.headers or ())],
             })
             life.response_started = True
             async for batch in stream:

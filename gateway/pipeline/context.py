@@ -78,6 +78,7 @@ class RequestContext:
     error_code: str | None = None
     usage: Usage | None = None
     usage_estimated: bool = False
+    headers: list[tuple[bytes, bytes]] | None = None  # extra response headers set by stages (x-gateway-guards)
 
     @property
     def tenant(self) -> str:

@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 from ..auth.keys import KeyRing, VirtualKey
 from ..store.base import StoreConfig
 from .compiled import Policy, ProviderConfig, Timeouts
+from .guard_check import check_guards
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
 from .routes import compile_routing
 from .schema import PolicySpec, ProviderSpec, StateSpec
@@ -55,6 +56,7 @@ def compile_policy(
     }
     models, rules, prices = compile_routing(spec, doc, providers)
     keys = _keys(spec, doc)
+    check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
     state = _state(spec.state, doc, env, require_env, warnings)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
                            warnings, "/metrics refuses every request until it is set")
@@ -83,6 +85,7 @@ def compile_policy(
         warnings=tuple(warnings),
         metrics_token=metrics_token,
         admin_token=admin_token,
+        guards=spec.guards,
     )
 
 

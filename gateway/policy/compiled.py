@@ -13,6 +13,7 @@ from typing import Any
 
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
+from .guard_schema import GuardsSpec
 from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
 
 __all__ = [
@@ -195,3 +196,10 @@ class Policy:
     warnings: tuple[str, ...] = ()
     metrics_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
+    guards: GuardsSpec = field(default_factory=GuardsSpec)
+
+    @property
+    def has_guards(self) -> bool:
+        """Whether any guard is defined: without one, no guard stage is built at all."""
+        g = self.guards
+        return bool(g.global_ or any(g.models.values()) or any(g.tenants.values()))

@@ -106,6 +106,9 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
         _check_struct(doc, value, struct, path)
         return
     origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and _tagged(args):
+        _check_tagged(doc, value, args, path)
+        return
     if origin in (typing.Union, types.UnionType) and value is not None:  # `X | None` given a value: check as X
         present = [arg for arg in args if arg is not types.NoneType]
         if len(present) == 1:
@@ -139,13 +142,37 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
     _convert(doc, value, tp, path)
 
 
+def _tagged(args: tuple[Any, ...]) -> bool:
+    """A union of structs told apart by a tag field (`kind: pii`, ...)."""
+    return bool(args) and all(
+        _struct_type(arg) is not None and arg.__struct_config__.tag_field is not None for arg in args
+    )
+
+
+def _check_tagged(doc: _Located, value: Any, args: tuple[Any, ...], path: _Path) -> None:
+    """Check a tagged union: pick the struct its tag names, and check against that one."""
+    if not isinstance(value, dict):
+        doc.issue(path, f"expected a mapping, got {_kind(value)}")
+        return
+    field = args[0].__struct_config__.tag_field
+    by_tag = {arg.__struct_config__.tag: arg for arg in args}
+    tag = value.get(field)
+    if tag is None:
+        doc.issue(path, f"missing required field `{field}` (one of: {', '.join(sorted(by_tag))})")
+    elif tag not in by_tag:
+        doc.issue(path + (field,), f"unknown value `{_show(tag)}` (allowed: {', '.join(sorted(by_tag))})")
+    else:
+        _check_struct(doc, value, by_tag[tag], path)
+
+
 def _check_struct(doc: _Located, value: Any, struct: type[msgspec.Struct], path: _Path) -> None:
     if not isinstance(value, dict):
         doc.issue(path, f"expected a mapping, got {_kind(value)}")
         return
     fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+    tag_field = struct.__struct_config__.tag_field
     for key in value:
-        if key not in fields:
+        if key not in fields and key != tag_field:
             allowed = ", ".join(sorted(fields))
             doc.issue(path + (str(key),), f"unknown field `{key}` (allowed: {allowed})")
     for name, field in fields.items():

@@ -14,6 +14,8 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .guard_schema import GuardsSpec
+
 __all__ = [
     "AuthMode",
     "BreakerSpec",
@@ -267,6 +269,7 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     rules: list[RuleSpec] = []
     # Prices by upstream model name, or `provider/model` for one provider's (USD per million tokens).
     prices: dict[str, PriceSpec] = {}
+    guards: GuardsSpec = GuardsSpec()
 
 
 def json_schema() -> dict[str, object]:

@@ -120,6 +120,29 @@ class Metrics:
             "gateway_routed_requests", "Requests answered, by the alias asked for and the target that answered.",
             ("model", "target"), registry=registry,
         )
+        # Guards: labels are guard names and entity types from the policy, actions, modes and places:
+        # closed sets. The text of a finding never becomes a label (nor a log line).
+        self.guard_findings = Counter(
+            "gateway_guard_findings", "Guard findings, by guard, entity type, action, mode and place.",
+            ("guard", "entity", "action", "mode", "place"), registry=registry,
+        )
+        self.guard_verdicts = Counter(
+            "gateway_guard_verdicts", "Guard verdicts per checked text (allow, redact, block).",
+            ("guard", "verdict", "mode", "place"), registry=registry,
+        )
+        self.guard_failures = Counter(
+            "gateway_guard_failures", "Guards that raised, timed out or found their queue full, and what `fail` did.",
+            ("guard", "reason", "fail"), registry=registry,
+        )
+        self.guard_duration = Histogram(
+            "gateway_guard_duration_seconds", "Time one guard took on one text (queueing on the pool included).",
+            ("guard", "place"), buckets=_OVERHEAD_BUCKETS + (0.25, 0.5, 1, 2.5), registry=registry,
+        )
+        self.guard_stream_delay = Histogram(
+            "gateway_guard_stream_delay_seconds",
+            "Streams: time the first text was held by output guards (time to first token added).",
+            ("model",), buckets=_OVERHEAD_BUCKETS + (0.25, 0.5, 1, 2.5, 5), registry=registry,
+        )
         self._series: dict[tuple[str, str, int, str | None], _Series] = {}
         self._versions: set[str] = set()
 

@@ -75,7 +75,7 @@ class Fault:
 _FAULT_RE = re.compile(
     r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body|retry-after)-(\d+)"
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
-    r"|error-first)"
+    r"|error-first|echo|echo-tool)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
 # credential it was sent, without its `Bearer` (filled in per request).
@@ -233,8 +233,16 @@ def _streamed(base: dict[str, Any], n: int, pieces: list[dict[str, Any]], final:
     return SseAnswer(opening + body + closing + tail + [SSE_DONE], len(opening))
 
 
+def _joined(body: dict[str, Any], words: list[str]) -> tuple[str, list[str]]:
+    """The answer's text and its streamed pieces: words joined by spaces, or (`echo_chunk`) exact pieces."""
+    if type(body.get("echo_chunk")) is int:
+        return "".join(words), words
+    return " ".join(words), [w if pos == 0 else " " + w for pos, w in enumerate(words)]
+
+
 def chat_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
-    n, text = _choice_count(body), " ".join(words)
+    n = _choice_count(body)
+    text, parts = _joined(body, words)
     base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model") or "mock-model", "system_fingerprint": "fp_mock"}
     usage = chat_usage(chat_prompt_tokens(body.get("messages")), len(words) * n)
@@ -243,8 +251,7 @@ def chat_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str
         choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": "stop"}
                    for i in range(n)]
         return {**base, "choices": choices, "usage": usage}
-    pieces = [{"delta": {"content": w if pos == 0 else " " + w}, "logprobs": None,
-               "finish_reason": None} for pos, w in enumerate(words)]
+    pieces = [{"delta": {"content": w}, "logprobs": None, "finish_reason": None} for w in parts]
     first = {"delta": {"role": "assistant", "content": "", "refusal": None},
              "logprobs": None, "finish_reason": None}
     final = {"delta": {}, "logprobs": None, "finish_reason": "stop"}
@@ -253,7 +260,8 @@ def chat_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str
 
 
 def completion_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
-    n, text = _choice_count(body), " ".join(words)
+    n = _choice_count(body)
+    text, parts = _joined(body, words)
     prompt = sum(tokens for _, tokens in prompt_inputs(body.get("prompt", ""), "prompt"))
     base = {"id": f"cmpl-mock-{serial}", "object": "text_completion", "created": int(time.time()),
             "model": body.get("model") or "mock-model", "system_fingerprint": "fp_mock"}
@@ -264,8 +272,7 @@ def completion_answer(body: dict[str, Any], words: list[str], serial: int) -> di
         choices = [{"text": text, "index": i, "logprobs": None, "finish_reason": "stop"}
                    for i in range(n)]
         return {**base, "choices": choices, "usage": usage}
-    pieces = [{"text": w if pos == 0 else " " + w, "logprobs": None, "finish_reason": None}
-              for pos, w in enumerate(words)]
+    pieces = [{"text": w, "logprobs": None, "finish_reason": None} for w in parts]
     final = {"text": "", "logprobs": None, "finish_reason": "stop"}
     return _streamed(base, n, pieces, final, usage if _include_usage(body) else None)
 
@@ -386,6 +393,45 @@ async def _deliver_stream(request: web.BaseRequest, answer: SseAnswer,
         await resp.write(event)  # one write per event: the client sees them one by one
     await resp.write_eof()
     return resp
+
+
+def _echo_words(body: dict[str, Any]) -> list[str]:
+    """The last user message (or the prompt), split so that streaming sends it piece by piece:
+    `fault-echo` answers with what the gateway forwarded, placeholders and all."""
+    text = ""
+    for message in body.get("messages") or []:
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            text = content if isinstance(content, str) else " ".join(
+                p.get("text", "") for p in content or [] if isinstance(p, dict))
+    if not text and isinstance(body.get("prompt"), str):
+        text = body["prompt"]
+    size = body.get("echo_chunk")  # a test may ask for pieces of a given size (else: words)
+    if type(size) is int and size > 0:
+        return [text[i:i + size] for i in range(0, len(text), size)] or [""]
+    return text.split(" ") or [""]
+
+
+async def _deliver_tool_echo(request: web.BaseRequest, body: dict[str, Any], text: str,
+                             serial: int) -> web.StreamResponse:
+    """The echoed text as the arguments of one tool call (JSON), streamed in pieces or whole."""
+    arguments = json.dumps({"text": text})
+    base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model"), "system_fingerprint": "fp_mock"}
+    call = {"id": "call_mock", "type": "function", "function": {"name": "echo", "arguments": arguments}}
+    if not body.get("stream"):
+        message = {"role": "assistant", "content": None, "tool_calls": [call], "refusal": None}
+        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": "tool_calls"}
+        return await _send(request, web.json_response({**base, "choices": [choice]}))
+    size = body.get("echo_chunk") if type(body.get("echo_chunk")) is int else 5
+    pieces = [{"delta": {"tool_calls": [{"index": 0, "function": {"arguments": arguments[i:i + size]}}]},
+               "logprobs": None, "finish_reason": None} for i in range(0, len(arguments), size)]
+    first = {"delta": {"role": "assistant", "content": None, "tool_calls": [
+        {"index": 0, "id": "call_mock", "type": "function", "function": {"name": "echo", "arguments": ""}}]},
+        "logprobs": None, "finish_reason": None}
+    final = {"delta": {}, "logprobs": None, "finish_reason": "tool_calls"}
+    answer = _streamed({**base, "object": "chat.completion.chunk"}, 1, pieces, final, None, first)
+    return await _deliver_stream(request, answer, None)
 
 
 # ---------------------------------------------------------------- server
@@ -572,6 +618,10 @@ class MockUpstream:
             if fault and fault.kind == "no-usage":
                 body = {**body, "stream_options": None}  # answer as an upstream that ignores include_usage
             words = list(self.REPLY_WORDS)
+            if fault and fault.kind in ("echo", "echo-tool"):
+                words = _echo_words(body)
+                if fault.kind == "echo-tool" and request.path.endswith("/chat/completions"):
+                    return await _deliver_tool_echo(request, body, _joined(body, words)[0], next(self._serials))
             if fault and fault.kind == "slow-stream":
                 words = list(itertools.islice(itertools.cycle(words), SLOW_STREAM_CHUNKS))
             try:

@@ -1,0 +1,70 @@
+"""The guard interface: text with its place in, findings and a verdict out.
+
+A guard only detects: it returns `Finding`s, each carrying the action the policy
+gives its type. One shared function (`verdict.decide`) turns findings into a
+verdict (allow, redact with the replacements, block), so that every guard kind
+redacts, masks and pseudonymizes the same way, and shadow mode is one switch in
+one place. A finding never carries its matched text outside the request: spans
+point into the text the guard was given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Protocol
+
+from ..policy.guard_schema import Action
+
+__all__ = ["Action", "Finding", "Guard", "GuardFailure", "Part", "Place", "Where"]
+
+Place = Literal["input", "output"]
+# Which part of a request or answer a text is: what a guard may treat differently.
+Part = Literal["message", "tool_arguments", "tool_result", "prompt", "embedding_input", "answer"]
+
+
+@dataclass(frozen=True, slots=True)
+class Where:
+    place: Place
+    part: Part
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    """One thing found: its type, where it is in the text, how sure, by which recognizer, and what to do."""
+
+    guard: str
+    type: str
+    start: int
+    end: int
+    score: float
+    recognizer: str
+    action: Action
+    keep: int = 4  # mask: characters kept at the end
+
+
+class GuardFailure(Exception):
+    """A guard could not decide (it raised, timed out, or its queue was full): `fail:` decides."""
+
+    def __init__(self, guard: str, reason: Literal["error", "timeout", "queue_full"]) -> None:
+        super().__init__(f"guard {guard} failed: {reason}")
+        self.guard = guard
+        self.reason = reason
+
+
+class Guard(Protocol):
+    """A configured guard. `detect` may run on a worker (the ner engine) and must be safe to call
+    concurrently; it is given the text and its place, and returns findings with spans into it."""
+
+    name: str
+    kind: str
+    mode: Literal["enforce", "shadow", "off"]
+    fail: Literal["closed", "open"]
+    timeout_s: float
+    places: frozenset[Place]
+
+    async def detect(self, text: str, where: Where) -> list[Finding]: ...
+
+    def hold_from(self, text: str) -> int | None:
+        """Streams: where a finding that is still being written may start (e.g. an open private key
+        block), so that the scanner holds text from there; None when nothing is open."""
+        ...

@@ -1,0 +1,24 @@
+"""What every guard kind shares: its name, mode, failure policy, timeout and places."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from ..policy.guard_schema import GuardSpec
+from .base import Place
+
+__all__ = ["GuardBase"]
+
+
+class GuardBase:
+    kind = "guard"
+
+    def __init__(self, name: str, spec: GuardSpec) -> None:
+        self.name = name
+        self.mode: Literal["enforce", "shadow", "off"] = spec.mode
+        self.fail: Literal["closed", "open"] = spec.fail
+        self.timeout_s = spec.timeout_s
+        self.places: frozenset[Place] = frozenset(spec.places)
+
+    def hold_from(self, text: str) -> int | None:
+        return None

@@ -1,0 +1,48 @@
+"""Deny lists and banned topics: keywords and regexes matched on the folded text.
+
+Keywords match whole words, whatever their case, accents, homoglyphs or the
+zero-width characters slipped into them; a topic is a named keyword list whose
+findings are reported as `TOPIC_<NAME>`. Spans map back to the original text, so
+`action: redact` removes exactly what matched.
+"""
+
+from __future__ import annotations
+
+import re
+
+from ..policy.guard_schema import DenyListGuardSpec
+from .base import Finding, Where
+from .common import GuardBase
+from .normalize import fold
+
+__all__ = ["DenyListGuard"]
+
+
+def _keywords(words: list[str]) -> re.Pattern[str]:
+    folded = sorted({fold(w)[0] for w in words}, key=len, reverse=True)
+    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in folded) + r")(?!\w)")
+
+
+class DenyListGuard(GuardBase):
+    kind = "denylist"
+
+    def __init__(self, name: str, spec: DenyListGuardSpec) -> None:
+        super().__init__(name, spec)
+        self.action = spec.action
+        self.rules: list[tuple[str, re.Pattern[str]]] = []
+        if spec.terms:
+            self.rules.append(("DENIED_TERM", _keywords(spec.terms)))
+        for pattern in spec.patterns:
+            self.rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE)))
+        for topic, words in spec.topics.items():
+            self.rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", _keywords(words)))
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        folded, at = fold(text)
+        found = []
+        for label, pattern in self.rules:
+            for match in pattern.finditer(folded):
+                if match.end() > match.start():
+                    found.append(Finding(self.name, label, at[match.start()], at[match.end() - 1] + 1, 1.0,
+                                         f"denylist.{label.lower()}", self.action))
+        return found

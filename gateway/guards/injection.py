@@ -1,0 +1,126 @@
+"""Prompt injection and jailbreak detection: scored pattern sets in several languages, and a
+pluggable classifier.
+
+Each pattern has a weight; a text's score is `1 - prod(1 - w)` over the patterns
+it matches, so one strong signal ("ignore all previous instructions") is enough
+and several weak ones add up. Patterns run on the folded text (`normalize.fold`),
+so case, accents, homoglyphs and zero-width characters do not hide an attack. A
+classifier (`classifier: "module:factory"` in the policy; the factory returns an
+object with `score(text) -> float` in [0, 1]) is combined by taking the higher
+score; no model ships with the gateway (a model-based detector from a package
+registry was not evaluated yet; this interface is where it plugs in).
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+from typing import Protocol
+
+from ..policy.guard_schema import InjectionGuardSpec
+from .base import Finding, Where
+from .common import GuardBase
+from .normalize import fold
+
+__all__ = ["PATTERNS", "Classifier", "InjectionGuard", "injection_score"]
+
+_IGNORE = r"(ignore|disregard|forget|skip|override|bypass|drop)"
+_PRIOR = r"(all |any |the |your |my )*(previous|prior|above|earlier|preceding|initial|original|system|existing)"
+_RULES = r"(instructions?|prompts?|rules|directives|guidelines|commands|context|messages?|constraints)"
+PATTERNS: list[tuple[str, float]] = [
+    # English
+    (rf"\b{_IGNORE}\s+{_PRIOR}\s+{_RULES}", 0.9),
+    (rf"\b{_IGNORE}\s+(everything|all)\s+(you were told|above|before|said)", 0.85),
+    (r"\b(reveal|print|show|repeat|output|leak|display|tell me)\b.{0,40}\b(system|hidden|secret|initial)\s+"
+     r"(prompt|instructions?|message|rules)", 0.8),
+    (r"\bwhat (is|was|are) your (system )?(prompt|instructions)\b", 0.55),
+    (r"\byou are (now )?(dan|stan|dude|aim|an? unrestricted|an? unfiltered|jailbroken|free from)", 0.9),
+    (r"\bdo anything now\b", 0.9),
+    (r"\b(developer|god|jailbreak|unrestricted|debug|sudo) mode\b", 0.75),
+    (r"\b(pretend|act|behave|roleplay|imagine)\b.{0,40}\b(no|without|free of|zero)\s+(restrictions|rules|limits|"
+     r"filters|guidelines|ethics|censorship|content polic)", 0.85),
+    (r"\bno (longer )?(bound|restricted|limited) by\b.{0,30}\b(rules|guidelines|polic|openai|anthropic)", 0.8),
+    (r"\b(new|updated|real) (system )?(instructions?|rules)\s*:", 0.6),
+    (r"(^|\n)\s*(#{2,}|\[|<\|?|<<)\s*(system|sys|im_start|admin)\b", 0.7),
+    (r"</?(system|instructions?)>", 0.55),
+    (r"\bjailbreak", 0.6),
+    (r"\bfrom now on,? you (will|must|shall|are)\b", 0.45),
+    (r"\b(override|disable|turn off|remove)\b.{0,30}\b(safety|content|guard ?rails?|filters?|moderation)", 0.75),
+    (r"\bstay in character\b", 0.4),
+    (r"\bsimulate\b.{0,30}\b(unfiltered|uncensored|evil)\b", 0.75),
+    # German
+    (r"\b(ignoriere|ignorier|vergiss|missachte)\b.{0,30}\b(vorherigen|bisherigen|obigen|alle|vorigen)\b.{0,20}"
+     r"\b(anweisungen|instruktionen|regeln|befehle)", 0.9),
+    (r"\b(zeige|verrate|gib)\b.{0,30}\b(systemprompt|system-prompt|anweisungen)", 0.6),
+    # French
+    (r"\b(ignore|ignorez|oublie|oubliez)\b.{0,30}\b(instructions|consignes|regles)\b.{0,20}"
+     r"\b(precedentes|anterieures|ci-dessus)", 0.9),
+    (r"\b(ignore|ignorez|oublie|oubliez)\b.{0,10}\b(toutes? )?(les |tes |vos )?(instructions|consignes|regles)", 0.75),
+    # Spanish
+    (r"\b(ignora|ignore|olvida|olvide)\b.{0,30}\b(instrucciones|reglas|indicaciones)\b.{0,20}"
+     r"\b(anteriores|previas|de arriba)", 0.9),
+    (r"\b(ignora|olvida)\b.{0,10}\b(todas )?(las |tus )?(instrucciones|reglas)", 0.75),
+    # Italian
+    (r"\b(ignora|dimentica)\b.{0,30}\b(istruzioni|regole)\b.{0,20}\b(precedenti|sopra)", 0.9),
+    # Portuguese
+    (r"\b(ignore|ignora|esqueca)\b.{0,30}\b(instrucoes|regras)\b.{0,20}\b(anteriores|acima)", 0.9),
+    # Dutch
+    (r"\b(negeer|vergeet)\b.{0,30}\b(vorige|eerdere|bovenstaande|alle)\b.{0,20}\b(instructies|regels)", 0.9),
+]
+# Non-Latin scripts, matched on the case-folded text without homoglyph folding (which would turn
+# Cyrillic words into Latin look-alikes).
+NATIVE_PATTERNS: list[tuple[str, float]] = [
+    (r"(игнорируй|игнорируйте|забудь|забудьте)\s.{0,30}(инструкции|правила|указания)", 0.9),
+    (r"(忽略|无视|忘记).{0,10}(之前|以前|上面|所有).{0,10}(指令|指示|说明|规则)", 0.9),
+]
+_COMPILED = [(re.compile(p, re.DOTALL), w, f"injection.p{i}") for i, (p, w) in enumerate(PATTERNS)]
+_NATIVE = [(re.compile(p, re.DOTALL), w, f"injection.n{i}") for i, (p, w) in enumerate(NATIVE_PATTERNS)]
+
+
+class Classifier(Protocol):
+    def score(self, text: str) -> float: ...
+
+
+def injection_score(text: str) -> tuple[float, list[tuple[int, int, str]]]:
+    """The text's score in [0, 1] and the matched spans (offsets into `text`)."""
+    folded, where = fold(text)
+    miss = 1.0
+    spans: list[tuple[int, int, str]] = []
+    for pattern, weight, name in _COMPILED:
+        match = pattern.search(folded)
+        if match is not None and match.end() > match.start():
+            miss *= 1.0 - weight
+            spans.append((where[match.start()], where[match.end() - 1] + 1, name))
+    if not text.isascii():
+        native = text.casefold()  # same length as the text for these scripts: offsets carry over
+        for pattern, weight, name in _NATIVE:
+            match = pattern.search(native)
+            if match is not None and len(native) == len(text):
+                miss *= 1.0 - weight
+                spans.append((match.start(), match.end(), name))
+    return 1.0 - miss, spans
+
+
+class InjectionGuard(GuardBase):
+    kind = "injection"
+
+    def __init__(self, name: str, spec: InjectionGuardSpec) -> None:
+        super().__init__(name, spec)
+        self.action = spec.action
+        self.threshold = spec.threshold
+        self.classifier: Classifier | None = None
+        if spec.classifier is not None:
+            module, _, attr = spec.classifier.partition(":")
+            self.classifier = getattr(importlib.import_module(module), attr)()
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        score, spans = injection_score(text)
+        recognizer = spans[0][2] if spans else "injection"
+        if self.classifier is not None:
+            learned = float(self.classifier.score(text))
+            if learned > score:
+                score, recognizer = learned, "injection.classifier"
+        if score < self.threshold:
+            return []
+        start, end = (min(s for s, _, _ in spans), max(e for _, e, _ in spans)) if spans else (0, len(text))
+        return [Finding(self.name, "PROMPT_INJECTION", start, end, round(score, 3), recognizer, self.action)]

@@ -1,0 +1,42 @@
+"""Text as a filter should read it: case-folded, without accents or invisible characters, homoglyphs folded.
+
+`ign\\u200bore` and `\\u0456gnore` (a Cyrillic i) must read as `ignore`. The folded text
+keeps a map back to the original offsets, so a finding in it can still redact
+the right characters of the original.
+"""
+
+from __future__ import annotations
+
+import unicodedata
+from collections.abc import Sequence
+
+__all__ = ["fold"]
+
+# Look-alikes of Latin letters in Cyrillic and Greek (lower case, after casefold), plus common digit swaps.
+_HOMOGLYPHS = str.maketrans(
+    "\u0430\u0432\u0435\u0451\u043a\u043c\u043d\u043e\u0440\u0441\u0442\u0443\u0445\u0456\u0457\u0458"
+    "\u0455\u0501\u0261\u0578\u03b1\u03b2\u03b5\u03b7\u03b9\u03ba\u03bd\u03bf\u03c1\u03c4\u03c5\u03c7"
+    "\u03c9\u03c2",
+    "abeekmhopctyxiijsdgnabenikvoptuxws",
+)
+
+
+def fold(text: str) -> tuple[str, Sequence[int]]:
+    """The folded text, and for each of its characters the offset of the original character."""
+    if text.isascii():  # the common case, at C speed
+        return text.lower(), range(len(text))
+    out: list[str] = []
+    where: list[int] = []
+    for index, char in enumerate(text):
+        if char.isascii():
+            out.append(char.lower())
+            where.append(index)
+            continue
+        if unicodedata.category(char) == "Cf":  # zero-width spaces, joiners, direction marks
+            continue
+        for piece in unicodedata.normalize("NFKD", char).casefold().translate(_HOMOGLYPHS):
+            if unicodedata.category(piece) == "Mn":  # accents, split off by NFKD
+                continue
+            out.append(piece)
+            where.append(index)
+    return "".join(out), where

@@ -1,0 +1,310 @@
+"""PII with presidio-analyzer: the `patterns` and `ner` engines, built once per runtime.
+
+presidio and spaCy are imported when the first analyzer is built, not with this module: a
+gateway without a pii guard never loads them.
+
+`patterns`: presidio's pattern recognizers (e-mail, phone via `phonenumbers`,
+cards with Luhn, IBANs with their checksum, IPs) and the gateway's own
+(`recognizers.py`), called directly (`_Direct`): no spaCy at all, about a
+millisecond for a short text, run on the event loop. `ner`: the same plus a spaCy pipeline's
+named entities (PERSON, LOCATION...), loaded by package name or from a directory
+(offline); CPU-bound, so it runs on the guard pool (`pool.py`).
+
+An `Engine` is plain data (picklable) so that a process pool can build the same
+analyzer in each worker; `analyzer()` builds it once per process or runtime.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..policy.guard_check import NER_ENTITIES, default_entities
+from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSpec
+from .base import Finding, Where
+from .common import GuardBase
+from .pool import GuardPool
+
+__all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
+
+# Presidio's own scores where its defaults are tuned for recall on a single label, not for a gateway:
+# a phone number scores 0.4 without a context word; an IBAN or a card whose checksum holds is sure.
+_DEFAULT_THRESHOLDS = {"PHONE_NUMBER": 0.4, "PERSON": 0.5}
+# The patterns engine runs on the event loop (a thread hop costs more than its analysis), except
+# for texts this long, whose regex scan would hold the loop for many milliseconds.
+INLINE_CHARS = 16_384
+# Regions whose national formats libphonenumber looks for (each one is a pass over the text, the
+# largest cost of an analysis); numbers written with a `+` are found whatever the region, and the
+# gateway's own `phone_intl` recognizer catches those libphonenumber does not know as valid.
+_PHONE_REGIONS = ("US", "GB", "DE", "FR", "IN", "CA", "BR", "AU")
+
+
+@dataclass(frozen=True, slots=True)
+class Engine:
+    """What an analyzer is built from (hashable, picklable)."""
+
+    kind: str  # patterns | ner
+    model: str | None
+    languages: tuple[str, ...]
+    entities: tuple[str, ...]
+    recognizers: tuple[tuple[str, bytes], ...]  # (name, the RecognizerSpec as JSON): hashable
+
+
+_lock = threading.Lock()
+_MAX_BUILT = 16
+_built: dict[Engine, Any] = {}
+
+
+def quiet_network() -> None:
+    """Keep tldextract (used by presidio's e-mail recognizer) off the network: its bundled suffix list."""
+    import tldextract
+    import tldextract.tldextract as tld
+
+    tld.TLD_EXTRACTOR = tldextract.TLDExtract(suffix_list_urls=())
+
+
+def analyzer(engine: Engine) -> Any:
+    """The analyzer for `engine`, built once per process."""
+    found = _built.get(engine)
+    if found is None:
+        with _lock:
+            found = _built.get(engine)
+            if found is None:
+                if len(_built) >= _MAX_BUILT:  # many reloads with changed pii settings: start over
+                    _built.clear()
+                found = _built[engine] = build_analyzer(engine)
+    return found
+
+
+def build_analyzer(engine: Engine) -> Any:
+    from presidio_analyzer import AnalyzerEngine, Pattern, RecognizerRegistry
+    from presidio_analyzer.nlp_engine import NerModelConfiguration, SpacyNlpEngine
+    from presidio_analyzer.predefined_recognizers import (
+        CreditCardRecognizer,
+        DateRecognizer,
+        EmailRecognizer,
+        IbanRecognizer,
+        IpRecognizer,
+        PhoneRecognizer,
+        SpacyRecognizer,
+        UkNinoRecognizer,
+        UrlRecognizer,
+        UsSsnRecognizer,
+    )
+
+    from .recognizers import VALIDATORS, ContextRecognizer, gateway_recognizers
+
+    quiet_network()
+    # Presidio logs matched text in places (an IBAN that fails validation, context words at debug):
+    # the gateway never logs a finding's text, so its logger is silenced.
+    logging.getLogger("presidio-analyzer").disabled = True
+    wanted = set(engine.entities)
+    registry = RecognizerRegistry(supported_languages=list(engine.languages))
+    builtin: dict[str, Any] = {
+        "EMAIL_ADDRESS": EmailRecognizer, "CREDIT_CARD": CreditCardRecognizer, "IBAN_CODE": IbanRecognizer,
+        "IP_ADDRESS": IpRecognizer, "US_SSN": UsSsnRecognizer, "UK_NINO": UkNinoRecognizer, "URL": UrlRecognizer,
+        "DATE_TIME": DateRecognizer,
+    }
+    for lang in engine.languages:
+        for entity, recognizer in builtin.items():
+            if entity in wanted:
+                registry.add_recognizer(recognizer(supported_language=lang))
+        if "PHONE_NUMBER" in wanted:
+            registry.add_recognizer(PhoneRecognizer(supported_language=lang, supported_regions=_PHONE_REGIONS))
+        for recognizer in gateway_recognizers(lang, wanted):
+            registry.add_recognizer(recognizer)
+        ner = sorted(wanted & NER_ENTITIES)
+        if engine.kind == "ner" and ner:
+            registry.add_recognizer(SpacyRecognizer(supported_language=lang, supported_entities=ner))
+        for name, encoded in engine.recognizers:
+            spec = msgspec.json.decode(encoded, type=RecognizerSpec)
+            registry.add_recognizer(ContextRecognizer(
+                spec.entity, f"policy.{name}", [Pattern(f"{name}{i}", p.regex, p.score) for i, p in
+                                                enumerate(spec.patterns)],
+                language=lang, context=spec.context, validator=VALIDATORS.get(spec.validator),
+                deny_list=spec.deny_list))
+    if engine.kind != "ner":
+        return _Direct(list(registry.recognizers))
+    models = [{"lang_code": lang, "model_name": engine.model or ""} for lang in engine.languages]
+    nlp_engine = SpacyNlpEngine(models=models, ner_model_configuration=NerModelConfiguration(
+        labels_to_ignore=["CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "WORK_OF_ART", "LAW",
+                          "LANGUAGE", "EVENT", "PRODUCT", "FAC", "TIME", "DATE"]))
+    return AnalyzerEngine(registry=registry, nlp_engine=nlp_engine, supported_languages=list(engine.languages))
+
+
+class _Direct:
+    """The patterns engine: the recognizers called directly, without presidio's AnalyzerEngine.
+
+    The engine would tokenize every text with spaCy and run its lemma-based context enhancer,
+    about half of the time of an analysis; pattern recognizers need neither (the gateway's own
+    look at the characters around a match), so they are called as they are.
+    """
+
+    def __init__(self, recognizers: list[Any]) -> None:
+        self.recognizers = recognizers
+
+    def analyze(self, text: str, language: str, entities: list[str], score_threshold: float,
+                regex_flags: int) -> list[Any]:
+        from presidio_analyzer import EntityRecognizer
+
+        wanted = set(entities)
+        results = []
+        for recognizer in self.recognizers:
+            if recognizer.supported_language != language or wanted.isdisjoint(recognizer.supported_entities):
+                continue
+            for result in recognizer.analyze(text, entities, None):
+                if result.score >= score_threshold and result.entity_type in wanted:
+                    metadata = result.recognition_metadata or {}
+                    metadata.setdefault("recognizer_name", recognizer.name)
+                    result.recognition_metadata = metadata
+                    results.append(result)
+        return list(EntityRecognizer.remove_duplicates(results))
+
+
+def analyze(engine: Engine, text: str, threshold: float) -> list[tuple[str, int, int, float, str]]:
+    """(type, start, end, score, recognizer) for every result; module-level so a process pool can call it."""
+    found: list[tuple[str, int, int, float, str]] = []
+    built = analyzer(engine)
+    for lang in engine.languages:
+        for r in built.analyze(text, language=lang, entities=list(engine.entities), score_threshold=threshold,
+                               regex_flags=re.DOTALL | re.MULTILINE):
+            recognizer = (r.recognition_metadata or {}).get("recognizer_name", "presidio")
+            found.append((r.entity_type, r.start, r.end, float(r.score), str(recognizer)))
+    return found
+
+
+class PiiGuard(GuardBase):
+    kind = "pii"
+
+    def __init__(self, name: str, spec: PiiGuardSpec, pool: GuardPool) -> None:
+        super().__init__(name, spec)
+        entities = tuple(spec.entities) or default_entities(spec.engine)
+        self.engine = Engine(spec.engine, spec.model, tuple(spec.languages), entities,
+                             tuple((n, msgspec.json.encode(r)) for n, r in sorted(spec.recognizers.items())))
+        self.pool = pool
+        self.action = spec.action
+        self.offload = spec.engine == "ner"
+        self.actions: dict[str, Action] = {e: _own(spec, e).action or spec.action for e in entities}
+        self.thresholds = {e: _threshold(spec, e) for e in entities}
+        self.keep = {e: _keep(_own(spec, e).keep) for e in entities}
+        self.floor = min(self.thresholds.values(), default=spec.threshold)
+        self.prefilter = None if spec.recognizers else _prefilter(entities)
+        self.allow = frozenset(v.casefold() for v in spec.allow)
+        self.allow_patterns = [re.compile(p) for p in spec.allow_patterns]
+
+    def build(self) -> None:
+        """Build the analyzer now (at runtime start), not on the first request."""
+        analyzer(self.engine)
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        if not text.strip() or (self.prefilter is not None and not self.prefilter.may_match(text)):
+            return []
+        if self.offload or len(text) > INLINE_CHARS:
+            raw = await self.pool.run(analyze, self.engine, text, self.floor)
+        else:
+            raw = analyze(self.engine, text, self.floor)
+        return self.findings(text, raw)
+
+    def findings(self, text: str, raw: list[tuple[str, int, int, float, str]]) -> list[Finding]:
+        out = []
+        for entity, start, end, score, recognizer in raw:
+            if score < self.thresholds.get(entity, 1.1):
+                continue
+            value = text[start:end]
+            if entity == "PHONE_NUMBER" and _DOTTED_QUAD.fullmatch(value):
+                continue  # an IPv4 address, which libphonenumber accepts as a number with dots
+            if entity == "PERSON" and recognizer == "SpacyRecognizer":
+                score = _name_score(text, start, end, score)
+                if score < self.thresholds[entity]:
+                    continue
+            if value.casefold() in self.allow or any(p.fullmatch(value) for p in self.allow_patterns):
+                continue
+            out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
+                               self.keep[entity]))
+        return out
+
+
+_DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")
+_PARTICLES = frozenset({"van", "von", "der", "den", "de", "del", "della", "di", "da", "dos", "du", "le", "la", "al",
+                        "el", "bin", "ibn", "ben", "ter", "zu", "y", "e"})
+_NOT_IN_NAMES = frozenset("0123456789@/|()[]{}<>=:;#*_\\\"")
+
+
+def _name_score(text: str, start: int, end: int, score: float) -> float:
+    """A spaCy PERSON that does not look like a name scores 0: a lower-case word that is no particle
+    (a small English model tags "Merci de mettre" or "ich wohne"), digits or symbols. A single word at
+    the start of a sentence is weak evidence (capitalized anyway): its score drops by 0.3."""
+    value = text[start:end]
+    words = value.split()
+    if not words or any(c in _NOT_IN_NAMES for c in value):
+        return 0.0
+    if any(not w[0].isupper() and w.casefold() not in _PARTICLES for w in words if w[0].isalpha()):
+        return 0.0
+    if not any(w[0].isupper() for w in words):
+        return 0.0
+    if len(words) == 1:
+        before = text[:start].rstrip()
+        if not before or before[-1] in ".!?:\n":
+            return score - 0.3
+    return score
+
+
+# What a text must contain for each pattern-found type to be in it at all: a text without any of
+# them ("hello", most chat turns without a digit) skips the analysis. Types missing here (names,
+# custom recognizers) turn the shortcut off. Substring tests, not one regex: they run at C speed.
+_DIGIT_TYPES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "UK_NINO", "GOV_ID",
+                          "STREET_ADDRESS", "DATE_OF_BIRTH", "DATE_TIME", "IP_ADDRESS"})
+_NEEDS: dict[str, tuple[str, ...]] = {
+    "EMAIL_ADDRESS": ("@",), "URL": (".",), "IP_ADDRESS": ("::",),
+    "DATE_TIME": ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
+    "PERSONAL_URL": ("linkedin", "github", "gitlab", "twitter", "x.com", "facebook", "instagram", "tiktok",
+                     "medium", "mastodon", "keybase"),
+}
+_DIGIT = re.compile(r"\d")
+
+
+class _Prefilter:
+    __slots__ = ("digits", "words")
+
+    def __init__(self, digits: bool, words: tuple[str, ...]) -> None:
+        self.digits = digits
+        self.words = words
+
+    def may_match(self, text: str) -> bool:
+        if self.digits and _DIGIT.search(text) is not None:
+            return True
+        if self.words:
+            lowered = text.lower()
+            return any(word in lowered for word in self.words)
+        return False
+
+
+def _prefilter(entities: tuple[str, ...]) -> _Prefilter | None:
+    words: set[str] = set()
+    digits = False
+    for entity in entities:
+        if entity not in _DIGIT_TYPES and entity not in _NEEDS:
+            return None
+        digits = digits or entity in _DIGIT_TYPES
+        words.update(_NEEDS.get(entity, ()))
+    return _Prefilter(digits, tuple(sorted(words)))
+
+
+def _own(spec: PiiGuardSpec, entity: str) -> EntitySpec:
+    return spec.entities.get(entity) or EntitySpec()
+
+
+def _keep(keep: int | None) -> int:
+    return 4 if keep is None else keep
+
+
+def _threshold(spec: PiiGuardSpec, entity: str) -> float:
+    own = spec.entities.get(entity)
+    if own is not None and own.threshold is not None:
+        return own.threshold
+    return min(spec.threshold, _DEFAULT_THRESHOLDS.get(entity, spec.threshold))

@@ -1,0 +1,68 @@
+"""Where CPU-bound analysis runs: a thread or process pool per runtime, with a bounded queue.
+
+A spaCy analysis holds the CPU for tens of milliseconds; on the event loop it
+would stall every other request. The pool's size and kind come from the policy.
+Its queue is bounded: a full queue is a guard failure (`fail:` decides), so a
+burst of long prompts cannot pile up unbounded work and memory.
+
+A process pool sidesteps the GIL but pays for pickling and for one analyzer per
+worker (a spaCy pipeline each); it is started with `spawn`, never `fork`, so
+that workers do not inherit the server's threads and sockets.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+from collections.abc import Callable
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from ..policy.guard_schema import GuardPoolSpec
+
+__all__ = ["GuardPool", "QueueFull"]
+
+T = TypeVar("T")
+
+
+class QueueFull(Exception):
+    """More analyses waiting than `max_queue`."""
+
+
+class GuardPool:
+    def __init__(self, spec: GuardPoolSpec) -> None:
+        self.spec = spec
+        self._executor: Executor | None = None
+        self._pending = 0
+
+    def start(self, warm: Callable[..., Any] | None = None, *args: Any) -> None:
+        if self._executor is not None:
+            return
+        if self.spec.kind == "process":
+            self._executor = ProcessPoolExecutor(self.spec.workers, mp_context=multiprocessing.get_context("spawn"))
+            if warm is not None:  # build the analyzers in every worker now, not on the first requests
+                for _ in range(self.spec.workers):
+                    self._executor.submit(warm, *args)
+        else:
+            self._executor = ThreadPoolExecutor(self.spec.workers, thread_name_prefix="gateway-guard")
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self._pending >= self.spec.max_queue:
+            raise QueueFull
+        if self._executor is None:
+            self.start()
+        self._pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+        finally:
+            self._pending -= 1
+
+    async def aclose(self) -> None:
+        """Stop the workers (off the loop: a worker may be finishing an analysis)."""
+        executor, self._executor = self._executor, None
+        if executor is not None:
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)

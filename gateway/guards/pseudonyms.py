@@ -1,0 +1,62 @@
+"""Pseudonyms: consistent placeholders within one request, restored in the answer.
+
+`<PERSON_1>` stands for the same original everywhere in one request (messages,
+tool arguments, prompts), so the model can reason about "the same person"; the
+answer's placeholders are turned back into the originals before the client sees
+them, in text, in JSON tool arguments (escaped as JSON), and in streams where a
+placeholder may be split across chunks at any offset (`open_tail` says how much
+of a text's end could still become one).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+__all__ = ["PLACEHOLDER", "Pseudonyms"]
+
+PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]{0,47})_(\d{1,6})>")
+_MAX_PLACEHOLDER = 58
+_OPEN = re.compile(r"<(?:[A-Z][A-Z0-9_]{0,47}(?:_\d{0,6})?)?\Z")
+
+
+class Pseudonyms:
+    __slots__ = ("_by_original", "_by_placeholder", "_counts")
+
+    def __init__(self) -> None:
+        self._by_original: dict[tuple[str, str], str] = {}
+        self._by_placeholder: dict[str, str] = {}
+        self._counts: dict[str, int] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self._by_placeholder)
+
+    def placeholder(self, entity: str, original: str) -> str:
+        key = (entity, original)
+        found = self._by_original.get(key)
+        if found is None:
+            count = self._counts[entity] = self._counts.get(entity, 0) + 1
+            found = self._by_original[key] = f"<{entity}_{count}>"
+            self._by_placeholder[found] = original
+        return found
+
+    def restore(self, text: str, *, json_string: bool = False) -> str:
+        """`text` with every known placeholder replaced by its original (JSON-escaped inside JSON)."""
+        if not self._by_placeholder or "<" not in text:
+            return text
+
+        def back(match: re.Match[str]) -> str:
+            original = self._by_placeholder.get(match.group(0))
+            if original is None:
+                return match.group(0)
+            return json.dumps(original, ensure_ascii=False)[1:-1] if json_string else original
+
+        return PLACEHOLDER.sub(back, text)
+
+    @staticmethod
+    def open_tail(text: str) -> int:
+        """How many characters at the end of `text` could be the start of a placeholder."""
+        start = text.rfind("<", max(0, len(text) - _MAX_PLACEHOLDER))
+        if start < 0 or not _OPEN.match(text, start):
+            return 0
+        return len(text) - start

@@ -1,0 +1,206 @@
+"""The gateway's own recognizers, for what presidio lacks or finds too eagerly.
+
+Presidio's date recognizer fires on every date, its URL recognizer on every URL,
+and it has no street addresses. These recognizers look at the characters around
+a match instead (presidio's context enhancer needs a spaCy pass for lemmas, which
+the patterns engine does without): a date is a date of birth only next to "born", "DOB",
+"geboren"...; an address next to "Inc.", "headquarters" or "office" is a
+company's and scores low; an id number counts only next to the word that names
+it, or when its checksum holds. The same class serves the policy's own
+recognizers (regexes with context words, validators, deny lists).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import regex  # type: ignore[import-untyped]  # presidio matches with it; no stubs
+from presidio_analyzer import Pattern, PatternRecognizer, RecognizerResult
+
+__all__ = ["VALIDATORS", "ContextRecognizer", "gateway_recognizers", "iban_ok", "luhn_ok"]
+
+
+def luhn_ok(text: str) -> bool:
+    digits = [int(c) for c in text if c.isdigit()]
+    if len(digits) < 12:
+        return False
+    total = 0
+    for i, d in enumerate(reversed(digits)):
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def iban_ok(text: str) -> bool:
+    raw = "".join(c for c in text if c.isalnum()).upper()
+    if len(raw) < 15 or not raw[:2].isalpha() or not raw[2:4].isdigit():
+        return False
+    moved = raw[4:] + raw[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+def not_repeated(text: str) -> bool:
+    digits = [c for c in text if c.isdigit()]
+    return len(set(digits)) > 2 and "".join(digits) not in "01234567890123456789"
+
+
+def ssn_ok(text: str) -> bool:
+    digits = "".join(c for c in text if c.isdigit())
+    area, group, serial = digits[:3], digits[3:5], digits[5:]
+    return area not in ("000", "666") and not area.startswith("9") and group != "00" and serial != "0000" \
+        and not_repeated(digits)
+
+
+def dni_ok(text: str) -> bool:
+    raw = text.upper().replace("-", "").replace(" ", "")
+    return raw[:8].isdigit() and raw[8:] == "TRWAGMYFPDXBNJZSQVHLCKE"[int(raw[:8]) % 23]
+
+
+VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_ok, "iban": iban_ok, "not_repeated": not_repeated}
+
+
+class ContextRecognizer(PatternRecognizer):
+    """A pattern recognizer whose context is the text around the match, in characters.
+
+    `context`: words that raise the score by `boost` when found within `window` characters.
+    `required`: the match is dropped unless a context word is near. `negative`: words that
+    lower the score (a company's address). `validator`: a checksum the match must pass.
+    """
+
+    def __init__(
+        self, entity: str, name: str, patterns: Sequence[Pattern], *, language: str = "en",
+        context: Sequence[str] = (), required: bool = False, negative: Sequence[str] = (), window: int = 48,
+        boost: float = 0.35, validator: Callable[[str], bool] | None = None, deny_list: Sequence[str] = (),
+    ) -> None:
+        patterns = list(patterns)
+        if deny_list:  # whole words, any case (presidio's own deny list follows the recognizer's flags)
+            terms = "|".join(regex.escape(term) for term in sorted(deny_list, key=len, reverse=True))
+            patterns.append(Pattern(f"{name}.deny", rf"(?i:(?<!\w)(?:{terms})(?!\w))", 1.0))
+        # Case matters: `[A-Z]` in an id pattern means upper case (presidio's default flags ignore case).
+        super().__init__(supported_entity=entity, name=name, supported_language=language, patterns=patterns,
+                         global_regex_flags=regex.DOTALL | regex.MULTILINE)
+        self._context = _words(context)
+        self._negative = _words(negative)
+        self._required = required
+        self._window = window
+        self._boost = boost
+        self._check = validator
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None,
+                regex_flags: int | None = None) -> list[RecognizerResult]:
+        results: list[RecognizerResult] = super().analyze(text, entities, nlp_artifacts, regex_flags)
+        kept = []
+        for result in results:
+            span = text[result.start:result.end]
+            if self._check is not None and not self._check(span):
+                continue
+            before = text[max(0, result.start - self._window):result.start]
+            after = text[result.end:result.end + self._window // 2]
+            near = self._context is not None and bool(self._context.search(before) or self._context.search(after))
+            if self._required and not near:
+                continue
+            if near:
+                result.score = min(1.0, result.score + self._boost)
+            if self._negative is not None and self._negative.search(before):
+                result.score = max(0.0, result.score - 0.5)
+            kept.append(result)
+        return kept
+
+    def validate_result(self, pattern_text: str) -> bool | None:
+        return None  # validators run in `analyze`, with the rest of the context rules
+
+
+def _words(words: Sequence[str]) -> re.Pattern[str] | None:
+    if not words:
+        return None
+    return re.compile(r"(?i)(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)")
+
+
+_DATE = (r"(?i:\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-](?:19|20)\d{2}|"
+         r"(?:\d{1,2}(?:st|nd|rd|th)?\s+)?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|januar|februar|märz|"
+         r"mai|juni|juli|oktober|dezember|janvier|février|mars|avril|juin|juillet|août|septembre|octobre|novembre|"
+         r"décembre|enero|febrero|marzo|abril|mayo|junio|julio|agosto|septiembre|octubre|noviembre|diciembre)"
+         r"[a-z]*\.?\s+(?:\d{1,2}(?:st|nd|rd|th)?,?\s+)?(?:19|20)\d{2})")
+_DOB_WORDS = ("born", "birth", "birthday", "dob", "d.o.b", "date of birth", "birthdate", "geboren", "geb.",
+              "geburtsdatum", "né", "née", "naissance", "nacido", "nacida", "nacimiento", "nato", "nata",
+              "nascita", "nascido", "nascida", "geboortedatum", "b.")
+_STREET_SUFFIX = (r"(?i:street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|drive|dr|way|court|ct|place|pl|"
+                  r"terrace|close|crescent|parkway|pkwy|highway|hwy|square|sq|row|circle|cir|trail)\.?")
+_CITY_TAIL = (r"(?:,?\s+(?i:apt\.?|suite|unit|flat)\s*\w+)?(?:,\s*[A-Z][\w'-]*(?:\s[A-Z][\w'-]*){0,2}){0,2}"
+              r"(?:,?\s+[A-Z]{2})?(?:\s+\d{5}(?:-\d{4})?|\s+[A-Z]{1,2}\d[A-Z\d]?\s\d[A-Z]{2})?")
+_ADDRESS = [
+    # 221B Baker Street, London NW1 6XE / 742 Evergreen Terrace, Springfield, IL 62704
+    rf"\b\d{{1,5}}[A-Za-z]?\s+(?:[A-Z][\w'.-]*\s+){{1,4}}{_STREET_SUFFIX}\b{_CITY_TAIL}",
+    # Hauptstraße 12, 10115 Berlin / Keizersgracht 123, 1015 CJ Amsterdam
+    r"\b[A-ZÄÖÜ][\wäöüß-]*(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|gracht|straat|laan|plein|"
+    r"vej|gade|gatan|vägen)\s+\d{1,4}[a-z]?(?:,\s*(?:\d{4,5}|\d{3}\s\d{2})(?:\s?[A-Z]{2})?\s+[A-ZÄÖÜ][\wäöü-]+)?",
+    # 12 rue de la Paix, 75002 Paris / Calle Mayor 5, 28013 Madrid / Via Roma 10, 00184 Roma
+    r"(?i:\b\d{1,4},?\s+(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai)(?:\s+[\w'-]+){1,5}?)"
+    r"(?=\s*(?:[,.;|\"]|$))"
+    r"(?:,\s*\d{5}\s+[A-Z][\w-]+)?",
+    r"\b(?:Calle|Avenida|Av\.|Paseo|Plaza|Via|Viale|Piazza|Corso|Rua|Travessa)\s+(?:[\w'-]+\s+){0,4}?\d{1,4}"
+    r"(?:,\s*\d{4,5}(?:-\d{3})?\s+[A-Z][\w-]+)?",
+]
+_COMPANY_WORDS = ("inc", "inc.", "ltd", "llc", "gmbh", "corp", "corporation", "headquarters", "headquartered", "hq",
+                  "office", "offices", "campus", "store", "company", "ag", "s.a.", "plc", "museum", "university",
+                  "embassy", "hotel", "station")
+_GOV_IDS: list[tuple[str, str, float, Sequence[str], bool, Callable[[str], bool] | None]] = [
+    # (name, regex, score, context words, context required, validator)
+    ("us_ssn", r"\b\d{3}-\d{2}-\d{4}\b", 0.5, ("ssn", "social security", "social"), False, ssn_ok),
+    ("us_ssn_plain", r"\b\d{9}\b", 0.1, ("ssn", "social security"), True, ssn_ok),
+    ("uk_nino", r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", 0.6,
+     ("national insurance", "nino", "ni number"), False, None),
+    ("passport", r"\b[A-Z]{1,2}\d{6,8}\b|\b\d{9}\b", 0.1, ("passport", "reisepass", "passeport", "pasaporte",
+                                                           "passaporto"), True, None),
+    ("es_dni", r"\b\d{8}-?[A-Z]\b", 0.5, ("dni", "nif"), False, dni_ok),
+    ("it_cf", r"\b[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]\b", 0.85, ("codice fiscale",), False, None),
+    ("br_cpf", r"\b\d{3}\.\d{3}\.\d{3}-\d{2}\b", 0.75, ("cpf",), False, None),
+    ("de_taxid", r"\b\d{2}\s?\d{3}\s?\d{3}\s?\d{3}\b", 0.1, ("steuer-id", "steueridentifikationsnummer", "steuer",
+                                                            "tax id", "idnr"), True, not_repeated),
+    ("fr_nir", r"\b[12]\s?\d{2}\s?(?:0[1-9]|1[0-2])\s?\d{2}\s?\d{3}\s?\d{3}\s?\d{2}\b", 0.6,
+     ("sécurité sociale", "securite sociale", "nir", "insee"), False, None),
+    ("in_aadhaar", r"\b[2-9]\d{3}\s\d{4}\s\d{4}\b", 0.3, ("aadhaar", "aadhar", "uidai"), True, None),
+    ("ca_sin", r"\b\d{3}[ -]\d{3}[ -]\d{3}\b", 0.1, ("sin", "social insurance"), True, None),
+    ("nl_bsn", r"\b\d{9}\b", 0.1, ("bsn", "burgerservicenummer"), True, None),
+    ("driver_license", r"\b[A-Z]{1,2}\d{5,8}\b|\b[A-Z]\d{3}-\d{4}-\d{4}\b", 0.1,
+     ("driver's license", "drivers license", "driver license", "driving licence", "führerschein", "dl#", "dl no"),
+     True, None),
+]
+_CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"
+_PHONE_INTL = r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w.-]?\d)"
+_PHONE_WORDS = ("phone", "tel", "tel.", "mobile", "cell", "call", "telefon", "téléphone", "teléfono", "handy",
+                "whatsapp")
+_PERSONAL_URL = (r"(?i:\b(?:https?://)?(?:www\.)?(?:linkedin\.com/in|github\.com|gitlab\.com|twitter\.com|x\.com|"
+                 r"facebook\.com|instagram\.com|tiktok\.com|medium\.com|mastodon\.social|keybase\.io)"
+                 r"/@?[A-Za-z0-9_.-]{2,60}/?)(?![\w/])")
+
+
+def gateway_recognizers(language: str, entities: set[str]) -> list[PatternRecognizer]:
+    out: list[PatternRecognizer] = []
+    if "DATE_OF_BIRTH" in entities:
+        out.append(ContextRecognizer("DATE_OF_BIRTH", "gateway.dob", [Pattern("date", rf"\b{_DATE}\b", 0.3)],
+                                     language=language, context=_DOB_WORDS, required=True, window=40, boost=0.5))
+    if "STREET_ADDRESS" in entities:
+        out.append(ContextRecognizer(
+            "STREET_ADDRESS", "gateway.address", [Pattern(f"address{i}", rx, 0.65) for i, rx in enumerate(_ADDRESS)],
+            language=language, context=("address", "live", "lives", "living", "moved", "ship to", "deliver",
+                                        "adresse", "wohne", "wohnt", "dirección", "indirizzo", "home"),
+            negative=_COMPANY_WORDS, window=60, boost=0.2))
+    if "GOV_ID" in entities:
+        for name, regex, score, context, required, validator in _GOV_IDS:
+            out.append(ContextRecognizer("GOV_ID", f"gateway.{name}", [Pattern(name, regex, score)], language=language,
+                                         context=context, required=required, window=40, boost=0.5,
+                                         validator=validator))
+    if "CREDIT_CARD" in entities:  # brands presidio's card pattern misses: Mastercard 2-series, UnionPay, Maestro
+        out.append(ContextRecognizer("CREDIT_CARD", "gateway.card", [Pattern("iin", _CARD, 0.9)], language=language,
+                                     validator=luhn_ok))
+    if "PHONE_NUMBER" in entities:  # international numbers that libphonenumber does not know as valid
+        out.append(ContextRecognizer("PHONE_NUMBER", "gateway.phone_intl", [Pattern("intl", _PHONE_INTL, 0.45)],
+                                     language=language, context=_PHONE_WORDS, window=30, boost=0.3))
+    if "PERSONAL_URL" in entities:
+        out.append(ContextRecognizer("PERSONAL_URL", "gateway.personal_url", [Pattern("social", _PERSONAL_URL, 0.7)],
+                                     language=language))
+    return out

@@ -1,0 +1,156 @@
+"""The guards of one policy: built once per runtime, resolved per (tenant, alias), run with a
+timeout and a failure policy.
+
+Resolution merges the scopes by guard name, the most specific winning (tenant,
+then alias, then global), and is cached per (tenant, alias): both come from the
+policy, so the cache is bounded. Every guard of a request sees the same text;
+an error, a timeout or a full pool queue is a `GuardFailure`, which blocks the
+text under `fail: closed` (the default) and is skipped under `fail: open`; both
+are counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from ..policy.guard_schema import (
+    DenyListGuardSpec,
+    GuardSpec,
+    GuardsSpec,
+    InjectionGuardSpec,
+    LimitsGuardSpec,
+    PiiGuardSpec,
+    SecretsGuardSpec,
+)
+from ..telemetry.metrics import Metrics
+from .base import Finding, Guard, Where
+from .denylist import DenyListGuard
+from .injection import InjectionGuard
+from .limits import LimitsGuard
+from .pii import Engine, PiiGuard, analyzer
+from .pool import GuardPool, QueueFull
+from .secrets import SecretsGuard
+from .session import GuardSession
+from .verdict import Verdict, decide
+
+__all__ = ["GuardRuntime", "GuardSet"]
+
+log = logging.getLogger("gateway.guards")
+
+
+@dataclass(frozen=True, slots=True)
+class GuardSet:
+    """The guards that apply to one (tenant, alias), by place."""
+
+    input: tuple[Guard, ...]
+    output: tuple[Guard, ...]
+    limits: tuple[LimitsGuard, ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.input or self.output or self.limits)
+
+
+class GuardRuntime:
+    def __init__(self, spec: GuardsSpec, metrics: Metrics, count_tokens: Callable[[str], int]) -> None:
+        self.spec = spec
+        self.metrics = metrics
+        self.pool = GuardPool(spec.pool)
+        self._count_tokens = count_tokens
+        self._built: dict[tuple[str, int], Guard] = {}  # one object per defined guard (scope, name)
+        self._global = self._scope("global", spec.global_)
+        self._models = {alias: self._scope(f"model:{alias}", g) for alias, g in spec.models.items()}
+        self._tenants = {tenant: self._scope(f"tenant:{tenant}", g) for tenant, g in spec.tenants.items()}
+        self._sets: dict[tuple[str, str], GuardSet] = {}
+
+    def _scope(self, scope: str, guards: dict[str, GuardSpec]) -> dict[str, Guard]:
+        return {name: self._build(name, spec) for name, spec in guards.items()}
+
+    def _build(self, name: str, spec: GuardSpec) -> Guard:
+        if isinstance(spec, PiiGuardSpec):
+            return PiiGuard(name, spec, self.pool)
+        if isinstance(spec, SecretsGuardSpec):
+            return SecretsGuard(name, spec)
+        if isinstance(spec, InjectionGuardSpec):
+            return InjectionGuard(name, spec)
+        if isinstance(spec, DenyListGuardSpec):
+            return DenyListGuard(name, spec)
+        assert isinstance(spec, LimitsGuardSpec)
+        return LimitsGuard(name, spec, self._count_tokens)
+
+    def _all(self) -> list[Guard]:
+        return [*self._global.values(), *(g for s in self._models.values() for g in s.values()),
+                *(g for s in self._tenants.values() for g in s.values())]
+
+    async def start(self) -> None:
+        """Build every analyzer now (off the loop), and start the pool."""
+        pii = [g for g in self._all() if isinstance(g, PiiGuard) and g.mode != "off"]
+        await asyncio.gather(*(asyncio.to_thread(g.build) for g in pii))
+        offloaded = [g.engine for g in pii if g.offload]
+        if offloaded:
+            self.pool.start(_warm, tuple(offloaded))
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
+
+    def resolve(self, tenant: str, alias: str) -> GuardSet:
+        key = (tenant, alias)
+        found = self._sets.get(key)
+        if found is None:
+            merged = {**self._global, **self._models.get(alias, {}), **self._tenants.get(tenant, {})}
+            active = [g for g in merged.values() if g.mode != "off"]
+            limits = tuple(g for g in active if isinstance(g, LimitsGuard))
+            text = [g for g in active if not isinstance(g, LimitsGuard)]
+            found = self._sets[key] = GuardSet(
+                tuple(g for g in text if "input" in g.places), tuple(g for g in text if "output" in g.places), limits,
+            )
+        return found
+
+    async def check(self, guards: Sequence[Guard], text: str, where: Where, session: GuardSession) -> Verdict:
+        """Run `guards` on `text` together; resolve and apply their enforced findings once."""
+        enforced, shadow = await self.detect(guards, text, where)
+        session.note_findings(enforced, "enforce", where.place)
+        session.note_findings(shadow, "shadow", where.place)
+        return decide(text, enforced, shadow, session.pseudonyms)
+
+    async def detect(self, guards: Sequence[Guard], text: str, where: Where) -> tuple[list[Finding], list[Finding]]:
+        """Every guard's findings on `text`, split into enforced and shadow ones (counted per verdict)."""
+        # One after the other: all but the ner engine run on the loop anyway, and tasks for a
+        # gather would cost more than they overlap.
+        results = [await self._detect(g, text, where) for g in guards]
+        enforced: list[Finding] = []
+        shadow: list[Finding] = []
+        for guard, found in zip(guards, results, strict=True):
+            (enforced if guard.mode == "enforce" else shadow).extend(found)
+            decision = "block" if any(f.action == "block" for f in found) else ("redact" if found else "allow")
+            self.metrics.guard_verdicts.labels(guard.name, decision, guard.mode, where.place).inc()
+        return enforced, shadow
+
+    async def _detect(self, guard: Guard, text: str, where: Where) -> list[Finding]:
+        started = time.perf_counter()
+        reason: str
+        try:
+            async with asyncio.timeout(guard.timeout_s):
+                return await guard.detect(text, where)
+        except TimeoutError:
+            reason = "timeout"
+        except QueueFull:
+            reason = "queue_full"
+        except Exception as exc:  # noqa: BLE001 -- any guard bug is a guard failure, decided by `fail:`
+            log.error("guard %s failed: %s", guard.name, type(exc).__name__)  # never the text
+            reason = "error"
+        finally:
+            self.metrics.guard_duration.labels(guard.name, where.place).observe(time.perf_counter() - started)
+        self.metrics.guard_failures.labels(guard.name, reason, guard.fail).inc()
+        if guard.fail == "open":
+            return []
+        return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]
+
+
+def _warm(engines: tuple[Engine, ...]) -> None:
+    """In a process-pool worker: build the analyzers before the first request needs them."""
+    for engine in engines:
+        analyzer(engine)

@@ -1,0 +1,107 @@
+"""Secrets: provider API keys, cloud keys, private key blocks, JWTs, connection strings with
+passwords, and high-entropy tokens next to key-like words.
+
+Each detector is a compiled regex with a fixed score; the entropy detector also
+requires the token to look random (Shannon entropy per character), so that
+`password: changeme` in a tutorial is not a secret but `api_key = "q8Zr...` is.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections import Counter
+
+from ..policy.guard_schema import SecretsGuardSpec
+from .base import Finding, Where
+from .common import GuardBase
+
+__all__ = ["DETECTORS", "SecretsGuard", "entropy"]
+
+_B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
+_E = r"(?![A-Za-z0-9_\-])"
+DETECTORS: dict[str, list[tuple[str, str]]] = {
+    "openai": [("OPENAI_API_KEY", _B + r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}" + _E)],
+    "anthropic": [("ANTHROPIC_API_KEY", _B + r"sk-ant-[a-z0-9]{2,8}-[A-Za-z0-9_\-]{20,}" + _E)],
+    "github": [("GITHUB_TOKEN", _B + r"(?:gh[pousr]_[A-Za-z0-9]{36,255}|github_pat_[A-Za-z0-9_]{22,255})" + _E)],
+    "gitlab": [("GITLAB_TOKEN", _B + r"glpat-[A-Za-z0-9_\-]{20,}" + _E)],
+    "slack": [("SLACK_TOKEN", _B + r"xox[abposr]-[A-Za-z0-9\-]{10,}" + _E),
+              ("SLACK_WEBHOOK", r"https://hooks\.slack\.com/services/T[A-Z0-9]+/B[A-Z0-9]+/[A-Za-z0-9]+")],
+    "stripe": [("STRIPE_KEY", _B + r"(?:sk|rk)_(?:live|test)_[A-Za-z0-9]{16,}" + _E)],
+    "google": [("GOOGLE_API_KEY", _B + r"AIza[0-9A-Za-z_\-]{35}" + _E)],
+    "aws": [("AWS_ACCESS_KEY", _B + r"(?:AKIA|ASIA|ABIA|ACCA)[0-9A-Z]{16}" + _E),
+            ("AWS_SECRET_KEY", r"(?i:aws_?secret_?access_?key|aws_?secret)[\"']?\s*[:=]\s*[\"']?"
+                               r"([A-Za-z0-9/+]{40})(?![A-Za-z0-9/+])")],
+    "azure": [("AZURE_KEY", r"(?i:AccountKey|SharedAccessKey)=([A-Za-z0-9+/]{40,}={0,2})")],
+    "huggingface": [("HUGGINGFACE_TOKEN", _B + r"hf_[A-Za-z0-9]{30,}" + _E)],
+    "sendgrid": [("SENDGRID_KEY", _B + r"SG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}" + _E)],
+    "npm": [("NPM_TOKEN", _B + r"npm_[A-Za-z0-9]{36}" + _E)],
+    "private_key": [("PRIVATE_KEY", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
+                                    r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")],
+    "jwt": [("JWT", _B + r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}" + _E)],
+    "connection_string": [("CONNECTION_STRING",
+                           r"\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@\"'<>]{1,64}:([^\s@/\"'<>]{3,128})@[^\s/\"'<>]{2,}")],
+}
+_KEYWORD_TOKEN = re.compile(
+    r"(?i:api[_\- ]?key|apikey|secret|token|passw(?:or)?d|pwd|auth|credential|access[_\- ]?key|private[_\- ]?key)"
+    r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})"
+)
+_OPEN_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY")
+_SCORE = 0.95
+
+
+def entropy(token: str) -> float:
+    """Shannon entropy in bits per character."""
+    counts = Counter(token)
+    n = len(token)
+    return -sum(c / n * math.log2(c / n) for c in counts.values())
+
+
+class SecretsGuard(GuardBase):
+    kind = "secrets"
+
+    def __init__(self, name: str, spec: SecretsGuardSpec) -> None:
+        super().__init__(name, spec)
+        kinds = spec.detectors if spec.detectors is not None else list(DETECTORS) + ["entropy"]
+        self.action = spec.action
+        self.patterns = [
+            (label, re.compile(rx)) for kind in kinds if kind in DETECTORS for label, rx in DETECTORS[kind]
+        ]
+        self.entropy_bits = spec.entropy_bits if "entropy" in kinds else None
+        self.allow = frozenset(spec.allow)
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        return self.scan(text)
+
+    def scan(self, text: str) -> list[Finding]:
+        found: list[Finding] = []
+        for label, pattern in self.patterns:
+            for match in pattern.finditer(text):
+                group = 1 if pattern.groups else 0
+                start, end = match.span(group)
+                if text[start:end] not in self.allow:
+                    found.append(Finding(self.name, label, start, end, _SCORE, f"secrets.{label.lower()}", self.action))
+        if self.entropy_bits is not None:
+            for match in _KEYWORD_TOKEN.finditer(text):
+                token = match.group(1).rstrip(".")
+                start = match.start(1)
+                end = start + len(token)
+                if len(token) >= 16 and entropy(token) >= self.entropy_bits and _mixed(token) \
+                        and token not in self.allow and not any(f.start <= start < f.end for f in found):
+                    found.append(Finding(self.name, "HIGH_ENTROPY_SECRET", start, end, 0.8, "secrets.entropy",
+                                         self.action))
+        return found
+
+    def hold_from(self, text: str) -> int | None:
+        """An opened private key block must be held until its END line (or the stream's end)."""
+        match = None
+        for match in _OPEN_KEY.finditer(text):  # noqa: B007 -- the last one
+            pass
+        if match is None or "-----END" in text[match.end():]:
+            return None
+        return match.start()
+
+
+def _mixed(token: str) -> bool:
+    """Letters and digits both: random keys have both; words, paths and version strings rarely do."""
+    return any(c.isdigit() for c in token) and any(c.isalpha() for c in token)

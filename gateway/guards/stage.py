@@ -1,0 +1,169 @@
+"""The guard stage: input guards before the upstream call, output guards on its answer.
+
+It sits after `Authorize` (the tenant and alias are known, so the right guards
+apply) and before target selection: a blocked request never reaches an
+upstream. It is built only when the policy defines guards, so a gateway without
+guards pays nothing, not even a stage call; and a request whose (tenant, alias)
+has no guard passes straight through, its stream bytes untouched.
+
+Input: every text a request carries (message text parts, tool call arguments,
+tool results, a completion's prompt, an embedding's input) is checked and
+rewritten in `ctx.body`, the dict that is forwarded. Output: a complete answer
+is decoded, checked and re-encoded; a stream gets a `StreamGuard`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from functools import partial
+from typing import Any
+
+import msgspec
+
+from ..errors import ContentPolicyViolation
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..policy.guard_schema import StreamScanSpec
+from ..schemas.endpoints import Endpoint
+from .base import Finding, Part, Where
+from .runtime import GuardRuntime, GuardSet
+from .session import GuardSession
+from .stream import StreamGuard
+from .verdict import apply
+
+__all__ = ["GuardStage", "input_texts"]
+
+HEADER = b"x-gateway-guards"
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the text
+
+
+def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
+    """Every text of a request, as a place it can be written back to."""
+    if endpoint is Endpoint.CHAT:
+        for message in body.get("messages") or ():
+            if not isinstance(message, dict):
+                continue
+            part: Part = "tool_result" if message.get("role") in ("tool", "function") else "message"
+            content = message.get("content")
+            if isinstance(content, str):
+                yield message, "content", Where("input", part)
+            elif isinstance(content, list):
+                for item in content:
+                    if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
+                        yield item, "text", Where("input", part)
+            for call in message.get("tool_calls") or ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    yield function, "arguments", Where("input", "tool_arguments")
+        return
+    field, part = ("prompt", "prompt") if endpoint is Endpoint.COMPLETIONS else ("input", "embedding_input")
+    value = body.get(field)
+    if isinstance(value, str):
+        yield body, field, Where("input", part)
+    elif isinstance(value, list):
+        for index, item in enumerate(value):
+            if isinstance(item, str):
+                yield value, index, Where("input", part)
+
+
+def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:
+    guards = sorted({f.guard for f in findings})
+    types = sorted({f.type for f in findings})
+    return ContentPolicyViolation(
+        f"The {place} was blocked by the gateway's content policy: guard {', '.join(guards)} "
+        f"found {', '.join(types)}.",
+    )
+
+
+class GuardStage:
+    name = "guards"
+
+    def __init__(self, guards: GuardRuntime, stream_spec: StreamScanSpec) -> None:
+        self.guards = guards
+        self.stream_spec = stream_spec
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        assert ctx.route is not None
+        guard_set = self.guards.resolve(ctx.tenant, ctx.route.alias)
+        if not guard_set:
+            return await call_next(ctx)
+        session = GuardSession(self.guards.metrics)
+        for guard in (*guard_set.limits, *guard_set.input):
+            session.expect(guard.name, str(getattr(guard, "action", "block")))
+        try:
+            await self._input(ctx, guard_set, session)
+        except ContentPolicyViolation as exc:
+            exc.headers = {HEADER.decode(): session.header().decode()}
+            raise
+        reply = await call_next(ctx)
+        if reply.stream is not None:
+            if guard_set.output or session.pseudonyms:
+                reply.stream.add(StreamGuard(self.guards, guard_set.output, session, self.stream_spec,
+                                             ctx.endpoint is Endpoint.CHAT, ctx.route.alias))
+        elif reply.body is not None and reply.status == 200 and (guard_set.output or session.pseudonyms):
+            reply.body = await self._output(ctx, guard_set, session, reply.body)
+        ctx.headers = [(HEADER, session.header())]
+        return reply
+
+    async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> None:
+        refs = list(input_texts(ctx.endpoint, ctx.body))
+        if guard_set.limits:
+            texts = [container[key] for container, key, _ in refs]
+            messages = len(ctx.body.get("messages") or ()) if ctx.endpoint is Endpoint.CHAT else len(texts)
+            for limit in guard_set.limits:
+                found = limit.check_request(texts, messages)
+                session.note_findings(found, limit.mode, "input")
+                if limit.mode == "enforce" and any(f.action == "block" for f in found):
+                    raise _blocked("request", found)
+        if not guard_set.input:
+            return
+        blocking: list[Finding] = []
+        for container, key, where in refs:
+            verdict = await self.guards.check(guard_set.input, container[key], where, session)
+            if verdict.decision == "block":
+                blocking.extend(verdict.blocking)
+            elif verdict.decision == "redact":
+                container[key] = verdict.text
+        if blocking:
+            raise _blocked("request", blocking)
+
+    async def _output(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession, body: bytes) -> bytes:
+        try:
+            data = _decode(body)
+        except msgspec.DecodeError:
+            return body
+        choices = data.get("choices") if isinstance(data, dict) else None
+        if not isinstance(choices, list):
+            return body
+        chat = ctx.endpoint is Endpoint.CHAT
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            holder = choice.get("message") if chat else choice
+            if not isinstance(holder, dict):
+                continue
+            refs: list[tuple[Any, Any, Where, bool]] = []
+            key = "content" if chat else "text"
+            if isinstance(holder.get(key), str):
+                refs.append((holder, key, Where("output", "answer"), False))
+            for call in (holder.get("tool_calls") or ()) if chat else ():
+                function = call.get("function") if isinstance(call, dict) else None
+                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+                    refs.append((function, "arguments", Where("output", "tool_arguments"), True))
+            for container, field, where, json_string in refs:
+                text = container[field]
+                enforced: list[Finding] = []
+                if guard_set.output:
+                    enforced, shadow = await self.guards.detect(guard_set.output, text, where)
+                    session.note_findings(enforced, "enforce", "output")
+                    session.note_findings(shadow, "shadow", "output")
+                    if any(f.action == "block" for f in enforced):
+                        holder[key] = None if chat else ""
+                        holder.pop("tool_calls", None)
+                        choice["finish_reason"] = "content_filter"
+                        break
+                restore = partial(session.pseudonyms.restore, json_string=json_string)
+                container[field] = apply(text, enforced, session.pseudonyms, restore)
+        return _encode(data)

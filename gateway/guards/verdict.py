@@ -1,0 +1,86 @@
+"""From findings to a verdict: allow, redact (with the new text), or block.
+
+All guards of a request look at the same text; their enforced findings are then
+resolved once (overlaps keep the longest span, then the highest score) and
+applied once, so that two guards never rewrite each other's replacements.
+Shadow findings are reported but change nothing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Literal
+
+from .base import Finding
+from .pseudonyms import PLACEHOLDER, Pseudonyms
+
+__all__ = ["Verdict", "apply", "decide", "replacement"]
+
+Decision = Literal["allow", "redact", "block"]
+
+
+@dataclass(slots=True)
+class Verdict:
+    decision: Decision
+    text: str  # the text to send on (unchanged unless the decision is redact)
+    findings: list[Finding] = field(default_factory=list)  # enforced ones
+    shadow: list[Finding] = field(default_factory=list)  # what shadow guards would have done
+
+    @property
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.action == "block"]
+
+
+def decide(text: str, enforced: list[Finding], shadow: list[Finding], pseudonyms: Pseudonyms | None) -> Verdict:
+    if any(f.action == "block" for f in enforced):
+        return Verdict("block", text, enforced, shadow)
+    new = apply(text, enforced, pseudonyms)
+    return Verdict("redact" if new != text else "allow", new, enforced, shadow)
+
+
+def resolve(findings: Iterable[Finding]) -> list[Finding]:
+    """Non-overlapping findings, in text order: the longest span wins, then the highest score."""
+    ranked = sorted(findings, key=lambda f: (-(f.end - f.start), -f.score, f.start))
+    taken: list[Finding] = []
+    for finding in ranked:
+        if all(finding.end <= t.start or finding.start >= t.end for t in taken):
+            taken.append(finding)
+    return sorted(taken, key=lambda f: f.start)
+
+
+def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
+          restore: Callable[[str], str] | None = None) -> str:
+    """`text` with every rewriting finding replaced; placeholders already in it are never touched.
+
+    `restore` (output: placeholders back to originals) applies to the text between findings only,
+    so that a placeholder made for a finding of the answer itself stays a placeholder.
+    """
+    keep = restore or _same
+    rewriting = [f for f in findings if f.action in ("redact", "mask", "pseudonymize")]
+    if not rewriting:
+        return keep(text)
+    guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
+    out: list[str] = []
+    at = 0
+    for f in resolve(rewriting):
+        if f.start < at or any(f.start < e and f.end > s for s, e in guarded):
+            continue
+        out.append(keep(text[at:f.start]))
+        out.append(replacement(f, text[f.start:f.end], pseudonyms))
+        at = f.end
+    out.append(keep(text[at:]))
+    return "".join(out)
+
+
+def _same(text: str) -> str:
+    return text
+
+
+def replacement(finding: Finding, original: str, pseudonyms: Pseudonyms | None) -> str:
+    if finding.action == "mask":
+        kept = "".join(c for c in original if c.isalnum())[-finding.keep:] if finding.keep else ""
+        return "****" + kept
+    if finding.action == "pseudonymize" and pseudonyms is not None:
+        return pseudonyms.placeholder(finding.type, original)
+    return f"<{finding.type}>"

@@ -1,0 +1,123 @@
+"""Cross-checks of the `guards:` section that types cannot express, each with file, line and field.
+
+Scopes name aliases and tenants that exist; entity types are ones an engine can
+find (or a custom recognizer of the guard adds); every regex compiles; a `ner`
+engine names its spaCy pipeline; a classifier's import path resolves. The entity
+catalog lives here, below the guards package, so that the policy layer needs
+nothing above it.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+from .guard_schema import (
+    DenyListGuardSpec,
+    GuardSpec,
+    GuardsSpec,
+    InjectionGuardSpec,
+    LimitsGuardSpec,
+    PiiGuardSpec,
+)
+from .loader import _Located
+
+__all__ = ["NER_ENTITIES", "PATTERN_ENTITIES", "check_guards", "default_entities"]
+
+# What the `patterns` engine finds: presidio's pattern recognizers plus the gateway's own.
+PATTERN_ENTITIES = frozenset({
+    "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "UK_NINO", "URL",
+    "GOV_ID", "STREET_ADDRESS", "DATE_OF_BIRTH", "PERSONAL_URL", "DATE_TIME",
+})
+# What only the `ner` engine finds (spaCy's labels, mapped by presidio).
+NER_ENTITIES = frozenset({"PERSON", "LOCATION", "NRP", "ORGANIZATION"})
+_DEFAULT_PATTERNS = (
+    "EMAIL_ADDRESS", "PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "IP_ADDRESS", "US_SSN", "GOV_ID",
+    "STREET_ADDRESS", "DATE_OF_BIRTH", "PERSONAL_URL",
+)
+
+
+def default_entities(engine: str) -> tuple[str, ...]:
+    """The entity types a pii guard looks for when its policy lists none."""
+    return (*_DEFAULT_PATTERNS, "PERSON") if engine == "ner" else _DEFAULT_PATTERNS
+
+
+def check_guards(spec: GuardsSpec, doc: _Located, aliases: set[str], tenants: set[str]) -> None:
+    base = ("guards",)
+    for name, guard in spec.global_.items():
+        _check_guard(guard, doc, base + ("global", name))
+    for alias, guards in spec.models.items():
+        if alias not in aliases:
+            known = ", ".join(sorted(aliases))
+            doc.issue(base + ("models", alias), f"unknown model alias `{alias}` (defined: {known})")
+        for name, guard in guards.items():
+            _check_guard(guard, doc, base + ("models", alias, name))
+    for tenant, guards in spec.tenants.items():
+        if tenants and tenant not in tenants:
+            known = ", ".join(sorted(tenants))
+            doc.issue(base + ("tenants", tenant), f"no key has tenant `{tenant}` (tenants: {known})")
+        for name, guard in guards.items():
+            _check_guard(guard, doc, base + ("tenants", tenant, name))
+    if spec.stream.step_chars > spec.stream.max_hold_chars or spec.stream.window_chars > spec.stream.max_hold_chars:
+        doc.issue(base + ("stream",), "window_chars and step_chars must not exceed max_hold_chars")
+
+
+def _check_guard(guard: GuardSpec, doc: _Located, path: tuple[Any, ...]) -> None:
+    if not guard.places:
+        doc.issue(path + ("places",), "name at least one place: input, output")
+    if isinstance(guard, PiiGuardSpec):
+        _check_pii(guard, doc, path)
+    elif isinstance(guard, DenyListGuardSpec):
+        if not (guard.terms or guard.patterns or guard.topics):
+            doc.issue(path, "a denylist guard needs terms, patterns or topics")
+        for index, regex in enumerate(guard.patterns):
+            _regex(regex, doc, path + ("patterns", index))
+    elif isinstance(guard, LimitsGuardSpec):
+        if "output" in guard.places:
+            doc.issue(path + ("places",), "limits apply to the input only")
+        if guard.max_chars is None and guard.max_messages is None and guard.max_tokens is None:
+            doc.issue(path, "a limits guard needs max_chars, max_messages or max_tokens")
+    elif isinstance(guard, InjectionGuardSpec) and guard.classifier is not None:
+        module, _, attr = guard.classifier.partition(":")
+        try:
+            found = getattr(importlib.import_module(module), attr, None)
+        except ImportError as exc:
+            doc.issue(path + ("classifier",), f"cannot import `{module}`: {exc}")
+        else:
+            if not callable(found):
+                doc.issue(path + ("classifier",), f"`{guard.classifier}` is not a callable in that module")
+
+
+def _check_pii(guard: PiiGuardSpec, doc: _Located, path: tuple[Any, ...]) -> None:
+    if guard.engine == "ner":
+        if guard.model is None:
+            doc.issue(path + ("model",), "the ner engine needs `model`: a spaCy package name or a pipeline directory")
+        elif ("/" in guard.model or guard.model.startswith(".")) and not Path(guard.model).is_dir():
+            doc.issue(path + ("model",), f"no spaCy pipeline directory at `{guard.model}`")
+    elif guard.model is not None:
+        doc.issue(path + ("model",), "the patterns engine loads no model; use `engine: ner` for one")
+    custom = {r.entity for r in guard.recognizers.values()}
+    known = PATTERN_ENTITIES | custom | (NER_ENTITIES if guard.engine == "ner" else frozenset())
+    for entity in guard.entities:
+        if entity in NER_ENTITIES and guard.engine != "ner" and entity not in custom:
+            doc.issue(path + ("entities", entity), f"`{entity}` is found by the ner engine only (set `engine: ner`)")
+        elif entity not in known:
+            doc.issue(path + ("entities", entity), f"unknown entity type `{entity}` (known: {', '.join(sorted(known))};"
+                      " or add a recognizer for it)")
+    for name, recognizer in guard.recognizers.items():
+        where = path + ("recognizers", name)
+        if not recognizer.patterns and not recognizer.deny_list:
+            doc.issue(where, "a recognizer needs patterns or a deny_list")
+        for index, pattern in enumerate(recognizer.patterns):  # presidio matches with `regex` (\p{Lu} and all)
+            _regex(pattern.regex, doc, where + ("patterns", index, "regex"), engine="regex")
+    for index, allowed in enumerate(guard.allow_patterns):
+        _regex(allowed, doc, path + ("allow_patterns", index))
+
+
+def _regex(pattern: str, doc: _Located, path: tuple[Any, ...], engine: str = "re") -> None:
+    module: Any = importlib.import_module(engine)
+    try:
+        module.compile(pattern)
+    except module.error as exc:
+        doc.issue(path, f"invalid regular expression: {exc}")

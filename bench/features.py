@@ -1,0 +1,207 @@
+"""Feature rows: what routing and guards cost, each measured beside the same gateway without them.
+
+One gateway (pinned to its core, the canned nginx upstream and wrk on the other) serves
+plain aliases and feature aliases from one policy (`bench/policy.features.yaml`); every
+row alternates "plain alias, feature alias" runs at the same concurrency, so that
+drift hits both alike, and reports medians and the median of the per-run ratios.
+
+    .venv/bin/python bench/features.py                 # every row, ~10 minutes
+    .venv/bin/python bench/features.py --rows routed-json,pii-json --runs 2 --duration 3
+
+Guard latency on a 300-word prompt (p50, p99 per engine) is measured in-process, apart
+from the HTTP rows, with the same guard objects the gateway builds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench.harness import (  # noqa: E402
+    HOST,
+    BenchError,
+    Service,
+    WrkResult,
+    disturbed,
+    free_port,
+    markdown_table,
+    nginx_upstream,
+    require_tools,
+    run_wrk,
+    wait_until_serving,
+    workdir,
+)
+
+GATEWAY_BIN = REPO / ".venv" / "bin" / "gateway"
+KEY = "sk-bench-4f1c2a9e7b3d4e5f8a6b"
+TEMPLATE = REPO / "bench" / "policy.features.yaml"
+SHARED = Path(os.environ.get("GATEWAY_SHARED_DIR", REPO.parent / "shared")).resolve()
+NER_MODEL = SHARED / "models" / "en_ner_sm_port-1.0.0"
+
+# A 300-word prompt with digits, e-mail addresses and names: the PII engines' real work
+# (text with no digit, `@` or profile domain skips the `patterns` analysis entirely).
+_SENTENCE = ("Please update the account of Maria Jensen, born 1984, order 55{n}, and write to her at "
+             "maria.jensen{n}@example.org about invoice 2024-{n} before the end of the month. ")
+PROMPT_300 = "".join(_SENTENCE.format(n=n) for n in range(10))[:2000]
+
+
+def body(model: str, stream: bool, prompt: str = "Say hello") -> bytes:
+    data: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+    if stream:
+        data["stream"] = True
+    return json.dumps(data, separators=(",", ":")).encode()
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    what: str
+    plain: bytes
+    feature: bytes
+    connections: int = 16
+
+
+ROWS = (
+    Row("routed-json", "3-target weighted alias + 5 rules, non-streamed",
+        body("bench-json", False), body("bench-json-routed", False)),
+    Row("routed-sse", "3-target weighted alias + 5 rules, streamed",
+        body("bench-sse", True), body("bench-sse-routed", True)),
+    Row("pii-json", "`patterns` PII input guard, 300-word prompt",
+        body("bench-json", False, PROMPT_300), body("bench-json-pii", False, PROMPT_300)),
+    Row("ner-json", "`ner` PII input guard (small spaCy model), 300-word prompt",
+        body("bench-json", False, PROMPT_300), body("bench-json-ner", False, PROMPT_300)),
+    Row("scan-sse", "`patterns` PII output guard on the stream (stream scanner)",
+        body("bench-sse", True), body("bench-sse-scan", True)),
+    Row("scan-sse-c1", "stream scanner, one client: added time to the answer",
+        body("bench-sse", True), body("bench-sse-scan", True), connections=1),
+)
+
+
+def measure(row: Row, wrk: str, url: str, gateway: Service, runs: int, duration: int, cpu: str,
+            retries: int = 2) -> dict[str, list[WrkResult]]:
+    results: dict[str, list[WrkResult]] = {"plain": [], "feature": []}
+    for which in ("plain", "feature"):  # warm-up
+        run_wrk(wrk, url, body=getattr(row, which), key=KEY, connections=row.connections, duration=2, cpu=cpu)
+    for run in range(runs):
+        for which in ("plain", "feature"):
+            for attempt in range(retries + 1):
+                result = run_wrk(wrk, url, body=getattr(row, which), key=KEY, connections=row.connections,
+                                 duration=duration, cpu=cpu, target=gateway)
+                if not disturbed(result) or attempt == retries:
+                    break
+            if result.errors:
+                raise BenchError(f"{row.name} {which}: {result.errors} errors")
+            results[which].append(result)
+        plain, feature = results["plain"][-1], results["feature"][-1]
+        print(f"[{row.name} run {run + 1}/{runs}] plain {plain.rps:7.0f} req/s p50 {plain.p50_ms:.2f} ms | "
+              f"feature {feature.rps:7.0f} req/s p50 {feature.p50_ms:.2f} ms | "
+              f"ratio {feature.rps / plain.rps:.3f}", flush=True)
+    return results
+
+
+def summarize(row: Row, results: dict[str, list[WrkResult]]) -> list[str]:
+    plain, feature = results["plain"], results["feature"]
+    med = statistics.median
+    ratios = [f.rps / p.rps for p, f in zip(plain, feature, strict=True)]
+    cpu_p = [r.cpu_us_per_request for r in plain if r.cpu_us_per_request]
+    cpu_f = [r.cpu_us_per_request for r in feature if r.cpu_us_per_request]
+    return [
+        row.name, row.what, str(row.connections),
+        f"{med(r.rps for r in plain):,.0f}", f"{med(r.rps for r in feature):,.0f}", f"{med(ratios):.2f}",
+        f"{med(r.p50_ms for r in plain):.2f}", f"{med(r.p50_ms for r in feature):.2f}",
+        f"{med(cpu_p):.0f}" if cpu_p else "-", f"{med(cpu_f):.0f}" if cpu_f else "-",
+    ]
+
+
+def guard_latency(runs: int = 200) -> list[list[str]]:
+    """p50/p99 of one guard check of the 300-word prompt, per engine, in-process."""
+    from gateway.app import Gateway
+    from gateway.guards.base import Where
+    from gateway.guards.runtime import GuardRuntime
+    from gateway.policy import compile_text
+
+    rows = []
+    where = Where("input", "message")
+    for engine, extra in (("patterns", ""), ("ner", f", model: {NER_MODEL}")):
+        text = (f"version: 1\nauth: none\nproviders: {{d: {{kind: demo}}}}\nmodels: {{m: {{provider: d, model: x}}}}\n"
+                f"guards: {{global: {{pii: {{kind: pii, engine: {engine}{extra}, places: [input]}}}}}}\n")
+        gateway = Gateway(compile_text(text))
+        guards = next(s for s in gateway.runtime.services if isinstance(s, GuardRuntime))
+        guard_set = guards.resolve("anonymous", "m")
+
+        async def run(guards: GuardRuntime = guards, gateway: Gateway = gateway, found: Any = guard_set) -> list[float]:
+            await gateway.runtime.start()
+            try:
+                times = []
+                for _ in range(runs):
+                    started = time.perf_counter()
+                    await guards.detect(found.input, PROMPT_300, where)
+                    times.append(time.perf_counter() - started)
+                return times
+            finally:
+                await gateway.runtime.aclose()
+
+        times = sorted(asyncio.run(run()))
+        rows.append([engine, f"{times[len(times) // 2] * 1000:.2f}", f"{times[int(len(times) * 0.99)] * 1000:.2f}"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
+    parser.add_argument("--runs", type=int, default=4)
+    parser.add_argument("--duration", type=int, default=8)
+    parser.add_argument("--gateway-cpu", default="1")
+    parser.add_argument("--load-cpu", default="0")
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "features.md")
+    parser.add_argument("--no-latency", action="store_true", help="skip the in-process guard latency rows")
+    args = parser.parse_args(argv)
+    wanted = [r for r in ROWS if r.name in args.rows.split(",")]
+    tools = require_tools()
+    lines = ["# Feature rows", "", f"Generated by `bench/features.py` on {time.strftime('%Y-%m-%dT%H:%M:%S')}; "
+             f"{args.runs} runs of {args.duration} s per side, interleaved; medians; ratio = median of per-run "
+             "feature ÷ plain req/s. Gateway pinned to core "
+             f"{args.gateway_cpu}, wrk and the canned nginx upstream to core {args.load_cpu}.", ""]
+    with workdir("bench-features-") as wd, nginx_upstream(tools["nginx"], wd, args.load_cpu) as upstream_port, \
+            contextlib.ExitStack() as stack:
+        port = free_port()
+        policy = wd / "policy.yaml"
+        digest = "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()
+        policy.write_text(TEMPLATE.read_text().replace("{port}", str(upstream_port)).replace(
+            "{gateway_port}", str(port)).replace("{key_hash}", digest).replace("{ner_model}", str(NER_MODEL)))
+        argv_ = [str(GATEWAY_BIN), "serve", "--policy", str(policy), "--host", HOST, "--port", str(port)]
+        gateway = stack.enter_context(Service("gateway", argv_, log_dir=wd, cpu=args.gateway_cpu,
+                                              env={"BENCH_UPSTREAM_KEY": "sk-bench"}))
+        wait_until_serving(gateway, port, "/v1/chat/completions", ("json", "sse"), KEY, timeout=60)
+        url = f"http://{HOST}:{port}/v1/chat/completions"
+        table = []
+        for row in wanted:
+            table.append(summarize(row, measure(row, tools["wrk"], url, gateway, args.runs, args.duration,
+                                                args.load_cpu)))
+    lines.append(markdown_table(
+        ["row", "what", "conc", "plain req/s", "feature req/s", "ratio", "plain p50 ms", "feature p50 ms",
+         "plain CPU µs/req", "feature CPU µs/req"], table, align_right_from=2))
+    if not args.no_latency:
+        lines += ["", "## Guard latency, one 300-word prompt, in-process (200 checks)", "",
+                  markdown_table(["engine", "p50 ms", "p99 ms"], guard_latency(), align_right_from=1)]
+    args.out.write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -343,3 +343,24 @@ def test_a_metrics_token_variable_that_is_not_set_locks_metrics(upstream: MockUp
     text = policy_text(upstream.base_url, metrics_token_env="GW_UNSET_TOKEN")
     policy = compile_text(text, "p.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}, require_env=False)
     assert policy.metrics_token == "" and any("GW_UNSET_TOKEN" in w for w in policy.warnings)
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/v1/models"])
+def test_a_1_mib_header_is_refused_on_every_route_before_it_is_buffered(gateway: RunningGateway, path: str) -> None:
+    head = f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {FULL_KEY}\r\nX-Big: ".encode()
+    with socket.create_connection(("127.0.0.1", gateway.port), timeout=10) as sock:
+        sock.sendall(head)
+        sent, reply = 0, b""
+        try:
+            while sent < 1024 * 1024:  # stop as soon as the server has answered and closed
+                sock.sendall(b"a" * 16384)
+                sent += 16384
+        except OSError:
+            pass
+        try:
+            while chunk := sock.recv(65536):
+                reply += chunk
+        except OSError:
+            pass
+    assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
+    assert b"headers_too_large" in reply

@@ -7,7 +7,6 @@ private one is started when it is unset); every run uses its own key prefix.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 import uuid
@@ -19,7 +18,7 @@ import pytest
 
 from tests.conftest import FULL_KEY, UPSTREAM_KEY, free_port
 from tests.support.mock_upstream import MockUpstream
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import suite_redis_url
 from tests.test_routing import routing_policy
 from tests.test_serve import serving
 
@@ -29,12 +28,8 @@ MESSAGES = [{"role": "user", "content": "hello"}]
 
 @pytest.fixture(scope="module")
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("GATEWAY_TEST_REDIS_URL")
-    if url:
+    with suite_redis_url() as url:
         yield url
-        return
-    with RedisServer() as server:
-        yield server.url
 
 
 @pytest.fixture(scope="module")

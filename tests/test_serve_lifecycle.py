@@ -11,8 +11,7 @@ import signal
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import httpx
@@ -20,6 +19,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.support.processes import ManagedProcess, running
+from tests.test_serve import serving as serve_ready
 
 GATEWAY = [sys.executable, "-m", "gateway"]
 MESSAGES = [{"role": "user", "content": "Hello there, demo"}]
@@ -43,21 +43,10 @@ def demo_policy(port: int, **server: object) -> str:
         """)
 
 
-@contextmanager
-def serving(policy: Path, port: int, *extra: str, env: dict[str, str] | None = None) -> Iterator[ManagedProcess]:
-    args = [*GATEWAY, "serve", "--policy", str(policy), *extra]
-    with running(args, env={"PYTHONUNBUFFERED": "1", **(env or {})}) as server:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not become ready:\n{server.text()}")
-            time.sleep(0.1)
-        yield server
+def serving(policy: Path, port: int, *extra: str, env: dict[str, str] | None = None,
+            ) -> AbstractContextManager[ManagedProcess]:
+    """`gateway serve --policy POLICY ...`, ready (see `tests/test_serve.py`)."""
+    return serve_ready([*GATEWAY, "serve", "--policy", str(policy), *extra], port, env=env)
 
 
 def chat(port: int, **headers: str) -> httpx.Response:

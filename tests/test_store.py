@@ -7,7 +7,6 @@ uses its own random key prefix and deletes its keys afterwards; nothing here flu
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -19,7 +18,7 @@ import redis.asyncio as aioredis
 from gateway.store import MemoryStore, RedisStore, Store, StoreConfig, StoreUnavailable, build_store
 from gateway.store.redis_pubsub import RedisChannel
 from gateway.store.redis_url import parse_redis_url
-from tests.support.redis_server import RedisServer, free_port
+from tests.support.redis_server import RedisServer, free_port, suite_redis_url
 
 OP_TIMEOUT = 0.25
 FAST: dict[str, Any] = {
@@ -34,12 +33,8 @@ PATIENT: dict[str, Any] = {**FAST, "op_timeout_s": 5.0, "connect_timeout_s": 5.0
 
 @pytest.fixture(scope="module")  # module, not session: stopped before the suite-end leak check
 def redis_url() -> Iterator[str]:
-    url = os.environ.get("GATEWAY_TEST_REDIS_URL")
-    if url:
+    with suite_redis_url() as url:
         yield url
-        return
-    with RedisServer() as server:
-        yield server.url
 
 
 @pytest.fixture(scope="module")
@@ -378,7 +373,7 @@ def test_store_config_is_validated() -> None:
     assert build_store(StoreConfig(on_unavailable="closed")).on_unavailable == "closed"
 
 
-def test_redis_urls() -> None:
+def suite_redis_urls() -> None:
     assert parse_redis_url("redis://:pw@localhost:6380/2").mode == "standalone"
     assert parse_redis_url("rediss://localhost").ssl
     assert parse_redis_url("unix:///run/redis.sock?db=1").mode == "standalone"

@@ -7,6 +7,7 @@ never answers, the hardest case for timeouts. `start()` again reuses the same po
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -14,12 +15,13 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Self
 
 import redis
 
-__all__ = ["REDIS_SERVER", "RedisServer", "free_port"]
+__all__ = ["REDIS_SERVER", "RedisServer", "free_port", "suite_redis_url"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
 
@@ -136,3 +138,14 @@ class RedisServer:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def suite_redis_url() -> Iterator[str]:
+    """The suite's Redis: `GATEWAY_TEST_REDIS_URL` (tests/run.sh sets it), else a private server for the block."""
+    url = os.environ.get("GATEWAY_TEST_REDIS_URL")
+    if url:
+        yield url
+        return
+    with RedisServer() as server:
+        yield server.url

@@ -309,7 +309,7 @@ def test_the_total_deadline_bounds_every_attempt(make_gateway: Make, upstream: M
     started = time.monotonic()
     response = chat(running, "hurried")
     elapsed = time.monotonic() - started
-    assert response.status_code == 504 and 1.1 < elapsed < 2.5, (response.status_code, elapsed)
+    assert response.status_code == 504 and 1.1 < elapsed < 2.9, (response.status_code, elapsed)  # < the 3 s stall
     assert response.json()["error"]["code"] in ("deadline_exceeded", "upstream_timeout")
     assert [r.model for r in upstream_b.requests] == ["fault-slow-first-byte-3000"]  # never reached the third
 

@@ -434,7 +434,7 @@ async def test_redis_killed_then_restarted(private_redis: RedisServer) -> None:
             assert took < OP_TIMEOUT + 1
         assert not store.healthy
         took, exc = await elapsed(store.get("k"))
-        assert isinstance(exc, StoreUnavailable) and took < 0.05  # failing fast while down
+        assert isinstance(exc, StoreUnavailable) and took < 0.2  # failing fast while down
         assert await store.ping() is False
         await asyncio.to_thread(private_redis.start)  # same port, empty data
         await wait_for(lambda: store.healthy, timeout=3)  # the background probe, no request needed
@@ -453,10 +453,12 @@ async def test_redis_that_stops_answering_is_bounded_by_the_timeout(private_redi
         private_redis.pause()  # accepts connections, never answers
         results = await asyncio.gather(*(elapsed(op(store)) for op in OPERATIONS * 6))
         assert all(isinstance(exc, StoreUnavailable) for _, exc in results)
-        assert max(t for t, _ in results) < OP_TIMEOUT + 0.4  # the op timeout, not redis-py's socket timeout
+        # bounded by the op timeout (not redis-py's socket timeout, none here: it would hang); the margin
+        # is for a loaded CI machine
+        assert max(t for t, _ in results) < OP_TIMEOUT + 1.0
         assert not store.healthy
         took, exc = await elapsed(store.incr_window("w", 1, 1.0))
-        assert isinstance(exc, StoreUnavailable) and took < 0.05
+        assert isinstance(exc, StoreUnavailable) and took < 0.2  # fails fast while marked down
         took, ok = time.monotonic(), await store.ping()
         assert ok is False and time.monotonic() - took < OP_TIMEOUT + 1
         private_redis.resume()
@@ -508,7 +510,7 @@ async def test_nothing_listening_fails_fast_without_crashing() -> None:
         assert await store.ping() is False
         for op in OPERATIONS:
             took, exc = await elapsed(op(store))
-            assert isinstance(exc, StoreUnavailable) and took < 0.05
+            assert isinstance(exc, StoreUnavailable) and took < 0.2  # fails fast while marked down
         channel = await store.subscribe("ch")  # a subscription waits for Redis in the background
         await channel.aclose()
     finally:

@@ -8,7 +8,7 @@ from urllib.parse import quote
 
 import pytest
 
-from gateway.errors import sanitize_upstream_message as sanitize
+from gateway.sanitize import sanitize_upstream_message as sanitize
 
 # Each shape in several positions: alone, start, middle, end, quoted, in
 # parentheses, followed by punctuation.

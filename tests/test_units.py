@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from gateway.auth.keys import KeyRing, VirtualKey, digest_of, generate_key, hash_key
-from gateway.errors import RateLimited, UpstreamError, UpstreamTimeout, sanitize_upstream_message
+from gateway.errors import RateLimited, UpstreamError, UpstreamTimeout
 from gateway.providers.openai_compat import status_error
+from gateway.sanitize import sanitize_upstream_message
 from gateway.upstream.sse import SSEDecoder
 
 EVENTS = b'data: {"a":1}\n\ndata: {"b":2}\n\n: keep-alive comment\n\ndata: [DONE]\n\n'

@@ -26,9 +26,9 @@ from ..errors import (
     RateLimited,
     UpstreamError,
     UpstreamTimeout,
-    sanitize_upstream_message,
 )
 from ..policy.compiled import ProviderConfig
+from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import ChunkPeek, UsagePeek

@@ -1,0 +1,279 @@
+"""What of an upstream's error message a client may see: the scrub of credentials and addresses.
+
+An upstream's error text is useful to a client ("max_tokens is too large") but may
+carry what must never reach one: the gateway's own provider credential echoed back,
+internal addresses and host names, credential-shaped tokens. It is kept apart from
+the error tree (`errors`) because it is a parser of hostile text with rules of its
+own, run only on error paths.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from urllib.parse import quote, urlsplit
+
+__all__ = ["sanitize_upstream_message"]
+
+# The scrub is a set of shape rules plus removal of the configured secrets by
+# value. It runs only on error paths, but it runs on text an upstream controls,
+# so every pattern is compiled once at import and written to be linear: runs are
+# matched possessively or by one unambiguous class, starts are pinned to token
+# boundaries by look-behinds, and anything not decidable by a cheap regex is
+# decided in a small Python callback instead of by backtracking.
+
+_MAX_UPSTREAM_MESSAGE = 500
+# The shape rules read at most this much of a message (secret removal reads all
+# of it, see `sanitize_upstream_message`).
+_SCAN_WINDOW = 2 * _MAX_UPSTREAM_MESSAGE
+# Configured secrets shorter than this are not removed by value: a short string
+# ("abc", "test") hits ordinary words far more often than it hits an echo of the
+# credential, and a credential that short is not protected by hiding it anyway.
+_MIN_SECRET_LENGTH = 6
+
+_REDACTED = "[redacted]"
+_HOST = "[host]"
+_ADDRESS = "[address]"
+
+# "Bearer " / "Basic " in front of a configured header value.
+_AUTH_SCHEME = re.compile(r"(?:bearer|basic)\s+", re.IGNORECASE)
+
+# scheme://anything up to white space, quotes, angle brackets, parentheses or
+# braces; a bracketed IPv6 host is allowed. Trailing sentence punctuation is given
+# back. The alternatives start with disjoint characters, so backtracking is linear.
+_URL = re.compile(
+    r"(?<![\w+.-])[A-Za-z][A-Za-z0-9+.-]{0,31}://"
+    r"(?:\[[^\s\]]{0,64}\]|[^\s'\"<>()\[\]{}`\\])*"
+    r"(?<![.,;:!?])"
+)
+# An Authorization-style credential; the callback spares prose ("Basic auth").
+_AUTH_VALUE = re.compile(r"\b(?:bearer|basic)\s+([A-Za-z0-9._~+/=*-]+)", re.IGNORECASE)
+# [IPv6] or [IPv6%zone], with an optional :port; the callback validates.
+_IPV6_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]{2,64})(?:%[\w-]{1,32})?\](?::\d{1,5})?")
+# A bare run of hex digits, colons and dots holding a colon, with an optional
+# %zone; the callback decides whether it is an IPv6 address (see the docstring).
+_IPV6_BARE = re.compile(r"(?<![\w:.%-])(?=[0-9A-Fa-f.]*+:)([0-9A-Fa-f:.]++)(?:%[\w-]{1,32})?(?![\w-])")
+_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?!\w|\.\w)")
+# A dotted name or a name:port, starting at a token boundary; the callback
+# applies the host-name rule. Labels are matched possessively.
+_HOST_LIKE = re.compile(
+    r"(?<![\w.-])(?=[A-Za-z0-9-]*+[.:])"
+    r"(?P<name>[A-Za-z0-9-]++(?:\.[A-Za-z0-9-]++)*+)"
+    r"(?::(?P<port>\d{1,5})(?!\w|[.:]\d)|(?![\w-]|\.[\w-]))"
+)
+# Tokens shaped like API keys: vendor prefixes always; the generic words only
+# when a digit follows, so error codes such as `token_limit_exceeded` survive.
+_KEY_SHAPED = re.compile(
+    r"\b(?:(?:sk|pk|rk|gw)[-_][A-Za-z0-9*_-]{6,}"
+    r"|(?:key|api|token)[-_](?=[A-Za-z0-9*_-]*?\d)[A-Za-z0-9*_-]{6,})",
+    re.IGNORECASE,
+)
+# Any long opaque token (hashes, raw keys, session ids).
+_OPAQUE = re.compile(r"(?<![A-Za-z0-9_-])[A-Za-z0-9_-]{32,}+")
+
+_HEX_GROUP = re.compile(r"[0-9A-Fa-f]{1,4}")
+_IPV4_TAIL = re.compile(r"(?:\d{1,3}\.){3}\d{1,3}")
+
+# Last labels that make a one-dot name a host: common public TLDs and the
+# suffixes used for private names. Country codes that double as file extensions
+# or English words (py, rs, sh, md, pl, pt, so, cc, in, it, is, me, to, ...) are
+# left out on purpose: `main.py` and `retry.Is` are not hosts.
+_HOST_SUFFIXES = frozenset(
+    {
+        # public
+        "com", "net", "org", "edu", "gov", "mil", "int", "io", "ai", "dev", "app", "cloud", "co",
+        "us", "uk", "eu", "de", "fr", "nl", "ch", "se", "jp", "cn", "kr", "au", "ca", "br", "ru",
+        "info", "biz", "xyz", "tech", "online", "site",
+        # private
+        "internal", "intranet", "intra", "local", "localdomain", "localhost", "lan", "home", "corp",
+        "private", "priv", "svc", "cluster", "consul", "test", "example", "invalid", "arpa",
+    }
+)
+
+
+def sanitize_upstream_message(
+    message: object, *, secrets: Iterable[str] = (), public_hosts: Iterable[str] = ()
+) -> str:
+    """Make an upstream's error message safe to show a client.
+
+    `secrets` are the provider's resolved credential header values (`Bearer sk-...`,
+    a raw api-key value); `public_hosts` are host names a client may see (the
+    provider's own public API host). Both are optional. A non-string gives "".
+
+    Removed, in this order:
+
+    - every configured secret, by value, anywhere in the whole message (before the
+      message is cut, so no cut can leave half of one): the value as given, without
+      a `Bearer `/`Basic ` prefix, and their JSON-escaped and percent-encoded forms,
+      each replaced by `[redacted]`. Values shorter than 6 characters are skipped
+      (too many false hits on ordinary words). Partially masked echoes are not
+      the secret and are not touched by this step (`sk-***1234` still goes below,
+      by its key shape; `ending in 1234` stays).
+    - URLs (`scheme://...`) -> `[url]`, whatever their host.
+    - `Bearer <token>` / `Basic <token>` -> `[redacted]`, unless the token is plain
+      prose: letters only and lower case or shorter than 6 ("Basic auth").
+    - IPv6 addresses, bracketed or not, with an optional %zone and :port ->
+      `[address]`. A bare candidate must contain a decimal digit and be a valid
+      address: hex groups of 1-4 digits, either compressed with exactly one `::`
+      (at most 7 groups) or all 8 groups; an embedded IPv4 tail is allowed, as is
+      a trailing :port. So `fd00::1:8000`, `2001:db8::5` and `::1` go, while times
+      (`10:30`, `10:30:45`: no `::`, too few groups) and code (`a::b`, `std::vector`:
+      no digit / not hex) stay.
+    - IPv4 addresses with an optional :port -> `[address]` (a four-part version
+      number such as `1.2.3.4` looks the same and goes too).
+    - host names -> `[host]` (the :port with them), unless listed in
+      `public_hosts` (compared case-insensitively, port or not). A dotted name is a
+      host when its last label is 2-24 letters and either that label is a known
+      public TLD or private suffix (`com`, `io`, `internal`, `local`, `svc`, ...),
+      or the name has at least two dots, is all lower case and has no all-digit
+      label. A `name:port` (port of 1-5 digits, name holding a letter) is a host
+      when the name is a host by that rule, or the port has 4-5 digits, or the
+      name is `localhost` or contains a digit or a hyphen: `vllm-gpu-7:8000`,
+      `vllm-0.vllm-headless:8000`, `vllm:8000`, `localhost:80` go; `error:500`,
+      `status:429`, `main.py:42` stay. A hyphenated `retry-after:30` goes too:
+      that is the price of catching `inference-api:80`.
+    - key-shaped tokens (`sk-`, `pk-`, `rk-`, `gw-` + 6 or more characters; `key-`,
+      `api-`, `token-` + 6 or more with a digit) and opaque runs of 32 or more
+      `[A-Za-z0-9_-]` -> `[redacted]`.
+
+    What survives: sentence ends (`retry.Thanks`), versions (`v1.2.3`), decimals,
+    file names (`config.yaml`), model names (`gpt-4o-mini`, `claude-3.5-sonnet`,
+    `meta-llama/Llama-3.1-8B`, `llama3:8b`), Python paths with a capital
+    (`torch.cuda.OutOfMemoryError`), field paths (`body.messages.0.content`).
+    Lower-case dotted names with two or more dots (`openai.types.chat`) cannot be
+    told apart from internal host names and are scrubbed; so are dated model names
+    of 32 characters or more.
+
+    Only the first 1,000 characters are scanned by the shape rules; when that cut
+    falls inside a word, the word is dropped so that no half of an address or key
+    survives it. Non-printable characters become spaces, runs
+    of white space collapse, and the result is at most 500 characters.
+    """
+    if not isinstance(message, str) or not message:
+        return ""
+    text = message
+    for needle in _secret_forms(secrets):
+        text = text.replace(needle, _REDACTED)
+    cut_word = len(text) > _SCAN_WINDOW and _in_word(text[_SCAN_WINDOW - 1]) and _in_word(text[_SCAN_WINDOW])
+    text = " ".join("".join(c if c.isprintable() else " " for c in text[:_SCAN_WINDOW]).split())
+    if cut_word:  # the window ends inside a word: drop it rather than show half an address or key
+        text = text.rpartition(" ")[0]
+    public = _host_names(public_hosts)
+    text = _URL.sub("[url]", text)
+    text = _AUTH_VALUE.sub(_auth_value, text)
+    text = _IPV6_BRACKETED.sub(_ipv6_or_keep, text)
+    text = _IPV6_BARE.sub(_ipv6_or_keep, text)
+    text = _IPV4.sub(_ADDRESS, text)
+    text = _HOST_LIKE.sub(lambda match: _host_or_keep(match, public), text)
+    text = _KEY_SHAPED.sub(_REDACTED, text)
+    text = _OPAQUE.sub(_REDACTED, text)
+    return text[:_MAX_UPSTREAM_MESSAGE].rstrip()
+
+
+def _in_word(char: str) -> bool:
+    return char.isprintable() and not char.isspace()
+
+
+def _secret_forms(secrets: Iterable[str]) -> list[str]:
+    """Every spelling of the configured secrets to remove, longest first.
+
+    Longest first so that `Bearer sk-x...` goes as one piece before its bare value.
+    """
+    if isinstance(secrets, str):  # one secret passed bare: do not split it into characters
+        secrets = (secrets,)
+    forms: set[str] = set()
+    for secret in secrets:
+        if not isinstance(secret, str):
+            continue
+        value = secret.strip()
+        scheme = _AUTH_SCHEME.match(value)
+        for variant in (value, value[scheme.end():] if scheme else value):
+            for form in (variant, json.dumps(variant)[1:-1], quote(variant, safe="")):
+                if len(form) >= _MIN_SECRET_LENGTH:
+                    forms.add(form)
+    return sorted(forms, key=len, reverse=True)
+
+
+def _host_names(hosts: Iterable[str]) -> frozenset[str]:
+    """Lower-case host names; entries may also be given as URLs or host:port."""
+    if isinstance(hosts, str):
+        hosts = (hosts,)
+    names: set[str] = set()
+    for entry in hosts:
+        if not isinstance(entry, str) or not entry.strip():
+            continue
+        entry = entry.strip()
+        try:
+            name = urlsplit(entry if "://" in entry else "//" + entry).hostname
+        except ValueError:
+            continue
+        if name:
+            names.add(name.rstrip("."))
+    return frozenset(names)
+
+
+def _auth_value(match: re.Match[str]) -> str:
+    value = match[1]
+    core = value.rstrip(".,;:!?")
+    if not core or (core.isalpha() and (core.islower() or len(core) < 6)):
+        return match[0]  # prose: "Bearer token", "Basic auth"
+    return _REDACTED + value[len(core):]
+
+
+def _ipv6_or_keep(match: re.Match[str]) -> str:
+    candidate = match[1]
+    core = candidate.rstrip(".")
+    if not _is_ipv6(core):
+        return match[0]
+    return _ADDRESS + candidate[len(core):] if match[0][0] != "[" else _ADDRESS
+
+
+def _is_ipv6(text: str) -> bool:
+    """An IPv6 address, optionally followed by :port, holding a decimal digit."""
+    if not any(c.isdigit() for c in text):
+        return False
+    if _is_ipv6_address(text):
+        return True
+    head, colon, port = text.rpartition(":")
+    return bool(colon) and port.isdigit() and len(port) <= 5 and _is_ipv6_address(head)
+
+
+def _is_ipv6_address(text: str) -> bool:
+    if text.count("::") > 1 or ":::" in text:
+        return False
+    if "." in text:  # embedded IPv4 tail (::ffff:10.0.0.1) counts as two groups
+        head, colon, tail = text.rpartition(":")
+        if not colon or not _IPV4_TAIL.fullmatch(tail):
+            return False
+        text = head + ":0:0"
+    if "::" in text:
+        left, right = text.split("::")
+        groups = (left.split(":") if left else []) + (right.split(":") if right else [])
+        return len(groups) <= 7 and all(_HEX_GROUP.fullmatch(group) for group in groups)
+    groups = text.split(":")
+    return len(groups) == 8 and all(_HEX_GROUP.fullmatch(group) for group in groups)
+
+
+def _host_or_keep(match: re.Match[str], public: frozenset[str]) -> str:
+    name, port = match["name"], match["port"]
+    lower = name.lower()
+    if lower in public or not any(c.isalpha() for c in name):
+        return match[0]  # a public host, or a number (time, version, decimal)
+    if _is_dotted_host(name):
+        return _HOST
+    if port is not None and (len(port) >= 4 or lower == "localhost" or any(c.isdigit() or c == "-" for c in name)):
+        return _HOST
+    return match[0]
+
+
+def _is_dotted_host(name: str) -> bool:
+    labels = name.split(".")
+    if len(labels) < 2:
+        return False
+    last = labels[-1]
+    if not (2 <= len(last) <= 24 and last.isascii() and last.isalpha()):
+        return False
+    if last.lower() in _HOST_SUFFIXES:
+        return True
+    return len(labels) >= 3 and name.islower() and not any(label.isdigit() for label in labels)

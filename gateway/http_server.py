@@ -247,6 +247,7 @@ class _Guard:
     flow: Any
     client: tuple[str, int] | None
     timeout_keep_alive_task: asyncio.TimerHandle | None
+    limit_concurrency: int | None
 
     # Per-connection state. The concrete classes keep it in __slots__ (`_SLOTS`): uvicorn's
     # protocol has 27 instance attributes, and past 30 CPython stops sharing the keys of
@@ -261,6 +262,30 @@ class _Guard:
     _max_head: int  # read on every chunk of a head
     _max_requests: int  # read on every request
     _shared: _Shared
+
+    # Construction and connection events: the same for both protocols, around the uvicorn
+    # protocol that follows this mixin in the class's MRO (hence `super()`).
+    def __init__(
+        self,
+        config: Config,
+        server_state: ServerState,
+        app_state: dict[str, Any],
+        _loop: asyncio.AbstractEventLoop | None = None,
+        *,
+        limits: HttpLimits,
+    ) -> None:
+        super().__init__(config, server_state, app_state, _loop)  # type: ignore[call-arg]
+        self.limit_concurrency = None  # see `max_requests`
+        self._guard_init(limits, server_state)
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._connected()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._state = _DONE
+        self._stop_watching()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def _guard_init(self, limits: HttpLimits, server_state: ServerState) -> None:
         self._state = self._held = self._body_seen = self._body_mark = 0
@@ -469,28 +494,6 @@ if HAVE_HTTPTOOLS:
 
         __slots__ = _SLOTS
 
-        def __init__(
-            self,
-            config: Config,
-            server_state: ServerState,
-            app_state: dict[str, Any],
-            _loop: asyncio.AbstractEventLoop | None = None,
-            *,
-            limits: HttpLimits,
-        ) -> None:
-            HttpToolsProtocol.__init__(self, config, server_state, app_state, _loop)
-            self.limit_concurrency = None  # see `max_requests`
-            self._guard_init(limits, server_state)
-
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            HttpToolsProtocol.connection_made(self, transport)
-            self._connected()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._state = _DONE
-            self._stop_watching()
-            HttpToolsProtocol.connection_lost(self, exc)
-
         def data_received(self, data: bytes) -> None:
             n = self._state
             if n >= 0:  # a request head
@@ -551,28 +554,6 @@ class LimitedH11Protocol(_Guard, H11Protocol):
     """uvicorn's h11 protocol with `HttpLimits`: the fallback when httptools is missing."""
 
     __slots__ = _SLOTS
-
-    def __init__(
-        self,
-        config: Config,
-        server_state: ServerState,
-        app_state: dict[str, Any],
-        _loop: asyncio.AbstractEventLoop | None = None,
-        *,
-        limits: HttpLimits,
-    ) -> None:
-        H11Protocol.__init__(self, config, server_state, app_state, _loop)
-        self.limit_concurrency = None  # see `max_requests`
-        self._guard_init(limits, server_state)
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        H11Protocol.connection_made(self, transport)
-        self._connected()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._state = _DONE
-        self._stop_watching()
-        H11Protocol.connection_lost(self, exc)
 
     def data_received(self, data: bytes) -> None:
         if self._state == _DONE:

@@ -31,6 +31,10 @@ import secrets
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..policy.accounting_schema import BudgetSpec, LimitSpec
 
 __all__ = ["KeyRing", "VirtualKey", "digest_of", "generate_key", "hash_key"]
 
@@ -70,6 +74,8 @@ class VirtualKey:
     digest: bytes
     aliases: frozenset[str] | None  # None: every alias
     expires_at: float | None = None
+    limits: LimitSpec | None = None  # this key's own rate limits (its tenant's and alias's apply too)
+    budget: BudgetSpec | None = None
 
     def allows(self, alias: str) -> bool:
         return self.aliases is None or alias in self.aliases

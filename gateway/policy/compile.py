@@ -163,7 +163,8 @@ def _keys(spec: PolicySpec, doc: _Located) -> dict[bytes, VirtualKey]:
         if digest in keys:
             doc.issue(("keys", index, "hash"), "the same key hash is listed twice")
         aliases = None if "*" in key.models else frozenset(key.models)
-        keys[digest] = VirtualKey(key.name or f"key-{index}", key.tenant, digest, aliases)
+        keys[digest] = VirtualKey(key.name or f"key-{index}", key.tenant, digest, aliases,
+                                  limits=key.limits, budget=key.budget)
     return keys
 
 

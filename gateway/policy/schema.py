@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
+from .accounting_schema import BudgetSpec, LimitSpec, TenantSpec
 from .guard_schema import GuardsSpec
 
 __all__ = [
@@ -196,6 +197,8 @@ class ModelSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     retry_on: list[RetryOn] | None = None  # default: routing.retry_on
     context_fallback: Name | None = None  # the alias with a larger window, on "context length exceeded"
     deadline_s: Seconds | None = None  # all attempts together; default: routing.deadline_s
+    limits: LimitSpec | None = None  # for all callers of this alias together
+    budget: BudgetSpec | None = None
     description: str = ""
 
 
@@ -255,6 +258,8 @@ class KeySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     tenant: Name
     models: list[str] = msgspec.field(default_factory=lambda: ["*"])
     name: str = ""
+    limits: LimitSpec | None = None
+    budget: BudgetSpec | None = None
 
 
 class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -263,6 +268,7 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     state: StateSpec = StateSpec()
     auth: AuthMode = "keys"
     keys: list[KeySpec] = []
+    tenants: dict[Name, TenantSpec] = {}  # limits and budgets per tenant (tenants are named by keys)
     providers: dict[Name, ProviderSpec]
     models: dict[Name, ModelSpec]
     routing: RoutingSpec = RoutingSpec()

@@ -6,6 +6,7 @@ import asyncio
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import msgspec
 import pytest
@@ -178,3 +179,61 @@ def test_the_patterns_engine_skips_texts_that_cannot_hold_its_types(monkeypatch:
     ner = pii.PiiGuard("pii", msgspec.convert({"engine": "ner", "model": "x", "entities": {"PERSON": {}}},
                                               PiiGuardSpec), GuardPool(GuardPoolSpec()))
     assert ner.prefilter is None  # names can be anywhere
+
+
+def _spans(results: list[Any]) -> list[tuple[str, int, int, float]]:
+    return sorted((r.entity_type, r.start, r.end, round(r.score, 6)) for r in results)
+
+
+def test_windowed_recognizers_find_what_presidio_finds() -> None:
+    """The phone, e-mail and IP recognizers run on windows of the text: on every sample of the evaluation set
+    (and texts made to sit on a window's edge), they find exactly what presidio's own find on the whole text,
+    except phone numbers in a letter-free run of fewer than `PHONE_MIN_DIGITS` digits."""
+    import json
+
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
+
+    from gateway.guards.pii import _PHONE_REGIONS, quiet_network
+    from gateway.guards.recognizers import PHONE_MIN_DIGITS, EmailWindows, IpWindows, PhoneWindows, phone_windows
+
+    quiet_network()
+    pairs = [
+        (EmailWindows(), EmailRecognizer()), (IpWindows(), IpRecognizer()),
+        (PhoneWindows(supported_regions=_PHONE_REGIONS), PhoneRecognizer(supported_regions=_PHONE_REGIONS)),
+    ]
+    lines = (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines[::4]]
+    texts += ["a@b.co", "x a@b.co", "mail:a@b.co,", "ip 10.0.0.1/24 and ::1 and fe80::1%eth0 end", "10.0.0.1",
+              "+1 (415) 555-0100", "tel:+14155550100x12", "call 030 1234567", "0301234567", "born 1984, order 550",
+              "2001:db8::ff00:42:8329 at\t192.168.1.1\n", "@@@@ @ a@ @b 1.2.3.4:80 [::]"]
+    seen = 0
+    for text in texts:
+        for windowed, original in pairs:
+            want = original.analyze(text, original.supported_entities, None)
+            if isinstance(windowed, PhoneWindows):
+                windows = phone_windows(text)
+                inside = [r for r in want if any(lo <= r.start and r.end <= hi for lo, hi in windows)]
+                long = [r for r in want if sum(c.isdigit() for c in text[r.start:r.end]) >= PHONE_MIN_DIGITS]
+                assert all(r in inside for r in long), text  # no number of seven digits or more is missed
+                want = inside
+            assert _spans(windowed.analyze(text, windowed.supported_entities, None)) == _spans(want), text
+            seen += len(want)
+    assert seen > 100  # the samples do hold phones, e-mails and addresses
+
+
+def test_windows_are_linear_and_merge() -> None:
+    import re
+
+    from gateway.guards.recognizers import phone_windows, token_windows
+
+    assert phone_windows("born 1984, order 550, invoice 2024-7") == []
+    text = "call +49 30 1234567 or 555 123 4567"
+    assert [text[a:b] for a, b in phone_windows(text)] == ["l +49 30 1234567 or 555 123 4567"]  # they meet
+    text = "call +49 30 1234567 and 555 123 4567"
+    assert [text[a:b] for a, b in phone_windows(text)] == ["l +49 30 1234567 a", "d 555 123 4567"]
+    assert token_windows("a b@c d e@f", re.compile("@")) == [(1, 6), (7, 11)]
+    assert token_windows("a b@c e@f", re.compile("@")) == [(1, 9)]  # " b@c " and " e@f" share a space
+    assert token_windows("b@c\te@f", re.compile("@")) == [(0, 7)]
+    big = "@" * 200_000 + " x@y " + "z" * 200_000
+    assert token_windows(big, re.compile("@"))[-1][1] >= 200_005
+    assert phone_windows("1 " * 100_000) == [(0, 200_000)]

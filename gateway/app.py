@@ -21,6 +21,7 @@ from .api.admin import admin_routes
 from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
+from .auth.dynamic import DynamicKeys
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from .guards.runtime import GuardRuntime
 from .guards.stage import GuardStage
@@ -33,7 +34,7 @@ from .reload import watch_policy_file
 from .routing import Router
 from .runtime import Runtime, Service
 from .schemas.endpoints import Endpoint
-from .store import build_store
+from .store import Store, build_store
 from .telemetry.metrics import Metrics
 from .telemetry.stage import Telemetry
 from .telemetry.tokens import TokenCounter
@@ -66,7 +67,10 @@ class Gateway:
     def _build(self, policy: Policy, previous: Runtime | None = None) -> Runtime:
         """A runtime for `policy`; after a reload, routing keeps what it learnt about targets that stay."""
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
-        store = build_store(policy.state)
+        # A memory store lives on across reloads that keep its settings: it holds keys, counters and spend.
+        shared = previous is not None and policy.state.backend == "memory" and previous.policy.state == policy.state
+        store = previous.store if shared and previous is not None else build_store(policy.state)
+        keys = _dynamic_keys(policy, store, self.metrics)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
@@ -74,7 +78,7 @@ class Gateway:
             Telemetry(self.metrics),
             CountTokens(self.tokens),
             Admit(),
-            Authenticate(),
+            Authenticate(keys),
             Ingress(),
             Authorize(),
             *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
@@ -84,7 +88,9 @@ class Gateway:
         services: list[Service] = [router]
         if guards is not None:
             services.append(guards)
-        return Runtime(policy, providers, store, pipeline, services)
+        if keys is not None:
+            services.append(keys)
+        return Runtime(policy, providers, store, pipeline, services, dynamic_keys=keys, owns_store=not shared)
 
     def acquire_runtime(self) -> Runtime:
         return self.runtime.acquire()
@@ -151,6 +157,8 @@ class Gateway:
             return {"result": "failed", "trigger": trigger, "version": old.policy.version,
                     "errors": [f"the new policy failed to start: {type(exc).__name__}"]}
         self.runtime = new
+        if not new.owns_store:  # the memory store passes to the new runtime with everything in it
+            old.owns_store, new.owns_store = False, True
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
@@ -184,6 +192,14 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+
+def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics) -> DynamicKeys | None:
+    """The run-time key look-up, only when the policy turns it on (off: authentication never calls the store)."""
+    spec = policy.dynamic_keys
+    if not spec.enabled:
+        return None
+    return DynamicKeys(spec, store, policy.keys.names, spec.on_unavailable or policy.state.on_unavailable, metrics)
 
 
 def _error_response(error: GatewayError, request: Request[Any, Any, Any], ids: RequestIds) -> Response[bytes]:

@@ -24,6 +24,8 @@ __all__ = [
     "HeadersTooLarge",
     "InternalError",
     "InvalidRequest",
+    "KeyConflict",
+    "KeysUnavailable",
     "MethodNotAllowed",
     "ModelNotFound",
     "NoRoute",
@@ -202,6 +204,25 @@ class InternalError(GatewayError):
     status = 500
     type = "server_error"
     code = "internal_error"
+
+
+# -- keys created at run time (admin API, `auth.dynamic`) ---------------------------------------------------
+
+
+class KeysUnavailable(GatewayError):
+    """503: the key store cannot be reached to check a key (or to change one); retry shortly."""
+
+    status = 503
+    type = "server_error"
+    code = "key_store_unavailable"
+
+
+class KeyConflict(GatewayError):
+    """409: an admin change to a key collided with another (a name in use, a concurrent change, the key cap)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "conflict"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

@@ -23,6 +23,7 @@ from .providers import Provider
 from .store.base import Store
 
 if TYPE_CHECKING:
+    from .auth.dynamic import DynamicKeys
     from .pipeline.runner import Pipeline
 
 __all__ = ["Runtime", "Service"]
@@ -42,15 +43,18 @@ class Service(Protocol):
 
 class Runtime:
     __slots__ = (
-        "_active", "_closed", "_idle", "_retired", "created", "pipeline", "policy", "providers", "services",
-        "store", "version_header",
+        "_active", "_closed", "_idle", "_retired", "created", "dynamic_keys", "owns_store", "pipeline", "policy",
+        "providers", "services", "store", "version_header",
     )
 
     def __init__(
         self, policy: Policy, providers: Mapping[str, Provider], store: Store, pipeline: Pipeline,
-        services: Sequence[Service] = (),
+        services: Sequence[Service] = (), *, dynamic_keys: DynamicKeys | None = None, owns_store: bool = True,
     ) -> None:
         self.services = tuple(services)
+        self.dynamic_keys = dynamic_keys  # keys created at run time (also one of `services`), when the policy has them
+        # False while a memory store is shared with the runtime this one replaces: closing must not empty it
+        self.owns_store = owns_store
         self.policy = policy
         self.providers = providers
         self.store = store
@@ -105,7 +109,8 @@ class Runtime:
             except Exception:  # closing goes on whatever one service does
                 log.warning("error while closing a service of policy %s", self.policy.version, exc_info=True)
         results = await asyncio.gather(
-            *(provider.close() for provider in self.providers.values()), self.store.aclose(),
+            *(provider.close() for provider in self.providers.values()),
+            *([self.store.aclose()] if self.owns_store else []),
             return_exceptions=True,
         )
         for result in results:

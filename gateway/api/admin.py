@@ -1,9 +1,9 @@
 """The admin API: off unless the policy names a token variable (`server.admin_token_env`) that is set.
 
-Today it has one route, `POST /admin/reload`: load, check and swap in the policy
-file's current version. With several workers, the worker that takes the call
-reloads and tells the supervisor, which signals every worker (SIGHUP), so that
-they all serve the same version.
+`POST /admin/reload` loads, checks and swaps in the policy file's current version.
+With several workers, the worker that takes the call reloads and tells the
+supervisor, which signals every worker (SIGHUP), so that they all serve the same
+version. `/admin/keys` (`admin_keys.py`) manages keys created at run time.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import msgspec
 from litestar import Request, Response, post
 
 from ..errors import AuthenticationFailed, NotFound
+from .admin_keys import key_routes
 from .asgi import RequestHeaders
 from .routes import OpsHost, bearer_matches
 
@@ -48,4 +49,4 @@ def admin_routes(host: AdminHost) -> list[Any]:
         return Response(_encode(result), status_code=status, media_type="application/json",
                         headers={"x-request-id": request_id})
 
-    return [reload]
+    return [reload, *key_routes(check, lambda: host.runtime, host.metrics)]

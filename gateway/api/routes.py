@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import msgspec
 from litestar import Request, Response, get
 
+from ..auth.dynamic import find_key
 from ..errors import AuthenticationFailed, GatewayError, NotFound
 from ..pipeline.stages import authenticate, model_not_found
 from ..runtime import Runtime
@@ -46,10 +47,13 @@ def bearer_matches(headers: RequestHeaders, token: str | None) -> bool:
 def ops_routes(host: OpsHost) -> list[Any]:
     """Route handlers bound to one gateway (no module globals)."""
 
-    def visible_models(request: Request[Any, Any, Any]) -> tuple[str, list[dict[str, Any]]]:
+    async def visible_models(request: Request[Any, Any, Any]) -> tuple[str, list[dict[str, Any]]]:
         headers = RequestHeaders(request.scope["headers"], host.request_ids)
         runtime = host.runtime
-        key = authenticate(runtime.policy, headers.credential)
+        if runtime.dynamic_keys is None:
+            key = authenticate(runtime.policy, headers.credential)
+        else:
+            key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
         models = [
             {"id": alias, "object": "model", "created": runtime.created, "owned_by": route.provider}
             for alias, route in runtime.policy.models.items()
@@ -57,14 +61,14 @@ def ops_routes(host: OpsHost) -> list[Any]:
         ]
         return headers.request_id, models
 
-    @get("/v1/models", sync_to_thread=False)
-    def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
-        request_id, models = visible_models(request)
+    @get("/v1/models")
+    async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
+        request_id, models = await visible_models(request)
         return _json({"object": "list", "data": models}, request_id)
 
-    @get("/v1/models/{model_id:path}", sync_to_thread=False)
-    def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
-        request_id, models = visible_models(request)
+    @get("/v1/models/{model_id:path}")
+    async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
+        request_id, models = await visible_models(request)
         wanted = model_id.lstrip("/")
         for model in models:
             if model["id"] == wanted:

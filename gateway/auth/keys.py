@@ -76,6 +76,7 @@ class VirtualKey:
     expires_at: float | None = None
     limits: LimitSpec | None = None  # this key's own rate limits (its tenant's and alias's apply too)
     budget: BudgetSpec | None = None
+    key_id: str | None = None  # keys created at run time: the admin API's stable id (`vk_...`); policy keys: None
 
     def allows(self, alias: str) -> bool:
         return self.aliases is None or alias in self.aliases
@@ -91,10 +92,11 @@ class VirtualKey:
 class KeyRing:
     """Look-up of presented keys by digest (see the module docstring for why this is safe)."""
 
-    __slots__ = ("_by_digest",)
+    __slots__ = ("_by_digest", "names")
 
     def __init__(self, keys: Mapping[bytes, VirtualKey]) -> None:
         self._by_digest = dict(keys)
+        self.names = frozenset(key.name for key in self._by_digest.values())  # keys made at run time may not reuse one
 
     def __len__(self) -> int:
         return len(self._by_digest)
@@ -106,7 +108,11 @@ class KeyRing:
         the clock. An expired key is answered exactly like an unknown one, so a
         client cannot tell an old key from a wrong one.
         """
-        record = self._by_digest.get(digest_of(presented))
+        return self.find_digest(digest_of(presented), now=now)
+
+    def find_digest(self, digest: bytes, *, now: float | None = None) -> VirtualKey | None:
+        """`find` for a presented key already hashed (the run-time key look-up hashes once for both)."""
+        record = self._by_digest.get(digest)
         if record is None:
             return None
         if record.expires_at is not None and record.expired(time.time() if now is None else now):

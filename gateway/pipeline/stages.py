@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from ..auth.dynamic import DynamicKeys, find_key
 from ..auth.keys import VirtualKey
 from ..errors import (
     AuthenticationFailed,
@@ -60,12 +61,22 @@ class Admit:
 
 
 class Authenticate:
-    """Virtual key to tenant (401 when missing or unknown). `auth: none` lets everyone in."""
+    """Virtual key to tenant (401 when missing or unknown). `auth: none` lets everyone in.
+
+    With keys created at run time (`dynamic`), a key the policy does not list is looked up there
+    (`auth.dynamic`); without them, authentication is the policy's key ring alone, no store call.
+    """
 
     name = "auth"
 
+    def __init__(self, dynamic: DynamicKeys | None = None) -> None:
+        self.dynamic = dynamic
+
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        ctx.key = authenticate(ctx.runtime.policy, ctx.head.credential)
+        if self.dynamic is None:
+            ctx.key = authenticate(ctx.runtime.policy, ctx.head.credential)
+        else:
+            ctx.key = await find_key(ctx.runtime.policy, ctx.head.credential, self.dynamic)
         return await call_next(ctx)
 
 

@@ -68,6 +68,10 @@ def compile_policy(
             "network with `auth: none`: anyone who reaches it can spend your providers' credit "
             "(`gateway serve` refuses this without --allow-open)"
         )
+    if spec.dynamic_keys.enabled and spec.server.admin_token_env is None:
+        warnings.append(f"{doc.file}:{doc.line_of(('dynamic_keys', 'enabled'))}: dynamic_keys.enabled: without "
+                        "server.admin_token_env this gateway cannot create keys; it only accepts those another "
+                        "replica sharing its store created")
     if doc.issues:
         raise PolicyError(doc.issues)
     return Policy(
@@ -86,6 +90,7 @@ def compile_policy(
         metrics_token=metrics_token,
         admin_token=admin_token,
         guards=spec.guards,
+        dynamic_keys=spec.dynamic_keys,
     )
 
 
@@ -153,8 +158,12 @@ def _state(
 
 
 def _keys(spec: PolicySpec, doc: _Located) -> dict[bytes, VirtualKey]:
-    if spec.auth == "keys" and not spec.keys:
-        doc.issue(("auth",), "`auth: keys` needs at least one entry under `keys` (or use `auth: none` for local use)")
+    if spec.auth == "keys" and not spec.keys and not spec.dynamic_keys.enabled:
+        doc.issue(("auth",), "`auth: keys` needs at least one entry under `keys`, or `dynamic_keys: {enabled: true}` "
+                             "(or use `auth: none` for local use)")
+    if spec.auth == "none" and spec.dynamic_keys.enabled:
+        doc.issue(("dynamic_keys", "enabled"),
+                  "`auth: none` lets everyone in: keys created at run time need `auth: keys`")
     if spec.auth == "none" and spec.keys:
         doc.issue(("keys",), "`keys` are listed but `auth: none` ignores them; remove them or set `auth: keys`")
     keys: dict[bytes, VirtualKey] = {}

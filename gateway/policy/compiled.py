@@ -14,6 +14,7 @@ from typing import Any
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
 from .guard_schema import GuardsSpec
+from .keys_schema import DynamicKeysSpec
 from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
 
 __all__ = [
@@ -197,6 +198,7 @@ class Policy:
     metrics_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
     guards: GuardsSpec = field(default_factory=GuardsSpec)
+    dynamic_keys: DynamicKeysSpec = field(default_factory=DynamicKeysSpec)  # keys created at run time
 
     @property
     def has_guards(self) -> bool:

@@ -16,6 +16,7 @@ from msgspec import Meta, Struct
 
 from .accounting_schema import BudgetSpec, LimitSpec, TenantSpec
 from .guard_schema import GuardsSpec
+from .keys_schema import DynamicKeysSpec
 
 __all__ = [
     "AuthMode",
@@ -268,6 +269,7 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     state: StateSpec = StateSpec()
     auth: AuthMode = "keys"
     keys: list[KeySpec] = []
+    dynamic_keys: DynamicKeysSpec = DynamicKeysSpec()  # keys created at run time (admin API)
     tenants: dict[Name, TenantSpec] = {}  # limits and budgets per tenant (tenants are named by keys)
     providers: dict[Name, ProviderSpec]
     models: dict[Name, ModelSpec]

@@ -143,6 +143,16 @@ class Metrics:
             "Streams: time the first text was held by output guards (time to first token added).",
             ("model",), buckets=_OVERHEAD_BUCKETS + (0.25, 0.5, 1, 2.5, 5), registry=registry,
         )
+        # Keys created at run time (`auth.dynamic`, the admin API): results and operations, never key ids.
+        self.key_lookups = Counter(
+            "gateway_key_lookups", "Look-ups of keys created at run time: cached, cached_unknown, found, unknown, "
+            "malformed (not a generated key's shape: no store call), stale (cached, served while the store was "
+            "down), unavailable (503).", ("result",), registry=registry,
+        )
+        self.admin_key_operations = Counter(
+            "gateway_admin_key_operations", "Admin API key operations (create, list, get, revoke, rotate), by status.",
+            ("operation", "status"), registry=registry,
+        )
         self._series: dict[tuple[str, str, int, str | None], _Series] = {}
         self._versions: set[str] = set()
 

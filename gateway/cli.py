@@ -6,7 +6,9 @@ import argparse
 import json
 import logging
 import sys
+import urllib.parse
 from pathlib import Path
+from typing import Any
 
 from . import __version__
 from .auth.keys import generate_key, hash_key
@@ -67,7 +69,40 @@ def _parser() -> argparse.ArgumentParser:
     hash_cmd.set_defaults(run=_keys_hash)
     gen_cmd = key_commands.add_parser("generate", help="make a new random key and print it with its hash")
     gen_cmd.set_defaults(run=_keys_generate)
+    _key_api_commands(key_commands)
     return parser
+
+
+def _key_api_commands(key_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """`gateway keys create|list|get|revoke|rotate`: the admin API's `/admin/keys` from a shell."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--url", default="http://127.0.0.1:8080", help="the gateway (default: %(default)s)")
+    common.add_argument("--admin-token-env", default="GATEWAY_ADMIN_TOKEN", metavar="VAR",
+                        help="environment variable holding the admin token (default: %(default)s)")
+    common.add_argument("--json", action="store_true", help="print the API's JSON answer")
+    create = key_commands.add_parser("create", parents=[common], help="create a key (its secret is shown once)")
+    create.add_argument("--tenant", required=True)
+    create.add_argument("--name", help="unique name (default: the key's id)")
+    create.add_argument("--model", action="append", dest="models", metavar="ALIAS",
+                        help="an alias the key may use (repeat; default: every alias)")
+    expiry = create.add_mutually_exclusive_group()
+    expiry.add_argument("--ttl", type=float, metavar="SECONDS", help="expire this many seconds from now")
+    expiry.add_argument("--expires-at", type=float, metavar="UNIX_SECONDS", help="expire at this time")
+    create.add_argument("--limits", type=_json_object, metavar="JSON", help='e.g. \'{"rpm": 60, "tpm": 100000}\'')
+    create.add_argument("--budget", type=_json_object, metavar="JSON", help='e.g. \'{"usd": 50, "period": "month"}\'')
+    create.set_defaults(run=_keys_create)
+    listing = key_commands.add_parser("list", parents=[common], help="list keys (never their secrets)")
+    listing.add_argument("--tenant", help="only this tenant's keys")
+    listing.set_defaults(run=_keys_list)
+    for verb, text in (("get", "show one key"), ("revoke", "revoke a key: it stops working at once")):
+        command = key_commands.add_parser(verb, parents=[common], help=text)
+        command.add_argument("id", help="the key's id (vk_...)")
+        command.set_defaults(run=_keys_get if verb == "get" else _keys_revoke)
+    rotate = key_commands.add_parser("rotate", parents=[common], help="a new secret for a key; the old one stops")
+    rotate.add_argument("id", help="the key's id (vk_...)")
+    rotate.add_argument("--grace", type=float, default=0.0, metavar="SECONDS",
+                        help="the old secret keeps working this long (default: 0, it stops at once)")
+    rotate.set_defaults(run=_keys_rotate)
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -81,6 +116,10 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
+    if policy.dynamic_keys.enabled and policy.state.backend == "memory" and args.workers > 1:
+        print("gateway: dynamic_keys with the memory store and --workers > 1: each worker would hold its own keys "
+              "and know none of the others'. Use `state: {backend: redis}` or one worker.", file=sys.stderr)
+        return 2
     host = args.host or policy.server.host
     if open_to_network(policy, host) and not args.allow_open:
         print(f"gateway: refusing to serve {host} with `auth: none`: anyone who reaches it could use your "
@@ -155,6 +194,102 @@ def _keys_hash(args: argparse.Namespace) -> int:
 def _keys_generate(args: argparse.Namespace) -> int:
     key = generate_key()
     print(f"key:  {key}\nhash: {hash_key(key)}")
+    return 0
+
+
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object, e.g. '{\"rpm\": 60}'")
+    return value
+
+
+def _admin(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None = None,
+           query: dict[str, str] | None = None) -> dict[str, Any] | None:
+    """One admin API call; None (after printing why) when it failed."""
+    from .admin_client import AdminClient, AdminError
+
+    try:
+        return AdminClient(args.url, args.admin_token_env).call(method, path, body, query)
+    except AdminError as exc:
+        status = f" ({exc.status})" if exc.status else ""
+        print(f"gateway: {exc}{status}", file=sys.stderr)
+        return None
+
+
+def _show_key(key: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(key, indent=2))
+        return
+    if "key" in key:
+        print(f"key:     {key['key']}\n         (shown this once: give it to its owner now)")
+    for field in ("id", "name", "tenant", "models", "expires_at", "rotated_at", "previous_key_valid_until",
+                  "limits", "budget"):
+        value = key.get(field)
+        if value is not None:
+            print(f"{field + ':':<9}{', '.join(value) if field == 'models' else value}")
+
+
+def _keys_create(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"tenant": args.tenant}
+    for field, value in (("name", args.name), ("models", args.models), ("ttl_s", args.ttl),
+                         ("expires_at", args.expires_at), ("limits", args.limits), ("budget", args.budget)):
+        if value is not None:
+            body[field] = value
+    answer = _admin(args, "POST", "/admin/keys", body)
+    if answer is None:
+        return 1
+    _show_key(answer, args.json)
+    return 0
+
+
+def _keys_list(args: argparse.Namespace) -> int:
+    keys: list[dict[str, Any]] = []
+    query = {"limit": "1000", **({"tenant": args.tenant} if args.tenant else {})}
+    while True:
+        page = _admin(args, "GET", "/admin/keys", query=query)
+        if page is None:
+            return 1
+        keys.extend(page["data"])
+        if not page.get("has_more") or not page["data"]:
+            break
+        query["after"] = page["data"][-1]["id"]
+    if args.json:
+        print(json.dumps(keys, indent=2))
+        return 0
+    print(f"{'id':<20} {'name':<24} {'tenant':<16} {'models':<24} {'expires_at':<12} state")
+    for key in keys:
+        state = "expired" if key["expired"] else "active"
+        print(f"{key['id']:<20} {key['name'][:24]:<24} {key['tenant'][:16]:<16} {','.join(key['models'])[:24]:<24} "
+              f"{key['expires_at'] or '-'!s:<12} {state}")
+    return 0
+
+
+def _keys_get(args: argparse.Namespace) -> int:
+    answer = _admin(args, "GET", f"/admin/keys/{urllib.parse.quote(args.id, safe='')}")
+    if answer is None:
+        return 1
+    _show_key(answer, args.json)
+    return 0
+
+
+def _keys_revoke(args: argparse.Namespace) -> int:
+    answer = _admin(args, "DELETE", f"/admin/keys/{urllib.parse.quote(args.id, safe='')}")
+    if answer is None:
+        return 1
+    print(json.dumps(answer) if args.json else f"revoked {answer['id']}")
+    return 0
+
+
+def _keys_rotate(args: argparse.Namespace) -> int:
+    answer = _admin(args, "POST", f"/admin/keys/{urllib.parse.quote(args.id, safe='')}/rotate",
+                    {"grace_s": args.grace})
+    if answer is None:
+        return 1
+    _show_key(answer, args.json)
     return 0
 
 

@@ -1,0 +1,63 @@
+"""A small client of the gateway's admin API, for the `gateway keys ...` commands (standard library only).
+
+The admin token is read from an environment variable named on the command line, never taken as an
+argument: arguments show in `ps` and shell history.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import urllib.error
+import urllib.parse
+import urllib.request
+from typing import Any
+
+__all__ = ["AdminClient", "AdminError"]
+
+
+class AdminError(Exception):
+    """The call did not succeed: the gateway's error message (and status), or why it was not reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class AdminClient:
+    def __init__(self, url: str, token_env: str, timeout_s: float = 30.0) -> None:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise AdminError(f"--url wants http(s)://host:port, not {url!r}")
+        token = os.environ.get(token_env)
+        if not token:
+            raise AdminError(f"the environment variable {token_env} (the admin token) is not set")
+        self.base = url.rstrip("/")
+        self._token = token
+        self.timeout_s = timeout_s
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             query: dict[str, str] | None = None) -> dict[str, Any]:
+        """The decoded JSON answer of a 2xx; `AdminError` with the gateway's message otherwise."""
+        url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, method=method, headers={
+            "Authorization": f"Bearer {self._token}", "Content-Type": "application/json", "Accept": "application/json",
+        })
+        try:  # the scheme was checked in __init__: http(s) only
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+                answer: dict[str, Any] = json.loads(response.read() or b"{}")
+                return answer
+        except urllib.error.HTTPError as exc:
+            raise AdminError(_message(exc.read()), exc.code) from None
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise AdminError(f"cannot reach {self.base}: {getattr(exc, 'reason', exc)}") from None
+
+
+def _message(raw: bytes) -> str:
+    try:
+        error = json.loads(raw)["error"]
+        param = f" ({error['param']})" if error.get("param") else ""
+        return f"{error['message']}{param}"
+    except (ValueError, KeyError, TypeError):
+        return raw[:200].decode("utf-8", "replace") or "no details"

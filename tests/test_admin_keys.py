@@ -336,3 +336,21 @@ def test_the_keys_commands(keyed: RunningGateway) -> None:
                             "GW_UNSET_TOKEN"], capture_output=True, text=True, timeout=60, cwd=REPO, env=env,
                            check=False)
     assert unset.returncode == 1 and "GW_UNSET_TOKEN" in unset.stderr
+
+
+def test_logs_name_keys_by_id_never_by_secret_or_hash(
+    upstream: MockUpstream, make_gateway: Callable[..., RunningGateway], caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = make_gateway(keyed_policy(upstream, access_log="true"), ENV)
+    with caplog.at_level("INFO"):
+        made = create(running, name="logged")
+        chat(running, made["key"])
+        rotated = httpx.post(f"{running.url}/admin/keys/{made['id']}/rotate", headers=ADMIN).json()
+        chat(running, rotated["key"])
+        assert refused(running, made["key"])
+        httpx.delete(f"{running.url}/admin/keys/{made['id']}", headers=ADMIN)
+    text = "\n".join(f"{r.getMessage()} {getattr(r, 'fields', '')}" for r in caplog.records)
+    assert "key created" in text and "key rotated" in text and "key revoked" in text and made["id"] in text
+    assert "'key': 'logged'" in text  # the access line names the key by its name
+    for secret in (made["key"], rotated["key"]):
+        assert secret not in text and digest_of(secret).hex() not in text and secret[3:15] not in text

@@ -8,6 +8,7 @@ use or a concurrent change 409, an unreachable store 503: never a 500.
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import time
@@ -28,6 +29,7 @@ from ..telemetry.metrics import Metrics
 
 __all__ = ["CreateKey", "RotateKey", "key_routes"]
 
+log = logging.getLogger("gateway.keys")
 T = TypeVar("T")
 Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
 Alias = Annotated[str, Meta(min_length=1, max_length=256)]
@@ -101,6 +103,7 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
                                      param="expires_at")
             record, secret = await keys.create(tenant=spec.tenant, name=spec.name, models=models,
                                                expires_at=expires_at, limits=spec.limits, budget=spec.budget)
+            _audit("key created", record.id, request_id, tenant=record.tenant, name=record.name)
             return _json({**public_view(record, now), "key": secret}, request_id, 201)
 
         return await run("create", request, work)
@@ -139,6 +142,7 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
             _, keys = registry()
             if not await keys.revoke(key_id):
                 raise _no_such_key(key_id)
+            _audit("key revoked", key_id, request_id)
             return _json({"id": key_id, "object": "gateway.key.deleted", "deleted": True}, request_id)
 
         return await run("revoke", request, work)
@@ -150,11 +154,17 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
             raw = await request.body()
             spec = _decode(raw, RotateKey) if raw.strip() else RotateKey()
             record, secret = _found(await keys.rotate(key_id, spec.grace_s), key_id)
+            _audit("key rotated", key_id, request_id, grace_s=spec.grace_s)
             return _json({**public_view(record, time.time()), "key": secret}, request_id)
 
         return await run("rotate", request, work)
 
     return [create_key, list_keys, get_key, revoke_key, rotate_key]
+
+
+def _audit(event: str, key_id: str, request_id: str, **fields: Any) -> None:
+    """One log line per change to a key: its id and owner, never its secret or digest."""
+    log.info(event, extra={"fields": {"key_id": key_id, "request_id": request_id, **fields}})
 
 
 def _check_create(spec: CreateKey, runtime: Runtime) -> list[str] | None:

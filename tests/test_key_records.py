@@ -5,6 +5,9 @@ call, invalidation, and `on_unavailable` when the store fails."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -29,6 +32,7 @@ from gateway.auth.records import (
 )
 from gateway.auth.registry import KeyRegistry
 from gateway.errors import KeyConflict, KeysUnavailable
+from gateway.policy import PolicyError, compile_text
 from gateway.policy.accounting_schema import BudgetSpec, LimitSpec
 from gateway.policy.keys_schema import DynamicKeysSpec
 from gateway.store import MemoryStore, StoreUnavailable
@@ -313,3 +317,38 @@ def test_names_are_unique_and_the_key_count_is_capped() -> None:
         await store.aclose()
 
     asyncio.run(main())
+
+
+# -- the policy's `dynamic_keys` section ----------------------------------------------------------------
+
+_POLICY = """\
+version: 1
+auth: {auth}
+providers: {{demo: {{kind: demo}}}}
+models: {{demo: {{provider: demo, model: demo-1}}}}
+{extra}"""
+
+
+def test_dynamic_keys_in_the_policy() -> None:
+    on = compile_text(_POLICY.format(auth="keys", extra="dynamic_keys: {enabled: true, cache_ttl_s: 1}\n"))
+    assert on.dynamic_keys.enabled and on.dynamic_keys.cache_ttl_s == 1 and len(on.keys) == 0  # no static key needed
+    assert any("admin_token_env" in warning for warning in on.warnings)  # nobody here can create one
+    assert not compile_text(_POLICY.format(auth="none", extra="")).dynamic_keys.enabled
+    with pytest.raises(PolicyError) as no_keys:
+        compile_text(_POLICY.format(auth="keys", extra=""))
+    assert "dynamic_keys" in str(no_keys.value)
+    with pytest.raises(PolicyError) as open_door:
+        compile_text(_POLICY.format(auth="none", extra="dynamic_keys:\n  enabled: true\n"), "p.yaml")
+    assert "p.yaml:6: dynamic_keys.enabled" in str(open_door.value)
+    for bad in ("{enabled: yes please}", "{cache_ttl_s: 0}", "{max_keys: -1}", "{on_unavailable: maybe}",
+                "{ttl: 5}"):
+        with pytest.raises(PolicyError):
+            compile_text(_POLICY.format(auth="keys", extra=f"dynamic_keys: {bad}\n"))
+
+
+def test_serve_refuses_several_workers_with_run_time_keys_in_memory(tmp_path: Path) -> None:
+    policy = tmp_path / "p.yaml"
+    policy.write_text(_POLICY.format(auth="keys", extra="dynamic_keys: {enabled: true}\n"))
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--workers", "2",
+                           "--port", "1"], capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2 and "--workers" in done.stderr and "redis" in done.stderr

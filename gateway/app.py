@@ -70,7 +70,7 @@ class Gateway:
         # A memory store lives on across reloads that keep its settings: it holds keys, counters and spend.
         shared = previous is not None and policy.state.backend == "memory" and previous.policy.state == policy.state
         store = previous.store if shared and previous is not None else build_store(policy.state)
-        keys = _dynamic_keys(policy, store, self.metrics)
+        keys = _dynamic_keys(policy, store, self.metrics, previous)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
@@ -194,12 +194,20 @@ class Gateway:
         task.add_done_callback(self._tasks.discard)
 
 
-def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics) -> DynamicKeys | None:
-    """The run-time key look-up, only when the policy turns it on (off: authentication never calls the store)."""
+def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics, previous: Runtime | None) -> DynamicKeys | None:
+    """The run-time key look-up, only when the policy turns it on (off: authentication never calls the store).
+    After a reload onto the same store, it starts with the keys the previous runtime had found."""
     spec = policy.dynamic_keys
     if not spec.enabled:
         return None
-    return DynamicKeys(spec, store, policy.keys.names, spec.on_unavailable or policy.state.on_unavailable, metrics)
+    keys = DynamicKeys(spec, store, policy.keys.names, spec.on_unavailable or policy.state.on_unavailable, metrics)
+    if previous is not None and previous.dynamic_keys is not None:
+        old, new = previous.policy.state, policy.state
+        same_redis = new.backend == "redis" and (old.backend, old.url, old.key_prefix) == ("redis", new.url,
+                                                                                             new.key_prefix)
+        if store is previous.store or same_redis:  # the same keys behind it
+            keys.adopt(previous.dynamic_keys)
+    return keys
 
 
 def _error_response(error: GatewayError, request: Request[Any, Any, Any], ids: RequestIds) -> Response[bytes]:

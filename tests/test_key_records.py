@@ -352,3 +352,22 @@ def test_serve_refuses_several_workers_with_run_time_keys_in_memory(tmp_path: Pa
     done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--workers", "2",
                            "--port", "1"], capture_output=True, text=True, timeout=60, check=False)
     assert done.returncode == 2 and "--workers" in done.stderr and "redis" in done.stderr
+
+
+def test_a_reload_adopts_the_keys_found_before() -> None:
+    async def main() -> None:
+        store, dynamic, registry = await _setup()
+        _, kept = await _create(registry, "kept")
+        _, renamed = await _create(registry, "soon-static")
+        for secret in (kept, renamed):
+            assert await dynamic.find(digest_of(secret), secret) is not None
+        after = DynamicKeys(DynamicKeysSpec(enabled=True), store, frozenset({"soon-static"}), "open")
+        after.adopt(dynamic)
+        store.down = True  # an outage right after the reload: only what was adopted still works
+        assert await after.find(digest_of(kept), kept) is not None
+        with pytest.raises(KeysUnavailable):
+            await after.find(digest_of(renamed), renamed)
+        await dynamic.aclose()
+        await store.aclose()
+
+    asyncio.run(main())

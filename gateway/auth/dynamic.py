@@ -182,6 +182,16 @@ class DynamicKeys:
         while len(self._found) > self.spec.cache_size:
             self._found.popitem(last=False)
 
+    def adopt(self, previous: DynamicKeys) -> None:
+        """After a reload: keep the keys the previous runtime had found (with their freshness), so that a
+        store outage right after a reload does not refuse keys this process had seen. A key whose name a
+        policy key now takes is dropped (looked up again, it goes by its id)."""
+        for digest, found in previous._found.items():
+            if found.key.name not in self.static_names:
+                self._found[digest] = found
+        while len(self._found) > self.spec.cache_size:
+            self._found.popitem(last=False)
+
     # -- invalidation ----------------------------------------------------------------------------------
 
     def forget(self, key_id: str) -> None:

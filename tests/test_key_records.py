@@ -371,3 +371,13 @@ def test_a_reload_adopts_the_keys_found_before() -> None:
         await store.aclose()
 
     asyncio.run(main())
+
+
+def test_a_redis_state_without_its_url_is_an_error_or_a_warning_never_a_crash() -> None:
+    text = _POLICY.format(auth="keys", extra="state: {backend: redis, url_env: GW_UNSET_REDIS_URL}\n"
+                                             "dynamic_keys: {enabled: true}\n")
+    checked = compile_text(text, "p.yaml", env={}, require_env=False)
+    assert any("GW_UNSET_REDIS_URL" in warning for warning in checked.warnings)
+    with pytest.raises(PolicyError) as served:
+        compile_text(text, "p.yaml", env={})
+    assert "p.yaml:5: state.url_env" in str(served.value)

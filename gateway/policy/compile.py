@@ -151,6 +151,8 @@ def _state(
                     warnings.append(f"{doc.file}:{doc.line_of(('state', 'url_env'))}: state.url_env: {message}")
     elif spec.url_env is not None:
         doc.issue(("state", "url_env"), "`url_env` is for `backend: redis`; the memory backend takes none")
+    if spec.backend == "redis" and not url:  # reported above; a placeholder so that `check` goes on, never served
+        return StoreConfig(on_unavailable=spec.on_unavailable)
     return StoreConfig(
         backend=spec.backend, url=url, key_prefix=spec.key_prefix, connect_timeout_s=spec.connect_timeout_s,
         op_timeout_s=spec.op_timeout_s, on_unavailable=spec.on_unavailable, max_connections=spec.max_connections,

@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -105,6 +106,14 @@ def test_revoke_and_rotate_stop_a_key_on_both_replicas_at_once(
         assert _chat(first, new_key) == 200 and _chat(second, new_key) == 200
         listed = httpx.get(f"{second}/admin/keys", headers=ADMIN).json()["data"]
         assert [k["name"] for k in listed] == ["rotating"]  # one Redis, one list; the revoked key is gone
+
+        def claim(url: str) -> int:
+            body = {"tenant": "acme", "name": "raced"}
+            return httpx.post(url + "/admin/keys", headers=ADMIN, json=body, timeout=30).status_code
+
+        with ThreadPoolExecutor(16) as pool:  # one name claimed through both replicas at once: exactly one wins
+            statuses = sorted(pool.map(claim, [first, second] * 8))
+        assert statuses == [201] + [409] * 15
         assert new_key not in str(listed) and rotating["key"] not in str(listed)
         assert _chat(first, FULL_KEY) == 200
 

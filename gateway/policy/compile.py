@@ -22,6 +22,7 @@ from .guard_check import check_guards
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
 from .routes import compile_routing
 from .schema import PolicySpec, ProviderSpec, StateSpec
+from .telemetry_check import metric_labels
 
 __all__ = ["PolicyError", "compile_policy", "is_loopback", "load_policy", "open_to_network"]
 
@@ -86,6 +87,8 @@ def compile_policy(
         metrics_token=metrics_token,
         admin_token=admin_token,
         guards=spec.guards,
+        telemetry=spec.telemetry,
+        labels=metric_labels(spec, doc, models, rules, keys.values()),
     )
 
 

@@ -13,8 +13,10 @@ from typing import Any
 
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
+from ..telemetry.labels import MetricLabels
 from .guard_schema import GuardsSpec
 from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
+from .telemetry_schema import TelemetrySpec
 
 __all__ = [
     "HealthCheck",
@@ -197,6 +199,8 @@ class Policy:
     metrics_token: str | None = field(default=None, repr=False)
     admin_token: str | None = field(default=None, repr=False)
     guards: GuardsSpec = field(default_factory=GuardsSpec)
+    telemetry: TelemetrySpec = field(default_factory=TelemetrySpec)
+    labels: MetricLabels = field(default_factory=MetricLabels)  # the closed sets metric labels take values from
 
     @property
     def has_guards(self) -> bool:

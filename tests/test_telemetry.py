@@ -112,7 +112,8 @@ def test_feedback_counts_own_requests_and_rejects_foreign_ones(telemetry_gateway
         assert client.post(f"{url}/feedback", json=feedback).status_code == 401  # no key at all
         unknown = client.post(f"{url}/feedback", json={**feedback, "request_id": "req_never_seen"}, headers=_headers())
         assert unknown.status_code == 404
-        for bad in ({"request_id": request_id, "score": 7}, {"request_id": request_id}, {"score": 1},
+        for bad in ({"request_id": request_id, "score": 7}, {"request_id": request_id, "score": -1},
+                    {"request_id": request_id}, {"score": 1},
                     {"request_id": "has spaces", "score": 1}, {**feedback, "extra": 1}):
             response = client.post(f"{url}/feedback", json=bad, headers=_headers())
             assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
@@ -123,14 +124,14 @@ def test_feedback_counts_own_requests_and_rejects_foreign_ones(telemetry_gateway
         again = client.post(f"{url}/feedback", json=feedback, headers=_headers())
         assert again.status_code == 404  # one feedback per request
         streamed = client.post(f"{url}/chat/completions", json=_chat("hi", stream=True), headers=_headers())
-        odd = {"request_id": streamed.headers["x-request-id"], "score": -1, "label": "some free text"}
+        odd = {"request_id": streamed.headers["x-request-id"], "score": 0, "label": "some free text"}
         assert client.post(f"{url}/feedback", json=odd, headers=_headers()).status_code == 200
     metrics = telemetry_gateway.metrics()
     target = "mock-fast/fault-echo"
     assert _value(metrics, "gateway_feedback_total", model="fault-echo", target=target, label="helpful") == 1
     assert _value(metrics, "gateway_feedback_total", model="fault-echo", target=target, label="other") == 1
     assert _value(metrics, "gateway_feedback_score_count", model="fault-echo", target=target) == 2
-    assert _value(metrics, "gateway_feedback_score_sum", model="fault-echo", target=target) == 0
+    assert _value(metrics, "gateway_feedback_score_sum", model="fault-echo", target=target) == 1
 
 
 def test_feedback_is_off_unless_the_policy_turns_it_on(gateway: RunningGateway) -> None:

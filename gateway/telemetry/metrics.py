@@ -40,7 +40,7 @@ _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 
 _OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 300)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
-_SCORE_BUCKETS = (-0.5, 0, 0.25, 0.5, 0.75, 1)
+_SCORE_BUCKETS = (0, 0.25, 0.5, 0.75, 1)  # non-negative: prometheus_client drops `_sum` otherwise
 
 # The HTTP server belongs to the process, not to one gateway: what it refuses before a request
 # exists (oversized or slow heads, floods) is counted once per process, here. With several
@@ -229,7 +229,7 @@ class Metrics:
             ("model", "target", "signal"), registry=registry,
         )
         self.feedback_score = Histogram(
-            "gateway_feedback_score", "Scores sent to POST /v1/feedback (-1 to 1), by model alias and target.",
+            "gateway_feedback_score", "Scores sent to POST /v1/feedback (0 to 1), by model alias and target.",
             ("model", "target"), buckets=_SCORE_BUCKETS, registry=registry,
         )
         self.feedback = Counter(

@@ -71,7 +71,7 @@ class Gateway:
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
-        observers = TelemetryStages(policy.telemetry, self.metrics)  # quality, feedback, tracing: only those on
+        observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         pipeline = Pipeline([
             Telemetry(self.metrics),
             *observers.stages,

@@ -12,8 +12,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth.keys import hash_key
 from tests.conftest import free_port
-from tests.test_serve import serving
 from tests.support.processes import group_members
+from tests.test_serve import serving
 
 KEY = "gw-workers-test-key-000000000000000000000000"
 

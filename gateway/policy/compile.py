@@ -58,6 +58,7 @@ def compile_policy(
     models, rules, prices = compile_routing(spec, doc, providers)
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
+    labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
     state = _state(spec.state, doc, env, require_env, warnings)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
                            warnings, "/metrics refuses every request until it is set")
@@ -88,7 +89,7 @@ def compile_policy(
         admin_token=admin_token,
         guards=spec.guards,
         telemetry=spec.telemetry,
-        labels=metric_labels(spec, doc, models, rules, keys.values()),
+        labels=labels,
     )
 
 

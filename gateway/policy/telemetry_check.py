@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from ..auth.keys import VirtualKey
 from ..telemetry.labels import MetricLabels, capped
 from .compiled import ModelRoute, Rule
+from .guard_check import _check_guard
 from .loader import _Located
 from .schema import PolicySpec
 
@@ -37,6 +38,8 @@ def _check(spec: PolicySpec, doc: _Located) -> None:
     if telemetry.payload_log.enabled and telemetry.payload_log.sink == "redis" and spec.state.backend != "redis":
         doc.issue(("telemetry", "payload_log", "sink"),
                   "a `redis` payload log writes to the shared store: set `state.backend: redis`")
+    for name, guard in telemetry.payload_log.redact.items():
+        _check_guard(guard, doc, ("telemetry", "payload_log", "redact", name))
     endpoint = telemetry.tracing.otlp_endpoint
     if endpoint is not None:
         parts = urlsplit(endpoint)

@@ -11,6 +11,8 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
+from .guard_schema import GuardName, GuardSpec
+
 __all__ = [
     "FeedbackSpec",
     "LabelCapsSpec",
@@ -65,6 +67,9 @@ class PayloadLogSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     max_entries: Annotated[int, Meta(ge=100, le=100_000_000)] = 100_000  # redis: MAXLEN ~ (retention)
     max_text_chars: Annotated[int, Meta(ge=64, le=1_000_000)] = 16_384  # per text, after redaction
     queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # entries waiting to be written; beyond: dropped
+    # The guards that redact every logged text (any finding is replaced, whatever its action);
+    # empty: a `pii` guard (patterns engine) and a `secrets` guard.
+    redact: dict[GuardName, GuardSpec] = {}
 
 
 class TracingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -12,13 +12,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next, Stage
 from ..pipeline.stages import ClientGone
 from ..pipeline.streams import StreamEnd
-from ..policy.telemetry_schema import TelemetrySpec
+from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
 from .feedback import FeedbackRecorder
@@ -133,7 +134,8 @@ def _guard_actions(ctx: RequestContext) -> str | None:
 class TelemetryStages:
     """The optional telemetry stages a policy turns on, in pipeline order, and their background services."""
 
-    def __init__(self, spec: TelemetrySpec, metrics: Metrics) -> None:
+    def __init__(self, policy: Policy, metrics: Metrics, count_tokens: Callable[[str], int]) -> None:
+        spec = policy.telemetry
         stages: list[Stage] = []
         services: list[Service] = []
         if spec.tracing.enabled:
@@ -144,6 +146,12 @@ class TelemetryStages:
             stages.append(FeedbackRecorder(spec.feedback.ttl_s))
         if spec.quality.enabled:
             stages.append(QualitySignals(metrics, spec.quality.max_text_bytes))
+        if spec.payload_log.enabled:
+            from .payload_log import PayloadLog, PayloadWriter  # loads the guards: only when the log is on
+
+            writer = PayloadWriter(spec.payload_log, metrics, policy.state, count_tokens)
+            stages.append(PayloadLog(writer))
+            services.append(writer)
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.services: tuple[Service, ...] = tuple(services)
 

@@ -16,19 +16,30 @@ __all__ = ["looks_like_refusal"]
 
 _HEAD_CHARS = 300
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+# An opener ("I'm sorry, but", "Unfortunately,", "As an AI language model,") may come first; then the
+# refusal itself: "I can't / won't / am unable to / must decline ..." followed by a verb of doing or helping.
+_OPENER = (
+    r"(?:(?:i'?m|i\s+am)\s+(?:really\s+|very\s+|so\s+)?sorry|sorry|(?:my\s+)?apologies|i\s+apologi[sz]e"
+    r"|unfortunately|regrettably|i'?m\s+afraid|no|as\s+an\s+ai\b[^,.]{0,60})"
+    r"[\s,.!:;\u2014\u2013-]*(?:but\s+|that\s+)?"
+)
+_SUBJECT_VERB = (
+    r"i\s*(?:can\s*not|can'?t|cannot|won'?t|will\s+not|must\s+not|am\s+not\s+going\s+to|'?m\s+not\s+going\s+to"
+    r"|(?:am|'?m)\s+(?:not\s+able|unable)\s+to|(?:won'?t|will\s+not)\s+be\s+able\s+to"
+    r"|(?:am|'?m)\s+not\s+comfortable|do(?:n'?t|\s+not)\s+feel\s+comfortable"
+    r"|(?:must|have\s+to|need\s+to)\s+(?:respectfully\s+)?(?:decline|refuse)|'?d\s+rather\s+not"
+    r"|do(?:n'?t|\s+not)\s+have\s+(?:personal\s+)?(?:opinions|feelings|emotions|access))"
+)
+_ACTION = (
+    r"\s+(?!help\s+but\b)(?:help|assist|provide|comply|do\b|fulfil|share|create|write|generate|give|support"
+    r"|engage|answer|continue|produce|complete|process|translate|access|browse|make|feel|with\b|that\b|this\b"
+    r"|to\b|on\b|about\b)"
+)
 _REFUSAL = re.compile(
-    r"^\W*(?:(?:i'?m|i am)\s+(?:really\s+|very\s+|so\s+)?sorry,?\s+(?:but\s+)?)?"
-    r"(?:"
-    r"i\s+(?:can(?:no|')t|cannot|won'?t|will\s+not|am\s+(?:not\s+able|unable)|'?m\s+(?:not\s+able|unable)"
-    r"|must\s+(?:decline|refuse)|have\s+to\s+decline|do\s+not\s+feel\s+comfortable|don'?t\s+feel\s+comfortable)"
-    r"\s+(?:help|assist|provide|comply|do\s+that|fulfil|fulfill|share|create|write|generate|give|support"
-    r"|engage|answer|continue|with\s+that|that)"
-    r"|(?:unfortunately,?\s+)?i(?:'m|\s+am)\s+(?:not\s+able|unable)\s+to"
-    r"|as\s+an\s+ai(?:\s+language\s+model)?,?\s+i\s+(?:can(?:no|')t|cannot|am\s+not\s+able|don'?t|do\s+not)"
-    r"|(?:sorry|i\s+apologi[sz]e),?\s+(?:but\s+)?(?:i|that'?s?)\s+(?:can(?:no|')t|cannot|won'?t|is\s+not|isn'?t)"
-    r"|i\s+(?:must|have\s+to|need\s+to)\s+(?:respectfully\s+)?decline"
-    r"|that'?s\s+not\s+something\s+i\s+(?:can|am\s+able\s+to|will)"
-    r")",
+    rf"^\W*(?:{_OPENER}){{0,2}}(?:{_SUBJECT_VERB}(?:{_ACTION}|\s*[.!:]|,)"
+    r"|(?:that|this)(?:'s|\s+is)\s+not\s+something\s+i(?:'m|\s+am)?\s+(?:can|able|will|going)"
+    r"|(?:that|this)(?:'s|\s+is)\s+something\s+i\s+(?:can'?t|cannot|won'?t)"
+    r"|(?:that|this)\s+request\s+(?:goes\s+against|violates)\s+my)",
     re.IGNORECASE,
 )
 

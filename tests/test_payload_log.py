@@ -55,8 +55,8 @@ def test_file_sink_redacts_and_rotates(make_gateway: Make, upstream: Any, tmp_pa
         assert entry["tenant"] == "acme" and entry["model"] == "fault-echo" and entry["status"] == 200
         logged = json.dumps(entry)
         assert "jane.roe@example.com" not in logged and "555 0134" not in logged
-        assert "<EMAIL_ADDRESS" in entry["input"][0] and "about the plan" in entry["input"][0]
-        assert "<EMAIL_ADDRESS" in entry["output"]  # the echoed answer, redacted too (streamed or not)
+        assert "<EMAIL_ADDRESS>" in entry["input"][0] and "about the plan" in entry["input"][0]
+        assert "<EMAIL_ADDRESS>" in entry["output"]  # the echoed answer, redacted too (streamed or not)
     for _ in range(20):  # past max_bytes several times: rotated, at most `backups` old files kept
         _send(running, stream=False)
     _wait_for(read, 2)

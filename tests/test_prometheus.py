@@ -106,6 +106,14 @@ def test_helm_lints_and_renders_the_chart() -> None:
     assert [r["alert"] for r in rules] == [r for r, _ in alert_queries()]
 
 
+def test_load_balancer_config_passes_nginx_t(tmp_path: Path) -> None:
+    nginx = _tool("nginx")
+    shutil.copy(DEPLOY / "nginx" / "nginx.conf", tmp_path / "nginx.conf")
+    checked = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"),
+                              "-g", "error_log stderr;"], capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stderr.decode()
+
+
 def test_compose_file_is_well_formed() -> None:
     compose = DEPLOY / "docker-compose.yml"
     docker = shutil.which("docker")

@@ -71,7 +71,7 @@ class _Series:
     error: Counter | None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, once per request
 class Finished:
     """What one finished request is recorded by: label values (already bounded) and measurements."""
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -37,23 +38,31 @@ def test_two_workers_add_up_to_one_view(tmp_path: Path) -> None:
     args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port), "--workers", "2"]
     with serving(args, port, env={"TMPDIR": str(tmp_path)}) as server:
         body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
-        pids = set()
-        for n in range(24):
-            with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}) as fresh:  # new connections spread
+        workers: set[str] = set()
+        sent = streamed = 0
+
+        def send(n: int) -> str:
+            with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as fresh:  # a new connection
                 answer = fresh.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, "stream": n % 2 == 1})
                 assert answer.status_code == 200
-                pids.add(answer.headers["x-request-id"][:16])  # the id's prefix is per worker
-        assert len(pids) == 2, "the requests did not reach both workers"
+                return answer.headers["x-request-id"][:16]  # the id's prefix is per worker
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent connections: a busy worker leaves some to the other
+            while (len(workers) < 2 or sent < 24) and sent < 400:
+                workers.update(pool.map(send, range(sent, sent + 8)))
+                streamed += sum(1 for n in range(sent, sent + 8) if n % 2 == 1)
+                sent += 8
+        assert len(workers) == 2, "the requests did not reach both workers"
         views = [httpx.get(f"http://127.0.0.1:{port}/metrics").text for _ in range(6)]  # from either worker
         for metrics in views:
             tenant = _samples(metrics, "gateway_tenant_requests_total")
-            assert [(labels["tenant"], value) for labels, value in tenant] == [("team", 24.0)]
+            assert [(labels["tenant"], value) for labels, value in tenant] == [("team", float(sent))]
             checked = _samples(metrics, "gateway_quality_checked_total")
-            assert sum(value for _, value in checked) == 24.0
+            assert sum(value for _, value in checked) == sent
             ttft = _samples(metrics, "gateway_gen_ai_server_time_to_first_token_seconds_count")
-            assert sum(value for _, value in ttft) == 12.0  # the streamed half
+            assert sum(value for _, value in ttft) == streamed
             usage = _samples(metrics, "gateway_gen_ai_client_token_usage_count")
-            assert sum(value for labels, value in usage if labels["token_type"] == "output") == 24.0
+            assert sum(value for labels, value in usage if labels["token_type"] == "output") == sent
             in_flight = _samples(metrics, "gateway_requests_in_flight")
             assert sum(value for _, value in in_flight) == 0.0  # livesum: the two live workers, nothing stuck
             served = _samples(metrics, "gateway_policy_info")

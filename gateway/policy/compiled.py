@@ -13,9 +13,11 @@ from typing import Any
 
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
+from ..telemetry.labels import MetricLabels
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
 from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
+from .telemetry_schema import TelemetrySpec
 
 __all__ = [
     "HealthCheck",
@@ -199,6 +201,8 @@ class Policy:
     admin_token: str | None = field(default=None, repr=False)
     guards: GuardsSpec = field(default_factory=GuardsSpec)
     dynamic_keys: DynamicKeysSpec = field(default_factory=DynamicKeysSpec)  # keys created at run time
+    telemetry: TelemetrySpec = field(default_factory=TelemetrySpec)
+    labels: MetricLabels = field(default_factory=MetricLabels)  # the closed sets metric labels take values from
 
     @property
     def has_guards(self) -> bool:

@@ -17,6 +17,7 @@ from msgspec import Meta, Struct
 from .accounting_schema import BudgetSpec, LimitSpec, TenantSpec
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
+from .telemetry_schema import TelemetrySpec
 
 __all__ = [
     "AuthMode",
@@ -278,6 +279,7 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Prices by upstream model name, or `provider/model` for one provider's (USD per million tokens).
     prices: dict[str, PriceSpec] = {}
     guards: GuardsSpec = GuardsSpec()
+    telemetry: TelemetrySpec = TelemetrySpec()  # label caps, quality signals, feedback, payload log, tracing
 
 
 def json_schema() -> dict[str, object]:

@@ -34,6 +34,7 @@ class Call:
     stream: bool
     request_id: str
     timeouts: Timeouts | None = None  # a target's own timeouts; None: the provider's
+    traceparent: bytes | None = None  # W3C trace context to forward (tracing on)
 
     @property
     def client_wants_usage(self) -> bool:

@@ -80,6 +80,12 @@ class OpenAICompatProvider:
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         return _encode(body)
 
+    @staticmethod
+    def _headers(call: Call) -> dict[str, str]:
+        if call.traceparent is None:
+            return {"X-Request-Id": call.request_id}
+        return {"X-Request-Id": call.request_id, "traceparent": call.traceparent.decode("ascii")}
+
     def sanitize(self, message: object) -> str:
         return sanitize_upstream_message(message, secrets=self.config.secrets, public_hosts=self.config.public_hosts)
 
@@ -98,7 +104,7 @@ class OpenAICompatProvider:
             async with asyncio.timeout(timeouts.first_byte_s):
                 response = await self._session.post(
                     self._urls[call.endpoint], data=self._payload(call), params=self._query,
-                    headers={"X-Request-Id": call.request_id}, **extra,
+                    headers=self._headers(call), **extra,
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise transport_error(exc, self.name, "waiting for the response") from exc

@@ -1,12 +1,23 @@
-"""Every metric the gateway exports, in one place, with bounded labels.
+"""Every metric the gateway exports, in one place, with bounded labels (the list: docs/metrics.md).
 
-Labels take values from closed sets only: endpoint names, policy aliases (or
-"unknown"), provider names, and the HTTP statuses the gateway emits. Never
-client text, never keys or tenants' secrets.
+Labels take values from closed sets only: endpoint names, HTTP statuses, the
+gateway's own error codes, and the policy's aliases, targets, tenants and key
+names, each capped with an `other` bucket (`telemetry.labels`, see
+`telemetry.labels.MetricLabels`). Never client text, never keys or secrets.
+
+Names follow Prometheus's conventions (`gateway_` prefix, base units, `_seconds`,
+counters `_total`) and, where one exists, the OpenTelemetry GenAI semantic
+conventions' metric (`gen_ai.client.token.usage` -> `gateway_gen_ai_client_token_usage`,
+with the conventions' advised buckets). The gateway is a server to its clients
+and a client of its upstreams: what the client sees (time to first token, time
+per output token) takes the `server` names, what the upstream call costs
+(operation duration, token usage) the `client` names.
 
 With several worker processes, prometheus_client's multiprocess mode is used
 (`PROMETHEUS_MULTIPROC_DIR`, set by `gateway serve --workers N`), so that any
-worker's `/metrics` shows the sum over all of them.
+worker's `/metrics` shows the sum over all of them; each gauge says how its
+workers' values combine (`multiprocess_mode`). prometheus_client has no native
+histograms, so every histogram has explicit buckets chosen for LLM latencies.
 """
 
 from __future__ import annotations
@@ -16,11 +27,20 @@ from dataclasses import dataclass
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Metrics"]
+__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Finished", "Metrics"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
-_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+# Whole requests: a cached answer in milliseconds to a long generation in minutes.
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
+# The gateway's own time: tenths of a millisecond to a slow guard.
 _OVERHEAD_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1)
+# First token: interactive targets answer in 0.1-2 s; reasoning models take tens of seconds.
+_TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 20, 30, 60, 120)
+# The GenAI conventions' advised buckets (operation duration; time per output token; token usage).
+_OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 300)
+_TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
+_TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+_SCORE_BUCKETS = (0, 0.25, 0.5, 0.75, 1)  # non-negative: prometheus_client drops `_sum` otherwise
 
 # The HTTP server belongs to the process, not to one gateway: what it refuses before a request
 # exists (oversized or slow heads, floods) is counted once per process, here. With several
@@ -34,7 +54,7 @@ HTTP_REFUSED = Counter(
 
 @dataclass(frozen=True, slots=True)
 class _Series:
-    """The labelled children one (endpoint, model, status, provider) touches, looked up once."""
+    """The labelled children one finished request touches, looked up once per label combination."""
 
     requests: Counter
     duration: Histogram
@@ -43,6 +63,31 @@ class _Series:
     first_chunk: Histogram
     prompt_tokens: Counter
     completion_tokens: Counter
+    tenant_requests: Counter
+    operation: Histogram | None
+    input_usage: Histogram
+    output_usage: Histogram
+    per_token: Histogram
+    error: Counter | None
+
+
+@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, once per request
+class Finished:
+    """What one finished request is recorded by: label values (already bounded) and measurements."""
+
+    endpoint: str
+    model: str
+    status: int
+    provider: str | None  # None: no upstream was called
+    target: str
+    tenant: str
+    key: str
+    error: str | None  # the gateway's error code, if the answer was an error
+    total: float
+    upstream: float
+    first_chunk: float | None
+    prompt_tokens: int
+    completion_tokens: int
 
 
 class Metrics:
@@ -68,9 +113,10 @@ class Metrics:
             "gateway_overhead_seconds", "The gateway's own time: total minus upstream time.",
             ("endpoint",), buckets=_OVERHEAD_BUCKETS, registry=registry,
         )
-        self.first_chunk = Histogram(
-            "gateway_time_to_first_chunk_seconds", "Streams: time from arrival to the first chunk sent.",
-            ("model",), buckets=_LATENCY_BUCKETS, registry=registry,
+        self.first_chunk = Histogram(  # GenAI: gen_ai.server.time_to_first_token
+            "gateway_gen_ai_server_time_to_first_token_seconds",
+            "Streams: time from the request's arrival to its first chunk sent (guards' hold included).",
+            ("model", "target"), buckets=_TTFT_BUCKETS, registry=registry,
         )
         self.in_flight = Gauge(
             "gateway_requests_in_flight", "Requests being handled now (streams until their end).",
@@ -153,7 +199,62 @@ class Metrics:
             "gateway_admin_key_operations", "Admin API key operations (create, list, get, revoke, rotate), by status.",
             ("operation", "status"), registry=registry,
         )
-        self._series: dict[tuple[str, str, int, str | None], _Series] = {}
+        # Telemetry (issue 12): who asked, what the upstream call cost, answer quality, feedback, tracing.
+        # Tenants and keys are labels only as `MetricLabels` caps them (policy names, else `other`).
+        self.tenant_requests = Counter(
+            "gateway_tenant_requests", "Requests answered, by tenant, key name, model alias and HTTP status.",
+            ("tenant", "key", "model", "status"), registry=registry,
+        )
+        self.errors = Counter(
+            "gateway_errors", "Error answers, by model alias and the gateway's error code (limits, guards...).",
+            ("model", "code"), registry=registry,
+        )
+        self.operation_duration = Histogram(  # GenAI: gen_ai.client.operation.duration
+            "gateway_gen_ai_client_operation_duration_seconds",
+            "Time the upstream call took (all attempts), by operation, model alias, target and error type.",
+            ("operation", "model", "target", "error_type"), buckets=_OPERATION_BUCKETS, registry=registry,
+        )
+        self.token_usage = Histogram(  # GenAI: gen_ai.client.token.usage
+            "gateway_gen_ai_client_token_usage",
+            "Tokens per request, by operation, model alias, target and token type (input, output).",
+            ("operation", "model", "target", "token_type"), buckets=_TOKEN_BUCKETS, registry=registry,
+        )
+        self.time_per_output_token = Histogram(  # GenAI: gen_ai.server.time_per_output_token
+            "gateway_gen_ai_server_time_per_output_token_seconds",
+            "Streams: time per output token after the first ((total - first token) / (tokens - 1)).",
+            ("model", "target"), buckets=_TPOT_BUCKETS, registry=registry,
+        )
+        self.finish_reasons = Counter(
+            "gateway_quality_finish_reasons", "Answers by finish reason (stop, length, tool_calls, content_filter...).",
+            ("model", "target", "reason"), registry=registry,
+        )
+        self.quality_checked = Counter(
+            "gateway_quality_checked", "Answers whose quality signals were checked (the signals' denominator).",
+            ("model", "target"), registry=registry,
+        )
+        self.quality_signals = Counter(
+            "gateway_quality_signals",
+            "Answers with a quality problem: refusal, empty, truncated, invalid_json, schema_violation, "
+            "malformed_tool_call.",
+            ("model", "target", "signal"), registry=registry,
+        )
+        self.feedback_score = Histogram(
+            "gateway_feedback_score", "Scores sent to POST /v1/feedback (0 to 1), by model alias and target.",
+            ("model", "target"), buckets=_SCORE_BUCKETS, registry=registry,
+        )
+        self.feedback = Counter(
+            "gateway_feedback", "Feedback received, by model alias, target and label (policy labels, else other).",
+            ("model", "target", "label"), registry=registry,
+        )
+        self.telemetry_dropped = Counter(
+            "gateway_telemetry_dropped", "Payload log entries and spans dropped (queue full, sink failing).",
+            ("sink", "reason"), registry=registry,
+        )
+        self.spans_exported = Counter(
+            "gateway_spans_exported", "Spans sent to the OTLP endpoint, by result (ok, failed).",
+            ("result",), registry=registry,
+        )
+        self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], _Series] = {}
         self._versions: set[str] = set()
 
     # ConnectionGate's observer (upstream/client.py)
@@ -179,31 +280,56 @@ class Metrics:
             return generate_latest(self.registry)
         return generate_latest(self.registry) + generate_latest(_SERVER_REGISTRY)
 
-    def record(
-        self, endpoint: str, model: str, status: int, total: float, provider: str | None, upstream: float,
-        first_chunk: float | None, prompt_tokens: int, completion_tokens: int,
-    ) -> None:
+    def record(self, done: Finished) -> None:
         """Everything about one finished request, in one call (cached label children)."""
-        key = (endpoint, model, status, provider)
+        key = (done.endpoint, done.model, done.status, done.provider, done.target, done.tenant, done.key, done.error)
         series = self._series.get(key)
         if series is None:
-            series = self._series[key] = _Series(
-                self.requests.labels(endpoint, model, str(status)),
-                self.duration.labels(endpoint, model),
-                self.upstream_duration.labels(provider) if provider else None,
-                self.overhead.labels(endpoint),
-                self.first_chunk.labels(model),
-                self.tokens.labels(model, "prompt"),
-                self.tokens.labels(model, "completion"),
-            )
+            series = self._series[key] = self._children(done)
         series.requests.inc()
+        series.tenant_requests.inc()
+        total = done.total
         series.duration.observe(total)
         if series.upstream is not None:
-            series.upstream.observe(upstream)
-            series.overhead.observe(max(0.0, total - upstream))
-        if first_chunk is not None:
-            series.first_chunk.observe(first_chunk)
-        if prompt_tokens:
-            series.prompt_tokens.inc(prompt_tokens)
-        if completion_tokens:
-            series.completion_tokens.inc(completion_tokens)
+            series.upstream.observe(done.upstream)
+            series.overhead.observe(max(0.0, total - done.upstream))
+        if series.operation is not None:
+            series.operation.observe(done.upstream)
+        if series.error is not None:
+            series.error.inc()
+        first = done.first_chunk
+        if first is not None:
+            series.first_chunk.observe(first)
+            if done.completion_tokens > 1:
+                series.per_token.observe(max(0.0, total - first) / (done.completion_tokens - 1))
+        if done.prompt_tokens:
+            series.prompt_tokens.inc(done.prompt_tokens)
+            series.input_usage.observe(done.prompt_tokens)
+        if done.completion_tokens:
+            series.completion_tokens.inc(done.completion_tokens)
+            series.output_usage.observe(done.completion_tokens)
+
+    def _children(self, done: Finished) -> _Series:
+        endpoint, model, target = done.endpoint, done.model, done.target
+        operation = _OPERATIONS.get(endpoint, endpoint)
+        error_type = done.error or ("_OTHER" if done.status >= 400 else "")
+        upstream = done.provider is not None
+        return _Series(
+            self.requests.labels(endpoint, model, str(done.status)),
+            self.duration.labels(endpoint, model),
+            self.upstream_duration.labels(done.provider) if upstream else None,
+            self.overhead.labels(endpoint),
+            self.first_chunk.labels(model, target),
+            self.tokens.labels(model, "prompt"),
+            self.tokens.labels(model, "completion"),
+            self.tenant_requests.labels(done.tenant, done.key, model, str(done.status)),
+            self.operation_duration.labels(operation, model, target, error_type) if upstream else None,
+            self.token_usage.labels(operation, model, target, "input"),
+            self.token_usage.labels(operation, model, target, "output"),
+            self.time_per_output_token.labels(model, target),
+            self.errors.labels(model, done.error) if done.error is not None else None,
+        )
+
+
+# The GenAI conventions' `gen_ai.operation.name` for each endpoint label.
+_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}

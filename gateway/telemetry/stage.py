@@ -1,4 +1,5 @@
-"""The outermost pipeline stage: in-flight count, metrics, and the access log, for every request.
+"""The outermost pipeline stage: in-flight count, metrics, and the access log, for every request;
+and the optional telemetry stages (tracing, feedback records, quality signals) a policy turns on.
 
 Every answer passes here, errors included (431, 405, 413 and the rest are raised
 by stages inside it), and so does every ending: a stream is recorded when it ends
@@ -11,18 +12,25 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
-from ..pipeline.runner import Next
+from ..pipeline.runner import Next, Stage
 from ..pipeline.stages import ClientGone
 from ..pipeline.streams import StreamEnd
+from ..policy import Policy
+from ..runtime import Service
 from ..schemas.events import StreamEvent
-from .metrics import Metrics
+from .feedback import FeedbackRecorder
+from .metrics import Finished, Metrics
+from .quality import QualitySignals
+from .tracing import SpanExporter, Tracing
 
-__all__ = ["Telemetry"]
+__all__ = ["Telemetry", "TelemetryStages", "access_fields"]
 
 access_log = logging.getLogger("gateway.access")
+GUARDS_HEADER = b"x-gateway-guards"  # set by the guard stage (not imported: it would load the guards)
 CLIENT_CLOSED = 499
 
 
@@ -76,27 +84,76 @@ class Telemetry:
         self.metrics.in_flight.dec()
         total = time.perf_counter() - ctx.started
         usage = ctx.usage
+        labels = ctx.runtime.policy.labels
         provider = ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None
-        self.metrics.record(
-            ctx.endpoint.label, ctx.alias_label, ctx.status, total, provider, ctx.upstream_seconds,
+        target = ctx.target.name if ctx.target is not None else None
+        key = ctx.key.name if ctx.key is not None else None
+        error = ctx.error_code if ctx.status >= 400 else None
+        self.metrics.record(Finished(
+            ctx.endpoint.label, labels.alias(ctx.alias_label), ctx.status, provider, labels.target(target),
+            labels.tenant(ctx.tenant), labels.key(key), error, total, ctx.upstream_seconds,
             ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-        )
+        ))
         if ctx.runtime.policy.server.access_log or ctx.status >= 500:
-            access_log.info(
-                "request", extra={"fields": {
-                    "request_id": ctx.request_id, "endpoint": ctx.endpoint.label, "model": ctx.alias_label,
-                    "tenant": ctx.tenant, "key": ctx.key.name if ctx.key is not None else None,
-                    "provider": provider, "target": ctx.target.name if ctx.target is not None else None,
-                    "rule": ctx.rule, "attempts": _attempts(ctx), "fallback_reason": ctx.fallback_reason,
-                    "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,
-                    "total_ms": round(total * 1000, 2), "upstream_ms": round(ctx.upstream_seconds * 1000, 2),
-                    "first_chunk_ms": round(ctx.first_chunk_seconds * 1000, 2) if ctx.first_chunk_seconds else None,
-                    "prompt_tokens": usage.prompt_tokens if usage else None,
-                    "completion_tokens": usage.completion_tokens if usage else None,
-                    "tokens_estimated": ctx.usage_estimated,
-                    "policy_version": ctx.runtime.policy.version,
-                }},
-            )
+            access_log.info("request", extra={"fields": access_fields(ctx, total, provider, target, key)})
+
+
+def access_fields(
+    ctx: RequestContext, total: float, provider: str | None, target: str | None, key: str | None,
+) -> dict[str, object]:
+    """The access line's fields: who, what, where it went, how long each part took, what it cost.
+    Never prompt or answer text (tenants, keys and aliases are the policy's names)."""
+    usage = ctx.usage
+    upstream = ctx.upstream_seconds if provider is not None else 0.0
+    first = ctx.first_chunk_seconds
+    return {
+        "request_id": ctx.request_id, "endpoint": ctx.endpoint.label, "model": ctx.alias_label,
+        "tenant": ctx.tenant, "key": key, "provider": provider, "target": target,
+        "rule": ctx.rule, "attempts": _attempts(ctx), "fallback_reason": ctx.fallback_reason,
+        "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,
+        "total_ms": round(total * 1000, 2), "upstream_ms": round(upstream * 1000, 2),
+        "overhead_ms": round(max(0.0, total - upstream) * 1000, 3),
+        "first_chunk_ms": round(first * 1000, 2) if first is not None else None,
+        "prompt_tokens": usage.prompt_tokens if usage else None,
+        "completion_tokens": usage.completion_tokens if usage else None,
+        "tokens_estimated": ctx.usage_estimated,
+        "cost_usd": ctx.cost_usd, "cache": ctx.cache_result, "guards": _guard_actions(ctx),
+        "trace": ctx.traceparent.decode() if ctx.traceparent is not None else None,
+        "policy_version": ctx.runtime.policy.version,
+    }
+
+
+def _guard_actions(ctx: RequestContext) -> str | None:
+    """What the guards did, as the `x-gateway-guards` header tells the client (guard names and actions)."""
+    for name, value in ctx.headers or ():
+        if name == GUARDS_HEADER:
+            return value.decode("latin-1")
+    return None
+
+
+class TelemetryStages:
+    """The optional telemetry stages a policy turns on, in pipeline order, and their background services."""
+
+    def __init__(self, policy: Policy, metrics: Metrics, count_tokens: Callable[[str], int]) -> None:
+        spec = policy.telemetry
+        stages: list[Stage] = []
+        services: list[Service] = []
+        if spec.tracing.enabled:
+            exporter = SpanExporter(spec.tracing, metrics) if spec.tracing.otlp_endpoint else None
+            stages.append(Tracing(exporter))
+            services += [exporter] if exporter is not None else []
+        if spec.feedback.enabled:
+            stages.append(FeedbackRecorder(spec.feedback.ttl_s))
+        if spec.quality.enabled:
+            stages.append(QualitySignals(metrics, spec.quality.max_text_bytes))
+        if spec.payload_log.enabled:
+            from .payload_log import PayloadLog, PayloadWriter  # loads the guards: only when the log is on
+
+            writer = PayloadWriter(spec.payload_log, metrics, policy.state, count_tokens)
+            stages.append(PayloadLog(writer))
+            services.append(writer)
+        self.stages: tuple[Stage, ...] = tuple(stages)
+        self.services: tuple[Service, ...] = tuple(services)
 
 
 def _attempts(ctx: RequestContext) -> list[dict[str, object]]:

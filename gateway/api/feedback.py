@@ -1,0 +1,35 @@
+"""`POST /v1/feedback`: a score for an answered request (see `telemetry.feedback`). Off: 404."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+from litestar import Request, Response, post
+
+from ..errors import NotFound
+from ..pipeline.stages import authenticate
+from ..telemetry.feedback import take_feedback
+from .asgi import RequestHeaders
+from .routes import OpsHost
+
+__all__ = ["feedback_routes"]
+
+_encode = msgspec.json.Encoder().encode
+
+
+def feedback_routes(host: OpsHost) -> list[Any]:
+    @post("/v1/feedback", status_code=200)
+    async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
+        headers = RequestHeaders(request.scope["headers"], host.request_ids)
+        runtime = host.runtime
+        spec = runtime.policy.telemetry.feedback
+        if not spec.enabled:
+            raise NotFound("feedback is turned off in this policy (telemetry.feedback)")
+        key = authenticate(runtime.policy, headers.credential)
+        tenant = key.tenant if key is not None else "anonymous"
+        result = await take_feedback(runtime.store, host.metrics, tenant, await request.body(), frozenset(spec.labels))
+        return Response(_encode(result), status_code=200, media_type="application/json",
+                        headers={"x-request-id": headers.request_id})
+
+    return [feedback]

@@ -1,0 +1,48 @@
+"""Cross-checks of the `telemetry:` section, and the label sets it caps (see `telemetry.labels`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from urllib.parse import urlsplit
+
+from ..auth.keys import VirtualKey
+from ..telemetry.labels import MetricLabels, capped
+from .compiled import ModelRoute, Rule
+from .guard_check import _check_guard
+from .loader import _Located
+from .schema import PolicySpec
+
+__all__ = ["metric_labels"]
+
+
+def metric_labels(
+    spec: PolicySpec, doc: _Located, models: Mapping[str, ModelRoute], rules: Iterable[Rule],
+    keys: Iterable[VirtualKey],
+) -> MetricLabels:
+    _check(spec, doc)
+    caps = spec.telemetry.labels
+    keys = list(keys)
+    targets = {t.name for route in models.values() for t in route.targets}
+    targets |= {t.name for rule in rules if rule.route is not None for t in rule.route.targets}
+    tenants = {key.tenant for key in keys} | set(spec.tenants)
+    return MetricLabels(
+        aliases=capped(models, caps.aliases),
+        targets=capped(targets, caps.targets),
+        tenants=capped(tenants, caps.tenants),
+        keys=capped((key.name for key in keys), caps.keys),
+    )
+
+
+def _check(spec: PolicySpec, doc: _Located) -> None:
+    telemetry = spec.telemetry
+    if telemetry.payload_log.enabled and telemetry.payload_log.sink == "redis" and spec.state.backend != "redis":
+        doc.issue(("telemetry", "payload_log", "sink"),
+                  "a `redis` payload log writes to the shared store: set `state.backend: redis`")
+    for name, guard in telemetry.payload_log.redact.items():
+        _check_guard(guard, doc, ("telemetry", "payload_log", "redact", name))
+    endpoint = telemetry.tracing.otlp_endpoint
+    if endpoint is not None:
+        parts = urlsplit(endpoint)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            doc.issue(("telemetry", "tracing", "otlp_endpoint"),
+                      f"`{endpoint[:100]}` is not an http(s) URL (OTLP/HTTP, e.g. http://collector:4318/v1/traces)")

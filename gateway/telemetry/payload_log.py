@@ -1,0 +1,212 @@
+"""The payload log: prompts and answers, PII redacted, to a rotating file or a Redis stream.
+
+Off unless `telemetry.payload_log.enabled`, and configured apart from the access
+log, which never holds text. A request only hands its texts to a bounded queue
+(full: the entry is dropped and counted in `gateway_telemetry_dropped_total`);
+one background task redacts them with the log's own guards (`redact`, by default
+a `pii` patterns guard and a `secrets` guard: every finding is replaced,
+whatever its action says) and writes them: to a file rotated at `max_bytes`
+(writes in a thread, never on the event loop) or to a Redis stream capped at
+`max_entries` (`XADD MAXLEN ~`), which is its retention.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import logging.handlers
+import time
+from collections import deque
+from typing import Any
+
+import msgspec
+
+from ..guards.base import Where
+from ..guards.runtime import GuardRuntime
+from ..guards.stage import input_texts
+from ..guards.verdict import apply
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..pipeline.streams import StreamEnd
+from ..policy.guard_schema import GuardSpec, GuardsSpec, PiiGuardSpec, SecretsGuardSpec
+from ..policy.telemetry_schema import PayloadLogSpec
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import Chunk, StreamEvent
+from ..store.base import StoreConfig
+from .metrics import Metrics
+
+__all__ = ["PayloadLog", "PayloadWriter"]
+
+log = logging.getLogger("gateway.payload_log")
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder().decode
+_DEFAULT_REDACT: dict[str, GuardSpec] = {"pii": PiiGuardSpec(), "secrets": SecretsGuardSpec(action="redact")}
+_INPUT, _OUTPUT = Where("input", "message"), Where("output", "message")
+
+
+@dataclasses.dataclass(slots=True)
+class _Entry:
+    ts: float
+    request_id: str
+    tenant: str
+    model: str
+    target: str | None
+    status: int
+    input: list[str]
+    output: str
+
+
+class PayloadWriter:
+    """The queue, the redacting guards and the sink; a `Service` (started and closed with the runtime)."""
+
+    def __init__(self, spec: PayloadLogSpec, metrics: Metrics, state: StoreConfig, count: Any) -> None:
+        self.spec = spec
+        self.metrics = metrics
+        self.redis_url = state.url
+        self.stream_key = state.key_prefix + spec.stream
+        self.guards = GuardRuntime(GuardsSpec(global_=dict(spec.redact or _DEFAULT_REDACT)), metrics, count)
+        self.guard_list = [g for g in self.guards.resolve("", "").input]
+        self._queue: deque[_Entry] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._file: logging.handlers.RotatingFileHandler | None = None
+        self._redis: Any = None
+
+    def add(self, entry: _Entry) -> None:
+        if len(self._queue) >= self.spec.queue:
+            self.metrics.telemetry_dropped.labels("payload_log", "queue_full").inc()
+            return
+        self._queue.append(entry)
+        self._wake.set()
+
+    async def start(self) -> None:
+        await self.guards.start()
+        if self.spec.sink == "file":
+            self._file = await asyncio.to_thread(
+                logging.handlers.RotatingFileHandler, self.spec.path, maxBytes=self.spec.max_bytes,
+                backupCount=self.spec.backups, encoding="utf-8")
+        else:
+            import redis.asyncio as aioredis
+
+            self._redis = aioredis.Redis.from_url(self.redis_url or "redis://127.0.0.1:6379/0")
+        self._task = asyncio.create_task(self._run())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self._drain()  # what is queued still goes out
+        await self.guards.aclose()
+        if self._file is not None:
+            await asyncio.to_thread(self._file.close)
+        if self._redis is not None:
+            await self._redis.aclose()
+
+    async def _run(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await self._drain()
+
+    async def _drain(self) -> None:
+        while self._queue:
+            entry = self._queue.popleft()
+            try:
+                await self._write(await self._redacted(entry))
+            except Exception:
+                self.metrics.telemetry_dropped.labels("payload_log", "sink_failed").inc()
+                log.warning("payload log entry dropped: the sink failed", exc_info=True)
+
+    async def redact(self, text: str, where: Where) -> str:
+        if not text:
+            return text
+        enforced, shadow = await self.guards.detect(self.guard_list, text, where)
+        findings = [dataclasses.replace(f, action="redact") for f in (*enforced, *shadow)]
+        return apply(text, findings, None)[: self.spec.max_text_chars]
+
+    async def _redacted(self, entry: _Entry) -> bytes:
+        data = dataclasses.asdict(entry)
+        data["input"] = [await self.redact(text, _INPUT) for text in entry.input]
+        data["output"] = await self.redact(entry.output, _OUTPUT)
+        data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
+        return _encode(data)
+
+    async def _write(self, line: bytes) -> None:
+        if self._file is not None:
+            record = logging.makeLogRecord({"msg": line.decode(), "levelno": logging.INFO})
+            await asyncio.to_thread(self._file.emit, record)
+        else:
+            await self._redis.xadd(self.stream_key, {"entry": line}, maxlen=self.spec.max_entries,
+                                   approximate=True)
+
+
+class PayloadLog:
+    """The stage: hands each answered request's texts (request and answer) to the writer."""
+
+    name = "payload_log"
+
+    def __init__(self, writer: PayloadWriter) -> None:
+        self.writer = writer
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        reply = await call_next(ctx)  # ctx.body is read by then (and already redacted by input guards, if any)
+        limit = self.writer.spec.max_text_chars * 2  # redaction may shorten; the cut is after it
+        texts = [str(c[k])[:limit] for c, k, _ in input_texts(ctx.endpoint, ctx.body)]
+        if reply.stream is not None:
+            reply.stream.add(_StreamText(self, texts))
+        else:
+            self.add(ctx, texts, _answer_text(ctx.endpoint, reply.body), reply.status)
+        return reply
+
+    def add(self, ctx: RequestContext, texts: list[str], output: str, status: int) -> None:
+        self.writer.add(_Entry(time.time(), ctx.request_id, ctx.tenant, ctx.alias_label,
+                               ctx.target.name if ctx.target else None, status, texts, output))
+
+
+def _answer_text(endpoint: Endpoint, body: bytes | None) -> str:
+    if not body or endpoint is Endpoint.EMBEDDINGS:
+        return ""
+    try:
+        data = _decode(body)
+    except msgspec.DecodeError:
+        return ""
+    choices = data.get("choices") if isinstance(data, dict) else None
+    parts: list[str] = []
+    for choice in choices if isinstance(choices, list) else ():
+        if isinstance(choice, dict):
+            message = choice.get("message")
+            content = message.get("content") if isinstance(message, dict) else choice.get("text")
+            if isinstance(content, str):
+                parts.append(content)
+    return "\n".join(parts)
+
+
+class _StreamText:
+    __slots__ = ("parts", "size", "stage", "texts")
+    reads_events = True
+
+    def __init__(self, stage: PayloadLog, texts: list[str]) -> None:
+        self.stage = stage
+        self.texts = texts
+        self.parts: list[str] = []
+        self.size = 0
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        limit = self.stage.writer.spec.max_text_chars * 2
+        for event in events:
+            if isinstance(event, Chunk) and self.size < limit:
+                for choice in event.data().get("choices") or ():
+                    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                        continue
+                    delta = choice.get("delta")
+                    text = delta.get("content") if isinstance(delta, dict) else choice.get("text")
+                    if isinstance(text, str):
+                        self.parts.append(text)
+                        self.size += len(text)
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        self.stage.add(ctx, self.texts, "".join(self.parts), ctx.status)

@@ -1,0 +1,229 @@
+"""Answer quality signals, per alias and target: finish reasons, refusals, empty and truncated answers,
+invalid JSON when JSON was asked for, schema violations, malformed tool calls.
+
+Built only when `telemetry.quality.enabled`: off, it is not in the pipeline and a
+stream's bytes pass untouched. On, a complete answer is decoded once, and a
+stream's chunks are read as they pass (text kept up to `max_text_bytes`, past
+which the JSON checks are skipped). Only the first choice is checked; every
+choice's finish reason is counted. Nothing of the text is kept or logged: the
+signals are counters.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import OrderedDict
+from typing import Any
+
+import msgspec
+
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..pipeline.streams import StreamEnd
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import Chunk, StreamEvent
+from .metrics import Metrics
+from .refusals import looks_like_refusal
+
+__all__ = ["Answer", "QualitySignals", "signals_of"]
+
+_decode = msgspec.json.Decoder().decode
+_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+_VALIDATORS: OrderedDict[str, Any] = OrderedDict()  # schema JSON -> compiled validator (bounded LRU)
+_MAX_VALIDATORS = 256
+
+
+class Answer:
+    """The first choice of an answer, as the checks need it (built from a body or from stream chunks)."""
+
+    __slots__ = ("finish_reasons", "overflow", "refusal", "size", "text", "tool_calls")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.refusal = False
+        self.finish_reasons: list[str] = []
+        self.tool_calls: dict[int, list[str]] = {}  # index -> [name, arguments...]
+        self.size = 0
+        self.overflow = False
+
+    def add_text(self, text: str, limit: int) -> None:
+        if self.overflow:
+            return
+        self.size += len(text)
+        if self.size > limit:
+            self.overflow = True
+            return
+        self.text.append(text)
+
+
+def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
+    if not isinstance(choice, dict):
+        return
+    reason = choice.get("finish_reason")
+    if isinstance(reason, str):
+        answer.finish_reasons.append(reason)
+    if choice.get("index", 0) != 0:
+        return
+    if isinstance(choice.get("text"), str):  # completions
+        answer.add_text(choice["text"], limit)
+    message = choice.get(delta_key)
+    if not isinstance(message, dict):
+        return
+    if isinstance(message.get("content"), str):
+        answer.add_text(message["content"], limit)
+    if message.get("refusal"):
+        answer.refusal = True
+    for position, call in enumerate(message.get("tool_calls") or ()):
+        if not isinstance(call, dict):
+            continue
+        index = call.get("index", position)
+        parts = answer.tool_calls.setdefault(index if isinstance(index, int) else position, [""])
+        function = call.get("function")
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                parts[0] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                parts.append(function["arguments"])
+
+
+def _validator(schema: Any) -> Any:
+    """A compiled jsonschema validator for `schema`, cached (the same schemas come back request after request)."""
+    key = json.dumps(schema, sort_keys=True, default=str)
+    found = _VALIDATORS.get(key)
+    if found is not None:
+        _VALIDATORS.move_to_end(key)
+        return found
+    import jsonschema  # imported on first use: a gateway without quality checks never loads it
+
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    try:
+        cls.check_schema(schema)
+        validator: Any = cls(schema)
+    except jsonschema.SchemaError:
+        validator = False  # the client's schema is broken: its answers are not held against the target
+    _VALIDATORS[key] = validator
+    if len(_VALIDATORS) > _MAX_VALIDATORS:
+        _VALIDATORS.popitem(last=False)
+    return validator
+
+
+def _fits(validator: Any, value: Any) -> bool:
+    return validator is False or validator.is_valid(value)
+
+
+def _parse(text: str) -> tuple[bool, Any]:
+    try:
+        return True, _decode(text)
+    except (msgspec.DecodeError, UnicodeEncodeError):
+        return False, None
+
+
+def signals_of(answer: Answer, request: dict[str, Any]) -> list[str]:
+    """The quality problems of one answer, given the request it answers (its response format and tools)."""
+    found: list[str] = []
+    text = "".join(answer.text)
+    truncated = "length" in answer.finish_reasons
+    if truncated:
+        found.append("truncated")
+    if answer.refusal or looks_like_refusal(text):
+        found.append("refusal")
+    if not text.strip() and not answer.tool_calls and not answer.overflow:
+        found.append("empty")
+    response_format = request.get("response_format")
+    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    if kind in ("json_object", "json_schema") and not answer.overflow and not answer.tool_calls and text.strip():
+        ok, value = _parse(text)
+        if not ok:
+            found.append("invalid_json")
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if isinstance(schema, dict) and not _fits(_validator(schema), value):
+                found.append("schema_violation")
+    if answer.tool_calls and _malformed_tool_call(answer, request.get("tools")):
+        found.append("malformed_tool_call")
+    return found
+
+
+def _malformed_tool_call(answer: Answer, tools: Any) -> bool:
+    schemas: dict[str, Any] = {}
+    for tool in tools if isinstance(tools, list) else ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            schemas[function["name"]] = function.get("parameters")
+    for parts in answer.tool_calls.values():
+        name, arguments = parts[0], "".join(parts[1:])
+        ok, value = _parse(arguments or "{}")
+        if not ok or not isinstance(value, dict):
+            return True
+        if schemas and name not in schemas:
+            return True
+        schema = schemas.get(name)
+        if isinstance(schema, dict) and not _fits(_validator(schema), value):
+            return True
+    return False
+
+
+class QualitySignals:
+    """The stage: checks each chat or completions answer (complete or streamed) and counts what it finds."""
+
+    name = "quality"
+
+    def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
+        self.metrics = metrics
+        self.limit = max_text_bytes
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        reply = await call_next(ctx)
+        if ctx.endpoint is Endpoint.EMBEDDINGS or reply.status != 200:
+            return reply
+        if reply.stream is not None:
+            reply.stream.add(_StreamQuality(self))
+        elif reply.body is not None:
+            answer = Answer()
+            try:
+                data = _decode(reply.body)
+            except msgspec.DecodeError:
+                return reply
+            key = "message" if ctx.endpoint is Endpoint.CHAT else "_"
+            for choice in data.get("choices") or () if isinstance(data, dict) else ():
+                _read_choice(answer, choice, key, self.limit)
+            self.count(ctx, answer)
+        return reply
+
+    def count(self, ctx: RequestContext, answer: Answer) -> None:
+        labels = ctx.runtime.policy.labels
+        model = labels.alias(ctx.alias_label)
+        target = labels.target(ctx.target.name if ctx.target is not None else None)
+        self.metrics.quality_checked.labels(model, target).inc()
+        for reason in answer.finish_reasons:
+            self.metrics.finish_reasons.labels(model, target, reason if reason in _FINISH_REASONS else "other").inc()
+        for signal in signals_of(answer, ctx.body):
+            self.metrics.quality_signals.labels(model, target, signal).inc()
+
+
+class _StreamQuality:
+    """Reads a stream's chunks into an `Answer`; counts at its end (a finished stream only)."""
+
+    __slots__ = ("answer", "stage")
+    reads_events = True
+
+    def __init__(self, stage: QualitySignals) -> None:
+        self.stage = stage
+        self.answer = Answer()
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        key = "delta" if ctx.endpoint is Endpoint.CHAT else "_"
+        for event in events:
+            if isinstance(event, Chunk):
+                try:
+                    data = event.data()
+                except msgspec.DecodeError:
+                    continue
+                for choice in data.get("choices") or ():
+                    _read_choice(self.answer, choice, key, self.stage.limit)
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        if end.outcome == "done":
+            self.stage.count(ctx, self.answer)

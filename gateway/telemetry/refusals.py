@@ -1,0 +1,49 @@
+"""A refusal heuristic: does an answer open by declining the request?
+
+Phrase patterns on the answer's first few hundred characters, case-folded and with
+typographic apostrophes straightened. It is a signal for dashboards, not a
+classifier: its precision and recall on the labelled set in `evals/quality/`
+are measured by `python -m evals.quality.evaluate` and stated in docs/metrics.md.
+An upstream's own `refusal` field (OpenAI structured outputs) counts as a refusal
+without the heuristic.
+"""
+
+from __future__ import annotations
+
+import re
+
+__all__ = ["looks_like_refusal"]
+
+_HEAD_CHARS = 300
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+# An opener ("I'm sorry, but", "Unfortunately,", "As an AI language model,") may come first; then the
+# refusal itself: "I can't / won't / am unable to / must decline ..." followed by a verb of doing or helping.
+_OPENER = (
+    r"(?:(?:i'?m|i\s+am)\s+(?:really\s+|very\s+|so\s+)?sorry|sorry|(?:my\s+)?apologies|i\s+apologi[sz]e"
+    r"|unfortunately|regrettably|i'?m\s+afraid|no|as\s+an\s+ai\b[^,.]{0,60})"
+    r"[\s,.!:;\u2014\u2013-]*(?:but\s+|that\s+)?"
+)
+_SUBJECT_VERB = (
+    r"i\s*(?:can\s*not|can'?t|cannot|won'?t|will\s+not|must\s+not|am\s+not\s+going\s+to|'?m\s+not\s+going\s+to"
+    r"|(?:am|'?m)\s+(?:not\s+able|unable)\s+to|(?:won'?t|will\s+not)\s+be\s+able\s+to"
+    r"|(?:am|'?m)\s+not\s+comfortable|do(?:n'?t|\s+not)\s+feel\s+comfortable"
+    r"|(?:must|have\s+to|need\s+to)\s+(?:respectfully\s+)?(?:decline|refuse)|'?d\s+rather\s+not"
+    r"|do(?:n'?t|\s+not)\s+have\s+(?:personal\s+)?(?:opinions|feelings|emotions|access))"
+)
+_ACTION = (
+    r"\s+(?!help\s+but\b)(?:help|assist|provide|comply|do\b|fulfil|share|create|write|generate|give|support"
+    r"|engage|answer|continue|produce|complete|process|translate|access|browse|make|feel|with\b|that\b|this\b"
+    r"|to\b|on\b|about\b)"
+)
+_REFUSAL = re.compile(
+    rf"^\W*(?:{_OPENER}){{0,2}}(?:{_SUBJECT_VERB}(?:{_ACTION}|\s*[.!:]|,)"
+    r"|(?:that|this)(?:'s|\s+is)\s+not\s+something\s+i(?:'m|\s+am)?\s+(?:can|able|will|going)"
+    r"|(?:that|this)(?:'s|\s+is)\s+something\s+i\s+(?:can'?t|cannot|won'?t)"
+    r"|(?:that|this)\s+request\s+(?:goes\s+against|violates)\s+my)",
+    re.IGNORECASE,
+)
+
+
+def looks_like_refusal(text: str) -> bool:
+    head = text[:_HEAD_CHARS].translate(_APOSTROPHES)
+    return _REFUSAL.search(head) is not None

@@ -1,0 +1,229 @@
+"""W3C trace context and, optionally, span export over OTLP/HTTP (JSON encoding).
+
+Built only when `telemetry.tracing.enabled`: without it no stage reads
+`traceparent`, nothing is forwarded, nothing is exported. When on, the gateway
+is one span per request: it takes the client's `traceparent` as its parent (or
+starts a trace), forwards its own span as the parent to the upstream, and echoes
+its own `traceparent` in the answer, so a client can find the gateway's span.
+
+Export needs no OpenTelemetry SDK: a span is a small dict in the OTLP JSON shape
+(GenAI attributes: `gen_ai.operation.name`, `gen_ai.request.model`,
+`gen_ai.usage.input_tokens`...), queued (bounded; beyond it dropped and
+counted) and posted in batches by one background task.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import re
+import time
+from collections import deque
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from ..errors import GatewayError
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..pipeline.streams import StreamEnd
+from ..policy.telemetry_schema import TracingSpec
+from ..schemas.events import StreamEvent
+from .metrics import Metrics
+
+__all__ = ["SpanExporter", "Tracing", "parse_traceparent"]
+
+log = logging.getLogger("gateway.tracing")
+_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+_ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+_encode = msgspec.json.Encoder().encode
+_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+
+
+def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """(trace id, parent span id, flags) of a valid version-00 header, else None (then a new trace starts)."""
+    match = _TRACEPARENT.fullmatch(value.strip().lower())
+    if match is None or match.group(1) == _ZERO_TRACE or match.group(2) == _ZERO_SPAN:
+        return None
+    return match.group(1), match.group(2), match.group(3)
+
+
+def _find_header(raw: Any, name: bytes) -> bytes | None:
+    for key, value in raw:
+        if key == name:
+            return bytes(value)
+    return None
+
+
+class _Span:
+    __slots__ = ("flags", "parent", "span_id", "start_ns", "trace_id")
+
+    def __init__(self, ctx: RequestContext) -> None:
+        parent = _find_header(ctx.head.raw_headers, b"traceparent")
+        found = parse_traceparent(parent) if parent is not None else None
+        if found is None:
+            self.trace_id, self.parent, self.flags = os.urandom(16).hex().encode(), None, b"01"
+        else:
+            self.trace_id, self.parent, self.flags = found[0], found[1], found[2]
+        self.span_id = os.urandom(8).hex().encode()
+        self.start_ns = time.time_ns() - int((time.perf_counter() - ctx.started) * 1e9)
+
+    @property
+    def header(self) -> bytes:
+        return b"00-" + self.trace_id + b"-" + self.span_id + b"-" + self.flags
+
+
+class Tracing:
+    """The span of one request: parent from `traceparent`, forwarded upstream, echoed, exported at the end."""
+
+    name = "tracing"
+    reads_events = False
+
+    def __init__(self, exporter: SpanExporter | None) -> None:
+        self.exporter = exporter
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        span = _Span(ctx)
+        header = span.header
+        ctx.traceparent = header
+        try:
+            reply = await call_next(ctx)
+        except GatewayError as exc:
+            exc.headers = {**exc.headers, "traceparent": header.decode()}
+            self._end(ctx, span, exc.status)
+            raise
+        except BaseException:
+            self._end(ctx, span, 500)
+            raise
+        ctx.headers = [*(ctx.headers or ()), (b"traceparent", header)]
+        if reply.stream is None:
+            self._end(ctx, span, reply.status)
+        else:
+            reply.stream.add(_StreamSpan(self, span))
+        return reply
+
+    def _end(self, ctx: RequestContext, span: _Span, status: int) -> None:
+        if self.exporter is not None:
+            self.exporter.add(_otlp_span(ctx, span, status))
+
+
+class _StreamSpan:
+    __slots__ = ("span", "tracing")
+    reads_events = False
+
+    def __init__(self, tracing: Tracing, span: _Span) -> None:
+        self.tracing = tracing
+        self.span = span
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        status = end.error.status if end.error is not None else (200 if end.outcome == "done" else 499)
+        self.tracing._end(ctx, self.span, status)
+
+
+def _otlp_span(ctx: RequestContext, span: _Span, status: int) -> dict[str, Any]:
+    """One span in the OTLP JSON shape, with the GenAI attributes the conventions define."""
+    alias = ctx.alias_label
+    attributes: list[dict[str, Any]] = [
+        _attr("gen_ai.operation.name", _OPERATIONS.get(ctx.endpoint.label, ctx.endpoint.label)),
+        _attr("gen_ai.request.model", alias),
+        _attr("http.response.status_code", status),
+        _attr("gateway.request_id", ctx.request_id),
+        _attr("gateway.tenant", ctx.runtime.policy.labels.tenant(ctx.tenant)),
+    ]
+    if ctx.target is not None:
+        attributes.append(_attr("gen_ai.response.model", ctx.target.upstream_model))
+        attributes.append(_attr("gen_ai.provider.name", ctx.target.provider))
+        attributes.append(_attr("gateway.target", ctx.target.name))
+    if ctx.usage is not None:
+        attributes.append(_attr("gen_ai.usage.input_tokens", ctx.usage.prompt_tokens))
+        attributes.append(_attr("gen_ai.usage.output_tokens", ctx.usage.completion_tokens))
+    if ctx.error_code is not None or status >= 400:
+        attributes.append(_attr("error.type", ctx.error_code or str(status)))
+    body: dict[str, Any] = {
+        "traceId": span.trace_id.decode(), "spanId": span.span_id.decode(),
+        "name": f"{_OPERATIONS.get(ctx.endpoint.label, ctx.endpoint.label)} {alias}",
+        "kind": 2,  # SPAN_KIND_SERVER
+        "startTimeUnixNano": str(span.start_ns), "endTimeUnixNano": str(time.time_ns()),
+        "attributes": attributes,
+        "status": {"code": 2 if status >= 500 else 1},
+    }
+    if span.parent is not None:
+        body["parentSpanId"] = span.parent.decode()
+    return body
+
+
+def _attr(key: str, value: str | int) -> dict[str, Any]:
+    if isinstance(value, int):
+        return {"key": key, "value": {"intValue": str(value)}}
+    return {"key": key, "value": {"stringValue": value}}
+
+
+class SpanExporter:
+    """A bounded queue of finished spans, posted to the OTLP endpoint in batches by one task (a `Service`)."""
+
+    def __init__(self, spec: TracingSpec, metrics: Metrics, env: Mapping[str, str] | None = None) -> None:
+        assert spec.otlp_endpoint is not None
+        self.spec = spec
+        self.metrics = metrics
+        env = os.environ if env is None else env
+        self.headers = {"Content-Type": "application/json",
+                        **{name: env.get(var, "") for name, var in spec.otlp_headers_env.items()}}
+        self._queue: deque[dict[str, Any]] = deque()
+        self._wake = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._session: aiohttp.ClientSession | None = None
+
+    def add(self, span: dict[str, Any]) -> None:
+        if len(self._queue) >= self.spec.queue:
+            self.metrics.telemetry_dropped.labels("otlp", "queue_full").inc()
+            return
+        self._queue.append(span)
+        if len(self._queue) >= self.spec.batch_size:
+            self._wake.set()
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=10))
+        self._task = asyncio.create_task(self._run())
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        with contextlib.suppress(Exception):
+            await self._flush()
+        if self._session is not None:
+            await self._session.close()
+
+    async def _run(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.spec.flush_interval_s)
+            self._wake.clear()
+            await self._flush()
+
+    async def _flush(self) -> None:
+        while self._queue and self._session is not None:
+            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.spec.batch_size))]
+            payload = {"resourceSpans": [{
+                "resource": {"attributes": [_attr("service.name", self.spec.service_name)]},
+                "scopeSpans": [{"scope": {"name": "llm-gateway"}, "spans": batch}],
+            }]}
+            assert self.spec.otlp_endpoint is not None
+            try:
+                async with self._session.post(self.spec.otlp_endpoint, data=_encode(payload),
+                                              headers=self.headers) as response:
+                    ok = response.status < 300
+            except (aiohttp.ClientError, OSError, TimeoutError):
+                ok = False
+            self.metrics.spans_exported.labels("ok" if ok else "failed").inc(len(batch))
+            if not ok:
+                log.warning("OTLP export failed; %d spans dropped", len(batch))
+                return

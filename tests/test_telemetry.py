@@ -1,0 +1,289 @@
+"""Telemetry through a real gateway: bounded labels, quality signals, feedback, tracing, the access log.
+
+A gateway on a real port in front of the mock upstream, driven with HTTP; the
+exposition is read with prometheus_client's own parser and checked by promtool.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import secrets
+import shutil
+import subprocess
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+from aiohttp import web
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import FULL_KEY, OTHER_TENANT_KEY, RunningGateway, free_port, policy_text
+
+TELEMETRY = """\
+telemetry:
+  quality: {enabled: true}
+  feedback: {enabled: true, labels: [helpful, wrong]}
+  tracing: {enabled: true}
+"""
+Make = Callable[..., RunningGateway]
+
+
+def _headers(key: str = FULL_KEY, **extra: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}", **extra}
+
+
+def _chat(content: str, model: str = "fault-echo", **body: Any) -> dict[str, Any]:
+    return {"model": model, "messages": [{"role": "user", "content": content}], **body}
+
+
+def _value(metrics: str, name: str, **labels: str) -> float:
+    """The value of one sample (0 when the series does not exist)."""
+    for family in text_string_to_metric_families(metrics):
+        for sample in family.samples:
+            if sample.name == name and all(sample.labels.get(k) == v for k, v in labels.items()):
+                return float(sample.value)
+    return 0.0
+
+
+def _series(metrics: str) -> set[tuple[str, tuple[tuple[str, str], ...]]]:
+    return {(s.name, tuple(sorted(s.labels.items())))
+            for family in text_string_to_metric_families(metrics) for s in family.samples}
+
+
+@pytest.fixture
+def telemetry_gateway(make_gateway: Make, upstream: Any) -> RunningGateway:
+    return make_gateway(policy_text(upstream.base_url) + TELEMETRY)
+
+
+def test_exposition_parses_and_passes_promtool(telemetry_gateway: RunningGateway) -> None:
+    url = telemetry_gateway.base_url
+    with httpx.Client(headers=_headers()) as client:
+        assert client.post(f"{url}/chat/completions", json=_chat("hello there")).status_code == 200
+        assert client.post(f"{url}/chat/completions", json=_chat("hi", stream=True)).status_code == 200
+        assert client.post(f"{url}/chat/completions", json=_chat("x", model="nope")).status_code == 404
+    metrics = telemetry_gateway.metrics()
+    names = {family.name for family in text_string_to_metric_families(metrics)}
+    for expected in ("gateway_gen_ai_client_token_usage", "gateway_gen_ai_client_operation_duration_seconds",
+                     "gateway_gen_ai_server_time_to_first_token_seconds", "gateway_tenant_requests",
+                     "gateway_quality_checked", "gateway_errors"):
+        assert expected in names
+    assert _value(metrics, "gateway_tenant_requests_total", tenant="acme", key="full", model="fault-echo",
+                  status="200") == 2
+    assert _value(metrics, "gateway_errors_total", model="unknown", code="model_not_found") == 1
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (Debian package `prometheus`); tests/run.sh installs it as root")
+    checked = subprocess.run([promtool, "check", "metrics"], input=metrics.encode(), capture_output=True, timeout=60)
+    assert checked.returncode == 0, checked.stdout.decode() + checked.stderr.decode()
+
+
+def test_client_values_never_add_series(telemetry_gateway: RunningGateway) -> None:
+    """Thousands of distinct model strings, users, headers and keys: the series count stays flat."""
+    url = telemetry_gateway.base_url
+
+    def traffic(client: httpx.Client, salt: str) -> None:
+        client.post(f"{url}/chat/completions", json=_chat("hi", model=f"model-{salt}"), headers=_headers())
+        client.post(f"{url}/chat/completions", json=_chat("hi", user=f"user-{salt}"),
+                    headers=_headers(**{"x-request-id": f"id-{salt}", "x-custom": salt,
+                                        "traceparent": f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"}))
+        client.post(f"{url}/chat/completions", json=_chat("hi"), headers=_headers(key=f"gw-{salt}"))
+        client.post(f"{url}/chat/completions", json=_chat("hi", model=f"fault-{salt}"), headers={})
+
+    with httpx.Client() as client:
+        traffic(client, "warm-up")
+        before = _series(telemetry_gateway.metrics())
+        for n in range(750):  # 3,000 requests with distinct client values
+            traffic(client, f"{n}-{secrets.token_hex(4)}")
+    after = _series(telemetry_gateway.metrics())
+    assert after == before, sorted(after - before)[:10]
+
+
+def test_feedback_counts_own_requests_and_rejects_foreign_ones(telemetry_gateway: RunningGateway) -> None:
+    url = telemetry_gateway.base_url
+    with httpx.Client() as client:
+        answered = client.post(f"{url}/chat/completions", json=_chat("hello"), headers=_headers())
+        request_id = answered.headers["x-request-id"]
+        feedback = {"request_id": request_id, "score": 1, "label": "helpful"}
+        foreign = client.post(f"{url}/feedback", json=feedback, headers=_headers(key=OTHER_TENANT_KEY))
+        assert foreign.status_code == 404 and foreign.json()["error"]["code"] == "request_not_found"
+        assert client.post(f"{url}/feedback", json=feedback).status_code == 401  # no key at all
+        unknown = client.post(f"{url}/feedback", json={**feedback, "request_id": "req_never_seen"}, headers=_headers())
+        assert unknown.status_code == 404
+        for bad in ({"request_id": request_id, "score": 7}, {"request_id": request_id, "score": -1},
+                    {"request_id": request_id}, {"score": 1},
+                    {"request_id": "has spaces", "score": 1}, {**feedback, "extra": 1}):
+            response = client.post(f"{url}/feedback", json=bad, headers=_headers())
+            assert response.status_code == 400 and response.json()["error"]["type"] == "invalid_request_error"
+        assert client.post(f"{url}/feedback", content=b"{not json", headers=_headers()).status_code == 400
+        taken = client.post(f"{url}/feedback", json=feedback, headers=_headers())
+        assert taken.status_code == 200, taken.text
+        assert taken.json()["model"] == "fault-echo" and taken.json()["target"] == "mock-fast/fault-echo"
+        again = client.post(f"{url}/feedback", json=feedback, headers=_headers())
+        assert again.status_code == 404  # one feedback per request
+        streamed = client.post(f"{url}/chat/completions", json=_chat("hi", stream=True), headers=_headers())
+        odd = {"request_id": streamed.headers["x-request-id"], "score": 0, "label": "some free text"}
+        assert client.post(f"{url}/feedback", json=odd, headers=_headers()).status_code == 200
+    metrics = telemetry_gateway.metrics()
+    target = "mock-fast/fault-echo"
+    assert _value(metrics, "gateway_feedback_total", model="fault-echo", target=target, label="helpful") == 1
+    assert _value(metrics, "gateway_feedback_total", model="fault-echo", target=target, label="other") == 1
+    assert _value(metrics, "gateway_feedback_score_count", model="fault-echo", target=target) == 2
+    assert _value(metrics, "gateway_feedback_score_sum", model="fault-echo", target=target) == 1
+
+
+def test_feedback_is_off_unless_the_policy_turns_it_on(gateway: RunningGateway) -> None:
+    response = httpx.post(f"{gateway.base_url}/feedback", json={"request_id": "r", "score": 1}, headers=_headers())
+    assert response.status_code == 404 and "telemetry.feedback" in response.json()["error"]["message"]
+
+
+_SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+_TOOLS = [{"type": "function", "function": {"name": "echo", "parameters": {
+    "type": "object", "properties": {"number": {"type": "integer"}}, "required": ["number"]}}}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_quality_signals_per_alias_and_target(telemetry_gateway: RunningGateway, stream: bool) -> None:
+    url = telemetry_gateway.base_url
+    json_object = {"type": "json_object"}
+    json_schema = {"type": "json_schema", "json_schema": {"name": "n", "schema": _SCHEMA}}
+    cases = [
+        (_chat("I'm sorry, but I can't help with that request."), "refusal"),
+        (_chat(""), "empty"),
+        (_chat("not json at all", response_format=json_object), "invalid_json"),
+        (_chat('{"n": "seven"}', response_format=json_schema), "schema_violation"),
+        (_chat("hello", model="fault-echo-tool", tools=_TOOLS), "malformed_tool_call"),
+    ]
+    fine = [_chat('{"n": 7}', response_format=json_schema), _chat("Sure, here it is.")]
+    with httpx.Client(headers=_headers()) as client:
+        for body, _ in cases:
+            assert client.post(f"{url}/chat/completions", json={**body, "stream": stream}).status_code == 200
+        for body in fine:
+            assert client.post(f"{url}/chat/completions", json={**body, "stream": stream}).status_code == 200
+    metrics = telemetry_gateway.metrics()
+    for body, signal in cases:
+        model = body["model"]
+        target = f"mock-fast/{model}"
+        assert _value(metrics, "gateway_quality_signals_total", model=model, target=target, signal=signal) == 1, signal
+    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo", target="mock-fast/fault-echo") == 6
+    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo-tool",
+                  target="mock-fast/fault-echo-tool", reason="tool_calls") == 1
+    total_signals = sum(_value(metrics, "gateway_quality_signals_total", model="fault-echo",
+                               target="mock-fast/fault-echo", signal=s)
+                        for s in ("refusal", "empty", "invalid_json", "schema_violation", "truncated"))
+    assert total_signals == 4  # the two fine answers raised nothing
+
+
+def test_quality_off_reads_no_stream_and_counts_nothing(gateway: RunningGateway) -> None:
+    assert not any(stage.name == "quality" for stage in gateway.gateway.runtime.pipeline.stages)
+    httpx.post(f"{gateway.base_url}/chat/completions", json=_chat("I'm sorry, but I can't"), headers=_headers())
+    assert "gateway_quality_signals_total{" not in gateway.metrics()
+
+
+def test_traceparent_is_forwarded_upstream_and_echoed(telemetry_gateway: RunningGateway, upstream: Any) -> None:
+    trace, parent = secrets.token_hex(16), secrets.token_hex(8)
+    response = httpx.post(f"{telemetry_gateway.base_url}/chat/completions", json=_chat("hi"),
+                          headers=_headers(traceparent=f"00-{trace}-{parent}-01"))
+    echoed = response.headers["traceparent"]
+    version, trace_id, span_id, flags = echoed.split("-")
+    assert (version, trace_id, flags) == ("00", trace, "01") and span_id != parent
+    assert upstream.requests[-1].headers["traceparent"] == echoed  # the gateway's span is the upstream's parent
+    for bad in ("garbage", f"00-{'0' * 32}-{parent}-01", f"00-{trace}-{parent}"):
+        fresh = httpx.post(f"{telemetry_gateway.base_url}/chat/completions", json=_chat("hi"),
+                           headers=_headers(traceparent=bad))
+        assert fresh.headers["traceparent"].split("-")[1] not in (trace, "0" * 32)  # a new trace
+    refused = httpx.post(f"{telemetry_gateway.base_url}/chat/completions", json=_chat("hi", model="nope"),
+                         headers=_headers(traceparent=f"00-{trace}-{parent}-01"))
+    assert refused.status_code == 404 and refused.headers["traceparent"].split("-")[1] == trace
+
+
+def test_no_trace_header_when_tracing_is_off(gateway: RunningGateway, upstream: Any) -> None:
+    response = httpx.post(f"{gateway.base_url}/chat/completions", json=_chat("hi", model="chat"),
+                          headers=_headers(traceparent=f"00-{secrets.token_hex(16)}-{secrets.token_hex(8)}-01"))
+    assert "traceparent" not in response.headers
+    assert "traceparent" not in upstream.requests[-1].headers
+
+
+@pytest.fixture
+def otlp_receiver() -> Iterator[tuple[str, list[dict[str, Any]]]]:
+    """A tiny OTLP/HTTP receiver (JSON) on a real port, in a thread."""
+    received: list[dict[str, Any]] = []
+    port = free_port()
+
+    async def traces(request: web.Request) -> web.Response:
+        received.append(await request.json())
+        return web.json_response({})
+
+    app = web.Application()
+    app.router.add_post("/v1/traces", traces)
+    runner = web.AppRunner(app)
+    import asyncio
+
+    loop = asyncio.new_event_loop()
+    loop.run_until_complete(runner.setup())
+    loop.run_until_complete(web.TCPSite(runner, "127.0.0.1", port).start())
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{port}/v1/traces", received
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.run_until_complete(runner.cleanup())
+        loop.close()
+
+
+def test_spans_are_exported_over_otlp_with_gen_ai_attributes(
+    make_gateway: Make, upstream: Any, otlp_receiver: tuple[str, list[dict[str, Any]]],
+) -> None:
+    endpoint, received = otlp_receiver
+    text = policy_text(upstream.base_url) + (
+        f"telemetry:\n  tracing: {{enabled: true, otlp_endpoint: '{endpoint}', flush_interval_s: 0.1}}\n")
+    running = make_gateway(text)
+    trace, parent = secrets.token_hex(16), secrets.token_hex(8)
+    httpx.post(f"{running.base_url}/chat/completions", json=_chat("hello world", model="chat"),
+               headers=_headers(traceparent=f"00-{trace}-{parent}-01"))
+    httpx.post(f"{running.base_url}/chat/completions", json=_chat("hi", model="chat", stream=True), headers=_headers())
+    import time
+
+    deadline = time.monotonic() + 15
+    while sum(len(r["resourceSpans"][0]["scopeSpans"][0]["spans"]) for r in received) < 2:
+        assert time.monotonic() < deadline, "no spans arrived"
+        time.sleep(0.05)
+    spans = [s for r in received for s in r["resourceSpans"][0]["scopeSpans"][0]["spans"]]
+    first = next(s for s in spans if s["traceId"] == trace)
+    assert first["parentSpanId"] == parent
+    attributes = {a["key"]: next(iter(a["value"].values())) for a in first["attributes"]}
+    assert attributes["gen_ai.operation.name"] == "chat" and attributes["gen_ai.request.model"] == "chat"
+    assert attributes["gen_ai.response.model"] == "mock-model" and int(attributes["gen_ai.usage.input_tokens"]) > 0
+    assert "hello" not in json.dumps(spans)  # no prompt text in a span
+    assert 'gateway_spans_exported_total{result="ok"}' in running.metrics()
+
+
+def test_access_log_has_every_field_and_no_text(
+    make_gateway: Make, upstream: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    running = make_gateway(policy_text(upstream.base_url, access_log="true") + TELEMETRY)
+    secret_words = "purple-elephant-sentence"
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        for stream in (False, True):
+            response = httpx.post(f"{running.base_url}/chat/completions",
+                                  json=_chat(secret_words, model="chat", stream=stream), headers=_headers())
+            assert response.status_code == 200
+        httpx.post(f"{running.base_url}/chat/completions", json=_chat(secret_words, model="nope"), headers=_headers())
+    lines = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    assert len(lines) == 3
+    required = {"request_id", "endpoint", "model", "tenant", "key", "provider", "target", "status", "error",
+                "total_ms", "upstream_ms", "overhead_ms", "first_chunk_ms", "prompt_tokens", "completion_tokens",
+                "cost_usd", "cache", "guards", "attempts", "policy_version", "trace", "stream"}
+    for line in lines:
+        assert required <= set(line), required - set(line)
+        assert secret_words not in json.dumps(line)
+    plain, streamed, missing = lines
+    assert plain["tenant"] == "acme" and plain["key"] == "full" and plain["target"] == "mock/mock-model"
+    assert plain["prompt_tokens"] > 0 and plain["completion_tokens"] > 0 and plain["status"] == 200
+    assert streamed["first_chunk_ms"] is not None and streamed["stream"] is True
+    assert missing["status"] == 404 and missing["error"] == "model_not_found" and missing["model"] == "unknown"
+    assert plain["trace"].startswith("00-")

@@ -1,0 +1,75 @@
+"""Pure logic of the telemetry module: refusal heuristic quality, answer signals, label caps, traceparent."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from evals.quality.evaluate import evaluate
+from gateway.telemetry.labels import MetricLabels, capped
+from gateway.telemetry.quality import Answer, signals_of
+from gateway.telemetry.refusals import looks_like_refusal
+from gateway.telemetry.tracing import parse_traceparent
+
+EVALS = Path(__file__).resolve().parents[1] / "evals" / "quality"
+
+
+def test_refusal_heuristic_keeps_its_documented_precision_and_recall() -> None:
+    """docs/metrics.md states these figures; a change to the patterns must keep them (or update the docs)."""
+    main = evaluate(EVALS / "refusals.jsonl")
+    assert main["samples"] == 100 and main["precision"] >= 0.95 and main["recall"] >= 0.9, main
+    heldout = evaluate(EVALS / "refusals-heldout.jsonl")
+    assert heldout["precision"] >= 0.9 and heldout["recall"] >= 0.9, heldout
+
+
+@pytest.mark.parametrize("text", ["", "Sure.", "I can't stress enough how useful tests are.", "x" * 10_000 + "sorry"])
+def test_answers_are_not_refusals(text: str) -> None:
+    assert not looks_like_refusal(text)
+
+
+def _answer(text: str = "", reasons: tuple[str, ...] = ("stop",), tools: dict[int, list[str]] | None = None,
+            limit: int = 1000) -> Answer:
+    answer = Answer()
+    answer.add_text(text, limit)
+    answer.finish_reasons = list(reasons)
+    answer.tool_calls = tools or {}
+    return answer
+
+
+def test_signals_of_each_problem() -> None:
+    schema = {"type": "json_schema", "json_schema": {"schema": {"type": "object", "required": ["a"]}}}
+    assert signals_of(_answer("fine", ("length",)), {}) == ["truncated"]
+    assert signals_of(_answer("   "), {}) == ["empty"]
+    assert signals_of(_answer("{oops", ), {"response_format": {"type": "json_object"}}) == ["invalid_json"]
+    assert signals_of(_answer('{"b": 1}'), {"response_format": schema}) == ["schema_violation"]
+    assert signals_of(_answer('{"a": 1}'), {"response_format": schema}) == []
+    broken_schema = {"type": "json_schema", "json_schema": {"schema": {"type": "no-such-type"}}}
+    assert signals_of(_answer('{"a": 1}'), {"response_format": broken_schema}) == []  # the client's fault
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "required": ["x"]}}}]
+    assert signals_of(_answer(tools={0: ["f", '{"x"', ": 1}"]}), {"tools": tools}) == []
+    for bad in ({0: ["f", "{not json"]}, {0: ["f", "[1]"]}, {0: ["f", "{}"]}, {0: ["g", '{"x": 1}']}):
+        assert signals_of(_answer(tools=bad), {"tools": tools}) == ["malformed_tool_call"], bad
+
+
+def test_an_overlong_answer_skips_the_json_checks() -> None:
+    answer = _answer("{" * 2000, limit=1000)
+    assert answer.overflow and signals_of(answer, {"response_format": {"type": "json_object"}}) == []
+
+
+def test_label_caps_bucket_everything_else_as_other() -> None:
+    labels = MetricLabels(aliases=capped(["b", "a", "c"], 2), targets=frozenset({"p/m"}), tenants=frozenset({"t"}),
+                          keys=frozenset())
+    assert labels.aliases == {"a", "b"} and labels.alias("c") == "other" and labels.alias("unknown") == "unknown"
+    assert labels.target(None) == "none" and labels.target("p/x") == "other" and labels.target("p/m") == "p/m"
+    assert labels.tenant("anonymous") == "anonymous" and labels.tenant("new-tenant") == "other"
+    assert labels.key(None) == "none" and labels.key("any") == "other"
+
+
+def test_traceparent_parsing() -> None:
+    trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
+    assert parse_traceparent(f"00-{trace}-{span}-01".encode()) == (trace.encode(), span.encode(), b"01")
+    assert parse_traceparent(f"00-{trace.upper()}-{span}-00".encode()) == (trace.encode(), span.encode(), b"00")
+    for bad in ("", "00-xyz", f"01-{trace}-{span}-01", f"00-{'0' * 32}-{span}-01", f"00-{trace}-{'0' * 16}-01",
+                f"00-{trace}-{span}-01-extra", f"00-{trace}-{span}"):
+        assert parse_traceparent(bad.encode()) is None, bad

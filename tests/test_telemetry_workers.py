@@ -1,0 +1,72 @@
+"""`gateway serve --workers 2`: one coherent /metrics over both workers, new metrics and gauges included."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway.auth.keys import hash_key
+from tests.conftest import free_port
+from tests.support.processes import group_members
+from tests.test_serve import serving
+
+KEY = "gw-workers-test-key-000000000000000000000000"
+
+
+def _samples(metrics: str, name: str) -> list[tuple[dict[str, str], float]]:
+    return [(s.labels, s.value) for f in text_string_to_metric_families(metrics) for s in f.samples if s.name == name]
+
+
+def test_two_workers_add_up_to_one_view(tmp_path: Path) -> None:
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(textwrap.dedent(f"""\
+        version: 1
+        server: {{host: 127.0.0.1, port: 8080}}
+        auth: keys
+        keys: [{{name: team-key, tenant: team, hash: "{hash_key(KEY)}"}}]
+        providers: {{demo: {{kind: demo}}}}
+        models: {{demo: {{provider: demo, model: demo-1}}}}
+        telemetry: {{quality: {{enabled: true}}, tracing: {{enabled: true}}}}
+        """))
+    port = free_port()
+    args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port), "--workers", "2"]
+    with serving(args, port, env={"TMPDIR": str(tmp_path)}) as server:
+        body = {"model": "demo", "messages": [{"role": "user", "content": "hi"}]}
+        workers: set[str] = set()
+        sent = streamed = 0
+
+        def send(n: int) -> str:
+            with httpx.Client(headers={"Authorization": f"Bearer {KEY}"}, timeout=30) as fresh:  # a new connection
+                answer = fresh.post(f"http://127.0.0.1:{port}/v1/chat/completions", json={**body, "stream": n % 2 == 1})
+                assert answer.status_code == 200
+                return answer.headers["x-request-id"][:16]  # the id's prefix is per worker
+
+        with ThreadPoolExecutor(4) as pool:  # concurrent connections: a busy worker leaves some to the other
+            while (len(workers) < 2 or sent < 24) and sent < 400:
+                workers.update(pool.map(send, range(sent, sent + 8)))
+                streamed += sum(1 for n in range(sent, sent + 8) if n % 2 == 1)
+                sent += 8
+        assert len(workers) == 2, "the requests did not reach both workers"
+        views = [httpx.get(f"http://127.0.0.1:{port}/metrics").text for _ in range(6)]  # from either worker
+        for metrics in views:
+            tenant = _samples(metrics, "gateway_tenant_requests_total")
+            assert [(labels["tenant"], value) for labels, value in tenant] == [("team", float(sent))]
+            checked = _samples(metrics, "gateway_quality_checked_total")
+            assert sum(value for _, value in checked) == sent
+            ttft = _samples(metrics, "gateway_gen_ai_server_time_to_first_token_seconds_count")
+            assert sum(value for _, value in ttft) == streamed
+            usage = _samples(metrics, "gateway_gen_ai_client_token_usage_count")
+            assert sum(value for labels, value in usage if labels["token_type"] == "output") == sent
+            in_flight = _samples(metrics, "gateway_requests_in_flight")
+            assert sum(value for _, value in in_flight) == 0.0  # livesum: the two live workers, nothing stuck
+            served = _samples(metrics, "gateway_policy_info")
+            assert [value for _, value in served] == [1.0]  # livemax: one version, not one per worker
+        server.signal_group(signal.SIGTERM)
+        assert server.wait(20) in (0, -signal.SIGTERM), server.text()
+    assert not group_members(server.pgid)

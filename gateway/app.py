@@ -23,6 +23,7 @@ from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .auth.dynamic import DynamicKeys
+from .dryrun.shadow import Shadow, ShadowStage
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from .guards.runtime import GuardRuntime
 from .guards.stage import GuardStage
@@ -31,7 +32,7 @@ from .pipeline.runner import Pipeline
 from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingress, SelectTarget
 from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
-from .reload import watch_policy_file
+from .reload import watch_policy_files
 from .routing import Router
 from .runtime import Runtime, Service
 from .schemas.endpoints import Endpoint
@@ -76,6 +77,7 @@ class Gateway:
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
+        shadow = Shadow(policy, policy.shadow, self.metrics, self.tokens) if policy.shadow is not None else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             *observers.stages,
@@ -83,6 +85,7 @@ class Gateway:
             Admit(),
             Authenticate(keys),
             Ingress(),
+            *([ShadowStage(shadow)] if shadow is not None else []),  # no shadow policy: no stage
             Authorize(),
             *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
             SelectTarget(router),
@@ -93,6 +96,8 @@ class Gateway:
             services.append(guards)
         if keys is not None:
             services.append(keys)
+        if shadow is not None:
+            services.append(shadow)
         return Runtime(policy, providers, store, pipeline, services, dynamic_keys=keys, owns_store=not shared)
 
     def acquire_runtime(self) -> Runtime:
@@ -106,9 +111,14 @@ class Gateway:
         self._announce(self.runtime.policy)
         interval = lambda: self.runtime.policy.server.watch_interval_s  # noqa: E731 - read per tick: reloads change it
         if self.source is not None and self.runtime.policy.server.watch_policy:
-            self._spawn(watch_policy_file(self.source, interval, lambda: self.reload("file")))
+            self._spawn(watch_policy_files(self._watched, interval, lambda: self.reload("file")))
         self._spawn(self._watch_store(interval))
         self.started = True
+
+    def _watched(self) -> list[Path]:
+        """The files (and glob folders) of the policy in force, the root file first."""
+        assert self.source is not None
+        return [self.source, *(Path(p) for p in self.runtime.policy.watch[1:])]
 
     async def stop(self) -> None:
         self.draining = True
@@ -149,7 +159,7 @@ class Gateway:
                 log.error("policy reload refused: %s", issue)
             return {"result": "invalid", "trigger": trigger, "version": old.policy.version,
                     "errors": [str(issue) for issue in exc.issues]}
-        if policy.version == old.policy.version:
+        if policy.version == old.policy.version and _shadow_version(policy) == _shadow_version(old.policy):
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
         new = self._build(policy, old)
         try:
@@ -211,6 +221,10 @@ def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics, previous: Runt
         if store is previous.store or same_redis:  # the same keys behind it
             keys.adopt(previous.dynamic_keys)
     return keys
+
+
+def _shadow_version(policy: Policy) -> str | None:
+    return policy.shadow.version if policy.shadow is not None else None
 
 
 def _error_response(error: GatewayError, request: Request[Any, Any, Any], ids: RequestIds) -> Response[bytes]:

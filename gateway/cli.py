@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, check, schema, keys."""
+"""The `gateway` command: serve, check, route, explain, diff, test, schema, keys."""
 
 from __future__ import annotations
 
@@ -12,10 +12,11 @@ from typing import Any
 
 from . import __version__
 from .auth.keys import generate_key, hash_key
+from .dryrun.commands import add_commands
 from .policy import PolicyError, load_policy
 from .policy.compile import open_to_network
 from .policy.default import resolve_policy_path
-from .policy.schema import json_schema
+from .policy.reference import policy_schema, reference_markdown
 from .telemetry.logs import configure_logging
 
 __all__ = ["main"]
@@ -59,7 +60,12 @@ def _parser() -> argparse.ArgumentParser:
                        help="a request header rules may read (repeat for more)")
     route.set_defaults(run=_route)
 
+    add_commands(commands)  # explain, diff, test
+
     schema = commands.add_parser("schema", help="print the policy's JSON Schema")
+    schema.add_argument("--markdown", action="store_true", help="the policy reference (docs/policies.md) instead")
+    schema.add_argument("--fragment", action="store_true",
+                        help="for an included file: no section is required")
     schema.set_defaults(run=_schema)
 
     keys = commands.add_parser("keys", help="virtual keys")
@@ -178,7 +184,10 @@ def _route(args: argparse.Namespace) -> int:
 
 
 def _schema(args: argparse.Namespace) -> int:
-    print(json.dumps(json_schema(), indent=2))
+    if args.markdown:
+        print(reference_markdown(), end="")
+        return 0
+    print(json.dumps(policy_schema(fragment=args.fragment), indent=2))
     return 0
 
 

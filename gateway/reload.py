@@ -1,4 +1,7 @@
-"""Watching the policy file: a cheap poll of its metadata, and a reload when it changes.
+"""Watching the policy's files: a cheap poll of their metadata, and a reload when one changes.
+
+Every file a policy is made of is watched (its `include:`s, and the shadow policy's), and
+the folder of every include glob, so that a file added to `tenants/` is noticed too.
 
 Polling (one `stat` every `server.watch_interval_s`) rather than inotify: it works
 the same on every filesystem, in containers and for Kubernetes ConfigMaps (which
@@ -12,10 +15,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
-__all__ = ["watch_policy_file"]
+__all__ = ["watch_policy_file", "watch_policy_files"]
 
 log = logging.getLogger("gateway.reload")
 
@@ -32,13 +35,26 @@ async def watch_policy_file(
     path: Path, interval_s: Callable[[], float], on_change: Callable[[], Awaitable[object]],
 ) -> None:
     """Run until cancelled: call `on_change` after the file's metadata changed."""
-    last = _fingerprint(path)
+    await watch_policy_files(lambda: (path,), interval_s, on_change)
+
+
+def _fingerprints(paths: Sequence[Path]) -> tuple[tuple[Path, tuple[int, int, int] | None], ...] | None:
+    found = tuple((path, _fingerprint(path)) for path in paths)
+    return None if found and found[0][1] is None else found  # the root file missing: mid-swap, wait
+
+
+async def watch_policy_files(
+    paths: Callable[[], Sequence[Path]], interval_s: Callable[[], float], on_change: Callable[[], Awaitable[object]],
+) -> None:
+    """Run until cancelled: call `on_change` after the metadata of any of `paths` (read per tick) changed."""
+    last = _fingerprints(paths())
     while True:
         await asyncio.sleep(interval_s())
-        current = _fingerprint(path)
+        current = _fingerprints(paths())
         if current != last and current is not None:
             last = current
             try:
                 await on_change()
             except Exception:
                 log.exception("policy reload failed")
+            last = _fingerprints(paths())  # the reload may have changed which files make the policy

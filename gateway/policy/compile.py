@@ -7,7 +7,7 @@ errors, with file, line and field, all at once.
 
 from __future__ import annotations
 
-import hashlib
+import dataclasses
 import ipaddress
 import os
 from collections.abc import Mapping
@@ -19,37 +19,59 @@ from ..auth.keys import KeyRing, VirtualKey
 from ..store.base import StoreConfig
 from .compiled import Policy, ProviderConfig, Timeouts
 from .guard_check import check_guards
-from .loader import PolicyError, PolicyIssue, _Located, parse_spec
+from .includes import PolicyTree, read_tree
+from .loader import PolicyError, PolicyIssue, _Located, check_doc
 from .routes import compile_routing
-from .schema import PolicySpec, ProviderSpec, StateSpec
+from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec
 from .telemetry_check import metric_labels
 
-__all__ = ["PolicyError", "compile_policy", "is_loopback", "load_policy", "open_to_network"]
+__all__ = ["PolicyError", "compile_policy", "is_loopback", "key_record", "load_policy", "open_to_network"]
 
 DEMO_BASE_URL = "demo://in-process"
 _INTERNAL_SUFFIXES = (".internal", ".local", ".lan", ".svc", ".cluster.local", ".localdomain", ".home.arpa")
 
 
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = True) -> Policy:
-    """Read, validate and compile a policy file. Raises `PolicyError` with every issue."""
-    file = str(path)
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PolicyError([PolicyIssue(file, 1, "", f"cannot read the policy file: {exc}")]) from exc
-    return compile_text(text, file, env, require_env=require_env)
+    """Read, validate and compile a policy file and the files it includes. Raises `PolicyError` with every issue."""
+    return _compile_tree(read_tree(path), env, require_env)
 
 
 def compile_text(
     text: str, file: str = "<policy>", env: Mapping[str, str] | None = None, *, require_env: bool = True
 ) -> Policy:
-    spec, doc = parse_spec(text, file)
-    version = hashlib.sha256(text.encode()).hexdigest()[:16]
-    return compile_policy(spec, doc, os.environ if env is None else env, version, require_env=require_env)
+    """As `load_policy`, for text named `file` (its includes are read relative to `file`)."""
+    return _compile_tree(read_tree(file, text), env, require_env)
+
+
+def _compile_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_env: bool) -> Policy:
+    spec = check_doc(tree.doc)
+    env = os.environ if env is None else env
+    policy = compile_policy(spec, tree.doc, env, tree.version, require_env=require_env, files=tree.files,
+                            watch=tree.watch)
+    if spec.server.shadow_policy is None:
+        return policy
+    shadow = _shadow(spec.server.shadow_policy, tree.doc, env)
+    return dataclasses.replace(policy, shadow=shadow, watch=policy.watch + shadow.watch)
+
+
+def _shadow(given: str, doc: _Located, env: Mapping[str, str]) -> Policy:
+    """The candidate policy decided beside this one (never served, so its credentials need not be set)."""
+    path = Path(doc.file).parent / given
+    try:
+        shadow = _compile_tree(read_tree(path), env, False)
+    except PolicyError as exc:
+        file, line = doc.locate(("server", "shadow_policy"))
+        raise PolicyError([PolicyIssue(file, line, "server.shadow_policy", f"the shadow policy {path} is invalid"),
+                           *exc.issues]) from exc
+    if shadow.shadow is not None:
+        doc.issue(("server", "shadow_policy"), f"the shadow policy {path} has a shadow policy of its own")
+        raise PolicyError(doc.issues)
+    return shadow
 
 
 def compile_policy(
-    spec: PolicySpec, doc: _Located, env: Mapping[str, str], version: str, *, require_env: bool = True
+    spec: PolicySpec, doc: _Located, env: Mapping[str, str], version: str, *, require_env: bool = True,
+    files: tuple[str, ...] = (), watch: tuple[str, ...] = (),
 ) -> Policy:
     warnings: list[str] = []
     providers = {
@@ -66,7 +88,7 @@ def compile_policy(
                          warnings, "the admin API stays off until it is set")
     if not is_loopback(spec.server.host) and spec.auth == "none" and _spends(spec):
         warnings.append(
-            f"{doc.file}:{doc.line_of(('server', 'host'))}: server.host: SECURITY: `{spec.server.host}` serves the "
+            f"{doc.where(('server', 'host'))}: server.host: SECURITY: `{spec.server.host}` serves the "
             "network with `auth: none`: anyone who reaches it can spend your providers' credit "
             "(`gateway serve` refuses this without --allow-open)"
         )
@@ -79,6 +101,8 @@ def compile_policy(
     return Policy(
         source=doc.file,
         version=version,
+        files=files or (doc.file,),
+        watch=watch or (doc.file,),
         server=spec.server,
         state=state,
         auth=spec.auth,
@@ -95,6 +119,7 @@ def compile_policy(
         dynamic_keys=spec.dynamic_keys,
         telemetry=spec.telemetry,
         labels=labels,
+        spec=spec,
     )
 
 
@@ -134,7 +159,7 @@ def _token(
     if require_env:
         doc.issue(path, message)
     else:
-        warnings.append(f"{doc.file}:{doc.line_of(path)}: {'.'.join(path)}: {message}; {consequence}")
+        warnings.append(f"{doc.where(path)}: {'.'.join(path)}: {message}; {consequence}")
     return None if path[-1] == "admin_token_env" else ""
 
 
@@ -152,7 +177,7 @@ def _state(
                 if require_env:
                     doc.issue(("state", "url_env"), message)
                 else:
-                    warnings.append(f"{doc.file}:{doc.line_of(('state', 'url_env'))}: state.url_env: {message}")
+                    warnings.append(f"{doc.where(('state', 'url_env'))}: state.url_env: {message}")
     elif spec.url_env is not None:
         doc.issue(("state", "url_env"), "`url_env` is for `backend: redis`; the memory backend takes none")
     if spec.backend == "redis" and not url:  # reported above; a placeholder so that `check` goes on, never served
@@ -174,13 +199,18 @@ def _keys(spec: PolicySpec, doc: _Located) -> dict[bytes, VirtualKey]:
         doc.issue(("keys",), "`keys` are listed but `auth: none` ignores them; remove them or set `auth: keys`")
     keys: dict[bytes, VirtualKey] = {}
     for index, key in enumerate(spec.keys):
-        digest = bytes.fromhex(key.hash.removeprefix("sha256:"))
-        if digest in keys:
+        record = key_record(index, key)
+        if record.digest in keys:
             doc.issue(("keys", index, "hash"), "the same key hash is listed twice")
-        aliases = None if "*" in key.models else frozenset(key.models)
-        keys[digest] = VirtualKey(key.name or f"key-{index}", key.tenant, digest, aliases,
-                                  limits=key.limits, budget=key.budget)
+        keys[record.digest] = record
     return keys
+
+
+def key_record(index: int, key: KeySpec) -> VirtualKey:
+    """The record of the policy's `index`th key (`gateway test` picks callers by name with it)."""
+    aliases = None if "*" in key.models else frozenset(key.models)
+    return VirtualKey(key.name or f"key-{index}", key.tenant, bytes.fromhex(key.hash.removeprefix("sha256:")),
+                      aliases, limits=key.limits, budget=key.budget)
 
 
 def _provider(
@@ -214,7 +244,7 @@ def _provider(
             if require_env:
                 doc.issue(path + (field,), message)
             else:
-                warnings.append(f"{doc.file}:{doc.line_of(path + (field,))}: providers.{name}.{field}: {message}")
+                warnings.append(f"{doc.where(path + (field,))}: providers.{name}.{field}: {message}")
             continue
         bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
         headers[header] = f"Bearer {secret}" if bearer else secret

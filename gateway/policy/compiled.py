@@ -16,7 +16,7 @@ from ..store.base import StoreConfig
 from ..telemetry.labels import MetricLabels
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
-from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
+from .schema import AuthMode, BreakerSpec, PolicySpec, ProviderKind, ServerSpec
 from .telemetry_schema import TelemetrySpec
 
 __all__ = [
@@ -186,7 +186,7 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Policy:
     source: str
-    version: str  # sha256 of the file's text, short: names this policy in logs and cache keys
+    version: str  # sha256 over the policy's files, short: names this policy in headers, metrics, logs, cache keys
     server: ServerSpec
     state: StoreConfig
     auth: AuthMode
@@ -203,6 +203,10 @@ class Policy:
     dynamic_keys: DynamicKeysSpec = field(default_factory=DynamicKeysSpec)  # keys created at run time
     telemetry: TelemetrySpec = field(default_factory=TelemetrySpec)
     labels: MetricLabels = field(default_factory=MetricLabels)  # the closed sets metric labels take values from
+    files: tuple[str, ...] = ()  # the policy's files, the root first (`include:`); `version` hashes them all
+    watch: tuple[str, ...] = ()  # what the reload watcher polls: the files, glob folders, the shadow's files
+    shadow: Policy | None = None  # `server.shadow_policy`: a candidate decided beside this one, never served
+    spec: PolicySpec | None = field(default=None, repr=False)  # the merged raw structs: dry runs and diffs read them
 
     @property
     def has_guards(self) -> bool:

@@ -19,7 +19,7 @@ import yaml
 
 from .schema import HeaderName, PolicySpec
 
-__all__ = ["PolicyError", "PolicyIssue", "parse_spec"]
+__all__ = ["PolicyError", "PolicyIssue", "check_doc", "parse_file", "parse_spec"]
 
 _PathPart = str | int
 _Path = tuple[_PathPart, ...]
@@ -58,6 +58,7 @@ class _Located:
     def __init__(self, file: str, text: str) -> None:
         self.file = file
         self.lines: dict[_Path, int] = {}
+        self.files: dict[_Path, str] = {}  # paths merged in from an included file (`policy.includes`)
         self.issues: list[PolicyIssue] = []
         loader = yaml.SafeLoader(text)
         try:
@@ -86,13 +87,22 @@ class _Located:
                 self._index(item, path + (index,))
 
     def line_of(self, path: _Path) -> int:
+        return self.locate(path)[1]
+
+    def locate(self, path: _Path) -> tuple[str, int]:
+        """The file and line `path` (or its nearest written ancestor) comes from."""
         while path and path not in self.lines:
             path = path[:-1]
-        return self.lines.get(path, 1)
+        return self.files.get(path, self.file), self.lines.get(path, 1)
+
+    def where(self, path: _Path) -> str:
+        """`file:line` of `path`, for warnings."""
+        file, line = self.locate(path)
+        return f"{file}:{line}"
 
     def issue(self, path: _Path, message: str, line: int | None = None) -> None:
-        line = self.line_of(path) if line is None else line
-        self.issues.append(PolicyIssue(self.file, line, format_path(path), message))
+        file, found = self.locate(path)
+        self.issues.append(PolicyIssue(file, found if line is None else line, format_path(path), message))
 
 
 def _struct_type(tp: Any) -> type[msgspec.Struct] | None:
@@ -276,6 +286,12 @@ def _check_references(doc: _Located, data: Any) -> None:
 
 def parse_spec(text: str, file: str = "<policy>") -> tuple[PolicySpec, _Located]:
     """Decode policy text, or raise `PolicyError` listing every problem."""
+    doc = parse_file(text, file)
+    return check_doc(doc), doc
+
+
+def parse_file(text: str, file: str) -> _Located:
+    """One file's YAML with the line of every path; raises `PolicyError` on a syntax error or an empty file."""
     try:
         doc = _Located(file, text)
     except yaml.MarkedYAMLError as exc:
@@ -286,8 +302,13 @@ def parse_spec(text: str, file: str = "<policy>") -> tuple[PolicySpec, _Located]
         raise PolicyError([PolicyIssue(file, 1, "", f"YAML error: {exc}")]) from exc
     if doc.data is None:
         raise PolicyError([PolicyIssue(file, 1, "", "the policy file is empty")])
+    return doc
+
+
+def check_doc(doc: _Located) -> PolicySpec:
+    """Check a (possibly merged) document against the schema; raise `PolicyError` with every issue."""
     _check(doc, doc.data, PolicySpec, ())
     _check_references(doc, doc.data)
     if doc.issues:
         raise PolicyError(doc.issues)
-    return msgspec.convert(doc.data, PolicySpec), doc
+    return msgspec.convert(doc.data, PolicySpec)

@@ -89,6 +89,8 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # Reload when the policy file changes (polled), on SIGHUP and on POST /admin/reload.
     watch_policy: bool = True
     watch_interval_s: Annotated[float, Meta(ge=0.1, le=3_600)] = 2.0
+    shadow_policy: str | None = None  # a candidate policy decided beside this one (`docs/policies.md`)
+    shadow_queue: Annotated[int, Meta(ge=1, le=100_000)] = 1_024  # requests waiting to be shadowed; more are dropped
 
 
 class StateSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -266,6 +268,7 @@ class KeySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Literal[1]
+    include: list[str] = []  # more files of this policy, relative to this one (globs allowed; `policy.includes`)
     server: ServerSpec = ServerSpec()
     state: StateSpec = StateSpec()
     auth: AuthMode = "keys"

@@ -256,6 +256,7 @@ class Metrics:
         )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], _Series] = {}
         self._versions: set[str] = set()
+        self._shadow_metrics(registry)
 
     # ConnectionGate's observer (upstream/client.py)
     def waiting(self, provider: str, delta: int) -> None:
@@ -328,6 +329,19 @@ class Metrics:
             self.token_usage.labels(operation, model, target, "output"),
             self.time_per_output_token.labels(model, target),
             self.errors.labels(model, done.error) if done.error is not None else None,
+        )
+
+
+    # -- shadow policies (dryrun.shadow) --------------------------------------------------------------
+    def _shadow_metrics(self, registry: CollectorRegistry | None) -> None:
+        self.shadow_requests = Counter(
+            "gateway_shadow_requests", "Requests offered to the shadow policy, by result: compared, dropped "
+            "(its queue was full), failed.", ("result",), registry=registry,
+        )
+        self.shadow_disagreements = Counter(
+            "gateway_shadow_disagreements", "Compared requests the shadow policy decided differently from the live "
+            "one, by kind of decision (outcome, auth, limits, guards, cache, route, targets).", ("kind",),
+            registry=registry,
         )
 
 

@@ -1,0 +1,1 @@
+"""Policies decided without serving: dry runs (`gateway explain`), policy tests, diffs, shadow policies."""

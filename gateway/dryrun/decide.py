@@ -1,0 +1,243 @@
+"""Decide a request under a policy without serving it: no upstream call, no side effects.
+
+The same functions that serve traffic make each decision: the key ring authenticates,
+the router's `explain` applies the rules and the strategy, the guard runtime checks the
+request's text. What differs is only what is left out: nothing is sent, no breaker or
+latency statistic is read or updated (an offline decider sees no traffic: breakers read
+as closed, latency and load as unknown), no store is touched, and the guard runtime has
+metrics of its own, so the live ones count only served requests. One decision per kind,
+one function per kind, called in pipeline order (see `dryrun.decisions` for adding one).
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from ..auth.keys import VirtualKey
+from ..errors import ContentPolicyViolation, GatewayError, NoRoute
+from ..guards.base import Finding, Where
+from ..guards.runtime import GuardRuntime
+from ..guards.stage import input_texts
+from ..pipeline.stages import authenticate, decode_body, model_not_found
+from ..policy.accounting_schema import BudgetSpec, LimitSpec
+from ..policy.compiled import Policy
+from ..routing.router import Router
+from ..routing.rules import Facts
+from ..schemas.endpoints import Endpoint
+from ..telemetry.metrics import Metrics
+from ..telemetry.tokens import TokenCounter
+from .decisions import (
+    AppliedBudget,
+    AppliedLimit,
+    AuthDecision,
+    CacheDecision,
+    Decisions,
+    GuardsDecision,
+    GuardVerdict,
+    Kind,
+    LimitsDecision,
+    RouteDecision,
+    TargetsDecision,
+    Verdict,
+)
+
+__all__ = ["Decider", "DecisionRequest", "endpoint_of"]
+
+_REWRITES = frozenset({"redact", "mask", "pseudonymize"})
+_RANK = {"allow": 0, "record": 1, "redact": 2, "block": 3}
+
+
+@dataclass(frozen=True, slots=True)
+class DecisionRequest:
+    """A request as the gateway would receive it. `key` (a record picked by name) wins over `credential`."""
+
+    body: bytes
+    endpoint: Endpoint = Endpoint.CHAT
+    credential: str | None = None
+    key: VirtualKey | None = None
+    headers: Sequence[tuple[bytes, bytes]] = ()  # lower-case names, as the ASGI server gives them
+
+
+class _Refused(Exception):
+    """The gateway would answer `error` here; `decision` is the refusing kind's own decision, if any."""
+
+    def __init__(self, kind: Kind | None, error: GatewayError, decision: Any = None) -> None:
+        self.kind = kind
+        self.error = error
+        self.decision = decision
+
+
+class Decider:
+    """Decides requests under one policy. Build once, `start` (guards load their analyzers), reuse."""
+
+    def __init__(self, policy: Policy, tokens: TokenCounter | None = None) -> None:
+        self.policy = policy
+        self.tokens = tokens
+        metrics = Metrics()  # private: deciding counts nothing in the gateway's own metrics
+        self.router = Router(policy, {}, None, metrics, tokens, rng=random.Random(0))
+        count = tokens.count if tokens is not None else (lambda text: (len(text) + 3) // 4)
+        self.guards = GuardRuntime(policy.guards, metrics, count) if policy.has_guards else None
+
+    async def start(self) -> None:
+        if self.guards is not None:
+            await self.guards.start()
+
+    async def aclose(self) -> None:
+        if self.guards is not None:
+            await self.guards.aclose()
+        await self.router.aclose()
+
+    async def decide(self, request: DecisionRequest) -> Decisions:
+        found: dict[str, Any] = {}
+        alias: str | None = None
+        stream = False
+        try:
+            found["auth"], key = self._auth(request)
+            body, _ = _decoded(request)
+            alias = body["model"]
+            stream = body.get("stream") is True
+            found["auth"] = self._authorize(found["auth"], key, alias)
+            found["limits"] = self._limits(key, alias)
+            found["guards"] = await self._guards(request.endpoint, body, key, alias)
+            found["cache"] = self._cache(request.endpoint, body, key, alias)
+            found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream)
+        except _Refused as refused:
+            error = refused.error
+            if refused.kind is not None and refused.decision is not None:
+                found[refused.kind] = refused.decision
+            return Decisions(policy_version=self.policy.version, endpoint=request.endpoint.path, alias=alias,
+                             stream=stream, blocked=True, status=error.status, blocked_by=refused.kind or "request",
+                             error=error.message, **found)
+        return Decisions(policy_version=self.policy.version, endpoint=request.endpoint.path, alias=alias,
+                         stream=stream, **found)
+
+    # -- one function per kind, in pipeline order ---------------------------------------------------
+
+    def _auth(self, request: DecisionRequest) -> tuple[AuthDecision, VirtualKey | None]:
+        if request.key is not None:
+            key: VirtualKey | None = request.key
+        else:
+            try:
+                key = authenticate(self.policy, request.credential)
+            except GatewayError as exc:
+                raise _Refused("auth", exc) from None
+        if key is None:
+            return AuthDecision(caller="anonymous"), None
+        return AuthDecision(caller="key", tenant=key.tenant, key=key.name), key
+
+    def _authorize(self, auth: AuthDecision, key: VirtualKey | None, alias: str) -> AuthDecision:
+        allowed = alias in self.policy.models and (key is None or key.allows(alias))
+        decided = AuthDecision(caller=auth.caller, tenant=auth.tenant, key=auth.key, allowed=allowed)
+        if not allowed:
+            raise _Refused("auth", model_not_found(alias)) from None
+        return decided
+
+    def _limits(self, key: VirtualKey | None, alias: str) -> LimitsDecision:
+        """What applies (key, tenant, alias), read from the accounting shapes; live counters are not read.
+
+        EXTENSION POINT for accounting: when the enforcement stage has a pure "would this be
+        refused" check, call it here and refuse with `_Refused("limits", ...)`.
+        """
+        spec = self.policy.spec
+        scopes: list[tuple[Any, str, LimitSpec | None, BudgetSpec | None]] = []
+        if key is not None:
+            scopes.append(("key", key.name, key.limits, key.budget))
+            tenant = spec.tenants.get(key.tenant) if spec is not None else None
+            if tenant is not None:
+                scopes.append(("tenant", key.tenant, tenant.limits, tenant.budget))
+        model = spec.models.get(alias) if spec is not None else None
+        if model is not None:
+            scopes.append(("alias", alias, model.limits, model.budget))
+        limits = tuple(AppliedLimit(scope=scope, name=name, rpm=lim.rpm, tpm=lim.tpm, concurrent=lim.concurrent)
+                       for scope, name, lim, _ in scopes if lim is not None)
+        budgets = tuple(
+            AppliedBudget(scope=scope, name=name, usd=b.usd, period=b.period, mode=b.mode,
+                          downgrade_at=b.downgrade.at if b.downgrade else None,
+                          downgrade_alias=b.downgrade.alias if b.downgrade else None)
+            for scope, name, _, b in scopes if b is not None)
+        return LimitsDecision(limits=limits, budgets=budgets)
+
+    async def _guards(
+        self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str,
+    ) -> GuardsDecision | None:
+        """Every input guard's verdict on the request's text, each guard on its own (what it would do)."""
+        if self.guards is None:
+            return None
+        guard_set = self.guards.resolve(key.tenant if key is not None else "anonymous", alias)
+        if not guard_set:
+            return None
+        refs = list(input_texts(endpoint, body))
+        texts: list[tuple[str, Where]] = [(container[k], where) for container, k, where in refs]
+        messages = len(body.get("messages") or ()) if endpoint is Endpoint.CHAT else len(texts)
+        verdicts: list[GuardVerdict] = []
+        for limit in guard_set.limits:
+            verdicts.append(_verdict(limit.name, limit.mode, limit.check_request([t for t, _ in texts], messages)))
+        for guard in guard_set.input:
+            found: list[Finding] = []
+            for text, where in texts:
+                enforced, shadow = await self.guards.detect([guard], text, where)
+                found.extend(enforced or shadow)
+            verdicts.append(_verdict(guard.name, guard.mode, found))
+        enforced_verdicts = [v.verdict for v in verdicts if v.mode == "enforce"]
+        verdict: Verdict = max(enforced_verdicts, key=_RANK.__getitem__, default="allow")
+        decided = GuardsDecision(verdict=verdict, guards=tuple(verdicts))
+        if verdict == "block":
+            blockers = sorted({v.guard for v in verdicts if v.mode == "enforce" and v.verdict == "block"})
+            raise _Refused("guards", ContentPolicyViolation(
+                f"The request was blocked by the gateway's content policy: guard {', '.join(blockers)}."), decided)
+        return decided
+
+    def _cache(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str
+               ) -> CacheDecision | None:
+        """EXTENSION POINT for the cache issue: whether it would look up and store (None: no cache)."""
+        return None
+
+    def _route(
+        self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]], alias: str,
+        stream: bool,
+    ) -> tuple[RouteDecision, TargetsDecision]:
+        route = self.policy.models[alias]
+        facts = Facts(body, key, headers, self.tokens, route.upstream_model)
+        try:
+            rule, plan, order = self.router.explain(facts, alias, stream)
+        except NoRoute as exc:
+            rule_name = next((r.name for r in route.rules if r.deny == exc.message), None)
+            raise _Refused("route", exc, RouteDecision(rule=rule_name, denied=exc.message)) from None
+        random_draw = plan.strategy == "weighted" and (plan.sticky is None or facts.sticky_value(plan.sticky) is None)
+        deterministic = plan.single or not (random_draw or plan.strategy in ("latency", "least_busy"))
+        return (RouteDecision(rule=rule, route=plan.alias, strategy=plan.strategy),
+                TargetsDecision(order=tuple(t.name for t in order), deterministic=deterministic))
+
+
+def _decoded(request: DecisionRequest) -> tuple[dict[str, Any], msgspec.Struct]:
+    try:
+        return decode_body(request.body, request.endpoint)
+    except GatewayError as exc:
+        raise _Refused(None, exc) from None
+
+
+def _verdict(name: str, mode: str, found: list[Finding]) -> GuardVerdict:
+    verdict: Verdict
+    if any(f.action == "block" for f in found):
+        verdict = "block"
+    elif any(f.action in _REWRITES for f in found):
+        verdict = "redact"
+    else:
+        verdict = "record" if found else "allow"
+    return GuardVerdict(guard=name, mode=mode, verdict=verdict,
+                        types=tuple(sorted({f.type for f in found})))
+
+
+def endpoint_of(body: Any) -> Endpoint:
+    """The endpoint a request body is for: `messages` chat, `prompt` completions, `input` embeddings."""
+    if isinstance(body, dict) and "messages" not in body:
+        if "input" in body:
+            return Endpoint.EMBEDDINGS
+        if "prompt" in body:
+            return Endpoint.COMPLETIONS
+    return Endpoint.CHAT

@@ -1,0 +1,148 @@
+"""`gateway diff OLD NEW`: what changes between two policies, section by section.
+
+Compared on the merged raw structs (after includes), so moving a definition to another
+file is no change. Keys are compared by name and never show their hash: a new hash for
+the same name is reported as "credential changed". Every change is one `Change`, in a
+fixed section order: aliases, targets, rules, guards, limits, budgets, prices, keys,
+providers, tenants, settings.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import msgspec
+from msgspec import Struct
+
+from ..policy.schema import PolicySpec
+
+__all__ = ["Change", "diff_specs", "render_changes"]
+
+Section = Literal["aliases", "targets", "rules", "guards", "limits", "budgets", "prices", "keys", "providers",
+                  "tenants", "settings"]
+_ORDER: tuple[Section, ...] = ("aliases", "targets", "rules", "guards", "limits", "budgets", "prices", "keys",
+                               "providers", "tenants", "settings")
+_SETTINGS = ("server", "state", "auth", "routing")
+_MAX_VALUE = 120
+_SPLIT: dict[str, Section] = {"targets": "targets", "limits": "limits", "budget": "budgets"}
+
+
+class Change(Struct, frozen=True, kw_only=True, omit_defaults=True):
+    section: Section
+    name: str
+    change: Literal["added", "removed", "changed", "moved"]
+    details: tuple[str, ...] = ()  # `field: old -> new`
+
+
+def diff_specs(old: PolicySpec, new: PolicySpec) -> list[Change]:
+    changes: list[Change] = []
+    _named(changes, "aliases", _by_name(old.models), _by_name(new.models), split=("targets", "limits", "budget"))
+    _rules(changes, old, new)
+    _named(changes, "guards", _guards(old), _guards(new))
+    _named(changes, "prices", _by_name(old.prices), _by_name(new.prices))
+    _named(changes, "keys", _keys(old), _keys(new), split=("limits", "budget"))
+    _named(changes, "providers", _by_name(old.providers), _by_name(new.providers))
+    _named(changes, "tenants", _by_name(old.tenants), _by_name(new.tenants), split=("limits", "budget"))
+    for section in _SETTINGS:
+        details = _fields(msgspec.to_builtins(getattr(old, section)), msgspec.to_builtins(getattr(new, section)))
+        if details:
+            changes.append(Change(section="settings", name=section, change="changed", details=tuple(details)))
+    return sorted(changes, key=lambda c: _ORDER.index(c.section))
+
+
+def render_changes(changes: list[Change]) -> list[str]:
+    if not changes:
+        return ["no changes"]
+    sign = {"added": "+", "removed": "-", "changed": "~", "moved": "~"}
+    lines = []
+    for c in changes:
+        lines.append(f"{sign[c.change]} {c.section}: {c.name} {c.change}")
+        lines.extend(f"    {detail}" for detail in c.details)
+    return lines
+
+
+def _by_name(section: dict[str, Any]) -> dict[str, Any]:
+    return {name: msgspec.to_builtins(value) for name, value in section.items()}
+
+
+def _keys(spec: PolicySpec) -> dict[str, Any]:
+    found = {}
+    for index, key in enumerate(spec.keys):
+        data = msgspec.to_builtins(key)
+        data["hash"] = "credential"  # compared below, never shown
+        found[key.name or f"key-{index}"] = (data, key.hash)
+    return found
+
+
+def _guards(spec: PolicySpec) -> dict[str, Any]:
+    g = spec.guards
+    found: dict[str, Any] = {f"global.{name}": msgspec.to_builtins(s) for name, s in g.global_.items()}
+    for scope, groups in (("models", g.models), ("tenants", g.tenants)):
+        for owner, guards in groups.items():
+            found.update({f"{scope}.{owner}.{name}": msgspec.to_builtins(s) for name, s in guards.items()})
+    found["pool"] = msgspec.to_builtins(g.pool)
+    found["stream"] = msgspec.to_builtins(g.stream)
+    return found
+
+
+def _named(changes: list[Change], section: Section, old: dict[str, Any], new: dict[str, Any],
+           split: tuple[str, ...] = ()) -> None:
+    """Added, removed and changed entries; the fields in `split` are reported in their own section."""
+    for name in sorted(old.keys() - new.keys()):
+        changes.append(Change(section=section, name=name, change="removed"))
+    for name in sorted(new.keys() - old.keys()):
+        changes.append(Change(section=section, name=name, change="added"))
+    for name in sorted(old.keys() & new.keys()):
+        a, b = old[name], new[name]
+        if section == "keys":
+            (a, old_hash), (b, new_hash) = a, b
+            if old_hash != new_hash:
+                changes.append(Change(section="keys", name=name, change="changed", details=("credential changed",)))
+        for field in split:
+            part_a = a.pop(field, None) if isinstance(a, dict) else None
+            part_b = b.pop(field, None) if isinstance(b, dict) else None
+            if part_a != part_b:
+                own = _SPLIT[field]
+                details = _fields(part_a, part_b, field)
+                if field == "targets" and _names(part_a) != _names(part_b):
+                    details = [f"targets: {_names(part_a) or '(none)'} -> {_names(part_b) or '(none)'}"]
+                changes.append(Change(section=own, name=name, change="changed",
+                                      details=tuple(details)))
+        details = _fields(a, b)
+        if details:
+            changes.append(Change(section=section, name=name, change="changed", details=tuple(details)))
+
+
+def _names(targets: Any) -> str:
+    items = targets if isinstance(targets, list) else []
+    return ", ".join(f"{t.get('provider')}/{t.get('model')}" for t in items if isinstance(t, dict))
+
+
+def _rules(changes: list[Change], old: PolicySpec, new: PolicySpec) -> None:
+    a = {rule.name: msgspec.to_builtins(rule) for rule in old.rules}
+    b = {rule.name: msgspec.to_builtins(rule) for rule in new.rules}
+    _named(changes, "rules", a, b)
+    common = [name for name in a if name in b]
+    after = [name for name in b if name in a]
+    if common != after:
+        changes.append(Change(section="rules", name="order", change="moved",
+                              details=(f"{' > '.join(common)} -> {' > '.join(after)}",)))
+
+
+def _fields(a: Any, b: Any, path: str = "") -> list[str]:
+    """`path: old -> new` for every differing leaf (lists compared whole)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in sorted(a.keys() | b.keys(), key=str):
+            out.extend(_fields(a.get(key), b.get(key), f"{path}.{key}" if path else str(key)))
+        return out
+    if a == b:
+        return []
+    return [f"{path or 'value'}: {_show(a)} -> {_show(b)}"]
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "(unset)"
+    text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
+    return text if len(text) <= _MAX_VALUE else text[:_MAX_VALUE - 3] + "..."

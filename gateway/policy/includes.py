@@ -1,0 +1,260 @@
+"""Policies split across files: `include:` lists, merged into one document before it is checked.
+
+A policy file may name other files with `include: [providers.yaml, tenants/*.yaml]`, relative to the
+including file; included files may include more. Globs expand in sorted order, so the result never
+depends on the file system's listing order. The files are merged into one document, which is then
+checked exactly like a single file, every error still naming the file and line it came from.
+
+Precedence, the one rule: nothing is overridden. The entries of a named section (`providers`,
+`models`, `tenants`, `prices`, and the guards of each scope) are merged by name, and a name defined
+in two files is an error naming both places. `keys` and `rules` are concatenated: the including
+file's own first, then each included file's in `include` order, depth first (rule order matters:
+the first match wins). Every other section (`server`, `state`, `auth`, `routing`, `guards.pool`, ...)
+may be written in one file only. `version` may be repeated.
+
+The policy's version is a content hash over every file (its path relative to the root file and its
+text), so a change to any included file is a new version; a single file keeps the hash of its text.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .loader import PolicyError, PolicyIssue, _Located, _Path, format_path, parse_file
+
+__all__ = ["PolicyTree", "read_tree"]
+
+_NAMED = frozenset({"providers", "models", "tenants", "prices"})
+_LISTED = {"keys": "name", "rules": "name"}  # concatenated; the field whose value must be unique
+_GUARD_NAMED = frozenset({"global"})  # guards.global.<guard>
+_GUARD_NESTED = frozenset({"models", "tenants"})  # guards.models.<alias>.<guard>
+_MAX_FILES = 1_000
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyTree:
+    """The merged document of a policy and every file it is made of."""
+
+    doc: _Located
+    version: str
+    files: tuple[str, ...]  # in load order, the root first
+    watch: tuple[str, ...]  # files, and the folders of globs (a new file there changes the policy)
+
+
+def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
+    """Read the policy at `path` (or `text`, named `path`) and everything it includes; raise `PolicyError`."""
+    root = str(path)
+    if text is None:
+        text = _read(root, None)
+    reader = _Reader(Path(root).parent)
+    doc = parse_file(text, root)
+    reader.texts.append((root, text))
+    fragments = reader.expand(doc, [os.path.realpath(root)])
+    if reader.issues:
+        raise PolicyError(reader.issues)
+    if isinstance(doc.data, dict):  # else the schema check reports it
+        doc.data.pop("include", None)
+        merger = _Merger(doc, doc.data)
+        for fragment in fragments:
+            merger.merge(fragment)
+    if doc.issues:
+        raise PolicyError(doc.issues)
+    files = tuple(file for file, _ in reader.texts)
+    return PolicyTree(doc, _version(reader.texts, Path(root).parent), files, files + tuple(sorted(reader.folders)))
+
+
+def _read(file: str, at: tuple[str, int] | None) -> str:
+    try:
+        return Path(file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        where = at or (file, 1)
+        raise PolicyError([PolicyIssue(where[0], where[1], "", f"cannot read the policy file {file}: {exc}")]) from exc
+
+
+def _version(texts: list[tuple[str, str]], base: Path) -> str:
+    if len(texts) == 1:
+        return hashlib.sha256(texts[0][1].encode()).hexdigest()[:16]
+    digest = hashlib.sha256()
+    for file, text in texts:
+        name = os.path.relpath(file, base).encode()
+        data = text.encode()
+        digest.update(b"%d:%s%d:%s" % (len(name), name, len(data), data))  # prefix-free
+    return digest.hexdigest()[:16]
+
+
+class _Reader:
+    """Follows `include:` lists depth first, reporting missing files, cycles and files included twice."""
+
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.texts: list[tuple[str, str]] = []
+        self.folders: set[str] = set()
+        self.issues: list[PolicyIssue] = []
+        self.seen: dict[str, tuple[str, int]] = {}  # real path -> where it was included
+
+    def expand(self, doc: _Located, stack: list[str]) -> list[_Located]:
+        data = doc.data
+        if not isinstance(data, dict) or "include" not in data:
+            return []
+        entries = data["include"]
+        if not isinstance(entries, list) or not all(isinstance(e, str) and e for e in entries):
+            doc.issue(("include",), "expected a list of file names or globs, relative to this file")
+            self.issues.extend(doc.issues)
+            return []
+        fragments: list[_Located] = []
+        folder = Path(doc.file).parent
+        for index, entry in enumerate(entries):
+            where = doc.locate(("include", index))
+            for file in self._files(folder, entry, where):
+                real = os.path.realpath(file)
+                if real in stack:
+                    chain = " -> ".join(os.path.relpath(p, self.base) for p in [*stack, real])
+                    self._issue(where, f"include cycle: {chain}")
+                    continue
+                if real in self.seen:
+                    first = self.seen[real]
+                    self._issue(where, f"`{entry}` is already included at {first[0]}:{first[1]}")
+                    continue
+                self.seen[real] = where
+                if len(self.texts) >= _MAX_FILES:
+                    self._issue(where, f"a policy may not have more than {_MAX_FILES} files")
+                    return fragments
+                try:
+                    text = _read(file, where)
+                    fragment = parse_file(text, file)
+                except PolicyError as exc:
+                    self.issues.extend(exc.issues)
+                    continue
+                self.texts.append((file, text))
+                fragments.append(fragment)
+                fragments.extend(self.expand(fragment, [*stack, real]))
+        return fragments
+
+    def _files(self, folder: Path, entry: str, where: tuple[str, int]) -> list[str]:
+        path = folder / entry
+        if glob.has_magic(entry):
+            self.folders.add(str(path.parent))
+            return sorted(p for p in glob.glob(str(path)) if os.path.isfile(p))  # none matching: fine
+        if not path.is_file():
+            self._issue(where, f"included file not found: {entry} (looked for {path})")
+            return []
+        return [str(path)]
+
+    def _issue(self, where: tuple[str, int], message: str) -> None:
+        self.issues.append(PolicyIssue(where[0], where[1], "include", message))
+
+
+class _Merger:
+    """Merges included documents into the root one, keeping every path's file and line."""
+
+    def __init__(self, root: _Located, data: dict[str, Any]) -> None:
+        self.doc = root
+        self.data = data
+
+    def merge(self, fragment: _Located) -> None:
+        data = fragment.data
+        if not isinstance(data, dict):
+            self.doc.issues.append(PolicyIssue(fragment.file, 1, "", "an included file must be a mapping of sections"))
+            return
+        for section, value in data.items():
+            if section == "include" or (section == "version" and "version" in self.data):
+                continue
+            if section in _NAMED and isinstance(value, dict):
+                self._named(fragment, (section,), value)
+            elif section in _LISTED and isinstance(value, list):
+                self._listed(fragment, section, value)
+            elif section == "guards" and isinstance(value, dict):
+                self._guards(fragment, value)
+            else:
+                self._single(fragment, (section,), self.data, value)
+
+    def _guards(self, fragment: _Located, guards: dict[str, Any]) -> None:
+        target = self._container(fragment, ("guards",), self.data)
+        if target is None:
+            return
+        for scope, value in guards.items():
+            path: _Path = ("guards", scope)
+            if scope in _GUARD_NAMED and isinstance(value, dict):
+                self._named(fragment, path, value)
+            elif scope in _GUARD_NESTED and isinstance(value, dict):
+                for name, guards_of in value.items():
+                    if isinstance(guards_of, dict):
+                        self._named(fragment, (*path, name), guards_of)
+                    else:
+                        self._single(fragment, (*path, name), self._container(fragment, path, target) or {}, guards_of)
+            else:
+                self._single(fragment, path, target, value)
+
+    def _container(self, fragment: _Located, path: _Path, parent: dict[str, Any]) -> dict[str, Any] | None:
+        """The mapping at `path` in the merged data (made if absent); None if it is not a mapping."""
+        key = str(path[-1])
+        if key not in parent:
+            parent[key] = {}
+            self._copy(fragment, path, path, subtree=False)
+        found = parent[key]
+        return found if isinstance(found, dict) else None
+
+    def _at(self, path: _Path) -> Any:
+        node: Any = self.data
+        for part in path:
+            node = node[part]
+        return node
+
+    def _named(self, fragment: _Located, path: _Path, entries: dict[str, Any]) -> None:
+        parent = self._at(path[:-1]) if len(path) > 1 else self.data
+        target = self._container(fragment, path, parent)
+        if target is None:
+            self._single(fragment, path, parent, entries)
+            return
+        for name, value in entries.items():
+            self._single(fragment, (*path, str(name)), target, value, key=name)
+
+    def _listed(self, fragment: _Located, section: str, items: list[Any]) -> None:
+        existing = self.data.setdefault(section, [])
+        if not isinstance(existing, list):
+            self._conflict(fragment, (section,))
+            return
+        if (section,) not in self.doc.lines:
+            self._copy(fragment, (section,), (section,), subtree=False)
+        unique = _LISTED[section]
+        names = {item.get(unique): index for index, item in enumerate(existing)
+                 if isinstance(item, dict) and item.get(unique)}
+        for index, item in enumerate(items):
+            name = item.get(unique) if isinstance(item, dict) else None
+            if isinstance(name, str) and name and name in names:
+                first = self.doc.where((section, names[name], unique))
+                file, line = fragment.locate((section, index, unique))
+                self.doc.issues.append(PolicyIssue(
+                    file, line, f"{section}[{index}].{unique}", f"`{name}` is also defined at {first}"))
+                continue
+            if isinstance(name, str) and name:
+                names[name] = len(existing)
+            self._copy(fragment, (section, index), (section, len(existing)))
+            existing.append(item)
+
+    def _single(self, fragment: _Located, path: _Path, parent: dict[str, Any], value: Any, key: Any = None) -> None:
+        key = str(path[-1]) if key is None else key
+        if key in parent:
+            self._conflict(fragment, path)
+            return
+        parent[key] = value
+        self._copy(fragment, path, path)
+
+    def _conflict(self, fragment: _Located, path: _Path) -> None:
+        file, line = fragment.locate(path)
+        self.doc.issues.append(PolicyIssue(
+            file, line, format_path(path), f"also defined at {self.doc.where(path)}; each may be defined once"))
+
+    def _copy(self, fragment: _Located, source: _Path, dest: _Path, *, subtree: bool = True) -> None:
+        """Record the lines of `source` (and, with `subtree`, everything under it) at `dest`."""
+        size = len(source)
+        for path, line in fragment.lines.items():
+            if path[:size] == source and (subtree or len(path) == size):
+                moved = dest + path[size:]
+                self.doc.lines[moved] = line
+                self.doc.files[moved] = fragment.files.get(path, fragment.file)

@@ -1,0 +1,329 @@
+"""The policy's documented JSON Schema (`gateway schema`) and reference (`gateway schema --markdown`).
+
+Both are generated from the structs of `policy.schema` and its sibling modules, so they cannot
+drift from what the loader accepts. A field's description is, in order: its `Meta(description=...)`,
+else the comment written on its line (or the comment lines just above it) in the struct's source,
+else the entry of `_DESCRIPTIONS` below, for fields whose meaning their name alone does not carry
+a comment for. A test checks that every field of every section has one; `docs/policies.md` holds
+the markdown, and a test checks it is current.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import io
+import json
+import tokenize
+from typing import Any
+
+import msgspec
+
+from . import accounting_schema, guard_schema, schema
+
+__all__ = ["field_descriptions", "policy_schema", "reference_markdown"]
+
+_MODULES = (schema, accounting_schema, guard_schema)
+
+# Fields without a comment in their struct's source. Keyed by `Struct.field` (the YAML name).
+_DESCRIPTIONS: dict[str, str] = {
+    "PolicySpec.version": "The policy format's version; always 1.",
+    "PolicySpec.server": "The HTTP server, metrics, admin API, reload and shadow policy.",
+    "PolicySpec.state": "Where shared state lives (memory, or Redis shared by replicas).",
+    "PolicySpec.auth": "`keys`: every request needs a virtual key listed under `keys`; `none`: no keys (local use).",
+    "PolicySpec.keys": "Virtual keys: each a hash, a tenant, the aliases it may use, its limits and budget.",
+    "PolicySpec.providers": "Upstream APIs by name; aliases and targets name them.",
+    "PolicySpec.models": "The model aliases clients ask for, each with its targets and strategy.",
+    "PolicySpec.routing": "Defaults for every alias (retries, retry_on, deadline) and the circuit breaker.",
+    "PolicySpec.rules": "Conditional routing, before the strategy: the first rule that matches wins.",
+    "PolicySpec.guards": "Input and output guards (PII, secrets, injection, deny lists, size limits) by scope.",
+    "ServerSpec.host": "Listen address; a non-loopback address with `auth: none` and real providers is refused.",
+    "ServerSpec.port": "Listen port.",
+    "ServerSpec.max_body_bytes": "Largest request body accepted; larger ones get 413.",
+    "ServerSpec.drain_timeout_s": "On shutdown or reload, how long running requests and streams may finish.",
+    "ServerSpec.metrics": "Serve Prometheus metrics on /metrics.",
+    "ServerSpec.access_log": "Log one line per request (never its text or key).",
+    "StateSpec.backend": "`memory` (one process) or `redis` (shared by every replica).",
+    "StateSpec.key_prefix": "Prefix of every key the gateway writes in Redis.",
+    "StateSpec.connect_timeout_s": "Connecting to Redis.",
+    "StateSpec.op_timeout_s": "One Redis operation; slower counts as unavailable.",
+    "StateSpec.max_connections": "Redis connections per process.",
+    "TimeoutSpec.connect_s": "Opening a connection to the provider.",
+    "TimeoutSpec.idle_s": "Longest silence between two chunks of a stream.",
+    "TimeoutSpec.total_s": "The whole request, first byte to last.",
+    "ProviderSpec.kind": "`openai` (any OpenAI-compatible API) or `demo` (answers in-process, for trials).",
+    "ProviderSpec.base_url": "The API's base URL, e.g. https://api.openai.com/v1 (`openai` only).",
+    "ProviderSpec.api_key_env": "The environment variable holding the provider's API key (never the key itself).",
+    "ProviderSpec.api_key_header": "The header the key is sent in (`Authorization` gets `Bearer `; Azure: `api-key`).",
+    "ProviderSpec.headers": "Extra headers sent upstream (not secrets: those go in headers_env).",
+    "ProviderSpec.headers_env": "Extra headers whose values come from environment variables.",
+    "ProviderSpec.query": "Query parameters added to every upstream URL (e.g. Azure's api-version).",
+    "ProviderSpec.timeouts": "Connect, first byte, idle and total timeouts of every request to this provider.",
+    "ProviderSpec.stream_usage": "Ask streamed answers for their usage chunk (OpenAI's stream_options).",
+    "ProviderSpec.chunk_delay_ms": "`demo` only: a pause between streamed chunks.",
+    "PriceSpec.input_per_mtok": "USD per million prompt tokens.",
+    "PriceSpec.output_per_mtok": "USD per million completion tokens.",
+    "RetrySpec.backoff_max_s": "The longest backoff.",
+    "TargetTimeoutSpec.connect_s": "Overrides the provider's connect_s.",
+    "TargetTimeoutSpec.idle_s": "Overrides the provider's idle_s.",
+    "TargetTimeoutSpec.total_s": "Overrides the provider's total_s.",
+    "HealthCheckSpec.interval_s": "Time between two checks.",
+    "HealthCheckSpec.timeout_s": "A check slower than this is a failure.",
+    "TargetSpec.provider": "The provider (a name under `providers`).",
+    "TargetSpec.model": "The model name the provider knows it by.",
+    "TargetSpec.weight": "`weighted` strategy: this target's share, relative to the others'.",
+    "TargetSpec.timeouts": "This target's own timeouts (unset ones: the provider's).",
+    "TargetSpec.health_check": "An active health check of this target (off when unset).",
+    "ModelSpec.provider": "One-target shorthand: the provider.",
+    "ModelSpec.model": "One-target shorthand: the upstream model name.",
+    "ModelSpec.targets": "The alias's targets (instead of provider and model).",
+    "ModelSpec.strategy": "How targets are ordered: priority (as listed), weighted, latency, least_busy, cost.",
+    "ModelSpec.retry": "Retries of each target (default: routing.retry).",
+    "ModelSpec.description": "Shown by /v1/models.",
+    "MatchSpec.has_tools": "The request carries tools (or functions).",
+    "MatchSpec.has_images": "A message has an image part.",
+    "RuleSpec.name": "Names the rule in headers, logs, metrics and `gateway explain`.",
+    "RuleSpec.when": "The conditions; all given must hold (none: always).",
+    "RuleSpec.alias": "Send the request to this alias instead.",
+    "RuleSpec.targets": "Send the request to these targets instead.",
+    "RuleSpec.strategy": "With `targets`: how they are ordered.",
+    "RuleSpec.sticky": "With `targets` and `weighted`: keep a caller on one target.",
+    "BreakerSpec.enabled": "Whether targets have circuit breakers.",
+    "BreakerSpec.when_all_open": "When every target is open: try the one that failed least recently, or refuse (503).",
+    "RoutingSpec.retry": "Default retries of every target.",
+    "RoutingSpec.retry_on": "Default failures that are retried or fallen back on.",
+    "RoutingSpec.deadline_s": "Default deadline of all attempts of one request together.",
+    "RoutingSpec.breaker": "The circuit breaker of every target.",
+    "KeySpec.hash": "The key's SHA-256 (`gateway keys hash` or `gateway keys generate`); never the key.",
+    "KeySpec.tenant": "The tenant the key belongs to (guards, rules, limits and budgets read it).",
+    "KeySpec.models": "Aliases the key may use; `*`: all.",
+    "KeySpec.name": "Names the key in logs, metrics, rules and `gateway test` (default: key-<index>).",
+    "KeySpec.limits": "This key's own rate limits (its tenant's and alias's apply too).",
+    "KeySpec.budget": "This key's own budget.",
+    "TenantSpec.limits": "Rate limits for all of the tenant's keys together.",
+    "TenantSpec.budget": "Budget for all of the tenant's keys together.",
+    "GuardsSpec.pool": "Where CPU-bound analysis runs.",
+    "GuardsSpec.stream": "How streamed output is held back while it is scanned.",
+    "GuardsSpec.global": "Guards for every request, by name.",
+    "GuardsSpec.models": "Guards for one alias, by alias then name (override global ones of the same name).",
+    "GuardsSpec.tenants": "Guards for one tenant, by tenant then name (override alias and global ones).",
+    "EntitySpec.action": "What to do with this type (default: the guard's action).",
+    "EntitySpec.threshold": "The lowest score acted on (default: the guard's threshold).",
+    "PatternSpec.regex": "A regular expression (the `regex` module's syntax).",
+    "PatternSpec.score": "The score of a match before context words raise it.",
+    "RecognizerSpec.entity": "The entity type it finds.",
+    "RecognizerSpec.patterns": "Regex patterns.",
+    "RecognizerSpec.deny_list": "Exact terms.",
+    "RecognizerSpec.context": "Words near a match that raise its score.",
+    "RecognizerSpec.validator": "A checksum a match must pass.",
+    "PiiGuardSpec.engine": "`patterns` (regexes, fast) or `ner` (presidio with a spaCy model).",
+    "PiiGuardSpec.languages": "Languages of the text (ner).",
+    "PiiGuardSpec.action": "Default action: block, redact, mask, pseudonymize or record.",
+    "PiiGuardSpec.threshold": "Default lowest score acted on.",
+    "PiiGuardSpec.recognizers": "Custom recognizers by name.",
+    "SecretsGuardSpec.action": "What a found secret does to the request.",
+    "SecretsGuardSpec.allow": "Values never reported (exact).",
+    "InjectionGuardSpec.places": "Where it runs (input only by default).",
+    "InjectionGuardSpec.action": "block or record.",
+    "InjectionGuardSpec.threshold": "The lowest score that counts as an injection.",
+    "DenyListGuardSpec.action": "block, redact or record.",
+    "DenyListGuardSpec.terms": "Terms (whole words, case-insensitive).",
+    "DenyListGuardSpec.patterns": "Regular expressions.",
+    "DenyListGuardSpec.topics": "Named groups of terms, reported by topic.",
+    "LimitsGuardSpec.places": "Input only.",
+    "LimitsGuardSpec.action": "block or record.",
+    "LimitsGuardSpec.max_chars": "Most characters of text in one request.",
+    "LimitsGuardSpec.max_messages": "Most messages in one request.",
+    "LimitsGuardSpec.max_tokens": "Most prompt tokens in one request.",
+    "ServerSpec.watch_interval_s": "How often the policy's files are polled for changes.",
+    "ProviderSpec.pool_timeout_s": "How long a request waits for a free slot of pool_size before a 503.",
+    "ModelSpec.budget": "A budget for all callers of this alias together.",
+    "MatchSpec.tenant": "The caller's tenant.",
+    "MatchSpec.prompt_tokens_under": "The prompt has fewer tokens than this (estimated with tiktoken).",
+    "BreakerSpec.window_s": "The window failure_ratio is measured over.",
+    "DowngradeSpec.at": "The share of the budget spent from which requests are downgraded.",
+    "DowngradeSpec.alias": "The cheaper alias requests go to past `at`.",
+    "BudgetSpec.usd": "USD allowed per period.",
+    "BudgetSpec.period": "day, week, month (UTC calendar) or rolling (the last window_s).",
+    "BudgetSpec.downgrade": "Past a share of the budget, send requests to a cheaper alias.",
+    "_GuardBase.timeout_s": "A guard slower than this is a failure (decided by `fail`).",
+    "_GuardBase.places": "Where the guard runs: input (the request), output (the answer).",
+    "GuardPoolSpec.kind": "`thread` or `process` workers.",
+    "GuardPoolSpec.workers": "Number of workers.",
+    "StreamScanSpec.window_chars": "Characters held back and scanned together.",
+}
+
+_EXAMPLES: dict[str, list[Any]] = {
+    "PolicySpec.include": [["providers.yaml", "tenants/*.yaml"]],
+    "ServerSpec.shadow_policy": ["candidate.yaml"],
+    "ProviderSpec.base_url": ["https://api.openai.com/v1", "http://127.0.0.1:8000/v1"],
+    "ProviderSpec.api_key_env": ["OPENAI_API_KEY"],
+    "KeySpec.hash": ["sha256:" + "0" * 64],
+    "KeySpec.models": [["gpt-4o-mini", "text-embedding-3-small"], ["*"]],
+    "ModelSpec.strategy": ["priority", "weighted"],
+    "TargetSpec.model": ["gpt-4o-mini"],
+    "MatchSpec.header": [{"X-Beta": ["*"]}],
+    "LimitSpec.rpm": [600],
+    "BudgetSpec.usd": [100],
+    "StateSpec.url_env": ["REDIS_URL"],
+    "RuleSpec.deny": ["`cheap` does not take tools; use gpt-4o-mini"],
+}
+
+
+def _structs() -> dict[str, type[msgspec.Struct]]:
+    found: dict[str, type[msgspec.Struct]] = {}
+    for module in _MODULES:
+        for value in vars(module).values():
+            if isinstance(value, type) and issubclass(value, msgspec.Struct) and value.__module__ == module.__name__:
+                found[value.__name__] = value
+    return found
+
+
+@functools.cache
+def field_descriptions() -> dict[str, str]:
+    """`Struct.field` -> description, from source comments and the table above."""
+    found: dict[str, str] = {}
+    for name, struct in _structs().items():
+        comments: dict[str, str] = {}
+        for base in reversed(struct.__mro__):  # a guard kind's common fields are written on its base
+            if isinstance(base, type) and issubclass(base, msgspec.Struct) and base is not msgspec.Struct:
+                comments.update(_source_comments(base))
+        for field in msgspec.structs.fields(struct):
+            text = comments.get(field.name) or next(
+                (_DESCRIPTIONS[f"{base.__name__}.{field.encode_name}"] for base in struct.__mro__
+                 if f"{base.__name__}.{field.encode_name}" in _DESCRIPTIONS), None)
+            if text:
+                found[f"{name}.{field.encode_name}"] = text
+    return found
+
+
+def _source_comments(struct: type) -> dict[str, str]:
+    """The comment on each field's line, or the full-line comments just above it."""
+    try:
+        source = inspect.getsource(struct)
+    except (OSError, TypeError):
+        return {}
+    found: dict[str, str] = {}
+    above: list[str] = []
+    field: str | None = None
+    depth = 0
+    tokens = list(tokenize.generate_tokens(io.StringIO(source).readline))
+    for index, tok in enumerate(tokens):
+        if tok.type == tokenize.OP and tok.string in "([{":
+            depth += 1
+        elif tok.type == tokenize.OP and tok.string in ")]}":
+            depth -= 1
+        elif tok.type == tokenize.COMMENT:
+            text = tok.string.lstrip("#").strip()
+            if tok.line.strip().startswith("#"):
+                above.append(text)
+            elif field is not None and depth == 0:
+                found[field] = _sentence(text)
+                field = None
+        elif tok.type == tokenize.NAME and depth == 0 and tok.start[1] == 4 and index + 1 < len(tokens) \
+                and tokens[index + 1].string == ":":
+            field = tok.string
+            if above:
+                found[field] = _sentence(" ".join(above))
+            above = []
+        elif tok.type == tokenize.NEWLINE:
+            field = None
+    return found
+
+
+def _sentence(text: str) -> str:
+    text = text.strip()
+    return text[0].upper() + text[1:] if text else text
+
+
+def policy_schema(*, fragment: bool = False) -> dict[str, Any]:
+    """The JSON Schema of a policy file, every field described. `fragment`: for included files."""
+    out: dict[str, Any] = schema.json_schema()
+    descriptions = field_descriptions()
+    for name, definition in out.get("$defs", {}).items():
+        for prop, body in definition.get("properties", {}).items():
+            key = f"{name}.{prop}"
+            inner = [o.get("description") for o in body.get("anyOf", ()) if isinstance(o, dict)]
+            if "description" not in body and any(inner):  # `Annotated[..., Meta(description)] | None`
+                body["description"] = next(text for text in inner if text)
+            if key in descriptions and body.get("description") != descriptions[key]:
+                unit = body.get("description")  # a shared type's Meta: "seconds", "name of an environment variable"
+                body["description"] = descriptions[key] + (f" ({unit})" if unit and len(unit) < 40 else "")
+            if prop == "kind" and "enum" in body and "description" not in body:  # a guard's tag
+                body["description"] = "The kind of guard."
+            if key in _EXAMPLES:
+                body["examples"] = _EXAMPLES[key]
+    if fragment:
+        out["$defs"]["PolicySpec"].pop("required", None)
+        out["title"] = "LLM gateway policy, version 1 (an included file)"
+    return out
+
+
+def reference_markdown() -> str:
+    """Every section of the policy, as markdown tables, walking from the top-level section."""
+    out = policy_schema()
+    defs: dict[str, Any] = out["$defs"]
+    lines = ["<!-- generated by `gateway schema --markdown`: do not edit by hand -->", ""]
+    seen: set[str] = set()
+    queue = [("PolicySpec", "(top level)")]
+    while queue:
+        name, path = queue.pop(0)
+        if name in seen:
+            continue
+        seen.add(name)
+        definition = defs[name]
+        lines.append(f"### `{path}`")
+        lines.append("")
+        if definition.get("description"):
+            lines.extend([" ".join(definition["description"].split()), ""])
+        lines.extend(["| field | type | default | description |", "|---|---|---|---|"])
+        required = set(definition.get("required", ()))
+        for prop, body in definition.get("properties", {}).items():
+            default = "required" if prop in required else _default(body)
+            description = body.get("description", "").replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| `{prop}` | {_type(body)} | {default} | {description} |")
+            for ref in _refs(body):
+                child = f"{prop}" if path == "(top level)" else f"{path}.{prop}"
+                queue.append((ref, child))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def _refs(body: Any) -> list[str]:
+    found: list[str] = []
+    if isinstance(body, dict):
+        ref = body.get("$ref")
+        if isinstance(ref, str):
+            found.append(ref.rsplit("/", 1)[-1])
+        for value in body.values():
+            found.extend(_refs(value))
+    elif isinstance(body, list):
+        for value in body:
+            found.extend(_refs(value))
+    return found
+
+
+def _type(body: dict[str, Any]) -> str:
+    if "$ref" in body:
+        return f"`{body['$ref'].rsplit('/', 1)[-1].removesuffix('Spec').lower()}`"
+    if "enum" in body:
+        return " \\| ".join(f"`{v}`" for v in body["enum"])
+    if "anyOf" in body:
+        return " or ".join(_type(option) for option in body["anyOf"])
+    kind = body.get("type")
+    if kind == "array":
+        return f"list of {_type(body.get('items', {}))}"
+    if kind == "object":
+        values = body.get("additionalProperties")
+        return f"map of {_type(values)}" if isinstance(values, dict) and values else "map"
+    if "oneOf" in body:
+        return " or ".join(_type(option) for option in body["oneOf"])
+    return str(kind) if kind else "any"
+
+
+def _default(body: dict[str, Any]) -> str:
+    if "default" not in body:
+        return ""
+    if "$ref" in body and isinstance(body["default"], dict):
+        return "see below"
+    return f"`{json.dumps(body['default'])}`"

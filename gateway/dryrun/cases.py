@@ -89,7 +89,7 @@ class CaseSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class CaseFileSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    cases: Annotated[list[CaseSpec], Meta(min_length=1)]
+    cases: list[CaseSpec]
 
 
 class CaseFile(Struct, frozen=True):
@@ -114,6 +114,8 @@ def load_cases(path: str | Path) -> CaseFile:
         raise PolicyError([PolicyIssue(file, 1, "", f"cannot read the case file: {exc}")]) from exc
     doc = parse_file(text, file)
     _check(doc, doc.data, CaseFileSpec, ())
+    if not doc.issues and not doc.data["cases"]:
+        doc.issue(("cases",), "a case file needs at least one case")
     if doc.issues:
         raise PolicyError(doc.issues)
     spec = msgspec.convert(doc.data, CaseFileSpec)

@@ -40,11 +40,11 @@ Verdict = Literal["allow", "record", "redact", "block"]
 Scope = Literal["key", "tenant", "alias"]
 
 
-class _Decision(Struct, frozen=True, kw_only=True, omit_defaults=True):
+class _Decision(Struct, frozen=True, kw_only=True):
     pass
 
 
-class AuthDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class AuthDecision(_Decision, frozen=True, kw_only=True):
     """Who the caller is, and whether it may use the alias it asked for."""
 
     caller: Literal["anonymous", "key", "refused"]
@@ -53,7 +53,7 @@ class AuthDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     allowed: bool = False  # may use the alias (an unknown alias is not allowed either: the same 404)
 
 
-class AppliedLimit(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class AppliedLimit(_Decision, frozen=True, kw_only=True):
     """One scope's rate limits that apply to the request (from the policy, not live counters)."""
 
     scope: Scope
@@ -63,7 +63,7 @@ class AppliedLimit(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     concurrent: int | None = None
 
 
-class AppliedBudget(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class AppliedBudget(_Decision, frozen=True, kw_only=True):
     scope: Scope
     name: str
     usd: float
@@ -73,14 +73,14 @@ class AppliedBudget(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     downgrade_alias: str | None = None
 
 
-class LimitsDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class LimitsDecision(_Decision, frozen=True, kw_only=True):
     """Every limit and budget that applies to this caller and alias; none applying is an empty decision."""
 
     limits: tuple[AppliedLimit, ...] = ()
     budgets: tuple[AppliedBudget, ...] = ()
 
 
-class GuardVerdict(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class GuardVerdict(_Decision, frozen=True, kw_only=True):
     """One guard's verdict on the request's text (entity types only, never the text)."""
 
     guard: str
@@ -89,12 +89,12 @@ class GuardVerdict(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     types: tuple[str, ...] = ()
 
 
-class GuardsDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class GuardsDecision(_Decision, frozen=True, kw_only=True):
     verdict: Verdict  # what the enforced guards do to the request
     guards: tuple[GuardVerdict, ...] = ()
 
 
-class CacheDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class CacheDecision(_Decision, frozen=True, kw_only=True):
     """EXTENSION POINT for the cache issue: whether the request would be looked up and stored."""
 
     lookup: bool = False
@@ -102,7 +102,7 @@ class CacheDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     reason: str = ""
 
 
-class RouteDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class RouteDecision(_Decision, frozen=True, kw_only=True):
     """The rule that matched (first match wins) and where it sends the request."""
 
     rule: str | None = None
@@ -111,7 +111,7 @@ class RouteDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     denied: str | None = None  # the rule's `deny` message
 
 
-class TargetsDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class TargetsDecision(_Decision, frozen=True, kw_only=True):
     """The candidate targets in the order the fallback would try them."""
 
     order: tuple[str, ...] = ()
@@ -120,7 +120,7 @@ class TargetsDecision(_Decision, frozen=True, kw_only=True, omit_defaults=True):
     deterministic: bool = True
 
 
-class Decisions(_Decision, frozen=True, kw_only=True, omit_defaults=True):
+class Decisions(_Decision, frozen=True, kw_only=True):
     """Every decision for one request, in pipeline order."""
 
     policy_version: str

@@ -15,6 +15,7 @@ import inspect
 import io
 import json
 import tokenize
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -253,9 +254,14 @@ def policy_schema(*, fragment: bool = False) -> dict[str, Any]:
                 body["description"] = "The kind of guard."
             if key in _EXAMPLES:
                 body["examples"] = _EXAMPLES[key]
+    root = out["$defs"]["PolicySpec"]
+    required = root.pop("required", [])
     if fragment:
-        out["$defs"]["PolicySpec"].pop("required", None)
         out["title"] = "LLM gateway policy, version 1 (an included file)"
+    else:  # a policy that includes files may have its providers and models in them
+        root["required"] = ["version"]
+        root["if"] = {"not": {"required": ["include"]}}
+        root["then"] = {"required": required}
     return out
 
 
@@ -277,7 +283,7 @@ def reference_markdown() -> str:
         if definition.get("description"):
             lines.extend([" ".join(definition["description"].split()), ""])
         lines.extend(["| field | type | default | description |", "|---|---|---|---|"])
-        required = set(definition.get("required", ()))
+        required = set(definition.get("required", ())) | set(definition.get("then", {}).get("required", ()))
         for prop, body in definition.get("properties", {}).items():
             default = "required" if prop in required else _default(body)
             description = body.get("description", "").replace("|", "\\|").replace("\n", " ")
@@ -327,3 +333,22 @@ def _default(body: dict[str, Any]) -> str:
     if "$ref" in body and isinstance(body["default"], dict):
         return "see below"
     return f"`{json.dumps(body['default'])}`"
+
+
+_START, _END = "<!-- reference:start -->\n", "<!-- reference:end -->"
+
+
+def write_docs(folder: Path) -> None:
+    """Refresh the generated parts of the docs: the reference in policies.md and the two schema files."""
+    doc = folder / "policies.md"
+    text = doc.read_text(encoding="utf-8")
+    head, tail = text[:text.index(_START) + len(_START)], text[text.index(_END):]
+    doc.write_text(head + reference_markdown() + tail, encoding="utf-8")
+    for name, fragment in (("policy.schema.json", False), ("policy-fragment.schema.json", True)):
+        (folder / name).write_text(json.dumps(policy_schema(fragment=fragment), indent=2) + "\n", encoding="utf-8")
+
+
+if __name__ == "__main__":  # python -m gateway.policy.reference docs
+    import sys
+
+    write_docs(Path(sys.argv[1] if len(sys.argv) > 1 else "docs"))

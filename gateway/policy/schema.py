@@ -268,7 +268,7 @@ class KeySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
 class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     version: Literal[1]
-    include: list[str] = []  # more files of this policy, relative to this one (globs allowed; `policy.includes`)
+    include: list[str] = []  # more files of this policy, relative to this one; globs allowed (docs/policies.md)
     server: ServerSpec = ServerSpec()
     state: StateSpec = StateSpec()
     auth: AuthMode = "keys"

@@ -1,0 +1,212 @@
+"""The policy lifecycle commands: `gateway test` over every example policy's shipped cases, `explain`,
+`diff`, bad case files, and the schema (every field described, every example valid, the docs current)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from gateway.dryrun.decisions import Decisions, RouteDecision, TargetsDecision, disagreements
+from gateway.policy.reference import policy_schema, reference_markdown
+from tests.conftest import REPO, SHARED
+
+EXAMPLES = REPO / "policies" / "examples"
+EXAMPLE_POLICIES = sorted(EXAMPLES.glob("*.yaml"))
+NO_SECRETS = {k: v for k, v in os.environ.items() if not k.endswith(("_API_KEY", "_KEY"))}
+
+
+def gateway_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "gateway", *args], capture_output=True, text=True, cwd=cwd,
+                          timeout=120, env=NO_SECRETS)
+
+
+def offline_copy(policy: Path, folder: Path) -> Path:
+    """The guards example names spaCy's en_core_web_lg; offline tests use the shared pipeline instead."""
+    text = policy.read_text()
+    if "en_core_web_lg" not in text:
+        return policy
+    copy = folder / policy.name
+    copy.write_text(text.replace("model: en_core_web_lg", f"model: {SHARED / 'models' / 'en_ner_sm_port-1.0.0'}"))
+    return copy
+
+
+@pytest.mark.parametrize("policy", EXAMPLE_POLICIES, ids=lambda p: p.stem)
+def test_every_example_policy_passes_its_shipped_cases_without_credentials(policy: Path, tmp_path: Path) -> None:
+    cases = sorted((EXAMPLES / "cases" / policy.stem).glob("*.yaml"))
+    assert cases, f"no cases for {policy.name} in policies/examples/cases/{policy.stem}/"
+    run = gateway_cli("test", str(offline_copy(policy, tmp_path)), *map(str, cases))
+    assert run.returncode == 0, run.stdout + run.stderr
+    count = sum(len(yaml.safe_load(case.read_text())["cases"]) for case in cases)
+    assert run.stdout.strip().endswith(f"{count} passed, 0 failed")
+
+
+def test_a_failing_case_exits_1_with_a_readable_diff(tmp_path: Path) -> None:
+    cases = tmp_path / "wrong.yaml"
+    cases.write_text("cases:\n  - name: wrong order\n    caller: {key_name: search-team}\n"
+                     "    request: {model: cheap, messages: [{role: user, content: hi}]}\n"
+                     "    expect: {targets: [azure/gpt-4o-mini], rule: nope, blocked: false}\n")
+    run = gateway_cli("test", "policies/examples/routing.yaml", str(cases))
+    assert run.returncode == 1
+    assert run.stdout.splitlines() == [
+        f"FAIL {cases}:2: wrong order",
+        "     rule: expected nope, got null",
+        '     targets: expected ["azure/gpt-4o-mini"], got ["openai/gpt-4o-mini","azure/gpt-4o-mini",'
+        '"together/meta-llama/Llama-3.3-70B-Instruct-Turbo"]',
+        "0 passed, 1 failed",
+    ]
+
+
+def test_a_bad_case_file_names_file_line_and_field(tmp_path: Path) -> None:
+    cases = tmp_path / "bad.yaml"
+    cases.write_text("cases:\n  - name: typo\n    request: {model: gpt-4o}\n    expct: {}\n"
+                     "    expect: {blocked: maybe, targets: x}\n  - name: who\n    caller: {key_name: nobody}\n"
+                     "    request: {model: gpt-4o}\n    expect: {}\n")
+    run = gateway_cli("test", "policies/examples/openai.yaml", str(cases))
+    assert run.returncode == 2
+    assert run.stderr.splitlines() == [
+        f"{cases}:4: cases[0].expct: unknown field `expct` (allowed: caller, endpoint, expect, headers, name, request)",
+        f"{cases}:5: cases[0].expect.blocked: expected `bool`, got `str`",
+        f"{cases}:5: cases[0].expect.targets: expected `array`, got `str`",
+    ]
+    cases.write_text("cases:\n  - name: who\n    caller: {key_name: nobody}\n    request: {model: gpt-4o}\n"
+                     "    expect: {}\n")
+    run = gateway_cli("test", "policies/examples/openai.yaml", str(cases))
+    assert run.returncode == 1 and "caller: the policy has no key named `nobody`" in run.stdout
+    cases.write_text("cases: []\n")
+    assert gateway_cli("test", "policies/examples/openai.yaml", str(cases)).stderr.strip() == \
+        f"{cases}:1: cases: a case file needs at least one case"
+
+
+def test_explain_prints_every_decision(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}))
+    run = gateway_cli("explain", "--policy", "policies/examples/teams.yaml", str(request), "--key-name", "search-app")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("policy:   policies/examples/teams.yaml (version ")
+    assert lines[1:] == [
+        "request:  /v1/chat/completions  model gpt-4o-mini",
+        "auth:     key search-app, tenant search; may use gpt-4o-mini",
+        "limits:   tenant search: rpm 1200, concurrent 50; alias gpt-4o-mini: rpm 6000; "
+        "tenant search: budget $2000/month (soft), past 80% -> gpt-4o-mini",
+        "route:    no rule matched -> gpt-4o-mini (priority)",
+        "targets:  1. openai/gpt-4o-mini  2. azure/gpt-4o-mini",
+        "outcome:  sent to the first target",
+        "(offline: nothing was sent; breakers read as closed, latency and load as unknown)",
+    ]
+    run = gateway_cli("explain", "--policy", "policies/examples/routing.yaml", str(request), "--json")
+    decided = json.loads(run.stdout)
+    assert decided["blocked"] is True and decided["status"] == 401 and decided["blocked_by"] == "auth"
+
+
+def test_explain_shows_guard_verdicts_and_never_the_text(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "demo", "messages": [
+        {"role": "user", "content": "mail jane.doe@acme-corp.com my key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789AB"}]}))
+    run = gateway_cli("explain", "--policy", str(offline_copy(EXAMPLES / "guards.yaml", tmp_path)), str(request))
+    assert run.returncode == 0, run.stderr
+    assert "guards:   block  (limits: allow, pii: redact [EMAIL_ADDRESS]" in run.stdout
+    assert "secrets: block [OPENAI_KEY]" in run.stdout or "secrets: block [" in run.stdout
+    assert "outcome:  refused with 400 by guards" in run.stdout
+    assert "jane.doe" not in run.stdout and "sk-proj" not in run.stdout
+
+
+def test_diff_lists_changes_by_section_and_never_a_hash(tmp_path: Path) -> None:
+    old = EXAMPLES / "openai.yaml"
+    new = tmp_path / "new.yaml"
+    new.write_text(old.read_text()
+                   .replace("4d0f6d8b4ac2a7bd0f43c6e7b5d53c5e3a3b2a8c3f6e8f0d1c2b3a4958677869", "ab" * 32)
+                   .replace("models: [gpt-4o-mini, text-embedding-3-small]", "models: [gpt-4o-mini]\n    limits: {rpm: 60}")
+                   .replace("    model: gpt-4o-mini\n", "    model: gpt-4o-mini-2024-07-18\n")
+                   + "prices:\n  gpt-4o: {input_per_mtok: 2.5, output_per_mtok: 10}\n")
+    run = gateway_cli("diff", str(old), str(new))
+    assert run.returncode == 1, run.stderr
+    assert run.stdout.splitlines() == [
+        "~ aliases: gpt-4o-mini changed",
+        "    model: gpt-4o-mini -> gpt-4o-mini-2024-07-18",
+        "~ limits: search-team changed",
+        '    limits: (unset) -> {"rpm":60,"tpm":null,"concurrent":null}',
+        "+ prices: gpt-4o added",
+        "~ keys: search-team changed",
+        "    credential changed",
+        "~ keys: search-team changed",
+        '    models: ["gpt-4o-mini","text-embedding-3-small"] -> ["gpt-4o-mini"]',
+    ]
+    assert "sha256" not in run.stdout and "abab" not in run.stdout
+    same = gateway_cli("diff", str(old), str(old))
+    assert same.returncode == 0 and same.stdout.strip() == "no changes"
+    as_json = json.loads(gateway_cli("diff", str(old), str(new), "--json").stdout)
+    assert {(c["section"], c["name"], c["change"]) for c in as_json} >= {("prices", "gpt-4o", "added")}
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("version: 2\n")
+    assert gateway_cli("diff", str(old), str(broken)).returncode == 2
+
+
+def test_diff_sees_moved_rules_and_changed_targets(tmp_path: Path) -> None:
+    old = EXAMPLES / "routing.yaml"
+    text = old.read_text()
+    first = "  - name: no-images-on-llama\n    when: {alias: [cheap], has_images: true}\n    alias: gpt-4o-mini\n"
+    assert first in text
+    new = tmp_path / "routing.yaml"  # the first rule goes last (rules is the file's last section), changed
+    new.write_text(text.replace(first, "") + first.replace("alias: gpt-4o-mini", "alias: gpt-4o"))
+    run = gateway_cli("diff", str(old), str(new))
+    assert "~ rules: no-images-on-llama changed" in run.stdout
+    assert "    alias: gpt-4o-mini -> gpt-4o" in run.stdout
+    assert "~ rules: order moved" in run.stdout
+
+
+def test_every_field_of_every_section_is_described() -> None:
+    schema = policy_schema()
+    missing = [f"{name}.{prop}" for name, definition in schema["$defs"].items()
+               for prop, body in definition.get("properties", {}).items() if not body.get("description")]
+    assert missing == []
+    assert schema["$defs"]["ServerSpec"]["properties"]["shadow_policy"]["examples"] == ["candidate.yaml"]
+
+
+def test_every_example_policy_is_valid_against_the_schema() -> None:
+    validator = jsonschema.Draft202012Validator(policy_schema())
+    fragments = jsonschema.Draft202012Validator(policy_schema(fragment=True))
+    for policy in EXAMPLE_POLICIES + [REPO / "policies" / "gateway.yaml"]:
+        errors = [e.message for e in validator.iter_errors(yaml.safe_load(policy.read_text()))]
+        assert errors == [], policy
+    included = sorted((EXAMPLES / "teams").rglob("*.yaml"))
+    assert included
+    for fragment in included:
+        assert [e.message for e in fragments.iter_errors(yaml.safe_load(fragment.read_text()))] == [], fragment
+    # and it catches what the loader refuses
+    bad = yaml.safe_load((EXAMPLES / "openai.yaml").read_text())
+    bad["models"]["gpt-4o"]["strategy"] = "fastest"
+    assert any("fastest" in e.message for e in validator.iter_errors(bad))
+
+
+def test_the_committed_reference_and_schemas_are_current() -> None:
+    doc = (REPO / "docs" / "policies.md").read_text()
+    start, end = "<!-- reference:start -->\n", "<!-- reference:end -->"
+    assert doc[doc.index(start) + len(start):doc.index(end)] == reference_markdown(), \
+        "docs/policies.md is stale: run `python -m gateway.policy.reference docs`"
+    for name, fragment in (("policy.schema.json", False), ("policy-fragment.schema.json", True)):
+        committed = json.loads((REPO / "docs" / name).read_text())
+        assert committed == policy_schema(fragment=fragment), f"docs/{name} is stale: run `python -m gateway.policy.reference docs`"
+
+
+def test_disagreements_compare_kinds_and_targets_by_set_when_the_order_is_chance() -> None:
+    base = Decisions(policy_version="a", endpoint="chat/completions", route=RouteDecision(route="x"),
+                     targets=TargetsDecision(order=("a/1", "b/2")))
+    same = Decisions(policy_version="b", endpoint="chat/completions", route=RouteDecision(route="x"),
+                     targets=TargetsDecision(order=("a/1", "b/2")))
+    assert disagreements(base, same) == []
+    swapped = Decisions(policy_version="b", endpoint="chat/completions", route=RouteDecision(route="x"),
+                        targets=TargetsDecision(order=("b/2", "a/1")))
+    assert disagreements(base, swapped) == ["targets"]
+    chance = Decisions(policy_version="b", endpoint="chat/completions", route=RouteDecision(route="x"),
+                       targets=TargetsDecision(order=("b/2", "a/1"), deterministic=False))
+    assert disagreements(base, chance) == []
+    blocked = Decisions(policy_version="b", endpoint="chat/completions", blocked=True, status=404)
+    assert disagreements(base, blocked) == ["outcome", "route", "targets"]

@@ -108,8 +108,8 @@ def test_explain_prints_every_decision(tmp_path: Path) -> None:
 
 def test_explain_shows_guard_verdicts_and_never_the_text(tmp_path: Path) -> None:
     request = tmp_path / "request.json"
-    request.write_text(json.dumps({"model": "demo", "messages": [
-        {"role": "user", "content": "mail jane.doe@acme-corp.com my key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789AB"}]}))
+    text = "mail jane.doe@acme-corp.com my key sk-proj-abcdefghijklmnopqrstuvwxyz0123456789AB"
+    request.write_text(json.dumps({"model": "demo", "messages": [{"role": "user", "content": text}]}))
     run = gateway_cli("explain", "--policy", str(offline_copy(EXAMPLES / "guards.yaml", tmp_path)), str(request))
     assert run.returncode == 0, run.stderr
     assert "guards:   block  (limits: allow, pii: redact [EMAIL_ADDRESS]" in run.stdout
@@ -123,7 +123,8 @@ def test_diff_lists_changes_by_section_and_never_a_hash(tmp_path: Path) -> None:
     new = tmp_path / "new.yaml"
     new.write_text(old.read_text()
                    .replace("4d0f6d8b4ac2a7bd0f43c6e7b5d53c5e3a3b2a8c3f6e8f0d1c2b3a4958677869", "ab" * 32)
-                   .replace("models: [gpt-4o-mini, text-embedding-3-small]", "models: [gpt-4o-mini]\n    limits: {rpm: 60}")
+                   .replace("models: [gpt-4o-mini, text-embedding-3-small]",
+                            "models: [gpt-4o-mini]\n    limits: {rpm: 60}")
                    .replace("    model: gpt-4o-mini\n", "    model: gpt-4o-mini-2024-07-18\n")
                    + "prices:\n  gpt-4o: {input_per_mtok: 2.5, output_per_mtok: 10}\n")
     run = gateway_cli("diff", str(old), str(new))
@@ -193,7 +194,8 @@ def test_the_committed_reference_and_schemas_are_current() -> None:
         "docs/policies.md is stale: run `python -m gateway.policy.reference docs`"
     for name, fragment in (("policy.schema.json", False), ("policy-fragment.schema.json", True)):
         committed = json.loads((REPO / "docs" / name).read_text())
-        assert committed == policy_schema(fragment=fragment), f"docs/{name} is stale: run `python -m gateway.policy.reference docs`"
+        assert committed == policy_schema(fragment=fragment), \
+            f"docs/{name} is stale: run `python -m gateway.policy.reference docs`"
 
 
 def test_disagreements_compare_kinds_and_targets_by_set_when_the_order_is_chance() -> None:

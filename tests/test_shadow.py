@@ -16,9 +16,9 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.app import Gateway
 from gateway.auth.keys import hash_key
 from gateway.dryrun.shadow import Shadow
-from gateway.app import Gateway
 from gateway.policy import PolicyError, compile_text
 from gateway.schemas.endpoints import Endpoint
 from gateway.telemetry.metrics import Metrics
@@ -129,7 +129,8 @@ def test_promoting_the_candidate_is_a_reload(shadowed: RunningGateway, upstream:
     result = asyncio.run_coroutine_threadsafe(shadowed.gateway.reload("test"), shadowed.gateway.loop).result(30)
     assert result["result"] == "ok"
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
-    answer = httpx.post(shadowed.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {GLOBEX}"})
+    answer = httpx.post(shadowed.base_url + "/chat/completions", json=body,
+                        headers={"Authorization": f"Bearer {GLOBEX}"})
     assert answer.status_code == 200 and answer.headers["x-gateway-target"] == "up/model-b"
     assert shadowed.gateway.runtime.policy.shadow is None
 

@@ -1,4 +1,4 @@
-"""Feature rows: what routing, guards and telemetry cost, each measured beside the same gateway without them.
+"""Feature rows: what routing, guards, telemetry and a shadow policy cost, each beside the gateway without them.
 
 One gateway (pinned to its core, the canned nginx upstream and wrk on the other) serves
 plain aliases and feature aliases from one policy (`bench/policy.features.yaml`); every
@@ -7,6 +7,9 @@ drift hits both alike, and reports medians and the median of the per-run ratios.
 Telemetry is policy-wide, so its rows compare that gateway with a second one, on the
 same core, whose policy adds the access log and quality signals (`TELEMETRY_POLICY`);
 the core metrics are recorded by both (they cannot be turned off).
+A shadow policy is policy-wide too: its rows compare that gateway with one whose policy
+adds `server.shadow_policy` (the candidate: the same policy with one more rule, so both
+sides are decided in full), deciding every request or one in ten (`shadow_sample`).
 
     .venv/bin/python bench/features.py                 # every row, ~10 minutes
     .venv/bin/python bench/features.py --rows routed-json,pii-json --runs 2 --duration 3
@@ -76,7 +79,7 @@ class Row:
     plain: bytes
     feature: bytes
     connections: int = 16
-    feature_gateway: str = "main"  # "telemetry": the feature side goes to the gateway with telemetry on
+    feature_gateway: str = "main"  # else the gateway of that kind (`SECOND_GATEWAYS`) serves the feature side
 
 
 ROWS = (
@@ -96,9 +99,19 @@ ROWS = (
         body("bench-json", False), body("bench-json", False), feature_gateway="telemetry"),
     Row("telemetry-sse", "access log + quality signals on (vs off), streamed",
         body("bench-sse", True), body("bench-sse", True), feature_gateway="telemetry"),
+    Row("shadow-json", "a shadow policy deciding every request beside the live one, non-streamed",
+        body("bench-json-routed", False), body("bench-json-routed", False), feature_gateway="shadow"),
+    Row("shadow-sse", "a shadow policy deciding every request beside the live one, streamed",
+        body("bench-sse-routed", True), body("bench-sse-routed", True), feature_gateway="shadow"),
+    Row("shadow-json-10", "a shadow policy deciding 10% of requests (`shadow_sample: 0.1`), non-streamed",
+        body("bench-json-routed", False), body("bench-json-routed", False), feature_gateway="shadow-10"),
 )
 # What the telemetry rows' second gateway adds to the features policy (its access log goes to a file).
 TELEMETRY_POLICY = "telemetry:\n  quality: {enabled: true}\n"
+# The shadow rows' candidate: the features policy with one more rule (tested by every routed request).
+CANDIDATE_RULE = ("  - {name: candidate-vip, when: {alias: [bench-json-routed, bench-sse-routed], tenant: [bench]}, "
+                  "alias: bench-json}")
+SHADOW_SAMPLES = {"shadow": 1.0, "shadow-10": 0.1}
 
 
 def measure(row: Row, wrk: str, gateways: dict[str, tuple[str, Service]], runs: int, duration: int, cpu: str,
@@ -193,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
             contextlib.ExitStack() as stack:
         digest = "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()
         gateways: dict[str, tuple[str, Service]] = {}
-        kinds = ["main"] + (["telemetry"] if any(r.feature_gateway == "telemetry" for r in wanted) else [])
+        kinds = ["main"] + sorted({r.feature_gateway for r in wanted} - {"main"})
         for kind in kinds:
             port = free_port()
             policy = wd / f"policy-{kind}.yaml"
@@ -201,6 +214,10 @@ def main(argv: list[str] | None = None) -> int:
                 "{gateway_port}", str(port)).replace("{key_hash}", digest).replace("{ner_model}", str(NER_MODEL))
             if kind == "telemetry":
                 text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + TELEMETRY_POLICY
+            if kind in SHADOW_SAMPLES:
+                (wd / "candidate.yaml").write_text(text.replace("rules:", "rules:\n" + CANDIDATE_RULE, 1))
+                text = text.replace("server:\n", "server:\n  shadow_policy: candidate.yaml\n"
+                                    f"  shadow_sample: {SHADOW_SAMPLES[kind]}\n", 1)
             policy.write_text(text)
             argv_ = [str(GATEWAY_BIN), "serve", "--policy", str(policy), "--host", HOST, "--port", str(port)]
             gateway = stack.enter_context(Service(f"gateway-{kind}", argv_, log_dir=wd, cpu=args.gateway_cpu,

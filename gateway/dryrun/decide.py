@@ -46,10 +46,11 @@ from .decisions import (
     Verdict,
 )
 
-__all__ = ["Decider", "DecisionRequest", "endpoint_of"]
+__all__ = ["Decider", "DecisionRequest", "decoded", "endpoint_of"]
 
 _REWRITES = frozenset({"redact", "mask", "pseudonymize"})
 _RANK = {"allow": 0, "record": 1, "redact": 2, "block": 3}
+_MEMO_SIZE = 4_096
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,6 +83,7 @@ class Decider:
         self.router = Router(policy, {}, None, metrics, tokens, rng=random.Random(0))
         count = tokens.count if tokens is not None else (lambda text: (len(text) + 3) // 4)
         self.guards = GuardRuntime(policy.guards, metrics, count) if policy.has_guards else None
+        self._limits_memo: dict[tuple[bytes, str], LimitsDecision] = {}  # both parts come from the policy
 
     async def start(self) -> None:
         if self.guards is not None:
@@ -92,13 +94,15 @@ class Decider:
             await self.guards.aclose()
         await self.router.aclose()
 
-    async def decide(self, request: DecisionRequest) -> Decisions:
+    async def decide(self, request: DecisionRequest, body: dict[str, Any] | None = None) -> Decisions:
+        """All decisions for `request`; `body`: its body already decoded (and valid), shared by two deciders."""
         found: dict[str, Any] = {}
         alias: str | None = None
         stream = False
         try:
             found["auth"], key = self._auth(request)
-            body, _ = _decoded(request)
+            if body is None:
+                body, _ = decoded(request)
             alias = body["model"]
             stream = body.get("stream") is True
             found["auth"] = self._authorize(found["auth"], key, alias)
@@ -143,6 +147,16 @@ class Decider:
         EXTENSION POINT for accounting: when the enforcement stage has a pure "would this be
         refused" check, call it here and refuse with `_Refused("limits", ...)`.
         """
+        memo = (key.digest if key is not None else b"", alias)
+        known = self._limits_memo.get(memo)
+        if known is not None:
+            return known
+        if len(self._limits_memo) >= _MEMO_SIZE:
+            self._limits_memo.clear()
+        known = self._limits_memo[memo] = self._applied(key, alias)
+        return known
+
+    def _applied(self, key: VirtualKey | None, alias: str) -> LimitsDecision:
         spec = self.policy.spec
         scopes: list[tuple[Any, str, LimitSpec | None, BudgetSpec | None]] = []
         if key is not None:
@@ -214,7 +228,8 @@ class Decider:
                 TargetsDecision(order=tuple(t.name for t in order), deterministic=deterministic))
 
 
-def _decoded(request: DecisionRequest) -> tuple[dict[str, Any], msgspec.Struct]:
+def decoded(request: DecisionRequest) -> tuple[dict[str, Any], msgspec.Struct]:
+    """The body as the gateway decodes it; a refusal (400) when it would refuse it."""
     try:
         return decode_body(request.body, request.endpoint)
     except GatewayError as exc:

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
+from typing import Any
 
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import Policy
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
-from .decide import Decider, DecisionRequest
+from .decide import Decider, DecisionRequest, decoded
 from .decisions import KINDS, disagreements
 
 __all__ = ["Shadow", "ShadowStage"]
@@ -36,6 +38,8 @@ class Shadow:
         self.candidate = Decider(candidate, tokens)
         self.metrics = metrics
         self.queue: asyncio.Queue[DecisionRequest] = asyncio.Queue(live.server.shadow_queue)
+        self.sample = live.server.shadow_sample
+        self._rng = random.Random()
         self._task: asyncio.Task[None] | None = None
         self._dropped = metrics.shadow_requests.labels("dropped")
         self._compared = metrics.shadow_requests.labels("compared")
@@ -54,6 +58,8 @@ class Shadow:
 
     def submit(self, ctx: RequestContext) -> None:
         """Offer a request (its body already read) for comparison; never waits."""
+        if self.sample < 1.0 and self._rng.random() >= self.sample:
+            return
         request = DecisionRequest(ctx.raw_body, ctx.endpoint, ctx.head.credential, None, ctx.head.raw_headers)
         try:
             self.queue.put_nowait(request)
@@ -64,8 +70,12 @@ class Shadow:
         while True:
             request = await self.queue.get()
             try:
-                live = await self.live.decide(request)
-                candidate = await self.candidate.decide(request)
+                try:
+                    body: dict[str, Any] | None = decoded(request)[0]  # once for both sides
+                except Exception:  # noqa: BLE001 -- each side then reports the refusal itself
+                    body = None
+                live = await self.live.decide(request, body)
+                candidate = await self.candidate.decide(request, body)
             except Exception as exc:  # noqa: BLE001 -- a shadow failure must never reach a request
                 log.error("shadow decision failed: %s", type(exc).__name__)
                 self._failed.inc()

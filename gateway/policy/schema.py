@@ -91,6 +91,7 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     watch_interval_s: Annotated[float, Meta(ge=0.1, le=3_600)] = 2.0
     shadow_policy: str | None = None  # a candidate policy decided beside this one (`docs/policies.md`)
     shadow_queue: Annotated[int, Meta(ge=1, le=100_000)] = 1_024  # requests waiting to be shadowed; more are dropped
+    shadow_sample: Annotated[float, Meta(gt=0, le=1)] = 1.0  # the share of requests the shadow policy decides
 
 
 class StateSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):

@@ -149,7 +149,8 @@ def _check(args: argparse.Namespace) -> int:
         for warning in policy.warnings:
             print(f"warning: {warning}", file=sys.stderr)
         print(f"{file}: ok ({len(policy.models)} model aliases, {len(policy.providers)} providers, "
-              f"auth: {policy.auth}, version {policy.version})")
+              f"auth: {policy.auth}, version {policy.version}"
+              + (f", {len(policy.files)} files" if len(policy.files) > 1 else "") + ")")
     return 1 if failed else 0
 
 

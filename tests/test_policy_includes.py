@@ -184,3 +184,35 @@ def test_changing_an_included_file_reloads_the_gateway(
         assert httpx.post(running.base_url + "/chat/completions", json=body, timeout=10).status_code == 200
     finally:
         running.stop()
+
+
+def test_a_new_file_in_an_included_folder_is_picked_up_by_reload(
+    upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    write(tmp_path, "tenants/a.yaml", f'keys:\n  - {{name: a, tenant: a, hash: "{hash_key(KEY_A)}"}}\n')
+    text = textwrap.dedent(f"""\
+        version: 1
+        include: ["tenants/*.yaml"]
+        server: {{watch_interval_s: 0.1}}
+        providers:
+          mock: {{kind: openai, base_url: {upstream.base_url}, api_key_env: MOCK_UPSTREAM_KEY}}
+        models:
+          chat: {{provider: mock, model: m}}
+        """)
+    running = RunningGateway(text, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}, source=tmp_path / "gateway.yaml").start()
+    try:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+
+        def status(key: str) -> int:
+            return httpx.post(running.base_url + "/chat/completions", json=body, timeout=10,
+                              headers={"Authorization": f"Bearer {key}"}).status_code
+
+        assert (status(KEY_A), status(KEY_B)) == (200, 401)
+        write(tmp_path, "tenants/b.yaml", f'keys:\n  - {{name: b, tenant: b, hash: "{hash_key(KEY_B)}"}}\n')
+        deadline = time.monotonic() + 10
+        while len(running.gateway.runtime.policy.files) < 3 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert (status(KEY_A), status(KEY_B)) == (200, 200)
+    finally:
+        running.stop()

@@ -137,7 +137,6 @@ def test_diff_lists_changes_by_section_and_never_a_hash(tmp_path: Path) -> None:
         "+ prices: gpt-4o added",
         "~ keys: search-team changed",
         "    credential changed",
-        "~ keys: search-team changed",
         '    models: ["gpt-4o-mini","text-embedding-3-small"] -> ["gpt-4o-mini"]',
     ]
     assert "sha256" not in run.stdout and "abab" not in run.stdout

@@ -95,7 +95,11 @@ def _explain(args: argparse.Namespace) -> int:
     except msgspec.DecodeError:
         body = None
     request = DecisionRequest(raw, endpoint_of(body), args.key, key, headers)
-    decided = asyncio.run(_decide(policy, request))
+    try:
+        decided = asyncio.run(_decide(policy, request))
+    except GuardsUnavailable as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(decided)).decode())
     else:
@@ -105,11 +109,23 @@ def _explain(args: argparse.Namespace) -> int:
 
 async def _decide(policy: Policy, request: DecisionRequest) -> Decisions:
     decider = Decider(policy, _tokens(policy))
-    await decider.start()
+    await _start(decider)
     try:
         return await decider.decide(request)
     finally:
         await decider.aclose()
+
+
+class GuardsUnavailable(Exception):
+    """The policy's guards could not be built here (e.g. a spaCy model that is not installed)."""
+
+
+async def _start(decider: Decider) -> None:
+    try:
+        await decider.start()
+    except Exception as exc:
+        await decider.aclose()
+        raise GuardsUnavailable(f"the policy's guards could not be built: {type(exc).__name__}: {exc}") from exc
 
 
 def _diff(args: argparse.Namespace) -> int:
@@ -139,7 +155,11 @@ def _test(args: argparse.Namespace) -> int:
                 print(issue, file=sys.stderr)
     if failed:
         return 2
-    results = asyncio.run(_run(policy, files))
+    try:
+        results = asyncio.run(_run(policy, files))
+    except GuardsUnavailable as exc:
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     print("\n".join(report(results)))
     if args.verbose:
         for result in results:
@@ -151,7 +171,7 @@ def _test(args: argparse.Namespace) -> int:
 
 async def _run(policy: Policy, files: list[CaseFile]) -> list[CaseResult]:
     decider = Decider(policy, _tokens(policy))
-    await decider.start()
+    await _start(decider)
     try:
         return [await run_case(decider, f.file, line, case) for f in files for line, case in f.cases]
     finally:

@@ -94,10 +94,10 @@ def _named(changes: list[Change], section: Section, old: dict[str, Any], new: di
         changes.append(Change(section=section, name=name, change="added"))
     for name in sorted(old.keys() & new.keys()):
         a, b = old[name], new[name]
+        credential: list[str] = []
         if section == "keys":
             (a, old_hash), (b, new_hash) = a, b
-            if old_hash != new_hash:
-                changes.append(Change(section="keys", name=name, change="changed", details=("credential changed",)))
+            credential = ["credential changed"] if old_hash != new_hash else []
         for field in split:
             part_a = a.pop(field, None) if isinstance(a, dict) else None
             part_b = b.pop(field, None) if isinstance(b, dict) else None
@@ -108,7 +108,7 @@ def _named(changes: list[Change], section: Section, old: dict[str, Any], new: di
                     details = [f"targets: {_names(part_a) or '(none)'} -> {_names(part_b) or '(none)'}"]
                 changes.append(Change(section=own, name=name, change="changed",
                                       details=tuple(details)))
-        details = _fields(a, b)
+        details = credential + _fields(a, b)
         if details:
             changes.append(Change(section=section, name=name, change="changed", details=tuple(details)))
 

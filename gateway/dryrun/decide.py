@@ -129,7 +129,7 @@ class Decider:
             try:
                 key = authenticate(self.policy, request.credential)
             except GatewayError as exc:
-                raise _Refused("auth", exc) from None
+                raise _Refused("auth", exc, AuthDecision(caller="refused")) from None
         if key is None:
             return AuthDecision(caller="anonymous"), None
         return AuthDecision(caller="key", tenant=key.tenant, key=key.name), key
@@ -138,7 +138,7 @@ class Decider:
         allowed = alias in self.policy.models and (key is None or key.allows(alias))
         decided = AuthDecision(caller=auth.caller, tenant=auth.tenant, key=auth.key, allowed=allowed)
         if not allowed:
-            raise _Refused("auth", model_not_found(alias)) from None
+            raise _Refused("auth", model_not_found(alias), decided) from None
         return decided
 
     def _limits(self, key: VirtualKey | None, alias: str) -> LimitsDecision:

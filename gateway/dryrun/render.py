@@ -13,7 +13,8 @@ def render(d: Decisions, source: str) -> list[str]:
                                                                                            else "")]
     if d.auth is not None:
         a = d.auth
-        who = "anonymous (auth: none)" if a.caller == "anonymous" else f"key {a.key}, tenant {a.tenant}"
+        who = {"anonymous": "anonymous (auth: none)", "refused": "no valid key"}.get(
+            a.caller, f"key {a.key}, tenant {a.tenant}")
         lines.append(f"auth:     {who}" + ("" if d.alias is None else
                                           f"; {'may' if a.allowed else 'may not'} use {d.alias}"))
     if d.limits is not None:

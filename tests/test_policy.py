@@ -255,7 +255,9 @@ def test_schema_command_describes_the_policy() -> None:
     schema = json.loads(result.stdout)
     assert schema["$schema"].endswith("2020-12/schema")
     spec = schema["$defs"]["PolicySpec"]
-    assert set(spec["required"]) == {"version", "providers", "models"}
+    assert spec["required"] == ["version"]  # providers and models too, unless they come from included files
+    assert spec["if"] == {"not": {"required": ["include"]}}
+    assert set(spec["then"]["required"]) == {"providers", "models"}
     assert spec["additionalProperties"] is False
 
 

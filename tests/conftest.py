@@ -32,7 +32,7 @@ OTHER_TENANT_KEY = "gw-test-other-tenant-22222222222222222222"
 FAULTS = (
     "fault-status-400", "fault-status-401", "fault-status-404", "fault-status-429", "fault-status-500",
     "fault-status-503", "fault-slow-first-byte-3000", "fault-stall-after-3", "fault-reset-before",
-    "fault-reset-after-3", "fault-malformed-json", "fault-slow-stream-100", "fault-no-usage",
+    "fault-reset-after-3", "fault-malformed-json", "fault-slow-stream-100", "fault-slow-stream-250", "fault-no-usage",
     "fault-echo-secrets", "fault-echo-secrets-midstream", "fault-huge-body-512", "fault-echo", "fault-echo-tool",
 )
 

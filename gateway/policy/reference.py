@@ -261,7 +261,7 @@ def policy_schema(*, fragment: bool = False) -> dict[str, Any]:
     else:  # a policy that includes files may have its providers and models in them
         root["required"] = ["version"]
         root["if"] = {"not": {"required": ["include"]}}
-        root["then"] = {"required": required}
+        root["then"] = {"required": [name for name in required if name != "version"]}
     return out
 
 

@@ -24,6 +24,7 @@ import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from ..auth.keys import VirtualKey
+from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compile import key_record
 from ..policy.compiled import Policy
 from ..policy.loader import PolicyError, PolicyIssue, _check, parse_file
@@ -31,7 +32,10 @@ from ..schemas.endpoints import Endpoint
 from .decide import Decider, DecisionRequest, endpoint_of
 from .decisions import Decisions
 
-__all__ = ["CallerSpec", "CaseFile", "CaseResult", "caller_of", "compare", "load_cases", "report", "run_case"]
+__all__ = [
+    "CallerSpec", "CaseFile", "CaseResult", "RunTimeKeySpec", "caller_of", "compare", "load_cases", "report",
+    "run_case",
+]
 
 Verdict = Literal["allow", "record", "redact", "block"]
 Scope = Literal["key", "tenant", "alias"]
@@ -48,6 +52,17 @@ class CallerSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     key: str | None = None  # a key as a client presents it
     key_name: str | None = None  # a key of the policy, by its `name`
     tenant: str | None = None  # the policy's first key of this tenant
+    run_time_key: RunTimeKeySpec | None = None  # a key created through the admin API (`dynamic_keys`)
+
+
+class RunTimeKeySpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """A key as the admin API would have created it: in the store, so no policy lists it."""
+
+    name: Annotated[str, Meta(min_length=1, max_length=128)]
+    tenant: Annotated[str, Meta(min_length=1, max_length=128)]
+    models: list[str] = msgspec.field(default_factory=lambda: ["*"])
+    limits: LimitSpec | None = None
+    budget: BudgetSpec | None = None
 
 
 class LimitExpect(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -124,9 +139,16 @@ def load_cases(path: str | Path) -> CaseFile:
 
 def caller_of(policy: Policy, caller: CallerSpec) -> tuple[VirtualKey | None, str | None, str | None]:
     """(key record, presented credential, error)."""
-    given = [v for v in (caller.key, caller.key_name, caller.tenant) if v is not None]
+    given = [v for v in (caller.key, caller.key_name, caller.tenant, caller.run_time_key) if v is not None]
     if len(given) > 1:
-        return None, None, "caller: give one of key, key_name, tenant"
+        return None, None, "caller: give one of key, key_name, tenant, run_time_key"
+    if caller.run_time_key is not None:
+        if not policy.dynamic_keys.enabled:
+            return None, None, "caller: this policy takes no keys created at run time (`dynamic_keys`)"
+        spec = caller.run_time_key
+        aliases = None if "*" in spec.models else frozenset(spec.models)
+        record = VirtualKey(spec.name, spec.tenant, b"", aliases, limits=spec.limits, budget=spec.budget)
+        return record, None, None
     if caller.key is not None:
         return None, caller.key, None
     keys = policy.spec.keys if policy.spec is not None else []

@@ -13,6 +13,7 @@ candidate is a reload: point `server.shadow_policy` at nothing and copy the cand
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import random
 from typing import Any
@@ -60,7 +61,8 @@ class Shadow:
         """Offer a request (its body already read) for comparison; never waits."""
         if self.sample < 1.0 and self._rng.random() >= self.sample:
             return
-        request = DecisionRequest(ctx.raw_body, ctx.endpoint, ctx.head.credential, None, ctx.head.raw_headers)
+        request = DecisionRequest(ctx.raw_body, ctx.endpoint, ctx.head.credential, None, ctx.head.raw_headers,
+                                  ctx.key)
         try:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:
@@ -69,6 +71,9 @@ class Shadow:
     async def _work(self) -> None:
         while True:
             request = await self.queue.get()
+            if request.run_time_key is not None and request.credential is not None and \
+                    self.live.policy.keys.find(request.credential) is not None:  # a policy key, not a run-time one
+                request = dataclasses.replace(request, run_time_key=None)
             try:
                 try:
                     body: dict[str, Any] | None = decoded(request)[0]  # once for both sides

@@ -20,11 +20,11 @@ from typing import Any
 
 import msgspec
 
-from . import accounting_schema, guard_schema, schema
+from . import accounting_schema, guard_schema, keys_schema, schema
 
 __all__ = ["field_descriptions", "policy_schema", "reference_markdown"]
 
-_MODULES = (schema, accounting_schema, guard_schema)
+_MODULES = (schema, accounting_schema, guard_schema, keys_schema)
 
 # Fields without a comment in their struct's source. Keyed by `Struct.field` (the YAML name).
 _DESCRIPTIONS: dict[str, str] = {
@@ -152,6 +152,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "GuardPoolSpec.kind": "`thread` or `process` workers.",
     "GuardPoolSpec.workers": "Number of workers.",
     "StreamScanSpec.window_chars": "Characters held back and scanned together.",
+    "DynamicKeysSpec.enabled": "Look up keys created at run time (the admin API) in the state store.",
 }
 
 _EXAMPLES: dict[str, list[Any]] = {

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -13,7 +14,11 @@ import jsonschema
 import pytest
 import yaml
 
+from gateway.auth.keys import VirtualKey
+from gateway.dryrun.decide import Decider, DecisionRequest
 from gateway.dryrun.decisions import Decisions, RouteDecision, TargetsDecision, disagreements
+from gateway.policy import compile_text
+from gateway.policy.accounting_schema import LimitSpec
 from gateway.policy.reference import policy_schema, reference_markdown
 from tests.conftest import REPO, SHARED
 
@@ -211,3 +216,24 @@ def test_disagreements_compare_kinds_and_targets_by_set_when_the_order_is_chance
     assert disagreements(base, chance) == []
     blocked = Decisions(policy_version="b", endpoint="chat/completions", blocked=True, status=404)
     assert disagreements(base, blocked) == ["outcome", "route", "targets"]
+
+
+def test_a_run_time_key_is_accepted_only_by_a_policy_with_dynamic_keys() -> None:
+    base = "version: 1\nauth: keys\nproviders: {d: {kind: demo}}\nmodels: {m: {provider: d, model: x}}\n"
+    record = VirtualKey("app", "search", b"\x01" * 32, frozenset({"m"}), limits=LimitSpec(rpm=5))
+    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]}).encode()
+    request = DecisionRequest(body, credential="gw-made-at-run-time", run_time_key=record)
+
+    async def decide(text: str) -> Decisions:
+        decider = Decider(compile_text(text, "p.yaml"))
+        await decider.start()
+        try:
+            return await decider.decide(request)
+        finally:
+            await decider.aclose()
+
+    accepted = asyncio.run(decide(base + "dynamic_keys: {enabled: true}\n"))
+    assert not accepted.blocked and accepted.auth is not None and accepted.auth.tenant == "search"
+    assert accepted.limits is not None and accepted.limits.limits[0].rpm == 5
+    refused = asyncio.run(decide(base + "keys: [{name: k, tenant: t, hash: 'sha256:" + "0" * 64 + "'}]\n"))
+    assert refused.blocked and refused.status == 401

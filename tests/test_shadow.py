@@ -152,7 +152,8 @@ def test_a_full_queue_drops_and_counts_without_waiting() -> None:
     metrics = Metrics()
     shadow = Shadow(live, live, metrics, None)  # not started: nothing takes requests off the queue
     head = SimpleNamespace(credential=ACME, raw_headers=())
-    ctx: Any = SimpleNamespace(raw_body=b'{"model":"chat","messages":[]}', endpoint=Endpoint.CHAT, head=head)
+    ctx: Any = SimpleNamespace(raw_body=b'{"model":"chat","messages":[]}', endpoint=Endpoint.CHAT, head=head,
+                               key=None)
     for _ in range(5):
         shadow.submit(ctx)
     assert shadow.queue.qsize() == 2

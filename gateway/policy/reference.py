@@ -11,20 +11,25 @@ the markdown, and a test checks it is current.
 from __future__ import annotations
 
 import functools
+import importlib
 import inspect
 import io
 import json
+import pkgutil
 import tokenize
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
-from . import accounting_schema, guard_schema, keys_schema, schema
+from . import schema
 
 __all__ = ["field_descriptions", "policy_schema", "reference_markdown"]
 
-_MODULES = (schema, accounting_schema, guard_schema, keys_schema)
+# `schema.py` and every `*_schema.py` beside it (each feature keeps its shapes in a module of its own).
+_MODULES = (schema, *(importlib.import_module(f"{__package__}.{info.name}")
+                      for info in pkgutil.iter_modules([str(Path(__file__).parent)])
+                      if info.name.endswith("_schema")))
 
 # Fields without a comment in their struct's source. Keyed by `Struct.field` (the YAML name).
 _DESCRIPTIONS: dict[str, str] = {
@@ -153,6 +158,25 @@ _DESCRIPTIONS: dict[str, str] = {
     "GuardPoolSpec.workers": "Number of workers.",
     "StreamScanSpec.window_chars": "Characters held back and scanned together.",
     "DynamicKeysSpec.enabled": "Look up keys created at run time (the admin API) in the state store.",
+    "TelemetrySpec.labels": "Caps on how many aliases, targets, tenants and keys become metric label values.",
+    "TelemetrySpec.quality": "Quality signals of answers (finish reasons, refusals, empty, truncated, invalid JSON).",
+    "TelemetrySpec.feedback": "POST /v1/feedback: scores and labels for answers, by request id.",
+    "TelemetrySpec.payload_log": "Prompts and answers, redacted, to a rotating file or a Redis stream.",
+    "TelemetrySpec.tracing": "W3C trace context and OTLP/HTTP span export.",
+    "LabelCapsSpec.aliases": "Aliases that are label values; the rest count as `other`.",
+    "LabelCapsSpec.targets": "Targets that are label values; the rest count as `other`.",
+    "LabelCapsSpec.tenants": "Tenants that are label values; the rest count as `other`.",
+    "QualitySpec.enabled": "Turn the quality signals on (off: no stage at all).",
+    "FeedbackSpec.enabled": "Turn POST /v1/feedback on.",
+    "FeedbackSpec.ttl_s": "How long after its request a feedback is accepted.",
+    "PayloadLogSpec.enabled": "Turn the payload log on.",
+    "PayloadLogSpec.sink": "`file` (rotating) or `redis` (a capped stream).",
+    "PayloadLogSpec.max_bytes": "File: size at which it is rotated.",
+    "PayloadLogSpec.backups": "File: rotated files kept.",
+    "TracingSpec.enabled": "Turn tracing on.",
+    "TracingSpec.service_name": "The service name of exported spans.",
+    "TracingSpec.batch_size": "Spans per export request.",
+    "TracingSpec.flush_interval_s": "Longest wait before queued spans are exported.",
 }
 
 _EXAMPLES: dict[str, list[Any]] = {

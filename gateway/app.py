@@ -32,7 +32,7 @@ from .pipeline.runner import Pipeline
 from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingress, SelectTarget
 from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
-from .reload import watch_policy_files
+from .reload import Fingerprints, fingerprints, watch_policy_files
 from .routing import Router
 from .runtime import Runtime, Service
 from .schemas.endpoints import Endpoint
@@ -65,6 +65,7 @@ class Gateway:
         self.loop: asyncio.AbstractEventLoop | None = None  # the loop it serves on, once started
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retiring: set[Runtime] = set()  # replaced by a reload, still finishing requests
+        self._loaded_files: Fingerprints | None = None  # the policy files as the last reload read them
 
     def _build(self, policy: Policy, previous: Runtime | None = None) -> Runtime:
         """A runtime for `policy`; after a reload, routing keeps what it learnt about targets that stay."""
@@ -111,7 +112,8 @@ class Gateway:
         self._announce(self.runtime.policy)
         interval = lambda: self.runtime.policy.server.watch_interval_s  # noqa: E731 - read per tick: reloads change it
         if self.source is not None and self.runtime.policy.server.watch_policy:
-            self._spawn(watch_policy_files(self._watched, interval, lambda: self.reload("file")))
+            self._spawn(watch_policy_files(self._watched, interval, lambda: self.reload("file"),
+                                           lambda: self._loaded_files))
         self._spawn(self._watch_store(interval))
         self.started = True
 
@@ -152,6 +154,7 @@ class Gateway:
         old = self.runtime
         if self.source is None:
             return {"result": "failed", "trigger": trigger, "errors": ["this gateway was not started from a file"]}
+        self._loaded_files = fingerprints(self._watched())  # what this reload reads, for the file watcher
         try:
             policy = await asyncio.to_thread(load_policy, self.source)
         except PolicyError as exc:

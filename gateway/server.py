@@ -147,6 +147,9 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
         "server_header": False,
         "proxy_headers": False,
         "log_config": None,
+        # The supervisor kills a worker that does not answer its ping within this; a worker answers only once
+        # it has imported the gateway, which takes seconds on a loaded machine (uvicorn's default is 5).
+        "timeout_worker_healthcheck": 30,
         **server_limits(
             max_header_bytes=server.max_header_bytes, header_timeout_s=server.header_timeout_s,
             body_timeout_s=server.body_timeout_s, max_connections=server.max_connections,

@@ -8,11 +8,9 @@ from __future__ import annotations
 
 import base64
 import json
-import os
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -24,6 +22,7 @@ import openai
 import pytest
 
 from tests.support.mock_upstream import Fault, MockUpstream, parse_fault
+from tests.support.processes import running
 
 KEY = "sk-upstream-test"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -418,13 +417,13 @@ def test_stop_with_request_in_flight_is_quick() -> None:
 
 
 def test_runs_in_foreground() -> None:
+    """`python -m tests.support.mock_upstream` serves until Ctrl-C, then exits 0 (bounded waits throughout:
+    the process runs in its own group, which `running` stops whatever happens)."""
     command = [sys.executable, "-m", "tests.support.mock_upstream", "--port", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    with subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, text=True, env=env) as proc:
-        try:
-            assert proc.stdout is not None
-            url = proc.stdout.readline().split()[4]  # "mock upstream listening on <url> ..."
-            assert httpx.get(f"{url}/models", headers=AUTH).status_code == 200
-        finally:
-            proc.send_signal(signal.SIGINT)
-            assert proc.wait(timeout=5) == 0
+    with running(command, cwd=ROOT, env={"PYTHONPATH": str(ROOT)}) as proc:
+        assert proc.wait_for_output("listening on", timeout=30), proc.text()
+        line = next(line for line in proc.text().splitlines() if "listening on" in line)
+        url = line.split()[4]  # "mock upstream listening on <url> ..."
+        assert httpx.get(f"{url}/models", headers=AUTH).status_code == 200
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=30) == 0

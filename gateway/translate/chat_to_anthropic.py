@@ -275,7 +275,7 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
 class AnthropicEvents:
     """Per stream: Messages events in, chat.completion.chunk events out, one by one as they come."""
 
-    __slots__ = ("_blocks", "_error", "_finish", "_started", "_tools", "_usage", "_writer")
+    __slots__ = ("_blocks", "_error", "_finish", "_opened", "_started", "_tools", "_usage", "_writer")
 
     def __init__(self, error: Callable[[dict[str, Any]], GatewayError]) -> None:
         self._writer: ChunkWriter | None = None
@@ -285,6 +285,7 @@ class AnthropicEvents:
         self._usage: dict[str, Any] = {}
         self._finish: str | None = None
         self._started = False
+        self._opened = False
 
     def feed(self, payload: bytes) -> list[StreamEvent]:
         event = _decode(payload)
@@ -301,7 +302,7 @@ class AnthropicEvents:
             self._started = True
             self._usage.update(message.get("usage") or {})
             self._writer = ChunkWriter(str(message.get("id") or "msg"), message.get("model"))
-            return [self._writer.chunk({"role": "assistant", "content": ""})]
+            return []  # the role chunk waits for the first block: an `error` before it is a failed attempt
         writer = self._writer
         if writer is None:
             raise _order(f"`{_name(kind)}` before message_start")
@@ -309,15 +310,20 @@ class AnthropicEvents:
             index, block = event.get("index"), event.get("content_block") or {}
             if not isinstance(index, int) or index in self._blocks:
                 raise _order("content_block_start for a block already started")
+            events = self._role(writer)
             if block.get("type") == "tool_use":
                 tool = self._tools
                 self._tools += 1
                 self._blocks[index] = tool
-                return [writer.chunk({"tool_calls": [{"index": tool, "id": block.get("id"), "type": "function",
-                                                      "function": {"name": block.get("name"), "arguments": ""}}]})]
+                events.append(writer.chunk({"tool_calls": [{"index": tool, "id": block.get("id"), "type": "function",
+                                                            "function": {"name": block.get("name"),
+                                                                         "arguments": ""}}]}))
+                return events
             self._blocks[index] = None
             text = block.get("text")
-            return [writer.chunk({"content": text})] if isinstance(text, str) and text else []
+            if isinstance(text, str) and text:
+                events.append(writer.chunk({"content": text}))
+            return events
         if kind == "content_block_delta":
             index, delta = event.get("index"), event.get("delta") or {}
             if index not in self._blocks:
@@ -340,13 +346,20 @@ class AnthropicEvents:
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
             reason = (event.get("delta") or {}).get("stop_reason")
             self._finish = FINISH_REASONS.get(str(reason), "stop")
-            return [writer.chunk({}, self._finish)]
+            return [*self._role(writer), writer.chunk({}, self._finish)]
         if kind == "message_stop":
             if self._finish is None:
                 raise _order("message_stop before message_delta")
             usage, shape = chat_usage(self._usage)
             return [UsageReport(usage, writer.usage_chunk(shape)), DONE]
         return []  # event types added later are skipped, as Anthropic's versioning policy asks
+
+    def _role(self, writer: ChunkWriter) -> list[StreamEvent]:
+        """OpenAI's first chunk (the role), once, before the first content."""
+        if self._opened:
+            return []
+        self._opened = True
+        return [writer.chunk({"role": "assistant", "content": ""})]
 
     def end(self) -> list[StreamEvent]:
         raise _order("the end of the stream before message_stop")

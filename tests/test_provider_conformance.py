@@ -37,7 +37,8 @@ MODELS = ("mock-model", "fault-echo", "fault-echo-tool", "fault-status-400", "fa
           "fault-malformed-json", "fault-context-length", "fault-status-529", "fault-out-of-order",
           "fault-content-filter", "fault-safety", "fault-prompt-blocked", "fault-error-first",
           "fault-overloaded-midstream")
-IMAGE = "data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg=="
+IMAGE = ("data:image/png;base64,"
+         "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 TOOLS: list[Any] = [{"type": "function", "function": {
     "name": "echo", "description": "Echo a text", "parameters": {
         "type": "object", "properties": {"text": {"type": "string"}}, "required": ["text"]}}}]
@@ -354,7 +355,7 @@ def test_gemini_safety_stop_is_content_filter(client: openai.OpenAI) -> None:
 @pytest.mark.parametrize("stream", [False, True])
 def test_gemini_blocked_prompt_is_a_content_policy_violation(stream: bool, client: openai.OpenAI) -> None:
     with pytest.raises(openai.APIError) as caught:  # a 400, or the stream's error event (no fallback to try)
-        list(client.chat.completions.create(model="gemini-fault-prompt-blocked", stream=stream,  # type: ignore[call-overload]
+        list(client.chat.completions.create(model="gemini-fault-prompt-blocked", stream=True,
                                             messages=[{"role": "user", "content": "x"}]) if stream else [
             client.chat.completions.create(model="gemini-fault-prompt-blocked",
                                            messages=[{"role": "user", "content": "x"}])])

@@ -39,7 +39,8 @@ def test_anthropic_request_merges_turns_and_maps_tools() -> None:
         {"role": "assistant", "content": None, "tool_calls": [
             {"id": "c1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}},
             {"id": "c2", "type": "function", "function": {"name": "f", "arguments": ""}}]},
-        {"role": "tool", "tool_call_id": "c1", "content": "one"}, {"role": "tool", "tool_call_id": "c2", "content": "2"},
+        {"role": "tool", "tool_call_id": "c1", "content": "one"},
+        {"role": "tool", "tool_call_id": "c2", "content": "2"},
     ], "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function",
                                                                                    "function": {"name": "f"}},
         "parallel_tool_calls": False, "stop": "END", "user": "u1"}

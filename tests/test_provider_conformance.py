@@ -438,3 +438,37 @@ def test_anthropic_midstream_overload_reaches_the_client_as_an_error_event(clien
             received.append(chunk)
     assert received and "overloaded" in caught.value.message.lower()
 
+
+
+# -- the mocks themselves speak the real formats ------------------------------------------------------
+
+
+def _sse_data(text: str) -> list[Any]:
+    return [json.loads(line[5:]) for line in text.replace("\r\n", "\n").split("\n") if line.startswith("data:")]
+
+
+@pytest.mark.parametrize("model", ["mock-model", "fault-echo-tool"])
+def test_the_anthropic_mock_answers_in_the_sdks_types(model: str, mocks: Mocks) -> None:
+    from anthropic.types import Message, RawMessageStreamEvent
+
+    url = mocks.by_kind["anthropic"].base_url + "/messages"
+    headers = {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}
+    body = {"model": model, "max_tokens": 10, "messages": [{"role": "user", "content": "a b"}]}
+    Message.model_validate(httpx.post(url, json=body, headers=headers).json())
+    streamed = httpx.post(url, json={**body, "stream": True}, headers=headers).text
+    events = [pydantic.TypeAdapter(RawMessageStreamEvent).validate_python(e) for e in _sse_data(streamed)
+              if e["type"] != "ping"]
+    assert events[0].type == "message_start" and events[-1].type == "message_stop"
+
+
+@pytest.mark.parametrize("model", ["mock-model", "fault-echo-tool", "fault-safety"])
+def test_the_gemini_mock_answers_in_the_sdks_types(model: str, mocks: Mocks) -> None:
+    base = mocks.by_kind["gemini"].base_url + f"/models/{model}"
+    headers = {"x-goog-api-key": GEMINI_KEY}
+    body = {"contents": [{"role": "user", "parts": [{"text": "a b"}]}]}
+    answer = genai.GenerateContentResponse.model_validate(
+        httpx.post(base + ":generateContent", json=body, headers=headers).json())
+    assert answer.candidates and answer.usage_metadata is not None
+    streamed = httpx.post(base + ":streamGenerateContent", params={"alt": "sse"}, json=body, headers=headers).text
+    parts = [genai.GenerateContentResponse.model_validate(e) for e in _sse_data(streamed)]
+    assert parts[-1].candidates and parts[-1].candidates[0].finish_reason is not None

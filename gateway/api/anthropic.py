@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from ..auth.dynamic import find_key
 from ..errors import GatewayError, InternalError, MethodNotAllowed
 from ..pipeline.context import RequestContext
 from ..pipeline.dialect import StreamFramer
@@ -90,7 +91,10 @@ class CountTokensEndpoint:
         policy = runtime.policy
         if scope["method"] != "POST":
             raise MethodNotAllowed("use POST for /v1/messages/count_tokens", headers={"Allow": "POST"})
-        key = authenticate(policy, headers.credential)
+        if runtime.dynamic_keys is None:
+            key = authenticate(policy, headers.credential)
+        else:  # keys created at run time, as the pipeline's Authenticate stage looks them up
+            key = await find_key(policy, headers.credential, runtime.dynamic_keys)
         raw = await read_body(receive, headers.content_length, policy.server.max_body_bytes)
         chat = count_tokens_request(raw)
         alias = chat["model"]

@@ -14,6 +14,9 @@ from typing import Any
 JSON_MODEL = "bench-json"
 SSE_MODEL = "bench-sse"
 
+#: The model the benchmark policy maps to the canned Anthropic upstream (the translator's row).
+ANTHROPIC_MODEL = "bench-anthropic"
+
 #: Number of ``chat.completion.chunk`` events in the SSE answer (the last one carries usage).
 SSE_CHUNKS = 20
 
@@ -158,3 +161,49 @@ def sse_stream() -> bytes:
     event 20 the usage (with ``choices: []``); then ``data: [DONE]``.
     """
     return b"".join(sse_events(SSE_CHUNKS)) + SSE_DONE
+
+
+def request_body_for(mode: str) -> bytes:
+    """The client request of a benchmark mode: ``json``, ``sse``, or ``anthropic`` (a chat stream whose
+    alias routes to the canned Anthropic upstream, so the gateway translates every event)."""
+    if mode == "anthropic":
+        return request_body(stream=True).replace(SSE_MODEL.encode(), ANTHROPIC_MODEL.encode())
+    return request_body(stream=mode == "sse")
+
+
+def _anthropic_event(kind: str, fields: dict[str, Any]) -> bytes:
+    return f"event: {kind}\ndata: {_dumps({'type': kind, **fields})}\n\n".encode()
+
+
+def anthropic_stream(chunks: int = SSE_CHUNKS) -> bytes:
+    """The same answer as :func:`sse_stream`, as Anthropic's Messages API streams it.
+
+    message_start, content_block_start, ping, one ``text_delta`` per token (``chunks - 3``, as
+    the OpenAI stream has), content_block_stop, message_delta (stop reason and usage),
+    message_stop: the event sequence of Anthropic's streaming documentation.
+    """
+    tokens = chunks - 3
+    message = {"id": "msg_01BenchAbCdEfGhIjKlMnOpQr", "type": "message", "role": "assistant", "content": [],
+               "model": "claude-sonnet-4-5", "stop_reason": None, "stop_sequence": None,
+               "usage": {"input_tokens": 9, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0,
+                         "output_tokens": 1}}
+    events = [
+        _anthropic_event("message_start", {"message": message}),
+        _anthropic_event("content_block_start", {"index": 0, "content_block": {"type": "text", "text": ""}}),
+        _anthropic_event("ping", {}),
+    ]
+    for i in range(tokens):
+        delta = {"type": "text_delta", "text": _WORDS[i % len(_WORDS)]}
+        events.append(_anthropic_event("content_block_delta", {"index": 0, "delta": delta}))
+    events += [
+        _anthropic_event("content_block_stop", {"index": 0}),
+        _anthropic_event("message_delta", {"delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                           "usage": {"output_tokens": tokens}}),
+        _anthropic_event("message_stop", {}),
+    ]
+    return b"".join(events)
+
+
+def upstream_body(mode: str) -> bytes:
+    """What the canned nginx upstream serves for a mode."""
+    return {"json": chat_completion, "sse": sse_stream, "anthropic": anthropic_stream}[mode]()

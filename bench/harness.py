@@ -48,7 +48,8 @@ INSTALL_HINT = "apt-get update && apt-get install -y nginx-light wrk"
 HOST = "127.0.0.1"
 
 #: Upstream paths served by the canned nginx (see nginx/nginx.conf.template).
-UPSTREAM_PATHS = {"json": "/json/v1/chat/completions", "sse": "/sse/v1/chat/completions"}
+UPSTREAM_PATHS = {"json": "/json/v1/chat/completions", "sse": "/sse/v1/chat/completions",
+                  "anthropic": "/anthropic/v1/messages"}
 #: Path the gateway (and the pass-through apps) serve.
 GATEWAY_PATH = "/v1/chat/completions"
 
@@ -301,11 +302,14 @@ def check_answer(port: int, path: str, mode: str, key: str, timeout: float = 10.
     Load numbers for a misrouted or failing endpoint are worthless, so every target is
     smoke-tested before wrk touches it.
     """
-    status, ctype, body = post(port, path, canned.request_body(stream=mode == "sse"), key, timeout=timeout)
+    status, ctype, body = post(port, path, canned.request_body_for(mode), key, timeout=timeout)
     where = f"POST http://{HOST}:{port}{path} ({mode})"
     if status != 200:
         raise BenchError(f"{where} -> {status}: {body[:300]!r}")
-    if mode == "sse":
+    if mode == "anthropic" and path == UPSTREAM_PATHS["anthropic"]:  # the canned Anthropic stream itself
+        if not body.rstrip().endswith(b'data: {"type":"message_stop"}'):
+            raise BenchError(f"{where}: not an Anthropic event stream: {body[-200:]!r}")
+    elif mode in ("sse", "anthropic"):
         if not ctype.startswith("text/event-stream"):
             raise BenchError(f"{where}: content-type {ctype!r}, expected text/event-stream")
         if not body.rstrip().endswith(b"data: [DONE]") or body.count(b"data: ") < 2:
@@ -361,7 +365,7 @@ def render_nginx_conf(tmp: Path, port: int) -> str:
     for mode, path in UPSTREAM_PATHS.items():
         target = tmp / "www" / path.lstrip("/")
         target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(canned.sse_stream() if mode == "sse" else canned.chat_completion())
+        target.write_bytes(canned.upstream_body(mode))
         for parent in [target, *target.parents]:  # readable by a worker running as nobody
             if parent == tmp.parent:
                 break

@@ -89,7 +89,7 @@ DEFAULT_KEY_HASH_CMD = f"{GATEWAY_BIN} keys hash {{key}}"
 DEFAULT_KEY = "sk-bench-4f1c2a9e7b3d4e5f8a6b"
 UPSTREAM_KEY = "sk-bench"
 HASH_RE = re.compile(r"sha256:[0-9a-f]{64}")
-MODES = ("json", "sse")
+MODES = ("json", "sse", "anthropic")  # anthropic: a chat stream through the Anthropic translator
 PARTS = ("core", "floor", "scale")
 PASSTHROUGH_ARGV = [str(VENV_BIN / "python"), "-m", "bench.apps.aiohttp_passthrough", "--host", HOST, "--port"]
 #: Order of the targets inside one run (the interleaving).
@@ -276,9 +276,11 @@ def measure(opts: Options, tools: dict[str, str], targets: Sequence[Target]) -> 
     """Every (mode, concurrency) cell: warm-up, then ``runs`` rounds over ``targets`` in order."""
     cells: list[Cell] = []
     for mode in opts.modes:
-        body = canned.request_body(stream=mode == "sse")
+        body = canned.request_body_for(mode)
+        # The bare pass-through app only forwards OpenAI bytes: it has no Anthropic row.
+        mode_targets = [t for t in targets if not (mode == "anthropic" and t.name == "passthrough")]
         for conns in opts.concurrency:
-            cell = Cell(mode, conns, {t.name: [] for t in targets}, {t.name: 0 for t in targets})
+            cell = Cell(mode, conns, {t.name: [] for t in mode_targets}, {t.name: 0 for t in mode_targets})
             cells.append(cell)
 
             wrk = functools.partial(
@@ -286,10 +288,10 @@ def measure(opts: Options, tools: dict[str, str], targets: Sequence[Target]) -> 
             )
 
             if opts.warmup > 0:
-                for t in targets:
+                for t in mode_targets:
                     wrk(t.urls[mode], duration=opts.warmup if t.service is not None else min(opts.warmup, 1))
             for run in range(opts.runs):
-                for t in targets:
+                for t in mode_targets:
                     for attempt in range(opts.retries + 1):
                         r = wrk(t.urls[mode], duration=opts.duration, target=t.service)
                         if t.service is not None and not t.service.running():
@@ -456,6 +458,28 @@ def floor_table(cells: Sequence[Cell]) -> str:
     )
 
 
+def translation_headline(cells: Sequence[Cell]) -> str:
+    """The Anthropic translator's cost: the gateway's anthropic row against its OpenAI sse row, same run."""
+    parts = []
+    for cell in cells:
+        if cell.mode != "anthropic" or not cell.has("gateway"):
+            continue
+        sse = next((c for c in cells if c.mode == "sse" and c.connections == cell.connections and c.has("gateway")),
+                   None)
+        if sse is None:
+            continue
+        a, o = Summary.of(cell.gateway), Summary.of(sse.gateway)
+        rps = a.rps / o.rps if o.rps else None
+        cpu = (a.cpu_us_per_request / o.cpu_us_per_request
+               if a.cpu_us_per_request is not None and o.cpu_us_per_request else None)
+        verdict = "within 20%" if rps is not None and rps >= 0.8 and (cpu is None or cpu <= 1.2) else "NOT within 20%"
+        parts.append(f"conc {cell.connections}: req/s {_ratio(rps)}, CPU µs/req {_ratio(cpu)} ({verdict})")
+    if not parts:
+        return ""
+    return ("Anthropic translator (stream of canned Messages events, translated to chunks) ÷ OpenAI pass-through "
+            "stream, gateway rows of the same run: " + "; ".join(parts) + ".")
+
+
 def floor_headline(cells: Sequence[Cell]) -> str:
     """One sentence: the gateway's CPU per request as a multiple of nginx's, at conc 16."""
     parts = []
@@ -535,7 +559,8 @@ def render(
             (
                 f"* Load: `{wrk}` (`-c` = conc), `POST` with `Authorization: Bearer <key>`; "
                 f"json body `{canned.request_body(False).decode()}`, sse body "
-                f"`{canned.request_body(True).decode()}`."
+                f"`{canned.request_body(True).decode()}`, anthropic body "
+                f"`{canned.request_body_for('anthropic').decode()}`."
             ),
             (
                 f"* Upstream answers: json {len(canned.chat_completion())} B `chat.completion`; sse "
@@ -586,6 +611,8 @@ def render(
             "## Gateway beside direct and the bare pass-through",
             "",
             results_table(cells),
+            "",
+            translation_headline(cells),
             "",
             (
                 "`p50 overhead` = gateway p50 − direct p50. `CPU µs/req` = CPU time of the process tree "
@@ -676,7 +703,7 @@ def parse_args(argv: Sequence[str] | None) -> Options:
     parser.add_argument("--duration", type=int, default=8, help="seconds per run [%(default)s]")
     parser.add_argument("--warmup", type=int, default=2, help="warm-up seconds per cell and target (0 to skip)")
     parser.add_argument("--concurrency", default="1,16,64", help="comma list of connections")
-    parser.add_argument("--modes", default="json,sse", help="comma list from json,sse")
+    parser.add_argument("--modes", default="json,sse,anthropic", help="comma list from json,sse,anthropic")
     parser.add_argument("--gateway-cpu", default="1", help="core for the gateway (and the floors)")
     parser.add_argument("--load-cpu", default="0", help="core for nginx, wrk and the scale load")
     parser.add_argument("--startup-timeout", type=float, default=30.0)

@@ -18,6 +18,7 @@ from litestar import Litestar, Request, Response, asgi
 from litestar.exceptions import HTTPException
 
 from .api.admin import admin_routes
+from .api.anthropic import CountTokensEndpoint, MessagesDialect
 from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
@@ -274,14 +275,29 @@ def _proxy_route(gateway: Gateway, endpoint: Endpoint) -> Any:
     return asgi(f"/v1/{endpoint.path}", copy_scope=False, name=endpoint.label)(proxy)
 
 
+def _messages_routes(gateway: Gateway) -> list[Any]:
+    """Anthropic's Messages API: the chat pipeline behind Anthropic's formats, and its token count."""
+    messages = ProxyEndpoint(gateway, Endpoint.CHAT, MessagesDialect())
+    count = CountTokensEndpoint(gateway)
+
+    async def proxy(scope: Any, receive: Any, send: Any) -> None:
+        await messages(scope, receive, send)
+
+    async def count_tokens(scope: Any, receive: Any, send: Any) -> None:
+        await count(scope, receive, send)
+
+    return [asgi("/v1/messages", copy_scope=False, name="messages")(proxy),
+            asgi("/v1/messages/count_tokens", copy_scope=False, name="count_tokens")(count_tokens)]
+
+
 def create_app(
     gateway: Gateway, *, on_startup: Sequence[Callable[[], Any]] = (), on_shutdown: Sequence[Callable[[], Any]] = (),
 ) -> Litestar:
     """A litestar app serving `gateway`. Extra hooks run after the gateway starts / before it stops."""
     app = Litestar(
         route_handlers=[
-            *(_proxy_route(gateway, e) for e in Endpoint), *ops_routes(gateway), *admin_routes(gateway),
-            *feedback_routes(gateway),
+            *(_proxy_route(gateway, e) for e in Endpoint), *_messages_routes(gateway), *ops_routes(gateway),
+            *admin_routes(gateway), *feedback_routes(gateway),
         ],
         exception_handlers=_handlers(gateway.request_ids),
         on_startup=[gateway.start, *on_startup],

@@ -34,6 +34,7 @@ __all__ = [
     "RateLimited",
     "ShuttingDown",
     "UpstreamError",
+    "UpstreamOverloaded",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
@@ -223,6 +224,17 @@ class KeyConflict(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "conflict"
+
+
+# -- providers (Anthropic, Azure, Gemini) --------------------------------------------------------------
+
+
+class UpstreamOverloaded(UpstreamError):
+    """503: the upstream says it is overloaded (Anthropic's 529 `overloaded_error`); routing retries it
+    and falls back like any server error, and the client may retry."""
+
+    status = 503
+    code = "upstream_overloaded"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

@@ -46,7 +46,7 @@ class RequestHeaders:
                 scheme, _, token = value.decode("latin-1").partition(" ")
                 if scheme.lower() == "bearer" and token.strip():
                     credential = token.strip()
-            elif name == b"api-key" and credential is None:
+            elif name in (b"api-key", b"x-api-key") and credential is None:  # Azure's and Anthropic's SDKs
                 credential = value.decode("latin-1").strip() or None
             elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
@@ -73,8 +73,11 @@ async def send_body(send: Any, status: int, headers: list[tuple[bytes, bytes]], 
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-async def send_error(send: Any, error: GatewayError, request_id: str, *extra: tuple[bytes, bytes]) -> None:
-    body = error.body()
+async def send_error(
+    send: Any, error: GatewayError, request_id: str, *extra: tuple[bytes, bytes], body: bytes | None = None,
+) -> None:
+    """The error reply: OpenAI's envelope, or `body` (another API's envelope, same status)."""
+    body = error.body() if body is None else body
     headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *extra]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error_header_map(error, request_id).items()]
     await send_body(send, error.status, headers, body)

@@ -17,10 +17,12 @@ from typing import Any, Protocol
 
 from ..errors import GatewayError, InternalError, ShuttingDown
 from ..pipeline.context import Reply, RequestContext, RequestHead
+from ..pipeline.dialect import Dialect
 from ..pipeline.lifecycle import Lifecycle
 from ..pipeline.stages import ClientGone
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
+from ..schemas.events import StreamError
 from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
 from .sse import error_frame, frame
 
@@ -46,9 +48,10 @@ class EdgeHost(Protocol):
 class ProxyEndpoint:
     """One OpenAI endpoint: run the pipeline for a request, send the reply."""
 
-    def __init__(self, host: EdgeHost, endpoint: Endpoint) -> None:
+    def __init__(self, host: EdgeHost, endpoint: Endpoint, dialect: Dialect | None = None) -> None:
         self.host = host
         self.endpoint = endpoint
+        self.dialect = dialect  # the client's API when it is not OpenAI's (translated at ingress and here)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -62,12 +65,15 @@ class ProxyEndpoint:
         host.active.add(life)
         head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size, scope["headers"])
         ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
+        dialect = ctx.dialect = self.dialect
         version = runtime.version_header
         try:
             reply = await runtime.pipeline.run(ctx)
             if reply.stream is None:
                 life.protect()
                 assert reply.body is not None
+                if dialect is not None:
+                    reply.body = dialect.reply(ctx, reply.body)
                 await send_body(send, reply.status, [
                     (b"content-type", JSON),
                     (b"content-length", str(len(reply.body)).encode()),
@@ -84,14 +90,15 @@ class ProxyEndpoint:
             task.uncancel()
             if life.reason == "shutdown" and not life.response_started:
                 cut = ShuttingDown("the gateway is shutting down; retry")
-                await _send_quietly(send_error(send, cut, request_id, version))
+                await _send_quietly(send_error(send, cut, request_id, version, body=_error_body(dialect, cut)))
         except ClientGone:
             pass
         except GatewayError as exc:
-            await send_error(send, exc, request_id, version)
+            await send_error(send, exc, request_id, version, body=_error_body(dialect, exc))
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            await send_error(send, InternalError("the gateway failed to handle this request"), request_id, version)
+            bug = InternalError("the gateway failed to handle this request")
+            await send_error(send, bug, request_id, version, body=_error_body(dialect, bug))
         finally:
             life.stop()
             host.active.discard(life)
@@ -102,6 +109,7 @@ class ProxyEndpoint:
         assert stream is not None
         life = ctx.lifecycle
         wants_usage = ctx.wants_usage
+        framer = ctx.dialect.framer(ctx) if ctx.dialect is not None else None
         try:
             await send({
                 "type": "http.response.start", "status": reply.status,
@@ -110,7 +118,8 @@ class ProxyEndpoint:
             })
             life.response_started = True
             async for batch in stream:
-                await send({"type": "http.response.body", "body": frame(batch, wants_usage), "more_body": True})
+                data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
+                await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if life.reason != "shutdown":
@@ -118,7 +127,8 @@ class ProxyEndpoint:
             asyncio.current_task().uncancel()  # type: ignore[union-attr]
             cut = ShuttingDown("the gateway is shutting down; the stream was cut at the drain deadline")
             await stream.aclose("shutdown", cut)
-            await _send_quietly(send({"type": "http.response.body", "body": error_frame(cut), "more_body": True}))
+            last = error_frame(cut) if framer is None else framer.frame([StreamError(cut)])
+            await _send_quietly(send({"type": "http.response.body", "body": last, "more_body": True}))
             await _send_quietly(send({"type": "http.response.body", "body": b"", "more_body": False}))
         except OSError:  # the server reports a write to a closed connection
             life.reason = life.reason or "client_gone"
@@ -139,6 +149,10 @@ def routing_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     if ctx.fallback_reason is None:
         return [target.header, attempts]
     return [target.header, attempts, (b"x-gateway-fallback-reason", ctx.fallback_reason.encode())]
+
+
+def _error_body(dialect: Dialect | None, error: GatewayError) -> bytes | None:
+    return dialect.error_body(error) if dialect is not None else None
 
 
 async def _send_quietly(sending: Any) -> None:

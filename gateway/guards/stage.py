@@ -58,6 +58,9 @@ def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
                 if isinstance(function, dict) and isinstance(function.get("arguments"), str):
                     yield function, "arguments", Where("input", "tool_arguments")
         return
+    if endpoint is Endpoint.RESPONSES:
+        yield from _responses_texts(body)
+        return
     field, part = ("prompt", "prompt") if endpoint is Endpoint.COMPLETIONS else ("input", "embedding_input")
     value = body.get(field)
     if isinstance(value, str):
@@ -66,6 +69,27 @@ def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
         for index, item in enumerate(value):
             if isinstance(item, str):
                 yield value, index, Where("input", part)
+
+
+def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
+    """A Responses request's texts: instructions, the input string or its items' text parts and tool outputs."""
+    if isinstance(body.get("instructions"), str):
+        yield body, "instructions", Where("input", "message")
+    value = body.get("input")
+    if isinstance(value, str):
+        yield body, "input", Where("input", "message")
+        return
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, dict):
+            continue
+        if isinstance(item.get("output"), str):
+            yield item, "output", Where("input", "tool_result")
+        content = item.get("content")
+        if isinstance(content, str):
+            yield item, "content", Where("input", "message")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part, "text", Where("input", "message")
 
 
 def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:

@@ -21,6 +21,7 @@ from .lifecycle import Lifecycle
 if TYPE_CHECKING:
     from ..providers.base import Provider
     from ..runtime import Runtime
+    from .dialect import Dialect
     from .streams import ReplyStream
 
 __all__ = ["Reply", "RequestContext", "RequestHead"]
@@ -82,10 +83,16 @@ class RequestContext:
     cost_usd: float | None = None  # what the answer cost, once accounting knows (the access log reads it)
     cache_result: str | None = None  # hit, miss, bypass... once the cache stage knows (the access log reads it)
     traceparent: bytes | None = None  # W3C trace context sent upstream (tracing on): the gateway's span as parent
+    dialect: Dialect | None = None  # the client's wire format when it is not OpenAI's (/v1/messages)
 
     @property
     def tenant(self) -> str:
         return self.key.tenant if self.key is not None else "anonymous"
+
+    @property
+    def endpoint_label(self) -> str:
+        """The endpoint label for metrics: the client's API (`messages`) when it is not OpenAI's."""
+        return self.dialect.label if self.dialect is not None else self.endpoint.label
 
     @property
     def alias_label(self) -> str:

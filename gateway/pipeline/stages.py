@@ -100,7 +100,10 @@ class Ingress:
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         ctx.raw_body = await read_body(ctx.receive, ctx.head.content_length, ctx.runtime.policy.server.max_body_bytes)
         ctx.lifecycle.watch(ctx.receive)  # from here to the last byte, a client that leaves cancels the request
-        ctx.body, ctx.request = decode_body(ctx.raw_body, ctx.endpoint)
+        if ctx.dialect is None:
+            ctx.body, ctx.request = decode_body(ctx.raw_body, ctx.endpoint)
+        else:  # another API's request (Anthropic's Messages): translated once, here, into the internal one
+            ctx.body, ctx.request = ctx.dialect.decode(ctx.raw_body)
         if ctx.endpoint.streams:
             ctx.stream = getattr(ctx.request, "stream", False) is True
             options = getattr(ctx.request, "stream_options", None)

@@ -21,6 +21,7 @@ from .compiled import Policy, ProviderConfig, Timeouts
 from .guard_check import check_guards
 from .includes import PolicyTree, read_tree
 from .loader import PolicyError, PolicyIssue, _Located, check_doc
+from .provider_schema import KIND_TRAITS
 from .routes import compile_routing
 from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec
 from .telemetry_check import metric_labels
@@ -125,13 +126,13 @@ def compile_policy(
 
 def _spends(spec: PolicySpec) -> bool:
     """Whether any provider spends real credit (everything but the in-process demo)."""
-    return any(provider.kind != "demo" for provider in spec.providers.values())
+    return any(KIND_TRAITS[provider.kind].remote for provider in spec.providers.values())
 
 
 def open_to_network(policy: Policy, host: str) -> bool:
     """Anyone who reaches `host` could spend the providers' credit: no keys, a real provider, not loopback."""
     return policy.auth == "none" and not is_loopback(host) and any(
-        provider.kind != "demo" for provider in policy.providers.values()
+        KIND_TRAITS[provider.kind].remote for provider in policy.providers.values()
     )
 
 
@@ -217,30 +218,44 @@ def _provider(
     name: str, spec: ProviderSpec, doc: _Located, env: Mapping[str, str], require_env: bool, warnings: list[str]
 ) -> ProviderConfig:
     path = ("providers", name)
+    traits = KIND_TRAITS[spec.kind]
     base_url = DEMO_BASE_URL
-    if spec.kind == "openai":
-        base_url = _base_url(spec.base_url, doc, path)
+    if traits.remote:
+        base_url = _base_url(spec.base_url or traits.default_base_url, doc, path, spec.kind)
     elif spec.base_url is not None:
-        doc.issue(path + ("base_url",), "a `demo` provider answers in-process and takes no base_url")
+        doc.issue(path + ("base_url",), f"a `{spec.kind}` provider answers in-process and takes no base_url")
+    options = None
+    for other in {t.options_field for t in KIND_TRAITS.values() if t.options_field}:
+        block = getattr(spec, other)
+        if block is not None and other != traits.options_field:
+            doc.issue(path + (other,), f"`{other}` options apply to `kind: {other}` providers, not `{spec.kind}`")
+    if traits.options is not None and traits.options_field is not None:
+        options = getattr(spec, traits.options_field) or traits.options()
+    key_header = spec.api_key_header or traits.default_key_header
     t = spec.timeouts
     if t.first_byte_s > t.total_s or t.connect_s > t.total_s:
         doc.issue(path + ("timeouts",), "connect_s and first_byte_s must not exceed total_s")
     headers: dict[str, str] = {}
     for header, value in spec.headers.items():
-        if header.lower() in ("authorization", spec.api_key_header.lower()) and spec.api_key_env:
+        if header.lower() in ("authorization", key_header.lower()) and spec.api_key_env:
             doc.issue(path + ("headers", header), "the API key header is set from api_key_env; do not repeat it")
         if _looks_secret(header):
             doc.issue(path + ("headers", header), "put secrets in headers_env (an environment variable), not inline")
         headers[header] = value
     secret_vars = dict(spec.headers_env)
     if spec.api_key_env:
-        secret_vars[spec.api_key_header] = spec.api_key_env
+        secret_vars[key_header] = spec.api_key_env
+    entra = getattr(options, "entra_token_env", None)
+    if entra is not None:  # Azure with Entra ID: a bearer token instead of the api-key header
+        if spec.api_key_env:
+            doc.issue(path + ("azure", "entra_token_env"), "give api_key_env or azure.entra_token_env, not both")
+        secret_vars["Authorization"] = entra
     secret_values: list[str] = []
     for header, var in secret_vars.items():
         secret = env.get(var)
         if secret is None:
             message = f"environment variable `{var}` is not set"
-            field = "api_key_env" if var == spec.api_key_env and header == spec.api_key_header else "headers_env"
+            field = "api_key_env" if var == spec.api_key_env and header == key_header else "headers_env"
             if require_env:
                 doc.issue(path + (field,), message)
             else:
@@ -264,6 +279,7 @@ def _provider(
         max_response_bytes=spec.max_response_bytes,
         secrets=tuple(secret_values),
         public_hosts=_public_hosts(base_url),
+        options=options,
     )
 
 
@@ -280,9 +296,10 @@ def _public_hosts(base_url: str) -> tuple[str, ...]:
     return ()
 
 
-def _base_url(url: str | None, doc: _Located, path: tuple[str, ...]) -> str:
+def _base_url(url: str | None, doc: _Located, path: tuple[str, ...], kind: str) -> str:
     if not url:
-        doc.issue(path, "an `openai` provider needs `base_url` (e.g. https://api.openai.com/v1)")
+        article = "an" if kind[0] in "aeiou" else "a"
+        doc.issue(path, f"{article} `{kind}` provider needs `base_url` (e.g. https://api.openai.com/v1)")
         return ""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:

@@ -16,6 +16,7 @@ from ..store.base import StoreConfig
 from ..telemetry.labels import MetricLabels
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
+from .provider_schema import ProviderOptions
 from .schema import AuthMode, BreakerSpec, PolicySpec, ProviderKind, ServerSpec
 from .telemetry_schema import TelemetrySpec
 
@@ -58,6 +59,7 @@ class ProviderConfig:
     max_response_bytes: int = 64 * 1024 * 1024
     secrets: tuple[str, ...] = field(default=(), repr=False)  # credential values: scrubbed from upstream errors
     public_hosts: tuple[str, ...] = ()  # the provider's own host: may appear in its error messages
+    options: ProviderOptions | None = None  # the kind's own block (policy/provider_schema.py), if any
 
 
 @dataclass(frozen=True, slots=True)

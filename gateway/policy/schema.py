@@ -17,6 +17,7 @@ from msgspec import Meta, Struct
 from .accounting_schema import BudgetSpec, LimitSpec, TenantSpec
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
+from .provider_schema import AnthropicSpec, AzureSpec, GeminiSpec
 from .telemetry_schema import TelemetrySpec
 
 __all__ = [
@@ -51,7 +52,7 @@ KeyHash = Annotated[
     str,
     Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="output of `gateway keys hash`"),
 ]
-ProviderKind = Literal["openai", "demo"]
+ProviderKind = Literal["openai", "azure", "anthropic", "gemini", "demo"]
 AuthMode = Literal["none", "keys"]
 
 
@@ -118,7 +119,7 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     kind: ProviderKind
     base_url: str | None = None
     api_key_env: EnvVarName | None = None
-    api_key_header: HeaderName = "Authorization"
+    api_key_header: HeaderName | None = None  # default by kind: Authorization, api-key, x-api-key, x-goog-api-key
     headers: dict[HeaderName, str] = {}
     headers_env: dict[HeaderName, EnvVarName] = {}
     query: dict[str, str] = {}
@@ -135,6 +136,9 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     # A non-streamed answer larger than this is refused (502) while it is read.
     max_response_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+    azure: AzureSpec | None = None  # kind: azure (policy/provider_schema.py)
+    anthropic: AnthropicSpec | None = None  # kind: anthropic
+    gemini: GeminiSpec | None = None  # kind: gemini
 
 
 Strategy = Literal["priority", "weighted", "latency", "least_busy", "cost"]

@@ -15,12 +15,13 @@ from typing import Any, Protocol
 
 import msgspec
 
+from ..errors import InvalidRequest
 from ..policy.compiled import ProviderConfig, Timeouts
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.openai import Usage
 
-__all__ = ["Call", "Completion", "Provider"]
+__all__ = ["ALL_ENDPOINTS", "Call", "Completion", "Provider", "check_endpoint"]
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 
@@ -58,9 +59,22 @@ class Completion:
         return self._data
 
 
+ALL_ENDPOINTS = frozenset(Endpoint)
+
+
+def check_endpoint(provider: Provider, endpoint: Endpoint) -> None:
+    """A clear 400 when this provider's upstream API has no such endpoint (never a silent translation)."""
+    if endpoint not in provider.endpoints:
+        raise InvalidRequest(
+            f"the routed target's provider `{provider.name}` (kind `{provider.config.kind}`) cannot serve "
+            f"/v1/{endpoint.path}; route this model to a provider that does", param="model",
+            code="unsupported_endpoint")
+
+
 class Provider(Protocol):
     name: str
     config: ProviderConfig
+    endpoints: frozenset[Endpoint]  # the endpoints its upstream API serves
 
     async def start(self) -> None:
         """Open pools, load what is needed; called once when its runtime starts."""

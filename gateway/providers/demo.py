@@ -24,7 +24,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter, message_text
-from .base import Call, Completion
+from .base import Call, Completion, check_endpoint
 
 __all__ = ["DemoProvider", "demo_reply"]
 
@@ -44,6 +44,8 @@ def demo_reply(prompt: str) -> str:
 
 
 class DemoProvider:
+    endpoints = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+
     def __init__(self, config: ProviderConfig, tokens: TokenCounter | None = None) -> None:
         self.name = config.name
         self.config = config
@@ -79,6 +81,7 @@ class DemoProvider:
         return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 
     async def complete(self, call: Call) -> Completion:
+        check_endpoint(self, call.endpoint)
         if call.endpoint is Endpoint.EMBEDDINGS:
             return self._embeddings(call)
         answer = demo_reply(self._prompt(call))
@@ -105,6 +108,7 @@ class DemoProvider:
         return Completion(_encode(body), usage)
 
     async def open_stream(self, call: Call) -> DemoStream:
+        check_endpoint(self, call.endpoint)
         return DemoStream(self, call)
 
     def _embeddings(self, call: Call) -> Completion:

@@ -30,18 +30,21 @@ from ..errors import (
 from ..policy.compiled import ProviderConfig
 from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
-from ..schemas.events import DONE, Chunk, StreamError, StreamEvent, UsageReport
+from ..schemas.events import DONE, Chunk, EventSource, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import ChunkPeek, UsagePeek
+from ..schemas.responses import ResponsesPeek, responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from ..upstream.sse import DONE as DONE_PAYLOAD
 from ..upstream.sse import SSEDecoder
-from .base import Call, Completion
+from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
+from .streaming import ResponsesEvents, TranslatedStream
 
 __all__ = ["OpenAICompatProvider", "status_error"]
 
 _encode = msgspec.json.Encoder().encode
 _peek_usage = msgspec.json.Decoder(UsagePeek).decode
 _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
+_peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
 # The `"usage": null` an upstream adds to every chunk once asked for usage. A JSON key
@@ -53,6 +56,8 @@ _CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|
 
 
 class OpenAICompatProvider:
+    endpoints = ALL_ENDPOINTS
+
     def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         self.name = config.name
         self.config = config
@@ -71,20 +76,30 @@ class OpenAICompatProvider:
             await self._session.close()
             self._session = None
 
+    def _url(self, call: Call) -> str:
+        return self._urls[call.endpoint]
+
+    def _params(self, call: Call) -> dict[str, str] | None:
+        return self._query
+
     def _payload(self, call: Call) -> bytes:
         body = call.body
-        if call.stream and self.config.stream_usage and not call.client_wants_usage:
+        if self._asks_for_usage(call):
             # Ask for the usage chunk so that accounting has real figures; the stream undoes
             # every trace of this request before the client sees it (see `_OpenAIStream`).
             options = body.get("stream_options")
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         return _encode(body)
 
-    @staticmethod
-    def _headers(call: Call) -> dict[str, str]:
+    def _headers(self, call: Call) -> dict[str, str]:
         if call.traceparent is None:
             return {"X-Request-Id": call.request_id}
         return {"X-Request-Id": call.request_id, "traceparent": call.traceparent.decode("ascii")}
+
+    def _asks_for_usage(self, call: Call) -> bool:
+        """Whether the gateway adds `stream_options.include_usage` itself (Chat and Completions streams)."""
+        return (call.stream and self.config.stream_usage and not call.client_wants_usage
+                and call.endpoint is not Endpoint.RESPONSES)
 
     def sanitize(self, message: object) -> str:
         return sanitize_upstream_message(message, secrets=self.config.secrets, public_hosts=self.config.public_hosts)
@@ -103,7 +118,7 @@ class OpenAICompatProvider:
         try:
             async with asyncio.timeout(timeouts.first_byte_s):
                 response = await self._session.post(
-                    self._urls[call.endpoint], data=self._payload(call), params=self._query,
+                    self._url(call), data=self._payload(call), params=self._params(call),
                     headers=self._headers(call), **extra,
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
@@ -116,13 +131,20 @@ class OpenAICompatProvider:
         return response, deadline
 
     async def complete(self, call: Call) -> Completion:
+        check_endpoint(self, call.endpoint)
         await self._gate.acquire()
         try:
             response, deadline = await self._send(call)
             body = await self._read_body(response, deadline, (call.timeouts or self.config.timeouts).idle_s)
         finally:
             self._gate.release()
+        return self._completion(call, body)
+
+    def _completion(self, call: Call, body: bytes) -> Completion:
+        """The answer for the client from the upstream's body (here: as it is, with its usage read)."""
         try:
+            if call.endpoint is Endpoint.RESPONSES:
+                return Completion(body, responses_usage(_peek_responses(body).usage))
             usage = _peek_usage(body).usage
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
@@ -152,7 +174,8 @@ class OpenAICompatProvider:
         response.release()
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
-    async def open_stream(self, call: Call) -> _OpenAIStream:
+    async def open_stream(self, call: Call) -> EventSource:
+        check_endpoint(self, call.endpoint)
         await self._gate.acquire()
         try:
             response, deadline = await self._send(call)
@@ -163,23 +186,41 @@ class OpenAICompatProvider:
             response.close()
             self._gate.release()
             raise UpstreamError(f"upstream `{self.name}` did not answer with an event stream")
-        asked_for_usage = self.config.stream_usage and not call.client_wants_usage
-        return _OpenAIStream(self, response, deadline, asked_for_usage, (call.timeouts or self.config.timeouts).idle_s)
+        return self._stream(call, response, deadline, (call.timeouts or self.config.timeouts).idle_s)
+
+    def _stream(self, call: Call, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> EventSource:
+        """The started stream's events (here: OpenAI's chunks, or the Responses API's events)."""
+        if call.endpoint is Endpoint.RESPONSES:
+            return TranslatedStream(self, response, deadline, idle_s, ResponsesEvents(self))
+        return _OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s)
+
+    def release(self) -> None:
+        """Give back the connection permit a started stream held."""
+        self._gate.release()
 
     async def _status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
         """Turn a non-200 answer into the gateway error a client should see."""
         try:
             async with asyncio.timeout(self.config.timeouts.idle_s):
                 raw = await response.content.read(_MAX_ERROR_BODY)
-            detail = _peek_error(raw).get("error")
-            message = detail.get("message") if isinstance(detail, dict) else detail
-            code = detail.get("code") if isinstance(detail, dict) else None
+            message, code = self._error_detail(_peek_error(raw))
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
             message = code = None
-        error = status_error(self.name, response.status, self.sanitize(message), response.headers.get("Retry-After"),
-                             code if isinstance(code, str) else None, message if isinstance(message, str) else "")
+        error = self._map_status(response.status, self.sanitize(message), response.headers.get("Retry-After"),
+                                 code if isinstance(code, str) else None, message if isinstance(message, str) else "")
         error.upstream_status = response.status
         return error
+
+    def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
+        """The message and code of an upstream's error body (here: OpenAI's `{"error": {...}}`)."""
+        detail = body.get("error")
+        if isinstance(detail, dict):
+            return detail.get("message"), detail.get("code")
+        return detail, None
+
+    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+                    ) -> GatewayError:
+        return status_error(self.name, status, detail, retry_after, code, raw)
 
 
 def status_error(
@@ -243,7 +284,7 @@ class _OpenAIStream:
         if not self._closed:
             self._closed = True
             self._response.close()
-            self._provider._gate.release()
+            self._provider.release()
 
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         decoder = SSEDecoder()

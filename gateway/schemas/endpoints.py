@@ -7,6 +7,7 @@ import enum
 import msgspec
 
 from .openai import ChatRequest, CompletionRequest, EmbeddingRequest
+from .responses import ResponsesRequest
 
 __all__ = ["Endpoint"]
 
@@ -15,6 +16,7 @@ class Endpoint(enum.Enum):
     CHAT = "chat/completions"
     COMPLETIONS = "completions"
     EMBEDDINGS = "embeddings"
+    RESPONSES = "responses"  # forwarded to providers that serve the Responses API (`Provider.endpoints`)
 
     @property
     def path(self) -> str:
@@ -38,4 +40,5 @@ _REQUEST_TYPES: dict[Endpoint, type[msgspec.Struct]] = {
     Endpoint.CHAT: ChatRequest,
     Endpoint.COMPLETIONS: CompletionRequest,
     Endpoint.EMBEDDINGS: EmbeddingRequest,
+    Endpoint.RESPONSES: ResponsesRequest,
 }

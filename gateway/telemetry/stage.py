@@ -90,7 +90,7 @@ class Telemetry:
         key = ctx.key.name if ctx.key is not None else None
         error = ctx.error_code if ctx.status >= 400 else None
         self.metrics.record(Finished(
-            ctx.endpoint.label, labels.alias(ctx.alias_label), ctx.status, provider, labels.target(target),
+            ctx.endpoint_label, labels.alias(ctx.alias_label), ctx.status, provider, labels.target(target),
             labels.tenant(ctx.tenant), labels.key(key), error, total, ctx.upstream_seconds,
             ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
         ))
@@ -107,7 +107,7 @@ def access_fields(
     upstream = ctx.upstream_seconds if provider is not None else 0.0
     first = ctx.first_chunk_seconds
     return {
-        "request_id": ctx.request_id, "endpoint": ctx.endpoint.label, "model": ctx.alias_label,
+        "request_id": ctx.request_id, "endpoint": ctx.endpoint_label, "model": ctx.alias_label,
         "tenant": ctx.tenant, "key": key, "provider": provider, "target": target,
         "rule": ctx.rule, "attempts": _attempts(ctx), "fallback_reason": ctx.fallback_reason,
         "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,

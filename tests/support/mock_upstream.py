@@ -75,7 +75,7 @@ class Fault:
 _FAULT_RE = re.compile(
     r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body|retry-after)-(\d+)"
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
-    r"|error-first|echo|echo-tool)"
+    r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
 # credential it was sent, without its `Bearer` (filled in per request).
@@ -198,6 +198,55 @@ def chat_usage(prompt: int, completion: int) -> dict[str, Any]:
             "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
         },
     }
+
+
+# Azure OpenAI's error for a prompt its content filter rejects (HTTP 400).
+AZURE_CONTENT_FILTER = {
+    "message": "The response was filtered due to the prompt triggering Azure OpenAI's content management policy.",
+    "type": None, "param": "prompt", "code": "content_filter", "status": 400,
+    "innererror": {"code": "ResponsibleAIPolicyViolation", "content_filter_result": {
+        "hate": {"filtered": False, "severity": "safe"}, "self_harm": {"filtered": False, "severity": "safe"},
+        "sexual": {"filtered": False, "severity": "safe"}, "violence": {"filtered": True, "severity": "high"}}},
+}
+
+
+def responses_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
+    """The Responses API: a `response` object, or its event stream (`event:` lines, no `[DONE]`)."""
+    text = " ".join(words)
+    prompt = body.get("input")
+    prompt_tokens = count_words(prompt) if isinstance(prompt, str) else chat_prompt_tokens(prompt)
+    usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
+             "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
+             "total_tokens": prompt_tokens + len(words)}
+    rid, mid = f"resp_mock{serial}", f"msg_mock{serial}"
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
+                "model": body.get("model"), "output": [item], "parallel_tool_calls": True, "tool_choice": "auto",
+                "tools": [], "usage": usage, "error": None, "incomplete_details": None, "instructions": None,
+                "metadata": {}, "temperature": 1.0, "top_p": 1.0, "text": {"format": {"type": "text"}}}
+    if not body.get("stream"):
+        return response
+    pending = {**response, "status": "in_progress", "output": [], "usage": None}
+    sequence = itertools.count()
+
+    def event(kind: str, **fields: Any) -> bytes:
+        return (f"event: {kind}\n".encode()
+                + sse({"type": kind, "sequence_number": next(sequence), **fields}))
+
+    opening = [event("response.created", response=pending), event("response.in_progress", response=pending),
+               event("response.output_item.added", output_index=0,
+                     item={**item, "status": "in_progress", "content": []}),
+               event("response.content_part.added", item_id=mid, output_index=0, content_index=0,
+                     part={**part, "text": ""})]
+    deltas = [event("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=piece,
+                    logprobs=[]) for piece in _joined(body, words)[1]]
+    closing = [event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text,
+                     logprobs=[]),
+               event("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part),
+               event("response.output_item.done", output_index=0, item=item),
+               event("response.completed", response=response)]
+    return SseAnswer(opening + deltas + closing, len(opening))
 
 
 def embedding_vector(text: str, dimensions: int) -> list[float]:
@@ -505,6 +554,11 @@ class MockUpstream:
         app.router.add_post("/v1/chat/completions", self._route(chat_answer))
         app.router.add_post("/v1/completions", self._route(completion_answer))
         app.router.add_post("/v1/embeddings", self._route(embeddings_answer))
+        app.router.add_post("/v1/responses", self._route(responses_answer))
+        # Azure OpenAI: the same formats under deployment URLs (`?api-version=` is recorded in `query`)
+        app.router.add_post("/openai/deployments/{deployment}/chat/completions", self._route(chat_answer))
+        app.router.add_post("/openai/deployments/{deployment}/completions", self._route(completion_answer))
+        app.router.add_post("/openai/deployments/{deployment}/embeddings", self._route(embeddings_answer))
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/v1/models/{model_id:.+}", self._model)
         # handler_cancellation: a client that goes away cancels its handler.
@@ -568,9 +622,9 @@ class MockUpstream:
         """Record, authenticate, and turn early client exits into disconnect records."""
         request[_RECORD] = self._record(request, await request.read())
         try:
-            authorization = request.headers.get("Authorization", "")
-            if self.api_key is not None and authorization != f"Bearer {self.api_key}":
-                return await _send(request, auth_error_response(authorization))
+            refused = self._auth_error(request)
+            if refused is not None:
+                return await _send(request, refused)
             try:
                 return await handler(request)
             except web.HTTPException as exc:  # unknown route or method
@@ -583,6 +637,15 @@ class MockUpstream:
         except ConnectionResetError:
             self._note_disconnect(request)
             return request.get(_RESPONSE) or web.Response()
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        """The 401 for a request without the key (Azure's `api-key` header is accepted as well)."""
+        authorization = request.headers.get("Authorization", "")
+        if self.api_key is None or authorization == f"Bearer {self.api_key}":
+            return None
+        if request.path.startswith("/openai/deployments/") and request.headers.get("api-key") == self.api_key:
+            return None
+        return auth_error_response(authorization)
 
     def _route(self, build: Builder) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         async def handle(request: web.Request) -> web.StreamResponse:
@@ -600,6 +663,8 @@ class MockUpstream:
                 return await _send(request, error_response(
                     400, "This model's maximum context length is 128 tokens. However, your messages resulted in "
                     "4000 tokens.", "invalid_request_error", "context_length_exceeded", param="messages"))
+            if fault and fault.kind == "content-filter":  # Azure's answer to a prompt its filter rejects
+                return await _send(request, web.json_response({"error": AZURE_CONTENT_FILTER}, status=400))
             if fault and fault.kind == "error-first" and body.get("stream") is True:
                 error = {"error": {"message": "The server had an error while processing your request",
                                    "type": "server_error"}}

@@ -1,0 +1,70 @@
+"""Per-kind provider options, and what each provider kind expects of the common fields.
+
+The common `ProviderSpec` fields (base URL, key variable, headers, timeouts) serve
+every kind; what only one upstream API needs lives in that kind's block here
+(`azure:`, `anthropic:`, `gemini:`). `KIND_TRAITS` is the policy side of the
+provider registry: the compiler reads a kind's defaults from it, so no kind name
+is compared as a string outside this table and `providers/__init__.py`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Annotated
+
+from msgspec import Meta, Struct
+
+__all__ = ["KIND_TRAITS", "AnthropicSpec", "AzureSpec", "GeminiSpec", "KindTraits", "ProviderOptions"]
+
+EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable")]
+
+
+class AzureSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Azure OpenAI: `{base_url}/openai/deployments/{deployment}/{endpoint}?api-version=...`."""
+
+    api_version: Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$",
+                                     description="the `api-version` query parameter of every call")] = "2024-10-21"
+    # The deployment name; unset: the target's `model` is the deployment name.
+    deployment: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+    # An Entra ID access token (sent as `Authorization: Bearer`), instead of api_key_env's `api-key`.
+    # Read when the policy loads: reload the policy (SIGHUP) after the token is refreshed.
+    entra_token_env: EnvVarName | None = None
+
+
+class AnthropicSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Anthropic Messages API."""
+
+    version: Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")] = "2023-06-01"  # anthropic-version
+    # Messages requires max_tokens; a chat request without max_tokens / max_completion_tokens gets this.
+    default_max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
+    beta: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]] = []  # anthropic-beta values
+
+
+class GeminiSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """Google Gemini (Generative Language API): `{base_url}/models/{model}:generateContent`."""
+
+    # Gemini reports no tool call ids: the gateway makes them (`call_<n>`), and maps a tool
+    # result back to its function by the id it gave.
+
+
+ProviderOptions = AzureSpec | AnthropicSpec | GeminiSpec
+
+
+@dataclass(frozen=True, slots=True)
+class KindTraits:
+    """What the compiler needs to know about a provider kind."""
+
+    default_base_url: str | None  # None: the policy must give one (or, for `remote=False`, must not)
+    default_key_header: str  # where api_key_env's value goes when api_key_header is not given
+    options: type[ProviderOptions] | None  # the kind's own block, if it has one
+    options_field: str | None  # that block's field name in ProviderSpec
+    remote: bool = True  # False: answers in-process (takes no base_url, spends no credit)
+
+
+KIND_TRAITS: dict[str, KindTraits] = {
+    "openai": KindTraits(None, "Authorization", None, None),
+    "azure": KindTraits(None, "api-key", AzureSpec, "azure"),
+    "anthropic": KindTraits("https://api.anthropic.com/v1", "x-api-key", AnthropicSpec, "anthropic"),
+    "gemini": KindTraits("https://generativelanguage.googleapis.com/v1beta", "x-goog-api-key", GeminiSpec, "gemini"),
+    "demo": KindTraits(None, "Authorization", None, None, remote=False),
+}

@@ -1,0 +1,100 @@
+"""Anthropic's Messages API (`kind: anthropic`): Chat Completions in, Chat Completions out.
+
+The transport (pool, gate, per-phase timeouts, body cap, sanitized errors) is the
+OpenAI-compatible provider's; this module changes what travels: the request is
+translated (`translate.chat_to_anthropic`), sent to `{base_url}/messages` with
+`x-api-key` and `anthropic-version`, and the answer or each stream event is
+translated back. Anthropic's error types map to the gateway's statuses:
+`overloaded_error` (HTTP 529) is a 503 that routing retries and falls back on,
+`rate_limit_error` a 429 with its Retry-After, a prompt too long for the window a
+context-length error.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import aiohttp
+import msgspec
+
+from ..errors import GatewayError, UpstreamError, UpstreamOverloaded
+from ..policy.compiled import ProviderConfig
+from ..policy.provider_schema import AnthropicSpec
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import EventSource
+from ..translate.chat_to_anthropic import AnthropicEvents, anthropic_request, chat_completion
+from ..upstream.client import ConnectionGate
+from .base import Call, Completion
+from .openai_compat import OpenAICompatProvider, status_error
+from .streaming import TranslatedStream
+
+__all__ = ["AnthropicProvider"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_OVERLOADED = 529
+# Anthropic's error types, by the HTTP status it sends them with (for an in-stream `error` event).
+_STATUS_OF_TYPE = {
+    "invalid_request_error": 400, "authentication_error": 401, "permission_error": 403, "not_found_error": 404,
+    "request_too_large": 413, "rate_limit_error": 429, "api_error": 500, "overloaded_error": _OVERLOADED,
+    "timeout_error": 504,
+}
+
+
+class AnthropicProvider(OpenAICompatProvider):
+    endpoints = frozenset({Endpoint.CHAT})
+
+    def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
+        super().__init__(config, gate)
+        options = config.options if isinstance(config.options, AnthropicSpec) else AnthropicSpec()
+        self.options = options
+        self.target = f"Anthropic's Messages API (provider `{config.name}`)"
+        self._messages_url = f"{config.base_url}/messages"
+        self._static = {"anthropic-version": options.version}
+        if options.beta:
+            self._static["anthropic-beta"] = ",".join(options.beta)
+
+    def _url(self, call: Call) -> str:
+        return self._messages_url
+
+    def _headers(self, call: Call) -> dict[str, str]:
+        return {**self._static, **super()._headers(call)}
+
+    def _payload(self, call: Call) -> bytes:
+        return _encode(anthropic_request(call.body, self.options.default_max_tokens, self.target))
+
+    def _completion(self, call: Call, body: bytes) -> Completion:
+        try:
+            answer = _decode(body)
+            chat, usage = chat_completion(answer)
+        except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError) as exc:
+            raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
+        return Completion(_encode(chat), usage, chat)
+
+    def _stream(self, call: Call, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> EventSource:
+        return TranslatedStream(self, response, deadline, idle_s, AnthropicEvents(self._event_error))
+
+    def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
+        """Anthropic's envelope: `{"type": "error", "error": {"type": ..., "message": ...}}`."""
+        detail = body.get("error")
+        if isinstance(detail, dict):
+            return detail.get("message"), detail.get("type")
+        return None, None
+
+    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+                    ) -> GatewayError:
+        if status == _OVERLOADED or code == "overloaded_error":
+            suffix = f": {detail}" if detail else ""
+            hint = {"Retry-After": retry_after} if retry_after and retry_after.isdigit() else {}
+            return UpstreamOverloaded(f"upstream `{self.name}` is overloaded{suffix}", headers=hint)
+        return status_error(self.name, status, detail, retry_after, code, raw)
+
+    def _event_error(self, detail: dict[str, Any]) -> GatewayError:
+        """An `error` event mid-stream (e.g. overloaded after the 200): the error the client is told."""
+        kind = detail.get("type")
+        status = _STATUS_OF_TYPE.get(kind if isinstance(kind, str) else "", 500)
+        message = detail.get("message")
+        error = self._map_status(status, self.sanitize(message), None, kind if isinstance(kind, str) else None,
+                                 message if isinstance(message, str) else "")
+        error.upstream_status = status
+        return error

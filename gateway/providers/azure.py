@@ -1,0 +1,56 @@
+"""Azure OpenAI (`kind: azure`): OpenAI's wire format on Azure's deployment URLs.
+
+A request for target model `m` goes to `{base_url}/openai/deployments/{deployment or m}/{endpoint}`
+with `api-version` in the query, and the key in the `api-key` header (or an
+Entra ID token as `Authorization: Bearer`, see `policy.provider_schema.AzureSpec`).
+Bodies and streams are OpenAI's and pass through untouched, Azure's
+`prompt_filter_results` and `content_filter_results` included; a response cut by
+the content filter ends with `finish_reason: content_filter` as Azure sends it.
+A prompt the content filter rejects (HTTP 400, code `content_filter`) is a 400
+`content_policy_violation`, which routing never retries on another target.
+"""
+
+from __future__ import annotations
+
+from urllib.parse import quote
+
+from ..errors import ContentPolicyViolation, GatewayError
+from ..policy.compiled import ProviderConfig
+from ..policy.provider_schema import AzureSpec
+from ..schemas.endpoints import Endpoint
+from ..upstream.client import ConnectionGate
+from .base import Call
+from .openai_compat import OpenAICompatProvider, status_error
+
+__all__ = ["AzureProvider"]
+
+
+class AzureProvider(OpenAICompatProvider):
+    endpoints = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
+
+    def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
+        super().__init__(config, gate)
+        options = config.options if isinstance(config.options, AzureSpec) else AzureSpec()
+        self._deployment = options.deployment
+        self._azure_query = {**config.query, "api-version": options.api_version}
+        self._deployments: dict[tuple[str, Endpoint], str] = {}  # (deployment, endpoint) -> URL, built once
+
+    def _url(self, call: Call) -> str:
+        deployment = self._deployment or str(call.body.get("model", ""))
+        key = (deployment, call.endpoint)
+        url = self._deployments.get(key)
+        if url is None:
+            url = f"{self.config.base_url}/openai/deployments/{quote(deployment, safe='')}/{call.endpoint.path}"
+            if len(self._deployments) < 1024:  # bounded: deployments come from the policy's targets
+                self._deployments[key] = url
+        return url
+
+    def _params(self, call: Call) -> dict[str, str]:
+        return self._azure_query
+
+    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+                    ) -> GatewayError:
+        if status == 400 and code == "content_filter":
+            suffix = f": {detail}" if detail else ""
+            return ContentPolicyViolation(f"upstream `{self.name}`'s content filter rejected the prompt{suffix}")
+        return status_error(self.name, status, detail, retry_after, code, raw)

@@ -1,0 +1,86 @@
+"""Google Gemini, the Generative Language API (`kind: gemini`): Chat Completions in and out.
+
+Requests go to `{base_url}/models/{model}:generateContent`, or to
+`:streamGenerateContent?alt=sse` for a stream, with the key in `x-goog-api-key`;
+translation is in `translate.chat_to_gemini`. Errors come as Google's
+`{"error": {"code", "message", "status"}}`: the HTTP status decides the gateway's
+error as for any upstream (429 rate limited, 5xx retried), and a prompt over the
+model's window is a context-length error that routing can fall back on.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+from urllib.parse import quote
+
+import aiohttp
+import msgspec
+
+from ..errors import ContentPolicyViolation, ContextLengthExceeded, GatewayError, UpstreamError
+from ..policy.compiled import ProviderConfig
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import EventSource
+from ..translate.chat_to_gemini import GeminiEvents, chat_completion, gemini_request
+from ..upstream.client import ConnectionGate
+from .base import Call, Completion
+from .openai_compat import OpenAICompatProvider, status_error
+from .streaming import TranslatedStream
+
+__all__ = ["GeminiProvider"]
+
+_encode = msgspec.json.Encoder().encode
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_TOO_LONG = re.compile(r"exceeds the maximum number of tokens", re.IGNORECASE)
+
+
+class GeminiProvider(OpenAICompatProvider):
+    endpoints = frozenset({Endpoint.CHAT})
+
+    def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
+        super().__init__(config, gate)
+        self.target = f"the Gemini API (provider `{config.name}`)"
+        self._stream_query = {**config.query, "alt": "sse"}
+        self._model_urls: dict[tuple[str, bool], str] = {}
+
+    def _url(self, call: Call) -> str:
+        model = str(call.body.get("model", ""))
+        key = (model, call.stream)
+        url = self._model_urls.get(key)
+        if url is None:
+            method = "streamGenerateContent" if call.stream else "generateContent"
+            url = f"{self.config.base_url}/models/{quote(model, safe='.-_')}:{method}"
+            if len(self._model_urls) < 1024:  # bounded: models come from the policy's targets
+                self._model_urls[key] = url
+        return url
+
+    def _params(self, call: Call) -> dict[str, str] | None:
+        return self._stream_query if call.stream else self._query
+
+    def _payload(self, call: Call) -> bytes:
+        return _encode(gemini_request(call.body, self.target))
+
+    def _completion(self, call: Call, body: bytes) -> Completion:
+        try:
+            chat, usage = chat_completion(_decode(body))
+        except ContentPolicyViolation:
+            raise
+        except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError) as exc:
+            raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
+        return Completion(_encode(chat), usage, chat)
+
+    def _stream(self, call: Call, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> EventSource:
+        return TranslatedStream(self, response, deadline, idle_s, GeminiEvents())
+
+    def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
+        detail = body.get("error")
+        if isinstance(detail, dict):
+            return detail.get("message"), detail.get("status")
+        return None, None
+
+    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+                    ) -> GatewayError:
+        if status == 400 and _TOO_LONG.search(raw[:2000]):
+            return ContextLengthExceeded(f"upstream `{self.name}` rejected the request: the prompt exceeds its "
+                                         f"context window: {detail}")
+        return status_error(self.name, status, detail, retry_after, code, raw)

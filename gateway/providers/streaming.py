@@ -1,0 +1,139 @@
+"""A started upstream SSE stream turned into typed events by a per-request translator.
+
+Providers whose upstream does not speak OpenAI's chunk format (Anthropic's
+Messages events, Gemini's `streamGenerateContent`, the Responses API's events)
+share this loop: read with the idle timeout and the total deadline, split the
+bytes into SSE payloads, hand each payload to the request's translator, and
+yield what it made, one batch per network read, as soon as it arrives (nothing
+is buffered beyond one incomplete SSE event). A translator that meets an event
+it cannot place (malformed JSON, an event out of order) raises
+`StreamProtocolError`: the stream then ends with an error event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+import aiohttp
+import msgspec
+
+from ..errors import GatewayError, UpstreamError
+from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
+from ..schemas.responses import ResponsesEventPeek, responses_usage
+from ..translate.common import StreamProtocolError
+from ..upstream.client import transport_error
+from ..upstream.sse import SSEDecoder
+
+__all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]
+
+_peek_event = msgspec.json.Decoder(ResponsesEventPeek).decode
+
+
+class StreamHost(Protocol):
+    """What the stream needs from its provider."""
+
+    name: str
+
+    def release(self) -> None: ...
+
+    def sanitize(self, message: object) -> str: ...
+
+
+class StreamTranslator(Protocol):
+    """Per request: upstream SSE payloads in, typed events out."""
+
+    def feed(self, payload: bytes) -> list[StreamEvent]:
+        """The events for one payload; a `StreamDone` or `StreamError` ends the stream."""
+
+    def end(self) -> list[StreamEvent]:
+        """The upstream closed the stream: its last events (a `StreamError` if it stopped half-way)."""
+
+
+class TranslatedStream:
+    """A started SSE stream, as batches of typed events (see `schemas.events.EventSource`)."""
+
+    __slots__ = ("_closed", "_deadline", "_idle_s", "_provider", "_response", "_translator")
+
+    def __init__(self, provider: StreamHost, response: aiohttp.ClientResponse, deadline: float, idle_s: float,
+                 translator: StreamTranslator) -> None:
+        self._provider = provider
+        self._response = response
+        self._deadline = deadline
+        self._idle_s = idle_s
+        self._translator = translator
+        self._closed = False
+
+    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
+        return self._batches()
+
+    async def aclose(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._response.close()
+            self._provider.release()
+
+    async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
+        decoder = SSEDecoder()
+        content = self._response.content
+        loop = asyncio.get_running_loop()
+        translator = self._translator
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout_at(min(self._deadline, loop.time() + self._idle_s)):
+                        data = await content.readany()
+                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                    yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
+                    return
+                events: list[StreamEvent] = []
+                try:
+                    for payload in decoder.feed(data) if data else decoder.flush():
+                        events += translator.feed(payload)
+                        if events and isinstance(events[-1], (StreamDone, StreamError)):
+                            break
+                    else:
+                        if not data:
+                            events += translator.end()
+                except (StreamProtocolError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                    what = str(exc) if isinstance(exc, StreamProtocolError) else "a malformed stream event"
+                    events.append(StreamError(UpstreamError(f"upstream `{self._provider.name}` sent {what}")))
+                except GatewayError as exc:
+                    events.append(StreamError(exc))
+                if events:
+                    yield events
+                if not data or (events and isinstance(events[-1], (StreamDone, StreamError))):
+                    return
+        finally:
+            await self.aclose()
+
+
+class ResponsesEvents:
+    """The Responses API's events, forwarded as they are; usage read from `response.completed`."""
+
+    __slots__ = ("_done", "_provider")
+
+    def __init__(self, provider: StreamHost) -> None:
+        self._provider = provider
+        self._done = False
+
+    def feed(self, payload: bytes) -> list[StreamEvent]:
+        if payload == b"[DONE]":
+            return [DONE]
+        peek = _peek_event(payload)
+        if peek.type == "error":
+            detail = self._provider.sanitize(peek.message)
+            return [StreamError(UpstreamError(f"upstream `{self._provider.name}` failed mid-stream: {detail}"))]
+        if peek.type in ("response.completed", "response.incomplete", "response.failed"):
+            self._done = True
+            usage = responses_usage(peek.response.usage) if peek.response is not None else None
+            if usage is not None:
+                return [Chunk(payload), UsageReport(usage)]
+        return [Chunk(payload)]
+
+    def end(self) -> list[StreamEvent]:
+        if self._done:
+            return [DONE]
+        return [StreamError(UpstreamError(f"upstream `{self._provider.name}` ended the stream before the response "
+                                          "completed"))]

@@ -1,0 +1,64 @@
+"""The OpenAI Responses API (`POST /v1/responses`): what ingress checks, and where its usage is.
+
+The gateway forwards a Responses request to upstreams that serve the same API;
+it reads only what routing, guards and accounting need: the model, `stream`,
+the input texts, and the usage (`input_tokens`/`output_tokens`, in the answer
+or in the stream's `response.completed` event), reported in the OpenAI usage
+shape the rest of the gateway reads.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from msgspec import Meta, Struct
+
+from .openai import Usage
+
+__all__ = ["ResponsesEventPeek", "ResponsesPeek", "ResponsesRequest", "ResponsesUsage", "responses_usage"]
+
+
+class ResponsesRequest(Struct, kw_only=True):
+    model: Annotated[str, Meta(min_length=1, max_length=256)]
+    input: str | Annotated[list[dict[str, Any]], Meta(min_length=1)] | None = None
+    instructions: str | None = None
+    stream: bool | None = False
+    max_output_tokens: Annotated[int, Meta(ge=1)] | None = None
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(ge=0, le=1)] | None = None
+    tools: list[dict[str, Any]] | None = None
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+
+
+class _InputDetails(Struct):
+    cached_tokens: int = 0
+
+
+class ResponsesUsage(Struct):
+    input_tokens: int = 0
+    output_tokens: int = 0
+    total_tokens: int = 0
+    input_tokens_details: _InputDetails | None = None
+
+
+class ResponsesPeek(Struct):
+    """Just enough of a Responses answer (or of the `response` in a stream event) to read its usage."""
+
+    usage: ResponsesUsage | None = None
+
+
+class ResponsesEventPeek(Struct):
+    """Just enough of a Responses stream event: its type, the usage it may carry, an error's message."""
+
+    type: str = ""
+    response: ResponsesPeek | None = None
+    message: Any = None
+    code: Any = None
+
+
+def responses_usage(usage: ResponsesUsage | None) -> Usage | None:
+    if usage is None:
+        return None
+    total = usage.total_tokens or usage.input_tokens + usage.output_tokens
+    return Usage(usage.input_tokens, usage.output_tokens, total)

@@ -1,0 +1,86 @@
+"""Pieces every translator shares: refusing a field clearly, image data URLs, tool arguments, chunks."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import msgspec
+
+from ..errors import InvalidRequest
+from ..schemas.events import Chunk
+
+__all__ = ["ChunkWriter", "StreamProtocolError", "data_url", "json_instruction", "parse_arguments", "unsupported"]
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+_DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
+
+
+class StreamProtocolError(ValueError):
+    """The upstream sent an event the translator cannot place (the message names it, never content)."""
+
+
+def unsupported(field: str, target: str, what: str | None = None) -> InvalidRequest:
+    """The 400 for a request field the routed target's API has no equivalent for."""
+    shown = what or f"`{field}`"
+    return InvalidRequest(f"{shown} is not supported by {target}; remove it or route to a model that supports it",
+                          param=field, code="unsupported_parameter")
+
+
+def data_url(url: str) -> tuple[str, str] | None:
+    """(media type, base64 data) of a `data:` URL; None for any other URL."""
+    if not url.startswith("data:"):
+        return None
+    match = _DATA_URL.fullmatch(url)
+    if match is None:
+        raise InvalidRequest("an image `data:` URL must be `data:<media type>;base64,<data>`", param="messages")
+    return match.group(1).lower(), match.group(2)
+
+
+def parse_arguments(arguments: Any, where: str) -> Any:
+    """A tool call's JSON `arguments` string as the object APIs other than OpenAI's want."""
+    if arguments is None or arguments == "":
+        return {}
+    if not isinstance(arguments, str):
+        return arguments
+    try:
+        return _decode(arguments)
+    except msgspec.DecodeError as exc:
+        raise InvalidRequest(f"`{where}.function.arguments` is not valid JSON", param=where) from exc
+
+
+def json_instruction(response_format: Any) -> str | None:
+    """JSON mode as an instruction, for APIs without it (Anthropic): json_object, or json_schema with its schema."""
+    if not isinstance(response_format, dict):
+        return None
+    kind = response_format.get("type")
+    if kind == "json_object":
+        return "Respond only with one valid JSON object, with no other text."
+    if kind == "json_schema":
+        schema = (response_format.get("json_schema") or {}).get("schema")
+        return ("Respond only with one valid JSON object, with no other text, that matches this JSON Schema: "
+                + _encode(schema).decode())
+    return None
+
+
+class ChunkWriter:
+    """Builds one stream's `chat.completion.chunk`s (id, model and time fixed once per stream)."""
+
+    __slots__ = ("created", "id", "model")
+
+    def __init__(self, id_: str, model: Any) -> None:
+        self.id = id_
+        self.model = model if isinstance(model, str) else ""
+        self.created = int(time.time())
+
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, index: int = 0) -> Chunk:
+        return Chunk.of({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                         "model": self.model, "choices": [{"index": index, "delta": delta, "logprobs": None,
+                                                           "finish_reason": finish}]})
+
+    def usage_chunk(self, usage: dict[str, Any]) -> bytes:
+        """OpenAI's usage-only last chunk (forwarded only to a client that asked for usage)."""
+        return _encode({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": usage})

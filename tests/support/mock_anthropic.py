@@ -1,0 +1,193 @@
+"""A mock of Anthropic's Messages API (`POST /v1/messages`), with the OpenAI mock's fault injection.
+
+It speaks the wire format of Anthropic's documentation: `x-api-key` and
+`anthropic-version` headers, the `message` object with content blocks and usage
+(cache reads and writes included), the streaming event sequence (message_start,
+content_block_start, ping, content_block_delta with text_delta / input_json_delta,
+content_block_stop, message_delta, message_stop), and errors as
+`{"type": "error", "error": {"type": ..., "message": ...}}` with Anthropic's
+statuses (529 for `overloaded_error`).
+
+Faults are chosen by the model name, as in `mock_upstream` (`fault-status-529`,
+`fault-slow-first-byte-3000`, `fault-stall-after-3`, `fault-malformed-json`,
+`fault-echo`, `fault-echo-tool`, ...), plus `fault-error-first` (an `error`
+event before any content), `fault-out-of-order` (a delta before its block
+started) and `fault-overloaded-midstream` (an `error` event after some text).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .mock_upstream import (
+    _RECORD,
+    LEAKY_DETAIL,
+    MockUpstream,
+    RecordedRequest,
+    SseAnswer,
+    _deliver_json,
+    _deliver_stream,
+    _echo_words,
+    _send,
+    count_words,
+    parse_fault,
+)
+
+__all__ = ["CACHE_READ", "CACHE_WRITE", "MockAnthropic", "anthropic_error"]
+
+CACHE_READ = 3  # every answer reports these cache tokens, so that their mapping can be checked
+CACHE_WRITE = 2
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 500: "api_error",
+                529: "overloaded_error"}
+
+
+def anthropic_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    body = {"type": "error", "error": {"type": _ERROR_TYPES.get(status, "api_error"), "message": message},
+            "request_id": "req_mock"}
+    return web.json_response(body, status=status, headers=headers)
+
+
+def _event(kind: str, **fields: Any) -> bytes:
+    return f"event: {kind}\ndata: ".encode() + json.dumps({"type": kind, **fields}).encode() + b"\n\n"
+
+
+def _prompt_tokens(body: dict[str, Any]) -> int:
+    total = count_words(body.get("system")) if isinstance(body.get("system"), str) else 0
+    for message in body.get("messages") or ():
+        content = message.get("content")
+        if isinstance(content, str):
+            total += count_words(content)
+        for block in content if isinstance(content, list) else ():
+            if isinstance(block, dict) and block.get("type") == "text":
+                total += count_words(block.get("text"))
+        total += 3
+    return total
+
+
+def _user_text(body: dict[str, Any]) -> str:
+    """The last user turn's text, as the OpenAI mock's echo reads it."""
+    for message in reversed(body.get("messages") or []):
+        if message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if isinstance(content, str):
+            return content
+        return " ".join(b.get("text", "") for b in content if isinstance(b, dict) and b.get("type") == "text")
+    return ""
+
+
+def _check(body: Any) -> str | None:
+    """What the real API would reject (a subset: the fields a translator can get wrong)."""
+    if not isinstance(body, dict):
+        return "invalid JSON body"
+    if type(body.get("max_tokens")) is not int:
+        return "max_tokens: Field required"
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        return "messages: Field required"
+    seen_tools: set[str] = set()
+    for index, message in enumerate(messages):
+        if message.get("role") not in ("user", "assistant"):
+            return f"messages.{index}.role: Input should be 'user' or 'assistant'"
+        if index and messages[index - 1].get("role") == message.get("role"):
+            return f"messages.{index}: roles must alternate between user and assistant"
+        content = message.get("content")
+        for block in content if isinstance(content, list) else ():
+            if block.get("type") == "tool_use":
+                seen_tools.add(block.get("id"))
+            if block.get("type") == "tool_result" and block.get("tool_use_id") not in seen_tools:
+                return f"messages.{index}: tool_result block(s) without a matching tool_use block"
+            if block.get("type") == "image" and block.get("source", {}).get("type") not in ("base64", "url"):
+                return f"messages.{index}: invalid image source"
+    return None
+
+
+class MockAnthropic(MockUpstream):
+    """Anthropic's Messages API on 127.0.0.1 (base URL `.../v1`), run in a background thread."""
+
+    def __init__(self, api_key: str | None = "sk-ant-test", **kwargs: Any) -> None:
+        super().__init__(api_key, **kwargs)
+
+    async def _serve(self) -> int:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 2**20)
+        app.router.add_post("/v1/messages", self._messages)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     handle_signals=False, shutdown_timeout=0.25)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return int(self._runner.addresses[0][1])
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        if self.api_key is not None and request.headers.get("x-api-key") != self.api_key:
+            return anthropic_error(401, "invalid x-api-key")
+        if not request.headers.get("anthropic-version"):
+            return anthropic_error(400, "anthropic-version: header is required")
+        return None
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        record: RecordedRequest = request[_RECORD]
+        body = record.json
+        fault = parse_fault(self.override or (body.get("model") if isinstance(body, dict) else None))
+        problem = _check(body)
+        if problem is not None:
+            return await _send(request, anthropic_error(400, problem))
+        assert isinstance(body, dict)
+        if fault and fault.kind == "status":
+            headers = {"retry-after": "7"} if fault.value == 429 else None
+            return await _send(request, anthropic_error(fault.value, f"Mock failure: {LEAKY_DETAIL}", headers))
+        if fault and fault.kind == "context-length":
+            return await _send(request, anthropic_error(400, "prompt is too long: 210000 tokens > 200000 maximum"))
+        serial = next(self._serials)
+        words = list(self.REPLY_WORDS)
+        if fault and fault.kind in ("echo", "echo-tool"):
+            words = _echo_words({"messages": [{"role": "user", "content": _user_text(body)}]})
+        tool = fault is not None and fault.kind == "echo-tool"
+        text = " ".join(words)
+        usage = {"input_tokens": _prompt_tokens(body), "output_tokens": len(words),
+                 "cache_creation_input_tokens": CACHE_WRITE, "cache_read_input_tokens": CACHE_READ}
+        base = {"id": f"msg_mock{serial}", "type": "message", "role": "assistant", "model": body["model"]}
+        if not body.get("stream"):
+            if tool:
+                content: list[dict[str, Any]] = [{"type": "tool_use", "id": "toolu_mock", "name": "echo",
+                                                  "input": {"text": text}}]
+            else:
+                content = [{"type": "text", "text": text}]
+            answer = {**base, "content": content, "stop_reason": "tool_use" if tool else "end_turn",
+                      "stop_sequence": None, "usage": usage}
+            return await _deliver_json(request, answer, fault)
+        return await _deliver_stream(request, self._stream(base, words, usage, tool, fault), fault)
+
+    def _stream(self, base: dict[str, Any], words: list[str], usage: dict[str, Any], tool: bool,
+                fault: Any) -> SseAnswer:
+        start = _event("message_start", message={**base, "content": [], "stop_reason": None, "stop_sequence": None,
+                                                  "usage": {**usage, "output_tokens": 1}})
+        if fault and fault.kind == "error-first":
+            return SseAnswer([start, _event("error", error={"type": "overloaded_error", "message": "Overloaded"})], 1)
+        if tool:
+            arguments = json.dumps({"text": " ".join(words)})
+            block = {"type": "tool_use", "id": "toolu_mock", "name": "echo", "input": {}}
+            deltas = [_event("content_block_delta", index=0,
+                             delta={"type": "input_json_delta", "partial_json": arguments[i:i + 5]})
+                      for i in range(0, len(arguments), 5)]
+        else:
+            block = {"type": "text", "text": ""}
+            deltas = [_event("content_block_delta", index=0,
+                             delta={"type": "text_delta", "text": w if i == 0 else " " + w})
+                      for i, w in enumerate(words)]
+        opening = [start, _event("content_block_start", index=0, content_block=block), _event("ping")]
+        if fault and fault.kind == "out-of-order":
+            opening = [start, _event("ping")]  # deltas for a block that never started
+        if fault and fault.kind == "overloaded-midstream":
+            deltas = [*deltas[:3], _event("error", error={"type": "overloaded_error", "message": "Overloaded"})]
+            return SseAnswer(opening + deltas, len(opening))
+        closing = [_event("content_block_stop", index=0),
+                   _event("message_delta", delta={"stop_reason": "tool_use" if tool else "end_turn",
+                                                  "stop_sequence": None},
+                          usage={"output_tokens": len(words)}),
+                   _event("message_stop")]
+        return SseAnswer(opening + deltas + closing, len(opening))
+

@@ -1,0 +1,145 @@
+"""A mock of Google's Generative Language API (Gemini), with the OpenAI mock's fault injection.
+
+It speaks the documented REST format: `POST /v1beta/models/{model}:generateContent`
+and `:streamGenerateContent?alt=sse` (each SSE event a partial
+`GenerateContentResponse`, the last with `finishReason` and `usageMetadata`,
+events separated by CRLF pairs as Google sends them), the key in
+`x-goog-api-key`, and errors as `{"error": {"code", "message", "status"}}`.
+
+Faults come from the model in the URL (`fault-status-429`, `fault-stall-after-3`,
+`fault-echo`, `fault-echo-tool`, ...), plus `fault-safety` (the answer stops
+with `finishReason: SAFETY`), `fault-prompt-blocked` (`promptFeedback.blockReason`
+and no candidates) and `fault-out-of-order` (text after the finish reason).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import web
+
+from .mock_upstream import (
+    _RECORD,
+    LEAKY_DETAIL,
+    MockUpstream,
+    SseAnswer,
+    _deliver_json,
+    _deliver_stream,
+    _echo_words,
+    _send,
+    count_words,
+    parse_fault,
+)
+
+__all__ = ["CACHED", "MockGemini", "gemini_error"]
+
+CACHED = 4  # cachedContentTokenCount on every answer
+_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+           429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+
+
+def gemini_error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": {"code": status, "message": message,
+                                        "status": _STATUS.get(status, "UNKNOWN")}}, status=status)
+
+
+def _sse(obj: dict[str, Any]) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\r\n\r\n"
+
+
+def _user_text(body: dict[str, Any]) -> str:
+    for content in reversed(body.get("contents") or []):
+        if content.get("role") == "user":
+            texts = [p["text"] for p in content.get("parts") or () if isinstance(p.get("text"), str)]
+            if texts:
+                return " ".join(texts)
+    return ""
+
+
+def _check(body: Any) -> str | None:
+    if not isinstance(body, dict) or not isinstance(body.get("contents"), list) or not body["contents"]:
+        return "* GenerateContentRequest.contents: contents is not specified"
+    for index, content in enumerate(body["contents"]):
+        if content.get("role") not in ("user", "model"):
+            return f"* GenerateContentRequest.contents[{index}].role: must be user or model"
+        if not content.get("parts"):
+            return f"* GenerateContentRequest.contents[{index}].parts: contents.parts must not be empty."
+    return None
+
+
+class MockGemini(MockUpstream):
+    """The Gemini API on 127.0.0.1 (base URL `.../v1beta`), run in a background thread."""
+
+    def __init__(self, api_key: str | None = "gemini-test-key", **kwargs: Any) -> None:
+        super().__init__(api_key, **kwargs)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}/v1beta"
+
+    async def _serve(self) -> int:
+        app = web.Application(middlewares=[self._middleware], client_max_size=64 * 2**20)
+        app.router.add_post("/v1beta/models/{call}", self._generate)
+        self._runner = web.AppRunner(app, handler_cancellation=True, access_log=None,
+                                     handle_signals=False, shutdown_timeout=0.25)
+        await self._runner.setup()
+        await web.TCPSite(self._runner, self.host, self.port).start()
+        return int(self._runner.addresses[0][1])
+
+    def _auth_error(self, request: web.Request) -> web.Response | None:
+        if self.api_key is not None and request.headers.get("x-goog-api-key") != self.api_key:
+            return gemini_error(400, "API key not valid. Please pass a valid API key.")
+        return None
+
+    async def _generate(self, request: web.Request) -> web.StreamResponse:
+        record = request[_RECORD]
+        model, _, method = request.match_info["call"].partition(":")
+        record.model = model
+        stream = method == "streamGenerateContent"
+        if method not in ("generateContent", "streamGenerateContent") or (stream and request.query.get("alt") != "sse"):
+            return await _send(request, gemini_error(404, f"unknown method {method}"))
+        body = record.json
+        problem = _check(body)
+        if problem is not None:
+            return await _send(request, gemini_error(400, problem))
+        assert isinstance(body, dict)
+        fault = parse_fault(self.override or model)
+        if fault and fault.kind == "status":
+            return await _send(request, gemini_error(fault.value, f"Mock failure: {LEAKY_DETAIL}"))
+        if fault and fault.kind == "context-length":
+            return await _send(request, gemini_error(
+                400, "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576)."))
+        words = list(self.REPLY_WORDS)
+        if fault and fault.kind in ("echo", "echo-tool"):
+            words = _echo_words({"messages": [{"role": "user", "content": _user_text(body)}]})
+        prompt = sum(count_words(p.get("text")) for c in body["contents"] for p in c.get("parts") or ())
+        usage = {"promptTokenCount": prompt, "candidatesTokenCount": len(words),
+                 "totalTokenCount": prompt + len(words), "cachedContentTokenCount": CACHED}
+        base = {"modelVersion": model, "responseId": f"resp-mock-{next(self._serials)}"}
+        if fault and fault.kind == "prompt-blocked":
+            blocked = {**base, "promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage}
+            if stream:
+                return await _deliver_stream(request, SseAnswer([_sse(blocked)], 0), None)
+            return await _send(request, web.json_response(blocked))
+        finish = "SAFETY" if fault and fault.kind == "safety" else "STOP"
+        tool = fault is not None and fault.kind == "echo-tool"
+        if not stream:
+            parts: list[dict[str, Any]] = ([{"functionCall": {"name": "echo", "args": {"text": " ".join(words)}}}]
+                                           if tool else [{"text": " ".join(words)}])
+            answer = {**base, "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": finish,
+                                              "index": 0}], "usageMetadata": usage}
+            return await _deliver_json(request, answer, fault)
+        if tool:
+            pieces = [[{"functionCall": {"name": "echo", "args": {"text": " ".join(words)}}}]]
+        else:
+            pieces = [[{"text": w if i == 0 else " " + w}] for i, w in enumerate(words)]
+        events = [_sse({**base, "candidates": [{"content": {"role": "model", "parts": part}, "index": 0}],
+                        "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt}})
+                  for part in pieces]
+        events.append(_sse({**base, "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
+                                                    "finishReason": finish, "index": 0}], "usageMetadata": usage}))
+        if fault and fault.kind == "out-of-order":
+            events.append(_sse({**base, "candidates": [{"content": {"role": "model", "parts": [{"text": "late"}]},
+                                                        "index": 0}]}))
+        return await _deliver_stream(request, SseAnswer(events, 0), fault)

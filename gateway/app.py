@@ -23,6 +23,7 @@ from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .auth.dynamic import DynamicKeys
+from .cache import CacheStage, ResponseCache
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from .guards.runtime import GuardRuntime
 from .guards.stage import GuardStage
@@ -76,6 +77,7 @@ class Gateway:
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
+        cache = ResponseCache(policy, store, providers, self.metrics, self.tokens) if policy.cache.enabled else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             *observers.stages,
@@ -85,12 +87,15 @@ class Gateway:
             Ingress(),
             Authorize(),
             *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
+            *([CacheStage(cache)] if cache is not None else []),  # only when an alias caches
             SelectTarget(router),
             CallUpstream(router),
         ])
         services: list[Service] = [router, *observers.services]
         if guards is not None:
             services.append(guards)
+        if cache is not None:
+            services.append(cache)
         if keys is not None:
             services.append(keys)
         return Runtime(policy, providers, store, pipeline, services, dynamic_keys=keys, owns_store=not shared)

@@ -14,6 +14,7 @@ from typing import Any
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
 from ..telemetry.labels import MetricLabels
+from .cache_check import CachePolicy
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
 from .schema import AuthMode, BreakerSpec, ProviderKind, ServerSpec
@@ -203,6 +204,7 @@ class Policy:
     dynamic_keys: DynamicKeysSpec = field(default_factory=DynamicKeysSpec)  # keys created at run time
     telemetry: TelemetrySpec = field(default_factory=TelemetrySpec)
     labels: MetricLabels = field(default_factory=MetricLabels)  # the closed sets metric labels take values from
+    cache: CachePolicy = field(default_factory=CachePolicy)  # aliases with a response cache
 
     @property
     def has_guards(self) -> bool:

@@ -47,7 +47,7 @@ def cache_policy(upstream_url: str, models: str = "", extra: str = "", state: st
           echo: {{provider: mock, model: fault-echo, cache: {{}}}}
           embed: {{provider: mock, model: text-embedding-3-small, cache: {{}}}}
           nocache: {{provider: mock, model: mock-model}}
-        """) + textwrap.dedent(models) + state + extra
+        """) + textwrap.indent(textwrap.dedent(models), "  ") + state + extra
 
 
 @pytest.fixture

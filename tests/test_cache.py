@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -14,6 +15,7 @@ import httpx
 import openai
 import pytest
 
+from gateway.app import Gateway
 from gateway.auth.keys import hash_key
 from gateway.cache import CacheStage
 from gateway.policy import PolicyError, compile_text
@@ -115,8 +117,6 @@ def test_tenants_never_share_entries(cached: RunningGateway, upstream: MockUpstr
 def test_an_alias_without_cache_and_a_policy_without_any(cached: RunningGateway, upstream: MockUpstream) -> None:
     assert "x-gateway-cache" not in post(cached, chat(model="nocache")).headers
     plain = compile_text(policy_text(upstream.base_url), "p.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY})
-    from gateway.app import Gateway
-
     stages = Gateway(plain).runtime.pipeline.stages
     assert not any(isinstance(stage, CacheStage) for stage in stages)  # off costs nothing: not even a stage
     assert any(isinstance(stage, CacheStage) for stage in cached.gateway.runtime.pipeline.stages)
@@ -141,8 +141,6 @@ def test_modes_read_only_and_write_only(cached: RunningGateway, upstream: MockUp
 
 def test_ttl_expires(cached: RunningGateway, upstream: MockUpstream) -> None:
     assert [post(cached, chat(model="fresh")).headers["x-gateway-cache"] for _ in range(2)] == ["miss", "hit"]
-    import time
-
     time.sleep(1.3)
     assert post(cached, chat(model="fresh")).headers["x-gateway-cache"] == "miss"
 
@@ -211,7 +209,8 @@ def test_streams_and_complete_answers_serve_each_other(cached: RunningGateway, u
     for index in (0, 1):
         text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices and c.choices[0].index == index)
         assert text == complete.choices[index].message.content
-    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == complete.usage.total_tokens  # type: ignore[union-attr]
+    assert complete.usage is not None and chunks[-1].usage is not None
+    assert chunks[-1].usage.total_tokens == complete.usage.total_tokens
     assert upstream_calls(upstream) == 2
 
 

@@ -175,6 +175,9 @@ class MemoryStore:
         self._data.move_to_end(full_key)
         limit = self._config.max_bytes
         if limit is not None and full_key.startswith(self._sized_prefix):
+            if len(value) > limit:  # could never fit: drop it rather than everything else
+                self._evict(full_key)
+                return
             self.bytes += len(value) - self._sized.pop(full_key, 0)
             self._sized[full_key] = len(value)
             while self.bytes > limit and self._sized:

@@ -17,12 +17,15 @@ import httpx
 import pytest
 import redis
 
+from gateway.policy.cache_check import default_model_dir
 from tests.conftest import UPSTREAM_KEY, RunningGateway, free_port
 from tests.support.mock_upstream import MockUpstream
 from tests.support.redis_server import RedisServer, suite_redis_url
 from tests.test_cache import AUTH, chat, upstream_calls
 from tests.test_cache import cache_policy as base_policy
 from tests.test_serve import serving
+
+MODEL_DIR = default_model_dir()
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +47,19 @@ def prefix(redis_url: str) -> Iterator[str]:
         client.close()
 
 
-def redis_policy(upstream_url: str, prefix: str, env_var: str = "GW_TEST_REDIS") -> str:
+SEMANTIC_ALIAS = "sem: {provider: mock, model: fault-echo, cache: {semantic: {threshold: 0.8}}}\n"
+
+
+def redis_policy(upstream_url: str, prefix: str, env_var: str = "GW_TEST_REDIS", models: str = "") -> str:
     state = f'state: {{backend: redis, url_env: {env_var}, key_prefix: "{prefix}", op_timeout_s: 0.5}}\n'
-    return base_policy(upstream_url, state=state)
+    return base_policy(upstream_url, models=models, state=state)
 
 
 def test_two_gateway_processes_share_one_redis_cache(
     tmp_path: Path, redis_url: str, prefix: str, upstream: MockUpstream,
 ) -> None:
     policy = tmp_path / "policy.yaml"
-    policy.write_text(redis_policy(upstream.base_url, prefix))
+    policy.write_text(redis_policy(upstream.base_url, prefix, models=SEMANTIC_ALIAS if MODEL_DIR else ""))
     env = {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GW_TEST_REDIS": redis_url}
     ports = free_port(), free_port()
     command = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port"]
@@ -77,6 +83,20 @@ def test_two_gateway_processes_share_one_redis_cache(
         assert all(r.status_code == 200 for r in replies)
         assert upstream_calls(upstream) == 2  # one more for twenty requests on two replicas
         assert sorted(r.headers["x-gateway-cache"] for r in replies) == ["hit"] * 19 + ["miss"]
+        upstream.clear()
+        if MODEL_DIR is None:
+            return
+
+        def ask(url: str, text: str) -> httpx.Response:
+            return httpx.post(url, headers=AUTH, timeout=30, json={
+                "model": "sem", "temperature": 0, "messages": [{"role": "user", "content": text}]})
+
+        assert ask(first, "How do I reset my password?").headers["x-gateway-cache"] == "miss"
+        time.sleep(0.5)  # the vector travels by pub/sub
+        shared = ask(second, "How can I reset my password?")  # the other replica knows the vector
+        assert shared.headers["x-gateway-cache"] == "semantic-hit"
+        assert shared.json()["choices"][0]["message"]["content"] == "How do I reset my password?"
+        assert len(upstream.requests) == 1
 
 
 def test_a_corrupt_entry_is_a_miss_and_is_replaced(redis_url: str, prefix: str, upstream: MockUpstream) -> None:

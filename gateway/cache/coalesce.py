@@ -70,15 +70,20 @@ class Flights:
             return None
         flight = Flight(self, key, asyncio.get_running_loop().create_future())
         self.local[key] = flight.done
-        if not self.shared:
-            return flight
         try:
-            flight.locked = await self.store.compare_and_set(LOCK + key, None, self._token, timeout_s)
+            if self.shared:
+                flight.locked = await self.store.compare_and_set(LOCK + key, None, self._token, timeout_s)
         except StoreUnavailable:
             return flight
-        if flight.locked:
-            return flight
-        await self._poll(key, timeout_s, present)
+        if flight.locked or not self.shared:
+            try:
+                stored = await present()  # the previous leader may have stored it and unlocked just now
+            except StoreUnavailable:
+                stored = False
+            if not stored:
+                return flight
+        else:
+            await self._poll(key, timeout_s, present)
         flight.release()  # local waiters read the cache again, as this request does
         return None
 

@@ -66,7 +66,8 @@ def test_twenty_reloads_under_load_fail_no_request_and_close_old_pools_after_the
     streaming = threading.Event()
 
     def long_stream() -> None:  # spans several reloads: its runtime must stay open until it ends
-        body = {"model": "fault-slow-stream-100", "messages": MESSAGES, "stream": True}
+        # n=2: about 45 events 100 ms apart, 4.5 s: longer than twenty reloads take on a loaded machine
+        body = {"model": "fault-slow-stream-100", "messages": MESSAGES, "stream": True, "n": 2}
         with httpx.stream("POST", reloadable.base_url + "/chat/completions", headers=AUTH, json=body,
                           timeout=30) as response:
             streaming.set()  # it holds the first runtime from here

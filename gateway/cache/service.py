@@ -134,7 +134,9 @@ class ResponseCache:
         return entry
 
     async def present(self, key: str) -> bool:
-        return await self.store.get(ENTRY + key) is not None
+        """Whether a usable entry is stored under `key` (a corrupt one is not: its key needs a leader)."""
+        value = await self.store.get(ENTRY + key)
+        return value is not None and decode_entry(value) is not None
 
     async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None
                             ) -> tuple[Entry | None, float | None, SemanticProbe | None]:

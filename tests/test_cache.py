@@ -82,7 +82,7 @@ def test_an_identical_request_is_answered_from_the_cache(cached: RunningGateway,
     assert "x-gateway-target" not in second.headers  # no target was chosen for a hit
     assert upstream_calls(upstream) == 1
     metrics = cached.metrics()
-    assert 'gateway_cache_requests_total{model="chat",result="hit"} 1.0' in metrics
+    assert 'gateway_cache_lookups_total{model="chat",result="hit"} 1.0' in metrics
     assert 'gateway_cache_saved_tokens_total{kind="completion",model="chat"} 20.0' in metrics
     assert 'gateway_cache_saved_usd_total{model="chat"}' in metrics
     assert 'gateway_tokens_total{kind="completion",model="chat"} 20.0' in metrics  # the hit spent none

@@ -124,7 +124,7 @@ def test_a_paraphrase_hits_and_a_different_question_misses(
     assert ask(gw, "How can I reset my password?", max_tokens=50).headers["x-gateway-cache"] == "miss"  # params
     assert len(upstream.requests) == 4
     metrics = gw.metrics()
-    assert 'gateway_cache_requests_total{model="sem",result="semantic-hit"} 1.0' in metrics
+    assert 'gateway_cache_lookups_total{model="sem",result="semantic-hit"} 1.0' in metrics
     assert 'gateway_cache_similarity_count{model="sem"}' in metrics
 
 

@@ -256,7 +256,7 @@ class Metrics:
         )
         # Cache: labels are policy aliases, fixed results and outcomes; never keys or prompt text.
         self.cache_requests = Counter(
-            "gateway_cache_requests", "Cacheable-alias requests by alias and result (hit, semantic-hit, miss, bypass).",
+            "gateway_cache_lookups", "Cacheable-alias requests by alias and result (hit, semantic-hit, miss, bypass).",
             ("model", "result"), registry=registry,
         )
         self.cache_stores = Counter(

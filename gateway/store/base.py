@@ -63,6 +63,10 @@ class StoreConfig:
     """Memory backend: keys kept at most (least recently used evicted first), so memory stays bounded."""
     channel_buffer: int = 1_000
     """Messages buffered per subscriber; when a slow subscriber falls behind, the oldest are dropped."""
+    max_bytes: int | None = None
+    """Memory backend: values under keys starting with `bytes_prefix` (cache entries) are kept up to this many
+    bytes in all, least recently used evicted first, so that large cached answers never crowd out counters."""
+    bytes_prefix: str = "cache:"
 
     def __post_init__(self) -> None:
         if self.backend not in ("memory", "redis"):
@@ -80,6 +84,8 @@ class StoreConfig:
         for name in ("max_connections", "max_entries", "channel_buffer"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1")
+        if self.max_bytes is not None and self.max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1 (or None: no byte bound)")
 
 
 @dataclass(frozen=True, slots=True)

@@ -2,7 +2,8 @@
 
 Operations never await while they read and write, so each one is atomic on the event loop without locks.
 Every structure is bounded: keys by `max_entries` (least recently used evicted first, like Redis's
-`allkeys-lru`), expired keys by lazy expiry plus a periodic sweep, subscriber buffers by `channel_buffer`.
+`allkeys-lru`), cache entries (keys under `bytes_prefix`) also by `max_bytes` in all, expired keys by lazy
+expiry plus a periodic sweep, subscriber buffers by `channel_buffer`.
 Values are kept as bytes and counters as ASCII integers, exactly as Redis keeps them.
 """
 
@@ -37,6 +38,10 @@ class MemoryStore:
         self._prefix = self._config.key_prefix
         self._clock = clock
         self._data: OrderedDict[str, _Entry] = OrderedDict()
+        self._sized: OrderedDict[str, int] = OrderedDict()  # byte-bounded keys: their sizes, in LRU order
+        self._sized_prefix = self._prefix + self._config.bytes_prefix
+        self.bytes = 0  # the sum of `_sized`
+        self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
         self._channels: dict[str, set[QueueChannel]] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -63,6 +68,8 @@ class MemoryStore:
                 channel.close_nowait()
         self._channels.clear()
         self._data.clear()
+        self._sized.clear()
+        self.bytes = 0
 
     async def ping(self) -> bool:
         return True
@@ -77,7 +84,11 @@ class MemoryStore:
         self._put(self._prefix + key, bytes(value), self._expiry(ttl_ms(ttl_s)))
 
     async def delete(self, key: str) -> bool:
-        return self._live(self._prefix + key) is not None and self._data.pop(self._prefix + key, None) is not None
+        full = self._prefix + key
+        if self._live(full) is None:
+            return False
+        self._drop(full)
+        return True
 
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
         ttl = ttl_ms(ttl_s)
@@ -152,16 +163,37 @@ class MemoryStore:
         if entry is None:
             return None
         if entry.expires_at is not None and entry.expires_at <= self._clock():
-            del self._data[full_key]
+            self._drop(full_key)
             return None
         self._data.move_to_end(full_key)
+        if full_key in self._sized:
+            self._sized.move_to_end(full_key)
         return entry
 
     def _put(self, full_key: str, value: bytes, expires_at: float | None) -> None:
         self._data[full_key] = _Entry(value, expires_at)
         self._data.move_to_end(full_key)
+        limit = self._config.max_bytes
+        if limit is not None and full_key.startswith(self._sized_prefix):
+            if len(value) > limit:  # could never fit: drop it rather than everything else
+                self._evict(full_key)
+                return
+            self.bytes += len(value) - self._sized.pop(full_key, 0)
+            self._sized[full_key] = len(value)
+            while self.bytes > limit and self._sized:
+                self._evict(next(iter(self._sized)))
         while len(self._data) > self._config.max_entries:
-            self._data.popitem(last=False)
+            self._evict(next(iter(self._data)))
+
+    def _evict(self, full_key: str) -> None:
+        self._drop(full_key)
+        self.evictions += 1
+
+    def _drop(self, full_key: str) -> None:
+        self._data.pop(full_key, None)
+        size = self._sized.pop(full_key, None)
+        if size is not None:
+            self.bytes -= size
 
     def _expiry(self, ttl: int | None) -> float | None:
         return None if ttl is None else self._clock() + ttl / 1000
@@ -188,7 +220,7 @@ class MemoryStore:
         now = self._clock()
         expired = [k for k, e in self._data.items() if e.expires_at is not None and e.expires_at <= now]
         for full_key in expired:
-            del self._data[full_key]
+            self._drop(full_key)
         return len(expired)
 
     def __len__(self) -> int:

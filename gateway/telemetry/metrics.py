@@ -254,6 +254,42 @@ class Metrics:
             "gateway_spans_exported", "Spans sent to the OTLP endpoint, by result (ok, failed).",
             ("result",), registry=registry,
         )
+        # Cache: labels are policy aliases, fixed results and outcomes; never keys or prompt text.
+        self.cache_requests = Counter(
+            "gateway_cache_lookups", "Cacheable-alias requests by alias and result (hit, semantic-hit, miss, bypass).",
+            ("model", "result"), registry=registry,
+        )
+        self.cache_stores = Counter(
+            "gateway_cache_stores", "Misses' answers by what the cache did with them "
+            "(stored, too_large, uncacheable, unavailable).", ("model", "outcome"), registry=registry,
+        )
+        self.cache_bytes = Counter(
+            "gateway_cache_stored_bytes", "Bytes written to the cache (after compression).", ("model",),
+            registry=registry,
+        )
+        self.cache_evictions = Counter(
+            "gateway_cache_evictions", "Entries the memory store evicted to stay within its bounds.", registry=registry,
+        )
+        self.cache_lookup = Histogram(
+            "gateway_cache_lookup_seconds", "Time of one cache lookup, by kind (exact, semantic: embedding included).",
+            ("kind",), buckets=_OVERHEAD_BUCKETS + (0.25, 0.5, 1), registry=registry,
+        )
+        self.cache_similarity = Histogram(
+            "gateway_cache_similarity", "Semantic lookups: similarity of the nearest stored prompt.", ("model",),
+            buckets=(0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.925, 0.95, 0.975, 0.99, 1.0), registry=registry,
+        )
+        self.cache_saved_tokens = Counter(
+            "gateway_cache_saved_tokens", "Tokens hits did not spend upstream, by alias and kind (prompt, completion).",
+            ("model", "kind"), registry=registry,
+        )
+        self.cache_saved_usd = Counter(
+            "gateway_cache_saved_usd", "USD hits did not spend upstream (at the policy's prices).", ("model",),
+            registry=registry,
+        )
+        self.cache_errors = Counter(
+            "gateway_cache_errors", "Cache reads served as misses: store unavailable, or a corrupt entry.",
+            ("reason",), registry=registry,
+        )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], _Series] = {}
         self._versions: set[str] = set()
         self._shadow_metrics(registry)

@@ -82,6 +82,8 @@ class Telemetry:
 
     def _finish(self, ctx: RequestContext) -> None:
         self.metrics.in_flight.dec()
+        if ctx.on_finish is not None:  # the answer is final now (the cache stores a miss's)
+            ctx.on_finish()
         total = time.perf_counter() - ctx.started
         usage = ctx.usage
         labels = ctx.runtime.policy.labels

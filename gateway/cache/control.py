@@ -1,0 +1,78 @@
+"""What a request says about caching (its `Cache-Control` header, its sampling), and what the cache did.
+
+`CacheResult` is left on the request's context (`ctx.cache`; its status in `ctx.cache_result`) for accounting
+and the access log: whether the answer came from the cache, and what it saved.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import msgspec
+
+from ..policy.cache_schema import CacheWhenSpec
+from ..schemas.endpoints import Endpoint
+
+__all__ = ["HEADER", "CacheResult", "Directives", "cacheable", "directives"]
+
+HEADER = b"x-gateway-cache"
+Status = Literal["hit", "semantic-hit", "miss", "bypass"]
+
+
+@dataclass(slots=True)
+class CacheResult:
+    status: Status
+    age_s: float = 0.0
+    similarity: float | None = None  # semantic hits
+    saved_prompt_tokens: int = 0  # a hit: what the upstream would have charged
+    saved_completion_tokens: int = 0
+    saved_usd: float = 0.0
+
+    @property
+    def hit(self) -> bool:
+        return self.status in ("hit", "semantic-hit")
+
+
+@dataclass(frozen=True, slots=True)
+class Directives:
+    """The request's `Cache-Control`: `no-cache` (do not serve from the cache; refresh it),
+    `no-store` (do not store this answer), `max-age=N` (serve only entries at most N seconds old)."""
+
+    no_cache: bool = False
+    no_store: bool = False
+    max_age: float | None = None
+
+
+NONE = Directives()
+
+
+def directives(headers: Sequence[tuple[bytes, bytes]]) -> Directives:
+    values = [value for name, value in headers if name.lower() == b"cache-control"]
+    if not values:
+        return NONE
+    no_cache = no_store = False
+    max_age: float | None = None
+    for part in b",".join(values).decode("latin-1").lower().split(","):
+        name, _, arg = part.strip().partition("=")
+        if name == "no-cache":
+            no_cache = True
+        elif name == "no-store":
+            no_store = True
+        elif name == "max-age":
+            try:
+                max_age = max(0.0, float(int(arg.strip().strip('"'))))
+            except ValueError:
+                max_age = 0.0  # an unreadable max-age: the safe reading is "nothing stale"
+    return Directives(no_cache, no_store, max_age)
+
+
+def cacheable(endpoint: Endpoint, request: msgspec.Struct | None, when: CacheWhenSpec) -> bool:
+    """Whether the same request would get the same answer again (as far as the policy trusts it)."""
+    if endpoint is Endpoint.EMBEDDINGS:
+        return True
+    temperature = getattr(request, "temperature", None)
+    if (1.0 if temperature is None else temperature) <= when.max_temperature:
+        return True
+    return when.seed and getattr(request, "seed", None) is not None

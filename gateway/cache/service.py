@@ -1,0 +1,204 @@
+"""The response cache of one runtime: reading and writing entries, the semantic indexes, their embedders.
+
+Built only when some alias caches (`Policy.cache.enabled`). Every store failure
+is a miss, never an error: with Redis down, requests are served as if there were
+no cache, and the cache comes back with Redis (the store probes it by itself).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Mapping
+from typing import Any
+
+from ..pipeline.context import RequestContext
+from ..policy.cache_check import default_model_dir
+from ..policy.cache_schema import CacheSpec
+from ..policy.compiled import Policy
+from ..providers.base import Provider
+from ..routing.rules import Facts, first_match
+from ..store.base import Store, StoreUnavailable
+from ..store.memory import MemoryStore
+from ..telemetry.metrics import Metrics
+from ..telemetry.tokens import TokenCounter
+from .coalesce import Flights
+from .control import CacheResult
+from .entry import Entry, decode_entry, encode_entry
+from .key import cache_key, semantic_scope
+from .semantic import AliasEmbedder, Embedder, LocalEmbedder, SemanticIndex, SemanticShare, Vector
+
+__all__ = ["ENTRY", "ResponseCache", "SemanticProbe"]
+
+log = logging.getLogger("gateway.cache")
+ENTRY = "cache:entry:"
+
+
+class SemanticProbe:
+    """A miss's semantic state, kept to store its vector with the answer."""
+
+    __slots__ = ("scope", "vector")
+
+    def __init__(self, scope: str, vector: Vector | None) -> None:
+        self.scope = scope
+        self.vector = vector
+
+
+class ResponseCache:
+    def __init__(self, policy: Policy, store: Store, providers: Mapping[str, Provider], metrics: Metrics,
+                 tokens: TokenCounter) -> None:
+        self.policy = policy
+        self.store = store
+        self.metrics = metrics
+        self.tokens = tokens
+        self.specs: Mapping[str, CacheSpec] = policy.cache.aliases
+        self.compress_min_bytes = policy.cache.settings.compress_min_bytes
+        self._targets = {alias: tuple(t.name for t in policy.models[alias].targets) for alias in self.specs}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.flights = Flights(store, policy.state.backend != "memory", self.spawn)
+        self.indexes: dict[str, SemanticIndex] = {}
+        self.embedders: dict[str, Embedder] = {}
+        self._local: dict[str, LocalEmbedder] = {}
+        for alias, spec in self.specs.items():
+            semantic = spec.semantic
+            if semantic is None:
+                continue
+            self.indexes[alias] = SemanticIndex(semantic.max_entries)
+            if semantic.embeddings is not None:
+                target = policy.models[semantic.embeddings].targets[0]
+                self.embedders[alias] = AliasEmbedder(providers[target.provider], target.upstream_model)
+            else:
+                model_dir = semantic.model_dir or str(default_model_dir())
+                local = self._local.get(model_dir) or LocalEmbedder(model_dir)
+                self._local[model_dir] = self.embedders[alias] = local
+        self.share = SemanticShare(store, self.indexes) if self.indexes and policy.state.backend != "memory" else None
+        self._evictions = 0
+
+    async def start(self) -> None:
+        for local in self._local.values():
+            await local.start()
+        if self.share is not None:
+            await self.share.start()
+
+    async def aclose(self) -> None:
+        if self.share is not None:
+            await self.share.aclose()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def spawn(self, work: Coroutine[Any, Any, Any]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- keys -------------------------------------------------------------------------------------------
+
+    def key(self, ctx: RequestContext) -> str:
+        route = ctx.route
+        assert route is not None
+        return cache_key(ctx.tenant, self.policy.version, ctx.endpoint, self._plan(ctx), self._targets[route.alias],
+                         ctx.body)
+
+    def _plan(self, ctx: RequestContext) -> str:
+        """The alias, and the routing rule that will apply: a rule may send the same body elsewhere."""
+        route = ctx.route
+        assert route is not None
+        if not route.rules:
+            return route.alias
+        rule = first_match(route.rules, route.alias, Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens,
+                                                          route.upstream_model))
+        return route.alias if rule is None else f"{route.alias}\x00{rule.name}"
+
+    # -- reading ----------------------------------------------------------------------------------------
+
+    async def read(self, key: str, max_age: float | None, alias: str) -> Entry | None:
+        started = time.perf_counter()
+        try:
+            value = await self.store.get(ENTRY + key)
+        except StoreUnavailable:
+            self.metrics.cache_errors.labels("unavailable").inc()
+            return None
+        finally:
+            self.metrics.cache_lookup.labels("exact").observe(time.perf_counter() - started)
+        if value is None:
+            return None
+        entry = decode_entry(value)
+        if entry is None:
+            self.metrics.cache_errors.labels("corrupt").inc()
+            log.warning("cache: an entry could not be decoded; served as a miss", extra={"fields": {"model": alias}})
+            return None
+        if max_age is not None and time.time() - entry.created > max_age:
+            return None
+        return entry
+
+    async def present(self, key: str) -> bool:
+        """Whether a usable entry is stored under `key` (a corrupt one is not: its key needs a leader)."""
+        value = await self.store.get(ENTRY + key)
+        return value is not None and decode_entry(value) is not None
+
+    async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None
+                            ) -> tuple[Entry | None, float | None, SemanticProbe | None]:
+        """The answer of the most similar stored prompt above the threshold, its similarity, and the probe."""
+        semantic = spec.semantic
+        route = ctx.route
+        assert semantic is not None and route is not None
+        found = semantic_scope(ctx.tenant, self.policy.version, ctx.endpoint, self._plan(ctx),
+                               self._targets[route.alias], ctx.body)
+        if found is None or len(found[1]) > semantic.max_chars:
+            return None, None, None
+        scope, text = found
+        started = time.perf_counter()
+        vector = await self.embedders[route.alias].embed(text)
+        probe = SemanticProbe(scope, vector)
+        if vector is None:
+            return None, None, probe
+        index = self.indexes[route.alias]
+        nearest = index.nearest(scope, vector)
+        self.metrics.cache_lookup.labels("semantic").observe(time.perf_counter() - started)
+        if nearest is None:
+            return None, None, probe
+        key, similarity = nearest
+        self.metrics.cache_similarity.labels(route.alias).observe(max(0.0, similarity))
+        if similarity < semantic.threshold:
+            return None, similarity, probe
+        entry = await self.read(key, max_age, route.alias)
+        if entry is None:
+            index.remove(scope, key)
+        return entry, similarity, probe
+
+    def result(self, entry: Entry, status: str, similarity: float | None) -> CacheResult:
+        usage = entry.usage
+        prompt = usage.prompt_tokens if usage else 0
+        completion = usage.completion_tokens if usage else 0
+        price = self.policy.prices.price(entry.provider, entry.model) if entry.provider else None
+        usd = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6 if price else 0.0
+        age = max(0.0, time.time() - entry.created)
+        return CacheResult("semantic-hit" if status == "semantic-hit" else "hit", age, similarity, prompt, completion,
+                           usd)
+
+    # -- writing ----------------------------------------------------------------------------------------
+
+    async def write(self, alias: str, key: str, entry: Entry, ttl_s: float, probe: SemanticProbe | None,
+                    max_bytes: int) -> None:
+        value = encode_entry(entry, self.compress_min_bytes)
+        if len(value) > max_bytes:
+            self.metrics.cache_stores.labels(alias, "too_large").inc()
+            return
+        try:
+            await self.store.set(ENTRY + key, value, ttl_s)
+        except StoreUnavailable:
+            self.metrics.cache_stores.labels(alias, "unavailable").inc()
+            return
+        self.metrics.cache_stores.labels(alias, "stored").inc()
+        self.metrics.cache_bytes.labels(alias).inc(len(value))
+        if isinstance(self.store, MemoryStore):
+            evicted, self._evictions = self.store.evictions - self._evictions, self.store.evictions
+            if evicted > 0:
+                self.metrics.cache_evictions.inc(evicted)
+        if probe is not None and probe.vector is not None:
+            self.indexes[alias].add(probe.scope, key, probe.vector)
+            if self.share is not None:
+                await self.share.publish(alias, probe.scope, key, probe.vector)
+

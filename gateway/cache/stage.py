@@ -1,0 +1,226 @@
+"""The cache stage: after the guards' input checks and authorization, before a target is chosen.
+
+A hit answers here: no target, no upstream. It still passes back through the
+output guards like any answer, so a cache never bypasses a policy. A miss goes on
+and its answer is stored once the request has left every stage (`ctx.on_finish`,
+run by the telemetry stage), and only if it is whole: a 200 with a body, or a
+stream that ended cleanly, that no guard changed or blocked, within the alias's
+size bound. Errors, cut or cancelled streams and guarded-away answers are never
+stored.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..pipeline.streams import ReplyStream, StreamEnd
+from ..policy.cache_schema import CacheSpec
+from ..schemas.events import Chunk, StreamEvent, UsageReport
+from ..schemas.openai import Usage
+from .coalesce import Flight
+from .control import HEADER, CacheResult, cacheable, directives
+from .entry import Entry
+from .replay import ReplaySource, assemble_body
+from .service import ResponseCache, SemanticProbe
+
+__all__ = ["CacheStage"]
+
+_STATUS_HEADERS = {status: (HEADER, status.encode()) for status in ("hit", "semantic-hit", "miss", "bypass")}
+
+
+class CacheStage:
+    name = "cache"
+
+    def __init__(self, cache: ResponseCache) -> None:
+        self.cache = cache
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        route = ctx.route
+        assert route is not None
+        spec = self.cache.specs.get(route.alias)
+        if spec is None:
+            return await call_next(ctx)
+        alias = route.alias
+        control = directives(ctx.head.raw_headers)
+        if not cacheable(ctx.endpoint, ctx.request, spec.when) or (control.no_cache and control.no_store):
+            return await self._pass(ctx, call_next, CacheResult("bypass"), alias)
+        cache = self.cache
+        key = cache.key(ctx)
+        read = spec.mode in ("on", "read-only") and not control.no_cache
+        write = spec.mode in ("on", "write-only") and not control.no_store
+        probe: SemanticProbe | None = None
+        if read:
+            entry = await cache.read(key, control.max_age, alias)
+            if entry is not None:
+                return self._hit(ctx, entry, "hit", None)
+            if spec.semantic is not None:
+                entry, similarity, probe = await cache.semantic_read(ctx, spec, control.max_age)
+                if entry is not None:
+                    return self._hit(ctx, entry, "semantic-hit", similarity)
+        elif spec.semantic is not None and write:
+            probe = (await cache.semantic_read(ctx, spec, None))[2]
+        if not write:
+            return await self._pass(ctx, call_next, CacheResult("miss"), alias)
+        flight: Flight | None = None
+        if spec.coalesce and read:
+            flight = await cache.flights.lead_or_wait(key, spec.coalesce_timeout_s, partial(cache.present, key))
+            if flight is None:  # another request went upstream: its answer may be here now
+                entry = await cache.read(key, control.max_age, alias)
+                if entry is not None:
+                    return self._hit(ctx, entry, "hit", None)
+        try:
+            reply = await self._pass(ctx, call_next, CacheResult("miss"), alias)
+        except BaseException:
+            if flight is not None:
+                flight.release()
+            raise
+        self._arrange_store(ctx, reply, spec, key, probe, flight)
+        return reply
+
+    async def _pass(self, ctx: RequestContext, call_next: Next, result: CacheResult, alias: str) -> Reply:
+        ctx.cache, ctx.cache_result = result, result.status
+        self.cache.metrics.cache_requests.labels(alias, result.status).inc()
+        _add_header(ctx, _STATUS_HEADERS[result.status])
+        return await call_next(ctx)
+
+    def _hit(self, ctx: RequestContext, entry: Entry, status: str, similarity: float | None) -> Reply:
+        result = self.cache.result(entry, status, similarity)
+        ctx.cache, ctx.cache_result = result, result.status
+        alias = ctx.route.alias if ctx.route is not None else "unknown"
+        metrics = self.cache.metrics
+        metrics.cache_requests.labels(alias, result.status).inc()
+        if result.saved_prompt_tokens or result.saved_completion_tokens:
+            metrics.cache_saved_tokens.labels(alias, "prompt").inc(result.saved_prompt_tokens)
+            metrics.cache_saved_tokens.labels(alias, "completion").inc(result.saved_completion_tokens)
+        if result.saved_usd:
+            metrics.cache_saved_usd.labels(alias).inc(result.saved_usd)
+        _add_header(ctx, _STATUS_HEADERS[result.status])
+        _add_header(ctx, (b"age", b"%d" % int(result.age_s)))
+        ctx.usage = Usage()  # nothing was spent upstream; the client still sees the answer's own usage
+        if ctx.stream:
+            stream = ReplyStream(ReplaySource(entry, ctx.endpoint), ctx)
+            stream.add(_HIT_END)
+            return Reply(stream=stream)
+        return Reply(body=entry.body if entry.kind == "body" else assemble_body(entry, ctx.endpoint))
+
+    def _arrange_store(self, ctx: RequestContext, reply: Reply, spec: CacheSpec, key: str,
+                       probe: SemanticProbe | None, flight: Flight | None) -> None:
+        if reply.stream is not None:
+            recorder = _Recorder(spec.max_entry_bytes)
+            reply.stream.add(recorder)
+            ctx.on_finish = partial(self._store_stream, ctx, recorder, spec, key, probe, flight)
+        elif reply.body is not None and reply.status == 200:
+            ctx.on_finish = partial(self._store_body, ctx, reply.body, spec, key, probe, flight)
+        elif flight is not None:
+            flight.release()
+
+    def _store_body(self, ctx: RequestContext, body: bytes, spec: CacheSpec, key: str, probe: SemanticProbe | None,
+                    flight: Flight | None) -> None:
+        if ctx.status != 200 or _guard_changed(ctx):
+            self._refuse(ctx, flight)
+            return
+        provider, model = _answered_by(ctx)
+        entry = Entry("body", time.time(), body=body, usage=ctx.usage, provider=provider, model=model)
+        self._write(ctx, entry, spec, key, probe, flight)
+
+    def _store_stream(self, ctx: RequestContext, recorder: _Recorder, spec: CacheSpec, key: str,
+                      probe: SemanticProbe | None, flight: Flight | None) -> None:
+        if recorder.outcome != "done" or recorder.size > spec.max_entry_bytes or ctx.status != 200 \
+                or _guard_changed(ctx) or not recorder.chunks:
+            self._refuse(ctx, flight, "too_large" if recorder.size > spec.max_entry_bytes else "uncacheable")
+            return
+        provider, model = _answered_by(ctx)
+        entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=recorder.usage,
+                      usage_chunk=recorder.usage_chunk, provider=provider, model=model)
+        self._write(ctx, entry, spec, key, probe, flight)
+
+    def _write(self, ctx: RequestContext, entry: Entry, spec: CacheSpec, key: str, probe: SemanticProbe | None,
+               flight: Flight | None) -> None:
+        alias = ctx.route.alias if ctx.route is not None else "unknown"
+
+        async def write() -> None:
+            try:
+                await self.cache.write(alias, key, entry, spec.ttl_s, probe, spec.max_entry_bytes)
+            finally:
+                if flight is not None:
+                    flight.release()
+
+        self.cache.spawn(write())
+
+    def _refuse(self, ctx: RequestContext, flight: Flight | None, why: str = "uncacheable") -> None:
+        alias = ctx.route.alias if ctx.route is not None else "unknown"
+        self.cache.metrics.cache_stores.labels(alias, why).inc()
+        if flight is not None:
+            flight.release()
+
+
+def _add_header(ctx: RequestContext, header: tuple[bytes, bytes]) -> None:
+    if ctx.headers is None:
+        ctx.headers = [header]
+    else:
+        ctx.headers.append(header)
+
+
+def _answered_by(ctx: RequestContext) -> tuple[str, str]:
+    target = ctx.target
+    return (target.provider, target.upstream_model) if target is not None else ("", "")
+
+
+def _guard_changed(ctx: RequestContext) -> bool:
+    """Whether an enforcing guard changed or blocked the input or the answer (recording only does not count)."""
+    session = ctx.guard_session
+    if session is None:
+        return False
+    counts: dict[str, int] = session.counts
+    return any(count > 0 and not name.partition(".")[2].startswith(("shadow_", "record"))
+               for name, count in counts.items())
+
+
+class _Recorder:
+    """A miss's stream, kept as it comes from the upstream, to store once it ended cleanly."""
+
+    __slots__ = ("_max", "chunks", "outcome", "size", "usage", "usage_chunk")
+    reads_events = True
+
+    def __init__(self, max_bytes: int) -> None:
+        self.chunks: list[bytes] = []
+        self.size = 0
+        self.usage: Usage | None = None
+        self.usage_chunk: bytes | None = None
+        self.outcome = ""
+        self._max = max_bytes
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        if self.size > self._max:
+            return events  # too large to store already: keep nothing more
+        for event in events:
+            if isinstance(event, Chunk):
+                self.chunks.append(event.payload)
+                self.size += len(event.payload)
+            elif isinstance(event, UsageReport):
+                self.usage = event.usage
+                self.usage_chunk = event.payload
+        if self.size > self._max:
+            self.chunks = []
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        self.outcome = end.outcome
+
+
+class _HitEnd:
+    """A replayed stream: nothing was spent upstream (the replay's usage report is the answer's, for the client)."""
+
+    reads_events = False
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        ctx.usage = Usage()
+
+
+_HIT_END = _HitEnd()

@@ -1,0 +1,133 @@
+"""Pure logic of the cache: the key, entries and their compression, replay and reassembly, Cache-Control."""
+
+from __future__ import annotations
+
+import zlib
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.cache.control import Directives, cacheable, directives
+from gateway.cache.entry import Entry, decode_entry, encode_entry
+from gateway.cache.key import EXCLUDED, cache_key, semantic_scope
+from gateway.cache.replay import ReplaySource, assemble_body, split_body
+from gateway.policy.cache_schema import CacheWhenSpec
+from gateway.schemas.endpoints import Endpoint
+from gateway.schemas.events import Chunk, StreamDone, UsageReport
+from gateway.schemas.openai import ChatRequest, Usage
+
+CHAT = Endpoint.CHAT
+BODY: dict[str, Any] = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
+
+
+def key(body: dict[str, Any], tenant: str = "acme", version: str = "v1", targets: tuple[str, ...] = ("m/x",)) -> str:
+    return cache_key(tenant, version, CHAT, "chat", targets, body)
+
+
+def test_the_key_splits_on_what_changes_the_answer_only() -> None:
+    base = key(BODY)
+    assert key(dict(reversed(BODY.items()))) == base  # field order
+    for field in EXCLUDED - {"model"}:
+        assert key({**BODY, field: "anything"}) == base, field
+    assert key({**BODY, "model": "another-alias"}) == base  # the resolved alias is what counts
+    assert len({base, key(BODY, tenant="globex"), key(BODY, version="v2"), key(BODY, targets=("m/y",)),
+                key({**BODY, "seed": 1}), key({**BODY, "new_param": True}), key({**BODY, "temperature": 0.5})}) == 7
+
+
+def test_the_key_is_prefix_free() -> None:
+    # the same characters split differently between fields must not collide
+    assert cache_key("ab", "c", CHAT, "chat", (), BODY) != cache_key("a", "bc", CHAT, "chat", (), BODY)
+    assert key({**BODY, "stop": ["a", "b"]}) != key({**BODY, "stop": ["ab"]})
+
+
+def test_the_semantic_scope_leaves_out_the_last_message_only() -> None:
+    one = semantic_scope("acme", "v1", CHAT, "chat", (), BODY)
+    two = semantic_scope("acme", "v1", CHAT, "chat", (), {**BODY, "messages": [{"role": "user", "content": "yo"}]})
+    assert one is not None and two is not None and one[0] == two[0] and (one[1], two[1]) == ("hi", "yo")
+    system = {**BODY, "messages": [{"role": "system", "content": "x"}, *BODY["messages"]]}
+    assert semantic_scope("acme", "v1", CHAT, "chat", (), system)[0] != one[0]  # type: ignore[index]
+    image = {**BODY, "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "u"}}]}]}
+    assert semantic_scope("acme", "v1", CHAT, "chat", (), image) is None
+    assert semantic_scope("acme", "v1", Endpoint.EMBEDDINGS, "chat", (), {"input": "x"}) is None
+
+
+@pytest.mark.parametrize("size", [10, 100_000])
+def test_entries_round_trip_and_compress_above_the_threshold(size: int) -> None:
+    entry = Entry("body", 1.5, body=b'{"a":"' + b"x" * size + b'"}', usage=Usage(1, 2, 3), provider="p", model="m")
+    value = encode_entry(entry, 1024)
+    assert value[:1] == (b"\x01" if size > 1024 else b"\x00")
+    assert (len(value) < size / 10) if size > 1024 else True
+    assert decode_entry(value) == entry
+
+
+def test_corrupt_entries_and_bombs_decode_to_nothing() -> None:
+    bomb = b"\x01" + zlib.compress(b"\x00" * (300 * 1024 * 1024), 9)
+    for value in (b"", b"\x02abc", b"\x00not msgpack", b"\x01not zlib", b"\x00" + msgspec.msgpack.encode([1, 2]), bomb):
+        assert decode_entry(value) is None
+
+
+def chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0) -> bytes:
+    return msgspec.json.encode({"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m",
+                                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
+
+
+def test_a_stored_stream_assembles_into_the_complete_answer() -> None:
+    chunks = [chunk({"role": "assistant", "content": ""}), chunk({"content": "Hel"}), chunk({"content": "lo"}),
+              chunk({"tool_calls": [{"index": 0, "id": "t1", "type": "function",
+                                     "function": {"name": "f", "arguments": '{"a"'}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}), chunk({}, "tool_calls")]
+    body = msgspec.json.decode(assemble_body(Entry("stream", 0, chunks=chunks, usage=Usage(3, 4, 7)), CHAT))
+    assert body["object"] == "chat.completion" and body["id"] == "c1" and body["usage"]["total_tokens"] == 7
+    message = body["choices"][0]["message"]
+    assert message["content"] == "Hello" and body["choices"][0]["finish_reason"] == "tool_calls"
+    call = {"id": "t1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}
+    assert message["tool_calls"] == [call]
+
+
+def test_a_complete_answer_splits_into_chunks_the_same_answer_comes_back_from() -> None:
+    complete = {"id": "x", "object": "chat.completion", "created": 9, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "one"}, "finish_reason": "stop"},
+        {"index": 1, "message": {"role": "assistant", "content": "two"}, "finish_reason": "length"}]}
+    chunks, base = split_body(msgspec.json.encode(complete), CHAT)
+    assert base["object"] == "chat.completion.chunk" and len(chunks) == 4
+    again = msgspec.json.decode(assemble_body(Entry("stream", 0, chunks=chunks), CHAT))
+    assert [(c["message"]["content"], c["finish_reason"]) for c in again["choices"]] == [
+        ("one", "stop"), ("two", "length")]
+
+
+async def test_a_replay_ends_with_usage_and_done() -> None:
+    source = ReplaySource(Entry("body", 0, body=b'{"id":"x","choices":[{"index":0,"message":{"content":"a"}}]}',
+                                usage=Usage(1, 1, 2)), CHAT)
+    batches = [batch async for batch in source]
+    assert len(batches) == 1
+    kinds = [type(event) for event in batches[0]]
+    assert kinds == [Chunk, Chunk, UsageReport, StreamDone]
+    report = batches[0][2]
+    assert isinstance(report, UsageReport) and b'"usage"' in (report.payload or b"")
+    await source.aclose()
+
+
+@pytest.mark.parametrize(("header", "expected"), [
+    (b"no-cache", Directives(no_cache=True)),
+    (b"No-Store, max-age=60", Directives(no_store=True, max_age=60.0)),
+    (b"max-age=abc", Directives(max_age=0.0)),
+    (b"max-age=-5", Directives(max_age=0.0)),
+    (b"private", Directives()),
+])
+def test_cache_control(header: bytes, expected: Directives) -> None:
+    assert directives([(b"Cache-Control", header)]) == expected
+    assert directives([]) == Directives()
+
+
+def test_cacheable_by_temperature_or_seed() -> None:
+    def request(**fields: Any) -> ChatRequest:
+        return msgspec.convert({"model": "m", "messages": [{"role": "user", "content": "x"}], **fields}, ChatRequest)
+
+    when = CacheWhenSpec()
+    assert cacheable(CHAT, request(temperature=0), when)
+    assert not cacheable(CHAT, request(), when)  # OpenAI's default temperature is 1
+    assert cacheable(CHAT, request(temperature=1.2, seed=3), when)
+    assert not cacheable(CHAT, request(temperature=1.2, seed=3), CacheWhenSpec(seed=False))
+    assert cacheable(CHAT, request(temperature=0.5), CacheWhenSpec(max_temperature=0.5))
+    assert cacheable(Endpoint.EMBEDDINGS, None, when)

@@ -17,6 +17,8 @@ from typing import Any
 from litestar import Litestar, Request, Response, asgi
 from litestar.exceptions import HTTPException
 
+from .accounting.ledger import Ledger
+from .accounting.stage import Accounting
 from .api.admin import admin_routes
 from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.feedback import feedback_routes
@@ -76,6 +78,8 @@ class Gateway:
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
+        accounting = Accounting(policy, store, Ledger(store, self.metrics.accounting_pending), self.metrics,
+                                CountTokens(self.tokens)) if policy.has_accounting or keys is not None else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             *observers.stages,
@@ -84,6 +88,7 @@ class Gateway:
             Authenticate(keys),
             Ingress(),
             Authorize(),
+            *([accounting] if accounting is not None else []),  # limits and budgets; none: no cost at all
             *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
             SelectTarget(router),
             CallUpstream(router),
@@ -93,6 +98,8 @@ class Gateway:
             services.append(guards)
         if keys is not None:
             services.append(keys)
+        if accounting is not None:
+            services.append(accounting)
         return Runtime(policy, providers, store, pipeline, services, dynamic_keys=keys, owns_store=not shared)
 
     def acquire_runtime(self) -> Runtime:

@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ..auth.keys import KeyRing, VirtualKey
 from ..store.base import StoreConfig
+from .accounting_check import check_accounting, load_prices_file, uses_accounting
 from .compiled import Policy, ProviderConfig, Timeouts
 from .guard_check import check_guards
 from .loader import PolicyError, PolicyIssue, _Located, parse_spec
@@ -55,7 +56,8 @@ def compile_policy(
     providers = {
         name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
     }
-    models, rules, prices = compile_routing(spec, doc, providers)
+    models, rules, prices = compile_routing(spec, doc, providers, load_prices_file(spec, doc))
+    check_accounting(spec, doc, models, warnings)
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
     labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
@@ -95,6 +97,12 @@ def compile_policy(
         dynamic_keys=spec.dynamic_keys,
         telemetry=spec.telemetry,
         labels=labels,
+        tenants=MappingProxyType(dict(spec.tenants)),
+        alias_limits=MappingProxyType({a: m.limits for a, m in spec.models.items() if m.limits is not None}),
+        alias_budgets=MappingProxyType({a: m.budget for a, m in spec.models.items() if m.budget is not None}),
+        accounting=spec.accounting,
+        accounting_on=uses_accounting(spec),
+        tenant_names=frozenset(spec.tenants) | {key.tenant for key in spec.keys},
     )
 
 

@@ -24,6 +24,7 @@ from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
+from .api.usage import usage_routes
 from .auth.dynamic import DynamicKeys
 from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from .guards.runtime import GuardRuntime
@@ -272,6 +273,7 @@ def create_app(
         route_handlers=[
             *(_proxy_route(gateway, e) for e in Endpoint), *ops_routes(gateway), *admin_routes(gateway),
             *feedback_routes(gateway),
+            *usage_routes(gateway),
         ],
         exception_handlers=_handlers(gateway.request_ids),
         on_startup=[gateway.start, *on_startup],

@@ -103,6 +103,7 @@ def compile_policy(
         accounting=spec.accounting,
         accounting_on=uses_accounting(spec),
         tenant_names=frozenset(spec.tenants) | {key.tenant for key in spec.keys},
+        key_names=frozenset(record.name for record in keys.values()),
     )
 
 

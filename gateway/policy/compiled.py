@@ -235,6 +235,7 @@ class Policy:
     accounting: AccountingSpec = field(default_factory=AccountingSpec)
     accounting_on: bool = False
     tenant_names: frozenset[str] = frozenset()  # named by the policy's keys or `tenants:` (metric labels)
+    key_names: frozenset[str] = frozenset()  # the policy's own keys (usage reports)
 
     @property
     def has_guards(self) -> bool:

@@ -319,12 +319,34 @@ def test_an_unpriced_model_is_a_warning_not_an_error(upstream: MockUpstream) -> 
 
 
 def test_the_shipped_prices_file_loads() -> None:
-    from gateway.policy.accounting_check import PricesFileSpec
-
     import msgspec
     import yaml
+
+    from gateway.policy.accounting_check import PricesFileSpec
 
     data = yaml.safe_load((Path(__file__).parents[1] / "policies" / "prices.yaml").read_text())
     prices = msgspec.convert(data, PricesFileSpec).prices
     assert {"gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "gemini-2.5-pro"} <= set(prices)
     assert all(p.date and p.source and p.source.startswith("https://") for p in prices.values())
+
+
+def test_gateway_usage_command_prints_the_same_figures(start: Callable[..., RunningGateway]) -> None:
+    import subprocess
+    import sys
+
+    gateway = start(key="budget: {usd: 1}")
+    client(gateway).chat.completions.create(model="chat", messages=MESSAGES, max_tokens=20)
+    command = [sys.executable, "-m", "gateway", "usage", "--url", gateway.url, "--scope", "key"]
+    env = {"PATH": "/usr/bin:/bin", "GATEWAY_ADMIN_TOKEN": ADMIN}
+    shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+    line = next(row for row in shown.splitlines() if row.startswith("main "))
+    assert line.split()[1:3] == ["0.020000", "1"]
+    assert "second" in shown
+    as_json = subprocess.run([*command, "--json", "--name", "main"], capture_output=True, text=True, env=env,
+                             timeout=60, check=True).stdout
+    assert '"cost_usd": 0.02' in as_json
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                             env={**env, "GATEWAY_ADMIN_TOKEN": "wrong"})
+    assert refused.returncode == 1 and "401" in refused.stderr
+    missing = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and "GATEWAY_ADMIN_TOKEN" in missing.stderr

@@ -17,7 +17,6 @@ import pytest
 import redis
 
 from gateway.auth.keys import hash_key
-
 from tests.conftest import UPSTREAM_KEY, RunningGateway, free_port
 from tests.support.mock_upstream import MockUpstream
 from tests.support.redis_server import RedisServer, suite_redis_url
@@ -61,8 +60,10 @@ def test_two_replicas_enforce_one_rpm_limit_and_one_budget_exactly(
     tmp_path: Path, redis_url: str, upstream: MockUpstream,
 ) -> None:
     prefix = f"gwtest:{uuid.uuid4().hex}:"
-    text = accounting_policy(upstream, key=f"limits: {{rpm: {RPM}}}", state=_state("GW_TEST_REDIS", prefix, "closed", 5.0))
-    text = text.replace(f'hash: "{hash_key(OTHER)}"', f'hash: "{hash_key(OTHER)}"\n    budget: {{usd: {COST * BUDGET_FITS}}}')
+    state = _state("GW_TEST_REDIS", prefix, "closed", 5.0)  # generous: a loaded machine must not time out
+    text = accounting_policy(upstream, key=f"limits: {{rpm: {RPM}}}", state=state)
+    budget = f"\n    budget: {{usd: {COST * BUDGET_FITS}}}"
+    text = text.replace(f'hash: "{hash_key(OTHER)}"', f'hash: "{hash_key(OTHER)}"{budget}')
     policy = tmp_path / "policy.yaml"
     policy.write_text(text)
     env = {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GW_TEST_REDIS": redis_url, "ACCT_ADMIN": ADMIN}

@@ -40,7 +40,7 @@ from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..store._common import to_units
 from ..store.base import Reservation, Store, StoreUnavailable, WindowReservation
 from ..telemetry.metrics import Metrics
-from ..telemetry.usage import CountTokens, answer_text, collect_chunk_text, count_text, estimate_usage
+from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
 from .cost import request_cost
 from .headers import duration, rate_limit_headers, tightest
 from .ledger import Ledger, UsageDelta
@@ -110,7 +110,16 @@ class Accounting:
         await self.ledger.aclose()
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        bill = _Bill(scopes_of(ctx, self.policy))
+        scopes = scopes_of(ctx, self.policy)
+        if not scopes:  # nothing to enforce: only count the usage, with no task and no store call
+            reply = await call_next(ctx)
+            if reply.stream is not None:
+                reply.stream.add(_UsageOnly(self))
+            else:
+                await self._answer_usage(ctx, reply)
+                self._record(ctx, self._price(ctx))
+            return reply
+        bill = _Bill(scopes)
         await self._admit(ctx, bill)
         if bill.headers:
             ctx.headers = [*(ctx.headers or ()), *bill.headers]
@@ -127,12 +136,16 @@ class Accounting:
         if reply.stream is not None:
             reply.stream.add(_StreamBill(self, bill))
             return reply
-        if ctx.usage is None and reply.body is not None and ctx.upstream_started:
-            completion = await count_text(self.counter, answer_text(reply.body))
-            ctx.usage = await estimate_usage(self.counter, ctx, completion)
+        await self._answer_usage(ctx, reply)
         self._price(ctx)  # the header and the access log (telemetry) read it from the context
         self._spawn(self._settle(ctx, bill))
         return reply
+
+    async def _answer_usage(self, ctx: RequestContext, reply: Reply) -> None:
+        """A complete answer without usage: counted now (the bill cannot wait for telemetry's count)."""
+        if ctx.usage is None and reply.body is not None and ctx.upstream_started:
+            completion = await count_text(self.counter, answer_text(reply.body))
+            ctx.usage = await estimate_usage(self.counter, ctx, completion)
 
     # -- before the call -------------------------------------------------------------------------------
 
@@ -169,13 +182,14 @@ class Accounting:
 
     async def _limits(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
         ops: list[tuple[str, Scope, str, Awaitable[Any]]] = []
-        holder = ctx.request_id + ":" + secrets.token_hex(4)
+        holder = ""
         tokens = bill.prompt_estimate + bill.completion_cap
         for scope in scopes:
             limits = scope.limits
             assert limits is not None
             if limits.concurrent:
                 key = f"acct:conc:{scope.kind}:{scope.name}"
+                holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
                 ops.append(("concurrent", scope, key,
                             self.store.acquire_slot(key, holder, limits.concurrent, self.lease_s)))
             if limits.rpm:
@@ -184,7 +198,7 @@ class Accounting:
             if limits.tpm:
                 key = f"acct:tpm:{scope.kind}:{scope.name}"
                 ops.append(("tpm", scope, key, self.store.reserve_window(key, tokens, limits.tpm, WINDOW_S)))
-        results = await asyncio.gather(*(op for _, _, _, op in ops), return_exceptions=True)
+        results = await _all([op for _, _, _, op in ops])
         refused: tuple[str, Scope, float] | None = None
         requests: list[WindowReservation] = []
         token_windows: list[WindowReservation] = []
@@ -232,8 +246,7 @@ class Accounting:
             assert scope.budget is not None
             key, ttl = self._budget_key(scope, scope.budget, now)
             keyed.append((scope, scope.budget, key, ttl))
-        results = await asyncio.gather(*(self.store.reserve(key, cost, budget.usd, ttl)
-                                         for _, budget, key, ttl in keyed), return_exceptions=True)
+        results = await _all([self.store.reserve(key, cost, budget.usd, ttl) for _, budget, key, ttl in keyed])
         failure: BaseException | None = None
         hard: Scope | None = None
         downgrade: str | None = None
@@ -371,55 +384,79 @@ def scopes_for_usage(ctx: RequestContext) -> list[Scope]:
     return scopes
 
 
-class _StreamBill:
-    """Per stream: follows the answer's length (for the cut-off) and settles the bill once at its end."""
+class _UsageOnly:
+    """A stream no limit or budget applies to: its usage is counted at its end (after telemetry's estimate)."""
 
-    __slots__ = ("_bill", "_chars", "_meta", "_parts", "_stage", "reads_events")
+    __slots__ = ("_stage",)
+    reads_events = False
 
-    def __init__(self, stage: Accounting, bill: _Bill) -> None:
+    def __init__(self, stage: Accounting) -> None:
         self._stage = stage
-        self._bill = bill
-        self._parts: list[str] = []
-        self._chars = 0
-        self._meta: dict[str, Any] = {}
-        # Events are read only when a stream can outgrow its reservation (a budget, no max_tokens).
-        self.reads_events = bool(bill.budgets) and not bill.explicit_cap
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
-        for index, event in enumerate(events):
-            if not isinstance(event, Chunk):
-                continue
-            data = event.data()
-            before = len(self._parts)
-            collect_chunk_text(data, self._parts)
-            self._chars += sum(len(p) for p in self._parts[before:])
-            if not self._meta:
-                self._meta = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-            generated = max(ctx.chunks + index + 1, self._chars // 4)
-            if generated > self._bill.completion_cap and not await self._stage.extend(ctx, self._bill):
-                return [*events[: index + 1], self._final(ctx), StreamError(BudgetExceeded(
-                    "the budget for this period ran out during the answer; it was cut off"))]
         return events
-
-    def _final(self, ctx: RequestContext) -> Chunk:
-        chat = ctx.endpoint.label == "chat"
-        choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
-        if chat:
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
-        return Chunk.of({**self._meta, "choices": [choice]})
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         stage = self._stage
         if ctx.usage is None and ctx.upstream_started:
-            if self._parts:
-                completion = await count_text(stage.counter, "".join(self._parts))
-            else:
-                completion = ctx.chunks
-            ctx.usage = await estimate_usage(stage.counter, ctx, completion)
+            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+        stage._record(ctx, stage._price(ctx))
+
+
+class _StreamBill:
+    """Per stream: follows the answer's length (for the cut-off) and settles the bill once at its end.
+
+    The length is the number of content chunks (about one token each from OpenAI-compatible servers), so
+    that following it costs no decoding; the exact figure comes with the upstream's usage at the end."""
+
+    __slots__ = ("_bill", "_stage", "reads_events")
+
+    def __init__(self, stage: Accounting, bill: _Bill) -> None:
+        self._stage = stage
+        self._bill = bill
+        # Events are read only when a stream can outgrow its reservation (a budget, no max_tokens).
+        self.reads_events = bool(bill.budgets) and not bill.explicit_cap
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        bill = self._bill
+        if ctx.chunks + len(events) <= bill.completion_cap:
+            return events
+        for index, event in enumerate(events):
+            if type(event) is Chunk and ctx.chunks + index + 1 > bill.completion_cap:
+                if not await self._stage.extend(ctx, bill):
+                    return [*events[: index + 1], _final(ctx, event),
+                            StreamError(BudgetExceeded("the budget for this period ran out during the answer; "
+                                                       "it was cut off"))]
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        stage = self._stage
+        if ctx.usage is None and ctx.upstream_started:
+            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
         stage._price(ctx)
         await stage._settle(ctx, self._bill)
+
+
+def _final(ctx: RequestContext, last: Chunk) -> Chunk:
+    """The chunk that ends a cut stream: `finish_reason: "length"`, in the shape of the stream's chunks."""
+    data = last.data()
+    meta: dict[str, Any] = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+    if ctx.endpoint.label == "chat":
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
+    return Chunk.of({**meta, "choices": [choice]})
+
+
+async def _all(ops: list[Awaitable[Any]]) -> list[Any]:
+    """Every result (or its exception), in order: one op is awaited as it is (no task), more at once."""
+    if len(ops) == 1:
+        try:
+            return [await ops[0]]
+        except StoreUnavailable as exc:
+            return [exc]
+    return list(await asyncio.gather(*ops, return_exceptions=True))
 
 
 def _requested_cap(body: dict[str, Any]) -> int | None:

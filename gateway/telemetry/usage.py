@@ -24,7 +24,7 @@ from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
 from .tokens import TokenCounter, message_text
 
-__all__ = ["CountTokens", "answer_text", "collect_chunk_text", "count_text", "estimate_usage"]
+__all__ = ["CountTokens", "answer_text", "count_text", "estimate_usage"]
 
 _OFF_LOOP_CHARS = 64 * 1024  # count larger texts in a thread: tiktoken holds the GIL but not the loop
 _MESSAGE_OVERHEAD = 3  # OpenAI's chat format: tokens per message, and for the reply's priming
@@ -153,8 +153,3 @@ async def count_text(counter: CountTokens, text: str) -> int:
 def answer_text(body: bytes) -> str:
     """The text of a complete answer's choices (message content, tool call arguments)."""
     return _answer_text(body)
-
-
-def collect_chunk_text(chunk: dict[str, Any], parts: list[str]) -> None:
-    """Append the text a stream chunk carries to `parts`."""
-    _collect(chunk, parts)

@@ -9,6 +9,7 @@ window and the start of the next can together reach twice the amount over `windo
 from __future__ import annotations
 
 import calendar
+import functools
 from datetime import UTC, datetime, timedelta
 
 from ..policy.accounting_schema import BudgetSpec
@@ -21,25 +22,27 @@ _MARGIN_S = 3_600.0  # a period's counter outlives its end a little: settling a 
 
 def current_period(budget: BudgetSpec, now: float) -> tuple[str, float]:
     """(the period's id, seconds its counter should live) for unix time `now`."""
-    moment = datetime.fromtimestamp(now, UTC)
     if budget.period == "rolling":
         window = budget.window_s or 86_400.0
         index = int(now // window)
         return f"r{int(window)}-{index}", (index + 1) * window - now + _MARGIN_S
-    if budget.period == "day":
-        start = moment.replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=1)
-        ident = start.strftime("d%Y%m%d")
-    elif budget.period == "week":
-        start = (moment - timedelta(days=moment.weekday())).replace(hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=7)
-        year, week, _ = start.isocalendar()
-        ident = f"w{year}{week:02d}"
-    else:
-        start = moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
-        end = start + timedelta(days=calendar.monthrange(start.year, start.month)[1])
-        ident = start.strftime("m%Y%m")
-    return ident, (end - moment).total_seconds() + _MARGIN_S
+    ident, end = _calendar_period(budget.period, int(now // 86_400))
+    return ident, end - now + _MARGIN_S
+
+
+@functools.lru_cache(maxsize=64)
+def _calendar_period(period: str, day: int) -> tuple[str, float]:
+    """(id, end as unix time) of the calendar period holding UTC day number `day` (cached: one per day)."""
+    start = datetime.fromtimestamp(day * 86_400, UTC)
+    if period == "day":
+        return start.strftime("d%Y%m%d"), (day + 1) * 86_400.0
+    if period == "week":
+        monday = start - timedelta(days=start.weekday())
+        year, week, _ = monday.isocalendar()
+        return f"w{year}{week:02d}", (monday + timedelta(days=7)).timestamp()
+    first = start.replace(day=1)
+    end = first + timedelta(days=calendar.monthrange(first.year, first.month)[1])
+    return first.strftime("m%Y%m"), end.timestamp()
 
 
 def day_id(now: float) -> str:

@@ -30,6 +30,8 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
+from prometheus_client import Gauge
+
 from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable, RateLimited
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
@@ -99,6 +101,7 @@ class Accounting:
         self.labels = BoundedLabels(policy, spec.label_cap)
         self.rates = {alias: _max_rates(route.targets) for alias, route in policy.models.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._gauges: dict[tuple[str, str], Gauge] = {}
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -255,7 +258,7 @@ class Accounting:
                 failure = failure or result
                 continue
             answer: Reservation = result
-            self.metrics.budget_remaining.labels(scope.kind, self.labels.name(scope)).set(answer.remaining)
+            self._remaining_gauge(scope).set(answer.remaining)
             if answer.ok:
                 bill.budgets.append(_Held(key, cost, ttl, scope, budget))
                 spent = answer.total / budget.usd
@@ -281,6 +284,15 @@ class Accounting:
             if route is not None:
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
+
+    def _remaining_gauge(self, scope: Scope) -> Gauge:
+        """The budget-remaining gauge of a scope (label children looked up once; bounded by BoundedLabels)."""
+        gauge = self._gauges.get((scope.kind, scope.name))
+        if gauge is None:
+            gauge = self.metrics.budget_remaining.labels(scope.kind, self.labels.name(scope))
+            if len(self._gauges) < 10_000:
+                self._gauges[(scope.kind, scope.name)] = gauge
+        return gauge
 
     def _budget_key(self, scope: Scope, budget: BudgetSpec, now: float) -> tuple[str, float]:
         period, ttl = current_period(budget, now)

@@ -160,7 +160,7 @@ class Accounting:
         needs_tokens = bool(budgeted) or any(s.limits is not None and s.limits.tpm for s in limited)
         if needs_tokens:
             bill.prompt_estimate = self.prompts.estimate(ctx)
-            cap = _requested_cap(ctx.body)
+            cap = 0 if not ctx.endpoint.streams else _requested_cap(ctx.body)  # embeddings generate nothing
             bill.explicit_cap = cap is not None
             bill.completion_cap = cap if cap is not None else self.default_cap
         try:

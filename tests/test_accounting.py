@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import textwrap
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -65,6 +64,7 @@ def accounting_policy(upstream: MockUpstream, *, key: str = "", tenant: str = ""
           no-usage: {{provider: mock, model: fault-no-usage}}
           detailed: {{provider: mock, model: fault-cached-reasoning}}
           slow: {{provider: mock, model: fault-slow-stream-50}}
+          broken: {{provider: mock, model: fault-status-500}}
         {extra}""")
 
 
@@ -118,6 +118,18 @@ def test_rate_limit_headers_and_429_through_the_sdk(start: Callable[..., Running
     # another key of the same tenant has no limit of its own
     assert client(gateway, OTHER).chat.completions.create(model="chat", messages=MESSAGES).choices
     assert 'gateway_limit_rejections_total{kind="rpm",scope="key"} 1.0' in gateway.metrics()
+
+
+def test_upstream_errors_carry_the_headers_and_cost_nothing(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="limits: {rpm: 5}\n" + " " * 12 + "budget: {usd: 1}")  # indented as in the template
+    response = httpx.post(gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "broken", "messages": MESSAGES}, timeout=20)
+    assert response.status_code >= 500 and response.json()["error"]["type"]
+    assert response.headers["x-ratelimit-limit-requests"] == "5"
+    assert response.headers["x-ratelimit-remaining-requests"] == "4"
+    assert "x-gateway-cost-usd" not in response.headers
+    usage = usage_of(gateway, "model", "broken")
+    assert usage["requests"] == 1 and usage["cost_usd"] == 0
 
 
 def test_tokens_per_minute_count_the_estimate_then_the_actual(start: Callable[..., RunningGateway]) -> None:
@@ -259,7 +271,7 @@ def test_usage_api_refuses_bad_tokens_and_fields(start: Callable[..., RunningGat
         assert response.status_code == 400, params
         assert response.json()["error"]["type"] == "invalid_request_error"
     listed = httpx.get(url, params={"scope": "model", "period": "month"}, headers=auth).json()
-    assert {row["name"] for row in listed["usage"]} == {"chat", "cheap", "no-usage", "detailed", "slow"}
+    assert {row["name"] for row in listed["usage"]} == {"chat", "cheap", "no-usage", "detailed", "slow", "broken"}
 
 
 # -- policy validation ---------------------------------------------------------------------------------

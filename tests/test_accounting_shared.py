@@ -130,6 +130,8 @@ def test_redis_stopped_and_restarted_follows_on_unavailable(upstream: MockUpstre
                 error = while_down[0].json()["error"]
                 assert error["code"] == "limits_unavailable" and while_down[0].headers["retry-after"] == "1"
             assert "gateway_accounting_store_errors_total" in gateway.metrics()
+            report = httpx.get(gateway.url + "/admin/usage", headers={"Authorization": f"Bearer {ADMIN}"})
+            assert report.status_code == 503 and report.json()["error"]["code"] == "store_unavailable"
 
             server.start()  # same port, empty data: only what was spent while it was away can be there
             client = redis.Redis.from_url(server.url)

@@ -294,6 +294,9 @@ def _issues(upstream: MockUpstream, **parts: str) -> str:
     ({"key": "limits: {rpm: 0}"}, "keys[0].limits.rpm: expected `int` >= 1"),
     ({"extra": "budgets: {nowhere: {usd: 1}}"}, "unknown field `budgets`"),
     ({"accounting": "lease_s: -1"}, "accounting.lease_s: expected `float` >= 1"),
+    ({"accounting": "on_unavailable: maybe"}, "accounting.on_unavailable: unknown value `maybe`"),
+    ({"state": "state: {backend: redis, url_env: GW_UNSET_REDIS}"},  # an error, not a crash
+     "state.url_env: environment variable `GW_UNSET_REDIS` is not set"),
 ])
 def test_policy_errors_name_file_line_and_field(upstream: MockUpstream, parts: dict[str, str], expected: str) -> None:
     assert expected in _issues(upstream, **parts)

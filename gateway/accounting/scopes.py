@@ -49,7 +49,7 @@ class BoundedLabels:
     __slots__ = ("_cap", "_known", "_seen")
 
     def __init__(self, policy: Policy, cap: int) -> None:
-        self._known = frozenset(policy.tenants) | frozenset(policy.models)
+        self._known = policy.tenant_names | policy.key_names | frozenset(policy.models)
         self._cap = cap
         self._seen: set[str] = set()
 

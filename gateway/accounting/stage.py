@@ -97,6 +97,7 @@ class Accounting:
         spec = policy.accounting
         self.fail_open = (spec.on_unavailable or policy.state.on_unavailable) == "open"
         self.default_cap = spec.default_max_tokens
+        self.record_all = policy.has_accounting  # else only requests some limit or budget applies to
         self.lease_s = spec.lease_s
         self.labels = BoundedLabels(policy, spec.label_cap)
         self.rates = {alias: _max_rates(route.targets) for alias, route in policy.models.items()}
@@ -115,6 +116,8 @@ class Accounting:
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         scopes = scopes_of(ctx, self.policy)
         if not scopes:  # nothing to enforce: only count the usage, with no task and no store call
+            if not self.record_all:  # built only for keys made at run time: the others pass untouched
+                return await call_next(ctx)
             reply = await call_next(ctx)
             if reply.stream is not None:
                 reply.stream.add(_UsageOnly(self))

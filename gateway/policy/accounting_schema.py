@@ -69,6 +69,6 @@ class AccountingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     lease_s: Annotated[float, Meta(ge=1, le=86_400)] = 900.0
     # Distinct tenants and keys shown as metric labels; the rest are counted under `other`.
     label_cap: Annotated[int, Meta(ge=1, le=10_000)] = 100
-    # Build the stage even when the policy sets no limit or budget: for keys created at run time with
-    # limits of their own, and to record usage for `GET /admin/usage`.
+    # Build the stage, and count every request for `GET /admin/usage`, even when the policy itself sets no
+    # limit or budget (with `dynamic_keys` the stage is built anyway, for those keys' own limits).
     always: bool = False

@@ -102,7 +102,7 @@ class Accounting:
         self.labels = BoundedLabels(policy, spec.label_cap)
         self.rates = {alias: _max_rates(route.targets) for alias, route in policy.models.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._gauges: dict[tuple[str, str], Gauge] = {}
+        self._gauges: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -261,7 +261,9 @@ class Accounting:
                 failure = failure or result
                 continue
             answer: Reservation = result
-            self._remaining_gauge(scope).set(answer.remaining)
+            usd_left, share_left = self._remaining_gauges(scope)
+            usd_left.set(answer.remaining)
+            share_left.set(answer.remaining / budget.usd)
             if answer.ok:
                 bill.budgets.append(_Held(key, cost, ttl, scope, budget))
                 spent = answer.total / budget.usd
@@ -288,14 +290,16 @@ class Accounting:
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 
-    def _remaining_gauge(self, scope: Scope) -> Gauge:
-        """The budget-remaining gauge of a scope (label children looked up once; bounded by BoundedLabels)."""
-        gauge = self._gauges.get((scope.kind, scope.name))
-        if gauge is None:
-            gauge = self.metrics.budget_remaining.labels(scope.kind, self.labels.name(scope))
+    def _remaining_gauges(self, scope: Scope) -> tuple[Gauge, Gauge]:
+        """A scope's budget-left gauges, USD and share (label children looked up once; bounded by BoundedLabels)."""
+        gauges = self._gauges.get((scope.kind, scope.name))
+        if gauges is None:
+            name = self.labels.name(scope)
+            gauges = (self.metrics.budget_remaining.labels(scope.kind, name),
+                      self.metrics.budget_remaining_ratio.labels(scope.kind, name))
             if len(self._gauges) < 10_000:
-                self._gauges[(scope.kind, scope.name)] = gauge
-        return gauge
+                self._gauges[(scope.kind, scope.name)] = gauges
+        return gauges
 
     def _budget_key(self, scope: Scope, budget: BudgetSpec, now: float) -> tuple[str, float]:
         period, ttl = current_period(budget, now)

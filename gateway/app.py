@@ -17,12 +17,15 @@ from typing import Any
 from litestar import Litestar, Request, Response, asgi
 from litestar.exceptions import HTTPException
 
+from .accounting.ledger import Ledger
+from .accounting.stage import Accounting
 from .api.admin import admin_routes
 from .api.anthropic import CountTokensEndpoint, MessagesDialect
 from .api.asgi import RequestHeaders, RequestIds, error_header_map
 from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
+from .api.usage import usage_routes
 from .auth.dynamic import DynamicKeys
 from .cache import CacheStage, ResponseCache
 from .dryrun.shadow import Shadow, ShadowStage
@@ -82,6 +85,8 @@ class Gateway:
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         shadow = Shadow(policy, policy.shadow, self.metrics, self.tokens) if policy.shadow is not None else None
         cache = ResponseCache(policy, store, providers, self.metrics, self.tokens) if policy.cache.enabled else None
+        accounting = Accounting(policy, store, Ledger(store, self.metrics.accounting_pending), self.metrics,
+                                CountTokens(self.tokens)) if policy.has_accounting or keys is not None else None
         pipeline = Pipeline([
             Telemetry(self.metrics),
             *observers.stages,
@@ -91,6 +96,7 @@ class Gateway:
             Ingress(),
             *([ShadowStage(shadow)] if shadow is not None else []),  # no shadow policy: no stage
             Authorize(),
+            *([accounting] if accounting is not None else []),  # limits and budgets; none: no cost at all
             *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
             *([CacheStage(cache)] if cache is not None else []),  # only when an alias caches
             SelectTarget(router),
@@ -105,6 +111,8 @@ class Gateway:
             services.append(keys)
         if shadow is not None:
             services.append(shadow)
+        if accounting is not None:
+            services.append(accounting)
         return Runtime(policy, providers, store, pipeline, services, dynamic_keys=keys, owns_store=not shared)
 
     def acquire_runtime(self) -> Runtime:
@@ -303,6 +311,7 @@ def create_app(
         route_handlers=[
             *(_proxy_route(gateway, e) for e in Endpoint), *_messages_routes(gateway), *ops_routes(gateway),
             *admin_routes(gateway), *feedback_routes(gateway),
+            *usage_routes(gateway),
         ],
         exception_handlers=_handlers(gateway.request_ids),
         on_startup=[gateway.start, *on_startup],

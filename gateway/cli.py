@@ -1,4 +1,4 @@
-"""The `gateway` command: serve, check, route, explain, diff, test, schema, keys."""
+"""The `gateway` command: serve, check, route, explain, diff, test, schema, keys, usage."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from . import __version__
+from .accounting.command import add_usage_command
 from .auth.keys import generate_key, hash_key
 from .dryrun.commands import add_commands
 from .policy import PolicyError, load_policy
@@ -76,6 +77,7 @@ def _parser() -> argparse.ArgumentParser:
     gen_cmd = key_commands.add_parser("generate", help="make a new random key and print it with its hash")
     gen_cmd.set_defaults(run=_keys_generate)
     _key_api_commands(key_commands)
+    add_usage_command(commands)
     return parser
 
 

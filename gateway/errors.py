@@ -17,6 +17,7 @@ __all__ = [
     "AllTargetsFailed",
     "AuthenticationFailed",
     "BodyTooLarge",
+    "BudgetExceeded",
     "ContentPolicyViolation",
     "ContextLengthExceeded",
     "GatewayBusy",
@@ -26,6 +27,7 @@ __all__ = [
     "InvalidRequest",
     "KeyConflict",
     "KeysUnavailable",
+    "LimitsUnavailable",
     "MethodNotAllowed",
     "ModelNotFound",
     "NoRoute",
@@ -235,6 +237,23 @@ class UpstreamOverloaded(UpstreamError):
 
     status = 503
     code = "upstream_overloaded"
+
+
+# -- accounting: limits and budgets (gateway/accounting/) ----------------------------------------------
+
+
+class BudgetExceeded(RateLimited):
+    """429: a hard budget (of the key, its tenant or the alias) has no room for this request."""
+
+    code = "budget_exceeded"
+
+
+class LimitsUnavailable(GatewayError):
+    """503: the shared state that limits and budgets live in did not answer, and they fail closed."""
+
+    status = 503
+    type = "server_error"
+    code = "limits_unavailable"
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

@@ -268,6 +268,41 @@ async def test_reservation_ttl_is_set_once_and_not_extended(store: Store) -> Non
     assert (await store.reserve("day", 1.0, 10.0, ttl_s=0.4)).total == 1.0
 
 
+async def test_reserve_window_is_exact_under_concurrency_and_reports_its_reset(store: Store) -> None:
+    results = await asyncio.gather(*(store.reserve_window("rpm", 1, 20, 60.0) for _ in range(50)))
+    assert sum(r.ok for r in results) == 20  # exactly the limit, never one more
+    assert sorted(r.total for r in results if r.ok) == [float(i) for i in range(1, 21)]
+    assert all(r.total == 20 and r.remaining == 0 for r in results if not r.ok)
+    assert all(59 < r.reset_s <= 60 for r in results)
+    assert await store.settle("rpm", reserved=1, actual=0, ttl_s=60.0) == 19  # a refused request undone
+    assert (await store.reserve_window("rpm", 1, 20, 60.0)).ok
+
+
+async def test_reserve_window_resets_after_its_length(store: Store) -> None:
+    first = await store.reserve_window("tpm", 30, 40, 0.3)
+    assert first.ok and first.remaining == 10
+    refused = await store.reserve_window("tpm", 30, 40, 0.3)
+    assert not refused.ok and 0 < refused.reset_s <= 0.3
+    await asyncio.sleep(0.4)
+    assert (await store.reserve_window("tpm", 30, 40, 0.3)).total == 30
+
+
+async def test_slots_are_limited_released_and_leased(store: Store) -> None:
+    taken = await asyncio.gather(*(store.acquire_slot("conc", f"r{i}", 3, 30.0) for i in range(10)))
+    assert sum(ok for ok, _ in taken) == 3
+    assert await store.acquire_slot("conc", "r-late", 3, 30.0) == (False, 3)
+    holder = next(f"r{i}" for i, (ok, _) in enumerate(taken) if ok)
+    assert await store.acquire_slot("conc", holder, 3, 30.0) == (True, 3)  # the same holder again: no new slot
+    await store.release_slot("conc", holder)
+    await store.release_slot("conc", "never-held")
+    assert (await store.acquire_slot("conc", "r-late", 3, 30.0))[0]
+    # a holder that never releases (its replica died) frees its slot when the lease ends
+    assert (await store.acquire_slot("lease", "crashed", 1, 0.2))[0]
+    assert not (await store.acquire_slot("lease", "next", 1, 0.2))[0]
+    await asyncio.sleep(0.35)
+    assert await store.acquire_slot("lease", "next", 1, 0.2) == (True, 1)
+
+
 # -- contract: pub/sub and prefixes ------------------------------------------------------------------------
 
 
@@ -442,6 +477,9 @@ OPERATIONS: list[Callable[[Store], Awaitable[Any]]] = [
     lambda s: s.get_window("w", 1.0),
     lambda s: s.reserve("b", 1.0, 10.0, None),
     lambda s: s.settle("b", 1.0, 0.5, None),
+    lambda s: s.reserve_window("rw", 1.0, 10.0, 60.0),
+    lambda s: s.acquire_slot("slot", "me", 1, 60.0),
+    lambda s: s.release_slot("slot", "me"),
     lambda s: s.publish("ch", b"x"),
 ]
 

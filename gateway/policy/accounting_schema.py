@@ -11,7 +11,9 @@ from typing import Annotated, Literal
 
 from msgspec import Meta, Struct
 
-__all__ = ["BudgetMode", "BudgetPeriod", "BudgetSpec", "DowngradeSpec", "LimitSpec", "TenantSpec"]
+__all__ = [
+    "AccountingSpec", "BudgetMode", "BudgetPeriod", "BudgetSpec", "DowngradeSpec", "LimitSpec", "TenantSpec",
+]
 
 BudgetPeriod = Literal["day", "week", "month", "rolling"]
 BudgetMode = Literal["hard", "soft"]
@@ -26,7 +28,7 @@ class LimitSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """Rate limits; each unset one does not apply. Shared by every replica when the state is in Redis."""
 
     rpm: Annotated[int, Meta(ge=1, le=100_000_000, description="requests per minute")] | None = None
-    tpm: Annotated[int, Meta(ge=1, le=10_000_000_000, description="tokens per minute, in and out")] | None = None
+    tpm: Annotated[int, Meta(ge=1, le=5_000_000_000, description="tokens per minute, in and out")] | None = None
     concurrent: Annotated[int, Meta(ge=1, le=1_000_000, description="requests in flight at once")] | None = None
 
 
@@ -52,3 +54,21 @@ class TenantSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
     limits: LimitSpec | None = None
     budget: BudgetSpec | None = None
+
+
+class AccountingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
+    """How limits and budgets are enforced (they themselves sit on keys, tenants and aliases)."""
+
+    # What a Store failure means for limits and budgets; default: `state.on_unavailable`. open: serve, keep
+    # the spend here and add it to the store when it answers again; closed: refuse with 503.
+    on_unavailable: Literal["open", "closed"] | None = None
+    # A request without `max_tokens` reserves this many completion tokens (budgets, tpm); a stream that
+    # goes past it reserves another step, and is cut off when a hard budget refuses the step.
+    default_max_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 4_096
+    # A concurrency slot is a lease: one held by a replica that died frees itself after this long.
+    lease_s: Annotated[float, Meta(ge=1, le=86_400)] = 900.0
+    # Distinct tenants and keys shown as metric labels; the rest are counted under `other`.
+    label_cap: Annotated[int, Meta(ge=1, le=10_000)] = 100
+    # Build the stage, and count every request for `GET /admin/usage`, even when the policy itself sets no
+    # limit or budget (with `dynamic_keys` the stage is built anyway, for those keys' own limits).
+    always: bool = False

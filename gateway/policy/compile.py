@@ -17,6 +17,7 @@ from urllib.parse import urlsplit
 
 from ..auth.keys import KeyRing, VirtualKey
 from ..store.base import StoreConfig
+from .accounting_check import check_accounting, load_prices_file, uses_accounting
 from .cache_check import compile_cache
 from .compiled import Policy, ProviderConfig, Timeouts
 from .guard_check import check_guards
@@ -79,7 +80,8 @@ def compile_policy(
     providers = {
         name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
     }
-    models, rules, prices = compile_routing(spec, doc, providers)
+    models, rules, prices = compile_routing(spec, doc, providers, load_prices_file(spec, doc))
+    check_accounting(spec, doc, models, warnings)
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
     labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
@@ -124,6 +126,13 @@ def compile_policy(
         labels=labels,
         spec=spec,
         cache=cache,
+        tenants=MappingProxyType(dict(spec.tenants)),
+        alias_limits=MappingProxyType({a: m.limits for a, m in spec.models.items() if m.limits is not None}),
+        alias_budgets=MappingProxyType({a: m.budget for a, m in spec.models.items() if m.budget is not None}),
+        accounting=spec.accounting,
+        accounting_on=uses_accounting(spec),
+        tenant_names=frozenset(spec.tenants) | {key.tenant for key in spec.keys},
+        key_names=frozenset(record.name for record in keys.values()),
     )
 
 

@@ -14,11 +14,12 @@ from typing import Any
 from ..auth.keys import KeyRing
 from ..store.base import StoreConfig
 from ..telemetry.labels import MetricLabels
+from .accounting_schema import AccountingSpec, BudgetSpec, LimitSpec, TenantSpec
 from .cache_check import CachePolicy
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
 from .provider_schema import ProviderOptions
-from .schema import AuthMode, BreakerSpec, PolicySpec, ProviderKind, ServerSpec
+from .schema import AuthMode, BreakerSpec, PolicySpec, PriceSpec, ProviderKind, ServerSpec
 from .telemetry_schema import TelemetrySpec
 
 __all__ = [
@@ -65,19 +66,44 @@ class ProviderConfig:
 
 @dataclass(frozen=True, slots=True)
 class Price:
-    """USD per million tokens."""
+    """USD per million tokens, by kind. Unset kinds fall back: cached input and cache writes to input,
+    reasoning to output (what OpenAI, Anthropic and Google bill them at unless they say otherwise)."""
 
     input_per_mtok: float
     output_per_mtok: float
+    cached_input_per_mtok: float | None = None
+    cache_write_per_mtok: float | None = None
+    reasoning_per_mtok: float | None = None
+    date: str | None = None
+    source: str | None = None
+
+    @classmethod
+    def of(cls, spec: PriceSpec) -> Price:
+        return cls(spec.input_per_mtok, spec.output_per_mtok, spec.cached_input_per_mtok,
+                   spec.cache_write_per_mtok, spec.reasoning_per_mtok, spec.date, spec.source)
 
     @property
     def per_token(self) -> float:
         """One figure to rank targets by: input and output prices, equally weighted."""
         return (self.input_per_mtok + self.output_per_mtok) / 2_000_000
 
+    def cost(self, prompt: int, completion: int, cached: int = 0, cache_write: int = 0, reasoning: int = 0) -> float:
+        """USD for one answer. `prompt` includes cached and written tokens, `completion` includes reasoning
+        (as OpenAI reports them); each part is billed at its own rate."""
+        cached = min(max(cached, 0), prompt)
+        cache_write = min(max(cache_write, 0), prompt - cached)
+        reasoning = min(max(reasoning, 0), completion)
+        cached_rate = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
+        write_rate = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        reasoning_rate = self.output_per_mtok if self.reasoning_per_mtok is None else self.reasoning_per_mtok
+        micro = ((prompt - cached - cache_write) * self.input_per_mtok + cached * cached_rate
+                 + cache_write * write_rate + (completion - reasoning) * self.output_per_mtok
+                 + reasoning * reasoning_rate)
+        return micro / 1_000_000
+
 
 class PriceTable:
-    """Prices of upstream models: the one place routing (and, later, accounting) reads them from.
+    """Prices of upstream models: the one place routing and accounting read them from.
 
     Keys are an upstream model name (`gpt-4o-mini`) or one provider's (`azure/gpt-4o-mini`, which wins).
     """
@@ -211,9 +237,21 @@ class Policy:
     shadow: Policy | None = None  # `server.shadow_policy`: a candidate decided beside this one, never served
     spec: PolicySpec | None = field(default=None, repr=False)  # the merged raw structs: dry runs and diffs read them
     cache: CachePolicy = field(default_factory=CachePolicy)  # aliases with a response cache
+    tenants: Mapping[str, TenantSpec] = field(default_factory=lambda: MappingProxyType({}))
+    alias_limits: Mapping[str, LimitSpec] = field(default_factory=lambda: MappingProxyType({}))
+    alias_budgets: Mapping[str, BudgetSpec] = field(default_factory=lambda: MappingProxyType({}))
+    accounting: AccountingSpec = field(default_factory=AccountingSpec)
+    accounting_on: bool = False
+    tenant_names: frozenset[str] = frozenset()  # named by the policy's keys or `tenants:` (metric labels)
+    key_names: frozenset[str] = frozenset()  # the policy's own keys (usage reports)
 
     @property
     def has_guards(self) -> bool:
         """Whether any guard is defined: without one, no guard stage is built at all."""
         g = self.guards
         return bool(g.global_ or any(g.models.values()) or any(g.tenants.values()))
+
+    @property
+    def has_accounting(self) -> bool:
+        """Whether the accounting stage is built: a limit or budget somewhere, or `accounting.always`."""
+        return self.accounting_on

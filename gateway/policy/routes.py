@@ -25,7 +25,7 @@ from .compiled import (
     Timeouts,
 )
 from .loader import _Located
-from .schema import MatchSpec, ModelSpec, PolicySpec, RetrySpec, RuleSpec, TargetSpec
+from .schema import MatchSpec, ModelSpec, PolicySpec, PriceSpec, RetrySpec, RuleSpec, TargetSpec
 
 __all__ = ["compile_routing"]
 
@@ -34,8 +34,10 @@ _Path = tuple[str | int, ...]
 
 def compile_routing(
     spec: PolicySpec, doc: _Located, providers: Mapping[str, ProviderConfig],
+    file_prices: Mapping[str, PriceSpec] | None = None,
 ) -> tuple[dict[str, ModelRoute], tuple[Rule, ...], PriceTable]:
-    prices = PriceTable({name: Price(p.input_per_mtok, p.output_per_mtok) for name, p in spec.prices.items()})
+    """Aliases, rules and the price table (`file_prices`, from `prices_file`, under the inline `prices`)."""
+    prices = PriceTable({name: Price.of(p) for name, p in {**(file_prices or {}), **spec.prices}.items()})
     routes: dict[str, ModelRoute] = {}
     for alias, model in spec.models.items():
         route = _alias(alias, model, spec, doc, providers, prices)
@@ -144,7 +146,7 @@ def _target(
         _check_retry(spec.retry, path + ("retry",), doc)
         retry = spec.retry
     name = f"{spec.provider}/{spec.model}"
-    price = Price(spec.price.input_per_mtok, spec.price.output_per_mtok) if spec.price else prices.price(
+    price = Price.of(spec.price) if spec.price else prices.price(
         spec.provider, spec.model)
     timeouts = None
     if spec.timeouts is not None:

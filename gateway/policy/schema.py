@@ -14,7 +14,7 @@ from typing import Annotated, Any, Literal
 import msgspec
 from msgspec import Meta, Struct
 
-from .accounting_schema import BudgetSpec, LimitSpec, TenantSpec
+from .accounting_schema import AccountingSpec, BudgetSpec, LimitSpec, TenantSpec
 from .cache_schema import CacheSettingsSpec, CacheSpec
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
@@ -152,10 +152,15 @@ Price = Annotated[float, Meta(ge=0, le=1_000_000, description="USD per million t
 
 
 class PriceSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """A model's price, in USD per million tokens (the accounting issue reads the same table)."""
+    """A model's price, in USD per million tokens: what routing's `cost` strategy and accounting read."""
 
     input_per_mtok: Price
     output_per_mtok: Price
+    cached_input_per_mtok: Price | None = None  # prompt tokens read from the provider's cache; default: input
+    cache_write_per_mtok: Price | None = None  # prompt tokens written to the provider's cache; default: input
+    reasoning_per_mtok: Price | None = None  # reasoning (hidden) completion tokens; default: output
+    date: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")] | None = None  # when the figures were taken
+    source: Annotated[str, Meta(max_length=512)] | None = None  # where from (a URL)
 
 
 class RetrySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
@@ -288,6 +293,8 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     rules: list[RuleSpec] = []
     # Prices by upstream model name, or `provider/model` for one provider's (USD per million tokens).
     prices: dict[str, PriceSpec] = {}
+    prices_file: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None  # relative to the policy file
+    accounting: AccountingSpec = AccountingSpec()
     guards: GuardsSpec = GuardsSpec()
     telemetry: TelemetrySpec = TelemetrySpec()  # label caps, quality signals, feedback, payload log, tracing
     cache: CacheSettingsSpec = CacheSettingsSpec()  # gateway-wide cache settings (per alias: models.<a>.cache)

@@ -18,7 +18,9 @@ __all__ = [
     "ChatRequest",
     "ChunkPeek",
     "CompletionRequest",
+    "CompletionTokensDetails",
     "EmbeddingRequest",
+    "PromptTokensDetails",
     "StreamOptions",
     "Usage",
     "UsagePeek",
@@ -83,16 +85,42 @@ class EmbeddingRequest(Struct, kw_only=True):
     user: str | None = None
 
 
-class PromptTokensDetails(Struct):
-    cached_tokens: int | None = None
+class PromptTokensDetails(Struct, omit_defaults=True):
+    """Of the prompt tokens: read from the provider's prompt cache, and (some providers) written to it."""
+
+    cached_tokens: int | None = 0  # some OpenAI-compatible servers send null
+    cache_write_tokens: int | None = 0
+
+
+class CompletionTokensDetails(Struct, omit_defaults=True):
+    """Of the completion tokens: the model's hidden reasoning (o-series, gpt-5, thinking models)."""
+
+    reasoning_tokens: int | None = 0
 
 
 class Usage(Struct, omit_defaults=True):
-    """Token usage as the upstream reported it (OpenAI's shape)."""
+    """Token usage as the upstream reported it (OpenAI's shape), details included when it gave them."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     total_tokens: int = 0
+    prompt_tokens_details: PromptTokensDetails | None = None
+    completion_tokens_details: CompletionTokensDetails | None = None
+
+    @property
+    def cached_tokens(self) -> int:
+        details = self.prompt_tokens_details
+        return (details.cached_tokens or 0) if details is not None else 0
+
+    @property
+    def cache_write_tokens(self) -> int:
+        details = self.prompt_tokens_details
+        return (details.cache_write_tokens or 0) if details is not None else 0
+
+    @property
+    def reasoning_tokens(self) -> int:
+        details = self.completion_tokens_details
+        return (details.reasoning_tokens or 0) if details is not None else 0
 
 
 class UsagePeek(Struct):

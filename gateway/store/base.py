@@ -21,6 +21,7 @@ __all__ = [
     "StoreConfig",
     "StoreUnavailable",
     "WindowCount",
+    "WindowReservation",
 ]
 
 Backend = Literal["memory", "redis"]
@@ -113,6 +114,22 @@ class Reservation:
         return max(0.0, self.limit - self.total)
 
 
+@dataclass(frozen=True, slots=True)
+class WindowReservation:
+    """The answer to `Store.reserve_window`: a reservation in a fixed window, and when that window resets."""
+
+    ok: bool
+    total: float
+    """The total after the reservation when `ok`, else the unchanged total that refused it."""
+    limit: float
+    reset_s: float
+    """Seconds until the window closes (a refused caller's `Retry-After`; `x-ratelimit-reset-*`)."""
+
+    @property
+    def remaining(self) -> float:
+        return max(0.0, self.limit - self.total)
+
+
 class Channel(Protocol):
     """One subscription to a pub/sub channel: iterate it for messages, `aclose()` it when done.
 
@@ -198,6 +215,27 @@ class Store(Protocol):
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
         """Replace an earlier reservation by the actual amount (total never below 0); the new total."""
+        ...
+
+    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        """`reserve` in a fixed window: the window opens at the first reservation and lasts `window_s`.
+
+        Rate limits (requests and tokens per minute) need both the exact check-and-add and the time left in
+        the window (for `Retry-After`) in one round trip. A later `settle` on the same key replaces the
+        reservation by the actual amount (pass `window_s` as its `ttl_s`).
+        """
+        ...
+
+    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+        """Take one of `limit` slots for `holder` for at most `lease_s`; (whether taken, slots now held).
+
+        Slots are leases, not counters: one held by a replica that crashed before `release_slot` expires
+        after `lease_s` instead of leaking for ever. Expiry is by the store's clock (Redis's for Redis).
+        """
+        ...
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        """Give back `holder`'s slot (nothing if it expired or was never taken)."""
         ...
 
     async def publish(self, channel: str, message: bytes) -> None: ...

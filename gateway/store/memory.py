@@ -17,7 +17,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
-from gateway.store.base import Channel, OnUnavailable, Reservation, StoreConfig, StoreUnavailable, WindowCount
+from gateway.store.base import (
+    Channel,
+    OnUnavailable,
+    Reservation,
+    StoreConfig,
+    StoreUnavailable,
+    WindowCount,
+    WindowReservation,
+)
 
 __all__ = ["MemoryStore"]
 
@@ -43,6 +51,7 @@ class MemoryStore:
         self.bytes = 0  # the sum of `_sized`
         self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
         self._channels: dict[str, set[QueueChannel]] = {}
+        self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: lease expiry}; emptied sets are dropped
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -70,6 +79,7 @@ class MemoryStore:
         self._data.clear()
         self._sized.clear()
         self.bytes = 0
+        self._slots.clear()
 
     async def ping(self) -> bool:
         return True
@@ -135,6 +145,43 @@ class MemoryStore:
         total = max(0, (self._int(entry) if entry else 0) + delta)
         self._put(full, b"%d" % total, self._keep_or_set_expiry(entry, ttl))
         return from_units(total)
+
+    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
+        assert window is not None
+        full = self._prefix + key
+        entry = self._live(full)
+        current = self._int(entry) if entry else 0
+        expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
+        reset = self._remaining(expires_at, window)
+        if current + units > cap:
+            return WindowReservation(False, from_units(current), limit, reset)
+        self._put(full, b"%d" % (current + units), expires_at)
+        return WindowReservation(True, from_units(current + units), limit, reset)
+
+    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+        lease = ttl_ms(lease_s)
+        assert lease is not None
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        now = self._clock()
+        full = self._prefix + key
+        held = {h: at for h, at in self._slots.get(full, {}).items() if at > now}
+        if holder not in held:
+            if len(held) >= limit:
+                self._slots[full] = held
+                return False, len(held)
+            held[holder] = now + lease / 1000
+        self._slots[full] = held
+        return True, len(held)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        full = self._prefix + key
+        held = self._slots.get(full)
+        if held is not None:
+            held.pop(holder, None)
+            if not held:
+                del self._slots[full]
 
     # -- pub/sub ---------------------------------------------------------------------------------------
 
@@ -221,6 +268,12 @@ class MemoryStore:
         expired = [k for k, e in self._data.items() if e.expires_at is not None and e.expires_at <= now]
         for full_key in expired:
             self._drop(full_key)
+        for full_key, held in list(self._slots.items()):
+            live = {h: at for h, at in held.items() if at > now}
+            if live:
+                self._slots[full_key] = live
+            else:
+                del self._slots[full_key]
         return len(expired)
 
     def __len__(self) -> int:

@@ -35,7 +35,15 @@ from redis.exceptions import (
 
 from gateway.store import redis_scripts as lua
 from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
-from gateway.store.base import Channel, OnUnavailable, Reservation, StoreConfig, StoreUnavailable, WindowCount
+from gateway.store.base import (
+    Channel,
+    OnUnavailable,
+    Reservation,
+    StoreConfig,
+    StoreUnavailable,
+    WindowCount,
+    WindowReservation,
+)
 from gateway.store.redis_client import Client, RedisHandle, open_client
 from gateway.store.redis_pubsub import RedisChannel
 from gateway.store.redis_url import parse_redis_url
@@ -80,7 +88,8 @@ class RedisStore:
         client = self._handle.client
         self._scripts = {
             name: client.register_script(getattr(lua, name))
-            for name in ("COMPARE_AND_SET", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE")
+            for name in ("COMPARE_AND_SET", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE", "RESERVE_WINDOW",
+                         "ACQUIRE_SLOT", "RELEASE_SLOT")
         }
         if not await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
             log.warning("store: redis did not answer at start; serving without it until it does")
@@ -147,6 +156,21 @@ class RedisStore:
         ttl = ttl_ms(ttl_s)
         total = await self._script("SETTLE", key, [delta, "" if ttl is None else ttl])
         return from_units(int(total))
+
+    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
+        ok, total, pttl = await self._script("RESERVE_WINDOW", key, [units, cap, window])
+        return WindowReservation(int(ok) == 1, from_units(int(total)), limit, int(pttl) / 1000)
+
+    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+        lease = ttl_ms(lease_s)
+        if limit < 1:
+            raise ValueError(f"limit must be at least 1, not {limit!r}")
+        ok, held = await self._script("ACQUIRE_SLOT", key, [holder, limit, lease])
+        return int(ok) == 1, int(held)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        await self._script("RELEASE_SLOT", key, [holder])
 
     # -- pub/sub ---------------------------------------------------------------------------------------
 

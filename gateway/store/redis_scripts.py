@@ -9,7 +9,10 @@ ever formatted from a Lua number. TTLs are milliseconds; an empty string means n
 
 from __future__ import annotations
 
-__all__ = ["COMPARE_AND_SET", "GET_WINDOW", "INCR_WINDOW", "RESERVE", "SETTLE"]
+__all__ = [
+    "ACQUIRE_SLOT", "COMPARE_AND_SET", "GET_WINDOW", "INCR_WINDOW", "RELEASE_SLOT", "RESERVE", "RESERVE_WINDOW",
+    "SETTLE",
+]
 
 COMPARE_AND_SET = """
 local current = redis.call('GET', KEYS[1])
@@ -67,3 +70,35 @@ if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', 
 return total
 """
 """ARGV: delta (actual - reserved, units, may be negative), ttl_ms. Returns the new total (never below 0)."""
+
+RESERVE_WINDOW = """
+local current = tonumber(redis.call('GET', KEYS[1]) or '0')
+if current == nil then return redis.error_reply('ERR the value at this key is not an integer') end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then ttl = tonumber(ARGV[3]) end
+if current + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, current, ttl} end
+local total = redis.call('INCRBY', KEYS[1], ARGV[1])
+if redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
+return {1, total, ttl}
+"""
+"""ARGV: amount, limit (units), window_ms. Returns {1 if reserved, total, ms until the window resets}."""
+
+ACQUIRE_SLOT = """
+if redis.replicate_commands then redis.replicate_commands() end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ms)
+local held = redis.call('ZCARD', KEYS[1])
+if redis.call('ZSCORE', KEYS[1], ARGV[1]) then return {1, held} end
+if held >= tonumber(ARGV[2]) then return {0, held} end
+redis.call('ZADD', KEYS[1], ms + tonumber(ARGV[3]), ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return {1, held + 1}
+"""
+"""ARGV: holder, limit, lease_ms. A sorted set of holders scored by lease expiry (Redis's clock: replicas
+need not agree on time). TIME before a write needs replication by effects: the default from Redis 5 on,
+asked for explicitly for older ones. Returns {1 if taken, slots held}."""
+
+RELEASE_SLOT = """
+return redis.call('ZREM', KEYS[1], ARGV[1])
+"""

@@ -290,6 +290,48 @@ class Metrics:
             "gateway_cache_errors", "Cache reads served as misses: store unavailable, or a corrupt entry.",
             ("reason",), registry=registry,
         )
+        # Accounting (gateway/accounting/): scopes are key, tenant, model; names come from the policy
+        # (aliases, tenants, named keys) and past `accounting.label_cap` distinct ones read `other`.
+        self.cost = Counter(
+            "gateway_cost_usd", "Spend in USD from upstream usage and the price table, by model alias and tenant.",
+            ("model", "tenant"), registry=registry,
+        )
+        self.cost_unpriced = Counter(
+            "gateway_cost_unpriced", "Answers whose target has no price (counted as costing 0), by model alias.",
+            ("model",), registry=registry,
+        )
+        self.budget_remaining = Gauge(
+            "gateway_budget_remaining_usd", "USD left in the current period of a budget, as last seen here.",
+            ("scope", "name"), registry=registry, multiprocess_mode="livemin",
+        )
+        self.budget_remaining_ratio = Gauge(
+            "gateway_budget_remaining_ratio", "Share (0 to 1) of a budget's current period left, as last seen here.",
+            ("scope", "name"), registry=registry, multiprocess_mode="livemin",
+        )
+        self.limit_rejections = Counter(
+            "gateway_limit_rejections", "Requests refused by the gateway's own limits, by kind and scope.",
+            ("kind", "scope"), registry=registry,
+        )
+        self.budget_soft_exceeded = Counter(
+            "gateway_budget_soft_exceeded", "Requests served past a soft budget, by scope.",
+            ("scope",), registry=registry,
+        )
+        self.reservation_drift = Histogram(
+            "gateway_reservation_drift_ratio", "Actual cost over the cost reserved before the call.",
+            ("model",), buckets=(0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.25, 2, 5), registry=registry,
+        )
+        self.token_estimate_drift = Histogram(
+            "gateway_token_estimate_drift_ratio", "The gateway's prompt token estimate over the upstream's figure.",
+            ("model",), buckets=(0.5, 0.8, 0.9, 0.95, 0.99, 1.01, 1.05, 1.1, 1.25, 1.5, 2), registry=registry,
+        )
+        self.accounting_store_errors = Counter(
+            "gateway_accounting_store_errors", "Store failures met by limits and budgets, by what was done.",
+            ("action",), registry=registry,
+        )
+        self.accounting_pending = Gauge(
+            "gateway_accounting_pending_counters", "Budget counters with spend the store has not taken yet.",
+            registry=registry, multiprocess_mode="livesum",
+        )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], _Series] = {}
         self._versions: set[str] = set()
         self._shadow_metrics(registry)

@@ -14,6 +14,7 @@ import logging
 import time
 from collections.abc import Callable
 
+from ..accounting.cost import request_cost
 from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next, Stage
@@ -63,7 +64,7 @@ class Telemetry:
             raise
         if reply.stream is None:
             ctx.status = reply.status
-            self._finish(ctx)
+            self._finish(ctx, reply)
         else:
             reply.stream.add(self)
         return reply
@@ -80,13 +81,14 @@ class Telemetry:
             ctx.status, ctx.error_code = 503, "shutting_down"
         self._finish(ctx)
 
-    def _finish(self, ctx: RequestContext) -> None:
+    def _finish(self, ctx: RequestContext, reply: Reply | None = None) -> None:
         self.metrics.in_flight.dec()
         if ctx.on_finish is not None:  # the answer is final now (the cache stores a miss's)
             ctx.on_finish()
         total = time.perf_counter() - ctx.started
         usage = ctx.usage
         labels = ctx.runtime.policy.labels
+        self._cost(ctx, reply)
         provider = ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None
         target = ctx.target.name if ctx.target is not None else None
         key = ctx.key.name if ctx.key is not None else None
@@ -98,6 +100,26 @@ class Telemetry:
         ))
         if ctx.runtime.policy.server.access_log or ctx.status >= 500:
             access_log.info("request", extra={"fields": access_fields(ctx, total, provider, target, key)})
+
+
+    def _cost(self, ctx: RequestContext, reply: Reply | None) -> None:
+        """The answer's cost and token details: counted, and sent as `x-gateway-cost-usd` on a complete
+        answer (a stream's headers leave before its cost is known: it is in the access log and the metrics)."""
+        cost = request_cost(ctx)
+        metrics, usage = self.metrics, ctx.usage
+        model = ctx.runtime.policy.labels.alias(ctx.alias_label)
+        if usage is not None:
+            if usage.cached_tokens:
+                metrics.tokens.labels(model, "cached_prompt").inc(usage.cached_tokens)
+            if usage.reasoning_tokens:
+                metrics.tokens.labels(model, "reasoning").inc(usage.reasoning_tokens)
+        if cost is None:
+            metrics.cost_unpriced.labels(model).inc()
+            return
+        if cost:
+            metrics.cost.labels(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
+        if reply is not None and ctx.target is not None and ctx.upstream_started:
+            ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]
 
 
 def access_fields(
@@ -118,8 +140,11 @@ def access_fields(
         "first_chunk_ms": round(first * 1000, 2) if first is not None else None,
         "prompt_tokens": usage.prompt_tokens if usage else None,
         "completion_tokens": usage.completion_tokens if usage else None,
+        "cached_tokens": usage.cached_tokens if usage else None,
+        "reasoning_tokens": usage.reasoning_tokens if usage else None,
         "tokens_estimated": ctx.usage_estimated,
-        "cost_usd": ctx.cost_usd, "cache": ctx.cache_result, "guards": _guard_actions(ctx),
+        "cost_usd": round(ctx.cost_usd, 9) if ctx.cost_usd is not None else None,
+        "cache": ctx.cache_result, "guards": _guard_actions(ctx),
         "trace": ctx.traceparent.decode() if ctx.traceparent is not None else None,
         "policy_version": ctx.runtime.policy.version,
     }

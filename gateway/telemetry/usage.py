@@ -24,7 +24,7 @@ from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
 from .tokens import TokenCounter, message_text
 
-__all__ = ["CountTokens"]
+__all__ = ["CountTokens", "answer_text", "count_text", "estimate_usage"]
 
 _OFF_LOOP_CHARS = 64 * 1024  # count larger texts in a thread: tiktoken holds the GIL but not the loop
 _MESSAGE_OVERHEAD = 3  # OpenAI's chat format: tokens per message, and for the reply's priming
@@ -136,3 +136,20 @@ def _prompt_text(body: dict[str, Any]) -> str:
     if isinstance(prompt, list):
         return "\n".join(p for p in prompt if isinstance(p, str))
     return ""
+
+
+# -- for the accounting stage, which bills a request before this stage's own end hook runs -------------
+
+
+async def estimate_usage(counter: CountTokens, ctx: RequestContext, completion_tokens: int) -> Usage:
+    """The estimate this stage would make (and marks `ctx.usage_estimated`), for a caller that needs it first."""
+    return await counter._usage(ctx, completion_tokens)
+
+
+async def count_text(counter: CountTokens, text: str) -> int:
+    return await counter._count(text)
+
+
+def answer_text(body: bytes) -> str:
+    """The text of a complete answer's choices (message content, tool call arguments)."""
+    return _answer_text(body)

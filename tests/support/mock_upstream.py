@@ -75,7 +75,7 @@ class Fault:
 _FAULT_RE = re.compile(
     r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body|retry-after)-(\d+)"
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
-    r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked)"
+    r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked|cached-reasoning)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
 # credential it was sent, without its `Bearer` (filled in per request).
@@ -188,13 +188,17 @@ def prompt_inputs(value: Any, param: str) -> list[tuple[str, int]]:
     raise RequestError(f"'{param}' must be a string, a list of strings or token lists", param)
 
 
-def chat_usage(prompt: int, completion: int) -> dict[str, Any]:
+CACHED_SHARE = 2  # fault-cached-reasoning: half the prompt tokens were read from the prompt cache
+REASONING_TOKENS = 8  # fault-cached-reasoning: of the completion tokens, this many were reasoning
+
+
+def chat_usage(prompt: int, completion: int, details: bool = False) -> dict[str, Any]:
     return {
         "prompt_tokens": prompt, "completion_tokens": completion,
         "total_tokens": prompt + completion,
-        "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+        "prompt_tokens_details": {"cached_tokens": prompt // CACHED_SHARE if details else 0, "audio_tokens": 0},
         "completion_tokens_details": {
-            "reasoning_tokens": 0, "audio_tokens": 0,
+            "reasoning_tokens": min(REASONING_TOKENS, completion) if details else 0, "audio_tokens": 0,
             "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0,
         },
     }
@@ -294,7 +298,8 @@ def chat_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str
     text, parts = _joined(body, words)
     base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model") or "mock-model", "system_fingerprint": "fp_mock"}
-    usage = chat_usage(chat_prompt_tokens(body.get("messages")), len(words) * n)
+    usage = chat_usage(chat_prompt_tokens(body.get("messages")), len(words) * n,
+                       details=parse_fault(body.get("model")) == Fault("cached-reasoning"))
     if not body.get("stream"):
         message = {"role": "assistant", "content": text, "refusal": None}
         choices = [{"index": i, "message": message, "logprobs": None, "finish_reason": "stop"}

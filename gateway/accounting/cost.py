@@ -1,0 +1,30 @@
+"""What one answer cost: its usage at the answering target's prices.
+
+A request that never reached an upstream (refused, a cache hit) cost nothing upstream; one whose target has
+no price counts as 0 and is flagged (`gateway_cost_unpriced_total`, and a warning when the policy loads).
+"""
+
+from __future__ import annotations
+
+from ..pipeline.context import RequestContext
+from ..schemas.openai import Usage
+
+__all__ = ["request_cost", "usage_cost"]
+
+
+def usage_cost(ctx: RequestContext, usage: Usage | None) -> float | None:
+    """USD for `usage` at the prices of the target that answered; None when no target has a price."""
+    target = ctx.target
+    if target is None or not ctx.upstream_started or usage is None:
+        return 0.0
+    if target.price is None:
+        return None
+    return target.price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                             usage.cache_write_tokens, usage.reasoning_tokens)
+
+
+def request_cost(ctx: RequestContext) -> float | None:
+    """The request's cost (set once by accounting when it runs, else computed here)."""
+    if ctx.cost_usd is None:
+        ctx.cost_usd = usage_cost(ctx, ctx.usage)
+    return ctx.cost_usd

@@ -1,0 +1,46 @@
+"""OpenAI's rate-limit response headers, from the gateway's own request and token windows.
+
+OpenAI sends `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` on every answer; clients (the official
+SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits may apply to one request
+(its key's, its tenant's, its alias's): the headers describe the tightest one, the one with the least left.
+"""
+
+from __future__ import annotations
+
+from ..store.base import WindowReservation
+
+__all__ = ["duration", "rate_limit_headers", "tightest"]
+
+
+def duration(seconds: float) -> str:
+    """OpenAI's format for a reset time: `20ms`, `1s`, `6m0s`, `1h2m3s`."""
+    if seconds < 1:
+        return f"{max(0, round(seconds * 1000))}ms"
+    whole = int(seconds + 0.999)
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
+    """The answer with the least room left (by share of its limit)."""
+    if not answers:
+        return None
+    return min(answers, key=lambda a: a.remaining / a.limit if a.limit else 0.0)
+
+
+def rate_limit_headers(
+    requests: WindowReservation | None, tokens: WindowReservation | None,
+) -> list[tuple[bytes, bytes]]:
+    headers: list[tuple[bytes, bytes]] = []
+    for kind, answer in (("requests", requests), ("tokens", tokens)):
+        if answer is None:
+            continue
+        headers.append((f"x-ratelimit-limit-{kind}".encode(), b"%d" % round(answer.limit)))
+        headers.append((f"x-ratelimit-remaining-{kind}".encode(), b"%d" % int(answer.remaining)))
+        headers.append((f"x-ratelimit-reset-{kind}".encode(), duration(answer.reset_s).encode()))
+    return headers

@@ -1,0 +1,164 @@
+"""What was spent, on its way to the store: usage counters per day, and spend the store missed.
+
+Two jobs, one background flush (a runtime `Service`):
+
+* usage: every finished request adds its cost, tokens and one request to per-(scope, name, UTC day)
+  counters here; they are added to the store once a second, so a request pays no extra round trip for
+  `GET /admin/usage` (which is therefore up to a second behind);
+* reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
+  here as a delta per budget counter and added when the store answers again, so spend while Redis was away
+  is not lost. The first flush after recovery brings every budget up to date.
+
+Both maps are bounded by the policy's finite scopes times the days and periods they span; the number of
+pending budget entries is exported as `gateway_accounting_pending_counters`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from prometheus_client import Gauge
+
+from ..store._common import AMOUNT_SCALE
+from ..store.base import Store, StoreUnavailable
+from .periods import USAGE_DAYS_KEPT
+
+__all__ = ["FIELDS", "Ledger", "UsageDelta", "usage_key"]
+
+log = logging.getLogger("gateway.accounting")
+FLUSH_INTERVAL_S = 1.0
+FIELDS = ("cost_usd", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
+_USAGE_TTL_S = USAGE_DAYS_KEPT * 86_400.0
+
+
+def usage_key(scope: str, name: str, day: str, field: str) -> str:
+    return f"acct:usage:{scope}:{name}:{day}:{field}"
+
+
+@dataclass(slots=True)
+class UsageDelta:
+    """One request's usage, in the units the counters keep (micro-USD; whole tokens)."""
+
+    cost_micro: int
+    prompt: int
+    cached: int
+    completion: int
+    reasoning: int
+
+    def values(self) -> tuple[int, ...]:
+        return (self.cost_micro, 1, self.prompt, self.cached, self.completion, self.reasoning)
+
+
+class Ledger:
+    """Per-runtime buffer between requests and the store; `flush()` runs every second while started."""
+
+    def __init__(self, store: Store, metrics_pending: Gauge | None = None) -> None:
+        self.store = store
+        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self._pending: dict[str, tuple[int, float]] = {}  # budget counter -> (delta in micro-units, ttl)
+        self._task: asyncio.Task[None] | None = None
+        self._flushing = asyncio.Lock()
+        self._gauge = metrics_pending
+
+    def record(self, scopes: list[tuple[str, str]], day: str, delta: UsageDelta) -> None:
+        values = delta.values()
+        for scope, name in scopes:
+            counters = self._usage.get((scope, name, day))
+            if counters is None:
+                self._usage[(scope, name, day)] = list(values)
+            else:
+                for index, value in enumerate(values):
+                    counters[index] += value
+
+    def owe(self, key: str, delta_units: int, ttl_s: float) -> None:
+        """A settle the store did not take: add `delta_units` (may be negative) to `key` later."""
+        if delta_units == 0:
+            return
+        earlier, _ = self._pending.get(key, (0, ttl_s))
+        self._pending[key] = (earlier + delta_units, ttl_s)
+        self._show()
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def pending_usd(self) -> float:
+        """What the store has not been told yet about spend on budget counters (positive deltas)."""
+        return sum(units for units, _ in self._pending.values() if units > 0) / AMOUNT_SCALE
+
+    async def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._run(), name="accounting-ledger")
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+        await self.flush()  # the last second's usage (bounded: every store call has its timeout)
+
+    async def _run(self) -> None:
+        while True:
+            await asyncio.sleep(FLUSH_INTERVAL_S)
+            try:
+                await self.flush()
+            except Exception:  # a bug here must not stop later flushes
+                log.exception("accounting flush failed")
+
+    async def flush(self) -> None:
+        """Add what is buffered to the store; what it does not take stays for the next flush."""
+        async with self._flushing:
+            if self._pending:
+                await self._flush_pending()
+            if self._usage:
+                await self._flush_usage()
+
+    async def _flush_pending(self) -> None:
+        pending, self._pending = self._pending, {}
+        for index, (key, (units, ttl)) in enumerate(list(pending.items())):
+            try:
+                await _apply(self.store, key, units, ttl)
+            except StoreUnavailable:
+                for later_key, (later_units, later_ttl) in list(pending.items())[index:]:
+                    self.owe(later_key, later_units, later_ttl)
+                break
+            except ValueError:
+                log.error("accounting: dropped an unreconcilable amount on %s", key)
+        else:
+            if pending:
+                log.info("accounting: reconciled %d budget counter(s) with the store", len(pending))
+        self._show()
+
+    async def _flush_usage(self) -> None:
+        usage, self._usage = self._usage, {}
+        items = list(usage.items())
+        for index, ((scope, name, day), values) in enumerate(items):
+            try:
+                for field, value in zip(FIELDS, values, strict=True):
+                    if value:
+                        amount = value / AMOUNT_SCALE if field == "cost_usd" else float(value)
+                        await self.store.settle(usage_key(scope, name, day, field), 0.0, amount, _USAGE_TTL_S)
+                        values[FIELDS.index(field)] = 0  # taken: a retry must not add it twice
+            except StoreUnavailable:
+                for (key, rest) in items[index:]:
+                    self._usage.setdefault(key, [0] * len(FIELDS))
+                    merged = self._usage[key]
+                    for position, value in enumerate(rest):
+                        merged[position] += value
+                return
+
+    def _show(self) -> None:
+        gauge = self._gauge
+        if gauge is not None:
+            gauge.set(len(self._pending))
+
+
+async def _apply(store: Store, key: str, units: int, ttl_s: float) -> None:
+    if units > 0:
+        await store.settle(key, 0.0, units / AMOUNT_SCALE, ttl_s)
+    else:
+        await store.settle(key, -units / AMOUNT_SCALE, 0.0, ttl_s)

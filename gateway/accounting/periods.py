@@ -1,0 +1,50 @@
+"""Budget periods: which period an instant falls in (its store key) and how long that period has left.
+
+Calendar periods are UTC: a day from midnight, an ISO week from Monday, a month from its first day. A
+`rolling` budget counts over windows of `window_s` seconds aligned to the Unix epoch (so every replica
+agrees on the window without talking), which is a fixed window, not a sliding log: spend at the end of one
+window and the start of the next can together reach twice the amount over `window_s`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import functools
+from datetime import UTC, datetime, timedelta
+
+from ..policy.accounting_schema import BudgetSpec
+
+__all__ = ["USAGE_DAYS_KEPT", "current_period", "day_id"]
+
+USAGE_DAYS_KEPT = 400  # usage counters per day live this long (a month's and a year's report stay readable)
+_MARGIN_S = 3_600.0  # a period's counter outlives its end a little: settling a late stream still finds it
+
+
+def current_period(budget: BudgetSpec, now: float) -> tuple[str, float]:
+    """(the period's id, seconds its counter should live) for unix time `now`."""
+    if budget.period == "rolling":
+        window = budget.window_s or 86_400.0
+        index = int(now // window)
+        return f"r{int(window)}-{index}", (index + 1) * window - now + _MARGIN_S
+    ident, end = _calendar_period(budget.period, int(now // 86_400))
+    return ident, end - now + _MARGIN_S
+
+
+@functools.lru_cache(maxsize=64)
+def _calendar_period(period: str, day: int) -> tuple[str, float]:
+    """(id, end as unix time) of the calendar period holding UTC day number `day` (cached: one per day)."""
+    start = datetime.fromtimestamp(day * 86_400, UTC)
+    if period == "day":
+        return start.strftime("d%Y%m%d"), (day + 1) * 86_400.0
+    if period == "week":
+        monday = start - timedelta(days=start.weekday())
+        year, week, _ = monday.isocalendar()
+        return f"w{year}{week:02d}", (monday + timedelta(days=7)).timestamp()
+    first = start.replace(day=1)
+    end = first + timedelta(days=calendar.monthrange(first.year, first.month)[1])
+    return first.strftime("m%Y%m"), end.timestamp()
+
+
+def day_id(now: float) -> str:
+    """The UTC day of `now`, as usage counters are keyed (YYYYMMDD)."""
+    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")

@@ -1,0 +1,63 @@
+"""The prompt's size before the call, for reservations: tiktoken in the alias's encoding, plus estimates.
+
+Chat messages are counted with the chat format's per-message overhead (`TokenCounter.count_messages`).
+What tiktoken cannot count is estimated on the high side, since a reservation must cover the real cost:
+tool definitions as their JSON text, and each image as OpenAI's cost of one 512-pixel tile at high detail
+plus the base (255 tokens), whatever its size. The figure is compared with the upstream's afterwards
+(`gateway_token_estimate_drift_ratio`).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ..pipeline.context import RequestContext
+from ..telemetry.tokens import TokenCounter
+
+__all__ = ["IMAGE_TOKENS", "PromptEstimator"]
+
+IMAGE_TOKENS = 255  # 85 base + 170 for one tile (OpenAI's published image token formula)
+_encode = msgspec.json.Encoder().encode
+
+
+class PromptEstimator:
+    __slots__ = ("tokens",)
+
+    def __init__(self, tokens: TokenCounter) -> None:
+        self.tokens = tokens
+
+    def estimate(self, ctx: RequestContext) -> int:
+        body = ctx.body
+        route = ctx.route
+        model = route.upstream_model if route is not None else None
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            total = self.tokens.count_messages(messages, model) + IMAGE_TOKENS * _images(messages)
+            tools = body.get("tools")
+            if isinstance(tools, list) and tools:
+                total += self.tokens.count(_encode(tools).decode(), model)
+            return total
+        prompt = body.get("prompt", body.get("input"))
+        if isinstance(prompt, str):
+            return self.tokens.count(prompt, model)
+        if isinstance(prompt, list):
+            return sum(self.tokens.count(p, model) if isinstance(p, str) else _token_list(p) for p in prompt)
+        return 0
+
+
+def _images(messages: list[Any]) -> int:
+    count = 0
+    for message in messages:
+        content = message.get("content") if isinstance(message, dict) else None
+        if isinstance(content, list):
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+    return count
+
+
+def _token_list(item: Any) -> int:
+    """A prompt given as token ids: one token per id."""
+    if isinstance(item, int):
+        return 1
+    return len(item) if isinstance(item, list) else 0

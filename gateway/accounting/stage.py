@@ -1,0 +1,500 @@
+"""The accounting stage: rate limits and budgets before the call, the bill after it.
+
+Between `Authorize` and the guards, only in a policy that sets a limit or a budget somewhere. Per request:
+
+1. limits (requests and tokens per minute, requests in flight) of the caller's key, its tenant and the alias,
+   all asked of the `Store` at once; one that refuses undoes the others and answers 429 with `Retry-After`;
+2. budgets: the request's largest possible cost (its prompt estimate plus `max_tokens`, or
+   `accounting.default_max_tokens`, at the dearest of the alias's targets) is reserved atomically on every
+   budget that applies, so concurrent requests on any number of replicas never spend past a budget by more
+   than one reservation; a hard budget without room answers 429 `budget_exceeded`, a soft one lets the
+   request through with a header and a metric; past a budget's `downgrade.at`, the request goes to the
+   cheaper alias;
+3. the answer: each reservation is settled to the actual cost (tokens from the upstream, or counted), in a
+   task beside the reply for a complete answer and at the end of a stream (`_StreamBill`), however it ends;
+   a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
+   and an error event) when a hard budget refuses it.
+
+The caller's limits and budget are read from its `VirtualKey` only, so keys from the policy file and keys
+created at run time go through this one path. When the store fails, `on_unavailable` decides: `closed`
+answers 503; `open` serves, and the ledger adds the spend to the store once it answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import secrets
+import time
+from collections.abc import Awaitable, Coroutine
+from dataclasses import dataclass, field
+from typing import Any
+
+from prometheus_client import Gauge
+
+from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable, RateLimited
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.runner import Next
+from ..pipeline.streams import StreamEnd
+from ..policy.accounting_schema import BudgetSpec
+from ..policy.compiled import Policy
+from ..schemas.events import Chunk, StreamError, StreamEvent
+from ..store._common import to_units
+from ..store.base import Reservation, Store, StoreUnavailable, WindowReservation
+from ..telemetry.metrics import Metrics
+from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
+from .cost import request_cost
+from .headers import duration, rate_limit_headers, tightest
+from .ledger import Ledger, UsageDelta
+from .periods import current_period, day_id
+from .prompt import PromptEstimator
+from .scopes import BoundedLabels, Scope, scopes_of
+
+__all__ = ["Accounting"]
+
+WINDOW_S = 60.0  # requests and tokens per minute
+
+
+@dataclass(slots=True)
+class _Held:
+    """One reservation to settle: a budget counter, or a token window."""
+
+    key: str
+    reserved: float
+    ttl_s: float
+    scope: Scope
+    budget: BudgetSpec | None = None  # None: a token window
+
+
+@dataclass(slots=True)
+class _Bill:
+    """Per request: what was reserved, and what the answer must settle."""
+
+    scopes: list[Scope]
+    prompt_estimate: int = 0
+    completion_cap: int = 0
+    explicit_cap: bool = False
+    cost_reserved: float = 0.0
+    budgets: list[_Held] = field(default_factory=list)
+    tokens: list[_Held] = field(default_factory=list)
+    slots: list[tuple[str, str]] = field(default_factory=list)  # (key, holder)
+    requests: list[str] = field(default_factory=list)  # request windows counted (undone if refused)
+    unreserved: list[tuple[str, float, Scope]] = field(default_factory=list)  # budgets to add the actual to
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    settled: bool = False
+
+
+class Accounting:
+    name = "accounting"
+
+    def __init__(self, policy: Policy, store: Store, ledger: Ledger, metrics: Metrics, counter: CountTokens) -> None:
+        self.policy = policy
+        self.store = store
+        self.ledger = ledger
+        self.metrics = metrics
+        self.counter = counter
+        self.prompts = PromptEstimator(counter.tokens)
+        spec = policy.accounting
+        self.fail_open = (spec.on_unavailable or policy.state.on_unavailable) == "open"
+        self.default_cap = spec.default_max_tokens
+        self.record_all = policy.has_accounting  # else only requests some limit or budget applies to
+        self.lease_s = spec.lease_s
+        self.labels = BoundedLabels(policy, spec.label_cap)
+        self.rates = {alias: _max_rates(route.targets) for alias, route in policy.models.items()}
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._gauges: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
+
+    async def start(self) -> None:
+        await self.ledger.start()
+
+    async def aclose(self) -> None:
+        """After the runtime's last request: let pending settles finish (each op is bounded), then flush."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=5.0)
+        await self.ledger.aclose()
+
+    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        scopes = scopes_of(ctx, self.policy)
+        if not scopes:  # nothing to enforce: only count the usage, with no task and no store call
+            if not self.record_all:  # built only for keys made at run time: the others pass untouched
+                return await call_next(ctx)
+            reply = await call_next(ctx)
+            if reply.stream is not None:
+                reply.stream.add(_UsageOnly(self))
+            else:
+                await self._answer_usage(ctx, reply)
+                self._record(ctx, self._price(ctx))
+            return reply
+        bill = _Bill(scopes)
+        await self._admit(ctx, bill)
+        if bill.headers:
+            ctx.headers = [*(ctx.headers or ()), *bill.headers]
+        try:
+            reply = await call_next(ctx)
+        except GatewayError as exc:
+            for name, value in bill.headers:
+                exc.headers.setdefault(name.decode(), value.decode())
+            self._spawn(self._settle(ctx, bill))
+            raise
+        except BaseException:
+            self._spawn(self._settle(ctx, bill))
+            raise
+        if reply.stream is not None:
+            reply.stream.add(_StreamBill(self, bill))
+            return reply
+        await self._answer_usage(ctx, reply)
+        self._price(ctx)  # the header and the access log (telemetry) read it from the context
+        self._spawn(self._settle(ctx, bill))
+        return reply
+
+    async def _answer_usage(self, ctx: RequestContext, reply: Reply) -> None:
+        """A complete answer without usage: counted now (the bill cannot wait for telemetry's count)."""
+        if ctx.usage is None and reply.body is not None and ctx.upstream_started:
+            completion = await count_text(self.counter, answer_text(reply.body))
+            ctx.usage = await estimate_usage(self.counter, ctx, completion)
+
+    # -- before the call -------------------------------------------------------------------------------
+
+    async def _admit(self, ctx: RequestContext, bill: _Bill) -> None:
+        limited = [s for s in bill.scopes if s.limits is not None]
+        budgeted = [s for s in bill.scopes if s.budget is not None]
+        if not limited and not budgeted:
+            return
+        needs_tokens = bool(budgeted) or any(s.limits is not None and s.limits.tpm for s in limited)
+        if needs_tokens:
+            bill.prompt_estimate = self.prompts.estimate(ctx)
+            cap = 0 if not ctx.endpoint.streams else _requested_cap(ctx.body)  # embeddings generate nothing
+            bill.explicit_cap = cap is not None
+            bill.completion_cap = cap if cap is not None else self.default_cap
+        try:
+            if limited:
+                await self._limits(ctx, bill, limited)
+            if budgeted:
+                await self._budgets(ctx, bill, budgeted)
+        except StoreUnavailable:
+            if not self.fail_open:
+                self.metrics.accounting_store_errors.labels("refused").inc()
+                self._spawn(self._release(bill))
+                raise LimitsUnavailable("limits and budgets cannot be checked right now; retry shortly",
+                                        headers={"Retry-After": "1"}) from None
+            self.metrics.accounting_store_errors.labels("served").inc()
+            # Served unchecked: what it spends is added to each budget when the store answers again.
+            held = {h.key for h in bill.budgets}
+            for scope in budgeted:
+                assert scope.budget is not None
+                key, ttl = self._budget_key(scope, scope.budget, time.time())
+                if key not in held:
+                    bill.unreserved.append((key, ttl, scope))
+
+    async def _limits(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
+        ops: list[tuple[str, Scope, str, Awaitable[Any]]] = []
+        holder = ""
+        tokens = bill.prompt_estimate + bill.completion_cap
+        for scope in scopes:
+            limits = scope.limits
+            assert limits is not None
+            if limits.concurrent:
+                key = f"acct:conc:{scope.kind}:{scope.name}"
+                holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
+                ops.append(("concurrent", scope, key,
+                            self.store.acquire_slot(key, holder, limits.concurrent, self.lease_s)))
+            if limits.rpm:
+                key = f"acct:rpm:{scope.kind}:{scope.name}"
+                ops.append(("rpm", scope, key, self.store.reserve_window(key, 1, limits.rpm, WINDOW_S)))
+            if limits.tpm:
+                key = f"acct:tpm:{scope.kind}:{scope.name}"
+                ops.append(("tpm", scope, key, self.store.reserve_window(key, tokens, limits.tpm, WINDOW_S)))
+        results = await _all([op for _, _, _, op in ops])
+        refused: tuple[str, Scope, float] | None = None
+        requests: list[WindowReservation] = []
+        token_windows: list[WindowReservation] = []
+        failure: BaseException | None = None
+        for (kind, scope, key, _), result in zip(ops, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            if kind == "concurrent":
+                taken, _held = result
+                if taken:
+                    bill.slots.append((key, holder))
+                elif refused is None:
+                    refused = (kind, scope, 1.0)
+                continue
+            answer: WindowReservation = result
+            (requests if kind == "rpm" else token_windows).append(answer)
+            if answer.ok:
+                if kind == "tpm":
+                    bill.tokens.append(_Held(key, float(tokens), WINDOW_S, scope))
+                else:
+                    bill.requests.append(key)
+            elif refused is None:
+                refused = (kind, scope, answer.reset_s)
+        if failure is not None:
+            raise failure
+        bill.headers = rate_limit_headers(tightest(requests), tightest(token_windows))
+        if refused is not None:
+            kind, scope, reset = refused
+            self.metrics.limit_rejections.labels(kind, scope.kind).inc()
+            self._spawn(self._release(bill))
+            what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
+            headers = {n.decode(): v.decode() for n, v in bill.headers}
+            headers["Retry-After"] = str(max(1, math.ceil(reset)))
+            raise RateLimited(f"rate limit reached: {what[kind]} of this {scope.kind}; retry after "
+                              f"{duration(reset)}", headers=headers)
+
+    async def _budgets(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
+        rate_in, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
+        cost = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
+        bill.cost_reserved = cost
+        now = time.time()
+        keyed = []
+        for scope in scopes:
+            assert scope.budget is not None
+            key, ttl = self._budget_key(scope, scope.budget, now)
+            keyed.append((scope, scope.budget, key, ttl))
+        results = await _all([self.store.reserve(key, cost, budget.usd, ttl) for _, budget, key, ttl in keyed])
+        failure: BaseException | None = None
+        hard: Scope | None = None
+        downgrade: str | None = None
+        for (scope, budget, key, ttl), result in zip(keyed, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            answer: Reservation = result
+            usd_left, share_left = self._remaining_gauges(scope)
+            usd_left.set(answer.remaining)
+            share_left.set(answer.remaining / budget.usd)
+            if answer.ok:
+                bill.budgets.append(_Held(key, cost, ttl, scope, budget))
+                spent = answer.total / budget.usd
+            elif budget.mode == "soft":
+                bill.unreserved.append((key, ttl, scope))
+                self.metrics.budget_soft_exceeded.labels(scope.kind).inc()
+                bill.headers.append((b"x-gateway-budget-exceeded", scope.kind.encode()))
+                spent = 1.0
+            else:
+                hard = hard or scope
+                continue
+            if budget.downgrade is not None and spent >= budget.downgrade.at and downgrade is None:
+                downgrade = budget.downgrade.alias
+        if failure is not None:
+            raise failure
+        if hard is not None:
+            self.metrics.limit_rejections.labels("budget", hard.kind).inc()
+            self._spawn(self._release(bill))
+            raise BudgetExceeded(f"the {hard.kind}'s budget for this period is spent",
+                                 headers={n.decode(): v.decode() for n, v in bill.headers})
+        if downgrade is not None and downgrade != ctx.alias_label:
+            route = ctx.runtime.policy.models.get(downgrade)
+            if route is not None:
+                ctx.route = route
+                bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
+
+    def _remaining_gauges(self, scope: Scope) -> tuple[Gauge, Gauge]:
+        """A scope's budget-left gauges, USD and share (label children looked up once; bounded by BoundedLabels)."""
+        gauges = self._gauges.get((scope.kind, scope.name))
+        if gauges is None:
+            name = self.labels.name(scope)
+            gauges = (self.metrics.budget_remaining.labels(scope.kind, name),
+                      self.metrics.budget_remaining_ratio.labels(scope.kind, name))
+            if len(self._gauges) < 10_000:
+                self._gauges[(scope.kind, scope.name)] = gauges
+        return gauges
+
+    def _budget_key(self, scope: Scope, budget: BudgetSpec, now: float) -> tuple[str, float]:
+        period, ttl = current_period(budget, now)
+        return f"acct:budget:{scope.kind}:{scope.name}:{period}", ttl
+
+    async def _release(self, bill: _Bill) -> None:
+        """Undo what a refused request reserved (so it does not count against the others)."""
+        for key in bill.requests:
+            await self._quietly(self.store.settle(key, 1, 0, WINDOW_S))
+        for held in [*bill.tokens, *bill.budgets]:
+            await self._quietly(self.store.settle(held.key, held.reserved, 0, held.ttl_s))
+        for key, holder in bill.slots:
+            await self._quietly(self.store.release_slot(key, holder))
+        bill.requests.clear()
+        bill.tokens.clear()
+        bill.budgets.clear()
+        bill.slots.clear()
+        bill.settled = True
+
+    # -- after the call --------------------------------------------------------------------------------
+
+    def _price(self, ctx: RequestContext) -> float:
+        """The answer's cost, set on the context (telemetry counts it, logs it and sends the header)."""
+        cost = request_cost(ctx)
+        return 0.0 if cost is None else cost
+
+    async def _settle(self, ctx: RequestContext, bill: _Bill) -> None:
+        if bill.settled:
+            return
+        bill.settled = True
+        cost = self._price(ctx)
+        usage = ctx.usage
+        for held in bill.budgets:
+            await self._settle_budget(held.key, held.reserved, cost, held.ttl_s)
+        for key, ttl, _ in bill.unreserved:
+            await self._settle_budget(key, 0.0, cost, ttl)
+        actual_tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+        for held in bill.tokens:
+            await self._quietly(self.store.settle(held.key, held.reserved, float(actual_tokens), WINDOW_S))
+        for key, holder in bill.slots:
+            await self._quietly(self.store.release_slot(key, holder))
+        if bill.cost_reserved > 0 and ctx.upstream_started:
+            self.metrics.reservation_drift.labels(ctx.alias_label).observe(cost / bill.cost_reserved)
+        if usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens:
+            self.metrics.token_estimate_drift.labels(ctx.alias_label).observe(
+                bill.prompt_estimate / usage.prompt_tokens)
+        self._record(ctx, cost)
+
+    async def _settle_budget(self, key: str, reserved: float, cost: float, ttl_s: float) -> None:
+        try:
+            await self.store.settle(key, reserved, cost, ttl_s)
+        except StoreUnavailable:
+            self.ledger.owe(key, to_units(cost) - to_units(reserved), ttl_s)
+
+    def _record(self, ctx: RequestContext, cost: float) -> None:
+        usage = ctx.usage
+        named = [(s.kind, s.name) for s in scopes_for_usage(ctx)]
+        delta = UsageDelta(to_units(cost), usage.prompt_tokens if usage else 0, usage.cached_tokens if usage else 0,
+                           usage.completion_tokens if usage else 0, usage.reasoning_tokens if usage else 0)
+        self.ledger.record(named, day_id(time.time()), delta)
+
+    async def _quietly(self, op: Awaitable[Any]) -> None:
+        try:
+            await op
+        except StoreUnavailable:
+            self.metrics.accounting_store_errors.labels("unsettled").inc()
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def extend(self, ctx: RequestContext, bill: _Bill) -> bool:
+        """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses."""
+        _, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
+        step = self.default_cap * rate_out / 1_000_000
+        if step <= 0:
+            return True
+        for held in bill.budgets:
+            assert held.budget is not None
+            try:
+                answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s)
+            except StoreUnavailable:
+                if not self.fail_open:
+                    return False
+                continue
+            if answer.ok:
+                held.reserved += step
+            elif held.budget.mode == "hard":
+                return False
+        bill.cost_reserved += step
+        bill.completion_cap += self.default_cap
+        return True
+
+
+def scopes_for_usage(ctx: RequestContext) -> list[Scope]:
+    """Who a request's usage is counted for: its key, its tenant, its alias."""
+    scopes = [Scope("model", ctx.alias_label, None, None)]
+    if ctx.key is not None:
+        scopes += [Scope("key", ctx.key.name, None, None), Scope("tenant", ctx.key.tenant, None, None)]
+    return scopes
+
+
+class _UsageOnly:
+    """A stream no limit or budget applies to: its usage is counted at its end (after telemetry's estimate)."""
+
+    __slots__ = ("_stage",)
+    reads_events = False
+
+    def __init__(self, stage: Accounting) -> None:
+        self._stage = stage
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        stage = self._stage
+        if ctx.usage is None and ctx.upstream_started:
+            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+        stage._record(ctx, stage._price(ctx))
+
+
+class _StreamBill:
+    """Per stream: follows the answer's length (for the cut-off) and settles the bill once at its end.
+
+    The length is the number of content chunks (about one token each from OpenAI-compatible servers), so
+    that following it costs no decoding; the exact figure comes with the upstream's usage at the end."""
+
+    __slots__ = ("_bill", "_stage", "reads_events")
+
+    def __init__(self, stage: Accounting, bill: _Bill) -> None:
+        self._stage = stage
+        self._bill = bill
+        # Events are read only when a stream can outgrow its reservation (a budget, no max_tokens).
+        self.reads_events = bool(bill.budgets) and not bill.explicit_cap
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        bill = self._bill
+        if ctx.chunks + len(events) <= bill.completion_cap:
+            return events
+        for index, event in enumerate(events):
+            if type(event) is Chunk and ctx.chunks + index + 1 > bill.completion_cap:
+                if not await self._stage.extend(ctx, bill):
+                    return [*events[: index + 1], _final(ctx, event),
+                            StreamError(BudgetExceeded("the budget for this period ran out during the answer; "
+                                                       "it was cut off"))]
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        stage = self._stage
+        if ctx.usage is None and ctx.upstream_started:
+            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+        stage._price(ctx)
+        await stage._settle(ctx, self._bill)
+
+
+def _final(ctx: RequestContext, last: Chunk) -> Chunk:
+    """The chunk that ends a cut stream: `finish_reason: "length"`, in the shape of the stream's chunks."""
+    data = last.data()
+    meta: dict[str, Any] = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+    if ctx.endpoint.label == "chat":
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
+    return Chunk.of({**meta, "choices": [choice]})
+
+
+async def _all(ops: list[Awaitable[Any]]) -> list[Any]:
+    """Every result (or its exception), in order: one op is awaited as it is (no task), more at once."""
+    if len(ops) == 1:
+        try:
+            return [await ops[0]]
+        except StoreUnavailable as exc:
+            return [exc]
+    return list(await asyncio.gather(*ops, return_exceptions=True))
+
+
+def _requested_cap(body: dict[str, Any]) -> int | None:
+    """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`), times `n`."""
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        return None
+    n = body.get("n")
+    return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1)
+
+
+def _max_rates(targets: Any) -> tuple[float, float]:
+    """The dearest input and output rates among an alias's targets (a reservation must cover any of them)."""
+    rate_in = rate_out = 0.0
+    for target in targets:
+        price = target.price
+        if price is not None:
+            rate_in = max(rate_in, price.input_per_mtok, price.cache_write_per_mtok or 0.0)
+            rate_out = max(rate_out, price.output_per_mtok, price.reasoning_per_mtok or 0.0)
+    return rate_in, rate_out
+
+

@@ -1,0 +1,112 @@
+"""The accounting parts of a policy: the prices file, and the cross-checks of limits and budgets.
+
+Types already refuse a negative amount, an unknown period or an unknown field, with file, line and field
+(`loader`). What types cannot say is checked here the same way: `window_s` only with (and always with) a
+rolling period, a downgrade to an alias that exists and is not the alias itself, a tenant that no key names.
+A prices file is a second YAML file, read and checked like the policy, its errors carrying its own name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Literal
+
+import msgspec
+import yaml
+
+from .accounting_schema import BudgetSpec
+from .compiled import ModelRoute
+from .loader import PolicyIssue, _check, _Located
+from .schema import PolicySpec, PriceSpec
+
+__all__ = ["PricesFileSpec", "check_accounting", "load_prices_file", "uses_accounting"]
+
+
+class PricesFileSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """`prices_file:`: the same entries as the policy's `prices:` (which override them), in a file of their own."""
+
+    version: Literal[1]
+    prices: dict[str, PriceSpec]
+
+
+def load_prices_file(spec: PolicySpec, doc: _Located) -> dict[str, PriceSpec]:
+    """The prices file's entries (empty when there is none or it has errors, which go to `doc.issues`)."""
+    if spec.prices_file is None:
+        return {}
+    path = Path(doc.file).parent / spec.prices_file
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        doc.issue(("prices_file",), f"cannot read the prices file `{path}`: {exc.__class__.__name__}")
+        return {}
+    try:
+        prices_doc = _Located(str(path), text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        doc.issues.append(PolicyIssue(str(path), mark.line + 1 if mark else 1, "",
+                                      f"YAML syntax error: {exc.problem or exc}"))
+        return {}
+    except yaml.YAMLError as exc:
+        doc.issues.append(PolicyIssue(str(path), 1, "", f"YAML error: {exc}"))
+        return {}
+    if prices_doc.data is None:
+        doc.issues.append(PolicyIssue(str(path), 1, "", "the prices file is empty"))
+        return {}
+    _check(prices_doc, prices_doc.data, PricesFileSpec, ())
+    if prices_doc.issues:
+        doc.issues.extend(prices_doc.issues)
+        return {}
+    return dict(msgspec.convert(prices_doc.data, PricesFileSpec).prices)
+
+
+def uses_accounting(spec: PolicySpec) -> bool:
+    """Whether any limit or budget is set (or the stage is asked for): else no accounting stage is built."""
+    return bool(
+        spec.accounting.always
+        or any(k.limits or k.budget for k in spec.keys)
+        or any(t.limits or t.budget for t in spec.tenants.values())
+        or any(m.limits or m.budget for m in spec.models.values())
+    )
+
+
+def check_accounting(spec: PolicySpec, doc: _Located, models: Mapping[str, ModelRoute], warnings: list[str]) -> None:
+    """Cross-checks of limits and budgets, and a warning for each target accounting cannot price."""
+    for index, key in enumerate(spec.keys):
+        _check_budget(key.budget, ("keys", index, "budget"), doc, models)
+    tenants = {key.tenant for key in spec.keys}
+    for name, tenant in spec.tenants.items():
+        if spec.keys and name not in tenants:
+            warnings.append(f"{doc.file}:{doc.line_of(('tenants', name))}: tenants.{name}: no key of the policy "
+                            "has this tenant (keys created at run time may)")
+        _check_budget(tenant.budget, ("tenants", name, "budget"), doc, models)
+    for alias, model in spec.models.items():
+        _check_budget(model.budget, ("models", alias, "budget"), doc, models, alias)
+    if not uses_accounting(spec):
+        return
+    for alias, route in models.items():
+        for target in route.targets:
+            if target.price is None:
+                warnings.append(
+                    f"{doc.file}:{doc.line_of(('models', alias))}: models.{alias}: no price for `{target.name}` "
+                    "(add it to `prices` or the prices file): its requests count as costing 0 "
+                    "(gateway_cost_unpriced_total)")
+
+
+def _check_budget(
+    budget: BudgetSpec | None, path: tuple[str | int, ...], doc: _Located, models: Mapping[str, ModelRoute],
+    alias: str | None = None,
+) -> None:
+    if budget is None:
+        return
+    if budget.period == "rolling" and budget.window_s is None:
+        doc.issue(path + ("period",), "`period: rolling` needs `window_s` (the window's length in seconds)")
+    if budget.period != "rolling" and budget.window_s is not None:
+        doc.issue(path + ("window_s",), f"`window_s` is only for `period: rolling`, not `{budget.period}`")
+    downgrade = budget.downgrade
+    if downgrade is not None:
+        if downgrade.alias not in models:
+            known = ", ".join(sorted(models)) or "none"
+            doc.issue(path + ("downgrade", "alias"), f"unknown model alias `{downgrade.alias}` (defined: {known})")
+        elif downgrade.alias == alias:
+            doc.issue(path + ("downgrade", "alias"), "a budget cannot downgrade an alias to itself")

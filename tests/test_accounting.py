@@ -1,0 +1,370 @@
+"""Accounting end to end: limits, budgets, cost and usage, through real gateways, the mock upstream and the
+official `openai` SDK (memory store here; Redis and two processes in test_accounting_shared.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+from gateway.auth.keys import hash_key
+from gateway.policy import PolicyError, compile_text
+from tests.conftest import UPSTREAM_KEY, RunningGateway
+from tests.support.mock_upstream import CACHED_SHARE, REASONING_TOKENS, MockUpstream
+
+KEY = "gw-acct-test-key-000000000000000000000000"
+OTHER = "gw-acct-test-other-1111111111111111111111"
+ADMIN = "admin-token-for-accounting-tests"
+MESSAGES = [{"role": "user", "content": "hello there"}]
+ANSWER_WORDS = len(MockUpstream.REPLY_WORDS)  # completion tokens of every mock answer
+# Prices: only output tokens cost, so that a reservation with `max_tokens: 20` is exactly the actual cost.
+OUT_PER_MTOK = 1000.0  # $0.001 a token: one answer of 20 tokens costs $0.02
+
+
+def accounting_policy(upstream: MockUpstream, *, key: str = "", tenant: str = "", models: str = "",
+                      accounting: str = "", state: str = "", extra: str = "") -> str:
+    return textwrap.dedent(f"""\
+        version: 1
+        server: {{host: 127.0.0.1, admin_token_env: ACCT_ADMIN}}
+        {state}
+        auth: keys
+        keys:
+          - name: main
+            tenant: acme
+            hash: "{hash_key(KEY)}"
+            {key}
+          - name: second
+            tenant: acme
+            hash: "{hash_key(OTHER)}"
+        tenants:
+          acme: {{{tenant}}}
+        accounting: {{{accounting}}}
+        providers:
+          mock:
+            kind: openai
+            base_url: {upstream.base_url}
+            api_key_env: MOCK_UPSTREAM_KEY
+        prices:
+          mock-model: {{input_per_mtok: 0, output_per_mtok: {OUT_PER_MTOK}}}
+          fault-no-usage: {{input_per_mtok: 0, output_per_mtok: {OUT_PER_MTOK}}}
+          fault-cached-reasoning:
+            input_per_mtok: 100
+            cached_input_per_mtok: 10
+            output_per_mtok: 1000
+            reasoning_per_mtok: 2000
+          cheap-model: {{input_per_mtok: 0, output_per_mtok: 1}}
+        models:
+          chat: {{provider: mock, model: mock-model{models}}}
+          cheap: {{provider: mock, model: cheap-model}}
+          no-usage: {{provider: mock, model: fault-no-usage}}
+          detailed: {{provider: mock, model: fault-cached-reasoning}}
+          slow: {{provider: mock, model: fault-slow-stream-50}}
+          broken: {{provider: mock, model: fault-status-500}}
+        {extra}""")
+
+
+@pytest.fixture
+def start(upstream: MockUpstream) -> Iterator[Callable[..., RunningGateway]]:
+    started: list[RunningGateway] = []
+
+    def make(**parts: str) -> RunningGateway:
+        env = {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN}
+        running = RunningGateway(accounting_policy(upstream, **parts), env).start()
+        started.append(running)
+        return running
+
+    yield make
+    for running in started:
+        running.stop()
+
+
+def client(gateway: RunningGateway, key: str = KEY) -> openai.OpenAI:
+    return openai.OpenAI(base_url=gateway.base_url, api_key=key, max_retries=0, timeout=20)
+
+
+def usage_of(gateway: RunningGateway, scope: str, name: str) -> dict[str, object]:
+    response = httpx.get(gateway.url + "/admin/usage", params={"scope": scope, "name": name},
+                         headers={"Authorization": f"Bearer {ADMIN}"})
+    assert response.status_code == 200, response.text
+    rows = response.json()["usage"]
+    assert len(rows) == 1
+    return dict(rows[0])
+
+
+def test_rate_limit_headers_and_429_through_the_sdk(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="limits: {rpm: 3, tpm: 100000}")
+    sdk = client(gateway)
+    for left in (2, 1, 0):
+        raw = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+        assert raw.headers["x-ratelimit-limit-requests"] == "3"
+        assert raw.headers["x-ratelimit-remaining-requests"] == str(left)
+        assert raw.headers["x-ratelimit-limit-tokens"] == "100000"
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 100000
+        assert raw.headers["x-ratelimit-reset-requests"].endswith("s")
+        assert raw.headers["x-ratelimit-reset-tokens"].endswith("s")
+        assert raw.parse().choices[0].message.content
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.chat.completions.create(model="chat", messages=MESSAGES)
+    response = caught.value.response
+    assert response.status_code == 429
+    assert caught.value.code == "rate_limit_exceeded"
+    assert 1 <= int(response.headers["retry-after"]) <= 60
+    assert response.headers["x-ratelimit-remaining-requests"] == "0"
+    # another key of the same tenant has no limit of its own
+    assert client(gateway, OTHER).chat.completions.create(model="chat", messages=MESSAGES).choices
+    assert 'gateway_limit_rejections_total{kind="rpm",scope="key"} 1.0' in gateway.metrics()
+
+
+def test_upstream_errors_carry_the_headers_and_cost_nothing(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="limits: {rpm: 5}\n" + " " * 12 + "budget: {usd: 1}")  # indented as in the template
+    response = httpx.post(gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "broken", "messages": MESSAGES}, timeout=20)
+    assert response.status_code >= 500 and response.json()["error"]["type"]
+    assert response.headers["x-ratelimit-limit-requests"] == "5"
+    assert response.headers["x-ratelimit-remaining-requests"] == "4"
+    assert "x-gateway-cost-usd" not in response.headers
+    usage = usage_of(gateway, "model", "broken")
+    assert usage["requests"] == 1 and usage["cost_usd"] == 0
+
+
+def test_tokens_per_minute_count_the_estimate_then_the_actual(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="limits: {tpm: 60}")
+    sdk = client(gateway)
+    raw = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 60 - 20  # the prompt estimate and the cap
+    with pytest.raises(openai.RateLimitError):  # 100 tokens asked for cannot fit in a 60 tpm window
+        sdk.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=100)
+
+
+def test_concurrent_requests_limit(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(tenant="limits: {concurrent: 1}")
+
+    async def run() -> list[int]:
+        async with httpx.AsyncClient(timeout=20) as http:
+            body = {"model": "slow", "messages": MESSAGES, "stream": True}
+            async with http.stream("POST", gateway.base_url + "/chat/completions", json=body,
+                                   headers={"Authorization": f"Bearer {KEY}"}) as first:
+                assert first.status_code == 200
+                second = await http.post(gateway.base_url + "/chat/completions", json={**body, "model": "chat"},
+                                         headers={"Authorization": f"Bearer {OTHER}"})  # same tenant
+                await first.aread()
+            third = await http.post(gateway.base_url + "/chat/completions", json={**body, "model": "chat"},
+                                    headers={"Authorization": f"Bearer {OTHER}"})
+            return [second.status_code, third.status_code]
+
+    refused, later = asyncio.run(run())
+    assert refused == 429 and later == 200
+
+
+def test_hard_budget_refuses_with_budget_exceeded(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="budget: {usd: 0.05, period: day}")  # two answers of $0.02 fit, a third does not
+    sdk = client(gateway)
+    for _ in range(2):
+        raw = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+        assert float(raw.headers["x-gateway-cost-usd"]) == pytest.approx(0.02)
+    with pytest.raises(openai.RateLimitError) as caught:
+        sdk.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert caught.value.code == "budget_exceeded"
+    assert caught.value.body["type"] == "rate_limit_exceeded"  # type: ignore[index]
+    assert sdk.chat.completions.create(model="chat", messages=MESSAGES, max_tokens=5).choices  # $0.005 fits
+    metrics = gateway.metrics()
+    assert 'gateway_limit_rejections_total{kind="budget",scope="key"} 1.0' in metrics
+    assert 'gateway_token_estimate_drift_ratio_count{model="chat"} 3.0' in metrics  # estimate vs upstream
+    assert 'gateway_reservation_drift_ratio_count{model="chat"} 3.0' in metrics
+    assert 'gateway_budget_remaining_usd{name="main",scope="key"}' in metrics
+    assert usage_of(gateway, "key", "main")["cost_usd"] == pytest.approx(0.06)
+
+
+def test_soft_budget_serves_with_a_header_and_a_metric(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(tenant="budget: {usd: 0.03, mode: soft}")
+    sdk = client(gateway)
+    first = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert "x-gateway-budget-exceeded" not in first.headers
+    second = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert second.headers["x-gateway-budget-exceeded"] == "tenant"
+    assert 'gateway_budget_soft_exceeded_total{scope="tenant"} 1.0' in gateway.metrics()
+    assert usage_of(gateway, "tenant", "acme")["cost_usd"] == pytest.approx(0.04)  # both billed
+
+
+def test_downgrade_past_a_share_of_the_budget(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="budget: {usd: 0.1, downgrade: {at: 0.3, alias: cheap}}")
+    sdk = client(gateway)
+    first = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert first.headers["x-gateway-target"] == "mock/mock-model"  # 20% reserved: below the share
+    second = sdk.chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert second.headers["x-gateway-budget-downgrade"] == "cheap"  # 40% with this one
+    assert second.headers["x-gateway-target"] == "mock/cheap-model"
+    assert float(second.headers["x-gateway-cost-usd"]) == pytest.approx(ANSWER_WORDS * 1 / 1e6)
+
+
+def test_cached_and_reasoning_tokens_are_priced_at_their_rates(
+    start: Callable[..., RunningGateway], upstream: MockUpstream,
+) -> None:
+    gateway = start(accounting="always: true")
+    raw = client(gateway).chat.completions.with_raw_response.create(model="detailed", messages=MESSAGES)
+    usage = raw.parse().usage
+    assert usage is not None and usage.prompt_tokens_details and usage.completion_tokens_details
+    cached = usage.prompt_tokens // CACHED_SHARE
+    assert usage.prompt_tokens_details.cached_tokens == cached > 0
+    assert usage.completion_tokens_details.reasoning_tokens == REASONING_TOKENS
+    expected = ((usage.prompt_tokens - cached) * 100 + cached * 10
+                + (usage.completion_tokens - REASONING_TOKENS) * 1000 + REASONING_TOKENS * 2000) / 1e6
+    assert float(raw.headers["x-gateway-cost-usd"]) == pytest.approx(expected, abs=1e-6)
+    metrics = gateway.metrics()
+    assert f'gateway_tokens_total{{kind="cached_prompt",model="detailed"}} {float(cached)}' in metrics
+    assert f'gateway_tokens_total{{kind="reasoning",model="detailed"}} {float(REASONING_TOKENS)}' in metrics
+
+
+def test_streams_are_billed_also_without_upstream_usage(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="budget: {usd: 10}")
+    sdk = client(gateway)
+    for model in ("chat", "no-usage"):
+        stream = sdk.chat.completions.create(model=model, messages=MESSAGES, stream=True)
+        assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    chat, no_usage = usage_of(gateway, "model", "chat"), usage_of(gateway, "model", "no-usage")
+    assert chat["cost_usd"] == pytest.approx(0.02) and chat["completion_tokens"] == ANSWER_WORDS
+    assert float(str(no_usage["cost_usd"])) > 0 and int(str(no_usage["completion_tokens"])) > 0  # counted
+    assert usage_of(gateway, "key", "main")["requests"] == 2
+
+
+def test_a_hard_budget_cuts_a_stream_mid_way(start: Callable[..., RunningGateway]) -> None:
+    # A request without max_tokens reserves 5 tokens ($0.005); past them it must reserve 5 more, and the
+    # $0.008 budget has no room: the stream ends with finish_reason "length" and an error event.
+    gateway = start(key="budget: {usd: 0.008}", accounting="default_max_tokens: 5")
+    stream = client(gateway).chat.completions.create(model="chat", messages=MESSAGES, stream=True)
+    text, reasons = "", []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in stream:
+            for choice in chunk.choices:
+                text += choice.delta.content or ""
+                reasons.append(choice.finish_reason)
+    assert "budget" in str(caught.value.message)
+    assert reasons[-1] == "length"
+    assert 0 < len(text.split()) < ANSWER_WORDS
+    spent = usage_of(gateway, "key", "main")["cost_usd"]
+    assert 0 < float(str(spent)) <= 0.008
+
+
+def test_no_limits_no_stage(start: Callable[..., RunningGateway]) -> None:
+    gateway = start()
+    assert not gateway.policy.has_accounting
+    raw = client(gateway).chat.completions.with_raw_response.create(model="chat", messages=MESSAGES)
+    assert "x-ratelimit-limit-requests" not in raw.headers
+    assert float(raw.headers["x-gateway-cost-usd"]) == pytest.approx(0.02)  # cost is shown without the stage
+    assert not any(type(s).__name__ == "Accounting" for s in gateway.gateway.runtime.pipeline.stages)
+
+
+def test_usage_api_refuses_bad_tokens_and_fields(start: Callable[..., RunningGateway]) -> None:
+    gateway = start(key="budget: {usd: 1}")
+    url = gateway.url + "/admin/usage"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    for params in ({"scope": "planet"}, {"period": "year"}, {"date": "yesterday"}, {"period": "month",
+                                                                                      "date": "2026-13"}):
+        response = httpx.get(url, params=params, headers=auth)
+        assert response.status_code == 400, params
+        assert response.json()["error"]["type"] == "invalid_request_error"
+    listed = httpx.get(url, params={"scope": "model", "period": "month"}, headers=auth).json()
+    assert {row["name"] for row in listed["usage"]} == {"chat", "cheap", "no-usage", "detailed", "slow", "broken"}
+
+
+# -- policy validation ---------------------------------------------------------------------------------
+
+
+def _issues(upstream: MockUpstream, **parts: str) -> str:
+    with pytest.raises(PolicyError) as caught:
+        compile_text(accounting_policy(upstream, **parts), "acct.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY})
+    return str(caught.value)
+
+
+@pytest.mark.parametrize(("parts", "expected"), [
+    ({"key": "budget: {usd: -5}"}, "acct.yaml:9: keys[0].budget.usd: expected `float` > 0.0"),
+    ({"key": "budget: {usd: 5, period: fortnight}"}, "keys[0].budget.period: unknown value `fortnight`"),
+    ({"key": "budget: {usd: 5, window_s: 3600}"}, "keys[0].budget.window_s: `window_s` is only for"),
+    ({"key": "budget: {usd: 5, period: rolling}"}, "keys[0].budget.period: `period: rolling` needs"),
+    ({"tenant": "budget: {usd: 5, downgrade: {at: 0.5, alias: nowhere}}"},
+     "tenants.acme.budget.downgrade.alias: unknown model alias `nowhere`"),
+    ({"models": ", budget: {usd: 5, downgrade: {at: 0.5, alias: chat}}"}, "cannot downgrade an alias to itself"),
+    ({"key": "limits: {rpm: 0}"}, "keys[0].limits.rpm: expected `int` >= 1"),
+    ({"extra": "budgets: {nowhere: {usd: 1}}"}, "unknown field `budgets`"),
+    ({"accounting": "lease_s: -1"}, "accounting.lease_s: expected `float` >= 1"),
+    ({"accounting": "on_unavailable: maybe"}, "accounting.on_unavailable: unknown value `maybe`"),
+    ({"state": "state: {backend: redis, url_env: GW_UNSET_REDIS}"},  # an error, not a crash
+     "state.url_env: environment variable `GW_UNSET_REDIS` is not set"),
+])
+def test_policy_errors_name_file_line_and_field(upstream: MockUpstream, parts: dict[str, str], expected: str) -> None:
+    assert expected in _issues(upstream, **parts)
+
+
+def test_prices_file_is_read_relative_to_the_policy_and_overridden_inline(
+    tmp_path: Path, upstream: MockUpstream,
+) -> None:
+    (tmp_path / "prices.yaml").write_text(textwrap.dedent("""\
+        version: 1
+        prices:
+          mock-model: {input_per_mtok: 7, output_per_mtok: 9, date: "2025-08-01", source: "https://example.com"}
+          only-in-file: {input_per_mtok: 1, output_per_mtok: 2, cached_input_per_mtok: 0.5}
+        """))
+    text = accounting_policy(upstream).replace("prices:\n", "prices_file: prices.yaml\nprices:\n", 1)
+    policy_file = tmp_path / "policy.yaml"
+    policy_file.write_text(text)
+    from gateway.policy import load_policy
+
+    policy = load_policy(policy_file, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN})
+    assert policy.prices.price("mock", "mock-model").output_per_mtok == OUT_PER_MTOK  # type: ignore[union-attr]
+    assert policy.prices.price("mock", "only-in-file").cached_input_per_mtok == 0.5  # type: ignore[union-attr]
+    (tmp_path / "prices.yaml").write_text("version: 1\nprices:\n  x: {input_per_mtok: -1, output_per_mtok: 1}\n")
+    with pytest.raises(PolicyError) as caught:
+        load_policy(policy_file, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN})
+    assert f"{tmp_path / 'prices.yaml'}:3: prices.x.input_per_mtok: expected `float` >= 0" in str(caught.value)
+    (tmp_path / "prices.yaml").unlink()
+    with pytest.raises(PolicyError) as caught:
+        load_policy(policy_file, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN})
+    assert "prices_file: cannot read the prices file" in str(caught.value)
+
+
+def test_an_unpriced_model_is_a_warning_not_an_error(upstream: MockUpstream) -> None:
+    text = accounting_policy(upstream, key="budget: {usd: 1}").replace(
+        "  cheap-model: {input_per_mtok: 0, output_per_mtok: 1}\n", "")
+    policy = compile_text(text, "acct.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN})
+    assert any("no price for `mock/cheap-model`" in w for w in policy.warnings)
+
+
+def test_the_shipped_prices_file_loads() -> None:
+    import msgspec
+    import yaml
+
+    from gateway.policy.accounting_check import PricesFileSpec
+
+    data = yaml.safe_load((Path(__file__).parents[1] / "policies" / "prices.yaml").read_text())
+    prices = msgspec.convert(data, PricesFileSpec).prices
+    assert {"gpt-4o", "gpt-4o-mini", "claude-sonnet-4-5", "gemini-2.5-pro"} <= set(prices)
+    assert all(p.date and p.source and p.source.startswith("https://") for p in prices.values())
+
+
+def test_gateway_usage_command_prints_the_same_figures(start: Callable[..., RunningGateway]) -> None:
+    import subprocess
+    import sys
+
+    gateway = start(key="budget: {usd: 1}")
+    client(gateway).chat.completions.create(model="chat", messages=MESSAGES, max_tokens=20)
+    command = [sys.executable, "-m", "gateway", "usage", "--url", gateway.url, "--scope", "key"]
+    env = {"PATH": "/usr/bin:/bin", "GATEWAY_ADMIN_TOKEN": ADMIN}
+    shown = subprocess.run(command, capture_output=True, text=True, env=env, timeout=60, check=True).stdout
+    line = next(row for row in shown.splitlines() if row.startswith("main "))
+    assert line.split()[1:3] == ["0.020000", "1"]
+    assert "second" in shown
+    as_json = subprocess.run([*command, "--json", "--name", "main"], capture_output=True, text=True, env=env,
+                             timeout=60, check=True).stdout
+    assert '"cost_usd": 0.02' in as_json
+    refused = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                             env={**env, "GATEWAY_ADMIN_TOKEN": "wrong"})
+    assert refused.returncode == 1 and "401" in refused.stderr
+    missing = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
+    assert missing.returncode == 2 and "GATEWAY_ADMIN_TOKEN" in missing.stderr

@@ -1,0 +1,96 @@
+"""Pure logic of accounting: prices by token kind, budget periods, OpenAI's reset format, prompt estimates."""
+
+from __future__ import annotations
+
+import os
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from gateway.accounting.headers import duration, rate_limit_headers, tightest
+from gateway.accounting.periods import current_period, day_id
+from gateway.policy.accounting_schema import BudgetSpec
+from gateway.policy.compiled import Price
+from gateway.store.base import WindowReservation
+from gateway.telemetry.tokens import TokenCounter
+
+os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(Path(__file__).resolve().parents[2] / "shared" / "tiktoken"))
+
+
+def test_each_token_kind_has_its_rate() -> None:
+    price = Price(input_per_mtok=2.0, output_per_mtok=10.0, cached_input_per_mtok=0.5, cache_write_per_mtok=2.5,
+                  reasoning_per_mtok=20.0)
+    # 1000 prompt tokens: 600 cached, 100 written, 300 plain; 500 completion tokens: 200 reasoning
+    expected = (300 * 2.0 + 600 * 0.5 + 100 * 2.5 + 300 * 10.0 + 200 * 20.0) / 1e6
+    assert price.cost(1000, 500, cached=600, cache_write=100, reasoning=200) == pytest.approx(expected)
+    plain = Price(input_per_mtok=2.0, output_per_mtok=10.0)  # unset kinds: input and output rates
+    assert plain.cost(1000, 500, cached=600, reasoning=200) == pytest.approx((1000 * 2.0 + 500 * 10.0) / 1e6)
+
+
+def test_reported_details_never_exceed_their_totals() -> None:
+    price = Price(input_per_mtok=1.0, output_per_mtok=1.0, cached_input_per_mtok=0.0, reasoning_per_mtok=0.0)
+    assert price.cost(10, 10, cached=50, reasoning=-5) == pytest.approx(10 / 1e6)  # all cached: 0 + 10 out
+
+
+def _at(text: str) -> float:
+    return datetime.fromisoformat(text).replace(tzinfo=UTC).timestamp()
+
+
+@pytest.mark.parametrize(("period", "moment", "ident", "left_s"), [
+    ("day", "2026-12-02T23:00:00", "d20261202", 3600),
+    ("week", "2026-12-02T00:00:00", "w202649", 5 * 86400),  # a Wednesday; the week ends Monday 00:00
+    ("week", "2026-12-31T12:00:00", "w202653", 3.5 * 86400),  # ISO week 53 of 2026
+    ("month", "2024-02-29T23:00:00", "m202402", 3600),  # leap day
+    ("month", "2026-12-31T00:00:00", "m202612", 86400),
+])
+def test_calendar_periods_are_utc(period: str, moment: str, ident: str, left_s: float) -> None:
+    found, ttl = current_period(BudgetSpec(usd=1, period=period), _at(moment))  # type: ignore[arg-type]
+    assert found == ident
+    assert ttl == pytest.approx(left_s + 3600)  # a counter outlives its period by an hour
+
+
+def test_rolling_windows_are_aligned_to_the_epoch() -> None:
+    budget = BudgetSpec(usd=1, period="rolling", window_s=600)
+    first, ttl = current_period(budget, 1_200.0 + 30)
+    assert first == "r600-2" and ttl == pytest.approx(570 + 3600)
+    assert current_period(budget, 1_799.0)[0] == first
+    assert current_period(budget, 1_800.0)[0] == "r600-3"
+    assert day_id(_at("2026-01-05T10:00:00")) == "20260105"
+
+
+@pytest.mark.parametrize(("seconds", "shown"), [(0.02, "20ms"), (0, "0ms"), (1, "1s"), (59.2, "1m0s"),
+                                                (360, "6m0s"), (3723, "1h2m3s")])
+def test_reset_times_in_openai_format(seconds: float, shown: str) -> None:
+    assert duration(seconds) == shown
+
+
+def test_headers_describe_the_tightest_limit() -> None:
+    roomy = WindowReservation(True, 10, 1000, 30.0)
+    tight = WindowReservation(True, 9, 10, 12.0)
+    assert tightest([roomy, tight]) is tight and tightest([]) is None
+    headers = dict(rate_limit_headers(tight, None))
+    assert headers == {b"x-ratelimit-limit-requests": b"10", b"x-ratelimit-remaining-requests": b"1",
+                       b"x-ratelimit-reset-requests": b"12s"}
+
+
+def test_prompt_estimate_counts_overhead_tools_and_images() -> None:
+    from types import SimpleNamespace
+
+    from gateway.accounting.prompt import IMAGE_TOKENS, PromptEstimator
+
+    tokens = TokenCounter()
+    tokens.load(["gpt-4o"])
+    estimator = PromptEstimator(tokens)
+    route = SimpleNamespace(upstream_model="gpt-4o")
+    text = {"messages": [{"role": "user", "content": "hello world"}]}
+    base = estimator.estimate(SimpleNamespace(body=text, route=route))  # type: ignore[arg-type]
+    assert base == 3 + 3 + tokens.count("user", "gpt-4o") + tokens.count("hello world", "gpt-4o")
+    image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"},
+                                                       {"type": "image_url", "image_url": {"url": "x"}}]}]}
+    assert estimator.estimate(SimpleNamespace(body=image, route=route)) == base + IMAGE_TOKENS  # type: ignore[arg-type]
+    tools = {**text, "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}
+    assert estimator.estimate(SimpleNamespace(body=tools, route=route)) > base  # type: ignore[arg-type]
+    completion = {"prompt": ["hello world", [1, 2, 3]]}
+    assert estimator.estimate(SimpleNamespace(body=completion, route=route)) == (  # type: ignore[arg-type]
+        tokens.count("hello world", "gpt-4o") + 3)

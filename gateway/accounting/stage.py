@@ -46,8 +46,8 @@ from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usa
 from .cost import request_cost
 from .headers import duration, rate_limit_headers, tightest
 from .ledger import Ledger, UsageDelta
-from .periods import current_period, day_id
 from .outright import completion_cap, max_rates
+from .periods import current_period, day_id
 from .prompt import PromptEstimator
 from .scopes import BoundedLabels, Scope, scopes_of
 

@@ -10,8 +10,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import msgspec
-
 from ..policy.cache_schema import CacheSpec, CacheWhenSpec
 from ..schemas.endpoints import Endpoint
 

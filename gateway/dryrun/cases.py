@@ -211,7 +211,8 @@ def compare(expect: ExpectSpec, d: Decisions) -> list[str]:
         if field.name == "guard_verdicts":  # only the guards named
             actual = {name: actual.get(name, "not run") for name in wanted}
         elif field.name == "cache" and wanted is not None:  # only the parts named
-            wanted, actual = _named(wanted), _named(wanted, actual)
+            actual = _named(wanted, actual)
+            wanted = _named(wanted)
         if wanted != actual:
             mismatches.append(f"{field.name}: expected {_show(wanted)}, got {_show(actual)}")
     return mismatches

@@ -45,6 +45,7 @@ from .decisions import (
     Kind,
     LimitsDecision,
     RouteDecision,
+    Scope,
     TargetsDecision,
     Verdict,
 )
@@ -54,6 +55,7 @@ __all__ = ["Decider", "DecisionRequest", "decoded", "endpoint_of"]
 _REWRITES = frozenset({"redact", "mask", "pseudonymize"})
 _RANK = {"allow": 0, "record": 1, "redact": 2, "block": 3}
 _MEMO_SIZE = 4_096
+_ScopeLimits = tuple[Scope, str, LimitSpec | None, BudgetSpec | None]  # (scope, its name, its limits, its budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,10 +190,10 @@ class Decider:
             raise _Refused("limits", error, decided)
         return decided
 
-    def _scopes(self, key: VirtualKey | None, alias: str) -> list[tuple[str, str, LimitSpec | None, BudgetSpec | None]]:
+    def _scopes(self, key: VirtualKey | None, alias: str) -> list[_ScopeLimits]:
         """The scopes limits and budgets apply to, in the accounting stage's order (key, tenant, alias)."""
         spec = self.policy.spec
-        scopes: list[tuple[str, str, LimitSpec | None, BudgetSpec | None]] = []
+        scopes: list[_ScopeLimits] = []
         if key is not None:
             scopes.append(("key", key.name, key.limits, key.budget))
             tenant = spec.tenants.get(key.tenant) if spec is not None else None

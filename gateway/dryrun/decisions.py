@@ -30,6 +30,7 @@ __all__ = [
     "Kind",
     "LimitsDecision",
     "RouteDecision",
+    "Scope",
     "TargetsDecision",
     "Verdict",
     "disagreements",

@@ -8,11 +8,11 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.cache.control import Directives, cacheable, directives
+from gateway.cache.control import CachePlan, Directives, cacheable, directives, plan
 from gateway.cache.entry import Entry, decode_entry, encode_entry
 from gateway.cache.key import EXCLUDED, cache_key, semantic_scope
 from gateway.cache.replay import ReplaySource, assemble_body, split_body
-from gateway.policy.cache_schema import CacheWhenSpec
+from gateway.policy.cache_schema import CacheSpec, CacheWhenSpec
 from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import Chunk, StreamDone, UsageReport
 from gateway.schemas.openai import ChatRequest, Usage
@@ -131,3 +131,23 @@ def test_cacheable_by_temperature_or_seed() -> None:
     assert not cacheable(CHAT, request(temperature=1.2, seed=3), CacheWhenSpec(seed=False))
     assert cacheable(CHAT, request(temperature=0.5), CacheWhenSpec(max_temperature=0.5))
     assert cacheable(Endpoint.EMBEDDINGS, None, when)
+
+
+def test_plan_decides_lookup_and_store_from_mode_and_cache_control() -> None:
+    """The one decision the stage serves by and `gateway explain` shows (no store is read)."""
+    request = msgspec.convert({"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0},
+                              ChatRequest)
+    sampled = msgspec.convert({"model": "m", "messages": [{"role": "user", "content": "x"}]}, ChatRequest)
+    on, none = CacheSpec(), Directives()
+    assert plan(on, CHAT, request, none) == CachePlan(True, True, "mode on")
+    assert plan(on, CHAT, sampled, none).bypass and not plan(on, CHAT, sampled, none).lookup
+    assert plan(on, CHAT, request, Directives(no_cache=True)) == \
+        CachePlan(False, True, "mode on, Cache-Control: no-cache")
+    assert plan(on, CHAT, request, Directives(no_store=True)) == \
+        CachePlan(True, False, "mode on, Cache-Control: no-store")
+    both = plan(on, CHAT, request, Directives(no_cache=True, no_store=True))
+    assert (both.lookup, both.store, both.bypass) == (False, False, True)
+    assert plan(CacheSpec(mode="read-only"), CHAT, request, none) == CachePlan(True, False, "mode read-only")
+    assert plan(CacheSpec(mode="write-only"), CHAT, request, none) == CachePlan(False, True, "mode write-only")
+    # read-only with no-cache: nothing to do, but the request was cacheable (a miss, not a bypass)
+    assert plan(CacheSpec(mode="read-only"), CHAT, request, Directives(no_cache=True)).bypass is False

@@ -101,6 +101,7 @@ def test_explain_prints_every_decision(tmp_path: Path) -> None:
         "auth:     key search-app, tenant search; may use gpt-4o-mini",
         "limits:   tenant search: rpm 1200, concurrent 50; alias gpt-4o-mini: rpm 6000; "
         "tenant search: budget $2000/month (soft), past 80% -> gpt-4o-mini",
+        "          reserves 4104 tokens, $0.002459 at most; what is already counted decides (not read offline)",
         "route:    no rule matched -> gpt-4o-mini (priority)",
         "targets:  1. openai/gpt-4o-mini  2. azure/gpt-4o-mini",
         "outcome:  sent to the first target",
@@ -109,6 +110,74 @@ def test_explain_prints_every_decision(tmp_path: Path) -> None:
     run = gateway_cli("explain", "--policy", "policies/examples/routing.yaml", str(request), "--json")
     decided = json.loads(run.stdout)
     assert decided["blocked"] is True and decided["status"] == 401 and decided["blocked_by"] == "auth"
+
+
+def test_explain_shows_the_cache_decision_and_its_reason(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "faq", "messages": [{"role": "user", "content": "hi"}],
+                                   "temperature": 0.2}))
+    policy = "policies/examples/cache.yaml"
+    run = gateway_cli("explain", "--policy", policy, str(request), "--key-name", "support-bot")
+    assert run.returncode == 0, run.stderr
+    assert "cache:    lookup yes, exact and semantic, store yes (mode on)" in run.stdout.splitlines()
+    run = gateway_cli("explain", "--policy", policy, str(request), "--key-name", "support-bot",
+                      "--header", "Cache-Control: no-cache")
+    assert "cache:    lookup no, store yes (mode on, Cache-Control: no-cache)" in run.stdout.splitlines()
+    request.write_text(json.dumps({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}],
+                                   "temperature": 0.2}))
+    run = gateway_cli("explain", "--policy", policy, str(request), "--key-name", "support-bot", "--json")
+    assert json.loads(run.stdout)["cache"] == {
+        "lookup": False, "store": False, "semantic": False,
+        "reason": "not cacheable (temperature above the policy's, no seed)"}
+
+
+def test_explain_refuses_a_request_no_counter_could_let_through(tmp_path: Path) -> None:
+    request = tmp_path / "request.json"
+    request.write_text(json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": 250_000}))
+    run = gateway_cli("explain", "--policy", "policies/examples/accounting.yaml", str(request), "--key-name", "ci-bot")
+    assert run.returncode == 0, run.stderr
+    lines = run.stdout.splitlines()
+    assert any(line.startswith("          reserves 250") and line.endswith(
+        "more than the whole tpm of key ci-bot: refused whatever is counted") for line in lines), lines
+    assert "outcome:  refused with 429 by limits: the request needs" in run.stdout
+    assert "route:" not in run.stdout  # refused before routing
+    # A hard budget smaller than the request's largest possible cost, with no tpm in the way.
+    policy = tmp_path / "budget.yaml"
+    policy.write_text("version: 1\nauth: none\nproviders: {openai: {kind: openai, base_url: http://127.0.0.1:9/v1}}\n"
+                      "prices: {gpt-4o: {input_per_mtok: 2.5, output_per_mtok: 10}}\n"
+                      "models: {gpt-4o: {provider: openai, model: gpt-4o, budget: {usd: 1, period: day}}}\n")
+    request.write_text(json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": 200_000}))
+    run = gateway_cli("explain", "--policy", str(policy), str(request), "--json")
+    decided = json.loads(run.stdout)
+    assert (decided["status"], decided["blocked_by"]) == (429, "limits"), decided
+    assert decided["limits"]["refused"] == "budget of alias gpt-4o" and decided["limits"]["max_usd"] > 1
+    request.write_text(json.dumps({"model": "gpt-4o", "messages": [{"role": "user", "content": "hi"}],
+                                   "max_tokens": 50_000}))  # $0.5 at most: the counters decide
+    decided = json.loads(gateway_cli("explain", "--policy", str(policy), str(request), "--json").stdout)
+    assert decided["blocked"] is False and decided["limits"]["refused"] is None
+
+
+def test_a_cache_mismatch_is_reported(tmp_path: Path) -> None:
+    cases = tmp_path / "cache.yaml"
+    cases.write_text("cases:\n  - name: no-store\n    caller: {key_name: support-bot}\n"
+                     "    headers: {Cache-Control: no-store}\n"
+                     "    request: {model: gpt-4o-mini, messages: [{role: user, content: hi}], temperature: 0}\n"
+                     "    expect: {cache: {lookup: true, store: true}, limits_refused: tpm of key x}\n"
+                     "  - name: no cache on an unknown alias\n    caller: {key_name: support-bot}\n"
+                     "    request: {model: nope, messages: [{role: user, content: hi}]}\n"
+                     "    expect: {cache: {lookup: true}}\n")
+    run = gateway_cli("test", "policies/examples/cache.yaml", str(cases))
+    assert run.returncode == 1
+    assert run.stdout.splitlines() == [
+        f"FAIL {cases}:2: no-store",
+        '     limits_refused: expected tpm of key x, got null',
+        '     cache: expected {"lookup":true,"store":true}, got {"lookup":true,"store":false}',
+        f"FAIL {cases}:7: no cache on an unknown alias",
+        '     cache: expected {"lookup":true}, got null',
+        "0 passed, 2 failed",
+    ]
 
 
 def test_explain_shows_guard_verdicts_and_never_the_text(tmp_path: Path) -> None:

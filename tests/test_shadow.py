@@ -122,6 +122,31 @@ def test_a_request_the_candidate_would_block_is_still_answered(
     assert counter(metrics, "gateway_shadow_disagreements_total", kind="guards") == 10
 
 
+def test_a_cache_disagreement_is_counted_as_cache(
+    upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Both cache the alias; the candidate also caches sampled requests (up to temperature 1)."""
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    live = policy(upstream.base_url, candidate=False, shadow="candidate.yaml").replace(
+        "model: model-a}", "model: model-a, cache: {when: {max_temperature: 0, seed: false}}}")
+    (tmp_path / "candidate.yaml").write_text(policy(upstream.base_url, candidate=False).replace(
+        "model: model-a}", "model: model-a, cache: {when: {max_temperature: 1, seed: false}}}"))
+    running = RunningGateway(live, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}, source=tmp_path / "gateway.yaml").start()
+    try:
+        with httpx.Client(base_url=running.base_url, timeout=30) as client:
+            for i in range(10):
+                body = {"model": "chat", "messages": [{"role": "user", "content": f"q {i}"}],
+                        "temperature": 0.5 if i % 2 else 0}
+                reply = client.post("/chat/completions", json=body, headers={"Authorization": f"Bearer {ACME}"})
+                assert reply.status_code == 200 and reply.headers["x-gateway-cache"] == ("bypass" if i % 2 else "miss")
+        metrics = wait_compared(running, 10)
+        assert counter(metrics, "gateway_shadow_disagreements_total", kind="cache") == 5  # the sampled half
+        assert counter(metrics, "gateway_shadow_disagreements_total", kind="outcome") == 0
+        assert counter(metrics, "gateway_shadow_disagreements_total", kind="route") == 0
+    finally:
+        running.stop()
+
+
 def test_promoting_the_candidate_is_a_reload(shadowed: RunningGateway, upstream: MockUpstream) -> None:
     source = shadowed.gateway.source
     assert source is not None and shadowed.gateway.loop is not None

@@ -29,9 +29,11 @@ class PromptEstimator:
         self.tokens = tokens
 
     def estimate(self, ctx: RequestContext) -> int:
-        body = ctx.body
         route = ctx.route
-        model = route.upstream_model if route is not None else None
+        return self.estimate_body(ctx.body, route.upstream_model if route is not None else None)
+
+    def estimate_body(self, body: dict[str, Any], model: str | None) -> int:
+        """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`)."""
         messages = body.get("messages")
         if isinstance(messages, list):
             total = self.tokens.count_messages(messages, model) + IMAGE_TOKENS * _images(messages)

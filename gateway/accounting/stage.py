@@ -46,6 +46,7 @@ from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usa
 from .cost import request_cost
 from .headers import duration, rate_limit_headers, tightest
 from .ledger import Ledger, UsageDelta
+from .outright import completion_cap, max_rates
 from .periods import current_period, day_id
 from .prompt import PromptEstimator
 from .scopes import BoundedLabels, Scope, scopes_of
@@ -100,7 +101,7 @@ class Accounting:
         self.record_all = policy.has_accounting  # else only requests some limit or budget applies to
         self.lease_s = spec.lease_s
         self.labels = BoundedLabels(policy, spec.label_cap)
-        self.rates = {alias: _max_rates(route.targets) for alias, route in policy.models.items()}
+        self.rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gauges: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
 
@@ -163,9 +164,7 @@ class Accounting:
         needs_tokens = bool(budgeted) or any(s.limits is not None and s.limits.tpm for s in limited)
         if needs_tokens:
             bill.prompt_estimate = self.prompts.estimate(ctx)
-            cap = 0 if not ctx.endpoint.streams else _requested_cap(ctx.body)  # embeddings generate nothing
-            bill.explicit_cap = cap is not None
-            bill.completion_cap = cap if cap is not None else self.default_cap
+            bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
         try:
             if limited:
                 await self._limits(ctx, bill, limited)
@@ -476,25 +475,3 @@ async def _all(ops: list[Awaitable[Any]]) -> list[Any]:
         except StoreUnavailable as exc:
             return [exc]
     return list(await asyncio.gather(*ops, return_exceptions=True))
-
-
-def _requested_cap(body: dict[str, Any]) -> int | None:
-    """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`), times `n`."""
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
-    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-        return None
-    n = body.get("n")
-    return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1)
-
-
-def _max_rates(targets: Any) -> tuple[float, float]:
-    """The dearest input and output rates among an alias's targets (a reservation must cover any of them)."""
-    rate_in = rate_out = 0.0
-    for target in targets:
-        price = target.price
-        if price is not None:
-            rate_in = max(rate_in, price.input_per_mtok, price.cache_write_per_mtok or 0.0)
-            rate_out = max(rate_out, price.output_per_mtok, price.reasoning_per_mtok or 0.0)
-    return rate_in, rate_out
-
-

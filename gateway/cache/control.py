@@ -10,12 +10,10 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import msgspec
-
-from ..policy.cache_schema import CacheWhenSpec
+from ..policy.cache_schema import CacheSpec, CacheWhenSpec
 from ..schemas.endpoints import Endpoint
 
-__all__ = ["HEADER", "CacheResult", "Directives", "cacheable", "directives"]
+__all__ = ["HEADER", "CachePlan", "CacheResult", "Directives", "cacheable", "directives", "plan"]
 
 HEADER = b"x-gateway-cache"
 Status = Literal["hit", "semantic-hit", "miss", "bypass"]
@@ -68,7 +66,7 @@ def directives(headers: Sequence[tuple[bytes, bytes]]) -> Directives:
     return Directives(no_cache, no_store, max_age)
 
 
-def cacheable(endpoint: Endpoint, request: msgspec.Struct | None, when: CacheWhenSpec) -> bool:
+def cacheable(endpoint: Endpoint, request: object, when: CacheWhenSpec) -> bool:
     """Whether the same request would get the same answer again (as far as the policy trusts it)."""
     if endpoint is Endpoint.EMBEDDINGS:
         return True
@@ -76,3 +74,29 @@ def cacheable(endpoint: Endpoint, request: msgspec.Struct | None, when: CacheWhe
     if (1.0 if temperature is None else temperature) <= when.max_temperature:
         return True
     return when.seed and getattr(request, "seed", None) is not None
+
+
+@dataclass(frozen=True, slots=True)
+class CachePlan:
+    """What the cache stage does with a request before any store is read: look up, store, and why.
+
+    One source of truth for the stage and for `gateway explain`/`gateway test` (which never touch a store).
+    """
+
+    lookup: bool
+    store: bool
+    reason: str
+    bypass: bool = False  # the stage does not even try (its status: `bypass`, not `miss`)
+
+
+def plan(spec: CacheSpec, endpoint: Endpoint, request: object, control: Directives) -> CachePlan:
+    """Whether an alias's cache (`spec`) would look `request` up and store its answer, given its directives."""
+    if not cacheable(endpoint, request, spec.when):
+        return CachePlan(False, False, "not cacheable (temperature above the policy's, no seed)", bypass=True)
+    if control.no_cache and control.no_store:
+        return CachePlan(False, False, "Cache-Control: no-cache, no-store", bypass=True)
+    lookup = spec.mode in ("on", "read-only") and not control.no_cache
+    store = spec.mode in ("on", "write-only") and not control.no_store
+    why = [f"mode {spec.mode}"] + [f"Cache-Control: {name}" for name, on in
+                                   (("no-cache", control.no_cache), ("no-store", control.no_store)) if on]
+    return CachePlan(lookup, store, ", ".join(why))

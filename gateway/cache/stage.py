@@ -21,7 +21,7 @@ from ..policy.cache_schema import CacheSpec
 from ..schemas.events import Chunk, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .coalesce import Flight
-from .control import HEADER, CacheResult, cacheable, directives
+from .control import HEADER, CacheResult, directives, plan
 from .entry import Entry
 from .replay import ReplaySource, assemble_body
 from .service import ResponseCache, SemanticProbe
@@ -45,12 +45,12 @@ class CacheStage:
             return await call_next(ctx)
         alias = route.alias
         control = directives(ctx.head.raw_headers)
-        if not cacheable(ctx.endpoint, ctx.request, spec.when) or (control.no_cache and control.no_store):
+        decided = plan(spec, ctx.endpoint, ctx.request, control)
+        if decided.bypass:
             return await self._pass(ctx, call_next, CacheResult("bypass"), alias)
         cache = self.cache
         key = cache.key(ctx)
-        read = spec.mode in ("on", "read-only") and not control.no_cache
-        write = spec.mode in ("on", "write-only") and not control.no_store
+        read, write = decided.lookup, decided.store
         probe: SemanticProbe | None = None
         if read:
             entry = await cache.read(key, control.max_age, alias)

@@ -77,6 +77,14 @@ class BudgetExpect(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True)
     mode: str = "hard"
 
 
+class CacheExpect(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """The cache decision; only what is given is checked."""
+
+    lookup: bool | UnsetType = UNSET  # the alias's cache would be read
+    store: bool | UnsetType = UNSET  # the answer would be stored (if whole)
+    semantic: bool | UnsetType = UNSET  # the lookup also tries prompts that mean the same
+
+
 class ExpectSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """The decisions expected; only those given are checked (`null` for `rule`: no rule matches)."""
 
@@ -92,6 +100,9 @@ class ExpectSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     guard_verdicts: dict[str, Verdict] | UnsetType = UNSET  # by guard name
     limits: dict[Scope, LimitExpect] | UnsetType = UNSET  # exactly the rate limits that apply, by scope
     budgets: dict[Scope, BudgetExpect] | UnsetType = UNSET  # exactly the budgets that apply, by scope
+    # The limit no counter could let the request through (`tpm of key ci-bot`, `budget of alias gpt-4o`); null: none.
+    limits_refused: str | UnsetType | None = UNSET
+    cache: CacheExpect | UnsetType | None = UNSET  # null: the alias has no cache (or the request never got there)
 
 
 class CaseSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -188,6 +199,8 @@ def compare(expect: ExpectSpec, d: Decisions) -> list[str]:
                    for limit in d.limits.limits} if d.limits else {},
         "budgets": {b.scope: BudgetExpect(usd=b.usd, period=b.period, mode=b.mode)
                     for b in d.limits.budgets} if d.limits else {},
+        "limits_refused": d.limits.refused if d.limits else None,
+        "cache": d.cache,
     }
     mismatches = []
     for field in msgspec.structs.fields(ExpectSpec):
@@ -197,9 +210,21 @@ def compare(expect: ExpectSpec, d: Decisions) -> list[str]:
         actual = got[field.name]
         if field.name == "guard_verdicts":  # only the guards named
             actual = {name: actual.get(name, "not run") for name in wanted}
+        elif field.name == "cache" and wanted is not None:  # only the parts named
+            actual = _named(wanted, actual)
+            wanted = _named(wanted)
         if wanted != actual:
             mismatches.append(f"{field.name}: expected {_show(wanted)}, got {_show(actual)}")
     return mismatches
+
+
+def _named(wanted: CacheExpect, actual: Any = UNSET) -> dict[str, Any] | None:
+    """The parts of a cache decision a case names: its own values, or (given `actual`) the decision's."""
+    if actual is None:
+        return None
+    names = [f.name for f in msgspec.structs.fields(CacheExpect) if getattr(wanted, f.name) is not UNSET]
+    source = wanted if actual is UNSET else actual
+    return {name: getattr(source, name) for name in names}
 
 
 def _show(value: Any) -> str:

@@ -60,8 +60,9 @@ def _load(path: Path) -> Policy | None:
 
 
 def _tokens(policy: Policy) -> TokenCounter | None:
-    """A token counter, loaded only when a rule or guard of the policy counts tokens."""
-    if not any(rule.match.needs_tokens for rule in policy.rules):
+    """A token counter, loaded only when a rule of the policy counts tokens or a limit or budget applies
+    (the accounting decision estimates the prompt)."""
+    if not policy.has_accounting and not any(rule.match.needs_tokens for rule in policy.rules):
         return None
     tokens = TokenCounter()
     tokens.load(route.upstream_model for route in policy.models.values())

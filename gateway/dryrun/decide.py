@@ -18,8 +18,11 @@ from typing import Any
 
 import msgspec
 
+from ..accounting.outright import completion_cap, max_rates, refused_outright
+from ..accounting.prompt import PromptEstimator
 from ..auth.keys import VirtualKey
-from ..errors import ContentPolicyViolation, GatewayError, NoRoute
+from ..cache.control import directives, plan
+from ..errors import BudgetExceeded, ContentPolicyViolation, GatewayError, NoRoute, RateLimited
 from ..guards.base import Finding, Where
 from ..guards.runtime import GuardRuntime
 from ..guards.stage import input_texts
@@ -42,6 +45,7 @@ from .decisions import (
     Kind,
     LimitsDecision,
     RouteDecision,
+    Scope,
     TargetsDecision,
     Verdict,
 )
@@ -51,6 +55,7 @@ __all__ = ["Decider", "DecisionRequest", "decoded", "endpoint_of"]
 _REWRITES = frozenset({"redact", "mask", "pseudonymize"})
 _RANK = {"allow": 0, "record": 1, "redact": 2, "block": 3}
 _MEMO_SIZE = 4_096
+_ScopeLimits = tuple[Scope, str, LimitSpec | None, BudgetSpec | None]  # (scope, its name, its limits, its budget)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +70,14 @@ class DecisionRequest:
     # A key created at run time (admin API) that the credential stands for: it is in the store, not the
     # policy, so a policy with `dynamic_keys` on accepts it as the live gateway found it.
     run_time_key: VirtualKey | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class _Sampling:
+    """The parts of a body the cache's `cacheable` reads (as the decoded request's attributes)."""
+
+    temperature: Any
+    seed: Any
 
 
 class _Refused(Exception):
@@ -87,6 +100,8 @@ class Decider:
         count = tokens.count if tokens is not None else (lambda text: (len(text) + 3) // 4)
         self.guards = GuardRuntime(policy.guards, metrics, count) if policy.has_guards else None
         self._limits_memo: dict[tuple[bytes, str], LimitsDecision] = {}  # both parts come from the policy
+        self._prompts = PromptEstimator(tokens) if tokens is not None else None
+        self._rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
 
     async def start(self) -> None:
         if self.guards is not None:
@@ -109,9 +124,9 @@ class Decider:
             alias = body["model"]
             stream = body.get("stream") is True
             found["auth"] = self._authorize(found["auth"], key, alias)
-            found["limits"] = self._limits(key, alias)
+            found["limits"] = self._limits(request.endpoint, body, key, alias)
             found["guards"] = await self._guards(request.endpoint, body, key, alias)
-            found["cache"] = self._cache(request.endpoint, body, key, alias)
+            found["cache"] = self._cache(request.endpoint, body, request.headers, alias)
             found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream)
         except _Refused as refused:
             error = refused.error
@@ -146,24 +161,39 @@ class Decider:
             raise _Refused("auth", model_not_found(alias), decided) from None
         return decided
 
-    def _limits(self, key: VirtualKey | None, alias: str) -> LimitsDecision:
-        """What applies (key, tenant, alias), read from the accounting shapes; live counters are not read.
-
-        EXTENSION POINT for accounting: when the enforcement stage has a pure "would this be
-        refused" check, call it here and refuse with `_Refused("limits", ...)`.
-        """
+    def _limits(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str
+                ) -> LimitsDecision:
+        """What applies (key, tenant, alias), read from the accounting shapes, and what the request would
+        reserve; refused when it needs more than a whole tpm window or hard budget. Live counters are not read."""
         memo = (key.digest if key is not None else b"", alias)
-        known = self._limits_memo.get(memo)
-        if known is not None:
-            return known
-        if len(self._limits_memo) >= _MEMO_SIZE:
-            self._limits_memo.clear()
-        known = self._limits_memo[memo] = self._applied(key, alias)
-        return known
+        applied = self._limits_memo.get(memo)
+        if applied is None:
+            if len(self._limits_memo) >= _MEMO_SIZE:
+                self._limits_memo.clear()
+            applied = self._limits_memo[memo] = self._applied(key, alias)
+        if not applied.budgets and not any(limit.tpm for limit in applied.limits):
+            return applied
+        route = self.policy.models[alias]
+        prompt = self._prompts.estimate_body(body, route.upstream_model) if self._prompts is not None else 0
+        cap, _ = completion_cap(endpoint.streams, body, self.policy.accounting.default_max_tokens)
+        rate_in, rate_out = self._rates.get(alias, (0.0, 0.0))
+        tokens, cost = prompt + cap, (prompt * rate_in + cap * rate_out) / 1_000_000
+        refused = refused_outright(self._scopes(key, alias), tokens, cost)
+        decided = LimitsDecision(limits=applied.limits, budgets=applied.budgets, tokens=tokens, max_usd=cost,
+                                 refused=f"{refused[0]} of {refused[1]} {refused[2]}" if refused else None)
+        if refused is not None:
+            what, kind, _ = refused
+            error: GatewayError = (
+                RateLimited(f"the request needs {tokens} tokens, more than the tokens per minute of this {kind}")
+                if what == "tpm" else
+                BudgetExceeded(f"the request may cost ${cost:.6f}, more than the {kind}'s whole budget"))
+            raise _Refused("limits", error, decided)
+        return decided
 
-    def _applied(self, key: VirtualKey | None, alias: str) -> LimitsDecision:
+    def _scopes(self, key: VirtualKey | None, alias: str) -> list[_ScopeLimits]:
+        """The scopes limits and budgets apply to, in the accounting stage's order (key, tenant, alias)."""
         spec = self.policy.spec
-        scopes: list[tuple[Any, str, LimitSpec | None, BudgetSpec | None]] = []
+        scopes: list[_ScopeLimits] = []
         if key is not None:
             scopes.append(("key", key.name, key.limits, key.budget))
             tenant = spec.tenants.get(key.tenant) if spec is not None else None
@@ -172,6 +202,10 @@ class Decider:
         model = spec.models.get(alias) if spec is not None else None
         if model is not None:
             scopes.append(("alias", alias, model.limits, model.budget))
+        return scopes
+
+    def _applied(self, key: VirtualKey | None, alias: str) -> LimitsDecision:
+        scopes = self._scopes(key, alias)
         limits = tuple(AppliedLimit(scope=scope, name=name, rpm=lim.rpm, tpm=lim.tpm, concurrent=lim.concurrent)
                        for scope, name, lim, _ in scopes if lim is not None)
         budgets = tuple(
@@ -211,10 +245,16 @@ class Decider:
                 f"The request was blocked by the gateway's content policy: guard {', '.join(blockers)}."), decided)
         return decided
 
-    def _cache(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str
+    def _cache(self, endpoint: Endpoint, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]], alias: str
                ) -> CacheDecision | None:
-        """EXTENSION POINT for the cache issue: whether it would look up and store (None: no cache)."""
-        return None
+        """Whether the alias's cache would look up and store (None: the alias has no cache), decided by the
+        cache stage's own `plan`; what the store holds is not read."""
+        spec = self.policy.cache.aliases.get(alias)
+        if spec is None:
+            return None
+        decided = plan(spec, endpoint, _Sampling(body.get("temperature"), body.get("seed")), directives(headers))
+        return CacheDecision(lookup=decided.lookup, store=decided.store,
+                             semantic=decided.lookup and spec.semantic is not None, reason=decided.reason)
 
     def _route(
         self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]], alias: str,

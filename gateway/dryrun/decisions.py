@@ -5,10 +5,11 @@ shadow policy compares the live policy's with a candidate's. Each kind is a stru
 with a fixed place on `Decisions`, in pipeline order; a kind that did not run (the request was
 refused earlier, or the policy has no such feature) is None.
 
-EXTENSION POINT: a new kind of decision (the cache's: would it look up, would it store) is
-  1. a struct here, tagged with its kind, and a field on `Decisions`;
-  2. one function in `dryrun.decide` (`_cache`), called at its place in `Decider.decide`;
-  3. its kind in `KINDS` (the shadow metric's label set, bounded) and a line in `dryrun.render`.
+A new kind of decision is
+  1. a struct here and a field on `Decisions`;
+  2. one function in `dryrun.decide`, called at its place in `Decider.decide`;
+  3. its kind in `KINDS` (the shadow metric's label set, bounded), a line in `dryrun.render`, and the
+     fields a case may expect in `dryrun.cases`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ __all__ = [
     "Kind",
     "LimitsDecision",
     "RouteDecision",
+    "Scope",
     "TargetsDecision",
     "Verdict",
     "disagreements",
@@ -74,10 +76,18 @@ class AppliedBudget(_Decision, frozen=True, kw_only=True):
 
 
 class LimitsDecision(_Decision, frozen=True, kw_only=True):
-    """Every limit and budget that applies to this caller and alias; none applying is an empty decision."""
+    """Every limit and budget that applies to this caller and alias; none applying is an empty decision.
+
+    Live counters are not read, so a budget's downgrade or a full window cannot be known: `tokens` and
+    `max_usd` are what the request would reserve (its prompt estimate plus its completion cap, at the
+    alias's dearest target), and `refused` names the limit that no counter could let it through (one
+    that `tokens` or `max_usd` exceeds on its own: `tpm` or `budget`, and its scope)."""
 
     limits: tuple[AppliedLimit, ...] = ()
     budgets: tuple[AppliedBudget, ...] = ()
+    tokens: int = 0  # reserved on each tokens-per-minute window (0: no tpm limit or budget applies)
+    max_usd: float = 0.0  # reserved on each budget
+    refused: str | None = None  # e.g. `tpm of alias gpt-4o`, `budget of tenant search`
 
 
 class GuardVerdict(_Decision, frozen=True, kw_only=True):
@@ -95,10 +105,13 @@ class GuardsDecision(_Decision, frozen=True, kw_only=True):
 
 
 class CacheDecision(_Decision, frozen=True, kw_only=True):
-    """EXTENSION POINT for the cache issue: whether the request would be looked up and stored."""
+    """Whether the alias's cache would look the request up and store its answer (`cache.control.plan`).
+
+    What the store holds is not read: a lookup may hit or miss, and a stored answer must still be whole."""
 
     lookup: bool = False
     store: bool = False
+    semantic: bool = False  # a lookup also tries prompts that mean the same (not only the exact request)
     reason: str = ""
 
 

@@ -20,13 +20,18 @@ def render(d: Decisions, source: str) -> list[str]:
     if d.limits is not None:
         applied = [_limit(limit) for limit in d.limits.limits] + [_budget(b) for b in d.limits.budgets]
         lines.append("limits:   " + ("; ".join(applied) if applied else "none apply"))
+        if d.limits.tokens or d.limits.max_usd:
+            lines.append(f"          reserves {d.limits.tokens} tokens, ${d.limits.max_usd:.6f} at most"
+                         + (f"; more than the whole {d.limits.refused}: refused whatever is counted"
+                            if d.limits.refused else "; what is already counted decides (not read offline)"))
     if d.guards is not None:
         each = ", ".join(f"{g.guard}: {g.verdict}" + (f" [{' '.join(g.types)}]" if g.types else "")
                          + (" (shadow)" if g.mode == "shadow" else "") for g in d.guards.guards)
         lines.append(f"guards:   {d.guards.verdict}  ({each})")
     if d.cache is not None:
         c = d.cache
-        lines.append(f"cache:    lookup {'yes' if c.lookup else 'no'}, store {'yes' if c.store else 'no'}"
+        lookup = ("yes, exact and semantic" if c.semantic else "yes, exact") if c.lookup else "no"
+        lines.append(f"cache:    lookup {lookup}, store {'yes' if c.store else 'no'}"
                      + (f" ({c.reason})" if c.reason else ""))
     if d.route is not None:
         r = d.route

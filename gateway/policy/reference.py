@@ -43,6 +43,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "PolicySpec.routing": "Defaults for every alias (retries, retry_on, deadline) and the circuit breaker.",
     "PolicySpec.rules": "Conditional routing, before the strategy: the first rule that matches wins.",
     "PolicySpec.guards": "Input and output guards (PII, secrets, injection, deny lists, size limits) by scope.",
+    "PolicySpec.accounting": "How limits and budgets are enforced (store failures, the completion tokens a request "
+                             "without `max_tokens` reserves); the limits and budgets sit on keys, tenants, aliases.",
     "ServerSpec.host": "Listen address; a non-loopback address with `auth: none` and real providers is refused.",
     "ServerSpec.port": "Listen port.",
     "ServerSpec.max_body_bytes": "Largest request body accepted; larger ones get 413.",

@@ -1,0 +1,58 @@
+"""What the accounting stage decides before any counter is read: the request's size, and refusals that
+no counter can change.
+
+A request reserves its prompt estimate plus its completion cap on every tokens-per-minute window, and its
+largest possible cost on every budget. One that needs more than a whole window or a whole hard budget is
+refused on an empty counter too, so `gateway explain`/`gateway test` can say so offline; the stage and
+the decider share these functions so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+from ..policy.accounting_schema import BudgetSpec, LimitSpec
+
+__all__ = ["completion_cap", "max_rates", "refused_outright", "requested_cap"]
+
+
+def requested_cap(body: dict[str, Any]) -> int | None:
+    """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`), times `n`."""
+    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+        return None
+    n = body.get("n")
+    return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1)
+
+
+def completion_cap(streams: bool, body: dict[str, Any], default: int) -> tuple[int, bool]:
+    """(the completion tokens reserved, whether the request set them); embeddings (no stream) generate none."""
+    cap = 0 if not streams else requested_cap(body)
+    return (cap, True) if cap is not None else (default, False)
+
+
+def max_rates(targets: Any) -> tuple[float, float]:
+    """The dearest input and output rates among an alias's targets (a reservation must cover any of them)."""
+    rate_in = rate_out = 0.0
+    for target in targets:
+        price = target.price
+        if price is not None:
+            rate_in = max(rate_in, price.input_per_mtok, price.cache_write_per_mtok or 0.0)
+            rate_out = max(rate_out, price.output_per_mtok, price.reasoning_per_mtok or 0.0)
+    return rate_in, rate_out
+
+
+def refused_outright(
+    scopes: Iterable[tuple[str, str, LimitSpec | None, BudgetSpec | None]], tokens: int, cost_usd: float,
+) -> tuple[str, str, str] | None:
+    """(what, scope kind, scope name) of the first limit (`tpm`) or hard budget (`budget`) that `tokens` or
+    `cost_usd` exceeds on its own, whatever is already counted; None when only live counters could refuse."""
+    scopes = list(scopes)
+    for kind, name, limits, _ in scopes:  # the stage asks every limit before any budget
+        if limits is not None and limits.tpm and tokens > limits.tpm:
+            return "tpm", kind, name
+    for kind, name, _, budget in scopes:
+        if budget is not None and budget.mode == "hard" and cost_usd > budget.usd:
+            return "budget", kind, name
+    return None

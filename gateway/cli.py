@@ -13,7 +13,7 @@ from typing import Any
 from . import __version__
 from .accounting.command import add_usage_command
 from .auth.keys import generate_key, hash_key
-from .dryrun.commands import add_commands
+from .dryrun.commands import add_commands, read_request_args
 from .policy import PolicyError, load_policy
 from .policy.compile import open_to_network
 from .policy.default import resolve_policy_path
@@ -165,18 +165,10 @@ def _route(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    try:
-        raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
-    except OSError as exc:
-        print(f"gateway: cannot read {args.request}: {exc}", file=sys.stderr)
+    given = read_request_args(args)
+    if given is None:
         return 2
-    headers = []
-    for header in args.header:
-        name, colon, value = header.partition(":")
-        if not colon or not name.strip():
-            print(f"gateway: --header wants 'Name: value', not {header!r}", file=sys.stderr)
-            return 2
-        headers.append((name, value))
+    raw, headers = given
     try:
         lines = explain_route(policy, raw, args.key, headers)
     except GatewayError as exc:

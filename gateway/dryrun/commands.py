@@ -69,22 +69,33 @@ def _tokens(policy: Policy) -> TokenCounter | None:
     return tokens
 
 
-def _explain(args: argparse.Namespace) -> int:
-    policy = _load(resolve_policy_path(args.policy))
-    if policy is None:
-        return 2
+
+def read_request_args(args: argparse.Namespace) -> tuple[bytes, list[tuple[str, str]]] | None:
+    """The request body (`args.request`, a file or `-` for stdin) and the `--header 'Name: value'` pairs, as
+    given; None after printing why (an unreadable file, a header without a name): the caller exits 2."""
     try:
         raw = sys.stdin.buffer.read() if str(args.request) == "-" else args.request.read_bytes()
     except OSError as exc:
         print(f"gateway: cannot read {args.request}: {exc}", file=sys.stderr)
-        return 2
+        return None
     headers = []
     for header in args.header:
         name, colon, value = header.partition(":")
         if not colon or not name.strip():
             print(f"gateway: --header wants 'Name: value', not {header!r}", file=sys.stderr)
-            return 2
-        headers.append((name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")))
+            return None
+        headers.append((name, value))
+    return raw, headers
+
+def _explain(args: argparse.Namespace) -> int:
+    policy = _load(resolve_policy_path(args.policy))
+    if policy is None:
+        return 2
+    given = read_request_args(args)
+    if given is None:
+        return 2
+    raw = given[0]
+    headers = [(name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")) for name, value in given[1]]
     key = None
     if args.key_name is not None:
         key, _, error = caller_of(policy, CallerSpec(key_name=args.key_name))

@@ -30,7 +30,13 @@ def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
     """The answer with the least room left (by share of its limit)."""
     if not answers:
         return None
+    if len(answers) == 1:
+        return answers[0]
     return min(answers, key=lambda a: a.remaining / a.limit if a.limit else 0.0)
+
+
+_NAMES = {kind: (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
+                 f"x-ratelimit-reset-{kind}".encode()) for kind in ("requests", "tokens")}
 
 
 def rate_limit_headers(
@@ -40,7 +46,7 @@ def rate_limit_headers(
     for kind, answer in (("requests", requests), ("tokens", tokens)):
         if answer is None:
             continue
-        headers.append((f"x-ratelimit-limit-{kind}".encode(), b"%d" % round(answer.limit)))
-        headers.append((f"x-ratelimit-remaining-{kind}".encode(), b"%d" % int(answer.remaining)))
-        headers.append((f"x-ratelimit-reset-{kind}".encode(), duration(answer.reset_s).encode()))
+        limit, remaining, reset = _NAMES[kind]
+        headers += ((limit, b"%d" % round(answer.limit)), (remaining, b"%d" % int(answer.remaining)),
+                    (reset, duration(answer.reset_s).encode()))
     return headers

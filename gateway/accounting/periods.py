@@ -46,5 +46,10 @@ def _calendar_period(period: str, day: int) -> tuple[str, float]:
 
 
 def day_id(now: float) -> str:
-    """The UTC day of `now`, as usage counters are keyed (YYYYMMDD)."""
-    return datetime.fromtimestamp(now, UTC).strftime("%Y%m%d")
+    """The UTC day of `now`, as usage counters are keyed (YYYYMMDD). Every request asks: formatted once a day."""
+    return _day_name(int(now // 86_400))
+
+
+@functools.lru_cache(maxsize=4)
+def _day_name(day: int) -> str:
+    return datetime.fromtimestamp(day * 86_400, UTC).strftime("%Y%m%d")

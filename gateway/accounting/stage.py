@@ -104,6 +104,7 @@ class Accounting:
         self.rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gauges: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
+        self._drift: dict[str, tuple[Any, Any]] = {}
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -145,7 +146,10 @@ class Accounting:
             return reply
         await self._answer_usage(ctx, reply)
         self._price(ctx)  # the header and the access log (telemetry) read it from the context
-        self._spawn(self._settle(ctx, bill))
+        if self.store.in_process:  # settling in memory never waits: no task needed beside the reply
+            await self._settle(ctx, bill)
+        else:
+            self._spawn(self._settle(ctx, bill))
         return reply
 
     async def _answer_usage(self, ctx: RequestContext, reply: Reply) -> None:
@@ -203,7 +207,7 @@ class Accounting:
             if limits.tpm:
                 key = f"acct:tpm:{scope.kind}:{scope.name}"
                 ops.append(("tpm", scope, key, self.store.reserve_window(key, tokens, limits.tpm, WINDOW_S)))
-        results = await _all([op for _, _, _, op in ops])
+        results = await self._all([op for _, _, _, op in ops])
         refused: tuple[str, Scope, float] | None = None
         requests: list[WindowReservation] = []
         token_windows: list[WindowReservation] = []
@@ -251,7 +255,7 @@ class Accounting:
             assert scope.budget is not None
             key, ttl = self._budget_key(scope, scope.budget, now)
             keyed.append((scope, scope.budget, key, ttl))
-        results = await _all([self.store.reserve(key, cost, budget.usd, ttl) for _, budget, key, ttl in keyed])
+        results = await self._all([self.store.reserve(key, cost, budget.usd, ttl) for _, budget, key, ttl in keyed])
         failure: BaseException | None = None
         hard: Scope | None = None
         downgrade: str | None = None
@@ -340,12 +344,21 @@ class Accounting:
             await self._quietly(self.store.settle(held.key, held.reserved, float(actual_tokens), WINDOW_S))
         for key, holder in bill.slots:
             await self._quietly(self.store.release_slot(key, holder))
+        reservation_drift, token_drift = self._drift_histograms(ctx.alias_label)
         if bill.cost_reserved > 0 and ctx.upstream_started:
-            self.metrics.reservation_drift.labels(ctx.alias_label).observe(cost / bill.cost_reserved)
+            reservation_drift.observe(cost / bill.cost_reserved)
         if usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens:
-            self.metrics.token_estimate_drift.labels(ctx.alias_label).observe(
-                bill.prompt_estimate / usage.prompt_tokens)
+            token_drift.observe(bill.prompt_estimate / usage.prompt_tokens)
         self._record(ctx, cost)
+
+    def _drift_histograms(self, alias: str) -> tuple[Any, Any]:
+        """An alias's drift histograms (label children looked up once per alias: the policy's aliases)."""
+        found = self._drift.get(alias)
+        if found is None:
+            found = (self.metrics.reservation_drift.labels(alias), self.metrics.token_estimate_drift.labels(alias))
+            if len(self._drift) < 10_000:
+                self._drift[alias] = found
+        return found
 
     async def _settle_budget(self, key: str, reserved: float, cost: float, ttl_s: float) -> None:
         try:
@@ -355,7 +368,10 @@ class Accounting:
 
     def _record(self, ctx: RequestContext, cost: float) -> None:
         usage = ctx.usage
-        named = [(s.kind, s.name) for s in scopes_for_usage(ctx)]
+        key = ctx.key
+        named = [("model", ctx.alias_label)]
+        if key is not None:
+            named += [("key", key.name), ("tenant", key.tenant)]
         delta = UsageDelta(to_units(cost), usage.prompt_tokens if usage else 0, usage.cached_tokens if usage else 0,
                            usage.completion_tokens if usage else 0, usage.reasoning_tokens if usage else 0)
         self.ledger.record(named, day_id(time.time()), delta)
@@ -365,6 +381,24 @@ class Accounting:
             await op
         except StoreUnavailable:
             self.metrics.accounting_store_errors.labels("unsettled").inc()
+
+    async def _all(self, ops: list[Awaitable[Any]]) -> list[Any]:
+        """Every result (or its `StoreUnavailable`), in order: one after the other on an in-process store
+        (nothing to overlap), at once on a remote one (one round trip's wait for all)."""
+        if len(ops) == 1 or self.store.in_process:
+            results: list[Any] = []
+            try:
+                for op in ops:
+                    try:
+                        results.append(await op)
+                    except StoreUnavailable as exc:
+                        results.append(exc)
+            finally:
+                for op in ops[len(results) + 1:]:  # a bug raised: the rest were never started
+                    if asyncio.iscoroutine(op):
+                        op.close()
+            return results
+        return list(await asyncio.gather(*ops, return_exceptions=True))
 
     def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(work)
@@ -392,14 +426,6 @@ class Accounting:
         bill.cost_reserved += step
         bill.completion_cap += self.default_cap
         return True
-
-
-def scopes_for_usage(ctx: RequestContext) -> list[Scope]:
-    """Who a request's usage is counted for: its key, its tenant, its alias."""
-    scopes = [Scope("model", ctx.alias_label, None, None)]
-    if ctx.key is not None:
-        scopes += [Scope("key", ctx.key.name, None, None), Scope("tenant", ctx.key.tenant, None, None)]
-    return scopes
 
 
 class _UsageOnly:
@@ -465,13 +491,3 @@ def _final(ctx: RequestContext, last: Chunk) -> Chunk:
     else:
         choice["text"] = ""
     return Chunk.of({**meta, "choices": [choice]})
-
-
-async def _all(ops: list[Awaitable[Any]]) -> list[Any]:
-    """Every result (or its exception), in order: one op is awaited as it is (no task), more at once."""
-    if len(ops) == 1:
-        try:
-            return [await ops[0]]
-        except StoreUnavailable as exc:
-            return [exc]
-    return list(await asyncio.gather(*ops, return_exceptions=True))

@@ -167,6 +167,12 @@ class Store(Protocol):
         ...
 
     @property
+    def in_process(self) -> bool:
+        """Whether operations complete without waiting on I/O (memory): callers then await them one after
+        the other, in line, rather than paying for tasks that would only overlap network round trips."""
+        ...
+
+    @property
     def healthy(self) -> bool:
         """Whether the last operations reached the backend (for `/readyz` and a store-up gauge)."""
         ...

@@ -59,6 +59,10 @@ class MemoryStore:
         return self._config.on_unavailable
 
     @property
+    def in_process(self) -> bool:
+        return True
+
+    @property
     def healthy(self) -> bool:
         return True
 

@@ -76,6 +76,10 @@ class RedisStore:
         return self._config.on_unavailable
 
     @property
+    def in_process(self) -> bool:
+        return False
+
+    @property
     def healthy(self) -> bool:
         return self._healthy
 

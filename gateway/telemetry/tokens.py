@@ -16,6 +16,7 @@ per process and shared.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -37,6 +38,7 @@ DOWNLOAD_TIMEOUT_S = 3.0  # the longest start-up waits for an encoding that is n
 LOCAL_LOAD_TIMEOUT_S = 60.0  # reading and parsing a cached file (a few MB) on a slow machine
 TOKENS_PER_MESSAGE = 3  # chat format overhead, as in OpenAI's cookbook (gpt-3.5-turbo-0613 and later)
 TOKENS_PER_NAME = 1
+_ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
 REPLY_PRIMING = 3  # every reply is primed with <|start|>assistant<|message|>
 
 _BLOB = "https://openaipublic.blob.core.windows.net/encodings/"
@@ -58,6 +60,7 @@ _attempts_lock = threading.Lock()
 _hint_given = False
 
 
+@functools.lru_cache(maxsize=256)  # asked per counted text; the model names are few (bounded all the same)
 def encoding_for_model(model: str) -> str:
     """The tiktoken encoding of an upstream model name (o200k_base for unknown ones)."""
     name = model.strip().lower().removeprefix("ft:").rsplit("/", 1)[-1]  # "ft:gpt-4o:org::id", "openai/gpt-4o"
@@ -131,6 +134,7 @@ class TokenCounter:
         self._loaded: dict[str, Any] = {}
         self._tried: set[str] = set()
         self._lock = threading.Lock()
+        self._roles: dict[tuple[int, str], int] = {}  # (id of the encoding, role) -> tokens, for the usual roles
 
     def load(self, models: Iterable[str] = ()) -> bool:
         """Blocking, bounded: load the default encoding and those of `models`. True when the default is exact.
@@ -197,21 +201,40 @@ class TokenCounter:
         """
         if not isinstance(messages, list):
             return 0
+        encoding = self._encoding(model)  # looked up once, not per text
+
+        def count(text: str) -> int:
+            if encoding is not None:
+                return len(encoding.encode_ordinary(text))
+            return max(1, (len(text) + 3) // 4) if text else 0
+
         total = REPLY_PRIMING
         for message in messages:
             total += TOKENS_PER_MESSAGE
             if not isinstance(message, dict):
                 continue
-            for key in ("role", "name"):
-                value = message.get(key)
-                if isinstance(value, str):
-                    total += self.count(value, model) + (TOKENS_PER_NAME if key == "name" else 0)
-            total += sum(self.count(text, model) for text in message_text([message]))
+            role = message.get("role")
+            if isinstance(role, str):
+                cached = self._roles.get((id(encoding), role))
+                if cached is None:
+                    cached = count(role)
+                    if role in _ROLES:  # a closed set: the cache stays small whatever clients send
+                        self._roles[(id(encoding), role)] = cached
+                total += cached
+            name = message.get("name")
+            if isinstance(name, str):
+                total += count(name) + TOKENS_PER_NAME
+            content = message.get("content")
+            if isinstance(content, str):
+                total += count(content)
+            elif isinstance(content, list):
+                total += sum(count(part["text"]) for part in content
+                             if isinstance(part, dict) and isinstance(part.get("text"), str))
             calls = message.get("tool_calls")
             for call in calls if isinstance(calls, list) else ():
                 function = call.get("function") if isinstance(call, dict) else None
                 if isinstance(function, dict):
-                    total += sum(self.count(function[k], model) for k in ("name", "arguments")
+                    total += sum(count(function[k]) for k in ("name", "arguments")
                                  if isinstance(function.get(k), str))
         return total
 

@@ -1,22 +1,42 @@
-"""Structured (JSON lines) logging. Records carry an optional `fields` dict; never prompt text."""
+"""Structured (JSON lines) logging. Records carry an optional `fields` dict; never prompt text.
+
+The access log writes one line per request, so its path is kept short: when logging is configured as
+`gateway serve` configures it (one `JsonLinesHandler` on the root logger, nothing added to the access
+logger), `log_access` encodes the line itself and hands it to that handler, which writes the lines of one
+event-loop turn together. The line is the one `JsonFormatter` would have made. Configured any other way
+(another handler, a test's log capture), the line goes through `logging` as any record does.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 import time
+from typing import TextIO
 
 import msgspec
 
-__all__ = ["JsonFormatter", "configure_logging"]
+__all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "log_access"]
 
 _encode = msgspec.json.Encoder().encode
+access_log = logging.getLogger("gateway.access")
+_BUFFERED_LINES = 256  # written at once past this many, without waiting for the loop turn to end
+_second: list[object] = [None, ""]  # the last whole second formatted, and its text
+
+
+def _timestamp(created: float) -> str:
+    """`2026-12-02T09:31:40.123Z` (UTC, milliseconds); the seconds part is formatted once per second."""
+    whole = int(created)
+    if _second[0] != whole:
+        _second[0], _second[1] = whole, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole))
+    return f"{_second[1]}.{int((created - whole) * 1000):03d}Z"
 
 
 class JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, object] = {
-            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "ts": _timestamp(record.created),
             "level": record.levelname.lower(),
             "logger": record.name,
             "msg": record.getMessage(),
@@ -30,11 +50,63 @@ class JsonFormatter(logging.Formatter):
         return _encode(entry).decode()
 
 
+class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """JSON lines on a stream; access lines are buffered for the rest of the event-loop turn (bounded), and
+    any other record first writes what is buffered, so lines keep their order."""
+
+    def __init__(self, stream: TextIO) -> None:
+        super().__init__(stream)
+        self.setFormatter(JsonFormatter())
+        self._pending: list[str] = []
+        self._scheduled = False
+
+    def write_line(self, line: str) -> None:
+        self._pending.append(line)
+        if len(self._pending) >= _BUFFERED_LINES:
+            self.flush()
+        elif not self._scheduled:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no loop (a test, a command): at once
+                self.flush()
+                return
+            self._scheduled = True
+            loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        self._scheduled = False
+        if self._pending:
+            lines, self._pending = "".join(self._pending), []
+            self.acquire()
+            try:
+                self.stream.write(lines)
+            finally:
+                self.release()
+        super().flush()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self._pending:
+            self.flush()
+        super().emit(record)
+
+
 def configure_logging(level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(JsonFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [JsonLinesHandler(sys.stderr)]
     root.setLevel(level)
     for noisy in ("uvicorn.access",):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def log_access(fields: dict[str, object]) -> None:
+    """One access line: straight to the configured handler when logging is as `configure_logging` left it."""
+    handlers = logging.root.handlers
+    handler = handlers[0] if len(handlers) == 1 else None
+    if (type(handler) is JsonLinesHandler and not access_log.handlers and access_log.propagate
+            and access_log.isEnabledFor(logging.INFO) and handler.level <= logging.INFO):
+        entry: dict[str, object] = {"ts": _timestamp(time.time()), "level": "info", "logger": "gateway.access",
+                                    "msg": "request"}
+        entry.update(fields)
+        handler.write_line(_encode(entry).decode() + "\n")
+        return
+    access_log.info("request", extra={"fields": fields})

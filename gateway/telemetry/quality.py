@@ -33,6 +33,41 @@ _VALIDATORS: OrderedDict[str, Any] = OrderedDict()  # schema JSON -> compiled va
 _MAX_VALIDATORS = 256
 
 
+class _Function(msgspec.Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class _Call(msgspec.Struct):
+    index: int | None = None
+    function: _Function | None = None
+
+
+class _Text(msgspec.Struct):
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[_Call] | None = None
+
+
+class _Choice(msgspec.Struct):
+    index: int = 0
+    finish_reason: str | None = None
+    text: str | None = None  # completions
+    message: _Text | None = None  # a chat answer
+    delta: _Text | None = None  # a chat chunk
+
+
+class _Choices(msgspec.Struct):
+    choices: list[_Choice] | None = None
+
+
+# Only the fields the checks read are decoded (the rest is skipped by msgspec, much faster than a whole
+# dict); an answer whose fields have other types than OpenAI's is read the slow way, as a dict.
+_decode_choices = msgspec.json.Decoder(_Choices).decode
+_decode_batch = msgspec.json.Decoder(list[_Choices]).decode
+_BATCH = 256  # stream chunks held before they are read
+
+
 class Answer:
     """The first choice of an answer, as the checks need it (built from a body or from stream chunks)."""
 
@@ -84,6 +119,44 @@ def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> Non
                 parts[0] += function["name"]
             if isinstance(function.get("arguments"), str):
                 parts.append(function["arguments"])
+
+
+def _read_typed(answer: Answer, choices: list[_Choice] | None, chat: bool, limit: int) -> None:
+    """`_read_choice` for the typed view (the same rules, on msgspec structs)."""
+    for choice in choices or ():
+        if choice.finish_reason is not None:
+            answer.finish_reasons.append(choice.finish_reason)
+        if choice.index != 0:
+            continue
+        if choice.text is not None:
+            answer.add_text(choice.text, limit)
+        message = (choice.message if choice.message is not None else choice.delta) if chat else None
+        if message is None:
+            continue
+        if message.content is not None:
+            answer.add_text(message.content, limit)
+        if message.refusal:
+            answer.refusal = True
+        for position, call in enumerate(message.tool_calls or ()):
+            parts = answer.tool_calls.setdefault(call.index if call.index is not None else position, [""])
+            if call.function is not None:
+                if call.function.name is not None:
+                    parts[0] += call.function.name
+                if call.function.arguments is not None:
+                    parts.append(call.function.arguments)
+
+
+def _read_payload(answer: Answer, payload: bytes, decoded: dict[str, Any] | None, chat: bool, delta_key: str,
+                  limit: int) -> None:
+    """Read one body or chunk: its dict when a stage decoded it already, else only the fields needed."""
+    if decoded is None:
+        try:
+            _read_typed(answer, _decode_choices(payload).choices, chat, limit)
+            return
+        except msgspec.ValidationError:
+            decoded = _decode(payload)  # unusual types: the dict reader skips what it cannot use
+    for choice in decoded.get("choices") or () if isinstance(decoded, dict) else ():
+        _read_choice(answer, choice, delta_key, limit)
 
 
 def _validator(schema: Any) -> Any:
@@ -172,6 +245,7 @@ class QualitySignals:
     def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
         self.metrics = metrics
         self.limit = max_text_bytes
+        self._series: dict[tuple[str, str], _Series] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         reply = await call_next(ctx)
@@ -181,13 +255,11 @@ class QualitySignals:
             reply.stream.add(_StreamQuality(self))
         elif reply.body is not None:
             answer = Answer()
+            chat = ctx.endpoint is Endpoint.CHAT
             try:
-                data = _decode(reply.body)
+                _read_payload(answer, reply.body, None, chat, "message" if chat else "_", self.limit)
             except msgspec.DecodeError:
                 return reply
-            key = "message" if ctx.endpoint is Endpoint.CHAT else "_"
-            for choice in data.get("choices") or () if isinstance(data, dict) else ():
-                _read_choice(answer, choice, key, self.limit)
             self.count(ctx, answer)
         return reply
 
@@ -195,35 +267,76 @@ class QualitySignals:
         labels = ctx.runtime.policy.labels
         model = labels.alias(ctx.alias_label)
         target = labels.target(ctx.target.name if ctx.target is not None else None)
-        self.metrics.quality_checked.labels(model, target).inc()
+        series = self._series.get((model, target))
+        if series is None:  # label values from the policy's bounded sets: the cache stays small
+            series = self._series[(model, target)] = _Series(self.metrics, model, target)
+        series.checked.inc()
         for reason in answer.finish_reasons:
-            self.metrics.finish_reasons.labels(model, target, reason if reason in _FINISH_REASONS else "other").inc()
+            series.child(self.metrics.finish_reasons, reason if reason in _FINISH_REASONS else "other").inc()
         for signal in signals_of(answer, ctx.body):
-            self.metrics.quality_signals.labels(model, target, signal).inc()
+            series.child(self.metrics.quality_signals, signal).inc()
+
+
+class _Series:
+    """One (alias, target)'s quality counters, looked up once rather than per answer."""
+
+    __slots__ = ("checked", "children", "model", "target")
+
+    def __init__(self, metrics: Metrics, model: str, target: str) -> None:
+        self.model, self.target = model, target
+        self.checked = metrics.quality_checked.labels(model, target)
+        self.children: dict[tuple[int, str], Any] = {}
+
+    def child(self, counter: Any, value: str) -> Any:
+        """`counter`'s child for this alias, target and `value` (a finish reason or a signal: closed sets)."""
+        found = self.children.get((id(counter), value))
+        if found is None:
+            found = self.children[(id(counter), value)] = counter.labels(self.model, self.target, value)
+        return found
 
 
 class _StreamQuality:
-    """Reads a stream's chunks into an `Answer`; counts at its end (a finished stream only)."""
+    """Keeps a stream's chunk payloads (references, no copies) and reads them in batches: at most
+    `_BATCH` held, all of a batch decoded in one call, the last ones at the end; counts a finished stream."""
 
-    __slots__ = ("answer", "stage")
+    __slots__ = ("answer", "payloads", "stage")
     reads_events = True
 
     def __init__(self, stage: QualitySignals) -> None:
         self.stage = stage
         self.answer = Answer()
+        self.payloads: list[bytes] = []
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
-        key = "delta" if ctx.endpoint is Endpoint.CHAT else "_"
+        payloads = self.payloads
         for event in events:
-            if isinstance(event, Chunk):
-                try:
-                    data = event.data()
-                except msgspec.DecodeError:
-                    continue
-                for choice in data.get("choices") or ():
-                    _read_choice(self.answer, choice, key, self.stage.limit)
+            if type(event) is Chunk:
+                payloads.append(event.payload)
+        if len(payloads) >= _BATCH:
+            self._read(ctx)
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if end.outcome == "done":
+            self._read(ctx)
             self.stage.count(ctx, self.answer)
+
+    def _read(self, ctx: RequestContext) -> None:
+        payloads, self.payloads = self.payloads, []
+        if not payloads:
+            return
+        chat = ctx.endpoint is Endpoint.CHAT
+        limit = self.stage.limit
+        try:  # decoded whole before any is read: a failure leaves the answer as it was
+            chunks = _decode_batch(b"[" + b",".join(payloads) + b"]")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            chunks = None  # one odd chunk: read them one by one (a malformed one is skipped)
+        if chunks is not None:
+            for chunk in chunks:
+                _read_typed(self.answer, chunk.choices, chat, limit)
+            return
+        for payload in payloads:
+            try:
+                _read_payload(self.answer, payload, None, chat, "delta" if chat else "_", limit)
+            except msgspec.DecodeError:
+                continue

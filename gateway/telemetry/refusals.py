@@ -46,4 +46,4 @@ _REFUSAL = re.compile(
 
 def looks_like_refusal(text: str) -> bool:
     head = text[:_HEAD_CHARS].translate(_APOSTROPHES)
-    return _REFUSAL.search(head) is not None
+    return _REFUSAL.match(head) is not None  # anchored at the start

@@ -10,9 +10,9 @@ client left before the answer as 499, a cut as 503, a bug as 500.
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..accounting.cost import request_cost
 from ..errors import GatewayError
@@ -24,13 +24,13 @@ from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
 from .feedback import FeedbackRecorder
+from .logs import log_access
 from .metrics import Finished, Metrics
 from .quality import QualitySignals
 from .tracing import SpanExporter, Tracing
 
 __all__ = ["Telemetry", "TelemetryStages", "access_fields"]
 
-access_log = logging.getLogger("gateway.access")
 GUARDS_HEADER = b"x-gateway-guards"  # set by the guard stage (not imported: it would load the guards)
 CLIENT_CLOSED = 499
 
@@ -41,6 +41,7 @@ class Telemetry:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
+        self._cost_children: dict[tuple[str, str], Any] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         self.metrics.in_flight.inc()
@@ -99,7 +100,7 @@ class Telemetry:
             ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
         ))
         if ctx.runtime.policy.server.access_log or ctx.status >= 500:
-            access_log.info("request", extra={"fields": access_fields(ctx, total, provider, target, key)})
+            log_access(access_fields(ctx, total, provider, target, key))
 
 
     def _cost(self, ctx: RequestContext, reply: Reply | None) -> None:
@@ -117,7 +118,11 @@ class Telemetry:
             metrics.cost_unpriced.labels(model).inc()
             return
         if cost:
-            metrics.cost.labels(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
+            tenant = ctx.runtime.policy.labels.tenant(ctx.tenant)
+            child = self._cost_children.get((model, tenant))
+            if child is None:  # both from the policy's bounded label sets
+                child = self._cost_children[(model, tenant)] = metrics.cost.labels(model, tenant)
+            child.inc(cost)
         if reply is not None and ctx.target is not None and ctx.upstream_started:
             ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]
 

@@ -288,6 +288,16 @@ def test_a_responses_answer_is_rewritten_everywhere_it_says_its_text() -> None:
     asyncio.run(guard_answer(runtime, guards, GuardSession(runtime.metrics), alone))
     assert alone["output_text"] == "see <DENIED_TERM>"
 
+    shadow = GuardRuntime(msgspec.convert({"global": {"deny": {
+        "kind": "denylist", "terms": ["project falcon"], "action": "redact", "mode": "shadow"}}}, GuardsSpec),
+        Metrics(), len)
+    untouched = {"output": [{"type": "message", "content": [
+        {"type": "output_text", "text": "about project falcon", "logprobs": [{"token": " falcon"}]}]}]}
+    before = msgspec.json.encode(untouched)
+    session = GuardSession(shadow.metrics)
+    asyncio.run(guard_answer(shadow, shadow.resolve("t", "a").output, session, untouched))
+    assert msgspec.json.encode(untouched) == before and session.header() == b"deny.shadow_redact=1"
+
 
 def _events(stage: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from gateway.schemas.events import DONE, Chunk
@@ -312,9 +322,11 @@ def test_responses_events_without_deltas_get_one_before_the_text_is_repeated() -
         {"type": "response.created", "response": {"id": "r1", "output": []}},
         {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
         {"type": "response.content_part.added", "output_index": 0, "content_index": 0, "part": part},
-        {"type": "response.output_text.done", "output_index": 0, "content_index": 0, "text": text},
+        {"type": "response.output_text.done", "output_index": 0, "content_index": 0, "text": text,
+         "logprobs": [{"token": " falcon", "logprob": -0.1}]},
         {"type": "response.completed", "response": {"id": "r1", "output": [item]}}])
     expected = text.replace("project falcon", "<DENIED_TERM>")
+    assert "falcon" not in msgspec.json.encode(out).decode()
     kinds = [e["type"] for e in out]
     assert kinds == ["response.created", "response.output_item.added", "response.content_part.added",
                      "response.output_text.delta", "response.output_text.done", "response.completed"]

@@ -20,8 +20,9 @@ dropped). The events that repeat a whole text (`response.output_text.done`,
 first release what their lane still holds, as one more delta event, and then
 carry exactly the text that was released, never the upstream's. Sequence
 numbers are renumbered to stay consecutive when events are dropped or added.
-When scanning guards apply, `logprobs` are emptied: their tokens are the
-upstream's text.
+`logprobs` are emptied (their tokens are the upstream's text): in a stream
+whenever a guard enforces (what is held may yet be rewritten), in an answer
+where its text was rewritten.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ _ITEM_DONE = "response.output_item.done"
 _STARTED = frozenset({"response.created", "response.queued", "response.in_progress"})
 _ENDED = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _FILTERED = {"reason": "content_filter"}
+_REWRITING = frozenset({"redact", "mask", "pseudonymize"})
 
 Ref = tuple[dict[str, Any], str, Where, bool]  # (container, key, where, JSON string): container[key] is the text
 
@@ -91,8 +93,8 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
             if any(f.action == "block" for f in enforced):
                 filtered(answer)
                 return
-            if "logprobs" in container:
-                container["logprobs"] = []
+            if "logprobs" in container and any(f.action in _REWRITING for f in enforced):
+                container["logprobs"] = []  # their tokens are the upstream's text
         container[key] = apply(text, enforced, session.pseudonyms,
                                partial(session.pseudonyms.restore, json_string=json_string))
     if parts and isinstance(answer.get("output_text"), str):
@@ -127,7 +129,7 @@ class ResponsesChunks:
 
     def __init__(self, window: Window) -> None:
         self.window = window
-        self.scrub = bool(window.guards)
+        self.scrub = any(guard.mode == "enforce" for guard in window.guards)
         self.response: dict[str, Any] = {}  # as `response.created` described it: for `response.incomplete`
         self.items: dict[int, dict[str, Any]] = {}  # output items as added (and done), by output_index
         self.ids: dict[int, str] = {}  # their ids, for the delta events the gateway adds

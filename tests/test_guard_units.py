@@ -237,3 +237,130 @@ def test_windows_are_linear_and_merge() -> None:
     big = "@" * 200_000 + " x@y " + "z" * 200_000
     assert token_windows(big, re.compile("@"))[-1][1] >= 200_005
     assert phone_windows("1 " * 100_000) == [(0, 200_000)]
+
+
+# -- the Responses API's answers and events ------------------------------------------------------------
+
+_RESPONSES_GUARDS = msgspec.convert({"global": {
+    "deny": {"kind": "denylist", "terms": ["project falcon"], "action": "redact", "places": ["output"]},
+    "secrets": {"kind": "secrets", "places": ["output"]}}}, GuardsSpec)
+_KEY = "AKIAIOSFODNN7EXAMPLQ"
+
+
+def _responses_stage() -> Any:
+    """A stream guard on a Responses stream: a denylist that redacts, secrets that block, a small window."""
+    from gateway.guards.session import GuardSession
+    from gateway.guards.stream import StreamGuard
+    from gateway.policy.guard_schema import StreamScanSpec
+    from gateway.schemas.endpoints import Endpoint
+
+    runtime = GuardRuntime(_RESPONSES_GUARDS, Metrics(), len)
+    return StreamGuard(runtime, runtime.resolve("t", "a").output, GuardSession(runtime.metrics),
+                       StreamScanSpec(window_chars=16, step_chars=4), Endpoint.RESPONSES, "m")
+
+
+def test_a_responses_answer_is_rewritten_everywhere_it_says_its_text() -> None:
+    from gateway.guards.responses import guard_answer
+    from gateway.guards.session import GuardSession
+
+    runtime = GuardRuntime(_RESPONSES_GUARDS, Metrics(), len)
+    guards = runtime.resolve("t", "a").output
+    part = {"type": "output_text", "text": "about Project Falcon", "annotations": [], "logprobs": [{"token": "Fal"}]}
+    answer = {"status": "completed", "output_text": "about Project Falcon", "output": [
+        {"type": "reasoning", "summary": []},
+        {"type": "message", "content": [part, {"type": "refusal", "refusal": "no"}]},
+        {"type": "function_call", "arguments": '{"q": "project falcon"}'}]}
+    asyncio.run(guard_answer(runtime, guards, GuardSession(runtime.metrics), answer))
+    assert part["text"] == answer["output_text"] == "about <DENIED_TERM>" and part["logprobs"] == []
+    assert answer["output"][2]["arguments"] == '{"q": "<DENIED_TERM>"}' and answer["status"] == "completed"
+
+    blocked = {"status": "completed", "output_text": f"key {_KEY}", "output": [
+        {"type": "message", "status": "completed", "content": [{"type": "output_text", "text": f"key {_KEY}"}]},
+        {"type": "function_call", "arguments": "{}"}]}
+    asyncio.run(guard_answer(runtime, guards, GuardSession(runtime.metrics), blocked))
+    assert _KEY not in msgspec.json.encode(blocked).decode()
+    assert blocked["status"] == "incomplete" and blocked["incomplete_details"] == {"reason": "content_filter"}
+    assert blocked["output"] == [{"type": "message", "status": "incomplete",
+                                  "content": [{"type": "output_text", "text": ""}]}]
+    assert blocked["output_text"] == ""
+
+    alone = {"output_text": "see project falcon"}  # a server's convenience field with no output items
+    asyncio.run(guard_answer(runtime, guards, GuardSession(runtime.metrics), alone))
+    assert alone["output_text"] == "see <DENIED_TERM>"
+
+    shadow = GuardRuntime(msgspec.convert({"global": {"deny": {
+        "kind": "denylist", "terms": ["project falcon"], "action": "redact", "mode": "shadow"}}}, GuardsSpec),
+        Metrics(), len)
+    untouched = {"output": [{"type": "message", "content": [
+        {"type": "output_text", "text": "about project falcon", "logprobs": [{"token": " falcon"}]}]}]}
+    before = msgspec.json.encode(untouched)
+    session = GuardSession(shadow.metrics)
+    asyncio.run(guard_answer(shadow, shadow.resolve("t", "a").output, session, untouched))
+    assert msgspec.json.encode(untouched) == before and session.header() == b"deny.shadow_redact=1"
+
+
+def _events(stage: Any, events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    from gateway.schemas.events import DONE, Chunk
+
+    async def run() -> list[Any]:
+        out: list[Any] = []
+        for event in [*(Chunk.of(e) for e in events), DONE]:
+            out += await stage.on_events(None, [event])
+        return out
+
+    out = asyncio.run(run())
+    assert out[-1] is DONE
+    return [e.data() for e in out if isinstance(e, Chunk)]
+
+
+def test_responses_events_without_deltas_get_one_before_the_text_is_repeated() -> None:
+    text = "a note about project falcon for everyone in the team"
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {"id": "m1", "type": "message", "status": "completed", "content": [part]}
+    stage = _responses_stage()
+    out = _events(stage, [
+        {"type": "response.created", "response": {"id": "r1", "output": []}},
+        {"type": "response.output_item.added", "output_index": 0, "item": {**item, "content": []}},
+        {"type": "response.content_part.added", "output_index": 0, "content_index": 0, "part": part},
+        {"type": "response.output_text.done", "output_index": 0, "content_index": 0, "text": text,
+         "logprobs": [{"token": " falcon", "logprob": -0.1}]},
+        {"type": "response.completed", "response": {"id": "r1", "output": [item]}}])
+    expected = text.replace("project falcon", "<DENIED_TERM>")
+    assert "falcon" not in msgspec.json.encode(out).decode()
+    kinds = [e["type"] for e in out]
+    assert kinds == ["response.created", "response.output_item.added", "response.content_part.added",
+                     "response.output_text.delta", "response.output_text.done", "response.completed"]
+    assert out[2]["part"]["text"] == ""  # a text in an opening event leaves only through the deltas
+    assert out[3] == {"type": "response.output_text.delta", "item_id": "m1", "output_index": 0, "content_index": 0,
+                      "delta": expected, "logprobs": []}
+    assert out[4]["text"] == out[5]["response"]["output"][0]["content"][0]["text"] == expected
+
+
+def test_a_responses_stream_that_ends_without_its_summary_events_still_releases_its_text() -> None:
+    stage = _responses_stage()
+    text = "the long answer goes on and on about project falcon"
+    out = _events(stage, [{"type": "response.created", "sequence_number": 0, "response": {"id": "r1"}},
+                          *({"type": "response.output_text.delta", "sequence_number": 1 + i, "output_index": 0,
+                             "content_index": 0, "item_id": "m1", "delta": text[i:i + 3]}
+                            for i in range(0, len(text), 3))])
+    assert "".join(e.get("delta", "") for e in out) == text.replace("project falcon", "<DENIED_TERM>")
+    assert [e["sequence_number"] for e in out] == list(range(len(out)))
+
+
+def test_a_blocked_responses_stream_ends_with_what_was_released() -> None:
+    stage = _responses_stage()
+    text = f"a fairly long preamble before the key {_KEY} and after"
+    out = _events(stage, [{"type": "response.created", "sequence_number": 5, "response": {"id": "r1"}},
+                          {"type": "response.output_item.added", "sequence_number": 6, "output_index": 0,
+                           "item": {"id": "f1", "type": "function_call", "arguments": ""}},
+                          *({"type": "response.function_call_arguments.delta", "sequence_number": 7 + i,
+                             "output_index": 0, "item_id": "f1", "delta": text[i:i + 2]}
+                            for i in range(0, len(text), 2))])
+    assert _KEY[:4] not in msgspec.json.encode(out).decode()
+    sent = "".join(e.get("delta", "") for e in out)
+    assert sent and text.startswith(sent)
+    last = out[-1]
+    assert last["type"] == "response.incomplete" and last["response"]["id"] == "r1"
+    assert last["response"]["output"] == [{"id": "f1", "type": "function_call", "arguments": sent,
+                                           "status": "incomplete"}]
+    assert [e["sequence_number"] for e in out] == list(range(5, 5 + len(out)))

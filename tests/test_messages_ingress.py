@@ -52,10 +52,22 @@ def ingress_policy(openai_url: str, anthropic_url: str) -> str:
           claude-tool: {{provider: claude, model: fault-echo-tool}}
           claude-529: {{provider: claude, model: fault-status-529}}
           guarded: {{provider: openai, model: mock-model}}
+          resp-out: {{provider: openai, model: fault-echo}}
+          resp-out-tool: {{provider: openai, model: fault-echo-tool}}
+          resp-pseudo: {{provider: openai, model: fault-echo}}
+          resp-pseudo-tool: {{provider: openai, model: fault-echo-tool}}
         guards:
+          stream: {{window_chars: 32, step_chars: 8}}
           models:
             guarded:
               deny: {{kind: denylist, terms: [project falcon], places: [input]}}
+            resp-out: &out
+              pii: {{kind: pii, places: [output], entities: {{EMAIL_ADDRESS: {{}}}}}}
+              secrets: {{kind: secrets, places: [output]}}
+            resp-out-tool: *out
+            resp-pseudo: &pseudo
+              pii: {{kind: pii, places: [input], action: pseudonymize, entities: {{EMAIL_ADDRESS: {{}}}}}}
+            resp-pseudo-tool: *pseudo
         """)
 
 
@@ -277,3 +289,144 @@ def test_guards_apply_to_responses(oai: openai.OpenAI) -> None:
 def test_responses_bad_input_is_a_400(oai: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError):
         oai.responses.create(model="gpt", input=[])
+
+
+# -- /v1/responses: output guards -----------------------------------------------------------------------
+
+EMAIL = "jane.doe@mailbox.org"
+SECRET = "AKIAIOSFODNN7EXAMPLQ"
+AUTH = {"Authorization": f"Bearer {FULL_KEY}"}
+
+
+def responses_stream(gw: RunningGateway, model: str, text: str, **extra: Any) -> tuple[str, list[dict[str, Any]]]:
+    """The raw SSE text of a streamed Responses answer, and its events (`[DONE]` checked and left off)."""
+    body = {"model": model, "input": text, "stream": True, **extra}
+    with httpx.stream("POST", gw.base_url + "/responses", headers=AUTH, json=body, timeout=20) as response:
+        assert response.status_code == 200
+        raw = response.read().decode()
+    frames = [frame.removeprefix("data: ") for frame in raw.split("\n\n") if frame]
+    assert frames[-1] == "[DONE]"
+    events = [json.loads(frame) for frame in frames[:-1]]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))  # consecutive, whatever was held
+    return raw, events
+
+
+def streamed_texts(events: list[dict[str, Any]]) -> dict[str, str]:
+    """Every place a streamed Responses answer says its text: the deltas, and each event that repeats it."""
+    final = events[-1]["response"]["output"]
+    return {
+        "deltas": "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta"),
+        "text.done": next(e["text"] for e in events if e["type"] == "response.output_text.done"),
+        "part.done": next(e["part"]["text"] for e in events if e["type"] == "response.content_part.done"),
+        "item.done": next(e["item"]["content"][0]["text"] for e in events if e["type"] == "response.output_item.done"),
+        "completed": final[0]["content"][0]["text"],
+    }
+
+
+def test_responses_output_redacted_not_streamed(oai: openai.OpenAI, gw: RunningGateway) -> None:
+    text = f"write to {EMAIL} today"
+    answer = oai.responses.create(model="resp-out", input=text)
+    assert answer.output_text == "write to <EMAIL_ADDRESS> today" and answer.status == "completed"
+    raw = httpx.post(gw.base_url + "/responses", headers=AUTH, json={"model": "resp-out", "input": text}, timeout=20)
+    assert EMAIL not in raw.text and "pii.redact=1" in raw.headers["x-gateway-guards"]
+
+
+def test_responses_output_block_not_streamed(oai: openai.OpenAI, gw: RunningGateway) -> None:
+    text = f"the key {SECRET} and the mail {EMAIL}"
+    raw = httpx.post(gw.base_url + "/responses", headers=AUTH, json={"model": "resp-out", "input": text}, timeout=20)
+    assert raw.status_code == 200 and SECRET not in raw.text and EMAIL not in raw.text
+    body = raw.json()
+    assert body["status"] == "incomplete" and body["incomplete_details"] == {"reason": "content_filter"}
+    assert [part["text"] for item in body["output"] for part in item["content"]] == [""]
+    answer = oai.responses.create(model="resp-out", input=text)
+    assert answer.status == "incomplete" and answer.incomplete_details is not None
+    assert answer.incomplete_details.reason == "content_filter" and answer.output_text == ""
+
+
+@pytest.mark.parametrize("size", [1, 4, 7])
+def test_responses_stream_redaction_split_at_every_offset(gw: RunningGateway, size: int) -> None:
+    for pad in range(size):
+        text = "y" * pad + f" the address is {EMAIL} and nothing else matters here at all."
+        raw, events = responses_stream(gw, "resp-out", text, echo_chunk=size)
+        assert EMAIL not in raw and "mailbox" not in raw
+        expected = text.replace(EMAIL, "<EMAIL_ADDRESS>")
+        assert set(streamed_texts(events).values()) == {expected}, streamed_texts(events)
+        assert events[-1]["type"] == "response.completed" and events[-1]["response"]["usage"]["output_tokens"] > 0
+
+
+def test_responses_stream_reassembled_by_the_sdk(oai: openai.OpenAI) -> None:
+    text = f"Write to {EMAIL} when the report is ready, and copy the team."
+    expected = text.replace(EMAIL, "<EMAIL_ADDRESS>")
+    events = list(oai.responses.create(model="resp-out", input=text, stream=True, extra_body={"echo_chunk": 3}))
+    assert "".join(e.delta for e in events if e.type == "response.output_text.delta") == expected
+    with oai.responses.stream(model="resp-out", input=text, extra_body={"echo_chunk": 5}) as stream:
+        snapshots = [e.snapshot for e in stream if e.type == "response.output_text.delta"]
+        final = stream.get_final_response()
+    assert snapshots[-1] == expected and final.output_text == expected and final.status == "completed"
+
+
+@pytest.mark.parametrize("size", [1, 4, 7])
+def test_responses_stream_block_ends_incomplete_and_sends_nothing_of_the_finding(
+        gw: RunningGateway, oai: openai.OpenAI, size: int) -> None:
+    text = f"Here is a long preamble that comes first, and then the key {SECRET} and more text after it."
+    raw, events = responses_stream(gw, "resp-out", text, echo_chunk=size)
+    assert not any(SECRET[:i] in raw for i in range(4, len(SECRET) + 1))
+    last = events[-1]
+    assert last["type"] == "response.incomplete" and last["response"]["status"] == "incomplete"
+    assert last["response"]["incomplete_details"] == {"reason": "content_filter"}
+    assert last["response"]["id"] == events[0]["response"]["id"]
+    sent = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+    assert text.startswith(sent) and last["response"]["output"][0]["content"][0]["text"] == sent
+    sdk_events = list(oai.responses.create(model="resp-out", input=text, stream=True, extra_body={"echo_chunk": size}))
+    assert sdk_events[-1].type == "response.incomplete"
+    with oai.responses.stream(model="resp-out", input=text, extra_body={"echo_chunk": size}) as stream:
+        kinds = [e.type for e in stream]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.incomplete"
+
+
+def test_responses_pseudonyms_restored_not_streamed(oai: openai.OpenAI, upstream: MockUpstream) -> None:
+    text = f"Please write to {EMAIL} soon"
+    answer = oai.responses.create(model="resp-pseudo", input=text)
+    assert upstream.requests[-1].json["input"] == "Please write to <EMAIL_ADDRESS_1> soon"
+    assert answer.output_text == text
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_responses_pseudonyms_restored_in_streams_split_at_every_offset(
+        gw: RunningGateway, upstream: MockUpstream, size: int) -> None:
+    for pad in range(0, 12, 3 if size == 1 else 1):  # the placeholder starts at every offset of a chunk
+        text = "x" * pad + f" Say hi to {EMAIL} today."
+        _, events = responses_stream(gw, "resp-pseudo", text, echo_chunk=size)
+        assert "<EMAIL_ADDRESS_1>" in upstream.requests[-1].json["input"]
+        assert set(streamed_texts(events).values()) == {text}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_function_call_arguments_redacted_and_restored(gw: RunningGateway, oai: openai.OpenAI,
+                                                                 stream: bool) -> None:
+    text = f"send it to {EMAIL} tonight"
+    for alias, expected in (("resp-out-tool", text.replace(EMAIL, "<EMAIL_ADDRESS>")), ("resp-pseudo-tool", text)):
+        if not stream:
+            raw = httpx.post(gw.base_url + "/responses", headers=AUTH, timeout=20,
+                             json={"model": alias, "input": text})
+            assert (EMAIL not in raw.text) is (alias == "resp-out-tool")
+            call = raw.json()["output"][0]
+            assert call["type"] == "function_call" and json.loads(call["arguments"]) == {"text": expected}
+            continue
+        raw_sse, events = responses_stream(gw, alias, text, echo_chunk=3)
+        assert (EMAIL not in raw_sse) is (alias == "resp-out-tool")
+        deltas = "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta")
+        done = next(e["arguments"] for e in events if e["type"] == "response.function_call_arguments.done")
+        item = next(e["item"]["arguments"] for e in events if e["type"] == "response.output_item.done")
+        final = events[-1]["response"]["output"][0]["arguments"]
+        assert {deltas, done, item, final} == {json.dumps({"text": expected})}
+        with oai.responses.stream(model=alias, input=text, extra_body={"echo_chunk": 3}) as sdk_stream:
+            answer = sdk_stream.get_final_response()
+        assert answer.output[0].type == "function_call"
+        assert json.loads(answer.output[0].arguments) == {"text": expected}
+
+
+def test_responses_stream_without_output_guards_passes_the_upstreams_bytes(gw: RunningGateway) -> None:
+    raw, events = responses_stream(gw, "guarded", "about birds")
+    assert '"type": "response.output_text.delta"' in raw  # the mock's own spacing: not re-encoded
+    assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == REPLY

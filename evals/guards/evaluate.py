@@ -29,6 +29,7 @@ from gateway.guards.verdict import resolve
 from gateway.policy import load_policy
 from gateway.policy.guard_check import NER_ENTITIES
 from gateway.policy.guard_schema import GuardsSpec, PiiGuardSpec, StreamScanSpec
+from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import DONE, Chunk
 from gateway.telemetry.metrics import Metrics
 
@@ -100,7 +101,7 @@ async def detect_pii(runtime: GuardRuntime, samples: list[dict[str, Any]]) -> di
 async def stream_once(runtime: GuardRuntime, text: str, size: int, spec: StreamScanSpec) -> str:
     """The text as a client would read it, sent upstream in pieces of `size` characters."""
     guards = tuple(g for g in runtime.resolve("t", "a").output if isinstance(g, PiiGuard))
-    stage = StreamGuard(runtime, guards, GuardSession(runtime.metrics), spec, True, "eval")
+    stage = StreamGuard(runtime, guards, GuardSession(runtime.metrics), spec, Endpoint.CHAT, "eval")
     out = []
     base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
     events: list[Any] = [Chunk.of({**base, "choices": [{"index": 0, "delta": {"content": text[i:i + size]},

@@ -9,7 +9,8 @@ has no guard passes straight through, its stream bytes untouched.
 Input: every text a request carries (message text parts, tool call arguments,
 tool results, a completion's prompt, an embedding's input) is checked and
 rewritten in `ctx.body`, the dict that is forwarded. Output: a complete answer
-is decoded, checked and re-encoded; a stream gets a `StreamGuard`.
+is decoded, checked and re-encoded (a Responses answer by `responses.py`); a
+stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from ..pipeline.runner import Next
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from .base import Finding, Part, Where
+from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
 from .stream import StreamGuard
@@ -126,7 +128,7 @@ class GuardStage:
         if reply.stream is not None:
             if guard_set.output or session.pseudonyms:
                 reply.stream.add(StreamGuard(self.guards, guard_set.output, session, self.stream_spec,
-                                             ctx.endpoint is Endpoint.CHAT, ctx.route.alias))
+                                             ctx.endpoint, ctx.route.alias))
         elif reply.body is not None and reply.status == 200 and (guard_set.output or session.pseudonyms):
             reply.body = await self._output(ctx, guard_set, session, reply.body)
         ctx.headers = [*(ctx.headers or ()), (HEADER, session.header())]
@@ -159,6 +161,11 @@ class GuardStage:
             data = _decode(body)
         except msgspec.DecodeError:
             return body
+        if ctx.endpoint is Endpoint.RESPONSES:
+            if not isinstance(data, dict):
+                return body
+            await guard_answer(self.guards, guard_set.output, session, data)
+            return _encode(data)
         choices = data.get("choices") if isinstance(data, dict) else None
         if not isinstance(choices, list):
             return body

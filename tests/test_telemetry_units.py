@@ -73,3 +73,39 @@ def test_traceparent_parsing() -> None:
     for bad in ("", "00-xyz", f"01-{trace}-{span}-01", f"00-{'0' * 32}-{span}-01", f"00-{trace}-{'0' * 16}-01",
                 f"00-{trace}-{span}-01-extra", f"00-{trace}-{span}"):
         assert parse_traceparent(bad.encode()) is None, bad
+
+
+def test_stream_quality_reads_typed_choices_batches_and_odd_chunks_in_order() -> None:
+    """Chunks the provider read (typed choices), chunks kept for a batch decode, and a chunk of unusual types
+    (read as a dict) all reach the same answer, in order; a malformed one is skipped."""
+    import asyncio
+    from types import SimpleNamespace
+    from typing import Any
+
+    import msgspec
+
+    from gateway.schemas.endpoints import Endpoint
+    from gateway.schemas.events import Chunk
+    from gateway.schemas.openai import ChunkChoicesPeek
+    from gateway.telemetry.quality import _StreamQuality
+
+    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
+        return msgspec.json.encode({"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+
+    typed = chunk({"content": "Hello"})
+    peeked = msgspec.json.decode(typed, type=ChunkChoicesPeek).choices
+    events: list[Any] = [Chunk(chunk({"role": "assistant", "content": ""})), Chunk(typed, None, peeked),
+                         Chunk(chunk({"content": ", wor"})), Chunk(b"{not json"),
+                         Chunk(chunk({"content": "ld", "tool_calls": "odd"})), Chunk(chunk({}, "stop"))]
+    stage = SimpleNamespace(limit=1 << 20)
+    reader = _StreamQuality(stage)  # type: ignore[arg-type]
+    ctx = SimpleNamespace(endpoint=Endpoint.CHAT)
+
+    async def feed() -> None:
+        await reader.on_events(ctx, events[:3])  # type: ignore[arg-type]
+        await reader.on_events(ctx, events[3:])  # type: ignore[arg-type]
+        reader._read(ctx)  # type: ignore[arg-type]
+
+    asyncio.run(feed())
+    assert "".join(reader.answer.text) == "Hello, world"
+    assert reader.answer.finish_reasons == ["stop"]

@@ -31,7 +31,7 @@ from ..policy.compiled import ProviderConfig
 from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, EventSource, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChunkPeek, UsagePeek
+from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsagePeek
 from ..schemas.responses import ResponsesPeek, responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from ..upstream.sse import DONE as DONE_PAYLOAD
@@ -44,6 +44,7 @@ __all__ = ["OpenAICompatProvider", "status_error"]
 _encode = msgspec.json.Encoder().encode
 _peek_usage = msgspec.json.Decoder(UsagePeek).decode
 _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
+_peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
 _peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
@@ -192,7 +193,7 @@ class OpenAICompatProvider:
         """The started stream's events (here: OpenAI's chunks, or the Responses API's events)."""
         if call.endpoint is Endpoint.RESPONSES:
             return TranslatedStream(self, response, deadline, idle_s, ResponsesEvents(self))
-        return _OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s)
+        return _OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s, call.read_choices)
 
     def release(self) -> None:
         """Give back the connection permit a started stream held."""
@@ -264,12 +265,15 @@ def strip_null_usage(payload: bytes) -> bytes:
 class _OpenAIStream:
     """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
 
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_provider", "_response")
+    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_peek", "_provider", "_read_choices",
+                 "_response")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
-        asked_for_usage: bool, idle_s: float,
+        asked_for_usage: bool, idle_s: float, read_choices: bool = False,
     ) -> None:
+        self._read_choices = read_choices
+        self._peek: Any = _peek_chunk_choices if read_choices else _peek_chunk
         self._idle_s = idle_s
         self._provider = provider
         self._response = response
@@ -323,12 +327,13 @@ class _OpenAIStream:
         """The events for these SSE payloads, and whether the stream is over."""
         events: list[StreamEvent] = []
         hide = self._asked_for_usage
+        read = self._read_choices
         for payload in payloads:
             if payload == DONE_PAYLOAD:
                 events.append(DONE)
                 return events, True
             try:  # every event is checked: a malformed one ends the stream cleanly (~0.5 us)
-                peek = _peek_chunk(payload)
+                peek = self._peek(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 events.append(self._fail("sent a malformed stream event"))
                 return events, True
@@ -338,14 +343,14 @@ class _OpenAIStream:
                 return events, True
             if peek.usage is not None:
                 if peek.choices:  # usage riding on a content chunk
-                    events.append(Chunk(payload))
+                    events.append(Chunk(payload, None, peek.choices) if self._read_choices else Chunk(payload))
                     events.append(UsageReport(peek.usage))
                 else:
                     events.append(UsageReport(peek.usage, payload))
                 continue
             if hide and b'"usage"' in payload:
                 payload = strip_null_usage(payload)
-            events.append(Chunk(payload))
+            events.append(Chunk(payload, None, peek.choices) if read else Chunk(payload))
         return events, False
 
     def _fail(self, what: str) -> StreamError:

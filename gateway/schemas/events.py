@@ -19,7 +19,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ..errors import GatewayError
-from .openai import Usage
+from .openai import ChoicePeek, Usage
 
 __all__ = ["DONE", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport"]
 
@@ -30,11 +30,14 @@ _encode = msgspec.json.Encoder().encode
 class Chunk:
     """One content event in OpenAI's chunk shape: its JSON bytes, decoded on demand, at most once."""
 
-    __slots__ = ("_data", "payload")
+    __slots__ = ("_data", "choices", "payload")
 
-    def __init__(self, payload: bytes, data: dict[str, Any] | None = None) -> None:
+    def __init__(self, payload: bytes, data: dict[str, Any] | None = None,
+                 choices: list[ChoicePeek] | None = None) -> None:
         self.payload = payload
         self._data = data
+        # The typed view of its choices, when the provider decoded them anyway (`Call.read_choices`).
+        self.choices = choices
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Chunk:

@@ -141,3 +141,42 @@ class ChunkPeek(Struct):
     usage: Usage | None = None
     choices: list[msgspec.Raw] | None = None
     error: ErrorPeek | None = None
+
+
+class FunctionPeek(Struct):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class ToolCallPeek(Struct):
+    index: int | None = None
+    function: FunctionPeek | None = None
+
+
+class MessagePeek(Struct):
+    content: str | None = None
+    refusal: str | None = None
+    tool_calls: list[ToolCallPeek] | None = None
+
+
+class ChoicePeek(Struct):
+    """A choice's text, tool calls and finish reason (answer or chunk; chat or completions), nothing else."""
+
+    index: int = 0
+    finish_reason: str | None = None
+    text: str | None = None  # completions
+    message: MessagePeek | None = None  # a chat answer
+    delta: MessagePeek | None = None  # a chat chunk
+
+
+class ChoicesPeek(Struct):
+    choices: list[ChoicePeek] | None = None
+
+
+class ChunkChoicesPeek(Struct):
+    """`ChunkPeek` with the choices read too: decoded instead of it when a stage reads every chunk's text
+    (quality signals), which then costs that stage no second decode."""
+
+    usage: Usage | None = None
+    choices: list[ChoicePeek] | None = None
+    error: ErrorPeek | None = None

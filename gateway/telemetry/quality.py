@@ -22,6 +22,7 @@ from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
+from ..schemas.openai import ChoicePeek, ChoicesPeek
 from .metrics import Metrics
 from .refusals import looks_like_refusal
 
@@ -33,38 +34,11 @@ _VALIDATORS: OrderedDict[str, Any] = OrderedDict()  # schema JSON -> compiled va
 _MAX_VALIDATORS = 256
 
 
-class _Function(msgspec.Struct):
-    name: str | None = None
-    arguments: str | None = None
-
-
-class _Call(msgspec.Struct):
-    index: int | None = None
-    function: _Function | None = None
-
-
-class _Text(msgspec.Struct):
-    content: str | None = None
-    refusal: str | None = None
-    tool_calls: list[_Call] | None = None
-
-
-class _Choice(msgspec.Struct):
-    index: int = 0
-    finish_reason: str | None = None
-    text: str | None = None  # completions
-    message: _Text | None = None  # a chat answer
-    delta: _Text | None = None  # a chat chunk
-
-
-class _Choices(msgspec.Struct):
-    choices: list[_Choice] | None = None
-
-
 # Only the fields the checks read are decoded (the rest is skipped by msgspec, much faster than a whole
 # dict); an answer whose fields have other types than OpenAI's is read the slow way, as a dict.
-_decode_choices = msgspec.json.Decoder(_Choices).decode
-_decode_batch = msgspec.json.Decoder(list[_Choices]).decode
+_decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
+_decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
+_CHECKED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 _BATCH = 256  # stream chunks held before they are read
 
 
@@ -121,7 +95,7 @@ def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> Non
                 parts.append(function["arguments"])
 
 
-def _read_typed(answer: Answer, choices: list[_Choice] | None, chat: bool, limit: int) -> None:
+def _read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, limit: int) -> None:
     """`_read_choice` for the typed view (the same rules, on msgspec structs)."""
     for choice in choices or ():
         if choice.finish_reason is not None:
@@ -248,8 +222,13 @@ class QualitySignals:
         self._series: dict[tuple[str, str], _Series] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+        if ctx.endpoint not in _CHECKED:  # embeddings have no text; Responses answers have no `choices`
+            return await call_next(ctx)
+        # A stream's chunks: the provider's per-chunk decode reads their choices too, no second decode here
+        # (set before the body is read: whether it streams is not known yet; a complete answer ignores it).
+        ctx.read_choices = True
         reply = await call_next(ctx)
-        if ctx.endpoint is Endpoint.EMBEDDINGS or reply.status != 200:
+        if reply.status != 200:
             return reply
         if reply.stream is not None:
             reply.stream.add(_StreamQuality(self))
@@ -311,7 +290,13 @@ class _StreamQuality:
         payloads = self.payloads
         for event in events:
             if type(event) is Chunk:
-                payloads.append(event.payload)
+                if event.choices is not None:  # the provider read them for us (`ctx.read_choices`)
+                    if payloads:
+                        self._read(ctx)  # what came before it first: text stays in order
+                        payloads = self.payloads
+                    _read_typed(self.answer, event.choices, ctx.endpoint is Endpoint.CHAT, self.stage.limit)
+                else:
+                    payloads.append(event.payload)
         if len(payloads) >= _BATCH:
             self._read(ctx)
         return events

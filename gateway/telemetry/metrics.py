@@ -23,7 +23,9 @@ histograms, so every histogram has explicit buckets chosen for LLM latencies.
 from __future__ import annotations
 
 import os
+from bisect import bisect_left
 from dataclasses import dataclass
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
@@ -52,23 +54,64 @@ HTTP_REFUSED = Counter(
 )
 
 
+class _Observe:
+    """A labelled histogram child's `observe` without prometheus_client's per-call checks: the bucket found
+    by bisection and the two values added directly (the same values the library's own `observe` adds;
+    checked by a test against it). A library without these internals gets the child itself."""
+
+    __slots__ = ("bounds", "buckets", "sum")
+
+    def __init__(self, bounds: list[float], buckets: list[Any], total: Any) -> None:
+        self.bounds, self.buckets, self.sum = bounds, buckets, total
+
+    @staticmethod
+    def of(child: Any) -> Any:
+        bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
+        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+            return child
+        return _Observe(list(bounds), list(buckets), total)
+
+    def observe(self, amount: float) -> None:
+        index = bisect_left(self.bounds, amount)  # the first bucket whose bound >= amount (the last is +Inf)
+        if index < len(self.buckets):
+            self.buckets[index].inc(1)
+        self.sum.inc(amount)
+
+
+class _Increment:
+    """A labelled counter child's `inc` without the per-call checks (amounts here are never negative)."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    @staticmethod
+    def of(child: Any) -> Any:
+        value = getattr(child, "_value", None)
+        return _Increment(value) if value is not None and hasattr(value, "inc") else child
+
+    def inc(self, amount: float = 1) -> None:
+        self.value.inc(amount)
+
+
 @dataclass(frozen=True, slots=True)
 class _Series:
     """The labelled children one finished request touches, looked up once per label combination."""
 
-    requests: Counter
-    duration: Histogram
-    upstream: Histogram | None
-    overhead: Histogram
-    first_chunk: Histogram
-    prompt_tokens: Counter
-    completion_tokens: Counter
-    tenant_requests: Counter
-    operation: Histogram | None
-    input_usage: Histogram
-    output_usage: Histogram
-    per_token: Histogram
-    error: Counter | None
+    requests: Any  # counters: `inc`; histograms: `observe` (see `_Increment`, `_Observe`)
+    duration: Any
+    upstream: Any | None
+    overhead: Any
+    first_chunk: Any
+    prompt_tokens: Any
+    completion_tokens: Any
+    tenant_requests: Any
+    operation: Any | None
+    input_usage: Any
+    output_usage: Any
+    per_token: Any
+    error: Any | None
 
 
 @dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, once per request
@@ -393,20 +436,21 @@ class Metrics:
         operation = _OPERATIONS.get(endpoint, endpoint)
         error_type = done.error or ("_OTHER" if done.status >= 400 else "")
         upstream = done.provider is not None
+        observe, inc = _Observe.of, _Increment.of
         return _Series(
-            self.requests.labels(endpoint, model, str(done.status)),
-            self.duration.labels(endpoint, model),
-            self.upstream_duration.labels(done.provider) if upstream else None,
-            self.overhead.labels(endpoint),
-            self.first_chunk.labels(model, target),
-            self.tokens.labels(model, "prompt"),
-            self.tokens.labels(model, "completion"),
-            self.tenant_requests.labels(done.tenant, done.key, model, str(done.status)),
-            self.operation_duration.labels(operation, model, target, error_type) if upstream else None,
-            self.token_usage.labels(operation, model, target, "input"),
-            self.token_usage.labels(operation, model, target, "output"),
-            self.time_per_output_token.labels(model, target),
-            self.errors.labels(model, done.error) if done.error is not None else None,
+            inc(self.requests.labels(endpoint, model, str(done.status))),
+            observe(self.duration.labels(endpoint, model)),
+            observe(self.upstream_duration.labels(done.provider)) if upstream else None,
+            observe(self.overhead.labels(endpoint)),
+            observe(self.first_chunk.labels(model, target)),
+            inc(self.tokens.labels(model, "prompt")),
+            inc(self.tokens.labels(model, "completion")),
+            inc(self.tenant_requests.labels(done.tenant, done.key, model, str(done.status))),
+            observe(self.operation_duration.labels(operation, model, target, error_type)) if upstream else None,
+            observe(self.token_usage.labels(operation, model, target, "input")),
+            observe(self.token_usage.labels(operation, model, target, "output")),
+            observe(self.time_per_output_token.labels(model, target)),
+            inc(self.errors.labels(model, done.error)) if done.error is not None else None,
         )
 
 

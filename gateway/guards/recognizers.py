@@ -20,9 +20,11 @@ import regex  # type: ignore[import-untyped]  # presidio matches with it; no stu
 from presidio_analyzer import Pattern, PatternRecognizer, RecognizerResult
 from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
 
+from .gates import OTHER, AllGates, AnyGates, Gate, ShapeGate, WordGate, letters, literal
+
 __all__ = [
-    "VALIDATORS", "ContextRecognizer", "EmailWindows", "IpWindows", "PhoneWindows", "gateway_recognizers", "iban_ok",
-    "luhn_ok", "phone_windows", "token_windows",
+    "BUILTIN_GATES", "VALIDATORS", "ContextRecognizer", "EmailWindows", "IpWindows", "PhoneWindows",
+    "gateway_recognizers", "iban_ok", "luhn_ok", "phone_windows", "token_windows",
 ]
 
 
@@ -72,12 +74,15 @@ class ContextRecognizer(PatternRecognizer):
     `context`: words that raise the score by `boost` when found within `window` characters.
     `required`: the match is dropped unless a context word is near. `negative`: words that
     lower the score (a company's address). `validator`: a checksum the match must pass.
+    `shape`: a gate no match can get past without (`gates.py`); `gate` adds the context words when
+    they are required, and is what the patterns engine tests before calling `analyze`.
     """
 
     def __init__(
         self, entity: str, name: str, patterns: Sequence[Pattern], *, language: str = "en",
         context: Sequence[str] = (), required: bool = False, negative: Sequence[str] = (), window: int = 48,
         boost: float = 0.35, validator: Callable[[str], bool] | None = None, deny_list: Sequence[str] = (),
+        shape: Gate | None = None,
     ) -> None:
         patterns = list(patterns)
         if deny_list:  # whole words, any case (presidio's own deny list follows the recognizer's flags)
@@ -92,6 +97,9 @@ class ContextRecognizer(PatternRecognizer):
         self._window = window
         self._boost = boost
         self._check = validator
+        self.gate = shape
+        if required and context:
+            self.gate = WordGate(context) if shape is None else AllGates(shape, WordGate(context))
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None,
                 regex_flags: int | None = None) -> list[RecognizerResult]:
@@ -125,10 +133,12 @@ def _words(words: Sequence[str]) -> re.Pattern[str] | None:
     return re.compile(r"(?i)(?<!\w)(?:" + "|".join(re.escape(w) for w in words) + r")(?!\w)")
 
 
+_MONTHS = ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec", "januar", "februar",
+           "märz", "mai", "juni", "juli", "oktober", "dezember", "janvier", "février", "mars", "avril", "juin",
+           "juillet", "août", "septembre", "octobre", "novembre", "décembre", "enero", "febrero", "marzo", "abril",
+           "mayo", "junio", "julio", "agosto", "septiembre", "octubre", "noviembre", "diciembre")
 _DATE = (r"(?i:\d{4}-\d{2}-\d{2}|\d{1,2}[./-]\d{1,2}[./-](?:19|20)\d{2}|"
-         r"(?:\d{1,2}(?:st|nd|rd|th)?\s+)?(?:jan|feb|mar|apr|may|jun|jul|aug|sep|oct|nov|dec|januar|februar|märz|"
-         r"mai|juni|juli|oktober|dezember|janvier|février|mars|avril|juin|juillet|août|septembre|octobre|novembre|"
-         r"décembre|enero|febrero|marzo|abril|mayo|junio|julio|agosto|septiembre|octubre|noviembre|diciembre)"
+         rf"(?:\d{{1,2}}(?:st|nd|rd|th)?\s+)?(?:{'|'.join(_MONTHS)})"
          r"[a-z]*\.?\s+(?:\d{1,2}(?:st|nd|rd|th)?,?\s+)?(?:19|20)\d{2})")
 _DOB_WORDS = ("born", "birth", "birthday", "dob", "d.o.b", "date of birth", "birthdate", "geboren", "geb.",
               "geburtsdatum", "né", "née", "naissance", "nacido", "nacida", "nacimiento", "nato", "nata",
@@ -137,17 +147,21 @@ _STREET_SUFFIX = (r"(?i:street|st|avenue|ave|road|rd|boulevard|blvd|lane|ln|driv
                   r"terrace|close|crescent|parkway|pkwy|highway|hwy|square|sq|row|circle|cir|trail)\.?")
 _CITY_TAIL = (r"(?:,?\s+(?i:apt\.?|suite|unit|flat)\s*\w+)?(?:,\s*[A-Z][\w'-]*(?:\s[A-Z][\w'-]*){0,2}){0,2}"
               r"(?:,?\s+[A-Z]{2})?(?:\s+\d{5}(?:-\d{4})?|\s+[A-Z]{1,2}\d[A-Z\d]?\s\d[A-Z]{2})?")
+_STREET_WORDS = ("straße", "strasse", "str.", "weg", "gasse", "platz", "allee", "ring", "damm", "gracht", "straat",
+                 "laan", "plein", "vej", "gade", "gatan", "vägen")
+_STREETS_BEFORE = ("Calle", "Avenida", "Av.", "Paseo", "Plaza", "Via", "Viale", "Piazza", "Corso", "Rua", "Travessa")
+_VOIE_WORDS = ("rue", "avenue", "boulevard", "bd", "place", "chemin", "allée", "impasse", "quai")
 _ADDRESS = [
     # 221B Baker Street, London NW1 6XE / 742 Evergreen Terrace, Springfield, IL 62704
     rf"\b\d{{1,5}}[A-Za-z]?\s+(?:[A-Z][\w'.-]*\s+){{1,4}}{_STREET_SUFFIX}\b{_CITY_TAIL}",
     # Hauptstraße 12, 10115 Berlin / Keizersgracht 123, 1015 CJ Amsterdam
-    r"\b[A-ZÄÖÜ][\wäöüß-]*(?:straße|strasse|str\.|weg|gasse|platz|allee|ring|damm|gracht|straat|laan|plein|"
-    r"vej|gade|gatan|vägen)\s+\d{1,4}[a-z]?(?:,\s*(?:\d{4,5}|\d{3}\s\d{2})(?:\s?[A-Z]{2})?\s+[A-ZÄÖÜ][\wäöü-]+)?",
+    rf"\b[A-ZÄÖÜ][\wäöüß-]*(?:{'|'.join(regex.escape(w) for w in _STREET_WORDS)})\s+\d{{1,4}}[a-z]?"
+    r"(?:,\s*(?:\d{4,5}|\d{3}\s\d{2})(?:\s?[A-Z]{2})?\s+[A-ZÄÖÜ][\wäöü-]+)?",
     # 12 rue de la Paix, 75002 Paris / Calle Mayor 5, 28013 Madrid / Via Roma 10, 00184 Roma
-    r"(?i:\b\d{1,4},?\s+(?:rue|avenue|boulevard|bd|place|chemin|allée|impasse|quai)(?:\s+[\w'-]+){1,5}?)"
+    rf"(?i:\b\d{{1,4}},?\s+(?:{'|'.join(_VOIE_WORDS)})(?:\s+[\w'-]+){{1,5}}?)"
     r"(?=\s*(?:[,.;|\"]|$))"
     r"(?:,\s*\d{5}\s+[A-Z][\w-]+)?",
-    r"\b(?:Calle|Avenida|Av\.|Paseo|Plaza|Via|Viale|Piazza|Corso|Rua|Travessa)\s+(?:[\w'-]+\s+){0,4}?\d{1,4}"
+    rf"\b(?:{'|'.join(regex.escape(w) for w in _STREETS_BEFORE)})\s+(?:[\w'-]+\s+){{0,4}}?\d{{1,4}}"
     r"(?:,\s*\d{4,5}(?:-\d{3})?\s+[A-Z][\w-]+)?",
 ]
 _COMPANY_WORDS = ("inc", "inc.", "ltd", "llc", "gmbh", "corp", "corporation", "headquarters", "headquartered", "hq",
@@ -175,6 +189,50 @@ _GOV_IDS: list[tuple[str, str, float, Sequence[str], bool, Callable[[str], bool]
      ("driver's license", "drivers license", "driver license", "driving licence", "führerschein", "dl#", "dl no"),
      True, None),
 ]
+# Gate patterns over a shape (`gates.py`: `0` is a digit, DEL any non-ASCII character): what each
+# recognizer's match must contain, with its word boundaries and look-arounds left out.
+_S = rf"[\s{OTHER}]"  # a space, as `\s` in any of the regexes (`regex`'s \s is a subset of stdlib's + DEL)
+_GOV_ID_SHAPES: dict[str, tuple[str, ...]] = {
+    "us_ssn": ("000-00-0000",),
+    "us_ssn_plain": ("000000000",),
+    "uk_nino": (rf"00{_S}?00{_S}?00",),
+    "passport": ("000000",),  # both alternatives hold six digits in a row
+    "es_dni": ("00000000",),
+    "it_cf": ("00[A-Z]00[A-Z]000",),
+    "br_cpf": (r"000\.000\.000-00",),
+    "de_taxid": (rf"00{_S}?000{_S}?000{_S}?000",),
+    "fr_nir": (rf"0{_S}?00{_S}?00{_S}?00{_S}?000{_S}?000{_S}?00",),
+    "in_aadhaar": (rf"0000{_S}0000{_S}0000",),
+    "ca_sin": ("000[ -]000[ -]000",),
+    "nl_bsn": ("000000000",),
+    "driver_license": ("00000", "000-0000-0000"),
+}
+_LETTER = f"[A-Za-z{OTHER}]"
+
+
+def _month_ends() -> str:
+    """Lookbehinds, one per length, for a run of letters that ends (backwards: starts) with a month."""
+    by_length: dict[int, list[str]] = {}
+    for month in _MONTHS:
+        by_length.setdefault(len(month), []).append(letters(month[::-1]))
+    return "(?:" + "|".join(f"(?<={'|'.join(ms)})" for _, ms in sorted(by_length.items())) + ")"
+  # a letter under IGNORECASE (K, the Kelvin sign, folds to k)
+_DOB_SHAPE = AnyGates(
+    ShapeGate("0000-00-00", "0[./-]00?[./-]0000"),
+    # The month-name form, backwards: year, spaces, maybe a day, spaces, a word that starts with a month.
+    # In an ASCII text that word is the whole run of letters (the date starts at a word boundary), so the
+    # run is taken whole and its end tested, instead of trying every month at every letter.
+    ShapeGate((rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?[A-Za-z]*+{_month_ends()}",
+               rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?{_LETTER}*"
+               rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})"), backwards=True),
+)
+_ADDRESS_SHAPE = AnyGates(
+    ShapeGate(rf"0[A-Za-z]?{_S}+[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})"),
+    ShapeGate(  # backwards: the house number, then the street word (Hauptstraße 12, Calle Mayor 5)
+        rf"0{_S}+(?:{'|'.join(literal(w[::-1]) for w in _STREET_WORDS)})",
+        rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{'|'.join(literal(w[::-1]) for w in _STREETS_BEFORE)})",
+        backwards=True),
+)
 _CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"
 _PHONE_INTL = r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w.-]?\d)"
 _PHONE_WORDS = ("phone", "tel", "tel.", "mobile", "cell", "call", "telefon", "téléphone", "teléfono", "handy",
@@ -188,24 +246,26 @@ def gateway_recognizers(language: str, entities: set[str]) -> list[PatternRecogn
     out: list[PatternRecognizer] = []
     if "DATE_OF_BIRTH" in entities:
         out.append(ContextRecognizer("DATE_OF_BIRTH", "gateway.dob", [Pattern("date", rf"\b{_DATE}\b", 0.3)],
-                                     language=language, context=_DOB_WORDS, required=True, window=40, boost=0.5))
+                                     language=language, context=_DOB_WORDS, required=True, window=40, boost=0.5,
+                                     shape=_DOB_SHAPE))
     if "STREET_ADDRESS" in entities:
         out.append(ContextRecognizer(
             "STREET_ADDRESS", "gateway.address", [Pattern(f"address{i}", rx, 0.65) for i, rx in enumerate(_ADDRESS)],
             language=language, context=("address", "live", "lives", "living", "moved", "ship to", "deliver",
                                         "adresse", "wohne", "wohnt", "dirección", "indirizzo", "home"),
-            negative=_COMPANY_WORDS, window=60, boost=0.2))
+            negative=_COMPANY_WORDS, window=60, boost=0.2, shape=_ADDRESS_SHAPE))
     if "GOV_ID" in entities:
         for name, regex, score, context, required, validator in _GOV_IDS:
             out.append(ContextRecognizer("GOV_ID", f"gateway.{name}", [Pattern(name, regex, score)], language=language,
                                          context=context, required=required, window=40, boost=0.5,
-                                         validator=validator))
+                                         validator=validator, shape=ShapeGate(*_GOV_ID_SHAPES[name])))
     if "CREDIT_CARD" in entities:  # brands presidio's card pattern misses: Mastercard 2-series, UnionPay, Maestro
         out.append(ContextRecognizer("CREDIT_CARD", "gateway.card", [Pattern("iin", _CARD, 0.9)], language=language,
-                                     validator=luhn_ok))
+                                     validator=luhn_ok, shape=ShapeGate("0000[ -]?0000[ -]?0000[ -]?0000")))
     if "PHONE_NUMBER" in entities:  # international numbers that libphonenumber does not know as valid
         out.append(ContextRecognizer("PHONE_NUMBER", "gateway.phone_intl", [Pattern("intl", _PHONE_INTL, 0.45)],
-                                     language=language, context=_PHONE_WORDS, window=30, boost=0.3))
+                                     language=language, context=_PHONE_WORDS, window=30, boost=0.3,
+                                     shape=ShapeGate(r"\+0")))
     if "PERSONAL_URL" in entities:
         out.append(ContextRecognizer("PERSONAL_URL", "gateway.personal_url", [Pattern("social", _PERSONAL_URL, 0.7)],
                                      language=language))
@@ -219,6 +279,22 @@ PHONE_MIN_DIGITS = 7
 # extension) with at least that many digits, from its start: a phone number never spans a letter, so such
 # a run holds every candidate whole. The two classes do not overlap, so the scan is linear.
 _RUN = re.compile(rf"(?<![\W\d_xX])(?:[\W_xX]*\d){{{PHONE_MIN_DIGITS}}}[\W\d_xX]*")
+
+
+# Gates for presidio's own recognizers, by name (`gates.py`; the windowed e-mail and IP recognizers look
+# for their triggers themselves). Their patterns: `CreditCardRecognizer().patterns` and so on.
+BUILTIN_GATES: dict[str, ShapeGate] = {
+    # 4 digits, 3 to 4, 3 to 4, 3 to 5, each group after an optional space or hyphen
+    "CreditCardRecognizer": ShapeGate("0000[- ]?0000?[- ]?0000?[- ]?000"),
+    # \d{5}-\d{4}, \d{3}-\d{6}, \d{3}-\d{2}-\d{4}, \d{9}, \d{3}[- .]\d{2}[- .]\d{4}
+    "UsSsnRecognizer": ShapeGate("000(?:00-0000|-000000|[- .]00[- .]0000|000000)"),
+    # two capital letters and two digits (case matters: its flags have no IGNORECASE)
+    "IbanRecognizer": ShapeGate(f"00(?<=[A-Z{OTHER}][A-Z{OTHER}]00)"),
+    # `phone_windows` is empty unless a letter-free stretch holds `PHONE_MIN_DIGITS` digits (letters: `_RUN`'s)
+    # (possessive for ASCII texts, where no other character can be a digit: linear)
+    "PhoneRecognizer": ShapeGate((rf"0(?:[^A-WYZa-wyz0]*+0){{{PHONE_MIN_DIGITS - 1}}}",
+                                  rf"[0{OTHER}](?:[^A-WYZa-wyz]*[0{OTHER}]){{{PHONE_MIN_DIGITS - 1}}}")),
+}
 
 
 def phone_windows(text: str) -> list[tuple[int, int]]:

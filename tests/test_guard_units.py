@@ -216,7 +216,11 @@ def test_windowed_recognizers_find_what_presidio_finds() -> None:
                 long = [r for r in want if sum(c.isdigit() for c in text[r.start:r.end]) >= PHONE_MIN_DIGITS]
                 assert all(r in inside for r in long), text  # no number of seven digits or more is missed
                 want = inside
-            assert _spans(windowed.analyze(text, windowed.supported_entities, None)) == _spans(want), text
+            got = windowed.analyze(text, windowed.supported_entities, None)
+            assert _spans(got) == _spans(want), text
+            # the explanations that the `ner` engine's context enhancer reads are there, as presidio's
+            assert sorted((r.start, r.analysis_explanation.score, r.analysis_explanation.pattern_name) for r in got) \
+                == sorted((r.start, r.analysis_explanation.score, r.analysis_explanation.pattern_name) for r in want)
             seen += len(want)
     assert seen > 100  # the samples do hold phones, e-mails and addresses
 

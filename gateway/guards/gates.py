@@ -23,7 +23,7 @@ import re
 from collections.abc import Callable, Sequence
 from re import _casefix  # type: ignore[attr-defined]  # the stdlib's own table of extra case equivalences
 
-__all__ = ["OTHER", "AllGates", "AnyGates", "Gate", "ShapeGate", "TextShape", "WordGate", "fold", "letters", "literal"]
+__all__ = ["OTHER", "AllGates", "Gate", "ShapeGate", "TextShape", "WordGate", "fold", "letters", "literal"]
 
 _DIGITS = str.maketrans("123456789", "000000000")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
@@ -75,37 +75,38 @@ class TextShape:
         return self._folded
 
 
-class ShapeGate:
-    """Open when one of `patterns` (stdlib regexes over a shape, `0` for a digit) is found in it.
-
-    Written with `0` for a digit outside character classes only, so that the form for non-ASCII texts
-    can accept DEL there too; classes of letters and spaces list DEL themselves. A pattern given as a
-    pair is (the form for ASCII texts, the form for the others), for a form that cannot be derived.
-    `backwards`: the patterns are searched in the reversed shape (and written reversed), so that they
-    can start with a digit, which the regex engine looks for at C speed.
-    Patterns start with a literal where they can: a search for one is a fast scan, a search for a class
-    tries every position.
-    """
-
-    __slots__ = ("ascii", "backwards", "other")
-
-    def __init__(self, *patterns: str | tuple[str, str], backwards: bool = False) -> None:
-        pairs = [p if isinstance(p, tuple) else (p, _ANY_DIGIT.sub(_widen, p)) for p in patterns]
-        self.ascii = [re.compile(a) for a, _ in pairs]
-        self.other = [re.compile(o) for _, o in pairs]
-        self.backwards = backwards
-
-    def __call__(self, text: TextShape) -> bool:
-        shape = text.backwards if self.backwards else text.shape
-        return any(p.search(shape) is not None for p in (self.ascii if text.ascii else self.other))
-
-
 # A `0` outside a class or a `{m,n}`: the digit that the form for non-ASCII texts widens to DEL as well.
 _ANY_DIGIT = re.compile(r"\\.|\[(?:\\.|[^\]])*\]|\{[^}]*\}|0")
 
 
 def _widen(match: re.Match[str]) -> str:
     return f"[0{OTHER}]" if match.group() == "0" else match.group()
+
+
+class ShapeGate:
+    """Open when one of `patterns` (stdlib regexes over a shape, `0` for a digit) is found in it.
+
+    Written with `0` for a digit outside character classes only, so that the form for non-ASCII texts
+    can accept DEL there too; classes of letters and spaces list DEL themselves. A pattern given as a
+    pair is (the form for ASCII texts, the form for the others), for a form that cannot be derived.
+    `backwards`: more patterns, searched in the reversed shape (and written reversed), so that they can
+    start with a digit, which the regex engine looks for at C speed (a search for a literal is a fast
+    scan; a search for a class tries every position).
+    """
+
+    __slots__ = ("ascii", "other")
+
+    def __init__(self, *patterns: str | tuple[str, str], backwards: Sequence[str | tuple[str, str]] = ()) -> None:
+        marked = [(p, False) for p in patterns] + [(p, True) for p in backwards]
+        pairs = [(p if isinstance(p, tuple) else (p, _ANY_DIGIT.sub(_widen, p)), back) for p, back in marked]
+        self.ascii = tuple((re.compile(a), back) for (a, _), back in pairs)
+        self.other = tuple((re.compile(o), back) for (_, o), back in pairs)
+
+    def __call__(self, text: TextShape) -> bool:
+        for pattern, back in self.ascii if text.ascii else self.other:
+            if pattern.search(text.backwards if back else text.shape) is not None:
+                return True
+        return False
 
 
 class WordGate:
@@ -119,7 +120,10 @@ class WordGate:
 
     def __call__(self, text: TextShape) -> bool:
         folded = text.folded
-        return any(w in folded for w in self.words)
+        for word in self.words:
+            if word in folded:
+                return True
+        return False
 
 
 Gate = Callable[[TextShape], bool]
@@ -134,19 +138,10 @@ class AllGates:
         self.gates = gates
 
     def __call__(self, text: TextShape) -> bool:
-        return all(gate(text) for gate in self.gates)
-
-
-class AnyGates:
-    """Open when one of its gates is."""
-
-    __slots__ = ("gates",)
-
-    def __init__(self, *gates: Gate) -> None:
-        self.gates = gates
-
-    def __call__(self, text: TextShape) -> bool:
-        return any(gate(text) for gate in self.gates)
+        for gate in self.gates:
+            if not gate(text):
+                return False
+        return True
 
 
 def letters(word: str) -> str:

@@ -133,6 +133,9 @@ def build_analyzer(engine: Engine) -> Any:
                 language=lang, context=spec.context, validator=VALIDATORS.get(spec.validator),
                 deny_list=spec.deny_list))
     if engine.kind != "ner":
+        for recognizer in registry.recognizers:
+            if isinstance(recognizer, (EmailWindows, IpWindows)):
+                recognizer.explain = False  # read by the AnalyzerEngine's context enhancer only
         return _Direct(list(registry.recognizers))
     models = [{"lang_code": lang, "model_name": engine.model or ""} for lang in engine.languages]
     nlp_engine = SpacyNlpEngine(models=models, ner_model_configuration=NerModelConfiguration(

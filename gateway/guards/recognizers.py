@@ -18,10 +18,11 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import regex  # type: ignore[import-untyped]  # presidio matches with it; no stubs
-from presidio_analyzer import Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer.pattern_recognizer import REGEX_TIMEOUT_SECONDS
 from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
 
-from .gates import OTHER, AllGates, AnyGates, Gate, ShapeGate, WordGate, letters, literal
+from .gates import OTHER, AllGates, Gate, ShapeGate, WordGate, letters, literal
 
 __all__ = [
     "BUILTIN_GATES", "VALIDATORS", "ContextRecognizer", "EmailWindows", "IpWindows", "PhoneWindows",
@@ -218,21 +219,20 @@ def _month_ends() -> str:
         by_length.setdefault(len(month), []).append(letters(month[::-1]))
     return "(?:" + "|".join(f"(?<={'|'.join(ms)})" for _, ms in sorted(by_length.items())) + ")"
   # a letter under IGNORECASE (K, the Kelvin sign, folds to k)
-_DOB_SHAPE = AnyGates(
-    ShapeGate("0000-00-00", "0[./-]00?[./-]0000"),
+_DOB_SHAPE = ShapeGate(
+    "0000-00-00", "0[./-]00?[./-]0000",
     # The month-name form, backwards: year, spaces, maybe a day, spaces, a word that starts with a month.
     # In an ASCII text that word is the whole run of letters (the date starts at a word boundary), so the
     # run is taken whole and its end tested, instead of trying every month at every letter.
-    ShapeGate((rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?[A-Za-z]*+{_month_ends()}",
-               rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?{_LETTER}*"
-               rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})"), backwards=True),
+    backwards=[(rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?[A-Za-z]*+{_month_ends()}",
+                rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?{_LETTER}*"
+                rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})")],
 )
-_ADDRESS_SHAPE = AnyGates(
-    ShapeGate(rf"0[A-Za-z]?{_S}+[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})"),
-    ShapeGate(  # backwards: the house number, then the street word (Hauptstraße 12, Calle Mayor 5)
+_ADDRESS_SHAPE = ShapeGate(
+    rf"0[A-Za-z]?{_S}+[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})",
+    backwards=[  # the house number, then the street word (Hauptstraße 12, Calle Mayor 5)
         rf"0{_S}+(?:{'|'.join(literal(w[::-1]) for w in _STREET_WORDS)})",
-        rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{'|'.join(literal(w[::-1]) for w in _STREETS_BEFORE)})",
-        backwards=True),
+        rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{'|'.join(literal(w[::-1]) for w in _STREETS_BEFORE)})"],
 )
 _CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"
 _PHONE_INTL = r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w.-]?\d)"
@@ -243,7 +243,7 @@ _PERSONAL_URL = (r"(?i:\b(?:https?://)?(?:www\.)?(?:linkedin\.com/in|github\.com
                  r"/@?[A-Za-z0-9_.-]{2,60}/?)(?![\w/])")
 
 # Every profile domain ends in .com, .social or .io and is followed by a slash (backwards: the slash first).
-_PERSONAL_URL_SHAPE = ShapeGate(rf"/(?:{letters('moc')}|{letters('laicos')}|{letters('oi')})\.", backwards=True)
+_PERSONAL_URL_SHAPE = ShapeGate(backwards=[rf"/(?:{letters('moc')}|{letters('laicos')}|{letters('oi')})\."])
 
 
 def gateway_recognizers(language: str, entities: set[str]) -> list[PatternRecognizer]:
@@ -339,6 +339,7 @@ class PhoneWindows(PhoneRecognizer):
 
 
 _SPACES = " \t\n\r\f\v"
+_MAX_SCORE, _MIN_SCORE = EntityRecognizer.MAX_SCORE, EntityRecognizer.MIN_SCORE
 _SPACE = re.compile(r"[ \t\n\r\f\v]")
 
 
@@ -370,13 +371,17 @@ class _TokenWindows:
     """Runs a pattern recognizer on `token_windows` only: presidio's e-mail and IP patterns are slow
     (milliseconds on a long prompt) and most of the text cannot hold their match.
 
-    The windows are handed over joined, in one call: presidio's fixed cost per call (timing, logging,
-    explanation objects, deduplication) was most of the cost of a prompt with ten e-mail addresses. Joined
-    windows find what each window finds alone: every window but the first starts with a space and every
-    window but the last ends with one, and no match holds a space or looks past the character beside it.
+    The windows are scanned joined, in one pass: presidio's fixed cost per call (timing, logging,
+    deduplication) was most of the cost of a prompt with ten e-mail addresses. Joined windows find what
+    each window finds alone: every window but the first starts with a space and every window but the last
+    ends with one, and no match holds a space or looks past the character beside it. The pass is
+    presidio's own (`PatternRecognizer.analyze`: same compiled patterns, validation, scores, timeout and
+    deduplication); `explain = False` leaves out the explanation object it builds for every match, which
+    only the AnalyzerEngine's context enhancer reads (the `ner` engine), not the patterns engine.
     """
 
     trigger: re.Pattern[str]
+    explain = True
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None,
                 regex_flags: int | None = None) -> list[RecognizerResult]:
@@ -388,15 +393,48 @@ class _TokenWindows:
         for lo, hi in windows:
             starts.append(size)
             size += hi - lo
-        joined = "".join(text[lo:hi] for lo, hi in windows)
-        found: list[RecognizerResult] = super().analyze(  # type: ignore[misc]  # the recognizer it is mixed into
-            joined, entities, nlp_artifacts, regex_flags)
+        found = self._scan("".join(text[lo:hi] for lo, hi in windows), regex_flags)
         for result in found:
             index = bisect_right(starts, result.start) - 1
             shift = windows[index][0] - starts[index]
             result.start += shift
             result.end += shift
         return found
+
+
+    def _scan(self, text: str, regex_flags: int | None) -> list[RecognizerResult]:
+        """presidio 2.2's `PatternRecognizer.__analyze_patterns`, explanations only if `explain`
+        (`test_windowed_recognizers_find_what_presidio_finds` holds them to the same results)."""
+        recognizer: Any = self  # the recognizer it is mixed into
+        flags = regex_flags or recognizer.global_regex_flags
+        entity = recognizer.supported_entities[0]
+        metadata = {RecognizerResult.RECOGNIZER_NAME_KEY: recognizer.name,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: recognizer.id}
+        results: list[RecognizerResult] = []
+        for pattern in recognizer.patterns:
+            if not pattern.compiled_regex or pattern.compiled_with_flags != flags:
+                pattern.compiled_with_flags = flags
+                pattern.compiled_regex = regex.compile(pattern.regex, flags=flags)
+            try:
+                for match in pattern.compiled_regex.finditer(text, timeout=REGEX_TIMEOUT_SECONDS):
+                    start, end = match.span()
+                    if start == end:
+                        continue
+                    matched = text[start:end]
+                    valid = recognizer.validate_result(matched)
+                    score = pattern.score if valid is None else (_MAX_SCORE if valid else _MIN_SCORE)
+                    if recognizer.invalidate_result(matched):
+                        score = _MIN_SCORE
+                    explanation: Any = None
+                    if self.explain:
+                        explanation = PatternRecognizer.build_regex_explanation(
+                            recognizer.name, pattern.name, pattern.regex, pattern.score, valid, flags)
+                        explanation.score = score
+                    if score > _MIN_SCORE:
+                        results.append(RecognizerResult(entity, start, end, score, explanation, dict(metadata)))
+            except TimeoutError:
+                continue  # presidio logs and skips the pattern, keeping what it found before
+        return list(EntityRecognizer.remove_duplicates(results))
 
 
 class EmailWindows(_TokenWindows, EmailRecognizer):

@@ -169,18 +169,26 @@ class _Direct:
 
         wanted = set(entities)
         shape = TextShape(text)
-        results = []
+        results: list[Any] = []
+        sources = []
         for recognizer, gate in self.gated:
             if recognizer.supported_language != language or wanted.isdisjoint(recognizer.supported_entities):
                 continue
             if gate is not None and not gate(shape):
                 continue
+            found = len(results)
             for result in recognizer.analyze(text, entities, None):
                 if result.score >= score_threshold and result.entity_type in wanted:
                     metadata = result.recognition_metadata or {}
                     metadata.setdefault("recognizer_name", recognizer.name)
                     result.recognition_metadata = metadata
                     results.append(result)
+            if len(results) > found:
+                sources.append(recognizer)
+        if len(sources) == 1 and getattr(sources[0], "deduplicated", False):
+            # One recognizer found everything, and deduplicated it itself: deduplicating again gives the
+            # same list (dropping those under the threshold drops what they contained as well).
+            return results
         return list(EntityRecognizer.remove_duplicates(results))
 
 

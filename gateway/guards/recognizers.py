@@ -217,7 +217,8 @@ def _month_ends() -> str:
     by_length: dict[int, list[str]] = {}
     for month in _MONTHS:
         by_length.setdefault(len(month), []).append(letters(month[::-1]))
-    return "(?:" + "|".join(f"(?<={'|'.join(ms)})" for _, ms in sorted(by_length.items())) + ")"
+    first = "".join(sorted({c for m in _MONTHS for c in letters(m[0]).strip("[]")}))
+    return f"(?<=[{first}])(?:" + "|".join(f"(?<={'|'.join(ms)})" for _, ms in sorted(by_length.items())) + ")"
   # a letter under IGNORECASE (K, the Kelvin sign, folds to k)
 _DOB_SHAPE = ShapeGate(
     "0000-00-00", "0[./-]00?[./-]0000",
@@ -228,11 +229,13 @@ _DOB_SHAPE = ShapeGate(
                 rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?{_LETTER}*"
                 rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})")],
 )
+_streets_before = "|".join(literal(w[::-1]) for w in _STREETS_BEFORE)
 _ADDRESS_SHAPE = ShapeGate(
     rf"0[A-Za-z]?{_S}+[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})",
     backwards=[  # the house number, then the street word (Hauptstraße 12, Calle Mayor 5)
         rf"0{_S}+(?:{'|'.join(literal(w[::-1]) for w in _STREET_WORDS)})",
-        rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{'|'.join(literal(w[::-1]) for w in _STREETS_BEFORE)})"],
+        (rf"0[ \t\n\r\f\v]+(?:[0A-Za-z_'\-]+[ \t\n\r\f\v]+){{0,4}}?(?:{_streets_before})",
+         rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{_streets_before})")],
 )
 _CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"
 _PHONE_INTL = r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w.-]?\d)"
@@ -381,6 +384,7 @@ class _TokenWindows:
     """
 
     trigger: re.Pattern[str]
+    deduplicated = True  # `_scan` ends with presidio's `remove_duplicates`, in its order
     explain = True
 
     def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None,

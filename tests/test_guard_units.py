@@ -291,22 +291,28 @@ def test_gates_let_through_whatever_their_recognizer_finds() -> None:
 
 
 def test_the_patterns_engine_finds_the_same_with_and_without_gates() -> None:
-    from gateway.guards.pii import PiiGuard, _Direct, analyzer
+    """The engine (gates, one deduplication skipped) against every recognizer called on every text and
+    presidio's deduplication of all they found: the same results, in the same order."""
+    from presidio_analyzer import EntityRecognizer
+
+    from gateway.guards.pii import PiiGuard, analyzer
     from gateway.guards.pool import GuardPool
     from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
 
-    engine = PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine
-    gated = analyzer(engine)
-    ungated = _Direct(gated.recognizers)
-    ungated.gated = [(r, None) for r in gated.recognizers]
+    guard = PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec()))
+    engine, floor = guard.engine, guard.floor
+    built = analyzer(engine)
 
-    def run(direct: Any, text: str) -> list[tuple[str, int, int, float]]:
-        return _spans(direct.analyze(text, "en", list(engine.entities), 0.0, 0))
+    def plain(text: str) -> list[tuple[str, int, int, float]]:
+        found = [r for recognizer in built.recognizers for r in recognizer.analyze(text, list(engine.entities), None)
+                 if r.score >= floor]
+        return [(r.entity_type, r.start, r.end, r.score) for r in EntityRecognizer.remove_duplicates(found)]
 
     seen = 0
     for text in _gate_texts():
-        want = run(ungated, text)
-        assert run(gated, text) == want, text
+        want = plain(text)
+        got = built.analyze(text, "en", list(engine.entities), floor, 0)
+        assert [(r.entity_type, r.start, r.end, r.score) for r in got] == want, text
         seen += len(want)
     assert seen > 1000
 

@@ -216,7 +216,11 @@ def test_windowed_recognizers_find_what_presidio_finds() -> None:
                 long = [r for r in want if sum(c.isdigit() for c in text[r.start:r.end]) >= PHONE_MIN_DIGITS]
                 assert all(r in inside for r in long), text  # no number of seven digits or more is missed
                 want = inside
-            assert _spans(windowed.analyze(text, windowed.supported_entities, None)) == _spans(want), text
+            got = windowed.analyze(text, windowed.supported_entities, None)
+            assert _spans(got) == _spans(want), text
+            # the explanations that the `ner` engine's context enhancer reads are there, as presidio's
+            assert sorted((r.start, r.analysis_explanation.score, r.analysis_explanation.pattern_name) for r in got) \
+                == sorted((r.start, r.analysis_explanation.score, r.analysis_explanation.pattern_name) for r in want)
             seen += len(want)
     assert seen > 100  # the samples do hold phones, e-mails and addresses
 
@@ -364,3 +368,92 @@ def test_a_blocked_responses_stream_ends_with_what_was_released() -> None:
     assert last["response"]["output"] == [{"id": "f1", "type": "function_call", "arguments": sent,
                                            "status": "incomplete"}]
     assert [e["sequence_number"] for e in out] == list(range(5, 5 + len(out)))
+def _gate_texts() -> list[str]:
+    """The evaluation set, pieces of it glued together, and texts made to sit on a gate's edge: other
+    scripts' digits, the Kelvin sign and the long s (which fold to ASCII letters), no-break spaces, DEL."""
+    import json
+    import random
+
+    lines = (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    rng = random.Random(3)
+    for _ in range(600):
+        a, b = rng.choice(texts[:1310]), rng.choice(texts[:1310])
+        text = a[rng.randrange(len(a) + 1):] + rng.choice([" ", "\n", "\u00a0", "-"]) + b[:rng.randrange(len(b) + 1)]
+        odd = "0 -.\u0660\u0967\u212a\u017f\u00a0\x7f\u2013\u00e9"
+        texts.append("".join(c if rng.random() > 0.04 else rng.choice(odd) for c in text))
+    arabic = str.maketrans("0123456789", "\u0660\u0661\u0662\u0663\u0664\u0665\u0666\u0667\u0668\u0669")
+    texts += ["born 01.02.1984".translate(arabic), "born 1\u00a0Jan 1984", "born 3 \u212aan 1984",
+              "born \u2013January 5, 1984", "DOB 12/05/1984", "passport X1234567", "SSN 123-45-6789".translate(arabic),
+              "4111 1111 1111 1111", "4111-111-111-1111", "DE89370400440532013000", "call 030\x7f1234567",
+              "call 030 1234567".translate(arabic), "Hauptstra\u00dfe 12, 10115 Berlin",
+              "12 RUE de la Paix, 75002 Paris", "Calle Mayor 5, 28013 Madrid",
+              "742 Evergreen Terrace, Springfield, IL 62704", "tel +49 30 1234567"]
+    return texts
+
+
+def test_gates_let_through_whatever_their_recognizer_finds() -> None:
+    """A gate is a necessary condition: on every text where a recognizer finds anything, its gate is open
+    (and it is closed often, or it would be no use)."""
+    from gateway.guards.gates import TextShape
+    from gateway.guards.pii import PiiGuard, analyzer
+    from gateway.guards.pool import GuardPool
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    built = analyzer(PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine)
+    gated = [(r, gate) for r, gate in built.gated if gate is not None]
+    assert len(gated) >= 20
+    closed = found = 0
+    for text in _gate_texts():
+        shape = TextShape(text)
+        for recognizer, gate in gated:
+            if gate(shape):
+                continue
+            closed += 1
+            assert recognizer.analyze(text, recognizer.supported_entities, None) == [], (recognizer.name, text)
+        found += 1
+    assert closed > found * len(gated) // 2
+
+
+def test_the_patterns_engine_finds_the_same_with_and_without_gates() -> None:
+    """The engine (gates, one deduplication skipped) against every recognizer called on every text and
+    presidio's deduplication of all they found: the same results, in the same order."""
+    from presidio_analyzer import EntityRecognizer
+
+    from gateway.guards.pii import PiiGuard, analyzer
+    from gateway.guards.pool import GuardPool
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    guard = PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec()))
+    engine, floor = guard.engine, guard.floor
+    built = analyzer(engine)
+
+    def plain(text: str) -> list[tuple[str, int, int, float]]:
+        found = [r for recognizer in built.recognizers for r in recognizer.analyze(text, list(engine.entities), None)
+                 if r.score >= floor]
+        return [(r.entity_type, r.start, r.end, r.score) for r in EntityRecognizer.remove_duplicates(found)]
+
+    seen = 0
+    for text in _gate_texts():
+        want = plain(text)
+        got = built.analyze(text, "en", list(engine.entities), floor, 0)
+        assert [(r.entity_type, r.start, r.end, r.score) for r in got] == want, text
+        seen += len(want)
+    assert seen > 1000
+
+
+def test_folding_for_context_words_is_the_one_of_re_ignorecase() -> None:
+    """`gates.fold` keeps the length of any text and maps every character that `(?i)x` matches to fold(x),
+    for each character of the context words: a word found by a context regex is in the folded text."""
+    import re
+
+    from gateway.guards.gates import fold
+    from gateway.guards.recognizers import _DOB_WORDS, _GOV_IDS, _PHONE_WORDS
+
+    every = "".join(chr(c) for c in range(0x110000) if not 0xD800 <= c < 0xE000)
+    folded = fold(every)
+    assert len(folded) == len(every)
+    words = [*_DOB_WORDS, *_PHONE_WORDS, *(w for gov in _GOV_IDS for w in gov[3])]
+    for char in sorted({c for w in words for c in w}):
+        for match in re.finditer(f"(?i){re.escape(char)}", every):
+            assert folded[match.start()] == fold(char), (char, match.group())

@@ -1,0 +1,163 @@
+"""Gates for the `patterns` engine: cheap tests that a recognizer cannot match a text at all.
+
+Each recognizer's regexes scan the whole text with the `regex` module, tens of microseconds each
+for a 300-word prompt; a gate answers "can this recognizer find anything here?" in a microsecond or
+two, and the recognizer runs only when the answer is yes. A gate is a necessary condition, never a
+guess: whatever a recognizer would find, its gate lets through (so findings are the same with or
+without gates; `tests/test_guard_units.py` checks it on the evaluation set and on made-up texts).
+
+Gates read a `TextShape`, computed once per text:
+
+- `shape`: the text with every ASCII digit written `0` and every other non-ASCII character written
+  DEL (`\\x7f`), so that a gate is a short stdlib regex over literals (`000-00-0000`), which runs at
+  C speed. DEL stands for "any character": in gate patterns it sits in every class of letters and
+  spaces, and for a text with non-ASCII characters each digit `0` in a gate also accepts it
+  (`ShapeGate` compiles that second form), since a recognizer's `\\d` matches other scripts' digits.
+- `folded`: the text case-folded as the stdlib `re` module folds it under IGNORECASE, for context
+  words (`WordGate`): a word matched by `(?i)word` is a substring of `folded`.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from re import _casefix  # type: ignore[attr-defined]  # the stdlib's own table of extra case equivalences
+
+__all__ = ["OTHER", "AllGates", "Gate", "ShapeGate", "TextShape", "WordGate", "fold", "letters", "literal"]
+
+_DIGITS = str.maketrans("123456789", "000000000")
+_NON_ASCII = re.compile(r"[^\x00-\x7f]")
+OTHER = "\x7f"  # what every non-ASCII character becomes in a shape
+
+# `re` matches a character under IGNORECASE when its simple lower case equals the pattern's, or when
+# both are in one of the extra equivalence classes (`re._casefix`: dotless i and i, long s and s, the
+# two small sigmas...). str.lower() is the simple mapping for every character but the capital I with a
+# dot (which becomes two), so: that one first, then lower(), then each equivalence class to one member.
+_BEFORE_LOWER = {0x130: "i"}
+_CANONICAL = {c: min((c, *others)) for c, others in _casefix._EXTRA_CASES.items()}
+
+
+def fold(text: str) -> str:
+    """`text` with each character replaced by its case class under `re`'s IGNORECASE (same length)."""
+    return text.translate(_BEFORE_LOWER).lower().translate(_CANONICAL)
+
+
+class TextShape:
+    """One text as the gates read it; each form is computed on first use, once per analysis."""
+
+    __slots__ = ("_backwards", "_folded", "_shape", "ascii", "text")
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.ascii = text.isascii()
+        self._shape: str | None = None
+        self._backwards: str | None = None
+        self._folded: str | None = None
+
+    @property
+    def shape(self) -> str:
+        if self._shape is None:
+            text = self.text if self.ascii else _NON_ASCII.sub(OTHER, self.text)
+            self._shape = text.translate(_DIGITS)
+        return self._shape
+
+    @property
+    def backwards(self) -> str:
+        """The shape reversed: for gates whose rare part (a year, a house number) ends their match."""
+        if self._backwards is None:
+            self._backwards = self.shape[::-1]
+        return self._backwards
+
+    @property
+    def folded(self) -> str:
+        if self._folded is None:
+            self._folded = fold(self.text)
+        return self._folded
+
+
+# A `0` outside a class or a `{m,n}`: the digit that the form for non-ASCII texts widens to DEL as well.
+_ANY_DIGIT = re.compile(r"\\.|\[(?:\\.|[^\]])*\]|\{[^}]*\}|0")
+
+
+def _widen(match: re.Match[str]) -> str:
+    return f"[0{OTHER}]" if match.group() == "0" else match.group()
+
+
+class ShapeGate:
+    """Open when one of `patterns` (stdlib regexes over a shape, `0` for a digit) is found in it.
+
+    Written with `0` for a digit outside character classes only, so that the form for non-ASCII texts
+    can accept DEL there too; classes of letters and spaces list DEL themselves. A pattern given as a
+    pair is (the form for ASCII texts, the form for the others), for a form that cannot be derived.
+    `backwards`: more patterns, searched in the reversed shape (and written reversed), so that they can
+    start with a digit, which the regex engine looks for at C speed (a search for a literal is a fast
+    scan; a search for a class tries every position).
+    """
+
+    __slots__ = ("ascii", "other")
+
+    def __init__(self, *patterns: str | tuple[str, str], backwards: Sequence[str | tuple[str, str]] = ()) -> None:
+        marked = [(p, False) for p in patterns] + [(p, True) for p in backwards]
+        pairs = [(p if isinstance(p, tuple) else (p, _ANY_DIGIT.sub(_widen, p)), back) for p, back in marked]
+        self.ascii = tuple((re.compile(a), back) for (a, _), back in pairs)
+        self.other = tuple((re.compile(o), back) for (_, o), back in pairs)
+
+    def __call__(self, text: TextShape) -> bool:
+        for pattern, back in self.ascii if text.ascii else self.other:
+            if pattern.search(text.backwards if back else text.shape) is not None:
+                return True
+        return False
+
+
+class WordGate:
+    """Open when one of `words` is in the text, in any case (as a substring: a superset of the whole words
+    that a context regex `(?i)(?<!\\w)(?:word|...)(?!\\w)` looks for)."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: Sequence[str]) -> None:
+        self.words = tuple(fold(w) for w in words)
+
+    def __call__(self, text: TextShape) -> bool:
+        folded = text.folded
+        for word in self.words:
+            if word in folded:
+                return True
+        return False
+
+
+Gate = Callable[[TextShape], bool]
+
+
+class AllGates:
+    """Open when every one of its gates is (the cheapest first: the rest is not even computed)."""
+
+    __slots__ = ("gates",)
+
+    def __init__(self, *gates: Gate) -> None:
+        self.gates = gates
+
+    def __call__(self, text: TextShape) -> bool:
+        for gate in self.gates:
+            if not gate(text):
+                return False
+        return True
+
+
+def letters(word: str) -> str:
+    """A gate pattern for `word` matched under the `regex` module's IGNORECASE: each ASCII letter in either
+    case or any non-ASCII character (DEL), each non-ASCII letter as DEL, the rest as itself."""
+    out = []
+    for c in word:
+        if not c.isascii():
+            out.append(OTHER)
+        elif c.isalpha():
+            out.append(f"[{c.lower()}{c.upper()}{OTHER}]")
+        else:
+            out.append(re.escape(c))
+    return "".join(out)
+
+
+def literal(word: str) -> str:
+    """A gate pattern for `word` matched case-sensitively: each non-ASCII character as DEL."""
+    return "".join(OTHER if not c.isascii() else re.escape(c) for c in word)

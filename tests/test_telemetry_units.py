@@ -113,21 +113,23 @@ def test_stream_quality_reads_typed_choices_batches_and_odd_chunks_in_order() ->
 
 def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
     """`_Observe` and `_Increment` (the per-request path) write exactly what the library's own calls write."""
-    from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    from gateway.telemetry.metrics import _Increment, _Observe
+    from gateway.telemetry.metrics import _Increment, _Observe, _Set, fast_child
 
     def exposition(fast: bool) -> bytes:
         registry = CollectorRegistry()
         histogram = Histogram("h_seconds", "h", ("a",), buckets=(0.001, 0.01, 0.1, 1.0, 10.0), registry=registry)
         counter = Counter("c", "c", ("a",), registry=registry)
-        h, c = histogram.labels("x"), counter.labels("x")
+        gauge = Gauge("g", "g", ("a",), registry=registry)
+        h, c, g = histogram.labels("x"), counter.labels("x"), gauge.labels("x")
         if fast:
-            h, c = _Observe.of(h), _Increment.of(c)
-            assert isinstance(h, _Observe) and isinstance(c, _Increment)  # the library's internals were found
+            h, c, g = fast_child(h), fast_child(c), fast_child(g)
+            assert isinstance(h, _Observe) and isinstance(c, _Increment) and isinstance(g, _Set)  # internals found
         for value in (0.0, 0.0005, 0.001, 0.0011, 0.05, 0.1, 0.99, 1.0, 5.0, 10.0, 11.0, 1e9):
             h.observe(value)
             c.inc(value)
+            g.set(value)
         c.inc()
         return b"\n".join(line for line in generate_latest(registry).splitlines() if b"_created" not in line)
 

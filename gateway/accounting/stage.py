@@ -30,8 +30,6 @@ from collections.abc import Awaitable, Coroutine
 from dataclasses import dataclass, field
 from typing import Any
 
-from prometheus_client import Gauge
-
 from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable, RateLimited
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
@@ -41,7 +39,7 @@ from ..policy.compiled import Policy
 from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..store._common import to_units
 from ..store.base import Reservation, Store, StoreUnavailable, WindowReservation
-from ..telemetry.metrics import Metrics
+from ..telemetry.metrics import Metrics, fast_child
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
 from .cost import request_cost
 from .headers import duration, rate_limit_headers, tightest
@@ -103,7 +101,7 @@ class Accounting:
         self.labels = BoundedLabels(policy, spec.label_cap)
         self.rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._gauges: dict[tuple[str, str], tuple[Gauge, Gauge]] = {}
+        self._gauges: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._drift: dict[str, tuple[Any, Any]] = {}
 
     async def start(self) -> None:
@@ -293,13 +291,13 @@ class Accounting:
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 
-    def _remaining_gauges(self, scope: Scope) -> tuple[Gauge, Gauge]:
+    def _remaining_gauges(self, scope: Scope) -> tuple[Any, Any]:
         """A scope's budget-left gauges, USD and share (label children looked up once; bounded by BoundedLabels)."""
         gauges = self._gauges.get((scope.kind, scope.name))
         if gauges is None:
             name = self.labels.name(scope)
-            gauges = (self.metrics.budget_remaining.labels(scope.kind, name),
-                      self.metrics.budget_remaining_ratio.labels(scope.kind, name))
+            gauges = (fast_child(self.metrics.budget_remaining.labels(scope.kind, name)),
+                      fast_child(self.metrics.budget_remaining_ratio.labels(scope.kind, name)))
             if len(self._gauges) < 10_000:
                 self._gauges[(scope.kind, scope.name)] = gauges
         return gauges
@@ -355,7 +353,8 @@ class Accounting:
         """An alias's drift histograms (label children looked up once per alias: the policy's aliases)."""
         found = self._drift.get(alias)
         if found is None:
-            found = (self.metrics.reservation_drift.labels(alias), self.metrics.token_estimate_drift.labels(alias))
+            found = (fast_child(self.metrics.reservation_drift.labels(alias)),
+                     fast_child(self.metrics.token_estimate_drift.labels(alias)))
             if len(self._drift) < 10_000:
                 self._drift[alias] = found
         return found

@@ -23,7 +23,7 @@ from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import ChoicePeek, ChoicesPeek
-from .metrics import Metrics
+from .metrics import Metrics, fast_child
 from .refusals import looks_like_refusal
 
 __all__ = ["Answer", "QualitySignals", "signals_of"]
@@ -263,14 +263,14 @@ class _Series:
 
     def __init__(self, metrics: Metrics, model: str, target: str) -> None:
         self.model, self.target = model, target
-        self.checked = metrics.quality_checked.labels(model, target)
+        self.checked = fast_child(metrics.quality_checked.labels(model, target))
         self.children: dict[tuple[int, str], Any] = {}
 
     def child(self, counter: Any, value: str) -> Any:
         """`counter`'s child for this alias, target and `value` (a finish reason or a signal: closed sets)."""
         found = self.children.get((id(counter), value))
         if found is None:
-            found = self.children[(id(counter), value)] = counter.labels(self.model, self.target, value)
+            found = self.children[(id(counter), value)] = fast_child(counter.labels(self.model, self.target, value))
         return found
 
 

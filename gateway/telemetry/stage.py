@@ -25,7 +25,7 @@ from ..runtime import Service
 from ..schemas.events import StreamEvent
 from .feedback import FeedbackRecorder
 from .logs import log_access
-from .metrics import Finished, Metrics
+from .metrics import Finished, Metrics, fast_child
 from .quality import QualitySignals
 from .tracing import SpanExporter, Tracing
 
@@ -121,7 +121,7 @@ class Telemetry:
             tenant = ctx.runtime.policy.labels.tenant(ctx.tenant)
             child = self._cost_children.get((model, tenant))
             if child is None:  # both from the policy's bounded label sets
-                child = self._cost_children[(model, tenant)] = metrics.cost.labels(model, tenant)
+                child = self._cost_children[(model, tenant)] = fast_child(metrics.cost.labels(model, tenant))
             child.inc(cost)
         if reply is not None and ctx.target is not None and ctx.upstream_started:
             ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]

@@ -293,26 +293,32 @@ class DirectRoutes:
     cache hit (path normalization, route lookup, its exception middleware wrapping `send`).
     """
 
-    __slots__ = ("_fallback", "_routes")
+    __slots__ = ("_fallback", "_hosts", "_routes")
 
     def __init__(self, routes: dict[str, ASGIApp], fallback: ASGIApp) -> None:
         self._routes = routes
         self._fallback = fallback
+        self._hosts: set[bytes] = set()  # `Host` values seen valid (a gateway is reached under few names)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         handler = self._routes.get(scope["path"]) if scope["type"] == "http" else None
-        if handler is None or not _plain_host(scope["headers"]):
+        if handler is None or not self._plain_host(scope["headers"]):
             await self._fallback(scope, receive, send)
         else:
             await handler(scope, receive, send)
 
-
-def _plain_host(headers: Sequence[tuple[bytes, bytes]]) -> bool:
-    """Whether litestar's router would let the request's `Host` through (else it answers 400 itself)."""
-    for name, value in headers:
-        if name == b"host":
-            return is_valid_host(value)
-    return True
+    def _plain_host(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether litestar's router would let the request's `Host` through (else it answers 400 itself)."""
+        for name, value in headers:
+            if name == b"host":
+                if value in self._hosts:
+                    return True
+                if not is_valid_host(value):
+                    return False
+                if len(self._hosts) < 64:
+                    self._hosts.add(value)
+                return True
+        return True
 
 
 def _proxy_route(gateway: Gateway, endpoint: Endpoint, direct: dict[str, ASGIApp]) -> Any:

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, asgi
+from litestar._asgi.utils import is_valid_host
 from litestar.exceptions import HTTPException
 
 from .accounting.ledger import Ledger
@@ -279,8 +280,49 @@ def _handlers(ids: RequestIds) -> dict[Any, Any]:
     return {GatewayError: gateway_error, HTTPException: http_exception, Exception: unexpected}
 
 
-def _proxy_route(gateway: Gateway, endpoint: Endpoint) -> Any:
-    handler = ProxyEndpoint(gateway, endpoint)
+ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
+
+
+class DirectRoutes:
+    """The proxied endpoints, reached before litestar's router: the hot path pays no routing.
+
+    A request whose path is exactly one of them (and whose `Host` header litestar would accept)
+    goes straight to its handler, which answers every error itself; anything else, other paths and
+    spellings included, goes through litestar as before. The same handlers are mounted in litestar
+    too, so both ways serve a request the same. litestar's router cost about 6% of the CPU of a
+    cache hit (path normalization, route lookup, its exception middleware wrapping `send`).
+    """
+
+    __slots__ = ("_fallback", "_hosts", "_routes")
+
+    def __init__(self, routes: dict[str, ASGIApp], fallback: ASGIApp) -> None:
+        self._routes = routes
+        self._fallback = fallback
+        self._hosts: set[bytes] = set()  # `Host` values seen valid (a gateway is reached under few names)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        handler = self._routes.get(scope["path"]) if scope["type"] == "http" else None
+        if handler is None or not self._plain_host(scope["headers"]):
+            await self._fallback(scope, receive, send)
+        else:
+            await handler(scope, receive, send)
+
+    def _plain_host(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+        """Whether litestar's router would let the request's `Host` through (else it answers 400 itself)."""
+        for name, value in headers:
+            if name == b"host":
+                if value in self._hosts:
+                    return True
+                if not is_valid_host(value):
+                    return False
+                if len(self._hosts) < 64:
+                    self._hosts.add(value)
+                return True
+        return True
+
+
+def _proxy_route(gateway: Gateway, endpoint: Endpoint, direct: dict[str, ASGIApp]) -> Any:
+    handler = direct[f"/v1/{endpoint.path}"] = ProxyEndpoint(gateway, endpoint)
 
     async def proxy(scope: Any, receive: Any, send: Any) -> None:
         await handler(scope, receive, send)
@@ -288,9 +330,9 @@ def _proxy_route(gateway: Gateway, endpoint: Endpoint) -> Any:
     return asgi(f"/v1/{endpoint.path}", copy_scope=False, name=endpoint.label)(proxy)
 
 
-def _messages_routes(gateway: Gateway) -> list[Any]:
+def _messages_routes(gateway: Gateway, direct: dict[str, ASGIApp]) -> list[Any]:
     """Anthropic's Messages API: the chat pipeline behind Anthropic's formats, and its token count."""
-    messages = ProxyEndpoint(gateway, Endpoint.CHAT, MessagesDialect())
+    messages = direct["/v1/messages"] = ProxyEndpoint(gateway, Endpoint.CHAT, MessagesDialect())
     count = CountTokensEndpoint(gateway)
 
     async def proxy(scope: Any, receive: Any, send: Any) -> None:
@@ -307,9 +349,11 @@ def create_app(
     gateway: Gateway, *, on_startup: Sequence[Callable[[], Any]] = (), on_shutdown: Sequence[Callable[[], Any]] = (),
 ) -> Litestar:
     """A litestar app serving `gateway`. Extra hooks run after the gateway starts / before it stops."""
+    direct: dict[str, ASGIApp] = {}
     app = Litestar(
         route_handlers=[
-            *(_proxy_route(gateway, e) for e in Endpoint), *_messages_routes(gateway), *ops_routes(gateway),
+            *(_proxy_route(gateway, e, direct) for e in Endpoint), *_messages_routes(gateway, direct),
+            *ops_routes(gateway),
             *admin_routes(gateway), *feedback_routes(gateway),
             *usage_routes(gateway),
         ],
@@ -322,4 +366,5 @@ def create_app(
         debug=False,
     )
     app.state.gateway = gateway
+    app.asgi_handler = DirectRoutes(direct, app.asgi_handler)
     return app

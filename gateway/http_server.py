@@ -487,6 +487,51 @@ def _warn(kind: str, message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
+class _HeadJoined:
+    """The transport as one request's cycle sees it: its first write (the response head) is held until
+    the next write or the end of the loop turn, so that a complete answer leaves in one `send()`.
+
+    uvicorn writes a response's head and its body separately, two system calls where one does; the
+    head of a non-streamed answer is followed by its body in the same step of the request's task, so
+    they are joined. A head with nothing after it (a stream's, a `100 Continue`) goes out at the next
+    turn of the loop, and before any close. A profile of a cache hit showed the head's own `send()`
+    at about a tenth of the gateway's CPU.
+    """
+
+    __slots__ = ("_held", "_loop", "_transport")
+
+    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop) -> None:
+        self._transport = transport
+        self._loop = loop
+        self._held: bytes | None = b""  # b"": nothing written yet; None: passing writes through
+
+    def write(self, data: bytes) -> None:
+        held = self._held
+        if held is None:
+            self._transport.write(data)
+        elif held:
+            self._held = None
+            self._transport.write(held + data)
+        else:
+            self._held = bytes(data)
+            self._loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        held, self._held = self._held, None
+        if held and not self._transport.is_closing():
+            self._transport.write(held)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport.is_closing()
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self._transport.get_extra_info(name, default)
+
+
 if HAVE_HTTPTOOLS:
 
     class LimitedHttpToolsProtocol(_Guard, HttpToolsProtocol):
@@ -536,6 +581,9 @@ if HAVE_HTTPTOOLS:
                     self.app = app
             else:
                 HttpToolsProtocol.on_headers_complete(self)
+            cycle = self.cycle
+            if cycle is not None and not isinstance(cycle.transport, _HeadJoined):
+                cycle.transport = _HeadJoined(self.transport, self.loop)
 
         def on_message_complete(self) -> None:
             self._state = 0  # what comes next is the next request's head

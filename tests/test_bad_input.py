@@ -158,3 +158,17 @@ def test_the_gateway_still_answers_after_the_sweep(gateway: RunningGateway) -> N
     body = b'{"model": "chat", "messages": [{"role": "user", "content": "x"}]}'
     assert httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=body).status_code == 200
     assert 'status="500"' not in gateway.metrics()
+
+
+def test_the_proxied_paths_answer_alike_directly_and_through_the_router(gateway: RunningGateway) -> None:
+    # exact paths skip litestar's router (app.DirectRoutes); other spellings and bad Host headers still reach it
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+    direct = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, json=body)
+    routed = httpx.post(gateway.base_url + "/chat/completions/", headers=AUTH, json=body)
+    assert direct.status_code == routed.status_code == 200
+    assert direct.json()["choices"] == routed.json()["choices"]
+    assert direct.headers["x-request-id"] != routed.headers["x-request-id"]
+    refused = httpx.post(gateway.base_url + "/chat/completions", headers={**AUTH, "Host": "bad host"}, json=body)
+    assert refused.status_code == 400 and "error" in refused.json()
+    unauthorized = httpx.post(gateway.base_url + "/chat/completions", json=body)
+    assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "missing_api_key"

@@ -2,20 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import textwrap
 import zlib
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
 import pytest
 
+from gateway.cache.batch import MAX_BATCH, BatchedGets
 from gateway.cache.control import CachePlan, Directives, cacheable, directives, plan
 from gateway.cache.entry import Entry, decode_entry, encode_entry
 from gateway.cache.key import EXCLUDED, cache_key, semantic_scope
 from gateway.cache.replay import ReplaySource, assemble_body, split_body
+from gateway.cache.service import ResponseCache
+from gateway.policy import compile_text
 from gateway.policy.cache_schema import CacheSpec, CacheWhenSpec
 from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import Chunk, StreamDone, UsageReport
 from gateway.schemas.openai import ChatRequest, Usage
+from gateway.store.base import StoreUnavailable
+from gateway.store.memory import MemoryStore
+from gateway.telemetry.metrics import Metrics
+from gateway.telemetry.tokens import TokenCounter
 
 CHAT = Endpoint.CHAT
 BODY: dict[str, Any] = {"model": "chat", "messages": [{"role": "user", "content": "hi"}], "temperature": 0}
@@ -151,3 +161,71 @@ def test_plan_decides_lookup_and_store_from_mode_and_cache_control() -> None:
     assert plan(CacheSpec(mode="write-only"), CHAT, request, none) == CachePlan(False, True, "mode write-only")
     # read-only with no-cache: nothing to do, but the request was cacheable (a miss, not a bypass)
     assert plan(CacheSpec(mode="read-only"), CHAT, request, Directives(no_cache=True)).bypass is False
+
+
+# -- reads: batched for a shared store, decoded once per stored value ---------------------------------------
+
+
+class _Many:
+    """A `get_many` over a dict that records each call, and can be made to fail like a Redis outage."""
+
+    def __init__(self, values: dict[str, bytes]) -> None:
+        self.values, self.calls, self.down = values, [], False
+
+    async def __call__(self, keys: Sequence[str]) -> list[bytes | None]:
+        self.calls.append(list(keys))
+        await asyncio.sleep(0)  # a round trip
+        if self.down:
+            raise StoreUnavailable("test: down")
+        return [self.values.get(k) for k in keys]
+
+
+async def test_lookups_of_one_loop_turn_go_out_as_one_batch() -> None:
+    many = _Many({"a": b"1", "b": b"2"})
+    gets = BatchedGets(many, asyncio.ensure_future)
+    found = await asyncio.gather(gets.get("a"), gets.get("b"), gets.get("a"), gets.get("absent"))
+    assert found == [b"1", b"2", b"1", None]
+    assert many.calls == [["a", "b", "absent"]]  # one call, each key once
+    assert await gets.get("b") == b"2" and many.calls[1:] == [["b"]]  # a later turn: a new batch
+
+
+async def test_a_full_batch_starts_another() -> None:
+    many = _Many({})
+    gets = BatchedGets(many, asyncio.ensure_future)
+    await asyncio.gather(*(gets.get(str(i)) for i in range(MAX_BATCH + 3)))
+    assert [len(keys) for keys in many.calls] == [MAX_BATCH, 3]
+
+
+async def test_a_failed_batch_fails_each_lookup_and_a_cancelled_one_leaves_the_others() -> None:
+    many = _Many({"a": b"1"})
+    gets = BatchedGets(many, asyncio.ensure_future)
+    many.down = True
+    results = await asyncio.gather(gets.get("a"), gets.get("b"), return_exceptions=True)
+    assert all(isinstance(r, StoreUnavailable) for r in results)
+    many.down = False
+    left, stays = asyncio.ensure_future(gets.get("a")), asyncio.ensure_future(gets.get("a"))
+    await asyncio.sleep(0)
+    left.cancel()
+    assert await stays == b"1" and left.cancelled()
+
+
+async def test_a_key_written_again_is_decoded_again() -> None:
+    policy = compile_text(textwrap.dedent("""\
+        version: 1
+        auth: none
+        providers: {mock: {kind: openai, base_url: "http://127.0.0.1:9/v1", api_key_env: NONE}}
+        prices: {m: {input_per_mtok: 1, output_per_mtok: 2}}
+        models: {chat: {provider: mock, model: m, cache: {}}}
+        """), "p.yaml", {"NONE": "x"})
+    store = MemoryStore()
+    cache = ResponseCache(policy, store, {}, Metrics(), TokenCounter())
+    first = Entry("body", 1.0, body=b'{"a":1}', usage=Usage(1, 2, 3), provider="mock", model="m")
+    await cache.write("chat", "k", first, 60, None, 1 << 20)
+    assert await cache.read("k", None, "chat") == first
+    assert await cache.read("k", None, "chat") is await cache.read("k", None, "chat")  # decoded once
+    second = Entry("body", 2.0, body=b'{"a":2}', provider="mock", model="m")
+    await cache.write("chat", "k", second, 60, None, 1 << 20)
+    assert await cache.read("k", None, "chat") == second
+    result = cache.result(first, "hit", None)
+    assert (result.saved_prompt_tokens, result.saved_completion_tokens) == (1, 2)
+    assert result.saved_usd == pytest.approx((1 * 1 + 2 * 2) / 1e6)

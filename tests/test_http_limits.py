@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.http_server import HAVE_HTTPTOOLS, server_limits
+from gateway.http_server import HAVE_HTTPTOOLS, _HeadJoined, server_limits
 
 try:
     import uvloop  # noqa: F401
@@ -465,3 +465,43 @@ def test_server_limits_validates_and_replaces_the_uvicorn_arguments() -> None:
     assert pickle.loads(pickle.dumps(kwargs["http"])).keywords == kwargs["http"].keywords  # --workers N
     with pytest.raises(ValueError):
         server_limits(header_timeout_s=0)
+
+
+class _Recorded:
+    """A transport that records what is written and closed."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        self.writes.append(data)
+
+    def close(self) -> None:
+        self.writes.append(b"<close>")
+        self.closed = True
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+
+async def test_a_response_head_leaves_with_its_body_or_at_the_next_loop_turn() -> None:
+    loop = asyncio.get_running_loop()
+    answer = _Recorded()
+    joined = _HeadJoined(answer, loop)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    joined.write(b"BODY")
+    joined.write(b"MORE")
+    assert answer.writes == [b"HEADBODY", b"MORE"]  # one send for a complete answer
+    stream = _Recorded()
+    joined = _HeadJoined(stream, loop)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    assert stream.writes == []
+    await asyncio.sleep(0)
+    assert stream.writes == [b"HEAD"]  # a head alone is not kept past the loop turn
+    closing = _Recorded()
+    joined = _HeadJoined(closing, loop)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    joined.close()
+    await asyncio.sleep(0)
+    assert closing.writes == [b"HEAD", b"<close>"]  # written before the close, once

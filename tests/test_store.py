@@ -130,6 +130,16 @@ async def test_get_set_delete(store: Store) -> None:
     assert store.on_unavailable == "open"
 
 
+async def test_get_many_reads_keys_in_order_in_one_call(store: Store) -> None:
+    assert await store.get_many([]) == []
+    # on a cluster these keys fall in different hash slots: one MGET per slot, the order kept
+    await store.set("a", b"1")
+    await store.set("c", b"\x00\xff3")
+    await store.set("gone", b"x", ttl_s=0.05)
+    await asyncio.sleep(0.15)
+    assert await store.get_many(["a", "b", "c", "gone", "a"]) == [b"1", None, b"\x00\xff3", None, b"1"]
+
+
 async def test_ttl_expires_and_set_without_ttl_persists(store: Store) -> None:
     await store.set("short", b"1", ttl_s=0.15)
     await store.set("kept", b"2", ttl_s=0.15)

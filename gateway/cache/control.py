@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Literal
 
 from ..policy.cache_schema import CacheSpec, CacheWhenSpec
@@ -89,16 +90,25 @@ class CachePlan:
     bypass: bool = False  # the stage does not even try (its status: `bypass`, not `miss`)
 
 
+_NOT_CACHEABLE = CachePlan(False, False, "not cacheable (temperature above the policy's, no seed)", bypass=True)
+
+
 def plan(spec: CacheSpec, endpoint: Endpoint, request: object, control: Directives) -> CachePlan:
     """Whether an alias's cache (`spec`) would look `request` up and store its answer, given its directives."""
     if endpoint is Endpoint.RESPONSES:  # stateful (`store`, `previous_response_id`), and its own answer shapes
         return CachePlan(False, False, "the Responses API is not cached", bypass=True)
     if not cacheable(endpoint, request, spec.when):
-        return CachePlan(False, False, "not cacheable (temperature above the policy's, no seed)", bypass=True)
-    if control.no_cache and control.no_store:
+        return _NOT_CACHEABLE
+    return _plan(spec, control.no_cache, control.no_store)
+
+
+@lru_cache(maxsize=256)
+def _plan(spec: CacheSpec, no_cache: bool, no_store: bool) -> CachePlan:
+    """A cacheable request's plan: the same few per alias, so made once (with its reason) and reused."""
+    if no_cache and no_store:
         return CachePlan(False, False, "Cache-Control: no-cache, no-store", bypass=True)
-    lookup = spec.mode in ("on", "read-only") and not control.no_cache
-    store = spec.mode in ("on", "write-only") and not control.no_store
+    lookup = spec.mode in ("on", "read-only") and not no_cache
+    store = spec.mode in ("on", "write-only") and not no_store
     why = [f"mode {spec.mode}"] + [f"Cache-Control: {name}" for name, on in
-                                   (("no-cache", control.no_cache), ("no-store", control.no_store)) if on]
+                                   (("no-cache", no_cache), ("no-store", no_store)) if on]
     return CachePlan(lookup, store, ", ".join(why))

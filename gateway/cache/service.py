@@ -23,6 +23,7 @@ from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
+from .batch import BatchedGets
 from .coalesce import Flights
 from .control import CacheResult
 from .entry import Entry, decode_entry, encode_entry
@@ -33,6 +34,27 @@ __all__ = ["ENTRY", "ResponseCache", "SemanticProbe"]
 
 log = logging.getLogger("gateway.cache")
 ENTRY = "cache:entry:"
+# Decoded entries kept beside the store's bytes, so that a hit on a hot key does not inflate and decode the
+# same value again: at most this many, each at most this large (stored and answer bytes alike), so at most
+# 32 MiB in all, outside the memory store's own bound.
+DECODED_ENTRIES = 256
+DECODED_MAX_BYTES = 64 * 1024
+
+
+class Series:
+    """A labelled metric's children, resolved once per label values: `labels()` costs more than the count."""
+
+    __slots__ = ("_children", "_metric")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *values: str) -> Any:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class SemanticProbe:
@@ -74,6 +96,14 @@ class ResponseCache:
                 self._local[model_dir] = self.embedders[alias] = local
         self.share = SemanticShare(store, self.indexes) if self.indexes and policy.state.backend != "memory" else None
         self._evictions = 0
+        self.requests = Series(metrics.cache_requests)  # (alias, status)
+        self.saved_tokens = Series(metrics.cache_saved_tokens)  # (alias, kind)
+        self.saved_usd = Series(metrics.cache_saved_usd)  # (alias,)
+        self._exact_lookup = metrics.cache_lookup.labels("exact")
+        # a shared store is read in batches (one MGET per loop turn); the memory store answers at once
+        self._gets = BatchedGets(store.get_many, self.spawn) if policy.state.backend != "memory" else None
+        self._decoded: dict[str, tuple[bytes, Entry]] = {}  # key: (the stored value, its entry), oldest first
+        self._prices: dict[tuple[str, str], tuple[float, float]] = {}  # (provider, model): USD per Mtok in, out
 
     async def start(self) -> None:
         for local in self._local.values():
@@ -116,21 +146,40 @@ class ResponseCache:
     async def read(self, key: str, max_age: float | None, alias: str) -> Entry | None:
         started = time.perf_counter()
         try:
-            value = await self.store.get(ENTRY + key)
+            gets = self._gets
+            value = await (self.store.get(ENTRY + key) if gets is None else gets.get(ENTRY + key))
         except StoreUnavailable:
             self.metrics.cache_errors.labels("unavailable").inc()
             return None
         finally:
-            self.metrics.cache_lookup.labels("exact").observe(time.perf_counter() - started)
+            self._exact_lookup.observe(time.perf_counter() - started)
         if value is None:
             return None
-        entry = decode_entry(value)
+        entry = self._decode(key, value)
         if entry is None:
             self.metrics.cache_errors.labels("corrupt").inc()
             log.warning("cache: an entry could not be decoded; served as a miss", extra={"fields": {"model": alias}})
             return None
         if max_age is not None and time.time() - entry.created > max_age:
             return None
+        return entry
+
+    def _decode(self, key: str, value: bytes) -> Entry | None:
+        """The entry stored as `value`, decoded once while the same bytes come back for `key`.
+
+        Reused only for the very same stored bytes (the memory store's own object, or equal bytes from
+        Redis): a key written again with another answer is decoded afresh.
+        """
+        known = self._decoded.get(key)
+        if known is not None and (known[0] is value or known[0] == value):
+            return known[1]
+        entry = decode_entry(value)
+        if entry is not None and len(value) <= DECODED_MAX_BYTES and _answer_bytes(entry) <= DECODED_MAX_BYTES:
+            decoded = self._decoded
+            decoded.pop(key, None)
+            if len(decoded) >= DECODED_ENTRIES:
+                del decoded[next(iter(decoded))]
+            decoded[key] = (value, entry)
         return entry
 
     async def present(self, key: str) -> bool:
@@ -172,8 +221,14 @@ class ResponseCache:
         usage = entry.usage
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
-        price = self.policy.prices.price(entry.provider, entry.model) if entry.provider else None
-        usd = (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1e6 if price else 0.0
+        usd = 0.0
+        if entry.provider and (prompt or completion):
+            rates = self._prices.get((entry.provider, entry.model))
+            if rates is None:
+                price = self.policy.prices.price(entry.provider, entry.model)
+                rates = (price.input_per_mtok, price.output_per_mtok) if price is not None else (0.0, 0.0)
+                self._prices[(entry.provider, entry.model)] = rates
+            usd = (prompt * rates[0] + completion * rates[1]) / 1e6
         age = max(0.0, time.time() - entry.created)
         return CacheResult("semantic-hit" if status == "semantic-hit" else "hit", age, similarity, prompt, completion,
                            usd)
@@ -202,3 +257,7 @@ class ResponseCache:
             if self.share is not None:
                 await self.share.publish(alias, probe.scope, key, probe.vector)
 
+
+
+def _answer_bytes(entry: Entry) -> int:
+    return len(entry.body) + sum(len(chunk) for chunk in entry.chunks) + len(entry.usage_chunk or b"")

@@ -82,7 +82,7 @@ class CacheStage:
 
     async def _pass(self, ctx: RequestContext, call_next: Next, result: CacheResult, alias: str) -> Reply:
         ctx.cache, ctx.cache_result = result, result.status
-        self.cache.metrics.cache_requests.labels(alias, result.status).inc()
+        self.cache.requests(alias, result.status).inc()
         _add_header(ctx, _STATUS_HEADERS[result.status])
         return await call_next(ctx)
 
@@ -90,15 +90,18 @@ class CacheStage:
         result = self.cache.result(entry, status, similarity)
         ctx.cache, ctx.cache_result = result, result.status
         alias = ctx.route.alias if ctx.route is not None else "unknown"
-        metrics = self.cache.metrics
-        metrics.cache_requests.labels(alias, result.status).inc()
+        cache = self.cache
+        cache.requests(alias, result.status).inc()
         if result.saved_prompt_tokens or result.saved_completion_tokens:
-            metrics.cache_saved_tokens.labels(alias, "prompt").inc(result.saved_prompt_tokens)
-            metrics.cache_saved_tokens.labels(alias, "completion").inc(result.saved_completion_tokens)
+            cache.saved_tokens(alias, "prompt").inc(result.saved_prompt_tokens)
+            cache.saved_tokens(alias, "completion").inc(result.saved_completion_tokens)
         if result.saved_usd:
-            metrics.cache_saved_usd.labels(alias).inc(result.saved_usd)
-        _add_header(ctx, _STATUS_HEADERS[result.status])
-        _add_header(ctx, (b"age", b"%d" % int(result.age_s)))
+            cache.saved_usd(alias).inc(result.saved_usd)
+        status_header = _STATUS_HEADERS[result.status], (b"age", b"%d" % int(result.age_s))
+        if ctx.headers is None:
+            ctx.headers = list(status_header)
+        else:
+            ctx.headers += status_header
         ctx.usage = Usage()  # nothing was spent upstream; the client still sees the answer's own usage
         if ctx.stream:
             stream = ReplyStream(ReplaySource(entry, ctx.endpoint), ctx)

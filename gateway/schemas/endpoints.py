@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from functools import cached_property
 
 import msgspec
 
@@ -22,7 +23,8 @@ class Endpoint(enum.Enum):
     def path(self) -> str:
         return self.value
 
-    @property
+    # cached: read on every request, and a property of an enum member costs more than the attribute
+    @cached_property
     def label(self) -> str:
         """The metric label: short, fixed set (made once: `Enum.name` is slow, and this is read per request)."""
         return _LABELS[self]
@@ -31,7 +33,7 @@ class Endpoint(enum.Enum):
     def request_type(self) -> type[msgspec.Struct]:
         return _REQUEST_TYPES[self]
 
-    @property
+    @cached_property
     def streams(self) -> bool:
         return self is not Endpoint.EMBEDDINGS
 

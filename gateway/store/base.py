@@ -9,6 +9,7 @@ backends and to test with one contract suite; richer behaviour belongs to the ca
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol, Self
 
@@ -190,6 +191,10 @@ class Store(Protocol):
         ...
 
     async def get(self, key: str) -> bytes | None: ...
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """The values of `keys`, in order (None: absent), in one round trip."""
+        ...
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         """Store `value`; with `ttl_s` the key expires after it, without it the key stays (and drops any TTL)."""

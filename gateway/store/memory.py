@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
@@ -93,6 +93,10 @@ class MemoryStore:
     async def get(self, key: str) -> bytes | None:
         entry = self._live(self._prefix + key)
         return None if entry is None else entry.value
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        found = [self._live(self._prefix + key) for key in keys]
+        return [None if entry is None else entry.value for entry in found]
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         self._put(self._prefix + key, bytes(value), self._expiry(ttl_ms(ttl_s)))

@@ -19,9 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
+from redis.asyncio.cluster import RedisCluster
 from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
@@ -123,6 +124,15 @@ class RedisStore:
     async def get(self, key: str) -> bytes | None:
         value = await self._run(lambda c: c.get(self._prefix + key))
         return value.encode() if isinstance(value, str) else value  # str only with decode_responses, never set
+
+    async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        if not keys:
+            return []
+        full = [self._prefix + key for key in keys]
+        # MGET; on a cluster, one per hash slot (keys of different slots cannot share a command)
+        values: list[Any] = await self._run(
+            lambda c: c.mget_nonatomic(full) if isinstance(c, RedisCluster) else c.mget(full))
+        return [value.encode() if isinstance(value, str) else value for value in values]
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         ttl = ttl_ms(ttl_s)

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 from litestar import Litestar, Request, Response, asgi
-from litestar._asgi.utils import is_valid_host
 from litestar.exceptions import HTTPException
 
 from .accounting.ledger import Ledger
@@ -47,6 +46,11 @@ from .telemetry.metrics import Metrics
 from .telemetry.stage import Telemetry, TelemetryStages
 from .telemetry.tokens import TokenCounter
 from .telemetry.usage import CountTokens
+
+try:  # litestar's own Host check (private; without it every request takes litestar's router, as before)
+    from litestar._asgi.utils import is_valid_host
+except ImportError:  # pragma: no cover -- a litestar that moved it
+    is_valid_host = None  # type: ignore[assignment]
 
 __all__ = ["Gateway", "create_app"]
 
@@ -366,5 +370,6 @@ def create_app(
         debug=False,
     )
     app.state.gateway = gateway
-    app.asgi_handler = DirectRoutes(direct, app.asgi_handler)
+    if is_valid_host is not None and hasattr(app, "asgi_handler"):
+        app.asgi_handler = DirectRoutes(direct, app.asgi_handler)
     return app

@@ -581,8 +581,9 @@ if HAVE_HTTPTOOLS:
                     self.app = app
             else:
                 HttpToolsProtocol.on_headers_complete(self)
-            cycle = self.cycle
-            if cycle is not None and not isinstance(cycle.transport, _HeadJoined):
+            cycle = self.cycle  # uvicorn's request cycle writes through `cycle.transport` (checked, not assumed)
+            if cycle is not None and type(getattr(cycle, "transport", None)) is not _HeadJoined \
+                    and hasattr(cycle, "transport"):
                 cycle.transport = _HeadJoined(self.transport, self.loop)
 
         def on_message_complete(self) -> None:

@@ -10,8 +10,9 @@ Between `Authorize` and the guards, only in a policy that sets a limit or a budg
    than one reservation; a hard budget without room answers 429 `budget_exceeded`, a soft one lets the
    request through with a header and a metric; past a budget's `downgrade.at`, the request goes to the
    cheaper alias;
-3. the answer: each reservation is settled to the actual cost (tokens from the upstream, or counted), in a
-   task beside the reply for a complete answer and at the end of a stream (`_StreamBill`), however it ends;
+3. the answer: each reservation is settled to the actual cost (tokens from the upstream, or counted): for a
+   complete answer in line on the in-process store and in a task beside the reply on Redis (the client
+   does not wait for the round trip), and at the end of a stream (`_StreamBill`), however it ends;
    a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
    and an error event) when a hard budget refuses it.
 

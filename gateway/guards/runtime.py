@@ -129,7 +129,7 @@ class GuardRuntime:
         for guard, found in zip(guards, results, strict=True):
             (enforced if guard.mode == "enforce" else shadow).extend(found)
             decision = "block" if any(f.action == "block" for f in found) else ("redact" if found else "allow")
-            self.metrics.guard_verdicts.labels(guard.name, decision, guard.mode, where.place).inc()
+            self.metrics.guard_verdicts_of(guard.name, decision, guard.mode, where.place).inc()
         return enforced, shadow
 
     async def _detect(self, guard: Guard, text: str, where: Where) -> list[Finding]:
@@ -146,7 +146,7 @@ class GuardRuntime:
             log.error("guard %s failed: %s", guard.name, type(exc).__name__)  # never the text
             reason = "error"
         finally:
-            self.metrics.guard_duration.labels(guard.name, where.place).observe(time.perf_counter() - started)
+            self.metrics.guard_duration_of(guard.name, where.place).observe(time.perf_counter() - started)
         self.metrics.guard_failures.labels(guard.name, reason, guard.fail).inc()
         if guard.fail == "open":
             return []

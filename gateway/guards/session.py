@@ -23,7 +23,7 @@ class GuardSession:
         self.counts.setdefault(f"{guard}.{action}", 0)
 
     def note(self, guard: str, mode: str, place: Place, verdict: Verdict) -> None:
-        self.metrics.guard_verdicts.labels(guard, verdict.decision, mode, place).inc()
+        self.metrics.guard_verdicts_of(guard, verdict.decision, mode, place).inc()
         for finding in verdict.findings if mode == "enforce" else verdict.shadow:
             self._count(finding, mode, place)
 
@@ -32,7 +32,7 @@ class GuardSession:
             self._count(finding, mode, place)
 
     def _count(self, finding: Finding, mode: str, place: Place) -> None:
-        self.metrics.guard_findings.labels(finding.guard, finding.type, finding.action, mode, place).inc()
+        self.metrics.guard_findings_of(finding.guard, finding.type, finding.action, mode, place).inc()
         key = f"{finding.guard}.{finding.action}" if mode == "enforce" else f"{finding.guard}.shadow_{finding.action}"
         self.counts[key] = self.counts.get(key, 0) + 1
 

@@ -125,6 +125,28 @@ def fast_child(child: Any) -> Any:
     return child
 
 
+class Children:
+    """One metric's labelled children by label values, each looked up once and written through `fast_child`.
+
+    For label values from the policy's or the code's bounded sets (guard names, entity types, actions,
+    places); the map stops growing at `limit` all the same, past which children are looked up each time."""
+
+    __slots__ = ("_found", "_limit", "_metric")
+
+    def __init__(self, metric: Any, limit: int = 10_000) -> None:
+        self._metric = metric
+        self._found: dict[tuple[str, ...], Any] = {}
+        self._limit = limit
+
+    def __call__(self, *values: str) -> Any:
+        found = self._found.get(values)
+        if found is None:
+            found = fast_child(self._metric.labels(*values))
+            if len(self._found) < self._limit:
+                self._found[values] = found
+        return found
+
+
 @dataclass(frozen=True, slots=True)
 class _Series:
     """The labelled children one finished request touches, looked up once per label combination."""
@@ -257,6 +279,10 @@ class Metrics:
             "gateway_guard_duration_seconds", "Time one guard took on one text (queueing on the pool included).",
             ("guard", "place"), buckets=_OVERHEAD_BUCKETS + (0.25, 0.5, 1, 2.5), registry=registry,
         )
+        # The guards write these per text and per finding: their children looked up once.
+        self.guard_findings_of = Children(self.guard_findings)
+        self.guard_verdicts_of = Children(self.guard_verdicts)
+        self.guard_duration_of = Children(self.guard_duration)
         self.guard_stream_delay = Histogram(
             "gateway_guard_stream_delay_seconds",
             "Streams: time the first text was held by output guards (time to first token added).",

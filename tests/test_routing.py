@@ -129,8 +129,10 @@ def test_latency_moves_traffic_away_from_a_slowed_target_and_back(make_gateway: 
     assert slowed[-20:].count("b/mock-model") >= 14, slowed  # 18 expected (a 10% exploration)
     upstream.override = None  # a recovers; now b slows down
     upstream_b.override = "fault-slow-first-byte-500"
-    recovered = [target(chat(running, "fastest")) for _ in range(40)]
-    assert recovered[-20:].count("a/mock-model") >= 14, recovered
+    recovered = [target(chat(running, "fastest")) for _ in range(60)]
+    # 27 of the last 30 expected; a longer tail than the first phase's, so that one latency sample slowed by a
+    # busy machine (it moves the average, and traffic with it, for a few requests) does not decide the test
+    assert recovered[-30:].count("a/mock-model") >= 20, recovered
 
 
 def test_least_busy_prefers_the_idle_target(make_gateway: Make, upstream: MockUpstream,

@@ -76,10 +76,10 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def flush(self) -> None:
         self._scheduled = False
         if self._pending:
-            lines, self._pending = "".join(self._pending), []
+            pending, self._pending = self._pending, []  # swapped first: a line added meanwhile is in `pending`
             self.acquire()
             try:
-                self.stream.write(lines)
+                self.stream.write("".join(pending))
             finally:
                 self.release()
         super().flush()

@@ -40,7 +40,7 @@ from ..policy.compiled import Policy
 from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..store._common import to_units
 from ..store.base import Reservation, Store, StoreUnavailable, WindowReservation
-from ..telemetry.metrics import Metrics, fast_child
+from ..telemetry.metrics import Children, Metrics, fast_child
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
 from .cost import request_cost
 from .headers import duration, rate_limit_headers, tightest
@@ -103,7 +103,8 @@ class Accounting:
         self.rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
         self._tasks: set[asyncio.Task[Any]] = set()
         self._gauges: dict[tuple[str, str], tuple[Any, Any]] = {}
-        self._drift: dict[str, tuple[Any, Any]] = {}
+        self._reservation_drift = Children(metrics.reservation_drift)  # by alias
+        self._token_drift = Children(metrics.token_estimate_drift)
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -343,22 +344,11 @@ class Accounting:
             await self._quietly(self.store.settle(held.key, held.reserved, float(actual_tokens), WINDOW_S))
         for key, holder in bill.slots:
             await self._quietly(self.store.release_slot(key, holder))
-        reservation_drift, token_drift = self._drift_histograms(ctx.alias_label)
         if bill.cost_reserved > 0 and ctx.upstream_started:
-            reservation_drift.observe(cost / bill.cost_reserved)
+            self._reservation_drift(ctx.alias_label).observe(cost / bill.cost_reserved)
         if usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens:
-            token_drift.observe(bill.prompt_estimate / usage.prompt_tokens)
+            self._token_drift(ctx.alias_label).observe(bill.prompt_estimate / usage.prompt_tokens)
         self._record(ctx, cost)
-
-    def _drift_histograms(self, alias: str) -> tuple[Any, Any]:
-        """An alias's drift histograms (label children looked up once per alias: the policy's aliases)."""
-        found = self._drift.get(alias)
-        if found is None:
-            found = (fast_child(self.metrics.reservation_drift.labels(alias)),
-                     fast_child(self.metrics.token_estimate_drift.labels(alias)))
-            if len(self._drift) < 10_000:
-                self._drift[alias] = found
-        return found
 
     async def _settle_budget(self, key: str, reserved: float, cost: float, ttl_s: float) -> None:
         try:

@@ -50,12 +50,6 @@ class Chunk:
             self._data = _decode(self.payload)
         return self._data
 
-    @property
-    def decoded(self) -> dict[str, Any] | None:
-        """The decoded chunk if a stage has decoded it already (a reader that needs only a few fields can
-        then use it, and otherwise decode just those)."""
-        return self._data
-
     def __repr__(self) -> str:
         return f"Chunk({len(self.payload)} bytes)"
 

@@ -23,7 +23,7 @@ from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import ChoicePeek, ChoicesPeek
-from .metrics import Metrics, fast_child
+from .metrics import Children, Metrics
 from .refusals import looks_like_refusal
 
 __all__ = ["Answer", "QualitySignals", "signals_of"]
@@ -120,15 +120,13 @@ def _read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, li
                     parts.append(call.function.arguments)
 
 
-def _read_payload(answer: Answer, payload: bytes, decoded: dict[str, Any] | None, chat: bool, delta_key: str,
-                  limit: int) -> None:
-    """Read one body or chunk: its dict when a stage decoded it already, else only the fields needed."""
-    if decoded is None:
-        try:
-            _read_typed(answer, _decode_choices(payload).choices, chat, limit)
-            return
-        except msgspec.ValidationError:
-            decoded = _decode(payload)  # unusual types: the dict reader skips what it cannot use
+def _read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:
+    """Read one body or chunk: only the fields the checks need, or, for unusual types, its whole dict."""
+    try:
+        _read_typed(answer, _decode_choices(payload).choices, chat, limit)
+        return
+    except msgspec.ValidationError:
+        decoded = _decode(payload)  # the dict reader skips what it cannot use
     for choice in decoded.get("choices") or () if isinstance(decoded, dict) else ():
         _read_choice(answer, choice, delta_key, limit)
 
@@ -219,7 +217,9 @@ class QualitySignals:
     def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
         self.metrics = metrics
         self.limit = max_text_bytes
-        self._series: dict[tuple[str, str], _Series] = {}
+        self._checked = Children(metrics.quality_checked)  # labels: aliases, targets, closed sets
+        self._finish_reasons = Children(metrics.finish_reasons)
+        self._signals = Children(metrics.quality_signals)
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         if ctx.endpoint not in _CHECKED:  # embeddings have no text; Responses answers have no `choices`
@@ -236,7 +236,7 @@ class QualitySignals:
             answer = Answer()
             chat = ctx.endpoint is Endpoint.CHAT
             try:
-                _read_payload(answer, reply.body, None, chat, "message" if chat else "_", self.limit)
+                _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
             except msgspec.DecodeError:
                 return reply
             self.count(ctx, answer)
@@ -246,32 +246,11 @@ class QualitySignals:
         labels = ctx.runtime.policy.labels
         model = labels.alias(ctx.alias_label)
         target = labels.target(ctx.target.name if ctx.target is not None else None)
-        series = self._series.get((model, target))
-        if series is None:  # label values from the policy's bounded sets: the cache stays small
-            series = self._series[(model, target)] = _Series(self.metrics, model, target)
-        series.checked.inc()
+        self._checked(model, target).inc()
         for reason in answer.finish_reasons:
-            series.child(self.metrics.finish_reasons, reason if reason in _FINISH_REASONS else "other").inc()
+            self._finish_reasons(model, target, reason if reason in _FINISH_REASONS else "other").inc()
         for signal in signals_of(answer, ctx.body):
-            series.child(self.metrics.quality_signals, signal).inc()
-
-
-class _Series:
-    """One (alias, target)'s quality counters, looked up once rather than per answer."""
-
-    __slots__ = ("checked", "children", "model", "target")
-
-    def __init__(self, metrics: Metrics, model: str, target: str) -> None:
-        self.model, self.target = model, target
-        self.checked = fast_child(metrics.quality_checked.labels(model, target))
-        self.children: dict[tuple[int, str], Any] = {}
-
-    def child(self, counter: Any, value: str) -> Any:
-        """`counter`'s child for this alias, target and `value` (a finish reason or a signal: closed sets)."""
-        found = self.children.get((id(counter), value))
-        if found is None:
-            found = self.children[(id(counter), value)] = fast_child(counter.labels(self.model, self.target, value))
-        return found
+            self._signals(model, target, signal).inc()
 
 
 class _StreamQuality:
@@ -288,13 +267,14 @@ class _StreamQuality:
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         payloads = self.payloads
+        chat = ctx.endpoint is Endpoint.CHAT
         for event in events:
             if type(event) is Chunk:
                 if event.choices is not None:  # the provider read them for us (`ctx.read_choices`)
                     if payloads:
                         self._read(ctx)  # what came before it first: text stays in order
                         payloads = self.payloads
-                    _read_typed(self.answer, event.choices, ctx.endpoint is Endpoint.CHAT, self.stage.limit)
+                    _read_typed(self.answer, event.choices, chat, self.stage.limit)
                 else:
                     payloads.append(event.payload)
         if len(payloads) >= _BATCH:
@@ -322,6 +302,6 @@ class _StreamQuality:
             return
         for payload in payloads:
             try:
-                _read_payload(self.answer, payload, None, chat, "delta" if chat else "_", limit)
+                _read_payload(self.answer, payload, chat, "delta" if chat else "_", limit)
             except msgspec.DecodeError:
                 continue

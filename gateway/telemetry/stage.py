@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from typing import Any
 
 from ..accounting.cost import request_cost
 from ..errors import GatewayError
@@ -25,7 +24,7 @@ from ..runtime import Service
 from ..schemas.events import StreamEvent
 from .feedback import FeedbackRecorder
 from .logs import log_access
-from .metrics import Finished, Metrics, fast_child
+from .metrics import Children, Finished, Metrics
 from .quality import QualitySignals
 from .tracing import SpanExporter, Tracing
 
@@ -41,7 +40,7 @@ class Telemetry:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._cost_children: dict[tuple[str, str], Any] = {}
+        self._cost_usd = Children(metrics.cost)  # by alias and tenant: the policy's bounded label sets
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         self.metrics.in_flight.inc()
@@ -118,11 +117,7 @@ class Telemetry:
             metrics.cost_unpriced.labels(model).inc()
             return
         if cost:
-            tenant = ctx.runtime.policy.labels.tenant(ctx.tenant)
-            child = self._cost_children.get((model, tenant))
-            if child is None:  # both from the policy's bounded label sets
-                child = self._cost_children[(model, tenant)] = fast_child(metrics.cost.labels(model, tenant))
-            child.inc(cost)
+            self._cost_usd(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
         if reply is not None and ctx.target is not None and ctx.upstream_started:
             ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]
 

@@ -267,16 +267,29 @@ class _StreamQuality:
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         payloads = self.payloads
+        answer = self.answer
         chat = ctx.endpoint is Endpoint.CHAT
         for event in events:
-            if type(event) is Chunk:
-                if event.choices is not None:  # the provider read them for us (`ctx.read_choices`)
-                    if payloads:
-                        self._read(ctx)  # what came before it first: text stays in order
-                        payloads = self.payloads
-                    _read_typed(self.answer, event.choices, chat, self.stage.limit)
-                else:
-                    payloads.append(event.payload)
+            if type(event) is not Chunk:
+                continue
+            choices = event.choices
+            if choices is None:
+                payloads.append(event.payload)
+                continue
+            if payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
+                self._read(ctx)
+                payloads = self.payloads
+            # The common chunk, read in line (this runs for every chunk): one choice, text only.
+            if len(choices) == 1:
+                choice = choices[0]
+                delta = choice.delta
+                if (delta is not None and choice.index == 0 and choice.finish_reason is None and choice.text is None
+                        and delta.tool_calls is None and delta.refusal is None and chat):
+                    text = delta.content
+                    if text is not None and not answer.overflow:
+                        answer.add_text(text, self.stage.limit)
+                    continue
+            _read_typed(answer, choices, chat, self.stage.limit)
         if len(payloads) >= _BATCH:
             self._read(ctx)
         return events

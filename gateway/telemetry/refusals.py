@@ -45,5 +45,7 @@ _REFUSAL = re.compile(
 
 
 def looks_like_refusal(text: str) -> bool:
-    head = text[:_HEAD_CHARS].translate(_APOSTROPHES)
+    head = text[:_HEAD_CHARS]
+    if "\u2019" in head or "\u2018" in head or "\u02bc" in head:  # translating costs ~2 us: only when needed
+        head = head.translate(_APOSTROPHES)
     return _REFUSAL.match(head) is not None  # anchored at the start

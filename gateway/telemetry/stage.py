@@ -22,16 +22,15 @@ from ..pipeline.streams import StreamEnd
 from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
+from .access import CLIENT_CLOSED, access_line
 from .feedback import FeedbackRecorder
 from .logs import log_access
 from .metrics import Children, Finished, Metrics
 from .quality import QualitySignals
 from .tracing import SpanExporter, Tracing
 
-__all__ = ["Telemetry", "TelemetryStages", "access_fields"]
+__all__ = ["Telemetry", "TelemetryStages"]
 
-GUARDS_HEADER = b"x-gateway-guards"  # set by the guard stage (not imported: it would load the guards)
-CLIENT_CLOSED = 499
 
 
 class Telemetry:
@@ -99,7 +98,7 @@ class Telemetry:
             ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
         ))
         if ctx.runtime.policy.server.access_log or ctx.status >= 500:
-            log_access(access_fields(ctx, total, provider, target, key))
+            log_access(access_line(ctx, total, provider, target, key))
 
 
     def _cost(self, ctx: RequestContext, reply: Reply | None) -> None:
@@ -120,42 +119,6 @@ class Telemetry:
             self._cost_usd(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
         if reply is not None and ctx.target is not None and ctx.upstream_started:
             ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]
-
-
-def access_fields(
-    ctx: RequestContext, total: float, provider: str | None, target: str | None, key: str | None,
-) -> dict[str, object]:
-    """The access line's fields: who, what, where it went, how long each part took, what it cost.
-    Never prompt or answer text (tenants, keys and aliases are the policy's names)."""
-    usage = ctx.usage
-    upstream = ctx.upstream_seconds if provider is not None else 0.0
-    first = ctx.first_chunk_seconds
-    return {
-        "request_id": ctx.request_id, "endpoint": ctx.endpoint_label, "model": ctx.alias_label,
-        "tenant": ctx.tenant, "key": key, "provider": provider, "target": target,
-        "rule": ctx.rule, "attempts": _attempts(ctx), "fallback_reason": ctx.fallback_reason,
-        "stream": ctx.stream, "status": ctx.status, "error": ctx.error_code,
-        "total_ms": round(total * 1000, 2), "upstream_ms": round(upstream * 1000, 2),
-        "overhead_ms": round(max(0.0, total - upstream) * 1000, 3),
-        "first_chunk_ms": round(first * 1000, 2) if first is not None else None,
-        "prompt_tokens": usage.prompt_tokens if usage else None,
-        "completion_tokens": usage.completion_tokens if usage else None,
-        "cached_tokens": usage.cached_tokens if usage else None,
-        "reasoning_tokens": usage.reasoning_tokens if usage else None,
-        "tokens_estimated": ctx.usage_estimated,
-        "cost_usd": round(ctx.cost_usd, 9) if ctx.cost_usd is not None else None,
-        "cache": ctx.cache_result, "guards": _guard_actions(ctx),
-        "trace": ctx.traceparent.decode() if ctx.traceparent is not None else None,
-        "policy_version": ctx.runtime.policy.version,
-    }
-
-
-def _guard_actions(ctx: RequestContext) -> str | None:
-    """What the guards did, as the `x-gateway-guards` header tells the client (guard names and actions)."""
-    for name, value in ctx.headers or ():
-        if name == GUARDS_HEADER:
-            return value.decode("latin-1")
-    return None
 
 
 class TelemetryStages:
@@ -181,13 +144,3 @@ class TelemetryStages:
             services.append(writer)
         self.stages: tuple[Stage, ...] = tuple(stages)
         self.services: tuple[Service, ...] = tuple(services)
-
-
-def _attempts(ctx: RequestContext) -> list[dict[str, object]]:
-    """Every attempt, in order: target, outcome and milliseconds (one line when the first answered)."""
-    if ctx.attempts is not None:
-        return [{"target": target, "outcome": outcome, "ms": ms} for target, outcome, ms in ctx.attempts]
-    if ctx.target is None:
-        return []
-    outcome = "ok" if ctx.status < 400 or ctx.status == CLIENT_CLOSED else "error"
-    return [{"target": ctx.target.name, "outcome": outcome}]

@@ -67,6 +67,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
 from .errors import error_body
+from .pipeline.lifecycle import DISCONNECT_HOOK
 from .telemetry.metrics import HTTP_REFUSED
 
 try:
@@ -585,6 +586,16 @@ if HAVE_HTTPTOOLS:
             if cycle is not None and type(getattr(cycle, "transport", None)) is not _HeadJoined \
                     and hasattr(cycle, "transport"):
                 cycle.transport = _HeadJoined(self.transport, self.loop)
+            if cycle is not None:
+                setattr(cycle, DISCONNECT_HOOK, None)  # this protocol calls the request back on a lost connection
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            cycle = self.cycle
+            _Guard.connection_lost(self, exc)
+            hook = getattr(cycle, DISCONNECT_HOOK, None) if cycle is not None else None
+            if hook is not None:  # a request watching for its client (`pipeline.lifecycle`)
+                setattr(cycle, DISCONNECT_HOOK, None)
+                hook()
 
         def on_message_complete(self) -> None:
             self._state = 0  # what comes next is the next request's head

@@ -7,8 +7,11 @@ task, which cancels the upstream call and releases its connection at once. The
 `reason` tells the code that catches the cancellation what happened, so that a
 client that left is recorded as 499, a cut as 503, and a bug as neither.
 
-One watcher task per request waits for the client's `http.disconnect`, from the
-end of the body read to the last byte sent.
+The client's leaving is watched from the end of the body read to the last byte
+sent. Behind the gateway's own HTTP protocol (`http_server`), the protocol calls the
+request back when its connection is lost (`DISCONNECT_HOOK` on uvicorn's request
+cycle): no task per request. Behind any other ASGI server, one watcher task per
+request waits for the client's `http.disconnect`.
 """
 
 from __future__ import annotations
@@ -16,25 +19,43 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-__all__ = ["Lifecycle"]
+__all__ = ["DISCONNECT_HOOK", "Lifecycle"]
 
 Reason = Literal["client_gone", "shutdown"]
+# An attribute of the server's request cycle (the object whose bound method is `receive`): the
+# gateway's HTTP protocol sets it to None on every cycle it makes, and calls it, if set, when the
+# connection is lost. Its presence says the server calls back; a request sets it while it watches.
+DISCONNECT_HOOK = "gateway_on_disconnect"
 
 
 class Lifecycle:
-    __slots__ = ("_protected", "_watcher", "reason", "response_started", "task")
+    __slots__ = ("_cycle", "_protected", "_watcher", "reason", "response_started", "task")
 
     def __init__(self, task: asyncio.Task[Any]) -> None:
         self.task = task
         self.reason: Reason | None = None
         self.response_started = False
         self._watcher: asyncio.Task[None] | None = None
+        self._cycle: Any = None  # the server's request cycle that calls us back, while watched
         self._protected = False
 
     def watch(self, receive: Any) -> None:
         """Start watching for the client's disconnect (after the body has been read)."""
-        if self._watcher is None:
-            self._watcher = asyncio.ensure_future(self._watch(receive))
+        if self._watcher is not None or self._cycle is not None:
+            return
+        cycle = getattr(receive, "__self__", None)
+        if cycle is not None and hasattr(cycle, DISCONNECT_HOOK):  # the server calls back: no task
+            if getattr(cycle, "disconnected", False):
+                self.cancel("client_gone")
+                return
+            setattr(cycle, DISCONNECT_HOOK, self._client_gone)
+            self._cycle = cycle
+            return
+        self._watcher = asyncio.ensure_future(self._watch(receive))
+
+    def _client_gone(self) -> None:
+        self._cycle = None
+        self.cancel("client_gone")
 
     async def _watch(self, receive: Any) -> None:
         while True:
@@ -56,6 +77,9 @@ class Lifecycle:
         self._protected = True
 
     def stop(self) -> None:
+        if self._cycle is not None:
+            setattr(self._cycle, DISCONNECT_HOOK, None)
+            self._cycle = None
         if self._watcher is not None:
             self._watcher.cancel()
             self._watcher = None

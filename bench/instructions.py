@@ -1,0 +1,144 @@
+"""Instructions per request: the gateway under callgrind, a feature off and on, against the canned upstream.
+
+Wall-clock ratios on a shared 2-core VM move by 10 to 30% between runs; the number of
+user-space instructions the gateway's process executes per request does not move with
+the neighbours' load, so small differences between two variants can be judged. Each
+spec starts a gateway (`bench/policy.features.yaml`, as `bench/features.py` does) under
+`valgrind --tool=callgrind --instr-atstart=no`, warms it with 300 requests, switches
+instrumentation on for `--requests` requests at 16 connections, and divides the
+instructions counted by the requests. Kernel work (sockets) is not counted: it is the
+same on both sides of a comparison, so these ratios overstate a feature's share of the
+whole CPU somewhat. Under callgrind the gateway runs about 50 times slower; a spec takes
+about a minute.
+
+    .venv/bin/python bench/instructions.py main:bench-json:json main:bench-json:json:accounted
+    .venv/bin/python bench/instructions.py main:bench-sse:sse telemetry:bench-sse:sse
+    .venv/bin/python bench/instructions.py --prompt-300 main:bench-json:json main:bench-json-pii:json
+
+A spec is `GATEWAY:ALIAS:MODE[:KEY]`: GATEWAY `main` (the features policy) or `telemetry`
+(the same policy with the access log and quality signals, as the telemetry rows of
+`bench/features.py`), an alias of that policy, MODE `json` or `sse`, KEY `plain` (default)
+or `accounted` (the key with an RPM limit and a budget).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import aiohttp
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import features  # noqa: E402
+from bench.harness import HOST, BenchError, Service, free_port, nginx_upstream, require_tools, workdir  # noqa: E402
+
+WARM_UP = 300
+
+
+def policy_text(gateway: str, upstream_port: int, port: int) -> str:
+    digest = "sha256:" + hashlib.sha256(features.KEY.encode()).hexdigest()
+    accounted = "sha256:" + hashlib.sha256(features.ACCOUNTED_KEY.encode()).hexdigest()
+    text = features.TEMPLATE.read_text()
+    for name, value in (("{port}", str(upstream_port)), ("{gateway_port}", str(port)), ("{key_hash}", digest),
+                        ("{ner_model}", str(features.NER_MODEL)), ("{accounted_key_hash}", accounted),
+                        ("{state}", "")):
+        text = text.replace(name, value)
+    if gateway == "telemetry":
+        text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + features.TELEMETRY_POLICY
+    elif gateway != "main":
+        raise BenchError(f"unknown gateway {gateway!r} (main or telemetry)")
+    return text
+
+
+async def send(url: str, body: bytes, key: str, requests: int, connections: int = 16) -> None:
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+    left = requests
+
+    async def client(session: aiohttp.ClientSession) -> None:
+        nonlocal left
+        while left > 0:
+            left -= 1
+            async with session.post(url, data=body, headers=headers) as response:
+                await response.read()
+                if response.status != 200:
+                    raise BenchError(f"{url}: status {response.status}")
+
+    async with aiohttp.ClientSession() as session:
+        await asyncio.gather(*(client(session) for _ in range(connections)))
+
+
+def wait_ready(url: str, body: bytes, key: str, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            asyncio.run(send(url, body, key, 1, 1))
+            return
+        except (aiohttp.ClientError, OSError, BenchError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.5)
+
+
+def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -> float:
+    """Millions of instructions per request for one spec."""
+    gateway, alias, mode, *rest = spec.split(":")
+    key = features.ACCOUNTED_KEY if rest == ["accounted"] else features.KEY
+    port = free_port()
+    policy = wd / f"policy-{port}.yaml"
+    policy.write_text(policy_text(gateway, upstream_port, port))
+    out = wd / f"callgrind-{port}.out"
+    argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
+            str(REPO / ".venv" / "bin" / "python"), "-m", "gateway", "serve", "--policy", str(policy),
+            "--host", HOST, "--port", str(port)]
+    with Service(f"gateway-{port}", argv, log_dir=wd, cpu="1", env={"BENCH_UPSTREAM_KEY": "sk-bench"}) as service:
+        url = f"http://{HOST}:{port}/v1/chat/completions"
+        body = features.body(alias, mode == "sse", prompt)
+        wait_ready(url, body, key)
+        asyncio.run(send(url, body, key, WARM_UP))
+        pid = str(service.pid)
+        for step in (["-z"], ["-i", "on"]):
+            subprocess.run(["callgrind_control", *step, pid], check=True, capture_output=True)
+        asyncio.run(send(url, body, key, requests))
+        for step in (["-i", "off"], ["-d"]):
+            subprocess.run(["callgrind_control", *step, pid], check=True, capture_output=True)
+        time.sleep(1)
+    total = 0
+    for dump in wd.glob(out.name + "*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    if not total:
+        raise BenchError(f"{spec}: callgrind wrote no totals")
+    return total / requests / 1e6
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("specs", nargs="+", help="GATEWAY:ALIAS:MODE[:KEY]")
+    parser.add_argument("--requests", type=int, default=600, help="requests counted per spec [%(default)s]")
+    parser.add_argument("--prompt-300", action="store_true", help="send the 300-word PII prompt of the guard rows")
+    args = parser.parse_args(argv)
+    tools = require_tools(("nginx", "taskset"))
+    for tool in ("valgrind", "callgrind_control"):
+        if shutil.which(tool) is None:
+            print(f"bench/instructions.py needs {tool} (Debian: apt-get install valgrind)", file=sys.stderr)
+            return 2
+    prompt = features.PROMPT_300 if args.prompt_300 else "Say hello"
+    with workdir("bench-instructions-") as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
+        for spec in args.specs:
+            print(f"{spec}: {count(spec, upstream_port, wd, args.requests, prompt):.3f} M instructions/request",
+                  flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

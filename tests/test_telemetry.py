@@ -176,6 +176,44 @@ def test_quality_signals_per_alias_and_target(telemetry_gateway: RunningGateway,
     assert total_signals == 4  # the two fine answers raised nothing
 
 
+def _responses(given: str, model: str = "fault-echo", **body: Any) -> dict[str, Any]:
+    return {"model": model, "input": given, **body}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_quality_signals_of_responses_answers(telemetry_gateway: RunningGateway, stream: bool) -> None:
+    """The same checks on `/v1/responses`: its text parts, its `text.format` and its function tools."""
+    url = telemetry_gateway.base_url
+    schema_format = {"format": {"type": "json_schema", "name": "n", "schema": _SCHEMA}}
+    tools = [{"type": "function", "name": "echo", "parameters": _TOOLS[0]["function"]["parameters"]}]
+    cases = [
+        (_responses("I'm sorry, but I can't help with that request."), "refusal"),
+        (_responses(""), "empty"),
+        (_responses("not json at all", text={"format": {"type": "json_object"}}), "invalid_json"),
+        (_responses('{"n": "seven"}', text=schema_format), "schema_violation"),
+        (_responses("hello", model="fault-echo-tool", tools=tools), "malformed_tool_call"),
+    ]
+    fine = [_responses('{"n": 7}', text=schema_format), _responses("Sure, here it is.")]
+    with httpx.Client(headers=_headers(), timeout=15) as client:
+        for body in [b for b, _ in cases] + fine:
+            response = client.post(f"{url}/responses", json={**body, "stream": stream})
+            assert response.status_code == 200, response.text
+    metrics = telemetry_gateway.metrics()
+    for body, signal in cases:
+        target = f"mock-fast/{body['model']}"
+        assert _value(metrics, "gateway_quality_signals_total", model=body["model"], target=target,
+                      signal=signal) == 1, signal
+    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo", target="mock-fast/fault-echo") == 6
+    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo-tool",
+                  target="mock-fast/fault-echo-tool", reason="tool_calls") == 1
+    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo",
+                  target="mock-fast/fault-echo", reason="stop") == 6
+    total_signals = sum(_value(metrics, "gateway_quality_signals_total", model="fault-echo",
+                               target="mock-fast/fault-echo", signal=s)
+                        for s in ("refusal", "empty", "invalid_json", "schema_violation", "truncated"))
+    assert total_signals == 4  # the two fine answers raised nothing
+
+
 def test_quality_off_reads_no_stream_and_counts_nothing(gateway: RunningGateway) -> None:
     assert not any(stage.name == "quality" for stage in gateway.gateway.runtime.pipeline.stages)
     httpx.post(f"{gateway.base_url}/chat/completions", json=_chat("I'm sorry, but I can't"), headers=_headers())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -134,3 +135,51 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
         return b"\n".join(line for line in generate_latest(registry).splitlines() if b"_created" not in line)
 
     assert exposition(True) == exposition(False)
+
+
+def test_a_responses_answer_is_read_from_its_output_items() -> None:
+    from gateway.telemetry.quality import signals_for
+    from gateway.telemetry.quality_responses import answer_of, decode_response, responses_asked
+
+    def read(**response: object) -> Answer | None:
+        return answer_of(decode_response(json.dumps(response).encode()), 1000)
+
+    message = {"type": "message", "content": [{"type": "output_text", "text": "Hello"}]}
+    assert (answer := read(status="completed", output=[message])) is not None
+    assert answer.text == ["Hello"] and answer.finish_reasons == ["stop"]
+    cut = read(status="incomplete", output=[message], incomplete_details={"reason": "max_output_tokens"})
+    assert cut is not None and cut.finish_reasons == ["length"]
+    assert signals_for(cut, responses_asked({})) == ["truncated"]
+    refused = read(status="completed", output=[{"type": "message", "content": [{"type": "refusal", "refusal": "No"}]}])
+    assert refused is not None and signals_for(refused, responses_asked({})) == ["refusal"]
+    assert read(status="failed", output=[]) is None  # not an answer: not counted
+    call = {"type": "function_call", "name": "f", "arguments": '{"x": 1}'}
+    tools = {"tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "required": ["y"]}}]}
+    called = read(status="completed", output=[{"type": "reasoning"}, call])
+    assert called is not None and called.finish_reasons == ["tool_calls"]
+    assert signals_for(called, responses_asked(tools)) == ["malformed_tool_call"]
+    schema = {"text": {"format": {"type": "json_schema", "name": "s", "schema": {"type": "object", "required": ["a"]}}}}
+    json_text = {**message, "content": [{"type": "output_text", "text": '{"b": 1}'}]}
+    json_answer = read(status="completed", output=[json_text])
+    assert json_answer is not None and signals_for(json_answer, responses_asked(schema)) == ["schema_violation"]
+
+
+async def test_a_responses_stream_is_read_at_its_last_event_only() -> None:
+    from types import SimpleNamespace
+
+    from gateway.pipeline.streams import StreamEnd
+    from gateway.schemas.events import Chunk
+    from gateway.telemetry.quality_responses import ResponsesStreamQuality
+
+    counted: list[tuple[Answer, object]] = []
+    stage = SimpleNamespace(limit=1000, count=lambda ctx, answer, asked: counted.append((answer, asked)))
+    reader = ResponsesStreamQuality(stage)  # type: ignore[arg-type]
+    # a delta whose text names the last event's type is not the last event (its quotes are escaped)
+    delta = {"type": "response.output_text.delta", "delta": 'the "response.completed" event'}
+    last = {"type": "response.completed", "response": {"status": "completed", "output": [
+        {"type": "message", "content": [{"type": "output_text", "text": "the whole text"}]}]}}
+    ctx = SimpleNamespace(body={})
+    for event in (delta, last):
+        await reader.on_events(ctx, [Chunk(json.dumps(event).encode())])  # type: ignore[arg-type]
+    await reader.on_end(ctx, StreamEnd("done"))  # type: ignore[arg-type]
+    assert len(counted) == 1 and counted[0][0].text == ["the whole text"]

@@ -5,8 +5,9 @@ Built only when `telemetry.quality.enabled`: off, it is not in the pipeline and 
 stream's bytes pass untouched. On, a complete answer is decoded once, and a
 stream's chunks are read as they pass (text kept up to `max_text_bytes`, past
 which the JSON checks are skipped). Only the first choice is checked; every
-choice's finish reason is counted. Nothing of the text is kept or logged: the
-signals are counters.
+choice's finish reason is counted. Responses answers are read from their
+`response` object (`quality_responses`). Nothing of the text is kept or logged:
+the signals are counters.
 """
 
 from __future__ import annotations
@@ -23,10 +24,12 @@ from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import ChoicePeek, ChoicesPeek
+from .answers import Answer, Asked
 from .metrics import Children, Metrics
+from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import looks_like_refusal
 
-__all__ = ["Answer", "QualitySignals", "signals_of"]
+__all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
 
 _decode = msgspec.json.Decoder().decode
 _FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
@@ -40,29 +43,6 @@ _decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
 _decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
 _CHECKED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
 _BATCH = 256  # stream chunks held before they are read
-
-
-class Answer:
-    """The first choice of an answer, as the checks need it (built from a body or from stream chunks)."""
-
-    __slots__ = ("finish_reasons", "overflow", "refusal", "size", "text", "tool_calls")
-
-    def __init__(self) -> None:
-        self.text: list[str] = []
-        self.refusal = False
-        self.finish_reasons: list[str] = []
-        self.tool_calls: dict[int, list[str]] = {}  # index -> [name, arguments...]
-        self.size = 0
-        self.overflow = False
-
-    def add_text(self, text: str, limit: int) -> None:
-        if self.overflow:
-            return
-        self.size += len(text)
-        if self.size > limit:
-            self.overflow = True
-            return
-        self.text.append(text)
 
 
 def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -163,8 +143,30 @@ def _parse(text: str) -> tuple[bool, Any]:
         return False, None
 
 
+def chat_asked(request: dict[str, Any]) -> Asked:
+    """Chat and completions: `response_format` and `tools` (`{"type": "function", "function": {...}}`)."""
+    response_format = request.get("response_format")
+    kind = schema = None
+    if isinstance(response_format, dict):
+        kind = response_format.get("type")
+        spec = response_format.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+    tools: dict[str, Any] = {}
+    offered = request.get("tools")
+    for tool in offered if isinstance(offered, list) else ():
+        function = tool.get("function") if isinstance(tool, dict) else None
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            tools[function["name"]] = function.get("parameters")
+    return Asked(kind if isinstance(kind, str) else None, schema, tools)
+
+
 def signals_of(answer: Answer, request: dict[str, Any]) -> list[str]:
-    """The quality problems of one answer, given the request it answers (its response format and tools)."""
+    """The quality problems of one chat or completions answer, given the request it answers."""
+    return signals_for(answer, chat_asked(request))
+
+
+def signals_for(answer: Answer, asked: Asked) -> list[str]:
+    """The quality problems of one answer, given what its request asked (response format and tools)."""
     found: list[str] = []
     text = "".join(answer.text)
     truncated = "length" in answer.finish_reasons
@@ -172,30 +174,21 @@ def signals_of(answer: Answer, request: dict[str, Any]) -> list[str]:
         found.append("truncated")
     if answer.refusal or looks_like_refusal(text):
         found.append("refusal")
-    if not text.strip() and not answer.tool_calls and not answer.overflow:
+    elif not text.strip() and not answer.tool_calls and not answer.overflow:  # a refusal is not an empty answer
         found.append("empty")
-    response_format = request.get("response_format")
-    kind = response_format.get("type") if isinstance(response_format, dict) else None
+    kind = asked.json_kind
     if kind in ("json_object", "json_schema") and not answer.overflow and not answer.tool_calls and text.strip():
         ok, value = _parse(text)
         if not ok:
             found.append("invalid_json")
-        elif kind == "json_schema":
-            spec = response_format.get("json_schema") if isinstance(response_format, dict) else None
-            schema = spec.get("schema") if isinstance(spec, dict) else None
-            if isinstance(schema, dict) and not _fits(_validator(schema), value):
-                found.append("schema_violation")
-    if answer.tool_calls and _malformed_tool_call(answer, request.get("tools")):
+        elif kind == "json_schema" and isinstance(asked.schema, dict) and not _fits(_validator(asked.schema), value):
+            found.append("schema_violation")
+    if answer.tool_calls and _malformed_tool_call(answer, asked.tools):
         found.append("malformed_tool_call")
     return found
 
 
-def _malformed_tool_call(answer: Answer, tools: Any) -> bool:
-    schemas: dict[str, Any] = {}
-    for tool in tools if isinstance(tools, list) else ():
-        function = tool.get("function") if isinstance(tool, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("name"), str):
-            schemas[function["name"]] = function.get("parameters")
+def _malformed_tool_call(answer: Answer, schemas: dict[str, Any]) -> bool:
     for parts in answer.tool_calls.values():
         name, arguments = parts[0], "".join(parts[1:])
         ok, value = _parse(arguments or "{}")
@@ -210,7 +203,8 @@ def _malformed_tool_call(answer: Answer, tools: Any) -> bool:
 
 
 class QualitySignals:
-    """The stage: checks each chat or completions answer (complete or streamed) and counts what it finds."""
+    """The stage: checks each chat, completions or Responses answer (complete or streamed) and counts what
+    it finds."""
 
     name = "quality"
 
@@ -222,7 +216,9 @@ class QualitySignals:
         self._signals = Children(metrics.quality_signals)
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        if ctx.endpoint not in _CHECKED:  # embeddings have no text; Responses answers have no `choices`
+        if ctx.endpoint is Endpoint.RESPONSES:
+            return await self._responses(ctx, call_next)
+        if ctx.endpoint not in _CHECKED:  # embeddings have no text
             return await call_next(ctx)
         # A stream's chunks: the provider's per-chunk decode reads their choices too, no second decode here
         # (set before the body is read: whether it streams is not known yet; a complete answer ignores it).
@@ -239,17 +235,33 @@ class QualitySignals:
                 _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
             except msgspec.DecodeError:
                 return reply
-            self.count(ctx, answer)
+            self.count(ctx, answer, chat_asked(ctx.body))
         return reply
 
-    def count(self, ctx: RequestContext, answer: Answer) -> None:
+    async def _responses(self, ctx: RequestContext, call_next: Next) -> Reply:
+        """A Responses answer: its `response` object (`quality_responses`), complete or at a stream's end."""
+        reply = await call_next(ctx)
+        if reply.status != 200:
+            return reply
+        if reply.stream is not None:
+            reply.stream.add(ResponsesStreamQuality(self))
+        elif reply.body is not None:
+            try:
+                answer = answer_of(decode_response(reply.body), self.limit)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return reply
+            if answer is not None:
+                self.count(ctx, answer, responses_asked(ctx.body))
+        return reply
+
+    def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
         labels = ctx.runtime.policy.labels
         model = labels.alias(ctx.alias_label)
         target = labels.target(ctx.target.name if ctx.target is not None else None)
         self._checked(model, target).inc()
         for reason in answer.finish_reasons:
             self._finish_reasons(model, target, reason if reason in _FINISH_REASONS else "other").inc()
-        for signal in signals_of(answer, ctx.body):
+        for signal in signals_for(answer, asked):
             self._signals(model, target, signal).inc()
 
 
@@ -297,7 +309,7 @@ class _StreamQuality:
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if end.outcome == "done":
             self._read(ctx)
-            self.stage.count(ctx, self.answer)
+            self.stage.count(ctx, self.answer, chat_asked(ctx.body))
 
     def _read(self, ctx: RequestContext) -> None:
         payloads, self.payloads = self.payloads, []

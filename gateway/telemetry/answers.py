@@ -1,0 +1,40 @@
+"""An answer as the quality checks read it, and what its request asked of it: the same shapes for every API
+(chat, completions, Responses), so that one set of checks (`quality.signals_for`) serves them all."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+__all__ = ["Answer", "Asked"]
+
+
+class Answer:
+    """The first choice of an answer, as the checks need it (built from a body or from stream chunks)."""
+
+    __slots__ = ("finish_reasons", "overflow", "refusal", "size", "text", "tool_calls")
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.refusal = False
+        self.finish_reasons: list[str] = []
+        self.tool_calls: dict[int, list[str]] = {}  # index -> [name, arguments...]
+        self.size = 0
+        self.overflow = False
+
+    def add_text(self, text: str, limit: int) -> None:
+        if self.overflow:
+            return
+        self.size += len(text)
+        if self.size > limit:
+            self.overflow = True
+            return
+        self.text.append(text)
+
+
+class Asked(NamedTuple):
+    """What a request asked of its answer's form, whatever its API: a JSON kind (`json_object`,
+    `json_schema` or None), that schema, and the offered tools' parameter schemas by name."""
+
+    json_kind: str | None
+    schema: Any
+    tools: dict[str, Any]

@@ -36,7 +36,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "PolicySpec.version": "The policy format's version; always 1.",
     "PolicySpec.server": "The HTTP server, metrics, admin API, reload and shadow policy.",
     "PolicySpec.state": "Where shared state lives (memory, or Redis shared by replicas).",
-    "PolicySpec.auth": "`keys`: every request needs a virtual key listed under `keys`; `none`: no keys (local use).",
+    "PolicySpec.auth": "`keys`: every request needs a virtual key, listed under `keys` or created at run time "
+                       "(`dynamic_keys`); `none`: no keys (local use).",
     "PolicySpec.keys": "Virtual keys: each a hash, a tenant, the aliases it may use, its limits and budget.",
     "PolicySpec.providers": "Upstream APIs by name; aliases and targets name them.",
     "PolicySpec.models": "The model aliases clients ask for, each with its targets and strategy.",

@@ -357,3 +357,23 @@ def test_logs_name_keys_by_id_never_by_secret_or_hash(
     assert "'key': 'logged'" in text  # the access line names the key by its name
     for secret in (made["key"], rotated["key"]):
         assert secret not in text and digest_of(secret).hex() not in text and secret[3:15] not in text
+
+
+def test_a_run_time_key_can_rate_its_own_answers(upstream: MockUpstream) -> None:
+    """`POST /v1/feedback` takes the caller's key like any request: a key created at run time too."""
+    policy = keyed_policy(upstream) + "telemetry: {feedback: {enabled: true}}\n"
+    running = RunningGateway(policy, ENV).start()
+    try:
+        key = create(running, name="rater")["key"]
+        auth = {"Authorization": f"Bearer {key}"}
+        answered = httpx.post(running.base_url + "/chat/completions", headers=auth, timeout=10,
+                              json={"model": "chat", "messages": MESSAGES})
+        assert answered.status_code == 200, answered.text
+        feedback = {"request_id": answered.headers["x-request-id"], "score": 1}
+        rated = httpx.post(running.base_url + "/feedback", headers=auth, json=feedback, timeout=10)
+        assert rated.status_code == 200, rated.text
+        unknown = httpx.post(running.base_url + "/feedback", json=feedback, timeout=10,
+                             headers={"Authorization": "Bearer gw-" + "x" * 43})
+        assert unknown.status_code == 401
+    finally:
+        running.stop()

@@ -7,6 +7,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, post
 
+from ..auth.dynamic import find_key
 from ..errors import NotFound
 from ..pipeline.stages import authenticate
 from ..telemetry.feedback import take_feedback
@@ -26,7 +27,10 @@ def feedback_routes(host: OpsHost) -> list[Any]:
         spec = runtime.policy.telemetry.feedback
         if not spec.enabled:
             raise NotFound("feedback is turned off in this policy (telemetry.feedback)")
-        key = authenticate(runtime.policy, headers.credential)
+        if runtime.dynamic_keys is None:
+            key = authenticate(runtime.policy, headers.credential)
+        else:  # keys created at run time may rate their answers too
+            key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
         tenant = key.tenant if key is not None else "anonymous"
         result = await take_feedback(runtime.store, host.metrics, tenant, await request.body(), frozenset(spec.labels))
         return Response(_encode(result), status_code=200, media_type="application/json",

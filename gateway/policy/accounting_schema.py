@@ -40,7 +40,8 @@ class DowngradeSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True
 
 
 class BudgetSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """Spend allowed per period. Calendar periods are UTC; `rolling` covers the last `window_s` seconds."""
+    """Spend allowed per period. Calendar periods are UTC; `rolling` windows are `window_s` long,
+    fixed and aligned to the Unix epoch (not a sliding window)."""
 
     usd: Annotated[float, Meta(gt=0, le=1_000_000_000, description="USD per period")]
     period: BudgetPeriod = "month"
@@ -67,7 +68,8 @@ class AccountingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     default_max_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 4_096
     # A concurrency slot is a lease: one held by a replica that died frees itself after this long.
     lease_s: Annotated[float, Meta(ge=1, le=86_400)] = 900.0
-    # Distinct tenants and keys shown as metric labels; the rest are counted under `other`.
+    # Tenant and key names the policy does not list (run-time keys) that become labels of the budget
+    # metrics; past this many, `other`. The policy's own names are always labels.
     label_cap: Annotated[int, Meta(ge=1, le=10_000)] = 100
     # Build the stage, and count every request for `GET /admin/usage`, even when the policy itself sets no
     # limit or budget (with `dynamic_keys` the stage is built anyway, for those keys' own limits).

@@ -59,7 +59,8 @@ class CacheSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # on, off, read-only (serve entries, store none) or write-only (store, never serve).
     mode: CacheMode = "on"
     ttl_s: Ttl = 3_600.0
-    # Answers larger than this (before compression) are not stored.
+    # Entries larger than this after compression are not stored (a stream is dropped as soon as its
+    # chunks pass it).
     max_entry_bytes: Annotated[int, Meta(ge=256, le=64 * 1024 * 1024)] = 1024 * 1024
     # Which requests are cacheable (default: temperature 0, or a `seed`).
     when: CacheWhenSpec = CacheWhenSpec()
@@ -74,7 +75,7 @@ class CacheSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
 class CacheSettingsSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Cache settings of the whole gateway (the `cache:` section)."""
 
-    # Entries larger than this are stored zlib-compressed.
+    # Entries at least this large are stored zlib-compressed.
     compress_min_bytes: Annotated[int, Meta(ge=64, le=64 * 1024 * 1024)] = 1024
     # The memory backend keeps cache entries up to this many bytes in all (least recently used go first).
     memory_max_bytes: Annotated[int, Meta(ge=1024 * 1024, le=1 << 40)] = 256 * 1024 * 1024

@@ -62,8 +62,9 @@ class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 
 class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """The HTTP server. `host`, `port` and the connection limits take effect at start;
-    everything else is re-read on reload."""
+    """The HTTP server. `host`, `port`, `watch_policy` and the connection limits take effect at
+    start; everything else is re-read on reload (a longer `drain_timeout_s` is fully honoured on
+    shutdown only after a restart: the server's own deadline is set at start)."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65_535)] = 8080
@@ -83,12 +84,15 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # listening socket, so that a load balancer sees the drain (Kubernetes: 5-10).
     drain_delay_s: Annotated[float, Meta(ge=0, le=300)] = 0.0
     metrics: bool = True
-    # If set, /metrics requires `Authorization: Bearer <value of this variable>`.
+    # If set, /metrics requires `Authorization: Bearer <value of this variable>`; the variable
+    # must be set when the gateway starts or reloads (unset: the policy is refused).
     metrics_token_env: EnvVarName | None = None
-    # If set, /admin/* is on, behind `Authorization: Bearer <value of this variable>`.
+    # If set, /admin/* is on, behind `Authorization: Bearer <value of this variable>`; the variable
+    # must be set when the gateway starts or reloads (unset: the policy is refused).
     admin_token_env: EnvVarName | None = None
     access_log: bool = False
-    # Reload when the policy file changes (polled), on SIGHUP and on POST /admin/reload.
+    # Reload when a policy file changes (polled; read at start only). SIGHUP and POST /admin/reload
+    # reload whatever this says.
     watch_policy: bool = True
     watch_interval_s: Annotated[float, Meta(ge=0.1, le=3_600)] = 2.0
     shadow_policy: str | None = None  # a candidate policy decided beside this one (`docs/policies.md`)

@@ -1,7 +1,9 @@
 """Wiring: one gateway (metrics, the current runtime, reload) and the litestar app that serves it.
 
-No module globals: everything a request needs hangs off the `Gateway` object
-created here, so tests can run several gateways in one process. Process-wide
+Everything a request needs hangs off the `Gateway` object created here, so tests
+can run several gateways in one process; the few process-wide objects elsewhere are
+caches and the metrics registry a process serves (`telemetry/metrics.py`), none of
+them a gateway's state. Process-wide
 set-up (logging, signal handlers, `gc.freeze`) is not done here but by the
 entry point that owns the process (`server.py`).
 """

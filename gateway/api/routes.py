@@ -45,7 +45,7 @@ def bearer_matches(headers: RequestHeaders, token: str | None) -> bool:
 
 
 def ops_routes(host: OpsHost) -> list[Any]:
-    """Route handlers bound to one gateway (no module globals)."""
+    """Route handlers bound to one gateway (closures over `host`, so several gateways can share a process)."""
 
     async def visible_models(request: Request[Any, Any, Any]) -> tuple[str, list[dict[str, Any]]]:
         headers = RequestHeaders(request.scope["headers"], host.request_ids)

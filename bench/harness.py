@@ -39,6 +39,9 @@ from bench import canned
 
 BENCH_DIR = Path(__file__).resolve().parent
 REPO_DIR = BENCH_DIR.parent
+# tiktoken's encoding files, offline (../shared/tiktoken): the gateway counts tokens exactly, as in production,
+# instead of falling back to estimates; a TIKTOKEN_CACHE_DIR already set wins.
+TIKTOKEN_DIR = Path(os.environ.get("GATEWAY_SHARED_DIR", REPO_DIR.parent / "shared")) / "tiktoken"
 VENV_BIN = Path(sys.executable).parent
 NGINX_TEMPLATE = BENCH_DIR / "nginx" / "nginx.conf.template"
 NGINX_PROXY_TEMPLATE = BENCH_DIR / "nginx" / "proxy.conf.template"
@@ -191,6 +194,8 @@ class Service:
         self._env = dict(os.environ)
         # Apps under bench/apps are imported as ``bench.apps.*`` from the repo root.
         self._env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO_DIR), os.environ.get("PYTHONPATH", "")) if p)
+        if TIKTOKEN_DIR.is_dir():
+            self._env.setdefault("TIKTOKEN_CACHE_DIR", str(TIKTOKEN_DIR))
         if env:
             self._env.update(env)
         self._cwd = cwd

@@ -16,7 +16,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
+from gateway.store._common import AMOUNT_SCALE, QueueChannel, check_window, to_units, ttl_ms
 from gateway.store.base import (
     Channel,
     OnUnavailable,
@@ -136,38 +136,60 @@ class MemoryStore:
         return WindowCount(self._int(entry), self._remaining(entry.expires_at, window))
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+        return self.reserve_now(key, amount, limit, ttl_s)
+
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+        return self.settle_now(key, reserved, actual, ttl_s)
+
+    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        return self.reserve_window_now(key, amount, limit, window_s)
+
+    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+        return self.acquire_slot_now(key, holder, limit, lease_s)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        self.release_slot_now(key, holder)
+
+    # The counter operations answered in line: the same contract as their `async` forms above, without a
+    # coroutine per call (the accounting stage makes several per request, and nothing here ever waits).
+
+    def reserve_now(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
         units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
         full = self._prefix + key
         entry = self._live(full)
         current = self._int(entry) if entry else 0
         if current + units > cap:
-            return Reservation(False, from_units(current), limit)
-        self._put(full, b"%d" % (current + units), self._keep_or_set_expiry(entry, ttl))
-        return Reservation(True, from_units(current + units), limit)
+            return Reservation(False, current / AMOUNT_SCALE, limit)
+        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
+        self._put(full, b"%d" % (current + units), expires_at)
+        return Reservation(True, (current + units) / AMOUNT_SCALE, limit)
 
-    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+    def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
         delta = to_units(actual, "actual") - to_units(reserved, "reserved")
         ttl = ttl_ms(ttl_s)
         full = self._prefix + key
         entry = self._live(full)
         total = max(0, (self._int(entry) if entry else 0) + delta)
-        self._put(full, b"%d" % total, self._keep_or_set_expiry(entry, ttl))
-        return from_units(total)
+        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
+        self._put(full, b"%d" % total, expires_at)
+        return total / AMOUNT_SCALE
 
-    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+    def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
         units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
         assert window is not None
         full = self._prefix + key
         entry = self._live(full)
         current = self._int(entry) if entry else 0
-        expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
-        reset = self._remaining(expires_at, window)
+        expires_at = entry.expires_at if entry is not None else None
+        if expires_at is None:
+            expires_at = self._clock() + window / 1000
+        reset = max(0.0, expires_at - self._clock())
         if current + units > cap:
-            return WindowReservation(False, from_units(current), limit, reset)
+            return WindowReservation(False, current / AMOUNT_SCALE, limit, reset)
         self._put(full, b"%d" % (current + units), expires_at)
-        return WindowReservation(True, from_units(current + units), limit, reset)
+        return WindowReservation(True, (current + units) / AMOUNT_SCALE, limit, reset)
 
-    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+    def acquire_slot_now(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
         lease = ttl_ms(lease_s)
         assert lease is not None
         if limit < 1:
@@ -183,7 +205,7 @@ class MemoryStore:
         self._slots[full] = held
         return True, len(held)
 
-    async def release_slot(self, key: str, holder: str) -> None:
+    def release_slot_now(self, key: str, holder: str) -> None:
         full = self._prefix + key
         held = self._slots.get(full)
         if held is not None:
@@ -252,11 +274,6 @@ class MemoryStore:
 
     def _expiry(self, ttl: int | None) -> float | None:
         return None if ttl is None else self._clock() + ttl / 1000
-
-    def _keep_or_set_expiry(self, entry: _Entry | None, ttl: int | None) -> float | None:
-        if entry is not None and entry.expires_at is not None:
-            return entry.expires_at
-        return self._expiry(ttl)
 
     def _remaining(self, expires_at: float | None, window_ms: int) -> float:
         if expires_at is None:

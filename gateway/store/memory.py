@@ -161,7 +161,7 @@ class MemoryStore:
         if current + units > cap:
             return Reservation(False, current / AMOUNT_SCALE, limit)
         expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
-        self._put(full, b"%d" % (current + units), expires_at)
+        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
         return Reservation(True, (current + units) / AMOUNT_SCALE, limit)
 
     def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
@@ -169,9 +169,10 @@ class MemoryStore:
         ttl = ttl_ms(ttl_s)
         full = self._prefix + key
         entry = self._live(full)
-        total = max(0, (self._int(entry) if entry else 0) + delta)
+        total = (self._int(entry) if entry else 0) + delta
+        total = total if total > 0 else 0
         expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
-        self._put(full, b"%d" % total, expires_at)
+        self._rewrite(full, entry, b"%d" % total, expires_at)
         return total / AMOUNT_SCALE
 
     def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
@@ -183,10 +184,11 @@ class MemoryStore:
         expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
             expires_at = self._clock() + window / 1000
-        reset = max(0.0, expires_at - self._clock())
+        reset = expires_at - self._clock()
+        reset = reset if reset > 0.0 else 0.0
         if current + units > cap:
             return WindowReservation(False, current / AMOUNT_SCALE, limit, reset)
-        self._put(full, b"%d" % (current + units), expires_at)
+        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
         return WindowReservation(True, (current + units) / AMOUNT_SCALE, limit, reset)
 
     def acquire_slot_now(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
@@ -246,6 +248,15 @@ class MemoryStore:
         if full_key in self._sized:
             self._sized.move_to_end(full_key)
         return entry
+
+    def _rewrite(self, full_key: str, entry: _Entry | None, value: bytes, expires_at: float | None) -> None:
+        """`_put` for a counter just read by `_live` (`entry`): a live key outside the byte bound is changed in
+        place (it is already the most recent, and the key count is unchanged), the rest go through `_put`."""
+        if entry is None or (self._config.max_bytes is not None and full_key.startswith(self._sized_prefix)):
+            self._put(full_key, value, expires_at)
+        else:
+            entry.value = value
+            entry.expires_at = expires_at
 
     def _put(self, full_key: str, value: bytes, expires_at: float | None) -> None:
         self._data[full_key] = _Entry(value, expires_at)

@@ -49,8 +49,14 @@ def rate_limit_headers(
         if answer is None:
             continue
         limit, reset = answer.limit, answer.reset_s
-        headers += ((names[0], b"%d" % round(limit)), (names[1], b"%d" % int(max(0.0, limit - answer.total))),
-                    (names[2], b"%dms" % max(0, round(reset * 1000)) if reset < 1 else _seconds(int(reset + 0.999))))
+        left = limit - answer.total
+        if reset >= 1:
+            shown = _seconds(int(reset + 0.999))
+        else:
+            ms = round(reset * 1000)
+            shown = b"%dms" % (ms if ms > 0 else 0)
+        headers += ((names[0], b"%d" % round(limit)), (names[1], b"%d" % int(left if left > 0.0 else 0.0)),
+                    (names[2], shown))
     return headers
 
 

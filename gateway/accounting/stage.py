@@ -28,7 +28,7 @@ import math
 import secrets
 import time
 from collections.abc import Awaitable, Callable, Coroutine
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable, RateLimited
@@ -68,22 +68,25 @@ class _Held:
     budget: BudgetSpec | None = None  # None: a token window
 
 
-@dataclass(slots=True)
 class _Bill:
     """Per request: what was reserved, and what the answer must settle."""
 
-    scopes: list[Scope]
-    prompt_estimate: int = 0
-    completion_cap: int = 0
-    explicit_cap: bool = False
-    cost_reserved: float = 0.0
-    budgets: list[_Held] = field(default_factory=list)
-    tokens: list[_Held] = field(default_factory=list)
-    slots: list[tuple[str, str]] = field(default_factory=list)  # (key, holder)
-    requests: list[str] = field(default_factory=list)  # request windows counted (undone if refused)
-    unreserved: list[tuple[str, float, Scope]] = field(default_factory=list)  # budgets to add the actual to
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    settled: bool = False
+    __slots__ = ("budgets", "completion_cap", "cost_reserved", "explicit_cap", "headers", "prompt_estimate",
+                 "requests", "scopes", "settled", "slots", "tokens", "unreserved")
+
+    def __init__(self, scopes: list[Scope]) -> None:  # made on every limited request: no dataclass factories
+        self.scopes = scopes
+        self.prompt_estimate = 0
+        self.completion_cap = 0
+        self.explicit_cap = False
+        self.cost_reserved = 0.0
+        self.budgets: list[_Held] = []
+        self.tokens: list[_Held] = []
+        self.slots: list[tuple[str, str]] = []  # (key, holder)
+        self.requests: list[str] = []  # request windows counted (undone if refused)
+        self.unreserved: list[tuple[str, float, Scope]] = []  # budgets to add the actual to
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.settled = False
 
 
 class Accounting:
@@ -265,7 +268,8 @@ class Accounting:
         requests: list[WindowReservation] = []
         token_windows: list[WindowReservation] = []
         failure: BaseException | None = None
-        for (kind, scope, args), result in zip(ops, results, strict=True):
+        for index, (kind, scope, args) in enumerate(ops):  # results[index] answers ops[index]
+            result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
                 continue
@@ -316,7 +320,8 @@ class Accounting:
         failure: BaseException | None = None
         hard: Scope | None = None
         downgrade: str | None = None
-        for (_, scope, (key, cost, _, ttl)), result in zip(ops, results, strict=True):
+        for index, (_, scope, (key, cost, _, ttl)) in enumerate(ops):  # results[index] answers ops[index]
+            result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
                 continue

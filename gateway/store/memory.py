@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -30,6 +31,22 @@ from gateway.store.base import (
 __all__ = ["MemoryStore"]
 
 SWEEP_INTERVAL_S = 5.0
+_NOT_A_COUNTER = "the value at this key is not an integer counter"
+_new = tuple.__new__  # a named tuple made without its Python-level __new__ (one frame fewer per answer)
+
+
+@functools.lru_cache(maxsize=256)
+def _limit_units(limit: float) -> int:
+    """`to_units(limit)`: a limit is one of the policy's few values, checked and converted once each."""
+    return to_units(limit, "limit")
+
+
+@functools.lru_cache(maxsize=256)
+def _window_ms(window_s: float) -> int:
+    """`check_window`'s window length in milliseconds (the stage's windows are all one minute)."""
+    window = ttl_ms(window_s)
+    assert window is not None
+    return window
 
 
 @dataclass(slots=True)
@@ -154,42 +171,39 @@ class MemoryStore:
     # coroutine per call (the accounting stage makes several per request, and nothing here ever waits).
 
     def reserve_now(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
-        units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
+        units, cap, ttl = to_units(amount), _limit_units(limit), ttl_ms(ttl_s)
         full = self._prefix + key
-        entry = self._live(full)
-        current = self._int(entry) if entry else 0
+        entry, current = self._counter(full)
         if current + units > cap:
-            return Reservation(False, current / AMOUNT_SCALE, limit)
+            return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
         expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
         self._rewrite(full, entry, b"%d" % (current + units), expires_at)
-        return Reservation(True, (current + units) / AMOUNT_SCALE, limit)
+        return _new(Reservation, (True, (current + units) / AMOUNT_SCALE, limit))
 
     def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
         delta = to_units(actual, "actual") - to_units(reserved, "reserved")
         ttl = ttl_ms(ttl_s)
         full = self._prefix + key
-        entry = self._live(full)
-        total = (self._int(entry) if entry else 0) + delta
+        entry, current = self._counter(full)
+        total = current + delta
         total = total if total > 0 else 0
         expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
         self._rewrite(full, entry, b"%d" % total, expires_at)
         return total / AMOUNT_SCALE
 
     def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
-        units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
-        assert window is not None
+        units, cap, window = to_units(amount), _limit_units(limit), _window_ms(window_s)
         full = self._prefix + key
-        entry = self._live(full)
-        current = self._int(entry) if entry else 0
+        entry, current = self._counter(full)
         expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
             expires_at = self._clock() + window / 1000
         reset = expires_at - self._clock()
         reset = reset if reset > 0.0 else 0.0
         if current + units > cap:
-            return WindowReservation(False, current / AMOUNT_SCALE, limit, reset)
+            return _new(WindowReservation, (False, current / AMOUNT_SCALE, limit, reset))
         self._rewrite(full, entry, b"%d" % (current + units), expires_at)
-        return WindowReservation(True, (current + units) / AMOUNT_SCALE, limit, reset)
+        return _new(WindowReservation, (True, (current + units) / AMOUNT_SCALE, limit, reset))
 
     def acquire_slot_now(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
         lease = ttl_ms(lease_s)
@@ -249,6 +263,23 @@ class MemoryStore:
             self._sized.move_to_end(full_key)
         return entry
 
+    def _counter(self, full_key: str) -> tuple[_Entry | None, int]:
+        """`_live` and `_int` in one call (the counter operations' first step): the live entry, if any, and its
+        value (0 when absent)."""
+        entry = self._data.get(full_key)
+        if entry is None:
+            return None, 0
+        if entry.expires_at is not None and entry.expires_at <= self._clock():
+            self._drop(full_key)
+            return None, 0
+        self._data.move_to_end(full_key)
+        if full_key in self._sized:
+            self._sized.move_to_end(full_key)
+        try:
+            return entry, int(entry.value)
+        except ValueError:
+            raise StoreUnavailable(_NOT_A_COUNTER) from None
+
     def _rewrite(self, full_key: str, entry: _Entry | None, value: bytes, expires_at: float | None) -> None:
         """`_put` for a counter just read by `_live` (`entry`): a live key outside the byte bound is changed in
         place (it is already the most recent, and the key count is unchanged), the rest go through `_put`."""
@@ -296,7 +327,7 @@ class MemoryStore:
         try:
             return int(entry.value)
         except ValueError:
-            raise StoreUnavailable("the value at this key is not an integer counter") from None
+            raise StoreUnavailable(_NOT_A_COUNTER) from None
 
     def sweep(self) -> int:
         """Drop every expired key now; how many. Runs periodically after `start()`."""

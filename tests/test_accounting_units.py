@@ -139,3 +139,36 @@ def test_scope_index_rereads_a_key_whose_record_changed() -> None:
     assert index.of(ctx) is changed
     ctx.alias_label = "other"  # past the cap: made per request, still right
     assert [s.kind for s in index.of(ctx).all] == ["key"] and index.of(ctx) is not index.of(ctx)
+
+
+def test_budget_gauges_show_the_last_values_written() -> None:
+    """In one process the gauges read the last values when scraped; a multiprocess value is written to."""
+    from typing import Any
+
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from gateway.accounting.gauges import BudgetLeft
+
+    registry = CollectorRegistry()
+    usd, share = (Gauge(name, "help", ("scope", "name"), registry=registry) for name in ("usd_left", "share_left"))
+    left = BudgetLeft(usd.labels("key", "k"), share.labels("key", "k"))
+    left.show(12.5, 0.25)
+    left.show(10.0, 0.2)
+    text = generate_latest(registry).decode()
+    assert 'usd_left{name="k",scope="key"} 10.0' in text and 'share_left{name="k",scope="key"} 0.2' in text
+
+    class FileValue:  # what prometheus_client's multiprocess mode keeps per child
+        _multiprocess = True
+
+        def __init__(self) -> None:
+            self.written: list[float] = []
+
+        def set(self, value: float, timestamp: Any = None) -> None:
+            self.written.append(value)
+
+    child = usd.labels("key", "m")
+    child._value = FileValue()  # type: ignore[attr-defined]
+    other = share.labels("key", "m")
+    other._value = FileValue()  # type: ignore[attr-defined]
+    BudgetLeft(child, other).show(3.0, 0.5)
+    assert child._value.written == [3.0] and other._value.written == [0.5]  # type: ignore[attr-defined]

@@ -41,9 +41,10 @@ from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..store._common import to_units
 from ..store.base import Reservation, Store, StoreUnavailable, WindowReservation
 from ..store.memory import MemoryStore
-from ..telemetry.metrics import Children, Metrics, fast_child
+from ..telemetry.metrics import Children, Metrics
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
 from .cost import request_cost
+from .gauges import BudgetLeft
 from .headers import duration, rate_limit_headers, tightest
 from .ledger import Ledger, UsageDelta
 from .outright import completion_cap, max_rates
@@ -121,9 +122,11 @@ class Accounting:
                 "budget": store.reserve_now, "spend": store.settle_now, "settle": store.settle_now,
                 "release": store.release_slot_now,
             }
-        self._gauges: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._gauges: dict[tuple[str, str], BudgetLeft] = {}  # by scope
+        self._gauges_by_label: dict[tuple[str, str], BudgetLeft] = {}
         self._reservation_drift = Children(metrics.reservation_drift)  # by alias
         self._token_drift = Children(metrics.token_estimate_drift)
+        self._drifts: dict[str, tuple[Any, Any]] = {}  # alias -> both drift children (aliases: the policy's)
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -328,9 +331,8 @@ class Accounting:
             budget = scope.budget
             assert budget is not None
             answer: Reservation = result
-            usd_left, share_left = self._remaining_gauges(scope)
-            usd_left.set(answer.remaining)
-            share_left.set(answer.remaining / budget.usd)
+            left = answer.remaining
+            self._budget_left(scope).show(left, left / budget.usd)
             if answer.ok:
                 bill.budgets.append(_Held(key, cost, ttl, scope, budget))
                 spent = answer.total / budget.usd
@@ -357,16 +359,19 @@ class Accounting:
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 
-    def _remaining_gauges(self, scope: Scope) -> tuple[Any, Any]:
-        """A scope's budget-left gauges, USD and share (label children looked up once; bounded by BoundedLabels)."""
-        gauges = self._gauges.get((scope.kind, scope.name))
-        if gauges is None:
-            name = self.labels.name(scope)
-            gauges = (fast_child(self.metrics.budget_remaining.labels(scope.kind, name)),
-                      fast_child(self.metrics.budget_remaining_ratio.labels(scope.kind, name)))
+    def _budget_left(self, scope: Scope) -> BudgetLeft:
+        """A scope's budget-left gauges. One per label pair (scopes past the label cap share `other`'s, so that
+        it shows the last one written), found per scope in one look-up; both maps bounded like the labels."""
+        left = self._gauges.get((scope.kind, scope.name))
+        if left is None:
+            label = (scope.kind, self.labels.name(scope))
+            left = self._gauges_by_label.get(label)
+            if left is None:
+                left = self._gauges_by_label[label] = BudgetLeft(self.metrics.budget_remaining.labels(*label),
+                                                                 self.metrics.budget_remaining_ratio.labels(*label))
             if len(self._gauges) < 10_000:
-                self._gauges[(scope.kind, scope.name)] = gauges
-        return gauges
+                self._gauges[(scope.kind, scope.name)] = left
+        return left
 
     async def _release(self, bill: _Bill) -> None:
         """Undo what a refused request reserved (so it does not count against the others)."""
@@ -444,11 +449,23 @@ class Accounting:
 
     def _settled(self, ctx: RequestContext, bill: _Bill, cost: float) -> None:
         usage = ctx.usage
-        if bill.cost_reserved > 0 and ctx.upstream_started:
-            self._reservation_drift(ctx.alias_label).observe(cost / bill.cost_reserved)
-        if usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens:
-            self._token_drift(ctx.alias_label).observe(bill.prompt_estimate / usage.prompt_tokens)
+        reserved = bill.cost_reserved > 0 and ctx.upstream_started
+        estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
+        if reserved or estimated:
+            reservation, tokens = self._drift(ctx.alias_label)
+            if reserved:
+                reservation.observe(cost / bill.cost_reserved)
+            if estimated:
+                assert usage is not None
+                tokens.observe(bill.prompt_estimate / usage.prompt_tokens)
         self._record(ctx, cost)
+
+    def _drift(self, alias: str) -> tuple[Any, Any]:
+        """The alias's reservation and token estimate drift children, looked up together (one dict look-up)."""
+        found = self._drifts.get(alias)
+        if found is None:
+            found = self._drifts[alias] = (self._reservation_drift(alias), self._token_drift(alias))
+        return found
 
     def _record(self, ctx: RequestContext, cost: float) -> None:
         usage = ctx.usage

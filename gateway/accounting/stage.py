@@ -295,7 +295,9 @@ class Accounting:
                 refused = (kind, scope, answer.reset_s)
         if failure is not None:
             raise failure
-        bill.headers = rate_limit_headers(tightest(requests), tightest(token_windows))
+        # One window of a kind (the usual case) is its own tightest: no call to find it.
+        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
+                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
         if refused is not None:
             kind, scope, reset = refused
             self.metrics.limit_rejections.labels(kind, scope.kind).inc()
@@ -391,7 +393,9 @@ class Accounting:
 
     def _price(self, ctx: RequestContext) -> float:
         """The answer's cost, set on the context (telemetry counts it, logs it and sends the header)."""
-        cost = request_cost(ctx)
+        cost = ctx.cost_usd  # asked twice per request: the second time it is known
+        if cost is None:
+            cost = request_cost(ctx)
         return 0.0 if cost is None else cost
 
     async def _settle(self, ctx: RequestContext, bill: _Bill) -> None:

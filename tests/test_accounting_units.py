@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from gateway.accounting.headers import duration, rate_limit_headers, tightest
-from gateway.accounting.periods import current_period, day_id
+from gateway.accounting.periods import PeriodKeys, current_period, day_id
 from gateway.policy.accounting_schema import BudgetSpec
 from gateway.policy.compiled import Price
 from gateway.store.base import WindowReservation
@@ -59,6 +59,18 @@ def test_rolling_windows_are_aligned_to_the_epoch() -> None:
     assert day_id(_at("2026-01-05T10:00:00")) == "20260105"
 
 
+@pytest.mark.parametrize("budget", [BudgetSpec(usd=1, period="day"), BudgetSpec(usd=1, period="week"),
+                                    BudgetSpec(usd=1, period="month"),
+                                    BudgetSpec(usd=1, period="rolling", window_s=600)])
+def test_period_keys_agree_with_current_period_across_boundaries(budget: BudgetSpec) -> None:
+    keys = PeriodKeys("acct:budget:key:k:", budget)  # made once per period, then reused
+    start = _at("2026-12-27T23:50:00")  # a Sunday: the day, the ISO week and (days later) the month end
+    for step in range(0, 6 * 86_400, 277):
+        now = start + step + 0.123
+        ident, ttl = current_period(budget, now)
+        assert keys.at(now) == ("acct:budget:key:k:" + ident, ttl)
+
+
 @pytest.mark.parametrize(("seconds", "shown"), [(0.02, "20ms"), (0, "0ms"), (1, "1s"), (59.2, "1m0s"),
                                                 (360, "6m0s"), (3723, "1h2m3s")])
 def test_reset_times_in_openai_format(seconds: float, shown: str) -> None:
@@ -72,6 +84,14 @@ def test_headers_describe_the_tightest_limit() -> None:
     headers = dict(rate_limit_headers(tight, None))
     assert headers == {b"x-ratelimit-limit-requests": b"10", b"x-ratelimit-remaining-requests": b"1",
                        b"x-ratelimit-reset-requests": b"12s"}
+
+
+@pytest.mark.parametrize("reset", [0.0, 0.0004, 0.2, 0.9994, 0.9995, 1.0, 1.0004, 59.2, 60.0, 3722.5])
+def test_reset_headers_read_as_duration(reset: float) -> None:
+    """The reset value is formatted once per whole second (cached): it must read exactly as `duration`."""
+    headers = dict(rate_limit_headers(None, WindowReservation(False, 12.5, 10.4, reset)))
+    assert headers == {b"x-ratelimit-limit-tokens": b"10", b"x-ratelimit-remaining-tokens": b"0",
+                       b"x-ratelimit-reset-tokens": duration(reset).encode()}
 
 
 def test_prompt_estimate_counts_overhead_tools_and_images() -> None:
@@ -94,3 +114,61 @@ def test_prompt_estimate_counts_overhead_tools_and_images() -> None:
     completion = {"prompt": ["hello world", [1, 2, 3]]}
     assert estimator.estimate(SimpleNamespace(body=completion, route=route)) == (  # type: ignore[arg-type]
         tokens.count("hello world", "gpt-4o") + 3)
+
+
+def test_scope_index_rereads_a_key_whose_record_changed() -> None:
+    """Scopes are kept per (key, alias); a run-time key updated by the admin API is a new record: re-read."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from gateway.accounting.scopes import ScopeIndex
+    from gateway.auth.keys import VirtualKey
+    from gateway.policy.accounting_schema import LimitSpec
+
+    policy: Any = SimpleNamespace(tenants={}, alias_limits={"m": LimitSpec(rpm=5)}, alias_budgets={})
+    index = ScopeIndex(policy, cap=1)
+    before = VirtualKey("k", "t", b"", None, limits=LimitSpec(rpm=10))
+    ctx: Any = SimpleNamespace(key=before, alias_label="m")
+    first = index.of(ctx)
+    assert [(s.kind, s.name, s.rpm_key) for s in first.all] == [("key", "k", "acct:rpm:key:k"),
+                                                                  ("model", "m", "acct:rpm:model:m")]
+    assert index.of(ctx) is first  # kept
+    ctx.key = VirtualKey("k", "t", b"", None, budget=BudgetSpec(usd=2, period="day"))
+    changed = index.of(ctx)
+    assert changed.all[0].limits is None and changed.all[0].budget is ctx.key.budget and changed.budgeted
+    assert index.of(ctx) is changed
+    ctx.alias_label = "other"  # past the cap: made per request, still right
+    assert [s.kind for s in index.of(ctx).all] == ["key"] and index.of(ctx) is not index.of(ctx)
+
+
+def test_budget_gauges_show_the_last_values_written() -> None:
+    """In one process the gauges read the last values when scraped; a multiprocess value is written to."""
+    from typing import Any
+
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    from gateway.accounting.gauges import BudgetLeft
+
+    registry = CollectorRegistry()
+    usd, share = (Gauge(name, "help", ("scope", "name"), registry=registry) for name in ("usd_left", "share_left"))
+    left = BudgetLeft(usd.labels("key", "k"), share.labels("key", "k"))
+    left.show(12.5, 0.25)
+    left.show(10.0, 0.2)
+    text = generate_latest(registry).decode()
+    assert 'usd_left{name="k",scope="key"} 10.0' in text and 'share_left{name="k",scope="key"} 0.2' in text
+
+    class FileValue:  # what prometheus_client's multiprocess mode keeps per child
+        _multiprocess = True
+
+        def __init__(self) -> None:
+            self.written: list[float] = []
+
+        def set(self, value: float, timestamp: Any = None) -> None:
+            self.written.append(value)
+
+    child = usd.labels("key", "m")
+    child._value = FileValue()  # type: ignore[attr-defined]
+    other = share.labels("key", "m")
+    other._value = FileValue()  # type: ignore[attr-defined]
+    BudgetLeft(child, other).show(3.0, 0.5)
+    assert child._value.written == [3.0] and other._value.written == [0.5]  # type: ignore[attr-defined]

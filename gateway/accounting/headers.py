@@ -7,6 +7,8 @@ SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits 
 
 from __future__ import annotations
 
+import functools
+
 from ..store.base import WindowReservation
 
 __all__ = ["duration", "rate_limit_headers", "tightest"]
@@ -35,18 +37,30 @@ def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
     return min(answers, key=lambda a: a.remaining / a.limit if a.limit else 0.0)
 
 
-_NAMES = {kind: (f"x-ratelimit-limit-{kind}".encode(), f"x-ratelimit-remaining-{kind}".encode(),
-                 f"x-ratelimit-reset-{kind}".encode()) for kind in ("requests", "tokens")}
+_REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")
+_TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-ratelimit-reset-tokens")
 
 
 def rate_limit_headers(
     requests: WindowReservation | None, tokens: WindowReservation | None,
 ) -> list[tuple[bytes, bytes]]:
     headers: list[tuple[bytes, bytes]] = []
-    for kind, answer in (("requests", requests), ("tokens", tokens)):
+    for names, answer in ((_REQUESTS, requests), (_TOKENS, tokens)):
         if answer is None:
             continue
-        limit, remaining, reset = _NAMES[kind]
-        headers += ((limit, b"%d" % round(answer.limit)), (remaining, b"%d" % int(answer.remaining)),
-                    (reset, duration(answer.reset_s).encode()))
+        limit, reset = answer.limit, answer.reset_s
+        left = limit - answer.total
+        if reset >= 1:
+            shown = _seconds(int(reset + 0.999))
+        else:
+            ms = round(reset * 1000)
+            shown = b"%dms" % (ms if ms > 0 else 0)
+        headers += ((names[0], b"%d" % round(limit)), (names[1], b"%d" % int(left if left > 0.0 else 0.0)),
+                    (names[2], shown))
     return headers
+
+
+@functools.lru_cache(maxsize=1024)
+def _seconds(whole: int) -> bytes:
+    """`duration` of a whole number of seconds, encoded: a window's reset takes few values, each formatted once."""
+    return duration(whole).encode()

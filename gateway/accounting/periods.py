@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from ..policy.accounting_schema import BudgetSpec
 
-__all__ = ["USAGE_DAYS_KEPT", "current_period", "day_id"]
+__all__ = ["USAGE_DAYS_KEPT", "PeriodKeys", "current_period", "day_id"]
 
 USAGE_DAYS_KEPT = 400  # usage counters per day live this long (a month's and a year's report stay readable)
 _MARGIN_S = 3_600.0  # a period's counter outlives its end a little: settling a late stream still finds it
@@ -22,12 +22,45 @@ _MARGIN_S = 3_600.0  # a period's counter outlives its end a little: settling a 
 
 def current_period(budget: BudgetSpec, now: float) -> tuple[str, float]:
     """(the period's id, seconds its counter should live) for unix time `now`."""
+    ident, end = _period(budget, _slice(budget, now))
+    return ident, end - now + _MARGIN_S
+
+
+def _slice(budget: BudgetSpec, now: float) -> int:
+    """Which rolling window (or, for calendar periods, which UTC day) `now` falls in: it decides the period."""
+    return int(now // (budget.window_s or 86_400.0)) if budget.period == "rolling" else int(now // 86_400)
+
+
+def _period(budget: BudgetSpec, index: int) -> tuple[str, float]:
+    """(id, end as unix time) of the period holding slice `index` (see `_slice`)."""
     if budget.period == "rolling":
         window = budget.window_s or 86_400.0
-        index = int(now // window)
-        return f"r{int(window)}-{index}", (index + 1) * window - now + _MARGIN_S
-    ident, end = _calendar_period(budget.period, int(now // 86_400))
-    return ident, end - now + _MARGIN_S
+        return f"r{int(window)}-{index}", (index + 1) * window
+    return _calendar_period(budget.period, index)
+
+
+class PeriodKeys:
+    """One budget's store key for the period in force, and its counter's TTL: the key is made once per
+    period (rolling window or UTC day), not per request, and agrees with `current_period` exactly."""
+
+    __slots__ = ("_budget", "_end", "_index", "_key", "_prefix", "_span")
+
+    def __init__(self, prefix: str, budget: BudgetSpec) -> None:
+        self._prefix = prefix
+        self._budget = budget
+        self._span = (budget.window_s or 86_400.0) if budget.period == "rolling" else 86_400.0
+        self._index = -1
+        self._key = ""
+        self._end = 0.0
+
+    def at(self, now: float) -> tuple[str, float]:
+        """(the store key, seconds its counter should live) for unix time `now`."""
+        index = int(now // self._span)
+        if index != self._index:
+            ident, self._end = _period(self._budget, index)
+            self._key = self._prefix + ident
+            self._index = index
+        return self._key, self._end - now + _MARGIN_S
 
 
 @functools.lru_cache(maxsize=64)

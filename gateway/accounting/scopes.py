@@ -6,23 +6,80 @@ policy for static keys, by the admin API for keys made at run time), never from 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
+from ..auth.keys import VirtualKey
 from ..pipeline.context import RequestContext
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy
+from .periods import PeriodKeys
 
-__all__ = ["OTHER", "BoundedLabels", "Scope", "scopes_of"]
+__all__ = ["OTHER", "BoundedLabels", "Scope", "ScopeIndex", "Scopes", "scopes_of"]
 
 OTHER = "other"
 
 
-@dataclass(frozen=True, slots=True)
 class Scope:
-    kind: str  # "key", "tenant" or "model"
-    name: str
-    limits: LimitSpec | None
-    budget: BudgetSpec | None
+    """One scope's limits and budget, with the store keys it counts under (made once, not per request)."""
+
+    __slots__ = ("budget", "budget_keys", "kind", "limits", "name", "rpm_key", "slot_key", "tpm_key")
+
+    def __init__(self, kind: str, name: str, limits: LimitSpec | None, budget: BudgetSpec | None) -> None:
+        self.kind = kind  # "key", "tenant" or "model"
+        self.name = name
+        self.limits = limits
+        self.budget = budget
+        self.slot_key = f"acct:conc:{kind}:{name}"
+        self.rpm_key = f"acct:rpm:{kind}:{name}"
+        self.tpm_key = f"acct:tpm:{kind}:{name}"
+        self.budget_keys = PeriodKeys(f"acct:budget:{kind}:{name}:", budget) if budget is not None else None
+
+    def __repr__(self) -> str:
+        return f"Scope({self.kind!r}, {self.name!r})"
+
+
+class Scopes:
+    """The scopes of one request, and what follows from them alone (looked up, not rebuilt, per request)."""
+
+    __slots__ = ("_key_budget", "_key_limits", "_tenant", "all", "budgeted", "limited", "needs_tokens")
+
+    def __init__(self, scopes: list[Scope], key: VirtualKey | None) -> None:
+        self.all = scopes
+        self.limited = [s for s in scopes if s.limits is not None]
+        self.budgeted = [s for s in scopes if s.budget is not None]
+        # A reservation's size (prompt estimate, completion cap) is needed by budgets and token windows only.
+        self.needs_tokens = bool(self.budgeted) or any(s.limits is not None and s.limits.tpm for s in self.limited)
+        # What the key said when these were made: a key record changed at run time no longer matches.
+        self._key_limits = key.limits if key is not None else None
+        self._key_budget = key.budget if key is not None else None
+        self._tenant = key.tenant if key is not None else None
+
+    def made_for(self, key: VirtualKey | None) -> bool:
+        if key is None:
+            return self._tenant is None
+        return key.limits is self._key_limits and key.budget is self._key_budget and key.tenant == self._tenant
+
+
+class ScopeIndex:
+    """`scopes_of` for a running policy: each (key, alias) pair's `Scopes` made once and kept (at most `cap`
+    pairs; past that, made per request). Tenants' and aliases' limits are the policy's and never change;
+    a key's are re-read when its record is another (a run-time key updated by the admin API)."""
+
+    __slots__ = ("_cap", "_found", "_policy")
+
+    def __init__(self, policy: Policy, cap: int = 10_000) -> None:
+        self._policy = policy
+        self._cap = cap
+        self._found: dict[tuple[str | None, str], Scopes] = {}
+
+    def of(self, ctx: RequestContext) -> Scopes:
+        key = ctx.key
+        pair = (key.name if key is not None else None, ctx.alias_label)
+        found = self._found.get(pair)
+        if found is not None and found.made_for(key):
+            return found
+        found = Scopes(scopes_of(ctx, self._policy), key)
+        if pair in self._found or len(self._found) < self._cap:
+            self._found[pair] = found
+        return found
 
 
 def scopes_of(ctx: RequestContext, policy: Policy) -> list[Scope]:

@@ -27,8 +27,8 @@ import asyncio
 import math
 import secrets
 import time
-from collections.abc import Awaitable, Coroutine
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable, RateLimited
@@ -40,19 +40,22 @@ from ..policy.compiled import Policy
 from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..store._common import to_units
 from ..store.base import Reservation, Store, StoreUnavailable, WindowReservation
-from ..telemetry.metrics import Children, Metrics, fast_child
+from ..store.memory import MemoryStore
+from ..telemetry.metrics import Children, Metrics
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
 from .cost import request_cost
+from .gauges import BudgetLeft
 from .headers import duration, rate_limit_headers, tightest
 from .ledger import Ledger, UsageDelta
 from .outright import completion_cap, max_rates
-from .periods import current_period, day_id
+from .periods import day_id
 from .prompt import PromptEstimator
-from .scopes import BoundedLabels, Scope, scopes_of
+from .scopes import BoundedLabels, Scope, ScopeIndex, Scopes
 
 __all__ = ["Accounting"]
 
 WINDOW_S = 60.0  # requests and tokens per minute
+_Op = tuple[str, Scope, tuple[Any, ...]]  # (what: a key of `Accounting._remote`, for whom, its arguments)
 
 
 @dataclass(slots=True)
@@ -66,22 +69,25 @@ class _Held:
     budget: BudgetSpec | None = None  # None: a token window
 
 
-@dataclass(slots=True)
 class _Bill:
     """Per request: what was reserved, and what the answer must settle."""
 
-    scopes: list[Scope]
-    prompt_estimate: int = 0
-    completion_cap: int = 0
-    explicit_cap: bool = False
-    cost_reserved: float = 0.0
-    budgets: list[_Held] = field(default_factory=list)
-    tokens: list[_Held] = field(default_factory=list)
-    slots: list[tuple[str, str]] = field(default_factory=list)  # (key, holder)
-    requests: list[str] = field(default_factory=list)  # request windows counted (undone if refused)
-    unreserved: list[tuple[str, float, Scope]] = field(default_factory=list)  # budgets to add the actual to
-    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
-    settled: bool = False
+    __slots__ = ("budgets", "completion_cap", "cost_reserved", "explicit_cap", "headers", "prompt_estimate",
+                 "requests", "scopes", "settled", "slots", "tokens", "unreserved")
+
+    def __init__(self, scopes: list[Scope]) -> None:  # made on every limited request: no dataclass factories
+        self.scopes = scopes
+        self.prompt_estimate = 0
+        self.completion_cap = 0
+        self.explicit_cap = False
+        self.cost_reserved = 0.0
+        self.budgets: list[_Held] = []
+        self.tokens: list[_Held] = []
+        self.slots: list[tuple[str, str]] = []  # (key, holder)
+        self.requests: list[str] = []  # request windows counted (undone if refused)
+        self.unreserved: list[tuple[str, float, Scope]] = []  # budgets to add the actual to
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.settled = False
 
 
 class Accounting:
@@ -101,10 +107,26 @@ class Accounting:
         self.lease_s = spec.lease_s
         self.labels = BoundedLabels(policy, spec.label_cap)
         self.rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
+        self.scopes = ScopeIndex(policy)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._gauges: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # The store's counter operations by what they do: awaited on a remote store; on the in-process one,
+        # answered in line (`_in_line`), so that a request's accounting adds no coroutine per operation.
+        self._remote: dict[str, Callable[..., Awaitable[Any]]] = {
+            "concurrent": store.acquire_slot, "rpm": store.reserve_window, "tpm": store.reserve_window,
+            "budget": store.reserve, "spend": store.settle, "settle": store.settle, "release": store.release_slot,
+        }
+        self._in_line: dict[str, Callable[..., Any]] | None = None
+        if isinstance(store, MemoryStore):
+            self._in_line = {
+                "concurrent": store.acquire_slot_now, "rpm": store.reserve_window_now, "tpm": store.reserve_window_now,
+                "budget": store.reserve_now, "spend": store.settle_now, "settle": store.settle_now,
+                "release": store.release_slot_now,
+            }
+        self._gauges: dict[tuple[str, str], BudgetLeft] = {}  # by scope
+        self._gauges_by_label: dict[tuple[str, str], BudgetLeft] = {}
         self._reservation_drift = Children(metrics.reservation_drift)  # by alias
         self._token_drift = Children(metrics.token_estimate_drift)
+        self._drifts: dict[str, tuple[Any, Any]] = {}  # alias -> both drift children (aliases: the policy's)
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -116,8 +138,8 @@ class Accounting:
         await self.ledger.aclose()
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        scopes = scopes_of(ctx, self.policy)
-        if not scopes:  # nothing to enforce: only count the usage, with no task and no store call
+        scopes = self.scopes.of(ctx)
+        if not scopes.all:  # nothing to enforce: only count the usage, with no task and no store call
             if not self.record_all:  # built only for keys made at run time: the others pass untouched
                 return await call_next(ctx)
             reply = await call_next(ctx)
@@ -127,8 +149,11 @@ class Accounting:
                 await self._answer_usage(ctx, reply)
                 self._record(ctx, self._price(ctx))
             return reply
-        bill = _Bill(scopes)
-        await self._admit(ctx, bill)
+        bill = _Bill(scopes.all)
+        if self._in_line is not None:
+            self._admit_in_line(ctx, bill, scopes)
+        else:
+            await self._admit(ctx, bill, scopes)
         if bill.headers:
             ctx.headers = [*(ctx.headers or ()), *bill.headers]
         try:
@@ -146,7 +171,9 @@ class Accounting:
             return reply
         await self._answer_usage(ctx, reply)
         self._price(ctx)  # the header and the access log (telemetry) read it from the context
-        if self.store.in_process:  # settling in memory never waits: no task needed beside the reply
+        if self._in_line is not None:  # settling in memory never waits: no task needed beside the reply
+            self._settle_in_line(ctx, bill)
+        elif self.store.in_process:
             await self._settle(ctx, bill)
         else:
             self._spawn(self._settle(ctx, bill))
@@ -159,67 +186,101 @@ class Accounting:
             ctx.usage = await estimate_usage(self.counter, ctx, completion)
 
     # -- before the call -------------------------------------------------------------------------------
+    # Limits first, then budgets: each group's operations planned (`_limit_ops`, `_budget_ops`), run, and
+    # their answers applied (`_limits`, `_budgets`). Only running them differs between the stores.
 
-    async def _admit(self, ctx: RequestContext, bill: _Bill) -> None:
-        limited = [s for s in bill.scopes if s.limits is not None]
-        budgeted = [s for s in bill.scopes if s.budget is not None]
-        if not limited and not budgeted:
-            return
-        needs_tokens = bool(budgeted) or any(s.limits is not None and s.limits.tpm for s in limited)
-        if needs_tokens:
-            bill.prompt_estimate = self.prompts.estimate(ctx)
-            bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
+    async def _admit(self, ctx: RequestContext, bill: _Bill, scopes: Scopes) -> None:
+        """On a remote store: each group's operations at once (one round trip's wait for all)."""
+        if scopes.needs_tokens:
+            self._size(ctx, bill)
+        remote = self._remote
         try:
-            if limited:
-                await self._limits(ctx, bill, limited)
-            if budgeted:
-                await self._budgets(ctx, bill, budgeted)
+            if scopes.limited:
+                ops = self._limit_ops(ctx, bill, scopes.limited)
+                self._limits(bill, ops, await self._all([remote[kind](*args) for kind, _, args in ops]))
+            if scopes.budgeted:
+                ops = self._budget_ops(ctx, bill, scopes.budgeted)
+                self._budgets(ctx, bill, ops, await self._all([remote[kind](*args) for kind, _, args in ops]))
         except StoreUnavailable:
-            if not self.fail_open:
-                self.metrics.accounting_store_errors.labels("refused").inc()
-                self._spawn(self._release(bill))
-                raise LimitsUnavailable("limits and budgets cannot be checked right now; retry shortly",
-                                        headers={"Retry-After": "1"}) from None
-            self.metrics.accounting_store_errors.labels("served").inc()
-            # Served unchecked: what it spends is added to each budget when the store answers again.
-            held = {h.key for h in bill.budgets}
-            for scope in budgeted:
-                assert scope.budget is not None
-                key, ttl = self._budget_key(scope, scope.budget, time.time())
-                if key not in held:
-                    bill.unreserved.append((key, ttl, scope))
+            self._unavailable(bill, scopes.budgeted)
 
-    async def _limits(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
-        ops: list[tuple[str, Scope, str, Awaitable[Any]]] = []
+    def _admit_in_line(self, ctx: RequestContext, bill: _Bill, scopes: Scopes) -> None:
+        """`_admit` on the in-process store: the same steps, every operation answered in line."""
+        if scopes.needs_tokens:
+            self._size(ctx, bill)
+        try:
+            if scopes.limited:
+                ops = self._limit_ops(ctx, bill, scopes.limited)
+                self._limits(bill, ops, self._run_in_line(ops))
+            if scopes.budgeted:
+                ops = self._budget_ops(ctx, bill, scopes.budgeted)
+                self._budgets(ctx, bill, ops, self._run_in_line(ops))
+        except StoreUnavailable:
+            self._unavailable(bill, scopes.budgeted)
+
+    def _run_in_line(self, ops: list[_Op]) -> list[Any]:
+        """Every result (or its `StoreUnavailable`), in order, from the in-process store."""
+        in_line = self._in_line
+        assert in_line is not None
+        results: list[Any] = []
+        for kind, _, args in ops:
+            try:
+                results.append(in_line[kind](*args))
+            except StoreUnavailable as exc:
+                results.append(exc)
+        return results
+
+    def _size(self, ctx: RequestContext, bill: _Bill) -> None:
+        bill.prompt_estimate = self.prompts.estimate(ctx)
+        bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
+
+    def _unavailable(self, bill: _Bill, budgeted: list[Scope]) -> None:
+        """The store failed: refuse (`closed`), or serve and owe each budget not reserved what is spent."""
+        if not self.fail_open:
+            self.metrics.accounting_store_errors.labels("refused").inc()
+            self._spawn(self._release(bill))
+            raise LimitsUnavailable("limits and budgets cannot be checked right now; retry shortly",
+                                    headers={"Retry-After": "1"}) from None
+        self.metrics.accounting_store_errors.labels("served").inc()
+        # Served unchecked: what it spends is added to each budget when the store answers again.
+        held = {h.key for h in bill.budgets}
+        for scope in budgeted:
+            assert scope.budget_keys is not None
+            key, ttl = scope.budget_keys.at(time.time())
+            if key not in held:
+                bill.unreserved.append((key, ttl, scope))
+
+    def _limit_ops(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> list[_Op]:
+        ops: list[_Op] = []
         holder = ""
         tokens = bill.prompt_estimate + bill.completion_cap
         for scope in scopes:
             limits = scope.limits
             assert limits is not None
             if limits.concurrent:
-                key = f"acct:conc:{scope.kind}:{scope.name}"
                 holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
-                ops.append(("concurrent", scope, key,
-                            self.store.acquire_slot(key, holder, limits.concurrent, self.lease_s)))
+                ops.append(("concurrent", scope, (scope.slot_key, holder, limits.concurrent, self.lease_s)))
             if limits.rpm:
-                key = f"acct:rpm:{scope.kind}:{scope.name}"
-                ops.append(("rpm", scope, key, self.store.reserve_window(key, 1, limits.rpm, WINDOW_S)))
+                ops.append(("rpm", scope, (scope.rpm_key, 1, limits.rpm, WINDOW_S)))
             if limits.tpm:
-                key = f"acct:tpm:{scope.kind}:{scope.name}"
-                ops.append(("tpm", scope, key, self.store.reserve_window(key, tokens, limits.tpm, WINDOW_S)))
-        results = await self._all([op for _, _, _, op in ops])
+                ops.append(("tpm", scope, (scope.tpm_key, tokens, limits.tpm, WINDOW_S)))
+        return ops
+
+    def _limits(self, bill: _Bill, ops: list[_Op], results: list[Any]) -> None:
         refused: tuple[str, Scope, float] | None = None
         requests: list[WindowReservation] = []
         token_windows: list[WindowReservation] = []
         failure: BaseException | None = None
-        for (kind, scope, key, _), result in zip(ops, results, strict=True):
+        for index, (kind, scope, args) in enumerate(ops):  # results[index] answers ops[index]
+            result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
                 continue
+            key = args[0]
             if kind == "concurrent":
                 taken, _held = result
                 if taken:
-                    bill.slots.append((key, holder))
+                    bill.slots.append((key, args[1]))
                 elif refused is None:
                     refused = (kind, scope, 1.0)
                 continue
@@ -227,14 +288,16 @@ class Accounting:
             (requests if kind == "rpm" else token_windows).append(answer)
             if answer.ok:
                 if kind == "tpm":
-                    bill.tokens.append(_Held(key, float(tokens), WINDOW_S, scope))
+                    bill.tokens.append(_Held(key, float(args[1]), WINDOW_S, scope))
                 else:
                     bill.requests.append(key)
             elif refused is None:
                 refused = (kind, scope, answer.reset_s)
         if failure is not None:
             raise failure
-        bill.headers = rate_limit_headers(tightest(requests), tightest(token_windows))
+        # One window of a kind (the usual case) is its own tightest: no call to find it.
+        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
+                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
         if refused is not None:
             kind, scope, reset = refused
             self.metrics.limit_rejections.labels(kind, scope.kind).inc()
@@ -245,28 +308,33 @@ class Accounting:
             raise RateLimited(f"rate limit reached: {what[kind]} of this {scope.kind}; retry after "
                               f"{duration(reset)}", headers=headers)
 
-    async def _budgets(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
+    def _budget_ops(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> list[_Op]:
         rate_in, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
         cost = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
         bill.cost_reserved = cost
         now = time.time()
-        keyed = []
+        ops: list[_Op] = []
         for scope in scopes:
-            assert scope.budget is not None
-            key, ttl = self._budget_key(scope, scope.budget, now)
-            keyed.append((scope, scope.budget, key, ttl))
-        results = await self._all([self.store.reserve(key, cost, budget.usd, ttl) for _, budget, key, ttl in keyed])
+            budget, keys = scope.budget, scope.budget_keys
+            assert budget is not None and keys is not None
+            key, ttl = keys.at(now)
+            ops.append(("budget", scope, (key, cost, budget.usd, ttl)))
+        return ops
+
+    def _budgets(self, ctx: RequestContext, bill: _Bill, ops: list[_Op], results: list[Any]) -> None:
         failure: BaseException | None = None
         hard: Scope | None = None
         downgrade: str | None = None
-        for (scope, budget, key, ttl), result in zip(keyed, results, strict=True):
+        for index, (_, scope, (key, cost, _, ttl)) in enumerate(ops):  # results[index] answers ops[index]
+            result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
                 continue
+            budget = scope.budget
+            assert budget is not None
             answer: Reservation = result
-            usd_left, share_left = self._remaining_gauges(scope)
-            usd_left.set(answer.remaining)
-            share_left.set(answer.remaining / budget.usd)
+            left = answer.remaining
+            self._budget_left(scope).show(left, left / budget.usd)
             if answer.ok:
                 bill.budgets.append(_Held(key, cost, ttl, scope, budget))
                 spent = answer.total / budget.usd
@@ -293,20 +361,19 @@ class Accounting:
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 
-    def _remaining_gauges(self, scope: Scope) -> tuple[Any, Any]:
-        """A scope's budget-left gauges, USD and share (label children looked up once; bounded by BoundedLabels)."""
-        gauges = self._gauges.get((scope.kind, scope.name))
-        if gauges is None:
-            name = self.labels.name(scope)
-            gauges = (fast_child(self.metrics.budget_remaining.labels(scope.kind, name)),
-                      fast_child(self.metrics.budget_remaining_ratio.labels(scope.kind, name)))
+    def _budget_left(self, scope: Scope) -> BudgetLeft:
+        """A scope's budget-left gauges. One per label pair (scopes past the label cap share `other`'s, so that
+        it shows the last one written), found per scope in one look-up; both maps bounded like the labels."""
+        left = self._gauges.get((scope.kind, scope.name))
+        if left is None:
+            label = (scope.kind, self.labels.name(scope))
+            left = self._gauges_by_label.get(label)
+            if left is None:
+                left = self._gauges_by_label[label] = BudgetLeft(self.metrics.budget_remaining.labels(*label),
+                                                                 self.metrics.budget_remaining_ratio.labels(*label))
             if len(self._gauges) < 10_000:
-                self._gauges[(scope.kind, scope.name)] = gauges
-        return gauges
-
-    def _budget_key(self, scope: Scope, budget: BudgetSpec, now: float) -> tuple[str, float]:
-        period, ttl = current_period(budget, now)
-        return f"acct:budget:{scope.kind}:{scope.name}:{period}", ttl
+                self._gauges[(scope.kind, scope.name)] = left
+        return left
 
     async def _release(self, bill: _Bill) -> None:
         """Undo what a refused request reserved (so it does not count against the others)."""
@@ -326,7 +393,9 @@ class Accounting:
 
     def _price(self, ctx: RequestContext) -> float:
         """The answer's cost, set on the context (telemetry counts it, logs it and sends the header)."""
-        cost = request_cost(ctx)
+        cost = ctx.cost_usd  # asked twice per request: the second time it is known
+        if cost is None:
+            cost = request_cost(ctx)
         return 0.0 if cost is None else cost
 
     async def _settle(self, ctx: RequestContext, bill: _Bill) -> None:
@@ -334,27 +403,73 @@ class Accounting:
             return
         bill.settled = True
         cost = self._price(ctx)
-        usage = ctx.usage
+        remote = self._remote
+        for kind, args in self._settle_ops(ctx, bill, cost):
+            try:
+                await remote[kind](*args)
+            except StoreUnavailable:
+                self._unsettled(kind, args)
+        self._settled(ctx, bill, cost)
+
+    def _settle_in_line(self, ctx: RequestContext, bill: _Bill) -> None:
+        """`_settle` on the in-process store: the same operations, answered in line."""
+        if bill.settled:
+            return
+        bill.settled = True
+        cost = self._price(ctx)
+        in_line = self._in_line
+        assert in_line is not None
+        for kind, args in self._settle_ops(ctx, bill, cost):
+            try:
+                in_line[kind](*args)
+            except StoreUnavailable:
+                self._unsettled(kind, args)
+        self._settled(ctx, bill, cost)
+
+    def _settle_ops(self, ctx: RequestContext, bill: _Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
+        """What settling asks of the store, in order: every budget to the actual cost (`spend`), every token
+        window to the actual tokens, every slot given back."""
+        ops: list[tuple[str, tuple[Any, ...]]] = []
         for held in bill.budgets:
-            await self._settle_budget(held.key, held.reserved, cost, held.ttl_s)
+            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s)))
         for key, ttl, _ in bill.unreserved:
-            await self._settle_budget(key, 0.0, cost, ttl)
-        actual_tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
-        for held in bill.tokens:
-            await self._quietly(self.store.settle(held.key, held.reserved, float(actual_tokens), WINDOW_S))
-        for key, holder in bill.slots:
-            await self._quietly(self.store.release_slot(key, holder))
-        if bill.cost_reserved > 0 and ctx.upstream_started:
-            self._reservation_drift(ctx.alias_label).observe(cost / bill.cost_reserved)
-        if usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens:
-            self._token_drift(ctx.alias_label).observe(bill.prompt_estimate / usage.prompt_tokens)
+            ops.append(("spend", (key, 0.0, cost, ttl)))
+        if bill.tokens:
+            usage = ctx.usage
+            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            for held in bill.tokens:
+                ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S)))
+        for slot in bill.slots:
+            ops.append(("release", slot))
+        return ops
+
+    def _unsettled(self, kind: str, args: tuple[Any, ...]) -> None:
+        """A settle the store did not take: a budget's is owed by the ledger; the others are only counted."""
+        if kind == "spend":
+            key, reserved, actual, ttl_s = args
+            self.ledger.owe(key, to_units(actual) - to_units(reserved), ttl_s)
+        else:
+            self.metrics.accounting_store_errors.labels("unsettled").inc()
+
+    def _settled(self, ctx: RequestContext, bill: _Bill, cost: float) -> None:
+        usage = ctx.usage
+        reserved = bill.cost_reserved > 0 and ctx.upstream_started
+        estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
+        if reserved or estimated:
+            reservation, tokens = self._drift(ctx.alias_label)
+            if reserved:
+                reservation.observe(cost / bill.cost_reserved)
+            if estimated:
+                assert usage is not None
+                tokens.observe(bill.prompt_estimate / usage.prompt_tokens)
         self._record(ctx, cost)
 
-    async def _settle_budget(self, key: str, reserved: float, cost: float, ttl_s: float) -> None:
-        try:
-            await self.store.settle(key, reserved, cost, ttl_s)
-        except StoreUnavailable:
-            self.ledger.owe(key, to_units(cost) - to_units(reserved), ttl_s)
+    def _drift(self, alias: str) -> tuple[Any, Any]:
+        """The alias's reservation and token estimate drift children, looked up together (one dict look-up)."""
+        found = self._drifts.get(alias)
+        if found is None:
+            found = self._drifts[alias] = (self._reservation_drift(alias), self._token_drift(alias))
+        return found
 
     def _record(self, ctx: RequestContext, cost: float) -> None:
         usage = ctx.usage
@@ -468,7 +583,10 @@ class _StreamBill:
         if ctx.usage is None and ctx.upstream_started:
             ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
         stage._price(ctx)
-        await stage._settle(ctx, self._bill)
+        if stage._in_line is not None:
+            stage._settle_in_line(ctx, self._bill)
+        else:
+            await stage._settle(ctx, self._bill)
 
 
 def _final(ctx: RequestContext, last: Chunk) -> Chunk:

@@ -114,7 +114,8 @@ class Reservation(NamedTuple):
     @property
     def remaining(self) -> float:
         """What is left under the limit (never negative), e.g. for `x-ratelimit-remaining-tokens`."""
-        return max(0.0, self.limit - self.total)
+        left = self.limit - self.total
+        return left if left > 0.0 else 0.0  # not max(): read on every budgeted request
 
 
 class WindowReservation(NamedTuple):
@@ -129,7 +130,8 @@ class WindowReservation(NamedTuple):
 
     @property
     def remaining(self) -> float:
-        return max(0.0, self.limit - self.total)
+        left = self.limit - self.total
+        return left if left > 0.0 else 0.0
 
 
 class Channel(Protocol):

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
+from gateway.store._common import AMOUNT_SCALE, QueueChannel, check_window, to_units, ttl_ms
 from gateway.store.base import (
     Channel,
     OnUnavailable,
@@ -30,6 +31,22 @@ from gateway.store.base import (
 __all__ = ["MemoryStore"]
 
 SWEEP_INTERVAL_S = 5.0
+_NOT_A_COUNTER = "the value at this key is not an integer counter"
+_new = tuple.__new__  # a named tuple made without its Python-level __new__ (one frame fewer per answer)
+
+
+@functools.lru_cache(maxsize=256)
+def _limit_units(limit: float) -> int:
+    """`to_units(limit)`: a limit is one of the policy's few values, checked and converted once each."""
+    return to_units(limit, "limit")
+
+
+@functools.lru_cache(maxsize=256)
+def _window_ms(window_s: float) -> int:
+    """`check_window`'s window length in milliseconds (the stage's windows are all one minute)."""
+    window = ttl_ms(window_s)
+    assert window is not None
+    return window
 
 
 @dataclass(slots=True)
@@ -136,38 +153,59 @@ class MemoryStore:
         return WindowCount(self._int(entry), self._remaining(entry.expires_at, window))
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
-        units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
-        full = self._prefix + key
-        entry = self._live(full)
-        current = self._int(entry) if entry else 0
-        if current + units > cap:
-            return Reservation(False, from_units(current), limit)
-        self._put(full, b"%d" % (current + units), self._keep_or_set_expiry(entry, ttl))
-        return Reservation(True, from_units(current + units), limit)
+        return self.reserve_now(key, amount, limit, ttl_s)
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+        return self.settle_now(key, reserved, actual, ttl_s)
+
+    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        return self.reserve_window_now(key, amount, limit, window_s)
+
+    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+        return self.acquire_slot_now(key, holder, limit, lease_s)
+
+    async def release_slot(self, key: str, holder: str) -> None:
+        self.release_slot_now(key, holder)
+
+    # The counter operations answered in line: the same contract as their `async` forms above, without a
+    # coroutine per call (the accounting stage makes several per request, and nothing here ever waits).
+
+    def reserve_now(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+        units, cap, ttl = to_units(amount), _limit_units(limit), ttl_ms(ttl_s)
+        full = self._prefix + key
+        entry, current = self._counter(full)
+        if current + units > cap:
+            return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
+        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
+        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
+        return _new(Reservation, (True, (current + units) / AMOUNT_SCALE, limit))
+
+    def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
         delta = to_units(actual, "actual") - to_units(reserved, "reserved")
         ttl = ttl_ms(ttl_s)
         full = self._prefix + key
-        entry = self._live(full)
-        total = max(0, (self._int(entry) if entry else 0) + delta)
-        self._put(full, b"%d" % total, self._keep_or_set_expiry(entry, ttl))
-        return from_units(total)
+        entry, current = self._counter(full)
+        total = current + delta
+        total = total if total > 0 else 0
+        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
+        self._rewrite(full, entry, b"%d" % total, expires_at)
+        return total / AMOUNT_SCALE
 
-    async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
-        units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
-        assert window is not None
+    def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        units, cap, window = to_units(amount), _limit_units(limit), _window_ms(window_s)
         full = self._prefix + key
-        entry = self._live(full)
-        current = self._int(entry) if entry else 0
-        expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
-        reset = self._remaining(expires_at, window)
+        entry, current = self._counter(full)
+        expires_at = entry.expires_at if entry is not None else None
+        if expires_at is None:
+            expires_at = self._clock() + window / 1000
+        reset = expires_at - self._clock()
+        reset = reset if reset > 0.0 else 0.0
         if current + units > cap:
-            return WindowReservation(False, from_units(current), limit, reset)
-        self._put(full, b"%d" % (current + units), expires_at)
-        return WindowReservation(True, from_units(current + units), limit, reset)
+            return _new(WindowReservation, (False, current / AMOUNT_SCALE, limit, reset))
+        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
+        return _new(WindowReservation, (True, (current + units) / AMOUNT_SCALE, limit, reset))
 
-    async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
+    def acquire_slot_now(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
         lease = ttl_ms(lease_s)
         assert lease is not None
         if limit < 1:
@@ -183,7 +221,7 @@ class MemoryStore:
         self._slots[full] = held
         return True, len(held)
 
-    async def release_slot(self, key: str, holder: str) -> None:
+    def release_slot_now(self, key: str, holder: str) -> None:
         full = self._prefix + key
         held = self._slots.get(full)
         if held is not None:
@@ -225,6 +263,32 @@ class MemoryStore:
             self._sized.move_to_end(full_key)
         return entry
 
+    def _counter(self, full_key: str) -> tuple[_Entry | None, int]:
+        """`_live` and `_int` in one call (the counter operations' first step): the live entry, if any, and its
+        value (0 when absent)."""
+        entry = self._data.get(full_key)
+        if entry is None:
+            return None, 0
+        if entry.expires_at is not None and entry.expires_at <= self._clock():
+            self._drop(full_key)
+            return None, 0
+        self._data.move_to_end(full_key)
+        if full_key in self._sized:
+            self._sized.move_to_end(full_key)
+        try:
+            return entry, int(entry.value)
+        except ValueError:
+            raise StoreUnavailable(_NOT_A_COUNTER) from None
+
+    def _rewrite(self, full_key: str, entry: _Entry | None, value: bytes, expires_at: float | None) -> None:
+        """`_put` for a counter just read by `_live` (`entry`): a live key outside the byte bound is changed in
+        place (it is already the most recent, and the key count is unchanged), the rest go through `_put`."""
+        if entry is None or (self._config.max_bytes is not None and full_key.startswith(self._sized_prefix)):
+            self._put(full_key, value, expires_at)
+        else:
+            entry.value = value
+            entry.expires_at = expires_at
+
     def _put(self, full_key: str, value: bytes, expires_at: float | None) -> None:
         self._data[full_key] = _Entry(value, expires_at)
         self._data.move_to_end(full_key)
@@ -253,11 +317,6 @@ class MemoryStore:
     def _expiry(self, ttl: int | None) -> float | None:
         return None if ttl is None else self._clock() + ttl / 1000
 
-    def _keep_or_set_expiry(self, entry: _Entry | None, ttl: int | None) -> float | None:
-        if entry is not None and entry.expires_at is not None:
-            return entry.expires_at
-        return self._expiry(ttl)
-
     def _remaining(self, expires_at: float | None, window_ms: int) -> float:
         if expires_at is None:
             return window_ms / 1000
@@ -268,7 +327,7 @@ class MemoryStore:
         try:
             return int(entry.value)
         except ValueError:
-            raise StoreUnavailable("the value at this key is not an integer counter") from None
+            raise StoreUnavailable(_NOT_A_COUNTER) from None
 
     def sweep(self) -> int:
         """Drop every expired key now; how many. Runs periodically after `start()`."""

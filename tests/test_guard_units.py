@@ -225,6 +225,24 @@ def test_windowed_recognizers_find_what_presidio_finds() -> None:
     assert seen > 100  # the samples do hold phones, e-mails and addresses
 
 
+def test_email_validation_per_domain_is_presidios() -> None:
+    """`EmailWindows` asks tldextract once per domain: asked again (from its cache) or for another address at
+    the same domain, it answers as presidio's own check does, URL-like matches included."""
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    from gateway.guards.pii import quiet_network
+    from gateway.guards.recognizers import EmailWindows
+
+    quiet_network()
+    windowed, original = EmailWindows(), EmailRecognizer()
+    texts = ["a@example.org", "b@example.org", "a@b.co", "x@localhost", "x@foo.invalidtld", "a/b@example.org",
+             "http://a@example.org", "a?b@example.org", "a#b@example.org", "a@[::1]", "a@example.org.", "a@b@c.com",
+             "a@example.org:80", "a@\u3002com", "a@bbc.co.uk", "a@10.0.0.1", "", "@", "a@"]
+    for _ in range(2):
+        for text in texts:
+            assert windowed.validate_result(text) == original.validate_result(text), text
+
+
 def test_windows_are_linear_and_merge() -> None:
     import re
 

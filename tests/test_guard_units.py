@@ -475,3 +475,30 @@ def test_folding_for_context_words_is_the_one_of_re_ignorecase() -> None:
     for char in sorted({c for w in words for c in w}):
         for match in re.finditer(f"(?i){re.escape(char)}", every):
             assert folded[match.start()] == fold(char), (char, match.group())
+
+
+def test_resolve_keeps_what_the_ranking_keeps() -> None:
+    """`verdict.resolve` returns disjoint findings as they are, in text order: on random findings (overlapping,
+    touching, empty, at one place) it keeps what ranking them and taking the longest first keeps."""
+    import random
+
+    from gateway.guards.base import Finding
+    from gateway.guards.verdict import resolve
+
+    def ranked(findings: list[Finding]) -> list[Finding]:
+        taken: list[Finding] = []
+        for f in sorted(findings, key=lambda f: (-(f.end - f.start), -f.score, f.start)):
+            if all(f.end <= t.start or f.start >= t.end for t in taken):
+                taken.append(f)
+        return sorted(taken, key=lambda f: f.start)
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        findings = []
+        for i in range(rng.randint(0, 6)):
+            start = rng.randint(0, 30)
+            findings.append(Finding("g", f"T{i}", start, start + rng.choice((0, 1, 3, 8)), rng.choice((0.5, 0.9)),
+                                    "r", "redact"))
+        assert resolve(findings) == ranked(findings), findings
+    separate = [Finding("g", "T", s, s + 5, 0.5, "r", "redact") for s in (20, 0, 10)]
+    assert resolve(separate) == sorted(separate, key=lambda f: f.start)

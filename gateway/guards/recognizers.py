@@ -438,7 +438,26 @@ class _TokenWindows:
                         results.append(RecognizerResult(entity, start, end, score, explanation, dict(metadata)))
             except TimeoutError:
                 continue  # presidio logs and skips the pattern, keeping what it found before
+        if _apart(results):
+            return sorted(results, key=_score_first)
         return list(EntityRecognizer.remove_duplicates(results))
+
+
+def _apart(results: list[RecognizerResult]) -> bool:
+    """Whether results of one type, none empty and none scored 0 (as `_scan` makes them), follow each other
+    without overlapping (one pattern's matches): presidio's `remove_duplicates` then drops none of them,
+    and only orders them, as `_score_first` does."""
+    end = -1
+    for result in results:
+        if result.start < end:
+            return False
+        end = result.end
+    return True
+
+
+def _score_first(result: RecognizerResult) -> tuple[float, int, int]:
+    """presidio's order for what `remove_duplicates` returns."""
+    return -result.score, result.start, -(result.end - result.start)
 
 
 # Domains whose validity `EmailWindows` has asked tldextract about: the same few (gmail.com, the

@@ -251,8 +251,9 @@ class PiiGuard(GuardBase):
                 score = _name_score(text, start, end, score)
                 if score < self.thresholds[entity]:
                     continue
-            if value.casefold() in self.allow or any(p.fullmatch(value) for p in self.allow_patterns):
-                continue
+            if (self.allow and value.casefold() in self.allow) or (
+                    self.allow_patterns and any(p.fullmatch(value) for p in self.allow_patterns)):
+                continue  # (each test only when the policy lists values or patterns: most do not)
             out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
                                self.keep[entity]))
         return out

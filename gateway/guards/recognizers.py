@@ -356,8 +356,12 @@ def token_windows(text: str, trigger: re.Pattern[str]) -> list[tuple[int, int]]:
     windows: list[tuple[int, int]] = []
     pos = 0
     spaces = [c for c in _SPACES if c in text]  # the others are never found
+    space = spaces[0] if len(spaces) == 1 else None  # most texts: only " ", one search and no generator
     while (found := trigger.search(text, pos)) is not None:
-        lo = max((text.rfind(c, pos, found.start()) for c in spaces), default=-1)
+        if space is not None:
+            lo = text.rfind(space, pos, found.start())
+        else:
+            lo = max((text.rfind(c, pos, found.start()) for c in spaces), default=-1)
         if lo < 0:  # the token starts right after the last window, whose space it shares
             lo = max(0, pos - 1)
         after = _SPACE.search(text, found.end())

@@ -225,6 +225,24 @@ def test_windowed_recognizers_find_what_presidio_finds() -> None:
     assert seen > 100  # the samples do hold phones, e-mails and addresses
 
 
+def test_email_validation_per_domain_is_presidios() -> None:
+    """`EmailWindows` asks tldextract once per domain: asked again (from its cache) or for another address at
+    the same domain, it answers as presidio's own check does, URL-like matches included."""
+    from presidio_analyzer.predefined_recognizers import EmailRecognizer
+
+    from gateway.guards.pii import quiet_network
+    from gateway.guards.recognizers import EmailWindows
+
+    quiet_network()
+    windowed, original = EmailWindows(), EmailRecognizer()
+    texts = ["a@example.org", "b@example.org", "a@b.co", "x@localhost", "x@foo.invalidtld", "a/b@example.org",
+             "http://a@example.org", "a?b@example.org", "a#b@example.org", "a@[::1]", "a@example.org.", "a@b@c.com",
+             "a@example.org:80", "a@\u3002com", "a@bbc.co.uk", "a@10.0.0.1", "", "@", "a@"]
+    for _ in range(2):
+        for text in texts:
+            assert windowed.validate_result(text) == original.validate_result(text), text
+
+
 def test_windows_are_linear_and_merge() -> None:
     import re
 
@@ -457,3 +475,89 @@ def test_folding_for_context_words_is_the_one_of_re_ignorecase() -> None:
     for char in sorted({c for w in words for c in w}):
         for match in re.finditer(f"(?i){re.escape(char)}", every):
             assert folded[match.start()] == fold(char), (char, match.group())
+
+
+def test_resolve_keeps_what_the_ranking_keeps() -> None:
+    """`verdict.resolve` returns disjoint findings as they are, in text order: on random findings (overlapping,
+    touching, empty, at one place) it keeps what ranking them and taking the longest first keeps."""
+    import random
+
+    from gateway.guards.base import Finding
+    from gateway.guards.verdict import resolve
+
+    def ranked(findings: list[Finding]) -> list[Finding]:
+        taken: list[Finding] = []
+        for f in sorted(findings, key=lambda f: (-(f.end - f.start), -f.score, f.start)):
+            if all(f.end <= t.start or f.start >= t.end for t in taken):
+                taken.append(f)
+        return sorted(taken, key=lambda f: f.start)
+
+    rng = random.Random(7)
+    for _ in range(3000):
+        findings = []
+        for i in range(rng.randint(0, 6)):
+            start = rng.randint(0, 30)
+            findings.append(Finding("g", f"T{i}", start, start + rng.choice((0, 1, 3, 8)), rng.choice((0.5, 0.9)),
+                                    "r", "redact"))
+        assert resolve(findings) == ranked(findings), findings
+    separate = [Finding("g", "T", s, s + 5, 0.5, "r", "redact") for s in (20, 0, 10)]
+    assert resolve(separate) == sorted(separate, key=lambda f: f.start)
+
+
+def test_scanned_results_in_presidios_order() -> None:
+    """The windowed recognizers' `_scan` skips presidio's `remove_duplicates` for results that follow each other
+    without overlapping: it would keep them all, in the order `_scan` returns them."""
+    import random
+
+    from presidio_analyzer import EntityRecognizer, RecognizerResult
+
+    from gateway.guards.recognizers import _apart, _score_first
+
+    rng = random.Random(11)
+    for _ in range(2000):
+        results, at = [], 0
+        for _ in range(rng.randint(0, 6)):
+            at += rng.randint(0, 4)
+            size = rng.randint(1, 5)
+            results.append(RecognizerResult("EMAIL_ADDRESS", at, at + size, rng.choice((0.5, 1.0))))
+            at += size
+        assert _apart(results)
+        want = list(EntityRecognizer.remove_duplicates(results))
+        assert [(r.start, r.end, r.score) for r in sorted(results, key=_score_first)] == \
+            [(r.start, r.end, r.score) for r in want]
+    assert not _apart([RecognizerResult("E", 0, 5, 0.5), RecognizerResult("E", 3, 8, 0.5)])
+    assert not _apart([RecognizerResult("E", 5, 8, 0.5), RecognizerResult("E", 0, 3, 0.5)])
+
+
+def test_findings_counted_by_group_as_one_by_one() -> None:
+    """`GuardSession.note_findings` counts findings per (guard, type, action): the same metric totals and header
+    as counting them one at a time."""
+    from collections import Counter as Tally
+
+    from gateway.guards.base import Finding
+    from gateway.guards.session import GuardSession
+
+    class Metrics:
+        def __init__(self) -> None:
+            self.totals: Tally[tuple[str, ...]] = Tally()
+
+        def guard_findings_of(self, *labels: str) -> Any:
+            totals = self.totals
+
+            class Child:
+                @staticmethod
+                def inc(amount: float = 1) -> None:
+                    totals[labels] += int(amount)
+            return Child()
+
+    findings = [Finding("pii", t, i, i + 1, 0.9, "r", a) for i, (t, a) in enumerate(
+        [("EMAIL_ADDRESS", "redact")] * 3 + [("PHONE_NUMBER", "record"), ("EMAIL_ADDRESS", "block")])]
+    grouped, single = GuardSession(Metrics()), GuardSession(Metrics())  # type: ignore[arg-type]
+    for mode in ("enforce", "shadow"):
+        grouped.note_findings(findings, mode, "input")
+        for finding in findings:
+            single.note_findings([finding], mode, "input")
+    assert grouped.counts == single.counts and grouped.header() == single.header()
+    assert grouped.metrics.totals == single.metrics.totals  # type: ignore[attr-defined]
+    assert grouped.header() == (b"pii.block=1,pii.record=1,pii.redact=3,pii.shadow_block=1,pii.shadow_record=1,"
+                                b"pii.shadow_redact=3")

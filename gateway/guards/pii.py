@@ -163,6 +163,20 @@ class _Direct:
         self.recognizers = recognizers
         self.gated = [(r, r.gate if isinstance(r, ContextRecognizer) else BUILTIN_GATES.get(r.name))
                       for r in recognizers]
+        # The gated recognizers for each (language, entities) asked for: the same one or two on every call.
+        self._applicable: dict[tuple[str, tuple[str, ...]], list[tuple[Any, Any]]] = {}
+
+    def applicable(self, language: str, entities: list[str]) -> list[tuple[Any, Any]]:
+        """The gated recognizers that speak `language` and find one of `entities`, in registry order."""
+        key = (language, tuple(entities))
+        found = self._applicable.get(key)
+        if found is None:
+            wanted = set(entities)
+            found = [(r, gate) for r, gate in self.gated
+                     if r.supported_language == language and not wanted.isdisjoint(r.supported_entities)]
+            if len(self._applicable) < 64:
+                self._applicable[key] = found
+        return found
 
     def analyze(self, text: str, language: str, entities: list[str], score_threshold: float,
                 regex_flags: int) -> list[Any]:
@@ -174,9 +188,7 @@ class _Direct:
         shape = TextShape(text)
         results: list[Any] = []
         sources = []
-        for recognizer, gate in self.gated:
-            if recognizer.supported_language != language or wanted.isdisjoint(recognizer.supported_entities):
-                continue
+        for recognizer, gate in self.applicable(language, entities):
             if gate is not None and not gate(shape):
                 continue
             found = len(results)
@@ -251,8 +263,9 @@ class PiiGuard(GuardBase):
                 score = _name_score(text, start, end, score)
                 if score < self.thresholds[entity]:
                     continue
-            if value.casefold() in self.allow or any(p.fullmatch(value) for p in self.allow_patterns):
-                continue
+            if (self.allow and value.casefold() in self.allow) or (
+                    self.allow_patterns and any(p.fullmatch(value) for p in self.allow_patterns)):
+                continue  # (each test only when the policy lists values or patterns: most do not)
             out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
                                self.keep[entity]))
         return out

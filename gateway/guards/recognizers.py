@@ -356,8 +356,12 @@ def token_windows(text: str, trigger: re.Pattern[str]) -> list[tuple[int, int]]:
     windows: list[tuple[int, int]] = []
     pos = 0
     spaces = [c for c in _SPACES if c in text]  # the others are never found
+    space = spaces[0] if len(spaces) == 1 else None  # most texts: only " ", one search and no generator
     while (found := trigger.search(text, pos)) is not None:
-        lo = max((text.rfind(c, pos, found.start()) for c in spaces), default=-1)
+        if space is not None:
+            lo = text.rfind(space, pos, found.start())
+        else:
+            lo = max((text.rfind(c, pos, found.start()) for c in spaces), default=-1)
         if lo < 0:  # the token starts right after the last window, whose space it shares
             lo = max(0, pos - 1)
         after = _SPACE.search(text, found.end())
@@ -438,11 +442,53 @@ class _TokenWindows:
                         results.append(RecognizerResult(entity, start, end, score, explanation, dict(metadata)))
             except TimeoutError:
                 continue  # presidio logs and skips the pattern, keeping what it found before
+        if _apart(results):
+            return sorted(results, key=_score_first)
         return list(EntityRecognizer.remove_duplicates(results))
+
+
+def _apart(results: list[RecognizerResult]) -> bool:
+    """Whether results of one type, none empty and none scored 0 (as `_scan` makes them), follow each other
+    without overlapping (one pattern's matches): presidio's `remove_duplicates` then drops none of them,
+    and only orders them, as `_score_first` does."""
+    end = -1
+    for result in results:
+        if result.start < end:
+            return False
+        end = result.end
+    return True
+
+
+def _score_first(result: RecognizerResult) -> tuple[float, int, int]:
+    """presidio's order for what `remove_duplicates` returns."""
+    return -result.score, result.start, -(result.end - result.start)
+
+
+# Domains whose validity `EmailWindows` has asked tldextract about: the same few (gmail.com, the
+# company's own) come back in every prompt. Bounded: cleared when full, as `pii._built` is.
+_MAX_DOMAINS = 4096
+_domains: dict[str, bool] = {}
 
 
 class EmailWindows(_TokenWindows, EmailRecognizer):
     trigger = re.compile("@")
+
+    def validate_result(self, pattern_text: str) -> bool:
+        """presidio's check (tldextract finds a public suffix), asked once per domain.
+
+        It was half the cost of a prompt with ten addresses. For a match without `/`, `?` or `#`
+        (which tldextract reads as the end of a URL's authority), tldextract reads only the domain:
+        the host is what follows the match's one `@`. Any other match is asked about as it is.
+        """
+        domain = pattern_text.rpartition("@")[2]
+        if "/" in pattern_text or "?" in pattern_text or "#" in pattern_text:
+            return bool(EmailRecognizer.validate_result(self, pattern_text))
+        found = _domains.get(domain)
+        if found is None:
+            if len(_domains) >= _MAX_DOMAINS:
+                _domains.clear()
+            found = _domains[domain] = bool(EmailRecognizer.validate_result(self, pattern_text))
+        return found
 
 
 class IpWindows(_TokenWindows, IpRecognizer):

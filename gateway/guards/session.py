@@ -28,8 +28,20 @@ class GuardSession:
             self._count(finding, mode, place)
 
     def note_findings(self, findings: list[Finding], mode: str, place: Place) -> None:
+        """Count `findings`, once per (guard, type, action): a prompt with ten addresses is one metric
+        update and one header count of ten, not ten of one."""
+        if len(findings) < 2:
+            for finding in findings:
+                self._count(finding, mode, place)
+            return
+        groups: dict[tuple[str, str, str], int] = {}
         for finding in findings:
-            self._count(finding, mode, place)
+            group = (finding.guard, finding.type, finding.action)
+            groups[group] = groups.get(group, 0) + 1
+        for (guard, kind, action), count in groups.items():
+            self.metrics.guard_findings_of(guard, kind, action, mode, place).inc(count)
+            key = f"{guard}.{action}" if mode == "enforce" else f"{guard}.shadow_{action}"
+            self.counts[key] = self.counts.get(key, 0) + count
 
     def _count(self, finding: Finding, mode: str, place: Place) -> None:
         self.metrics.guard_findings_of(finding.guard, finding.type, finding.action, mode, place).inc()

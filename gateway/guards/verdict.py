@@ -41,12 +41,31 @@ def decide(text: str, enforced: list[Finding], shadow: list[Finding], pseudonyms
 
 def resolve(findings: Iterable[Finding]) -> list[Finding]:
     """Non-overlapping findings, in text order: the longest span wins, then the highest score."""
+    findings = list(findings)
+    ordered = sorted(findings, key=_start)
+    if _disjoint(ordered):
+        return ordered  # what the ranking below keeps when nothing overlaps: all of them, in text order
     ranked = sorted(findings, key=lambda f: (-(f.end - f.start), -f.score, f.start))
     taken: list[Finding] = []
     for finding in ranked:
         if all(finding.end <= t.start or finding.start >= t.end for t in taken):
             taken.append(finding)
     return sorted(taken, key=lambda f: f.start)
+
+
+def _start(finding: Finding) -> int:
+    return finding.start
+
+
+def _disjoint(ordered: list[Finding]) -> bool:
+    """Whether findings sorted by start are well-formed, start at distinct places and none overlaps the next
+    (so none overlaps any other): the usual case, a handful of separate addresses or numbers."""
+    start = end = -1
+    for finding in ordered:
+        if finding.end < finding.start or finding.start <= start or finding.start < end:
+            return False
+        start, end = finding.start, finding.end
+    return True
 
 
 def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
@@ -64,7 +83,7 @@ def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
     out: list[str] = []
     at = 0
     for f in resolve(rewriting):
-        if f.start < at or any(f.start < e and f.end > s for s, e in guarded):
+        if f.start < at or (guarded and any(f.start < e and f.end > s for s, e in guarded)):
             continue
         out.append(keep(text[at:f.start]))
         out.append(replacement(f, text[f.start:f.end], pseudonyms))

@@ -88,9 +88,9 @@ def compile_policy(
     cache = compile_cache(spec, doc)
     state = _state(spec.state, doc, env, require_env, warnings, spec.cache.memory_max_bytes)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
-                           warnings, "/metrics refuses every request until it is set")
+                           warnings, "`gateway serve` refuses this policy until it is set")
     admin_token = _token(spec.server.admin_token_env, ("server", "admin_token_env"), doc, env, require_env,
-                         warnings, "the admin API stays off until it is set")
+                         warnings, "`gateway serve` refuses this policy until it is set")
     if not is_loopback(spec.server.host) and spec.auth == "none" and _spends(spec):
         warnings.append(
             f"{doc.where(('server', 'host'))}: server.host: SECURITY: `{spec.server.host}` serves the "

@@ -9,7 +9,8 @@ __all__ = ["Answer", "Asked"]
 
 
 class Answer:
-    """The first choice of an answer, as the checks need it (built from a body or from stream chunks)."""
+    """An answer as the checks need it: a chat or completions answer's first choice, or a Responses answer's
+    output (built from a body, from stream chunks, or from a stream's last event)."""
 
     __slots__ = ("finish_reasons", "overflow", "refusal", "size", "text", "tool_calls")
 

@@ -144,6 +144,22 @@ _TOOLS = [{"type": "function", "function": {"name": "echo", "parameters": {
     "type": "object", "properties": {"number": {"type": "integer"}}, "required": ["number"]}}}]
 
 
+def _assert_each_signal_counted_once(metrics: str, cases: list[tuple[dict[str, Any], str]]) -> None:
+    """Each case's signal once on its own alias; six `fault-echo` answers checked (the cases' four and two fine
+    ones), of which only the four cases raised a signal; the tool case ended with `tool_calls`."""
+    for body, signal in cases:
+        model = body["model"]
+        target = f"mock-fast/{model}"
+        assert _value(metrics, "gateway_quality_signals_total", model=model, target=target, signal=signal) == 1, signal
+    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo", target="mock-fast/fault-echo") == 6
+    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo-tool",
+                  target="mock-fast/fault-echo-tool", reason="tool_calls") == 1
+    total_signals = sum(_value(metrics, "gateway_quality_signals_total", model="fault-echo",
+                               target="mock-fast/fault-echo", signal=s)
+                        for s in ("refusal", "empty", "invalid_json", "schema_violation", "truncated"))
+    assert total_signals == 4  # the two fine answers raised nothing
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_quality_signals_per_alias_and_target(telemetry_gateway: RunningGateway, stream: bool) -> None:
     url = telemetry_gateway.base_url
@@ -162,18 +178,7 @@ def test_quality_signals_per_alias_and_target(telemetry_gateway: RunningGateway,
             assert client.post(f"{url}/chat/completions", json={**body, "stream": stream}).status_code == 200
         for body in fine:
             assert client.post(f"{url}/chat/completions", json={**body, "stream": stream}).status_code == 200
-    metrics = telemetry_gateway.metrics()
-    for body, signal in cases:
-        model = body["model"]
-        target = f"mock-fast/{model}"
-        assert _value(metrics, "gateway_quality_signals_total", model=model, target=target, signal=signal) == 1, signal
-    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo", target="mock-fast/fault-echo") == 6
-    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo-tool",
-                  target="mock-fast/fault-echo-tool", reason="tool_calls") == 1
-    total_signals = sum(_value(metrics, "gateway_quality_signals_total", model="fault-echo",
-                               target="mock-fast/fault-echo", signal=s)
-                        for s in ("refusal", "empty", "invalid_json", "schema_violation", "truncated"))
-    assert total_signals == 4  # the two fine answers raised nothing
+    _assert_each_signal_counted_once(telemetry_gateway.metrics(), cases)
 
 
 def _responses(given: str, model: str = "fault-echo", **body: Any) -> dict[str, Any]:
@@ -199,19 +204,9 @@ def test_quality_signals_of_responses_answers(telemetry_gateway: RunningGateway,
             response = client.post(f"{url}/responses", json={**body, "stream": stream})
             assert response.status_code == 200, response.text
     metrics = telemetry_gateway.metrics()
-    for body, signal in cases:
-        target = f"mock-fast/{body['model']}"
-        assert _value(metrics, "gateway_quality_signals_total", model=body["model"], target=target,
-                      signal=signal) == 1, signal
-    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo", target="mock-fast/fault-echo") == 6
-    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo-tool",
-                  target="mock-fast/fault-echo-tool", reason="tool_calls") == 1
+    _assert_each_signal_counted_once(metrics, cases)
     assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo",
                   target="mock-fast/fault-echo", reason="stop") == 6
-    total_signals = sum(_value(metrics, "gateway_quality_signals_total", model="fault-echo",
-                               target="mock-fast/fault-echo", signal=s)
-                        for s in ("refusal", "empty", "invalid_json", "schema_violation", "truncated"))
-    assert total_signals == 4  # the two fine answers raised nothing
 
 
 def test_quality_off_reads_no_stream_and_counts_nothing(gateway: RunningGateway) -> None:

@@ -48,19 +48,16 @@ def rate_limit_headers(
     for names, answer in ((_REQUESTS, requests), (_TOKENS, tokens)):
         if answer is None:
             continue
-        limit, reset = answer.limit, answer.reset_s
-        left = limit - answer.total
-        if reset >= 1:
-            shown = _seconds(int(reset + 0.999))
-        else:
-            ms = round(reset * 1000)
-            shown = b"%dms" % (ms if ms > 0 else 0)
-        headers += ((names[0], b"%d" % round(limit)), (names[1], b"%d" % int(left if left > 0.0 else 0.0)),
-                    (names[2], shown))
+        headers += ((names[0], b"%d" % round(answer.limit)), (names[1], b"%d" % int(answer.remaining)),
+                    (names[2], _reset(answer.reset_s)))
     return headers
+
+
+def _reset(seconds: float) -> bytes:
+    """`duration(seconds)`, encoded; whole seconds (a window's reset takes few values) formatted once each."""
+    return _seconds(int(seconds + 0.999)) if seconds >= 1 else duration(seconds).encode()
 
 
 @functools.lru_cache(maxsize=1024)
 def _seconds(whole: int) -> bytes:
-    """`duration` of a whole number of seconds, encoded: a window's reset takes few values, each formatted once."""
     return duration(whole).encode()

@@ -64,7 +64,14 @@ class Guard(Protocol):
 
     async def detect(self, text: str, where: Where) -> list[Finding]: ...
 
+    def open_from(self, text: str, start: int) -> int:
+        """Streams: the earliest offset at or after `start` where a finding may start that `text` does
+        not complete (an e-mail address still being written, a number that may grow into a phone
+        number): more text cannot change what the guard finds before it. `len(text)` when there is
+        none; 0 when the guard cannot tell (the scanner then holds its whole window). `holds.py`."""
+        ...
+
     def hold_from(self, text: str) -> int | None:
-        """Streams: where a finding that is still being written may start (e.g. an open private key
-        block), so that the scanner holds text from there; None when nothing is open."""
+        """Streams: where a finding that is still being written may start and must be held even past
+        the window (an open private key block); None when nothing is open."""
         ...

@@ -20,5 +20,8 @@ class GuardBase:
         self.timeout_s = spec.timeout_s
         self.places: frozenset[Place] = frozenset(spec.places)
 
+    def open_from(self, text: str, start: int) -> int:
+        return 0  # cannot tell: the scanner holds its whole window
+
     def hold_from(self, text: str) -> int | None:
         return None

@@ -9,10 +9,12 @@ findings are reported as `TOPIC_<NAME>`. Spans map back to the original text, so
 from __future__ import annotations
 
 import re
+from bisect import bisect_left
 
 from ..policy.guard_schema import DenyListGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
+from .holds import RegexHolds
 from .normalize import fold
 
 __all__ = ["DenyListGuard"]
@@ -36,6 +38,7 @@ class DenyListGuard(GuardBase):
             self.rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE)))
         for topic, words in spec.topics.items():
             self.rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", _keywords(words)))
+        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p in self.rules])
 
     async def detect(self, text: str, where: Where) -> list[Finding]:
         folded, at = fold(text)
@@ -46,3 +49,11 @@ class DenyListGuard(GuardBase):
                     found.append(Finding(self.name, label, at[match.start()], at[match.end() - 1] + 1, 1.0,
                                          f"denylist.{label.lower()}", self.action))
         return found
+
+    def open_from(self, text: str, start: int) -> int:
+        """Where a term or pattern may still be being written, on the folded text (`holds.py`)."""
+        folded, at = fold(text)
+        found = self.holds.open_from(folded, bisect_left(at, start))
+        if found <= 0:
+            return 0
+        return at[found] if found < len(folded) else len(text)

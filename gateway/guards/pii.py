@@ -35,6 +35,7 @@ from ..policy.guard_check import NER_ENTITIES, default_entities
 from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSpec
 from .base import Finding, Where
 from .common import GuardBase
+from .holds import RegexHolds, pii_holds
 from .pool import GuardPool
 
 __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
@@ -241,6 +242,7 @@ class PiiGuard(GuardBase):
     def build(self) -> None:
         """Build the analyzer now (at runtime start), not on the first request."""
         analyzer(self.engine)
+        self.open_from("", 0)  # the stream holds, with the analyzer
 
     async def detect(self, text: str, where: Where) -> list[Finding]:
         if not text.strip() or (self.prefilter is not None and not self.prefilter.may_match(text)):
@@ -269,6 +271,17 @@ class PiiGuard(GuardBase):
             out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
                                self.keep[entity]))
         return out
+
+    # Streams (`holds.py`): built with the analyzer, once per runtime; None when the engine cannot say
+    # where a finding may start (a spaCy pipeline may tag any word as a name, reading its neighbours).
+    _holds: RegexHolds | None = None
+    _holds_built = False
+
+    def open_from(self, text: str, start: int) -> int:
+        if not self._holds_built:
+            self._holds = pii_holds(analyzer(self.engine).recognizers) if self.engine.kind == "patterns" else None
+            self._holds_built = True
+        return 0 if self._holds is None else self._holds.open_from(text, start)
 
 
 _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")

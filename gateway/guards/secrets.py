@@ -15,6 +15,7 @@ from collections import Counter
 from ..policy.guard_schema import SecretsGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
+from .holds import RegexHolds
 
 __all__ = ["DETECTORS", "SecretsGuard", "entropy"]
 
@@ -69,6 +70,8 @@ class SecretsGuard(GuardBase):
         ]
         self.entropy_bits = spec.entropy_bits if "entropy" in kinds else None
         self.allow = frozenset(spec.allow)
+        self.holds = RegexHolds([(p.pattern, 0, 0) for _, p in self.patterns]
+                                + ([(_KEYWORD_TOKEN.pattern, 0, 0)] if self.entropy_bits is not None else []))
 
     async def detect(self, text: str, where: Where) -> list[Finding]:
         return self.scan(text)
@@ -91,6 +94,10 @@ class SecretsGuard(GuardBase):
                     found.append(Finding(self.name, "HIGH_ENTROPY_SECRET", start, end, 0.8, "secrets.entropy",
                                          self.action))
         return found
+
+    def open_from(self, text: str, start: int) -> int:
+        """Where a key, token or `password = ...` may still be being written (`holds.py`)."""
+        return self.holds.open_from(text, start)
 
     def hold_from(self, text: str) -> int | None:
         """An opened private key block must be held until its END line (or the stream's end)."""

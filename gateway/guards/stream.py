@@ -62,9 +62,11 @@ class StreamGuard:
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         out: list[StreamEvent] = []
+        last = max((i for i, event in enumerate(events) if isinstance(event, Chunk)), default=-1)
         try:
-            for event in events:
+            for i, event in enumerate(events):
                 if isinstance(event, Chunk):
+                    self.window.more = i < last
                     out += await self.format.chunk(event)
                 elif isinstance(event, StreamDone):
                     out += await self.format.finish()

@@ -1,15 +1,25 @@
 """The stream scanner's window: hold back a bounded tail of each lane of text, release the rest.
 
 A lane is one run of answer text as it streams (a choice's content, a tool
-call's arguments, a Responses output text part). New text waits in the lane;
-once `window_chars + step_chars` are waiting, the lane is scanned (with the last
-released `window_chars` as left context) and all but the last `window_chars` are
-released, cut at a whitespace, never inside a finding, an open private key
-block, or a placeholder that may still be completing. Any entity shorter than
-the window is therefore whole in some scan before its first character leaves,
-whatever the chunking. The released text is rewritten (redact, mask,
-pseudonymize) and its placeholders restored; a blocking finding raises
-`Blocked`, and whoever drives the window ends the stream in its own format.
+call's arguments, a Responses output text part). New text waits in the lane.
+After each chunk, every guard says from which offset a finding may still start
+that the text seen so far does not complete (`Guard.open_from`, `holds.py`: an
+e-mail address still being written, a number that may grow into a phone
+number); the text before the earliest such offset, less the trailing word
+(which the next chunk may continue), is scanned (with the last released
+`window_chars` as left context) and released at once, cut at a whitespace,
+never inside a finding, an open private key block, or a placeholder that may
+still be completing. No more than `window_chars` is ever held for a possible
+finding (only an open private key block is held longer): a guard that cannot
+say where a finding may start (the `ner` engine) holds the whole window, and
+then, as before early release, the lane is scanned once `window_chars +
+step_chars` are waiting and again after every `step_chars`, releasing all but
+the last `window_chars`. Either way any entity shorter than the window is whole
+in some scan before its first character leaves, whatever the chunking. Chunks
+that arrive in one upstream read are released together, the holds looked for
+once, at the last. The released text is rewritten (redact, mask, pseudonymize)
+and its placeholders restored; a blocking finding raises `Blocked`, and
+whoever drives the window ends the stream in its own format.
 
 The window knows nothing of any wire format: the chunk shapes (Chat
 Completions, Completions, the Responses API's events) are adapters around it
@@ -43,13 +53,17 @@ class Blocked(Exception):
 
 
 class Lane:
-    __slots__ = ("context", "json", "pending", "scanned")
+    __slots__ = ("context", "json", "open", "pending", "released", "scanned")
 
     def __init__(self, json: bool) -> None:
         self.pending = ""
         self.context = ""  # the last released upstream text: left context for the next scan
         self.json = json  # tool arguments: restored originals are JSON-escaped
         self.scanned = 0  # len(pending) at the last scan
+        self.released = 0  # upstream characters released so far
+        # Upstream offset before which no guard's finding may still start (`Guard.open_from`): a start
+        # from which no match reaches the end of the text seen never will, so the next look starts here.
+        self.open = 0
 
 
 class Window:
@@ -63,6 +77,9 @@ class Window:
         self.lanes: dict[LaneKey, Lane] = {}
         self.first_in: float | None = None
         self.first_out = False
+        # More chunks of the same upstream read follow (set by the stream stage): they leave together with
+        # the last, so the holds are looked for once, at the last (a fast upstream's many chunks at once).
+        self.more = False
 
     def lane(self, key: LaneKey, json: bool) -> Lane:
         lane = self.lanes.get(key)
@@ -84,40 +101,74 @@ class Window:
         if not self.guards:  # nothing to scan: only placeholders to restore
             cut = len(text) if final else len(text) - Pseudonyms.open_tail(text)
             return self._emit(lane, text, cut, [], [], where)
-        spec = self.spec
-        waiting = len(text) < spec.window_chars + spec.step_chars or len(text) - lane.scanned < spec.step_chars
-        if not final and waiting:
-            return ""
-        lane.scanned = len(text)
-        offset = len(lane.context)
         full = lane.context + text
+        offset = len(lane.context)
+        cut = len(text)
+        if not final:
+            cut = self._hold(lane, text, full, offset)
+            if cut <= 0:  # nothing can leave yet: no scan
+                return ""
+        lane.scanned = len(text)
         enforced, shadow = await self.runtime.detect(self.guards, full, where)
         enforced = _shift(enforced, offset)
         shadow = _shift(shadow, offset)
         if any(f.action == "block" for f in enforced):
             self.session.note_findings([f for f in enforced if f.action == "block"], "enforce", where.place)
             raise Blocked
-        cut = len(text) if final else self._cut(text, full, offset, enforced + shadow)
+        if not final:
+            cut = self._settle(text, cut, enforced + shadow)
         if pseudonyms and cut < len(text):
             cut -= Pseudonyms.open_tail(text[:cut])
         return self._emit(lane, text, cut, enforced, shadow, where)
 
-    def _cut(self, text: str, full: str, offset: int, findings: list[Finding]) -> int:
-        cut = len(text) - self.spec.window_chars
+    def _hold(self, lane: Lane, text: str, full: str, offset: int) -> int:
+        """Where the held text may be cut before scanning it: before the earliest offset where a guard
+        says a finding may still start, and before the trailing word (it may go on in the next chunk);
+        never holding more than `window_chars`, except for an open private key block. When some guard
+        holds the whole window (it cannot tell), scans wait for `step_chars` of new text, as they did
+        before early release. 0: nothing may leave yet."""
+        spec = self.spec
+        bound = len(text) - spec.window_chars
+        hold = bound
+        if not self.more:
+            base = lane.released - offset  # the upstream offset of full[0]
+            # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.
+            start = max(0, len(full) - spec.window_chars, lane.open - base)
+            found = min(guard.open_from(full, start) for guard in self.guards)
+            lane.open = base + found
+            hold = found - offset
+        if hold <= bound:
+            if len(text) < spec.window_chars + spec.step_chars or len(text) - lane.scanned < spec.step_chars:
+                return 0
+            cut = bound
+        else:
+            cut = min(hold, len(text))
+            if cut == len(text) and not text[-1].isspace():
+                cut -= 1  # inside the trailing word: `_words` moves it to the word's start
         for guard in self.guards:
             opened = guard.hold_from(full)
             if opened is not None:
                 cut = min(cut, opened - offset)
+        return self._words(text, cut)
+
+    def _settle(self, text: str, cut: int, findings: list[Finding]) -> int:
+        """The cut, moved back out of any finding it would split (and to a word's start)."""
         for _ in range(3):  # moving the cut back may land inside another finding: settle
             for f in findings:
                 if f.start < cut < f.end:
                     cut = f.start
-            if 0 < cut < len(text) and not (text[cut].isspace() or text[cut - 1].isspace()):
-                space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-                if space >= 0:
-                    cut = space + 1
-                elif len(text) <= self.spec.max_hold_chars:
-                    cut = 0
+            cut = self._words(text, cut)
+        return cut
+
+    def _words(self, text: str, cut: int) -> int:
+        """`cut`, moved back to a word's start (unless the text has no space and is longer than
+        `max_hold_chars`); 0 or more."""
+        if 0 < cut < len(text) and not (text[cut].isspace() or text[cut - 1].isspace()):
+            space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
+            if space >= 0:
+                cut = space + 1
+            elif len(text) <= self.spec.max_hold_chars:
+                cut = 0
         return max(0, cut)
 
     def _emit(self, lane: Lane, text: str, cut: int, enforced: list[Finding], shadow: list[Finding],
@@ -131,6 +182,7 @@ class Window:
         pseudonyms = self.session.pseudonyms
         out = apply(released, applied, pseudonyms, partial(pseudonyms.restore, json_string=lane.json))
         lane.context = (lane.context + released)[-self.spec.window_chars:]
+        lane.released += cut
         lane.pending = text[cut:]
         lane.scanned = max(0, lane.scanned - cut)
         if out and not self.first_out and self.first_in is not None:

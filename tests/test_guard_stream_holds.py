@@ -1,0 +1,176 @@
+"""The stream scanner releases text as soon as no finding can still start inside it (`holds.py`)."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+import pytest
+
+from gateway.guards.holds import RegexHolds, phone_from
+from gateway.guards.runtime import GuardRuntime
+from gateway.guards.session import GuardSession
+from gateway.guards.stream import StreamGuard
+from gateway.policy.guard_schema import GuardsSpec, StreamScanSpec
+from gateway.schemas.endpoints import Endpoint
+from gateway.schemas.events import DONE, Chunk
+from gateway.telemetry.metrics import Metrics
+
+SPEC = StreamScanSpec()  # the defaults: window 48, step 24
+EMAIL = "jane.doe@mailbox.org"
+CARD = "4111 1111 1111 1111"
+PHONE = "+44 20 7946 0958"
+KEY = "AKIAIOSFODNN7EXAMPLQ"
+
+
+@pytest.fixture(scope="module")
+def runtime() -> Iterator[GuardRuntime]:
+    spec = msgspec.convert({"global": {
+        "pii": {"kind": "pii", "places": ["output"], "action": "redact"},
+        "secrets": {"kind": "secrets", "places": ["output"], "action": "redact"},
+        "deny": {"kind": "denylist", "terms": ["project falcon"], "action": "redact", "places": ["output"]},
+    }}, GuardsSpec)
+    built = GuardRuntime(spec, Metrics(), len)
+    asyncio.run(built.start())
+    yield built
+    asyncio.run(built.aclose())
+
+
+def stream(runtime: GuardRuntime, text: str, size: int, *, session: GuardSession | None = None,
+           spec: StreamScanSpec = SPEC, guards: tuple[Any, ...] | None = None) -> list[tuple[int, str]]:
+    """(characters sent so far, text released by that chunk) for `text` sent `size` characters at a time;
+    the upstream's end is (len(text) + 1, what it released)."""
+    session = session or GuardSession(runtime.metrics)
+    chosen = runtime.resolve("t", "a").output if guards is None else guards
+    stage = StreamGuard(runtime, chosen, session, spec, Endpoint.CHAT, "m")
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+
+    def released(events: list[Any]) -> str:
+        return "".join(choice["delta"].get("content") or "" for e in events if isinstance(e, Chunk)
+                       for choice in e.data()["choices"])
+
+    async def run() -> list[tuple[int, str]]:
+        out = []
+        for i in range(0, len(text), size):
+            chunk = Chunk.of({**base, "choices": [{"index": 0, "delta": {"content": text[i:i + size]},
+                                                   "finish_reason": None}]})
+            out.append((min(len(text), i + size), released(await stage.on_events(None, [chunk]))))  # type: ignore[arg-type]
+        end = Chunk.of({**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        out.append((len(text) + 1, released(await stage.on_events(None, [end, DONE]))))  # type: ignore[arg-type]
+        return out
+
+    return asyncio.run(run())
+
+
+def joined(pieces: list[tuple[int, str]]) -> str:
+    return "".join(piece for _, piece in pieces)
+
+
+# -- holds on their own ---------------------------------------------------------------------------
+
+
+def test_an_earlier_partial_match_wins_over_a_later_complete_one() -> None:
+    # `regex`'s search prefers the complete `o` at 3 to the partial `foo` at 1: each start is tried alone.
+    assert RegexHolds([(r"foo\d|o", 0, 0)]).open_from("zfoo") == 1
+    assert RegexHolds([(r"\d{3}(?:-\d{4})?", 0, 0)]).open_from("call 555-") == 5  # may still grow
+    assert RegexHolds([(r"\d{3}(?:-\d{4})?", 0, 0)]).open_from("call 555- or") == len("call 555- or")
+    assert RegexHolds([(r"\d{3}", 0, 0)]).open_from("a 123 b", start=4) == len("a 123 b")
+
+
+def test_a_match_is_held_while_a_context_word_may_still_follow() -> None:
+    holds = RegexHolds([(r"\d{4}", 0, 10)])
+    assert holds.open_from("year 1990 and") == 5
+    assert holds.open_from("year 1990 and then more") == len("year 1990 and then more")
+
+
+def test_a_phone_number_may_grow_until_a_letter() -> None:
+    assert phone_from("call +1 415 555") == 5
+    assert phone_from("call 415 555 ok") == len("call 415 555 ok")
+    assert phone_from("call me ") == len("call me ")
+    assert phone_from("box 12 x 34") == 4  # x and X belong to numbers (extensions)
+
+
+def test_a_regex_the_holds_cannot_read_holds_everything() -> None:
+    assert RegexHolds([("(unclosed", 0, 0)]).open_from("anything at all") == 0
+
+
+# -- the scanner ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_text_without_a_possible_finding_leaves_at_once(runtime: GuardRuntime, size: int) -> None:
+    text = "Sure, here is a short answer that has nothing special in it at all, only plain words."
+    pieces = stream(runtime, text, size)
+    assert joined(pieces) == text
+    for sent, _ in pieces[:-1]:  # everything but the trailing word, as soon as it arrived
+        released = joined([p for p in pieces if p[0] <= sent])
+        seen = text[:sent]
+        assert released == seen[:seen.rfind(" ") + 1], (sent, released)
+
+
+@pytest.mark.parametrize(("value", "shown"), [
+    (EMAIL, "<EMAIL_ADDRESS>"), (CARD, "<CREDIT_CARD>"), (PHONE, "<PHONE_NUMBER>"), (KEY, "<AWS_ACCESS_KEY>"),
+    ("Project Falcon", "<DENIED_TERM>"),
+])
+@pytest.mark.parametrize("size", [1, 2, 5, 7])
+def test_a_partial_finding_at_the_tail_is_held_until_complete(runtime: GuardRuntime, value: str, shown: str,
+                                                               size: int) -> None:
+    for pad in range(size):
+        text = "x" * pad + f" The value is {value} and the rest of this answer is plain text."
+        pieces = stream(runtime, text, size)
+        assert joined(pieces) == text.replace(value, shown)
+        start = text.index(value)
+        for sent, _ in pieces:
+            released = joined([p for p in pieces if p[0] <= sent])
+            if sent < start + len(value):  # the value is not all there: nothing of it has left
+                assert len(released) <= start and released == text[:len(released)], (pad, sent, released)
+            if sent == start + len(value) - 1:  # but the text before it has, up to a word or two
+                assert len(released) >= text.index(" is "), (pad, released)
+
+
+def test_a_finding_a_late_context_word_makes_is_not_released_early(runtime: GuardRuntime) -> None:
+    # A date is a date of birth only next to "born", which may follow it (`ContextRecognizer`'s `window // 2`).
+    text = "The date 12 March 1984 (born) is what I mean, and nothing more comes after it here."
+    for size in (1, 4, 7):
+        assert "1984" not in joined(stream(runtime, text, size))
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_placeholders_split_across_chunks_still_restore(runtime: GuardRuntime, size: int) -> None:
+    for pad in range(12):
+        session = GuardSession(runtime.metrics)
+        placeholder = session.pseudonyms.placeholder("PERSON", "John Smith")
+        text = "x" * pad + f" Say hi to {placeholder} today, and to {placeholder} tomorrow."
+        assert joined(stream(runtime, text, size, session=session)) == text.replace(placeholder, "John Smith")
+
+
+def test_a_guard_that_cannot_tell_holds_the_whole_window(runtime: GuardRuntime) -> None:
+    spec = msgspec.convert({"global": {"inj": {"kind": "injection", "places": ["output"]}}}, GuardsSpec)
+    blind = GuardRuntime(spec, Metrics(), len)
+    text = "word " * 40
+    pieces = stream(blind, text, 5, spec=SPEC)
+    first = next(sent for sent, piece in pieces if piece)
+    assert first >= SPEC.window_chars + SPEC.step_chars  # as before early release
+    assert joined(pieces) == text
+
+
+def test_chunks_read_together_are_looked_at_once(runtime: GuardRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fast upstream's chunks arrive in one read: the holds are looked for at its last chunk only."""
+    from gateway.guards.pii import PiiGuard
+
+    calls = []
+    looked = PiiGuard.open_from
+    monkeypatch.setattr(PiiGuard, "open_from", lambda self, text, start: calls.append(1) or looked(self, text, start))
+    text = f"Write to {EMAIL} today, please, and then wait for the answer to come back."
+    stage = StreamGuard(runtime, runtime.resolve("t", "a").output, GuardSession(runtime.metrics), SPEC,
+                        Endpoint.CHAT, "m")
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    chunks = [Chunk.of({**base, "choices": [{"index": 0, "delta": {"content": text[i:i + 4]},
+                                             "finish_reason": None}]}) for i in range(0, len(text), 4)]
+    out = asyncio.run(stage.on_events(None, chunks))  # type: ignore[arg-type]
+    released = "".join(c.data()["choices"][0]["delta"].get("content") or "" for c in out if isinstance(c, Chunk))
+    assert len(calls) == 1
+    assert released == text.replace(EMAIL, "<EMAIL_ADDRESS>")[:len(released)] and "back." not in released
+    assert released.endswith("come ")

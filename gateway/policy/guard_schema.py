@@ -140,10 +140,14 @@ class GuardPoolSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True
 
 
 class StreamScanSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
-    """Streamed output: how much text is held back while it is scanned."""
+    """Streamed output: how much text is held back while it is scanned (`guards/window.py`)."""
 
+    # The most characters held back for a finding that may still be being written (text in which no
+    # finding can start leaves at once).
     window_chars: Annotated[int, Meta(ge=8, le=4_096)] = 48
-    step_chars: Annotated[int, Meta(ge=1, le=4_096)] = 24  # new text that triggers the next scan
+    # While a guard holds the whole window (it cannot say where a finding may start): new text that
+    # triggers the next scan.
+    step_chars: Annotated[int, Meta(ge=1, le=4_096)] = 24
     max_hold_chars: Annotated[int, Meta(ge=64, le=65_536)] = 4_096  # a token without a break is cut here
 
 

@@ -162,7 +162,6 @@ _DESCRIPTIONS: dict[str, str] = {
     "_GuardBase.places": "Where the guard runs: input (the request), output (the answer).",
     "GuardPoolSpec.kind": "`thread` or `process` workers.",
     "GuardPoolSpec.workers": "Number of workers.",
-    "StreamScanSpec.window_chars": "Characters held back and scanned together.",
     "DynamicKeysSpec.enabled": "Look up keys created at run time (the admin API) in the state store.",
     "TelemetrySpec.labels": "Caps on how many aliases, targets, tenants and keys become metric label values.",
     "TelemetrySpec.quality": "Quality signals of answers (finish reasons, refusals, empty, truncated, invalid JSON).",

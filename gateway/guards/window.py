@@ -130,6 +130,8 @@ class Window:
         spec = self.spec
         bound = len(text) - spec.window_chars
         hold = bound
+        if bound < 0 and self._words(text, len(text) - (not text[-1].isspace())) <= 0:
+            return 0  # nothing but the trailing word waits (a token that continues it): no holds to look for
         if not self.more:
             base = lane.released - offset  # the upstream offset of full[0]
             # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.

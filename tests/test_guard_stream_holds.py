@@ -90,6 +90,7 @@ def test_a_phone_number_may_grow_until_a_letter() -> None:
     assert phone_from("call 415 555 ok") == len("call 415 555 ok")
     assert phone_from("call me ") == len("call me ")
     assert phone_from("box 12 x 34") == 4  # x and X belong to numbers (extensions)
+    assert phone_from("ab 1\u0301 2") == 3  # a combining mark is no letter to the phone windows (stdlib `\w`)
 
 
 def test_a_regex_the_holds_cannot_read_holds_everything() -> None:

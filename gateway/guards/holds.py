@@ -7,13 +7,14 @@ still being written, a number that may grow into a phone number, a date whose
 "born" may still follow. Everything before that offset is final: scanning the
 longer text later finds the same findings there.
 
-For a regex this is exact, with the `regex` module's partial matching: `P\\Z`
-matched with `partial=True` from a start position succeeds (partly or wholly)
-exactly when some way of matching `P` from there reaches the end of the text,
-i.e. when more text could change what `P` matches from there. A start from which
-no path of `P` reaches the end matches the same (or nothing) however the text
-goes on, since a backtracking engine tries its paths in the same order. Rules
-that are not plain regexes get their own conservative rule:
+For a regex this is exact, with the `regex` module's partial matching: `P\\Z[\\s\\S]`
+never matches wholly, and matches partly from exactly the starts from which
+some way of matching `P` reaches the end of the text, i.e. from which more text
+could change what `P` matches; a partial search returns the leftmost. A start
+from which no path of `P` reaches the end matches the same (or nothing) however
+the text goes on, since a backtracking engine tries its paths in the same order,
+and stays so: the next look can start where the last one found a possible start.
+Rules that are not plain regexes get their own conservative rule:
 
 * a context word that may still arrive after a match (the gateway's
   `ContextRecognizer` looks `window // 2` characters past it): a match that ends
@@ -32,6 +33,7 @@ Everything is compiled once per guard (per runtime), never per request or chunk.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -39,9 +41,9 @@ import regex  # type: ignore[import-untyped]  # no stubs
 
 __all__ = ["RegexHolds", "phone_from", "pii_holds"]
 
-# The last letter of a text, searched from its end: what ends a phone number's letter-free stretch
-# (`recognizers._RUN`: letters other than x and X).
-_LAST_LETTER = regex.compile(r"(?r)[^\W\d_xX]")
+# A letter other than x and X: what ends a phone number's letter-free stretch. The stdlib's `\w`, as
+# `recognizers._RUN` (the `regex` module's also counts combining marks and joiners as word characters).
+_LETTER = re.compile(r"[^\W\d_xX]")
 # What a phone number starts with (libphonenumber's matcher: an opening bracket, a plus sign or a digit).
 _LEAD = regex.compile("[\\d(\\[\uff08\uff3b+\uff0b]")
 
@@ -53,8 +55,8 @@ class RegexHolds:
 
     def __init__(self, patterns: Iterable[tuple[str, int, int]], *, phone: bool = False) -> None:
         """`patterns`: (regex, flags, how many characters after a match a context word still counts)."""
-        # One regex per pattern: an alternation of them all costs several times their sum (each
-        # pattern alone skips most positions on its first character; an alternation tries them all).
+        # One regex per pattern: an alternation of them all costs more than their sum (each pattern
+        # alone skips most positions on its first character; an alternation tries them all).
         self.tails: list[Any] = []  # `(?:P)\Z[\s\S]`
         self.after: list[tuple[Any, int]] = []
         self.broken = False
@@ -96,8 +98,8 @@ class RegexHolds:
 def phone_from(text: str, start: int = 0) -> int:
     """Where a phone number may start in the trailing letter-free stretch of `text` (it may still grow from
     there): its first digit, plus sign or opening bracket; `len(text)` when it has none."""
-    letter = _LAST_LETTER.search(text, start)
-    run = start if letter is None else letter.end()
+    letter = _LETTER.search(text[:start - 1 if start else None:-1])  # backwards: the last letter first
+    run = start if letter is None else len(text) - letter.start()
     found = _LEAD.search(text, run)
     return len(text) if found is None else found.start()
 
@@ -105,14 +107,13 @@ def phone_from(text: str, start: int = 0) -> int:
 def pii_holds(recognizers: Sequence[Any]) -> RegexHolds | None:
     """The holds of the `patterns` engine's recognizers; None when one of them cannot say."""
     from presidio_analyzer import PatternRecognizer
-    from presidio_analyzer.predefined_recognizers import PhoneRecognizer
 
-    from .recognizers import ContextRecognizer
+    from .recognizers import ContextRecognizer, PhoneWindows
 
     patterns: list[tuple[str, int, int]] = []
     phone = False
     for recognizer in recognizers:
-        if isinstance(recognizer, PhoneRecognizer):
+        if isinstance(recognizer, PhoneWindows):  # letter-free stretches only: see `phone_from`
             phone = True
         elif isinstance(recognizer, PatternRecognizer):
             after = 0

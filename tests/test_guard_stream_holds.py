@@ -175,3 +175,14 @@ def test_chunks_read_together_are_looked_at_once(runtime: GuardRuntime, monkeypa
     assert len(calls) == 1
     assert released == text.replace(EMAIL, "<EMAIL_ADDRESS>")[:len(released)] and "back." not in released
     assert released.endswith("come ")
+
+
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_a_private_key_block_longer_than_the_window_leaves_nothing_of_itself(runtime: GuardRuntime,
+                                                                            size: int) -> None:
+    body = "MIIEowIBAAKCAQEAq8Zr1Lx0Vb7Tn4Wk2Pm9Qx7Lr3Ta5Yb0Nc8Vd6We4Xf2Zg1Hh"
+    block = f"-----BEGIN RSA PRIVATE KEY-----\n{body}\n{body[::-1]}\n-----END RSA PRIVATE KEY-----"
+    text = f"Here is the key:\n{block}\nKeep it safe, and rotate it soon."
+    pieces = stream(runtime, text, size)
+    assert joined(pieces) == text.replace(block, "<PRIVATE_KEY>")
+    assert not any(body[:8] in piece or "-----BEGIN" in piece for _, piece in pieces)

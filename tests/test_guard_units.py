@@ -72,6 +72,7 @@ def test_an_open_private_key_block_is_held() -> None:
     guard = SecretsGuard("s", SecretsGuardSpec())
     assert guard.hold_from("ok -----BEGIN RSA PRIVATE KEY-----\nMIIE") == 3
     assert guard.hold_from("-----BEGIN RSA PRIVATE KEY-----\nx\n-----END RSA PRIVATE KEY-----") is None
+    assert guard.hold_from("ok -----BEGIN RSA PRIVATE KEY-----\nx\n-----END RSA PRIV") == 3  # until the END line ends
 
 
 @pytest.mark.parametrize("text", [

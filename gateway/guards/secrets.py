@@ -48,6 +48,7 @@ _KEYWORD_TOKEN = re.compile(
     r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})"
 )
 _OPEN_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY")
+_CLOSE_KEY = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")  # as the block's own pattern
 _SCORE = 0.95
 
 
@@ -100,11 +101,12 @@ class SecretsGuard(GuardBase):
         return self.holds.open_from(text, start)
 
     def hold_from(self, text: str) -> int | None:
-        """An opened private key block must be held until its END line (or the stream's end)."""
+        """An opened private key block must be held until its END line is complete (or the stream's end):
+        the block is found whole or not at all, and may be longer than the window."""
         match = None
         for match in _OPEN_KEY.finditer(text):  # noqa: B007 -- the last one
             pass
-        if match is None or "-----END" in text[match.end():]:
+        if match is None or _CLOSE_KEY.search(text, match.end()) is not None:
             return None
         return match.start()
 

@@ -34,6 +34,7 @@ from ..schemas.events import DONE, Chunk, EventSource, StreamError, StreamEvent,
 from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsagePeek
 from ..schemas.responses import ResponsesPeek, responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
+from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import DONE as DONE_PAYLOAD
 from ..upstream.sse import SSEDecoder
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
@@ -266,7 +267,7 @@ class _OpenAIStream:
     """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
 
     __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_peek", "_provider", "_read_choices",
-                 "_response")
+                 "_response", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -280,6 +281,7 @@ class _OpenAIStream:
         self._deadline = deadline
         self._asked_for_usage = asked_for_usage
         self._closed = False
+        self._timer: ReadTimer | None = None
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
@@ -287,20 +289,19 @@ class _OpenAIStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._timer is not None:
+                self._timer.stop()
             self._response.close()
             self._provider.release()
 
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         decoder = SSEDecoder()
-        content = self._response.content
-        loop = asyncio.get_running_loop()
-        idle_s = self._idle_s
+        timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
         saw_usage = False
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(min(self._deadline, loop.time() + idle_s)):
-                        data = await content.readany()
+                    data = await timer.read()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
@@ -348,7 +349,7 @@ class _OpenAIStream:
                 else:
                     events.append(UsageReport(peek.usage, payload))
                 continue
-            if hide and b'"usage"' in payload:
+            if hide and payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
                 payload = strip_null_usage(payload)
             events.append(Chunk(payload, None, peek.choices) if read else Chunk(payload))
         return events, False

@@ -15,6 +15,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -499,6 +500,17 @@ async def test_a_response_head_leaves_with_its_body_or_at_the_next_loop_turn() -
     assert stream.writes == []
     await asyncio.sleep(0)
     assert stream.writes == [b"HEAD"]  # a head alone is not kept past the loop turn
+    stream, cycle = _Recorded(), SimpleNamespace()
+    cycle.transport = joined = _HeadJoined(stream, loop, cycle)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    assert cycle.transport is joined
+    await asyncio.sleep(0)
+    assert cycle.transport is stream and stream.writes == [b"HEAD"]  # the events go straight to the transport
+    answer, cycle = _Recorded(), SimpleNamespace()
+    cycle.transport = joined = _HeadJoined(answer, loop, cycle)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    joined.write(b"BODY")
+    assert cycle.transport is answer and answer.writes == [b"HEADBODY"]
     closing = _Recorded()
     joined = _HeadJoined(closing, loop)  # type: ignore[arg-type]
     joined.write(b"HEAD")

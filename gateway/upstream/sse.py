@@ -26,6 +26,11 @@ class SSEDecoder:
         self._pending = b""
 
     def feed(self, data: bytes) -> list[bytes]:
+        if not self._pending:
+            # The common case on a stream that flows: one read, one whole single-line event.
+            end = len(data) - 2
+            if data.find(b"\n") == end and data[-1] == 10 and data.startswith(b"data:") and data.find(b"\r") < 0:
+                return [data[6:end] if data[5] == 32 else data[5:end]]
         buf = self._pending + data if self._pending else data
         if buf.find(b"\r") >= 0:
             keep_cr = buf.endswith(b"\r")

@@ -66,6 +66,7 @@ from uvicorn.config import Config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import ServerState
 
+from .api.asgi import DIRECT_BODY
 from .errors import error_body
 from .pipeline.lifecycle import DISCONNECT_HOOK
 from .telemetry.metrics import HTTP_REFUSED
@@ -597,6 +598,7 @@ if HAVE_HTTPTOOLS:
                 cycle.transport = _HeadJoined(self.transport, self.loop, cycle)
             if cycle is not None:
                 setattr(cycle, DISCONNECT_HOOK, None)  # this protocol calls the request back on a lost connection
+                setattr(cycle, DIRECT_BODY, True)  # and its body parts may be written directly (`api.asgi.ChunkWriter`)
 
         def connection_lost(self, exc: Exception | None) -> None:
             cycle = self.cycle

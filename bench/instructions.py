@@ -19,6 +19,11 @@ A spec is `GATEWAY:ALIAS:MODE[:KEY]`: GATEWAY `main` (the features policy) or `t
 (the same policy with the access log and quality signals, as the telemetry rows of
 `bench/features.py`), an alias of that policy, MODE `json` or `sse`, KEY `plain` (default)
 or `accounted` (the key with an RPM limit and a budget).
+
+A spec `scale:STREAMS:INTERVAL_MS:CHUNKS` counts instructions per forwarded event instead, on
+slow streams as in the scale row (`bench/scale.py` `count_instructions`: the scale policy, the
+slow upstream, a 30 s window), e.g. `scale:20:100:50` (~200 events/s, about 1.5 minutes; repeats
+within a few percent: streams starting in the window move it).
 """
 
 from __future__ import annotations
@@ -38,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import features  # noqa: E402
+from bench import features, scale  # noqa: E402
 from bench.harness import HOST, BenchError, Service, free_port, nginx_upstream, require_tools, workdir  # noqa: E402
 
 WARM_UP = 300
@@ -135,6 +140,12 @@ def main(argv: list[str] | None = None) -> int:
     prompt = features.PROMPT_300 if args.prompt_300 else "Say hello"
     with workdir("bench-instructions-") as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
         for spec in args.specs:
+            if spec.startswith("scale:"):
+                streams, interval_ms, chunks = spec.split(":")[1:]
+                per_event, events = scale.count_instructions(wd, streams=int(streams), interval_ms=float(interval_ms),
+                                                             chunks=int(chunks))
+                print(f"{spec}: {per_event / 1e3:.1f} k instructions/event ({events} events)", flush=True)
+                continue
             print(f"{spec}: {count(spec, upstream_port, wd, args.requests, prompt):.3f} M instructions/request",
                   flush=True)
     return 0

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import http.client
 import json
 import math
@@ -698,3 +699,82 @@ def scale_warnings(results: Sequence[ScaleRun]) -> list[str]:
             if kind == "held" and r.saturated:
                 out.append(f"{where}: the gateway did not keep up with the held streams; RSS per stream is low")
     return out
+
+
+# --------------------------------------------------------------------------------------
+# instructions per event (bench/instructions.py's `scale:` specs)
+# --------------------------------------------------------------------------------------
+
+#: The key of the callgrind window's policy (any key does; this one is hashed into the policy).
+CALLGRIND_KEY = "sk-bench-scale-instructions"
+
+
+def count_instructions(
+    wd: Path, *, streams: int, interval_ms: float, chunks: int, settle: float = 5.0, duration: float = 30.0,
+) -> tuple[float, int]:
+    """(instructions per forwarded event, events) for one paced window with the gateway under callgrind.
+
+    Wall-clock CPU per event needs a quiet machine; the gateway's user-space instructions per
+    event do not. The slow upstream and the load generator are started as for a paced window
+    (``bench/policy.scale.template.yaml``, events every ``interval_ms``, ``chunks`` events an
+    answer, starts spread over one answer), the gateway under ``valgrind --tool=callgrind
+    --instr-atstart=no``; instrumentation is on for the load generator's steady window only,
+    and the instructions counted are divided by the events the clients received in it. Kernel
+    work (socket reads and writes, epoll) is not counted. Under callgrind the gateway runs
+    about 50 times slower: keep ``streams * 1000 / interval_ms`` near 200 events/s, so that it
+    keeps up (a gateway that falls behind reads several events per read, and counts fewer
+    instructions per event than it would at the nominal rate).
+    """
+    digest = "sha256:" + hashlib.sha256(CALLGRIND_KEY.encode()).hexdigest()
+    up_port, port = free_port(), free_port()
+    policy = wd / f"policy-scale-{port}.yaml"
+    text = (REPO_DIR / "bench" / "policy.scale.template.yaml").read_text()
+    for name, value in (("{port}", str(up_port)), ("{gateway_port}", str(port)), ("{key_hash}", digest),
+                        ("{pool_size}", str(pool_size_for(streams))), ("{pool_timeout_s}", "30")):
+        text = text.replace(name, value)
+    policy.write_text("".join(line for line in text.splitlines(keepends=True) if not line.lstrip().startswith("#")))
+    out = wd / f"callgrind-scale-{port}.out"
+    upstream = Service("slow-upstream", [sys.executable, "-m", "bench.slow_upstream", "--port", str(up_port),
+                                         "--chunks", str(chunks), "--interval-ms", str(interval_ms),
+                                         "--fast-streams", "1"], log_dir=wd, cpu="0")
+    gateway = Service(f"gateway-{port}", ["valgrind", "--tool=callgrind", "--instr-atstart=no",
+                                          f"--callgrind-out-file={out}", str(REPO_DIR / ".venv" / "bin" / "python"),
+                                          "-m", "gateway", "serve", "--policy", str(policy), "--host", HOST,
+                                          "--port", str(port)],
+                      log_dir=wd, cpu="1", env={"BENCH_UPSTREAM_KEY": "sk-bench"})
+    loadgen: LoadGen | None = None
+    try:
+        upstream.start()
+        wait_for_port(upstream, up_port)
+        gateway.start()
+        wait_until_serving(gateway, port, GATEWAY_PATH, ["sse"], CALLGRIND_KEY, timeout=180, answer_timeout=60)
+        min_ramp = chunks * interval_ms / 1000
+        loadgen = LoadGen(["--port", str(port), "--path", GATEWAY_PATH, "--key", CALLGRIND_KEY, "--streams",
+                           str(streams), "--min-ramp", str(min_ramp), "--settle", str(settle), "--duration",
+                           str(duration), "--expect-events", f"{chunks},{chunks + 1}"], "0", wd / "streamload.log")
+        deadline = time.monotonic() + min_ramp + settle + duration + 300
+        loadgen.next_line(deadline)  # ramp_done
+        start = loadgen.next_line(deadline)
+        for step in (["-z"], ["-i", "on"]):
+            subprocess.run(["callgrind_control", *step, str(gateway.pid)], check=True, capture_output=True)
+        end = loadgen.next_line(deadline)
+        for step in (["-i", "off"], ["-d"]):
+            subprocess.run(["callgrind_control", *step, str(gateway.pid)], check=True, capture_output=True)
+        time.sleep(1)
+    finally:
+        if loadgen is not None:
+            loadgen.stop()
+        gateway.stop(timeout=30)
+        upstream.stop()
+    events = int(end["events"]) - int(start["events"])
+    errors = sum(int(end[k]) - int(start[k]) for k in ("bad_status", "short", "aborted", "connect_errors"))
+    if errors or not events:
+        raise BenchError(f"scale window: {events} events, {errors} failed streams")
+    total = 0
+    for dump in wd.glob(out.name + "*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    if not total:
+        raise BenchError("scale window: callgrind wrote no totals")
+    return total / events, events

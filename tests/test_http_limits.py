@@ -7,6 +7,7 @@ httptools on uvloop (production), httptools on asyncio (the test harness) and h1
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import select
 import selectors
@@ -15,11 +16,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import uvicorn
 
+from gateway.api.asgi import ChunkWriter, chunk_writer
 from gateway.http_server import HAVE_HTTPTOOLS, _HeadJoined, server_limits
 
 try:
@@ -45,6 +48,7 @@ class AppState:
         self.release = threading.Event()
         self.holding = 0
         self.disconnects = 0
+        self.direct_writes = 0
 
 
 def make_app(state: AppState) -> Callable[..., Any]:
@@ -64,6 +68,16 @@ def make_app(state: AppState) -> Callable[..., Any]:
                 if not message.get("more_body", False):
                     break
             body = b"".join(chunks)
+        elif path == "/stream":  # as the proxy streams: body parts through `ChunkWriter` when the server allows
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
+            writer = chunk_writer(send)
+            for part in (b"one ", b"two ", b"three"):
+                if writer is not None and writer.write(part):
+                    state.direct_writes += 1
+                else:
+                    await send({"type": "http.response.body", "body": part, "more_body": True})
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
         elif path == "/hold":
             state.holding += 1
             while not state.release.is_set():
@@ -499,9 +513,52 @@ async def test_a_response_head_leaves_with_its_body_or_at_the_next_loop_turn() -
     assert stream.writes == []
     await asyncio.sleep(0)
     assert stream.writes == [b"HEAD"]  # a head alone is not kept past the loop turn
+    stream, cycle = _Recorded(), SimpleNamespace()
+    cycle.transport = joined = _HeadJoined(stream, loop, cycle)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    assert cycle.transport is joined
+    await asyncio.sleep(0)
+    assert cycle.transport is stream and stream.writes == [b"HEAD"]  # the events go straight to the transport
+    answer, cycle = _Recorded(), SimpleNamespace()
+    cycle.transport = joined = _HeadJoined(answer, loop, cycle)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    joined.write(b"BODY")
+    assert cycle.transport is answer and answer.writes == [b"HEADBODY"]
     closing = _Recorded()
     joined = _HeadJoined(closing, loop)  # type: ignore[arg-type]
     joined.write(b"HEAD")
     joined.close()
     await asyncio.sleep(0)
     assert closing.writes == [b"HEAD", b"<close>"]  # written before the close, once
+
+
+def test_a_streamed_body_written_directly_reads_as_any_chunked_body(serve: Callable[..., Server],
+                                                                    variant: tuple[str, str]) -> None:
+    server = serve()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(2):  # twice on one connection: the cycle ends cleanly, keep-alive holds
+            conn.request("GET", "/stream")
+            response = conn.getresponse()
+            assert response.status == 200 and response.getheader("transfer-encoding") == "chunked"
+            assert response.read() == b"one two three"
+    finally:
+        conn.close()
+    assert server.state.direct_writes == (6 if variant[0] == "httptools" else 0)  # h11: through `send`
+
+
+def test_the_chunk_writer_declines_whenever_send_must_write() -> None:
+    transport = _Recorded()
+
+    def cycle(**state: Any) -> SimpleNamespace:
+        fields = {"chunked_encoding": True, "disconnected": False, "response_complete": False, **state}
+        return SimpleNamespace(transport=transport, flow=SimpleNamespace(write_paused=state.pop("paused", False)),
+                               **{k: v for k, v in fields.items() if k != "paused"})
+
+    assert ChunkWriter(cycle()).write(b"data: x\n\n")
+    assert transport.writes == [b"9\r\ndata: x\n\n\r\n"]
+    for state in ({"chunked_encoding": None}, {"paused": True}, {"disconnected": True}, {"response_complete": True}):
+        assert not ChunkWriter(cycle(**state)).write(b"x"), state
+    assert not ChunkWriter(cycle()).write(b"")  # an empty part would end the chunked body
+    assert transport.writes == [b"9\r\ndata: x\n\n\r\n"]
+    assert chunk_writer(lambda message: None) is None  # a server that does not set DIRECT_BODY

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from gateway.auth.keys import KeyRing, VirtualKey, digest_of, generate_key, hash_key
@@ -37,6 +39,27 @@ def test_sse_decoder_multiline_data_and_flush() -> None:
     assert decoder.feed(b"event: x\ndata: one\ndata: two\n\ndata:nospace") == [b"one\ntwo"]
     assert decoder.flush() == [b"nospace"]
     assert decoder.flush() == []
+
+
+@pytest.mark.parametrize(("read", "payloads"), [
+    (b"data: x\n\n", [b"x"]),  # the fast path: one whole single-line event per read
+    (b"data:x\n\n", [b"x"]),
+    (b"data:\n\n", [b""]),
+    (b"data:  two spaces\n\n", [b" two spaces"]),
+    (b"data: a\ndata: b\n\n", [b"a\nb"]),  # the rest: the general path
+    (b"data: x\r\n\r\n", [b"x"]),
+    (b"data: x\n\ndata: y\n\n", [b"x", b"y"]),
+    (b"event: e\ndata: x\n\n", [b"x"]),
+    (b": comment\n\n", []),
+    (b"data: x\n", []),
+    (b"\n\n", []),
+    (b"x", []),
+])
+def test_sse_decoder_reads_one_whole_event_per_read_like_any_other(read: bytes, payloads: list[bytes]) -> None:
+    assert SSEDecoder().feed(read) == payloads
+    decoder = SSEDecoder()  # after a partial event, the same bytes complete it
+    assert decoder.feed(b"data: before") == []
+    assert decoder.feed(b"\n\n" + read) == [b"before", *payloads]
 
 
 def test_sse_decoder_refuses_an_endless_event() -> None:
@@ -146,3 +169,38 @@ def test_the_gateways_own_null_usage_is_stripped_and_nothing_else(payload: bytes
     stripped = strip_null_usage(payload)
     assert stripped == expected
     json.loads(stripped)
+
+
+def _openai_events(payloads: list[bytes], asked_for_usage: bool = True, read_choices: bool = False) -> Any:
+    from types import SimpleNamespace
+
+    from gateway.providers.openai_compat import _OpenAIStream
+
+    provider = SimpleNamespace(name="p", sanitize=str, release=lambda: None)
+    stream = _OpenAIStream(provider, None, 0.0, asked_for_usage, 1.0, read_choices)  # type: ignore[arg-type]
+    events, finished = stream._events(payloads)
+    return events, finished, stream._saw_usage
+
+
+_USAGE = b'{"prompt_tokens":1,"completion_tokens":2,"total_tokens":3}'
+
+
+@pytest.mark.parametrize("read_choices", [False, True])
+def test_openai_stream_events_by_kind_of_chunk(read_choices: bool) -> None:
+    from gateway.schemas.events import Chunk, StreamDone, StreamError, UsageReport
+
+    content = b'{"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}'
+    riding = b'{"choices":[{"index":0,"delta":{"content":"!"}}],"usage":' + _USAGE + b"}"
+    alone = b'{"choices":[],"usage":' + _USAGE + b"}"
+    events, finished, saw = _openai_events([content, riding, alone, b"[DONE]"], read_choices=read_choices)
+    kinds = [type(e) for e in events]
+    assert kinds == [Chunk, Chunk, UsageReport, UsageReport, StreamDone] and finished and saw
+    assert events[0].payload == b'{"choices":[{"index":0,"delta":{"content":"hi"}}]}'  # the gateway's usage ask, undone
+    assert events[1].payload == riding and events[2].payload is None  # the content chunk is forwarded as it is
+    assert events[3].payload == alone and events[3].usage.total_tokens == 3
+    assert (events[0].choices is not None) == read_choices
+    events, finished, saw = _openai_events([content], read_choices=read_choices)
+    assert [type(e) for e in events] == [Chunk] and not finished and not saw
+    bad = b'{"choices":5,"usage":' + _USAGE + b"}"  # a usage chunk whose choices are not a list
+    events, finished, _ = _openai_events([bad], read_choices=read_choices)
+    assert [type(e) for e in events] == [StreamError] and finished

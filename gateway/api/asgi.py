@@ -10,7 +10,13 @@ from typing import Any
 
 from ..errors import GatewayError
 
-__all__ = ["RequestHeaders", "RequestIds", "error_header_map", "send_body", "send_error"]
+__all__ = ["DIRECT_BODY", "ChunkWriter", "RequestHeaders", "RequestIds", "chunk_writer", "error_header_map",
+           "send_body", "send_error"]
+
+# An attribute of the server's request cycle (the object whose bound method is `send`): the gateway's
+# HTTP protocol sets it on the uvicorn httptools cycles it makes, whose chunked body writes `ChunkWriter`
+# knows how to make itself. Any other server, or protocol, goes through `send` for every part.
+DIRECT_BODY = "gateway_direct_body"
 
 _SANE_REQUEST_ID = re.compile(r"[A-Za-z0-9._:\-]{1,128}")
 JSON = b"application/json"
@@ -81,3 +87,35 @@ async def send_error(
     headers = [(b"content-type", JSON), (b"content-length", str(len(body)).encode()), *extra]
     headers += [(k.encode("latin-1"), v.encode("latin-1")) for k, v in error_header_map(error, request_id).items()]
     await send_body(send, error.status, headers, body)
+
+
+class ChunkWriter:
+    """A streamed response's body parts, written straight to the connection in HTTP/1.1 chunked framing.
+
+    On a slow stream each event is one body part; uvicorn's `send` (a coroutine, a message dict,
+    its checks) cost about a fifteenth of the gateway's instructions per forwarded event. `write`
+    does what that `send` does for a body part in the common case, and declines (False: use `send`)
+    whenever anything else applies: the response is not chunked (e.g. HEAD), writing is paused by
+    flow control (`send` waits for the drain), the client is gone (`send` drops the part), the
+    response is complete, or the part is empty. The last part (`more_body: False`) always goes
+    through `send`, which ends the body and the response cycle.
+    """
+
+    __slots__ = ("_cycle",)
+
+    def __init__(self, cycle: Any) -> None:
+        self._cycle = cycle
+
+    def write(self, data: bytes) -> bool:
+        cycle = self._cycle
+        if cycle.chunked_encoding is not True or not data or cycle.flow.write_paused or cycle.disconnected \
+                or cycle.response_complete:
+            return False
+        cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        return True
+
+
+def chunk_writer(send: Any) -> ChunkWriter | None:
+    """A `ChunkWriter` for this request's response, when the server's protocol allows one (`DIRECT_BODY`)."""
+    cycle = getattr(send, "__self__", None)
+    return ChunkWriter(cycle) if getattr(cycle, DIRECT_BODY, False) else None

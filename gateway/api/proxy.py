@@ -23,7 +23,7 @@ from ..pipeline.stages import ClientGone
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import StreamError
-from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
+from .asgi import JSON, RequestHeaders, RequestIds, chunk_writer, send_body, send_error
 from .sse import error_frame, frame
 
 __all__ = ["EdgeHost", "ProxyEndpoint"]
@@ -117,9 +117,11 @@ class ProxyEndpoint:
                             *routing_headers(ctx), *(ctx.headers or ())],
             })
             life.response_started = True
+            writer = chunk_writer(send)
             async for batch in stream:
                 data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
-                await send({"type": "http.response.body", "body": data, "more_body": True})
+                if writer is None or not writer.write(data):
+                    await send({"type": "http.response.body", "body": data, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         except asyncio.CancelledError:
             if life.reason != "shutdown":

@@ -31,9 +31,10 @@ from ..policy.compiled import ProviderConfig
 from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, EventSource, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsagePeek
+from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsagePeek, has_choices
 from ..schemas.responses import ResponsesPeek, responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
+from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import DONE as DONE_PAYLOAD
 from ..upstream.sse import SSEDecoder
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
@@ -266,7 +267,7 @@ class _OpenAIStream:
     """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
 
     __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_peek", "_provider", "_read_choices",
-                 "_response")
+                 "_response", "_saw_usage", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -280,6 +281,8 @@ class _OpenAIStream:
         self._deadline = deadline
         self._asked_for_usage = asked_for_usage
         self._closed = False
+        self._saw_usage = False
+        self._timer: ReadTimer | None = None
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
@@ -287,20 +290,18 @@ class _OpenAIStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._timer is not None:
+                self._timer.stop()
             self._response.close()
             self._provider.release()
 
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         decoder = SSEDecoder()
-        content = self._response.content
-        loop = asyncio.get_running_loop()
-        idle_s = self._idle_s
-        saw_usage = False
+        timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(min(self._deadline, loop.time() + idle_s)):
-                        data = await content.readany()
+                    data = await timer.read()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
@@ -310,11 +311,10 @@ class _OpenAIStream:
                     yield [self._fail(f"sent an invalid stream: {exc}")]
                     return
                 events, finished = self._events(payloads)
-                saw_usage = saw_usage or any(type(e) is UsageReport for e in events)
                 if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
                     events.append(DONE)
                     finished = True
-                if finished and self._asked_for_usage and not saw_usage:
+                if finished and self._asked_for_usage and not self._saw_usage:
                     self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
                 if events:
                     yield events
@@ -334,6 +334,7 @@ class _OpenAIStream:
                 return events, True
             try:  # every event is checked: a malformed one ends the stream cleanly (~0.5 us)
                 peek = self._peek(payload)
+                riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             except (msgspec.DecodeError, msgspec.ValidationError):
                 events.append(self._fail("sent a malformed stream event"))
                 return events, True
@@ -342,13 +343,14 @@ class _OpenAIStream:
                 events.append(self._fail(f"failed mid-stream: {detail}"))
                 return events, True
             if peek.usage is not None:
-                if peek.choices:  # usage riding on a content chunk
+                self._saw_usage = True
+                if riding:
                     events.append(Chunk(payload, None, peek.choices) if self._read_choices else Chunk(payload))
                     events.append(UsageReport(peek.usage))
                 else:
                     events.append(UsageReport(peek.usage, payload))
                 continue
-            if hide and b'"usage"' in payload:
+            if hide and payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
                 payload = strip_null_usage(payload)
             events.append(Chunk(payload, None, peek.choices) if read else Chunk(payload))
         return events, False

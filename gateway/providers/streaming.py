@@ -12,7 +12,6 @@ it cannot place (malformed JSON, an event out of order) raises
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -24,6 +23,7 @@ from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, 
 from ..schemas.responses import ResponsesEventPeek, responses_usage
 from ..translate.common import StreamProtocolError
 from ..upstream.client import transport_error
+from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import SSEDecoder
 
 __all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]
@@ -54,7 +54,7 @@ class StreamTranslator(Protocol):
 class TranslatedStream:
     """A started SSE stream, as batches of typed events (see `schemas.events.EventSource`)."""
 
-    __slots__ = ("_closed", "_deadline", "_idle_s", "_provider", "_response", "_translator")
+    __slots__ = ("_closed", "_deadline", "_idle_s", "_provider", "_response", "_timer", "_translator")
 
     def __init__(self, provider: StreamHost, response: aiohttp.ClientResponse, deadline: float, idle_s: float,
                  translator: StreamTranslator) -> None:
@@ -64,6 +64,7 @@ class TranslatedStream:
         self._idle_s = idle_s
         self._translator = translator
         self._closed = False
+        self._timer: ReadTimer | None = None
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
@@ -71,19 +72,19 @@ class TranslatedStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            if self._timer is not None:
+                self._timer.stop()
             self._response.close()
             self._provider.release()
 
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         decoder = SSEDecoder()
-        content = self._response.content
-        loop = asyncio.get_running_loop()
+        timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
         translator = self._translator
         try:
             while True:
                 try:
-                    async with asyncio.timeout_at(min(self._deadline, loop.time() + self._idle_s)):
-                        data = await content.readany()
+                    data = await timer.read()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return

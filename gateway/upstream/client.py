@@ -71,8 +71,9 @@ class ConnectionGate:
 def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     """A session with this provider's connect timeout; the gate, not the connector, bounds its size.
 
-    Read timeouts (first byte, idle, total) are enforced by the caller with one
-    rescheduled `asyncio.Timeout`, so that each phase gets its own limit.
+    Read timeouts are enforced by the caller, so that each phase gets its own limit: the
+    first byte with an `asyncio.timeout`, the idle time between reads and the total
+    deadline of a body with one `ReadTimer` (`read_timer.py`).
     """
     connector = aiohttp.TCPConnector(
         limit=0,  # bounded by the ConnectionGate, which also bounds the wait

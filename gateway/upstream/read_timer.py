@@ -1,0 +1,67 @@
+"""The idle timeout and the total deadline of reading one upstream body, with one lazy timer.
+
+Each read of an upstream body may wait at most `idle_s`, and no read may wait past
+the exchange's deadline. `asyncio.timeout_at` around every read enforced that with a
+new timeout context, a new timer handle and a task cancellation armed per network
+read: on a slow stream, one event a read, that was about a tenth of the gateway's
+instructions per forwarded event.
+
+Here one timer per body does it. A read only notes when it started; the timer is
+armed at the first read for the moment that read would expire. When it fires it
+looks at the read in progress, if any: past its limit, the read fails with
+`TimeoutError` (set on aiohttp's `StreamReader`, which wakes the waiting read; no
+task is cancelled); otherwise the timer is re-armed for the moment the current read
+would expire. With no read in progress (the consumer is busy, e.g. writing to a slow
+client: that time never counted) the timer stops, and the next read arms it again.
+So the bound is the same as one timeout per read: a read that waits fails exactly
+at `min(deadline, its start + idle_s)`, give or take the loop's timer resolution,
+and the timer fires about once per `idle_s` on a stream that flows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+
+__all__ = ["ReadTimer"]
+
+
+class ReadTimer:
+    """`read()` = `content.readany()` under the idle timeout and the deadline. `stop()` when done."""
+
+    __slots__ = ("_content", "_deadline", "_handle", "_idle_s", "_loop", "_since")
+
+    def __init__(self, content: aiohttp.StreamReader, deadline: float, idle_s: float) -> None:
+        self._content = content
+        self._deadline = deadline
+        self._idle_s = idle_s
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = None
+        self._since: float | None = None  # when the read in progress started; None between reads
+
+    async def read(self) -> bytes:
+        """The bytes that have arrived (waiting for some), or b"" at the end of the body."""
+        since = self._since = self._loop.time()
+        if self._handle is None:
+            self._handle = self._loop.call_at(min(self._deadline, since + self._idle_s), self._check)
+        try:
+            return await self._content.readany()
+        finally:
+            self._since = None
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+    def _check(self) -> None:
+        self._handle = None
+        since = self._since
+        if since is None:
+            return  # no read waits; the next one arms the timer again
+        expires = min(self._deadline, since + self._idle_s)
+        if self._loop.time() >= expires:
+            self._content.set_exception(TimeoutError())
+        else:
+            self._handle = self._loop.call_at(expires, self._check)

@@ -1,0 +1,146 @@
+"""Unit tests of `upstream.read_timer.ReadTimer`: the idle timeout and the deadline of an upstream body's reads.
+
+One lazily re-armed timer replaces a timeout per read; these tests pin the bound it must keep:
+a read that waits fails at `min(deadline, its start + idle_s)`, reads that keep getting data
+never do, and time the consumer spends between reads (a slow client) does not count.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import aiohttp
+import pytest
+from aiohttp.base_protocol import BaseProtocol
+from aiohttp.streams import StreamReader
+
+from gateway.upstream.read_timer import ReadTimer
+
+
+class Transport:
+    """Enough of a transport for aiohttp's flow control to call."""
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+
+def reader() -> StreamReader:
+    """A real aiohttp body reader, fed by the test instead of a connection."""
+    loop = asyncio.get_running_loop()
+    protocol = BaseProtocol(loop)
+    protocol.transport = Transport()  # type: ignore[assignment]
+    return StreamReader(protocol, 2**16, loop=loop)
+
+
+async def test_an_idle_read_times_out_at_its_idle_bound() -> None:
+    loop = asyncio.get_running_loop()
+    content = reader()
+    timer = ReadTimer(content, loop.time() + 60, 0.2)
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(timer.read(), 5)  # (a broken timer fails the bound below instead of hanging)
+    assert 0.19 <= loop.time() - started < 0.6
+    timer.stop()
+
+
+async def test_reads_that_keep_getting_data_outlive_many_idle_periods() -> None:
+    loop = asyncio.get_running_loop()
+    content = reader()
+    timer = ReadTimer(content, loop.time() + 60, 0.15)
+
+    async def feed() -> None:
+        for _ in range(10):
+            await asyncio.sleep(0.05)
+            content.feed_data(b"data: {}\n\n")
+        content.feed_eof()
+
+    feeding = asyncio.ensure_future(feed())
+    received = b""
+    while data := await timer.read():
+        received += data
+    await feeding
+    timer.stop()
+    assert received == b"data: {}\n\n" * 10  # 0.5 s in all, 3x idle_s, never idle for 0.15 s
+
+
+async def test_the_deadline_cuts_a_stream_that_never_idles() -> None:
+    loop = asyncio.get_running_loop()
+    content = reader()
+    started = loop.time()
+    timer = ReadTimer(content, started + 0.3, 0.2)
+
+    async def feed() -> None:
+        while True:
+            await asyncio.sleep(0.05)
+            content.feed_data(b"x")
+
+    async def read_all() -> None:
+        while True:
+            await timer.read()
+
+    feeding = asyncio.ensure_future(feed())
+    try:
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(read_all(), 5)
+    finally:
+        feeding.cancel()
+        timer.stop()
+    assert 0.29 <= loop.time() - started < 0.7
+
+
+async def test_time_spent_between_reads_does_not_count_against_the_idle_bound() -> None:
+    loop = asyncio.get_running_loop()
+    content = reader()
+    timer = ReadTimer(content, loop.time() + 60, 0.1)
+    content.feed_data(b"first")
+    assert await timer.read() == b"first"
+    await asyncio.sleep(0.35)  # the consumer is busy (a slow client) for 3.5x idle_s; the timer fires meanwhile
+    content.feed_data(b"second")
+    assert await timer.read() == b"second"  # data waiting: no timeout
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(timer.read(), 5)  # and the next read that waits still gets its full idle bound
+    assert 0.09 <= loop.time() - started < 0.4
+    timer.stop()
+
+
+async def test_a_read_started_past_the_deadline_fails_only_if_it_has_to_wait() -> None:
+    loop = asyncio.get_running_loop()
+    content = reader()
+    timer = ReadTimer(content, loop.time() + 0.05, 5)
+    await asyncio.sleep(0.1)
+    content.feed_data(b"late")
+    assert await timer.read() == b"late"
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(timer.read(), 1)  # fails at once, not after wait_for's 1 s
+    timer.stop()
+
+
+async def test_stop_cancels_the_timer() -> None:
+    loop = asyncio.get_running_loop()
+    content = reader()
+    timer = ReadTimer(content, loop.time() + 60, 0.05)
+    content.feed_data(b"x")
+    assert await timer.read() == b"x"
+    timer.stop()
+    await asyncio.sleep(0.15)
+    content.feed_data(b"y")
+    assert await timer.read() == b"y"  # the stopped timer did not poison the reader
+    assert content.exception() is None
+
+
+async def test_a_timed_out_read_is_a_timeout_for_the_transport_mapping() -> None:
+    from gateway.errors import UpstreamTimeout
+    from gateway.upstream.client import transport_error
+
+    loop = asyncio.get_running_loop()
+    timer = ReadTimer(reader(), loop.time() + 60, 0.05)
+    try:
+        await timer.read()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        assert isinstance(transport_error(exc, "p", "mid-stream"), UpstreamTimeout)
+    else:  # pragma: no cover
+        pytest.fail("no timeout")
+    finally:
+        timer.stop()

@@ -562,3 +562,5 @@ def test_the_chunk_writer_declines_whenever_send_must_write() -> None:
     assert not ChunkWriter(cycle()).write(b"")  # an empty part would end the chunked body
     assert transport.writes == [b"9\r\ndata: x\n\n\r\n"]
     assert chunk_writer(lambda message: None) is None  # a server that does not set DIRECT_BODY
+    assert not ChunkWriter(SimpleNamespace(chunked_encoding=True, transport=transport)).write(b"x")  # renamed: send
+    assert transport.writes == [b"9\r\ndata: x\n\n\r\n"]

@@ -108,10 +108,14 @@ class ChunkWriter:
 
     def write(self, data: bytes) -> bool:
         cycle = self._cycle
-        if cycle.chunked_encoding is not True or not data or cycle.flow.write_paused or cycle.disconnected \
-                or cycle.response_complete:
+        try:  # uvicorn's cycle attributes are not its API: a release that renames one falls back to `send`
+            if cycle.chunked_encoding is not True or not data or cycle.flow.write_paused or cycle.disconnected \
+                    or cycle.response_complete:
+                return False
+            transport = cycle.transport
+        except AttributeError:
             return False
-        cycle.transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
 
 

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import msgspec
 import pytest
 
+from gateway.guards.denylist import DenyListGuard
 from gateway.guards.holds import RegexHolds, phone_from
 from gateway.guards.runtime import GuardRuntime
 from gateway.guards.session import GuardSession
 from gateway.guards.stream import StreamGuard
-from gateway.policy.guard_schema import GuardsSpec, StreamScanSpec
+from gateway.policy.guard_schema import DenyListGuardSpec, GuardsSpec, StreamScanSpec
 from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import DONE, Chunk
 from gateway.telemetry.metrics import Metrics
@@ -95,6 +97,20 @@ def test_a_phone_number_may_grow_until_a_letter() -> None:
 
 def test_a_regex_the_holds_cannot_read_holds_everything() -> None:
     assert RegexHolds([("(unclosed", 0, 0)]).open_from("anything at all") == 0
+
+
+def test_a_policy_regex_that_backtracks_for_long_is_cut_off_and_holds_everything() -> None:
+    """A deny list's or custom recognizer's regex is the policy's: its searches are bounded in time (the
+    scan that follows has its own bound), so one chunk cannot stall the event loop on it."""
+    text = "a" * 40 + "!"  # (a|aa)+c tries every split of the a's: seconds unbounded
+    holds = RegexHolds([("(a|aa)+c", 0, 0)], timeout=0.05)
+    started = time.perf_counter()
+    assert holds.open_from(text) == 0
+    assert time.perf_counter() - started < 1.0
+    assert RegexHolds([("(a|aa)+c", 0, 0)], timeout=0.05).open_from("no a's here") == len("no a's here")
+    guard = DenyListGuard("deny", msgspec.convert({"kind": "denylist", "patterns": ["(a|aa)+c"]},
+                                                  DenyListGuardSpec))
+    assert guard.holds.timeout is not None
 
 
 # -- the scanner ----------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ from bisect import bisect_left
 from ..policy.guard_schema import DenyListGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
-from .holds import RegexHolds
+from .holds import HOLD_TIMEOUT_S, RegexHolds
 from .normalize import fold
 
 __all__ = ["DenyListGuard"]
@@ -38,7 +38,8 @@ class DenyListGuard(GuardBase):
             self.rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE)))
         for topic, words in spec.topics.items():
             self.rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", _keywords(words)))
-        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p in self.rules])
+        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p in self.rules],
+                                timeout=HOLD_TIMEOUT_S if spec.patterns else None)  # a policy's regexes: bounded
 
     async def detect(self, text: str, where: Where) -> list[Finding]:
         folded, at = fold(text)

@@ -39,7 +39,9 @@ from typing import Any
 
 import regex  # type: ignore[import-untyped]  # no stubs
 
-__all__ = ["RegexHolds", "phone_from", "pii_holds"]
+__all__ = ["HOLD_TIMEOUT_S", "RegexHolds", "phone_from", "pii_holds"]
+
+HOLD_TIMEOUT_S = 0.1  # the bound on one search of a regex a policy wrote (a deny list's or a custom recognizer's)
 
 # A letter other than x and X: what ends a phone number's letter-free stretch. The stdlib's `\w`, as
 # `recognizers._RUN` (the `regex` module's also counts combining marks and joiners as word characters).
@@ -51,16 +53,20 @@ _LEAD = regex.compile("[\\d(\\[\uff08\uff3b+\uff0b]")
 class RegexHolds:
     """Where a match of any of some regexes may still start, as the text goes on."""
 
-    __slots__ = ("after", "broken", "phone", "tails")
+    __slots__ = ("after", "broken", "phone", "tails", "timeout")
 
-    def __init__(self, patterns: Iterable[tuple[str, int, int]], *, phone: bool = False) -> None:
-        """`patterns`: (regex, flags, how many characters after a match a context word still counts)."""
+    def __init__(self, patterns: Iterable[tuple[str, int, int]], *, phone: bool = False,
+                 timeout: float | None = None) -> None:
+        """`patterns`: (regex, flags, how many characters after a match a context word still counts).
+        `timeout`: a bound on each search, for regexes a policy wrote (the built-in ones are linear enough,
+        and the bound costs about 2 us a search); a search past it answers "cannot tell"."""
         # One regex per pattern: an alternation of them all costs more than their sum (each pattern
         # alone skips most positions on its first character; an alternation tries them all).
         self.tails: list[Any] = []  # `(?:P)\Z[\s\S]`
         self.after: list[tuple[Any, int]] = []
         self.broken = False
         self.phone = phone
+        self.timeout = timeout
         for rx, flags, after in patterns:
             try:
                 self.tails.append(regex.compile(f"(?:{rx})\\Z[\\s\\S]", flags))
@@ -74,17 +80,25 @@ class RegexHolds:
         make or change; `len(text)` when there is none; 0 when this cannot tell."""
         if self.broken:
             return 0
+        if self.timeout is not None:
+            try:
+                return self._open_from(text, start, self.timeout)
+            except TimeoutError:
+                return 0
+        return self._open_from(text, start, None)
+
+    def _open_from(self, text: str, start: int, timeout: float | None) -> int:
         end = len(text)
         best = end
         for tail in self.tails:
             # `P\Z[\s\S]` never matches wholly: it matches partly from every start where a path of P
             # reaches the end, and a partial search returns the leftmost such start. (`P\Z` would not do:
             # a partial search prefers a later complete match to an earlier partial one.)
-            found = tail.search(text, start, partial=True)
+            found = tail.search(text, start, partial=True, timeout=timeout)
             if found is not None and found.start() < best:
                 best = found.start()
         for pattern, after in self.after:
-            for match in pattern.finditer(text, start, overlapped=True):
+            for match in pattern.finditer(text, start, overlapped=True, timeout=timeout):
                 if match.start() >= best:
                     break
                 if match.end() > end - after:
@@ -112,6 +126,7 @@ def pii_holds(recognizers: Sequence[Any]) -> RegexHolds | None:
 
     patterns: list[tuple[str, int, int]] = []
     phone = False
+    written = False  # a policy's own recognizer (`policy.<name>`): its searches are bounded
     for recognizer in recognizers:
         if isinstance(recognizer, PhoneWindows):  # letter-free stretches only: see `phone_from`
             phone = True
@@ -119,9 +134,10 @@ def pii_holds(recognizers: Sequence[Any]) -> RegexHolds | None:
             after = 0
             if isinstance(recognizer, ContextRecognizer) and recognizer._context is not None:
                 after = recognizer._window // 2 + 1  # how far past a match `ContextRecognizer.analyze` looks
+            written = written or str(recognizer.name).startswith("policy.")
             flags = recognizer.global_regex_flags or 0
             own: list[Any] = getattr(recognizer, "patterns", [])
             patterns += [(p.regex, flags, after) for p in own]
         else:
             return None
-    return RegexHolds(patterns, phone=phone)
+    return RegexHolds(patterns, phone=phone, timeout=HOLD_TIMEOUT_S if written else None)

@@ -134,7 +134,7 @@ def pii_holds(recognizers: Sequence[Any]) -> RegexHolds | None:
             after = 0
             if isinstance(recognizer, ContextRecognizer) and recognizer._context is not None:
                 after = recognizer._window // 2 + 1  # how far past a match `ContextRecognizer.analyze` looks
-            written = written or str(recognizer.name).startswith("policy.")
+            written = written or str(getattr(recognizer, "name", "")).startswith("policy.")
             flags = recognizer.global_regex_flags or 0
             own: list[Any] = getattr(recognizer, "patterns", [])
             patterns += [(p.regex, flags, after) for p in own]

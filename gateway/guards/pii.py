@@ -237,6 +237,9 @@ class PiiGuard(GuardBase):
         self.prefilter = None if spec.recognizers else _prefilter(entities)
         self.allow = frozenset(v.casefold() for v in spec.allow)
         self.allow_patterns = [re.compile(p) for p in spec.allow_patterns]
+        # `round(score, 3)` goes through a decimal conversion (about as costly as building the finding):
+        # the few scores the recognizers give are rounded once each (bounded: cleared when full).
+        self._rounded: dict[float, float] = {}
 
     def build(self) -> None:
         """Build the analyzer now (at runtime start), not on the first request."""
@@ -266,7 +269,12 @@ class PiiGuard(GuardBase):
             if (self.allow and value.casefold() in self.allow) or (
                     self.allow_patterns and any(p.fullmatch(value) for p in self.allow_patterns)):
                 continue  # (each test only when the policy lists values or patterns: most do not)
-            out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
+            rounded = self._rounded.get(score)
+            if rounded is None:
+                if len(self._rounded) >= 256:
+                    self._rounded.clear()
+                rounded = self._rounded[score] = round(score, 3)
+            out.append(Finding(self.name, entity, start, end, rounded, recognizer, self.actions[entity],
                                self.keep[entity]))
         return out
 

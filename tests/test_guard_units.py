@@ -243,6 +243,57 @@ def test_email_validation_per_domain_is_presidios() -> None:
             assert windowed.validate_result(text) == original.validate_result(text), text
 
 
+def test_ascii_twins_find_what_the_regex_module_finds() -> None:
+    """`EmailWindows` scans short ASCII texts with a stdlib twin of presidio's pattern: on every sample of the
+    evaluation set (its ASCII ones, whole and as the windows the recognizer hands it) and on texts made to
+    test each part of the pattern, the twin matches exactly what the `regex` module does; a long or
+    non-ASCII text is left to the `regex` module (and its timeout)."""
+    import json
+    import random
+
+    from gateway.guards import recognizers
+    from gateway.guards.recognizers import TWIN_CHARS, EmailWindows, token_windows
+
+    email = EmailWindows()
+    pattern = email.patterns[0]
+    twin = email._twins[pattern.regex]
+    email.analyze("a@b.co", ["EMAIL_ADDRESS"])  # presidio compiles its patterns on first use
+    lines = (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    texts += ["a@b.co", "x a@b.co", "mail:a@b.co,", "a.@b.co", ".a@b.co", "a..b@c.d", "a-b@c--d.e-f.gh", "a@b", "a@b.",
+              "_@_._", "a@b.c_d", "!#$%&'*+-/=?^_`{|}~@x.yz", "A@B.CO", "k@K.k", "a@b.co.uk.", "a@-b.co", "a@b-.co",
+              "\ta@b.co\n", "[a@b.co](mailto:a@b.co)", "a@b@c.de", "@@", "a@1.2", "x" * 40 + "@" + "y.z" * 20]
+    rng = random.Random(5)
+    alphabet = "ab.-_@+ \t\n!#%'=?^`{|}~0(),;:<>\"[]/"
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    checked = 0
+    for text in texts:
+        if not text.isascii():
+            continue
+        joined = "".join(text[lo:hi] for lo, hi in token_windows(text, email.trigger))
+        for scanned in (text, joined):
+            want = [m.span() for m in pattern.compiled_regex.finditer(scanned)]
+            assert [m.span() for m in twin.finditer(scanned)] == want, scanned
+            checked += len(want)
+    assert checked > 200
+    # what the recognizer finds is the same either way, and only short ASCII texts reach the twin
+    seen: list[str] = []
+
+    class Spy:
+        def finditer(self, text: str) -> Any:
+            seen.append(text)
+            return twin.finditer(text)
+
+    email._twins[pattern.regex] = Spy()  # type: ignore[assignment]
+    for text in ("write to a@b.co or c@d.org", "ren\u00e9@b.co", "a@" + "b" * TWIN_CHARS + ".co c@d.org"):
+        got = _spans(email.analyze(text, ["EMAIL_ADDRESS"]))
+        email._twins.clear()
+        assert got == _spans(email.analyze(text, ["EMAIL_ADDRESS"])), text
+        email._twins[pattern.regex] = Spy()  # type: ignore[assignment]
+    assert len(seen) == 1 and seen[0].split() == ["a@b.co", "c@d.org"]  # the first text's windows
+    assert recognizers.IpWindows()._twins == {}
+
+
 def test_windows_are_linear_and_merge() -> None:
     import re
 

@@ -511,6 +511,77 @@ def test_the_patterns_engine_finds_the_same_with_and_without_gates() -> None:
     assert seen > 1000
 
 
+def _run_gate_texts() -> list[str]:
+    """Numbers written every way the digit gates read them: groups of digits (ASCII, other scripts') with
+    separators that do and do not join them, letters between them, x and X."""
+    import random
+
+    rng = random.Random(3)
+    digits = "0123456789" * 6 + "\u0663\u0967\uff15"
+    joins = [" ", "-", ".", "/", "\t", "\n", "\x1c", "\u00a0", "\u2013"]
+    breaks = [",", "(", ")", "+", "x", "X", "a", "Z", "\u00e9", ":", "_", "  ", "--"]
+    texts = []
+    for _ in range(6000):
+        parts = []
+        for _ in range(rng.randint(1, 7)):
+            parts.append("".join(rng.choice(digits) for _ in range(rng.randint(1, 6))))
+            parts.append(rng.choice(joins) if rng.random() < 0.8 else rng.choice(breaks))
+        texts.append("".join(parts))
+    return texts
+
+
+def _gates_of(gate: Any) -> list[Any]:
+    from gateway.guards.gates import AllGates, AnyGate
+
+    if isinstance(gate, (AllGates, AnyGate)):
+        return [gate, *(g for inner in gate.gates for g in _gates_of(inner))]
+    return [gate]
+
+
+def test_run_gates_hold_for_their_shape_gates() -> None:
+    """Each `RunGate` beside a `ShapeGate` claims that every match of the shape holds that many digits in a
+    row (`TextShape.runs`): on the evaluation set and on made-up numbers, whenever the shape gate is open, so
+    is the run gate. The loose run gate is the phone gate's former regex (exactly, but for a DEL character,
+    which it counts as a digit in any text)."""
+    import re
+
+    from gateway.guards.gates import OTHER, AllGates, RunGate, ShapeGate, TextShape
+    from gateway.guards.pii import PiiGuard, analyzer
+    from gateway.guards.pool import GuardPool
+    from gateway.guards.recognizers import BUILTIN_GATES, PHONE_MIN_DIGITS
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    built = analyzer(PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine)
+    pairs = []
+    for _, gate in built.gated:
+        for inner in _gates_of(gate):
+            if isinstance(inner, AllGates):
+                runs = [g for g in inner.gates if isinstance(g, RunGate)]
+                shapes = [g for g in inner.gates if isinstance(g, ShapeGate)]
+                pairs += [(run, shape) for run in runs for shape in shapes]
+    assert len(pairs) >= 14
+    phone = BUILTIN_GATES["PhoneRecognizer"]
+    assert isinstance(phone, RunGate) and phone.loose and phone.digits == PHONE_MIN_DIGITS
+    former = ShapeGate((rf"0(?:[^A-WYZa-wyz0]*+0){{{PHONE_MIN_DIGITS - 1}}}",
+                        rf"[0{OTHER}](?:[^A-WYZa-wyz]*[0{OTHER}]){{{PHONE_MIN_DIGITS - 1}}}"))
+    texts = _gate_texts() + _run_gate_texts()
+    opened = {id(shape): 0 for _, shape in pairs}
+    for text in texts:
+        for run, shape in pairs:
+            if shape(TextShape(text)):
+                opened[id(shape)] += 1
+                assert run(TextShape(text)), (run.digits, text)
+        if former(TextShape(text)):
+            assert phone(TextShape(text)), text
+        else:  # a DEL character in an ASCII text counts as a digit: the only way to open more often
+            assert not phone(TextShape(text)) or OTHER in text, text
+    assert all(opened.values())  # each claim was put to the test
+    # the run memo answers as a fresh look would, in any order of questions
+    shape = TextShape("ssn 123-45-6789, card 4111 1111 1111 1111 and 12 34")
+    assert [shape.run(n) for n in (9, 20, 16, 17, 4, 19)] == [True, False, True, False, True, False]
+    assert re.fullmatch("[|0,]*", shape.runs)
+
+
 def test_folding_for_context_words_is_the_one_of_re_ignorecase() -> None:
     """`gates.fold` keeps the length of any text and maps every character that `(?i)x` matches to fold(x),
     for each character of the context words: a word found by a context regex is in the folded text."""

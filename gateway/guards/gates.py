@@ -15,6 +15,9 @@ Gates read a `TextShape`, computed once per text:
   (`ShapeGate` compiles that second form), since a recognizer's `\\d` matches other scripts' digits.
 - `folded`: the text case-folded as the stdlib `re` module folds it under IGNORECASE, for context
   words (`WordGate`): a word matched by `(?i)word` is a substring of `folded`.
+- `runs`: the shape with each number's digits run together (`RunGate`): a gate regex that starts with a
+  digit is tried at every digit of the text, a few hundred instructions each on a prompt with years and
+  order numbers, where one translation and a substring test tell whether any number is long enough.
 """
 
 from __future__ import annotations
@@ -23,7 +26,10 @@ import re
 from collections.abc import Callable, Sequence
 from re import _casefix  # type: ignore[attr-defined]  # the stdlib's own table of extra case equivalences
 
-__all__ = ["OTHER", "AllGates", "Gate", "ShapeGate", "TextShape", "WordGate", "fold", "letters", "literal"]
+__all__ = [
+    "OTHER", "AllGates", "AnyGate", "Gate", "RunGate", "ShapeGate", "TextShape", "WordGate", "fold", "letters",
+    "literal",
+]
 
 _DIGITS = str.maketrans("123456789", "000000000")
 _NON_ASCII = re.compile(r"[^\x00-\x7f]")
@@ -37,6 +43,26 @@ _BEFORE_LOWER = {0x130: "i"}
 _CANONICAL = {c: min((c, *others)) for c, others in _casefix._EXTRA_CASES.items()}
 
 
+def _runs_table() -> dict[int, str | None]:
+    """For `TextShape.runs`, over a shape (ASCII and DEL only): a digit or DEL `0`; what separates the groups
+    of a number in the digit gates' patterns (a space as `\\s` reads it, `.`, `-`, `/`) left out; an ASCII
+    letter other than x and X (which libphonenumber reads inside a number) `|`; anything else `,`."""
+    table: dict[int, str | None] = {}
+    for code in range(128):
+        c = chr(code)
+        if c in ("0", OTHER):
+            table[code] = "0"
+        elif re.fullmatch(r"[\s./-]", c):
+            table[code] = None
+        else:
+            table[code] = "|" if c.isalpha() and c not in "xX" else ","
+    return table
+
+
+_RUNS = _runs_table()
+_NEVER = 1 << 30  # longer than any run
+
+
 def fold(text: str) -> str:
     """`text` with each character replaced by its case class under `re`'s IGNORECASE (same length)."""
     return text.translate(_BEFORE_LOWER).lower().translate(_CANONICAL)
@@ -45,7 +71,7 @@ def fold(text: str) -> str:
 class TextShape:
     """One text as the gates read it; each form is computed on first use, once per analysis."""
 
-    __slots__ = ("_backwards", "_folded", "_shape", "ascii", "text")
+    __slots__ = ("_backwards", "_folded", "_loose", "_no_run", "_run", "_runs", "_shape", "ascii", "text")
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -53,6 +79,10 @@ class TextShape:
         self._shape: str | None = None
         self._backwards: str | None = None
         self._folded: str | None = None
+        self._runs: str | None = None
+        self._loose: str | None = None
+        self._run = 0  # digits in a run known to be there
+        self._no_run = _NEVER  # digits in a run known not to be
 
     @property
     def shape(self) -> str:
@@ -67,6 +97,33 @@ class TextShape:
         if self._backwards is None:
             self._backwards = self.shape[::-1]
         return self._backwards
+
+    @property
+    def runs(self) -> str:
+        """The shape with the digits that follow each other in a number (with nothing but spaces, dots,
+        hyphens or slashes between them) written as runs of `0` (`_runs_table`); DEL counts as a digit."""
+        if self._runs is None:
+            self._runs = self.shape.translate(_RUNS)
+        return self._runs
+
+    def run(self, digits: int) -> bool:
+        """Whether `digits` digits follow each other in a number (see `runs`) somewhere in the text."""
+        if digits >= self._no_run:
+            return False
+        if digits <= self._run:
+            return True
+        if "0" * digits in self.runs:
+            self._run = digits
+            return True
+        self._no_run = digits
+        return False
+
+    def loose_run(self, digits: str) -> bool:
+        """Whether `digits` (a run of `0`) is in the text with anything but letters other than x and X
+        between its digits."""
+        if self._loose is None:
+            self._loose = self.runs.replace(",", "")
+        return digits in self._loose
 
     @property
     def folded(self) -> str:
@@ -126,6 +183,28 @@ class WordGate:
         return False
 
 
+class RunGate:
+    """Open when `digits` digits follow each other in the text, as a number writes them: with nothing but
+    spaces, dots, hyphens or slashes between them, or (`loose`) with anything but a letter other than x and
+    X. One translation of the shape (`TextShape.runs`) answers every run gate, where each digit gate's
+    regex tried every digit of the text: the cost of most gates on a prompt with years and order numbers.
+
+    Strict: a necessary condition for a `ShapeGate` whose every match holds that many digits with only
+    those separators between them (`AllGates(RunGate(n), ShapeGate(...))`; `test_run_gates_hold_for_their
+    _shape_gates` checks each claim). Loose: the phone gate itself (seven digits that no letter separates).
+    """
+
+    __slots__ = ("digits", "loose", "needle")
+
+    def __init__(self, digits: int, *, loose: bool = False) -> None:
+        self.digits = digits
+        self.loose = loose
+        self.needle = "0" * digits
+
+    def __call__(self, text: TextShape) -> bool:
+        return text.loose_run(self.needle) if self.loose else text.run(self.digits)
+
+
 Gate = Callable[[TextShape], bool]
 
 
@@ -142,6 +221,21 @@ class AllGates:
             if not gate(text):
                 return False
         return True
+
+
+class AnyGate:
+    """Open when one of its gates is."""
+
+    __slots__ = ("gates",)
+
+    def __init__(self, *gates: Gate) -> None:
+        self.gates = gates
+
+    def __call__(self, text: TextShape) -> bool:
+        for gate in self.gates:
+            if gate(text):
+                return True
+        return False
 
 
 def letters(word: str) -> str:

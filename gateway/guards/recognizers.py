@@ -22,7 +22,7 @@ from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, Reco
 from presidio_analyzer.pattern_recognizer import REGEX_TIMEOUT_SECONDS
 from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
 
-from .gates import OTHER, AllGates, Gate, ShapeGate, WordGate, letters, literal
+from .gates import OTHER, AllGates, AnyGate, Gate, RunGate, ShapeGate, WordGate, letters, literal
 
 __all__ = [
     "BUILTIN_GATES", "VALIDATORS", "ContextRecognizer", "EmailWindows", "IpWindows", "PhoneWindows",
@@ -194,6 +194,10 @@ _GOV_IDS: list[tuple[str, str, float, Sequence[str], bool, Callable[[str], bool]
 # Gate patterns over a shape (`gates.py`: `0` is a digit, DEL any non-ASCII character): what each
 # recognizer's match must contain, with its word boundaries and look-arounds left out.
 _S = rf"[\s{OTHER}]"  # a space, as `\s` in any of the regexes (`regex`'s \s is a subset of stdlib's + DEL)
+# Digits in a row (spaces, dots, hyphens or slashes between them allowed: `RunGate`) in every match of
+# each id's shape, where it has such a number: the run gate closes first, for all of them at once.
+_GOV_ID_RUNS = {"us_ssn": 9, "us_ssn_plain": 9, "uk_nino": 6, "passport": 6, "es_dni": 8, "br_cpf": 11,
+                "de_taxid": 11, "fr_nir": 15, "in_aadhaar": 12, "ca_sin": 9, "nl_bsn": 9, "driver_license": 5}
 _GOV_ID_SHAPES: dict[str, tuple[str, ...]] = {
     "us_ssn": ("000-00-0000",),
     "us_ssn_plain": ("000000000",),
@@ -220,15 +224,14 @@ def _month_ends() -> str:
     first = "".join(sorted({c for m in _MONTHS for c in letters(m[0]).strip("[]")}))
     return f"(?<=[{first}])(?:" + "|".join(f"(?<={'|'.join(ms)})" for _, ms in sorted(by_length.items())) + ")"
   # a letter under IGNORECASE (K, the Kelvin sign, folds to k)
-_DOB_SHAPE = ShapeGate(
-    "0000-00-00", "0[./-]00?[./-]0000",
+_DOB_SHAPE = AnyGate(AllGates(RunGate(6), ShapeGate("0000-00-00", "0[./-]00?[./-]0000")), ShapeGate(
     # The month-name form, backwards: year, spaces, maybe a day, spaces, a word that starts with a month.
     # In an ASCII text that word is the whole run of letters (the date starts at a word boundary), so the
     # run is taken whole and its end tested, instead of trying every month at every letter.
     backwards=[(rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?[A-Za-z]*+{_month_ends()}",
                 rf"0000{_S}+(?:,?(?:{_LETTER}{_LETTER})?0?0{_S}+)?\.?{_LETTER}*"
                 rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})")],
-)
+))
 _streets_before = "|".join(literal(w[::-1]) for w in _STREETS_BEFORE)
 _ADDRESS_SHAPE = ShapeGate(
     rf"0[A-Za-z]?{_S}+[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})",
@@ -249,6 +252,12 @@ _PERSONAL_URL = (r"(?i:\b(?:https?://)?(?:www\.)?(?:linkedin\.com/in|github\.com
 _PERSONAL_URL_SHAPE = ShapeGate(backwards=[rf"/(?:{letters('moc')}|{letters('laicos')}|{letters('oi')})\."])
 
 
+def _gov_id_gate(name: str) -> Gate:
+    shape = ShapeGate(*_GOV_ID_SHAPES[name])
+    digits = _GOV_ID_RUNS.get(name)
+    return shape if digits is None else AllGates(RunGate(digits), shape)
+
+
 def gateway_recognizers(language: str, entities: set[str]) -> list[PatternRecognizer]:
     out: list[PatternRecognizer] = []
     if "DATE_OF_BIRTH" in entities:
@@ -265,10 +274,11 @@ def gateway_recognizers(language: str, entities: set[str]) -> list[PatternRecogn
         for name, regex, score, context, required, validator in _GOV_IDS:
             out.append(ContextRecognizer("GOV_ID", f"gateway.{name}", [Pattern(name, regex, score)], language=language,
                                          context=context, required=required, window=40, boost=0.5,
-                                         validator=validator, shape=ShapeGate(*_GOV_ID_SHAPES[name])))
+                                         validator=validator, shape=_gov_id_gate(name)))
     if "CREDIT_CARD" in entities:  # brands presidio's card pattern misses: Mastercard 2-series, UnionPay, Maestro
         out.append(ContextRecognizer("CREDIT_CARD", "gateway.card", [Pattern("iin", _CARD, 0.9)], language=language,
-                                     validator=luhn_ok, shape=ShapeGate("0000[ -]?0000[ -]?0000[ -]?0000")))
+                                     validator=luhn_ok,
+                                     shape=AllGates(RunGate(16), ShapeGate("0000[ -]?0000[ -]?0000[ -]?0000"))))
     if "PHONE_NUMBER" in entities:  # international numbers that libphonenumber does not know as valid
         out.append(ContextRecognizer("PHONE_NUMBER", "gateway.phone_intl", [Pattern("intl", _PHONE_INTL, 0.45)],
                                      language=language, context=_PHONE_WORDS, window=30, boost=0.3,
@@ -290,20 +300,19 @@ _RUN = re.compile(rf"(?<![\W\d_xX])(?:[\W_xX]*\d){{{PHONE_MIN_DIGITS}}}[\W\d_xX]
 
 # Gates for presidio's own recognizers, by name (`gates.py`; the windowed e-mail and IP recognizers look
 # for their triggers themselves). Their patterns: `CreditCardRecognizer().patterns` and so on.
-BUILTIN_GATES: dict[str, ShapeGate] = {
+BUILTIN_GATES: dict[str, Gate] = {
     # 4 digits, 3 to 4, 3 to 4, 3 to 5, each group after an optional space or hyphen
-    "CreditCardRecognizer": ShapeGate("0000[- ]?0000?[- ]?0000?[- ]?000"),
+    "CreditCardRecognizer": AllGates(RunGate(13), ShapeGate("0000[- ]?0000?[- ]?0000?[- ]?000")),
     # \d{5}-\d{4}, \d{3}-\d{6}, \d{3}-\d{2}-\d{4}, \d{9}, \d{3}[- .]\d{2}[- .]\d{4}
-    "UsSsnRecognizer": ShapeGate("000(?:00-0000|-000000|[- .]00[- .]0000|000000)"),
+    "UsSsnRecognizer": AllGates(RunGate(9), ShapeGate("000(?:00-0000|-000000|[- .]00[- .]0000|000000)")),
     # two capital letters and two digits (case matters: its flags have no IGNORECASE)
     "IbanRecognizer": ShapeGate(f"00(?<=[A-Z{OTHER}][A-Z{OTHER}]00)"),
-    # `phone_windows` is empty unless a letter-free stretch holds `PHONE_MIN_DIGITS` digits (letters: `_RUN`'s)
-    # (possessive for ASCII texts, where no other character can be a digit: linear)
     # `IpWindows.trigger` (a digit, a dot and a digit, or a colon) and `EmailWindows.trigger`
     "IpRecognizer": ShapeGate(r"0\.0", ":"),
     "EmailRecognizer": ShapeGate("@"),
-    "PhoneRecognizer": ShapeGate((rf"0(?:[^A-WYZa-wyz0]*+0){{{PHONE_MIN_DIGITS - 1}}}",
-                                  rf"[0{OTHER}](?:[^A-WYZa-wyz]*[0{OTHER}]){{{PHONE_MIN_DIGITS - 1}}}")),
+    # `phone_windows` is empty unless a letter-free stretch holds `PHONE_MIN_DIGITS` digits (letters: `_RUN`'s,
+    # all but x and X: `RunGate`'s loose runs; DEL, any non-ASCII character, may be a digit)
+    "PhoneRecognizer": RunGate(PHONE_MIN_DIGITS, loose=True),
 }
 
 

@@ -582,6 +582,34 @@ def test_run_gates_hold_for_their_shape_gates() -> None:
     assert re.fullmatch("[|0,]*", shape.runs)
 
 
+def test_possessive_address_gates_match_as_greedy_ones() -> None:
+    """The address gate's possessive repeats give back nothing that the next class could match: the same
+    texts open it as with greedy repeats (ASCII and other-script forms, forwards and backwards)."""
+    import random
+    import re
+
+    from gateway.guards.gates import TextShape
+    from gateway.guards.recognizers import _ADDRESS_SHAPE
+
+    rng = random.Random(9)
+    words = ["12", "221B", "5", "Baker", "Street", "rue", "de", "la", "Paix", "Calle", "Mayor", "Av.", "Via", "Roma",
+             "Hauptstra\u00dfe", "weg", ",", " ", "  ", "\t", "\u00a0", "x", "O'Neil", "Saint-Jean", "\u00c9cole"]
+    texts = _gate_texts() + ["".join(rng.choice(words) + rng.choice([" ", "", ", "]) for _ in range(rng.randint(2, 9)))
+                             for _ in range(4000)]
+    checked = 0
+    for mine in (_ADDRESS_SHAPE.ascii, _ADDRESS_SHAPE.other):
+        for pattern, back in mine:
+            if "++" not in pattern.pattern and "?+" not in pattern.pattern:
+                continue
+            greedy = re.compile(pattern.pattern.replace("++", "+").replace("?+", "?"))
+            for text in texts:
+                shape = TextShape(text)
+                scanned = shape.backwards if back else shape.shape
+                assert bool(pattern.search(scanned)) == bool(greedy.search(scanned)), (pattern.pattern, text)
+                checked += pattern.search(scanned) is not None
+    assert checked > 500
+
+
 def test_folding_for_context_words_is_the_one_of_re_ignorecase() -> None:
     """`gates.fold` keeps the length of any text and maps every character that `(?i)x` matches to fold(x),
     for each character of the context words: a word found by a context regex is in the folded text."""

@@ -233,11 +233,13 @@ _DOB_SHAPE = AnyGate(AllGates(RunGate(6), ShapeGate("0000-00-00", "0[./-]00?[./-
                 rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})")],
 ))
 _streets_before = "|".join(literal(w[::-1]) for w in _STREETS_BEFORE)
+# Possessive where the class that follows cannot match what the repeat gives back (letters, then spaces,
+# then a capital; a word, then spaces): the same matches, without trying every shorter repeat.
 _ADDRESS_SHAPE = ShapeGate(
-    rf"0[A-Za-z]?{_S}+[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})",
+    rf"0[A-Za-z]?+{_S}++[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})",
     backwards=[  # the house number, then the street word (Hauptstraße 12, Calle Mayor 5)
         rf"0{_S}+(?:{'|'.join(literal(w[::-1]) for w in _STREET_WORDS)})",
-        (rf"0[ \t\n\r\f\v]+(?:[0A-Za-z_'\-]+[ \t\n\r\f\v]+){{0,4}}?(?:{_streets_before})",
+        (rf"0[ \t\n\r\f\v]++(?:[0A-Za-z_'\-]++[ \t\n\r\f\v]++){{0,4}}?(?:{_streets_before})",
          rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{_streets_before})")],
 )
 _CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"

@@ -309,7 +309,17 @@ def test_windows_are_linear_and_merge() -> None:
     assert token_windows("b@c\te@f", re.compile("@")) == [(0, 7)]
     big = "@" * 200_000 + " x@y " + "z" * 200_000
     assert token_windows(big, re.compile("@"))[-1][1] >= 200_005
+    assert token_windows(big, "@")[-1][1] >= 200_005
     assert phone_windows("1 " * 100_000) == [(0, 200_000)]
+    # a plain-string trigger (found with str.find) gives the windows of the same regex
+    import json
+    import random
+
+    rng = random.Random(4)
+    texts = [json.loads(line)["text"] for line in (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()]
+    texts += ["".join(rng.choice("ab@ @@\t\n\r\x0b\x0c.") for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    for text in texts:
+        assert token_windows(text, "@") == token_windows(text, re.compile("@")), text
 
 
 # -- the Responses API's answers and events ------------------------------------------------------------

@@ -316,7 +316,8 @@ def test_windows_are_linear_and_merge() -> None:
     import random
 
     rng = random.Random(4)
-    texts = [json.loads(line)["text"] for line in (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()]
+    lines = (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
     texts += ["".join(rng.choice("ab@ @@\t\n\r\x0b\x0c.") for _ in range(rng.randint(0, 30))) for _ in range(3000)]
     for text in texts:
         assert token_windows(text, "@") == token_windows(text, re.compile("@")), text
@@ -592,13 +593,40 @@ def test_run_gates_hold_for_their_shape_gates() -> None:
     assert re.fullmatch("[|0,]*", shape.runs)
 
 
+def test_plain_gate_patterns_and_literal_gates_find_what_a_regex_finds() -> None:
+    """A shape gate's pattern that matches one string only is looked for with a substring test, and a
+    `LiteralGate` keeps only the words that no other of its words is in: both open on the same texts as the
+    regex search they stand for."""
+    import re
+
+    from gateway.guards.gates import LiteralGate, ShapeGate, TextShape, _plain
+    from gateway.guards.pii import PiiGuard, analyzer
+    from gateway.guards.pool import GuardPool
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    built = analyzer(PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine)
+    shapes = [g for _, gate in built.gated for g in _gates_of(gate) if isinstance(g, ShapeGate)]
+    plain = [(p, _plain(p.pattern)) for g in shapes for p, _ in (*g.ascii, *g.other) if _plain(p.pattern)]
+    assert {lit for _, lit in plain} >= {"@", ":", "+0", "00000", "000-00-0000", "000.000.000-00"}
+    assert [_plain(p) for p in (r"0\.0", "0[./-]0", r"\d0", "a|b", "0?", "", "(?:a)")] == ["0.0"] + [None] * 6
+    literal = LiteralGate(["Via", "Viale", "Av.", "Avenida", "Stra\u00dfe"])
+    assert literal.words == ("Av.", "Avenida", "Stra\x7fe", "Via")
+    texts = [*_gate_texts(), "000-00-0000", "a+0", "x\u00df", "Viale", "Stra\u00dfe 5"]
+    for text in texts:
+        shape = TextShape(text)
+        for pattern, lit in plain:
+            assert bool(pattern.search(shape.shape)) == (lit in shape.shape), (lit, text)
+        wanted = re.compile("Via|Viale|Av\\.|Avenida|Stra\x7fe")
+        assert literal(shape) == bool(wanted.search(shape.shape)), text
+
+
 def test_possessive_address_gates_match_as_greedy_ones() -> None:
     """The address gate's possessive repeats give back nothing that the next class could match: the same
     texts open it as with greedy repeats (ASCII and other-script forms, forwards and backwards)."""
     import random
     import re
 
-    from gateway.guards.gates import TextShape
+    from gateway.guards.gates import ShapeGate, TextShape
     from gateway.guards.recognizers import _ADDRESS_SHAPE
 
     rng = random.Random(9)
@@ -607,7 +635,8 @@ def test_possessive_address_gates_match_as_greedy_ones() -> None:
     texts = _gate_texts() + ["".join(rng.choice(words) + rng.choice([" ", "", ", "]) for _ in range(rng.randint(2, 9)))
                              for _ in range(4000)]
     checked = 0
-    for mine in (_ADDRESS_SHAPE.ascii, _ADDRESS_SHAPE.other):
+    shapes = [g for g in _gates_of(_ADDRESS_SHAPE) if isinstance(g, ShapeGate)]
+    for mine in [*(g.ascii for g in shapes), *(g.other for g in shapes)]:
         for pattern, back in mine:
             if "++" not in pattern.pattern and "?+" not in pattern.pattern:
                 continue

@@ -456,6 +456,8 @@ class _TokenWindows:
         entity = recognizer.supported_entities[0]
         metadata = {RecognizerResult.RECOGNIZER_NAME_KEY: recognizer.name,
                     RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: recognizer.id}
+        # presidio's own `invalidate_result` invalidates nothing: not called unless a subclass has its own
+        invalidates = type(recognizer).invalidate_result is not PatternRecognizer.invalidate_result
         results: list[RecognizerResult] = []
         for pattern in recognizer.patterns:
             if not pattern.compiled_regex or pattern.compiled_with_flags != flags:
@@ -474,7 +476,7 @@ class _TokenWindows:
                     matched = text[start:end]
                     valid = recognizer.validate_result(matched)
                     score = pattern.score if valid is None else (_MAX_SCORE if valid else _MIN_SCORE)
-                    if recognizer.invalidate_result(matched):
+                    if invalidates and recognizer.invalidate_result(matched):
                         score = _MIN_SCORE
                     explanation: Any = None
                     if self.explain:

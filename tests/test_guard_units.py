@@ -104,6 +104,36 @@ def test_the_most_specific_scope_wins() -> None:
     assert [g.name for g in runtime.resolve("acme", "chat").input] == ["deny"]
 
 
+def test_an_inline_analysis_fails_as_any_guard_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The patterns engine answers on the loop (`PiiGuard.detect_now`), outside the timeout that could never
+    interrupt it: an error there is still a guard failure, closed or open as the policy says, and timed."""
+    from gateway.guards import pii
+
+    spec = msgspec.convert({"models": {
+        "closed": {"pii": {"kind": "pii", "entities": {"EMAIL_ADDRESS": {}}}},
+        "open": {"pii": {"kind": "pii", "fail": "open", "entities": {"EMAIL_ADDRESS": {}}}},
+    }}, GuardsSpec)
+    metrics = Metrics()
+    runtime = GuardRuntime(spec, metrics, len)
+    closed, opened = runtime.resolve("t", "closed").input[0], runtime.resolve("t", "open").input[0]
+    text = "mail a.b@mailbox.org"
+    assert isinstance(closed, pii.PiiGuard) and closed.detect_now("hello", IN) == []
+    assert [f.type for f in asyncio.run(runtime.detect([closed], text, IN))[0]] == ["EMAIL_ADDRESS"]
+    assert closed.detect_now("a@b.co " * 3000, IN) is None  # a long text goes to the pool
+
+    def boom(*args: Any) -> Any:
+        raise RuntimeError("analyzer broke")
+
+    monkeypatch.setattr(pii, "analyze", boom)
+    found, _ = asyncio.run(runtime.detect([closed], text, IN))
+    assert [(f.type, f.recognizer, f.action) for f in found] == [("GUARD_FAILURE", "failure.error", "block")]
+    assert asyncio.run(runtime.detect([opened], text, IN)) == ([], [])
+    exposed = metrics.render().decode()
+    assert 'gateway_guard_failures_total{fail="closed",guard="pii",reason="error"} 1' in exposed
+    assert 'gateway_guard_failures_total{fail="open",guard="pii",reason="error"} 1' in exposed
+    assert 'gateway_guard_duration_seconds_count{guard="pii",place="input"} 3' in exposed
+
+
 _POOL_SCRIPT = """
 import asyncio, msgspec
 from gateway.guards.base import Where

@@ -246,13 +246,19 @@ class PiiGuard(GuardBase):
         analyzer(self.engine)
 
     async def detect(self, text: str, where: Where) -> list[Finding]:
+        found = self.detect_now(text, where)
+        if found is not None:
+            return found
+        return self.findings(text, await self.pool.run(analyze, self.engine, text, self.floor))
+
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        """The findings, when they are computed on the loop without waiting for anything (the patterns
+        engine on a text shorter than `INLINE_CHARS`); None when `detect` has to hand the text to the pool."""
         if not text.strip() or (self.prefilter is not None and not self.prefilter.may_match(text)):
             return []
         if self.offload or len(text) > INLINE_CHARS:
-            raw = await self.pool.run(analyze, self.engine, text, self.floor)
-        else:
-            raw = analyze(self.engine, text, self.floor)
-        return self.findings(text, raw)
+            return None
+        return self.findings(text, analyze(self.engine, text, self.floor))
 
     def findings(self, text: str, raw: list[tuple[str, int, int, float, str]]) -> list[Finding]:
         out = []

@@ -650,6 +650,34 @@ def test_plain_gate_patterns_and_literal_gates_find_what_a_regex_finds() -> None
         assert literal(shape) == bool(wanted.search(shape.shape)), text
 
 
+def test_ascii_word_gates_hold_for_their_shape_gates() -> None:
+    """The address gate's French form runs only when an ASCII text holds one of its words in any case: on
+    every text where its regex opens, so does the word gate (always, for a text with other characters)."""
+    import random
+
+    from gateway.guards.gates import AllGates, AsciiWordGate, ShapeGate, TextShape
+    from gateway.guards.recognizers import _ADDRESS_SHAPE
+
+    pairs = [(word, shape) for g in _gates_of(_ADDRESS_SHAPE) if isinstance(g, AllGates)
+             for word in g.gates if isinstance(word, AsciiWordGate)
+             for shape in g.gates if isinstance(shape, ShapeGate)]
+    assert len(pairs) == 1 and "rue" in pairs[0][0].words and "all\u00e9e" not in pairs[0][0].words
+    rng = random.Random(2)
+    words = ["12", "4", ",", " ", "\t", "rue", "RUE", "Avenue", "bd", "Bd.", "place", "Quai", "all\u00e9e", "impasse",
+             "chemin", "de", "la", "Paix", "\u00a0", "x"]
+    texts = _gate_texts() + ["".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(2, 8)))
+                             for _ in range(4000)]
+    opened = 0
+    for word, shape in pairs:
+        for text in texts:
+            if shape(TextShape(text)):
+                opened += 1
+                assert word(TextShape(text)), text
+            if not text.isascii():
+                assert word(TextShape(text)), text
+    assert opened > 300
+
+
 def test_possessive_address_gates_match_as_greedy_ones() -> None:
     """The address gate's possessive repeats give back nothing that the next class could match: the same
     texts open it as with greedy repeats (ASCII and other-script forms, forwards and backwards)."""

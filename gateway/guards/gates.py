@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from re import _casefix  # type: ignore[attr-defined]  # the stdlib's own table of extra case equivalences
 
 __all__ = [
-    "OTHER", "AllGates", "AnyGate", "Gate", "LiteralGate", "RunGate", "ShapeGate", "TextShape", "WordGate", "fold",
-    "letters", "literal", "literal_shape",
+    "OTHER", "AllGates", "AnyGate", "AsciiWordGate", "Gate", "LiteralGate", "RunGate", "ShapeGate", "TextShape",
+    "WordGate", "fold", "letters", "literal", "literal_shape",
 ]
 
 _DIGITS = str.maketrans("123456789", "000000000")
@@ -71,7 +71,9 @@ def fold(text: str) -> str:
 class TextShape:
     """One text as the gates read it; each form is computed on first use, once per analysis."""
 
-    __slots__ = ("_backwards", "_folded", "_loose", "_no_run", "_run", "_runs", "_shape", "ascii", "text")
+    __slots__ = (
+        "_backwards", "_folded", "_loose", "_lowered", "_no_run", "_run", "_runs", "_shape", "ascii", "text",
+    )
 
     def __init__(self, text: str) -> None:
         self.text = text
@@ -80,6 +82,7 @@ class TextShape:
         self._backwards: str | None = None
         self._folded: str | None = None
         self._runs: str | None = None
+        self._lowered: str | None = None
         self._loose: str | None = None
         self._run = 0  # digits in a run known to be there
         self._no_run = _NEVER  # digits in a run known not to be
@@ -97,6 +100,13 @@ class TextShape:
         if self._backwards is None:
             self._backwards = self.shape[::-1]
         return self._backwards
+
+    @property
+    def lowered(self) -> str:
+        """The shape in lower case (for ASCII texts: `AsciiWordGate`)."""
+        if self._lowered is None:
+            self._lowered = self.shape.lower()
+        return self._lowered
 
     @property
     def runs(self) -> str:
@@ -250,6 +260,27 @@ class LiteralGate:
         shape = text.shape
         for word in self.words:
             if word in shape:
+                return True
+        return False
+
+
+class AsciiWordGate:
+    """Open when one of `words` (ASCII, lower case) is in an ASCII text in any case, and for any other text:
+    for a regex that needs one of those words under IGNORECASE, which an ASCII text can only hold as ASCII
+    letters (a text with other characters is left to the regex)."""
+
+    __slots__ = ("words",)
+
+    def __init__(self, words: Sequence[str]) -> None:
+        ascii_words = {w.lower() for w in words if w.isascii()}
+        self.words = tuple(sorted(w for w in ascii_words if not any(v != w and v in w for v in ascii_words)))
+
+    def __call__(self, text: TextShape) -> bool:
+        if not text.ascii:
+            return True
+        lowered = text.lowered
+        for word in self.words:
+            if word in lowered:
                 return True
         return False
 

@@ -22,7 +22,19 @@ from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, Reco
 from presidio_analyzer.pattern_recognizer import REGEX_TIMEOUT_SECONDS
 from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
 
-from .gates import OTHER, AllGates, AnyGate, Gate, LiteralGate, RunGate, ShapeGate, WordGate, letters, literal
+from .gates import (
+    OTHER,
+    AllGates,
+    AnyGate,
+    AsciiWordGate,
+    Gate,
+    LiteralGate,
+    RunGate,
+    ShapeGate,
+    WordGate,
+    letters,
+    literal,
+)
 
 __all__ = [
     "BUILTIN_GATES", "VALIDATORS", "ContextRecognizer", "EmailWindows", "IpWindows", "PhoneWindows",
@@ -236,9 +248,11 @@ _streets_before = "|".join(literal(w[::-1]) for w in _STREETS_BEFORE)
 # Possessive where the class that follows cannot match what the repeat gives back (letters, then spaces,
 # then a capital; a word, then spaces): the same matches, without trying every shorter repeat.
 _ADDRESS_SHAPE = AnyGate(
-    ShapeGate(rf"0[A-Za-z]?+{_S}++[A-Z]", rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})",
+    ShapeGate(rf"0[A-Za-z]?+{_S}++[A-Z]",
               # the house number, then the street word (Hauptstraße 12)
               backwards=[rf"0{_S}+(?:{'|'.join(literal(w[::-1]) for w in _STREET_WORDS)})"]),
+    # the house number, then the French word (12 rue de la Paix): only when one is there at all
+    AllGates(AsciiWordGate(_VOIE_WORDS), ShapeGate(rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})")),
     # the house number, then a few words, then the word before them (Calle Mayor 5): only when that word is
     # there at all, which a few substring tests tell for a third of the regex's cost
     AllGates(LiteralGate(_STREETS_BEFORE), ShapeGate(backwards=[(

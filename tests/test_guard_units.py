@@ -678,6 +678,22 @@ def test_ascii_word_gates_hold_for_their_shape_gates() -> None:
     assert opened > 300
 
 
+def test_shapes_made_from_bytes_are_the_translated_texts() -> None:
+    """An ASCII text's shape and every text's runs are translated as bytes: the same strings as the
+    `str.translate` tables give, for texts of every kind of character."""
+    import random
+
+    from gateway.guards.gates import _DIGITS, _NON_ASCII, _RUNS, OTHER, TextShape
+
+    rng = random.Random(1)
+    texts = _gate_texts() + ["".join(chr(rng.choice([rng.randrange(128), rng.randrange(128), 0xE9, 0x663, 0x7F]))
+                                     for _ in range(rng.randint(0, 30))) for _ in range(5000)]
+    for text in texts:
+        shape = TextShape(text)
+        assert shape.shape == _NON_ASCII.sub(OTHER, text).translate(_DIGITS), text
+        assert shape.runs == shape.shape.translate(_RUNS), text
+
+
 def test_possessive_address_gates_match_as_greedy_ones() -> None:
     """The address gate's possessive repeats give back nothing that the next class could match: the same
     texts open it as with greedy repeats (ASCII and other-script forms, forwards and backwards)."""

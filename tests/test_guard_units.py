@@ -621,6 +621,7 @@ def test_run_gates_hold_for_their_shape_gates() -> None:
     shape = TextShape("ssn 123-45-6789, card 4111 1111 1111 1111 and 12 34")
     assert [shape.run(n) for n in (9, 20, 16, 17, 4, 19)] == [True, False, True, False, True, False]
     assert re.fullmatch("[|0,]*", shape.runs)
+    assert TextShape("IBAN DE89 3704, Xx 12").runs == "AAAAAA000000,X,00"
 
 
 def test_plain_gate_patterns_and_literal_gates_find_what_a_regex_finds() -> None:
@@ -692,6 +693,37 @@ def test_shapes_made_from_bytes_are_the_translated_texts() -> None:
         shape = TextShape(text)
         assert shape.shape == _NON_ASCII.sub(OTHER, text).translate(_DIGITS), text
         assert shape.runs == shape.shape.translate(_RUNS), text
+
+
+def test_capitals_gates_hold_for_their_shape_gates() -> None:
+    """The IBAN and codice fiscale gates first look for capitals beside digits in an ASCII text's runs: on
+    every ASCII text (without DEL, which their shapes count as a letter and their recognizers never do)
+    where the shape gate opens, so does the capitals gate; any other text opens it."""
+    import random
+
+    from gateway.guards.gates import AllGates, CapitalsGate, ShapeGate, TextShape
+    from gateway.guards.recognizers import BUILTIN_GATES, _gov_id_gate
+
+    pairs = []
+    for gate in (BUILTIN_GATES["IbanRecognizer"], _gov_id_gate("it_cf")):
+        inner = [g for g in _gates_of(gate) if isinstance(g, AllGates)]
+        capitals = [g for a in inner for g in a.gates if isinstance(g, CapitalsGate)]
+        shapes = [g for a in inner for g in a.gates if isinstance(g, ShapeGate)]
+        assert len(capitals) == len(shapes) == 1
+        pairs.append((capitals[0], shapes[0]))
+    rng = random.Random(6)
+    pieces = ["DE", "XK", "GB", "X", "A", "x", "ab", "RSSMRA", "85", "T", "10", "A", "562", "S", "0", "12", " ", "-",
+              ".", "/", ",", "\u00e9"]
+    texts = _gate_texts() + ["".join(rng.choice(pieces) for _ in range(rng.randint(2, 12))) for _ in range(6000)]
+    opened = 0
+    for capitals, shape in pairs:
+        for text in texts:
+            if not text.isascii():
+                assert capitals(TextShape(text))
+            elif shape(TextShape(text)) and "\x7f" not in text:
+                opened += 1
+                assert capitals(TextShape(text)), text
+    assert opened > 500
 
 
 def test_possessive_address_gates_match_as_greedy_ones() -> None:

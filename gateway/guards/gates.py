@@ -27,8 +27,8 @@ from collections.abc import Callable, Sequence
 from re import _casefix  # type: ignore[attr-defined]  # the stdlib's own table of extra case equivalences
 
 __all__ = [
-    "OTHER", "AllGates", "AnyGate", "AsciiWordGate", "Gate", "LiteralGate", "RunGate", "ShapeGate", "TextShape",
-    "WordGate", "fold", "letters", "literal", "literal_shape",
+    "OTHER", "AllGates", "AnyGate", "AsciiWordGate", "CapitalsGate", "Gate", "LiteralGate", "RunGate", "ShapeGate",
+    "TextShape", "WordGate", "fold", "letters", "literal", "literal_shape",
 ]
 
 _DIGITS = str.maketrans("123456789", "000000000")
@@ -45,8 +45,9 @@ _CANONICAL = {c: min((c, *others)) for c, others in _casefix._EXTRA_CASES.items(
 
 def _runs_table() -> dict[int, str | None]:
     """For `TextShape.runs`, over a shape (ASCII and DEL only): a digit or DEL `0`; what separates the groups
-    of a number in the digit gates' patterns (a space as `\\s` reads it, `.`, `-`, `/`) left out; an ASCII
-    letter other than x and X (which libphonenumber reads inside a number) `|`; anything else `,`."""
+    of a number in the digit gates' patterns (a space as `\\s` reads it, `.`, `-`, `/`) left out; a capital
+    `A` and a small letter `|`, but for x and X (which libphonenumber reads inside a number): `,` and `X`;
+    anything else `,`."""
     table: dict[int, str | None] = {}
     for code in range(128):
         c = chr(code)
@@ -54,8 +55,12 @@ def _runs_table() -> dict[int, str | None]:
             table[code] = "0"
         elif re.fullmatch(r"[\s./-]", c):
             table[code] = None
+        elif c in "xX":
+            table[code] = "X" if c == "X" else ","
+        elif c.isalpha():
+            table[code] = "A" if c.isupper() else "|"
         else:
-            table[code] = "|" if c.isalpha() and c not in "xX" else ","
+            table[code] = ","
     return table
 
 
@@ -139,7 +144,7 @@ class TextShape:
         """Whether `digits` (a run of `0`) is in the text with anything but letters other than x and X
         between its digits."""
         if self._loose is None:
-            self._loose = self.runs.replace(",", "")
+            self._loose = self.runs.replace(",", "").replace("X", "")
         return digits in self._loose
 
     @property
@@ -267,6 +272,27 @@ class LiteralGate:
         shape = text.shape
         for word in self.words:
             if word in shape:
+                return True
+        return False
+
+
+class CapitalsGate:
+    """For an ASCII text, open when one of `needles` is in its `runs` (capitals written `A`, X as `X`, digits
+    `0`): two capitals before two digits, for an IBAN. A text with other characters, whose shape writes
+    them all as DEL, is left to the gates that follow. A few substring tests, where a regex that starts with
+    a digit tries every digit of the text."""
+
+    __slots__ = ("needles",)
+
+    def __init__(self, *needles: str) -> None:
+        self.needles = needles
+
+    def __call__(self, text: TextShape) -> bool:
+        if not text.ascii:
+            return True
+        runs = text.runs
+        for needle in self.needles:
+            if needle in runs:
                 return True
         return False
 

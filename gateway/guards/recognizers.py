@@ -27,6 +27,7 @@ from .gates import (
     AllGates,
     AnyGate,
     AsciiWordGate,
+    CapitalsGate,
     Gate,
     LiteralGate,
     RunGate,
@@ -272,7 +273,9 @@ _PERSONAL_URL_SHAPE = ShapeGate(backwards=[rf"/(?:{letters('moc')}|{letters('lai
 
 
 def _gov_id_gate(name: str) -> Gate:
-    shape = ShapeGate(*_GOV_ID_SHAPES[name])
+    shape: Gate = ShapeGate(*_GOV_ID_SHAPES[name])
+    if name == "it_cf":  # two digits, a capital other than X, two digits, in an ASCII text (`CapitalsGate`)
+        shape = AllGates(CapitalsGate("00A00"), shape)
     digits = _GOV_ID_RUNS.get(name)
     return shape if digits is None else AllGates(RunGate(digits), shape)
 
@@ -325,7 +328,9 @@ BUILTIN_GATES: dict[str, Gate] = {
     # \d{5}-\d{4}, \d{3}-\d{6}, \d{3}-\d{2}-\d{4}, \d{9}, \d{3}[- .]\d{2}[- .]\d{4}
     "UsSsnRecognizer": AllGates(RunGate(9), ShapeGate("000(?:00-0000|-000000|[- .]00[- .]0000|000000)")),
     # two capital letters and two digits (case matters: its flags have no IGNORECASE)
-    "IbanRecognizer": ShapeGate(f"00(?<=[A-Z{OTHER}][A-Z{OTHER}]00)"),
+    # (in an ASCII text, two capitals, X among them, right before two digits: `CapitalsGate`)
+    "IbanRecognizer": AllGates(CapitalsGate("AA00", "AX00", "XA00", "XX00"),
+                               ShapeGate(f"00(?<=[A-Z{OTHER}][A-Z{OTHER}]00)")),
     # `IpWindows.trigger` (a digit, a dot and a digit, or a colon) and `EmailWindows.trigger`
     "IpRecognizer": ShapeGate(r"0\.0", ":"),
     "EmailRecognizer": ShapeGate("@"),

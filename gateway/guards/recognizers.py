@@ -381,7 +381,7 @@ _SPACE = re.compile(r"[ \t\n\r\f\v]")
 
 def token_windows(text: str, trigger: re.Pattern[str] | str) -> list[tuple[int, int]]:
     """The whitespace-delimited tokens of `text` that contain `trigger` (a regex, or a plain string: found
-    with `str.find`, a tenth of the cost), each with the space on either side.
+    with `str.find`, cheaper than a regex search), each with the space on either side.
 
     For recognizers whose matches never hold a space (e-mail and IP addresses): their patterns give the
     same results on these windows as on the whole text, since each window keeps the neighbour characters

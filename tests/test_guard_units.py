@@ -105,6 +105,36 @@ def test_the_most_specific_scope_wins() -> None:
     assert [g.name for g in runtime.resolve("acme", "chat").input] == ["deny"]
 
 
+def test_an_inline_analysis_fails_as_any_guard_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The patterns engine answers on the loop (`PiiGuard.detect_now`), outside the timeout that could never
+    interrupt it: an error there is still a guard failure, closed or open as the policy says, and timed."""
+    from gateway.guards import pii
+
+    spec = msgspec.convert({"models": {
+        "closed": {"pii": {"kind": "pii", "entities": {"EMAIL_ADDRESS": {}}}},
+        "open": {"pii": {"kind": "pii", "fail": "open", "entities": {"EMAIL_ADDRESS": {}}}},
+    }}, GuardsSpec)
+    metrics = Metrics()
+    runtime = GuardRuntime(spec, metrics, len)
+    closed, opened = runtime.resolve("t", "closed").input[0], runtime.resolve("t", "open").input[0]
+    text = "mail a.b@mailbox.org"
+    assert isinstance(closed, pii.PiiGuard) and closed.detect_now("hello", IN) == []
+    assert [f.type for f in asyncio.run(runtime.detect([closed], text, IN))[0]] == ["EMAIL_ADDRESS"]
+    assert closed.detect_now("a@b.co " * 3000, IN) is None  # a long text goes to the pool
+
+    def boom(*args: Any) -> Any:
+        raise RuntimeError("analyzer broke")
+
+    monkeypatch.setattr(pii, "analyze", boom)
+    found, _ = asyncio.run(runtime.detect([closed], text, IN))
+    assert [(f.type, f.recognizer, f.action) for f in found] == [("GUARD_FAILURE", "failure.error", "block")]
+    assert asyncio.run(runtime.detect([opened], text, IN)) == ([], [])
+    exposed = metrics.render().decode()
+    assert 'gateway_guard_failures_total{fail="closed",guard="pii",reason="error"} 1' in exposed
+    assert 'gateway_guard_failures_total{fail="open",guard="pii",reason="error"} 1' in exposed
+    assert 'gateway_guard_duration_seconds_count{guard="pii",place="input"} 3' in exposed
+
+
 _POOL_SCRIPT = """
 import asyncio, msgspec
 from gateway.guards.base import Where
@@ -244,6 +274,57 @@ def test_email_validation_per_domain_is_presidios() -> None:
             assert windowed.validate_result(text) == original.validate_result(text), text
 
 
+def test_ascii_twins_find_what_the_regex_module_finds() -> None:
+    """`EmailWindows` scans short ASCII texts with a stdlib twin of presidio's pattern: on every sample of the
+    evaluation set (its ASCII ones, whole and as the windows the recognizer hands it) and on texts made to
+    test each part of the pattern, the twin matches exactly what the `regex` module does; a long or
+    non-ASCII text is left to the `regex` module (and its timeout)."""
+    import json
+    import random
+
+    from gateway.guards import recognizers
+    from gateway.guards.recognizers import TWIN_CHARS, EmailWindows, token_windows
+
+    email = EmailWindows()
+    pattern = email.patterns[0]
+    twin = email._twins[pattern.regex]
+    email.analyze("a@b.co", ["EMAIL_ADDRESS"])  # presidio compiles its patterns on first use
+    lines = (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    texts += ["a@b.co", "x a@b.co", "mail:a@b.co,", "a.@b.co", ".a@b.co", "a..b@c.d", "a-b@c--d.e-f.gh", "a@b", "a@b.",
+              "_@_._", "a@b.c_d", "!#$%&'*+-/=?^_`{|}~@x.yz", "A@B.CO", "k@K.k", "a@b.co.uk.", "a@-b.co", "a@b-.co",
+              "\ta@b.co\n", "[a@b.co](mailto:a@b.co)", "a@b@c.de", "@@", "a@1.2", "x" * 40 + "@" + "y.z" * 20]
+    rng = random.Random(5)
+    alphabet = "ab.-_@+ \t\n!#%'=?^`{|}~0(),;:<>\"[]/"
+    texts += ["".join(rng.choice(alphabet) for _ in range(rng.randint(1, 40))) for _ in range(3000)]
+    checked = 0
+    for text in texts:
+        if not text.isascii():
+            continue
+        joined = "".join(text[lo:hi] for lo, hi in token_windows(text, email.trigger))
+        for scanned in (text, joined):
+            want = [m.span() for m in pattern.compiled_regex.finditer(scanned)]
+            assert [m.span() for m in twin.finditer(scanned)] == want, scanned
+            checked += len(want)
+    assert checked > 200
+    # what the recognizer finds is the same either way, and only short ASCII texts reach the twin
+    seen: list[str] = []
+
+    class Spy:
+        def finditer(self, text: str) -> Any:
+            seen.append(text)
+            return twin.finditer(text)
+
+    email._twins[pattern.regex] = Spy()  # type: ignore[assignment]
+    for text in ("write to a@b.co or c@d.org", "ren\u00e9@b.co", "a@" + "b" * TWIN_CHARS + ".co c@d.org"):
+        got = _spans(email.analyze(text, ["EMAIL_ADDRESS"]))
+        email._twins.clear()
+        assert got == _spans(email.analyze(text, ["EMAIL_ADDRESS"])), text
+        email._twins[pattern.regex] = Spy()  # type: ignore[assignment]
+    assert len(seen) == 1 and seen[0].split() == ["a@b.co", "c@d.org"]  # the first text's windows
+    assert recognizers.IpWindows()._twins == {}
+
+
 def test_windows_are_linear_and_merge() -> None:
     import re
 
@@ -259,7 +340,18 @@ def test_windows_are_linear_and_merge() -> None:
     assert token_windows("b@c\te@f", re.compile("@")) == [(0, 7)]
     big = "@" * 200_000 + " x@y " + "z" * 200_000
     assert token_windows(big, re.compile("@"))[-1][1] >= 200_005
+    assert token_windows(big, "@")[-1][1] >= 200_005
     assert phone_windows("1 " * 100_000) == [(0, 200_000)]
+    # a plain-string trigger (found with str.find) gives the windows of the same regex
+    import json
+    import random
+
+    rng = random.Random(4)
+    lines = (REPO / "evals" / "guards" / "samples.jsonl").read_text().splitlines()
+    texts = [json.loads(line)["text"] for line in lines]
+    texts += ["".join(rng.choice("ab@ @@\t\n\r\x0b\x0c.") for _ in range(rng.randint(0, 30))) for _ in range(3000)]
+    for text in texts:
+        assert token_windows(text, "@") == token_windows(text, re.compile("@")), text
 
 
 # -- the Responses API's answers and events ------------------------------------------------------------
@@ -459,6 +551,209 @@ def test_the_patterns_engine_finds_the_same_with_and_without_gates() -> None:
         assert [(r.entity_type, r.start, r.end, r.score) for r in got] == want, text
         seen += len(want)
     assert seen > 1000
+
+
+def _run_gate_texts() -> list[str]:
+    """Numbers written every way the digit gates read them: groups of digits (ASCII, other scripts') with
+    separators that do and do not join them, letters between them, x and X."""
+    import random
+
+    rng = random.Random(3)
+    digits = "0123456789" * 6 + "\u0663\u0967\uff15"
+    joins = [" ", "-", ".", "/", "\t", "\n", "\x1c", "\u00a0", "\u2013"]
+    breaks = [",", "(", ")", "+", "x", "X", "a", "Z", "\u00e9", ":", "_", "  ", "--"]
+    texts = []
+    for _ in range(6000):
+        parts = []
+        for _ in range(rng.randint(1, 7)):
+            parts.append("".join(rng.choice(digits) for _ in range(rng.randint(1, 6))))
+            parts.append(rng.choice(joins) if rng.random() < 0.8 else rng.choice(breaks))
+        texts.append("".join(parts))
+    return texts
+
+
+def _gates_of(gate: Any) -> list[Any]:
+    from gateway.guards.gates import AllGates, AnyGate
+
+    if isinstance(gate, (AllGates, AnyGate)):
+        return [gate, *(g for inner in gate.gates for g in _gates_of(inner))]
+    return [gate]
+
+
+def test_run_gates_hold_for_their_shape_gates() -> None:
+    """Each `RunGate` beside a `ShapeGate` claims that every match of the shape holds that many digits in a
+    row (`TextShape.runs`): on the evaluation set and on made-up numbers, whenever the shape gate is open, so
+    is the run gate. The loose run gate is the phone gate's former regex (exactly, but for a DEL character,
+    which it counts as a digit in any text)."""
+    import re
+
+    from gateway.guards.gates import OTHER, AllGates, RunGate, ShapeGate, TextShape
+    from gateway.guards.pii import PiiGuard, analyzer
+    from gateway.guards.pool import GuardPool
+    from gateway.guards.recognizers import BUILTIN_GATES, PHONE_MIN_DIGITS
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    built = analyzer(PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine)
+    pairs = []
+    for _, gate in built.gated:
+        for inner in _gates_of(gate):
+            if isinstance(inner, AllGates):
+                runs = [g for g in inner.gates if isinstance(g, RunGate)]
+                shapes = [g for g in inner.gates if isinstance(g, ShapeGate)]
+                pairs += [(run, shape) for run in runs for shape in shapes]
+    assert len(pairs) >= 14
+    phone = BUILTIN_GATES["PhoneRecognizer"]
+    assert isinstance(phone, RunGate) and phone.loose and phone.digits == PHONE_MIN_DIGITS
+    former = ShapeGate((rf"0(?:[^A-WYZa-wyz0]*+0){{{PHONE_MIN_DIGITS - 1}}}",
+                        rf"[0{OTHER}](?:[^A-WYZa-wyz]*[0{OTHER}]){{{PHONE_MIN_DIGITS - 1}}}"))
+    texts = _gate_texts() + _run_gate_texts()
+    opened = {id(shape): 0 for _, shape in pairs}
+    for text in texts:
+        for run, shape in pairs:
+            if shape(TextShape(text)):
+                opened[id(shape)] += 1
+                assert run(TextShape(text)), (run.digits, text)
+        if former(TextShape(text)):
+            assert phone(TextShape(text)), text
+        else:  # a DEL character in an ASCII text counts as a digit: the only way to open more often
+            assert not phone(TextShape(text)) or OTHER in text, text
+    assert all(opened.values())  # each claim was put to the test
+    # the run memo answers as a fresh look would, in any order of questions
+    shape = TextShape("ssn 123-45-6789, card 4111 1111 1111 1111 and 12 34")
+    assert [shape.run(n) for n in (9, 20, 16, 17, 4, 19)] == [True, False, True, False, True, False]
+    assert re.fullmatch("[|0,]*", shape.runs)
+    assert TextShape("IBAN DE89 3704, Xx 12").runs == "AAAAAA000000,X,00"
+
+
+def test_plain_gate_patterns_and_literal_gates_find_what_a_regex_finds() -> None:
+    """A shape gate's pattern that matches one string only is looked for with a substring test, and a
+    `LiteralGate` keeps only the words that no other of its words is in: both open on the same texts as the
+    regex search they stand for."""
+    import re
+
+    from gateway.guards.gates import LiteralGate, ShapeGate, TextShape, _plain
+    from gateway.guards.pii import PiiGuard, analyzer
+    from gateway.guards.pool import GuardPool
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    built = analyzer(PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine)
+    shapes = [g for _, gate in built.gated for g in _gates_of(gate) if isinstance(g, ShapeGate)]
+    plain = [(p, _plain(p.pattern)) for g in shapes for p, _ in (*g.ascii, *g.other) if _plain(p.pattern)]
+    assert {lit for _, lit in plain} >= {"@", ":", "+0", "00000", "000-00-0000", "000.000.000-00"}
+    assert [_plain(p) for p in (r"0\.0", "0[./-]0", r"\d0", "a|b", "0?", "", "(?:a)")] == ["0.0"] + [None] * 6
+    literal = LiteralGate(["Via", "Viale", "Av.", "Avenida", "Stra\u00dfe"])
+    assert literal.words == ("Av.", "Avenida", "Stra\x7fe", "Via")
+    texts = [*_gate_texts(), "000-00-0000", "a+0", "x\u00df", "Viale", "Stra\u00dfe 5"]
+    for text in texts:
+        shape = TextShape(text)
+        for pattern, lit in plain:
+            assert bool(pattern.search(shape.shape)) == (lit in shape.shape), (lit, text)
+        wanted = re.compile("Via|Viale|Av\\.|Avenida|Stra\x7fe")
+        assert literal(shape) == bool(wanted.search(shape.shape)), text
+
+
+def test_ascii_word_gates_hold_for_their_shape_gates() -> None:
+    """The address gate's French form runs only when an ASCII text holds one of its words in any case: on
+    every text where its regex opens, so does the word gate (always, for a text with other characters)."""
+    import random
+
+    from gateway.guards.gates import AllGates, AsciiWordGate, ShapeGate, TextShape
+    from gateway.guards.recognizers import _ADDRESS_SHAPE
+
+    pairs = [(word, shape) for g in _gates_of(_ADDRESS_SHAPE) if isinstance(g, AllGates)
+             for word in g.gates if isinstance(word, AsciiWordGate)
+             for shape in g.gates if isinstance(shape, ShapeGate)]
+    assert len(pairs) == 1 and "rue" in pairs[0][0].words and "all\u00e9e" not in pairs[0][0].words
+    rng = random.Random(2)
+    words = ["12", "4", ",", " ", "\t", "rue", "RUE", "Avenue", "bd", "Bd.", "place", "Quai", "all\u00e9e", "impasse",
+             "chemin", "de", "la", "Paix", "\u00a0", "x"]
+    texts = _gate_texts() + ["".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(2, 8)))
+                             for _ in range(4000)]
+    opened = 0
+    for word, shape in pairs:
+        for text in texts:
+            if shape(TextShape(text)):
+                opened += 1
+                assert word(TextShape(text)), text
+            if not text.isascii():
+                assert word(TextShape(text)), text
+    assert opened > 300
+
+
+def test_shapes_made_from_bytes_are_the_translated_texts() -> None:
+    """An ASCII text's shape and every text's runs are translated as bytes: the same strings as the
+    `str.translate` tables give, for texts of every kind of character."""
+    import random
+
+    from gateway.guards.gates import _DIGITS, _NON_ASCII, _RUNS, OTHER, TextShape
+
+    rng = random.Random(1)
+    texts = _gate_texts() + ["".join(chr(rng.choice([rng.randrange(128), rng.randrange(128), 0xE9, 0x663, 0x7F]))
+                                     for _ in range(rng.randint(0, 30))) for _ in range(5000)]
+    for text in texts:
+        shape = TextShape(text)
+        assert shape.shape == _NON_ASCII.sub(OTHER, text).translate(_DIGITS), text
+        assert shape.runs == shape.shape.translate(_RUNS), text
+
+
+def test_capitals_gates_hold_for_their_shape_gates() -> None:
+    """The IBAN and codice fiscale gates first look for capitals beside digits in an ASCII text's runs: on
+    every ASCII text (without DEL, which their shapes count as a letter and their recognizers never do)
+    where the shape gate opens, so does the capitals gate; any other text opens it."""
+    import random
+
+    from gateway.guards.gates import AllGates, CapitalsGate, ShapeGate, TextShape
+    from gateway.guards.recognizers import BUILTIN_GATES, _gov_id_gate
+
+    pairs = []
+    for gate in (BUILTIN_GATES["IbanRecognizer"], _gov_id_gate("it_cf")):
+        inner = [g for g in _gates_of(gate) if isinstance(g, AllGates)]
+        capitals = [g for a in inner for g in a.gates if isinstance(g, CapitalsGate)]
+        shapes = [g for a in inner for g in a.gates if isinstance(g, ShapeGate)]
+        assert len(capitals) == len(shapes) == 1
+        pairs.append((capitals[0], shapes[0]))
+    rng = random.Random(6)
+    pieces = ["DE", "XK", "GB", "X", "A", "x", "ab", "RSSMRA", "85", "T", "10", "A", "562", "S", "0", "12", " ", "-",
+              ".", "/", ",", "\u00e9"]
+    texts = _gate_texts() + ["".join(rng.choice(pieces) for _ in range(rng.randint(2, 12))) for _ in range(6000)]
+    opened = 0
+    for capitals, shape in pairs:
+        for text in texts:
+            if not text.isascii():
+                assert capitals(TextShape(text))
+            elif shape(TextShape(text)) and "\x7f" not in text:
+                opened += 1
+                assert capitals(TextShape(text)), text
+    assert opened > 500
+
+
+def test_possessive_address_gates_match_as_greedy_ones() -> None:
+    """The address gate's possessive repeats give back nothing that the next class could match: the same
+    texts open it as with greedy repeats (ASCII and other-script forms, forwards and backwards)."""
+    import random
+    import re
+
+    from gateway.guards.gates import ShapeGate, TextShape
+    from gateway.guards.recognizers import _ADDRESS_SHAPE
+
+    rng = random.Random(9)
+    words = ["12", "221B", "5", "Baker", "Street", "rue", "de", "la", "Paix", "Calle", "Mayor", "Av.", "Via", "Roma",
+             "Hauptstra\u00dfe", "weg", ",", " ", "  ", "\t", "\u00a0", "x", "O'Neil", "Saint-Jean", "\u00c9cole"]
+    texts = _gate_texts() + ["".join(rng.choice(words) + rng.choice([" ", "", ", "]) for _ in range(rng.randint(2, 9)))
+                             for _ in range(4000)]
+    checked = 0
+    shapes = [g for g in _gates_of(_ADDRESS_SHAPE) if isinstance(g, ShapeGate)]
+    for mine in [*(g.ascii for g in shapes), *(g.other for g in shapes)]:
+        for pattern, back in mine:
+            if "++" not in pattern.pattern and "?+" not in pattern.pattern:
+                continue
+            greedy = re.compile(pattern.pattern.replace("++", "+").replace("?+", "?"))
+            for text in texts:
+                shape = TextShape(text)
+                scanned = shape.backwards if back else shape.shape
+                assert bool(pattern.search(scanned)) == bool(greedy.search(scanned)), (pattern.pattern, text)
+                checked += pattern.search(scanned) is not None
+    assert checked > 500
 
 
 def test_folding_for_context_words_is_the_one_of_re_ignorecase() -> None:

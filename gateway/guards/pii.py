@@ -238,6 +238,9 @@ class PiiGuard(GuardBase):
         self.prefilter = None if spec.recognizers else _prefilter(entities)
         self.allow = frozenset(v.casefold() for v in spec.allow)
         self.allow_patterns = [re.compile(p) for p in spec.allow_patterns]
+        # `round(score, 3)` goes through a decimal conversion (about as costly as building the finding):
+        # the few scores the recognizers give are rounded once each (bounded: cleared when full).
+        self._rounded: dict[float, float] = {}
 
     def build(self) -> None:
         """Build the analyzer now (at runtime start), not on the first request."""
@@ -245,13 +248,19 @@ class PiiGuard(GuardBase):
         self.open_from("", 0)  # the stream holds, with the analyzer
 
     async def detect(self, text: str, where: Where) -> list[Finding]:
+        found = self.detect_now(text, where)
+        if found is not None:
+            return found
+        return self.findings(text, await self.pool.run(analyze, self.engine, text, self.floor))
+
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        """The findings, when they are computed on the loop without waiting for anything (the patterns
+        engine on a text shorter than `INLINE_CHARS`); None when `detect` has to hand the text to the pool."""
         if not text.strip() or (self.prefilter is not None and not self.prefilter.may_match(text)):
             return []
         if self.offload or len(text) > INLINE_CHARS:
-            raw = await self.pool.run(analyze, self.engine, text, self.floor)
-        else:
-            raw = analyze(self.engine, text, self.floor)
-        return self.findings(text, raw)
+            return None
+        return self.findings(text, analyze(self.engine, text, self.floor))
 
     def findings(self, text: str, raw: list[tuple[str, int, int, float, str]]) -> list[Finding]:
         out = []
@@ -268,7 +277,12 @@ class PiiGuard(GuardBase):
             if (self.allow and value.casefold() in self.allow) or (
                     self.allow_patterns and any(p.fullmatch(value) for p in self.allow_patterns)):
                 continue  # (each test only when the policy lists values or patterns: most do not)
-            out.append(Finding(self.name, entity, start, end, round(score, 3), recognizer, self.actions[entity],
+            rounded = self._rounded.get(score)
+            if rounded is None:
+                if len(self._rounded) >= 256:
+                    self._rounded.clear()
+                rounded = self._rounded[score] = round(score, 3)
+            out.append(Finding(self.name, entity, start, end, rounded, recognizer, self.actions[entity],
                                self.keep[entity]))
         return out
 

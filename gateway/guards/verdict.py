@@ -75,25 +75,21 @@ def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
     `restore` (output: placeholders back to originals) applies to the text between findings only,
     so that a placeholder made for a finding of the answer itself stays a placeholder.
     """
-    keep = restore or _same
     rewriting = [f for f in findings if f.action in ("redact", "mask", "pseudonymize")]
     if not rewriting:
-        return keep(text)
+        return text if restore is None else restore(text)
     guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
     out: list[str] = []
     at = 0
     for f in resolve(rewriting):
         if f.start < at or (guarded and any(f.start < e and f.end > s for s, e in guarded)):
             continue
-        out.append(keep(text[at:f.start]))
-        out.append(replacement(f, text[f.start:f.end], pseudonyms))
+        # (the common cases inline: no restore on input, a redaction's fixed placeholder)
+        out.append(text[at:f.start] if restore is None else restore(text[at:f.start]))
+        out.append(f"<{f.type}>" if f.action == "redact" else replacement(f, text[f.start:f.end], pseudonyms))
         at = f.end
-    out.append(keep(text[at:]))
+    out.append(text[at:] if restore is None else restore(text[at:]))
     return "".join(out)
-
-
-def _same(text: str) -> str:
-    return text
 
 
 def replacement(finding: Finding, original: str, pseudonyms: Pseudonyms | None) -> str:

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+import msgspec
+
 from ..policy.guard_schema import Action
 
 __all__ = ["Action", "Finding", "Guard", "GuardFailure", "Part", "Place", "Where"]
@@ -28,9 +30,11 @@ class Where:
     part: Part
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """One thing found: its type, where it is in the text, how sure, by which recognizer, and what to do."""
+class Finding(msgspec.Struct, frozen=True):
+    """One thing found: its type, where it is in the text, how sure, by which recognizer, and what to do.
+
+    A msgspec struct, not a frozen dataclass: the same immutability at about a tenth of the cost to build
+    (a frozen dataclass sets each field through `object.__setattr__`: ~13k instructions a finding)."""
 
     guard: str
     type: str

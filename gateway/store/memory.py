@@ -4,7 +4,8 @@ Operations never await while they read and write, so each one is atomic on the e
 Every structure is bounded: keys by `max_entries` (least recently used evicted first, like Redis's
 `allkeys-lru`), cache entries (keys under `bytes_prefix`) also by `max_bytes` in all, expired keys by lazy
 expiry plus a periodic sweep, subscriber buffers by `channel_buffer`.
-Values are kept as bytes and counters as ASCII integers, exactly as Redis keeps them.
+Values are kept as bytes; counters as Python integers (read back as ASCII digits, exactly what Redis
+returns for them), so that counting needs no parsing and formatting per operation.
 """
 
 from __future__ import annotations
@@ -33,6 +34,8 @@ __all__ = ["MemoryStore"]
 SWEEP_INTERVAL_S = 5.0
 _NOT_A_COUNTER = "the value at this key is not an integer counter"
 _new = tuple.__new__  # a named tuple made without its Python-level __new__ (one frame fewer per answer)
+_INF = float("inf")
+_FAST_AMOUNT = 9e9  # amounts in [0, this) convert in line (`to_units` checks the rest, and refuses NaN)
 
 
 @functools.lru_cache(maxsize=256)
@@ -51,8 +54,12 @@ def _window_ms(window_s: float) -> int:
 
 @dataclass(slots=True)
 class _Entry:
-    value: bytes
+    value: bytes | int  # int: a counter (never under the byte-bounded prefix, whose sizes are of bytes)
     expires_at: float | None  # on the store's clock
+
+
+def _bytes(value: bytes | int) -> bytes:
+    return value if isinstance(value, bytes) else b"%d" % value
 
 
 class MemoryStore:
@@ -109,11 +116,11 @@ class MemoryStore:
 
     async def get(self, key: str) -> bytes | None:
         entry = self._live(self._prefix + key)
-        return None if entry is None else entry.value
+        return None if entry is None else _bytes(entry.value)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         found = [self._live(self._prefix + key) for key in keys]
-        return [None if entry is None else entry.value for entry in found]
+        return [None if entry is None else _bytes(entry.value) for entry in found]
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
         self._put(self._prefix + key, bytes(value), self._expiry(ttl_ms(ttl_s)))
@@ -128,7 +135,7 @@ class MemoryStore:
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
         ttl = ttl_ms(ttl_s)
         entry = self._live(self._prefix + key)
-        current = None if entry is None else entry.value
+        current = None if entry is None else _bytes(entry.value)
         if current != expected:
             return False
         self._put(self._prefix + key, bytes(new), self._expiry(ttl))
@@ -139,18 +146,18 @@ class MemoryStore:
     async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
         window = check_window(amount, window_s)
         full = self._prefix + key
-        entry = self._live(full)
-        count = (self._int(entry) if entry else 0) + amount
+        entry, current = self._counter(full, self._clock())
+        count = current + amount
         expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
-        self._put(full, b"%d" % count, expires_at)
+        self._write(full, entry, count, expires_at)
         return WindowCount(count, self._remaining(expires_at, window))
 
     async def get_window(self, key: str, window_s: float) -> WindowCount:
         window = check_window(0, window_s)
-        entry = self._live(self._prefix + key)
+        entry, current = self._counter(self._prefix + key, self._clock())
         if entry is None:
             return WindowCount(0, window / 1000)
-        return WindowCount(self._int(entry), self._remaining(entry.expires_at, window))
+        return WindowCount(current, self._remaining(entry.expires_at, window))
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
         return self.reserve_now(key, amount, limit, ttl_s)
@@ -171,39 +178,74 @@ class MemoryStore:
     # coroutine per call (the accounting stage makes several per request, and nothing here ever waits).
 
     def reserve_now(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
-        units, cap, ttl = to_units(amount), _limit_units(limit), ttl_ms(ttl_s)
+        units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
+        cap = _limit_units(limit)
+        if ttl_s is not None and not 0.0 < ttl_s < _INF:  # checked on every call, as `ttl_ms` would
+            ttl_ms(ttl_s)
         full = self._prefix + key
-        entry, current = self._counter(full)
-        if current + units > cap:
+        entry = self._data.get(full)
+        if entry is not None and type(entry.value) is int and entry.expires_at is not None \
+                and entry.expires_at > self._clock():  # a live counter (the usual case): read in line
+            self._data.move_to_end(full)
+            current = entry.value
+        else:
+            entry, current = self._counter(full, self._clock())
+        total = current + units
+        if total > cap:
             return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
-        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
-        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
-        return _new(Reservation, (True, (current + units) / AMOUNT_SCALE, limit))
+        if entry is None or entry.expires_at is None or type(entry.value) is not int:
+            self._write(full, entry, total, self._expiry(ttl_ms(ttl_s)))
+        else:  # a live integer counter with its TTL (never byte-bounded), already the most recent: in place
+            entry.value = total
+        return _new(Reservation, (True, total / AMOUNT_SCALE, limit))
 
     def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
-        delta = to_units(actual, "actual") - to_units(reserved, "reserved")
-        ttl = ttl_ms(ttl_s)
+        delta = ((round(actual * AMOUNT_SCALE) if 0.0 <= actual < _FAST_AMOUNT else to_units(actual, "actual"))
+                 - (round(reserved * AMOUNT_SCALE) if 0.0 <= reserved < _FAST_AMOUNT
+                    else to_units(reserved, "reserved")))
+        if ttl_s is not None and not 0.0 < ttl_s < _INF:
+            ttl_ms(ttl_s)
         full = self._prefix + key
-        entry, current = self._counter(full)
+        entry = self._data.get(full)
+        if entry is not None and type(entry.value) is int and entry.expires_at is not None \
+                and entry.expires_at > self._clock():  # as in `reserve_now`
+            self._data.move_to_end(full)
+            current = entry.value
+        else:
+            entry, current = self._counter(full, self._clock())
         total = current + delta
         total = total if total > 0 else 0
-        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
-        self._rewrite(full, entry, b"%d" % total, expires_at)
+        if entry is None or entry.expires_at is None or type(entry.value) is not int:
+            self._write(full, entry, total, self._expiry(ttl_ms(ttl_s)))
+        else:
+            entry.value = total
         return total / AMOUNT_SCALE
 
     def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
-        units, cap, window = to_units(amount), _limit_units(limit), _window_ms(window_s)
+        units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
+        cap, window = _limit_units(limit), _window_ms(window_s)
         full = self._prefix + key
-        entry, current = self._counter(full)
+        now = self._clock()
+        entry = self._data.get(full)
         expires_at = entry.expires_at if entry is not None else None
+        if entry is not None and expires_at is not None and expires_at > now and type(entry.value) is int:
+            self._data.move_to_end(full)  # a live counter (the usual case): read in line, as in `reserve_now`
+            current = entry.value
+        else:
+            entry, current = self._counter(full, now)
+            expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
-            expires_at = self._clock() + window / 1000
-        reset = expires_at - self._clock()
+            expires_at = now + window / 1000
+        reset = expires_at - now
         reset = reset if reset > 0.0 else 0.0
-        if current + units > cap:
+        total = current + units
+        if total > cap:
             return _new(WindowReservation, (False, current / AMOUNT_SCALE, limit, reset))
-        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
-        return _new(WindowReservation, (True, (current + units) / AMOUNT_SCALE, limit, reset))
+        if entry is None or entry.expires_at is None or type(entry.value) is not int:
+            self._write(full, entry, total, expires_at)
+        else:
+            entry.value = total
+        return _new(WindowReservation, (True, total / AMOUNT_SCALE, limit, reset))
 
     def acquire_slot_now(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
         lease = ttl_ms(lease_s)
@@ -263,37 +305,49 @@ class MemoryStore:
             self._sized.move_to_end(full_key)
         return entry
 
-    def _counter(self, full_key: str) -> tuple[_Entry | None, int]:
-        """`_live` and `_int` in one call (the counter operations' first step): the live entry, if any, and its
-        value (0 when absent)."""
+    def _counter(self, full_key: str, now: float) -> tuple[_Entry | None, int]:
+        """`_live` and the counter's value in one call (the counter operations' first step): the live entry,
+        if any, and its value (0 when absent; a value set as bytes is parsed, as Redis would). `now`: the
+        store's clock, read once by the caller."""
         entry = self._data.get(full_key)
         if entry is None:
             return None, 0
-        if entry.expires_at is not None and entry.expires_at <= self._clock():
+        if entry.expires_at is not None and entry.expires_at <= now:
             self._drop(full_key)
             return None, 0
         self._data.move_to_end(full_key)
+        value = entry.value
+        if type(value) is int:
+            return entry, value
         if full_key in self._sized:
             self._sized.move_to_end(full_key)
         try:
-            return entry, int(entry.value)
+            return entry, int(value)
         except ValueError:
             raise StoreUnavailable(_NOT_A_COUNTER) from None
 
-    def _rewrite(self, full_key: str, entry: _Entry | None, value: bytes, expires_at: float | None) -> None:
-        """`_put` for a counter just read by `_live` (`entry`): a live key outside the byte bound is changed in
+    def _bounded(self, full_key: str) -> bool:
+        """Whether a key's values count towards `max_bytes` (then they are kept as bytes, to be sized)."""
+        return self._config.max_bytes is not None and full_key.startswith(self._sized_prefix)
+
+    def _write(self, full_key: str, entry: _Entry | None, count: int, expires_at: float | None) -> None:
+        """Store a counter just read by `_counter` (`entry`): a live key outside the byte bound is changed in
         place (it is already the most recent, and the key count is unchanged), the rest go through `_put`."""
-        if entry is None or (self._config.max_bytes is not None and full_key.startswith(self._sized_prefix)):
-            self._put(full_key, value, expires_at)
+        if entry is None or self._bounded(full_key):
+            self._put(full_key, count, expires_at)
         else:
-            entry.value = value
+            entry.value = count
             entry.expires_at = expires_at
 
-    def _put(self, full_key: str, value: bytes, expires_at: float | None) -> None:
+    def _put(self, full_key: str, value: bytes | int, expires_at: float | None) -> None:
+        limit = self._config.max_bytes
+        sized = limit is not None and full_key.startswith(self._sized_prefix)
+        if sized and type(value) is int:
+            value = b"%d" % value
         self._data[full_key] = _Entry(value, expires_at)
         self._data.move_to_end(full_key)
-        limit = self._config.max_bytes
-        if limit is not None and full_key.startswith(self._sized_prefix):
+        if sized:
+            assert limit is not None and isinstance(value, bytes)
             if len(value) > limit:  # could never fit: drop it rather than everything else
                 self._evict(full_key)
                 return
@@ -321,13 +375,6 @@ class MemoryStore:
         if expires_at is None:
             return window_ms / 1000
         return max(0.0, expires_at - self._clock())
-
-    @staticmethod
-    def _int(entry: _Entry) -> int:
-        try:
-            return int(entry.value)
-        except ValueError:
-            raise StoreUnavailable(_NOT_A_COUNTER) from None
 
     def sweep(self) -> int:
         """Drop every expired key now; how many. Runs periodically after `start()`."""

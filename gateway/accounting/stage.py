@@ -55,6 +55,7 @@ from .scopes import BoundedLabels, Scope, ScopeIndex, Scopes
 __all__ = ["Accounting"]
 
 WINDOW_S = 60.0  # requests and tokens per minute
+_NO_RATES = (0.0, 0.0)  # an alias without prices
 _Op = tuple[str, Scope, tuple[Any, ...]]  # (what: a key of `Accounting._remote`, for whom, its arguments)
 
 
@@ -72,8 +73,8 @@ class _Held:
 class _Bill:
     """Per request: what was reserved, and what the answer must settle."""
 
-    __slots__ = ("budgets", "completion_cap", "cost_reserved", "explicit_cap", "headers", "prompt_estimate",
-                 "requests", "scopes", "settled", "slots", "tokens", "unreserved")
+    __slots__ = ("budgets", "completion_cap", "cost_reserved", "downgrade", "explicit_cap", "headers",
+                 "prompt_estimate", "requests", "scopes", "settled", "slots", "tokens", "unreserved")
 
     def __init__(self, scopes: list[Scope]) -> None:  # made on every limited request: no dataclass factories
         self.scopes = scopes
@@ -87,6 +88,7 @@ class _Bill:
         self.requests: list[str] = []  # request windows counted (undone if refused)
         self.unreserved: list[tuple[str, float, Scope]] = []  # budgets to add the actual to
         self.headers: list[tuple[bytes, bytes]] = []
+        self.downgrade: str | None = None  # the cheaper alias a budget past its `downgrade.at` sends it to
         self.settled = False
 
 
@@ -109,19 +111,14 @@ class Accounting:
         self.rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
         self.scopes = ScopeIndex(policy)
         self._tasks: set[asyncio.Task[Any]] = set()
-        # The store's counter operations by what they do: awaited on a remote store; on the in-process one,
-        # answered in line (`_in_line`), so that a request's accounting adds no coroutine per operation.
+        # The store's counter operations by what they do, awaited on a remote store.
         self._remote: dict[str, Callable[..., Awaitable[Any]]] = {
             "concurrent": store.acquire_slot, "rpm": store.reserve_window, "tpm": store.reserve_window,
             "budget": store.reserve, "spend": store.settle, "settle": store.settle, "release": store.release_slot,
         }
-        self._in_line: dict[str, Callable[..., Any]] | None = None
-        if isinstance(store, MemoryStore):
-            self._in_line = {
-                "concurrent": store.acquire_slot_now, "rpm": store.reserve_window_now, "tpm": store.reserve_window_now,
-                "budget": store.reserve_now, "spend": store.settle_now, "settle": store.settle_now,
-                "release": store.release_slot_now,
-            }
+        # The in-process store: its operations answered in line (`_admit_in_line`, `_settle_in_line`), so that
+        # a request's accounting adds no coroutine per operation.
+        self._in_line = store if isinstance(store, MemoryStore) else None
         self._gauges: dict[tuple[str, str], BudgetLeft] = {}  # by scope
         self._gauges_by_label: dict[tuple[str, str], BudgetLeft] = {}
         self._reservation_drift = Children(metrics.reservation_drift)  # by alias
@@ -205,33 +202,75 @@ class Accounting:
             self._unavailable(bill, scopes.budgeted)
 
     def _admit_in_line(self, ctx: RequestContext, bill: _Bill, scopes: Scopes) -> None:
-        """`_admit` on the in-process store: the same steps, every operation answered in line."""
+        """`_admit` on the in-process store: the same steps, each operation answered in line as it is planned
+        (no plan to build: this runs on every limited request). A counter that fails stops the checks there."""
         if scopes.needs_tokens:
             self._size(ctx, bill)
         try:
             if scopes.limited:
-                ops = self._limit_ops(ctx, bill, scopes.limited)
-                self._limits(bill, ops, self._run_in_line(ops))
+                self._limits_in_line(ctx, bill, scopes.limited)
             if scopes.budgeted:
-                ops = self._budget_ops(ctx, bill, scopes.budgeted)
-                self._budgets(ctx, bill, ops, self._run_in_line(ops))
+                self._budgets_in_line(ctx, bill, scopes.budgeted)
         except StoreUnavailable:
             self._unavailable(bill, scopes.budgeted)
 
-    def _run_in_line(self, ops: list[_Op]) -> list[Any]:
-        """Every result (or its `StoreUnavailable`), in order, from the in-process store."""
-        in_line = self._in_line
-        assert in_line is not None
-        results: list[Any] = []
-        for kind, _, args in ops:
-            try:
-                results.append(in_line[kind](*args))
-            except StoreUnavailable as exc:
-                results.append(exc)
-        return results
+    def _limits_in_line(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
+        """`_limit_ops` and `_limits` in one pass over the scopes."""
+        store = self._in_line
+        assert store is not None
+        refused: tuple[str, Scope, float] | None = None
+        requests: list[WindowReservation] = []
+        token_windows: list[WindowReservation] = []
+        holder = ""
+        for scope in scopes:
+            limits = scope.limits
+            assert limits is not None
+            if limits.concurrent:
+                holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
+                if store.acquire_slot_now(scope.slot_key, holder, limits.concurrent, self.lease_s)[0]:
+                    bill.slots.append((scope.slot_key, holder))
+                elif refused is None:
+                    refused = ("concurrent", scope, 1.0)
+            if limits.rpm:
+                answer = store.reserve_window_now(scope.rpm_key, 1, limits.rpm, WINDOW_S)
+                requests.append(answer)
+                if answer.ok:
+                    bill.requests.append(scope.rpm_key)
+                elif refused is None:
+                    refused = ("rpm", scope, answer.reset_s)
+            if limits.tpm:
+                tokens = bill.prompt_estimate + bill.completion_cap
+                answer = store.reserve_window_now(scope.tpm_key, tokens, limits.tpm, WINDOW_S)
+                token_windows.append(answer)
+                if answer.ok:
+                    bill.tokens.append(_Held(scope.tpm_key, float(tokens), WINDOW_S, scope))
+                elif refused is None:
+                    refused = ("tpm", scope, answer.reset_s)
+        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
+                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
+        if refused is not None:
+            self._refuse(bill, *refused)
+
+    def _budgets_in_line(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> None:
+        """`_budget_ops` and `_budgets` in one pass over the scopes."""
+        store = self._in_line
+        assert store is not None
+        rate_in, rate_out = self.rates.get(ctx.alias_label, _NO_RATES)  # `_reservation`, in line
+        cost = bill.cost_reserved = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
+        now = time.time()
+        hard: Scope | None = None
+        for scope in scopes:
+            budget, keys = scope.budget, scope.budget_keys
+            assert budget is not None and keys is not None
+            key, ttl = keys.at(now)
+            if not self._budget_answer(bill, scope, key, cost, ttl, store.reserve_now(key, cost, budget.usd, ttl)):
+                hard = hard or scope
+        if hard is not None or bill.downgrade is not None:
+            self._budgets_done(ctx, bill, hard)
 
     def _size(self, ctx: RequestContext, bill: _Bill) -> None:
-        bill.prompt_estimate = self.prompts.estimate(ctx)
+        route = ctx.route
+        bill.prompt_estimate = self.prompts.estimate_body(ctx.body, route.upstream_model if route is not None else None)
         bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
 
     def _unavailable(self, bill: _Bill, budgeted: list[Scope]) -> None:
@@ -299,19 +338,25 @@ class Accounting:
         bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
                                           token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
         if refused is not None:
-            kind, scope, reset = refused
-            self.metrics.limit_rejections.labels(kind, scope.kind).inc()
-            self._spawn(self._release(bill))
-            what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
-            headers = {n.decode(): v.decode() for n, v in bill.headers}
-            headers["Retry-After"] = str(max(1, math.ceil(reset)))
-            raise RateLimited(f"rate limit reached: {what[kind]} of this {scope.kind}; retry after "
-                              f"{duration(reset)}", headers=headers)
+            self._refuse(bill, *refused)
+
+    def _refuse(self, bill: _Bill, kind: str, scope: Scope, reset: float) -> None:
+        """A limit refused: undo what the request took, answer 429 with `Retry-After`."""
+        self.metrics.limit_rejections.labels(kind, scope.kind).inc()
+        self._spawn(self._release(bill))
+        what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
+        headers = {n.decode(): v.decode() for n, v in bill.headers}
+        headers["Retry-After"] = str(max(1, math.ceil(reset)))
+        raise RateLimited(f"rate limit reached: {what[kind]} of this {scope.kind}; retry after "
+                          f"{duration(reset)}", headers=headers)
+
+    def _reservation(self, ctx: RequestContext, bill: _Bill) -> float:
+        """The request's largest possible cost, at the dearest rates of the alias's targets."""
+        rate_in, rate_out = self.rates.get(ctx.alias_label, _NO_RATES)
+        return (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
 
     def _budget_ops(self, ctx: RequestContext, bill: _Bill, scopes: list[Scope]) -> list[_Op]:
-        rate_in, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
-        cost = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
-        bill.cost_reserved = cost
+        cost = bill.cost_reserved = self._reservation(ctx, bill)
         now = time.time()
         ops: list[_Op] = []
         for scope in scopes:
@@ -324,37 +369,45 @@ class Accounting:
     def _budgets(self, ctx: RequestContext, bill: _Bill, ops: list[_Op], results: list[Any]) -> None:
         failure: BaseException | None = None
         hard: Scope | None = None
-        downgrade: str | None = None
         for index, (_, scope, (key, cost, _, ttl)) in enumerate(ops):  # results[index] answers ops[index]
             result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
-                continue
-            budget = scope.budget
-            assert budget is not None
-            answer: Reservation = result
-            left = answer.remaining
-            self._budget_left(scope).show(left, left / budget.usd)
-            if answer.ok:
-                bill.budgets.append(_Held(key, cost, ttl, scope, budget))
-                spent = answer.total / budget.usd
-            elif budget.mode == "soft":
-                bill.unreserved.append((key, ttl, scope))
-                self.metrics.budget_soft_exceeded.labels(scope.kind).inc()
-                bill.headers.append((b"x-gateway-budget-exceeded", scope.kind.encode()))
-                spent = 1.0
-            else:
+            elif not self._budget_answer(bill, scope, key, cost, ttl, result):
                 hard = hard or scope
-                continue
-            if budget.downgrade is not None and spent >= budget.downgrade.at and downgrade is None:
-                downgrade = budget.downgrade.alias
         if failure is not None:
             raise failure
+        self._budgets_done(ctx, bill, hard)
+
+    def _budget_answer(self, bill: _Bill, scope: Scope, key: str, cost: float, ttl: float, answer: Reservation) -> bool:
+        """One budget's answer, taken into the bill; False when a hard budget refused."""
+        budget = scope.budget
+        assert budget is not None
+        left = answer.limit - answer.total  # `answer.remaining`, without a property call
+        left = left if left > 0.0 else 0.0
+        self._budget_left(scope).show(left, left / budget.usd)
+        if answer.ok:
+            bill.budgets.append(_Held(key, cost, ttl, scope, budget))
+            spent = answer.total / budget.usd
+        elif budget.mode == "soft":
+            bill.unreserved.append((key, ttl, scope))
+            self.metrics.budget_soft_exceeded.labels(scope.kind).inc()
+            bill.headers.append((b"x-gateway-budget-exceeded", scope.kind.encode()))
+            spent = 1.0
+        else:
+            return False
+        if budget.downgrade is not None and spent >= budget.downgrade.at and bill.downgrade is None:
+            bill.downgrade = budget.downgrade.alias
+        return True
+
+    def _budgets_done(self, ctx: RequestContext, bill: _Bill, hard: Scope | None) -> None:
+        """After every budget answered: refuse (a hard one had no room), or downgrade (one is past its mark)."""
         if hard is not None:
             self.metrics.limit_rejections.labels("budget", hard.kind).inc()
             self._spawn(self._release(bill))
             raise BudgetExceeded(f"the {hard.kind}'s budget for this period is spent",
                                  headers={n.decode(): v.decode() for n, v in bill.headers})
+        downgrade = bill.downgrade
         if downgrade is not None and downgrade != ctx.alias_label:
             route = ctx.runtime.policy.models.get(downgrade)
             if route is not None:
@@ -412,18 +465,33 @@ class Accounting:
         self._settled(ctx, bill, cost)
 
     def _settle_in_line(self, ctx: RequestContext, bill: _Bill) -> None:
-        """`_settle` on the in-process store: the same operations, answered in line."""
+        """`_settle` on the in-process store: the same operations as `_settle_ops`, answered in line."""
         if bill.settled:
             return
         bill.settled = True
         cost = self._price(ctx)
-        in_line = self._in_line
-        assert in_line is not None
-        for kind, args in self._settle_ops(ctx, bill, cost):
+        store = self._in_line
+        assert store is not None
+        for held in bill.budgets:
             try:
-                in_line[kind](*args)
+                store.settle_now(held.key, held.reserved, cost, held.ttl_s)
             except StoreUnavailable:
-                self._unsettled(kind, args)
+                self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
+        for key, ttl, _ in bill.unreserved:
+            try:
+                store.settle_now(key, 0.0, cost, ttl)
+            except StoreUnavailable:
+                self._unsettled("spend", (key, 0.0, cost, ttl))
+        if bill.tokens:
+            usage = ctx.usage
+            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            for held in bill.tokens:
+                try:
+                    store.settle_now(held.key, held.reserved, actual, WINDOW_S)
+                except StoreUnavailable:
+                    self._unsettled("settle", ())
+        for key, holder in bill.slots:
+            store.release_slot_now(key, holder)
         self._settled(ctx, bill, cost)
 
     def _settle_ops(self, ctx: RequestContext, bill: _Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
@@ -456,7 +524,8 @@ class Accounting:
         reserved = bill.cost_reserved > 0 and ctx.upstream_started
         estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
         if reserved or estimated:
-            reservation, tokens = self._drift(ctx.alias_label)
+            alias = ctx.alias_label
+            reservation, tokens = self._drifts.get(alias) or self._drift(alias)
             if reserved:
                 reservation.observe(cost / bill.cost_reserved)
             if estimated:

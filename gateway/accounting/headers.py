@@ -47,15 +47,20 @@ def rate_limit_headers(
     """The three headers of each window given (limit, remaining, reset), as bytes: the limit and the reset
     are formatted once per value (a policy's limits and a window's whole seconds take few), only the
     remaining count per request."""
-    if requests is None:
-        return [] if tokens is None else _window(_TOKENS, tokens)
     if tokens is None:
-        return _window(_REQUESTS, requests)
+        if requests is None:
+            return []
+        _, total, limit, reset = requests  # the usual case (requests per minute only), in line
+        return [(_REQUESTS[0], _whole(limit)),
+                (_REQUESTS[1], b"%d" % (limit - total) if limit > total else b"0"),
+                (_REQUESTS[2], _seconds(int(reset + 0.999)) if reset >= 1 else duration(reset).encode())]
+    if requests is None:
+        return _window(_TOKENS, tokens)
     return [*_window(_REQUESTS, requests), *_window(_TOKENS, tokens)]
 
 
 def _window(names: tuple[bytes, bytes, bytes], answer: WindowReservation) -> list[tuple[bytes, bytes]]:
-    limit, total, reset = answer.limit, answer.total, answer.reset_s
+    _, total, limit, reset = answer
     return [(names[0], _whole(limit)), (names[1], b"%d" % (limit - total) if limit > total else b"0"),
             (names[2], _seconds(int(reset + 0.999)) if reset >= 1 else duration(reset).encode())]
 

@@ -74,10 +74,9 @@ class _Bill:
     """Per request: what was reserved, and what the answer must settle."""
 
     __slots__ = ("budgets", "completion_cap", "cost_reserved", "downgrade", "explicit_cap", "headers",
-                 "prompt_estimate", "requests", "scopes", "settled", "slots", "tokens", "unreserved")
+                 "prompt_estimate", "requests", "settled", "slots", "tokens", "unreserved")
 
-    def __init__(self, scopes: list[Scope]) -> None:  # made on every limited request: no dataclass factories
-        self.scopes = scopes
+    def __init__(self) -> None:  # made on every limited request: no dataclass factories
         self.prompt_estimate = 0
         self.completion_cap = 0
         self.explicit_cap = False
@@ -146,7 +145,7 @@ class Accounting:
                 await self._answer_usage(ctx, reply)
                 self._record(ctx, self._price(ctx))
             return reply
-        bill = _Bill(scopes.all)
+        bill = _Bill()
         if self._in_line is not None:
             self._admit_in_line(ctx, bill, scopes)
         else:
@@ -167,9 +166,9 @@ class Accounting:
             reply.stream.add(_StreamBill(self, bill))
             return reply
         await self._answer_usage(ctx, reply)
-        self._price(ctx)  # the header and the access log (telemetry) read it from the context
+        cost = self._price(ctx)  # the header and the access log (telemetry) read it from the context
         if self._in_line is not None:  # settling in memory never waits: no task needed beside the reply
-            self._settle_in_line(ctx, bill)
+            self._settle_in_line(ctx, bill, cost)
         elif self.store.in_process:
             await self._settle(ctx, bill)
         else:
@@ -385,7 +384,7 @@ class Accounting:
         assert budget is not None
         left = answer.limit - answer.total  # `answer.remaining`, without a property call
         left = left if left > 0.0 else 0.0
-        self._budget_left(scope).show(left, left / budget.usd)
+        (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
         if answer.ok:
             bill.budgets.append(_Held(key, cost, ttl, scope, budget))
             spent = answer.total / budget.usd
@@ -426,6 +425,7 @@ class Accounting:
                                                                  self.metrics.budget_remaining_ratio.labels(*label))
             if len(self._gauges) < 10_000:
                 self._gauges[(scope.kind, scope.name)] = left
+        scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
         return left
 
     async def _release(self, bill: _Bill) -> None:
@@ -464,12 +464,12 @@ class Accounting:
                 self._unsettled(kind, args)
         self._settled(ctx, bill, cost)
 
-    def _settle_in_line(self, ctx: RequestContext, bill: _Bill) -> None:
-        """`_settle` on the in-process store: the same operations as `_settle_ops`, answered in line."""
+    def _settle_in_line(self, ctx: RequestContext, bill: _Bill, cost: float) -> None:
+        """`_settle` on the in-process store (`cost`: the answer's, from `_price`): the same operations as
+        `_settle_ops`, answered in line."""
         if bill.settled:
             return
         bill.settled = True
-        cost = self._price(ctx)
         store = self._in_line
         assert store is not None
         for held in bill.budgets:
@@ -651,9 +651,9 @@ class _StreamBill:
         stage = self._stage
         if ctx.usage is None and ctx.upstream_started:
             ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
-        stage._price(ctx)
+        cost = stage._price(ctx)
         if stage._in_line is not None:
-            stage._settle_in_line(ctx, self._bill)
+            stage._settle_in_line(ctx, self._bill, cost)
         else:
             await stage._settle(ctx, self._bill)
 

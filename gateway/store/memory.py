@@ -67,11 +67,12 @@ class MemoryStore:
 
     def __init__(self, config: StoreConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config or StoreConfig()
-        self._prefix = self._config.key_prefix
         self._clock = clock
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         self._sized: OrderedDict[str, int] = OrderedDict()  # byte-bounded keys: their sizes, in LRU order
-        self._sized_prefix = self._prefix + self._config.bytes_prefix
+        # Keys are kept without `key_prefix`: it keeps stores that share a backend apart, and no other store
+        # shares these maps (and a key the caller keeps has its hash computed once, not per operation).
+        self._sized_prefix = self._config.bytes_prefix
         self.bytes = 0  # the sum of `_sized`
         self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
         self._channels: dict[str, set[QueueChannel]] = {}
@@ -115,46 +116,44 @@ class MemoryStore:
     # -- keys ------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
-        entry = self._live(self._prefix + key)
+        entry = self._live(key)
         return None if entry is None else _bytes(entry.value)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        found = [self._live(self._prefix + key) for key in keys]
+        found = [self._live(key) for key in keys]
         return [None if entry is None else _bytes(entry.value) for entry in found]
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
-        self._put(self._prefix + key, bytes(value), self._expiry(ttl_ms(ttl_s)))
+        self._put(key, bytes(value), self._expiry(ttl_ms(ttl_s)))
 
     async def delete(self, key: str) -> bool:
-        full = self._prefix + key
-        if self._live(full) is None:
+        if self._live(key) is None:
             return False
-        self._drop(full)
+        self._drop(key)
         return True
 
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
         ttl = ttl_ms(ttl_s)
-        entry = self._live(self._prefix + key)
+        entry = self._live(key)
         current = None if entry is None else _bytes(entry.value)
         if current != expected:
             return False
-        self._put(self._prefix + key, bytes(new), self._expiry(ttl))
+        self._put(key, bytes(new), self._expiry(ttl))
         return True
 
     # -- counters --------------------------------------------------------------------------------------
 
     async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
         window = check_window(amount, window_s)
-        full = self._prefix + key
-        entry, current = self._counter(full, self._clock())
+        entry, current = self._counter(key, self._clock())
         count = current + amount
         expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
-        self._write(full, entry, count, expires_at)
+        self._write(key, entry, count, expires_at)
         return WindowCount(count, self._remaining(expires_at, window))
 
     async def get_window(self, key: str, window_s: float) -> WindowCount:
         window = check_window(0, window_s)
-        entry, current = self._counter(self._prefix + key, self._clock())
+        entry, current = self._counter(key, self._clock())
         if entry is None:
             return WindowCount(0, window / 1000)
         return WindowCount(current, self._remaining(entry.expires_at, window))
@@ -182,19 +181,18 @@ class MemoryStore:
         cap = _limit_units(limit)
         if ttl_s is not None and not 0.0 < ttl_s < _INF:  # checked on every call, as `ttl_ms` would
             ttl_ms(ttl_s)
-        full = self._prefix + key
-        entry = self._data.get(full)
+        entry = self._data.get(key)
         if entry is not None and type(entry.value) is int and entry.expires_at is not None \
                 and entry.expires_at > self._clock():  # a live counter (the usual case): read in line
-            self._data.move_to_end(full)
+            self._data.move_to_end(key)
             current = entry.value
         else:
-            entry, current = self._counter(full, self._clock())
+            entry, current = self._counter(key, self._clock())
         total = current + units
         if total > cap:
             return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
         if entry is None or entry.expires_at is None or type(entry.value) is not int:
-            self._write(full, entry, total, self._expiry(ttl_ms(ttl_s)))
+            self._write(key, entry, total, self._expiry(ttl_ms(ttl_s)))
         else:  # a live integer counter with its TTL (never byte-bounded), already the most recent: in place
             entry.value = total
         return _new(Reservation, (True, total / AMOUNT_SCALE, limit))
@@ -205,18 +203,17 @@ class MemoryStore:
                     else to_units(reserved, "reserved")))
         if ttl_s is not None and not 0.0 < ttl_s < _INF:
             ttl_ms(ttl_s)
-        full = self._prefix + key
-        entry = self._data.get(full)
+        entry = self._data.get(key)
         if entry is not None and type(entry.value) is int and entry.expires_at is not None \
                 and entry.expires_at > self._clock():  # as in `reserve_now`
-            self._data.move_to_end(full)
+            self._data.move_to_end(key)
             current = entry.value
         else:
-            entry, current = self._counter(full, self._clock())
+            entry, current = self._counter(key, self._clock())
         total = current + delta
         total = total if total > 0 else 0
         if entry is None or entry.expires_at is None or type(entry.value) is not int:
-            self._write(full, entry, total, self._expiry(ttl_ms(ttl_s)))
+            self._write(key, entry, total, self._expiry(ttl_ms(ttl_s)))
         else:
             entry.value = total
         return total / AMOUNT_SCALE
@@ -224,15 +221,14 @@ class MemoryStore:
     def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
         units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
         cap, window = _limit_units(limit), _window_ms(window_s)
-        full = self._prefix + key
         now = self._clock()
-        entry = self._data.get(full)
+        entry = self._data.get(key)
         expires_at = entry.expires_at if entry is not None else None
         if entry is not None and expires_at is not None and expires_at > now and type(entry.value) is int:
-            self._data.move_to_end(full)  # a live counter (the usual case): read in line, as in `reserve_now`
+            self._data.move_to_end(key)  # a live counter (the usual case): read in line, as in `reserve_now`
             current = entry.value
         else:
-            entry, current = self._counter(full, now)
+            entry, current = self._counter(key, now)
             expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
             expires_at = now + window / 1000
@@ -242,7 +238,7 @@ class MemoryStore:
         if total > cap:
             return _new(WindowReservation, (False, current / AMOUNT_SCALE, limit, reset))
         if entry is None or entry.expires_at is None or type(entry.value) is not int:
-            self._write(full, entry, total, expires_at)
+            self._write(key, entry, total, expires_at)
         else:
             entry.value = total
         return _new(WindowReservation, (True, total / AMOUNT_SCALE, limit, reset))
@@ -253,118 +249,114 @@ class MemoryStore:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit!r}")
         now = self._clock()
-        full = self._prefix + key
-        held = {h: at for h, at in self._slots.get(full, {}).items() if at > now}
+        held = {h: at for h, at in self._slots.get(key, {}).items() if at > now}
         if holder not in held:
             if len(held) >= limit:
-                self._slots[full] = held
+                self._slots[key] = held
                 return False, len(held)
             held[holder] = now + lease / 1000
-        self._slots[full] = held
+        self._slots[key] = held
         return True, len(held)
 
     def release_slot_now(self, key: str, holder: str) -> None:
-        full = self._prefix + key
-        held = self._slots.get(full)
+        held = self._slots.get(key)
         if held is not None:
             held.pop(holder, None)
             if not held:
-                del self._slots[full]
+                del self._slots[key]
 
     # -- pub/sub ---------------------------------------------------------------------------------------
 
     async def publish(self, channel: str, message: bytes) -> None:
-        for subscriber in tuple(self._channels.get(self._prefix + channel, ())):
+        for subscriber in tuple(self._channels.get(channel, ())):
             subscriber.push(bytes(message))
 
     async def subscribe(self, channel: str) -> Channel:
-        full = self._prefix + channel
         subscriber = QueueChannel(channel, self._config.channel_buffer, self._unsubscribe)
-        self._channels.setdefault(full, set()).add(subscriber)
+        self._channels.setdefault(channel, set()).add(subscriber)
         return subscriber
 
     async def _unsubscribe(self, subscriber: QueueChannel) -> None:
-        full = self._prefix + subscriber.name
-        subscribers = self._channels.get(full)
+        subscribers = self._channels.get(subscriber.name)
         if subscribers is not None:
             subscribers.discard(subscriber)
             if not subscribers:
-                del self._channels[full]
+                del self._channels[subscriber.name]
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _live(self, full_key: str) -> _Entry | None:
-        entry = self._data.get(full_key)
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._data.get(key)
         if entry is None:
             return None
         if entry.expires_at is not None and entry.expires_at <= self._clock():
-            self._drop(full_key)
+            self._drop(key)
             return None
-        self._data.move_to_end(full_key)
-        if full_key in self._sized:
-            self._sized.move_to_end(full_key)
+        self._data.move_to_end(key)
+        if key in self._sized:
+            self._sized.move_to_end(key)
         return entry
 
-    def _counter(self, full_key: str, now: float) -> tuple[_Entry | None, int]:
+    def _counter(self, key: str, now: float) -> tuple[_Entry | None, int]:
         """`_live` and the counter's value in one call (the counter operations' first step): the live entry,
         if any, and its value (0 when absent; a value set as bytes is parsed, as Redis would). `now`: the
         store's clock, read once by the caller."""
-        entry = self._data.get(full_key)
+        entry = self._data.get(key)
         if entry is None:
             return None, 0
         if entry.expires_at is not None and entry.expires_at <= now:
-            self._drop(full_key)
+            self._drop(key)
             return None, 0
-        self._data.move_to_end(full_key)
+        self._data.move_to_end(key)
         value = entry.value
         if type(value) is int:
             return entry, value
-        if full_key in self._sized:
-            self._sized.move_to_end(full_key)
+        if key in self._sized:
+            self._sized.move_to_end(key)
         try:
             return entry, int(value)
         except ValueError:
             raise StoreUnavailable(_NOT_A_COUNTER) from None
 
-    def _bounded(self, full_key: str) -> bool:
+    def _bounded(self, key: str) -> bool:
         """Whether a key's values count towards `max_bytes` (then they are kept as bytes, to be sized)."""
-        return self._config.max_bytes is not None and full_key.startswith(self._sized_prefix)
+        return self._config.max_bytes is not None and key.startswith(self._sized_prefix)
 
-    def _write(self, full_key: str, entry: _Entry | None, count: int, expires_at: float | None) -> None:
+    def _write(self, key: str, entry: _Entry | None, count: int, expires_at: float | None) -> None:
         """Store a counter just read by `_counter` (`entry`): a live key outside the byte bound is changed in
         place (it is already the most recent, and the key count is unchanged), the rest go through `_put`."""
-        if entry is None or self._bounded(full_key):
-            self._put(full_key, count, expires_at)
+        if entry is None or self._bounded(key):
+            self._put(key, count, expires_at)
         else:
             entry.value = count
             entry.expires_at = expires_at
 
-    def _put(self, full_key: str, value: bytes | int, expires_at: float | None) -> None:
+    def _put(self, key: str, value: bytes | int, expires_at: float | None) -> None:
         limit = self._config.max_bytes
-        sized = limit is not None and full_key.startswith(self._sized_prefix)
+        sized = limit is not None and key.startswith(self._sized_prefix)
         if sized and type(value) is int:
             value = b"%d" % value
-        self._data[full_key] = _Entry(value, expires_at)
-        self._data.move_to_end(full_key)
+        self._data[key] = _Entry(value, expires_at)
+        self._data.move_to_end(key)
         if sized:
             assert limit is not None and isinstance(value, bytes)
             if len(value) > limit:  # could never fit: drop it rather than everything else
-                self._evict(full_key)
+                self._evict(key)
                 return
-            self.bytes += len(value) - self._sized.pop(full_key, 0)
-            self._sized[full_key] = len(value)
+            self.bytes += len(value) - self._sized.pop(key, 0)
+            self._sized[key] = len(value)
             while self.bytes > limit and self._sized:
                 self._evict(next(iter(self._sized)))
         while len(self._data) > self._config.max_entries:
             self._evict(next(iter(self._data)))
 
-    def _evict(self, full_key: str) -> None:
-        self._drop(full_key)
+    def _evict(self, key: str) -> None:
+        self._drop(key)
         self.evictions += 1
 
-    def _drop(self, full_key: str) -> None:
-        self._data.pop(full_key, None)
-        size = self._sized.pop(full_key, None)
+    def _drop(self, key: str) -> None:
+        self._data.pop(key, None)
+        size = self._sized.pop(key, None)
         if size is not None:
             self.bytes -= size
 
@@ -380,14 +372,14 @@ class MemoryStore:
         """Drop every expired key now; how many. Runs periodically after `start()`."""
         now = self._clock()
         expired = [k for k, e in self._data.items() if e.expires_at is not None and e.expires_at <= now]
-        for full_key in expired:
-            self._drop(full_key)
-        for full_key, held in list(self._slots.items()):
+        for key in expired:
+            self._drop(key)
+        for key, held in list(self._slots.items()):
             live = {h: at for h, at in held.items() if at > now}
             if live:
-                self._slots[full_key] = live
+                self._slots[key] = live
             else:
-                del self._slots[full_key]
+                del self._slots[key]
         return len(expired)
 
     def __len__(self) -> int:

@@ -46,8 +46,11 @@ class Admission(StageState):
     def _admit_in_line(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:
         """`_admit` on the in-process store: the same steps, each operation answered in line as it is planned
         (no plan to build: this runs on every limited request). A counter that fails stops the checks there."""
-        if scopes.needs_tokens:
-            self._size(ctx, bill)
+        if scopes.needs_tokens:  # `_size`, in line
+            route = ctx.route
+            body = ctx.body
+            bill.prompt_estimate = self.prompts.estimate_body(body, route.upstream_model if route is not None else None)
+            bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
         try:
             if scopes.limited:
                 self._limits_in_line(ctx, bill, scopes.limited)
@@ -105,7 +108,13 @@ class Admission(StageState):
             budget, keys = scope.budget, scope.budget_keys
             assert budget is not None and keys is not None
             key, ttl = keys.at(now)
-            if not self._budget_answer(bill, scope, key, cost, ttl, store.reserve_now(key, cost, budget.usd, ttl)):
+            answer = store.reserve_now(key, cost, budget.usd, ttl)
+            if answer.ok and budget.downgrade is None:  # the usual case: `_budget_answer`'s first steps, in line
+                left = answer.limit - answer.total
+                left = left if left > 0.0 else 0.0
+                (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
+                bill.budgets.append(Held(key, cost, ttl, scope, budget))
+            elif not self._budget_answer(bill, scope, key, cost, ttl, answer):
                 hard = hard or scope
         if hard is not None or bill.downgrade is not None:
             self._budgets_done(ctx, bill, hard)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -38,18 +37,7 @@ _INF = float("inf")
 _FAST_AMOUNT = 9e9  # amounts in [0, this) convert in line (`to_units` checks the rest, and refuses NaN)
 
 
-@functools.lru_cache(maxsize=256)
-def _limit_units(limit: float) -> int:
-    """`to_units(limit)`: a limit is one of the policy's few values, checked and converted once each."""
-    return to_units(limit, "limit")
-
-
-@functools.lru_cache(maxsize=256)
-def _window_ms(window_s: float) -> int:
-    """`check_window`'s window length in milliseconds (the stage's windows are all one minute)."""
-    window = ttl_ms(window_s)
-    assert window is not None
-    return window
+_KNOWN = 256  # limits and window lengths kept checked and converted (a policy's few values)
 
 
 @dataclass(slots=True)
@@ -77,6 +65,8 @@ class MemoryStore:
         self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
         self._channels: dict[str, set[QueueChannel]] = {}
         self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: lease expiry}; emptied sets are dropped
+        self._caps: dict[float, int] = {}  # limit -> its integer millionths, for at most _KNOWN limits
+        self._windows: dict[float, int] = {}  # window_s -> milliseconds, likewise
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -178,7 +168,10 @@ class MemoryStore:
 
     def reserve_now(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
         units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
-        cap = _limit_units(limit)
+        try:
+            cap = self._caps[limit]
+        except KeyError:
+            cap = self._cap(limit)
         if ttl_s is not None and not 0.0 < ttl_s < _INF:  # checked on every call, as `ttl_ms` would
             ttl_ms(ttl_s)
         entry = self._data.get(key)
@@ -220,7 +213,10 @@ class MemoryStore:
 
     def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
         units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
-        cap, window = _limit_units(limit), _window_ms(window_s)
+        try:
+            cap, window = self._caps[limit], self._windows[window_s]
+        except KeyError:
+            cap, window = self._cap(limit), self._window(window_s)
         now = self._clock()
         entry = self._data.get(key)
         expires_at = entry.expires_at if entry is not None else None
@@ -317,6 +313,21 @@ class MemoryStore:
             return entry, int(value)
         except ValueError:
             raise StoreUnavailable(_NOT_A_COUNTER) from None
+
+    def _cap(self, limit: float) -> int:
+        """`to_units(limit)`, checked, and kept for the next operations (a policy has few limits)."""
+        units = to_units(limit, "limit")
+        if len(self._caps) < _KNOWN:
+            self._caps[limit] = units
+        return units
+
+    def _window(self, window_s: float) -> int:
+        """`check_window`'s window length in milliseconds, checked, and kept like `_cap`."""
+        window = ttl_ms(window_s)
+        assert window is not None
+        if len(self._windows) < _KNOWN:
+            self._windows[window_s] = window
+        return window
 
     def _bounded(self, key: str) -> bool:
         """Whether a key's values count towards `max_bytes` (then they are kept as bytes, to be sized)."""

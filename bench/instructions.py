@@ -17,8 +17,9 @@ about a minute.
 
 A spec is `GATEWAY:ALIAS:MODE[:KEY]`: GATEWAY `main` (the features policy) or `telemetry`
 (the same policy with the access log and quality signals, as the telemetry rows of
-`bench/features.py`), an alias of that policy, MODE `json` or `sse`, KEY `plain` (default)
-or `accounted` (the key with an RPM limit and a budget).
+`bench/features.py`), an alias of that policy, MODE `json` or `sse`, KEY `plain` (default),
+`accounted` (the key with an RPM limit and a budget) or `redis` (that key, with the policy's state in
+Redis: `GATEWAY_TEST_REDIS_URL`, else redis://127.0.0.1:6379/15, under a prefix of its own, dropped after).
 
 A spec `scale:STREAMS:INTERVAL_MS:CHUNKS` counts instructions per forwarded event instead, on
 slow streams as in the scale row (`bench/scale.py` `count_instructions`: the scale policy, the
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import hashlib
+import os
 import shutil
 import subprocess
 import sys
@@ -49,13 +51,16 @@ from bench.harness import HOST, BenchError, Service, free_port, nginx_upstream, 
 WARM_UP = 300
 
 
-def policy_text(gateway: str, upstream_port: int, port: int) -> str:
+REDIS_URL = os.environ.get("GATEWAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+
+
+def policy_text(gateway: str, upstream_port: int, port: int, state: str = "") -> str:
     digest = "sha256:" + hashlib.sha256(features.KEY.encode()).hexdigest()
     accounted = "sha256:" + hashlib.sha256(features.ACCOUNTED_KEY.encode()).hexdigest()
     text = features.TEMPLATE.read_text()
     for name, value in (("{port}", str(upstream_port)), ("{gateway_port}", str(port)), ("{key_hash}", digest),
                         ("{ner_model}", str(features.NER_MODEL)), ("{accounted_key_hash}", accounted),
-                        ("{state}", "")):
+                        ("{state}", state)):
         text = text.replace(name, value)
     if gateway == "telemetry":
         text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + features.TELEMETRY_POLICY
@@ -96,15 +101,40 @@ def wait_ready(url: str, body: bytes, key: str, timeout: float = 120.0) -> None:
 def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -> float:
     """Millions of instructions per request for one spec."""
     gateway, alias, mode, *rest = spec.split(":")
-    key = features.ACCOUNTED_KEY if rest == ["accounted"] else features.KEY
+    key = features.ACCOUNTED_KEY if rest in (["accounted"], ["redis"]) else features.KEY
     port = free_port()
+    prefix = f"gwinstr:{os.getpid()}:{port}:"
+    state = f'state: {{backend: redis, url_env: BENCH_REDIS_URL, key_prefix: "{prefix}"}}' if rest == ["redis"] else ""
     policy = wd / f"policy-{port}.yaml"
-    policy.write_text(policy_text(gateway, upstream_port, port))
+    policy.write_text(policy_text(gateway, upstream_port, port, state))
+    try:
+        return _count(spec, port, policy, wd, key, alias, mode, requests, prompt)
+    finally:
+        if state:
+            _drop_prefix(prefix)
+
+
+def _drop_prefix(prefix: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(REDIS_URL)
+    try:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, mode: str, requests: int,
+           prompt: str) -> float:
+    """`count` for a policy file already written: the gateway under callgrind, warmed, then counted."""
     out = wd / f"callgrind-{port}.out"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
             str(REPO / ".venv" / "bin" / "python"), "-m", "gateway", "serve", "--policy", str(policy),
             "--host", HOST, "--port", str(port)]
-    with Service(f"gateway-{port}", argv, log_dir=wd, cpu="1", env={"BENCH_UPSTREAM_KEY": "sk-bench"}) as service:
+    env = {"BENCH_UPSTREAM_KEY": "sk-bench", "BENCH_REDIS_URL": REDIS_URL}
+    with Service(f"gateway-{port}", argv, log_dir=wd, cpu="1", env=env) as service:
         url = f"http://{HOST}:{port}/v1/chat/completions"
         body = features.body(alias, mode == "sse", prompt)
         wait_ready(url, body, key)

@@ -116,6 +116,28 @@ def test_prompt_estimate_counts_overhead_tools_and_images() -> None:
         tokens.count("hello world", "gpt-4o") + 3)
 
 
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4", None])
+def test_prompt_estimate_of_plain_chat_equals_the_general_count(model: str | None) -> None:
+    """The estimator's short loop for role-and-text messages counts exactly what `count_messages` counts."""
+    from gateway.accounting.prompt import PromptEstimator
+
+    tokens = TokenCounter()
+    tokens.load(["gpt-4o"])
+    estimator = PromptEstimator(tokens)
+    shapes = [
+        [{"role": "user", "content": "hello world"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sag hallo, 你好 🎉"},
+         {"role": "assistant", "content": ""}, {"role": "developer", "content": "x" * 300}],
+        [{"role": "user", "content": "hi", "name": "ann"}],  # a name: the general count
+        [{"role": "custom-role", "content": "hi"}],
+        [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        [],
+    ]
+    for _ in range(2):  # the second time with the role counts kept
+        for messages in shapes:
+            assert estimator.estimate_body({"messages": messages}, model) == tokens.count_messages(messages, model)
+
+
 def test_scope_index_rereads_a_key_whose_record_changed() -> None:
     """Scopes are kept per (key, alias); a run-time key updated by the admin API is a new record: re-read."""
     from types import SimpleNamespace

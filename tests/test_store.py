@@ -427,6 +427,28 @@ async def test_memory_store_bounds_cache_entries_by_bytes_and_spares_other_keys(
         StoreConfig(max_bytes=0)
 
 
+
+async def test_counters_read_and_write_like_values_on_both_sides(store: Store) -> None:
+    """Counters set as bytes count on; counted ones read back as ASCII digits, and compare as such."""
+    await store.set("n", b"41000000")  # amounts are kept as integer millionths
+    assert (await store.reserve_window("n", 1, 100, 60.0)).total == 42
+    assert await store.get("n") == b"42000000"
+    assert await store.get_many(["n", "absent"]) == [b"42000000", None]
+    assert await store.compare_and_set("n", b"42000000", b"7", None) is True
+    assert (await store.incr_window("n", 3, 60.0)).count == 10
+    assert await store.settle("n", reserved=0.0, actual=0.0, ttl_s=60.0) == pytest.approx(10 / 1_000_000)
+    assert await store.get("n") == b"10"
+
+
+async def test_memory_counters_under_the_byte_bound_are_sized() -> None:
+    store = MemoryStore(StoreConfig(max_bytes=1_000, bytes_prefix="cache:"))
+    assert (await store.reserve("cache:count", 1.0, 10.0, None)).ok
+    assert store.bytes == len(b"1000000") and await store.get("cache:count") == b"1000000"
+    assert await store.settle("cache:count", reserved=1.0, actual=0.25, ttl_s=None) == 0.25
+    assert store.bytes == len(b"250000")
+    await store.aclose()
+
+
 # -- configuration and URLs --------------------------------------------------------------------------------
 
 

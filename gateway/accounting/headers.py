@@ -44,18 +44,30 @@ _TOKENS = (b"x-ratelimit-limit-tokens", b"x-ratelimit-remaining-tokens", b"x-rat
 def rate_limit_headers(
     requests: WindowReservation | None, tokens: WindowReservation | None,
 ) -> list[tuple[bytes, bytes]]:
-    headers: list[tuple[bytes, bytes]] = []
-    for names, answer in ((_REQUESTS, requests), (_TOKENS, tokens)):
-        if answer is None:
-            continue
-        headers += ((names[0], b"%d" % round(answer.limit)), (names[1], b"%d" % int(answer.remaining)),
-                    (names[2], _reset(answer.reset_s)))
-    return headers
+    """The three headers of each window given (limit, remaining, reset), as bytes: the limit and the reset
+    are formatted once per value (a policy's limits and a window's whole seconds take few), only the
+    remaining count per request."""
+    if tokens is None:
+        if requests is None:
+            return []
+        _, total, limit, reset = requests  # the usual case (requests per minute only), in line
+        return [(_REQUESTS[0], _whole(limit)),
+                (_REQUESTS[1], b"%d" % (limit - total) if limit > total else b"0"),
+                (_REQUESTS[2], _seconds(int(reset + 0.999)) if reset >= 1 else duration(reset).encode())]
+    if requests is None:
+        return _window(_TOKENS, tokens)
+    return [*_window(_REQUESTS, requests), *_window(_TOKENS, tokens)]
 
 
-def _reset(seconds: float) -> bytes:
-    """`duration(seconds)`, encoded; whole seconds (a window's reset takes few values) formatted once each."""
-    return _seconds(int(seconds + 0.999)) if seconds >= 1 else duration(seconds).encode()
+def _window(names: tuple[bytes, bytes, bytes], answer: WindowReservation) -> list[tuple[bytes, bytes]]:
+    _, total, limit, reset = answer
+    return [(names[0], _whole(limit)), (names[1], b"%d" % (limit - total) if limit > total else b"0"),
+            (names[2], _seconds(int(reset + 0.999)) if reset >= 1 else duration(reset).encode())]
+
+
+@functools.lru_cache(maxsize=1024)
+def _whole(limit: float) -> bytes:
+    return b"%d" % round(limit)
 
 
 @functools.lru_cache(maxsize=1024)

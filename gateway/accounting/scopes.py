@@ -10,6 +10,7 @@ from ..auth.keys import VirtualKey
 from ..pipeline.context import RequestContext
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy
+from .gauges import BudgetLeft
 from .periods import PeriodKeys
 
 __all__ = ["OTHER", "BoundedLabels", "Scope", "ScopeIndex", "Scopes", "scopes_of"]
@@ -20,7 +21,7 @@ OTHER = "other"
 class Scope:
     """One scope's limits and budget, with the store keys it counts under (made once, not per request)."""
 
-    __slots__ = ("budget", "budget_keys", "kind", "limits", "name", "rpm_key", "slot_key", "tpm_key")
+    __slots__ = ("budget", "budget_keys", "budget_left", "kind", "limits", "name", "rpm_key", "slot_key", "tpm_key")
 
     def __init__(self, kind: str, name: str, limits: LimitSpec | None, budget: BudgetSpec | None) -> None:
         self.kind = kind  # "key", "tenant" or "model"
@@ -31,6 +32,7 @@ class Scope:
         self.rpm_key = f"acct:rpm:{kind}:{name}"
         self.tpm_key = f"acct:tpm:{kind}:{name}"
         self.budget_keys = PeriodKeys(f"acct:budget:{kind}:{name}:", budget) if budget is not None else None
+        self.budget_left: BudgetLeft | None = None  # its gauges, once the accounting stage looked them up
 
     def __repr__(self) -> str:
         return f"Scope({self.kind!r}, {self.name!r})"

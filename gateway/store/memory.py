@@ -4,14 +4,14 @@ Operations never await while they read and write, so each one is atomic on the e
 Every structure is bounded: keys by `max_entries` (least recently used evicted first, like Redis's
 `allkeys-lru`), cache entries (keys under `bytes_prefix`) also by `max_bytes` in all, expired keys by lazy
 expiry plus a periodic sweep, subscriber buffers by `channel_buffer`.
-Values are kept as bytes and counters as ASCII integers, exactly as Redis keeps them.
+Values are kept as bytes; counters as Python integers (read back as ASCII digits, exactly what Redis
+returns for them), so that counting needs no parsing and formatting per operation.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -33,26 +33,21 @@ __all__ = ["MemoryStore"]
 SWEEP_INTERVAL_S = 5.0
 _NOT_A_COUNTER = "the value at this key is not an integer counter"
 _new = tuple.__new__  # a named tuple made without its Python-level __new__ (one frame fewer per answer)
+_INF = float("inf")
+_FAST_AMOUNT = 9e9  # amounts in [0, this) convert in line (`to_units` checks the rest, and refuses NaN)
 
 
-@functools.lru_cache(maxsize=256)
-def _limit_units(limit: float) -> int:
-    """`to_units(limit)`: a limit is one of the policy's few values, checked and converted once each."""
-    return to_units(limit, "limit")
-
-
-@functools.lru_cache(maxsize=256)
-def _window_ms(window_s: float) -> int:
-    """`check_window`'s window length in milliseconds (the stage's windows are all one minute)."""
-    window = ttl_ms(window_s)
-    assert window is not None
-    return window
+_KNOWN = 256  # limits and window lengths kept checked and converted (a policy's few values)
 
 
 @dataclass(slots=True)
 class _Entry:
-    value: bytes
+    value: bytes | int  # int: a counter (never under the byte-bounded prefix, whose sizes are of bytes)
     expires_at: float | None  # on the store's clock
+
+
+def _bytes(value: bytes | int) -> bytes:
+    return value if isinstance(value, bytes) else b"%d" % value
 
 
 class MemoryStore:
@@ -60,15 +55,18 @@ class MemoryStore:
 
     def __init__(self, config: StoreConfig | None = None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self._config = config or StoreConfig()
-        self._prefix = self._config.key_prefix
         self._clock = clock
         self._data: OrderedDict[str, _Entry] = OrderedDict()
         self._sized: OrderedDict[str, int] = OrderedDict()  # byte-bounded keys: their sizes, in LRU order
-        self._sized_prefix = self._prefix + self._config.bytes_prefix
+        # Keys are kept without `key_prefix`: it keeps stores that share a backend apart, and no other store
+        # shares these maps (and a key the caller keeps has its hash computed once, not per operation).
+        self._sized_prefix = self._config.bytes_prefix
         self.bytes = 0  # the sum of `_sized`
         self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
         self._channels: dict[str, set[QueueChannel]] = {}
         self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: lease expiry}; emptied sets are dropped
+        self._caps: dict[float, int] = {}  # limit -> its integer millionths, for at most _KNOWN limits
+        self._windows: dict[float, int] = {}  # window_s -> milliseconds, likewise
         self._sweeper: asyncio.Task[None] | None = None
 
     @property
@@ -108,49 +106,47 @@ class MemoryStore:
     # -- keys ------------------------------------------------------------------------------------------
 
     async def get(self, key: str) -> bytes | None:
-        entry = self._live(self._prefix + key)
-        return None if entry is None else entry.value
+        entry = self._live(key)
+        return None if entry is None else _bytes(entry.value)
 
     async def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
-        found = [self._live(self._prefix + key) for key in keys]
-        return [None if entry is None else entry.value for entry in found]
+        found = [self._live(key) for key in keys]
+        return [None if entry is None else _bytes(entry.value) for entry in found]
 
     async def set(self, key: str, value: bytes, ttl_s: float | None = None) -> None:
-        self._put(self._prefix + key, bytes(value), self._expiry(ttl_ms(ttl_s)))
+        self._put(key, bytes(value), self._expiry(ttl_ms(ttl_s)))
 
     async def delete(self, key: str) -> bool:
-        full = self._prefix + key
-        if self._live(full) is None:
+        if self._live(key) is None:
             return False
-        self._drop(full)
+        self._drop(key)
         return True
 
     async def compare_and_set(self, key: str, expected: bytes | None, new: bytes, ttl_s: float | None) -> bool:
         ttl = ttl_ms(ttl_s)
-        entry = self._live(self._prefix + key)
-        current = None if entry is None else entry.value
+        entry = self._live(key)
+        current = None if entry is None else _bytes(entry.value)
         if current != expected:
             return False
-        self._put(self._prefix + key, bytes(new), self._expiry(ttl))
+        self._put(key, bytes(new), self._expiry(ttl))
         return True
 
     # -- counters --------------------------------------------------------------------------------------
 
     async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
         window = check_window(amount, window_s)
-        full = self._prefix + key
-        entry = self._live(full)
-        count = (self._int(entry) if entry else 0) + amount
+        entry, current = self._counter(key, self._clock())
+        count = current + amount
         expires_at = entry.expires_at if entry and entry.expires_at is not None else self._expiry(window)
-        self._put(full, b"%d" % count, expires_at)
+        self._write(key, entry, count, expires_at)
         return WindowCount(count, self._remaining(expires_at, window))
 
     async def get_window(self, key: str, window_s: float) -> WindowCount:
         window = check_window(0, window_s)
-        entry = self._live(self._prefix + key)
+        entry, current = self._counter(key, self._clock())
         if entry is None:
             return WindowCount(0, window / 1000)
-        return WindowCount(self._int(entry), self._remaining(entry.expires_at, window))
+        return WindowCount(current, self._remaining(entry.expires_at, window))
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
         return self.reserve_now(key, amount, limit, ttl_s)
@@ -171,39 +167,77 @@ class MemoryStore:
     # coroutine per call (the accounting stage makes several per request, and nothing here ever waits).
 
     def reserve_now(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
-        units, cap, ttl = to_units(amount), _limit_units(limit), ttl_ms(ttl_s)
-        full = self._prefix + key
-        entry, current = self._counter(full)
-        if current + units > cap:
+        units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
+        try:
+            cap = self._caps[limit]
+        except KeyError:
+            cap = self._cap(limit)
+        if ttl_s is not None and not 0.0 < ttl_s < _INF:  # checked on every call, as `ttl_ms` would
+            ttl_ms(ttl_s)
+        entry = self._data.get(key)
+        if entry is not None and type(entry.value) is int and entry.expires_at is not None \
+                and entry.expires_at > self._clock():  # a live counter (the usual case): read in line
+            self._data.move_to_end(key)
+            current = entry.value
+        else:
+            entry, current = self._counter(key, self._clock())
+        total = current + units
+        if total > cap:
             return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
-        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
-        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
-        return _new(Reservation, (True, (current + units) / AMOUNT_SCALE, limit))
+        if entry is None or entry.expires_at is None or type(entry.value) is not int:
+            self._write(key, entry, total, self._expiry(ttl_ms(ttl_s)))
+        else:  # a live integer counter with its TTL (never byte-bounded), already the most recent: in place
+            entry.value = total
+        return _new(Reservation, (True, total / AMOUNT_SCALE, limit))
 
     def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
-        delta = to_units(actual, "actual") - to_units(reserved, "reserved")
-        ttl = ttl_ms(ttl_s)
-        full = self._prefix + key
-        entry, current = self._counter(full)
+        delta = ((round(actual * AMOUNT_SCALE) if 0.0 <= actual < _FAST_AMOUNT else to_units(actual, "actual"))
+                 - (round(reserved * AMOUNT_SCALE) if 0.0 <= reserved < _FAST_AMOUNT
+                    else to_units(reserved, "reserved")))
+        if ttl_s is not None and not 0.0 < ttl_s < _INF:
+            ttl_ms(ttl_s)
+        entry = self._data.get(key)
+        if entry is not None and type(entry.value) is int and entry.expires_at is not None \
+                and entry.expires_at > self._clock():  # as in `reserve_now`
+            self._data.move_to_end(key)
+            current = entry.value
+        else:
+            entry, current = self._counter(key, self._clock())
         total = current + delta
         total = total if total > 0 else 0
-        expires_at = entry.expires_at if entry is not None and entry.expires_at is not None else self._expiry(ttl)
-        self._rewrite(full, entry, b"%d" % total, expires_at)
+        if entry is None or entry.expires_at is None or type(entry.value) is not int:
+            self._write(key, entry, total, self._expiry(ttl_ms(ttl_s)))
+        else:
+            entry.value = total
         return total / AMOUNT_SCALE
 
     def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
-        units, cap, window = to_units(amount), _limit_units(limit), _window_ms(window_s)
-        full = self._prefix + key
-        entry, current = self._counter(full)
+        units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
+        try:
+            cap, window = self._caps[limit], self._windows[window_s]
+        except KeyError:
+            cap, window = self._cap(limit), self._window(window_s)
+        now = self._clock()
+        entry = self._data.get(key)
         expires_at = entry.expires_at if entry is not None else None
+        if entry is not None and expires_at is not None and expires_at > now and type(entry.value) is int:
+            self._data.move_to_end(key)  # a live counter (the usual case): read in line, as in `reserve_now`
+            current = entry.value
+        else:
+            entry, current = self._counter(key, now)
+            expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
-            expires_at = self._clock() + window / 1000
-        reset = expires_at - self._clock()
+            expires_at = now + window / 1000
+        reset = expires_at - now
         reset = reset if reset > 0.0 else 0.0
-        if current + units > cap:
+        total = current + units
+        if total > cap:
             return _new(WindowReservation, (False, current / AMOUNT_SCALE, limit, reset))
-        self._rewrite(full, entry, b"%d" % (current + units), expires_at)
-        return _new(WindowReservation, (True, (current + units) / AMOUNT_SCALE, limit, reset))
+        if entry is None or entry.expires_at is None or type(entry.value) is not int:
+            self._write(key, entry, total, expires_at)
+        else:
+            entry.value = total
+        return _new(WindowReservation, (True, total / AMOUNT_SCALE, limit, reset))
 
     def acquire_slot_now(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
         lease = ttl_ms(lease_s)
@@ -211,106 +245,129 @@ class MemoryStore:
         if limit < 1:
             raise ValueError(f"limit must be at least 1, not {limit!r}")
         now = self._clock()
-        full = self._prefix + key
-        held = {h: at for h, at in self._slots.get(full, {}).items() if at > now}
+        held = {h: at for h, at in self._slots.get(key, {}).items() if at > now}
         if holder not in held:
             if len(held) >= limit:
-                self._slots[full] = held
+                self._slots[key] = held
                 return False, len(held)
             held[holder] = now + lease / 1000
-        self._slots[full] = held
+        self._slots[key] = held
         return True, len(held)
 
     def release_slot_now(self, key: str, holder: str) -> None:
-        full = self._prefix + key
-        held = self._slots.get(full)
+        held = self._slots.get(key)
         if held is not None:
             held.pop(holder, None)
             if not held:
-                del self._slots[full]
+                del self._slots[key]
 
     # -- pub/sub ---------------------------------------------------------------------------------------
 
     async def publish(self, channel: str, message: bytes) -> None:
-        for subscriber in tuple(self._channels.get(self._prefix + channel, ())):
+        for subscriber in tuple(self._channels.get(channel, ())):
             subscriber.push(bytes(message))
 
     async def subscribe(self, channel: str) -> Channel:
-        full = self._prefix + channel
         subscriber = QueueChannel(channel, self._config.channel_buffer, self._unsubscribe)
-        self._channels.setdefault(full, set()).add(subscriber)
+        self._channels.setdefault(channel, set()).add(subscriber)
         return subscriber
 
     async def _unsubscribe(self, subscriber: QueueChannel) -> None:
-        full = self._prefix + subscriber.name
-        subscribers = self._channels.get(full)
+        subscribers = self._channels.get(subscriber.name)
         if subscribers is not None:
             subscribers.discard(subscriber)
             if not subscribers:
-                del self._channels[full]
+                del self._channels[subscriber.name]
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _live(self, full_key: str) -> _Entry | None:
-        entry = self._data.get(full_key)
+    def _live(self, key: str) -> _Entry | None:
+        entry = self._data.get(key)
         if entry is None:
             return None
         if entry.expires_at is not None and entry.expires_at <= self._clock():
-            self._drop(full_key)
+            self._drop(key)
             return None
-        self._data.move_to_end(full_key)
-        if full_key in self._sized:
-            self._sized.move_to_end(full_key)
+        self._data.move_to_end(key)
+        if key in self._sized:
+            self._sized.move_to_end(key)
         return entry
 
-    def _counter(self, full_key: str) -> tuple[_Entry | None, int]:
-        """`_live` and `_int` in one call (the counter operations' first step): the live entry, if any, and its
-        value (0 when absent)."""
-        entry = self._data.get(full_key)
+    def _counter(self, key: str, now: float) -> tuple[_Entry | None, int]:
+        """`_live` and the counter's value in one call (the counter operations' first step): the live entry,
+        if any, and its value (0 when absent; a value set as bytes is parsed, as Redis would). `now`: the
+        store's clock, read once by the caller."""
+        entry = self._data.get(key)
         if entry is None:
             return None, 0
-        if entry.expires_at is not None and entry.expires_at <= self._clock():
-            self._drop(full_key)
+        if entry.expires_at is not None and entry.expires_at <= now:
+            self._drop(key)
             return None, 0
-        self._data.move_to_end(full_key)
-        if full_key in self._sized:
-            self._sized.move_to_end(full_key)
+        self._data.move_to_end(key)
+        value = entry.value
+        if type(value) is int:
+            return entry, value
+        if key in self._sized:
+            self._sized.move_to_end(key)
         try:
-            return entry, int(entry.value)
+            return entry, int(value)
         except ValueError:
             raise StoreUnavailable(_NOT_A_COUNTER) from None
 
-    def _rewrite(self, full_key: str, entry: _Entry | None, value: bytes, expires_at: float | None) -> None:
-        """`_put` for a counter just read by `_live` (`entry`): a live key outside the byte bound is changed in
+    def _cap(self, limit: float) -> int:
+        """`to_units(limit)`, checked, and kept for the next operations (a policy has few limits)."""
+        units = to_units(limit, "limit")
+        if len(self._caps) < _KNOWN:
+            self._caps[limit] = units
+        return units
+
+    def _window(self, window_s: float) -> int:
+        """`check_window`'s window length in milliseconds, checked, and kept like `_cap`."""
+        window = ttl_ms(window_s)
+        assert window is not None
+        if len(self._windows) < _KNOWN:
+            self._windows[window_s] = window
+        return window
+
+    def _bounded(self, key: str) -> bool:
+        """Whether a key's values count towards `max_bytes` (then they are kept as bytes, to be sized)."""
+        return self._config.max_bytes is not None and key.startswith(self._sized_prefix)
+
+    def _write(self, key: str, entry: _Entry | None, count: int, expires_at: float | None) -> None:
+        """Store a counter just read by `_counter` (`entry`): a live key outside the byte bound is changed in
         place (it is already the most recent, and the key count is unchanged), the rest go through `_put`."""
-        if entry is None or (self._config.max_bytes is not None and full_key.startswith(self._sized_prefix)):
-            self._put(full_key, value, expires_at)
+        if entry is None or self._bounded(key):
+            self._put(key, count, expires_at)
         else:
-            entry.value = value
+            entry.value = count
             entry.expires_at = expires_at
 
-    def _put(self, full_key: str, value: bytes, expires_at: float | None) -> None:
-        self._data[full_key] = _Entry(value, expires_at)
-        self._data.move_to_end(full_key)
+    def _put(self, key: str, value: bytes | int, expires_at: float | None) -> None:
         limit = self._config.max_bytes
-        if limit is not None and full_key.startswith(self._sized_prefix):
+        sized = limit is not None and key.startswith(self._sized_prefix)
+        if sized and type(value) is int:
+            value = b"%d" % value
+        self._data[key] = _Entry(value, expires_at)
+        self._data.move_to_end(key)
+        if sized:
+            assert limit is not None and isinstance(value, bytes)
             if len(value) > limit:  # could never fit: drop it rather than everything else
-                self._evict(full_key)
+                self._evict(key)
                 return
-            self.bytes += len(value) - self._sized.pop(full_key, 0)
-            self._sized[full_key] = len(value)
+            self.bytes += len(value) - self._sized.pop(key, 0)
+            self._sized[key] = len(value)
             while self.bytes > limit and self._sized:
                 self._evict(next(iter(self._sized)))
         while len(self._data) > self._config.max_entries:
             self._evict(next(iter(self._data)))
 
-    def _evict(self, full_key: str) -> None:
-        self._drop(full_key)
+    def _evict(self, key: str) -> None:
+        self._drop(key)
         self.evictions += 1
 
-    def _drop(self, full_key: str) -> None:
-        self._data.pop(full_key, None)
-        size = self._sized.pop(full_key, None)
+    def _drop(self, key: str) -> None:
+        self._data.pop(key, None)
+        size = self._sized.pop(key, None)
         if size is not None:
             self.bytes -= size
 
@@ -322,25 +379,18 @@ class MemoryStore:
             return window_ms / 1000
         return max(0.0, expires_at - self._clock())
 
-    @staticmethod
-    def _int(entry: _Entry) -> int:
-        try:
-            return int(entry.value)
-        except ValueError:
-            raise StoreUnavailable(_NOT_A_COUNTER) from None
-
     def sweep(self) -> int:
         """Drop every expired key now; how many. Runs periodically after `start()`."""
         now = self._clock()
         expired = [k for k, e in self._data.items() if e.expires_at is not None and e.expires_at <= now]
-        for full_key in expired:
-            self._drop(full_key)
-        for full_key, held in list(self._slots.items()):
+        for key in expired:
+            self._drop(key)
+        for key, held in list(self._slots.items()):
             live = {h: at for h, at in held.items() if at > now}
             if live:
-                self._slots[full_key] = live
+                self._slots[key] = live
             else:
-                del self._slots[full_key]
+                del self._slots[key]
         return len(expired)
 
     def __len__(self) -> int:

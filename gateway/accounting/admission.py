@@ -1,0 +1,295 @@
+"""The accounting stage before the call: limits, then budgets (see stage.py for the whole).
+
+Limits first, then budgets: on a remote store each group's operations are planned (`_limit_ops`,
+`_budget_ops`), run at once, and their answers applied (`_limits`, `_budgets`); on the in-process store each
+operation is answered in line as it is planned (`_limits_in_line`, `_budgets_in_line`). Both share the
+refusals and the per-budget step.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from typing import Any
+
+from ..errors import BudgetExceeded, LimitsUnavailable, RateLimited
+from ..pipeline.context import RequestContext
+from ..store.base import Reservation, StoreUnavailable, WindowReservation
+from .bill import NO_RATES, WINDOW_S, Bill, Held, Op, StageState
+from .gauges import BudgetLeft
+from .headers import duration, rate_limit_headers, tightest
+from .outright import completion_cap
+from .scopes import Scope, Scopes
+
+__all__ = ["Admission"]
+
+
+class Admission(StageState):
+    """Limits and budgets before the call: what a request may take, and the headers that say so."""
+
+    async def _admit(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:
+        """On a remote store: each group's operations at once (one round trip's wait for all)."""
+        if scopes.needs_tokens:
+            self._size(ctx, bill)
+        remote = self._remote
+        try:
+            if scopes.limited:
+                ops = self._limit_ops(ctx, bill, scopes.limited)
+                self._limits(bill, ops, await self._all([remote[kind](*args) for kind, _, args in ops]))
+            if scopes.budgeted:
+                ops = self._budget_ops(ctx, bill, scopes.budgeted)
+                self._budgets(ctx, bill, ops, await self._all([remote[kind](*args) for kind, _, args in ops]))
+        except StoreUnavailable:
+            self._unavailable(bill, scopes.budgeted)
+
+    def _admit_in_line(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:
+        """`_admit` on the in-process store: the same steps, each operation answered in line as it is planned
+        (no plan to build: this runs on every limited request). A counter that fails stops the checks there."""
+        if scopes.needs_tokens:  # `_size`, in line
+            route = ctx.route
+            body = ctx.body
+            bill.prompt_estimate = self.prompts.estimate_body(body, route.upstream_model if route is not None else None)
+            bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
+        try:
+            if scopes.limited:
+                self._limits_in_line(ctx, bill, scopes.limited)
+            if scopes.budgeted:
+                self._budgets_in_line(ctx, bill, scopes.budgeted)
+        except StoreUnavailable:
+            self._unavailable(bill, scopes.budgeted)
+
+    def _limits_in_line(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> None:
+        """`_limit_ops` and `_limits` in one pass over the scopes."""
+        store = self._in_line
+        assert store is not None
+        refused: tuple[str, Scope, float] | None = None
+        requests: list[WindowReservation] = []
+        token_windows: list[WindowReservation] = []
+        holder = ""
+        for scope in scopes:
+            limits = scope.limits
+            assert limits is not None
+            if limits.concurrent:
+                holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
+                if store.acquire_slot_now(scope.slot_key, holder, limits.concurrent, self.lease_s)[0]:
+                    bill.slots.append((scope.slot_key, holder))
+                elif refused is None:
+                    refused = ("concurrent", scope, 1.0)
+            if limits.rpm:
+                answer = store.reserve_window_now(scope.rpm_key, 1, limits.rpm, WINDOW_S)
+                requests.append(answer)
+                if answer.ok:
+                    bill.requests.append(scope.rpm_key)
+                elif refused is None:
+                    refused = ("rpm", scope, answer.reset_s)
+            if limits.tpm:
+                tokens = bill.prompt_estimate + bill.completion_cap
+                answer = store.reserve_window_now(scope.tpm_key, tokens, limits.tpm, WINDOW_S)
+                token_windows.append(answer)
+                if answer.ok:
+                    bill.tokens.append(Held(scope.tpm_key, float(tokens), WINDOW_S, scope))
+                elif refused is None:
+                    refused = ("tpm", scope, answer.reset_s)
+        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
+                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
+        if refused is not None:
+            self._refuse(bill, *refused)
+
+    def _budgets_in_line(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> None:
+        """`_budget_ops` and `_budgets` in one pass over the scopes."""
+        store = self._in_line
+        assert store is not None
+        rate_in, rate_out = self.rates.get(ctx.alias_label, NO_RATES)  # `_reservation`, in line
+        cost = bill.cost_reserved = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
+        now = time.time()
+        hard: Scope | None = None
+        for scope in scopes:
+            budget, keys = scope.budget, scope.budget_keys
+            assert budget is not None and keys is not None
+            key, ttl = keys.at(now)
+            answer = store.reserve_now(key, cost, budget.usd, ttl)
+            if answer.ok and budget.downgrade is None:  # the usual case: `_budget_answer`'s first steps, in line
+                left = answer.limit - answer.total
+                left = left if left > 0.0 else 0.0
+                (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
+                bill.budgets.append(Held(key, cost, ttl, scope, budget))
+            elif not self._budget_answer(bill, scope, key, cost, ttl, answer):
+                hard = hard or scope
+        if hard is not None or bill.downgrade is not None:
+            self._budgets_done(ctx, bill, hard)
+
+    def _size(self, ctx: RequestContext, bill: Bill) -> None:
+        route = ctx.route
+        bill.prompt_estimate = self.prompts.estimate_body(ctx.body, route.upstream_model if route is not None else None)
+        bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
+
+    def _unavailable(self, bill: Bill, budgeted: list[Scope]) -> None:
+        """The store failed: refuse (`closed`), or serve and owe each budget not reserved what is spent."""
+        if not self.fail_open:
+            self.metrics.accounting_store_errors.labels("refused").inc()
+            self._spawn(self._release(bill))
+            raise LimitsUnavailable("limits and budgets cannot be checked right now; retry shortly",
+                                    headers={"Retry-After": "1"}) from None
+        self.metrics.accounting_store_errors.labels("served").inc()
+        # Served unchecked: what it spends is added to each budget when the store answers again.
+        held = {h.key for h in bill.budgets}
+        for scope in budgeted:
+            assert scope.budget_keys is not None
+            key, ttl = scope.budget_keys.at(time.time())
+            if key not in held:
+                bill.unreserved.append((key, ttl, scope))
+
+    def _limit_ops(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> list[Op]:
+        ops: list[Op] = []
+        holder = ""
+        tokens = bill.prompt_estimate + bill.completion_cap
+        for scope in scopes:
+            limits = scope.limits
+            assert limits is not None
+            if limits.concurrent:
+                holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
+                ops.append(("concurrent", scope, (scope.slot_key, holder, limits.concurrent, self.lease_s)))
+            if limits.rpm:
+                ops.append(("rpm", scope, (scope.rpm_key, 1, limits.rpm, WINDOW_S)))
+            if limits.tpm:
+                ops.append(("tpm", scope, (scope.tpm_key, tokens, limits.tpm, WINDOW_S)))
+        return ops
+
+    def _limits(self, bill: Bill, ops: list[Op], results: list[Any]) -> None:
+        refused: tuple[str, Scope, float] | None = None
+        requests: list[WindowReservation] = []
+        token_windows: list[WindowReservation] = []
+        failure: BaseException | None = None
+        for index, (kind, scope, args) in enumerate(ops):  # results[index] answers ops[index]
+            result = results[index]
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            key = args[0]
+            if kind == "concurrent":
+                taken, _held = result
+                if taken:
+                    bill.slots.append((key, args[1]))
+                elif refused is None:
+                    refused = (kind, scope, 1.0)
+                continue
+            answer: WindowReservation = result
+            (requests if kind == "rpm" else token_windows).append(answer)
+            if answer.ok:
+                if kind == "tpm":
+                    bill.tokens.append(Held(key, float(args[1]), WINDOW_S, scope))
+                else:
+                    bill.requests.append(key)
+            elif refused is None:
+                refused = (kind, scope, answer.reset_s)
+        if failure is not None:
+            raise failure
+        # One window of a kind (the usual case) is its own tightest: no call to find it.
+        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
+                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
+        if refused is not None:
+            self._refuse(bill, *refused)
+
+    def _refuse(self, bill: Bill, kind: str, scope: Scope, reset: float) -> None:
+        """A limit refused: undo what the request took, answer 429 with `Retry-After`."""
+        self.metrics.limit_rejections.labels(kind, scope.kind).inc()
+        self._spawn(self._release(bill))
+        what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
+        headers = {n.decode(): v.decode() for n, v in bill.headers}
+        headers["Retry-After"] = str(max(1, math.ceil(reset)))
+        raise RateLimited(f"rate limit reached: {what[kind]} of this {scope.kind}; retry after "
+                          f"{duration(reset)}", headers=headers)
+
+    def _reservation(self, ctx: RequestContext, bill: Bill) -> float:
+        """The request's largest possible cost, at the dearest rates of the alias's targets."""
+        rate_in, rate_out = self.rates.get(ctx.alias_label, NO_RATES)
+        return (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
+
+    def _budget_ops(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> list[Op]:
+        cost = bill.cost_reserved = self._reservation(ctx, bill)
+        now = time.time()
+        ops: list[Op] = []
+        for scope in scopes:
+            budget, keys = scope.budget, scope.budget_keys
+            assert budget is not None and keys is not None
+            key, ttl = keys.at(now)
+            ops.append(("budget", scope, (key, cost, budget.usd, ttl)))
+        return ops
+
+    def _budgets(self, ctx: RequestContext, bill: Bill, ops: list[Op], results: list[Any]) -> None:
+        failure: BaseException | None = None
+        hard: Scope | None = None
+        for index, (_, scope, (key, cost, _, ttl)) in enumerate(ops):  # results[index] answers ops[index]
+            result = results[index]
+            if isinstance(result, BaseException):
+                failure = failure or result
+            elif not self._budget_answer(bill, scope, key, cost, ttl, result):
+                hard = hard or scope
+        if failure is not None:
+            raise failure
+        self._budgets_done(ctx, bill, hard)
+
+    def _budget_answer(self, bill: Bill, scope: Scope, key: str, cost: float, ttl: float, answer: Reservation) -> bool:
+        """One budget's answer, taken into the bill; False when a hard budget refused."""
+        budget = scope.budget
+        assert budget is not None
+        left = answer.limit - answer.total  # `answer.remaining`, without a property call
+        left = left if left > 0.0 else 0.0
+        (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
+        if answer.ok:
+            bill.budgets.append(Held(key, cost, ttl, scope, budget))
+            spent = answer.total / budget.usd
+        elif budget.mode == "soft":
+            bill.unreserved.append((key, ttl, scope))
+            self.metrics.budget_soft_exceeded.labels(scope.kind).inc()
+            bill.headers.append((b"x-gateway-budget-exceeded", scope.kind.encode()))
+            spent = 1.0
+        else:
+            return False
+        if budget.downgrade is not None and spent >= budget.downgrade.at and bill.downgrade is None:
+            bill.downgrade = budget.downgrade.alias
+        return True
+
+    def _budgets_done(self, ctx: RequestContext, bill: Bill, hard: Scope | None) -> None:
+        """After every budget answered: refuse (a hard one had no room), or downgrade (one is past its mark)."""
+        if hard is not None:
+            self.metrics.limit_rejections.labels("budget", hard.kind).inc()
+            self._spawn(self._release(bill))
+            raise BudgetExceeded(f"the {hard.kind}'s budget for this period is spent",
+                                 headers={n.decode(): v.decode() for n, v in bill.headers})
+        downgrade = bill.downgrade
+        if downgrade is not None and downgrade != ctx.alias_label:
+            route = ctx.runtime.policy.models.get(downgrade)
+            if route is not None:
+                ctx.route = route
+                bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
+
+    def _budget_left(self, scope: Scope) -> BudgetLeft:
+        """A scope's budget-left gauges. One per label pair (scopes past the label cap share `other`'s, so that
+        it shows the last one written), found per scope in one look-up; both maps bounded like the labels."""
+        left = self._gauges.get((scope.kind, scope.name))
+        if left is None:
+            label = (scope.kind, self.labels.name(scope))
+            left = self._gauges_by_label.get(label)
+            if left is None:
+                left = self._gauges_by_label[label] = BudgetLeft(self.metrics.budget_remaining.labels(*label),
+                                                                 self.metrics.budget_remaining_ratio.labels(*label))
+            if len(self._gauges) < 10_000:
+                self._gauges[(scope.kind, scope.name)] = left
+        scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
+        return left
+
+    async def _release(self, bill: Bill) -> None:
+        """Undo what a refused request reserved (so it does not count against the others)."""
+        for key in bill.requests:
+            await self._quietly(self.store.settle(key, 1, 0, WINDOW_S))
+        for held in [*bill.tokens, *bill.budgets]:
+            await self._quietly(self.store.settle(held.key, held.reserved, 0, held.ttl_s))
+        for key, holder in bill.slots:
+            await self._quietly(self.store.release_slot(key, holder))
+        bill.requests.clear()
+        bill.tokens.clear()
+        bill.budgets.clear()
+        bill.slots.clear()
+        bill.settled = True

@@ -1,0 +1,117 @@
+"""What one limited request holds between the two halves of the accounting stage, and what both halves share.
+
+`Admission` (admission.py) checks limits and reserves budgets before the call, `Settling` (settling.py) settles
+after it; `Accounting` (stage.py) is both. `StageState` declares the attributes `Accounting.__init__` sets, and
+the few helpers both halves use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any
+
+from ..policy.accounting_schema import BudgetSpec
+from ..policy.compiled import Policy
+from ..store.base import Store, StoreUnavailable
+from ..store.memory import MemoryStore
+from ..telemetry.metrics import Children, Metrics
+from ..telemetry.usage import CountTokens
+from .gauges import BudgetLeft
+from .ledger import Ledger
+from .prompt import PromptEstimator
+from .scopes import BoundedLabels, Scope, ScopeIndex
+
+__all__ = ["NO_RATES", "WINDOW_S", "Bill", "Held", "Op", "StageState"]
+
+WINDOW_S = 60.0  # requests and tokens per minute
+NO_RATES = (0.0, 0.0)  # an alias without prices
+Op = tuple[str, Scope, tuple[Any, ...]]  # (what: a key of `StageState._remote`, for whom, its arguments)
+
+
+@dataclass(slots=True)
+class Held:
+    """One reservation to settle: a budget counter, or a token window."""
+
+    key: str
+    reserved: float
+    ttl_s: float
+    scope: Scope
+    budget: BudgetSpec | None = None  # None: a token window
+
+
+class Bill:
+    """Per request: what was reserved, and what the answer must settle."""
+
+    __slots__ = ("budgets", "completion_cap", "cost_reserved", "downgrade", "explicit_cap", "headers",
+                 "prompt_estimate", "requests", "settled", "slots", "tokens", "unreserved")
+
+    def __init__(self) -> None:  # made on every limited request: no dataclass factories
+        self.prompt_estimate = 0
+        self.completion_cap = 0
+        self.explicit_cap = False
+        self.cost_reserved = 0.0
+        self.budgets: list[Held] = []
+        self.tokens: list[Held] = []
+        self.slots: list[tuple[str, str]] = []  # (key, holder)
+        self.requests: list[str] = []  # request windows counted (undone if refused)
+        self.unreserved: list[tuple[str, float, Scope]] = []  # budgets to add the actual to
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.downgrade: str | None = None  # the cheaper alias a budget past its `downgrade.at` sends it to
+        self.settled = False
+
+
+class StageState:
+    """The accounting stage's state (set by `Accounting.__init__`) and the helpers both halves use."""
+
+    policy: Policy
+    store: Store
+    ledger: Ledger
+    metrics: Metrics
+    counter: CountTokens
+    prompts: PromptEstimator
+    fail_open: bool
+    default_cap: int
+    record_all: bool
+    lease_s: float
+    labels: BoundedLabels
+    rates: dict[str, tuple[float, float]]
+    scopes: ScopeIndex
+    _tasks: set[asyncio.Task[Any]]
+    _remote: dict[str, Callable[..., Awaitable[Any]]]  # the store's counter operations by what they do
+    _in_line: MemoryStore | None  # the in-process store, answered in line (None: a remote one)
+    _gauges: dict[tuple[str, str], BudgetLeft]
+    _gauges_by_label: dict[tuple[str, str], BudgetLeft]
+    _reservation_drift: Children
+    _token_drift: Children
+    _drifts: dict[str, tuple[Any, Any]]
+
+    async def _quietly(self, op: Awaitable[Any]) -> None:
+        try:
+            await op
+        except StoreUnavailable:
+            self.metrics.accounting_store_errors.labels("unsettled").inc()
+
+    async def _all(self, ops: list[Awaitable[Any]]) -> list[Any]:
+        """Every result (or its `StoreUnavailable`), in order: one after the other on an in-process store
+        (nothing to overlap), at once on a remote one (one round trip's wait for all)."""
+        if len(ops) == 1 or self.store.in_process:
+            results: list[Any] = []
+            try:
+                for op in ops:
+                    try:
+                        results.append(await op)
+                    except StoreUnavailable as exc:
+                        results.append(exc)
+            finally:
+                for op in ops[len(results) + 1:]:  # a bug raised: the rest were never started
+                    if asyncio.iscoroutine(op):
+                        op.close()
+            return results
+        return list(await asyncio.gather(*ops, return_exceptions=True))
+
+    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)

@@ -1,0 +1,224 @@
+"""The accounting stage after the call: the bill settled to the actual cost (see stage.py for the whole).
+
+A complete answer is settled when the stage returns it (in line on the in-process store); a stream at its end
+(`StreamBill`), however it ends, after following its length so that a hard budget can cut it off.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from ..errors import BudgetExceeded
+from ..pipeline.context import RequestContext
+from ..pipeline.streams import StreamEnd
+from ..schemas.events import Chunk, StreamError, StreamEvent
+from ..store._common import to_units
+from ..store.base import StoreUnavailable
+from ..telemetry.usage import estimate_usage
+from .bill import WINDOW_S, Bill, StageState
+from .cost import request_cost
+from .ledger import UsageDelta
+from .periods import day_id
+
+__all__ = ["Settling", "StreamBill", "UsageOnly"]
+
+
+class Settling(StageState):
+    """The bill after the call: every reservation settled to the actual, drifts observed, usage recorded."""
+
+    def _price(self, ctx: RequestContext) -> float:
+        """The answer's cost, set on the context (telemetry counts it, logs it and sends the header)."""
+        cost = ctx.cost_usd  # asked twice per request: the second time it is known
+        if cost is None:
+            cost = request_cost(ctx)
+        return 0.0 if cost is None else cost
+
+    async def _settle(self, ctx: RequestContext, bill: Bill) -> None:
+        if bill.settled:
+            return
+        bill.settled = True
+        cost = self._price(ctx)
+        remote = self._remote
+        for kind, args in self._settle_ops(ctx, bill, cost):
+            try:
+                await remote[kind](*args)
+            except StoreUnavailable:
+                self._unsettled(kind, args)
+        self._settled(ctx, bill, cost)
+
+    def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
+        """`_settle` on the in-process store (`cost`: the answer's, from `_price`): the same operations as
+        `_settle_ops`, answered in line."""
+        if bill.settled:
+            return
+        bill.settled = True
+        store = self._in_line
+        assert store is not None
+        for held in bill.budgets:
+            try:
+                store.settle_now(held.key, held.reserved, cost, held.ttl_s)
+            except StoreUnavailable:
+                self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
+        for key, ttl, _ in bill.unreserved:
+            try:
+                store.settle_now(key, 0.0, cost, ttl)
+            except StoreUnavailable:
+                self._unsettled("spend", (key, 0.0, cost, ttl))
+        if bill.tokens:
+            usage = ctx.usage
+            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            for held in bill.tokens:
+                try:
+                    store.settle_now(held.key, held.reserved, actual, WINDOW_S)
+                except StoreUnavailable:
+                    self._unsettled("settle", ())
+        for key, holder in bill.slots:
+            store.release_slot_now(key, holder)
+        self._settled(ctx, bill, cost)
+
+    def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
+        """What settling asks of the store, in order: every budget to the actual cost (`spend`), every token
+        window to the actual tokens, every slot given back."""
+        ops: list[tuple[str, tuple[Any, ...]]] = []
+        for held in bill.budgets:
+            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s)))
+        for key, ttl, _ in bill.unreserved:
+            ops.append(("spend", (key, 0.0, cost, ttl)))
+        if bill.tokens:
+            usage = ctx.usage
+            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            for held in bill.tokens:
+                ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S)))
+        for slot in bill.slots:
+            ops.append(("release", slot))
+        return ops
+
+    def _unsettled(self, kind: str, args: tuple[Any, ...]) -> None:
+        """A settle the store did not take: a budget's is owed by the ledger; the others are only counted."""
+        if kind == "spend":
+            key, reserved, actual, ttl_s = args
+            self.ledger.owe(key, to_units(actual) - to_units(reserved), ttl_s)
+        else:
+            self.metrics.accounting_store_errors.labels("unsettled").inc()
+
+    def _settled(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
+        usage = ctx.usage
+        reserved = bill.cost_reserved > 0 and ctx.upstream_started
+        estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
+        if reserved or estimated:
+            alias = ctx.alias_label
+            reservation, tokens = self._drifts.get(alias) or self._drift(alias)
+            if reserved:
+                reservation.observe(cost / bill.cost_reserved)
+            if estimated:
+                assert usage is not None
+                tokens.observe(bill.prompt_estimate / usage.prompt_tokens)
+        self._record(ctx, cost)
+
+    def _drift(self, alias: str) -> tuple[Any, Any]:
+        """The alias's reservation and token estimate drift children, looked up together (one dict look-up)."""
+        found = self._drifts.get(alias)
+        if found is None:
+            found = self._drifts[alias] = (self._reservation_drift(alias), self._token_drift(alias))
+        return found
+
+    def _record(self, ctx: RequestContext, cost: float) -> None:
+        usage = ctx.usage
+        key = ctx.key
+        named = [("model", ctx.alias_label)]
+        if key is not None:
+            named += [("key", key.name), ("tenant", key.tenant)]
+        delta = UsageDelta(to_units(cost), usage.prompt_tokens if usage else 0, usage.cached_tokens if usage else 0,
+                           usage.completion_tokens if usage else 0, usage.reasoning_tokens if usage else 0)
+        self.ledger.record(named, day_id(time.time()), delta)
+
+    async def extend(self, ctx: RequestContext, bill: Bill) -> bool:
+        """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses."""
+        _, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
+        step = self.default_cap * rate_out / 1_000_000
+        if step <= 0:
+            return True
+        for held in bill.budgets:
+            assert held.budget is not None
+            try:
+                answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s)
+            except StoreUnavailable:
+                if not self.fail_open:
+                    return False
+                continue
+            if answer.ok:
+                held.reserved += step
+            elif held.budget.mode == "hard":
+                return False
+        bill.cost_reserved += step
+        bill.completion_cap += self.default_cap
+        return True
+
+
+class UsageOnly:
+    """A stream no limit or budget applies to: its usage is counted at its end (after telemetry's estimate)."""
+
+    __slots__ = ("_stage",)
+    reads_events = False
+
+    def __init__(self, stage: Settling) -> None:
+        self._stage = stage
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        stage = self._stage
+        if ctx.usage is None and ctx.upstream_started:
+            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+        stage._record(ctx, stage._price(ctx))
+
+
+class StreamBill:
+    """Per stream: follows the answer's length (for the cut-off) and settles the bill once at its end.
+
+    The length is the number of content chunks (about one token each from OpenAI-compatible servers), so
+    that following it costs no decoding; the exact figure comes with the upstream's usage at the end."""
+
+    __slots__ = ("_bill", "_stage", "reads_events")
+
+    def __init__(self, stage: Settling, bill: Bill) -> None:
+        self._stage = stage
+        self._bill = bill
+        # Events are read only when a stream can outgrow its reservation (a budget, no max_tokens).
+        self.reads_events = bool(bill.budgets) and not bill.explicit_cap
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        bill = self._bill
+        if ctx.chunks + len(events) <= bill.completion_cap:
+            return events
+        for index, event in enumerate(events):
+            if type(event) is Chunk and ctx.chunks + index + 1 > bill.completion_cap:
+                if not await self._stage.extend(ctx, bill):
+                    return [*events[: index + 1], _final(ctx, event),
+                            StreamError(BudgetExceeded("the budget for this period ran out during the answer; "
+                                                       "it was cut off"))]
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        stage = self._stage
+        if ctx.usage is None and ctx.upstream_started:
+            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+        cost = stage._price(ctx)
+        if stage._in_line is not None:
+            stage._settle_in_line(ctx, self._bill, cost)
+        else:
+            await stage._settle(ctx, self._bill)
+
+
+def _final(ctx: RequestContext, last: Chunk) -> Chunk:
+    """The chunk that ends a cut stream: `finish_reason: "length"`, in the shape of the stream's chunks."""
+    data = last.data()
+    meta: dict[str, Any] = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
+    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
+    if ctx.endpoint.label == "chat":
+        choice["delta"] = {}
+    else:
+        choice["text"] = ""
+    return Chunk.of({**meta, "choices": [choice]})

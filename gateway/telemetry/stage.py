@@ -22,7 +22,7 @@ from ..pipeline.streams import StreamEnd
 from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
-from .access import CLIENT_CLOSED, access_line
+from .access import CLIENT_CLOSED, AccessLines
 from .feedback import FeedbackRecorder
 from .logs import log_access
 from .metrics import Children, Finished, Metrics
@@ -40,6 +40,7 @@ class Telemetry:
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
         self._cost_usd = Children(metrics.cost)  # by alias and tenant: the policy's bounded label sets
+        self._access_lines = AccessLines()
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         self.metrics.in_flight.inc()
@@ -98,7 +99,7 @@ class Telemetry:
             ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
         ))
         if ctx.runtime.policy.server.access_log or ctx.status >= 500:
-            log_access(access_line(ctx, total, provider, target, key))
+            log_access(self._access_lines.line(ctx, total, provider, target, key))
 
 
     def _cost(self, ctx: RequestContext, reply: Reply | None) -> None:

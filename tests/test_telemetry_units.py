@@ -247,12 +247,21 @@ def test_the_first_letter_shortcut_agrees_with_the_pattern() -> None:
 
 
 def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
-    """`_Observe` and `_Increment` (the per-request path) write exactly what the library's own calls write."""
+    """`_Observe` and `_Increment` (the per-request path), and their lock-free forms for the telemetry stage
+    (`loop_child`), write exactly what the library's own calls write."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    from gateway.telemetry.metrics import _Increment, _Observe, _Set, fast_child
+    from gateway.telemetry.metrics import (
+        _Increment,
+        _LoopIncrement,
+        _LoopObserve,
+        _Observe,
+        _Set,
+        fast_child,
+        loop_child,
+    )
 
-    def exposition(fast: bool) -> bytes:
+    def exposition(fast: bool, loop: bool = False) -> bytes:
         registry = CollectorRegistry()
         histogram = Histogram("h_seconds", "h", ("a",), buckets=(0.001, 0.01, 0.1, 1.0, 10.0), registry=registry)
         counter = Counter("c", "c", ("a",), registry=registry)
@@ -261,6 +270,12 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
         if fast:
             h, c, g = fast_child(h), fast_child(c), fast_child(g)
             assert isinstance(h, _Observe) and isinstance(c, _Increment) and isinstance(g, _Set)  # internals found
+        if loop:  # the telemetry stage's writers (the event loop's thread only); a gauge's `set` stays the library's
+            h, c = loop_child(histogram.labels("x")), loop_child(counter.labels("x"))
+            assert type(h) is _LoopObserve and type(c) is _LoopIncrement
+            up_down = loop_child(gauge.labels("y"))
+            up_down.inc(3)
+            up_down.inc(-1)
         for value in (0.0, 0.0005, 0.001, 0.0011, 0.05, 0.1, 0.99, 1.0, 5.0, 10.0, 11.0, 1e9):
             h.observe(value)
             c.inc(value)
@@ -269,6 +284,9 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
         return b"\n".join(line for line in generate_latest(registry).splitlines() if b"_created" not in line)
 
     assert exposition(True) == exposition(False)
+    looped = exposition(False, loop=True).splitlines()
+    assert b'g{a="y"} 2.0' in looped  # inc(3), inc(-1)
+    assert b"\n".join(line for line in looped if line != b'g{a="y"} 2.0') == exposition(False)
 
 
 def test_a_responses_answer_is_read_from_its_output_items() -> None:

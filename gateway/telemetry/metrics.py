@@ -179,17 +179,18 @@ class Children:
     For label values from the policy's or the code's bounded sets (guard names, entity types, actions,
     places); the map stops growing at `limit` all the same, past which children are looked up each time."""
 
-    __slots__ = ("_found", "_limit", "_metric")
+    __slots__ = ("_found", "_limit", "_metric", "_writer")
 
-    def __init__(self, metric: Any, limit: int = 10_000) -> None:
+    def __init__(self, metric: Any, limit: int = 10_000, loop_only: bool = False) -> None:
         self._metric = metric
         self._found: dict[tuple[str, ...], Any] = {}
         self._limit = limit
+        self._writer = loop_child if loop_only else fast_child  # loop_only: only the event loop's thread writes
 
     def __call__(self, *values: str) -> Any:
         found = self._found.get(values)
         if found is None:
-            found = fast_child(self._metric.labels(*values))
+            found = self._writer(self._metric.labels(*values))
             if len(self._found) < self._limit:
                 self._found[values] = found
         return found

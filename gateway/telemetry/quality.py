@@ -216,9 +216,10 @@ class QualitySignals:
     def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
         self.metrics = metrics
         self.limit = max_text_bytes
-        self._checked = Children(metrics.quality_checked)  # labels: aliases, targets, closed sets
-        self._finish_reasons = Children(metrics.finish_reasons)
-        self._signals = Children(metrics.quality_signals)
+        # Labels: aliases, targets, closed sets. Counted on the event loop's thread only (`loop_child`).
+        self._checked = Children(metrics.quality_checked, loop_only=True)
+        self._finish_reasons = Children(metrics.finish_reasons, loop_only=True)
+        self._signals = Children(metrics.quality_signals, loop_only=True)
         # (alias, target name) -> (alias label, target label, `checked` child, finish reason -> child): this
         # stage lives as long as its policy, so the labels they map to cannot change.
         self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}

@@ -41,7 +41,8 @@ class Telemetry:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._cost_usd = Children(metrics.cost)  # by alias and tenant: the policy's bounded label sets
+        # By alias and tenant: the policy's bounded label sets; only this stage writes it, on the event loop.
+        self._cost_usd = Children(metrics.cost, loop_only=True)
         self._in_flight = loop_child(metrics.in_flight)  # `inc(1)`, `inc(-1)`: only this stage writes it
         self._access_lines = AccessLines()
 

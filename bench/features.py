@@ -7,7 +7,9 @@ row alternates "plain alias, feature alias" runs at the same concurrency, so tha
 drift hits both alike, and reports medians and the median of the per-run ratios.
 Telemetry is policy-wide, so its rows compare that gateway with a second one, on the
 same core, whose policy adds the access log and quality signals (`TELEMETRY_POLICY`);
-the core metrics are recorded by both (they cannot be turned off).
+the core metrics are recorded by both. The `telemetry-all-*` rows are issue 12's benchmark
+as stated: their plain side is a third gateway whose policy turns the metrics off too
+(`server.metrics: false`, `BARE_SERVER`), against everything on.
 The guard pool is policy-wide as well: `ner-json` runs the `ner` guard on the main gateway's
 thread pool (2 workers), `ner-json-process` on a second gateway whose policy sets a process
 pool of 2 workers (`POOL_POLICIES`); both are pinned to the same core as the gateway, pool
@@ -91,6 +93,7 @@ class Row:
     feature: bytes
     connections: int = 16
     feature_gateway: str = "main"  # else a second gateway of that kind (telemetry, redis, shadow, ner-process...)
+    plain_gateway: str = "main"  # `bare` for the telemetry-all rows (metrics off)
     feature_key: str = KEY  # the accounting rows send the feature side with the limited key
 
 
@@ -114,6 +117,10 @@ ROWS = (
         body("bench-json", False), body("bench-json", False), feature_gateway="telemetry"),
     Row("telemetry-sse", "access log + quality signals on (vs off), streamed",
         body("bench-sse", True), body("bench-sse", True), feature_gateway="telemetry"),
+    Row("telemetry-all-json", "metrics + access log + quality signals on (vs all off), non-streamed",
+        body("bench-json", False), body("bench-json", False), feature_gateway="telemetry", plain_gateway="bare"),
+    Row("telemetry-all-sse", "metrics + access log + quality signals on (vs all off), streamed",
+        body("bench-sse", True), body("bench-sse", True), feature_gateway="telemetry", plain_gateway="bare"),
     Row("shadow-json", "a shadow policy deciding every request beside the live one, non-streamed",
         body("bench-json-routed", False), body("bench-json-routed", False), feature_gateway="shadow"),
     Row("shadow-sse", "a shadow policy deciding every request beside the live one, streamed",
@@ -134,6 +141,9 @@ ROWS = (
 )
 # What the telemetry rows' second gateway adds to the features policy (its access log goes to a file).
 TELEMETRY_POLICY = "telemetry:\n  quality: {enabled: true}\n"
+# What the `bare` gateway adds to the features policy's `server:`: no metrics (the plain side of the
+# `telemetry-all-*` rows, issue 12's benchmark: metrics, access log and quality signals off against on).
+BARE_SERVER = "  metrics: false\n"
 # The shadow rows' candidate: the features policy with one more rule (tested by every routed request).
 CANDIDATE_RULE = ("  - {name: candidate-vip, when: {alias: [bench-json-routed, bench-sse-routed], tenant: [bench]}, "
                   "alias: bench-json}")
@@ -145,7 +155,7 @@ POOL_POLICIES = {"ner-process": "pool: {kind: process, workers: 2}"}
 def measure(row: Row, wrk: str, gateways: dict[str, tuple[str, Service]], runs: int, duration: int, cpu: str,
             retries: int = 2) -> dict[str, list[WrkResult]]:
     results: dict[str, list[WrkResult]] = {"plain": [], "feature": []}
-    sides = {"plain": gateways["main"], "feature": gateways[row.feature_gateway]}
+    sides = {"plain": gateways[row.plain_gateway], "feature": gateways[row.feature_gateway]}
     keys = {"plain": KEY, "feature": row.feature_key}
     for which in ("plain", "feature"):  # warm-up
         run_wrk(wrk, sides[which][0], body=getattr(row, which), key=keys[which], connections=row.connections,
@@ -296,7 +306,7 @@ def main(argv: list[str] | None = None) -> int:
         accounted = "sha256:" + hashlib.sha256(ACCOUNTED_KEY.encode()).hexdigest()
         state = ('state: {{backend: redis, url_env: BENCH_REDIS_URL, key_prefix: "bench:{port}:"}}'
                  if args.redis_url else "")
-        kinds = ["main"] + sorted({r.feature_gateway for r in wanted} - {"main"})
+        kinds = ["main"] + sorted({g for r in wanted for g in (r.feature_gateway, r.plain_gateway)} - {"main"})
         for kind in kinds:
             port = free_port()
             policy = wd / f"policy-{kind}.yaml"
@@ -305,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             text = text.replace("{accounted_key_hash}", accounted).replace("{state}", state.format(port=port))
             if kind == "telemetry":
                 text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + TELEMETRY_POLICY
+            if kind == "bare":
+                text = text.replace("server:\n", "server:\n" + BARE_SERVER, 1)
             if kind in POOL_POLICIES:
                 text = text.replace("pool: {kind: thread, workers: 2}", POOL_POLICIES[kind], 1)
             if kind in SHADOW_SAMPLES:

@@ -15,11 +15,15 @@ about a minute.
     .venv/bin/python bench/instructions.py main:bench-sse:sse telemetry:bench-sse:sse
     .venv/bin/python bench/instructions.py --prompt-300 main:bench-json:json main:bench-json-pii:json
 
-A spec is `GATEWAY:ALIAS:MODE[:KEY]`: GATEWAY `main` (the features policy) or `telemetry`
+A spec is `GATEWAY:ALIAS:MODE[:KEY]`: GATEWAY `main` (the features policy), `telemetry`
 (the same policy with the access log and quality signals, as the telemetry rows of
-`bench/features.py`), an alias of that policy, MODE `json` or `sse`, KEY `plain` (default),
-`accounted` (the key with an RPM limit and a budget) or `redis` (that key, with the policy's state in
-Redis: `GATEWAY_TEST_REDIS_URL`, else redis://127.0.0.1:6379/15, under a prefix of its own, dropped after).
+`bench/features.py`) or `bare` (the same policy with the metrics off, `server.metrics: false`:
+issue 12's benchmark is `bare` against `telemetry`, every telemetry feature off against on), an
+alias of that policy, MODE `json` or `sse`, KEY `plain` (default), `accounted` (the key with an RPM
+limit and a budget) or `redis` (that key, with the policy's state in Redis: `GATEWAY_TEST_REDIS_URL`,
+else redis://127.0.0.1:6379/15, under a prefix of its own, dropped after).
+
+    .venv/bin/python bench/instructions.py bare:bench-json:json telemetry:bench-json:json
 
 A spec `scale:STREAMS:INTERVAL_MS:CHUNKS` counts instructions per forwarded event instead, on
 slow streams as in the scale row (`bench/scale.py` `count_instructions`: the scale policy, the
@@ -64,8 +68,10 @@ def policy_text(gateway: str, upstream_port: int, port: int, state: str = "") ->
         text = text.replace(name, value)
     if gateway == "telemetry":
         text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + features.TELEMETRY_POLICY
+    elif gateway == "bare":
+        text = text.replace("server:\n", "server:\n" + features.BARE_SERVER, 1)
     elif gateway != "main":
-        raise BenchError(f"unknown gateway {gateway!r} (main or telemetry)")
+        raise BenchError(f"unknown gateway {gateway!r} (main, telemetry or bare)")
     return text
 
 

@@ -320,3 +320,26 @@ def test_access_log_has_every_field_and_no_text(
     assert streamed["first_chunk_ms"] is not None and streamed["stream"] is True
     assert missing["status"] == 404 and missing["error"] == "model_not_found" and missing["model"] == "unknown"
     assert plain["trace"].startswith("00-")
+
+
+def test_metrics_off_record_nothing_and_keep_the_access_log(
+    make_gateway: Make, upstream: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`server.metrics: false`: no /metrics, and the per-request metrics and quality signals are not recorded
+    (a feature that is off costs nothing); the access log stays."""
+    running = make_gateway(policy_text(upstream.base_url, access_log="true", metrics="false") + TELEMETRY)
+    assert not any(stage.name == "quality" for stage in running.gateway.runtime.pipeline.stages)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        for stream in (False, True):
+            response = httpx.post(f"{running.base_url}/chat/completions",
+                                  json=_chat("I'm sorry, but I can't", model="chat", stream=stream),
+                                  headers=_headers())
+            assert response.status_code == 200
+    assert httpx.get(f"{running.url}/metrics").status_code == 404
+    exposition = running.gateway.metrics.render().decode()
+    for name in ("gateway_requests_total{", "gateway_request_duration_seconds_count{", "gateway_tenant_requests_total{",
+                 "gateway_quality_checked_total{", "gateway_cost_usd_total{", "gateway_tokens_total{"):
+        assert name not in exposition, name
+    assert "gateway_requests_in_flight 0.0" in exposition
+    lines = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    assert len(lines) == 2 and lines[0]["prompt_tokens"] > 0 and lines[1]["stream"] is True

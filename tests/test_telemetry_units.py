@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import msgspec
 import pytest
 
 from evals.quality.evaluate import evaluate
+from gateway.schemas.endpoints import Endpoint
+from gateway.schemas.events import Chunk
 from gateway.telemetry.labels import MetricLabels, capped
 from gateway.telemetry.quality import Answer, signals_of
 from gateway.telemetry.refusals import looks_like_refusal
@@ -76,49 +82,186 @@ def test_traceparent_parsing() -> None:
         assert parse_traceparent(bad.encode()) is None, bad
 
 
-def test_stream_quality_reads_typed_choices_batches_and_odd_chunks_in_order() -> None:
-    """Chunks the provider read (typed choices), chunks kept for a batch decode, and a chunk of unusual types
-    (read as a dict) all reach the same answer, in order; a malformed one is skipped."""
-    import asyncio
-    from types import SimpleNamespace
-    from typing import Any
+def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **extra: Any) -> bytes:
+    return msgspec.json.encode({"id": "x", "choices": [{"index": index, "delta": delta, "finish_reason": finish}],
+                                **extra})
 
-    import msgspec
 
-    from gateway.schemas.endpoints import Endpoint
-    from gateway.schemas.events import Chunk
-    from gateway.schemas.openai import ChunkChoicesPeek
-    from gateway.telemetry.quality import _StreamQuality
+def _stream_reader(asked: dict[str, Any], limit: int = 1 << 20) -> Any:
+    from gateway.telemetry.quality import _StreamQuality, chat_asked
 
-    def chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
-        return msgspec.json.encode({"id": "x", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+    return _StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked))  # type: ignore[arg-type]
 
-    typed = chunk({"content": "Hello"})
-    peeked = msgspec.json.decode(typed, type=ChunkChoicesPeek).choices
-    events: list[Any] = [Chunk(chunk({"role": "assistant", "content": ""})), Chunk(typed, None, peeked),
-                         Chunk(chunk({"content": ", wor"})), Chunk(b"{not json"),
-                         Chunk(chunk({"content": "ld", "tool_calls": "odd"})), Chunk(chunk({}, "stop"))]
-    stage = SimpleNamespace(limit=1 << 20)
-    reader = _StreamQuality(stage)  # type: ignore[arg-type]
+
+def _feed(reader: Any, batches: list[list[Any]]) -> None:
     ctx = SimpleNamespace(endpoint=Endpoint.CHAT)
 
     async def feed() -> None:
-        await reader.on_events(ctx, events[:3])  # type: ignore[arg-type]
-        await reader.on_events(ctx, events[3:])  # type: ignore[arg-type]
-        reader._read(ctx)  # type: ignore[arg-type]
+        for batch in batches:
+            await reader.on_events(ctx, batch)
+        reader._read(ctx)
 
     asyncio.run(feed())
+
+
+def _typed(payload: bytes) -> Chunk:
+    """A chunk as the provider hands it over when a stage reads every chunk (`ctx.read_choices`)."""
+    from gateway.schemas.openai import ChunkChoicesPeek
+
+    return Chunk(payload, None, msgspec.json.decode(payload, type=ChunkChoicesPeek).choices)
+
+
+def test_stream_quality_reads_typed_choices_batches_and_odd_chunks_in_order() -> None:
+    """Chunks the provider read (typed choices), chunks kept for a batch decode, and a chunk of unusual types
+    (read as a dict) all reach the same answer, in order; a malformed one is skipped. (JSON asked: all the
+    text is kept.)"""
+    events: list[Any] = [Chunk(_chunk({"role": "assistant", "content": ""})), _typed(_chunk({"content": "Hello"})),
+                         Chunk(_chunk({"content": ", wor"})), Chunk(b"{not json"),
+                         Chunk(_chunk({"content": "ld", "tool_calls": "odd"})), Chunk(_chunk({}, "stop"))]
+    reader = _stream_reader({"response_format": {"type": "json_object"}})
+    _feed(reader, [events[:3], events[3:]])
     assert "".join(reader.answer.text) == "Hello, world"
     assert reader.answer.finish_reasons == ["stop"]
 
 
+_WORDS = [" lorem", " ipsum", " dolor", " sit", " amet"] * 15  # 450 characters: past the refusal head
+_TOOLS_ASKED = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
+_STREAMS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
+    "plain": ({}, [_chunk({"role": "assistant", "content": "", "refusal": None}), _chunk({"content": "Hello"}),
+                   _chunk({"content": " there"}), _chunk({}, "stop")]),
+    "tool call after the 300th character": (_TOOLS_ASKED, [
+        _chunk({"content": "Sure"}), *(_chunk({"content": w}) for w in _WORDS),
+        _chunk({"tool_calls": [{"index": 0, "function": {"name": "f", "arguments": "{not json"}}]}),
+        _chunk({}, "tool_calls")]),
+    "finish reason after the 300th character": ({}, [
+        *(_chunk({"content": w}) for w in _WORDS), _chunk({}, "length")]),
+    "spaced JSON": ({}, [_chunk({"content": "Fine"}), b'{"choices": [{"index": 0, "delta": {}, '
+                                                      b'"finish_reason": "stop"}]}']),
+    "n>1 choices": ({}, [
+        _chunk({"content": "Fine"}),
+        b'{"choices":[{"index":0,"delta":{"content":"!"},"finish_reason":null},'
+        b'{"index":1,"delta":{"content":"x"},"finish_reason":"length"}]}',
+        b'{"choices":[{"index":1,"delta":{},"finish_reason":null},{"index":0,"delta":{},"finish_reason":"stop"}]}']),
+    "a refusal field late": ({}, [_chunk({"content": "Well"}), _chunk({"refusal": "I will not"}),
+                                  _chunk({}, "stop")]),
+    "a refusal over several chunks": ({}, [_chunk({"content": ""}), _chunk({"content": " I"}),
+                                           _chunk({"content": "'m sorry, but I"}), _chunk({"content": " can't help"}),
+                                           _chunk({"content": " with that."}), _chunk({}, "stop")]),
+    "an opening that is not a refusal": ({}, [_chunk({"content": "I"}), _chunk({"content": " think so."}),
+                                              _chunk({}, "stop")]),
+    "a refusal after 300 blank characters": ({}, [_chunk({"content": " " * 301}), _chunk({"content": "Sorry, I"}),
+                                                  _chunk({"content": " can't do that"}), _chunk({}, "stop")]),
+    "whitespace, then text": ({}, [_chunk({"content": "  \n"}), _chunk({"content": "..."}),
+                                   _chunk({"content": "ok"}), _chunk({}, "stop")]),
+    "empty": ({}, [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "  "}), _chunk({}, "stop")]),
+    "JSON asked": ({"response_format": {"type": "json_object"}}, [  # valid JSON only when read whole
+        _chunk({"content": '{"text": "'}), *(_chunk({"content": w}) for w in _WORDS), _chunk({"content": '"}'}),
+        _chunk({}, "stop")]),
+    "usage on the last chunk": ({}, [_chunk({"content": "Hi"}), _chunk({}, "stop", usage={"prompt_tokens": 1})]),
+}
+
+
+@pytest.mark.parametrize("name", list(_STREAMS))
+@pytest.mark.parametrize("split", ["one batch", "one chunk per batch"])
+@pytest.mark.parametrize("typed", [True, False])
+def test_stream_quality_keeps_only_the_text_the_checks_need_and_finds_what_reading_all_finds(
+        name: str, split: str, typed: bool) -> None:
+    """Once the text is settled, later text is not kept; the signals and finish reasons are those of an
+    answer read from every chunk (chunks decoded by the provider or not)."""
+    from gateway.telemetry.quality import _read_payload, chat_asked, signals_for
+
+    asked, payloads = _STREAMS[name]
+    whole = Answer()
+    for payload in payloads:
+        _read_payload(whole, payload, True, "delta", 1 << 20)
+    events = [_typed(payload) if typed else Chunk(payload) for payload in payloads]
+    reader = _stream_reader(asked)
+    _feed(reader, [events] if split == "one batch" else [[event] for event in events])
+    assert sorted(reader.answer.finish_reasons) == sorted(whole.finish_reasons)
+    assert signals_for(reader.answer, chat_asked(asked)) == signals_for(whole, chat_asked(asked))
+    assert reader.answer.tool_calls == whole.tool_calls and reader.answer.refusal == whole.refusal
+
+
+def test_stream_quality_stops_keeping_settled_text() -> None:
+    """As the benchmark's streams: the text settles at its first word; the rest is not kept."""
+    reader = _stream_reader({})
+    payloads = _STREAMS["finish reason after the 300th character"][1]
+    _feed(reader, [[_typed(payload) for payload in payloads]])
+    assert "".join(reader.answer.text) == _WORDS[0] and reader.answer.finish_reasons == ["length"]
+
+
+def test_every_refusal_opens_with_one_of_the_initials() -> None:
+    """`cannot_become_refusal` and the first-letter shortcut trust `_INITIALS`: the letters the pattern can
+    start with after `\\W*`, computed here from its parse tree (a new opener cannot slip past them)."""
+    import re
+    import re._constants as c
+    import re._parser as parser
+    import string
+
+    from gateway.telemetry.refusals import _INITIALS, _NOT_INITIALS, _REFUSAL, cannot_become_refusal
+
+    def first(items: Any) -> tuple[set[Any], bool]:
+        """The first atoms of a sequence, and whether it can match nothing."""
+        found: set[Any] = set()
+        for op, av in items:
+            if op is c.AT:
+                continue
+            if op is c.SUBPATTERN:
+                atoms, empty = first(av[-1])
+            elif op is c.BRANCH:
+                atoms, empty = set(), False
+                for branch in av[1]:
+                    more, branch_empty = first(branch)
+                    atoms |= more
+                    empty = empty or branch_empty
+            elif op in (c.MAX_REPEAT, c.MIN_REPEAT):
+                atoms, _ = first(av[2])
+                empty = av[0] == 0
+            else:
+                atoms, empty = {(op, repr(av))}, False
+            found |= atoms
+            if not empty:
+                return found, False
+        return found, True
+
+    atoms, empty = first(parser.parse(_REFUSAL.pattern, _REFUSAL.flags))
+    non_words = {(c.IN, repr([(c.CATEGORY, c.CATEGORY_NOT_WORD)]))}
+    letters = {(op, av) for op, av in atoms - non_words if op is c.LITERAL}
+    assert not empty and atoms - non_words == letters  # after `\\W*`, literal letters only
+    assert {chr(int(av)) for _, av in letters} == set(_INITIALS)
+    assert _NOT_INITIALS == set(string.ascii_letters) - set(_INITIALS + _INITIALS.upper())
+    assert cannot_become_refusal("  Hello") and cannot_become_refusal("\u00bfQu\u00e9?")
+    assert not cannot_become_refusal("I") and not cannot_become_refusal("...") and not cannot_become_refusal("")
+    assert not cannot_become_refusal("\u0130 can't")  # folds to `i` under IGNORECASE, as in the pattern
+    assert re.match("i", "\u0130", re.IGNORECASE) and not cannot_become_refusal("\u0130")
+
+
+def test_the_first_letter_shortcut_agrees_with_the_pattern() -> None:
+    from gateway.telemetry.refusals import _APOSTROPHES, _HEAD_CHARS, _REFUSAL
+
+    texts = [json.loads(line)["text"] for name in ("refusals.jsonl", "refusals-heldout.jsonl")
+             for line in (EVALS / name).read_text().splitlines() if line.strip()]
+    for text in texts + [t[1:] for t in texts] + [t.upper() for t in texts] + [t.lower() for t in texts]:
+        expected = _REFUSAL.match(text[:_HEAD_CHARS].translate(_APOSTROPHES)) is not None
+        assert looks_like_refusal(text) == expected, text
+
+
 def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
-    """`_Observe` and `_Increment` (the per-request path) write exactly what the library's own calls write."""
+    """`_Observe` and `_Increment` (the per-request path), and their lock-free forms for the telemetry stage
+    (`loop_child`), write exactly what the library's own calls write."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    from gateway.telemetry.metrics import _Increment, _Observe, _Set, fast_child
+    from gateway.telemetry.metrics import (
+        _Increment,
+        _LoopIncrement,
+        _LoopObserve,
+        _Observe,
+        _Set,
+        fast_child,
+        loop_child,
+    )
 
-    def exposition(fast: bool) -> bytes:
+    def exposition(fast: bool, loop: bool = False) -> bytes:
         registry = CollectorRegistry()
         histogram = Histogram("h_seconds", "h", ("a",), buckets=(0.001, 0.01, 0.1, 1.0, 10.0), registry=registry)
         counter = Counter("c", "c", ("a",), registry=registry)
@@ -127,6 +270,12 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
         if fast:
             h, c, g = fast_child(h), fast_child(c), fast_child(g)
             assert isinstance(h, _Observe) and isinstance(c, _Increment) and isinstance(g, _Set)  # internals found
+        if loop:  # the telemetry stage's writers (the event loop's thread only); a gauge's `set` stays the library's
+            h, c = loop_child(histogram.labels("x")), loop_child(counter.labels("x"))
+            assert type(h) is _LoopObserve and type(c) is _LoopIncrement
+            up_down = loop_child(gauge.labels("y"))
+            up_down.inc(3)
+            up_down.inc(-1)
         for value in (0.0, 0.0005, 0.001, 0.0011, 0.05, 0.1, 0.99, 1.0, 5.0, 10.0, 11.0, 1e9):
             h.observe(value)
             c.inc(value)
@@ -135,6 +284,9 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
         return b"\n".join(line for line in generate_latest(registry).splitlines() if b"_created" not in line)
 
     assert exposition(True) == exposition(False)
+    looped = exposition(False, loop=True).splitlines()
+    assert b'g{a="y"} 2.0' in looped  # inc(3), inc(-1)
+    assert b"\n".join(line for line in looped if line != b'g{a="y"} 2.0') == exposition(False)
 
 
 def test_a_responses_answer_is_read_from_its_output_items() -> None:

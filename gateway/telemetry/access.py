@@ -1,8 +1,9 @@
 """The access line: one per request, as a typed struct that msgspec encodes in one call.
 
 Built on every request when the access log is on, so it is cheap to make: positional
-fields in the line's order (no dict to build and copy) and milliseconds rounded with
-arithmetic (`round(x, n)` formats through a decimal string, several times slower).
+fields in the line's order (no dict to build and copy), milliseconds rounded with
+arithmetic (`round(x, n)` formats through a decimal string, several times slower), and
+the usual one-attempt list encoded once per target and outcome (`AccessLines`).
 Never prompt or answer text: tenants, keys, aliases and targets are the policy's names.
 """
 
@@ -15,7 +16,7 @@ import msgspec
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
 
-__all__ = ["AccessLine", "access_line"]
+__all__ = ["AccessLine", "AccessLines"]
 
 GUARDS_HEADER = b"x-gateway-guards"  # set by the guard stage (not imported: it would load the guards)
 CLIENT_CLOSED = 499
@@ -32,7 +33,7 @@ class AccessLine(msgspec.Struct, gc=False):
     provider: str | None
     target: str | None
     rule: str | None
-    attempts: list[dict[str, Any]]
+    attempts: list[dict[str, Any]] | msgspec.Raw  # Raw: the one-attempt list, encoded already
     fallback_reason: str | None
     stream: bool
     status: int
@@ -54,32 +55,70 @@ class AccessLine(msgspec.Struct, gc=False):
 
     def fields(self) -> dict[str, Any]:
         """The line as a dict (for a log record when the line goes through `logging`)."""
-        return msgspec.structs.asdict(self)
+        fields = msgspec.structs.asdict(self)
+        if isinstance(self.attempts, msgspec.Raw):
+            fields["attempts"] = msgspec.json.decode(self.attempts)
+        return fields
 
 
-def access_line(
-    ctx: RequestContext, total: float, provider: str | None, target: str | None, key: str | None,
-) -> AccessLine:
-    usage = ctx.usage
-    upstream = ctx.upstream_seconds if provider is not None else 0.0
-    first = ctx.first_chunk_seconds
-    cost = ctx.cost_usd
-    overhead = total - upstream if total > upstream else 0.0
-    return AccessLine(
-        ctx.request_id, ctx.endpoint_label, ctx.alias_label, ctx.tenant, key, provider, target,
-        ctx.rule, _attempts(ctx), ctx.fallback_reason, ctx.stream, ctx.status,
-        ctx.error_code,
-        int(total * 100_000.0 + 0.5) / 100, int(upstream * 100_000.0 + 0.5) / 100,
-        int(overhead * 1_000_000.0 + 0.5) / 1000,
-        int(first * 100_000.0 + 0.5) / 100 if first is not None else None,
-        usage.prompt_tokens if usage else None, usage.completion_tokens if usage else None,
-        usage.cached_tokens if usage else None, usage.reasoning_tokens if usage else None,
-        ctx.usage_estimated,
-        int(cost * 1e9 + 0.5) / 1e9 if cost is not None else None,
-        ctx.cache_result, _guard_actions(ctx),
-        ctx.traceparent.decode() if ctx.traceparent is not None else None,
-        ctx.runtime.policy.version,
-    )
+class AccessLines:
+    """Makes the access lines of one runtime: the one-attempt lists it encodes are kept by target and outcome
+    (the policy's targets: a bounded set; past `limit`, encoded each time)."""
+
+    __slots__ = ("_limit", "_one_attempt")
+
+    def __init__(self, limit: int = 4_096) -> None:
+        self._one_attempt: dict[tuple[str, str], msgspec.Raw] = {}
+        self._limit = limit
+
+    def line(
+        self, ctx: RequestContext, total: float, provider: str | None, target: str | None, key: str | None,
+    ) -> AccessLine:
+        usage = ctx.usage
+        prompt: int | None
+        completion: int | None
+        cached: int | None
+        reasoning: int | None
+        if usage is not None:
+            prompt, completion = usage.prompt_tokens, usage.completion_tokens
+            details = usage.prompt_tokens_details  # `Usage.cached_tokens` and `.reasoning_tokens`, in line
+            cached = (details.cached_tokens or 0) if details is not None else 0
+            reasoning_details = usage.completion_tokens_details
+            reasoning = (reasoning_details.reasoning_tokens or 0) if reasoning_details is not None else 0
+        else:
+            prompt = completion = cached = reasoning = None
+        upstream = ctx.upstream_seconds if provider is not None else 0.0
+        first = ctx.first_chunk_seconds
+        cost = ctx.cost_usd
+        overhead = total - upstream if total > upstream else 0.0
+        return AccessLine(
+            ctx.request_id, ctx.endpoint_label, ctx.alias_label, ctx.tenant, key, provider, target,
+            ctx.rule, self._attempts(ctx), ctx.fallback_reason, ctx.stream, ctx.status,
+            ctx.error_code,
+            int(total * 100_000.0 + 0.5) / 100, int(upstream * 100_000.0 + 0.5) / 100,
+            int(overhead * 1_000_000.0 + 0.5) / 1000,
+            int(first * 100_000.0 + 0.5) / 100 if first is not None else None,
+            prompt, completion, cached, reasoning, ctx.usage_estimated,
+            int(cost * 1e9 + 0.5) / 1e9 if cost is not None else None,
+            ctx.cache_result, _guard_actions(ctx) if ctx.headers else None,
+            ctx.traceparent.decode() if ctx.traceparent is not None else None,
+            ctx.runtime.policy.version,
+        )
+
+    def _attempts(self, ctx: RequestContext) -> list[dict[str, Any]] | msgspec.Raw:
+        """Every attempt, in order: target, outcome and milliseconds (one line when the first answered)."""
+        if ctx.attempts is not None:
+            return [{"target": target, "outcome": outcome, "ms": ms} for target, outcome, ms in ctx.attempts]
+        if ctx.target is None:
+            return []
+        outcome = "ok" if ctx.status < 400 or ctx.status == CLIENT_CLOSED else "error"
+        named = (ctx.target.name, outcome)
+        found = self._one_attempt.get(named)
+        if found is None:
+            found = msgspec.Raw(msgspec.json.encode([{"target": named[0], "outcome": outcome}]))
+            if len(self._one_attempt) < self._limit:
+                self._one_attempt[named] = found
+        return found
 
 
 def _guard_actions(ctx: RequestContext) -> str | None:
@@ -88,13 +127,3 @@ def _guard_actions(ctx: RequestContext) -> str | None:
         if name == GUARDS_HEADER:
             return value.decode("latin-1")
     return None
-
-
-def _attempts(ctx: RequestContext) -> list[dict[str, Any]]:
-    """Every attempt, in order: target, outcome and milliseconds (one line when the first answered)."""
-    if ctx.attempts is not None:
-        return [{"target": target, "outcome": outcome, "ms": ms} for target, outcome, ms in ctx.attempts]
-    if ctx.target is None:
-        return []
-    outcome = "ok" if ctx.status < 400 or ctx.status == CLIENT_CLOSED else "error"
-    return [{"target": ctx.target.name, "outcome": outcome}]

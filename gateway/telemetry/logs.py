@@ -27,7 +27,8 @@ _ACCESS_HEAD = b'","level":"info","logger":"gateway.access","msg":"request"'
 access_log = logging.getLogger("gateway.access")
 _BUFFERED_LINES = 256  # written at once past this many, without waiting for the loop turn to end
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
-_head: dict[int, bytes] = {}  # the millisecond of the last access line -> that line's first fields
+# An access line's fields after its second: `123Z` and the fixed ones, for each millisecond (made once).
+_AFTER_SECOND = tuple(f"{millisecond:03d}Z".encode() + _ACCESS_HEAD for millisecond in range(1000))
 
 
 def _timestamp(created: float) -> str:
@@ -64,6 +65,24 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self.setFormatter(JsonFormatter())
         self._pending: list[bytes | bytearray] = []
         self._scheduled = False
+        self._second = -1  # the whole second of the last access line, and its line's first bytes
+        self._second_head = b""
+
+    def write_access(self, line: AccessLine) -> None:
+        """Queue one access line: the line `JsonFormatter` would make (its four fields, then the access
+        fields), encoded in place; the timestamp's second is formatted once per second."""
+        now = time.time()
+        whole = int(now)
+        if whole != self._second:
+            self._second = whole
+            self._second_head = b'{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode() + b"."
+        data = bytearray(self._second_head)
+        data += _AFTER_SECOND[int((now - whole) * 1000)]
+        at = len(data)
+        _encoder.encode_into(line, data, at)
+        data[at] = 44  # the struct's opening brace becomes a comma: one object
+        data.append(10)
+        self.write_line(data)
 
     def write_line(self, line: bytes | bytearray) -> None:
         """Queue one encoded line (ending in a newline) for the end of this loop turn."""
@@ -116,18 +135,6 @@ def log_access(line: AccessLine) -> None:
     handler = handlers[0] if len(handlers) == 1 else None
     if (type(handler) is JsonLinesHandler and not access_log.handlers and access_log.propagate
             and access_log.isEnabledFor(logging.INFO) and handler.level <= logging.INFO):
-        # The line `JsonFormatter` would make: its four fields, then the access fields encoded in place.
-        now = time.time()
-        millisecond = int(now * 1000)
-        head = _head.get(millisecond)
-        if head is None:  # lines of the same millisecond share their first fields
-            _head.clear()
-            head = _head[millisecond] = b'{"ts":"' + _timestamp(now).encode() + _ACCESS_HEAD
-        data = bytearray(head)
-        at = len(data)
-        _encoder.encode_into(line, data, at)
-        data[at] = 44  # the struct's opening brace becomes a comma: one object
-        data.append(10)
-        handler.write_line(data)
+        handler.write_access(line)
         return
     access_log.info("request", extra={"fields": line.fields()})

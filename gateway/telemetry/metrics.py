@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
+from prometheus_client.values import MutexValue
 
-__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Finished", "Metrics"]
+__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Finished", "Metrics", "loop_child"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 # Whole requests: a cached answer in milliseconds to a long generation in minutes.
@@ -114,6 +115,53 @@ class _Set:
         self.value.set(float(amount))
 
 
+class _LoopObserve(_Observe):
+    """`_Observe` for a series only the event loop's thread writes (`Metrics.record`), in a single-process
+    registry: the two floats added without taking their lock (the exposition, on that same thread, reads them
+    under it; no other thread writes these series). A registry of another kind gets `_Observe.of`."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def of(child: Any) -> Any:
+        found = _Observe.of(child)
+        if type(found) is not _Observe or not all(type(v) is MutexValue for v in (*found.buckets, found.sum)):
+            return found
+        return _LoopObserve(found.bounds, found.buckets, found.sum)
+
+    def observe(self, amount: float) -> None:
+        index = bisect_left(self.bounds, amount)
+        if index < len(self.buckets):
+            self.buckets[index]._value += 1
+        self.sum._value += amount
+
+
+class _LoopIncrement(_Increment):
+    """`_Increment` for a series only the event loop's thread writes (see `_LoopObserve`)."""
+
+    __slots__ = ()
+
+    @staticmethod
+    def of(child: Any) -> Any:
+        found = _Increment.of(child)
+        return _LoopIncrement(found.value) if type(found) is _Increment and type(found.value) is MutexValue \
+            else found
+
+    def inc(self, amount: float = 1) -> None:
+        self.value._value += amount
+
+
+def loop_child(child: Any) -> Any:
+    """`fast_child` for a counter, gauge or histogram (child) that only the event loop's thread writes: its
+    values added without their lock when the registry is single-process (`_LoopObserve`, `_LoopIncrement`).
+    A gauge gets `inc` (negative amounts included: `inc(-1)` is the library's `dec()`)."""
+    if isinstance(child, Histogram):
+        return _LoopObserve.of(child)
+    if isinstance(child, Counter | Gauge):
+        return _LoopIncrement.of(child)
+    return child
+
+
 def fast_child(child: Any) -> Any:
     """A labelled child for a per-request path: the same writes as the library's, fewer checks per call."""
     if isinstance(child, Histogram):
@@ -131,17 +179,18 @@ class Children:
     For label values from the policy's or the code's bounded sets (guard names, entity types, actions,
     places); the map stops growing at `limit` all the same, past which children are looked up each time."""
 
-    __slots__ = ("_found", "_limit", "_metric")
+    __slots__ = ("_found", "_limit", "_metric", "_writer")
 
-    def __init__(self, metric: Any, limit: int = 10_000) -> None:
+    def __init__(self, metric: Any, limit: int = 10_000, loop_only: bool = False) -> None:
         self._metric = metric
         self._found: dict[tuple[str, ...], Any] = {}
         self._limit = limit
+        self._writer = loop_child if loop_only else fast_child  # loop_only: only the event loop's thread writes
 
     def __call__(self, *values: str) -> Any:
         found = self._found.get(values)
         if found is None:
-            found = fast_child(self._metric.labels(*values))
+            found = self._writer(self._metric.labels(*values))
             if len(self._found) < self._limit:
                 self._found[values] = found
         return found
@@ -492,7 +541,7 @@ class Metrics:
         operation = _OPERATIONS.get(endpoint, endpoint)
         error_type = done.error or ("_OTHER" if done.status >= 400 else "")
         upstream = done.provider is not None
-        observe, inc = _Observe.of, _Increment.of
+        observe, inc = _LoopObserve.of, _LoopIncrement.of  # written by the telemetry stage, on the loop only
         return _Series(
             inc(self.requests.labels(endpoint, model, str(done.status))),
             observe(self.duration.labels(endpoint, model)),

@@ -27,7 +27,7 @@ from ..schemas.openai import ChoicePeek, ChoicesPeek
 from .answers import Answer, Asked
 from .metrics import Children, Metrics
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
-from .refusals import looks_like_refusal
+from .refusals import REFUSAL_HEAD_CHARS, cannot_become_refusal, looks_like_refusal
 
 __all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
 
@@ -42,7 +42,10 @@ _MAX_VALIDATORS = 256
 _decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
 _decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
 _CHECKED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+_JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is checked
 _BATCH = 256  # stream chunks held before they are read
+_MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
+_NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
 
 
 def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -145,6 +148,8 @@ def _parse(text: str) -> tuple[bool, Any]:
 
 def chat_asked(request: dict[str, Any]) -> Asked:
     """Chat and completions: `response_format` and `tools` (`{"type": "function", "function": {...}}`)."""
+    if "response_format" not in request and "tools" not in request:  # the common request asks neither
+        return _NOTHING_ASKED
     response_format = request.get("response_format")
     kind = schema = None
     if isinstance(response_format, dict):
@@ -168,16 +173,16 @@ def signals_of(answer: Answer, request: dict[str, Any]) -> list[str]:
 def signals_for(answer: Answer, asked: Asked) -> list[str]:
     """The quality problems of one answer, given what its request asked (response format and tools)."""
     found: list[str] = []
-    text = "".join(answer.text)
+    text = answer.text[0] if len(answer.text) == 1 else "".join(answer.text)
     truncated = "length" in answer.finish_reasons
     if truncated:
         found.append("truncated")
     if answer.refusal or looks_like_refusal(text):
         found.append("refusal")
-    elif not text.strip() and not answer.tool_calls and not answer.overflow:  # a refusal is not an empty answer
+    elif (not text or text.isspace()) and not answer.tool_calls and not answer.overflow:  # (a refusal is not empty)
         found.append("empty")
     kind = asked.json_kind
-    if kind in ("json_object", "json_schema") and not answer.overflow and not answer.tool_calls and text.strip():
+    if kind in _JSON_KINDS and not answer.overflow and not answer.tool_calls and text.strip():
         ok, value = _parse(text)
         if not ok:
             found.append("invalid_json")
@@ -211,9 +216,13 @@ class QualitySignals:
     def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
         self.metrics = metrics
         self.limit = max_text_bytes
-        self._checked = Children(metrics.quality_checked)  # labels: aliases, targets, closed sets
-        self._finish_reasons = Children(metrics.finish_reasons)
-        self._signals = Children(metrics.quality_signals)
+        # Labels: aliases, targets, closed sets. Counted on the event loop's thread only (`loop_child`).
+        self._checked = Children(metrics.quality_checked, loop_only=True)
+        self._finish_reasons = Children(metrics.finish_reasons, loop_only=True)
+        self._signals = Children(metrics.quality_signals, loop_only=True)
+        # (alias, target name) -> (alias label, target label, `checked` child, finish reason -> child): this
+        # stage lives as long as its policy, so the labels they map to cannot change.
+        self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         if ctx.endpoint is Endpoint.RESPONSES:
@@ -227,7 +236,7 @@ class QualitySignals:
         if reply.status != 200:
             return reply
         if reply.stream is not None:
-            reply.stream.add(_StreamQuality(self))
+            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body)))
         elif reply.body is not None:
             answer = Answer()
             chat = ctx.endpoint is Endpoint.CHAT
@@ -255,31 +264,50 @@ class QualitySignals:
         return reply
 
     def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
-        labels = ctx.runtime.policy.labels
-        model = labels.alias(ctx.alias_label)
-        target = labels.target(ctx.target.name if ctx.target is not None else None)
-        self._checked(model, target).inc()
+        named = (ctx.alias_label, ctx.target.name if ctx.target is not None else None)
+        found = self._series.get(named)
+        if found is None:  # the labels and their children, once per alias and target
+            labels = ctx.runtime.policy.labels
+            model, target = labels.alias(named[0]), labels.target(named[1])
+            found = (model, target, self._checked(model, target), {})
+            if len(self._series) < _MAX_SERIES:
+                self._series[named] = found
+        model, target, checked, reasons = found
+        checked.inc()
         for reason in answer.finish_reasons:
-            self._finish_reasons(model, target, reason if reason in _FINISH_REASONS else "other").inc()
+            label = reason if reason in _FINISH_REASONS else "other"  # an upstream's odd reasons: one label
+            child = reasons.get(label)
+            if child is None:
+                child = reasons[label] = self._finish_reasons(model, target, label)
+            child.inc()
         for signal in signals_for(answer, asked):
             self._signals(model, target, signal).inc()
 
 
 class _StreamQuality:
-    """Keeps a stream's chunk payloads (references, no copies) and reads them in batches: at most
-    `_BATCH` held, all of a batch decoded in one call, the last ones at the end; counts a finished stream."""
+    """Reads a stream's chunks: the common one (one choice, text only) in line, from the choices the provider
+    decoded (`ctx.read_choices`); others' payloads kept (references, no copies) and read in batches: at most
+    `_BATCH` held, all of a batch decoded in one call, the last ones at the end. Counts a finished stream.
 
-    __slots__ = ("answer", "payloads", "stage")
+    Once later text cannot change a verdict (`settled`: no JSON asked, and the text's first word character
+    opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
+    chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
+
+    __slots__ = ("answer", "asked", "json", "payloads", "settled", "stage")
     reads_events = True
 
-    def __init__(self, stage: QualitySignals) -> None:
+    def __init__(self, stage: QualitySignals, asked: Asked) -> None:
         self.stage = stage
+        self.asked = asked
+        self.json = asked.json_kind in _JSON_KINDS  # the whole text is checked
         self.answer = Answer()
         self.payloads: list[bytes] = []
+        self.settled = False
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         payloads = self.payloads
         answer = self.answer
+        settled = self.settled
         chat = ctx.endpoint is Endpoint.CHAT
         for event in events:
             if type(event) is not Chunk:
@@ -297,9 +325,11 @@ class _StreamQuality:
                 delta = choice.delta
                 if (delta is not None and choice.index == 0 and choice.finish_reason is None and choice.text is None
                         and delta.tool_calls is None and delta.refusal is None and chat):
-                    text = delta.content
-                    if text is not None and not answer.overflow:
-                        answer.add_text(text, self.stage.limit)
+                    if not settled:
+                        text = delta.content
+                        if text is not None:
+                            answer.add_text(text, self.stage.limit)
+                            settled = self.settled = self._settles()
                     continue
             _read_typed(answer, choices, chat, self.stage.limit)
         if len(payloads) >= _BATCH:
@@ -309,7 +339,18 @@ class _StreamQuality:
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if end.outcome == "done":
             self._read(ctx)
-            self.stage.count(ctx, self.answer, chat_asked(ctx.body))
+            self.stage.count(ctx, self.answer, self.asked)
+
+    def _settles(self) -> bool:
+        """Whether the text read so far is all the checks need of it."""
+        answer = self.answer
+        if answer.overflow:
+            return True
+        if self.json or not answer.text:
+            return False
+        text = "".join(answer.text)
+        return cannot_become_refusal(text) or (len(text) >= REFUSAL_HEAD_CHARS
+                                               and not text[:REFUSAL_HEAD_CHARS].isspace())
 
     def _read(self, ctx: RequestContext) -> None:
         payloads, self.payloads = self.payloads, []

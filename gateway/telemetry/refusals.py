@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["looks_like_refusal"]
+__all__ = ["REFUSAL_HEAD_CHARS", "cannot_become_refusal", "looks_like_refusal"]
 
-_HEAD_CHARS = 300
+REFUSAL_HEAD_CHARS = _HEAD_CHARS = 300
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
 # An opener ("I'm sorry, but", "Unfortunately,", "As an AI language model,") may come first; then the
 # refusal itself: "I can't / won't / am unable to / must decline ..." followed by a verb of doing or helping.
@@ -44,7 +44,25 @@ _REFUSAL = re.compile(
 )
 
 
+# Every text the pattern matches opens, after non-word characters, with the first letter of an opener or of a
+# refusal (i, sorry, my, apologies, unfortunately, regrettably, no, as; that, this); a test derives these
+# letters from the pattern itself.
+_INITIALS = "ismaurnt"
+_NOT_INITIALS = frozenset("bcdefghjklopqvwxyzBCDEFGHJKLOPQVWXYZ")  # the other ASCII letters
+_FIRST_WORD_CHAR = re.compile(r"\w")
+_MAY_OPEN_A_REFUSAL = re.compile(f"[{_INITIALS}]", re.IGNORECASE)  # the pattern's flags: the same case folding
+
+
+def cannot_become_refusal(text: str) -> bool:
+    """True when no text that starts with `text` looks like a refusal: its first word character opens none of
+    the pattern's words (a stream's later text then need not be kept for this check)."""
+    found = _FIRST_WORD_CHAR.search(text, 0, _HEAD_CHARS)
+    return found is not None and _MAY_OPEN_A_REFUSAL.match(text, found.start()) is None
+
+
 def looks_like_refusal(text: str) -> bool:
+    if text[:1] in _NOT_INITIALS:  # most answers open with a letter no refusal opens with: no regex to run
+        return False
     head = text[:_HEAD_CHARS]
     if "\u2019" in head or "\u2018" in head or "\u02bc" in head:  # translating costs ~2 us: only when needed
         head = head.translate(_APOSTROPHES)

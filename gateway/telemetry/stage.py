@@ -1,5 +1,7 @@
 """The outermost pipeline stage: in-flight count, metrics, and the access log, for every request;
 and the optional telemetry stages (tracing, feedback records, quality signals) a policy turns on.
+With `server.metrics: false` the per-request metrics are not recorded at all (nor quality signals:
+they are metrics), so that a feature that is off costs nothing.
 
 Every answer passes here, errors included (431, 405, 413 and the rest are raised
 by stages inside it), and so does every ending: a stream is recorded when it ends
@@ -22,10 +24,10 @@ from ..pipeline.streams import StreamEnd
 from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
-from .access import CLIENT_CLOSED, access_line
+from .access import CLIENT_CLOSED, AccessLines
 from .feedback import FeedbackRecorder
 from .logs import log_access
-from .metrics import Children, Finished, Metrics
+from .metrics import Children, Finished, Metrics, loop_child
 from .quality import QualitySignals
 from .tracing import SpanExporter, Tracing
 
@@ -39,10 +41,14 @@ class Telemetry:
 
     def __init__(self, metrics: Metrics) -> None:
         self.metrics = metrics
-        self._cost_usd = Children(metrics.cost)  # by alias and tenant: the policy's bounded label sets
+        # By alias and tenant: the policy's bounded label sets; only this stage writes it, on the event loop.
+        self._cost_usd = Children(metrics.cost, loop_only=True)
+        self._in_flight = loop_child(metrics.in_flight)  # `inc(1)`, `inc(-1)`: only this stage writes it
+        self._access_lines = AccessLines()
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        self.metrics.in_flight.inc()
+        if ctx.runtime.policy.server.metrics:  # off (`server.metrics: false`): nothing recorded
+            self._in_flight.inc(1)
         try:
             reply = await call_next(ctx)
         except GatewayError as exc:
@@ -81,42 +87,48 @@ class Telemetry:
         self._finish(ctx)
 
     def _finish(self, ctx: RequestContext, reply: Reply | None = None) -> None:
-        self.metrics.in_flight.dec()
+        server = ctx.runtime.policy.server
+        if server.metrics:
+            self._in_flight.inc(-1)
         if ctx.on_finish is not None:  # the answer is final now (the cache stores a miss's)
             ctx.on_finish()
         total = time.perf_counter() - ctx.started
-        usage = ctx.usage
-        labels = ctx.runtime.policy.labels
-        self._cost(ctx, reply)
+        self._cost(ctx, reply, server.metrics)
         provider = ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None
         target = ctx.target.name if ctx.target is not None else None
         key = ctx.key.name if ctx.key is not None else None
-        error = ctx.error_code if ctx.status >= 400 else None
-        self.metrics.record(Finished(
-            ctx.endpoint_label, labels.alias(ctx.alias_label), ctx.status, provider, labels.target(target),
-            labels.tenant(ctx.tenant), labels.key(key), error, total, ctx.upstream_seconds,
-            ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-        ))
-        if ctx.runtime.policy.server.access_log or ctx.status >= 500:
-            log_access(access_line(ctx, total, provider, target, key))
+        if server.metrics:
+            usage = ctx.usage
+            labels = ctx.runtime.policy.labels
+            error = ctx.error_code if ctx.status >= 400 else None
+            self.metrics.record(Finished(
+                ctx.endpoint_label, labels.alias(ctx.alias_label), ctx.status, provider, labels.target(target),
+                labels.tenant(ctx.tenant), labels.key(key), error, total, ctx.upstream_seconds,
+                ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
+            ))
+        if server.access_log or ctx.status >= 500:
+            log_access(self._access_lines.line(ctx, total, provider, target, key))
 
 
-    def _cost(self, ctx: RequestContext, reply: Reply | None) -> None:
-        """The answer's cost and token details: counted, and sent as `x-gateway-cost-usd` on a complete
-        answer (a stream's headers leave before its cost is known: it is in the access log and the metrics)."""
+    def _cost(self, ctx: RequestContext, reply: Reply | None, recorded: bool) -> None:
+        """The answer's cost and token details: counted (when metrics are on), and sent as `x-gateway-cost-usd`
+        on a complete answer (a stream's headers leave before its cost is known: it is in the access log and
+        the metrics)."""
         cost = request_cost(ctx)
-        metrics, usage = self.metrics, ctx.usage
-        model = ctx.runtime.policy.labels.alias(ctx.alias_label)
-        if usage is not None:
-            if usage.cached_tokens:
-                metrics.tokens.labels(model, "cached_prompt").inc(usage.cached_tokens)
-            if usage.reasoning_tokens:
-                metrics.tokens.labels(model, "reasoning").inc(usage.reasoning_tokens)
+        if recorded:
+            metrics, usage = self.metrics, ctx.usage
+            model = ctx.runtime.policy.labels.alias(ctx.alias_label)
+            if usage is not None:
+                if usage.cached_tokens:
+                    metrics.tokens.labels(model, "cached_prompt").inc(usage.cached_tokens)
+                if usage.reasoning_tokens:
+                    metrics.tokens.labels(model, "reasoning").inc(usage.reasoning_tokens)
+            if cost is None:
+                metrics.cost_unpriced.labels(model).inc()
+            elif cost:
+                self._cost_usd(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
         if cost is None:
-            metrics.cost_unpriced.labels(model).inc()
             return
-        if cost:
-            self._cost_usd(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
         if reply is not None and ctx.target is not None and ctx.upstream_started:
             ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]
 
@@ -134,7 +146,7 @@ class TelemetryStages:
             services += [exporter] if exporter is not None else []
         if spec.feedback.enabled:
             stages.append(FeedbackRecorder(spec.feedback.ttl_s))
-        if spec.quality.enabled:
+        if spec.quality.enabled and policy.server.metrics:  # the signals are metrics: with none, no checks
             stages.append(QualitySignals(metrics, spec.quality.max_text_bytes))
         if spec.payload_log.enabled:
             from .payload_log import PayloadLog, PayloadWriter  # loads the guards: only when the log is on

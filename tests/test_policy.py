@@ -269,3 +269,13 @@ def test_keys_commands() -> None:
     generated = gateway_cli("keys", "generate").stdout.split()
     key, digest = generated[1], generated[3]
     assert key.startswith("gw-") and len(key) > 40 and digest == hash_key(key)
+
+
+def test_quality_signals_with_the_metrics_off_is_a_warning() -> None:
+    """The quality signals are metrics: with `server.metrics: false` they are not built, which must not
+    pass silently."""
+    quiet = GOOD.replace("server:\n", "server:\n  metrics: false\n", 1) + "telemetry:\n  quality: {enabled: true}\n"
+    warnings = compile_text(quiet, "p.yaml", ENV).warnings
+    assert any("telemetry.quality.enabled" in w and "server.metrics is false" in w for w in warnings), warnings
+    on = GOOD + "telemetry:\n  quality: {enabled: true}\n"
+    assert not any("telemetry.quality" in w for w in compile_text(on, "p.yaml", ENV).warnings)

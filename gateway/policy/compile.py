@@ -97,6 +97,9 @@ def compile_policy(
             "network with `auth: none`: anyone who reaches it can spend your providers' credit "
             "(`gateway serve` refuses this without --allow-open)"
         )
+    if spec.telemetry.quality.enabled and not spec.server.metrics:
+        warnings.append(f"{doc.where(('telemetry', 'quality', 'enabled'))}: telemetry.quality.enabled: the quality "
+                        "signals are metrics, and server.metrics is false: no answer is checked")
     if spec.dynamic_keys.enabled and spec.server.admin_token_env is None:
         warnings.append(f"{doc.file}:{doc.line_of(('dynamic_keys', 'enabled'))}: dynamic_keys.enabled: without "
                         "server.admin_token_env this gateway cannot create keys; it only accepts those another "

@@ -50,7 +50,8 @@ _DESCRIPTIONS: dict[str, str] = {
     "ServerSpec.port": "Listen port.",
     "ServerSpec.max_body_bytes": "Largest request body accepted; larger ones get 413.",
     "ServerSpec.drain_timeout_s": "On shutdown or reload, how long running requests and streams may finish.",
-    "ServerSpec.metrics": "Serve Prometheus metrics on /metrics.",
+    "ServerSpec.metrics": ("Serve Prometheus metrics on /metrics; false also stops recording the per-request "
+                           "metrics and the quality signals (other modules' metrics are kept, unserved)."),
     "ServerSpec.access_log": "Log one line per request (never its text or key).",
     "StateSpec.backend": "`memory` (one process) or `redis` (shared by every replica).",
     "StateSpec.key_prefix": "Prefix of every key the gateway writes in Redis.",

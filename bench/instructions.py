@@ -1,8 +1,9 @@
 """Instructions per request: the gateway under callgrind, a feature off and on, against the canned upstream.
 
 Wall-clock ratios on a shared 2-core VM move by 10 to 30% between runs; the number of
-user-space instructions the gateway's process executes per request does not move with
-the neighbours' load, so small differences between two variants can be judged. Each
+user-space instructions the gateway's process executes per request moves far less (about
+1% on a quiet machine, up to 4% beside other work: compare specs of one invocation), so
+small differences between two variants can be judged. Each
 spec starts a gateway (`bench/policy.features.yaml`, as `bench/features.py` does) under
 `valgrind --tool=callgrind --instr-atstart=no`, warms it with 300 requests, switches
 instrumentation on for `--requests` requests at 16 connections, and divides the

@@ -124,7 +124,7 @@ class PayloadWriter:
         if not text:
             return text
         enforced, shadow = await self.guards.detect(self.guard_list, text, where)
-        findings = [dataclasses.replace(f, action="redact") for f in (*enforced, *shadow)]
+        findings = [msgspec.structs.replace(f, action="redact") for f in (*enforced, *shadow)]
         return apply(text, findings, None)[: self.spec.max_text_chars]
 
     async def _redacted(self, entry: _Entry) -> bytes:

@@ -73,8 +73,10 @@ class Accounting(Admission, Settling):
         self._in_line = store if isinstance(store, MemoryStore) else None
         self._gauges = {}  # by scope
         self._gauges_by_label = {}
-        self._reservation_drift = Children(metrics.reservation_drift)  # by alias
-        self._token_drift = Children(metrics.token_estimate_drift)
+        # By alias; written only on the event loop's thread (settling), so without the per-value lock when the
+        # registry is single-process (`telemetry.metrics.loop_child`).
+        self._reservation_drift = Children(metrics.reservation_drift, loop_only=True)
+        self._token_drift = Children(metrics.token_estimate_drift, loop_only=True)
         self._drifts = {}  # alias -> both drift children (aliases: the policy's)
 
     async def start(self) -> None:

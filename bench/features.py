@@ -267,10 +267,11 @@ def semantic_latency(entries: int = 10_000, runs: int = 200) -> list[list[str]]:
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
 
 
-def drop_prefix(prefix: str) -> None:
+def drop_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    """Delete every key under `prefix` in the Redis at `url` (a benchmark's own keys, after it)."""
     import redis
 
-    client = redis.Redis.from_url(REDIS_URL)
+    client = redis.Redis.from_url(url)
     try:
         keys = list(client.scan_iter(match=prefix + "*", count=1000))
         if keys:

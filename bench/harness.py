@@ -101,6 +101,16 @@ def check_cpus(*cpus: str) -> None:
             )
 
 
+def callgrind_total(out: Path) -> int:
+    """The instructions callgrind counted, over every dump it wrote to `out` (`out`, `out.1`, ...); 0 if none."""
+    total = 0
+    for dump in out.parent.glob(out.name + "*"):
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith(("summary:", "totals:")):
+                total = max(total, int(line.split()[1]))
+    return total
+
+
 def free_port() -> int:
     """Ask the kernel for a free TCP port (tiny race until the child binds it; fine here)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:

@@ -51,7 +51,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from bench import features, scale  # noqa: E402
-from bench.harness import HOST, BenchError, Service, free_port, nginx_upstream, require_tools, workdir  # noqa: E402
+from bench.harness import HOST, BenchError, Service, callgrind_total, free_port, nginx_upstream, require_tools, workdir  # noqa: E402
 
 WARM_UP = 300
 
@@ -118,19 +118,7 @@ def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -
         return _count(spec, port, policy, wd, key, alias, mode, requests, prompt)
     finally:
         if state:
-            _drop_prefix(prefix)
-
-
-def _drop_prefix(prefix: str) -> None:
-    import redis
-
-    client = redis.Redis.from_url(REDIS_URL)
-    try:
-        keys = list(client.scan_iter(match=prefix + "*", count=1000))
-        if keys:
-            client.delete(*keys)
-    finally:
-        client.close()
+            features.drop_prefix(prefix, REDIS_URL)
 
 
 def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, mode: str, requests: int,
@@ -153,11 +141,7 @@ def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, m
         for step in (["-i", "off"], ["-d"]):
             subprocess.run(["callgrind_control", *step, pid], check=True, capture_output=True)
         time.sleep(1)
-    total = 0
-    for dump in wd.glob(out.name + "*"):
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
-                total = max(total, int(line.split()[1]))
+    total = callgrind_total(out)
     if not total:
         raise BenchError(f"{spec}: callgrind wrote no totals")
     return total / requests / 1e6

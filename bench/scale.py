@@ -55,6 +55,7 @@ from bench.harness import (
     REPO_DIR,
     BenchError,
     Service,
+    callgrind_total,
     fmt_rps,
     free_port,
     markdown_table,
@@ -770,11 +771,7 @@ def count_instructions(
     errors = sum(int(end[k]) - int(start[k]) for k in ("bad_status", "short", "aborted", "connect_errors"))
     if errors or not events:
         raise BenchError(f"scale window: {events} events, {errors} failed streams")
-    total = 0
-    for dump in wd.glob(out.name + "*"):
-        for line in dump.read_text(errors="replace").splitlines():
-            if line.startswith(("summary:", "totals:")):
-                total = max(total, int(line.split()[1]))
+    total = callgrind_total(out)
     if not total:
         raise BenchError("scale window: callgrind wrote no totals")
     return total / events, events

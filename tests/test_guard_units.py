@@ -225,7 +225,7 @@ def test_windowed_recognizers_find_what_presidio_finds() -> None:
     from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
 
     from gateway.guards.pii import _PHONE_REGIONS, quiet_network
-    from gateway.guards.recognizers import PHONE_MIN_DIGITS, EmailWindows, IpWindows, PhoneWindows, phone_windows
+    from gateway.guards.windowed import PHONE_MIN_DIGITS, EmailWindows, IpWindows, PhoneWindows, phone_windows
 
     quiet_network()
     pairs = [
@@ -262,7 +262,7 @@ def test_email_validation_per_domain_is_presidios() -> None:
     from presidio_analyzer.predefined_recognizers import EmailRecognizer
 
     from gateway.guards.pii import quiet_network
-    from gateway.guards.recognizers import EmailWindows
+    from gateway.guards.windowed import EmailWindows
 
     quiet_network()
     windowed, original = EmailWindows(), EmailRecognizer()
@@ -282,8 +282,8 @@ def test_ascii_twins_find_what_the_regex_module_finds() -> None:
     import json
     import random
 
-    from gateway.guards import recognizers
-    from gateway.guards.recognizers import TWIN_CHARS, EmailWindows, token_windows
+    from gateway.guards import windowed
+    from gateway.guards.windowed import TWIN_CHARS, EmailWindows, token_windows
 
     email = EmailWindows()
     pattern = email.patterns[0]
@@ -322,13 +322,13 @@ def test_ascii_twins_find_what_the_regex_module_finds() -> None:
         assert got == _spans(email.analyze(text, ["EMAIL_ADDRESS"])), text
         email._twins[pattern.regex] = Spy()  # type: ignore[assignment]
     assert len(seen) == 1 and seen[0].split() == ["a@b.co", "c@d.org"]  # the first text's windows
-    assert recognizers.IpWindows()._twins == {}
+    assert windowed.IpWindows()._twins == {}
 
 
 def test_windows_are_linear_and_merge() -> None:
     import re
 
-    from gateway.guards.recognizers import phone_windows, token_windows
+    from gateway.guards.windowed import phone_windows, token_windows
 
     assert phone_windows("born 1984, order 550, invoice 2024-7") == []
     text = "call +49 30 1234567 or 555 123 4567"
@@ -590,7 +590,7 @@ def test_run_gates_hold_for_their_shape_gates() -> None:
     from gateway.guards.gates import OTHER, AllGates, RunGate, ShapeGate, TextShape
     from gateway.guards.pii import PiiGuard, analyzer
     from gateway.guards.pool import GuardPool
-    from gateway.guards.recognizers import BUILTIN_GATES, PHONE_MIN_DIGITS
+    from gateway.guards.windowed import BUILTIN_GATES, PHONE_MIN_DIGITS
     from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
 
     built = analyzer(PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec())).engine)
@@ -703,7 +703,8 @@ def test_capitals_gates_hold_for_their_shape_gates() -> None:
     import random
 
     from gateway.guards.gates import AllGates, CapitalsGate, ShapeGate, TextShape
-    from gateway.guards.recognizers import BUILTIN_GATES, _gov_id_gate
+    from gateway.guards.recognizers import _gov_id_gate
+    from gateway.guards.windowed import BUILTIN_GATES
 
     pairs = []
     for gate in (BUILTIN_GATES["IbanRecognizer"], _gov_id_gate("it_cf")):
@@ -807,7 +808,7 @@ def test_scanned_results_in_presidios_order() -> None:
 
     from presidio_analyzer import EntityRecognizer, RecognizerResult
 
-    from gateway.guards.recognizers import _apart, _score_first
+    from gateway.guards.windowed import _apart, _score_first
 
     rng = random.Random(11)
     for _ in range(2000):

@@ -20,7 +20,7 @@ Rules that are not plain regexes get their own conservative rule:
   `ContextRecognizer` looks `window // 2` characters past it): a match that ends
   less than that before the text's end is held from its start;
 * presidio's phone recognizer (libphonenumber), which the gateway only runs on
-  letter-free stretches (`recognizers.PhoneWindows`): the trailing stretch of
+  letter-free stretches (`windowed.PhoneWindows`): the trailing stretch of
   characters other than letters (x and X count as non-letters, as there) is held
   from its first digit, plus sign or opening bracket (where libphonenumber's
   matcher lets a number start);
@@ -122,7 +122,8 @@ def pii_holds(recognizers: Sequence[Any]) -> RegexHolds | None:
     """The holds of the `patterns` engine's recognizers; None when one of them cannot say."""
     from presidio_analyzer import PatternRecognizer
 
-    from .recognizers import ContextRecognizer, PhoneWindows
+    from .recognizers import ContextRecognizer
+    from .windowed import PhoneWindows
 
     patterns: list[tuple[str, int, int]] = []
     phone = False

@@ -8,7 +8,7 @@ cards with Luhn, IBANs with their checksum, IPs) and the gateway's own
 (`recognizers.py`), called directly (`_Direct`): no spaCy at all, well under a
 millisecond for a short text, run on the event loop. The phone, e-mail and IP
 recognizers only see the parts of the text that can hold their match
-(`recognizers.PhoneWindows`, `token_windows`): they were nine tenths of the cost.
+(`windowed.py`: `PhoneWindows`, `token_windows`): they were nine tenths of the cost.
 Each recognizer runs only when its gate (`gates.py`), a test in a microsecond or
 two that it cannot match the text, lets the text through: most of them scanned
 every prompt for nothing, and were most of the rest.
@@ -102,7 +102,8 @@ def build_analyzer(engine: Engine) -> Any:
         UsSsnRecognizer,
     )
 
-    from .recognizers import VALIDATORS, ContextRecognizer, EmailWindows, IpWindows, PhoneWindows, gateway_recognizers
+    from .recognizers import VALIDATORS, ContextRecognizer, gateway_recognizers
+    from .windowed import EmailWindows, IpWindows, PhoneWindows
 
     quiet_network()
     # Presidio logs matched text in places (an IBAN that fails validation, context words at debug):
@@ -159,7 +160,8 @@ class _Direct:
     """
 
     def __init__(self, recognizers: list[Any]) -> None:
-        from .recognizers import BUILTIN_GATES, ContextRecognizer
+        from .recognizers import ContextRecognizer
+        from .windowed import BUILTIN_GATES
 
         self.recognizers = recognizers
         self.gated = [(r, r.gate if isinstance(r, ContextRecognizer) else BUILTIN_GATES.get(r.name))

@@ -1,0 +1,304 @@
+"""Presidio's built-in recognizers run only on the stretches of a text that can hold their match.
+
+Presidio's phone, e-mail and IP recognizers scan the whole text, and on a long prompt with a few
+years, order numbers and addresses in it they were most of a `patterns` analysis. The classes here
+hand them only the windows that can hold a match (letter-free digit runs for phone numbers,
+whitespace-delimited tokens with an `@`, a dotted digit or a colon for the others) and find the same
+results: `test_windowed_recognizers_find_what_presidio_finds` holds them to it. `BUILTIN_GATES` are
+the cheap tests (`gates.py`) that skip presidio's other built-in recognizers on texts that cannot match.
+"""
+
+from __future__ import annotations
+
+import re
+from bisect import bisect_right
+from collections.abc import Sequence
+from typing import Any
+
+import regex  # type: ignore[import-untyped]  # presidio matches with it; no stubs
+from presidio_analyzer import EntityRecognizer, Pattern, PatternRecognizer, RecognizerResult
+from presidio_analyzer.pattern_recognizer import REGEX_TIMEOUT_SECONDS
+from presidio_analyzer.predefined_recognizers import EmailRecognizer, IpRecognizer, PhoneRecognizer
+
+from .gates import OTHER, AllGates, CapitalsGate, Gate, RunGate, ShapeGate
+
+__all__ = [
+    "BUILTIN_GATES", "PHONE_MIN_DIGITS", "TWIN_CHARS", "EmailWindows", "IpWindows", "PhoneWindows",
+    "phone_windows", "token_windows",
+]
+
+
+# shorter run of digits ("born 1984", "order 550") is never reported as a phone number.
+PHONE_MIN_DIGITS = 7
+# A letter-free run (letters except x and X, which libphonenumber accepts between digits and before an
+# extension) with at least that many digits, from its start: a phone number never spans a letter, so such
+# a run holds every candidate whole. The two classes do not overlap, so the scan is linear.
+_RUN = re.compile(rf"(?<![\W\d_xX])(?:[\W_xX]*\d){{{PHONE_MIN_DIGITS}}}[\W\d_xX]*")
+
+
+# Gates for presidio's own recognizers, by name (`gates.py`; the windowed e-mail and IP recognizers look
+# for their triggers themselves). Their patterns: `CreditCardRecognizer().patterns` and so on.
+BUILTIN_GATES: dict[str, Gate] = {
+    # 4 digits, 3 to 4, 3 to 4, 3 to 5, each group after an optional space or hyphen
+    "CreditCardRecognizer": AllGates(RunGate(13), ShapeGate("0000[- ]?0000?[- ]?0000?[- ]?000")),
+    # \d{5}-\d{4}, \d{3}-\d{6}, \d{3}-\d{2}-\d{4}, \d{9}, \d{3}[- .]\d{2}[- .]\d{4}
+    "UsSsnRecognizer": AllGates(RunGate(9), ShapeGate("000(?:00-0000|-000000|[- .]00[- .]0000|000000)")),
+    # two capital letters and two digits (case matters: its flags have no IGNORECASE)
+    # (in an ASCII text, two capitals, X among them, right before two digits: `CapitalsGate`)
+    "IbanRecognizer": AllGates(CapitalsGate("AA00", "AX00", "XA00", "XX00"),
+                               ShapeGate(f"00(?<=[A-Z{OTHER}][A-Z{OTHER}]00)")),
+    # `IpWindows.trigger` (a digit, a dot and a digit, or a colon) and `EmailWindows.trigger`
+    "IpRecognizer": ShapeGate(r"0\.0", ":"),
+    "EmailRecognizer": ShapeGate("@"),
+    # `phone_windows` is empty unless a letter-free stretch holds `PHONE_MIN_DIGITS` digits (letters: `_RUN`'s,
+    # all but x and X: `RunGate`'s loose runs; DEL, any non-ASCII character, may be a digit)
+    "PhoneRecognizer": RunGate(PHONE_MIN_DIGITS, loose=True),
+}
+
+
+def phone_windows(text: str) -> list[tuple[int, int]]:
+    """The stretches of `text` that can hold a phone number: letter-free runs with at least
+    `PHONE_MIN_DIGITS` digits, each with one character of each neighbour (the matcher checks that a number
+    does not touch a letter), merged where they meet; empty for most prose."""
+    windows: list[tuple[int, int]] = []
+    for run in _RUN.finditer(text):
+        lo, hi = max(0, run.start() - 1), min(len(text), run.end() + 1)
+        if windows and windows[-1][1] >= lo:
+            windows[-1] = (windows[-1][0], hi)
+        else:
+            windows.append((lo, hi))
+    return windows
+
+
+class PhoneWindows(PhoneRecognizer):
+    """Presidio's phone recognizer, run only on the stretches that can hold a number.
+
+    libphonenumber's matcher parses every run of digits once per region, which made it nine tenths of a
+    `patterns` analysis of a 300-word prompt with a few years and order numbers in it. Handing it only the
+    letter-free runs with enough digits finds the same numbers of seven digits and more: a candidate never
+    crosses a letter, and each window keeps the characters the matcher looks at on either side.
+    """
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None) -> list[RecognizerResult]:
+        results: list[RecognizerResult] = []
+        for lo, hi in phone_windows(text):
+            found: list[RecognizerResult] = super().analyze(text[lo:hi], entities, nlp_artifacts)
+            for result in found:
+                result.start += lo
+                result.end += lo
+            results.extend(found)
+        return results
+
+
+_SPACES = " \t\n\r\f\v"
+_MAX_SCORE, _MIN_SCORE = EntityRecognizer.MAX_SCORE, EntityRecognizer.MIN_SCORE
+_SPACE = re.compile(r"[ \t\n\r\f\v]")
+
+
+def token_windows(text: str, trigger: re.Pattern[str] | str) -> list[tuple[int, int]]:
+    """The whitespace-delimited tokens of `text` that contain `trigger` (a regex, or a plain string: found
+    with `str.find`, cheaper than a regex search), each with the space on either side.
+
+    For recognizers whose matches never hold a space (e-mail and IP addresses): their patterns give the
+    same results on these windows as on the whole text, since each window keeps the neighbour characters
+    that word boundaries and look-arounds test. Linear in the text: each search starts past the last window.
+    """
+    windows: list[tuple[int, int]] = []
+    pos = 0
+    spaces = [c for c in _SPACES if c in text]  # the others are never found
+    space = spaces[0] if len(spaces) == 1 else None  # most texts: only " ", one search and no generator
+    size = len(text)
+    while True:
+        if isinstance(trigger, str):
+            start = text.find(trigger, pos)
+            if start < 0:
+                break
+            end = start + len(trigger)
+        else:
+            found = trigger.search(text, pos)
+            if found is None:
+                break
+            start, end = found.span()
+        if space is not None:
+            lo = text.rfind(space, pos, start)
+        else:
+            lo = max((text.rfind(c, pos, start) for c in spaces), default=-1)
+        if lo < 0:  # the token starts right after the last window, whose space it shares
+            lo = max(0, pos - 1)
+        if space is not None:
+            after = text.find(space, end)
+            hi = size if after < 0 else after + 1
+        else:
+            spaced = _SPACE.search(text, end)
+            hi = size if spaced is None else spaced.end()
+        if windows and windows[-1][1] >= lo:
+            windows[-1] = (windows[-1][0], hi)
+        else:
+            windows.append((lo, hi))
+        pos = hi
+    return windows
+
+
+class _TokenWindows:
+    """Runs a pattern recognizer on `token_windows` only: presidio's e-mail and IP patterns are slow
+    (milliseconds on a long prompt) and most of the text cannot hold their match.
+
+    The windows are scanned joined, in one pass: presidio's fixed cost per call (timing, logging,
+    deduplication) was most of the cost of a prompt with ten e-mail addresses. Joined windows find what
+    each window finds alone: every window but the first starts with a space and every window but the last
+    ends with one, and no match holds a space or looks past the character beside it. The pass is
+    presidio's own (`PatternRecognizer.analyze`: same compiled patterns, validation, scores, timeout and
+    deduplication); `explain = False` leaves out the explanation object it builds for every match, which
+    only the AnalyzerEngine's context enhancer reads (the `ner` engine), not the patterns engine.
+    """
+
+    trigger: re.Pattern[str]
+    literal: str | None = None  # the trigger, when it is a plain string
+    deduplicated = True  # `_scan` ends with presidio's `remove_duplicates`, in its order
+    explain = True
+    # Whether `_scan` may use `_twins` (stdlib copies of the patterns) for short ASCII texts.
+    twinned = False
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        recognizer: Any = self
+        self._twins = _twins(recognizer.patterns, recognizer.global_regex_flags) if self.twinned else {}
+
+    def analyze(self, text: str, entities: list[str], nlp_artifacts: Any = None,
+                regex_flags: int | None = None) -> list[RecognizerResult]:
+        windows = token_windows(text, self.literal or self.trigger)
+        if not windows:
+            return []
+        starts = []  # where each window starts in the joined text
+        size = 0
+        for lo, hi in windows:
+            starts.append(size)
+            size += hi - lo
+        found = self._scan("".join(text[lo:hi] for lo, hi in windows), regex_flags)
+        for result in found:
+            index = bisect_right(starts, result.start) - 1
+            shift = windows[index][0] - starts[index]
+            result.start += shift
+            result.end += shift
+        return found
+
+
+    def _scan(self, text: str, regex_flags: int | None) -> list[RecognizerResult]:
+        """presidio 2.2's `PatternRecognizer.__analyze_patterns`, explanations only if `explain`
+        (`test_windowed_recognizers_find_what_presidio_finds` holds them to the same results)."""
+        recognizer: Any = self  # the recognizer it is mixed into
+        flags = regex_flags or recognizer.global_regex_flags
+        entity = recognizer.supported_entities[0]
+        metadata = {RecognizerResult.RECOGNIZER_NAME_KEY: recognizer.name,
+                    RecognizerResult.RECOGNIZER_IDENTIFIER_KEY: recognizer.id}
+        # presidio's own `invalidate_result` invalidates nothing: not called unless a subclass has its own
+        invalidates = type(recognizer).invalidate_result is not PatternRecognizer.invalidate_result
+        results: list[RecognizerResult] = []
+        for pattern in recognizer.patterns:
+            if not pattern.compiled_regex or pattern.compiled_with_flags != flags:
+                pattern.compiled_with_flags = flags
+                pattern.compiled_regex = regex.compile(pattern.regex, flags=flags)
+            twin = self._twins.get(pattern.regex) if flags == recognizer.global_regex_flags else None
+            if twin is not None and len(text) <= TWIN_CHARS and text.isascii():
+                matches: Any = twin.finditer(text)
+            else:
+                matches = pattern.compiled_regex.finditer(text, timeout=REGEX_TIMEOUT_SECONDS)
+            try:
+                for match in matches:
+                    start, end = match.span()
+                    if start == end:
+                        continue
+                    matched = text[start:end]
+                    valid = recognizer.validate_result(matched)
+                    score = pattern.score if valid is None else (_MAX_SCORE if valid else _MIN_SCORE)
+                    if invalidates and recognizer.invalidate_result(matched):
+                        score = _MIN_SCORE
+                    explanation: Any = None
+                    if self.explain:
+                        explanation = PatternRecognizer.build_regex_explanation(
+                            recognizer.name, pattern.name, pattern.regex, pattern.score, valid, flags)
+                        explanation.score = score
+                    if score > _MIN_SCORE:
+                        results.append(RecognizerResult(entity, start, end, score, explanation, dict(metadata)))
+            except TimeoutError:
+                continue  # presidio logs and skips the pattern, keeping what it found before
+        if _apart(results):
+            return sorted(results, key=_score_first)
+        return list(EntityRecognizer.remove_duplicates(results))
+
+
+# The longest text `_scan` hands to a stdlib twin: the `regex` module's timeout bounds a catastrophic
+# pattern, the stdlib has none, so the twin only sees texts on which the worst case (presidio's e-mail
+# pattern backtracks over a token for each of its starts: quadratic) is a few milliseconds.
+TWIN_CHARS = 1024
+_TWIN_FLAGS = re.IGNORECASE | re.MULTILINE | re.DOTALL
+
+
+def _twins(patterns: Sequence[Pattern], flags: int) -> dict[str, re.Pattern[str]]:
+    """Stdlib copies of presidio's patterns, by source, for ASCII texts.
+
+    The `regex` module scans presidio's e-mail pattern at about half the speed of the stdlib `re` (on a
+    prompt with ten addresses, a third of the cost of its analysis). On an ASCII text the two agree on
+    what the e-mail pattern uses: `\\w`, `\\b` and its classes see only ASCII characters, which both class
+    alike, and IGNORECASE folds none of them to another; `test_ascii_twins_find_what_the_regex_module_finds`
+    holds them to it. A pattern that the stdlib cannot compile, or flags beyond these three, get no twin.
+    """
+    if flags & ~_TWIN_FLAGS:
+        return {}
+    twins = {}
+    for pattern in patterns:
+        try:
+            twins[pattern.regex] = re.compile(pattern.regex, flags)
+        except re.error:
+            continue
+    return twins
+
+
+def _apart(results: list[RecognizerResult]) -> bool:
+    """Whether results of one type, none empty and none scored 0 (as `_scan` makes them), follow each other
+    without overlapping (one pattern's matches): presidio's `remove_duplicates` then drops none of them,
+    and only orders them, as `_score_first` does."""
+    end = -1
+    for result in results:
+        if result.start < end:
+            return False
+        end = result.end
+    return True
+
+
+def _score_first(result: RecognizerResult) -> tuple[float, int, int]:
+    """presidio's order for what `remove_duplicates` returns."""
+    return -result.score, result.start, -(result.end - result.start)
+
+
+# Domains whose validity `EmailWindows` has asked tldextract about: the same few (gmail.com, the
+# company's own) come back in every prompt. Bounded: cleared when full, as `pii._built` is.
+_MAX_DOMAINS = 4096
+_domains: dict[str, bool] = {}
+
+
+class EmailWindows(_TokenWindows, EmailRecognizer):
+    trigger = re.compile("@")
+    literal = "@"
+    twinned = True
+
+    def validate_result(self, pattern_text: str) -> bool:
+        """presidio's check (tldextract finds a public suffix), asked once per domain.
+
+        It was half the cost of a prompt with ten addresses. For a match without `/`, `?` or `#`
+        (which tldextract reads as the end of a URL's authority), tldextract reads only the domain:
+        the host is what follows the match's one `@`. Any other match is asked about as it is.
+        """
+        domain = pattern_text.rpartition("@")[2]
+        if "/" in pattern_text or "?" in pattern_text or "#" in pattern_text:
+            return bool(EmailRecognizer.validate_result(self, pattern_text))
+        found = _domains.get(domain)
+        if found is None:
+            if len(_domains) >= _MAX_DOMAINS:
+                _domains.clear()
+            found = _domains[domain] = bool(EmailRecognizer.validate_result(self, pattern_text))
+        return found
+
+
+class IpWindows(_TokenWindows, IpRecognizer):
+    trigger = re.compile(r"\d\.\d|:")

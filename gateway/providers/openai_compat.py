@@ -301,10 +301,11 @@ class _OpenAIStream:
         try:
             while True:
                 try:
-                    data = await timer.read()
+                    data = await timer.begin()  # not `read()`: one coroutine frame fewer per event
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
+                timer.end()
                 try:
                     payloads = decoder.feed(data) if data else decoder.flush()
                 except ValueError as exc:

@@ -54,7 +54,7 @@ try:  # litestar's own Host check (private; without it every request takes lites
 except ImportError:  # pragma: no cover -- a litestar that moved it
     is_valid_host = None  # type: ignore[assignment]
 
-__all__ = ["Gateway", "create_app"]
+__all__ = ["ASGIApp", "Gateway", "create_app", "served_app"]
 
 log = logging.getLogger("gateway")
 
@@ -306,12 +306,17 @@ class DirectRoutes:
         self._fallback = fallback
         self._hosts: set[bytes] = set()  # `Host` values seen valid (a gateway is reached under few names)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+        """The chosen app's own coroutine: not a coroutine itself, so that a streamed request's task,
+        woken on every event, resumes through one frame fewer (about 1,500 instructions an event)."""
         handler = self._routes.get(scope["path"]) if scope["type"] == "http" else None
         if handler is None or not self._plain_host(scope["headers"]):
-            await self._fallback(scope, receive, send)
-        else:
-            await handler(scope, receive, send)
+            return self._fallback(scope, receive, send)
+        return handler(scope, receive, send)
+
+    def in_front_of(self, app: ASGIApp) -> DirectRoutes:
+        """The same routes, falling back to `app`: served in front of litestar itself (`served_app`)."""
+        return DirectRoutes(self._routes, app)
 
     def _plain_host(self, headers: Sequence[tuple[bytes, bytes]]) -> bool:
         """Whether litestar's router would let the request's `Host` through (else it answers 400 itself)."""
@@ -325,6 +330,19 @@ class DirectRoutes:
                     self._hosts.add(value)
                 return True
         return True
+
+
+def served_app(app: Litestar) -> ASGIApp:
+    """What the server runs: the direct routes in front of litestar, not inside it.
+
+    Installed as litestar's `asgi_handler`, the direct routes are reached through litestar's own
+    `__call__`, one more coroutine frame that a streamed request's task resumes through on every
+    event; served in front of it, that frame is gone. Whatever they do not take (other paths, bad
+    `Host` headers, lifespan) goes to litestar as before, whose inner direct routes pass it on.
+    The server must be told the interface (`asgi3`): the front is not a coroutine function.
+    """
+    inner = getattr(app, "asgi_handler", None)
+    return inner.in_front_of(app) if isinstance(inner, DirectRoutes) else app
 
 
 def _proxy_route(gateway: Gateway, endpoint: Endpoint, direct: dict[str, ASGIApp]) -> Any:

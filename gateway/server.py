@@ -34,10 +34,9 @@ from types import FrameType
 from typing import Any
 
 import uvicorn
-from litestar import Litestar
 from uvicorn.supervisors import Multiprocess
 
-from .app import Gateway, create_app
+from .app import ASGIApp, Gateway, create_app, served_app
 from .http_server import server_limits
 from .policy import Policy, load_policy
 from .telemetry.logs import configure_logging
@@ -55,7 +54,7 @@ class ServeSettings:
     supervised: bool = False  # a worker of `--workers N`: reloads are passed to every worker
 
 
-def build_served_app(settings: ServeSettings) -> Litestar:
+def build_served_app(settings: ServeSettings) -> ASGIApp:
     """The app factory uvicorn calls in each serving process."""
     configure_logging()
     policy = load_policy(settings.policy_path)
@@ -65,7 +64,7 @@ def build_served_app(settings: ServeSettings) -> Litestar:
         gateway.reload_requested = lambda: os.kill(parent, signal.SIGHUP)
         _die_with(parent)
     process = _ServedProcess(gateway)
-    return create_app(gateway, on_startup=[process.started])
+    return served_app(create_app(gateway, on_startup=[process.started]))
 
 
 def _die_with(parent: int) -> None:
@@ -141,6 +140,7 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
         "port": server.port,
         "loop": "uvloop" if _has("uvloop") else "asyncio",
         "lifespan": "on",
+        "interface": "asgi3",  # not guessed: the served app's `__call__` returns a coroutine (`app.served_app`)
         "access_log": False,
         "log_level": "info",
         "timeout_graceful_shutdown": server.drain_timeout_s + _GRACE_S,

@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("GATEWAY_SHARED_DIR", REPO.parent / "shared")).resolve()
 os.environ.setdefault("TIKTOKEN_CACHE_DIR", str(SHARED / "tiktoken"))
 
-from gateway.app import Gateway, create_app  # noqa: E402
+from gateway.app import Gateway, create_app, served_app  # noqa: E402
 from gateway.auth.keys import hash_key  # noqa: E402
 from gateway.policy import compile_text  # noqa: E402
 from gateway.server import uvicorn_config  # noqa: E402
@@ -99,7 +99,7 @@ class RunningGateway:
         self.url = f"http://127.0.0.1:{self.port}"
         self.base_url = self.url + "/v1"
         # the server settings `gateway serve` uses (head limits and timeouts included)
-        config = uvicorn_config(self.app, self.policy, host="127.0.0.1", port=self.port, loop="asyncio",
+        config = uvicorn_config(served_app(self.app), self.policy, host="127.0.0.1", port=self.port, loop="asyncio",
                                 timeout_graceful_shutdown=2)
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)

@@ -172,3 +172,22 @@ def test_the_proxied_paths_answer_alike_directly_and_through_the_router(gateway:
     assert refused.status_code == 400 and "error" in refused.json()
     unauthorized = httpx.post(gateway.base_url + "/chat/completions", json=body)
     assert unauthorized.status_code == 401 and unauthorized.json()["error"]["code"] == "missing_api_key"
+
+
+def test_the_served_app_reaches_the_proxied_paths_without_litestar(gateway: RunningGateway) -> None:
+    # `app.served_app`: the direct routes in front of litestar return the handler's own coroutine (no frame
+    # of theirs or litestar's for a stream's task to resume through); anything else is litestar's
+    from litestar import Litestar
+
+    from gateway.api.proxy import ProxyEndpoint
+    from gateway.app import served_app
+
+    served = served_app(gateway.app)
+    http = {"type": "http", "path": "/v1/chat/completions", "headers": [(b"host", b"localhost")]}
+    for scope, code in ((http, ProxyEndpoint.__call__.__code__), ({"type": "lifespan"}, Litestar.__call__.__code__),
+                        ({**http, "path": "/v1/chat/completions/"}, Litestar.__call__.__code__)):
+        coroutine = served(scope, None, None)
+        assert coroutine.cr_code is code  # type: ignore[attr-defined]
+        coroutine.close()  # type: ignore[attr-defined]
+    plain = Litestar()
+    assert served_app(plain) is plain  # an app without the direct routes is served as it is

@@ -105,6 +105,26 @@ async def test_time_spent_between_reads_does_not_count_against_the_idle_bound() 
     timer.stop()
 
 
+async def test_begin_and_end_time_a_read_as_read_does() -> None:
+    """The stream loops' frameless form: the consumer's time after `end()` does not count, a wait after
+    `begin()` does."""
+    loop = asyncio.get_running_loop()
+    content = reader()
+    timer = ReadTimer(content, loop.time() + 60, 0.1)
+    content.feed_data(b"first")
+    assert await timer.begin() == b"first"
+    timer.end()
+    await asyncio.sleep(0.35)  # the consumer is busy past idle_s: not counted after end()
+    content.feed_data(b"second")
+    assert await timer.begin() == b"second"
+    timer.end()
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await asyncio.wait_for(timer.begin(), 5)
+    assert 0.09 <= loop.time() - started < 0.4
+    timer.stop()
+
+
 async def test_a_read_started_past_the_deadline_fails_only_if_it_has_to_wait() -> None:
     loop = asyncio.get_running_loop()
     content = reader()

@@ -201,6 +201,21 @@ def test_openai_stream_events_by_kind_of_chunk(read_choices: bool) -> None:
     assert (events[0].choices is not None) == read_choices
     events, finished, saw = _openai_events([content], read_choices=read_choices)
     assert [type(e) for e in events] == [Chunk] and not finished and not saw
+    spaced = b'{"choices": [{"index": 0, "delta": {"content": "hi"}}], "usage": null}'  # not the compact form
+    events, _, _ = _openai_events([spaced], read_choices=read_choices)
+    assert events[0].payload == b'{"choices": [{"index": 0, "delta": {"content": "hi"}}]}'
     bad = b'{"choices":5,"usage":' + _USAGE + b"}"  # a usage chunk whose choices are not a list
     events, finished, _ = _openai_events([bad], read_choices=read_choices)
     assert [type(e) for e in events] == [StreamError] and finished
+
+
+def test_sse_frames_of_one_chunk_and_of_a_batch_agree() -> None:
+    from gateway.api.sse import frame
+    from gateway.schemas.events import DONE, Chunk, UsageReport
+    from gateway.schemas.openai import Usage
+
+    one = frame([Chunk(b'{"a":1}')], False)  # the one-chunk fast path
+    assert one == b'data: {"a":1}\n\n'
+    usage = UsageReport(Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2), b'{"u":1}')
+    assert frame([Chunk(b'{"a":1}'), usage, DONE], True) == one + b'data: {"u":1}\n\ndata: [DONE]\n\n'
+    assert frame([usage], False) == b""  # a usage report only for a client that asked

@@ -27,6 +27,8 @@ def error_frame(error: GatewayError) -> bytes:
 
 def frame(events: list[StreamEvent], wants_usage: bool) -> bytes:
     """The bytes for one batch of events."""
+    if len(events) == 1 and type(event := events[0]) is Chunk:  # a slow stream's every batch: no list, no join
+        return b"data: %b\n\n" % event.payload
     parts: list[bytes] = []
     for event in events:
         if isinstance(event, Chunk):

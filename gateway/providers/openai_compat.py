@@ -253,12 +253,13 @@ def _safe_retry_after(value: str) -> bool:
 
 
 _COMPACT_NULL_USAGE = b',"usage":null}'
+_COMPACT_CUT = -len(_COMPACT_NULL_USAGE)
 
 
 def strip_null_usage(payload: bytes) -> bytes:
     """Remove the top-level `"usage": null` that the gateway's own usage request added."""
     if payload.endswith(_COMPACT_NULL_USAGE):  # OpenAI's own compact form, last key: the common case
-        return payload[: -len(_COMPACT_NULL_USAGE)] + b"}"
+        return payload[:_COMPACT_CUT] + b"}"
     stripped, count = _NULL_USAGE_AFTER.subn(b"", payload, count=1)
     return stripped if count else _NULL_USAGE_FIRST.sub(b"", payload, count=1)
 
@@ -301,10 +302,11 @@ class _OpenAIStream:
         try:
             while True:
                 try:
-                    data = await timer.read()
+                    data = await timer.begin()  # not `read()`: one coroutine frame fewer per event
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
+                timer.end()
                 try:
                     payloads = decoder.feed(data) if data else decoder.flush()
                 except ValueError as exc:
@@ -350,8 +352,11 @@ class _OpenAIStream:
                 else:
                     events.append(UsageReport(peek.usage, payload))
                 continue
-            if hide and payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
-                payload = strip_null_usage(payload)
+            if hide:
+                if payload.endswith(_COMPACT_NULL_USAGE):  # the common case, without a call (see strip_null_usage)
+                    payload = payload[:_COMPACT_CUT] + b"}"
+                elif payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
+                    payload = strip_null_usage(payload)
             events.append(Chunk(payload, None, peek.choices) if read else Chunk(payload))
         return events, False
 

@@ -21,6 +21,7 @@ and the timer fires about once per `idle_s` on a stream that flows.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable
 
 import aiohttp
 
@@ -28,7 +29,8 @@ __all__ = ["ReadTimer"]
 
 
 class ReadTimer:
-    """`read()` = `content.readany()` under the idle timeout and the deadline. `stop()` when done."""
+    """`read()` = `content.readany()` under the idle timeout and the deadline (or `begin()` ... `end()`).
+    `stop()` when done."""
 
     __slots__ = ("_content", "_deadline", "_handle", "_idle_s", "_loop", "_since")
 
@@ -42,13 +44,23 @@ class ReadTimer:
 
     async def read(self) -> bytes:
         """The bytes that have arrived (waiting for some), or b"" at the end of the body."""
+        try:
+            return await self.begin()
+        finally:
+            self.end()
+
+    def begin(self) -> Awaitable[bytes]:
+        """`read()` without its own coroutine: await what it returns, then call `end()` (also after a failure,
+        unless the timer is stopped). A stream loop saves a frame that its task resumes through on every
+        event (about 1,500 instructions an event); forgetting `end()` would count the consumer's own time."""
         since = self._since = self._loop.time()
         if self._handle is None:
             self._handle = self._loop.call_at(min(self._deadline, since + self._idle_s), self._check)
-        try:
-            return await self._content.readany()
-        finally:
-            self._since = None
+        return self._content.readany()
+
+    def end(self) -> None:
+        """The read that `begin()` started is over: time from here on is the consumer's."""
+        self._since = None
 
     def stop(self) -> None:
         if self._handle is not None:

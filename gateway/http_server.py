@@ -68,6 +68,7 @@ from uvicorn.server import ServerState
 
 from .api.asgi import DIRECT_BODY
 from .errors import error_body
+from .http_memory import slim_connection, slim_cycle
 from .pipeline.lifecycle import DISCONNECT_HOOK
 from .telemetry.metrics import HTTP_REFUSED
 
@@ -282,6 +283,7 @@ class _Guard:
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)  # type: ignore[misc]
+        slim_connection(self)
         self._connected()
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -597,6 +599,7 @@ if HAVE_HTTPTOOLS:
                     and hasattr(cycle, "transport"):
                 cycle.transport = _HeadJoined(self.transport, self.loop, cycle)
             if cycle is not None:
+                slim_cycle(cycle)
                 setattr(cycle, DISCONNECT_HOOK, None)  # this protocol calls the request back on a lost connection
                 setattr(cycle, DIRECT_BODY, True)  # and its body parts may be written directly (`api.asgi.ChunkWriter`)
 

@@ -95,6 +95,7 @@ class ProxyEndpoint:
                         data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
                         if writer is None or not writer.write(data):
                             await send({"type": "http.response.body", "body": data, "more_body": True})
+                        del batch, data  # a held stream waits far longer than it writes: keep no event while it waits
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except asyncio.CancelledError:
                     if life.reason != "shutdown":

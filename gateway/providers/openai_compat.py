@@ -322,6 +322,7 @@ class _OpenAIStream:
                     yield events
                 if finished:
                     return
+                del data, payloads, events  # nothing of this read is kept while the next one waits
         finally:
             await self.aclose()
 

@@ -356,3 +356,23 @@ async def test_a_responses_stream_is_read_at_its_last_event_only() -> None:
         await reader.on_events(ctx, [Chunk(json.dumps(event).encode())])  # type: ignore[arg-type]
     await reader.on_end(ctx, StreamEnd("done"))  # type: ignore[arg-type]
     assert len(counted) == 1 and counted[0][0].text == ["the whole text"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_json_lines_handler_writes_access_lines_and_records_in_order(binary: bool) -> None:
+    """Over a text stream with a byte layer (stderr) or without one (StringIO): lines written and flushed whole,
+    a record's text before the lines that follow it."""
+    import io
+    import logging
+
+    from gateway.telemetry.logs import JsonLinesHandler
+
+    raw = io.BytesIO()
+    stream: Any = io.TextIOWrapper(raw, encoding="utf-8", write_through=False) if binary else io.StringIO()
+    handler = JsonLinesHandler(stream)
+    handler.write_line(b'{"n":1}\n')  # no running loop: written at once
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None))
+    handler.write_line(b'{"n":2}\n')
+    text = raw.getvalue().decode() if binary else stream.getvalue()
+    lines = text.splitlines()
+    assert lines[0] == '{"n":1}' and '"msg":"hello"' in lines[1] and lines[2] == '{"n":2}' and len(lines) == 3

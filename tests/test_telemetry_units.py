@@ -190,6 +190,27 @@ def test_stream_quality_stops_keeping_settled_text() -> None:
     assert "".join(reader.answer.text) == _WORDS[0] and reader.answer.finish_reasons == ["length"]
 
 
+def test_stream_quality_keeps_no_empty_text() -> None:
+    """The first chunk's empty text is not kept (nor checked): the text settles at the first word as before."""
+    reader = _stream_reader({})
+    _feed(reader, [[_typed(_chunk({"role": "assistant", "content": ""}))], [_typed(_chunk({"content": "Hello"}))],
+                   [_typed(_chunk({"content": " there"}))]])
+    assert reader.answer.text == ["Hello"] and reader.settled
+
+
+def test_cannot_become_refusal_first_letter_shortcut_agrees_with_the_regexes() -> None:
+    """An ASCII letter that opens no refusal settles the text without the regexes: the same verdict."""
+    import string
+
+    from gateway.telemetry.refusals import _FIRST_WORD_CHAR, _MAY_OPEN_A_REFUSAL, cannot_become_refusal
+
+    for letter in string.ascii_letters:
+        text = letter + "ello"
+        slow = _MAY_OPEN_A_REFUSAL.match(text, _FIRST_WORD_CHAR.search(text).start()) is None  # type: ignore[union-attr]
+        assert cannot_become_refusal(text) is slow, letter
+    assert cannot_become_refusal("Hello") and not cannot_become_refusal("Sorry")
+
+
 def test_every_refusal_opens_with_one_of_the_initials() -> None:
     """`cannot_become_refusal` and the first-letter shortcut trust `_INITIALS`: the letters the pattern can
     start with after `\\W*`, computed here from its parse tree (a new opener cannot slip past them)."""
@@ -335,3 +356,23 @@ async def test_a_responses_stream_is_read_at_its_last_event_only() -> None:
         await reader.on_events(ctx, [Chunk(json.dumps(event).encode())])  # type: ignore[arg-type]
     await reader.on_end(ctx, StreamEnd("done"))  # type: ignore[arg-type]
     assert len(counted) == 1 and counted[0][0].text == ["the whole text"]
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_json_lines_handler_writes_access_lines_and_records_in_order(binary: bool) -> None:
+    """Over a text stream with a byte layer (stderr) or without one (StringIO): lines written and flushed whole,
+    a record's text before the lines that follow it."""
+    import io
+    import logging
+
+    from gateway.telemetry.logs import JsonLinesHandler
+
+    raw = io.BytesIO()
+    stream: Any = io.TextIOWrapper(raw, encoding="utf-8", write_through=False) if binary else io.StringIO()
+    handler = JsonLinesHandler(stream)
+    handler.write_line(b'{"n":1}\n')  # no running loop: written at once
+    handler.emit(logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None))
+    handler.write_line(b'{"n":2}\n')
+    text = raw.getvalue().decode() if binary else stream.getvalue()
+    lines = text.splitlines()
+    assert lines[0] == '{"n":1}' and '"msg":"hello"' in lines[1] and lines[2] == '{"n":2}' and len(lines) == 3

@@ -100,20 +100,24 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
 
     def flush(self) -> None:
         self._scheduled = False
-        if self._pending:
-            pending, self._pending = self._pending, []  # swapped first: a line added meanwhile is in `pending`
-            data = b"".join(pending)
-            self.acquire()
-            try:
-                binary = getattr(self.stream, "buffer", None)
-                if binary is not None:  # a text stream over bytes: the text layer first, then the lines as bytes
-                    self.stream.flush()
-                    binary.write(data)
-                else:
-                    self.stream.write(data.decode())
-            finally:
-                self.release()
-        super().flush()  # flushes the binary layer too
+        if not self._pending:
+            super().flush()
+            return
+        pending, self._pending = self._pending, []  # swapped first: a line added meanwhile is in `pending`
+        data = b"".join(pending)
+        self.acquire()  # once: the lines written and flushed under one hold of the lock
+        try:
+            stream = self.stream
+            binary = getattr(stream, "buffer", None)
+            if binary is not None:  # a text stream over bytes: the text layer first, then the lines as bytes
+                stream.flush()
+                binary.write(data)
+                binary.flush()
+            else:
+                stream.write(data.decode())
+                stream.flush()
+        finally:
+            self.release()
 
     def emit(self, record: logging.LogRecord) -> None:
         if self._pending:

@@ -327,7 +327,7 @@ class _StreamQuality:
                         and delta.tool_calls is None and delta.refusal is None and chat):
                     if not settled:
                         text = delta.content
-                        if text is not None:
+                        if text:  # an empty text (the first chunk's, often) changes no verdict
                             answer.add_text(text, self.stage.limit)
                             settled = self.settled = self._settles()
                     continue

@@ -56,6 +56,8 @@ _MAY_OPEN_A_REFUSAL = re.compile(f"[{_INITIALS}]", re.IGNORECASE)  # the pattern
 def cannot_become_refusal(text: str) -> bool:
     """True when no text that starts with `text` looks like a refusal: its first word character opens none of
     the pattern's words (a stream's later text then need not be kept for this check)."""
+    if text[:1] in _NOT_INITIALS:  # the common opening: a letter no refusal opens with, no regex to run
+        return True
     found = _FIRST_WORD_CHAR.search(text, 0, _HEAD_CHARS)
     return found is not None and _MAY_OPEN_A_REFUSAL.match(text, found.start()) is None
 

@@ -194,3 +194,29 @@ def test_budget_gauges_show_the_last_values_written() -> None:
     other._value = FileValue()  # type: ignore[attr-defined]
     BudgetLeft(child, other).show(3.0, 0.5)
     assert child._value.written == [3.0] and other._value.written == [0.5]  # type: ignore[attr-defined]
+
+
+def test_prompt_estimate_keeps_recent_short_texts_bounded_and_counts_them_the_same() -> None:
+    """Repeated message texts are counted once per model (exact encodings only), the kept ones bounded."""
+    from gateway.accounting import prompt
+    from gateway.accounting.prompt import PromptEstimator
+
+    tokens = TokenCounter()
+    tokens.load(["gpt-4o"])
+    estimator = PromptEstimator(tokens)
+    long_text = "word " * (prompt.TEXT_CHARS_KEPT // 5 + 1)
+    for _ in range(2):  # the second time from the kept counts
+        for text in ("hello world", "Sag hallo, 你好 🎉", "", long_text):
+            messages = [{"role": "user", "content": text}]
+            expected = tokens.count_messages(messages, "gpt-4o")
+            assert estimator.estimate_body({"messages": messages}, "gpt-4o") == expected
+    kept = estimator._texts["gpt-4o"]
+    assert "hello world" in kept and long_text not in kept  # a long text is counted every time
+    for index in range(prompt.TEXTS_KEPT + 10):
+        estimator.estimate_body({"messages": [{"role": "user", "content": f"text {index}"}]}, "gpt-4o")
+    assert len(kept) == prompt.TEXTS_KEPT and "hello world" not in kept  # the oldest went first
+    assert estimator._texts.keys() == {"gpt-4o"}
+    estimator.estimate_body({"messages": [{"role": "user", "content": "hi"}]}, None)  # no model: nothing kept
+    if not tokens.exact_for("gpt-4"):  # an estimated count may become exact once its encoding loads: not kept
+        estimator.estimate_body({"messages": [{"role": "user", "content": "hi"}]}, "gpt-4")
+    assert estimator._texts.keys() == {"gpt-4o"}

@@ -45,15 +45,10 @@ def rate_limit_headers(
     requests: WindowReservation | None, tokens: WindowReservation | None,
 ) -> list[tuple[bytes, bytes]]:
     """The three headers of each window given (limit, remaining, reset), as bytes: the limit and the reset
-    are formatted once per value (a policy's limits and a window's whole seconds take few), only the
+    headers are made once per value pair (a policy's limits and a window's whole seconds take few), only the
     remaining count per request."""
     if tokens is None:
-        if requests is None:
-            return []
-        _, total, limit, reset = requests  # the usual case (requests per minute only), in line
-        return [(_REQUESTS[0], _whole(limit)),
-                (_REQUESTS[1], b"%d" % (limit - total) if limit > total else b"0"),
-                (_REQUESTS[2], _seconds(int(reset + 0.999)) if reset >= 1 else duration(reset).encode())]
+        return [] if requests is None else _window(_REQUESTS, requests)
     if requests is None:
         return _window(_TOKENS, tokens)
     return [*_window(_REQUESTS, requests), *_window(_TOKENS, tokens)]
@@ -61,15 +56,14 @@ def rate_limit_headers(
 
 def _window(names: tuple[bytes, bytes, bytes], answer: WindowReservation) -> list[tuple[bytes, bytes]]:
     _, total, limit, reset = answer
-    return [(names[0], _whole(limit)), (names[1], b"%d" % (limit - total) if limit > total else b"0"),
-            (names[2], _seconds(int(reset + 0.999)) if reset >= 1 else duration(reset).encode())]
+    if reset >= 1:
+        limit_header, reset_header = _fixed(names, limit, int(reset + 0.999))
+    else:  # the window's last second: in milliseconds, formatted each time
+        limit_header, reset_header = (names[0], b"%d" % round(limit)), (names[2], duration(reset).encode())
+    return [limit_header, (names[1], b"%d" % (limit - total) if limit > total else b"0"), reset_header]
 
 
 @functools.lru_cache(maxsize=1024)
-def _whole(limit: float) -> bytes:
-    return b"%d" % round(limit)
-
-
-@functools.lru_cache(maxsize=1024)
-def _seconds(whole: int) -> bytes:
-    return duration(whole).encode()
+def _fixed(names: tuple[bytes, bytes, bytes], limit: float, whole: int) -> tuple[tuple[bytes, bytes], ...]:
+    """A window's limit header and its reset header for a whole number of seconds."""
+    return (names[0], b"%d" % round(limit)), (names[2], duration(whole).encode())

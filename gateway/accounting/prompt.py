@@ -5,6 +5,11 @@ What tiktoken cannot count is estimated on the high side, since a reservation mu
 tool definitions as their JSON text, and each image as OpenAI's cost of one 512-pixel tile at high detail
 plus the base (255 tokens), whatever its size. The figure is compared with the upstream's afterwards
 (`gateway_token_estimate_drift_ratio`).
+
+Clients send the same message texts again and again (a system prompt, a fixed instruction, a benchmark's
+prompt): the counts of recent short texts are kept, per model whose encoding is loaded (then a text's count
+never changes), so that a repeated text costs a dict look-up instead of a tiktoken run. The texts are held
+only in this process's memory, bounded in number and length (`TEXTS_KEPT`, `TEXT_CHARS_KEPT`).
 """
 
 from __future__ import annotations
@@ -19,6 +24,9 @@ from ..telemetry.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter
 __all__ = ["IMAGE_TOKENS", "PromptEstimator"]
 
 IMAGE_TOKENS = 255  # 85 base + 170 for one tile (OpenAI's published image token formula)
+TEXTS_KEPT = 512  # message texts whose counts are kept, per model (the oldest dropped first)
+TEXT_CHARS_KEPT = 2048  # longer texts are counted every time (the kept texts stay under ~1M characters per model)
+_MODELS_KEPT = 16  # models with kept texts (a policy's upstream models; others are counted every time)
 _encode = msgspec.json.Encoder().encode
 
 
@@ -26,11 +34,12 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 
 
 class PromptEstimator:
-    __slots__ = ("_roles", "tokens")
+    __slots__ = ("_roles", "_texts", "tokens")
 
     def __init__(self, tokens: TokenCounter) -> None:
         self.tokens = tokens
         self._roles: dict[tuple[str | None, str], int] = {}  # (model, role) -> its tokens, once that is exact
+        self._texts: dict[str, dict[str, int]] = {}  # model -> {recent text: its tokens}, once that is exact
 
     def estimate(self, ctx: RequestContext) -> int:
         route = ctx.route
@@ -61,6 +70,9 @@ class PromptEstimator:
         total = REPLY_PRIMING
         count = self.tokens.count
         roles = self._roles
+        texts = self._texts.get(model) if model is not None else None
+        if texts is None and model is not None and len(self._texts) < _MODELS_KEPT and self.tokens.exact_for(model):
+            texts = self._texts[model] = {}
         for message in messages:
             if type(message) is not dict or len(message) != 2:
                 return None
@@ -72,7 +84,14 @@ class PromptEstimator:
                 role_tokens = count(role, model)
                 if role in _ROLES and model is not None and self.tokens.exact_for(model):  # fixed from now on
                     roles[(model, role)] = role_tokens
-            total += TOKENS_PER_MESSAGE + role_tokens + count(content, model)
+            content_tokens = texts.get(content) if texts is not None else None
+            if content_tokens is None:
+                content_tokens = count(content, model)
+                if texts is not None and len(content) <= TEXT_CHARS_KEPT:
+                    if len(texts) >= TEXTS_KEPT:
+                        del texts[next(iter(texts))]
+                    texts[content] = content_tokens
+            total += TOKENS_PER_MESSAGE + role_tokens + content_tokens
         return total
 
 

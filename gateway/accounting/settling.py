@@ -13,15 +13,16 @@ from ..errors import BudgetExceeded
 from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
 from ..schemas.events import Chunk, StreamError, StreamEvent
-from ..store._common import to_units
+from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
 from ..telemetry.usage import estimate_usage
 from .bill import WINDOW_S, Bill, StageState
 from .cost import request_cost
-from .ledger import UsageDelta
 from .periods import day_id
 
 __all__ = ["Settling", "StreamBill", "UsageOnly"]
+
+_FAST_AMOUNT = 9e9  # costs in [0, this) become micro-USD in line (`to_units` checks the rest, and refuses NaN)
 
 
 class Settling(StageState):
@@ -126,12 +127,15 @@ class Settling(StageState):
     def _record(self, ctx: RequestContext, cost: float) -> None:
         usage = ctx.usage
         key = ctx.key
-        named = [("model", ctx.alias_label)]
-        if key is not None:
-            named += [("key", key.name), ("tenant", key.tenant)]
-        delta = UsageDelta(to_units(cost), usage.prompt_tokens if usage else 0, usage.cached_tokens if usage else 0,
-                           usage.completion_tokens if usage else 0, usage.reasoning_tokens if usage else 0)
-        self.ledger.record(named, day_id(time.time()), delta)
+        cost_micro = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`
+        name, tenant = (key.name, key.tenant) if key is not None else (None, None)
+        if usage is None:
+            self.ledger.record(ctx.alias_label, name, tenant, day_id(time.time()), cost_micro, 0, 0, 0, 0)
+            return
+        given, made = usage.prompt_tokens_details, usage.completion_tokens_details
+        self.ledger.record(ctx.alias_label, name, tenant, day_id(time.time()), cost_micro, usage.prompt_tokens,
+                           (given.cached_tokens or 0) if given is not None else 0, usage.completion_tokens,
+                           (made.reasoning_tokens or 0) if made is not None else 0)  # `usage.cached_tokens`, ...
 
     async def extend(self, ctx: RequestContext, bill: Bill) -> bool:
         """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses."""

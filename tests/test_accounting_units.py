@@ -293,3 +293,12 @@ async def test_ledger_adds_each_request_to_its_alias_key_and_tenant() -> None:
     assert await figures("tenant", "acme") == {"cost_usd": 4e-3, "requests": 4, "prompt_tokens": 19,
                                                "cached_tokens": 2, "completion_tokens": 23, "reasoning_tokens": 5}
     assert await figures("model", "embed") == {"requests": 1, "prompt_tokens": 7}
+
+
+def test_day_span_agrees_with_day_id() -> None:
+    from gateway.accounting.periods import day_span
+
+    for moment in ("2026-12-31T23:59:59.999", "2027-01-01T00:00:00", "2024-02-29T12:00:00"):
+        start, end, ident = day_span(_at(moment))
+        assert ident == day_id(_at(moment)) == day_id(start) == day_id(end - 0.001) != day_id(end)
+        assert start <= _at(moment) < end

@@ -105,7 +105,8 @@ class Admission(StageState):
         """`_budget_ops` and `_budgets` in one pass over the scopes."""
         store = self._in_line
         assert store is not None
-        rate_in, rate_out = self.rates.get(ctx.alias_label, NO_RATES)  # `_reservation`, in line
+        route = ctx.route  # `ctx.alias_label`, without its property call
+        rate_in, rate_out = self.rates.get(route.alias if route is not None else "unknown", NO_RATES)  # `_reservation`
         cost = bill.cost_reserved = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
         now = time.time()
         hard: Scope | None = None

@@ -78,6 +78,7 @@ class Accounting(Admission, Settling):
         self._reservation_drift = Children(metrics.reservation_drift, loop_only=True)
         self._token_drift = Children(metrics.token_estimate_drift, loop_only=True)
         self._drifts = {}  # alias -> both drift children (aliases: the policy's)
+        self._today = (0.0, 0.0, "")  # no day yet: the first usage recorded looks it up
 
     async def start(self) -> None:
         await self.ledger.start()

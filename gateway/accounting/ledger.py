@@ -2,15 +2,17 @@
 
 Two jobs, one background flush (a runtime `Service`):
 
-* usage: every finished request adds its cost, tokens and one request to per-(scope, name, UTC day)
-  counters here; they are added to the store once a second, so a request pays no extra round trip for
-  `GET /admin/usage` (which is therefore up to a second behind);
+* usage: every finished request adds its cost, tokens and one request to per-(alias, key, tenant, UTC day)
+  counters here, which the flush adds to each scope's (scope, name, day) counters and those to the store,
+  once a second, so a request pays no extra round trip for `GET /admin/usage` (which is therefore up to a
+  second behind) and one counter look-up instead of one per scope;
 * reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
   here as a delta per budget counter and added when the store answers again, so spend while Redis was away
   is not lost. The first flush after recovery brings every budget up to date.
 
-Both maps are bounded by the policy's finite scopes times the days and periods they span; the number of
-pending budget entries is exported as `gateway_accounting_pending_counters`.
+The maps are bounded by the policy's finite scopes (the per-request one: by the key and alias pairs seen in a
+second) times the days and periods they span; the number of pending budget entries is exported as
+`gateway_accounting_pending_counters`.
 """
 
 from __future__ import annotations

@@ -210,13 +210,95 @@ def test_prompt_estimate_keeps_recent_short_texts_bounded_and_counts_them_the_sa
             messages = [{"role": "user", "content": text}]
             expected = tokens.count_messages(messages, "gpt-4o")
             assert estimator.estimate_body({"messages": messages}, "gpt-4o") == expected
-    kept = estimator._texts["gpt-4o"]
+    roles, kept = estimator._texts["gpt-4o"]
+    assert roles == {"user": 3 + tokens.count("user", "gpt-4o")}  # a role's tokens with the message's overhead
     assert "hello world" in kept and long_text not in kept  # a long text is counted every time
     for index in range(prompt.TEXTS_KEPT + 10):
         estimator.estimate_body({"messages": [{"role": "user", "content": f"text {index}"}]}, "gpt-4o")
     assert len(kept) == prompt.TEXTS_KEPT and "hello world" not in kept  # the oldest went first
     assert estimator._texts.keys() == {"gpt-4o"}
     estimator.estimate_body({"messages": [{"role": "user", "content": "hi"}]}, None)  # no model: nothing kept
+    assert prompt._NOTHING_KEPT == ({}, {})
     if not tokens.exact_for("gpt-4"):  # an estimated count may become exact once its encoding loads: not kept
         estimator.estimate_body({"messages": [{"role": "user", "content": "hi"}]}, "gpt-4")
-    assert estimator._texts.keys() == {"gpt-4o"}
+    assert estimator._texts.keys() == {"gpt-4o"} and prompt._NOTHING_KEPT == ({}, {})
+
+
+@pytest.mark.parametrize("usage", [
+    {"prompt_tokens": 9, "completion_tokens": 20},
+    {"prompt_tokens": 9, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": 0},
+     "completion_tokens_details": {"reasoning_tokens": 0}},
+    {"prompt_tokens": 1234, "completion_tokens": 0, "prompt_tokens_details": {"cached_tokens": None}},
+    {"prompt_tokens": 1000, "completion_tokens": 500, "prompt_tokens_details": {"cached_tokens": 600}},
+    {"prompt_tokens": 1000, "completion_tokens": 500, "prompt_tokens_details": {"cache_write_tokens": 100}},
+    {"prompt_tokens": 1000, "completion_tokens": 500, "completion_tokens_details": {"reasoning_tokens": 200}},
+    {"prompt_tokens": -3, "completion_tokens": 7},
+])
+@pytest.mark.parametrize("price", [Price(0.15, 0.60, cached_input_per_mtok=0.075), Price(3.0, 15.0, 0.3, 3.75, 30.0),
+                                   Price(0.1, 0.4)])
+def test_cost_of_plain_usage_equals_the_price_table_figure(usage: dict[str, object], price: Price) -> None:
+    """`usage_cost` skips `Price.cost`'s clamps when every token is plain: the same float as it, exactly."""
+    from types import SimpleNamespace
+
+    import msgspec
+
+    from gateway.accounting.cost import usage_cost
+    from gateway.schemas.openai import Usage
+
+    typed = msgspec.convert(usage, Usage)
+    ctx = SimpleNamespace(target=SimpleNamespace(price=price), upstream_started=1.0)
+    assert usage_cost(ctx, typed) == price.cost(typed.prompt_tokens, typed.completion_tokens,  # type: ignore[arg-type]
+                                                typed.cached_tokens, typed.cache_write_tokens, typed.reasoning_tokens)
+
+
+def test_incremental_tightest_window_agrees_with_tightest() -> None:
+    from gateway.accounting.admission import _tighter
+
+    answers = [WindowReservation(True, 10, 1000, 30.0), WindowReservation(True, 9, 10, 12.0),
+               WindowReservation(True, 1, 10, 5.0), WindowReservation(True, 90, 100, 1.0),
+               WindowReservation(False, 0, 0, 3.0)]
+    for count in range(1, len(answers) + 1):
+        for start in range(count):
+            group = answers[start:count]
+            found = group[0]
+            for answer in group[1:]:
+                if _tighter(answer, found):
+                    found = answer
+            assert found is tightest(group)
+
+
+async def test_ledger_adds_each_request_to_its_alias_key_and_tenant() -> None:
+    """Requests are kept per (alias, key, tenant, day) and fanned out to each scope's counters at the flush."""
+    from gateway.accounting.ledger import FIELDS, Ledger, usage_key
+    from gateway.store.memory import MemoryStore
+
+    store = MemoryStore()
+    ledger = Ledger(store)
+    ledger.record("chat", "k1", "acme", "20261203", 1_500, 10, 2, 20, 5)
+    ledger.record("chat", "k2", "acme", "20261203", 500, 1, 0, 2, 0)
+    ledger.record("chat", None, None, "20261203", 1_000, 3, 0, 4, 0)  # no key: the alias only
+    ledger.record("embed", "k1", "acme", "20261203", 0, 7, 0, 0, 0)
+    await ledger.flush()
+    ledger.record("chat", "k1", "acme", "20261203", 2_000, 1, 0, 1, 0)  # after a flush: added to the stored figures
+    await ledger.flush()
+
+    async def figures(scope: str, name: str) -> dict[str, float]:
+        found = await store.get_many([usage_key(scope, name, "20261203", f) for f in FIELDS])
+        return {f: float(v) / 1e6 for f, v in zip(FIELDS, found, strict=True) if v}  # kept in millionths
+
+    assert await figures("model", "chat") == {"cost_usd": 5e-3, "requests": 4, "prompt_tokens": 15, "cached_tokens": 2,
+                                              "completion_tokens": 27, "reasoning_tokens": 5}
+    assert await figures("key", "k1") == {"cost_usd": 3.5e-3, "requests": 3, "prompt_tokens": 18, "cached_tokens": 2,
+                                          "completion_tokens": 21, "reasoning_tokens": 5}
+    assert await figures("tenant", "acme") == {"cost_usd": 4e-3, "requests": 4, "prompt_tokens": 19,
+                                               "cached_tokens": 2, "completion_tokens": 23, "reasoning_tokens": 5}
+    assert await figures("model", "embed") == {"requests": 1, "prompt_tokens": 7}
+
+
+def test_day_span_agrees_with_day_id() -> None:
+    from gateway.accounting.periods import day_span
+
+    for moment in ("2026-12-31T23:59:59.999", "2027-01-01T00:00:00", "2024-02-29T12:00:00"):
+        start, end, ident = day_span(_at(moment))
+        assert ident == day_id(_at(moment)) == day_id(start) == day_id(end - 0.001) != day_id(end)
+        assert start <= _at(moment) < end

@@ -50,7 +50,10 @@ class Admission(StageState):
             route = ctx.route
             body = ctx.body
             bill.prompt_estimate = self.prompts.estimate_body(body, route.upstream_model if route is not None else None)
-            bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
+            if "max_tokens" in body or "max_completion_tokens" in body or not ctx.endpoint.streams:
+                bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
+            else:  # no cap asked for (the usual case): `completion_cap`'s answer, without its two calls
+                bill.completion_cap = self.default_cap  # (`explicit_cap` stays False)
         try:
             if scopes.limited:
                 self._limits_in_line(ctx, bill, scopes.limited)
@@ -60,12 +63,13 @@ class Admission(StageState):
             self._unavailable(bill, scopes.budgeted)
 
     def _limits_in_line(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> None:
-        """`_limit_ops` and `_limits` in one pass over the scopes."""
+        """`_limit_ops` and `_limits` in one pass over the scopes (the tightest window of each kind kept as it
+        goes: no lists to pick it from)."""
         store = self._in_line
         assert store is not None
         refused: tuple[str, Scope, float] | None = None
-        requests: list[WindowReservation] = []
-        token_windows: list[WindowReservation] = []
+        requests: WindowReservation | None = None
+        token_window: WindowReservation | None = None
         holder = ""
         for scope in scopes:
             limits = scope.limits
@@ -78,7 +82,8 @@ class Admission(StageState):
                     refused = ("concurrent", scope, 1.0)
             if limits.rpm:
                 answer = store.reserve_window_now(scope.rpm_key, 1, limits.rpm, WINDOW_S)
-                requests.append(answer)
+                if requests is None or _tighter(answer, requests):
+                    requests = answer
                 if answer.ok:
                     bill.requests.append(scope.rpm_key)
                 elif refused is None:
@@ -86,13 +91,13 @@ class Admission(StageState):
             if limits.tpm:
                 tokens = bill.prompt_estimate + bill.completion_cap
                 answer = store.reserve_window_now(scope.tpm_key, tokens, limits.tpm, WINDOW_S)
-                token_windows.append(answer)
+                if token_window is None or _tighter(answer, token_window):
+                    token_window = answer
                 if answer.ok:
                     bill.tokens.append(Held(scope.tpm_key, float(tokens), WINDOW_S, scope))
                 elif refused is None:
                     refused = ("tpm", scope, answer.reset_s)
-        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
-                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
+        bill.headers = rate_limit_headers(requests, token_window)
         if refused is not None:
             self._refuse(bill, *refused)
 
@@ -100,7 +105,8 @@ class Admission(StageState):
         """`_budget_ops` and `_budgets` in one pass over the scopes."""
         store = self._in_line
         assert store is not None
-        rate_in, rate_out = self.rates.get(ctx.alias_label, NO_RATES)  # `_reservation`, in line
+        route = ctx.route  # `ctx.alias_label`, without its property call
+        rate_in, rate_out = self.rates.get(route.alias if route is not None else "unknown", NO_RATES)  # `_reservation`
         cost = bill.cost_reserved = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
         now = time.time()
         hard: Scope | None = None
@@ -293,3 +299,10 @@ class Admission(StageState):
         bill.budgets.clear()
         bill.slots.clear()
         bill.settled = True
+
+
+def _tighter(answer: WindowReservation, than: WindowReservation) -> bool:
+    """Whether `answer` has less room left than `than` (by share of its limit), as `tightest` ranks them: the
+    first of equals stays."""
+    return (answer.remaining / answer.limit if answer.limit else 0.0) < (than.remaining / than.limit if than.limit
+                                                                         else 0.0)

@@ -86,6 +86,7 @@ class StageState:
     _reservation_drift: Children
     _token_drift: Children
     _drifts: dict[str, tuple[Any, Any]]
+    _today: tuple[float, float, str]  # (start, end, id) of the UTC day usage was last recorded on
 
     async def _quietly(self, op: Awaitable[Any]) -> None:
         try:

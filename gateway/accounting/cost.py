@@ -17,10 +17,17 @@ def usage_cost(ctx: RequestContext, usage: Usage | None) -> float | None:
     target = ctx.target
     if target is None or not ctx.upstream_started or usage is None:
         return 0.0
-    if target.price is None:
+    price = target.price
+    if price is None:
         return None
-    return target.price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                             usage.cache_write_tokens, usage.reasoning_tokens)
+    prompt, completion = usage.prompt_tokens, usage.completion_tokens
+    given, made = usage.prompt_tokens_details, usage.completion_tokens_details
+    if (prompt >= 0 and completion >= 0 and (given is None or not (given.cached_tokens or given.cache_write_tokens))
+            and (made is None or not made.reasoning_tokens)):
+        # Every token plain (the usual answer): `Price.cost`'s figure without its clamps, whose other terms
+        # are all 0 here (adding 0.0 leaves a sum as it was: the same float; a test checks).
+        return (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1_000_000
+    return price.cost(prompt, completion, usage.cached_tokens, usage.cache_write_tokens, usage.reasoning_tokens)
 
 
 def request_cost(ctx: RequestContext) -> float | None:

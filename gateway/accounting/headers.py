@@ -7,8 +7,6 @@ SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits 
 
 from __future__ import annotations
 
-import functools
-
 from ..store.base import WindowReservation
 
 __all__ = ["duration", "rate_limit_headers", "tightest"]
@@ -48,22 +46,34 @@ def rate_limit_headers(
     headers are made once per value pair (a policy's limits and a window's whole seconds take few), only the
     remaining count per request."""
     if tokens is None:
-        return [] if requests is None else _window(_REQUESTS, requests)
+        return [] if requests is None else _window(_REQUESTS, _FIXED_REQUESTS, requests)
     if requests is None:
-        return _window(_TOKENS, tokens)
-    return [*_window(_REQUESTS, requests), *_window(_TOKENS, tokens)]
+        return _window(_TOKENS, _FIXED_TOKENS, tokens)
+    return [*_window(_REQUESTS, _FIXED_REQUESTS, requests), *_window(_TOKENS, _FIXED_TOKENS, tokens)]
 
 
-def _window(names: tuple[bytes, bytes, bytes], answer: WindowReservation) -> list[tuple[bytes, bytes]]:
+_Fixed = dict[tuple[float, int], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]]
+_FIXED_REQUESTS: _Fixed = {}  # (limit, whole seconds to reset) -> (limit header, reset header), per window kind
+_FIXED_TOKENS: _Fixed = {}
+_FIXED_KEPT = 1024  # pairs kept per kind (a policy's few limits times 60 seconds; past it, made each time)
+
+
+def _window(names: tuple[bytes, bytes, bytes], fixed: _Fixed, answer: WindowReservation) -> list[tuple[bytes, bytes]]:
     _, total, limit, reset = answer
-    if reset >= 1:
-        limit_header, reset_header = _fixed(names, limit, int(reset + 0.999))
+    if reset >= 1:  # the usual case: the limit and reset headers looked up (one dict look-up, no call)
+        pair = fixed.get((limit, int(reset + 0.999)))
+        if pair is None:
+            pair = _fixed(names, fixed, limit, int(reset + 0.999))
+        limit_header, reset_header = pair
     else:  # the window's last second: in milliseconds, formatted each time
         limit_header, reset_header = (names[0], b"%d" % round(limit)), (names[2], duration(reset).encode())
     return [limit_header, (names[1], b"%d" % (limit - total) if limit > total else b"0"), reset_header]
 
 
-@functools.lru_cache(maxsize=1024)
-def _fixed(names: tuple[bytes, bytes, bytes], limit: float, whole: int) -> tuple[tuple[bytes, bytes], ...]:
-    """A window's limit header and its reset header for a whole number of seconds."""
-    return (names[0], b"%d" % round(limit)), (names[2], duration(whole).encode())
+def _fixed(names: tuple[bytes, bytes, bytes], fixed: _Fixed, limit: float,
+           whole: int) -> tuple[tuple[bytes, bytes], tuple[bytes, bytes]]:
+    """A window's limit header and its reset header for a whole number of seconds, kept in `fixed`."""
+    pair = (names[0], b"%d" % round(limit)), (names[2], duration(whole).encode())
+    if len(fixed) < _FIXED_KEPT:
+        fixed[(limit, whole)] = pair
+    return pair

@@ -2,15 +2,17 @@
 
 Two jobs, one background flush (a runtime `Service`):
 
-* usage: every finished request adds its cost, tokens and one request to per-(scope, name, UTC day)
-  counters here; they are added to the store once a second, so a request pays no extra round trip for
-  `GET /admin/usage` (which is therefore up to a second behind);
+* usage: every finished request adds its cost, tokens and one request to per-(alias, key, tenant, UTC day)
+  counters here, which the flush adds to each scope's (scope, name, day) counters and those to the store,
+  once a second, so a request pays no extra round trip for `GET /admin/usage` (which is therefore up to a
+  second behind) and one counter look-up instead of one per scope;
 * reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
   here as a delta per budget counter and added when the store answers again, so spend while Redis was away
   is not lost. The first flush after recovery brings every budget up to date.
 
-Both maps are bounded by the policy's finite scopes times the days and periods they span; the number of
-pending budget entries is exported as `gateway_accounting_pending_counters`.
+The maps are bounded by the policy's finite scopes (the per-request one: by the key and alias pairs seen in a
+second) times the days and periods they span; the number of pending budget entries is exported as
+`gateway_accounting_pending_counters`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from dataclasses import dataclass
 
 from prometheus_client import Gauge
 
@@ -26,7 +27,7 @@ from ..store._common import AMOUNT_SCALE
 from ..store.base import Store, StoreUnavailable
 from .periods import USAGE_DAYS_KEPT
 
-__all__ = ["FIELDS", "Ledger", "UsageDelta", "usage_key"]
+__all__ = ["FIELDS", "Ledger", "usage_key"]
 
 log = logging.getLogger("gateway.accounting")
 FLUSH_INTERVAL_S = 1.0
@@ -38,40 +39,52 @@ def usage_key(scope: str, name: str, day: str, field: str) -> str:
     return f"acct:usage:{scope}:{name}:{day}:{field}"
 
 
-@dataclass(slots=True)
-class UsageDelta:
-    """One request's usage, in the units the counters keep (micro-USD; whole tokens)."""
-
-    cost_micro: int
-    prompt: int
-    cached: int
-    completion: int
-    reasoning: int
-
-    def values(self) -> tuple[int, ...]:
-        return (self.cost_micro, 1, self.prompt, self.cached, self.completion, self.reasoning)
-
-
 class Ledger:
     """Per-runtime buffer between requests and the store; `flush()` runs every second while started."""
 
     def __init__(self, store: Store, metrics_pending: Gauge | None = None) -> None:
         self.store = store
-        self._usage: dict[tuple[str, str, str], list[int]] = {}
+        self._usage: dict[tuple[str, str, str], list[int]] = {}  # (scope, name, day) -> counters (`FIELDS`)
+        # (alias, key, tenant, day) -> counters: requests as they finish, added to each of their scopes' counters
+        # at the flush (one look-up per request instead of one per scope)
+        self._requests: dict[tuple[str, str | None, str | None, str], list[int]] = {}
         self._pending: dict[str, tuple[int, float]] = {}  # budget counter -> (delta in micro-units, ttl)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._gauge = metrics_pending
 
-    def record(self, scopes: list[tuple[str, str]], day: str, delta: UsageDelta) -> None:
-        values = delta.values()
-        for scope, name in scopes:
-            counters = self._usage.get((scope, name, day))
-            if counters is None:
-                self._usage[(scope, name, day)] = list(values)
-            else:
-                for index, value in enumerate(values):
-                    counters[index] += value
+    def record(self, alias: str, key: str | None, tenant: str | None, day: str, cost_micro: int, prompt: int,
+               cached: int, completion: int, reasoning: int) -> None:
+        """One finished request's usage (cost in micro-USD): counted for its alias, and for its key and the
+        key's tenant when it has one (`key` None: no key, and `tenant` is not read)."""
+        counters = self._requests.get((alias, key, tenant, day))
+        if counters is None:
+            self._requests[(alias, key, tenant, day)] = [cost_micro, 1, prompt, cached, completion, reasoning]
+        else:  # in the order of `FIELDS`
+            counters[0] += cost_micro
+            counters[1] += 1
+            counters[2] += prompt
+            counters[3] += cached
+            counters[4] += completion
+            counters[5] += reasoning
+
+    def _fold(self) -> None:
+        """The requests recorded since the last flush, added to their scopes' counters."""
+        requests, self._requests = self._requests, {}
+        for (alias, key, tenant, day), values in requests.items():
+            self._add(("model", alias, day), values)
+            if key is not None:
+                assert tenant is not None
+                self._add(("key", key, day), values)
+                self._add(("tenant", tenant, day), values)
+
+    def _add(self, scope: tuple[str, str, str], values: list[int]) -> None:
+        counters = self._usage.get(scope)
+        if counters is None:
+            self._usage[scope] = list(values)
+        else:
+            for index, value in enumerate(values):
+                counters[index] += value
 
     def owe(self, key: str, delta_units: int, ttl_s: float) -> None:
         """A settle the store did not take: add `delta_units` (may be negative) to `key` later."""
@@ -114,6 +127,8 @@ class Ledger:
         async with self._flushing:
             if self._pending:
                 await self._flush_pending()
+            if self._requests:
+                self._fold()
             if self._usage:
                 await self._flush_usage()
 

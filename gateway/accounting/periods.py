@@ -14,7 +14,7 @@ from datetime import UTC, datetime, timedelta
 
 from ..policy.accounting_schema import BudgetSpec
 
-__all__ = ["USAGE_DAYS_KEPT", "PeriodKeys", "current_period", "day_id"]
+__all__ = ["USAGE_DAYS_KEPT", "PeriodKeys", "current_period", "day_id", "day_span"]
 
 USAGE_DAYS_KEPT = 400  # usage counters per day live this long (a month's and a year's report stay readable)
 _MARGIN_S = 3_600.0  # a period's counter outlives its end a little: settling a late stream still finds it
@@ -81,6 +81,12 @@ def _calendar_period(period: str, day: int) -> tuple[str, float]:
 def day_id(now: float) -> str:
     """The UTC day of `now`, as usage counters are keyed (YYYYMMDD). Every request asks: formatted once a day."""
     return _day_name(int(now // 86_400))
+
+
+def day_span(now: float) -> tuple[float, float, str]:
+    """(start, end, `day_id`) of the UTC day holding `now`: a caller keeps it and asks again only past its end."""
+    day = int(now // 86_400)
+    return day * 86_400.0, (day + 1) * 86_400.0, _day_name(day)
 
 
 @functools.lru_cache(maxsize=4)

@@ -34,12 +34,12 @@ _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "functio
 
 
 class PromptEstimator:
-    __slots__ = ("_roles", "_texts", "tokens")
+    __slots__ = ("_texts", "tokens")
 
     def __init__(self, tokens: TokenCounter) -> None:
         self.tokens = tokens
-        self._roles: dict[tuple[str | None, str], int] = {}  # (model, role) -> its tokens, once that is exact
-        self._texts: dict[str, dict[str, int]] = {}  # model -> {recent text: its tokens}, once that is exact
+        # model -> ({role: its tokens plus the message overhead}, {recent text: its tokens}), once that is exact
+        self._texts: dict[str, tuple[dict[str, int], dict[str, int]]] = {}
 
     def estimate(self, ctx: RequestContext) -> int:
         route = ctx.route
@@ -68,31 +68,37 @@ class PromptEstimator:
         """`count_messages` for the usual chat (every message a role and a text content, nothing else), in one
         short loop; None for any other shape (the general count then runs). Equal to it: a test checks."""
         total = REPLY_PRIMING
-        count = self.tokens.count
-        roles = self._roles
-        texts = self._texts.get(model) if model is not None else None
-        if texts is None and model is not None and len(self._texts) < _MODELS_KEPT and self.tokens.exact_for(model):
-            texts = self._texts[model] = {}
+        found = self._texts.get(model) if model is not None else None
+        if found is None:
+            if model is not None and len(self._texts) < _MODELS_KEPT and self.tokens.exact_for(model):
+                found = self._texts[model] = ({}, {})
+            else:
+                found = _NOTHING_KEPT
+        roles, texts = found
         for message in messages:
             if type(message) is not dict or len(message) != 2:
                 return None
             role, content = message.get("role"), message.get("content")
             if type(role) is not str or type(content) is not str:
                 return None
-            role_tokens = roles.get((model, role))
+            role_tokens = roles.get(role)  # its tokens plus the message's overhead
             if role_tokens is None:
-                role_tokens = count(role, model)
-                if role in _ROLES and model is not None and self.tokens.exact_for(model):  # fixed from now on
-                    roles[(model, role)] = role_tokens
-            content_tokens = texts.get(content) if texts is not None else None
+                role_tokens = TOKENS_PER_MESSAGE + self.tokens.count(role, model)
+                if role in _ROLES and found is not _NOTHING_KEPT:  # fixed from now on
+                    roles[role] = role_tokens
+            content_tokens = texts.get(content)
             if content_tokens is None:
-                content_tokens = count(content, model)
-                if texts is not None and len(content) <= TEXT_CHARS_KEPT:
+                content_tokens = self.tokens.count(content, model)
+                if found is not _NOTHING_KEPT and len(content) <= TEXT_CHARS_KEPT:
                     if len(texts) >= TEXTS_KEPT:
                         del texts[next(iter(texts))]
                     texts[content] = content_tokens
-            total += TOKENS_PER_MESSAGE + role_tokens + content_tokens
+            total += role_tokens + content_tokens
         return total
+
+
+# A model whose counts are not kept (no model, not exact, or past `_MODELS_KEPT`): two maps that stay empty.
+_NOTHING_KEPT: tuple[dict[str, int], dict[str, int]] = ({}, {})
 
 
 def _images(messages: list[Any]) -> int:

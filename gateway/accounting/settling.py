@@ -13,15 +13,16 @@ from ..errors import BudgetExceeded
 from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
 from ..schemas.events import Chunk, StreamError, StreamEvent
-from ..store._common import to_units
+from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
 from ..telemetry.usage import estimate_usage
 from .bill import WINDOW_S, Bill, StageState
 from .cost import request_cost
-from .ledger import UsageDelta
-from .periods import day_id
+from .periods import day_span
 
 __all__ = ["Settling", "StreamBill", "UsageOnly"]
+
+_FAST_AMOUNT = 9e9  # costs in [0, this) become micro-USD in line (`to_units` checks the rest, and refuses NaN)
 
 
 class Settling(StageState):
@@ -107,7 +108,8 @@ class Settling(StageState):
         reserved = bill.cost_reserved > 0 and ctx.upstream_started
         estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
         if reserved or estimated:
-            alias = ctx.alias_label
+            route = ctx.route
+            alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
             reservation, tokens = self._drifts.get(alias) or self._drift(alias)
             if reserved:
                 reservation.observe(cost / bill.cost_reserved)
@@ -126,12 +128,22 @@ class Settling(StageState):
     def _record(self, ctx: RequestContext, cost: float) -> None:
         usage = ctx.usage
         key = ctx.key
-        named = [("model", ctx.alias_label)]
-        if key is not None:
-            named += [("key", key.name), ("tenant", key.tenant)]
-        delta = UsageDelta(to_units(cost), usage.prompt_tokens if usage else 0, usage.cached_tokens if usage else 0,
-                           usage.completion_tokens if usage else 0, usage.reasoning_tokens if usage else 0)
-        self.ledger.record(named, day_id(time.time()), delta)
+        route = ctx.route
+        alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
+        cost_micro = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`
+        name, tenant = (key.name, key.tenant) if key is not None else (None, None)
+        now = time.time()
+        today = self._today  # `day_id(now)`, asked once a day
+        if not today[0] <= now < today[1]:
+            today = self._today = day_span(now)
+        day = today[2]
+        if usage is None:
+            self.ledger.record(alias, name, tenant, day, cost_micro, 0, 0, 0, 0)
+            return
+        given, made = usage.prompt_tokens_details, usage.completion_tokens_details
+        self.ledger.record(alias, name, tenant, day, cost_micro, usage.prompt_tokens,
+                           (given.cached_tokens or 0) if given is not None else 0, usage.completion_tokens,
+                           (made.reasoning_tokens or 0) if made is not None else 0)  # `usage.cached_tokens`, ...
 
     async def extend(self, ctx: RequestContext, bill: Bill) -> bool:
         """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses."""

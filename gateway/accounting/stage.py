@@ -78,6 +78,7 @@ class Accounting(Admission, Settling):
         self._reservation_drift = Children(metrics.reservation_drift, loop_only=True)
         self._token_drift = Children(metrics.token_estimate_drift, loop_only=True)
         self._drifts = {}  # alias -> both drift children (aliases: the policy's)
+        self._today = (0.0, 0.0, "")  # no day yet: the first usage recorded looks it up
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -120,7 +121,8 @@ class Accounting(Admission, Settling):
         if reply.stream is not None:
             reply.stream.add(StreamBill(self, bill))
             return reply
-        await self._answer_usage(ctx, reply)
+        if ctx.usage is None:  # (the usual answer brings its usage: no coroutine to ask `_answer_usage`)
+            await self._answer_usage(ctx, reply)
         cost = self._price(ctx)  # the header and the access log (telemetry) read it from the context
         if self._in_line is not None:  # settling in memory never waits: no task needed beside the reply
             self._settle_in_line(ctx, bill, cost)

@@ -175,12 +175,16 @@ class MemoryStore:
         if ttl_s is not None and not 0.0 < ttl_s < _INF:  # checked on every call, as `ttl_ms` would
             ttl_ms(ttl_s)
         entry = self._data.get(key)
-        if entry is not None and type(entry.value) is int and entry.expires_at is not None \
-                and entry.expires_at > self._clock():  # a live counter (the usual case): read in line
-            self._data.move_to_end(key)
-            current = entry.value
-        else:
-            entry, current = self._counter(key, self._clock())
+        if entry is not None:
+            current, expires_at = entry.value, entry.expires_at
+            if type(current) is int and expires_at is not None and expires_at > self._clock():  # a live counter
+                self._data.move_to_end(key)  # (the usual case): answered in this branch, changed in place
+                total = current + units
+                if total > cap:
+                    return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
+                entry.value = total
+                return _new(Reservation, (True, total / AMOUNT_SCALE, limit))
+        entry, current = self._counter(key, self._clock())
         total = current + units
         if total > cap:
             return _new(Reservation, (False, current / AMOUNT_SCALE, limit))
@@ -197,12 +201,14 @@ class MemoryStore:
         if ttl_s is not None and not 0.0 < ttl_s < _INF:
             ttl_ms(ttl_s)
         entry = self._data.get(key)
-        if entry is not None and type(entry.value) is int and entry.expires_at is not None \
-                and entry.expires_at > self._clock():  # as in `reserve_now`
-            self._data.move_to_end(key)
-            current = entry.value
-        else:
-            entry, current = self._counter(key, self._clock())
+        if entry is not None:
+            current, expires_at = entry.value, entry.expires_at
+            if type(current) is int and expires_at is not None and expires_at > self._clock():  # as in `reserve_now`
+                self._data.move_to_end(key)
+                total = current + delta
+                entry.value = total = total if total > 0 else 0
+                return total / AMOUNT_SCALE
+        entry, current = self._counter(key, self._clock())
         total = current + delta
         total = total if total > 0 else 0
         if entry is None or entry.expires_at is None or type(entry.value) is not int:
@@ -219,13 +225,17 @@ class MemoryStore:
             cap, window = self._cap(limit), self._window(window_s)
         now = self._clock()
         entry = self._data.get(key)
+        if entry is not None:
+            expires_at, current = entry.expires_at, entry.value
+            if expires_at is not None and expires_at > now and type(current) is int:  # a live counter (the usual
+                self._data.move_to_end(key)  # case): answered in this branch, changed in place
+                total = current + units
+                if total > cap:
+                    return _new(WindowReservation, (False, current / AMOUNT_SCALE, limit, expires_at - now))
+                entry.value = total
+                return _new(WindowReservation, (True, total / AMOUNT_SCALE, limit, expires_at - now))
+        entry, current = self._counter(key, now)
         expires_at = entry.expires_at if entry is not None else None
-        if entry is not None and expires_at is not None and expires_at > now and type(entry.value) is int:
-            self._data.move_to_end(key)  # a live counter (the usual case): read in line, as in `reserve_now`
-            current = entry.value
-        else:
-            entry, current = self._counter(key, now)
-            expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
             expires_at = now + window / 1000
         reset = expires_at - now

@@ -26,6 +26,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import StreamError
 from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, send_body, send_error
 from .sse import error_frame, frame
+from .whole_reply import send_whole
 
 __all__ = ["EdgeHost", "ProxyEndpoint"]
 
@@ -76,14 +77,11 @@ class ProxyEndpoint:
                 assert reply.body is not None
                 if dialect is not None:
                     reply.body = dialect.reply(ctx, reply.body)
-                await send_body(send, reply.status, [
-                    (b"content-type", JSON),
-                    (b"content-length", str(len(reply.body)).encode()),
-                    (b"x-request-id", request_id.encode()),
-                    version,
-                    *routing_headers(ctx),
-                    *(ctx.headers or ()),
-                ], reply.body)
+                body = reply.body
+                tail = [(b"x-request-id", request_id.encode()), version, *routing_headers(ctx), *(ctx.headers or ())]
+                if not send_whole(send, reply.status, JSON, tail, body):  # else the server's `send`, in two messages
+                    await send_body(send, reply.status, [
+                        (b"content-type", JSON), (b"content-length", str(len(body)).encode()), *tail], body)
             else:
                 # The stream is sent here, not in a helper coroutine: the task resumes through every frame
                 # between it and the upstream read on every event (about 1,500 instructions a frame).

@@ -24,7 +24,7 @@ import pytest
 import uvicorn
 
 from gateway.api.asgi import DIRECT_BODY, ChunkWriter, chunk_writer
-from gateway.api.whole_reply import send_whole
+from gateway.api.whole_reply import send_head, send_whole
 from gateway.http_server import HAVE_HTTPTOOLS, _HeadJoined, server_limits
 
 try:
@@ -629,6 +629,30 @@ async def test_a_whole_reply_is_written_as_uvicorns_send_writes_it(keep_alive: b
     assert _state(fast_cycle) == _state(public_cycle)
     if joined:
         assert fast_cycle.transport is fast and len(fast.writes) == 1 + (not keep_alive)  # one write, now
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+@pytest.mark.parametrize("keep_alive", [True, False])
+async def test_a_streams_head_is_written_as_uvicorns_send_writes_it(keep_alive: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fast, public = _Recorded(), _Recorded()
+    fast_cycle, public_cycle = _cycle(fast, keep_alive=keep_alive), _cycle(public, keep_alive=keep_alive)
+    fast_cycle.transport = _HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
+    public_cycle.transport = _HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
+    head = [(b"content-type", b"text/event-stream; charset=utf-8"), *TAIL]
+    assert send_head(fast_cycle.send, 200, head)
+    await public_cycle.send({"type": "http.response.start", "status": 200, "headers": head})
+    assert fast.writes == public.writes == []  # held, to leave with the first event
+    for cycle in (fast_cycle, public_cycle):
+        await cycle.send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+        await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
+    assert fast.writes == public.writes
+    assert b"transfer-encoding: chunked\r\n" in fast.writes[0]
+    assert (b"connection: close\r\n" in fast.writes[0]) is (not keep_alive)
+    assert _state(fast_cycle) == _state(public_cycle)
+    for status, tail in [(204, TAIL), (200, [(b"content-length", b"2")]), (200, [(b"transfer-encoding", b"gzip")])]:
+        cycle = _cycle(_Recorded())
+        assert not send_head(cycle.send, status, tail) and not cycle.response_started, (status, tail)
 
 
 @pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")

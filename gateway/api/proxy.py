@@ -26,7 +26,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import StreamError
 from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, send_body, send_error
 from .sse import error_frame, frame
-from .whole_reply import send_whole
+from .whole_reply import send_head, send_whole
 
 __all__ = ["EdgeHost", "ProxyEndpoint"]
 
@@ -127,11 +127,10 @@ class ProxyEndpoint:
 
 async def _start_stream(ctx: RequestContext, reply: Reply, send: Any) -> ChunkWriter | None:
     """Send a stream's head; the writer for its events, when the server allows one (`api.asgi.ChunkWriter`)."""
-    await send({
-        "type": "http.response.start", "status": reply.status,
-        "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
-                    *routing_headers(ctx), *(ctx.headers or ())],
-    })
+    headers = [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
+               *routing_headers(ctx), *(ctx.headers or ())]
+    if not send_head(send, reply.status, headers):  # else through the server's `send`
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     ctx.lifecycle.response_started = True
     return chunk_writer(send)
 

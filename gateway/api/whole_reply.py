@@ -1,4 +1,5 @@
-"""A complete (non-streamed) reply written in one step, as uvicorn's `send` would in two calls.
+"""A complete (non-streamed) reply written in one step, as uvicorn's `send` would in two calls;
+a stream's head written as `send` writes it, without its per-header work.
 
 uvicorn's httptools `send` takes a reply in two messages (the head, then the body), each a
 coroutine with its checks, and checks every header with two regular expressions (sixteen
@@ -7,7 +8,8 @@ instructions of a proxied JSON request (`bench/instructions.py`). `send_whole` d
 work once: the same bytes (status line, the server's default headers, the reply's headers,
 `connection: close` when the connection will not be kept), the same checks (one search over
 all names, one over all values) and the same end of the cycle (complete, its event set, the
-connection closed if not kept, uvicorn's `on_response`).
+connection closed if not kept, uvicorn's `on_response`). `send_head` does the same for the
+head of a chunked reply (a stream's), which its first event or the next loop turn sends.
 
 It relies on the attributes of uvicorn's httptools `RequestResponseCycle`, which are not its
 API, so it is taken only for that exact class, on a cycle the gateway's protocol marked
@@ -30,7 +32,8 @@ try:
 except ImportError:  # pragma: no cover - httptools missing (h11 serves) or uvicorn moved them: always `send`
     RequestResponseCycle = None  # type: ignore[assignment,misc]
 
-__all__ = ["send_whole"]
+__all__ = ["send_head", "send_whole"]
+
 
 def send_whole(send: Any, status: int, content_type: bytes, headers: Sequence[tuple[bytes, bytes]],
                body: bytes) -> bool:
@@ -38,33 +41,14 @@ def send_whole(send: Any, status: int, content_type: bytes, headers: Sequence[tu
 
     On False nothing was written and the cycle is untouched.
     """
-    cycle = getattr(send, "__self__", None)
-    if type(cycle) is not RequestResponseCycle or not getattr(cycle, DIRECT_BODY, False):  # (None: never)
+    cycle = _plain_cycle(send)
+    if cycle is None:
         return False
-    if cycle.response_started or cycle.disconnected or cycle.access_log or cycle.flow.write_paused \
-            or cycle.chunked_encoding is not None or cycle.scope["method"] == "HEAD":
+    parts = _head(cycle, status, [
+        (b"content-type", content_type), (b"content-length", b"%d" % len(body)), *headers], b"")
+    if parts is None:
         return False
-    line = STATUS_LINE.get(status)
-    if line is None:
-        return False
-    parts = [line]
-    for name, value in cycle.default_headers:
-        parts += (name, b": ", value, b"\r\n")
-    parts += (b"content-type", b": ", content_type, b"\r\n", b"content-length", b": ", b"%d" % len(body), b"\r\n")
-    for name, value in headers:
-        parts += (name, b": ", value, b"\r\n")
-    names = parts[1::4]  # four parts a header: name, ": ", value, CRLF
-    if b"connection" in names or b"transfer-encoding" in names or names.count(b"content-length") != 1:
-        return False
-    joined = b"".join(names)
-    if HEADER_RE.search(joined) or HEADER_VALUE_RE.search(b"".join(parts[3::4])) or joined.lower() != joined:
-        return False
-    keep_alive = cycle.keep_alive
-    if not keep_alive:
-        parts.append(b"connection: close\r\n")
-    parts += (b"\r\n", body)
-    cycle.response_started = True
-    cycle.waiting_for_100_continue = False
+    parts.append(body)
     cycle.chunked_encoding = False
     cycle.expected_content_length = 0
     transport = cycle.transport
@@ -72,7 +56,62 @@ def send_whole(send: Any, status: int, content_type: bytes, headers: Sequence[tu
     (write_all or transport.write)(b"".join(parts))
     cycle.response_complete = True
     cycle.message_event.set()
-    if not keep_alive:
+    if not cycle.keep_alive:
         cycle.transport.close()
     cycle.on_response()
     return True
+
+
+def send_head(send: Any, status: int, headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    """Start a chunked reply (a stream's head, no `content-length`) as `send` would; False: use `send`.
+
+    The head is written as `send` writes it, through the cycle's transport (the gateway's protocol
+    holds it to leave with the first event). On False nothing was written and the cycle is untouched.
+    """
+    cycle = _plain_cycle(send)
+    if cycle is None or status in (204, 304):  # no body: `send` frames neither way
+        return False
+    parts = _head(cycle, status, headers, b"transfer-encoding: chunked\r\n")
+    if parts is None:
+        return False
+    cycle.chunked_encoding = True
+    cycle.expected_content_length = 0
+    cycle.transport.write(b"".join(parts))
+    return True
+
+
+def _plain_cycle(send: Any) -> Any:
+    """The uvicorn httptools cycle behind `send` when nothing makes its `send` do more than write; else None."""
+    cycle = getattr(send, "__self__", None)
+    if type(cycle) is not RequestResponseCycle or not getattr(cycle, DIRECT_BODY, False):  # (None: never)
+        return None
+    if cycle.response_started or cycle.disconnected or cycle.access_log or cycle.flow.write_paused \
+            or cycle.chunked_encoding is not None or cycle.scope["method"] == "HEAD":
+        return None
+    return cycle
+
+
+def _head(cycle: Any, status: int, headers: Sequence[tuple[bytes, bytes]], framing: bytes) -> list[bytes] | None:
+    """The head's parts, checked as `send` checks them, and the cycle marked started; None (nothing changed):
+    a status or header that `send` must handle. `framing`: the body's framing line when no header gives it."""
+    line = STATUS_LINE.get(status)
+    if line is None:
+        return None
+    parts = [line]
+    for name, value in cycle.default_headers:
+        parts += (name, b": ", value, b"\r\n")
+    for name, value in headers:
+        parts += (name, b": ", value, b"\r\n")
+    names = parts[1::4]  # four parts a header: name, ": ", value, CRLF
+    lengths = names.count(b"content-length")
+    if b"connection" in names or b"transfer-encoding" in names or lengths != (0 if framing else 1):
+        return None
+    joined = b"".join(names)
+    if HEADER_RE.search(joined) or HEADER_VALUE_RE.search(b"".join(parts[3::4])) or joined.lower() != joined:
+        return None
+    if not cycle.keep_alive:
+        parts.append(b"connection: close\r\n")
+    parts += (framing, b"\r\n")
+    cycle.response_started = True
+    cycle.waiting_for_100_continue = False
+    return parts

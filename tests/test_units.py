@@ -290,3 +290,44 @@ def test_an_error_raised_by_a_stage_that_passes_on_reaches_the_stage_before_it()
 
 async def _run(pipeline: Pipeline, ctx: Any) -> Reply:
     return await pipeline.run(ctx)
+
+
+# -- the response head's deadline (`providers.deadline`), beside asyncio's own timeout ---------------
+
+
+async def _wait_under(kind: str, delay: float, work: float) -> str:
+    """What a wait of `work` seconds under a `delay` timeout ends with, by `asyncio.timeout` or by `Deadline`."""
+    from gateway.providers.deadline import deadline_in
+
+    manager = asyncio.timeout(delay) if kind == "asyncio" else deadline_in(delay)
+    try:
+        async with manager:
+            await asyncio.sleep(work)
+    except TimeoutError:
+        return "timeout"
+    return "done"
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "deadline"])
+def test_a_deadline_ends_a_wait_as_asyncio_timeout_does(kind: str) -> None:
+    async def scenarios() -> list[object]:
+        results: list[object] = [await _wait_under(kind, 0.05, 0), await _wait_under(kind, 0.01, 1),
+                                 await _wait_under(kind, -1, 0.01)]  # already past: the next loop turn
+        task = asyncio.current_task()
+        assert task is not None
+        results.append(task.cancelling())  # the timeout's own cancellation was taken back
+        other = asyncio.ensure_future(_wait_under(kind, 1, 1))  # cancelled by someone else: not a timeout
+        await asyncio.sleep(0.01)
+        other.cancel()
+        try:
+            await other
+        except asyncio.CancelledError:
+            results.append("cancelled")
+        both = asyncio.ensure_future(_wait_under(kind, -1, 1))  # its timeout's cancellation is queued ...
+        await asyncio.sleep(0)
+        both.cancel()  # ... and someone else cancels it before that runs: not a timeout either
+        await asyncio.sleep(0.01)
+        results.append("cancelled" if both.cancelled() else both.result())
+        return results
+
+    assert asyncio.run(scenarios()) == ["done", "timeout", "timeout", 0, "cancelled", "cancelled"]

@@ -1,6 +1,6 @@
 """The request pipeline: an ordered list of small stages, composed once.
 
-Each stage is `async (ctx, call_next) -> Reply`. It may answer early (an error, a
+Each stage is `(ctx, call_next) -> Awaitable[Reply]`, most an `async def`. It may answer early (an error, a
 cache hit), call `call_next(ctx)` and return its reply, or wrap that reply (a
 stream wrapper for output guards, accounting...). The chain of bound calls is
 built once when the app starts, so a request pays only for the stages' own work.

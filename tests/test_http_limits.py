@@ -696,3 +696,18 @@ def test_a_whole_reply_reads_as_any_reply_on_a_kept_connection(serve: Callable[.
     finally:
         conn.close()
     assert server.state.direct_writes == (2 if variant[0] == "httptools" else 0)  # h11: through `send`
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+def test_the_header_checks_find_what_uvicorns_patterns_find() -> None:
+    import re
+
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from gateway.api.whole_reply import _finder
+
+    samples = [bytes([byte]) for byte in range(256)] + [b"", b"x-request-id", b"req_1 ok", b"a\r\nb", b"v\tw"]
+    for pattern in (HEADER_RE, HEADER_VALUE_RE, re.compile(rb"\r\n"), re.compile(rb"[a-c]+x")):
+        found = _finder(pattern)
+        for sample in (*samples, b"ab\r\n", b"bbx"):
+            assert found(sample) is (pattern.search(sample) is not None), (pattern, sample)

@@ -523,6 +523,13 @@ class _HeadJoined:
             self._held = bytes(data)
             self._loop.call_soon(self._flush)
 
+    def write_all(self, data: bytes) -> None:
+        """A write with nothing after it in this response (a whole reply, `api.whole_reply.send_whole`): it goes out
+        now, joined to whatever is held, and the cycle gets its transport back."""
+        held, self._held = self._held, None
+        self._transport.write(held + data if held else data)
+        self._step_aside()
+
     def _flush(self) -> None:
         held, self._held = self._held, None
         if held and not self._transport.is_closing():

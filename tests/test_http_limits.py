@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import logging
 import select
 import selectors
 import socket
@@ -22,7 +23,8 @@ from typing import Any
 import pytest
 import uvicorn
 
-from gateway.api.asgi import ChunkWriter, chunk_writer
+from gateway.api.asgi import DIRECT_BODY, ChunkWriter, chunk_writer
+from gateway.api.whole_reply import send_head, send_whole
 from gateway.http_server import HAVE_HTTPTOOLS, _HeadJoined, server_limits
 
 try:
@@ -77,6 +79,16 @@ def make_app(state: AppState) -> Callable[..., Any]:
                 else:
                     await send({"type": "http.response.body", "body": part, "more_body": True})
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return
+        elif path == "/whole":  # as the proxy answers: at once when the server allows, else through `send`
+            body = b'{"id":"x"}'
+            state.direct_writes += 1  # before: the client may read the reply before this thread goes on
+            if send_whole(send, 200, b"application/json", [(b"x-request-id", b"req_1")], body):
+                return
+            state.direct_writes -= 1
+            headers = [(b"content-type", b"application/json"), (b"content-length", b"10"), (b"x-request-id", b"req_1")]
+            await send({"type": "http.response.start", "status": 200, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
             return
         elif path == "/hold":
             state.holding += 1
@@ -564,3 +576,138 @@ def test_the_chunk_writer_declines_whenever_send_must_write() -> None:
     assert chunk_writer(lambda message: None) is None  # a server that does not set DIRECT_BODY
     assert not ChunkWriter(SimpleNamespace(chunked_encoding=True, transport=transport)).write(b"x")  # renamed: send
     assert transport.writes == [b"9\r\ndata: x\n\n\r\n"]
+
+
+# -- a whole reply in one write (`api.whole_reply.send_whole`) -------------------------------------------
+
+
+def _cycle(transport: Any, *, keep_alive: bool = True, method: str = "POST", access_log: bool = False,
+           marked: bool = True) -> Any:
+    """uvicorn's own httptools request cycle, writing to `transport`, as the gateway's protocol makes it."""
+    from uvicorn.protocols.http.flow_control import FlowControl
+    from uvicorn.protocols.http.httptools_impl import RequestResponseCycle
+
+    responded: list[int] = []
+    cycle = RequestResponseCycle(
+        scope={"type": "http", "method": method}, transport=transport, flow=FlowControl(transport),  # type: ignore[typeddict-item]
+        logger=logging.getLogger("test"), access_logger=logging.getLogger("test.access"), access_log=access_log,
+        default_headers=[(b"date", b"Thu, 01 Jan 2026 00:00:00 GMT")], message_event=asyncio.Event(),
+        expect_100_continue=False, keep_alive=keep_alive, on_response=lambda: responded.append(1))
+    if marked:
+        setattr(cycle, DIRECT_BODY, True)
+    cycle.responded = responded
+    return cycle
+
+
+def _state(cycle: Any) -> tuple[Any, ...]:
+    return (cycle.response_started, cycle.response_complete, cycle.message_event.is_set(), cycle.chunked_encoding,
+            cycle.expected_content_length, cycle.keep_alive, len(cycle.responded))
+
+
+TAIL = [(b"x-request-id", b"req_1"), (b"x-gateway-policy", b"v1"), (b"x-gateway-target", b"up/m")]
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+@pytest.mark.parametrize("keep_alive", [True, False])
+@pytest.mark.parametrize("joined", [False, True])
+async def test_a_whole_reply_is_written_as_uvicorns_send_writes_it(keep_alive: bool, joined: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fast, public = _Recorded(), _Recorded()
+    fast_cycle, public_cycle = _cycle(fast, keep_alive=keep_alive), _cycle(public, keep_alive=keep_alive)
+    if joined:  # behind the protocol's head-joining transport, as served
+        fast_cycle.transport = _HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
+        public_cycle.transport = _HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
+    body = b'{"id":"x"}'
+    assert send_whole(fast_cycle.send, 200, b"application/json", TAIL, body)
+    await public_cycle.send({"type": "http.response.start", "status": 200, "headers": [
+        (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *TAIL]})
+    await public_cycle.send({"type": "http.response.body", "body": body, "more_body": False})
+    await asyncio.sleep(0)
+    assert b"".join(fast.writes) == b"".join(public.writes)
+    assert fast.writes[0].startswith(b"HTTP/1.1 200 OK\r\ndate: ") and fast.writes[0].endswith(b"\r\n\r\n" + body)
+    assert (b"connection: close\r\n" in fast.writes[0]) is (not keep_alive) and fast.closed is (not keep_alive)
+    assert _state(fast_cycle) == _state(public_cycle)
+    if joined:
+        assert fast_cycle.transport is fast and len(fast.writes) == 1 + (not keep_alive)  # one write, now
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+@pytest.mark.parametrize("keep_alive", [True, False])
+async def test_a_streams_head_is_written_as_uvicorns_send_writes_it(keep_alive: bool) -> None:
+    loop = asyncio.get_running_loop()
+    fast, public = _Recorded(), _Recorded()
+    fast_cycle, public_cycle = _cycle(fast, keep_alive=keep_alive), _cycle(public, keep_alive=keep_alive)
+    fast_cycle.transport = _HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
+    public_cycle.transport = _HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
+    head = [(b"content-type", b"text/event-stream; charset=utf-8"), *TAIL]
+    assert send_head(fast_cycle.send, 200, head)
+    await public_cycle.send({"type": "http.response.start", "status": 200, "headers": head})
+    assert fast.writes == public.writes == []  # held, to leave with the first event
+    for cycle in (fast_cycle, public_cycle):
+        await cycle.send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+        await cycle.send({"type": "http.response.body", "body": b"", "more_body": False})
+    assert fast.writes == public.writes
+    assert b"transfer-encoding: chunked\r\n" in fast.writes[0]
+    assert (b"connection: close\r\n" in fast.writes[0]) is (not keep_alive)
+    assert _state(fast_cycle) == _state(public_cycle)
+    for status, tail in [(204, TAIL), (200, [(b"content-length", b"2")]), (200, [(b"transfer-encoding", b"gzip")])]:
+        cycle = _cycle(_Recorded())
+        assert not send_head(cycle.send, status, tail) and not cycle.response_started, (status, tail)
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+def test_a_whole_reply_goes_through_send_whenever_send_would_do_more() -> None:
+    transport = _Recorded()
+    for cycle, status, tail in [
+        (_cycle(transport, marked=False), 200, TAIL),  # a cycle the gateway's protocol did not make
+        (_cycle(transport, access_log=True), 200, TAIL),  # uvicorn logs the access
+        (_cycle(transport, method="HEAD"), 200, TAIL),  # no body for HEAD
+        (_cycle(transport), 200, [(b"X-Upper", b"v")]),  # uvicorn lower-cases names
+        (_cycle(transport), 200, [(b"x-bad", b"a\r\nb")]),  # uvicorn refuses the value
+        (_cycle(transport), 200, [(b"bad name", b"v")]),  # and the name
+        (_cycle(transport), 200, [(b"connection", b"close")]),  # headers that change the framing
+        (_cycle(transport), 200, [(b"content-length", b"1")]),
+        (_cycle(transport), 200, [(b"transfer-encoding", b"chunked")]),
+        (_cycle(transport), 999, TAIL),  # no status line for it
+    ]:
+        assert not send_whole(cycle.send, status, b"application/json", tail, b"{}"), (status, tail)
+        assert not cycle.response_started and not cycle.responded
+    for flag in ("response_started", "disconnected"):
+        cycle = _cycle(transport)
+        setattr(cycle, flag, True)
+        assert not send_whole(cycle.send, 200, b"application/json", TAIL, b"{}"), flag
+    cycle = _cycle(transport)
+    cycle.flow.write_paused = True  # `send` waits for the drain
+    assert not send_whole(cycle.send, 200, b"application/json", TAIL, b"{}")
+    assert not send_whole(lambda message: None, 200, b"application/json", TAIL, b"{}")  # another server
+    assert transport.writes == []
+
+
+def test_a_whole_reply_reads_as_any_reply_on_a_kept_connection(serve: Callable[..., Server],
+                                                               variant: tuple[str, str]) -> None:
+    server = serve()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+    try:
+        for _ in range(2):  # twice on one connection: the cycle ends cleanly, keep-alive holds
+            conn.request("POST", "/whole", body=b"{}")
+            response = conn.getresponse()
+            assert response.status == 200 and response.getheader("x-request-id") == "req_1"
+            assert response.getheader("content-length") == "10" and response.read() == b'{"id":"x"}'
+    finally:
+        conn.close()
+    assert server.state.direct_writes == (2 if variant[0] == "httptools" else 0)  # h11: through `send`
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+def test_the_header_checks_find_what_uvicorns_patterns_find() -> None:
+    import re
+
+    from uvicorn.protocols.http.httptools_impl import HEADER_RE, HEADER_VALUE_RE
+
+    from gateway.api.whole_reply import _finder
+
+    samples = [bytes([byte]) for byte in range(256)] + [b"", b"x-request-id", b"req_1 ok", b"a\r\nb", b"v\tw"]
+    for pattern in (HEADER_RE, HEADER_VALUE_RE, re.compile(rb"\r\n"), re.compile(rb"[a-c]+x")):
+        found = _finder(pattern)
+        for sample in (*samples, b"ab\r\n", b"bbx"):
+            assert found(sample) is (pattern.search(sample) is not None), (pattern, sample)

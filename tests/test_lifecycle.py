@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import socket
+import threading
 import time
 from collections.abc import Callable
 
@@ -225,6 +226,44 @@ def test_an_oversized_answer_is_refused_while_it_is_read(make_gateway: Make, ups
     response = httpx.post(running.base_url + "/chat/completions", headers=AUTH,
                           json={"model": "big", "messages": MESSAGES}, timeout=20)
     assert response.status_code == 502 and "oversized" in response.json()["error"]["message"]
+
+
+def test_a_non_streamed_body_that_arrives_in_pieces_is_read_whole(make_gateway: Make, upstream: MockUpstream) -> None:
+    """Parts already received are taken without waiting; a part still to come is waited for (within idle_s)."""
+    answer = json.dumps({"id": "c1", "object": "chat.completion", "created": 1, "model": "m", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "piece " * 200}, "finish_reason": "stop"}],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 200, "total_tokens": 203}}).encode()
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def serve_once() -> None:
+        conn, _ = server.accept()
+        with conn:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                         b"content-length: %d\r\n\r\n%b" % (len(answer), answer[:100]))
+            for start in (100, 700):  # then two more parts, each after a pause shorter than idle_s
+                time.sleep(0.3)
+                conn.sendall(answer[start:start + 600] if start == 100 else answer[start:])
+            time.sleep(0.3)
+
+    thread = threading.Thread(target=serve_once, daemon=True)
+    thread.start()
+    text = with_provider(upstream, "timeouts: {connect_s: 1, first_byte_s: 2, idle_s: 1, total_s: 20}",
+                         "  pieces: {provider: extra, model: m}\n")
+    extra = "api_key_env: MOCK_UPSTREAM_KEY, timeouts"
+    running = make_gateway(text.replace(f"base_url: {upstream.base_url}, {extra}",
+                                        f"base_url: http://127.0.0.1:{port}/v1, {extra}"))
+    try:
+        response = httpx.post(running.base_url + "/chat/completions", headers=AUTH, timeout=20,
+                              json={"model": "pieces", "messages": MESSAGES})
+    finally:
+        thread.join(5)
+        server.close()
+    assert response.status_code == 200
+    assert response.content == answer
 
 
 def test_a_full_connection_pool_answers_503_after_its_wait(make_gateway: Make, upstream: MockUpstream) -> None:

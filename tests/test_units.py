@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 
 from gateway.auth.keys import KeyRing, VirtualKey, digest_of, generate_key, hash_key
 from gateway.errors import RateLimited, UpstreamError, UpstreamTimeout
+from gateway.pipeline.context import Reply
+from gateway.pipeline.runner import Pipeline
 from gateway.providers.openai_compat import status_error
 from gateway.sanitize import sanitize_upstream_message
 from gateway.upstream.sse import SSEDecoder
@@ -219,3 +222,112 @@ def test_sse_frames_of_one_chunk_and_of_a_batch_agree() -> None:
     usage = UsageReport(Usage(prompt_tokens=1, completion_tokens=1, total_tokens=2), b'{"u":1}')
     assert frame([Chunk(b'{"a":1}'), usage, DONE], True) == one + b'data: {"u":1}\n\ndata: [DONE]\n\n'
     assert frame([usage], False) == b""  # a usage report only for a client that asked
+
+
+# -- the pipeline's chain ---------------------------------------------------------------------------
+
+
+class _Looks:
+    """A stage that only looks, then passes the request on unawaited (as the core stages do)."""
+
+    def __init__(self, name: str, seen: list[str], refuse: bool = False) -> None:
+        self.name, self.seen, self.refuse = name, seen, refuse
+
+    def __call__(self, ctx: Any, call_next: Any) -> Any:
+        self.seen.append(self.name)
+        if self.refuse:
+            raise UpstreamError("refused")
+        return call_next(ctx)
+
+
+class _Wraps:
+    """A stage that awaits the rest and changes the reply, and sees errors raised by the stages after it."""
+
+    name = "wraps"
+
+    def __init__(self, seen: list[str]) -> None:
+        self.seen = seen
+
+    async def __call__(self, ctx: Any, call_next: Any) -> Any:
+        try:
+            reply = await call_next(ctx)
+        except UpstreamError:
+            self.seen.append("caught")
+            raise
+        reply.body += b"+wrapped"
+        return reply
+
+
+def _terminal(seen: list[str]) -> Any:
+    class Terminal:
+        name = "terminal"
+
+        def __call__(self, ctx: Any, call_next: Any) -> Any:
+            seen.append("terminal")
+            return _reply(ctx)
+
+    async def _reply(ctx: Any) -> Reply:
+        return Reply(body=ctx)
+
+    return Terminal()
+
+
+def test_the_pipeline_runs_stages_in_order_awaited_or_passed_on() -> None:
+    seen: list[str] = []
+    pipeline = Pipeline([_Wraps(seen), _Looks("a", seen), _Looks("b", seen), _terminal(seen)])
+    reply = asyncio.run(_run(pipeline, b"body"))
+    assert seen == ["a", "b", "terminal"]
+    assert reply.body == b"body+wrapped"
+
+
+def test_an_error_raised_by_a_stage_that_passes_on_reaches_the_stage_before_it() -> None:
+    seen: list[str] = []
+    pipeline = Pipeline([_Wraps(seen), _Looks("a", seen), _Looks("b", seen, refuse=True), _terminal(seen)])
+    with pytest.raises(UpstreamError):
+        asyncio.run(_run(pipeline, b"body"))
+    assert seen == ["a", "b", "caught"]
+
+
+async def _run(pipeline: Pipeline, ctx: Any) -> Reply:
+    return await pipeline.run(ctx)
+
+
+# -- the response head's deadline (`providers.deadline`), beside asyncio's own timeout ---------------
+
+
+async def _wait_under(kind: str, delay: float, work: float) -> str:
+    """What a wait of `work` seconds under a `delay` timeout ends with, by `asyncio.timeout` or by `Deadline`."""
+    from gateway.providers.deadline import deadline_in
+
+    manager = asyncio.timeout(delay) if kind == "asyncio" else deadline_in(delay)
+    try:
+        async with manager:
+            await asyncio.sleep(work)
+    except TimeoutError:
+        return "timeout"
+    return "done"
+
+
+@pytest.mark.parametrize("kind", ["asyncio", "deadline"])
+def test_a_deadline_ends_a_wait_as_asyncio_timeout_does(kind: str) -> None:
+    async def scenarios() -> list[object]:
+        results: list[object] = [await _wait_under(kind, 0.05, 0), await _wait_under(kind, 0.01, 1),
+                                 await _wait_under(kind, -1, 0.01)]  # already past: the next loop turn
+        task = asyncio.current_task()
+        assert task is not None
+        results.append(task.cancelling())  # the timeout's own cancellation was taken back
+        other = asyncio.ensure_future(_wait_under(kind, 1, 1))  # cancelled by someone else: not a timeout
+        await asyncio.sleep(0.01)
+        other.cancel()
+        try:
+            await other
+        except asyncio.CancelledError:
+            results.append("cancelled")
+        both = asyncio.ensure_future(_wait_under(kind, -1, 1))  # its timeout's cancellation is queued ...
+        await asyncio.sleep(0)
+        both.cancel()  # ... and someone else cancels it before that runs: not a timeout either
+        await asyncio.sleep(0.01)
+        results.append("cancelled" if both.cancelled() else both.result())
+        return results
+
+    assert asyncio.run(scenarios()) == ["done", "timeout", "timeout", 0, "cancelled", "cancelled"]

@@ -26,6 +26,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import StreamError
 from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, send_body, send_error
 from .sse import error_frame, frame
+from .whole_reply import send_head, send_whole
 
 __all__ = ["EdgeHost", "ProxyEndpoint"]
 
@@ -76,14 +77,11 @@ class ProxyEndpoint:
                 assert reply.body is not None
                 if dialect is not None:
                     reply.body = dialect.reply(ctx, reply.body)
-                await send_body(send, reply.status, [
-                    (b"content-type", JSON),
-                    (b"content-length", str(len(reply.body)).encode()),
-                    (b"x-request-id", request_id.encode()),
-                    version,
-                    *routing_headers(ctx),
-                    *(ctx.headers or ()),
-                ], reply.body)
+                body = reply.body
+                tail = [(b"x-request-id", request_id.encode()), version, *routing_headers(ctx), *(ctx.headers or ())]
+                if not send_whole(send, reply.status, JSON, tail, body):  # else the server's `send`, in two messages
+                    await send_body(send, reply.status, [
+                        (b"content-type", JSON), (b"content-length", str(len(body)).encode()), *tail], body)
             else:
                 # The stream is sent here, not in a helper coroutine: the task resumes through every frame
                 # between it and the upstream read on every event (about 1,500 instructions a frame).
@@ -129,11 +127,10 @@ class ProxyEndpoint:
 
 async def _start_stream(ctx: RequestContext, reply: Reply, send: Any) -> ChunkWriter | None:
     """Send a stream's head; the writer for its events, when the server allows one (`api.asgi.ChunkWriter`)."""
-    await send({
-        "type": "http.response.start", "status": reply.status,
-        "headers": [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
-                    *routing_headers(ctx), *(ctx.headers or ())],
-    })
+    headers = [*_SSE_HEADERS, (b"x-request-id", ctx.request_id.encode()), ctx.runtime.version_header,
+               *routing_headers(ctx), *(ctx.headers or ())]
+    if not send_head(send, reply.status, headers):  # else through the server's `send`
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     ctx.lifecycle.response_started = True
     return chunk_writer(send)
 

@@ -5,10 +5,14 @@ before the body is read or parsed, so a caller without a key learns nothing
 about the parser. Authorization (may this key use this alias?) is apart from
 target selection, so that a cache lookup can sit between them: after the key's
 rights are known, before any upstream is chosen.
+
+Every stage here but `Ingress` (which awaits the body) only looks before it passes the request
+on: they return `call_next(ctx)` unawaited, one coroutine frame fewer each (`pipeline.runner`).
 """
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -51,13 +55,13 @@ class Admit:
 
     name = "admit"
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         limit = ctx.runtime.policy.server.max_header_bytes  # `http_server` refuses larger heads before
         if ctx.head.header_bytes > limit:  # buffering them; this covers a server without it
             raise HeadersTooLarge(f"request headers exceed {limit} bytes")
         if ctx.head.method != "POST":
             raise MethodNotAllowed(f"use POST for /v1/{ctx.endpoint.path}", headers={"Allow": "POST"})
-        return await call_next(ctx)
+        return call_next(ctx)
 
 
 class Authenticate:
@@ -72,11 +76,15 @@ class Authenticate:
     def __init__(self, dynamic: DynamicKeys | None = None) -> None:
         self.dynamic = dynamic
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         if self.dynamic is None:
             ctx.key = authenticate(ctx.runtime.policy, ctx.head.credential)
-        else:
-            ctx.key = await find_key(ctx.runtime.policy, ctx.head.credential, self.dynamic)
+            return call_next(ctx)
+        return self._dynamic(ctx, call_next, self.dynamic)
+
+    @staticmethod
+    async def _dynamic(ctx: RequestContext, call_next: Next, dynamic: DynamicKeys) -> Reply:
+        ctx.key = await find_key(ctx.runtime.policy, ctx.head.credential, dynamic)
         return await call_next(ctx)
 
 
@@ -163,13 +171,13 @@ class Authorize:
 
     name = "authorize"
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         alias = ctx.body["model"]
         route = ctx.runtime.policy.models.get(alias)
         if route is None or (ctx.key is not None and not ctx.key.allows(alias)):
             raise model_not_found(alias)
         ctx.route = route
-        return await call_next(ctx)
+        return call_next(ctx)
 
 
 def model_not_found(alias: str) -> ModelNotFound:
@@ -191,9 +199,9 @@ class SelectTarget:
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         self.router.select(ctx)
-        return await call_next(ctx)
+        return call_next(ctx)
 
 
 class CallUpstream:
@@ -204,5 +212,5 @@ class CallUpstream:
     def __init__(self, router: Router) -> None:
         self.router = router
 
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        return await self.router.call(ctx)
+    def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
+        return self.router.call(ctx)

@@ -90,7 +90,7 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **e
 def _stream_reader(asked: dict[str, Any], limit: int = 1 << 20) -> Any:
     from gateway.telemetry.quality import _StreamQuality, chat_asked
 
-    return _StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked))  # type: ignore[arg-type]
+    return _StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked), True)  # type: ignore[arg-type]
 
 
 def _feed(reader: Any, batches: list[list[Any]]) -> None:

@@ -25,6 +25,7 @@ _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
 _ACCESS_HEAD = b'","level":"info","logger":"gateway.access","msg":"request"'
 access_log = logging.getLogger("gateway.access")
+_INFO = logging.INFO
 _BUFFERED_LINES = 256  # written at once past this many, without waiting for the loop turn to end
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
 # An access line's fields after its second: `123Z` and the fixed ones, for each millisecond (made once).
@@ -137,8 +138,8 @@ def log_access(line: AccessLine) -> None:
     """One access line: straight to the configured handler when logging is as `configure_logging` left it."""
     handlers = logging.root.handlers
     handler = handlers[0] if len(handlers) == 1 else None
-    if (type(handler) is JsonLinesHandler and not access_log.handlers and access_log.propagate
-            and access_log.isEnabledFor(logging.INFO) and handler.level <= logging.INFO):
+    if (handler.__class__ is JsonLinesHandler and not access_log.handlers and access_log.propagate
+            and access_log.isEnabledFor(_INFO) and handler.level <= _INFO):
         handler.write_access(line)
         return
     access_log.info("request", extra={"fields": line.fields()})

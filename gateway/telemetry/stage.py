@@ -25,7 +25,7 @@ from ..pipeline.streams import StreamEnd
 from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
-from .access import CLIENT_CLOSED, AccessLines
+from .access import CLIENT_CLOSED, AccessLines, Names
 from .feedback import FeedbackRecorder
 from .logs import log_access
 from .metrics import Children, Metrics, RequestSeries, loop_child
@@ -49,9 +49,9 @@ class Telemetry:
         self._cost_usd = Children(metrics.cost, loop_only=True)
         self._in_flight = loop_child(metrics.in_flight)  # `inc(1)`, `inc(-1)`: only this stage writes it
         self._access_lines = AccessLines()
-        # (endpoint, alias, status, provider, target, tenant, key, error) -> `_Named`, for the policy of
-        # `_policy`: its names map to bounded labels, so a request's names are mapped once, not per request.
-        self._named: dict[tuple[str, str, int, str | None, str | None, str, str | None, str | None], _Named] = {}
+        # A finished request's names -> `_Named`, for the policy of `_policy`: its names map to bounded labels,
+        # so a request's names are mapped once, not per request.
+        self._named: dict[Names, _Named] = {}
         self._policy: Policy | None = None
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
@@ -102,37 +102,43 @@ class Telemetry:
         if ctx.on_finish is not None:  # the answer is final now (the cache stores a miss's)
             ctx.on_finish()
         total = time.perf_counter() - ctx.started
-        provider = ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None
-        target = ctx.target.name if ctx.target is not None else None
-        key = ctx.key.name if ctx.key is not None else None
+        status = ctx.status
+        logged = server.access_log or status >= 500
+        if not server.metrics and not logged:  # nothing to record: only the cost (`x-gateway-cost-usd`)
+            self._cost(ctx, reply, None)
+            return
+        names: Names = (
+            ctx.endpoint_label, ctx.alias_label, status,
+            ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None,
+            ctx.target.name if ctx.target is not None else None,
+            ctx.key.tenant if ctx.key is not None else "anonymous",  # `ctx.tenant`, in line
+            ctx.key.name if ctx.key is not None else None,
+            ctx.error_code if status >= 400 else None,
+        )
         if server.metrics:
-            named = self._named_series(ctx, policy, provider, target, key)
+            named = self._named_series(names, policy)
             usage = ctx.usage
             named[0].record(total, ctx.upstream_seconds, ctx.first_chunk_seconds,
                             usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
             self._cost(ctx, reply, named)
         else:
             self._cost(ctx, reply, None)
-        if server.access_log or ctx.status >= 500:
-            log_access(self._access_lines.line(ctx, total, provider, target, key))
+        if logged:
+            log_access(self._access_lines.line(ctx, total, names))
 
-    def _named_series(self, ctx: RequestContext, policy: Policy, provider: str | None, target: str | None,
-                      key: str | None) -> _Named:
-        """The series of a finished request, and its model and tenant labels, by the request's names."""
-        status = ctx.status
-        tenant = ctx.key.tenant if ctx.key is not None else "anonymous"  # `ctx.tenant`, in line
-        names = (ctx.endpoint_label, ctx.alias_label, status, provider, target, tenant, key,
-                 ctx.error_code if status >= 400 else None)
+    def _named_series(self, names: Names, policy: Policy) -> _Named:
+        """The series of a finished request, its model label and its cost child, by the request's names."""
         found = self._named.get(names)
         if found is not None and policy is self._policy:
             return found
         if policy is not self._policy:  # another policy's stage (a test's): its names map to other labels
             self._named.clear()
             self._policy = policy
+        endpoint, alias, status, provider, target, tenant, key, error = names
         labels = policy.labels
-        model, tenant_label = labels.alias(names[1]), labels.tenant(tenant)
-        series = self.metrics.series(names[0], model, status, provider, labels.target(target), tenant_label,
-                                     labels.key(key), names[7])
+        model, tenant_label = labels.alias(alias), labels.tenant(tenant)
+        series = self.metrics.series(endpoint, model, status, provider, labels.target(target), tenant_label,
+                                     labels.key(key), error)
         found = (series, model, self._cost_usd(model, tenant_label))
         if len(self._named) < _MAX_NAMED:
             self._named[names] = found

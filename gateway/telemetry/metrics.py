@@ -33,6 +33,7 @@ from prometheus_client.values import MutexValue
 __all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Metrics", "RequestSeries", "loop_child"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_INF = float("inf")
 # Whole requests: a cached answer in milliseconds to a long generation in minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # The gateway's own time: tenths of a millisecond to a slow guard.
@@ -68,14 +69,14 @@ class _Observe:
     @staticmethod
     def of(child: Any) -> Any:
         bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
-        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        if (bounds is None or buckets is None or total is None or len(bounds) != len(buckets) or not bounds
+                or bounds[-1] != _INF):
             return child
         return _Observe(list(bounds), list(buckets), total)
 
     def observe(self, amount: float) -> None:
-        index = bisect_left(self.bounds, amount)  # the first bucket whose bound >= amount (the last is +Inf)
-        if index < len(self.buckets):
-            self.buckets[index].inc(1)
+        # The first bucket whose bound >= amount: there is one, the last bound is +Inf (checked by `of`).
+        self.buckets[bisect_left(self.bounds, amount)].inc(1)
         self.sum.inc(amount)
 
 
@@ -130,9 +131,7 @@ class _LoopObserve(_Observe):
         return _LoopObserve(found.bounds, found.buckets, found.sum)
 
     def observe(self, amount: float) -> None:
-        index = bisect_left(self.bounds, amount)
-        if index < len(self.buckets):
-            self.buckets[index]._value += 1
+        self.buckets[bisect_left(self.bounds, amount)]._value += 1  # (see `_Observe.observe`)
         self.sum._value += amount
 
 

@@ -376,3 +376,52 @@ def test_json_lines_handler_writes_access_lines_and_records_in_order(binary: boo
     text = raw.getvalue().decode() if binary else stream.getvalue()
     lines = text.splitlines()
     assert lines[0] == '{"n":1}' and '"msg":"hello"' in lines[1] and lines[2] == '{"n":2}' and len(lines) == 3
+
+
+_ANSWERS = [  # complete answers: common, truncated, a tool call, a refusal field, odd choice types, no choices
+    b'{"choices":[{"index":0,"message":{"content":"Hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}',
+    b'{"choices":[{"index":0,"message":{"content":"Sorry, I can\'t help"},"finish_reason":"length"}]}',
+    b'{"choices":[{"index":0,"message":{"tool_calls":[{"function":{"name":"f","arguments":"{"}}]},'
+    b'"finish_reason":"tool_calls"}]}',
+    b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":"0","message":{"content":"x"},"finish_reason":7}]}',
+    b'{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
+]
+
+
+@pytest.mark.parametrize("body", _ANSWERS)
+def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_reading_the_body(body: bytes) -> None:
+    """`Call.read_choices` on a complete answer: the provider decodes the choices with the usage (odd types:
+    the usage alone, as without it), and the quality stage reads them only while the reply's body is still
+    that body; its counts are those of reading the body itself."""
+    from gateway.pipeline.context import Reply
+    from gateway.providers.openai_compat import OpenAICompatProvider, _peek_usage
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.quality import QualitySignals
+
+    call = SimpleNamespace(endpoint=Endpoint.CHAT, read_choices=True)
+    completion = OpenAICompatProvider._completion(SimpleNamespace(name="p"), call, body)  # type: ignore[arg-type]
+    assert completion.usage == _peek_usage(body).usage
+    odd = b'"index":"0"' in body
+    assert (completion.choices is None) == odd
+    labels = MetricLabels(frozenset({"a"}), frozenset({"t"}))
+
+    def counts(reply: Reply) -> dict[str, float]:
+        metrics = Metrics()
+        stage = QualitySignals(metrics, 1 << 20)
+        ctx = SimpleNamespace(endpoint=Endpoint.CHAT, body={}, alias_label="a", target=SimpleNamespace(name="t"),
+                              runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)), read_choices=False)
+
+        async def answer(_: Any) -> Reply:
+            return reply
+
+        asyncio.run(stage(ctx, answer))  # type: ignore[arg-type]
+        return {f"{s.name}{sorted(s.labels.items())}": s.value for m in metrics.registry.collect()
+                if m.name.startswith("gateway_quality") for s in m.samples if not s.name.endswith("_created")}
+
+    plain = counts(Reply(body=body))
+    read = Reply(body=body, choices_of=(body, completion.choices) if completion.choices is not None else None)
+    assert counts(read) == plain and plain
+    rewritten = b'{"choices":[{"index":0,"message":{"content":"Fine."},"finish_reason":"stop"}]}'
+    stale = Reply(body=rewritten, choices_of=read.choices_of)  # a stage changed the body: its own text is read
+    assert counts(stale) == counts(Reply(body=rewritten))

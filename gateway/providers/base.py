@@ -19,7 +19,7 @@ from ..errors import InvalidRequest
 from ..policy.compiled import ProviderConfig, Timeouts
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
-from ..schemas.openai import Usage
+from ..schemas.openai import ChoicePeek, Usage
 
 __all__ = ["ALL_ENDPOINTS", "Call", "Completion", "Provider", "check_endpoint"]
 
@@ -47,12 +47,15 @@ class Call:
 class Completion:
     """A complete answer: the body to send as is, the usage read from it, its decoded form on demand."""
 
-    __slots__ = ("_data", "body", "usage")
+    __slots__ = ("_data", "body", "choices", "usage")
 
-    def __init__(self, body: bytes, usage: Usage | None, data: dict[str, Any] | None = None) -> None:
+    def __init__(self, body: bytes, usage: Usage | None, data: dict[str, Any] | None = None,
+                 choices: list[ChoicePeek] | None = None) -> None:
         self.body = body
         self.usage = usage
         self._data = data
+        # The typed view of the body's choices, when the provider decoded them with its usage (`Call.read_choices`).
+        self.choices = choices
 
     def data(self) -> dict[str, Any]:
         if self._data is None:

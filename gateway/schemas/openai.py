@@ -189,6 +189,14 @@ class ChoicesPeek(Struct):
     choices: list[ChoicePeek] | None = None
 
 
+class UsageChoicesPeek(Struct):
+    """`UsagePeek` with the choices read too: decoded instead of it when a stage reads a complete answer's text
+    (quality signals), which then costs that stage no second decode of the body (`Completion.choices`)."""
+
+    usage: Usage | None = None
+    choices: list[ChoicePeek] | None = None
+
+
 class ChunkChoicesPeek(Struct):
     """`ChunkPeek` with the choices read too: decoded instead of it when a stage reads every chunk's text
     (quality signals), which then costs that stage no second decode."""

@@ -229,8 +229,8 @@ class QualitySignals:
             return await self._responses(ctx, call_next)
         if ctx.endpoint not in _CHECKED:  # embeddings have no text
             return await call_next(ctx)
-        # A stream's chunks: the provider's per-chunk decode reads their choices too, no second decode here
-        # (set before the body is read: whether it streams is not known yet; a complete answer ignores it).
+        # The provider's decode reads the choices too (a stream's chunks, or a complete answer's with its usage),
+        # no second decode here (set before the body is read: whether it streams is not known yet).
         ctx.read_choices = True
         reply = await call_next(ctx)
         if reply.status != 200:
@@ -240,10 +240,14 @@ class QualitySignals:
         elif reply.body is not None:
             answer = Answer()
             chat = ctx.endpoint is Endpoint.CHAT
-            try:
-                _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
-            except msgspec.DecodeError:
-                return reply
+            read = reply.choices_of
+            if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
+                _read_typed(answer, read[1], chat, self.limit)
+            else:
+                try:
+                    _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
+                except msgspec.DecodeError:
+                    return reply
             self.count(ctx, answer, chat_asked(ctx.body))
         return reply
 

@@ -425,3 +425,24 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     rewritten = b'{"choices":[{"index":0,"message":{"content":"Fine."},"finish_reason":"stop"}]}'
     stale = Reply(body=rewritten, choices_of=read.choices_of)  # a stage changed the body: its own text is read
     assert counts(stale) == counts(Reply(body=rewritten))
+
+
+def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None:
+    """`_LoopRequestSeries.record` (the writes in line) against `RequestSeries.record` (the children's own
+    `observe` and `inc`) on two registries: the same samples, for streams, complete answers and errors."""
+    from gateway.telemetry.metrics import Metrics, RequestSeries, _LoopRequestSeries
+
+    def samples(metrics: Metrics) -> list[Any]:
+        return [(s.name, s.labels, s.value) for m in metrics.registry.collect() for s in m.samples
+                if not s.name.endswith("_created")]
+
+    inline, called = Metrics(), Metrics()
+    for status, provider, error in ((200, "p", None), (429, None, "rate_limited"), (502, "p", "upstream_error")):
+        fast = inline.series("chat", "a", status, provider, "t", "ten", "k", error)
+        assert type(fast) is _LoopRequestSeries
+        slow = RequestSeries(*(getattr(called.series("chat", "a", status, provider, "t", "ten", "k", error), field)
+                               for field in RequestSeries.__dataclass_fields__))
+        for values in ((0.5, 0.4, 0.1, 10, 20), (0.3, 0.35, None, 0, 1), (2.0, 0.0, 0.2, 5, 0), (0.01, 0.5, 0.6, 3, 2)):
+            fast.record(*values)
+            slow.record(*values)
+    assert samples(inline) == samples(called)

@@ -240,6 +240,55 @@ class RequestSeries:
             self.output_usage.observe(completion_tokens)
 
 
+class _LoopRequestSeries(RequestSeries):
+    """A `RequestSeries` whose children are all the event loop's own (`_LoopObserve`, `_LoopIncrement`): the
+    same writes as their `observe` and `inc`, made in line (a dozen calls fewer per request; checked by a test
+    against the calls)."""
+
+    __slots__ = ()
+
+    def record(self, total: float, upstream: float, first_chunk: float | None, prompt_tokens: int,
+               completion_tokens: int) -> None:
+        self.requests.value._value += 1
+        self.tenant_requests.value._value += 1
+        found = self.duration
+        found.buckets[bisect_left(found.bounds, total)]._value += 1
+        found.sum._value += total
+        found = self.upstream
+        if found is not None:
+            found.buckets[bisect_left(found.bounds, upstream)]._value += 1
+            found.sum._value += upstream
+            overhead = total - upstream if total > upstream else 0.0  # max(0.0, total - upstream)
+            found = self.overhead
+            found.buckets[bisect_left(found.bounds, overhead)]._value += 1
+            found.sum._value += overhead
+        found = self.operation
+        if found is not None:
+            found.buckets[bisect_left(found.bounds, upstream)]._value += 1
+            found.sum._value += upstream
+        if self.error is not None:
+            self.error.value._value += 1
+        if first_chunk is not None:
+            found = self.first_chunk
+            found.buckets[bisect_left(found.bounds, first_chunk)]._value += 1
+            found.sum._value += first_chunk
+            if completion_tokens > 1:
+                per_token = (total - first_chunk if total > first_chunk else 0.0) / (completion_tokens - 1)
+                found = self.per_token
+                found.buckets[bisect_left(found.bounds, per_token)]._value += 1
+                found.sum._value += per_token
+        if prompt_tokens:
+            self.prompt_tokens.value._value += prompt_tokens
+            found = self.input_usage
+            found.buckets[bisect_left(found.bounds, prompt_tokens)]._value += 1
+            found.sum._value += prompt_tokens
+        if completion_tokens:
+            self.completion_tokens.value._value += completion_tokens
+            found = self.output_usage
+            found.buckets[bisect_left(found.bounds, completion_tokens)]._value += 1
+            found.sum._value += completion_tokens
+
+
 class Metrics:
     def __init__(self) -> None:
         self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
@@ -529,7 +578,7 @@ class Metrics:
         error_type = error or ("_OTHER" if status >= 400 else "")
         upstream = provider is not None
         observe, inc = _LoopObserve.of, _LoopIncrement.of  # written by the telemetry stage, on the loop only
-        return RequestSeries(
+        children = (
             inc(self.requests.labels(endpoint, model, str(status))),
             observe(self.duration.labels(endpoint, model)),
             observe(self.upstream_duration.labels(provider)) if upstream else None,
@@ -544,6 +593,9 @@ class Metrics:
             observe(self.time_per_output_token.labels(model, target)),
             inc(self.errors.labels(model, error)) if error is not None else None,
         )
+        if all(type(child) in (_LoopObserve, _LoopIncrement) for child in children if child is not None):
+            return _LoopRequestSeries(*children)
+        return RequestSeries(*children)
 
     # -- shadow policies (dryrun.shadow) --------------------------------------------------------------
     def _shadow_metrics(self, registry: CollectorRegistry | None) -> None:

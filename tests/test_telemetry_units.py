@@ -409,8 +409,9 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     def counts(reply: Reply) -> dict[str, float]:
         metrics = Metrics()
         stage = QualitySignals(metrics, 1 << 20)
-        ctx = SimpleNamespace(endpoint=Endpoint.CHAT, body={}, alias_label="a", target=SimpleNamespace(name="t"),
-                              runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)), read_choices=False)
+        ctx = SimpleNamespace(endpoint=Endpoint.CHAT, body={}, route=SimpleNamespace(alias="a"),
+                              target=SimpleNamespace(name="t"), read_choices=False,
+                              runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)))
 
         async def answer(_: Any) -> Reply:
             return reply

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import sys
 import time
+from math import floor
 from typing import TextIO
 
 import msgspec
@@ -73,12 +74,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Queue one access line: the line `JsonFormatter` would make (its four fields, then the access
         fields), encoded in place; the timestamp's second is formatted once per second."""
         now = time.time()
-        whole = int(now)
+        whole = floor(now)  # `int(now)` for a time after 1970, without a call to the int type
         if whole != self._second:
             self._second = whole
             self._second_head = b'{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode() + b"."
         data = bytearray(self._second_head)
-        data += _AFTER_SECOND[int((now - whole) * 1000)]
+        data += _AFTER_SECOND[floor((now - whole) * 1000)]
         at = len(data)
         _encoder.encode_into(line, data, at)
         data[at] = 44  # the struct's opening brace becomes a comma: one object

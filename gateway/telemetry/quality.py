@@ -268,7 +268,8 @@ class QualitySignals:
         return reply
 
     def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
-        named = (ctx.alias_label, ctx.target.name if ctx.target is not None else None)
+        route = ctx.route  # `ctx.alias_label`, in line
+        named = (route.alias if route is not None else "unknown", ctx.target.name if ctx.target is not None else None)
         found = self._series.get(named)
         if found is None:  # the labels and their children, once per alias and target
             labels = ctx.runtime.policy.labels

@@ -36,7 +36,7 @@ class Call:
     request_id: str
     timeouts: Timeouts | None = None  # a target's own timeouts; None: the provider's
     traceparent: bytes | None = None  # W3C trace context to forward (tracing on)
-    read_choices: bool = False  # a stage reads every chunk's text: decode the choices with the peek (`Chunk.choices`)
+    read_choices: bool = False  # a stage reads the text: the peek decodes choices (`Chunk.choices`, `Completion`'s)
 
     @property
     def client_wants_usage(self) -> bool:

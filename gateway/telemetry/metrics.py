@@ -117,7 +117,7 @@ class _Set:
 
 
 class _LoopObserve(_Observe):
-    """`_Observe` for a series only the event loop's thread writes (`Metrics.record`), in a single-process
+    """`_Observe` for a series only the event loop's thread writes (`RequestSeries.record`), in a single-process
     registry: the two floats added without taking their lock (the exposition, on that same thread, reads them
     under it; no other thread writes these series). A registry of another kind gets `_Observe.of`."""
 

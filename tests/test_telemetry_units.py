@@ -90,7 +90,7 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **e
 def _stream_reader(asked: dict[str, Any], limit: int = 1 << 20) -> Any:
     from gateway.telemetry.quality import _StreamQuality, chat_asked
 
-    return _StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked))  # type: ignore[arg-type]
+    return _StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked), True)  # type: ignore[arg-type]
 
 
 def _feed(reader: Any, batches: list[list[Any]]) -> None:
@@ -376,3 +376,74 @@ def test_json_lines_handler_writes_access_lines_and_records_in_order(binary: boo
     text = raw.getvalue().decode() if binary else stream.getvalue()
     lines = text.splitlines()
     assert lines[0] == '{"n":1}' and '"msg":"hello"' in lines[1] and lines[2] == '{"n":2}' and len(lines) == 3
+
+
+_ANSWERS = [  # complete answers: common, truncated, a tool call, a refusal field, odd choice types, no choices
+    b'{"choices":[{"index":0,"message":{"content":"Hello there"},"finish_reason":"stop"}],"usage":{"prompt_tokens":1}}',
+    b'{"choices":[{"index":0,"message":{"content":"Sorry, I can\'t help"},"finish_reason":"length"}]}',
+    b'{"choices":[{"index":0,"message":{"tool_calls":[{"function":{"name":"f","arguments":"{"}}]},'
+    b'"finish_reason":"tool_calls"}]}',
+    b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":"0","message":{"content":"x"},"finish_reason":7}]}',
+    b'{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
+]
+
+
+@pytest.mark.parametrize("body", _ANSWERS)
+def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_reading_the_body(body: bytes) -> None:
+    """`Call.read_choices` on a complete answer: the provider decodes the choices with the usage (odd types:
+    the usage alone, as without it), and the quality stage reads them only while the reply's body is still
+    that body; its counts are those of reading the body itself."""
+    from gateway.pipeline.context import Reply
+    from gateway.providers.openai_compat import OpenAICompatProvider, _peek_usage
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.quality import QualitySignals
+
+    call = SimpleNamespace(endpoint=Endpoint.CHAT, read_choices=True)
+    completion = OpenAICompatProvider._completion(SimpleNamespace(name="p"), call, body)  # type: ignore[arg-type]
+    assert completion.usage == _peek_usage(body).usage
+    odd = b'"index":"0"' in body
+    assert (completion.choices is None) == odd
+    labels = MetricLabels(frozenset({"a"}), frozenset({"t"}))
+
+    def counts(reply: Reply) -> dict[str, float]:
+        metrics = Metrics()
+        stage = QualitySignals(metrics, 1 << 20)
+        ctx = SimpleNamespace(endpoint=Endpoint.CHAT, body={}, route=SimpleNamespace(alias="a"),
+                              target=SimpleNamespace(name="t"), read_choices=False,
+                              runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)))
+
+        async def answer(_: Any) -> Reply:
+            return reply
+
+        asyncio.run(stage(ctx, answer))  # type: ignore[arg-type]
+        return {f"{s.name}{sorted(s.labels.items())}": s.value for m in metrics.registry.collect()
+                if m.name.startswith("gateway_quality") for s in m.samples if not s.name.endswith("_created")}
+
+    plain = counts(Reply(body=body))
+    read = Reply(body=body, choices_of=(body, completion.choices) if completion.choices is not None else None)
+    assert counts(read) == plain and plain
+    rewritten = b'{"choices":[{"index":0,"message":{"content":"Fine."},"finish_reason":"stop"}]}'
+    stale = Reply(body=rewritten, choices_of=read.choices_of)  # a stage changed the body: its own text is read
+    assert counts(stale) == counts(Reply(body=rewritten))
+
+
+def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None:
+    """`_LoopRequestSeries.record` (the writes in line) against `RequestSeries.record` (the children's own
+    `observe` and `inc`) on two registries: the same samples, for streams, complete answers and errors."""
+    from gateway.telemetry.metrics import Metrics, RequestSeries, _LoopRequestSeries
+
+    def samples(metrics: Metrics) -> list[Any]:
+        return [(s.name, s.labels, s.value) for m in metrics.registry.collect() for s in m.samples
+                if not s.name.endswith("_created")]
+
+    inline, called = Metrics(), Metrics()
+    for status, provider, error in ((200, "p", None), (429, None, "rate_limited"), (502, "p", "upstream_error")):
+        fast = inline.series("chat", "a", status, provider, "t", "ten", "k", error)
+        assert type(fast) is _LoopRequestSeries
+        slow = RequestSeries(*(getattr(called.series("chat", "a", status, provider, "t", "ten", "k", error), field)
+                               for field in RequestSeries.__dataclass_fields__))
+        for values in ((0.5, 0.4, 0.1, 10, 20), (0.3, 0.35, None, 0, 1), (2.0, 0.0, 0.2, 5, 0), (0.01, 0.5, 0.6, 3, 2)):
+            fast.record(*values)
+            slow.record(*values)
+    assert samples(inline) == samples(called)

@@ -15,7 +15,7 @@ import msgspec
 from ..auth.keys import VirtualKey
 from ..policy.compiled import ModelRoute, Target
 from ..schemas.endpoints import Endpoint
-from ..schemas.openai import Usage
+from ..schemas.openai import ChoicePeek, Usage
 from .lifecycle import Lifecycle
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ class Reply:
     body: bytes | None = None
     stream: ReplyStream | None = None
     status: int = 200
+    # The upstream's body and its choices as the provider decoded them (`Completion.choices`): valid while
+    # `body` is still that body (a stage that rewrites the body leaves them behind).
+    choices_of: tuple[bytes, list[ChoicePeek]] | None = None
 
 
 @dataclass(slots=True, eq=False)

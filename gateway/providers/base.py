@@ -19,7 +19,7 @@ from ..errors import InvalidRequest
 from ..policy.compiled import ProviderConfig, Timeouts
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
-from ..schemas.openai import Usage
+from ..schemas.openai import ChoicePeek, Usage
 
 __all__ = ["ALL_ENDPOINTS", "Call", "Completion", "Provider", "check_endpoint"]
 
@@ -36,7 +36,7 @@ class Call:
     request_id: str
     timeouts: Timeouts | None = None  # a target's own timeouts; None: the provider's
     traceparent: bytes | None = None  # W3C trace context to forward (tracing on)
-    read_choices: bool = False  # a stage reads every chunk's text: decode the choices with the peek (`Chunk.choices`)
+    read_choices: bool = False  # a stage reads the text: the peek decodes choices (`Chunk.choices`, `Completion`'s)
 
     @property
     def client_wants_usage(self) -> bool:
@@ -47,12 +47,15 @@ class Call:
 class Completion:
     """A complete answer: the body to send as is, the usage read from it, its decoded form on demand."""
 
-    __slots__ = ("_data", "body", "usage")
+    __slots__ = ("_data", "body", "choices", "usage")
 
-    def __init__(self, body: bytes, usage: Usage | None, data: dict[str, Any] | None = None) -> None:
+    def __init__(self, body: bytes, usage: Usage | None, data: dict[str, Any] | None = None,
+                 choices: list[ChoicePeek] | None = None) -> None:
         self.body = body
         self.usage = usage
         self._data = data
+        # The typed view of the body's choices, when the provider decoded them with its usage (`Call.read_choices`).
+        self.choices = choices
 
     def data(self) -> dict[str, Any]:
         if self._data is None:

@@ -31,7 +31,7 @@ from ..policy.compiled import ProviderConfig
 from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, EventSource, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsagePeek, has_choices
+from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsageChoicesPeek, UsagePeek, has_choices
 from ..schemas.responses import ResponsesPeek, responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from ..upstream.read_timer import ReadTimer
@@ -48,6 +48,7 @@ _encode = msgspec.json.Encoder().encode
 # CPython 3.11 (about 900 instructions), a module global does not.
 _RESPONSES = Endpoint.RESPONSES
 _peek_usage = msgspec.json.Decoder(UsagePeek).decode
+_peek_usage_choices = msgspec.json.Decoder(UsageChoicesPeek).decode  # when a stage reads the answer's text
 _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
 _peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
@@ -151,6 +152,12 @@ class OpenAICompatProvider:
         try:
             if call.endpoint is _RESPONSES:
                 return Completion(body, responses_usage(_peek_responses(body).usage))
+            if call.read_choices:  # a stage reads the answer's text: its choices in the same decode
+                try:
+                    peek = _peek_usage_choices(body)
+                    return Completion(body, peek.usage, choices=peek.choices or [])
+                except msgspec.ValidationError:
+                    pass  # choices of unusual types: the usage alone (the stage reads the body its own way)
             usage = _peek_usage(body).usage
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc

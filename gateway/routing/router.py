@@ -284,6 +284,8 @@ class Router:
                 ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
             stats.observe(False, time.perf_counter() - started)
             ctx.usage = completion.usage
+            if completion.choices is not None:  # read for a stage (`Call.read_choices`): handed on with the body
+                return Reply(body=completion.body, choices_of=(completion.body, completion.choices))
             return Reply(body=completion.body)
         try:
             source = await provider.open_stream(call)

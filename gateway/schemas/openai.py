@@ -189,9 +189,18 @@ class ChoicesPeek(Struct):
     choices: list[ChoicePeek] | None = None
 
 
-class ChunkChoicesPeek(Struct):
+class UsageChoicesPeek(Struct, gc=False):
+    """`UsagePeek` with the choices read too: decoded instead of it when a stage reads a complete answer's text
+    (quality signals), which then costs that stage no second decode of the body (`Completion.choices`)."""
+
+    usage: Usage | None = None
+    choices: list[ChoicePeek] | None = None
+
+
+class ChunkChoicesPeek(Struct, gc=False):
     """`ChunkPeek` with the choices read too: decoded instead of it when a stage reads every chunk's text
-    (quality signals), which then costs that stage no second decode."""
+    (quality signals), which then costs that stage no second decode. Untracked by the garbage collector, as
+    the choice peeks (one per chunk; decoded JSON holds no cycles)."""
 
     usage: Usage | None = None
     choices: list[ChoicePeek] | None = None

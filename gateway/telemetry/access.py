@@ -9,6 +9,7 @@ Never prompt or answer text: tenants, keys, aliases and targets are the policy's
 
 from __future__ import annotations
 
+from math import floor
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -16,7 +17,12 @@ import msgspec
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
 
-__all__ = ["AccessLine", "AccessLines"]
+__all__ = ["AccessLine", "AccessLines", "Names"]
+
+# A finished request's names, as the telemetry stage reads them once for the metrics and the access line:
+# endpoint label, alias label, status, provider (None: no upstream called), target, tenant, key, and the
+# error code of an error answer (status >= 400).
+Names = tuple[str, str, int, str | None, str | None, str, str | None, str | None]
 
 GUARDS_HEADER = b"x-gateway-guards"  # set by the guard stage (not imported: it would load the guards)
 CLIENT_CLOSED = 499
@@ -71,9 +77,7 @@ class AccessLines:
         self._one_attempt: dict[tuple[str, str], msgspec.Raw] = {}
         self._limit = limit
 
-    def line(
-        self, ctx: RequestContext, total: float, provider: str | None, target: str | None, key: str | None,
-    ) -> AccessLine:
+    def line(self, ctx: RequestContext, total: float, names: Names) -> AccessLine:
         usage = ctx.usage
         prompt: int | None
         completion: int | None
@@ -87,31 +91,33 @@ class AccessLines:
             reasoning = (reasoning_details.reasoning_tokens or 0) if reasoning_details is not None else 0
         else:
             prompt = completion = cached = reasoning = None
+        endpoint, model, status, provider, target, tenant, key, _ = names
         upstream = ctx.upstream_seconds if provider is not None else 0.0
         first = ctx.first_chunk_seconds
         cost = ctx.cost_usd
         overhead = total - upstream if total > upstream else 0.0
+        # Rounded with `floor`, not `int`: the same values (every one is >= 0), without a call to the int type.
         return AccessLine(
-            ctx.request_id, ctx.endpoint_label, ctx.alias_label, ctx.tenant, key, provider, target,
-            ctx.rule, self._attempts(ctx), ctx.fallback_reason, ctx.stream, ctx.status,
+            ctx.request_id, endpoint, model, tenant, key, provider, target,
+            ctx.rule, self._attempts(ctx, status), ctx.fallback_reason, ctx.stream, status,
             ctx.error_code,
-            int(total * 100_000.0 + 0.5) / 100, int(upstream * 100_000.0 + 0.5) / 100,
-            int(overhead * 1_000_000.0 + 0.5) / 1000,
-            int(first * 100_000.0 + 0.5) / 100 if first is not None else None,
+            floor(total * 100_000.0 + 0.5) / 100, floor(upstream * 100_000.0 + 0.5) / 100,
+            floor(overhead * 1_000_000.0 + 0.5) / 1000,
+            floor(first * 100_000.0 + 0.5) / 100 if first is not None else None,
             prompt, completion, cached, reasoning, ctx.usage_estimated,
-            int(cost * 1e9 + 0.5) / 1e9 if cost is not None else None,
+            floor(cost * 1e9 + 0.5) / 1e9 if cost is not None else None,
             ctx.cache_result, _guard_actions(ctx) if ctx.headers else None,
             ctx.traceparent.decode() if ctx.traceparent is not None else None,
             ctx.runtime.policy.version,
         )
 
-    def _attempts(self, ctx: RequestContext) -> list[dict[str, Any]] | msgspec.Raw:
+    def _attempts(self, ctx: RequestContext, status: int) -> list[dict[str, Any]] | msgspec.Raw:
         """Every attempt, in order: target, outcome and milliseconds (one line when the first answered)."""
         if ctx.attempts is not None:
             return [{"target": target, "outcome": outcome, "ms": ms} for target, outcome, ms in ctx.attempts]
         if ctx.target is None:
             return []
-        outcome = "ok" if ctx.status < 400 or ctx.status == CLIENT_CLOSED else "error"
+        outcome = "ok" if status < 400 or status == CLIENT_CLOSED else "error"
         named = (ctx.target.name, outcome)
         found = self._one_attempt.get(named)
         if found is None:

@@ -13,6 +13,7 @@ import asyncio
 import logging
 import sys
 import time
+from math import floor
 from typing import TextIO
 
 import msgspec
@@ -25,6 +26,7 @@ _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
 _ACCESS_HEAD = b'","level":"info","logger":"gateway.access","msg":"request"'
 access_log = logging.getLogger("gateway.access")
+_INFO = logging.INFO
 _BUFFERED_LINES = 256  # written at once past this many, without waiting for the loop turn to end
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
 # An access line's fields after its second: `123Z` and the fixed ones, for each millisecond (made once).
@@ -72,12 +74,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         """Queue one access line: the line `JsonFormatter` would make (its four fields, then the access
         fields), encoded in place; the timestamp's second is formatted once per second."""
         now = time.time()
-        whole = int(now)
+        whole = floor(now)  # `int(now)` for a time after 1970, without a call to the int type
         if whole != self._second:
             self._second = whole
             self._second_head = b'{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode() + b"."
         data = bytearray(self._second_head)
-        data += _AFTER_SECOND[int((now - whole) * 1000)]
+        data += _AFTER_SECOND[floor((now - whole) * 1000)]
         at = len(data)
         _encoder.encode_into(line, data, at)
         data[at] = 44  # the struct's opening brace becomes a comma: one object
@@ -137,8 +139,8 @@ def log_access(line: AccessLine) -> None:
     """One access line: straight to the configured handler when logging is as `configure_logging` left it."""
     handlers = logging.root.handlers
     handler = handlers[0] if len(handlers) == 1 else None
-    if (type(handler) is JsonLinesHandler and not access_log.handlers and access_log.propagate
-            and access_log.isEnabledFor(logging.INFO) and handler.level <= logging.INFO):
+    if (handler.__class__ is JsonLinesHandler and not access_log.handlers and access_log.propagate
+            and access_log.isEnabledFor(_INFO) and handler.level <= _INFO):
         handler.write_access(line)
         return
     access_log.info("request", extra={"fields": line.fields()})

@@ -30,9 +30,10 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from prometheus_client.values import MutexValue
 
-__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Finished", "Metrics", "loop_child"]
+__all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Metrics", "RequestSeries", "loop_child"]
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+_INF = float("inf")
 # Whole requests: a cached answer in milliseconds to a long generation in minutes.
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600)
 # The gateway's own time: tenths of a millisecond to a slow guard.
@@ -68,14 +69,14 @@ class _Observe:
     @staticmethod
     def of(child: Any) -> Any:
         bounds, buckets, total = (getattr(child, name, None) for name in ("_upper_bounds", "_buckets", "_sum"))
-        if bounds is None or buckets is None or total is None or len(bounds) != len(buckets):
+        if (bounds is None or buckets is None or total is None or len(bounds) != len(buckets) or not bounds
+                or bounds[-1] != _INF):
             return child
         return _Observe(list(bounds), list(buckets), total)
 
     def observe(self, amount: float) -> None:
-        index = bisect_left(self.bounds, amount)  # the first bucket whose bound >= amount (the last is +Inf)
-        if index < len(self.buckets):
-            self.buckets[index].inc(1)
+        # The first bucket whose bound >= amount: there is one, the last bound is +Inf (checked by `of`).
+        self.buckets[bisect_left(self.bounds, amount)].inc(1)
         self.sum.inc(amount)
 
 
@@ -116,7 +117,7 @@ class _Set:
 
 
 class _LoopObserve(_Observe):
-    """`_Observe` for a series only the event loop's thread writes (`Metrics.record`), in a single-process
+    """`_Observe` for a series only the event loop's thread writes (`RequestSeries.record`), in a single-process
     registry: the two floats added without taking their lock (the exposition, on that same thread, reads them
     under it; no other thread writes these series). A registry of another kind gets `_Observe.of`."""
 
@@ -130,9 +131,7 @@ class _LoopObserve(_Observe):
         return _LoopObserve(found.bounds, found.buckets, found.sum)
 
     def observe(self, amount: float) -> None:
-        index = bisect_left(self.bounds, amount)
-        if index < len(self.buckets):
-            self.buckets[index]._value += 1
+        self.buckets[bisect_left(self.bounds, amount)]._value += 1  # (see `_Observe.observe`)
         self.sum._value += amount
 
 
@@ -197,8 +196,9 @@ class Children:
 
 
 @dataclass(frozen=True, slots=True)
-class _Series:
-    """The labelled children one finished request touches, looked up once per label combination."""
+class RequestSeries:
+    """The labelled children one finished request touches, looked up once per label combination
+    (`Metrics.series`), and written in one call (`record`)."""
 
     requests: Any  # counters: `inc`; histograms: `observe` (see `_Increment`, `_Observe`)
     duration: Any
@@ -214,24 +214,79 @@ class _Series:
     per_token: Any
     error: Any | None
 
+    def record(self, total: float, upstream: float, first_chunk: float | None, prompt_tokens: int,
+               completion_tokens: int) -> None:
+        """Everything about one finished request: seconds in all, upstream and to the first chunk (streams),
+        and the tokens used."""
+        self.requests.inc()
+        self.tenant_requests.inc()
+        self.duration.observe(total)
+        if self.upstream is not None:
+            self.upstream.observe(upstream)
+            self.overhead.observe(max(0.0, total - upstream))
+        if self.operation is not None:
+            self.operation.observe(upstream)
+        if self.error is not None:
+            self.error.inc()
+        if first_chunk is not None:
+            self.first_chunk.observe(first_chunk)
+            if completion_tokens > 1:
+                self.per_token.observe(max(0.0, total - first_chunk) / (completion_tokens - 1))
+        if prompt_tokens:
+            self.prompt_tokens.inc(prompt_tokens)
+            self.input_usage.observe(prompt_tokens)
+        if completion_tokens:
+            self.completion_tokens.inc(completion_tokens)
+            self.output_usage.observe(completion_tokens)
 
-@dataclass(slots=True)  # not frozen: a frozen dataclass's __init__ costs twice as much, once per request
-class Finished:
-    """What one finished request is recorded by: label values (already bounded) and measurements."""
 
-    endpoint: str
-    model: str
-    status: int
-    provider: str | None  # None: no upstream was called
-    target: str
-    tenant: str
-    key: str
-    error: str | None  # the gateway's error code, if the answer was an error
-    total: float
-    upstream: float
-    first_chunk: float | None
-    prompt_tokens: int
-    completion_tokens: int
+class _LoopRequestSeries(RequestSeries):
+    """A `RequestSeries` whose children are all the event loop's own (`_LoopObserve`, `_LoopIncrement`): the
+    same writes as their `observe` and `inc`, made in line (a dozen calls fewer per request; checked by a test
+    against the calls)."""
+
+    __slots__ = ()
+
+    def record(self, total: float, upstream: float, first_chunk: float | None, prompt_tokens: int,
+               completion_tokens: int) -> None:
+        self.requests.value._value += 1
+        self.tenant_requests.value._value += 1
+        found = self.duration
+        found.buckets[bisect_left(found.bounds, total)]._value += 1
+        found.sum._value += total
+        found = self.upstream
+        if found is not None:
+            found.buckets[bisect_left(found.bounds, upstream)]._value += 1
+            found.sum._value += upstream
+            overhead = total - upstream if total > upstream else 0.0  # max(0.0, total - upstream)
+            found = self.overhead
+            found.buckets[bisect_left(found.bounds, overhead)]._value += 1
+            found.sum._value += overhead
+        found = self.operation
+        if found is not None:
+            found.buckets[bisect_left(found.bounds, upstream)]._value += 1
+            found.sum._value += upstream
+        if self.error is not None:
+            self.error.value._value += 1
+        if first_chunk is not None:
+            found = self.first_chunk
+            found.buckets[bisect_left(found.bounds, first_chunk)]._value += 1
+            found.sum._value += first_chunk
+            if completion_tokens > 1:
+                per_token = (total - first_chunk if total > first_chunk else 0.0) / (completion_tokens - 1)
+                found = self.per_token
+                found.buckets[bisect_left(found.bounds, per_token)]._value += 1
+                found.sum._value += per_token
+        if prompt_tokens:
+            self.prompt_tokens.value._value += prompt_tokens
+            found = self.input_usage
+            found.buckets[bisect_left(found.bounds, prompt_tokens)]._value += 1
+            found.sum._value += prompt_tokens
+        if completion_tokens:
+            self.completion_tokens.value._value += completion_tokens
+            found = self.output_usage
+            found.buckets[bisect_left(found.bounds, completion_tokens)]._value += 1
+            found.sum._value += completion_tokens
 
 
 class Metrics:
@@ -480,7 +535,7 @@ class Metrics:
             "gateway_accounting_pending_counters", "Budget counters with spend the store has not taken yet.",
             registry=registry, multiprocess_mode="livesum",
         )
-        self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], _Series] = {}
+        self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], RequestSeries] = {}
         self._versions: set[str] = set()
         self._shadow_metrics(registry)
 
@@ -507,57 +562,40 @@ class Metrics:
             return generate_latest(self.registry)
         return generate_latest(self.registry) + generate_latest(_SERVER_REGISTRY)
 
-    def record(self, done: Finished) -> None:
-        """Everything about one finished request, in one call (cached label children)."""
-        key = (done.endpoint, done.model, done.status, done.provider, done.target, done.tenant, done.key, done.error)
-        series = self._series.get(key)
-        if series is None:
-            series = self._series[key] = self._children(done)
-        series.requests.inc()
-        series.tenant_requests.inc()
-        total = done.total
-        series.duration.observe(total)
-        if series.upstream is not None:
-            series.upstream.observe(done.upstream)
-            series.overhead.observe(max(0.0, total - done.upstream))
-        if series.operation is not None:
-            series.operation.observe(done.upstream)
-        if series.error is not None:
-            series.error.inc()
-        first = done.first_chunk
-        if first is not None:
-            series.first_chunk.observe(first)
-            if done.completion_tokens > 1:
-                series.per_token.observe(max(0.0, total - first) / (done.completion_tokens - 1))
-        if done.prompt_tokens:
-            series.prompt_tokens.inc(done.prompt_tokens)
-            series.input_usage.observe(done.prompt_tokens)
-        if done.completion_tokens:
-            series.completion_tokens.inc(done.completion_tokens)
-            series.output_usage.observe(done.completion_tokens)
+    def series(self, endpoint: str, model: str, status: int, provider: str | None, target: str, tenant: str,
+               key: str, error: str | None) -> RequestSeries:
+        """The children a finished request with these label values (already bounded) writes; `provider` None:
+        no upstream was called, `error`: the gateway's error code of an error answer."""
+        named = (endpoint, model, status, provider, target, tenant, key, error)
+        found = self._series.get(named)
+        if found is None:
+            found = self._series[named] = self._children(*named)
+        return found
 
-    def _children(self, done: Finished) -> _Series:
-        endpoint, model, target = done.endpoint, done.model, done.target
+    def _children(self, endpoint: str, model: str, status: int, provider: str | None, target: str, tenant: str,
+                  key: str, error: str | None) -> RequestSeries:
         operation = _OPERATIONS.get(endpoint, endpoint)
-        error_type = done.error or ("_OTHER" if done.status >= 400 else "")
-        upstream = done.provider is not None
+        error_type = error or ("_OTHER" if status >= 400 else "")
+        upstream = provider is not None
         observe, inc = _LoopObserve.of, _LoopIncrement.of  # written by the telemetry stage, on the loop only
-        return _Series(
-            inc(self.requests.labels(endpoint, model, str(done.status))),
+        children = (
+            inc(self.requests.labels(endpoint, model, str(status))),
             observe(self.duration.labels(endpoint, model)),
-            observe(self.upstream_duration.labels(done.provider)) if upstream else None,
+            observe(self.upstream_duration.labels(provider)) if upstream else None,
             observe(self.overhead.labels(endpoint)),
             observe(self.first_chunk.labels(model, target)),
             inc(self.tokens.labels(model, "prompt")),
             inc(self.tokens.labels(model, "completion")),
-            inc(self.tenant_requests.labels(done.tenant, done.key, model, str(done.status))),
+            inc(self.tenant_requests.labels(tenant, key, model, str(status))),
             observe(self.operation_duration.labels(operation, model, target, error_type)) if upstream else None,
             observe(self.token_usage.labels(operation, model, target, "input")),
             observe(self.token_usage.labels(operation, model, target, "output")),
             observe(self.time_per_output_token.labels(model, target)),
-            inc(self.errors.labels(model, done.error)) if done.error is not None else None,
+            inc(self.errors.labels(model, error)) if error is not None else None,
         )
-
+        if all(type(child) in (_LoopObserve, _LoopIncrement) for child in children if child is not None):
+            return _LoopRequestSeries(*children)
+        return RequestSeries(*children)
 
     # -- shadow policies (dryrun.shadow) --------------------------------------------------------------
     def _shadow_metrics(self, registry: CollectorRegistry | None) -> None:

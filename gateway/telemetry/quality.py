@@ -229,21 +229,25 @@ class QualitySignals:
             return await self._responses(ctx, call_next)
         if ctx.endpoint not in _CHECKED:  # embeddings have no text
             return await call_next(ctx)
-        # A stream's chunks: the provider's per-chunk decode reads their choices too, no second decode here
-        # (set before the body is read: whether it streams is not known yet; a complete answer ignores it).
+        # The provider's decode reads the choices too (a stream's chunks, or a complete answer's with its usage),
+        # no second decode here (set before the body is read: whether it streams is not known yet).
         ctx.read_choices = True
         reply = await call_next(ctx)
         if reply.status != 200:
             return reply
         if reply.stream is not None:
-            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body)))
+            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body), ctx.endpoint is Endpoint.CHAT))
         elif reply.body is not None:
             answer = Answer()
             chat = ctx.endpoint is Endpoint.CHAT
-            try:
-                _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
-            except msgspec.DecodeError:
-                return reply
+            read = reply.choices_of
+            if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
+                _read_typed(answer, read[1], chat, self.limit)
+            else:
+                try:
+                    _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
+                except msgspec.DecodeError:
+                    return reply
             self.count(ctx, answer, chat_asked(ctx.body))
         return reply
 
@@ -264,7 +268,8 @@ class QualitySignals:
         return reply
 
     def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
-        named = (ctx.alias_label, ctx.target.name if ctx.target is not None else None)
+        route = ctx.route  # `ctx.alias_label`, in line
+        named = (route.alias if route is not None else "unknown", ctx.target.name if ctx.target is not None else None)
         found = self._series.get(named)
         if found is None:  # the labels and their children, once per alias and target
             labels = ctx.runtime.policy.labels
@@ -293,52 +298,52 @@ class _StreamQuality:
     opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
     chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
 
-    __slots__ = ("answer", "asked", "json", "payloads", "settled", "stage")
+    __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "settled", "stage")
     reads_events = True
 
-    def __init__(self, stage: QualitySignals, asked: Asked) -> None:
+    def __init__(self, stage: QualitySignals, asked: Asked, chat: bool) -> None:
         self.stage = stage
         self.asked = asked
+        self.chat = chat  # a chat stream (else completions: no `delta`, the text in `text`)
+        self.limit = stage.limit
         self.json = asked.json_kind in _JSON_KINDS  # the whole text is checked
         self.answer = Answer()
         self.payloads: list[bytes] = []
         self.settled = False
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
-        payloads = self.payloads
         answer = self.answer
-        settled = self.settled
-        chat = ctx.endpoint is Endpoint.CHAT
+        chat = self.chat
         for event in events:
-            if type(event) is not Chunk:
+            if event.__class__ is not Chunk:
                 continue
             choices = event.choices
             if choices is None:
-                payloads.append(event.payload)
+                self.payloads.append(event.payload)
                 continue
-            if payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
+            if self.payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
                 self._read(ctx)
-                payloads = self.payloads
             # The common chunk, read in line (this runs for every chunk): one choice, text only.
-            if len(choices) == 1:
+            if len(choices) == 1 and chat:
                 choice = choices[0]
                 delta = choice.delta
-                if (delta is not None and choice.index == 0 and choice.finish_reason is None and choice.text is None
-                        and delta.tool_calls is None and delta.refusal is None and chat):
-                    if not settled:
+                if (delta is not None and choice.finish_reason is None and choice.index == 0 and choice.text is None
+                        and delta.tool_calls is None and delta.refusal is None):
+                    if not self.settled:
                         text = delta.content
                         if text:  # an empty text (the first chunk's, often) changes no verdict
-                            answer.add_text(text, self.stage.limit)
-                            settled = self.settled = self._settles()
+                            answer.add_text(text, self.limit)
+                            self.settled = self._settles()
                     continue
-            _read_typed(answer, choices, chat, self.stage.limit)
-        if len(payloads) >= _BATCH:
+            _read_typed(answer, choices, chat, self.limit)
+        if len(self.payloads) >= _BATCH:
             self._read(ctx)
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if end.outcome == "done":
-            self._read(ctx)
+            if self.payloads:
+                self._read(ctx)
             self.stage.count(ctx, self.answer, self.asked)
 
     def _settles(self) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
+from typing import Any
 
 from ..accounting.cost import request_cost
 from ..errors import GatewayError
@@ -24,15 +25,18 @@ from ..pipeline.streams import StreamEnd
 from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
-from .access import CLIENT_CLOSED, AccessLines
+from .access import CLIENT_CLOSED, AccessLines, Names
 from .feedback import FeedbackRecorder
 from .logs import log_access
-from .metrics import Children, Finished, Metrics, loop_child
+from .metrics import Children, Metrics, RequestSeries, loop_child
 from .quality import QualitySignals
 from .tracing import SpanExporter, Tracing
 
 __all__ = ["Telemetry", "TelemetryStages"]
 
+_MAX_NAMED = 10_000  # label name combinations whose series are kept by their names; past this, looked up each time
+# What a finished request's names map to: its series, its model label, and its cost counter's child.
+_Named = tuple[RequestSeries, str, Any]
 
 
 class Telemetry:
@@ -45,6 +49,10 @@ class Telemetry:
         self._cost_usd = Children(metrics.cost, loop_only=True)
         self._in_flight = loop_child(metrics.in_flight)  # `inc(1)`, `inc(-1)`: only this stage writes it
         self._access_lines = AccessLines()
+        # A finished request's names -> `_Named`, for the policy of `_policy`: its names map to bounded labels,
+        # so a request's names are mapped once, not per request.
+        self._named: dict[Names, _Named] = {}
+        self._policy: Policy | None = None
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         if ctx.runtime.policy.server.metrics:  # off (`server.metrics: false`): nothing recorded
@@ -87,46 +95,73 @@ class Telemetry:
         self._finish(ctx)
 
     def _finish(self, ctx: RequestContext, reply: Reply | None = None) -> None:
-        server = ctx.runtime.policy.server
+        policy = ctx.runtime.policy
+        server = policy.server
         if server.metrics:
             self._in_flight.inc(-1)
         if ctx.on_finish is not None:  # the answer is final now (the cache stores a miss's)
             ctx.on_finish()
         total = time.perf_counter() - ctx.started
-        self._cost(ctx, reply, server.metrics)
-        provider = ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None
-        target = ctx.target.name if ctx.target is not None else None
-        key = ctx.key.name if ctx.key is not None else None
+        status = ctx.status
+        logged = server.access_log or status >= 500
+        if not server.metrics and not logged:  # nothing to record: only the cost (`x-gateway-cost-usd`)
+            self._cost(ctx, reply, None)
+            return
+        names: Names = (
+            ctx.endpoint_label, ctx.alias_label, status,
+            ctx.provider.name if ctx.provider is not None and ctx.upstream_started else None,
+            ctx.target.name if ctx.target is not None else None,
+            ctx.key.tenant if ctx.key is not None else "anonymous",  # `ctx.tenant`, in line
+            ctx.key.name if ctx.key is not None else None,
+            ctx.error_code if status >= 400 else None,
+        )
         if server.metrics:
+            named = self._named_series(names, policy)
             usage = ctx.usage
-            labels = ctx.runtime.policy.labels
-            error = ctx.error_code if ctx.status >= 400 else None
-            self.metrics.record(Finished(
-                ctx.endpoint_label, labels.alias(ctx.alias_label), ctx.status, provider, labels.target(target),
-                labels.tenant(ctx.tenant), labels.key(key), error, total, ctx.upstream_seconds,
-                ctx.first_chunk_seconds, usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0,
-            ))
-        if server.access_log or ctx.status >= 500:
-            log_access(self._access_lines.line(ctx, total, provider, target, key))
+            named[0].record(total, ctx.upstream_seconds, ctx.first_chunk_seconds,
+                            usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
+            self._cost(ctx, reply, named)
+        else:
+            self._cost(ctx, reply, None)
+        if logged:
+            log_access(self._access_lines.line(ctx, total, names))
 
+    def _named_series(self, names: Names, policy: Policy) -> _Named:
+        """The series of a finished request, its model label and its cost child, by the request's names."""
+        found = self._named.get(names)
+        if found is not None and policy is self._policy:
+            return found
+        if policy is not self._policy:  # another policy's stage (a test's): its names map to other labels
+            self._named.clear()
+            self._policy = policy
+        endpoint, alias, status, provider, target, tenant, key, error = names
+        labels = policy.labels
+        model, tenant_label = labels.alias(alias), labels.tenant(tenant)
+        series = self.metrics.series(endpoint, model, status, provider, labels.target(target), tenant_label,
+                                     labels.key(key), error)
+        found = (series, model, self._cost_usd(model, tenant_label))
+        if len(self._named) < _MAX_NAMED:
+            self._named[names] = found
+        return found
 
-    def _cost(self, ctx: RequestContext, reply: Reply | None, recorded: bool) -> None:
-        """The answer's cost and token details: counted (when metrics are on), and sent as `x-gateway-cost-usd`
-        on a complete answer (a stream's headers leave before its cost is known: it is in the access log and
-        the metrics)."""
+    def _cost(self, ctx: RequestContext, reply: Reply | None, named: _Named | None) -> None:
+        """The answer's cost and token details: counted (when metrics are on: `named`), and sent as
+        `x-gateway-cost-usd` on a complete answer (a stream's headers leave before its cost is known: it is in
+        the access log and the metrics)."""
         cost = request_cost(ctx)
-        if recorded:
-            metrics, usage = self.metrics, ctx.usage
-            model = ctx.runtime.policy.labels.alias(ctx.alias_label)
+        if named is not None:
+            metrics, usage, model = self.metrics, ctx.usage, named[1]
             if usage is not None:
-                if usage.cached_tokens:
-                    metrics.tokens.labels(model, "cached_prompt").inc(usage.cached_tokens)
-                if usage.reasoning_tokens:
-                    metrics.tokens.labels(model, "reasoning").inc(usage.reasoning_tokens)
+                details = usage.prompt_tokens_details  # `usage.cached_tokens` and `.reasoning_tokens`, in line
+                if details is not None and details.cached_tokens:
+                    metrics.tokens.labels(model, "cached_prompt").inc(details.cached_tokens)
+                reasoning = usage.completion_tokens_details
+                if reasoning is not None and reasoning.reasoning_tokens:
+                    metrics.tokens.labels(model, "reasoning").inc(reasoning.reasoning_tokens)
             if cost is None:
                 metrics.cost_unpriced.labels(model).inc()
             elif cost:
-                self._cost_usd(model, ctx.runtime.policy.labels.tenant(ctx.tenant)).inc(cost)
+                named[2].inc(cost)
         if cost is None:
             return
         if reply is not None and ctx.target is not None and ctx.upstream_started:

@@ -272,7 +272,7 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
     (`loop_child`), write exactly what the library's own calls write."""
     from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-    from gateway.telemetry.metrics import (
+    from gateway.telemetry.series import (
         _Increment,
         _LoopIncrement,
         _LoopObserve,
@@ -431,7 +431,8 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
 def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None:
     """`_LoopRequestSeries.record` (the writes in line) against `RequestSeries.record` (the children's own
     `observe` and `inc`) on two registries: the same samples, for streams, complete answers and errors."""
-    from gateway.telemetry.metrics import Metrics, RequestSeries, _LoopRequestSeries
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.series import RequestSeries, _LoopRequestSeries
 
     def samples(metrics: Metrics) -> list[Any]:
         return [(s.name, s.labels, s.value) for m in metrics.registry.collect() for s in m.samples

@@ -16,7 +16,8 @@ from ..policy.accounting_schema import BudgetSpec
 from ..policy.compiled import Policy
 from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
-from ..telemetry.metrics import Children, Metrics
+from ..telemetry.metrics import Metrics
+from ..telemetry.series import Children
 from ..telemetry.usage import CountTokens
 from .gauges import BudgetLeft
 from .ledger import Ledger

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..telemetry.metrics import fast_child
+from ..telemetry.series import fast_child
 
 __all__ = ["BudgetLeft"]
 

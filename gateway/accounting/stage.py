@@ -31,7 +31,8 @@ from ..pipeline.runner import Next
 from ..policy.compiled import Policy
 from ..store.base import Store
 from ..store.memory import MemoryStore
-from ..telemetry.metrics import Children, Metrics
+from ..telemetry.metrics import Metrics
+from ..telemetry.series import Children
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
 from .admission import Admission
 from .bill import Bill
@@ -74,7 +75,7 @@ class Accounting(Admission, Settling):
         self._gauges = {}  # by scope
         self._gauges_by_label = {}
         # By alias; written only on the event loop's thread (settling), so without the per-value lock when the
-        # registry is single-process (`telemetry.metrics.loop_child`).
+        # registry is single-process (`telemetry.series.loop_child`).
         self._reservation_drift = Children(metrics.reservation_drift, loop_only=True)
         self._token_drift = Children(metrics.token_estimate_drift, loop_only=True)
         self._drifts = {}  # alias -> both drift children (aliases: the policy's)

@@ -25,9 +25,10 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import ChoicePeek, ChoicesPeek
 from .answers import Answer, Asked
-from .metrics import Children, Metrics
+from .metrics import Metrics
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import REFUSAL_HEAD_CHARS, cannot_become_refusal, looks_like_refusal
+from .series import Children
 
 __all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
 

@@ -28,8 +28,9 @@ from ..schemas.events import StreamEvent
 from .access import CLIENT_CLOSED, AccessLines, Names
 from .feedback import FeedbackRecorder
 from .logs import log_access
-from .metrics import Children, Metrics, RequestSeries, loop_child
+from .metrics import Metrics
 from .quality import QualitySignals
+from .series import Children, RequestSeries, loop_child
 from .tracing import SpanExporter, Tracing
 
 __all__ = ["Telemetry", "TelemetryStages"]

@@ -301,12 +301,15 @@ class _OpenAIStream:
         timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
         try:
             while True:
-                try:
-                    data = await timer.begin()  # not `read()`: one coroutine frame fewer per event
+                try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
+                    data = timer.ready()
+                    while data is None:
+                        await timer.wait()
+                        timer.end()
+                        data = timer.ready()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
-                timer.end()
                 try:
                     payloads = decoder.feed(data) if data else decoder.flush()
                 except ValueError as exc:

@@ -171,30 +171,39 @@ async def test_a_timed_out_read_is_a_timeout_for_the_transport_mapping() -> None
 def test_the_fast_path_is_taken_for_aiohttps_own_reader() -> None:
     """Fails after an aiohttp upgrade until `body.take` is checked against the new StreamReader (then add the
     release to `_CHECKED_RELEASES`); until then the gateway reads through `readany()`, correct but slower."""
-    from gateway.upstream.body import fast_body
+    from gateway.upstream.body import adopt
 
     async def check() -> None:
-        assert fast_body(reader())
-        assert not fast_body(object())
+        content = reader()
+        assert adopt(content)
+        assert not adopt(content)  # once per body
+        assert not adopt(public_only(reader()))
+        assert not adopt(object())
 
     asyncio.run(check())
 
 
-async def _read_all(timer: ReadTimer, public: bool) -> tuple[list[bytes], str]:
-    """Every read of a body, and how it ended: through `readany()` (`begin`) or through `ready()`/`wait()`."""
+class _PublicOnly(StreamReader):
+    """A reader that `body.adopt` declines: `ReadTimer` reads it through `readany()`."""
+
+    __slots__ = ()
+
+
+def public_only(content: StreamReader) -> StreamReader:
+    content.__class__ = _PublicOnly
+    return content
+
+
+async def _read_all(timer: ReadTimer) -> tuple[list[bytes], str]:
+    """Every read of a body through `ready()`/`wait()`, and how it ended."""
     reads: list[bytes] = []
     try:
         while True:
-            if public:
-                data = await timer.begin()
-            else:
-                got = timer.ready()
-                while got is None:
-                    await timer.wait()
-                    timer.end()
-                    got = timer.ready()
-                data = got
-            timer.end()
+            data = timer.ready()
+            while data is None:
+                await timer.wait()
+                timer.end()
+                data = timer.ready()
             if not data:
                 return reads, "eof"
             reads.append(data)
@@ -208,7 +217,7 @@ async def test_ready_and_wait_read_what_readany_reads_from_a_fed_reader() -> Non
     loop = asyncio.get_running_loop()
     outcomes = []
     for public in (True, False):
-        content = reader()
+        content = public_only(reader()) if public else reader()
 
         async def feed(content: StreamReader = content) -> None:
             content.begin_http_chunk_receiving()  # as aiohttp's parser feeds a chunked body
@@ -227,7 +236,7 @@ async def test_ready_and_wait_read_what_readany_reads_from_a_fed_reader() -> Non
             content.feed_eof()
 
         feeding = asyncio.ensure_future(feed())
-        outcomes.append(await _read_all(ReadTimer(content, loop.time() + 60, 5), public))
+        outcomes.append(await _read_all(ReadTimer(content, loop.time() + 60, 5)))
         await feeding
     assert outcomes[0] == outcomes[1] == ([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"], "eof")
 
@@ -235,12 +244,12 @@ async def test_ready_and_wait_read_what_readany_reads_from_a_fed_reader() -> Non
 async def test_ready_and_wait_time_out_and_fail_as_readany_does() -> None:
     loop = asyncio.get_running_loop()
     for public in (True, False):
-        content = reader()
+        content = public_only(reader()) if public else reader()
         content.feed_data(b"x")
-        assert await _read_all(ReadTimer(content, loop.time() + 60, 0.05), public) == ([b"x"], "TimeoutError")
-        content = reader()
+        assert await _read_all(ReadTimer(content, loop.time() + 60, 0.05)) == ([b"x"], "TimeoutError")
+        content = public_only(reader()) if public else reader()
         loop.call_later(0.01, content.set_exception, aiohttp.ClientPayloadError("cut"))
-        assert await _read_all(ReadTimer(content, loop.time() + 60, 5), public) == ([], "ClientPayloadError")
+        assert await _read_all(ReadTimer(content, loop.time() + 60, 5)) == ([], "ClientPayloadError")
 
 
 async def _serve_chunked(parts: list[bytes], cut: bool) -> tuple[asyncio.AbstractServer, int]:
@@ -269,8 +278,6 @@ async def _serve_chunked(parts: list[bytes], cut: bool) -> tuple[asyncio.Abstrac
 async def test_ready_and_wait_read_a_real_response_as_readany_does(cut: bool) -> None:
     """Over a connection, with flow control pausing and resuming the transport (a small read buffer and a
     burst of 200 kB): the same bytes and the same end through both paths."""
-    from gateway.upstream.body import fast_body
-
     parts = [b"data: {\"n\": %d}\n\n" % i for i in range(40)] + [b"x" * 5000] * 40
     server, port = await _serve_chunked(parts, cut)
     loop = asyncio.get_running_loop()
@@ -280,9 +287,10 @@ async def test_ready_and_wait_read_a_real_response_as_readany_does(cut: bool) ->
         async with aiohttp.ClientSession(read_bufsize=1024, timeout=timeout) as session:
             for public in (True, False):
                 async with session.get(f"http://127.0.0.1:{port}/") as response:
-                    assert fast_body(response.content)
-                    timer = ReadTimer(response.content, loop.time() + 60, 5)
-                    reads, end = await asyncio.wait_for(_read_all(timer, public), 10)
+                    content = public_only(response.content) if public else response.content
+                    timer = ReadTimer(content, loop.time() + 60, 5)
+                    assert timer._fast is not public
+                    reads, end = await asyncio.wait_for(_read_all(timer), 10)
                     outcomes.append((b"".join(reads), end))
     finally:
         server.close()

@@ -8,7 +8,13 @@ empty chunk and resumes the transport even when nothing was paused. `take()` doe
 what `readany()` does once data is there; `ReadTimer.wait()` sets the reader's waiter
 itself, as `readany()` does.
 
-These are aiohttp's private attributes, so `fast_body` allows this only for the exact
+A body read only this way also stops tracking where HTTP chunks end: the parser
+calls `begin_http_chunk_receiving` and `end_http_chunk_receiving` for every chunk
+(an SSE upstream sends one event a chunk), for `readchunk()` alone, which nothing
+calls on these bodies; `adopt` makes the reader a `_UntrackedChunks`, whose two
+hooks do nothing (about 2,000 instructions an event).
+
+These are aiohttp's private attributes, so `adopt` allows all this only for the exact
 `StreamReader` type, without a total timeout (its `TimerNoop`), on the aiohttp
 releases it was checked against; anything else goes through `readany()`. A test
 compares both paths' output over the same feeds (`tests/test_read_timer.py`).
@@ -22,17 +28,36 @@ import aiohttp
 from aiohttp.helpers import TimerNoop
 from aiohttp.streams import StreamReader
 
-__all__ = ["fast_body", "take"]
+__all__ = ["adopt", "take"]
 
 _CHECKED_RELEASES = ("3.14.",)  # aiohttp releases whose StreamReader `take` mirrors (read again before adding)
 
 
-def fast_body(content: object) -> bool:
-    """Whether `take` may read this body (else: `readany()`)."""
-    return (aiohttp.__version__.startswith(_CHECKED_RELEASES) and type(content) is StreamReader
+class _UntrackedChunks(StreamReader):
+    """aiohttp's `StreamReader`, for a body that only `take` reads: where HTTP chunks end is not kept.
+
+    The end of a chunk that brought data wakes no one `feed_data` did not wake already (both run in one
+    `data_received`), and the chunk count bounds only the cost of `readchunk()`'s bookkeeping, kept no more."""
+
+    __slots__ = ()
+
+    def begin_http_chunk_receiving(self) -> None:
+        pass
+
+    def end_http_chunk_receiving(self) -> None:
+        pass
+
+
+def adopt(content: object) -> bool:
+    """Whether `take` may read this body (else: `readany()`); if so, it stops tracking HTTP chunk ends.
+    Once per body: a body adopted already is not adopted again."""
+    if not (aiohttp.__version__.startswith(_CHECKED_RELEASES) and type(content) is StreamReader
             and type(getattr(content, "_timer", None)) is TimerNoop
             and type(getattr(content, "_buffer", None)) is collections.deque
-            and hasattr(getattr(content, "_protocol", None), "_reading_paused"))
+            and hasattr(getattr(content, "_protocol", None), "_reading_paused")):
+        return False
+    content.__class__ = _UntrackedChunks  # same slots: a layout-compatible subclass
+    return True
 
 
 def take(content: StreamReader) -> bytes | None:

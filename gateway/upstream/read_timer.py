@@ -27,7 +27,7 @@ from collections.abc import Awaitable
 
 import aiohttp
 
-from .body import fast_body, take
+from .body import adopt, take
 
 __all__ = ["ReadTimer"]
 
@@ -45,7 +45,7 @@ class ReadTimer:
         self._loop = asyncio.get_running_loop()
         self._handle: asyncio.TimerHandle | None = None
         self._since: float | None = None  # when the read in progress started; None between reads
-        self._fast = fast_body(content)
+        self._fast = adopt(content)
         self._got: bytes | None = None  # what the public path's `wait()` read, for `ready()`
 
     async def read(self) -> bytes:

@@ -564,3 +564,22 @@ def test_the_chunk_writer_declines_whenever_send_must_write() -> None:
     assert chunk_writer(lambda message: None) is None  # a server that does not set DIRECT_BODY
     assert not ChunkWriter(SimpleNamespace(chunked_encoding=True, transport=transport)).write(b"x")  # renamed: send
     assert transport.writes == [b"9\r\ndata: x\n\n\r\n"]
+
+
+def test_the_chunk_writer_writes_a_lone_chunk_as_write_of_its_frame_would() -> None:
+    from gateway.api.sse import frame
+    from gateway.schemas.events import DONE, Chunk, StreamEvent
+
+    transport = _Recorded()
+    writer = ChunkWriter(SimpleNamespace(transport=transport, flow=SimpleNamespace(write_paused=False),
+                                         chunked_encoding=True, disconnected=False, response_complete=False))
+    batch: list[StreamEvent] = [Chunk(b'{"id":"c1","choices":[]}')]
+    assert writer.write_chunk(batch)
+    assert writer.write(frame(batch, False))
+    assert transport.writes[0] == transport.writes[1] == b'20\r\ndata: {"id":"c1","choices":[]}\n\n\r\n'
+    for other in ([DONE], [Chunk(b"{}"), DONE], []):  # anything else: `frame` and `write`
+        assert not writer.write_chunk(other)
+    paused = ChunkWriter(SimpleNamespace(transport=transport, flow=SimpleNamespace(write_paused=True),
+                                         chunked_encoding=True, disconnected=False, response_complete=False))
+    assert not paused.write_chunk(batch)
+    assert len(transport.writes) == 2

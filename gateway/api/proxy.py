@@ -99,6 +99,7 @@ class ProxyEndpoint:
                                 await send({"type": "http.response.body", "body": data, "more_body": True})
                             del data
                         del batch  # a held stream waits far longer than it writes: keep no event while it waits
+                    await stream.finish()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except asyncio.CancelledError:
                     if life.reason != "shutdown":

@@ -301,6 +301,7 @@ class _OpenAIStream:
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._observer = _unobserved  # it is usually the ReplyStream that holds this stream: no cycle left
             if self._timer is not None:
                 self._timer.stop()
             self._response.close()
@@ -309,7 +310,6 @@ class _OpenAIStream:
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         decoder = SSEDecoder()
         timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
-        observer = self._observer
         try:
             while True:
                 try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
@@ -320,14 +320,14 @@ class _OpenAIStream:
                         data = timer.ready()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     failed: list[StreamEvent] = [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
-                    observer(failed)
+                    self._observer(failed)
                     yield failed
                     return
                 try:
                     payloads = decoder.feed(data) if data else decoder.flush()
                 except ValueError as exc:
                     invalid: list[StreamEvent] = [self._fail(f"sent an invalid stream: {exc}")]
-                    observer(invalid)
+                    self._observer(invalid)
                     yield invalid
                     return
                 events, finished = self._events(payloads)
@@ -337,7 +337,7 @@ class _OpenAIStream:
                 if finished and self._asked_for_usage and not self._saw_usage:
                     self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
                 if events:
-                    observer(events)
+                    self._observer(events)
                     yield events
                 if finished:
                     return

@@ -711,3 +711,22 @@ def test_the_header_checks_find_what_uvicorns_patterns_find() -> None:
         found = _finder(pattern)
         for sample in (*samples, b"ab\r\n", b"bbx"):
             assert found(sample) is (pattern.search(sample) is not None), (pattern, sample)
+
+
+def test_the_chunk_writer_writes_a_lone_chunk_as_write_of_its_frame_would() -> None:
+    from gateway.api.sse import frame
+    from gateway.schemas.events import DONE, Chunk, StreamEvent
+
+    transport = _Recorded()
+    writer = ChunkWriter(SimpleNamespace(transport=transport, flow=SimpleNamespace(write_paused=False),
+                                         chunked_encoding=True, disconnected=False, response_complete=False))
+    batch: list[StreamEvent] = [Chunk(b'{"id":"c1","choices":[]}')]
+    assert writer.write_chunk(batch)
+    assert writer.write(frame(batch, False))
+    assert transport.writes[0] == transport.writes[1] == b'20\r\ndata: {"id":"c1","choices":[]}\n\n\r\n'
+    for other in ([DONE], [Chunk(b"{}"), DONE], []):  # anything else: `frame` and `write`
+        assert not writer.write_chunk(other)
+    paused = ChunkWriter(SimpleNamespace(transport=transport, flow=SimpleNamespace(write_paused=True),
+                                         chunked_encoding=True, disconnected=False, response_complete=False))
+    assert not paused.write_chunk(batch)
+    assert len(transport.writes) == 2

@@ -164,3 +164,137 @@ async def test_a_timed_out_read_is_a_timeout_for_the_transport_mapping() -> None
         pytest.fail("no timeout")
     finally:
         timer.stop()
+
+
+# --- `ready()` / `wait()`: aiohttp's StreamReader read without `readany()` (upstream/body.py) -----------------
+
+def test_the_fast_path_is_taken_for_aiohttps_own_reader() -> None:
+    """Fails after an aiohttp upgrade until `body.take` is checked against the new StreamReader (then add the
+    release to `_CHECKED_RELEASES`); until then the gateway reads through `readany()`, correct but slower."""
+    from gateway.upstream.body import adopt
+
+    async def check() -> None:
+        content = reader()
+        assert adopt(content)
+        assert not adopt(content)  # once per body
+        assert not adopt(public_only(reader()))
+        assert not adopt(object())
+
+    asyncio.run(check())
+
+
+class _PublicOnly(StreamReader):
+    """A reader that `body.adopt` declines: `ReadTimer` reads it through `readany()`."""
+
+    __slots__ = ()
+
+
+def public_only(content: StreamReader) -> StreamReader:
+    content.__class__ = _PublicOnly
+    return content
+
+
+async def _read_all(timer: ReadTimer) -> tuple[list[bytes], str]:
+    """Every read of a body through `ready()`/`wait()`, and how it ended."""
+    reads: list[bytes] = []
+    try:
+        while True:
+            data = timer.ready()
+            while data is None:
+                await timer.wait()
+                timer.end()
+                data = timer.ready()
+            if not data:
+                return reads, "eof"
+            reads.append(data)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return reads, type(exc).__name__
+    finally:
+        timer.stop()
+
+
+async def test_ready_and_wait_read_what_readany_reads_from_a_fed_reader() -> None:
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    for public in (True, False):
+        content = public_only(reader()) if public else reader()
+
+        async def feed(content: StreamReader = content) -> None:
+            content.begin_http_chunk_receiving()  # as aiohttp's parser feeds a chunked body
+            content.feed_data(b"data: 1\n\n")
+            content.end_http_chunk_receiving()
+            await asyncio.sleep(0)
+            content.feed_data(b"data: 2")
+            content.end_http_chunk_receiving()
+            content.feed_data(b"\n\n")  # two parts buffered before the read: one read of both
+            content.end_http_chunk_receiving()
+            await asyncio.sleep(0.01)
+            content.end_http_chunk_receiving()  # a chunk that brought nothing wakes no read
+            content.feed_data(b"data: 3\n\n")
+            content.end_http_chunk_receiving()
+            await asyncio.sleep(0.01)
+            content.feed_eof()
+
+        feeding = asyncio.ensure_future(feed())
+        outcomes.append(await _read_all(ReadTimer(content, loop.time() + 60, 5)))
+        await feeding
+    assert outcomes[0] == outcomes[1] == ([b"data: 1\n\n", b"data: 2\n\n", b"data: 3\n\n"], "eof")
+
+
+async def test_ready_and_wait_time_out_and_fail_as_readany_does() -> None:
+    loop = asyncio.get_running_loop()
+    for public in (True, False):
+        content = public_only(reader()) if public else reader()
+        content.feed_data(b"x")
+        assert await _read_all(ReadTimer(content, loop.time() + 60, 0.05)) == ([b"x"], "TimeoutError")
+        content = public_only(reader()) if public else reader()
+        loop.call_later(0.01, content.set_exception, aiohttp.ClientPayloadError("cut"))
+        assert await _read_all(ReadTimer(content, loop.time() + 60, 5)) == ([], "ClientPayloadError")
+
+
+async def _serve_chunked(parts: list[bytes], cut: bool) -> tuple[asyncio.AbstractServer, int]:
+    """A raw HTTP/1.1 server: a chunked SSE body in `parts` (each one HTTP chunk, a short pause between), then
+    its end, or a connection cut mid-chunk."""
+
+    async def handle(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader_.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n")
+        for i, part in enumerate(parts):
+            writer.write(b"%x\r\n%b\r\n" % (len(part), part))
+            if i % 7 == 0:
+                await writer.drain()
+                await asyncio.sleep(0.002)
+        if cut:
+            await asyncio.sleep(0.2)  # the client has read everything before: a failure drops what is buffered
+        writer.write(b"40\r\npartial" if cut else b"0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_ready_and_wait_read_a_real_response_as_readany_does(cut: bool) -> None:
+    """Over a connection, with flow control pausing and resuming the transport (a small read buffer and a
+    burst of 200 kB): the same bytes and the same end through both paths."""
+    parts = [b"data: {\"n\": %d}\n\n" % i for i in range(40)] + [b"x" * 5000] * 40
+    server, port = await _serve_chunked(parts, cut)
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    try:
+        timeout = aiohttp.ClientTimeout(total=None)  # as the gateway's sessions (`upstream.client.new_session`)
+        async with aiohttp.ClientSession(read_bufsize=1024, timeout=timeout) as session:
+            for public in (True, False):
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    content = public_only(response.content) if public else response.content
+                    timer = ReadTimer(content, loop.time() + 60, 5)
+                    assert timer._fast is not public
+                    reads, end = await asyncio.wait_for(_read_all(timer), 10)
+                    outcomes.append((b"".join(reads), end))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes[0] == outcomes[1]
+    # (the cut chunk's first bytes arrive as they are, then the failure)
+    assert outcomes[0] == (b"".join(parts) + b"partial", "ClientPayloadError") if cut else (b"".join(parts), "eof")

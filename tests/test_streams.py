@@ -155,3 +155,55 @@ async def test_an_early_close_reports_why(outcome: Any) -> None:
     await anext(stream)
     await stream.aclose(outcome)
     assert [e.outcome for e in stage.ends] == [outcome]
+
+
+class ObservedSource(Source):
+    """A source that shows every batch to an observer before it yields it (as the OpenAI provider's)."""
+
+    def __init__(self, batches: list[list[StreamEvent]]) -> None:
+        super().__init__(batches)
+        self.observer: Any = None
+
+    def observe(self, observer: Any) -> None:
+        self.observer = observer
+
+    async def _run(self) -> AsyncIterator[list[StreamEvent]]:
+        for batch in self.batches:
+            if self.observer is not None:
+                self.observer(batch)
+            yield batch
+
+
+@pytest.mark.parametrize("last", ["done", "error"])
+async def test_a_source_that_observes_is_iterated_directly_and_kept_as_the_stream_keeps_it(last: str) -> None:
+    """No stage reads events: the edge iterates the source itself; the counts, the usage, the end and its
+    hooks (run by `finish()`, exactly once) are what iterating the `ReplyStream` gives."""
+    usage = Usage(1, 2, 3)
+    error = UpstreamError("upstream failed mid-stream")
+    end: StreamEvent = DONE if last == "done" else StreamError(error)
+    outcomes = []
+    for observed in (False, True):
+        batches: list[list[StreamEvent]] = [[chunk("a")], [chunk("b"), UsageReport(usage, b"{}"), end]]
+        source = ObservedSource(batches) if observed else Source(batches)
+        ctx, end_only = context(), Recorder(reads=False)
+        stream = ReplyStream(source, ctx)
+        stream.add(end_only)
+        iterator = aiter(stream)
+        assert (iterator is not stream) is observed
+        events = [event async for batch in iterator for event in batch]
+        await stream.finish()
+        await stream.finish()
+        await stream.aclose()
+        assert source.closed == 1
+        outcomes.append((len(events), ctx.chunks, ctx.usage, ctx.first_chunk_seconds is not None,
+                         [(e.outcome, e.error) for e in end_only.ends]))
+    assert outcomes[0] == outcomes[1] == (4, 2, usage, True, [("done", None)] if last == "done" else [("error", error)])
+
+
+async def test_a_stage_that_reads_events_keeps_an_observing_source_behind_the_stream() -> None:
+    source = ObservedSource([[chunk("a")], [DONE]])
+    stage = Recorder()
+    stream = ReplyStream(source, context())
+    stream.add(stage)
+    assert aiter(stream) is stream
+    assert await drain(stream) and stage.seen == [1, 1] and source.observer is None

@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..errors import GatewayError
+from ..schemas.events import Chunk, StreamEvent
 
 __all__ = ["DIRECT_BODY", "ChunkWriter", "RequestHeaders", "RequestIds", "chunk_writer", "error_header_map",
            "send_body", "send_error"]
@@ -107,16 +108,34 @@ class ChunkWriter:
         self._cycle = cycle
 
     def write(self, data: bytes) -> bool:
-        cycle = self._cycle
-        try:  # uvicorn's cycle attributes are not its API: a release that renames one falls back to `send`
-            if cycle.chunked_encoding is not True or not data or cycle.flow.write_paused or cycle.disconnected \
-                    or cycle.response_complete:
-                return False
-            transport = cycle.transport
-        except AttributeError:
+        transport = self._transport() if data else None
+        if transport is None:
             return False
         transport.write(b"%x\r\n%b\r\n" % (len(data), data))
         return True
+
+    def write_chunk(self, events: list[StreamEvent]) -> bool:
+        """`write(sse.frame(events))` for a batch of one OpenAI `Chunk` (a slow stream's every batch), in one
+        formatting instead of two (False, writing nothing, for any other batch, or when `write` would be)."""
+        if len(events) != 1 or type(event := events[0]) is not Chunk:
+            return False
+        transport = self._transport()
+        if transport is None:
+            return False
+        payload = event.payload
+        transport.write(b"%x\r\ndata: %b\n\n\r\n" % (len(payload) + 8, payload))
+        return True
+
+    def _transport(self) -> Any:
+        """The connection's transport, when a body part may be written to it directly."""
+        cycle = self._cycle
+        try:  # uvicorn's cycle attributes are not its API: a release that renames one falls back to `send`
+            if cycle.chunked_encoding is not True or cycle.flow.write_paused or cycle.disconnected \
+                    or cycle.response_complete:
+                return None
+            return cycle.transport
+        except AttributeError:
+            return None
 
 
 def chunk_writer(send: Any) -> ChunkWriter | None:

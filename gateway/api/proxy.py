@@ -88,12 +88,16 @@ class ProxyEndpoint:
                 framer = dialect.framer(ctx) if dialect is not None else None
                 try:
                     writer = await _start_stream(ctx, reply, send)
+                    sse = writer if framer is None else None  # OpenAI's framing: a lone chunk in one formatting
                     wants_usage = ctx.wants_usage
                     async for batch in stream:
-                        data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
-                        if writer is None or not writer.write(data):
-                            await send({"type": "http.response.body", "body": data, "more_body": True})
-                        del batch, data  # a held stream waits far longer than it writes: keep no event while it waits
+                        if sse is None or not sse.write_chunk(batch):
+                            data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
+                            if writer is None or not writer.write(data):
+                                await send({"type": "http.response.body", "body": data, "more_body": True})
+                            del data
+                        del batch  # a held stream waits far longer than it writes: keep no event while it waits
+                    await stream.finish()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except asyncio.CancelledError:
                     if life.reason != "shutdown":

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import aiohttp
@@ -284,11 +284,15 @@ def strip_null_usage(payload: bytes) -> bytes:
     return stripped if count else _NULL_USAGE_FIRST.sub(b"", payload, count=1)
 
 
+def _unobserved(batch: list[StreamEvent]) -> None:
+    """No one observes the stream's batches (see `_OpenAIStream.observe`)."""
+
+
 class _OpenAIStream:
     """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
 
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_peek", "_provider", "_read_choices",
-                 "_response", "_saw_usage", "_timer")
+    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_observer", "_peek", "_provider",
+                 "_read_choices", "_response", "_saw_usage", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -304,13 +308,20 @@ class _OpenAIStream:
         self._closed = False
         self._saw_usage = False
         self._timer: ReadTimer | None = None
+        self._observer: Callable[[list[StreamEvent]], None] = _unobserved
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
 
+    def observe(self, observer: Callable[[list[StreamEvent]], None]) -> None:
+        """Show `observer` every batch before it is yielded (`pipeline.streams.ReplyStream` then iterates this
+        stream directly). Every stream ends with a batch that ends with a `StreamDone` or a `StreamError`."""
+        self._observer = observer
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._observer = _unobserved  # it is usually the ReplyStream that holds this stream: no cycle left
             if self._timer is not None:
                 self._timer.stop()
             self._response.close()
@@ -321,16 +332,23 @@ class _OpenAIStream:
         timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
         try:
             while True:
-                try:
-                    data = await timer.begin()  # not `read()`: one coroutine frame fewer per event
+                try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
+                    data = timer.ready()
+                    while data is None:
+                        await timer.wait()
+                        timer.end()
+                        data = timer.ready()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
+                    failed: list[StreamEvent] = [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
+                    self._observer(failed)
+                    yield failed
                     return
-                timer.end()
                 try:
                     payloads = decoder.feed(data) if data else decoder.flush()
                 except ValueError as exc:
-                    yield [self._fail(f"sent an invalid stream: {exc}")]
+                    invalid: list[StreamEvent] = [self._fail(f"sent an invalid stream: {exc}")]
+                    self._observer(invalid)
+                    yield invalid
                     return
                 events, finished = self._events(payloads)
                 if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
@@ -339,6 +357,7 @@ class _OpenAIStream:
                 if finished and self._asked_for_usage and not self._saw_usage:
                     self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
                 if events:
+                    self._observer(events)
                     yield events
                 if finished:
                     return

@@ -83,12 +83,15 @@ class TranslatedStream:
         translator = self._translator
         try:
             while True:
-                try:
-                    data = await timer.begin()  # not `read()`: one coroutine frame fewer per event
+                try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
+                    data = timer.ready()
+                    while data is None:
+                        await timer.wait()
+                        timer.end()
+                        data = timer.ready()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
                     yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
                     return
-                timer.end()
                 events: list[StreamEvent] = []
                 try:
                     for payload in decoder.feed(data) if data else decoder.flush():

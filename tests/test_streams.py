@@ -207,3 +207,42 @@ async def test_a_stage_that_reads_events_keeps_an_observing_source_behind_the_st
     stream.add(stage)
     assert aiter(stream) is stream
     assert await drain(stream) and stage.seen == [1, 1] and source.observer is None
+
+
+class Looker(Recorder):
+    """A stage that only looks at events (`looks_only`), as the quality signals' reader."""
+
+    looks_only = True
+
+    def look(self, ctx: Any, events: list[StreamEvent]) -> None:
+        self.seen.append(len(events))
+        if self.fail_on is not None and len(self.seen) == self.fail_on:
+            raise RuntimeError("a bug in a looking stage")
+
+
+async def test_stages_that_only_look_see_every_batch_of_an_observing_source_iterated_directly() -> None:
+    """The direct path shows each batch to the looking stages before the edge gets it; a looking stage that
+    fails is logged and stops looking, the others go on, and so does the stream."""
+    batches: list[list[StreamEvent]] = [[chunk("a")], [chunk("b")], [chunk("c"), DONE]]
+    source = ObservedSource(batches)
+    ctx, looker, failing = context(), Looker(), Looker(fail_on=2)
+    stream = ReplyStream(source, ctx)
+    stream.add(looker)
+    stream.add(failing)
+    iterator = aiter(stream)
+    assert iterator is not stream and source.observer is not None
+    events = [event async for batch in iterator for event in batch]
+    await stream.finish()
+    assert len(events) == 4 and ctx.chunks == 3
+    assert looker.seen == [1, 1, 2] and failing.seen == [1, 1]  # dropped after its failure
+    assert [e.outcome for e in looker.ends] == [e.outcome for e in failing.ends] == ["done"]
+
+
+async def test_a_looking_stage_beside_one_that_rewrites_keeps_the_stream_in_between() -> None:
+    source = ObservedSource([[chunk("a")], [DONE]])
+    looker, reader = Looker(), Recorder()
+    stream = ReplyStream(source, context())
+    stream.add(looker)
+    stream.add(reader)
+    assert aiter(stream) is stream
+    assert await drain(stream) and looker.seen == reader.seen == [1, 1] and source.observer is None

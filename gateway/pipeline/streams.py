@@ -9,10 +9,12 @@ by the client, or was cut on shutdown, even before its first event. A stage that
 fails mid-stream ends the stream with an error event (the client already has a
 200), and its bug is logged as one.
 
-When no stage reads events, batches pass straight from the provider to the edge; a
-source that can `observe` (the OpenAI provider's) is then iterated by the edge itself,
-and shows each batch to this module's bookkeeping before it yields it: on a slow
-stream the task resumes through one coroutine fewer on every event.
+When no stage reads events, or every one that does only looks (`looks_only`: the quality
+signals' reader), batches pass straight from the provider to the edge; a source that can
+`observe` (the OpenAI provider's) is then iterated by the edge itself, and shows each
+batch to those stages' `look` and this module's bookkeeping before it yields it: on a slow
+stream the task resumes through one coroutine fewer on every event. A looking stage that
+fails there is logged as a bug and stops looking; the stream it only looked at goes on.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class StreamStage(Protocol):
     per-request state (a guard's held-back window) registers a small object of its own."""
 
     reads_events: bool  # False: only `on_end` is called (and the raw bytes pass untouched)
+    # A stage may also set `looks_only = True` and offer `look(ctx, events) -> None`: it never changes a batch
+    # (its `on_events` returns the events it was given), so the edge may show it batches directly.
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]: ...
 
@@ -78,10 +82,12 @@ class ReplyStream:
         """This stream, or the source's own iterator when no stage reads events and the source can show
         each batch to `_note` itself (`observe(callback)`; its batches then end with a terminal event).
         Either way, `finish()` after the last batch."""
-        observe = None if self._readers or self._iterator is not None else getattr(self._source, "observe", None)
+        readers = self._readers
+        direct = self._iterator is None and all(getattr(stage, "looks_only", False) for stage in readers)
+        observe = getattr(self._source, "observe", None) if direct else None
         if observe is None:
             return self
-        observe(self._note)
+        observe(self._look if readers else self._note)
         self._iterator = aiter(self._source)
         return self._iterator  # type: ignore[no-any-return]
 
@@ -108,6 +114,17 @@ class ReplyStream:
                 batch = [StreamError(InternalError("the gateway failed while streaming the answer"))]
         self._note(batch)
         return batch
+
+    def _look(self, batch: list[StreamEvent]) -> None:
+        """`_note`, after the stages that only look have seen the batch (the direct path)."""
+        ctx = self._ctx
+        for stage in self._readers:
+            try:
+                stage.look(ctx, batch)  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("stream stage failed", extra={"fields": {"request_id": ctx.request_id}})
+                self._readers = tuple(reader for reader in self._readers if reader is not stage)
+        self._note(batch)
 
     def _note(self, batch: list[StreamEvent]) -> None:
         """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time."""

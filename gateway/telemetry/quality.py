@@ -301,6 +301,7 @@ class _StreamQuality:
 
     __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "settled", "stage")
     reads_events = True
+    looks_only = True  # never changes a batch: the edge may show it batches directly (`pipeline.streams`)
 
     def __init__(self, stage: QualitySignals, asked: Asked, chat: bool) -> None:
         self.stage = stage
@@ -313,6 +314,10 @@ class _StreamQuality:
         self.settled = False
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        self.look(ctx, events)
+        return events
+
+    def look(self, ctx: RequestContext, events: list[StreamEvent]) -> None:
         answer = self.answer
         chat = self.chat
         for event in events:
@@ -339,7 +344,6 @@ class _StreamQuality:
             _read_typed(answer, choices, chat, self.limit)
         if len(self.payloads) >= _BATCH:
             self._read(ctx)
-        return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if end.outcome == "done":

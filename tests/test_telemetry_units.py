@@ -158,6 +158,9 @@ _STREAMS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
         _chunk({"content": '{"text": "'}), *(_chunk({"content": w}) for w in _WORDS), _chunk({"content": '"}'}),
         _chunk({}, "stop")]),
     "usage on the last chunk": ({}, [_chunk({"content": "Hi"}), _chunk({}, "stop", usage={"prompt_tokens": 1})]),
+    "text that looks like keys": ({}, [_chunk({"content": "Keys"}), _chunk({"content": 'say "finish_reason"'}),
+                                       _chunk({"content": '"tool_calls'}), _chunk({"content": '"refusal": "x"'}),
+                                       _chunk({}, "length")]),
 }
 
 
@@ -448,3 +451,19 @@ def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None
             fast.record(*values)
             slow.record(*values)
     assert samples(inline) == samples(called)
+
+
+def test_a_settled_chat_chunk_is_skipped_only_when_its_bytes_show_nothing_the_checks_read() -> None:
+    """`_adds_nothing`: the common chunk is skipped; a finish reason, tool calls or a refusal field (or text that
+    looks like one of their keys, or spaced JSON) sends the chunk to the decoder."""
+    from gateway.telemetry.quality import _adds_nothing
+
+    assert _adds_nothing(_chunk({"content": "Hello"}))
+    assert _adds_nothing(b'{"choices":[{"index":1,"delta":{"content":"x"},"finish_reason":null}]}')
+    assert not _adds_nothing(_chunk({}, "stop"))
+    assert not _adds_nothing(_chunk({"tool_calls": [{"index": 0, "function": {"name": "f"}}]}))
+    assert not _adds_nothing(_chunk({"refusal": "no"}))
+    assert not _adds_nothing(b'{"choices":[{"index":0,"delta":{},"finish_reason": null}]}')
+    assert not _adds_nothing(b'{"choices":[{"index":0,"delta":{},"finish_reason":null},'
+                             b'{"index":1,"delta":{},"finish_reason":"stop"}]}')
+    assert not _adds_nothing(_chunk({"content": '"tool_calls'}))

@@ -49,6 +49,20 @@ _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, 
 _NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
 
 
+_FINISH_KEY = b'"finish_reason"'
+_FINISH_NULL = b'"finish_reason":null'
+
+
+def _adds_nothing(payload: bytes) -> bool:
+    """Whether a chat chunk carries nothing the checks read once its stream's text is settled: no tool calls,
+    no refusal, and every finish reason null. Read from its bytes, not decoded: a key cannot appear inside a
+    JSON string (its quotes would be escaped there), so a chunk whose bytes do not show one has none (a
+    string that looks like one only sends the chunk to the decoder). Conservative: `"finish_reason": null`
+    (spaced) or a `"refusal":null` is decoded all the same."""
+    return (b'"tool_calls"' not in payload and b'"refusal"' not in payload
+            and payload.count(_FINISH_KEY) == payload.count(_FINISH_NULL))
+
+
 def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
     if not isinstance(choice, dict):
         return
@@ -230,8 +244,9 @@ class QualitySignals:
             return await self._responses(ctx, call_next)
         if ctx.endpoint not in _CHECKED:  # embeddings have no text
             return await call_next(ctx)
-        # The provider's decode reads the choices too (a stream's chunks, or a complete answer's with its usage),
-        # no second decode here (set before the body is read: whether it streams is not known yet).
+        # The provider's decode of a complete answer reads its choices too, with its usage: no second decode here
+        # (set before the body is read: whether it streams is not known yet; a stream's chunks are read here,
+        # most of them from their bytes alone, `_StreamQuality`).
         ctx.read_choices = True
         reply = await call_next(ctx)
         if reply.status != 200:
@@ -291,13 +306,17 @@ class QualitySignals:
 
 
 class _StreamQuality:
-    """Reads a stream's chunks: the common one (one choice, text only) in line, from the choices the provider
-    decoded (`ctx.read_choices`); others' payloads kept (references, no copies) and read in batches: at most
-    `_BATCH` held, all of a batch decoded in one call, the last ones at the end. Counts a finished stream.
+    """Reads a stream's chunks: each decoded here (only the choices' fields the checks read) while its text
+    may still change a verdict, and the common one (one choice, text only) read in line. Counts a finished
+    stream.
 
     Once later text cannot change a verdict (`settled`: no JSON asked, and the text's first word character
     opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
-    chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
+    chunk's text is no longer kept, and a chat chunk is no longer decoded when its bytes show nothing else the
+    checks read (`_adds_nothing`: most of a stream's chunks). What else a chunk carries (finish reasons, tool
+    calls, refusals) still is: those chunks' payloads are kept (references, no copies) and read in batches, at
+    most `_BATCH` held, all of a batch decoded in one call, the last ones at the end. A provider that decoded
+    the choices anyway (`Chunk.choices`) hands them over, and they are read as they are."""
 
     __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "settled", "stage")
     reads_events = True
@@ -325,9 +344,21 @@ class _StreamQuality:
                 continue
             choices = event.choices
             if choices is None:
-                self.payloads.append(event.payload)
-                continue
-            if self.payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
+                payload = event.payload
+                if self.settled:
+                    if chat and _adds_nothing(payload):  # the common chunk once its text is no longer needed
+                        continue
+                    self.payloads.append(payload)  # read in a batch (below, or at the end)
+                    continue
+                if self.payloads:
+                    self._read(ctx)
+                try:  # the text still decides a verdict: read now, in order
+                    choices = _decode_choices(payload).choices or []
+                except (msgspec.DecodeError, msgspec.ValidationError):
+                    self.payloads.append(payload)  # `_read` reads it the slow way (or skips a malformed one)
+                    self._read(ctx)
+                    continue
+            elif self.payloads:  # the provider read these choices for us: what came before first
                 self._read(ctx)
             # The common chunk, read in line (this runs for every chunk): one choice, text only.
             if len(choices) == 1 and chat:

@@ -313,6 +313,31 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
     assert b"\n".join(line for line in looped if line != b'g{a="y"} 2.0') == exposition(False)
 
 
+def test_a_loop_value_adds_what_inc_adds_lock_free_or_through_the_child() -> None:
+    """`loop_value(child)._value += amount`: the lock-free child's value object itself; any other child (another
+    kind of registry) gets a stand-in whose additions go through the child's own `inc` (gauges: negative too)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+    from prometheus_client.values import MutexValue
+
+    from gateway.telemetry.series import _AddThrough, fast_child, loop_child, loop_value
+
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", ("a",), registry=registry)
+    gauge = Gauge("g", "g", ("a",), registry=registry)
+    direct = loop_value(loop_child(counter.labels("x")))
+    assert type(direct) is MutexValue
+    through = loop_value(fast_child(counter.labels("y")))  # not lock-free: through `inc`
+    assert type(through) is _AddThrough
+    up_down = loop_value(gauge.labels("z"))  # a library child
+    for value in (direct, through):
+        value._value += 2
+        value._value += 0.5
+    up_down._value += 3
+    up_down._value -= 1
+    assert counter.labels("x")._value.get() == counter.labels("y")._value.get() == 2.5
+    assert gauge.labels("z")._value.get() == 2
+
+
 def test_a_responses_answer_is_read_from_its_output_items() -> None:
     from gateway.telemetry.quality import signals_for
     from gateway.telemetry.quality_responses import answer_of, decode_response, responses_asked
@@ -452,18 +477,3 @@ def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None
             slow.record(*values)
     assert samples(inline) == samples(called)
 
-
-def test_a_settled_chat_chunk_is_skipped_only_when_its_bytes_show_nothing_the_checks_read() -> None:
-    """`_adds_nothing`: the common chunk is skipped; a finish reason, tool calls or a refusal field (or text that
-    looks like one of their keys, or spaced JSON) sends the chunk to the decoder."""
-    from gateway.telemetry.quality import _adds_nothing
-
-    assert _adds_nothing(_chunk({"content": "Hello"}))
-    assert _adds_nothing(b'{"choices":[{"index":1,"delta":{"content":"x"},"finish_reason":null}]}')
-    assert not _adds_nothing(_chunk({}, "stop"))
-    assert not _adds_nothing(_chunk({"tool_calls": [{"index": 0, "function": {"name": "f"}}]}))
-    assert not _adds_nothing(_chunk({"refusal": "no"}))
-    assert not _adds_nothing(b'{"choices":[{"index":0,"delta":{},"finish_reason": null}]}')
-    assert not _adds_nothing(b'{"choices":[{"index":0,"delta":{},"finish_reason":null},'
-                             b'{"index":1,"delta":{},"finish_reason":"stop"}]}')
-    assert not _adds_nothing(_chunk({"content": '"tool_calls'}))

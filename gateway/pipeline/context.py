@@ -79,7 +79,7 @@ class RequestContext:
     upstream_started: float = 0.0
     upstream_seconds: float = 0.0
     first_chunk_seconds: float | None = None
-    read_choices: bool = False  # a stage reads a complete answer's text (quality signals): see `Call.read_choices`
+    read_choices: bool = False  # a stage reads every chunk's text (quality signals): see `Call.read_choices`
     chunks: int = 0  # content batches forwarded (a token estimate when nothing else is known)
     status: int = 200
     error_code: str | None = None

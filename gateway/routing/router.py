@@ -251,9 +251,7 @@ class Router:
         body = ctx.body
         body = {**body, **target.extra_body, "model": target.upstream_model} if target.extra_body else {
             **body, "model": target.upstream_model}
-        # `read_choices` asks for a complete answer's choices (the quality reader reads a stream's chunks itself).
-        call = Call(ctx.endpoint, body, ctx.stream, ctx.request_id, target.timeouts, ctx.traceparent,
-                    ctx.read_choices and not ctx.stream)
+        call = Call(ctx.endpoint, body, ctx.stream, ctx.request_id, target.timeouts, ctx.traceparent, ctx.read_choices)
         ctx.provider = provider
         ctx.target = target
         ctx.attempt_count += 1

@@ -28,7 +28,7 @@ from .answers import Answer, Asked
 from .metrics import Metrics
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import REFUSAL_HEAD_CHARS, cannot_become_refusal, looks_like_refusal
-from .series import Children
+from .series import Children, loop_value
 
 __all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
 
@@ -42,25 +42,11 @@ _MAX_VALIDATORS = 256
 # dict); an answer whose fields have other types than OpenAI's is read the slow way, as a dict.
 _decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
 _decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
-_CHECKED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+_CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 _JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is checked
 _BATCH = 256  # stream chunks held before they are read
 _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
 _NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
-
-
-_FINISH_KEY = b'"finish_reason"'
-_FINISH_NULL = b'"finish_reason":null'
-
-
-def _adds_nothing(payload: bytes) -> bool:
-    """Whether a chat chunk carries nothing the checks read once its stream's text is settled: no tool calls,
-    no refusal, and every finish reason null. Read from its bytes, not decoded: a key cannot appear inside a
-    JSON string (its quotes would be escaped there), so a chunk whose bytes do not show one has none (a
-    string that looks like one only sends the chunk to the decoder). Conservative: `"finish_reason": null`
-    (spaced) or a `"refusal":null` is decoded all the same."""
-    return (b'"tool_calls"' not in payload and b'"refusal"' not in payload
-            and payload.count(_FINISH_KEY) == payload.count(_FINISH_NULL))
 
 
 def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -235,27 +221,41 @@ class QualitySignals:
         self._checked = Children(metrics.quality_checked, loop_only=True)
         self._finish_reasons = Children(metrics.finish_reasons, loop_only=True)
         self._signals = Children(metrics.quality_signals, loop_only=True)
-        # (alias, target name) -> (alias label, target label, `checked` child, finish reason -> child): this
-        # stage lives as long as its policy, so the labels they map to cannot change.
+        # (alias, target name) -> (alias label, target label, `checked` counter, finish reason -> counter), the
+        # counters as `loop_value`s: this stage lives as long as its policy, so the labels cannot change.
         self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        if ctx.endpoint is Endpoint.RESPONSES:
-            return await self._responses(ctx, call_next)
-        if ctx.endpoint not in _CHECKED:  # embeddings have no text
-            return await call_next(ctx)
-        # The provider's decode of a complete answer reads its choices too, with its usage: no second decode here
-        # (set before the body is read: whether it streams is not known yet; a stream's chunks are read here,
-        # most of them from their bytes alone, `_StreamQuality`).
-        ctx.read_choices = True
+        """As a stage of its own; the telemetry stage runs `prepare` and `read` in its own frame instead (one
+        coroutine fewer for a request's task to resume through)."""
+        self.prepare(ctx)
         reply = await call_next(ctx)
+        self.read(ctx, reply)
+        return reply
+
+    def prepare(self, ctx: RequestContext) -> None:
+        """Before the request goes on: a chat or completions answer's choices are to be read."""
+        endpoint = ctx.endpoint
+        if endpoint is _CHAT or endpoint is _COMPLETIONS:  # (`is`, not a set: an enum's hash is a Python call)
+            # The provider's decode reads the choices too (a stream's chunks, or a complete answer's with its
+            # usage): no second decode here (set before the body is read: whether it streams is not known yet).
+            ctx.read_choices = True
+
+    def read(self, ctx: RequestContext, reply: Reply) -> None:
+        """The answer: a complete one read and counted now, a stream's chunks as they pass (embeddings: none)."""
         if reply.status != 200:
-            return reply
+            return
+        endpoint = ctx.endpoint
+        if endpoint is _RESPONSES:
+            self._responses(ctx, reply)
+            return
+        chat = endpoint is _CHAT
+        if not chat and endpoint is not _COMPLETIONS:  # embeddings have no text
+            return
         if reply.stream is not None:
-            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body), ctx.endpoint is Endpoint.CHAT))
+            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body), chat))
         elif reply.body is not None:
             answer = Answer()
-            chat = ctx.endpoint is Endpoint.CHAT
             read = reply.choices_of
             if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
                 _read_typed(answer, read[1], chat, self.limit)
@@ -263,25 +263,20 @@ class QualitySignals:
                 try:
                     _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
                 except msgspec.DecodeError:
-                    return reply
+                    return
             self.count(ctx, answer, chat_asked(ctx.body))
-        return reply
 
-    async def _responses(self, ctx: RequestContext, call_next: Next) -> Reply:
+    def _responses(self, ctx: RequestContext, reply: Reply) -> None:
         """A Responses answer: its `response` object (`quality_responses`), complete or at a stream's end."""
-        reply = await call_next(ctx)
-        if reply.status != 200:
-            return reply
         if reply.stream is not None:
             reply.stream.add(ResponsesStreamQuality(self))
         elif reply.body is not None:
             try:
                 answer = answer_of(decode_response(reply.body), self.limit)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                return reply
+                return
             if answer is not None:
                 self.count(ctx, answer, responses_asked(ctx.body))
-        return reply
 
     def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
         route = ctx.route  # `ctx.alias_label`, in line
@@ -290,33 +285,29 @@ class QualitySignals:
         if found is None:  # the labels and their children, once per alias and target
             labels = ctx.runtime.policy.labels
             model, target = labels.alias(named[0]), labels.target(named[1])
-            found = (model, target, self._checked(model, target), {})
+            found = (model, target, loop_value(self._checked(model, target)), {})
             if len(self._series) < _MAX_SERIES:
                 self._series[named] = found
         model, target, checked, reasons = found
-        checked.inc()
+        checked._value += 1  # (`loop_value`: no call)
         for reason in answer.finish_reasons:
             label = reason if reason in _FINISH_REASONS else "other"  # an upstream's odd reasons: one label
-            child = reasons.get(label)
-            if child is None:
-                child = reasons[label] = self._finish_reasons(model, target, label)
-            child.inc()
+            counted = reasons.get(label)
+            if counted is None:
+                counted = reasons[label] = loop_value(self._finish_reasons(model, target, label))
+            counted._value += 1
         for signal in signals_for(answer, asked):
             self._signals(model, target, signal).inc()
 
 
 class _StreamQuality:
-    """Reads a stream's chunks: each decoded here (only the choices' fields the checks read) while its text
-    may still change a verdict, and the common one (one choice, text only) read in line. Counts a finished
-    stream.
+    """Reads a stream's chunks: the common one (one choice, text only) in line, from the choices the provider
+    decoded (`ctx.read_choices`); others' payloads kept (references, no copies) and read in batches: at most
+    `_BATCH` held, all of a batch decoded in one call, the last ones at the end. Counts a finished stream.
 
     Once later text cannot change a verdict (`settled`: no JSON asked, and the text's first word character
     opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
-    chunk's text is no longer kept, and a chat chunk is no longer decoded when its bytes show nothing else the
-    checks read (`_adds_nothing`: most of a stream's chunks). What else a chunk carries (finish reasons, tool
-    calls, refusals) still is: those chunks' payloads are kept (references, no copies) and read in batches, at
-    most `_BATCH` held, all of a batch decoded in one call, the last ones at the end. A provider that decoded
-    the choices anyway (`Chunk.choices`) hands them over, and they are read as they are."""
+    chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
 
     __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "settled", "stage")
     reads_events = True
@@ -344,21 +335,9 @@ class _StreamQuality:
                 continue
             choices = event.choices
             if choices is None:
-                payload = event.payload
-                if self.settled:
-                    if chat and _adds_nothing(payload):  # the common chunk once its text is no longer needed
-                        continue
-                    self.payloads.append(payload)  # read in a batch (below, or at the end)
-                    continue
-                if self.payloads:
-                    self._read(ctx)
-                try:  # the text still decides a verdict: read now, in order
-                    choices = _decode_choices(payload).choices or []
-                except (msgspec.DecodeError, msgspec.ValidationError):
-                    self.payloads.append(payload)  # `_read` reads it the slow way (or skips a malformed one)
-                    self._read(ctx)
-                    continue
-            elif self.payloads:  # the provider read these choices for us: what came before first
+                self.payloads.append(event.payload)
+                continue
+            if self.payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
                 self._read(ctx)
             # The common chunk, read in line (this runs for every chunk): one choice, text only.
             if len(choices) == 1 and chat:

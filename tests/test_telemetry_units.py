@@ -414,6 +414,14 @@ _ANSWERS = [  # complete answers: common, truncated, a tool call, a refusal fiel
     b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}]}',
     b'{"choices":[{"index":"0","message":{"content":"x"},"finish_reason":7}]}',
     b'{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
+    # the common answer's shortcut (`_plain_finish`) and the answers it leaves to the full read
+    b'{"choices":[{"index":0,"message":{"content":"Hello there, and so on"},"finish_reason":"length"}]}',
+    b'{"choices":[{"index":0,"message":{"content":"Hello","refusal":null,"tool_calls":[]},"finish_reason":"odd"}]}',
+    b'{"choices":[{"index":0,"message":{"content":"I am sorry, I cannot help"},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"message":{"content":" \\n "},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"message":{"content":""},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"message":{"content":"Hello"},"finish_reason":null}]}',
+    b'{"choices":[{"index":1,"message":{"content":"Hello"},"finish_reason":"stop"}]}',
 ]
 
 
@@ -434,9 +442,9 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     assert (completion.choices is None) == odd
     labels = MetricLabels(frozenset({"a"}), frozenset({"t"}))
 
-    def counts(reply: Reply) -> dict[str, float]:
+    def counts(reply: Reply, limit: int = 1 << 20) -> dict[str, float]:
         metrics = Metrics()
-        stage = QualitySignals(metrics, 1 << 20)
+        stage = QualitySignals(metrics, limit)
         ctx = SimpleNamespace(endpoint=Endpoint.CHAT, body={}, route=SimpleNamespace(alias="a"),
                               target=SimpleNamespace(name="t"), read_choices=False,
                               runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)))
@@ -451,6 +459,7 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     plain = counts(Reply(body=body))
     read = Reply(body=body, choices_of=(body, completion.choices) if completion.choices is not None else None)
     assert counts(read) == plain and plain
+    assert counts(read, limit=4) == counts(Reply(body=body), limit=4)  # the text past the limit: not kept
     rewritten = b'{"choices":[{"index":0,"message":{"content":"Fine."},"finish_reason":"stop"}]}'
     stale = Reply(body=rewritten, choices_of=read.choices_of)  # a stage changed the body: its own text is read
     assert counts(stale) == counts(Reply(body=rewritten))

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -47,6 +48,7 @@ _JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is che
 _BATCH = 256  # stream chunks held before they are read
 _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
 _NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
+_TRUNCATED = ("truncated",)
 
 
 def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -102,6 +104,19 @@ def _read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, li
                     parts[0] += call.function.name
                 if call.function.arguments is not None:
                     parts.append(call.function.arguments)
+
+
+def _plain_finish(choice: ChoicePeek) -> str | None:
+    """The finish reason of a chat answer's only choice when nothing else in it can fail a check (what
+    `signals_for` then finds: `truncated` for `length`, nothing else): text that cannot be a refusal (so not
+    empty either), no tool calls, no refusal field. None: the answer is read in full (`_read_typed`), as is one
+    whose request asked for JSON or offered tools (not passed here)."""
+    message = choice.message
+    if (message is None or choice.index != 0 or choice.text is not None or message.tool_calls
+            or message.refusal or choice.finish_reason is None):
+        return None
+    content = message.content
+    return choice.finish_reason if content and cannot_become_refusal(content) else None
 
 
 def _read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:
@@ -255,16 +270,24 @@ class QualitySignals:
         if reply.stream is not None:
             reply.stream.add(_StreamQuality(self, chat_asked(ctx.body), chat))
         elif reply.body is not None:
-            answer = Answer()
             read = reply.choices_of
+            asked = chat_asked(ctx.body)
             if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
+                if chat and asked is _NOTHING_ASKED and len(read[1]) == 1:
+                    reason = _plain_finish(read[1][0])
+                    if reason is not None:  # the common answer: its one finish reason, and no other check can fail
+                        self.counts(ctx, (reason,), _TRUNCATED if reason == "length" else ())
+                        return
+                answer = Answer()
                 _read_typed(answer, read[1], chat, self.limit)
-            else:
-                try:
-                    _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
-                except msgspec.DecodeError:
-                    return
-            self.count(ctx, answer, chat_asked(ctx.body))
+                self.count(ctx, answer, asked)
+                return
+            answer = Answer()
+            try:
+                _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
+            except msgspec.DecodeError:
+                return
+            self.count(ctx, answer, asked)
 
     def _responses(self, ctx: RequestContext, reply: Reply) -> None:
         """A Responses answer: its `response` object (`quality_responses`), complete or at a stream's end."""
@@ -279,6 +302,11 @@ class QualitySignals:
                 self.count(ctx, answer, responses_asked(ctx.body))
 
     def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
+        """One answer checked: its finish reasons and the problems found (`signals_for`) counted."""
+        self.counts(ctx, answer.finish_reasons, signals_for(answer, asked))
+
+    def counts(self, ctx: RequestContext, finish_reasons: Sequence[str], signals: Sequence[str]) -> None:
+        """One answer checked, with these finish reasons and these problems."""
         route = ctx.route  # `ctx.alias_label`, in line
         named = (route.alias if route is not None else "unknown", ctx.target.name if ctx.target is not None else None)
         found = self._series.get(named)
@@ -290,13 +318,13 @@ class QualitySignals:
                 self._series[named] = found
         model, target, checked, reasons = found
         checked._value += 1  # (`loop_value`: no call)
-        for reason in answer.finish_reasons:
+        for reason in finish_reasons:
             label = reason if reason in _FINISH_REASONS else "other"  # an upstream's odd reasons: one label
             counted = reasons.get(label)
             if counted is None:
                 counted = reasons[label] = loop_value(self._finish_reasons(model, target, label))
             counted._value += 1
-        for signal in signals_for(answer, asked):
+        for signal in signals:
             self._signals(model, target, signal).inc()
 
 

@@ -95,7 +95,7 @@ class Gateway:
         accounting = Accounting(policy, store, Ledger(store, self.metrics.accounting_pending), self.metrics,
                                 CountTokens(self.tokens)) if policy.has_accounting or keys is not None else None
         pipeline = Pipeline([
-            Telemetry(self.metrics),
+            Telemetry(self.metrics, observers.quality),  # the quality signals (on) run in its frame
             *observers.stages,
             CountTokens(self.tokens),
             Admit(),

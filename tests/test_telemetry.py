@@ -211,6 +211,7 @@ def test_quality_signals_of_responses_answers(telemetry_gateway: RunningGateway,
 
 def test_quality_off_reads_no_stream_and_counts_nothing(gateway: RunningGateway) -> None:
     assert not any(stage.name == "quality" for stage in gateway.gateway.runtime.pipeline.stages)
+    assert all(getattr(stage, "quality", None) is None for stage in gateway.gateway.runtime.pipeline.stages)
     httpx.post(f"{gateway.base_url}/chat/completions", json=_chat("I'm sorry, but I can't"), headers=_headers())
     assert "gateway_quality_signals_total{" not in gateway.metrics()
 
@@ -329,6 +330,7 @@ def test_metrics_off_record_nothing_and_keep_the_access_log(
     (a feature that is off costs nothing); the access log stays."""
     running = make_gateway(policy_text(upstream.base_url, access_log="true", metrics="false") + TELEMETRY)
     assert not any(stage.name == "quality" for stage in running.gateway.runtime.pipeline.stages)
+    assert all(getattr(stage, "quality", None) is None for stage in running.gateway.runtime.pipeline.stages)
     with caplog.at_level(logging.INFO, logger="gateway.access"):
         for stream in (False, True):
             response = httpx.post(f"{running.base_url}/chat/completions",

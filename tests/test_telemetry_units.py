@@ -158,6 +158,9 @@ _STREAMS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
         _chunk({"content": '{"text": "'}), *(_chunk({"content": w}) for w in _WORDS), _chunk({"content": '"}'}),
         _chunk({}, "stop")]),
     "usage on the last chunk": ({}, [_chunk({"content": "Hi"}), _chunk({}, "stop", usage={"prompt_tokens": 1})]),
+    "text that looks like keys": ({}, [_chunk({"content": "Keys"}), _chunk({"content": 'say "finish_reason"'}),
+                                       _chunk({"content": '"tool_calls'}), _chunk({"content": '"refusal": "x"'}),
+                                       _chunk({}, "length")]),
 }
 
 
@@ -310,6 +313,31 @@ def test_the_fast_observe_and_inc_add_what_prometheus_client_adds() -> None:
     assert b"\n".join(line for line in looped if line != b'g{a="y"} 2.0') == exposition(False)
 
 
+def test_a_loop_value_adds_what_inc_adds_lock_free_or_through_the_child() -> None:
+    """`loop_value(child)._value += amount`: the lock-free child's value object itself; any other child (another
+    kind of registry) gets a stand-in whose additions go through the child's own `inc` (gauges: negative too)."""
+    from prometheus_client import CollectorRegistry, Counter, Gauge
+    from prometheus_client.values import MutexValue
+
+    from gateway.telemetry.series import _AddThrough, fast_child, loop_child, loop_value
+
+    registry = CollectorRegistry()
+    counter = Counter("c", "c", ("a",), registry=registry)
+    gauge = Gauge("g", "g", ("a",), registry=registry)
+    direct = loop_value(loop_child(counter.labels("x")))
+    assert type(direct) is MutexValue
+    through = loop_value(fast_child(counter.labels("y")))  # not lock-free: through `inc`
+    assert type(through) is _AddThrough
+    up_down = loop_value(gauge.labels("z"))  # a library child
+    for value in (direct, through):
+        value._value += 2
+        value._value += 0.5
+    up_down._value += 3
+    up_down._value -= 1
+    assert counter.labels("x")._value.get() == counter.labels("y")._value.get() == 2.5
+    assert gauge.labels("z")._value.get() == 2
+
+
 def test_a_responses_answer_is_read_from_its_output_items() -> None:
     from gateway.telemetry.quality import signals_for
     from gateway.telemetry.quality_responses import answer_of, decode_response, responses_asked
@@ -386,6 +414,14 @@ _ANSWERS = [  # complete answers: common, truncated, a tool call, a refusal fiel
     b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}]}',
     b'{"choices":[{"index":"0","message":{"content":"x"},"finish_reason":7}]}',
     b'{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
+    # the common answer's shortcut (`_plain_finish`) and the answers it leaves to the full read
+    b'{"choices":[{"index":0,"message":{"content":"Hello there, and so on"},"finish_reason":"length"}]}',
+    b'{"choices":[{"index":0,"message":{"content":"Hello","refusal":null,"tool_calls":[]},"finish_reason":"odd"}]}',
+    b'{"choices":[{"index":0,"message":{"content":"I am sorry, I cannot help"},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"message":{"content":" \\n "},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"message":{"content":""},"finish_reason":"stop"}]}',
+    b'{"choices":[{"index":0,"message":{"content":"Hello"},"finish_reason":null}]}',
+    b'{"choices":[{"index":1,"message":{"content":"Hello"},"finish_reason":"stop"}]}',
 ]
 
 
@@ -406,9 +442,9 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     assert (completion.choices is None) == odd
     labels = MetricLabels(frozenset({"a"}), frozenset({"t"}))
 
-    def counts(reply: Reply) -> dict[str, float]:
+    def counts(reply: Reply, limit: int = 1 << 20) -> dict[str, float]:
         metrics = Metrics()
-        stage = QualitySignals(metrics, 1 << 20)
+        stage = QualitySignals(metrics, limit)
         ctx = SimpleNamespace(endpoint=Endpoint.CHAT, body={}, route=SimpleNamespace(alias="a"),
                               target=SimpleNamespace(name="t"), read_choices=False,
                               runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)))
@@ -423,6 +459,7 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     plain = counts(Reply(body=body))
     read = Reply(body=body, choices_of=(body, completion.choices) if completion.choices is not None else None)
     assert counts(read) == plain and plain
+    assert counts(read, limit=4) == counts(Reply(body=body), limit=4)  # the text past the limit: not kept
     rewritten = b'{"choices":[{"index":0,"message":{"content":"Fine."},"finish_reason":"stop"}]}'
     stale = Reply(body=rewritten, choices_of=read.choices_of)  # a stage changed the body: its own text is read
     assert counts(stale) == counts(Reply(body=rewritten))
@@ -448,3 +485,4 @@ def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None
             fast.record(*values)
             slow.record(*values)
     assert samples(inline) == samples(called)
+

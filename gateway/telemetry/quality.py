@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from collections.abc import Sequence
 from typing import Any
 
 import msgspec
@@ -28,7 +29,7 @@ from .answers import Answer, Asked
 from .metrics import Metrics
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import REFUSAL_HEAD_CHARS, cannot_become_refusal, looks_like_refusal
-from .series import Children
+from .series import Children, loop_value
 
 __all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
 
@@ -42,11 +43,12 @@ _MAX_VALIDATORS = 256
 # dict); an answer whose fields have other types than OpenAI's is read the slow way, as a dict.
 _decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
 _decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
-_CHECKED = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS})
+_CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 _JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is checked
 _BATCH = 256  # stream chunks held before they are read
 _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
 _NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
+_TRUNCATED = ("truncated",)
 
 
 def _read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -102,6 +104,19 @@ def _read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, li
                     parts[0] += call.function.name
                 if call.function.arguments is not None:
                     parts.append(call.function.arguments)
+
+
+def _plain_finish(choice: ChoicePeek) -> str | None:
+    """The finish reason of a chat answer's only choice when nothing else in it can fail a check (what
+    `signals_for` then finds: `truncated` for `length`, nothing else): text that cannot be a refusal (so not
+    empty either), no tool calls, no refusal field. None: the answer is read in full (`_read_typed`), as is one
+    whose request asked for JSON or offered tools (not passed here)."""
+    message = choice.message
+    if (message is None or choice.index != 0 or choice.text is not None or message.tool_calls
+            or message.refusal or choice.finish_reason is None):
+        return None
+    content = message.content
+    return choice.finish_reason if content and cannot_become_refusal(content) else None
 
 
 def _read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:
@@ -221,72 +236,95 @@ class QualitySignals:
         self._checked = Children(metrics.quality_checked, loop_only=True)
         self._finish_reasons = Children(metrics.finish_reasons, loop_only=True)
         self._signals = Children(metrics.quality_signals, loop_only=True)
-        # (alias, target name) -> (alias label, target label, `checked` child, finish reason -> child): this
-        # stage lives as long as its policy, so the labels they map to cannot change.
+        # (alias, target name) -> (alias label, target label, `checked` counter, finish reason -> counter), the
+        # counters as `loop_value`s: this stage lives as long as its policy, so the labels cannot change.
         self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        if ctx.endpoint is Endpoint.RESPONSES:
-            return await self._responses(ctx, call_next)
-        if ctx.endpoint not in _CHECKED:  # embeddings have no text
-            return await call_next(ctx)
-        # The provider's decode reads the choices too (a stream's chunks, or a complete answer's with its usage),
-        # no second decode here (set before the body is read: whether it streams is not known yet).
-        ctx.read_choices = True
+        """As a stage of its own; the telemetry stage runs `prepare` and `read` in its own frame instead (one
+        coroutine fewer for a request's task to resume through)."""
+        self.prepare(ctx)
         reply = await call_next(ctx)
-        if reply.status != 200:
-            return reply
-        if reply.stream is not None:
-            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body), ctx.endpoint is Endpoint.CHAT))
-        elif reply.body is not None:
-            answer = Answer()
-            chat = ctx.endpoint is Endpoint.CHAT
-            read = reply.choices_of
-            if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
-                _read_typed(answer, read[1], chat, self.limit)
-            else:
-                try:
-                    _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
-                except msgspec.DecodeError:
-                    return reply
-            self.count(ctx, answer, chat_asked(ctx.body))
+        self.read(ctx, reply)
         return reply
 
-    async def _responses(self, ctx: RequestContext, call_next: Next) -> Reply:
-        """A Responses answer: its `response` object (`quality_responses`), complete or at a stream's end."""
-        reply = await call_next(ctx)
+    def prepare(self, ctx: RequestContext) -> None:
+        """Before the request goes on: a chat or completions answer's choices are to be read."""
+        endpoint = ctx.endpoint
+        if endpoint is _CHAT or endpoint is _COMPLETIONS:  # (`is`, not a set: an enum's hash is a Python call)
+            # The provider's decode reads the choices too (a stream's chunks, or a complete answer's with its
+            # usage): no second decode here (set before the body is read: whether it streams is not known yet).
+            ctx.read_choices = True
+
+    def read(self, ctx: RequestContext, reply: Reply) -> None:
+        """The answer: a complete one read and counted now, a stream's chunks as they pass (embeddings: none)."""
         if reply.status != 200:
-            return reply
+            return
+        endpoint = ctx.endpoint
+        if endpoint is _RESPONSES:
+            self._responses(ctx, reply)
+            return
+        chat = endpoint is _CHAT
+        if not chat and endpoint is not _COMPLETIONS:  # embeddings have no text
+            return
+        if reply.stream is not None:
+            reply.stream.add(_StreamQuality(self, chat_asked(ctx.body), chat))
+        elif reply.body is not None:
+            read = reply.choices_of
+            asked = chat_asked(ctx.body)
+            if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
+                if chat and asked is _NOTHING_ASKED and len(read[1]) == 1:
+                    reason = _plain_finish(read[1][0])
+                    if reason is not None:  # the common answer: its one finish reason, and no other check can fail
+                        self.counts(ctx, (reason,), _TRUNCATED if reason == "length" else ())
+                        return
+                answer = Answer()
+                _read_typed(answer, read[1], chat, self.limit)
+                self.count(ctx, answer, asked)
+                return
+            answer = Answer()
+            try:
+                _read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
+            except msgspec.DecodeError:
+                return
+            self.count(ctx, answer, asked)
+
+    def _responses(self, ctx: RequestContext, reply: Reply) -> None:
+        """A Responses answer: its `response` object (`quality_responses`), complete or at a stream's end."""
         if reply.stream is not None:
             reply.stream.add(ResponsesStreamQuality(self))
         elif reply.body is not None:
             try:
                 answer = answer_of(decode_response(reply.body), self.limit)
             except (msgspec.DecodeError, msgspec.ValidationError):
-                return reply
+                return
             if answer is not None:
                 self.count(ctx, answer, responses_asked(ctx.body))
-        return reply
 
     def count(self, ctx: RequestContext, answer: Answer, asked: Asked) -> None:
+        """One answer checked: its finish reasons and the problems found (`signals_for`) counted."""
+        self.counts(ctx, answer.finish_reasons, signals_for(answer, asked))
+
+    def counts(self, ctx: RequestContext, finish_reasons: Sequence[str], signals: Sequence[str]) -> None:
+        """One answer checked, with these finish reasons and these problems."""
         route = ctx.route  # `ctx.alias_label`, in line
         named = (route.alias if route is not None else "unknown", ctx.target.name if ctx.target is not None else None)
         found = self._series.get(named)
         if found is None:  # the labels and their children, once per alias and target
             labels = ctx.runtime.policy.labels
             model, target = labels.alias(named[0]), labels.target(named[1])
-            found = (model, target, self._checked(model, target), {})
+            found = (model, target, loop_value(self._checked(model, target)), {})
             if len(self._series) < _MAX_SERIES:
                 self._series[named] = found
         model, target, checked, reasons = found
-        checked.inc()
-        for reason in answer.finish_reasons:
+        checked._value += 1  # (`loop_value`: no call)
+        for reason in finish_reasons:
             label = reason if reason in _FINISH_REASONS else "other"  # an upstream's odd reasons: one label
-            child = reasons.get(label)
-            if child is None:
-                child = reasons[label] = self._finish_reasons(model, target, label)
-            child.inc()
-        for signal in signals_for(answer, asked):
+            counted = reasons.get(label)
+            if counted is None:
+                counted = reasons[label] = loop_value(self._finish_reasons(model, target, label))
+            counted._value += 1
+        for signal in signals:
             self._signals(model, target, signal).inc()
 
 

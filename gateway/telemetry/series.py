@@ -19,7 +19,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.values import MutexValue
 
-__all__ = ["Children", "RequestSeries", "fast_child", "loop_child", "request_series"]
+__all__ = ["Children", "RequestSeries", "fast_child", "loop_child", "loop_value", "request_series"]
 
 _INF = float("inf")
 
@@ -116,6 +116,32 @@ class _LoopIncrement(_Increment):
 
     def inc(self, amount: float = 1) -> None:
         self.value._value += amount
+
+
+class _AddThrough:
+    """Stands in for a value object that may not be added to in line (`loop_value`): `_value += amount` calls
+    the child's own `inc(amount)` (the getter reads 0, so the setter is handed the amount itself)."""
+
+    __slots__ = ("child",)
+
+    def __init__(self, child: Any) -> None:
+        self.child = child
+
+    @property
+    def _value(self) -> float:
+        return 0.0
+
+    @_value.setter
+    def _value(self, amount: float) -> None:
+        self.child.inc(amount)
+
+
+def loop_value(child: Any) -> Any:
+    """What a counter or gauge child from `loop_child` is added to in line, `loop_value(child)._value += amount`:
+    no call per write (a method call costs more than the addition). Its value object itself when the child is
+    lock-free (`_LoopIncrement`: one process, the event loop's thread only), else a stand-in that calls the
+    child's `inc`."""
+    return child.value if type(child) is _LoopIncrement else _AddThrough(child)
 
 
 def loop_child(child: Any) -> Any:

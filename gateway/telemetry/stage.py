@@ -1,5 +1,6 @@
-"""The outermost pipeline stage: in-flight count, metrics, and the access log, for every request;
-and the optional telemetry stages (tracing, feedback records, quality signals) a policy turns on.
+"""The outermost pipeline stage: in-flight count, metrics, and the access log, for every request, and the
+quality signals when a policy turns them on (read in this stage's frame); and the optional telemetry stages
+(tracing, feedback records) a policy turns on.
 With `server.metrics: false` the per-request metrics are not recorded at all (nor quality signals:
 they are metrics), so that a feature that is off costs nothing.
 
@@ -30,13 +31,13 @@ from .feedback import FeedbackRecorder
 from .logs import log_access
 from .metrics import Metrics
 from .quality import QualitySignals
-from .series import Children, RequestSeries, loop_child
+from .series import Children, RequestSeries, loop_child, loop_value
 from .tracing import SpanExporter, Tracing
 
 __all__ = ["Telemetry", "TelemetryStages"]
 
 _MAX_NAMED = 10_000  # label name combinations whose series are kept by their names; past this, looked up each time
-# What a finished request's names map to: its series, its model label, and its cost counter's child.
+# What a finished request's names map to: its series, its model label, and its cost counter (`loop_value`).
 _Named = tuple[RequestSeries, str, Any]
 
 
@@ -44,11 +45,14 @@ class Telemetry:
     name = "telemetry"
     reads_events = False
 
-    def __init__(self, metrics: Metrics) -> None:
+    def __init__(self, metrics: Metrics, quality: QualitySignals | None = None) -> None:
         self.metrics = metrics
+        # The quality signals (on: `TelemetryStages.quality`), read in this stage's frame rather than as a stage
+        # of their own: a request's task then resumes through one coroutine fewer.
+        self.quality = quality
         # By alias and tenant: the policy's bounded label sets; only this stage writes it, on the event loop.
         self._cost_usd = Children(metrics.cost, loop_only=True)
-        self._in_flight = loop_child(metrics.in_flight)  # `inc(1)`, `inc(-1)`: only this stage writes it
+        self._in_flight = loop_value(loop_child(metrics.in_flight))  # `+= 1`, `-= 1`: only this stage writes it
         self._access_lines = AccessLines()
         # A finished request's names -> `_Named`, for the policy of `_policy`: its names map to bounded labels,
         # so a request's names are mapped once, not per request.
@@ -57,9 +61,15 @@ class Telemetry:
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         if ctx.runtime.policy.server.metrics:  # off (`server.metrics: false`): nothing recorded
-            self._in_flight.inc(1)
+            self._in_flight._value += 1
+        quality = self.quality
         try:
-            reply = await call_next(ctx)
+            if quality is None:
+                reply = await call_next(ctx)
+            else:
+                quality.prepare(ctx)
+                reply = await call_next(ctx)
+                quality.read(ctx, reply)  # a stream: its reader is added before this stage's end hook
         except GatewayError as exc:
             ctx.status, ctx.error_code = exc.status, exc.code or exc.type
             self._finish(ctx)
@@ -99,7 +109,7 @@ class Telemetry:
         policy = ctx.runtime.policy
         server = policy.server
         if server.metrics:
-            self._in_flight.inc(-1)
+            self._in_flight._value -= 1
         if ctx.on_finish is not None:  # the answer is final now (the cache stores a miss's)
             ctx.on_finish()
         total = time.perf_counter() - ctx.started
@@ -140,7 +150,7 @@ class Telemetry:
         model, tenant_label = labels.alias(alias), labels.tenant(tenant)
         series = self.metrics.series(endpoint, model, status, provider, labels.target(target), tenant_label,
                                      labels.key(key), error)
-        found = (series, model, self._cost_usd(model, tenant_label))
+        found = (series, model, loop_value(self._cost_usd(model, tenant_label)))
         if len(self._named) < _MAX_NAMED:
             self._named[names] = found
         return found
@@ -162,7 +172,7 @@ class Telemetry:
             if cost is None:
                 metrics.cost_unpriced.labels(model).inc()
             elif cost:
-                named[2].inc(cost)
+                named[2]._value += cost
         if cost is None:
             return
         if reply is not None and ctx.target is not None and ctx.upstream_started:
@@ -170,7 +180,8 @@ class Telemetry:
 
 
 class TelemetryStages:
-    """The optional telemetry stages a policy turns on, in pipeline order, and their background services."""
+    """The optional telemetry stages a policy turns on, in pipeline order, and their background services; the
+    quality signals (`quality`) are for the `Telemetry` stage to run in its own frame."""
 
     def __init__(self, policy: Policy, metrics: Metrics, count_tokens: Callable[[str], int]) -> None:
         spec = policy.telemetry
@@ -182,8 +193,9 @@ class TelemetryStages:
             services += [exporter] if exporter is not None else []
         if spec.feedback.enabled:
             stages.append(FeedbackRecorder(spec.feedback.ttl_s))
-        if spec.quality.enabled and policy.server.metrics:  # the signals are metrics: with none, no checks
-            stages.append(QualitySignals(metrics, spec.quality.max_text_bytes))
+        # The signals are metrics: with none, no checks.
+        self.quality = QualitySignals(metrics, spec.quality.max_text_bytes) \
+            if spec.quality.enabled and policy.server.metrics else None
         if spec.payload_log.enabled:
             from .payload_log import PayloadLog, PayloadWriter  # loads the guards: only when the log is on
 

@@ -105,7 +105,7 @@ def wait_ready(url: str, body: bytes, key: str, timeout: float = 120.0) -> None:
             time.sleep(0.5)
 
 
-def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -> float:
+def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str, keep: Path | None = None) -> float:
     """Millions of instructions per request for one spec."""
     gateway, alias, mode, *rest = spec.split(":")
     key = features.ACCOUNTED_KEY if rest in (["accounted"], ["redis"]) else features.KEY
@@ -115,14 +115,14 @@ def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -
     policy = wd / f"policy-{port}.yaml"
     policy.write_text(policy_text(gateway, upstream_port, port, state))
     try:
-        return _count(spec, port, policy, wd, key, alias, mode, requests, prompt)
+        return _count(spec, port, policy, wd, key, alias, mode, requests, prompt, keep)
     finally:
         if state:
             features.drop_prefix(prefix, REDIS_URL)
 
 
 def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, mode: str, requests: int,
-           prompt: str) -> float:
+           prompt: str, keep: Path | None = None) -> float:
     """`count` for a policy file already written: the gateway under callgrind, warmed, then counted."""
     out = wd / f"callgrind-{port}.out"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -142,6 +142,10 @@ def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, m
             subprocess.run(["callgrind_control", *step, pid], check=True, capture_output=True)
         time.sleep(1)
     total = callgrind_total(out)
+    if keep is not None:  # the raw dumps, for `callgrind_annotate --inclusive=yes` (one file per spec)
+        keep.mkdir(parents=True, exist_ok=True)
+        for dump in out.parent.glob(out.name + "*"):
+            shutil.copy(dump, keep / (spec.replace(":", "_") + dump.name.removeprefix(out.name) + ".callgrind"))
     if not total:
         raise BenchError(f"{spec}: callgrind wrote no totals")
     return total / requests / 1e6
@@ -152,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("specs", nargs="+", help="GATEWAY:ALIAS:MODE[:KEY]")
     parser.add_argument("--requests", type=int, default=600, help="requests counted per spec [%(default)s]")
     parser.add_argument("--prompt-300", action="store_true", help="send the 300-word PII prompt of the guard rows")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="copy each spec's callgrind output to DIR")
     args = parser.parse_args(argv)
     tools = require_tools(("nginx", "taskset"))
     for tool in ("valgrind", "callgrind_control"):
@@ -167,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
                                                              chunks=int(chunks))
                 print(f"{spec}: {per_event / 1e3:.1f} k instructions/event ({events} events)", flush=True)
                 continue
-            print(f"{spec}: {count(spec, upstream_port, wd, args.requests, prompt):.3f} M instructions/request",
+            print(f"{spec}: {count(spec, upstream_port, wd, args.requests, prompt, args.keep):.3f} M instructions/request",
                   flush=True)
     return 0
 

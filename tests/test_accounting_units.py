@@ -150,7 +150,7 @@ def test_scope_index_rereads_a_key_whose_record_changed() -> None:
     policy: Any = SimpleNamespace(tenants={}, alias_limits={"m": LimitSpec(rpm=5)}, alias_budgets={})
     index = ScopeIndex(policy, cap=1)
     before = VirtualKey("k", "t", b"", None, limits=LimitSpec(rpm=10))
-    ctx: Any = SimpleNamespace(key=before, alias_label="m")
+    ctx: Any = SimpleNamespace(key=before, alias_label="m", route=None)
     first = index.of(ctx)
     assert [(s.kind, s.name, s.rpm_key) for s in first.all] == [("key", "k", "acct:rpm:key:k"),
                                                                   ("model", "m", "acct:rpm:model:m")]

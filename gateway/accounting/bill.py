@@ -40,6 +40,7 @@ class Held:
     ttl_s: float
     scope: Scope
     budget: BudgetSpec | None = None  # None: a token window
+    units: int = 0  # `reserved` in the store's millionths, when the in-process store holds it (settled in them)
 
 
 class Bill:

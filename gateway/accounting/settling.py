@@ -50,28 +50,31 @@ class Settling(StageState):
 
     def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
         """`_settle` on the in-process store (`cost`: the answer's, from `_price`): the same operations as
-        `_settle_ops`, answered in line."""
+        `_settle_ops`, answered in line, in the store's millionths (the cost converted once for every budget)."""
         if bill.settled:
             return
         bill.settled = True
         store = self._in_line
         assert store is not None
-        for held in bill.budgets:
-            try:
-                store.settle_now(held.key, held.reserved, cost, held.ttl_s)
-            except StoreUnavailable:
-                self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
-        for key, ttl, _ in bill.unreserved:
-            try:
-                store.settle_now(key, 0.0, cost, ttl)
-            except StoreUnavailable:
-                self._unsettled("spend", (key, 0.0, cost, ttl))
+        if bill.budgets or bill.unreserved:
+            units = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost, "actual")
+            for held in bill.budgets:
+                try:
+                    store.settle_units_now(held.key, units - held.units, held.ttl_s)
+                except StoreUnavailable:
+                    self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
+            for key, ttl, _ in bill.unreserved:
+                try:
+                    store.settle_units_now(key, units, ttl)
+                except StoreUnavailable:
+                    self._unsettled("spend", (key, 0.0, cost, ttl))
         if bill.tokens:
             usage = ctx.usage
-            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+            actual = tokens * AMOUNT_SCALE if 0 <= tokens < _FAST_AMOUNT else to_units(float(tokens), "actual")
             for held in bill.tokens:
                 try:
-                    store.settle_now(held.key, held.reserved, actual, WINDOW_S)
+                    store.settle_units_now(held.key, actual - held.units, WINDOW_S)
                 except StoreUnavailable:
                     self._unsettled("settle", ())
         for key, holder in bill.slots:
@@ -161,6 +164,7 @@ class Settling(StageState):
                 continue
             if answer.ok:
                 held.reserved += step
+                held.units += to_units(step)  # as the store counted it
             elif held.budget.mode == "hard":
                 return False
         bill.cost_reserved += step

@@ -25,6 +25,7 @@ from .scopes import Scope, Scopes
 
 __all__ = ["Admission"]
 
+_new = tuple.__new__  # a named tuple made without its Python-level __new__ (`Held`, per budget per request)
 _FAST_AMOUNT = 9e9  # costs in [0, this) become millionths in line (`to_units` checks the rest, and refuses NaN)
 
 
@@ -98,7 +99,7 @@ class Admission(StageState):
                         left = budget.usd - answer[1]  # `answer.limit - answer.total`
                         left = left if left > 0.0 else 0.0
                         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
-                        bill.budgets.append(Held(key, cost, ttl, scope, budget, units))
+                        bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units)))
                     elif not self._budget_answer(bill, scope, key, cost, ttl, answer, units):
                         hard = hard or scope
                 if hard is not None or bill.downgrade is not None:

@@ -26,6 +26,9 @@ else redis://127.0.0.1:6379/15, under a prefix of its own, dropped after).
 
     .venv/bin/python bench/instructions.py bare:bench-json:json telemetry:bench-json:json
 
+`--keep DIR` copies each spec's callgrind output to DIR (`callgrind_annotate --inclusive=yes FILE` tells
+where the instructions went; the Python code shows as the interpreter's C functions).
+
 A spec `scale:STREAMS:INTERVAL_MS:CHUNKS` counts instructions per forwarded event instead, on
 slow streams as in the scale row (`bench/scale.py` `count_instructions`: the scale policy, the
 slow upstream, a 30 s window), e.g. `scale:20:100:50` (~200 events/s, about 1.5 minutes; repeats
@@ -172,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              chunks=int(chunks))
                 print(f"{spec}: {per_event / 1e3:.1f} k instructions/event ({events} events)", flush=True)
                 continue
-            print(f"{spec}: {count(spec, upstream_port, wd, args.requests, prompt, args.keep):.3f} M instructions/request",
-                  flush=True)
+            per_request = count(spec, upstream_port, wd, args.requests, prompt, args.keep)
+            print(f"{spec}: {per_request:.3f} M instructions/request", flush=True)
     return 0
 
 

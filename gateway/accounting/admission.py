@@ -94,13 +94,13 @@ class Admission(StageState):
                     budget, keys = scope.budget, scope.budget_keys
                     assert budget is not None and keys is not None
                     key, ttl = keys.at(now)
-                    answer = store.reserve_units_now(key, units, scope.budget_cap, budget.usd, ttl)
-                    if answer[0] and budget.downgrade is None:  # the usual case: `_budget_answer`'s first steps
-                        left = budget.usd - answer[1]  # `answer.limit - answer.total`
+                    reservation = store.reserve_units_now(key, units, scope.budget_cap, budget.usd, ttl)
+                    if reservation[0] and budget.downgrade is None:  # the usual case: `_budget_answer`'s first steps
+                        left = budget.usd - reservation[1]  # `reservation.limit - reservation.total`
                         left = left if left > 0.0 else 0.0
                         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
                         bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units)))
-                    elif not self._budget_answer(bill, scope, key, cost, ttl, answer, units):
+                    elif not self._budget_answer(bill, scope, key, cost, ttl, reservation, units):
                         hard = hard or scope
                 if hard is not None or bill.downgrade is not None:
                     self._budgets_done(ctx, bill, hard)
@@ -122,7 +122,7 @@ class Admission(StageState):
             if limits.concurrent:
                 holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
                 if store.acquire_slot_now(scope.slot_key, holder, limits.concurrent, self.lease_s)[0]:
-                    bill.slots.append((scope.slot_key, holder))
+                    bill.slots = (*bill.slots, (scope.slot_key, holder))
                 elif refused is None:
                     refused = ("concurrent", scope, 1.0)
             if limits.rpm:
@@ -141,8 +141,8 @@ class Admission(StageState):
                 if token_window is None or _tighter(answer, token_window):
                     token_window = answer
                 if answer.ok:
-                    bill.tokens.append(Held(scope.tpm_key, float(tokens), WINDOW_S, scope, None,
-                                            tokens * AMOUNT_SCALE))
+                    bill.tokens = (*bill.tokens, Held(scope.tpm_key, float(tokens), WINDOW_S, scope, None,
+                                                      tokens * AMOUNT_SCALE))
                 elif refused is None:
                     refused = ("tpm", scope, answer.reset_s)
         bill.headers = rate_limit_headers(requests, token_window)
@@ -168,7 +168,7 @@ class Admission(StageState):
             assert scope.budget_keys is not None
             key, ttl = scope.budget_keys.at(time.time())
             if key not in held:
-                bill.unreserved.append((key, ttl, scope))
+                bill.unreserved = (*bill.unreserved, (key, ttl, scope))
 
     def _limit_ops(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> list[Op]:
         ops: list[Op] = []
@@ -200,7 +200,7 @@ class Admission(StageState):
             if kind == "concurrent":
                 taken, _held = result
                 if taken:
-                    bill.slots.append((key, args[1]))
+                    bill.slots = (*bill.slots, (key, args[1]))
                 elif refused is None:
                     refused = (kind, scope, 1.0)
                 continue
@@ -208,7 +208,7 @@ class Admission(StageState):
             (requests if kind == "rpm" else token_windows).append(answer)
             if answer.ok:
                 if kind == "tpm":
-                    bill.tokens.append(Held(key, float(args[1]), WINDOW_S, scope))
+                    bill.tokens = (*bill.tokens, Held(key, float(args[1]), WINDOW_S, scope))
                 else:
                     bill.requests.append(key)
             elif refused is None:
@@ -273,7 +273,7 @@ class Admission(StageState):
             bill.budgets.append(Held(key, cost, ttl, scope, budget, units))
             spent = answer.total / budget.usd
         elif budget.mode == "soft":
-            bill.unreserved.append((key, ttl, scope))
+            bill.unreserved = (*bill.unreserved, (key, ttl, scope))
             self.metrics.budget_soft_exceeded.labels(scope.kind).inc()
             bill.headers.append((b"x-gateway-budget-exceeded", scope.kind.encode()))
             spent = 1.0
@@ -321,9 +321,9 @@ class Admission(StageState):
         for key, holder in bill.slots:
             await self._quietly(self.store.release_slot(key, holder))
         bill.requests.clear()
-        bill.tokens.clear()
+        bill.tokens = ()
         bill.budgets.clear()
-        bill.slots.clear()
+        bill.slots = ()
         bill.settled = True
 
 

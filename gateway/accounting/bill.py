@@ -55,10 +55,12 @@ class Bill:
         self.explicit_cap = False
         self.cost_reserved = 0.0
         self.budgets: list[Held] = []
-        self.tokens: list[Held] = []
-        self.slots: list[tuple[str, str]] = []  # (key, holder)
+        # The rarer holdings are tuples, replaced as they grow: most requests hold none, and an empty tuple
+        # is shared where an empty list is made per request.
+        self.tokens: tuple[Held, ...] = ()
+        self.slots: tuple[tuple[str, str], ...] = ()  # (key, holder)
         self.requests: list[str] = []  # request windows counted (undone if refused)
-        self.unreserved: list[tuple[str, float, Scope]] = []  # budgets to add the actual to
+        self.unreserved: tuple[tuple[str, float, Scope], ...] = ()  # budgets to add the actual to
         self.headers: list[tuple[bytes, bytes]] = []
         self.downgrade: str | None = None  # the cheaper alias a budget past its `downgrade.at` sends it to
         self.settled = False

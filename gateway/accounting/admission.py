@@ -2,8 +2,10 @@
 
 Limits first, then budgets: on a remote store each group's operations are planned (`_limit_ops`,
 `_budget_ops`), run at once, and their answers applied (`_limits`, `_budgets`); on the in-process store each
-operation is answered in line as it is planned (`_limits_in_line`, `_budgets_in_line`). Both share the
-refusals and the per-budget step.
+operation is answered in line as it is planned (`_admit_in_line`, which takes the usual shapes itself and
+leaves token and concurrency limits to `_limits_in_line`), on the store's integer operations: each scope's
+limits are converted to the store's millionths once (`Scope.rpm_cap`...), a request's reservation once for
+all its budgets. Both share the refusals and the per-budget step.
 """
 
 from __future__ import annotations

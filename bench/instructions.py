@@ -26,6 +26,9 @@ else redis://127.0.0.1:6379/15, under a prefix of its own, dropped after).
 
     .venv/bin/python bench/instructions.py bare:bench-json:json telemetry:bench-json:json
 
+`--keep DIR` copies each spec's callgrind output to DIR (`callgrind_annotate --inclusive=yes FILE` tells
+where the instructions went; the Python code shows as the interpreter's C functions).
+
 A spec `scale:STREAMS:INTERVAL_MS:CHUNKS` counts instructions per forwarded event instead, on
 slow streams as in the scale row (`bench/scale.py` `count_instructions`: the scale policy, the
 slow upstream, a 30 s window), e.g. `scale:20:100:50` (~200 events/s, about 1.5 minutes; repeats
@@ -105,7 +108,7 @@ def wait_ready(url: str, body: bytes, key: str, timeout: float = 600.0) -> None:
             time.sleep(0.5)
 
 
-def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -> float:
+def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str, keep: Path | None = None) -> float:
     """Millions of instructions per request for one spec."""
     gateway, alias, mode, *rest = spec.split(":")
     key = features.ACCOUNTED_KEY if rest in (["accounted"], ["redis"]) else features.KEY
@@ -115,14 +118,14 @@ def count(spec: str, upstream_port: int, wd: Path, requests: int, prompt: str) -
     policy = wd / f"policy-{port}.yaml"
     policy.write_text(policy_text(gateway, upstream_port, port, state))
     try:
-        return _count(spec, port, policy, wd, key, alias, mode, requests, prompt)
+        return _count(spec, port, policy, wd, key, alias, mode, requests, prompt, keep)
     finally:
         if state:
             features.drop_prefix(prefix, REDIS_URL)
 
 
 def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, mode: str, requests: int,
-           prompt: str) -> float:
+           prompt: str, keep: Path | None = None) -> float:
     """`count` for a policy file already written: the gateway under callgrind, warmed, then counted."""
     out = wd / f"callgrind-{port}.out"
     argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={out}",
@@ -142,6 +145,10 @@ def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, m
             subprocess.run(["callgrind_control", *step, pid], check=True, capture_output=True)
         time.sleep(1)
     total = callgrind_total(out)
+    if keep is not None:  # the raw dumps, for `callgrind_annotate --inclusive=yes` (one file per spec)
+        keep.mkdir(parents=True, exist_ok=True)
+        for dump in out.parent.glob(out.name + "*"):
+            shutil.copy(dump, keep / (spec.replace(":", "_") + dump.name.removeprefix(out.name) + ".callgrind"))
     if not total:
         raise BenchError(f"{spec}: callgrind wrote no totals")
     return total / requests / 1e6
@@ -152,8 +159,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("specs", nargs="+", help="GATEWAY:ALIAS:MODE[:KEY]")
     parser.add_argument("--requests", type=int, default=600, help="requests counted per spec [%(default)s]")
     parser.add_argument("--prompt-300", action="store_true", help="send the 300-word PII prompt of the guard rows")
-    parser.add_argument("--keep", action="store_true",
-                        help="keep the work dir (its callgrind-PORT.out files, for callgrind_annotate)")
+    parser.add_argument("--keep", type=Path, metavar="DIR", help="copy each spec's callgrind output to DIR")
     args = parser.parse_args(argv)
     tools = require_tools(("nginx", "taskset"))
     for tool in ("valgrind", "callgrind_control"):
@@ -161,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench/instructions.py needs {tool} (Debian: apt-get install valgrind)", file=sys.stderr)
             return 2
     prompt = features.PROMPT_300 if args.prompt_300 else "Say hello"
-    with workdir("bench-instructions-", keep=args.keep) as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
+    with workdir("bench-instructions-") as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
         for spec in args.specs:
             if spec.startswith("scale:"):
                 streams, interval_ms, chunks = spec.split(":")[1:]
@@ -169,8 +175,8 @@ def main(argv: list[str] | None = None) -> int:
                                                              chunks=int(chunks))
                 print(f"{spec}: {per_event / 1e3:.1f} k instructions/event ({events} events)", flush=True)
                 continue
-            print(f"{spec}: {count(spec, upstream_port, wd, args.requests, prompt):.3f} M instructions/request",
-                  flush=True)
+            per_request = count(spec, upstream_port, wd, args.requests, prompt, args.keep)
+            print(f"{spec}: {per_request:.3f} M instructions/request", flush=True)
     return 0
 
 

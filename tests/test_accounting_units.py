@@ -150,7 +150,7 @@ def test_scope_index_rereads_a_key_whose_record_changed() -> None:
     policy: Any = SimpleNamespace(tenants={}, alias_limits={"m": LimitSpec(rpm=5)}, alias_budgets={})
     index = ScopeIndex(policy, cap=1)
     before = VirtualKey("k", "t", b"", None, limits=LimitSpec(rpm=10))
-    ctx: Any = SimpleNamespace(key=before, alias_label="m")
+    ctx: Any = SimpleNamespace(key=before, alias_label="m", route=None)
     first = index.of(ctx)
     assert [(s.kind, s.name, s.rpm_key) for s in first.all] == [("key", "k", "acct:rpm:key:k"),
                                                                   ("model", "m", "acct:rpm:model:m")]
@@ -302,3 +302,23 @@ def test_day_span_agrees_with_day_id() -> None:
         start, end, ident = day_span(_at(moment))
         assert ident == day_id(_at(moment)) == day_id(start) == day_id(end - 0.001) != day_id(end)
         assert start <= _at(moment) < end
+
+
+def test_memory_store_integer_operations_answer_as_the_float_ones() -> None:
+    """The accounting stage's in-line path uses the in-process store's millionths forms: on new, live and
+    expired counters (and a refusal), each answers and counts exactly as its float form."""
+    from gateway.store._common import to_units
+    from gateway.store.memory import MemoryStore
+
+    now = [1000.0]
+    floats, units = MemoryStore(clock=lambda: now[0]), MemoryStore(clock=lambda: now[0])
+    for step, amount in enumerate((0.25, 0.000_001_4, 2.5, 0.75, 3.0)):
+        cap = to_units(3.5, "limit")
+        assert floats.reserve_now("b", amount, 3.5, 30.0) == units.reserve_units_now("b", to_units(amount), cap, 3.5,
+                                                                                      30.0)
+        assert floats.reserve_window_now("w", amount, 3.5, 60.0) == units.reserve_window_units_now(
+            "w", to_units(amount), cap, 3.5, 60.0)
+        assert floats.settle_now("s", amount, 0.1, 30.0) == units.settle_units_now(
+            "s", to_units(0.1) - to_units(amount), 30.0) / 1_000_000
+        now[0] += 20.0 if step != 2 else 45.0  # one step past the budget's TTL and the window's end
+    assert {k: e.value for k, e in floats._data.items()} == {k: e.value for k, e in units._data.items()}

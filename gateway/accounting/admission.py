@@ -2,8 +2,10 @@
 
 Limits first, then budgets: on a remote store each group's operations are planned (`_limit_ops`,
 `_budget_ops`), run at once, and their answers applied (`_limits`, `_budgets`); on the in-process store each
-operation is answered in line as it is planned (`_limits_in_line`, `_budgets_in_line`). Both share the
-refusals and the per-budget step.
+operation is answered in line as it is planned (`_admit_in_line`, which takes the usual shapes itself and
+leaves token and concurrency limits to `_limits_in_line`), on the store's integer operations: each scope's
+limits are converted to the store's millionths once (`Scope.rpm_cap`...), a request's reservation once for
+all its budgets. Both share the refusals and the per-budget step.
 """
 
 from __future__ import annotations
@@ -15,14 +17,18 @@ from typing import Any
 
 from ..errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from ..pipeline.context import RequestContext
+from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op, StageState
 from .gauges import BudgetLeft
-from .headers import duration, rate_limit_headers, tightest
+from .headers import duration, rate_limit_headers, request_headers, tightest
 from .outright import completion_cap
 from .scopes import Scope, Scopes
 
 __all__ = ["Admission"]
+
+_new = tuple.__new__  # a named tuple made without its Python-level __new__ (`Held`, per budget per request)
+_FAST_AMOUNT = 9e9  # costs in [0, this) become millionths in line (`to_units` checks the rest, and refuses NaN)
 
 
 class Admission(StageState):
@@ -45,26 +51,67 @@ class Admission(StageState):
 
     def _admit_in_line(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:
         """`_admit` on the in-process store: the same steps, each operation answered in line as it is planned
-        (no plan to build: this runs on every limited request). A counter that fails stops the checks there."""
+        (no plan to build: this runs on every limited request), on the store's integer operations. The usual
+        shapes (a chat of role-and-text messages, requests-per-minute limits only, budgets without a
+        downgrade) are taken here, without a call per step. A counter that fails stops the checks there."""
         if scopes.needs_tokens:  # `_size`, in line
-            route = ctx.route
             body = ctx.body
-            bill.prompt_estimate = self.prompts.estimate_body(body, route.upstream_model if route is not None else None)
+            messages = body.get("messages")
+            estimate = self.prompts.plain(messages, scopes.model) if type(messages) is list and "tools" not in body \
+                else None  # (the general count's answer for such a chat, without its steps)
+            bill.prompt_estimate = self.prompts.estimate_body(body, scopes.model) if estimate is None else estimate
             if "max_tokens" in body or "max_completion_tokens" in body or not ctx.endpoint.streams:
                 bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
             else:  # no cap asked for (the usual case): `completion_cap`'s answer, without its two calls
                 bill.completion_cap = self.default_cap  # (`explicit_cap` stays False)
+        store = self._in_line
+        assert store is not None
         try:
-            if scopes.limited:
+            if scopes.rpm_only:  # `_limits_in_line` for requests-per-minute limits only
+                requests: WindowReservation | None = None
+                refused: tuple[Scope, float] | None = None
+                for scope in scopes.limited:
+                    answer = store.reserve_window_units_now(scope.rpm_key, AMOUNT_SCALE, scope.rpm_cap,
+                                                            scope.rpm, WINDOW_S)
+                    if requests is None or _tighter(answer, requests):
+                        requests = answer
+                    if answer[0]:  # `answer.ok`
+                        bill.requests.append(scope.rpm_key)
+                    elif refused is None:
+                        refused = (scope, answer[3])  # `answer.reset_s`
+                assert requests is not None
+                bill.headers = request_headers(requests)
+                if refused is not None:
+                    self._refuse(bill, "rpm", *refused)
+            elif scopes.limited:
                 self._limits_in_line(ctx, bill, scopes.limited)
-            if scopes.budgeted:
-                self._budgets_in_line(ctx, bill, scopes.budgeted)
+            if scopes.budgeted:  # `_budget_ops` and `_budgets` in one pass, the reservation converted once
+                rate_in, rate_out = scopes.rates  # `_reservation`
+                cost = bill.cost_reserved = (bill.prompt_estimate * rate_in
+                                             + bill.completion_cap * rate_out) / 1_000_000
+                units = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`
+                now = time.time()
+                hard: Scope | None = None
+                for scope in scopes.budgeted:
+                    budget, keys = scope.budget, scope.budget_keys
+                    assert budget is not None and keys is not None
+                    key, ttl = keys.at(now)
+                    reservation = store.reserve_units_now(key, units, scope.budget_cap, budget.usd, ttl)
+                    if reservation[0] and budget.downgrade is None:  # the usual case: `_budget_answer`'s first steps
+                        left = budget.usd - reservation[1]  # `reservation.limit - reservation.total`
+                        left = left if left > 0.0 else 0.0
+                        (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
+                        bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units)))
+                    elif not self._budget_answer(bill, scope, key, cost, ttl, reservation, units):
+                        hard = hard or scope
+                if hard is not None or bill.downgrade is not None:
+                    self._budgets_done(ctx, bill, hard)
         except StoreUnavailable:
             self._unavailable(bill, scopes.budgeted)
 
     def _limits_in_line(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> None:
         """`_limit_ops` and `_limits` in one pass over the scopes (the tightest window of each kind kept as it
-        goes: no lists to pick it from)."""
+        goes: no lists to pick it from), on the store's integer operations (the scope's limits converted once)."""
         store = self._in_line
         assert store is not None
         refused: tuple[str, Scope, float] | None = None
@@ -77,11 +124,12 @@ class Admission(StageState):
             if limits.concurrent:
                 holder = holder or ctx.request_id + ":" + secrets.token_hex(4)
                 if store.acquire_slot_now(scope.slot_key, holder, limits.concurrent, self.lease_s)[0]:
-                    bill.slots.append((scope.slot_key, holder))
+                    bill.slots = (*bill.slots, (scope.slot_key, holder))
                 elif refused is None:
                     refused = ("concurrent", scope, 1.0)
             if limits.rpm:
-                answer = store.reserve_window_now(scope.rpm_key, 1, limits.rpm, WINDOW_S)
+                answer = store.reserve_window_units_now(scope.rpm_key, AMOUNT_SCALE, scope.rpm_cap, limits.rpm,
+                                                        WINDOW_S)
                 if requests is None or _tighter(answer, requests):
                     requests = answer
                 if answer.ok:
@@ -90,40 +138,18 @@ class Admission(StageState):
                     refused = ("rpm", scope, answer.reset_s)
             if limits.tpm:
                 tokens = bill.prompt_estimate + bill.completion_cap
-                answer = store.reserve_window_now(scope.tpm_key, tokens, limits.tpm, WINDOW_S)
+                answer = store.reserve_window_units_now(scope.tpm_key, tokens * AMOUNT_SCALE, scope.tpm_cap,
+                                                        limits.tpm, WINDOW_S)
                 if token_window is None or _tighter(answer, token_window):
                     token_window = answer
                 if answer.ok:
-                    bill.tokens.append(Held(scope.tpm_key, float(tokens), WINDOW_S, scope))
+                    bill.tokens = (*bill.tokens, Held(scope.tpm_key, float(tokens), WINDOW_S, scope, None,
+                                                      tokens * AMOUNT_SCALE))
                 elif refused is None:
                     refused = ("tpm", scope, answer.reset_s)
         bill.headers = rate_limit_headers(requests, token_window)
         if refused is not None:
             self._refuse(bill, *refused)
-
-    def _budgets_in_line(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> None:
-        """`_budget_ops` and `_budgets` in one pass over the scopes."""
-        store = self._in_line
-        assert store is not None
-        route = ctx.route  # `ctx.alias_label`, without its property call
-        rate_in, rate_out = self.rates.get(route.alias if route is not None else "unknown", NO_RATES)  # `_reservation`
-        cost = bill.cost_reserved = (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
-        now = time.time()
-        hard: Scope | None = None
-        for scope in scopes:
-            budget, keys = scope.budget, scope.budget_keys
-            assert budget is not None and keys is not None
-            key, ttl = keys.at(now)
-            answer = store.reserve_now(key, cost, budget.usd, ttl)
-            if answer.ok and budget.downgrade is None:  # the usual case: `_budget_answer`'s first steps, in line
-                left = answer.limit - answer.total
-                left = left if left > 0.0 else 0.0
-                (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
-                bill.budgets.append(Held(key, cost, ttl, scope, budget))
-            elif not self._budget_answer(bill, scope, key, cost, ttl, answer):
-                hard = hard or scope
-        if hard is not None or bill.downgrade is not None:
-            self._budgets_done(ctx, bill, hard)
 
     def _size(self, ctx: RequestContext, bill: Bill) -> None:
         route = ctx.route
@@ -144,7 +170,7 @@ class Admission(StageState):
             assert scope.budget_keys is not None
             key, ttl = scope.budget_keys.at(time.time())
             if key not in held:
-                bill.unreserved.append((key, ttl, scope))
+                bill.unreserved = (*bill.unreserved, (key, ttl, scope))
 
     def _limit_ops(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> list[Op]:
         ops: list[Op] = []
@@ -176,7 +202,7 @@ class Admission(StageState):
             if kind == "concurrent":
                 taken, _held = result
                 if taken:
-                    bill.slots.append((key, args[1]))
+                    bill.slots = (*bill.slots, (key, args[1]))
                 elif refused is None:
                     refused = (kind, scope, 1.0)
                 continue
@@ -184,7 +210,7 @@ class Admission(StageState):
             (requests if kind == "rpm" else token_windows).append(answer)
             if answer.ok:
                 if kind == "tpm":
-                    bill.tokens.append(Held(key, float(args[1]), WINDOW_S, scope))
+                    bill.tokens = (*bill.tokens, Held(key, float(args[1]), WINDOW_S, scope))
                 else:
                     bill.requests.append(key)
             elif refused is None:
@@ -236,18 +262,20 @@ class Admission(StageState):
             raise failure
         self._budgets_done(ctx, bill, hard)
 
-    def _budget_answer(self, bill: Bill, scope: Scope, key: str, cost: float, ttl: float, answer: Reservation) -> bool:
-        """One budget's answer, taken into the bill; False when a hard budget refused."""
+    def _budget_answer(self, bill: Bill, scope: Scope, key: str, cost: float, ttl: float, answer: Reservation,
+                       units: int = 0) -> bool:
+        """One budget's answer, taken into the bill (`units`: `cost` in the store's millionths, when the
+        in-process store reserved it); False when a hard budget refused."""
         budget = scope.budget
         assert budget is not None
         left = answer.limit - answer.total  # `answer.remaining`, without a property call
         left = left if left > 0.0 else 0.0
         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
         if answer.ok:
-            bill.budgets.append(Held(key, cost, ttl, scope, budget))
+            bill.budgets.append(Held(key, cost, ttl, scope, budget, units))
             spent = answer.total / budget.usd
         elif budget.mode == "soft":
-            bill.unreserved.append((key, ttl, scope))
+            bill.unreserved = (*bill.unreserved, (key, ttl, scope))
             self.metrics.budget_soft_exceeded.labels(scope.kind).inc()
             bill.headers.append((b"x-gateway-budget-exceeded", scope.kind.encode()))
             spent = 1.0
@@ -295,9 +323,9 @@ class Admission(StageState):
         for key, holder in bill.slots:
             await self._quietly(self.store.release_slot(key, holder))
         bill.requests.clear()
-        bill.tokens.clear()
+        bill.tokens = ()
         bill.budgets.clear()
-        bill.slots.clear()
+        bill.slots = ()
         bill.settled = True
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from ..store.base import WindowReservation
 
-__all__ = ["duration", "rate_limit_headers", "tightest"]
+__all__ = ["duration", "rate_limit_headers", "request_headers", "tightest"]
 
 
 def duration(seconds: float) -> str:
@@ -50,6 +50,20 @@ def rate_limit_headers(
     if requests is None:
         return _window(_TOKENS, _FIXED_TOKENS, tokens)
     return [*_window(_REQUESTS, _FIXED_REQUESTS, requests), *_window(_TOKENS, _FIXED_TOKENS, tokens)]
+
+
+def request_headers(requests: WindowReservation) -> list[tuple[bytes, bytes]]:
+    """`rate_limit_headers(requests, None)` (the usual limits: requests per minute only), with `_window`'s
+    steps in line."""
+    _, total, limit, reset = requests
+    if reset >= 1:
+        whole = int(reset + 0.999)
+        pair = _FIXED_REQUESTS.get((limit, whole))
+        if pair is None:
+            pair = _fixed(_REQUESTS, _FIXED_REQUESTS, limit, whole)
+        return [pair[0], (b"x-ratelimit-remaining-requests", b"%d" % (limit - total) if limit > total else b"0"),
+                pair[1]]
+    return _window(_REQUESTS, _FIXED_REQUESTS, requests)
 
 
 _Fixed = dict[tuple[float, int], tuple[tuple[bytes, bytes], tuple[bytes, bytes]]]

@@ -49,7 +49,7 @@ class PromptEstimator:
         """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`)."""
         messages = body.get("messages")
         if isinstance(messages, list):
-            total = self._plain(messages, model)
+            total = self.plain(messages, model)
             if total is None:
                 total = self.tokens.count_messages(messages, model) + IMAGE_TOKENS * _images(messages)
             tools = body.get("tools")
@@ -64,7 +64,7 @@ class PromptEstimator:
         return 0
 
 
-    def _plain(self, messages: list[Any], model: str | None) -> int | None:
+    def plain(self, messages: list[Any], model: str | None) -> int | None:
         """`count_messages` for the usual chat (every message a role and a text content, nothing else), in one
         short loop; None for any other shape (the general count then runs). Equal to it: a test checks."""
         total = REPLY_PRIMING

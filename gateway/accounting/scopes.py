@@ -9,8 +9,10 @@ from __future__ import annotations
 from ..auth.keys import VirtualKey
 from ..pipeline.context import RequestContext
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
-from ..policy.compiled import Policy
+from ..policy.compiled import ModelRoute, Policy
+from ..store._common import to_units
 from .gauges import BudgetLeft
+from .outright import max_rates
 from .periods import PeriodKeys
 
 __all__ = ["OTHER", "BoundedLabels", "Scope", "ScopeIndex", "Scopes", "scopes_of"]
@@ -21,7 +23,8 @@ OTHER = "other"
 class Scope:
     """One scope's limits and budget, with the store keys it counts under (made once, not per request)."""
 
-    __slots__ = ("budget", "budget_keys", "budget_left", "kind", "limits", "name", "rpm_key", "slot_key", "tpm_key")
+    __slots__ = ("budget", "budget_cap", "budget_keys", "budget_left", "kind", "limits", "name", "rpm", "rpm_cap",
+                 "rpm_key", "slot_key", "tpm_cap", "tpm_key")
 
     def __init__(self, kind: str, name: str, limits: LimitSpec | None, budget: BudgetSpec | None) -> None:
         self.kind = kind  # "key", "tenant" or "model"
@@ -33,6 +36,12 @@ class Scope:
         self.tpm_key = f"acct:tpm:{kind}:{name}"
         self.budget_keys = PeriodKeys(f"acct:budget:{kind}:{name}:", budget) if budget is not None else None
         self.budget_left: BudgetLeft | None = None  # its gauges, once the accounting stage looked them up
+        # The limits in the store's integer millionths (`to_units`), converted once for the in-process store's
+        # integer operations (`MemoryStore.reserve_units_now`...); 0 where there is no such limit.
+        self.rpm = limits.rpm if limits is not None and limits.rpm else 0
+        self.rpm_cap = to_units(self.rpm, "limit")
+        self.tpm_cap = to_units(limits.tpm, "limit") if limits is not None and limits.tpm else 0
+        self.budget_cap = to_units(budget.usd, "limit") if budget is not None else 0
 
     def __repr__(self) -> str:
         return f"Scope({self.kind!r}, {self.name!r})"
@@ -41,14 +50,22 @@ class Scope:
 class Scopes:
     """The scopes of one request, and what follows from them alone (looked up, not rebuilt, per request)."""
 
-    __slots__ = ("_key_budget", "_key_limits", "_tenant", "all", "budgeted", "limited", "needs_tokens")
+    __slots__ = ("_key_budget", "_key_limits", "_tenant", "all", "budgeted", "limited", "model", "needs_tokens",
+                 "rates", "rpm_only")
 
-    def __init__(self, scopes: list[Scope], key: VirtualKey | None) -> None:
+    def __init__(self, scopes: list[Scope], key: VirtualKey | None, route: ModelRoute | None = None) -> None:
         self.all = scopes
         self.limited = [s for s in scopes if s.limits is not None]
         self.budgeted = [s for s in scopes if s.budget is not None]
         # A reservation's size (prompt estimate, completion cap) is needed by budgets and token windows only.
         self.needs_tokens = bool(self.budgeted) or any(s.limits is not None and s.limits.tpm for s in self.limited)
+        # Every limit a requests-per-minute one (the usual case): the stage's shorter loop.
+        self.rpm_only = bool(self.limited) and all(s.limits is not None and s.limits.rpm and not s.limits.tpm
+                                                   and not s.limits.concurrent for s in self.limited)
+        # What follows from the alias (`route`: the one these scopes were made for): the model whose encoding
+        # sizes the prompt, and the dearest rates of its targets (a reservation must cover any of them).
+        self.model = route.upstream_model if route is not None else None
+        self.rates = max_rates(route.targets) if route is not None else (0.0, 0.0)
         # What the key said when these were made: a key record changed at run time no longer matches.
         self._key_limits = key.limits if key is not None else None
         self._key_budget = key.budget if key is not None else None
@@ -76,9 +93,11 @@ class ScopeIndex:
         key = ctx.key
         pair = (key.name if key is not None else None, ctx.alias_label)
         found = self._found.get(pair)
-        if found is not None and found.made_for(key):
+        if found is not None and (found.made_for(key) if key is None else  # `made_for`, in line for a key
+                                  key.limits is found._key_limits and key.budget is found._key_budget
+                                  and key.tenant == found._tenant):
             return found
-        found = Scopes(scopes_of(ctx, self._policy), key)
+        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route)
         if pair in self._found or len(self._found) < self._cap:
             self._found[pair] = found
         return found

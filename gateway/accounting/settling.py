@@ -50,33 +50,48 @@ class Settling(StageState):
 
     def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
         """`_settle` on the in-process store (`cost`: the answer's, from `_price`): the same operations as
-        `_settle_ops`, answered in line."""
+        `_settle_ops`, answered in line, in the store's millionths (the cost converted once for every budget
+        and the ledger), then `_settled`'s steps."""
         if bill.settled:
             return
         bill.settled = True
         store = self._in_line
         assert store is not None
+        units = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`, in line
         for held in bill.budgets:
             try:
-                store.settle_now(held.key, held.reserved, cost, held.ttl_s)
+                store.settle_units_now(held.key, units - held.units, held.ttl_s)
             except StoreUnavailable:
                 self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
         for key, ttl, _ in bill.unreserved:
             try:
-                store.settle_now(key, 0.0, cost, ttl)
+                store.settle_units_now(key, units, ttl)
             except StoreUnavailable:
                 self._unsettled("spend", (key, 0.0, cost, ttl))
+        usage = ctx.usage
         if bill.tokens:
-            usage = ctx.usage
-            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+            actual = tokens * AMOUNT_SCALE if 0 <= tokens < _FAST_AMOUNT else to_units(float(tokens), "actual")
             for held in bill.tokens:
                 try:
-                    store.settle_now(held.key, held.reserved, actual, WINDOW_S)
+                    store.settle_units_now(held.key, actual - held.units, WINDOW_S)
                 except StoreUnavailable:
                     self._unsettled("settle", ())
         for key, holder in bill.slots:
             store.release_slot_now(key, holder)
-        self._settled(ctx, bill, cost)
+        # `_settled`, in line
+        reserved = bill.cost_reserved > 0 and ctx.upstream_started
+        estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
+        if reserved or estimated:
+            route = ctx.route
+            alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
+            reservation, drift = self._drifts.get(alias) or self._drift(alias)
+            if reserved:
+                reservation.observe(cost / bill.cost_reserved)
+            if estimated:
+                assert usage is not None
+                drift.observe(bill.prompt_estimate / usage.prompt_tokens)
+        self._record(ctx, cost, units)
 
     def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
         """What settling asks of the store, in order: every budget to the actual cost (`spend`), every token
@@ -125,12 +140,14 @@ class Settling(StageState):
             found = self._drifts[alias] = (self._reservation_drift(alias), self._token_drift(alias))
         return found
 
-    def _record(self, ctx: RequestContext, cost: float) -> None:
+    def _record(self, ctx: RequestContext, cost: float, cost_micro: int = -1) -> None:
+        """The request's usage, to the ledger (`cost_micro`: `cost` in millionths, when the caller has it)."""
         usage = ctx.usage
         key = ctx.key
         route = ctx.route
         alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
-        cost_micro = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`
+        if cost_micro < 0:
+            cost_micro = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`
         name, tenant = (key.name, key.tenant) if key is not None else (None, None)
         now = time.time()
         today = self._today  # `day_id(now)`, asked once a day
@@ -151,7 +168,7 @@ class Settling(StageState):
         step = self.default_cap * rate_out / 1_000_000
         if step <= 0:
             return True
-        for held in bill.budgets:
+        for index, held in enumerate(bill.budgets):
             assert held.budget is not None
             try:
                 answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s)
@@ -159,8 +176,8 @@ class Settling(StageState):
                 if not self.fail_open:
                     return False
                 continue
-            if answer.ok:
-                held.reserved += step
+            if answer.ok:  # (`units`, as the store counted it)
+                bill.budgets[index] = held._replace(reserved=held.reserved + step, units=held.units + to_units(step))
             elif held.budget.mode == "hard":
                 return False
         bill.cost_reserved += step

@@ -174,6 +174,33 @@ class MemoryStore:
             cap = self._cap(limit)
         if ttl_s is not None and not 0.0 < ttl_s < _INF:  # checked on every call, as `ttl_ms` would
             ttl_ms(ttl_s)
+        return self.reserve_units_now(key, units, cap, limit, ttl_s)
+
+    def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+        delta = ((round(actual * AMOUNT_SCALE) if 0.0 <= actual < _FAST_AMOUNT else to_units(actual, "actual"))
+                 - (round(reserved * AMOUNT_SCALE) if 0.0 <= reserved < _FAST_AMOUNT
+                    else to_units(reserved, "reserved")))
+        if ttl_s is not None and not 0.0 < ttl_s < _INF:
+            ttl_ms(ttl_s)
+        return self.settle_units_now(key, delta, ttl_s) / AMOUNT_SCALE
+
+    def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
+        units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
+        try:
+            cap = self._caps[limit]
+            self._windows[window_s]
+        except KeyError:
+            cap = self._cap(limit)
+            self._window(window_s)
+        return self.reserve_window_units_now(key, units, cap, limit, window_s)
+
+    # The same three in integer millionths, for a caller that converted and checked its amounts, limits and
+    # TTLs once (the accounting stage: a scope's limits once per policy, a request's cost once for all its
+    # budgets): each answers as its float form for `units = to_units(amount)` and `cap = to_units(limit)`,
+    # with `ttl_s` (`window_s`) None or positive and finite, and skips those conversions and checks.
+
+    def reserve_units_now(self, key: str, units: int, cap: int, limit: float, ttl_s: float | None) -> Reservation:
+        """`reserve_now` in millionths (`limit`: `cap` as the float the answer reports)."""
         entry = self._data.get(key)
         if entry is not None:
             current, expires_at = entry.value, entry.expires_at
@@ -194,12 +221,8 @@ class MemoryStore:
             entry.value = total
         return _new(Reservation, (True, total / AMOUNT_SCALE, limit))
 
-    def settle_now(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
-        delta = ((round(actual * AMOUNT_SCALE) if 0.0 <= actual < _FAST_AMOUNT else to_units(actual, "actual"))
-                 - (round(reserved * AMOUNT_SCALE) if 0.0 <= reserved < _FAST_AMOUNT
-                    else to_units(reserved, "reserved")))
-        if ttl_s is not None and not 0.0 < ttl_s < _INF:
-            ttl_ms(ttl_s)
+    def settle_units_now(self, key: str, delta: int, ttl_s: float | None) -> int:
+        """`settle_now` in millionths (`delta`: the actual's less the reserved's): the total, in millionths."""
         entry = self._data.get(key)
         if entry is not None:
             current, expires_at = entry.value, entry.expires_at
@@ -207,7 +230,7 @@ class MemoryStore:
                 self._data.move_to_end(key)
                 total = current + delta
                 entry.value = total = total if total > 0 else 0
-                return total / AMOUNT_SCALE
+                return total
         entry, current = self._counter(key, self._clock())
         total = current + delta
         total = total if total > 0 else 0
@@ -215,14 +238,11 @@ class MemoryStore:
             self._write(key, entry, total, self._expiry(ttl_ms(ttl_s)))
         else:
             entry.value = total
-        return total / AMOUNT_SCALE
+        return total
 
-    def reserve_window_now(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
-        units = round(amount * AMOUNT_SCALE) if 0.0 <= amount < _FAST_AMOUNT else to_units(amount)
-        try:
-            cap, window = self._caps[limit], self._windows[window_s]
-        except KeyError:
-            cap, window = self._cap(limit), self._window(window_s)
+    def reserve_window_units_now(self, key: str, units: int, cap: int, limit: float,
+                                 window_s: float) -> WindowReservation:
+        """`reserve_window_now` in millionths (`limit`: `cap` as the float the answer reports)."""
         now = self._clock()
         entry = self._data.get(key)
         if entry is not None:
@@ -237,6 +257,8 @@ class MemoryStore:
         entry, current = self._counter(key, now)
         expires_at = entry.expires_at if entry is not None else None
         if expires_at is None:
+            window = ttl_ms(window_s)
+            assert window is not None
             expires_at = now + window / 1000
         reset = expires_at - now
         reset = reset if reset > 0.0 else 0.0

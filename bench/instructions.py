@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("specs", nargs="+", help="GATEWAY:ALIAS:MODE[:KEY]")
     parser.add_argument("--requests", type=int, default=600, help="requests counted per spec [%(default)s]")
     parser.add_argument("--prompt-300", action="store_true", help="send the 300-word PII prompt of the guard rows")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the work dir with the callgrind files (callgrind_annotate --inclusive=yes FILE)")
     args = parser.parse_args(argv)
     tools = require_tools(("nginx", "taskset"))
     for tool in ("valgrind", "callgrind_control"):
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench/instructions.py needs {tool} (Debian: apt-get install valgrind)", file=sys.stderr)
             return 2
     prompt = features.PROMPT_300 if args.prompt_300 else "Say hello"
-    with workdir("bench-instructions-") as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
+    with workdir("bench-instructions-", keep=args.keep) as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
         for spec in args.specs:
             if spec.startswith("scale:"):
                 streams, interval_ms, chunks = spec.split(":")[1:]

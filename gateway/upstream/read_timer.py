@@ -77,13 +77,7 @@ class ReadTimer:
                 raise self._failed
             got, self._got = self._got, None
             return got
-        content = self._content  # from here: `body.take(content)`, inline (this runs twice an event)
-        if content._exception is not None:
-            raise content._exception
-        buffer = content._buffer
-        if not buffer:
-            return b"" if content._eof else None
-        return take(content)
+        return take(self._content)
 
     def wait(self) -> Awaitable[object]:
         """Wait for the body's next bytes, its end or its failure, under the idle timeout and the deadline

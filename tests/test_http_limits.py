@@ -726,6 +726,12 @@ def test_the_chunk_writer_writes_a_lone_chunk_as_write_of_its_frame_would() -> N
     assert transport.writes[0] == transport.writes[1] == b'20\r\ndata: {"id":"c1","choices":[]}\n\n\r\n'
     for other in ([DONE], [Chunk(b"{}"), DONE], []):  # anything else: `frame` and `write`
         assert not writer.write_chunk(other)
+    for size in (0, 1, 2047, 2048, 2049, 70000):  # a looked-up chunk head, and a formatted one past the table
+        sized: list[StreamEvent] = [Chunk(b"x" * size)]
+        assert writer.write_chunk(sized)
+        assert writer.write(frame(sized, False))
+        assert transport.writes[-1] == transport.writes[-2]
+    del transport.writes[2:]
     paused = ChunkWriter(SimpleNamespace(transport=transport, flow=SimpleNamespace(write_paused=True),
                                          chunked_encoding=True, disconnected=False, response_complete=False))
     assert not paused.write_chunk(batch)

@@ -298,3 +298,60 @@ async def test_ready_and_wait_read_a_real_response_as_readany_does(cut: bool) ->
     assert outcomes[0] == outcomes[1]
     # (the cut chunk's first bytes arrive as they are, then the failure)
     assert outcomes[0] == (b"".join(parts) + b"partial", "ClientPayloadError") if cut else (b"".join(parts), "eof")
+
+
+async def _read_all_waiting_first(timer: ReadTimer) -> tuple[list[bytes], str]:
+    """`_read_all` as the edge polls a stream: after each read it waits at once, without asking `ready()` (which
+    would say None: a read takes everything there is); a wait with bytes, the end or a failure there already
+    is over at once."""
+    reads: list[bytes] = []
+    try:
+        data = timer.ready()
+        while True:
+            while data is None:
+                await timer.wait()
+                data = timer.ready()
+            if not data:
+                return reads, "eof"
+            reads.append(data)
+            await timer.wait()
+            data = timer.ready()
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        return reads, type(exc).__name__
+    finally:
+        timer.stop()
+
+
+@pytest.mark.parametrize("cut", [False, True])
+async def test_waiting_right_after_a_read_reads_what_asking_first_reads(cut: bool) -> None:
+    parts = [b"data: {\"n\": %d}\n\n" % i for i in range(40)] + [b"x" * 5000] * 40
+    server, port = await _serve_chunked(parts, cut)
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    try:
+        timeout = aiohttp.ClientTimeout(total=None)
+        async with aiohttp.ClientSession(read_bufsize=1024, timeout=timeout) as session:
+            for read_all in (_read_all, _read_all_waiting_first):
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    timer = ReadTimer(response.content, loop.time() + 60, 5)
+                    assert timer._fast
+                    reads, end = await asyncio.wait_for(read_all(timer), 10)
+                    outcomes.append((b"".join(reads), end))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0] == (b"".join(parts) + b"partial", "ClientPayloadError") if cut else (b"".join(parts), "eof")
+
+
+async def test_a_wait_with_bytes_the_end_or_a_failure_there_already_is_over_at_once() -> None:
+    loop = asyncio.get_running_loop()
+    for arrange in (lambda c: c.feed_data(b"x"), lambda c: c.feed_eof(),
+                    lambda c: c.set_exception(aiohttp.ClientPayloadError("cut"))):
+        content = reader()
+        timer = ReadTimer(content, loop.time() + 60, 5)
+        arrange(content)
+        waiting = timer.wait()
+        assert isinstance(waiting, asyncio.Future) and waiting.done()
+        await waiting
+        timer.stop()

@@ -246,3 +246,77 @@ async def test_a_looking_stage_beside_one_that_rewrites_keeps_the_stream_in_betw
     stream.add(reader)
     assert aiter(stream) is stream
     assert await drain(stream) and looker.seen == reader.seen == [1, 1] and source.observer is None
+
+
+class PolledSource(ObservedSource):
+    """An observing source that can also be polled (`reads()`: `ready()`, `wait()`), as the OpenAI provider's."""
+
+    def __init__(self, batches: list[list[StreamEvent]]) -> None:
+        super().__init__(batches)
+        self.pending = list(batches)
+        self.arrived = False  # each batch "arrives" after one wait
+
+    def reads(self) -> tuple[Any, Any]:
+        return self.ready, self.wait
+
+    def ready(self) -> list[StreamEvent] | None:
+        if not self.pending:
+            return []
+        if not self.arrived:
+            return None
+        self.arrived = False
+        batch = self.pending.pop(0)
+        self.observer(batch)
+        return batch
+
+    async def wait(self) -> None:
+        await asyncio.sleep(0)
+        self.arrived = True
+
+
+async def _poll(ready: Any, wait: Any) -> list[StreamEvent]:
+    events: list[StreamEvent] = []
+    while True:
+        batch = ready()
+        while batch is None:
+            await wait()
+            batch = ready()
+        if not batch:
+            return events
+        events += batch
+
+
+@pytest.mark.parametrize("last", ["done", "error"])
+async def test_a_source_that_can_be_polled_is_read_directly_and_kept_as_the_stream_keeps_it(last: str) -> None:
+    """`reads()`: the edge polls the source itself; the counts, the usage, the end and its hooks are what
+    iterating the `ReplyStream` gives (a looking stage sees every batch)."""
+    usage = Usage(1, 2, 3)
+    error = UpstreamError("upstream failed mid-stream")
+    end: StreamEvent = DONE if last == "done" else StreamError(error)
+    outcomes = []
+    for polled in (False, True):
+        batches: list[list[StreamEvent]] = [[chunk("a")], [chunk("b"), UsageReport(usage, b"{}"), end]]
+        source = PolledSource(batches) if polled else Source(batches)
+        ctx, end_only, looker = context(), Recorder(reads=False), Looker()
+        stream = ReplyStream(source, ctx)
+        stream.add(end_only)
+        stream.add(looker)
+        reads = stream.reads()
+        assert (reads is not None) is polled
+        events = await _poll(*reads) if reads is not None else await drain(stream)
+        await stream.finish()
+        await stream.aclose()
+        assert source.closed == 1
+        outcomes.append((len(events), ctx.chunks, ctx.usage, ctx.first_chunk_seconds is not None, looker.seen,
+                         [(e.outcome, e.error) for e in end_only.ends]))
+    assert outcomes[0] == outcomes[1] == (4, 2, usage, True, [1, 3],
+                                          [("done", None)] if last == "done" else [("error", error)])
+
+
+async def test_a_stage_that_rewrites_keeps_a_polled_source_behind_the_stream() -> None:
+    source = PolledSource([[chunk("a")], [DONE]])
+    stage = Recorder()
+    stream = ReplyStream(source, context())
+    stream.add(stage)
+    assert stream.reads() is None and aiter(stream) is stream
+    assert await drain(stream) and stage.seen == [1, 1] and source.observer is None

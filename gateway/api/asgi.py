@@ -90,6 +90,13 @@ async def send_error(
     await send_body(send, error.status, headers, body)
 
 
+# The HTTP chunk head and the SSE field before a lone chunk's payload of each size up to _FRAMED_HEADS - 1
+# (about 90 kB); then the event's blank line and the HTTP chunk's end.
+_FRAMED_HEADS = 2048
+_FRAMED_HEAD = [b"%x\r\ndata: " % (size + 8) for size in range(_FRAMED_HEADS)]
+_FRAMED_TAIL = b"\n\n\r\n"
+
+
 class ChunkWriter:
     """A streamed response's body parts, written straight to the connection in HTTP/1.1 chunked framing.
 
@@ -123,7 +130,11 @@ class ChunkWriter:
         if transport is None:
             return False
         payload = event.payload
-        transport.write(b"%x\r\ndata: %b\n\n\r\n" % (len(payload) + 8, payload))
+        size = len(payload)
+        if size < _FRAMED_HEADS:  # a chunk's usual size: its head looked up, not formatted (about 300 instructions)
+            transport.write(b"".join((_FRAMED_HEAD[size], payload, _FRAMED_TAIL)))
+        else:
+            transport.write(b"%x\r\ndata: %b\n\n\r\n" % (size + 8, payload))
         return True
 
     def _transport(self) -> Any:

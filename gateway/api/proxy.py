@@ -23,7 +23,7 @@ from ..pipeline.stages import ClientGone
 from ..pipeline.streams import ReplyStream
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
-from ..schemas.events import StreamError
+from ..schemas.events import Chunk, StreamDone, StreamError, StreamEvent
 from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, send_body, send_error
 from .sse import error_frame, frame
 from .whole_reply import send_head, send_whole
@@ -31,6 +31,7 @@ from .whole_reply import send_head, send_whole
 __all__ = ["EdgeHost", "ProxyEndpoint"]
 
 log = logging.getLogger("gateway.proxy")
+_ENDS = (StreamDone, StreamError)  # the events that end a stream's last batch
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -90,13 +91,30 @@ class ProxyEndpoint:
                     writer = await _start_stream(ctx, reply, send)
                     sse = writer if framer is None else None  # OpenAI's framing: a lone chunk in one formatting
                     wants_usage = ctx.wants_usage
-                    async for batch in stream:
-                        if sse is None or not sse.write_chunk(batch):
-                            data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
-                            if writer is None or not writer.write(data):
-                                await send({"type": "http.response.body", "body": data, "more_body": True})
-                            del data
-                        del batch  # a held stream waits far longer than it writes: keep no event while it waits
+                    reads = stream.reads()
+                    if reads is not None:  # the provider's stream polled here: no generator frame per event
+                        ready, wait = reads
+                        while True:
+                            batch = ready()
+                            if batch:
+                                if sse is None or not sse.write_chunk(batch):
+                                    await _send_batch(batch, wants_usage, framer, writer, send)
+                                if type(batch[-1]) is not Chunk and isinstance(batch[-1], _ENDS):
+                                    continue  # the last batch: `ready()` says [] now
+                                # not the last: it took all there was, so wait before asking again (it would say None)
+                                del batch  # a held stream waits far longer than it writes: keep no event while it waits
+                            elif batch is not None:
+                                break  # [], after the last batch
+                            waiting = wait()
+                            try:
+                                await waiting
+                            except Exception:  # noqa: BLE001 -- the read failed: `ready()` ends the stream with it
+                                pass
+                    else:
+                        async for batch in stream:
+                            if sse is None or not sse.write_chunk(batch):
+                                await _send_batch(batch, wants_usage, framer, writer, send)
+                            del batch
                     await stream.finish()
                     await send({"type": "http.response.body", "body": b"", "more_body": False})
                 except asyncio.CancelledError:
@@ -137,6 +155,14 @@ async def _start_stream(ctx: RequestContext, reply: Reply, send: Any) -> ChunkWr
         await send({"type": "http.response.start", "status": reply.status, "headers": headers})
     ctx.lifecycle.response_started = True
     return chunk_writer(send)
+
+
+async def _send_batch(batch: list[StreamEvent], wants_usage: bool, framer: StreamFramer | None,
+                      writer: ChunkWriter | None, send: Any) -> None:
+    """A batch that `ChunkWriter.write_chunk` did not write (not a lone OpenAI chunk, or not writable at once)."""
+    data = frame(batch, wants_usage) if framer is None else framer.frame(batch)
+    if writer is None or not writer.write(data):
+        await send({"type": "http.response.body", "body": data, "more_body": True})
 
 
 async def _cut_stream(stream: ReplyStream, framer: StreamFramer | None, send: Any) -> None:

@@ -13,7 +13,8 @@ When no stage reads events, or every one that does only looks (`looks_only`: the
 signals' reader), batches pass straight from the provider to the edge; a source that can
 `observe` (the OpenAI provider's) is then iterated by the edge itself, and shows each
 batch to those stages' `look` and this module's bookkeeping before it yields it: on a slow
-stream the task resumes through one coroutine fewer on every event. A looking stage that
+stream the task resumes through one coroutine fewer on every event (and through none of the
+source's when the source can be polled: `reads()`). A looking stage that
 fails there is logged as a bug and stops looking; the stream it only looked at goes on.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import GatewayError, InternalError
@@ -90,6 +91,22 @@ class ReplyStream:
         observe(self._look if readers else self._note)
         self._iterator = aiter(self._source)
         return self._iterator  # type: ignore[no-any-return]
+
+    def reads(self) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]] | None:
+        """The source's own (`ready`, `wait`) when it offers them (`reads()`, as the OpenAI provider's stream)
+        and it could be iterated directly (see `__aiter__`), else None: iterate this stream. `ready()` is the
+        next batch, None until `wait()` is over, [] after the last; `finish()` after the last batch.
+
+        A task that polls the source resumes through no coroutine but its own on every event."""
+        source_reads = getattr(self._source, "reads", None)
+        if source_reads is None or self._iterator is not None or not hasattr(self._source, "observe"):
+            return None
+        readers = self._readers
+        if not all(getattr(stage, "looks_only", False) for stage in readers):
+            return None
+        self._source.observe(self._look if readers else self._note)
+        self._iterator = self._source  # read from now on: not to be iterated too
+        return source_reads()  # type: ignore[no-any-return]
 
     async def __anext__(self) -> list[StreamEvent]:
         if self._terminal is not None:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -289,10 +289,16 @@ def _unobserved(batch: list[StreamEvent]) -> None:
 
 
 class _OpenAIStream:
-    """A started OpenAI SSE stream, as batches of typed events (see `EventSource`)."""
+    """A started OpenAI SSE stream, as batches of typed events (see `EventSource`).
 
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_idle_s", "_observer", "_peek", "_provider",
-                 "_read_choices", "_response", "_saw_usage", "_timer")
+    Two ways to read it: iterate it (an async generator, for consumers that rewrite events), or,
+    once observed, poll it (`reads()`: `ready()` hands over the next batch when the upstream's bytes
+    are there, else None, and the reader awaits the body's `wait()` before asking again). The edge
+    polls it when no stage rewrites events: on a slow stream the task then resumes through no
+    generator frame on every event (about 1,500 instructions an event)."""
+
+    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_idle_s", "_observer",
+                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -306,17 +312,29 @@ class _OpenAIStream:
         self._deadline = deadline
         self._asked_for_usage = asked_for_usage
         self._closed = False
+        self._finished = False  # the batch that ends the stream was handed over
         self._saw_usage = False
         self._timer: ReadTimer | None = None
+        self._decoder = SSEDecoder()
         self._observer: Callable[[list[StreamEvent]], None] = _unobserved
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
 
     def observe(self, observer: Callable[[list[StreamEvent]], None]) -> None:
-        """Show `observer` every batch before it is yielded (`pipeline.streams.ReplyStream` then iterates this
-        stream directly). Every stream ends with a batch that ends with a `StreamDone` or a `StreamError`."""
+        """Show `observer` every batch before it is handed over (`pipeline.streams.ReplyStream` then lets the
+        edge read this stream directly). Every stream ends with a batch that ends with a `StreamDone` or a
+        `StreamError`."""
         self._observer = observer
+
+    def reads(self) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]]:
+        """(`ready`, `wait`) for reading this stream without iterating it: `ready()` is the next batch, None
+        when the upstream's next bytes have not come yet (await `wait()`, then ask again), or [] once the
+        batch that ends the stream was handed over. `aclose()` when done, as after iterating.
+
+        `wait()` is `ReadTimer.wait`: it may fail with the upstream's failure, which the next `ready()` turns
+        into the stream's last batch (a `StreamError`): a reader ignores the failure of the wait itself."""
+        return self.ready, self._start().wait
 
     async def aclose(self) -> None:
         if not self._closed:
@@ -327,43 +345,67 @@ class _OpenAIStream:
             self._response.close()
             self._provider.release()
 
+    def _start(self) -> ReadTimer:
+        timer = self._timer
+        if timer is None:
+            timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
+        return timer
+
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
-        decoder = SSEDecoder()
-        timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
+        wait = self._start().wait
         try:
             while True:
-                try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
-                    data = timer.ready()
-                    while data is None:
-                        await timer.wait()
-                        timer.end()
-                        data = timer.ready()
-                except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    failed: list[StreamEvent] = [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
-                    self._observer(failed)
-                    yield failed
+                batch = self.ready()
+                while batch is None:
+                    waiting = wait()
+                    try:
+                        await waiting
+                    except Exception:  # noqa: BLE001 -- the read failed: `ready()` ends the stream with it
+                        pass
+                    batch = self.ready()
+                if not batch:
                     return
-                try:
-                    payloads = decoder.feed(data) if data else decoder.flush()
-                except ValueError as exc:
-                    invalid: list[StreamEvent] = [self._fail(f"sent an invalid stream: {exc}")]
-                    self._observer(invalid)
-                    yield invalid
-                    return
-                events, finished = self._events(payloads)
-                if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
-                    events.append(DONE)
-                    finished = True
-                if finished and self._asked_for_usage and not self._saw_usage:
-                    self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
-                if events:
-                    self._observer(events)
-                    yield events
-                if finished:
-                    return
-                del data, payloads, events  # nothing of this read is kept while the next one waits
+                yield batch
+                del batch  # nothing of this read is kept while the next one waits
         finally:
             await self.aclose()
+
+    def ready(self) -> list[StreamEvent] | None:
+        """The next batch of events (shown to the observer first), None when there is none yet, [] after the
+        last. Never raises for the upstream's failures: they end the stream with a `StreamError` batch."""
+        if self._finished:
+            return []
+        timer = self._timer
+        assert timer is not None, "reads() or iterating starts the stream"
+        while True:
+            try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
+                data = timer.ready()
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                return self._last([StreamError(transport_error(exc, self._provider.name, "mid-stream"))])
+            if data is None:
+                return None
+            try:
+                payloads = self._decoder.feed(data) if data else self._decoder.flush()
+            except ValueError as exc:
+                return self._last([self._fail(f"sent an invalid stream: {exc}")])
+            events, finished = self._events(payloads)
+            if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
+                events.append(DONE)
+                finished = True
+            if finished:
+                if self._asked_for_usage and not self._saw_usage:
+                    self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
+                return self._last(events)
+            if events:
+                self._observer(events)
+                return events
+            # bytes without a whole event: read on (None when nothing more has come)
+
+    def _last(self, events: list[StreamEvent]) -> list[StreamEvent]:
+        """The batch that ends the stream: shown to the observer, and the last one handed over."""
+        self._finished = True
+        self._observer(events)
+        return events
 
     def _events(self, payloads: list[bytes]) -> tuple[list[StreamEvent], bool]:
         """The events for these SSE payloads, and whether the stream is over."""
@@ -393,7 +435,8 @@ class _OpenAIStream:
                     events.append(UsageReport(peek.usage, payload))
                 continue
             if hide:
-                if payload.endswith(_COMPACT_NULL_USAGE):  # the common case, without a call (see strip_null_usage)
+                if payload[_COMPACT_CUT:] == _COMPACT_NULL_USAGE:  # the common case, without a call (strip_null_usage;
+                    # a slice compared, not `endswith`: see upstream/sse.py)
                     payload = payload[:_COMPACT_CUT] + b"}"
                 elif payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
                     payload = strip_null_usage(payload)

@@ -27,17 +27,18 @@ _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
 
 
-class Chunk:
-    """One content event in OpenAI's chunk shape: its JSON bytes, decoded on demand, at most once."""
+class Chunk(msgspec.Struct, gc=False, eq=False):
+    """One content event in OpenAI's chunk shape: its JSON bytes, decoded on demand, at most once.
 
-    __slots__ = ("_data", "choices", "payload")
+    `Chunk(payload, data=None, choices=None)`, positionally. A struct, not a class with `__init__`: one is
+    made for every event forwarded, and a Python `__init__` cost about 1,200 instructions more a chunk
+    (CPython 3.11). Compared by identity, as a plain object; untracked by the garbage collector (its
+    decoded JSON holds no cycles)."""
 
-    def __init__(self, payload: bytes, data: dict[str, Any] | None = None,
-                 choices: list[ChoicePeek] | None = None) -> None:
-        self.payload = payload
-        self._data = data
-        # The typed view of its choices, when the provider decoded them anyway (`Call.read_choices`).
-        self.choices = choices
+    payload: bytes
+    _data: dict[str, Any] | None = None
+    # The typed view of its choices, when the provider decoded them anyway (`Call.read_choices`).
+    choices: list[ChoicePeek] | None = None
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Chunk:

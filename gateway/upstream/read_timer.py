@@ -36,7 +36,7 @@ class ReadTimer:
     """`read()` = `content.readany()` under the idle timeout and the deadline (or `begin()` ... `end()`,
     or `ready()`, `wait()` ... `end()`). `stop()` when done."""
 
-    __slots__ = ("_content", "_deadline", "_fast", "_got", "_handle", "_idle_s", "_loop", "_since")
+    __slots__ = ("_content", "_deadline", "_failed", "_fast", "_got", "_handle", "_idle_s", "_loop", "_since")
 
     def __init__(self, content: aiohttp.StreamReader, deadline: float, idle_s: float) -> None:
         self._content = content
@@ -47,6 +47,7 @@ class ReadTimer:
         self._since: float | None = None  # when the read in progress started; None between reads
         self._fast = adopt(content)
         self._got: bytes | None = None  # what the public path's `wait()` read, for `ready()`
+        self._failed: Exception | None = None  # how the public path's `wait()` failed, for `ready()` to raise
 
     async def read(self) -> bytes:
         """The bytes that have arrived (waiting for some), or b"" at the end of the body."""
@@ -68,19 +69,32 @@ class ReadTimer:
 
         On aiohttp's own `StreamReader` (see `body.py`) this takes the bytes off its buffer without the two
         coroutines `readany()` resumes through, and without resuming the transport and feeding the parser
-        an empty chunk on every read when nothing was paused: about a sixth of the instructions per event."""
-        if self._fast:
-            return take(self._content)
-        got, self._got = self._got, None
-        return got
+        an empty chunk on every read when nothing was paused: about a sixth of the instructions per event.
+        Asking ends the read a `wait()` started, as `end()` does (a reader that polls need not call it)."""
+        self._since = None
+        if not self._fast:
+            if self._failed is not None:
+                raise self._failed
+            got, self._got = self._got, None
+            return got
+        return take(self._content)
 
     def wait(self) -> Awaitable[object]:
         """Wait for the body's next bytes, its end or its failure, under the idle timeout and the deadline
-        (`end()` after). Only after `ready()` returned None."""
+        (`end()` after), then ask `ready()`. When they are there already, it is over at once: a reader that
+        just took everything there was may wait without asking `ready()` first (it would say None).
+
+        The wait fails with the body's failure (a timeout too); `ready()` raises it again after, so a reader
+        may leave handling it to where it calls `ready()`. Errors raised by this call itself (a closed
+        connection, a second reader) are not the body's: they are not raised again."""
         self._start()
         if not self._fast:
             return self._read()
         content = self._content
+        if content._buffer or content._eof or content._exception is not None:
+            done: asyncio.Future[None] = self._loop.create_future()
+            done.set_result(None)
+            return done
         if content._protocol.transport is None:  # as `readany()` waits: aiohttp's own checks
             raise RuntimeError("Connection closed.")
         if content._waiter is not None and not content._waiter.done():
@@ -90,7 +104,11 @@ class ReadTimer:
         return waiter
 
     async def _read(self) -> None:
-        self._got = await self._content.readany()
+        try:
+            self._got = await self._content.readany()
+        except Exception as exc:  # as the fast path's wait: `ready()` raises it
+            self._failed = exc
+            raise
 
     def _start(self) -> None:
         since = self._since = self._loop.time()

@@ -7,6 +7,8 @@ as soon as its last byte arrives.
 Substring tests on the per-event path use `bytes.find`, not `in`: CPython 3.11's
 `bytes.__contains__` first tries the operand as an integer and formats, raises and
 clears a TypeError before it searches (about 2,000 instructions a test, measured).
+A prefix is compared as a slice: `startswith` (as `find`) parses its arguments into a
+tuple first, about 800 instructions a call against about 500 for a short slice.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ class SSEDecoder:
         if not self._pending:
             # The common case on a stream that flows: one read, one whole single-line event.
             end = len(data) - 2
-            if data.find(b"\n") == end and data[-1] == 10 and data.startswith(b"data:") and data.find(b"\r") < 0:
+            if data.find(b"\n") == end and data[-1] == 10 and data[:5] == b"data:" and data.find(b"\r") < 0:
                 return [data[6:end] if data[5] == 32 else data[5:end]]
         buf = self._pending + data if self._pending else data
         if buf.find(b"\r") >= 0:

@@ -1,8 +1,8 @@
 """Run the gateway under uvicorn: one process, or N workers sharing one socket.
 
 The entry point owns the process, so process-wide set-up happens here, once per
-process: logging (in every worker too), signal handlers, and `gc.freeze()` after
-start-up. Settings reach worker processes inside uvicorn's pickled config (the
+process: logging (in every worker too), signal handlers, and `gc.freeze()` and the
+collector's thresholds after start-up. Settings reach worker processes inside uvicorn's pickled config (the
 app factory is a `functools.partial` over `ServeSettings`), not through the
 environment; the one exception is `PROMETHEUS_MULTIPROC_DIR`, which
 prometheus_client reads from the environment at import.
@@ -45,6 +45,12 @@ __all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
 
 log = logging.getLogger("gateway.server")
 _PR_SET_PDEATHSIG = 1
+# The collector's thresholds once the gateway serves (`gc.set_threshold`; Python's are 700, 10, 10). A young
+# generation of 700 is collected several times a second with many streams open, and each collection also walks
+# the older objects it makes reachable: at 1,000 slow streams, 2 to 4 us of the ~40 us of CPU per forwarded
+# event went to the collector (bench/scale.py, A/B). Most of a request's objects are freed by their reference
+# counts, so a larger young generation mostly delays cycles (failed requests' tracebacks) by a few seconds.
+_GC_THRESHOLDS = (20_000, 20, 20)
 _GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so the gateway cuts first
 
 
@@ -96,6 +102,7 @@ class _ServedProcess:
         # reach, so that full collections stay short (bench: p99 at 16 connections ~30 ms -> ~6 ms).
         gc.collect()
         gc.freeze()
+        gc.set_threshold(*_GC_THRESHOLDS)
 
     def _on_stop(self, signum: int, frame: FrameType | None, previous: Any) -> None:
         loop = self.loop

@@ -131,7 +131,7 @@ def test_a_gateway_sets_up_nothing_process_wide_and_keeps_its_own_ids() -> None:
     policy = compile_text(
         "version: 1\nauth: none\nproviders: {d: {kind: demo}}\nmodels: {m: {provider: d, model: x}}\n")
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)}
-    frozen = gc.get_freeze_count()
+    frozen, thresholds = gc.get_freeze_count(), gc.get_threshold()
     first, second = Gateway(policy), Gateway(policy)
 
     async def cycle(gateway: Gateway) -> None:
@@ -141,9 +141,39 @@ def test_a_gateway_sets_up_nothing_process_wide_and_keeps_its_own_ids() -> None:
     asyncio.run(cycle(first))
     asyncio.run(cycle(second))
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers
-    assert gc.get_freeze_count() == frozen
+    assert gc.get_freeze_count() == frozen and gc.get_threshold() == thresholds
     assert first.request_ids.new()[:16] != second.request_ids.new()[:16]  # per-gateway prefixes
     assert first.runtime.providers["d"]._ids is not second.runtime.providers["d"]._ids  # type: ignore[attr-defined]
+
+
+def test_the_served_process_freezes_its_start_up_heap_and_sets_the_collectors_thresholds() -> None:
+    import asyncio
+    import gc
+    import threading
+
+    from gateway import server
+    from gateway.app import Gateway
+    from gateway.policy import compile_text
+
+    gateway = Gateway(compile_text(
+        "version: 1\nauth: none\nproviders: {d: {kind: demo}}\nmodels: {m: {provider: d, model: x}}\n"))
+    before = gc.get_threshold()
+    seen: list[tuple[int, ...]] = []
+
+    async def start() -> None:  # off the main thread: no signal handlers are installed
+        server._ServedProcess(gateway).started()
+        seen.append(gc.get_threshold())
+        seen.append((gc.get_freeze_count(),))
+
+    try:
+        thread = threading.Thread(target=asyncio.run, args=(start(),))
+        thread.start()
+        thread.join()
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()
+    assert seen[0] == server._GC_THRESHOLDS != before
+    assert seen[1][0] > 0
 
 
 def test_the_typed_request_is_kept_beside_the_forwarded_body() -> None:

@@ -449,10 +449,8 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
                               target=SimpleNamespace(name="t"), read_choices=False,
                               runtime=SimpleNamespace(policy=SimpleNamespace(labels=labels)))
 
-        async def answer(_: Any) -> Reply:
-            return reply
-
-        asyncio.run(stage(ctx, answer))  # type: ignore[arg-type]
+        stage.prepare(ctx)  # type: ignore[arg-type]
+        stage.read(ctx, reply)  # type: ignore[arg-type]
         return {f"{s.name}{sorted(s.labels.items())}": s.value for m in metrics.registry.collect()
                 if m.name.startswith("gateway_quality") for s in m.samples if not s.name.endswith("_created")}
 

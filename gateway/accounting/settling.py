@@ -79,19 +79,7 @@ class Settling(StageState):
                     self._unsettled("settle", ())
         for key, holder in bill.slots:
             store.release_slot_now(key, holder)
-        # `_settled`, in line
-        reserved = bill.cost_reserved > 0 and ctx.upstream_started
-        estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
-        if reserved or estimated:
-            route = ctx.route
-            alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
-            reservation, drift = self._drifts.get(alias) or self._drift(alias)
-            if reserved:
-                reservation.observe(cost / bill.cost_reserved)
-            if estimated:
-                assert usage is not None
-                drift.observe(bill.prompt_estimate / usage.prompt_tokens)
-        self._record(ctx, cost, units)
+        self._settled(ctx, bill, cost, units)
 
     def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
         """What settling asks of the store, in order: every budget to the actual cost (`spend`), every token
@@ -118,7 +106,8 @@ class Settling(StageState):
         else:
             self.metrics.accounting_store_errors.labels("unsettled").inc()
 
-    def _settled(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
+    def _settled(self, ctx: RequestContext, bill: Bill, cost: float, cost_micro: int = -1) -> None:
+        """The drifts observed and the usage recorded (`cost_micro`: the cost in millionths, when known)."""
         usage = ctx.usage
         reserved = bill.cost_reserved > 0 and ctx.upstream_started
         estimated = usage is not None and not ctx.usage_estimated and bill.prompt_estimate and usage.prompt_tokens
@@ -131,7 +120,7 @@ class Settling(StageState):
             if estimated:
                 assert usage is not None
                 tokens.observe(bill.prompt_estimate / usage.prompt_tokens)
-        self._record(ctx, cost)
+        self._record(ctx, cost, cost_micro)
 
     def _drift(self, alias: str) -> tuple[Any, Any]:
         """The alias's reservation and token estimate drift children, looked up together (one dict look-up)."""

@@ -20,7 +20,6 @@ from typing import Any
 import msgspec
 
 from ..pipeline.context import Reply, RequestContext
-from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
@@ -224,10 +223,9 @@ def _malformed_tool_call(answer: Answer, schemas: dict[str, Any]) -> bool:
 
 
 class QualitySignals:
-    """The stage: checks each chat, completions or Responses answer (complete or streamed) and counts what
-    it finds."""
-
-    name = "quality"
+    """Checks each chat, completions or Responses answer (complete or streamed) and counts what it finds; the
+    telemetry stage runs `prepare` and `read` in its own frame (one coroutine fewer for a request's task to
+    resume through than a stage of its own)."""
 
     def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
         self.metrics = metrics
@@ -239,14 +237,6 @@ class QualitySignals:
         # (alias, target name) -> (alias label, target label, `checked` counter, finish reason -> counter), the
         # counters as `loop_value`s: this stage lives as long as its policy, so the labels cannot change.
         self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}
-
-    async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        """As a stage of its own; the telemetry stage runs `prepare` and `read` in its own frame instead (one
-        coroutine fewer for a request's task to resume through)."""
-        self.prepare(ctx)
-        reply = await call_next(ctx)
-        self.read(ctx, reply)
-        return reply
 
     def prepare(self, ctx: RequestContext) -> None:
         """Before the request goes on: a chat or completions answer's choices are to be read."""

@@ -172,7 +172,7 @@ _DESCRIPTIONS: dict[str, str] = {
     "LabelCapsSpec.aliases": "Aliases that are label values; the rest count as `other`.",
     "LabelCapsSpec.targets": "Targets that are label values; the rest count as `other`.",
     "LabelCapsSpec.tenants": "Tenants that are label values; the rest count as `other`.",
-    "QualitySpec.enabled": "Turn the quality signals on (off: no stage at all).",
+    "QualitySpec.enabled": "Turn the quality signals on (off: no checks at all, not even a look at the endpoint).",
     "FeedbackSpec.enabled": "Turn POST /v1/feedback on.",
     "FeedbackSpec.ttl_s": "How long after its request a feedback is accepted.",
     "PayloadLogSpec.enabled": "Turn the payload log on.",

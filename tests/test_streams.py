@@ -433,3 +433,30 @@ async def test_a_budget_stream_beside_a_stage_that_rewrites_is_iterated() -> Non
     stream.add(StreamBill(Extends(5), budget_bill(3)))  # type: ignore[arg-type]
     stream.add(Recorder())
     assert stream.reads() is None and aiter(stream) is stream
+
+
+class Watcher(Recorder):
+    """A stage that passes batches untouched up to a length (`passes_up_to`), recording the batches it ran on."""
+
+    def __init__(self, up_to: int) -> None:
+        super().__init__()
+        self.up_to = up_to
+
+    def passes_up_to(self, ctx: Any) -> int:
+        return self.up_to
+
+
+async def test_a_polled_stream_holds_a_batch_for_its_readers_only_past_the_least_watched_length() -> None:
+    source = PolledSource([[chunk("a")], [chunk("b")], [chunk("c")], [DONE]])
+    ctx, near, far, looker = context(), Watcher(2), Watcher(10), Looker()
+    stream = ReplyStream(source, ctx)
+    for stage in (near, far, looker):
+        stream.add(stage)
+    reads = stream.reads()
+    assert reads is not None
+    sent = await _edge(*reads)
+    await stream.finish()
+    assert [len(batch) for batch in sent] == [1, 1, 1, 1] and ctx.chunks == 3 and source.closed == 1
+    assert near.seen == far.seen == [1, 1]  # [c] (3 > 2) and [DONE] (3 + 1 > 2), through every reader
+    assert looker.seen == [1, 1, 1, 1]  # looked at below the length, its `on_events` past it
+    assert [e.outcome for e in near.ends] == [e.outcome for e in looker.ends] == ["done"]

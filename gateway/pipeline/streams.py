@@ -175,8 +175,15 @@ class ReplyStream:
         self._note(batch)
 
     def _watched_length(self) -> int:
+        """The least of the watching stages' lengths (a loop: `min` of a generator costs a frame more)."""
         ctx = self._ctx
-        return min(stage.passes_up_to(ctx) for stage in self._watchers)  # type: ignore[attr-defined,no-any-return]
+        first, *others = self._watchers
+        least: int = first.passes_up_to(ctx)  # type: ignore[attr-defined]
+        for stage in others:
+            length: int = stage.passes_up_to(ctx)  # type: ignore[attr-defined]
+            if length < least:
+                least = length
+        return least
 
     def _watch(self, batch: list[StreamEvent]) -> None:
         """The source's observer behind watching stages: a batch within their length is looked at and noted as

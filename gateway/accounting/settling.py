@@ -201,6 +201,7 @@ class StreamBill:
     the reserved length it does nothing (`passes_up_to`), so the edge keeps polling the provider's stream."""
 
     __slots__ = ("_bill", "_stage", "reads_events")
+    looks_only = False  # (it may cut: `passes_up_to` says when; found here, `ReplyStream.add` asks no further)
 
     def __init__(self, stage: Settling, bill: Bill) -> None:
         self._stage = stage

@@ -187,13 +187,26 @@ class ReplyStream:
 
     def _watch(self, batch: list[StreamEvent]) -> None:
         """The source's observer behind watching stages: a batch within their length is looked at and noted as
-        on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on."""
-        if self._ctx.chunks + len(batch) > self._limit:
+        on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on.
+        (`_note`'s steps in line when nothing looks: this runs on every event of a slow stream.)"""
+        ctx = self._ctx
+        if ctx.chunks + len(batch) > self._limit:
             self._held = batch
-        elif self._lookers:
+            return
+        if self._lookers:
             self._look(batch)
-        else:
-            self._note(batch)
+            return
+        for event in batch:
+            if isinstance(event, Chunk):
+                ctx.chunks += 1
+            elif isinstance(event, UsageReport):
+                ctx.usage = event.usage
+            elif isinstance(event, StreamDone):
+                self._terminal = StreamEnd("done")
+            elif isinstance(event, StreamError):
+                self._terminal = StreamEnd("error", event.error)
+        if ctx.first_chunk_seconds is None:
+            ctx.first_chunk_seconds = time.perf_counter() - ctx.started
 
     def _ready_watched(self) -> list[StreamEvent] | None:
         """`ready()` behind watching stages: what the readers made of a held batch; None while one is held (wait
@@ -232,7 +245,8 @@ class ReplyStream:
         self._limit = self._watched_length()
 
     def _note(self, batch: list[StreamEvent]) -> None:
-        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time."""
+        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time.
+        (`_watch` repeats these steps.)"""
         ctx = self._ctx
         for event in batch:
             if isinstance(event, Chunk):

@@ -74,6 +74,14 @@ class ReplyStream:
 
     __slots__ = ("_ctx", "_end", "_held", "_iterator", "_limit", "_lookers", "_passed", "_readers", "_source",
                  "_source_ready", "_source_wait", "_stages", "_terminal", "_watchers")
+    # A polled source behind watching stages: the chunks the stream may reach before a batch is held (`_held`)
+    # for the readers, the batch they made of it (`_passed`) for the next `ready()`, and the source's own `ready`
+    # and `wait`. Set by `reads()` and read only on that path: a stream without such stages never sets them.
+    _limit: int
+    _held: list[StreamEvent] | None
+    _passed: list[StreamEvent] | None
+    _source_ready: Callable[[], list[StreamEvent] | None]
+    _source_wait: Callable[[], Awaitable[object]]
 
     def __init__(self, source: EventSource, ctx: RequestContext) -> None:
         self._source = source
@@ -85,13 +93,6 @@ class ReplyStream:
         self._watchers: tuple[StreamStage, ...] = ()  # the readers that pass batches up to a length (`passes_up_to`)
         self._terminal: StreamEnd | None = None
         self._end: StreamEnd | None = None  # set once the end hooks ran
-        # A polled source behind watching stages (`reads()`): the chunks the stream may reach before a batch is
-        # held (`_held`) for the readers, and the batch they made of it (`_passed`), for the next `ready()`.
-        self._limit = 0
-        self._held: list[StreamEvent] | None = None
-        self._passed: list[StreamEvent] | None = None
-        self._source_ready: Callable[[], list[StreamEvent] | None] | None = None
-        self._source_wait: Callable[[], Awaitable[object]] | None = None
 
     def add(self, stage: StreamStage) -> None:
         self._stages.append(stage)
@@ -135,6 +136,7 @@ class ReplyStream:
             self._source.observe(self._look if readers else self._note)
             return source_reads()  # type: ignore[no-any-return]
         self._limit = self._watched_length()
+        self._held = self._passed = None
         self._source.observe(self._watch)
         self._source_ready, self._source_wait = source_reads()
         return self._ready_watched, self._wait_watched
@@ -217,7 +219,6 @@ class ReplyStream:
             return batch or None  # all held back: wait for the source's next bytes
         if self._terminal is not None:
             return []
-        assert self._source_ready is not None
         batch = self._source_ready()
         return None if self._held is not None else batch
 
@@ -225,7 +226,6 @@ class ReplyStream:
         """`wait()` behind watching stages: the readers on the held batch, if one is held, else the source's."""
         held = self._held
         if held is None:
-            assert self._source_wait is not None
             return self._source_wait()
         self._held = None
         return self._pass(held)

@@ -460,3 +460,27 @@ async def test_a_polled_stream_holds_a_batch_for_its_readers_only_past_the_least
     assert near.seen == far.seen == [1, 1]  # [c] (3 > 2) and [DONE] (3 + 1 > 2), through every reader
     assert looker.seen == [1, 1, 1, 1]  # looked at below the length, its `on_events` past it
     assert [e.outcome for e in near.ends] == [e.outcome for e in looker.ends] == ["done"]
+
+
+async def test_a_polled_stream_whose_end_a_watching_stage_held_back_ends_as_when_iterated() -> None:
+    class Swallower(Watcher):
+        async def on_events(self, ctx: Any, events: list[StreamEvent]) -> list[StreamEvent]:
+            await super().on_events(ctx, events)
+            return [event for event in events if event is not DONE]
+
+    outcomes = []
+    for polled in (False, True):
+        batches: list[list[StreamEvent]] = [[chunk("a")], [chunk("b"), DONE]]
+        source = PolledSource(batches) if polled else Source(batches)
+        ctx, stage = context(), Swallower(0)
+        stream = ReplyStream(source, ctx)
+        stream.add(stage)
+        reads = stream.reads()
+        assert (reads is not None) is polled
+        sent = await _edge(*reads) if reads is not None else [batch async for batch in stream]
+        await stream.finish()
+        end = stage.ends[0]
+        outcomes.append(([frame(batch, False) for batch in sent], ctx.chunks, end.outcome,
+                         end.error.message if end.error else None, stage.seen))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][2:] == ("error", "the stream ended unexpectedly", [1, 2, 1])

@@ -220,7 +220,12 @@ class ReplyStream:
         if self._terminal is not None:
             return []
         batch = self._source_ready()
-        return None if self._held is not None else batch
+        if self._held is not None:
+            return None
+        if batch is not None and not batch:  # over, though no batch ended it (a reader held its end back): as
+            self._held = [StreamError(InternalError("the stream ended unexpectedly"))]  # `__anext__` ends it
+            return None
+        return batch
 
     def _wait_watched(self) -> Awaitable[object]:
         """`wait()` behind watching stages: the readers on the held batch, if one is held, else the source's."""

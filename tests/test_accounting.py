@@ -4,6 +4,7 @@ official `openai` SDK (memory store here; Redis and two processes in test_accoun
 from __future__ import annotations
 
 import asyncio
+import re
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -13,7 +14,9 @@ import openai
 import pytest
 
 from gateway.auth.keys import hash_key
+from gateway.pipeline.streams import ReplyStream
 from gateway.policy import PolicyError, compile_text
+from gateway.schemas.events import StreamEvent
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.mock_upstream import CACHED_SHARE, REASONING_TOKENS, MockUpstream
 
@@ -248,6 +251,49 @@ def test_a_hard_budget_cuts_a_stream_mid_way(start: Callable[..., RunningGateway
     assert 0 < len(text.split()) < ANSWER_WORDS
     spent = usage_of(gateway, "key", "main")["cost_usd"]
     assert 0 < float(str(spent)) <= 0.008
+
+
+def _raw_stream(gateway: RunningGateway) -> bytes:
+    """A streamed answer's body as the client gets it, without the mock's per-answer id and time."""
+    body = {"model": "chat", "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body, timeout=20,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        raw = response.read()
+    return re.sub(rb'"created":\s*\d+', b'"created":0', re.sub(rb'"id":\s*"[^"]*"', b'"id":""', raw))
+
+
+@pytest.mark.parametrize("budget", ["0.008", "10"])
+def test_a_budget_stream_is_polled_and_cut_or_extended_as_when_iterated(
+    start: Callable[..., RunningGateway], monkeypatch: pytest.MonkeyPatch, budget: str,
+) -> None:
+    """A budget stream without max_tokens keeps the edge's polled path (`ReplyStream.reads`): the bill runs
+    only on a batch past its reservation, and the client gets the bytes the iterated path sends: cut off
+    when the budget has no room for another step ($0.008), extended to the whole answer when it has ($10)."""
+    paths: list[str] = []
+    iterate, hold = ReplyStream.__anext__, ReplyStream._pass
+
+    async def iterated(self: ReplyStream) -> list[StreamEvent]:
+        paths.append("iterated")
+        return await iterate(self)
+
+    async def held(self: ReplyStream, batch: list[StreamEvent]) -> None:
+        paths.append("held")
+        await hold(self, batch)
+
+    monkeypatch.setattr(ReplyStream, "__anext__", iterated)
+    monkeypatch.setattr(ReplyStream, "_pass", held)
+    parts = {"key": f"budget: {{usd: {budget}}}", "accounting": "default_max_tokens: 5"}
+    polled = _raw_stream(start(**parts))
+    assert paths and set(paths) == {"held"}
+    paths.clear()
+    monkeypatch.setattr(ReplyStream, "reads", lambda self: None)
+    assert _raw_stream(start(**parts)) == polled
+    assert paths and set(paths) == {"iterated"}
+    if budget == "10":
+        assert b'"finish_reason":"stop"' in polled.replace(b" ", b"") and b"budget" not in polled
+    else:
+        assert b'"finish_reason":"length"' in polled.replace(b" ", b"") and b"budget" in polled
 
 
 def test_no_limits_no_stage(start: Callable[..., RunningGateway]) -> None:

@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 
+from gateway.api.sse import frame
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline.lifecycle import Lifecycle
 from gateway.pipeline.streams import ReplyStream, StreamEnd
@@ -320,3 +321,166 @@ async def test_a_stage_that_rewrites_keeps_a_polled_source_behind_the_stream() -
     stream.add(stage)
     assert stream.reads() is None and aiter(stream) is stream
     assert await drain(stream) and stage.seen == [1, 1] and source.observer is None
+
+
+# -- stages that watch the length (`passes_up_to`): the budget's cut-off ------------------------------
+
+
+class Extends:
+    """`Settling` as `StreamBill` uses it: `extend` adds `step` chunks to the cap `steps` times, then refuses."""
+
+    def __init__(self, steps: int, step: int = 2) -> None:
+        self.steps, self.step, self.asked, self.settled = steps, step, 0, 0
+        self._in_line = None
+
+    async def extend(self, ctx: Any, bill: Any) -> bool:
+        self.asked += 1
+        if self.steps == 0:
+            return False
+        self.steps -= 1
+        bill.completion_cap += self.step
+        return True
+
+    def _price(self, ctx: Any) -> float:
+        return 0.0
+
+    async def _settle(self, ctx: Any, bill: Any) -> None:
+        self.settled += 1
+
+
+def budget_bill(cap: int) -> Any:
+    from gateway.accounting.bill import Bill, Held
+    bill = Bill()
+    bill.completion_cap = cap
+    bill.budgets.append(Held("budget:key", 1.0, 60.0, SimpleNamespace()))
+    return bill
+
+
+async def _edge(ready: Any, wait: Any) -> list[list[StreamEvent]]:
+    """The batches the edge's polled loop (`api.proxy`) sends: ready(); after a batch that is not the last, wait()."""
+    sent: list[list[StreamEvent]] = []
+    while True:
+        batch = ready()
+        if batch:
+            sent.append(list(batch))
+            if isinstance(batch[-1], (StreamError, type(DONE))):
+                continue
+        elif batch is not None:
+            return sent
+        await wait()
+
+
+def _batches() -> list[list[StreamEvent]]:
+    return [[chunk("a")], [chunk("b"), chunk("c")], [chunk("d"), chunk("e")], [chunk("f")], [chunk("g")], [DONE]]
+
+
+async def _through_bill(polled: bool, steps: int, looker: Looker | None = None) -> tuple[Any, ...]:
+    from gateway.accounting.settling import StreamBill
+    batches = _batches()
+    source = PolledSource(batches) if polled else Source(batches)
+    ctx = context()
+    ctx.endpoint = SimpleNamespace(label="chat")
+    settling, bill = Extends(steps), budget_bill(3)
+    stream = ReplyStream(source, ctx)
+    billed = StreamBill(settling, bill)  # type: ignore[arg-type]
+    assert billed.reads_events
+    stream.add(billed)
+    if looker is not None:
+        stream.add(looker)
+    reads = stream.reads()
+    assert (reads is not None) is polled
+    sent = await _edge(*reads) if reads is not None else [batch async for batch in stream]
+    await stream.finish()
+    await stream.aclose()
+    unread = len(source.pending) if isinstance(source, PolledSource) else None
+    last = sent[-1][-1]
+    framed = [frame(batch, False) for batch in sent]  # the bytes the edge sends for them
+    return (framed, ctx.chunks, source.closed, settling.asked, settling.settled, bill.completion_cap,
+            type(last).__name__, last.error.message if isinstance(last, StreamError) else None, unread)
+
+
+async def test_a_budget_stream_that_crosses_its_cap_with_the_budget_left_is_extended_on_the_polled_path() -> None:
+    iterated, polled = await _through_bill(False, steps=5), await _through_bill(True, steps=5)
+    sent, chunks, closed, asked, settled, cap, last, _, unread = polled
+    assert polled[:-1] == iterated[:-1]  # the same batches (so the same bytes), counts and bill
+    assert [b.count(b"data: ") for b in sent] == [1, 2, 2, 1, 1, 1] and last == "StreamDone"
+    assert chunks == 7 and closed == 1 and settled == 1 and unread == 0
+    assert asked == 2 and cap == 7  # past 3, then past 5: two steps of 2
+
+
+async def test_a_budget_stream_is_cut_on_the_polled_path_as_when_iterated_and_its_source_is_not_read_after() -> None:
+    iterated, polled = await _through_bill(False, steps=1), await _through_bill(True, steps=1)
+    sent, chunks, closed, asked, settled, cap, last, message, unread = polled
+    assert polled[:-1] == iterated[:-1]
+    assert [b.count(b"data: ") for b in sent] == [1, 2, 2, 3] and last == "StreamError" and "budget" in str(message)
+    assert b'"finish_reason":"length"' in sent[-1].split(b"\n\n")[1]
+    assert chunks == 7 and closed == 1 and settled == 1 and asked == 2 and cap == 5  # the "length" chunk counts
+    assert unread == 2  # [g] and [DONE]: the source was closed, not read on
+
+
+async def test_a_looking_stage_beside_the_budget_sees_every_batch_on_the_polled_path() -> None:
+    for steps in (1, 5):
+        iterated_looker, polled_looker = Looker(), Looker()
+        iterated = await _through_bill(False, steps, iterated_looker)
+        polled = await _through_bill(True, steps, polled_looker)
+        assert polled[:-1] == iterated[:-1] and polled_looker.seen == iterated_looker.seen
+        assert [e.outcome for e in polled_looker.ends] == [e.outcome for e in iterated_looker.ends]
+
+
+async def test_a_budget_stream_beside_a_stage_that_rewrites_is_iterated() -> None:
+    from gateway.accounting.settling import StreamBill
+    stream = ReplyStream(PolledSource(_batches()), context())
+    stream.add(StreamBill(Extends(5), budget_bill(3)))  # type: ignore[arg-type]
+    stream.add(Recorder())
+    assert stream.reads() is None and aiter(stream) is stream
+
+
+class Watcher(Recorder):
+    """A stage that passes batches untouched up to a length (`passes_up_to`), recording the batches it ran on."""
+
+    def __init__(self, up_to: int) -> None:
+        super().__init__()
+        self.up_to = up_to
+
+    def passes_up_to(self, ctx: Any) -> int:
+        return self.up_to
+
+
+async def test_a_polled_stream_holds_a_batch_for_its_readers_only_past_the_least_watched_length() -> None:
+    source = PolledSource([[chunk("a")], [chunk("b")], [chunk("c")], [DONE]])
+    ctx, near, far, looker = context(), Watcher(2), Watcher(10), Looker()
+    stream = ReplyStream(source, ctx)
+    for stage in (near, far, looker):
+        stream.add(stage)
+    reads = stream.reads()
+    assert reads is not None
+    sent = await _edge(*reads)
+    await stream.finish()
+    assert [len(batch) for batch in sent] == [1, 1, 1, 1] and ctx.chunks == 3 and source.closed == 1
+    assert near.seen == far.seen == [1, 1]  # [c] (3 > 2) and [DONE] (3 + 1 > 2), through every reader
+    assert looker.seen == [1, 1, 1, 1]  # looked at below the length, its `on_events` past it
+    assert [e.outcome for e in near.ends] == [e.outcome for e in looker.ends] == ["done"]
+
+
+async def test_a_polled_stream_whose_end_a_watching_stage_held_back_ends_as_when_iterated() -> None:
+    class Swallower(Watcher):
+        async def on_events(self, ctx: Any, events: list[StreamEvent]) -> list[StreamEvent]:
+            await super().on_events(ctx, events)
+            return [event for event in events if event is not DONE]
+
+    outcomes = []
+    for polled in (False, True):
+        batches: list[list[StreamEvent]] = [[chunk("a")], [chunk("b"), DONE]]
+        source = PolledSource(batches) if polled else Source(batches)
+        ctx, stage = context(), Swallower(0)
+        stream = ReplyStream(source, ctx)
+        stream.add(stage)
+        reads = stream.reads()
+        assert (reads is not None) is polled
+        sent = await _edge(*reads) if reads is not None else [batch async for batch in stream]
+        await stream.finish()
+        end = stage.ends[0]
+        outcomes.append(([frame(batch, False) for batch in sent], ctx.chunks, end.outcome,
+                         end.error.message if end.error else None, stage.seen))
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[1][2:] == ("error", "the stream ended unexpectedly", [1, 2, 1])

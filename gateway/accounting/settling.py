@@ -197,15 +197,22 @@ class StreamBill:
     """Per stream: follows the answer's length (for the cut-off) and settles the bill once at its end.
 
     The length is the number of content chunks (about one token each from OpenAI-compatible servers), so
-    that following it costs no decoding; the exact figure comes with the upstream's usage at the end."""
+    that following it costs no decoding; the exact figure comes with the upstream's usage at the end. Below
+    the reserved length it does nothing (`passes_up_to`), so the edge keeps polling the provider's stream."""
 
     __slots__ = ("_bill", "_stage", "reads_events")
+    looks_only = False  # (it may cut: `passes_up_to` says when; found here, `ReplyStream.add` asks no further)
 
     def __init__(self, stage: Settling, bill: Bill) -> None:
         self._stage = stage
         self._bill = bill
         # Events are read only when a stream can outgrow its reservation (a budget, no max_tokens).
         self.reads_events = bool(bill.budgets) and not bill.explicit_cap
+
+    def passes_up_to(self, ctx: RequestContext) -> int:
+        """The length up to which `on_events` passes batches untouched: a polled stream stays polled, and runs
+        `on_events` only on a batch that may cross it (`pipeline.streams`)."""
+        return self._bill.completion_cap
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         bill = self._bill

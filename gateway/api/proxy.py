@@ -100,7 +100,7 @@ class ProxyEndpoint:
                                 if sse is None or not sse.write_chunk(batch):
                                     await _send_batch(batch, wants_usage, framer, writer, send)
                                 if type(batch[-1]) is not Chunk and isinstance(batch[-1], _ENDS):
-                                    continue  # the last batch: `ready()` says [] now
+                                    break  # the last batch (`ready()` would say [] now)
                                 # not the last: it took all there was, so wait before asking again (it would say None)
                                 del batch  # a held stream waits far longer than it writes: keep no event while it waits
                             elif batch is not None:

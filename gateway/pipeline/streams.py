@@ -16,6 +16,12 @@ batch to those stages' `look` and this module's bookkeeping before it yields it:
 stream the task resumes through one coroutine fewer on every event (and through none of the
 source's when the source can be polled: `reads()`). A looking stage that
 fails there is logged as a bug and stops looking; the stream it only looked at goes on.
+
+A stage that acts only once the answer grows past a length (`passes_up_to`: the budget's
+cut-off, which may reserve more or end the stream) keeps a polled source polled: batches that
+stay within every such stage's length are looked at and noted as on the direct path; one that
+may cross it is held, and `wait()` runs every reader's `on_events` on it (as iterating would)
+before `ready()` hands over what they made of it.
 """
 
 from __future__ import annotations
@@ -54,6 +60,9 @@ class StreamStage(Protocol):
     reads_events: bool  # False: only `on_end` is called (and the raw bytes pass untouched)
     # A stage may also set `looks_only = True` and offer `look(ctx, events) -> None`: it never changes a batch
     # (its `on_events` returns the events it was given), so the edge may show it batches directly.
+    # A stage may instead offer `passes_up_to(ctx) -> int`: its `on_events` returns a batch untouched, and does
+    # nothing else, while `ctx.chunks` (the chunks before the batch) plus the batch's length stays at or under
+    # that number, so a polled source runs it only on a batch that may cross it (asked again after each).
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]: ...
 
@@ -63,7 +72,16 @@ class StreamStage(Protocol):
 class ReplyStream:
     """Iterate for batches of events; `aclose(outcome)` when the consumer stops early."""
 
-    __slots__ = ("_ctx", "_end", "_iterator", "_readers", "_source", "_stages", "_terminal")
+    __slots__ = ("_ctx", "_end", "_held", "_iterator", "_limit", "_lookers", "_passed", "_readers", "_source",
+                 "_source_ready", "_source_wait", "_stages", "_terminal", "_watchers")
+    # A polled source behind watching stages: the chunks the stream may reach before a batch is held (`_held`)
+    # for the readers, the batch they made of it (`_passed`) for the next `ready()`, and the source's own `ready`
+    # and `wait`. Set by `reads()` and read only on that path: a stream without such stages never sets them.
+    _limit: int
+    _held: list[StreamEvent] | None
+    _passed: list[StreamEvent] | None
+    _source_ready: Callable[[], list[StreamEvent] | None]
+    _source_wait: Callable[[], Awaitable[object]]
 
     def __init__(self, source: EventSource, ctx: RequestContext) -> None:
         self._source = source
@@ -71,6 +89,8 @@ class ReplyStream:
         self._iterator: Any = None
         self._stages: list[StreamStage] = []  # in the order added: innermost (closest to the upstream) first
         self._readers: tuple[StreamStage, ...] = ()
+        self._lookers: tuple[StreamStage, ...] = ()  # the readers that only look (`looks_only`)
+        self._watchers: tuple[StreamStage, ...] = ()  # the readers that pass batches up to a length (`passes_up_to`)
         self._terminal: StreamEnd | None = None
         self._end: StreamEnd | None = None  # set once the end hooks ran
 
@@ -78,13 +98,17 @@ class ReplyStream:
         self._stages.append(stage)
         if stage.reads_events:
             self._readers = (*self._readers, stage)
+            if getattr(stage, "looks_only", False):
+                self._lookers = (*self._lookers, stage)
+            elif hasattr(stage, "passes_up_to"):
+                self._watchers = (*self._watchers, stage)
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         """This stream, or the source's own iterator when no stage reads events and the source can show
         each batch to `_note` itself (`observe(callback)`; its batches then end with a terminal event).
         Either way, `finish()` after the last batch."""
         readers = self._readers
-        direct = self._iterator is None and all(getattr(stage, "looks_only", False) for stage in readers)
+        direct = self._iterator is None and len(self._lookers) == len(readers)
         observe = getattr(self._source, "observe", None) if direct else None
         if observe is None:
             return self
@@ -97,16 +121,25 @@ class ReplyStream:
         and it could be iterated directly (see `__aiter__`), else None: iterate this stream. `ready()` is the
         next batch, None until `wait()` is over, [] after the last; `finish()` after the last batch.
 
+        Stages that watch the length (`passes_up_to`) may be behind it too: then `ready` and `wait` are this
+        stream's (`_ready_watched`, `_wait_watched`), which run the readers on a batch that may cross a length.
+
         A task that polls the source resumes through no coroutine but its own on every event."""
         source_reads = getattr(self._source, "reads", None)
         if source_reads is None or self._iterator is not None or not hasattr(self._source, "observe"):
             return None
         readers = self._readers
-        if not all(getattr(stage, "looks_only", False) for stage in readers):
+        if len(self._lookers) + len(self._watchers) != len(readers):
             return None
-        self._source.observe(self._look if readers else self._note)
         self._iterator = self._source  # read from now on: not to be iterated too
-        return source_reads()  # type: ignore[no-any-return]
+        if not self._watchers:
+            self._source.observe(self._look if readers else self._note)
+            return source_reads()  # type: ignore[no-any-return]
+        self._limit = self._watched_length()
+        self._held = self._passed = None
+        self._source.observe(self._watch)
+        self._source_ready, self._source_wait = source_reads()
+        return self._ready_watched, self._wait_watched
 
     async def __anext__(self) -> list[StreamEvent]:
         if self._terminal is not None:
@@ -126,25 +159,99 @@ class ReplyStream:
                 batch = await stage.on_events(ctx, batch)
             except GatewayError as exc:
                 batch = [StreamError(exc)]
-            except Exception:
-                log.exception("stream stage failed", extra={"fields": {"request_id": ctx.request_id}})
-                batch = [StreamError(InternalError("the gateway failed while streaming the answer"))]
+            except Exception:  # noqa: BLE001 -- a bug: `_stage_failed` logs it
+                batch = _stage_failed(ctx)
         self._note(batch)
         return batch
 
     def _look(self, batch: list[StreamEvent]) -> None:
         """`_note`, after the stages that only look have seen the batch (the direct path)."""
         ctx = self._ctx
-        for stage in self._readers:
+        for stage in self._lookers:
             try:
                 stage.look(ctx, batch)  # type: ignore[attr-defined]
             except Exception:
                 log.exception("stream stage failed", extra={"fields": {"request_id": ctx.request_id}})
                 self._readers = tuple(reader for reader in self._readers if reader is not stage)
+                self._lookers = tuple(looker for looker in self._lookers if looker is not stage)
         self._note(batch)
 
+    def _watched_length(self) -> int:
+        """The least of the watching stages' lengths (a loop: `min` of a generator costs a frame more)."""
+        ctx = self._ctx
+        first, *others = self._watchers
+        least: int = first.passes_up_to(ctx)  # type: ignore[attr-defined]
+        for stage in others:
+            length: int = stage.passes_up_to(ctx)  # type: ignore[attr-defined]
+            if length < least:
+                least = length
+        return least
+
+    def _watch(self, batch: list[StreamEvent]) -> None:
+        """The source's observer behind watching stages: a batch within their length is looked at and noted as
+        on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on.
+        (`_note`'s steps in line when nothing looks: this runs on every event of a slow stream.)"""
+        ctx = self._ctx
+        if ctx.chunks + len(batch) > self._limit:
+            self._held = batch
+            return
+        if self._lookers:
+            self._look(batch)
+            return
+        for event in batch:
+            if isinstance(event, Chunk):
+                ctx.chunks += 1
+            elif isinstance(event, UsageReport):
+                ctx.usage = event.usage
+            elif isinstance(event, StreamDone):
+                self._terminal = StreamEnd("done")
+            elif isinstance(event, StreamError):
+                self._terminal = StreamEnd("error", event.error)
+        if ctx.first_chunk_seconds is None:
+            ctx.first_chunk_seconds = time.perf_counter() - ctx.started
+
+    def _ready_watched(self) -> list[StreamEvent] | None:
+        """`ready()` behind watching stages: what the readers made of a held batch; None while one is held (wait
+        for them); [] once a batch ended the stream (a reader's end too: the source is not read after it)."""
+        batch = self._passed
+        if batch is not None:
+            self._passed = None
+            return batch or None  # all held back: wait for the source's next bytes
+        if self._terminal is not None:
+            return []
+        batch = self._source_ready()
+        if self._held is not None:
+            return None
+        if batch is not None and not batch:  # over, though no batch ended it (a reader held its end back): as
+            self._held = [StreamError(InternalError("the stream ended unexpectedly"))]  # `__anext__` ends it
+            return None
+        return batch
+
+    def _wait_watched(self) -> Awaitable[object]:
+        """`wait()` behind watching stages: the readers on the held batch, if one is held, else the source's."""
+        held = self._held
+        if held is None:
+            return self._source_wait()
+        self._held = None
+        return self._pass(held)
+
+    async def _pass(self, batch: list[StreamEvent]) -> None:
+        """A held batch through every reader, as `__anext__` takes it; noted, and kept for `_ready_watched`."""
+        ctx = self._ctx
+        for stage in self._readers:
+            try:
+                batch = await stage.on_events(ctx, batch)
+            except GatewayError as exc:
+                batch = [StreamError(exc)]
+            except Exception:  # noqa: BLE001 -- a bug: `_stage_failed` logs it
+                batch = _stage_failed(ctx)
+        self._note(batch)
+        self._passed = batch
+        self._limit = self._watched_length()
+
     def _note(self, batch: list[StreamEvent]) -> None:
-        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time."""
+        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time.
+        (`_watch` repeats these steps.)"""
         ctx = self._ctx
         for event in batch:
             if isinstance(event, Chunk):
@@ -182,3 +289,9 @@ class ReplyStream:
                     await stage.on_end(ctx, end)
                 except Exception:
                     log.exception("stream end hook failed", extra={"fields": {"request_id": ctx.request_id}})
+
+
+def _stage_failed(ctx: RequestContext) -> list[StreamEvent]:
+    """A stage failed mid-stream (a bug, logged): the batch that ends the stream (the client already has a 200)."""
+    log.exception("stream stage failed", extra={"fields": {"request_id": ctx.request_id}})
+    return [StreamError(InternalError("the gateway failed while streaming the answer"))]

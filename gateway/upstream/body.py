@@ -12,7 +12,9 @@ A body read only this way also stops tracking where HTTP chunks end: the parser
 calls `begin_http_chunk_receiving` and `end_http_chunk_receiving` for every chunk
 (an SSE upstream sends one event a chunk), for `readchunk()` alone, which nothing
 calls on these bodies; `adopt` makes the reader a `_UntrackedChunks`, whose two
-hooks do nothing (about 2,000 instructions an event).
+hooks do nothing (about 2,000 instructions an event). When the connection's protocol is the
+gateway's (`handler.py`), `adopt` also shortens the path of the body's bytes from the socket to the
+reader (`StreamingResponseHandler.stream_body`).
 
 These are aiohttp's private attributes, so `adopt` allows all this only for the exact
 `StreamReader` type, without a total timeout (its `TimerNoop`), on the aiohttp
@@ -28,7 +30,9 @@ import aiohttp
 from aiohttp.helpers import TimerNoop
 from aiohttp.streams import StreamReader
 
-__all__ = ["adopt", "take"]
+from .handler import StreamingResponseHandler
+
+__all__ = ["adopt", "release", "take"]
 
 _CHECKED_RELEASES = ("3.14.",)  # aiohttp releases whose StreamReader `take` mirrors (read again before adding)
 
@@ -37,15 +41,31 @@ class _UntrackedChunks(StreamReader):
     """aiohttp's `StreamReader`, for a body that only `take` reads: where HTTP chunks end is not kept.
 
     The end of a chunk that brought data wakes no one `feed_data` did not wake already (both run in one
-    `data_received`), and the chunk count bounds only the cost of `readchunk()`'s bookkeeping, kept no more."""
+    `data_received`), and the chunk count bounds only the cost of `readchunk()`'s bookkeeping, kept no more.
+    The parser calls both hooks on every chunk: `bool` takes no arguments and does nothing that matters
+    here, without the Python frame a method of nothing costs."""
 
     __slots__ = ()
 
-    def begin_http_chunk_receiving(self) -> None:
-        pass
+    begin_http_chunk_receiving = end_http_chunk_receiving = staticmethod(bool)  # type: ignore[assignment]
 
-    def end_http_chunk_receiving(self) -> None:
-        pass
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        """aiohttp's, with the waiter woken in place (its `helpers.set_result` is one more Python call a read)."""
+        assert not self._eof, "feed_data after feed_eof"
+        if not data:
+            return False
+        length = len(data)
+        self._size += length
+        self._buffer.append(data)
+        self.total_bytes += length
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._size > self._high_water:
+            self._protocol.pause_reading()
+        return False
 
 
 def adopt(content: object) -> bool:
@@ -57,7 +77,18 @@ def adopt(content: object) -> bool:
             and hasattr(getattr(content, "_protocol", None), "_reading_paused")):
         return False
     content.__class__ = _UntrackedChunks  # same slots: a layout-compatible subclass
+    content._http_chunk_splits = None  # the ends of chunks parsed before: not kept either
+    protocol = content._protocol
+    if isinstance(protocol, StreamingResponseHandler):
+        protocol.stream_body(content)
     return True
+
+
+def release(content: StreamReader) -> None:
+    """The reader of an adopted body is done with it: its connection's reads take aiohttp's path again."""
+    protocol = content._protocol
+    if isinstance(protocol, StreamingResponseHandler):
+        protocol.unstream(content)
 
 
 def take(content: StreamReader) -> bytes | None:

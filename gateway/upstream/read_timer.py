@@ -23,11 +23,12 @@ The stream loops read with `ready()` and `wait()` rather than `readany()`: see `
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
 from .body import adopt, release, take
+from .handler import StreamingResponseHandler
 
 __all__ = ["ReadTimer"]
 
@@ -116,6 +117,19 @@ class ReadTimer:
         waiter: asyncio.Future[None] = self._loop.create_future()
         content._waiter = waiter  # `feed_data`, `feed_eof` and `set_exception` wake it, and unset it
         return waiter
+
+    def pump(self, pump: Callable[[], bool]) -> bool:
+        """Let the connection hand the body's bytes to `pump()` while a `wait()` is pending, instead of ending the
+        wait (see `StreamingResponseHandler.pump`); `pump()` reads them with `ready()`, and calls `waits_on()`
+        when it took them all. False when the body is not read on that path (then `wait()` ends as usual)."""
+        if not self._fast:
+            return False
+        protocol = self._content._protocol
+        return isinstance(protocol, StreamingResponseHandler) and protocol.pump(self._content, pump)
+
+    def waits_on(self) -> None:
+        """The pending `wait()` goes on after a pump read the bytes that came: its idle time counts from now."""
+        self._since = self._loop.time()
 
     async def _read(self) -> None:
         try:

@@ -355,3 +355,109 @@ async def test_a_wait_with_bytes_the_end_or_a_failure_there_already_is_over_at_o
         assert isinstance(waiting, asyncio.Future) and waiting.done()
         await waiting
         timer.stop()
+
+
+# --- the connection's short path for a streamed body's bytes (upstream/handler.py) -------------------------------
+
+_SSE_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+async def _serve_keep_alive(parts: list[bytes]) -> tuple[asyncio.AbstractServer, int]:
+    """A raw HTTP/1.1 server that answers every request on a connection with the chunked SSE body `parts`, some
+    chunks split across writes, and keeps the connection open for the next request."""
+
+    async def handle(reader_: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader_.readuntil(b"\r\n\r\n")
+                writer.write(_SSE_HEAD)
+                for i, part in enumerate(parts):
+                    framed = b"%x\r\n%b\r\n" % (len(part), part)
+                    if i % 5 == 1:  # a chunk split inside its head, and inside its data
+                        for piece in (framed[:1], framed[1:9], framed[9:]):
+                            writer.write(piece)
+                            await writer.drain()
+                            await asyncio.sleep(0.001)
+                    else:
+                        writer.write(framed)
+                    if i % 7 == 0:
+                        await writer.drain()
+                        await asyncio.sleep(0.002)
+                writer.write(b"0\r\n\r\n")
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def test_the_connections_short_path_reads_what_aiohttps_reads_and_keeps_the_connection() -> None:
+    """Through `StreamingResponseHandler` (three bodies in turn on one pooled connection) and through aiohttp's own
+    protocol: the same bytes; the connection is reused after each streamed body, whose end puts it back on
+    aiohttp's path for the next response's head."""
+    from gateway.upstream.handler import StreamingResponseHandler, install
+
+    parts = [b"data: {\"n\": %d}\n\n" % i for i in range(30)] + [b"y" * 3000] * 30
+    server, port = await _serve_keep_alive(parts)
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    try:
+        for short in (False, True):
+            connector = aiohttp.TCPConnector(limit=0)
+            assert install(connector) if short else True
+            timeout = aiohttp.ClientTimeout(total=None)
+            async with aiohttp.ClientSession(connector=connector, read_bufsize=1024, timeout=timeout) as session:
+                protocols = set()
+                for _ in range(3):
+                    async with session.get(f"http://127.0.0.1:{port}/") as response:
+                        protocol = response.connection.protocol if response.connection else None
+                        protocols.add(id(protocol))
+                        assert isinstance(protocol, StreamingResponseHandler) is short
+                        timer = ReadTimer(response.content, loop.time() + 60, 5)
+                        assert timer._fast
+                        assert (getattr(protocol, "_streamed", None) is response.content) is short
+                        reads, end = await asyncio.wait_for(_read_all_waiting_first(timer), 10)
+                        outcomes.append((b"".join(reads), end))
+                        assert getattr(protocol, "_streamed", None) is None  # the end of the body ended the short path
+                assert len(protocols) == 1  # one keep-alive connection carried the three
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes == [(b"".join(parts), "eof")] * 6
+
+
+async def test_the_connections_short_path_fails_a_cut_body_as_aiohttp_does() -> None:
+    from gateway.upstream.handler import install
+
+    parts = [b"data: {\"n\": %d}\n\n" % i for i in range(20)]
+    server, port = await _serve_chunked(parts, cut=True)
+    loop = asyncio.get_running_loop()
+    outcomes = []
+    try:
+        for short in (False, True):
+            connector = aiohttp.TCPConnector(limit=0)
+            assert install(connector) if short else True
+            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+                async with session.get(f"http://127.0.0.1:{port}/") as response:
+                    reads, end = await asyncio.wait_for(_read_all(ReadTimer(response.content, loop.time() + 60, 5)), 10)
+                    outcomes.append((b"".join(reads), end))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert outcomes[0] == outcomes[1] == (b"".join(parts) + b"partial", "ClientPayloadError")
+
+
+def test_install_takes_only_aiohttps_own_protocol_factory() -> None:
+    """Fails after an aiohttp upgrade until `handler.py` is checked against its `ResponseHandler.data_received`
+    (then add the release to `_CHECKED_RELEASES`); until then the connections are aiohttp's own."""
+    from gateway.upstream.handler import StreamingResponseHandler, install
+
+    async def check() -> None:
+        connector = aiohttp.TCPConnector()
+        assert install(connector)
+        assert connector._factory.func is StreamingResponseHandler
+        assert not install(connector)  # once
+        await connector.close()
+
+    asyncio.run(check())

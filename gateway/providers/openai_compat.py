@@ -295,10 +295,11 @@ class _OpenAIStream:
     once observed, poll it (`reads()`: `ready()` hands over the next batch when the upstream's bytes
     are there, else None, and the reader awaits the body's `wait()` before asking again). The edge
     polls it when no stage rewrites events: on a slow stream the task then resumes through no
-    generator frame on every event (about 1,500 instructions an event)."""
+    generator frame on every event (about 1,500 instructions an event). A poller may also `forward` the
+    batches to a sink that writes them from the upstream connection's read, its task left asleep."""
 
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_idle_s", "_observer",
-                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_timer")
+    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s", "_observer",
+                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_sink", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -317,6 +318,8 @@ class _OpenAIStream:
         self._timer: ReadTimer | None = None
         self._decoder = SSEDecoder()
         self._observer: Callable[[list[StreamEvent]], None] = _unobserved
+        self._held: list[StreamEvent] | None = None  # a batch the sink declined: `ready()` hands it over first
+        self._sink: Callable[[list[StreamEvent]], bool] | None = None
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
@@ -336,9 +339,35 @@ class _OpenAIStream:
         into the stream's last batch (a `StreamError`): a reader ignores the failure of the wait itself."""
         return self.ready, self._start().wait
 
+    def forward(self, sink: Callable[[list[StreamEvent]], bool]) -> bool:
+        """While the reader of `reads()` waits, hand each batch to `sink` as soon as its bytes arrive, from the
+        connection's read itself (`ReadTimer.pump`): True from `sink` means it wrote the batch, and the reader
+        waits on, its task not resumed; a batch `sink` declines (False, e.g. the last one) ends the wait, and
+        `ready()` hands it over next. False: not on this connection (every batch goes through `ready()`)."""
+        if self._timer is None or not self._timer.pump(self._pump):
+            return False
+        self._sink = sink
+        return True
+
+    def _pump(self) -> bool:
+        """The connection read bytes while the reader waits: whether their events were all written by the sink."""
+        if self._finished or self._held is not None or self._sink is None:
+            return False
+        batch = self.ready()
+        if batch:
+            self._held = batch
+            if self._finished or not self._sink(batch):
+                return False
+            self._held = None
+        elif batch is not None:
+            return False
+        self._timer.waits_on()  # type: ignore[union-attr]  # set by `forward`
+        return True
+
     async def aclose(self) -> None:
         if not self._closed:
             self._closed = True
+            self._sink = None
             self._observer = _unobserved  # it is usually the ReplyStream that holds this stream: no cycle left
             if self._timer is not None:
                 self._timer.stop()
@@ -373,6 +402,10 @@ class _OpenAIStream:
     def ready(self) -> list[StreamEvent] | None:
         """The next batch of events (shown to the observer first), None when there is none yet, [] after the
         last. Never raises for the upstream's failures: they end the stream with a `StreamError` batch."""
+        held = self._held
+        if held is not None:
+            self._held = None
+            return held
         if self._finished:
             return []
         timer = self._timer

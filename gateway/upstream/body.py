@@ -12,7 +12,9 @@ A body read only this way also stops tracking where HTTP chunks end: the parser
 calls `begin_http_chunk_receiving` and `end_http_chunk_receiving` for every chunk
 (an SSE upstream sends one event a chunk), for `readchunk()` alone, which nothing
 calls on these bodies; `adopt` makes the reader a `_UntrackedChunks`, whose two
-hooks do nothing (about 2,000 instructions an event).
+hooks do nothing (about 2,000 instructions an event). When the connection's protocol is the
+gateway's (`handler.py`), `adopt` also shortens the path of the body's bytes from the socket to the
+reader (`StreamingResponseHandler.stream_body`).
 
 These are aiohttp's private attributes, so `adopt` allows all this only for the exact
 `StreamReader` type, without a total timeout (its `TimerNoop`), on the aiohttp
@@ -28,7 +30,9 @@ import aiohttp
 from aiohttp.helpers import TimerNoop
 from aiohttp.streams import StreamReader
 
-__all__ = ["adopt", "take"]
+from .handler import StreamingResponseHandler
+
+__all__ = ["adopt", "release", "take"]
 
 _CHECKED_RELEASES = ("3.14.",)  # aiohttp releases whose StreamReader `take` mirrors (read again before adding)
 
@@ -37,15 +41,31 @@ class _UntrackedChunks(StreamReader):
     """aiohttp's `StreamReader`, for a body that only `take` reads: where HTTP chunks end is not kept.
 
     The end of a chunk that brought data wakes no one `feed_data` did not wake already (both run in one
-    `data_received`), and the chunk count bounds only the cost of `readchunk()`'s bookkeeping, kept no more."""
+    `data_received`), and the chunk count bounds only the cost of `readchunk()`'s bookkeeping, kept no more.
+    The parser calls both hooks on every chunk: `bool` takes no arguments and does nothing that matters
+    here, without the Python frame a method of nothing costs."""
 
     __slots__ = ()
 
-    def begin_http_chunk_receiving(self) -> None:
-        pass
+    begin_http_chunk_receiving = end_http_chunk_receiving = staticmethod(bool)  # type: ignore[assignment]
 
-    def end_http_chunk_receiving(self) -> None:
-        pass
+    def feed_data(self, data: bytes, size: int = 0) -> bool:
+        """aiohttp's, with the waiter woken in place (its `helpers.set_result` is one more Python call a read)."""
+        assert not self._eof, "feed_data after feed_eof"
+        if not data:
+            return False
+        length = len(data)
+        self._size += length
+        self._buffer.append(data)
+        self.total_bytes += length
+        waiter = self._waiter
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():
+                waiter.set_result(None)
+        if self._size > self._high_water:
+            self._protocol.pause_reading()
+        return False
 
 
 def adopt(content: object) -> bool:
@@ -57,24 +77,45 @@ def adopt(content: object) -> bool:
             and hasattr(getattr(content, "_protocol", None), "_reading_paused")):
         return False
     content.__class__ = _UntrackedChunks  # same slots: a layout-compatible subclass
+    content._http_chunk_splits = None  # the ends of chunks parsed before: not kept either
+    protocol = content._protocol
+    if isinstance(protocol, StreamingResponseHandler):
+        protocol.stream_body(content)
     return True
 
 
+def release(content: StreamReader) -> None:
+    """The reader of an adopted body is done with it: its connection's reads take aiohttp's path again."""
+    protocol = content._protocol
+    if isinstance(protocol, StreamingResponseHandler):
+        protocol.unstream(content)
+
+
 def take(content: StreamReader) -> bytes | None:
-    """`readany()` once it has something: the bytes buffered (b"" at the end of the body), or None when
-    there are none yet. Raises the reader's failure, as `readany()` does before it waits."""
+    """`readany()` once it has something: the bytes buffered (b"" at the end of the body), or None when there
+    are none yet. Raises the reader's failure, as `readany()` does before it waits.
+
+    Several reads' worth (a burst: a fast upstream, a client that read slowly) are joined at once, where
+    aiohttp's `_read_nowait` takes them one by one and resumes the protocol after each, which feeds the
+    parser an empty chunk through the whole `data_received` (about 4,000 instructions a buffered read)."""
     if content._exception is not None:
         raise content._exception
     buffer = content._buffer
     if not buffer:
         return b"" if content._eof else None
-    if content._buffer_offset or len(buffer) > 1:
-        return content._read_nowait(-1)  # several reads' worth: aiohttp's own (each part as `readany()`)
-    data = buffer.popleft()  # `_read_nowait_chunk(-1)` from here on
+    if len(buffer) == 1 and not content._buffer_offset:
+        data = buffer.popleft()
+    else:
+        parts = list(buffer)
+        buffer.clear()
+        if content._buffer_offset:  # a part of the first one was read by `read(n)` (nothing here reads so)
+            parts[0] = parts[0][content._buffer_offset:]
+            content._buffer_offset = 0
+        data = b"".join(parts)
     size = content._size = content._size - len(data)
-    cursor = content._cursor = content._cursor + len(data)
-    splits = content._http_chunk_splits
-    while splits and splits[0] < cursor:  # HTTP chunk ends already read past (only `readchunk` uses them)
+    content._cursor += len(data)
+    splits = content._http_chunk_splits  # None once adopted; ends of chunks already read past otherwise
+    while splits and splits[0] < content._cursor:
         splits.popleft()
     if size < content._low_water and (splits is None or len(splits) < content._low_water_chunks):
         protocol = content._protocol

@@ -23,11 +23,12 @@ The stream loops read with `ready()` and `wait()` rather than `readany()`: see `
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 import aiohttp
 
-from .body import adopt, take
+from .body import adopt, release, take
+from .handler import StreamingResponseHandler
 
 __all__ = ["ReadTimer"]
 
@@ -77,7 +78,18 @@ class ReadTimer:
                 raise self._failed
             got, self._got = self._got, None
             return got
-        return take(self._content)
+        content = self._content  # `take(content)` when there is exactly one read's bytes (a slow stream's every
+        # event), without the call (an adopted body keeps no chunk ends)
+        if content._exception is None and len(buffer := content._buffer) == 1 and not content._buffer_offset:
+            data: bytes = buffer.popleft()
+            content._size -= len(data)
+            content._cursor += len(data)
+            if content._size < content._low_water:
+                protocol = content._protocol
+                if protocol._reading_paused or protocol._buffer_paused:  # see `take`
+                    protocol.resume_reading()
+            return data
+        return take(content)
 
     def wait(self) -> Awaitable[object]:
         """Wait for the body's next bytes, its end or its failure, under the idle timeout and the deadline
@@ -87,9 +99,12 @@ class ReadTimer:
         The wait fails with the body's failure (a timeout too); `ready()` raises it again after, so a reader
         may leave handling it to where it calls `ready()`. Errors raised by this call itself (a closed
         connection, a second reader) are not the body's: they are not raised again."""
-        self._start()
         if not self._fast:
+            self._start()
             return self._read()
+        since = self._since = self._loop.time()  # `_start()`, without the call
+        if self._handle is None:
+            self._handle = self._loop.call_at(min(self._deadline, since + self._idle_s), self._check)
         content = self._content
         if content._buffer or content._eof or content._exception is not None:
             done: asyncio.Future[None] = self._loop.create_future()
@@ -102,6 +117,19 @@ class ReadTimer:
         waiter: asyncio.Future[None] = self._loop.create_future()
         content._waiter = waiter  # `feed_data`, `feed_eof` and `set_exception` wake it, and unset it
         return waiter
+
+    def pump(self, pump: Callable[[], bool]) -> bool:
+        """Let the connection hand the body's bytes to `pump()` while a `wait()` is pending, instead of ending the
+        wait (see `StreamingResponseHandler.pump`); `pump()` reads them with `ready()`, and calls `waits_on()`
+        when it took them all. False when the body is not read on that path (then `wait()` ends as usual)."""
+        if not self._fast:
+            return False
+        protocol = self._content._protocol
+        return isinstance(protocol, StreamingResponseHandler) and protocol.pump(self._content, pump)
+
+    def waits_on(self) -> None:
+        """The pending `wait()` goes on after a pump read the bytes that came: its idle time counts from now."""
+        self._since = self._loop.time()
 
     async def _read(self) -> None:
         try:
@@ -127,6 +155,7 @@ class ReadTimer:
             content = self._content
             if content._waiter is not None and content._waiter.done():  # a wait that was cancelled
                 content._waiter = None
+            release(content)
 
     def _check(self) -> None:
         self._handle = None

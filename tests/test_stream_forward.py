@@ -1,0 +1,186 @@
+"""The OpenAI stream's `forward(sink)`: batches written from the connection's read while the reader waits.
+
+Compared with the same stream read only through `reads()` (the edge's polling loop): the same frames in the
+same order, whatever the sink declines (it is then handed over by `ready()`), the same end on `[DONE]`, on a
+cut connection and on an idle timeout; and the reader's task resumes only for what the sink declined.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from types import SimpleNamespace
+
+import aiohttp
+import pytest
+
+from gateway.api.sse import frame
+from gateway.providers.openai_compat import _OpenAIStream
+from gateway.schemas.events import Chunk, StreamEvent
+from gateway.upstream.handler import install
+
+_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def _events(count: int) -> list[bytes]:
+    return [b'data: {"choices":[{"index":0,"delta":{"content":"t%d"}}],"usage":null}\n\n' % i for i in range(count)]
+
+
+async def _serve(events: list[bytes], end: str) -> tuple[asyncio.AbstractServer, int]:
+    """Every request gets `events` (a chunk each, some split across writes, some two in one write), then `end`:
+    "done" ([DONE] and the end of the body), "cut" (the connection closes mid-chunk) or "stall" (nothing more)."""
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                await reader.readuntil(b"\r\n\r\n")
+                writer.write(_HEAD)
+                for i, event in enumerate(events):
+                    framed = b"%x\r\n%b\r\n" % (len(event), event)
+                    if i % 6 == 2:  # split inside the chunk's head and inside its event
+                        for piece in (framed[:1], framed[1:12], framed[12:]):
+                            writer.write(piece)
+                            await writer.drain()
+                            await asyncio.sleep(0.002)
+                        continue
+                    writer.write(framed)
+                    if i % 6 != 4:  # (4 and 5 leave in one write)
+                        await writer.drain()
+                        await asyncio.sleep(0.002)
+                if end == "done":
+                    done = b"data: [DONE]\n\n"
+                    writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(done), done))
+                elif end == "cut":
+                    writer.write(b"40\r\ndata: {")
+                    await writer.drain()
+                    await asyncio.sleep(0.05)
+                    writer.close()
+                    return
+                else:
+                    await asyncio.sleep(5)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    return server, server.sockets[0].getsockname()[1]
+
+
+async def _read(stream: _OpenAIStream, sink: Callable[[list[StreamEvent]], bool] | None) -> tuple[list[bytes], int]:
+    """The edge's polling loop (`api.proxy`): the frames written, in order, and how often the reader's task resumed."""
+    ready, wait = stream.reads()
+    if sink is not None:
+        assert stream.forward(sink)
+    written: list[bytes] = []
+    resumed = 0
+    try:
+        while True:
+            batch = ready()
+            if batch:
+                written.append(frame(batch, False))
+                continue
+            if batch is not None:
+                return written, resumed
+            try:
+                await wait()
+            except Exception:  # noqa: BLE001 -- as the edge: `ready()` ends the stream with it
+                pass
+            resumed += 1
+    finally:
+        await stream.aclose()
+
+
+async def _stream(session: aiohttp.ClientSession, port: int, idle_s: float) -> _OpenAIStream:
+    response = await session.post(f"http://127.0.0.1:{port}/", data=b"{}")
+    provider = SimpleNamespace(name="p", sanitize=str, release=lambda: None, stream_usage_expected=True)
+    loop = asyncio.get_running_loop()
+    return _OpenAIStream(provider, response, loop.time() + 60, True, idle_s)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("end", ["done", "cut", "stall"])
+async def test_forwarding_writes_what_polling_writes(end: str) -> None:
+    events = _events(30)
+    server, port = await _serve(events, end)
+    outcomes: list[list[bytes]] = []
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        assert install(connector)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            taken: list[bytes] = []
+            declined = 0
+
+            def sink(batch: list[StreamEvent]) -> bool:
+                nonlocal declined
+                if len(batch) != 1 or type(batch[0]) is not Chunk or len(taken) % 5 == 3:  # some declined
+                    declined += 1
+                    return False
+                taken.append(frame(batch, False))
+                return True
+
+            polled, polled_resumes = await asyncio.wait_for(_read(await _stream(session, port, 0.3), None), 10)
+            outcomes.append(polled)
+            forwarded, resumed = await asyncio.wait_for(_read(await _stream(session, port, 0.3), sink), 10)
+            # the sink's frames and the reader's, in the order they were written: the reader writes what the
+            # sink declined (each resumes it); a merge by position is not needed to compare the bytes
+            outcomes.append(taken + forwarded)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert b"".join(outcomes[1]) != b"" and sorted(outcomes[0]) == sorted(outcomes[1])
+    assert b"".join(outcomes[0]).count(b"data: ") == b"".join(outcomes[1]).count(b"data: ")
+    assert taken and resumed < polled_resumes - len(taken) // 2  # the task slept through what the sink took
+    last = outcomes[0][-1]
+    assert last == b"data: [DONE]\n\n" if end == "done" else last.startswith(b'data: {"error"')
+
+
+async def test_forwarding_keeps_the_order_of_frames() -> None:
+    """One list for the sink and the reader: the frames in the order they were written."""
+    events = _events(24)
+    server, port = await _serve(events, "done")
+    try:
+        connector = aiohttp.TCPConnector(limit=0)
+        assert install(connector)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            written: list[bytes] = []
+            count = 0
+
+            def sink(batch: list[StreamEvent]) -> bool:
+                nonlocal count
+                count += 1
+                if len(batch) != 1 or count % 4 == 0:
+                    return False
+                written.append(frame(batch, False))
+                return True
+
+            stream = await _stream(session, port, 5)
+            ready, wait = stream.reads()
+            assert stream.forward(sink)
+            while True:
+                batch = ready()
+                if batch:
+                    written.append(frame(batch, False))
+                    continue
+                if batch is not None:
+                    break
+                await wait()
+            await stream.aclose()
+    finally:
+        server.close()
+        await server.wait_closed()
+    # (the stream hides the `"usage": null` its own usage request added)
+    assert b"".join(written) == b"".join(events).replace(b',"usage":null', b"") + b"data: [DONE]\n\n"
+
+
+async def test_forward_declines_a_connection_without_the_short_path() -> None:
+    server, port = await _serve(_events(3), "done")
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:  # aiohttp's protocol
+            stream = await _stream(session, port, 5)
+            stream.reads()
+            assert not stream.forward(lambda batch: True)
+            frames, _ = await asyncio.wait_for(_read(stream, None), 10)
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert frames[-1] == b"data: [DONE]\n\n" and len(frames) >= 2
+

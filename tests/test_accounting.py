@@ -287,7 +287,7 @@ def test_a_budget_stream_is_polled_and_cut_or_extended_as_when_iterated(
     polled = _raw_stream(start(**parts))
     assert paths and set(paths) == {"held"}
     paths.clear()
-    monkeypatch.setattr(ReplyStream, "reads", lambda self: None)
+    monkeypatch.setattr(ReplyStream, "reads", lambda self, sink=None: None)
     assert _raw_stream(start(**parts)) == polled
     assert paths and set(paths) == {"iterated"}
     if budget == "10":

@@ -8,16 +8,20 @@ cut connection and on an idle timeout; and the reader's task resumes only for wh
 from __future__ import annotations
 
 import asyncio
+import re
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import aiohttp
+import httpx
 import pytest
 
 from gateway.api.sse import frame
 from gateway.providers.openai_compat import _OpenAIStream
 from gateway.schemas.events import Chunk, StreamEvent
 from gateway.upstream.handler import install
+from tests.conftest import FULL_KEY, RunningGateway, policy_text
+from tests.support.mock_upstream import MockUpstream
 
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -184,3 +188,38 @@ async def test_forward_declines_a_connection_without_the_short_path() -> None:
         await server.wait_closed()
     assert frames[-1] == b"data: [DONE]\n\n" and len(frames) >= 2
 
+
+
+def _raw_stream(gateway: RunningGateway, model: str) -> bytes:
+    """A streamed answer's body as the client got it, ids and timestamps blanked."""
+    with httpx.stream("POST", gateway.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {FULL_KEY}"},
+                      json={"model": model, "messages": [{"role": "user", "content": "hi"}], "stream": True},
+                      timeout=30) as response:
+        assert response.status_code == 200
+        raw = response.read()
+    return re.sub(rb'"created":\s*\d+', b'"created":0', re.sub(rb'"id":\s*"[^"]*"', b'"id":""', raw))
+
+
+def test_the_edge_writes_a_slow_stream_from_the_connection_read(
+    make_gateway: Callable[..., RunningGateway], upstream: MockUpstream, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Through the gateway, a slow stream's chunks are written by the sink from the upstream connection's read
+    (the edge's `reads(sink)`), and the client gets the bytes it gets when every chunk wakes the request's task."""
+    pumped: list[bool] = []
+    pump = _OpenAIStream._pump
+
+    def counted(self: _OpenAIStream) -> bool:
+        took = pump(self)
+        pumped.append(took)
+        return took
+
+    monkeypatch.setattr(_OpenAIStream, "_pump", counted)
+    paced = policy_text(upstream.base_url).replace("model: fault-slow-stream-250}", "model: fault-slow-stream-5}")
+    gateway = make_gateway(paced)
+    forwarded = _raw_stream(gateway, "fault-slow-stream-250")
+    assert forwarded.count(b"data: ") > 40 and forwarded.endswith(b"data: [DONE]\n\n")
+    assert pumped.count(True) > 25  # most of the 50 paced chunks never woke the task
+    pumped.clear()
+    monkeypatch.setattr(_OpenAIStream, "forward", lambda self, sink: False)
+    assert _raw_stream(gateway, "fault-slow-stream-250") == forwarded
+    assert not pumped

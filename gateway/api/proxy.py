@@ -91,7 +91,7 @@ class ProxyEndpoint:
                     writer = await _start_stream(ctx, reply, send)
                     sse = writer if framer is None else None  # OpenAI's framing: a lone chunk in one formatting
                     wants_usage = ctx.wants_usage
-                    reads = stream.reads()
+                    reads = stream.reads(sse.write_chunk if sse is not None else None)
                     if reads is not None:  # the provider's stream polled here: no generator frame per event
                         ready, wait = reads
                         while True:

@@ -116,7 +116,8 @@ class ReplyStream:
         self._iterator = aiter(self._source)
         return self._iterator  # type: ignore[no-any-return]
 
-    def reads(self) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]] | None:
+    def reads(self, sink: Callable[[list[StreamEvent]], bool] | None = None,
+              ) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]] | None:
         """The source's own (`ready`, `wait`) when it offers them (`reads()`, as the OpenAI provider's stream)
         and it could be iterated directly (see `__aiter__`), else None: iterate this stream. `ready()` is the
         next batch, None until `wait()` is over, [] after the last; `finish()` after the last batch.
@@ -124,7 +125,9 @@ class ReplyStream:
         Stages that watch the length (`passes_up_to`) may be behind it too: then `ready` and `wait` are this
         stream's (`_ready_watched`, `_wait_watched`), which run the readers on a batch that may cross a length.
 
-        A task that polls the source resumes through no coroutine but its own on every event."""
+        A task that polls the source resumes through no coroutine but its own on every event. With `sink` (and no
+        watching stage), a source that offers `forward(sink)` hands each batch to `sink` from the connection's read
+        while `wait()` is pending: the task then resumes only for a batch `sink` declines (returns False for)."""
         source_reads = getattr(self._source, "reads", None)
         if source_reads is None or self._iterator is not None or not hasattr(self._source, "observe"):
             return None
@@ -134,7 +137,11 @@ class ReplyStream:
         self._iterator = self._source  # read from now on: not to be iterated too
         if not self._watchers:
             self._source.observe(self._look if readers else self._note)
-            return source_reads()  # type: ignore[no-any-return]
+            polled = source_reads()
+            forward = getattr(self._source, "forward", None) if sink is not None else None
+            if forward is not None:
+                forward(sink)
+            return polled  # type: ignore[no-any-return]
         self._limit = self._watched_length()
         self._held = self._passed = None
         self._source.observe(self._watch)

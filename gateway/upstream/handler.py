@@ -54,6 +54,7 @@ class StreamingResponseHandler(ResponseHandler):
                 or self._read_timeout_handle is not None or content._eof or content._exception is not None):
             return False
         self._streamed = content
+        self._pump = None  # a pump is for one body: never the last one's
         return True
 
     def unstream(self, content: StreamReader) -> None:
@@ -86,20 +87,21 @@ class StreamingResponseHandler(ResponseHandler):
         try:
             messages, upgraded, tail = self._parser.feed_data(data)  # type: ignore[union-attr]  # checked at the start
         except BaseException as underlying_exc:  # noqa: BLE001 -- as aiohttp: `_parse_failed` re-raises the rest
-            self._streamed = None
+            self._streamed = self._pump = None
             if waiter is not None:
                 content._waiter = waiter
             self._parse_failed(underlying_exc)
             return
         if content._eof or content._exception is not None:
             self._streamed = None  # the body is over: the next response takes aiohttp's path
+            self._pump = None  # (and keeps no reader of it alive)
         if waiter is not None:
             if self._streamed is not None and content._waiter is None and self._pump_all():
                 content._waiter = waiter  # all forwarded: the reader waits on
             elif not waiter.done():
                 waiter.set_result(None)  # as `feed_data` would have
         if messages or upgraded:
-            self._streamed = None
+            self._streamed = self._pump = None
             self._after_parse(messages, upgraded, tail)
 
     def _pump_all(self) -> bool:

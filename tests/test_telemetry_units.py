@@ -108,7 +108,10 @@ def _typed(payload: bytes) -> Chunk:
     """A chunk as the provider hands it over when a stage reads every chunk (`ctx.read_choices`)."""
     from gateway.schemas.openai import ChunkChoicesPeek
 
-    return Chunk(payload, None, msgspec.json.decode(payload, type=ChunkChoicesPeek).choices)
+    try:
+        return Chunk(payload, None, msgspec.json.decode(payload, type=ChunkChoicesPeek).choices)
+    except msgspec.ValidationError:  # unusual types: handed over undecoded
+        return Chunk(payload)
 
 
 def test_stream_quality_reads_typed_choices_batches_and_odd_chunks_in_order() -> None:
@@ -161,6 +164,37 @@ _STREAMS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
     "text that looks like keys": ({}, [_chunk({"content": "Keys"}), _chunk({"content": 'say "finish_reason"'}),
                                        _chunk({"content": '"tool_calls'}), _chunk({"content": '"refusal": "x"'}),
                                        _chunk({}, "length")]),
+    "text that looks like a finish reason": ({}, [
+        _chunk({"content": "Quoting"}), _chunk({"content": ' {"finish_reason":"stop"} and "finish_reason":null'}),
+        _chunk({"content": 'a\\'}), _chunk({"content": '\\"finish_reason'}), _chunk({}, None)]),
+    "a key spelled with escapes": ({}, [
+        _chunk({"content": "Fine"}), b'{"choices":[{"index":0,"delta":{},"finish\\u005freason":"length"}]}',
+        b'{"choices":[{"index":0,"delta":{"tool\\u005Fcalls":[{"index":0,"function":{"name":"f"}}]},'
+        b'"finish_reason":null}]}']),
+    "escaped text, then the end": ({}, [_chunk({"content": "Caf\u00e9 \u003c\u2019"}), _chunk({"content": "\u00e9"}),
+                                        b'{"choices":[{"index":0,"delta":{"content":"\\u003c\\u00e9"},'
+                                        b'"finish_reason":null}]}', _chunk({}, "stop")]),
+    "tool calls nobody asked for": ({}, [
+        _chunk({"content": "Calling"}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"name": "g", "arguments": ""}}]}),
+        _chunk({"tool_calls": [{"index": 0, "function": {"arguments": '{"a": 1}'}}]}), _chunk({}, "tool_calls")]),
+    "n>1 choices, the first one's end first": ({}, [
+        b'{"choices":[{"index":0,"delta":{"content":"Yes"},"finish_reason":null},'
+        b'{"index":1,"delta":{"content":"I can\'t"},"finish_reason":null}]}',
+        b'{"choices":[{"index":0,"delta":{},"finish_reason":"stop"},{"index":1,"delta":{"content":"!"},'
+        b'"finish_reason":null}]}',
+        b'{"choices":[{"index":1,"delta":{"refusal":"no"},"finish_reason":"content_filter"}]}']),
+    "null fields spaced": ({}, [b'{"choices": [{"index": 0, "delta": {"content": "Fine", "refusal": null}, '
+                                b'"finish_reason": null}]}',
+                                b'{"choices": [{"index": 0, "delta": {"content": "!", "refusal": null}, '
+                                b'"finish_reason": null}]}',
+                                b'{"choices": [{"index": 0, "delta": {"refusal": ""}, "finish_reason": "length"}]}']),
+    "truncated, text split across chunks": ({}, [_chunk({"content": "Sor"}), _chunk({"content": "ry, I can"}),
+                                                 _chunk({"content": "'t help with that"}), _chunk({}, "length")]),
+    "odd types after the start": ({}, [_chunk({"content": "Fine"}), _chunk({"content": 5}),
+                                       b'{"choices":[{"index":"0","delta":{},"finish_reason":"stop"}]}']),
+    "no choices, usage only": ({}, [_chunk({"content": "Fine"}), _chunk({}, "stop"),
+                                    b'{"id":"x","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":2}}']),
 }
 
 
@@ -183,6 +217,29 @@ def test_stream_quality_keeps_only_the_text_the_checks_need_and_finds_what_readi
     assert sorted(reader.answer.finish_reasons) == sorted(whole.finish_reasons)
     assert signals_for(reader.answer, chat_asked(asked)) == signals_for(whole, chat_asked(asked))
     assert reader.answer.tool_calls == whole.tool_calls and reader.answer.refusal == whole.refusal
+
+
+def test_stream_quality_of_completions_reads_what_reading_all_finds() -> None:
+    """A completions stream (the text in `text`, no `delta`): the same counts as reading every chunk."""
+    from gateway.telemetry.quality import _read_payload, _StreamQuality, chat_asked, signals_for
+
+    nothing = chat_asked({})
+
+    def chunk(text: str, finish: str | None = None) -> bytes:
+        return msgspec.json.encode({"choices": [{"index": 0, "text": text, "finish_reason": finish}]})
+
+    for texts, finish in ((["Sure", " thing", "."], "stop"), (["", "I can", "'t do that"], "length"), ([" "], "stop")):
+        payloads = [chunk(text) for text in texts] + [chunk("", finish)]
+        whole = Answer()
+        for payload in payloads:
+            _read_payload(whole, payload, False, "_", 1 << 20)
+        for make in (Chunk, _typed):
+            reader = _StreamQuality(SimpleNamespace(limit=1 << 20), nothing, False)  # type: ignore[arg-type]
+            ctx = SimpleNamespace(endpoint=Endpoint.COMPLETIONS)
+            reader.look(ctx, [make(payload) for payload in payloads])  # type: ignore[arg-type]
+            reader._read(ctx)  # type: ignore[arg-type]
+            assert reader.answer.finish_reasons == whole.finish_reasons
+            assert signals_for(reader.answer, nothing) == signals_for(whole, nothing)
 
 
 def test_stream_quality_stops_keeping_settled_text() -> None:

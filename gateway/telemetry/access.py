@@ -96,10 +96,14 @@ class AccessLines:
         first = ctx.first_chunk_seconds
         cost = ctx.cost_usd
         overhead = total - upstream if total > upstream else 0.0
+        attempts: list[dict[str, Any]] | msgspec.Raw | None = None
+        if ctx.attempts is None and target is not None:  # the usual one attempt: `_attempts`, in line
+            attempts = self._one_attempt.get((target, "ok" if status < 400 or status == CLIENT_CLOSED else "error"))
         # Rounded with `floor`, not `int`: the same values (every one is >= 0), without a call to the int type.
         return AccessLine(
             ctx.request_id, endpoint, model, tenant, key, provider, target,
-            ctx.rule, self._attempts(ctx, status), ctx.fallback_reason, ctx.stream, status,
+            ctx.rule, attempts if attempts is not None else self._attempts(ctx, status), ctx.fallback_reason,
+            ctx.stream, status,
             ctx.error_code,
             floor(total * 100_000.0 + 0.5) / 100, floor(upstream * 100_000.0 + 0.5) / 100,
             floor(overhead * 1_000_000.0 + 0.5) / 1000,

@@ -127,7 +127,9 @@ class Telemetry:
             ctx.error_code if status >= 400 else None,
         )
         if server.metrics:
-            named = self._named_series(names, policy)
+            named = self._named.get(names)  # `_named_series`, in line when found (one call fewer per request)
+            if named is None or policy is not self._policy:
+                named = self._named_series(names, policy)
             usage = ctx.usage
             named[0].record(total, ctx.upstream_seconds, ctx.first_chunk_seconds,
                             usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)

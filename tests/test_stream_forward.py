@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from gateway.api.sse import frame
-from gateway.providers.openai_compat import _OpenAIStream
+from gateway.providers.openai_compat import _OpenAIStream, _peek_chunk, _peek_chunk_choices
 from gateway.schemas.events import Chunk, StreamEvent
 from gateway.upstream.handler import install
 from tests.conftest import FULL_KEY, RunningGateway, policy_text
@@ -223,3 +223,24 @@ def test_the_edge_writes_a_slow_stream_from_the_connection_read(
     monkeypatch.setattr(_OpenAIStream, "forward", lambda self, sink: False)
     assert _raw_stream(gateway, "fault-slow-stream-250") == forwarded
     assert not pumped
+
+
+async def test_a_chunk_a_reader_cannot_type_passes_as_when_nobody_reads_it() -> None:
+    """When a stage reads every chunk's choices (quality signals), a chunk whose choices do not fit the typed
+    form (`"content": 5`) is passed on untyped, as without such a stage, instead of ending the stream."""
+    events = _events(6)
+    events[3] = b'data: {"choices":[{"index":0,"delta":{"content":5}}],"usage":null}\n\n'
+    server, port = await _serve(events, "done")
+    written: list[list[bytes]] = []
+    try:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None)) as session:
+            for read_choices in (False, True):
+                stream = await _stream(session, port, 5)
+                stream._read_choices = read_choices
+                stream._peek = _peek_chunk_choices if read_choices else _peek_chunk
+                written.append((await asyncio.wait_for(_read(stream, None), 10))[0])
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert written[0] == written[1]
+    assert b"".join(written[1]).count(b"data: ") == 7 and written[1][-1] == b"data: [DONE]\n\n"

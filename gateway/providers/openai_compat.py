@@ -51,6 +51,14 @@ _peek_usage = msgspec.json.Decoder(UsagePeek).decode
 _peek_usage_choices = msgspec.json.Decoder(UsageChoicesPeek).decode  # when a stage reads the answer's text
 _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
+
+
+def _peek_or_none(payload: bytes) -> ChunkPeek | None:
+    """The chunk as `_peek_chunk` reads it (its choices left raw), or None when even that fails."""
+    try:
+        return _peek_chunk(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return None
 _peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
@@ -449,12 +457,17 @@ class _OpenAIStream:
             if payload == DONE_PAYLOAD:
                 events.append(DONE)
                 return events, True
+            typed = read
             try:  # every event is checked: a malformed one ends the stream cleanly (~0.5 us)
                 peek = self._peek(payload)
-                riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             except (msgspec.DecodeError, msgspec.ValidationError):
-                events.append(self._fail("sent a malformed stream event"))
-                return events, True
+                # choices a reader cannot type (`"content": 5`) pass as they do when no stage reads them
+                peek = _peek_or_none(payload) if read else None
+                if peek is None:
+                    events.append(self._fail("sent a malformed stream event"))
+                    return events, True
+                typed = False
+            riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             if peek.error is not None:
                 detail = self._provider.sanitize(peek.error.message)
                 events.append(self._fail(f"failed mid-stream: {detail}"))
@@ -462,7 +475,7 @@ class _OpenAIStream:
             if peek.usage is not None:
                 self._saw_usage = True
                 if riding:
-                    events.append(Chunk(payload, None, peek.choices) if self._read_choices else Chunk(payload))
+                    events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
                     events.append(UsageReport(peek.usage))
                 else:
                     events.append(UsageReport(peek.usage, payload))
@@ -473,7 +486,7 @@ class _OpenAIStream:
                     payload = payload[:_COMPACT_CUT] + b"}"
                 elif payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
                     payload = strip_null_usage(payload)
-            events.append(Chunk(payload, None, peek.choices) if read else Chunk(payload))
+            events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
         return events, False
 
     def _fail(self, what: str) -> StreamError:

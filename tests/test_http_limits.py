@@ -683,6 +683,51 @@ def test_a_whole_reply_goes_through_send_whenever_send_would_do_more() -> None:
     assert transport.writes == []
 
 
+RATE_LIMITED = [*TAIL, (b"x-ratelimit-limit-requests", b"100000000"),
+                (b"x-ratelimit-remaining-requests", b"99998765"), (b"x-ratelimit-reset-requests", b"37s")]
+MANY = [(b"x-extra-%d" % n, b"value %d" % n) for n in range(60)]  # past the kept head formats (`_LINES`)
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+@pytest.mark.parametrize("tail", [RATE_LIMITED, MANY, []], ids=["rate-limited", "many", "none"])
+async def test_kept_header_names_write_the_same_bytes_as_send(tail: list[tuple[bytes, bytes]]) -> None:
+    """The second head with the same names takes the kept names (`_good_names`): still uvicorn's bytes."""
+    for keep_alive in (True, False, True):
+        for stream in (False, True):
+            fast, public = _Recorded(), _Recorded()
+            fast_cycle, public_cycle = _cycle(fast, keep_alive=keep_alive), _cycle(public, keep_alive=keep_alive)
+            if stream:
+                head = [(b"content-type", b"text/event-stream; charset=utf-8"), *tail]
+                assert send_head(fast_cycle.send, 200, head)
+                await public_cycle.send({"type": "http.response.start", "status": 200, "headers": head})
+            else:
+                assert send_whole(fast_cycle.send, 200, b"application/json", tail, b"{}")
+                await public_cycle.send({"type": "http.response.start", "status": 200, "headers": [
+                    (b"content-type", b"application/json"), (b"content-length", b"2"), *tail]})
+                await public_cycle.send({"type": "http.response.body", "body": b"{}", "more_body": False})
+            assert b"".join(fast.writes) == b"".join(public.writes) and _state(fast_cycle) == _state(public_cycle)
+
+
+@pytest.mark.skipif(not HAVE_HTTPTOOLS, reason="httptools missing")
+def test_kept_header_names_do_not_skip_the_other_checks() -> None:
+    assert send_whole(_cycle(_Recorded()).send, 200, b"application/json", RATE_LIMITED, b"{}")  # names kept
+    transport = _Recorded()
+    remaining = (b"x-ratelimit-remaining-requests", b"1\r\nx-injected: 1")
+    for status, tail in [
+        (200, [*RATE_LIMITED, remaining]),  # a value is checked every time
+        (200, [*RATE_LIMITED, (b"X-Ratelimit-Limit-Requests", b"1")]),  # a name not kept is checked
+        (200, [*RATE_LIMITED, (b"connection", b"close")]),
+        (200, [*RATE_LIMITED, (b"content-length", b"2")]),  # a kept name, counted
+        (200, [*RATE_LIMITED, (b"transfer-encoding", b"chunked")]),
+    ]:
+        cycle = _cycle(transport)
+        assert not send_whole(cycle.send, status, b"application/json", tail, b"{}"), tail
+        assert not cycle.response_started and not cycle.responded
+    cycle = _cycle(transport)
+    assert not send_head(cycle.send, 200, [*RATE_LIMITED, (b"content-length", b"2")]) and not cycle.response_started
+    assert transport.writes == []
+
+
 def test_a_whole_reply_reads_as_any_reply_on_a_kept_connection(serve: Callable[..., Server],
                                                                variant: tuple[str, str]) -> None:
     server = serve()

@@ -53,12 +53,14 @@ _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
 
 
-def _peek_or_none(payload: bytes) -> ChunkPeek | None:
-    """The chunk as `_peek_chunk` reads it (its choices left raw), or None when even that fails."""
+def _peek_or_none(payload: bytes) -> tuple[ChunkPeek | None, bool]:
+    """The chunk as `_peek_chunk` reads it (its choices left raw) and whether usage rides on a content chunk,
+    or (None, False) when even that fails (as it does when no stage reads the choices)."""
     try:
-        return _peek_chunk(payload)
+        peek: ChunkPeek = _peek_chunk(payload)
+        return peek, peek.usage is not None and has_choices(peek.choices)
     except (msgspec.DecodeError, msgspec.ValidationError):
-        return None
+        return None, False
 _peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
@@ -460,14 +462,14 @@ class _OpenAIStream:
             typed = read
             try:  # every event is checked: a malformed one ends the stream cleanly (~0.5 us)
                 peek = self._peek(payload)
+                riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             except (msgspec.DecodeError, msgspec.ValidationError):
                 # choices a reader cannot type (`"content": 5`) pass as they do when no stage reads them
-                peek = _peek_or_none(payload) if read else None
+                peek, riding = _peek_or_none(payload) if read else (None, False)
                 if peek is None:
                     events.append(self._fail("sent a malformed stream event"))
                     return events, True
                 typed = False
-            riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             if peek.error is not None:
                 detail = self._provider.sanitize(peek.error.message)
                 events.append(self._fail(f"failed mid-stream: {detail}"))

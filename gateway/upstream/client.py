@@ -18,6 +18,7 @@ import aiohttp
 from ..errors import GatewayBusy, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..policy.compiled import ProviderConfig
 from .handler import install
+from .request import request_class
 
 __all__ = ["ConnectionGate", "GateObserver", "new_session", "transport_error"]
 
@@ -91,6 +92,7 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
         raise_for_status=False,
+        request_class=request_class(),  # a small body goes out without a task of its own (`request.py`)
     )
 
 

@@ -361,3 +361,35 @@ def test_a_deadline_ends_a_wait_as_asyncio_timeout_does(kind: str) -> None:
         return results
 
     assert asyncio.run(scenarios()) == ["done", "timeout", "timeout", 0, "cancelled", "cancelled"]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_deadline_finds_the_task_it_cancels_as_current_task_does(loop_kind: str) -> None:
+    from gateway.providers import deadline
+
+    async def found() -> bool:
+        manager = deadline.deadline_in(1)
+        async with manager:
+            return manager._task is asyncio.current_task() and manager._task is not None
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        assert uvloop.run(found())
+    else:
+        assert asyncio.run(found())
+
+    async def outside_a_task() -> str:  # entered from a loop callback: the error `asyncio.timeout` raises
+        loop = asyncio.get_running_loop()
+        said = loop.create_future()
+
+        def enter() -> None:
+            entering = deadline.Deadline(loop.time() + 1).__aenter__()
+            try:
+                entering.send(None)
+            except RuntimeError as exc:
+                said.set_result(str(exc))
+
+        loop.call_soon(enter)
+        return await said
+
+    assert asyncio.run(outside_a_task()) == "Timeout should be used inside a task"

@@ -65,6 +65,15 @@ def test_sse_decoder_reads_one_whole_event_per_read_like_any_other(read: bytes, 
     assert decoder.feed(b"\n\n" + read) == [b"before", *payloads]
 
 
+def test_sse_decoder_reads_events_of_one_read_as_it_reads_each_alone() -> None:
+    """Several events in one read (the loop's in-line single-line case) give what each gives alone."""
+    events = [b"data: x", b"data:x", b"data:", b"data:  two", b"data: a\ndata: b", b"event: e\ndata: y", b": c",
+              b"data", b"dat", b"data: [DONE]"]
+    alone = [payload for event in events for payload in SSEDecoder().feed(event + b"\n\n")]
+    assert SSEDecoder().feed(b"\n\n".join(events) + b"\n\n") == alone
+    assert alone == [b"x", b"x", b"", b" two", b"a\nb", b"y", b"[DONE]"]
+
+
 def test_sse_decoder_refuses_an_endless_event() -> None:
     decoder = SSEDecoder()
     with pytest.raises(ValueError):

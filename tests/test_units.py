@@ -65,6 +65,15 @@ def test_sse_decoder_reads_one_whole_event_per_read_like_any_other(read: bytes, 
     assert decoder.feed(b"\n\n" + read) == [b"before", *payloads]
 
 
+def test_sse_decoder_reads_events_of_one_read_as_it_reads_each_alone() -> None:
+    """Several events in one read (the loop's in-line single-line case) give what each gives alone."""
+    events = [b"data: x", b"data:x", b"data:", b"data:  two", b"data: a\ndata: b", b"event: e\ndata: y", b": c",
+              b"data", b"dat", b"data: [DONE]"]
+    alone = [payload for event in events for payload in SSEDecoder().feed(event + b"\n\n")]
+    assert SSEDecoder().feed(b"\n\n".join(events) + b"\n\n") == alone
+    assert alone == [b"x", b"x", b"", b" two", b"a\nb", b"y", b"[DONE]"]
+
+
 def test_sse_decoder_refuses_an_endless_event() -> None:
     decoder = SSEDecoder()
     with pytest.raises(ValueError):
@@ -361,3 +370,35 @@ def test_a_deadline_ends_a_wait_as_asyncio_timeout_does(kind: str) -> None:
         return results
 
     assert asyncio.run(scenarios()) == ["done", "timeout", "timeout", 0, "cancelled", "cancelled"]
+
+
+@pytest.mark.parametrize("loop_kind", ["asyncio", "uvloop"])
+def test_a_deadline_finds_the_task_it_cancels_as_current_task_does(loop_kind: str) -> None:
+    from gateway.providers import deadline
+
+    async def found() -> bool:
+        manager = deadline.deadline_in(1)
+        async with manager:
+            return manager._task is asyncio.current_task() and manager._task is not None
+
+    if loop_kind == "uvloop":
+        uvloop = pytest.importorskip("uvloop")
+        assert uvloop.run(found())
+    else:
+        assert asyncio.run(found())
+
+    async def outside_a_task() -> str:  # entered from a loop callback: the error `asyncio.timeout` raises
+        loop = asyncio.get_running_loop()
+        said = loop.create_future()
+
+        def enter() -> None:
+            entering = deadline.Deadline(loop.time() + 1).__aenter__()
+            try:
+                entering.send(None)
+            except RuntimeError as exc:
+                said.set_result(str(exc))
+
+        loop.call_soon(enter)
+        return await said
+
+    assert asyncio.run(outside_a_task()) == "Timeout should be used inside a task"

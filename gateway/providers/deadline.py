@@ -14,9 +14,16 @@ Not rescheduled, not re-entered: one wait.
 from __future__ import annotations
 
 import asyncio
+import sys
 from types import TracebackType
+from typing import Any
 
 __all__ = ["Deadline", "deadline_in"]
+
+# The running task of each loop, as CPython 3.11's `asyncio.current_task` (a Python function there) reads it;
+# from 3.12 that function is C's own and is called as it is.
+_RUNNING_TASKS: dict[Any, Any] | None = getattr(asyncio.tasks, "_current_tasks", None) \
+    if sys.version_info < (3, 12) else None
 
 
 class Deadline:
@@ -34,13 +41,13 @@ class Deadline:
     async def __aenter__(self) -> Deadline:
         if self._entered:
             raise RuntimeError("Timeout has already been entered")
-        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        task = _RUNNING_TASKS.get(loop) if _RUNNING_TASKS is not None else asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Timeout should be used inside a task")
         self._entered = True
         self._task = task
         self._cancelling = task.cancelling()
-        loop = asyncio.get_running_loop()
         if self._when <= loop.time():
             self._handle = loop.call_soon(self._on_timeout)
         else:

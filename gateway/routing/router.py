@@ -33,6 +33,7 @@ from ..providers.base import Call, Provider
 from ..schemas.endpoints import Endpoint
 from ..store.base import Store
 from ..telemetry.metrics import Metrics
+from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
 from .attempts import BREAKER_FAILURES, Replay, aggregate, backoff, classify, peek
 from .breaker import Breakers
@@ -92,7 +93,7 @@ class Router:
         self._shared = shared
         self._rng = rng or random.Random()
         self._counters: dict[tuple[Any, ...], Any] = {}
-        self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters
+        self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters' values
         self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life ---------------------------------------------------------------------------------------
@@ -322,11 +323,11 @@ class Router:
         self.breakers.success(target.name)
         key = (ctx.alias_label, target.name)
         children = self._answers.get(key)
-        if children is None:
-            children = self._answers[key] = (self.metrics.attempts.labels(target.name, "ok"),
-                                             self.metrics.routed.labels(*key))
-        children[0].inc()
-        children[1].inc()
+        if children is None:  # added to in line, on the loop's thread (`telemetry.series.loop_value`)
+            children = self._answers[key] = (loop_value(loop_child(self.metrics.attempts.labels(target.name, "ok"))),
+                                             loop_value(loop_child(self.metrics.routed.labels(*key))))
+        children[0]._value += 1
+        children[1]._value += 1
         if ctx.attempts is not None:
             ctx.attempts.append((target.name, "ok", round(seconds * 1000, 2)))
 

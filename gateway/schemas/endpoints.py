@@ -19,6 +19,10 @@ class Endpoint(enum.Enum):
     EMBEDDINGS = "embeddings"
     RESPONSES = "responses"  # forwarded to providers that serve the Responses API (`Provider.endpoints`)
 
+    # Members are compared by identity (an Enum's `__eq__` is object's), so object's hash fits them too; Enum's
+    # own, `hash(self._name_)`, is a Python call on CPython 3.11, made a few times per request (dict and set keys).
+    __hash__ = object.__hash__
+
     @property
     def path(self) -> str:
         return self.value

@@ -18,6 +18,7 @@ import aiohttp
 from ..errors import GatewayBusy, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
 from ..policy.compiled import ProviderConfig
 from .handler import install
+from .request import request_class
 
 __all__ = ["ConnectionGate", "GateObserver", "new_session", "transport_error"]
 
@@ -37,17 +38,26 @@ class ConnectionGate:
     concurrent streams one provider can carry from one process.
     """
 
-    __slots__ = ("_observer", "_provider", "_semaphore", "_timeout_s")
+    __slots__ = ("_counted", "_observer", "_provider", "_semaphore", "_timeout_s")
 
     def __init__(self, provider: str, size: int, timeout_s: float, observer: GateObserver | None = None) -> None:
         self._provider = provider
         self._semaphore = asyncio.Semaphore(size)
+        # `acquire` reads the semaphore's count and waiters where they are CPython's (`_value`, `_waiters`)
+        semaphore = self._semaphore
+        self._counted = isinstance(getattr(semaphore, "_value", None), int) and hasattr(semaphore, "_waiters")
         self._timeout_s = timeout_s
         self._observer = observer
 
     async def acquire(self) -> None:
-        if not self._semaphore.locked():
-            await self._semaphore.acquire()  # returns at once: no suspension, no timer
+        semaphore = self._semaphore
+        if self._counted and semaphore._value > 0 and not semaphore._waiters:
+            # A free permit and nobody waiting: take it as `Semaphore.acquire` would, without its
+            # `locked()`, which on CPython 3.11 runs a generator over the waiters twice per call.
+            semaphore._value -= 1
+            return
+        if not semaphore.locked():
+            await semaphore.acquire()  # returns at once: no suspension, no timer
             return
         observer = self._observer
         if observer is not None:
@@ -91,6 +101,7 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
         auto_decompress=True,
         skip_auto_headers=("User-Agent",),
         raise_for_status=False,
+        request_class=request_class(),  # a small body goes out without a task of its own (`request.py`)
     )
 
 

@@ -1,0 +1,83 @@
+"""aiohttp's client request, with a small bytes body written in the request's own task.
+
+Before Python 3.12, aiohttp's `ClientRequest.send` writes every request body in a task of
+its own (`write_bytes`), even a few hundred bytes of JSON that go out with the head in one
+write and never wait: a task created, scheduled, stepped and its done-callbacks run, per
+upstream request. From 3.12 aiohttp starts that task eagerly, which already spares most of
+it. `InlineBodyRequest.send` awaits the same `write_bytes` coroutine directly instead, when
+it cannot wait: a `BytesPayload` of at most `INLINE_BODY_LIMIT` bytes on a connection whose
+writing is not paused, no `Expect: 100-continue`, no tracing, no compression, no chunking,
+no upload tracker, no proxy. The head and the body are written as aiohttp writes them (one
+write, the same bytes: `tests/test_upstream_request.py` compares them); failures are reported
+as `write_bytes` reports them (on the connection's protocol, where reading the response meets
+them). Anything else takes aiohttp's own `send`.
+
+The override mirrors the tail of aiohttp 3.14's `send` (the head's defaults, the response
+object), so it is used only with the releases it was checked against (`request_class`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import hdrs
+from aiohttp.client_reqrep import ClientRequest, ClientResponse
+from aiohttp.http import HttpVersion10, HttpVersion11
+from aiohttp.http_writer import StreamWriter
+from aiohttp.payload import BytesPayload
+
+if TYPE_CHECKING:
+    from aiohttp.connector import Connection
+
+__all__ = ["INLINE_BODY_LIMIT", "InlineBodyRequest", "request_class"]
+
+_CHECKED_RELEASES = ("3.14.",)  # aiohttp releases whose `ClientRequest.send` the override mirrors
+INLINE_BODY_LIMIT = 32 * 1024  # well under a socket's send buffer: writing it does not wait
+
+
+class InlineBodyRequest(ClientRequest):
+    """A `ClientRequest` that writes a small bytes body without a task of its own (see the module)."""
+
+    def _inline_body(self, conn: Connection) -> bool:
+        """Whether writing this request's body cannot wait, and nothing `send` does besides needs the task."""
+        body = self._body
+        protocol = conn.protocol
+        return (type(body) is BytesPayload and body.size is not None and body.size <= INLINE_BODY_LIMIT
+                and protocol is not None and not protocol.writing_paused and self._continue is None
+                and not self._traces and not self.compress and self.chunked is None
+                and self._upload_tracker is None and self.proxy is None and self.method != hdrs.METH_CONNECT)
+
+    async def send(self, conn: Connection) -> ClientResponse:
+        if not self._inline_body(conn):
+            return await super().send(conn)
+        protocol = conn.protocol
+        assert protocol is not None  # checked by `_inline_body`
+        writer = StreamWriter(protocol, self.loop)
+        # As aiohttp's `send`: the default Content-Type, the Connection header, the head (buffered).
+        if (self.method in self.POST_METHODS
+                and (self._skip_auto_headers is None or hdrs.CONTENT_TYPE not in self._skip_auto_headers)
+                and hdrs.CONTENT_TYPE not in self.headers):
+            self.headers[hdrs.CONTENT_TYPE] = "application/octet-stream"
+        version = self.version
+        if hdrs.CONNECTION not in self.headers:
+            if conn._connector.force_close:
+                if version == HttpVersion11:
+                    self.headers[hdrs.CONNECTION] = "close"
+            elif version == HttpVersion10:
+                self.headers[hdrs.CONNECTION] = "keep-alive"
+        await writer.write_headers(f"{self.method} {self.url.raw_path_qs} HTTP/{version.major}.{version.minor}",
+                                   self.headers)
+        await self.write_bytes(writer, conn, self._get_content_length())  # head and body, one write
+        response_class = self.response_class
+        self.response = response_class(
+            self.method, self.original_url, writer=None, continue100=None, timer=self._timer,
+            request_info=self.request_info, traces=self._traces, loop=self.loop, session=self._session,
+            stream_writer=writer,
+        )
+        return self.response
+
+
+def request_class() -> type[ClientRequest]:
+    """`InlineBodyRequest` with an aiohttp it was checked against, else aiohttp's own `ClientRequest`."""
+    return InlineBodyRequest if aiohttp.__version__.startswith(_CHECKED_RELEASES) else ClientRequest

@@ -70,12 +70,13 @@ class InlineBodyRequest(ClientRequest):
                                    self.headers)
         await self.write_bytes(writer, conn, self._get_content_length())  # head and body, one write
         response_class = self.response_class
-        self.response = response_class(
+        response = response_class(
             self.method, self.original_url, writer=None, continue100=None, timer=self._timer,
             request_info=self.request_info, traces=self._traces, loop=self.loop, session=self._session,
             stream_writer=writer,
         )
-        return self.response
+        self.response = response  # type: ignore[assignment]  # aiohttp declares it `None` until `send`
+        return response
 
 
 def request_class() -> type[ClientRequest]:

@@ -18,7 +18,7 @@ object), so it is used only with the releases it was checked against (`request_c
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
 from aiohttp import hdrs
@@ -75,7 +75,7 @@ class InlineBodyRequest(ClientRequest):
             request_info=self.request_info, traces=self._traces, loop=self.loop, session=self._session,
             stream_writer=writer,
         )
-        self.response = response  # type: ignore[assignment]  # aiohttp declares it `None` until `send`
+        self.response = cast(Any, response)  # some aiohttp releases declare it `None` until `send`
         return response
 
 

@@ -8,6 +8,7 @@ never do, and time the consumer spends between reads (a slow client) does not co
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import aiohttp
 import pytest
@@ -392,11 +393,20 @@ async def _serve_keep_alive(parts: list[bytes]) -> tuple[asyncio.AbstractServer,
     return server, server.sockets[0].getsockname()[1]
 
 
+def _session(short: bool, **options: Any) -> aiohttp.ClientSession:
+    """A session on the connection's short path (`short`) or on aiohttp's own protocol."""
+    from gateway.upstream.handler import install
+
+    connector = aiohttp.TCPConnector(limit=0)
+    assert install(connector) if short else True
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None), **options)
+
+
 async def test_the_connections_short_path_reads_what_aiohttps_reads_and_keeps_the_connection() -> None:
     """Through `StreamingResponseHandler` (three bodies in turn on one pooled connection) and through aiohttp's own
     protocol: the same bytes; the connection is reused after each streamed body, whose end puts it back on
     aiohttp's path for the next response's head."""
-    from gateway.upstream.handler import StreamingResponseHandler, install
+    from gateway.upstream.handler import StreamingResponseHandler
 
     parts = [b"data: {\"n\": %d}\n\n" % i for i in range(30)] + [b"y" * 3000] * 30
     server, port = await _serve_keep_alive(parts)
@@ -404,10 +414,7 @@ async def test_the_connections_short_path_reads_what_aiohttps_reads_and_keeps_th
     outcomes = []
     try:
         for short in (False, True):
-            connector = aiohttp.TCPConnector(limit=0)
-            assert install(connector) if short else True
-            timeout = aiohttp.ClientTimeout(total=None)
-            async with aiohttp.ClientSession(connector=connector, read_bufsize=1024, timeout=timeout) as session:
+            async with _session(short, read_bufsize=1024) as session:
                 protocols = set()
                 for _ in range(3):
                     async with session.get(f"http://127.0.0.1:{port}/") as response:
@@ -428,7 +435,6 @@ async def test_the_connections_short_path_reads_what_aiohttps_reads_and_keeps_th
 
 
 async def test_the_connections_short_path_fails_a_cut_body_as_aiohttp_does() -> None:
-    from gateway.upstream.handler import install
 
     parts = [b"data: {\"n\": %d}\n\n" % i for i in range(20)]
     server, port = await _serve_chunked(parts, cut=True)
@@ -436,9 +442,7 @@ async def test_the_connections_short_path_fails_a_cut_body_as_aiohttp_does() -> 
     outcomes = []
     try:
         for short in (False, True):
-            connector = aiohttp.TCPConnector(limit=0)
-            assert install(connector) if short else True
-            async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            async with _session(short) as session:
                 async with session.get(f"http://127.0.0.1:{port}/") as response:
                     reads, end = await asyncio.wait_for(_read_all(ReadTimer(response.content, loop.time() + 60, 5)), 10)
                     outcomes.append((b"".join(reads), end))

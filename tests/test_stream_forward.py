@@ -94,6 +94,13 @@ async def _read(stream: _OpenAIStream, sink: Callable[[list[StreamEvent]], bool]
         await stream.aclose()
 
 
+def _short_path_session() -> aiohttp.ClientSession:
+    """A session whose connections take the short path for streamed bodies (`upstream/handler.install`)."""
+    connector = aiohttp.TCPConnector(limit=0)
+    assert install(connector)
+    return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
+
+
 async def _stream(session: aiohttp.ClientSession, port: int, idle_s: float) -> _OpenAIStream:
     response = await session.post(f"http://127.0.0.1:{port}/", data=b"{}")
     provider = SimpleNamespace(name="p", sanitize=str, release=lambda: None, stream_usage_expected=True)
@@ -107,9 +114,7 @@ async def test_forwarding_writes_what_polling_writes(end: str) -> None:
     server, port = await _serve(events, end)
     outcomes: list[list[bytes]] = []
     try:
-        connector = aiohttp.TCPConnector(limit=0)
-        assert install(connector)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with _short_path_session() as session:
             taken: list[bytes] = []
             declined = 0
 
@@ -142,9 +147,7 @@ async def test_forwarding_keeps_the_order_of_frames() -> None:
     events = _events(24)
     server, port = await _serve(events, "done")
     try:
-        connector = aiohttp.TCPConnector(limit=0)
-        assert install(connector)
-        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+        async with _short_path_session() as session:
             written: list[bytes] = []
             count = 0
 

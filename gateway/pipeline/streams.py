@@ -152,7 +152,6 @@ class ReplyStream:
         if self._terminal is not None:
             await self._finish(self._terminal)
             raise StopAsyncIteration
-        ctx = self._ctx
         if self._iterator is None:
             self._iterator = aiter(self._source)
         try:
@@ -161,6 +160,13 @@ class ReplyStream:
             batch = [StreamError(InternalError("the stream ended unexpectedly"))]
         except GatewayError as exc:
             batch = [StreamError(exc)]
+        batch = await self._through_readers(batch)
+        self._note(batch)
+        return batch
+
+    async def _through_readers(self, batch: list[StreamEvent]) -> list[StreamEvent]:
+        """A batch through every reader, innermost first; a reader that fails ends the stream with an error."""
+        ctx = self._ctx
         for stage in self._readers:
             try:
                 batch = await stage.on_events(ctx, batch)
@@ -168,7 +174,6 @@ class ReplyStream:
                 batch = [StreamError(exc)]
             except Exception:  # noqa: BLE001 -- a bug: `_stage_failed` logs it
                 batch = _stage_failed(ctx)
-        self._note(batch)
         return batch
 
     def _look(self, batch: list[StreamEvent]) -> None:
@@ -196,26 +201,13 @@ class ReplyStream:
 
     def _watch(self, batch: list[StreamEvent]) -> None:
         """The source's observer behind watching stages: a batch within their length is looked at and noted as
-        on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on.
-        (`_note`'s steps in line when nothing looks: this runs on every event of a slow stream.)"""
-        ctx = self._ctx
-        if ctx.chunks + len(batch) > self._limit:
+        on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on."""
+        if self._ctx.chunks + len(batch) > self._limit:
             self._held = batch
-            return
-        if self._lookers:
+        elif self._lookers:
             self._look(batch)
-            return
-        for event in batch:
-            if isinstance(event, Chunk):
-                ctx.chunks += 1
-            elif isinstance(event, UsageReport):
-                ctx.usage = event.usage
-            elif isinstance(event, StreamDone):
-                self._terminal = StreamEnd("done")
-            elif isinstance(event, StreamError):
-                self._terminal = StreamEnd("error", event.error)
-        if ctx.first_chunk_seconds is None:
-            ctx.first_chunk_seconds = time.perf_counter() - ctx.started
+        else:
+            self._note(batch)
 
     def _ready_watched(self) -> list[StreamEvent] | None:
         """`ready()` behind watching stages: what the readers made of a held batch; None while one is held (wait
@@ -244,21 +236,13 @@ class ReplyStream:
 
     async def _pass(self, batch: list[StreamEvent]) -> None:
         """A held batch through every reader, as `__anext__` takes it; noted, and kept for `_ready_watched`."""
-        ctx = self._ctx
-        for stage in self._readers:
-            try:
-                batch = await stage.on_events(ctx, batch)
-            except GatewayError as exc:
-                batch = [StreamError(exc)]
-            except Exception:  # noqa: BLE001 -- a bug: `_stage_failed` logs it
-                batch = _stage_failed(ctx)
+        batch = await self._through_readers(batch)
         self._note(batch)
         self._passed = batch
         self._limit = self._watched_length()
 
     def _note(self, batch: list[StreamEvent]) -> None:
-        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time.
-        (`_watch` repeats these steps.)"""
+        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time."""
         ctx = self._ctx
         for event in batch:
             if isinstance(event, Chunk):

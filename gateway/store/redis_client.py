@@ -8,7 +8,7 @@ store's own timeout and back-off do the rest.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -76,7 +76,8 @@ def _sentinel(target: RedisTarget, config: StoreConfig, common: dict[str, Any], 
         "password": target.options.get("sentinel_password"),
         **tls,
     }
-    sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs, **common)  # type: ignore[no-untyped-call]
+    # (through Any: redis-py annotates `Sentinel` in some releases and not in others)
+    sentinel = cast(Any, Sentinel)(list(target.nodes), sentinel_kwargs=sentinel_kwargs, **common)
     master = sentinel.master_for(
         target.service,
         db=target.db,

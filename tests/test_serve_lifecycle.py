@@ -80,10 +80,28 @@ def test_every_worker_writes_its_access_lines(tmp_path: Path) -> None:
         ids = [f"access-line-{n}" for n in range(20)]
         for request_id in ids:
             assert chat(port, **{"x-request-id": request_id}).status_code == 200
-        assert server.wait_for_output(ids[-1], timeout=10)
+        # each worker writes its lines within 50 ms of the first waiting one
+        assert wait_for(lambda: all(f'"{request_id}"' in server.text() for request_id in ids), 10)
         lines = [json.loads(line) for line in server.text().splitlines() if '"logger":"gateway.access"' in line]
     assert {line["request_id"] for line in lines} >= set(ids)
     assert all("Hello there" not in json.dumps(line) for line in lines)  # no prompt text
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_the_access_lines_of_the_last_requests_are_written_when_a_worker_stops(tmp_path: Path, workers: str) -> None:
+    """Access lines wait up to 50 ms for one write: a worker that stops right after its last answers writes
+    the lines still waiting (at exit) rather than losing them."""
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, access_log="true", drain_delay_s=0))
+    with serving(policy, port, "--workers", workers) as server:
+        ids = [f"last-line-{n}" for n in range(5)]
+        for request_id in ids:
+            assert chat(port, **{"x-request-id": request_id}).status_code == 200
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        lines = [json.loads(line) for line in server.text().splitlines() if '"logger":"gateway.access"' in line]
+    assert {line["request_id"] for line in lines} >= set(ids)
 
 
 @pytest.mark.parametrize("workers", ["1", "2"])

@@ -541,3 +541,77 @@ def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None
             slow.record(*values)
     assert samples(inline) == samples(called)
 
+
+
+async def test_json_lines_handler_on_a_loop_writes_lines_together_and_in_order() -> None:
+    """On the event loop, lines wait for one write: until `_FLUSH_LINES` wait or `_FLUSH_AFTER_S` passed, or
+    a record of the loop's thread comes (written after them); another thread's record does not touch them,
+    and `flush` from another thread writes them only once the loop's thread has ended (at exit)."""
+    import io
+    import logging
+    import threading
+
+    from gateway.telemetry import logs
+
+    stream = io.StringIO()
+    handler = logs.JsonLinesHandler(stream)
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "hello", None, None)
+    handler.write_line(b'{"n":1}\n')
+    handler.write_line(b'{"n":2}\n')
+    assert stream.getvalue() == ""  # waiting for the timer
+    await asyncio.sleep(logs._FLUSH_AFTER_S * 2)
+    assert stream.getvalue() == '{"n":1}\n{"n":2}\n'
+    handler.write_line(b'{"n":3}\n')
+    worker = threading.Thread(target=handler.emit, args=(record,))
+    worker.start()
+    worker.join()
+    assert stream.getvalue().endswith('"msg":"hello"}\n')  # another thread's record: the line still waits
+    handler.flush()  # (from another thread, as `logging.shutdown` may: the loop's thread lives, so nothing)
+    handler.emit(record)  # the loop's thread: the waiting line first
+    lines = stream.getvalue().splitlines()
+    assert lines[-2] == '{"n":3}' and '"msg":"hello"' in lines[-1]
+    for n in range(logs._FLUSH_LINES):  # a full buffer: written at once
+        handler.write_line(b'{"m":%d}\n' % n)
+    assert stream.getvalue().count('"m":') == logs._FLUSH_LINES
+    handler.write_line(b'{"n":4}\n')
+    done = threading.Event()
+
+    def at_exit() -> None:  # a thread other than the loop's, as `logging.shutdown` at exit may be
+        handler.flush()
+        done.set()
+
+    threading.Thread(target=at_exit).start()
+    done.wait(5)
+    assert not stream.getvalue().endswith('{"n":4}\n')  # the loop's thread (this one) is alive: it writes
+    handler._owner = -2  # as if the loop's thread had ended
+    handler.flush()
+    assert stream.getvalue().endswith('{"n":4}\n')
+    await asyncio.sleep(logs._FLUSH_AFTER_S * 2)  # the timer left finds nothing to write
+    assert stream.getvalue().count('{"n":4}') == 1
+
+
+def test_an_access_line_written_by_the_handler_is_the_line_logging_would_make() -> None:
+    """The handler's own encoding (the line's fields, then its head's, encoded once per head) gives the object
+    `JsonFormatter` makes from `AccessLine.fields` for a record of the same time, odd characters included."""
+    import io
+    import logging
+
+    import msgspec
+
+    from gateway.telemetry import logs
+    from gateway.telemetry.access import AccessHead, AccessLine
+
+    head = AccessHead("chat", "model-\u00e9", "acme", None, "openai", "t\"1", 200, None, "sha256:abc")
+    tail = msgspec.json.encode(head)[1:] + b"\n"
+    line = AccessLine("req_\u2028x", None, msgspec.Raw(b'[{"target":"t\\"1","outcome":"ok"}]'), None, True, 1.5, 1.0,
+                      0.5, 0.25, 3, 4, 0, 0, False, 0.000125, "miss", "pii:redact", None)
+    stream = io.StringIO()
+    handler = logs.JsonLinesHandler(stream)
+    handler.write_access(line, tail)  # no loop: written at once
+    written = json.loads(stream.getvalue())
+    record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, "request", None, None)
+    record.fields = line.fields(head)
+    made = json.loads(logs.JsonFormatter().format(record))
+    assert written.pop("ts")[:10] == made.pop("ts")[:10]
+    assert written == made and len(made) == 3 + 9 + 18  # level, logger, msg; the head; the line
+    assert made["attempts"] == [{"target": 't"1', "outcome": "ok"}] and made["policy_version"] == "sha256:abc"

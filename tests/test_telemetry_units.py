@@ -591,27 +591,26 @@ async def test_json_lines_handler_on_a_loop_writes_lines_together_and_in_order()
 
 
 def test_an_access_line_written_by_the_handler_is_the_line_logging_would_make() -> None:
-    """The handler's own encoding (the line's fields, then its head's, encoded once per head) gives the object
-    `JsonFormatter` makes from `AccessLine.fields` for a record of the same time, odd characters included."""
+    """The handler's own encoding gives the object `JsonFormatter` makes from `AccessLine.fields` for a record
+    of the same time, odd characters included."""
     import io
     import logging
 
     import msgspec
 
     from gateway.telemetry import logs
-    from gateway.telemetry.access import AccessHead, AccessLine
+    from gateway.telemetry.access import AccessLine
 
-    head = AccessHead("chat", "model-\u00e9", "acme", None, "openai", "t\"1", 200, None, "sha256:abc")
-    tail = msgspec.json.encode(head)[1:] + b"\n"
-    line = AccessLine("req_\u2028x", None, msgspec.Raw(b'[{"target":"t\\"1","outcome":"ok"}]'), None, True, 1.5, 1.0,
-                      0.5, 0.25, 3, 4, 0, 0, False, 0.000125, "miss", "pii:redact", None)
+    line = AccessLine("req_\u2028x", "chat", "model-\u00e9", "acme", None, "openai", 't"1', None,
+                      msgspec.Raw(b'[{"target":"t\\"1","outcome":"ok"}]'), None, True, 200, None, 1.5, 1.0, 0.5,
+                      0.25, 3, 4, 0, 0, False, 0.000125, "miss", "pii:redact", None, "sha256:abc")
     stream = io.StringIO()
     handler = logs.JsonLinesHandler(stream)
-    handler.write_access(line, tail)  # no loop: written at once
+    handler.write_access(line)  # no loop: written at once
     written = json.loads(stream.getvalue())
     record = logging.LogRecord("gateway.access", logging.INFO, __file__, 1, "request", None, None)
-    record.fields = line.fields(head)
+    record.fields = line.fields()
     made = json.loads(logs.JsonFormatter().format(record))
     assert written.pop("ts")[:10] == made.pop("ts")[:10]
-    assert written == made and len(made) == 3 + 9 + 18  # level, logger, msg; the head; the line
+    assert written == made and len(made) == 3 + 27  # level, logger, msg; the line
     assert made["attempts"] == [{"target": 't"1', "outcome": "ok"}] and made["policy_version"] == "sha256:abc"

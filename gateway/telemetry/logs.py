@@ -20,7 +20,7 @@ from typing import TextIO
 
 import msgspec
 
-from .access import AccessLine, Head
+from .access import AccessLine
 
 __all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "log_access"]
 
@@ -77,10 +77,9 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._second = -1  # the whole second of the last access line, and its line's first bytes
         self._second_head = b""
 
-    def write_access(self, line: AccessLine, tail: bytes) -> None:
+    def write_access(self, line: AccessLine) -> None:
         """Queue one access line: the line `JsonFormatter` would make (its four fields, then the access
-        fields: the line's own, then its head's, `tail`), encoded in place at the buffer's end; the timestamp's
-        second is formatted once per second."""
+        fields), encoded in place at the buffer's end; the timestamp's second is formatted once per second."""
         now = time.time()
         whole = floor(now)  # `int(now)` for a time after 1970, without a call to the int type
         if whole != self._second:
@@ -91,10 +90,9 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         buffer += _AFTER_SECOND[floor((now - whole) * 1000)]
         at = len(buffer)
         _encoder.encode_into(line, buffer, at)  # (cannot fail: every field of the struct has a JSON type)
-        buffer[at] = 44  # the struct's braces become commas: one object, its head's fields (and newline) last
-        buffer[-1] = 44
-        buffer += tail
-        self._lines += 1  # `_added()`, in line (one call fewer per request)
+        buffer[at] = 44  # the struct's opening brace becomes a comma: one object
+        buffer.append(10)
+        self._lines += 1  # (as `write_line` counts and schedules, in line: one call fewer per request)
         if self._lines >= _FLUSH_LINES or not self._timed:
             self._due()
 
@@ -164,12 +162,12 @@ def configure_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def log_access(line: AccessLine, head: Head) -> None:
+def log_access(line: AccessLine) -> None:
     """One access line: straight to the configured handler when logging is as `configure_logging` left it."""
     handlers = logging.root.handlers
     handler = handlers[0] if len(handlers) == 1 else None
     if (handler.__class__ is JsonLinesHandler and not access_log.handlers and access_log.propagate
             and access_log.isEnabledFor(_INFO) and handler.level <= _INFO):
-        handler.write_access(line, head[1])
+        handler.write_access(line)
         return
-    access_log.info("request", extra={"fields": line.fields(head[0])})
+    access_log.info("request", extra={"fields": line.fields()})

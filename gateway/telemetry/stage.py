@@ -137,7 +137,7 @@ class Telemetry:
         else:
             self._cost(ctx, reply, None)
         if logged:
-            log_access(*self._access_lines.line(ctx, total, names))
+            log_access(self._access_lines.line(ctx, total, names))
 
     def _named_series(self, names: Names, policy: Policy) -> _Named:
         """The series of a finished request, its model label and its cost child, by the request's names."""

@@ -614,3 +614,30 @@ def test_an_access_line_written_by_the_handler_is_the_line_logging_would_make() 
     assert written.pop("ts")[:10] == made.pop("ts")[:10]
     assert written == made and len(made) == 3 + 27  # level, logger, msg; the line
     assert made["attempts"] == [{"target": 't"1', "outcome": "ok"}] and made["policy_version"] == "sha256:abc"
+
+
+def test_json_lines_handler_on_a_new_loop_times_its_writes_again() -> None:
+    """A timed write due on a loop that ended never runs: on the next loop, the first full buffer schedules
+    one there, so lines wait at most `_FLUSH_LINES` lines, then `_FLUSH_AFTER_S`, not until exit."""
+    import io
+
+    from gateway.telemetry import logs
+
+    stream = io.StringIO()
+    handler = logs.JsonLinesHandler(stream)
+
+    async def one_line() -> None:
+        handler.write_line(b'{"first":1}\n')
+
+    asyncio.run(one_line())  # the loop ends before its timed write
+    assert stream.getvalue() == ""
+
+    async def more_lines() -> None:
+        for n in range(logs._FLUSH_LINES):
+            handler.write_line(b'{"n":%d}\n' % n)
+        handler.write_line(b'{"last":1}\n')
+        await asyncio.sleep(logs._FLUSH_AFTER_S * 2)
+
+    asyncio.run(more_lines())
+    text = stream.getvalue()
+    assert text.startswith('{"first":1}\n') and text.endswith('{"last":1}\n')

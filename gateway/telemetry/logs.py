@@ -64,15 +64,15 @@ class JsonFormatter(logging.Formatter):
 class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """JSON lines on a stream. Access lines are encoded into one buffer and written together, as nginx's
     `access_log ... buffer= flush=` does: when `_FLUSH_LINES` are waiting or `_FLUSH_AFTER_S` after the first
-    (a write per line, or per loop turn, cost a tenth of the telemetry's time); at exit (`logging.shutdown`)
-    whatever waits. Another record from the loop's thread first writes what waits, so lines keep their order."""
+    (under load, one write a loop turn carried about 8 lines); at exit (`logging.shutdown`) whatever waits.
+    Another record from the loop's thread first writes what waits, so lines keep their order."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self.setFormatter(JsonFormatter())
         self._buffer = bytearray()  # whole lines, each ending in a newline; only the loop's thread adds to it
         self._lines = 0
-        self._timed = False  # a timed write is due on the loop
+        self._timed: asyncio.AbstractEventLoop | None = None  # the loop a timed write is due on
         self._owner = -1  # the thread that writes lines (the event loop's)
         self._second = -1  # the whole second of the last access line, and its line's first bytes
         self._second_head = b""
@@ -93,14 +93,14 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         buffer[at] = 44  # the struct's opening brace becomes a comma: one object
         buffer.append(10)
         self._lines += 1  # (as `write_line` counts and schedules, in line: one call fewer per request)
-        if self._lines >= _FLUSH_LINES or not self._timed:
+        if self._lines >= _FLUSH_LINES or self._timed is None:
             self._due()
 
     def write_line(self, line: bytes | bytearray) -> None:
         """Queue one encoded line (ending in a newline), as access lines are."""
         self._buffer += line
         self._lines += 1
-        if self._lines >= _FLUSH_LINES or not self._timed:
+        if self._lines >= _FLUSH_LINES or self._timed is None:
             self._due()
 
     def _due(self) -> None:
@@ -113,12 +113,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._owner = threading.get_ident()
         if self._lines >= _FLUSH_LINES:
             self._write_buffer()
-        if not self._timed:
-            self._timed = True
+        if self._timed is not loop:  # none due, or due on a loop that has ended (its timer will not run)
+            self._timed = loop
             loop.call_later(_FLUSH_AFTER_S, self._timed_write)
 
     def _timed_write(self) -> None:
-        self._timed = False
+        self._timed = None
         self._write_buffer()
 
     def _write_buffer(self) -> None:

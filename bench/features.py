@@ -160,8 +160,9 @@ def measure(row: Row, wrk: str, gateways: dict[str, list[tuple[str, Service]]], 
             retries: int = 2) -> dict[str, list[WrkResult]]:
     """`runs` pairs of wrk runs, plain and feature side. With several instances of each gateway kind (processes
     of one policy), run r takes instance r mod N of each side (a control row, one kind on both sides: two
-    different instances), so that what sets one process apart from another (its memory layout) is spread over
-    both sides; the side that goes first alternates, so that a drift within a pair is too."""
+    different instances; with one instance, the same process twice), so that whatever sets one process apart
+    from another is spread over both sides; the side that goes first alternates, so that a drift within a
+    pair is too."""
     results: dict[str, list[WrkResult]] = {"plain": [], "feature": []}
     keys = {"plain": KEY, "feature": row.feature_key}
     kinds = {"plain": row.plain_gateway, "feature": row.feature_gateway}

@@ -68,6 +68,7 @@ from uvicorn.server import ServerState
 
 from .api.asgi import DIRECT_BODY
 from .errors import error_body
+from .head_joined import HeadJoined
 from .http_memory import slim_connection, slim_cycle
 from .pipeline.lifecycle import DISCONNECT_HOOK
 from .telemetry.metrics import HTTP_REFUSED
@@ -491,67 +492,6 @@ def _warn(kind: str, message: str, *args: object) -> None:
         log.warning(message, *args)
 
 
-class _HeadJoined:
-    """The transport as one request's cycle sees it: its first write (the response head) is held until
-    the next write or the end of the loop turn, so that a complete answer leaves in one `send()`.
-
-    uvicorn writes a response's head and its body separately, two system calls where one does; the
-    head of a non-streamed answer is followed by its body in the same step of the request's task, so
-    they are joined. A head with nothing after it (a stream's, a `100 Continue`) goes out at the next
-    turn of the loop, and before any close. A profile of a cache hit showed the head's own `send()`
-    at about a tenth of the gateway's CPU. Once the head has left, the cycle gets its transport back:
-    a stream's events are written without this wrapper.
-    """
-
-    __slots__ = ("_cycle", "_held", "_loop", "_transport")
-
-    def __init__(self, transport: asyncio.Transport, loop: asyncio.AbstractEventLoop, cycle: Any = None) -> None:
-        self._transport = transport
-        self._loop = loop
-        self._cycle = cycle  # once the head has left, the cycle writes to the transport itself (a stream's events)
-        self._held: bytes | None = b""  # b"": nothing written yet; None: passing writes through
-
-    def write(self, data: bytes) -> None:
-        held = self._held
-        if held is None:
-            self._transport.write(data)
-        elif held:
-            self._held = None
-            self._transport.write(held + data)
-            self._step_aside()
-        else:
-            self._held = bytes(data)
-            self._loop.call_soon(self._flush)
-
-    def write_all(self, data: bytes) -> None:
-        """A write with nothing after it in this response (a whole reply, `api.whole_reply.send_whole`): it goes out
-        now, joined to whatever is held, and the cycle gets its transport back."""
-        held, self._held = self._held, None
-        self._transport.write(held + data if held else data)
-        self._step_aside()
-
-    def _flush(self) -> None:
-        held, self._held = self._held, None
-        if held and not self._transport.is_closing():
-            self._transport.write(held)
-        self._step_aside()
-
-    def _step_aside(self) -> None:
-        cycle, self._cycle = self._cycle, None
-        if cycle is not None and cycle.transport is self:
-            cycle.transport = self._transport
-
-    def close(self) -> None:
-        self._flush()
-        self._transport.close()
-
-    def is_closing(self) -> bool:
-        return self._transport.is_closing()
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return self._transport.get_extra_info(name, default)
-
-
 if HAVE_HTTPTOOLS:
 
     class LimitedHttpToolsProtocol(_Guard, HttpToolsProtocol):
@@ -602,9 +542,9 @@ if HAVE_HTTPTOOLS:
             else:
                 HttpToolsProtocol.on_headers_complete(self)
             cycle = self.cycle  # uvicorn's request cycle writes through `cycle.transport` (checked, not assumed)
-            if cycle is not None and type(getattr(cycle, "transport", None)) is not _HeadJoined \
+            if cycle is not None and type(getattr(cycle, "transport", None)) is not HeadJoined \
                     and hasattr(cycle, "transport"):
-                cycle.transport = _HeadJoined(self.transport, self.loop, cycle)
+                cycle.transport = HeadJoined(self.transport, self.loop, cycle)
             if cycle is not None:
                 slim_cycle(cycle)
                 setattr(cycle, DISCONNECT_HOOK, None)  # this protocol calls the request back on a lost connection

@@ -25,7 +25,8 @@ import uvicorn
 
 from gateway.api.asgi import DIRECT_BODY, ChunkWriter, chunk_writer
 from gateway.api.whole_reply import send_head, send_whole
-from gateway.http_server import HAVE_HTTPTOOLS, _HeadJoined, server_limits
+from gateway.head_joined import HeadJoined
+from gateway.http_server import HAVE_HTTPTOOLS, server_limits
 
 try:
     import uvloop  # noqa: F401
@@ -514,30 +515,30 @@ class _Recorded:
 async def test_a_response_head_leaves_with_its_body_or_at_the_next_loop_turn() -> None:
     loop = asyncio.get_running_loop()
     answer = _Recorded()
-    joined = _HeadJoined(answer, loop)  # type: ignore[arg-type]
+    joined = HeadJoined(answer, loop)  # type: ignore[arg-type]
     joined.write(b"HEAD")
     joined.write(b"BODY")
     joined.write(b"MORE")
     assert answer.writes == [b"HEADBODY", b"MORE"]  # one send for a complete answer
     stream = _Recorded()
-    joined = _HeadJoined(stream, loop)  # type: ignore[arg-type]
+    joined = HeadJoined(stream, loop)  # type: ignore[arg-type]
     joined.write(b"HEAD")
     assert stream.writes == []
     await asyncio.sleep(0)
     assert stream.writes == [b"HEAD"]  # a head alone is not kept past the loop turn
     stream, cycle = _Recorded(), SimpleNamespace()
-    cycle.transport = joined = _HeadJoined(stream, loop, cycle)  # type: ignore[arg-type]
+    cycle.transport = joined = HeadJoined(stream, loop, cycle)  # type: ignore[arg-type]
     joined.write(b"HEAD")
     assert cycle.transport is joined
     await asyncio.sleep(0)
     assert cycle.transport is stream and stream.writes == [b"HEAD"]  # the events go straight to the transport
     answer, cycle = _Recorded(), SimpleNamespace()
-    cycle.transport = joined = _HeadJoined(answer, loop, cycle)  # type: ignore[arg-type]
+    cycle.transport = joined = HeadJoined(answer, loop, cycle)  # type: ignore[arg-type]
     joined.write(b"HEAD")
     joined.write(b"BODY")
     assert cycle.transport is answer and answer.writes == [b"HEADBODY"]
     closing = _Recorded()
-    joined = _HeadJoined(closing, loop)  # type: ignore[arg-type]
+    joined = HeadJoined(closing, loop)  # type: ignore[arg-type]
     joined.write(b"HEAD")
     joined.close()
     await asyncio.sleep(0)
@@ -615,8 +616,8 @@ async def test_a_whole_reply_is_written_as_uvicorns_send_writes_it(keep_alive: b
     fast, public = _Recorded(), _Recorded()
     fast_cycle, public_cycle = _cycle(fast, keep_alive=keep_alive), _cycle(public, keep_alive=keep_alive)
     if joined:  # behind the protocol's head-joining transport, as served
-        fast_cycle.transport = _HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
-        public_cycle.transport = _HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
+        fast_cycle.transport = HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
+        public_cycle.transport = HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
     body = b'{"id":"x"}'
     assert send_whole(fast_cycle.send, 200, b"application/json", TAIL, body)
     await public_cycle.send({"type": "http.response.start", "status": 200, "headers": [
@@ -637,8 +638,8 @@ async def test_a_streams_head_is_written_as_uvicorns_send_writes_it(keep_alive: 
     loop = asyncio.get_running_loop()
     fast, public = _Recorded(), _Recorded()
     fast_cycle, public_cycle = _cycle(fast, keep_alive=keep_alive), _cycle(public, keep_alive=keep_alive)
-    fast_cycle.transport = _HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
-    public_cycle.transport = _HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
+    fast_cycle.transport = HeadJoined(fast, loop, fast_cycle)  # type: ignore[arg-type]
+    public_cycle.transport = HeadJoined(public, loop, public_cycle)  # type: ignore[arg-type]
     head = [(b"content-type", b"text/event-stream; charset=utf-8"), *TAIL]
     assert send_head(fast_cycle.send, 200, head)
     await public_cycle.send({"type": "http.response.start", "status": 200, "headers": head})

@@ -79,7 +79,7 @@ def send_whole(send: Any, status: int, content_type: bytes, headers: Sequence[tu
     cycle.chunked_encoding = False
     cycle.expected_content_length = 0
     transport = cycle.transport
-    write_all = getattr(transport, "write_all", None)  # `http_server._HeadJoined`: not held for a later write
+    write_all = getattr(transport, "write_all", None)  # `head_joined.HeadJoined`: not held for a later write
     (write_all or transport.write)(head + body)
     cycle.response_complete = True
     cycle.message_event.set()

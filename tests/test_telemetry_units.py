@@ -88,9 +88,10 @@ def _chunk(delta: dict[str, Any], finish: str | None = None, index: int = 0, **e
 
 
 def _stream_reader(asked: dict[str, Any], limit: int = 1 << 20) -> Any:
-    from gateway.telemetry.quality import _StreamQuality, chat_asked
+    from gateway.telemetry.quality import chat_asked
+    from gateway.telemetry.quality_reading import StreamQuality
 
-    return _StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked), True)  # type: ignore[arg-type]
+    return StreamQuality(SimpleNamespace(limit=limit), chat_asked(asked), True)  # type: ignore[arg-type]
 
 
 def _feed(reader: Any, batches: list[list[Any]]) -> None:
@@ -205,12 +206,13 @@ def test_stream_quality_keeps_only_the_text_the_checks_need_and_finds_what_readi
         name: str, split: str, typed: bool) -> None:
     """Once the text is settled, later text is not kept; the signals and finish reasons are those of an
     answer read from every chunk (chunks decoded by the provider or not)."""
-    from gateway.telemetry.quality import _read_payload, chat_asked, signals_for
+    from gateway.telemetry.quality import chat_asked, signals_for
+    from gateway.telemetry.quality_reading import read_payload
 
     asked, payloads = _STREAMS[name]
     whole = Answer()
     for payload in payloads:
-        _read_payload(whole, payload, True, "delta", 1 << 20)
+        read_payload(whole, payload, True, "delta", 1 << 20)
     events = [_typed(payload) if typed else Chunk(payload) for payload in payloads]
     reader = _stream_reader(asked)
     _feed(reader, [events] if split == "one batch" else [[event] for event in events])
@@ -221,7 +223,8 @@ def test_stream_quality_keeps_only_the_text_the_checks_need_and_finds_what_readi
 
 def test_stream_quality_of_completions_reads_what_reading_all_finds() -> None:
     """A completions stream (the text in `text`, no `delta`): the same counts as reading every chunk."""
-    from gateway.telemetry.quality import _read_payload, _StreamQuality, chat_asked, signals_for
+    from gateway.telemetry.quality import chat_asked, signals_for
+    from gateway.telemetry.quality_reading import StreamQuality, read_payload
 
     nothing = chat_asked({})
 
@@ -232,9 +235,9 @@ def test_stream_quality_of_completions_reads_what_reading_all_finds() -> None:
         payloads = [chunk(text) for text in texts] + [chunk("", finish)]
         whole = Answer()
         for payload in payloads:
-            _read_payload(whole, payload, False, "_", 1 << 20)
+            read_payload(whole, payload, False, "_", 1 << 20)
         for make in (Chunk, _typed):
-            reader = _StreamQuality(SimpleNamespace(limit=1 << 20), nothing, False)  # type: ignore[arg-type]
+            reader = StreamQuality(SimpleNamespace(limit=1 << 20), nothing, False)  # type: ignore[arg-type]
             ctx = SimpleNamespace(endpoint=Endpoint.COMPLETIONS)
             reader.look(ctx, [make(payload) for payload in payloads])  # type: ignore[arg-type]
             reader._read(ctx)  # type: ignore[arg-type]
@@ -471,7 +474,7 @@ _ANSWERS = [  # complete answers: common, truncated, a tool call, a refusal fiel
     b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}]}',
     b'{"choices":[{"index":"0","message":{"content":"x"},"finish_reason":7}]}',
     b'{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
-    # the common answer's shortcut (`_plain_finish`) and the answers it leaves to the full read
+    # the common answer's shortcut (`plain_finish`) and the answers it leaves to the full read
     b'{"choices":[{"index":0,"message":{"content":"Hello there, and so on"},"finish_reason":"length"}]}',
     b'{"choices":[{"index":0,"message":{"content":"Hello","refusal":null,"tool_calls":[]},"finish_reason":"odd"}]}',
     b'{"choices":[{"index":0,"message":{"content":"I am sorry, I cannot help"},"finish_reason":"stop"}]}',

@@ -1,0 +1,203 @@
+"""Reading answers for the quality signals: a complete answer's choices, and a stream's chunks as they pass
+(`StreamQuality`), into an `Answer` that `quality.signals_for` then judges.
+
+Only the fields the checks read are decoded (the rest is skipped by msgspec, much faster than a whole
+dict); an answer whose fields have other types than OpenAI's is read the slow way, as a dict.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from ..pipeline.streams import StreamEnd
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import Chunk, StreamEvent
+from ..schemas.openai import ChoicePeek, ChoicesPeek
+from .answers import Answer, Asked
+from .refusals import REFUSAL_HEAD_CHARS, cannot_become_refusal
+
+if TYPE_CHECKING:
+    from ..pipeline.context import RequestContext
+    from .quality import QualitySignals
+
+__all__ = ["JSON_KINDS", "StreamQuality", "plain_finish", "read_choice", "read_payload", "read_typed"]
+
+_decode = msgspec.json.Decoder().decode
+_decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
+_decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
+JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is checked
+_BATCH = 256  # stream chunks held before they are read
+
+
+def read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
+    if not isinstance(choice, dict):
+        return
+    reason = choice.get("finish_reason")
+    if isinstance(reason, str):
+        answer.finish_reasons.append(reason)
+    if choice.get("index", 0) != 0:
+        return
+    if isinstance(choice.get("text"), str):  # completions
+        answer.add_text(choice["text"], limit)
+    message = choice.get(delta_key)
+    if not isinstance(message, dict):
+        return
+    if isinstance(message.get("content"), str):
+        answer.add_text(message["content"], limit)
+    if message.get("refusal"):
+        answer.refusal = True
+    for position, call in enumerate(message.get("tool_calls") or ()):
+        if not isinstance(call, dict):
+            continue
+        index = call.get("index", position)
+        parts = answer.tool_calls.setdefault(index if isinstance(index, int) else position, [""])
+        function = call.get("function")
+        if isinstance(function, dict):
+            if isinstance(function.get("name"), str):
+                parts[0] += function["name"]
+            if isinstance(function.get("arguments"), str):
+                parts.append(function["arguments"])
+
+
+def read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, limit: int) -> None:
+    """`read_choice` for the typed view (the same rules, on msgspec structs)."""
+    for choice in choices or ():
+        if choice.finish_reason is not None:
+            answer.finish_reasons.append(choice.finish_reason)
+        if choice.index != 0:
+            continue
+        if choice.text is not None:
+            answer.add_text(choice.text, limit)
+        message = (choice.message if choice.message is not None else choice.delta) if chat else None
+        if message is None:
+            continue
+        if message.content is not None:
+            answer.add_text(message.content, limit)
+        if message.refusal:
+            answer.refusal = True
+        for position, call in enumerate(message.tool_calls or ()):
+            parts = answer.tool_calls.setdefault(call.index if call.index is not None else position, [""])
+            if call.function is not None:
+                if call.function.name is not None:
+                    parts[0] += call.function.name
+                if call.function.arguments is not None:
+                    parts.append(call.function.arguments)
+
+
+def plain_finish(choice: ChoicePeek) -> str | None:
+    """The finish reason of a chat answer's only choice when nothing else in it can fail a check (what
+    `signals_for` then finds: `truncated` for `length`, nothing else): text that cannot be a refusal (so not
+    empty either), no tool calls, no refusal field. None: the answer is read in full (`read_typed`), as is one
+    whose request asked for JSON or offered tools (not passed here)."""
+    message = choice.message
+    if (message is None or choice.index != 0 or choice.text is not None or message.tool_calls
+            or message.refusal or choice.finish_reason is None):
+        return None
+    content = message.content
+    return choice.finish_reason if content and cannot_become_refusal(content) else None
+
+
+def read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:
+    """Read one body or chunk: only the fields the checks need, or, for unusual types, its whole dict."""
+    try:
+        read_typed(answer, _decode_choices(payload).choices, chat, limit)
+        return
+    except msgspec.ValidationError:
+        decoded = _decode(payload)  # the dict reader skips what it cannot use
+    for choice in decoded.get("choices") or () if isinstance(decoded, dict) else ():
+        read_choice(answer, choice, delta_key, limit)
+
+
+class StreamQuality:
+    """Reads a stream's chunks: the common one (one choice, text only) in line, from the choices the provider
+    decoded (`ctx.read_choices`); others' payloads kept (references, no copies) and read in batches: at most
+    `_BATCH` held, all of a batch decoded in one call, the last ones at the end. Counts a finished stream.
+
+    Once later text cannot change a verdict (`settled`: no JSON asked, and the text's first word character
+    opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
+    chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
+
+    __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "settled", "stage")
+    reads_events = True
+    looks_only = True  # never changes a batch: the edge may show it batches directly (`pipeline.streams`)
+
+    def __init__(self, stage: QualitySignals, asked: Asked, chat: bool) -> None:
+        self.stage = stage
+        self.asked = asked
+        self.chat = chat  # a chat stream (else completions: no `delta`, the text in `text`)
+        self.limit = stage.limit
+        self.json = asked.json_kind in JSON_KINDS  # the whole text is checked
+        self.answer = Answer()
+        self.payloads: list[bytes] = []
+        self.settled = False
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        self.look(ctx, events)
+        return events
+
+    def look(self, ctx: RequestContext, events: list[StreamEvent]) -> None:
+        answer = self.answer
+        chat = self.chat
+        for event in events:
+            if event.__class__ is not Chunk:
+                continue
+            choices = event.choices
+            if choices is None:
+                self.payloads.append(event.payload)
+                continue
+            if self.payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
+                self._read(ctx)
+            # The common chunk, read in line (this runs for every chunk): one choice, text only.
+            if len(choices) == 1 and chat:
+                choice = choices[0]
+                delta = choice.delta
+                if (delta is not None and choice.finish_reason is None and choice.index == 0 and choice.text is None
+                        and delta.tool_calls is None and delta.refusal is None):
+                    if not self.settled:
+                        text = delta.content
+                        if text:  # an empty text (the first chunk's, often) changes no verdict
+                            answer.add_text(text, self.limit)
+                            self.settled = self._settles()
+                    continue
+            read_typed(answer, choices, chat, self.limit)
+        if len(self.payloads) >= _BATCH:
+            self._read(ctx)
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        if end.outcome == "done":
+            if self.payloads:
+                self._read(ctx)
+            self.stage.count(ctx, self.answer, self.asked)
+
+    def _settles(self) -> bool:
+        """Whether the text read so far is all the checks need of it."""
+        answer = self.answer
+        if answer.overflow:
+            return True
+        if self.json or not answer.text:
+            return False
+        text = "".join(answer.text)
+        return cannot_become_refusal(text) or (len(text) >= REFUSAL_HEAD_CHARS
+                                               and not text[:REFUSAL_HEAD_CHARS].isspace())
+
+    def _read(self, ctx: RequestContext) -> None:
+        payloads, self.payloads = self.payloads, []
+        if not payloads:
+            return
+        chat = ctx.endpoint is Endpoint.CHAT
+        limit = self.stage.limit
+        try:  # decoded whole before any is read: a failure leaves the answer as it was
+            chunks = _decode_batch(b"[" + b",".join(payloads) + b"]")
+        except (msgspec.DecodeError, msgspec.ValidationError):
+            chunks = None  # one odd chunk: read them one by one (a malformed one is skipped)
+        if chunks is not None:
+            for chunk in chunks:
+                read_typed(self.answer, chunk.choices, chat, limit)
+            return
+        for payload in payloads:
+            try:
+                read_payload(self.answer, payload, chat, "delta" if chat else "_", limit)
+            except msgspec.DecodeError:
+                continue

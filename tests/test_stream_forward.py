@@ -17,7 +17,7 @@ import httpx
 import pytest
 
 from gateway.api.sse import frame
-from gateway.providers.openai_compat import _OpenAIStream, _peek_chunk, _peek_chunk_choices
+from gateway.providers.openai_stream import OpenAIStream, _peek_chunk, _peek_chunk_choices
 from gateway.schemas.events import Chunk, StreamEvent
 from gateway.upstream.handler import install
 from tests.conftest import FULL_KEY, RunningGateway, policy_text
@@ -70,7 +70,7 @@ async def _serve(events: list[bytes], end: str) -> tuple[asyncio.AbstractServer,
     return server, server.sockets[0].getsockname()[1]
 
 
-async def _read(stream: _OpenAIStream, sink: Callable[[list[StreamEvent]], bool] | None) -> tuple[list[bytes], int]:
+async def _read(stream: OpenAIStream, sink: Callable[[list[StreamEvent]], bool] | None) -> tuple[list[bytes], int]:
     """The edge's polling loop (`api.proxy`): the frames written, in order, and how often the reader's task resumed."""
     ready, wait = stream.reads()
     if sink is not None:
@@ -101,11 +101,11 @@ def _short_path_session() -> aiohttp.ClientSession:
     return aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None))
 
 
-async def _stream(session: aiohttp.ClientSession, port: int, idle_s: float) -> _OpenAIStream:
+async def _stream(session: aiohttp.ClientSession, port: int, idle_s: float) -> OpenAIStream:
     response = await session.post(f"http://127.0.0.1:{port}/", data=b"{}")
     provider = SimpleNamespace(name="p", sanitize=str, release=lambda: None, stream_usage_expected=True)
     loop = asyncio.get_running_loop()
-    return _OpenAIStream(provider, response, loop.time() + 60, True, idle_s)  # type: ignore[arg-type]
+    return OpenAIStream(provider, response, loop.time() + 60, True, idle_s)  # type: ignore[arg-type]
 
 
 @pytest.mark.parametrize("end", ["done", "cut", "stall"])
@@ -209,21 +209,21 @@ def test_the_edge_writes_a_slow_stream_from_the_connection_read(
     """Through the gateway, a slow stream's chunks are written by the sink from the upstream connection's read
     (the edge's `reads(sink)`), and the client gets the bytes it gets when every chunk wakes the request's task."""
     pumped: list[bool] = []
-    pump = _OpenAIStream._pump
+    pump = OpenAIStream._pump
 
-    def counted(self: _OpenAIStream) -> bool:
+    def counted(self: OpenAIStream) -> bool:
         took = pump(self)
         pumped.append(took)
         return took
 
-    monkeypatch.setattr(_OpenAIStream, "_pump", counted)
+    monkeypatch.setattr(OpenAIStream, "_pump", counted)
     paced = policy_text(upstream.base_url).replace("model: fault-slow-stream-250}", "model: fault-slow-stream-5}")
     gateway = make_gateway(paced)
     forwarded = _raw_stream(gateway, "fault-slow-stream-250")
     assert forwarded.count(b"data: ") > 40 and forwarded.endswith(b"data: [DONE]\n\n")
     assert pumped.count(True) > 25  # most of the 50 paced chunks never woke the task
     pumped.clear()
-    monkeypatch.setattr(_OpenAIStream, "forward", lambda self, sink: False)
+    monkeypatch.setattr(OpenAIStream, "forward", lambda self, sink: False)
     assert _raw_stream(gateway, "fault-slow-stream-250") == forwarded
     assert not pumped
 

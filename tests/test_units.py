@@ -206,7 +206,7 @@ def test_the_typed_request_is_kept_beside_the_forwarded_body() -> None:
 def test_the_gateways_own_null_usage_is_stripped_and_nothing_else(payload: bytes, expected: bytes) -> None:
     import json
 
-    from gateway.providers.openai_compat import strip_null_usage
+    from gateway.providers.openai_stream import strip_null_usage
 
     stripped = strip_null_usage(payload)
     assert stripped == expected
@@ -216,10 +216,10 @@ def test_the_gateways_own_null_usage_is_stripped_and_nothing_else(payload: bytes
 def _openai_events(payloads: list[bytes], asked_for_usage: bool = True, read_choices: bool = False) -> Any:
     from types import SimpleNamespace
 
-    from gateway.providers.openai_compat import _OpenAIStream
+    from gateway.providers.openai_stream import OpenAIStream
 
     provider = SimpleNamespace(name="p", sanitize=str, release=lambda: None)
-    stream = _OpenAIStream(provider, None, 0.0, asked_for_usage, 1.0, read_choices)  # type: ignore[arg-type]
+    stream = OpenAIStream(provider, None, 0.0, asked_for_usage, 1.0, read_choices)  # type: ignore[arg-type]
     events, finished = stream._events(payloads)
     return events, finished, stream._saw_usage
 

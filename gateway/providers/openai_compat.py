@@ -4,15 +4,14 @@ The request is the client's own body with `model` rewritten, so nothing is lost
 in translation. This module adds the discipline around it: a bounded wait for a
 pooled connection, per-phase timeouts, mapping of upstream statuses to the
 gateway's errors with sanitized messages, usage read from the answer, and streams
-turned into typed events as they arrive, their bytes untouched unless the gateway
-itself changed what the upstream sends (the usage it asked for).
+turned into typed events as they arrive (`openai_stream`), their bytes untouched
+unless the gateway itself changed what the upstream sends (the usage it asked for).
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
@@ -30,15 +29,13 @@ from ..errors import (
 from ..policy.compiled import ProviderConfig
 from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
-from ..schemas.events import DONE, Chunk, EventSource, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, UsageChoicesPeek, UsagePeek, has_choices
+from ..schemas.events import EventSource
+from ..schemas.openai import UsageChoicesPeek, UsagePeek
 from ..schemas.responses import ResponsesPeek, responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
-from ..upstream.read_timer import ReadTimer
-from ..upstream.sse import DONE as DONE_PAYLOAD
-from ..upstream.sse import SSEDecoder
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
 from .deadline import deadline_in
+from .openai_stream import OpenAIStream
 from .streaming import ResponsesEvents, TranslatedStream
 
 __all__ = ["OpenAICompatProvider", "status_error"]
@@ -49,25 +46,11 @@ _encode = msgspec.json.Encoder().encode
 _RESPONSES = Endpoint.RESPONSES
 _peek_usage = msgspec.json.Decoder(UsagePeek).decode
 _peek_usage_choices = msgspec.json.Decoder(UsageChoicesPeek).decode  # when a stage reads the answer's text
-_peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
-_peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
 
 
-def _peek_or_none(payload: bytes) -> tuple[ChunkPeek | None, bool]:
-    """The chunk as `_peek_chunk` reads it (its choices left raw) and whether usage rides on a content chunk,
-    or (None, False) when even that fails (as it does when no stage reads the choices)."""
-    try:
-        peek: ChunkPeek = _peek_chunk(payload)
-        return peek, peek.usage is not None and has_choices(peek.choices)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None, False
 _peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
-# The `"usage": null` an upstream adds to every chunk once asked for usage. A JSON key
-# cannot occur inside a string unescaped, so this never matches content text.
-_NULL_USAGE_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
-_NULL_USAGE_FIRST = re.compile(rb'"usage"\s*:\s*null\s*,\s*')
 # How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
 _CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|prompt is too long", re.IGNORECASE)
 
@@ -103,7 +86,7 @@ class OpenAICompatProvider:
         body = call.body
         if self._asks_for_usage(call):
             # Ask for the usage chunk so that accounting has real figures; the stream undoes
-            # every trace of this request before the client sees it (see `_OpenAIStream`).
+            # every trace of this request before the client sees it (see `OpenAIStream`).
             options = body.get("stream_options")
             body = {**body, "stream_options": {**(options if isinstance(options, dict) else {}), "include_usage": True}}
         return _encode(body)
@@ -225,7 +208,7 @@ class OpenAICompatProvider:
         """The started stream's events (here: OpenAI's chunks, or the Responses API's events)."""
         if call.endpoint is _RESPONSES:
             return TranslatedStream(self, response, deadline, idle_s, ResponsesEvents(self))
-        return _OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s, call.read_choices)
+        return OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s, call.read_choices)
 
     def release(self) -> None:
         """Give back the connection permit a started stream held."""
@@ -281,217 +264,3 @@ def status_error(
 
 def _safe_retry_after(value: str) -> bool:
     return len(value) <= 40 and (value.isdigit() or value[:3].isalpha())
-
-
-_COMPACT_NULL_USAGE = b',"usage":null}'
-_COMPACT_CUT = -len(_COMPACT_NULL_USAGE)
-
-
-def strip_null_usage(payload: bytes) -> bytes:
-    """Remove the top-level `"usage": null` that the gateway's own usage request added."""
-    if payload.endswith(_COMPACT_NULL_USAGE):  # OpenAI's own compact form, last key: the common case
-        return payload[:_COMPACT_CUT] + b"}"
-    stripped, count = _NULL_USAGE_AFTER.subn(b"", payload, count=1)
-    return stripped if count else _NULL_USAGE_FIRST.sub(b"", payload, count=1)
-
-
-def _unobserved(batch: list[StreamEvent]) -> None:
-    """No one observes the stream's batches (see `_OpenAIStream.observe`)."""
-
-
-class _OpenAIStream:
-    """A started OpenAI SSE stream, as batches of typed events (see `EventSource`).
-
-    Two ways to read it: iterate it (an async generator, for consumers that rewrite events), or,
-    once observed, poll it (`reads()`: `ready()` hands over the next batch when the upstream's bytes
-    are there, else None, and the reader awaits the body's `wait()` before asking again). The edge
-    polls it when no stage rewrites events: on a slow stream the task then resumes through no
-    generator frame on every event (about 1,500 instructions an event). A poller may also `forward` the
-    batches to a sink that writes them from the upstream connection's read, its task left asleep."""
-
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s", "_observer",
-                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_sink", "_timer")
-
-    def __init__(
-        self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
-        asked_for_usage: bool, idle_s: float, read_choices: bool = False,
-    ) -> None:
-        self._read_choices = read_choices
-        self._peek: Any = _peek_chunk_choices if read_choices else _peek_chunk
-        self._idle_s = idle_s
-        self._provider = provider
-        self._response = response
-        self._deadline = deadline
-        self._asked_for_usage = asked_for_usage
-        self._closed = False
-        self._finished = False  # the batch that ends the stream was handed over
-        self._saw_usage = False
-        self._timer: ReadTimer | None = None
-        self._decoder = SSEDecoder()
-        self._observer: Callable[[list[StreamEvent]], None] = _unobserved
-        self._held: list[StreamEvent] | None = None  # a batch the sink declined: `ready()` hands it over first
-        self._sink: Callable[[list[StreamEvent]], bool] | None = None
-
-    def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
-        return self._batches()
-
-    def observe(self, observer: Callable[[list[StreamEvent]], None]) -> None:
-        """Show `observer` every batch before it is handed over (`pipeline.streams.ReplyStream` then lets the
-        edge read this stream directly). Every stream ends with a batch that ends with a `StreamDone` or a
-        `StreamError`."""
-        self._observer = observer
-
-    def reads(self) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]]:
-        """(`ready`, `wait`) for reading this stream without iterating it: `ready()` is the next batch, None
-        when the upstream's next bytes have not come yet (await `wait()`, then ask again), or [] once the
-        batch that ends the stream was handed over. `aclose()` when done, as after iterating.
-
-        `wait()` is `ReadTimer.wait`: it may fail with the upstream's failure, which the next `ready()` turns
-        into the stream's last batch (a `StreamError`): a reader ignores the failure of the wait itself."""
-        return self.ready, self._start().wait
-
-    def forward(self, sink: Callable[[list[StreamEvent]], bool]) -> bool:
-        """While the reader of `reads()` waits, hand each batch to `sink` as soon as its bytes arrive, from the
-        connection's read itself (`ReadTimer.pump`): True from `sink` means it wrote the batch, and the reader
-        waits on, its task not resumed; a batch `sink` declines (False, e.g. the last one) ends the wait, and
-        `ready()` hands it over next. False: not on this connection (every batch goes through `ready()`)."""
-        if self._timer is None or not self._timer.pump(self._pump):
-            return False
-        self._sink = sink
-        return True
-
-    def _pump(self) -> bool:
-        """The connection read bytes while the reader waits: whether their events were all written by the sink."""
-        if self._finished or self._held is not None or self._sink is None:
-            return False
-        batch = self.ready()
-        if batch:
-            self._held = batch
-            if self._finished or not self._sink(batch):
-                return False
-            self._held = None
-        elif batch is not None:
-            return False
-        self._timer.waits_on()  # type: ignore[union-attr]  # set by `forward`
-        return True
-
-    async def aclose(self) -> None:
-        if not self._closed:
-            self._closed = True
-            self._sink = None
-            self._observer = _unobserved  # it is usually the ReplyStream that holds this stream: no cycle left
-            if self._timer is not None:
-                self._timer.stop()
-            self._response.close()
-            self._provider.release()
-
-    def _start(self) -> ReadTimer:
-        timer = self._timer
-        if timer is None:
-            timer = self._timer = ReadTimer(self._response.content, self._deadline, self._idle_s)
-        return timer
-
-    async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
-        wait = self._start().wait
-        try:
-            while True:
-                batch = self.ready()
-                while batch is None:
-                    waiting = wait()
-                    try:
-                        await waiting
-                    except Exception:  # noqa: BLE001 -- the read failed: `ready()` ends the stream with it
-                        pass
-                    batch = self.ready()
-                if not batch:
-                    return
-                yield batch
-                del batch  # nothing of this read is kept while the next one waits
-        finally:
-            await self.aclose()
-
-    def ready(self) -> list[StreamEvent] | None:
-        """The next batch of events (shown to the observer first), None when there is none yet, [] after the
-        last. Never raises for the upstream's failures: they end the stream with a `StreamError` batch."""
-        held = self._held
-        if held is not None:
-            self._held = None
-            return held
-        if self._finished:
-            return []
-        timer = self._timer
-        assert timer is not None, "reads() or iterating starts the stream"
-        while True:
-            try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
-                data = timer.ready()
-            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                return self._last([StreamError(transport_error(exc, self._provider.name, "mid-stream"))])
-            if data is None:
-                return None
-            try:
-                payloads = self._decoder.feed(data) if data else self._decoder.flush()
-            except ValueError as exc:
-                return self._last([self._fail(f"sent an invalid stream: {exc}")])
-            events, finished = self._events(payloads)
-            if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
-                events.append(DONE)
-                finished = True
-            if finished:
-                if self._asked_for_usage and not self._saw_usage:
-                    self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
-                return self._last(events)
-            if events:
-                self._observer(events)
-                return events
-            # bytes without a whole event: read on (None when nothing more has come)
-
-    def _last(self, events: list[StreamEvent]) -> list[StreamEvent]:
-        """The batch that ends the stream: shown to the observer, and the last one handed over."""
-        self._finished = True
-        self._observer(events)
-        return events
-
-    def _events(self, payloads: list[bytes]) -> tuple[list[StreamEvent], bool]:
-        """The events for these SSE payloads, and whether the stream is over."""
-        events: list[StreamEvent] = []
-        hide = self._asked_for_usage
-        read = self._read_choices
-        for payload in payloads:
-            if payload == DONE_PAYLOAD:
-                events.append(DONE)
-                return events, True
-            typed = read
-            try:  # every event is checked: a malformed one ends the stream cleanly (~0.5 us)
-                peek = self._peek(payload)
-                riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                # choices a reader cannot type (`"content": 5`) pass as they do when no stage reads them
-                peek, riding = _peek_or_none(payload) if read else (None, False)
-                if peek is None:
-                    events.append(self._fail("sent a malformed stream event"))
-                    return events, True
-                typed = False
-            if peek.error is not None:
-                detail = self._provider.sanitize(peek.error.message)
-                events.append(self._fail(f"failed mid-stream: {detail}"))
-                return events, True
-            if peek.usage is not None:
-                self._saw_usage = True
-                if riding:
-                    events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
-                    events.append(UsageReport(peek.usage))
-                else:
-                    events.append(UsageReport(peek.usage, payload))
-                continue
-            if hide:
-                if payload[_COMPACT_CUT:] == _COMPACT_NULL_USAGE:  # the common case, without a call (strip_null_usage;
-                    # a slice compared, not `endswith`: see upstream/sse.py)
-                    payload = payload[:_COMPACT_CUT] + b"}"
-                elif payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
-                    payload = strip_null_usage(payload)
-            events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
-        return events, False
-
-    def _fail(self, what: str) -> StreamError:
-        return StreamError(UpstreamError(f"upstream `{self._provider.name}` {what}"))
-

@@ -168,7 +168,9 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
 
 
 def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None, workers: int) -> int:
-    policy_path = policy_path.resolve()
+    # Absolute, not resolved: a ConfigMap's file is a symlink through `..data` into a timestamped folder that the
+    # kubelet deletes on the next update; the path as given is the one that keeps naming the current policy.
+    policy_path = policy_path.absolute()
     metrics_dir = None
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")

@@ -166,6 +166,51 @@ def test_two_workers_reload_to_the_same_version_on_a_file_change_sighup_and_the_
         assert server.poll() is None
 
 
+def _configmap_version(volume: Path, stamp: str, text: str) -> None:
+    """What the kubelet does to a mounted ConfigMap: the files in a new timestamped folder, `..data` swapped to it
+    in one rename, the old folder deleted; `gateway.yaml` itself is a symlink through `..data`."""
+    folder = volume / f"..{stamp}"
+    folder.mkdir()
+    (folder / "gateway.yaml").write_text(text)
+    old = (volume / "..data").resolve() if (volume / "..data").exists() else None
+    (volume / "..data_tmp").symlink_to(folder.name)
+    (volume / "..data_tmp").rename(volume / "..data")
+    if old is not None:
+        for file in old.iterdir():
+            file.unlink()
+        old.rmdir()
+    if not (volume / "gateway.yaml").is_symlink():
+        (volume / "gateway.yaml").symlink_to("..data/gateway.yaml")
+
+
+def test_a_configmap_update_in_place_is_reloaded_by_the_watcher_and_by_sighup(tmp_path: Path) -> None:
+    """Served from a ConfigMap-like volume (symlinks through `..data`), the gateway watches the path it was
+    given, not the timestamped folder behind it, which the kubelet deletes on every update."""
+    port = free_port()
+    volume = tmp_path / "policies"
+    volume.mkdir()
+    text = demo_policy(port, watch_interval_s=0.2)
+    _configmap_version(volume, "2026_12_04_01", text)
+    with serving(volume / "gateway.yaml", port) as server:
+        first = versions_seen(port, 1)
+        _configmap_version(volume, "2026_12_04_02", text + "# changed\n")
+        assert wait_for(lambda: versions_seen(port, 1) != first)
+        with httpx.Client(timeout=5) as client:
+            ready = client.get(f"http://127.0.0.1:{port}/readyz").json()
+        assert ready["last_reload"]["result"] == "ok"
+        second = versions_seen(port, 1)
+        off = text.replace("watch_interval_s: 0.2", "watch_policy: false")
+        _configmap_version(volume, "2026_12_04_03", off)
+        assert wait_for(lambda: versions_seen(port, 1) not in (first, second))
+        third = versions_seen(port, 1)
+        _configmap_version(volume, "2026_12_04_04", off + "# by SIGHUP\n")
+        server.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: versions_seen(port, 1) != third)
+        with httpx.Client(timeout=5) as client:
+            assert client.get(f"http://127.0.0.1:{port}/readyz").json()["last_reload"]["result"] == "ok"
+        assert chat(port).status_code == 200
+
+
 def test_serve_refuses_a_network_address_with_no_keys_in_front_of_a_real_provider(tmp_path: Path) -> None:
     policy = tmp_path / "open.yaml"
     policy.write_text(textwrap.dedent("""\

@@ -431,6 +431,24 @@ async def test_memory_store_bounds_cache_entries_by_bytes_and_spares_other_keys(
         StoreConfig(max_bytes=0)
 
 
+async def test_memory_store_evicts_cache_entries_before_counters_at_its_key_bound() -> None:
+    """Many small cache entries reach `max_entries` before `max_bytes`: they give way to each other, never to a
+    budget's spend or a window's count, however long those have been idle."""
+    store = MemoryStore(StoreConfig(max_entries=4, max_bytes=1_000_000, bytes_prefix="cache:"))
+    await store.reserve("budget:tenant", 2.5, 10.0, None)
+    await store.set("keys:record", b"{}")
+    for n in range(10):
+        await store.set(f"cache:{n}", b"x")
+    assert len(store) == 4 and store.evictions == 8
+    assert await store.get("keys:record") == b"{}" and await store.get("budget:tenant") is not None
+    assert [await store.get(f"cache:{n}") for n in (8, 9)] == [b"x", b"x"]
+    await store.set("other", b"1")  # with no cache entry left to drop, the least recently used key goes
+    await store.set("more", b"1")
+    await store.set("again", b"1")
+    assert len(store) == 4 and await store.get("keys:record") is None and store.evictions == 11
+    await store.aclose()
+
+
 
 async def test_counters_read_and_write_like_values_on_both_sides(store: Store) -> None:
     """Counters set as bytes count on; counted ones read back as ASCII digits, and compare as such."""

@@ -62,7 +62,8 @@ class StoreConfig:
     backoff_max_s: float = 2.0
     """The probe interval doubles while Redis stays down, up to this; recovery is noticed within it."""
     max_entries: int = 100_000
-    """Memory backend: keys kept at most (least recently used evicted first), so memory stays bounded."""
+    """Memory backend: keys kept at most (least recently used evicted first, cache entries under `bytes_prefix`
+    before any other key when `max_bytes` is set), so memory stays bounded."""
     channel_buffer: int = 1_000
     """Messages buffered per subscriber; when a slow subscriber falls behind, the oldest are dropped."""
     max_bytes: int | None = None

@@ -2,8 +2,9 @@
 
 Operations never await while they read and write, so each one is atomic on the event loop without locks.
 Every structure is bounded: keys by `max_entries` (least recently used evicted first, like Redis's
-`allkeys-lru`), cache entries (keys under `bytes_prefix`) also by `max_bytes` in all, expired keys by lazy
-expiry plus a periodic sweep, subscriber buffers by `channel_buffer`.
+`allkeys-lru`, except that cache entries go before any other key), cache entries (keys under `bytes_prefix`)
+also by `max_bytes` in all, expired keys by lazy expiry plus a periodic sweep, subscriber buffers by
+`channel_buffer`.
 Values are kept as bytes; counters as Python integers (read back as ASCII digits, exactly what Redis
 returns for them), so that counting needs no parsing and formatting per operation.
 """
@@ -390,8 +391,9 @@ class MemoryStore:
             self._sized[key] = len(value)
             while self.bytes > limit and self._sized:
                 self._evict(next(iter(self._sized)))
-        while len(self._data) > self._config.max_entries:
-            self._evict(next(iter(self._data)))
+        while len(self._data) > self._config.max_entries:  # cache entries go first: they can be made again,
+            sized = self._sized  # a counter (a budget's spend, a window's count) cannot
+            self._evict(next(iter(sized)) if sized else next(iter(self._data)))
 
     def _evict(self, key: str) -> None:
         self._drop(key)

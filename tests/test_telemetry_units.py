@@ -644,3 +644,16 @@ def test_json_lines_handler_on_a_new_loop_times_its_writes_again() -> None:
     asyncio.run(more_lines())
     text = stream.getvalue()
     assert text.startswith('{"first":1}\n') and text.endswith('{"last":1}\n')
+
+
+def test_policy_info_keeps_the_sixteen_versions_served_last_before_this_one() -> None:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from gateway.telemetry.metrics import Metrics
+
+    metrics = Metrics()
+    for version in [f"v{n}" for n in range(40)] + ["v30"]:  # v30 served again: the newest now
+        metrics.serving(version)
+    family = next(f for f in text_string_to_metric_families(metrics.render().decode()) if f.name == "gateway_policy_info")
+    kept = {sample.labels["version"]: sample.value for sample in family.samples}
+    assert kept == {**{f"v{n}": 0.0 for n in range(23, 40) if n != 30}, "v30": 1.0}

@@ -41,6 +41,7 @@ _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 
 _OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 300)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
+_EARLIER_VERSIONS = 16  # policy versions served before this one whose `gateway_policy_info` series are kept
 _SCORE_BUCKETS = (0, 0.25, 0.5, 0.75, 1)  # non-negative: prometheus_client drops `_sum` otherwise
 
 # The HTTP server belongs to the process, not to one gateway: what it refuses before a request
@@ -300,7 +301,7 @@ class Metrics:
             registry=registry, multiprocess_mode="livesum",
         )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], RequestSeries] = {}
-        self._versions: set[str] = set()
+        self._versions: dict[str, None] = {}  # the versions served, oldest first (a dict keeps their order)
         self._shadow_metrics(registry)
 
     # ConnectionGate's observer (upstream/client.py)
@@ -311,14 +312,16 @@ class Metrics:
         self.pool_timeouts.labels(provider).inc()
 
     def serving(self, version: str) -> None:
-        """Mark `version` as the policy being served; earlier versions drop to 0 (a bounded set)."""
-        for old in self._versions - {version}:
+        """Mark `version` as the policy being served; earlier versions drop to 0, and past the last 16 of them
+        the oldest series are removed (a bounded set over many reloads)."""
+        self._versions.pop(version, None)  # served again: the newest now
+        for old in self._versions:
             self.policy_info.labels(old).set(0)
-        if len(self._versions) > 16:  # keep the series count bounded over many reloads
-            for old in list(self._versions - {version})[: len(self._versions) - 16]:
-                self.policy_info.remove(old)
-                self._versions.discard(old)
-        self._versions.add(version)
+        while len(self._versions) > _EARLIER_VERSIONS:
+            oldest = next(iter(self._versions))
+            del self._versions[oldest]
+            self.policy_info.remove(oldest)
+        self._versions[version] = None
         self.policy_info.labels(version).set(1)
 
     def render(self) -> bytes:

@@ -26,6 +26,11 @@ else redis://127.0.0.1:6379/15, under a prefix of its own, dropped after).
 
     .venv/bin/python bench/instructions.py bare:bench-json:json telemetry:bench-json:json
 
+GATEWAY may also be `logged` (the metrics and the access log) or `quality` (the metrics and the quality
+signals): with `bare` and `main` they take issue 12's telemetry apart, one part against the next.
+
+    .venv/bin/python bench/instructions.py bare:bench-json:json main:bench-json:json logged:bench-json:json
+
 `--keep DIR` copies each spec's callgrind output to DIR (`callgrind_annotate --inclusive=yes FILE` tells
 where the instructions went; the Python code shows as the interpreter's C functions).
 
@@ -72,10 +77,14 @@ def policy_text(gateway: str, upstream_port: int, port: int, state: str = "") ->
         text = text.replace(name, value)
     if gateway == "telemetry":
         text = text.replace("server:\n", "server:\n  access_log: true\n", 1) + features.TELEMETRY_POLICY
+    elif gateway == "logged":  # the access log alone (the metrics on, as in `main`)
+        text = text.replace("server:\n", "server:\n  access_log: true\n", 1)
+    elif gateway == "quality":  # the quality signals alone (the metrics on, as in `main`)
+        text += features.TELEMETRY_POLICY
     elif gateway == "bare":
         text = text.replace("server:\n", "server:\n" + features.BARE_SERVER, 1)
     elif gateway != "main":
-        raise BenchError(f"unknown gateway {gateway!r} (main, telemetry or bare)")
+        raise BenchError(f"unknown gateway {gateway!r} (main, telemetry, logged, quality or bare)")
     return text
 
 

@@ -654,6 +654,7 @@ def test_policy_info_keeps_the_sixteen_versions_served_last_before_this_one() ->
     metrics = Metrics()
     for version in [f"v{n}" for n in range(40)] + ["v30"]:  # v30 served again: the newest now
         metrics.serving(version)
-    family = next(f for f in text_string_to_metric_families(metrics.render().decode()) if f.name == "gateway_policy_info")
+    families = text_string_to_metric_families(metrics.render().decode())
+    family = next(f for f in families if f.name == "gateway_policy_info")
     kept = {sample.labels["version"]: sample.value for sample in family.samples}
     assert kept == {**{f"v{n}": 0.0 for n in range(23, 40) if n != 30}, "v30": 1.0}

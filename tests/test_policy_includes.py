@@ -216,3 +216,41 @@ def test_a_new_file_in_an_included_folder_is_picked_up_by_reload(
         assert (status(KEY_A), status(KEY_B)) == (200, 200)
     finally:
         running.stop()
+
+
+def test_a_prices_file_is_hashed_watched_and_reloaded(
+    upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The prices file is part of the policy: editing it is a new version, which the watcher loads, and the
+    answers' cost follows it (`x-gateway-cost-usd`)."""
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    prices = write(tmp_path, "prices.yaml", "version: 1\nprices:\n  m: {input_per_mtok: 500000, output_per_mtok: 0}\n")
+    text = textwrap.dedent(f"""\
+        version: 1
+        prices_file: prices.yaml
+        server: {{watch_interval_s: 0.1}}
+        auth: none
+        providers:
+          mock: {{kind: openai, base_url: {upstream.base_url}, api_key_env: MOCK_UPSTREAM_KEY}}
+        models:
+          chat: {{provider: mock, model: m}}
+        """)
+    root = write(tmp_path, "gateway.yaml", text)
+    assert str(prices) in load_policy(root).watch
+    running = RunningGateway(text, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}, source=root).start()
+    try:
+        body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
+        first = httpx.post(running.base_url + "/chat/completions", json=body, timeout=10)
+        version, cost = first.headers["x-gateway-policy-version"], float(first.headers["x-gateway-cost-usd"])
+        assert cost > 0
+        time.sleep(0.05)
+        prices.write_text(prices.read_text().replace("input_per_mtok: 500000", "input_per_mtok: 1000000"))
+        deadline = time.monotonic() + 10
+        while running.gateway.runtime.policy.version == version and time.monotonic() < deadline:
+            time.sleep(0.05)
+        second = httpx.post(running.base_url + "/chat/completions", json=body, timeout=10)
+        assert second.headers["x-gateway-policy-version"] != version
+        assert float(second.headers["x-gateway-cost-usd"]) == pytest.approx(2 * cost)
+        assert running.gateway.last_reload is not None and running.gateway.last_reload["result"] == "ok"
+    finally:
+        running.stop()

@@ -13,7 +13,8 @@ the first match wins). Every other section (`server`, `state`, `auth`, `routing`
 may be written in one file only. `version` may be repeated.
 
 The policy's version is a content hash over every file (its path relative to the root file and its
-text), so a change to any included file is a new version; a single file keeps the hash of its text.
+text), the `prices_file` included, so a change to any of them is a new version (and the file watcher
+watches them all); a single file with no prices file keeps the hash of its text.
 """
 
 from __future__ import annotations
@@ -65,7 +66,23 @@ def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
     if doc.issues:
         raise PolicyError(doc.issues)
     files = tuple(file for file, _ in reader.texts)
-    return PolicyTree(doc, _version(reader.texts, Path(root).parent), files, files + tuple(sorted(reader.folders)))
+    hashed = reader.texts + _prices_file(doc.data, root)
+    watched = files + tuple(file for file, _ in hashed[len(reader.texts):]) + tuple(sorted(reader.folders))
+    return PolicyTree(doc, _version(hashed, Path(root).parent), files, watched)
+
+
+def _prices_file(data: Any, root: str) -> list[tuple[str, str]]:
+    """The `prices_file` (relative to the root file) with its text, for the version and the watch list: a price
+    change is a new policy version, which a reload then applies. Absent or unreadable: nothing (its errors are
+    reported where it is loaded, `accounting_check.load_prices_file`)."""
+    name = data.get("prices_file") if isinstance(data, dict) else None
+    if not isinstance(name, str) or not name:
+        return []
+    file = str(Path(root).parent / name)
+    try:
+        return [(file, Path(file).read_text(encoding="utf-8"))]
+    except (OSError, UnicodeDecodeError):
+        return []
 
 
 def _read(file: str, at: tuple[str, int] | None) -> str:

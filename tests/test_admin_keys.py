@@ -218,9 +218,13 @@ def test_malformed_requests_are_4xx_never_500(keyed: RunningGateway) -> None:
     _error(httpx.post(url, headers=ADMIN, content=b"[" * 100_000), 413)
     _error(httpx.post(url, headers=ADMIN, content=json.dumps({"tenant": "acme", "name": "x" * 300_000})), 413)
     _error(httpx.post(url, headers=ADMIN, content=b"{}" + b" " * 70_000), 413)
-    bad_queries = ({"limit": "0"}, {"limit": "lots"}, {"limit": "100000"}, {"tenant": "no spaces"}, {"after": "x" * 99})
+    bad_queries = ({"limit": "0"}, {"limit": "lots"}, {"limit": "100000"}, {"tenant": "no spaces"}, {"after": "x" * 99},
+                   {"after": "zzz"}, {"after": ""}, {"after": "vk_0"}, {"after": "vk_000000000000000g"},
+                   {"after": "VK_0000000000000000"})
     for query in bad_queries:
-        _error(httpx.get(url, headers=ADMIN, params=query), 400)
+        error = _error(httpx.get(url, headers=ADMIN, params=query), 400)
+        assert error["param"] == next(iter(query)) and error["type"] == "invalid_request_error"
+    assert httpx.get(url, headers=ADMIN, params={"after": "vk_" + "f" * 16}).json()["data"] == []
     for path in ("/vk_0000000000000000", "/..%2F..%2Fetc", "/" + "x" * 300):
         _error(httpx.get(url + path, headers=ADMIN), 404)
     made = create(keyed)
@@ -232,7 +236,10 @@ def test_malformed_requests_are_4xx_never_500(keyed: RunningGateway) -> None:
     create(keyed, name="taken")
     assert _error(httpx.post(url, headers=ADMIN, json={"tenant": "globex", "name": "taken"}), 409)["code"] == \
         "name_taken"
-    assert "gateway_admin_key_operations_total" in keyed.metrics()
+    metrics = keyed.metrics()
+    assert 'gateway_admin_key_operations_total{operation="create",status="413"} 3.0' in metrics
+    assert 'gateway_admin_key_operations_total{operation="list",status="400"}' in metrics
+    assert 'status="500"' not in metrics  # litestar's own errors are counted by their real status
 
 
 def test_unknown_and_junk_keys_are_401(keyed: RunningGateway) -> None:

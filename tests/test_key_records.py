@@ -18,11 +18,14 @@ from gateway.auth.keys import digest_of, generate_key
 from gateway.auth.records import (
     CorruptRecord,
     KeyRecord,
+    Revoked,
     decode_index,
     decode_record,
+    decode_stored,
     digest_key,
     encode_index,
     encode_record,
+    encode_revoked,
     is_key_id,
     looks_like_key,
     new_key_id,
@@ -68,6 +71,19 @@ def test_a_record_survives_the_codec_with_every_field() -> None:
 def test_unreadable_records_are_corrupt_not_crashes(raw: bytes) -> None:
     with pytest.raises(CorruptRecord):
         decode_record(raw)
+
+
+def test_a_revocation_marker_is_not_a_record() -> None:
+    record = _record(generate_key(), previous_digest=digest_of(generate_key()).hex(), previous_until=5_000.0)
+    marker = Revoked(revoked_at=2_000.0, id=record.id, digests=(record.digest, str(record.previous_digest)))
+    raw = encode_revoked(marker)
+    assert decode_stored(raw) == marker and decode_stored(encode_record(record)) == record
+    with pytest.raises(CorruptRecord):  # a reader that knows records only lets nobody in with it
+        decode_record(raw)
+    assert record.digest not in repr(marker)
+    for junk in (b"junk", b'{"revoked_at": 1, "id": "../x", "digests": []}', b'{"revoked_at": 1}'):
+        with pytest.raises(CorruptRecord):
+            decode_stored(junk)
 
 
 def test_the_index_codec() -> None:

@@ -17,9 +17,10 @@ from typing import Annotated, Any, TypeVar
 
 import msgspec
 from litestar import Request, Response, delete, get, post
+from litestar.exceptions import HTTPException
 from msgspec import Meta, Struct
 
-from ..auth.records import CorruptRecord, public_view
+from ..auth.records import CorruptRecord, is_key_id, public_view
 from ..auth.registry import KeyRegistry
 from ..errors import GatewayError, InvalidRequest, KeysUnavailable, NotFound
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
@@ -80,6 +81,9 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
         except GatewayError as exc:
             status = str(exc.status)
             raise
+        except HTTPException as exc:  # litestar's own, e.g. 413 from `request.body()`: its real status
+            status = str(exc.status_code)
+            raise
         except StoreUnavailable as exc:
             status = "503"
             raise KeysUnavailable("the key store cannot be reached; retry shortly", headers={"Retry-After": "1"}
@@ -117,8 +121,8 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
             limit = _limit(query.get("limit"))
             if tenant is not None and not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}", tenant):
                 raise InvalidRequest("tenant: not a tenant name", param="tenant")
-            if after is not None and len(after) > 64:
-                raise InvalidRequest("after: not a key id", param="after")
+            if after is not None and not is_key_id(after):
+                raise InvalidRequest("after: not a key id (`vk_` and 16 hex digits)", param="after")
             records, more = await keys.page(tenant, limit=limit, after=after)
             now = time.time()
             data = [public_view(record, now) for record in records]

@@ -9,7 +9,9 @@ costs what it always did. For a key it does reach:
 * a revocation or rotation is published on the store's `keys:changes` channel; every replica's
   listener drops that key from its cache when the message arrives, so the key stops working
   everywhere at once. Pub/sub is at most once: a replica that misses a message (Redis restarting,
-  a network cut) keeps trusting its cached entry until `cache_ttl_s` runs out, no longer;
+  a network cut) keeps trusting its cached entry until `cache_ttl_s` runs out and then asks the
+  store again; if the store cannot answer then, `on_unavailable` decides (below): with `open`, the
+  cached entry, revoked or not, keeps working until the store answers again;
 * a credential that does not have the shape of a generated key is refused without a store call,
   concurrent look-ups of one digest share one store call (single flight), and at most
   `max_lookups` store look-ups run at once per process, so a flood of invalid keys cannot turn
@@ -37,7 +39,8 @@ from .keys import VirtualKey, digest_of
 from .records import (
     CHANNEL,
     CorruptRecord,
-    decode_record,
+    KeyRecord,
+    decode_stored,
     digest_key,
     is_key_id,
     looks_like_key,
@@ -156,7 +159,9 @@ class DynamicKeys:
         key = None
         if raw is not None:
             try:
-                key = virtual_key(decode_record(raw), digest, self._wall(), self.static_names)
+                stored = decode_stored(raw)  # a revocation's marker opens nothing
+                if isinstance(stored, KeyRecord):
+                    key = virtual_key(stored, digest, self._wall(), self.static_names)
             except CorruptRecord as exc:
                 log.warning("unreadable key record %s: %s", key_id, exc)
         if epoch == self._epoch:  # nothing was revoked or rotated while we asked: safe to remember

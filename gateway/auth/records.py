@@ -4,7 +4,7 @@ Layout in the `Store` (each name under the store's own prefix):
 
 | store key | value |
 | --- | --- |
-| `keys:rec:<id>` | the `KeyRecord` (JSON): the one source of truth about a key |
+| `keys:rec:<id>` | the `KeyRecord` (JSON), the one source of truth about a key (a `Revoked` marker in a revocation) |
 | `keys:dig:<sha256 hex>` | the id whose secret hashes to this digest: the look-up index |
 | `keys:index` | `{id: [tenant, name]}` of every key, for listing and unique names |
 | channel `keys:changes` | the id of a key just revoked or rotated: every replica drops it from its cache |
@@ -13,6 +13,12 @@ A look-up follows the digest to an id and then checks the record itself: a diges
 behind by a revocation or rotation that failed half-way therefore lets nobody in, since the
 record no longer names that digest. The secret itself is never stored; the digest is
 SHA-256 of it (see `auth.keys` for why that is enough for a 256-bit random key).
+
+A revocation first swaps the record for a `Revoked` marker by compare-and-set (the store has no
+compare-and-delete), so that it and a concurrent rotation, which swaps the record the same way,
+cannot both succeed. The marker opens nothing and is neither shown nor listed; it names the
+digest pointers still to delete, so that a revocation interrupted half-way is finished by a retry.
+A reader that predates the marker cannot decode it as a record and so lets nobody in.
 """
 
 from __future__ import annotations
@@ -32,11 +38,14 @@ __all__ = [
     "INDEX",
     "CorruptRecord",
     "KeyRecord",
+    "Revoked",
     "decode_index",
     "decode_record",
+    "decode_stored",
     "digest_key",
     "encode_index",
     "encode_record",
+    "encode_revoked",
     "is_key_id",
     "looks_like_key",
     "new_key_id",
@@ -75,12 +84,25 @@ class KeyRecord(Struct, frozen=True, kw_only=True):
         return f"KeyRecord(id={self.id!r}, name={self.name!r}, tenant={self.tenant!r})"
 
 
+class Revoked(Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a revocation leaves in a record's place until it has finished (see the module's doc): the
+    key opens nothing from the moment it is written. `digests` are the pointers still to delete."""
+
+    revoked_at: float  # unix seconds
+    id: str
+    digests: tuple[_HEX, ...]
+
+    def __repr__(self) -> str:  # never print a digest
+        return f"Revoked(id={self.id!r})"
+
+
 class CorruptRecord(ValueError):
     """A stored value that is not a record this version can read (answered as an unknown key)."""
 
 
 _encode = msgspec.json.Encoder().encode
 _record_decoder = msgspec.json.Decoder(KeyRecord)
+_revoked_decoder = msgspec.json.Decoder(Revoked)
 _index_decoder = msgspec.json.Decoder(dict[str, tuple[str, str]])
 
 
@@ -96,6 +118,24 @@ def decode_record(raw: bytes) -> KeyRecord:
     if record.v != 1 or not _ID.match(record.id):
         raise CorruptRecord(f"unknown key record version {record.v} or id")
     return record
+
+
+def encode_revoked(marker: Revoked) -> bytes:
+    return _encode(marker)
+
+
+def decode_stored(raw: bytes) -> KeyRecord | Revoked:
+    """What a record's store key holds: the record, or the marker of a revocation under way."""
+    try:
+        return decode_record(raw)
+    except CorruptRecord as not_a_record:
+        try:
+            marker = _revoked_decoder.decode(raw)
+        except (msgspec.DecodeError, UnicodeDecodeError):
+            raise not_a_record from None
+        if not _ID.match(marker.id):
+            raise not_a_record from None
+        return marker
 
 
 def encode_index(index: dict[str, tuple[str, str]]) -> bytes:

@@ -6,12 +6,18 @@ revoked:
 
 * create writes the record, then claims its name in the index (compare-and-set), then the digest
   pointer: until the pointer exists, the key opens nothing; a record whose index claim failed is
-  deleted again;
-* revoke deletes the digest pointers and publishes the id first (the key stops working), then the
-  record and its index entry: a retry after a failure finds the record and finishes the job;
-* rotate writes the new pointer, then swaps the record by compare-and-set (a concurrent change
-  wins, this one answers 409), then removes or shortens the old pointer. A look-up always checks
-  the record itself, so a pointer left behind opens nothing.
+  deleted again. A name (or a place under `max_keys`) held in the index by a key whose record
+  the store has dropped since (expired past its retention, evicted) is reclaimed;
+* revoke swaps the record for a `Revoked` marker by compare-and-set (a concurrent change wins,
+  this one answers 409): from then on the key opens nothing. It then publishes the id and deletes
+  the digest pointers, the marker and the index entry: a retry after a failure finds the marker
+  and finishes the job;
+* rotate writes the new pointer, then swaps the record by compare-and-set (a concurrent change,
+  a revocation included, wins, this one answers 409), then removes or shortens the old pointer.
+  A look-up always checks the record itself, so a pointer left behind opens nothing.
+
+Revoke and rotate both change the record by compare-and-set against the value they read, so of
+a revocation and a rotation of one key at the same moment exactly one succeeds.
 
 Every `StoreUnavailable` propagates: the caller answers 503 and the operation may be retried.
 """
@@ -33,11 +39,13 @@ from .records import (
     CHANNEL,
     INDEX,
     KeyRecord,
+    Revoked,
     decode_index,
-    decode_record,
+    decode_stored,
     digest_key,
     encode_index,
     encode_record,
+    encode_revoked,
     is_key_id,
     new_key_id,
     record_key,
@@ -108,20 +116,25 @@ class KeyRegistry:
                                   "(dynamic_keys.max_keys); revoke some first", code="too_many_keys")
             return {**index, record.id: (record.tenant, record.name)}
 
-        try:
-            await self._update_index(add)
-        except KeyConflict as exc:
-            if exc.code != "too_many_keys":
-                raise
-            if not await self._prune(decode_index(await self.store.get(INDEX))):
-                raise
-            await self._update_index(add)
+        pruned: set[str] = set()  # each kind of conflict earns one clean-up of entries whose record is gone
+        while True:
+            try:
+                await self._update_index(add)
+                return
+            except KeyConflict as exc:
+                if exc.code not in ("name_taken", "too_many_keys") or exc.code in pruned:
+                    raise
+                pruned.add(exc.code)
+                index = decode_index(await self.store.get(INDEX))
+                suspects = list(index) if exc.code == "too_many_keys" else [
+                    i for i, (_, name) in index.items() if name == record.name]
+                if not await self._prune(suspects):
+                    raise
 
     async def get(self, key_id: str) -> KeyRecord | None:
         if not is_key_id(key_id):
             return None
-        raw = await self.store.get(record_key(key_id))
-        return None if raw is None else decode_record(raw)
+        return _live(await self.store.get(record_key(key_id)))
 
     async def page(self, tenant: str | None, *, limit: int, after: str | None) -> tuple[list[KeyRecord], bool]:
         """A page of records by id (`after` the given id), of one tenant or all; whether more follow."""
@@ -135,10 +148,11 @@ class KeyRegistry:
             batch = ids[seen:seen + _READ_BATCH]
             for key_id, raw in zip(batch, await self._read(batch), strict=True):
                 seen += 1
-                if raw is None:
-                    missing.append(key_id)  # expired past its retention, or a revocation that failed half-way
+                record = _live(raw)
+                if record is None:
+                    missing.append(key_id)  # expired past its retention, revoked, or a revocation under way
                     continue
-                records.append(decode_record(raw))
+                records.append(record)
                 if len(records) == limit:
                     break
         if missing:
@@ -146,16 +160,28 @@ class KeyRegistry:
         return records, seen < len(ids)
 
     async def revoke(self, key_id: str) -> bool:
-        """Whether a key was revoked (False: no such key). It stops working before this returns."""
-        record = await self.get(key_id)
-        if record is None:
+        """Whether a key was revoked (False: no such key). It stops working before this returns.
+
+        `KeyConflict` (409) when the record changed since it was read (a concurrent rotation or
+        revocation won). A `Revoked` marker left by an interrupted revocation is finished here."""
+        if not is_key_id(key_id):
             return False
-        for digest in (record.digest, record.previous_digest):
-            if digest is not None:
-                await self.store.delete(digest_key(digest))
-        await self._announce(record.id)
-        await self.store.delete(record_key(record.id))
-        await self._update_index(lambda index: {k: v for k, v in index.items() if k != record.id})
+        raw = await self.store.get(record_key(key_id))
+        if raw is None:
+            return False
+        stored = decode_stored(raw)
+        if isinstance(stored, Revoked):
+            marker = stored
+        else:
+            marker = Revoked(revoked_at=self._wall(), id=key_id, digests=tuple(
+                d for d in (stored.digest, stored.previous_digest) if d is not None))
+            if not await self.store.compare_and_set(record_key(key_id), raw, encode_revoked(marker), RETENTION_S):
+                raise KeyConflict("the key changed while it was being revoked; retry")
+        await self._announce(key_id)  # the key opens nothing since the swap: now no cache holds it either
+        for digest in marker.digests:
+            await self.store.delete(digest_key(digest))
+        await self.store.delete(record_key(key_id))  # the marker: nothing but a revocation writes over one
+        await self._update_index(lambda index: {k: v for k, v in index.items() if k != key_id})
         return True
 
     async def rotate(self, key_id: str, grace_s: float) -> tuple[KeyRecord, str] | None:
@@ -163,9 +189,9 @@ class KeyRegistry:
         if not is_key_id(key_id):
             return None
         raw = await self.store.get(record_key(key_id))
-        if raw is None:
+        record = _live(raw)
+        if record is None:  # never created, expired past its retention, or revoked
             return None
-        record = decode_record(raw)
         now = self._wall()
         secret = generate_key()
         grace_until = now + grace_s if grace_s > 0 else None
@@ -201,13 +227,12 @@ class KeyRegistry:
     async def _read(self, ids: Sequence[str]) -> list[bytes | None]:
         return list(await asyncio.gather(*(self.store.get(record_key(i)) for i in ids)))
 
-    async def _prune(self, index: Index) -> bool:
-        """Drop index entries whose record is gone; whether any was."""
-        ids = list(index)
+    async def _prune(self, ids: Sequence[str]) -> bool:
+        """Drop the index entries among `ids` whose record is gone (or revoked); whether any was."""
         gone: set[str] = set()
         for start in range(0, len(ids), _READ_BATCH):
             batch = ids[start:start + _READ_BATCH]
-            gone.update(i for i, raw in zip(batch, await self._read(batch), strict=True) if raw is None)
+            gone.update(i for i, raw in zip(batch, await self._read(batch), strict=True) if _live(raw) is None)
         if gone:
             await self._update_index(lambda current: {k: v for k, v in current.items() if k not in gone})
         return bool(gone)
@@ -222,6 +247,14 @@ class KeyRegistry:
             if await self.store.compare_and_set(INDEX, raw, encode_index(updated), None):
                 return
         raise KeyConflict("too many concurrent key changes; retry")
+
+
+def _live(raw: bytes | None) -> KeyRecord | None:
+    """The record a stored value holds; None when absent or revoked (`CorruptRecord` when unreadable)."""
+    if raw is None:
+        return None
+    stored = decode_stored(raw)
+    return stored if isinstance(stored, KeyRecord) else None
 
 
 def _pointer_ttl(expires_at: float | None, now: float) -> float | None:

@@ -20,7 +20,9 @@ class DynamicKeysSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     A key the policy lists is always found first; only a key it does not know is looked up in the
     store, through a bounded local cache that every replica empties at once (pub/sub) when a key is
     revoked or rotated. `cache_ttl_s` bounds how long a replica that missed that message (Redis
-    restarting, a network cut) can still accept a revoked key.
+    restarting, a network cut) can still accept a revoked key while it can reach the store (or with
+    `on_unavailable: closed`); with `open`, a replica cut off from the store keeps accepting the keys
+    it has cached until it reaches the store again.
     """
 
     enabled: bool = False

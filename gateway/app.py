@@ -11,6 +11,7 @@ entry point that owns the process (`server.py`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -39,11 +40,11 @@ from .pipeline.runner import Pipeline
 from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingress, SelectTarget
 from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
-from .reload import Fingerprints, fingerprints, watch_policy_files
+from .reload import Fingerprints, Listener, fingerprints, serving_refusals, watch_policy_files
 from .routing import Router
 from .runtime import Runtime, Service
 from .schemas.endpoints import Endpoint
-from .store import Store, build_store
+from .store import MemoryStore, Store, build_store
 from .telemetry.metrics import Metrics
 from .telemetry.stage import Telemetry, TelemetryStages
 from .telemetry.tokens import TokenCounter
@@ -62,11 +63,15 @@ log = logging.getLogger("gateway")
 class Gateway:
     """One serving gateway: process-level services, and the runtime of the policy in force."""
 
-    def __init__(self, policy: Policy, *, source: Path | None = None, tokens: TokenCounter | None = None) -> None:
+    def __init__(self, policy: Policy, *, source: Path | None = None, tokens: TokenCounter | None = None,
+                 listener: Listener | None = None) -> None:
         self.metrics = Metrics()
         self.tokens = tokens or TokenCounter()
         self.request_ids = RequestIds()
         self.source = source  # the policy file, for reloads (None: built from text, no reload)
+        # How `gateway serve` serves this gateway (None: not served by it, e.g. in tests): a reloaded policy
+        # must suit it as the first one had to, or the reload is refused.
+        self.listener = listener
         self.active: set[Lifecycle] = set()
         self.runtime = self._build(policy)
         self.started = False
@@ -83,7 +88,9 @@ class Gateway:
         """A runtime for `policy`; after a reload, routing keeps what it learnt about targets that stay."""
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
         # A memory store lives on across reloads that keep its settings: it holds keys, counters and spend.
-        shared = previous is not None and policy.state.backend == "memory" and previous.policy.state == policy.state
+        # Its byte bound for cache entries (`cache.memory_max_bytes`) is not a reason to lose them: a new one is
+        # applied to the running store once this runtime is swapped in (`_reload`).
+        shared = previous is not None and policy.state.backend == "memory" and _same_store(previous.policy, policy)
         store = previous.store if shared and previous is not None else build_store(policy.state)
         keys = _dynamic_keys(policy, store, self.metrics, previous)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
@@ -179,10 +186,11 @@ class Gateway:
         try:
             policy = await asyncio.to_thread(load_policy, self.source)
         except PolicyError as exc:
-            for issue in exc.issues:
-                log.error("policy reload refused: %s", issue)
-            return {"result": "invalid", "trigger": trigger, "version": old.policy.version,
-                    "errors": [str(issue) for issue in exc.issues]}
+            return self._refused(trigger, [str(issue) for issue in exc.issues])
+        if self.listener is not None:  # the rules `gateway serve` checked at start, which a reload cannot escape
+            refusals = serving_refusals(policy, self.listener)
+            if refusals:
+                return self._refused(trigger, [f"{self.source}: {refusal}" for refusal in refusals])
         if policy.version == old.policy.version and _shadow_version(policy) == _shadow_version(old.policy):
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
         new = self._build(policy, old)
@@ -196,12 +204,20 @@ class Gateway:
         self.runtime = new
         if not new.owns_store:  # the memory store passes to the new runtime with everything in it
             old.owns_store, new.owns_store = False, True
+            if isinstance(new.store, MemoryStore):  # only now: a policy that failed to start changed nothing
+                new.store.rebound(policy.state.max_bytes)
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
         self._retiring.add(old)
         self._spawn(self._retire(old))
         return {"result": "ok", "trigger": trigger, "version": policy.version, "previous": old.policy.version}
+
+    def _refused(self, trigger: str, errors: list[str]) -> dict[str, Any]:
+        """A reload that changes nothing, for `errors`: the policy in force keeps serving."""
+        for error in errors:
+            log.error("policy reload refused: %s", error)
+        return {"result": "invalid", "trigger": trigger, "version": self.runtime.policy.version, "errors": errors}
 
     async def _retire(self, old: Runtime) -> None:
         try:
@@ -245,6 +261,11 @@ def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics, previous: Runt
         if store is previous.store or same_redis:  # the same keys behind it
             keys.adopt(previous.dynamic_keys)
     return keys
+
+
+def _same_store(old: Policy, new: Policy) -> bool:
+    """Whether `new`'s store settings are `old`'s, but for `max_bytes`, which a running memory store takes on."""
+    return dataclasses.replace(old.state, max_bytes=new.state.max_bytes) == new.state
 
 
 def _shadow_version(policy: Policy) -> str | None:

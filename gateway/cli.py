@@ -15,9 +15,9 @@ from .accounting.command import add_usage_command
 from .auth.keys import generate_key, hash_key
 from .dryrun.commands import add_commands, read_request_args
 from .policy import PolicyError, load_policy
-from .policy.compile import open_to_network
 from .policy.default import resolve_policy_path
 from .policy.reference import policy_schema, reference_markdown
+from .reload import Listener, serving_refusals
 from .telemetry.logs import configure_logging
 
 __all__ = ["main"]
@@ -124,18 +124,16 @@ def _serve(args: argparse.Namespace) -> int:
     except PolicyError as exc:
         print(exc, file=sys.stderr)
         return 1
-    if policy.dynamic_keys.enabled and policy.state.backend == "memory" and args.workers > 1:
-        print("gateway: dynamic_keys with the memory store and --workers > 1: each worker would hold its own keys "
-              "and know none of the others'. Use `state: {backend: redis}` or one worker.", file=sys.stderr)
-        return 2
-    host = args.host or policy.server.host
-    if open_to_network(policy, host) and not args.allow_open:
-        print(f"gateway: refusing to serve {host} with `auth: none`: anyone who reaches it could use your "
-              "providers' credentials. Use `auth: keys`, listen on 127.0.0.1, or pass --allow-open.", file=sys.stderr)
+    # The same rules refuse a reload onto a policy that breaks them (`Gateway._reload`), and a worker's start.
+    listener = Listener(args.host or policy.server.host, allow_open=args.allow_open, workers=args.workers)
+    refusals = serving_refusals(policy, listener)
+    for refusal in refusals:
+        print(f"gateway: {refusal}", file=sys.stderr)
+    if refusals:
         return 2
     from .server import serve
 
-    return serve(path, policy, args.host, args.port, args.workers)
+    return serve(path, policy, listener, args.port)
 
 
 def _check(args: argparse.Namespace) -> int:

@@ -1,4 +1,9 @@
-"""Watching the policy's files: a cheap poll of their metadata, and a reload when one changes.
+"""Reloading a served policy: what it must suit, and a cheap poll of its files' metadata.
+
+A reload cannot move the listening socket nor change the worker count, so a new policy must
+suit the ones `gateway serve` started with: `serving_refusals` holds the rules, and both the
+start (`gateway serve`, every worker) and every reload (file, SIGHUP, admin API) ask it, so
+that they cannot drift apart. A policy it refuses is refused like an invalid one.
 
 Every file a policy is made of is watched (its `include:`s, and the shadow policy's), and
 the folder of every include glob, so that a file added to `tenants/` is noticed too.
@@ -16,9 +21,13 @@ import asyncio
 import logging
 import os
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["Fingerprints", "fingerprints", "watch_policy_file", "watch_policy_files"]
+from .policy import Policy
+from .policy.compile import open_to_network
+
+__all__ = ["Fingerprints", "Listener", "fingerprints", "serving_refusals", "watch_policy_file", "watch_policy_files"]
 
 Fingerprints = tuple[tuple[Path, tuple[int, int, int] | None], ...]
 # After a change, the files must keep their metadata this long before they are read: an editor or `cp`
@@ -26,6 +35,34 @@ Fingerprints = tuple[tuple[Path, tuple[int, int, int] | None], ...]
 SETTLE_S = 0.05
 
 log = logging.getLogger("gateway.reload")
+
+
+@dataclass(frozen=True, slots=True)
+class Listener:
+    """How `gateway serve` serves, fixed for the life of the process: a policy is checked against it
+    at start and again on every reload, since a reload changes neither the socket nor the workers."""
+
+    host: str
+    """The address actually listened on (`--host`, else the policy's `server.host` at start)."""
+    allow_open: bool = False
+    """`--allow-open`: the operator accepted `auth: none` on a network address in front of real providers."""
+    workers: int = 1
+
+
+def serving_refusals(policy: Policy, listener: Listener) -> list[str]:
+    """Why `policy` must not be served on `listener` (empty: it may be). One list for the start and
+    for reloads: a rule added here holds for both."""
+    refusals = []
+    if policy.dynamic_keys.enabled and policy.state.backend == "memory" and listener.workers > 1:
+        refusals.append(
+            f"dynamic_keys with the memory store and {listener.workers} workers (--workers > 1): each worker "
+            "would hold its own keys and know none of the others'. Use `state: {backend: redis}` or one worker.")
+    if open_to_network(policy, listener.host) and not listener.allow_open:
+        refusals.append(
+            f"refusing to serve {listener.host} with `auth: none`: anyone who reaches it could use your "
+            "providers' credentials. Use `auth: keys`, listen on 127.0.0.1, or pass --allow-open "
+            "to `gateway serve`.")
+    return refusals
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:

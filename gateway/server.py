@@ -5,7 +5,9 @@ process: logging (in every worker too), signal handlers, and `gc.freeze()` and t
 collector's thresholds after start-up. Settings reach worker processes inside uvicorn's pickled config (the
 app factory is a `functools.partial` over `ServeSettings`), not through the
 environment; the one exception is `PROMETHEUS_MULTIPROC_DIR`, which
-prometheus_client reads from the environment at import.
+prometheus_client reads from the environment at import. Among them is the `Listener` (address,
+`--allow-open`, workers): each worker checks the policy it loads against it, and so does every
+reload, with the rules `gateway serve` applied at start (`reload.serving_refusals`).
 
 Shutdown: SIGTERM marks the gateway draining (`/readyz` answers 503) and, after
 `server.drain_delay_s`, stops accepting connections; requests in flight, streams
@@ -39,6 +41,7 @@ from uvicorn.supervisors import Multiprocess
 from .app import ASGIApp, Gateway, create_app, served_app
 from .http_server import server_limits
 from .policy import Policy, load_policy
+from .reload import Listener, serving_refusals
 from .telemetry.logs import configure_logging
 
 __all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
@@ -57,14 +60,25 @@ _GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so t
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
     policy_path: Path
+    listener: Listener  # what every policy this process serves must suit, the first and each reloaded one
     supervised: bool = False  # a worker of `--workers N`: reloads are passed to every worker
 
 
 def build_served_app(settings: ServeSettings) -> ASGIApp:
-    """The app factory uvicorn calls in each serving process."""
+    """The app factory uvicorn calls in each serving process.
+
+    The policy is read again here, after `gateway serve` checked its own reading: the file may have
+    changed since, and a worker the supervisor restarts reads it anew. So it is checked again, and a
+    policy `gateway serve` would refuse stops the process rather than serving.
+    """
     configure_logging()
     policy = load_policy(settings.policy_path)
-    gateway = Gateway(policy, source=settings.policy_path)
+    refusals = serving_refusals(policy, settings.listener)
+    if refusals:
+        for refusal in refusals:
+            log.error("gateway: %s", refusal)
+        raise SystemExit(2)
+    gateway = Gateway(policy, source=settings.policy_path, listener=settings.listener)
     if settings.supervised:
         parent = os.getppid()
         gateway.reload_requested = lambda: os.kill(parent, signal.SIGHUP)
@@ -167,17 +181,19 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
     return uvicorn.Config(app, **options)
 
 
-def serve(policy_path: Path, policy: Policy, host: str | None, port: int | None, workers: int) -> int:
+def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | None) -> int:
+    """Serve `policy` (read from `policy_path`, and checked against `listener` by the caller) until stopped."""
     # Absolute, not resolved: a ConfigMap's file is a symlink through `..data` into a timestamped folder that the
     # kubelet deletes on the next update; the path as given is the one that keeps naming the current policy.
     policy_path = policy_path.absolute()
     metrics_dir = None
+    workers = listener.workers
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-    settings = ServeSettings(policy_path, supervised=workers > 1)
+    settings = ServeSettings(policy_path, listener, supervised=workers > 1)
     config = uvicorn_config(
         functools.partial(build_served_app, settings), policy, factory=True, workers=workers,
-        host=host or policy.server.host, port=port or policy.server.port,
+        host=listener.host, port=port or policy.server.port,
     )
     _raise_open_file_limit(policy.server.max_connections)
     log.info("serving %s on %s:%s with %d worker(s)", policy_path, config.host, config.port, workers)

@@ -14,6 +14,9 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.policy import load_policy
+from gateway.reload import Listener, serving_refusals
+from gateway.store import MemoryStore, StoreConfig
 from tests.conftest import FULL_KEY, UPSTREAM_KEY, RunningGateway, policy_text
 from tests.support.mock_upstream import MockUpstream
 
@@ -166,3 +169,145 @@ def test_the_admin_api_needs_its_token_and_is_off_without_one(
     assert unchanged.status_code == 200 and unchanged.json()["result"] == "unchanged"
     plain = make_gateway()  # no admin_token_env in its policy
     assert admin_reload(plain).status_code == 404
+
+
+def _without_keys(text: str) -> str:
+    """The test policy with `auth: none` (and so without its `keys:` list)."""
+    return re.sub(r"auth: keys\nkeys:\n(?:  .*\n)+", "auth: none\n", text)
+
+
+def test_a_reload_must_suit_how_the_gateway_is_served_as_its_start_had_to(reloadable: RunningGateway) -> None:
+    """The rules `gateway serve` applies at start, applied to a reload with the same settings (the listener a
+    served gateway gets from `ServeSettings`): refused as an invalid policy, the old one serving on."""
+    source = reloadable.gateway.source
+    assert source is not None
+    keyed = source.read_text()
+    before = reloadable.gateway.runtime.policy.version
+    reloadable.gateway.listener = Listener("0.0.0.0")  # served on every interface, without --allow-open
+    source.write_text(_without_keys(keyed))
+    refused = reload_now(reloadable)
+    assert refused["result"] == "invalid" and refused["version"] == before
+    assert refused["errors"] == [f"{source}: refusing to serve 0.0.0.0 with `auth: none`: anyone who reaches it "
+                                 "could use your providers' credentials. Use `auth: keys`, listen on 127.0.0.1, or "
+                                 "pass --allow-open to `gateway serve`."]
+    assert serving_refusals(load_policy(source), Listener("0.0.0.0")) == [refused["errors"][0].split(": ", 1)[1]]
+    assert httpx.post(reloadable.base_url + "/chat/completions", json={"model": "chat", "messages": MESSAGES}
+                      ).status_code == 401  # keys still needed
+    assert reloadable.gateway.runtime.policy.version == before
+    invalid = re.search(r'^gateway_policy_reload_total\{result="invalid"\} (\S+)$', reloadable.metrics(), re.M)
+    assert invalid is not None and float(invalid.group(1)) >= 1
+    reloadable.gateway.listener = Listener("0.0.0.0", allow_open=True)  # what --allow-open accepts
+    assert reload_now(reloadable)["result"] in ("ok", "unchanged")
+    assert reloadable.gateway.runtime.policy.auth == "none"
+
+    source.write_text(keyed + "dynamic_keys: {enabled: true}\n")
+    reloadable.gateway.listener = Listener("127.0.0.1", workers=2)  # each worker its own memory store
+    refused = reload_now(reloadable)
+    assert refused["result"] == "invalid" and len(refused["errors"]) == 1
+    assert "dynamic_keys with the memory store and 2 workers" in refused["errors"][0]
+    served = reloadable.gateway.runtime.policy
+    assert served.auth == "none" and not served.dynamic_keys.enabled
+    reloadable.gateway.listener = Listener("127.0.0.1", workers=1)
+    assert reload_now(reloadable)["result"] in ("ok", "unchanged")
+    assert reloadable.gateway.runtime.policy.dynamic_keys.enabled
+
+
+def test_a_worker_refuses_a_policy_that_gateway_serve_would_refuse(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A worker reads the policy again (a restarted one, later): the file may have changed since `gateway serve`
+    checked it, so the worker checks it too, and stops rather than serve it."""
+    import gateway.server
+
+    monkeypatch.setattr(gateway.server, "configure_logging", lambda: None)  # the process's logging is pytest's
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    source = tmp_path / "gateway.yaml"
+    source.write_text(_without_keys(policy_text("http://127.0.0.1:9")))
+    with pytest.raises(SystemExit) as stopped:
+        gateway.server.build_served_app(gateway.server.ServeSettings(source, Listener("0.0.0.0"), supervised=False))
+    assert stopped.value.code == 2
+    assert gateway.server.build_served_app(gateway.server.ServeSettings(source, Listener("127.0.0.1"))) is not None
+
+
+def on_loop(running: RunningGateway, work: Any) -> Any:
+    assert running.gateway.loop is not None
+    return asyncio.run_coroutine_threadsafe(work, running.gateway.loop).result(30)
+
+
+MIB = 1024 * 1024
+
+
+def test_a_reload_that_changes_only_memory_max_bytes_keeps_the_memory_store(
+    upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run-time keys, counters and cached answers live in the memory store; a new byte bound for cache entries
+    is applied to it, not a reason for a new, empty one. A smaller bound evicts cache entries only."""
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)
+    monkeypatch.setenv("GW_ADMIN_TOKEN", ADMIN_TOKEN)
+    base = policy_text(upstream.base_url, admin_token_env="GW_ADMIN_TOKEN", watch_policy="false")
+    base += "dynamic_keys: {enabled: true}\n"
+    running = RunningGateway(base + f"cache: {{memory_max_bytes: {4 * MIB}}}\n",
+                             {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GW_ADMIN_TOKEN": ADMIN_TOKEN},
+                             source=tmp_path / "gateway.yaml").start()
+    try:
+        source, store = running.gateway.source, running.gateway.runtime.store
+        assert source is not None and isinstance(store, MemoryStore)
+        made = httpx.post(running.url + "/admin/keys", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+                          json={"tenant": "acme"}, timeout=10)
+        assert made.status_code == 201, made.text
+        key = {"Authorization": f"Bearer {made.json()['key']}"}
+
+        def served_with_the_key() -> bool:
+            return httpx.post(running.base_url + "/chat/completions", headers=key, timeout=10,
+                              json={"model": "chat", "messages": MESSAGES}).status_code == 200
+
+        assert served_with_the_key()
+        on_loop(running, store.incr_window("test:requests", 7, 600))
+        on_loop(running, store.reserve("test:spend", 2.5, 100, 600))
+        for name in ("a", "b", "c"):  # 2.1 MB of cache entries, least recently used first
+            on_loop(running, store.set(f"cache:entry:{name}", name.encode() * 700_000))
+
+        def counters() -> tuple[int, float]:
+            window = on_loop(running, store.get_window("test:requests", 600))
+            return window.count, on_loop(running, store.reserve("test:spend", 0, 100, 600)).total
+
+        def cached() -> list[str]:
+            found = on_loop(running, store.get_many([f"cache:entry:{n}" for n in "abc"]))
+            return [n for n, value in zip("abc", found, strict=True) if value is not None]
+
+        source.write_text(base + f"cache: {{memory_max_bytes: {8 * MIB}}}\n")
+        assert reload_now(running)["result"] == "ok"
+        assert running.gateway.runtime.store is store and store.bytes == 2_100_000
+        assert counters() == (7, 2.5) and cached() == ["a", "b", "c"]
+        assert served_with_the_key()  # the run-time key is still there
+
+        on_loop(running, store.get("cache:entry:a"))  # now the most recently used
+        source.write_text(base + f"cache: {{memory_max_bytes: {MIB}}}\n")
+        assert reload_now(running)["result"] == "ok"
+        assert running.gateway.runtime.store is store
+        assert cached() == ["a"] and store.bytes == 700_000  # only what fits, the most recent kept
+        assert counters() == (7, 2.5)  # counters are never evicted for the byte bound
+        assert served_with_the_key()
+        on_loop(running, store.set("cache:entry:b", b"b" * 700_000))  # the new bound holds for later writes too
+        assert cached() == ["b"]
+    finally:
+        running.stop()
+
+
+async def test_a_memory_store_takes_a_new_byte_bound_without_touching_other_keys() -> None:
+    """`MemoryStore.rebound`, alone: from no bound to one (entries already there are sized, counters stored
+    under the prefix included), smaller, and back to none."""
+    store = MemoryStore(StoreConfig())
+    await store.incr_window("limit", 3, 60)
+    await store.incr_window("cache:hits", 12, 60)  # a counter under the bounded prefix: sized as its digits
+    for name in "abc":
+        await store.set(f"cache:{name}", b"x" * 100)
+    assert store.rebound(1_000) == 0 and store.bytes == 302
+    assert store.rebound(150) == 3 and store.bytes == 100  # least recently used first: cache:hits, a, b
+    assert await store.get_many(["cache:hits", "cache:a", "cache:b", "cache:c"]) == [None, None, None, b"x" * 100]
+    assert (await store.get_window("limit", 60)).count == 3 and store.evictions == 3
+    assert store.rebound(None) == 0 and store.bytes == 0
+    await store.set("cache:d", b"y" * 500)  # no bound any more
+    assert await store.get("cache:c") == b"x" * 100 and len(store) == 3
+    with pytest.raises(ValueError):
+        store.rebound(0)

@@ -13,6 +13,7 @@ import textwrap
 import time
 from contextlib import AbstractContextManager
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -228,6 +229,73 @@ def test_serve_refuses_a_network_address_with_no_keys_in_front_of_a_real_provide
     with running([*GATEWAY, "check", str(policy)]) as check:
         assert check.wait(timeout=20) == 0
         assert "SECURITY" in check.text()
+
+
+def test_serve_refuses_run_time_keys_on_the_memory_store_with_several_workers(tmp_path: Path) -> None:
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(free_port()).replace("auth: none", "auth: keys") + "dynamic_keys: {enabled: true}\n")
+    with running([*GATEWAY, "serve", "--policy", str(policy), "--workers", "2"]) as server:
+        assert server.wait(timeout=20) == 2
+        assert "dynamic_keys with the memory store and 2 workers" in server.text()
+
+
+def _network_policy(port: int, auth: str) -> str:
+    """A real provider on every interface: served with keys, or (`auth: none`) open to anyone who reaches it."""
+    keys = "" if auth == "none" else textwrap.dedent("""\
+        keys:
+          - {name: ops, tenant: ops, hash: "sha256:0000000000000000000000000000000000000000000000000000000000000000"}
+        """)
+    return textwrap.dedent(f"""\
+        version: 1
+        server: {{host: 0.0.0.0, port: {port}, watch_interval_s: 0.2, admin_token_env: GW_ADMIN}}
+        auth: {auth}
+        """) + keys + textwrap.dedent("""\
+        providers:
+          openai: {kind: openai, base_url: "https://api.openai.com/v1", api_key_env: OPENAI_KEY}
+        models:
+          gpt: {provider: openai, model: gpt-4o-mini}
+        """)
+
+
+def test_a_reload_to_no_keys_on_a_network_address_is_refused_by_the_watcher_sighup_and_the_admin_api(
+    tmp_path: Path,
+) -> None:
+    """`gateway serve` refuses `auth: none` on 0.0.0.0 in front of a real provider; a reload cannot get round
+    it: each way in is refused as an invalid policy, and the policy with keys keeps serving."""
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(_network_policy(port, "keys"))
+    url = f"http://127.0.0.1:{port}"
+
+    def last_reload() -> dict[str, Any]:
+        with httpx.Client(timeout=5) as client:
+            ready = client.get(url + "/readyz").json()
+        assert ready["policy_version"] == served  # the policy with keys, throughout
+        found: dict[str, Any] = ready.get("last_reload") or {}
+        return found
+
+    with serving(policy, port, env={"GW_ADMIN": ADMIN_TOKEN, "OPENAI_KEY": "sk-unused"}) as server:
+        served = versions_seen(port, 1).pop()
+        policy.write_text(_network_policy(port, "none"))  # 1: the file watcher
+        assert wait_for(lambda: last_reload().get("trigger") == "file"), server.text()[-3000:]
+        assert last_reload()["result"] == "invalid"
+        assert any("--allow-open" in e for e in last_reload()["errors"])
+        server.send_signal(signal.SIGHUP)  # 2: the same file, by signal
+        assert wait_for(lambda: last_reload().get("trigger") == "signal")
+        assert last_reload()["result"] == "invalid"
+        reply = httpx.post(url + "/admin/reload", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10)
+        assert reply.status_code == 422, reply.text  # 3: the admin API answers as for an invalid policy
+        assert reply.json()["result"] == "invalid" and reply.json()["version"] == served
+        assert any(e.startswith(f"{policy}: refusing to serve 0.0.0.0") for e in reply.json()["errors"])
+        assert last_reload()["trigger"] == "admin"
+        with httpx.Client(timeout=5) as client:
+            assert client.post(url + "/v1/chat/completions", json={"model": "gpt", "messages": MESSAGES}
+                               ).status_code == 401  # keys are still needed
+            metrics = client.get(url + "/metrics").text
+        refused = [line for line in metrics.splitlines() if line.startswith('gateway_policy_reload_total{result="in')]
+        assert refused and float(refused[0].split()[-1]) >= 3
+        assert 'gateway_policy_reload_total{result="ok"}' not in metrics
+        assert server.poll() is None
 
 
 def test_serve_without_a_policy_outside_a_checkout_uses_the_packaged_demo_policy(tmp_path: Path) -> None:

@@ -68,7 +68,9 @@ class StoreConfig:
     """Messages buffered per subscriber; when a slow subscriber falls behind, the oldest are dropped."""
     max_bytes: int | None = None
     """Memory backend: values under keys starting with `bytes_prefix` (cache entries) are kept up to this many
-    bytes in all, least recently used evicted first, so that large cached answers never crowd out counters."""
+    bytes in all, least recently used evicted first, so that large cached answers never crowd out counters.
+    The one setting a running store takes anew (`MemoryStore.rebound`), which replaces its copy of the config:
+    a reload that changes only it keeps the store's keys, counters and spend."""
     bytes_prefix: str = "cache:"
 
     def __post_init__(self) -> None:

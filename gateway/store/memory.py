@@ -4,7 +4,8 @@ Operations never await while they read and write, so each one is atomic on the e
 Every structure is bounded: keys by `max_entries` (least recently used evicted first, like Redis's
 `allkeys-lru`, except that cache entries go before any other key), cache entries (keys under `bytes_prefix`)
 also by `max_bytes` in all, expired keys by lazy expiry plus a periodic sweep, subscriber buffers by
-`channel_buffer`.
+`channel_buffer`. The byte bound alone can change while the store runs (`rebound`): a policy reload that
+changes only `cache.memory_max_bytes` keeps the store, with its keys, counters and spend.
 Values are kept as bytes; counters as Python integers (read back as ASCII digits, exactly what Redis
 returns for them), so that counting needs no parsing and formatting per operation.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -103,6 +105,29 @@ class MemoryStore:
 
     async def ping(self) -> bool:
         return True
+
+    def rebound(self, max_bytes: int | None) -> int:
+        """Keep cache entries (keys under `bytes_prefix`) within a new `max_bytes` from now on; how many were
+        evicted for it. A smaller bound evicts cache entries, least recently used first, until they fit; no
+        other key is ever touched (they hold counters and spend, which cannot be made again)."""
+        if max_bytes is not None and max_bytes < 1:
+            raise ValueError("max_bytes must be at least 1 (or None: no byte bound)")
+        was_bounded = self._config.max_bytes is not None
+        self._config = dataclasses.replace(self._config, max_bytes=max_bytes)
+        if max_bytes is None:  # as a store built without a bound: nothing is sized
+            self._sized.clear()
+            self.bytes = 0
+            return 0
+        if not was_bounded:  # size the entries already there, in their least-recently-used order
+            for key, entry in self._data.items():
+                if key.startswith(self._sized_prefix):
+                    entry.value = _bytes(entry.value)
+                    self._sized[key] = len(entry.value)
+                    self.bytes += len(entry.value)
+        before = self.evictions
+        while self.bytes > max_bytes and self._sized:
+            self._evict(next(iter(self._sized)))
+        return self.evictions - before
 
     # -- keys ------------------------------------------------------------------------------------------
 
@@ -392,8 +417,8 @@ class MemoryStore:
             while self.bytes > limit and self._sized:
                 self._evict(next(iter(self._sized)))
         while len(self._data) > self._config.max_entries:  # cache entries go first: they can be made again,
-            sized = self._sized  # a counter (a budget's spend, a window's count) cannot
-            self._evict(next(iter(sized)) if sized else next(iter(self._data)))
+            cached = self._sized  # a counter (a budget's spend, a window's count) cannot
+            self._evict(next(iter(cached)) if cached else next(iter(self._data)))
 
     def _evict(self, key: str) -> None:
         self._drop(key)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -32,6 +33,17 @@ __all__ = ["PolicyError", "compile_policy", "is_loopback", "key_record", "load_p
 
 DEMO_BASE_URL = "demo://in-process"
 _INTERNAL_SUFFIXES = (".internal", ".local", ".lan", ".svc", ".cluster.local", ".localdomain", ".home.arpa")
+# What marks an inline header or query parameter as a credential, which must come from an environment
+# variable instead (`_looks_secret`). Names are compared lower case, `_` read as `-`. A false alarm costs
+# a line in headers_env; a miss puts a credential in the policy file and outside the error scrub.
+_SECRET_NAMES = frozenset(
+    {trait.default_key_header.lower() for trait in KIND_TRAITS.values()}  # authorization, api-key, x-goog-api-key...
+    | {"proxy-authorization", "cookie", "ocp-apim-subscription-key"}
+)
+_SECRET_PARTS = ("auth", "token", "secret", "passw", "credential", "cookie", "apikey", "api-key", "signature")
+_SECRET_WORDS = frozenset({"key", "sig", "pwd"})  # whole words only: `x-functions-key`, `key`, `sig`, not `keep-alive`
+_WORD = re.compile(r"[^a-z0-9]+")
+_CREDENTIAL_VALUE = re.compile(r"\s*(?:bearer|basic)\s+\S", re.IGNORECASE)  # an Authorization value, whatever its name
 
 
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = True) -> Policy:
@@ -253,12 +265,18 @@ def _provider(
     if t.first_byte_s > t.total_s or t.connect_s > t.total_s:
         doc.issue(path + ("timeouts",), "connect_s and first_byte_s must not exceed total_s")
     headers: dict[str, str] = {}
+    own_keys = (key_header.lower(), traits.default_key_header.lower())  # secret whatever they are called
     for header, value in spec.headers.items():
         if header.lower() in ("authorization", key_header.lower()) and spec.api_key_env:
             doc.issue(path + ("headers", header), "the API key header is set from api_key_env; do not repeat it")
-        if _looks_secret(header):
+        if _looks_secret(header, value, own_keys):
             doc.issue(path + ("headers", header), "put secrets in headers_env (an environment variable), not inline")
         headers[header] = value
+    for param, value in spec.query.items():
+        if _looks_secret(param, value):
+            doc.issue(path + ("query", param), "put secrets in environment variables, not inline: a query parameter "
+                      f"cannot come from one, so send this credential in a header (api_key_env sends `{key_header}`, "
+                      "headers_env any other)")
     secret_vars = dict(spec.headers_env)
     if spec.api_key_env:
         secret_vars[key_header] = spec.api_key_env
@@ -328,6 +346,13 @@ def _base_url(url: str | None, doc: _Located, path: tuple[str, ...], kind: str) 
     return url.rstrip("/")
 
 
-def _looks_secret(header: str) -> bool:
-    lowered = header.lower()
-    return lowered in ("authorization", "api-key", "x-api-key", "proxy-authorization") or "token" in lowered
+def _looks_secret(name: str, value: str, own: tuple[str, ...] = ()) -> bool:
+    """Whether an inline header or query parameter carries a credential.
+
+    Inline credentials are refused: they would sit in the policy file (and its repository), and only the
+    values read from environment variables are scrubbed by value from upstream errors. `own` are names that
+    are secret for this provider whatever they look like (its kind's key header, its `api_key_header`)."""
+    lowered = name.lower().replace("_", "-")
+    if lowered in _SECRET_NAMES or lowered in own or any(part in lowered for part in _SECRET_PARTS):
+        return True
+    return not _SECRET_WORDS.isdisjoint(_WORD.split(lowered)) or _CREDENTIAL_VALUE.match(value) is not None

@@ -30,12 +30,12 @@ from ..policy.compiled import ProviderConfig
 from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
-from ..schemas.openai import UsageChoicesPeek, UsagePeek
-from ..schemas.responses import ResponsesPeek, responses_usage
+from ..schemas.responses import responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
 from .deadline import deadline_in
 from .openai_stream import OpenAIStream
+from .scrub import AnswerChoicesPeek, AnswerPeek, ResponsesAnswerPeek, scrubbed_error
 from .streaming import ResponsesEvents, TranslatedStream
 
 __all__ = ["OpenAICompatProvider", "status_error"]
@@ -44,11 +44,11 @@ _encode = msgspec.json.Encoder().encode
 # Read per request: an attribute of an enum class goes through its metaclass's `__getattr__` hook on
 # CPython 3.11 (about 900 instructions), a module global does not.
 _RESPONSES = Endpoint.RESPONSES
-_peek_usage = msgspec.json.Decoder(UsagePeek).decode
-_peek_usage_choices = msgspec.json.Decoder(UsageChoicesPeek).decode  # when a stage reads the answer's text
+_peek_usage = msgspec.json.Decoder(AnswerPeek).decode
+_peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a stage reads the answer's text
 
 
-_peek_responses = msgspec.json.Decoder(ResponsesPeek).decode
+_peek_responses = msgspec.json.Decoder(ResponsesAnswerPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
 # How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
@@ -142,20 +142,31 @@ class OpenAICompatProvider:
         return self._completion(call, body)
 
     def _completion(self, call: Call, body: bytes) -> Completion:
-        """The answer for the client from the upstream's body (here: as it is, with its usage read)."""
+        """The answer for the client from the upstream's body (here: as it is, with its usage read).
+
+        An error object the upstream put in its 200 answer (a Responses answer with `"status": "failed"`,
+        or `{"error": ...}` from an OpenAI-compatible server) reaches the client inside that body: its
+        strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept."""
         try:
             if call.endpoint is _RESPONSES:
-                return Completion(body, responses_usage(_peek_responses(body).usage))
+                answer = _peek_responses(body)
+                if answer.error is not None:  # `"error": null` unless the response failed
+                    body = scrubbed_error(body, self.sanitize)
+                return Completion(body, responses_usage(answer.usage))
             if call.read_choices:  # a stage reads the answer's text: its choices in the same decode
                 try:
                     peek = _peek_usage_choices(body)
+                    if peek.error is not None:
+                        body = scrubbed_error(body, self.sanitize)
                     return Completion(body, peek.usage, choices=peek.choices or [])
                 except msgspec.ValidationError:
                     pass  # choices of unusual types: the usage alone (the stage reads the body its own way)
-            usage = _peek_usage(body).usage
+            plain = _peek_usage(body)
+            if plain.error is not None:  # absent from an answer, in the common case
+                body = scrubbed_error(body, self.sanitize)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
-        return Completion(body, usage)
+        return Completion(body, plain.usage)
 
     async def _read_body(self, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:
         """Read a whole body with the idle timeout between reads and the size cap while reading.

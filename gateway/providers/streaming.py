@@ -20,15 +20,16 @@ import msgspec
 
 from ..errors import GatewayError, UpstreamError
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
-from ..schemas.responses import ResponsesEventPeek, responses_usage
+from ..schemas.responses import responses_usage
 from ..translate.common import StreamProtocolError
 from ..upstream.client import transport_error
 from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import SSEDecoder
+from .scrub import ResponsesEventScrubPeek, scrubbed_error
 
 __all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]
 
-_peek_event = msgspec.json.Decoder(ResponsesEventPeek).decode
+_peek_event = msgspec.json.Decoder(ResponsesEventScrubPeek).decode
 
 
 class StreamHost(Protocol):
@@ -115,7 +116,11 @@ class TranslatedStream:
 
 
 class ResponsesEvents:
-    """The Responses API's events, forwarded as they are; usage read from `response.completed`."""
+    """The Responses API's events, forwarded as they are; usage read from `response.completed`.
+
+    An event whose `response` carries an `error` (`response.failed`) is forwarded with that error's
+    strings scrubbed (`scrub`): the event is re-encoded only when one of them changes, so every
+    other event, and a clean failure, keeps its bytes."""
 
     __slots__ = ("_done", "_provider")
 
@@ -128,11 +133,17 @@ class ResponsesEvents:
             return [DONE]
         peek = _peek_event(payload)
         if peek.type == "error":
-            detail = self._provider.sanitize(peek.message)
+            message = peek.message
+            if message is None and isinstance(peek.error, dict):  # `{"type": "error", "error": {"message": ...}}`
+                message = peek.error.get("message")
+            detail = self._provider.sanitize(message)
             return [StreamError(UpstreamError(f"upstream `{self._provider.name}` failed mid-stream: {detail}"))]
+        response = peek.response
+        if response is not None and response.error is not None:  # not null: the upstream's own error text
+            payload = scrubbed_error(payload, self._provider.sanitize, "response")
         if peek.type in ("response.completed", "response.incomplete", "response.failed"):
             self._done = True
-            usage = responses_usage(peek.response.usage) if peek.response is not None else None
+            usage = responses_usage(response.usage) if response is not None else None
             if usage is not None:
                 return [Chunk(payload), UsageReport(usage)]
         return [Chunk(payload)]

@@ -1,0 +1,123 @@
+"""Upstream error objects that reach a client inside the upstream's own bytes, scrubbed there.
+
+Most upstream failures reach a client as the gateway's own error, the upstream's
+message already through the provider's `sanitize` (`status_error`, a `StreamError`).
+A few travel inside a body or an event that the gateway forwards as it is: a
+Responses answer with `"status": "failed"` and its `error` object, a Responses
+stream event whose `response` carries one (`response.failed`), and a 200 answer an
+OpenAI-compatible server fills with `{"error": ...}`. The strings of those error
+objects go through the same `sanitize` here, so that no configured secret, internal
+address or host name an upstream echoes reaches a client on any path
+(docs/security.md).
+
+A body or event is decoded and re-encoded only when one of its error strings
+actually changes: a clean one, the common case, goes on byte for byte.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from ..schemas.openai import UsageChoicesPeek, UsagePeek
+from ..schemas.responses import ResponsesEventPeek, ResponsesPeek
+
+__all__ = ["AnswerChoicesPeek", "AnswerPeek", "ResponsesAnswerPeek", "ResponsesEventScrubPeek", "scrub_strings",
+           "scrubbed_error"]
+
+Sanitize = Callable[[object], str]
+
+# How much of an error object is read. OpenAI's and the Responses API's errors are flat
+# and hold four strings, Azure's `innererror` two levels and a dozen more. An upstream
+# controls the shape, so the work is bounded: a container nested deeper than
+# `_MAX_DEPTH` becomes null and a string past the first `_MAX_STRINGS` becomes "",
+# rather than being walked (what is not read cannot be shown scrubbed).
+_MAX_DEPTH = 8
+_MAX_STRINGS = 64
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.Encoder().encode
+
+
+# The peeks the providers decode anyway, each with the `error` that may ride along: reading it costs no
+# second pass over the body (the key is absent, or null, in the common case).
+
+
+class AnswerPeek(UsagePeek):
+    """A complete answer's usage, and the `{"error": ...}` some OpenAI-compatible servers answer with a 200."""
+
+    error: Any = None
+
+
+class AnswerChoicesPeek(UsageChoicesPeek, gc=False):
+    """`AnswerPeek` with the choices read too (`UsageChoicesPeek`)."""
+
+    error: Any = None
+
+
+class ResponsesAnswerPeek(ResponsesPeek):
+    """A Responses answer (or the `response` of a stream event): its usage and its `error`, null unless it failed."""
+
+    error: Any = None
+
+
+class ResponsesEventScrubPeek(ResponsesEventPeek):
+    """A Responses stream event, with what may carry an upstream's error text: `response.error`, and the
+    `error` object some servers nest an `error` event's message in."""
+
+    response: ResponsesAnswerPeek | None = None
+    error: Any = None
+
+
+def scrub_strings(value: Any, sanitize: Sanitize) -> bool:
+    """Put every string inside `value` (a decoded JSON object or array) through `sanitize`, in place.
+
+    Returns whether anything changed. Keys are left as they are (an error object's keys are the
+    upstream's field names); past the bounds above, containers become null and strings ""."""
+    return _scrub(value, sanitize, 0, [_MAX_STRINGS])
+
+
+def _scrub(value: Any, sanitize: Sanitize, depth: int, budget: list[int]) -> bool:
+    if isinstance(value, dict):
+        keys: list[Any] | range = list(value)
+    elif isinstance(value, list):
+        keys = range(len(value))
+    else:
+        return False
+    changed = False
+    for key in keys:
+        item = value[key]
+        if isinstance(item, str):
+            budget[0] -= 1
+            clean = sanitize(item) if budget[0] >= 0 else ""
+            if clean != item:
+                value[key] = clean
+                changed = True
+        elif isinstance(item, (dict, list)):
+            if depth >= _MAX_DEPTH:
+                value[key] = None
+                changed = True
+            elif _scrub(item, sanitize, depth + 1, budget):
+                changed = True
+    return changed
+
+
+def scrubbed_error(body: bytes, sanitize: Sanitize, within: str | None = None) -> bytes:
+    """`body` (a JSON object) with its `error` (or `within`'s `error`) scrubbed; `body` itself when that needs no
+    change. An error given as a bare string is scrubbed as well. Raises msgspec's errors for a body that is not
+    a JSON object."""
+    data = _decode(body)
+    holder = data.get(within) if within is not None else data
+    if not isinstance(holder, dict):
+        return body
+    error = holder.get("error")
+    if isinstance(error, str):
+        clean = sanitize(error)
+        if clean == error:
+            return body
+        holder["error"] = clean
+    elif not scrub_strings(error, sanitize):  # False too for null, a number, a boolean
+        return body
+    return _encode(data)

@@ -382,6 +382,18 @@ def test_an_unpriced_model_is_a_warning_not_an_error(upstream: MockUpstream) -> 
     assert any("no price for `mock/cheap-model`" in w for w in policy.warnings)
 
 
+@pytest.mark.parametrize("dynamic", [True, False])
+def test_an_unpriced_model_is_a_warning_also_with_keys_made_at_run_time(upstream: MockUpstream,
+                                                                      dynamic: bool) -> None:
+    """No limit or budget in the policy, but keys created at run time may carry them: the stage is built, so
+    a model it cannot price is worth the same warning. Without either, there is no accounting to warn about."""
+    text = accounting_policy(upstream, extra="dynamic_keys: {enabled: true}" if dynamic else "")
+    policy = compile_text(text, "acct.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN})
+    assert not policy.has_accounting
+    unpriced = [w for w in policy.warnings if "no price for `mock/fault-slow-stream-50`" in w]
+    assert len(unpriced) == (1 if dynamic else 0)
+
+
 def test_the_shipped_prices_file_loads() -> None:
     import msgspec
     import yaml
@@ -414,3 +426,83 @@ def test_gateway_usage_command_prints_the_same_figures(start: Callable[..., Runn
     assert refused.returncode == 1 and "401" in refused.stderr
     missing = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2 and "GATEWAY_ADMIN_TOKEN" in missing.stderr
+
+
+# -- usage an upstream gets wrong ----------------------------------------------------------------------
+
+
+def _bad_usage(monkeypatch: pytest.MonkeyPatch, **fields: int) -> None:
+    """The mock upstream reports `fields` in its usage (e.g. a negative completion count)."""
+    from tests.support import mock_upstream
+
+    real = mock_upstream.chat_usage
+
+    def bad(prompt: int, completion: int, details: bool = False) -> dict[str, object]:
+        return {**real(prompt, completion, details), **fields}
+
+    monkeypatch.setattr(mock_upstream, "chat_usage", bad)
+
+
+def _ask(gateway: RunningGateway, stream: bool) -> httpx.Response:
+    body = {"model": "chat", "messages": MESSAGES, "stream": stream}
+    with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body, timeout=20,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        response.read()
+    return response
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fields", [{"completion_tokens": -100_000}, {"prompt_tokens": -7},
+                                    {"completion_tokens": 10**18}, {"prompt_tokens_details": {"cached_tokens": -5}}])
+def test_invalid_upstream_usage_is_estimated_and_releases_the_slot_and_the_reservation(
+    start: Callable[..., RunningGateway], monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+    stream: bool, fields: dict[str, object],
+) -> None:
+    """Negative or absurd usage is no 500 and no leak: the answer passes (200), the bill is settled to the
+    gateway's own estimate, and the concurrency slot and the budget reservation are given back."""
+    _bad_usage(monkeypatch, **fields)  # type: ignore[arg-type]
+    caplog.set_level("DEBUG", logger="gateway.accounting")
+    gateway = start(key="limits: {concurrent: 1}\n" + " " * 12 + "budget: {usd: 10}")  # 4096 tokens: $4.096
+    for _ in range(3):  # the slot of each answer is free for the next one
+        response = _ask(gateway, stream)
+        assert response.status_code == 200, response.text
+        assert b"mock" in response.content
+    usage = usage_of(gateway, "key", "main")
+    assert usage["requests"] == 3
+    assert 0 < float(str(usage["cost_usd"])) <= 3 * 0.03  # about 20 tokens an answer, at $0.001 each
+    assert all(int(str(usage[field])) >= 0 for field in ("prompt_tokens", "cached_tokens", "completion_tokens"))
+    raw = client(gateway).chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert raw.http_response.status_code == 200
+    # what was reserved was given back: the budget holds only the settled spend
+    left = re.search(r'gateway_budget_remaining_usd\{name="main",scope="key"\} ([0-9.e-]+)', gateway.metrics())
+    assert left is not None and float(left.group(1)) >= 10 - 3 * 0.03 - 0.02
+    logged = [r for r in caplog.records if "reported invalid usage" in r.getMessage()]
+    assert [r.levelname for r in logged] == ["WARNING"] + ["DEBUG"] * 3  # once a target, then quieter
+    assert "mock/mock-model" in logged[0].getMessage() and "hello" not in logged[0].getMessage()  # no prompt text
+
+
+@pytest.mark.parametrize("limits", ["budget: {usd: 10}", "budget: {usd: 10, mode: soft}", "limits: {tpm: 1000}"])
+def test_an_absurd_max_tokens_is_refused_or_served_never_a_500(
+    start: Callable[..., RunningGateway], limits: str,
+) -> None:
+    """A client's `max_tokens` far past any model's is reserved as at most `MAX_TOKENS`: a hard budget or a
+    token limit refuses it (429), a soft budget serves it; the store never sees an amount it cannot keep."""
+    gateway = start(key=limits)
+    response = httpx.post(gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "chat", "messages": MESSAGES, "max_tokens": 10**15}, timeout=20)
+    assert response.status_code == (200 if "soft" in limits else 429), response.text
+
+
+def test_a_responses_request_reserves_its_input_instructions_and_max_output_tokens(
+    start: Callable[..., RunningGateway],
+) -> None:
+    """The tokens-per-minute window takes a Responses request's estimate: its instructions and input items
+    counted as chat messages (not 0), plus `max_output_tokens` (not `default_max_tokens`)."""
+    gateway = start(key="limits: {tpm: 100000}")
+    body = {"model": "chat", "instructions": "Answer in one short sentence, please.", "max_output_tokens": 50,
+            "input": [{"role": "user", "content": [{"type": "input_text", "text": "hello there, who are you?"}]}]}
+    response = httpx.post(gateway.base_url + "/responses", json=body, headers={"Authorization": f"Bearer {KEY}"},
+                          timeout=20)
+    assert response.status_code == 200, response.text
+    reserved = 100_000 - int(response.headers["x-ratelimit-remaining-tokens"])
+    assert 50 + 20 < reserved < 50 + 60  # two messages of a few words each, with their overhead, and the cap

@@ -153,3 +153,45 @@ def _wait(condition: Callable[[], object], timeout: float = 8.0) -> None:
         if condition():
             return
         time.sleep(0.05)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_invalid_upstream_usage_on_redis_settles_and_releases(
+    redis_url: str, upstream: MockUpstream, monkeypatch: pytest.MonkeyPatch, stream: bool,
+) -> None:
+    """On Redis too (settled in a task beside the reply), negative usage is no 500 and leaks nothing: the
+    budget counter holds the estimate's cost, and the slot is free for the next request."""
+    from tests.test_accounting import _bad_usage
+
+    _bad_usage(monkeypatch, completion_tokens=-100_000)
+    prefix = f"gwtest:{uuid.uuid4().hex}:"
+    limits = "limits: {concurrent: 1, tpm: 100000}\n" + " " * 12 + "budget: {usd: 10, period: day}"
+    text = accounting_policy(upstream, key=limits, state=_state("GW_TEST_REDIS", prefix, "closed", 5.0))
+    gateway = RunningGateway(text, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GW_TEST_REDIS": redis_url,
+                                    "ACCT_ADMIN": ADMIN}).start()
+    client = redis.Redis.from_url(redis_url)
+    try:
+        body = {"model": "chat", "messages": MESSAGES, "stream": stream}
+        auth = {"Authorization": f"Bearer {KEY}"}
+
+        def ask() -> httpx.Response:
+            """One request; a 429 is asked again for a moment (a complete answer's slot is given back in a task
+            beside the reply), well within the slot's lease (`lease_s`: 900 s) that a leak would last."""
+            deadline = time.monotonic() + 3
+            while True:
+                response = httpx.post(gateway.base_url + "/chat/completions", json=body, headers=auth, timeout=20)
+                if response.status_code != 429 or time.monotonic() > deadline:
+                    return response
+                time.sleep(0.05)
+
+        for _ in range(3):
+            response = ask()
+            assert response.status_code == 200, response.text
+        # settled to the gateway's own count (about 20 completion tokens: $0.02 each), not to 4096 tokens
+        _wait(lambda: 0 < _budget_counter(client, prefix) <= 3 * 0.03)
+        assert 0 < _budget_counter(client, prefix) <= 3 * 0.03
+        followed = ask()
+        assert followed.status_code == 200, followed.text  # not refused for concurrency
+    finally:
+        client.close()
+        gateway.stop()

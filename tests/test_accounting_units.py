@@ -322,3 +322,135 @@ def test_memory_store_integer_operations_answer_as_the_float_ones() -> None:
             "s", to_units(0.1) - to_units(amount), 30.0) / 1_000_000
         now[0] += 20.0 if step != 2 else 45.0  # one step past the budget's TTL and the window's end
     assert {k: e.value for k, e in floats._data.items()} == {k: e.value for k, e in units._data.items()}
+
+
+def test_responses_input_and_instructions_are_counted_as_the_chat_messages_they_stand_for() -> None:
+    """A Responses request is estimated like the chat it stands for: `instructions` a system message, a string
+    `input` a user message, message items (string or content-part text) as chat messages, tool calls and
+    outputs as the chat messages that carry them; before, a list `input` read 0 and instructions were ignored."""
+    from gateway.accounting.prompt import IMAGE_TOKENS, PromptEstimator
+
+    tokens = TokenCounter()
+    tokens.load(["gpt-4o"])
+    estimator = PromptEstimator(tokens)
+
+    def chat(*messages: dict[str, object]) -> int:
+        return estimator.estimate_body({"messages": list(messages)}, "gpt-4o")
+
+    system = {"role": "system", "content": "Answer in French."}
+    user = {"role": "user", "content": "hello world, how are you today?"}
+    items = [{"role": "user", "content": "hello world, how are you today?"}]
+    assert estimator.estimate_body({"input": items}, "gpt-4o") == chat(user) > 10
+    parts = [{"type": "message", "role": "user", "content": [
+        {"type": "input_text", "text": "hello world, how are you today?"}]}]
+    assert estimator.estimate_body({"input": parts}, "gpt-4o") == chat(user)
+    both = {"input": items, "instructions": "Answer in French."}
+    assert estimator.estimate_body(both, "gpt-4o") == chat(system, user)
+    text = {"input": "hello world, how are you today?", "instructions": "Answer in French."}
+    assert estimator.estimate_body(text, "gpt-4o") == chat(system, user)
+    assert estimator.estimate_body({"input": "hello world"}, "gpt-4o") == tokens.count("hello world", "gpt-4o")
+    history = [*items, {"role": "assistant", "content": [{"type": "output_text", "text": "Bonjour !"}]}]
+    assert estimator.estimate_body({"input": history}, "gpt-4o") == chat(
+        user, {"role": "assistant", "content": "Bonjour !"})
+    image = [{"role": "user", "content": [{"type": "input_text", "text": "what is this?"},
+                                          {"type": "input_image", "image_url": "https://example.com/a.png"}]}]
+    assert estimator.estimate_body({"input": image}, "gpt-4o") == chat(
+        {"role": "user", "content": "what is this?"}) + IMAGE_TOKENS
+    calls = [*items, {"type": "function_call", "call_id": "c1", "name": "lookup", "arguments": '{"city": "Paris"}'},
+             {"type": "function_call_output", "call_id": "c1", "output": "sunny, 24 degrees"}]
+    assert estimator.estimate_body({"input": calls}, "gpt-4o") == tokens.count_messages([
+        {"role": "user", "content": "hello world, how are you today?"},
+        {"role": "assistant", "tool_calls": [{"function": {"name": "lookup", "arguments": '{"city": "Paris"}'}}]},
+        {"role": "tool", "content": "sunny, 24 degrees"}], "gpt-4o")
+    tools = [{"type": "function", "name": "lookup", "parameters": {"type": "object"}}]
+    assert estimator.estimate_body({"input": items, "tools": tools}, "gpt-4o") > chat(user)
+    template = {"prompt": {"id": "pmpt_1"}, "input": items}  # a Responses prompt template is no completion prompt
+    assert estimator.estimate_body(template, "gpt-4o") == chat(user)
+    # embeddings share `input`: text and token ids, as before
+    assert estimator.estimate_body({"input": ["hello world", [1, 2, 3]]}, "gpt-4o") == (
+        tokens.count("hello world", "gpt-4o") + 3)
+
+
+@pytest.mark.parametrize(("body", "cap"), [
+    ({"input": "hi", "max_output_tokens": 300}, (300, True)),  # the Responses API's own field
+    ({"input": "hi"}, (4096, False)),
+    ({"messages": [], "max_tokens": 20, "n": 3}, (60, True)),
+    ({"messages": [], "max_completion_tokens": 20, "max_tokens": 99}, (20, True)),
+    # a field the API does not honour is not trusted: the upstream would not stop at it
+    ({"messages": [], "max_output_tokens": 1}, (4096, False)),
+    ({"prompt": "hi", "max_output_tokens": 1}, (4096, False)),
+    ({"input": "hi", "max_tokens": 1}, (4096, False)),
+    ({"messages": [], "max_tokens": 10**15}, (100_000_000, True)),  # at most `MAX_TOKENS`
+    ({"messages": [], "max_tokens": 10**7, "n": 128}, (100_000_000, True)),
+])
+def test_completion_cap_reads_the_field_of_each_api(body: dict[str, object], cap: tuple[int, bool]) -> None:
+    from gateway.accounting.outright import completion_cap
+
+    assert completion_cap(True, body, 4096) == cap
+    assert completion_cap(False, body, 4096) == (0, True)  # embeddings generate nothing
+
+
+@pytest.mark.parametrize(("usage", "ok"), [
+    ({"prompt_tokens": 10, "completion_tokens": 20}, True),
+    ({"prompt_tokens": 0, "completion_tokens": 0}, True),
+    ({"prompt_tokens": 10, "completion_tokens": -100_000}, False),
+    ({"prompt_tokens": -1, "completion_tokens": 20}, False),
+    ({"prompt_tokens": 10, "completion_tokens": 10**18}, False),
+    ({"prompt_tokens": 100_000_001, "completion_tokens": 0}, False),
+    ({"prompt_tokens": 10, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": None}}, True),
+    ({"prompt_tokens": 10, "completion_tokens": 20, "prompt_tokens_details": {"cached_tokens": -5}}, False),
+    ({"prompt_tokens": 10, "completion_tokens": 20, "prompt_tokens_details": {"cache_write_tokens": 10**12}}, False),
+    ({"prompt_tokens": 10, "completion_tokens": 20, "completion_tokens_details": {"reasoning_tokens": -1}}, False),
+])
+def test_only_usage_in_range_is_billed(usage: dict[str, object], ok: bool) -> None:
+    import msgspec
+
+    from gateway.accounting.settling import usable
+    from gateway.schemas.openai import Usage
+
+    assert usable(msgspec.convert(usage, Usage)) is ok
+
+
+async def test_settling_gives_the_slots_back_whatever_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A settle that fails for any reason (a bug, not the store being away) still gives the concurrency slots
+    back: in line (the error goes on up, after the release) and through the store's coroutines (logged)."""
+    from types import SimpleNamespace
+    from typing import Any
+
+    from gateway.accounting.bill import Bill, Held
+    from gateway.accounting.ledger import Ledger
+    from gateway.accounting.stage import Accounting
+    from gateway.policy import compile_text
+    from gateway.store.memory import MemoryStore
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.usage import CountTokens
+    from tests.test_accounting import accounting_policy
+
+    text = accounting_policy(SimpleNamespace(base_url="http://127.0.0.1:9/v1"),  # type: ignore[arg-type]
+                             key="limits: {concurrent: 1}")
+    policy = compile_text(text, "acct.yaml", {"MOCK_UPSTREAM_KEY": "x", "ACCT_ADMIN": "y"})
+    store = MemoryStore()
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    async def broken_async(*args: Any) -> Any:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(store, "settle_units_now", broken)
+    monkeypatch.setattr(store, "settle", broken_async)
+    stage = Accounting(policy, store, Ledger(store), Metrics(), CountTokens(TokenCounter()))
+    ctx: Any = SimpleNamespace(usage=None, usage_estimated=False, upstream_started=0.0, route=None, key=None,
+                               target=None, cost_usd=0.0)
+    for settle in ("in line", "through the store"):
+        assert store.acquire_slot_now("slot:key:main", "first", 1, 900)[0]
+        bill = Bill()
+        bill.slots = (("slot:key:main", "first"),)
+        bill.budgets.append(Held("budget:key:main", 0.5, 3600.0, SimpleNamespace(), None, 500_000))  # type: ignore[arg-type]
+        if settle == "in line":
+            with pytest.raises(RuntimeError):
+                stage._settle_in_line(ctx, bill, 0.1)
+        else:
+            await stage._settle(ctx, bill)
+        assert store.acquire_slot_now("slot:key:main", "next", 1, 900)[0], settle  # the slot was given back
+        store.release_slot_now("slot:key:main", "next")

@@ -60,7 +60,8 @@ class Admission(StageState):
             estimate = self.prompts.plain(messages, scopes.model) if type(messages) is list and "tools" not in body \
                 else None  # (the general count's answer for such a chat, without its steps)
             bill.prompt_estimate = self.prompts.estimate_body(body, scopes.model) if estimate is None else estimate
-            if "max_tokens" in body or "max_completion_tokens" in body or not ctx.endpoint.streams:
+            if ("max_tokens" in body or "max_completion_tokens" in body or "max_output_tokens" in body
+                    or not ctx.endpoint.streams):
                 bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
             else:  # no cap asked for (the usual case): `completion_cap`'s answer, without its two calls
                 bill.completion_cap = self.default_cap  # (`explicit_cap` stays False)

@@ -91,6 +91,7 @@ class StageState:
     _token_drift: Children
     _drifts: dict[str, tuple[Any, Any]]
     _today: tuple[float, float, str]  # (start, end, id) of the UTC day usage was last recorded on
+    _warned_usage: set[str]  # targets whose invalid usage was logged as a warning (`Settling._drop_unusable`)
 
     async def _quietly(self, op: Awaitable[Any]) -> None:
         try:

@@ -14,16 +14,31 @@ from typing import Any
 
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 
-__all__ = ["completion_cap", "max_rates", "refused_outright", "requested_cap"]
+__all__ = ["MAX_TOKENS", "completion_cap", "max_rates", "refused_outright", "requested_cap"]
+
+MAX_TOKENS = 100_000_000
+"""The most tokens one request is reserved, or billed, in one count: 10x the largest context window, with room
+for `n` and batched embeddings. A larger `max_tokens` is reserved as this (so that a hard budget or a token
+limit refuses it, and no amount reaches the store that it cannot keep); a larger count in an upstream's usage
+is an upstream's error (settling.py `usable`). Twice this, in the store's millionths, is exact."""
 
 
 def requested_cap(body: dict[str, Any]) -> int | None:
-    """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`), times `n`."""
-    cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`; a Responses
+    API request: `max_output_tokens`), times `n`, at most `MAX_TOKENS`.
+
+    Each field counts only in the API that honours it (a chat or completions body always has `messages` or
+    `prompt`), since an upstream that ignores a field would not stop at it: the reservation must not trust it."""
+    if "messages" in body or "prompt" in body:
+        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+    else:
+        cap = body.get("max_output_tokens")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         return None
     n = body.get("n")
-    return cap * (n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1)
+    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
+        cap *= n
+    return cap if cap <= MAX_TOKENS else MAX_TOKENS
 
 
 def completion_cap(streams: bool, body: dict[str, Any], default: int) -> tuple[int, bool]:

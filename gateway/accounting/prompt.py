@@ -1,6 +1,7 @@
 """The prompt's size before the call, for reservations: tiktoken in the alias's encoding, plus estimates.
 
-Chat messages are counted with the chat format's per-message overhead (`TokenCounter.count_messages`).
+Chat messages are counted with the chat format's per-message overhead (`TokenCounter.count_messages`); a
+Responses API request's `instructions` and `input` the same way, as the chat messages they stand for.
 What tiktoken cannot count is estimated on the high side, since a reservation must cover the real cost:
 tool definitions as their JSON text, and each image as OpenAI's cost of one 512-pixel tile at high detail
 plus the base (255 tokens), whatever its size. The figure is compared with the upstream's afterwards
@@ -46,22 +47,34 @@ class PromptEstimator:
         return self.estimate_body(ctx.body, route.upstream_model if route is not None else None)
 
     def estimate_body(self, body: dict[str, Any], model: str | None) -> int:
-        """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`)."""
+        """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`):
+        a chat's messages; a Responses request's `instructions` and `input` items, counted as the chat messages
+        they stand for; a completion's prompt or an embedding's input, as text and token ids."""
         messages = body.get("messages")
         if isinstance(messages, list):
-            total = self.plain(messages, model)
-            if total is None:
-                total = self.tokens.count_messages(messages, model) + IMAGE_TOKENS * _images(messages)
-            tools = body.get("tools")
-            if isinstance(tools, list) and tools:
-                total += self.tokens.count(_encode(tools).decode(), model)
-            return total
-        prompt = body.get("prompt", body.get("input"))
+            return self._chat(messages, body, model)
+        prompt = body.get("prompt")
+        if not isinstance(prompt, (str, list)):  # no completion prompt (a Responses `prompt` is a template)
+            prompt = body.get("input")
+            instructions = body.get("instructions")
+            if (isinstance(instructions, str) and instructions) or (
+                    isinstance(prompt, list) and prompt and type(prompt[0]) is dict):  # the Responses API
+                return self._chat(_responses_messages(prompt, instructions), body, model)
         if isinstance(prompt, str):
             return self.tokens.count(prompt, model)
         if isinstance(prompt, list):
             return sum(self.tokens.count(p, model) if isinstance(p, str) else _token_list(p) for p in prompt)
         return 0
+
+    def _chat(self, messages: list[Any], body: dict[str, Any], model: str | None) -> int:
+        """Chat messages with their format's overhead, their images, and the request's tool definitions."""
+        total = self.plain(messages, model)
+        if total is None:
+            total = self.tokens.count_messages(messages, model) + IMAGE_TOKENS * _images(messages)
+        tools = body.get("tools")
+        if isinstance(tools, list) and tools:
+            total += self.tokens.count(_encode(tools).decode(), model)
+        return total
 
 
     def plain(self, messages: list[Any], model: str | None) -> int | None:
@@ -101,13 +114,40 @@ class PromptEstimator:
 _NOTHING_KEPT: tuple[dict[str, int], dict[str, int]] = ({}, {})
 
 
+_IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and the Responses API's
+
+
 def _images(messages: list[Any]) -> int:
     count = 0
     for message in messages:
         content = message.get("content") if isinstance(message, dict) else None
         if isinstance(content, list):
-            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") == "image_url")
+            count += sum(1 for part in content if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS)
     return count
+
+
+def _responses_messages(value: Any, instructions: Any) -> list[Any]:
+    """A Responses request's `instructions` and `input` as the chat messages the model reads: the instructions
+    a system message; a string input one user message; input items as they are (a message item has a role and
+    a string or parts with `text`: `input_text`, `output_text`), except a tool call (its name and arguments)
+    and a tool's output, written as the chat messages that carry them."""
+    messages: list[Any] = []
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    if isinstance(value, str):
+        messages.append({"role": "user", "content": value})
+        return messages
+    for item in value if isinstance(value, list) else ():
+        kind = item.get("type") if isinstance(item, dict) and "role" not in item else None
+        if kind == "function_call":
+            call = {"name": item.get("name"), "arguments": item.get("arguments")}
+            messages.append({"role": "assistant", "tool_calls": [{"function": call}]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "content": output if isinstance(output, (str, list)) else None})
+        else:
+            messages.append(item)
+    return messages
 
 
 def _token_list(item: Any) -> int:

@@ -2,10 +2,16 @@
 
 A complete answer is settled when the stage returns it (in line on the in-process store); a stream at its end
 (`StreamBill`), however it ends, after following its length so that a hard budget can cut it off.
+
+An upstream's usage is billed only when every count in it is in [0, `MAX_TOKENS`]: other figures (a negative
+count, an absurd one) are an upstream's error, billed as if it had reported no usage (the gateway's own count,
+marked `usage_estimated`) and logged without any text of the request. Settling never raises on a figure: the
+cost is kept in [0, `_FAST_AMOUNT`), and whatever fails, every slot is given back.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
@@ -13,16 +19,33 @@ from ..errors import BudgetExceeded
 from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
 from ..schemas.events import Chunk, StreamError, StreamEvent
+from ..schemas.openai import Usage
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
 from ..telemetry.usage import estimate_usage
 from .bill import WINDOW_S, Bill, StageState
 from .cost import request_cost
+from .outright import MAX_TOKENS
 from .periods import day_span
 
-__all__ = ["Settling", "StreamBill", "UsageOnly"]
+__all__ = ["MAX_TOKENS", "Settling", "StreamBill", "UsageOnly", "usable"]
 
-_FAST_AMOUNT = 9e9  # costs in [0, this) become micro-USD in line (`to_units` checks the rest, and refuses NaN)
+log = logging.getLogger("gateway.accounting")
+_FAST_AMOUNT = 9e9  # costs in [0, this) become micro-USD in line (`_price` keeps every cost in it)
+_MAX_COST = 1e9  # what an absurd cost is billed as (`usable` usage costs at most $2e8: 2 x MAX_TOKENS at the
+# schema's top price, $1 a token)
+_WARNED_TARGETS = 256  # targets whose invalid usage was logged as a warning (later ones: at debug level)
+
+
+def usable(usage: Usage) -> bool:
+    """Whether an upstream's usage can be billed: every count in [0, `MAX_TOKENS`] (details may be None)."""
+    if not (0 <= usage.prompt_tokens <= MAX_TOKENS and 0 <= usage.completion_tokens <= MAX_TOKENS):
+        return False
+    given, made = usage.prompt_tokens_details, usage.completion_tokens_details
+    if given is not None and not (0 <= (given.cached_tokens or 0) <= MAX_TOKENS
+                                  and 0 <= (given.cache_write_tokens or 0) <= MAX_TOKENS):
+        return False
+    return made is None or 0 <= (made.reasoning_tokens or 0) <= MAX_TOKENS
 
 
 class Settling(StageState):
@@ -33,7 +56,31 @@ class Settling(StageState):
         cost = ctx.cost_usd  # asked twice per request: the second time it is known
         if cost is None:
             cost = request_cost(ctx)
-        return 0.0 if cost is None else cost
+            if cost is None:
+                return 0.0
+        if not 0.0 <= cost < _FAST_AMOUNT:  # NaN or negative: 0; absurd: `_MAX_COST` (`usable` usage never is)
+            cost = ctx.cost_usd = 0.0 if not cost > 0.0 else _MAX_COST
+        return cost
+
+    def _drop_unusable(self, ctx: RequestContext) -> None:
+        """Usage the upstream got wrong (not `usable`): logged (the target and the figures, no text) and dropped,
+        so that the caller bills the gateway's own count, as for an upstream that reports none."""
+        usage = ctx.usage
+        if usage is None or usable(usage):
+            return
+        target = ctx.target
+        name = target.name if target is not None else "unknown"
+        warned = self._warned_usage
+        level = logging.DEBUG
+        if name not in warned and len(warned) < _WARNED_TARGETS:
+            warned.add(name)
+            level = logging.WARNING
+        log.log(level, "accounting: %s reported invalid usage (prompt %d, completion %d, cached %s, cache write %s, "
+                "reasoning %s tokens): billed the gateway's own count instead (from now on logged at debug level "
+                "for this target)", name, usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                usage.cache_write_tokens, usage.reasoning_tokens)
+        ctx.usage = None
+        ctx.cost_usd = None
 
     async def _settle(self, ctx: RequestContext, bill: Bill) -> None:
         if bill.settled:
@@ -46,6 +93,8 @@ class Settling(StageState):
                 await remote[kind](*args)
             except StoreUnavailable:
                 self._unsettled(kind, args)
+            except Exception:  # a bug: logged, and the later operations (the slots given back) still run
+                log.exception("accounting: a settle operation failed (%s)", kind)
         self._settled(ctx, bill, cost)
 
     def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
@@ -57,28 +106,30 @@ class Settling(StageState):
         bill.settled = True
         store = self._in_line
         assert store is not None
-        units = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`, in line
-        for held in bill.budgets:
-            try:
-                store.settle_units_now(held.key, units - held.units, held.ttl_s)
-            except StoreUnavailable:
-                self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
-        for key, ttl, _ in bill.unreserved:
-            try:
-                store.settle_units_now(key, units, ttl)
-            except StoreUnavailable:
-                self._unsettled("spend", (key, 0.0, cost, ttl))
-        usage = ctx.usage
-        if bill.tokens:
-            tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
-            actual = tokens * AMOUNT_SCALE if 0 <= tokens < _FAST_AMOUNT else to_units(float(tokens), "actual")
-            for held in bill.tokens:
+        units = round(cost * AMOUNT_SCALE)  # `to_units`, in line (`_price` keeps `cost` in its fast range)
+        try:
+            for held in bill.budgets:
                 try:
-                    store.settle_units_now(held.key, actual - held.units, WINDOW_S)
+                    store.settle_units_now(held.key, units - held.units, held.ttl_s)
                 except StoreUnavailable:
-                    self._unsettled("settle", ())
-        for key, holder in bill.slots:
-            store.release_slot_now(key, holder)
+                    self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
+            for key, ttl, _ in bill.unreserved:
+                try:
+                    store.settle_units_now(key, units, ttl)
+                except StoreUnavailable:
+                    self._unsettled("spend", (key, 0.0, cost, ttl))
+            if bill.tokens:
+                usage = ctx.usage
+                tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+                actual = (tokens if 0 <= tokens <= 2 * MAX_TOKENS else _tokens(tokens)) * AMOUNT_SCALE
+                for held in bill.tokens:
+                    try:
+                        store.settle_units_now(held.key, actual - held.units, WINDOW_S)
+                    except StoreUnavailable:
+                        self._unsettled("settle", ())
+        finally:  # whatever failed above, the slots are given back (no 429 until their lease ends)
+            for key, holder in bill.slots:
+                store.release_slot_now(key, holder)
         self._settled(ctx, bill, cost, units)
 
     def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
@@ -91,7 +142,7 @@ class Settling(StageState):
             ops.append(("spend", (key, 0.0, cost, ttl)))
         if bill.tokens:
             usage = ctx.usage
-            actual = float(usage.prompt_tokens + usage.completion_tokens if usage is not None else 0)
+            actual = float(_tokens(usage.prompt_tokens + usage.completion_tokens) if usage is not None else 0)
             for held in bill.tokens:
                 ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S)))
         for slot in bill.slots:
@@ -136,7 +187,7 @@ class Settling(StageState):
         route = ctx.route
         alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
         if cost_micro < 0:
-            cost_micro = round(cost * AMOUNT_SCALE) if 0.0 <= cost < _FAST_AMOUNT else to_units(cost)  # `to_units`
+            cost_micro = round(cost * AMOUNT_SCALE)  # `to_units`, in line (`_price` keeps `cost` in its fast range)
         name, tenant = (key.name, key.tenant) if key is not None else (None, None)
         now = time.time()
         today = self._today  # `day_id(now)`, asked once a day
@@ -188,6 +239,9 @@ class UsageOnly:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         stage = self._stage
+        usage = ctx.usage
+        if usage is not None and not usable(usage):  # an upstream's error: counted as when it reports none
+            stage._drop_unusable(ctx)
         if ctx.usage is None and ctx.upstream_started:
             ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
         stage._record(ctx, stage._price(ctx))
@@ -228,6 +282,9 @@ class StreamBill:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         stage = self._stage
+        usage = ctx.usage
+        if usage is not None and not usable(usage):  # an upstream's error: counted as when it reports none
+            stage._drop_unusable(ctx)
         if ctx.usage is None and ctx.upstream_started:
             ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
         cost = stage._price(ctx)
@@ -235,6 +292,11 @@ class StreamBill:
             stage._settle_in_line(ctx, self._bill, cost)
         else:
             await stage._settle(ctx, self._bill)
+
+
+def _tokens(tokens: int) -> int:
+    """A token count for a token window, kept in [0, 2 x `MAX_TOKENS`] (what any `usable` usage adds up to)."""
+    return 0 if tokens < 0 else min(tokens, 2 * MAX_TOKENS)
 
 
 def _final(ctx: RequestContext, last: Chunk) -> Chunk:

@@ -4,15 +4,16 @@ Between `Authorize` and the guards, only in a policy that sets a limit or a budg
 
 1. limits (requests and tokens per minute, requests in flight) of the caller's key, its tenant and the alias,
    all asked of the `Store` at once; one that refuses undoes the others and answers 429 with `Retry-After`;
-2. budgets: the request's largest possible cost (its prompt estimate plus `max_tokens`, or
+2. budgets: the request's expected largest cost (its prompt estimate plus its completion cap, or
    `accounting.default_max_tokens`, at the dearest of the alias's targets) is reserved atomically on every
-   budget that applies, so concurrent requests on any number of replicas never spend past a budget by more
-   than one reservation; a hard budget without room answers 429 `budget_exceeded`, a soft one lets the
-   request through with a header and a metric; past a budget's `downgrade.at`, the request goes to the
-   cheaper alias;
-3. the answer: each reservation is settled to the actual cost (tokens from the upstream, or counted): for a
-   complete answer in line on the in-process store and in a task beside the reply on Redis (the client
-   does not wait for the round trip), and at the end of a stream (`StreamBill`, settling.py), however it ends;
+   budget that applies, so concurrent requests on any number of replicas pass a budget only by what those
+   in flight together spend past their own reservations (docs/accounting.md says when that happens); a
+   hard budget without room answers 429 `budget_exceeded`, a soft one lets the request through with a
+   header and a metric; past a budget's `downgrade.at`, the request goes to the cheaper alias;
+3. the answer: each reservation is settled to the actual cost (tokens from the upstream, or counted when it
+   reports none or counts out of range: settling.py `usable`): for a complete answer in line on the
+   in-process store and in a task beside the reply on Redis (the client does not wait for the round trip),
+   and at the end of a stream (`StreamBill`, settling.py), however it ends;
    a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
    and an error event) when a hard budget refuses it.
 
@@ -40,7 +41,7 @@ from .ledger import Ledger
 from .outright import max_rates
 from .prompt import PromptEstimator
 from .scopes import BoundedLabels, ScopeIndex
-from .settling import Settling, StreamBill, UsageOnly
+from .settling import Settling, StreamBill, UsageOnly, usable
 
 __all__ = ["Accounting"]
 
@@ -80,6 +81,7 @@ class Accounting(Admission, Settling):
         self._token_drift = Children(metrics.token_estimate_drift, loop_only=True)
         self._drifts = {}  # alias -> both drift children (aliases: the policy's)
         self._today = (0.0, 0.0, "")  # no day yet: the first usage recorded looks it up
+        self._warned_usage = set()  # targets whose invalid usage was logged as a warning (bounded)
 
     async def start(self) -> None:
         await self.ledger.start()
@@ -99,7 +101,9 @@ class Accounting(Admission, Settling):
             if reply.stream is not None:
                 reply.stream.add(UsageOnly(self))
             else:
-                await self._answer_usage(ctx, reply)
+                usage = ctx.usage
+                if usage is None or not usable(usage):
+                    await self._answer_usage(ctx, reply)
                 self._record(ctx, self._price(ctx))
             return reply
         bill = Bill()
@@ -114,15 +118,18 @@ class Accounting(Admission, Settling):
         except GatewayError as exc:
             for name, value in bill.headers:
                 exc.headers.setdefault(name.decode(), value.decode())
+            self._drop_unusable(ctx)
             self._spawn(self._settle(ctx, bill))
             raise
         except BaseException:
+            self._drop_unusable(ctx)
             self._spawn(self._settle(ctx, bill))
             raise
         if reply.stream is not None:
             reply.stream.add(StreamBill(self, bill))
             return reply
-        if ctx.usage is None:  # (the usual answer brings its usage: no coroutine to ask `_answer_usage`)
+        usage = ctx.usage
+        if usage is None or not usable(usage):  # (the usual answer brings its usage: no coroutine to ask for it)
             await self._answer_usage(ctx, reply)
         cost = self._price(ctx)  # the header and the access log (telemetry) read it from the context
         if self._in_line is not None:  # settling in memory never waits: no task needed beside the reply
@@ -134,7 +141,9 @@ class Accounting(Admission, Settling):
         return reply
 
     async def _answer_usage(self, ctx: RequestContext, reply: Reply) -> None:
-        """A complete answer without usage: counted now (the bill cannot wait for telemetry's count)."""
+        """A complete answer without usage, or with usage the upstream got wrong (`usable`): counted now (the
+        bill cannot wait for telemetry's count)."""
+        self._drop_unusable(ctx)
         if ctx.usage is None and reply.body is not None and ctx.upstream_started:
             completion = await count_text(self.counter, answer_text(reply.body))
             ctx.usage = await estimate_usage(self.counter, ctx, completion)

@@ -71,7 +71,9 @@ def uses_accounting(spec: PolicySpec) -> bool:
 
 
 def check_accounting(spec: PolicySpec, doc: _Located, models: Mapping[str, ModelRoute], warnings: list[str]) -> None:
-    """Cross-checks of limits and budgets, and a warning for each target accounting cannot price."""
+    """Cross-checks of limits and budgets, and a warning for each target accounting cannot price when the
+    accounting stage is built: by the policy's own limits, budgets or `accounting.always`, or for the limits
+    and budgets of keys created at run time (`dynamic_keys`)."""
     for index, key in enumerate(spec.keys):
         _check_budget(key.budget, ("keys", index, "budget"), doc, models)
     tenants = {key.tenant for key in spec.keys}
@@ -82,7 +84,7 @@ def check_accounting(spec: PolicySpec, doc: _Located, models: Mapping[str, Model
         _check_budget(tenant.budget, ("tenants", name, "budget"), doc, models)
     for alias, model in spec.models.items():
         _check_budget(model.budget, ("models", alias, "budget"), doc, models, alias)
-    if not uses_accounting(spec):
+    if not uses_accounting(spec) and not spec.dynamic_keys.enabled:  # (keys made at run time may have budgets)
         return
     for alias, route in models.items():
         for target in route.targets:

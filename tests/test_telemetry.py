@@ -345,3 +345,31 @@ def test_metrics_off_record_nothing_and_keep_the_access_log(
     assert "gateway_requests_in_flight 0.0" in exposition
     lines = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
     assert len(lines) == 2 and lines[0]["prompt_tokens"] > 0 and lines[1]["stream"] is True
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fields", [{"completion_tokens": -100_000}, {"prompt_tokens": -7},
+                                    {"prompt_tokens_details": {"cached_tokens": -5}}])
+def test_usage_an_upstream_gets_wrong_is_estimated_without_accounting_too(
+    make_gateway: Make, upstream: Any, monkeypatch: pytest.MonkeyPatch, stream: bool, fields: dict[str, object],
+) -> None:
+    """No accounting stage: negative usage still never makes a cost below 0 nor takes a token counter down
+    (prometheus counters only go up); the answer's tokens are the gateway's estimate, marked as such."""
+    from tests.support import mock_upstream
+
+    real = mock_upstream.chat_usage
+    monkeypatch.setattr(mock_upstream, "chat_usage",
+                        lambda prompt, completion, details=False: {**real(prompt, completion, details), **fields})
+    gateway = make_gateway(policy_text(upstream.base_url)
+                           + "prices:\n  mock-model: {input_per_mtok: 1000, output_per_mtok: 1000}\n")
+    body = {"model": "chat", "messages": [{"role": "user", "content": "hello there"}], "stream": stream}
+    with httpx.stream("POST", gateway.base_url + "/chat/completions", json=body, headers=_headers(),
+                      timeout=20) as response:
+        response.read()
+    assert response.status_code == 200, response.text
+    if not stream:
+        assert float(response.headers["x-gateway-cost-usd"]) > 0
+    metrics = gateway.metrics()
+    for kind in ("prompt", "completion"):
+        assert _value(metrics, "gateway_tokens_total", model="chat", kind=kind) > 0
+    assert _value(metrics, "gateway_cost_usd_total", model="chat") > 0

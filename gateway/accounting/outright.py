@@ -13,10 +13,11 @@ from collections.abc import Iterable
 from typing import Any
 
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
+from ..schemas.openai import MAX_USAGE_TOKENS
 
 __all__ = ["MAX_TOKENS", "completion_cap", "max_rates", "refused_outright", "requested_cap"]
 
-MAX_TOKENS = 100_000_000
+MAX_TOKENS = MAX_USAGE_TOKENS  # the most tokens one count may hold (`Usage.usable`)
 """The most tokens one request is reserved, or billed, in one count: 10x the largest context window, with room
 for `n` and batched embeddings. A larger `max_tokens` is reserved as this (so that a hard budget or a token
 limit refuses it, and no amount reaches the store that it cannot keep); a larger count in an upstream's usage

@@ -38,14 +38,8 @@ _WARNED_TARGETS = 256  # targets whose invalid usage was logged as a warning (la
 
 
 def usable(usage: Usage) -> bool:
-    """Whether an upstream's usage can be billed: every count in [0, `MAX_TOKENS`] (details may be None)."""
-    if not (0 <= usage.prompt_tokens <= MAX_TOKENS and 0 <= usage.completion_tokens <= MAX_TOKENS):
-        return False
-    given, made = usage.prompt_tokens_details, usage.completion_tokens_details
-    if given is not None and not (0 <= (given.cached_tokens or 0) <= MAX_TOKENS
-                                  and 0 <= (given.cache_write_tokens or 0) <= MAX_TOKENS):
-        return False
-    return made is None or 0 <= (made.reasoning_tokens or 0) <= MAX_TOKENS
+    """Whether an upstream's usage can be billed (`Usage.usable`: every count in [0, `MAX_TOKENS`])."""
+    return usage.usable()
 
 
 class Settling(StageState):

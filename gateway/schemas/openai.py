@@ -98,6 +98,9 @@ class CompletionTokensDetails(Struct, omit_defaults=True):
     reasoning_tokens: int | None = 0
 
 
+MAX_USAGE_TOKENS = 100_000_000  # far above any one count of a real answer (`Usage.usable`)
+
+
 class Usage(Struct, omit_defaults=True):
     """Token usage as the upstream reported it (OpenAI's shape), details included when it gave them."""
 
@@ -121,6 +124,18 @@ class Usage(Struct, omit_defaults=True):
     def reasoning_tokens(self) -> int:
         details = self.completion_tokens_details
         return (details.reasoning_tokens or 0) if details is not None else 0
+
+    def usable(self) -> bool:
+        """Whether the counts can be believed: every one in [0, `MAX_USAGE_TOKENS`] (details may be None). An
+        upstream's negative or absurd figures are neither billed nor counted: the answer is estimated instead,
+        as when no usage came (a counter must never go down, a cost never below 0)."""
+        if not (0 <= self.prompt_tokens <= MAX_USAGE_TOKENS and 0 <= self.completion_tokens <= MAX_USAGE_TOKENS):
+            return False
+        given, made = self.prompt_tokens_details, self.completion_tokens_details
+        if given is not None and not (0 <= (given.cached_tokens or 0) <= MAX_USAGE_TOKENS
+                                      and 0 <= (given.cache_write_tokens or 0) <= MAX_USAGE_TOKENS):
+            return False
+        return made is None or 0 <= (made.reasoning_tokens or 0) <= MAX_USAGE_TOKENS
 
 
 class UsagePeek(Struct):

@@ -4,10 +4,12 @@ An upstream may not report usage: a non-streamed answer without a `usage` field,
 a provider configured with `stream_usage: false`, or an OpenAI-compatible server
 that ignores `stream_options.include_usage`. Tokens must not silently read 0
 then: this stage counts the prompt and the answer itself and marks the figure
-`usage_estimated`. It reads a stream's content only when the provider is known
-not to report usage; when a provider that should have reported it does not, that
-stream's answer is estimated from its chunk count (OpenAI-compatible servers send
-about one token a chunk) and the provider's later streams are counted.
+`usage_estimated`, as it does when the upstream's figures cannot be believed
+(negative or absurd: `Usage.usable`), so that a counter never goes down and a
+cost never reads below 0. It reads a stream's content only when the provider is
+known not to report usage; when a provider that should have reported it does not,
+that stream's answer is estimated from its chunk count (OpenAI-compatible servers
+send about one token a chunk) and the provider's later streams are counted.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ class CountTokens:
                 reply.stream.add(_StreamText(self))
             else:
                 reply.stream.add(self)
-        elif ctx.usage is None and reply.body is not None:
+        elif reply.body is not None and (ctx.usage is None or not ctx.usage.usable()):
             completion = await self._count(_answer_text(reply.body))
             ctx.usage = await self._usage(ctx, completion)
         return reply
@@ -54,7 +56,7 @@ class CountTokens:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        if ctx.usage is None and ctx.provider is not None:
+        if (ctx.usage is None or not ctx.usage.usable()) and ctx.provider is not None:
             ctx.usage = await self._usage(ctx, ctx.chunks)
 
     async def _usage(self, ctx: RequestContext, completion_tokens: int) -> Usage:
@@ -87,7 +89,7 @@ class _StreamText:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        if ctx.usage is None:
+        if ctx.usage is None or not ctx.usage.usable():
             completion = await self._counter._count("".join(self._parts))
             ctx.usage = await self._counter._usage(ctx, completion)
 

@@ -449,6 +449,18 @@ async def test_memory_store_evicts_cache_entries_before_counters_at_its_key_boun
     await store.aclose()
 
 
+async def test_memory_store_hands_out_each_eviction_once() -> None:
+    """The cache's eviction counter reads `take_evictions`: after a reload the old policy's cache and the new one's
+    share the store, and an eviction is counted by whichever asks first, never by both."""
+    store = MemoryStore(StoreConfig(max_entries=2))
+    for n in range(5):
+        await store.set(f"k{n}", b"1")
+    assert store.take_evictions() == 3 and store.take_evictions() == 0
+    await store.set("k5", b"1")
+    assert store.take_evictions() == 1 and store.evictions == 4
+    await store.aclose()
+
+
 
 async def test_counters_read_and_write_like_values_on_both_sides(store: Store) -> None:
     """Counters set as bytes count on; counted ones read back as ASCII digits, and compare as such."""

@@ -95,7 +95,6 @@ class ResponseCache:
                 local = self._local.get(model_dir) or LocalEmbedder(model_dir)
                 self._local[model_dir] = self.embedders[alias] = local
         self.share = SemanticShare(store, self.indexes) if self.indexes and policy.state.backend != "memory" else None
-        self._evictions = 0
         self.requests = Series(metrics.cache_requests)  # (alias, status)
         self.saved_tokens = Series(metrics.cache_saved_tokens)  # (alias, kind)
         self.saved_usd = Series(metrics.cache_saved_usd)  # (alias,)
@@ -249,7 +248,7 @@ class ResponseCache:
         self.metrics.cache_stores.labels(alias, "stored").inc()
         self.metrics.cache_bytes.labels(alias).inc(len(value))
         if isinstance(self.store, MemoryStore):
-            evicted, self._evictions = self.store.evictions - self._evictions, self.store.evictions
+            evicted = self.store.take_evictions()
             if evicted > 0:
                 self.metrics.cache_evictions.inc(evicted)
         if probe is not None and probe.vector is not None:

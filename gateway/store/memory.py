@@ -66,6 +66,7 @@ class MemoryStore:
         self._sized_prefix = self._config.bytes_prefix
         self.bytes = 0  # the sum of `_sized`
         self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
+        self._evictions_taken = 0  # of `evictions`, those `take_evictions` handed out
         self._channels: dict[str, set[QueueChannel]] = {}
         self._slots: dict[str, dict[str, float]] = {}  # key -> {holder: lease expiry}; emptied sets are dropped
         self._caps: dict[float, int] = {}  # limit -> its integer millionths, for at most _KNOWN limits
@@ -419,6 +420,13 @@ class MemoryStore:
         while len(self._data) > self._config.max_entries:  # cache entries go first: they can be made again,
             cached = self._sized  # a counter (a budget's spend, a window's count) cannot
             self._evict(next(iter(cached)) if cached else next(iter(self._data)))
+
+    def take_evictions(self) -> int:
+        """Evictions since the last call: what the cache adds to its counter. Kept here, not by the cache, so
+        that the cache services of two policies (the old one finishing its requests after a reload, the new one)
+        never count one eviction twice."""
+        taken, self._evictions_taken = self.evictions - self._evictions_taken, self.evictions
+        return taken
 
     def _evict(self, key: str) -> None:
         self._drop(key)

@@ -67,9 +67,11 @@ _DESCRIPTIONS: dict[str, str] = {
                              "`azure`; `anthropic` and `gemini` default to their public API; `demo` takes none.",
     "ProviderSpec.api_key_env": "The environment variable holding the provider's API key (never the key itself).",
     "ProviderSpec.api_key_header": "The header the key is sent in (`Authorization` gets `Bearer `; Azure: `api-key`).",
-    "ProviderSpec.headers": "Extra headers sent upstream (not secrets: those go in headers_env).",
     "ProviderSpec.headers_env": "Extra headers whose values come from environment variables.",
-    "ProviderSpec.query": "Query parameters added to every upstream URL (e.g. Azure's api-version).",
+    "ProviderSpec.query": "Query parameters added to every upstream URL (e.g. Azure's api-version); not secrets: a "
+                          "credential-looking parameter is a policy error.",
+    "ProviderSpec.headers": "Extra headers sent upstream (not secrets: a credential-looking header is a policy "
+                            "error; those go in headers_env).",
     "ProviderSpec.timeouts": "Connect, first byte, idle and total timeouts of every request to this provider.",
     "ProviderSpec.stream_usage": "Ask streamed answers for their usage chunk (OpenAI's stream_options).",
     "ProviderSpec.chunk_delay_ms": "`demo` only: a pause between streamed chunks.",

@@ -179,6 +179,22 @@ def test_tokens_are_estimated_when_a_non_streamed_answer_has_no_usage(
     assert 'gateway_tokens_total{kind="completion",model="fault-no-usage"}' in running.metrics()
 
 
+def test_tokens_are_estimated_for_a_responses_answer_without_usage(
+    make_gateway: Make, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A Responses request's instructions and input items are its prompt, its output's text its answer."""
+    running = make_gateway(access_log="true")
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        answer = openai.OpenAI(base_url=running.base_url, api_key=FULL_KEY, max_retries=0).responses.create(
+            model="fault-no-usage", instructions="Answer in a few words, as a benchmark upstream would.",
+            input=[{"role": "user", "content": [{"type": "input_text", "text": "count these words please"}]}])
+    assert answer.usage is None
+    line = access_lines(caplog)[-1]
+    assert line["tokens_estimated"] is True
+    assert isinstance(line["prompt_tokens"], int) and line["prompt_tokens"] > 15  # instructions and input
+    assert isinstance(line["completion_tokens"], int) and line["completion_tokens"] >= 20  # twenty words
+
+
 def test_streamed_tokens_are_estimated_when_the_upstream_ignores_the_usage_request(
     make_gateway: Make, caplog: pytest.LogCaptureFixture,
 ) -> None:

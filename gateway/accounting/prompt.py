@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 
 from ..pipeline.context import RequestContext
-from ..telemetry.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter
+from ..telemetry.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter, responses_messages
 
 __all__ = ["IMAGE_TOKENS", "PromptEstimator"]
 
@@ -59,7 +59,7 @@ class PromptEstimator:
             instructions = body.get("instructions")
             if (isinstance(instructions, str) and instructions) or (
                     isinstance(prompt, list) and prompt and type(prompt[0]) is dict):  # the Responses API
-                return self._chat(_responses_messages(prompt, instructions), body, model)
+                return self._chat(responses_messages(prompt, instructions), body, model)
         if isinstance(prompt, str):
             return self.tokens.count(prompt, model)
         if isinstance(prompt, list):
@@ -124,30 +124,6 @@ def _images(messages: list[Any]) -> int:
         if isinstance(content, list):
             count += sum(1 for part in content if isinstance(part, dict) and part.get("type") in _IMAGE_PARTS)
     return count
-
-
-def _responses_messages(value: Any, instructions: Any) -> list[Any]:
-    """A Responses request's `instructions` and `input` as the chat messages the model reads: the instructions
-    a system message; a string input one user message; input items as they are (a message item has a role and
-    a string or parts with `text`: `input_text`, `output_text`), except a tool call (its name and arguments)
-    and a tool's output, written as the chat messages that carry them."""
-    messages: list[Any] = []
-    if isinstance(instructions, str) and instructions:
-        messages.append({"role": "system", "content": instructions})
-    if isinstance(value, str):
-        messages.append({"role": "user", "content": value})
-        return messages
-    for item in value if isinstance(value, list) else ():
-        kind = item.get("type") if isinstance(item, dict) and "role" not in item else None
-        if kind == "function_call":
-            call = {"name": item.get("name"), "arguments": item.get("arguments")}
-            messages.append({"role": "assistant", "tool_calls": [{"function": call}]})
-        elif kind == "function_call_output":
-            output = item.get("output")
-            messages.append({"role": "tool", "content": output if isinstance(output, (str, list)) else None})
-        else:
-            messages.append(item)
-    return messages
 
 
 def _token_list(item: Any) -> int:

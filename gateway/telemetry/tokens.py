@@ -29,7 +29,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-__all__ = ["DEFAULT_ENCODING", "TokenCounter", "cached_encoding_file", "encoding_for_model", "message_text"]
+__all__ = ["DEFAULT_ENCODING", "TokenCounter", "cached_encoding_file", "encoding_for_model", "message_text",
+           "responses_messages"]
 
 log = logging.getLogger("gateway.tokens")
 
@@ -254,3 +255,27 @@ def message_text(messages: object) -> list[str]:
             texts.extend(part["text"] for part in content
                          if isinstance(part, dict) and isinstance(part.get("text"), str))
     return texts
+
+
+def responses_messages(value: Any, instructions: Any) -> list[Any]:
+    """A Responses request's `instructions` and `input` as the chat messages the model reads: the instructions
+    a system message; a string input one user message; input items as they are (a message item has a role and
+    a string or parts with `text`: `input_text`, `output_text`), except a tool call (its name and arguments)
+    and a tool's output, written as the chat messages that carry them."""
+    messages: list[Any] = []
+    if isinstance(instructions, str) and instructions:
+        messages.append({"role": "system", "content": instructions})
+    if isinstance(value, str):
+        messages.append({"role": "user", "content": value})
+        return messages
+    for item in value if isinstance(value, list) else ():
+        kind = item.get("type") if isinstance(item, dict) and "role" not in item else None
+        if kind == "function_call":
+            call = {"name": item.get("name"), "arguments": item.get("arguments")}
+            messages.append({"role": "assistant", "tool_calls": [{"function": call}]})
+        elif kind == "function_call_output":
+            output = item.get("output")
+            messages.append({"role": "tool", "content": output if isinstance(output, (str, list)) else None})
+        else:
+            messages.append(item)
+    return messages

@@ -24,7 +24,7 @@ from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
-from .tokens import TokenCounter, message_text
+from .tokens import TokenCounter, message_text, responses_messages
 
 __all__ = ["CountTokens", "answer_text", "count_text", "estimate_usage"]
 
@@ -126,12 +126,21 @@ def _answer_text(body: bytes) -> str:
                 _text_of_message(choice["message"], parts)
             elif isinstance(choice.get("text"), str):
                 parts.append(choice["text"])
+    for item in data.get("output") or () if isinstance(data, dict) else ():  # a Responses answer
+        if isinstance(item, dict):
+            if isinstance(item.get("arguments"), str):  # a function call
+                parts.append(item["arguments"])
+            parts.extend(message_text([item]))  # a message's `output_text` parts
     return "".join(parts)
 
 
 def _prompt_text(body: dict[str, Any]) -> str:
     if "messages" in body:
         return "\n".join(message_text(body["messages"]))
+    instructions, items = body.get("instructions"), body.get("input")
+    if (isinstance(instructions, str) and instructions) or (isinstance(items, list) and items
+                                                           and type(items[0]) is dict):  # the Responses API
+        return "\n".join(message_text(responses_messages(items, instructions)))
     prompt = body.get("prompt", body.get("input"))
     if isinstance(prompt, str):
         return prompt

@@ -11,7 +11,6 @@ entry point that owns the process (`server.py`).
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -90,7 +89,7 @@ class Gateway:
         # A memory store lives on across reloads that keep its settings: it holds keys, counters and spend.
         # Its byte bound for cache entries (`cache.memory_max_bytes`) is not a reason to lose them: a new one is
         # applied to the running store once this runtime is swapped in (`_reload`).
-        shared = previous is not None and policy.state.backend == "memory" and _same_store(previous.policy, policy)
+        shared = previous is not None and isinstance(previous.store, MemoryStore) and previous.store.takes(policy.state)
         store = previous.store if shared and previous is not None else build_store(policy.state)
         keys = _dynamic_keys(policy, store, self.metrics, previous)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
@@ -205,7 +204,7 @@ class Gateway:
         if not new.owns_store:  # the memory store passes to the new runtime with everything in it
             old.owns_store, new.owns_store = False, True
             if isinstance(new.store, MemoryStore):  # only now: a policy that failed to start changed nothing
-                new.store.rebound(policy.state.max_bytes)
+                new.store.reconfigure(policy.state)
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
@@ -261,11 +260,6 @@ def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics, previous: Runt
         if store is previous.store or same_redis:  # the same keys behind it
             keys.adopt(previous.dynamic_keys)
     return keys
-
-
-def _same_store(old: Policy, new: Policy) -> bool:
-    """Whether `new`'s store settings are `old`'s, but for `max_bytes`, which a running memory store takes on."""
-    return dataclasses.replace(old.state, max_bytes=new.state.max_bytes) == new.state
 
 
 def _shadow_version(policy: Policy) -> str | None:

@@ -290,6 +290,15 @@ def test_a_reload_that_changes_only_memory_max_bytes_keeps_the_memory_store(
         assert served_with_the_key()
         on_loop(running, store.set("cache:entry:b", b"b" * 700_000))  # the new bound holds for later writes too
         assert cached() == ["b"]
+
+        # The `state:` fields a memory store never reads (Redis's prefix, timeouts) keep it too; the one it reads,
+        # `on_unavailable`, is taken on.
+        assert store.on_unavailable == "open"
+        source.write_text(base + f"cache: {{memory_max_bytes: {MIB}}}\n"
+                          + "state: {key_prefix: 'other:', op_timeout_s: 1, on_unavailable: closed}\n")
+        assert reload_now(running)["result"] == "ok"
+        assert running.gateway.runtime.store is store and store.on_unavailable == "closed"
+        assert counters() == (7, 2.5) and served_with_the_key()
     finally:
         running.stop()
 

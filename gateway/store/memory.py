@@ -107,6 +107,20 @@ class MemoryStore:
     async def ping(self) -> bool:
         return True
 
+    def takes(self, config: StoreConfig) -> bool:
+        """Whether this store can serve `config` as it is (`reconfigure`): a memory store whose key bound,
+        subscriber buffers and byte-bounded prefix are this one's. What else a policy's `state:` holds
+        (its key prefix, timeouts, connections) is for Redis: a memory store never reads it."""
+        own = self._config
+        return (config.backend == "memory" and config.max_entries == own.max_entries
+                and config.channel_buffer == own.channel_buffer and config.bytes_prefix == own.bytes_prefix)
+
+    def reconfigure(self, config: StoreConfig) -> int:
+        """Take on a new policy's `config` (see `takes`): its `on_unavailable` and its byte bound (`rebound`);
+        how many cache entries the bound evicted."""
+        self._config = dataclasses.replace(self._config, on_unavailable=config.on_unavailable)
+        return self.rebound(config.max_bytes)
+
     def rebound(self, max_bytes: int | None) -> int:
         """Keep cache entries (keys under `bytes_prefix`) within a new `max_bytes` from now on; how many were
         evicted for it. A smaller bound evicts cache entries, least recently used first, until they fit; no

@@ -440,6 +440,20 @@ def test_anthropic_midstream_overload_reaches_the_client_as_an_error_event(clien
 
 
 
+def test_gemini_midstream_error_reaches_the_client_as_its_own_status_scrubbed(client: openai.OpenAI) -> None:
+    """Google's `{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}` mid-stream is the client's 429 error
+    event (not a generic upstream error), and its message is scrubbed like an error answer's."""
+    received: list[ChatCompletionChunk] = []
+    with pytest.raises(openai.APIError) as caught:
+        for chunk in client.chat.completions.create(model="gemini-fault-overloaded-midstream", stream=True,
+                                                    messages=[{"role": "user", "content": "x"}]):
+            received.append(chunk)
+    assert received and "quota exhausted" in caught.value.message.lower()
+    assert "10.0.0.5" not in caught.value.message and "sk-upstream-test" not in caught.value.message
+    body = caught.value.body if isinstance(caught.value.body, dict) else {}
+    assert body.get("code") == "rate_limit_exceeded", body
+
+
 # -- the mocks themselves speak the real formats ------------------------------------------------------
 
 

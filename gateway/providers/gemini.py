@@ -70,13 +70,23 @@ class GeminiProvider(OpenAICompatProvider):
         return Completion(_encode(chat), usage, chat)
 
     def _stream(self, call: Call, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> EventSource:
-        return TranslatedStream(self, response, deadline, idle_s, GeminiEvents())
+        return TranslatedStream(self, response, deadline, idle_s, GeminiEvents(self._event_error))
 
     def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
         detail = body.get("error")
         if isinstance(detail, dict):
             return detail.get("message"), detail.get("status")
         return None, None
+
+    def _event_error(self, detail: dict[str, Any]) -> GatewayError:
+        """An `{"error": {...}}` event mid-stream (Google's error object: `code` an HTTP status, `status` e.g.
+        RESOURCE_EXHAUSTED): the error the client is told, mapped and scrubbed as an error answer would be."""
+        code, message, kind = detail.get("code"), detail.get("message"), detail.get("status")
+        status = code if isinstance(code, int) and 400 <= code <= 599 else 500
+        error = self._map_status(status, self.sanitize(message), None, kind if isinstance(kind, str) else None,
+                                 message if isinstance(message, str) else "")
+        error.upstream_status = status
+        return error
 
     def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
                     ) -> GatewayError:

@@ -26,7 +26,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ContentPolicyViolation, InvalidRequest
+from ..errors import ContentPolicyViolation, GatewayError, InvalidRequest
 from ..schemas.events import DONE, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .common import ChunkWriter, StreamProtocolError, data_url, parse_arguments, unsupported
@@ -280,9 +280,12 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
 class GeminiEvents:
     """Per stream: each `streamGenerateContent` SSE event (a partial answer) as chunks, as it arrives."""
 
-    __slots__ = ("_calls", "_finished", "_usage", "_writer")
+    __slots__ = ("_calls", "_error", "_finished", "_usage", "_writer")
 
-    def __init__(self) -> None:
+    def __init__(self, error: Callable[[dict[str, Any]], GatewayError] | None = None) -> None:
+        # An `{"error": {...}}` event mid-stream (quota exhausted, overloaded after the 200): the error the client
+        # is told, as the provider maps and scrubs it (`GeminiProvider._event_error`).
+        self._error = error
         self._writer: ChunkWriter | None = None
         self._calls: dict[int, int] = {}  # candidate -> tool calls so far
         self._finished: set[int] = set()
@@ -290,6 +293,9 @@ class GeminiEvents:
 
     def feed(self, payload: bytes) -> list[StreamEvent]:
         answer = _decode(payload)
+        error = answer.get("error") if isinstance(answer, dict) else None
+        if isinstance(error, dict) and self._error is not None:
+            raise self._error(error)
         blocked = _blocked(answer)
         if blocked is not None:
             raise blocked

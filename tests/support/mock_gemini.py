@@ -9,7 +9,8 @@ events separated by CRLF pairs as Google sends them), the key in
 Faults come from the model in the URL (`fault-status-429`, `fault-stall-after-3`,
 `fault-echo`, `fault-echo-tool`, ...), plus `fault-safety` (the answer stops
 with `finishReason: SAFETY`), `fault-prompt-blocked` (`promptFeedback.blockReason`
-and no candidates) and `fault-out-of-order` (text after the finish reason).
+and no candidates), `fault-out-of-order` (text after the finish reason) and
+`fault-overloaded-midstream` (an `{"error": ...}` event, 429 RESOURCE_EXHAUSTED, after two chunks).
 """
 
 from __future__ import annotations
@@ -142,4 +143,7 @@ class MockGemini(MockUpstream):
         if fault and fault.kind == "out-of-order":
             events.append(_sse({**base, "candidates": [{"content": {"role": "model", "parts": [{"text": "late"}]},
                                                         "index": 0}]}))
+        if fault and fault.kind == "overloaded-midstream":  # Google's error object after some text
+            error = {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": f"Quota exhausted: {LEAKY_DETAIL}"}
+            events = [*events[:2], _sse({"error": error})]
         return await _deliver_stream(request, SseAnswer(events, 0), fault)

@@ -56,8 +56,9 @@ class GuardFailure(Exception):
 
 
 class Guard(Protocol):
-    """A configured guard. `detect` may run on a worker (the ner engine) and must be safe to call
-    concurrently; it is given the text and its place, and returns findings with spans into it."""
+    """A configured guard. `detect` may run on a worker (the ner engine, the injection model, any text
+    longer than `pool.INLINE_CHARS`) and must be safe to call concurrently; it is given the text and its
+    place, and returns findings with spans into it."""
 
     name: str
     kind: str
@@ -67,6 +68,11 @@ class Guard(Protocol):
     places: frozenset[Place]
 
     async def detect(self, text: str, where: Where) -> list[Finding]: ...
+
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        """The findings, when the guard computes them on the loop without waiting for anything (a text of at
+        most `pool.INLINE_CHARS` characters, no model); None when `detect` has to hand the text to the pool."""
+        ...
 
     def open_from(self, text: str, start: int) -> int:
         """Streams: the earliest offset at or after `start` where a finding may start that `text` does

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 from ..policy.guard_schema import GuardSpec
-from .base import Place
+from .base import Finding, Place, Where
 
 __all__ = ["GuardBase"]
 
@@ -19,6 +19,9 @@ class GuardBase:
         self.fail: Literal["closed", "open"] = spec.fail
         self.timeout_s = spec.timeout_s
         self.places: frozenset[Place] = frozenset(spec.places)
+
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        return None  # `detect` decides, under the guard's timeout
 
     def open_from(self, text: str, start: int) -> int:
         return 0  # cannot tell: the scanner holds its whole window

@@ -4,52 +4,99 @@ Keywords match whole words, whatever their case, accents, homoglyphs or the
 zero-width characters slipped into them; a topic is a named keyword list whose
 findings are reported as `TOPIC_<NAME>`. Spans map back to the original text, so
 `action: redact` removes exactly what matched.
+
+A text of at most `INLINE_CHARS` characters is checked on the event loop; a longer one on the guard pool,
+where the terms and topics are searched slice by slice (`slices.py`: their lead is the word list itself,
+a match of bounded length) and a policy's own regexes (`patterns`, of any length) in one pass each.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from bisect import bisect_left
 
-from ..policy.guard_schema import DenyListGuardSpec
+from ..policy.guard_schema import Action, DenyListGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
 from .holds import HOLD_TIMEOUT_S, RegexHolds
 from .normalize import fold
+from .pool import INLINE_CHARS, GuardPool
+from .slices import Searchable, Sliced
 
-__all__ = ["DenyListGuard"]
+__all__ = ["DenyListGuard", "Rules"]
 
 
-def _keywords(words: list[str]) -> re.Pattern[str]:
+def _keywords(words: list[str]) -> tuple[re.Pattern[str], str, int]:
+    """The whole-word regex of `words` (folded); its lead, the words anywhere; and how far the lead reads."""
     folded = sorted({fold(w)[0] for w in words}, key=len, reverse=True)
-    return re.compile(r"(?<!\w)(?:" + "|".join(re.escape(w) for w in folded) + r")(?!\w)")
+    lead = "(?:" + "|".join(re.escape(w) for w in folded) + ")"
+    return re.compile(r"(?<!\w)" + lead + r"(?!\w)"), lead, len(folded[0]) + 1
 
 
-class DenyListGuard(GuardBase):
-    kind = "denylist"
+class Rules:
+    """A deny list's regexes and how it searches them: picklable, so that a process pool worker can run it."""
 
-    def __init__(self, name: str, spec: DenyListGuardSpec) -> None:
-        super().__init__(name, spec)
-        self.action = spec.action
-        self.rules: list[tuple[str, re.Pattern[str]]] = []
-        if spec.terms:
-            self.rules.append(("DENIED_TERM", _keywords(spec.terms)))
-        for pattern in spec.patterns:
-            self.rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE)))
-        for topic, words in spec.topics.items():
-            self.rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", _keywords(words)))
-        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p in self.rules],
-                                timeout=HOLD_TIMEOUT_S if spec.patterns else None)  # a policy's regexes: bounded
+    __slots__ = ("action", "name", "patterns", "regexes")
 
-    async def detect(self, text: str, where: Where) -> list[Finding]:
+    def __init__(self, name: str, action: Action, regexes: list[tuple[str, re.Pattern[str], str | None, int]]) -> None:
+        self.name = name
+        self.action = action
+        self.regexes = regexes  # (label, regex, its lead or None, how far the lead reads)
+        # What `find` searches: the regexes themselves, or (`find_long`) those with a lead slice by slice.
+        self.patterns: list[tuple[str, Searchable]] = [(label, pattern) for label, pattern, _, _ in regexes]
+
+    def find(self, text: str) -> list[Finding]:
         folded, at = fold(text)
         found = []
-        for label, pattern in self.rules:
+        for label, pattern in self.patterns:
             for match in pattern.finditer(folded):
                 if match.end() > match.start():
                     found.append(Finding(self.name, label, at[match.start()], at[match.end() - 1] + 1, 1.0,
                                          f"denylist.{label.lower()}", self.action))
         return found
+
+    def find_long(self, text: str, deadline: float) -> list[Finding]:
+        """`find(text)`, the terms and topics searched slice by slice (`slices.py`) until `deadline`; a
+        policy's own regex has no lead (its matches may be of any length): one pass, which holds the GIL."""
+        sliced = Rules(self.name, self.action, self.regexes)
+        sliced.patterns = [(label, pattern if lead is None else Sliced(pattern, lead, deadline, reach))
+                           for label, pattern, lead, reach in self.regexes]
+        return sliced.find(text)
+
+
+class DenyListGuard(GuardBase):
+    kind = "denylist"
+
+    def __init__(self, name: str, spec: DenyListGuardSpec, pool: GuardPool | None = None) -> None:
+        super().__init__(name, spec)
+        self.action = spec.action
+        rules: list[tuple[str, re.Pattern[str], str | None, int]] = []
+        if spec.terms:
+            rules.append(("DENIED_TERM", *_keywords(spec.terms)))
+        for pattern in spec.patterns:
+            rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE), None, 0))
+        for topic, words in spec.topics.items():
+            rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", *_keywords(words)))
+        self.rules = Rules(name, self.action, rules)
+        self.pool = pool
+        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p, _, _ in rules],
+                                timeout=HOLD_TIMEOUT_S if spec.patterns else None)  # a policy's regexes: bounded
+
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        """The findings of a text of at most `INLINE_CHARS` characters, on the loop; None for a longer one,
+        which `detect` hands to the pool."""
+        if len(text) > INLINE_CHARS:
+            return None
+        return self.rules.find(text)
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        if len(text) <= INLINE_CHARS:
+            return self.rules.find(text)
+        deadline = time.monotonic() + self.timeout_s
+        if self.pool is None:  # a guard built on its own (tests, tools): no pool to hand the text to
+            return self.rules.find_long(text, deadline)
+        return await self.pool.run(self.rules.find_long, text, deadline)
 
     def open_from(self, text: str, start: int) -> int:
         """Where a term or pattern may still be being written, on the folded text (`holds.py`)."""
@@ -58,3 +105,4 @@ class DenyListGuard(GuardBase):
         if found <= 0:
             return 0
         return at[found] if found < len(folded) else len(text)
+

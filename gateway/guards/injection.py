@@ -13,6 +13,10 @@ the threshold. The default is `patterns` (docs/guards.md, "Injection: patterns a
 a model", says why). A classifier (`classifier: "module:factory"` in the policy; the
 factory returns an object with `score(text) -> float` in [0, 1]) is combined the same
 way, by taking the higher score; it is called on the event loop, so it must be cheap.
+
+The patterns check a text of at most `INLINE_CHARS` characters on the event loop, and a longer one
+on the guard pool, each regex tried only where its lead matches, one slice at a time (`slices.py`);
+the classifier still sees the whole text on the loop, whatever its length.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from __future__ import annotations
 import importlib
 import logging
 import re
+import time
+from collections.abc import Sequence
 from typing import Protocol
 
 from ..policy.cache_check import default_model_dir
@@ -27,87 +33,118 @@ from ..policy.guard_schema import InjectionGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
 from .normalize import fold
-from .pool import GuardPool
+from .pool import INLINE_CHARS, GuardPool
+from .slices import Searchable, Sliced
 
-__all__ = ["PATTERNS", "Classifier", "InjectionGuard", "injection_score"]
+__all__ = ["PATTERNS", "Classifier", "InjectionGuard", "injection_score", "injection_score_long"]
 
 log = logging.getLogger("gateway.guards")
 
 _IGNORE = r"(ignore|disregard|forget|skip|override|bypass|drop)"
 _PRIOR = r"(all |any |the |your |my )*(previous|prior|above|earlier|preceding|initial|original|system|existing)"
 _RULES = r"(instructions?|prompts?|rules|directives|guidelines|commands|context|messages?|constraints)"
-PATTERNS: list[tuple[str, float]] = [
+# (regex, weight, lead): the lead is what every match of the regex starts with (its `\b` left out). A long
+# text is searched for the lead, slice by slice, and the regex tried only where it matches (`slices.py`).
+PATTERNS: list[tuple[str, float, str]] = [
     # English
-    (rf"\b{_IGNORE}\s+{_PRIOR}\s+{_RULES}", 0.9),
-    (rf"\b{_IGNORE}\s+(everything|all)\s+(you were told|above|before|said)", 0.85),
+    (rf"\b{_IGNORE}\s+{_PRIOR}\s+{_RULES}", 0.9, _IGNORE),
+    (rf"\b{_IGNORE}\s+(everything|all)\s+(you were told|above|before|said)", 0.85, _IGNORE),
     (r"\b(reveal|print|show|repeat|output|leak|display|tell me)\b.{0,40}\b(system|hidden|secret|initial)\s+"
-     r"(prompt|instructions?|message|rules)", 0.8),
-    (r"\bwhat (is|was|are) your (system )?(prompt|instructions)\b", 0.55),
-    (r"\byou are (now )?(dan|stan|dude|aim|an? unrestricted|an? unfiltered|jailbroken|free from)", 0.9),
-    (r"\bdo anything now\b", 0.9),
-    (r"\b(developer|god|jailbreak|unrestricted|debug|sudo) mode\b", 0.75),
+     r"(prompt|instructions?|message|rules)", 0.8, "(reveal|print|show|repeat|output|leak|display|tell me)"),
+    (r"\bwhat (is|was|are) your (system )?(prompt|instructions)\b", 0.55, "what "),
+    (r"\byou are (now )?(dan|stan|dude|aim|an? unrestricted|an? unfiltered|jailbroken|free from)", 0.9, "you are "),
+    (r"\bdo anything now\b", 0.9, "do anything now"),
+    (r"\b(developer|god|jailbreak|unrestricted|debug|sudo) mode\b", 0.75,
+     "(developer|god|jailbreak|unrestricted|debug|sudo) mode"),
     (r"\b(pretend|act|behave|roleplay|imagine)\b.{0,40}\b(no|without|free of|zero)\s+(restrictions|rules|limits|"
-     r"filters|guidelines|ethics|censorship|content polic)", 0.85),
-    (r"\bno (longer )?(bound|restricted|limited) by\b.{0,30}\b(rules|guidelines|polic|openai|anthropic)", 0.8),
-    (r"\b(new|updated|real) (system )?(instructions?|rules)\s*:", 0.6),
-    (r"(^|\n)\s*(#{2,}|\[|<\|?|<<)\s*(system|sys|im_start|admin)\b", 0.7),
-    (r"</?(system|instructions?)>", 0.55),
-    (r"\bjailbreak", 0.6),
-    (r"\bfrom now on,? you (will|must|shall|are)\b", 0.45),
-    (r"\b(override|disable|turn off|remove)\b.{0,30}\b(safety|content|guard ?rails?|filters?|moderation)", 0.75),
-    (r"\bstay in character\b", 0.4),
-    (r"\bsimulate\b.{0,30}\b(unfiltered|uncensored|evil)\b", 0.75),
+     r"filters|guidelines|ethics|censorship|content polic)", 0.85, "(pretend|act|behave|roleplay|imagine)"),
+    (r"\bno (longer )?(bound|restricted|limited) by\b.{0,30}\b(rules|guidelines|polic|openai|anthropic)", 0.8, "no "),
+    (r"\b(new|updated|real) (system )?(instructions?|rules)\s*:", 0.6, "(new|updated|real) "),
+    (r"(^|\n)\s*(#{2,}|\[|<\|?|<<)\s*(system|sys|im_start|admin)\b", 0.7, r"(^|\n)"),
+    (r"</?(system|instructions?)>", 0.55, "<"),
+    (r"\bjailbreak", 0.6, "jailbreak"),
+    (r"\bfrom now on,? you (will|must|shall|are)\b", 0.45, "from now on"),
+    (r"\b(override|disable|turn off|remove)\b.{0,30}\b(safety|content|guard ?rails?|filters?|moderation)", 0.75,
+     "(override|disable|turn off|remove)"),
+    (r"\bstay in character\b", 0.4, "stay in character"),
+    (r"\bsimulate\b.{0,30}\b(unfiltered|uncensored|evil)\b", 0.75, "simulate"),
     # German
     (r"\b(ignoriere|ignorier|vergiss|missachte)\b.{0,30}\b(vorherigen|bisherigen|obigen|alle|vorigen)\b.{0,20}"
-     r"\b(anweisungen|instruktionen|regeln|befehle)", 0.9),
-    (r"\b(zeige|verrate|gib)\b.{0,30}\b(systemprompt|system-prompt|anweisungen)", 0.6),
+     r"\b(anweisungen|instruktionen|regeln|befehle)", 0.9, "(ignoriere|ignorier|vergiss|missachte)"),
+    (r"\b(zeige|verrate|gib)\b.{0,30}\b(systemprompt|system-prompt|anweisungen)", 0.6, "(zeige|verrate|gib)"),
     # French
     (r"\b(ignore|ignorez|oublie|oubliez)\b.{0,30}\b(instructions|consignes|regles)\b.{0,20}"
-     r"\b(precedentes|anterieures|ci-dessus)", 0.9),
-    (r"\b(ignore|ignorez|oublie|oubliez)\b.{0,10}\b(toutes? )?(les |tes |vos )?(instructions|consignes|regles)", 0.75),
+     r"\b(precedentes|anterieures|ci-dessus)", 0.9, "(ignore|ignorez|oublie|oubliez)"),
+    (r"\b(ignore|ignorez|oublie|oubliez)\b.{0,10}\b(toutes? )?(les |tes |vos )?(instructions|consignes|regles)", 0.75,
+     "(ignore|ignorez|oublie|oubliez)"),
     # Spanish
     (r"\b(ignora|ignore|olvida|olvide)\b.{0,30}\b(instrucciones|reglas|indicaciones)\b.{0,20}"
-     r"\b(anteriores|previas|de arriba)", 0.9),
-    (r"\b(ignora|olvida)\b.{0,10}\b(todas )?(las |tus )?(instrucciones|reglas)", 0.75),
+     r"\b(anteriores|previas|de arriba)", 0.9, "(ignora|ignore|olvida|olvide)"),
+    (r"\b(ignora|olvida)\b.{0,10}\b(todas )?(las |tus )?(instrucciones|reglas)", 0.75, "(ignora|olvida)"),
     # Italian
-    (r"\b(ignora|dimentica)\b.{0,30}\b(istruzioni|regole)\b.{0,20}\b(precedenti|sopra)", 0.9),
+    (r"\b(ignora|dimentica)\b.{0,30}\b(istruzioni|regole)\b.{0,20}\b(precedenti|sopra)", 0.9, "(ignora|dimentica)"),
     # Portuguese
-    (r"\b(ignore|ignora|esqueca)\b.{0,30}\b(instrucoes|regras)\b.{0,20}\b(anteriores|acima)", 0.9),
+    (r"\b(ignore|ignora|esqueca)\b.{0,30}\b(instrucoes|regras)\b.{0,20}\b(anteriores|acima)", 0.9,
+     "(ignore|ignora|esqueca)"),
     # Dutch
-    (r"\b(negeer|vergeet)\b.{0,30}\b(vorige|eerdere|bovenstaande|alle)\b.{0,20}\b(instructies|regels)", 0.9),
+    (r"\b(negeer|vergeet)\b.{0,30}\b(vorige|eerdere|bovenstaande|alle)\b.{0,20}\b(instructies|regels)", 0.9,
+     "(negeer|vergeet)"),
 ]
 # Non-Latin scripts, matched on the case-folded text without homoglyph folding (which would turn
 # Cyrillic words into Latin look-alikes).
-NATIVE_PATTERNS: list[tuple[str, float]] = [
-    (r"(игнорируй|игнорируйте|забудь|забудьте)\s.{0,30}(инструкции|правила|указания)", 0.9),
-    (r"(忽略|无视|忘记).{0,10}(之前|以前|上面|所有).{0,10}(指令|指示|说明|规则)", 0.9),
+NATIVE_PATTERNS: list[tuple[str, float, str]] = [
+    (r"(игнорируй|игнорируйте|забудь|забудьте)\s.{0,30}(инструкции|правила|указания)", 0.9,
+     "(игнорируй|игнорируйте|забудь|забудьте)"),
+    (r"(忽略|无视|忘记).{0,10}(之前|以前|上面|所有).{0,10}(指令|指示|说明|规则)", 0.9, "(忽略|无视|忘记)"),
 ]
-_COMPILED = [(re.compile(p, re.DOTALL), w, f"injection.p{i}") for i, (p, w) in enumerate(PATTERNS)]
-_NATIVE = [(re.compile(p, re.DOTALL), w, f"injection.n{i}") for i, (p, w) in enumerate(NATIVE_PATTERNS)]
+
+
+def _compiled(patterns: list[tuple[str, float, str]], prefix: str,
+              deadline: float | None = None) -> list[tuple[Searchable, float, str]]:
+    """(regex, weight, name) of each pattern; with a deadline, each regex to be searched slice by slice."""
+    out: list[tuple[Searchable, float, str]] = []
+    for i, (rx, weight, lead) in enumerate(patterns):
+        regex = re.compile(rx, re.DOTALL)
+        out.append((regex if deadline is None else Sliced(regex, lead, deadline), weight, f"injection.{prefix}{i}"))
+    return out
+
+
+_COMPILED = _compiled(PATTERNS, "p")
+_NATIVE = _compiled(NATIVE_PATTERNS, "n")
 
 
 class Classifier(Protocol):
     def score(self, text: str) -> float: ...
 
 
-def injection_score(text: str) -> tuple[float, list[tuple[int, int, str]]]:
-    """The text's score in [0, 1] and the matched spans (offsets into `text`)."""
+def injection_score(text: str, *, patterns: Sequence[tuple[Searchable, float, str]] = _COMPILED,
+                    native_patterns: Sequence[tuple[Searchable, float, str]] = _NATIVE,
+                    ) -> tuple[float, list[tuple[int, int, str]]]:
+    """The text's score in [0, 1] and the matched spans (offsets into `text`). `patterns` and
+    `native_patterns`: the compiled regexes, or (`injection_score_long`) the same searched slice by slice."""
     folded, where = fold(text)
     miss = 1.0
     spans: list[tuple[int, int, str]] = []
-    for pattern, weight, name in _COMPILED:
+    for pattern, weight, name in patterns:
         match = pattern.search(folded)
         if match is not None and match.end() > match.start():
             miss *= 1.0 - weight
             spans.append((where[match.start()], where[match.end() - 1] + 1, name))
     if not text.isascii():
         native = text.casefold()  # same length as the text for these scripts: offsets carry over
-        for pattern, weight, name in _NATIVE:
+        for pattern, weight, name in native_patterns:
             match = pattern.search(native)
             if match is not None and len(native) == len(text):
                 miss *= 1.0 - weight
                 spans.append((match.start(), match.end(), name))
     return 1.0 - miss, spans
+
+
+def injection_score_long(text: str, deadline: float) -> tuple[float, list[tuple[int, int, str]]]:
+    """`injection_score(text)` on a pool worker: each regex tried only where its lead matches, the lead
+    searched slice by slice (`slices.py`) until `deadline` (`time.monotonic()`); the same score and spans."""
+    return injection_score(text, patterns=_compiled(PATTERNS, "p", deadline),
+                           native_patterns=_compiled(NATIVE_PATTERNS, "n", deadline))
 
 
 class InjectionGuard(GuardBase):
@@ -140,13 +177,29 @@ class InjectionGuard(GuardBase):
         except Exception as exc:  # noqa: BLE001 -- missing, unreadable or malformed files: every check fails
             log.error("guard %s: the injection model did not load: %s", self.name, type(exc).__name__)
 
-    async def detect(self, text: str, where: Where) -> list[Finding]:
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        """The finding of a text of at most `INLINE_CHARS` characters, on the loop, when no model is asked;
+        None otherwise: `detect` hands a longer text's patterns, and the model, to the pool."""
+        if self.model_dir is not None or len(text) > INLINE_CHARS:
+            return None
         score, spans = injection_score(text) if self.patterns else (0.0, [])
+        return self._decide(text, score, spans, spans[0][2] if spans else "injection")
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        score: float = 0.0
+        spans: list[tuple[int, int, str]] = []
+        if self.patterns:
+            score, spans = injection_score(text) if len(text) <= INLINE_CHARS else await self._score_long(text)
         recognizer = spans[0][2] if spans else "injection"
         if self.model_dir is not None and score < self.threshold:
             learned = await self._model_score(text)
             if learned > score:
                 score, recognizer = learned, "injection.model"
+        return self._decide(text, score, spans, recognizer)
+
+    def _decide(self, text: str, score: float, spans: list[tuple[int, int, str]], recognizer: str) -> list[Finding]:
+        """The finding, if the higher of the score and the classifier's (on the loop, whatever the text's
+        length: a classifier must bound its own work) reaches the threshold."""
         if self.classifier is not None:
             learned = float(self.classifier.score(text))
             if learned > score:
@@ -157,6 +210,12 @@ class InjectionGuard(GuardBase):
         if recognizer == "injection.model":
             start, end = 0, len(text)  # the model points at no span: the whole text
         return [Finding(self.name, "PROMPT_INJECTION", start, end, round(score, 3), recognizer, self.action)]
+
+    async def _score_long(self, text: str) -> tuple[float, list[tuple[int, int, str]]]:
+        deadline = time.monotonic() + self.timeout_s
+        if self.pool is None:  # a guard built on its own (tests, tools): no pool to hand the text to
+            return injection_score_long(text, deadline)
+        return await self.pool.run(injection_score_long, text, deadline)
 
     async def _model_score(self, text: str) -> float:
         from .injection_model import score_text

@@ -36,16 +36,13 @@ from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSp
 from .base import Finding, Where
 from .common import GuardBase
 from .holds import RegexHolds, pii_holds
-from .pool import GuardPool
+from .pool import INLINE_CHARS, GuardPool
 
 __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
 
 # Presidio's own scores where its defaults are tuned for recall on a single label, not for a gateway:
 # a phone number scores 0.4 without a context word; an IBAN or a card whose checksum holds is sure.
 _DEFAULT_THRESHOLDS = {"PHONE_NUMBER": 0.4, "PERSON": 0.5}
-# The patterns engine runs on the event loop (a thread hop costs more than its analysis), except
-# for texts this long, whose regex scan would hold the loop for many milliseconds.
-INLINE_CHARS = 16_384
 # Regions whose national formats libphonenumber looks for (each one is a pass over the text, the
 # largest cost of an analysis); numbers written with a `+` are found whatever the region, and the
 # gateway's own `phone_intl` recognizer catches those libphonenumber does not know as valid.
@@ -257,7 +254,7 @@ class PiiGuard(GuardBase):
 
     def detect_now(self, text: str, where: Where) -> list[Finding] | None:
         """The findings, when they are computed on the loop without waiting for anything (the patterns
-        engine on a text shorter than `INLINE_CHARS`); None when `detect` has to hand the text to the pool."""
+        engine on a text of at most `INLINE_CHARS` characters); None when `detect` has to hand the text to the pool."""
         if not text.strip() or (self.prefilter is not None and not self.prefilter.may_match(text)):
             return []
         if self.offload or len(text) > INLINE_CHARS:

@@ -1,6 +1,7 @@
 """Where CPU-bound analysis runs: a thread or process pool per runtime, with a bounded queue.
 
-A spaCy analysis holds the CPU for tens of milliseconds; on the event loop it
+A spaCy analysis holds the CPU for tens of milliseconds, and a regex scan of a
+long prompt (longer than `INLINE_CHARS`) as long or far longer; on the event loop it
 would stall every other request. The pool's size and kind come from the policy.
 Its queue is bounded: a full queue is a guard failure (`fail:` decides), so a
 burst of long prompts cannot pile up unbounded work and memory.
@@ -20,9 +21,14 @@ from typing import Any, TypeVar
 
 from ..policy.guard_schema import GuardPoolSpec
 
-__all__ = ["GuardPool", "QueueFull"]
+__all__ = ["INLINE_CHARS", "GuardPool", "QueueFull"]
 
 T = TypeVar("T")
+
+# Texts up to this long are checked on the event loop (a thread hop costs more than their check); longer ones
+# are handed to the pool, whose guards' regexes would otherwise hold the loop for many milliseconds. Every
+# guard kind uses this one rule (`pii.py`, `secrets.py`, `denylist.py`, `injection.py`).
+INLINE_CHARS = 16_384
 
 
 class QueueFull(Exception):

@@ -73,11 +73,11 @@ class GuardRuntime:
         if isinstance(spec, PiiGuardSpec):
             return PiiGuard(name, spec, self.pool)
         if isinstance(spec, SecretsGuardSpec):
-            return SecretsGuard(name, spec)
+            return SecretsGuard(name, spec, self.pool)
         if isinstance(spec, InjectionGuardSpec):
             return InjectionGuard(name, spec, self.pool)
         if isinstance(spec, DenyListGuardSpec):
-            return DenyListGuard(name, spec)
+            return DenyListGuard(name, spec, self.pool)
         assert isinstance(spec, LimitsGuardSpec)
         return LimitsGuard(name, spec, self._count_tokens)
 
@@ -86,15 +86,18 @@ class GuardRuntime:
                 *(g for s in self._tenants.values() for g in s.values())]
 
     async def start(self) -> None:
-        """Build every analyzer now (off the loop), and start the pool."""
-        pii = [g for g in self._all() if isinstance(g, PiiGuard) and g.mode != "off"]
-        models = [g for g in self._all() if isinstance(g, InjectionGuard) and g.mode != "off" and g.model_dir]
+        """Build every analyzer now (off the loop), and start the pool: every text guard hands it the texts
+        longer than `INLINE_CHARS` (and the ner engine and the injection model all of theirs)."""
+        active = [g for g in self._all() if g.mode != "off"]
+        pii = [g for g in active if isinstance(g, PiiGuard)]
+        models = [g for g in active if isinstance(g, InjectionGuard) and g.model_dir]
         builds: list[Callable[[], None]] = [*(g.build for g in pii), *(g.build for g in models)]
         await asyncio.gather(*(asyncio.to_thread(build) for build in builds))
-        offloaded = [g.engine for g in pii if g.offload]
+        # A process pool's workers build their own analyzers: every pii engine's, since any may be given a long text.
+        engines = tuple(dict.fromkeys(g.engine for g in pii))
         model_dirs = tuple(sorted({g.model_dir for g in models if g.model_dir}))
-        if offloaded or model_dirs:
-            self.pool.start(_warm, tuple(offloaded), model_dirs)
+        if any(not isinstance(g, LimitsGuard) for g in active):
+            self.pool.start(_warm, engines, model_dirs)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -121,8 +124,8 @@ class GuardRuntime:
 
     async def detect(self, guards: Sequence[Guard], text: str, where: Where) -> tuple[list[Finding], list[Finding]]:
         """Every guard's findings on `text`, split into enforced and shadow ones (counted per verdict)."""
-        # One after the other: all but the ner engine run on the loop anyway, and tasks for a
-        # gather would cost more than they overlap.
+        # One after the other: all but the ner engine, the injection model and long texts run on the loop
+        # anyway, and tasks for a gather would cost more than they overlap.
         results = [await self._detect(g, text, where) for g in guards]
         enforced: list[Finding] = []
         shadow: list[Finding] = []
@@ -136,12 +139,12 @@ class GuardRuntime:
         started = time.perf_counter()
         reason: str
         try:
-            if isinstance(guard, PiiGuard):
-                # An analysis on the loop never waits, so a timeout could not interrupt it (asyncio's fires at an
-                # await only): it runs without one (which cost about 3% of the check).
-                found = guard.detect_now(text, where)
-                if found is not None:
-                    return found
+            # A check on the loop (a text of at most `INLINE_CHARS` characters) never waits, so a timeout could not
+            # interrupt it (asyncio's fires at an await only): it runs without one (which cost about 3% of the
+            # check). What goes to the pool (`detect`) runs under `timeout_s`, and stops at its deadline there.
+            found = guard.detect_now(text, where)
+            if found is not None:
+                return found
             async with asyncio.timeout(guard.timeout_s):
                 return await guard.detect(text, where)
         except TimeoutError:

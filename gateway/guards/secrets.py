@@ -4,20 +4,28 @@ passwords, and high-entropy tokens next to key-like words.
 Each detector is a compiled regex with a fixed score; the entropy detector also
 requires the token to look random (Shannon entropy per character), so that
 `password: changeme` in a tutorial is not a secret but `api_key = "q8Zr...` is.
+
+A text of at most `INLINE_CHARS` characters is scanned on the event loop; a longer one on the guard pool,
+each regex tried only where its lead (`LEADS`) matches, one slice at a time (`slices.py`): its regexes
+would hold the loop for seconds on a prompt of a few megabytes.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import time
 from collections import Counter
+from collections.abc import Sequence
 
-from ..policy.guard_schema import SecretsGuardSpec
+from ..policy.guard_schema import Action, SecretsGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
 from .holds import RegexHolds
+from .pool import INLINE_CHARS, GuardPool
+from .slices import Searchable, Sliced
 
-__all__ = ["DETECTORS", "SecretsGuard", "entropy"]
+__all__ = ["DETECTORS", "LEADS", "SecretsGuard", "entropy"]
 
 _B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
 _E = r"(?![A-Za-z0-9_\-])"
@@ -43,10 +51,19 @@ DETECTORS: dict[str, list[tuple[str, str]]] = {
     "connection_string": [("CONNECTION_STRING",
                            r"\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@\"'<>]{1,64}:([^\s@/\"'<>]{3,128})@[^\s/\"'<>]{2,}")],
 }
-_KEYWORD_TOKEN = re.compile(
-    r"(?i:api[_\- ]?key|apikey|secret|token|passw(?:or)?d|pwd|auth|credential|access[_\- ]?key|private[_\- ]?key)"
-    r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})"
-)
+# What every match of a detector's regex starts with, at the match's start (its lookbehind left out): a long
+# text is searched for these, and each regex tried only where its lead matches (`slices.py`).
+LEADS: dict[str, str] = {
+    "OPENAI_API_KEY": "sk-", "ANTHROPIC_API_KEY": "sk-ant-", "GITHUB_TOKEN": "gh[pousr]_|github_pat_",
+    "GITLAB_TOKEN": "glpat-", "SLACK_TOKEN": "xox[abposr]-", "SLACK_WEBHOOK": r"https://hooks\.slack\.com/",
+    "STRIPE_KEY": "(?:sk|rk)_(?:live|test)_", "GOOGLE_API_KEY": "AIza", "AWS_ACCESS_KEY": "(?:AKIA|ASIA|ABIA|ACCA)",
+    "AWS_SECRET_KEY": "(?i:aws_?secret)", "AZURE_KEY": "(?i:AccountKey|SharedAccessKey)=", "HUGGINGFACE_TOKEN": "hf_",
+    "SENDGRID_KEY": r"SG\.", "NPM_TOKEN": "npm_", "PRIVATE_KEY": "-----BEGIN ", "JWT": "eyJ",
+    "CONNECTION_STRING": r"\b[a-z][a-z0-9+.\-]{1,20}://",
+}
+_KEYWORD = (r"(?i:api[_\- ]?key|apikey|secret|token|passw(?:or)?d|pwd|auth|credential|access[_\- ]?key"
+            r"|private[_\- ]?key)")  # the key-like word: `_KEYWORD_TOKEN`'s lead
+_KEYWORD_TOKEN = re.compile(_KEYWORD + r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})")
 _OPEN_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY")
 _CLOSE_KEY = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")  # as the block's own pattern
 _SCORE = 0.95
@@ -59,23 +76,21 @@ def entropy(token: str) -> float:
     return -sum(c / n * math.log2(c / n) for c in counts.values())
 
 
-class SecretsGuard(GuardBase):
-    kind = "secrets"
+class Scanner:
+    """A secrets guard's scan: picklable, so that a process pool worker can run it on a long text."""
 
-    def __init__(self, name: str, spec: SecretsGuardSpec) -> None:
-        super().__init__(name, spec)
-        kinds = spec.detectors if spec.detectors is not None else list(DETECTORS) + ["entropy"]
-        self.action = spec.action
-        self.patterns = [
-            (label, re.compile(rx)) for kind in kinds if kind in DETECTORS for label, rx in DETECTORS[kind]
-        ]
-        self.entropy_bits = spec.entropy_bits if "entropy" in kinds else None
-        self.allow = frozenset(spec.allow)
-        self.holds = RegexHolds([(p.pattern, 0, 0) for _, p in self.patterns]
-                                + ([(_KEYWORD_TOKEN.pattern, 0, 0)] if self.entropy_bits is not None else []))
+    __slots__ = ("action", "allow", "entropy_bits", "keyword", "name", "patterns", "regexes")
 
-    async def detect(self, text: str, where: Where) -> list[Finding]:
-        return self.scan(text)
+    def __init__(self, name: str, action: Action, regexes: list[tuple[str, re.Pattern[str]]],
+                 entropy_bits: float | None, allow: frozenset[str]) -> None:
+        self.name = name
+        self.action = action
+        self.regexes = regexes
+        self.entropy_bits = entropy_bits
+        self.allow = allow
+        # What `scan` searches: the regexes themselves, or (`scan_long`) the same regexes searched slice by slice.
+        self.patterns: Sequence[tuple[str, Searchable]] = regexes
+        self.keyword: Searchable = _KEYWORD_TOKEN
 
     def scan(self, text: str) -> list[Finding]:
         found: list[Finding] = []
@@ -86,7 +101,7 @@ class SecretsGuard(GuardBase):
                 if text[start:end] not in self.allow:
                     found.append(Finding(self.name, label, start, end, _SCORE, f"secrets.{label.lower()}", self.action))
         if self.entropy_bits is not None:
-            for match in _KEYWORD_TOKEN.finditer(text):
+            for match in self.keyword.finditer(text):
                 token = match.group(1).rstrip(".")
                 start = match.start(1)
                 end = start + len(token)
@@ -95,6 +110,51 @@ class SecretsGuard(GuardBase):
                     found.append(Finding(self.name, "HIGH_ENTROPY_SECRET", start, end, 0.8, "secrets.entropy",
                                          self.action))
         return found
+
+    def scan_long(self, text: str, deadline: float) -> list[Finding]:
+        """`scan(text)`, each regex searched slice by slice from its lead (`slices.py`) until `deadline`
+        (`time.monotonic()`): the same findings, without holding the GIL for a whole pass over the text."""
+        sliced = Scanner(self.name, self.action, self.regexes, self.entropy_bits, self.allow)
+        sliced.patterns = [(label, Sliced(p, LEADS[label], deadline)) for label, p in self.regexes]
+        sliced.keyword = Sliced(_KEYWORD_TOKEN, _KEYWORD, deadline)
+        return sliced.scan(text)
+
+
+class SecretsGuard(GuardBase):
+    kind = "secrets"
+
+    def __init__(self, name: str, spec: SecretsGuardSpec, pool: GuardPool | None = None) -> None:
+        super().__init__(name, spec)
+        kinds = spec.detectors if spec.detectors is not None else list(DETECTORS) + ["entropy"]
+        self.action = spec.action
+        self.patterns = [
+            (label, re.compile(rx)) for kind in kinds if kind in DETECTORS for label, rx in DETECTORS[kind]
+        ]
+        self.entropy_bits = spec.entropy_bits if "entropy" in kinds else None
+        self.allow = frozenset(spec.allow)
+        self.pool = pool
+        self.scanner = Scanner(name, self.action, self.patterns, self.entropy_bits, self.allow)
+        self.holds = RegexHolds([(p.pattern, 0, 0) for _, p in self.patterns]
+                                + ([(_KEYWORD_TOKEN.pattern, 0, 0)] if self.entropy_bits is not None else []))
+
+    def detect_now(self, text: str, where: Where) -> list[Finding] | None:
+        """The findings of a text of at most `INLINE_CHARS` characters, on the loop; None for a longer one,
+        which `detect` hands to the pool."""
+        if len(text) > INLINE_CHARS:
+            return None
+        return self.scanner.scan(text)
+
+    async def detect(self, text: str, where: Where) -> list[Finding]:
+        if len(text) <= INLINE_CHARS:
+            return self.scanner.scan(text)
+        deadline = time.monotonic() + self.timeout_s
+        if self.pool is None:  # a guard built on its own (tests, tools): no pool to hand the text to
+            return self.scanner.scan_long(text, deadline)
+        return await self.pool.run(self.scanner.scan_long, text, deadline)
+
+    def scan(self, text: str) -> list[Finding]:
+        """Every finding in `text`, in one pass of each regex, wherever it runs."""
+        return self.scanner.scan(text)
 
     def open_from(self, text: str, start: int) -> int:
         """Where a key, token or `password = ...` may still be being written (`holds.py`)."""

@@ -1,0 +1,99 @@
+"""Long texts on the guard pool: a regex searched one slice at a time, with exactly the matches of one pass.
+
+Python's `re` holds the GIL for the whole of one search call, so a pool thread that hands a 3.7 MB prompt
+to `finditer` holds the event loop for as long as one pass of the regex over it takes (130 to 300 ms for
+most secrets regexes, over a second for the key-like-word one: a regex that starts with a lookbehind or a
+case-insensitive alternation is tried at every offset). A long text is therefore not searched whole.
+
+Each regex searched this way has a lead: a regex that matches at least wherever a match of the regex starts
+(`sk-` for an OpenAI key, whose own regex starts with a lookbehind that `re` cannot skip ahead for; the
+key-like word of `password = ...`), and that reads at most `LEAD_REACH` characters from where it starts.
+The lead is searched one slice of `SLICE_CHARS` start offsets at a time, each search seeing `LEAD_REACH`
+characters past its slice (and, as a lookbehind does, everything before it), so it finds exactly the offsets
+where it matches the whole text. The regex itself is then tried with `match` on the whole text at those
+offsets only, so its matches may be of any length, as in one pass.
+
+Why this is `pattern.finditer(text)` exactly: finditer's next match is the one `pattern.match` finds at the
+first offset, at or after the end of the last match, where it finds one; every such offset is one where the
+lead matches, and each is tried in order. (The regex must not match the empty string: finditer treats an
+empty match specially. None of the guards' built-in regexes can.) `search` is the first of them.
+
+Between slices the scan looks at the guard's deadline (its `timeout_s` from when the check started), so that
+a worker stops soon after the check has timed out, instead of finishing a scan nobody waits for. The
+deadline is `time.monotonic()`, which is one clock for the whole machine on Linux (process pool workers).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Iterator
+from typing import Protocol
+
+from .pool import INLINE_CHARS
+
+__all__ = ["LEAD_REACH", "SLICE_CHARS", "Searchable", "Sliced", "finditer", "starts"]
+
+# Start offsets searched by one call: the loop waits at most about as long as for a text checked inline.
+SLICE_CHARS = INLINE_CHARS
+# The most characters a lead may read from where it starts (its widest match and one character after it,
+# for a `\b` or lookahead at its end): every built-in lead is far shorter (`tests/test_guard_slices.py`).
+LEAD_REACH = 64
+
+
+def starts(lead: re.Pattern[str], text: str, deadline: float, reach: int = LEAD_REACH) -> Iterator[int]:
+    """Every offset where `lead` matches `text`, in order, one slice at a time."""
+    size = len(text)
+    search = lead.search
+    pos = 0
+    while pos < size:
+        if time.monotonic() > deadline:
+            raise TimeoutError
+        stop = min(pos + SLICE_CHARS, size)
+        end = min(stop + reach, size)
+        while (found := search(text, pos, end)) is not None and (start := found.start()) < stop:
+            yield start
+            pos = start + 1
+        pos = stop
+
+
+def finditer(pattern: re.Pattern[str], lead: re.Pattern[str], text: str, deadline: float,
+             reach: int = LEAD_REACH) -> Iterator[re.Match[str]]:
+    """`pattern.finditer(text)`, trying `pattern` only where `lead` matches."""
+    end = 0
+    match = pattern.match
+    for start in starts(lead, text, deadline, reach):
+        if start >= end and (found := match(text, start)) is not None:
+            yield found
+            end = found.end()
+
+
+class Searchable(Protocol):
+    """What a guard's scan searches: a compiled regex, or (for a long text) a `Sliced` one."""
+
+    @property
+    def groups(self) -> int: ...
+
+    def finditer(self, text: str, /) -> Iterator[re.Match[str]]: ...
+
+    def search(self, text: str, /) -> re.Match[str] | None: ...
+
+
+class Sliced:
+    """A regex with its lead and a deadline, searched as the regex would be (`finditer`, `search`, `groups`):
+    the guards' scans run unchanged on a long text with these in place of their compiled regexes."""
+
+    __slots__ = ("deadline", "groups", "lead", "pattern", "reach")
+
+    def __init__(self, pattern: re.Pattern[str], lead: str, deadline: float, reach: int = LEAD_REACH) -> None:
+        self.pattern = pattern
+        self.lead = re.compile(lead, pattern.flags)  # the regex's flags (case, dot): `re` caches it
+        self.deadline = deadline
+        self.reach = reach
+        self.groups = pattern.groups
+
+    def finditer(self, text: str) -> Iterator[re.Match[str]]:
+        return finditer(self.pattern, self.lead, text, self.deadline, self.reach)
+
+    def search(self, text: str) -> re.Match[str] | None:
+        return next(self.finditer(text), None)

@@ -114,3 +114,23 @@ def test_payload_log_policy_errors_name_the_field(upstream: Any) -> None:
     with pytest.raises(PolicyError) as caught:
         compile_text(base + "telemetry:\n  feedback: {labels: ['Not A Label']}\n", "p.yaml", {"MOCK_UPSTREAM_KEY": "k"})
     assert "telemetry.feedback.labels" in str(caught.value)
+
+
+def test_a_text_a_redacting_guard_failed_to_check_is_withheld(make_gateway: Make, upstream: Any,
+                                                               tmp_path: Path) -> None:
+    """A long text goes to the guard pool, under the guard's `timeout_s`: one that timed out was never checked,
+    so none of it reaches the log (not the text with a `<GUARD_FAILURE>` tag in front)."""
+    path = tmp_path / "payloads.jsonl"
+    secret = "sk-proj-" + "Q7wX9zR2" * 5
+    prompt = "lorem ipsum dolor sit amet " * 1_200 + f"my key is {secret} thanks"  # > 16,384 characters
+    running = make_gateway(policy_text(upstream.base_url) + (
+        f"telemetry:\n  payload_log:\n    enabled: true\n    path: '{path}'\n    redact:\n"
+        "      keys: {kind: secrets, timeout_s: 0.001}\n"))
+    body = {"model": "chat", "messages": [{"role": "user", "content": prompt}]}
+    response = httpx.post(f"{running.base_url}/chat/completions", json=body, headers=AUTH, timeout=20)
+    assert response.status_code == 200
+    entries = _wait_for(lambda: [json.loads(line) for line in path.read_text().splitlines()]
+                        if path.exists() else [], 1)
+    logged = json.dumps(entries[0])
+    assert secret not in logged and "lorem ipsum" not in logged
+    assert entries[0]["input"] == ["<WITHHELD: a redacting guard failed>"]

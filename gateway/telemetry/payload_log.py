@@ -5,7 +5,8 @@ log, which never holds text. A request only hands its texts to a bounded queue
 (full: the entry is dropped and counted in `gateway_telemetry_dropped_total`);
 one background task redacts them with the log's own guards (`redact`, by default
 a `pii` patterns guard and a `secrets` guard: every finding is replaced,
-whatever its action says) and writes them: to a file rotated at `max_bytes`
+whatever its action says; a text a guard failed to check, timed out or refused
+by a full queue, is withheld whole) and writes them: to a file rotated at `max_bytes`
 (writes in a thread, never on the event loop) or to a Redis stream capped at
 `max_entries` (`XADD MAXLEN ~`), which is its retention.
 """
@@ -38,6 +39,9 @@ from ..store.base import StoreConfig
 from .metrics import Metrics
 
 __all__ = ["PayloadLog", "PayloadWriter"]
+
+_FAILED = "GUARD_FAILURE"  # the finding a guard that failed leaves (`GuardRuntime`): nothing was checked
+_WITHHELD = "<WITHHELD: a redacting guard failed>"
 
 log = logging.getLogger("gateway.payload_log")
 _encode = msgspec.json.Encoder().encode
@@ -124,6 +128,8 @@ class PayloadWriter:
         if not text:
             return text
         enforced, shadow = await self.guards.detect(self.guard_list, text, where)
+        if any(f.type == _FAILED for f in (*enforced, *shadow)):  # a guard failed (timed out on a long text, its
+            return _WITHHELD  # queue full): the text was not checked, so none of it is written
         findings = [msgspec.structs.replace(f, action="redact") for f in (*enforced, *shadow)]
         return apply(text, findings, None)[: self.spec.max_text_chars]
 

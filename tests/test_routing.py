@@ -8,6 +8,7 @@ while the policy stays put (a slowed or failing upstream, and its recovery).
 
 from __future__ import annotations
 
+import email.utils
 import json
 import logging
 import textwrap
@@ -316,6 +317,101 @@ def test_the_total_deadline_bounds_every_attempt(make_gateway: Make, upstream: M
     assert [r.model for r in upstream_b.requests] == ["fault-slow-first-byte-3000"]  # never reached the third
 
 
+def test_a_wait_longer_than_the_deadline_left_goes_to_the_next_target(make_gateway: Make, upstream: MockUpstream,
+                                                                       upstream_b: MockUpstream) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        hurried:
+          deadline_s: 3
+          targets:
+            - {provider: a, model: fault-retry-after-8, retry: {attempts: 1}}
+            - {provider: b, model: mock-model}
+        """))
+    started = time.monotonic()
+    response = chat(running, "hurried")
+    assert time.monotonic() - started < 2  # no 8 s wait, no retry: b at once
+    assert response.status_code == 200 and target(response) == "b/mock-model"
+    assert response.headers["x-gateway-attempts"] == "2"
+    assert response.headers["x-gateway-fallback-reason"] == "rate_limit"
+    assert [r.model for r in upstream.requests] == ["fault-retry-after-8"]
+
+
+def raw_retry_after(value: str) -> str:
+    """The mock's model for a 429 with this Retry-After, whatever it is."""
+    return "fault-retry-after-raw-" + value.encode().hex()
+
+
+def test_retry_after_is_read_strictly_and_capped_for_the_client(make_gateway: Make, upstream: MockUpstream,
+                                                                upstream_b: MockUpstream) -> None:
+    soon = email.utils.formatdate(time.time() + 120, usegmt=True)  # an HTTP-date, two minutes ahead
+    running = make_gateway(routing_policy(upstream, upstream_b, f"""\
+        superscript:
+          targets:
+            - {{provider: a, model: {raw_retry_after("²")}, retry: {{attempts: 1, retry_after_max_s: 0.5}}}}
+            - {{provider: b, model: mock-model}}
+        circled:
+          targets: [{{provider: a, model: {raw_retry_after("①")}}}, {{provider: b, model: {raw_retry_after("²")}}}]
+        huge:
+          targets:
+            - {{provider: a, model: {raw_retry_after("99999999999999999999")}}}
+            - {{provider: b, model: {raw_retry_after("Fri, 01 Jan 2100 00:00:00 GMT")}}}
+        dated: {{provider: a, model: {raw_retry_after(soon)}}}
+        odd: {{provider: a, model: {raw_retry_after("①")}}}
+        """))
+    fallback = chat(running, "superscript")  # not a number: no hint, a plain backoff, then b
+    assert fallback.status_code == 200 and target(fallback) == "b/mock-model"
+    assert fallback.headers["x-gateway-attempts"] == "3"
+    for alias in ("circled", "odd"):
+        limited = chat(running, alias)
+        assert limited.status_code == 429 and "retry-after" not in limited.headers, (alias, limited.text)
+    capped = chat(running, "huge")  # what a client is told is capped at a day
+    assert capped.status_code == 429 and capped.headers["retry-after"] == "86400"
+    dated = chat(running, "dated")  # an HTTP-date reaches the client as seconds
+    assert dated.status_code == 429 and 100 <= int(dated.headers["retry-after"]) <= 121
+
+
+def test_a_redirect_falls_back_as_a_server_error(make_gateway: Make, upstream: MockUpstream,
+                                                 upstream_b: MockUpstream) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        moved:
+          targets: [{provider: a, model: fault-redirect-307}, {provider: b, model: mock-model}]
+        """))
+    response = chat(running, "moved")
+    assert response.status_code == 200 and target(response) == "b/mock-model"
+    assert response.headers["x-gateway-fallback-reason"] == "server_error"
+    assert [r.path for r in upstream.requests] == ["/v1/chat/completions"]  # /v1/redirected: never
+
+
+def test_an_error_body_in_pieces_still_goes_to_the_context_fallback(make_gateway: Make, upstream: MockUpstream,
+                                                                    upstream_b: MockUpstream) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        small:
+          targets: [{provider: a, model: fault-split-context-length}]
+          context_fallback: large
+        large: {provider: b, model: mock-model}
+        """))
+    response = chat(running, "small")
+    assert response.status_code == 200 and target(response) == "b/mock-model"
+    assert response.headers["x-gateway-fallback-reason"] == "context_length"
+
+
+def test_a_slow_error_body_falls_back_within_the_targets_timeouts(make_gateway: Make, upstream: MockUpstream,
+                                                                  upstream_b: MockUpstream) -> None:
+    patient = (f'  patient: {{kind: openai, base_url: "{upstream.base_url}", api_key_env: MOCK_UPSTREAM_KEY, '
+               "timeouts: {connect_s: 1, first_byte_s: 10, idle_s: 10, total_s: 20}}\n")
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        main:
+          targets:
+            - provider: patient
+              model: fault-error-trickle-3000
+              timeouts: {first_byte_s: 0.5, idle_s: 0.3, total_s: 1}
+            - {provider: b, model: mock-model}
+        """, providers=patient))
+    started = time.monotonic()
+    response = chat(running, "main")
+    assert time.monotonic() - started < 1.5  # the target's idle_s (0.3 s), not its provider's (10 s)
+    assert response.status_code == 200 and target(response) == "b/mock-model"
+
+
 def test_context_length_falls_back_to_the_larger_window(make_gateway: Make, upstream: MockUpstream,
                                                         upstream_b: MockUpstream) -> None:
     running = make_gateway(routing_policy(upstream, upstream_b, """\
@@ -362,6 +458,22 @@ def test_the_breaker_opens_skips_half_opens_and_closes(make_gateway: Make, upstr
     assert target(probe) == "a/mock-model" and probe.headers["x-gateway-attempts"] == "1"
     assert 'gateway_breaker_state{target="a/mock-model"} 0.0' in running.metrics()
     assert target(chat(running, "guarded")) == "a/mock-model"
+
+
+def test_the_aliass_own_deadline_is_no_verdict_on_the_target(make_gateway: Make, upstream: MockUpstream,
+                                                             upstream_b: MockUpstream) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        strict: {provider: a, model: fault-slow-first-byte-600, deadline_s: 0.3}
+        relaxed:
+          targets: [{provider: a, model: fault-slow-first-byte-600}, {provider: b, model: mock-model}]
+        """, extra="routing: {breaker: {failures: 2, cooldown_s: 30}}\n"))
+    for _ in range(3):
+        cut = chat(running, "strict")
+        assert cut.status_code == 504 and cut.json()["error"]["code"] == "deadline_exceeded"
+    assert 'gateway_breaker_state{target="a/fault-slow-first-byte-600"} 0.0' in running.metrics()
+    answered = chat(running, "relaxed")  # a is slow, not down: it still answers the alias that waits for it
+    assert answered.status_code == 200 and target(answered) == "a/fault-slow-first-byte-600"
+    assert "x-gateway-fallback-reason" not in answered.headers
 
 
 def test_when_every_target_is_open_the_least_recently_failed_is_tried(
@@ -447,6 +559,35 @@ def test_no_silent_retry_after_content_was_sent(make_gateway: Make, upstream: Mo
     assert headers["x-gateway-target"] == "a/fault-reset-after-3"
     assert "error" in json.loads(events[-1]) and len(events) >= 3
     assert not upstream_b.requests and len(upstream.requests) == 1
+
+
+def test_a_stream_that_ends_before_any_event_falls_back(make_gateway: Make, upstream: MockUpstream,
+                                                       upstream_b: MockUpstream) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        main:
+          targets: [{provider: a, model: fault-empty-stream}, {provider: b, model: mock-model}]
+        """))
+    headers, events = stream(running, "main")
+    assert headers["x-gateway-target"] == "b/mock-model" and headers["x-gateway-fallback-reason"] == "server_error"
+    assert events[-1] == "[DONE]"
+    text = "".join(json.loads(e)["choices"][0]["delta"].get("content") or "" for e in events[:-1])
+    assert text == upstream_b.reply_text
+
+
+def test_a_stream_cut_cleanly_after_its_first_chunk_ends_with_an_error(make_gateway: Make, upstream: MockUpstream,
+                                                                       upstream_b: MockUpstream) -> None:
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        main:
+          targets: [{provider: a, model: fault-end-after-0}, {provider: b, model: mock-model}]
+        nodone:
+          targets: [{provider: a, model: fault-no-done}, {provider: b, model: mock-model}]
+        """))
+    headers, events = stream(running, "main")  # the role chunk went out: no fallback any more
+    assert headers["x-gateway-target"] == "a/fault-end-after-0"
+    assert "[DONE]" not in events and "error" in json.loads(events[-1])
+    headers, events = stream(running, "nodone")  # a finish reason, then the end: a whole answer
+    assert headers["x-gateway-target"] == "a/fault-no-done" and events[-1] == "[DONE]"
+    assert not upstream_b.requests
 
 
 # -- rules ------------------------------------------------------------------------------------------

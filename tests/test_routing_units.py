@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import random
 import textwrap
 from collections import Counter
@@ -21,6 +22,7 @@ from gateway.routing.breaker import CLOSED, HALF_OPEN, OPEN, Breakers
 from gateway.routing.rules import Facts
 from gateway.routing.stats import TargetStats
 from gateway.routing.strategies import order_targets, sticky_point
+from gateway.upstream.retry_after import client_retry_after, retry_after_seconds
 
 BASE = textwrap.dedent("""\
     version: 1
@@ -359,6 +361,49 @@ def test_all_failures_become_one_error() -> None:
     assert mixed.status == 502 and "a: t; b: r" in mixed.message
     only = UpstreamError("just one")
     assert one((a, only, "server_error")) is only
+
+
+NOW = 1_700_000_000.0  # Tue, 14 Nov 2023 22:13:20 GMT
+
+
+@pytest.mark.parametrize(("value", "seconds"), [
+    ("3", 3.0), ("007", 7.0), (" 12\t", 12.0), ("0", 0.0),
+    ("99999999999999999999", math.inf), ("9" * 5000, math.inf),  # `int` would refuse 5,000 digits
+    ("²", None), ("①", None), ("٣", None), ("-1", None), ("1.5", None), ("+3", None), ("Infinity", None),
+    ("NaN", None), ("3 s", None), ("", None), (None, None),
+    ("Tue, 14 Nov 2023 22:14:20 GMT", 60.0), ("Wed, 21 Oct 2015 07:28:00 GMT", 0.0),  # IMF-fixdate; the past is 0
+    ("Tuesday, 14-Nov-23 22:14:20 GMT", 60.0), ("Tue Nov 14 22:14:20 2023", 60.0),  # the obsolete forms
+    ("Tue, 14 Nov 2023 22:14:20 +0000", None), ("Tue, 31 Feb 2023 22:14:20 GMT", None),
+    ("Tue, 14 Nov 2023 24:00:00 GMT", None), ("Tue, 14 Xyz 2023 22:14:20 GMT", None),
+])
+def test_retry_after_is_delta_seconds_or_an_http_date(value: str | None, seconds: float | None) -> None:
+    assert retry_after_seconds(value, now=NOW) == seconds
+
+
+def test_what_a_client_is_told_is_whole_seconds_up_to_a_day() -> None:
+    from gateway.policy.compiled import Target
+
+    assert [client_retry_after(s) for s in (0.0, 0.2, 7.0, 86_399.5, 2_306_034_460.0, math.inf)] == [
+        "0", "1", "7", "86400", "86400", "86400"]
+    assert status_error("p", 429, "", "²").headers == {}
+    assert status_error("p", 429, "", "99999999999999999999").headers == {"Retry-After": "86400"}
+    retry = RetryPolicy(0, 0.1, 1, 1)
+    a, b = (Target(n, n, "m", 1, retry, None) for n in ("a", "b"))
+    huge = aggregate("x", [(a, RateLimited("r", headers={"Retry-After": "2306034460"}), "rate_limit"),
+                           (b, RateLimited("r", headers={"Retry-After": "10" + "0" * 20}), "rate_limit")])
+    assert huge.headers["Retry-After"] == "86400"
+    odd = aggregate("x", [(a, RateLimited("r", headers={"Retry-After": "²"}), "rate_limit"),
+                          (b, RateLimited("r", headers={"Retry-After": "①"}), "rate_limit")])
+    assert odd.status == 429 and "Retry-After" not in odd.headers
+    assert backoff(retry, 0, RateLimited("r", headers={"Retry-After": "²"}), random.Random(1)) <= 0.1  # jitter
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 304, 307, 308])
+def test_a_redirect_is_an_upstream_failure_without_its_details(status: int) -> None:
+    error = status_error("p", status, "moved to [url]", None)
+    error.upstream_status = status
+    assert error.status == 502 and classify(error) == "server_error"
+    assert error.message == f"upstream `p` answered with a redirect (HTTP {status}), which the gateway does not follow"
 
 
 # -- gateway route ---------------------------------------------------------------------------------------

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import json
 import socket
+import textwrap
 import time
+from collections.abc import Iterator
 
 import httpx
 import openai
 import pytest
 
-from tests.conftest import FULL_KEY, LIMITED_KEY, RunningGateway, policy_text
+from tests.conftest import FULL_KEY, LIMITED_KEY, UPSTREAM_KEY, RunningGateway, policy_text
 from tests.support.mock_upstream import MockUpstream
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -154,3 +157,119 @@ def test_invalid_and_oversized_requests_raise_the_sdk_exceptions(gateway: Runnin
         api.chat.completions.create(model="chat", messages=[{"role": "user", "content": "x" * 2_000_000}])
     assert oversized.value.status_code == 413
     assert oversized.value.body["code"] == "request_too_large"  # type: ignore[index]
+
+
+# -- the upstream connection, redirects, error bodies, the end of a stream -----------------------------
+
+
+def with_models(upstream: MockUpstream, models: str) -> str:
+    """The suite's policy with more aliases (`models` is its last section)."""
+    return policy_text(upstream.base_url) + textwrap.indent(textwrap.dedent(models), "  ")
+
+
+ODD = ("fault-split-context-length", "fault-no-done", "fault-end-after-0", "fault-end-after-2", "fault-empty-stream",
+       *(f"fault-redirect-{status}" for status in (301, 302, 303, 307, 308)))
+
+
+@pytest.fixture(scope="module")
+def odd(upstream: MockUpstream) -> Iterator[RunningGateway]:
+    """A gateway with an alias for each of the odd answers above (on `mock-fast`), and two of its own."""
+    models = "".join(f"{f}: {{provider: mock-fast, model: {f}}}\n" for f in ODD) + textwrap.dedent("""\
+        cut: {provider: mock-fast, model: fault-stall-after-3, deadline_s: 0.5}
+        stalled: {provider: mock, model: fault-stall-after-3}
+        """)
+    running = RunningGateway(with_models(upstream, models), {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}).start()
+    yield running
+    running.stop()
+
+
+def test_a_body_cut_by_the_deadline_closes_its_upstream_connection(odd: RunningGateway, upstream: MockUpstream) -> None:
+    response = httpx.post(odd.base_url + "/chat/completions", headers={"Authorization": f"Bearer {FULL_KEY}"},
+                          json={"model": "cut", "messages": MESSAGES}, timeout=20)
+    assert response.status_code == 504 and response.json()["error"]["code"] == "deadline_exceeded"
+    # the body was being read when the deadline came: the connection is closed then, not when the upstream ends
+    assert upstream.wait_for_disconnect(timeout=3)
+    assert upstream.disconnects[0].model == "fault-stall-after-3"
+
+
+def test_a_client_leaving_while_the_body_is_read_closes_the_upstream_connection(odd: RunningGateway,
+                                                                               upstream: MockUpstream) -> None:
+    body = json.dumps({"model": "stalled", "messages": MESSAGES}).encode()
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: gateway\r\nContent-Type: application/json\r\n"
+            f"Authorization: Bearer {FULL_KEY}\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", odd.port)) as sock:
+        sock.sendall(head + body)
+        deadline = time.monotonic() + 5
+        while not upstream.requests and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.3)  # the first bytes of the body are in: the gateway waits for the rest
+    assert upstream.wait_for_disconnect(timeout=5)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_an_upstream_redirect_is_not_followed(odd: RunningGateway, upstream: MockUpstream, streamed: bool) -> None:
+    statuses = (301, 302, 303, 307, 308)
+    for status in statuses:
+        response = httpx.post(odd.base_url + "/chat/completions", headers={"Authorization": f"Bearer {FULL_KEY}"},
+                              json={"model": f"fault-redirect-{status}", "messages": MESSAGES, "stream": streamed},
+                              timeout=20)
+        assert response.status_code == 502, (status, response.text)
+        message = response.json()["error"]["message"]
+        assert f"redirect (HTTP {status})" in message and "redirected" not in message and "http:" not in message
+        assert "location" not in {name.lower() for name in response.headers}
+    # the prompt and the credentials went to the upstream named in the policy, and nowhere else
+    assert [(r.path, r.model) for r in upstream.requests] == [
+        ("/v1/chat/completions", f"fault-redirect-{status}") for status in statuses]
+
+
+def test_an_error_body_that_arrives_in_pieces_is_read_whole(odd: RunningGateway) -> None:
+    with pytest.raises(openai.BadRequestError) as caught:
+        chat(odd, "fault-split-context-length")
+    error = caught.value.response.json()["error"]
+    assert error["code"] == "context_length_exceeded" and "maximum context length is 128 tokens" in error["message"]
+
+
+@pytest.mark.parametrize(("model", "bound"), [("fault-error-trickle-3000", "idle_s"),
+                                              ("fault-error-trickle-200", "total_s")])
+def test_an_error_body_is_read_under_the_targets_own_timeouts(make_gateway, upstream: MockUpstream,  # type: ignore[no-untyped-def]
+                                                              model: str, bound: str) -> None:
+    # the provider `mock` waits 60 s between reads; the target, half a second, and a second in all
+    timeouts = "{connect_s: 0.5, first_byte_s: 0.5, idle_s: 0.5, total_s: 1}"
+    running = make_gateway(with_models(upstream, f"""\
+        slow-error:
+          targets: [{{provider: mock, model: {model}, timeouts: {timeouts}}}]
+        """))
+    for streamed in (False, True):
+        started = time.monotonic()
+        response = httpx.post(running.base_url + "/chat/completions", headers={"Authorization": f"Bearer {FULL_KEY}"},
+                              json={"model": "slow-error", "messages": MESSAGES, "stream": streamed}, timeout=30)
+        elapsed = time.monotonic() - started
+        assert response.status_code == 502 and elapsed < 2, (bound, streamed, response.status_code, elapsed)
+
+
+def test_a_stream_that_ends_without_done_after_its_finish_reason_is_whole(odd: RunningGateway,
+                                                                          upstream: MockUpstream) -> None:
+    # as llama.cpp's server (until 2024-09), text-generation-inference (until mid-2024) and ik_llama.cpp end theirs
+    status, events = _stream_events(odd, "fault-no-done")
+    assert status == 200 and events[-1] == "data: [DONE]"
+    assert not any('"error"' in event for event in events)
+    text = "".join(json.loads(e.removeprefix("data: "))["choices"][0]["delta"].get("content") or ""
+                   for e in events[:-1])
+    assert text == upstream.reply_text
+
+
+@pytest.mark.parametrize("model", ["fault-end-after-2", "fault-end-after-0"])
+def test_a_stream_that_ends_before_its_answer_is_complete_ends_with_an_error(odd: RunningGateway, model: str) -> None:
+    status, events = _stream_events(odd, model)
+    assert status == 200
+    assert events[-1].startswith('data: {"error"') and '"code":"upstream_error"' in events[-1], events[-1]
+    assert "data: [DONE]" not in events
+    with pytest.raises(openai.APIError):
+        for _ in client(odd).chat.completions.create(model=model, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
+            pass
+
+
+def test_a_stream_without_any_event_is_an_error_not_an_empty_answer(odd: RunningGateway) -> None:
+    status, events = _stream_events(odd, "fault-empty-stream")
+    assert "data: [DONE]" not in events
+    assert status == 502 or events[-1].startswith('data: {"error"'), (status, events)

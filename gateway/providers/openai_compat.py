@@ -32,6 +32,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.responses import responses_usage
 from ..upstream.client import ConnectionGate, new_session, transport_error
+from ..upstream.retry_after import client_retry_after, retry_after_seconds
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
 from .deadline import deadline_in
 from .openai_stream import OpenAIStream
@@ -118,15 +119,18 @@ class OpenAICompatProvider:
         try:
             async with deadline_in(timeouts.first_byte_s):  # asyncio.timeout's semantics, less of its cost
                 # `_request` itself, as `post` calls it: not through its context manager (three calls fewer)
+                # Redirects are not followed: the prompt and the provider's credentials would go to wherever
+                # the upstream points (aiohttp drops only `Authorization` on another host, not `api-key` and
+                # the like); a 3xx is the upstream's error (`status_error`).
                 response = await self._session._request(
                     "POST", self._url(call), data=self._payload(call), params=self._params(call),
-                    headers=self._headers(call), **extra,
+                    headers=self._headers(call), allow_redirects=False, **extra,
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise transport_error(exc, self.name, "waiting for the response") from exc
         if response.status != 200:
             try:
-                raise await self._status_error(response)
+                raise await self._status_error(response, deadline, timeouts.idle_s)
             finally:
                 response.close()
         return response, deadline
@@ -195,7 +199,10 @@ class OpenAICompatProvider:
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             response.close()
             raise transport_error(exc, self.name, "reading the response") from exc
-        except GatewayError:
+        except BaseException:
+            # An oversized body, or this task cancelled (the alias's deadline, the client gone): the connection
+            # is closed now, not left to the upstream, which would otherwise hold it, outside the gate's count
+            # (`complete` gives the permit back), until it finishes sending.
             response.close()
             raise
         response.release()
@@ -225,15 +232,20 @@ class OpenAICompatProvider:
         """Give back the connection permit a started stream held."""
         self._gate.release()
 
-    async def _status_error(self, response: aiohttp.ClientResponse) -> GatewayError:
-        """Turn a non-200 answer into the gateway error a client should see."""
+    async def _status_error(self, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> GatewayError:
+        """Turn a non-200 answer into the gateway error a client should see.
+
+        Its body is read to its end (up to `_MAX_ERROR_BODY`) however many reads it arrives in, each read
+        under the call's idle timeout and all of them within its total: a JSON error cut at its first read
+        would not parse, and a context window overflow would go unrecognised. The `Retry-After` handed on is
+        strictly read (`upstream.retry_after`): delta-seconds, capped, or none."""
         try:
-            async with asyncio.timeout(self.config.timeouts.idle_s):
-                raw = await response.content.read(_MAX_ERROR_BODY)
-            message, code = self._error_detail(_peek_error(raw))
+            message, code = self._error_detail(_peek_error(await _error_body(response, deadline, idle_s)))
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
             message = code = None
-        error = self._map_status(response.status, self.sanitize(message), response.headers.get("Retry-After"),
+        hint = retry_after_seconds(response.headers.get("Retry-After"))
+        error = self._map_status(response.status, self.sanitize(message),
+                                 client_retry_after(hint) if hint is not None else None,
                                  code if isinstance(code, str) else None, message if isinstance(message, str) else "")
         error.upstream_status = response.status
         return error
@@ -260,8 +272,12 @@ def status_error(
         return ContextLengthExceeded(f"upstream `{provider}` rejected the request: the prompt exceeds its context "
                                      f"window{suffix}")
     if status == 429:
-        headers = {"Retry-After": retry_after} if retry_after and _safe_retry_after(retry_after) else {}
+        hint = retry_after_seconds(retry_after)
+        headers = {"Retry-After": client_retry_after(hint)} if hint is not None else {}
         return RateLimited(f"upstream `{provider}` is rate limited{suffix}", headers=headers)
+    if 300 <= status < 400:  # not followed (`_send`); its body and Location are not repeated: they name a host
+        return UpstreamError(f"upstream `{provider}` answered with a redirect (HTTP {status}), which the gateway "
+                             "does not follow")
     if status in (400, 422):
         return InvalidRequest(f"upstream `{provider}` rejected the request{suffix}")
     if status == 413:
@@ -273,5 +289,17 @@ def status_error(
     return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}")
 
 
-def _safe_retry_after(value: str) -> bool:
-    return len(value) <= 40 and (value.isdigit() or value[:3].isalpha())
+async def _error_body(response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:
+    """An error answer's body, up to `_MAX_ERROR_BODY` (the rest is not read), however many reads it takes."""
+    loop = asyncio.get_running_loop()
+    content = response.content
+    parts: list[bytes] = []
+    size = 0
+    while size < _MAX_ERROR_BODY:
+        async with asyncio.timeout_at(min(deadline, loop.time() + idle_s)):
+            data = await content.read(_MAX_ERROR_BODY - size)
+        if not data:
+            break
+        parts.append(data)
+        size += len(data)
+    return b"".join(parts)

@@ -31,6 +31,20 @@ _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
 
 
+class _EndChoice(msgspec.Struct):
+    finish_reason: Any = None
+
+
+class _EndPeek(msgspec.Struct):
+    """A body's last chunk, read only when the body ended without [DONE] (`OpenAIStream._end`)."""
+
+    usage: Any = None
+    choices: list[_EndChoice] | None = None
+
+
+_peek_end = msgspec.json.Decoder(_EndPeek).decode
+
+
 def _peek_or_none(payload: bytes) -> tuple[ChunkPeek | None, bool]:
     """The chunk as `_peek_chunk` reads it (its choices left raw) and whether usage rides on a content chunk,
     or (None, False) when even that fails (as it does when no stage reads the choices)."""
@@ -72,7 +86,7 @@ class OpenAIStream:
     batches to a sink that writes them from the upstream connection's read, its task left asleep."""
 
     __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s", "_observer",
-                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_sink", "_timer")
+                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_sink", "_tail", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -88,6 +102,7 @@ class OpenAIStream:
         self._closed = False
         self._finished = False  # the batch that ends the stream was handed over
         self._saw_usage = False
+        self._tail: list[bytes] | None = None  # the payloads of the last batch (see `_end`)
         self._timer: ReadTimer | None = None
         self._decoder = SSEDecoder()
         self._observer: Callable[[list[StreamEvent]], None] = _unobserved
@@ -195,17 +210,38 @@ class OpenAIStream:
             except ValueError as exc:
                 return self._last([self._fail(f"sent an invalid stream: {exc}")])
             events, finished = self._events(payloads)
-            if not data and not finished:  # the upstream ended without [DONE]: end the stream properly
-                events.append(DONE)
+            if not data and not finished:  # the upstream's body ended without [DONE]
+                events.append(self._end(payloads or self._tail))
                 finished = True
             if finished:
                 if self._asked_for_usage and not self._saw_usage:
                     self._provider.stream_usage_expected = False  # it ignores include_usage: count ourselves
                 return self._last(events)
             if events:
+                self._tail = payloads  # for `_end`: the list, not its last item (every event's path: one store)
                 self._observer(events)
                 return events
             # bytes without a whole event: read on (None when nothing more has come)
+
+    def _end(self, tail: list[bytes] | None) -> StreamEvent:
+        """The event for a body that ended without [DONE], `tail` its last payloads (None: it had none).
+
+        A cut connection can end a body as cleanly as a server that is done, so only a finished answer counts
+        as one: the last chunk gave a finish reason, or it was the usage chunk (sent after every choice
+        finished). Some OpenAI-compatible servers end so without [DONE] (llama.cpp's server until September
+        2024, text-generation-inference's until mid-2024, ik_llama.cpp's without `--send-done`): their answers
+        stay whole. Anything else is a failure, before the first chunk as well (so that it falls back), never an
+        empty answer."""
+        if tail:
+            try:
+                peek = _peek_end(tail[-1])
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                peek = None
+            if peek is not None and (any(choice.finish_reason for choice in peek.choices or ())
+                                     or (peek.usage is not None and not peek.choices)):
+                return DONE
+            return self._fail("ended the stream before the answer was complete")
+        return self._fail("ended the stream without sending anything")
 
     def _last(self, events: list[StreamEvent]) -> list[StreamEvent]:
         """The batch that ends the stream: shown to the observer, and the last one handed over."""

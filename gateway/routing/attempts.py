@@ -4,16 +4,16 @@
 is exponential with full jitter (a random wait between zero and the ceiling), so
 that clients failing together do not retry together; an upstream's Retry-After
 replaces it, up to the target's cap. `aggregate` turns every failed attempt into
-the one error the client gets. `peek` reads a stream up to its first content event,
+the one error the client gets (a 429 from every target tells the client the smallest
+Retry-After, capped at a day). `peek` reads a stream up to its first content event,
 so that a stream that fails before any content (even with a 200 and an in-band
-error) can still fall back; `Replay` then hands the buffered batches on, unchanged.
+error, or a body that ends without one) can still fall back; `Replay` then hands
+the buffered batches on, unchanged.
 """
 
 from __future__ import annotations
 
-import email.utils
 import random
-import time
 from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..errors import (
@@ -28,6 +28,7 @@ from ..errors import (
 )
 from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import Chunk, EventSource, StreamDone, StreamError, StreamEvent
+from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
 __all__ = ["BREAKER_FAILURES", "Replay", "aggregate", "backoff", "classify", "peek", "retry_after_s"]
 
@@ -56,17 +57,9 @@ def classify(error: GatewayError) -> str:
 
 
 def retry_after_s(error: GatewayError) -> float | None:
-    """The upstream's Retry-After in seconds (delta or HTTP date), if it sent one."""
-    value = error.headers.get("Retry-After")
-    if not value:
-        return None
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
+    """The upstream's Retry-After in seconds (delta or HTTP date, strictly read: `upstream.retry_after`), if it
+    sent one."""
+    return retry_after_seconds(error.headers.get("Retry-After"))
 
 
 def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Random) -> float:
@@ -90,7 +83,7 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     what = f"all {len(failures)} attempts for `{alias}` failed ({listed})"
     if kinds == {"rate_limit"}:
         hints = [h for _, error, _ in failures if (h := retry_after_s(error)) is not None]
-        headers = {"Retry-After": str(max(1, round(min(hints))))} if hints else {}
+        headers = {"Retry-After": client_retry_after(max(1.0, min(hints)))} if hints else {}
         return RateLimited(what, headers=headers)
     if kinds == {"timeout"}:
         return UpstreamTimeout(what)

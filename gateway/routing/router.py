@@ -8,7 +8,9 @@ The walk: for each candidate in order, skip it while its breaker is open; try it
 retrying the same target on a retryable failure (backoff with full jitter, or the
 upstream's Retry-After up to a cap); on a failure `retry_on` does not list, answer
 at once; on "context length exceeded", go on with the alias's `context_fallback`;
-otherwise fall back to the next candidate. A deadline bounds the whole walk. Each
+otherwise fall back to the next candidate. A deadline bounds the whole walk: a retry
+whose wait would outlast it gives way to the next candidate, and the walk stops once
+it has passed (an attempt it cuts short says nothing about the target's health). Each
 attempt builds its upstream body from the client's original request. A stream may
 fall back until its first content event; after that its errors reach the client.
 
@@ -176,6 +178,8 @@ class Router:
         """Try the candidates in order. Returns a reply, or the context fallback's route, or (None, None)."""
         tried = False
         for target in candidates:
+            if deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                return None, None  # no time left for another target
             if not self.breakers.allow(target.name):
                 self._count(self.metrics.fallbacks, ctx.alias_label, "breaker_open").inc()
                 if ctx.fallback_reason is None:
@@ -233,7 +237,7 @@ class Router:
                     return "next"
                 delay = backoff(target.retry, retry, exc, self._rng)
                 if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
-                    return "stop"
+                    return "next"  # the wait would outlast the deadline: the next target instead (if time is left)
                 self._count(self.metrics.retries, target.name, kind).inc()
                 await asyncio.sleep(delay)
                 retry += 1
@@ -336,7 +340,11 @@ class Router:
         failures: list[tuple[Target, GatewayError, str]],
     ) -> None:
         failures.append((target, error, kind))
-        if kind in BREAKER_FAILURES:
+        if isinstance(error, DeadlineExceeded):
+            # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
+            # cancelled request), or one strict alias would open the breaker every other alias shares.
+            self.breakers.release(target.name)
+        elif kind in BREAKER_FAILURES:
             self.breakers.failure(target.name)
         elif kind in ("client_error", "context_length"):
             self.breakers.success(target.name)  # it answered: alive

@@ -15,6 +15,15 @@ and every request misbehaves so until it is set back to None. ``retry-after-<s>`
 is a 429 with that Retry-After, ``context-length`` a 400 context window overflow,
 ``error-first`` a stream that answers 200 and then an error event before any content.
 
+Odd but real answers: ``retry-after-raw-<hex>`` a 429 whose Retry-After is any text
+(the UTF-8 bytes in hex: ``fault-retry-after-raw-c2b2`` sends "²"), ``redirect-<status>``
+a redirect to ``/v1/redirected`` on this server (recorded if anyone follows it),
+``split-context-length`` the 400 context window overflow written in two pieces,
+``error-trickle-<ms>`` a 500 whose body comes one byte every <ms> milliseconds,
+``empty-stream`` a 200 event stream that ends without any event, ``end-after-<n>``
+a stream whose body ends cleanly after the role chunk and <n> content chunks (no
+finish reason, no [DONE]), ``no-done`` a whole stream without its [DONE].
+
 Run ``python -m tests.support.mock_upstream --port 9999`` to try it by hand.
 """
 
@@ -71,12 +80,16 @@ class Fault:
 
     kind: str
     value: int = 0
+    text: str = ""  # ``retry-after-raw``: the header's value
 
 
 _FAULT_RE = re.compile(
-    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body|retry-after)-(\d+)"
+    r"fault-(status|slow-first-byte|stall-after|reset-after|slow-stream|huge-body|retry-after|redirect|end-after"
+    r"|error-trickle)-(\d+)"
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
-    r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked|cached-reasoning)"
+    r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked|cached-reasoning"
+    r"|split-context-length|empty-stream|no-done)"
+    r"|fault-retry-after-raw-((?:[0-9a-f]{2})+)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
 # credential it was sent, without its `Bearer` (filled in per request).
@@ -89,6 +102,8 @@ def parse_fault(model: Any) -> Fault | None:
     match = _FAULT_RE.fullmatch(model) if isinstance(model, str) else None
     if match is None:
         return None
+    if match.group(4):
+        return Fault("retry-after-raw", text=bytes.fromhex(match.group(4)).decode("utf-8", "replace"))
     if match.group(3):
         return Fault(match.group(3))
     return Fault(match.group(1), int(match.group(2)))
@@ -443,6 +458,32 @@ async def _deliver_json(request: web.BaseRequest, payload: dict[str, Any],
     return resp
 
 
+async def _deliver_error_slowly(request: web.BaseRequest, fault: Fault) -> web.StreamResponse:
+    """An error answer whose body comes in pieces: `split-context-length` (a 400 in two writes, 0.2 s apart),
+    `error-trickle-<ms>` (a 500, one byte every <ms> milliseconds)."""
+    if fault.kind == "split-context-length":
+        status, pieces, gap = 400, 2, 0.2
+        error = {"message": "This model's maximum context length is 128 tokens. However, your messages resulted "
+                 "in 4000 tokens.", "type": "invalid_request_error", "param": "messages",
+                 "code": "context_length_exceeded"}
+    else:
+        status, pieces, gap = 500, 0, fault.value / 1000
+        error = {"message": "The server had an error while processing your request", "type": "server_error",
+                 "param": None, "code": None}
+    body = json.dumps({"error": error}).encode()
+    size = -(-len(body) // pieces) if pieces else 1
+    resp = web.StreamResponse(status=status, headers={"Content-Type": "application/json"})
+    resp.content_length = len(body)
+    request[_RESPONSE] = resp
+    await resp.prepare(request)
+    for start in range(0, len(body), size):
+        if start or fault.kind == "error-trickle":  # a trickle's first byte is late too
+            await _pause(request, gap)
+        await resp.write(body[start:start + size])
+    await resp.write_eof()
+    return resp
+
+
 async def _deliver_stream(request: web.BaseRequest, answer: SseAnswer,
                           fault: Fault | None) -> web.StreamResponse:
     await _before_first_byte(request, fault)
@@ -450,6 +491,12 @@ async def _deliver_stream(request: web.BaseRequest, answer: SseAnswer,
     events = list(answer.events)
     if kind == "malformed-json":
         events.insert(1, MALFORMED_EVENT)
+    if kind == "empty-stream":
+        events = []
+    if kind == "no-done":
+        events = [event for event in events if event != SSE_DONE]
+    if kind == "end-after":  # the body ends cleanly there: no finish reason, no [DONE]
+        events = events[:answer.first_content + value]
     cut = answer.first_content + value if kind in ("stall-after", "reset-after") else -1
     gap = value / 1000 if kind == "slow-stream" else 0.0
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
@@ -695,14 +742,21 @@ class MockUpstream:
             fault = parse_fault(self.override or body.get("model"))
             if fault and fault.kind == "status":
                 return await _send(request, status_fault_response(fault.value))
-            if fault and fault.kind == "retry-after":
+            if fault and fault.kind in ("retry-after", "retry-after-raw"):
+                value = fault.text if fault.kind == "retry-after-raw" else str(fault.value)
                 return await _send(request, error_response(429, "Rate limit reached, retry later",
                                                            "rate_limit_exceeded", "rate_limit_exceeded",
-                                                           headers={"Retry-After": str(fault.value)}))
+                                                           headers={"Retry-After": value}))
+            if fault and fault.kind == "redirect":
+                location = f"http://{request.host}/v1/redirected"
+                return await _send(request, error_response(fault.value, f"Moved to {location}", "moved", None,
+                                                           headers={"Location": location}))
             if fault and fault.kind == "context-length":
                 return await _send(request, error_response(
                     400, "This model's maximum context length is 128 tokens. However, your messages resulted in "
                     "4000 tokens.", "invalid_request_error", "context_length_exceeded", param="messages"))
+            if fault and fault.kind in ("split-context-length", "error-trickle"):
+                return await _deliver_error_slowly(request, fault)
             if fault and fault.kind == "content-filter":  # Azure's answer to a prompt its filter rejects
                 return await _send(request, web.json_response({"error": AZURE_CONTENT_FILTER}, status=400))
             if fault and fault.kind == "error-first" and body.get("stream") is True:

@@ -16,10 +16,11 @@ from uvicorn.server import ServerState
 
 from .errors import error_body
 from .http_memory import slim_connection
+from .pipeline.lifecycle import DISCONNECT_HOOK
 from .telemetry.metrics import HTTP_REFUSED
 
-__all__ = ["BODY", "DONE", "GUARD_SLOTS", "Guard", "HttpLimits", "count_refusal", "overloaded", "too_large",
-           "warn_once"]
+__all__ = ["BODY", "BODY_PERIODS", "CHUNK", "DONE", "GUARD_SLOTS", "Guard", "HttpLimits", "bad_request",
+           "count_refusal", "overloaded", "peer", "too_large", "warn_once"]
 
 log = logging.getLogger("gateway.http")
 
@@ -27,7 +28,14 @@ log = logging.getLogger("gateway.http")
 # 0 = none yet), or one of these.
 BODY = -1  # the head is complete, the body is not
 DONE = -2  # refused, timed out, closed or upgraded: whatever else arrives is dropped
+CHUNK = -3  # httptools, a chunked body: inside a chunk (its data; after the last chunk, the trailer section)
 _LINGER_S = 2.0  # after a refusal, how long to read and drop what the client still sends
+# A request body is due within this many `body_timeout_s` periods of the end of its head (the whole-body deadline;
+# see `http_server`). Four: a body never idle for a period but still incomplete after four is a trickle, not a
+# slow link (at the defaults, 30 s and 4 MiB bodies, 2 minutes: a 4 MiB body at 35 KB/s); and a request slot held
+# by a trickle is freed within 4 periods, as one held by a silent body is within 1. Not a policy field: it scales
+# with `body_timeout_s`, which an operator with slow clients raises anyway.
+BODY_PERIODS = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,9 +60,18 @@ def _json_error(status: bytes, message: str, type_: str, code: str, extra: bytes
     return b"HTTP/1.1 " + status + b"\r\n", rest
 
 
-def too_large(limit: int) -> tuple[bytes, bytes]:
-    return _json_error(b"431 Request Header Fields Too Large", f"the request line and headers exceed {limit} bytes",
+def too_large(limit: int, what: str = "the request line and headers") -> tuple[bytes, bytes]:
+    return _json_error(b"431 Request Header Fields Too Large", f"{what} exceed {limit} bytes",
                        "invalid_request_error", "headers_too_large")
+
+
+def bad_request(message: str, code: str = "invalid_http_request") -> tuple[bytes, bytes]:
+    """A `400` for what the HTTP parser refused (or a WebSocket upgrade), as every other error: OpenAI's body."""
+    return _json_error(b"400 Bad Request", message, "invalid_request_error", code)
+
+
+_NOT_WEBSOCKET = bad_request("WebSocket upgrades are not supported: the gateway serves HTTP requests only",
+                             "websocket_not_supported")
 
 
 _OVERLOADED_BODY = error_body("the gateway is at its limit of concurrent requests; retry shortly",
@@ -145,6 +162,9 @@ class Guard:
     _linger_timer: asyncio.TimerHandle | None
     _body_seen: int  # data_received calls while reading a body
     _body_mark: int  # its value when the body timer was (re)armed
+    _body_periods: int  # `body_timeout_s` periods the current body has taken so far (the whole-body deadline)
+    _trailer: int  # httptools: bytes read inside a chunk without body data in them (a trailer section)
+    _earlier: list[Any] | None  # httptools: cycles parsed before `cycle`, possibly still in flight (pipelining)
     _max_head: int  # read on every chunk of a head
     _max_requests: int  # read on every request
     _shared: _Shared
@@ -175,7 +195,8 @@ class Guard:
         super().connection_lost(exc)  # type: ignore[misc]
 
     def _guard_init(self, limits: HttpLimits, server_state: ServerState) -> None:
-        self._state = self._held = self._body_seen = self._body_mark = 0
+        self._state = self._held = self._body_seen = self._body_mark = self._body_periods = self._trailer = 0
+        self._earlier = None
         self._head_armed = False
         self._body_timer = self._linger_timer = None
         self._max_head = limits.max_header_bytes
@@ -199,6 +220,17 @@ class Guard:
 
     def _receive(self, data: bytes) -> None:
         raise NotImplementedError
+
+    def _should_upgrade_to_ws(self) -> bool:
+        """uvicorn asks this of a WebSocket upgrade: yes, so that it calls `handle_websocket_upgrade`, which refuses
+        it (`_refuse_upgrade`), with or without a WebSocket library installed (without, uvicorn would serve it
+        as a plain request, with two warnings logged each time)."""
+        return True
+
+    def _refuse_upgrade(self) -> None:
+        warn_once("websocket", "400: a WebSocket upgrade from %s", peer(self.client))
+        count_refusal("websocket")
+        self._refuse_head(_NOT_WEBSOCKET)
 
     # Connections.
     def _connected(self) -> None:
@@ -231,13 +263,13 @@ class Guard:
         if allowed > 0:
             self._state = self._max_head  # feed exactly what the limit allows
             self._feed(data[:allowed])
-            if self.transport.is_closing():
+            if self._state == DONE or self.transport.is_closing():
                 return  # the parser refused it (400)
             if not self._head_pending():
                 self._after_head_feed()
                 self._receive(data[allowed:])  # body, or a pipelined request, counted afresh
                 return
-        warn_once("431", "431: a request head over %d bytes from %s", self._max_head, _peer(self.client))
+        warn_once("431", "431: a request head over %d bytes from %s", self._max_head, peer(self.client))
         count_refusal("headers_too_large")
         self._refuse_head(too_large(self._max_head))
 
@@ -248,23 +280,55 @@ class Guard:
         if cycle is not None and not cycle.response_complete and not self.transport.is_closing():
             # The refused head is pipelined behind a response still being sent (its cycle is
             # the last one parsed): answer once that response is complete.
-            respond = cycle.on_response
-
-            def respond_then_refuse() -> None:
-                respond()
-                self._send_refusal(reply)
-
-            cycle.on_response = respond_then_refuse
+            self._refuse_after(cycle, reply)
             return
         self._send_refusal(reply)
 
-    def _send_refusal(self, reply: tuple[bytes, bytes]) -> None:
+    def _refuse_request(self, reply: tuple[bytes, bytes]) -> None:
+        """Refuse the request whose body (or trailer section) is being read (`cycle`): its app's `receive()` returns
+        `http.disconnect` and its `send()` is dropped; `reply` goes out unless its response has started (then the
+        connection is closed) or is complete (the client has its answer; the connection is closed after it)."""
+        self._state = DONE
+        self._stop_watching()
+        cycle = self.cycle
+        if cycle is None or cycle.response_complete:
+            self._send_refusal(None)
+            return
+        cycle.disconnected = True
+        cycle.message_event.set()
+        hook = getattr(cycle, DISCONNECT_HOOK, None)
+        if hook is not None:  # (a request watches only once its body is read: not expected here)
+            setattr(cycle, DISCONNECT_HOOK, None)
+            hook()
+        if cycle.response_started:
+            self.transport.close()  # mid-response: no room for another answer
+            return
+        earlier = self._earlier
+        ahead = earlier[-1] if earlier else None
+        if ahead is not None and not ahead.response_complete and not self.transport.is_closing():
+            self._refuse_after(ahead, reply)  # pipelined behind a response still being sent
+            return
+        self._send_refusal(reply)
+
+    def _refuse_after(self, cycle: Any, reply: tuple[bytes, bytes]) -> None:
+        """Send `reply` once `cycle`'s response is complete (uvicorn calls its `on_response` then)."""
+        respond = cycle.on_response
+
+        def respond_then_refuse() -> None:
+            respond()
+            self._send_refusal(reply)
+
+        cycle.on_response = respond_then_refuse
+
+    def _send_refusal(self, reply: tuple[bytes, bytes] | None) -> None:
+        """Write `reply` (if any) and close: half-close, and drop what the client still sends for a while."""
         if self.transport.is_closing():
             return
         if self.timeout_keep_alive_task is not None:  # armed by uvicorn after a response
             self.timeout_keep_alive_task.cancel()
             self.timeout_keep_alive_task = None
-        self._write_reply(*reply)
+        if reply is not None:
+            self._write_reply(*reply)
         if self.transport.can_write_eof():
             # Half-close and drop what the client still sends, so that it reads the reply
             # instead of a reset; the client's own close (eof_received) or the timer ends it.
@@ -300,6 +364,7 @@ class Guard:
                     shared.arm(self)
         elif self._body_pending() and self._body_timer is None:
             self._body_mark = self._body_seen
+            self._body_periods = 0
             self._body_timer = self.loop.call_later(self._shared.limits.body_timeout_s, self._on_body_timeout)
 
     def _head_done(self) -> None:
@@ -316,7 +381,7 @@ class Guard:
             return
         if self.cycle is not None and not self.cycle.response_complete:
             return  # a response is in flight; after it, uvicorn's keep-alive timer takes over
-        log.debug("request head timeout (%d bytes received) from %s", self._state, _peer(self.client))
+        log.debug("request head timeout (%d bytes received) from %s", self._state, peer(self.client))
         count_refusal("header_timeout")
         if self._state > 0:
             self._write_408(f"the request headers were not received within {self._shared.timeout:g} s")
@@ -330,30 +395,38 @@ class Guard:
         if self._state == DONE or cycle is None or not self._body_pending() or self.transport.is_closing():
             return
         timeout = self._shared.limits.body_timeout_s
+        if self._body_seen != self._body_mark and not self.flow.read_paused and not cycle.waiting_for_100_continue:
+            self._body_periods += 1  # a period of progress: counted toward the whole-body deadline
+            if self._body_periods >= BODY_PERIODS:
+                log.debug("request body not received within %g s from %s", timeout * BODY_PERIODS,
+                          peer(self.client))
+                count_refusal("body_too_slow")
+                self._refuse_request(_timed_out(
+                    f"the request body was not received within {timeout * BODY_PERIODS:g} s"))
+                return
         if self._body_seen != self._body_mark or self.flow.read_paused or cycle.waiting_for_100_continue:
             # Progress, or nothing to blame on the client (the app is not reading, or has not
             # yet asked for the body): look again later.
             self._body_mark = self._body_seen
             self._body_timer = self.loop.call_later(timeout, self._on_body_timeout)
             return
-        log.debug("request body stalled for %g s from %s", timeout, _peer(self.client))
+        log.debug("request body stalled for %g s from %s", timeout, peer(self.client))
         count_refusal("body_timeout")
-        self._state = DONE
-        if not cycle.response_started and not cycle.response_complete:
-            cycle.disconnected = True  # the app's receive() returns http.disconnect, its send() is dropped
-            cycle.message_event.set()
-            self._write_408(f"no request body bytes were received for {timeout:g} s")
-        self.transport.close()
+        self._refuse_request(_timed_out(f"no request body bytes were received for {timeout:g} s"))
 
     def _write_408(self, message: str) -> None:
-        self._write_reply(*_json_error(b"408 Request Timeout", message, "invalid_request_error", "request_timeout"))
+        self._write_reply(*_timed_out(message))
 
 
 GUARD_SLOTS = ("_state", "_held", "_head_armed", "_body_timer", "_linger_timer", "_body_seen", "_body_mark",
-          "_max_head", "_max_requests", "_shared")
+          "_body_periods", "_trailer", "_earlier", "_max_head", "_max_requests", "_shared")
 
 
-def _peer(client: tuple[str, int] | None) -> str:
+def _timed_out(message: str) -> tuple[bytes, bytes]:
+    return _json_error(b"408 Request Timeout", message, "invalid_request_error", "request_timeout")
+
+
+def peer(client: tuple[str, int] | None) -> str:
     return f"{client[0]}:{client[1]}" if client else "?"
 
 

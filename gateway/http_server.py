@@ -21,12 +21,27 @@ arguments that fix this with subclasses of uvicorn's own protocols. Who enforces
   of the next head; then `408` (if part of a head came) and close; a silent connection is
   just closed. The idle time between requests stays uvicorn's `timeout_keep_alive`.
   Deadlines are checked by one timer per server (`http_guard._Shared`), not one per connection.
-* Body idle timeout (`body_timeout_s`): this protocol, one timer per request whose body
-  did not arrive with its head. When no body bytes came for `body_timeout_s` while the body
-  is incomplete, reading is not paused by flow control (the app not reading) and no
-  `100-continue` is pending: `408` if no response started, and close; the app's `receive()`
-  returns `http.disconnect`. An idle timeout only: a client trickling a byte per period is
-  bounded by the app's own deadlines and `max_body_bytes`, not here.
+* Body idle timeout and whole-body deadline (`body_timeout_s`): this protocol, one timer per
+  request whose body did not arrive with its head. When no body bytes came for `body_timeout_s`
+  while the body is incomplete, reading is not paused by flow control (the app not reading) and
+  no `100-continue` is pending: `408` if no response started, and close; the app's `receive()`
+  returns `http.disconnect`. And the whole body is due within `http_guard.BODY_PERIODS` (4)
+  periods of `body_timeout_s` from the end of its head (periods in which reading was paused or a
+  `100-continue` pending are not counted): past it, the same `408`. A client trickling a byte
+  per period holds its request slot for 4 periods (2 minutes at the default 30 s), not forever;
+  the app's reading (`pipeline.stages.read_body`) has no deadline of its own.
+* Trailer fields of a chunked body (httptools; h11 drops them and bounds them as a head): read
+  and dropped, never request headers (`scope["headers"]` is the head's, frozen at its end: a
+  trailer `Authorization` or `X-Request-Id` changes nothing). Their bytes count against
+  `max_header_bytes`: over it, `431` and close, the app's `receive()` returns `http.disconnect`.
+  One gap, bounded: the trailer bytes in the read where the last chunk starts are not counted.
+* What the parser refuses (conflicting lengths, a malformed head or chunk): `400` with an
+  OpenAI error body (`invalid_http_request`, the parser's reason in the message) and
+  `connection: close`, after the response in flight if there is one. A WebSocket upgrade:
+  `400` (`websocket_not_supported`): the gateway serves no WebSocket route.
+* A lost connection (httptools): every request of the connection, the one running first, then
+  those pipelined behind it, is marked disconnected and its disconnect hook called
+  (`pipeline.lifecycle`): uvicorn itself tells only the last request parsed.
 * Bytes held in incomplete heads, all connections together (`max_pending_head_bytes`):
   this protocol. Above it, the connection whose head grew gets `503` and is closed. Without
   it `max_connections` slow heads could hold `max_connections * max_header_bytes` (1 GiB at
@@ -43,7 +58,8 @@ arguments that fix this with subclasses of uvicorn's own protocols. Who enforces
   timeout evicts them.
 
 Cost: per read, one integer comparison and addition; per connection a dict entry for its
-head deadline; no timer, no allocation per keep-alive request whose head arrives in one read.
+head deadline; per request a few attribute reads and stores; no timer, no allocation per
+keep-alive request whose head arrives in one read. Chunked bodies only: a call per chunk.
 
 The protocol is a `functools.partial` of a module-level class: uvicorn calls
 `config.http_protocol_class(config=..., server_state=..., app_state=..., _loop=...)`, and a
@@ -55,6 +71,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import sys
 from collections.abc import Callable
 from typing import Any, Literal
 
@@ -65,12 +82,15 @@ from .api.asgi import DIRECT_BODY
 from .head_joined import HeadJoined
 from .http_guard import (
     BODY,
+    CHUNK,
     DONE,
     GUARD_SLOTS,
     Guard,
     HttpLimits,
+    bad_request,
     count_refusal,
     overloaded,
+    peer,
     too_large,
     warn_once,
 )
@@ -78,6 +98,7 @@ from .http_memory import slim_cycle
 from .pipeline.lifecycle import DISCONNECT_HOOK
 
 try:
+    from httptools import HttpParserCallbackError
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 except ImportError:  # pragma: no cover - httptools is a dependency; h11 is the fallback
     HAVE_HTTPTOOLS = False
@@ -87,6 +108,22 @@ else:
 __all__ = ["HAVE_HTTPTOOLS", "HttpLimits", "LimitedH11Protocol", "LimitedHttpToolsProtocol", "server_limits"]
 
 _FD_RESERVE = 1024  # file descriptors to keep for upstream connections, logs, files
+_UNPARSABLE = "the request is not valid HTTP/1.1"
+
+
+class _HeadComplete(list[tuple[bytes, bytes]]):
+    """Where uvicorn's httptools protocol appends header fields once a request's head is complete (its
+    `headers`): nowhere. The fields it would append then are a chunked body's trailer fields, which must not join
+    the head's (`scope["headers"]`, the same list uvicorn appended the head's fields to): they are read and
+    dropped (RFC 9110 6.5.1 lets a recipient discard them), counted as they arrive (`_chunk_received`)."""
+
+    __slots__ = ()
+
+    def append(self, field: tuple[bytes, bytes]) -> None:
+        pass
+
+
+_HEAD_COMPLETE = _HeadComplete()  # one for all connections: it never holds anything
 
 
 def server_limits(
@@ -166,9 +203,30 @@ if HAVE_HTTPTOOLS:
             elif n == BODY:
                 self._body_seen += 1
                 HttpToolsProtocol.data_received(self, data)
+            elif n == CHUNK:
+                self._chunk_received(data)
             # else DONE: refused; drop
 
         _receive = data_received
+
+        def _chunk_received(self, data: bytes) -> None:
+            """A read that starts inside a chunk: its data, or, after the last chunk, the trailer section, whose
+            fields the parser buffers until each ends (one endless field would be held whole). A read with no
+            body data in it that ends still inside the chunk is all trailer: counted against `max_header_bytes`.
+            Two gaps, bounded: the trailer bytes in the read where the last chunk starts are not counted (one
+            read); and once the response is complete uvicorn drops body data, so data read then counts too (a
+            single chunk over the limit then closes a connection whose answer was already sent)."""
+            self._body_seen += 1
+            cycle = self.cycle
+            had = len(cycle.body)
+            HttpToolsProtocol.data_received(self, data)
+            if self._state == CHUNK and self.cycle is cycle and len(cycle.body) == had:
+                self._trailer += len(data)
+                if self._trailer > self._max_head:
+                    warn_once("431t", "431: a trailer section over %d bytes from %s", self._max_head,
+                              peer(self.client))
+                    count_refusal("trailers_too_large")
+                    self._refuse_request(too_large(self._max_head, "the trailer fields"))
 
         def _feed(self, data: bytes) -> None:
             HttpToolsProtocol.data_received(self, data)
@@ -177,13 +235,14 @@ if HAVE_HTTPTOOLS:
             return self._state >= 0
 
         def _body_pending(self) -> bool:
-            return self._state == BODY
+            return self._state == BODY or self._state == CHUNK
 
         # Parser callbacks: where a head and a message end.
         def on_headers_complete(self) -> None:
             self._state = BODY
             if self._head_armed or self._held:
                 self._head_done()
+            before = self.cycle
             if len(self.tasks) >= self._max_requests:
                 warn_once("503", "503: %d requests in flight (max_requests)", len(self.tasks))
                 count_refusal("too_many_requests")
@@ -195,6 +254,13 @@ if HAVE_HTTPTOOLS:
             else:
                 HttpToolsProtocol.on_headers_complete(self)
             cycle = self.cycle  # uvicorn's request cycle writes through `cycle.transport` (checked, not assumed)
+            if cycle is before:
+                return  # no request made: a WebSocket upgrade (refused in `handle_websocket_upgrade`)
+            self.headers = _HEAD_COMPLETE  # the head's fields are frozen: trailer fields go nowhere
+            if self.pipeline:  # queued behind a request still in flight: keep the cycles before it
+                self._queued_behind(before)
+            elif self._earlier is not None:  # not queued: every request before this one is complete
+                self._earlier = None
             if cycle is not None and type(getattr(cycle, "transport", None)) is not HeadJoined \
                     and hasattr(cycle, "transport"):
                 cycle.transport = HeadJoined(self.transport, self.loop, cycle)
@@ -203,13 +269,37 @@ if HAVE_HTTPTOOLS:
                 setattr(cycle, DISCONNECT_HOOK, None)  # this protocol calls the request back on a lost connection
                 setattr(cycle, DIRECT_BODY, True)  # and its body parts may be written directly (`api.asgi.ChunkWriter`)
 
+        def _queued_behind(self, before: Any) -> None:
+            """`cycle` waits behind `before` (pipelining): keep `before`, and the cycles before it still in
+            flight, in order, so that a lost connection reaches them all (uvicorn knows only the last one)."""
+            earlier = [c for c in self._earlier or () if not c.response_complete]
+            if before is not None:
+                earlier.append(before)
+            self._earlier = earlier
+
         def connection_lost(self, exc: Exception | None) -> None:
             cycle = self.cycle
-            Guard.connection_lost(self, exc)
-            hook = getattr(cycle, DISCONNECT_HOOK, None) if cycle is not None else None
-            if hook is not None:  # a request watching for its client (`pipeline.lifecycle`)
-                setattr(cycle, DISCONNECT_HOOK, None)
-                hook()
+            earlier, self._earlier = self._earlier, None
+            Guard.connection_lost(self, exc)  # uvicorn marks `cycle` (the last request parsed) disconnected
+            for gone in (*earlier, cycle) if earlier else (cycle,):  # in order: the one running first
+                if gone is None:
+                    continue
+                if not gone.response_complete:
+                    gone.disconnected = True
+                    gone.message_event.set()
+                hook = getattr(gone, DISCONNECT_HOOK, None)
+                if hook is not None:  # a request watching for its client (`pipeline.lifecycle`)
+                    setattr(gone, DISCONNECT_HOOK, None)
+                    hook()
+
+        def on_chunk_header(self) -> None:  # called for chunked bodies only
+            if self._state == BODY:
+                self._state = CHUNK
+
+        def on_chunk_complete(self) -> None:
+            if self._state == CHUNK:
+                self._state = BODY
+                self._trailer = 0
 
         def on_message_complete(self) -> None:
             self._state = 0  # what comes next is the next request's head
@@ -219,9 +309,22 @@ if HAVE_HTTPTOOLS:
             HttpToolsProtocol.on_message_complete(self)
 
         def handle_websocket_upgrade(self) -> None:
-            self._state = DONE
-            self._stop_watching()
-            HttpToolsProtocol.handle_websocket_upgrade(self)
+            self._refuse_upgrade()
+
+        def send_400_response(self, msg: str) -> None:
+            """What the parser refused (uvicorn calls this inside its `except HttpParserError`): an OpenAI error
+            body with the parser's reason, and close; after the response in flight, if one is."""
+            if self._state == DONE:
+                return
+            error = sys.exc_info()[1]
+            reason = _UNPARSABLE if error is None or isinstance(error, HttpParserCallbackError) \
+                else f"{_UNPARSABLE}: {error}"
+            warn_once("400", "400: %s from %s", reason, peer(self.client))
+            count_refusal("bad_request")
+            if self._state >= 0:
+                self._refuse_head(bad_request(reason))
+            else:
+                self._refuse_request(bad_request(reason))
 
 
 class LimitedH11Protocol(Guard, H11Protocol):
@@ -269,15 +372,22 @@ class LimitedH11Protocol(Guard, H11Protocol):
         return self._state != DONE and self.conn.their_state is h11.SEND_BODY
 
     def send_400_response(self, msg: str) -> None:
+        if self._state == DONE:
+            return
         # h11 refuses an incomplete event over `h11_max_incomplete_event_size` (= the head limit)
         # as a 400; that happens to a pipelined head, which arrives while a response is in flight
-        # and is not counted here. It is a 431.
+        # and is not counted here, and to a trailer section over the limit. It is a 431.
         if len(self.conn.trailing_data[0]) > self._max_head:
-            self._refuse_head(too_large(self._max_head))
+            count_refusal("headers_too_large")
+            reply = too_large(self._max_head)
+        else:  # h11's reasons may quote the request's bytes: not sent back
+            count_refusal("bad_request")
+            reply = bad_request(_UNPARSABLE)
+        cycle = self.cycle
+        if cycle is not None and cycle.more_body:  # in a request's body
+            self._refuse_request(reply)
         else:
-            H11Protocol.send_400_response(self, msg)
+            self._refuse_head(reply)
 
     def handle_websocket_upgrade(self, event: h11.Request) -> None:
-        self._state = DONE
-        self._stop_watching()
-        H11Protocol.handle_websocket_upgrade(self, event)
+        self._refuse_upgrade()

@@ -71,6 +71,16 @@ def make_app(state: AppState) -> Callable[..., Any]:
                 if not message.get("more_body", False):
                     break
             body = b"".join(chunks)
+        elif path == "/headers":  # the request's headers as the app sees them, after its whole body
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    state.disconnects += 1
+                    return
+                if not message.get("more_body", False):
+                    break
+            body = json.dumps([[name.decode("latin-1"), value.decode("latin-1")]
+                               for name, value in scope["headers"]]).encode()
         elif path == "/stream":  # as the proxy streams: body parts through `ChunkWriter` when the server allows
             await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"text/plain")]})
             writer = chunk_writer(send)
@@ -90,6 +100,12 @@ def make_app(state: AppState) -> Callable[..., Any]:
             headers = [(b"content-type", b"application/json"), (b"content-length", b"10"), (b"x-request-id", b"req_1")]
             await send({"type": "http.response.start", "status": 200, "headers": headers})
             await send({"type": "http.response.body", "body": body})
+            return
+        elif path == "/wait":  # as the proxy waits for its upstream: until the client leaves
+            state.holding += 1
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            state.disconnects += 1
             return
         elif path == "/hold":
             state.holding += 1
@@ -442,6 +458,151 @@ def test_stalled_body_times_out_and_a_slow_one_does_not(
     wait_until(lambda: server.state.disconnects == 1)  # the app's receive() saw the disconnect
 
 
+def test_a_trickled_body_is_cut_at_the_whole_body_deadline_and_frees_its_slot(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    """A byte every 0.2 s is never idle for `body_timeout_s` (0.5 s), but the whole body is due within
+    4 x `body_timeout_s`: then 408, and the request slots the tricklers held serve again."""
+    server = serve(body_timeout_s=0.5, max_requests=2)
+    tricklers = [connect(server) for _ in range(2)]
+    for sock in tricklers:
+        sock.sendall(request_bytes("POST", "/echo", body=b"x" * 1000)[:-1000])
+    started = time.monotonic()
+    wait_until(lambda: len(server.server.server_state.tasks) == 2)
+    assert get(server)[0] == 503  # both slots held
+    answered: set[socket.socket] = set()
+    while len(answered) < len(tricklers) and time.monotonic() - started < 6:
+        for sock in tricklers:
+            if sock not in answered:
+                try:
+                    sock.send(b"x")
+                except (BrokenPipeError, ConnectionResetError):
+                    answered.add(sock)
+        readable, _, _ = select.select(tricklers, [], [], 0.2)
+        answered.update(readable)
+    elapsed = time.monotonic() - started
+    assert len(answered) == 2, "the trickled bodies were never cut"
+    assert 1.8 < elapsed < 3.5, elapsed
+    for sock in tricklers:
+        status, headers, body = read_response(sock)
+        assert_error(status, headers, body, 408, "request_timeout")
+        assert "2 s" in json.loads(body)["error"]["message"]
+        assert closed_by_server(sock, 3)
+    wait_until(lambda: server.state.disconnects == 2)  # the app's receive() saw the disconnect
+    assert get(server)[0] == 200
+
+
+# -- chunked bodies: trailer fields ----------------------------------------------------------------
+
+def chunked_bytes(path: str, headers: dict[str, str], chunks: list[bytes], trailer: bytes = b"") -> bytes:
+    """A chunked POST; `trailer`: its trailer section's field lines (each ending in CRLF)."""
+    lines = [f"POST {path} HTTP/1.1", "Host: 127.0.0.1", "Transfer-Encoding: chunked"]
+    lines += [f"{name}: {value}" for name, value in headers.items()]
+    body = b"".join(b"%x\r\n%b\r\n" % (len(chunk), chunk) for chunk in chunks)
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body + b"0\r\n" + trailer + b"\r\n"
+
+
+def test_trailer_fields_never_become_request_headers(serve: Callable[..., Server],
+                                                     connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    sock = connect(server)
+    head = {"X-Request-Id": "from-head", "Authorization": "Bearer head-key"}
+    trailer = b"X-Request-Id: from-trailer\r\nAuthorization: Bearer trailer-key\r\nX-Beta: 1\r\n"
+    for pieces in ([chunked_bytes("/headers", head, [b'{"a":', b"1}"], trailer)],  # in one write
+                   [chunked_bytes("/headers", head, [b'{"a":1}']).removesuffix(b"0\r\n\r\n") + b"0\r\n",
+                    trailer[:10], trailer[10:], b"\r\n"]):  # the trailer section in reads of its own
+        for piece in pieces:
+            sock.sendall(piece)
+            time.sleep(0.05)
+        status, _, body = read_response(sock)
+        assert status == 200
+        seen = [tuple(pair) for pair in json.loads(body)]
+        assert ("x-request-id", "from-head") in seen and ("authorization", "Bearer head-key") in seen
+        assert not [pair for pair in seen if "trailer" in pair[1] or pair[0] == "x-beta"], seen
+    sock.sendall(request_bytes("GET", "/healthz"))  # the connection is still good
+    assert read_response(sock)[0] == 200
+
+
+@pytest.mark.parametrize("shape", ["one-endless-field", "many-fields"])
+def test_an_endless_trailer_section_is_refused_with_431_before_it_is_buffered(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket], shape: str) -> None:
+    server = serve()
+    assert get(server)[0] == 200  # warm up everything a request allocates
+    before = rss_bytes()
+    sock = connect(server)
+    sock.sendall(chunked_bytes("/echo", {}, [b'{"model":']).removesuffix(b"0\r\n\r\n") + b"0\r\n")
+    if shape == "one-endless-field":
+        sock.sendall(b"X-Trailer: ")
+        piece = b"a" * 65536
+    else:
+        piece = b"".join(b"X-T%d: %s\r\n" % (n, b"a" * 1000) for n in range(64))
+    total, sent, answered = 32 * 1024 * 1024, 0, False
+    try:
+        while sent < total:
+            sock.sendall(piece)
+            sent += len(piece)
+            readable, _, _ = select.select([sock], [], [], 0)
+            if readable:
+                answered = True
+                break
+    except (BrokenPipeError, ConnectionResetError):
+        answered = True
+    grown = rss_bytes() - before
+    assert grown < 8 * 1024 * 1024, f"RSS grew by {grown / 2**20:.1f} MiB"
+    assert answered, "the server took 32 MiB of trailer without answering"
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 431, "headers_too_large")
+    assert closed_by_server(sock, 3)
+    wait_until(lambda: server.state.disconnects == 1)  # the app's receive() saw the disconnect
+    assert get(server)[0] == 200
+
+
+# -- what the parser refuses -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("raw", [
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\n{}",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nTransfer-Encoding: chunked\r\n\r\n{}",
+    b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Bad\x01: v\r\n\r\n",
+    b"NOT HTTP AT ALL\r\n\r\n",
+    b"POST /echo HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\nzz\r\n",  # a bad chunk
+], ids=["two-lengths", "length-and-chunked", "bad-name", "not-http", "bad-chunk"])
+def test_what_the_parser_refuses_gets_an_openai_400_and_close(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket], raw: bytes,
+        variant: tuple[str, str]) -> None:
+    if variant[0] == "h11" and b"Content-Length: 2\r\nTransfer-Encoding" in raw:
+        pytest.skip("h11 takes Transfer-Encoding over Content-Length (RFC 9112 6.3) rather than refusing")
+    server = serve()
+    sock = connect(server)
+    sock.sendall(raw)
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 400, "invalid_http_request")
+    assert closed_by_server(sock, 3)
+    assert get(server)[0] == 200
+
+
+def test_a_refused_pipelined_request_is_answered_after_the_one_before_it(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/healthz") + b"GARBAGE\r\n\r\n")
+    assert read_response(sock)[0] == 200
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 400, "invalid_http_request")
+    assert closed_by_server(sock, 3)
+
+
+def test_a_websocket_upgrade_gets_an_openai_400(serve: Callable[..., Server],
+                                                connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/v1/realtime", {
+        "Connection": "Upgrade", "Upgrade": "websocket", "Sec-WebSocket-Version": "13",
+        "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ=="}))
+    status, headers, body = read_response(sock)
+    assert_error(status, headers, body, 400, "websocket_not_supported")
+    assert closed_by_server(sock, 3)
+    assert get(server)[0] == 200
+
+
 # -- connections and requests ----------------------------------------------------------------------
 
 def test_connections_over_the_limit_are_refused_not_left_hanging(
@@ -481,6 +642,17 @@ def test_requests_over_the_limit_get_503(serve: Callable[..., Server],
     for sock in idle:
         sock.sendall(request_bytes("GET", "/healthz"))
         assert read_response(sock)[0] == 200
+
+
+def test_a_lost_connection_reaches_the_request_running_not_only_the_one_pipelined_behind_it(
+        serve: Callable[..., Server], connect: Callable[[Server], socket.socket]) -> None:
+    server = serve()
+    sock = connect(server)
+    sock.sendall(request_bytes("GET", "/wait") + request_bytes("GET", "/healthz"))
+    wait_until(lambda: server.state.holding == 1)
+    sock.close()  # the client leaves while /wait runs and /healthz waits behind it
+    wait_until(lambda: server.state.disconnects == 1)  # /wait's receive() said http.disconnect
+    wait_until(lambda: not server.server.server_state.tasks)
 
 
 def test_server_limits_validates_and_replaces_the_uvicorn_arguments() -> None:
@@ -543,6 +715,40 @@ async def test_a_response_head_leaves_with_its_body_or_at_the_next_loop_turn() -
     joined.close()
     await asyncio.sleep(0)
     assert closing.writes == [b"HEAD", b"<close>"]  # written before the close, once
+
+
+class _Lost(_Recorded):
+    """A transport whose connection was lost: uvloop raises RuntimeError on a write then (asyncio drops it)."""
+
+    def __init__(self, closing: bool = True) -> None:
+        super().__init__()
+        self.closed = closing
+
+    def write(self, data: bytes) -> None:
+        raise RuntimeError("unable to perform operation on <TCPTransport closed=True>; the handler is closed")
+
+
+async def test_a_write_to_a_lost_connection_is_dropped_quietly_and_any_other_failure_is_not() -> None:
+    loop = asyncio.get_running_loop()
+    joined = HeadJoined(_Lost(), loop)  # type: ignore[arg-type]
+    joined.write(b"HEAD")
+    joined.write(b"BODY")
+    joined.write(b"MORE")
+    HeadJoined(_Lost(), loop).write_all(b"ALL")  # type: ignore[arg-type]
+    writer = ChunkWriter(SimpleNamespace(transport=_Lost(), flow=SimpleNamespace(write_paused=False),
+                                         chunked_encoding=True, disconnected=False, response_complete=False))
+    from gateway.schemas.events import Chunk
+
+    assert writer.write(b"data: x\n\n") and writer.write_chunk([Chunk(b"{}")])
+    if HAVE_HTTPTOOLS:
+        cycle = _cycle(_Lost())
+        assert send_whole(cycle.send, 200, b"application/json", TAIL, b"{}")
+        assert cycle.response_complete and cycle.responded  # the cycle ends as after any answer
+    open_but_failing = HeadJoined(_Lost(closing=False), loop)  # type: ignore[arg-type]
+    open_but_failing.write(b"HEAD")
+    with pytest.raises(RuntimeError):  # not a lost connection: a bug, not hidden
+        open_but_failing.write(b"BODY")
+    await asyncio.sleep(0)
 
 
 def test_a_streamed_body_written_directly_reads_as_any_chunked_body(serve: Callable[..., Server],

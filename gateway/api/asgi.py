@@ -11,8 +11,8 @@ from typing import Any
 from ..errors import GatewayError
 from ..schemas.events import Chunk, StreamEvent
 
-__all__ = ["DIRECT_BODY", "ChunkWriter", "RequestHeaders", "RequestIds", "chunk_writer", "error_header_map",
-           "send_body", "send_error"]
+__all__ = ["DIRECT_BODY", "ChunkWriter", "RequestHeaders", "RequestIds", "chunk_writer", "connection_gone",
+           "error_header_map", "send_body", "send_error"]
 
 # An attribute of the server's request cycle (the object whose bound method is `send`): the gateway's
 # HTTP protocol sets it on the uvicorn httptools cycles it makes, whose chunked body writes `ChunkWriter`
@@ -106,7 +106,9 @@ class ChunkWriter:
     whenever anything else applies: the response is not chunked (e.g. HEAD), writing is paused by
     flow control (`send` waits for the drain), the client is gone (`send` drops the part), the
     response is complete, or the part is empty. The last part (`more_body: False`) always goes
-    through `send`, which ends the body and the response cycle.
+    through `send`, which ends the body and the response cycle. A part written to a connection that is
+    going away is dropped, as `send` drops it (uvloop raises RuntimeError on a write once the connection
+    is lost; the `try` costs nothing when the write succeeds).
     """
 
     __slots__ = ("_cycle",)
@@ -118,7 +120,11 @@ class ChunkWriter:
         transport = self._transport() if data else None
         if transport is None:
             return False
-        transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        try:
+            transport.write(b"%x\r\n%b\r\n" % (len(data), data))
+        except RuntimeError:
+            if not transport.is_closing():
+                raise
         return True
 
     def write_chunk(self, events: list[StreamEvent]) -> bool:
@@ -131,10 +137,14 @@ class ChunkWriter:
             return False
         payload = event.payload
         size = len(payload)
-        if size < _FRAMED_HEADS:  # a chunk's usual size: its head looked up, not formatted (about 300 instructions)
-            transport.write(b"".join((_FRAMED_HEAD[size], payload, _FRAMED_TAIL)))
-        else:
-            transport.write(b"%x\r\ndata: %b\n\n\r\n" % (size + 8, payload))
+        try:
+            if size < _FRAMED_HEADS:  # a chunk's usual size: its head looked up, not formatted (about 300 instructions)
+                transport.write(b"".join((_FRAMED_HEAD[size], payload, _FRAMED_TAIL)))
+            else:
+                transport.write(b"%x\r\ndata: %b\n\n\r\n" % (size + 8, payload))
+        except RuntimeError:  # the connection is going away (see the class's docstring)
+            if not transport.is_closing():
+                raise
         return True
 
     def _transport(self) -> Any:
@@ -147,6 +157,19 @@ class ChunkWriter:
             return cycle.transport
         except AttributeError:
             return None
+
+
+def connection_gone(send: Any) -> bool:
+    """Whether the connection behind `send` (a server's request cycle) is lost or closing: a write that failed
+    then is the client's leaving, not a bug. False when the server does not say."""
+    cycle = getattr(send, "__self__", None)
+    if getattr(cycle, "disconnected", False) is True:
+        return True
+    transport = getattr(cycle, "transport", None)
+    try:
+        return transport is not None and transport.is_closing() is True
+    except AttributeError:
+        return False
 
 
 def chunk_writer(send: Any) -> ChunkWriter | None:

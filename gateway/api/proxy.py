@@ -24,7 +24,7 @@ from ..pipeline.streams import ReplyStream
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamDone, StreamError, StreamEvent
-from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, send_body, send_error
+from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, connection_gone, send_body, send_error
 from .sse import error_frame, frame
 from .whole_reply import send_head, send_whole
 
@@ -124,6 +124,10 @@ class ProxyEndpoint:
                     await _cut_stream(stream, framer, send)
                 except OSError:  # the server reports a write to a closed connection
                     life.reason = life.reason or "client_gone"
+                except RuntimeError:  # uvloop's, for a write once the connection is lost
+                    if not connection_gone(send):
+                        raise
+                    life.reason = life.reason or "client_gone"
                 finally:
                     await stream.aclose("client_gone" if life.reason != "shutdown" else "shutdown")
         except asyncio.CancelledError:
@@ -137,10 +141,13 @@ class ProxyEndpoint:
             pass
         except GatewayError as exc:
             await send_error(send, exc, request_id, version, body=_error_body(dialect, exc))
-        except Exception:
-            log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-            bug = InternalError("the gateway failed to handle this request")
-            await send_error(send, bug, request_id, version, body=_error_body(dialect, bug))
+        except Exception as exc:
+            if isinstance(exc, (OSError, RuntimeError)) and connection_gone(send):
+                life.reason = life.reason or "client_gone"  # a write to a connection lost meanwhile: no one to tell
+            else:
+                log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
+                bug = InternalError("the gateway failed to handle this request")
+                await send_error(send, bug, request_id, version, body=_error_body(dialect, bug))
         finally:
             life.stop()
             host.active.discard(life)

@@ -80,7 +80,11 @@ def send_whole(send: Any, status: int, content_type: bytes, headers: Sequence[tu
     cycle.expected_content_length = 0
     transport = cycle.transport
     write_all = getattr(transport, "write_all", None)  # `head_joined.HeadJoined`: not held for a later write
-    (write_all or transport.write)(head + body)
+    try:
+        (write_all or transport.write)(head + body)
+    except RuntimeError:  # uvloop, once the connection is lost: the reply is dropped, as `send` drops it
+        if not transport.is_closing():
+            raise
     cycle.response_complete = True
     cycle.message_event.set()
     if not cycle.keep_alive:

@@ -9,6 +9,7 @@ own, run only on error paths.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from collections.abc import Iterable
@@ -54,7 +55,9 @@ _IPV6_BRACKETED = re.compile(r"\[([0-9A-Fa-f:.]{2,64})(?:%[\w-]{1,32})?\](?::\d{
 # A bare run of hex digits, colons and dots holding a colon, with an optional
 # %zone; the callback decides whether it is an IPv6 address (see the docstring).
 _IPV6_BARE = re.compile(r"(?<![\w:.%-])(?=[0-9A-Fa-f.]*+:)([0-9A-Fa-f:.]++)(?:%[\w-]{1,32})?(?![\w-])")
-_IPV4 = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?::\d{1,5})?(?!\w|\.\w)")
+# Dotted quads with an optional :port, also glued to a word by an underscore or a letter on their left
+# (`backend_10.0.0.5:8080`) or an underscore on their right; the callback spares versions glued to a letter.
+_IPV4 = re.compile(r"(?<![\d.])((?:\d{1,3}\.){3}\d{1,3})(:\d{1,5})?(?![^\W_]|\.\w)")
 # A dotted name or a name:port, starting at a token boundary; the callback
 # applies the host-name rule. Labels are matched possessively.
 _HOST_LIKE = re.compile(
@@ -121,7 +124,12 @@ def sanitize_upstream_message(
       (`10:30`, `10:30:45`: no `::`, too few groups) and code (`a::b`, `std::vector`:
       no digit / not hex) stay.
     - IPv4 addresses with an optional :port -> `[address]` (a four-part version
-      number such as `1.2.3.4` looks the same and goes too).
+      number such as `1.2.3.4` looks the same and goes too), also when glued to a
+      name by an underscore (`backend_10.0.0.5:8080`, `10.0.0.5_eth0`) or, on its
+      left, by a letter, when it is a valid address with a :port or in a private,
+      loopback or link-local range (`host10.0.0.5`, `node7.1.2.3:8080`) and the
+      letter is not a lone `v`: versions such as `v1.2.3.4`, `v10.0.0.1` and
+      `python3.11.4.1` stay.
     - host names -> `[host]` (the :port with them), unless listed in
       `public_hosts` (compared case-insensitively, port or not). A dotted name is a
       host when its last label is 2-24 letters and either that label is a known
@@ -164,7 +172,7 @@ def sanitize_upstream_message(
     text = _AUTH_VALUE.sub(_auth_value, text)
     text = _IPV6_BRACKETED.sub(_ipv6_or_keep, text)
     text = _IPV6_BARE.sub(_ipv6_or_keep, text)
-    text = _IPV4.sub(_ADDRESS, text)
+    text = _IPV4.sub(_ipv4_or_keep, text)
     text = _HOST_LIKE.sub(lambda match: _host_or_keep(match, public), text)
     text = _KEY_SHAPED.sub(_REDACTED, text)
     text = _OPAQUE.sub(_REDACTED, text)
@@ -253,6 +261,19 @@ def _is_ipv6_address(text: str) -> bool:
         return len(groups) <= 7 and all(_HEX_GROUP.fullmatch(group) for group in groups)
     groups = text.split(":")
     return len(groups) == 8 and all(_HEX_GROUP.fullmatch(group) for group in groups)
+
+
+def _ipv4_or_keep(match: re.Match[str]) -> str:
+    start, text = match.start(), match.string
+    if start and text[start - 1].isalpha():  # glued to a word by a letter: a name with an address, or a version
+        lone_v = text[start - 1] in "vV" and (start == 1 or not (text[start - 2].isalnum() or text[start - 2] == "_"))
+        try:
+            internal = ipaddress.IPv4Address(match[1]).is_private
+        except ValueError:  # a number over 255, or a leading zero: not an address
+            return match[0]
+        if lone_v or not (internal or match[2]):
+            return match[0]
+    return _ADDRESS
 
 
 def _host_or_keep(match: re.Match[str], public: frozenset[str]) -> str:

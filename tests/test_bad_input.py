@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import socket
 
 import httpx
 import pytest
 
+from gateway.errors import InvalidRequest
 from tests.conftest import FULL_KEY, RunningGateway
 
 AUTH = {"Authorization": f"Bearer {FULL_KEY}", "Content-Type": "application/json"}
@@ -67,6 +69,41 @@ def test_bad_bodies_on_other_endpoints(gateway: RunningGateway, path: str, body:
     response = httpx.post(gateway.base_url + path, headers=AUTH, content=body)
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
+
+
+def _nested(levels: int, opener: bytes = b"[", closer: bytes = b"]") -> bytes:
+    """A chat body whose field `x` nests `levels` arrays (or objects `{"a": ...}`): the body `levels` + 1 deep."""
+    return (b'{"model": "chat", "messages": [{"role": "user", "content": "x"}], "x": '
+            + opener * levels + b"1" + closer * levels + b"}")
+
+
+@pytest.mark.parametrize(("opener", "closer"), [(b"[", b"]"), (b'{"a":', b"}")])
+def test_bodies_nested_past_the_limit_get_400(gateway: RunningGateway, opener: bytes, closer: bytes) -> None:
+    # 980 passed ingress, then re-encoding the body further down the stack raised RecursionError: a 500
+    for levels in (128, 200, 980):
+        response = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH,
+                              content=_nested(levels, opener, closer))
+        assert response.status_code == 400, response.text[:200]
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and "more than 128 deep" in error["message"]
+    within = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=_nested(127, opener, closer))
+    assert within.status_code == 200, within.text[:200]  # the body's own object and 127 more: 128
+
+
+def test_the_depth_check_counts_structure_not_brackets() -> None:
+    from gateway.pipeline.stages import MAX_JSON_DEPTH, check_depth, decode_body
+    from gateway.schemas.endpoints import Endpoint
+
+    many = [{"role": "user", "content": "[{" * 300} for _ in range(300)]  # thousands of `{` and `[`, shallow
+    tools = [{"type": "function", "function": {"name": f"f{i}", "parameters": {"type": "object"}}} for i in range(99)]
+    raw = json.dumps({"model": "m", "messages": many, "tools": tools, "x": "]]]}}}" * 100}).encode()
+    decode_body(raw, Endpoint.CHAT)
+    at_limit = "[" * (MAX_JSON_DEPTH - 1) + "]" * (MAX_JSON_DEPTH - 1)
+    check_depth(b"{}" * 1000, {"x": json.loads(at_limit)})  # walked: 128 deep
+    over = json.loads("[" + at_limit + "]")
+    with pytest.raises(InvalidRequest, match="128 deep"):
+        check_depth(b"[]" * (MAX_JSON_DEPTH + 1), {"x": over})
+    check_depth(b"{}", {"x": over})  # a body this short cannot be that deep: not even looked at
 
 
 def test_the_error_names_the_bad_field(gateway: RunningGateway) -> None:

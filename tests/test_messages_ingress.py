@@ -218,6 +218,63 @@ def test_invalid_shape_gets_anthropics_envelope(body: dict[str, Any], param: str
     assert param in error["error"]["message"]
 
 
+_BASE = {"model": "gpt", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
+
+
+@pytest.mark.parametrize("path", ["/v1/messages", "/v1/messages/count_tokens"])
+@pytest.mark.parametrize(("field", "value"), [
+    ("stop_sequences", 5), ("stop_sequences", 1.5), ("stop_sequences", True), ("stop_sequences", "END"),
+    ("stop_sequences", [1]), ("tools", True), ("tools", "echo"), ("tools", {"name": "echo"}), ("tools", [5]),
+])
+def test_mistyped_lists_get_anthropics_400(path: str, field: str, value: Any, gw: RunningGateway) -> None:
+    # these were a 500 (or, for a string of stop sequences, one stop sequence per character)
+    response = httpx.post(gw.url + path, json={**_BASE, field: value}, headers={"x-api-key": FULL_KEY}, timeout=10)
+    assert response.status_code == 400, response.text
+    error = response.json()
+    assert error["type"] == "error" and error["error"]["type"] == "invalid_request_error"
+    assert field in error["error"]["message"]
+
+
+def test_typed_lists_still_reach_the_upstream(sdk: anthropic.Anthropic, upstream: MockUpstream) -> None:
+    ask(sdk, "gpt", stop_sequences=["END", "STOP"], tools=[TOOL])
+    sent = upstream.requests[-1].json
+    assert sent["stop"] == ["END", "STOP"] and sent["tools"][0]["function"]["name"] == "echo"
+
+
+_DEEP = "__deep__"
+
+
+def _nested(body: dict[str, Any], levels: int) -> bytes:
+    """`body` encoded, with the string `_DEEP` in it replaced by objects nested `levels` deep."""
+    return json.dumps(body).replace(f'"{_DEEP}"', '{"a":' * levels + "1" + "}" * levels).encode()
+
+
+@pytest.mark.parametrize(("path", "where"), [
+    ("/v1/messages", "tool input"), ("/v1/messages", "input_schema"), ("/v1/messages", "thinking"),
+    ("/v1/messages/count_tokens", "input_schema"),
+])
+def test_bodies_nested_too_deeply_get_anthropics_400(path: str, where: str, gw: RunningGateway) -> None:
+    def body(levels: int) -> bytes:  # nested `levels` deep, plus the body's own few levels
+        if where == "tool input":
+            messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": [
+                {"type": "tool_use", "id": "t1", "name": "echo", "input": _DEEP}]},
+                        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", "content": "ok"}]}]
+            return _nested({**_BASE, "messages": messages, "tools": [TOOL]}, levels)
+        if where == "thinking":
+            return _nested({**_BASE, "thinking": _DEEP}, levels)
+        return _nested({**_BASE, "tools": [{**TOOL, "input_schema": _DEEP}]}, levels)
+
+    def post(levels: int) -> httpx.Response:
+        return httpx.post(gw.url + path, content=body(levels), headers={"x-api-key": FULL_KEY}, timeout=10)
+
+    for levels in (200, 980):  # 980: past what re-encoding the body further down the stack survives
+        response = post(levels)
+        assert response.status_code == 400, response.text[:300]
+        error = response.json()["error"]
+        assert error["type"] == "invalid_request_error" and "128 deep" in error["message"]
+    assert post(100).status_code == 200  # deep, but within the limit
+
+
 def test_invalid_shape_raises_the_sdks_bad_request_error(sdk: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.BadRequestError):
         sdk.messages.create(model="gpt", max_tokens=0, messages=[{"role": "user", "content": "x"}])

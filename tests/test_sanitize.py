@@ -90,6 +90,33 @@ def test_ip_addresses_become_address(message: str, shape: str) -> None:
     assert cleaned == message.replace(shape, "[address]")
 
 
+GLUED_ADDRESSES = [  # an address glued to a name: the name stays, the address goes
+    ("backend_10.0.0.5:8080", "backend_[address]"),
+    ("upstream_pool_192.168.1.20", "upstream_pool_[address]"),
+    ("10.0.0.5_eth0", "[address]_eth0"),
+    ("host10.0.0.5", "host[address]"),
+    ("gpu172.16.4.2", "gpu[address]"),
+    ("lo127.0.0.1:11434", "lo[address]"),
+    ("node7.1.2.3:8080", "node[address]"),  # a public address glued to a letter: with its port
+    ("svc_8.8.8.8", "svc_[address]"),
+]
+
+
+@pytest.mark.parametrize(("message", "shape", "scrubbed"),
+                         [(message, shape, scrubbed) for shape, scrubbed in GLUED_ADDRESSES
+                          for message, _ in _in_every_position([shape])])
+def test_addresses_glued_to_names_are_scrubbed(message: str, shape: str, scrubbed: str) -> None:
+    assert sanitize(message) == message.replace(shape, scrubbed)
+
+
+@pytest.mark.parametrize("message", [
+    "requires v1.2.3.4 or later", "build V10.0.0.1 failed", "python3.11.4.1 is not supported",
+    "codec x264.1.2.3", "pod010.0.0.5", "release_v2.0.1 notes", "see 1.2.3.4.5 and 1.2.3.4a",
+])
+def test_versions_glued_to_letters_survive(message: str) -> None:
+    assert sanitize(message) == message
+
+
 @pytest.mark.parametrize(("message", "shape"), _in_every_position(URLS))
 def test_urls_become_url(message: str, shape: str) -> None:
     cleaned = sanitize(message)

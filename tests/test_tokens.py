@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import random
+import re
 import socket
 import threading
 import time
@@ -125,3 +127,85 @@ def test_counting_never_loads() -> None:
 )
 def test_encoding_for_model(model: str, encoding: str) -> None:
     assert encoding_for_model(model) == encoding
+
+
+# -- texts tiktoken cannot take whole ------------------------------------------------------------------
+
+
+@pytest.fixture
+def exact_counter(monkeypatch: pytest.MonkeyPatch) -> TokenCounter:
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(LOCAL_ENCODINGS))
+    counter = TokenCounter()
+    assert counter.load(["gpt-4"])
+    return counter
+
+
+def test_a_million_spaces_are_counted_not_a_rust_panic(exact_counter: TokenCounter) -> None:
+    # tiktoken's regex panics past 999,999 spaces in a row (pyo3_runtime.PanicException, a BaseException)
+    encoding = exact_counter._encoding(None)
+    assert exact_counter.count(" " * 1_000_000) == len(encoding._encode_single_piece(" " * 1_000_000)) == 7813
+    assert exact_counter.count("x" + "\t" * 1_200_000 + "y", "gpt-4") > 0
+    messages = [{"role": "user", "content": "a" + " \u3000" * 600_000 + "b"}]
+    assert exact_counter.count_messages(messages) > 0
+    # where tiktoken itself still copes, the counts are its own
+    for text in ("x" + " " * 999_000 + "y", "say " + " " * 70_000 + "hi\n" + "\t" * 9_000, " " * 65_536 + "!"):
+        assert exact_counter.count(text) == len(encoding.encode_ordinary(text))
+        assert exact_counter.count(text, "gpt-4") == len(exact_counter._encoding("gpt-4").encode_ordinary(text))
+
+
+_SPACES = [" ", "\t", "\x0b", "\x0c", "\x85", "\xa0", "\u1680", "\u2003", "\u2028", "\u2029", "\u202f", "\u205f",
+           "\u3000", "\n", "\r", "\r\n", "\x1c", "\x1f"]
+_OTHERS = ["a", "B", "word", "Ünïcode", "é", "1", "123456", "!", "?!", "/", "'s", "'ll", "中文", "😀", ".", "-", "_",
+           "x'S", "\u0301"]
+
+
+@pytest.mark.parametrize("model", ["gpt-4o", "gpt-4"])
+def test_cutting_out_runs_of_white_space_gives_tiktokens_own_counts(
+    exact_counter: TokenCounter, monkeypatch: pytest.MonkeyPatch, model: str,
+) -> None:
+    # every run of two or more is cut out (the gateway cuts runs of 4,096 in texts of 64 Ki characters)
+    monkeypatch.setattr(tokens, "_LONG_TEXT", 0)
+    monkeypatch.setattr(tokens, "_STRIDE", 1)
+    monkeypatch.setattr(tokens, "_SAMPLED_RUN", re.compile(rf"[{tokens._HSPACE}]"))
+    monkeypatch.setattr(tokens, "_LONG_RUN", re.compile(rf"(?<![{tokens._HSPACE}])[{tokens._HSPACE}]{{2,}}+(?![\r\n])"))
+    encoding = exact_counter._encoding(model)
+    rng = random.Random(7)
+    for _ in range(5000):
+        text = "".join("".join(rng.choice(_SPACES) for _ in range(rng.choice([1, 2, 3, 5, 9, 30])))
+                       if rng.random() < 0.5 else rng.choice(_OTHERS) for _ in range(rng.randint(1, 12)))
+        assert exact_counter.count(text, model) == len(encoding.encode_ordinary(text)), repr(text)
+
+
+class PanicException(BaseException):
+    """What a Rust panic in tiktoken raises in Python (`pyo3_runtime.PanicException`)."""
+
+
+class _Panicking:
+    name = "o200k_base"
+
+    def encode_ordinary(self, text: str) -> list[int]:
+        if "boom" in text:
+            raise PanicException("called `Result::unwrap()` on an `Err` value")
+        if "stop" in text:
+            raise KeyboardInterrupt
+        return [0] * len(text.split())
+
+
+@pytest.mark.usefixtures("fresh_loads")
+def test_a_panic_in_tiktoken_gives_that_text_an_estimate_logged_once(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(tokens, "_panic_logged", False, raising=False)
+    caplog.set_level(logging.WARNING, "gateway.tokens")
+    counter = TokenCounter()
+    counter._loaded["o200k_base"] = _Panicking()
+    assert counter.count("boom " * 100) == 125  # four characters a token
+    assert counter.count("boom " * 20_000) == 25_000  # the long-text path too
+    assert counter.count("two words") == 2
+    assert counter.count_messages([{"role": "user", "content": "boom " * 100}]) == 3 + 1 + 125 + 3
+    logged = [r.getMessage() for r in caplog.records]
+    assert len(logged) == 1 and "500 characters" in logged[0] and "boom" not in logged[0], logged
+    with pytest.raises(KeyboardInterrupt):  # only a panic is caught
+        counter.count("stop")
+    with pytest.raises(KeyboardInterrupt):
+        counter.count_messages([{"role": "user", "content": "stop"}])

@@ -6,11 +6,13 @@ request is translated into the internal chat request at ingress
 `/v1/chat/completions`; the answer, its stream and its errors are written in
 Anthropic's format here. `count_tokens` needs no upstream: it checks the key and
 the alias like any request and answers with the gateway's own count (tiktoken,
-the same estimate accounting uses when an upstream reports none).
+the same estimate accounting uses when an upstream reports none), in a thread
+when the body is large, so that a long count does not hold up other requests.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any, Protocol
 
@@ -20,7 +22,7 @@ from ..auth.dynamic import find_key
 from ..errors import GatewayError, InternalError, MethodNotAllowed
 from ..pipeline.context import RequestContext
 from ..pipeline.dialect import StreamFramer
-from ..pipeline.stages import ClientGone, authenticate, model_not_found, read_body
+from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
 from ..runtime import Runtime
 from ..telemetry.tokens import TokenCounter
 from ..translate.anthropic_ingress import (
@@ -36,6 +38,7 @@ __all__ = ["CountTokensEndpoint", "MessagesDialect"]
 
 _encode = msgspec.json.Encoder().encode
 log = logging.getLogger("gateway.proxy")
+_OFF_LOOP_BYTES = 64 * 1024  # a larger body is counted in a thread (as `telemetry.usage` counts large texts)
 
 
 class MessagesDialect:
@@ -95,14 +98,25 @@ class CountTokensEndpoint:
             key = authenticate(policy, headers.credential)
         else:  # keys created at run time, as the pipeline's Authenticate stage looks them up
             key = await find_key(policy, headers.credential, runtime.dynamic_keys)
-        raw = await read_body(receive, headers.content_length, policy.server.max_body_bytes)
-        chat = count_tokens_request(raw)
-        alias = chat["model"]
-        route = policy.models.get(alias)
-        if route is None or (key is not None and not key.allows(alias)):
-            raise model_not_found(alias)
-        tokens = self.host.tokens
-        count = tokens.count_messages(chat["messages"], route.upstream_model)
-        if chat.get("tools"):
-            count += tokens.count(_encode(chat["tools"]).decode(), route.upstream_model)
+        server = policy.server
+        raw = await read_body(receive, headers.content_length, server.max_body_bytes, server.max_body_bytes_in_flight)
+        try:
+            chat = count_tokens_request(raw)
+            alias = chat["model"]
+            route = policy.models.get(alias)
+            if route is None or (key is not None and not key.allows(alias)):
+                raise model_not_found(alias)
+            if len(raw) > _OFF_LOOP_BYTES:
+                count = await asyncio.to_thread(_count, self.host.tokens, chat, route.upstream_model)
+            else:
+                count = _count(self.host.tokens, chat, route.upstream_model)
+        finally:
+            BODIES.held -= len(raw)
         return _encode({"input_tokens": count})
+
+
+def _count(tokens: TokenCounter, chat: dict[str, Any], model: str) -> int:
+    count = tokens.count_messages(chat["messages"], model)
+    if chat.get("tools"):
+        count += tokens.count(_encode(chat["tools"]).decode(), model)
+    return count

@@ -22,6 +22,7 @@ from ..auth.keys import VirtualKey
 from ..errors import (
     AuthenticationFailed,
     BodyTooLarge,
+    GatewayBusy,
     HeadersTooLarge,
     InvalidRequest,
     MethodNotAllowed,
@@ -35,19 +36,47 @@ from .runner import Next
 
 if TYPE_CHECKING:
     from ..routing.router import Router
+    from .streams import StreamEnd
 
 __all__ = [
+    "BODIES",
+    "MAX_JSON_DEPTH",
+    "TOO_DEEP",
     "Admit",
     "Authenticate",
     "Authorize",
+    "BodiesInFlight",
     "CallUpstream",
     "Ingress",
     "SelectTarget",
     "authenticate",
+    "check_depth",
     "model_not_found",
 ]
 
 _decode_json = msgspec.json.Decoder().decode
+# Arrays and objects a request body may nest (its own object is the first): every deeper one is a 400. Far more
+# than any API's request needs, far less than what re-encoding it deeper in the stack could survive (Python's
+# recursion limit, about 1,000 levels less the frames below). serde_json's default is the same 128.
+MAX_JSON_DEPTH = 128
+TOO_DEEP = f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep"
+
+
+class BodiesInFlight:
+    """The bytes of request bodies that requests in flight hold, in this process (`server.max_body_bytes_in_flight`).
+
+    Process-wide, not per runtime: requests of a retiring runtime still hold theirs. A body counts from the
+    moment it is read (its Content-Length before, when given) until its request ends: its reply returned by
+    the pipeline, or its stream ended (`_BodyHeld`); `read_body` adds, the caller gives back.
+    """
+
+    __slots__ = ("held",)
+
+    def __init__(self) -> None:
+        self.held = 0
+
+
+BODIES = BodiesInFlight()
 
 
 class Admit:
@@ -101,48 +130,107 @@ def authenticate(policy: Policy, credential: str | None) -> VirtualKey | None:
 
 
 class Ingress:
-    """Read the body (size limit), decode it, check it against the endpoint's schema, keep both forms."""
+    """Read the body (size limit), decode it, check it against the endpoint's schema, keep both forms.
+
+    The body's bytes count as held in flight (`BODIES`) until the request ends: here when the pipeline
+    returns a whole reply or fails, at the end of its stream otherwise."""
 
     name = "ingress"
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
-        ctx.raw_body = await read_body(ctx.receive, ctx.head.content_length, ctx.runtime.policy.server.max_body_bytes)
-        ctx.lifecycle.watch(ctx.receive)  # from here to the last byte, a client that leaves cancels the request
-        if ctx.dialect is None:
-            ctx.body, ctx.request = decode_body(ctx.raw_body, ctx.endpoint)
-        else:  # another API's request (Anthropic's Messages): translated once, here, into the internal one
-            ctx.body, ctx.request = ctx.dialect.decode(ctx.raw_body)
-        if ctx.endpoint.streams:
-            ctx.stream = getattr(ctx.request, "stream", False) is True
-            options = getattr(ctx.request, "stream_options", None)
-            ctx.wants_usage = isinstance(options, StreamOptions) and options.include_usage is True
-        return await call_next(ctx)
+        server = ctx.runtime.policy.server
+        raw = ctx.raw_body = await read_body(ctx.receive, ctx.head.content_length, server.max_body_bytes,
+                                             server.max_body_bytes_in_flight)
+        try:
+            ctx.lifecycle.watch(ctx.receive)  # from here to the last byte, a client that leaves cancels the request
+            if ctx.dialect is None:
+                ctx.body, ctx.request = decode_body(raw, ctx.endpoint)
+            else:  # another API's request (Anthropic's Messages): translated once, here, into the internal one
+                ctx.body, ctx.request = ctx.dialect.decode(raw)
+            if ctx.endpoint.streams:
+                ctx.stream = getattr(ctx.request, "stream", False) is True
+                options = getattr(ctx.request, "stream_options", None)
+                ctx.wants_usage = isinstance(options, StreamOptions) and options.include_usage is True
+            reply = await call_next(ctx)
+        except BaseException:
+            BODIES.held -= len(raw)
+            raise
+        if reply.stream is None:
+            BODIES.held -= len(raw)
+        else:
+            reply.stream.add(_BodyHeld(len(raw)))
+        return reply
+
+
+class _BodyHeld:
+    """A streamed reply's end hook: its request's body is no longer held in flight."""
+
+    __slots__ = ("size",)
+    reads_events = False
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+
+    async def on_events(self, ctx: RequestContext, events: list[Any]) -> list[Any]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        BODIES.held -= self.size
 
 
 class ClientGone(Exception):
     """The client closed the connection before its body arrived."""
 
 
-async def read_body(receive: Any, content_length: int | None, limit: int) -> bytes:
+async def read_body(receive: Any, content_length: int | None, limit: int, held_limit: int) -> bytes:
+    """The request body: 413 past `limit` bytes; 503 when holding it would take the bytes of bodies in flight
+    past `held_limit` while another body is held (before reading it when its Content-Length says so, else
+    as it arrives). Its bytes are added to `BODIES.held`; the caller takes `len(body)` off when done with it
+    (on any failure here, they are taken off here)."""
+    bodies = BODIES
+    claimed = 0
     if content_length is not None:
         if content_length < 0:
             raise InvalidRequest("invalid Content-Length header")
         if content_length > limit:
             raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
+        held = bodies.held
+        if held + content_length > held_limit and held:
+            raise _too_many_bodies()
+        bodies.held = held + content_length
+        claimed = content_length
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise ClientGone
-        chunk = message.get("body", b"")
-        if chunk:
-            size += len(chunk)
-            if size > limit:
-                raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
-            chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ClientGone
+            chunk = message.get("body", b"")
+            if chunk:
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
+                if size > claimed:  # no Content-Length (or a body longer than it): counted as it arrives
+                    held = bodies.held
+                    if held + size - claimed > held_limit and held > claimed:
+                        raise _too_many_bodies()
+                    bodies.held = held + size - claimed
+                    claimed = size
+                chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+    except BaseException:
+        bodies.held -= claimed
+        raise
+    if claimed != size:  # shorter than its Content-Length
+        bodies.held -= claimed - size
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _too_many_bodies() -> GatewayBusy:
+    return GatewayBusy("the gateway holds too many request bodies in flight; retry shortly", code="server_overloaded",
+                       headers={"Retry-After": "1"})
 
 
 def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec.Struct]:
@@ -151,11 +239,14 @@ def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
         body = _decode_json(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        reason = {UnicodeDecodeError: "not UTF-8", RecursionError: "nested too deeply"}.get(type(exc), str(exc))
+    except RecursionError as exc:
+        raise InvalidRequest(TOO_DEEP) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        reason = "not UTF-8" if isinstance(exc, UnicodeDecodeError) else str(exc)
         raise InvalidRequest(f"the request body is not valid JSON: {reason}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    check_depth(raw, body)
     try:
         typed = msgspec.convert(body, endpoint.request_type, str_keys=True)
     except msgspec.ValidationError as exc:
@@ -163,6 +254,38 @@ def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec
         param = where.rstrip("`").lstrip(".") or None
         raise InvalidRequest(f"invalid request: {message}" + (f" at `{param}`" if param else ""), param=param) from exc
     return body, typed
+
+
+def check_depth(raw: bytes, body: Any) -> None:
+    """400 when `body`, decoded from `raw`, nests arrays and objects more than `MAX_JSON_DEPTH` deep.
+
+    Cheap for nearly every body: one shorter than twice the limit, or holding no more `{` and `[` bytes
+    than the limit (found with memchr), cannot be that deep; only the others are walked, level by level.
+    """
+    deeper = MAX_JSON_DEPTH + 1
+    if len(raw) >= 2 * deeper and _openers_reach(raw, deeper) and _deeper_than(body, MAX_JSON_DEPTH):
+        raise InvalidRequest(TOO_DEEP)
+
+
+def _openers_reach(raw: bytes, count: int) -> bool:
+    for opener in b"{[":
+        at = raw.find(opener)
+        while at >= 0:
+            count -= 1
+            if count <= 0:
+                return True
+            at = raw.find(opener, at + 1)
+    return False
+
+
+def _deeper_than(value: Any, depth: int) -> bool:
+    level = [value]
+    for _ in range(depth):
+        level = [item for outer in level for item in (outer.values() if type(outer) is dict else outer)
+                 if type(item) is dict or type(item) is list]
+        if not level:
+            return False
+    return True
 
 
 class Authorize:

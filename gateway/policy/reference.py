@@ -48,7 +48,8 @@ _DESCRIPTIONS: dict[str, str] = {
                              "without `max_tokens` reserves); the limits and budgets sit on keys, tenants, aliases.",
     "ServerSpec.host": "Listen address; a non-loopback address with `auth: none` and real providers is refused.",
     "ServerSpec.port": "Listen port.",
-    "ServerSpec.max_body_bytes": "Largest request body accepted; larger ones get 413.",
+    "ServerSpec.max_body_bytes": "Largest request body accepted; larger ones get 413. (Whatever its size, a body "
+                                 "nested more than 128 arrays and objects deep gets 400.)",
     "ServerSpec.drain_timeout_s": "On shutdown or reload, how long running requests and streams may finish.",
     "ServerSpec.metrics": ("Serve Prometheus metrics on /metrics; false also stops recording the per-request "
                            "metrics and the quality signals (other modules' metrics are kept, unserved)."),

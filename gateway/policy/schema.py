@@ -69,11 +69,18 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65_535)] = 8080
     max_body_bytes: Annotated[int, Meta(ge=1_024, le=256 * 1024 * 1024)] = 4 * 1024 * 1024
+    # The bytes of request bodies that requests in flight hold together, per process (a stream's until it ends);
+    # past it a request gets 503 (`server_overloaded`, Retry-After: 1), before its body is read when its
+    # Content-Length says so, else as it is read (a body is always taken when no other is held). Decoded, a JSON
+    # body takes up to about 25 times its size in memory (4 MiB of `{}` take ~100 MB; plain text about its size),
+    # so request bodies can hold up to about 25 times this: size it to the process's memory.
+    max_body_bytes_in_flight: Annotated[int, Meta(ge=1_024, le=64 * 1024 * 1024 * 1024)] = 256 * 1024 * 1024
     # Request line + headers; refused with 431 before they are buffered.
     max_header_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024)] = 64 * 1024
     # A connection must send its request head within this; silent connections are closed.
     header_timeout_s: Seconds = 10.0
-    # A request body that sends nothing for this long is answered 408 and closed.
+    # A request body that sends nothing for this long, or is not complete 4 x this after its head, is answered
+    # 408 and closed.
     body_timeout_s: Seconds = 30.0
     # Open connections per process; more are closed at accept.
     max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 16_384

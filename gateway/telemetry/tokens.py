@@ -12,6 +12,13 @@ ever loaded on the request path: `count` uses what `load` made available.
 Encodings follow the model family (o200k_base for gpt-4o, gpt-4.1, gpt-5 and the
 o-series; cl100k_base for gpt-4, gpt-3.5 and the embeddings), each loaded once
 per process and shared.
+
+Counting never fails a request. tiktoken's Rust core panics on some texts (a run of
+about a million spaces or tabs: its pre-tokenizing regex runs out of backtracking
+stack), and a panic reaches Python as `pyo3_runtime.PanicException`, a
+`BaseException` that passes every `except Exception`. So a long run of white
+space (other than line breaks) in a long text is counted apart, exactly (see
+`_long_text_tokens`), and any panic left gives that text an estimate, logged once.
 """
 
 from __future__ import annotations
@@ -59,6 +66,23 @@ _O_SERIES = re.compile(r"o\d+(?:$|-)")
 _attempts: dict[str, Future[Any]] = {}
 _attempts_lock = threading.Lock()
 _hint_given = False
+_panic_logged = False
+
+# Long runs of white space. tiktoken splits a text into pieces with a regex, then encodes each piece.
+# In the o200k and cl100k patterns, a run of white space without a line break, followed by another
+# character, is one piece less its last character (`\s+(?!\S)`; the last one starts the next piece,
+# " word"); a piece never reaches into the run from before it, and the pieces from its last character on
+# are those of that rest of the text alone. So such a run is encoded as the one piece it is
+# (`_encode_single_piece`, no regex), and each side alone: the same tokens (tests/test_tokens.py checks
+# it against tiktoken). Given to the regex, the run costs a step of backtracking stack per character,
+# and past 999,999 of them tiktoken panics.
+_LONG_TEXT = 64 * 1024  # a shorter text cannot hold a run anywhere near that: it goes to tiktoken whole
+_RUN = 4096  # runs at least this long are cut out
+_STRIDE = 256  # a run of _RUN characters holds _RUN // _STRIDE characters in a row of `text[::_STRIDE]`
+_HSPACE = r"\t\x0b\x0c \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"  # White_Space, not \r \n
+_SAMPLED_RUN = re.compile(rf"[{_HSPACE}]{{{_RUN // _STRIDE}}}")  # the cheap test: rarely true of other text
+_LONG_RUN = re.compile(rf"(?<![{_HSPACE}])[{_HSPACE}]{{{_RUN},}}+(?![\r\n])")
+_CUTTABLE = frozenset({"o200k_base", "o200k_harmony", "cl100k_base"})  # patterns for which the cut is exact
 
 
 @functools.lru_cache(maxsize=256)  # asked per counted text; the model names are few (bounded all the same)
@@ -187,11 +211,19 @@ class TokenCounter:
         return self._loaded.get(self.encoding_name)  # a near miss for another family beats an estimate
 
     def count(self, text: str, model: str | None = None) -> int:
-        """Tokens of `text` in `model`'s encoding (the default encoding without a model). Never blocks on I/O."""
+        """Tokens of `text` in `model`'s encoding (the default encoding without a model). Never blocks on I/O,
+        never raises for a text (a text tiktoken fails on gets an estimate)."""
         encoding = self._encoding(model)
         if encoding is not None:
-            return len(encoding.encode_ordinary(text))
-        return max(1, (len(text) + 3) // 4) if text else 0
+            try:
+                if len(text) < _LONG_TEXT:
+                    return len(encoding.encode_ordinary(text))
+                return _long_text_tokens(encoding, text)
+            except BaseException as exc:  # a Rust panic is a BaseException; any other goes on
+                if type(exc).__name__ != "PanicException":
+                    raise
+                return _after_panic(text)
+        return _estimate(text)
 
     def count_messages(self, messages: object, model: str | None = None) -> int:
         """Prompt tokens of chat `messages`, with the chat format's overhead (OpenAI's cookbook method).
@@ -206,8 +238,15 @@ class TokenCounter:
 
         def count(text: str) -> int:
             if encoding is not None:
-                return len(encoding.encode_ordinary(text))
-            return max(1, (len(text) + 3) // 4) if text else 0
+                try:
+                    if len(text) < _LONG_TEXT:
+                        return len(encoding.encode_ordinary(text))
+                    return _long_text_tokens(encoding, text)
+                except BaseException as exc:  # as in `TokenCounter.count`
+                    if type(exc).__name__ != "PanicException":
+                        raise
+                    return _after_panic(text)
+            return _estimate(text)
 
         total = REPLY_PRIMING
         for message in messages:
@@ -238,6 +277,34 @@ class TokenCounter:
                     total += sum(count(function[k]) for k in ("name", "arguments")
                                  if isinstance(function.get(k), str))
         return total
+
+
+def _estimate(text: str) -> int:
+    return max(1, (len(text) + 3) // 4) if text else 0
+
+
+def _long_text_tokens(encoding: Any, text: str) -> int:
+    """`len(encoding.encode_ordinary(text))` for a long text, with its long runs of white space cut out."""
+    if encoding.name not in _CUTTABLE or _SAMPLED_RUN.search(text[::_STRIDE]) is None:
+        return len(encoding.encode_ordinary(text))
+    total = start = 0
+    for run in _LONG_RUN.finditer(text):
+        first, last = run.span()
+        if last < len(text):
+            last -= 1  # the run's last character goes with what follows it
+        total += len(encoding.encode_ordinary(text[start:first])) + len(encoding._encode_single_piece(text[first:last]))
+        start = last
+    return total + len(encoding.encode_ordinary(text[start:]))
+
+
+def _after_panic(text: str) -> int:
+    """tiktoken panicked on `text`: its estimate. Logged once per process, with the text's length only."""
+    global _panic_logged
+    if not _panic_logged:
+        _panic_logged = True
+        log.warning("tiktoken failed on a text of %d characters (a panic in its Rust core); such texts are "
+                    "counted as estimates (logged once)", len(text))
+    return _estimate(text)
 
 
 def message_text(messages: object) -> list[str]:

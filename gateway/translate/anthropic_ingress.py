@@ -27,6 +27,7 @@ from typing import Any
 import msgspec
 
 from ..errors import GatewayError, InvalidRequest
+from ..pipeline.stages import TOO_DEEP, check_depth
 from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import ChatRequest, Usage
 from .common import parse_arguments
@@ -53,6 +54,8 @@ class MessagesRequest(msgspec.Struct, kw_only=True):
     messages: list[dict[str, Any]]
     system: str | list[dict[str, Any]] | None = None
     stream: bool | None = None
+    stop_sequences: list[str] | None = None
+    tools: list[dict[str, Any]] | None = None
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):
@@ -60,6 +63,7 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     messages: list[dict[str, Any]]
     system: str | list[dict[str, Any]] | None = None
     tools: list[dict[str, Any]] | None = None
+    stop_sequences: list[str] | None = None
 
 
 def error_type(error: GatewayError) -> str:
@@ -75,10 +79,13 @@ def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
         raise InvalidRequest("the request body is empty; expected a JSON object")
     try:
         body = _decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+    except RecursionError as exc:
+        raise InvalidRequest(TOO_DEEP) from exc
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise InvalidRequest("the request body is not valid JSON") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    check_depth(raw, body)
     try:
         msgspec.convert(body, shape, str_keys=True)
     except msgspec.ValidationError as exc:

@@ -23,9 +23,9 @@ from ..pipeline.context import Reply, RequestContext
 from ..schemas.endpoints import Endpoint
 from .answers import Answer, Asked
 from .metrics import Metrics
-from .quality_reading import JSON_KINDS, StreamQuality, plain_finish, read_payload, read_typed
+from .quality_reading import JSON_KINDS, StreamQuality, read_payload, read_typed
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
-from .refusals import looks_like_refusal
+from .refusals import NOT_INITIALS, cannot_become_refusal, looks_like_refusal
 from .series import Children, loop_value
 
 __all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
@@ -39,7 +39,6 @@ _MAX_VALIDATORS = 256
 _CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
 _NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
-_TRUNCATED = ("truncated",)
 
 
 def _validator(schema: Any) -> Any:
@@ -150,6 +149,8 @@ class QualitySignals:
         # (alias, target name) -> (alias label, target label, `checked` counter, finish reason -> counter), the
         # counters as `loop_value`s: this stage lives as long as its policy, so the labels cannot change.
         self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}
+        # (alias, target name, finish reason) -> the common answer's counters (`_count_plain`), `loop_value`s.
+        self._plain: dict[tuple[str, str | None, str], tuple[Any, Any, Any]] = {}
 
     def prepare(self, ctx: RequestContext) -> None:
         """Before the request goes on: a chat or completions answer's choices are to be read."""
@@ -160,7 +161,31 @@ class QualitySignals:
             ctx.read_choices = True
 
     def read(self, ctx: RequestContext, reply: Reply) -> None:
-        """The answer: a complete one read and counted now, a stream's chunks as they pass (embeddings: none)."""
+        """The answer: a complete one read and counted now, a stream's chunks as they pass (embeddings: none).
+
+        The common answer first, in line (this runs for every request): a chat answer whose choices the provider
+        read (`ctx.read_choices`), to a request that asked for no JSON and offered no tools, with one choice of
+        text that cannot be a refusal (so not empty either), no tool calls, no refusal field and a finish
+        reason: no check can fail but `truncated` (`length`), so only its finish reason is counted
+        (`_count_plain`); what `signals_for` finds is the same."""
+        read = reply.choices_of
+        if read is not None and read[0] is reply.body and reply.status == 200 and ctx.endpoint is _CHAT:
+            choices = read[1]
+            body = ctx.body
+            if len(choices) == 1 and "response_format" not in body and "tools" not in body:
+                choice = choices[0]
+                message = choice.message
+                reason = choice.finish_reason
+                if (message is not None and reason is not None and choice.index == 0 and choice.text is None
+                        and not message.tool_calls and not message.refusal):
+                    content = message.content
+                    if content and (content[:1] in NOT_INITIALS or cannot_become_refusal(content)):
+                        self._count_plain(ctx, reason)
+                        return
+        self._read(ctx, reply)
+
+    def _read(self, ctx: RequestContext, reply: Reply) -> None:
+        """`read`, for every answer but the common one."""
         if reply.status != 200:
             return
         endpoint = ctx.endpoint
@@ -175,22 +200,39 @@ class QualitySignals:
         elif reply.body is not None:
             read = reply.choices_of
             asked = chat_asked(ctx.body)
-            if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
-                if chat and asked is _NOTHING_ASKED and len(read[1]) == 1:
-                    reason = plain_finish(read[1][0])
-                    if reason is not None:  # the common answer: its one finish reason, and no other check can fail
-                        self.counts(ctx, (reason,), _TRUNCATED if reason == "length" else ())
-                        return
-                answer = Answer()
-                read_typed(answer, read[1], chat, self.limit)
-                self.count(ctx, answer, asked)
-                return
             answer = Answer()
-            try:
-                read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
-            except msgspec.DecodeError:
-                return
+            if read is not None and read[0] is reply.body:  # the provider read them (`ctx.read_choices`)
+                read_typed(answer, read[1], chat, self.limit)
+            else:
+                try:
+                    read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
+                except msgspec.DecodeError:
+                    return
             self.count(ctx, answer, asked)
+
+    def _count_plain(self, ctx: RequestContext, reason: str) -> None:
+        """`counts(ctx, (reason,), ("truncated",) if reason == "length" else ())`, with the counters looked up once
+        per alias, target and finish reason (`_plain`)."""
+        route, target = ctx.route, ctx.target
+        named = (route.alias if route is not None else "unknown", target.name if target is not None else None, reason)
+        found = self._plain.get(named)
+        if found is None:
+            found = self._plain_counters(ctx, named)
+        checked, counted, truncated = found
+        checked._value += 1  # (`loop_value`s: no call)
+        counted._value += 1
+        if truncated is not None:
+            truncated._value += 1
+
+    def _plain_counters(self, ctx: RequestContext, named: tuple[str, str | None, str]) -> tuple[Any, Any, Any]:
+        labels = ctx.runtime.policy.labels
+        model, target = labels.alias(named[0]), labels.target(named[1])
+        reason = named[2] if named[2] in _FINISH_REASONS else "other"  # an upstream's odd reasons: one label
+        found = (loop_value(self._checked(model, target)), loop_value(self._finish_reasons(model, target, reason)),
+                 loop_value(self._signals(model, target, "truncated")) if named[2] == "length" else None)
+        if len(self._plain) < _MAX_SERIES:
+            self._plain[named] = found
+        return found
 
     def _responses(self, ctx: RequestContext, reply: Reply) -> None:
         """A Responses answer: its `response` object (`quality_responses`), complete or at a stream's end."""

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
     from .quality import QualitySignals
 
-__all__ = ["JSON_KINDS", "StreamQuality", "plain_finish", "read_choice", "read_payload", "read_typed"]
+__all__ = ["JSON_KINDS", "StreamQuality", "read_choice", "read_payload", "read_typed"]
 
 _decode = msgspec.json.Decoder().decode
 _decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
@@ -86,19 +86,6 @@ def read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, lim
                     parts.append(call.function.arguments)
 
 
-def plain_finish(choice: ChoicePeek) -> str | None:
-    """The finish reason of a chat answer's only choice when nothing else in it can fail a check (what
-    `signals_for` then finds: `truncated` for `length`, nothing else): text that cannot be a refusal (so not
-    empty either), no tool calls, no refusal field. None: the answer is read in full (`read_typed`), as is one
-    whose request asked for JSON or offered tools (not passed here)."""
-    message = choice.message
-    if (message is None or choice.index != 0 or choice.text is not None or message.tool_calls
-            or message.refusal or choice.finish_reason is None):
-        return None
-    content = message.content
-    return choice.finish_reason if content and cannot_become_refusal(content) else None
-
-
 def read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:
     """Read one body or chunk: only the fields the checks need, or, for unusual types, its whole dict."""
     try:
@@ -119,7 +106,7 @@ class StreamQuality:
     opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
     chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
 
-    __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "settled", "stage")
+    __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "plain", "settled", "stage")
     reads_events = True
     looks_only = True  # never changes a batch: the edge may show it batches directly (`pipeline.streams`)
 
@@ -132,6 +119,7 @@ class StreamQuality:
         self.answer = Answer()
         self.payloads: list[bytes] = []
         self.settled = False
+        self.plain = False  # settled on text that cannot be a refusal, no JSON asked (see `on_end`)
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         self.look(ctx, events)
@@ -169,7 +157,12 @@ class StreamQuality:
         if end.outcome == "done":
             if self.payloads:
                 self._read(ctx)
-            self.stage.count(ctx, self.answer, self.asked)
+            answer = self.answer
+            if self.plain and len(answer.finish_reasons) == 1 and not answer.tool_calls and not answer.refusal:
+                # The common stream: only `truncated` can be found (as `QualitySignals.read`'s common answer).
+                self.stage._count_plain(ctx, answer.finish_reasons[0])
+                return
+            self.stage.count(ctx, answer, self.asked)
 
     def _settles(self) -> bool:
         """Whether the text read so far is all the checks need of it."""
@@ -179,8 +172,10 @@ class StreamQuality:
         if self.json or not answer.text:
             return False
         text = "".join(answer.text)
-        return cannot_become_refusal(text) or (len(text) >= REFUSAL_HEAD_CHARS
-                                               and not text[:REFUSAL_HEAD_CHARS].isspace())
+        if cannot_become_refusal(text):
+            self.plain = True
+            return True
+        return len(text) >= REFUSAL_HEAD_CHARS and not text[:REFUSAL_HEAD_CHARS].isspace()
 
     def _read(self, ctx: RequestContext) -> None:
         payloads, self.payloads = self.payloads, []

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import re
 
-__all__ = ["REFUSAL_HEAD_CHARS", "cannot_become_refusal", "looks_like_refusal"]
+__all__ = ["NOT_INITIALS", "REFUSAL_HEAD_CHARS", "cannot_become_refusal", "looks_like_refusal"]
 
 REFUSAL_HEAD_CHARS = _HEAD_CHARS = 300
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
@@ -48,7 +48,7 @@ _REFUSAL = re.compile(
 # refusal (i, sorry, my, apologies, unfortunately, regrettably, no, as; that, this); a test derives these
 # letters from the pattern itself.
 _INITIALS = "ismaurnt"
-_NOT_INITIALS = frozenset("bcdefghjklopqvwxyzBCDEFGHJKLOPQVWXYZ")  # the other ASCII letters
+NOT_INITIALS = _NOT_INITIALS = frozenset("bcdefghjklopqvwxyzBCDEFGHJKLOPQVWXYZ")  # the other ASCII letters
 _FIRST_WORD_CHAR = re.compile(r"\w")
 _MAY_OPEN_A_REFUSAL = re.compile(f"[{_INITIALS}]", re.IGNORECASE)  # the pattern's flags: the same case folding
 

@@ -156,6 +156,7 @@ class Gateway:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await asyncio.gather(self.runtime.aclose(), *(old.aclose() for old in self._retiring))
         self._retiring.clear()
+        self.metrics.flush()  # the last requests' series written now (the exit hook would, later)
 
     def begin_drain(self) -> None:
         self.draining = True

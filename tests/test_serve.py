@@ -24,6 +24,7 @@ import openai
 import pytest
 
 from gateway.policy.default import PACKAGED_POLICY, resolve_policy_path
+from gateway.telemetry.batches import APPLY_AFTER_S
 from tests.conftest import free_port
 from tests.support.processes import ManagedProcess, group_members, running
 
@@ -124,6 +125,7 @@ def test_several_workers_share_one_port_and_one_metrics_view(tmp_path: Path) -> 
         for _ in range(20):
             with httpx.Client() as fresh:  # new connections spread over the workers
                 assert fresh.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body).status_code == 200
+        time.sleep(APPLY_AFTER_S * 3)  # the other worker's last requests: written by its batches' timer
         metrics = httpx.get(f"http://127.0.0.1:{port}/metrics").text
         total = re.search(r'gateway_requests_total\{endpoint="chat",model="demo",status="200"\} (\S+)', metrics)
         assert total is not None and float(total.group(1)) == 20.0

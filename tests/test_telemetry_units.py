@@ -474,7 +474,7 @@ _ANSWERS = [  # complete answers: common, truncated, a tool call, a refusal fiel
     b'{"choices":[{"index":0,"message":{"content":null,"refusal":"no"},"finish_reason":"stop"}]}',
     b'{"choices":[{"index":"0","message":{"content":"x"},"finish_reason":7}]}',
     b'{"id":"x","usage":{"prompt_tokens":2,"completion_tokens":3,"total_tokens":5}}',
-    # the common answer's shortcut (`plain_finish`) and the answers it leaves to the full read
+    # the common answer's shortcut (`QualitySignals.read`) and the answers it leaves to the full read
     b'{"choices":[{"index":0,"message":{"content":"Hello there, and so on"},"finish_reason":"length"}]}',
     b'{"choices":[{"index":0,"message":{"content":"Hello","refusal":null,"tool_calls":[]},"finish_reason":"odd"}]}',
     b'{"choices":[{"index":0,"message":{"content":"I am sorry, I cannot help"},"finish_reason":"stop"}]}',
@@ -523,26 +523,32 @@ def test_a_complete_answers_choices_read_by_the_provider_give_the_verdicts_of_re
     assert counts(stale) == counts(Reply(body=rewritten))
 
 
-def test_a_loop_series_records_in_line_what_its_childrens_calls_record() -> None:
-    """`_LoopRequestSeries.record` (the writes in line) against `RequestSeries.record` (the children's own
-    `observe` and `inc`) on two registries: the same samples, for streams, complete answers and errors."""
+async def test_a_batched_series_writes_what_its_childrens_calls_write() -> None:
+    """`BatchedSeries.record` (requests written in batches: on a running loop, when `render` comes) against
+    `RequestSeries.record` (the children's own `observe` and `inc`, request by request) on two registries: the
+    same samples, sums included, for streams, complete answers and errors (`tests/test_metric_batches.py`:
+    more cases, and the multiprocess kind)."""
+    from gateway.telemetry.batches import _LoopBatchedSeries
     from gateway.telemetry.metrics import Metrics
-    from gateway.telemetry.series import RequestSeries, _LoopRequestSeries
+    from gateway.telemetry.series import RequestSeries
 
     def samples(metrics: Metrics) -> list[Any]:
+        metrics.render()  # (writes the waiting batches)
         return [(s.name, s.labels, s.value) for m in metrics.registry.collect() for s in m.samples
                 if not s.name.endswith("_created")]
 
-    inline, called = Metrics(), Metrics()
+    batched, called = Metrics(), Metrics()
     for status, provider, error in ((200, "p", None), (429, None, "rate_limited"), (502, "p", "upstream_error")):
-        fast = inline.series("chat", "a", status, provider, "t", "ten", "k", error)
-        assert type(fast) is _LoopRequestSeries
+        fast = batched.series("chat", "a", status, provider, "t", "ten", "k", error)
+        assert type(fast) is _LoopBatchedSeries  # (lock-free children: one process)
         slow = RequestSeries(*(getattr(called.series("chat", "a", status, provider, "t", "ten", "k", error), field)
                                for field in RequestSeries.__dataclass_fields__))
         for values in ((0.5, 0.4, 0.1, 10, 20), (0.3, 0.35, None, 0, 1), (2.0, 0.0, 0.2, 5, 0), (0.01, 0.5, 0.6, 3, 2)):
             fast.record(*values)
             slow.record(*values)
-    assert samples(inline) == samples(called)
+    assert fast.batch  # waiting for the timer
+    assert samples(batched) == samples(called)
+    assert not fast.batch
 
 
 
@@ -594,19 +600,22 @@ async def test_json_lines_handler_on_a_loop_writes_lines_together_and_in_order()
 
 
 def test_an_access_line_written_by_the_handler_is_the_line_logging_would_make() -> None:
-    """The handler's own encoding gives the object `JsonFormatter` makes from `AccessLine.fields` for a record
-    of the same time, odd characters included."""
+    """The handler's own encoding gives the object `JsonFormatter` makes from the line's fields for a record of
+    the same time, odd characters included."""
     import io
     import logging
 
-    import msgspec
-
+    from gateway.schemas.openai import Usage
     from gateway.telemetry import logs
-    from gateway.telemetry.access import AccessLine
+    from gateway.telemetry.access import AccessLines
 
-    line = AccessLine("req_\u2028x", "chat", "model-\u00e9", "acme", None, "openai", 't"1', None,
-                      msgspec.Raw(b'[{"target":"t\\"1","outcome":"ok"}]'), None, True, 200, None, 1.5, 1.0, 0.5,
-                      0.25, 3, 4, 0, 0, False, 0.000125, "miss", "pii:redact", None, "sha256:abc")
+    ctx = SimpleNamespace(
+        request_id="req_\u2028x", runtime=SimpleNamespace(policy=SimpleNamespace(version="sha256:abc")),
+        usage=Usage(3, 4), upstream_seconds=0.001, first_chunk_seconds=0.00025, cost_usd=0.000125, attempts=None,
+        rule=None, fallback_reason=None, stream=True, error_code=None, usage_estimated=False, cache_result="miss",
+        guard_session=object(), headers=[(b"x-gateway-guards", b"pii:redact")], traceparent=None)
+    names = ("chat", "model-\u00e9", 200, "openai", 't"1', "acme", None, None)
+    line = AccessLines().line(ctx, 0.0015, names)  # type: ignore[arg-type]
     stream = io.StringIO()
     handler = logs.JsonLinesHandler(stream)
     handler.write_access(line)  # no loop: written at once
@@ -617,6 +626,7 @@ def test_an_access_line_written_by_the_handler_is_the_line_logging_would_make() 
     assert written.pop("ts")[:10] == made.pop("ts")[:10]
     assert written == made and len(made) == 3 + 27  # level, logger, msg; the line
     assert made["attempts"] == [{"target": 't"1', "outcome": "ok"}] and made["policy_version"] == "sha256:abc"
+    assert made["model"] == "model-\u00e9" and made["guards"] == "pii:redact" and made["first_chunk_ms"] == 0.25
 
 
 def test_json_lines_handler_on_a_new_loop_times_its_writes_again() -> None:

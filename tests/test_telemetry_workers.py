@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.auth.keys import hash_key
+from gateway.telemetry.batches import APPLY_AFTER_S
 from tests.conftest import free_port
 from tests.support.processes import group_members
 from tests.test_serve import serving
@@ -53,6 +55,7 @@ def test_two_workers_add_up_to_one_view(tmp_path: Path) -> None:
                 streamed += sum(1 for n in range(sent, sent + 8) if n % 2 == 1)
                 sent += 8
         assert len(workers) == 2, "the requests did not reach both workers"
+        time.sleep(APPLY_AFTER_S * 3)  # the other worker's last requests: written by its batches' timer
         views = [httpx.get(f"http://127.0.0.1:{port}/metrics").text for _ in range(6)]  # from either worker
         for metrics in views:
             tenant = _samples(metrics, "gateway_tenant_requests_total")

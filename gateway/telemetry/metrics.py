@@ -18,6 +18,10 @@ With several worker processes, prometheus_client's multiprocess mode is used
 worker's `/metrics` shows the sum over all of them; each gauge says how its
 workers' values combine (`multiprocess_mode`). prometheus_client has no native
 histograms, so every histogram has explicit buckets chosen for LLM latencies.
+
+A finished request's series are written in batches (`telemetry.batches`): `render` writes what waits
+first, so one process's exposition is exact; another worker's requests show up to
+`batches.APPLY_AFTER_S` (0.1 s) late.
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ import os
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
-from .series import Children, RequestSeries, loop_child, request_series
+from .batches import Batches, request_series
+from .series import Children, RequestSeries, loop_child
 
 __all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Metrics"]
 
@@ -301,6 +306,7 @@ class Metrics:
             registry=registry, multiprocess_mode="livesum",
         )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], RequestSeries] = {}
+        self._batches = Batches()  # the finished requests' values `_series` have not written yet
         self._versions: dict[str, None] = {}  # the versions served, oldest first (a dict keeps their order)
         self._shadow_metrics(registry)
 
@@ -325,9 +331,17 @@ class Metrics:
         self.policy_info.labels(version).set(1)
 
     def render(self) -> bytes:
+        """The exposition, after every batch of finished requests waiting in this process is written."""
+        self._batches.apply()
         if self.multiprocess:  # the server's counter is in the shared files already
             return generate_latest(self.registry)
         return generate_latest(self.registry) + generate_latest(_SERVER_REGISTRY)
+
+    def flush(self) -> None:
+        """Every finished request this process recorded written to its series (at shutdown; `render` and an
+        exit hook do it too): in multiprocess mode, the other workers see them now rather than up to
+        `batches.APPLY_AFTER_S` later."""
+        self._batches.apply()
 
     def series(self, endpoint: str, model: str, status: int, provider: str | None, target: str, tenant: str,
                key: str, error: str | None) -> RequestSeries:
@@ -360,7 +374,7 @@ class Metrics:
             observe(self.time_per_output_token.labels(model, target)),
             inc(self.errors.labels(model, error)) if error is not None else None,
         )
-        return request_series(children)
+        return request_series(children, self._batches)
 
     # -- shadow policies (dryrun.shadow) --------------------------------------------------------------
     def _shadow_metrics(self, registry: CollectorRegistry | None) -> None:

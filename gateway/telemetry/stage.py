@@ -52,6 +52,9 @@ class Telemetry:
         self.quality = quality
         # By alias and tenant: the policy's bounded label sets; only this stage writes it, on the event loop.
         self._cost_usd = Children(metrics.cost, loop_only=True)
+        # The answers' token details (by alias and kind) and unpriced answers (by alias), looked up once each.
+        self._tokens = Children(metrics.tokens, loop_only=True)
+        self._unpriced = Children(metrics.cost_unpriced, loop_only=True)
         self._in_flight = loop_value(loop_child(metrics.in_flight))  # `+= 1`, `-= 1`: only this stage writes it
         self._access_lines = AccessLines()
         # A finished request's names -> `_Named`, for the policy of `_policy`: its names map to bounded labels,
@@ -163,16 +166,16 @@ class Telemetry:
         the access log and the metrics)."""
         cost = request_cost(ctx)
         if named is not None:
-            metrics, usage, model = self.metrics, ctx.usage, named[1]
+            usage, model = ctx.usage, named[1]
             if usage is not None:
                 details = usage.prompt_tokens_details  # `usage.cached_tokens` and `.reasoning_tokens`, in line
                 if details is not None and details.cached_tokens:
-                    metrics.tokens.labels(model, "cached_prompt").inc(details.cached_tokens)
+                    self._tokens(model, "cached_prompt").inc(details.cached_tokens)
                 reasoning = usage.completion_tokens_details
                 if reasoning is not None and reasoning.reasoning_tokens:
-                    metrics.tokens.labels(model, "reasoning").inc(reasoning.reasoning_tokens)
+                    self._tokens(model, "reasoning").inc(reasoning.reasoning_tokens)
             if cost is None:
-                metrics.cost_unpriced.labels(model).inc()
+                self._unpriced(model).inc()
             elif cost:
                 named[2]._value += cost
         if cost is None:

@@ -2,10 +2,17 @@
 
 The access log writes one line per request, so its path is kept short: when logging is configured as
 `gateway serve` configures it (one `JsonLinesHandler` on the root logger, nothing added to the access
-logger), `log_access` hands the line to that handler, which encodes it into a buffer and writes the
-buffer at most 50 ms later (or once 64 lines wait). The line is the one `JsonFormatter` would have
-made. Configured any other way (another handler, a test's log capture), the line goes through `logging`
-as any record does.
+logger or to its parent), `log_access` hands the line to that handler, which encodes it into a buffer
+and writes the buffer at most 50 ms later (or once 64 lines wait). The line is the one `JsonFormatter`
+would have made. Configured any other way (another handler, a test's log capture, a level, a filter),
+the line goes through `logging` as any record does.
+
+Logging may be reconfigured at any time, so that is checked on every line, but only where a change
+shows at the cost of a comparison or two: the root's handlers (the list found, `_direct`), whether
+the access logger is enabled for INFO (logging's own memo, `Logger._cache`, which it empties on any
+`setLevel` or `disable`), the handler's level, and the handlers, propagation, filters and `disabled`
+of the access logger and its parent. Anything else (the handler's filters and formatter, changed
+through its methods) is checked in full (`_direct_handler`) when one of those changed.
 """
 
 from __future__ import annotations
@@ -15,25 +22,26 @@ import logging
 import sys
 import threading
 import time
-from math import floor
-from typing import TextIO
+from typing import Any, TextIO
 
 import msgspec
 
-from .access import AccessLine
+from .access import PackedLine
 
 __all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "log_access"]
 
 _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
-_ACCESS_HEAD = b'","level":"info","logger":"gateway.access","msg":"request"'
+_encode_into = _encoder.encode_into
+_NOTHING = msgspec.Raw(b"")  # encoded into a buffer at 0: empties it and keeps its memory
 access_log = logging.getLogger("gateway.access")
+# The access logger's parent, made here so that it is the parent for good (no logger's name lies between).
+_gateway = logging.getLogger("gateway")
+_root = logging.root
 _INFO = logging.INFO
 _FLUSH_LINES = 64  # access lines written at once when this many wait (~40 KB: one write costs least per line)
 _FLUSH_AFTER_S = 0.05  # else this long after the first waiting line
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
-# An access line's fields after its second: `123Z` and the fixed ones, for each millisecond (made once).
-_AFTER_SECOND = tuple(f"{millisecond:03d}Z".encode() + _ACCESS_HEAD for millisecond in range(1000))
 
 
 def _timestamp(created: float) -> str:
@@ -65,42 +73,34 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """JSON lines on a stream. Access lines are encoded into one buffer and written together, as nginx's
     `access_log ... buffer= flush=` does: when `_FLUSH_LINES` are waiting or `_FLUSH_AFTER_S` after the first
     (under load, one write a loop turn carried about 8 lines); at exit (`logging.shutdown`) whatever waits.
-    Another record from the loop's thread first writes what waits, so lines keep their order."""
+    Another record from the loop's thread first writes what waits, so lines keep their order. The buffer
+    keeps its memory from one write to the next (grown again from empty, it cost 3 k instructions a line at
+    64 lines a write)."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
         self.setFormatter(JsonFormatter())
         self._buffer = bytearray()  # whole lines, each ending in a newline; only the loop's thread adds to it
         self._lines = 0
+        self._due_at = 1  # `_due` runs once this many lines wait: `_FLUSH_LINES` while a timed write is due
         self._timed: asyncio.AbstractEventLoop | None = None  # the loop a timed write is due on
         self._owner = -1  # the thread that writes lines (the event loop's)
-        self._second = -1  # the whole second of the last access line, and its line's first bytes
-        self._second_head = b""
 
-    def write_access(self, line: AccessLine) -> None:
-        """Queue one access line: the line `JsonFormatter` would make (its four fields, then the access
-        fields), encoded in place at the buffer's end; the timestamp's second is formatted once per second."""
-        now = time.time()
-        whole = floor(now)  # `int(now)` for a time after 1970, without a call to the int type
-        if whole != self._second:
-            self._second = whole
-            self._second_head = b'{"ts":"' + time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)).encode() + b"."
+    def write_access(self, line: PackedLine) -> None:
+        """Queue one access line (the line `JsonFormatter` would make of its record), encoded in place at the
+        buffer's end."""
         buffer = self._buffer
-        buffer += self._second_head
-        buffer += _AFTER_SECOND[floor((now - whole) * 1000)]
-        at = len(buffer)
-        _encoder.encode_into(line, buffer, at)  # (cannot fail: every field of the struct has a JSON type)
-        buffer[at] = 44  # the struct's opening brace becomes a comma: one object
-        buffer.append(10)
+        _encode_into(line, buffer, -1)  # (cannot fail: every field of the struct has a JSON type)
+        buffer += b"\n"
         self._lines += 1  # (as `write_line` counts and schedules, in line: one call fewer per request)
-        if self._lines >= _FLUSH_LINES or self._timed is None:
+        if self._lines >= self._due_at:
             self._due()
 
     def write_line(self, line: bytes | bytearray) -> None:
         """Queue one encoded line (ending in a newline), as access lines are."""
         self._buffer += line
         self._lines += 1
-        if self._lines >= _FLUSH_LINES or self._timed is None:
+        if self._lines >= self._due_at:
             self._due()
 
     def _due(self) -> None:
@@ -115,28 +115,32 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_buffer()
         if self._timed is not loop:  # none due, or due on a loop that has ended (its timer will not run)
             self._timed = loop
+            self._due_at = _FLUSH_LINES
             loop.call_later(_FLUSH_AFTER_S, self._timed_write)
 
     def _timed_write(self) -> None:
         self._timed = None
+        self._due_at = 1
         self._write_buffer()
 
     def _write_buffer(self) -> None:
-        if not self._buffer:
+        buffer = self._buffer
+        if not buffer:
             return
-        data, self._buffer, self._lines = self._buffer, bytearray(), 0
         self.acquire()  # once: the lines written and flushed under one hold of the lock
         try:
             stream = self.stream
             binary = getattr(stream, "buffer", None)
             if binary is not None:  # a text stream over bytes: the text layer first, then the lines as bytes
                 stream.flush()
-                binary.write(data)
+                binary.write(buffer)
                 binary.flush()
             else:
-                stream.write(data.decode())
+                stream.write(buffer.decode())
                 stream.flush()
         finally:
+            self._lines = 0
+            _encode_into(_NOTHING, buffer, 0)  # written (or failed: dropped), its memory kept
             self.release()
 
     def flush(self) -> None:
@@ -153,6 +157,19 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._write_buffer()
         super().emit(record)
 
+    # What `_direct_handler` reads and `log_access` does not: a change has logging checked again.
+    def addFilter(self, filter: logging._FilterType) -> None:
+        super().addFilter(filter)
+        _forget()
+
+    def removeFilter(self, filter: logging._FilterType) -> None:
+        super().removeFilter(filter)
+        _forget()
+
+    def setFormatter(self, fmt: logging.Formatter | None) -> None:
+        super().setFormatter(fmt)
+        _forget()
+
 
 def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
@@ -162,12 +179,47 @@ def configure_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def log_access(line: AccessLine) -> None:
+# The root's handlers when logging was last found as `configure_logging` leaves it (`_direct_handler`): the one
+# `JsonLinesHandler`; `[None]` (never the root's) when it was not, or since `_forget`.
+_direct: list[Any] = [None]
+
+
+def log_access(line: PackedLine) -> None:
     """One access line: straight to the configured handler when logging is as `configure_logging` left it."""
-    handlers = logging.root.handlers
-    handler = handlers[0] if len(handlers) == 1 else None
-    if (handler.__class__ is JsonLinesHandler and not access_log.handlers and access_log.propagate
-            and access_log.isEnabledFor(_INFO) and handler.level <= _INFO):
-        handler.write_access(line)
+    handler = _direct[0]
+    if (_root.handlers == _direct and access_log._cache.get(_INFO)  # type: ignore[attr-defined]
+            and not access_log.handlers and access_log.propagate and not access_log.filters
+            and not access_log.disabled and not _gateway.handlers and _gateway.propagate
+            and handler.level <= _INFO):
+        buffer = handler._buffer  # `handler.write_access(line)`, in line (one call fewer per request)
+        _encode_into(line, buffer, -1)
+        buffer += b"\n"
+        handler._lines += 1
+        if handler._lines >= handler._due_at:
+            handler._due()
         return
-    access_log.info("request", extra={"fields": line.fields()})
+    handler = _direct_handler()
+    if handler is not None:
+        handler.write_access(line)
+    else:
+        access_log.info("request", extra={"fields": line.fields()})
+
+
+def _direct_handler() -> JsonLinesHandler | None:
+    """The handler that logging would hand an access line to, alone, to write as `JsonFormatter` does; else
+    None (the line goes through `logging`). Kept in `_direct` for `log_access`."""
+    handlers = _root.handlers
+    handler = handlers[0] if len(handlers) == 1 else None
+    if (type(handler) is JsonLinesHandler and type(handler.formatter) is JsonFormatter and not handler.filters
+            and handler.terminator == "\n" and handler.level <= _INFO
+            and not access_log.handlers and access_log.propagate and not access_log.filters
+            and not access_log.disabled and not _gateway.handlers and _gateway.propagate
+            and access_log.isEnabledFor(_INFO)):
+        _direct[0] = handler
+        return handler
+    _forget()
+    return None
+
+
+def _forget() -> None:
+    _direct[0] = None

@@ -26,7 +26,7 @@ from ..pipeline.streams import StreamEnd
 from ..policy import Policy
 from ..runtime import Service
 from ..schemas.events import StreamEvent
-from .access import CLIENT_CLOSED, AccessLines, Names
+from .access import CLIENT_CLOSED, AccessLines, AccessPart, Names, access_part
 from .feedback import FeedbackRecorder
 from .logs import log_access
 from .metrics import Metrics
@@ -37,8 +37,9 @@ from .tracing import SpanExporter, Tracing
 __all__ = ["Telemetry", "TelemetryStages"]
 
 _MAX_NAMED = 10_000  # label name combinations whose series are kept by their names; past this, looked up each time
-# What a finished request's names map to: its series, its model label, and its cost counter (`loop_value`).
-_Named = tuple[RequestSeries, str, Any]
+# What a finished request's names map to: its series, its model label, its cost counter (`loop_value`), and what
+# its access lines say alike (`AccessPart`).
+_Named = tuple[RequestSeries, str, Any, AccessPart]
 
 
 class Telemetry:
@@ -129,6 +130,7 @@ class Telemetry:
             ctx.key.name if ctx.key is not None else None,
             ctx.error_code if status >= 400 else None,
         )
+        part = None
         if server.metrics:
             named = self._named.get(names)  # `_named_series`, in line when found (one call fewer per request)
             if named is None or policy is not self._policy:
@@ -137,10 +139,11 @@ class Telemetry:
             named[0].record(total, ctx.upstream_seconds, ctx.first_chunk_seconds,
                             usage.prompt_tokens if usage else 0, usage.completion_tokens if usage else 0)
             self._cost(ctx, reply, named)
+            part = named[3]
         else:
             self._cost(ctx, reply, None)
         if logged:
-            log_access(self._access_lines.line(ctx, total, names))
+            log_access(self._access_lines.line(ctx, total, names, part))
 
     def _named_series(self, names: Names, policy: Policy) -> _Named:
         """The series of a finished request, its model label and its cost child, by the request's names."""
@@ -155,7 +158,7 @@ class Telemetry:
         model, tenant_label = labels.alias(alias), labels.tenant(tenant)
         series = self.metrics.series(endpoint, model, status, provider, labels.target(target), tenant_label,
                                      labels.key(key), error)
-        found = (series, model, loop_value(self._cost_usd(model, tenant_label)))
+        found = (series, model, loop_value(self._cost_usd(model, tenant_label)), access_part(names, policy))
         if len(self._named) < _MAX_NAMED:
             self._named[names] = found
         return found

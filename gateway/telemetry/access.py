@@ -1,7 +1,7 @@
 """The access line: one per request, as a typed struct that msgspec encodes, whole, in one call.
 
 Built on every request when the access log is on, so it is cheap to make. A `PackedLine` is the
-line `JsonFormatter` would make of an `AccessLine` record, byte for byte, from fewer fields: msgspec
+line `JsonFormatter` would make of an access record, byte for byte, from fewer fields: msgspec
 spends about 10 ns on a field whatever its value (a struct of 27 nulls took 320 ns), so what repeats
 is spliced in as raw JSON that spans several fields. The head (timestamp, level, logger, message) is
 made once per millisecond; what a request's names fix (endpoint to target, the usual one-attempt
@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
     from ..policy import Policy
 
-__all__ = ["AccessLine", "AccessLines", "AccessPart", "Names", "PackedLine", "access_part"]
+__all__ = ["AccessLines", "AccessPart", "Names", "PackedLine", "access_part"]
 
 # A finished request's names, as the telemetry stage reads them once for the metrics and the access line:
 # endpoint label, alias label, status, provider (None: no upstream called), target, tenant, key, and the
@@ -39,46 +39,15 @@ AccessPart = tuple[msgspec.Raw, msgspec.Raw, msgspec.Raw]
 GUARDS_HEADER = b"x-gateway-guards"
 CLIENT_CLOSED = 499
 _encode = msgspec.json.encode
+_HEAD_FIELDS = ("ts", "level", "logger", "msg")  # what `PackedLine.ts` spans
 _Raw = msgspec.Raw
 # A head after its second (`2026-12-02T09:31:40`): `.123Z"` and the record's fixed fields, for each millisecond.
 _AFTER_SECOND = tuple(f'.{millisecond:03d}Z","level":"info","logger":"gateway.access","msg":"request"'.encode()
                       for millisecond in range(1000))
 
 
-class AccessLine(msgspec.Struct, gc=False):
-    """Who asked, what, where it went, how long each part took, what it cost: the fields of a line, in order."""
-
-    request_id: str
-    endpoint: str
-    model: str
-    tenant: str
-    key: str | None
-    provider: str | None
-    target: str | None
-    rule: str | None
-    attempts: list[dict[str, Any]]
-    fallback_reason: str | None
-    stream: bool
-    status: int
-    error: str | None
-    total_ms: float
-    upstream_ms: float
-    overhead_ms: float
-    first_chunk_ms: float | None
-    prompt_tokens: int | None
-    completion_tokens: int | None
-    cached_tokens: int | None
-    reasoning_tokens: int | None
-    tokens_estimated: bool
-    cost_usd: float | None
-    cache: str | None
-    guards: str | None
-    trace: str | None
-    policy_version: str
-
-
 class PackedLine(msgspec.Struct, gc=False):
-    """An access line as it is written, `{"ts":...,"msg":"request",` and an `AccessLine`'s fields: `ts` holds
+    """An access line as it is written, `{"ts":...,"msg":"request",` and the request's fields: `ts` holds
     the JSON of the head's values (`"2026-12-02T09:31:40.123Z","level":"info",...,"msg":"request"`), `endpoint`
     from the endpoint's value to the target's, `policy_version` the version's (`AccessPart`)."""
 
@@ -108,8 +77,11 @@ class PackedLine(msgspec.Struct, gc=False):
 
     def fields(self) -> dict[str, Any]:
         """The line's fields as a dict (for a log record when the line goes through `logging`): its JSON, read
-        as an `AccessLine` (the head's fields left out)."""
-        return msgspec.structs.asdict(msgspec.json.decode(_encode(self), type=AccessLine))
+        back, less the head's four (which the record's formatter writes itself)."""
+        fields: dict[str, Any] = msgspec.json.decode(_encode(self))
+        for head in _HEAD_FIELDS:
+            del fields[head]
+        return fields
 
 
 class _NamedFields(msgspec.Struct, gc=False):

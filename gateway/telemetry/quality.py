@@ -149,7 +149,7 @@ class QualitySignals:
         # (alias, target name) -> (alias label, target label, `checked` counter, finish reason -> counter), the
         # counters as `loop_value`s: this stage lives as long as its policy, so the labels cannot change.
         self._series: dict[tuple[str, str | None], tuple[str, str, Any, dict[str, Any]]] = {}
-        # (alias, target name, finish reason) -> the common answer's counters (`_count_plain`), `loop_value`s.
+        # (alias, target name, finish reason) -> the common answer's counters (`count_finish`), `loop_value`s.
         self._plain: dict[tuple[str, str | None, str], tuple[Any, Any, Any]] = {}
 
     def prepare(self, ctx: RequestContext) -> None:
@@ -167,7 +167,7 @@ class QualitySignals:
         read (`ctx.read_choices`), to a request that asked for no JSON and offered no tools, with one choice of
         text that cannot be a refusal (so not empty either), no tool calls, no refusal field and a finish
         reason: no check can fail but `truncated` (`length`), so only its finish reason is counted
-        (`_count_plain`); what `signals_for` finds is the same."""
+        (`count_finish`); what `signals_for` finds is the same."""
         read = reply.choices_of
         if read is not None and read[0] is reply.body and reply.status == 200 and ctx.endpoint is _CHAT:
             choices = read[1]
@@ -180,7 +180,7 @@ class QualitySignals:
                         and not message.tool_calls and not message.refusal):
                     content = message.content
                     if content and (content[:1] in NOT_INITIALS or cannot_become_refusal(content)):
-                        self._count_plain(ctx, reason)
+                        self.count_finish(ctx, reason)
                         return
         self._read(ctx, reply)
 
@@ -210,7 +210,7 @@ class QualitySignals:
                     return
             self.count(ctx, answer, asked)
 
-    def _count_plain(self, ctx: RequestContext, reason: str) -> None:
+    def count_finish(self, ctx: RequestContext, reason: str) -> None:
         """`counts(ctx, (reason,), ("truncated",) if reason == "length" else ())`, with the counters looked up once
         per alias, target and finish reason (`_plain`)."""
         route, target = ctx.route, ctx.target

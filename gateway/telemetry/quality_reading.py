@@ -160,7 +160,7 @@ class StreamQuality:
             answer = self.answer
             if self.plain and len(answer.finish_reasons) == 1 and not answer.tool_calls and not answer.refusal:
                 # The common stream: only `truncated` can be found (as `QualitySignals.read`'s common answer).
-                self.stage._count_plain(ctx, answer.finish_reasons[0])
+                self.stage.count_finish(ctx, answer.finish_reasons[0])
                 return
             self.stage.count(ctx, answer, self.asked)
 

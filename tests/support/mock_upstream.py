@@ -36,6 +36,7 @@ import hashlib
 import itertools
 import json
 import re
+import signal
 import socket
 import struct
 import threading
@@ -823,6 +824,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--api-key", default="sk-upstream-test",
                         help="required bearer key; empty string disables the check")
     args = parser.parse_args(argv)
+    # Ctrl-C stops it even when started from a shell's background job, which starts it with SIGINT ignored.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     mock = MockUpstream(args.api_key or None, host=args.host, port=args.port).start()
     print(f"mock upstream listening on {mock.base_url} (Ctrl-C to stop)", flush=True)
     try:

@@ -10,7 +10,10 @@ from typing import Any
 import msgspec
 import pytest
 
-from gateway.pipeline.streams import StreamEnd
+from gateway.pipeline.context import Reply
+from gateway.pipeline.streams import ReplyStream, StreamEnd
+from gateway.providers.openai_stream import OpenAIStream
+from gateway.routing.attempts import Replay
 from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import Chunk
 from gateway.schemas.openai import ChunkChoicesPeek
@@ -46,6 +49,18 @@ _STREAMS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
     "JSON asked, invalid": ({"response_format": {"type": "json_object"}}, [_chunk({"content": "Not JSON"}),
                                                                            _chunk({}, "stop")]),
     "empty": ({}, [_chunk({"content": ""}), _chunk({"content": "  "}), _chunk({}, "stop")]),
+    "a first text that may open a refusal": ({}, [_chunk({"content": "I think"}), _chunk({"content": " so"}),
+                                                  _chunk({}, "stop")]),
+    "text and finish in one chunk": ({}, [_chunk({"content": "Hello"}, "stop")]),
+    "a finish before any text": ({}, [_chunk({}, "stop")]),
+    "text after the finish": ({}, [_chunk({"content": "Hello"}), _chunk({}, "stop"), _chunk({"content": "!"})]),
+    "odd types, early": ({}, [_chunk({"content": 5}), _chunk({"content": "Hello"}), _chunk({}, "stop")]),
+    "odd types, late": ({}, [_chunk({"content": "Hello"}), _chunk({"content": 5}), _chunk({}, "stop")]),
+    "an odd refusal late": ({}, [_chunk({"content": "Hello"}), _chunk({"refusal": 5}), _chunk({}, "stop")]),
+    "a second choice": ({}, [_chunk({"content": "Hello"}), _chunk({"content": "Bye"}, None, 1),
+                             _chunk({}, "stop"), _chunk({}, "stop", 1)]),
+    "a completions-style text": ({}, [_chunk({"content": "Hello"}), msgspec.json.encode(
+        {"choices": [{"index": 0, "text": "x", "finish_reason": "stop"}]})]),
 }
 
 
@@ -65,8 +80,12 @@ def test_a_streams_counts_are_those_of_the_answer_read_from_every_chunk(name: st
     reader = StreamQuality(QualitySignals(streamed, 1 << 20), chat_asked(asked), True)
 
     def event(payload: bytes) -> Chunk:
-        return Chunk(payload, None, msgspec.json.decode(payload, type=ChunkChoicesPeek).choices) if typed \
-            else Chunk(payload)
+        if typed:
+            try:
+                return Chunk(payload, None, msgspec.json.decode(payload, type=ChunkChoicesPeek).choices)
+            except msgspec.ValidationError:  # odd types: as the provider hands them over, undecoded
+                pass
+        return Chunk(payload)
 
     async def stream() -> None:
         for payload in payloads:
@@ -81,3 +100,51 @@ def test_a_streams_counts_are_those_of_the_answer_read_from_every_chunk(name: st
     QualitySignals(read, 1 << 20).count(ctx, whole, chat_asked(asked))
     assert _counts(streamed) == _counts(read)
     assert any(value for key, value in _counts(read).items() if "checked" in key)
+
+
+def _ctx(asked: dict[str, Any]) -> Any:
+    return SimpleNamespace(endpoint=Endpoint.CHAT, body=asked, route=SimpleNamespace(alias="a"),
+                           target=SimpleNamespace(name="t"), status=200,
+                           runtime=SimpleNamespace(policy=SimpleNamespace(labels=_LABELS)))
+
+
+def _source() -> OpenAIStream:
+    provider = SimpleNamespace(name="p", sanitize=str, release=lambda: None)
+    return OpenAIStream(provider, None, 0.0, False, 1.0, True)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", list(_STREAMS))
+@pytest.mark.parametrize("batches", ["one", "each", "replayed"])
+def test_a_stream_read_by_the_providers_decode_counts_as_one_read_from_its_events(name: str, batches: str) -> None:
+    """The quality signals' reader handed to the provider's stream (`ReplyStream.read_choices`: the common
+    stream's `PlainStreamQuality`, else `StreamQuality`), which then decodes a chunk with its choices only while
+    the reader wants its text or when it carries more than text, counts what the reader of the events counts:
+    chunks in one batch, one a batch, or some read before the reader came (a routed attempt's `Replay`)."""
+    asked, payloads = _STREAMS[name]
+    ctx = _ctx(asked)
+    source = _source()
+    looked, fed = Metrics(), Metrics()
+    looking = StreamQuality(QualitySignals(looked, 1 << 20), chat_asked(asked), True)
+    stage = QualitySignals(fed, 1 << 20)
+    held: list[Any] = []
+    if batches == "replayed":  # the attempt's first batch, decoded before the reader came, with typed choices
+        held = [source._events(payloads[:1])[0]]
+        stream = ReplyStream(Replay(source, held, None, lambda: None), ctx)  # type: ignore[arg-type]
+    else:
+        stream = ReplyStream(source, ctx)
+    stage.read(ctx, Reply(stream=stream))
+    (reader,) = stream._stages
+    assert not reader.reads_events  # fed by the provider's stream, it reads no events
+    rest = payloads[1:] if held else payloads
+    for batch in [rest] if batches == "one" else [[payload] for payload in rest]:
+        source._events(batch)
+    events = _source()  # the same chunks as events with their typed choices, for the reader that looks at them
+
+    async def run() -> None:
+        await looking.on_events(ctx, events._events(payloads)[0])
+        await looking.on_end(ctx, StreamEnd("done"))
+        await reader.on_end(ctx, StreamEnd("done"))
+
+    asyncio.run(run())
+    assert _counts(fed) == _counts(looked)
+    assert any(value for key, value in _counts(fed).items() if "checked" in key)

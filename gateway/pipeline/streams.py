@@ -32,7 +32,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import GatewayError, InternalError
-from ..schemas.events import Chunk, EventSource, StreamDone, StreamError, StreamEvent, UsageReport
+from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent, UsageReport
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -102,6 +102,17 @@ class ReplyStream:
                 self._lookers = (*self._lookers, stage)
             elif hasattr(stage, "passes_up_to"):
                 self._watchers = (*self._watchers, stage)
+
+    def read_choices(self, reader: ChoicesReader) -> bool:
+        """Have the source hand `reader` each chunk's typed choices as it decodes them (a source with
+        `read_choices(reader)`: the OpenAI provider's stream, or a routed replay of one), instead of `reader`
+        looking at the events for them: True when it does. Only before the stream is read, and only while every
+        stage added so far only looks at the events (none changes them: what the reader reads is then what the
+        client gets). A reader so fed needs no `on_events` (`reads_events` False), only its `on_end`."""
+        if self._iterator is not None or len(self._lookers) != len(self._readers):
+            return False
+        take = getattr(self._source, "read_choices", None)
+        return take is not None and bool(take(reader))
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         """This stream, or the source's own iterator when no stage reads events and the source can show

@@ -1,8 +1,10 @@
 """A started OpenAI SSE stream as batches of typed events (`OpenAIStream`), for `openai_compat`'s provider.
 
 Each chunk is decoded just enough to account for it and to spot an in-band error (its choices too when a
-stage reads the answer's text), and its bytes go on untouched unless the gateway itself changed what the
-upstream sends (the `"usage": null` its usage request adds: `strip_null_usage`).
+stage reads the answer's text: on the events, or handed to the stage's reader as they are decoded, which
+then gets only the chunks that carry more than text once it needs no more of it), and its bytes go on
+untouched unless the gateway itself changed what the upstream sends (the `"usage": null` its usage request
+adds: `strip_null_usage`).
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import aiohttp
 import msgspec
 
 from ..errors import UpstreamError
-from ..schemas.events import DONE, Chunk, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, has_choices
+from ..schemas.events import DONE, ChoicesReader, Chunk, StreamError, StreamEvent, UsageReport
+from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, ChunkTextOnlyPeek, has_choices
 from ..upstream.client import transport_error
 from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import DONE as DONE_PAYLOAD
@@ -29,6 +31,7 @@ __all__ = ["OpenAIStream", "strip_null_usage"]
 
 _peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 _peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
+_peek_text_only = msgspec.json.Decoder(ChunkTextOnlyPeek).decode  # when its reader needs no more text
 
 
 class _EndChoice(msgspec.Struct):
@@ -86,7 +89,8 @@ class OpenAIStream:
     batches to a sink that writes them from the upstream connection's read, its task left asleep."""
 
     __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s", "_observer",
-                 "_peek", "_provider", "_read_choices", "_response", "_saw_usage", "_sink", "_tail", "_timer")
+                 "_peek", "_provider", "_read_choices", "_reader", "_response", "_saw_usage", "_sink", "_tail",
+                 "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -94,6 +98,7 @@ class OpenAIStream:
     ) -> None:
         self._read_choices = read_choices
         self._peek: Any = _peek_chunk_choices if read_choices else _peek_chunk
+        self._reader: ChoicesReader | None = None  # takes the choices as they are decoded (`read_choices`)
         self._idle_s = idle_s
         self._provider = provider
         self._response = response
@@ -117,6 +122,19 @@ class OpenAIStream:
         edge read this stream directly). Every stream ends with a batch that ends with a `StreamDone` or a
         `StreamError`."""
         self._observer = observer
+
+    def read_choices(self, reader: ChoicesReader) -> bool:
+        """Hand `reader` the typed choices of every chunk decoded from now on (those decoded before are the
+        caller's to hand over), instead of putting them on the chunk events. False (not taken) when no stage
+        asked for the choices (`Call.read_choices`).
+
+        While `reader.take` says it wants them, every chunk's choices are decoded and handed over; after, a
+        chunk is decoded as `ChunkTextOnlyPeek` (about as cheap as without the choices), and only one that
+        fails to (it carries more than text) is decoded again with its choices and handed over."""
+        if not self._read_choices:
+            return False
+        self._reader = reader
+        return True
 
     def reads(self) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]]:
         """(`ready`, `wait`) for reading this stream without iterating it: `ready()` is the next batch, None
@@ -253,7 +271,9 @@ class OpenAIStream:
         """The events for these SSE payloads, and whether the stream is over."""
         events: list[StreamEvent] = []
         hide = self._asked_for_usage
-        read = self._read_choices
+        reader = self._reader
+        read = self._read_choices and reader is None  # the chunk events carry their typed choices
+        reading = reader is not None and self._peek is _peek_chunk_choices  # the reader takes every chunk's
         for payload in payloads:
             if payload == DONE_PAYLOAD:
                 events.append(DONE)
@@ -264,11 +284,15 @@ class OpenAIStream:
                 riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             except (msgspec.DecodeError, msgspec.ValidationError):
                 # choices a reader cannot type (`"content": 5`) pass as they do when no stage reads them
-                peek, riding = _peek_or_none(payload) if read else (None, False)
+                peek, riding = self._peek_odd(payload)
                 if peek is None:
                     events.append(self._fail("sent a malformed stream event"))
                     return events, True
                 typed = False
+            else:
+                if reading and peek.choices and not reader.take(peek.choices):  # type: ignore[union-attr]
+                    reading = False  # it has the text it needs: from the next chunk on, only what carries more
+                    self._peek = _peek_text_only
             if peek.error is not None:
                 detail = self._provider.sanitize(peek.error.message)
                 events.append(self._fail(f"failed mid-stream: {detail}"))
@@ -289,6 +313,27 @@ class OpenAIStream:
                     payload = strip_null_usage(payload)
             events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
         return events, False
+
+    def _peek_odd(self, payload: bytes) -> tuple[Any, bool]:
+        """A chunk that failed to decode as `_peek` reads it: `_peek_or_none`'s when a stage reads the choices (else
+        it is malformed). With a reader: one that needs no more text gets a chunk that carries more than text
+        with its choices (when they fit the typed form), and any reader a chunk whose choices do not, as JSON."""
+        reader = self._reader
+        if reader is None:
+            return _peek_or_none(payload) if self._read_choices else (None, False)
+        if self._peek is _peek_text_only:
+            try:
+                peek: ChunkChoicesPeek = _peek_chunk_choices(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                pass
+            else:
+                if peek.choices:
+                    reader.take(peek.choices)
+                return peek, peek.usage is not None and has_choices(peek.choices)
+        found = _peek_or_none(payload)
+        if found[0] is not None:
+            reader.take_payload(payload)
+        return found
 
     def _fail(self, what: str) -> StreamError:
         return StreamError(UpstreamError(f"upstream `{self._provider.name}` {what}"))

@@ -27,7 +27,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..policy.compiled import RetryPolicy, Target
-from ..schemas.events import Chunk, EventSource, StreamDone, StreamError, StreamEvent
+from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
 __all__ = ["BREAKER_FAILURES", "Replay", "aggregate", "backoff", "classify", "peek", "retry_after_s"]
@@ -122,6 +122,21 @@ class Replay:
         self._iterator = iterator
         self._on_close = on_close
         self._closed = False
+
+    def read_choices(self, reader: ChoicesReader) -> bool:
+        """The source's `read_choices(reader)`; when it took `reader`, `reader` takes the buffered chunks' choices
+        too (decoded while the attempt was peeked at, so on the events), first."""
+        take = getattr(self._source, "read_choices", None)
+        if take is None or not take(reader):
+            return False
+        for batch in self._buffered:  # (none of the source's later chunks is decoded before this stream is read)
+            for event in batch:
+                if isinstance(event, Chunk):
+                    if event.choices is not None:
+                        reader.take(event.choices)
+                    else:  # choices that do not fit the typed form
+                        reader.take_payload(event.payload)
+        return True
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()

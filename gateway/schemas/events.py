@@ -21,7 +21,7 @@ import msgspec
 from ..errors import GatewayError
 from .openai import ChoicePeek, Usage
 
-__all__ = ["DONE", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport"]
+__all__ = ["DONE", "ChoicesReader", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport"]
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
@@ -83,6 +83,21 @@ class StreamDone:
 
 DONE = StreamDone()
 StreamEvent = Chunk | UsageReport | StreamError | StreamDone
+
+
+class ChoicesReader(Protocol):
+    """A stage's reader of a stream's choices (the quality signals'), handed to a source that decodes them anyway
+    (`ReplyStream.read_choices`): the source then calls it as it decodes each chunk, and its chunk events carry
+    no typed choices. Never raises (a reader that fails stops reading by itself)."""
+
+    def take(self, choices: list[ChoicePeek]) -> bool:
+        """One chunk's choices, typed; whether every chunk's are still wanted. Once False, only the chunks that
+        carry more than text come here (a finish reason, tool calls, a refusal): `ChunkTextOnlyPeek`."""
+        ...
+
+    def take_payload(self, payload: bytes) -> None:
+        """A chunk whose choices do not fit the typed form (`"content": 5`), as its JSON."""
+        ...
 
 
 class EventSource(Protocol):

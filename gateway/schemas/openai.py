@@ -220,3 +220,27 @@ class ChunkChoicesPeek(Struct, gc=False):
     usage: Usage | None = None
     choices: list[ChoicePeek] | None = None
     error: ErrorPeek | None = None
+
+
+# A chunk that carries nothing but text, for a reader that has all the text it needs (`ChunkTextOnlyPeek`): any
+# other value of these fields fails to decode as it, and the chunk is then decoded as `ChunkChoicesPeek`.
+class TextOnlyDelta(Struct, gc=False):
+    refusal: None = None
+    tool_calls: None = None
+
+
+class TextOnlyChoice(Struct, gc=False):
+    finish_reason: None = None
+    message: None = None
+    delta: TextOnlyDelta | None = None
+
+
+class ChunkTextOnlyPeek(Struct, gc=False):
+    """`ChunkPeek` for a chunk whose choices carry only text: none finished, no tool calls, no refusal (each
+    null or absent; the text itself is skipped). A chunk with anything more fails to decode as this (a
+    `msgspec.ValidationError`): a stream reader that needs no more text (the quality signals' once a verdict
+    cannot change) then has a chunk decoded again, with its choices, only when it carries something to read."""
+
+    usage: Usage | None = None
+    choices: list[TextOnlyChoice] | None = None
+    error: ErrorPeek | None = None

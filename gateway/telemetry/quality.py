@@ -23,7 +23,7 @@ from ..pipeline.context import Reply, RequestContext
 from ..schemas.endpoints import Endpoint
 from .answers import Answer, Asked
 from .metrics import Metrics
-from .quality_reading import JSON_KINDS, StreamQuality, read_payload, read_typed
+from .quality_reading import JSON_KINDS, NOTHING_ASKED, PlainStreamQuality, StreamQuality, read_payload, read_typed
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import NOT_INITIALS, cannot_become_refusal, looks_like_refusal
 from .series import Children, loop_value
@@ -38,7 +38,6 @@ _MAX_VALIDATORS = 256
 
 _CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
-_NOTHING_ASKED = Asked(None, None, {})  # shared: never written to
 
 
 def _validator(schema: Any) -> Any:
@@ -76,7 +75,7 @@ def _parse(text: str) -> tuple[bool, Any]:
 def chat_asked(request: dict[str, Any]) -> Asked:
     """Chat and completions: `response_format` and `tools` (`{"type": "function", "function": {...}}`)."""
     if "response_format" not in request and "tools" not in request:  # the common request asks neither
-        return _NOTHING_ASKED
+        return NOTHING_ASKED
     response_format = request.get("response_format")
     kind = schema = None
     if isinstance(response_format, dict):
@@ -195,8 +194,18 @@ class QualitySignals:
         chat = endpoint is _CHAT
         if not chat and endpoint is not _COMPLETIONS:  # embeddings have no text
             return
-        if reply.stream is not None:
-            reply.stream.add(StreamQuality(self, chat_asked(ctx.body), chat))
+        stream = reply.stream
+        if stream is not None:
+            asked = chat_asked(ctx.body)
+            if chat and asked is NOTHING_ASKED:  # the common stream
+                plain = PlainStreamQuality(self)
+                if stream.read_choices(plain):  # the provider's stream hands it the choices as it decodes them
+                    stream.add(plain)
+                    return
+            reader = StreamQuality(self, asked, chat)
+            if stream.read_choices(reader):
+                reader.reads_events = False
+            stream.add(reader)
         elif reply.body is not None:
             read = reply.choices_of
             asked = chat_asked(ctx.body)

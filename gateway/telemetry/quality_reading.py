@@ -7,6 +7,7 @@ dict); an answer whose fields have other types than OpenAI's is read the slow wa
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -16,19 +17,22 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import ChoicePeek, ChoicesPeek
 from .answers import Answer, Asked
-from .refusals import REFUSAL_HEAD_CHARS, cannot_become_refusal
+from .refusals import NOT_INITIALS, REFUSAL_HEAD_CHARS, cannot_become_refusal
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
     from .quality import QualitySignals
 
-__all__ = ["JSON_KINDS", "StreamQuality", "read_choice", "read_payload", "read_typed"]
+__all__ = ["JSON_KINDS", "NOTHING_ASKED", "PlainStreamQuality", "StreamQuality", "read_choice", "read_payload",
+           "read_typed"]
 
+log = logging.getLogger("gateway.telemetry")
 _decode = msgspec.json.Decoder().decode
 _decode_choices = msgspec.json.Decoder(ChoicesPeek).decode
 _decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
 JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is checked
 _BATCH = 256  # stream chunks held before they are read
+NOTHING_ASKED = Asked(None, None, {})  # what the common request asks of its answer's form: shared, never written to
 
 
 def read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -98,16 +102,20 @@ def read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, lim
 
 
 class StreamQuality:
-    """Reads a stream's chunks: the common one (one choice, text only) in line, from the choices the provider
-    decoded (`ctx.read_choices`); others' payloads kept (references, no copies) and read in batches: at most
+    """Reads a stream's chunks: the choices the provider decoded (`ctx.read_choices`), the common chunk (one
+    choice, text only) in line; others' payloads kept (references, no copies) and read in batches: at most
     `_BATCH` held, all of a batch decoded in one call, the last ones at the end. Counts a finished stream.
+
+    The provider's stream may take it as its `ChoicesReader` (`ReplyStream.read_choices`): it then hands over
+    each chunk's choices as it decodes them (`take`), and, once settled, only the chunks that carry more than
+    text, and this reader reads no events (`reads_events` False).
 
     Once later text cannot change a verdict (`settled`: no JSON asked, and the text's first word character
     opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
     chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
 
-    __slots__ = ("answer", "asked", "chat", "json", "limit", "payloads", "plain", "settled", "stage")
-    reads_events = True
+    __slots__ = ("answer", "asked", "broken", "chat", "json", "limit", "payloads", "plain", "reads_events", "settled",
+                 "stage")
     looks_only = True  # never changes a batch: the edge may show it batches directly (`pipeline.streams`)
 
     def __init__(self, stage: QualitySignals, asked: Asked, chat: bool) -> None:
@@ -120,14 +128,14 @@ class StreamQuality:
         self.payloads: list[bytes] = []
         self.settled = False
         self.plain = False  # settled on text that cannot be a refusal, no JSON asked (see `on_end`)
+        self.reads_events = True  # False once the provider's stream took it (`ReplyStream.read_choices`)
+        self.broken = False  # `take` failed (a bug, logged): the stream is not counted
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         self.look(ctx, events)
         return events
 
     def look(self, ctx: RequestContext, events: list[StreamEvent]) -> None:
-        answer = self.answer
-        chat = self.chat
         for event in events:
             if event.__class__ is not Chunk:
                 continue
@@ -137,24 +145,52 @@ class StreamQuality:
                 continue
             if self.payloads:  # the provider read these choices for us (`ctx.read_choices`): what came before first
                 self._read(ctx)
-            # The common chunk, read in line (this runs for every chunk): one choice, text only.
-            if len(choices) == 1 and chat:
-                choice = choices[0]
-                delta = choice.delta
-                if (delta is not None and choice.finish_reason is None and choice.index == 0 and choice.text is None
-                        and delta.tool_calls is None and delta.refusal is None):
-                    if not self.settled:
-                        text = delta.content
-                        if text:  # an empty text (the first chunk's, often) changes no verdict
-                            answer.add_text(text, self.limit)
-                            self.settled = self._settles()
-                    continue
-            read_typed(answer, choices, chat, self.limit)
+            self._choices(choices)
         if len(self.payloads) >= _BATCH:
             self._read(ctx)
 
+    def take(self, choices: list[ChoicePeek]) -> bool:
+        """One chunk's choices, as the provider's stream decoded them (`ChoicesReader`): whether it still wants
+        every chunk's (not once settled)."""
+        if self.broken:
+            return False
+        try:
+            self._choices(choices)
+        except Exception:  # a bug: logged; the stream is not counted, and its bytes go on
+            log.exception("quality signals failed to read a stream chunk")
+            self.broken = True
+            return False
+        return not self.settled
+
+    def take_payload(self, payload: bytes) -> None:
+        """A chunk whose choices do not fit the typed form (`ChoicesReader`): read as a dict."""
+        if self.broken:
+            return
+        try:
+            read_payload(self.answer, payload, self.chat, "delta" if self.chat else "_", self.limit)
+        except msgspec.DecodeError:
+            pass
+        except Exception:  # a bug: as in `take`
+            log.exception("quality signals failed to read a stream chunk")
+            self.broken = True
+
+    def _choices(self, choices: list[ChoicePeek]) -> None:
+        """One chunk's typed choices read; the common chunk (one choice, text only) in line."""
+        if len(choices) == 1 and self.chat:
+            choice = choices[0]
+            delta = choice.delta
+            if (delta is not None and choice.finish_reason is None and choice.index == 0 and choice.text is None
+                    and delta.tool_calls is None and delta.refusal is None):
+                if not self.settled:
+                    text = delta.content
+                    if text:  # an empty text (the first chunk's, often) changes no verdict
+                        self.answer.add_text(text, self.limit)
+                        self.settled = self._settles()
+                return
+        read_typed(self.answer, choices, self.chat, self.limit)
+
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        if end.outcome == "done":
+        if end.outcome == "done" and not self.broken:
             if self.payloads:
                 self._read(ctx)
             answer = self.answer
@@ -196,3 +232,68 @@ class StreamQuality:
                 read_payload(self.answer, payload, chat, "delta" if chat else "_", limit)
             except msgspec.DecodeError:
                 continue
+
+
+class PlainStreamQuality:
+    """The reader of a chat stream whose request asked for no JSON and offered no tools, fed by the provider's
+    stream (a `ChoicesReader`): it follows the common answer (one choice of text only, whose first text opens with
+    a letter no refusal opens with, `NOT_INITIALS`, then one finish reason) in a few steps, and counts it by its
+    finish reason (`QualitySignals.count_finish`), as `StreamQuality` does such an answer. Anything else (another
+    choice, tool calls, a refusal, a first text that may open a refusal, a second finish reason, choices of odd
+    types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and judges."""
+
+    __slots__ = ("first", "full", "reason", "stage")
+    reads_events = False  # (only `on_end`: the provider's stream hands it the choices)
+
+    def __init__(self, stage: QualitySignals) -> None:
+        self.stage = stage
+        self.first: str | None = None  # the first text, once read (it settled the text checks)
+        self.reason: str | None = None  # the finish reason, once read
+        self.full: StreamQuality | None = None  # the reader it handed over to
+
+    def take(self, choices: list[ChoicePeek]) -> bool:
+        if self.full is None and len(choices) == 1:
+            choice = choices[0]
+            delta = choice.delta
+            if (delta is not None and choice.index == 0 and choice.text is None and delta.tool_calls is None
+                    and delta.refusal is None):
+                reason = choice.finish_reason
+                if self.first is None:
+                    if reason is None:
+                        text = delta.content
+                        if not text:  # (the first chunk's, with the role, often)
+                            return True
+                        if text[:1] in NOT_INITIALS:  # no later text changes a verdict now
+                            self.first = text
+                            return False
+                elif reason is None or self.reason is None:  # more text (a replay's), or the finish
+                    if reason is not None:
+                        self.reason = reason
+                    return False
+        return self._hand_over().take(choices)
+
+    def take_payload(self, payload: bytes) -> None:
+        self._hand_over().take_payload(payload)
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events  # (never called: it reads no events)
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        if self.full is None and self.reason is not None:
+            if end.outcome == "done":
+                self.stage.count_finish(ctx, self.reason)
+            return
+        await self._hand_over().on_end(ctx, end)
+
+    def _hand_over(self) -> StreamQuality:
+        """The `StreamQuality` that reads on, in the state it would be in after the same chunks."""
+        full = self.full
+        if full is None:
+            full = self.full = StreamQuality(self.stage, NOTHING_ASKED, True)
+            full.reads_events = False
+            if self.first is not None:
+                full.answer.add_text(self.first, full.limit)
+                full.settled = full.plain = True
+            if self.reason is not None:
+                full.answer.finish_reasons.append(self.reason)
+        return full

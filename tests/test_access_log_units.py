@@ -84,6 +84,10 @@ def _cases() -> dict[str, tuple[RequestContext, float]]:
                                     attempts=[("openai/gpt-4o-mini", "rate_limited", 120.5)]), 0.3),
         "failed after the answer": (_ctx(status=502, error_code="upstream_error", stream=True,
                                          first_chunk_seconds=0.3, usage=None, cost_usd=None, headers=None), 5.0),
+        "cut on shutdown": (_ctx(status=503, error_code="shutting_down", stream=True, first_chunk_seconds=0.05,
+                                 usage=None, cost_usd=None, headers=None), 0.4),
+        "timed out after the answer": (_ctx(status=504, error_code="upstream_timeout", stream=True,
+                                            first_chunk_seconds=0.05, usage=None, cost_usd=None, headers=None), 9.0),
         "client closed": (_ctx(status=499, error_code="client_closed_request", stream=True,
                                first_chunk_seconds=0.05, usage=None, cost_usd=None, headers=None), 0.4),
         "trace": (_ctx(traceparent=b"00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01"), 0.9),
@@ -250,6 +254,22 @@ EXPECTED: dict[str, str] = {
         ',"total_ms":5000.0,"upstream_ms":812.35,"overhead_ms":4187.654,"first_chunk_ms":300.0,"prompt_tokens":nu'
         'll,"completion_tokens":null,"cached_tokens":null,"reasoning_tokens":null,"tokens_estimated":false,"cost_'
         'usd":null,"cache":null,"guards":null,"trace":null,"policy_version":"sha256:0a1b2c3d4e5f"}'
+    ),
+    'cut on shutdown': (
+        '"request_id":"req_0a1b2c3d4e5f000000000001","endpoint":"chat","model":"chat-model","tenant":"acme","key":'
+        '"key-1","provider":"openai","target":"openai/gpt-4o-mini","rule":null,"attempts":[{"target":"openai/gpt-4'
+        'o-mini","outcome":"ok"}],"fallback_reason":null,"stream":true,"status":503,"error":"shutting_down","total'
+        '_ms":400.0,"upstream_ms":812.35,"overhead_ms":0.0,"first_chunk_ms":50.0,"prompt_tokens":null,"completion_'
+        'tokens":null,"cached_tokens":null,"reasoning_tokens":null,"tokens_estimated":false,"cost_usd":null,"cache'
+        '":null,"guards":null,"trace":null,"policy_version":"sha256:0a1b2c3d4e5f"}'
+    ),
+    'timed out after the answer': (
+        '"request_id":"req_0a1b2c3d4e5f000000000001","endpoint":"chat","model":"chat-model","tenant":"acme","key":'
+        '"key-1","provider":"openai","target":"openai/gpt-4o-mini","rule":null,"attempts":[{"target":"openai/gpt-4'
+        'o-mini","outcome":"error"}],"fallback_reason":null,"stream":true,"status":504,"error":"upstream_timeout",'
+        '"total_ms":9000.0,"upstream_ms":812.35,"overhead_ms":8187.654,"first_chunk_ms":50.0,"prompt_tokens":null,'
+        '"completion_tokens":null,"cached_tokens":null,"reasoning_tokens":null,"tokens_estimated":false,"cost_usd"'
+        ':null,"cache":null,"guards":null,"trace":null,"policy_version":"sha256:0a1b2c3d4e5f"}'
     ),
     'client closed': (
         '"request_id":"req_0a1b2c3d4e5f000000000001","endpoint":"chat","model":"chat-model","tenant":"acme","key"'

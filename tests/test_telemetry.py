@@ -373,3 +373,26 @@ def test_usage_an_upstream_gets_wrong_is_estimated_without_accounting_too(
     for kind in ("prompt", "completion"):
         assert _value(metrics, "gateway_tokens_total", model="chat", kind=kind) > 0
     assert _value(metrics, "gateway_cost_usd_total", model="chat") > 0
+
+
+def test_access_lines_of_guard_blocks_name_the_guards_and_the_attempt_that_answered(
+    make_gateway: Make, upstream: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A request an input guard blocks logs what the guards did (as the client's `x-gateway-guards` says); an
+    answer an output guard blocks (a 200 that ends with `content_filter`) logs them too, and its one attempt `ok`."""
+    guards = ("guards:\n  global:\n    words: {kind: denylist, terms: [forbidden-word], action: block}\n"
+              "    echoed: {kind: denylist, terms: [echoed-word], action: block, places: [output]}\n")
+    running = make_gateway(policy_text(upstream.base_url, access_log="true") + guards)
+    with caplog.at_level(logging.INFO, logger="gateway.access"):
+        blocked_in = httpx.post(f"{running.base_url}/chat/completions", json=_chat("a forbidden-word here"),
+                                headers=_headers())
+        blocked_out = httpx.post(f"{running.base_url}/chat/completions", json=_chat("say echoed-word"),
+                                 headers=_headers())
+    assert blocked_in.status_code == 400 and blocked_in.json()["error"]["code"] == "content_policy_violation"
+    assert blocked_out.status_code == 200 and blocked_out.json()["choices"][0]["finish_reason"] == "content_filter"
+    lines = [r.fields for r in caplog.records if r.name == "gateway.access"]  # type: ignore[attr-defined]
+    first, second = lines
+    assert first["status"] == 400 and first["guards"] == blocked_in.headers["x-gateway-guards"]
+    assert "words" in first["guards"] and first["attempts"] == []
+    assert second["status"] == 200 and second["guards"] == blocked_out.headers["x-gateway-guards"]
+    assert second["attempts"] == [{"target": second["target"], "outcome": "ok"}], second

@@ -128,8 +128,10 @@ class GuardStage:
         try:
             await self._input(ctx, guard_set, session)
         except ContentPolicyViolation as exc:
-            exc.headers = {HEADER.decode(): session.header().decode()}
-            raise
+            header = session.header()
+            exc.headers = {HEADER.decode(): header.decode()}
+            ctx.headers = [*(ctx.headers or ()), (HEADER, header)]  # for the access line (an error answer sends
+            raise  # the exception's headers)
         reply = await call_next(ctx)
         if reply.stream is not None:
             if guard_set.output or session.pseudonyms:

@@ -38,6 +38,7 @@ AccessPart = tuple[msgspec.Raw, msgspec.Raw, msgspec.Raw]
 # Set by the guard stage (not imported: it would load the guards), and only once it set `ctx.guard_session`.
 GUARDS_HEADER = b"x-gateway-guards"
 CLIENT_CLOSED = 499
+_UPSTREAM_FAILED = frozenset({502, 504})  # how an upstream's stream failing after it answered ends a request
 _encode = msgspec.json.encode
 _HEAD_FIELDS = ("ts", "level", "logger", "msg")  # what `PackedLine.ts` spans
 _Raw = msgspec.Raw
@@ -99,7 +100,10 @@ def access_part(names: Names, policy: Policy) -> AccessPart:
     """What every line of a request with these names under `policy` says alike, as JSON."""
     endpoint, model, status, provider, target, tenant, key, _ = names
     named = _encode(_NamedFields(endpoint, model, tenant, key, provider, target))[len(b'{"endpoint":'):-1]
-    outcome = "ok" if status < 400 or status == CLIENT_CLOSED else "error"
+    # One attempt that did not fail (else the router lists it: `ctx.attempts`): the upstream answered, and only
+    # a failure of its stream afterwards (502, 504) is the attempt's; a guard, a budget, the client or a shutdown
+    # ending the request later is not.
+    outcome = "error" if status in _UPSTREAM_FAILED else "ok"
     attempts = _encode([{"target": target, "outcome": outcome}] if target is not None else [])
     return msgspec.Raw(named), msgspec.Raw(attempts), msgspec.Raw(_encode(policy.version))
 

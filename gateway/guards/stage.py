@@ -130,8 +130,9 @@ class GuardStage:
         except ContentPolicyViolation as exc:
             header = session.header()
             exc.headers = {HEADER.decode(): header.decode()}
-            ctx.headers = [*(ctx.headers or ()), (HEADER, header)]  # for the access line (an error answer sends
-            raise  # the exception's headers)
+            # On the context too, for the access line (an error answer sends only the exception's headers).
+            ctx.headers = [*(ctx.headers or ()), (HEADER, header)]
+            raise
         reply = await call_next(ctx)
         if reply.stream is not None:
             if guard_set.output or session.pseudonyms:

@@ -6,6 +6,7 @@ earlier, plainer implementation; the path through `logging` (any other configura
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -484,3 +485,32 @@ def test_a_lines_time_is_the_time_a_record_would_show(
             logs.log_access(lines.line(ctx, total, _names(ctx)))
             assert json.loads(_taken(direct))["ts"] == logs._timestamp(now), now
         assert logs._direct == [handler]
+
+
+def test_access_lines_made_when_written_are_the_pinned_bytes_and_a_bad_one_loses_only_itself(
+    direct: io.StringIO, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """`log_access_of` (the telemetry stage's): the handler keeps what a line is made of, and makes the lines that
+    wait when it writes them, on a loop after `_FLUSH_LINES` lines or `_FLUSH_AFTER_S`: the same bytes, in
+    order, each at the time its request ended; one that fails to be made (a bug) is reported and the rest go
+    on."""
+    cases = _cases()
+    lines = AccessLines()
+    broken = _ctx(usage=object())  # (no token counts to read: `line` fails)
+    expected = "".join(HEAD + EXPECTED[name] + "\n" for name in cases)
+
+    async def run() -> str:
+        for name, (ctx, total) in cases.items():
+            logs.log_access_of(lines, ctx, total, _names(ctx), None)
+            if name == "success":
+                logs.log_access_of(lines, broken, 1.0, _names(broken), None)
+        waiting = _taken(direct)  # nothing yet: fewer than `_FLUSH_LINES` wait, and the timer has not run
+        monkeypatch.setattr(time, "time", lambda: NOW + 5.0)  # made later, each line still says when it ended
+        await asyncio.sleep(logs._FLUSH_AFTER_S * 3)
+        return waiting
+
+    with _served(direct):
+        assert len(cases) + 1 < logs._FLUSH_LINES
+        assert asyncio.run(run()) == ""
+        assert _taken(direct) == expected
+    assert "Traceback" in capsys.readouterr().err

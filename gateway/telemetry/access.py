@@ -124,14 +124,17 @@ class AccessLines:
         self._second_text = b""
         self._heads: list[msgspec.Raw | None] = []
 
-    def line(self, ctx: RequestContext, total: float, names: Names, part: AccessPart | None = None) -> PackedLine:
-        """The line of a finished request, `total` seconds after it came; `part`: its names' (else found here)."""
+    def line(self, ctx: RequestContext, total: float, names: Names, part: AccessPart | None = None,
+             now: float | None = None) -> PackedLine:
+        """The line of a finished request, `total` seconds after it came; `part`: its names' (else found here);
+        `now`: when it finished (`time.time()`; else now)."""
         if part is None:
             part = self._parts.get(names)
             if part is None or ctx.runtime.policy is not self._policy:
                 part = self._part(names, ctx.runtime.policy)
         named, one_attempt, version = part
-        now = time.time()
+        if now is None:
+            now = time.time()
         whole = floor(now)  # `int(now)` for a time after 1970, without a call to the int type
         if whole != self._second:
             self._new_second(whole)

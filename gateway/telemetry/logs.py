@@ -2,9 +2,10 @@
 
 The access log writes one line per request, so its path is kept short: when logging is configured as
 `gateway serve` configures it (one `JsonLinesHandler` on the root logger, nothing added to the access
-logger or to its parent), `log_access` hands the line to that handler, which encodes it into a buffer
-and writes the buffer at most 50 ms later (or once 64 lines wait). The line is the one `JsonFormatter`
-would have made. Configured any other way (another handler, a test's log capture, a level, a filter),
+logger or to its parent), `log_access` hands the line to that handler, which encodes the lines that
+wait together and writes them at most 50 ms later (or once 64 lines wait); `log_access_of` hands it
+what the line is made of, and the handler makes the lines that wait together too. The line is the one
+`JsonFormatter` would have made. Configured any other way (another handler, a test's log capture, a level, a filter),
 the line goes through `logging` as any record does.
 
 Logging may be reconfigured at any time, so that is checked on every line, but only where a change
@@ -22,13 +23,20 @@ import logging
 import sys
 import threading
 import time
-from typing import Any, TextIO
+import traceback
+from typing import TYPE_CHECKING, Any, TextIO
 
 import msgspec
 
-from .access import PackedLine
+from .access import AccessLines, AccessPart, Names, PackedLine
 
-__all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "log_access"]
+if TYPE_CHECKING:
+    from ..pipeline.context import RequestContext
+
+# An access line to make when it is written: `AccessLines.line`'s arguments (`log_access_of`).
+_Unmade = tuple[AccessLines, "RequestContext", float, Names, "AccessPart | None", float]
+
+__all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "log_access", "log_access_of"]
 
 _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
@@ -84,7 +92,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().__init__(stream)
         self.setFormatter(JsonFormatter())
         self._buffer = bytearray()  # whole lines, each ending in a newline; only the loop's thread adds to it
-        self._pending: list[PackedLine] = []  # access lines after the buffer's, to encode (`_pack`)
+        self._pending: list[PackedLine | _Unmade] = []  # access lines after the buffer's, to encode (`_pack`)
         self._lines = 0
         self._due_at = 1  # `_due` runs once this many lines wait: `_FLUSH_LINES` while a timed write is due
         self._timed: asyncio.AbstractEventLoop | None = None  # the loop a timed write is due on
@@ -127,10 +135,20 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._write_buffer()
 
     def _pack(self) -> None:
-        """The access lines that wait, encoded at the buffer's end (one call: every field of the struct has a JSON
-        type, so it cannot fail)."""
-        self._buffer += _encode_lines(self._pending)
-        self._pending.clear()
+        """The access lines that wait, made (`log_access_of`'s) and encoded at the buffer's end (in one call: every
+        field of the struct has a JSON type, so it cannot fail)."""
+        pending, self._pending = self._pending, []
+        made: list[PackedLine] = []
+        for item in pending:
+            if isinstance(item, PackedLine):
+                made.append(item)
+                continue
+            lines, ctx, total, names, part, now = item
+            try:
+                made.append(lines.line(ctx, total, names, part, now))
+            except Exception:  # noqa: BLE001 -- a bug: its line is lost (reported), the others are written
+                traceback.print_exc()
+        self._buffer += _encode_lines(made)
 
     def _write_buffer(self) -> None:
         if self._pending:
@@ -214,6 +232,23 @@ def log_access(line: PackedLine) -> None:
         handler.write_access(line)
     else:
         access_log.info("request", extra={"fields": line.fields()})
+
+
+def log_access_of(lines: AccessLines, ctx: RequestContext, total: float, names: Names,
+                  part: AccessPart | None) -> None:
+    """`log_access(lines.line(ctx, total, names, part))`, the line made when it is written when it goes straight to
+    the handler (made with the others that wait, as they are encoded: a request's end then does less)."""
+    handler = _direct[0]
+    if (_root.handlers == _direct and access_log._cache.get(_INFO)  # type: ignore[attr-defined]
+            and not access_log.handlers and access_log.propagate and not access_log.filters
+            and not access_log.disabled and not _gateway.handlers and _gateway.propagate
+            and handler.level <= _INFO):
+        handler._pending.append((lines, ctx, total, names, part, time.time()))
+        handler._lines += 1
+        if handler._lines >= handler._due_at:
+            handler._due()
+        return
+    log_access(lines.line(ctx, total, names, part))
 
 
 def _direct_handler() -> JsonLinesHandler | None:

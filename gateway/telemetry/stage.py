@@ -28,7 +28,7 @@ from ..runtime import Service
 from ..schemas.events import StreamEvent
 from .access import CLIENT_CLOSED, AccessLines, AccessPart, Names, access_part
 from .feedback import FeedbackRecorder
-from .logs import log_access
+from .logs import log_access_of
 from .metrics import Metrics
 from .quality import QualitySignals
 from .series import Children, RequestSeries, loop_child, loop_value
@@ -143,7 +143,7 @@ class Telemetry:
         else:
             self._cost(ctx, reply, None)
         if logged:
-            log_access(self._access_lines.line(ctx, total, names, part))
+            log_access_of(self._access_lines, ctx, total, names, part)
 
     def _named_series(self, names: Names, policy: Policy) -> _Named:
         """The series of a finished request, its model label and its cost child, by the request's names."""

@@ -1,6 +1,6 @@
 """Issue 12's telemetry taken apart on the wall clock: the gateway's CPU per request with each part on.
 
-One gateway process per policy (`bench/policy.features.yaml`, as `bench/features.py` writes it), pinned to
+One gateway process per policy (`bench/policy.features.yaml`, as `bench/instructions.py` writes it), pinned to
 one core, the canned nginx upstream and wrk to the other; each run loads every gateway in turn (the order
 reversed every other run) for `--duration` seconds at 16 connections, and reads the process's utime + stime
 (`/proc/<pid>/stat`) around it. The medians per policy:
@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import hashlib
 import statistics
 import sys
 import time
@@ -44,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from bench import features  # noqa: E402
+from bench import features, instructions  # noqa: E402
 from bench.harness import (  # noqa: E402
     HOST,
     Service,
@@ -60,26 +59,6 @@ from bench.harness import (  # noqa: E402
 
 KINDS = ("bare", "main", "logged", "quality", "telemetry")
 BASELINE = "@base"
-
-
-def _digest(key: str) -> str:
-    return "sha256:" + hashlib.sha256(key.encode()).hexdigest()
-
-
-def policy(kind: str, upstream_port: int, port: int) -> str:
-    text = features.TEMPLATE.read_text()
-    for name, value in (("{port}", str(upstream_port)), ("{gateway_port}", str(port)),
-                        ("{key_hash}", _digest(features.KEY)),
-                        ("{accounted_key_hash}", _digest(features.ACCOUNTED_KEY)),
-                        ("{ner_model}", str(features.NER_MODEL)), ("{state}", "")):
-        text = text.replace(name, value)
-    if kind in ("logged", "telemetry"):
-        text = text.replace("server:\n", "server:\n  access_log: true\n", 1)
-    if kind in ("quality", "telemetry"):
-        text += features.TELEMETRY_POLICY
-    if kind == "bare":
-        text = text.replace("server:\n", "server:\n" + features.BARE_SERVER, 1)
-    return text
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -107,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         for kind in kinds:
             port = free_port()
             path = wd / f"policy-{kind}.yaml"
-            path.write_text(policy(kind.removesuffix(BASELINE), upstream_port, port))
+            path.write_text(instructions.policy_text(kind.removesuffix(BASELINE), upstream_port, port))
             env = {"BENCH_UPSTREAM_KEY": "sk-bench"}
             if kind.endswith(BASELINE):
                 env["PYTHONPATH"] = str(args.baseline.resolve())

@@ -2,14 +2,14 @@
 
 The access log writes one line per request, so its path is kept short: when logging is configured as
 `gateway serve` configures it (one `JsonLinesHandler` on the root logger, nothing added to the access
-logger or to its parent), `log_access` hands the line to that handler, which encodes the lines that
-wait together and writes them at most 50 ms later (or once 64 lines wait); `log_access_of` hands it
-what the line is made of, and the handler makes the lines that wait together too. The line is the one
-`JsonFormatter` would have made. Configured any other way (another handler, a test's log capture, a level, a filter),
-the line goes through `logging` as any record does.
+logger or to its parent), `log_access_of` hands that handler what the line is made of, and the handler
+makes and encodes the lines that wait together and writes them at most 50 ms later (or once 64 lines
+wait); `log_access` hands it a line already made. The line is the one `JsonFormatter` would have made.
+Configured any other way (another handler, a test's log capture, a level, a filter), the line goes
+through `logging` as any record does.
 
-Logging may be reconfigured at any time, so that is checked on every line, but only where a change
-shows at the cost of a comparison or two: the root's handlers (the list found, `_direct`), whether
+Logging may be reconfigured at any time, so that is checked on every line (`log_access_of`), but only
+where a change shows at the cost of a comparison or two: the root's handlers (the list found, `_direct`), whether
 the access logger is enabled for INFO (logging's own memo, `Logger._cache`, which it empties on any
 `setLevel` or `disable`), the handler's level, and the handlers, propagation, filters and `disabled`
 of the access logger and its parent. Anything else (the handler's filters and formatter, changed
@@ -216,17 +216,8 @@ _direct: list[Any] = [None]
 
 
 def log_access(line: PackedLine) -> None:
-    """One access line: straight to the configured handler when logging is as `configure_logging` left it."""
-    handler = _direct[0]
-    if (_root.handlers == _direct and access_log._cache.get(_INFO)  # type: ignore[attr-defined]
-            and not access_log.handlers and access_log.propagate and not access_log.filters
-            and not access_log.disabled and not _gateway.handlers and _gateway.propagate
-            and handler.level <= _INFO):
-        handler._pending.append(line)  # `handler.write_access(line)`, in line (one call fewer per request)
-        handler._lines += 1
-        if handler._lines >= handler._due_at:
-            handler._due()
-        return
+    """One access line, made: straight to the configured handler when logging is as `configure_logging` left it
+    (checked in full: the requests' own lines take `log_access_of`'s short check)."""
     handler = _direct_handler()
     if handler is not None:
         handler.write_access(line)

@@ -21,7 +21,7 @@ from gateway.telemetry.answers import Answer
 from gateway.telemetry.labels import MetricLabels
 from gateway.telemetry.metrics import Metrics
 from gateway.telemetry.quality import QualitySignals, chat_asked
-from gateway.telemetry.quality_reading import StreamQuality, read_payload
+from gateway.telemetry.quality_reading import PlainStreamQuality, StreamQuality, read_payload
 
 _LABELS = MetricLabels(frozenset({"a"}), frozenset({"t"}))
 _TOOLS = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]}
@@ -104,7 +104,7 @@ def test_a_streams_counts_are_those_of_the_answer_read_from_every_chunk(name: st
 
 def _ctx(asked: dict[str, Any]) -> Any:
     return SimpleNamespace(endpoint=Endpoint.CHAT, body=asked, route=SimpleNamespace(alias="a"),
-                           target=SimpleNamespace(name="t"), status=200,
+                           target=SimpleNamespace(name="t"), status=200, quality_reader=None,
                            runtime=SimpleNamespace(policy=SimpleNamespace(labels=_LABELS)))
 
 
@@ -132,9 +132,13 @@ def test_a_stream_read_by_the_providers_decode_counts_as_one_read_from_its_event
         stream = ReplyStream(Replay(source, held, None, lambda: None), ctx)  # type: ignore[arg-type]
     else:
         stream = ReplyStream(source, ctx)
-    stage.read(ctx, Reply(stream=stream))
-    (reader,) = stream._stages
-    assert not reader.reads_events  # fed by the provider's stream, it reads no events
+    stage.read_stream(ctx, Reply(stream=stream))
+    if asked:  # a request that asks for JSON or offers tools: a stream stage
+        (reader,) = stream._stages
+        assert ctx.quality_reader is None and not reader.reads_events  # fed by the provider's stream: no events
+    else:  # the common stream: no stage, ended by the telemetry stage
+        reader = ctx.quality_reader
+        assert isinstance(reader, PlainStreamQuality) and not stream._stages
     rest = payloads[1:] if held else payloads
     for batch in [rest] if batches == "one" else [[payload] for payload in rest]:
         source._events(batch)
@@ -143,7 +147,7 @@ def test_a_stream_read_by_the_providers_decode_counts_as_one_read_from_its_event
     async def run() -> None:
         await looking.on_events(ctx, events._events(payloads)[0])
         await looking.on_end(ctx, StreamEnd("done"))
-        await reader.on_end(ctx, StreamEnd("done"))
+        reader.end(ctx, StreamEnd("done"))
 
     asyncio.run(run())
     assert _counts(fed) == _counts(looked)

@@ -396,3 +396,50 @@ def test_access_lines_of_guard_blocks_name_the_guards_and_the_attempt_that_answe
     assert "words" in first["guards"] and first["attempts"] == []
     assert second["status"] == 200 and second["guards"] == blocked_out.headers["x-gateway-guards"]
     assert second["attempts"] == [{"target": second["target"], "outcome": "ok"}], second
+
+
+def test_a_common_stream_is_checked_by_its_finish_and_a_cut_one_is_recorded_unchecked(
+        telemetry_gateway: RunningGateway) -> None:
+    """The common stream (no JSON asked, no tools, a text no refusal opens with) is read by the provider's decode
+    and ended by the telemetry stage (no stream stage of its own): counted once, by its finish reason. A stream
+    the upstream cuts is not checked (it has no verdict), and is still counted as a request."""
+    url = telemetry_gateway.base_url
+    with httpx.Client(headers=_headers()) as client:
+        for _ in range(2):
+            plain = client.post(f"{url}/chat/completions", json=_chat("Hello there, friend.", stream=True))
+            assert plain.status_code == 200 and "[DONE]" in plain.text
+        cut = client.post(f"{url}/chat/completions", json=_chat("x", model="fault-reset-after-3", stream=True))
+        assert cut.status_code == 200 and "[DONE]" not in cut.text
+    metrics = telemetry_gateway.metrics()
+    target = "mock-fast/fault-echo"
+    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo", target=target) == 2
+    assert _value(metrics, "gateway_quality_finish_reasons_total", model="fault-echo", target=target,
+                  reason="stop") == 2
+    assert _value(metrics, "gateway_quality_signals_total", model="fault-echo", target=target, signal="truncated") == 0
+    cut_target = "mock-fast/fault-reset-after-3"
+    assert _value(metrics, "gateway_quality_checked_total", model="fault-reset-after-3", target=cut_target) == 0
+    requests = sum(_value(metrics, "gateway_tenant_requests_total", tenant="acme", key="full",
+                          model="fault-reset-after-3", status=status) for status in ("502", "504", "499"))
+    assert requests == 1
+
+
+def test_a_quality_reader_failing_at_a_streams_end_is_logged_and_the_request_still_recorded(
+        telemetry_gateway: RunningGateway, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A bug in the common stream's reader at the end (injected) is logged; the request is recorded all the same
+    (the telemetry stage ends the reader in its own end hook, before it records the request)."""
+    from gateway.telemetry.quality_reading import PlainStreamQuality
+
+    def broken(*_: Any) -> None:
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(PlainStreamQuality, "end", broken)
+    url = telemetry_gateway.base_url
+    with caplog.at_level(logging.ERROR, logger="gateway.telemetry"):
+        response = httpx.post(f"{url}/chat/completions", json=_chat("Hello there.", stream=True), headers=_headers())
+    assert response.status_code == 200 and "[DONE]" in response.text
+    assert any(r.getMessage() == "quality signals failed at a stream's end" for r in caplog.records)
+    metrics = telemetry_gateway.metrics()
+    assert _value(metrics, "gateway_quality_checked_total", model="fault-echo") == 0
+    assert _value(metrics, "gateway_tenant_requests_total", tenant="acme", key="full", model="fault-echo",
+                  status="200") == 1
+    assert _value(metrics, "gateway_requests_in_flight") == 0 and "gateway_requests_in_flight" in metrics

@@ -160,7 +160,7 @@ class QualitySignals:
             ctx.read_choices = True
 
     def read(self, ctx: RequestContext, reply: Reply) -> None:
-        """The answer: a complete one read and counted now, a stream's chunks as they pass (embeddings: none).
+        """A complete answer (`reply.stream` None; streams: `read_stream`), read and counted now (embeddings: none).
 
         The common answer first, in line (this runs for every request): a chat answer whose choices the provider
         read (`ctx.read_choices`), to a request that asked for no JSON and offered no tools, with one choice of
@@ -183,8 +183,25 @@ class QualitySignals:
                         return
         self._read(ctx, reply)
 
+    def read_stream(self, ctx: RequestContext, reply: Reply) -> None:
+        """A stream (`reply.stream`), whose chunks are read as they pass and counted at its end.
+
+        The common stream first, in line: a chat stream to a request that asked for no JSON and offered no tools
+        gets a `PlainStreamQuality`, fed by the provider's decode (`ReplyStream.read_choices`) and kept on
+        `ctx.quality_reader` for the telemetry stage to end (`PlainStreamQuality.end`) in its own end hook: it is
+        no stream stage (one end hook fewer to run, no coroutine for it). Any other stream gets a
+        `StreamQuality` stage (`_read`)."""
+        if ctx.endpoint is _CHAT and reply.status == 200:
+            body = ctx.body
+            if "response_format" not in body and "tools" not in body:
+                plain = PlainStreamQuality(self)
+                if reply.stream.read_choices(plain):  # type: ignore[union-attr]
+                    ctx.quality_reader = plain
+                    return
+        self._read(ctx, reply)
+
     def _read(self, ctx: RequestContext, reply: Reply) -> None:
-        """`read`, for every answer but the common one."""
+        """`read` and `read_stream`, for every answer but the common ones."""
         if reply.status != 200:
             return
         endpoint = ctx.endpoint
@@ -196,13 +213,7 @@ class QualitySignals:
             return
         stream = reply.stream
         if stream is not None:
-            asked = chat_asked(ctx.body)
-            if chat and asked is NOTHING_ASKED:  # the common stream
-                plain = PlainStreamQuality(self)
-                if stream.read_choices(plain):  # the provider's stream hands it the choices as it decodes them
-                    stream.add(plain)
-                    return
-            reader = StreamQuality(self, asked, chat)
+            reader = StreamQuality(self, chat_asked(ctx.body), chat)
             if stream.read_choices(reader):
                 reader.reads_events = False
             stream.add(reader)

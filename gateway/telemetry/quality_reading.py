@@ -190,6 +190,10 @@ class StreamQuality:
         read_typed(self.answer, choices, self.chat, self.limit)
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        self.end(ctx, end)
+
+    def end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        """The stream ended: counted when it ended well (`done`)."""
         if end.outcome == "done" and not self.broken:
             if self.payloads:
                 self._read(ctx)
@@ -240,10 +244,11 @@ class PlainStreamQuality:
     a letter no refusal opens with, `NOT_INITIALS`, then one finish reason) in a few steps, and counts it by its
     finish reason (`QualitySignals.count_finish`), as `StreamQuality` does such an answer. Anything else (another
     choice, tool calls, a refusal, a first text that may open a refusal, a second finish reason, choices of odd
-    types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and judges."""
+    types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and judges.
+
+    No stream stage: it reads no events, and its owner (the telemetry stage's end hook) calls `end`."""
 
     __slots__ = ("first", "full", "reason", "stage")
-    reads_events = False  # (only `on_end`: the provider's stream hands it the choices)
 
     def __init__(self, stage: QualitySignals) -> None:
         self.stage = stage
@@ -275,15 +280,13 @@ class PlainStreamQuality:
     def take_payload(self, payload: bytes) -> None:
         self._hand_over().take_payload(payload)
 
-    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
-        return events  # (never called: it reads no events)
-
-    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+    def end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        """The stream ended: counted when it ended well (`done`)."""
         if self.full is None and self.reason is not None:
             if end.outcome == "done":
                 self.stage.count_finish(ctx, self.reason)
             return
-        await self._hand_over().on_end(ctx, end)
+        self._hand_over().end(ctx, end)
 
     def _hand_over(self) -> StreamQuality:
         """The `StreamQuality` that reads on, in the state it would be in after the same chunks."""

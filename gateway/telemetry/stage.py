@@ -13,6 +13,7 @@ client left before the answer as 499, a cut as 503, a bug as 500.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from collections.abc import Callable
 from typing import Any
@@ -36,6 +37,7 @@ from .tracing import SpanExporter, Tracing
 
 __all__ = ["Telemetry", "TelemetryStages"]
 
+log = logging.getLogger("gateway.telemetry")
 _MAX_NAMED = 10_000  # label name combinations whose series are kept by their names; past this, looked up each time
 # What a finished request's names map to: its series, its model label, its cost counter (`loop_value`), and what
 # its access lines say alike (`AccessPart`).
@@ -73,7 +75,10 @@ class Telemetry:
             else:
                 quality.prepare(ctx)
                 reply = await call_next(ctx)
-                quality.read(ctx, reply)  # a stream: its reader is added before this stage's end hook
+                if reply.stream is None:
+                    quality.read(ctx, reply)
+                else:  # its reader is ended in `on_end` (the common stream's) or is a stage added before this one
+                    quality.read_stream(ctx, reply)
         except GatewayError as exc:
             ctx.status, ctx.error_code = exc.status, exc.code or exc.type
             self._finish(ctx)
@@ -107,6 +112,13 @@ class Telemetry:
             ctx.status, ctx.error_code = CLIENT_CLOSED, "client_closed_request"
         elif end.outcome == "shutdown":
             ctx.status, ctx.error_code = 503, "shutting_down"
+        reader = ctx.quality_reader
+        if reader is not None:
+            try:
+                reader.end(ctx, end)
+            except Exception:  # a bug: logged (as a stream stage's end hook is), and the request still recorded
+                log.exception("quality signals failed at a stream's end",
+                              extra={"fields": {"request_id": ctx.request_id}})
         self._finish(ctx)
 
     def _finish(self, ctx: RequestContext, reply: Reply | None = None) -> None:

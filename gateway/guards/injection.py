@@ -12,25 +12,25 @@ higher of the two scores, and asks the model only when the patterns alone stay b
 the threshold. The default is `patterns` (docs/guards.md, "Injection: patterns against
 a model", says why). A classifier (`classifier: "module:factory"` in the policy; the
 factory returns an object with `score(text) -> float` in [0, 1]) is combined the same
-way, by taking the higher score; it is called on the event loop, so it must be cheap.
+way: asked only when the other scores stay below the threshold, the higher score wins.
+It is the policy owner's code, so it runs on the guard pool under `timeout_s`, never on
+the event loop (`classifiers.py`).
 
 The patterns check a text of at most `INLINE_CHARS` characters on the event loop, and a longer one
-on the guard pool, each regex tried only where its lead matches, one slice at a time (`slices.py`);
-the classifier still sees the whole text on the loop, whatever its length.
+on the guard pool, each regex tried only where its lead matches, one slice at a time (`slices.py`).
 """
 
 from __future__ import annotations
 
-import importlib
 import logging
 import re
 import time
 from collections.abc import Sequence
-from typing import Protocol
 
 from ..policy.cache_check import default_model_dir
 from ..policy.guard_schema import InjectionGuardSpec
 from .base import Finding, Where
+from .classifiers import Classifier, classifier_score, load_classifier
 from .common import GuardBase
 from .normalize import fold
 from .pool import INLINE_CHARS, GuardPool
@@ -113,10 +113,6 @@ _COMPILED = _compiled(PATTERNS, "p")
 _NATIVE = _compiled(NATIVE_PATTERNS, "n")
 
 
-class Classifier(Protocol):
-    def score(self, text: str) -> float: ...
-
-
 def injection_score(text: str, *, patterns: Sequence[tuple[Searchable, float, str]] = _COMPILED,
                     native_patterns: Sequence[tuple[Searchable, float, str]] = _NATIVE,
                     ) -> tuple[float, list[tuple[int, int, str]]]:
@@ -160,27 +156,30 @@ class InjectionGuard(GuardBase):
             found = spec.model_dir or default_model_dir()
             self.model_dir = str(found) if found is not None else ""  # "": missing, a failure on every check
         self.pool = pool
-        self.classifier: Classifier | None = None
-        if spec.classifier is not None:
-            module, _, attr = spec.classifier.partition(":")
-            self.classifier = getattr(importlib.import_module(module), attr)()
+        self.classifier = spec.classifier  # "module:factory", scored on the pool (`classifiers.py`)
 
     def build(self) -> None:
-        """Load the model now (at runtime start, off the loop), not on the first request. A model that
-        fails to load is logged here and fails every check (`fail:` decides), so the gateway still starts."""
-        if not self.model_dir:
-            return
-        from .injection_model import load_model
+        """Load the model and make the classifier now (at runtime start, off the loop), not on the first
+        request. One that fails is logged here and fails every check (`fail:` decides), so the gateway still
+        starts."""
+        if self.model_dir:
+            from .injection_model import load_model
 
-        try:
-            load_model(self.model_dir)
-        except Exception as exc:  # noqa: BLE001 -- missing, unreadable or malformed files: every check fails
-            log.error("guard %s: the injection model did not load: %s", self.name, type(exc).__name__)
+            try:
+                load_model(self.model_dir)
+            except Exception as exc:  # noqa: BLE001 -- missing, unreadable or malformed files: every check fails
+                log.error("guard %s: the injection model did not load: %s", self.name, type(exc).__name__)
+        if self.classifier is not None:
+            try:
+                load_classifier(self.classifier)
+            except Exception as exc:  # noqa: BLE001 -- the policy owner's factory failed: every check fails
+                log.error("guard %s: the injection classifier did not load: %s", self.name, type(exc).__name__)
 
     def detect_now(self, text: str, where: Where) -> list[Finding] | None:
-        """The finding of a text of at most `INLINE_CHARS` characters, on the loop, when no model is asked;
-        None otherwise: `detect` hands a longer text's patterns, and the model, to the pool."""
-        if self.model_dir is not None or len(text) > INLINE_CHARS:
+        """The finding of a text of at most `INLINE_CHARS` characters, on the loop, when neither a model nor a
+        classifier is asked; None otherwise: `detect` hands a longer text's patterns, the model and the
+        classifier to the pool."""
+        if self.model_dir is not None or self.classifier is not None or len(text) > INLINE_CHARS:
             return None
         score, spans = injection_score(text) if self.patterns else (0.0, [])
         return self._decide(text, score, spans, spans[0][2] if spans else "injection")
@@ -195,15 +194,14 @@ class InjectionGuard(GuardBase):
             learned = await self._model_score(text)
             if learned > score:
                 score, recognizer = learned, "injection.model"
+        if self.classifier is not None and score < self.threshold:
+            learned = await self._classifier_score(text)
+            if learned > score:
+                score, recognizer = learned, "injection.classifier"
         return self._decide(text, score, spans, recognizer)
 
     def _decide(self, text: str, score: float, spans: list[tuple[int, int, str]], recognizer: str) -> list[Finding]:
-        """The finding, if the higher of the score and the classifier's (on the loop, whatever the text's
-        length: a classifier must bound its own work) reaches the threshold."""
-        if self.classifier is not None:
-            learned = float(self.classifier.score(text))
-            if learned > score:
-                score, recognizer = learned, "injection.classifier"
+        """The finding, if the score reaches the threshold."""
         if score < self.threshold:
             return []
         start, end = (min(s for s, _, _ in spans), max(e for _, e, _ in spans)) if spans else (0, len(text))
@@ -216,6 +214,12 @@ class InjectionGuard(GuardBase):
         if self.pool is None:  # a guard built on its own (tests, tools): no pool to hand the text to
             return injection_score_long(text, deadline)
         return await self.pool.run(injection_score_long, text, deadline)
+
+    async def _classifier_score(self, text: str) -> float:
+        assert self.classifier is not None
+        if self.pool is None:  # a guard built on its own (tests, tools)
+            return classifier_score(self.classifier, text)
+        return await self.pool.run(classifier_score, self.classifier, text)
 
     async def _model_score(self, text: str) -> float:
         from .injection_model import score_text

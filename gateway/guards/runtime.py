@@ -90,14 +90,15 @@ class GuardRuntime:
         longer than `INLINE_CHARS` (and the ner engine and the injection model all of theirs)."""
         active = [g for g in self._all() if g.mode != "off"]
         pii = [g for g in active if isinstance(g, PiiGuard)]
-        models = [g for g in active if isinstance(g, InjectionGuard) and g.model_dir]
+        models = [g for g in active if isinstance(g, InjectionGuard) and (g.model_dir or g.classifier)]
         builds: list[Callable[[], None]] = [*(g.build for g in pii), *(g.build for g in models)]
         await asyncio.gather(*(asyncio.to_thread(build) for build in builds))
         # A process pool's workers build their own analyzers: every pii engine's, since any may be given a long text.
         engines = tuple(dict.fromkeys(g.engine for g in pii))
         model_dirs = tuple(sorted({g.model_dir for g in models if g.model_dir}))
+        classifiers = tuple(sorted({g.classifier for g in models if g.classifier}))
         if any(not isinstance(g, LimitsGuard) for g in active):
-            self.pool.start(_warm, engines, model_dirs)
+            self.pool.start(_warm, engines, model_dirs, classifiers)
 
     async def aclose(self) -> None:
         await self.pool.aclose()
@@ -162,12 +163,16 @@ class GuardRuntime:
         return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]
 
 
-def _warm(engines: tuple[Engine, ...], model_dirs: tuple[str, ...] = ()) -> None:
-    """In a process-pool worker: build the analyzers and load the injection models before the first
-    request needs them."""
+def _warm(engines: tuple[Engine, ...], model_dirs: tuple[str, ...] = (), classifiers: tuple[str, ...] = ()) -> None:
+    """In a process-pool worker: build the analyzers, load the injection models and make the classifiers
+    before the first request needs them."""
     for engine in engines:
         analyzer(engine)
     if model_dirs:
         from .injection_model import warm
 
         warm(model_dirs)
+    if classifiers:
+        from .classifiers import warm as make_classifiers
+
+        make_classifiers(classifiers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 
 class KeywordClassifier:
     def score(self, text: str) -> float:
@@ -10,3 +12,19 @@ class KeywordClassifier:
 
 def make() -> KeywordClassifier:
     return KeywordClassifier()
+
+
+class SlowClassifier:
+    """Takes a second a text (a model on a busy machine): the guard's `timeout_s` decides."""
+
+    def score(self, text: str) -> float:
+        time.sleep(1.0)
+        return 0.01
+
+
+def make_slow() -> SlowClassifier:
+    return SlowClassifier()
+
+
+def make_broken() -> KeywordClassifier:
+    raise RuntimeError("the classifier's model is missing")

@@ -23,7 +23,7 @@ from gateway.guards.denylist import DenyListGuard
 from gateway.guards.injection import NATIVE_PATTERNS, PATTERNS, InjectionGuard, injection_score, injection_score_long
 from gateway.guards.pool import INLINE_CHARS
 from gateway.guards.runtime import GuardRuntime
-from gateway.guards.secrets import _KEYWORD, _KEYWORD_TOKEN, LEADS, SecretsGuard
+from gateway.guards.secrets import _KEYWORD, _KEYWORD_FOLDED, _KEYWORD_TOKEN, FOLDED_LEADS, LEADS, Scanner, SecretsGuard
 from gateway.policy.guard_schema import DenyListGuardSpec, GuardsSpec, InjectionGuardSpec, SecretsGuardSpec
 from gateway.telemetry.metrics import Metrics
 from tests.conftest import REPO
@@ -79,17 +79,52 @@ def _embedded(text: str, seed: int) -> str:
     return filler(rng.randrange(0, 40), seed) + " " + text + " " + filler(rng.randrange(0, 40), seed + 1)
 
 
-def test_secrets_long_scan_finds_what_the_inline_scan_finds(small_slices: None) -> None:
+def _one_pass(guard: SecretsGuard) -> Scanner:
+    """The guard's scan with one pass of each regex over the whole text (no leads): what its scans must find."""
+    scanner = guard.scanner
+    whole = Scanner(scanner.name, scanner.action, scanner.regexes, scanner.entropy_bits, scanner.allow)
+    whole.patterns, whole.keyword = scanner.regexes, _KEYWORD_TOKEN
+    return whole
+
+
+def test_secrets_scans_find_what_one_pass_of_each_regex_finds(small_slices: None) -> None:
+    """The inline scan (each regex from its lead, case-insensitive leads on an ASCII text's lowercase copy) and
+    the long scan (the same, slice by slice) against one pass of each regex: samples as they are, upper-cased
+    and case-swapped (the key-like word in any case), in ASCII filler or not (`é`: the leads as they are)."""
     guard = SecretsGuard("s", SecretsGuardSpec())
+    one_pass = _one_pass(guard)
     samples = [s["text"] for s in SAMPLES if s["kind"] in ("secret", "clean")]
     assert len(samples) > 400
-    found = 0
+    found = ascii_texts = 0
     for i, sample in enumerate(samples):
-        text = _embedded(sample, i)
-        expected = guard.scan(text)
-        assert guard.scanner.scan_long(text, deadline()) == expected, sample
-        found += bool(expected)
-    assert found >= 120  # the secrets are in there
+        for variant in (sample, sample.upper(), sample.swapcase()):
+            text = _embedded(variant, i)
+            expected = one_pass.scan(text)
+            assert guard.scan(text) == expected, variant
+            assert guard.scanner.scan_long(text, deadline()) == expected, variant
+            found += bool(expected)
+            ascii_texts += text.isascii()
+    assert found >= 250  # the secrets are in there (fewer upper-cased: `SK-...` is no key)
+    assert 0.2 < ascii_texts / (3 * len(samples)) < 0.8  # both ways of searching a case-insensitive lead
+
+
+@pytest.mark.parametrize("label", [*FOLDED_LEADS, "keyword"])
+def test_a_folded_lead_matches_a_lowercase_copy_where_its_lead_matches_the_text(label: str) -> None:
+    lead, folded = (_KEYWORD, _KEYWORD_FOLDED) if label == "keyword" else (LEADS[label], FOLDED_LEADS[label])
+    compiled, lowered = re.compile(lead), re.compile(folded)
+    letters = sorted(set(folded.replace("?:", "")) - set("()|?[]\\"))
+    alphabet = [*letters, *(c.upper() for c in letters if c.isalpha()), " ", "=", "_", "-", "1"]
+    rng = random.Random(label)
+    hits = 0
+    for _ in range(3000):
+        text = "".join(rng.choice(alphabet) for _ in range(rng.randrange(0, 40)))
+        for word in rng.sample(re.sub(r"\(\?:|\)|\?|\[.*?\]", "", folded).split("|"), 1):
+            at = rng.randrange(0, len(text) + 1)
+            text = text[:at] + "".join(c.upper() if rng.random() < 0.5 else c for c in word) + text[at:]
+        expected = list(slices.starts(compiled, text, deadline()))
+        assert list(slices.starts(lowered, text.lower(), deadline())) == expected, text
+        hits += bool(expected)
+    assert hits > 1000  # (an inserted word matches the lead, most of the time)
 
 
 def test_every_detector_is_found_across_slice_boundaries(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -109,12 +144,14 @@ def test_every_detector_is_found_across_slice_boundaries(monkeypatch: pytest.Mon
         "HIGH_ENTROPY_SECRET": "password = 'q8Zr1Lx0Vb7Tn4Wk2Pm9'",
     }
     guard = SecretsGuard("s", SecretsGuardSpec())
+    one_pass = _one_pass(guard)
     for label, secret in secrets.items():
         assert label in {f.type for f in guard.scan(secret)}, label
         for offset in range(64 - len(secret) - 3, 64 + 3):  # the secret starts before, across or at a boundary
             text = filler(max(offset, 0), offset) + (" " if offset > 0 else "") + secret + " " + filler(200, offset)
-            expected = guard.scan(text)
+            expected = one_pass.scan(text)
             assert label in {f.type for f in expected}, (label, offset)
+            assert guard.scan(text) == expected, (label, offset)
             assert guard.scanner.scan_long(text, deadline()) == expected, (label, offset)
 
 

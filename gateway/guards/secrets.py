@@ -5,9 +5,12 @@ Each detector is a compiled regex with a fixed score; the entropy detector also
 requires the token to look random (Shannon entropy per character), so that
 `password: changeme` in a tutorial is not a secret but `api_key = "q8Zr...` is.
 
-A text of at most `INLINE_CHARS` characters is scanned on the event loop; a longer one on the guard pool,
-each regex tried only where its lead (`LEADS`) matches, one slice at a time (`slices.py`): its regexes
-would hold the loop for seconds on a prompt of a few megabytes.
+Each regex is tried only where its lead (`LEADS`) matches (`slices.py`): most of them open with a lookbehind,
+which `re` tries at every offset (a pass of all of them cost about 330 ns a character: 660 µs for a prompt of
+2,000), where a lead is searched for its literal start; the leads that ignore case are searched with case on
+the text's lowercase copy (`FOLDED_LEADS`). The findings are those of one pass of each regex. A text of at most
+`INLINE_CHARS` characters is scanned so on the event loop; a longer one on the guard pool, one slice at a time:
+its regexes would hold the loop for seconds on a prompt of a few megabytes.
 """
 
 from __future__ import annotations
@@ -25,7 +28,7 @@ from .holds import RegexHolds
 from .pool import INLINE_CHARS, GuardPool
 from .slices import Searchable, Sliced
 
-__all__ = ["DETECTORS", "LEADS", "SecretsGuard", "entropy"]
+__all__ = ["DETECTORS", "FOLDED_LEADS", "LEADS", "SecretsGuard", "entropy"]
 
 _B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
 _E = r"(?![A-Za-z0-9_\-])"
@@ -63,6 +66,10 @@ LEADS: dict[str, str] = {
 }
 _KEYWORD = (r"(?i:api[_\- ]?key|apikey|secret|token|passw(?:or)?d|pwd|auth|credential|access[_\- ]?key"
             r"|private[_\- ]?key)")  # the key-like word: `_KEYWORD_TOKEN`'s lead
+# The leads that ignore case, in lowercase and matched with case, for an ASCII text's lowercase copy (`slices.py`):
+# wherever the lead matches a text, this matches its lowercase copy, and nowhere else (`tests/test_guard_slices.py`).
+FOLDED_LEADS: dict[str, str] = {"AWS_SECRET_KEY": "aws_?secret", "AZURE_KEY": "(?:accountkey|sharedaccesskey)="}
+_KEYWORD_FOLDED = "(?:" + _KEYWORD.removeprefix("(?i:")
 _KEYWORD_TOKEN = re.compile(_KEYWORD + r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})")
 _OPEN_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY")
 _CLOSE_KEY = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")  # as the block's own pattern
@@ -88,9 +95,9 @@ class Scanner:
         self.regexes = regexes
         self.entropy_bits = entropy_bits
         self.allow = allow
-        # What `scan` searches: the regexes themselves, or (`scan_long`) the same regexes searched slice by slice.
-        self.patterns: Sequence[tuple[str, Searchable]] = regexes
-        self.keyword: Searchable = _KEYWORD_TOKEN
+        # What `scan` searches: each regex from its lead; `scan_long`'s, slice by slice until its deadline.
+        self.patterns: Sequence[tuple[str, Searchable]] = _led(regexes, math.inf)
+        self.keyword: Searchable = Sliced(_KEYWORD_TOKEN, _KEYWORD, math.inf, folded=_KEYWORD_FOLDED)
 
     def scan(self, text: str) -> list[Finding]:
         found: list[Finding] = []
@@ -115,9 +122,14 @@ class Scanner:
         """`scan(text)`, each regex searched slice by slice from its lead (`slices.py`) until `deadline`
         (`time.monotonic()`): the same findings, without holding the GIL for a whole pass over the text."""
         sliced = Scanner(self.name, self.action, self.regexes, self.entropy_bits, self.allow)
-        sliced.patterns = [(label, Sliced(p, LEADS[label], deadline)) for label, p in self.regexes]
-        sliced.keyword = Sliced(_KEYWORD_TOKEN, _KEYWORD, deadline)
+        sliced.patterns = _led(self.regexes, deadline)
+        sliced.keyword = Sliced(_KEYWORD_TOKEN, _KEYWORD, deadline, folded=_KEYWORD_FOLDED)
         return sliced.scan(text)
+
+
+def _led(regexes: list[tuple[str, re.Pattern[str]]], deadline: float) -> list[tuple[str, Searchable]]:
+    """Each detector's regex, searched from its lead (and its folded lead) until `deadline`."""
+    return [(label, Sliced(p, LEADS[label], deadline, folded=FOLDED_LEADS.get(label))) for label, p in regexes]
 
 
 class SecretsGuard(GuardBase):

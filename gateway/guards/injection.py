@@ -23,6 +23,7 @@ on the guard pool, each regex tried only where its lead matches, one slice at a 
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -99,25 +100,52 @@ NATIVE_PATTERNS: list[tuple[str, float, str]] = [
 ]
 
 
+# Words one of which every match of a pattern holds after its lead, by lead, for the patterns whose lead is
+# common in prose (`show`, `act`, `new `) or is no word (a line's start): each group is one of the regex's
+# required alternations, each alternative opening with one of the words (`tests/test_guard_slices.py` checks
+# that against the parsed regex). A text without one of a group is not searched for the pattern (`Sliced`).
+NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "(reveal|print|show|repeat|output|leak|display|tell me)": (("system", "hidden", "secret", "initial"),
+                                                              ("prompt", "instruction", "message", "rules")),
+    "(pretend|act|behave|roleplay|imagine)": (("restrictions", "rules", "limits", "filters", "guidelines", "ethics",
+                                               "censorship", "content polic"),),
+    "(new|updated|real) ": (("instruction", "rules"),),
+    r"(^|\n)": (("sys", "im_start", "admin"),),
+}
+# A text at least this long is searched from the leads (`_LED`): on a shorter one a pass of each regex costs less
+# than the leads' checks (measured: 15 against 20 µs at 48 characters, 41 against 22 at 100).
+_LED_FROM_CHARS = 64
+
+
 def _compiled(patterns: list[tuple[str, float, str]], prefix: str,
               deadline: float | None = None) -> list[tuple[Searchable, float, str]]:
-    """(regex, weight, name) of each pattern; with a deadline, each regex to be searched slice by slice."""
+    """(regex, weight, name) of each pattern; with a deadline, each regex to be searched from its lead (slice by
+    slice, and not at all in a text without the words it needs)."""
     out: list[tuple[Searchable, float, str]] = []
     for i, (rx, weight, lead) in enumerate(patterns):
         regex = re.compile(rx, re.DOTALL)
-        out.append((regex if deadline is None else Sliced(regex, lead, deadline), weight, f"injection.{prefix}{i}"))
+        searched = regex if deadline is None else Sliced(regex, lead, deadline, needs=NEEDS.get(lead, ()))
+        out.append((searched, weight, f"injection.{prefix}{i}"))
     return out
 
 
 _COMPILED = _compiled(PATTERNS, "p")
 _NATIVE = _compiled(NATIVE_PATTERNS, "n")
+# From the leads, with no deadline: for a text on the loop of at least `_LED_FROM_CHARS` characters, where a pass
+# of each regex (a `\b` and an alternation tried at every offset) cost about 370 ns a character, 740 µs for 2,000.
+_LED = _compiled(PATTERNS, "p", math.inf)
+_LED_NATIVE = _compiled(NATIVE_PATTERNS, "n", math.inf)
 
 
-def injection_score(text: str, *, patterns: Sequence[tuple[Searchable, float, str]] = _COMPILED,
-                    native_patterns: Sequence[tuple[Searchable, float, str]] = _NATIVE,
+def injection_score(text: str, *, patterns: Sequence[tuple[Searchable, float, str]] | None = None,
+                    native_patterns: Sequence[tuple[Searchable, float, str]] | None = None,
                     ) -> tuple[float, list[tuple[int, int, str]]]:
     """The text's score in [0, 1] and the matched spans (offsets into `text`). `patterns` and
-    `native_patterns`: the compiled regexes, or (`injection_score_long`) the same searched slice by slice."""
+    `native_patterns`: the regexes as they are searched (`injection_score_long`: slice by slice until a deadline);
+    by default, from their leads, or one pass of each on a text shorter than `_LED_FROM_CHARS`."""
+    if patterns is None or native_patterns is None:
+        led = len(text) >= _LED_FROM_CHARS
+        patterns, native_patterns = (_LED, _LED_NATIVE) if led else (_COMPILED, _NATIVE)
     folded, where = fold(text)
     miss = 1.0
     spans: list[tuple[int, int, str]] = []

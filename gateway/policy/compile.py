@@ -21,10 +21,11 @@ from ..store.base import StoreConfig
 from .accounting_check import check_accounting, load_prices_file, uses_accounting
 from .cache_check import compile_cache
 from .compiled import Policy, ProviderConfig, Timeouts
+from .entra_check import check_azure_credentials
 from .guard_check import check_guards
 from .includes import PolicyTree, read_tree
-from .loader import PolicyError, PolicyIssue, _Located, check_doc
-from .provider_schema import KIND_TRAITS
+from .loader import PolicyError, PolicyIssue, _Located, check_doc, format_path
+from .provider_schema import KIND_TRAITS, AzureSpec
 from .routes import compile_routing
 from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec
 from .telemetry_check import metric_labels
@@ -278,23 +279,25 @@ def _provider(
                       f"cannot come from one, so send this credential in a header (api_key_env sends `{key_header}`, "
                       "headers_env any other)")
     secret_vars = dict(spec.headers_env)
+    secret_fields: dict[str, tuple[str, ...]] = {header: ("headers_env",) for header in spec.headers_env}
     if spec.api_key_env:
         secret_vars[key_header] = spec.api_key_env
-    entra = getattr(options, "entra_token_env", None)
-    if entra is not None:  # Azure with Entra ID: a bearer token instead of the api-key header
-        if spec.api_key_env:
-            doc.issue(path + ("azure", "entra_token_env"), "give api_key_env or azure.entra_token_env, not both")
-        secret_vars["Authorization"] = entra
+        secret_fields[key_header] = ("api_key_env",)
+    if isinstance(options, AzureSpec):  # one credential of three, an Entra token file checked (`entra_check`)
+        options = check_azure_credentials(name, spec, options, doc, require_env, warnings)
+        if options.entra_token_env is not None:  # Entra ID: a bearer token instead of the api-key header
+            secret_vars["Authorization"] = options.entra_token_env
+            secret_fields["Authorization"] = ("azure", "entra_token_env")
     secret_values: list[str] = []
     for header, var in secret_vars.items():
         secret = env.get(var)
         if secret is None:
             message = f"environment variable `{var}` is not set"
-            field = "api_key_env" if var == spec.api_key_env and header == key_header else "headers_env"
+            field = path + secret_fields[header]
             if require_env:
-                doc.issue(path + (field,), message)
+                doc.issue(field, message)
             else:
-                warnings.append(f"{doc.where(path + (field,))}: providers.{name}.{field}: {message}")
+                warnings.append(f"{doc.where(field)}: {format_path(field)}: {message}")
             continue
         bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
         headers[header] = f"Bearer {secret}" if bearer else secret

@@ -27,8 +27,17 @@ class AzureSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # The deployment name; unset: the target's `model` is the deployment name.
     deployment: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
     # An Entra ID access token (sent as `Authorization: Bearer`), instead of api_key_env's `api-key`.
-    # Read when the policy loads: reload the policy (SIGHUP) after the token is refreshed.
+    # Read once, when the policy loads: a new value takes a restart (a reload of an unchanged policy reads
+    # nothing). For a token that is refreshed while the gateway runs, use entra_token_file.
     entra_token_env: EnvVarName | None = None
+    # A file holding an Entra ID access token (sent as `Authorization: Bearer`; a leading `Bearer ` in the file
+    # is tolerated), kept fresh by another process (a sidecar, a Vault agent, a CSI or projected volume): read
+    # when the provider starts, and again whenever the file changes, without a reload. A relative path is
+    # relative to the policy file that names it. At most one of api_key_env, entra_token_env, entra_token_file.
+    entra_token_file: Annotated[str, Meta(min_length=1, max_length=4096)] | None = None
+    # How often entra_token_file's metadata (inode, mtime, size) is checked; the file is read only when it
+    # changed, or while it is missing or unusable (the last good token is sent meanwhile).
+    entra_token_refresh_s: Annotated[float, Meta(ge=0.1, le=300, description="seconds")] = 10.0
 
 
 class AnthropicSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -2,7 +2,8 @@
 
 A request for target model `m` goes to `{base_url}/openai/deployments/{deployment or m}/{endpoint}`
 with `api-version` in the query, and the key in the `api-key` header (or an
-Entra ID token as `Authorization: Bearer`, see `policy.provider_schema.AzureSpec`).
+Entra ID token as `Authorization: Bearer`, see `policy.provider_schema.AzureSpec`;
+a token from `azure.entra_token_file` is kept fresh by a `TokenFileRefresher`).
 Bodies and streams are OpenAI's and pass through untouched, Azure's
 `prompt_filter_results` and `content_filter_results` included; a response cut by
 the content filter ends with `finish_reason: content_filter` as Azure sends it.
@@ -17,10 +18,12 @@ from urllib.parse import quote
 from ..errors import ContentPolicyViolation, GatewayError
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec
+from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..upstream.client import ConnectionGate
 from .base import Call
 from .openai_compat import OpenAICompatProvider, status_error
+from .token_refresh import TokenFileRefresher
 
 __all__ = ["AzureProvider"]
 
@@ -34,6 +37,30 @@ class AzureProvider(OpenAICompatProvider):
         self._deployment = options.deployment
         self._azure_query = {**config.query, "api-version": options.api_version}
         self._deployments: dict[tuple[str, Endpoint], str] = {}  # (deployment, endpoint) -> URL, built once
+        self.token_file = None if options.entra_token_file is None else TokenFileRefresher(
+            config.name, options.entra_token_file, options.entra_token_refresh_s, self._use_token)
+
+    async def start(self) -> None:
+        await super().start()
+        if self.token_file is not None:
+            await self.token_file.start()
+
+    async def close(self) -> None:
+        if self.token_file is not None:
+            await self.token_file.aclose()
+        await super().close()
+
+    def _use_token(self, token: str) -> None:
+        """Send `token` from the next request on. It goes in the session's default headers, which aiohttp
+        copies into every request it makes anyway: a request reads nothing more than with a fixed key."""
+        assert self._session is not None, "provider not started"
+        self._session.headers["Authorization"] = f"Bearer {token}"
+
+    def sanitize(self, message: object) -> str:
+        if self.token_file is None:
+            return super().sanitize(message)
+        secrets = (*self.config.secrets, *self.token_file.secrets)  # the file's current and previous tokens
+        return sanitize_upstream_message(message, secrets=secrets, public_hosts=self.config.public_hosts)
 
     def _url(self, call: Call) -> str:
         deployment = self._deployment or str(call.body.get("model", ""))

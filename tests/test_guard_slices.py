@@ -32,6 +32,7 @@ from gateway.guards.injection import (
 from gateway.guards.pool import INLINE_CHARS
 from gateway.guards.runtime import GuardRuntime
 from gateway.guards.secrets import _KEYWORD, _KEYWORD_FOLDED, _KEYWORD_TOKEN, FOLDED_LEADS, LEADS, Scanner, SecretsGuard
+from gateway.guards.secrets import NEEDS as SECRET_NEEDS
 from gateway.policy.guard_schema import DenyListGuardSpec, GuardsSpec, InjectionGuardSpec, SecretsGuardSpec
 from gateway.telemetry.metrics import Metrics
 from tests.conftest import REPO
@@ -219,6 +220,22 @@ def test_the_words_a_pattern_needs_are_a_required_alternation_of_its_regex(lead:
         for group in NEEDS[lead]:
             assert any(all(any(alternative.startswith(word) for word in group) for alternative in alternation)
                        for alternation in alternations), (regex, group)
+
+
+@pytest.mark.parametrize("label", list(SECRET_NEEDS))
+def test_the_strings_a_secrets_lead_needs_are_in_each_of_its_matches(label: str) -> None:
+    lead = re.compile(LEADS[label])
+    needs = SECRET_NEEDS[label]
+    rng = random.Random(label)
+    # the lead's words and marks, cut pieces of what it needs, and a few others
+    pieces = [*re.findall(r"[A-Za-z]+|[:/=_-]", LEADS[label]), *(need[:-1] for need in needs[0]), "a", "1", " ", "K"]
+    hits = 0
+    for _ in range(10_000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 12)))
+        if lead.search(text) is not None:
+            hits += 1
+            assert all(any(need in text for need in group) for group in needs), text
+    assert hits > 10  # (a fixed seed: 19 for the rarest, Stripe's)
 
 
 def test_literals_of_a_lead() -> None:

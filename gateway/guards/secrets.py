@@ -28,7 +28,7 @@ from .holds import RegexHolds
 from .pool import INLINE_CHARS, GuardPool
 from .slices import Searchable, Sliced
 
-__all__ = ["DETECTORS", "FOLDED_LEADS", "LEADS", "SecretsGuard", "entropy"]
+__all__ = ["DETECTORS", "FOLDED_LEADS", "LEADS", "NEEDS", "SecretsGuard", "entropy"]
 
 _B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
 _E = r"(?![A-Za-z0-9_\-])"
@@ -69,6 +69,11 @@ _KEYWORD = (r"(?i:api[_\- ]?key|apikey|secret|token|passw(?:or)?d|pwd|auth|crede
 # The leads that ignore case, in lowercase and matched with case, for an ASCII text's lowercase copy (`slices.py`):
 # wherever the lead matches a text, this matches its lowercase copy, and nowhere else (`tests/test_guard_slices.py`).
 FOLDED_LEADS: dict[str, str] = {"AWS_SECRET_KEY": "aws_?secret", "AZURE_KEY": "(?:accountkey|sharedaccesskey)="}
+# Strings one of which every match of a detector's lead holds, for the leads `re` is slow to search (a class or a
+# choice of letters first): a text without one is not searched for that detector (`slices.Sliced`).
+NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
+    "CONNECTION_STRING": (("://",),), "STRIPE_KEY": (("k_live_", "k_test_"),), "AZURE_KEY": (("=",),),
+}
 _KEYWORD_FOLDED = "(?:" + _KEYWORD.removeprefix("(?i:")
 _KEYWORD_TOKEN = re.compile(_KEYWORD + r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})")
 _OPEN_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY")
@@ -129,7 +134,8 @@ class Scanner:
 
 def _led(regexes: list[tuple[str, re.Pattern[str]]], deadline: float) -> list[tuple[str, Searchable]]:
     """Each detector's regex, searched from its lead (and its folded lead) until `deadline`."""
-    return [(label, Sliced(p, LEADS[label], deadline, folded=FOLDED_LEADS.get(label))) for label, p in regexes]
+    return [(label, Sliced(p, LEADS[label], deadline, folded=FOLDED_LEADS.get(label), needs=NEEDS.get(label, ())))
+            for label, p in regexes]
 
 
 class SecretsGuard(GuardBase):

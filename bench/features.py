@@ -104,6 +104,8 @@ ROWS = (
         body("bench-sse", True), body("bench-sse-routed", True)),
     Row("pii-json", "`patterns` PII input guard, 300-word prompt",
         body("bench-json", False, PROMPT_300), body("bench-json-pii", False, PROMPT_300)),
+    Row("text-guards-json", "`secrets`, `injection` and `denylist` input guards, 300-word prompt",
+        body("bench-json", False, PROMPT_300), body("bench-json-text", False, PROMPT_300)),
     Row("ner-json", "`ner` PII input guard (small spaCy model), 300-word prompt; thread pool, 2 workers",
         body("bench-json", False, PROMPT_300), body("bench-json-ner", False, PROMPT_300)),
     Row("ner-json-process", "`ner` PII input guard as above; process pool, 2 workers",

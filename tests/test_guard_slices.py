@@ -19,7 +19,7 @@ import pytest
 
 from gateway.guards import slices
 from gateway.guards.base import Where
-from gateway.guards.denylist import DenyListGuard
+from gateway.guards.denylist import DenyListGuard, Rules
 from gateway.guards.injection import (
     NATIVE_PATTERNS,
     NEEDS,
@@ -242,6 +242,7 @@ def test_literals_of_a_lead() -> None:
     assert slices.literals_of("jailbreak") == ("jailbreak",)
     assert slices.literals_of("(developer|god) mode") == ("developer mode", "god mode")
     assert slices.literals_of("(new|real) ") == ("new ", "real ")
+    assert slices.literals_of("(?:project falcon|codename)") == ("project falcon", "codename")
     for lead in (r"(^|\n)", "(?i:key)", "a?b", "(a|b)+", r"\bword", "[ab]c", "(a|(b|c))"):
         assert slices.literals_of(lead) is None, lead
     assert slices.literals_of("word", re.IGNORECASE) is None  # `in` is matched with case
@@ -258,18 +259,23 @@ def test_literals_of_a_lead() -> None:
             assert (compiled.search(text) is None) or any(literal in text for literal in literals), (lead, text)
 
 
-def test_denylist_long_check_finds_what_the_inline_check_finds(small_slices: None) -> None:
+def test_denylist_checks_find_what_one_pass_of_each_regex_finds(small_slices: None) -> None:
     spec = DenyListGuardSpec(terms=["project falcon", "x-ray", "ab"], topics={"weapons": ["rifle", "c4"]},
                              patterns=[r"code\s*name\s*\w+"], action="redact")
     guard = DenyListGuard("d", spec)
+    rules = guard.rules
+    one_pass = Rules(rules.name, rules.action, rules.regexes)  # each regex in one pass, without its lead
+    one_pass.patterns = [(label, pattern) for label, pattern, _, _ in rules.regexes]
     text = ("Pro\u200bject F\u0430lcon and project falconry, x-ray, xx-ray, ab abc, C4 rifles rifle, "
             "codename  hawk, CODE NAME owl; ") * 7
-    expected = guard.rules.find(text)
+    expected = one_pass.find(text)
     assert {f.type for f in expected} == {"DENIED_TERM", "TOPIC_WEAPONS", "DENIED_PATTERN"}
-    assert guard.rules.find_long(text, deadline()) == expected
+    assert rules.find(text) == expected
+    assert rules.find_long(text, deadline()) == expected
     for i in range(60):
         sample = filler(i, i) + text[:i] + " ab " + filler(80 - i, i)
-        assert guard.rules.find_long(sample, deadline()) == guard.rules.find(sample), sample
+        assert rules.find(sample) == one_pass.find(sample), sample
+        assert rules.find_long(sample, deadline()) == one_pass.find(sample), sample
 
 
 def test_leads_read_no_further_than_the_slices_look() -> None:

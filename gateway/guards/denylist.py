@@ -5,13 +5,15 @@ zero-width characters slipped into them; a topic is a named keyword list whose
 findings are reported as `TOPIC_<NAME>`. Spans map back to the original text, so
 `action: redact` removes exactly what matched.
 
-A text of at most `INLINE_CHARS` characters is checked on the event loop; a longer one on the guard pool,
-where the terms and topics are searched slice by slice (`slices.py`: their lead is the word list itself,
-a match of bounded length) and a policy's own regexes (`patterns`, of any length) in one pass each.
+The terms and topics are searched from their lead, the word list itself (`slices.py`: a match of bounded
+length, and a text holding none of the words is not searched at all), and a policy's own regexes (`patterns`,
+of any length) in one pass each. A text of at most `INLINE_CHARS` characters is checked so on the event loop;
+a longer one on the guard pool, the terms and topics slice by slice.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from bisect import bisect_left
@@ -43,8 +45,10 @@ class Rules:
         self.name = name
         self.action = action
         self.regexes = regexes  # (label, regex, its lead or None, how far the lead reads)
-        # What `find` searches: the regexes themselves, or (`find_long`) those with a lead slice by slice.
-        self.patterns: list[tuple[str, Searchable]] = [(label, pattern) for label, pattern, _, _ in regexes]
+        # What `find` searches: the terms and topics from their lead (the words, which a text without any of them
+        # is not searched for; `re` tries the whole-word regex, a lookbehind first, at every offset), a policy's
+        # own regexes as they are; `find_long`'s, slice by slice until its deadline.
+        self.patterns: list[tuple[str, Searchable]] = _led(regexes, math.inf)
 
     def find(self, text: str) -> list[Finding]:
         folded, at = fold(text)
@@ -60,9 +64,14 @@ class Rules:
         """`find(text)`, the terms and topics searched slice by slice (`slices.py`) until `deadline`; a
         policy's own regex has no lead (its matches may be of any length): one pass, which holds the GIL."""
         sliced = Rules(self.name, self.action, self.regexes)
-        sliced.patterns = [(label, pattern if lead is None else Sliced(pattern, lead, deadline, reach))
-                           for label, pattern, lead, reach in self.regexes]
+        sliced.patterns = _led(self.regexes, deadline)
         return sliced.find(text)
+
+
+def _led(regexes: list[tuple[str, re.Pattern[str], str | None, int]], deadline: float) -> list[tuple[str, Searchable]]:
+    """Each regex with a lead searched from it until `deadline`; the others as they are."""
+    return [(label, pattern if lead is None else Sliced(pattern, lead, deadline, reach))
+            for label, pattern, lead, reach in regexes]
 
 
 class DenyListGuard(GuardBase):

@@ -88,14 +88,14 @@ class Searchable(Protocol):
 
 
 _PLAIN = r"[^()|\\\[\].*+?{}^$]"  # a character that stands for itself in a regex (outside a class)
-_ALTERNATIVES = re.compile(rf"\(({_PLAIN}+(?:\|{_PLAIN}+)*)\)({_PLAIN}*)")  # `(a|bc) d`
+_ALTERNATIVES = re.compile(rf"\((?:\?:)?({_PLAIN}+(?:\|{_PLAIN}+)*)\)({_PLAIN}*)")  # `(a|bc) d`, `(?:a|bc)`
 _LITERAL = re.compile(rf"{_PLAIN}+")
 
 
 def literals_of(lead: str, flags: int = 0) -> tuple[str, ...] | None:
     """Strings one of which is in every text where `lead` matches, when the lead is plain enough to tell: a
-    literal (`jailbreak`), or a group of literal alternatives and a literal after it (`(developer|god) mode`:
-    `developer mode`, `god mode`), matched with case. None for any other lead."""
+    literal (`jailbreak`), or a group of literal alternatives (capturing or not) and a literal after it
+    (`(developer|god) mode`: `developer mode`, `god mode`), matched with case. None for any other lead."""
     if flags & re.IGNORECASE:
         return None
     if _LITERAL.fullmatch(lead):

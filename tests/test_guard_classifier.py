@@ -124,3 +124,18 @@ def test_a_process_pool_worker_makes_and_runs_the_classifier() -> None:
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[0.99, 0.01]"
+
+
+def test_each_runtime_start_makes_the_classifier_anew_and_its_checks_reuse_it() -> None:
+    """A reload makes a new classifier (its factory may read files that changed), as it makes new guards."""
+    from gateway.guards import classifiers
+    from gateway.guards.injection import InjectionGuard
+    from gateway.policy.guard_schema import InjectionGuardSpec
+
+    path = f"{_SUPPORT}:make"
+    guard = InjectionGuard("inj", InjectionGuardSpec(classifier=path))
+    guard.build()
+    first = classifiers.load_classifier(path)
+    assert classifiers.load_classifier(path) is first  # every check of the runtime: the same object
+    guard.build()  # the next runtime's start
+    assert classifiers.load_classifier(path) is not first

@@ -3,9 +3,10 @@
 A classifier is the policy owner's code: a model, a remote call, anything, with no bound on its work that the
 gateway can see. So it never runs on the event loop: every check hands it to the guard pool under the guard's
 `timeout_s` (a slow classifier is a guard failure that `fail:` decides, not a stalled gateway), as the
-injection model is. Its factory is called once per process (`load_classifier`, at runtime start off the loop,
-and in each process-pool worker by `warm`); one object then serves every check of that process, from the
-pool's threads, possibly at once: its `score` must be thread-safe (or give the pool `workers: 1`).
+injection model is. Its factory is called when a runtime starts (`load_classifier(fresh=True)`, off the loop:
+at start and on every reload) and in each process-pool worker (`warm`); one object then serves every check of
+that process, from the pool's threads, possibly at once: its `score` must be thread-safe (or give the pool
+`workers: 1`).
 
 `classifier_score` is module-level and takes only strings, so a process pool can call it.
 """
@@ -27,13 +28,14 @@ _loaded: dict[str, Classifier] = {}
 _lock = threading.Lock()
 
 
-def load_classifier(path: str) -> Classifier:
+def load_classifier(path: str, fresh: bool = False) -> Classifier:
     """The classifier `"module:factory"` names, made once per process (a factory that raises is tried again on
-    the next call: its checks fail meanwhile)."""
-    found = _loaded.get(path)
+    the next call: its checks fail meanwhile). `fresh`: made anew (a runtime starting: a reload makes a new
+    classifier, as it makes a new guard, for one whose factory reads files that changed)."""
+    found = None if fresh else _loaded.get(path)
     if found is None:
         with _lock:  # two pool threads at once: one factory call
-            found = _loaded.get(path)
+            found = None if fresh else _loaded.get(path)
             if found is None:
                 module, _, attr = path.partition(":")
                 found = _loaded[path] = getattr(importlib.import_module(module), attr)()

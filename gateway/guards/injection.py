@@ -199,7 +199,7 @@ class InjectionGuard(GuardBase):
                 log.error("guard %s: the injection model did not load: %s", self.name, type(exc).__name__)
         if self.classifier is not None:
             try:
-                load_classifier(self.classifier)
+                load_classifier(self.classifier, fresh=True)
             except Exception as exc:  # noqa: BLE001 -- the policy owner's factory failed: every check fails
                 log.error("guard %s: the injection classifier did not load: %s", self.name, type(exc).__name__)
 

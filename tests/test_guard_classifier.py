@@ -126,16 +126,54 @@ def test_a_process_pool_worker_makes_and_runs_the_classifier() -> None:
     assert result.stdout.strip().splitlines()[-1] == "[0.99, 0.01]"
 
 
-def test_each_runtime_start_makes_the_classifier_anew_and_its_checks_reuse_it() -> None:
-    """A reload makes a new classifier (its factory may read files that changed), as it makes new guards."""
-    from gateway.guards import classifiers
+def test_each_runtime_makes_its_own_classifier_and_a_factory_failing_fails_only_its_checks(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload makes a new classifier (its factory may read files that changed), as it makes new guards; one
+    whose factory fails then fails the new runtime's checks, while the runtime it replaces keeps its own."""
+    import asyncio
+
+    from gateway.guards.base import Where
     from gateway.guards.injection import InjectionGuard
     from gateway.policy.guard_schema import InjectionGuardSpec
+    from tests.support import guard_classifier
 
-    path = f"{_SUPPORT}:make"
-    guard = InjectionGuard("inj", InjectionGuardSpec(classifier=path))
-    guard.build()
-    first = classifiers.load_classifier(path)
-    assert classifiers.load_classifier(path) is first  # every check of the runtime: the same object
-    guard.build()  # the next runtime's start
-    assert classifiers.load_classifier(path) is not first
+    where = Where("input", "message")
+    old = InjectionGuard("inj", InjectionGuardSpec(classifier=f"{_SUPPORT}:make_toggled"))
+    old.build()
+    found = asyncio.run(old.detect("the secret recipe", where))
+    assert [f.recognizer for f in found] == ["injection.classifier"]
+    monkeypatch.setattr(guard_classifier, "FAIL_NEXT", True)
+    new = InjectionGuard("inj", InjectionGuardSpec(classifier=f"{_SUPPORT}:make_toggled"))
+    new.build()  # logged; every check of this runtime fails until its factory makes one
+    with pytest.raises(RuntimeError):
+        asyncio.run(new.detect("the secret recipe", where))
+    assert [f.recognizer for f in asyncio.run(old.detect("the secret recipe", where))] == ["injection.classifier"]
+    monkeypatch.setattr(guard_classifier, "FAIL_NEXT", False)
+    assert [f.recognizer for f in asyncio.run(new.detect("the secret recipe", where))] == ["injection.classifier"]
+    assert new._own is not None and old._own is not None and new._own._made is not old._own._made
+
+
+async def test_work_that_overruns_its_check_keeps_its_place_in_the_pools_queue() -> None:
+    """A check that timed out cannot stop its worker: the job counts in `max_queue` until the worker is done
+    with it, so a slow classifier cannot pile up work behind the checks that gave up on it."""
+    import asyncio
+
+    from gateway.guards.pool import GuardPool, QueueFull
+    from gateway.policy.guard_schema import GuardPoolSpec
+
+    pool = GuardPool(GuardPoolSpec(kind="thread", workers=1, max_queue=2))
+    try:
+        for expected in (1, 2):
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.05):
+                    await pool.run(time.sleep, 0.4)
+            assert pool.pending == expected
+        with pytest.raises(QueueFull):
+            await pool.run(time.sleep, 0)
+        deadline = time.monotonic() + 5
+        while pool.pending and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert pool.pending == 0
+        assert await pool.run(sum, [1, 2]) == 3
+    finally:
+        await pool.aclose()

@@ -2,13 +2,16 @@
 
 A classifier is the policy owner's code: a model, a remote call, anything, with no bound on its work that the
 gateway can see. So it never runs on the event loop: every check hands it to the guard pool under the guard's
-`timeout_s` (a slow classifier is a guard failure that `fail:` decides, not a stalled gateway), as the
-injection model is. Its factory is called when a runtime starts (`load_classifier(fresh=True)`, off the loop:
-at start and on every reload) and in each process-pool worker (`warm`); one object then serves every check of
-that process, from the pool's threads, possibly at once: its `score` must be thread-safe (or give the pool
-`workers: 1`).
+`timeout_s` (a slow classifier is a guard failure that `fail:` decides, not a stalled event loop), as the
+injection model is. A call that overruns its timeout still holds its pool worker until it returns, and counts
+in the pool's `max_queue` until then (`pool.py`).
 
-`classifier_score` is module-level and takes only strings, so a process pool can call it.
+Each runtime makes its own: its guard's `OwnClassifier` calls the factory when the runtime starts (off the
+loop), so a reload makes a new classifier as it makes new guards, and a factory that raises fails that
+runtime's checks (tried again at each check) without touching the runtime it replaces. One object serves every
+check of its runtime, from the pool's threads, possibly at once: its `score` must be thread-safe (or give the
+pool `workers: 1`). A process pool is the runtime's own too: each worker makes one (`warm`, `classifier_score`,
+which take only strings, so that the pool can call them).
 """
 
 from __future__ import annotations
@@ -17,37 +20,54 @@ import importlib
 import threading
 from typing import Protocol
 
-__all__ = ["Classifier", "classifier_score", "load_classifier", "warm"]
+__all__ = ["Classifier", "OwnClassifier", "classifier_score", "make_classifier", "warm"]
 
 
 class Classifier(Protocol):
     def score(self, text: str) -> float: ...
 
 
-_loaded: dict[str, Classifier] = {}
-_lock = threading.Lock()
+def make_classifier(path: str) -> Classifier:
+    """A new classifier from the factory `"module:factory"` names."""
+    module, _, attr = path.partition(":")
+    made: Classifier = getattr(importlib.import_module(module), attr)()
+    return made
 
 
-def load_classifier(path: str, fresh: bool = False) -> Classifier:
-    """The classifier `"module:factory"` names, made once per process (a factory that raises is tried again on
-    the next call: its checks fail meanwhile). `fresh`: made anew (a runtime starting: a reload makes a new
-    classifier, as it makes a new guard, for one whose factory reads files that changed)."""
-    found = None if fresh else _loaded.get(path)
-    if found is None:
-        with _lock:  # two pool threads at once: one factory call
-            found = None if fresh else _loaded.get(path)
-            if found is None:
-                module, _, attr = path.partition(":")
-                found = _loaded[path] = getattr(importlib.import_module(module), attr)()
-    return found
+class OwnClassifier:
+    """One runtime's classifier: made at its start (`make`), or at a check when the start's factory call
+    failed (`score`: a failure again fails the check)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._made: Classifier | None = None
+        self._lock = threading.Lock()  # two pool threads at a check: one factory call
+
+    def make(self) -> None:
+        self._made = make_classifier(self.path)
+
+    def score(self, text: str) -> float:
+        made = self._made
+        if made is None:
+            with self._lock:
+                made = self._made
+                if made is None:
+                    made = self._made = make_classifier(self.path)
+        return float(made.score(text))
+
+
+_worker_own: dict[str, OwnClassifier] = {}  # in a process-pool worker: its runtime's, by path
 
 
 def classifier_score(path: str, text: str) -> float:
-    """The classifier's score of `text`, in [0, 1] by its contract (on a pool thread or worker)."""
-    return float(load_classifier(path).score(text))
+    """In a process-pool worker: its classifier's score of `text` (the worker belongs to one runtime)."""
+    own = _worker_own.get(path)
+    if own is None:
+        own = _worker_own.setdefault(path, OwnClassifier(path))
+    return own.score(text)
 
 
 def warm(paths: tuple[str, ...]) -> None:
     """In a process-pool worker: make the classifiers before the first check needs them."""
     for path in paths:
-        load_classifier(path)
+        _worker_own.setdefault(path, OwnClassifier(path)).make()

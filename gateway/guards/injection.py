@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from ..policy.cache_check import default_model_dir
 from ..policy.guard_schema import InjectionGuardSpec
 from .base import Finding, Where
-from .classifiers import Classifier, classifier_score, load_classifier
+from .classifiers import Classifier, OwnClassifier, classifier_score
 from .common import GuardBase
 from .normalize import fold
 from .pool import INLINE_CHARS, GuardPool
@@ -143,9 +143,11 @@ def injection_score(text: str, *, patterns: Sequence[tuple[Searchable, float, st
     """The text's score in [0, 1] and the matched spans (offsets into `text`). `patterns` and
     `native_patterns`: the regexes as they are searched (`injection_score_long`: slice by slice until a deadline);
     by default, from their leads, or one pass of each on a text shorter than `_LED_FROM_CHARS`."""
-    if patterns is None or native_patterns is None:
-        led = len(text) >= _LED_FROM_CHARS
-        patterns, native_patterns = (_LED, _LED_NATIVE) if led else (_COMPILED, _NATIVE)
+    led = len(text) >= _LED_FROM_CHARS
+    if patterns is None:
+        patterns = _LED if led else _COMPILED
+    if native_patterns is None:
+        native_patterns = _LED_NATIVE if led else _NATIVE
     folded, where = fold(text)
     miss = 1.0
     spans: list[tuple[int, int, str]] = []
@@ -185,6 +187,7 @@ class InjectionGuard(GuardBase):
             self.model_dir = str(found) if found is not None else ""  # "": missing, a failure on every check
         self.pool = pool
         self.classifier = spec.classifier  # "module:factory", scored on the pool (`classifiers.py`)
+        self._own = OwnClassifier(spec.classifier) if spec.classifier is not None else None  # this runtime's
 
     def build(self) -> None:
         """Load the model and make the classifier now (at runtime start, off the loop), not on the first
@@ -197,9 +200,9 @@ class InjectionGuard(GuardBase):
                 load_model(self.model_dir)
             except Exception as exc:  # noqa: BLE001 -- missing, unreadable or malformed files: every check fails
                 log.error("guard %s: the injection model did not load: %s", self.name, type(exc).__name__)
-        if self.classifier is not None:
+        if self._own is not None and not self._in_processes():  # (a process pool's workers make their own)
             try:
-                load_classifier(self.classifier, fresh=True)
+                self._own.make()
             except Exception as exc:  # noqa: BLE001 -- the policy owner's factory failed: every check fails
                 log.error("guard %s: the injection classifier did not load: %s", self.name, type(exc).__name__)
 
@@ -243,11 +246,16 @@ class InjectionGuard(GuardBase):
             return injection_score_long(text, deadline)
         return await self.pool.run(injection_score_long, text, deadline)
 
+    def _in_processes(self) -> bool:
+        return self.pool is not None and self.pool.spec.kind == "process"
+
     async def _classifier_score(self, text: str) -> float:
-        assert self.classifier is not None
+        assert self._own is not None
         if self.pool is None:  # a guard built on its own (tests, tools)
-            return classifier_score(self.classifier, text)
-        return await self.pool.run(classifier_score, self.classifier, text)
+            return self._own.score(text)
+        if self._in_processes():  # each worker's own, by path (`classifiers.warm`)
+            return await self.pool.run(classifier_score, self._own.path, text)
+        return await self.pool.run(self._own.score, text)
 
     async def _model_score(self, text: str) -> float:
         from .injection_model import score_text

@@ -28,3 +28,12 @@ def make_slow() -> SlowClassifier:
 
 def make_broken() -> KeywordClassifier:
     raise RuntimeError("the classifier's model is missing")
+
+
+FAIL_NEXT = False  # set by a test: the next classifiers made by `make_toggled` fail to be made
+
+
+def make_toggled() -> KeywordClassifier:
+    if FAIL_NEXT:
+        raise RuntimeError("the classifier's model is missing")
+    return KeywordClassifier()

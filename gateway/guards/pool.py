@@ -4,7 +4,11 @@ A spaCy analysis holds the CPU for tens of milliseconds, and a regex scan of a
 long prompt (longer than `INLINE_CHARS`) as long or far longer; on the event loop it
 would stall every other request. The pool's size and kind come from the policy.
 Its queue is bounded: a full queue is a guard failure (`fail:` decides), so a
-burst of long prompts cannot pile up unbounded work and memory.
+burst of long prompts cannot pile up unbounded work and memory. A job counts
+until its worker is done with it, not until its check stops waiting: a check
+that timed out cannot stop a thread (or a process's call), and work that
+overruns (a slow classifier, an analysis) keeps its place in the queue, so such
+work cannot pile up behind the checks that gave up on it either.
 
 A process pool sidesteps the GIL but pays for pickling and for one analyzer per
 worker (a spaCy pipeline each); it is started with `spawn`, never `fork`, so
@@ -57,18 +61,31 @@ class GuardPool:
         return self._pending
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """`fn(*args)` on a worker; counted in `pending` until the worker is done with it (see the module)."""
         if self._pending >= self.spec.max_queue:
             raise QueueFull
         if self._executor is None:
             self.start()
+        assert self._executor is not None
+        loop = asyncio.get_running_loop()
+        job = self._executor.submit(fn, *args)
         self._pending += 1
-        try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
-        finally:
-            self._pending -= 1
+        job.add_done_callback(lambda _: _on_loop(loop, self._done))  # (in the worker's thread, or at a cancel)
+        return await asyncio.wrap_future(job, loop=loop)
+
+    def _done(self) -> None:
+        self._pending -= 1
 
     async def aclose(self) -> None:
         """Stop the workers (off the loop: a worker may be finishing an analysis)."""
         executor, self._executor = self._executor, None
         if executor is not None:
             await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
+
+
+def _on_loop(loop: asyncio.AbstractEventLoop, callback: Callable[[], None]) -> None:
+    """`callback` on `loop`'s thread, unless the loop has closed (its pool then counts nothing any more)."""
+    try:
+        loop.call_soon_threadsafe(callback)
+    except RuntimeError:
+        pass

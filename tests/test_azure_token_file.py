@@ -454,12 +454,14 @@ def test_a_refresher_closed_while_it_starts_leaves_no_task(tmp_path: Path, monke
     monkeypatch.setattr(token_refresh, "read_token_file", slow_read)
 
     async def scenario() -> None:
-        refresher = TokenFileRefresher("az", str(token_file), REFRESH_S, lambda token: None)
+        taken: list[str] = []
+        refresher = TokenFileRefresher("az", str(token_file), REFRESH_S, taken.append)
         starting = asyncio.create_task(refresher.start())
         await asyncio.sleep(0.05)
         await refresher.aclose()
         await starting
         assert refresher.task is None
+        assert taken == []  # no token handed to a closed provider (its session is gone)
         assert [t for t in asyncio.all_tasks() if t.get_name().startswith("token-file:")] == []
 
     asyncio.run(scenario())

@@ -59,9 +59,10 @@ class TokenFileRefresher:
         """Read the file, then keep checking it in a task of its own until `aclose`."""
         if self._task is not None or self._closed:
             return
-        self._take(await asyncio.to_thread(read_token_file, self.path))
-        if self._closed:  # closed while the file was read: no task to outlive its provider
+        read = await asyncio.to_thread(read_token_file, self.path)
+        if self._closed:  # closed while the file was read: no token for a closed provider, no task to outlive it
             return
+        self._take(read)
         self._task = asyncio.create_task(self._watch(), name=f"token-file:{self.provider}")
 
     async def aclose(self) -> None:
@@ -79,11 +80,10 @@ class TokenFileRefresher:
             unchanged = self._seen if self._problem is None else None  # a file with a problem is read every tick
             try:
                 read = await asyncio.to_thread(_read_if_changed, self.path, unchanged)
+                if read is not None:
+                    self._take(read)
             except Exception:  # not expected (problems are reported, not raised): the checks go on
                 log.exception("provider %s: checking the token file %s failed", self.provider, self.path)
-                continue
-            if read is not None:
-                self._take(read)
 
     def _take(self, read: TokenRead) -> None:
         """Use a new token; or keep the last one, and say so once, when the file stops holding one."""

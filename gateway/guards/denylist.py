@@ -29,11 +29,17 @@ from .slices import Searchable, Sliced
 __all__ = ["DenyListGuard", "Rules"]
 
 
-def _keywords(words: list[str]) -> tuple[re.Pattern[str], str, int]:
-    """The whole-word regex of `words` (folded); its lead, the words anywhere; and how far the lead reads."""
+# A deny list's rule: label, regex, its lead or None, how far the lead reads, and the strings one of which every
+# match holds (the folded words: a text without any is not searched; none for a policy's own regex).
+_Rule = tuple[str, re.Pattern[str], str | None, int, tuple[str, ...]]
+
+
+def _keywords(words: list[str]) -> tuple[re.Pattern[str], str, int, tuple[str, ...]]:
+    """The whole-word regex of `words` (folded); its lead, the words anywhere; how far the lead reads; the
+    words."""
     folded = sorted({fold(w)[0] for w in words}, key=len, reverse=True)
     lead = "(?:" + "|".join(re.escape(w) for w in folded) + ")"
-    return re.compile(r"(?<!\w)" + lead + r"(?!\w)"), lead, len(folded[0]) + 1
+    return re.compile(r"(?<!\w)" + lead + r"(?!\w)"), lead, len(folded[0]) + 1, tuple(folded)
 
 
 class Rules:
@@ -41,10 +47,10 @@ class Rules:
 
     __slots__ = ("action", "name", "patterns", "regexes")
 
-    def __init__(self, name: str, action: Action, regexes: list[tuple[str, re.Pattern[str], str | None, int]]) -> None:
+    def __init__(self, name: str, action: Action, regexes: list[_Rule]) -> None:
         self.name = name
         self.action = action
-        self.regexes = regexes  # (label, regex, its lead or None, how far the lead reads)
+        self.regexes = regexes
         # What `find` searches: the terms and topics from their lead (the words, which a text without any of them
         # is not searched for; `re` tries the whole-word regex, a lookbehind first, at every offset), a policy's
         # own regexes as they are; `find_long`'s, slice by slice until its deadline.
@@ -68,10 +74,11 @@ class Rules:
         return sliced.find(text)
 
 
-def _led(regexes: list[tuple[str, re.Pattern[str], str | None, int]], deadline: float) -> list[tuple[str, Searchable]]:
-    """Each regex with a lead searched from it until `deadline`; the others as they are."""
-    return [(label, pattern if lead is None else Sliced(pattern, lead, deadline, reach))
-            for label, pattern, lead, reach in regexes]
+def _led(regexes: list[_Rule], deadline: float) -> list[tuple[str, Searchable]]:
+    """Each regex with a lead searched from it until `deadline` (not at all in a text without its words); the
+    others as they are."""
+    return [(label, pattern if lead is None else Sliced(pattern, lead, deadline, reach, needs=(words,)))
+            for label, pattern, lead, reach, words in regexes]
 
 
 class DenyListGuard(GuardBase):
@@ -80,16 +87,16 @@ class DenyListGuard(GuardBase):
     def __init__(self, name: str, spec: DenyListGuardSpec, pool: GuardPool | None = None) -> None:
         super().__init__(name, spec)
         self.action = spec.action
-        rules: list[tuple[str, re.Pattern[str], str | None, int]] = []
+        rules: list[_Rule] = []
         if spec.terms:
             rules.append(("DENIED_TERM", *_keywords(spec.terms)))
         for pattern in spec.patterns:
-            rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE), None, 0))
+            rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE), None, 0, ()))
         for topic, words in spec.topics.items():
             rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", *_keywords(words)))
         self.rules = Rules(name, self.action, rules)
         self.pool = pool
-        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p, _, _ in rules],
+        self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p, _, _, _ in rules],
                                 timeout=HOLD_TIMEOUT_S if spec.patterns else None)  # a policy's regexes: bounded
 
     def detect_now(self, text: str, where: Where) -> list[Finding] | None:

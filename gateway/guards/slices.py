@@ -96,7 +96,7 @@ def literals_of(lead: str, flags: int = 0) -> tuple[str, ...] | None:
     """Strings one of which is in every text where `lead` matches, when the lead is plain enough to tell: a
     literal (`jailbreak`), or a group of literal alternatives (capturing or not) and a literal after it
     (`(developer|god) mode`: `developer mode`, `god mode`), matched with case. None for any other lead."""
-    if flags & re.IGNORECASE:
+    if flags & (re.IGNORECASE | re.VERBOSE):  # (`in` is matched with case, and with every space)
         return None
     if _LITERAL.fullmatch(lead):
         return (lead,)
@@ -119,7 +119,9 @@ class Sliced:
         # caller's `needs` (words its regex requires after the lead). A text without one of a group is not
         # searched at all (`in` runs at memchr's speed; an alternation of words at about 7 ns a character).
         literals = literals_of(lead, pattern.flags)
-        self.needs = ((literals,) if literals is not None else ()) + needs
+        if literals is not None and all(set(group) != set(literals) for group in needs):  # (a deny list's words)
+            needs = (literals, *needs)
+        self.needs = needs
         self.deadline = deadline
         self.reach = reach
         self.groups = pattern.groups

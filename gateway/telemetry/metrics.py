@@ -153,10 +153,11 @@ class Metrics:
             "gateway_guard_duration_seconds", "Time one guard took on one text (queueing on the pool included).",
             ("guard", "place"), buckets=_OVERHEAD_BUCKETS + (0.25, 0.5, 1, 2.5), registry=registry,
         )
-        # The guards write these per text and per finding: their children looked up once.
-        self.guard_findings_of = Children(self.guard_findings)
-        self.guard_verdicts_of = Children(self.guard_verdicts)
-        self.guard_duration_of = Children(self.guard_duration)
+        # The guards write these per text and per finding, on the event loop's thread only (pool workers count
+        # nothing): their children looked up once, written without their lock (`loop_child`).
+        self.guard_findings_of = Children(self.guard_findings, loop_only=True)
+        self.guard_verdicts_of = Children(self.guard_verdicts, loop_only=True)
+        self.guard_duration_of = Children(self.guard_duration, loop_only=True)
         self.guard_stream_delay = Histogram(
             "gateway_guard_stream_delay_seconds",
             "Streams: time the first text was held by output guards (time to first token added).",

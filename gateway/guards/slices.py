@@ -18,8 +18,11 @@ first offset, at or after the end of the last match, where it finds one; every s
 lead matches, and each is tried in order. (The regex must not match the empty string: finditer treats an
 empty match specially. None of the guards' built-in regexes can.) `search` is the first of them.
 
-The `secrets` guard searches a short text (on the event loop) this way too, in one slice with no deadline:
-its regexes mostly open with a lookbehind, and one pass of each costs several times its leads' search.
+The `secrets`, `denylist` and `injection` guards (the last on a text of 64 characters or more) search a short
+text on the event loop this way too, in one slice with no deadline: their regexes open with a lookbehind or a
+`\b`, which `re` tries at every offset, and one pass of each costs several times its lead's search. A regex
+whose every match holds one of some strings (`Sliced.needs`: its lead's own words, `literals_of`, and its
+caller's) is not searched at all in a text without them: `in` runs at memchr's speed.
 
 Between slices the scan looks at the guard's deadline (its `timeout_s` from when the check started), so that
 a worker stops soon after the check has timed out, instead of finishing a scan nobody waits for. The

@@ -38,13 +38,14 @@ from bench.harness import HOST, Service, free_port, nginx_upstream, require_tool
 _COUNTER = """
 import collections, os, runpy, signal, sys
 counts = collections.Counter()
+by_line = os.environ.get("BENCH_OPCODES_LINES") == "1"
 def tracer(frame, event, arg):
     if event == "call":
         frame.f_trace_opcodes = True
         frame.f_trace_lines = False
         return tracer
     if event == "opcode":
-        counts[frame.f_code] += 1
+        counts[(frame.f_code, frame.f_lineno) if by_line else (frame.f_code, None)] += 1
     return tracer
 def start(*_):
     counts.clear()
@@ -52,8 +53,9 @@ def start(*_):
 def stop(*_):
     sys.settrace(None)
     with open(os.environ["BENCH_OPCODES_OUT"], "w") as out:
-        for code, n in counts.items():
-            out.write(f"{code.co_qualname} ({code.co_filename}:{code.co_firstlineno})\\t{n}\\n")
+        for (code, line), n in counts.items():
+            at = code.co_firstlineno if line is None else line
+            out.write(f"{code.co_qualname} ({code.co_filename}:{at})\\t{n}\\n")
 signal.signal(signal.SIGUSR1, start)
 signal.signal(signal.SIGUSR2, stop)
 sys.argv = ["gateway", *sys.argv[1:]]
@@ -61,8 +63,9 @@ runpy.run_module("gateway", run_name="__main__", alter_sys=True)
 """
 
 
-def count(spec: str, upstream_port: int, wd: Path, requests: int) -> dict[str, float]:
-    """Steps per request by function (`qualname (file:line)`) for one spec, `GATEWAY:ALIAS:MODE`."""
+def count(spec: str, upstream_port: int, wd: Path, requests: int, by_line: bool = False) -> dict[str, float]:
+    """Steps per request by function (`qualname (file:line)`, the function's first line; `by_line`: by each line
+    of each function) for one spec, `GATEWAY:ALIAS:MODE`."""
     gateway, alias, mode = spec.split(":")
     port = free_port()
     policy = wd / f"policy-{port}.yaml"
@@ -73,7 +76,8 @@ def count(spec: str, upstream_port: int, wd: Path, requests: int) -> dict[str, f
     argv = [str(REPO / ".venv" / "bin" / "python"), str(counter), "serve", "--policy", str(policy), "--host", HOST,
             "--port", str(port)]
     with Service(f"gateway-{port}", argv, log_dir=wd, cpu="1",
-                 env={"BENCH_UPSTREAM_KEY": "sk-bench", "BENCH_OPCODES_OUT": str(out)}) as service:
+                 env={"BENCH_UPSTREAM_KEY": "sk-bench", "BENCH_OPCODES_OUT": str(out),
+                          "BENCH_OPCODES_LINES": "1" if by_line else "0"}) as service:
         url = f"http://{HOST}:{port}/v1/chat/completions"
         body = features.body(alias, mode == "sse")
         instructions.wait_ready(url, body, features.KEY)
@@ -98,10 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("specs", nargs="+", help="GATEWAY:ALIAS:MODE, as bench/instructions.py's")
     parser.add_argument("--requests", type=int, default=200, help="requests counted per spec [%(default)s]")
     parser.add_argument("--top", type=int, default=25, help="functions listed per difference [%(default)s]")
+    parser.add_argument("--lines", action="store_true", help="steps by line, not by function")
     args = parser.parse_args(argv)
     tools = require_tools(("nginx", "taskset"))
     with workdir("bench-opcodes-") as wd, nginx_upstream(tools["nginx"], wd, "0") as upstream_port:
-        counted = [(spec, count(spec, upstream_port, wd, args.requests)) for spec in args.specs]
+        counted = [(spec, count(spec, upstream_port, wd, args.requests, args.lines)) for spec in args.specs]
     for spec, steps in counted:
         print(f"{spec}: {sum(steps.values()):,.0f} steps/request")
     for (before_spec, before), (spec, after) in itertools.pairwise(counted):

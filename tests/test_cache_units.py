@@ -229,3 +229,53 @@ async def test_a_key_written_again_is_decoded_again() -> None:
     result = cache.result(first, "hit", None)
     assert (result.saved_prompt_tokens, result.saved_completion_tokens) == (1, 2)
     assert result.saved_usd == pytest.approx((1 * 1 + 2 * 2) / 1e6)
+
+
+
+class _Interleaving(MemoryStore):
+    """A memory store that runs `between` once, right after a read of the key `at` (another replica acting
+    between this replica's read and its next call), as a network round trip would let it."""
+
+    at = ""
+    between: Any = None
+
+    async def get(self, key: str) -> bytes | None:
+        value = await super().get(key)
+        if key == self.at and self.between is not None:
+            between, self.between = self.between, None
+            await between()
+        return value
+
+
+async def test_a_leader_whose_lock_expired_leaves_the_next_leaders_lock() -> None:
+    """Two replicas' flights on one store: the first leader's lock runs out as it releases it, and the second
+    takes it. The first must not free the second's lock (a third replica would lead beside it): a read of the
+    lock then a delete would, when the second takes it between the two."""
+    from gateway.cache.coalesce import LOCK, Flights
+
+    store = _Interleaving()
+    tasks: list[asyncio.Task[Any]] = []
+    spawn = lambda coro: tasks.append(asyncio.ensure_future(coro))  # noqa: E731
+    first, second = Flights(store, True, spawn), Flights(store, True, spawn)
+    taken: list[Any] = []
+
+    async def absent() -> bool:
+        return False
+
+    async def second_leads() -> None:  # the first's lease ends; the second replica leads
+        await store.delete(LOCK + "k")
+        taken.append(await second.lead_or_wait("k", 30.0, absent))
+
+    leading = await first.lead_or_wait("k", 30.0, absent)
+    assert leading is not None and leading.locked
+    store.at, store.between = LOCK + "k", second_leads
+    leading.release()
+    await asyncio.gather(*tasks)
+    if not taken:  # the release read nothing: the second leads after it
+        store.between = None
+        await second_leads()
+    assert taken[0] is not None and taken[0].locked
+    assert await store.get(LOCK + "k") is not None  # still the second leader's
+    taken[0].release()
+    await asyncio.gather(*tasks)
+    assert await store.get(LOCK + "k") is None

@@ -182,6 +182,32 @@ async def test_compare_and_set(store: Store) -> None:
     assert await store.compare_and_set("c", None, b"again", None) is True
 
 
+async def test_compare_and_delete(store: Store) -> None:
+    """Only the value expected is removed: a lock released by a holder whose lease expired and was taken again
+    stays with its new holder."""
+    assert await store.compare_and_delete("lock", b"mine") is False  # absent
+    assert await store.compare_and_set("lock", None, b"mine", ttl_s=0.15)
+    assert await store.compare_and_delete("lock", b"theirs") is False
+    assert await store.compare_and_delete("lock", b"") is False
+    assert await store.get("lock") == b"mine"
+    assert await store.compare_and_delete("lock", b"mine") is True
+    assert await store.get("lock") is None
+    assert await store.compare_and_delete("lock", b"mine") is False  # gone already
+    await store.compare_and_set("lock", None, b"mine", ttl_s=0.1)
+    await asyncio.sleep(0.25)  # the lease ran out: another holder takes it
+    assert await store.compare_and_set("lock", None, b"theirs", ttl_s=None)
+    assert await store.compare_and_delete("lock", b"mine") is False
+    assert await store.get("lock") == b"theirs"
+    await store.set("counter", b"\x00\xff")  # any bytes
+    assert await store.compare_and_delete("counter", b"\x00\xff") is True
+
+
+async def test_compare_and_delete_races(store: Store) -> None:
+    await store.set("lock", b"token")
+    results = await asyncio.gather(*(store.compare_and_delete("lock", b"token") for _ in range(20)))
+    assert results.count(True) == 1
+
+
 async def test_compare_and_set_races(store: Store) -> None:
     results = await asyncio.gather(*(store.compare_and_set("lock", None, b"%d" % i, None) for i in range(50)))
     assert results.count(True) == 1
@@ -539,6 +565,7 @@ OPERATIONS: list[Callable[[Store], Awaitable[Any]]] = [
     lambda s: s.set("k", b"v", ttl_s=5),
     lambda s: s.delete("k"),
     lambda s: s.compare_and_set("k", None, b"v", None),
+    lambda s: s.compare_and_delete("k", b"v"),
     lambda s: s.incr_window("w", 1, 1.0),
     lambda s: s.get_window("w", 1.0),
     lambda s: s.reserve("b", 1.0, 10.0, None),

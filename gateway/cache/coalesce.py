@@ -99,5 +99,4 @@ class Flights:
 
     async def unlock(self, key: str) -> None:
         with contextlib.suppress(StoreUnavailable):
-            if await self.store.get(LOCK + key) == self._token:
-                await self.store.delete(LOCK + key)
+            await self.store.compare_and_delete(LOCK + key, self._token)  # not a lock that expired and was retaken

@@ -214,6 +214,14 @@ class Store(Protocol):
         """Write `new` only if the value is `expected` (None: only if the key is absent); whether it wrote."""
         ...
 
+    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+        """Remove the key only if its value is `expected`, atomically; whether it removed it.
+
+        A lock taken with `compare_and_set(key, None, token, ttl)` is released with this: a holder whose lock
+        expired (and was taken by another) must not release the new holder's, which a `get` then a `delete`
+        could, between the two."""
+        ...
+
     async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:
         """Add `amount` to a fixed-window counter; the window opens at its first increment and lasts `window_s`."""
         ...

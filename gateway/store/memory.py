@@ -172,6 +172,13 @@ class MemoryStore:
         self._put(key, bytes(new), self._expiry(ttl))
         return True
 
+    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+        entry = self._live(key)
+        if entry is None or _bytes(entry.value) != expected:
+            return False
+        self._drop(key)
+        return True
+
     # -- counters --------------------------------------------------------------------------------------
 
     async def incr_window(self, key: str, amount: int, window_s: float) -> WindowCount:

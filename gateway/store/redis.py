@@ -93,8 +93,8 @@ class RedisStore:
         client = self._handle.client
         self._scripts = {
             name: client.register_script(getattr(lua, name))
-            for name in ("COMPARE_AND_SET", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE", "RESERVE_WINDOW",
-                         "ACQUIRE_SLOT", "RELEASE_SLOT")
+            for name in ("COMPARE_AND_SET", "COMPARE_AND_DELETE", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE",
+                         "RESERVE_WINDOW", "ACQUIRE_SLOT", "RELEASE_SLOT")
         }
         if not await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
             log.warning("store: redis did not answer at start; serving without it until it does")
@@ -147,6 +147,10 @@ class RedisStore:
         args = ["0" if expected is None else "1", expected or b"", new, "" if ttl is None else ttl]
         written: int = await self._script("COMPARE_AND_SET", key, args)
         return written == 1
+
+    async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+        removed: int = await self._script("COMPARE_AND_DELETE", key, [expected])
+        return removed == 1
 
     # -- counters --------------------------------------------------------------------------------------
 

@@ -10,8 +10,8 @@ ever formatted from a Lua number. TTLs are milliseconds; an empty string means n
 from __future__ import annotations
 
 __all__ = [
-    "ACQUIRE_SLOT", "COMPARE_AND_SET", "GET_WINDOW", "INCR_WINDOW", "RELEASE_SLOT", "RESERVE", "RESERVE_WINDOW",
-    "SETTLE",
+    "ACQUIRE_SLOT", "COMPARE_AND_DELETE", "COMPARE_AND_SET", "GET_WINDOW", "INCR_WINDOW", "RELEASE_SLOT", "RESERVE",
+    "RESERVE_WINDOW", "SETTLE",
 ]
 
 COMPARE_AND_SET = """
@@ -29,6 +29,14 @@ end
 return 1
 """
 """ARGV: has_expected ('0' or '1'), expected, new, ttl_ms. Returns 1 when written."""
+
+COMPARE_AND_DELETE = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+"""ARGV: expected. Returns 1 when the key held it and was removed."""
 
 INCR_WINDOW = """
 local count = redis.call('INCRBY', KEYS[1], ARGV[1])

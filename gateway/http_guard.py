@@ -1,26 +1,24 @@
 """The limits' machinery both HTTP protocols of `http_server` share: a connection's state, its timers and its
 refusals (`Guard`, mixed in before uvicorn's protocol class), and the head deadlines of all connections of one
-server (`_Shared`). What each limit does, and who enforces it: `http_server`'s docstring.
+server (`_Shared`). What each limit does, and who enforces it: `http_server`'s docstring. The refusals' replies,
+and how refusals are counted and logged: `http_replies`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass
 from typing import Any
 
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from .errors import error_body
 from .http_memory import slim_connection
+from .http_replies import NOT_WEBSOCKET, count_refusal, heads_held, peer, timed_out, too_large, warn_once
 from .pipeline.lifecycle import DISCONNECT_HOOK
-from .telemetry.metrics import HTTP_REFUSED
 
-__all__ = ["BODY", "BODY_PERIODS", "CHUNK", "DONE", "GUARD_SLOTS", "Guard", "HttpLimits", "bad_request",
-           "count_refusal", "overloaded", "peer", "too_large", "warn_once"]
+__all__ = ["BODY", "BODY_PERIODS", "CHUNK", "DONE", "GUARD_SLOTS", "Guard", "HttpLimits"]
 
 log = logging.getLogger("gateway.http")
 
@@ -48,46 +46,6 @@ class HttpLimits:
     max_connections: int = 16_384
     max_requests: int = 12_288
     max_pending_head_bytes: int = 64 * 1024 * 1024
-
-
-def _json_error(status: bytes, message: str, type_: str, code: str, extra: bytes = b"") -> tuple[bytes, bytes]:
-    """(status line, the rest of a complete `connection: close` reply) for an OpenAI-style error."""
-    body = error_body(message, type_, None, code)
-    rest = b"".join([
-        b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
-        b"\r\nconnection: close\r\n", extra, b"\r\n", body,
-    ])
-    return b"HTTP/1.1 " + status + b"\r\n", rest
-
-
-def too_large(limit: int, what: str = "the request line and headers") -> tuple[bytes, bytes]:
-    return _json_error(b"431 Request Header Fields Too Large", f"{what} exceed {limit} bytes",
-                       "invalid_request_error", "headers_too_large")
-
-
-def bad_request(message: str, code: str = "invalid_http_request") -> tuple[bytes, bytes]:
-    """A `400` for what the HTTP parser refused (or a WebSocket upgrade), as every other error: OpenAI's body."""
-    return _json_error(b"400 Bad Request", message, "invalid_request_error", code)
-
-
-_NOT_WEBSOCKET = bad_request("WebSocket upgrades are not supported: the gateway serves HTTP requests only",
-                             "websocket_not_supported")
-
-
-_OVERLOADED_BODY = error_body("the gateway is at its limit of concurrent requests; retry shortly",
-                              "server_error", None, "server_overloaded")
-_OVERLOADED_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
-    (b"retry-after", b"1"),
-    (b"connection", b"close"),
-]
-
-
-async def overloaded(scope: Any, receive: Any, send: Any) -> None:
-    """The app that runs instead of the real one above `max_requests`."""
-    await send({"type": "http.response.start", "status": 503, "headers": _OVERLOADED_HEADERS})
-    await send({"type": "http.response.body", "body": _OVERLOADED_BODY, "more_body": False})
 
 
 class _Shared:
@@ -230,7 +188,7 @@ class Guard:
     def _refuse_upgrade(self) -> None:
         warn_once("websocket", "400: a WebSocket upgrade from %s", peer(self.client))
         count_refusal("websocket")
-        self._refuse_head(_NOT_WEBSOCKET)
+        self._refuse_head(NOT_WEBSOCKET)
 
     # Connections.
     def _connected(self) -> None:
@@ -356,9 +314,7 @@ class Guard:
                     warn_once("held", "503: incomplete request heads hold over %d bytes (max_pending_head_bytes)",
                           shared.limits.max_pending_head_bytes)
                     count_refusal("heads_held")
-                    self._refuse_head(_json_error(
-                        b"503 Service Unavailable", "the gateway holds too many incomplete requests; retry shortly",
-                        "server_error", "server_overloaded", b"retry-after: 1\r\n"))
+                    self._refuse_head(heads_held())
                 elif not self._head_armed:
                     self._head_armed = True
                     shared.arm(self)
@@ -401,7 +357,7 @@ class Guard:
                 log.debug("request body not received within %g s from %s", timeout * BODY_PERIODS,
                           peer(self.client))
                 count_refusal("body_too_slow")
-                self._refuse_request(_timed_out(
+                self._refuse_request(timed_out(
                     f"the request body was not received within {timeout * BODY_PERIODS:g} s"))
                 return
         if self._body_seen != self._body_mark or self.flow.read_paused or cycle.waiting_for_100_continue:
@@ -412,36 +368,11 @@ class Guard:
             return
         log.debug("request body stalled for %g s from %s", timeout, peer(self.client))
         count_refusal("body_timeout")
-        self._refuse_request(_timed_out(f"no request body bytes were received for {timeout:g} s"))
+        self._refuse_request(timed_out(f"no request body bytes were received for {timeout:g} s"))
 
     def _write_408(self, message: str) -> None:
-        self._write_reply(*_timed_out(message))
+        self._write_reply(*timed_out(message))
 
 
 GUARD_SLOTS = ("_state", "_held", "_head_armed", "_body_timer", "_linger_timer", "_body_seen", "_body_mark",
           "_body_periods", "_trailer", "_earlier", "_max_head", "_max_requests", "_shared")
-
-
-def _timed_out(message: str) -> tuple[bytes, bytes]:
-    return _json_error(b"408 Request Timeout", message, "invalid_request_error", "request_timeout")
-
-
-def peer(client: tuple[str, int] | None) -> str:
-    return f"{client[0]}:{client[1]}" if client else "?"
-
-
-_last_warning: dict[str, float] = {}
-_refused = HTTP_REFUSED.labels
-
-
-def count_refusal(reason: str) -> None:
-    """Refusals never reach the app, so they are counted here (`gateway_http_refused_total`)."""
-    _refused(reason).inc()
-
-
-def warn_once(kind: str, message: str, *args: object) -> None:
-    """A warning, at most one per kind per 10 s: refusals come in floods."""
-    now = time.monotonic()
-    if now - _last_warning.get(kind, -1e9) >= 10.0:
-        _last_warning[kind] = now
-        log.warning(message, *args)

@@ -80,21 +80,9 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from .api.asgi import DIRECT_BODY
 from .head_joined import HeadJoined
-from .http_guard import (
-    BODY,
-    CHUNK,
-    DONE,
-    GUARD_SLOTS,
-    Guard,
-    HttpLimits,
-    bad_request,
-    count_refusal,
-    overloaded,
-    peer,
-    too_large,
-    warn_once,
-)
+from .http_guard import BODY, CHUNK, DONE, GUARD_SLOTS, Guard, HttpLimits
 from .http_memory import slim_cycle
+from .http_replies import bad_request, count_refusal, overloaded, peer, too_large, warn_once
 from .pipeline.lifecycle import DISCONNECT_HOOK
 
 try:

@@ -208,6 +208,22 @@ def test_auth_consistency() -> None:
     assert any("listed twice" in i for i in issues_of(twice))
 
 
+def test_a_key_name_used_twice_in_one_file_is_an_error() -> None:
+    """Names label a key's usage, metrics and access lines: two keys of one name (as across included files) are
+    refused, an unnamed key's own name (`key-<index>`) included."""
+    def more(*names: str) -> str:
+        keys = "".join(f"  - {f'name: {name}' + chr(10) + '    ' if name else ''}tenant: b\n"
+                       f"    hash: \"sha256:{digit * 64}\"\n    models: [chat]\n"
+                       for name, digit in zip(names, "cde", strict=False))
+        return GOOD.replace("    models: [chat]\n", "    models: [chat]\n" + keys, 1)
+
+    compile_text(more("", "b"), "p.yaml", ENV)  # the second key unnamed (`key-1`): no error
+    found = issues_of(more("a"))
+    assert len(found) == 1 and "keys[1].name: the key name `a` is also the name of keys[0]" in found[0], found
+    found = issues_of(more("", "key-1"))
+    assert len(found) == 1 and "keys[2].name: the key name `key-1` is also the name of keys[1]" in found[0], found
+
+
 def test_missing_secret_env_is_an_error_to_serve_and_a_warning_to_check() -> None:
     assert any("`UP_KEY` is not set" in i and ":14: providers.up.api_key_env" in i for i in issues_of(GOOD, env={}))
     policy = compile_text(GOOD, "p.yaml", {}, require_env=False)

@@ -223,6 +223,36 @@ def test_diff_lists_changes_by_section_and_never_a_hash(tmp_path: Path) -> None:
     assert gateway_cli("diff", str(old), str(broken)).returncode == 2
 
 
+def test_diff_sees_every_settings_section_and_a_changed_prices_file(tmp_path: Path) -> None:
+    """Every section that is not listed entry by entry is a `settings` change (none left out), and prices are
+    compared as they take effect: a prices file's entries too, with the inline `prices:` winning."""
+    base = (EXAMPLES / "openai.yaml").read_text() + "prices_file: prices.yaml\n"
+    old, new = tmp_path / "old", tmp_path / "new"
+    for folder, price, extra in (
+        (old, 0.15, ""),
+        (new, 0.2, "dynamic_keys: {enabled: true, cache_ttl_s: 7}\naccounting: {default_max_tokens: 512}\n"
+                   "telemetry: {quality: {enabled: true}}\ncache: {memory_max_bytes: 2097152}\n"
+                   "prices:\n  gpt-4o: {input_per_mtok: 3, output_per_mtok: 10}\n"),
+    ):
+        folder.mkdir()
+        (folder / "policy.yaml").write_text(base + extra)
+        (folder / "prices.yaml").write_text(
+            f"version: 1\nprices:\n  gpt-4o-mini: {{input_per_mtok: {price}, output_per_mtok: 0.6}}\n"
+            "  gpt-4o: {input_per_mtok: 2.5, output_per_mtok: 10}\n")
+    run = gateway_cli("diff", str(old / "policy.yaml"), str(new / "policy.yaml"))
+    assert run.returncode == 1, run.stderr
+    lines = run.stdout.splitlines()
+    assert lines[:4] == ["~ prices: gpt-4o changed", "    input_per_mtok: 2.5 -> 3.0",
+                         "~ prices: gpt-4o-mini changed", "    input_per_mtok: 0.15 -> 0.2"], lines
+    for section, detail in (("dynamic_keys", "cache_ttl_s: 5.0 -> 7"), ("accounting", "default_max_tokens: 4096"),
+                            ("telemetry", "quality.enabled: false -> true"),
+                            ("cache", "memory_max_bytes: 268435456 -> 2097152")):
+        assert f"~ settings: {section} changed" in lines, section
+        assert any(line.strip().startswith(detail) for line in lines), (section, lines)
+    unchanged_file = gateway_cli("diff", str(old / "policy.yaml"), str(old / "policy.yaml"))
+    assert unchanged_file.returncode == 0 and unchanged_file.stdout.strip() == "no changes"
+
+
 def test_diff_sees_moved_rules_and_changed_targets(tmp_path: Path) -> None:
     old = EXAMPLES / "routing.yaml"
     text = old.read_text()

@@ -1,19 +1,25 @@
 """`gateway diff OLD NEW`: what changes between two policies, section by section.
 
 Compared on the merged raw structs (after includes), so moving a definition to another
-file is no change. Keys are compared by name and never show their hash: a new hash for
-the same name is reported as "credential changed". Every change is one `Change`, in a
-fixed section order: aliases, targets, rules, guards, limits, budgets, prices, keys,
-providers, tenants, settings.
+file is no change; prices as they take effect (`prices_file`'s entries and the inline
+`prices:`, which win), so a changed prices file is a change. Keys are compared by name and
+never show their hash: a new hash for the same name is reported as "credential changed".
+Every change is one `Change`, in a fixed section order: aliases, targets, rules, guards,
+limits, budgets, prices, keys, providers, tenants, settings; settings are every other
+section of the policy (server, state, auth, routing, dynamic_keys, accounting, telemetry,
+cache, prices_file), so that a section added to the policy is never left out.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from typing import Any, Literal
 
 import msgspec
 from msgspec import Struct
 
+from ..policy.compiled import Price
 from ..policy.schema import PolicySpec
 
 __all__ = ["Change", "diff_specs", "render_changes"]
@@ -22,7 +28,10 @@ Section = Literal["aliases", "targets", "rules", "guards", "limits", "budgets", 
                   "tenants", "settings"]
 _ORDER: tuple[Section, ...] = ("aliases", "targets", "rules", "guards", "limits", "budgets", "prices", "keys",
                                "providers", "tenants", "settings")
-_SETTINGS = ("server", "state", "auth", "routing")
+# The sections compared entry by entry above `settings` (and the file's own `version` and `include`); every other
+# field of the policy is a section of `settings`.
+_ENTRIES = frozenset({"version", "include", "keys", "tenants", "providers", "models", "rules", "prices", "guards"})
+_SETTINGS = tuple(f.name for f in msgspec.structs.fields(PolicySpec) if f.name not in _ENTRIES)
 _MAX_VALUE = 120
 _SPLIT: dict[str, Section] = {"targets": "targets", "limits": "limits", "budget": "budgets"}
 
@@ -34,12 +43,15 @@ class Change(Struct, frozen=True, kw_only=True, omit_defaults=True):
     details: tuple[str, ...] = ()  # `field: old -> new`
 
 
-def diff_specs(old: PolicySpec, new: PolicySpec) -> list[Change]:
+def diff_specs(old: PolicySpec, new: PolicySpec, old_prices: Mapping[str, Price] | None = None,
+               new_prices: Mapping[str, Price] | None = None) -> list[Change]:
+    """The changes from `old` to `new`; `old_prices` and `new_prices`: their prices as they take effect
+    (`PriceTable.entries()`, a prices file's included), compared instead of the inline `prices:` alone."""
     changes: list[Change] = []
     _named(changes, "aliases", _by_name(old.models), _by_name(new.models), split=("targets", "limits", "budget"))
     _rules(changes, old, new)
     _named(changes, "guards", _guards(old), _guards(new))
-    _named(changes, "prices", _by_name(old.prices), _by_name(new.prices))
+    _named(changes, "prices", _prices(old, old_prices), _prices(new, new_prices))
     _named(changes, "keys", _keys(old), _keys(new), split=("limits", "budget"))
     _named(changes, "providers", _by_name(old.providers), _by_name(new.providers))
     _named(changes, "tenants", _by_name(old.tenants), _by_name(new.tenants), split=("limits", "budget"))
@@ -63,6 +75,12 @@ def render_changes(changes: list[Change]) -> list[str]:
 
 def _by_name(section: dict[str, Any]) -> dict[str, Any]:
     return {name: msgspec.to_builtins(value) for name, value in section.items()}
+
+
+def _prices(spec: PolicySpec, effective: Mapping[str, Price] | None) -> dict[str, Any]:
+    if effective is None:
+        return _by_name(spec.prices)
+    return {name: dataclasses.asdict(price) for name, price in effective.items()}
 
 
 def _keys(spec: PolicySpec) -> dict[str, Any]:

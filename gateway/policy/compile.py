@@ -229,10 +229,16 @@ def _keys(spec: PolicySpec, doc: _Located) -> dict[bytes, VirtualKey]:
     if spec.auth == "none" and spec.keys:
         doc.issue(("keys",), "`keys` are listed but `auth: none` ignores them; remove them or set `auth: keys`")
     keys: dict[bytes, VirtualKey] = {}
+    named: dict[str, int] = {}  # a key's name (its own, or `key-<index>`) -> its index: names label its usage
     for index, key in enumerate(spec.keys):
         record = key_record(index, key)
         if record.digest in keys:
             doc.issue(("keys", index, "hash"), "the same key hash is listed twice")
+        first = named.setdefault(record.name, index)
+        if first != index:
+            doc.issue(("keys", index, "name") if key.name else ("keys", index),
+                      f"the key name `{record.name}` is also the name of keys[{first}]; each key name may be used once "
+                      "(it names the key's usage, metrics and access lines)")
         keys[record.digest] = record
     return keys
 

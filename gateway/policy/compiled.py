@@ -119,6 +119,10 @@ class PriceTable:
     def __len__(self) -> int:
         return len(self._prices)
 
+    def entries(self) -> dict[str, Price]:
+        """Every price by its key (a copy): what `gateway diff` compares."""
+        return dict(self._prices)
+
 
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:

@@ -52,7 +52,13 @@ def accounting_policy(upstream: MockUpstream, *, key: str = "", tenant: str = ""
             kind: openai
             base_url: {upstream.base_url}
             api_key_env: MOCK_UPSTREAM_KEY
+          quiet:  # reports no usage in its streams: the gateway counts them
+            kind: openai
+            base_url: {upstream.base_url}
+            api_key_env: MOCK_UPSTREAM_KEY
+            stream_usage: false
         prices:
+          fault-echo: {{input_per_mtok: 0, output_per_mtok: {OUT_PER_MTOK}}}
           mock-model: {{input_per_mtok: 0, output_per_mtok: {OUT_PER_MTOK}}}
           fault-no-usage: {{input_per_mtok: 0, output_per_mtok: {OUT_PER_MTOK}}}
           fault-cached-reasoning:
@@ -68,6 +74,7 @@ def accounting_policy(upstream: MockUpstream, *, key: str = "", tenant: str = ""
           detailed: {{provider: mock, model: fault-cached-reasoning}}
           slow: {{provider: mock, model: fault-slow-stream-50}}
           broken: {{provider: mock, model: fault-status-500}}
+          quiet-echo: {{provider: quiet, model: fault-echo}}
         {extra}""")
 
 
@@ -235,6 +242,25 @@ def test_streams_are_billed_also_without_upstream_usage(start: Callable[..., Run
     assert usage_of(gateway, "key", "main")["requests"] == 2
 
 
+@pytest.mark.parametrize("key", ["budget: {usd: 10}", ""])  # a stream billed; a stream only counted
+def test_a_stream_without_usage_from_its_provider_is_billed_by_its_text(
+    start: Callable[..., RunningGateway], key: str,
+) -> None:
+    """A provider with `stream_usage: false` sends no usage: the answer's tokens are counted from its text, as the
+    access log's are, not from its chunk count (here 60 characters a chunk: a chunk count bills ~9x too little)."""
+    gateway = start(key=key, accounting="always: true")
+    text = " ".join(f"word{i} and more" for i in range(60))
+    stream = client(gateway).chat.completions.create(
+        model="quiet-echo", messages=[{"role": "user", "content": text}], stream=True,
+        extra_body={"echo_chunk": 60})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == text
+    usage = usage_of(gateway, "model", "quiet-echo")
+    tokens = gateway.gateway.tokens.count(text)
+    assert tokens > 2 * (len(text) // 60 + 1)  # (what counting its chunks would have billed is far less)
+    assert usage["completion_tokens"] == tokens
+    assert float(str(usage["cost_usd"])) == pytest.approx(tokens * OUT_PER_MTOK / 1e6)
+
+
 def test_a_hard_budget_cuts_a_stream_mid_way(start: Callable[..., RunningGateway]) -> None:
     # A request without max_tokens reserves 5 tokens ($0.005); past them it must reserve 5 more, and the
     # $0.008 budget has no room: the stream ends with finish_reason "length" and an error event.
@@ -317,7 +343,8 @@ def test_usage_api_refuses_bad_tokens_and_fields(start: Callable[..., RunningGat
         assert response.status_code == 400, params
         assert response.json()["error"]["type"] == "invalid_request_error"
     listed = httpx.get(url, params={"scope": "model", "period": "month"}, headers=auth).json()
-    assert {row["name"] for row in listed["usage"]} == {"chat", "cheap", "no-usage", "detailed", "slow", "broken"}
+    assert {row["name"] for row in listed["usage"]} == {"chat", "cheap", "no-usage", "detailed", "slow", "broken",
+                                                        "quiet-echo"}
 
 
 # -- policy validation ---------------------------------------------------------------------------------

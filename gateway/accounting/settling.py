@@ -22,7 +22,7 @@ from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..schemas.openai import Usage
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
-from ..telemetry.usage import estimate_usage
+from ..telemetry.usage import estimate_stream_usage
 from .bill import WINDOW_S, Bill, StageState
 from .cost import request_cost
 from .outright import MAX_TOKENS
@@ -237,7 +237,7 @@ class UsageOnly:
         if usage is not None and not usable(usage):  # an upstream's error: counted as when it reports none
             stage._drop_unusable(ctx)
         if ctx.usage is None and ctx.upstream_started:
-            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+            ctx.usage = await estimate_stream_usage(stage.counter, ctx)
         stage._record(ctx, stage._price(ctx))
 
 
@@ -280,7 +280,7 @@ class StreamBill:
         if usage is not None and not usable(usage):  # an upstream's error: counted as when it reports none
             stage._drop_unusable(ctx)
         if ctx.usage is None and ctx.upstream_started:
-            ctx.usage = await estimate_usage(stage.counter, ctx, ctx.chunks)
+            ctx.usage = await estimate_stream_usage(stage.counter, ctx)
         cost = stage._price(ctx)
         if stage._in_line is not None:
             stage._settle_in_line(ctx, self._bill, cost)

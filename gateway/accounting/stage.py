@@ -34,7 +34,7 @@ from ..store.base import Store
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import Children
-from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage
+from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage, stream_text
 from .admission import Admission
 from .bill import Bill
 from .ledger import Ledger
@@ -100,6 +100,7 @@ class Accounting(Admission, Settling):
             reply = await call_next(ctx)
             if reply.stream is not None:
                 reply.stream.add(UsageOnly(self))
+                _text_without_usage(ctx, reply)
             else:
                 usage = ctx.usage
                 if usage is None or not usable(usage):
@@ -127,6 +128,7 @@ class Accounting(Admission, Settling):
             raise
         if reply.stream is not None:
             reply.stream.add(StreamBill(self, bill))
+            _text_without_usage(ctx, reply)  # after the bill, which may cut: the text the client got
             return reply
         usage = ctx.usage
         if usage is None or not usable(usage):  # (the usual answer brings its usage: no coroutine to ask for it)
@@ -147,3 +149,11 @@ class Accounting(Admission, Settling):
         if ctx.usage is None and reply.body is not None and ctx.upstream_started:
             completion = await count_text(self.counter, answer_text(reply.body))
             ctx.usage = await estimate_usage(self.counter, ctx, completion)
+
+
+def _text_without_usage(ctx: RequestContext, reply: Reply) -> None:
+    """A stream whose provider reports no usage has its text collected (`stream_text`): its bill is settled at its
+    end, before `CountTokens` would count that text, and a chunk count would bill it far too low."""
+    provider = ctx.provider
+    if provider is not None and not getattr(provider, "stream_usage_expected", True):
+        stream_text(ctx, reply.stream)

@@ -94,6 +94,9 @@ class RequestContext:
     cache: CacheResult | None = None  # what the response cache did and what a hit saved (`cache_result`: its status)
     on_finish: Callable[[], None] | None = None  # run once the request left every stage (the cache stores a miss)
     guard_session: GuardSession | None = None  # what the guards did to this request (the cache never stores changes)
+    # A stream's answer text, collected as it passes when its provider reports no usage (`telemetry.usage.StreamText`):
+    # one collector for the stages that count it (the accounting stage's bill, then `CountTokens`).
+    answer_text: Any = None
 
     @property
     def tenant(self) -> str:

@@ -26,7 +26,8 @@ from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
 from .tokens import TokenCounter, message_text, responses_messages
 
-__all__ = ["CountTokens", "answer_text", "count_text", "estimate_usage"]
+__all__ = ["CountTokens", "StreamText", "answer_text", "count_text", "estimate_stream_usage", "estimate_usage",
+           "stream_text"]
 
 _OFF_LOOP_CHARS = 64 * 1024  # count larger texts in a thread: tiktoken holds the GIL but not the loop
 _MESSAGE_OVERHEAD = 3  # OpenAI's chat format: tokens per message, and for the reply's priming
@@ -44,7 +45,8 @@ class CountTokens:
         if reply.stream is not None:
             provider = ctx.provider
             if provider is not None and not getattr(provider, "stream_usage_expected", True):
-                reply.stream.add(_StreamText(self))
+                stream_text(ctx, reply.stream)
+                reply.stream.add(_CountText(self))
             else:
                 reply.stream.add(self)
         elif reply.body is not None and (ctx.usage is None or not ctx.usage.usable()):
@@ -72,14 +74,14 @@ class CountTokens:
         return self.tokens.count(text)
 
 
-class _StreamText:
-    """Per stream: keeps the answer's text (only for providers that report no usage)."""
+class StreamText:
+    """A stream's answer text, collected as its chunks pass (only when its provider reports no usage): one per
+    request (`ctx.answer_text`, made by `stream_text`), read at the stream's end by every stage that counts it."""
 
-    __slots__ = ("_counter", "_parts")
+    __slots__ = ("_parts",)
     reads_events = True
 
-    def __init__(self, counter: CountTokens) -> None:
-        self._counter = counter
+    def __init__(self) -> None:
         self._parts: list[str] = []
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -89,8 +91,39 @@ class _StreamText:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        return None
+
+    def text(self) -> str:
+        return "".join(self._parts)
+
+
+def stream_text(ctx: RequestContext, stream: Any) -> StreamText:
+    """The request's `StreamText`, added to `stream` (a `ReplyStream`) by the first stage that asks for it. A stage
+    that may cut the stream (the accounting stage's bill) asks after adding itself: the text is what the client
+    got."""
+    found = ctx.answer_text
+    if found is None:
+        found = ctx.answer_text = StreamText()
+        stream.add(found)
+    return found  # type: ignore[no-any-return]
+
+
+class _CountText:
+    """A stream whose provider reports no usage: its answer counted from its text (`ctx.answer_text`) at its end,
+    unless a stage counted it before (the accounting stage, whose end hook runs first)."""
+
+    __slots__ = ("_counter",)
+    reads_events = False
+
+    def __init__(self, counter: CountTokens) -> None:
+        self._counter = counter
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if ctx.usage is None or not ctx.usage.usable():
-            completion = await self._counter._count("".join(self._parts))
+            completion = await self._counter._count(ctx.answer_text.text() if ctx.answer_text is not None else "")
             ctx.usage = await self._counter._usage(ctx, completion)
 
 
@@ -155,6 +188,14 @@ def _prompt_text(body: dict[str, Any]) -> str:
 async def estimate_usage(counter: CountTokens, ctx: RequestContext, completion_tokens: int) -> Usage:
     """The estimate this stage would make (and marks `ctx.usage_estimated`), for a caller that needs it first."""
     return await counter._usage(ctx, completion_tokens)
+
+
+async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext) -> Usage:
+    """A stream's estimate at its end, as this stage makes it: from its text when it was collected (its provider
+    reports no usage: `stream_text`), else from its chunk count (a provider that should have reported it)."""
+    text = ctx.answer_text
+    completion = await counter._count(text.text()) if text is not None else ctx.chunks
+    return await counter._usage(ctx, completion)
 
 
 async def count_text(counter: CountTokens, text: str) -> int:

@@ -127,6 +127,32 @@ def test_text_without_a_possible_finding_leaves_at_once(runtime: GuardRuntime, s
         assert released == seen[:seen.rfind(" ") + 1], (sent, released)
 
 
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_an_answer_in_a_script_without_spaces_leaves_as_it_comes(runtime: GuardRuntime, size: int) -> None:
+    """Chinese, Japanese, Thai: every offset beside such a character is a word's start, so the answer streams
+    (it used to wait, whole, for its end: no space to cut at); a finding in it is still held whole."""
+    comma, stop, colon = "\uff0c", "\u3002", "\uff1a"  # full-width: the marks of such a text
+    text = (f"当然{comma}这是一个简短的回答{comma}里面没有任何特别的内容{comma}只有普通的文字{stop}"
+            f"日本語の文章もここにあります{stop}ภาษาไทยก็เช่นกัน")
+    pieces = stream(runtime, text, size)
+    assert joined(pieces) == text
+    for sent, _ in pieces[:-1]:
+        released = joined([p for p in pieces if p[0] <= sent])
+        # A run of letters may open an e-mail address (`\w+@`): it waits for a mark, as a word waits for a space.
+        clause = max(text.rfind(mark, 0, sent) for mark in (comma, stop)) + 1
+        assert len(released) >= min(clause, sent - 1), (sent, released)
+    # (presidio's e-mail pattern takes letters glued to the address into it, `\w` being Unicode's: a mark ends them)
+    mixed = f"请把邮件发到{colon}{EMAIL}{comma}谢谢你的帮助{comma}我们明天见{stop}"
+    pieces = stream(runtime, mixed, size)
+    assert joined(pieces) == mixed.replace(EMAIL, "<EMAIL_ADDRESS>")
+    start = mixed.index(EMAIL)
+    for sent, _ in pieces:
+        released = joined([p for p in pieces if p[0] <= sent])
+        if sent < start + len(EMAIL):
+            assert len(released) <= start, (sent, released)
+    assert len(joined([p for p in pieces if p[0] <= len(mixed)])) > start  # and the rest streams after it
+
+
 @pytest.mark.parametrize(("value", "shown"), [
     (EMAIL, "<EMAIL_ADDRESS>"), (CARD, "<CREDIT_CARD>"), (PHONE, "<PHONE_NUMBER>"), (KEY, "<AWS_ACCESS_KEY>"),
     ("Project Falcon", "<DENIED_TERM>"),

@@ -7,10 +7,12 @@ that the text seen so far does not complete (`Guard.open_from`, `holds.py`: an
 e-mail address still being written, a number that may grow into a phone
 number); the text before the earliest such offset, less the trailing word
 (which the next chunk may continue), is scanned (with the last released
-`window_chars` as left context) and released at once, cut at a whitespace,
-never inside a finding, an open private key block, or a placeholder that may
-still be completing. No more than `window_chars` is ever held for a possible
-finding (only an open private key block is held longer): a guard that cannot
+`window_chars` as left context) and released at once, cut at a whitespace (or
+beside a character of a script written without spaces), never inside a finding,
+an open private key block, or a placeholder that may still be completing. No
+more than `window_chars` is held for a possible finding past where a cut may go
+(only an open private key block is held longer; a word without a cut in it waits
+whole, up to `max_hold_chars`): a guard that cannot
 say where a finding may start (the `ner` engine) holds the whole window, and
 then, as before early release, the lane is scanned once `window_chars +
 step_chars` are waiting and again after every `step_chars`, releasing all but
@@ -28,6 +30,7 @@ Completions, Completions, the Responses API's events) are adapters around it
 
 from __future__ import annotations
 
+import re
 import time
 from functools import partial
 from typing import TYPE_CHECKING
@@ -164,10 +167,14 @@ class Window:
 
     def _words(self, text: str, cut: int) -> int:
         """`cut`, moved back to a word's start (unless the text has no space and is longer than
-        `max_hold_chars`); 0 or more."""
+        `max_hold_chars`); 0 or more. Beside a character of a script written without spaces (Chinese,
+        Japanese, Thai...) every offset is a word's start: else an answer in it would wait, whole, for its end."""
         if 0 < cut < len(text) and not (text[cut].isspace() or text[cut - 1].isspace()):
             space = max(text.rfind(" ", 0, cut), text.rfind("\n", 0, cut))
-            if space >= 0:
+            unspaced = -1 if text.isascii() else _unspaced_before(text, space + 1, cut)
+            if unspaced > 0:
+                cut = unspaced
+            elif space >= 0:
                 cut = space + 1
             elif len(text) <= self.spec.max_hold_chars:
                 cut = 0
@@ -191,6 +198,22 @@ class Window:
             self.first_out = True
             self.runtime.metrics.guard_stream_delay.labels(self.model).observe(time.perf_counter() - self.first_in)
         return out
+
+
+# Scripts written without spaces between words: Thai, Lao, Myanmar, Khmer, CJK punctuation, kana, bopomofo, the
+# CJK ideographs (and their extensions and compatibility forms), Yi, and the full-width forms.
+_UNSPACED = re.compile("[\u0e00-\u0eff\u1000-\u109f\u1780-\u17ff\u3000-\u30ff\u3100-\u312f\u31a0-\u31ff"
+                       "\u3400-\u4dbf\u4e00-\u9fff\ua000-\ua4cf\uf900-\ufaff\uff00-\uffef\U00020000-\U0003134f]")
+
+
+def _unspaced_before(text: str, start: int, cut: int) -> int:
+    """The last offset in (`start`, `cut`] beside a character of a script written without spaces; -1 if none."""
+    if _UNSPACED.match(text, cut) or _UNSPACED.match(text, cut - 1):
+        return cut  # (the usual case in such a text: the cut itself)
+    last = -1
+    for found in _UNSPACED.finditer(text, start, cut):
+        last = found.end()  # after it (and the offset before it, found.start(), is earlier)
+    return last if last > start else -1
 
 
 def _shift(findings: list[Finding], offset: int) -> list[Finding]:

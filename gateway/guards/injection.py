@@ -4,7 +4,9 @@ model-based engine, and a pluggable classifier.
 Each pattern has a weight; a text's score is `1 - prod(1 - w)` over the patterns
 it matches, so one strong signal ("ignore all previous instructions") is enough
 and several weak ones add up. Patterns run on the folded text (`normalize.fold`),
-so case, accents, homoglyphs and zero-width characters do not hide an attack.
+so case, accents, homoglyphs and zero-width characters do not hide an attack; the
+Russian and Chinese ones on `normalize.fold_native`'s (case and invisible characters:
+look-alike folding would turn Cyrillic words Latin).
 
 `engine: model` scores the text with all-MiniLM-L6-v2 and a logistic head trained on
 the evaluation set (`injection_model.py`), on the guard pool; `engine: both` takes the
@@ -33,7 +35,7 @@ from ..policy.guard_schema import InjectionGuardSpec
 from .base import Finding, Where
 from .classifiers import Classifier, OwnClassifier, classifier_score
 from .common import GuardBase
-from .normalize import fold
+from .normalize import fold, fold_native
 from .pool import INLINE_CHARS, GuardPool
 from .slices import Searchable, Sliced
 
@@ -157,12 +159,12 @@ def injection_score(text: str, *, patterns: Sequence[tuple[Searchable, float, st
             miss *= 1.0 - weight
             spans.append((where[match.start()], where[match.end() - 1] + 1, name))
     if not text.isascii():
-        native = text.casefold()  # same length as the text for these scripts: offsets carry over
+        native, at = fold_native(text)  # case-folded, invisible characters dropped, the script's own letters kept
         for pattern, weight, name in native_patterns:
             match = pattern.search(native)
-            if match is not None and len(native) == len(text):
+            if match is not None and match.end() > match.start():
                 miss *= 1.0 - weight
-                spans.append((match.start(), match.end(), name))
+                spans.append((at[match.start()], at[match.end() - 1] + 1, name))
     return 1.0 - miss, spans
 
 

@@ -180,6 +180,25 @@ async def test_an_interrupted_revocation_lets_nobody_in_and_a_retry_finishes_it(
     assert not await registry(store).revoke(record.id)
 
 
+async def test_a_revocation_cut_before_its_index_update_is_finished_by_a_retry(store: Store) -> None:
+    """The store goes away after the record was dropped, before the index forgot the key: the key opens nothing,
+    and the retry the 503 invites finishes the job (200), not a 404 that leaves the key listed."""
+    record, secret = await create(registry(store), "late")
+    probe = Probe(store)
+
+    async def gone() -> None:
+        raise StoreUnavailable("test: the store went away")
+
+    probe.before_cas[INDEX] = gone
+    with pytest.raises(StoreUnavailable):
+        await registry(probe).revoke(record.id)
+    assert await store.get(record_key(record.id)) is None and record.id in await indexed(store)
+    assert await opens(store, secret) is None
+    assert await registry(store).revoke(record.id) is True
+    assert record.id not in await indexed(store)
+    assert await registry(store).revoke(record.id) is False  # now there is no such key
+
+
 async def test_a_name_whose_key_the_store_dropped_is_free_again(store: Store) -> None:
     now = 1_000_000_000.0
     # a key created (by the registry's clock) so long ago that the store drops its record in 0.3 s

@@ -163,12 +163,16 @@ class KeyRegistry:
         """Whether a key was revoked (False: no such key). It stops working before this returns.
 
         `KeyConflict` (409) when the record changed since it was read (a concurrent rotation or
-        revocation won). A `Revoked` marker left by an interrupted revocation is finished here."""
+        revocation won). An interrupted revocation is finished here: from its `Revoked` marker, or, when it
+        failed after dropping the record, from the index that still lists the key."""
         if not is_key_id(key_id):
             return False
         raw = await self.store.get(record_key(key_id))
-        if raw is None:
-            return False
+        if raw is None:  # no such key; or a revocation stopped it and dropped its record, then failed: finished here
+            if key_id not in decode_index(await self.store.get(INDEX)):
+                return False
+            await self._update_index(lambda index: {k: v for k, v in index.items() if k != key_id})
+            return True
         stored = decode_stored(raw)
         if isinstance(stored, Revoked):
             marker = stored

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import msgspec
+import msgspec.inspect as types
 
 from . import schema
 
@@ -271,13 +272,48 @@ def _sentence(text: str) -> str:
     return text[0].upper() + text[1:] if text else text
 
 
+def factory_defaults() -> dict[str, dict[str, Any]]:
+    """By struct name, the defaults of its fields that a factory makes (a list or a set: `models: ["*"]`), which
+    msgspec's schema leaves out, so that the reference shows them as it shows the others."""
+    found: dict[str, dict[str, Any]] = {}
+
+    def walk(info: Any) -> None:
+        if isinstance(info, types.StructType):
+            if info.cls.__name__ in found:
+                return
+            found[info.cls.__name__] = {field.encode_name: _made(field.default_factory())
+                                        for field in info.fields if field.default_factory is not types.NODEFAULT}
+            for field in info.fields:
+                walk(field.type)
+        elif isinstance(info, types.Metadata):
+            walk(info.type)
+        elif isinstance(info, types.UnionType):
+            for option in info.types:
+                walk(option)
+        elif isinstance(info, (types.ListType, types.SetType, types.FrozenSetType, types.VarTupleType)):
+            walk(info.item_type)
+        elif isinstance(info, types.DictType):
+            walk(info.value_type)
+
+    walk(types.type_info(schema.PolicySpec))
+    return found
+
+
+def _made(value: Any) -> Any:
+    """A factory's default as JSON; a set's members sorted (a set's order differs from one process to the next)."""
+    return sorted(value) if isinstance(value, (set, frozenset)) else msgspec.to_builtins(value)
+
+
 def policy_schema(*, fragment: bool = False) -> dict[str, Any]:
     """The JSON Schema of a policy file, every field described. `fragment`: for included files."""
     out: dict[str, Any] = schema.json_schema()
     descriptions = field_descriptions()
+    made = factory_defaults()
     for name, definition in out.get("$defs", {}).items():
         for prop, body in definition.get("properties", {}).items():
             key = f"{name}.{prop}"
+            if "default" not in body and prop in made.get(name, {}):
+                body["default"] = made[name][prop]
             inner = [o.get("description") for o in body.get("anyOf", ()) if isinstance(o, dict)]
             if "description" not in body and any(inner):  # `Annotated[..., Meta(description)] | None`
                 body["description"] = next(text for text in inner if text)

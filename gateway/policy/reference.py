@@ -282,7 +282,7 @@ def factory_defaults() -> dict[str, dict[str, Any]]:
             if info.cls.__name__ in found:
                 return
             found[info.cls.__name__] = {field.encode_name: _made(field.default_factory())
-                                        for field in info.fields if field.default_factory is not types.NODEFAULT}
+                                        for field in info.fields if field.default_factory is not msgspec.NODEFAULT}
             for field in info.fields:
                 walk(field.type)
         elif isinstance(info, types.Metadata):

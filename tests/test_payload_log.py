@@ -68,6 +68,27 @@ def test_file_sink_redacts_and_rotates(make_gateway: Make, upstream: Any, tmp_pa
     assert all(f.stat().st_size <= 2048 + 1024 for f in tmp_path.glob("payloads.jsonl*"))
 
 
+def test_a_responses_answer_is_logged_with_its_text(make_gateway: Make, upstream: Any, tmp_path: Path) -> None:
+    """`/v1/responses`, complete and streamed: the answer's text is its messages' `output_text` (it was empty)."""
+    path = tmp_path / "payloads.jsonl"
+    logged = f"telemetry:\n  payload_log: {{enabled: true, path: '{path}'}}\n"
+    running = make_gateway(policy_text(upstream.base_url) + logged)
+    ids = []
+    for stream in (False, True):
+        body = {"model": "fault-echo", "input": SECRET_TEXT, "stream": stream}
+        response = httpx.post(f"{running.base_url}/responses", json=body, headers=AUTH, timeout=20)
+        assert response.status_code == 200, response.text
+        ids.append(response.headers["x-request-id"])
+
+    def read() -> list[dict[str, Any]]:
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    by_id = {e["request_id"]: e for e in _wait_for(read, 2)}
+    for request_id in ids:
+        output = by_id[request_id]["output"]
+        assert "about the plan" in output and "<EMAIL_ADDRESS>" in output and "jane.roe" not in output, output
+
+
 @pytest.fixture
 def redis_url() -> Iterator[str]:
     with suite_redis_url() as url:

@@ -38,6 +38,8 @@ from ..schemas.events import Chunk, StreamEvent
 from ..store.base import StoreConfig
 from .metrics import Metrics
 
+_TEXT_DELTA = "response.output_text.delta"  # a Responses stream's event that carries answer text
+
 __all__ = ["PayloadLog", "PayloadWriter"]
 
 _FAILED = "GUARD_FAILURE"  # the finding a guard that failed leaves (`GuardRuntime`): nothing was checked
@@ -187,6 +189,12 @@ def _answer_text(endpoint: Endpoint, body: bytes | None) -> str:
             content = message.get("content") if isinstance(message, dict) else choice.get("text")
             if isinstance(content, str):
                 parts.append(content)
+    if endpoint is Endpoint.RESPONSES and isinstance(data, dict):  # a Responses answer: its messages' text parts
+        for item in data.get("output") or ():
+            if isinstance(item, dict) and item.get("type") == "message":
+                parts.extend(part["text"] for part in item.get("content") or ()
+                             if isinstance(part, dict) and part.get("type") == "output_text"
+                             and isinstance(part.get("text"), str))
     return "\n".join(parts)
 
 
@@ -204,7 +212,14 @@ class _StreamText:
         limit = self.stage.writer.spec.max_text_chars * 2
         for event in events:
             if isinstance(event, Chunk) and self.size < limit:
-                for choice in event.data().get("choices") or ():
+                data = event.data()
+                if data.get("type") == _TEXT_DELTA:  # a Responses stream: its first output's text
+                    text = data.get("delta")
+                    if data.get("output_index", 0) == 0 and isinstance(text, str):
+                        self.parts.append(text)
+                        self.size += len(text)
+                    continue
+                for choice in data.get("choices") or ():
                     if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                         continue
                     delta = choice.get("delta")

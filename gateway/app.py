@@ -72,7 +72,7 @@ class Gateway:
         # must suit it as the first one had to, or the reload is refused.
         self.listener = listener
         self.active: set[Lifecycle] = set()
-        self.runtime = self._build(policy)
+        self.runtime = self._build(policy, self._guards(policy))
         self.started = False
         self.draining = False
         self.last_reload: dict[str, Any] | None = None
@@ -83,8 +83,9 @@ class Gateway:
         self._retiring: set[Runtime] = set()  # replaced by a reload, still finishing requests
         self._loaded_files: Fingerprints | None = None  # the policy files as the last reload read them
 
-    def _build(self, policy: Policy, previous: Runtime | None = None) -> Runtime:
-        """A runtime for `policy`; after a reload, routing keeps what it learnt about targets that stay."""
+    def _build(self, policy: Policy, guards: GuardRuntime | None, previous: Runtime | None = None) -> Runtime:
+        """A runtime for `policy` with its `guards` (`_guards`: built beforehand, off the loop on a reload); after a
+        reload, routing keeps what it learnt about targets that stay."""
         providers = {name: build_provider(cfg, self.tokens, self.metrics) for name, cfg in policy.providers.items()}
         # A memory store lives on across reloads that keep its settings: it holds keys, counters and spend.
         # Its byte bound for cache entries (`cache.memory_max_bytes`) is not a reason to lose them: a new one is
@@ -94,7 +95,6 @@ class Gateway:
         keys = _dynamic_keys(policy, store, self.metrics, previous)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
-        guards = GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         shadow = Shadow(policy, policy.shadow, self.metrics, self.tokens) if policy.shadow is not None else None
         cache = ResponseCache(policy, store, providers, self.metrics, self.tokens) if policy.cache.enabled else None
@@ -127,6 +127,11 @@ class Gateway:
         if accounting is not None:
             services.append(accounting)
         return Runtime(policy, providers, store, pipeline, services, dynamic_keys=keys, owns_store=not shared)
+
+    def _guards(self, policy: Policy) -> GuardRuntime | None:
+        """The policy's guards, their regexes compiled: a deny list of thousands of terms takes a few hundred ms,
+        which a reload spends in a thread (`_reload`), not on the event loop that streams the answers."""
+        return GuardRuntime(policy.guards, self.metrics, self.tokens.count) if policy.has_guards else None
 
     def acquire_runtime(self) -> Runtime:
         return self.runtime.acquire()
@@ -193,7 +198,7 @@ class Gateway:
                 return self._refused(trigger, [f"{self.source}: {refusal}" for refusal in refusals])
         if policy.version == old.policy.version and _shadow_version(policy) == _shadow_version(old.policy):
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
-        new = self._build(policy, old)
+        new = self._build(policy, await asyncio.to_thread(self._guards, policy), old)
         try:
             await new.start()
         except Exception as exc:

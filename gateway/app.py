@@ -16,14 +16,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from litestar import Litestar, Request, Response, asgi
-from litestar.exceptions import HTTPException
+from litestar import Litestar, asgi
 
 from .accounting.ledger import Ledger
 from .accounting.stage import Accounting
 from .api.admin import admin_routes
 from .api.anthropic import CountTokensEndpoint, MessagesDialect
-from .api.asgi import RequestHeaders, RequestIds, error_header_map
+from .api.asgi import RequestIds
+from .api.errors import error_handlers
 from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
@@ -31,7 +31,6 @@ from .api.usage import usage_routes
 from .auth.dynamic import DynamicKeys
 from .cache import CacheStage, ResponseCache
 from .dryrun.shadow import Shadow, ShadowStage
-from .errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
 from .guards.runtime import GuardRuntime
 from .guards.stage import GuardStage
 from .pipeline.lifecycle import Lifecycle
@@ -272,41 +271,6 @@ def _shadow_version(policy: Policy) -> str | None:
     return policy.shadow.version if policy.shadow is not None else None
 
 
-def _error_response(error: GatewayError, request: Request[Any, Any, Any], ids: RequestIds) -> Response[bytes]:
-    request_id = RequestHeaders(request.scope["headers"], ids).request_id
-    return Response(error.body(), status_code=error.status, media_type="application/json",
-                    headers=error_header_map(error, request_id))
-
-
-def _handlers(ids: RequestIds) -> dict[Any, Any]:
-    """Litestar's own errors (no route, wrong method, ...) and ours, in OpenAI's shape."""
-
-    def http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
-        status = exc.status_code
-        error: GatewayError
-        if status == 404:
-            error = NotFound(f"no route for {request.method} {request.url.path[:200]}")
-        elif status == 405:
-            error = MethodNotAllowed(f"method {request.method} is not allowed here")
-        elif status == 413:
-            error = BodyTooLarge("the request body is too large")
-        elif status < 500:
-            error = InvalidRequest(str(exc.detail)[:200] if exc.detail else "invalid request")
-            error.status = status
-        else:
-            error = InternalError("the gateway failed to handle this request")
-        return _error_response(error, request, ids)
-
-    def gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
-        return _error_response(exc, request, ids)
-
-    def unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
-        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
-        return _error_response(InternalError("the gateway failed to handle this request"), request, ids)
-
-    return {GatewayError: gateway_error, HTTPException: http_exception, Exception: unexpected}
-
-
 ASGIApp = Callable[[Any, Any, Any], Awaitable[None]]
 
 
@@ -402,7 +366,7 @@ def create_app(
             *admin_routes(gateway), *feedback_routes(gateway),
             *usage_routes(gateway),
         ],
-        exception_handlers=_handlers(gateway.request_ids),
+        exception_handlers=error_handlers(gateway.request_ids),
         on_startup=[gateway.start, *on_startup],
         on_shutdown=[*on_shutdown, gateway.stop],
         openapi_config=None,

@@ -1,0 +1,52 @@
+"""Litestar's own errors (no route, wrong method, a body too large...) and the gateway's, answered in OpenAI's
+error shape with the request's id, as every other answer: the app's exception handlers (`create_app`)."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from litestar import Request, Response
+from litestar.exceptions import HTTPException
+
+from ..errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
+from .asgi import RequestHeaders, RequestIds, error_header_map
+
+__all__ = ["error_handlers"]
+
+log = logging.getLogger("gateway")
+
+
+def _error_response(error: GatewayError, request: Request[Any, Any, Any], ids: RequestIds) -> Response[bytes]:
+    request_id = RequestHeaders(request.scope["headers"], ids).request_id
+    return Response(error.body(), status_code=error.status, media_type="application/json",
+                    headers=error_header_map(error, request_id))
+
+
+def error_handlers(ids: RequestIds) -> dict[Any, Any]:
+    """Litestar's own errors (no route, wrong method, ...) and ours, in OpenAI's shape."""
+
+    def http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
+        status = exc.status_code
+        error: GatewayError
+        if status == 404:
+            error = NotFound(f"no route for {request.method} {request.url.path[:200]}")
+        elif status == 405:
+            error = MethodNotAllowed(f"method {request.method} is not allowed here")
+        elif status == 413:
+            error = BodyTooLarge("the request body is too large")
+        elif status < 500:
+            error = InvalidRequest(str(exc.detail)[:200] if exc.detail else "invalid request")
+            error.status = status
+        else:
+            error = InternalError("the gateway failed to handle this request")
+        return _error_response(error, request, ids)
+
+    def gateway_error(request: Request[Any, Any, Any], exc: GatewayError) -> Response[bytes]:
+        return _error_response(exc, request, ids)
+
+    def unexpected(request: Request[Any, Any, Any], exc: Exception) -> Response[bytes]:
+        log.error("unhandled error: %s", type(exc).__name__, exc_info=exc)
+        return _error_response(InternalError("the gateway failed to handle this request"), request, ids)
+
+    return {GatewayError: gateway_error, HTTPException: http_exception, Exception: unexpected}

@@ -30,12 +30,27 @@ from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
-__all__ = ["BREAKER_FAILURES", "Replay", "aggregate", "backoff", "classify", "peek", "retry_after_s"]
+__all__ = ["BREAKER_FAILURES", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate", "backoff", "classify",
+           "peek", "retry_after_s"]
 
 # Failures that say something about the target's health. A 429 says it is busy (Retry-After
 # covers it), a full local pool says the gateway is, a client error says nothing about the target.
 BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error"})
 _MAX_MESSAGE = 900
+
+
+class DeadlineExceeded(UpstreamTimeout):
+    """504: the alias's `deadline_s` ran out before any attempt answered."""
+
+    code = "deadline_exceeded"
+
+
+class TargetsUnavailable(GatewayError):
+    """503: every target's breaker is open and the policy says `when_all_open: refuse`."""
+
+    status = 503
+    type = "server_error"
+    code = "targets_unavailable"
 
 
 def classify(error: GatewayError) -> str:

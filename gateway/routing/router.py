@@ -37,7 +37,7 @@ from ..store.base import Store
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
-from .attempts import BREAKER_FAILURES, Replay, aggregate, backoff, classify, peek
+from .attempts import BREAKER_FAILURES, DeadlineExceeded, Replay, TargetsUnavailable, aggregate, backoff, classify, peek
 from .breaker import Breakers
 from .rules import Facts, first_match
 from .stats import TargetStats
@@ -47,20 +47,6 @@ __all__ = ["DeadlineExceeded", "Router", "TargetsUnavailable", "all_targets"]
 
 log = logging.getLogger("gateway.routing")
 _MAX_ROUTES = 8  # context fallbacks followed per request (cycles are refused at load; this is a backstop)
-
-
-class DeadlineExceeded(UpstreamTimeout):
-    """504: the alias's `deadline_s` ran out before any attempt answered."""
-
-    code = "deadline_exceeded"
-
-
-class TargetsUnavailable(GatewayError):
-    """503: every target's breaker is open and the policy says `when_all_open: refuse`."""
-
-    status = 503
-    type = "server_error"
-    code = "targets_unavailable"
 
 
 def all_targets(policy: Policy) -> dict[str, Target]:

@@ -5,7 +5,8 @@ turns run-time keys on (`dynamic_keys.enabled`); otherwise nothing here exists a
 costs what it always did. For a key it does reach:
 
 * a found key is remembered for `cache_ttl_s`, an unknown one for `negative_ttl_s`; both caches
-  are bounded (least recently used dropped first);
+  are bounded (found keys: the least recently used dropped first; unknown ones: the one looked up in
+  the store longest ago, a hit does not reorder it);
 * a revocation or rotation is published on the store's `keys:changes` channel; every replica's
   listener drops that key from its cache when the message arrives, so the key stops working
   everywhere at once. Pub/sub is at most once: a replica that misses a message (Redis restarting,

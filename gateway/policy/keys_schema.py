@@ -30,7 +30,8 @@ class DynamicKeysSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=T
     cache_ttl_s: Annotated[float, Meta(ge=0.05, le=300)] = 5.0
     # How long an unknown key is answered 401 without asking the store again.
     negative_ttl_s: Annotated[float, Meta(ge=0.05, le=60)] = 2.0
-    # Keys remembered per process, found and unknown each (least recently used dropped first).
+    # Keys remembered per process, found and unknown each (found: least recently used dropped first; unknown: the one
+    # looked up longest ago).
     cache_size: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000
     # Store look-ups in flight at once per process; more requests with uncached keys wait their turn.
     max_lookups: Annotated[int, Meta(ge=1, le=10_000)] = 64

@@ -873,3 +873,23 @@ def test_findings_counted_by_group_as_one_by_one() -> None:
     assert grouped.metrics.totals == single.metrics.totals  # type: ignore[attr-defined]
     assert grouped.header() == (b"pii.block=1,pii.record=1,pii.redact=3,pii.shadow_block=1,pii.shadow_record=1,"
                                 b"pii.shadow_redact=3")
+
+
+@pytest.mark.parametrize(("valid", "invalid"), [
+    ("RSSMRA85T10A562S", "RSSMRA85T10A562T"),  # codice fiscale: its check letter
+    ("529.982.247-25", "987.654.321-11"),  # CPF: its two check digits
+    ("1 84 12 76 451 089 46", "1 84 12 76 451 089 45"),  # NIR: its key
+    ("AB 12 34 56 C", "GB 12 34 56 C"),  # NINO: a prefix never issued
+])
+def test_ids_found_by_their_shape_alone_must_pass_their_check(valid: str, invalid: str) -> None:
+    """A codice fiscale, a CPF and a NIR are found without a context word, so their check characters are tested
+    (an order number shaped as a CPF was a GOV_ID); a NINO has none, but some prefixes are never issued."""
+    from gateway.guards.pii import PiiGuard
+    from gateway.guards.pool import GuardPool
+    from gateway.policy.guard_schema import GuardPoolSpec, PiiGuardSpec
+
+    guard = PiiGuard("pii", PiiGuardSpec(), GuardPool(GuardPoolSpec()))
+    for text, found in ((f"Ref {valid} please", True), (f"Ref {invalid} please", False)):
+        findings = guard.detect_now(text, IN)
+        assert findings is not None
+        assert any(f.type == "GOV_ID" for f in findings) is found, (text, findings)

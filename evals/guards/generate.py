@@ -5,7 +5,8 @@
 Each sample: {"id", "kind", "lang", "text", "spans": [{"start", "end", "type"}]}. Kinds: `pii`
 (labelled entities), `clean` (must pass untouched, look-alikes included), `secret` (labelled
 secrets), `injection` (attacks), `benign` (ordinary prompts, some that talk about injection).
-Every value is synthetic: cards and IBANs have valid checksums but belong to no one.
+Every value is synthetic: cards, IBANs, DNIs, codici fiscali and CPFs have valid check characters but belong
+to no one.
 """
 
 from __future__ import annotations
@@ -124,12 +125,17 @@ class Gen:
         if kind == "dni":
             n = self.r.randint(10_000_000, 99_999_999)
             return "DNI", f"{n}{'TRWAGMYFPDXBNJZSQVHLCKE'[n % 23]}"
-        if kind == "cf":
-            return "codice fiscale", "".join(self.r.choice(string.ascii_uppercase) for _ in range(6)) + \
+        if kind == "cf":  # with its check letter (the random one drawn for it is dropped: the seed's draws stay)
+            body = "".join(self.r.choice(string.ascii_uppercase) for _ in range(6)) + \
                 self.digits(2) + self.r.choice("ABCDEHLMPRST") + self.digits(2) + \
-                self.r.choice(string.ascii_uppercase) + self.digits(3) + self.r.choice(string.ascii_uppercase)
-        if kind == "cpf":
-            return "CPF", f"{self.digits(3)}.{self.digits(3)}.{self.digits(3)}-{self.digits(2)}"
+                self.r.choice(string.ascii_uppercase) + self.digits(3)
+            self.r.choice(string.ascii_uppercase)
+            return "codice fiscale", body + _cf_letter(body)
+        if kind == "cpf":  # with its check digits (drawn and dropped, as above)
+            body = f"{self.digits(3)}{self.digits(3)}{self.digits(3)}"
+            self.digits(2)
+            full = _cpf_digits(body)
+            return "CPF", f"{full[:3]}.{full[3:6]}.{full[6:9]}-{full[9:]}"
         if kind == "aadhaar":
             return "Aadhaar", f"{self.r.randint(2, 9)}{self.digits(3)} {self.digits(4)} {self.digits(4)}"
         return "Steuer-ID", f"{self.r.randint(1, 9)}{self.digits(1)} {self.digits(3)} {self.digits(3)} {self.digits(3)}"
@@ -137,6 +143,23 @@ class Gen:
     def url(self, name: str) -> str:
         handle = name.lower().encode("ascii", "ignore").decode().replace(" ", self.r.choice(["", "-", "_", "."]))
         return "https://" + self.r.choice(["", "www."]) + self.r.choice(URL_SITES) + (handle or "user" + self.digits(3))
+
+
+def _cf_letter(body: str) -> str:
+    """A codice fiscale's check letter for its first 15 characters."""
+    odd = dict(zip("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", (
+        1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16,
+        10, 22, 25, 24, 23), strict=True))
+    total = sum(odd[c] if i % 2 == 0 else (int(c) if c.isdigit() else ord(c) - 65) for i, c in enumerate(body))
+    return chr(65 + total % 26)
+
+
+def _cpf_digits(body: str) -> str:
+    """A CPF's nine digits with its two check digits."""
+    digits = [int(c) for c in body]
+    for n in (9, 10):
+        digits.append(sum(digits[i] * (n + 1 - i) for i in range(n)) * 10 % 11 % 10)
+    return "".join(map(str, digits))
 
 
 def _luhn_digit(body: str) -> int:

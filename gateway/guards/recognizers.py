@@ -74,6 +74,40 @@ def dni_ok(text: str) -> bool:
     return raw[:8].isdigit() and raw[8:] == "TRWAGMYFPDXBNJZSQVHLCKE"[int(raw[:8]) % 23]
 
 
+# The codice fiscale's check letter: each of the first 15 characters' value, from this table at odd positions
+# (1st, 3rd...) and its own (a digit's value, a letter's place in the alphabet) at even ones, summed mod 26.
+_CF_ODD = dict(zip("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", (
+    1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 1, 0, 5, 7, 9, 13, 15, 17, 19, 21, 2, 4, 18, 20, 11, 3, 6, 8, 12, 14, 16, 10,
+    22, 25, 24, 23), strict=True))
+
+
+def cf_ok(text: str) -> bool:
+    """An Italian codice fiscale whose 16th character is its check letter."""
+    raw = text.upper()
+    total = sum(_CF_ODD[c] if i % 2 == 0 else (int(c) if c.isdigit() else ord(c) - 65) for i, c in enumerate(raw[:15]))
+    return len(raw) == 16 and raw[15] == chr(65 + total % 26)
+
+
+def cpf_ok(text: str) -> bool:
+    """A Brazilian CPF whose two check digits are right (mod 11), and not one digit repeated (`111.111.111-11`)."""
+    digits = [int(c) for c in text if c.isdigit()]
+    if len(digits) != 11 or len(set(digits)) == 1:
+        return False
+    return all(sum(digits[i] * (n + 1 - i) for i in range(n)) * 10 % 11 % 10 == digits[n] for n in (9, 10))
+
+
+def nir_ok(text: str) -> bool:
+    """A French NIR (numéro de sécurité sociale) whose last two digits are its key: 97 less the rest mod 97."""
+    digits = "".join(c for c in text if c.isdigit())
+    return len(digits) == 15 and 97 - int(digits[:13]) % 97 == int(digits[13:])
+
+
+def nino_ok(text: str) -> bool:
+    """A UK National Insurance number without one of the prefixes never issued (BG, GB, KN, NK, NT, TN, ZZ): it has
+    no check digit, so this is all a shape can tell."""
+    return text[:2].upper() not in ("BG", "GB", "KN", "NK", "NT", "TN", "ZZ")
+
+
 VALIDATORS: dict[str, Callable[[str], bool]] = {"luhn": luhn_ok, "iban": iban_ok, "not_repeated": not_repeated}
 
 
@@ -181,16 +215,16 @@ _GOV_IDS: list[tuple[str, str, float, Sequence[str], bool, Callable[[str], bool]
     ("us_ssn", r"\b\d{3}-\d{2}-\d{4}\b", 0.5, ("ssn", "social security", "social"), False, ssn_ok),
     ("us_ssn_plain", r"\b\d{9}\b", 0.1, ("ssn", "social security"), True, ssn_ok),
     ("uk_nino", r"\b[A-CEGHJ-PR-TW-Z][A-CEGHJ-NPR-TW-Z]\s?\d{2}\s?\d{2}\s?\d{2}\s?[A-D]\b", 0.6,
-     ("national insurance", "nino", "ni number"), False, None),
+     ("national insurance", "nino", "ni number"), False, nino_ok),
     ("passport", r"\b[A-Z]{1,2}\d{6,8}\b|\b\d{9}\b", 0.1, ("passport", "reisepass", "passeport", "pasaporte",
                                                            "passaporto"), True, None),
     ("es_dni", r"\b\d{8}-?[A-Z]\b", 0.5, ("dni", "nif"), False, dni_ok),
-    ("it_cf", r"\b[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]\b", 0.85, ("codice fiscale",), False, None),
-    ("br_cpf", r"\b\d{3}\.\d{3}\.\d{3}-\d{2}\b", 0.75, ("cpf",), False, None),
+    ("it_cf", r"\b[A-Z]{6}\d{2}[A-EHLMPR-T]\d{2}[A-Z]\d{3}[A-Z]\b", 0.85, ("codice fiscale",), False, cf_ok),
+    ("br_cpf", r"\b\d{3}\.\d{3}\.\d{3}-\d{2}\b", 0.75, ("cpf",), False, cpf_ok),
     ("de_taxid", r"\b\d{2}\s?\d{3}\s?\d{3}\s?\d{3}\b", 0.1, ("steuer-id", "steueridentifikationsnummer", "steuer",
                                                             "tax id", "idnr"), True, not_repeated),
     ("fr_nir", r"\b[12]\s?\d{2}\s?(?:0[1-9]|1[0-2])\s?\d{2}\s?\d{3}\s?\d{3}\s?\d{2}\b", 0.6,
-     ("sécurité sociale", "securite sociale", "nir", "insee"), False, None),
+     ("sécurité sociale", "securite sociale", "nir", "insee"), False, nir_ok),
     ("in_aadhaar", r"\b[2-9]\d{3}\s\d{4}\s\d{4}\b", 0.3, ("aadhaar", "aadhar", "uidai"), True, None),
     ("ca_sin", r"\b\d{3}[ -]\d{3}[ -]\d{3}\b", 0.1, ("sin", "social insurance"), True, None),
     ("nl_bsn", r"\b\d{9}\b", 0.1, ("bsn", "burgerservicenummer"), True, None),

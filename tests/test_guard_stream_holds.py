@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import copy
+import json
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -228,3 +230,84 @@ def test_a_private_key_block_longer_than_the_window_leaves_nothing_of_itself(run
     pieces = stream(runtime, text, size)
     assert joined(pieces) == text.replace(block, "<PRIVATE_KEY>")
     assert not any(body[:8] in piece or "-----BEGIN" in piece for _, piece in pieces)
+
+
+# -- what leaves beside the text ------------------------------------------------------------------
+
+
+def _chunks(choices: list[dict[str, Any]]) -> list[Chunk]:
+    base = {"id": "x", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+    return [Chunk.of({**base, "choices": [choice]}) for choice in choices]
+
+
+def _run(runtime: GuardRuntime, chunks: list[Chunk], guards: tuple[Any, ...] | None = None) -> list[dict[str, Any]]:
+    stage = StreamGuard(runtime, runtime.resolve("t", "a").output if guards is None else guards,
+                        GuardSession(runtime.metrics), SPEC, Endpoint.CHAT, "m")
+
+    async def run() -> list[dict[str, Any]]:
+        out: list[Any] = []
+        for chunk in chunks:
+            out += await stage.on_events(None, [chunk])  # type: ignore[arg-type]
+        out += await stage.on_events(None, [DONE])  # type: ignore[arg-type]
+        return [event.data() for event in out if isinstance(event, Chunk)]
+
+    return asyncio.run(run())
+
+
+def test_a_guarded_streams_logprobs_are_emptied(runtime: GuardRuntime) -> None:
+    """Logprobs carry the upstream's tokens: with an enforcing guard they would carry a redacted value out beside
+    the redacted text (and could never line up with text the window holds back), so every chunk's are emptied."""
+    words = ["Write", " to", f" {EMAIL}", " today", " please", "."]
+    choices = [{"index": 0, "delta": {"content": w}, "finish_reason": None,
+                "logprobs": {"content": [{"token": w, "logprob": -0.1, "bytes": list(w.encode()), "top_logprobs": []}]}}
+               for w in words] + [{"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None}]
+    sent = _run(runtime, _chunks(copy.deepcopy(choices)))
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in sent if c.get("choices"))
+    assert text == "".join(words).replace(EMAIL, "<EMAIL_ADDRESS>")
+    assert all(c["choices"][0].get("logprobs") is None for c in sent if c.get("choices"))
+    assert EMAIL not in json.dumps(sent)
+    untouched = _run(runtime, _chunks(copy.deepcopy(choices)), guards=())  # no enforcing guard: as they came
+    assert [c["choices"][0].get("logprobs") for c in untouched if c.get("choices")] == [
+        choice["logprobs"] for choice in choices]
+
+
+def test_a_tool_calls_held_arguments_leave_before_the_next_call_starts(runtime: GuardRuntime) -> None:
+    """The SDK's stream helper takes a call's arguments as done once the next call starts: a guard holding them
+    until the finish chunk made them `""`. Each call's arguments are whole before the next call's first delta."""
+    args = [json.dumps({"city": "Paris", "note": f"call {n} for {EMAIL} ok"}) for n in range(3)]
+    choices: list[dict[str, Any]] = []
+    for n, arguments in enumerate(args):
+        choices.append({"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+            {"index": n, "id": f"call_{n}", "type": "function", "function": {"name": "f", "arguments": ""}}]}})
+        choices += [{"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+            {"index": n, "function": {"arguments": arguments[i:i + 7]}}]}} for i in range(0, len(arguments), 7)]
+    choices.append({"index": 0, "delta": {}, "finish_reason": "tool_calls"})
+    sent = _run(runtime, _chunks(choices))
+    seen: dict[int, str] = {}
+    for chunk in sent:
+        for call in chunk["choices"][0]["delta"].get("tool_calls") or ():
+            index = call["index"]
+            if index not in seen and index > 0:  # a new call starts: every earlier one is whole already
+                for earlier in range(index):
+                    assert json.loads(seen[earlier])["note"] == f"call {earlier} for <EMAIL_ADDRESS> ok", seen
+            seen[index] = seen.get(index, "") + (call.get("function", {}).get("arguments") or "")
+    assert [json.loads(seen[n])["note"] for n in range(3)] == [f"call {n} for <EMAIL_ADDRESS> ok" for n in range(3)]
+
+
+@pytest.mark.parametrize("endpoint", [Endpoint.CHAT, Endpoint.COMPLETIONS])
+def test_a_guarded_answers_logprobs_are_emptied(runtime: GuardRuntime, endpoint: Endpoint) -> None:
+    """A complete answer: a redacted value (and a blocked one) left in `logprobs` would reach the client."""
+    from types import SimpleNamespace
+
+    from gateway.guards.stage import GuardStage
+
+    logprobs = {"content": [{"token": EMAIL, "logprob": -0.1, "bytes": list(EMAIL.encode()), "top_logprobs": []}]}
+    text = f"Write to {EMAIL} today."
+    choice: dict[str, Any] = {"index": 0, "logprobs": logprobs, "finish_reason": "stop"}
+    choice.update({"message": {"role": "assistant", "content": text}} if endpoint is Endpoint.CHAT else {"text": text})
+    body = json.dumps({"id": "x", "choices": [choice, {**choice, "index": 1}]}).encode()
+    stage = GuardStage(runtime, SPEC)
+    ctx = SimpleNamespace(endpoint=endpoint)
+    out = json.loads(asyncio.run(stage._output(ctx, runtime.resolve("t", "a"), GuardSession(runtime.metrics), body)))  # type: ignore[arg-type]
+    assert EMAIL not in json.dumps(out) and all(c["logprobs"] is None for c in out["choices"])
+    assert "<EMAIL_ADDRESS>" in json.dumps(out["choices"][0])

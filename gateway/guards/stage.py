@@ -179,9 +179,12 @@ class GuardStage:
         if not isinstance(choices, list):
             return body
         chat = ctx.endpoint is Endpoint.CHAT
+        scrub = any(guard.mode == "enforce" for guard in guard_set.output)
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
+            if scrub and choice.get("logprobs") is not None:  # their tokens are the upstream's text: a redacted or
+                choice["logprobs"] = None  # blocked value would leave in them (a stream's are emptied too)
             holder = choice.get("message") if chat else choice
             if not isinstance(holder, dict):
                 continue

@@ -91,6 +91,10 @@ class ChatChunks:
         self.chat = chat
         self.key = "content" if chat else "text"
         self.meta: dict[str, Any] = {}
+        # With an enforcing guard, a choice's `logprobs` are emptied: their tokens are the upstream's text, which
+        # the window holds back and rewrites; left, they would carry a redacted value, or a blocked one, out.
+        self.scrub = any(guard.mode == "enforce" for guard in window.guards)
+        self.calling: dict[int, int] = {}  # per choice, the tool call whose arguments last came (`_next_call`)
 
     async def chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data()
@@ -103,6 +107,8 @@ class ChatChunks:
         keep = False
         for choice in choices:
             index = choice.get("index", 0)
+            if self.scrub and choice.get("logprobs") is not None:
+                choice["logprobs"] = None
             holder = choice.get("delta") if self.chat else choice
             if not isinstance(holder, dict):
                 keep = True
@@ -115,9 +121,12 @@ class ChatChunks:
             if lane.pending or (isinstance(text, str) and text):
                 holder[self.key] = await window.release(lane, final, ANSWER)
             calls = holder.get("tool_calls") if self.chat else None
-            for call in calls if isinstance(calls, list) else []:
+            for call in list(calls) if isinstance(calls, list) else []:
                 function = call.get("function") if isinstance(call, dict) else None
                 args = function.get("arguments") if isinstance(function, dict) else None
+                sub = call.get("index", 0) if isinstance(call, dict) else 0
+                if isinstance(call, dict) and sub != self.calling.setdefault(index, sub):
+                    await self._next_call(index, holder, call)
                 if isinstance(function, dict) and isinstance(args, str) and args:
                     tool = window.lane((index, "tool", call.get("index", 0)), True)
                     window.feed(tool, args)
@@ -129,9 +138,24 @@ class ChatChunks:
                                                                                "index", "text"))
         return [Chunk.of(data)] if keep else []
 
-    async def _flush_tools(self, index: int, holder: dict[str, Any]) -> None:
+    async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any]) -> None:
+        """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls): the arguments held for
+        the others are released now, in this chunk, before it. A client (the SDK's stream helper) takes a call's
+        arguments as complete once the next call starts: held until the finish chunk, they read as `""` there."""
+        sub = call.get("index", 0)
+        self.calling[index] = sub
+        calls = holder["tool_calls"]
+        count = len(calls)
+        await self._flush_tools(index, holder, before=sub)
+        added = calls[count:]
+        if added:  # entries of calls this chunk had none of: put before the new call's
+            del calls[count:]
+            at = next(i for i, entry in enumerate(calls) if entry is call)
+            calls[at:at] = added
+
+    async def _flush_tools(self, index: int, holder: dict[str, Any], before: int | None = None) -> None:
         for (i, kind, sub), lane in self.window.lanes.items():
-            if i != index or kind != "tool" or not lane.pending:
+            if i != index or kind != "tool" or not lane.pending or (before is not None and sub == before):
                 continue
             rest = await self.window.release(lane, True, TOOL)
             calls = holder.setdefault("tool_calls", [])

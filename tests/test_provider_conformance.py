@@ -326,6 +326,16 @@ def test_anthropic_overloaded_is_a_retryable_503(client: openai.OpenAI, mocks: M
     assert classify(error) == "server_error"  # in the default retry_on: retried and fallen back on
 
 
+@pytest.mark.parametrize("kind", ["openai", "azure"])
+def test_an_upstream_400_keeps_its_code_and_param(kind: str, client: openai.OpenAI) -> None:
+    """What an OpenAI-shaped upstream names in a refusal (`code`, `param`) reaches the SDK; its message is still
+    scrubbed."""
+    with pytest.raises(openai.BadRequestError) as caught:
+        client.chat.completions.create(model=f"{kind}-fault-status-400", messages=[{"role": "user", "content": "x"}])
+    assert (caught.value.code, caught.value.param) == ("invalid_value", "temperature")
+    assert "10.0.0.5" not in caught.value.response.text
+
+
 def test_anthropic_error_event_before_content_falls_back(client: openai.OpenAI) -> None:
     raw = client.chat.completions.with_raw_response.create(
         model="overloaded-then-openai", stream=True, messages=[{"role": "user", "content": "x"}])

@@ -43,6 +43,7 @@ _STATUS_OF_TYPE = {
 
 class AnthropicProvider(OpenAICompatProvider):
     endpoints = frozenset({Endpoint.CHAT})
+    passes_error_fields = False  # (its envelope's `type` or `status` is no OpenAI code)
 
     def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         super().__init__(config, gate)

@@ -36,6 +36,7 @@ _TOO_LONG = re.compile(r"exceeds the maximum number of tokens", re.IGNORECASE)
 
 class GeminiProvider(OpenAICompatProvider):
     endpoints = frozenset({Endpoint.CHAT})
+    passes_error_fields = False  # (its envelope's `type` or `status` is no OpenAI code)
 
     def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         super().__init__(config, gate)

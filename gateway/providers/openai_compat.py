@@ -52,12 +52,15 @@ _peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a s
 _peek_responses = msgspec.json.Decoder(ResponsesAnswerPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
+_ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_value`, `unsupported_parameter`...
+_ERROR_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]{0,127}")  # a request field's path: `messages[0].content`
 # How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
 _CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|prompt is too long", re.IGNORECASE)
 
 
 class OpenAICompatProvider:
     endpoints = ALL_ENDPOINTS
+    passes_error_fields = True  # a rejected request's `code` and `param` reach the client (`_pass_fields`)
 
     def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         self.name = config.name
@@ -239,8 +242,10 @@ class OpenAICompatProvider:
         under the call's idle timeout and all of them within its total: a JSON error cut at its first read
         would not parse, and a context window overflow would go unrecognised. The `Retry-After` handed on is
         strictly read (`upstream.retry_after`): delta-seconds, capped, or none."""
+        peeked: dict[str, Any] = {}
         try:
-            message, code = self._error_detail(_peek_error(await _error_body(response, deadline, idle_s)))
+            peeked = _peek_error(await _error_body(response, deadline, idle_s))
+            message, code = self._error_detail(peeked)
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
             message = code = None
         hint = retry_after_seconds(response.headers.get("Retry-After"))
@@ -248,7 +253,19 @@ class OpenAICompatProvider:
                                  client_retry_after(hint) if hint is not None else None,
                                  code if isinstance(code, str) else None, message if isinstance(message, str) else "")
         error.upstream_status = response.status
+        if type(error) is InvalidRequest and self.passes_error_fields:
+            self._pass_fields(error, peeked, code)
         return error
+
+    def _pass_fields(self, error: GatewayError, peeked: dict[str, Any], code: object) -> None:
+        """An OpenAI-shaped upstream's `code` and `param` of a rejected request are the client's to read (which
+        parameter, why): passed on when they look like identifiers and hold nothing the scrubbing would remove."""
+        detail = peeked.get("error")
+        param = detail.get("param") if isinstance(detail, dict) else None
+        if isinstance(code, str) and _ERROR_CODE.fullmatch(code) and self.sanitize(code) == code:
+            error.code = code
+        if isinstance(param, str) and _ERROR_PARAM.fullmatch(param) and self.sanitize(param) == param:
+            error.param = param
 
     def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
         """The message and code of an upstream's error body (here: OpenAI's `{"error": {...}}`)."""

@@ -150,6 +150,8 @@ def status_fault_response(status: int) -> web.Response:
         return error_response(status, message, "invalid_request_error", "model_not_found")
     if status >= 500:
         return error_response(status, message, "server_error", None)
+    if status == 400:  # as OpenAI names what it refused
+        return error_response(status, message, "invalid_request_error", "invalid_value", param="temperature")
     return error_response(status, message, "invalid_request_error", None)
 
 

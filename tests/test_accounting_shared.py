@@ -147,6 +147,50 @@ def test_redis_stopped_and_restarted_follows_on_unavailable(upstream: MockUpstre
             gateway.stop()
 
 
+def test_a_slot_whose_release_a_redis_stall_missed_is_given_back_when_redis_answers(upstream: MockUpstream) -> None:
+    """A request ends while Redis stalls (paused, its data kept): its concurrency slot's release times out. The
+    ledger gives it back once Redis answers; it used to stay held for the slot's lease (15 minutes of 429s)."""
+    import threading
+
+    prefix = f"gwtest:{uuid.uuid4().hex}:"
+    with RedisServer() as server:
+        text = accounting_policy(upstream, key="limits: {concurrent: 1}",
+                                 state=_state("GW_PRIVATE_REDIS", prefix, "open"))
+        env = {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GW_PRIVATE_REDIS": server.url, "ACCT_ADMIN": ADMIN}
+        gateway = RunningGateway(text, env).start()
+        try:
+            api, auth = gateway.base_url + "/chat/completions", {"Authorization": f"Bearer {KEY}"}
+            body = {"model": "chat", "messages": MESSAGES, "max_tokens": 20}
+            assert httpx.post(api, json=body, headers=auth, timeout=20).status_code == 200
+            slow: list[int] = []
+
+            def stream_slowly() -> None:  # ~1 s of chunks, holding the key's one slot
+                with httpx.stream("POST", api, headers=auth, timeout=30, json={
+                        "model": "slow", "messages": MESSAGES, "max_tokens": 20, "stream": True}) as response:
+                    slow.append(response.status_code)
+                    for _ in response.iter_bytes():
+                        pass
+
+            streaming = threading.Thread(target=stream_slowly)
+            streaming.start()
+            time.sleep(0.4)
+            server.pause()  # the stream ends in the stall: its release times out
+            streaming.join(30)
+            time.sleep(0.5)
+            server.resume()
+            assert slow == [200]
+            _wait(lambda: gateway.gateway.runtime.store.healthy)
+            assert gateway.gateway.runtime.store.healthy
+            statuses: list[int] = []
+            deadline = time.monotonic() + 6
+            while time.monotonic() < deadline and statuses[-1:] != [200]:
+                statuses.append(httpx.post(api, json=body, headers=auth, timeout=20).status_code)
+                time.sleep(0.2)
+            assert statuses[-1] == 200, statuses  # the slot is free again, not held for its 15-minute lease
+        finally:
+            gateway.stop()
+
+
 def _wait(condition: Callable[[], object], timeout: float = 8.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

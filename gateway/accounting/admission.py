@@ -198,6 +198,8 @@ class Admission(StageState):
             result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
+                if kind == "concurrent":  # a take that timed out may still be applied: given back later
+                    self._owe_release(args[0], args[1])
                 continue
             key = args[0]
             if kind == "concurrent":
@@ -322,7 +324,10 @@ class Admission(StageState):
         for held in [*bill.tokens, *bill.budgets]:
             await self._quietly(self.store.settle(held.key, held.reserved, 0, held.ttl_s))
         for key, holder in bill.slots:
-            await self._quietly(self.store.release_slot(key, holder))
+            try:
+                await self.store.release_slot(key, holder)
+            except StoreUnavailable:
+                self._owe_release(key, holder)
         bill.requests.clear()
         bill.tokens = ()
         bill.budgets.clear()

@@ -99,6 +99,12 @@ class StageState:
         except StoreUnavailable:
             self.metrics.accounting_store_errors.labels("unsettled").inc()
 
+    def _owe_release(self, key: str, holder: str) -> None:
+        """A slot the store may still hold for `holder` (its release failed, or its take timed out and may have been
+        applied): given back by the ledger's next flushes, so that it does not hold the key's limit for its lease."""
+        self.ledger.owe_release(key, holder, self.lease_s)
+        self.metrics.accounting_store_errors.labels("unsettled").inc()
+
     async def _all(self, ops: list[Awaitable[Any]]) -> list[Any]:
         """Every result (or its `StoreUnavailable`), in order: one after the other on an in-process store
         (nothing to overlap), at once on a remote one (one round trip's wait for all)."""

@@ -9,6 +9,9 @@ Two jobs, one background flush (a runtime `Service`):
 * reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
   here as a delta per budget counter and added when the store answers again, so spend while Redis was away
   is not lost. The first flush after recovery brings every budget up to date.
+* releases: a concurrency slot the store could not give back (its release failed, or its take timed out and
+  may have been applied all the same) is given back at a later flush, until the store takes it or the slot's
+  lease has run out anyway: a Redis stall of a second must not hold a key's slots for the lease's 15 minutes.
 
 The maps are bounded by the policy's finite scopes (the per-request one: by the key and alias pairs seen in a
 second) times the days and periods they span; the number of pending budget entries is exported as
@@ -20,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 
 from prometheus_client import Gauge
 
@@ -33,6 +37,7 @@ log = logging.getLogger("gateway.accounting")
 FLUSH_INTERVAL_S = 1.0
 FIELDS = ("cost_usd", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 _USAGE_TTL_S = USAGE_DAYS_KEPT * 86_400.0
+_MAX_RELEASES = 100_000  # slots owed at once (each a few hundred bytes)
 
 
 def usage_key(scope: str, name: str, day: str, field: str) -> str:
@@ -49,6 +54,7 @@ class Ledger:
         # at the flush (one look-up per request instead of one per scope)
         self._requests: dict[tuple[str, str | None, str | None, str], list[int]] = {}
         self._pending: dict[str, tuple[int, float]] = {}  # budget counter -> (delta in micro-units, ttl)
+        self._releases: dict[tuple[str, str], float] = {}  # (slot key, holder) -> when its lease ends (monotonic)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._gauge = metrics_pending
@@ -94,6 +100,15 @@ class Ledger:
         self._pending[key] = (earlier + delta_units, ttl_s)
         self._show()
 
+    def owe_release(self, key: str, holder: str, lease_s: float) -> None:
+        """A slot the store may still hold for `holder`: given back at the next flushes, for at most `lease_s`
+        (then the store has let it go itself). Releasing a slot not held changes nothing, so owing one that was
+        never taken is harmless. Bounded: past `_MAX_RELEASES`, the oldest are left to their leases."""
+        releases = self._releases
+        releases[(key, holder)] = time.monotonic() + lease_s
+        while len(releases) > _MAX_RELEASES:
+            del releases[next(iter(releases))]
+
     @property
     def pending(self) -> int:
         return len(self._pending)
@@ -125,6 +140,8 @@ class Ledger:
     async def flush(self) -> None:
         """Add what is buffered to the store; what it does not take stays for the next flush."""
         async with self._flushing:
+            if self._releases:
+                await self._flush_releases()
             if self._pending:
                 await self._flush_pending()
             if self._requests:
@@ -147,6 +164,18 @@ class Ledger:
             if pending:
                 log.info("accounting: reconciled %d budget counter(s) with the store", len(pending))
         self._show()
+
+    async def _flush_releases(self) -> None:
+        now = time.monotonic()
+        for slot, until in list(self._releases.items()):
+            if until <= now:  # its lease ran out: the store dropped it
+                del self._releases[slot]
+                continue
+            try:
+                await self.store.release_slot(*slot)
+            except StoreUnavailable:
+                return  # the rest at the next flush
+            self._releases.pop(slot, None)
 
     async def _flush_usage(self) -> None:
         usage, self._usage = self._usage, {}

@@ -144,10 +144,13 @@ class Settling(StageState):
         return ops
 
     def _unsettled(self, kind: str, args: tuple[Any, ...]) -> None:
-        """A settle the store did not take: a budget's is owed by the ledger; the others are only counted."""
+        """A settle the store did not take: a budget's is owed by the ledger, and so is a slot's release (retried
+        until taken or its lease ends); a token window's is only counted."""
         if kind == "spend":
             key, reserved, actual, ttl_s = args
             self.ledger.owe(key, to_units(actual) - to_units(reserved), ttl_s)
+        elif kind == "release":
+            self._owe_release(*args)
         else:
             self.metrics.accounting_store_errors.labels("unsettled").inc()
 

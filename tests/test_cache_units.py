@@ -279,3 +279,40 @@ async def test_a_leader_whose_lock_expired_leaves_the_next_leaders_lock() -> Non
     taken[0].release()
     await asyncio.gather(*tasks)
     assert await store.get(LOCK + "k") is None
+
+
+async def test_a_lock_the_store_could_not_release_is_released_when_it_answers_again() -> None:
+    """A leader's answer comes while the store cannot answer: its unlock is asked again until the store takes it
+    (within the lock's own expiry), so an outage leaves no lock for every replica's requests to wait out."""
+    from gateway.cache import coalesce
+    from gateway.cache.coalesce import LOCK, Flights
+
+    class Down(MemoryStore):
+        failures = 0
+
+        async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+            if self.failures:
+                self.failures -= 1
+                raise StoreUnavailable("test: the store went away")
+            return await super().compare_and_delete(key, expected)
+
+    store = Down()
+    tasks: list[asyncio.Task[Any]] = []
+    flights = Flights(store, True, lambda coro: tasks.append(asyncio.ensure_future(coro)))
+
+    async def absent() -> bool:
+        return False
+
+    leading = await flights.lead_or_wait("k", 30.0, absent)
+    assert leading is not None and leading.locked
+    store.failures = 3
+    started = asyncio.get_running_loop().time()
+    leading.release()
+    await asyncio.gather(*tasks)
+    assert await store.get(LOCK + "k") is None  # released on the fourth try
+    assert asyncio.get_running_loop().time() - started >= 3 * coalesce.UNLOCK_RETRY_S * 0.9
+    expiring = await flights.lead_or_wait("e", 0.3, absent)  # a store that stays down: given up at the lock's expiry
+    assert expiring is not None
+    store.failures = 1_000
+    expiring.release()
+    await asyncio.wait_for(asyncio.gather(*tasks), 5)

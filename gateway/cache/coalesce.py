@@ -24,18 +24,20 @@ __all__ = ["Flight", "Flights"]
 
 LOCK = "cache:lock:"
 POLL_S = 0.05
+UNLOCK_RETRY_S = 0.5
 
 
 class Flight:
     """A leader's promise to the other requests of its key; `release` once its answer is stored (or not)."""
 
-    __slots__ = ("_flights", "done", "key", "locked")
+    __slots__ = ("_flights", "done", "key", "locked", "until")
 
     def __init__(self, flights: Flights, key: str, done: asyncio.Future[None]) -> None:
         self._flights = flights
         self.key = key
         self.done = done
         self.locked = False  # holds the store's lock
+        self.until = 0.0  # when the store's lock expires by itself (`time.monotonic()`)
 
     def release(self) -> None:
         """Wake the waiters (they read the cache again); safe to call twice."""
@@ -46,7 +48,7 @@ class Flight:
             del self._flights.local[self.key]
         if self.locked:
             self.locked = False
-            self._flights.spawn(self._flights.unlock(self.key))
+            self._flights.spawn(self._flights.unlock(self.key, self.until))
 
 
 class Flights:
@@ -72,6 +74,7 @@ class Flights:
         self.local[key] = flight.done
         try:
             if self.shared:
+                flight.until = time.monotonic() + timeout_s
                 flight.locked = await self.store.compare_and_set(LOCK + key, None, self._token, timeout_s)
         except StoreUnavailable:
             return flight
@@ -97,6 +100,16 @@ class Flights:
             except StoreUnavailable:
                 return
 
-    async def unlock(self, key: str) -> None:
-        with contextlib.suppress(StoreUnavailable):
-            await self.store.compare_and_delete(LOCK + key, self._token)  # not a lock that expired and was retaken
+    async def unlock(self, key: str, until: float = 0.0) -> None:
+        """Release this replica's lock (compare-and-delete: not a lock that expired and was retaken). A store that
+        cannot answer is asked again every `UNLOCK_RETRY_S` until the lock would have expired (`until`): a lock
+        left behind by an outage would make every replica's requests for that key wait for their whole timeout."""
+        while True:
+            try:
+                await self.store.compare_and_delete(LOCK + key, self._token)
+                return
+            except StoreUnavailable:
+                left = until - time.monotonic()
+                if left <= 0:
+                    return
+                await asyncio.sleep(min(UNLOCK_RETRY_S, left))

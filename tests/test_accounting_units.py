@@ -454,3 +454,47 @@ async def test_settling_gives_the_slots_back_whatever_fails(monkeypatch: pytest.
             await stage._settle(ctx, bill)
         assert store.acquire_slot_now("slot:key:main", "next", 1, 900)[0], settle  # the slot was given back
         store.release_slot_now("slot:key:main", "next")
+
+
+async def test_a_token_reservation_whose_window_ended_is_not_settled_into_the_next() -> None:
+    """A long request reserved tokens in one window and ends in the next (the same key, a new count): its settle
+    would take its reservation off the new window, which never held it, and that window would admit as much more
+    than its limit. Settled only while its own window lasts."""
+    import time
+    from types import SimpleNamespace
+    from typing import Any
+
+    from gateway.accounting.bill import Bill, Held
+    from gateway.accounting.ledger import Ledger
+    from gateway.accounting.stage import Accounting
+    from gateway.policy import compile_text
+    from gateway.schemas.openai import Usage
+    from gateway.store._common import AMOUNT_SCALE
+    from gateway.store.memory import MemoryStore
+    from gateway.telemetry.metrics import Metrics
+    from gateway.telemetry.usage import CountTokens
+    from tests.test_accounting import accounting_policy
+
+    text = accounting_policy(SimpleNamespace(base_url="http://127.0.0.1:9/v1"),  # type: ignore[arg-type]
+                             key="limits: {tpm: 1000}")
+    policy = compile_text(text, "acct.yaml", {"MOCK_UPSTREAM_KEY": "x", "ACCT_ADMIN": "y"})
+    store = MemoryStore()
+    stage = Accounting(policy, store, Ledger(store), Metrics(), CountTokens(TokenCounter()))
+    ctx: Any = SimpleNamespace(usage=Usage(40, 10, 50), usage_estimated=False, upstream_started=1.0, route=None,
+                               key=None, target=None, cost_usd=0.0)
+    window = "tpm:key:main"
+    for settle in ("in line", "through the store"):
+        for ended in (True, False):
+            await store.delete(window)
+            assert store.reserve_window_now(window, 300, 1000, 60).ok  # this window's own requests
+            bill = Bill()
+            until = time.monotonic() + (-1 if ended else 60)
+            bill.tokens = (Held(window, 909.0, 60.0, SimpleNamespace(), None, 909 * AMOUNT_SCALE, until),)  # type: ignore[arg-type]
+            if not ended:  # (its reservation is in this window, as it would be)
+                assert store.reserve_window_now(window, 909, 10_000, 60).ok
+            if settle == "in line":
+                stage._settle_in_line(ctx, bill, 0.0)
+            else:
+                await stage._settle(ctx, bill)
+            count = (await store.get_window(window, 60)).count / AMOUNT_SCALE
+            assert count == (300 if ended else 300 + 50), (settle, ended, count)

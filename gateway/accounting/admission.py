@@ -28,6 +28,7 @@ from .scopes import Scope, Scopes
 __all__ = ["Admission"]
 
 _new = tuple.__new__  # a named tuple made without its Python-level __new__ (`Held`, per budget per request)
+_FOREVER = math.inf  # a budget's `Held.until`: its counter has no window to leave
 _FAST_AMOUNT = 9e9  # costs in [0, this) become millionths in line (`to_units` checks the rest, and refuses NaN)
 
 
@@ -102,7 +103,7 @@ class Admission(StageState):
                         left = budget.usd - reservation[1]  # `reservation.limit - reservation.total`
                         left = left if left > 0.0 else 0.0
                         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
-                        bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units)))
+                        bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units, _FOREVER)))
                     elif not self._budget_answer(bill, scope, key, cost, ttl, reservation, units):
                         hard = hard or scope
                 if hard is not None or bill.downgrade is not None:
@@ -145,7 +146,7 @@ class Admission(StageState):
                     token_window = answer
                 if answer.ok:
                     bill.tokens = (*bill.tokens, Held(scope.tpm_key, float(tokens), WINDOW_S, scope, None,
-                                                      tokens * AMOUNT_SCALE))
+                                                      tokens * AMOUNT_SCALE, time.monotonic() + answer.reset_s))
                 elif refused is None:
                     refused = ("tpm", scope, answer.reset_s)
         bill.headers = rate_limit_headers(requests, token_window)
@@ -213,7 +214,8 @@ class Admission(StageState):
             (requests if kind == "rpm" else token_windows).append(answer)
             if answer.ok:
                 if kind == "tpm":
-                    bill.tokens = (*bill.tokens, Held(key, float(args[1]), WINDOW_S, scope))
+                    bill.tokens = (*bill.tokens, Held(key, float(args[1]), WINDOW_S, scope, None, 0,
+                                                      time.monotonic() + answer.reset_s))
                 else:
                     bill.requests.append(key)
             elif refused is None:

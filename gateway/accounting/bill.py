@@ -8,6 +8,7 @@ the few helpers both halves use.
 from __future__ import annotations
 
 import asyncio
+import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
@@ -41,6 +42,9 @@ class Held(NamedTuple):
     scope: Scope
     budget: BudgetSpec | None = None  # None: a token window
     units: int = 0  # `reserved` in the store's millionths, when the in-process store holds it (settled in them)
+    # A token window's end (`time.monotonic()`): settled after it, the reservation would be taken off the next window,
+    # which never held it (the window's key is the same), and that window would admit as much more.
+    until: float = math.inf
 
 
 class Bill:

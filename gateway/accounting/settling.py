@@ -116,7 +116,10 @@ class Settling(StageState):
                 usage = ctx.usage
                 tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
                 actual = (tokens if 0 <= tokens <= 2 * MAX_TOKENS else _tokens(tokens)) * AMOUNT_SCALE
+                now = time.monotonic()
                 for held in bill.tokens:
+                    if held.until <= now:  # its window ended, and its reservation with it
+                        continue
                     try:
                         store.settle_units_now(held.key, actual - held.units, WINDOW_S)
                     except StoreUnavailable:
@@ -137,8 +140,10 @@ class Settling(StageState):
         if bill.tokens:
             usage = ctx.usage
             actual = float(_tokens(usage.prompt_tokens + usage.completion_tokens) if usage is not None else 0)
+            now = time.monotonic()
             for held in bill.tokens:
-                ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S)))
+                if held.until > now:  # (else its window ended, and its reservation with it)
+                    ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S)))
         for slot in bill.slots:
             ops.append(("release", slot))
         return ops

@@ -112,6 +112,24 @@ def test_the_error_names_the_bad_field(gateway: RunningGateway) -> None:
     assert error["param"] == "temperature"
 
 
+@pytest.mark.parametrize(("body", "param"), [
+    (b'{"model": "chat"}', "messages"),
+    (b'{"model": "chat", "messages": [{"content": "x"}]}', "messages[0].role"),
+])
+def test_a_missing_field_is_the_errors_param(gateway: RunningGateway, body: bytes, param: str) -> None:
+    error = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=body).json()["error"]
+    assert error["param"] == param and "missing required field" in error["message"]
+
+
+def test_a_completion_of_no_tokens_scores_a_prompt(gateway: RunningGateway) -> None:
+    """`max_tokens: 0` with `echo` (and `logprobs`): the legacy way to score a prompt, which OpenAI takes."""
+    body = {"model": "chat", "prompt": "score me", "max_tokens": 0, "echo": True, "logprobs": 1}
+    assert httpx.post(gateway.base_url + "/completions", headers=AUTH, json=body).status_code == 200
+    body["max_tokens"] = -1
+    error = httpx.post(gateway.base_url + "/completions", headers=AUTH, json=body).json()["error"]
+    assert error["param"] == "max_tokens"
+
+
 def test_a_10_mb_body_gets_413(gateway: RunningGateway) -> None:
     big = b'{"model": "chat", "messages": [{"role": "user", "content": "' + b"a" * (10 * 1024 * 1024) + b'"}]}'
     response = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, content=big, timeout=30)

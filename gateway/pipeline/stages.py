@@ -12,6 +12,7 @@ on: they return `call_next(ctx)` unawaited, one coroutine frame fewer each (`pip
 
 from __future__ import annotations
 
+import re
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
@@ -233,6 +234,9 @@ def _too_many_bodies() -> GatewayBusy:
                        headers={"Retry-After": "1"})
 
 
+_MISSING = re.compile(r"Object missing required field `([^`]+)`")
+
+
 def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec.Struct]:
     """The body as a dict (forwarded, unknown fields and all) and as the endpoint's typed struct."""
     if not raw:
@@ -251,8 +255,12 @@ def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec
         typed = msgspec.convert(body, endpoint.request_type, str_keys=True)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
-        param = where.rstrip("`").lstrip(".") or None
-        raise InvalidRequest(f"invalid request: {message}" + (f" at `{param}`" if param else ""), param=param) from exc
+        at = where.rstrip("`").lstrip(".") or None
+        param = at
+        missing = _MISSING.match(message)  # a required field absent: the parameter is that field, where it belongs
+        if missing is not None:
+            param = f"{at}.{missing[1]}" if at else missing[1]
+        raise InvalidRequest(f"invalid request: {message}" + (f" at `{at}`" if at else ""), param=param) from exc
     return body, typed
 
 

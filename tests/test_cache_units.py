@@ -106,6 +106,37 @@ def test_a_complete_answer_splits_into_chunks_the_same_answer_comes_back_from() 
         ("one", "stop"), ("two", "length")]
 
 
+@pytest.mark.parametrize("endpoint", [CHAT, Endpoint.COMPLETIONS])
+def test_logprobs_survive_a_hit_served_in_the_other_mode(endpoint: Endpoint) -> None:
+    """Stored whole and served as a stream, or stored as a stream and served whole: the answer's logprobs come
+    with it (they read null), joined in order."""
+    chat = endpoint is CHAT
+    tokens = [{"token": t, "logprob": -0.5, "bytes": list(t.encode()), "top_logprobs": []} for t in ("Hel", "lo")]
+    def logprobs(part: list[dict[str, Any]]) -> dict[str, Any]:
+        return ({"content": part, "refusal": None} if chat else
+                {"tokens": [t["token"] for t in part], "token_logprobs": [t["logprob"] for t in part],
+                 "top_logprobs": [{} for _ in part], "text_offset": [0] * len(part)})
+    answer = ({"message": {"role": "assistant", "content": "Hello"}} if chat else {"text": "Hello"})
+    complete = {"id": "x", "object": "chat.completion" if chat else "text_completion", "created": 9, "model": "m",
+                "choices": [{"index": 0, **answer, "logprobs": logprobs(tokens), "finish_reason": "stop"}]}
+    chunks, _ = split_body(msgspec.json.encode(complete), endpoint)
+    streamed = [msgspec.json.decode(c)["choices"][0].get("logprobs") for c in chunks]
+    assert [p for p in streamed if p] == [logprobs(tokens)]
+    pieces = [("Hel", tokens[:1]), ("lo", tokens[1:])]
+    stored = [msgspec.json.encode({"id": "c1", "object": "x", "created": 1, "model": "m", "choices": [
+        {"index": 0, **({"delta": {"content": text}} if chat else {"text": text}), "logprobs": logprobs(part),
+         "finish_reason": None}]}) for text, part in pieces]
+    whole = msgspec.json.decode(assemble_body(Entry("stream", 0, chunks=stored), endpoint))
+    got = whole["choices"][0]["logprobs"]
+    assert (got["content"] if chat else got["tokens"]) == (tokens if chat else ["Hel", "lo"])
+
+
+def test_a_refusal_stream_served_whole_has_no_content() -> None:
+    chunks = [chunk({"role": "assistant", "refusal": "I can"}), chunk({"refusal": "not."}), chunk({}, "stop")]
+    message = msgspec.json.decode(assemble_body(Entry("stream", 0, chunks=chunks), CHAT))["choices"][0]["message"]
+    assert message["content"] is None and message["refusal"] == "I cannot."
+
+
 async def test_a_replay_ends_with_usage_and_done() -> None:
     source = ReplaySource(Entry("body", 0, body=b'{"id":"x","choices":[{"index":0,"message":{"content":"a"}}]}',
                                 usage=Usage(1, 1, 2)), CHAT)

@@ -47,10 +47,11 @@ def split_body(body: bytes, endpoint: Endpoint) -> tuple[list[bytes], dict[str, 
             calls = message.get("tool_calls")
             if isinstance(calls, list) and calls:
                 delta["tool_calls"] = [{"index": i, **call} for i, call in enumerate(calls) if isinstance(call, dict)]
-            first = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+            first = {"index": index, "delta": delta, "logprobs": choice.get("logprobs"), "finish_reason": None}
             last = {"index": index, "delta": {}, "logprobs": None, "finish_reason": choice.get("finish_reason")}
         else:
-            first = {"index": index, "text": choice.get("text") or "", "logprobs": None, "finish_reason": None}
+            first = {"index": index, "text": choice.get("text") or "", "logprobs": choice.get("logprobs"),
+                     "finish_reason": None}
             last = {"index": index, "text": "", "logprobs": None, "finish_reason": choice.get("finish_reason")}
         chunks.append(_encode({**base, "choices": [first]}))
         chunks.append(_encode({**base, "choices": [last]}))
@@ -79,9 +80,15 @@ def assemble_body(entry: Entry, endpoint: Endpoint) -> bytes:
 def _merge(choices: dict[int, dict[str, Any]], choice: dict[str, Any], chat: bool) -> None:
     index = choice.get("index", 0) if isinstance(choice.get("index", 0), int) else 0
     slot = choices.setdefault(index, {"index": index, "role": "assistant", "content": [], "refusal": [],
-                                      "calls": {}, "finish_reason": None})
+                                      "calls": {}, "finish_reason": None, "logprobs": None})
     if choice.get("finish_reason") is not None:
         slot["finish_reason"] = choice["finish_reason"]
+    logprobs = choice.get("logprobs")
+    if isinstance(logprobs, dict):  # each chunk's lists, joined in order (chat: `content`, `refusal`; completions:
+        joined = slot["logprobs"] = slot["logprobs"] or {}  # `tokens`, `token_logprobs`, `top_logprobs`...)
+        for name, values in logprobs.items():
+            if isinstance(values, list):
+                joined.setdefault(name, []).extend(values)
     if not chat:
         if isinstance(choice.get("text"), str):
             slot["content"].append(choice["text"])
@@ -110,13 +117,16 @@ def _merge(choices: dict[int, dict[str, Any]], choice: dict[str, Any], chat: boo
 
 def _finish(slot: dict[str, Any], chat: bool) -> dict[str, Any]:
     text = "".join(slot["content"])
+    logprobs = slot["logprobs"]
     if not chat:
-        return {"index": slot["index"], "text": text, "logprobs": None, "finish_reason": slot["finish_reason"]}
-    message: dict[str, Any] = {"role": slot["role"], "content": text if slot["content"] or not slot["calls"] else None,
+        return {"index": slot["index"], "text": text, "logprobs": logprobs, "finish_reason": slot["finish_reason"]}
+    # No content at all: null beside tool calls or a refusal, as the upstream's complete answer has it.
+    content = text if slot["content"] or not (slot["calls"] or slot["refusal"]) else None
+    message: dict[str, Any] = {"role": slot["role"], "content": content,
                                "refusal": "".join(slot["refusal"]) if slot["refusal"] else None}
     if slot["calls"]:
         message["tool_calls"] = [slot["calls"][i] for i in sorted(slot["calls"])]
-    return {"index": slot["index"], "message": message, "logprobs": None, "finish_reason": slot["finish_reason"]}
+    return {"index": slot["index"], "message": message, "logprobs": logprobs, "finish_reason": slot["finish_reason"]}
 
 
 class ReplaySource:

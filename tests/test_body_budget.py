@@ -119,7 +119,7 @@ def test_anthropic_clients_get_their_overloaded_error(gw: RunningGateway) -> Non
             assert response.status_code == 503 and response.headers["retry-after"] == "1"
             assert response.json() == {"type": "error", "error": {
                 "type": "overloaded_error", "message": "the gateway holds too many request bodies in flight; "
-                                                      "retry shortly"}}
+                                                      "retry shortly"}, "request_id": response.headers["request-id"]}
     finally:
         holder.join()
     wait_until(lambda: BODIES.held == base, "every body given back")

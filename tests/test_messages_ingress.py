@@ -10,6 +10,7 @@ both new ingresses.
 from __future__ import annotations
 
 import json
+import re
 import textwrap
 from collections.abc import Iterator
 from typing import Any
@@ -53,6 +54,12 @@ def ingress_policy(openai_url: str, anthropic_url: str) -> str:
           claude-529: {{provider: claude, model: fault-status-529}}
           guarded: {{provider: openai, model: mock-model}}
           gpt-cached: {{provider: openai, model: mock-model, cache: {{}}}}
+          gpt-nousage: {{provider: openai, model: fault-no-usage}}
+          gpt-interleaved: {{provider: openai, model: fault-interleaved-tools}}
+          gpt-odd-arguments: {{provider: openai, model: fault-odd-arguments}}
+          gpt-parts: {{provider: openai, model: fault-content-parts}}
+          gpt-riding: {{provider: openai, model: fault-usage-riding}}
+          claude-cached: {{provider: claude, model: claude-mock, cache: {{}}}}
           resp-out: {{provider: openai, model: fault-echo}}
           resp-out-tool: {{provider: openai, model: fault-echo-tool}}
           resp-pseudo: {{provider: openai, model: fault-echo}}
@@ -303,6 +310,159 @@ def test_guards_apply_to_messages(sdk: anthropic.Anthropic, upstream: MockUpstre
         ask(sdk, "guarded", "tell me about Project Falcon")
     assert "content policy" in str(caught.value) and len(upstream.requests) == before
     assert ask(sdk, "guarded", "tell me about birds").content
+
+
+def messages_events(gw: RunningGateway, body: dict[str, Any]) -> list[dict[str, Any]]:
+    """The events of a streamed `/v1/messages` answer, each `event:` line checked against its data's type."""
+    response = httpx.post(gw.url + "/v1/messages", json={**body, "stream": True}, headers={"x-api-key": FULL_KEY},
+                          timeout=10)
+    assert response.status_code == 200
+    events = []
+    for frame in response.text.split("\n\n"):
+        if frame:
+            name, data = frame.split("\n")
+            events.append(json.loads(data.removeprefix("data: ")))
+            assert name == "event: " + events[-1]["type"]
+    return events
+
+
+def assert_blocks_one_after_another(events: list[dict[str, Any]]) -> None:
+    """Anthropic's order: each content block started, given its deltas and stopped before the next one starts."""
+    open_index, last = None, -1
+    for event in events:
+        kind, index = event["type"], event.get("index")
+        if kind == "content_block_start":
+            assert open_index is None and index == last + 1, events
+            open_index = last = index
+        elif kind in ("content_block_delta", "content_block_stop"):
+            assert index == open_index, events
+            open_index = None if kind == "content_block_stop" else open_index
+    assert open_index is None
+
+
+def test_interleaved_tool_calls_reach_the_client_whole(sdk: anthropic.Anthropic, gw: RunningGateway) -> None:
+    text = "call both tools now"
+    expected = [("tool0", {"text": text}), ("tool1", {"words": 4})]
+    with sdk.messages.stream(model="gpt-interleaved", max_tokens=50, tools=[TOOL],  # type: ignore[list-item]
+                             messages=[{"role": "user", "content": text}]) as stream:
+        final = stream.get_final_message()
+    assert [(b.name, b.input) for b in final.content if b.type == "tool_use"] == expected
+    assert final.stop_reason == "tool_use"
+    plain = ask(sdk, "gpt-interleaved", text, tools=[TOOL])
+    assert [(b.name, b.input) for b in plain.content if b.type == "tool_use"] == expected
+    events = messages_events(gw, {"model": "gpt-interleaved", "max_tokens": 50, "tools": [TOOL],
+                                  "messages": [{"role": "user", "content": text}]})
+    assert_blocks_one_after_another(events)
+    assert [e["content_block"]["id"] for e in events if e["type"] == "content_block_start"] == [
+        "call_mock0", "call_mock1"]
+
+
+@pytest.mark.parametrize("alias", ["gpt-parts", "gpt-odd-arguments"])
+def test_streamed_answer_matches_the_whole_one(alias: str, sdk: anthropic.Anthropic) -> None:
+    # text sent as a list of parts, and tool arguments that are invalid JSON or an array: the same either way
+    plain = ask(sdk, alias, "text in parts", tools=[TOOL])
+    with sdk.messages.stream(model=alias, max_tokens=100, tools=[TOOL],  # type: ignore[list-item]
+                             messages=[{"role": "user", "content": "text in parts"}]) as stream:
+        final = stream.get_final_message()
+    assert [b.model_dump() for b in final.content] == [b.model_dump() for b in plain.content]
+    if alias == "gpt-parts":
+        assert [b.model_dump() for b in plain.content] == [{"type": "text", "text": "text in parts",
+                                                            "citations": None}]
+    else:
+        assert [b.input for b in plain.content if b.type == "tool_use"] == [
+            {"_raw_arguments": '{"text": '}, {"value": [1, 2]}]
+
+
+def counted_tokens(gw: RunningGateway, alias: str) -> tuple[float, float]:
+    """The prompt and completion tokens the gateway counted for `alias` so far (its token counter)."""
+    found = dict(re.findall(rf'gateway_tokens_total{{kind="(prompt|completion)",model="{alias}"}} (\S+)',
+                            gw.metrics()))
+    return float(found.get("prompt", 0)), float(found.get("completion", 0))
+
+
+@pytest.mark.parametrize("stream", [False, True, True])  # the second stream: its provider known to send no usage
+def test_usage_the_upstream_did_not_send_is_the_gateways_estimate(stream: bool, sdk: anthropic.Anthropic,
+                                                                  gw: RunningGateway) -> None:
+    before = counted_tokens(gw, "gpt-nousage")
+    if stream:
+        with sdk.messages.stream(model="gpt-nousage", max_tokens=50,
+                                 messages=[{"role": "user", "content": "count me please"}]) as streamed:
+            usage = streamed.get_final_message().usage
+    else:
+        usage = ask(sdk, "gpt-nousage", "count me please").usage
+    after = counted_tokens(gw, "gpt-nousage")
+    assert usage.input_tokens > 0 and usage.output_tokens > 0
+    assert (usage.input_tokens, usage.output_tokens) == (after[0] - before[0], after[1] - before[1])
+
+
+def test_stream_usage_on_the_last_content_chunk_keeps_the_cache_split(sdk: anthropic.Anthropic) -> None:
+    plain = ask(sdk, "gpt-riding", "a b c d e f").usage
+    with sdk.messages.stream(model="gpt-riding", max_tokens=50,
+                             messages=[{"role": "user", "content": "a b c d e f"}]) as stream:
+        streamed = stream.get_final_message().usage
+    assert plain.cache_read_input_tokens and plain.input_tokens
+    assert (streamed.input_tokens, streamed.output_tokens, streamed.cache_read_input_tokens,
+            streamed.cache_creation_input_tokens) == (plain.input_tokens, plain.output_tokens,
+                                                      plain.cache_read_input_tokens, plain.cache_creation_input_tokens)
+
+
+def test_anthropic_cache_tokens_survive_a_streamed_gateway_cache_hit(gw: RunningGateway) -> None:
+    body = {"model": "claude-cached", "max_tokens": 100, "temperature": 0,
+            "messages": [{"role": "user", "content": "cache this one"}]}
+    miss = httpx.post(gw.url + "/v1/messages", json=body, headers={"x-api-key": FULL_KEY}, timeout=10)
+    assert miss.headers["x-gateway-cache"] == "miss"  # stored whole, then served to a stream
+    hit = httpx.post(gw.url + "/v1/messages", json={**body, "stream": True}, headers={"x-api-key": FULL_KEY},
+                     timeout=10)
+    assert hit.headers["x-gateway-cache"] == "hit"
+    usage = next(json.loads(line[6:])["usage"] for line in hit.text.splitlines() if line.startswith("data: ")
+                 and '"message_delta"' in line)
+    assert (usage["cache_read_input_tokens"], usage["cache_creation_input_tokens"]) == (CACHE_READ, CACHE_WRITE)
+    assert usage == miss.json()["usage"]
+
+
+IMAGE = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}
+
+
+def screenshot_turns(result: list[dict[str, Any]]) -> list[Any]:
+    return [{"role": "user", "content": "take a screenshot"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "echo", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": result}]}]
+
+
+def test_tool_result_image_reaches_an_anthropic_upstream_inside_the_result(sdk: anthropic.Anthropic,
+                                                                           claude_mock: MockAnthropic) -> None:
+    result = [{"type": "text", "text": "the screen"}, IMAGE]
+    assert sdk.messages.create(model="claude", max_tokens=10, tools=[TOOL],  # type: ignore[list-item]
+                               messages=screenshot_turns(result)).content
+    sent = claude_mock.requests[-1].json["messages"][-1]["content"]
+    assert sent == [{"type": "tool_result", "tool_use_id": "toolu_1", "content": result}]
+
+
+def test_tool_result_image_reaches_an_openai_upstream_as_it_is(sdk: anthropic.Anthropic,
+                                                               upstream: MockUpstream) -> None:
+    # OpenAI's own API takes only text in a tool message (and says so in its 400); other servers read images there
+    sdk.messages.create(model="gpt", max_tokens=10, tools=[TOOL],  # type: ignore[list-item]
+                        messages=screenshot_turns([IMAGE]))
+    assert upstream.requests[-1].json["messages"][2] == {"role": "tool", "tool_call_id": "toolu_1", "content": [
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}
+
+
+def test_request_id_where_the_anthropic_sdk_reads_it(sdk: anthropic.Anthropic, gw: RunningGateway) -> None:
+    raw = sdk.messages.with_raw_response.create(model="gpt", max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert raw.parse()._request_id == raw.headers["x-request-id"]
+    with sdk.messages.stream(model="gpt", max_tokens=10, messages=[{"role": "user", "content": "x"}]) as stream:
+        assert stream.response.headers["request-id"] == stream.response.headers["x-request-id"]
+    counted = sdk.messages.with_raw_response.count_tokens(model="gpt", messages=[{"role": "user", "content": "x"}])
+    assert counted.request_id == counted.headers["x-request-id"]
+    for refused in (lambda: ask(sdk, "nope"), lambda: sdk.messages.count_tokens(
+            model="nope", messages=[{"role": "user", "content": "x"}])):
+        with pytest.raises(anthropic.NotFoundError) as caught:
+            refused()
+        request_id = caught.value.response.headers["x-request-id"]
+        assert caught.value.request_id == request_id and caught.value.body["request_id"] == request_id  # type: ignore[index]
+    chat = httpx.post(gw.base_url + "/chat/completions", headers=AUTH, timeout=10,
+                      json={"model": "gpt", "messages": [{"role": "user", "content": "x"}]})
+    assert "request-id" not in chat.headers and "x-request-id" in chat.headers  # OpenAI's endpoints: unchanged
 
 
 # -- /v1/responses ------------------------------------------------------------------------------------

@@ -13,9 +13,10 @@ from gateway.errors import InvalidRequest, UpstreamError
 from gateway.policy import PolicyError, compile_text
 from gateway.policy.provider_schema import AnthropicSpec, AzureSpec
 from gateway.schemas.events import Chunk, StreamDone, StreamError, UsageReport
-from gateway.schemas.openai import Usage
-from gateway.translate.anthropic_ingress import MessagesStream, chat_request
-from gateway.translate.chat_to_anthropic import AnthropicEvents, anthropic_request
+from gateway.schemas.openai import PromptTokensDetails, Usage
+from gateway.translate.anthropic_answer import MessagesStream, messages_response
+from gateway.translate.anthropic_ingress import chat_request
+from gateway.translate.chat_to_anthropic import AnthropicEvents, anthropic_request, chat_usage
 from gateway.translate.chat_to_gemini import GeminiEvents, gemini_request
 from gateway.translate.common import StreamProtocolError
 
@@ -95,7 +96,8 @@ def test_anthropic_events_translate_as_they_arrive() -> None:
     finish = events.feed(event("message_delta", delta={"stop_reason": "tool_use"}, usage={"output_tokens": 7}))
     assert isinstance(finish[0], Chunk) and finish[0].data()["choices"][0]["finish_reason"] == "tool_calls"
     last = events.feed(event("message_stop"))
-    assert isinstance(last[0], UsageReport) and last[0].usage == Usage(7, 7, 14) and isinstance(last[1], StreamDone)
+    assert isinstance(last[0], UsageReport) and isinstance(last[1], StreamDone)
+    assert last[0].usage == Usage(7, 7, 14, PromptTokensDetails(cached_tokens=2, cache_write_tokens=0))
 
 
 @pytest.mark.parametrize("sequence", [
@@ -188,6 +190,142 @@ def test_messages_stream_frames_text_then_a_tool_call() -> None:
                      "message_stop"]
     delta = json.loads(next(line[6:] for line in lines if '"message_delta"' in line))
     assert delta["delta"]["stop_reason"] == "tool_use" and delta["usage"] == {"input_tokens": 3, "output_tokens": 4}
+
+
+def chat_chunk(delta: dict[str, Any], finish: str | None = None, **extra: Any) -> Chunk:
+    return Chunk.of({"id": "chatcmpl-1", "choices": [{"index": 0, "delta": delta, "finish_reason": finish}], **extra})
+
+
+def call_piece(index: int, arguments: str, name: str | None = None) -> Chunk:
+    call: dict[str, Any] = {"index": index, "function": {"arguments": arguments}}
+    if name is not None:
+        call.update(id=f"c{index}", type="function", function={"name": name, "arguments": arguments})
+    return chat_chunk({"tool_calls": [call]})
+
+
+def framed(out: bytes) -> list[dict[str, Any]]:
+    """The events of framed bytes, each `event:` line checked against its data's type."""
+    events = []
+    for frame in out.decode().split("\n\n"):
+        if frame:
+            name, data = frame.split("\n")
+            events.append(json.loads(data.removeprefix("data: ")))
+            assert name == "event: " + events[-1]["type"]
+    return events
+
+
+def test_messages_stream_writes_interleaved_tool_calls_whole_one_block_after_another() -> None:
+    framer = MessagesStream("alias")
+    out = framer.frame([chat_chunk({"role": "assistant", "content": "Let me"}), chat_chunk({"content": " look."}),
+                        call_piece(0, '{"x":', "get"), call_piece(1, '{"y":', "put"), call_piece(0, " 1}"),
+                        chat_chunk({"content": "And then"}), call_piece(1, " 2}"), chat_chunk({}, "tool_calls"),
+                        StreamDone()])
+    events = framed(out)
+    assert [(e["type"], e.get("index")) for e in events] == [
+        ("message_start", None),
+        ("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0), ("content_block_stop", 0),
+        ("content_block_start", 1), ("content_block_delta", 1), ("content_block_stop", 1),
+        ("content_block_start", 2), ("content_block_delta", 2), ("content_block_stop", 2),
+        ("content_block_start", 3), ("content_block_delta", 3), ("content_block_stop", 3),
+        ("message_delta", None), ("message_stop", None)]
+    starts = [e["content_block"] for e in events if e["type"] == "content_block_start"]
+    deltas = [e["delta"] for e in events if e["type"] == "content_block_delta"]
+    assert [(s["type"], s.get("id"), s.get("name")) for s in starts] == [
+        ("text", None, None), ("tool_use", "c0", "get"), ("tool_use", "c1", "put"), ("text", None, None)]
+    assert [d.get("text", d.get("partial_json")) for d in deltas] == ["Let me", " look.", '{"x":1}', '{"y":2}',
+                                                                      "And then"]
+
+
+def test_messages_stream_text_before_a_tool_call_goes_as_it_comes() -> None:
+    framer = MessagesStream("alias")
+    first = framed(framer.frame([chat_chunk({"role": "assistant", "content": "Hi"})]))
+    assert [e["type"] for e in first] == ["message_start", "content_block_start", "content_block_delta"]
+    held = framer.frame([call_piece(0, "{", "f")])
+    assert [e["type"] for e in framed(held)] == ["content_block_stop"]  # the text is over; the call is held
+    assert framer.frame([call_piece(0, "}")]) == b""
+
+
+@pytest.mark.parametrize(("arguments", "expected"), [
+    (['{"a": ', "1}"], {"a": 1}), (['{"a": '], {"_raw_arguments": '{"a": '}), (["[1,", "2]"], {"value": [1, 2]}),
+    ([], {}),
+])
+def test_messages_stream_tool_input_is_the_whole_answers(arguments: list[str], expected: dict[str, Any]) -> None:
+    framer = MessagesStream("alias")
+    pieces = [call_piece(0, arguments[0] if arguments else "", "f"), *(call_piece(0, a) for a in arguments[1:])]
+    events = framed(framer.frame([*pieces, chat_chunk({}, "tool_calls"), StreamDone()]))
+    partial = next(e["delta"]["partial_json"] for e in events if e["type"] == "content_block_delta")
+    assert json.loads(partial) == expected
+    body = json.dumps({"id": "chatcmpl-1", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "tool_calls": [{"id": "c0", "function": {"name": "f",
+                                                                      "arguments": "".join(arguments)}}]}}]})
+    assert json.loads(messages_response(body.encode(), "alias"))["content"][0]["input"] == expected
+
+
+def test_messages_stream_pings_while_it_holds_blocks() -> None:
+    framer = MessagesStream("alias")
+    framer.frame([call_piece(0, "", "f")])
+    quiet = [framer.frame([call_piece(0, "x")]) for _ in range(200)]
+    pings = [out for out in quiet if out]
+    assert len(pings) == 3 and all(framed(out) == [{"type": "ping"}] for out in pings)
+
+
+def test_messages_stream_usage_on_a_content_chunk_keeps_the_cache_split() -> None:
+    usage = {"prompt_tokens": 100, "completion_tokens": 5, "total_tokens": 105,
+             "prompt_tokens_details": {"cached_tokens": 80, "cache_write_tokens": 10}}
+    framer = MessagesStream("alias")
+    typed = msgspec.convert(usage, Usage)
+    out = framer.frame([chat_chunk({"content": "hey"}), chat_chunk({}, "stop", usage=usage),
+                        UsageReport(typed), StreamDone()])  # the usage rode on a content chunk: no payload
+    delta = next(e for e in framed(out) if e["type"] == "message_delta")
+    split = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 80, "cache_creation_input_tokens": 10}
+    assert delta["usage"] == split
+    assert json.loads(messages_response(json.dumps({"choices": [], "usage": usage}).encode(), "a"))["usage"] == split
+
+
+def test_messages_answers_report_the_estimate_when_the_upstream_sent_no_usage() -> None:
+    framer = MessagesStream("alias", lambda: Usage(12, 3, 15))
+    out = framer.frame([chat_chunk({"content": "hey"}, "stop"), StreamDone()])
+    assert next(e for e in framed(out) if e["type"] == "message_delta")["usage"] == {"input_tokens": 12,
+                                                                                     "output_tokens": 3}
+    reported = MessagesStream("alias", lambda: Usage(12, 3, 15))
+    out = reported.frame([chat_chunk({"content": "hey"}, "stop"), UsageReport(Usage(7, 2, 9)), StreamDone()])
+    assert next(e for e in framed(out) if e["type"] == "message_delta")["usage"] == {"input_tokens": 7,
+                                                                                     "output_tokens": 2}
+    body = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": [
+        {"type": "text", "text": "in "}, {"type": "text", "text": "parts"}]}, "finish_reason": "stop"}]}).encode()
+    answer = json.loads(messages_response(body, "alias", Usage(12, 3, 15)))
+    assert answer["usage"] == {"input_tokens": 12, "output_tokens": 3}
+    assert answer["content"] == [{"type": "text", "text": "in parts"}]
+
+
+def test_tool_result_images_become_image_parts_of_the_tool_message() -> None:
+    image = {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBO"}}
+    part = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBO"}}
+
+    def tool_message(result: dict[str, Any]) -> Any:
+        raw = msgspec.json.encode({"model": "a", "max_tokens": 5, "messages": [
+            {"role": "user", "content": "q"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "f", "input": {}}]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "t1", **result}]}]})
+        return chat_request(raw)[0]["messages"][2]["content"]
+
+    assert tool_message({"content": [{"type": "text", "text": "a"}, image]}) == [{"type": "text", "text": "a"}, part]
+    assert tool_message({"content": [image], "is_error": True}) == [{"type": "text", "text": "Error:"}, part]
+    assert tool_message({"content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}) == "a\n\nb"
+    with pytest.raises(InvalidRequest):
+        tool_message({"content": [{"type": "document"}]})
+    sent = anthropic_request({"model": "m", "max_tokens": 5, "messages": [
+        user("q"), {"role": "assistant", "tool_calls": [{"id": "t1", "function": {"name": "f", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "t1", "content": [part]}]}, 10, T)
+    assert sent["messages"][2]["content"] == [{"type": "tool_result", "tool_use_id": "t1", "content": [image]}]
+
+
+def test_anthropic_usage_keeps_its_cache_details_in_the_gateways_usage() -> None:
+    usage, shape = chat_usage({"input_tokens": 5, "cache_read_input_tokens": 3, "cache_creation_input_tokens": 2,
+                               "output_tokens": 4})
+    assert (usage.prompt_tokens, usage.cached_tokens, usage.cache_write_tokens) == (10, 3, 2)
+    assert shape["prompt_tokens_details"] == {"cached_tokens": 3, "cache_write_tokens": 2}
+    assert chat_usage({"input_tokens": 5, "output_tokens": 4})[0] == Usage(5, 4, 9)  # no details: none
 
 
 # -- policy -------------------------------------------------------------------------------------------

@@ -8,12 +8,17 @@ Anthropic's format here. `count_tokens` needs no upstream: it checks the key and
 the alias like any request and answers with the gateway's own count (tiktoken,
 the same estimate accounting uses when an upstream reports none), in a thread
 when the body is large, so that a long count does not hold up other requests.
+
+Both answer with the request id also as `request-id` (and errors with `request_id`
+in the body), where the Anthropic SDK reads it (`message._request_id`,
+`APIStatusError.request_id`); `x-request-id` stays, as on every answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from functools import partial
 from typing import Any, Protocol
 
 import msgspec
@@ -24,14 +29,11 @@ from ..pipeline.context import RequestContext
 from ..pipeline.dialect import StreamFramer
 from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
 from ..runtime import Runtime
-from ..telemetry.tokens import TokenCounter
-from ..translate.anthropic_ingress import (
-    MessagesStream,
-    anthropic_error_body,
-    chat_request,
-    count_tokens_request,
-    messages_response,
-)
+from ..schemas.openai import Usage
+from ..telemetry.tokens import TokenCounter, message_text
+from ..telemetry.usage import CountTokens
+from ..translate.anthropic_answer import MessagesStream, messages_response
+from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
 from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
 
 __all__ = ["CountTokensEndpoint", "MessagesDialect"]
@@ -39,6 +41,8 @@ __all__ = ["CountTokensEndpoint", "MessagesDialect"]
 _encode = msgspec.json.Encoder().encode
 log = logging.getLogger("gateway.proxy")
 _OFF_LOOP_BYTES = 64 * 1024  # a larger body is counted in a thread (as `telemetry.usage` counts large texts)
+_REQUEST_ID = b"request-id"  # the header the Anthropic SDK reads the request id from
+_MESSAGE_OVERHEAD = 3  # as `telemetry.usage` estimates a prompt: tokens per message, and for the reply's priming
 
 
 class MessagesDialect:
@@ -50,13 +54,48 @@ class MessagesDialect:
         return chat_request(raw)
 
     def reply(self, ctx: RequestContext, body: bytes) -> bytes:
-        return messages_response(body, ctx.alias_label)
+        _identify(ctx)
+        return messages_response(body, ctx.alias_label, ctx.usage if ctx.usage_estimated else None)
 
     def framer(self, ctx: RequestContext) -> StreamFramer:
-        return MessagesStream(ctx.alias_label)
+        _identify(ctx)
+        return MessagesStream(ctx.alias_label, partial(_stream_estimate, ctx))
 
     def error_body(self, error: GatewayError) -> bytes:
         return anthropic_error_body(error)
+
+    def error_reply(self, error: GatewayError, request_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
+        """An error's body and its headers beyond the edge's own, with the request id where the SDK reads it."""
+        return anthropic_error_body(error, request_id), [(_REQUEST_ID, request_id.encode())]
+
+
+def _identify(ctx: RequestContext) -> None:
+    """The request id as `request-id` on the answer's head, beside the headers the stages set."""
+    ctx.headers = [*(ctx.headers or ()), (_REQUEST_ID, ctx.request_id.encode())]
+
+
+def _stream_estimate(ctx: RequestContext) -> Usage | None:
+    """A stream's usage when its upstream sent none, as `telemetry.usage.CountTokens` estimates it (whose end hook
+    runs only once the last event is written): the prompt's text with the gateway's counter plus 3 tokens a
+    message and the reply's priming; the answer's text when it was collected, else its chunk count."""
+    messages = ctx.body.get("messages")
+    if ctx.usage is not None or ctx.provider is None or not isinstance(messages, list):
+        return None
+    counter = _gateway_counter(ctx)
+    if counter is None:
+        return None
+    prompt = counter.count("\n".join(message_text(messages))) + _MESSAGE_OVERHEAD * (len(messages) + 1)
+    collected = ctx.answer_text
+    completion = counter.count(collected.text()) if collected is not None else ctx.chunks
+    return Usage(prompt, completion, prompt + completion)
+
+
+def _gateway_counter(ctx: RequestContext) -> TokenCounter | None:
+    """The counter the request's pipeline estimates usage with (its `CountTokens` stage's: encodings loaded)."""
+    for stage in ctx.runtime.pipeline.stages:
+        if isinstance(stage, CountTokens):
+            return stage.tokens
+    return None
 
 
 class TokensHost(Protocol):
@@ -77,18 +116,23 @@ class CountTokensEndpoint:
         runtime = self.host.acquire_runtime()
         try:
             body = await self._count(scope, receive, headers, runtime)
+            request_id = headers.request_id.encode()
             await send_body(send, 200, [(b"content-type", JSON), (b"content-length", str(len(body)).encode()),
-                                        (b"x-request-id", headers.request_id.encode())], body)
+                                        (b"x-request-id", request_id), (_REQUEST_ID, request_id)], body)
         except ClientGone:
             pass
         except GatewayError as exc:
-            await send_error(send, exc, headers.request_id, body=anthropic_error_body(exc))
+            await self._error(send, exc, headers.request_id)
         except Exception:
             log.exception("unhandled error", extra={"fields": {"request_id": headers.request_id}})
-            bug = InternalError("the gateway failed to handle this request")
-            await send_error(send, bug, headers.request_id, body=anthropic_error_body(bug))
+            await self._error(send, InternalError("the gateway failed to handle this request"), headers.request_id)
         finally:
             runtime.release()
+
+    @staticmethod
+    async def _error(send: Any, error: GatewayError, request_id: str) -> None:
+        await send_error(send, error, request_id, (_REQUEST_ID, request_id.encode()),
+                         body=anthropic_error_body(error, request_id))
 
     async def _count(self, scope: Any, receive: Any, headers: RequestHeaders, runtime: Runtime) -> bytes:
         policy = runtime.policy

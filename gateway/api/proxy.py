@@ -136,18 +136,18 @@ class ProxyEndpoint:
             task.uncancel()
             if life.reason == "shutdown" and not life.response_started:
                 cut = ShuttingDown("the gateway is shutting down; retry")
-                await _send_quietly(send_error(send, cut, request_id, version, body=_error_body(dialect, cut)))
+                await _send_quietly(_send_error(send, cut, request_id, version, dialect))
         except ClientGone:
             pass
         except GatewayError as exc:
-            await send_error(send, exc, request_id, version, body=_error_body(dialect, exc))
+            await _send_error(send, exc, request_id, version, dialect)
         except Exception as exc:
             if isinstance(exc, (OSError, RuntimeError)) and connection_gone(send):
                 life.reason = life.reason or "client_gone"  # a write to a connection lost meanwhile: no one to tell
             else:
                 log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
                 bug = InternalError("the gateway failed to handle this request")
-                await send_error(send, bug, request_id, version, body=_error_body(dialect, bug))
+                await _send_error(send, bug, request_id, version, dialect)
         finally:
             life.stop()
             host.active.discard(life)
@@ -196,8 +196,16 @@ def routing_headers(ctx: RequestContext) -> list[tuple[bytes, bytes]]:
     return [target.header, attempts, (b"x-gateway-fallback-reason", ctx.fallback_reason.encode())]
 
 
-def _error_body(dialect: Dialect | None, error: GatewayError) -> bytes | None:
-    return dialect.error_body(error) if dialect is not None else None
+async def _send_error(send: Any, error: GatewayError, request_id: str, version: tuple[bytes, bytes],
+                      dialect: Dialect | None) -> None:
+    """The error reply: OpenAI's, or the client's API's envelope, with the request id where its SDK reads it when
+    the dialect says where (`error_reply(error, request_id)`: the body and headers; Anthropic's `request-id`)."""
+    if dialect is None:
+        await send_error(send, error, request_id, version)
+        return
+    error_reply = getattr(dialect, "error_reply", None)
+    body, extra = error_reply(error, request_id) if error_reply is not None else (dialect.error_body(error), [])
+    await send_error(send, error, request_id, version, *extra, body=body)
 
 
 async def _send_quietly(sending: Any) -> None:

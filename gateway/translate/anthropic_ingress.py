@@ -14,25 +14,21 @@ an assistant's `tool_calls`; tools, `tool_choice`, `stop_sequences`,
 and `top_k` travel as they are (an Anthropic upstream uses them). Blocks with no
 Chat Completions form (documents, search results, server tools) are a 400.
 
-Stream: `MessagesStream` writes Anthropic's event sequence (message_start,
-content_block_start / delta / stop, message_delta with the usage, message_stop)
-from the chat chunks as they come, one block per text run or tool call.
+The answer, complete (`messages_response`) or streamed (`MessagesStream`), is
+translated back in `anthropic_answer.py`.
 """
 
 from __future__ import annotations
 
-import secrets
 from typing import Any
 
 import msgspec
 
 from ..errors import GatewayError, InvalidRequest
 from ..pipeline.stages import TOO_DEEP, check_depth
-from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChatRequest, Usage
-from .common import parse_arguments
+from ..schemas.openai import ChatRequest
 
-__all__ = ["MessagesStream", "anthropic_error_body", "chat_request", "error_type", "messages_response"]
+__all__ = ["anthropic_error_body", "chat_request", "count_tokens_request", "error_type"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -70,8 +66,12 @@ def error_type(error: GatewayError) -> str:
     return _ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
 
 
-def anthropic_error_body(error: GatewayError) -> bytes:
-    return _encode({"type": "error", "error": {"type": error_type(error), "message": error.message}})
+def anthropic_error_body(error: GatewayError, request_id: str | None = None) -> bytes:
+    """Anthropic's error envelope; with `request_id`, which the Anthropic SDK shows with the error."""
+    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(error), "message": error.message}}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return _encode(body)
 
 
 def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
@@ -184,10 +184,10 @@ def _message(message: Any, index: int) -> list[dict[str, Any]]:
                 "name": block.get("name"), "arguments": _encode(block.get("input") or {}).decode()}})
         elif kind == "tool_result" and role == "user":
             inner = block.get("content")
-            text = inner if isinstance(inner, str) else _texts(inner or [], f"{at}.content")
+            result = inner if isinstance(inner, str) else _result_content(inner or [], f"{at}.content")
             if block.get("is_error"):
-                text = f"Error: {text}"
-            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id")), "content": text})
+                result = _as_error(result)
+            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id")), "content": result})
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # the model's own reasoning: Chat Completions has no place for it in the history
         else:
@@ -202,6 +202,36 @@ def _message(message: Any, index: int) -> list[dict[str, Any]]:
     elif parts:
         out.append({"role": "user", "content": parts})
     return out
+
+
+def _result_content(blocks: Any, where: str) -> str | list[dict[str, Any]]:
+    """A `tool_result`'s blocks as a `tool` message's content: their text joined, as every upstream takes it; with
+    an image among them, text and `image_url` parts, which an Anthropic upstream gets back inside its
+    `tool_result` (an OpenAI-compatible upstream gets them as they are: OpenAI's own API refuses them there)."""
+    if not isinstance(blocks, list):
+        raise InvalidRequest(f"`{where}` must be a string or a list of text and image blocks", param=where)
+    parts: list[dict[str, Any]] = []
+    for position, block in enumerate(blocks):
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text" and isinstance(block.get("text"), str):
+            parts.append({"type": "text", "text": block["text"]})
+        elif kind == "image" and isinstance(block.get("source"), dict):
+            url = _image_url(block["source"], f"{where}.{position}")
+            parts.append({"type": "image_url", "image_url": {"url": url}})
+        else:
+            raise InvalidRequest(f"`{where}` may hold only text and image blocks", param=where)
+    if all(part["type"] == "text" for part in parts):
+        return "\n\n".join(part["text"] for part in parts)
+    return parts
+
+
+def _as_error(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]:
+    """An `is_error` result: Chat Completions has no flag for it, so its text says it."""
+    if isinstance(content, str):
+        return f"Error: {content}"
+    if content and content[0]["type"] == "text":
+        return [{"type": "text", "text": f"Error: {content[0]['text']}"}, *content[1:]]
+    return [{"type": "text", "text": "Error:"}, *content]
 
 
 def _plain(parts: list[dict[str, Any]]) -> str | None:
@@ -224,151 +254,3 @@ def _tool(tool: Any, index: int) -> dict[str, Any]:
     if tool.get("description"):
         function["description"] = tool["description"]
     return {"type": "function", "function": function}
-
-
-# -- the answer ---------------------------------------------------------------------------------------
-
-
-def _anthropic_usage(usage: Any) -> dict[str, Any]:
-    if not isinstance(usage, dict):
-        return {"input_tokens": 0, "output_tokens": 0}
-    found = usage.get("prompt_tokens_details")
-    details: dict[str, Any] = found if isinstance(found, dict) else {}
-    read = details.get("cached_tokens") or 0
-    written = details.get("cache_write_tokens") or 0
-    prompt = usage.get("prompt_tokens") or 0
-    out = {"input_tokens": max(0, prompt - read - written), "output_tokens": usage.get("completion_tokens") or 0}
-    if read or written:
-        out["cache_read_input_tokens"] = read
-        out["cache_creation_input_tokens"] = written
-    return out
-
-
-def _usage_shape(usage: Usage | None) -> dict[str, Any]:
-    if usage is None:
-        return {"input_tokens": 0, "output_tokens": 0}
-    return {"input_tokens": usage.prompt_tokens, "output_tokens": usage.completion_tokens}
-
-
-def _message_id(chat_id: Any) -> str:
-    text = str(chat_id) if isinstance(chat_id, str) else ""
-    return text if text.startswith("msg_") else "msg_" + (text.removeprefix("chatcmpl-") or secrets.token_hex(12))
-
-
-def messages_response(body: bytes, alias: str) -> bytes:
-    """A `chat.completion` as Anthropic's `message` (the model named as the client asked for it)."""
-    data = _decode(body)
-    choice = (data.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
-    content: list[dict[str, Any]] = []
-    if isinstance(message.get("content"), str) and message["content"]:
-        content.append({"type": "text", "text": message["content"]})
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
-                        "input": _tool_input(function.get("arguments"))})
-    return _encode({
-        "id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": alias,
-        "content": content, "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
-        "stop_sequence": None, "usage": _anthropic_usage(data.get("usage")),
-    })
-
-
-def _tool_input(arguments: Any) -> Any:
-    try:
-        value = parse_arguments(arguments, "tool_calls")
-    except InvalidRequest:
-        return {"_raw_arguments": arguments}  # the model wrote invalid JSON: kept, visibly, rather than lost
-    return value if isinstance(value, dict) else {"value": value}
-
-
-def _event(kind: str, data: dict[str, Any]) -> bytes:
-    return b"event: " + kind.encode() + b"\ndata: " + _encode({"type": kind, **data}) + b"\n\n"
-
-
-class MessagesStream:
-    """Per stream: chat chunks in, Anthropic's SSE event sequence out (framed, ready to send)."""
-
-    __slots__ = ("_alias", "_block", "_finish", "_index", "_started", "_stopped", "_tools", "_usage")
-
-    def __init__(self, alias: str) -> None:
-        self._alias = alias
-        self._started = False
-        self._stopped = False
-        self._index = -1  # the open content block (-1: none)
-        self._block: str | None = None  # "text", or "tool:<n>" for the chat tool call n
-        self._tools: set[int] = set()
-        self._finish: str | None = None
-        self._usage: dict[str, Any] | None = None
-
-    def frame(self, events: list[StreamEvent]) -> bytes:
-        out: list[bytes] = []
-        for event in events:
-            if isinstance(event, Chunk):
-                self._chunk(event.data(), out)
-            elif isinstance(event, UsageReport):
-                self._usage = _anthropic_usage(_decode(event.payload).get("usage")) if event.payload else \
-                    _usage_shape(event.usage)
-            elif isinstance(event, StreamError):
-                out.append(_event("error", {"error": {"type": error_type(event.error),
-                                                      "message": event.error.message}}))
-                self._stopped = True
-            elif not self._stopped:
-                self._start(out, None)
-                self._close(out)
-                usage = self._usage or {"input_tokens": 0, "output_tokens": 0}
-                out.append(_event("message_delta", {
-                    "delta": {"stop_reason": STOP_REASONS.get(str(self._finish), "end_turn"), "stop_sequence": None},
-                    "usage": usage}))
-                out.append(_event("message_stop", {}))
-                self._stopped = True
-        return b"".join(out)
-
-    def _start(self, out: list[bytes], chat_id: Any) -> None:
-        if not self._started:
-            self._started = True
-            out.append(_event("message_start", {"message": {
-                "id": _message_id(chat_id), "type": "message", "role": "assistant", "model": self._alias,
-                "content": [], "stop_reason": None, "stop_sequence": None,
-                "usage": {"input_tokens": 0, "output_tokens": 0}}}))
-
-    def _close(self, out: list[bytes]) -> None:
-        if self._block is not None:
-            out.append(_event("content_block_stop", {"index": self._index}))
-            self._block = None
-
-    def _open(self, out: list[bytes], block: str, content: dict[str, Any]) -> None:
-        self._close(out)
-        self._index += 1
-        self._block = block
-        out.append(_event("content_block_start", {"index": self._index, "content_block": content}))
-
-    def _chunk(self, data: dict[str, Any], out: list[bytes]) -> None:
-        self._start(out, data.get("id"))
-        for choice in data.get("choices") or ():
-            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
-            delta = choice.get("delta") or {}
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                if self._block != "text":
-                    self._open(out, "text", {"type": "text", "text": ""})
-                out.append(_event("content_block_delta", {"index": self._index,
-                                                          "delta": {"type": "text_delta", "text": text}}))
-            for call in delta.get("tool_calls") or ():
-                position = call.get("index", 0)
-                function = call.get("function") or {}
-                if position not in self._tools:
-                    self._tools.add(position)
-                    self._open(out, f"tool:{position}", {"type": "tool_use", "id": call.get("id"),
-                                                         "name": function.get("name"), "input": {}})
-                elif self._block != f"tool:{position}":
-                    continue  # a piece of a tool call whose block is closed: Messages cannot reopen it
-                arguments = function.get("arguments")
-                if isinstance(arguments, str) and arguments:
-                    out.append(_event("content_block_delta", {
-                        "index": self._index, "delta": {"type": "input_json_delta", "partial_json": arguments}}))
-            if choice.get("finish_reason"):
-                self._finish = choice["finish_reason"]
-        if isinstance(data.get("usage"), dict):
-            self._usage = _anthropic_usage(data["usage"])

@@ -31,7 +31,7 @@ import msgspec
 
 from ..errors import GatewayError, InvalidRequest
 from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import Usage
+from ..schemas.openai import PromptTokensDetails, Usage
 from .common import ChunkWriter, StreamProtocolError, data_url, json_instruction, parse_arguments, unsupported
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "anthropic_request", "chat_completion", "chat_usage"]
@@ -229,7 +229,8 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
 
 
 def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
-    """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object (with cache reads and writes)."""
+    """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object, both with the cache reads and
+    writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports)."""
     fresh = _int(usage.get("input_tokens"))
     read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))
@@ -237,7 +238,8 @@ def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     prompt = fresh + read + written
     shape = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
              "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written}}
-    return Usage(prompt, output, prompt + output), shape
+    details = PromptTokensDetails(cached_tokens=read, cache_write_tokens=written) if read or written else None
+    return Usage(prompt, output, prompt + output, details), shape
 
 
 def _int(value: Any) -> int:

@@ -24,6 +24,12 @@ a redirect to ``/v1/redirected`` on this server (recorded if anyone follows it),
 a stream whose body ends cleanly after the role chunk and <n> content chunks (no
 finish reason, no [DONE]), ``no-done`` a whole stream without its [DONE].
 
+Chat answers other servers send (``_odd_chat_answer``): ``interleaved-tools`` two tool
+calls whose streamed pieces alternate (call 0, 1, 0, 1), ``odd-arguments`` two tool
+calls whose arguments are invalid JSON and a JSON array, ``content-parts`` the text
+as a list of text parts, ``usage-riding`` the usage (with cached tokens) on the
+stream's last content chunk instead of a usage-only chunk.
+
 Run ``python -m tests.support.mock_upstream --port 9999`` to try it by hand.
 """
 
@@ -89,7 +95,7 @@ _FAULT_RE = re.compile(
     r"|error-trickle)-(\d+)"
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
     r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked|cached-reasoning"
-    r"|split-context-length|empty-stream|no-done)"
+    r"|split-context-length|empty-stream|no-done|interleaved-tools|odd-arguments|content-parts|usage-riding)"
     r"|fault-retry-after-raw-((?:[0-9a-f]{2})+)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
@@ -573,6 +579,61 @@ async def _deliver_tool_echo(request: web.BaseRequest, body: dict[str, Any], tex
     return await _deliver_stream(request, answer, None)
 
 
+ODD_CHAT_ANSWERS = ("interleaved-tools", "odd-arguments", "content-parts", "usage-riding")
+ODD_ARGUMENTS = ('{"text": ', "[1, 2]")  # fault-odd-arguments: invalid JSON (cut short), then an array
+
+
+def _odd_chat_answer(kind: str, body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
+    """A chat answer as some servers write it (see the module's docstring), whole or streamed. The echoed text
+    is the answer's text, or the first tool call's `{"text": ...}`; `interleaved-tools`' second call is
+    `{"words": <how many>}`."""
+    text = " ".join(words)
+    base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model"), "system_fingerprint": "fp_mock"}
+    usage = chat_usage(chat_prompt_tokens(body.get("messages")), len(words), details=kind == "usage-riding")
+    arguments = {"interleaved-tools": [json.dumps({"text": text}), json.dumps({"words": len(words)})],
+                 "odd-arguments": list(ODD_ARGUMENTS)}.get(kind)
+    calls = [{"id": f"call_mock{i}", "type": "function", "function": {"name": f"tool{i}", "arguments": given}}
+             for i, given in enumerate(arguments or ())]
+    finish = "tool_calls" if calls else "stop"
+    if not body.get("stream"):
+        content: Any = [{"type": "text", "text": text}] if kind == "content-parts" else text
+        message = {"role": "assistant", "content": None if calls else content, "refusal": None,
+                   **({"tool_calls": calls} if calls else {})}
+        return {**base, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                "usage": usage}
+    pieces = _odd_pieces(kind, words, calls)
+    chunk = {**base, "object": "chat.completion.chunk"}
+    events = [sse({**chunk, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                          "finish_reason": None}]})]
+    events += [sse({**chunk, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) for delta in pieces]
+    last = {**chunk, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}
+    if kind == "usage-riding":
+        events.append(sse({**last, "usage": usage}))
+    else:
+        events += [sse(last)] + ([sse({**chunk, "choices": [], "usage": usage})] if _include_usage(body) else [])
+    return SseAnswer([*events, SSE_DONE], 1)
+
+
+def _odd_pieces(kind: str, words: list[str], calls: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The deltas of `_odd_chat_answer`'s stream: text pieces, or each tool call in two halves, which
+    `interleaved-tools` sends as call 0's first half, call 1's, call 0's second half, call 1's."""
+    if not calls:
+        texts = [w if i == 0 else " " + w for i, w in enumerate(words)]
+        return [{"content": [{"type": "text", "text": t}]} if kind == "content-parts" else {"content": t}
+                for t in texts]
+    halves: list[list[dict[str, Any]]] = []
+    for index, call in enumerate(calls):
+        whole = call["function"]["arguments"]
+        cut = len(whole) // 2
+        first = {"index": index, "id": call["id"], "type": "function",
+                 "function": {"name": call["function"]["name"], "arguments": whole[:cut]}}
+        halves.append([first, {"index": index, "function": {"arguments": whole[cut:]}}])
+    order = ([halves[0][0], halves[1][0], halves[0][1], halves[1][1]] if kind == "interleaved-tools"
+             else [piece for pair in halves for piece in pair])
+    return [{"tool_calls": [piece]} for piece in order]
+
+
 # ---------------------------------------------------------------- server
 
 
@@ -779,6 +840,11 @@ class MockUpstream:
                     500, ECHO_DETAIL.format(key=key), "server_error", None))
             if fault and fault.kind == "no-usage":
                 body = {**body, "stream_options": None}  # answer as an upstream that ignores include_usage
+            if fault and fault.kind in ODD_CHAT_ANSWERS and request.path.endswith("/chat/completions"):
+                odd = _odd_chat_answer(fault.kind, body, _echo_words(body), next(self._serials))
+                if isinstance(odd, SseAnswer):
+                    return await _deliver_stream(request, odd, None)
+                return await _send(request, web.json_response(odd))
             words = list(self.REPLY_WORDS)
             make = build
             if fault and fault.kind in ("echo", "echo-tool"):

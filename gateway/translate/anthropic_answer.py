@@ -1,0 +1,257 @@
+"""The answer to a Messages request: a chat answer translated back to Anthropic's `message`, complete or streamed.
+
+Stream: `MessagesStream` writes Anthropic's event sequence (message_start,
+content_block_start / delta / stop, message_delta with the usage, message_stop)
+from the chat chunks, one block per text run or tool call: text as it comes, up
+to the first tool call; the tool calls (and any text after them) whole, at the
+end, since a chat stream may interleave the pieces of its tool calls.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from ..errors import InvalidRequest
+from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
+from ..schemas.openai import Usage
+from .anthropic_ingress import STOP_REASONS, error_type
+from .common import parse_arguments
+
+__all__ = ["MessagesStream", "messages_response"]
+
+_decode = msgspec.json.Decoder().decode
+_encode = msgspec.json.Encoder().encode
+
+
+
+_NO_USAGE = {"input_tokens": 0, "output_tokens": 0}
+_PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
+
+
+def _usage_split(prompt: int, completion: int, read: int, written: int) -> dict[str, Any]:
+    """Anthropic's usage: `input_tokens` leaves out the prompt tokens read from and written to the prompt cache,
+    which have fields of their own (OpenAI's `prompt_tokens` counts them)."""
+    out = {"input_tokens": max(0, prompt - read - written), "output_tokens": completion}
+    if read or written:
+        out["cache_read_input_tokens"] = read
+        out["cache_creation_input_tokens"] = written
+    return out
+
+
+def _anthropic_usage(usage: Any) -> dict[str, Any] | None:
+    """OpenAI's usage object (JSON) as Anthropic's; None when there is none."""
+    if not isinstance(usage, dict):
+        return None
+    found = usage.get("prompt_tokens_details")
+    details: dict[str, Any] = found if isinstance(found, dict) else {}
+    return _usage_split(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+                        details.get("cached_tokens") or 0, details.get("cache_write_tokens") or 0)
+
+
+def _usage_shape(usage: Usage | None) -> dict[str, Any] | None:
+    """The gateway's `Usage` (an upstream's, or its own estimate) as Anthropic's, cache details included."""
+    if usage is None:
+        return None
+    return _usage_split(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens)
+
+
+def _message_id(chat_id: Any) -> str:
+    text = str(chat_id) if isinstance(chat_id, str) else ""
+    return text if text.startswith("msg_") else "msg_" + (text.removeprefix("chatcmpl-") or secrets.token_hex(12))
+
+
+def _text_of(content: Any) -> str:
+    """A message's or a delta's text: a string, or the text parts some OpenAI-compatible servers send instead."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(part["text"] for part in content
+                       if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+    return ""
+
+
+def messages_response(body: bytes, alias: str, estimate: Usage | None = None) -> bytes:
+    """A `chat.completion` as Anthropic's `message` (the model named as the client asked for it). `estimate`: the
+    gateway's own count, reported when the upstream's answer has no usage (Messages always has one)."""
+    data = _decode(body)
+    choice = (data.get("choices") or [{}])[0]
+    message = choice.get("message") or {}
+    content: list[dict[str, Any]] = []
+    text = _text_of(message.get("content"))
+    if text:
+        content.append({"type": "text", "text": text})
+    for call in message.get("tool_calls") or ():
+        function = call.get("function") or {}
+        content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+                        "input": _tool_input(function.get("arguments"))})
+    usage = _anthropic_usage(data.get("usage")) or _usage_shape(estimate) or dict(_NO_USAGE)
+    return _encode({
+        "id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": alias,
+        "content": content, "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
+        "stop_sequence": None, "usage": usage,
+    })
+
+
+def _tool_input(arguments: Any) -> Any:
+    try:
+        value = parse_arguments(arguments, "tool_calls")
+    except InvalidRequest:
+        return {"_raw_arguments": arguments}  # the model wrote invalid JSON: kept, visibly, rather than lost
+    return value if isinstance(value, dict) else {"value": value}
+
+
+def _event(kind: str, data: dict[str, Any]) -> bytes:
+    return b"event: " + kind.encode() + b"\ndata: " + _encode({"type": kind, **data}) + b"\n\n"
+
+
+class _HeldCall:
+    """A streamed tool call, held until the answer ends: its pieces may come between another call's."""
+
+    __slots__ = ("arguments", "id", "name")
+
+    def __init__(self, id_: Any, name: Any) -> None:
+        self.id = id_
+        self.name = name
+        self.arguments: list[str] = []
+
+
+class MessagesStream:
+    """Per stream: chat chunks in, Anthropic's SSE event sequence out (framed, ready to send).
+
+    Text is written as it comes, up to the first tool call. From there on the blocks are held and written at
+    the end, whole, in the order they began: Messages writes one block after the other and cannot reopen one,
+    while a chat stream may interleave its tool calls' pieces (call 0, then 1, then 0 again); and a tool call's
+    input is checked as a complete answer's is (`_tool_input`: invalid JSON under `_raw_arguments`, any other
+    value than an object under `value`) only once all of it came. `estimate`, called at the end when the upstream
+    sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet).
+    """
+
+    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_quiet", "_started", "_stopped",
+                 "_text_open", "_usage")
+
+    def __init__(self, alias: str, estimate: Callable[[], Usage | None] | None = None) -> None:
+        self._alias = alias
+        self._estimate = estimate
+        self._started = False
+        self._stopped = False
+        self._index = -1  # the last content block started (-1: none)
+        self._text_open = False  # a text block written as it comes is open (at `_index`)
+        self._calls: dict[int, _HeldCall] = {}  # the chat tool call index -> its held call
+        self._held: list[_HeldCall | list[str]] = []  # the blocks from the first tool call on: calls and text runs
+        self._quiet = 0  # pieces held since the last byte written
+        self._finish: str | None = None
+        self._usage: dict[str, Any] | None = None
+
+    def frame(self, events: list[StreamEvent]) -> bytes:
+        out: list[bytes] = []
+        for event in events:
+            if isinstance(event, Chunk):
+                self._chunk(event.data(), out)
+            elif isinstance(event, UsageReport):
+                self._usage = (_anthropic_usage(_decode(event.payload).get("usage")) if event.payload else None) \
+                    or _usage_shape(event.usage)
+            elif isinstance(event, StreamError):
+                out.append(_event("error", {"error": {"type": error_type(event.error),
+                                                      "message": event.error.message}}))
+                self._stopped = True
+            elif not self._stopped:
+                self._end(out)
+        if out:
+            self._quiet = 0
+        elif self._quiet >= _PING_EVERY:
+            self._quiet = 0
+            out.append(_event("ping", {}))
+        return b"".join(out)
+
+    def _start(self, out: list[bytes], chat_id: Any) -> None:
+        if not self._started:
+            self._started = True
+            out.append(_event("message_start", {"message": {
+                "id": _message_id(chat_id), "type": "message", "role": "assistant", "model": self._alias,
+                "content": [], "stop_reason": None, "stop_sequence": None, "usage": dict(_NO_USAGE)}}))
+
+    def _end(self, out: list[bytes]) -> None:
+        """The held blocks, then the stop reason and the usage (the upstream's, else the gateway's estimate)."""
+        self._start(out, None)
+        self._close_text(out)
+        for block in self._held:
+            self._write_held(block, out)
+        usage = self._usage or (_usage_shape(self._estimate()) if self._estimate is not None else None)
+        out.append(_event("message_delta", {
+            "delta": {"stop_reason": STOP_REASONS.get(str(self._finish), "end_turn"), "stop_sequence": None},
+            "usage": usage or dict(_NO_USAGE)}))
+        out.append(_event("message_stop", {}))
+        self._stopped = True
+
+    def _close_text(self, out: list[bytes]) -> None:
+        if self._text_open:
+            out.append(_event("content_block_stop", {"index": self._index}))
+            self._text_open = False
+
+    def _chunk(self, data: dict[str, Any], out: list[bytes]) -> None:
+        self._start(out, data.get("id"))
+        for choice in data.get("choices") or ():
+            if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+                continue
+            delta = choice.get("delta") or {}
+            text = _text_of(delta.get("content"))
+            if text:
+                self._text(text, out)
+            for call in delta.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    self._tool_piece(call, out)
+            if choice.get("finish_reason"):
+                self._finish = choice["finish_reason"]
+        if isinstance(data.get("usage"), dict):
+            self._usage = _anthropic_usage(data["usage"])
+
+    def _text(self, text: str, out: list[bytes]) -> None:
+        """Text before any tool call is written as it comes; after one, it is held with the blocks before it."""
+        if self._held:
+            last = self._held[-1]
+            if isinstance(last, list):
+                last.append(text)
+            else:
+                self._held.append([text])
+            self._quiet += 1
+            return
+        if not self._text_open:
+            self._index += 1
+            self._text_open = True
+            out.append(_event("content_block_start", {"index": self._index,
+                                                      "content_block": {"type": "text", "text": ""}}))
+        out.append(_event("content_block_delta", {"index": self._index, "delta": {"type": "text_delta", "text": text}}))
+
+    def _tool_piece(self, call: dict[str, Any], out: list[bytes]) -> None:
+        found = call.get("index", 0)
+        position = found if type(found) is int else 0
+        function = call.get("function") or {}
+        held = self._calls.get(position)
+        if held is None:
+            held = self._calls[position] = _HeldCall(call.get("id"), function.get("name"))
+            self._held.append(held)
+            self._close_text(out)  # the text before the first tool call is complete
+        held.id = held.id or call.get("id")  # a server that names the call in a later piece
+        held.name = held.name or function.get("name")
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            held.arguments.append(arguments)
+        self._quiet += 1
+
+    def _write_held(self, block: _HeldCall | list[str], out: list[bytes]) -> None:
+        self._index += 1
+        index = self._index
+        if isinstance(block, list):
+            start: dict[str, Any] = {"type": "text", "text": ""}
+            delta = {"type": "text_delta", "text": "".join(block)}
+        else:
+            start = {"type": "tool_use", "id": block.id, "name": block.name, "input": {}}
+            delta = {"type": "input_json_delta",
+                     "partial_json": _encode(_tool_input("".join(block.arguments))).decode()}
+        out.append(_event("content_block_start", {"index": index, "content_block": start}))
+        out.append(_event("content_block_delta", {"index": index, "delta": delta}))
+        out.append(_event("content_block_stop", {"index": index}))

@@ -100,6 +100,23 @@ def test_anthropic_events_translate_as_they_arrive() -> None:
     assert last[0].usage == Usage(7, 7, 14, PromptTokensDetails(cached_tokens=2, cache_write_tokens=0))
 
 
+def test_a_tool_streamed_without_input_has_empty_object_arguments() -> None:
+    """Anthropic streams a tool without input as one `partial_json: ""`: its arguments are `{}`, as in the
+    complete answer (the OpenAI SDK's stream helper parses `""` and fails); a tool with input gets nothing more."""
+    events = AnthropicEvents(lambda detail: UpstreamError("x"))
+    events.feed(event("message_start", message={"id": "msg_1", "model": "m", "usage": {"input_tokens": 5}}))
+    streamed: list[str] = []
+    for index, pieces in enumerate(([""], ['{"a"', ": 1}"])):
+        events.feed(event("content_block_start", index=index,
+                          content_block={"type": "tool_use", "id": f"t{index}", "name": "f", "input": {}}))
+        out = [c for piece in pieces for c in events.feed(
+            event("content_block_delta", index=index, delta={"type": "input_json_delta", "partial_json": piece}))]
+        out += events.feed(event("content_block_stop", index=index))
+        streamed.append("".join(c.data()["choices"][0]["delta"]["tool_calls"][0]["function"]["arguments"]
+                                for c in out if isinstance(c, Chunk)))
+    assert streamed == ["{}", '{"a": 1}']
+
+
 @pytest.mark.parametrize("sequence", [
     [event("content_block_start", index=0, content_block={"type": "text"})],
     [event("message_start", message={}), event("content_block_delta", index=0, delta={"type": "text_delta"})],

@@ -277,13 +277,14 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
 class AnthropicEvents:
     """Per stream: Messages events in, chat.completion.chunk events out, one by one as they come."""
 
-    __slots__ = ("_blocks", "_error", "_finish", "_opened", "_started", "_tools", "_usage", "_writer")
+    __slots__ = ("_blocks", "_error", "_filled", "_finish", "_opened", "_started", "_tools", "_usage", "_writer")
 
     def __init__(self, error: Callable[[dict[str, Any]], GatewayError]) -> None:
         self._writer: ChunkWriter | None = None
         self._error = error  # maps an in-stream `error` event's body to the client's error
         self._blocks: dict[int, int | None] = {}  # open block index -> tool call index (None: a text block)
         self._tools = 0
+        self._filled: set[int] = set()  # tool calls whose input has come (`content_block_stop`)
         self._usage: dict[str, Any] = {}
         self._finish: str | None = None
         self._started = False
@@ -337,12 +338,19 @@ class AnthropicEvents:
                 position = self._blocks[index]
                 if position is None:
                     raise _order("input_json_delta in a text block")
-                return [writer.chunk({"tool_calls": [{"index": position,
-                                                      "function": {"arguments": delta.get("partial_json", "")}}]})]
+                piece = delta.get("partial_json", "")
+                if piece:
+                    self._filled.add(position)
+                return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})]
             return []  # thinking, signature and citation deltas have no Chat Completions form
         if kind == "content_block_stop":
-            if event.get("index") not in self._blocks:
+            index = event.get("index")
+            if index not in self._blocks:
                 raise _order("content_block_stop for a block that was not started")
+            position = self._blocks[index]
+            if position is not None and position not in self._filled:  # a tool without input sends only `""`: its
+                # arguments are `{}`, as the complete answer's (a client parsing `""` as JSON fails)
+                return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})]
             return []
         if kind == "message_delta":
             self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})

@@ -893,3 +893,14 @@ def test_ids_found_by_their_shape_alone_must_pass_their_check(valid: str, invali
         findings = guard.detect_now(text, IN)
         assert findings is not None
         assert any(f.type == "GOV_ID" for f in findings) is found, (text, findings)
+
+
+def test_the_id_checks_take_any_digits_and_letters_the_shapes_match() -> None:
+    """The shapes' `\\d` (and IGNORECASE) match more than ASCII: a check answers for such a match, never raises
+    (a check that raised would be a guard failure, and `fail: closed` would block the request)."""
+    from gateway.guards.recognizers import cf_ok, cpf_ok, nino_ok, nir_ok
+
+    assert cf_ok("rssmra85t10a562s")
+    assert not cf_ok("RSSMRA\u0668\u0665T10A562S") and not cf_ok("RSSMRA85T10A562\u212a")
+    assert cpf_ok("\u0665\u0662\u0669.\u0669\u0668\u0662.\u0662\u0664\u0667-\u0662\u0665")  # the same CPF's digits
+    assert not nir_ok("1 84 12") and nino_ok("ab 12 34 56 c")

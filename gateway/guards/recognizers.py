@@ -84,8 +84,10 @@ _CF_ODD = dict(zip("0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ", (
 def cf_ok(text: str) -> bool:
     """An Italian codice fiscale whose 16th character is its check letter."""
     raw = text.upper()
+    if len(raw) != 16 or not raw.isascii() or not raw.isalnum():  # (`\d` and IGNORECASE take more than ASCII)
+        return False
     total = sum(_CF_ODD[c] if i % 2 == 0 else (int(c) if c.isdigit() else ord(c) - 65) for i, c in enumerate(raw[:15]))
-    return len(raw) == 16 and raw[15] == chr(65 + total % 26)
+    return raw[15] == chr(65 + total % 26)
 
 
 def cpf_ok(text: str) -> bool:

@@ -311,3 +311,46 @@ def test_a_guarded_answers_logprobs_are_emptied(runtime: GuardRuntime, endpoint:
     out = json.loads(asyncio.run(stage._output(ctx, runtime.resolve("t", "a"), GuardSession(runtime.metrics), body)))  # type: ignore[arg-type]
     assert EMAIL not in json.dumps(out) and all(c["logprobs"] is None for c in out["choices"])
     assert "<EMAIL_ADDRESS>" in json.dumps(out["choices"][0])
+
+
+def _tool_delta(call: int, arguments: str, start: bool = False) -> dict[str, Any]:
+    entry: dict[str, Any] = {"index": call, "function": {"arguments": arguments}}
+    if start:
+        entry.update(id=f"call_{call}", type="function")
+        entry["function"]["name"] = "f"
+    return entry
+
+
+def _arguments(sent: list[dict[str, Any]]) -> dict[int, str]:
+    joined: dict[int, str] = {}
+    for chunk in sent:
+        for call in chunk["choices"][0].get("delta", {}).get("tool_calls") or ():
+            joined[call["index"]] = joined.get(call["index"], "") + (call.get("function", {}).get("arguments") or "")
+    return joined
+
+
+def test_interleaved_tool_calls_let_no_part_of_a_finding_out(runtime: GuardRuntime) -> None:
+    """A stream may come back to a call after another began (0, 1, 0): what is held of a call whose arguments
+    are not yet whole JSON stays held when the next call starts, so a value still being written never leaves in
+    part; a call's pieces and another's in one chunk keep their order."""
+    for pieces in (
+        [[_tool_delta(0, '{"to": "jane.do', True)], [_tool_delta(1, '{"q": 1}', True)],
+         [_tool_delta(0, 'e@mailbox.org", "x": 1}')]],
+        [[_tool_delta(0, '{"to": "jane.doe@mai', True)],
+         [_tool_delta(1, '{"q": 1}', True), _tool_delta(0, 'lbox.org"}')]],
+    ):
+        choices = [{"index": 0, "delta": {"tool_calls": calls}, "finish_reason": None} for calls in pieces]
+        sent = _run(runtime, _chunks([*choices, {"index": 0, "delta": {}, "finish_reason": "tool_calls"}]))
+        joined = _arguments(sent)
+        assert "jane" not in json.dumps(sent) and json.loads(joined[1]) == {"q": 1}, sent
+        assert json.loads(joined[0])["to"] == "<EMAIL_ADDRESS>", joined
+    key = [[_tool_delta(0, '{"k": "AKIAIOSFOD', True)], [_tool_delta(1, '{"q": 1}', True)],
+           [_tool_delta(0, 'NN7EXAMPLQ"}')]]
+    sent = _run(runtime, _chunks([{"index": 0, "delta": {"tool_calls": c}, "finish_reason": None} for c in key]))
+    assert "AKIA" not in json.dumps(sent)  # blocked, and not half of it sent before
+
+
+def test_held_tool_arguments_leave_when_the_stream_ends_without_a_finish_reason(runtime: GuardRuntime) -> None:
+    pieces = [_tool_delta(0, '{"to": "', True), _tool_delta(0, f'{EMAIL}", "x": '), _tool_delta(0, "1}")]
+    sent = _run(runtime, _chunks([{"index": 0, "delta": {"tool_calls": [p]}, "finish_reason": None} for p in pieces]))
+    assert json.loads(_arguments(sent)[0]) == {"to": "<EMAIL_ADDRESS>", "x": 1}

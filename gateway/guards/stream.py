@@ -16,6 +16,7 @@ dropped; a block ends with `finish_reason: "content_filter"`.
 
 from __future__ import annotations
 
+import json
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..policy.guard_schema import StreamScanSpec
@@ -32,6 +33,17 @@ if TYPE_CHECKING:
     from .runtime import GuardRuntime
 
 __all__ = ["ChatChunks", "ChunkFormat", "StreamGuard"]
+
+
+def _complete_json(pieces: list[str] | None) -> bool:
+    """Whether a tool call's arguments so far are a whole JSON value (the call is over)."""
+    if not pieces:
+        return False
+    try:
+        json.loads("".join(pieces))
+    except ValueError:
+        return False
+    return True
 
 
 class ChunkFormat(Protocol):
@@ -95,6 +107,7 @@ class ChatChunks:
         # the window holds back and rewrites; left, they would carry a redacted value, or a blocked one, out.
         self.scrub = any(guard.mode == "enforce" for guard in window.guards)
         self.calling: dict[int, int] = {}  # per choice, the tool call whose arguments last came (`_next_call`)
+        self.arguments: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> its arguments so far (`_next_call`)
 
     async def chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data()
@@ -121,14 +134,17 @@ class ChatChunks:
             if lane.pending or (isinstance(text, str) and text):
                 holder[self.key] = await window.release(lane, final, ANSWER)
             calls = holder.get("tool_calls") if self.chat else None
-            for call in list(calls) if isinstance(calls, list) else []:
+            entries = list(calls) if isinstance(calls, list) else []
+            for position, call in enumerate(entries):
                 function = call.get("function") if isinstance(call, dict) else None
                 args = function.get("arguments") if isinstance(function, dict) else None
                 sub = call.get("index", 0) if isinstance(call, dict) else 0
                 if isinstance(call, dict) and sub != self.calling.setdefault(index, sub):
-                    await self._next_call(index, holder, call)
+                    later = {c.get("index", 0) for c in entries[position + 1:] if isinstance(c, dict)}
+                    await self._next_call(index, holder, call, later)
                 if isinstance(function, dict) and isinstance(args, str) and args:
-                    tool = window.lane((index, "tool", call.get("index", 0)), True)
+                    self.arguments.setdefault((index, sub), []).append(args)
+                    tool = window.lane((index, "tool", sub), True)
                     window.feed(tool, args)
                     function["arguments"] = await window.release(tool, False, TOOL)
             if final:
@@ -138,24 +154,30 @@ class ChatChunks:
                                                                                "index", "text"))
         return [Chunk.of(data)] if keep else []
 
-    async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any]) -> None:
-        """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls): the arguments held for
-        the others are released now, in this chunk, before it. A client (the SDK's stream helper) takes a call's
-        arguments as complete once the next call starts: held until the finish chunk, they read as `""` there."""
+    async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any], later: set[int]) -> None:
+        """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls): what is held of the
+        others' arguments is released in this chunk, before it. A client (the SDK's stream helper) takes a call's
+        arguments as complete once the next call starts: held until the finish chunk, they read as `""` there.
+        Released whole only when they are complete JSON (the call is over); else as any chunk's (a stream may
+        come back to a call: a value still being written stays held), and not at all for a call that goes on
+        later in this chunk (`later`)."""
         sub = call.get("index", 0)
         self.calling[index] = sub
-        calls = holder["tool_calls"]
-        count = len(calls)
-        await self._flush_tools(index, holder, before=sub)
-        added = calls[count:]
-        if added:  # entries of calls this chunk had none of: put before the new call's
-            del calls[count:]
+        released: list[dict[str, Any]] = []
+        for (i, kind, other), lane in list(self.window.lanes.items()):
+            if i != index or kind != "tool" or other == sub or other in later or not lane.pending:
+                continue
+            text = await self.window.release(lane, _complete_json(self.arguments.get((index, other))), TOOL)
+            if text:
+                released.append({"index": other, "function": {"arguments": text}})
+        if released:
+            calls = holder["tool_calls"]
             at = next(i for i, entry in enumerate(calls) if entry is call)
-            calls[at:at] = added
+            calls[at:at] = released
 
-    async def _flush_tools(self, index: int, holder: dict[str, Any], before: int | None = None) -> None:
+    async def _flush_tools(self, index: int, holder: dict[str, Any]) -> None:
         for (i, kind, sub), lane in self.window.lanes.items():
-            if i != index or kind != "tool" or not lane.pending or (before is not None and sub == before):
+            if i != index or kind != "tool" or not lane.pending:
                 continue
             rest = await self.window.release(lane, True, TOOL)
             calls = holder.setdefault("tool_calls", [])
@@ -167,15 +189,17 @@ class ChatChunks:
                 function["arguments"] = (function.get("arguments") or "") + rest
 
     async def finish(self) -> list[Chunk]:
-        """The upstream ended without a finish_reason for some lanes: release what they hold."""
+        """The upstream ended without a finish_reason for some lanes: release what they hold (a choice's text,
+        and its tool calls' arguments, also when it has no text held)."""
         choices: list[dict[str, Any]] = []
-        for (index, kind, _), lane in list(self.window.lanes.items()):
-            if kind == "text" and lane.pending:
-                text = await self.window.release(lane, True, ANSWER)
-                delta: dict[str, Any] = {self.key: text}
-                if self.chat:
-                    await self._flush_tools(index, delta)
-                choices.append({"index": index, "delta": delta} if self.chat else {"index": index, **delta})
+        for index in sorted({i for (i, _, _), lane in self.window.lanes.items() if lane.pending}):
+            delta: dict[str, Any] = {}
+            lane = self.window.lanes.get((index, "text", 0))
+            if lane is not None and lane.pending:
+                delta[self.key] = await self.window.release(lane, True, ANSWER)
+            if self.chat:
+                await self._flush_tools(index, delta)
+            choices.append({"index": index, "delta": delta} if self.chat else {"index": index, **delta})
         return [Chunk.of({**self.meta, "choices": choices})] if choices else []
 
     def blocked(self) -> Chunk:

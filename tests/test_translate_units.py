@@ -382,3 +382,17 @@ def test_kind_options_are_checked(provider: str, message: str) -> None:
     with pytest.raises(PolicyError) as caught:
         compile_text(policy(provider), "p.yaml", env={"K": "k", "T": "t"})
     assert any(message in str(issue) for issue in caught.value.issues), caught.value.issues
+
+
+def test_a_messages_streams_estimate_counts_no_long_text_on_the_loop() -> None:
+    """The estimate a stream's last event carries is made on the event loop: a text past 64 KiB is taken at four
+    characters a token (`CountTokens` counts such a text in a thread), a shorter one is counted."""
+    from gateway.api.anthropic import _count_here
+    from gateway.telemetry.tokens import TokenCounter
+
+    class Counting(TokenCounter):
+        def count(self, text: str) -> int:
+            raise AssertionError("counted on the loop")
+
+    assert _count_here(Counting(), "a" * 70_000) == 17_500
+    assert _count_here(TokenCounter(), "hello world") > 0

@@ -84,10 +84,19 @@ def _stream_estimate(ctx: RequestContext) -> Usage | None:
     counter = _gateway_counter(ctx)
     if counter is None:
         return None
-    prompt = counter.count("\n".join(message_text(messages))) + _MESSAGE_OVERHEAD * (len(messages) + 1)
+    prompt = _count_here(counter, "\n".join(message_text(messages))) + _MESSAGE_OVERHEAD * (len(messages) + 1)
     collected = ctx.answer_text
-    completion = counter.count(collected.text()) if collected is not None else ctx.chunks
+    completion = _count_here(counter, collected.text()) if collected is not None else ctx.chunks
     return Usage(prompt, completion, prompt + completion)
+
+
+def _count_here(counter: TokenCounter, text: str) -> int:
+    """Tokens counted on the event loop, where the stream's last event is written: a text past `_OFF_LOOP_CHARS`
+    (which `CountTokens` counts in a thread) is estimated at four characters a token instead of holding the loop."""
+    return counter.count(text) if len(text) <= _OFF_LOOP_CHARS else len(text) // 4
+
+
+_OFF_LOOP_CHARS = 64 * 1024
 
 
 def _gateway_counter(ctx: RequestContext) -> TokenCounter | None:

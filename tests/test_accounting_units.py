@@ -498,3 +498,27 @@ async def test_a_token_reservation_whose_window_ended_is_not_settled_into_the_ne
                 await stage._settle(ctx, bill)
             count = (await store.get_window(window, 60)).count / AMOUNT_SCALE
             assert count == (300 if ended else 300 + 50), (settle, ended, count)
+
+
+async def test_a_slot_release_the_store_refuses_does_not_hold_back_the_others() -> None:
+    """Owed releases are given back in turn; one the store refuses while it answers (a bad key) is kept for the
+    next flush, and the others behind it are given back now."""
+    from gateway.accounting.ledger import Ledger
+    from gateway.store.base import StoreUnavailable
+    from gateway.store.memory import MemoryStore
+
+    class Refusing(MemoryStore):
+        async def release_slot(self, key: str, holder: str) -> None:
+            if key == "bad":
+                raise StoreUnavailable("test: refused")
+            await super().release_slot(key, holder)
+
+    store = Refusing()
+    ledger = Ledger(store)
+    for key in ("bad", "a", "b"):
+        assert store.acquire_slot_now(key, "r1", 1, 900)[0]
+        ledger.owe_release(key, "r1", 900)
+    await ledger.flush()
+    assert store.acquire_slot_now("a", "r2", 1, 900)[0] and store.acquire_slot_now("b", "r2", 1, 900)[0]
+    assert not store.acquire_slot_now("bad", "r2", 1, 900)[0]
+    assert list(ledger._releases) == [("bad", "r1")]

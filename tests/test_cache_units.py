@@ -347,3 +347,42 @@ async def test_a_lock_the_store_could_not_release_is_released_when_it_answers_ag
     store.failures = 1_000
     expiring.release()
     await asyncio.wait_for(asyncio.gather(*tasks), 5)
+
+
+async def test_an_unlock_retried_after_it_was_applied_leaves_the_next_flights_lock() -> None:
+    """The store took an unlock but its answer was lost (a timeout): the retry must not free the lock a later
+    flight of the same replica took meanwhile for the same key (each flight has its own token)."""
+    from gateway.cache.coalesce import LOCK, Flights
+
+    class Lost(MemoryStore):
+        lose = 0
+        between: Any = None
+
+        async def compare_and_delete(self, key: str, expected: bytes) -> bool:
+            removed = await super().compare_and_delete(key, expected)
+            if self.lose:
+                self.lose -= 1
+                if self.between is not None:
+                    await self.between()
+                raise StoreUnavailable("test: applied, but the answer was lost")
+            return removed
+
+    store = Lost()
+    tasks: list[asyncio.Task[Any]] = []
+    flights = Flights(store, True, lambda coro: tasks.append(asyncio.ensure_future(coro)))
+
+    async def absent() -> bool:
+        return False
+
+    first = await flights.lead_or_wait("k", 30.0, absent)
+    assert first is not None and first.locked
+    later: list[Any] = []
+
+    async def next_flight() -> None:  # the lock is gone: the replica's next request for the key leads
+        later.append(await flights.lead_or_wait("k", 30.0, absent))
+
+    store.lose, store.between = 1, next_flight
+    first.release()
+    await asyncio.gather(*tasks)
+    assert later[0] is not None and later[0].locked
+    assert await store.get(LOCK + "k") == later[0].token  # the retry left the new flight's lock alone

@@ -174,7 +174,9 @@ class Ledger:
             try:
                 await self.store.release_slot(*slot)
             except StoreUnavailable:
-                return  # the rest at the next flush
+                if not self.store.healthy:
+                    return  # the store is away: the rest at the next flush
+                continue  # this one refused: kept, and the others given back meanwhile
             self._releases.pop(slot, None)
 
     async def _flush_usage(self) -> None:

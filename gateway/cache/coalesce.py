@@ -30,13 +30,16 @@ UNLOCK_RETRY_S = 0.5
 class Flight:
     """A leader's promise to the other requests of its key; `release` once its answer is stored (or not)."""
 
-    __slots__ = ("_flights", "done", "key", "locked", "until")
+    __slots__ = ("_flights", "done", "key", "locked", "token", "until")
 
     def __init__(self, flights: Flights, key: str, done: asyncio.Future[None]) -> None:
         self._flights = flights
         self.key = key
         self.done = done
         self.locked = False  # holds the store's lock
+        # This flight's own (not the replica's): an unlock retried after it was in fact applied never frees the
+        # lock a later flight of this replica took for the same key.
+        self.token = os.urandom(8)
         self.until = 0.0  # when the store's lock expires by itself (`time.monotonic()`)
 
     def release(self) -> None:
@@ -48,7 +51,7 @@ class Flight:
             del self._flights.local[self.key]
         if self.locked:
             self.locked = False
-            self._flights.spawn(self._flights.unlock(self.key, self.until))
+            self._flights.spawn(self._flights.unlock(self.key, self.token, self.until))
 
 
 class Flights:
@@ -57,7 +60,6 @@ class Flights:
         self.shared = shared  # a store other replicas see: take its lock too
         self.spawn = spawn
         self.local: dict[str, asyncio.Future[None]] = {}
-        self._token = os.urandom(8)
 
     async def lead_or_wait(self, key: str, timeout_s: float, present: Callable[[], Coroutine[Any, Any, bool]]
                            ) -> Flight | None:
@@ -75,7 +77,7 @@ class Flights:
         try:
             if self.shared:
                 flight.until = time.monotonic() + timeout_s
-                flight.locked = await self.store.compare_and_set(LOCK + key, None, self._token, timeout_s)
+                flight.locked = await self.store.compare_and_set(LOCK + key, None, flight.token, timeout_s)
         except StoreUnavailable:
             return flight
         if flight.locked or not self.shared:
@@ -100,13 +102,13 @@ class Flights:
             except StoreUnavailable:
                 return
 
-    async def unlock(self, key: str, until: float = 0.0) -> None:
-        """Release this replica's lock (compare-and-delete: not a lock that expired and was retaken). A store that
+    async def unlock(self, key: str, token: bytes, until: float = 0.0) -> None:
+        """Release a flight's lock (compare-and-delete: not a lock that expired and was retaken). A store that
         cannot answer is asked again every `UNLOCK_RETRY_S` until the lock would have expired (`until`): a lock
         left behind by an outage would make every replica's requests for that key wait for their whole timeout."""
         while True:
             try:
-                await self.store.compare_and_delete(LOCK + key, self._token)
+                await self.store.compare_and_delete(LOCK + key, token)
                 return
             except StoreUnavailable:
                 left = until - time.monotonic()

@@ -140,13 +140,15 @@ def test_payload_log_policy_errors_name_the_field(upstream: Any) -> None:
 def test_a_text_a_redacting_guard_failed_to_check_is_withheld(make_gateway: Make, upstream: Any,
                                                                tmp_path: Path) -> None:
     """A long text goes to the guard pool, under the guard's `timeout_s`: one that timed out was never checked,
-    so none of it reaches the log (not the text with a `<GUARD_FAILURE>` tag in front)."""
+    so none of it reaches the log (not the text with a `<GUARD_FAILURE>` tag in front). The text is long enough
+    (about 1 MB, and the log keeps that much) that its check takes far longer than the 1 ms allowed: a text of
+    32 KB was checked in about 0.6 ms, and then went to the log redacted, not withheld."""
     path = tmp_path / "payloads.jsonl"
     secret = "sk-proj-" + "Q7wX9zR2" * 5
-    prompt = "lorem ipsum dolor sit amet " * 1_200 + f"my key is {secret} thanks"  # > 16,384 characters
+    prompt = "lorem ipsum dolor sit amet " * 36_000 + f"my key is {secret} thanks"  # about 1 MB
     running = make_gateway(policy_text(upstream.base_url) + (
-        f"telemetry:\n  payload_log:\n    enabled: true\n    path: '{path}'\n    redact:\n"
-        "      keys: {kind: secrets, timeout_s: 0.001}\n"))
+        f"telemetry:\n  payload_log:\n    enabled: true\n    path: '{path}'\n    max_text_chars: 1000000\n"
+        "    redact:\n      keys: {kind: secrets, timeout_s: 0.001}\n"))
     body = {"model": "chat", "messages": [{"role": "user", "content": prompt}]}
     response = httpx.post(f"{running.base_url}/chat/completions", json=body, headers=AUTH, timeout=20)
     assert response.status_code == 200

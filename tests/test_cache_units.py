@@ -11,7 +11,9 @@ from typing import Any
 import msgspec
 import pytest
 
+from gateway.cache import coalesce
 from gateway.cache.batch import MAX_BATCH, BatchedGets
+from gateway.cache.coalesce import LOCK, Flights
 from gateway.cache.control import CachePlan, Directives, cacheable, directives, plan
 from gateway.cache.entry import Entry, decode_entry, encode_entry
 from gateway.cache.key import EXCLUDED, cache_key, semantic_scope
@@ -263,6 +265,17 @@ async def test_a_key_written_again_is_decoded_again() -> None:
 
 
 
+async def _absent() -> bool:
+    """A flight's `present`: the entry never is in the cache."""
+    return False
+
+
+def _flights(store: MemoryStore, count: int = 1) -> tuple[list[Flights], list[asyncio.Task[Any]]]:
+    """`count` replicas' flights sharing `store`, and the tasks they spawn (to wait for their unlocks)."""
+    tasks: list[asyncio.Task[Any]] = []
+    return [Flights(store, True, lambda coro: tasks.append(asyncio.ensure_future(coro))) for _ in range(count)], tasks
+
+
 class _Interleaving(MemoryStore):
     """A memory store that runs `between` once, right after a read of the key `at` (another replica acting
     between this replica's read and its next call), as a network round trip would let it."""
@@ -282,22 +295,15 @@ async def test_a_leader_whose_lock_expired_leaves_the_next_leaders_lock() -> Non
     """Two replicas' flights on one store: the first leader's lock runs out as it releases it, and the second
     takes it. The first must not free the second's lock (a third replica would lead beside it): a read of the
     lock then a delete would, when the second takes it between the two."""
-    from gateway.cache.coalesce import LOCK, Flights
-
     store = _Interleaving()
-    tasks: list[asyncio.Task[Any]] = []
-    spawn = lambda coro: tasks.append(asyncio.ensure_future(coro))  # noqa: E731
-    first, second = Flights(store, True, spawn), Flights(store, True, spawn)
+    (first, second), tasks = _flights(store, 2)
     taken: list[Any] = []
-
-    async def absent() -> bool:
-        return False
 
     async def second_leads() -> None:  # the first's lease ends; the second replica leads
         await store.delete(LOCK + "k")
-        taken.append(await second.lead_or_wait("k", 30.0, absent))
+        taken.append(await second.lead_or_wait("k", 30.0, _absent))
 
-    leading = await first.lead_or_wait("k", 30.0, absent)
+    leading = await first.lead_or_wait("k", 30.0, _absent)
     assert leading is not None and leading.locked
     store.at, store.between = LOCK + "k", second_leads
     leading.release()
@@ -315,9 +321,6 @@ async def test_a_leader_whose_lock_expired_leaves_the_next_leaders_lock() -> Non
 async def test_a_lock_the_store_could_not_release_is_released_when_it_answers_again() -> None:
     """A leader's answer comes while the store cannot answer: its unlock is asked again until the store takes it
     (within the lock's own expiry), so an outage leaves no lock for every replica's requests to wait out."""
-    from gateway.cache import coalesce
-    from gateway.cache.coalesce import LOCK, Flights
-
     class Down(MemoryStore):
         failures = 0
 
@@ -328,13 +331,9 @@ async def test_a_lock_the_store_could_not_release_is_released_when_it_answers_ag
             return await super().compare_and_delete(key, expected)
 
     store = Down()
-    tasks: list[asyncio.Task[Any]] = []
-    flights = Flights(store, True, lambda coro: tasks.append(asyncio.ensure_future(coro)))
+    (flights,), tasks = _flights(store)
 
-    async def absent() -> bool:
-        return False
-
-    leading = await flights.lead_or_wait("k", 30.0, absent)
+    leading = await flights.lead_or_wait("k", 30.0, _absent)
     assert leading is not None and leading.locked
     store.failures = 3
     started = asyncio.get_running_loop().time()
@@ -342,7 +341,7 @@ async def test_a_lock_the_store_could_not_release_is_released_when_it_answers_ag
     await asyncio.gather(*tasks)
     assert await store.get(LOCK + "k") is None  # released on the fourth try
     assert asyncio.get_running_loop().time() - started >= 3 * coalesce.UNLOCK_RETRY_S * 0.9
-    expiring = await flights.lead_or_wait("e", 0.3, absent)  # a store that stays down: given up at the lock's expiry
+    expiring = await flights.lead_or_wait("e", 0.3, _absent)  # a store that stays down: given up at the lock's expiry
     assert expiring is not None
     store.failures = 1_000
     expiring.release()
@@ -352,8 +351,6 @@ async def test_a_lock_the_store_could_not_release_is_released_when_it_answers_ag
 async def test_an_unlock_retried_after_it_was_applied_leaves_the_next_flights_lock() -> None:
     """The store took an unlock but its answer was lost (a timeout): the retry must not free the lock a later
     flight of the same replica took meanwhile for the same key (each flight has its own token)."""
-    from gateway.cache.coalesce import LOCK, Flights
-
     class Lost(MemoryStore):
         lose = 0
         between: Any = None
@@ -368,18 +365,14 @@ async def test_an_unlock_retried_after_it_was_applied_leaves_the_next_flights_lo
             return removed
 
     store = Lost()
-    tasks: list[asyncio.Task[Any]] = []
-    flights = Flights(store, True, lambda coro: tasks.append(asyncio.ensure_future(coro)))
+    (flights,), tasks = _flights(store)
 
-    async def absent() -> bool:
-        return False
-
-    first = await flights.lead_or_wait("k", 30.0, absent)
+    first = await flights.lead_or_wait("k", 30.0, _absent)
     assert first is not None and first.locked
     later: list[Any] = []
 
     async def next_flight() -> None:  # the lock is gone: the replica's next request for the key leads
-        later.append(await flights.lead_or_wait("k", 30.0, absent))
+        later.append(await flights.lead_or_wait("k", 30.0, _absent))
 
     store.lose, store.between = 1, next_flight
     first.release()

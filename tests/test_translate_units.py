@@ -387,8 +387,8 @@ def test_kind_options_are_checked(provider: str, message: str) -> None:
 def test_a_messages_streams_estimate_counts_no_long_text_on_the_loop() -> None:
     """The estimate a stream's last event carries is made on the event loop: a text past 64 KiB is taken at four
     characters a token (`CountTokens` counts such a text in a thread), a shorter one is counted."""
-    from gateway.api.anthropic import _count_here
     from gateway.telemetry.tokens import TokenCounter
+    from gateway.telemetry.usage import count_on_loop as _count_here
 
     class Counting(TokenCounter):
         def count(self, text: str) -> int:

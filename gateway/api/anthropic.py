@@ -30,8 +30,8 @@ from ..pipeline.dialect import StreamFramer
 from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
 from ..runtime import Runtime
 from ..schemas.openai import Usage
-from ..telemetry.tokens import TokenCounter, message_text
-from ..telemetry.usage import CountTokens
+from ..telemetry.tokens import TokenCounter
+from ..telemetry.usage import CountTokens, estimate_on_loop
 from ..translate.anthropic_answer import MessagesStream, messages_response
 from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
 from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
@@ -42,7 +42,6 @@ _encode = msgspec.json.Encoder().encode
 log = logging.getLogger("gateway.proxy")
 _OFF_LOOP_BYTES = 64 * 1024  # a larger body is counted in a thread (as `telemetry.usage` counts large texts)
 _REQUEST_ID = b"request-id"  # the header the Anthropic SDK reads the request id from
-_MESSAGE_OVERHEAD = 3  # as `telemetry.usage` estimates a prompt: tokens per message, and for the reply's priming
 
 
 class MessagesDialect:
@@ -76,27 +75,11 @@ def _identify(ctx: RequestContext) -> None:
 
 def _stream_estimate(ctx: RequestContext) -> Usage | None:
     """A stream's usage when its upstream sent none, as `telemetry.usage.CountTokens` estimates it (whose end hook
-    runs only once the last event is written): the prompt's text with the gateway's counter plus 3 tokens a
-    message and the reply's priming; the answer's text when it was collected, else its chunk count."""
-    messages = ctx.body.get("messages")
-    if ctx.usage is not None or ctx.provider is None or not isinstance(messages, list):
+    runs only once the last event is written): `estimate_on_loop`."""
+    if ctx.usage is not None or ctx.provider is None or not isinstance(ctx.body.get("messages"), list):
         return None
     counter = _gateway_counter(ctx)
-    if counter is None:
-        return None
-    prompt = _count_here(counter, "\n".join(message_text(messages))) + _MESSAGE_OVERHEAD * (len(messages) + 1)
-    collected = ctx.answer_text
-    completion = _count_here(counter, collected.text()) if collected is not None else ctx.chunks
-    return Usage(prompt, completion, prompt + completion)
-
-
-def _count_here(counter: TokenCounter, text: str) -> int:
-    """Tokens counted on the event loop, where the stream's last event is written: a text past `_OFF_LOOP_CHARS`
-    (which `CountTokens` counts in a thread) is estimated at four characters a token instead of holding the loop."""
-    return counter.count(text) if len(text) <= _OFF_LOOP_CHARS else len(text) // 4
-
-
-_OFF_LOOP_CHARS = 64 * 1024
+    return estimate_on_loop(counter, ctx) if counter is not None else None
 
 
 def _gateway_counter(ctx: RequestContext) -> TokenCounter | None:

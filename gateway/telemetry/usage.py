@@ -26,8 +26,8 @@ from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
 from .tokens import TokenCounter, message_text, responses_messages
 
-__all__ = ["CountTokens", "StreamText", "answer_text", "count_text", "estimate_stream_usage", "estimate_usage",
-           "stream_text"]
+__all__ = ["CountTokens", "StreamText", "answer_text", "count_on_loop", "count_text", "estimate_on_loop",
+           "estimate_stream_usage", "estimate_usage", "stream_text"]
 
 _OFF_LOOP_CHARS = 64 * 1024  # count larger texts in a thread: tiktoken holds the GIL but not the loop
 _MESSAGE_OVERHEAD = 3  # OpenAI's chat format: tokens per message, and for the reply's priming
@@ -188,6 +188,23 @@ def _prompt_text(body: dict[str, Any]) -> str:
 async def estimate_usage(counter: CountTokens, ctx: RequestContext, completion_tokens: int) -> Usage:
     """The estimate this stage would make (and marks `ctx.usage_estimated`), for a caller that needs it first."""
     return await counter._usage(ctx, completion_tokens)
+
+
+def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
+    """The estimate this stage makes, made at once on the event loop (a caller that must write it before this
+    stage's end hook runs: a Messages stream's last event), without marking it: a text past `_OFF_LOOP_CHARS`,
+    which this stage counts in a thread, is taken at four characters a token instead of holding the loop."""
+    prompt = count_on_loop(tokens, _prompt_text(ctx.body))
+    messages = ctx.body.get("messages")
+    if isinstance(messages, list):
+        prompt += _MESSAGE_OVERHEAD * (len(messages) + 1)
+    text = ctx.answer_text
+    completion = count_on_loop(tokens, text.text()) if text is not None else ctx.chunks
+    return Usage(prompt, completion, prompt + completion)
+
+
+def count_on_loop(tokens: TokenCounter, text: str) -> int:
+    return tokens.count(text) if len(text) <= _OFF_LOOP_CHARS else len(text) // 4
 
 
 async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext) -> Usage:

@@ -21,7 +21,7 @@ __all__ = ["Action", "Finding", "Guard", "GuardFailure", "Part", "Place", "Where
 
 Place = Literal["input", "output"]
 # Which part of a request or answer a text is: what a guard may treat differently.
-Part = Literal["message", "tool_arguments", "tool_result", "prompt", "embedding_input", "answer"]
+Part = Literal["message", "tool_arguments", "tool_result", "prompt", "embedding_input", "answer", "reasoning"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,28 +1,31 @@
 """Output guards on the Responses API (`POST /v1/responses`): the complete answer and its event stream.
 
-The texts of an answer are the `text` of each `output_text` part of its
-`message` items and the `arguments` (a JSON string: restored pseudonyms are
-JSON-escaped) of its `function_call` items. They are checked and rewritten like
-a chat answer's content and tool call arguments.
+The texts of an answer are the `text` of each `output_text` part and the
+`refusal` of each `refusal` part of its `message` items; the `text` of each
+summary and content part of its `reasoning` items (the model's reasoning, which
+often repeats what the prompt held); the `arguments` (a JSON string: restored
+pseudonyms are JSON-escaped) of its `function_call` items; and the `input` of
+its `custom_tool_call` items. They are checked and rewritten like a chat
+answer's content and tool call arguments.
 
 A blocked answer keeps the Responses API's own way of saying that a content
 filter stopped it: `status: "incomplete"` with `incomplete_details.reason:
-"content_filter"`. Not streamed, its text parts are emptied and its function
-calls removed. Streamed, the stream ends with a `response.incomplete` event
-whose output is what was released so far, then `[DONE]`.
+"content_filter"`. Not streamed, its texts are emptied and its tool calls
+removed. Streamed, the stream ends with a `response.incomplete` event whose
+output is what was released so far, then `[DONE]`.
 
-Streamed, each `output_text` part (by `output_index`, `content_index`) and each
-function call's arguments is a lane of the shared window (`window.py`): the
-`...delta` events carry what may leave (an event whose text is all held back is
-dropped). The events that repeat a whole text (`response.output_text.done`,
-`response.content_part.done`, `response.output_item.done`,
-`response.function_call_arguments.done`, and the final response's output)
-first release what their lane still holds, as one more delta event, and then
-carry exactly the text that was released, never the upstream's. Sequence
-numbers are renumbered to stay consecutive when events are dropped or added.
-`logprobs` are emptied (their tokens are the upstream's text): in a stream
-whenever a guard enforces (what is held may yet be rewritten), in an answer
-where its text was rewritten.
+Streamed, each of those texts (by `output_index`, and the part's
+`content_index` or `summary_index`) is a lane of the shared window
+(`window.py`): the `...delta` events carry what may leave (an event whose text
+is all held back is dropped). The events that repeat a whole text (the `...done`
+events of each text, `response.content_part.done`,
+`response.reasoning_summary_part.done`, `response.output_item.done`, and the
+final response's output) first release what their lane still holds, as one more
+delta event, and then carry exactly the text that was released, never the
+upstream's. Sequence numbers are renumbered to stay consecutive when events are
+dropped or added. `logprobs` are emptied (their tokens are the upstream's
+text): in a stream whenever a guard enforces (what is held may yet be
+rewritten), in an answer where its text was rewritten.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ from ..schemas.events import Chunk
 from .base import Finding, Guard, Where
 from .session import GuardSession
 from .verdict import apply
-from .window import ANSWER, TOOL, Lane, LaneKey, Window
+from .window import ANSWER, REASONING, TOOL, Lane, LaneKey, Window
 
 if TYPE_CHECKING:
     from .runtime import GuardRuntime
@@ -43,19 +46,69 @@ if TYPE_CHECKING:
 __all__ = ["ResponsesChunks", "guard_answer"]
 
 _TEXT_DELTA = "response.output_text.delta"
-_TEXT_DONE = "response.output_text.done"
-_ARGS_DELTA = "response.function_call_arguments.delta"
-_ARGS_DONE = "response.function_call_arguments.done"
-_PART_ADDED = "response.content_part.added"
-_PART_DONE = "response.content_part.done"
+_PART_ADDED = frozenset({"response.content_part.added", "response.reasoning_summary_part.added"})
+_PART_DONE = frozenset({"response.content_part.done", "response.reasoning_summary_part.done"})
 _ITEM_ADDED = "response.output_item.added"
 _ITEM_DONE = "response.output_item.done"
 _STARTED = frozenset({"response.created", "response.queued", "response.in_progress"})
 _ENDED = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _FILTERED = {"reason": "content_filter"}
 _REWRITING = frozenset({"redact", "mask", "pseudonymize"})
+# A lane's kind: where its text is, and whether it is a JSON string (restored pseudonyms are JSON-escaped).
+_KINDS: dict[str, tuple[Where, bool]] = {
+    "text": (ANSWER, False), "refusal": (ANSWER, False), "summary": (REASONING, False),
+    "reasoning": (REASONING, False), "tool": (TOOL, True), "custom": (TOOL, False),
+}
+# The delta events of a text: lane kind, and the event's field that says which part (None: the item's only text).
+_DELTAS: dict[str, tuple[str, str | None]] = {
+    _TEXT_DELTA: ("text", "content_index"),
+    "response.refusal.delta": ("refusal", "content_index"),
+    "response.reasoning_summary_text.delta": ("summary", "summary_index"),
+    "response.reasoning_text.delta": ("reasoning", "content_index"),
+    "response.function_call_arguments.delta": ("tool", None),
+    "response.custom_tool_call_input.delta": ("custom", None),
+}
+_DELTA_OF = {kind: (event, index) for event, (kind, index) in _DELTAS.items()}  # the delta event the gateway adds
+# The done events that repeat a whole text: lane kind, the part's field (as for deltas), the text's field.
+_DONES: dict[str, tuple[str, str | None, str]] = {
+    "response.output_text.done": ("text", "content_index", "text"),
+    "response.refusal.done": ("refusal", "content_index", "refusal"),
+    "response.reasoning_summary_text.done": ("summary", "summary_index", "text"),
+    "response.reasoning_text.done": ("reasoning", "content_index", "text"),
+    "response.function_call_arguments.done": ("tool", None, "arguments"),
+    "response.custom_tool_call_input.done": ("custom", None, "input"),
+}
+# A part's type: its lane kind and its text's field.
+_PARTS = {"output_text": ("text", "text"), "refusal": ("refusal", "refusal"), "summary_text": ("summary", "text"),
+          "reasoning_text": ("reasoning", "text")}
+# An output item's texts: where its parts are (a list field, or None: the item's own field) and what they may be.
+_ITEM_TEXTS: dict[str, tuple[tuple[str | None, str], ...]] = {
+    "message": (("content", "output_text"), ("content", "refusal")),
+    "reasoning": (("summary", "summary_text"), ("content", "reasoning_text")),
+    "function_call": ((None, "arguments"),),
+    "custom_tool_call": ((None, "input"),),
+}
+_ITEM_KINDS = {"function_call": "tool", "custom_tool_call": "custom"}
+_TOOL_ITEMS = frozenset(_ITEM_KINDS)
 
 Ref = tuple[dict[str, Any], str, Where, bool]  # (container, key, where, JSON string): container[key] is the text
+# One text of an output item: its lane kind, its part's position (0: the item's own field), its container and key.
+_Text = tuple[str, int, dict[str, Any], str]
+
+
+def item_texts(item: dict[str, Any]) -> Iterator[_Text]:
+    """Every text of an output item (`_ITEM_TEXTS`), found where it is, whatever its value."""
+    kind = item.get("type")
+    for field, what in _ITEM_TEXTS.get(kind if isinstance(kind, str) else "", ()):
+        if field is None:
+            if what in item:
+                yield _ITEM_KINDS[str(kind)], 0, item, what
+            continue
+        parts = item.get(field)
+        for position, part in enumerate(parts if isinstance(parts, list) else ()):
+            if isinstance(part, dict) and part.get("type") == what:
+                lane, key = _PARTS[what]
+                yield lane, position, part, key
 
 
 # -- the complete answer
@@ -65,22 +118,17 @@ def answer_texts(answer: dict[str, Any]) -> Iterator[Ref]:
     """Every text of a Responses answer, as a place it can be written back to."""
     output = answer.get("output")
     for item in output if isinstance(output, list) else ():
-        if not isinstance(item, dict):
-            continue
-        if item.get("type") == "message":
-            content = item.get("content")
-            for part in content if isinstance(content, list) else ():
-                if isinstance(part, dict) and part.get("type") == "output_text" and isinstance(part.get("text"), str):
-                    yield part, "text", ANSWER, False
-        elif item.get("type") == "function_call" and isinstance(item.get("arguments"), str):
-            yield item, "arguments", TOOL, True
+        if isinstance(item, dict):
+            for kind, _, container, key in item_texts(item):
+                if isinstance(container[key], str):
+                    yield container, key, *_KINDS[kind]
 
 
 async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
                        answer: dict[str, Any]) -> None:
     """Check and rewrite a Responses answer in place; on a block, empty it and mark it incomplete."""
     refs = list(answer_texts(answer))
-    parts = [ref for ref in refs if ref[1] == "text"]
+    parts = [ref for ref in refs if ref[0].get("type") == "output_text"]
     if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
         refs.append((answer, "output_text", ANSWER, False))
     for container, key, where, json_string in refs:
@@ -102,18 +150,18 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
 
 
 def filtered(answer: dict[str, Any]) -> None:
-    """A blocked answer: text parts emptied, function calls removed, status incomplete (content filter)."""
+    """A blocked answer: texts emptied, tool calls removed, status incomplete (content filter)."""
     output = answer.get("output")
     if isinstance(output, list):
         answer["output"] = [item for item in output
-                            if not (isinstance(item, dict) and item.get("type") == "function_call")]
-    for part, _, _, _ in answer_texts(answer):
-        part["text"] = ""
-        for key in ("annotations", "logprobs"):
-            if key in part:
-                part[key] = []
+                            if not (isinstance(item, dict) and item.get("type") in _TOOL_ITEMS)]
+    for part, key, _, _ in answer_texts(answer):
+        part[key] = ""
+        for field in ("annotations", "logprobs"):
+            if field in part:
+                part[field] = []
     for item in answer.get("output") or ():
-        if isinstance(item, dict) and item.get("type") == "message":
+        if isinstance(item, dict) and item.get("type") in ("message", "reasoning"):
             item["status"] = "incomplete"
     if "output_text" in answer:
         answer["output_text"] = ""
@@ -142,24 +190,23 @@ class ResponsesChunks:
         kind = data.get("type")
         before: list[dict[str, Any]] = []  # events the gateway adds ahead of this one
         changed = True
-        if kind == _TEXT_DELTA or kind == _ARGS_DELTA:
-            if not await self._delta(data, kind):
+        if kind in _DELTAS:
+            if not await self._delta(data, _DELTAS[kind]):
                 return []
-        elif kind == _TEXT_DONE:
-            key = (_int(data.get("output_index")), "text", _int(data.get("content_index")))
-            before = await self._settle(key, data.get("text"))
-            data["text"] = self.sent.get(key, "")
+        elif kind in _DONES:
+            lane, part, field = _DONES[kind]
+            key = (_int(data.get("output_index")), lane, _int(data.get(part)) if part else 0)
+            before = await self._settle(key, data.get(field))
+            data[field] = self.sent.get(key, "")
             self._scrub(data)
-        elif kind == _ARGS_DONE:
-            key = (_int(data.get("output_index")), "tool", 0)
-            before = await self._settle(key, data.get("arguments"))
-            data["arguments"] = self.sent.get(key, "")
-        elif kind == _PART_DONE and isinstance(data.get("part"), dict):
+        elif kind in _PART_DONE and isinstance(data.get("part"), dict):
             part = data["part"]
-            if part.get("type") == "output_text":
-                key = (_int(data.get("output_index")), "text", _int(data.get("content_index")))
-                before = await self._settle(key, part.get("text"))
-                part["text"] = self.sent.get(key, "")
+            found = _PARTS.get(part.get("type"))
+            if found is not None:
+                position = data.get("summary_index" if found[0] == "summary" else "content_index")
+                key = (_int(data.get("output_index")), found[0], _int(position))
+                before = await self._settle(key, part.get(found[1]))
+                part[found[1]] = self.sent.get(key, "")
                 self._scrub(part)
         elif kind == _ITEM_DONE and isinstance(data.get("item"), dict):
             index = _int(data.get("output_index"))
@@ -189,11 +236,11 @@ class ResponsesChunks:
 
     # -- events
 
-    async def _delta(self, data: dict[str, Any], kind: str) -> bool:
-        """A text or arguments delta: the part of it (and of what was held) that may leave now, if any."""
+    async def _delta(self, data: dict[str, Any], found: tuple[str, str | None]) -> bool:
+        """A text's delta: the part of it (and of what was held) that may leave now, if any."""
         index = _int(data.get("output_index"))
-        text = kind == _TEXT_DELTA
-        key = (index, "text", _int(data.get("content_index"))) if text else (index, "tool", 0)
+        kind, part = found
+        key = (index, kind, _int(data.get(part)) if part else 0)
         if isinstance(data.get("item_id"), str):
             self.ids.setdefault(index, data["item_id"])
         delta = data.get("delta")
@@ -201,7 +248,7 @@ class ResponsesChunks:
         if isinstance(delta, str) and delta:
             self.window.feed(lane, delta)
             self.fed[key] = self.fed.get(key, 0) + len(delta)
-        released = await self.window.release(lane, False, ANSWER if text else TOOL)
+        released = await self.window.release(lane, False, _KINDS[kind][0])
         if not released:
             return False
         self.sent[key] = self.sent.get(key, "") + released
@@ -217,40 +264,34 @@ class ResponsesChunks:
         elif kind == _ITEM_ADDED and isinstance(data.get("item"), dict):
             item = data["item"]
             index = _int(data.get("output_index"))
-            self.items[index] = {**item, "content": list(item.get("content") or [])} if item.get("type") == "message" \
-                else dict(item)
+            self.items[index] = {**item, **{field: list(item[field]) for field in ("content", "summary")
+                                            if isinstance(item.get(field), list)}}
             if isinstance(item.get("id"), str):
                 self.ids[index] = item["id"]
-            if item.get("arguments"):
-                item["arguments"] = ""
-                return True
-            parts = [p for p in item.get("content") or () if isinstance(p, dict) and p.get("text")]
-            for part in parts:
-                part["text"] = ""
-            return bool(parts)
-        elif kind == _PART_ADDED and isinstance(data.get("part"), dict):
+            texts = [(container, key) for _, _, container, key in item_texts(item) if container[key]]
+            for container, key in texts:
+                container[key] = ""
+            return bool(texts)
+        elif kind in _PART_ADDED and isinstance(data.get("part"), dict):
+            part = data["part"]
             item = self.items.get(_int(data.get("output_index")))
             if item is not None:
-                item.setdefault("content", []).append(data["part"])
-            if data["part"].get("text"):
-                data["part"] = {**data["part"], "text": ""}
+                item.setdefault("summary" if kind == "response.reasoning_summary_part.added" else "content",
+                                []).append(part)
+            found = _PARTS.get(part.get("type"))
+            if found is not None and part.get(found[1]):
+                data["part"] = {**part, found[1]: ""}
                 return True
         return False
 
     async def _item(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
         """An output item that repeats its texts: released in full first, then written as released."""
         before: list[dict[str, Any]] = []
-        if item.get("type") == "message" and isinstance(item.get("content"), list):
-            for position, part in enumerate(item["content"]):
-                if isinstance(part, dict) and part.get("type") == "output_text":
-                    key = (index, "text", position)
-                    before += await self._settle(key, part.get("text"))
-                    part["text"] = self.sent.get(key, "")
-                    self._scrub(part)
-        elif item.get("type") == "function_call":
-            key = (index, "tool", 0)
-            before += await self._settle(key, item.get("arguments"))
-            item["arguments"] = self.sent.get(key, "")
+        for kind, position, container, key in item_texts(item):
+            lane_key = (index, kind, position)
+            before += await self._settle(lane_key, container[key])
+            container[key] = self.sent.get(lane_key, "")
+            self._scrub(container)
         return before
 
     async def _ended(self, response: dict[str, Any]) -> list[dict[str, Any]]:
@@ -269,7 +310,7 @@ class ResponsesChunks:
     # -- lanes
 
     def _lane(self, key: LaneKey) -> Lane:
-        return self.window.lane(key, key[1] == "tool")
+        return self.window.lane(key, _KINDS[key[1]][1])
 
     async def _settle(self, key: LaneKey, full: object) -> list[dict[str, Any]]:
         """The lane's text is complete (`full`: the upstream's whole text, if the event repeats it): what it
@@ -279,18 +320,18 @@ class ResponsesChunks:
         if isinstance(full, str) and len(full) > fed:
             self.window.feed(lane, full[fed:])
             self.fed[key] = len(full)
-        released = await self.window.release(lane, True, TOOL if lane.json else ANSWER)
+        index, kind, position = key
+        released = await self.window.release(lane, True, _KINDS[kind][0])
         if not released:
             return []
         self.sent[key] = self.sent.get(key, "") + released
-        index, kind, position = key
-        item_id = self.ids.get(index, "")
-        event: dict[str, Any]
+        event_type, part = _DELTA_OF[kind]
+        event: dict[str, Any] = {"type": event_type, "item_id": self.ids.get(index, ""), "output_index": index}
+        if part is not None:
+            event[part] = position
+        event["delta"] = released
         if kind == "text":
-            event = {"type": _TEXT_DELTA, "item_id": item_id, "output_index": index, "content_index": position,
-                     "delta": released, "logprobs": []}
-        else:
-            event = {"type": _ARGS_DELTA, "item_id": item_id, "output_index": index, "delta": released}
+            event["logprobs"] = []
         self._number(event)
         return [event]
 
@@ -298,15 +339,13 @@ class ResponsesChunks:
         """The output items so far, with what was released of their texts: a blocked stream's output."""
         output = []
         for index in sorted(self.items):
-            item = dict(self.items[index])
-            if item.get("type") == "function_call":
-                item["arguments"] = self.sent.get((index, "tool", 0), "")
-            elif item.get("type") == "message":
-                item["content"] = [
-                    {**part, "text": self.sent.get((index, "text", position), ""), "annotations": [],
-                     **({"logprobs": []} if "logprobs" in part else {})}
-                    if isinstance(part, dict) and part.get("type") == "output_text" else part
-                    for position, part in enumerate(item.get("content") or ())]
+            item = _copied(self.items[index])
+            for kind, position, container, key in item_texts(item):
+                container[key] = self.sent.get((index, kind, position), "")
+                if kind == "text":
+                    container["annotations"] = []
+                if "logprobs" in container:
+                    container["logprobs"] = []
             if item.get("status") != "completed":
                 item["status"] = "incomplete"
             output.append(item)
@@ -327,6 +366,12 @@ class ResponsesChunks:
         event["sequence_number"] = given
         self.seq += 1
         return number != given
+
+
+def _copied(item: dict[str, Any]) -> dict[str, Any]:
+    """An output item whose part lists and parts are its own (the item as added is not changed)."""
+    return {**item, **{field: [dict(part) if isinstance(part, dict) else part for part in item[field]]
+                       for field in ("content", "summary") if isinstance(item.get(field), list)}}
 
 
 def _int(value: object) -> int:

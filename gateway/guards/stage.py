@@ -30,10 +30,11 @@ from .base import Finding, Part, Where
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
-from .stream import StreamGuard
+from .stream import BESIDE_CONTENT, UNREAD_TEXTS, StreamGuard
 from .verdict import apply
+from .window import ANSWER, TOOL
 
-__all__ = ["GuardStage", "input_texts"]
+__all__ = ["GuardStage", "answer_refs", "input_texts"]
 
 HEADER = b"x-gateway-guards"
 _decode = msgspec.json.Decoder().decode
@@ -101,6 +102,31 @@ def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:
         f"The {place} was blocked by the gateway's content policy: guard {', '.join(guards)} "
         f"found {', '.join(types)}.",
     )
+
+
+def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:
+    """Every text of a chat answer's message (or a completion's choice: `key` "text"), as a place it can be written
+    back to, and whether it is a JSON string (tool arguments): the content, the texts beside it, each tool call's
+    arguments (a custom tool's input, as plain text), and a legacy `function_call`'s arguments."""
+    if isinstance(holder.get(key), str):
+        yield holder, key, ANSWER, False
+    if not chat:
+        return
+    for field in BESIDE_CONTENT:
+        if isinstance(holder.get(field), str):
+            yield holder, field, BESIDE_CONTENT[field], False
+    calls = holder.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if not isinstance(call, dict):
+            continue
+        function, custom = call.get("function"), call.get("custom")
+        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
+            yield function, "arguments", TOOL, True
+        if isinstance(custom, dict) and isinstance(custom.get("input"), str):
+            yield custom, "input", TOOL, False
+    legacy = holder.get("function_call")
+    if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
+        yield legacy, "arguments", TOOL, True
 
 
 class GuardStage:
@@ -188,15 +214,10 @@ class GuardStage:
             holder = choice.get("message") if chat else choice
             if not isinstance(holder, dict):
                 continue
-            refs: list[tuple[Any, Any, Where, bool]] = []
+            if scrub and chat:
+                holder.pop(UNREAD_TEXTS, None)
             key = "content" if chat else "text"
-            if isinstance(holder.get(key), str):
-                refs.append((holder, key, Where("output", "answer"), False))
-            for call in (holder.get("tool_calls") or ()) if chat else ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    refs.append((function, "arguments", Where("output", "tool_arguments"), True))
-            for container, field, where, json_string in refs:
+            for container, field, where, json_string in answer_refs(holder, key, chat):
                 text = container[field]
                 enforced: list[Finding] = []
                 if guard_set.output:
@@ -205,7 +226,8 @@ class GuardStage:
                     session.note_findings(shadow, "shadow", "output")
                     if any(f.action == "block" for f in enforced):
                         holder[key] = None if chat else ""
-                        holder.pop("tool_calls", None)
+                        for dropped in ("tool_calls", "function_call", *BESIDE_CONTENT):
+                            holder.pop(dropped, None)
                         choice["finish_reason"] = "content_filter"
                         break
                 restore = partial(session.pseudonyms.restore, json_string=json_string)

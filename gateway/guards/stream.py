@@ -22,17 +22,24 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamEvent, UsageReport
-from .base import Guard
+from .base import Guard, Where
 from .responses import ResponsesChunks
 from .session import GuardSession
-from .window import ANSWER, TOOL, Blocked, Window
+from .window import ANSWER, REASONING, TOOL, Blocked, Window
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
     from ..pipeline.streams import StreamEnd
     from .runtime import GuardRuntime
 
-__all__ = ["ChatChunks", "ChunkFormat", "StreamGuard"]
+__all__ = ["BESIDE_CONTENT", "UNREAD_TEXTS", "ChatChunks", "ChunkFormat", "StreamGuard"]
+
+# Text fields of a chat answer's message (and of a chunk's delta) beside `content`, checked as it is: the refusal,
+# and the reasoning that OpenAI-compatible servers of reasoning models return (`reasoning_content`: DeepSeek, vLLM;
+# `reasoning`: OpenRouter, Groq, Ollama), which often repeats what the prompt held. By field, where its text is.
+BESIDE_CONTENT: dict[str, Where] = {"refusal": ANSWER, "reasoning_content": REASONING, "reasoning": REASONING}
+# OpenRouter's structured copy of the reasoning: not read by the guards, so dropped when one enforces.
+UNREAD_TEXTS = "reasoning_details"
 
 
 def _complete_json(pieces: list[str] | None) -> bool:
@@ -127,13 +134,17 @@ class ChatChunks:
                 keep = True
                 continue
             final = choice.get("finish_reason") is not None
+            calls = holder.get("tool_calls") if self.chat else None
             text = holder.get(self.key)
+            if self.chat:
+                if self.scrub:
+                    holder.pop(UNREAD_TEXTS, None)
+                await self._beside(index, holder, final, bool(calls) or (isinstance(text, str) and bool(text)))
             lane = window.lane((index, "text", 0), False)
             if isinstance(text, str) and text:
                 window.feed(lane, text)
             if lane.pending or (isinstance(text, str) and text):
                 holder[self.key] = await window.release(lane, final, ANSWER)
-            calls = holder.get("tool_calls") if self.chat else None
             entries = list(calls) if isinstance(calls, list) else []
             for position, call in enumerate(entries):
                 function = call.get("function") if isinstance(call, dict) else None
@@ -153,6 +164,32 @@ class ChatChunks:
                 v not in (None, "", []) for k, v in holder.items() if k not in (self.key, "logprobs", "finish_reason",
                                                                                "index", "text"))
         return [Chunk.of(data)] if keep else []
+
+    async def _beside(self, index: int, holder: dict[str, Any], final: bool, answering: bool) -> None:
+        """The texts beside the content (`BESIDE_CONTENT`: reasoning, refusal), each a lane of its own: what of each
+        may leave now, written back. A lane's text is over at the choice's end, once the answer begins
+        (`answering`: content or tool calls), or once another of them brings text (the model moved on): what it
+        holds then leaves whole, in this chunk. A field the delta did not have is added only with text."""
+        window = self.window
+        texts = {field: text for field in BESIDE_CONTENT if isinstance(text := holder.get(field), str) and text}
+        for field, where in BESIDE_CONTENT.items():
+            lane = window.lanes.get((index, field, 0))
+            if field in texts:
+                lane = lane or window.lane((index, field, 0), False)
+                window.feed(lane, texts[field])
+            if lane is None or not lane.pending:
+                continue
+            over = final or answering or (bool(texts) and field not in texts)
+            out = await window.release(lane, over, where)
+            if out or isinstance(holder.get(field), str):
+                holder[field] = out
+
+    async def _close_beside(self, index: int, holder: dict[str, Any]) -> None:
+        """Whatever the lanes beside the content hold of choice `index`, released whole into `holder`."""
+        for field, where in BESIDE_CONTENT.items():
+            lane = self.window.lanes.get((index, field, 0))
+            if lane is not None and lane.pending:
+                holder[field] = await self.window.release(lane, True, where)
 
     async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any], later: set[int]) -> None:
         """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls): what is held of the
@@ -194,6 +231,8 @@ class ChatChunks:
         choices: list[dict[str, Any]] = []
         for index in sorted({i for (i, _, _), lane in self.window.lanes.items() if lane.pending}):
             delta: dict[str, Any] = {}
+            if self.chat:
+                await self._close_beside(index, delta)
             lane = self.window.lanes.get((index, "text", 0))
             if lane is not None and lane.pending:
                 delta[self.key] = await self.window.release(lane, True, ANSWER)

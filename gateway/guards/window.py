@@ -44,11 +44,14 @@ from .verdict import apply
 if TYPE_CHECKING:
     from .runtime import GuardRuntime
 
-__all__ = ["ANSWER", "TOOL", "Blocked", "Lane", "LaneKey", "Window"]
+__all__ = ["ANSWER", "REASONING", "TOOL", "Blocked", "Lane", "LaneKey", "Window"]
 
 ANSWER = Where("output", "answer")
 TOOL = Where("output", "tool_arguments")
-LaneKey = tuple[int, str, int]  # (choice or output index, "text" or "tool", content part or tool call index)
+REASONING = Where("output", "reasoning")  # the model's reasoning (or its summary), as an answer may carry it
+# (choice or output index, what the lane is: "text", "tool", or a field of text beside them, such as "reasoning_content"
+# or "refusal"; content part, summary part or tool call index)
+LaneKey = tuple[int, str, int]
 
 
 class Blocked(Exception):

@@ -28,7 +28,9 @@ Chat answers other servers send (``_odd_chat_answer``): ``interleaved-tools`` tw
 calls whose streamed pieces alternate (call 0, 1, 0, 1), ``odd-arguments`` two tool
 calls whose arguments are invalid JSON and a JSON array, ``content-parts`` the text
 as a list of text parts, ``usage-riding`` the usage (with cached tokens) on the
-stream's last content chunk instead of a usage-only chunk.
+stream's last content chunk instead of a usage-only chunk. ``echo-reasoning`` and
+``echo-refusal``: the echoed text as a reasoning model's reasoning, or as a refusal
+(chat and Responses, whole or streamed: ``mock_reasoning.py``).
 
 Run ``python -m tests.support.mock_upstream --port 9999`` to try it by hand.
 """
@@ -53,6 +55,8 @@ from functools import partial
 from typing import Any, NoReturn
 
 from aiohttp import web
+
+from . import mock_reasoning
 
 STALL_SECONDS = 60.0
 POLL_SECONDS = 0.05
@@ -95,7 +99,8 @@ _FAULT_RE = re.compile(
     r"|error-trickle)-(\d+)"
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
     r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked|cached-reasoning"
-    r"|split-context-length|empty-stream|no-done|interleaved-tools|odd-arguments|content-parts|usage-riding)"
+    r"|split-context-length|empty-stream|no-done|interleaved-tools|odd-arguments|content-parts|usage-riding"
+    r"|echo-reasoning|echo-refusal)"
     r"|fault-retry-after-raw-((?:[0-9a-f]{2})+)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very
@@ -840,6 +845,12 @@ class MockUpstream:
                     500, ECHO_DETAIL.format(key=key), "server_error", None))
             if fault and fault.kind == "no-usage":
                 body = {**body, "stream_options": None}  # answer as an upstream that ignores include_usage
+            if fault and fault.kind in mock_reasoning.KINDS:  # reasoning or a refusal: `mock_reasoning`
+                build_kind = mock_reasoning.responses if request.path.endswith("/responses") else mock_reasoning.chat
+                made = build_kind(fault.kind, body, " ".join(_echo_words(body)), next(self._serials))
+                if isinstance(made, list):
+                    return await _deliver_stream(request, SseAnswer(made, 1), None)
+                return await _send(request, web.json_response(made))
             if fault and fault.kind in ODD_CHAT_ANSWERS and request.path.endswith("/chat/completions"):
                 odd = _odd_chat_answer(fault.kind, body, _echo_words(body), next(self._serials))
                 if isinstance(odd, SseAnswer):

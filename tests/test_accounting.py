@@ -230,6 +230,30 @@ def test_cached_and_reasoning_tokens_are_priced_at_their_rates(
     assert f'gateway_tokens_total{{kind="reasoning",model="detailed"}} {float(REASONING_TOKENS)}' in metrics
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_responses_answers_cached_and_reasoning_tokens_are_priced_at_their_rates(
+    start: Callable[..., RunningGateway], stream: bool,
+) -> None:
+    """The Responses API's `input_tokens_details.cached_tokens` and `output_tokens_details.reasoning_tokens`
+    (the bill read neither: cached input at the full price, reasoning at the output price)."""
+    gateway = start(accounting="always: true")
+    prompt = "one two three four five six seven eight"
+    if stream:
+        with client(gateway).responses.stream(model="detailed", input=prompt) as events:
+            usage = events.get_final_response().usage
+    else:
+        usage = client(gateway).responses.create(model="detailed", input=prompt).usage
+    assert usage is not None
+    cached, reasoning = usage.input_tokens_details.cached_tokens, usage.output_tokens_details.reasoning_tokens
+    assert cached > 0 and reasoning > 0
+    expected = ((usage.input_tokens - cached) * 100 + cached * 10
+                + (usage.output_tokens - reasoning) * 1000 + reasoning * 2000) / 1e6
+    assert usage_of(gateway, "model", "detailed")["cost_usd"] == pytest.approx(expected, abs=1e-6)
+    metrics = gateway.metrics()
+    assert f'gateway_tokens_total{{kind="cached_prompt",model="detailed"}} {float(cached)}' in metrics
+    assert f'gateway_tokens_total{{kind="reasoning",model="detailed"}} {float(reasoning)}' in metrics
+
+
 def test_streams_are_billed_also_without_upstream_usage(start: Callable[..., RunningGateway]) -> None:
     gateway = start(key="budget: {usd: 10}")
     sdk = client(gateway)

@@ -26,17 +26,18 @@ from openai.types.chat import ChatCompletion, ChatCompletionChunk
 
 from tests.conftest import FULL_KEY, UPSTREAM_KEY, RunningGateway
 from tests.support.mock_anthropic import CACHE_READ, CACHE_WRITE, MockAnthropic
-from tests.support.mock_gemini import CACHED, MockGemini
+from tests.support.mock_gemini import CACHED, THOUGHTS, MockGemini
 from tests.support.mock_upstream import MockUpstream, RecordedRequest
 
 KINDS = ("openai", "azure", "anthropic", "gemini")
 ANTHROPIC_KEY = "sk-ant-conformance"
 GEMINI_KEY = "gemini-conformance-key"
+PRICES = "{input_per_mtok: 100, cached_input_per_mtok: 10, output_per_mtok: 1000, reasoning_per_mtok: 2000}"
 MODELS = ("mock-model", "fault-echo", "fault-echo-tool", "fault-status-400", "fault-status-429", "fault-status-500",
           "fault-status-401", "fault-slow-first-byte-3000", "fault-stall-after-3", "fault-slow-stream-100",
           "fault-malformed-json", "fault-context-length", "fault-status-529", "fault-out-of-order",
           "fault-content-filter", "fault-safety", "fault-prompt-blocked", "fault-error-first",
-          "fault-overloaded-midstream")
+          "fault-overloaded-midstream", "fault-cached-reasoning")
 IMAGE = ("data:image/png;base64,"
          "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNk+M9QDwADhgGAWjR9awAAAABJRU5ErkJggg==")
 TOOLS: list[Any] = [{"type": "function", "function": {
@@ -91,6 +92,8 @@ def conformance_policy(mocks: Mocks) -> str:
         auth: keys
         keys:
           - {{name: full, tenant: acme, hash: "{_hash(FULL_KEY)}"}}
+        prices:
+          fault-cached-reasoning: {PRICES}
         """) + providers + "models:\n" + models + "\n"
 
 
@@ -288,6 +291,23 @@ def test_usage_reports_cached_tokens(kind: str, client: openai.OpenAI) -> None:
         assert usage["prompt_tokens"] == 3 + 3 + CACHE_READ + CACHE_WRITE
     if kind == "gemini":
         assert usage["prompt_tokens_details"]["cached_tokens"] == CACHED
+
+
+@pytest.mark.parametrize("kind", ["openai", "gemini"])
+def test_cached_and_thinking_tokens_are_billed_at_their_prices(kind: str, client: openai.OpenAI) -> None:
+    """Gemini's `cachedContentTokenCount` and `thoughtsTokenCount` are priced apart, as OpenAI's details are (the
+    bill read neither: cached input at the full price, thoughts at the output price)."""
+    raw = client.chat.completions.with_raw_response.create(
+        model=f"{kind}-fault-cached-reasoning", messages=[{"role": "user", "content": "one two three four"}])
+    usage = json.loads(raw.text)["usage"]
+    cached, thinking = usage["prompt_tokens_details"]["cached_tokens"], usage["completion_tokens_details"][
+        "reasoning_tokens"]
+    if kind == "gemini":
+        assert (cached, thinking) == (CACHED, THOUGHTS)
+    assert cached and thinking
+    expected = ((usage["prompt_tokens"] - cached) * 100 + cached * 10
+                + (usage["completion_tokens"] - thinking) * 1000 + thinking * 2000) / 1e6
+    assert float(raw.headers["x-gateway-cost-usd"]) == pytest.approx(expected, abs=1e-6)
 
 
 # -- errors -------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta, Struct
 
-from .openai import Usage
+from .openai import CompletionTokensDetails, PromptTokensDetails, Usage
 
 __all__ = ["ResponsesEventPeek", "ResponsesPeek", "ResponsesRequest", "ResponsesUsage", "responses_usage"]
 
@@ -32,7 +32,11 @@ class ResponsesRequest(Struct, kw_only=True):
 
 
 class _InputDetails(Struct):
-    cached_tokens: int = 0
+    cached_tokens: int | None = 0  # (null from some servers, as in a chat answer's details)
+
+
+class _OutputDetails(Struct):
+    reasoning_tokens: int | None = 0
 
 
 class ResponsesUsage(Struct):
@@ -40,6 +44,7 @@ class ResponsesUsage(Struct):
     output_tokens: int = 0
     total_tokens: int = 0
     input_tokens_details: _InputDetails | None = None
+    output_tokens_details: _OutputDetails | None = None
 
 
 class ResponsesPeek(Struct):
@@ -61,4 +66,10 @@ def responses_usage(usage: ResponsesUsage | None) -> Usage | None:
     if usage is None:
         return None
     total = usage.total_tokens or usage.input_tokens + usage.output_tokens
-    return Usage(usage.input_tokens, usage.output_tokens, total)
+    # The cached input and the reasoning, which prices may price apart (as a chat answer's details).
+    cached = (usage.input_tokens_details.cached_tokens or 0) if usage.input_tokens_details is not None else 0
+    reasoning = (usage.output_tokens_details.reasoning_tokens or 0) if usage.output_tokens_details is not None \
+        else 0
+    return Usage(usage.input_tokens, usage.output_tokens, total,
+                 PromptTokensDetails(cached_tokens=cached) if cached else None,
+                 CompletionTokensDetails(reasoning_tokens=reasoning) if reasoning else None)

@@ -28,7 +28,7 @@ import msgspec
 
 from ..errors import ContentPolicyViolation, GatewayError, InvalidRequest
 from ..schemas.events import DONE, StreamEvent, UsageReport
-from ..schemas.openai import Usage
+from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage
 from .common import ChunkWriter, StreamProtocolError, data_url, parse_arguments, unsupported
 
 __all__ = ["GeminiEvents", "chat_completion", "gemini_request"]
@@ -218,11 +218,16 @@ def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
     if not isinstance(metadata, dict):
         return None
     prompt = _int(metadata.get("promptTokenCount"))
-    completion = _int(metadata.get("candidatesTokenCount")) + _int(metadata.get("thoughtsTokenCount"))
+    thoughts = _int(metadata.get("thoughtsTokenCount"))
+    completion = _int(metadata.get("candidatesTokenCount")) + thoughts
     total = _int(metadata.get("totalTokenCount")) or prompt + completion
+    cached = _int(metadata.get("cachedContentTokenCount"))  # (pricing bounds it by the prompt)
     shape = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total,
-             "prompt_tokens_details": {"cached_tokens": _int(metadata.get("cachedContentTokenCount"))}}
-    return Usage(prompt, completion, total), shape
+             "prompt_tokens_details": {"cached_tokens": cached},
+             "completion_tokens_details": {"reasoning_tokens": thoughts}}
+    # The cached and thinking tokens priced apart (`cached_input_per_mtok`, `reasoning_per_mtok`), as OpenAI's are.
+    return Usage(prompt, completion, total, PromptTokensDetails(cached_tokens=cached) if cached else None,
+                 CompletionTokensDetails(reasoning_tokens=thoughts) if thoughts else None), shape
 
 
 def _int(value: Any) -> int:

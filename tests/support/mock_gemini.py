@@ -36,6 +36,7 @@ from .mock_upstream import (
 __all__ = ["CACHED", "MockGemini", "gemini_error"]
 
 CACHED = 4  # cachedContentTokenCount on every answer
+THOUGHTS = 6  # thoughtsTokenCount of `fault-cached-reasoning`
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
@@ -117,6 +118,8 @@ class MockGemini(MockUpstream):
         prompt = sum(count_words(p.get("text")) for c in body["contents"] for p in c.get("parts") or ())
         usage = {"promptTokenCount": prompt, "candidatesTokenCount": len(words),
                  "totalTokenCount": prompt + len(words), "cachedContentTokenCount": CACHED}
+        if fault and fault.kind == "cached-reasoning":  # a thinking model: its thoughts beside the candidates
+            usage.update(thoughtsTokenCount=THOUGHTS, totalTokenCount=prompt + len(words) + THOUGHTS)
         base = {"modelVersion": model, "responseId": f"resp-mock-{next(self._serials)}"}
         if fault and fault.kind == "prompt-blocked":
             blocked = {**base, "promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage}

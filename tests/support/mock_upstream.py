@@ -251,8 +251,11 @@ def responses_answer(body: dict[str, Any], words: list[str], serial: int,
     text, pieces = _joined(body, words)
     prompt = body.get("input")
     prompt_tokens = count_words(prompt) if isinstance(prompt, str) else chat_prompt_tokens(prompt)
-    usage = {"input_tokens": prompt_tokens, "input_tokens_details": {"cached_tokens": 0},
-             "output_tokens": len(words), "output_tokens_details": {"reasoning_tokens": 0},
+    details = parse_fault(body.get("model")) == Fault("cached-reasoning")
+    usage = {"input_tokens": prompt_tokens,
+             "input_tokens_details": {"cached_tokens": prompt_tokens // CACHED_SHARE if details else 0},
+             "output_tokens": len(words),
+             "output_tokens_details": {"reasoning_tokens": min(REASONING_TOKENS, len(words)) if details else 0},
              "total_tokens": prompt_tokens + len(words)}
     rid, mid = f"resp_mock{serial}", f"msg_mock{serial}"
     part = {"type": "output_text", "text": text, "annotations": []}

@@ -8,6 +8,7 @@ import re
 import textwrap
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import openai
@@ -188,6 +189,22 @@ def test_hard_budget_refuses_with_budget_exceeded(start: Callable[..., RunningGa
     assert 'gateway_reservation_drift_ratio_count{model="chat"} 3.0' in metrics
     assert 'gateway_budget_remaining_usd{name="main",scope="key"}' in metrics
     assert usage_of(gateway, "key", "main")["cost_usd"] == pytest.approx(0.06)
+
+
+@pytest.mark.parametrize("extra", [{"prompt": ["one", "two", "three", "four", "five"]},
+                                   {"prompt": "one", "best_of": 5}])
+def test_a_hard_budget_reserves_every_completion_a_completions_request_asks_for(
+    start: Callable[..., RunningGateway], extra: dict[str, Any],
+) -> None:
+    """Five prompts (or `best_of: 5`) at `max_tokens: 20` may cost $0.10, which a $0.05 budget refuses outright:
+    reserved as one completion ($0.02), they went through and could spend five times what the budget allowed."""
+    gateway = start(key="budget: {usd: 0.05, period: day}")
+    response = httpx.post(gateway.base_url + "/completions", headers={"Authorization": f"Bearer {KEY}"},
+                          json={"model": "chat", "max_tokens": 20, **extra}, timeout=20)
+    assert response.status_code == 429 and response.json()["error"]["code"] == "budget_exceeded"
+    single = httpx.post(gateway.base_url + "/completions", headers={"Authorization": f"Bearer {KEY}"},
+                        json={"model": "chat", "max_tokens": 20, "prompt": "one"}, timeout=20)
+    assert single.status_code == 200
 
 
 def test_soft_budget_serves_with_a_header_and_a_metric(start: Callable[..., RunningGateway]) -> None:

@@ -382,6 +382,12 @@ def test_responses_input_and_instructions_are_counted_as_the_chat_messages_they_
     ({"input": "hi", "max_tokens": 1}, (4096, False)),
     ({"messages": [], "max_tokens": 10**15}, (100_000_000, True)),  # at most `MAX_TOKENS`
     ({"messages": [], "max_tokens": 10**7, "n": 128}, (100_000_000, True)),
+    # a completion per prompt listed, and `best_of` completions generated (and billed) per prompt
+    ({"prompt": ["a", "b", "c"], "max_tokens": 10}, (30, True)),
+    ({"prompt": [[1, 2], [3]], "max_tokens": 10, "n": 2}, (40, True)),
+    ({"prompt": [1, 2, 3], "max_tokens": 10}, (10, True)),  # one prompt, as token ids
+    ({"prompt": "hi", "max_tokens": 10, "best_of": 5, "n": 2}, (50, True)),
+    ({"prompt": ["a", "b"], "max_tokens": 10, "best_of": True}, (20, True)),
 ])
 def test_completion_cap_reads_the_field_of_each_api(body: dict[str, object], cap: tuple[int, bool]) -> None:
     from gateway.accounting.outright import completion_cap

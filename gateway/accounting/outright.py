@@ -26,7 +26,8 @@ is an upstream's error (settling.py `usable`). Twice this, in the store's millio
 
 def requested_cap(body: dict[str, Any]) -> int | None:
     """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`; a Responses
-    API request: `max_output_tokens`), times `n`, at most `MAX_TOKENS`.
+    API request: `max_output_tokens`), times `n` (or a completion's `best_of`, if more) and the number of prompts
+    a completions request lists, at most `MAX_TOKENS`.
 
     Each field counts only in the API that honours it (a chat or completions body always has `messages` or
     `prompt`), since an upstream that ignores a field would not stop at it: the reservation must not trust it."""
@@ -36,10 +37,15 @@ def requested_cap(body: dict[str, Any]) -> int | None:
         cap = body.get("max_output_tokens")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         return None
-    n = body.get("n")
-    if isinstance(n, int) and not isinstance(n, bool) and n > 1:
-        cap *= n
+    cap *= max(_count(body.get("n")), _count(body.get("best_of")))  # `best_of` completions are generated and billed
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # several prompts (not token ids):
+        cap *= len(prompt)  # a completion (or `n`) each
     return cap if cap <= MAX_TOKENS else MAX_TOKENS
+
+
+def _count(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
 def completion_cap(streams: bool, body: dict[str, Any], default: int) -> tuple[int, bool]:

@@ -405,12 +405,13 @@ def test_a_responses_answer_is_rewritten_everywhere_it_says_its_text() -> None:
     assert answer["output"][2]["arguments"] == '{"q": "<DENIED_TERM>"}' and answer["status"] == "completed"
 
     blocked = {"status": "completed", "output_text": f"key {_KEY}", "output": [
+        {"type": "code_interpreter_call", "code": f"k = '{_KEY}'", "outputs": [{"type": "logs", "logs": _KEY}]},
         {"type": "message", "status": "completed", "content": [{"type": "output_text", "text": f"key {_KEY}"}]},
         {"type": "function_call", "arguments": "{}"}]}
     asyncio.run(guard_answer(runtime, guards, GuardSession(runtime.metrics), blocked))
     assert _KEY not in msgspec.json.encode(blocked).decode()
     assert blocked["status"] == "incomplete" and blocked["incomplete_details"] == {"reason": "content_filter"}
-    assert blocked["output"] == [{"type": "message", "status": "incomplete",
+    assert blocked["output"] == [{"type": "message", "status": "incomplete",  # (a hosted tool's item: unread, gone)
                                   "content": [{"type": "output_text", "text": ""}]}]
     assert blocked["output_text"] == ""
 

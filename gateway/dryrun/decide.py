@@ -25,7 +25,7 @@ from ..cache.control import directives, plan
 from ..errors import BudgetExceeded, ContentPolicyViolation, GatewayError, NoRoute, RateLimited
 from ..guards.base import Finding, Where
 from ..guards.runtime import GuardRuntime
-from ..guards.stage import input_texts
+from ..guards.texts import input_texts
 from ..pipeline.stages import authenticate, decode_body, model_not_found
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy

@@ -89,7 +89,9 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str | None, str], ...]] = {
     "custom_tool_call": ((None, "input"),),
 }
 _ITEM_KINDS = {"function_call": "tool", "custom_tool_call": "custom"}
-_TOOL_ITEMS = frozenset(_ITEM_KINDS)
+# What a blocked answer keeps of its output, texts emptied: tool calls go, and so do the hosted tools' items (code,
+# searches, MCP calls), whose texts the guards do not read.
+_KEPT = frozenset({"message", "reasoning"})
 
 Ref = tuple[dict[str, Any], str, Where, bool]  # (container, key, where, JSON string): container[key] is the text
 # One text of an output item: its lane kind, its part's position (0: the item's own field), its container and key.
@@ -150,11 +152,11 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
 
 
 def filtered(answer: dict[str, Any]) -> None:
-    """A blocked answer: texts emptied, tool calls removed, status incomplete (content filter)."""
+    """A blocked answer: texts emptied, tool calls (and hosted tools' items) removed, status incomplete (content
+    filter)."""
     output = answer.get("output")
     if isinstance(output, list):
-        answer["output"] = [item for item in output
-                            if not (isinstance(item, dict) and item.get("type") in _TOOL_ITEMS)]
+        answer["output"] = [item for item in output if isinstance(item, dict) and item.get("type") in _KEPT]
     for part, key, _, _ in answer_texts(answer):
         part[key] = ""
         for field in ("annotations", "logprobs"):
@@ -339,6 +341,8 @@ class ResponsesChunks:
         """The output items so far, with what was released of their texts: a blocked stream's output."""
         output = []
         for index in sorted(self.items):
+            if self.items[index].get("type") not in _ITEM_TEXTS:  # a hosted tool's item: its texts are not read
+                continue
             item = _copied(self.items[index])
             for kind, position, container, key in item_texts(item):
                 container[key] = self.sent.get((index, kind, position), "")

@@ -6,18 +6,17 @@ upstream. It is built only when the policy defines guards, so a gateway without
 guards pays nothing, not even a stage call; and a request whose (tenant, alias)
 has no guard passes straight through, its stream bytes untouched.
 
-Input: every text a request carries (message text parts, tool call arguments,
-tool results, a completion's prompt, an embedding's input) is checked and
-rewritten in `ctx.body`, the dict that is forwarded. Output: a complete answer
+Input: every text a request carries (found by `texts.py`: message text parts,
+tool call arguments, tool results, a completion's prompt, an embedding's input)
+is checked and rewritten in `ctx.body`, the dict that is forwarded. Output: a complete answer
 is decoded, checked and re-encoded (a Responses answer by `responses.py`); a
 stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Iterator
+from collections.abc import Awaitable
 from functools import partial
-from typing import Any
 
 import msgspec
 
@@ -26,73 +25,19 @@ from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
-from .base import Finding, Part, Where
+from .base import Finding
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
-from .stream import BESIDE_CONTENT, UNREAD_TEXTS, StreamGuard
+from .stream import StreamGuard
+from .texts import BESIDE_CONTENT, UNREAD_TEXTS, answer_refs, input_texts, refuse_unreadable
 from .verdict import apply
-from .window import ANSWER, TOOL
 
-__all__ = ["GuardStage", "answer_refs", "input_texts"]
+__all__ = ["GuardStage"]
 
 HEADER = b"x-gateway-guards"
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the text
-
-
-def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
-    """Every text of a request, as a place it can be written back to."""
-    if endpoint is Endpoint.CHAT:
-        for message in body.get("messages") or ():
-            if not isinstance(message, dict):
-                continue
-            part: Part = "tool_result" if message.get("role") in ("tool", "function") else "message"
-            content = message.get("content")
-            if isinstance(content, str):
-                yield message, "content", Where("input", part)
-            elif isinstance(content, list):
-                for item in content:
-                    if isinstance(item, dict) and item.get("type") == "text" and isinstance(item.get("text"), str):
-                        yield item, "text", Where("input", part)
-            for call in message.get("tool_calls") or ():
-                function = call.get("function") if isinstance(call, dict) else None
-                if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-                    yield function, "arguments", Where("input", "tool_arguments")
-        return
-    if endpoint is Endpoint.RESPONSES:
-        yield from _responses_texts(body)
-        return
-    field, part = ("prompt", "prompt") if endpoint is Endpoint.COMPLETIONS else ("input", "embedding_input")
-    value = body.get(field)
-    if isinstance(value, str):
-        yield body, field, Where("input", part)
-    elif isinstance(value, list):
-        for index, item in enumerate(value):
-            if isinstance(item, str):
-                yield value, index, Where("input", part)
-
-
-def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
-    """A Responses request's texts: instructions, the input string or its items' text parts and tool outputs."""
-    if isinstance(body.get("instructions"), str):
-        yield body, "instructions", Where("input", "message")
-    value = body.get("input")
-    if isinstance(value, str):
-        yield body, "input", Where("input", "message")
-        return
-    for item in value if isinstance(value, list) else ():
-        if not isinstance(item, dict):
-            continue
-        if isinstance(item.get("output"), str):
-            yield item, "output", Where("input", "tool_result")
-        content = item.get("content")
-        if isinstance(content, str):
-            yield item, "content", Where("input", "message")
-        for part in content if isinstance(content, list) else ():
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                yield part, "text", Where("input", "message")
 
 
 def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:
@@ -102,31 +47,6 @@ def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:
         f"The {place} was blocked by the gateway's content policy: guard {', '.join(guards)} "
         f"found {', '.join(types)}.",
     )
-
-
-def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:
-    """Every text of a chat answer's message (or a completion's choice: `key` "text"), as a place it can be written
-    back to, and whether it is a JSON string (tool arguments): the content, the texts beside it, each tool call's
-    arguments (a custom tool's input, as plain text), and a legacy `function_call`'s arguments."""
-    if isinstance(holder.get(key), str):
-        yield holder, key, ANSWER, False
-    if not chat:
-        return
-    for field in BESIDE_CONTENT:
-        if isinstance(holder.get(field), str):
-            yield holder, field, BESIDE_CONTENT[field], False
-    calls = holder.get("tool_calls")
-    for call in calls if isinstance(calls, list) else ():
-        if not isinstance(call, dict):
-            continue
-        function, custom = call.get("function"), call.get("custom")
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            yield function, "arguments", TOOL, True
-        if isinstance(custom, dict) and isinstance(custom.get("input"), str):
-            yield custom, "input", TOOL, False
-    legacy = holder.get("function_call")
-    if isinstance(legacy, dict) and isinstance(legacy.get("arguments"), str):
-        yield legacy, "arguments", TOOL, True
 
 
 class GuardStage:
@@ -170,6 +90,8 @@ class GuardStage:
         return reply
 
     async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> None:
+        if guard_set.input or guard_set.limits:
+            refuse_unreadable(ctx.endpoint, ctx.body)
         refs = list(input_texts(ctx.endpoint, ctx.body))
         if guard_set.limits:
             texts = [container[key] for container, key, _ in refs]
@@ -226,7 +148,7 @@ class GuardStage:
                     session.note_findings(shadow, "shadow", "output")
                     if any(f.action == "block" for f in enforced):
                         holder[key] = None if chat else ""
-                        for dropped in ("tool_calls", "function_call", *BESIDE_CONTENT):
+                        for dropped in ("tool_calls", "function_call", "audio", *BESIDE_CONTENT):
                             holder.pop(dropped, None)
                         choice["finish_reason"] = "content_filter"
                         break

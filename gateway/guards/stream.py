@@ -22,24 +22,19 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamEvent, UsageReport
-from .base import Guard, Where
+from .base import Guard
 from .responses import ResponsesChunks
 from .session import GuardSession
-from .window import ANSWER, REASONING, TOOL, Blocked, Window
+from .texts import BESIDE_CONTENT, UNREAD_TEXTS, joined_parts, text_arguments
+from .window import ANSWER, TOOL, Blocked, Window
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
     from ..pipeline.streams import StreamEnd
     from .runtime import GuardRuntime
 
-__all__ = ["BESIDE_CONTENT", "UNREAD_TEXTS", "ChatChunks", "ChunkFormat", "StreamGuard"]
+__all__ = ["ChatChunks", "ChunkFormat", "StreamGuard"]
 
-# Text fields of a chat answer's message (and of a chunk's delta) beside `content`, checked as it is: the refusal,
-# and the reasoning that OpenAI-compatible servers of reasoning models return (`reasoning_content`: DeepSeek, vLLM;
-# `reasoning`: OpenRouter, Groq, Ollama), which often repeats what the prompt held. By field, where its text is.
-BESIDE_CONTENT: dict[str, Where] = {"refusal": ANSWER, "reasoning_content": REASONING, "reasoning": REASONING}
-# OpenRouter's structured copy of the reasoning: not read by the guards, so dropped when one enforces.
-UNREAD_TEXTS = "reasoning_details"
 
 
 def _complete_json(pieces: list[str] | None) -> bool:
@@ -51,6 +46,22 @@ def _complete_json(pieces: list[str] | None) -> bool:
     except ValueError:
         return False
     return True
+
+
+# A tool call's lane kind -> where its text is in a call's delta: a function's arguments, a custom tool's input.
+_CALL_FIELDS = {"tool": ("function", "arguments"), "custom": ("custom", "input")}
+
+
+def _call_text(call: Any) -> tuple[dict[str, Any], str, str] | None:
+    """Where a tool call delta's text is (container, field, lane kind), if it brings any."""
+    if not isinstance(call, dict):
+        return None
+    for kind, (place, field) in _CALL_FIELDS.items():
+        container = call.get(place)
+        if isinstance(container, dict) and (text_arguments(container) if kind == "tool" else isinstance(
+                container.get(field), str)) and container[field]:
+            return container, field, kind
+    return None
 
 
 class ChunkFormat(Protocol):
@@ -137,6 +148,8 @@ class ChatChunks:
             calls = holder.get("tool_calls") if self.chat else None
             text = holder.get(self.key)
             if self.chat:
+                if isinstance(text, list):  # content as a list of parts: read (and sent) as their text
+                    text = holder[self.key] = joined_parts(text)
                 if self.scrub:
                     holder.pop(UNREAD_TEXTS, None)
                 await self._beside(index, holder, final, bool(calls) or (isinstance(text, str) and bool(text)))
@@ -147,17 +160,24 @@ class ChatChunks:
                 holder[self.key] = await window.release(lane, final, ANSWER)
             entries = list(calls) if isinstance(calls, list) else []
             for position, call in enumerate(entries):
-                function = call.get("function") if isinstance(call, dict) else None
-                args = function.get("arguments") if isinstance(function, dict) else None
                 sub = call.get("index", 0) if isinstance(call, dict) else 0
                 if isinstance(call, dict) and sub != self.calling.setdefault(index, sub):
                     later = {c.get("index", 0) for c in entries[position + 1:] if isinstance(c, dict)}
                     await self._next_call(index, holder, call, later)
-                if isinstance(function, dict) and isinstance(args, str) and args:
-                    self.arguments.setdefault((index, sub), []).append(args)
-                    tool = window.lane((index, "tool", sub), True)
-                    window.feed(tool, args)
-                    function["arguments"] = await window.release(tool, False, TOOL)
+                found = _call_text(call)
+                if found is not None:
+                    container, field, kind = found
+                    piece = container[field]
+                    if kind == "tool":
+                        self.arguments.setdefault((index, sub), []).append(piece)
+                    tool = window.lane((index, kind, sub), kind == "tool")
+                    window.feed(tool, piece)
+                    container[field] = await window.release(tool, False, TOOL)
+            legacy = holder.get("function_call") if self.chat else None
+            if isinstance(legacy, dict) and text_arguments(legacy) and legacy["arguments"]:
+                tool = window.lane((index, "function_call", 0), True)
+                window.feed(tool, legacy["arguments"])
+                legacy["arguments"] = await window.release(tool, final, TOOL)
             if final:
                 await self._flush_tools(index, holder)
             keep = keep or final or bool(holder.get(self.key)) or any(
@@ -202,11 +222,13 @@ class ChatChunks:
         self.calling[index] = sub
         released: list[dict[str, Any]] = []
         for (i, kind, other), lane in list(self.window.lanes.items()):
-            if i != index or kind != "tool" or other == sub or other in later or not lane.pending:
+            if i != index or kind not in _CALL_FIELDS or other == sub or other in later or not lane.pending:
                 continue
-            text = await self.window.release(lane, _complete_json(self.arguments.get((index, other))), TOOL)
+            whole = kind == "tool" and _complete_json(self.arguments.get((index, other)))
+            text = await self.window.release(lane, whole, TOOL)
             if text:
-                released.append({"index": other, "function": {"arguments": text}})
+                place, field = _CALL_FIELDS[kind]
+                released.append({"index": other, place: {field: text}})
         if released:
             calls = holder["tool_calls"]
             at = next(i for i, entry in enumerate(calls) if entry is call)
@@ -214,16 +236,21 @@ class ChatChunks:
 
     async def _flush_tools(self, index: int, holder: dict[str, Any]) -> None:
         for (i, kind, sub), lane in self.window.lanes.items():
-            if i != index or kind != "tool" or not lane.pending:
+            if i != index or not lane.pending or (kind not in _CALL_FIELDS and kind != "function_call"):
                 continue
             rest = await self.window.release(lane, True, TOOL)
+            if kind == "function_call":  # a legacy call's arguments
+                legacy = holder.setdefault("function_call", {})
+                legacy["arguments"] = (legacy.get("arguments") or "") + rest
+                continue
+            place, field = _CALL_FIELDS[kind]
             calls = holder.setdefault("tool_calls", [])
             entry = next((c for c in calls if isinstance(c, dict) and c.get("index") == sub), None)
             if entry is None:
-                calls.append({"index": sub, "function": {"arguments": rest}})
+                calls.append({"index": sub, place: {field: rest}})
             else:
-                function = entry.setdefault("function", {})
-                function["arguments"] = (function.get("arguments") or "") + rest
+                container = entry.setdefault(place, {})
+                container[field] = (container.get(field) or "") + rest
 
     async def finish(self) -> list[Chunk]:
         """The upstream ended without a finish_reason for some lanes: release what they hold (a choice's text,

@@ -26,7 +26,7 @@ import msgspec
 
 from ..guards.base import Where
 from ..guards.runtime import GuardRuntime
-from ..guards.stage import input_texts
+from ..guards.texts import input_texts
 from ..guards.verdict import apply
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next

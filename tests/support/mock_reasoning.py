@@ -8,6 +8,11 @@ events) and as its content (`reasoning_text`, streamed: `response.reasoning_text
 
 `fault-echo-refusal`: the echoed text is the refusal: a chat message's `refusal` (streamed: `delta.refusal`
 pieces), or a Responses message's `refusal` part (streamed: `response.refusal.*` events).
+
+Chat answers whose call carries the echoed text: `fault-object-arguments`, a tool call whose `arguments` are a
+JSON object `{"text": ...}` (as some servers send them; streamed, the whole call in one delta);
+`fault-custom-tool`, a custom tool call whose `input` is the text; `fault-legacy-call`, a legacy
+`function_call` whose arguments are `{"text": ...}` (streamed: a piece per word of each).
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from collections.abc import Callable
 from typing import Any
 
 ANSWER = "Done."
-KINDS = frozenset({"echo-reasoning", "echo-refusal"})
+KINDS = frozenset({"echo-reasoning", "echo-refusal", "object-arguments", "custom-tool", "legacy-call"})
+_CALLS = frozenset({"object-arguments", "custom-tool", "legacy-call"})
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -37,6 +43,8 @@ def chat(kind: str, body: dict[str, Any], text: str, serial: int) -> dict[str, A
             "model": body.get("model"), "system_fingerprint": "fp_mock"}
     usage = {"prompt_tokens": 5, "completion_tokens": len(text.split()) + 1, "total_tokens": len(text.split()) + 6}
     finish = "stop"
+    if kind in _CALLS:
+        return _calls(kind, body, text, base, usage)
     if not body.get("stream"):
         message: dict[str, Any] = {"role": "assistant", "content": ANSWER, "refusal": None}
         if kind == "echo-reasoning":
@@ -62,6 +70,42 @@ def chat(kind: str, body: dict[str, Any], text: str, serial: int) -> dict[str, A
         events.append(event({"content": ANSWER}))
     events += [event({}, finish), _sse({**chunk, "choices": [], "usage": usage}), b"data: [DONE]\n\n"]
     return events
+
+
+def _calls(kind: str, body: dict[str, Any], text: str, base: dict[str, Any], usage: dict[str, Any]
+           ) -> dict[str, Any] | list[bytes]:
+    """A chat answer whose call carries `text` (see the module's docstring), or its stream's events."""
+    arguments = json.dumps({"text": text})
+    call: dict[str, Any]
+    if kind == "custom-tool":
+        call = {"id": "call_custom", "type": "custom", "custom": {"name": "note", "input": text}}
+    else:
+        call = {"id": "call_object", "type": "function", "function": {"name": "note", "arguments": {"text": text}}}
+    finish = "function_call" if kind == "legacy-call" else "tool_calls"
+    if not body.get("stream"):
+        message: dict[str, Any] = {"role": "assistant", "content": None, "refusal": None}
+        if kind == "legacy-call":
+            message["function_call"] = {"name": "note", "arguments": arguments}
+        else:
+            message["tool_calls"] = [call]
+        return {**base, "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                "usage": usage}
+    chunk = {**base, "object": "chat.completion.chunk"}
+
+    def event(delta: dict[str, Any], reason: str | None = None) -> bytes:
+        return _sse({**chunk, "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": reason}]})
+
+    events = [event({"role": "assistant", "content": None})]
+    if kind == "object-arguments":
+        events.append(event({"tool_calls": [{"index": 0, **call}]}))
+    elif kind == "custom-tool":
+        events.append(event({"tool_calls": [{"index": 0, "id": call["id"], "type": "custom",
+                                             "custom": {"name": "note", "input": ""}}]}))
+        events += [event({"tool_calls": [{"index": 0, "custom": {"input": piece}}]}) for piece in _pieces(text)]
+    else:
+        events.append(event({"function_call": {"name": "note", "arguments": ""}}))
+        events += [event({"function_call": {"arguments": piece}}) for piece in _pieces(arguments)]
+    return [*events, event({}, finish), b"data: [DONE]\n\n"]
 
 
 def responses(kind: str, body: dict[str, Any], text: str, serial: int) -> dict[str, Any] | list[bytes]:

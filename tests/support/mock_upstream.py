@@ -100,7 +100,7 @@ _FAULT_RE = re.compile(
     r"|fault-(reset-before|malformed-json|no-usage|echo-secrets|echo-secrets-midstream|context-length"
     r"|error-first|echo|echo-tool|content-filter|out-of-order|overloaded-midstream|safety|prompt-blocked|cached-reasoning"
     r"|split-context-length|empty-stream|no-done|interleaved-tools|odd-arguments|content-parts|usage-riding"
-    r"|echo-reasoning|echo-refusal)"
+    r"|echo-reasoning|echo-refusal|object-arguments|custom-tool|legacy-call)"
     r"|fault-retry-after-raw-((?:[0-9a-f]{2})+)"
 )
 # What a careless upstream echoes in its errors: internal host names, IPv6, and the very

@@ -1,0 +1,174 @@
+"""Where the texts of a request and of a complete chat answer are: what the guards read and write back.
+
+A text the guards do not find is a text they let through unread, so every shape a client or an upstream
+may use is found here, or refused when it cannot be read (a prompt sent as token ids, under input
+guards). Two shapes are normalized so that they can be read: tool call arguments sent as a JSON
+object instead of a string become that object's JSON (the form OpenAI's API takes and gives), and an
+answer's content sent as a list of parts becomes the text of its text parts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import msgspec
+
+from ..errors import InvalidRequest
+from ..schemas.endpoints import Endpoint
+from .base import Part, Where
+from .window import ANSWER, REASONING, TOOL
+
+__all__ = ["BESIDE_CONTENT", "UNREAD_TEXTS", "answer_refs", "input_texts", "joined_parts", "refuse_unreadable",
+           "text_arguments"]
+
+_encode = msgspec.json.Encoder().encode
+Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the text
+# Text fields of a chat answer's message (and of a chunk's delta) beside `content`, checked as it is: the refusal,
+# and the reasoning that OpenAI-compatible servers of reasoning models return (`reasoning_content`: DeepSeek, vLLM;
+# `reasoning`: OpenRouter, Groq, Ollama), which often repeats what the prompt held. By field, where its text is.
+BESIDE_CONTENT: dict[str, Where] = {"refusal": ANSWER, "reasoning_content": REASONING, "reasoning": REASONING}
+# OpenRouter's structured copy of the reasoning: not read by the guards, so dropped when one enforces.
+UNREAD_TEXTS = "reasoning_details"
+_PROMPT_FIELDS: dict[Endpoint, tuple[str, Part]] = {Endpoint.COMPLETIONS: ("prompt", "prompt"),
+                                                    Endpoint.EMBEDDINGS: ("input", "embedding_input")}
+
+
+def text_arguments(function: dict[str, Any], key: str = "arguments") -> bool:
+    """Whether `function[key]` is a string, once arguments sent as a JSON object or array are made one."""
+    value = function.get(key)
+    if isinstance(value, dict | list):
+        function[key] = value = _encode(value).decode()
+    return isinstance(value, str)
+
+
+def joined_parts(parts: list[Any]) -> str:
+    """The text of a list of content parts: its text parts', joined (what a client shows of it)."""
+    return "".join(part["text"] for part in parts
+                   if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+
+
+def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
+    """Every text of a request, as a place it can be written back to."""
+    if endpoint is Endpoint.CHAT:
+        yield from _chat_texts(body)
+    elif endpoint is Endpoint.RESPONSES:
+        yield from _responses_texts(body)
+    else:
+        field, part = _PROMPT_FIELDS.get(endpoint, ("input", "embedding_input"))
+        value = body.get(field)
+        if isinstance(value, str):
+            yield body, field, Where("input", part)
+        elif isinstance(value, list):
+            for index, item in enumerate(value):
+                if isinstance(item, str):
+                    yield value, index, Where("input", part)
+        if endpoint is Endpoint.COMPLETIONS and isinstance(body.get("suffix"), str):
+            yield body, "suffix", Where("input", "prompt")
+
+
+def refuse_unreadable(endpoint: Endpoint, body: dict[str, Any]) -> None:
+    """A 400 for a prompt the input guards cannot read: token ids (the upstream decodes them into any text)."""
+    field = _PROMPT_FIELDS[endpoint][0] if endpoint in _PROMPT_FIELDS else None
+    value = body.get(field) if field else None
+    if isinstance(value, list) and any(isinstance(item, int) or isinstance(item, list) for item in value):
+        raise InvalidRequest(f"`{field}` as token ids cannot be checked by this alias's input guards: send it as text",
+                             param=field, code="unsupported_value")
+
+
+def _chat_texts(body: dict[str, Any]) -> Iterator[Ref]:
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            continue
+        part: Part = "tool_result" if message.get("role") in ("tool", "function") else "message"
+        yield from _content(message, "content", Where("input", part))
+        for call in message.get("tool_calls") or ():
+            function = call.get("function") if isinstance(call, dict) else None
+            if isinstance(function, dict) and text_arguments(function):
+                yield function, "arguments", Where("input", "tool_arguments")
+        legacy = message.get("function_call")
+        if isinstance(legacy, dict) and text_arguments(legacy):
+            yield legacy, "arguments", Where("input", "tool_arguments")
+    prediction = body.get("prediction")
+    if isinstance(prediction, dict):
+        yield from _content(prediction, "content", Where("input", "message"))
+
+
+def _content(holder: dict[str, Any], key: str, where: Where) -> Iterator[Ref]:
+    """A message's content: a string, or its text and refusal parts."""
+    content = holder.get(key)
+    if isinstance(content, str):
+        yield holder, key, where
+    for item in content if isinstance(content, list) else ():
+        if isinstance(item, dict):
+            field = "refusal" if item.get("type") == "refusal" else "text"
+            if isinstance(item.get(field), str):
+                yield item, field, where
+
+
+def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
+    """A Responses request's texts: instructions, a prompt template's variables, the input string or its items'
+    text parts, tool calls' arguments and tool outputs."""
+    if isinstance(body.get("instructions"), str):
+        yield body, "instructions", Where("input", "message")
+    prompt = body.get("prompt")
+    variables = prompt.get("variables") if isinstance(prompt, dict) else None
+    for name, value in variables.items() if isinstance(variables, dict) else ():
+        if isinstance(value, str):
+            yield variables, name, Where("input", "message")
+        elif isinstance(value, dict) and isinstance(value.get("text"), str):
+            yield value, "text", Where("input", "message")
+    value = body.get("input")
+    if isinstance(value, str):
+        yield body, "input", Where("input", "message")
+        return
+    for item in value if isinstance(value, list) else ():
+        if not isinstance(item, dict):
+            continue
+        output = item.get("output")
+        if isinstance(output, str):
+            yield item, "output", Where("input", "tool_result")
+        for part in output if isinstance(output, list) else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part, "text", Where("input", "tool_result")
+        if item.get("type") == "function_call" and text_arguments(item):
+            yield item, "arguments", Where("input", "tool_arguments")
+        content = item.get("content")
+        if isinstance(content, str):
+            yield item, "content", Where("input", "message")
+        for part in content if isinstance(content, list) else ():
+            if isinstance(part, dict):
+                field = "refusal" if part.get("type") == "refusal" else "text"
+                if isinstance(part.get(field), str):
+                    yield part, field, Where("input", "message")
+
+
+def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:
+    """Every text of a chat answer's message (or a completion's choice: `key` "text"), as a place it can be written
+    back to, and whether it is a JSON string (tool arguments): the content (a list of parts made its text), the
+    texts beside it, each tool call's arguments (a custom tool's input, as plain text), a legacy `function_call`'s
+    arguments, and an audio answer's transcript."""
+    if chat and isinstance(holder.get(key), list):
+        holder[key] = joined_parts(holder[key])
+    if isinstance(holder.get(key), str):
+        yield holder, key, ANSWER, False
+    if not chat:
+        return
+    for field in BESIDE_CONTENT:
+        if isinstance(holder.get(field), str):
+            yield holder, field, BESIDE_CONTENT[field], False
+    calls = holder.get("tool_calls")
+    for call in calls if isinstance(calls, list) else ():
+        if not isinstance(call, dict):
+            continue
+        function, custom = call.get("function"), call.get("custom")
+        if isinstance(function, dict) and text_arguments(function):
+            yield function, "arguments", TOOL, True
+        if isinstance(custom, dict) and isinstance(custom.get("input"), str):
+            yield custom, "input", TOOL, False
+    legacy = holder.get("function_call")
+    if isinstance(legacy, dict) and text_arguments(legacy):
+        yield legacy, "arguments", TOOL, True
+    audio = holder.get("audio")
+    if isinstance(audio, dict) and isinstance(audio.get("transcript"), str):
+        yield audio, "transcript", ANSWER, False

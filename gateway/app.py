@@ -197,7 +197,12 @@ class Gateway:
                 return self._refused(trigger, [f"{self.source}: {refusal}" for refusal in refusals])
         if policy.version == old.policy.version and _shadow_version(policy) == _shadow_version(old.policy):
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
-        new = self._build(policy, await asyncio.to_thread(self._guards, policy), old)
+        try:
+            new = self._build(policy, await asyncio.to_thread(self._guards, policy), old)
+        except Exception as exc:
+            log.exception("policy %s failed to build; keeping %s", policy.version, old.policy.version)
+            return {"result": "failed", "trigger": trigger, "version": old.policy.version,
+                    "errors": [f"the new policy failed to build: {type(exc).__name__}"]}
         try:
             await new.start()
         except Exception as exc:

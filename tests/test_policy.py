@@ -295,3 +295,48 @@ def test_quality_signals_with_the_metrics_off_is_a_warning() -> None:
     assert any("telemetry.quality.enabled" in w and "server.metrics is false" in w for w in warnings), warnings
     on = GOOD + "telemetry:\n  quality: {enabled: true}\n"
     assert not any("telemetry.quality" in w for w in compile_text(on, "p.yaml", ENV).warnings)
+
+
+@pytest.mark.parametrize(("old", "new", "where"), [
+    ("    models: [chat]", "    models: [{chat: 1}]", "p.yaml:9: keys[0].models"),  # an alias as a mapping
+    ("models:\n", "guards:\n  global:\n    pii: {kind: [pii]}\nmodels:\n", "p.yaml:19: guards.global.pii.kind"),
+])
+def test_a_value_of_an_unexpected_type_is_located_not_a_crash(old: str, new: str, where: str) -> None:
+    """Each raised a TypeError in the checks: a reload answered 500 and recorded nothing, `gateway check` printed
+    a traceback."""
+    assert old in GOOD
+    found = issues_of(GOOD.replace(old, new, 1))
+    assert any(issue.startswith(where) for issue in found), found
+
+
+def test_a_yaml_alias_bomb_is_refused_before_it_is_expanded() -> None:
+    """A few hundred bytes of nested aliases expand to billions of values: refused by their count, at once."""
+    levels = ["a0: &a0 [x, x, x, x, x, x, x, x, x, x]"]
+    levels += [f"a{n}: &a{n} [{', '.join([f'*a{n - 1}'] * 10)}]" for n in range(1, 9)]
+    found = issues_of("\n".join(levels) + "\n" + GOOD)
+    assert found == [f"p.yaml:1: the document expands to more than {1_000_000:,} values (through its YAML aliases); "
+                     "refused"]
+
+
+def test_a_merge_key_may_be_overridden() -> None:
+    """`<<: *base` then a key of the base's, given again: YAML's override, not a duplicate key."""
+    text = GOOD.replace("  chat:\n    provider: up\n    model: gpt-4o-mini\n",
+                        "  chat: &base\n    provider: up\n    model: gpt-4o-mini\n"
+                        "  mini:\n    <<: *base\n    model: gpt-4.1-mini\n")
+    policy = compile_text(text, "p.yaml", ENV)
+    assert policy.models["mini"].upstream_model == "gpt-4.1-mini"
+    assert policy.models["chat"].upstream_model == "gpt-4o-mini"
+    assert any("duplicate key `model`" in issue for issue in issues_of(text.replace(
+        "    model: gpt-4.1-mini\n", "    model: gpt-4.1-mini\n    model: again\n")))  # a real duplicate still is
+
+
+def test_a_bug_in_the_checks_is_a_policy_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Whatever a check raises, the policy is refused with a located error (and the traceback logged)."""
+    import gateway.policy.compile as compile_module
+
+    def broken(*_: object, **__: object) -> None:
+        raise KeyError("boom")
+
+    monkeypatch.setattr(compile_module, "compile_policy", broken)
+    assert issues_of(GOOD) == ["p.yaml:1: the policy could not be checked (KeyError: a gateway bug; the log has its "
+                               "traceback)"]

@@ -254,3 +254,20 @@ def test_a_prices_file_is_hashed_watched_and_reloaded(
         assert running.gateway.last_reload is not None and running.gateway.last_reload["result"] == "ok"
     finally:
         running.stop()
+
+
+def test_an_odd_included_value_is_located_not_a_crash(tmp_path: Path) -> None:
+    """A key named by a list, and an include whose name no file system takes: each raised in the merge (a reload
+    answered 500, `gateway check` printed a traceback)."""
+    root = tree(tmp_path)
+    write(tmp_path, "tenants/c-odd.yaml", """\
+        keys:
+          - {name: [odd], tenant: odd, hash: "sha256:%s"}
+        """ % ("cd" * 32))
+    found = issues(root)
+    assert any(issue.startswith(f"{tmp_path / 'tenants/c-odd.yaml'}:2:") for issue in found), found
+    (tmp_path / "tenants/c-odd.yaml").unlink()
+    long_name = "x" * 300 + ".yaml"
+    root.write_text(root.read_text().replace("include: [providers.yaml,", f"include: [{long_name}, providers.yaml,"))
+    found = issues(root)
+    assert any("included file cannot be looked for" in issue for issue in found), found

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
 from urllib.parse import urlsplit
@@ -29,6 +30,8 @@ from .provider_schema import KIND_TRAITS, AzureSpec
 from .routes import compile_routing
 from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec
 from .telemetry_check import metric_labels
+
+log = logging.getLogger("gateway.policy")
 
 __all__ = ["PolicyError", "compile_policy", "is_loopback", "key_record", "load_policy", "open_to_network"]
 
@@ -49,14 +52,28 @@ _CREDENTIAL_VALUE = re.compile(r"\s*(?:bearer|basic)\s+\S", re.IGNORECASE)  # an
 
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = True) -> Policy:
     """Read, validate and compile a policy file and the files it includes. Raises `PolicyError` with every issue."""
-    return _compile_tree(read_tree(path), env, require_env)
+    return _checked(str(path), lambda: _compile_tree(read_tree(path), env, require_env))
 
 
 def compile_text(
     text: str, file: str = "<policy>", env: Mapping[str, str] | None = None, *, require_env: bool = True
 ) -> Policy:
     """As `load_policy`, for text named `file` (its includes are read relative to `file`)."""
-    return _compile_tree(read_tree(file, text), env, require_env)
+    return _checked(file, lambda: _compile_tree(read_tree(file, text), env, require_env))
+
+
+def _checked(file: str, build: Callable[[], Policy]) -> Policy:
+    """`build()`, with any failure a `PolicyError`: a policy that trips a bug in the checks is refused as any
+    invalid policy is (a reload keeps the policy in force and says why, `gateway check` prints it), not a 500
+    or a traceback. The traceback is logged, for the bug report."""
+    try:
+        return build()
+    except PolicyError:
+        raise
+    except Exception as exc:  # a bug in the checks, or a file system's refusal: refused, and logged
+        log.exception("the policy %s could not be checked", file)
+        raise PolicyError([PolicyIssue(file, 1, "", f"the policy could not be checked ({type(exc).__name__}: a "
+                                                    "gateway bug; the log has its traceback)")]) from exc
 
 
 def _compile_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_env: bool) -> Policy:

@@ -157,7 +157,12 @@ class _Reader:
         if glob.has_magic(entry):
             self.folders.add(str(path.parent))
             return sorted(p for p in glob.glob(str(path)) if os.path.isfile(p))  # none matching: fine
-        if not path.is_file():
+        try:
+            found = path.is_file()
+        except OSError as exc:  # a name too long for the file system, say
+            self._issue(where, f"included file cannot be looked for: {entry} ({exc.strerror or exc})")
+            return []
+        if not found:
             self._issue(where, f"included file not found: {entry} (looked for {path})")
             return []
         return [str(path)]
@@ -240,7 +245,7 @@ class _Merger:
             self._copy(fragment, (section,), (section,), subtree=False)
         unique = _LISTED[section]
         names = {item.get(unique): index for index, item in enumerate(existing)
-                 if isinstance(item, dict) and item.get(unique)}
+                 if isinstance(item, dict) and isinstance(item.get(unique), str) and item.get(unique)}
         for index, item in enumerate(items):
             name = item.get(unique) if isinstance(item, dict) else None
             if isinstance(name, str) and name and name in names:

@@ -52,6 +52,34 @@ def format_path(path: _Path) -> str:
     return out
 
 
+MAX_NODES = 1_000_000  # values a policy file may expand to, its aliases (`*name`) expanded: far above any real one
+
+
+def _check_size(root: yaml.Node, file: str) -> None:
+    """A `PolicyError` for a document whose aliases expand it past `MAX_NODES` values: a few lines of nested
+    aliases ("billion laughs") would otherwise take the memory of the process that reads them. Each node's
+    expanded size is counted once (an alias is the node it names), so the count is linear in the text."""
+    sizes: dict[int, int] = {}
+
+    def size(node: yaml.Node) -> int:
+        found = sizes.get(id(node))
+        if found is not None:
+            return found
+        sizes[id(node)] = 1  # (a recursive alias: counted once, as PyYAML constructs it)
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            total += sum(size(key) + size(value) for key, value in node.value)
+        elif isinstance(node, yaml.SequenceNode):
+            total += sum(size(item) for item in node.value)
+        total = min(total, MAX_NODES + 1)
+        sizes[id(node)] = total
+        return total
+
+    if size(root) > MAX_NODES:
+        raise PolicyError([PolicyIssue(file, root.start_mark.line + 1, "", f"the document expands to more than "
+                                       f"{MAX_NODES:,} values (through its YAML aliases); refused")])
+
+
 class _Located:
     """The YAML document as plain data, plus the line of every path in it."""
 
@@ -63,11 +91,14 @@ class _Located:
         loader = yaml.SafeLoader(text)
         try:
             node = loader.get_single_node()
+            if node is not None:
+                _check_size(node, file)
+                # Indexed before it is constructed: constructing flattens merge keys (`<<: *base`) into the mapping's
+                # own, where a key that overrides a merged one would read as a duplicate.
+                self._index(node, ())
             self.data: Any = None if node is None else loader.construct_document(node)
         finally:
             loader.dispose()
-        if node is not None:
-            self._index(node, ())
 
     def _index(self, node: yaml.Node, path: _Path) -> None:
         self.lines.setdefault(path, node.start_mark.line + 1)
@@ -75,7 +106,7 @@ class _Located:
             seen: set[object] = set()
             for key_node, value_node in node.value:
                 key = key_node.value
-                if key == "<<":
+                if key == "<<" or not isinstance(key_node, yaml.ScalarNode):  # (a list as a key: PyYAML refuses it)
                     continue
                 if key in seen:
                     self.issue(path + (key,), f"duplicate key `{key}`", key_node.start_mark.line + 1)
@@ -169,7 +200,7 @@ def _check_tagged(doc: _Located, value: Any, args: tuple[Any, ...], path: _Path)
     tag = value.get(field)
     if tag is None:
         doc.issue(path, f"missing required field `{field}` (one of: {', '.join(sorted(by_tag))})")
-    elif tag not in by_tag:
+    elif not isinstance(tag, str) or tag not in by_tag:
         doc.issue(path + (field,), f"unknown value `{_show(tag)}` (allowed: {', '.join(sorted(by_tag))})")
     else:
         _check_struct(doc, value, by_tag[tag], path)
@@ -279,7 +310,7 @@ def _check_references(doc: _Located, data: Any) -> None:
     for index, key in enumerate(keys if isinstance(keys, list) else []):
         aliases = key.get("models") if isinstance(key, dict) else None
         if isinstance(aliases, list):
-            unknown = [str(a) for a in aliases if a != "*" and a not in models]
+            unknown = [a for a in aliases if isinstance(a, str) and a != "*" and a not in models]  # (others: types)
             if unknown:
                 doc.issue(("keys", index, "models"), f"unknown model alias(es): {', '.join(unknown)}")
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -165,10 +166,12 @@ class Gateway:
     def begin_drain(self) -> None:
         self.draining = True
 
-    def cut_all(self) -> None:
-        """The drain deadline: end every request still running (streams get an error event)."""
+    def cut_all(self, runtime: Runtime | None = None) -> None:
+        """The drain deadline: end every request still running (streams get an error event); with `runtime`, those
+        that hold it (a retired policy's deadline)."""
         for life in list(self.active):
-            life.cancel("shutdown")
+            if runtime is None or life.runtime is runtime:
+                life.cancel("shutdown")
 
     async def reload(self, trigger: str) -> dict[str, Any]:
         """Load, check and start the policy file's current version; swap it in; retire the old one.
@@ -230,7 +233,7 @@ class Gateway:
 
     async def _retire(self, old: Runtime) -> None:
         try:
-            await old.retire(old.policy.server.drain_timeout_s)
+            await old.retire(old.policy.server.drain_timeout_s, partial(self.cut_all, old))
         finally:
             self._retiring.discard(old)
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Protocol
 
 from .policy import Policy
@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = ["Runtime", "Service"]
 
 log = logging.getLogger("gateway.runtime")
+CUT_GRACE_S = 2.0  # what requests cut at a retired policy's drain deadline get to end before its pools close
 
 
 class Service(Protocol):
@@ -87,17 +88,31 @@ class Runtime:
     def active(self) -> int:
         return self._active
 
-    async def retire(self, timeout_s: float) -> None:
-        """Wait (bounded) for the requests still holding this runtime, then close it."""
+    async def retire(self, timeout_s: float, cut: Callable[[], None] | None = None) -> None:
+        """Wait (bounded) for the requests still holding this runtime, then close it. At the deadline, `cut` ends
+        those still running (a stream gets an error event, as at shutdown), and they get `CUT_GRACE_S` to say so
+        before the pools close: closed under them, a stream would hang until its idle timeout, then read as the
+        upstream's timeout."""
         self._retired = True
         if self._active:
             self._idle = asyncio.Event()
-            try:
-                async with asyncio.timeout(timeout_s):
-                    await self._idle.wait()
-            except TimeoutError:
+            if not await self._idle_within(timeout_s) and cut is not None:
+                log.warning("policy %s: cutting %d request(s) still running at its drain deadline",
+                            self.policy.version, self._active)
+                cut()
+                await self._idle_within(CUT_GRACE_S)
+            if self._active:
                 log.warning("closing policy %s with %d request(s) still running", self.policy.version, self._active)
         await self.aclose()
+
+    async def _idle_within(self, timeout_s: float) -> bool:
+        assert self._idle is not None
+        try:
+            async with asyncio.timeout(timeout_s):
+                await self._idle.wait()
+        except TimeoutError:
+            return False
+        return True
 
     async def aclose(self) -> None:
         if self._closed:

@@ -104,6 +104,9 @@ class _ServedProcess:
     def __init__(self, gateway: Gateway) -> None:
         self.gateway = gateway
         self.loop: asyncio.AbstractEventLoop | None = None
+        # The server's own drain deadline is set at start (`uvicorn_config`, this policy's `drain_timeout_s` plus
+        # `_GRACE_S`): a reload to a longer one cannot move it, so the gateway cuts at the earlier of the two.
+        self._started_drain_s = gateway.runtime.policy.server.drain_timeout_s
 
     def started(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -130,7 +133,7 @@ class _ServedProcess:
             if callable(previous):
                 previous(signum, frame)
             if first:
-                loop.call_later(server.drain_timeout_s, self.gateway.cut_all)
+                loop.call_later(min(server.drain_timeout_s, self._started_drain_s), self.gateway.cut_all)
 
         loop.call_soon_threadsafe(loop.call_later, delay, stop_accepting)
 

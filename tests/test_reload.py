@@ -4,6 +4,7 @@ an invalid policy changes nothing, and what a reload changes really changes."""
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import threading
 import time
@@ -362,3 +363,34 @@ async def test_a_memory_store_takes_a_new_byte_bound_without_touching_other_keys
     assert await store.get("cache:c") == b"x" * 100 and len(store) == 3
     with pytest.raises(ValueError):
         store.rebound(0)
+
+
+def test_a_stream_outliving_its_retired_policy_is_cut_with_an_error_event(
+    upstream: MockUpstream, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """At the old policy's drain deadline a stream still holding it is ended by the gateway, with the error event
+    a shutdown's deadline sends: its pool was closed under it instead, so it hung until its idle timeout and then
+    read as the upstream's timeout (a 504 in the access log for every reload)."""
+    env = {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)  # (a reload reads the process's environment)
+    running = RunningGateway(policy_text(upstream.base_url, drain_timeout_s=1), env,
+                             source=tmp_path / "gateway.yaml").start()
+    try:
+        received = b""
+        body = {"model": "fault-slow-stream-250", "messages": MESSAGES, "stream": True}
+        with httpx.stream("POST", running.base_url + "/chat/completions", headers=AUTH, json=body,
+                          timeout=20) as response:
+            for piece in response.iter_raw():
+                received += piece
+                if received.count(b"\n\n") == 3:
+                    source = running.gateway.source
+                    assert source is not None
+                    source.write_text(source.read_text() + "  extra: {provider: demo, model: demo-1}\n")
+                    result = reload_now(running)
+                    assert result["result"] == "ok", result
+        events = [e for e in received.decode().split("\n\n") if e]
+        assert json.loads(events[-1].removeprefix("data: "))["error"]["code"] == "shutting_down"
+        assert len(events) < 40  # cut at the deadline, not run to its 50 chunks
+        assert 'status="503"' in running.metrics() and 'status="504"' not in running.metrics()
+    finally:
+        running.stop()

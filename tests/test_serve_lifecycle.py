@@ -341,3 +341,28 @@ def test_workers_stop_when_their_supervisor_is_killed(tmp_path: Path) -> None:
         server.send_signal(signal.SIGKILL)
         left = lambda: [pid for pid in group_members(server.pgid) if pid in members]  # noqa: E731
         assert wait_for(lambda: not left(), timeout=30), (left(), server.text()[-3000:])
+
+
+def test_after_a_reload_to_a_longer_drain_the_gateway_still_cuts_before_the_server(tmp_path: Path) -> None:
+    """The server's own deadline is fixed at start (drain_timeout_s then, plus a grace): after a reload to a longer
+    drain_timeout_s, the gateway cut at the new one, after the server had dropped the stream without a word."""
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, drain_timeout_s=1))
+    with serving(policy, port) as server:
+        before = versions_seen(port, 1)
+        policy.write_text(demo_policy(port, drain_timeout_s=20))
+        server.send_signal(signal.SIGHUP)
+        assert wait_for(lambda: versions_seen(port, 1) != before, 10)
+        received = b""
+        body = {"model": "slow", "messages": MESSAGES, "stream": True}
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=20) as response:
+            for piece in response.iter_raw():
+                received += piece
+                if received.count(b"\n\n") == 2:
+                    server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+        log = server.text()
+    last = [event for event in received.decode().split("\n\n") if event][-1]
+    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "shutting_down"
+    assert "timeout graceful shutdown exceeded" not in log

@@ -63,8 +63,8 @@ class ProxyEndpoint:
         request_id = headers.request_id
         task = asyncio.current_task()
         assert task is not None
-        life = Lifecycle(task)
         runtime = host.acquire_runtime()
+        life = Lifecycle(task, runtime)
         host.active.add(life)
         head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size, scope["headers"])
         ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
@@ -135,7 +135,8 @@ class ProxyEndpoint:
                 raise  # not ours (the server is cancelling its tasks): let it through
             task.uncancel()
             if life.reason == "shutdown" and not life.response_started:
-                cut = ShuttingDown("the gateway is shutting down; retry")
+                cut = ShuttingDown("the request was cut at the drain deadline (the gateway is shutting down, or "
+                                   "its policy was reloaded); retry")
                 await _send_quietly(_send_error(send, cut, request_id, version, dialect))
         except ClientGone:
             pass
@@ -173,8 +174,10 @@ async def _send_batch(batch: list[StreamEvent], wants_usage: bool, framer: Strea
 
 
 async def _cut_stream(stream: ReplyStream, framer: StreamFramer | None, send: Any) -> None:
-    """End a stream cut at the drain deadline: its end hooks, then an error event and the end of the body."""
-    cut = ShuttingDown("the gateway is shutting down; the stream was cut at the drain deadline")
+    """End a stream cut at a drain deadline (shutdown, or its policy retired by a reload): its end hooks, then an
+    error event and the end of the body."""
+    cut = ShuttingDown("the stream was cut at the drain deadline (the gateway is shutting down, or its policy was "
+                       "reloaded)")
     await stream.aclose("shutdown", cut)
     last = error_frame(cut) if framer is None else framer.frame([StreamError(cut)])
     await _send_quietly(send({"type": "http.response.body", "body": last, "more_body": True}))

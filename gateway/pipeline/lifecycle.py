@@ -2,7 +2,8 @@
 
 A request can be ended by someone other than its own code: the client leaves
 (while the body is read, while the upstream thinks, or mid-stream), or the
-gateway cuts it at the drain deadline on shutdown. Both cancel the request's
+gateway cuts it at a drain deadline: on shutdown, or when the policy it holds
+was replaced by a reload that long ago. Both cancel the request's
 task, which cancels the upstream call and releases its connection at once. The
 `reason` tells the code that catches the cancellation what happened, so that a
 client that left is recorded as 499, a cut as 503, and a bug as neither.
@@ -29,10 +30,11 @@ DISCONNECT_HOOK = "gateway_on_disconnect"
 
 
 class Lifecycle:
-    __slots__ = ("_cycle", "_protected", "_watcher", "reason", "response_started", "task")
+    __slots__ = ("_cycle", "_protected", "_watcher", "reason", "response_started", "runtime", "task")
 
-    def __init__(self, task: asyncio.Task[Any]) -> None:
+    def __init__(self, task: asyncio.Task[Any], runtime: Any = None) -> None:
         self.task = task
+        self.runtime = runtime  # the policy's runtime it holds: a retired runtime's drain deadline cuts it too
         self.reason: Reason | None = None
         self.response_started = False
         self._watcher: asyncio.Task[None] | None = None

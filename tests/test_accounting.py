@@ -207,6 +207,38 @@ def test_a_hard_budget_reserves_every_completion_a_completions_request_asks_for(
     assert single.status_code == 200
 
 
+@pytest.mark.parametrize("reroute", [
+    "rules: [{name: up, when: {alias: [cheap]}, alias: chat}]",
+    "rules: [{name: up, when: {alias: [cheap]}, targets: [{provider: mock, model: mock-model}]}]",
+])
+def test_a_hard_budget_reserves_at_the_rates_a_rule_may_send_the_request_to(
+    start: Callable[..., RunningGateway], reroute: str,
+) -> None:
+    """A rule sends `cheap` ($1 a million out) to `mock-model` ($1,000): reserved at the asked alias's rates, each
+    request held $0.00002 of the budget and cost $0.02, so a $0.05 budget was overrun without limit."""
+    gateway = start(key="budget: {usd: 0.05, period: day}", extra=reroute)
+    statuses = []
+    for _ in range(4):
+        response = httpx.post(gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                              json={"model": "cheap", "messages": MESSAGES, "max_tokens": 20}, timeout=20)
+        statuses.append(response.status_code)
+    assert statuses == [200, 200, 429, 429]
+    assert usage_of(gateway, "key", "main")["cost_usd"] == pytest.approx(0.04)
+
+
+def test_a_reservation_covers_the_context_fallback(upstream: MockUpstream) -> None:
+    """`context_fallback` to a dearer alias: its rates are reserved too (pure: the rates each alias reserves)."""
+    from gateway.accounting.outright import reach_rates
+
+    text = accounting_policy(upstream, extra="").replace(
+        "  cheap: {provider: mock, model: cheap-model}", "  cheap: {provider: mock, model: cheap-model, "
+        "context_fallback: detailed}")
+    policy = compile_text(text, "p.yaml", {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN})
+    rates = reach_rates(policy.models)
+    assert rates["cheap"] == (100.0, 2000.0)  # `detailed`'s (fault-cached-reasoning): input 100, reasoning 2,000
+    assert rates["detailed"] == (100.0, 2000.0) and rates["chat"] == (0.0, OUT_PER_MTOK)
+
+
 def test_soft_budget_serves_with_a_header_and_a_metric(start: Callable[..., RunningGateway]) -> None:
     gateway = start(tenant="budget: {usd: 0.03, mode: soft}")
     sdk = client(gateway)

@@ -9,13 +9,13 @@ the decider share these functions so they cannot disagree.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..schemas.openai import MAX_USAGE_TOKENS
 
-__all__ = ["MAX_TOKENS", "completion_cap", "max_rates", "refused_outright", "requested_cap"]
+__all__ = ["MAX_TOKENS", "completion_cap", "max_rates", "reach_rates", "refused_outright", "requested_cap"]
 
 MAX_TOKENS = MAX_USAGE_TOKENS  # the most tokens one count may hold (`Usage.usable`)
 """The most tokens one request is reserved, or billed, in one count: 10x the largest context window, with room
@@ -63,6 +63,29 @@ def max_rates(targets: Any) -> tuple[float, float]:
             rate_in = max(rate_in, price.input_per_mtok, price.cache_write_per_mtok or 0.0)
             rate_out = max(rate_out, price.output_per_mtok, price.reasoning_per_mtok or 0.0)
     return rate_in, rate_out
+
+
+def reach_rates(models: Mapping[str, Any]) -> dict[str, tuple[float, float]]:
+    """By alias, `max_rates` over every target a request for it may reach: its own targets, those of each rule
+    that may send it elsewhere (a target list, or an alias with that alias's reach), and its context fallback's,
+    followed through. The rules are decided after the reservation (`SelectTarget`): reserved at the asked
+    alias's rates alone, a request a rule sent to a dearer model overran a hard budget by their ratio."""
+
+    def targets(alias: str, seen: set[str]) -> Iterator[Any]:
+        route = models.get(alias)
+        if route is None or alias in seen:
+            return
+        seen.add(alias)
+        yield from route.targets
+        for rule in route.rules:
+            if rule.route is not None:
+                yield from rule.route.targets
+            if rule.alias is not None:
+                yield from targets(rule.alias, seen)
+        if route.context_fallback is not None:
+            yield from targets(route.context_fallback, seen)
+
+    return {alias: max_rates(list(targets(alias, set()))) for alias in models}
 
 
 def refused_outright(

@@ -53,7 +53,8 @@ class Scopes:
     __slots__ = ("_key_budget", "_key_limits", "_tenant", "all", "budgeted", "limited", "model", "needs_tokens",
                  "rates", "rpm_only")
 
-    def __init__(self, scopes: list[Scope], key: VirtualKey | None, route: ModelRoute | None = None) -> None:
+    def __init__(self, scopes: list[Scope], key: VirtualKey | None, route: ModelRoute | None = None,
+                 rates: tuple[float, float] | None = None) -> None:
         self.all = scopes
         self.limited = [s for s in scopes if s.limits is not None]
         self.budgeted = [s for s in scopes if s.budget is not None]
@@ -63,9 +64,10 @@ class Scopes:
         self.rpm_only = bool(self.limited) and all(s.limits is not None and s.limits.rpm and not s.limits.tpm
                                                    and not s.limits.concurrent for s in self.limited)
         # What follows from the alias (`route`: the one these scopes were made for): the model whose encoding
-        # sizes the prompt, and the dearest rates of its targets (a reservation must cover any of them).
+        # sizes the prompt, and the dearest rates of the targets it may reach (`rates`, from `reach_rates`; else
+        # its own targets'): a reservation must cover any of them.
         self.model = route.upstream_model if route is not None else None
-        self.rates = max_rates(route.targets) if route is not None else (0.0, 0.0)
+        self.rates = rates if rates is not None else max_rates(route.targets) if route is not None else (0.0, 0.0)
         # What the key said when these were made: a key record changed at run time no longer matches.
         self._key_limits = key.limits if key is not None else None
         self._key_budget = key.budget if key is not None else None
@@ -82,10 +84,11 @@ class ScopeIndex:
     pairs; past that, made per request). Tenants' and aliases' limits are the policy's and never change;
     a key's are re-read when its record is another (a run-time key updated by the admin API)."""
 
-    __slots__ = ("_cap", "_found", "_policy")
+    __slots__ = ("_cap", "_found", "_policy", "_rates")
 
-    def __init__(self, policy: Policy, cap: int = 10_000) -> None:
+    def __init__(self, policy: Policy, rates: dict[str, tuple[float, float]] | None = None, cap: int = 10_000) -> None:
         self._policy = policy
+        self._rates = rates or {}  # by alias: `reach_rates`
         self._cap = cap
         self._found: dict[tuple[str | None, str], Scopes] = {}
 
@@ -97,7 +100,7 @@ class ScopeIndex:
                                   key.limits is found._key_limits and key.budget is found._key_budget
                                   and key.tenant == found._tenant):
             return found
-        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route)
+        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route, self._rates.get(ctx.alias_label))
         if pair in self._found or len(self._found) < self._cap:
             self._found[pair] = found
         return found

@@ -239,6 +239,27 @@ def test_a_reservation_covers_the_context_fallback(upstream: MockUpstream) -> No
     assert rates["detailed"] == (100.0, 2000.0) and rates["chat"] == (0.0, OUT_PER_MTOK)
 
 
+def test_requests_under_a_millionth_of_a_dollar_add_up(upstream: MockUpstream) -> None:
+    """100 answers of $0.0000002 each (20 tokens at $0.01 a million): rounded to the nearest millionth, each added
+    nothing to the usage and the budgets; rounded up with the probability of the fraction, they add up to about
+    $0.00002 (binomial: 20 millionths, standard deviation 4)."""
+    text = accounting_policy(upstream, key="budget: {usd: 1, period: day}").replace(
+        "cheap-model: {input_per_mtok: 0, output_per_mtok: 1}",
+        "cheap-model: {input_per_mtok: 0, output_per_mtok: 0.01}")
+    running = RunningGateway(text, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN}).start()
+    try:
+        sdk = client(running)
+        for _ in range(100):
+            raw = sdk.chat.completions.with_raw_response.create(model="cheap", messages=MESSAGES, max_tokens=20)
+            assert float(raw.headers["x-gateway-cost-usd"]) == pytest.approx(2e-7)
+        spent = usage_of(running, "key", "main")["cost_usd"]
+        assert isinstance(spent, float) and 4e-6 <= spent <= 4e-5
+        left = re.search(r'^gateway_budget_remaining_usd\{name="main",scope="key"\} (\S+)$', running.metrics(), re.M)
+        assert left is not None and 1 - 4e-5 <= float(left.group(1)) <= 1 - 4e-6
+    finally:
+        running.stop()
+
+
 def test_soft_budget_serves_with_a_header_and_a_metric(start: Callable[..., RunningGateway]) -> None:
     gateway = start(tenant="budget: {usd: 0.03, mode: soft}")
     sdk = client(gateway)

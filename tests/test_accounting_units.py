@@ -528,3 +528,11 @@ async def test_a_slot_release_the_store_refuses_does_not_hold_back_the_others() 
     assert store.acquire_slot_now("a", "r2", 1, 900)[0] and store.acquire_slot_now("b", "r2", 1, 900)[0]
     assert not store.acquire_slot_now("bad", "r2", 1, 900)[0]
     assert list(ledger._releases) == [("bad", "r1")]
+
+
+def test_a_cost_is_rounded_to_a_millionth_up_with_the_probability_of_its_fraction() -> None:
+    from gateway.accounting.settling import micro
+
+    assert micro(0.0) == 0 and micro(0.02) == 20_000 and micro(2.5e-6) in (2, 3)
+    total = sum(micro(3e-7) for _ in range(100_000))  # 0.3 millionths each: 30,000 on average (sd 145)
+    assert 29_000 < total < 31_000

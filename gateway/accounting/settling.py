@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import logging
 import time
+from math import floor
+from random import random
 from typing import Any
 
 from ..errors import BudgetExceeded
@@ -28,13 +30,22 @@ from .cost import request_cost
 from .outright import MAX_TOKENS
 from .periods import day_span
 
-__all__ = ["MAX_TOKENS", "Settling", "StreamBill", "UsageOnly", "usable"]
+__all__ = ["MAX_TOKENS", "Settling", "StreamBill", "UsageOnly", "micro", "usable"]
 
 log = logging.getLogger("gateway.accounting")
 _FAST_AMOUNT = 9e9  # costs in [0, this) become micro-USD in line (`_price` keeps every cost in it)
 _MAX_COST = 1e9  # what an absurd cost is billed as (`usable` usage costs at most $2e8: 2 x MAX_TOKENS at the
 # schema's top price, $1 a token)
 _WARNED_TARGETS = 256  # targets whose invalid usage was logged as a warning (later ones: at debug level)
+
+
+def micro(cost: float) -> int:
+    """`cost` in the store's millionths of a dollar: rounded down or up, up with the probability of the fraction
+    it drops, so that what many requests add up to is right on average. Rounded to the nearest, a request under
+    half a millionth (an embedding of a few dozen tokens) added nothing, however many there were."""
+    amount = cost * AMOUNT_SCALE
+    whole = floor(amount)
+    return whole + (random() < amount - whole)
 
 
 def usable(usage: Usage) -> bool:
@@ -80,7 +91,8 @@ class Settling(StageState):
         if bill.settled:
             return
         bill.settled = True
-        cost = self._price(ctx)
+        units = micro(self._price(ctx))
+        cost = units / AMOUNT_SCALE  # (what the store makes of it again is `units`: every budget and the ledger agree)
         remote = self._remote
         for kind, args in self._settle_ops(ctx, bill, cost):
             try:
@@ -89,7 +101,7 @@ class Settling(StageState):
                 self._unsettled(kind, args)
             except Exception:  # a bug: logged, and the later operations (the slots given back) still run
                 log.exception("accounting: a settle operation failed (%s)", kind)
-        self._settled(ctx, bill, cost)
+        self._settled(ctx, bill, cost, units)
 
     def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
         """`_settle` on the in-process store (`cost`: the answer's, from `_price`): the same operations as
@@ -100,7 +112,7 @@ class Settling(StageState):
         bill.settled = True
         store = self._in_line
         assert store is not None
-        units = round(cost * AMOUNT_SCALE)  # `to_units`, in line (`_price` keeps `cost` in its fast range)
+        units = micro(cost)  # (`_price` keeps `cost` in its fast range)
         try:
             for held in bill.budgets:
                 try:
@@ -189,7 +201,7 @@ class Settling(StageState):
         route = ctx.route
         alias = route.alias if route is not None else "unknown"  # `ctx.alias_label`, in line
         if cost_micro < 0:
-            cost_micro = round(cost * AMOUNT_SCALE)  # `to_units`, in line (`_price` keeps `cost` in its fast range)
+            cost_micro = micro(cost)  # (`_price` keeps `cost` in its fast range)
         name, tenant = (key.name, key.tenant) if key is not None else (None, None)
         now = time.time()
         today = self._today  # `day_id(now)`, asked once a day

@@ -196,7 +196,7 @@ class Telemetry:
         if cost is None:
             return
         if reply is not None and ctx.target is not None and ctx.upstream_started:
-            ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.6f}".encode())]
+            ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.9f}".encode())]
 
 
 class TelemetryStages:

@@ -340,3 +340,16 @@ def test_a_bug_in_the_checks_is_a_policy_error(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setattr(compile_module, "compile_policy", broken)
     assert issues_of(GOOD) == ["p.yaml:1: the policy could not be checked (KeyError: a gateway bug; the log has its "
                                "traceback)"]
+
+
+@pytest.mark.parametrize(("when", "where"), [
+    ("{tenant: []}", "rules[0].when.tenant"),
+    ("{user: []}", "rules[0].when.user"),
+    ("{header: {X-Beta: []}}", "rules[0].when.header.X-Beta"),
+    ("{metadata: {team: []}}", "rules[0].when.metadata.team"),
+])
+def test_a_rule_condition_that_matches_nothing_is_an_error(when: str, where: str) -> None:
+    """An empty list is not `["*"]`: the rule could never apply, which `gateway check` said nothing of."""
+    text = GOOD + f"rules:\n  - {{name: never, when: {when}, deny: \"not here\"}}\n"
+    found = issues_of(text)
+    assert any(f": {where}: an empty list matches nothing" in issue for issue in found), found

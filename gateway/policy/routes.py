@@ -216,6 +216,16 @@ def _match(spec: MatchSpec, path: _Path, policy: PolicySpec, doc: _Located) -> M
     for alias in spec.alias or ():
         if alias not in policy.models:
             doc.issue(path + ("alias",), _unknown_alias(alias, policy))
+    for field in ("alias", "tenant", "key", "user"):
+        if getattr(spec, field) == []:
+            doc.issue(path + (field,), "an empty list matches nothing: the rule could never apply (leave the "
+                                       "condition out to match any)")
+    for field, group in (("header", spec.header or {}), ("metadata", spec.metadata or {})):
+        for name, values in group.items():
+            if values == []:
+                doc.issue(path + (field, name), "an empty list matches nothing: the rule could never apply (`[\"*\"]`: "
+                                                "present with any value)" if field == "header" else
+                          "an empty list matches nothing: the rule could never apply")
     over, under = spec.prompt_tokens_over, spec.prompt_tokens_under
     if over is not None and under is not None and over + 1 >= under:
         doc.issue(path + ("prompt_tokens_under",), "no token count is both over `prompt_tokens_over` and under this")

@@ -63,8 +63,9 @@ class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     """The HTTP server. `host`, `port`, `watch_policy` and the connection limits take effect at
-    start; everything else is re-read on reload (a longer `drain_timeout_s` is fully honoured on
-    shutdown only after a restart: the server's own deadline is set at start)."""
+    start; everything else is re-read on reload (on shutdown, a `drain_timeout_s` longer than the one at
+    start is honoured only after a restart: the server's own deadline is set at start, so the gateway cuts
+    what is left at the earlier of the two)."""
 
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65_535)] = 8080

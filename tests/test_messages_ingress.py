@@ -193,12 +193,25 @@ def test_unknown_or_forbidden_model_is_not_found(gw: RunningGateway) -> None:
         assert ask(client, "gpt").content
 
 
-@pytest.mark.parametrize(("alias", "status"), [("gpt-500", 502), ("claude-529", 503)])
+@pytest.mark.parametrize(("alias", "status"), [("gpt-500", 502), ("claude-529", 529)])
 def test_upstream_failure_is_an_api_status_error(alias: str, status: int, sdk: anthropic.Anthropic) -> None:
     with pytest.raises(anthropic.APIStatusError) as caught:
         ask(sdk, alias)
     assert caught.value.status_code == status
     assert UPSTREAM_KEY not in caught.value.response.text and "10.0.0.5" not in caught.value.response.text
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_overloaded_upstream_is_anthropics_529(stream: bool, sdk: anthropic.Anthropic, gw: RunningGateway) -> None:
+    """Anthropic's own status and type, which the SDK raises as `OverloadedError` (and retries); the OpenAI-shaped
+    endpoints keep the gateway's 503 for the same failure."""
+    with pytest.raises(anthropic.OverloadedError) as caught:
+        ask(sdk, "claude-529", stream=stream)
+    assert caught.value.status_code == 529 and caught.value.body["error"]["type"] == "overloaded_error"  # type: ignore[index]
+    assert caught.value.request_id == caught.value.response.headers["x-request-id"]
+    chat = httpx.post(gw.base_url + "/chat/completions", headers=AUTH, timeout=10,
+                      json={"model": "claude-529", "messages": [{"role": "user", "content": "x"}]})
+    assert chat.status_code == 503 and chat.json()["error"]["code"] == "upstream_overloaded"
 
 
 def test_stream_failure_ends_with_an_error_event(sdk: anthropic.Anthropic) -> None:
@@ -463,6 +476,129 @@ def test_request_id_where_the_anthropic_sdk_reads_it(sdk: anthropic.Anthropic, g
     chat = httpx.post(gw.base_url + "/chat/completions", headers=AUTH, timeout=10,
                       json={"model": "gpt", "messages": [{"role": "user", "content": "x"}]})
     assert "request-id" not in chat.headers and "x-request-id" in chat.headers  # OpenAI's endpoints: unchanged
+
+
+# -- prompt caching (`cache_control`) and stop sequences ----------------------------------------------
+
+CC = {"type": "ephemeral"}
+CC_1H = {"type": "ephemeral", "ttl": "1h"}
+
+
+def cached_request() -> dict[str, Any]:
+    """A Claude Code-like request: breakpoints on the system, the tools, a tool call and a tool result (4: the most
+    Anthropic takes), and `cache_control` where a client might put it on plain blocks too (a later request)."""
+    return {"max_tokens": 20,
+            "system": [{"type": "text", "text": "You are a coder.", "cache_control": CC_1H},
+                       {"type": "text", "text": "Be brief."}],
+            "tools": [{**TOOL, "cache_control": CC}],
+            "messages": [
+                {"role": "user", "content": [{"type": "text", "text": "echo x"}]},
+                {"role": "assistant", "content": [
+                    {"type": "text", "text": "calling"},
+                    {"type": "tool_use", "id": "toolu_1", "name": "echo", "input": {"text": "x"},
+                     "cache_control": CC}]},
+                {"role": "user", "content": [
+                    {"type": "tool_result", "tool_use_id": "toolu_1", "content": "x", "cache_control": CC},
+                    {"type": "text", "text": "and now?"}]}]}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cache_control_reaches_an_anthropic_upstream_on_its_blocks(stream: bool, sdk: anthropic.Anthropic,
+                                                                   claude_mock: MockAnthropic) -> None:
+    request = cached_request()
+    if stream:
+        with sdk.messages.stream(model="claude", **request) as events:
+            message = events.get_final_message()
+    else:
+        message = sdk.messages.create(model="claude", **request)
+    assert message.usage.cache_read_input_tokens == CACHE_READ
+    sent = claude_mock.requests[-1].json
+    assert sent["system"] == request["system"]
+    assert sent["tools"] == [{"name": "echo", "description": "Echo a text", "input_schema": TOOL["input_schema"],
+                              "cache_control": CC}]
+    assert sent["messages"][1:] == request["messages"][1:]
+    assert "cache_control" not in sent["messages"][0]["content"][0]
+
+
+def test_cache_control_on_plain_blocks_reaches_an_anthropic_upstream(sdk: anthropic.Anthropic,
+                                                                     claude_mock: MockAnthropic) -> None:
+    messages = [
+        {"role": "user", "content": [{"type": "text", "text": "look", "cache_control": CC},
+                                     {**IMAGE, "cache_control": CC}]},
+        {"role": "assistant", "content": [{"type": "tool_use", "id": "toolu_1", "name": "echo", "input": {}}]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "is_error": True, "content": [
+            {"type": "text", "text": "no screen", "cache_control": CC}, {"type": "text", "text": "at all"}]}]}]
+    sdk.messages.create(model="claude", max_tokens=10, tools=[TOOL], messages=messages)  # type: ignore[arg-type,list-item]
+    sent = claude_mock.requests[-1].json["messages"]
+    assert sent[0]["content"] == messages[0]["content"]
+    assert sent[2]["content"] == [{"type": "tool_result", "tool_use_id": "toolu_1", "content": [
+        {"type": "text", "text": "Error: no screen", "cache_control": CC}, {"type": "text", "text": "at all"}]}]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_cache_control_never_reaches_an_openai_upstream(stream: bool, sdk: anthropic.Anthropic,
+                                                        upstream: MockUpstream) -> None:
+    request = cached_request()
+    if stream:
+        with sdk.messages.stream(model="gpt", **request) as events:
+            assert events.get_final_message().content
+    else:
+        assert sdk.messages.create(model="gpt", **request).content
+    record = upstream.requests[-1]
+    assert b"cache_control" not in record.body, record.body
+    sent = record.json["messages"]
+    assert sent[0] == {"role": "system", "content": [{"type": "text", "text": "You are a coder."},
+                                                     {"type": "text", "text": "Be brief."}]}
+    assert sent[3] == {"role": "tool", "tool_call_id": "toolu_1", "content": "x"}
+    assert record.json["tools"] == [{"type": "function", "function": {
+        "name": "echo", "parameters": TOOL["input_schema"], "description": "Echo a text"}}]
+    plain = {**request, "system": [{"type": "text", "text": "Be brief."}], "tools": [TOOL]}
+    sdk.messages.create(model="gpt", **plain)
+    assert upstream.requests[-1].json["messages"][0] == {"role": "system", "content": "Be brief."}  # as before
+
+
+def test_cache_control_is_removed_from_a_copy() -> None:
+    from gateway.translate.anthropic_ingress import chat_request
+    from gateway.translate.cache_control import CACHE_MARK, without_cache_control
+
+    chat, _ = chat_request(json.dumps({"model": "m", **cached_request()}).encode())
+    before = json.dumps(chat)
+    assert chat[CACHE_MARK] is True and json.dumps(without_cache_control(chat)).count("cache_control") == 0
+    assert json.dumps(chat) == before  # a fallback to an Anthropic target still finds them
+    plain, _ = chat_request(b'{"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}')
+    assert CACHE_MARK not in plain
+
+
+def test_a_cache_control_that_is_not_an_object_is_a_400(gw: RunningGateway) -> None:
+    body = {"model": "claude", "max_tokens": 5,
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": "yes"}]}]}
+    answer = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": FULL_KEY}, json=body, timeout=10)
+    assert answer.status_code == 400 and "messages.0.content.0.cache_control" in answer.json()["error"]["message"]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_matched_stop_sequence_is_reported(stream: bool, sdk: anthropic.Anthropic) -> None:
+    if stream:
+        with sdk.messages.stream(model="claude", max_tokens=50, stop_sequences=["END", " mock"],
+                                 messages=[{"role": "user", "content": "Say hello"}]) as events:
+            message = events.get_final_message()
+    else:
+        message = ask(sdk, "claude", stop_sequences=["END", " mock"])
+    assert message.stop_reason == "stop_sequence" and message.stop_sequence == " mock"
+    assert message.content[0].type == "text" and message.content[0].text == "Hello from the"
+    unmatched = ask(sdk, "claude", stop_sequences=["END"])
+    assert unmatched.stop_reason == "end_turn" and unmatched.stop_sequence is None
+
+
+def test_a_stop_sequence_survives_a_gateway_cache_hit(gw: RunningGateway, claude_mock: MockAnthropic) -> None:
+    body = {"model": "claude-cached", "max_tokens": 50, "stop_sequences": [" mock"], "temperature": 0,
+            "messages": [{"role": "user", "content": "stop sequence cached"}]}
+    answers = [httpx.post(gw.url + "/v1/messages", headers={"x-api-key": FULL_KEY}, json=body, timeout=10)
+               for _ in range(2)]
+    assert [a.headers.get("x-gateway-cache") for a in answers] == ["miss", "hit"]
+    for answer in answers:
+        assert answer.json()["stop_reason"] == "stop_sequence" and answer.json()["stop_sequence"] == " mock"
+    claude_mock.clear()  # (later tests check that nothing reached it)
 
 
 # -- /v1/responses ------------------------------------------------------------------------------------

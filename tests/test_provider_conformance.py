@@ -484,6 +484,70 @@ def test_gemini_midstream_error_reaches_the_client_as_its_own_status_scrubbed(cl
     assert body.get("code") == "rate_limit_exceeded", body
 
 
+# -- Anthropic's prompt caching and stop sequences -----------------------------------------------------
+
+CC = {"type": "ephemeral"}
+
+
+def test_litellm_style_cache_control_reaches_anthropic(client: openai.OpenAI, mocks: Mocks) -> None:
+    """A Chat Completions client marks breakpoints as LiteLLM's clients do: on a content part, on a message, on a
+    tool; an Anthropic target gets them on the matching blocks."""
+    messages: Any = [
+        {"role": "system", "content": [{"type": "text", "text": "Long instructions.", "cache_control": CC}]},
+        {"role": "user", "content": "first question", "cache_control": CC},
+        {"role": "assistant", "content": "first answer"},
+        {"role": "user", "content": [{"type": "text", "text": "second"}, {"type": "image_url", "image_url": {
+            "url": IMAGE}, "cache_control": CC}]}]
+    tools: Any = [{**TOOLS[0], "cache_control": CC}]
+    answer = client.chat.completions.create(model="anthropic-mock-model", messages=messages, tools=tools)
+    assert answer.usage is not None and answer.usage.prompt_tokens_details is not None
+    assert answer.usage.prompt_tokens_details.cached_tokens == CACHE_READ
+    body = check_upstream("anthropic", mocks.last("anthropic"))
+    assert body["system"] == [{"type": "text", "text": "Long instructions.", "cache_control": CC}]
+    assert body["tools"][0]["cache_control"] == CC
+    assert body["messages"][0]["content"] == [{"type": "text", "text": "first question", "cache_control": CC}]
+    assert body["messages"][1]["content"] == [{"type": "text", "text": "first answer"}]
+    assert body["messages"][2]["content"][1]["cache_control"] == CC
+    assert "cache_control" not in body["messages"][2]["content"][0]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_cache_control_reaches_only_anthropic(kind: str, stream: bool, gw: RunningGateway,
+                                                       client: openai.OpenAI, mocks: Mocks) -> None:
+    """`/v1/messages` breakpoints reach an Anthropic target; every other kind gets the request without them (an
+    OpenAI-compatible API may refuse an unknown field; Gemini's translator refuses an unknown request field)."""
+    body = {"model": f"{kind}-mock-model", "max_tokens": 20, "stream": stream,
+            "system": [{"type": "text", "text": "Long instructions.", "cache_control": CC}],
+            "tools": [{"name": "echo", "input_schema": {"type": "object"}, "cache_control": CC}],
+            "messages": [{"role": "user", "content": [{"type": "text", "text": "hi", "cache_control": CC}]}]}
+    answer = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": FULL_KEY}, json=body, timeout=10)
+    assert answer.status_code == 200, answer.text
+    record = mocks.last(kind)
+    sent = check_upstream(kind, record)
+    if kind == "anthropic":
+        assert sent["system"] == body["system"] and sent["tools"][0]["cache_control"] == CC
+        assert sent["messages"][0]["content"] == body["messages"][0]["content"]
+    else:
+        assert b"cache_control" not in record.body, record.body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_anthropic_stop_sequence_is_named_in_the_choice(stream: bool, client: openai.OpenAI) -> None:
+    """Chat Completions has no field for it: the choice's `stop_reason` names it, as vLLM's answers do."""
+    kwargs: Any = {"model": "anthropic-mock-model", "stop": ["END", " mock"],
+                   "messages": [{"role": "user", "content": "hi"}]}
+    if stream:
+        chunks = stream_chunks(client, **kwargs)
+        last = next(c.choices[0] for c in chunks if c.choices and c.choices[0].finish_reason)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    else:
+        last = client.chat.completions.create(**kwargs).choices[0]  # type: ignore[assignment]
+        text = last.message.content  # type: ignore[attr-defined]
+    assert last.finish_reason == "stop" and last.model_extra == {"stop_reason": " mock"}
+    assert text == "Hello from the"
+
+
 # -- the mocks themselves speak the real formats ------------------------------------------------------
 
 

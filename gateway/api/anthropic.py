@@ -11,7 +11,10 @@ when the body is large, so that a long count does not hold up other requests.
 
 Both answer with the request id also as `request-id` (and errors with `request_id`
 in the body), where the Anthropic SDK reads it (`message._request_id`,
-`APIStatusError.request_id`); `x-request-id` stays, as on every answer.
+`APIStatusError.request_id`); `x-request-id` stays, as on every answer. An
+overloaded upstream (`UpstreamOverloaded`, a 503 for OpenAI's clients) is
+Anthropic's own 529 `overloaded_error` here, which the SDK raises as
+`OverloadedError` (the metrics and the access log keep the gateway's 503).
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from typing import Any, Protocol
 import msgspec
 
 from ..auth.dynamic import find_key
-from ..errors import GatewayError, InternalError, MethodNotAllowed
+from ..errors import GatewayError, InternalError, MethodNotAllowed, UpstreamOverloaded
 from ..pipeline.context import RequestContext
 from ..pipeline.dialect import StreamFramer
 from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
@@ -42,6 +45,7 @@ _encode = msgspec.json.Encoder().encode
 log = logging.getLogger("gateway.proxy")
 _OFF_LOOP_BYTES = 64 * 1024  # a larger body is counted in a thread (as `telemetry.usage` counts large texts)
 _REQUEST_ID = b"request-id"  # the header the Anthropic SDK reads the request id from
+_OVERLOADED = 529  # Anthropic's status for `overloaded_error`
 
 
 class MessagesDialect:
@@ -64,7 +68,10 @@ class MessagesDialect:
         return anthropic_error_body(error)
 
     def error_reply(self, error: GatewayError, request_id: str) -> tuple[bytes, list[tuple[bytes, bytes]]]:
-        """An error's body and its headers beyond the edge's own, with the request id where the SDK reads it."""
+        """An error's body and its headers beyond the edge's own, with the request id where the SDK reads it; an
+        overloaded upstream answered with Anthropic's 529 (the edge sends the error's status: set on this one)."""
+        if isinstance(error, UpstreamOverloaded):
+            error.status = _OVERLOADED
         return anthropic_error_body(error, request_id), [(_REQUEST_ID, request_id.encode())]
 
 

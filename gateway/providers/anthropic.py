@@ -44,6 +44,7 @@ _STATUS_OF_TYPE = {
 class AnthropicProvider(OpenAICompatProvider):
     endpoints = frozenset({Endpoint.CHAT})
     passes_error_fields = False  # (its envelope's `type` or `status` is no OpenAI code)
+    keeps_cache_control = True  # `cache_control` goes on the Messages blocks (`translate.chat_to_anthropic`)
 
     def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         super().__init__(config, gate)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+from dataclasses import replace
 from typing import Any
 
 import aiohttp
@@ -31,6 +32,7 @@ from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.responses import responses_usage
+from ..translate.cache_control import CACHE_MARK, without_cache_control
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
@@ -61,6 +63,7 @@ _CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|
 class OpenAICompatProvider:
     endpoints = ALL_ENDPOINTS
     passes_error_fields = True  # a rejected request's `code` and `param` reach the client (`_pass_fields`)
+    keeps_cache_control = False  # Anthropic's `cache_control` is removed before sending (`translate.cache_control`)
 
     def __init__(self, config: ProviderConfig, gate: ConnectionGate) -> None:
         self.name = config.name
@@ -117,6 +120,8 @@ class OpenAICompatProvider:
         timeouts = call.timeouts or self.config.timeouts
         deadline = asyncio.get_running_loop().time() + timeouts.total_s
         extra: dict[str, Any] = {}
+        if CACHE_MARK in call.body and not self.keeps_cache_control:  # only `/v1/messages` requests carry the mark
+            call = replace(call, body=without_cache_control(call.body))
         if call.timeouts is not None and call.timeouts.connect_s != self.config.timeouts.connect_s:
             extra["timeout"] = aiohttp.ClientTimeout(total=None, connect=None, sock_connect=call.timeouts.connect_s)
         try:

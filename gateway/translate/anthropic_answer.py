@@ -5,6 +5,10 @@ content_block_start / delta / stop, message_delta with the usage, message_stop)
 from the chat chunks, one block per text run or tool call: text as it comes, up
 to the first tool call; the tool calls (and any text after them) whole, at the
 end, since a chat stream may interleave the pieces of its tool calls.
+
+A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
+`stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
+Anthropic upstream's translated answer and vLLM do); else `end_turn`.
 """
 
 from __future__ import annotations
@@ -25,9 +29,6 @@ __all__ = ["MessagesStream", "messages_response"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-
-
-
 _NO_USAGE = {"input_tokens": 0, "output_tokens": 0}
 _PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
 
@@ -57,6 +58,13 @@ def _usage_shape(usage: Usage | None) -> dict[str, Any] | None:
     if usage is None:
         return None
     return _usage_split(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens)
+
+
+def _stop(finish: Any, matched: Any) -> tuple[str, str | None]:
+    """Anthropic's `stop_reason` and `stop_sequence` for a chat finish reason and the choice's `stop_reason`."""
+    if finish == "stop" and isinstance(matched, str):
+        return "stop_sequence", matched
+    return STOP_REASONS.get(str(finish), "end_turn"), None
 
 
 def _message_id(chat_id: Any) -> str:
@@ -89,10 +97,10 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
         content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                         "input": _tool_input(function.get("arguments"))})
     usage = _anthropic_usage(data.get("usage")) or _usage_shape(estimate) or dict(_NO_USAGE)
+    reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
     return _encode({
         "id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": alias,
-        "content": content, "stop_reason": STOP_REASONS.get(str(choice.get("finish_reason")), "end_turn"),
-        "stop_sequence": None, "usage": usage,
+        "content": content, "stop_reason": reason, "stop_sequence": sequence, "usage": usage,
     })
 
 
@@ -130,8 +138,8 @@ class MessagesStream:
     sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet).
     """
 
-    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_quiet", "_started", "_stopped",
-                 "_text_open", "_usage")
+    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_matched", "_quiet", "_started",
+                 "_stopped", "_text_open", "_usage")
 
     def __init__(self, alias: str, estimate: Callable[[], Usage | None] | None = None) -> None:
         self._alias = alias
@@ -144,6 +152,7 @@ class MessagesStream:
         self._held: list[_HeldCall | list[str]] = []  # the blocks from the first tool call on: calls and text runs
         self._quiet = 0  # pieces held since the last byte written
         self._finish: str | None = None
+        self._matched: str | None = None  # the stop sequence that ended the answer, when the upstream named it
         self._usage: dict[str, Any] | None = None
 
     def frame(self, events: list[StreamEvent]) -> bytes:
@@ -181,9 +190,9 @@ class MessagesStream:
         for block in self._held:
             self._write_held(block, out)
         usage = self._usage or (_usage_shape(self._estimate()) if self._estimate is not None else None)
+        reason, sequence = _stop(self._finish, self._matched)
         out.append(_event("message_delta", {
-            "delta": {"stop_reason": STOP_REASONS.get(str(self._finish), "end_turn"), "stop_sequence": None},
-            "usage": usage or dict(_NO_USAGE)}))
+            "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage or dict(_NO_USAGE)}))
         out.append(_event("message_stop", {}))
         self._stopped = True
 
@@ -206,6 +215,8 @@ class MessagesStream:
                     self._tool_piece(call, out)
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
+                matched = choice.get("stop_reason")
+                self._matched = matched if isinstance(matched, str) else None
         if isinstance(data.get("usage"), dict):
             self._usage = _anthropic_usage(data["usage"])
 

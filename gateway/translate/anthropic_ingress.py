@@ -13,6 +13,8 @@ an assistant's `tool_calls`; tools, `tool_choice`, `stop_sequences`,
 `metadata.user_id` (as `user`) and the sampling fields map to theirs. `thinking`
 and `top_k` travel as they are (an Anthropic upstream uses them). Blocks with no
 Chat Completions form (documents, search results, server tools) are a 400.
+`cache_control` is kept where LiteLLM's clients put it (see `cache_control.py`),
+for an Anthropic upstream; every other provider removes it.
 
 The answer, complete (`messages_response`) or streamed (`MessagesStream`), is
 translated back in `anthropic_answer.py`.
@@ -27,6 +29,7 @@ import msgspec
 from ..errors import GatewayError, InvalidRequest
 from ..pipeline.stages import TOO_DEEP, check_depth
 from ..schemas.openai import ChatRequest
+from .cache_control import CACHE, CACHE_MARK
 
 __all__ = ["anthropic_error_body", "chat_request", "count_tokens_request", "error_type"]
 
@@ -36,7 +39,7 @@ STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_
                 "content_filter": "refusal"}
 _ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
                 404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-                504: "timeout_error"}
+                504: "timeout_error", 529: "overloaded_error"}
 _PASSED = ("temperature", "top_p", "top_k", "thinking", "stream")
 _KNOWN = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "tools", "tool_choice",
                     "metadata", "service_tier", *_PASSED})
@@ -114,16 +117,39 @@ def chat_request(raw: bytes) -> tuple[dict[str, Any], msgspec.Struct]:
     return chat, typed
 
 
+class _Cache:
+    """Where a request's `cache_control` goes: kept (and counted) for a request sent upstream, else dropped."""
+
+    __slots__ = ("count", "keep")
+
+    def __init__(self, keep: bool) -> None:
+        self.keep = keep
+        self.count = 0
+
+    def carry(self, block: dict[str, Any], into: dict[str, Any], where: str) -> dict[str, Any]:
+        """`into`, with `block`'s `cache_control` when it has one (an object, as Anthropic wants)."""
+        control = block.get(CACHE)
+        if control is None or not self.keep:
+            return into
+        if not isinstance(control, dict):
+            raise InvalidRequest(f"`{where}.cache_control` must be an object", param=f"{where}.cache_control")
+        self.count += 1
+        into[CACHE] = control
+        return into
+
+
 def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     for field in body:
         if field not in _KNOWN:
             raise InvalidRequest(f"`{field}` is not supported by this gateway's /v1/messages", param=field)
+    cache = _Cache(keep=not count_only)
     messages: list[dict[str, Any]] = []
     system = body.get("system")
     if system:
-        messages.append({"role": "system", "content": system if isinstance(system, str) else _texts(system, "system")})
+        messages.append({"role": "system",
+                         "content": system if isinstance(system, str) else _system(system, cache)})
     for index, message in enumerate(body["messages"]):
-        messages.extend(_message(message, index))
+        messages.extend(_message(message, index, cache))
     chat: dict[str, Any] = {"model": body["model"], "messages": messages, "max_tokens": body["max_tokens"]}
     for field in _PASSED:
         if body.get(field) is not None:
@@ -133,7 +159,7 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     if body.get("stop_sequences"):
         chat["stop"] = list(body["stop_sequences"])
     if body.get("tools"):
-        chat["tools"] = [_tool(tool, i) for i, tool in enumerate(body["tools"])]
+        chat["tools"] = [_tool(tool, i, cache) for i, tool in enumerate(body["tools"])]
     choice = body.get("tool_choice")
     if isinstance(choice, dict):
         kind = choice.get("type")
@@ -146,21 +172,26 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         chat["user"] = metadata["user_id"]
+    if cache.count:
+        chat[CACHE_MARK] = True  # a provider other than Anthropic's removes them (and this mark) before sending
     return chat
 
 
-def _texts(blocks: Any, where: str) -> str:
+def _system(blocks: Any, cache: _Cache) -> str | list[dict[str, Any]]:
+    """The system blocks' text joined; as text parts when one of them carries `cache_control` (kept on its part)."""
     if not isinstance(blocks, list):
-        raise InvalidRequest(f"`{where}` must be a string or a list of text blocks", param=where)
-    parts = []
-    for block in blocks:
+        raise InvalidRequest("`system` must be a string or a list of text blocks", param="system")
+    parts: list[dict[str, Any]] = []
+    for position, block in enumerate(blocks):
         if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise InvalidRequest(f"`{where}` may hold only text blocks", param=where)
-        parts.append(block["text"])
-    return "\n\n".join(parts)
+            raise InvalidRequest("`system` may hold only text blocks", param="system")
+        parts.append(cache.carry(block, {"type": "text", "text": block["text"]}, f"system.{position}"))
+    if any(CACHE in part for part in parts):
+        return parts
+    return "\n\n".join(part["text"] for part in parts)
 
 
-def _message(message: Any, index: int) -> list[dict[str, Any]]:
+def _message(message: Any, index: int, cache: _Cache) -> list[dict[str, Any]]:
     where = f"messages.{index}"
     if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
         raise InvalidRequest(f"`{where}.role` must be `user` or `assistant`", param=f"{where}.role")
@@ -176,25 +207,28 @@ def _message(message: Any, index: int) -> list[dict[str, Any]]:
         at = f"{where}.content.{position}"
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append(cache.carry(block, {"type": "text", "text": block["text"]}, at))
         elif kind == "image" and role == "user" and isinstance(block.get("source"), dict):
-            parts.append({"type": "image_url", "image_url": {"url": _image_url(block["source"], at)}})
+            url = _image_url(block["source"], at)
+            parts.append(cache.carry(block, {"type": "image_url", "image_url": {"url": url}}, at))
         elif kind == "tool_use" and role == "assistant":
-            calls.append({"id": str(block.get("id")), "type": "function", "function": {
-                "name": block.get("name"), "arguments": _encode(block.get("input") or {}).decode()}})
+            calls.append(cache.carry(block, {"id": str(block.get("id")), "type": "function", "function": {
+                "name": block.get("name"), "arguments": _encode(block.get("input") or {}).decode()}}, at))
         elif kind == "tool_result" and role == "user":
             inner = block.get("content")
-            result = inner if isinstance(inner, str) else _result_content(inner or [], f"{at}.content")
+            result = inner if isinstance(inner, str) else _result_content(inner or [], f"{at}.content", cache)
             if block.get("is_error"):
                 result = _as_error(result)
-            results.append({"role": "tool", "tool_call_id": str(block.get("tool_use_id")), "content": result})
+            results.append(cache.carry(block, {"role": "tool", "tool_call_id": str(block.get("tool_use_id")),
+                                               "content": result}, at))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue  # the model's own reasoning: Chat Completions has no place for it in the history
         else:
             raise InvalidRequest(f"`{at}`: a `{kind}` block is not supported here by this gateway", param=at)
     out: list[dict[str, Any]] = list(results)
     if role == "assistant":
-        reply: dict[str, Any] = {"role": "assistant", "content": _plain(parts)}
+        reply: dict[str, Any] = {"role": "assistant", "content": _plain(parts) if all(CACHE not in p for p in parts)
+                                 else parts}
         if calls:
             reply["tool_calls"] = calls
         if parts or calls:
@@ -204,23 +238,24 @@ def _message(message: Any, index: int) -> list[dict[str, Any]]:
     return out
 
 
-def _result_content(blocks: Any, where: str) -> str | list[dict[str, Any]]:
+def _result_content(blocks: Any, where: str, cache: _Cache) -> str | list[dict[str, Any]]:
     """A `tool_result`'s blocks as a `tool` message's content: their text joined, as every upstream takes it; with
     an image among them, text and `image_url` parts, which an Anthropic upstream gets back inside its
-    `tool_result` (an OpenAI-compatible upstream gets them as they are: OpenAI's own API refuses them there)."""
+    `tool_result` (an OpenAI-compatible upstream gets them as they are: OpenAI's own API refuses them there);
+    text parts too when one carries `cache_control`."""
     if not isinstance(blocks, list):
         raise InvalidRequest(f"`{where}` must be a string or a list of text and image blocks", param=where)
     parts: list[dict[str, Any]] = []
     for position, block in enumerate(blocks):
         kind = block.get("type") if isinstance(block, dict) else None
         if kind == "text" and isinstance(block.get("text"), str):
-            parts.append({"type": "text", "text": block["text"]})
+            parts.append(cache.carry(block, {"type": "text", "text": block["text"]}, f"{where}.{position}"))
         elif kind == "image" and isinstance(block.get("source"), dict):
             url = _image_url(block["source"], f"{where}.{position}")
-            parts.append({"type": "image_url", "image_url": {"url": url}})
+            parts.append(cache.carry(block, {"type": "image_url", "image_url": {"url": url}}, f"{where}.{position}"))
         else:
             raise InvalidRequest(f"`{where}` may hold only text and image blocks", param=where)
-    if all(part["type"] == "text" for part in parts):
+    if all(part["type"] == "text" and CACHE not in part for part in parts):
         return "\n\n".join(part["text"] for part in parts)
     return parts
 
@@ -230,7 +265,7 @@ def _as_error(content: str | list[dict[str, Any]]) -> str | list[dict[str, Any]]
     if isinstance(content, str):
         return f"Error: {content}"
     if content and content[0]["type"] == "text":
-        return [{"type": "text", "text": f"Error: {content[0]['text']}"}, *content[1:]]
+        return [{**content[0], "text": f"Error: {content[0]['text']}"}, *content[1:]]
     return [{"type": "text", "text": "Error:"}, *content]
 
 
@@ -246,11 +281,11 @@ def _image_url(source: dict[str, Any], where: str) -> str:
     raise InvalidRequest(f"`{where}.source` must be a base64 or url image source", param=f"{where}.source")
 
 
-def _tool(tool: Any, index: int) -> dict[str, Any]:
+def _tool(tool: Any, index: int, cache: _Cache) -> dict[str, Any]:
     if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or tool.get("type") not in (None, "custom"):
         raise InvalidRequest(f"`tools.{index}`: only custom tools (name, input_schema) are supported",
                              param=f"tools.{index}")
     function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}
     if tool.get("description"):
         function["description"] = tool["description"]
-    return {"type": "function", "function": function}
+    return cache.carry(tool, {"type": "function", "function": function}, f"tools.{index}")

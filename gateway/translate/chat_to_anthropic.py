@@ -8,41 +8,25 @@ tools, `tool_choice`, `parallel_tool_calls`, `stop`, `user`, JSON mode (as an
 instruction in `system`: Messages has no JSON mode) and `max_tokens` (the
 provider's default when the client gave none) are translated. A field Messages
 has no equivalent for (`n > 1`, `logprobs`, penalties, `seed`, audio...) is a
-400 naming it, never a silent drop.
+400 naming it, never a silent drop. `cache_control` (Anthropic's prompt caching, in LiteLLM's places: on a
+part, a message, a tool call or a tool) goes on the matching block.
 
-Answer: text blocks become `content`, `tool_use` blocks `tool_calls`, stop
-reasons finish reasons, and usage OpenAI's shape (`prompt_tokens` counts cache
-reads and writes, as OpenAI's does; `prompt_tokens_details.cached_tokens` the
-reads, `prompt_tokens_details.cache_write_tokens` the writes).
-
-Stream: `AnthropicEvents` turns each Messages event into chunks as it arrives;
-an event out of order (a delta before its block started, anything before
-`message_start`) raises `StreamProtocolError`, which ends the client's stream
-with an error event.
+The answer, complete or streamed, is translated back in `anthropic_to_chat.py`
+(its names are re-exported here).
 """
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from typing import Any
 
-import msgspec
-
-from ..errors import GatewayError, InvalidRequest
-from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import PromptTokensDetails, Usage
-from .common import ChunkWriter, StreamProtocolError, data_url, json_instruction, parse_arguments, unsupported
+from ..errors import InvalidRequest
+from .anthropic_to_chat import FINISH_REASONS, AnthropicEvents, chat_completion, chat_usage
+from .cache_control import CACHE, CACHE_MARK
+from .common import data_url, json_instruction, parse_arguments, unsupported
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "anthropic_request", "chat_completion", "chat_usage"]
 
-_decode = msgspec.json.Decoder(dict[str, Any]).decode
-_encode = msgspec.json.Encoder().encode
-
-FINISH_REASONS = {
-    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
-    "tool_use": "tool_calls", "refusal": "content_filter", "model_context_window_exceeded": "length",
-}
 # Chat fields Messages has no equivalent for: a 400 naming the field when set to anything but its neutral value.
 _REFUSED: dict[str, Callable[[Any], bool]] = {
     "n": lambda v: v not in (None, 1),
@@ -62,7 +46,7 @@ _REFUSED: dict[str, Callable[[Any], bool]] = {
 _HANDLED = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
     "stream_options", "tools", "tool_choice", "parallel_tool_calls", "user", "metadata", "response_format",
-    "store", "service_tier",
+    "store", "service_tier", CACHE_MARK,
 })
 # Messages' own fields, passed as they are (a target's `extra_body` may set them).
 _NATIVE = frozenset({"top_k", "thinking"})
@@ -134,10 +118,10 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
     role = message.get("role")
     content = message.get("content")
     if role in ("system", "developer"):
-        system.extend(_blocks(content, where, target, images=False))
+        system.extend(_cached(_blocks(content, where, target, images=False), message))
         return
     if role == "user":
-        _append(messages, "user", _blocks(content, where, target, images=True))
+        _append(messages, "user", _cached(_blocks(content, where, target, images=True), message))
         return
     if role == "assistant":
         blocks = _blocks(content, where, target, images=False) if content else []
@@ -146,19 +130,28 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise InvalidRequest(f"`{where}.tool_calls.{position}` needs a function name",
                                      param=f"{where}.tool_calls")
-            blocks.append({"type": "tool_use", "id": str(call.get("id") or f"toolu_{index}_{position}"),
-                           "name": function["name"],
-                           "input": parse_arguments(function.get("arguments"), f"{where}.tool_calls.{position}")})
+            blocks.append(_cached([{"type": "tool_use", "id": str(call.get("id") or f"toolu_{index}_{position}"),
+                                    "name": function["name"],
+                                    "input": parse_arguments(function.get("arguments"),
+                                                             f"{where}.tool_calls.{position}")}], call)[0])
         if blocks:
-            _append(messages, "assistant", blocks)
+            _append(messages, "assistant", _cached(blocks, message))
         return
     if role == "tool":
         result: dict[str, Any] = {"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or "")}
         if content:
             result["content"] = content if isinstance(content, str) else _blocks(content, where, target, images=True)
-        _append(messages, "user", [result])
+        _append(messages, "user", _cached([result], message))
         return
     raise unsupported(f"{where}.role", target, f"role `{role}`")
+
+
+def _cached(blocks: list[dict[str, Any]], holder: dict[str, Any]) -> list[dict[str, Any]]:
+    """`blocks`, the last with `holder`'s `cache_control` (a message's or a tool call's) when it has one."""
+    control = holder.get(CACHE)
+    if isinstance(control, dict) and blocks:
+        blocks[-1][CACHE] = control
+    return blocks
 
 
 def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, Any]]) -> None:
@@ -180,7 +173,7 @@ def _blocks(content: Any, where: str, target: str, *, images: bool) -> list[dict
     for position, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            blocks.append({"type": "text", "text": part["text"]})
+            blocks.append(_cached([{"type": "text", "text": part["text"]}], part)[0])
         elif kind == "image_url" and images:
             url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
             if not isinstance(url, str):
@@ -189,7 +182,7 @@ def _blocks(content: Any, where: str, target: str, *, images: bool) -> list[dict
             inline = data_url(url)
             source = ({"type": "base64", "media_type": inline[0], "data": inline[1]} if inline
                       else {"type": "url", "url": url})
-            blocks.append({"type": "image", "source": source})
+            blocks.append(_cached([{"type": "image", "source": source}], part)[0])
         else:
             raise unsupported(f"{where}.content.{position}", target, f"a `{kind}` content part here")
     return blocks
@@ -203,7 +196,7 @@ def _tool(tool: Any, index: int, target: str) -> dict[str, Any]:
                            "input_schema": function.get("parameters") or {"type": "object", "properties": {}}}
     if function.get("description"):
         out["description"] = function["description"]
-    return out
+    return _cached(_cached([out], function), tool)[0]
 
 
 def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
@@ -223,161 +216,3 @@ def _tool_choice(choice: Any, parallel: Any) -> dict[str, Any] | None:
     if out is not None and parallel is False and out["type"] != "none":
         out["disable_parallel_tool_use"] = True
     return out
-
-
-# -- the answer ---------------------------------------------------------------------------------------
-
-
-def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
-    """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object, both with the cache reads and
-    writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports)."""
-    fresh = _int(usage.get("input_tokens"))
-    read = _int(usage.get("cache_read_input_tokens"))
-    written = _int(usage.get("cache_creation_input_tokens"))
-    output = _int(usage.get("output_tokens"))
-    prompt = fresh + read + written
-    shape = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
-             "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written}}
-    details = PromptTokensDetails(cached_tokens=read, cache_write_tokens=written) if read or written else None
-    return Usage(prompt, output, prompt + output, details), shape
-
-
-def _int(value: Any) -> int:
-    return value if type(value) is int and value >= 0 else 0
-
-
-def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
-    """A Messages answer as a `chat.completion`, and its usage."""
-    texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for block in answer.get("content") or ():
-        kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
-            texts.append(str(block.get("text", "")))
-        elif kind == "tool_use":
-            arguments = _encode(block.get("input", {})).decode()
-            calls.append({"id": block.get("id"), "type": "function",
-                          "function": {"name": block.get("name"), "arguments": arguments}})
-    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
-                               "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
-    usage, shape = chat_usage(answer["usage"]) if isinstance(answer.get("usage"), dict) else (None, None)
-    body: dict[str, Any] = {
-        "id": str(answer.get("id") or "msg"), "object": "chat.completion", "created": int(time.time()),
-        "model": answer.get("model"),
-        "choices": [{"index": 0, "message": message, "logprobs": None,
-                     "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop")}],
-    }
-    if shape is not None:
-        body["usage"] = shape
-    return body, usage
-
-
-class AnthropicEvents:
-    """Per stream: Messages events in, chat.completion.chunk events out, one by one as they come."""
-
-    __slots__ = ("_blocks", "_error", "_filled", "_finish", "_opened", "_started", "_tools", "_usage", "_writer")
-
-    def __init__(self, error: Callable[[dict[str, Any]], GatewayError]) -> None:
-        self._writer: ChunkWriter | None = None
-        self._error = error  # maps an in-stream `error` event's body to the client's error
-        self._blocks: dict[int, int | None] = {}  # open block index -> tool call index (None: a text block)
-        self._tools = 0
-        self._filled: set[int] = set()  # tool calls whose input has come (`content_block_stop`)
-        self._usage: dict[str, Any] = {}
-        self._finish: str | None = None
-        self._started = False
-        self._opened = False
-
-    def feed(self, payload: bytes) -> list[StreamEvent]:
-        event = _decode(payload)
-        kind = event.get("type")
-        if kind == "ping":
-            return []
-        if kind == "error":
-            detail = event.get("error")
-            return [StreamError(self._error(detail if isinstance(detail, dict) else {}))]
-        if kind == "message_start":
-            if self._started:
-                raise _order("a second message_start")
-            message = event.get("message") or {}
-            self._started = True
-            self._usage.update(message.get("usage") or {})
-            self._writer = ChunkWriter(str(message.get("id") or "msg"), message.get("model"))
-            return []  # the role chunk waits for the first block: an `error` before it is a failed attempt
-        writer = self._writer
-        if writer is None:
-            raise _order(f"`{_name(kind)}` before message_start")
-        if kind == "content_block_start":
-            index, block = event.get("index"), event.get("content_block") or {}
-            if not isinstance(index, int) or index in self._blocks:
-                raise _order("content_block_start for a block already started")
-            events = self._role(writer)
-            if block.get("type") == "tool_use":
-                tool = self._tools
-                self._tools += 1
-                self._blocks[index] = tool
-                events.append(writer.chunk({"tool_calls": [{"index": tool, "id": block.get("id"), "type": "function",
-                                                            "function": {"name": block.get("name"),
-                                                                         "arguments": ""}}]}))
-                return events
-            self._blocks[index] = None
-            text = block.get("text")
-            if isinstance(text, str) and text:
-                events.append(writer.chunk({"content": text}))
-            return events
-        if kind == "content_block_delta":
-            index, delta = event.get("index"), event.get("delta") or {}
-            if index not in self._blocks:
-                raise _order("content_block_delta for a block that was not started")
-            dtype = delta.get("type")
-            if dtype == "text_delta":
-                return [writer.chunk({"content": delta.get("text", "")})]
-            if dtype == "input_json_delta":
-                position = self._blocks[index]
-                if position is None:
-                    raise _order("input_json_delta in a text block")
-                piece = delta.get("partial_json", "")
-                if piece:
-                    self._filled.add(position)
-                return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})]
-            return []  # thinking, signature and citation deltas have no Chat Completions form
-        if kind == "content_block_stop":
-            index = event.get("index")
-            if index not in self._blocks:
-                raise _order("content_block_stop for a block that was not started")
-            position = self._blocks[index]
-            if position is not None and position not in self._filled:  # a tool without input sends only `""`: its
-                # arguments are `{}`, as the complete answer's (a client parsing `""` as JSON fails)
-                return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})]
-            return []
-        if kind == "message_delta":
-            self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            reason = (event.get("delta") or {}).get("stop_reason")
-            self._finish = FINISH_REASONS.get(str(reason), "stop")
-            return [*self._role(writer), writer.chunk({}, self._finish)]
-        if kind == "message_stop":
-            if self._finish is None:
-                raise _order("message_stop before message_delta")
-            usage, shape = chat_usage(self._usage)
-            return [UsageReport(usage, writer.usage_chunk(shape)), DONE]
-        return []  # event types added later are skipped, as Anthropic's versioning policy asks
-
-    def _role(self, writer: ChunkWriter) -> list[StreamEvent]:
-        """OpenAI's first chunk (the role), once, before the first content."""
-        if self._opened:
-            return []
-        self._opened = True
-        return [writer.chunk({"role": "assistant", "content": ""})]
-
-    def end(self) -> list[StreamEvent]:
-        raise _order("the end of the stream before message_stop")
-
-
-def _name(kind: Any) -> str:
-    return kind if isinstance(kind, str) and kind.isidentifier() and len(kind) < 40 else "an unknown event"
-
-
-def _order(what: str) -> StreamProtocolError:
-    return StreamProtocolError(f"an event out of order ({what})")

@@ -11,10 +11,14 @@ import msgspec
 from ..errors import InvalidRequest
 from ..schemas.events import Chunk
 
-__all__ = ["ChunkWriter", "StreamProtocolError", "data_url", "json_instruction", "parse_arguments", "unsupported"]
+__all__ = ["CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url", "json_instruction", "parse_arguments",
+           "unsupported"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
+# A body whose messages, parts or tools carry Anthropic's `cache_control` (set by the `/v1/messages` ingress): the
+# one key a provider other than Anthropic's reads, to strip them (`translate.cache_control`) before sending.
+CACHE_MARK = "_gateway_cache_control"
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
 
 
@@ -75,10 +79,14 @@ class ChunkWriter:
         self.model = model if isinstance(model, str) else ""
         self.created = int(time.time())
 
-    def chunk(self, delta: dict[str, Any], finish: str | None = None, index: int = 0) -> Chunk:
+    def chunk(self, delta: dict[str, Any], finish: str | None = None, index: int = 0,
+              stop_reason: str | None = None) -> Chunk:
+        """One chunk; `stop_reason`: the stop sequence that ended the answer (vLLM's field), when known."""
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if stop_reason is not None:
+            choice["stop_reason"] = stop_reason
         return Chunk.of({"id": self.id, "object": "chat.completion.chunk", "created": self.created,
-                         "model": self.model, "choices": [{"index": index, "delta": delta, "logprobs": None,
-                                                           "finish_reason": finish}]})
+                         "model": self.model, "choices": [choice]})
 
     def usage_chunk(self, usage: dict[str, Any]) -> bytes:
         """OpenAI's usage-only last chunk (forwarded only to a client that asked for usage)."""

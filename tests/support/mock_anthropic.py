@@ -13,6 +13,11 @@ Faults are chosen by the model name, as in `mock_upstream` (`fault-status-529`,
 `fault-echo`, `fault-echo-tool`, ...), plus `fault-error-first` (an `error`
 event before any content), `fault-out-of-order` (a delta before its block
 started) and `fault-overloaded-midstream` (an `error` event after some text).
+
+As the real API: `stop_sequences` end the answer before the first one found in
+it (`stop_reason: "stop_sequence"` with that `stop_sequence`), and `cache_control`
+is checked where it is allowed (system, content and `tool_result` blocks, tools:
+an object of type `ephemeral`, at most 4 of them).
 """
 
 from __future__ import annotations
@@ -80,6 +85,38 @@ def _user_text(body: dict[str, Any]) -> str:
     return ""
 
 
+_MAX_BREAKPOINTS = 4
+
+
+def _cache_problem(body: dict[str, Any]) -> str | None:
+    """What the real API says of the request's `cache_control` breakpoints (None: they are fine)."""
+    blocks: list[Any] = list(body.get("tools") or ())
+    if isinstance(body.get("system"), list):
+        blocks += body["system"]
+    for message in body.get("messages") or ():
+        content = message.get("content") if isinstance(message, dict) else None
+        for block in content if isinstance(content, list) else ():
+            blocks.append(block)
+            inner = block.get("content") if isinstance(block, dict) else None
+            blocks += inner if isinstance(inner, list) else []
+    found = [block["cache_control"] for block in blocks if isinstance(block, dict) and "cache_control" in block]
+    for control in found:
+        if not isinstance(control, dict) or control.get("type") != "ephemeral":
+            return "cache_control: Input tag does not match the expected tag 'ephemeral'"
+    if len(found) > _MAX_BREAKPOINTS:
+        return f"A maximum of {_MAX_BREAKPOINTS} blocks with cache_control may be provided. Found {len(found)}."
+    return None
+
+
+def _stopped(text: str, sequences: Any) -> tuple[str, str] | None:
+    """The text up to the first stop sequence found in it, and that sequence (None: none is found)."""
+    hits = [(text.find(seq), seq) for seq in sequences or () if isinstance(seq, str) and seq and seq in text]
+    if not hits:
+        return None
+    at, seq = min(hits)
+    return text[:at], seq
+
+
 def _check(body: Any) -> str | None:
     """What the real API would reject (a subset: the fields a translator can get wrong)."""
     if not isinstance(body, dict):
@@ -103,7 +140,7 @@ def _check(body: Any) -> str | None:
                 return f"messages.{index}: tool_result block(s) without a matching tool_use block"
             if block.get("type") == "image" and block.get("source", {}).get("type") not in ("base64", "url"):
                 return f"messages.{index}: invalid image source"
-    return None
+    return _cache_problem(body)
 
 
 class MockAnthropic(MockUpstream):
@@ -147,6 +184,12 @@ class MockAnthropic(MockUpstream):
             words = _echo_words({"messages": [{"role": "user", "content": _user_text(body)}]})
         tool = fault is not None and fault.kind == "echo-tool"
         text = " ".join(words)
+        stopped = None if tool else _stopped(text, body.get("stop_sequences"))
+        if stopped is not None:
+            text = stopped[0]
+            words = text.split(" ")
+        reason = "tool_use" if tool else "stop_sequence" if stopped else "end_turn"
+        sequence = stopped[1] if stopped else None
         usage = {"input_tokens": _prompt_tokens(body), "output_tokens": len(words),
                  "cache_creation_input_tokens": CACHE_WRITE, "cache_read_input_tokens": CACHE_READ}
         base = {"id": f"msg_mock{serial}", "type": "message", "role": "assistant", "model": body["model"]}
@@ -156,13 +199,14 @@ class MockAnthropic(MockUpstream):
                                                   "input": {"text": text}}]
             else:
                 content = [{"type": "text", "text": text}]
-            answer = {**base, "content": content, "stop_reason": "tool_use" if tool else "end_turn",
-                      "stop_sequence": None, "usage": usage}
+            answer = {**base, "content": content, "stop_reason": reason, "stop_sequence": sequence,
+                      "usage": usage}
             return await _deliver_json(request, answer, fault)
-        return await _deliver_stream(request, self._stream(base, words, usage, tool, fault), fault)
+        return await _deliver_stream(request, self._stream(base, words, usage, tool, fault, (reason, sequence)),
+                                     fault)
 
     def _stream(self, base: dict[str, Any], words: list[str], usage: dict[str, Any], tool: bool,
-                fault: Any) -> SseAnswer:
+                fault: Any, stop: tuple[str, str | None] = ("end_turn", None)) -> SseAnswer:
         start = _event("message_start", message={**base, "content": [], "stop_reason": None, "stop_sequence": None,
                                                   "usage": {**usage, "output_tokens": 1}})
         if fault and fault.kind == "error-first":
@@ -185,8 +229,7 @@ class MockAnthropic(MockUpstream):
             deltas = [*deltas[:3], _event("error", error={"type": "overloaded_error", "message": "Overloaded"})]
             return SseAnswer(opening + deltas, len(opening))
         closing = [_event("content_block_stop", index=0),
-                   _event("message_delta", delta={"stop_reason": "tool_use" if tool else "end_turn",
-                                                  "stop_sequence": None},
+                   _event("message_delta", delta={"stop_reason": stop[0], "stop_sequence": stop[1]},
                           usage={"output_tokens": len(words)}),
                    _event("message_stop")]
         return SseAnswer(opening + deltas + closing, len(opening))

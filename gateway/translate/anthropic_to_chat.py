@@ -1,0 +1,202 @@
+"""Anthropic's Messages answer back to Chat Completions: complete (`chat_completion`) or streamed (`AnthropicEvents`).
+
+Answer: text blocks become `content`, `tool_use` blocks `tool_calls`, stop
+reasons finish reasons (a matched stop sequence also as the choice's
+`stop_reason`, as vLLM reports it), and usage OpenAI's shape (`prompt_tokens`
+counts cache reads and writes, as OpenAI's does;
+`prompt_tokens_details.cached_tokens` the reads,
+`prompt_tokens_details.cache_write_tokens` the writes).
+
+Stream: `AnthropicEvents` turns each Messages event into chunks as it arrives;
+an event out of order (a delta before its block started, anything before
+`message_start`) raises `StreamProtocolError`, which ends the client's stream
+with an error event.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import msgspec
+
+from ..errors import GatewayError
+from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
+from ..schemas.openai import PromptTokensDetails, Usage
+from .common import ChunkWriter, StreamProtocolError
+
+__all__ = ["FINISH_REASONS", "AnthropicEvents", "chat_completion", "chat_usage", "matched_stop"]
+
+_decode = msgspec.json.Decoder(dict[str, Any]).decode
+_encode = msgspec.json.Encoder().encode
+
+FINISH_REASONS = {
+    "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
+    "tool_use": "tool_calls", "refusal": "content_filter", "model_context_window_exceeded": "length",
+}
+
+
+def matched_stop(reason: Any, sequence: Any) -> str | None:
+    """The stop sequence that ended the answer (None when none did), for the choice's `stop_reason`."""
+    return sequence if reason == "stop_sequence" and isinstance(sequence, str) else None
+
+
+def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
+    """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object, both with the cache reads and
+    writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports)."""
+    fresh = _int(usage.get("input_tokens"))
+    read = _int(usage.get("cache_read_input_tokens"))
+    written = _int(usage.get("cache_creation_input_tokens"))
+    output = _int(usage.get("output_tokens"))
+    prompt = fresh + read + written
+    shape = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
+             "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written}}
+    details = PromptTokensDetails(cached_tokens=read, cache_write_tokens=written) if read or written else None
+    return Usage(prompt, output, prompt + output, details), shape
+
+
+def _int(value: Any) -> int:
+    return value if type(value) is int and value >= 0 else 0
+
+
+def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:
+    """A Messages answer as a `chat.completion`, and its usage."""
+    texts: list[str] = []
+    calls: list[dict[str, Any]] = []
+    for block in answer.get("content") or ():
+        kind = block.get("type") if isinstance(block, dict) else None
+        if kind == "text":
+            texts.append(str(block.get("text", "")))
+        elif kind == "tool_use":
+            arguments = _encode(block.get("input", {})).decode()
+            calls.append({"id": block.get("id"), "type": "function",
+                          "function": {"name": block.get("name"), "arguments": arguments}})
+    message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
+                               "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
+    usage, shape = chat_usage(answer["usage"]) if isinstance(answer.get("usage"), dict) else (None, None)
+    choice = {"index": 0, "message": message, "logprobs": None,
+              "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop")}
+    sequence = matched_stop(answer.get("stop_reason"), answer.get("stop_sequence"))
+    if sequence is not None:
+        choice["stop_reason"] = sequence
+    body: dict[str, Any] = {
+        "id": str(answer.get("id") or "msg"), "object": "chat.completion", "created": int(time.time()),
+        "model": answer.get("model"), "choices": [choice],
+    }
+    if shape is not None:
+        body["usage"] = shape
+    return body, usage
+
+
+class AnthropicEvents:
+    """Per stream: Messages events in, chat.completion.chunk events out, one by one as they come."""
+
+    __slots__ = ("_blocks", "_error", "_filled", "_finish", "_opened", "_started", "_tools", "_usage", "_writer")
+
+    def __init__(self, error: Callable[[dict[str, Any]], GatewayError]) -> None:
+        self._writer: ChunkWriter | None = None
+        self._error = error  # maps an in-stream `error` event's body to the client's error
+        self._blocks: dict[int, int | None] = {}  # open block index -> tool call index (None: a text block)
+        self._tools = 0
+        self._filled: set[int] = set()  # tool calls whose input has come (`content_block_stop`)
+        self._usage: dict[str, Any] = {}
+        self._finish: str | None = None
+        self._started = False
+        self._opened = False
+
+    def feed(self, payload: bytes) -> list[StreamEvent]:
+        event = _decode(payload)
+        kind = event.get("type")
+        if kind == "ping":
+            return []
+        if kind == "error":
+            detail = event.get("error")
+            return [StreamError(self._error(detail if isinstance(detail, dict) else {}))]
+        if kind == "message_start":
+            if self._started:
+                raise _order("a second message_start")
+            message = event.get("message") or {}
+            self._started = True
+            self._usage.update(message.get("usage") or {})
+            self._writer = ChunkWriter(str(message.get("id") or "msg"), message.get("model"))
+            return []  # the role chunk waits for the first block: an `error` before it is a failed attempt
+        writer = self._writer
+        if writer is None:
+            raise _order(f"`{_name(kind)}` before message_start")
+        if kind == "content_block_start":
+            index, block = event.get("index"), event.get("content_block") or {}
+            if not isinstance(index, int) or index in self._blocks:
+                raise _order("content_block_start for a block already started")
+            events = self._role(writer)
+            if block.get("type") == "tool_use":
+                tool = self._tools
+                self._tools += 1
+                self._blocks[index] = tool
+                events.append(writer.chunk({"tool_calls": [{"index": tool, "id": block.get("id"), "type": "function",
+                                                            "function": {"name": block.get("name"),
+                                                                         "arguments": ""}}]}))
+                return events
+            self._blocks[index] = None
+            text = block.get("text")
+            if isinstance(text, str) and text:
+                events.append(writer.chunk({"content": text}))
+            return events
+        if kind == "content_block_delta":
+            index, delta = event.get("index"), event.get("delta") or {}
+            if index not in self._blocks:
+                raise _order("content_block_delta for a block that was not started")
+            dtype = delta.get("type")
+            if dtype == "text_delta":
+                return [writer.chunk({"content": delta.get("text", "")})]
+            if dtype == "input_json_delta":
+                position = self._blocks[index]
+                if position is None:
+                    raise _order("input_json_delta in a text block")
+                piece = delta.get("partial_json", "")
+                if piece:
+                    self._filled.add(position)
+                return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})]
+            return []  # thinking, signature and citation deltas have no Chat Completions form
+        if kind == "content_block_stop":
+            index = event.get("index")
+            if index not in self._blocks:
+                raise _order("content_block_stop for a block that was not started")
+            position = self._blocks[index]
+            if position is not None and position not in self._filled:  # a tool without input sends only `""`: its
+                # arguments are `{}`, as the complete answer's (a client parsing `""` as JSON fails)
+                return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})]
+            return []
+        if kind == "message_delta":
+            self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+            delta = event.get("delta") or {}
+            reason = delta.get("stop_reason")
+            self._finish = FINISH_REASONS.get(str(reason), "stop")
+            sequence = matched_stop(reason, delta.get("stop_sequence"))
+            return [*self._role(writer), writer.chunk({}, self._finish, stop_reason=sequence)]
+        if kind == "message_stop":
+            if self._finish is None:
+                raise _order("message_stop before message_delta")
+            usage, shape = chat_usage(self._usage)
+            return [UsageReport(usage, writer.usage_chunk(shape)), DONE]
+        return []  # event types added later are skipped, as Anthropic's versioning policy asks
+
+    def _role(self, writer: ChunkWriter) -> list[StreamEvent]:
+        """OpenAI's first chunk (the role), once, before the first content."""
+        if self._opened:
+            return []
+        self._opened = True
+        return [writer.chunk({"role": "assistant", "content": ""})]
+
+    def end(self) -> list[StreamEvent]:
+        raise _order("the end of the stream before message_stop")
+
+
+def _name(kind: Any) -> str:
+    return kind if isinstance(kind, str) and kind.isidentifier() and len(kind) < 40 else "an unknown event"
+
+
+def _order(what: str) -> StreamProtocolError:
+    return StreamProtocolError(f"an event out of order ({what})")

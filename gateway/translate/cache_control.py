@@ -1,0 +1,60 @@
+"""Anthropic's prompt caching (`cache_control`) in the internal chat request, and its removal for other upstreams.
+
+The `/v1/messages` ingress keeps a block's `cache_control` on the chat form it
+builds, where LiteLLM's clients put it: on a text or image part, on a message
+(a `tool` message for a `tool_result` block), on a tool call (a `tool_use`
+block) and on a tool; and marks the body with `CACHE_MARK`. An Anthropic upstream
+gets it back on the matching blocks (`chat_to_anthropic`); every other provider
+removes it, and the mark, before sending (`without_cache_control`), reading only
+the mark when there is none: the mark is the one key it looks up.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import CACHE_MARK
+
+__all__ = ["CACHE", "CACHE_MARK", "without_cache_control"]
+
+CACHE = "cache_control"
+
+
+def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
+    """A copy of `body` without the mark and any `cache_control` (the original is left as it is: a later
+    fallback to an Anthropic target still reads it)."""
+    out = {key: value for key, value in body.items() if key != CACHE_MARK}
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        out["messages"] = [_message(message) for message in messages]
+    tools = body.get("tools")
+    if isinstance(tools, list):
+        out["tools"] = [_tool(tool) for tool in tools]
+    return out
+
+
+def _bare(item: Any) -> Any:
+    if isinstance(item, dict) and CACHE in item:
+        return {key: value for key, value in item.items() if key != CACHE}
+    return item
+
+
+def _message(message: Any) -> Any:
+    if not isinstance(message, dict):
+        return message
+    out = _bare(message)
+    content = out.get("content")
+    if isinstance(content, list):
+        out = {**out, "content": [_bare(part) for part in content]}
+    calls = out.get("tool_calls")
+    if isinstance(calls, list):
+        out = {**out, "tool_calls": [_bare(call) for call in calls]}
+    return out
+
+
+def _tool(tool: Any) -> Any:
+    out = _bare(tool)
+    function = out.get("function") if isinstance(out, dict) else None
+    if isinstance(function, dict) and CACHE in function:
+        out = {**out, "function": _bare(function)}
+    return out

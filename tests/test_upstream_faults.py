@@ -7,6 +7,7 @@ import socket
 import textwrap
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import httpx
 import openai
@@ -86,10 +87,10 @@ def test_connection_refused_is_502(make_gateway, upstream: MockUpstream) -> None
     assert str(dead_port) not in caught.value.response.text
 
 
-def _stream_events(gateway: RunningGateway, model: str) -> tuple[int, list[str]]:
+def _stream_events(gateway: RunningGateway, model: str, **extra: Any) -> tuple[int, list[str]]:
     with httpx.stream("POST", gateway.base_url + "/chat/completions", timeout=20,
                       headers={"Authorization": f"Bearer {FULL_KEY}"},
-                      json={"model": model, "messages": MESSAGES, "stream": True}) as response:
+                      json={"model": model, "messages": MESSAGES, "stream": True, **extra}) as response:
         body = response.read().decode()
     return response.status_code, [e for e in body.split("\n\n") if e]
 
@@ -167,7 +168,8 @@ def with_models(upstream: MockUpstream, models: str) -> str:
     return policy_text(upstream.base_url) + textwrap.indent(textwrap.dedent(models), "  ")
 
 
-ODD = ("fault-split-context-length", "fault-no-done", "fault-end-after-0", "fault-end-after-2", "fault-empty-stream",
+ODD = ("fault-split-context-length", "fault-no-done", "fault-end-after-0", "fault-end-after-2", "fault-end-after-41",
+       "fault-empty-stream",
        *(f"fault-redirect-{status}" for status in (301, 302, 303, 307, 308)))
 
 
@@ -267,6 +269,17 @@ def test_a_stream_that_ends_before_its_answer_is_complete_ends_with_an_error(odd
     with pytest.raises(openai.APIError):
         for _ in client(odd).chat.completions.create(model=model, messages=MESSAGES, stream=True):  # type: ignore[arg-type]
             pass
+
+
+def test_a_stream_of_several_choices_that_ends_before_each_finished_ends_with_an_error(odd: RunningGateway) -> None:
+    """`n: 2`, and the body ends cleanly (no [DONE]) after choice 0's finish chunk: choice 1 never finished. Taken
+    as whole (the last chunk had a finish reason), the cache stored it and replayed choice 1 unfinished."""
+    status, events = _stream_events(odd, "fault-end-after-41", n=2)
+    assert status == 200 and '"code":"upstream_error"' in events[-1] and "data: [DONE]" not in events
+    status, events = _stream_events(odd, "fault-no-done", n=2)  # both finished, then no [DONE]: whole
+    finished = {c["index"] for e in events[:-1] for c in json.loads(e.removeprefix("data: ")).get("choices", ())
+                if c.get("finish_reason")}
+    assert status == 200 and events[-1] == "data: [DONE]" and finished == {0, 1}
 
 
 def test_a_stream_without_any_event_is_an_error_not_an_empty_answer(odd: RunningGateway) -> None:

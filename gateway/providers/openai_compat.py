@@ -234,7 +234,9 @@ class OpenAICompatProvider:
         """The started stream's events (here: OpenAI's chunks, or the Responses API's events)."""
         if call.endpoint is _RESPONSES:
             return TranslatedStream(self, response, deadline, idle_s, ResponsesEvents(self))
-        return OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s, call.read_choices)
+        n = call.body.get("n")
+        return OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s, call.read_choices,
+                            n if type(n) is int and n > 1 else 1)
 
     def release(self) -> None:
         """Give back the connection permit a started stream held."""

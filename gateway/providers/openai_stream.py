@@ -35,6 +35,7 @@ _peek_text_only = msgspec.json.Decoder(ChunkTextOnlyPeek).decode  # when its rea
 
 
 class _EndChoice(msgspec.Struct):
+    index: Any = 0
     finish_reason: Any = None
 
 
@@ -88,15 +89,16 @@ class OpenAIStream:
     generator frame on every event (about 1,500 instructions an event). A poller may also `forward` the
     batches to a sink that writes them from the upstream connection's read, its task left asleep."""
 
-    __slots__ = ("_asked_for_usage", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s", "_observer",
-                 "_peek", "_provider", "_read_choices", "_reader", "_response", "_saw_usage", "_sink", "_tail",
-                 "_timer")
+    __slots__ = ("_asked_for_usage", "_choices", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s",
+                 "_observer", "_peek", "_provider", "_read_choices", "_reader", "_response", "_saw_usage", "_sink",
+                 "_tail", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
-        asked_for_usage: bool, idle_s: float, read_choices: bool = False,
+        asked_for_usage: bool, idle_s: float, read_choices: bool = False, choices: int = 1,
     ) -> None:
         self._read_choices = read_choices
+        self._choices = choices  # the answers asked for (`n`): each must finish (`_end`)
         self._peek: Any = _peek_chunk_choices if read_choices else _peek_chunk
         self._reader: ChoicesReader | None = None  # takes the choices as they are decoded (`read_choices`)
         self._idle_s = idle_s
@@ -255,11 +257,28 @@ class OpenAIStream:
                 peek = _peek_end(tail[-1])
             except (msgspec.DecodeError, msgspec.ValidationError):
                 peek = None
-            if peek is not None and (any(choice.finish_reason for choice in peek.choices or ())
-                                     or (peek.usage is not None and not peek.choices)):
+            if peek is not None and ((peek.usage is not None and not peek.choices)
+                                     or self._all_finished(tail, peek)):
                 return DONE
             return self._fail("ended the stream before the answer was complete")
         return self._fail("ended the stream without sending anything")
+
+    def _all_finished(self, tail: list[bytes], last: _EndPeek) -> bool:
+        """Whether the last payloads finish every answer asked for: the last chunk's finish reason, and with
+        `n` > 1 one for each of the `n` choices among the last read's chunks (a body cut after one choice's finish
+        chunk left the others unfinished, and was stored whole by the cache)."""
+        if not any(choice.finish_reason for choice in last.choices or ()):
+            return False
+        if self._choices <= 1:
+            return True
+        finished: set[Any] = set()
+        for payload in tail:
+            try:
+                peek = _peek_end(payload)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                continue
+            finished.update(choice.index for choice in peek.choices or () if choice.finish_reason)
+        return len(finished) >= self._choices
 
     def _last(self, events: list[StreamEvent]) -> list[StreamEvent]:
         """The batch that ends the stream: shown to the observer, and the last one handed over."""

@@ -271,3 +271,17 @@ def test_an_odd_included_value_is_located_not_a_crash(tmp_path: Path) -> None:
     root.write_text(root.read_text().replace("include: [providers.yaml,", f"include: [{long_name}, providers.yaml,"))
     found = issues(root)
     assert any("included file cannot be looked for" in issue for issue in found), found
+
+
+def test_an_error_in_an_included_list_item_names_its_place_in_that_file_and_comes_with_the_others(
+    tmp_path: Path,
+) -> None:
+    """b-search.yaml's key is `keys[0]` there (the second key of the merged list): its error says `keys[0]`. And a
+    name defined twice is reported with the schema's errors, not alone (which left them for the next run)."""
+    root = tree(tmp_path)
+    search = tmp_path / "tenants" / "b-search.yaml"
+    search.write_text(search.read_text().replace("models: [chat]}", "models: [chat], limits: {rpm: zero}}"))
+    write(tmp_path, "tenants/c-dup.yaml", "tenants:\n  search: {limits: {rpm: 1}}\n")
+    found = issues(root)
+    assert any(i.startswith(f"{search}:2: keys[0].limits.rpm: expected `int`") for i in found), found
+    assert any("tenants.search: also defined at" in i for i in found), found

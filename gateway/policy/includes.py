@@ -63,8 +63,7 @@ def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
         merger = _Merger(doc, doc.data)
         for fragment in fragments:
             merger.merge(fragment)
-    if doc.issues:
-        raise PolicyError(doc.issues)
+    # (the merge's issues are raised with the schema's, by `check_doc`: every error at once, as for one file)
     files = tuple(file for file, _ in reader.texts)
     hashed = reader.texts + _prices_file(doc.data, root)
     watched = files + tuple(file for file, _ in hashed[len(reader.texts):]) + tuple(sorted(reader.folders))
@@ -275,6 +274,8 @@ class _Merger:
     def _copy(self, fragment: _Located, source: _Path, dest: _Path, *, subtree: bool = True) -> None:
         """Record the lines of `source` (and, with `subtree`, everything under it) at `dest`."""
         size = len(source)
+        if dest != source:
+            self.doc.origins[dest] = fragment.shown(source)
         for path, line in fragment.lines.items():
             if path[:size] == source and (subtree or len(path) == size):
                 moved = dest + path[size:]

@@ -87,6 +87,8 @@ class _Located:
         self.file = file
         self.lines: dict[_Path, int] = {}
         self.files: dict[_Path, str] = {}  # paths merged in from an included file (`policy.includes`)
+        # A list item merged in at another index (`keys[3]` was `keys[0]` in its file): its path there, for errors.
+        self.origins: dict[_Path, _Path] = {}
         self.issues: list[PolicyIssue] = []
         loader = yaml.SafeLoader(text)
         try:
@@ -133,7 +135,16 @@ class _Located:
 
     def issue(self, path: _Path, message: str, line: int | None = None) -> None:
         file, found = self.locate(path)
-        self.issues.append(PolicyIssue(file, found if line is None else line, format_path(path), message))
+        self.issues.append(PolicyIssue(file, found if line is None else line, format_path(self.shown(path)), message))
+
+    def shown(self, path: _Path) -> _Path:
+        """`path` as its own file has it (an included file's list item was merged in at another index)."""
+        if self.origins:
+            for size in range(len(path), 0, -1):
+                origin = self.origins.get(path[:size])
+                if origin is not None:
+                    return origin + path[size:]
+        return path
 
 
 def _struct_type(tp: Any) -> type[msgspec.Struct] | None:

@@ -64,6 +64,9 @@ class GatewayError(Exception):
     type: str = "server_error"
     code: str | None = None
     upstream_status: int | None = None  # the upstream's HTTP status, when it answered with an error
+    # `code` is the upstream's own (passed on to the client: `OpenAICompatProvider._pass_fields`), not one of the
+    # gateway's: telemetry labels the error by its `type` instead (`label`), so an upstream cannot add series.
+    passed_code: bool = False
 
     def __init__(
         self,
@@ -82,6 +85,12 @@ class GatewayError(Exception):
 
     def body(self) -> bytes:
         return error_body(self.message, self.type, self.param, self.code)
+
+    @property
+    def label(self) -> str:
+        """What the metrics and the access log call this error: its code, or its type (no code, or the
+        upstream's own)."""
+        return self.type if self.passed_code or not self.code else self.code
 
 
 class InvalidRequest(GatewayError):

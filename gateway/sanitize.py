@@ -13,6 +13,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Iterable
+from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
 __all__ = ["sanitize_upstream_message"]
@@ -161,8 +162,9 @@ def sanitize_upstream_message(
     if not isinstance(message, str) or not message:
         return ""
     text = message
-    for needle in _secret_forms(secrets):
-        text = text.replace(needle, _REDACTED)
+    pattern = _secrets_pattern(tuple(secrets) if not isinstance(secrets, str) else (secrets,))
+    if pattern is not None:
+        text = pattern.sub(_REDACTED, text)
     cut_word = len(text) > _SCAN_WINDOW and _in_word(text[_SCAN_WINDOW - 1]) and _in_word(text[_SCAN_WINDOW])
     text = " ".join("".join(c if c.isprintable() else " " for c in text[:_SCAN_WINDOW]).split())
     if cut_word:  # the window ends inside a word: drop it rather than show half an address or key
@@ -184,7 +186,8 @@ def _in_word(char: str) -> bool:
 
 
 def _secret_forms(secrets: Iterable[str]) -> list[str]:
-    """Every spelling of the configured secrets to remove, longest first.
+    """Every spelling of the configured secrets to remove, longest first: as given, without a `Bearer `/`Basic `
+    scheme, JSON-escaped (`/` as `\\/` too) and percent-encoded.
 
     Longest first so that `Bearer sk-x...` goes as one piece before its bare value.
     """
@@ -197,10 +200,43 @@ def _secret_forms(secrets: Iterable[str]) -> list[str]:
         value = secret.strip()
         scheme = _AUTH_SCHEME.match(value)
         for variant in (value, value[scheme.end():] if scheme else value):
-            for form in (variant, json.dumps(variant)[1:-1], quote(variant, safe="")):
+            escaped = json.dumps(variant)[1:-1]
+            for form in (variant, escaped, escaped.replace("/", "\\/"), quote(variant, safe="")):
                 if len(form) >= _MIN_SECRET_LENGTH:
                     forms.add(form)
     return sorted(forms, key=len, reverse=True)
+
+
+# What an upstream may put between a secret's characters when it echoes one: white space (a line wrapped),
+# control and format characters (a zero-width space). The removal reads across them.
+_GAP = "[\\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]*+"
+_PERCENT = re.compile(r"%([0-9A-F])([0-9A-F])")
+
+
+@lru_cache(maxsize=256)
+def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
+    """One pattern for every spelling of `secrets` (`_secret_forms`), each matched also with `_GAP` characters
+    between its own, and with a percent escape's hex digits in either case; None for none. Made once per set of
+    secrets (a provider's: they change only with the policy)."""
+    forms = _secret_forms(secrets)
+    if not forms:
+        return None
+    alternatives = []
+    for form in forms:
+        pieces: list[str] = []
+        position = 0
+        while position < len(form):
+            escape = _PERCENT.match(form, position)
+            if escape is not None:  # `%3D` or `%3d`
+                pieces.append("%[" + escape[1] + escape[1].lower() + "][" + escape[2] + escape[2].lower() + "]")
+                position += 3
+                continue
+            char = form[position]
+            position += 1
+            if not char.isspace():  # (the gaps read the secret's own white space too)
+                pieces.append(re.escape(char))
+        alternatives.append(_GAP.join(pieces))
+    return re.compile("|".join(alternatives))
 
 
 def _host_names(hosts: Iterable[str]) -> frozenset[str]:

@@ -312,6 +312,16 @@ def test_an_upstream_error_that_echoes_credentials_and_hosts_is_scrubbed(gateway
     assert not any(leak in message for leak in ECHOED), message
 
 
+def test_a_chat_style_error_event_in_a_responses_stream_is_scrubbed_and_ends_it(gateway: RunningGateway) -> None:
+    """`data: {"error": {...}}` mid-stream on `/v1/responses` (as chat-style servers write it) was forwarded byte
+    for byte, with the key it echoed: only `type: "error"` events were read as errors."""
+    payloads = stream_payloads(gateway, "/responses",
+                               {"model": "fault-echo-secrets-midstream", "input": "hello", "stream": True})
+    joined = "\n".join(payloads)
+    assert "Incorrect API key provided" in joined and not any(leak in joined for leak in ECHOED), joined
+    assert "error" in json.loads(payloads[-1]).get("type", "") or "error" in json.loads(payloads[-1])
+
+
 def test_a_mid_stream_error_that_echoes_credentials_and_hosts_is_scrubbed(gateway: RunningGateway) -> None:
     payloads = stream_payloads(gateway, "/chat/completions",
                                {"model": "fault-echo-secrets-midstream", "messages": MESSAGES, "stream": True})

@@ -347,13 +347,16 @@ def test_anthropic_overloaded_is_a_retryable_503(client: openai.OpenAI, mocks: M
 
 
 @pytest.mark.parametrize("kind", ["openai", "azure"])
-def test_an_upstream_400_keeps_its_code_and_param(kind: str, client: openai.OpenAI) -> None:
+def test_an_upstream_400_keeps_its_code_and_param(kind: str, client: openai.OpenAI, gw: RunningGateway) -> None:
     """What an OpenAI-shaped upstream names in a refusal (`code`, `param`) reaches the SDK; its message is still
-    scrubbed."""
+    scrubbed. The metrics label the error by its type: an upstream's own codes would be series without bound."""
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=f"{kind}-fault-status-400", messages=[{"role": "user", "content": "x"}])
     assert (caught.value.code, caught.value.param) == ("invalid_value", "temperature")
     assert "10.0.0.5" not in caught.value.response.text
+    metrics = gw.metrics()
+    assert f'gateway_errors_total{{code="invalid_request_error",model="{kind}-fault-status-400"}}' in metrics
+    assert 'code="invalid_value"' not in metrics and 'error_type="invalid_value"' not in metrics
 
 
 def test_anthropic_error_event_before_content_falls_back(client: openai.OpenAI) -> None:

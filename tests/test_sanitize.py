@@ -315,3 +315,35 @@ def test_hostile_input_output_is_still_scrubbed() -> None:
     assert words[:3] == ["[address]", "[host]", "[address]"]
     # The 500-character cap may cut the last marker, never reveal anything else.
     assert all("[address]".startswith(word) or "[host]".startswith(word) for word in words)
+
+
+@pytest.mark.parametrize("gap", ["\n", "\r\n", " ", "\t", "\u200b", "\u00ad"])
+def test_a_secret_broken_by_a_line_break_or_an_invisible_character_is_removed(gap: str) -> None:
+    """An upstream that wraps its message (or a zero-width space) split the echoed key: the pieces were too short
+    for the key-shape rules, and the whole key reached the client once the break became a space."""
+    key = "AIzaSyA1b2C3d4E5f6G7h8I9j0KlMnOpQrStUv"
+    for cut in (5, 10, 20):
+        cleaned = sanitize(f"API key not valid: {key[:cut]}{gap}{key[cut:]}. Check it.", secrets=[key])
+        assert cleaned == "API key not valid: [redacted]. Check it.", (gap, cut, cleaned)
+
+
+def test_a_secret_percent_encoded_in_lower_case_or_json_escaped_with_slashes_is_removed() -> None:
+    basic = "Basic dXNlcjpwYXNzd29yZA=="
+    assert sanitize("auth dXNlcjpwYXNzd29yZA%3d%3d refused", secrets=[basic]) == "auth [redacted] refused"
+    token = "tok/9f8e7d6c5b4a+xyz="
+    assert sanitize('{"t": "tok\\/9f8e7d6c5b4a+xyz="} and tok%2f9f8e7d6c5b4a%2bxyz%3d', secrets=[token]) == (
+        '{"t": "[redacted]"} and [redacted]')
+
+
+def test_an_error_answer_is_scrubbed_beside_its_error_too() -> None:
+    """`detail` or `incomplete_details` beside the `error` carried the key verbatim; the answer's identity stays."""
+
+    from gateway.providers.scrub import scrubbed_error
+
+    key = "sk-proj-AbCdEfGh1234567890IjKlMnOp"
+    body = json.dumps({"id": "resp_1", "status": "failed", "error": {"message": f"bad key {key}"},
+                       "detail": f"Incorrect API key provided: {key}", "incomplete_details": {"reason": key}}).encode()
+    cleaned = json.loads(scrubbed_error(body, lambda text: sanitize(text, secrets=[f"Bearer {key}"])))
+    assert key not in json.dumps(cleaned)
+    assert cleaned["id"] == "resp_1" and cleaned["status"] == "failed"
+    assert cleaned["detail"] == "Incorrect API key provided: [redacted]"

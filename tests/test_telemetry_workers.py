@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import textwrap
@@ -73,3 +74,66 @@ def test_two_workers_add_up_to_one_view(tmp_path: Path) -> None:
         server.signal_group(signal.SIGTERM)
         assert server.wait(20) in (0, -signal.SIGTERM), server.text()
     assert not group_members(server.pgid)
+
+
+def test_a_worker_killed_with_streams_open_leaves_no_requests_in_flight(tmp_path: Path) -> None:
+    """A worker killed outright (SIGKILL) kept its live gauges' file: its streams open then stayed in
+    `gateway_requests_in_flight` on every scrape after the supervisor had restarted it."""
+    policy = tmp_path / "policy.yaml"
+    policy.write_text(textwrap.dedent("""\
+        version: 1
+        server: {host: 127.0.0.1, port: 8080}
+        auth: none
+        providers: {slow: {kind: demo, chunk_delay_ms: 300}}
+        models: {slow: {provider: slow, model: demo-1}}
+        """))
+    port = free_port()
+    args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port), "--workers", "2"]
+    with serving(args, port, env={"TMPDIR": str(tmp_path)}) as server:
+        body = {"model": "slow", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        opened: list[httpx.Response] = []
+        clients = [httpx.Client(timeout=30) for _ in range(6)]
+        try:
+            for client in clients:  # a connection each: both workers get some
+                request = client.build_request("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body)
+                opened.append(client.send(request, stream=True))
+            in_flight = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "gateway_requests_in_flight")
+            assert sum(value for _, value in in_flight) == 6.0
+            workers = _workers(server.pgid)
+            assert len(workers) == 2, workers
+            os.kill(workers[0], signal.SIGKILL)
+            for response in opened:  # the killed worker's streams break off; the other's run to their end
+                try:
+                    response.read()
+                except httpx.HTTPError:
+                    pass
+        finally:
+            for response in opened:
+                response.close()
+            for client in clients:
+                client.close()
+        deadline = time.monotonic() + 20
+        left = None
+        while time.monotonic() < deadline:  # the supervisor restarts the worker within about a second
+            left = _samples(httpx.get(f"http://127.0.0.1:{port}/metrics").text, "gateway_requests_in_flight")
+            if sum(value for _, value in left) == 0.0 and len(_workers(server.pgid)) == 2:
+                break
+            time.sleep(0.3)
+        assert left is not None and sum(value for _, value in left) == 0.0, left
+        server.signal_group(signal.SIGTERM)
+        assert server.wait(20) in (0, -signal.SIGTERM), server.text()
+    assert not group_members(server.pgid)
+
+
+def _workers(pgid: int) -> list[int]:
+    """The serving workers of a `gateway serve --workers N` group (not the supervisor, not multiprocessing's
+    resource tracker): the processes started by `multiprocessing.spawn`."""
+    found = []
+    for pid in group_members(pgid):
+        try:
+            command = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if b"spawn_main" in command:
+            found.append(pid)
+    return found

@@ -270,7 +270,7 @@ class OpenAICompatProvider:
         detail = peeked.get("error")
         param = detail.get("param") if isinstance(detail, dict) else None
         if isinstance(code, str) and _ERROR_CODE.fullmatch(code) and self.sanitize(code) == code:
-            error.code = code
+            error.code, error.passed_code = code, True
         if isinstance(param, str) and _ERROR_PARAM.fullmatch(param) and self.sanitize(param) == param:
             error.param = param
 

@@ -104,20 +104,28 @@ def _scrub(value: Any, sanitize: Sanitize, depth: int, budget: list[int]) -> boo
     return changed
 
 
+# What an error answer's fields beside its `error` keep as they are: the answer's own identity and shape.
+_STRUCTURAL = frozenset({"id", "object", "type", "model", "status", "created", "created_at", "sequence_number"})
+
+
 def scrubbed_error(body: bytes, sanitize: Sanitize, within: str | None = None) -> bytes:
-    """`body` (a JSON object) with its `error` (or `within`'s `error`) scrubbed; `body` itself when that needs no
-    change. An error given as a bare string is scrubbed as well. Raises msgspec's errors for a body that is not
-    a JSON object."""
+    """`body` (a JSON object) with its `error` (or `within`'s `error`) scrubbed, and every string beside it
+    (an upstream may echo a credential in `detail` or `incomplete_details` as well), but the fields that say
+    what the answer is (`_STRUCTURAL`); `body` itself when that needs no change. Raises msgspec's errors for a
+    body that is not a JSON object."""
     data = _decode(body)
     holder = data.get(within) if within is not None else data
     if not isinstance(holder, dict):
         return body
-    error = holder.get("error")
-    if isinstance(error, str):
-        clean = sanitize(error)
-        if clean == error:
-            return body
-        holder["error"] = clean
-    elif not scrub_strings(error, sanitize):  # False too for null, a number, a boolean
-        return body
-    return _encode(data)
+    changed = False
+    for key, value in holder.items():  # the error, and what an upstream may have put beside it (`detail`...)
+        if key in _STRUCTURAL:
+            continue
+        if isinstance(value, str):
+            clean = sanitize(value)
+            if clean != value:
+                holder[key] = clean
+                changed = True
+        elif scrub_strings(value, sanitize):  # False too for null, a number, a boolean
+            changed = True
+    return _encode(data) if changed else body

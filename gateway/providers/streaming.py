@@ -119,8 +119,10 @@ class ResponsesEvents:
     """The Responses API's events, forwarded as they are; usage read from `response.completed`.
 
     An event whose `response` carries an `error` (`response.failed`) is forwarded with that error's
-    strings scrubbed (`scrub`): the event is re-encoded only when one of them changes, so every
-    other event, and a clean failure, keeps its bytes."""
+    strings scrubbed, and those beside it (`scrub`): the event is re-encoded only when one of them
+    changes, so every other event, and a clean failure, keeps its bytes. An `error` event, or any
+    event with an `error` of its own (as chat-style servers write theirs), ends the stream with the
+    scrubbed message."""
 
     __slots__ = ("_done", "_provider")
 
@@ -132,10 +134,12 @@ class ResponsesEvents:
         if payload == b"[DONE]":
             return [DONE]
         peek = _peek_event(payload)
-        if peek.type == "error":
+        if peek.type == "error" or peek.error is not None:  # (a top-level `error`: a chat-style server's error event)
             message = peek.message
             if message is None and isinstance(peek.error, dict):  # `{"type": "error", "error": {"message": ...}}`
                 message = peek.error.get("message")
+            elif message is None and isinstance(peek.error, str):  # `{"error": "..."}`
+                message = peek.error
             detail = self._provider.sanitize(message)
             return [StreamError(UpstreamError(f"upstream `{self._provider.name}` failed mid-stream: {detail}"))]
         response = peek.response

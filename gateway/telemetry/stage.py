@@ -80,7 +80,7 @@ class Telemetry:
                 else:  # its reader is ended in `on_end` (the common stream's) or is a stage added before this one
                     quality.read_stream(ctx, reply)
         except GatewayError as exc:
-            ctx.status, ctx.error_code = exc.status, exc.code or exc.type
+            ctx.status, ctx.error_code = exc.status, exc.label
             self._finish(ctx)
             raise
         except (asyncio.CancelledError, ClientGone):
@@ -107,7 +107,7 @@ class Telemetry:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if end.outcome == "error" and end.error is not None:
-            ctx.status, ctx.error_code = end.error.status, end.error.code or end.error.type
+            ctx.status, ctx.error_code = end.error.status, end.error.label
         elif end.outcome == "client_gone":
             ctx.status, ctx.error_code = CLIENT_CLOSED, "client_closed_request"
         elif end.outcome == "shutdown":

@@ -76,9 +76,11 @@ def test_label_caps_bucket_everything_else_as_other() -> None:
 def test_traceparent_parsing() -> None:
     trace, span = "4bf92f3577b34da6a3ce929d0e0e4736", "00f067aa0ba902b7"
     assert parse_traceparent(f"00-{trace}-{span}-01".encode()) == (trace.encode(), span.encode(), b"01")
-    assert parse_traceparent(f"00-{trace.upper()}-{span}-00".encode()) == (trace.encode(), span.encode(), b"00")
+    assert parse_traceparent(f" 00-{trace}-{span}-00\t".encode()) == (trace.encode(), span.encode(), b"00")
+    # W3C: lower-case hex only; an invalid header starts a new trace (an upper-case id was read as the same one)
     for bad in ("", "00-xyz", f"01-{trace}-{span}-01", f"00-{'0' * 32}-{span}-01", f"00-{trace}-{'0' * 16}-01",
-                f"00-{trace}-{span}-01-extra", f"00-{trace}-{span}"):
+                f"00-{trace}-{span}-01-extra", f"00-{trace}-{span}", f"00-{trace.upper()}-{span}-00",
+                f"00-{trace}-{span.upper()}-01", f"00-{trace}-{span}-0A"):
         assert parse_traceparent(bad.encode()) is None, bad
 
 

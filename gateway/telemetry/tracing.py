@@ -45,8 +45,9 @@ _OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(trace id, parent span id, flags) of a valid version-00 header, else None (then a new trace starts)."""
-    match = _TRACEPARENT.fullmatch(value.strip().lower())
+    """(trace id, parent span id, flags) of a valid version-00 header, else None (then a new trace starts). W3C's
+    ids are lower-case hex: an upper-case one is invalid, not to be read as the same trace."""
+    match = _TRACEPARENT.fullmatch(value.strip(b" \t"))
     if match is None or match.group(1) == _ZERO_TRACE or match.group(2) == _ZERO_SPAN:
         return None
     return match.group(1), match.group(2), match.group(3)

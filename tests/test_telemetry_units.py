@@ -28,6 +28,8 @@ def test_refusal_heuristic_keeps_its_documented_precision_and_recall() -> None:
     assert main["samples"] == 100 and main["precision"] >= 0.95 and main["recall"] >= 0.9, main
     heldout = evaluate(EVALS / "refusals-heldout.jsonl")
     assert heldout["precision"] >= 0.9 and heldout["recall"] >= 0.9, heldout
+    review = evaluate(EVALS / "refusals-review.jsonl")  # false positives a review found, and refusals like them
+    assert review["precision"] == 1.0 and review["recall"] == 1.0, review
 
 
 @pytest.mark.parametrize("text", ["", "Sure.", "I can't stress enough how useful tests are.", "x" * 10_000 + "sorry"])
@@ -278,7 +280,8 @@ def test_cannot_become_refusal_first_letter_shortcut_agrees_with_the_regexes() -
 
 def test_every_refusal_opens_with_one_of_the_initials() -> None:
     """`cannot_become_refusal` and the first-letter shortcut trust `_INITIALS`: the letters the pattern can
-    start with after `\\W*`, computed here from its parse tree (a new opener cannot slip past them)."""
+    start with after its opening non-word characters, computed here from its parse tree (a new opener cannot
+    slip past them)."""
     import re
     import re._constants as c
     import re._parser as parser
@@ -311,9 +314,9 @@ def test_every_refusal_opens_with_one_of_the_initials() -> None:
         return found, True
 
     atoms, empty = first(parser.parse(_REFUSAL.pattern, _REFUSAL.flags))
-    non_words = {(c.IN, repr([(c.CATEGORY, c.CATEGORY_NOT_WORD)]))}
+    non_words, _ = first(parser.parse('[^\\w"\u201c]', _REFUSAL.flags))  # the opening class, as the pattern has it
     letters = {(op, av) for op, av in atoms - non_words if op is c.LITERAL}
-    assert not empty and atoms - non_words == letters  # after `\\W*`, literal letters only
+    assert not empty and atoms - non_words == letters  # after the opening's non-word characters, letters only
     assert {chr(int(av)) for _, av in letters} == set(_INITIALS)
     assert _NOT_INITIALS == set(string.ascii_letters) - set(_INITIALS + _INITIALS.upper())
     assert cannot_become_refusal("  Hello") and cannot_become_refusal("\u00bfQu\u00e9?")
@@ -325,7 +328,7 @@ def test_every_refusal_opens_with_one_of_the_initials() -> None:
 def test_the_first_letter_shortcut_agrees_with_the_pattern() -> None:
     from gateway.telemetry.refusals import _APOSTROPHES, _HEAD_CHARS, _REFUSAL
 
-    texts = [json.loads(line)["text"] for name in ("refusals.jsonl", "refusals-heldout.jsonl")
+    texts = [json.loads(line)["text"] for name in ("refusals.jsonl", "refusals-heldout.jsonl", "refusals-review.jsonl")
              for line in (EVALS / name).read_text().splitlines() if line.strip()]
     for text in texts + [t[1:] for t in texts] + [t.upper() for t in texts] + [t.lower() for t in texts]:
         expected = _REFUSAL.match(text[:_HEAD_CHARS].translate(_APOSTROPHES)) is not None

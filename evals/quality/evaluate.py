@@ -5,7 +5,9 @@
 `refusals.jsonl`: one answer per line with its label, written by hand: 50 refusals in many phrasings
 (apologies, "as an AI", policy mentions, polite deflections) and 50 answers that are not refusals but
 share their words ("I can't stress enough", "Sorry for the confusion", "I'm unable to reproduce ... here's
-the fix", quoted refusals). Prints precision, recall and the misclassified texts.
+the fix", quoted refusals). `refusals-heldout.jsonl` (30) was written before the patterns were tuned;
+`refusals-review.jsonl` (15) holds the false positives a review found and refusals in the same words. Prints
+precision, recall and the misclassified texts (of the main set, or of the file given with `--set`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,9 @@ def evaluate(path: Path = SAMPLES) -> dict[str, Any]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", type=Path, help="also write the result here")
+    parser.add_argument("--set", type=Path, default=SAMPLES, help="a labelled set (default: refusals.jsonl)")
     args = parser.parse_args()
-    result = evaluate()
+    result = evaluate(args.set)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -30,15 +30,20 @@ _SUBJECT_VERB = (
     r"|(?:must|have\s+to|need\s+to)\s+(?:respectfully\s+)?(?:decline|refuse)|'?d\s+rather\s+not"
     r"|do(?:n'?t|\s+not)\s+have\s+(?:personal\s+)?(?:opinions|feelings|emotions|access))"
 )
+# What turns "I can't / won't ..." into something else: a promise, praise, or giving up ("I won't make that
+# mistake again", "I can't recommend it enough", "I can't do better than", "I won't give up").
+_NOT_A_REFUSAL = r"(?!\s+give\s+up\b|\s+do\s+(?:better|more|without)\b|[^.!?\n]{0,40}\b(?:again|mistake|enough)\b)"
 _ACTION = (
     r"\s+(?!help\s+but\b)(?:help|assist|provide|comply|do\b|fulfil|share|create|write|generate|give|support"
     r"|engage|answer|continue|produce|complete|process|translate|access|browse|make|feel|with\b|that\b|this\b"
     r"|to\b|on\b|about\b)"
 )
+# The answer's opening: any non-word characters but a double quote (an answer that opens on a quotation is a
+# story or an example, not the model's own refusal).
 _REFUSAL = re.compile(
-    rf"^\W*(?:{_OPENER}){{0,2}}(?:{_SUBJECT_VERB}(?:{_ACTION}|\s*[.!:]|,)"
+    rf"^[^\w\"\u201c]*(?:{_OPENER}){{0,2}}(?:{_SUBJECT_VERB}{_NOT_A_REFUSAL}(?:{_ACTION}|\s*[.!:]|,)"
     r"|(?:that|this)(?:'s|\s+is)\s+not\s+something\s+i(?:'m|\s+am)?\s+(?:can|able|will|going)"
-    r"|(?:that|this)(?:'s|\s+is)\s+something\s+i\s+(?:can'?t|cannot|won'?t)"
+    rf"|(?:that|this)(?:'s|\s+is)\s+something\s+i\s+(?:can'?t|cannot|won'?t){_NOT_A_REFUSAL}"
     r"|(?:that|this)\s+request\s+(?:goes\s+against|violates)\s+my)",
     re.IGNORECASE,
 )

@@ -124,6 +124,7 @@ class ChatChunks:
         # With an enforcing guard, a choice's `logprobs` are emptied: their tokens are the upstream's text, which
         # the window holds back and rewrites; left, they would carry a redacted value, or a blocked one, out.
         self.scrub = any(guard.mode == "enforce" for guard in window.guards)
+        self.besides = False  # a lane beside the content (reasoning, refusal) was opened (`_beside`)
         self.calling: dict[int, int] = {}  # per choice, the tool call whose arguments last came (`_next_call`)
         self.arguments: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> its arguments so far (`_next_call`)
 
@@ -152,7 +153,8 @@ class ChatChunks:
                     text = holder[self.key] = joined_parts(text)
                 if self.scrub:
                     holder.pop(UNREAD_TEXTS, None)
-                await self._beside(index, holder, final, bool(calls) or (isinstance(text, str) and bool(text)))
+                if self.besides or not holder.keys().isdisjoint(BESIDE_CONTENT):  # (most streams: neither)
+                    await self._beside(index, holder, final, bool(calls) or (isinstance(text, str) and bool(text)))
             lane = window.lane((index, "text", 0), False)
             if isinstance(text, str) and text:
                 window.feed(lane, text)
@@ -195,6 +197,7 @@ class ChatChunks:
         for field, where in BESIDE_CONTENT.items():
             lane = window.lanes.get((index, field, 0))
             if field in texts:
+                self.besides = True
                 lane = lane or window.lane((index, field, 0), False)
                 window.feed(lane, texts[field])
             if lane is None or not lane.pending:
@@ -258,7 +261,7 @@ class ChatChunks:
         choices: list[dict[str, Any]] = []
         for index in sorted({i for (i, _, _), lane in self.window.lanes.items() if lane.pending}):
             delta: dict[str, Any] = {}
-            if self.chat:
+            if self.besides:
                 await self._close_beside(index, delta)
             lane = self.window.lanes.get((index, "text", 0))
             if lane is not None and lane.pending:

@@ -60,6 +60,8 @@ def ingress_policy(openai_url: str, anthropic_url: str) -> str:
           gpt-parts: {{provider: openai, model: fault-content-parts}}
           gpt-riding: {{provider: openai, model: fault-usage-riding}}
           claude-cached: {{provider: claude, model: claude-mock, cache: {{}}}}
+          claude-out: {{provider: claude, model: claude-mock}}
+          claude-out-tool: {{provider: claude, model: fault-echo-tool}}
           resp-out: {{provider: openai, model: fault-echo}}
           resp-out-tool: {{provider: openai, model: fault-echo-tool}}
           resp-pseudo: {{provider: openai, model: fault-echo}}
@@ -76,6 +78,8 @@ def ingress_policy(openai_url: str, anthropic_url: str) -> str:
             resp-pseudo: &pseudo
               pii: {{kind: pii, places: [input], action: pseudonymize, entities: {{EMAIL_ADDRESS: {{}}}}}}
             resp-pseudo-tool: *pseudo
+            claude-out: *out
+            claude-out-tool: *out
         """)
 
 
@@ -795,3 +799,174 @@ def test_responses_stream_without_output_guards_passes_the_upstreams_bytes(gw: R
     raw, events = responses_stream(gw, "guarded", "about birds")
     assert '"type": "response.output_text.delta"' in raw  # the mock's own spacing: not re-encoded
     assert "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta") == REPLY
+
+
+# -- extended thinking ----------------------------------------------------------------------------------
+
+THINK = {"type": "enabled", "budget_tokens": 1024}
+
+
+def think(sdk: anthropic.Anthropic, model: str, messages: list[Any], stream: bool, **kwargs: Any) -> Message:
+    """One answer with thinking enabled, complete or through the SDK's stream helper (its events checked)."""
+    request: dict[str, Any] = {"model": model, "max_tokens": 2048, "thinking": THINK, "messages": messages,
+                               **kwargs}
+    if not stream:
+        return sdk.messages.create(**request)
+    with sdk.messages.stream(**request) as events:
+        seen = [(event.type, getattr(getattr(event, "delta", None), "type", None)) for event in events]
+        final = events.get_final_message()
+    thinking_blocks = sum(1 for block in final.content if block.type == "thinking")
+    assert seen.count(("content_block_delta", "signature_delta")) == thinking_blocks
+    assert (("content_block_delta", "thinking_delta") in seen) == bool(thinking_blocks)
+    return final
+
+
+def expected_thinking(text: str) -> dict[str, Any]:
+    from tests.support.mock_anthropic import thinking_signature
+
+    thought = f"The user asks: {text}. I should answer briefly."
+    return {"type": "thinking", "thinking": thought, "signature": thinking_signature(thought)}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_reaches_the_client_before_the_text(stream: bool, sdk: anthropic.Anthropic) -> None:
+    message = think(sdk, "claude", [{"role": "user", "content": "why is the sky blue"}], stream)
+    assert [block.type for block in message.content] == ["thinking", "text"]
+    assert message.content[0].model_dump() == expected_thinking("why is the sky blue")
+    assert message.content[1].text == REPLY  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_and_tool_use_over_two_turns(stream: bool, sdk: anthropic.Anthropic,
+                                              claude_mock: MockAnthropic) -> None:
+    """Anthropic wants the thinking of the turn that called the tools back, signed, before its tool calls: the
+    mock refuses the second turn otherwise, as the real API does."""
+    question = [{"role": "user", "content": "ping pong"}]
+    first = think(sdk, "claude-tool", question, stream, tools=[TOOL])
+    assert [block.type for block in first.content] == ["thinking", "tool_use"]
+    assert first.content[0].model_dump() == expected_thinking("ping pong")
+    call = first.content[1]
+    turn = [*question, {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "done"}]}]
+    second = think(sdk, "claude", turn, stream, tools=[TOOL])
+    assert [block.type for block in second.content] == ["thinking", "text"]
+    sent = claude_mock.requests[-1].json["messages"][1]["content"]
+    assert sent[0] == first.content[0].model_dump() and sent[1]["type"] == "tool_use"
+
+
+def test_a_turn_without_its_thinking_is_refused_as_anthropic_does(sdk: anthropic.Anthropic) -> None:
+    first = think(sdk, "claude-tool", [{"role": "user", "content": "ping"}], False, tools=[TOOL])
+    call = first.content[1]
+    with pytest.raises(anthropic.BadRequestError, match="Expected `thinking` or `redacted_thinking`"):
+        think(sdk, "claude", [{"role": "user", "content": "ping"},
+                              {"role": "assistant", "content": [call.model_dump()]},
+                              {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id,
+                                                            "content": "done"}]}], False, tools=[TOOL])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_several_thinking_blocks_round_trip_in_order(stream: bool, sdk: anthropic.Anthropic,
+                                                     claude_mock: MockAnthropic) -> None:
+    from tests.support.mock_anthropic import REDACTED_TRIGGER
+
+    text = f"think twice {REDACTED_TRIGGER}"
+    first = think(sdk, "claude-tool", [{"role": "user", "content": text}], stream, tools=[TOOL])
+    assert [block.type for block in first.content] == ["thinking", "redacted_thinking", "thinking", "tool_use"]
+    assert first.content[2].thinking == "On second thought, an echo will do."  # type: ignore[union-attr]
+    blocks = [block.model_dump() for block in first.content]
+    turn = [{"role": "user", "content": text}, {"role": "assistant", "content": blocks},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": first.content[3].id,  # type: ignore
+                                          "content": "done"}]}]
+    think(sdk, "claude", turn, stream, tools=[TOOL])
+    sent = claude_mock.requests[-1].json["messages"][1]["content"]
+    assert sent[:3] == blocks[:3] and sent[3]["type"] == "tool_use"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_text_goes_through_the_output_guards(stream: bool, sdk: anthropic.Anthropic) -> None:
+    message = think(sdk, "claude-out", [{"role": "user", "content": f"mail {EMAIL} now"}], stream)
+    thought = message.content[0]
+    assert thought.type == "thinking" and EMAIL not in thought.thinking
+    assert thought.thinking == "The user asks: mail <EMAIL_ADDRESS> now. I should answer briefly."
+    assert thought.signature  # kept: it no longer matches the text, so Anthropic would refuse it in the next turn
+    assert EMAIL not in message.model_dump_json()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_thinking_never_reaches_an_openai_upstream(stream: bool, sdk: anthropic.Anthropic,
+                                                   upstream: MockUpstream) -> None:
+    first = think(sdk, "claude-tool", [{"role": "user", "content": "ping"}], False, tools=[TOOL])
+    call = first.content[1]
+    turn = [{"role": "user", "content": "ping"},
+            {"role": "assistant", "content": [block.model_dump() for block in first.content]},
+            {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "done"}]}]
+    request: dict[str, Any] = {"model": "gpt", "max_tokens": 50, "messages": turn, "tools": [TOOL]}
+    if stream:
+        with sdk.messages.stream(**request) as events:
+            events.get_final_message()
+    else:
+        sdk.messages.create(**request)
+    raw = upstream.requests[-1].body
+    for private in (b"reasoning_blocks", b"reasoning_content", b"signature", b"_gateway", b"The user asks"):
+        assert private not in raw, raw
+    assert upstream.requests[-1].json["messages"][1]["tool_calls"][0]["id"] == call.id
+
+
+def test_thinking_is_carried_in_the_chat_form_and_marked() -> None:
+    from gateway.translate.anthropic_ingress import chat_request
+    from gateway.translate.cache_control import CACHE_MARK, without_cache_control
+
+    blocks = [{"type": "thinking", "thinking": "abc", "signature": "s1"}, {"type": "redacted_thinking", "data": "d"},
+              {"type": "tool_use", "id": "t1", "name": "echo", "input": {}},
+              {"type": "thinking", "thinking": "de", "signature": "s2"}]
+    body = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "x"},
+                                                         {"role": "assistant", "content": blocks}]}
+    chat, _ = chat_request(json.dumps(body).encode())
+    reply = chat["messages"][1]
+    assert chat[CACHE_MARK] is True and reply["reasoning_content"] == "abcde"
+    assert reply["reasoning_blocks"] == [{"type": "thinking", "signature": "s1", "length": 3},
+                                         {"type": "redacted_thinking", "data": "d"},
+                                         {"type": "thinking", "signature": "s2", "length": 2, "after_tool_calls": 1}]
+    bare = without_cache_control(chat)
+    assert CACHE_MARK not in bare and "reasoning" not in json.dumps(bare) and "reasoning_blocks" in reply
+    from gateway.translate.chat_to_anthropic import anthropic_request
+
+    assert anthropic_request(chat, 10, "t")["messages"][1]["content"] == blocks  # order kept around the tool call
+
+
+def chat_chunk(delta: dict[str, Any]) -> Any:
+    from gateway.schemas.events import Chunk
+
+    return Chunk.of({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+
+
+def test_streamed_thinking_whose_text_comes_after_its_signature_keeps_its_blocks() -> None:
+    """An output guard holds the tail of the thinking back, past the entry that ends its block: the block ends
+    where its length says, and the next one begins after it."""
+    from gateway.schemas.events import DONE
+    from gateway.translate.anthropic_answer import MessagesStream
+
+    framer = MessagesStream("claude")
+    chunks = [{"reasoning_content": "abc"},
+              {"reasoning_blocks": [{"type": "thinking", "signature": "s1", "length": 5}]},
+              {"reasoning_blocks": [{"type": "redacted_thinking", "data": "d"}]},
+              {"reasoning_content": "deXY"},
+              {"reasoning_blocks": [{"type": "thinking", "signature": "s2", "length": 2}]},
+              {"content": "hi"}]
+    raw = framer.frame([chat_chunk(delta) for delta in chunks]) + framer.frame([DONE])
+    events = [json.loads(frame.split("\n")[1].removeprefix("data: ")) for frame in raw.decode().split("\n\n") if frame]
+    assert_blocks_one_after_another(events)
+    import pydantic
+    from anthropic.lib.streaming._messages import accumulate_event
+    from anthropic.types import RawMessageStreamEvent
+
+    message, buffers = None, {}  # type: ignore[var-annotated]
+    for event in events:
+        if event["type"] != "ping":
+            message = accumulate_event(event=pydantic.TypeAdapter(RawMessageStreamEvent).validate_python(event),
+                                       current_snapshot=message, json_bufs=buffers)
+    assert message is not None
+    assert [block.model_dump() for block in message.content] == [
+        {"type": "thinking", "thinking": "abcde", "signature": "s1"}, {"type": "redacted_thinking", "data": "d"},
+        {"type": "thinking", "thinking": "XY", "signature": "s2"}, {"type": "text", "text": "hi", "citations": None}]

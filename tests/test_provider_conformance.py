@@ -583,3 +583,102 @@ def test_the_gemini_mock_answers_in_the_sdks_types(model: str, mocks: Mocks) -> 
     streamed = httpx.post(base + ":streamGenerateContent", params={"alt": "sse"}, json=body, headers=headers).text
     parts = [genai.GenerateContentResponse.model_validate(e) for e in _sse_data(streamed)]
     assert parts[-1].candidates and parts[-1].candidates[0].finish_reason is not None
+
+
+# -- Anthropic's extended thinking ---------------------------------------------------------------------
+
+THINK = {"type": "enabled", "budget_tokens": 1024}
+
+
+def signed_thought(text: str) -> dict[str, Any]:
+    from tests.support.mock_anthropic import thinking_signature
+
+    return {"type": "thinking", "thinking": text, "signature": thinking_signature(text)}
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("stream", [False, True])
+def test_messages_thinking_reaches_only_anthropic(kind: str, stream: bool, gw: RunningGateway,
+                                                  client: openai.OpenAI, mocks: Mocks) -> None:
+    """A `/v1/messages` history's thinking goes back to an Anthropic target, signed, before the tool call; every
+    other kind gets the turn without it (neither its text nor its signature)."""
+    thought = signed_thought("A private chain of thought.")
+    body: dict[str, Any] = {
+        "model": f"{kind}-mock-model", "max_tokens": 2048, "stream": stream,
+        "tools": [{"name": "echo", "input_schema": {"type": "object"}}],
+        "messages": [{"role": "user", "content": "hi"},
+                     {"role": "assistant", "content": [thought, {"type": "tool_use", "id": "toolu_1", "name": "echo",
+                                                                 "input": {"text": "hi"}}]},
+                     {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1",
+                                                   "content": "hi"}]}]}
+    if kind == "anthropic":
+        body["thinking"] = THINK
+    answer = httpx.post(gw.url + "/v1/messages", headers={"x-api-key": FULL_KEY}, json=body, timeout=10)
+    assert answer.status_code == 200, answer.text
+    record = mocks.last(kind)
+    sent = check_upstream(kind, record)
+    if kind == "anthropic":
+        assert sent["messages"][1]["content"][0] == thought
+    else:
+        for private in (b"reasoning", b"signature", b"chain of thought", b"_gateway"):
+            assert private not in record.body, record.body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_chat_client_of_anthropic_gets_the_thinking_and_sends_it_back(stream: bool, client: openai.OpenAI,
+                                                                       mocks: Mocks) -> None:
+    """A Chat Completions client passing `thinking` gets `reasoning_content` (and the blocks' signatures in
+    `reasoning_blocks`); sending both back with the tool call's result continues the conversation."""
+    kwargs: Any = {"model": "anthropic-fault-echo-tool", "max_tokens": 2048, "tools": TOOLS,
+                   "messages": [{"role": "user", "content": "ping"}], "extra_body": {"thinking": THINK}}
+    if stream:
+        chunks = stream_chunks(client, **kwargs)
+        deltas = [c.choices[0].delta for c in chunks if c.choices]
+        reasoning = "".join((d.model_extra or {}).get("reasoning_content") or "" for d in deltas)
+        blocks = [entry for d in deltas for entry in (d.model_extra or {}).get("reasoning_blocks") or ()]
+        calls = [call for d in deltas for call in d.tool_calls or ()]
+        call = {"id": calls[0].id, "type": "function",
+                "function": {"name": "echo", "arguments": "".join(c.function.arguments or "" for c in calls
+                                                                  if c.function)}}
+        assert len([d for d in deltas if (d.model_extra or {}).get("reasoning_content")]) > 1  # as it comes
+    else:
+        message = client.chat.completions.create(**kwargs).choices[0].message
+        reasoning, blocks = (message.model_extra or {})["reasoning_content"], message.model_extra["reasoning_blocks"]
+        assert message.tool_calls is not None
+        call = message.tool_calls[0].model_dump()
+    assert reasoning == "The user asks: ping. I should answer briefly."
+    assert blocks == [{"type": "thinking", "signature": signed_thought(reasoning)["signature"],
+                       "length": len(reasoning)}]
+    check_upstream("anthropic", mocks.last("anthropic"))
+    follow = client.chat.completions.create(
+        model="anthropic-mock-model", max_tokens=2048, tools=TOOLS, extra_body={"thinking": THINK}, messages=[
+            {"role": "user", "content": "ping"},
+            {"role": "assistant", "content": None, "tool_calls": [call],  # type: ignore[misc]
+             "reasoning_content": reasoning, "reasoning_blocks": blocks},
+            {"role": "tool", "tool_call_id": call["id"], "content": "done"}])
+    assert follow.choices[0].message.content
+    sent = check_upstream("anthropic", mocks.last("anthropic"))
+    assert sent["messages"][1]["content"][0] == signed_thought(reasoning)
+
+
+@pytest.mark.parametrize("model", ["mock-model", "fault-echo-tool"])
+def test_the_anthropic_mock_thinks_in_the_sdks_types(model: str, mocks: Mocks) -> None:
+    from anthropic.types import Message, RawMessageStreamEvent
+
+    from tests.support.mock_anthropic import REDACTED_TRIGGER
+
+    url = mocks.by_kind["anthropic"].base_url + "/messages"
+    headers = {"x-api-key": ANTHROPIC_KEY, "anthropic-version": "2023-06-01"}
+    body = {"model": model, "max_tokens": 2048, "thinking": THINK,
+            "messages": [{"role": "user", "content": f"think twice {REDACTED_TRIGGER}"}]}
+    answer = Message.model_validate(httpx.post(url, json=body, headers=headers).json())
+    assert [block.type for block in answer.content][:3] == ["thinking", "redacted_thinking", "thinking"]
+    streamed = httpx.post(url, json={**body, "stream": True}, headers=headers).text
+    events = [pydantic.TypeAdapter(RawMessageStreamEvent).validate_python(e) for e in _sse_data(streamed)
+              if e["type"] != "ping"]
+    kinds = [getattr(getattr(e, "delta", None), "type", None) for e in events]
+    assert "thinking_delta" in kinds and kinds.count("signature_delta") == 2
+    refused = httpx.post(url, headers=headers, json={**body, "messages": [
+        *body["messages"], {"role": "assistant", "content": [{**answer.content[0].model_dump(), "thinking": "x"}]},
+        {"role": "user", "content": "go on"}]})
+    assert refused.status_code == 400 and "signature" in refused.text

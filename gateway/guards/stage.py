@@ -148,7 +148,7 @@ class GuardStage:
                     session.note_findings(shadow, "shadow", "output")
                     if any(f.action == "block" for f in enforced):
                         holder[key] = None if chat else ""
-                        for dropped in ("tool_calls", "function_call", "audio", *BESIDE_CONTENT):
+                        for dropped in ("tool_calls", "function_call", "audio", "reasoning_blocks", *BESIDE_CONTENT):
                             holder.pop(dropped, None)
                         choice["finish_reason"] = "content_filter"
                         break

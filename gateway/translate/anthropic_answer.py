@@ -2,9 +2,11 @@
 
 Stream: `MessagesStream` writes Anthropic's event sequence (message_start,
 content_block_start / delta / stop, message_delta with the usage, message_stop)
-from the chat chunks, one block per text run or tool call: text as it comes, up
-to the first tool call; the tool calls (and any text after them) whole, at the
-end, since a chat stream may interleave the pieces of its tool calls.
+from the chat chunks, one block per text run, thinking block or tool call: text and
+thinking (`thinking_stream.py`) as they come, up to the first tool call; the tool
+calls (and anything after them) whole, at the end, since a chat stream may
+interleave the pieces of its tool calls. A complete answer's thinking blocks come
+before its text and tool calls (`thinking.ordered`).
 
 A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
 `stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
@@ -24,6 +26,8 @@ from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
 from .common import parse_arguments
+from .thinking import BLOCKS, REASONING, messages_blocks, ordered
+from .thinking_stream import HeldThinking, ThinkingStream
 
 __all__ = ["MessagesStream", "messages_response"]
 
@@ -88,14 +92,17 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
     data = _decode(body)
     choice = (data.get("choices") or [{}])[0]
     message = choice.get("message") or {}
-    content: list[dict[str, Any]] = []
     text = _text_of(message.get("content"))
-    if text:
-        content.append({"type": "text", "text": text})
+    texts = [{"type": "text", "text": text}] if text else []
+    tools: list[dict[str, Any]] = []
     for call in message.get("tool_calls") or ():
         function = call.get("function") or {}
-        content.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
-                        "input": _tool_input(function.get("arguments"))})
+        tools.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
+                      "input": _tool_input(function.get("arguments"))})
+    content = texts + tools
+    if message.get(REASONING) or message.get(BLOCKS):
+        content = ordered(messages_blocks(message.get(REASONING), message.get(BLOCKS), signed_only=False), texts,
+                          tools)
     usage = _anthropic_usage(data.get("usage")) or _usage_shape(estimate) or dict(_NO_USAGE)
     reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
     return _encode({
@@ -139,7 +146,7 @@ class MessagesStream:
     """
 
     __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_matched", "_quiet", "_started",
-                 "_stopped", "_text_open", "_usage")
+                 "_stopped", "_text_open", "_thinking", "_usage")
 
     def __init__(self, alias: str, estimate: Callable[[], Usage | None] | None = None) -> None:
         self._alias = alias
@@ -149,7 +156,8 @@ class MessagesStream:
         self._index = -1  # the last content block started (-1: none)
         self._text_open = False  # a text block written as it comes is open (at `_index`)
         self._calls: dict[int, _HeldCall] = {}  # the chat tool call index -> its held call
-        self._held: list[_HeldCall | list[str]] = []  # the blocks from the first tool call on: calls and text runs
+        self._held: list[_HeldCall | list[str] | HeldThinking] = []  # the blocks from the first tool call on
+        self._thinking = ThinkingStream(_event, self._next_index)  # the thinking before it, as it comes
         self._quiet = 0  # pieces held since the last byte written
         self._finish: str | None = None
         self._matched: str | None = None  # the stop sequence that ended the answer, when the upstream named it
@@ -186,6 +194,7 @@ class MessagesStream:
     def _end(self, out: list[bytes]) -> None:
         """The held blocks, then the stop reason and the usage (the upstream's, else the gateway's estimate)."""
         self._start(out, None)
+        self._thinking.flush(out)
         self._close_text(out)
         for block in self._held:
             self._write_held(block, out)
@@ -207,6 +216,8 @@ class MessagesStream:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
             delta = choice.get("delta") or {}
+            if REASONING in delta or BLOCKS in delta:
+                self._reasoning(delta.get(REASONING), delta.get(BLOCKS), out)
             text = _text_of(delta.get("content"))
             if text:
                 self._text(text, out)
@@ -230,6 +241,8 @@ class MessagesStream:
                 self._held.append([text])
             self._quiet += 1
             return
+        if self._thinking.busy:
+            self._thinking.flush(out)
         if not self._text_open:
             self._index += 1
             self._text_open = True
@@ -245,7 +258,8 @@ class MessagesStream:
         if held is None:
             held = self._calls[position] = _HeldCall(call.get("id"), function.get("name"))
             self._held.append(held)
-            self._close_text(out)  # the text before the first tool call is complete
+            self._thinking.flush(out)  # the thinking and the text before the first tool call are complete
+            self._close_text(out)
         held.id = held.id or call.get("id")  # a server that names the call in a later piece
         held.name = held.name or function.get("name")
         arguments = function.get("arguments")
@@ -253,7 +267,34 @@ class MessagesStream:
             held.arguments.append(arguments)
         self._quiet += 1
 
-    def _write_held(self, block: _HeldCall | list[str], out: list[bytes]) -> None:
+    def _next_index(self) -> int:
+        self._index += 1
+        return self._index
+
+    def _reasoning(self, text: Any, entries: Any, out: list[bytes]) -> None:
+        """Thinking (`thinking.py`): written as it comes before the first tool call; held after it."""
+        text = text if isinstance(text, str) else ""
+        entries = entries if isinstance(entries, list) else []
+        if not text and not entries:
+            return
+        if not self._held:
+            self._close_text(out)  # a block once stopped cannot take more: later text is a block of its own
+            if text:
+                self._thinking.text(text, out)
+            self._thinking.entries(entries, out)
+            return
+        last = self._held[-1]
+        if not isinstance(last, HeldThinking):
+            last = HeldThinking()
+            self._held.append(last)
+        last.texts.append(text)
+        last.entries.extend(entries)
+        self._quiet += 1
+
+    def _write_held(self, block: _HeldCall | list[str] | HeldThinking, out: list[bytes]) -> None:
+        if isinstance(block, HeldThinking):
+            block.write(_event, self._next_index, out)
+            return
         self._index += 1
         index = self._index
         if isinstance(block, list):

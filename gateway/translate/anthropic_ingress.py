@@ -9,12 +9,15 @@ exception class.
 
 Request: `system` becomes a system message; text, image (base64 or URL) and
 `tool_result` blocks become message parts and `tool` messages; `tool_use` blocks
-an assistant's `tool_calls`; tools, `tool_choice`, `stop_sequences`,
-`metadata.user_id` (as `user`) and the sampling fields map to theirs. `thinking`
-and `top_k` travel as they are (an Anthropic upstream uses them). Blocks with no
+an assistant's `tool_calls`; `thinking` and `redacted_thinking` blocks the
+assistant's `reasoning_content` and `reasoning_blocks` (see `thinking.py`); tools,
+`tool_choice`, `stop_sequences`, `metadata.user_id` (as `user`) and the sampling
+fields map to theirs. `thinking` and `top_k` travel as they are (an Anthropic
+upstream uses them). Blocks with no
 Chat Completions form (documents, search results, server tools) are a 400.
 `cache_control` is kept where LiteLLM's clients put it (see `cache_control.py`),
-for an Anthropic upstream; every other provider removes it.
+for an Anthropic upstream; every other provider removes it, and the thinking's
+fields with it (the body is marked when it has either).
 
 The answer, complete (`messages_response`) or streamed (`MessagesStream`), is
 translated back in `anthropic_answer.py`.
@@ -30,6 +33,7 @@ from ..errors import GatewayError, InvalidRequest
 from ..pipeline.stages import TOO_DEEP, check_depth
 from ..schemas.openai import ChatRequest
 from .cache_control import CACHE, CACHE_MARK
+from .thinking import Thinking
 
 __all__ = ["anthropic_error_body", "chat_request", "count_tokens_request", "error_type"]
 
@@ -120,11 +124,12 @@ def chat_request(raw: bytes) -> tuple[dict[str, Any], msgspec.Struct]:
 class _Cache:
     """Where a request's `cache_control` goes: kept (and counted) for a request sent upstream, else dropped."""
 
-    __slots__ = ("count", "keep")
+    __slots__ = ("count", "keep", "thinking")
 
     def __init__(self, keep: bool) -> None:
         self.keep = keep
         self.count = 0
+        self.thinking = False  # an assistant turn has thinking blocks (`reasoning_blocks`): marked as well
 
     def carry(self, block: dict[str, Any], into: dict[str, Any], where: str) -> dict[str, Any]:
         """`into`, with `block`'s `cache_control` when it has one (an object, as Anthropic wants)."""
@@ -172,7 +177,7 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         chat["user"] = metadata["user_id"]
-    if cache.count:
+    if cache.count or cache.thinking:
         chat[CACHE_MARK] = True  # a provider other than Anthropic's removes them (and this mark) before sending
     return chat
 
@@ -203,6 +208,7 @@ def _message(message: Any, index: int, cache: _Cache) -> list[dict[str, Any]]:
     parts: list[dict[str, Any]] = []
     calls: list[dict[str, Any]] = []
     results: list[dict[str, Any]] = []
+    thinking = Thinking()
     for position, block in enumerate(content):
         at = f"{where}.content.{position}"
         kind = block.get("type") if isinstance(block, dict) else None
@@ -222,7 +228,9 @@ def _message(message: Any, index: int, cache: _Cache) -> list[dict[str, Any]]:
             results.append(cache.carry(block, {"role": "tool", "tool_call_id": str(block.get("tool_use_id")),
                                                "content": result}, at))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
-            continue  # the model's own reasoning: Chat Completions has no place for it in the history
+            if not thinking.add(block, len(calls)):  # kept for an Anthropic upstream, which checks the signatures
+                field = "thinking` and `signature" if kind == "thinking" else "data"
+                raise InvalidRequest(f"`{at}`: a `{kind}` block needs `{field}` as strings", param=at)
         else:
             raise InvalidRequest(f"`{at}`: a `{kind}` block is not supported here by this gateway", param=at)
     out: list[dict[str, Any]] = list(results)
@@ -231,7 +239,9 @@ def _message(message: Any, index: int, cache: _Cache) -> list[dict[str, Any]]:
                                  else parts}
         if calls:
             reply["tool_calls"] = calls
-        if parts or calls:
+        if thinking.put(reply):
+            cache.thinking = True
+        if parts or calls or thinking.entries:
             out.append(reply)
     elif parts:
         out.append({"role": "user", "content": parts})

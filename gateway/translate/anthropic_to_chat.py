@@ -1,6 +1,9 @@
 """Anthropic's Messages answer back to Chat Completions: complete (`chat_completion`) or streamed (`AnthropicEvents`).
 
-Answer: text blocks become `content`, `tool_use` blocks `tool_calls`, stop
+Answer: text blocks become `content`, `tool_use` blocks `tool_calls`, thinking
+and redacted_thinking blocks `reasoning_content` and `reasoning_blocks` (see
+`thinking.py`: in a stream, `delta.reasoning_content` as the thinking comes and a
+`delta.reasoning_blocks` entry once each block is over), stop
 reasons finish reasons (a matched stop sequence also as the choice's
 `stop_reason`, as vLLM reports it), and usage OpenAI's shape (`prompt_tokens`
 counts cache reads and writes, as OpenAI's does;
@@ -25,12 +28,14 @@ from ..errors import GatewayError
 from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import PromptTokensDetails, Usage
 from .common import ChunkWriter, StreamProtocolError
+from .thinking import BLOCKS, REASONING, Thinking
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "chat_completion", "chat_usage", "matched_stop"]
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
 
+_THINKING = frozenset({"thinking", "redacted_thinking"})
 FINISH_REASONS = {
     "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
     "tool_use": "tool_calls", "refusal": "content_filter", "model_context_window_exceeded": "length",
@@ -64,9 +69,12 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
     """A Messages answer as a `chat.completion`, and its usage."""
     texts: list[str] = []
     calls: list[dict[str, Any]] = []
+    thinking = Thinking()
     for block in answer.get("content") or ():
         kind = block.get("type") if isinstance(block, dict) else None
-        if kind == "text":
+        if kind in _THINKING:
+            thinking.add(block, len(calls))
+        elif kind == "text":
             texts.append(str(block.get("text", "")))
         elif kind == "tool_use":
             arguments = _encode(block.get("input", {})).decode()
@@ -76,6 +84,7 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
                                "refusal": None}
     if calls:
         message["tool_calls"] = calls
+    thinking.put(message)
     usage, shape = chat_usage(answer["usage"]) if isinstance(answer.get("usage"), dict) else (None, None)
     choice = {"index": 0, "message": message, "logprobs": None,
               "finish_reason": FINISH_REASONS.get(str(answer.get("stop_reason")), "stop")}
@@ -94,7 +103,8 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
 class AnthropicEvents:
     """Per stream: Messages events in, chat.completion.chunk events out, one by one as they come."""
 
-    __slots__ = ("_blocks", "_error", "_filled", "_finish", "_opened", "_started", "_tools", "_usage", "_writer")
+    __slots__ = ("_blocks", "_error", "_filled", "_finish", "_opened", "_started", "_thinking", "_tools", "_usage",
+                 "_writer")
 
     def __init__(self, error: Callable[[dict[str, Any]], GatewayError]) -> None:
         self._writer: ChunkWriter | None = None
@@ -102,6 +112,7 @@ class AnthropicEvents:
         self._blocks: dict[int, int | None] = {}  # open block index -> tool call index (None: a text block)
         self._tools = 0
         self._filled: set[int] = set()  # tool calls whose input has come (`content_block_stop`)
+        self._thinking: dict[int, dict[str, Any]] = {}  # open thinking block index -> its entry (`thinking.py`)
         self._usage: dict[str, Any] = {}
         self._finish: str | None = None
         self._started = False
@@ -140,6 +151,9 @@ class AnthropicEvents:
                                                                          "arguments": ""}}]}))
                 return events
             self._blocks[index] = None
+            kind = block.get("type")
+            if kind in _THINKING:
+                return events + self._thinking_start(writer, index, block)
             text = block.get("text")
             if isinstance(text, str) and text:
                 events.append(writer.chunk({"content": text}))
@@ -159,12 +173,25 @@ class AnthropicEvents:
                 if piece:
                     self._filled.add(position)
                 return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": piece}}]})]
-            return []  # thinking, signature and citation deltas have no Chat Completions form
+            entry = self._thinking.get(index)
+            if dtype == "thinking_delta" and entry is not None:
+                piece = delta.get("thinking")
+                if not isinstance(piece, str) or not piece:
+                    return []
+                entry["length"] += len(piece)
+                return [writer.chunk({REASONING: piece})]
+            if dtype == "signature_delta" and entry is not None and isinstance(delta.get("signature"), str):
+                entry["signature"] += delta["signature"]
+                return []  # sent with the block's entry, once the block is over
+            return []  # citation deltas (and deltas added later) have no Chat Completions form
         if kind == "content_block_stop":
             index = event.get("index")
             if index not in self._blocks:
                 raise _order("content_block_stop for a block that was not started")
             position = self._blocks[index]
+            entry = self._thinking.pop(index, None)
+            if entry is not None:  # a thinking block's signature and length: its text came as `reasoning_content`
+                return [writer.chunk({BLOCKS: [entry]})]
             if position is not None and position not in self._filled:  # a tool without input sends only `""`: its
                 # arguments are `{}`, as the complete answer's (a client parsing `""` as JSON fails)
                 return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})]
@@ -182,6 +209,25 @@ class AnthropicEvents:
             usage, shape = chat_usage(self._usage)
             return [UsageReport(usage, writer.usage_chunk(shape)), DONE]
         return []  # event types added later are skipped, as Anthropic's versioning policy asks
+
+    def _thinking_start(self, writer: ChunkWriter, index: int, block: dict[str, Any]) -> list[StreamEvent]:
+        """A thinking block begins (its text, if any, as `reasoning_content`; its entry when it stops); a redacted
+        one is whole at its start: its entry now."""
+        entry: dict[str, Any]
+        if block.get("type") == "redacted_thinking":
+            entry = {"type": "redacted_thinking", "data": str(block.get("data") or "")}
+            if self._tools:
+                entry["after_tool_calls"] = self._tools
+            return [writer.chunk({BLOCKS: [entry]})]
+        text = block.get("thinking")
+        text = text if isinstance(text, str) else ""
+        signature = block.get("signature")
+        entry = {"type": "thinking", "signature": signature if isinstance(signature, str) else "",
+                 "length": len(text)}
+        if self._tools:
+            entry["after_tool_calls"] = self._tools
+        self._thinking[index] = entry
+        return [writer.chunk({REASONING: text})] if text else []
 
     def _role(self, writer: ChunkWriter) -> list[StreamEvent]:
         """OpenAI's first chunk (the role), once, before the first content."""

@@ -6,7 +6,10 @@ builds, where LiteLLM's clients put it: on a text or image part, on a message
 block) and on a tool; and marks the body with `CACHE_MARK`. An Anthropic upstream
 gets it back on the matching blocks (`chat_to_anthropic`); every other provider
 removes it, and the mark, before sending (`without_cache_control`), reading only
-the mark when there is none: the mark is the one key it looks up.
+the mark when there is none: the mark is the one key it looks up. The mark is set
+too when an assistant turn carries Anthropic's thinking (`reasoning_blocks`, see
+`thinking.py`): the other providers lose those blocks and the `reasoning_content`
+beside them (the history of `/v1/messages` never sent them its thinking).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from .common import CACHE_MARK
+from .thinking import BLOCKS, REASONING
 
 __all__ = ["CACHE", "CACHE_MARK", "without_cache_control"]
 
@@ -21,8 +25,9 @@ CACHE = "cache_control"
 
 
 def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `body` without the mark and any `cache_control` (the original is left as it is: a later
-    fallback to an Anthropic target still reads it)."""
+    """A copy of `body` without the mark, any `cache_control` and Anthropic's thinking (`reasoning_blocks` and the
+    `reasoning_content` beside them); the original is left as it is: a later fallback to an Anthropic target still
+    reads them."""
     out = {key: value for key, value in body.items() if key != CACHE_MARK}
     messages = body.get("messages")
     if isinstance(messages, list):
@@ -43,6 +48,8 @@ def _message(message: Any) -> Any:
     if not isinstance(message, dict):
         return message
     out = _bare(message)
+    if BLOCKS in out:  # Anthropic's thinking: its signatures, and its text, are for Anthropic only
+        out = {key: value for key, value in out.items() if key not in (BLOCKS, REASONING)}
     content = out.get("content")
     if isinstance(content, list):
         out = {**out, "content": [_bare(part) for part in content]}

@@ -9,7 +9,10 @@ instruction in `system`: Messages has no JSON mode) and `max_tokens` (the
 provider's default when the client gave none) are translated. A field Messages
 has no equivalent for (`n > 1`, `logprobs`, penalties, `seed`, audio...) is a
 400 naming it, never a silent drop. `cache_control` (Anthropic's prompt caching, in LiteLLM's places: on a
-part, a message, a tool call or a tool) goes on the matching block.
+part, a message, a tool call or a tool) goes on the matching block. An assistant's thinking
+(`reasoning_content` with `reasoning_blocks`, see `thinking.py`) goes back as its `thinking` and
+`redacted_thinking` blocks, before its text and tool calls; reasoning without them has no signature and is
+left out.
 
 The answer, complete or streamed, is translated back in `anthropic_to_chat.py`
 (its names are re-exported here).
@@ -24,6 +27,7 @@ from ..errors import InvalidRequest
 from .anthropic_to_chat import FINISH_REASONS, AnthropicEvents, chat_completion, chat_usage
 from .cache_control import CACHE, CACHE_MARK
 from .common import data_url, json_instruction, parse_arguments, unsupported
+from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "anthropic_request", "chat_completion", "chat_usage"]
 
@@ -125,17 +129,23 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
         return
     if role == "assistant":
         blocks = _blocks(content, where, target, images=False) if content else []
+        tools: list[dict[str, Any]] = []
         for position, call in enumerate(message.get("tool_calls") or ()):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise InvalidRequest(f"`{where}.tool_calls.{position}` needs a function name",
                                      param=f"{where}.tool_calls")
-            blocks.append(_cached([{"type": "tool_use", "id": str(call.get("id") or f"toolu_{index}_{position}"),
-                                    "name": function["name"],
-                                    "input": parse_arguments(function.get("arguments"),
-                                                             f"{where}.tool_calls.{position}")}], call)[0])
+            tools.append(_cached([{"type": "tool_use", "id": str(call.get("id") or f"toolu_{index}_{position}"),
+                                   "name": function["name"],
+                                   "input": parse_arguments(function.get("arguments"),
+                                                            f"{where}.tool_calls.{position}")}], call)[0])
+        _cached([*blocks, *tools], message)
+        if BLOCKS in message:  # Anthropic's own thinking, sent back with its signatures before the tool calls
+            blocks = ordered(messages_blocks(message.get(REASONING), message[BLOCKS], signed_only=True), blocks, tools)
+        else:  # reasoning without a signature (another model's) cannot be sent back: Anthropic would refuse it
+            blocks.extend(tools)
         if blocks:
-            _append(messages, "assistant", _cached(blocks, message))
+            _append(messages, "assistant", blocks)
         return
     if role == "tool":
         result: dict[str, Any] = {"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or "")}

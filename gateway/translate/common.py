@@ -16,8 +16,9 @@ __all__ = ["CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url", "json
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-# A body whose messages, parts or tools carry Anthropic's `cache_control` (set by the `/v1/messages` ingress): the
-# one key a provider other than Anthropic's reads, to strip them (`translate.cache_control`) before sending.
+# A body whose messages, parts or tools carry Anthropic's `cache_control`, or whose history carries its thinking
+# (`reasoning_blocks`), set by the `/v1/messages` ingress: the one key a provider other than Anthropic's reads, to
+# strip them (`translate.cache_control`) before sending.
 CACHE_MARK = "_gateway_cache_control"
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
 

@@ -18,10 +18,20 @@ As the real API: `stop_sequences` end the answer before the first one found in
 it (`stop_reason: "stop_sequence"` with that `stop_sequence`), and `cache_control`
 is checked where it is allowed (system, content and `tool_result` blocks, tools:
 an object of type `ephemeral`, at most 4 of them).
+
+Extended thinking: with `thinking: {"type": "enabled", "budget_tokens": n}` (n at
+least 1024 and below `max_tokens`), the answer begins with a `thinking` block
+whose text repeats the last user text, signed (`signature_delta` in a stream); a
+second one when that text holds "think twice"; a `redacted_thinking` block when it
+holds Anthropic's magic string (`REDACTED_TRIGGER`). As the real API, a request
+with thinking whose last assistant turn has `tool_use` blocks must begin that turn
+with its thinking, and every thinking block's signature (and redacted block's
+data) must be the mock's own, unchanged: else a 400.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from typing import Any
 
@@ -41,7 +51,7 @@ from .mock_upstream import (
     parse_fault,
 )
 
-__all__ = ["CACHE_READ", "CACHE_WRITE", "MockAnthropic", "anthropic_error"]
+__all__ = ["CACHE_READ", "CACHE_WRITE", "REDACTED_TRIGGER", "MockAnthropic", "anthropic_error", "thinking_signature"]
 
 CACHE_READ = 3  # every answer reports these cache tokens, so that their mapping can be checked
 CACHE_WRITE = 2
@@ -108,6 +118,77 @@ def _cache_problem(body: dict[str, Any]) -> str | None:
     return None
 
 
+REDACTED_TRIGGER = ("ANTHROPIC_MAGIC_STRING_TRIGGER_REDACTED_THINKING_"
+                    "46C9A13E193C177646C7398A98432ECCCE4C1253D5E2D82641AC0E52CC2876CB")
+_SIGNING_KEY = "mock-anthropic-thinking"
+
+
+def thinking_signature(text: str) -> str:
+    """The signature the mock gives a thinking block's text (and checks when the block comes back)."""
+    return "EqMock" + hashlib.sha256(f"{_SIGNING_KEY}:{text}".encode()).hexdigest()[:40]
+
+
+def _redacted_data(seed: str) -> str:
+    digest = hashlib.sha256(f"{_SIGNING_KEY}:redacted:{seed}".encode()).hexdigest()
+    return f"EmwMock{seed}.{digest[:32]}"
+
+
+def _redacted_valid(data: Any) -> bool:
+    if not isinstance(data, str) or not data.startswith("EmwMock") or "." not in data:
+        return False
+    return data == _redacted_data(data[len("EmwMock"):].rpartition(".")[0])
+
+
+def _thinking_blocks(body: dict[str, Any], serial: int) -> list[dict[str, Any]]:
+    """The thinking an answer begins with (none when the request does not enable it)."""
+    thinking = body.get("thinking")
+    if not isinstance(thinking, dict) or thinking.get("type") != "enabled":
+        return []
+    asked = _user_text(body)
+    texts = [f"The user asks: {asked}. I should answer briefly."]
+    if "think twice" in asked:
+        texts.append("On second thought, an echo will do.")
+    blocks: list[dict[str, Any]] = [{"type": "thinking", "thinking": text, "signature": thinking_signature(text)}
+                                    for text in texts]
+    if REDACTED_TRIGGER in asked:
+        blocks.insert(1, {"type": "redacted_thinking", "data": _redacted_data(str(serial))})
+    return blocks
+
+
+def _thinking_problem(body: dict[str, Any]) -> str | None:
+    """What the real API says of a request's thinking: its budget, the last assistant turn with tool calls
+    beginning with its thinking, and every thinking block's signature (redacted block's data) unchanged."""
+    thinking = body.get("thinking")
+    enabled = isinstance(thinking, dict) and thinking.get("type") == "enabled"
+    if thinking is not None:
+        if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "disabled"):
+            return "thinking: Input tag does not match any of the expected tags: 'disabled', 'enabled'"
+        budget = thinking.get("budget_tokens")
+        if enabled and (type(budget) is not int or budget < 1024):
+            return "thinking.enabled.budget_tokens: Input should be greater than or equal to 1024"
+        if enabled and budget >= body["max_tokens"]:
+            return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    messages = body["messages"]
+    for index, message in enumerate(messages):
+        content = message.get("content")
+        for position, block in enumerate(content if isinstance(content, list) else ()):
+            kind = block.get("type") if isinstance(block, dict) else None
+            if kind == "thinking" and (message.get("role") != "assistant" or not isinstance(block.get("thinking"), str)
+                                       or block.get("signature") != thinking_signature(block["thinking"])):
+                return f"messages.{index}.content.{position}: Invalid `signature` in `thinking` block"
+            if kind == "redacted_thinking" and not _redacted_valid(block.get("data")):
+                return f"messages.{index}.content.{position}: Invalid `data` in `redacted_thinking` block"
+    last = next((i for i in range(len(messages) - 1, -1, -1) if messages[i].get("role") == "assistant"), None)
+    content = messages[last].get("content") if last is not None else None
+    if enabled and isinstance(content, list) and any(b.get("type") == "tool_use" for b in content):
+        first = content[0].get("type")
+        if first not in ("thinking", "redacted_thinking"):
+            return (f"messages.{last}.content.0.type: Expected `thinking` or `redacted_thinking`, but found `{first}`."
+                    " When `thinking` is enabled, a final `assistant` message must start with a thinking block"
+                    " (preceeding the lastmost set of `tool_use` and `tool_result` blocks).")
+    return None
+
+
 def _stopped(text: str, sequences: Any) -> tuple[str, str] | None:
     """The text up to the first stop sequence found in it, and that sequence (None: none is found)."""
     hits = [(text.find(seq), seq) for seq in sequences or () if isinstance(seq, str) and seq and seq in text]
@@ -140,7 +221,7 @@ def _check(body: Any) -> str | None:
                 return f"messages.{index}: tool_result block(s) without a matching tool_use block"
             if block.get("type") == "image" and block.get("source", {}).get("type") not in ("base64", "url"):
                 return f"messages.{index}: invalid image source"
-    return _cache_problem(body)
+    return _cache_problem(body) or _thinking_problem(body)
 
 
 class MockAnthropic(MockUpstream):
@@ -193,44 +274,68 @@ class MockAnthropic(MockUpstream):
         usage = {"input_tokens": _prompt_tokens(body), "output_tokens": len(words),
                  "cache_creation_input_tokens": CACHE_WRITE, "cache_read_input_tokens": CACHE_READ}
         base = {"id": f"msg_mock{serial}", "type": "message", "role": "assistant", "model": body["model"]}
+        thinking = _thinking_blocks(body, serial)
         if not body.get("stream"):
             if tool:
-                content: list[dict[str, Any]] = [{"type": "tool_use", "id": "toolu_mock", "name": "echo",
+                content: list[dict[str, Any]] = [{"type": "tool_use", "id": f"toolu_mock{serial}", "name": "echo",
                                                   "input": {"text": text}}]
             else:
                 content = [{"type": "text", "text": text}]
-            answer = {**base, "content": content, "stop_reason": reason, "stop_sequence": sequence,
+            answer = {**base, "content": thinking + content, "stop_reason": reason, "stop_sequence": sequence,
                       "usage": usage}
             return await _deliver_json(request, answer, fault)
-        return await _deliver_stream(request, self._stream(base, words, usage, tool, fault, (reason, sequence)),
-                                     fault)
+        return await _deliver_stream(request, self._stream(base, words, usage, tool, fault, (reason, sequence),
+                                                           thinking, f"toolu_mock{serial}"), fault)
 
     def _stream(self, base: dict[str, Any], words: list[str], usage: dict[str, Any], tool: bool,
-                fault: Any, stop: tuple[str, str | None] = ("end_turn", None)) -> SseAnswer:
+                fault: Any, stop: tuple[str, str | None] = ("end_turn", None),
+                thinking: list[dict[str, Any]] | None = None, tool_id: str = "toolu_mock") -> SseAnswer:
         start = _event("message_start", message={**base, "content": [], "stop_reason": None, "stop_sequence": None,
                                                   "usage": {**usage, "output_tokens": 1}})
         if fault and fault.kind == "error-first":
             return SseAnswer([start, _event("error", error={"type": "overloaded_error", "message": "Overloaded"})], 1)
+        thought = _thinking_events(thinking or [])
+        at = len(thinking or [])  # the answer's own block comes after the thinking blocks
         if tool:
             arguments = json.dumps({"text": " ".join(words)})
-            block = {"type": "tool_use", "id": "toolu_mock", "name": "echo", "input": {}}
-            deltas = [_event("content_block_delta", index=0,
+            block = {"type": "tool_use", "id": tool_id, "name": "echo", "input": {}}
+            deltas = [_event("content_block_delta", index=at,
                              delta={"type": "input_json_delta", "partial_json": arguments[i:i + 5]})
                       for i in range(0, len(arguments), 5)]
         else:
             block = {"type": "text", "text": ""}
-            deltas = [_event("content_block_delta", index=0,
+            deltas = [_event("content_block_delta", index=at,
                              delta={"type": "text_delta", "text": w if i == 0 else " " + w})
                       for i, w in enumerate(words)]
-        opening = [start, _event("content_block_start", index=0, content_block=block), _event("ping")]
+        opening = [start, *thought, _event("content_block_start", index=at, content_block=block), _event("ping")]
         if fault and fault.kind == "out-of-order":
             opening = [start, _event("ping")]  # deltas for a block that never started
         if fault and fault.kind == "overloaded-midstream":
             deltas = [*deltas[:3], _event("error", error={"type": "overloaded_error", "message": "Overloaded"})]
             return SseAnswer(opening + deltas, len(opening))
-        closing = [_event("content_block_stop", index=0),
+        closing = [_event("content_block_stop", index=at),
                    _event("message_delta", delta={"stop_reason": stop[0], "stop_sequence": stop[1]},
                           usage={"output_tokens": len(words)}),
                    _event("message_stop")]
         return SseAnswer(opening + deltas + closing, len(opening))
 
+
+
+def _thinking_events(blocks: list[dict[str, Any]]) -> list[bytes]:
+    """Thinking blocks as the real API streams them: the text in pieces, then the signature, then the stop."""
+    events: list[bytes] = []
+    for index, block in enumerate(blocks):
+        if block["type"] == "redacted_thinking":
+            events += [_event("content_block_start", index=index, content_block=block),
+                       _event("content_block_stop", index=index)]
+            continue
+        text = block["thinking"]
+        events.append(_event("content_block_start", index=index,
+                             content_block={"type": "thinking", "thinking": "", "signature": ""}))
+        events += [_event("content_block_delta", index=index,
+                          delta={"type": "thinking_delta", "thinking": text[i:i + 6]})
+                   for i in range(0, len(text), 6)]
+        events += [_event("content_block_delta", index=index,
+                          delta={"type": "signature_delta", "signature": block["signature"]}),
+                   _event("content_block_stop", index=index)]
+    return events

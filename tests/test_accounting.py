@@ -282,6 +282,16 @@ def test_downgrade_past_a_share_of_the_budget(start: Callable[..., RunningGatewa
     assert float(second.headers["x-gateway-cost-usd"]) == pytest.approx(ANSWER_WORDS * 1 / 1e6)
 
 
+def test_a_downgrade_never_sends_a_key_to_an_alias_it_may_not_use(start: Callable[..., RunningGateway]) -> None:
+    """A key scoped to `chat` whose budget downgrades to `cheap`: the downgrade is skipped (it answered from an
+    alias the key was refused when it asked for it)."""
+    gateway = start(key="models: [chat]\n            budget: {usd: 0.1, downgrade: {at: 0.000001, alias: cheap}}")
+    raw = client(gateway).chat.completions.with_raw_response.create(model="chat", messages=MESSAGES, max_tokens=20)
+    assert raw.headers["x-gateway-target"] == "mock/mock-model" and "x-gateway-budget-downgrade" not in raw.headers
+    with pytest.raises(openai.NotFoundError):
+        client(gateway).chat.completions.create(model="cheap", messages=MESSAGES)
+
+
 def test_cached_and_reasoning_tokens_are_priced_at_their_rates(
     start: Callable[..., RunningGateway], upstream: MockUpstream,
 ) -> None:

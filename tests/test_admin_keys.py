@@ -190,6 +190,8 @@ def test_the_admin_token_guards_the_key_api(keyed: RunningGateway, make_gateway:
     ({"tenant": "acme", "models": ["c" * 300]}, "models[0]"),
     ({"tenant": "acme", "name": "n" * 129}, "name"),
     ({"tenant": "acme", "name": ["x"]}, "name"),
+    ({"tenant": "acme", "name": "ci\n"}, "name"),  # (`$` matched before a final newline: "ci" and "ci\n" both)
+    ({"tenant": "acme\n"}, "tenant"),
     ({"tenant": "acme", "expires_at": 1000}, "expires_at"),
     ({"tenant": "acme", "expires_at": "tomorrow"}, "expires_at"),
     ({"tenant": "acme", "ttl_s": -5}, "ttl_s"),
@@ -218,7 +220,8 @@ def test_malformed_requests_are_4xx_never_500(keyed: RunningGateway) -> None:
     _error(httpx.post(url, headers=ADMIN, content=b"[" * 100_000), 413)
     _error(httpx.post(url, headers=ADMIN, content=json.dumps({"tenant": "acme", "name": "x" * 300_000})), 413)
     _error(httpx.post(url, headers=ADMIN, content=b"{}" + b" " * 70_000), 413)
-    bad_queries = ({"limit": "0"}, {"limit": "lots"}, {"limit": "100000"}, {"tenant": "no spaces"}, {"after": "x" * 99},
+    bad_queries = ({"limit": "0"}, {"limit": "lots"}, {"limit": "100000"}, {"limit": "\u00b2"}, {"limit": "\uff15"},
+                   {"tenant": "no spaces"}, {"after": "x" * 99},
                    {"after": "zzz"}, {"after": ""}, {"after": "vk_0"}, {"after": "vk_000000000000000g"},
                    {"after": "VK_0000000000000000"})
     for query in bad_queries:

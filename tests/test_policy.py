@@ -353,3 +353,10 @@ def test_a_rule_condition_that_matches_nothing_is_an_error(when: str, where: str
     text = GOOD + f"rules:\n  - {{name: never, when: {when}, deny: \"not here\"}}\n"
     found = issues_of(text)
     assert any(f": {where}: an empty list matches nothing" in issue for issue in found), found
+
+
+def test_a_name_ending_in_a_newline_is_refused() -> None:
+    """Python's `$` matches before a final newline: `acme` and `acme\n` were two tenants, and `acme\n` escaped
+    `acme`'s limits."""
+    found = issues_of(GOOD.replace("    tenant: acme\n", '    tenant: "acme\\n"\n', 1))
+    assert any(issue.startswith("p.yaml:7: keys[0].tenant: expected `str` matching regex") for issue in found), found

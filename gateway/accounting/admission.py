@@ -300,7 +300,8 @@ class Admission(StageState):
         downgrade = bill.downgrade
         if downgrade is not None and downgrade != ctx.alias_label:
             route = ctx.runtime.policy.models.get(downgrade)
-            if route is not None:
+            key = ctx.key
+            if route is not None and (key is None or key.allows(downgrade)):  # never an alias the key may not use
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 

@@ -32,7 +32,7 @@ __all__ = ["CreateKey", "RotateKey", "key_routes"]
 
 log = logging.getLogger("gateway.keys")
 T = TypeVar("T")
-Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}(?!\n)$")]
 Alias = Annotated[str, Meta(min_length=1, max_length=256)]
 _HUNDRED_YEARS_S = 100 * 366 * 86_400.0
 _UNKNOWN_FIELD = re.compile(r"unknown field `([^`]{0,200})`")
@@ -220,7 +220,7 @@ def _decode(raw: bytes, kind: type[T]) -> T:
 def _limit(value: str | None) -> int:
     if value is None:
         return 100
-    if not value.isdigit() or not 1 <= int(value) <= 1_000:
+    if not (value.isascii() and value.isdigit()) or not 1 <= int(value) <= 1_000:  # (`"²".isdigit()`: not int())
         raise InvalidRequest("limit: a whole number from 1 to 1000", param="limit")
     return int(value)
 

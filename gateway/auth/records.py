@@ -57,7 +57,7 @@ __all__ = [
 CHANNEL = "keys:changes"
 INDEX = "keys:index"
 _ID = re.compile(r"^vk_[0-9a-f]{16}$")
-_HEX = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}$")]
+_HEX = Annotated[str, Meta(pattern=r"^[0-9a-f]{64}(?!\n)$")]
 # `generate_key`'s shape: the prefix and 32 random bytes in unpadded URL-safe base64 (43 characters).
 _KEY_SHAPE = re.compile(rf"^{re.escape(KEY_PREFIX)}[A-Za-z0-9_-]{{43}}$")
 

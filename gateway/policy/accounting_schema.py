@@ -17,7 +17,7 @@ __all__ = [
 
 BudgetPeriod = Literal["day", "week", "month", "rolling"]
 BudgetMode = Literal["hard", "soft"]
-Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}(?!\n)$")]
 
 
 class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -36,9 +36,10 @@ Mode = Literal["enforce", "shadow", "off"]
 Fail = Literal["closed", "open"]
 Place = Literal["input", "output"]
 Score = Annotated[float, Meta(ge=0, le=1)]
-GuardName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="lower-case guard name")]
-EntityType = Annotated[str, Meta(pattern=r"^[A-Z][A-Z0-9_]{0,47}$", description="an entity type, e.g. EMAIL_ADDRESS")]
-Language = Annotated[str, Meta(pattern=r"^[a-z]{2}$")]
+GuardName = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}(?!\n)$", description="lower-case guard name")]
+EntityType = Annotated[str, Meta(pattern=r"^[A-Z][A-Z0-9_]{0,47}(?!\n)$",
+                                  description="an entity type, e.g. EMAIL_ADDRESS")]
+Language = Annotated[str, Meta(pattern=r"^[a-z]{2}(?!\n)$")]
 Timeout = Annotated[float, Meta(gt=0, le=60)]
 SecretKind = Literal[
     "openai", "anthropic", "github", "gitlab", "slack", "stripe", "google", "aws", "azure", "huggingface",
@@ -104,7 +105,7 @@ class InjectionGuardSpec(_GuardBase, tag="injection", forbid_unknown_fields=True
     places: list[Place] = msgspec.field(default_factory=lambda: ["input"])
     action: Literal["block", "record"] = "block"
     threshold: Score = 0.5
-    classifier: Annotated[str, Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*$")] | None = None  # "module:factory"
+    classifier: Annotated[str, Meta(pattern=r"^[A-Za-z_][\w.]*:[A-Za-z_]\w*(?!\n)$")] | None = None  # "module:factory"
     # `patterns` (the scored pattern sets), `model` (all-MiniLM-L6-v2 and a trained head, on the guard pool)
     # or `both` (the higher score)
     engine: Literal["patterns", "model", "both"] = "patterns"

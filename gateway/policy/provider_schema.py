@@ -16,16 +16,17 @@ from msgspec import Meta, Struct
 
 __all__ = ["KIND_TRAITS", "AnthropicSpec", "AzureSpec", "GeminiSpec", "KindTraits", "ProviderOptions"]
 
-EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable")]
+EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(?!\n)$",
+                                  description="name of an environment variable")]
 
 
 class AzureSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Azure OpenAI: `{base_url}/openai/deployments/{deployment}/{endpoint}?api-version=...`."""
 
-    api_version: Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?$",
+    api_version: Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(-preview)?(?!\n)$",
                                      description="the `api-version` query parameter of every call")] = "2024-10-21"
     # The deployment name; unset: the target's `model` is the deployment name.
-    deployment: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")] | None = None
+    deployment: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}(?!\n)$")] | None = None
     # An Entra ID access token (sent as `Authorization: Bearer`), instead of api_key_env's `api-key`.
     # Read once, when the policy loads: a new value takes a restart (a reload of an unchanged policy reads
     # nothing). For a token that is refreshed while the gateway runs, use entra_token_file.
@@ -43,10 +44,10 @@ class AzureSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
 class AnthropicSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Anthropic Messages API."""
 
-    version: Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}$")] = "2023-06-01"  # anthropic-version
+    version: Annotated[str, Meta(pattern=r"^[0-9]{4}-[0-9]{2}-[0-9]{2}(?!\n)$")] = "2023-06-01"  # anthropic-version
     # Messages requires max_tokens; a chat request without max_tokens / max_completion_tokens gets this.
     default_max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
-    beta: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}$")]] = []  # anthropic-beta values
+    beta: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}(?!\n)$")]] = []  # anthropic-beta values
 
 
 class GeminiSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -46,12 +46,15 @@ __all__ = [
 ]
 
 Seconds = Annotated[float, Meta(gt=0, le=86_400, description="seconds")]
-Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")]
-EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="name of an environment variable")]
-HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")]
+# (`(?!\n)$`: the end of the text; Python's `$` alone also matches before a final newline, and `\Z` is no JSON
+# Schema regex)
+Name = Annotated[str, Meta(pattern=r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}(?!\n)$")]
+EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(?!\n)$",
+                                  description="name of an environment variable")]
+HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(?!\n)$")]
 KeyHash = Annotated[
     str,
-    Meta(pattern=r"^sha256:[0-9a-f]{64}$", description="output of `gateway keys hash`"),
+    Meta(pattern=r"^sha256:[0-9a-f]{64}(?!\n)$", description="output of `gateway keys hash`"),
 ]
 ProviderKind = Literal["openai", "azure", "anthropic", "gemini", "demo"]
 AuthMode = Literal["none", "keys"]
@@ -113,7 +116,7 @@ class StateSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
     backend: Literal["memory", "redis"] = "memory"
     url_env: EnvVarName | None = None  # the Redis URL, from this environment variable
-    key_prefix: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9:_.{}-]*$")] = "gw:"
+    key_prefix: Annotated[str, Meta(max_length=64, pattern=r"^[A-Za-z0-9:_.{}-]*(?!\n)$")] = "gw:"
     connect_timeout_s: Seconds = 2.0
     op_timeout_s: Annotated[float, Meta(gt=0, le=30)] = 0.25
     max_connections: Annotated[int, Meta(ge=1, le=10_000)] = 200
@@ -158,7 +161,7 @@ Strategy = Literal["priority", "weighted", "latency", "least_busy", "cost"]
 # What a failed attempt may be retried or fallen back on. Anything else (an upstream 400, 404, ...) is
 # answered at once: another target would refuse the same request.
 RetryOn = Literal["connect", "timeout", "rate_limit", "server_error", "context_length"]
-StickyKey = Annotated[str, Meta(pattern=r"^(tenant|key|user|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+)$",
+StickyKey = Annotated[str, Meta(pattern=r"^(tenant|key|user|header:[A-Za-z0-9!#$%&'*+.^_`|~-]+)(?!\n)$",
                                 description="tenant, key, user, or header:<name>")]
 Price = Annotated[float, Meta(ge=0, le=1_000_000, description="USD per million tokens")]
 
@@ -171,7 +174,7 @@ class PriceSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     cached_input_per_mtok: Price | None = None  # prompt tokens read from the provider's cache; default: input
     cache_write_per_mtok: Price | None = None  # prompt tokens written to the provider's cache; default: input
     reasoning_per_mtok: Price | None = None  # reasoning (hidden) completion tokens; default: output
-    date: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}$")] | None = None  # when the figures were taken
+    date: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}(?!\n)$")] | None = None  # when the figures were taken
     source: Annotated[str, Meta(max_length=512)] | None = None  # where from (a URL)
 
 

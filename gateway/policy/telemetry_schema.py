@@ -22,8 +22,8 @@ __all__ = [
     "TracingSpec",
 ]
 
-LabelValue = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}$", description="a lower-case label value")]
-EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}$")]
+LabelValue = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}(?!\n)$", description="a lower-case label value")]
+EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}(?!\n)$")]
 
 
 class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -63,7 +63,7 @@ class PayloadLogSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     path: str = "gateway-payloads.jsonl"  # file: where; rotated at `max_bytes`, `backups` old files kept
     max_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     backups: Annotated[int, Meta(ge=0, le=100)] = 5
-    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.{}-]{1,64}$")] = "payloads"  # redis: stream key
+    stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.{}-]{1,64}(?!\n)$")] = "payloads"  # redis: stream key
     max_entries: Annotated[int, Meta(ge=100, le=100_000_000)] = 100_000  # redis: MAXLEN ~ (retention)
     max_text_chars: Annotated[int, Meta(ge=64, le=1_000_000)] = 16_384  # per text, after redaction
     queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # entries waiting to be written; beyond: dropped

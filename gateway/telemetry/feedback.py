@@ -35,7 +35,7 @@ _decode_record = msgspec.json.Decoder(tuple[str, str]).decode
 
 
 class FeedbackBody(Struct, forbid_unknown_fields=True, frozen=True):
-    request_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:\-]{1,128}$")]
+    request_id: Annotated[str, Meta(pattern=r"^[A-Za-z0-9._:\-]{1,128}(?!\n)$")]
     score: Annotated[float, Meta(ge=0, le=1, description="0 (bad) to 1 (good); thumbs: 0 or 1")]
     label: Annotated[str, Meta(max_length=64)] | None = None
 

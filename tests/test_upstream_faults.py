@@ -276,6 +276,11 @@ def test_a_stream_of_several_choices_that_ends_before_each_finished_ends_with_an
     as whole (the last chunk had a finish reason), the cache stored it and replayed choice 1 unfinished."""
     status, events = _stream_events(odd, "fault-end-after-41", n=2)
     assert status == 200 and '"code":"upstream_error"' in events[-1] and "data: [DONE]" not in events
+    with httpx.stream("POST", odd.base_url + "/completions", timeout=20,
+                      headers={"Authorization": f"Bearer {FULL_KEY}"},
+                      json={"model": "fault-end-after-41", "prompt": ["p", "q"], "stream": True}) as response:
+        cut = [e for e in response.read().decode().split("\n\n") if e]  # two prompts: two answers, one finished
+    assert '"code":"upstream_error"' in cut[-1] and "data: [DONE]" not in cut
     status, events = _stream_events(odd, "fault-no-done", n=2)  # both finished, then no [DONE]: whole
     finished = {c["index"] for e in events[:-1] for c in json.loads(e.removeprefix("data: ")).get("choices", ())
                 if c.get("finish_reason")}

@@ -234,9 +234,8 @@ class OpenAICompatProvider:
         """The started stream's events (here: OpenAI's chunks, or the Responses API's events)."""
         if call.endpoint is _RESPONSES:
             return TranslatedStream(self, response, deadline, idle_s, ResponsesEvents(self))
-        n = call.body.get("n")
         return OpenAIStream(self, response, deadline, self._asks_for_usage(call), idle_s, call.read_choices,
-                            n if type(n) is int and n > 1 else 1)
+                            _answers(call.body))
 
     def release(self) -> None:
         """Give back the connection permit a started stream held."""
@@ -284,6 +283,17 @@ class OpenAICompatProvider:
     def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
                     ) -> GatewayError:
         return status_error(self.name, status, detail, retry_after, code, raw)
+
+
+def _answers(body: dict[str, Any]) -> int:
+    """How many answers a streamed request asks for, each of which must finish: `n`, times the prompts a
+    completions request lists (not token ids: one prompt)."""
+    n = body.get("n")
+    count = n if type(n) is int and n > 1 else 1
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        count *= len(prompt)
+    return count
 
 
 def status_error(

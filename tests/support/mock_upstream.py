@@ -367,6 +367,9 @@ def chat_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str
 
 def completion_answer(body: dict[str, Any], words: list[str], serial: int) -> dict[str, Any] | SseAnswer:
     n = _choice_count(body)
+    prompts = body.get("prompt")
+    if isinstance(prompts, list) and prompts and not isinstance(prompts[0], int):
+        n *= len(prompts)  # as OpenAI answers: `n` choices for each prompt listed
     text, parts = _joined(body, words)
     prompt = sum(tokens for _, tokens in prompt_inputs(body.get("prompt", ""), "prompt"))
     base = {"id": f"cmpl-mock-{serial}", "object": "text_completion", "created": int(time.time()),

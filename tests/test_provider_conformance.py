@@ -86,7 +86,11 @@ def conformance_policy(mocks: Mocks) -> str:
         """)
     models = "\n".join(f"  {kind}-{model}: {{provider: {kind}, model: {model}}}" for kind in KINDS for model in MODELS)
     models += ("\n  overloaded-then-openai:\n    targets: [{provider: anthropic, model: fault-error-first}, "
-               "{provider: openai, model: mock-model}]")
+               "{provider: openai, model: mock-model}]"
+               "\n  anthropic-first:\n    targets: [{provider: anthropic, model: mock-model}, "
+               "{provider: openai, model: mock-model}]"
+               "\n  failing-then-anthropic:\n    targets: [{provider: openai, model: fault-status-500}, "
+               "{provider: anthropic, model: mock-model}]")
     return textwrap.dedent(f"""\
         version: 1
         auth: keys
@@ -357,6 +361,20 @@ def test_an_upstream_400_keeps_its_code_and_param(kind: str, client: openai.Open
     metrics = gw.metrics()
     assert f'gateway_errors_total{{code="invalid_request_error",model="{kind}-fault-status-400"}}' in metrics
     assert 'code="invalid_value"' not in metrics and 'error_type="invalid_value"' not in metrics
+
+
+def test_targets_that_cannot_serve_an_endpoint_are_skipped(client: openai.OpenAI) -> None:
+    """An alias of an Anthropic and an OpenAI target: `/v1/responses` and `/v1/embeddings` go to the OpenAI one
+    whatever the order (the Anthropic one answered 400 first), and an OpenAI failure is the client's 502, not a
+    fallback's 400 that the SDK never retries."""
+    assert client.responses.create(model="anthropic-first", input="hi").output_text
+    assert client.embeddings.create(model="anthropic-first", input="hi").data
+    with pytest.raises(openai.InternalServerError) as caught:
+        client.responses.create(model="failing-then-anthropic", input="hi")
+    assert caught.value.status_code == 502
+    chat = client.chat.completions.with_raw_response.create(
+        model="failing-then-anthropic", messages=[{"role": "user", "content": "hi"}])
+    assert chat.headers["x-gateway-target"] == "anthropic/mock-model"  # chat: both serve it, the fallback runs
 
 
 def test_anthropic_error_event_before_content_falls_back(client: openai.OpenAI) -> None:

@@ -29,6 +29,7 @@ from ..guards.texts import input_texts
 from ..pipeline.stages import authenticate, decode_body, model_not_found
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy
+from ..routing.explain import route_plan
 from ..routing.router import Router
 from ..routing.rules import Facts
 from ..schemas.endpoints import Endpoint
@@ -263,7 +264,7 @@ class Decider:
         route = self.policy.models[alias]
         facts = Facts(body, key, headers, self.tokens, route.upstream_model)
         try:
-            rule, plan, order = self.router.explain(facts, alias, stream)
+            rule, plan, order = route_plan(self.router, facts, alias, stream)
         except NoRoute as exc:
             rule_name = next((r.name for r in route.rules if r.deny == exc.message), None)
             raise _Refused("route", exc, RouteDecision(rule=rule_name, denied=exc.message)) from None

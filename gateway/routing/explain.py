@@ -14,15 +14,17 @@ from typing import Any
 
 import msgspec
 
+from ..errors import NoRoute
 from ..pipeline.stages import authenticate, decode_body, model_not_found
 from ..policy.compiled import ModelRoute, Policy, Target
 from ..schemas.endpoints import Endpoint
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
 from .router import Router
-from .rules import Facts
+from .rules import Facts, first_match
+from .strategies import order_targets
 
-__all__ = ["explain_route"]
+__all__ = ["explain_route", "route_plan"]
 
 
 def explain_route(
@@ -42,7 +44,7 @@ def explain_route(
     facts = Facts(body, virtual_key, raw_headers, tokens, policy.models[alias].upstream_model)
     router = Router(policy, {}, None, Metrics(), tokens)
     stream = body.get("stream") is True
-    rule, route, order = router.explain(facts, alias, stream)
+    rule, route, order = route_plan(router, facts, alias, stream)
     lines = [
         f"endpoint: /v1/{endpoint.path}" + (" (streamed)" if stream else ""),
         f"alias: {alias}" + (f"  (tenant {virtual_key.tenant}, key {virtual_key.name})" if virtual_key else ""),
@@ -93,3 +95,16 @@ def _target_note(route: ModelRoute, target: Target) -> str:
         notes.append(f"{target.retry.attempts} {'retry' if target.retry.attempts == 1 else 'retries'}")
     return f"  ({', '.join(notes)})" if notes else ""
 
+
+
+def route_plan(router: Router, facts: Facts, alias: str, stream: bool
+               ) -> tuple[str | None, ModelRoute, Sequence[Target]]:
+    """The rule that matches and the candidate order, as `Router.select` decides them, without sending anything
+    (`gateway route`, `gateway explain`, `gateway test`)."""
+    route = router.policy.models[alias]
+    rule = first_match(route.rules, alias, facts) if route.rules else None
+    if rule is not None and rule.deny is not None:
+        raise NoRoute(rule.deny)
+    if rule is not None:
+        route = rule.route if rule.route is not None else router.policy.models[rule.alias or alias]
+    return (rule.name if rule else None), route, order_targets(route, facts, router.stats, stream, router.rng)

@@ -8,10 +8,11 @@ The walk: for each candidate in order, skip it while its breaker is open; try it
 retrying the same target on a retryable failure (backoff with full jitter, or the
 upstream's Retry-After up to a cap); on a failure `retry_on` does not list, answer
 at once; on "context length exceeded", go on with the alias's `context_fallback`;
-otherwise fall back to the next candidate. A deadline bounds the whole walk: a retry
-whose wait would outlast it gives way to the next candidate, and the walk stops once
-it has passed (an attempt it cuts short says nothing about the target's health). Each
-attempt builds its upstream body from the client's original request. A stream may
+otherwise fall back to the next candidate (of an alias whose targets' providers serve
+different endpoints, those that serve the request's). A deadline bounds the whole walk:
+a retry whose wait would outlast it gives way to the next candidate, and the walk stops
+once it has passed (an attempt it cuts short says nothing about the target's health).
+Each attempt builds its upstream body from the client's original request. A stream may
 fall back until its first content event; after that its errors reach the client.
 
 A single-target alias costs one dictionary merge (the body, as before routing) and
@@ -49,13 +50,15 @@ log = logging.getLogger("gateway.routing")
 _MAX_ROUTES = 8  # context fallbacks followed per request (cycles are refused at load; this is a backstop)
 
 
+def _routes(policy: Policy) -> list[ModelRoute]:
+    return [*policy.models.values(), *(r.route for r in policy.rules if r.route is not None)]
+
+
 def all_targets(policy: Policy) -> dict[str, Target]:
-    """Every target the policy names (aliases and rules), once per `provider/model`."""
+    """Every target the policy names (aliases and rules), once per `provider/model` (the first, in order)."""
     found: dict[str, Target] = {}
-    routes = [*policy.models.values(), *(r.route for r in policy.rules if r.route is not None)]
-    for route in routes:
-        for target in route.targets:
-            found.setdefault(target.name, target)
+    for target in (target for route in _routes(policy) for target in route.targets):
+        found.setdefault(target.name, target)
     return found
 
 
@@ -69,6 +72,9 @@ class Router:
         self.metrics = metrics
         self.tokens = tokens
         self.targets = all_targets(policy)
+        # Routes whose providers serve different endpoints (OpenAI's and Anthropic's): candidates by endpoint.
+        self._mixed = {id(route) for route in _routes(policy)
+                       if len({providers[t.provider].endpoints for t in route.targets if t.provider in providers}) > 1}
         # After a reload, targets that stay keep their measurements and breakers (the same objects, so
         # requests still running on the old policy go on updating them); a reload must not let a
         # target that is down be hammered again.
@@ -78,11 +84,9 @@ class Router:
         earlier: Breakers | None = previous.breakers if previous is not None else None
         self.breakers: Breakers = Breakers(policy.breaker, self.targets, shared, on_change=self._breaker_changed,
                                            previous=earlier)
-        self._shared = shared
-        self._rng = rng or random.Random()
+        self._shared, self.rng, self._tasks = shared, rng or random.Random(), set[asyncio.Task[None]]()
         self._counters: dict[tuple[Any, ...], Any] = {}
         self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters' values
-        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- life ---------------------------------------------------------------------------------------
 
@@ -124,18 +128,16 @@ class Router:
                     raise NoRoute(rule.deny)
                 route = rule.route if rule.route is not None else self.policy.models[rule.alias or route.alias]
         ctx.plan = route
-        ctx.candidates = order_targets(route, facts, self.stats, ctx.stream, self._rng)
+        ctx.candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
+        if id(route) in self._mixed:
+            ctx.candidates = self._serving(ctx, ctx.candidates)
         ctx.provider = self.providers[ctx.candidates[0].provider]
 
-    def explain(self, facts: Facts, alias: str, stream: bool) -> tuple[str | None, ModelRoute, Sequence[Target]]:
-        """`gateway route`: the rule that matches and the candidate order, without sending anything."""
-        route = self.policy.models[alias]
-        rule = first_match(route.rules, alias, facts) if route.rules else None
-        if rule is not None and rule.deny is not None:
-            raise NoRoute(rule.deny)
-        if rule is not None:
-            route = rule.route if rule.route is not None else self.policy.models[rule.alias or alias]
-        return (rule.name if rule else None), route, order_targets(route, facts, self.stats, stream, self._rng)
+    def _serving(self, ctx: RequestContext, candidates: Sequence[Target]) -> Sequence[Target]:
+        """The candidates whose provider serves the request's endpoint, in order; all if none does (the first then
+        answers its 400). A fallback to one that could not turned an upstream's 5xx into a 400, never retried."""
+        serving = [target for target in candidates if ctx.endpoint in self.providers[target.provider].endpoints]
+        return serving or candidates
 
     # -- calling ------------------------------------------------------------------------------------
 
@@ -154,7 +156,9 @@ class Router:
             self._fallback(ctx, "context_length")
             route = fallback
             facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens) if route.sticky else None
-            candidates = order_targets(route, facts, self.stats, ctx.stream, self._rng)
+            candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
+            if id(route) in self._mixed:
+                candidates = self._serving(ctx, candidates)
         raise self._tagged(ctx, aggregate(ctx.alias_label, failures))
 
     async def _walk(
@@ -221,7 +225,7 @@ class Router:
                     return "context"
                 if retry >= target.retry.attempts or kind == "busy":
                     return "next"
-                delay = backoff(target.retry, retry, exc, self._rng)
+                delay = backoff(target.retry, retry, exc, self.rng)
                 if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
                     return "next"  # the wait would outlast the deadline: the next target instead (if time is left)
                 self._count(self.metrics.retries, target.name, kind).inc()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import httpx
 import pytest
@@ -18,8 +19,9 @@ def post(gateway: RunningGateway, path: str, body: dict[str, object]) -> httpx.R
     return httpx.post(gateway.base_url + path, headers=AUTH, json=body, timeout=20)
 
 
-def stream_chunks(gateway: RunningGateway, body: dict[str, object]) -> list[dict[str, object]]:
-    with httpx.stream("POST", gateway.base_url + "/chat/completions", headers=AUTH, json=body) as response:
+def stream_chunks(gateway: RunningGateway, body: dict[str, object], path: str = "/chat/completions",
+                  ) -> list[dict[str, Any]]:
+    with httpx.stream("POST", gateway.base_url + path, headers=AUTH, json=body) as response:
         text = response.read().decode()
     payloads = [e.removeprefix("data: ") for e in text.split("\n\n") if e]
     assert payloads[-1] == "[DONE]"
@@ -81,3 +83,29 @@ def test_mid_stream_error_event_matches_the_spec(gateway: RunningGateway) -> Non
                       json={"model": "fault-reset-after-3", "messages": MESSAGES, "stream": True}) as response:
         last = [e for e in response.read().decode().split("\n\n") if e][-1]
     validate("ErrorResponse", json.loads(last.removeprefix("data: ")))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_demo_model_answers_each_prompt_of_a_list(gateway: RunningGateway, stream: bool) -> None:
+    """`prompt` as a list: `n` choices for each prompt, each answering its own, and every usage count written (it
+    answered one choice for neither prompt, with `prompt_tokens` left out)."""
+    body = {"model": "demo", "prompt": ["first prompt here", "second prompt"], "n": 2}
+    if stream:
+        chunks = stream_chunks(gateway, {**body, "stream": True, "stream_options": {"include_usage": True}},
+                               "/completions")
+        texts: dict[int, str] = {}
+        for chunk in chunks:
+            for choice in chunk["choices"]:
+                texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+        usage = chunks[-1]["usage"]
+        finished = {c["index"] for chunk in chunks for c in chunk["choices"] if c["finish_reason"] == "stop"}
+        assert finished == {0, 1, 2, 3}
+    else:
+        answer = post(gateway, "/completions", body).json()
+        validate("CreateCompletionResponse", answer)
+        texts = {choice["index"]: choice["text"] for choice in answer["choices"]}
+        usage = answer["usage"]
+    assert sorted(texts) == [0, 1, 2, 3]
+    assert "first prompt here" in texts[0] and "first prompt here" in texts[1] and "second prompt" in texts[3]
+    assert usage["prompt_tokens"] > 0 and usage["completion_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]

@@ -60,32 +60,43 @@ class DemoProvider:
     async def close(self) -> None:
         return None
 
-    def _prompt(self, call: Call) -> str:
+    def _prompts(self, call: Call) -> list[str]:
+        """The prompts answered: a chat's last user message; a completions request's prompt, or each prompt it
+        lists (token ids read as no text)."""
         body = call.body
         if call.endpoint is Endpoint.CHAT:
             messages = body.get("messages")
             listed = messages if isinstance(messages, list) else []
             users = [m for m in listed if isinstance(m, dict) and m.get("role") == "user"]
-            return "\n".join(message_text(users[-1:])) if users else ""
+            return ["\n".join(message_text(users[-1:])) if users else ""]
         prompt = body.get("prompt")
-        return prompt if isinstance(prompt, str) else ""
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+            return [item if isinstance(item, str) else "" for item in prompt]
+        return [prompt if isinstance(prompt, str) else ""]
 
-    def _usage(self, call: Call, answer: str) -> Usage:
+    def _answers(self, call: Call) -> list[str]:
+        """Each choice's answer, in order: `n` for each prompt (as OpenAI numbers a completions request's)."""
+        n = _choices(call)
+        return [demo_reply(prompt) for prompt in self._prompts(call) for _ in range(n)]
+
+    def _usage(self, call: Call, answers: list[str]) -> Usage:
         if call.endpoint is Endpoint.CHAT:
             texts = message_text(call.body.get("messages"))
             prompt_tokens = sum(self.tokens.count(t) for t in texts) + 3 * len(call.body.get("messages") or ()) + 3
         else:
-            prompt_tokens = self.tokens.count(self._prompt(call))
-        choices = _choices(call)
-        completion_tokens = self.tokens.count(answer) * choices
+            prompt = call.body.get("prompt")
+            listed = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
+            prompt_tokens = sum(self.tokens.count(item) if isinstance(item, str) else
+                                len(item) if isinstance(item, list) else 0 for item in listed)
+        completion_tokens = sum(self.tokens.count(answer) for answer in answers)
         return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 
     async def complete(self, call: Call) -> Completion:
         check_endpoint(self, call.endpoint)
         if call.endpoint is Endpoint.EMBEDDINGS:
             return self._embeddings(call)
-        answer = demo_reply(self._prompt(call))
-        usage = self._usage(call, answer)
+        answers = self._answers(call)
+        usage = self._usage(call, answers)
         created, model = int(time.time()), call.body["model"]
         if call.endpoint is Endpoint.CHAT:
             body: dict[str, Any] = {
@@ -94,7 +105,7 @@ class DemoProvider:
                 "system_fingerprint": _FINGERPRINT,
                 "choices": [
                     {"index": i, "message": {"role": "assistant", "content": answer, "refusal": None},
-                     "logprobs": None, "finish_reason": "stop"} for i in range(_choices(call))
+                     "logprobs": None, "finish_reason": "stop"} for i, answer in enumerate(answers)
                 ],
             }
         else:
@@ -102,9 +113,9 @@ class DemoProvider:
                 "id": f"cmpl-demo-{next(self._ids)}", "object": "text_completion", "created": created, "model": model,
                 "system_fingerprint": _FINGERPRINT,
                 "choices": [{"index": i, "text": answer, "logprobs": None, "finish_reason": "stop"}
-                            for i in range(_choices(call))],
+                            for i, answer in enumerate(answers)],
             }
-        body["usage"] = msgspec.to_builtins(usage)
+        body["usage"] = _usage_object(usage)
         return Completion(_encode(body), usage)
 
     async def open_stream(self, call: Call) -> DemoStream:
@@ -129,6 +140,12 @@ class DemoProvider:
         body = {"object": "list", "data": data, "model": call.body["model"],
                 "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
         return Completion(_encode(body), usage)
+
+
+def _usage_object(usage: Usage) -> dict[str, int]:
+    """OpenAI's usage object, every count written (`Usage` leaves out a count of 0, which the SDKs read as None)."""
+    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
+            "total_tokens": usage.total_tokens}
 
 
 def _choices(call: Call) -> int:
@@ -166,31 +183,33 @@ class DemoStream:
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         call, provider = self._call, self._provider
         chat = call.endpoint is Endpoint.CHAT
-        answer = demo_reply(provider._prompt(call))
-        words = answer.split(" ")
+        answers = provider._answers(call)
+        words = [answer.split(" ") for answer in answers]
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-demo-{next(provider._ids)}",
             "object": "chat.completion.chunk" if chat else "text_completion",
             "created": int(time.time()), "model": call.body["model"], "system_fingerprint": _FINGERPRINT,
         }
-        n = _choices(call)
 
-        def chunk(piece: str | None, finish: str | None, first: bool = False) -> Chunk:
+        def chunk(pieces: dict[int, str | None], finish: str | None, first: bool = False) -> Chunk:
+            """A chunk of the choices in `pieces` (index -> its text, None: none)."""
             if chat:
-                delta: dict[str, Any] = {"role": "assistant", "content": "", "refusal": None} if first else (
-                    {"content": piece} if piece is not None else {})
-                choices = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish} for i in range(n)]
+                choices = [{"index": i, "delta": {"role": "assistant", "content": "", "refusal": None} if first else (
+                    {"content": piece} if piece is not None else {}), "logprobs": None, "finish_reason": finish}
+                           for i, piece in pieces.items()]
             else:
                 choices = [{"index": i, "text": piece or "", "logprobs": None, "finish_reason": finish}
-                           for i in range(n)]
+                           for i, piece in pieces.items()]
             return Chunk.of({**base, "choices": choices})
 
+        every: dict[int, str | None] = dict.fromkeys(range(len(answers)))
         if chat:
-            yield [chunk(None, None, first=True)]
-        for i, word in enumerate(words):
+            yield [chunk(every, None, first=True)]
+        for step in range(max(map(len, words))):  # a word of each answer that has one left, a chunk a step
             if provider._delay:
                 await asyncio.sleep(provider._delay)
-            yield [chunk(word if i == 0 else " " + word, None)]
-        usage = provider._usage(call, answer)
-        usage_chunk = _encode({**base, "choices": [], "usage": msgspec.to_builtins(usage)})
-        yield [chunk(None, "stop"), UsageReport(usage, usage_chunk), DONE]
+            yield [chunk({i: (w[step] if step == 0 else " " + w[step]) for i, w in enumerate(words) if step < len(w)},
+                         None)]
+        usage = provider._usage(call, answers)
+        usage_chunk = _encode({**base, "choices": [], "usage": _usage_object(usage)})
+        yield [chunk(every, "stop"), UsageReport(usage, usage_chunk), DONE]

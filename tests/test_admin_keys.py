@@ -387,3 +387,17 @@ def test_a_run_time_key_can_rate_its_own_answers(upstream: MockUpstream) -> None
         assert unknown.status_code == 401
     finally:
         running.stop()
+
+
+def test_a_new_key_that_takes_a_revoked_keys_name_starts_from_nothing(keyed: RunningGateway) -> None:
+    """Limits count under a run-time key's id: a new `ci` after the first was revoked got 429 at its first
+    request, the first key's requests still in its window."""
+    first = create(keyed, name="ci", limits={"rpm": 1})
+    chat(keyed, first["key"])
+    with pytest.raises(openai.RateLimitError):
+        chat(keyed, first["key"])
+    assert httpx.delete(f"{keyed.url}/admin/keys/{first['id']}", headers=ADMIN).status_code == 200
+    second = create(keyed, name="ci", limits={"rpm": 1})
+    assert second["id"] != first["id"] and chat(keyed, second["key"])
+    with pytest.raises(openai.RateLimitError):  # its own limit holds
+        chat(keyed, second["key"])

@@ -26,15 +26,19 @@ class Scope:
     __slots__ = ("budget", "budget_cap", "budget_keys", "budget_left", "kind", "limits", "name", "rpm", "rpm_cap",
                  "rpm_key", "slot_key", "tpm_cap", "tpm_key")
 
-    def __init__(self, kind: str, name: str, limits: LimitSpec | None, budget: BudgetSpec | None) -> None:
+    def __init__(self, kind: str, name: str, limits: LimitSpec | None, budget: BudgetSpec | None,
+                 counted: str | None = None) -> None:
         self.kind = kind  # "key", "tenant" or "model"
-        self.name = name
+        self.name = name  # (its metrics' label)
         self.limits = limits
         self.budget = budget
-        self.slot_key = f"acct:conc:{kind}:{name}"
-        self.rpm_key = f"acct:rpm:{kind}:{name}"
-        self.tpm_key = f"acct:tpm:{kind}:{name}"
-        self.budget_keys = PeriodKeys(f"acct:budget:{kind}:{name}:", budget) if budget is not None else None
+        # What its counters are kept under: its name, or a key made at run time's id (`counted`): a new key that
+        # takes a revoked one's name starts from nothing, and a rotated key (the same id) goes on.
+        counted = counted or name
+        self.slot_key = f"acct:conc:{kind}:{counted}"
+        self.rpm_key = f"acct:rpm:{kind}:{counted}"
+        self.tpm_key = f"acct:tpm:{kind}:{counted}"
+        self.budget_keys = PeriodKeys(f"acct:budget:{kind}:{counted}:", budget) if budget is not None else None
         self.budget_left: BudgetLeft | None = None  # its gauges, once the accounting stage looked them up
         # The limits in the store's integer millionths (`to_units`), converted once for the in-process store's
         # integer operations (`MemoryStore.reserve_units_now`...); 0 where there is no such limit.
@@ -112,7 +116,7 @@ def scopes_of(ctx: RequestContext, policy: Policy) -> list[Scope]:
     key = ctx.key
     if key is not None:
         if key.limits is not None or key.budget is not None:
-            scopes.append(Scope("key", key.name, key.limits, key.budget))
+            scopes.append(Scope("key", key.name, key.limits, key.budget, key.key_id))
         tenant = policy.tenants.get(key.tenant)
         if tenant is not None and (tenant.limits is not None or tenant.budget is not None):
             scopes.append(Scope("tenant", key.tenant, tenant.limits, tenant.budget))

@@ -42,8 +42,12 @@ def ingress_policy(openai_url: str, anthropic_url: str) -> str:
         providers:
           openai: {{kind: openai, base_url: {openai_url}, api_key_env: MOCK_UPSTREAM_KEY,
                    timeouts: {{connect_s: 1, first_byte_s: 2, idle_s: 2, total_s: 20}}}}
-          claude: {{kind: anthropic, base_url: {anthropic_url}, api_key_env: ANTHROPIC_KEY}}
+          claude: {{kind: anthropic, base_url: {anthropic_url}, api_key_env: ANTHROPIC_KEY,
+                    anthropic: {{beta: [files-api-2025-04-14]}}}}
+          claude-own: {{kind: anthropic, base_url: {anthropic_url}, api_key_env: ANTHROPIC_KEY,
+                        anthropic: {{forward_beta: false}}}}
         models:
+          claude-own-betas: {{provider: claude-own, model: claude-mock}}
           gpt: {{provider: openai, model: mock-model}}
           gpt-echo: {{provider: openai, model: fault-echo}}
           gpt-tool: {{provider: openai, model: fault-echo-tool}}
@@ -109,6 +113,23 @@ def ask(sdk: anthropic.Anthropic, model: str, text: str = "Say hello", **kwargs:
 
 
 # -- /v1/messages -------------------------------------------------------------------------------------
+
+
+def test_a_clients_anthropic_beta_reaches_an_anthropic_upstream_only(
+    sdk: anthropic.Anthropic, upstream: MockUpstream, claude_mock: MockAnthropic,
+) -> None:
+    """Claude Code asks for betas (interleaved thinking, a longer context) in `anthropic-beta`: merged after the
+    provider's own `beta`, checked names only; an OpenAI upstream gets neither the header nor the private field."""
+    betas = {"anthropic-beta": "interleaved-thinking-2025-05-14, Bad Value!,context-1m-2025-08-07"}
+    ask(sdk, "claude", extra_headers=betas)
+    assert claude_mock.requests[-1].headers["anthropic-beta"] == (
+        "files-api-2025-04-14,interleaved-thinking-2025-05-14,context-1m-2025-08-07")
+    assert "_gateway" not in claude_mock.requests[-1].body.decode()
+    ask(sdk, "claude-own-betas", extra_headers=betas)
+    assert "anthropic-beta" not in claude_mock.requests[-1].headers  # `forward_beta: false`: the policy's only
+    ask(sdk, "gpt", extra_headers=betas)
+    assert "anthropic-beta" not in upstream.requests[-1].headers
+    assert "_gateway" not in upstream.requests[-1].body.decode()
 
 
 @pytest.mark.parametrize("alias", ["gpt", "claude"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from functools import partial
 from typing import Any, Protocol
 
@@ -37,6 +38,7 @@ from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import CountTokens, estimate_on_loop
 from ..translate.anthropic_answer import MessagesStream, messages_response
 from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
+from ..translate.common import BETA, CACHE_MARK
 from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
 
 __all__ = ["CountTokensEndpoint", "MessagesDialect"]
@@ -48,13 +50,36 @@ _REQUEST_ID = b"request-id"  # the header the Anthropic SDK reads the request id
 _OVERLOADED = 529  # Anthropic's status for `overloaded_error`
 
 
+_BETA_HEADER = b"anthropic-beta"
+_BETA_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # `interleaved-thinking-2025-05-14`, `context-1m-2025-08-07`
+_MAX_BETAS = 16
+
+
+def client_betas(headers: Any) -> list[str]:
+    """The `anthropic-beta` values a client sent (one header or several, comma-separated): names of Anthropic's
+    betas only (lower case, digits, `.`, `_`, `-`; others dropped), at most `_MAX_BETAS`, in order, once each."""
+    found: list[str] = []
+    for name, value in headers:
+        if name.lower() != _BETA_HEADER:
+            continue
+        for part in bytes(value).decode("latin-1").split(","):
+            beta = part.strip()
+            if _BETA_NAME.fullmatch(beta) and beta not in found and len(found) < _MAX_BETAS:
+                found.append(beta)
+    return found
+
+
 class MessagesDialect:
     """Anthropic's Messages request and answer formats (see `pipeline.dialect.Dialect`)."""
 
     label = "messages"
 
-    def decode(self, raw: bytes) -> tuple[dict[str, Any], msgspec.Struct]:
-        return chat_request(raw)
+    def decode(self, raw: bytes, headers: Any) -> tuple[dict[str, Any], msgspec.Struct]:
+        chat, typed = chat_request(raw)
+        betas = client_betas(headers)
+        if betas:  # for an Anthropic upstream's `anthropic-beta` (every other provider removes them, with the mark)
+            chat[BETA], chat[CACHE_MARK] = betas, True
+        return chat, typed
 
     def reply(self, ctx: RequestContext, body: bytes) -> bytes:
         _identify(ctx)

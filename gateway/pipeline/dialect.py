@@ -30,8 +30,9 @@ class StreamFramer(Protocol):
 class Dialect(Protocol):
     label: str  # the endpoint's metric label
 
-    def decode(self, raw: bytes) -> tuple[dict[str, Any], msgspec.Struct]:
-        """The internal request (dict and typed struct) for a client body, or an `InvalidRequest`."""
+    def decode(self, raw: bytes, headers: Any) -> tuple[dict[str, Any], msgspec.Struct]:
+        """The internal request (dict and typed struct) for a client body (and its request's raw headers), or an
+        `InvalidRequest`."""
 
     def reply(self, ctx: RequestContext, body: bytes) -> bytes:
         """A complete answer in the client's format."""

@@ -147,7 +147,7 @@ class Ingress:
             if ctx.dialect is None:
                 ctx.body, ctx.request = decode_body(raw, ctx.endpoint)
             else:  # another API's request (Anthropic's Messages): translated once, here, into the internal one
-                ctx.body, ctx.request = ctx.dialect.decode(raw)
+                ctx.body, ctx.request = ctx.dialect.decode(raw, ctx.head.raw_headers)
             if ctx.endpoint.streams:
                 ctx.stream = getattr(ctx.request, "stream", False) is True
                 options = getattr(ctx.request, "stream_options", None)

@@ -48,6 +48,8 @@ class AnthropicSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=Tru
     # Messages requires max_tokens; a chat request without max_tokens / max_completion_tokens gets this.
     default_max_tokens: Annotated[int, Meta(ge=1, le=1_000_000)] = 4096
     beta: list[Annotated[str, Meta(pattern=r"^[A-Za-z0-9._-]{1,64}(?!\n)$")]] = []  # anthropic-beta values
+    # A `/v1/messages` client's own `anthropic-beta` values go upstream too (after `beta`); false: only `beta`.
+    forward_beta: bool = True
 
 
 class GeminiSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):

@@ -23,6 +23,7 @@ from ..policy.provider_schema import AnthropicSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..translate.chat_to_anthropic import AnthropicEvents, anthropic_request, chat_completion
+from ..translate.common import BETA
 from ..upstream.client import ConnectionGate
 from .base import Call, Completion
 from .openai_compat import OpenAICompatProvider, status_error
@@ -60,7 +61,11 @@ class AnthropicProvider(OpenAICompatProvider):
         return self._messages_url
 
     def _headers(self, call: Call) -> dict[str, str]:
-        return {**self._static, **super()._headers(call)}
+        headers = {**self._static, **super()._headers(call)}
+        betas = call.body.get(BETA)
+        if betas and self.options.forward_beta:  # a `/v1/messages` client's, after the policy's own
+            headers["anthropic-beta"] = ",".join(dict.fromkeys([*self.options.beta, *betas]))
+        return headers
 
     def _payload(self, call: Call) -> bytes:
         return _encode(anthropic_request(call.body, self.options.default_max_tokens, self.target))

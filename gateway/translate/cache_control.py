@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import CACHE_MARK
+from .common import BETA, CACHE_MARK
 from .thinking import BLOCKS, REASONING
 
 __all__ = ["CACHE", "CACHE_MARK", "without_cache_control"]
@@ -28,7 +28,7 @@ def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
     """A copy of `body` without the mark, any `cache_control` and Anthropic's thinking (`reasoning_blocks` and the
     `reasoning_content` beside them); the original is left as it is: a later fallback to an Anthropic target still
     reads them."""
-    out = {key: value for key, value in body.items() if key != CACHE_MARK}
+    out = {key: value for key, value in body.items() if key != CACHE_MARK and key != BETA}
     messages = body.get("messages")
     if isinstance(messages, list):
         out["messages"] = [_message(message) for message in messages]

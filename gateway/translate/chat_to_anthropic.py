@@ -26,7 +26,7 @@ from typing import Any
 from ..errors import InvalidRequest
 from .anthropic_to_chat import FINISH_REASONS, AnthropicEvents, chat_completion, chat_usage
 from .cache_control import CACHE, CACHE_MARK
-from .common import data_url, json_instruction, parse_arguments, unsupported
+from .common import BETA, data_url, json_instruction, parse_arguments, unsupported
 from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "anthropic_request", "chat_completion", "chat_usage"]
@@ -50,7 +50,7 @@ _REFUSED: dict[str, Callable[[Any], bool]] = {
 _HANDLED = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
     "stream_options", "tools", "tool_choice", "parallel_tool_calls", "user", "metadata", "response_format",
-    "store", "service_tier", CACHE_MARK,
+    "store", "service_tier", CACHE_MARK, BETA,
 })
 # Messages' own fields, passed as they are (a target's `extra_body` may set them).
 _NATIVE = frozenset({"top_k", "thinking"})

@@ -11,8 +11,8 @@ import msgspec
 from ..errors import InvalidRequest
 from ..schemas.events import Chunk
 
-__all__ = ["CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url", "json_instruction", "parse_arguments",
-           "unsupported"]
+__all__ = ["BETA", "CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url", "json_instruction",
+           "parse_arguments", "unsupported"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -20,6 +20,9 @@ _encode = msgspec.json.Encoder().encode
 # (`reasoning_blocks`), set by the `/v1/messages` ingress: the one key a provider other than Anthropic's reads, to
 # strip them (`translate.cache_control`) before sending.
 CACHE_MARK = "_gateway_cache_control"
+# A `/v1/messages` client's `anthropic-beta` values (checked, in order), for an Anthropic upstream's header; the
+# body then carries `CACHE_MARK` too, so that every other provider removes it.
+BETA = "_gateway_anthropic_beta"
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
 
 

@@ -388,6 +388,7 @@ def test_responses_input_and_instructions_are_counted_as_the_chat_messages_they_
     ({"prompt": [1, 2, 3], "max_tokens": 10}, (10, True)),  # one prompt, as token ids
     ({"prompt": "hi", "max_tokens": 10, "best_of": 5, "n": 2}, (50, True)),
     ({"prompt": ["a", "b"], "max_tokens": 10, "best_of": True}, (20, True)),
+    ({"messages": [], "max_tokens": 10, "best_of": 50}, (10, True)),  # a field chat does not honour: not trusted
 ])
 def test_completion_cap_reads_the_field_of_each_api(body: dict[str, object], cap: tuple[int, bool]) -> None:
     from gateway.accounting.outright import completion_cap

@@ -37,10 +37,13 @@ def requested_cap(body: dict[str, Any]) -> int | None:
         cap = body.get("max_output_tokens")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         return None
-    cap *= max(_count(body.get("n")), _count(body.get("best_of")))  # `best_of` completions are generated and billed
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # several prompts (not token ids):
-        cap *= len(prompt)  # a completion (or `n`) each
+    if "prompt" not in body:  # (only the completions API has `best_of` and lists of prompts)
+        cap *= _count(body.get("n"))
+    else:
+        cap *= max(_count(body.get("n")), _count(body.get("best_of")))  # `best_of` answers are generated and billed
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # several prompts (not token ids):
+            cap *= len(prompt)  # a completion (or `n`) each
     return cap if cap <= MAX_TOKENS else MAX_TOKENS
 
 

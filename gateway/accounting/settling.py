@@ -117,13 +117,13 @@ class Settling(StageState):
             for held in bill.budgets:
                 try:
                     store.settle_units_now(held.key, units - held.units, held.ttl_s)
-                except StoreUnavailable:
-                    self._unsettled("spend", (held.key, held.reserved, cost, held.ttl_s))
+                except StoreUnavailable:  # owed: the rounded figure, as the ledger records it
+                    self._unsettled("spend", (held.key, held.reserved, units / AMOUNT_SCALE, held.ttl_s))
             for key, ttl, _ in bill.unreserved:
                 try:
                     store.settle_units_now(key, units, ttl)
                 except StoreUnavailable:
-                    self._unsettled("spend", (key, 0.0, cost, ttl))
+                    self._unsettled("spend", (key, 0.0, units / AMOUNT_SCALE, ttl))
             if bill.tokens:
                 usage = ctx.usage
                 tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0

@@ -16,7 +16,7 @@ from collections.abc import Iterable
 from functools import lru_cache
 from urllib.parse import quote, urlsplit
 
-__all__ = ["sanitize_upstream_message"]
+__all__ = ["remove_secrets", "sanitize_upstream_message"]
 
 # The scrub is a set of shape rules plus removal of the configured secrets by
 # value. It runs only on error paths, but it runs on text an upstream controls,
@@ -179,6 +179,14 @@ def sanitize_upstream_message(
     text = _KEY_SHAPED.sub(_REDACTED, text)
     text = _OPAQUE.sub(_REDACTED, text)
     return text[:_MAX_UPSTREAM_MESSAGE].rstrip()
+
+
+def remove_secrets(text: str, secrets: Iterable[str]) -> str:
+    """`text` with every spelling of the configured `secrets` replaced (the first step of
+    `sanitize_upstream_message` alone: no cut, no shape rules), for the text an upstream put beside its error
+    (an answer's ids, code, instructions), which the shape rules would mangle."""
+    pattern = _secrets_pattern(tuple(secrets) if not isinstance(secrets, str) else (secrets,))
+    return pattern.sub(_REDACTED, text) if pattern is not None else text
 
 
 def _in_word(char: str) -> bool:

@@ -339,11 +339,20 @@ def test_an_error_answer_is_scrubbed_beside_its_error_too() -> None:
     """`detail` or `incomplete_details` beside the `error` carried the key verbatim; the answer's identity stays."""
 
     from gateway.providers.scrub import scrubbed_error
+    from gateway.sanitize import remove_secrets
 
     key = "sk-proj-AbCdEfGh1234567890IjKlMnOp"
-    body = json.dumps({"id": "resp_1", "status": "failed", "error": {"message": f"bad key {key}"},
-                       "detail": f"Incorrect API key provided: {key}", "incomplete_details": {"reason": key}}).encode()
-    cleaned = json.loads(scrubbed_error(body, lambda text: sanitize(text, secrets=[f"Bearer {key}"])))
-    assert key not in json.dumps(cleaned)
-    assert cleaned["id"] == "resp_1" and cleaned["status"] == "failed"
+    code = "import os\n\nprint(os.environ['HOME'])  # see https://docs.example.com/x\n" * 20
+    answer_id = "resp_" + "0123456789abcdef" * 3
+    body = json.dumps({"id": answer_id, "status": "failed", "error": {"message": f"bad key {key} at 10.0.0.5"},
+                       "detail": f"Incorrect API key provided: {key}", "incomplete_details": {"reason": key},
+                       "output": [{"id": "msg_" + "f" * 40, "content": [{"text": code}]}],
+                       "instructions": "See https://example.com/rules"}).encode()
+    cleaned = json.loads(scrubbed_error(body, lambda text: sanitize(text, secrets=[f"Bearer {key}"]),
+                                        lambda text: remove_secrets(text, [f"Bearer {key}"])))
+    assert key not in json.dumps(cleaned) and "10.0.0.5" not in json.dumps(cleaned)
     assert cleaned["detail"] == "Incorrect API key provided: [redacted]"
+    # the rest of the answer keeps its ids, its code and its URLs (the shape rules are for the error's text only)
+    assert cleaned["id"] == answer_id and cleaned["output"][0]["id"] == "msg_" + "f" * 40
+    assert cleaned["output"][0]["content"][0]["text"] == code and cleaned["instructions"] == "See https://example.com/rules"
+    assert list(cleaned) == ["id", "status", "error", "detail", "incomplete_details", "output", "instructions"]

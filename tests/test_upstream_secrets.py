@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import textwrap
 from collections.abc import Awaitable, Callable, Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -27,6 +28,7 @@ from gateway.providers.gemini import GeminiProvider
 from gateway.providers.openai_compat import OpenAICompatProvider
 from gateway.providers.scrub import scrub_strings, scrubbed_error
 from gateway.providers.streaming import ResponsesEvents
+from gateway.sanitize import remove_secrets, sanitize_upstream_message
 from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import Chunk, StreamError, UsageReport
 from gateway.upstream.client import ConnectionGate
@@ -248,9 +250,10 @@ class _Host:
         pass
 
     def sanitize(self, message: object) -> str:
-        from gateway.sanitize import sanitize_upstream_message
-
         return sanitize_upstream_message(message, secrets=(KEY,))
+
+    def unsecret(self, text: str) -> str:
+        return remove_secrets(text, (KEY,))
 
 
 def test_responses_events_keep_their_bytes_unless_an_error_needs_scrubbing() -> None:
@@ -272,16 +275,18 @@ def test_responses_events_keep_their_bytes_unless_an_error_needs_scrubbing() -> 
     assert isinstance(error, StreamError) and KEY not in error.error.message and "bad [redacted]" in error.error.message
 
 
-def test_scrubbed_error_touches_only_error_strings() -> None:
+def test_scrubbed_error_scrubs_the_error_and_takes_only_credentials_from_the_rest() -> None:
     sanitize = _Host().sanitize
+    unsecret = partial(remove_secrets, secrets=[KEY])
     body = json.dumps({"id": "x", "error": {"message": "no", "code": 5, "inner": {"detail": [f"via {INTERNAL}"]}},
-                       "note": f"via {INTERNAL}"}).encode()
-    out = json.loads(scrubbed_error(body, sanitize))
+                       "note": f"via {INTERNAL}", "detail": f"key {KEY}"}).encode()
+    out = json.loads(scrubbed_error(body, sanitize, unsecret))
     assert out["error"] == {"message": "no", "code": 5, "inner": {"detail": ["via [address]"]}}
-    assert out["note"] == f"via {INTERNAL}"  # not an error: not this scrub's business
+    assert out["note"] == f"via {INTERNAL}"  # beside the error: only the credentials go
+    assert out["detail"] == "key [redacted]"
     for same in (b'{"error":null}', b'{"error":{"message":"no"}}', b'{"finish_reason":"error"}', b'{"error":3}'):
-        assert scrubbed_error(same, sanitize) is same
-    assert json.loads(scrubbed_error(b'{"error":"key ' + KEY.encode() + b'"}', sanitize)) == {
+        assert scrubbed_error(same, sanitize, unsecret) is same
+    assert json.loads(scrubbed_error(b'{"error":"key ' + KEY.encode() + b'"}', sanitize, unsecret)) == {
         "error": "key [redacted]"}
     nested: Any = "deep"
     for _ in range(20):

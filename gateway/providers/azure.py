@@ -18,7 +18,6 @@ from urllib.parse import quote
 from ..errors import ContentPolicyViolation, GatewayError
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec
-from ..sanitize import sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..upstream.client import ConnectionGate
 from .base import Call
@@ -56,11 +55,10 @@ class AzureProvider(OpenAICompatProvider):
         assert self._session is not None, "provider not started"
         self._session.headers["Authorization"] = f"Bearer {token}"
 
-    def sanitize(self, message: object) -> str:
+    def secrets(self) -> tuple[str, ...]:
         if self.token_file is None:
-            return super().sanitize(message)
-        secrets = (*self.config.secrets, *self.token_file.secrets)  # the file's current and previous tokens
-        return sanitize_upstream_message(message, secrets=secrets, public_hosts=self.config.public_hosts)
+            return super().secrets()
+        return (*self.config.secrets, *self.token_file.secrets)  # the file's current and previous tokens
 
     def _url(self, call: Call) -> str:
         deployment = self._deployment or str(call.body.get("model", ""))

@@ -28,7 +28,7 @@ from ..errors import (
     UpstreamTimeout,
 )
 from ..policy.compiled import ProviderConfig
-from ..sanitize import sanitize_upstream_message
+from ..sanitize import remove_secrets, sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.responses import responses_usage
@@ -108,8 +108,16 @@ class OpenAICompatProvider:
         return (call.stream and self.config.stream_usage and not call.client_wants_usage
                 and call.endpoint is not _RESPONSES)
 
+    def secrets(self) -> tuple[str, ...]:
+        """The credentials an upstream's text must never carry to a client (`sanitize`, `unsecret`)."""
+        return tuple(self.config.secrets)
+
     def sanitize(self, message: object) -> str:
-        return sanitize_upstream_message(message, secrets=self.config.secrets, public_hosts=self.config.public_hosts)
+        return sanitize_upstream_message(message, secrets=self.secrets(), public_hosts=self.config.public_hosts)
+
+    def unsecret(self, text: str) -> str:
+        """`text` without the credentials (the text beside an error: `scrub.scrubbed_error`)."""
+        return remove_secrets(text, self.secrets())
 
     async def _send(self, call: Call) -> tuple[aiohttp.ClientResponse, float]:
         """POST and wait for the response headers (connect + first byte); map failures.
@@ -163,19 +171,19 @@ class OpenAICompatProvider:
             if call.endpoint is _RESPONSES:
                 answer = _peek_responses(body)
                 if answer.error is not None:  # `"error": null` unless the response failed
-                    body = scrubbed_error(body, self.sanitize)
+                    body = scrubbed_error(body, self.sanitize, self.unsecret)
                 return Completion(body, responses_usage(answer.usage))
             if call.read_choices:  # a stage reads the answer's text: its choices in the same decode
                 try:
                     peek = _peek_usage_choices(body)
                     if peek.error is not None:
-                        body = scrubbed_error(body, self.sanitize)
+                        body = scrubbed_error(body, self.sanitize, self.unsecret)
                     return Completion(body, peek.usage, choices=peek.choices or [])
                 except msgspec.ValidationError:
                     pass  # choices of unusual types: the usage alone (the stage reads the body its own way)
             plain = _peek_usage(body)
             if plain.error is not None:  # absent from an answer, in the common case
-                body = scrubbed_error(body, self.sanitize)
+                body = scrubbed_error(body, self.sanitize, self.unsecret)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(body, plain.usage)

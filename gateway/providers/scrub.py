@@ -8,7 +8,9 @@ stream event whose `response` carries one (`response.failed`), and a 200 answer 
 OpenAI-compatible server fills with `{"error": ...}`. The strings of those error
 objects go through the same `sanitize` here, so that no configured secret, internal
 address or host name an upstream echoes reaches a client on any path
-(docs/security.md).
+(docs/security.md); every other string of such a body or event loses the configured
+secrets only (`unsecret`): an upstream may echo one beside its error, and the shape
+rules would mangle the rest of an answer (ids, code, instructions).
 
 A body or event is decoded and re-encoded only when one of its error strings
 actually changes: a clean one, the common case, goes on byte for byte.
@@ -104,28 +106,44 @@ def _scrub(value: Any, sanitize: Sanitize, depth: int, budget: list[int]) -> boo
     return changed
 
 
-# What an error answer's fields beside its `error` keep as they are: the answer's own identity and shape.
-_STRUCTURAL = frozenset({"id", "object", "type", "model", "status", "created", "created_at", "sequence_number"})
-
-
-def scrubbed_error(body: bytes, sanitize: Sanitize, within: str | None = None) -> bytes:
-    """`body` (a JSON object) with its `error` (or `within`'s `error`) scrubbed, and every string beside it
-    (an upstream may echo a credential in `detail` or `incomplete_details` as well), but the fields that say
-    what the answer is (`_STRUCTURAL`); `body` itself when that needs no change. Raises msgspec's errors for a
-    body that is not a JSON object."""
+def scrubbed_error(body: bytes, sanitize: Sanitize, unsecret: Callable[[str], str], within: str | None = None
+                   ) -> bytes:
+    """`body` (a JSON object) with its `error` (or `within`'s `error`) scrubbed (`sanitize`: credentials,
+    addresses, key shapes), and every other string of it, at any depth, rid of the configured credentials alone
+    (`unsecret`: an upstream may echo one in `detail` or `incomplete_details`; the shape rules would mangle an
+    answer's ids, code or instructions); `body` itself when nothing changes. Raises msgspec's errors for a body
+    that is not a JSON object."""
     data = _decode(body)
     holder = data.get(within) if within is not None else data
     if not isinstance(holder, dict):
         return body
-    changed = False
-    for key, value in holder.items():  # the error, and what an upstream may have put beside it (`detail`...)
-        if key in _STRUCTURAL:
-            continue
-        if isinstance(value, str):
-            clean = sanitize(value)
-            if clean != value:
-                holder[key] = clean
-                changed = True
-        elif scrub_strings(value, sanitize):  # False too for null, a number, a boolean
-            changed = True
+    error = holder.get("error")
+    holder["error"] = None  # (set back below, in its place: the rest is walked without it)
+    changed = _unsecret(data, unsecret, 0)
+    if isinstance(error, str):
+        clean = sanitize(error)
+        changed = changed or clean != error
+        error = clean
+    elif scrub_strings(error, sanitize):  # False too for null, a number, a boolean
+        changed = True
+    holder["error"] = error
     return _encode(data) if changed else body
+
+
+def _unsecret(value: Any, unsecret: Callable[[str], str], depth: int) -> bool:
+    """Every string inside `value` (a decoded JSON object or array) through `unsecret`, in place (past
+    `_MAX_DEPTH`, containers are left as they are: no credential is removed from them, none is cut either)."""
+    if depth > _MAX_DEPTH:
+        return False
+    changed = False
+    keys: Any = list(value) if isinstance(value, dict) else range(len(value)) if isinstance(value, list) else ()
+    for key in keys:
+        item = value[key]
+        if isinstance(item, str):
+            clean = unsecret(item)
+            if clean != item:
+                value[key] = clean
+                changed = True
+        elif isinstance(item, (dict, list)) and _unsecret(item, unsecret, depth + 1):
+            changed = True
+    return changed

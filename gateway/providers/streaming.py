@@ -41,6 +41,8 @@ class StreamHost(Protocol):
 
     def sanitize(self, message: object) -> str: ...
 
+    def unsecret(self, text: str) -> str: ...
+
 
 class StreamTranslator(Protocol):
     """Per request: upstream SSE payloads in, typed events out."""
@@ -144,7 +146,7 @@ class ResponsesEvents:
             return [StreamError(UpstreamError(f"upstream `{self._provider.name}` failed mid-stream: {detail}"))]
         response = peek.response
         if response is not None and response.error is not None:  # not null: the upstream's own error text
-            payload = scrubbed_error(payload, self._provider.sanitize, "response")
+            payload = scrubbed_error(payload, self._provider.sanitize, self._provider.unsecret, "response")
         if peek.type in ("response.completed", "response.incomplete", "response.failed"):
             self._done = True
             usage = responses_usage(response.usage) if response is not None else None

@@ -354,3 +354,41 @@ def test_held_tool_arguments_leave_when_the_stream_ends_without_a_finish_reason(
     pieces = [_tool_delta(0, '{"to": "', True), _tool_delta(0, f'{EMAIL}", "x": '), _tool_delta(0, "1}")]
     sent = _run(runtime, _chunks([{"index": 0, "delta": {"tool_calls": [p]}, "finish_reason": None} for p in pieces]))
     assert json.loads(_arguments(sent)[0]) == {"to": "<EMAIL_ADDRESS>", "x": 1}
+
+
+def test_a_custom_tools_held_input_leaves_whole_before_the_next_call_starts(runtime: GuardRuntime) -> None:
+    """A custom tool's input is plain text, never resumed once another call starts: what the window held of it
+    (the word after an address) leaves before the next call, not in the finish chunk."""
+    choices = [
+        {"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+            {"index": 0, "id": "c0", "type": "custom", "custom": {"name": "note", "input": f"to {EMAIL[:10]}"}}]}},
+        {"index": 0, "finish_reason": None, "delta": {"tool_calls": [
+            {"index": 0, "custom": {"input": EMAIL[10:] + " bye"}}]}},
+        {"index": 0, "finish_reason": None, "delta": {"tool_calls": [_tool_delta(1, '{"q": 1}', True)]}},
+        {"index": 0, "delta": {}, "finish_reason": "tool_calls"},
+    ]
+    sent = _run(runtime, _chunks(choices))
+    seen: dict[int, str] = {}
+    for chunk in sent:
+        for call in chunk["choices"][0]["delta"].get("tool_calls") or ():
+            if call["index"] == 1 and call.get("id"):
+                assert seen[0] == "to <EMAIL_ADDRESS> bye", seen  # call 0 whole before call 1 begins
+            seen[call["index"]] = seen.get(call["index"], "") + (call.get("custom", {}).get("input") or "")
+    assert seen[0] == "to <EMAIL_ADDRESS> bye"
+
+
+def test_content_parts_become_openais_fields_where_the_guards_read_them(runtime: GuardRuntime) -> None:
+    """Mistral's `thinking` parts and a `refusal` part in a list content were dropped with the list made text."""
+    choices = [
+        {"index": 0, "finish_reason": None, "delta": {"content": [
+            {"type": "thinking", "thinking": [{"type": "text", "text": f"mail {EMAIL} later. "}]}]}},
+        {"index": 0, "finish_reason": None, "delta": {"content": [{"type": "text", "text": "Done."}]}},
+        {"index": 0, "finish_reason": None, "delta": {"content": [{"type": "refusal", "refusal": f"not {EMAIL}"}]}},
+        {"index": 0, "delta": {}, "finish_reason": "stop"},
+    ]
+    sent = _run(runtime, _chunks(choices))
+    joined = {field: "".join(c["choices"][0]["delta"].get(field) or "" for c in sent if c.get("choices"))
+              for field in ("reasoning_content", "content", "refusal")}
+    assert joined == {"reasoning_content": "mail <EMAIL_ADDRESS> later. ", "content": "Done.",
+                      "refusal": "not <EMAIL_ADDRESS>"}
+    assert EMAIL not in json.dumps(sent)

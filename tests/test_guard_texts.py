@@ -99,8 +99,17 @@ def _sent(upstream: MockUpstream) -> str:
                               {"type": "function_call_output", "call_id": "c1", "output": "ok"}]}),
     ("/responses", {"input": "hi", "prompt": {"id": "pmpt_1", "variables": {
         "who": EMAIL, "note": {"type": "input_text", "text": TEXT}}}}),
+    ("/chat/completions", {"messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "custom", "custom": {"name": "note", "input": TEXT}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "ok"}]}),
+    ("/responses", {"input": [{"type": "custom_tool_call", "call_id": "c1", "name": "note", "input": TEXT},
+                              {"type": "custom_tool_call_output", "call_id": "c1", "output": "ok"}]}),
+    ("/responses", {"input": [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": TEXT}]},
+                              {"role": "user", "content": "go on"}]}),
 ], ids=["object-arguments", "legacy-call", "refusal-part", "prediction", "suffix", "output-parts",
-        "call-item", "prompt-variables"])
+        "call-item", "prompt-variables", "custom-call", "custom-call-item", "reasoning-summary"])
 def test_every_input_text_is_guarded(gw: RunningGateway, upstream: MockUpstream, path: str,
                                      body: dict[str, Any]) -> None:
     response = _post(gw, path, {"model": "in", **body})

@@ -456,3 +456,28 @@ def test_a_reload_keeps_what_routing_learnt_about_targets_that_stay() -> None:
     assert second.stats["a/m"] is first.stats["a/m"] and second.stats["a/m"].full_answer_s == 0.5
     assert second.breakers.state("a/m") == OPEN and second.breakers.state("c/m") == CLOSED
     assert "b/m" not in second.stats
+
+
+def test_the_offline_plan_skips_targets_that_cannot_serve_the_endpoint() -> None:
+    """`gateway explain` and `gateway test` order the targets as the router does: an Anthropic target of a mixed
+    alias is not shown first for /v1/responses (the router skips it), but is for chat."""
+    from gateway.routing.explain import route_plan
+    from gateway.routing.router import Router
+    from gateway.schemas.endpoints import Endpoint
+    from gateway.telemetry.metrics import Metrics
+
+    policy = compile_text(textwrap.dedent("""\
+        version: 1
+        auth: none
+        providers:
+          claude: {kind: anthropic, base_url: "https://api.anthropic.com/v1", api_key_env: A_KEY}
+          gpt: {kind: openai, base_url: "https://api.openai.com/v1", api_key_env: O_KEY}
+        models:
+          mixed: {targets: [{provider: claude, model: c}, {provider: gpt, model: g}]}
+        """), "p.yaml", {"A_KEY": "sk-ant-x", "O_KEY": "sk-x"})
+    router = Router(policy, {}, None, Metrics())
+    facts = Facts({"model": "mixed"}, None, [], None)
+    _, _, order = route_plan(router, facts, "mixed", False, Endpoint.RESPONSES)
+    assert [t.name for t in order] == ["gpt/g"]
+    _, _, order = route_plan(router, facts, "mixed", False, Endpoint.CHAT)
+    assert [t.name for t in order] == ["claude/c", "gpt/g"]

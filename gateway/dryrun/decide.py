@@ -128,7 +128,8 @@ class Decider:
             found["limits"] = self._limits(request.endpoint, body, key, alias)
             found["guards"] = await self._guards(request.endpoint, body, key, alias)
             found["cache"] = self._cache(request.endpoint, body, request.headers, alias)
-            found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream)
+            found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream,
+                                                           request.endpoint)
         except _Refused as refused:
             error = refused.error
             if refused.kind is not None and refused.decision is not None:
@@ -259,12 +260,12 @@ class Decider:
 
     def _route(
         self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]], alias: str,
-        stream: bool,
+        stream: bool, endpoint: Endpoint,
     ) -> tuple[RouteDecision, TargetsDecision]:
         route = self.policy.models[alias]
         facts = Facts(body, key, headers, self.tokens, route.upstream_model)
         try:
-            rule, plan, order = route_plan(self.router, facts, alias, stream)
+            rule, plan, order = route_plan(self.router, facts, alias, stream, endpoint)
         except NoRoute as exc:
             rule_name = next((r.name for r in route.rules if r.deny == exc.message), None)
             raise _Refused("route", exc, RouteDecision(rule=rule_name, denied=exc.message)) from None

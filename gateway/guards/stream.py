@@ -25,7 +25,7 @@ from ..schemas.events import DONE, Chunk, StreamDone, StreamEvent, UsageReport
 from .base import Guard
 from .responses import ResponsesChunks
 from .session import GuardSession
-from .texts import BESIDE_CONTENT, UNREAD_TEXTS, joined_parts, text_arguments
+from .texts import BESIDE_CONTENT, UNREAD_TEXTS, spread_parts, text_arguments
 from .window import ANSWER, TOOL, Blocked, Window
 
 if TYPE_CHECKING:
@@ -149,8 +149,9 @@ class ChatChunks:
             calls = holder.get("tool_calls") if self.chat else None
             text = holder.get(self.key)
             if self.chat:
-                if isinstance(text, list):  # content as a list of parts: read (and sent) as their text
-                    text = holder[self.key] = joined_parts(text)
+                if isinstance(text, list):  # content as a list of parts: read (and sent) as OpenAI's fields
+                    spread_parts(holder, self.key)
+                    text = holder[self.key]
                 if self.scrub:
                     holder.pop(UNREAD_TEXTS, None)
                 if self.besides or not holder.keys().isdisjoint(BESIDE_CONTENT):  # (most streams: neither)
@@ -227,7 +228,8 @@ class ChatChunks:
         for (i, kind, other), lane in list(self.window.lanes.items()):
             if i != index or kind not in _CALL_FIELDS or other == sub or other in later or not lane.pending:
                 continue
-            whole = kind == "tool" and _complete_json(self.arguments.get((index, other)))
+            # whole: complete JSON arguments (the call is over), or a custom tool's input (a call never resumed)
+            whole = kind == "custom" or _complete_json(self.arguments.get((index, other)))
             text = await self.window.release(lane, whole, TOOL)
             if text:
                 place, field = _CALL_FIELDS[kind]

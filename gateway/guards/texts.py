@@ -4,7 +4,7 @@ A text the guards do not find is a text they let through unread, so every shape 
 may use is found here, or refused when it cannot be read (a prompt sent as token ids, under input
 guards). Two shapes are normalized so that they can be read: tool call arguments sent as a JSON
 object instead of a string become that object's JSON (the form OpenAI's API takes and gives), and an
-answer's content sent as a list of parts becomes the text of its text parts.
+answer's content sent as a list of parts becomes OpenAI's fields (`spread_parts`).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from .base import Part, Where
 from .window import ANSWER, REASONING, TOOL
 
 __all__ = ["BESIDE_CONTENT", "UNREAD_TEXTS", "answer_refs", "input_texts", "joined_parts", "refuse_unreadable",
-           "text_arguments"]
+           "spread_parts", "text_arguments"]
 
 _encode = msgspec.json.Encoder().encode
 Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the text
@@ -46,6 +46,30 @@ def joined_parts(parts: list[Any]) -> str:
     """The text of a list of content parts: its text parts', joined (what a client shows of it)."""
     return "".join(part["text"] for part in parts
                    if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str))
+
+
+def spread_parts(holder: dict[str, Any], key: str) -> None:
+    """A chat message's (or delta's) `content` given as a list of parts, as OpenAI's fields, where the guards
+    read them: the text parts' text as the content, a refusal part's as `refusal`, a thinking part's (Mistral's:
+    a string, or a list of text parts) as `reasoning_content`, each after what that field already holds. Other
+    parts (an image) are dropped: no guard can read them."""
+    texts: list[str] = []
+    refusals: list[str] = []
+    thoughts: list[str] = []
+    for part in holder[key]:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind == "text" and isinstance(part.get("text"), str):
+            texts.append(part["text"])
+        elif kind == "refusal" and isinstance(part.get("refusal"), str):
+            refusals.append(part["refusal"])
+        elif kind == "thinking":
+            inner = part.get("thinking")
+            thoughts.append(inner if isinstance(inner, str) else joined_parts(inner) if isinstance(inner, list) else "")
+    holder[key] = "".join(texts)
+    for field, found in (("refusal", refusals), ("reasoning_content", thoughts)):
+        if any(found):
+            before = holder.get(field)
+            holder[field] = (before if isinstance(before, str) else "") + "".join(found)
 
 
 def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
@@ -86,6 +110,9 @@ def _chat_texts(body: dict[str, Any]) -> Iterator[Ref]:
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and text_arguments(function):
                 yield function, "arguments", Where("input", "tool_arguments")
+            custom = call.get("custom") if isinstance(call, dict) else None
+            if isinstance(custom, dict) and isinstance(custom.get("input"), str):
+                yield custom, "input", Where("input", "tool_arguments")
         legacy = message.get("function_call")
         if isinstance(legacy, dict) and text_arguments(legacy):
             yield legacy, "arguments", Where("input", "tool_arguments")
@@ -133,6 +160,11 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
                 yield part, "text", Where("input", "tool_result")
         if item.get("type") == "function_call" and text_arguments(item):
             yield item, "arguments", Where("input", "tool_arguments")
+        if item.get("type") == "custom_tool_call" and isinstance(item.get("input"), str):
+            yield item, "input", Where("input", "tool_arguments")
+        for part in item.get("summary") or () if item.get("type") == "reasoning" else ():
+            if isinstance(part, dict) and isinstance(part.get("text"), str):
+                yield part, "text", Where("input", "message")
         content = item.get("content")
         if isinstance(content, str):
             yield item, "content", Where("input", "message")
@@ -149,7 +181,7 @@ def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[
     texts beside it, each tool call's arguments (a custom tool's input, as plain text), a legacy `function_call`'s
     arguments, and an audio answer's transcript."""
     if chat and isinstance(holder.get(key), list):
-        holder[key] = joined_parts(holder[key])
+        spread_parts(holder, key)
     if isinstance(holder.get(key), str):
         yield holder, key, ANSWER, False
     if not chat:

@@ -14,7 +14,7 @@ from .demo import DemoProvider
 from .gemini import GeminiProvider
 from .openai_compat import OpenAICompatProvider
 
-__all__ = ["Call", "Completion", "Provider", "build_provider"]
+__all__ = ["ENDPOINTS_BY_KIND", "Call", "Completion", "Provider", "build_provider"]
 
 _Factory = Callable[[ProviderConfig, TokenCounter, GateObserver | None], Provider]
 
@@ -30,6 +30,12 @@ _FACTORIES: dict[str, _Factory] = {
     "gemini": lambda config, tokens, observer: GeminiProvider(config, _gate(config, observer)),
     "demo": lambda config, tokens, observer: DemoProvider(config, tokens),
 }
+
+
+# The endpoints each kind serves, without building a provider (the offline tools' router: `gateway explain`).
+ENDPOINTS_BY_KIND = {"openai": OpenAICompatProvider.endpoints, "azure": AzureProvider.endpoints,
+                     "anthropic": AnthropicProvider.endpoints, "gemini": GeminiProvider.endpoints,
+                     "demo": DemoProvider.endpoints}
 
 
 def build_provider(config: ProviderConfig, tokens: TokenCounter, observer: GateObserver | None = None) -> Provider:

@@ -1,7 +1,7 @@
 """`gateway route`: which rule a request matches and the order its targets would be tried, offline.
 
 Nothing is sent: the policy is compiled as for serving, the request decoded as the
-endpoint would, and the router's own `explain` (the same rules and strategies that
+endpoint would, and `route_plan` (the same rules and strategies that
 serve traffic) orders the targets. Breakers read as closed and latency and load as
 unknown, since an offline command sees no traffic; a weighted alias without a
 sticky key shows one random draw and the weights.
@@ -44,7 +44,7 @@ def explain_route(
     facts = Facts(body, virtual_key, raw_headers, tokens, policy.models[alias].upstream_model)
     router = Router(policy, {}, None, Metrics(), tokens)
     stream = body.get("stream") is True
-    rule, route, order = route_plan(router, facts, alias, stream)
+    rule, route, order = route_plan(router, facts, alias, stream, endpoint)
     lines = [
         f"endpoint: /v1/{endpoint.path}" + (" (streamed)" if stream else ""),
         f"alias: {alias}" + (f"  (tenant {virtual_key.tenant}, key {virtual_key.name})" if virtual_key else ""),
@@ -97,14 +97,15 @@ def _target_note(route: ModelRoute, target: Target) -> str:
 
 
 
-def route_plan(router: Router, facts: Facts, alias: str, stream: bool
+def route_plan(router: Router, facts: Facts, alias: str, stream: bool, endpoint: Endpoint | None = None
                ) -> tuple[str | None, ModelRoute, Sequence[Target]]:
-    """The rule that matches and the candidate order, as `Router.select` decides them, without sending anything
-    (`gateway route`, `gateway explain`, `gateway test`)."""
+    """The rule that matches and the candidate order, as `Router.select` decides them (for `endpoint`: only the
+    targets that serve it, when some do), without sending anything (`gateway route`, `explain`, `test`)."""
     route = router.policy.models[alias]
     rule = first_match(route.rules, alias, facts) if route.rules else None
     if rule is not None and rule.deny is not None:
         raise NoRoute(rule.deny)
     if rule is not None:
         route = rule.route if rule.route is not None else router.policy.models[rule.alias or alias]
-    return (rule.name if rule else None), route, order_targets(route, facts, router.stats, stream, router.rng)
+    order = order_targets(route, facts, router.stats, stream, router.rng)
+    return (rule.name if rule else None), route, router.serving(endpoint, order) if endpoint is not None else order

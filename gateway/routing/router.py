@@ -32,6 +32,7 @@ from ..errors import GatewayError, NoRoute, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream
 from ..policy.compiled import ModelRoute, Policy, Target
+from ..providers import ENDPOINTS_BY_KIND
 from ..providers.base import Call, Provider
 from ..schemas.endpoints import Endpoint
 from ..store.base import Store
@@ -73,8 +74,10 @@ class Router:
         self.tokens = tokens
         self.targets = all_targets(policy)
         # Routes whose providers serve different endpoints (OpenAI's and Anthropic's): candidates by endpoint.
+        self._endpoints = {name: providers[name].endpoints if name in providers else ENDPOINTS_BY_KIND.get(
+            config.kind, frozenset()) for name, config in policy.providers.items()}
         self._mixed = {id(route) for route in _routes(policy)
-                       if len({providers[t.provider].endpoints for t in route.targets if t.provider in providers}) > 1}
+                       if len({self._endpoints.get(target.provider) for target in route.targets}) > 1}
         # After a reload, targets that stay keep their measurements and breakers (the same objects, so
         # requests still running on the old policy go on updating them); a reload must not let a
         # target that is down be hammered again.
@@ -130,13 +133,13 @@ class Router:
         ctx.plan = route
         ctx.candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
         if id(route) in self._mixed:
-            ctx.candidates = self._serving(ctx, ctx.candidates)
+            ctx.candidates = self.serving(ctx.endpoint, ctx.candidates)
         ctx.provider = self.providers[ctx.candidates[0].provider]
 
-    def _serving(self, ctx: RequestContext, candidates: Sequence[Target]) -> Sequence[Target]:
+    def serving(self, endpoint: Endpoint, candidates: Sequence[Target]) -> Sequence[Target]:
         """The candidates whose provider serves the request's endpoint, in order; all if none does (the first then
         answers its 400). A fallback to one that could not turned an upstream's 5xx into a 400, never retried."""
-        serving = [target for target in candidates if ctx.endpoint in self.providers[target.provider].endpoints]
+        serving = [target for target in candidates if endpoint in self._endpoints.get(target.provider, ())]
         return serving or candidates
 
     # -- calling ------------------------------------------------------------------------------------
@@ -158,7 +161,7 @@ class Router:
             facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens) if route.sticky else None
             candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
             if id(route) in self._mixed:
-                candidates = self._serving(ctx, candidates)
+                candidates = self.serving(ctx.endpoint, candidates)
         raise self._tagged(ctx, aggregate(ctx.alias_label, failures))
 
     async def _walk(

@@ -75,6 +75,12 @@ def conformance_policy(mocks: Mocks) -> str:
             api_key_env: MOCK_UPSTREAM_KEY
             timeouts: {timeouts}
             azure: {{api_version: "2024-10-21"}}
+          azure-2024-06:
+            kind: azure
+            base_url: {openai_url.removesuffix("/v1")}
+            api_key_env: MOCK_UPSTREAM_KEY
+            timeouts: {timeouts}
+            azure: {{api_version: "2024-06-01"}}
           anthropic:
             kind: anthropic
             base_url: {mocks.by_kind["anthropic"].base_url}
@@ -87,6 +93,7 @@ def conformance_policy(mocks: Mocks) -> str:
     models = "\n".join(f"  {kind}-{model}: {{provider: {kind}, model: {model}}}" for kind in KINDS for model in MODELS)
     models += ("\n  overloaded-then-openai:\n    targets: [{provider: anthropic, model: fault-error-first}, "
                "{provider: openai, model: mock-model}]"
+               "\n  azure-old-version:\n    targets: [{provider: azure-2024-06, model: mock-model}]"
                "\n  anthropic-first:\n    targets: [{provider: anthropic, model: mock-model}, "
                "{provider: openai, model: mock-model}]"
                "\n  failing-then-anthropic:\n    targets: [{provider: openai, model: fault-status-500}, "
@@ -334,7 +341,7 @@ def test_each_error_class(kind: str, fault: str, error: type[openai.APIStatusErr
     assert UPSTREAM_KEY not in text and ANTHROPIC_KEY not in text and "10.0.0.5" not in text
     if fault == "fault-context-length":
         assert caught.value.code == "context_length_exceeded"
-    if fault == "fault-status-429" and kind != "gemini":
+    if fault == "fault-status-429":  # (Gemini's: from its body's RetryInfo, as it sends no Retry-After)
         assert caught.value.response.headers.get("retry-after") == "7"
 
 
@@ -393,6 +400,78 @@ def test_azure_content_filter_is_a_content_policy_violation(client: openai.OpenA
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model="azure-fault-content-filter", messages=[{"role": "user", "content": "x"}])
     assert caught.value.code == "content_policy_violation"
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_gemini_tool_call_goes_back_with_its_thought_signature(client: openai.OpenAI, mocks: Mocks,
+                                                                 stream: bool) -> None:
+    """Gemini 3 refuses its own function call sent back without the `thoughtSignature` it came with: the gateway
+    dropped it, so no tool conversation could go on. It rides on the tool call as Google's OpenAI-compatible API
+    has it (`extra_content.google.thought_signature`), and goes back on the `functionCall` part."""
+    from tests.support.mock_gemini import SIGNATURE
+
+    asked = [{"role": "user", "content": "say hi"}]
+    tools = [{"type": "function", "function": {"name": "echo", "parameters": {"type": "object"}}}]
+    if stream:
+        with client.chat.completions.stream(model="gemini-fault-echo-tool", messages=asked, tools=tools) as events:
+            message = events.get_final_completion().choices[0].message
+    else:
+        message = client.chat.completions.create(model="gemini-fault-echo-tool", messages=asked,
+                                                 tools=tools).choices[0].message  # type: ignore[arg-type]
+    call = message.tool_calls[0]  # type: ignore[index]
+    assert (call.model_extra or {}).get("extra_content") == {"google": {"thought_signature": SIGNATURE}}
+    history = [*asked, message.model_dump(exclude_none=True),
+               {"role": "tool", "tool_call_id": call.id, "content": "hi"}]
+    again = client.chat.completions.create(model="gemini-fault-echo-tool", messages=history,  # type: ignore[arg-type]
+                                           tools=tools)  # type: ignore[arg-type]
+    assert again.choices[0].message.tool_calls
+    sent = [part for content in mocks.last("gemini").json["contents"] for part in content["parts"]
+            if "functionCall" in part]
+    assert sent == [{"functionCall": {"name": "echo", "args": json.loads(call.function.arguments)},
+                     "thoughtSignature": SIGNATURE}]
+
+
+def test_gemini_gets_tool_results_in_the_order_of_its_calls(client: openai.OpenAI, mocks: Mocks) -> None:
+    """Two calls of one function, answered in the other order: Gemini matches results by name and place, so each
+    got the other's result."""
+    calls = [{"id": f"call_{n}", "type": "function", "function": {"name": "weather", "arguments": json.dumps(
+        {"city": city})}} for n, city in enumerate(("Paris", "London"))]
+    history = [{"role": "user", "content": "weather?"}, {"role": "assistant", "content": None, "tool_calls": calls},
+               {"role": "tool", "tool_call_id": "call_1", "content": '{"temp_c": 11}'},
+               {"role": "tool", "tool_call_id": "call_0", "content": '{"temp_c": 24}'}]
+    client.chat.completions.create(model="gemini-mock-model", messages=history)  # type: ignore[arg-type]
+    results = mocks.last("gemini").json["contents"][-1]["parts"]
+    assert [part["functionResponse"]["response"] for part in results] == [{"temp_c": 24}, {"temp_c": 11}]
+
+
+def test_an_azure_api_version_before_2024_09_is_not_asked_for_stream_usage(client: openai.OpenAI, mocks: Mocks
+                                                                         ) -> None:
+    """Azure's API versions before 2024-09-01 refuse `stream_options` with a 400 the client never caused: the
+    gateway does not add it there, and counts the stream's tokens itself."""
+    stream = client.chat.completions.create(model="azure-old-version", stream=True,
+                                            messages=[{"role": "user", "content": "hi"}])
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    assert "stream_options" not in mocks.last("azure").json
+    client.chat.completions.create(model="azure-mock-model", stream=True, messages=[{"role": "user", "content": "hi"}])
+    assert mocks.last("azure").json["stream_options"] == {"include_usage": True}  # 2024-10-21: asked
+
+
+def test_gemini_small_points() -> None:
+    """MAX_TOKENS with a function call is `length` (a truncated call); Google's 400 for a bad key is the gateway's
+    credential (502), not the client's request."""
+    from gateway.policy import compile_text as compile_policy
+    from gateway.providers import build_provider
+    from gateway.telemetry.tokens import TokenCounter
+    from gateway.translate.chat_to_gemini import _finish
+
+    assert _finish("MAX_TOKENS", True) == "length" and _finish("STOP", True) == "tool_calls"
+    policy = compile_policy("version: 1\nauth: none\nproviders: {g: {kind: gemini, "
+                            "base_url: 'https://generativelanguage.googleapis.com/v1beta', api_key_env: G}}\n"
+                            "models: {m: {provider: g, model: gemini-x}}\n", "p.yaml", {"G": "AIzaSy-test-key-1"})
+    gemini = build_provider(policy.providers["g"], TokenCounter())
+    error = gemini._map_status(400, "API key not valid. Please pass a valid API key.", None, "INVALID_ARGUMENT",
+                               "API key not valid. Please pass a valid API key.")
+    assert error.status == 502 and "credentials" in error.message
 
 
 def test_gemini_safety_stop_is_content_filter(client: openai.OpenAI) -> None:

@@ -27,6 +27,9 @@ from .token_refresh import TokenFileRefresher
 __all__ = ["AzureProvider"]
 
 
+_FIRST_STREAM_USAGE_VERSION = "2024-09-01"  # (compared as text: "2024-08-01-preview" comes before it)
+
+
 class AzureProvider(OpenAICompatProvider):
     endpoints = frozenset({Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.EMBEDDINGS})
 
@@ -35,9 +38,17 @@ class AzureProvider(OpenAICompatProvider):
         options = config.options if isinstance(config.options, AzureSpec) else AzureSpec()
         self._deployment = options.deployment
         self._azure_query = {**config.query, "api-version": options.api_version}
+        # API versions before 2024-09-01 refuse `stream_options` (400 "Unrecognized request argument"): the gateway
+        # does not ask them for a stream's usage (it counts the text), as with `stream_usage: false`.
+        self._streams_usage = options.api_version >= _FIRST_STREAM_USAGE_VERSION
+        if not self._streams_usage:
+            self.stream_usage_expected = False
         self._deployments: dict[tuple[str, Endpoint], str] = {}  # (deployment, endpoint) -> URL, built once
         self.token_file = None if options.entra_token_file is None else TokenFileRefresher(
             config.name, options.entra_token_file, options.entra_token_refresh_s, self._use_token)
+
+    def _asks_for_usage(self, call: Call) -> bool:
+        return self._streams_usage and super()._asks_for_usage(call)
 
     async def start(self) -> None:
         await super().start()

@@ -32,6 +32,9 @@ __all__ = ["GeminiProvider"]
 _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _TOO_LONG = re.compile(r"exceeds the maximum number of tokens", re.IGNORECASE)
+# Google's reasons for a 400 that is the gateway's credential, not the client's request.
+_BAD_KEY = re.compile(r'"(?:API_KEY_INVALID|API_KEY_EXPIRED)"|API key not valid|API key expired', re.IGNORECASE)
+_RETRY_DELAY = re.compile(r"^(\d{1,6})(?:\.\d+)?s(?!\n)$")  # google.rpc.RetryInfo's `retryDelay`: "37s", "1.5s"
 
 
 class GeminiProvider(OpenAICompatProvider):
@@ -89,9 +92,29 @@ class GeminiProvider(OpenAICompatProvider):
         error.upstream_status = status
         return error
 
+    def _retry_hint(self, response: aiohttp.ClientResponse, body: dict[str, Any]) -> float | None:
+        """`Retry-After`, else the body's `RetryInfo.retryDelay` (Google's 429 RESOURCE_EXHAUSTED has only that)."""
+        hint = super()._retry_hint(response, body)
+        return hint if hint is not None else _retry_delay(body)
+
     def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
                     ) -> GatewayError:
         if status == 400 and _TOO_LONG.search(raw[:2000]):
             return ContextLengthExceeded(f"upstream `{self.name}` rejected the request: the prompt exceeds its "
                                          f"context window: {detail}")
+        if status == 400 and _BAD_KEY.search(raw[:4000]):  # Google's 400 for a bad key: the gateway's, not the client's
+            return status_error(self.name, 401, detail, None, code, raw)
         return status_error(self.name, status, detail, retry_after, code, raw)
+
+
+
+def _retry_delay(body: dict[str, Any]) -> float | None:
+    """The seconds a Google error asks to wait, from its `RetryInfo.retryDelay` ("37s"): it sends no Retry-After."""
+    error = body.get("error")
+    details = error.get("details") if isinstance(error, dict) else None
+    for detail in details if isinstance(details, list) else ():
+        delay = detail.get("retryDelay") if isinstance(detail, dict) else None
+        found = _RETRY_DELAY.match(delay) if isinstance(delay, str) else None
+        if found is not None:
+            return float(found[1]) + (1.0 if "." in found[0] else 0.0)
+    return None

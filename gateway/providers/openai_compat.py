@@ -262,7 +262,7 @@ class OpenAICompatProvider:
             message, code = self._error_detail(peeked)
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
             message = code = None
-        hint = retry_after_seconds(response.headers.get("Retry-After"))
+        hint = self._retry_hint(response, peeked)
         error = self._map_status(response.status, self.sanitize(message),
                                  client_retry_after(hint) if hint is not None else None,
                                  code if isinstance(code, str) else None, message if isinstance(message, str) else "")
@@ -280,6 +280,10 @@ class OpenAICompatProvider:
             error.code, error.passed_code = code, True
         if isinstance(param, str) and _ERROR_PARAM.fullmatch(param) and self.sanitize(param) == param:
             error.param = param
+
+    def _retry_hint(self, response: aiohttp.ClientResponse, body: dict[str, Any]) -> float | None:
+        """The seconds an error answer asks to wait before a retry (here: its `Retry-After`), or None."""
+        return retry_after_seconds(response.headers.get("Retry-After"))
 
     def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
         """The message and code of an upstream's error body (here: OpenAI's `{"error": {...}}`)."""

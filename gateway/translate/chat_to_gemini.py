@@ -70,8 +70,10 @@ def gemini_request(body: dict[str, Any], target: str) -> dict[str, Any]:
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
     names: dict[str, str] = {}  # tool call id -> function name, for the results
+    order: dict[Any, int] = {}  # tool call id -> its place in its turn; then each result part (by id) -> its call's
     for index, message in enumerate(body["messages"]):
-        _add_message(message, index, system, contents, names, target)
+        _add_message(message, index, system, contents, names, target, order)
+    _results_in_call_order(contents, order)
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
@@ -106,8 +108,25 @@ def gemini_request(body: dict[str, Any], target: str) -> dict[str, Any]:
     return out
 
 
+def _signature(call: dict[str, Any]) -> str | None:
+    """The Gemini thought signature a client sent back on a tool call (`_signed`), if any."""
+    extra = call.get("extra_content")
+    google = extra.get("google") if isinstance(extra, dict) else None
+    signature = google.get("thought_signature") if isinstance(google, dict) else None
+    return signature if isinstance(signature, str) and signature else None
+
+
+def _results_in_call_order(contents: list[dict[str, Any]], order: dict[Any, int]) -> None:
+    """Each turn of tool results in the order of the calls they answer (a client may send them in any): Gemini
+    matches a result to its call by name and place, so two calls of one function got each other's results."""
+    for content in contents:
+        parts = content["parts"]
+        if content["role"] == "user" and len(parts) > 1 and all(id(part) in order for part in parts):
+            parts.sort(key=lambda part: order[id(part)])
+
+
 def _add_message(message: Any, index: int, system: list[dict[str, Any]], contents: list[dict[str, Any]],
-                 names: dict[str, str], target: str) -> None:
+                 names: dict[str, str], target: str, order: dict[Any, int]) -> None:
     where = f"messages.{index}"
     if not isinstance(message, dict):
         raise InvalidRequest(f"`{where}` must be an object", param=where)
@@ -126,8 +145,13 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
                                      param=f"{where}.tool_calls")
             if isinstance(call.get("id"), str):
                 names[call["id"]] = function["name"]
-            parts.append({"functionCall": {"name": function["name"], "args": parse_arguments(
-                function.get("arguments"), f"{where}.tool_calls.{position}")}})
+                order[call["id"]] = position
+            part: dict[str, Any] = {"functionCall": {"name": function["name"], "args": parse_arguments(
+                function.get("arguments"), f"{where}.tool_calls.{position}")}}
+            signature = _signature(call)
+            if signature is not None:
+                part["thoughtSignature"] = signature
+            parts.append(part)
         if parts:
             _append(contents, "model", parts)
     elif role == "tool":
@@ -142,7 +166,11 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
         except msgspec.DecodeError:
             result = None
         response = result if isinstance(result, dict) else {"result": text}
-        _append(contents, "user", [{"functionResponse": {"name": name, "response": response}}])
+        answer = {"functionResponse": {"name": name, "response": response}}
+        place = order.get(str(message.get("tool_call_id")))
+        if place is not None:
+            order[id(answer)] = place  # (read by `_results_in_call_order`, while `answer` lives)
+        _append(contents, "user", [answer])
     else:
         raise unsupported(f"{where}.role", target, f"role `{role}`")
 
@@ -237,9 +265,19 @@ def _int(value: Any) -> int:
 def _finish(reason: Any, has_calls: bool) -> str:
     if reason in _SAFETY:
         return "content_filter"
-    if has_calls:
+    if has_calls and reason != "MAX_TOKENS":  # (a call cut by the token limit is a truncated answer: `length`)
         return "tool_calls"
     return _FINISH.get(str(reason), "stop")
+
+
+def _signed(call: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
+    """A tool call with its part's `thoughtSignature` (Gemini 3's thinking), where Google's own OpenAI-compatible
+    API puts it (`extra_content.google.thought_signature`): a client sends it back with the call, and Gemini
+    refuses a function call of its own that comes back without it."""
+    signature = part.get("thoughtSignature")
+    if isinstance(signature, str) and signature:
+        call["extra_content"] = {"google": {"thought_signature": signature}}
+    return call
 
 
 def _blocked(answer: dict[str, Any]) -> ContentPolicyViolation | None:
@@ -266,8 +304,8 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
                 texts.append(part["text"])
             elif isinstance(part.get("functionCall"), dict):
                 call = part["functionCall"]
-                calls.append({"id": call.get("id") or f"call_{next(ids)}", "type": "function", "function": {
-                    "name": call.get("name"), "arguments": _encode(call.get("args") or {}).decode()}})
+                calls.append(_signed({"id": call.get("id") or f"call_{next(ids)}", "type": "function", "function": {
+                    "name": call.get("name"), "arguments": _encode(call.get("args") or {}).decode()}}, part))
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
                                    "refusal": None}
         if calls:
@@ -323,10 +361,10 @@ class GeminiEvents:
                     call = part["functionCall"]
                     number = self._calls[index]
                     self._calls[index] = number + 1
-                    events.append(writer.chunk({"tool_calls": [{
+                    events.append(writer.chunk({"tool_calls": [_signed({
                         "index": number, "id": call.get("id") or f"call_{number}", "type": "function",
                         "function": {"name": call.get("name"), "arguments": _encode(call.get("args") or {}).decode()},
-                    }]}, index=index))
+                    }, part)]}, index=index))
             reason = candidate.get("finishReason")
             if reason:
                 self._finished.add(index)

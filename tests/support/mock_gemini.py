@@ -37,13 +37,25 @@ __all__ = ["CACHED", "MockGemini", "gemini_error"]
 
 CACHED = 4  # cachedContentTokenCount on every answer
 THOUGHTS = 6  # thoughtsTokenCount of `fault-cached-reasoning`
+SIGNATURE = "c2lnbmF0dXJlLW9mLWEtdGhvdWdodA=="  # the thoughtSignature of the mock's function calls (Gemini 3's)
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
 
 
 def gemini_error(status: int, message: str) -> web.Response:
-    return web.json_response({"error": {"code": status, "message": message,
-                                        "status": _STATUS.get(status, "UNKNOWN")}}, status=status)
+    error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}
+    if status == 429:  # Google sends no Retry-After: the wait is in the body's RetryInfo
+        error["details"] = [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
+                            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]
+    return web.json_response({"error": error}, status=status)
+
+
+def _unsigned_call(body: dict[str, Any]) -> bool:
+    """Whether the history holds one of the mock's own calls (`echo`) without the signature it was given."""
+    return any(isinstance(part.get("functionCall"), dict) and part["functionCall"].get("name") == "echo"
+               and part.get("thoughtSignature") != SIGNATURE
+               for content in body.get("contents") or () if content.get("role") == "model"
+               for part in content.get("parts") or ())
 
 
 def _sse(obj: dict[str, Any]) -> bytes:
@@ -112,6 +124,9 @@ class MockGemini(MockUpstream):
         if fault and fault.kind == "context-length":
             return await _send(request, gemini_error(
                 400, "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576)."))
+        if fault and fault.kind == "echo-tool" and _unsigned_call(body):  # as Gemini 3 answers its own call sent back
+            return await _send(request, gemini_error(     # without its thought signature
+                400, "Function call is missing a thought_signature in functionCall parts."))
         words = list(self.REPLY_WORDS)
         if fault and fault.kind in ("echo", "echo-tool"):
             words = _echo_words({"messages": [{"role": "user", "content": _user_text(body)}]})
@@ -129,13 +144,14 @@ class MockGemini(MockUpstream):
         finish = "SAFETY" if fault and fault.kind == "safety" else "STOP"
         tool = fault is not None and fault.kind == "echo-tool"
         if not stream:
-            parts: list[dict[str, Any]] = ([{"functionCall": {"name": "echo", "args": {"text": " ".join(words)}}}]
-                                           if tool else [{"text": " ".join(words)}])
+            parts: list[dict[str, Any]] = ([{"functionCall": {"name": "echo", "args": {"text": " ".join(words)}},
+                                             "thoughtSignature": SIGNATURE}] if tool else [{"text": " ".join(words)}])
             answer = {**base, "candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": finish,
                                               "index": 0}], "usageMetadata": usage}
             return await _deliver_json(request, answer, fault)
         if tool:
-            pieces = [[{"functionCall": {"name": "echo", "args": {"text": " ".join(words)}}}]]
+            pieces = [[{"functionCall": {"name": "echo", "args": {"text": " ".join(words)}},
+                        "thoughtSignature": SIGNATURE}]]
         else:
             pieces = [[{"text": w if i == 0 else " " + w}] for i, w in enumerate(words)]
         events = [_sse({**base, "candidates": [{"content": {"role": "model", "parts": part}, "index": 0}],

@@ -94,6 +94,7 @@ def conformance_policy(mocks: Mocks) -> str:
     models += ("\n  overloaded-then-openai:\n    targets: [{provider: anthropic, model: fault-error-first}, "
                "{provider: openai, model: mock-model}]"
                "\n  azure-old-version:\n    targets: [{provider: azure-2024-06, model: mock-model}]"
+               "\n  gemini-listed-name:\n    targets: [{provider: gemini, model: models/mock-model}]"
                "\n  anthropic-first:\n    targets: [{provider: anthropic, model: mock-model}, "
                "{provider: openai, model: mock-model}]"
                "\n  failing-then-anthropic:\n    targets: [{provider: openai, model: fault-status-500}, "
@@ -454,6 +455,13 @@ def test_an_azure_api_version_before_2024_09_is_not_asked_for_stream_usage(clien
     assert "stream_options" not in mocks.last("azure").json
     client.chat.completions.create(model="azure-mock-model", stream=True, messages=[{"role": "user", "content": "hi"}])
     assert mocks.last("azure").json["stream_options"] == {"include_usage": True}  # 2024-10-21: asked
+
+
+def test_a_gemini_model_written_as_google_lists_it_is_found(client: openai.OpenAI, mocks: Mocks) -> None:
+    """`models/gemini-...` (as Google lists its models) made `/models/models/...`, a 404."""
+    assert client.chat.completions.create(model="gemini-listed-name", messages=[{"role": "user", "content": "hi"}])
+    path = mocks.last("gemini").path
+    assert path.endswith("/models/mock-model:generateContent") and "/models/models/" not in path
 
 
 def test_gemini_small_points() -> None:

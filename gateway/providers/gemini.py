@@ -53,7 +53,8 @@ class GeminiProvider(OpenAICompatProvider):
         url = self._model_urls.get(key)
         if url is None:
             method = "streamGenerateContent" if call.stream else "generateContent"
-            url = f"{self.config.base_url}/models/{quote(model, safe='.-_')}:{method}"
+            name = model.removeprefix("models/")  # (Google lists models as `models/gemini-...`: either spelling)
+            url = f"{self.config.base_url}/models/{quote(name, safe='.-_')}:{method}"
             if len(self._model_urls) < 1024:  # bounded: models come from the policy's targets
                 self._model_urls[key] = url
         return url

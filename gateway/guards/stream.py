@@ -8,10 +8,13 @@ format's own way, then `[DONE]`: held text is dropped, so nothing of the finding
 is sent. Chat Completions and Completions chunks are adapted here
 (`ChatChunks`); the Responses API's events in `responses.py`.
 
-Chat and Completions: per choice, the content (or a completion's text) and each
-tool call's arguments are lanes. Chunks keep OpenAI's shape (ids, roles, tool
-call deltas, usage, finish_reason); a chunk left with nothing to say is
-dropped; a block ends with `finish_reason: "content_filter"`.
+Chat and Completions: per choice, the content (or a completion's text), the
+texts beside it (reasoning, refusal: `texts.BESIDE_CONTENT`), each tool call's
+arguments (a custom tool's input) and a legacy `function_call`'s arguments are
+lanes. Chunks keep OpenAI's shape (ids, roles, tool call deltas, usage,
+finish_reason; content sent as a list of parts becomes OpenAI's fields); a chunk
+left with nothing to say is dropped; a block ends with `finish_reason:
+"content_filter"`.
 """
 
 from __future__ import annotations
@@ -34,7 +37,6 @@ if TYPE_CHECKING:
     from .runtime import GuardRuntime
 
 __all__ = ["ChatChunks", "ChunkFormat", "StreamGuard"]
-
 
 
 def _complete_json(pieces: list[str] | None) -> bool:

@@ -130,6 +130,9 @@ def test_keys_expire(keyed: RunningGateway) -> None:
     assert refused(keyed, made["key"])
     listed = httpx.get(f"{keyed.url}/admin/keys", headers=ADMIN).json()["data"]
     assert [k["expired"] for k in listed if k["id"] == made["id"]] == [True]
+    # still listed, but a rotation would hand out a secret that never works: refused
+    error = _error(httpx.post(f"{keyed.url}/admin/keys/{made['id']}/rotate", headers=ADMIN, timeout=10), 409)
+    assert error["code"] == "key_expired"
     at = create(keyed, expires_at=int(time.time()) + 3600)
     assert at["expires_at"] == int(time.time()) + 3600 or at["expires_at"] > time.time()
 

@@ -197,6 +197,8 @@ class KeyRegistry:
         if record is None:  # never created, expired past its retention, or revoked
             return None
         now = self._wall()
+        if record.expires_at is not None and record.expires_at <= now:  # listed a day more, but a secret would not work
+            raise KeyConflict("the key has expired: create a new one", code="key_expired")
         secret = generate_key()
         grace_until = now + grace_s if grace_s > 0 else None
         if grace_until is not None and record.expires_at is not None:

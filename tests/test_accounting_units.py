@@ -147,7 +147,7 @@ def test_scope_index_rereads_a_key_whose_record_changed() -> None:
     from gateway.auth.keys import VirtualKey
     from gateway.policy.accounting_schema import LimitSpec
 
-    policy: Any = SimpleNamespace(tenants={}, alias_limits={"m": LimitSpec(rpm=5)}, alias_budgets={})
+    policy: Any = SimpleNamespace(tenants={}, alias_limits={"m": LimitSpec(rpm=5)}, alias_budgets={}, models={})
     index = ScopeIndex(policy, cap=1)
     before = VirtualKey("k", "t", b"", None, limits=LimitSpec(rpm=10))
     ctx: Any = SimpleNamespace(key=before, alias_label="m", route=None)

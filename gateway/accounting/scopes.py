@@ -12,7 +12,7 @@ from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import ModelRoute, Policy
 from ..store._common import to_units
 from .gauges import BudgetLeft
-from .outright import max_rates
+from .outright import reach_rates
 from .periods import PeriodKeys
 
 __all__ = ["OTHER", "BoundedLabels", "Scope", "ScopeIndex", "Scopes", "scopes_of"]
@@ -58,7 +58,7 @@ class Scopes:
                  "rates", "rpm_only")
 
     def __init__(self, scopes: list[Scope], key: VirtualKey | None, route: ModelRoute | None = None,
-                 rates: tuple[float, float] | None = None) -> None:
+                 rates: tuple[float, float] = (0.0, 0.0)) -> None:
         self.all = scopes
         self.limited = [s for s in scopes if s.limits is not None]
         self.budgeted = [s for s in scopes if s.budget is not None]
@@ -68,10 +68,10 @@ class Scopes:
         self.rpm_only = bool(self.limited) and all(s.limits is not None and s.limits.rpm and not s.limits.tpm
                                                    and not s.limits.concurrent for s in self.limited)
         # What follows from the alias (`route`: the one these scopes were made for): the model whose encoding
-        # sizes the prompt, and the dearest rates of the targets it may reach (`rates`, from `reach_rates`; else
-        # its own targets'): a reservation must cover any of them.
+        # sizes the prompt, and the dearest rates of the targets it may reach (`rates`, from `reach_rates`): a
+        # reservation must cover any of them.
         self.model = route.upstream_model if route is not None else None
-        self.rates = rates if rates is not None else max_rates(route.targets) if route is not None else (0.0, 0.0)
+        self.rates = rates
         # What the key said when these were made: a key record changed at run time no longer matches.
         self._key_limits = key.limits if key is not None else None
         self._key_budget = key.budget if key is not None else None
@@ -88,11 +88,11 @@ class ScopeIndex:
     pairs; past that, made per request). Tenants' and aliases' limits are the policy's and never change;
     a key's are re-read when its record is another (a run-time key updated by the admin API)."""
 
-    __slots__ = ("_cap", "_found", "_policy", "_rates")
+    __slots__ = ("_cap", "_found", "_policy", "rates")
 
-    def __init__(self, policy: Policy, rates: dict[str, tuple[float, float]] | None = None, cap: int = 10_000) -> None:
+    def __init__(self, policy: Policy, cap: int = 10_000) -> None:
         self._policy = policy
-        self._rates = rates or {}  # by alias: `reach_rates`
+        self.rates = reach_rates(policy.models)  # by alias: the dearest a request for it may reach
         self._cap = cap
         self._found: dict[tuple[str | None, str], Scopes] = {}
 
@@ -104,7 +104,7 @@ class ScopeIndex:
                                   key.limits is found._key_limits and key.budget is found._key_budget
                                   and key.tenant == found._tenant):
             return found
-        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route, self._rates.get(ctx.alias_label))
+        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route, self.rates.get(ctx.alias_label, (0.0, 0.0)))
         if pair in self._found or len(self._found) < self._cap:
             self._found[pair] = found
         return found

@@ -38,7 +38,6 @@ from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usa
 from .admission import Admission
 from .bill import Bill
 from .ledger import Ledger
-from .outright import reach_rates
 from .prompt import PromptEstimator
 from .scopes import BoundedLabels, ScopeIndex
 from .settling import Settling, StreamBill, UsageOnly, usable
@@ -62,8 +61,8 @@ class Accounting(Admission, Settling):
         self.record_all = policy.has_accounting  # else only requests some limit or budget applies to
         self.lease_s = spec.lease_s
         self.labels = BoundedLabels(policy, spec.label_cap)
-        self.rates = reach_rates(policy.models)  # the dearest a request for each alias may reach
-        self.scopes = ScopeIndex(policy, self.rates)
+        self.scopes = ScopeIndex(policy)
+        self.rates = self.scopes.rates  # by alias: the dearest a request for it may reach (`reach_rates`)
         self._tasks = set()
         # The store's counter operations by what they do, awaited on a remote store.
         self._remote = {

@@ -18,7 +18,7 @@ from typing import Any
 
 import msgspec
 
-from ..accounting.outright import completion_cap, max_rates, refused_outright
+from ..accounting.outright import completion_cap, reach_rates, refused_outright
 from ..accounting.prompt import PromptEstimator
 from ..auth.keys import VirtualKey
 from ..cache.control import directives, plan
@@ -102,7 +102,7 @@ class Decider:
         self.guards = GuardRuntime(policy.guards, metrics, count) if policy.has_guards else None
         self._limits_memo: dict[tuple[bytes, str], LimitsDecision] = {}  # both parts come from the policy
         self._prompts = PromptEstimator(tokens) if tokens is not None else None
-        self._rates = {alias: max_rates(route.targets) for alias, route in policy.models.items()}
+        self._rates = reach_rates(policy.models)  # as the accounting stage reserves
 
     async def start(self) -> None:
         if self.guards is not None:

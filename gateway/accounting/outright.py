@@ -13,7 +13,7 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
-from ..schemas.openai import MAX_USAGE_TOKENS
+from ..schemas.openai import MAX_USAGE_TOKENS, listed_prompts
 
 __all__ = ["MAX_TOKENS", "completion_cap", "max_rates", "reach_rates", "refused_outright", "requested_cap"]
 
@@ -41,9 +41,7 @@ def requested_cap(body: dict[str, Any]) -> int | None:
         cap *= _count(body.get("n"))
     else:
         cap *= max(_count(body.get("n")), _count(body.get("best_of")))  # `best_of` answers are generated and billed
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):  # several prompts (not token ids):
-            cap *= len(prompt)  # a completion (or `n`) each
+        cap *= len(listed_prompts(body.get("prompt")))  # a completion (or `n`) for each prompt listed
     return cap if cap <= MAX_TOKENS else MAX_TOKENS
 
 

@@ -22,7 +22,7 @@ from ..errors import InvalidRequest
 from ..policy.compiled import ProviderConfig
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamEvent, UsageReport
-from ..schemas.openai import Usage
+from ..schemas.openai import Usage, listed_prompts
 from ..telemetry.tokens import TokenCounter, message_text
 from .base import Call, Completion, check_endpoint
 
@@ -69,10 +69,7 @@ class DemoProvider:
             listed = messages if isinstance(messages, list) else []
             users = [m for m in listed if isinstance(m, dict) and m.get("role") == "user"]
             return ["\n".join(message_text(users[-1:])) if users else ""]
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-            return [item if isinstance(item, str) else "" for item in prompt]
-        return [prompt if isinstance(prompt, str) else ""]
+        return [item if isinstance(item, str) else "" for item in listed_prompts(body.get("prompt"))]
 
     def _answers(self, call: Call) -> list[str]:
         """Each choice's answer, in order: `n` for each prompt (as OpenAI numbers a completions request's)."""
@@ -84,10 +81,8 @@ class DemoProvider:
             texts = message_text(call.body.get("messages"))
             prompt_tokens = sum(self.tokens.count(t) for t in texts) + 3 * len(call.body.get("messages") or ()) + 3
         else:
-            prompt = call.body.get("prompt")
-            listed = prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
-            prompt_tokens = sum(self.tokens.count(item) if isinstance(item, str) else
-                                len(item) if isinstance(item, list) else 0 for item in listed)
+            prompt_tokens = sum(self.tokens.count(item) if isinstance(item, str) else len(item)
+                                if isinstance(item, list) else 0 for item in listed_prompts(call.body.get("prompt")))
         completion_tokens = sum(self.tokens.count(answer) for answer in answers)
         return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 

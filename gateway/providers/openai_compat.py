@@ -31,6 +31,7 @@ from ..policy.compiled import ProviderConfig
 from ..sanitize import remove_secrets, sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
+from ..schemas.openai import listed_prompts
 from ..schemas.responses import responses_usage
 from ..translate.cache_control import CACHE_MARK, without_cache_control
 from ..upstream.client import ConnectionGate, new_session, transport_error
@@ -301,11 +302,7 @@ def _answers(body: dict[str, Any]) -> int:
     """How many answers a streamed request asks for, each of which must finish: `n`, times the prompts a
     completions request lists (not token ids: one prompt)."""
     n = body.get("n")
-    count = n if type(n) is int and n > 1 else 1
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
-        count *= len(prompt)
-    return count
+    return (n if type(n) is int and n > 1 else 1) * (len(listed_prompts(body["prompt"])) if "prompt" in body else 1)
 
 
 def status_error(

@@ -24,6 +24,7 @@ __all__ = [
     "StreamOptions",
     "Usage",
     "UsagePeek",
+    "listed_prompts",
 ]
 
 Unit = Annotated[float, Meta(ge=0, le=2)]
@@ -164,6 +165,12 @@ class ChunkPeek(Struct):
 
 
 _raw_choices = msgspec.json.Decoder(list[msgspec.Raw] | None).decode
+
+
+def listed_prompts(prompt: Any) -> list[Any]:
+    """The prompts of a completions request's `prompt`, each answered apart (`n` choices each): a list of texts
+    (or of token-id lists) as it is; a text, or one prompt given as token ids, as a list of one."""
+    return prompt if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int) else [prompt]
 
 
 def has_choices(choices: msgspec.Raw | list[Any] | None) -> bool:

@@ -69,11 +69,11 @@ def gemini_request(body: dict[str, Any], target: str) -> dict[str, Any]:
             raise unsupported(field, target)
     system: list[dict[str, Any]] = []
     contents: list[dict[str, Any]] = []
-    names: dict[str, str] = {}  # tool call id -> function name, for the results
-    order: dict[Any, int] = {}  # tool call id -> its place in its turn; then each result part (by id) -> its call's
+    calls: dict[str, tuple[str, int]] = {}  # tool call id -> its function's name and its place in its turn
+    places: dict[int, int] = {}  # a result part (by identity) -> the place of the call it answers
     for index, message in enumerate(body["messages"]):
-        _add_message(message, index, system, contents, names, target, order)
-    _results_in_call_order(contents, order)
+        _add_message(message, index, system, contents, calls, places, target)
+    _results_in_call_order(contents, places)
     out: dict[str, Any] = {"contents": contents}
     if system:
         out["systemInstruction"] = {"parts": system}
@@ -116,17 +116,17 @@ def _signature(call: dict[str, Any]) -> str | None:
     return signature if isinstance(signature, str) and signature else None
 
 
-def _results_in_call_order(contents: list[dict[str, Any]], order: dict[Any, int]) -> None:
+def _results_in_call_order(contents: list[dict[str, Any]], places: dict[int, int]) -> None:
     """Each turn of tool results in the order of the calls they answer (a client may send them in any): Gemini
     matches a result to its call by name and place, so two calls of one function got each other's results."""
     for content in contents:
         parts = content["parts"]
-        if content["role"] == "user" and len(parts) > 1 and all(id(part) in order for part in parts):
-            parts.sort(key=lambda part: order[id(part)])
+        if content["role"] == "user" and len(parts) > 1 and all(id(part) in places for part in parts):
+            parts.sort(key=lambda part: places[id(part)])
 
 
 def _add_message(message: Any, index: int, system: list[dict[str, Any]], contents: list[dict[str, Any]],
-                 names: dict[str, str], target: str, order: dict[Any, int]) -> None:
+                 calls: dict[str, tuple[str, int]], places: dict[int, int], target: str) -> None:
     where = f"messages.{index}"
     if not isinstance(message, dict):
         raise InvalidRequest(f"`{where}` must be an object", param=where)
@@ -144,8 +144,7 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
                 raise InvalidRequest(f"`{where}.tool_calls.{position}` needs a function name",
                                      param=f"{where}.tool_calls")
             if isinstance(call.get("id"), str):
-                names[call["id"]] = function["name"]
-                order[call["id"]] = position
+                calls[call["id"]] = (function["name"], position)
             part: dict[str, Any] = {"functionCall": {"name": function["name"], "args": parse_arguments(
                 function.get("arguments"), f"{where}.tool_calls.{position}")}}
             signature = _signature(call)
@@ -155,8 +154,8 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
         if parts:
             _append(contents, "model", parts)
     elif role == "tool":
-        name = names.get(str(message.get("tool_call_id")))
-        if name is None:
+        found = calls.get(str(message.get("tool_call_id")))
+        if found is None:
             raise InvalidRequest(f"`{where}.tool_call_id` does not answer a tool call of an earlier assistant "
                                  "message (Gemini needs the function's name)", param=f"{where}.tool_call_id")
         text = content if isinstance(content, str) else "".join(p.get("text", "") for p in _parts(
@@ -166,10 +165,9 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
         except msgspec.DecodeError:
             result = None
         response = result if isinstance(result, dict) else {"result": text}
+        name, place = found
         answer = {"functionResponse": {"name": name, "response": response}}
-        place = order.get(str(message.get("tool_call_id")))
-        if place is not None:
-            order[id(answer)] = place  # (read by `_results_in_call_order`, while `answer` lives)
+        places[id(answer)] = place  # (read by `_results_in_call_order`, while `answer` lives)
         _append(contents, "user", [answer])
     else:
         raise unsupported(f"{where}.role", target, f"role `{role}`")

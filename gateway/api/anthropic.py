@@ -60,7 +60,7 @@ def client_betas(headers: Any) -> list[str]:
     betas only (lower case, digits, `.`, `_`, `-`; others dropped), at most `_MAX_BETAS`, in order, once each."""
     found: list[str] = []
     for name, value in headers:
-        if name.lower() != _BETA_HEADER:
+        if name != _BETA_HEADER:  # (ASGI header names are lower case)
             continue
         for part in bytes(value).decode("latin-1").split(","):
             beta = part.strip()

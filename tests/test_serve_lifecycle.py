@@ -125,17 +125,8 @@ def test_a_stream_cut_at_the_drain_deadline_gets_an_error_event_and_no_traceback
     policy = tmp_path / "gateway.yaml"
     policy.write_text(demo_policy(port, drain_timeout_s=1))
     with serving(policy, port) as server:
-        received = b""
-        body = {"model": "slow", "messages": MESSAGES, "stream": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=20) as response:
-            for piece in response.iter_raw():
-                received += piece
-                if received.count(b"\n\n") == 2:
-                    server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=20) == 0
-        log = server.text()
-    last = [event for event in received.decode().split("\n\n") if event][-1]
-    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "shutting_down"
+        last, log = _stream_cut_by_sigterm(server, port)
+    assert last["error"]["code"] == "shutting_down"
     assert "Traceback" not in log and "timeout graceful shutdown exceeded" not in log
 
 
@@ -354,15 +345,20 @@ def test_after_a_reload_to_a_longer_drain_the_gateway_still_cuts_before_the_serv
         policy.write_text(demo_policy(port, drain_timeout_s=20))
         server.send_signal(signal.SIGHUP)
         assert wait_for(lambda: versions_seen(port, 1) != before, 10)
-        received = b""
-        body = {"model": "slow", "messages": MESSAGES, "stream": True}
-        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=20) as response:
-            for piece in response.iter_raw():
-                received += piece
-                if received.count(b"\n\n") == 2:
-                    server.send_signal(signal.SIGTERM)
-        assert server.wait(timeout=20) == 0
-        log = server.text()
-    last = [event for event in received.decode().split("\n\n") if event][-1]
-    assert json.loads(last.removeprefix("data: "))["error"]["code"] == "shutting_down"
+        last, log = _stream_cut_by_sigterm(server, port)
+    assert last["error"]["code"] == "shutting_down"
     assert "timeout graceful shutdown exceeded" not in log
+
+
+def _stream_cut_by_sigterm(server: ManagedProcess, port: int) -> tuple[dict[str, Any], str]:
+    """A `slow` stream's last event when SIGTERM comes after its second, and the server's log once it exited 0."""
+    received = b""
+    body = {"model": "slow", "messages": MESSAGES, "stream": True}
+    with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", json=body, timeout=20) as response:
+        for piece in response.iter_raw():
+            received += piece
+            if received.count(b"\n\n") == 2:
+                server.send_signal(signal.SIGTERM)
+    assert server.wait(timeout=20) == 0
+    last = [event for event in received.decode().split("\n\n") if event][-1]
+    return json.loads(last.removeprefix("data: ")), server.text()

@@ -165,14 +165,7 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
         for part in item.get("summary") or () if item.get("type") == "reasoning" else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 yield part, "text", Where("input", "message")
-        content = item.get("content")
-        if isinstance(content, str):
-            yield item, "content", Where("input", "message")
-        for part in content if isinstance(content, list) else ():
-            if isinstance(part, dict):
-                field = "refusal" if part.get("type") == "refusal" else "text"
-                if isinstance(part.get(field), str):
-                    yield part, field, Where("input", "message")
+        yield from _content(item, "content", Where("input", "message"))
 
 
 def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:

@@ -2,7 +2,8 @@
 
 Requests go to `{base_url}/models/{model}:generateContent`, or to
 `:streamGenerateContent?alt=sse` for a stream, with the key in `x-goog-api-key`;
-translation is in `translate.chat_to_gemini`. Errors come as Google's
+translation is in `translate.chat_to_gemini` (the request) and
+`translate.gemini_to_chat` (the answer). Errors come as Google's
 `{"error": {"code", "message", "status"}}`: the HTTP status decides the gateway's
 error as for any upstream (429 rate limited, 5xx retried), and a prompt over the
 model's window is a context-length error that routing can fall back on.
@@ -21,7 +22,8 @@ from ..errors import ContentPolicyViolation, ContextLengthExceeded, GatewayError
 from ..policy.compiled import ProviderConfig
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
-from ..translate.chat_to_gemini import GeminiEvents, chat_completion, gemini_request
+from ..translate.chat_to_gemini import gemini_request
+from ..translate.gemini_to_chat import GeminiEvents, chat_completion
 from ..upstream.client import ConnectionGate
 from .base import Call, Completion
 from .openai_compat import OpenAICompatProvider, status_error
@@ -67,7 +69,7 @@ class GeminiProvider(OpenAICompatProvider):
 
     def _completion(self, call: Call, body: bytes) -> Completion:
         try:
-            chat, usage = chat_completion(_decode(body))
+            chat, usage = chat_completion(_decode(body), self.name)
         except ContentPolicyViolation:
             raise
         except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError) as exc:
@@ -75,7 +77,7 @@ class GeminiProvider(OpenAICompatProvider):
         return Completion(_encode(chat), usage, chat)
 
     def _stream(self, call: Call, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> EventSource:
-        return TranslatedStream(self, response, deadline, idle_s, GeminiEvents(self._event_error))
+        return TranslatedStream(self, response, deadline, idle_s, GeminiEvents(self._event_error, self.name))
 
     def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
         detail = body.get("error")

@@ -14,6 +14,7 @@ import asyncio
 import re
 from dataclasses import replace
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import msgspec
@@ -33,7 +34,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.openai import listed_prompts
 from ..schemas.responses import responses_usage
-from ..translate.cache_control import CACHE_MARK, without_cache_control
+from ..translate.cache_control import CACHE_MARK, without_cache_control, without_extra_content
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
@@ -59,6 +60,8 @@ _ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_
 _ERROR_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]{0,127}")  # a request field's path: `messages[0].content`
 # How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
 _CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|prompt is too long", re.IGNORECASE)
+# Google's own OpenAI-compatible APIs (Gemini's, Vertex AI's): they read a tool call's `extra_content` (`_payload`).
+_GOOGLE_HOSTS = ("generativelanguage.googleapis.com", "aiplatform.googleapis.com")
 
 
 class OpenAICompatProvider:
@@ -74,6 +77,7 @@ class OpenAICompatProvider:
         self._query = dict(config.query) or None
         self._gate = gate
         self._session: aiohttp.ClientSession | None = None
+        self._keeps_extra_content = (urlsplit(config.base_url).hostname or "").endswith(_GOOGLE_HOSTS)
 
     async def start(self) -> None:
         if self._session is None:
@@ -92,6 +96,8 @@ class OpenAICompatProvider:
 
     def _payload(self, call: Call) -> bytes:
         body = call.body
+        if not self._keeps_extra_content:  # Gemini's thought signature on a tool call, from a Gemini answer
+            body = without_extra_content(body)  # (`translate.cache_control`: the same body when there is none)
         if self._asks_for_usage(call):
             # Ask for the usage chunk so that accounting has real figures; the stream undoes
             # every trace of this request before the client sees it (see `OpenAIStream`).

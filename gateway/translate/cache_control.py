@@ -10,6 +10,12 @@ the mark when there is none: the mark is the one key it looks up. The mark is se
 too when an assistant turn carries Anthropic's thinking (`reasoning_blocks`, see
 `thinking.py`): the other providers lose those blocks and the `reasoning_content`
 beside them (the history of `/v1/messages` never sent them its thinking).
+
+Gemini's counterpart, a tool call's `extra_content` (its `thought_signature`,
+`gemini_to_chat._signed`), comes back in a Chat Completions client's own history,
+unmarked: an upstream that gets the body as it is (`kind: openai`, `azure`; but
+Google's own OpenAI-compatible API, which reads it) gets it without
+(`without_extra_content`), which looks into no message but those with `tool_calls`.
 """
 
 from __future__ import annotations
@@ -19,9 +25,10 @@ from typing import Any
 from .common import BETA, CACHE_MARK
 from .thinking import BLOCKS, REASONING
 
-__all__ = ["CACHE", "CACHE_MARK", "without_cache_control"]
+__all__ = ["CACHE", "CACHE_MARK", "without_cache_control", "without_extra_content"]
 
 CACHE = "cache_control"
+EXTRA = "extra_content"
 
 
 def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
@@ -65,3 +72,41 @@ def _tool(tool: Any) -> Any:
     if isinstance(function, dict) and CACHE in function:
         out = {**out, "function": _bare(function)}
     return out
+
+
+def without_extra_content(body: dict[str, Any]) -> dict[str, Any]:
+    """`body` without Gemini's `extra_content` on its tool calls, for an upstream that takes the body as it is: an
+    unknown field in a message may be refused (OpenAI's own API has refused them, as have vLLM, Mistral, Groq). The
+    same `body` when no tool call has one (nothing copied); a copy otherwise, the original left to a later
+    fallback to a Gemini target, which needs the signature."""
+    messages = body.get("messages")
+    if type(messages) is not list:
+        return body
+    try:
+        for message in messages:  # (the usual request: one key looked up per message)
+            if "tool_calls" in message:
+                break
+        else:
+            return body
+    except TypeError:  # a message that is not an object: the upstream refuses it
+        return body
+    out: list[Any] | None = None
+    index = -1
+    for message in messages:  # (plain loops: a generator per message cost more than the rest of this)
+        index += 1
+        calls = message.get("tool_calls") if type(message) is dict else None
+        if type(calls) is not list:
+            continue
+        for call in calls:
+            if type(call) is dict and EXTRA in call:
+                if out is None:
+                    out = list(messages)
+                out[index] = {**message, "tool_calls": [_without_extra(one) for one in calls]}
+                break
+    return body if out is None else {**body, "messages": out}
+
+
+def _without_extra(call: Any) -> Any:
+    if type(call) is dict and EXTRA in call:
+        return {key: value for key, value in call.items() if key != EXTRA}
+    return call

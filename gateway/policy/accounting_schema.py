@@ -71,6 +71,6 @@ class AccountingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     # Tenant and key names the policy does not list (run-time keys) that become labels of the budget
     # metrics; past this many, `other`. The policy's own names are always labels.
     label_cap: Annotated[int, Meta(ge=1, le=10_000)] = 100
-    # Build the stage, and count every request for `GET /admin/usage`, even when the policy itself sets no
-    # limit or budget (with `dynamic_keys` the stage is built anyway, for those keys' own limits).
+    # Build the stage, and count every answered request for `GET /admin/usage`, even when the policy itself sets
+    # no limit or budget (with `dynamic_keys` the stage is built anyway, for those keys' own limits).
     always: bool = False

@@ -1,7 +1,7 @@
 """The limits' machinery both HTTP protocols of `http_server` share: a connection's state, its timers and its
 refusals (`Guard`, mixed in before uvicorn's protocol class), and the head deadlines of all connections of one
 server (`_Shared`). What each limit does, and who enforces it: `http_server`'s docstring. The refusals' replies,
-and how refusals are counted and logged: `http_replies`.
+and how refusals are counted and logged: `http_replies` (in the envelope of the refused request's API).
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from uvicorn.config import Config
 from uvicorn.server import ServerState
 
 from .http_memory import slim_connection
-from .http_replies import NOT_WEBSOCKET, count_refusal, heads_held, peer, timed_out, too_large, warn_once
+from .http_replies import NOT_WEBSOCKET, Refusal, count_refusal, heads_held, peer, timed_out, too_large, warn_once
 from .pipeline.lifecycle import DISCONNECT_HOOK
+from .translate.anthropic_errors import messages_path, messages_target
 
 __all__ = ["BODY", "BODY_PERIODS", "CHUNK", "DONE", "GUARD_SLOTS", "Guard", "HttpLimits"]
 
@@ -231,7 +232,26 @@ class Guard:
         count_refusal("headers_too_large")
         self._refuse_head(too_large(self._max_head))
 
-    def _refuse_head(self, reply: tuple[bytes, bytes]) -> None:
+    def _messages_head(self) -> bool:
+        """Whether the head being refused is a request to the Messages API, as far as its target was read: httptools'
+        `url` once this head's message began (a `scope` no cycle has yet); h11's buffered request line, or an
+        upgrade's `scope`. False when not known."""
+        scope, cycle = getattr(self, "scope", None), self.cycle
+        if scope is not None and (cycle is None or getattr(cycle, "scope", None) is not scope):
+            path = scope.get("path")
+            if isinstance(path, str):
+                return messages_path(path)
+            url = getattr(self, "url", None)
+            if isinstance(url, bytes):
+                return messages_target(url)
+        conn = getattr(self, "conn", None)
+        if conn is not None:
+            line = conn.trailing_data[0].lstrip(b"\r\n").partition(b"\r\n")[0].split(b" ", 2)
+            return len(line) > 1 and messages_target(line[1])
+        return False
+
+    def _refuse_head(self, refusal: Refusal) -> None:
+        reply = refusal.reply(self._messages_head())
         self._state = DONE  # from here on, what arrives is dropped
         self._stop_watching()
         cycle = self.cycle
@@ -242,9 +262,9 @@ class Guard:
             return
         self._send_refusal(reply)
 
-    def _refuse_request(self, reply: tuple[bytes, bytes]) -> None:
+    def _refuse_request(self, refusal: Refusal) -> None:
         """Refuse the request whose body (or trailer section) is being read (`cycle`): its app's `receive()` returns
-        `http.disconnect` and its `send()` is dropped; `reply` goes out unless its response has started (then the
+        `http.disconnect`, its `send()` is dropped; the refusal goes out unless its response has started (then the
         connection is closed) or is complete (the client has its answer; the connection is closed after it)."""
         self._state = DONE
         self._stop_watching()
@@ -252,6 +272,7 @@ class Guard:
         if cycle is None or cycle.response_complete:
             self._send_refusal(None)
             return
+        reply = refusal.reply(messages_path(cycle.scope.get("path", "")))
         cycle.disconnected = True
         cycle.message_event.set()
         hook = getattr(cycle, DISCONNECT_HOOK, None)
@@ -371,7 +392,7 @@ class Guard:
         self._refuse_request(timed_out(f"no request body bytes were received for {timeout:g} s"))
 
     def _write_408(self, message: str) -> None:
-        self._write_reply(*timed_out(message))
+        self._write_reply(*timed_out(message).reply(self._messages_head()))
 
 
 GUARD_SLOTS = ("_state", "_held", "_head_armed", "_body_timer", "_linger_timer", "_body_seen", "_body_mark",

@@ -1,46 +1,68 @@
-"""The replies of the HTTP edge's refusals (OpenAI-style error bodies on `connection: close` replies, built once
-where they do not vary), and how refusals are counted and logged: refusals never reach the app, and they come
-in floods.
+"""The replies of the HTTP edge's refusals (error bodies on `connection: close` replies, built once where they do not
+vary), and how refusals are counted and logged: refusals never reach the app, and they come in floods.
+
+Each refusal is written in OpenAI's error envelope, or in Anthropic's for a request to the Messages API's paths
+(`translate.anthropic_errors`: the same status, message and headers; the type Anthropic's for the status, and no
+`code`, which Anthropic's envelope does not have). A `Refusal` holds both; the protocol picks one by the refused
+request's target (`http_guard.Guard`), when it refuses, never on a request it serves.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, NamedTuple
 
 from .errors import error_body
 from .telemetry.metrics import HTTP_REFUSED
+from .translate.anthropic_errors import error_envelope, messages_path, status_type
 
-__all__ = ["NOT_WEBSOCKET", "bad_request", "count_refusal", "heads_held", "overloaded", "peer", "timed_out",
-           "too_large", "warn_once"]
+__all__ = ["NOT_WEBSOCKET", "Refusal", "bad_request", "count_refusal", "heads_held", "overloaded", "peer",
+           "timed_out", "too_large", "warn_once"]
 
 log = logging.getLogger("gateway.http")
 
 
-def _json_error(status: bytes, message: str, type_: str, code: str, extra: bytes = b"") -> tuple[bytes, bytes]:
-    """(status line, the rest of a complete `connection: close` reply) for an OpenAI-style error."""
-    body = error_body(message, type_, None, code)
-    rest = b"".join([
+class Refusal(NamedTuple):
+    """A refusal's status line, and the rest of its complete `connection: close` reply in each client API's
+    envelope."""
+
+    status: bytes
+    openai: bytes
+    anthropic: bytes
+
+    def reply(self, messages: bool) -> tuple[bytes, bytes]:
+        """(status line, the rest): Anthropic's envelope for a Messages API request (`messages`), else OpenAI's."""
+        return self.status, self.anthropic if messages else self.openai
+
+
+def _rest(body: bytes, extra: bytes) -> bytes:
+    return b"".join([
         b"content-type: application/json\r\ncontent-length: ", str(len(body)).encode(),
         b"\r\nconnection: close\r\n", extra, b"\r\n", body,
     ])
-    return b"HTTP/1.1 " + status + b"\r\n", rest
 
 
-def too_large(limit: int, what: str = "the request line and headers") -> tuple[bytes, bytes]:
+def _json_error(status: bytes, message: str, type_: str, code: str, extra: bytes = b"") -> Refusal:
+    """A refusal with an OpenAI error of `type_` and `code`, or Anthropic's error for the status."""
+    anthropic = error_envelope(message, status_type(int(status[:3])))
+    return Refusal(b"HTTP/1.1 " + status + b"\r\n", _rest(error_body(message, type_, None, code), extra),
+                   _rest(anthropic, extra))
+
+
+def too_large(limit: int, what: str = "the request line and headers") -> Refusal:
     return _json_error(b"431 Request Header Fields Too Large", f"{what} exceed {limit} bytes",
                        "invalid_request_error", "headers_too_large")
 
 
-def heads_held() -> tuple[bytes, bytes]:
+def heads_held() -> Refusal:
     """A `503` for a head that arrived while incomplete heads hold over `max_pending_head_bytes`."""
     return _json_error(b"503 Service Unavailable", "the gateway holds too many incomplete requests; retry shortly",
                        "server_error", "server_overloaded", b"retry-after: 1\r\n")
 
 
-def bad_request(message: str, code: str = "invalid_http_request") -> tuple[bytes, bytes]:
-    """A `400` for what the HTTP parser refused (or a WebSocket upgrade), as every other error: OpenAI's body."""
+def bad_request(message: str, code: str = "invalid_http_request") -> Refusal:
+    """A `400` for what the HTTP parser refused (or a WebSocket upgrade), as every other error."""
     return _json_error(b"400 Bad Request", message, "invalid_request_error", code)
 
 
@@ -48,23 +70,32 @@ NOT_WEBSOCKET = bad_request("WebSocket upgrades are not supported: the gateway s
                              "websocket_not_supported")
 
 
-_OVERLOADED_BODY = error_body("the gateway is at its limit of concurrent requests; retry shortly",
-                              "server_error", None, "server_overloaded")
-_OVERLOADED_HEADERS = [
-    (b"content-type", b"application/json"),
-    (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
-    (b"retry-after", b"1"),
-    (b"connection", b"close"),
-]
+_OVERLOADED = "the gateway is at its limit of concurrent requests; retry shortly"
+
+
+def _overloaded_head(body: bytes) -> list[tuple[bytes, bytes]]:
+    return [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+            (b"retry-after", b"1"), (b"connection", b"close")]
+
+
+_OVERLOADED_BODY = error_body(_OVERLOADED, "server_error", None, "server_overloaded")
+_OVERLOADED_HEADERS = _overloaded_head(_OVERLOADED_BODY)
+_OVERLOADED_MESSAGES_BODY = error_envelope(_OVERLOADED, status_type(503))
+_OVERLOADED_MESSAGES_HEADERS = _overloaded_head(_OVERLOADED_MESSAGES_BODY)
 
 
 async def overloaded(scope: Any, receive: Any, send: Any) -> None:
-    """The app that runs instead of the real one above `max_requests`."""
-    await send({"type": "http.response.start", "status": 503, "headers": _OVERLOADED_HEADERS})
-    await send({"type": "http.response.body", "body": _OVERLOADED_BODY, "more_body": False})
+    """The app that runs instead of the real one above `max_requests` (its reply in the envelope of the request's
+    API)."""
+    if messages_path(scope.get("path", "")):
+        head, body = _OVERLOADED_MESSAGES_HEADERS, _OVERLOADED_MESSAGES_BODY
+    else:
+        head, body = _OVERLOADED_HEADERS, _OVERLOADED_BODY
+    await send({"type": "http.response.start", "status": 503, "headers": head})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
-def timed_out(message: str) -> tuple[bytes, bytes]:
+def timed_out(message: str) -> Refusal:
     return _json_error(b"408 Request Timeout", message, "invalid_request_error", "request_timeout")
 
 

@@ -1,5 +1,7 @@
 """Litestar's own errors (no route, wrong method, a body too large...) and the gateway's, answered in OpenAI's
-error shape with the request's id, as every other answer: the app's exception handlers (`create_app`)."""
+error shape with the request's id, as every other answer: the app's exception handlers (`create_app`). Under the
+Messages API's paths (`/v1/messages`, `/v1/messages/...`: an unknown route, an invalid `Host`), in Anthropic's, as
+every other answer there: the request id also as `request-id` and in the body (`api/anthropic.py`)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from litestar import Request, Response
 from litestar.exceptions import HTTPException
 
 from ..errors import BodyTooLarge, GatewayError, InternalError, InvalidRequest, MethodNotAllowed, NotFound
+from ..translate.anthropic_errors import anthropic_error_body, messages_path
 from .asgi import RequestHeaders, RequestIds, error_header_map
 
 __all__ = ["error_handlers"]
@@ -19,12 +22,17 @@ log = logging.getLogger("gateway")
 
 def _error_response(error: GatewayError, request: Request[Any, Any, Any], ids: RequestIds) -> Response[bytes]:
     request_id = RequestHeaders(request.scope["headers"], ids).request_id
-    return Response(error.body(), status_code=error.status, media_type="application/json",
-                    headers=error_header_map(error, request_id))
+    headers = error_header_map(error, request_id)
+    if messages_path(request.scope.get("path", "")):
+        headers["request-id"] = request_id
+        return Response(anthropic_error_body(error, request_id), status_code=error.status,
+                        media_type="application/json", headers=headers)
+    return Response(error.body(), status_code=error.status, media_type="application/json", headers=headers)
 
 
 def error_handlers(ids: RequestIds) -> dict[Any, Any]:
-    """Litestar's own errors (no route, wrong method, ...) and ours, in OpenAI's shape."""
+    """Litestar's own errors (no route, wrong method, ...) and ours, in OpenAI's shape (Anthropic's under
+    `/v1/messages`)."""
 
     def http_exception(request: Request[Any, Any, Any], exc: HTTPException) -> Response[bytes]:
         status = exc.status_code

@@ -4,8 +4,8 @@
 Completions clients: the request is translated once, at ingress, into the
 OpenAI-shaped chat request every stage reads (auth, guards, limits, cache,
 routing), and the answer, complete or streamed, is translated back at the edge.
-Errors use Anthropic's envelope and statuses, so the SDK raises its matching
-exception class.
+Errors use Anthropic's envelope and statuses (`anthropic_errors.py`), so the SDK
+raises its matching exception class.
 
 Request: `system` becomes a system message; text, image (base64 or URL) and
 `tool_result` blocks become message parts and `tool` messages; `tool_use` blocks
@@ -29,9 +29,10 @@ from typing import Any
 
 import msgspec
 
-from ..errors import GatewayError, InvalidRequest
+from ..errors import InvalidRequest
 from ..pipeline.stages import TOO_DEEP, check_depth
 from ..schemas.openai import ChatRequest
+from .anthropic_errors import anthropic_error_body, error_type
 from .cache_control import CACHE, CACHE_MARK
 from .thinking import Thinking
 
@@ -41,9 +42,6 @@ _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
-_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
-                504: "timeout_error", 529: "overloaded_error"}
 _PASSED = ("temperature", "top_p", "top_k", "thinking", "stream")
 _KNOWN = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "tools", "tool_choice",
                     "metadata", "service_tier", *_PASSED})
@@ -69,18 +67,6 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
     stop_sequences: list[str] | None = None
 
 
-def error_type(error: GatewayError) -> str:
-    return _ERROR_TYPES.get(error.status, "invalid_request_error" if error.status < 500 else "api_error")
-
-
-def anthropic_error_body(error: GatewayError, request_id: str | None = None) -> bytes:
-    """Anthropic's error envelope; with `request_id`, which the Anthropic SDK shows with the error."""
-    body: dict[str, Any] = {"type": "error", "error": {"type": error_type(error), "message": error.message}}
-    if request_id is not None:
-        body["request_id"] = request_id
-    return _encode(body)
-
-
 def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object")
@@ -103,7 +89,9 @@ def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
 
 
 def count_tokens_request(raw: bytes) -> dict[str, Any]:
-    """A `count_tokens` body as a chat request (not sent anywhere: counted)."""
+    """A `count_tokens` body as a chat request (not sent anywhere: counted), with the thinking that Anthropic counts
+    only: that of the current assistant turn (`_current_turn`); earlier turns' thinking blocks are checked, then
+    left out, as Anthropic strips them from the input."""
     body = _checked(raw, CountTokensRequest)
     return _translate({**body, "max_tokens": 1}, count_only=True)
 
@@ -153,8 +141,9 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     if system:
         messages.append({"role": "system",
                          "content": system if isinstance(system, str) else _system(system, cache)})
+    current = _current_turn(body["messages"]) if count_only else 0
     for index, message in enumerate(body["messages"]):
-        messages.extend(_message(message, index, cache))
+        messages.extend(_message(message, index, cache, index >= current))
     chat: dict[str, Any] = {"model": body["model"], "messages": messages, "max_tokens": body["max_tokens"]}
     for field in _PASSED:
         if body.get(field) is not None:
@@ -196,7 +185,23 @@ def _system(blocks: Any, cache: _Cache) -> str | list[dict[str, Any]]:
     return "\n\n".join(part["text"] for part in parts)
 
 
-def _message(message: Any, index: int, cache: _Cache) -> list[dict[str, Any]]:
+def _current_turn(messages: list[Any]) -> int:
+    """Where the current assistant turn begins: after the last user message without a `tool_result` block (one
+    with results goes on the turn whose tool calls they answer, as in Anthropic's tool loop: taken generously, with
+    any text beside its results). 0 when there is none."""
+    for index in range(len(messages) - 1, -1, -1):
+        message = messages[index]
+        if not isinstance(message, dict) or message.get("role") != "user":
+            continue
+        content = message.get("content")
+        if not isinstance(content, list) or not any(
+                isinstance(block, dict) and block.get("type") == "tool_result" for block in content):
+            return index + 1
+    return 0
+
+
+def _message(message: Any, index: int, cache: _Cache, thought: bool = True) -> list[dict[str, Any]]:
+    """A Messages message as chat messages; `thought`: with its thinking (else checked and left out)."""
     where = f"messages.{index}"
     if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
         raise InvalidRequest(f"`{where}.role` must be `user` or `assistant`", param=f"{where}.role")
@@ -239,9 +244,9 @@ def _message(message: Any, index: int, cache: _Cache) -> list[dict[str, Any]]:
                                  else parts}
         if calls:
             reply["tool_calls"] = calls
-        if thinking.put(reply):
+        if thought and thinking.put(reply):
             cache.thinking = True
-        if parts or calls or thinking.entries:
+        if parts or calls or (thought and thinking.entries):
             out.append(reply)
     elif parts:
         out.append({"role": "user", "content": parts})

@@ -1,0 +1,69 @@
+"""Anthropic's error envelope, and which requests get it: those of the Messages API's paths.
+
+Every error a `/v1/messages` or `/v1/messages/count_tokens` client can get is written in Anthropic's envelope,
+`{"type": "error", "error": {"type": ..., "message": ...}}` (with `request_id` when the request has one), whichever
+layer refuses it: the pipeline and the endpoints (`api/anthropic.py`), litestar's own errors (`api/errors.py`: no
+route under `/v1/messages/`, an invalid `Host`) and the HTTP server's refusals before the app (`http_replies.py`,
+`http_guard.py`: a head too large, malformed HTTP, a slow head or body, too many requests). Every other path keeps
+OpenAI's. The type follows the status, as Anthropic's docs list them (other 4xx are `invalid_request_error`, other
+5xx `api_error`); the status, and so the SDK's exception class and its retries, is the gateway's.
+
+Light on purpose: the HTTP server imports it, so it imports nothing of the pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+from ..errors import GatewayError
+
+__all__ = ["MESSAGES_PATH", "anthropic_error_body", "error_envelope", "error_type", "messages_path",
+           "messages_target", "status_type"]
+
+MESSAGES_PATH = "/v1/messages"
+_MESSAGES_TARGET = MESSAGES_PATH.encode()
+_encode = msgspec.json.Encoder().encode
+_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
+                404: "not_found_error", 413: "request_too_large", 429: "rate_limit_error", 503: "overloaded_error",
+                504: "timeout_error", 529: "overloaded_error"}
+
+
+def status_type(status: int) -> str:
+    """Anthropic's error type for an HTTP status."""
+    return _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "api_error")
+
+
+def error_type(error: GatewayError) -> str:
+    return status_type(error.status)
+
+
+def error_envelope(message: str, type_: str, request_id: str | None = None) -> bytes:
+    """Anthropic's error envelope; with `request_id`, which the Anthropic SDK shows with the error."""
+    body: dict[str, Any] = {"type": "error", "error": {"type": type_, "message": message}}
+    if request_id is not None:
+        body["request_id"] = request_id
+    return _encode(body)
+
+
+def anthropic_error_body(error: GatewayError, request_id: str | None = None) -> bytes:
+    return error_envelope(error.message, error_type(error), request_id)
+
+
+def messages_path(path: str) -> bool:
+    """Whether a request's path (ASGI's `scope["path"]`) is one of the Messages API's: `/v1/messages` or under it."""
+    return path.startswith(MESSAGES_PATH) and (len(path) == len(MESSAGES_PATH) or path[len(MESSAGES_PATH)] == "/")
+
+
+def messages_target(target: bytes) -> bool:
+    """`messages_path` for a request target as it came on the request line, whole or as far as it was read (an
+    origin form with its query, or an absolute form); percent-escapes are not decoded (such a request gets OpenAI's
+    envelope)."""
+    if target[:1] != b"/":  # the absolute form, `http://host/v1/messages`
+        scheme, found, rest = target.partition(b"://")
+        if not found or b"/" in scheme:
+            return False
+        target = rest[rest.find(b"/"):] if b"/" in rest else b""
+    end = len(_MESSAGES_TARGET)
+    return target.startswith(_MESSAGES_TARGET) and (len(target) == end or target[end:end + 1] in (b"/", b"?"))

@@ -9,8 +9,9 @@ arguments that fix this with subclasses of uvicorn's own protocols. Who enforces
   `data_received`. The bytes of a head are counted as they arrive, before the parser sees
   them, and the parser is never fed more than the limit (a read that crosses the limit is
   fed up to the limit only; if the head ends inside, the rest is body). Over the limit:
-  `431` with an OpenAI error body, the connection is half-closed, what the client still
-  sends is read and dropped for up to 2 s (so that it reads the 431 instead of a reset),
+  `431` with an OpenAI error body (Anthropic's under `/v1/messages`, as for every refusal
+  here: `http_replies`), the connection is half-closed, what the client still sends is
+  read and dropped for up to 2 s (so that it reads the 431 instead of a reset),
   then it is closed. One gap, bounded: a pipelined request that starts in the same read
   as the end of the previous one is counted from the next read (a read is at most ~256 KB,
   and uvicorn stops reading behind a pipelined request). These refusals happen before
@@ -300,8 +301,9 @@ if HAVE_HTTPTOOLS:
             self._refuse_upgrade()
 
         def send_400_response(self, msg: str) -> None:
-            """What the parser refused (uvicorn calls this inside its `except HttpParserError`): an OpenAI error
-            body with the parser's reason, and close; after the response in flight, if one is."""
+            """What the parser refused (uvicorn calls this inside its `except HttpParserError`): an error body
+            (OpenAI's, or Anthropic's: `http_replies`) with the parser's reason, and close; after the response in
+            flight, if one is."""
             if self._state == DONE:
                 return
             error = sys.exc_info()[1]

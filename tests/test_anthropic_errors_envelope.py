@@ -340,3 +340,4 @@ def test_too_many_requests(serve: Callable[..., Server], target: str) -> None:
         assert raw[1]["retry-after"] == "1"
         assert_refusal(raw, 503, path, "overloaded_error", "server_overloaded",
                        "the gateway is at its limit of concurrent requests")
+

@@ -991,3 +991,12 @@ def test_streamed_thinking_whose_text_comes_after_its_signature_keeps_its_blocks
     assert [block.model_dump() for block in message.content] == [
         {"type": "thinking", "thinking": "abcde", "signature": "s1"}, {"type": "redacted_thinking", "data": "d"},
         {"type": "thinking", "thinking": "XY", "signature": "s2"}, {"type": "text", "text": "hi", "citations": None}]
+
+
+def test_a_get_to_messages_is_told_to_post_to_messages(gw: RunningGateway) -> None:
+    """The 405 names the path the client used (`/v1/messages`), not the chat endpoint the request becomes."""
+    response = httpx.get(gw.url + "/v1/messages", headers={"x-api-key": FULL_KEY}, timeout=10)
+    assert response.status_code == 405 and response.headers["allow"] == "POST"
+    body = response.json()
+    assert body["type"] == "error" and body["error"]["type"] == "invalid_request_error", body
+    assert body["error"]["message"] == "use POST for /v1/messages", body

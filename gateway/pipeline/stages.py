@@ -90,7 +90,8 @@ class Admit:
         if ctx.head.header_bytes > limit:  # buffering them; this covers a server without it
             raise HeadersTooLarge(f"request headers exceed {limit} bytes")
         if ctx.head.method != "POST":
-            raise MethodNotAllowed(f"use POST for /v1/{ctx.endpoint.path}", headers={"Allow": "POST"})
+            path = "messages" if ctx.dialect is not None else ctx.endpoint.path  # (the client's path, not ours)
+            raise MethodNotAllowed(f"use POST for /v1/{path}", headers={"Allow": "POST"})
         return call_next(ctx)
 
 

@@ -11,6 +11,14 @@ are logged and ignored: the local breaker keeps working on its own.
 States: closed (traffic flows; consecutive failures and a per-window failure ratio
 are counted) -> open (skipped for `cooldown_s`) -> half-open (exactly one request of
 this process probes it) -> closed on success, open again on failure.
+
+A stream is judged by its whole stream (`opened`, then `ended`): its opening closes a
+breaker that is not closed (a probe's verdict cannot wait for a stream of minutes while
+every other request is refused), and for a closed one its verdict waits for its end,
+counted once, the consecutive failures left as they were until then. A stream may outlive
+a reload: its verdict then counts on the state of the policy in force (the same `_State`
+object when its target stayed), is shared through that policy's store, and is dropped
+when its target left the policy.
 """
 
 from __future__ import annotations
@@ -63,6 +71,18 @@ class Breakers:
         self._store = store
         self._on_change = on_change
         self._tasks: set[asyncio.Task[None]] = set()
+        # The reloads: the breakers this runtime's replace, until it starts (`start`), and those that replaced
+        # them once they did (`_next`): a stream that outlives its runtime is judged by the policy in force.
+        self._previous = previous
+        self._next: Breakers | None = None
+        self._closed = False
+
+    def start(self) -> None:
+        """This runtime's breakers take over from those of the runtime it replaces (a reload's, once it starts:
+        one that fails to build never does, one that fails to start is closed at once)."""
+        if self._previous is not None:
+            self._previous._next = self
+            self._previous = None  # (no chain back to every runtime there was)
 
     def state(self, target: str) -> int:
         entry = self._states[target]
@@ -131,6 +151,40 @@ class Breakers:
         if tripped:
             self._open(target, entry, now, spec.cooldown_s)
 
+    # -- streams: judged by the whole stream --------------------------------------------------------------
+
+    def opened(self, target: str) -> None:
+        """A stream of `target` answered; its verdict waits for its end (`ended`), and until then it neither counts
+        nor resets the consecutive failures. A breaker that is not closed (the stream is its probe, or the forced try
+        of an alias whose targets are all open) closes now, as for any answer: every other request is refused while
+        a probe runs, and a stream may run for minutes."""
+        entry = self._states[target]
+        if entry.state != CLOSED:
+            entry.probing = False
+            self._set(target, entry, CLOSED)
+            self._share(target, None)
+
+    def ended(self, target: str, failed: bool) -> None:
+        """The verdict of a stream of `target` that answered (`opened`): a success or a failure of the closed
+        breaker, counted once. Dropped when the breaker is no longer closed (it opened while the stream ran: what
+        opened it and its probe decide it now, not a stream from before), and when a reload took `target` out of
+        the policy (its breaker is gone: a state and a gauge left behind would say it is open for good)."""
+        entry = self._states[target]
+        if entry.state != CLOSED or (self._next is not None and self._newest()._states.get(target) is not entry):
+            return  # (replaced by a reload: `entry` is in force only if the policy in force kept it)
+        if failed:
+            self.failure(target)
+        else:
+            self.success(target)
+
+    def _newest(self) -> Breakers:
+        """The breakers of the policy in force: these, or those that replaced them since (`start`). A successor
+        closed without one of its own failed to start: the policy it was built for never came into force."""
+        newest = self
+        while (following := newest._next) is not None and (not following._closed or following._next is not None):
+            newest = following
+        return newest
+
     def _count(self, entry: _State, failed: bool) -> None:
         now = self._clock()
         if now - entry.window_start >= self.spec.window_s:
@@ -154,11 +208,14 @@ class Breakers:
     # -- sharing through the store ------------------------------------------------------------------
 
     def _share(self, target: str, open_for: float | None) -> None:
-        if self._store is None:
+        """Write a change in a task beside the request, through the store of the policy in force (`_newest`): a
+        stream that outlives a reload ends after its own runtime's store and tasks may be closed."""
+        sharing = self._newest()
+        if sharing._store is None:
             return
-        task = asyncio.get_running_loop().create_task(self._write(target, open_for))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        task = asyncio.get_running_loop().create_task(sharing._write(target, open_for))
+        sharing._tasks.add(task)
+        task.add_done_callback(sharing._tasks.discard)
 
     async def _write(self, target: str, open_for: float | None) -> None:
         assert self._store is not None
@@ -245,6 +302,7 @@ class Breakers:
             await asyncio.sleep(self.spec.sync_interval_s)  # the subscription ended (store closing): retry
 
     async def aclose(self) -> None:
+        self._closed = True
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)

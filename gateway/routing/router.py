@@ -13,7 +13,8 @@ different endpoints, those that serve the request's). A deadline bounds the whol
 a retry whose wait would outlast it gives way to the next candidate, and the walk stops
 once it has passed (an attempt it cuts short says nothing about the target's health).
 Each attempt builds its upstream body from the client's original request. A stream may
-fall back until its first content event; after that its errors reach the client.
+fall back until its first content event; after that its errors reach the client, and its
+breaker verdict and its count as an attempt wait for its end (`verdicts`).
 
 A single-target alias costs one dictionary merge (the body, as before routing) and
 two counter increments: everything else is precomputed at load.
@@ -44,6 +45,7 @@ from .breaker import Breakers
 from .rules import Facts, first_match
 from .stats import TargetStats
 from .strategies import order_targets
+from .verdicts import StreamVerdicts, check_health
 
 __all__ = ["DeadlineExceeded", "Router", "TargetsUnavailable", "all_targets"]
 
@@ -90,17 +92,20 @@ class Router:
         self._shared, self.rng, self._tasks = shared, rng or random.Random(), set[asyncio.Task[None]]()
         self._counters: dict[tuple[Any, ...], Any] = {}
         self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters' values
+        self._verdicts = StreamVerdicts(self.breakers, metrics.attempts)  # a stream's, at its end
 
     # -- life ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        self.breakers.start()
         for name in self.targets:
             self.metrics.breaker_state.labels(name).set(self.breakers.state(name))
         if self._shared is not None:
             self._spawn(self.breakers.sync_forever())
         for target in self.targets.values():
             if target.health_check is not None:
-                self._spawn(self._health_check(target))
+                self._spawn(check_health(target, self.providers[target.provider], self.breakers,
+                                         self.metrics.attempts))
 
     async def aclose(self) -> None:
         for task in list(self._tasks):
@@ -238,7 +243,7 @@ class Router:
                 self.breakers.release(target.name)  # cancelled (client gone, shutdown): no verdict
                 raise
             else:
-                self._answered(ctx, target, time.perf_counter() - started)
+                self._answered(ctx, target, time.perf_counter() - started, reply.stream)
                 return reply
 
     def _attempt(self, ctx: RequestContext, route: ModelRoute, target: Target, deadline: float | None
@@ -316,14 +321,18 @@ class Router:
 
     # -- recording ----------------------------------------------------------------------------------
 
-    def _answered(self, ctx: RequestContext, target: Target, seconds: float) -> None:
-        self.breakers.success(target.name)
+    def _answered(self, ctx: RequestContext, target: Target, seconds: float, stream: ReplyStream | None) -> None:
         key = (ctx.alias_label, target.name)
         children = self._answers.get(key)
         if children is None:  # added to in line, on the loop's thread (`telemetry.series.loop_value`)
             children = self._answers[key] = (loop_value(loop_child(self.metrics.attempts.labels(target.name, "ok"))),
                                              loop_value(loop_child(self.metrics.routed.labels(*key))))
-        children[0]._value += 1
+        if stream is None:
+            self.breakers.success(target.name)
+            children[0]._value += 1
+        else:  # judged, and counted as an attempt, by its whole stream once it ends (`verdicts.StreamVerdicts`)
+            self.breakers.opened(target.name)
+            stream.add(self._verdicts)
         children[1]._value += 1
         if ctx.attempts is not None:
             ctx.attempts.append((target.name, "ok", round(seconds * 1000, 2)))
@@ -370,27 +379,3 @@ class Router:
 
     def _breaker_changed(self, target: str, state: int) -> None:
         self.metrics.breaker_state.labels(target).set(state)
-
-    # -- active health checks -----------------------------------------------------------------------
-
-    async def _health_check(self, target: Target) -> None:
-        """A one-token request on an interval; its outcome feeds the breaker (a success closes it)."""
-        assert target.health_check is not None
-        check = target.health_check
-        provider = self.providers[target.provider]
-        body = {"model": target.upstream_model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
-        while True:
-            await asyncio.sleep(check.interval_s)
-            try:
-                async with asyncio.timeout(check.timeout_s):
-                    await provider.complete(Call(Endpoint.CHAT, {**body, **target.extra_body}, False,
-                                                 "health-check", target.timeouts))
-            except (GatewayError, TimeoutError) as exc:
-                kind = "timeout" if isinstance(exc, TimeoutError) else classify(exc)
-                if kind in BREAKER_FAILURES:
-                    self.breakers.failure(target.name)
-                self._count(self.metrics.attempts, target.name, "health_" + kind).inc()
-            else:
-                self.breakers.success(target.name)
-                self._count(self.metrics.attempts, target.name, "health_ok").inc()
-

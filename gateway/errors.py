@@ -35,6 +35,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "ShuttingDown",
+    "UnusableAnswer",
     "UpstreamError",
     "UpstreamOverloaded",
     "UpstreamTimeout",
@@ -174,6 +175,12 @@ class UpstreamError(GatewayError):
     status = 502
     type = "upstream_error"
     code = "upstream_error"
+
+
+class UnusableAnswer(UpstreamError):
+    """502: the upstream answered, but the model's answer cannot be used (Gemini's `MALFORMED_FUNCTION_CALL`: a call
+    that is not valid). Retried and fallen back from as any 502 (a second try usually succeeds), but a verdict of
+    health for the target's circuit breaker, not against it: the model misbehaved, the endpoint served."""
 
 
 class AllTargetsFailed(UpstreamError):

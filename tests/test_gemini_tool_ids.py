@@ -330,3 +330,25 @@ def test_a_malformed_function_call_after_text_ends_the_stream_with_an_error(clie
                                                     messages=[{"role": "user", "content": "say hi"}]):
             received.extend(choice.delta.content or "" for choice in chunk.choices)
     assert "".join(received) == "Let me look that up." and "MALFORMED_FUNCTION_CALL" in caught.value.message
+
+
+def test_malformed_function_calls_do_not_open_the_targets_breaker(mocks: Mocks) -> None:
+    """The endpoint answered and the model misbehaved: however many such answers, the breaker every alias of the target
+    shares stays closed (as for a client error), where as many 500s open it."""
+    breaker = "routing: {retry: {attempts: 0}, breaker: {failures: 2, cooldown_s: 60}}"
+    failing = "  gemini-500: {provider: gemini, model: fault-status-500}\n  gemini-text:"
+    policy = _policy(mocks).replace("routing: {breaker: {enabled: false}}", breaker).replace("  gemini-text:", failing)
+    running = RunningGateway(policy, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GEMINI_KEY": GEMINI_KEY}).start()
+    try:
+        with openai.OpenAI(base_url=running.base_url, api_key=FULL_KEY, max_retries=0, timeout=15) as sdk:
+            asked = [("gemini-malformed", True), ("gemini-malformed", False)] * 2 + [("gemini-500", False)] * 2
+            for model, stream in asked:
+                with pytest.raises(openai.APIError):
+                    answer = sdk.chat.completions.create(model=model, stream=stream, tools=TOOLS,
+                                                         messages=[{"role": "user", "content": "say hi"}])
+                    if stream:
+                        list(answer)  # type: ignore[arg-type]
+        state = dict(re.findall(r'^gateway_breaker_state\{target="([^"]+)"\} (\S+)$', running.metrics(), re.M))
+        assert (state["gemini/malformed-call"], state["gemini/fault-status-500"]) == ("0.0", "2.0"), state
+    finally:
+        running.stop()

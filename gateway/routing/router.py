@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
-from ..errors import GatewayError, NoRoute, UpstreamTimeout
+from ..errors import GatewayError, NoRoute, UnusableAnswer, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream
 from ..policy.compiled import ModelRoute, Policy, Target
@@ -346,10 +346,10 @@ class Router:
             # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
             # cancelled request), or one strict alias would open the breaker every other alias shares.
             self.breakers.release(target.name)
+        elif kind in ("client_error", "context_length") or isinstance(error, UnusableAnswer):
+            self.breakers.success(target.name)  # it answered: alive
         elif kind in BREAKER_FAILURES:
             self.breakers.failure(target.name)
-        elif kind in ("client_error", "context_length"):
-            self.breakers.success(target.name)  # it answered: alive
         else:
             self.breakers.release(target.name)
         self._count(self.metrics.attempts, target.name, kind).inc()

@@ -30,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BudgetExceeded, GatewayError, RateLimited, UpstreamError, UpstreamTimeout
+from ..errors import BudgetExceeded, GatewayError, RateLimited, UnusableAnswer, UpstreamError, UpstreamTimeout
 from ..pipeline.streams import StreamEnd
 from ..policy.compiled import Target
 from ..providers.base import Call, Provider
@@ -82,20 +82,21 @@ class StreamVerdicts:
         if kind == "ok":
             self._breakers.ended(name, failed=False)
         elif kind is not None:
-            self._failed(ctx, name, kind)
+            self._failed(ctx, name, kind, isinstance(end.error, UnusableAnswer))
             return
         ok = self._ok.get(name)
         if ok is None:
             ok = self._ok[name] = loop_value(loop_child(self._attempts.labels(name, "ok")))
         ok._value += 1
 
-    def _failed(self, ctx: RequestContext, name: str, kind: str) -> None:
-        """The upstream ended the stream: the breaker's verdict as for an attempt that failed so before it answered,
-        and the attempt counted, and listed (when the access log lists the attempts), with its failure."""
-        if kind in BREAKER_FAILURES:
-            self._breakers.ended(name, failed=True)
-        elif kind == "client_error":
+    def _failed(self, ctx: RequestContext, name: str, kind: str, unusable: bool) -> None:
+        """The upstream ended the stream: the breaker's verdict as for an attempt that failed so before it answered
+        (`unusable`: an `UnusableAnswer`, the model's fault), and the attempt counted, and listed (when the access log
+        lists the attempts), with its failure."""
+        if kind == "client_error" or unusable:
             self._breakers.ended(name, failed=False)  # it answered: alive
+        elif kind in BREAKER_FAILURES:
+            self._breakers.ended(name, failed=True)
         self._attempts.labels(name, kind).inc()
         attempts = ctx.attempts
         if attempts is not None:  # its entry is the last: no attempt follows one that answered

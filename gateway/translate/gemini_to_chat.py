@@ -20,7 +20,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import ContentPolicyViolation, GatewayError, UpstreamError
+from ..errors import ContentPolicyViolation, GatewayError, UnusableAnswer
 from ..schemas.events import DONE, StreamEvent, UsageReport
 from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage
 from .common import ChunkWriter, StreamProtocolError
@@ -69,13 +69,13 @@ def _id_prefix() -> str:
     return f"call_{os.urandom(6).hex()}_"
 
 
-def _malformed(name: str) -> UpstreamError:
+def _malformed(name: str) -> UnusableAnswer:
     """`MALFORMED_FUNCTION_CALL`: the model's call was not valid (often Python code instead of a call) and is not in
     the answer, which then holds nothing or its text before the call. As `stop` it was an empty answer a client took
     for the model's last word; as a 502, routing retries it or falls back (`retry_on: server_error`), and a client
     sees the failure (docs/providers.md)."""
-    return UpstreamError(f"upstream `{name}` could not produce a valid function call (Gemini's finish reason "
-                         f"{_MALFORMED}); the same request may succeed if sent again")
+    return UnusableAnswer(f"upstream `{name}` could not produce a valid function call (Gemini's finish reason "
+                          f"{_MALFORMED}); the same request may succeed if sent again")
 
 
 def _signed(call: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:

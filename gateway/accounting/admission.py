@@ -22,6 +22,7 @@ from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op, StageState
 from .gauges import BudgetLeft
 from .headers import duration, rate_limit_headers, request_headers, tightest
+from .ledger import new_op
 from .outright import completion_cap
 from .scopes import Scope, Scopes
 
@@ -103,7 +104,7 @@ class Admission(StageState):
                         left = budget.usd - reservation[1]  # `reservation.limit - reservation.total`
                         left = left if left > 0.0 else 0.0
                         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
-                        bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units, _FOREVER)))
+                        bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units, _FOREVER, "")))
                     elif not self._budget_answer(bill, scope, key, cost, ttl, reservation, units):
                         hard = hard or scope
                 if hard is not None or bill.downgrade is not None:
@@ -244,40 +245,45 @@ class Admission(StageState):
         return (bill.prompt_estimate * rate_in + bill.completion_cap * rate_out) / 1_000_000
 
     def _budget_ops(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> list[Op]:
+        """Every budget's reservation, under the request's operation id (one per request: the store keeps each
+        counter's record apart), which its steps and its settle go under too."""
         cost = bill.cost_reserved = self._reservation(ctx, bill)
         now = time.time()
+        op = bill.op = new_op()
         ops: list[Op] = []
         for scope in scopes:
             budget, keys = scope.budget, scope.budget_keys
             assert budget is not None and keys is not None
             key, ttl = keys.at(now)
-            ops.append(("budget", scope, (key, cost, budget.usd, ttl)))
+            ops.append(("budget", scope, (key, cost, budget.usd, ttl, op)))
         return ops
 
     def _budgets(self, ctx: RequestContext, bill: Bill, ops: list[Op], results: list[Any]) -> None:
         failure: BaseException | None = None
         hard: Scope | None = None
-        for index, (_, scope, (key, cost, _, ttl)) in enumerate(ops):  # results[index] answers ops[index]
+        for index, (_, scope, (key, cost, _, ttl, op)) in enumerate(ops):  # results[index] answers ops[index]
             result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
-            elif not self._budget_answer(bill, scope, key, cost, ttl, result):
+                if isinstance(result, StoreUnavailable) and result.maybe_applied:  # it may be applied all the same
+                    self.ledger.owe_op(key, op, 0.0, 0.0, ttl)  # (late): settled to nothing, given back or stopped
+            elif not self._budget_answer(bill, scope, key, cost, ttl, result, op=op):
                 hard = hard or scope
         if failure is not None:
             raise failure
         self._budgets_done(ctx, bill, hard)
 
     def _budget_answer(self, bill: Bill, scope: Scope, key: str, cost: float, ttl: float, answer: Reservation,
-                       units: int = 0) -> bool:
+                       units: int = 0, op: str = "") -> bool:
         """One budget's answer, taken into the bill (`units`: `cost` in the store's millionths, when the
-        in-process store reserved it); False when a hard budget refused."""
+        in-process store reserved it; `op`: its id, when a remote one did); False when a hard budget refused."""
         budget = scope.budget
         assert budget is not None
         left = answer.limit - answer.total  # `answer.remaining`, without a property call
         left = left if left > 0.0 else 0.0
         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
         if answer.ok:
-            bill.budgets.append(Held(key, cost, ttl, scope, budget, units))
+            bill.budgets.append(Held(key, cost, ttl, scope, budget, units, _FOREVER, op))
             spent = answer.total / budget.usd
         elif budget.mode == "soft":
             bill.unreserved = (*bill.unreserved, (key, ttl, scope))
@@ -324,8 +330,13 @@ class Admission(StageState):
         """Undo what a refused request reserved (so it does not count against the others)."""
         for key in bill.requests:
             await self._quietly(self.store.settle(key, 1, 0, WINDOW_S))
-        for held in [*bill.tokens, *bill.budgets]:
+        for held in bill.tokens:
             await self._quietly(self.store.settle(held.key, held.reserved, 0, held.ttl_s))
+        for held in bill.budgets:  # settled to nothing, under the reservation's id: the ledger owes it if need be
+            try:
+                await self.store.settle(held.key, held.reserved, 0.0, held.ttl_s, held.op)
+            except StoreUnavailable as exc:
+                self._owe_spend(held.key, held.reserved, 0.0, held.ttl_s, held.op, exc)
         for key, holder in bill.slots:
             try:
                 await self.store.release_slot(key, holder)

@@ -14,6 +14,7 @@ from typing import Any, NamedTuple
 
 from ..policy.accounting_schema import BudgetSpec
 from ..policy.compiled import Policy
+from ..store._common import to_units
 from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
@@ -45,12 +46,13 @@ class Held(NamedTuple):
     # A token window's end (`time.monotonic()`): settled after it, the reservation would be taken off the next window,
     # which never held it (the window's key is the same), and that window would admit as much more.
     until: float = math.inf
+    op: str = ""  # a budget's reservation id on a remote store (`Store.reserve`): its steps and settle go under it
 
 
 class Bill:
     """Per request: what was reserved, and what the answer must settle."""
 
-    __slots__ = ("budgets", "completion_cap", "cost_reserved", "downgrade", "explicit_cap", "headers",
+    __slots__ = ("budgets", "completion_cap", "cost_reserved", "downgrade", "explicit_cap", "headers", "op",
                  "prompt_estimate", "requests", "settled", "slots", "tokens", "unreserved")
 
     def __init__(self) -> None:  # made on every limited request: no dataclass factories
@@ -68,6 +70,7 @@ class Bill:
         self.headers: list[tuple[bytes, bytes]] = []
         self.downgrade: str | None = None  # the cheaper alias a budget past its `downgrade.at` sends it to
         self.settled = False
+        self.op = ""  # the id its budget reservations go under on a remote store (`ledger.new_op`), once made
 
 
 class StageState:
@@ -102,6 +105,19 @@ class StageState:
             await op
         except StoreUnavailable:
             self.metrics.accounting_store_errors.labels("unsettled").inc()
+
+    def _owe_spend(self, key: str, reserved: float, actual: float, ttl_s: float, op: str = "",
+                   exc: StoreUnavailable | None = None) -> None:
+        """A budget settle (`Store.settle`'s arguments) the store did not take, owed by the ledger: under its `op`
+        (sent again as it is: applied once) when it may have been applied, or when it replaces a reservation (whose
+        record may hold steps whose answers were lost; these are as many as the requests in flight when the store
+        went away); else (surely not applied, nothing reserved: spend served while the store was away, however
+        much of it) added to the counter's other owed spend."""
+        sent = exc is None or exc.maybe_applied
+        if op and (sent or reserved > 0.0):
+            self.ledger.owe_op(key, op, reserved, actual, ttl_s, sent)
+        else:
+            self.ledger.owe(key, to_units(actual) - to_units(reserved), ttl_s)
 
     def _owe_release(self, key: str, holder: str) -> None:
         """A slot the store may still hold for `holder` (its release failed, or its take timed out and may have been

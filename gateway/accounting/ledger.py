@@ -9,6 +9,12 @@ Two jobs, one background flush (a runtime `Service`):
 * reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
   here as a delta per budget counter and added when the store answers again, so spend while Redis was away
   is not lost. The first flush after recovery brings every budget up to date.
+* operations in doubt: a settle whose answer was lost (a timeout: it may have been applied all the same), a
+  reservation whose answer was lost (settled to nothing: given back if it was applied, stopped if it arrives
+  later), and a settle that replaces what its reservation's record holds are kept one by one with their
+  operation id and sent again under it (`Store.settle` with `op`: applied once however often it is sent), at
+  each flush until the store answers, for at most `OP_RETRY_S`. Every usage or reconciliation write goes under
+  an id of its own too, so that one whose answer was lost is sent again under it rather than added twice.
 * releases: a concurrency slot the store could not give back (its release failed, or its take timed out and
   may have been applied all the same) is given back at a later flush, until the store takes it or the slot's
   lease has run out anyway: a Redis stall of a second must not hold a key's slots for the lease's 15 minutes.
@@ -23,21 +29,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import os
 import time
 
 from prometheus_client import Gauge
 
 from ..store._common import AMOUNT_SCALE
-from ..store.base import Store, StoreUnavailable
+from ..store.base import OP_TTL_S, Store, StoreUnavailable
 from .periods import USAGE_DAYS_KEPT
 
-__all__ = ["FIELDS", "Ledger", "usage_key"]
+__all__ = ["FIELDS", "OP_RETRY_S", "Ledger", "new_op", "usage_key"]
 
 log = logging.getLogger("gateway.accounting")
 FLUSH_INTERVAL_S = 1.0
 FIELDS = ("cost_usd", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 _USAGE_TTL_S = USAGE_DAYS_KEPT * 86_400.0
 _MAX_RELEASES = 100_000  # slots owed at once (each a few hundred bytes)
+_MAX_OPS = 100_000  # operations in doubt at once: those in flight when the store stalled (each a few hundred bytes)
+OP_RETRY_S = OP_TTL_S - 60.0
+"""How long an operation in doubt is sent again: within its record's life (`OP_TTL_S`), with a minute to spare
+for the last attempt to be applied late in its turn. Past it, it is dropped (logged): the store did not answer
+for that long, and a repeat could no longer be told from the first."""
+
+
+def new_op() -> str:
+    """A new operation id (64 random bits: unique among a counter's operations within `OP_TTL_S`)."""
+    return os.urandom(8).hex()
 
 
 def usage_key(scope: str, name: str, day: str, field: str) -> str:
@@ -55,6 +73,8 @@ class Ledger:
         self._requests: dict[tuple[str, str | None, str | None, str], list[int]] = {}
         self._pending: dict[str, tuple[int, float]] = {}  # budget counter -> (delta in micro-units, ttl)
         self._releases: dict[tuple[str, str], float] = {}  # (slot key, holder) -> when its lease ends (monotonic)
+        # (counter, op) -> (reserved, actual, ttl, until when it is sent again (monotonic)): `owe_op`
+        self._ops: dict[tuple[str, str], tuple[float, float, float, float]] = {}
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._gauge = metrics_pending
@@ -109,9 +129,30 @@ class Ledger:
         while len(releases) > _MAX_RELEASES:
             del releases[next(iter(releases))]
 
+    def owe_op(self, key: str, op: str, reserved: float, actual: float, ttl_s: float, sent: bool = True) -> None:
+        """A settle of `key` under `op` (`Store.settle`'s arguments) the store has not taken: sent again, under the
+        same `op`, at the next flushes until the store answers (applied once, whether or not an earlier attempt
+        was). `sent`: whether an attempt may have been applied (its answer was lost); from then on it is sent for
+        at most `OP_RETRY_S`, the time a repeat is recognised in. A reservation whose answer was lost is owed as
+        `reserved=actual=0`: given back if it was applied, and not applied if it arrives later. Bounded: past
+        `_MAX_OPS`, the oldest are dropped (logged)."""
+        ops = self._ops
+        found = ops.get((key, op))
+        until = time.monotonic() + OP_RETRY_S if sent else math.inf
+        if found is None:
+            ops[(key, op)] = (reserved, actual, ttl_s, until)
+            while len(ops) > _MAX_OPS:
+                dropped = next(iter(ops))
+                del ops[dropped]
+                log.error("accounting: dropped an operation in doubt on %s (too many waiting): the counter may be "
+                          "off by it", dropped[0])
+            self._show()
+        elif until < found[3]:
+            ops[(key, op)] = (*found[:3], until)
+
     @property
     def pending(self) -> int:
-        return len(self._pending)
+        return len(self._pending) + len(self._ops)
 
     def pending_usd(self) -> float:
         """What the store has not been told yet about spend on budget counters (positive deltas)."""
@@ -142,6 +183,8 @@ class Ledger:
         async with self._flushing:
             if self._releases:
                 await self._flush_releases()
+            if self._ops:
+                await self._flush_ops()
             if self._pending:
                 await self._flush_pending()
             if self._requests:
@@ -149,13 +192,41 @@ class Ledger:
             if self._usage:
                 await self._flush_usage()
 
+    async def _flush_ops(self) -> None:
+        now = time.monotonic()
+        ops = self._ops
+        for (key, op), (reserved, actual, ttl, until) in list(ops.items()):
+            if until <= now:
+                del ops[(key, op)]
+                log.error("accounting: gave up an operation on %s that the store did not answer for %.0f s: the "
+                          "counter may be off by it", key, OP_RETRY_S)
+                continue
+            try:
+                await self.store.settle(key, reserved, actual, ttl, op)
+            except StoreUnavailable as exc:
+                if exc.maybe_applied:
+                    self.owe_op(key, op, reserved, actual, ttl)  # (its time to be sent again runs from now)
+                if not self.store.healthy:
+                    break  # the store is away: the rest at the next flush
+                continue  # this one refused: kept, and the others sent meanwhile
+            except ValueError:
+                log.error("accounting: dropped an unreconcilable amount on %s", key)
+            ops.pop((key, op), None)
+        self._show()
+
     async def _flush_pending(self) -> None:
         pending, self._pending = self._pending, {}
-        for index, (key, (units, ttl)) in enumerate(list(pending.items())):
+        items = list(pending.items())
+        for index, (key, (units, ttl)) in enumerate(items):
+            op = new_op()
+            reserved, actual = (0.0, units / AMOUNT_SCALE) if units > 0 else (-units / AMOUNT_SCALE, 0.0)
             try:
-                await _apply(self.store, key, units, ttl)
-            except StoreUnavailable:
-                for later_key, (later_units, later_ttl) in list(pending.items())[index:]:
+                await self.store.settle(key, reserved, actual, ttl, op)
+            except StoreUnavailable as exc:
+                if exc.maybe_applied:  # sent: from now on under its id
+                    self.owe_op(key, op, reserved, actual, ttl)
+                    index += 1
+                for later_key, (later_units, later_ttl) in items[index:]:
                     self.owe(later_key, later_units, later_ttl)
                 break
             except ValueError:
@@ -184,11 +255,19 @@ class Ledger:
         items = list(usage.items())
         for index, ((scope, name, day), values) in enumerate(items):
             try:
-                for field, value in zip(FIELDS, values, strict=True):
+                for position, field in enumerate(FIELDS):
+                    value = values[position]
                     if value:
                         amount = value / AMOUNT_SCALE if field == "cost_usd" else float(value)
-                        await self.store.settle(usage_key(scope, name, day, field), 0.0, amount, _USAGE_TTL_S)
-                        values[FIELDS.index(field)] = 0  # taken: a retry must not add it twice
+                        counter, op = usage_key(scope, name, day, field), new_op()
+                        try:
+                            await self.store.settle(counter, 0.0, amount, _USAGE_TTL_S, op)
+                        except StoreUnavailable as exc:
+                            if exc.maybe_applied:  # sent: from now on under its id, not added again below
+                                self.owe_op(counter, op, 0.0, amount, _USAGE_TTL_S)
+                                values[position] = 0
+                            raise
+                        values[position] = 0  # taken: a retry must not add it twice
             except StoreUnavailable:
                 for (key, rest) in items[index:]:
                     self._usage.setdefault(key, [0] * len(FIELDS))
@@ -200,11 +279,4 @@ class Ledger:
     def _show(self) -> None:
         gauge = self._gauge
         if gauge is not None:
-            gauge.set(len(self._pending))
-
-
-async def _apply(store: Store, key: str, units: int, ttl_s: float) -> None:
-    if units > 0:
-        await store.settle(key, 0.0, units / AMOUNT_SCALE, ttl_s)
-    else:
-        await store.settle(key, -units / AMOUNT_SCALE, 0.0, ttl_s)
+            gauge.set(len(self._pending) + len(self._ops))

@@ -27,6 +27,7 @@ from ..store.base import StoreUnavailable
 from ..telemetry.usage import estimate_stream_usage
 from .bill import WINDOW_S, Bill, StageState
 from .cost import request_cost
+from .ledger import new_op
 from .outright import MAX_TOKENS
 from .periods import day_span
 
@@ -97,8 +98,8 @@ class Settling(StageState):
         for kind, args in self._settle_ops(ctx, bill, cost):
             try:
                 await remote[kind](*args)
-            except StoreUnavailable:
-                self._unsettled(kind, args)
+            except StoreUnavailable as exc:
+                self._unsettled(kind, args, exc)
             except Exception:  # a bug: logged, and the later operations (the slots given back) still run
                 log.exception("accounting: a settle operation failed (%s)", kind)
         self._settled(ctx, bill, cost, units)
@@ -142,13 +143,16 @@ class Settling(StageState):
         self._settled(ctx, bill, cost, units)
 
     def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
-        """What settling asks of the store, in order: every budget to the actual cost (`spend`), every token
-        window to the actual tokens, every slot given back."""
+        """What settling asks of the store, in order: every budget to the actual cost (`spend`: a reservation under
+        its id; a budget not reserved under an id of its own, apart from a reservation of it whose answer was lost
+        and which the ledger settles to nothing), every token window to the actual tokens, every slot given back."""
         ops: list[tuple[str, tuple[Any, ...]]] = []
         for held in bill.budgets:
-            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s)))
-        for key, ttl, _ in bill.unreserved:
-            ops.append(("spend", (key, 0.0, cost, ttl)))
+            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s, held.op)))
+        if bill.unreserved:
+            spend = (bill.op or new_op()) + ".s"
+            for key, ttl, _ in bill.unreserved:
+                ops.append(("spend", (key, 0.0, cost, ttl, spend)))
         if bill.tokens:
             usage = ctx.usage
             actual = float(_tokens(usage.prompt_tokens + usage.completion_tokens) if usage is not None else 0)
@@ -160,12 +164,12 @@ class Settling(StageState):
             ops.append(("release", slot))
         return ops
 
-    def _unsettled(self, kind: str, args: tuple[Any, ...]) -> None:
-        """A settle the store did not take: a budget's is owed by the ledger, and so is a slot's release (retried
-        until taken or its lease ends); a token window's is only counted."""
+    def _unsettled(self, kind: str, args: tuple[Any, ...], exc: StoreUnavailable | None = None) -> None:
+        """A settle the store did not take: a budget's is owed by the ledger (`_owe_spend`), and so is a slot's
+        release (retried until taken or its lease ends); a token window's is only counted."""
         if kind == "spend":
-            key, reserved, actual, ttl_s = args
-            self.ledger.owe(key, to_units(actual) - to_units(reserved), ttl_s)
+            key, reserved, actual, ttl_s, *op = args  # (the in-line store's have no id: never in doubt)
+            self._owe_spend(key, reserved, actual, ttl_s, op[0] if op else "", exc)
         elif kind == "release":
             self._owe_release(*args)
         else:
@@ -225,7 +229,8 @@ class Settling(StageState):
         for index, held in enumerate(bill.budgets):
             assert held.budget is not None
             try:
-                answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s)
+                # under the reservation's id: a step whose answer is lost is still replaced by the settle
+                answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s, held.op, held.reserved)
             except StoreUnavailable:
                 if not self.fail_open:
                     return False

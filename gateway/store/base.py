@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import Literal, NamedTuple, Protocol, Self
 
 __all__ = [
+    "OP_TTL_S",
     "Backend",
     "Channel",
     "OnUnavailable",
@@ -28,6 +29,15 @@ __all__ = [
 Backend = Literal["memory", "redis"]
 OnUnavailable = Literal["open", "closed"]
 
+OP_TTL_S = 300.0
+"""How long a counter operation's record (`reserve` and `settle` with an `op`) outlives its last step: what its
+repeats are recognised for. A repeat comes from the accounting ledger, which sends an operation whose answer was
+lost again at each flush until the store answers, for at most `OP_TTL_S` less a minute after the first attempt
+whose answer was lost (`accounting.ledger.OP_RETRY_S`; the minute: for its last attempt to be applied late in its
+turn), and from an attempt itself applied late (the stall that lost its answer: seconds). Each record holds about
+250 bytes of Redis memory for this long: one per request and budget, and one per usage counter the ledger writes
+(once a second)."""
+
 
 class StoreUnavailable(Exception):
     """The backend did not answer within its timeout, is down, or refused the operation.
@@ -36,7 +46,16 @@ class StoreUnavailable(Exception):
     has exactly one thing to catch and applies its own policy: fail open (serve without the limit, the cache
     or the shared breaker state) or fail closed (refuse the request). The store never makes that choice; it
     only carries the configured default in `Store.on_unavailable`.
+
+    `maybe_applied`: whether the operation may have been applied all the same (it was sent, and its answer was
+    lost: a timeout, a dropped connection); False when it surely was not (the store failed fast without sending
+    it, or answered with an error). A caller that repeats an operation which may have been applied repeats it
+    with the same `op` (`Store.reserve`, `Store.settle`), so that it counts once.
     """
+
+    def __init__(self, message: str = "", *, maybe_applied: bool = True) -> None:
+        super().__init__(message)
+        self.maybe_applied = maybe_applied
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,16 +249,32 @@ class Store(Protocol):
         """Read a window counter without changing it; an absent one reads as 0 with a full window ahead."""
         ...
 
-    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None, op: str | None = None,
+                      held: float = 0.0) -> Reservation:
         """Add `amount` only if the total stays at or under `limit`, atomically (reserve-then-settle budgets).
 
         `ttl_s` applies when the key is created (or has no TTL); later calls do not extend it, so a budget
         period is not stretched by traffic.
+
+        `op`: an id the caller made for this reservation (unique per key), which the store records with what the
+        reservation holds (for `OP_TTL_S` from its last step). A reserve with an `op` it holds adds a step to it
+        (`held`: what the caller knows it holds, should the record have expired); once the `op` was settled
+        (`settle`), a reserve with it changes nothing and answers not ok: a reservation whose answer was lost, and
+        which the caller gave up (settled to nothing), is not applied if it arrives after that. A store whose
+        operations are never in doubt (memory) may ignore `op` and `held`.
         """
         ...
 
-    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
-        """Replace an earlier reservation by the actual amount (total never below 0); the new total."""
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
+                     op: str | None = None) -> float:
+        """Replace an earlier reservation by the actual amount (total never below 0); the new total.
+
+        `op`: the reservation's id (`reserve`), or a new one for a settle without a reservation: the settle is
+        applied once per `op` (a repeat changes nothing and answers the total), and replaces what the store
+        recorded under `op` (its steps that were applied although their answer was lost included), `reserved`
+        when it recorded nothing (never applied, or its record expired). Settling an `op` whose reservation timed
+        out to `reserved=0, actual=0` gives it back if it was applied, and stops it if it arrives later.
+        """
         ...
 
     async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:

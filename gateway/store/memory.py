@@ -135,10 +135,15 @@ class MemoryStore(Keyspace):
             return WindowCount(0, window / 1000)
         return WindowCount(current, self._remaining(entry.expires_at, window))
 
-    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+    # Operation ids (`op`, `held`) are not kept: an operation here is never in doubt (it never times out, and
+    # fails only before it changes anything), so it is never repeated.
+
+    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None, op: str | None = None,
+                      held: float = 0.0) -> Reservation:
         return self.reserve_now(key, amount, limit, ttl_s)
 
-    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
+                     op: str | None = None) -> float:
         return self.settle_now(key, reserved, actual, ttl_s)
 
     async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:

@@ -107,7 +107,7 @@ class Keyspace:
         try:
             return entry, int(value)
         except ValueError:
-            raise StoreUnavailable(_NOT_A_COUNTER) from None
+            raise StoreUnavailable(_NOT_A_COUNTER, maybe_applied=False) from None
 
     def _cap(self, limit: float) -> int:
         """`to_units(limit)`, checked, and kept for the next operations (a policy has few limits)."""

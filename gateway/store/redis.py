@@ -10,8 +10,11 @@ Failure handling, the reason this module exists rather than plain redis-py calls
 * a command error from a live server (wrong type, bad argument) is also `StoreUnavailable` to the caller,
   but does not mark Redis down (one bad key must not stop every request); out-of-memory, read-only
   replica and cluster-down errors do;
-* an operation that timed out may or may not have been applied (as with any remote call): callers treat
-  `StoreUnavailable` by their fail-open / fail-closed policy, never by retrying a non-idempotent call.
+* an operation that timed out may or may not have been applied (as with any remote call): its
+  `StoreUnavailable` says so (`maybe_applied`, False when the operation surely was not: failing fast, or an
+  error reply); callers treat it by their fail-open / fail-closed policy, and repeat a counter operation only
+  under its operation id (`reserve` and `settle` with `op`: the script records it beside the counter, in the
+  same hash slot, and applies it once).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from redis.exceptions import (
 from gateway.store import redis_scripts as lua
 from gateway.store._common import QueueChannel, check_window, from_units, to_units, ttl_ms
 from gateway.store.base import (
+    OP_TTL_S,
     Channel,
     OnUnavailable,
     Reservation,
@@ -53,6 +57,7 @@ __all__ = ["RedisStore"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+_OP_TTL_MS = ttl_ms(OP_TTL_S)
 _OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError)
 
 
@@ -65,6 +70,7 @@ class RedisStore:
         self._config = config
         self._target = parse_redis_url(config.url)
         self._prefix = config.key_prefix
+        self._cluster = self._target.mode == "cluster"
         self._handle: RedisHandle | None = None
         self._scripts: dict[str, AsyncScript] = {}
         self._healthy = False
@@ -164,16 +170,39 @@ class RedisStore:
         count, pttl = await self._script("GET_WINDOW", key, [])
         return WindowCount(int(count), (int(pttl) if int(pttl) >= 0 else window) / 1000)
 
-    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None) -> Reservation:
+    async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None, op: str | None = None,
+                      held: float = 0.0) -> Reservation:
         units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
-        ok, total = await self._script("RESERVE", key, [units, cap, "" if ttl is None else ttl])
+        keys = self._keys(key, op)
+        args: list[Any] = [units, cap, "" if ttl is None else ttl]
+        if len(keys) > 1:
+            args += [_OP_TTL_MS, to_units(held, "held") + units]
+        ok, total = await self._script_keys("RESERVE", keys, args)
         return Reservation(int(ok) == 1, from_units(int(total)), limit)
 
-    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None) -> float:
-        delta = to_units(actual, "actual") - to_units(reserved, "reserved")
+    async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
+                     op: str | None = None) -> float:
+        actual_units, reserved_units = to_units(actual, "actual"), to_units(reserved, "reserved")
         ttl = ttl_ms(ttl_s)
-        total = await self._script("SETTLE", key, [delta, "" if ttl is None else ttl])
+        keys = self._keys(key, op)
+        args: list[Any] = [actual_units - reserved_units, "" if ttl is None else ttl]
+        if len(keys) > 1:
+            args += [_OP_TTL_MS, actual_units, reserved_units]
+        total = await self._script_keys("SETTLE", keys, args)
         return from_units(int(total))
+
+    def _keys(self, key: str, op: str | None) -> list[str]:
+        """The counter's key and, with an operation id, its record's (in the counter's hash slot: `lua.op_key`).
+        A key no record can share a slot with, on a cluster, goes without one (repeats are then not recognised)."""
+        full = self._prefix + key
+        if not op:
+            return [full]
+        marker = lua.op_key(full, op, self._prefix)
+        if marker is None:
+            if self._cluster:
+                return [full]
+            marker = f"{full}:op:{op}"  # one server: any key is in its slot
+        return [full, marker]
 
     async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
         units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
@@ -198,7 +227,7 @@ class RedisStore:
     async def subscribe(self, channel: str) -> Channel:
         """Subscribe now when Redis is up (publishes after this returns are seen); else keep trying in the back."""
         if self._handle is None:
-            raise StoreUnavailable("the store is not started")
+            raise StoreUnavailable("the store is not started", maybe_applied=False)
         subscriber = RedisChannel(channel, self._prefix + channel, self._handle.client, self._config, self._forget)
         self._channels.add(subscriber)
         await subscriber.open(try_now=self._healthy)
@@ -210,25 +239,30 @@ class RedisStore:
     # -- failure handling ------------------------------------------------------------------------------
 
     async def _script(self, name: str, key: str, args: list[Any]) -> Any:
+        return await self._script_keys(name, [self._prefix + key], args)
+
+    async def _script_keys(self, name: str, keys: list[str], args: list[Any]) -> Any:
         script = self._scripts.get(name)
         if script is None:
-            raise StoreUnavailable("the store is not started")
-        return await self._run(lambda c: script(keys=[self._prefix + key], args=args))
+            raise StoreUnavailable("the store is not started", maybe_applied=False)
+        return await self._run(lambda c: script(keys=keys, args=args))
 
     async def _run(self, op: Callable[[Client], Awaitable[T]]) -> T:
         handle = self._handle
         if handle is None:
-            raise StoreUnavailable("the store is not started")
+            raise StoreUnavailable("the store is not started", maybe_applied=False)
         if not self._healthy:
-            raise StoreUnavailable("redis is unavailable (failing fast; reconnecting in the background)")
+            raise StoreUnavailable("redis is unavailable (failing fast; reconnecting in the background)",
+                                   maybe_applied=False)
         try:
             async with asyncio.timeout(self._config.op_timeout_s):
                 result = await op(handle.client)
         except (RedisError, OSError, TimeoutError) as exc:
-            if isinstance(exc, (ResponseError, DataError)) and not isinstance(exc, _OUTAGE_REPLIES):
-                raise StoreUnavailable(f"redis rejected the operation: {exc}") from exc  # alive: no back-off
+            replied = isinstance(exc, (ResponseError, DataError))  # an error reply (or refused before it was sent)
+            if replied and not isinstance(exc, _OUTAGE_REPLIES):
+                raise StoreUnavailable(f"redis rejected the operation: {exc}", maybe_applied=False) from exc  # alive
             self._mark_down(exc)
-            raise StoreUnavailable(f"redis unavailable: {_describe(exc)}") from exc
+            raise StoreUnavailable(f"redis unavailable: {_describe(exc)}", maybe_applied=not replied) from exc
         self._mark_up()
         return result
 

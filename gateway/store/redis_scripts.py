@@ -1,17 +1,19 @@
 """The Lua scripts behind the Redis store's atomic operations.
 
-Each script touches exactly one key (`KEYS[1]`), so every one runs on one slot in Redis Cluster whatever the
-key is; no hash tags are needed (a caller may still add `{...}` to co-locate keys of its own). They are
-registered once per client (`register_script`: EVALSHA, reloaded automatically after NOSCRIPT). Amounts
-arrive as integer strings (millionths, see `AMOUNT_SCALE`) and are passed to INCRBY unchanged, so nothing is
-ever formatted from a Lua number. TTLs are milliseconds; an empty string means none.
+Each script touches one key (`KEYS[1]`), and `RESERVE` and `SETTLE` with an operation id also that operation's
+record (`KEYS[2]`), which `op_key` names so that it hashes to the same slot: every script runs on one slot in
+Redis Cluster whatever the key is, with no hash tag asked of the caller (who may still add `{...}` to co-locate
+keys of its own). They are registered once per client (`register_script`: EVALSHA, reloaded automatically after
+NOSCRIPT). Amounts arrive as integer strings (millionths, see `AMOUNT_SCALE`) and are passed to INCRBY unchanged,
+so nothing is ever formatted from a Lua number. TTLs are milliseconds; an empty string means none. A script that
+refuses (a value that is not a counter) does so before its first write: Redis does not undo a script's writes.
 """
 
 from __future__ import annotations
 
 __all__ = [
     "ACQUIRE_SLOT", "COMPARE_AND_DELETE", "COMPARE_AND_SET", "GET_WINDOW", "INCR_WINDOW", "RELEASE_SLOT", "RESERVE",
-    "RESERVE_WINDOW", "SETTLE",
+    "RESERVE_WINDOW", "SETTLE", "op_key",
 ]
 
 COMPARE_AND_SET = """
@@ -61,23 +63,50 @@ RESERVE = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
 if current == nil then return redis.error_reply('ERR the value at this key is not an integer') end
 if current + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, current} end
+if KEYS[2] and not redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[4]) then
+  local mark = redis.call('GET', KEYS[2])
+  if mark == 's' then return {0, current} end
+  if tonumber(mark) == nil then return redis.error_reply('ERR the operation record is not a counter') end
+  redis.call('INCRBY', KEYS[2], ARGV[1])
+  redis.call('PEXPIRE', KEYS[2], ARGV[4])
+end
 local total = redis.call('INCRBY', KEYS[1], ARGV[1])
 if ARGV[3] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[3]) end
 return {1, total}
 """
-"""ARGV: amount, limit (units), ttl_ms. Returns {1 if reserved, total}; the sums stay below 2**53 so the
-double arithmetic of Lua is exact."""
+"""ARGV: amount, limit (units), ttl_ms; with an operation record (KEYS[2]) also its ttl_ms and what it holds after
+this step should it be absent (the caller's `held` plus `amount`). The record holds the units the operation
+reserved (a new one is made by the SET NX, the usual case: one call more than without it), or `s` once it was
+settled: then a step (a reservation whose answer was lost, arriving after it was given up) changes nothing.
+Returns {1 if reserved, total}; the sums stay below 2**53 so the double arithmetic of Lua is exact."""
 
 SETTLE = """
-local total = redis.call('INCRBY', KEYS[1], ARGV[1])
+local mark = false
+if KEYS[2] then
+  mark = redis.call('GET', KEYS[2])
+  if mark == 's' then return tonumber(redis.call('GET', KEYS[1]) or '0') or 0 end
+  if mark and tonumber(mark) == nil then return redis.error_reply('ERR the operation record is not a counter') end
+end
+local total
+if mark and mark ~= ARGV[5] then
+  redis.call('INCRBY', KEYS[1], ARGV[4])
+  total = redis.call('DECRBY', KEYS[1], mark)
+else
+  total = redis.call('INCRBY', KEYS[1], ARGV[1])
+end
 if total < 0 then
   redis.call('SET', KEYS[1], '0', 'KEEPTTL')
   total = 0
 end
 if ARGV[2] ~= '' and redis.call('PTTL', KEYS[1]) < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
+if KEYS[2] then redis.call('SET', KEYS[2], 's', 'PX', ARGV[3]) end
 return total
 """
-"""ARGV: delta (actual - reserved, units, may be negative), ttl_ms. Returns the new total (never below 0)."""
+"""ARGV: delta (actual - reserved, units, may be negative), ttl_ms; with an operation record (KEYS[2]) also its
+ttl_ms, the actual amount and `reserved` (units): the settle replaces what the record says was reserved (in one
+INCRBY of `delta` when that is `reserved`, the usual case; `reserved` when there is no record), is applied once
+(the record says `s` after it), and a repeat returns the total unchanged. Returns the new total (never below
+0)."""
 
 RESERVE_WINDOW = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')
@@ -110,3 +139,21 @@ asked for explicitly for older ones. Returns {1 if taken, slots held}."""
 RELEASE_SLOT = """
 return redis.call('ZREM', KEYS[1], ARGV[1])
 """
+
+
+def op_key(key: str, op: str, prefix: str) -> str | None:
+    """The key of operation `op`'s record for the counter `key` (prefixed), in `key`'s Redis Cluster hash slot:
+    `key:op:<op>` when `key` carries a hash tag (appended text keeps the first tag), else the whole of `key` made
+    the tag (`<prefix>op:{<key>}:<op>`, or `{<key>}:op:<op>` when `key` holds a `{`). None when no key can share
+    the slot (a key without a tag that holds a `}`: only a tag can name a slot, and a tag's text ends at its
+    first `}`); the caller then goes without a record, or (not a cluster) names one anywhere."""
+    start = key.find("{")
+    if start >= 0:
+        end = key.find("}", start + 1)
+        if end > start + 1:  # a tag with text: Redis hashes that text only
+            return f"{key}:op:{op}"
+    if "}" in key:
+        return None
+    if start < 0:
+        return f"{prefix}op:{{{key}}}:{op}"
+    return f"{{{key}}}:op:{op}"

@@ -303,7 +303,8 @@ class Metrics:
             ("action",), registry=registry,
         )
         self.accounting_pending = Gauge(
-            "gateway_accounting_pending_counters", "Budget counters with spend the store has not taken yet.",
+            "gateway_accounting_pending_counters",
+            "Budget counters with spend the store has not taken yet, and operations in doubt.",
             registry=registry, multiprocess_mode="livesum",
         )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], RequestSeries] = {}

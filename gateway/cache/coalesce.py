@@ -75,6 +75,18 @@ class Flights:
         flight = Flight(self, key, asyncio.get_running_loop().create_future())
         self.local[key] = flight.done
         try:
+            return await self._lead(flight, key, timeout_s, present)
+        except BaseException:
+            # The request left (its client went away, a shutdown) or failed before it could lead: its waiters read
+            # the cache again now, rather than wait out their timeout, and its lock goes. A compare-and-set cut
+            # short may have taken the lock unseen: the unlock is by this flight's token, a no-op if it did not.
+            flight.locked = flight.locked or self.shared
+            flight.release()
+            raise
+
+    async def _lead(self, flight: Flight, key: str, timeout_s: float,
+                    present: Callable[[], Coroutine[Any, Any, bool]]) -> Flight | None:
+        try:
             if self.shared:
                 flight.until = time.monotonic() + timeout_s
                 flight.locked = await self.store.compare_and_set(LOCK + key, None, flight.token, timeout_s)

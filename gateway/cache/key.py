@@ -3,9 +3,13 @@
 The key is the SHA-256 of one msgpack array: a format tag, the tenant, the policy
 version, the endpoint, the alias with the targets it may reach, and the request
 body minus the fields below. msgpack arrays and strings carry their lengths, so
-the encoding is prefix-free (no two different inputs give the same bytes), and
-maps are encoded with sorted keys, so the order in which a client wrote its
-fields does not matter.
+the encoding is prefix-free (no two different inputs give the same bytes). The
+body's top-level fields are sorted by name, so the order in which a client wrote
+them does not matter; nested objects keep the order they were written in: a JSON
+schema's `properties` are generated in that order (OpenAI's structured outputs),
+so `{reasoning, answer}` and `{answer, reasoning}` are two answers. An integer
+msgpack cannot hold (past 64 bits, which JSON allows) is keyed as its decimal
+digits in a msgpack extension type of its own, which no other value encodes to.
 
 What is left out, on purpose (`EXCLUDED`), and why:
 
@@ -25,33 +29,70 @@ hit is not). Text is keyed as sent, after the input guards rewrote it.
 from __future__ import annotations
 
 import hashlib
+import re
 from typing import Any
 
 import msgspec
 
 from ..schemas.endpoints import Endpoint
 
-__all__ = ["EXCLUDED", "KEY_FORMAT", "SEMANTIC_TEXT_FIELDS", "cache_key", "semantic_scope"]
+__all__ = ["EXCLUDED", "KEY_FORMAT", "SEMANTIC_TEXT_FIELDS", "cache_key", "polarity", "semantic_scope"]
 
-KEY_FORMAT = "gw-cache-1"
+KEY_FORMAT = "gw-cache-2"  # 2: nested objects in their own order, big integers (1 sorted every map)
 EXCLUDED = frozenset({
     "model", "stream", "stream_options", "user", "metadata", "store", "prompt_cache_key", "safety_identifier",
 })
 # The prompt's text, which the semantic cache compares by meaning; every other field must match exactly.
 SEMANTIC_TEXT_FIELDS = frozenset({"messages", "prompt"})
+_SCOPE_EXCLUDED = EXCLUDED | SEMANTIC_TEXT_FIELDS
 
-_encode = msgspec.msgpack.Encoder(order="sorted").encode
+_encode = msgspec.msgpack.Encoder().encode  # maps in the order given: the top level is sorted by `_fields`
+_BIG_INT = 1  # the msgpack extension type of an integer past 64 bits
+_NUMBER = re.compile(r"\d+")
+# "not", "n't" and "cannot" count as one word; words that start with un-, non-, dis- (unsafe, uninstall, disable)
+# count as they are.
+_NEGATION = re.compile(r"n['\u2019]t\b|\b(?:not|no|never|none|nothing|nobody|nowhere|neither|nor|cannot|without)\b"
+                       r"|\b(?:un|non|dis)[a-z]{3,}", re.IGNORECASE)
+_NOT = frozenset({"n't", "n\u2019t", "cannot"})
 
 
 def _digest(parts: list[Any]) -> str:
-    return hashlib.sha256(_encode(parts)).hexdigest()
+    try:
+        packed = _encode(parts)
+    except OverflowError:  # an integer msgpack cannot hold: the rare request that has one pays a second pass
+        packed = _encode(_widened(parts))
+    return hashlib.sha256(packed).hexdigest()
+
+
+def _widened(value: Any) -> Any:
+    """`value` with every integer past 64 bits as an extension value of its decimal digits."""
+    if type(value) is int:
+        return value if -(1 << 63) <= value < (1 << 64) else msgspec.msgpack.Ext(_BIG_INT, str(value).encode())
+    if isinstance(value, dict):
+        return {name: _widened(item) for name, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_widened(item) for item in value]
+    return value
+
+
+def _fields(body: dict[str, Any], leave_out: frozenset[str]) -> dict[str, Any]:
+    """The body's fields but `leave_out`, the top level sorted by name (nested objects as written)."""
+    return {name: body[name] for name in sorted(body) if name not in leave_out}
 
 
 def cache_key(tenant: str, version: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],
               body: dict[str, Any]) -> str:
     """The exact key of one request (hex SHA-256)."""
-    fields = {name: value for name, value in body.items() if name not in EXCLUDED}
-    return _digest([KEY_FORMAT, tenant, version, endpoint.label, alias, targets, fields])
+    return _digest([KEY_FORMAT, tenant, version, endpoint.label, alias, targets, _fields(body, EXCLUDED)])
+
+
+def polarity(text: str) -> tuple[list[str], list[str]]:
+    """What a semantic match must share word for word: the numbers (digit runs, in order: "9.11 or 9.9" is not
+    "9.9 or 9.11") and the negations as a multiset (`not`/`n't`/`cannot` as one word, `no`, `never`, `without`...,
+    and words of un-, non-, dis- and three letters more, as written: `unsafe`, `disable`, but also `under`). The
+    embedding barely tells "safe" from "unsafe" or 100 from 250 (docs/cache.md)."""
+    negations = sorted("not" if word.lower() in _NOT else word.lower() for word in _NEGATION.findall(text))
+    return _NUMBER.findall(text), negations
 
 
 def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],
@@ -62,9 +103,10 @@ def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, ta
     be equal: tenant, alias, sampling parameters, tools, response format, and every
     earlier message word for word (a system prompt or a conversation so far). So a
     paraphrase never borrows an answer made under other parameters or in another
-    conversation. A last message that is not plain text (an image) is not comparable.
+    conversation. A last message that is not plain text (an image) is not comparable. The text's numbers and
+    negations (`polarity`) are part of the scope: prompts that differ in them are never compared.
     """
-    fields = {name: value for name, value in body.items() if name not in EXCLUDED and name not in SEMANTIC_TEXT_FIELDS}
+    fields = _fields(body, _SCOPE_EXCLUDED)
     if endpoint is Endpoint.CHAT:
         messages = body.get("messages")
         if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
@@ -81,5 +123,6 @@ def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, ta
         context = None
     else:
         return None
-    scope = _digest([KEY_FORMAT + "/semantic", tenant, version, endpoint.label, alias, targets, fields, context])
+    scope = _digest([KEY_FORMAT + "/semantic", tenant, version, endpoint.label, alias, targets, fields, context,
+                     polarity(text)])
     return scope, text

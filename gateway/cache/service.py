@@ -26,7 +26,7 @@ from ..telemetry.tokens import TokenCounter
 from .batch import BatchedGets
 from .coalesce import Flights
 from .control import CacheResult
-from .entry import Entry, decode_entry, encode_entry
+from .entry import Entry, answer_bytes, load_entry, pack_entry
 from .key import cache_key, semantic_scope
 from .semantic import AliasEmbedder, Embedder, LocalEmbedder, SemanticIndex, SemanticShare, Vector
 
@@ -39,6 +39,9 @@ ENTRY = "cache:entry:"
 # 32 MiB in all, outside the memory store's own bound.
 DECODED_ENTRIES = 256
 DECODED_MAX_BYTES = 64 * 1024
+# At close, the writes (and unlocks) still running get this long to finish: an answer that completed while the
+# gateway drained is stored, not cut.
+CLOSE_WAIT_S = 2.0
 
 
 class Series:
@@ -102,7 +105,6 @@ class ResponseCache:
         # a shared store is read in batches (one MGET per loop turn); the memory store answers at once
         self._gets = BatchedGets(store.get_many, self.spawn) if policy.state.backend != "memory" else None
         self._decoded: dict[str, tuple[bytes, Entry]] = {}  # key: (the stored value, its entry), oldest first
-        self._prices: dict[tuple[str, str], tuple[float, float]] = {}  # (provider, model): USD per Mtok in, out
 
     async def start(self) -> None:
         for local in self._local.values():
@@ -113,6 +115,9 @@ class ResponseCache:
     async def aclose(self) -> None:
         if self.share is not None:
             await self.share.aclose()
+        deadline = time.monotonic() + CLOSE_WAIT_S
+        while self._tasks and (left := deadline - time.monotonic()) > 0:  # a write may spawn an unlock: again
+            await asyncio.wait(list(self._tasks), timeout=left)
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
@@ -154,7 +159,11 @@ class ResponseCache:
             self._exact_lookup.observe(time.perf_counter() - started)
         if value is None:
             return None
-        entry = self._decode(key, value)
+        known = self._decoded.get(key)
+        if known is not None and (known[0] is value or known[0] == value):  # the same bytes: decoded already
+            entry: Entry | None = known[1]
+        else:
+            entry = await self._decode(key, value)
         if entry is None:
             self.metrics.cache_errors.labels("corrupt").inc()
             log.warning("cache: an entry could not be decoded; served as a miss", extra={"fields": {"model": alias}})
@@ -163,17 +172,15 @@ class ResponseCache:
             return None
         return entry
 
-    def _decode(self, key: str, value: bytes) -> Entry | None:
-        """The entry stored as `value`, decoded once while the same bytes come back for `key`.
+    async def _decode(self, key: str, value: bytes) -> Entry | None:
+        """The entry stored as `value`, kept to be reused while the same bytes come back for `key` (`read`).
 
         Reused only for the very same stored bytes (the memory store's own object, or equal bytes from
-        Redis): a key written again with another answer is decoded afresh.
+        Redis): a key written again with another answer is decoded afresh. A large one is decoded in a
+        worker thread, on every hit (`load_entry`).
         """
-        known = self._decoded.get(key)
-        if known is not None and (known[0] is value or known[0] == value):
-            return known[1]
-        entry = decode_entry(value)
-        if entry is not None and len(value) <= DECODED_MAX_BYTES and _answer_bytes(entry) <= DECODED_MAX_BYTES:
+        entry = await load_entry(value)
+        if entry is not None and len(value) <= DECODED_MAX_BYTES and answer_bytes(entry) <= DECODED_MAX_BYTES:
             decoded = self._decoded
             decoded.pop(key, None)
             if len(decoded) >= DECODED_ENTRIES:
@@ -184,7 +191,7 @@ class ResponseCache:
     async def present(self, key: str) -> bool:
         """Whether a usable entry is stored under `key` (a corrupt one is not: its key needs a leader)."""
         value = await self.store.get(ENTRY + key)
-        return value is not None and decode_entry(value) is not None
+        return value is not None and await load_entry(value) is not None
 
     async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None
                             ) -> tuple[Entry | None, float | None, SemanticProbe | None]:
@@ -220,14 +227,11 @@ class ResponseCache:
         usage = entry.usage
         prompt = usage.prompt_tokens if usage else 0
         completion = usage.completion_tokens if usage else 0
-        usd = 0.0
-        if entry.provider and (prompt or completion):
-            rates = self._prices.get((entry.provider, entry.model))
-            if rates is None:
-                price = self.policy.prices.price(entry.provider, entry.model)
-                rates = (price.input_per_mtok, price.output_per_mtok) if price is not None else (0.0, 0.0)
-                self._prices[(entry.provider, entry.model)] = rates
-            usd = (prompt * rates[0] + completion * rates[1]) / 1e6
+        usd = entry.cost_usd  # what accounting charged for it (the answering target's price, every token kind)
+        if usd is None:  # an entry written without its cost: the policy's price for the model that answered
+            price = self.policy.prices.price(entry.provider, entry.model)
+            usd = 0.0 if price is None or usage is None else price.cost(
+                prompt, completion, usage.cached_tokens, usage.cache_write_tokens, usage.reasoning_tokens)
         age = max(0.0, time.time() - entry.created)
         return CacheResult("semantic-hit" if status == "semantic-hit" else "hit", age, similarity, prompt, completion,
                            usd)
@@ -236,8 +240,8 @@ class ResponseCache:
 
     async def write(self, alias: str, key: str, entry: Entry, ttl_s: float, probe: SemanticProbe | None,
                     max_bytes: int) -> None:
-        value = encode_entry(entry, self.compress_min_bytes)
-        if len(value) > max_bytes:
+        value = await pack_entry(entry, self.compress_min_bytes, max_bytes)  # a large one in a worker thread
+        if value is None:
             self.metrics.cache_stores.labels(alias, "too_large").inc()
             return
         try:
@@ -255,8 +259,3 @@ class ResponseCache:
             self.indexes[alias].add(probe.scope, key, probe.vector)
             if self.share is not None:
                 await self.share.publish(alias, probe.scope, key, probe.vector)
-
-
-
-def _answer_bytes(entry: Entry) -> int:
-    return len(entry.body) + sum(len(chunk) for chunk in entry.chunks) + len(entry.usage_chunk or b"")

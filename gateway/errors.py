@@ -35,6 +35,7 @@ __all__ = [
     "PermissionDenied",
     "RateLimited",
     "ShuttingDown",
+    "Unsupported",
     "UnusableAnswer",
     "UpstreamError",
     "UpstreamOverloaded",
@@ -97,6 +98,13 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class Unsupported(InvalidRequest):
+    """400: the routed target's API has no equivalent for something the request asks (a field, a value), which
+    another target of the alias may have: routing tries the next target, and answers this only when none could."""
+
+    code = "unsupported_parameter"
 
 
 class ContentPolicyViolation(GatewayError):

@@ -23,6 +23,7 @@ from ..errors import (
     GatewayError,
     InternalError,
     RateLimited,
+    Unsupported,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -54,7 +55,10 @@ class TargetsUnavailable(GatewayError):
 
 
 def classify(error: GatewayError) -> str:
-    """The `retry_on` name of a failure, or `client_error` (never retried) / `busy` (the local pool)."""
+    """The `retry_on` name of a failure, or `client_error` (never retried) / `busy` (the local pool) /
+    `unsupported` (the target cannot do what the request asks: the next one may)."""
+    if isinstance(error, Unsupported):
+        return "unsupported"
     if isinstance(error, ContextLengthExceeded):
         return "context_length"
     if isinstance(error, RateLimited):
@@ -88,7 +92,8 @@ def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Ra
 
 def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) -> GatewayError:
     """One error for all attempts: 429 when every one was rate limited (with the smallest Retry-After),
-    504 when every one timed out, else 502; its message lists each attempt."""
+    504 when every one timed out, 400 when no target supports the request, else 502; its message lists each
+    attempt."""
     if len(failures) == 1:
         return failures[0][1]
     kinds = {kind for _, _, kind in failures}
@@ -102,6 +107,8 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
         return RateLimited(what, headers=headers)
     if kinds == {"timeout"}:
         return UpstreamTimeout(what)
+    if kinds == {"unsupported"}:
+        return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param)
     return AllTargetsFailed(what)
 
 

@@ -225,6 +225,8 @@ class Router:
                 self._failed(ctx, target, exc, kind, time.perf_counter() - started, failures)
                 if isinstance(exc, DeadlineExceeded):
                     return "stop"
+                if kind == "unsupported":  # nothing was sent: the next target may do what this one cannot
+                    return "next"
                 if kind not in route.retry_on and kind != "busy":  # a full local pool: try the next target
                     raise self._tagged(ctx, exc) from None
                 if kind == "context_length":

@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, Unsupported
 from .anthropic_to_chat import FINISH_REASONS, AnthropicEvents, chat_completion, chat_usage
 from .cache_control import CACHE, CACHE_MARK
 from .common import BETA, data_url, json_instruction, parse_arguments, unsupported
@@ -82,8 +82,8 @@ def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str
     temperature = body.get("temperature")
     if temperature is not None:
         if temperature > 1:
-            raise InvalidRequest(f"`temperature` above 1 is not supported by {target} (Messages allows 0 to 1)",
-                                 param="temperature", code="unsupported_parameter")
+            raise Unsupported(f"`temperature` above 1 is not supported by {target} (Messages allows 0 to 1)",
+                              param="temperature")
         out["temperature"] = temperature
     if body.get("top_p") is not None:
         out["top_p"] = body["top_p"]

@@ -8,7 +8,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, Unsupported
 from ..schemas.events import Chunk
 
 __all__ = ["BETA", "CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url", "json_instruction",
@@ -30,11 +30,11 @@ class StreamProtocolError(ValueError):
     """The upstream sent an event the translator cannot place (the message names it, never content)."""
 
 
-def unsupported(field: str, target: str, what: str | None = None) -> InvalidRequest:
-    """The 400 for a request field the routed target's API has no equivalent for."""
+def unsupported(field: str, target: str, what: str | None = None) -> Unsupported:
+    """The 400 for a request field the routed target's API has no equivalent for (the next target is tried)."""
     shown = what or f"`{field}`"
-    return InvalidRequest(f"{shown} is not supported by {target}; remove it or route to a model that supports it",
-                          param=field, code="unsupported_parameter")
+    return Unsupported(f"{shown} is not supported by {target}; remove it or route to a model that supports it",
+                       param=field)
 
 
 def data_url(url: str) -> tuple[str, str] | None:

@@ -38,10 +38,33 @@ def test_sse_decoder_handles_crlf_split_anywhere(size: int) -> None:
 
 
 def test_sse_decoder_multiline_data_and_flush() -> None:
+    """Several `data:` lines make one payload, joined by a space: the edge forwards a payload as one `data:` line,
+    which a line break inside would end (the client got half an event and a stray line)."""
     decoder = SSEDecoder()
-    assert decoder.feed(b"event: x\ndata: one\ndata: two\n\ndata:nospace") == [b"one\ntwo"]
+    assert decoder.feed(b"event: x\ndata: one\ndata: two\n\ndata:nospace") == [b"one two"]
     assert decoder.flush() == [b"nospace"]
     assert decoder.flush() == []
+
+
+def test_sse_decoder_joins_a_large_event_once_however_many_reads_it_takes() -> None:
+    """A large event in small reads: the reads that cannot end it are kept as they are and joined once, when one
+    may (re-joining and re-searching the whole event on every read was quadratic in its size)."""
+    event = b'data: {"choices": [{"delta": {"content": "' + b"x" * 100_000 + b'"}}]}\n\n'
+    decoder = SSEDecoder()
+    payloads = []
+    for start in range(0, len(event), 1000):
+        payloads += decoder.feed(event[start:start + 1000])
+        if start + 1000 < len(event) - 2:
+            assert len(decoder._more) == start // 1000  # (kept, not joined: the first read is `_pending`)
+    assert payloads == [event[6:-2]] and not decoder._more and decoder._pending == b""
+    decoder.feed(b"data: " + b"y" * 1000)
+    with pytest.raises(ValueError, match="too large"):
+        for _ in range(9 * 1024):
+            decoder.feed(b"y" * 1024)
+    tail = SSEDecoder()
+    tail.feed(b"data: a")
+    tail.feed(b"bc")
+    assert tail.flush() == [b"abc"]
 
 
 @pytest.mark.parametrize(("read", "payloads"), [
@@ -49,7 +72,7 @@ def test_sse_decoder_multiline_data_and_flush() -> None:
     (b"data:x\n\n", [b"x"]),
     (b"data:\n\n", [b""]),
     (b"data:  two spaces\n\n", [b" two spaces"]),
-    (b"data: a\ndata: b\n\n", [b"a\nb"]),  # the rest: the general path
+    (b"data: a\ndata: b\n\n", [b"a b"]),  # the rest: the general path (lines joined by a space: see `_data_of`)
     (b"data: x\r\n\r\n", [b"x"]),
     (b"data: x\n\ndata: y\n\n", [b"x", b"y"]),
     (b"event: e\ndata: x\n\n", [b"x"]),
@@ -71,7 +94,7 @@ def test_sse_decoder_reads_events_of_one_read_as_it_reads_each_alone() -> None:
               b"data", b"dat", b"data: [DONE]"]
     alone = [payload for event in events for payload in SSEDecoder().feed(event + b"\n\n")]
     assert SSEDecoder().feed(b"\n\n".join(events) + b"\n\n") == alone
-    assert alone == [b"x", b"x", b"", b" two", b"a\nb", b"y", b"[DONE]"]
+    assert alone == [b"x", b"x", b"", b" two", b"a b", b"y", b"[DONE]"]
 
 
 def test_sse_decoder_refuses_an_endless_event() -> None:

@@ -7,7 +7,10 @@ translated (`translate.chat_to_anthropic`), sent to `{base_url}/messages` with
 translated back. Anthropic's error types map to the gateway's statuses:
 `overloaded_error` (HTTP 529) is a 503 that routing retries and falls back on,
 `rate_limit_error` a 429 with its Retry-After, a prompt too long for the window a
-context-length error.
+context-length error. A 200 answer that is no Message (`type` other than
+`message`, no `content` list) is never an empty success: Anthropic's error
+envelope in it is the error its type gives with its own status, anything else a
+502 `UpstreamError`; routing retries or falls back on both.
 """
 
 from __future__ import annotations
@@ -73,10 +76,24 @@ class AnthropicProvider(OpenAICompatProvider):
     def _completion(self, call: Call, body: bytes) -> Completion:
         try:
             answer = _decode(body)
-            chat, usage = chat_completion(answer)
-        except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
+        if answer.get("type") != "message" or not isinstance(answer.get("content"), list):
+            raise self._not_a_message(answer)
+        try:
+            chat, usage = chat_completion(answer)
+        except (AttributeError, TypeError) as exc:
+            raise UpstreamError(f"upstream `{self.name}` answered with an invalid message") from exc
         return Completion(_encode(chat), usage, chat)
+
+    def _not_a_message(self, answer: dict[str, Any]) -> GatewayError:
+        """A 200 answer that is no Message: Anthropic's error envelope is the error its type's status gives
+        (`overloaded_error`: a 503 that routing retries), anything else an `UpstreamError` (never an empty
+        success)."""
+        detail = answer.get("error")
+        if answer.get("type") == "error" and isinstance(detail, dict):
+            return self._event_error(detail)
+        return UpstreamError(f"upstream `{self.name}` answered with HTTP 200 but no message")
 
     def _stream(self, call: Call, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> EventSource:
         return TranslatedStream(self, response, deadline, idle_s, AnthropicEvents(self._event_error))

@@ -58,8 +58,10 @@ _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_value`, `unsupported_parameter`...
 _ERROR_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]{0,127}")  # a request field's path: `messages[0].content`
-# How OpenAI, vLLM, Azure and others word a prompt that does not fit the model's window.
-_CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|maximum context|prompt is too long", re.IGNORECASE)
+# How OpenAI, vLLM, Azure, Anthropic and others word a prompt that does not fit the model's window (Anthropic's
+# "prompt is too long: ..." and "input length and `max_tokens` exceed context limit: 199759 + 4096 > 200000").
+_CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|context limit|maximum context|prompt is too long",
+                             re.IGNORECASE)
 # Google's own OpenAI-compatible APIs (Gemini's, Vertex AI's): they read a tool call's `extra_content` (`_payload`).
 _GOOGLE_HOSTS = ("generativelanguage.googleapis.com", "aiplatform.googleapis.com")
 

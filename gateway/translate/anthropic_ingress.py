@@ -12,8 +12,10 @@ Request: `system` becomes a system message; text, image (base64 or URL) and
 an assistant's `tool_calls`; `thinking` and `redacted_thinking` blocks the
 assistant's `reasoning_content` and `reasoning_blocks` (see `thinking.py`); tools,
 `tool_choice`, `stop_sequences`, `metadata.user_id` (as `user`) and the sampling
-fields map to theirs. `thinking` and `top_k` travel as they are (an Anthropic
-upstream uses them). Blocks with no
+fields map to theirs. `thinking` and `top_k` travel as they are, for an Anthropic
+upstream only: named in `common.ANTHROPIC_ONLY` (with the mark), every other
+provider removes them. No `stream_options` is set: each provider asks for a
+stream's usage as it does for Chat Completions clients. Blocks with no
 Chat Completions form (documents, search results, server tools) are a 400.
 `cache_control` is kept where LiteLLM's clients put it (see `cache_control.py`),
 for an Anthropic upstream; every other provider removes it, and the thinking's
@@ -34,6 +36,7 @@ from ..pipeline.stages import TOO_DEEP, check_depth
 from ..schemas.openai import ChatRequest
 from .anthropic_errors import anthropic_error_body, error_type
 from .cache_control import CACHE, CACHE_MARK
+from .common import ANTHROPIC_ONLY
 from .thinking import Thinking
 
 __all__ = ["anthropic_error_body", "chat_request", "count_tokens_request", "error_type"]
@@ -43,6 +46,7 @@ _encode = msgspec.json.Encoder().encode
 STOP_REASONS = {"stop": "end_turn", "length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use",
                 "content_filter": "refusal"}
 _PASSED = ("temperature", "top_p", "top_k", "thinking", "stream")
+_ANTHROPIC_ONLY = ("top_k", "thinking")  # for an Anthropic upstream only (`common.ANTHROPIC_ONLY`)
 _KNOWN = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "tools", "tool_choice",
                     "metadata", "service_tier", *_PASSED})
 
@@ -148,8 +152,11 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     for field in _PASSED:
         if body.get(field) is not None:
             chat[field] = body[field]
-    if body.get("stream"):
-        chat["stream_options"] = {"include_usage": True}
+    # No `stream_options`: each provider asks for a stream's usage itself when its upstream takes the field
+    # (`OpenAICompatProvider._asks_for_usage`); without it, the answer's usage is the gateway's own count.
+    native = [field for field in _ANTHROPIC_ONLY if body.get(field) is not None] if not count_only else None
+    if native:  # Anthropic's only: every other provider removes them (`cache_control.without_cache_control`)
+        chat[ANTHROPIC_ONLY], chat[CACHE_MARK] = native, True
     if body.get("stop_sequences"):
         chat["stop"] = list(body["stop_sequences"])
     if body.get("tools"):

@@ -9,7 +9,11 @@ removes it, and the mark, before sending (`without_cache_control`), reading only
 the mark when there is none: the mark is the one key it looks up. The mark is set
 too when an assistant turn carries Anthropic's thinking (`reasoning_blocks`, see
 `thinking.py`): the other providers lose those blocks and the `reasoning_content`
-beside them (the history of `/v1/messages` never sent them its thinking).
+beside them (the history of `/v1/messages` never sent them its thinking); and when
+the client sent Messages-only fields, `top_k` and `thinking`, named in
+`ANTHROPIC_ONLY`: the other providers lose them (OpenAI and Azure refuse `top_k`;
+`thinking` is not mapped to `reasoning_effort`: a budget of tokens is no effort
+level, and a model without reasoning would refuse it).
 
 Gemini's counterpart, a tool call's `extra_content` (its `thought_signature`,
 `gemini_to_chat._signed`), comes back in a Chat Completions client's own history,
@@ -22,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import BETA, CACHE_MARK
+from .common import ANTHROPIC_ONLY, BETA, CACHE_MARK
 from .thinking import BLOCKS, REASONING
 
 __all__ = ["CACHE", "CACHE_MARK", "without_cache_control", "without_extra_content"]
@@ -32,10 +36,13 @@ EXTRA = "extra_content"
 
 
 def without_cache_control(body: dict[str, Any]) -> dict[str, Any]:
-    """A copy of `body` without the mark, any `cache_control` and Anthropic's thinking (`reasoning_blocks` and the
-    `reasoning_content` beside them); the original is left as it is: a later fallback to an Anthropic target still
-    reads them."""
-    out = {key: value for key, value in body.items() if key != CACHE_MARK and key != BETA}
+    """A copy of `body` without the mark, any `cache_control`, Anthropic's thinking (`reasoning_blocks` and the
+    `reasoning_content` beside them) and the Messages-only fields a `/v1/messages` client sent (`ANTHROPIC_ONLY`:
+    `top_k`, `thinking`); the original is left as it is: a later fallback to an Anthropic target still reads them."""
+    out = {key: value for key, value in body.items() if key != CACHE_MARK and key != BETA and key != ANTHROPIC_ONLY}
+    native = body.get(ANTHROPIC_ONLY)
+    for name in native if isinstance(native, list) else ():  # `top_k`, `thinking`: the client's, Anthropic's only
+        out.pop(name, None)
     messages = body.get("messages")
     if isinstance(messages, list):
         out["messages"] = [_message(message) for message in messages]

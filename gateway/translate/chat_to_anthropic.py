@@ -4,11 +4,23 @@ Request: system and developer messages become `system`; text and image parts
 become content blocks (a `data:` URL a base64 image, any other URL an image by
 URL); an assistant's `tool_calls` become `tool_use` blocks and `tool` messages
 `tool_result` blocks (consecutive ones in one user turn, as Anthropic wants);
-tools, `tool_choice`, `parallel_tool_calls`, `stop`, `user`, JSON mode (as an
-instruction in `system`: Messages has no JSON mode) and `max_tokens` (the
-provider's default when the client gave none) are translated. A field Messages
-has no equivalent for (`n > 1`, `logprobs`, penalties, `seed`, audio...) is a
-400 naming it, never a silent drop. `cache_control` (Anthropic's prompt caching, in LiteLLM's places: on a
+tools, `tool_choice`, `parallel_tool_calls`, `stop`, `user` and `safety_identifier`
+(`metadata.user_id`: the client's own `metadata.user_id` first, then
+`safety_identifier`, then the deprecated `user`), JSON mode (as an instruction in
+`system`: Messages has no JSON mode) and `max_tokens` (the provider's default when
+the client gave none) are translated; `prompt_cache_key` (OpenAI's own cache
+routing) is left out. A field Messages has no equivalent for (`n > 1`,
+`logprobs`, penalties, `seed`, audio...) is a 400 naming it, never a silent drop.
+
+What Messages refuses is not sent: empty or whitespace-only text (a part, a
+`content: ""`, the `"\n\n"` some servers put beside `tool_calls`) is left out,
+and a turn left empty with it (an assistant's: its neighbours join; a user's that
+joins another user message) goes; a user turn left empty between two assistant
+turns, or at either end, is refused (`Unsupported`: routing tries the next
+target), never filled with invented text. A whitespace-only stop sequence is
+dropped; `top_p` is dropped when `temperature` is set (newer Claude models refuse
+both); an image's `data:` URL must be JPEG (`image/jpg` is read so), PNG, GIF or
+WebP (else `Unsupported`). `cache_control` (Anthropic's prompt caching, in LiteLLM's places: on a
 part, a message, a tool call or a tool) goes on the matching block. An assistant's thinking
 (`reasoning_content` with `reasoning_blocks`, see `thinking.py`) goes back as its `thinking` and
 `redacted_thinking` blocks, before its text and tool calls; reasoning without them has no signature and is
@@ -26,7 +38,7 @@ from typing import Any
 from ..errors import InvalidRequest, Unsupported
 from .anthropic_to_chat import FINISH_REASONS, AnthropicEvents, chat_completion, chat_usage
 from .cache_control import CACHE, CACHE_MARK
-from .common import BETA, data_url, json_instruction, parse_arguments, unsupported
+from .common import ANTHROPIC_ONLY, BETA, data_url, json_instruction, parse_arguments, unsupported
 from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "anthropic_request", "chat_completion", "chat_usage"]
@@ -50,8 +62,10 @@ _REFUSED: dict[str, Callable[[Any], bool]] = {
 _HANDLED = frozenset({
     "model", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "stop", "stream",
     "stream_options", "tools", "tool_choice", "parallel_tool_calls", "user", "metadata", "response_format",
-    "store", "service_tier", CACHE_MARK, BETA,
+    "store", "service_tier", "safety_identifier", "prompt_cache_key", CACHE_MARK, BETA, ANTHROPIC_ONLY,
 })
+# The image types Messages takes (`image/jpg` is read as `image/jpeg`: `common.data_url`).
+_IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 # Messages' own fields, passed as they are (a target's `extra_body` may set them).
 _NATIVE = frozenset({"top_k", "thinking"})
 
@@ -68,6 +82,11 @@ def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str
     messages: list[dict[str, Any]] = []
     for index, message in enumerate(body["messages"]):
         _add_message(message, index, system, messages, target)
+    for turn in messages:
+        if not turn["content"]:  # a user turn with no text, between two assistant turns or at an end: dropping it
+            # would join the assistant turns (or make the request a prefill); Messages refuses an empty turn
+            raise unsupported("messages", target, "a user message with no content (empty or only whitespace) "
+                                                  "that is not next to another user message")
     json_mode = json_instruction(body.get("response_format"))
     if json_mode:
         system.append({"type": "text", "text": json_mode})
@@ -85,11 +104,14 @@ def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str
             raise Unsupported(f"`temperature` above 1 is not supported by {target} (Messages allows 0 to 1)",
                               param="temperature")
         out["temperature"] = temperature
-    if body.get("top_p") is not None:
+    if body.get("top_p") is not None and temperature is None:  # newer Claude models refuse both together
         out["top_p"] = body["top_p"]
     stop = body.get("stop")
-    if stop:
-        out["stop_sequences"] = [stop] if isinstance(stop, str) else list(stop)
+    if stop:  # a whitespace-only sequence is refused ("each stop sequence must contain non-whitespace"): dropped
+        sequences = [one for one in ([stop] if isinstance(stop, str) else stop) if not isinstance(one, str) or
+                     one.strip()]
+        if sequences:
+            out["stop_sequences"] = sequences
     if body.get("stream"):
         out["stream"] = True
     tools = body.get("tools")
@@ -103,11 +125,11 @@ def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str
             raise InvalidRequest("`tool_choice` needs `tools`", param="tool_choice")
     if choice is not None:
         out["tool_choice"] = choice
-    user = body.get("user")
     metadata = body.get("metadata")
-    user_id = metadata.get("user_id") if isinstance(metadata, dict) else None
-    if user_id or user:
-        out["metadata"] = {"user_id": str(user_id or user)}
+    user_id = ((metadata.get("user_id") if isinstance(metadata, dict) else None) or body.get("safety_identifier")
+               or body.get("user"))
+    if user_id:
+        out["metadata"] = {"user_id": str(user_id)}
     for field in _NATIVE:
         if field in body:
             out[field] = body[field]
@@ -149,8 +171,9 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
         return
     if role == "tool":
         result: dict[str, Any] = {"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or "")}
-        if content:
-            result["content"] = content if isinstance(content, str) else _blocks(content, where, target, images=True)
+        parts = content if isinstance(content, str) else _blocks(content, where, target, images=True)
+        if parts:
+            result["content"] = parts
         _append(messages, "user", _cached([result], message))
         return
     raise unsupported(f"{where}.role", target, f"role `{role}`")
@@ -168,13 +191,13 @@ def _append(messages: list[dict[str, Any]], role: str, blocks: list[dict[str, An
     """Consecutive turns of one role become one turn (Messages alternates user and assistant)."""
     if messages and messages[-1]["role"] == role:
         messages[-1]["content"].extend(blocks)
-    else:
+    else:  # (an empty user turn is kept here: a next user message fills it, else `anthropic_request` refuses it)
         messages.append({"role": role, "content": blocks})
 
 
 def _blocks(content: Any, where: str, target: str, *, images: bool) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
+    if isinstance(content, str):  # empty or whitespace-only text is refused by Messages: left out
+        return [{"type": "text", "text": content}] if content.strip() else []
     if content is None:
         return []
     if not isinstance(content, list):
@@ -183,13 +206,17 @@ def _blocks(content: Any, where: str, target: str, *, images: bool) -> list[dict
     for position, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            blocks.append(_cached([{"type": "text", "text": part["text"]}], part)[0])
+            if part["text"].strip():
+                blocks.append(_cached([{"type": "text", "text": part["text"]}], part)[0])
         elif kind == "image_url" and images:
             url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
             if not isinstance(url, str):
                 raise InvalidRequest(f"`{where}.content.{position}.image_url.url` is missing",
                                      param=f"{where}.content")
             inline = data_url(url)
+            if inline and inline[0] not in _IMAGE_TYPES:
+                raise unsupported(f"{where}.content.{position}", target, f"an image of type `{inline[0]}` (Messages "
+                                  "takes image/jpeg, image/png, image/gif and image/webp)")
             source = ({"type": "base64", "media_type": inline[0], "data": inline[1]} if inline
                       else {"type": "url", "url": url})
             blocks.append(_cached([{"type": "image", "source": source}], part)[0])

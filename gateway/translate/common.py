@@ -11,8 +11,8 @@ import msgspec
 from ..errors import InvalidRequest, Unsupported
 from ..schemas.events import Chunk
 
-__all__ = ["BETA", "CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url", "json_instruction",
-           "parse_arguments", "unsupported"]
+__all__ = ["ANTHROPIC_ONLY", "BETA", "CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url",
+           "json_instruction", "parse_arguments", "unsupported"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -23,6 +23,10 @@ CACHE_MARK = "_gateway_cache_control"
 # A `/v1/messages` client's `anthropic-beta` values (checked, in order), for an Anthropic upstream's header; the
 # body then carries `CACHE_MARK` too, so that every other provider removes it.
 BETA = "_gateway_anthropic_beta"
+# The Messages fields a `/v1/messages` client sent that only Anthropic's API takes (`top_k`, `thinking`), by name;
+# set by the ingress with `CACHE_MARK`, so that every other provider removes them with the mark (OpenAI's and Azure's
+# APIs refuse `top_k`: "Unrecognized request argument"). A target's own `extra_body` fields are not listed.
+ANTHROPIC_ONLY = "_gateway_anthropic_only"
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
 
 
@@ -44,7 +48,8 @@ def data_url(url: str) -> tuple[str, str] | None:
     match = _DATA_URL.fullmatch(url)
     if match is None:
         raise InvalidRequest("an image `data:` URL must be `data:<media type>;base64,<data>`", param="messages")
-    return match.group(1).lower(), match.group(2)
+    media = match.group(1).lower()
+    return ("image/jpeg" if media == "image/jpg" else media), match.group(2)  # (`jpg`: no registered type)
 
 
 def parse_arguments(arguments: Any, where: str) -> Any:

@@ -339,3 +339,83 @@ def _thinking_events(blocks: list[dict[str, Any]]) -> list[bytes]:
                           delta={"type": "signature_delta", "signature": block["signature"]}),
                    _event("content_block_stop", index=index)]
     return events
+
+
+# -- appended: the real API's stricter checks and odd answers (`StrictAnthropic`) ------------------------------------
+
+# Anthropic's own wording when the prompt and `max_tokens` together do not fit the window (its most common one).
+CONTEXT_LIMIT_MESSAGE = ("input length and `max_tokens` exceed context limit: 199759 + 4096 > 200000, decrease input "
+                         "length or `max_tokens` and try again")
+# Answers with HTTP 200 that are no Message, by model name (as an intermediary or a broken upstream sends them).
+ODD_200: dict[str, dict[str, Any]] = {
+    "odd-200-overloaded": {"type": "error", "error": {"type": "overloaded_error", "message": "Overloaded"}},
+    "odd-200-invalid": {"type": "error", "error": {"type": "invalid_request_error", "message": "Bad thing"}},
+    "odd-200-error-only": {"error": {"message": "upstream hiccup", "type": "server_error"}},
+    "odd-200-empty": {},
+}
+_IMAGE_TYPES = ("image/jpeg", "image/png", "image/gif", "image/webp")
+
+
+def _text_problem(block: Any, where: str) -> str | None:
+    if isinstance(block, dict) and block.get("type") == "text":
+        text = block.get("text")
+        if not isinstance(text, str) or not text:
+            return f"{where}: text content blocks must be non-empty"
+        if not text.strip():
+            return f"{where}: text content blocks must contain non-whitespace text"
+    return None
+
+
+def strict_problem(body: dict[str, Any]) -> str | None:
+    """What the real API refuses beyond `_check`: empty or whitespace-only text, empty turns, whitespace-only stop
+    sequences, image types other than its four, `temperature` with `top_p` (Claude Sonnet 4.5 and later), and
+    `metadata` fields other than `user_id`."""
+    system = body.get("system")
+    for position, block in enumerate(system if isinstance(system, list) else ()):
+        problem = _text_problem(block, f"system.{position}")
+        if problem:
+            return problem
+    for index, message in enumerate(body.get("messages") or ()):
+        content = message.get("content") if isinstance(message, dict) else None
+        if content == "" or content == []:
+            return f"messages.{index}: all messages must have non-empty content except for the optional final " \
+                   "assistant message"
+        for position, block in enumerate(content if isinstance(content, list) else ()):
+            where = f"messages.{index}.content.{position}"
+            inner = block.get("content") if isinstance(block, dict) and block.get("type") == "tool_result" else None
+            for part in [block, *(inner if isinstance(inner, list) else ())]:
+                problem = _text_problem(part, where)
+                if problem:
+                    return problem
+                source = part.get("source") if isinstance(part, dict) and part.get("type") == "image" else None
+                if isinstance(source, dict) and source.get("type") == "base64" \
+                        and source.get("media_type") not in _IMAGE_TYPES:
+                    return (f"{where}.source.base64.media_type: Input should be 'image/jpeg', 'image/png', "
+                            "'image/gif' or 'image/webp'")
+    for sequence in body.get("stop_sequences") or ():
+        if not isinstance(sequence, str) or not sequence.strip():
+            return "stop_sequences: each stop sequence must contain non-whitespace"
+    if body.get("temperature") is not None and body.get("top_p") is not None:
+        return "`temperature` and `top_p` cannot both be specified for this model. Please use only one."
+    metadata = body.get("metadata")
+    if isinstance(metadata, dict) and set(metadata) - {"user_id"}:
+        return "metadata: Extra inputs are not permitted"
+    return None
+
+
+class StrictAnthropic(MockAnthropic):
+    """`MockAnthropic` with `strict_problem`'s checks, and the model names `odd-context-limit` (a 400 with
+    `CONTEXT_LIMIT_MESSAGE`) and those of `ODD_200` (that body with HTTP 200)."""
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = request[_RECORD].json
+        if isinstance(body, dict):
+            problem = strict_problem(body)
+            if problem is not None:
+                return await _send(request, anthropic_error(400, problem))
+            model = body.get("model")
+            if model == "odd-context-limit":
+                return await _send(request, anthropic_error(400, CONTEXT_LIMIT_MESSAGE))
+            if isinstance(model, str) and model in ODD_200:
+                return await _send(request, web.json_response(ODD_200[model]))
+        return await super()._messages(request)

@@ -429,3 +429,13 @@ def test_a_1_mib_header_is_refused_on_every_route_before_it_is_buffered(gateway:
             pass
     assert reply.startswith(b"HTTP/1.1 431"), reply[:200]
     assert b"headers_too_large" in reply
+
+
+@pytest.mark.parametrize("path", ["/healthz", "/readyz"])
+def test_health_probes_answer_head_as_get_without_a_body(gateway: RunningGateway, path: str) -> None:
+    """Load balancers probe with GET or HEAD: HEAD gets GET's status and headers, and no body."""
+    got = httpx.get(gateway.url + path, timeout=10)
+    head = httpx.head(gateway.url + path, timeout=10)
+    assert got.status_code == head.status_code == 200 and got.content
+    assert head.content == b"" and head.headers["content-type"] == got.headers["content-type"]
+    assert head.headers["x-request-id"]

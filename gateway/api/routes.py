@@ -6,7 +6,7 @@ import hmac
 from typing import Any, Protocol
 
 import msgspec
-from litestar import Request, Response, get
+from litestar import HttpMethod, Request, Response, get, route
 
 from ..auth.dynamic import find_key
 from ..errors import AuthenticationFailed, GatewayError, NotFound
@@ -75,11 +75,12 @@ def ops_routes(host: OpsHost) -> list[Any]:
                 return _json(model, request_id)
         raise model_not_found(wanted)
 
-    @get("/healthz", sync_to_thread=False)
+    # GET and HEAD: load balancers' health checks use either (HEAD: the same status and headers, no body).
+    @route("/healthz", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)
     def healthz(request: Request[Any, Any, Any]) -> Response[bytes]:
         return _json({"status": "ok"}, RequestHeaders(request.scope["headers"], host.request_ids).request_id)
 
-    @get("/readyz", sync_to_thread=False)
+    @route("/readyz", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)
     def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
         request_id = RequestHeaders(request.scope["headers"], host.request_ids).request_id
         runtime = host.runtime

@@ -203,6 +203,17 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class StreamDeadlinePassed(GatewayError):
+    """504: a stream's exchange deadline (`total_s`) passed while the gateway was not waiting on the upstream but
+    held by its own side (writing to a client that reads slowly: `upstream.read_timer`). The stream ends as it
+    would at the upstream's timeout, but not as the upstream's failure: not an `UpstreamTimeout`, so the routing
+    passes no verdict on the target (`routing.verdicts.stream_outcome`) and nothing retries it."""
+
+    status = 504
+    type = "timeout"
+    code = "stream_deadline_passed"
+
+
 class UpstreamUnavailable(UpstreamError):
     """502: could not connect to the upstream at all."""
 

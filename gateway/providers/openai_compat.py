@@ -175,7 +175,13 @@ class OpenAICompatProvider:
 
         An error object the upstream put in its 200 answer (a Responses answer with `"status": "failed"`,
         or `{"error": ...}` from an OpenAI-compatible server) reaches the client inside that body: its
-        strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept."""
+        strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept. A body that is not
+        UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII (`isascii`: C)."""
+        if not body.isascii():
+            try:
+                body.decode()
+            except UnicodeDecodeError as exc:  # it would reach the client (and the cache) as charset=utf-8
+                raise UpstreamError(f"upstream `{self.name}` answered with invalid UTF-8") from exc
         try:
             if call.endpoint is _RESPONSES:
                 answer = _peek_responses(body)

@@ -25,6 +25,7 @@ from ..translate.common import StreamProtocolError
 from ..upstream.client import transport_error
 from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import SSEDecoder
+from .openai_stream import is_utf8
 from .scrub import ResponsesEventScrubPeek, scrubbed_error
 
 __all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]
@@ -135,6 +136,8 @@ class ResponsesEvents:
     def feed(self, payload: bytes) -> list[StreamEvent]:
         if payload == b"[DONE]":
             return [DONE]
+        if not payload.isascii() and not is_utf8(payload):  # forwarded as it is: it must be what charset=utf-8 says
+            return [StreamError(UpstreamError(f"upstream `{self._provider.name}` sent invalid UTF-8"))]
         peek = _peek_event(payload)
         if peek.type == "error" or peek.error is not None:  # (a top-level `error`: a chat-style server's error event)
             message = peek.message

@@ -16,9 +16,10 @@ ended (`Breakers.ended`), and only then counts it in `gateway_upstream_attempts_
   `rate_limit` no verdict; in `ctx.attempts` (listed by the access log once an attempt before it failed) it
   replaces the stream's `ok`;
 - anything else ended it (the client left, a shutdown or a drain deadline, a guard, a budget, a gateway bug; the
-  alias's deadline too, though it bounds only the attempts before an answer): no verdict, as for an attempt
-  cancelled before it answered (a client that gives up on a stalled stream says nothing of the upstream either
-  way), and outcome `ok`: the upstream did not fail it (the access log says so of a lone attempt too).
+  alias's deadline too, though it bounds only the attempts before an answer; the exchange's `total_s` passing while
+  the gateway was held writing to a slow client, `StreamDeadlinePassed`, not an `UpstreamTimeout`): no verdict,
+  as for an attempt cancelled before it answered (a client that gives up on a stalled stream says nothing of the
+  upstream either way), and outcome `ok`: the upstream did not fail it (the access log says so of a lone attempt too).
 
 One `StreamVerdicts` per router, and nothing kept per request: the target is the request's last (`ctx.target`),
 the breakers those of the policy the request started under (it holds its runtime; `Breakers` hands a verdict that

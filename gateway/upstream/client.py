@@ -15,9 +15,17 @@ from typing import Protocol
 
 import aiohttp
 
-from ..errors import GatewayBusy, GatewayError, UpstreamError, UpstreamTimeout, UpstreamUnavailable
+from ..errors import (
+    GatewayBusy,
+    GatewayError,
+    StreamDeadlinePassed,
+    UpstreamError,
+    UpstreamTimeout,
+    UpstreamUnavailable,
+)
 from ..policy.compiled import ProviderConfig
 from .handler import install
+from .read_timer import HeldPastDeadline
 from .request import request_class
 
 __all__ = ["ConnectionGate", "GateObserver", "new_session", "transport_error"]
@@ -107,6 +115,9 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
 
 def transport_error(exc: BaseException, provider: str, phase: str) -> GatewayError:
     """Map an aiohttp/asyncio failure to what a client may see (no addresses, no internals)."""
+    if isinstance(exc, HeldPastDeadline):  # not the upstream's timeout: the gateway was held on the client's side
+        return StreamDeadlinePassed(f"the exchange with upstream `{provider}` passed its deadline while the gateway "
+                                    f"waited on the client, which reads too slowly ({phase})")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
         return UpstreamTimeout(f"upstream `{provider}` timed out ({phase})")
     if isinstance(exc, aiohttp.ClientConnectorError):

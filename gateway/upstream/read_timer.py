@@ -17,6 +17,16 @@ So the bound is the same as one timeout per read: a read that waits fails exactl
 at `min(deadline, its start + idle_s)`, give or take the loop's timer resolution,
 and the timer fires about once per `idle_s` on a stream that flows.
 
+Whose doing a passed deadline is depends on what the gateway was waiting for when it passed. A read in
+progress then (or one past its idle limit) waited on the upstream: `TimeoutError`, the upstream timed out. With
+no read in progress, or a read that only began after it, the consumer held the stream (blocked writing to a
+client that reads slowly, or busy otherwise): `HeldPastDeadline`, a `TimeoutError` that is not the upstream's
+(`transport_error` maps it to `StreamDeadlinePassed`, on which the breaker passes no verdict). The body is
+failed as soon as the timer sees that, with bytes still buffered: the stream ends at its next read, whether or
+not that read would have waited, so the deadline bounds every stream alike (unless the whole body is in: the
+exchange with the upstream is over then). All of this is decided in the
+timer's callback, which runs about once per `idle_s`: nothing is added per read.
+
 The stream loops read with `ready()` and `wait()` rather than `readany()`: see `body.py`.
 """
 
@@ -30,7 +40,11 @@ import aiohttp
 from .body import adopt, release, take
 from .handler import StreamingResponseHandler
 
-__all__ = ["ReadTimer"]
+__all__ = ["HeldPastDeadline", "ReadTimer"]
+
+
+class HeldPastDeadline(TimeoutError):
+    """The body's deadline passed while the consumer held the stream (no read waited on the upstream then)."""
 
 
 class ReadTimer:
@@ -160,10 +174,14 @@ class ReadTimer:
     def _check(self) -> None:
         self._handle = None
         since = self._since
-        if since is None:
-            return  # no read waits; the next one arms the timer again
-        expires = min(self._deadline, since + self._idle_s)
+        deadline = self._deadline
+        if since is None or since >= deadline:  # no read waits (the next one arms the timer again), or it began late
+            # past the deadline, which passed while the consumer held the stream: unless the whole body is in
+            if (since is not None or self._loop.time() >= deadline) and not self._content.is_eof():
+                self._content.set_exception(HeldPastDeadline())
+            return
+        expires = min(deadline, since + self._idle_s)
         if self._loop.time() >= expires:
-            self._content.set_exception(TimeoutError())
+            self._content.set_exception(TimeoutError())  # the upstream's: a read waited past its limit
         else:
             self._handle = self._loop.call_at(expires, self._check)

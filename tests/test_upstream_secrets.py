@@ -22,6 +22,7 @@ import openai
 import pytest
 from aiohttp import web
 
+from gateway.errors import UpstreamError
 from gateway.policy import PolicyError, compile_text
 from gateway.providers.base import Call
 from gateway.providers.gemini import GeminiProvider
@@ -226,10 +227,13 @@ def test_a_responses_error_event_is_scrubbed(leaky: RunningGateway, model: str) 
 
 
 def test_a_chat_answer_holding_an_error_object_is_scrubbed(leaky: RunningGateway) -> None:
+    """A 200 that is an error object is the upstream's failure (a 502, retried and fallen back from, never cached or
+    billed: it was passed on as an answer), its message scrubbed."""
     response = httpx.post(leaky.base_url + "/chat/completions", headers=AUTH, timeout=15,
                           json={"model": "leak-error-body", "messages": [{"role": "user", "content": "hi"}]})
+    assert response.status_code == 502, response.text
     assert_clean(response.text)
-    assert "Incorrect API key provided" in response.text
+    assert "answered 200 with an error: Incorrect API key provided" in response.json()["error"]["message"]
 
 
 def test_a_gemini_error_echoing_its_key_header_is_scrubbed(client: openai.OpenAI) -> None:
@@ -393,5 +397,10 @@ def test_a_complete_answer_keeps_its_bytes_unless_its_error_needs_scrubbing(endp
     clean = b'{"id":"a","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}'
     assert provider._completion(call, clean).body is clean
     failed = b'{"id":"a","error":{"message":"key ' + KEY.encode() + b' at ' + INTERNAL.encode() + b'"},"usage":null}'
+    if endpoint is not Endpoint.RESPONSES:  # a 200 that is an error: the upstream's failure, scrubbed
+        with pytest.raises(UpstreamError) as caught:
+            provider._completion(call, failed)
+        assert caught.value.message == "upstream `up` answered 200 with an error: key [redacted] at [address]"
+        return
     answer = provider._completion(call, failed)
     assert json.loads(answer.body) == {"id": "a", "error": {"message": "key [redacted] at [address]"}, "usage": None}

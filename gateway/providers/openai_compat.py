@@ -173,10 +173,12 @@ class OpenAICompatProvider:
     def _completion(self, call: Call, body: bytes) -> Completion:
         """The answer for the client from the upstream's body (here: as it is, with its usage read).
 
-        An error object the upstream put in its 200 answer (a Responses answer with `"status": "failed"`,
-        or `{"error": ...}` from an OpenAI-compatible server) reaches the client inside that body: its
-        strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept. A body that is not
-        UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII (`isascii`: C)."""
+        A failed Responses answer (`"status": "failed"`, its `error` object) reaches the client inside that
+        body: its strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept. A
+        chat, completions or embeddings answer that is `{"error": ...}` with a 200 is the upstream's failure, as
+        the same object in a stream is (`_in_band_error`): retried and fallen back from, never cached or billed. A
+        body that is not UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII
+        (`isascii`: C)."""
         if not body.isascii():
             try:
                 body.decode()
@@ -192,16 +194,25 @@ class OpenAICompatProvider:
                 try:
                     peek = _peek_usage_choices(body)
                     if peek.error is not None:
-                        body = scrubbed_error(body, self.sanitize, self.unsecret)
+                        raise self._in_band_error(peek.error)
                     return Completion(body, peek.usage, choices=peek.choices or [])
                 except msgspec.ValidationError:
                     pass  # choices of unusual types: the usage alone (the stage reads the body its own way)
             plain = _peek_usage(body)
             if plain.error is not None:  # absent from an answer, in the common case
-                body = scrubbed_error(body, self.sanitize, self.unsecret)
+                raise self._in_band_error(plain.error)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(body, plain.usage)
+
+    def _in_band_error(self, error: Any) -> UpstreamError:
+        """A 200 answer that is an error (`{"error": {"message": ...}}` or `{"error": "..."}`: vLLM, proxies,
+        overloaded servers): a 502 with its message scrubbed, as a stream's in-band error ends the stream
+        (`openai_stream`)."""
+        message = error.get("message") if isinstance(error, dict) else error
+        message = message if isinstance(message, str) else ""
+        detail = self.sanitize(message)[:500] if message else "no message"
+        return UpstreamError(f"upstream `{self.name}` answered 200 with an error: {detail}")
 
     async def _read_body(self, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:
         """Read a whole body with the idle timeout between reads and the size cap while reading.

@@ -345,3 +345,15 @@ def test_a_whole_answer_that_is_not_utf8_is_a_502(raw_upstream: _Upstream,
     raw_upstream.answer = ("application/json", [json.dumps(answer).encode().replace(b"@", _GOOD)])
     reply = httpx.post(served.base_url + "/chat/completions", json=request, headers=headers, timeout=10)
     assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == _GOOD.decode()
+
+
+def test_an_event_stream_named_in_another_case_is_one(raw_upstream: _Upstream, served: RunningGateway) -> None:
+    """Media types are case-insensitive (RFC 9110 8.3.1): `Text/Event-Stream` was a 502, "did not answer with an
+    event stream"."""
+    raw_upstream.answer = ("Text/Event-Stream; charset=UTF-8", [_sse(_chunk("Hi")), _sse(_chunk("", "stop")),
+                                                                 b"data: [DONE]\n\n"])
+    response = httpx.post(served.url + "/v1/chat/completions", headers={"Authorization": f"Bearer {FULL_KEY}"},
+                          json={"model": "plain", "stream": True, "messages": [{"role": "user", "content": "hi"}]},
+                          timeout=10)
+    assert response.status_code == 200, response.text
+    assert '"content":"Hi"' in response.text.replace(" ", "") and response.text.endswith("data: [DONE]\n\n")

@@ -258,7 +258,8 @@ class OpenAICompatProvider:
         except BaseException:
             self._gate.release()
             raise
-        if not response.headers.get("Content-Type", "").startswith("text/event-stream"):
+        kind = response.headers.get("Content-Type", "")
+        if not kind.startswith("text/event-stream") and not kind.lower().startswith("text/event-stream"):  # (any case)
             response.close()
             self._gate.release()
             raise UpstreamError(f"upstream `{self.name}` did not answer with an event stream")

@@ -24,6 +24,7 @@ from ..errors import (
     InternalError,
     RateLimited,
     Unsupported,
+    UnusableAnswer,
     UpstreamError,
     UpstreamTimeout,
 )
@@ -31,8 +32,8 @@ from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
-__all__ = ["BREAKER_FAILURES", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate", "backoff", "classify",
-           "peek", "retry_after_s"]
+__all__ = ["BREAKER_FAILURES", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate", "backoff",
+           "breaker_verdict", "classify", "peek", "retry_after_s"]
 
 # Failures that say something about the target's health. A 429 says it is busy (Retry-After
 # covers it), a full local pool says the gateway is, a client error says nothing about the target.
@@ -73,6 +74,15 @@ def classify(error: GatewayError) -> str:
             return "client_error"  # 401, 403, 404...: the spec says no retry on other 4xx
         return "connect" if error.code == "upstream_unavailable" else "server_error"
     return "client_error"
+
+
+def breaker_verdict(kind: str, error: GatewayError) -> bool | None:
+    """What a failed attempt (`classify`'s `kind`) says of its target's health: True a failure, False a success (it
+    answered: a client error, a context overflow, an `UnusableAnswer`, the model's fault), None nothing (a 429, a
+    full local pool, a field it lacks)."""
+    if kind in ("client_error", "context_length") or isinstance(error, UnusableAnswer):
+        return False
+    return True if kind in BREAKER_FAILURES else None
 
 
 def retry_after_s(error: GatewayError) -> float | None:

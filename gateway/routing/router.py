@@ -29,7 +29,7 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
-from ..errors import GatewayError, NoRoute, UnusableAnswer, UpstreamTimeout
+from ..errors import GatewayError, NoRoute, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream
 from ..policy.compiled import ModelRoute, Policy, Target
@@ -40,7 +40,7 @@ from ..store.base import Store
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
-from .attempts import BREAKER_FAILURES, DeadlineExceeded, Replay, TargetsUnavailable, aggregate, backoff, classify, peek
+from .attempts import DeadlineExceeded, Replay, TargetsUnavailable, aggregate, backoff, breaker_verdict, classify, peek
 from .breaker import Breakers
 from .rules import Facts, first_match
 from .stats import TargetStats
@@ -348,12 +348,12 @@ class Router:
             # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
             # cancelled request), or one strict alias would open the breaker every other alias shares.
             self.breakers.release(target.name)
-        elif kind in ("client_error", "context_length") or isinstance(error, UnusableAnswer):
-            self.breakers.success(target.name)  # it answered: alive
-        elif kind in BREAKER_FAILURES:
+        elif (failed := breaker_verdict(kind, error)) is None:
+            self.breakers.release(target.name)
+        elif failed:
             self.breakers.failure(target.name)
         else:
-            self.breakers.release(target.name)
+            self.breakers.success(target.name)  # it answered: alive
         self._count(self.metrics.attempts, target.name, kind).inc()
         if ctx.attempts is None:
             ctx.attempts = []

@@ -31,13 +31,13 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
-from ..errors import BudgetExceeded, GatewayError, RateLimited, UnusableAnswer, UpstreamError, UpstreamTimeout
+from ..errors import BudgetExceeded, GatewayError, RateLimited, UpstreamError, UpstreamTimeout
 from ..pipeline.streams import StreamEnd
 from ..policy.compiled import Target
 from ..providers.base import Call, Provider
 from ..schemas.endpoints import Endpoint
 from ..telemetry.series import loop_child, loop_value
-from .attempts import BREAKER_FAILURES, DeadlineExceeded, classify
+from .attempts import BREAKER_FAILURES, DeadlineExceeded, breaker_verdict, classify
 from .breaker import Breakers
 
 if TYPE_CHECKING:
@@ -83,21 +83,20 @@ class StreamVerdicts:
         if kind == "ok":
             self._breakers.ended(name, failed=False)
         elif kind is not None:
-            self._failed(ctx, name, kind, isinstance(end.error, UnusableAnswer))
+            self._failed(ctx, name, kind, end.error)
             return
         ok = self._ok.get(name)
         if ok is None:
             ok = self._ok[name] = loop_value(loop_child(self._attempts.labels(name, "ok")))
         ok._value += 1
 
-    def _failed(self, ctx: RequestContext, name: str, kind: str, unusable: bool) -> None:
+    def _failed(self, ctx: RequestContext, name: str, kind: str, error: GatewayError | None) -> None:
         """The upstream ended the stream: the breaker's verdict as for an attempt that failed so before it answered
-        (`unusable`: an `UnusableAnswer`, the model's fault), and the attempt counted, and listed (when the access log
-        lists the attempts), with its failure."""
-        if kind == "client_error" or unusable:
-            self._breakers.ended(name, failed=False)  # it answered: alive
-        elif kind in BREAKER_FAILURES:
-            self._breakers.ended(name, failed=True)
+        (`breaker_verdict`), and the attempt counted, and listed (when the access log lists the attempts), with its
+        failure."""
+        failed = breaker_verdict(kind, error) if error is not None else None
+        if failed is not None:
+            self._breakers.ended(name, failed=failed)
         self._attempts.labels(name, kind).inc()
         attempts = ctx.attempts
         if attempts is not None:  # its entry is the last: no attempt follows one that answered

@@ -85,6 +85,8 @@ def _cases() -> dict[str, tuple[RequestContext, float]]:
                                     attempts=[("openai/gpt-4o-mini", "rate_limited", 120.5)]), 0.3),
         "failed after the answer": (_ctx(status=502, error_code="upstream_error", stream=True,
                                          first_chunk_seconds=0.3, usage=None, cost_usd=None, headers=None), 5.0),
+        "overloaded after the answer": (_ctx(status=503, error_code="upstream_overloaded", stream=True,
+                                             first_chunk_seconds=0.05, usage=None, cost_usd=None, headers=None), 0.4),
         "cut on shutdown": (_ctx(status=503, error_code="shutting_down", stream=True, first_chunk_seconds=0.05,
                                  usage=None, cost_usd=None, headers=None), 0.4),
         "timed out after the answer": (_ctx(status=504, error_code="upstream_timeout", stream=True,
@@ -255,6 +257,14 @@ EXPECTED: dict[str, str] = {
         ',"total_ms":5000.0,"upstream_ms":812.35,"overhead_ms":4187.654,"first_chunk_ms":300.0,"prompt_tokens":nu'
         'll,"completion_tokens":null,"cached_tokens":null,"reasoning_tokens":null,"tokens_estimated":false,"cost_'
         'usd":null,"cache":null,"guards":null,"trace":null,"policy_version":"sha256:0a1b2c3d4e5f"}'
+    ),
+    'overloaded after the answer': (
+        '"request_id":"req_0a1b2c3d4e5f000000000001","endpoint":"chat","model":"chat-model","tenant":"acme","key":'
+        '"key-1","provider":"openai","target":"openai/gpt-4o-mini","rule":null,"attempts":[{"target":"openai/gpt-4'
+        'o-mini","outcome":"error"}],"fallback_reason":null,"stream":true,"status":503,"error":"upstream_overloa'
+        'ded","total_ms":400.0,"upstream_ms":812.35,"overhead_ms":0.0,"first_chunk_ms":50.0,"prompt_tokens":null,"completion_'
+        'tokens":null,"cached_tokens":null,"reasoning_tokens":null,"tokens_estimated":false,"cost_usd":null,"cache'
+        '":null,"guards":null,"trace":null,"policy_version":"sha256:0a1b2c3d4e5f"}'
     ),
     'cut on shutdown': (
         '"request_id":"req_0a1b2c3d4e5f000000000001","endpoint":"chat","model":"chat-model","tenant":"acme","key":'

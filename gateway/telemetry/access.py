@@ -39,6 +39,7 @@ AccessPart = tuple[msgspec.Raw, msgspec.Raw, msgspec.Raw]
 GUARDS_HEADER = b"x-gateway-guards"
 CLIENT_CLOSED = 499
 _UPSTREAM_FAILED = frozenset({502, 504})  # how an upstream's stream failing after it answered ends a request
+_OVERLOADED = "upstream_overloaded"  # and a 503 that is the upstream's (Anthropic's `overloaded_error` mid-stream)
 _encode = msgspec.json.encode
 _HEAD_FIELDS = ("ts", "level", "logger", "msg")  # what `PackedLine.ts` spans
 _Raw = msgspec.Raw
@@ -101,9 +102,9 @@ def access_part(names: Names, policy: Policy) -> AccessPart:
     endpoint, model, status, provider, target, tenant, key, _ = names
     named = _encode(_NamedFields(endpoint, model, tenant, key, provider, target))[len(b'{"endpoint":'):-1]
     # One attempt that did not fail (else the router lists it: `ctx.attempts`): the upstream answered, and only
-    # a failure of its stream afterwards (502, 504) is the attempt's; a guard, a budget, the client or a shutdown
-    # ending the request later is not.
-    outcome = "error" if status in _UPSTREAM_FAILED else "ok"
+    # a failure of its stream afterwards (502, 504, or its own overload: 503 `upstream_overloaded`) is the
+    # attempt's; a guard, a budget, the client or a shutdown (503 `shutting_down`) ending the request later is not.
+    outcome = "error" if status in _UPSTREAM_FAILED or names[7] == _OVERLOADED else "ok"
     attempts = _encode([{"target": target, "outcome": outcome}] if target is not None else [])
     return msgspec.Raw(named), msgspec.Raw(attempts), msgspec.Raw(_encode(policy.version))
 

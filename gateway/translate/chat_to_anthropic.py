@@ -26,6 +26,14 @@ part, a message, a tool call or a tool) goes on the matching block. An assistant
 `redacted_thinking` blocks, before its text and tool calls; reasoning without them has no signature and is
 left out.
 
+Tool call ids, which Messages checks (each `tool_use` id unique, each `tool_result` answering a `tool_use` of the turn
+before it): a call without an id gets `toolu_<message>_<position>`, and a result without one answers the first call
+of the assistant turn before it that had no id and has no result yet (none left: `Unsupported`); a call whose id an
+earlier call already had (older gateway versions gave Gemini's calls `call_0`, `call_1`... in every turn) is sent as
+`<id>_<n>` (the first n not taken), and the results after it with that id answer it, one result a call, in order.
+A request with nothing but system and developer messages is `Unsupported` (Messages needs a turn; OpenAI answers
+it, so routing's next target may), never sent with invented text.
+
 The answer, complete or streamed, is translated back in `anthropic_to_chat.py`
 (its names are re-exported here).
 """
@@ -80,8 +88,13 @@ def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str
             raise unsupported(field, target)
     system: list[dict[str, Any]] = []
     messages: list[dict[str, Any]] = []
+    ids = _ToolIds()
     for index, message in enumerate(body["messages"]):
-        _add_message(message, index, system, messages, target)
+        _add_message(message, index, system, messages, ids, target)
+    if not messages:  # Messages refuses `messages: []` (a 400 the client would get as the upstream's): the next
+        # target (an OpenAI one answers a system prompt alone) is tried; a turn made up here would be invented text
+        raise unsupported("messages", target, "a request with only system or developer messages (Messages needs a "
+                                              "user or assistant message)")
     for turn in messages:
         if not turn["content"]:  # a user turn with no text, between two assistant turns or at an end: dropping it
             # would join the assistant turns (or make the request a prefill); Messages refuses an empty turn
@@ -136,8 +149,28 @@ def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str
     return out
 
 
+class _ToolIds:
+    """The `tool_use` ids of one request, so that each is unique and each result names its call's (see the module's
+    docstring): Messages refuses a repeated id, and a result whose id names no call of the turn before it."""
+
+    __slots__ = ("open", "used")
+
+    def __init__(self) -> None:
+        self.used: set[str] = set()  # every `tool_use` id sent so far
+        # The calls of the last assistant turn not answered yet: the client's id ("" for none) -> ids sent, in order.
+        self.open: dict[str, list[str]] = {}
+
+    def unique(self, wanted: str) -> str:
+        """`wanted`, or `<wanted>_<n>` when an earlier call took it (the same for the same history)."""
+        sent, n = wanted, 1
+        while sent in self.used:
+            sent, n = f"{wanted}_{n}", n + 1
+        self.used.add(sent)
+        return sent
+
+
 def _add_message(message: Any, index: int, system: list[dict[str, Any]], messages: list[dict[str, Any]],
-                 target: str) -> None:
+                 ids: _ToolIds, target: str) -> None:
     where = f"messages.{index}"
     if not isinstance(message, dict):
         raise InvalidRequest(f"`{where}` must be an object", param=where)
@@ -152,13 +185,15 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
     if role == "assistant":
         blocks = _blocks(content, where, target, images=False) if content else []
         tools: list[dict[str, Any]] = []
+        calls: list[tuple[str, str]] = []  # (the client's id or "", the id sent)
         for position, call in enumerate(message.get("tool_calls") or ()):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise InvalidRequest(f"`{where}.tool_calls.{position}` needs a function name",
                                      param=f"{where}.tool_calls")
-            tools.append(_cached([{"type": "tool_use", "id": str(call.get("id") or f"toolu_{index}_{position}"),
-                                   "name": function["name"],
+            given = str(call.get("id") or "")
+            calls.append((given, ids.unique(given or f"toolu_{index}_{position}")))
+            tools.append(_cached([{"type": "tool_use", "id": calls[-1][1], "name": function["name"],
                                    "input": parse_arguments(function.get("arguments"),
                                                             f"{where}.tool_calls.{position}")}], call)[0])
         _cached([*blocks, *tools], message)
@@ -167,10 +202,19 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
         else:  # reasoning without a signature (another model's) cannot be sent back: Anthropic would refuse it
             blocks.extend(tools)
         if blocks:
+            if ids.open and messages[-1]["role"] != "assistant":  # a new assistant turn: results answer its calls
+                ids.open.clear()
             _append(messages, "assistant", blocks)
+        for given, sent in calls:
+            ids.open.setdefault(given, []).append(sent)
         return
     if role == "tool":
-        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": str(message.get("tool_call_id") or "")}
+        given = str(message.get("tool_call_id") or "")
+        waiting = ids.open.get(given)
+        if not waiting and not given:
+            raise unsupported(f"{where}.tool_call_id", target, "a tool result without a `tool_call_id` that no "
+                              "tool call without an id, in the assistant turn before it, is left for")
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": waiting.pop(0) if waiting else given}
         parts = content if isinstance(content, str) else _blocks(content, where, target, images=True)
         if parts:
             result["content"] = parts

@@ -10,6 +10,14 @@ stored. Every miss the stage meant to store ends in one `gateway_cache_stores_to
 outcome: `stored`, `too_large`, `unavailable`, or `uncacheable` (an error, a cut
 or cancelled answer, a guard's change).
 
+A coalesced miss's leader that stores nothing tells its waiters why
+(`Flight.release`): a failure the next request of the key may not meet (an
+upstream error, a timeout, a 408/409/429, a cut stream, its client gone) hands
+the key to one waiter, which leads next; one every waiter would meet alike (a
+4xx the request itself caused, a guard's change, an answer too large to store,
+a store that cannot take it) lets them all go upstream at once, as leading one
+at a time would spare no call and make the last wait for all the others.
+
 A hit the client asked for in the other form (a stored stream for a non-streamed
 request, or the other way round) is served only when the conversion is exact
 (`replay.Unconvertible`); otherwise it is a miss, and the new answer replaces the
@@ -23,6 +31,7 @@ from collections.abc import Awaitable
 from functools import partial
 
 from ..accounting.cost import usage_cost
+from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import ReplyStream, StreamEnd
@@ -79,15 +88,15 @@ class CacheStage:
             return await self._pass(ctx, call_next, CacheResult("miss"), alias)
         flight: Flight | None = None
         if spec.coalesce and read:
-            flight = await cache.flights.lead_or_wait(key, spec.coalesce_timeout_s, partial(cache.present, key))
+            flight = await cache.flights.join(key, spec.coalesce_timeout_s, partial(cache.present, key))
             if flight is None:  # another request went upstream: its answer may be here now
                 entry = await cache.read(key, control.max_age, alias)
                 if entry is not None and (reply := self._hit(ctx, entry, "hit", None)) is not None:
                     return reply
         try:
             reply = await self._pass(ctx, call_next, CacheResult("miss"), alias)
-        except BaseException:
-            self._refuse(ctx, flight)
+        except BaseException as exc:  # its client left or a shutdown: hand over; an error: by its status
+            self._refuse(ctx, flight, hand_over=not (isinstance(exc, GatewayError) and _alike(exc.status)))
             raise
         self._arrange_store(ctx, reply, spec, key, probe, flight)
         return reply
@@ -139,12 +148,12 @@ class CacheStage:
         elif reply.body is not None and reply.status == 200:
             ctx.on_finish = partial(self._store_body, ctx, reply.body, spec, key, probe, flight)
         else:
-            self._refuse(ctx, flight)
+            self._refuse(ctx, flight, hand_over=not _alike(reply.status))
 
     def _store_body(self, ctx: RequestContext, body: bytes, spec: CacheSpec, key: str, probe: SemanticProbe | None,
                     flight: Flight | None) -> None:
         if ctx.status != 200 or _guard_changed(ctx):
-            self._refuse(ctx, flight)
+            self._refuse(ctx, flight, hand_over=ctx.status != 200 and not _alike(ctx.status))
             return
         provider, model = _answered_by(ctx)
         entry = Entry("body", time.time(), body=body, usage=ctx.usage, provider=provider, model=model,
@@ -153,9 +162,11 @@ class CacheStage:
 
     def _store_stream(self, ctx: RequestContext, recorder: _Recorder, spec: CacheSpec, key: str,
                       probe: SemanticProbe | None, flight: Flight | None) -> None:
-        if recorder.outcome != "done" or recorder.size > spec.max_entry_bytes or ctx.status != 200 \
-                or _guard_changed(ctx) or not recorder.chunks:
-            self._refuse(ctx, flight, "too_large" if recorder.size > spec.max_entry_bytes else "uncacheable")
+        too_large = recorder.size > spec.max_entry_bytes
+        if recorder.outcome != "done" or too_large or ctx.status != 200 or _guard_changed(ctx) \
+                or not recorder.chunks:
+            self._refuse(ctx, flight, "too_large" if too_large else "uncacheable",
+                         _stream_hands_over(ctx, recorder, too_large))
             return
         provider, model = _answered_by(ctx)
         entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=recorder.usage,
@@ -176,11 +187,12 @@ class CacheStage:
 
         self.cache.spawn(write())
 
-    def _refuse(self, ctx: RequestContext, flight: Flight | None, why: str = "uncacheable") -> None:
+    def _refuse(self, ctx: RequestContext, flight: Flight | None, why: str = "uncacheable",
+                hand_over: bool = False) -> None:
         alias = ctx.route.alias if ctx.route is not None else "unknown"
         self.cache.metrics.cache_stores.labels(alias, why).inc()
         if flight is not None:
-            flight.release()
+            flight.release(hand_over)
 
 
 def _add_header(ctx: RequestContext, header: tuple[bytes, bytes]) -> None:
@@ -193,6 +205,23 @@ def _add_header(ctx: RequestContext, header: tuple[bytes, bytes]) -> None:
 def _answered_by(ctx: RequestContext) -> tuple[str, str]:
     target = ctx.target
     return (target.provider, target.upstream_model) if target is not None else ("", "")
+
+
+def _alike(status: int) -> bool:
+    """Whether every request of the key would fail so too: a 4xx the request caused, not 408, 409 or 429 (which
+    OpenAI's SDKs retry: a timeout, a conflict, a rate limit pass) nor 499 (its client left)."""
+    return 400 <= status < 500 and status not in (408, 409, 429, 499)
+
+
+def _stream_hands_over(ctx: RequestContext, recorder: _Recorder, too_large: bool) -> bool:
+    """Whether a stream that is not stored hands its key over: one cut, left or ended empty may come whole the next
+    time; one ended by an error is judged by its status (`ctx.status`, set by the telemetry stage at its end); one
+    too large or changed by a guard would be so for every waiter."""
+    if recorder.outcome != "done":
+        return recorder.outcome != "error" or not _alike(ctx.status)
+    if ctx.status != 200:
+        return not _alike(ctx.status)
+    return not recorder.chunks and not too_large and not _guard_changed(ctx)
 
 
 def _guard_changed(ctx: RequestContext) -> bool:

@@ -1,8 +1,11 @@
-"""Incremental Server-Sent Events decoding, for OpenAI-style upstream streams.
+r"""Incremental Server-Sent Events decoding, for OpenAI-style upstream streams.
 
 Network reads split events anywhere; the decoder keeps the tail and returns the
 `data` payloads of the events completed so far, so that each can be forwarded
-as soon as its last byte arrives.
+as soon as its last byte arrives. Lines end at "\r\n", "\n" or a lone "\r" (WHATWG HTML, "Interpreting an event
+stream"): a "\r" that ends a read ends its line with that read (`_feed_ended_by_cr`), and the event it completes
+goes out then, not with the upstream's next write; the streams of OpenAI and most servers end lines with "\n"
+alone, and meet none of this (`feed`'s common case tests for "\r" once).
 
 Substring tests on the per-event path use `bytes.find`, not `in`: CPython 3.11's
 `bytes.__contains__` first tries the operand as an integer and formats, raises and
@@ -52,12 +55,10 @@ class SSEDecoder:
             self._pending = b"".join((self._pending, *self._more))
             self._more.clear()
         buf = self._pending + data if self._pending else data
-        if 13 in buf:  # "\r"
-            keep_cr = buf.endswith(b"\r")
-            buf = buf.replace(b"\r\n", b"\n")
-            if keep_cr:  # a "\r\n" may be split across reads: wait for the "\n"
-                buf = buf[:-1]
-            buf = buf.replace(b"\r", b"\n") + (b"\r" if keep_cr else b"")
+        if 13 in buf:  # "\r": lines end at "\r\n", "\n" or a lone "\r"
+            if buf[-1] == 13:
+                return self._feed_ended_by_cr(buf)
+            buf = buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         events = buf.split(b"\n\n")
         self._pending = events.pop()
         self._size = len(self._pending)
@@ -73,9 +74,24 @@ class SSEDecoder:
                 payloads.append(payload)
         return payloads
 
+    def _feed_ended_by_cr(self, buf: bytes) -> list[bytes]:
+        r"""`feed` for bytes that end with a "\r": it ends its line now, whether an "\n" follows in the next read
+        (a "\r\n" split across reads) or not (a lone "\r"), so that the event it may end goes out with this read.
+
+        The "\n" it became is kept as the "\r" it was, the last byte of `_pending`: an "\n" that starts the next
+        read makes a "\r\n" with it, one line break (the spec ignores an LF right after a CR), and anything else
+        leaves it a lone "\r". An "\n" there would have ended one more line: an empty one, ending the event."""
+        self._pending = b""  # (`_more` was joined into `buf`)
+        payloads = self.feed(buf.replace(b"\r\n", b"\n").replace(b"\r", b"\n"))
+        self._pending = self._pending[:-1] + b"\r"  # what follows the last event: "" or lines ending in its "\n"
+        return payloads
+
     def flush(self) -> list[bytes]:
         """The last event, when the stream ended without its blank line."""
-        rest = b"".join((self._pending, *self._more)).rstrip(b"\r\n")
+        rest = b"".join((self._pending, *self._more))
+        if 13 in rest:  # the "\r" kept by `_feed_ended_by_cr` (the reads after it, in `_more`, end no line)
+            rest = rest.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        rest = rest.rstrip(b"\n")
         self._pending, self._size = b"", 0
         self._more.clear()
         payload = _data_of(rest) if rest else None

@@ -56,6 +56,7 @@ _peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a s
 _peek_responses = msgspec.json.Decoder(ResponsesAnswerPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark (`_completion`)
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_value`, `unsupported_parameter`...
 _ERROR_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]{0,127}")  # a request field's path: `messages[0].content`
 # How OpenAI, vLLM, Azure, Anthropic and others word a prompt that does not fit the model's window (Anthropic's
@@ -178,7 +179,8 @@ class OpenAICompatProvider:
         chat, completions or embeddings answer that is `{"error": ...}` with a 200 is the upstream's failure, as
         the same object in a stream is (`_in_band_error`): retried and fallen back from, never cached or billed. A
         body that is not UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII
-        (`isascii`: C)."""
+        (`isascii`: C). A UTF-8 byte order mark before the JSON (some servers and proxies write one) is dropped, from
+        the client's answer as well: JSON has none (RFC 8259 8.1), but a parser may ignore one."""
         if not body.isascii():
             try:
                 body.decode()
@@ -202,6 +204,8 @@ class OpenAICompatProvider:
             if plain.error is not None:  # absent from an answer, in the common case
                 raise self._in_band_error(plain.error)
         except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            if body[:3] == _BOM and body[3:6] != _BOM:  # (one mark: looked for only once the decoding failed)
+                return self._completion(call, body[3:])
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(body, plain.usage)
 

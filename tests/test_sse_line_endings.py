@@ -243,3 +243,12 @@ def test_a_stream_that_ends_after_a_cr_flushes_its_last_event_whole() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: a\r") == []
     assert decoder.flush() == [b"a"]
+
+
+@pytest.mark.parametrize("ending", [b"\n", b"\r\n", b"\r"])
+def test_a_stream_that_opens_with_a_byte_order_mark_keeps_its_first_event(ending: bytes) -> None:
+    """The spec drops one byte order mark at the start of a stream: its first event is not lost with it."""
+    decoder = SSEDecoder()
+    first = b"\xef\xbb\xbfdata: {\"a\":1}" + ending * 2
+    assert decoder.feed(first) == [b'{"a":1}']
+    assert decoder.feed(b"data: [DONE]" + ending * 2) == [b"[DONE]"]

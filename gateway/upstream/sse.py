@@ -23,6 +23,7 @@ __all__ = ["DONE", "SSEDecoder"]
 
 DONE = b"[DONE]"
 _MAX_PENDING = 8 * 1024 * 1024  # an event larger than this is not an OpenAI chunk
+_BOM_DATA = b"\xef\xbb\xbfdata:"  # a `data:` line after UTF-8's byte order mark (a stream's first)
 
 
 class SSEDecoder:
@@ -105,6 +106,8 @@ def _data_of(event: bytes) -> bytes | None:
     for line in event.split(b"\n"):
         if line.startswith(b"data:"):
             parts.append(line[6:] if line[5:6] == b" " else line[5:])
+        elif line.startswith(_BOM_DATA):  # a stream may open with a byte order mark, which the spec drops
+            parts.append(line[9:] if line[8:9] == b" " else line[8:])
     # Several data lines: joined by a space where the spec joins them by a line break. The payload is forwarded as
     # one `data:` line (a line break in it would end that line: the client got half an event and a stray line),
     # and to JSON both are whitespace; a break inside a JSON string was not valid JSON anyway.

@@ -187,8 +187,9 @@ class UpstreamError(GatewayError):
 
 class UnusableAnswer(UpstreamError):
     """502: the upstream answered, but the model's answer cannot be used (Gemini's `MALFORMED_FUNCTION_CALL`: a call
-    that is not valid). Retried and fallen back from as any 502 (a second try usually succeeds), but a verdict of
-    health for the target's circuit breaker, not against it: the model misbehaved, the endpoint served."""
+    that is not valid; `UNEXPECTED_TOOL_CALL`, `TOO_MANY_TOOL_CALLS`, `MALFORMED_RESPONSE`, `NO_IMAGE`, an empty answer
+    with a reason that says nothing). Retried and fallen back from as any 502 (a second try usually succeeds), but a
+    verdict of health for the target's circuit breaker, not against it: the model misbehaved, the endpoint served."""
 
 
 class AllTargetsFailed(UpstreamError):

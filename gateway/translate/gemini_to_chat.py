@@ -2,9 +2,12 @@
 
 Answer: candidates become choices; function calls tool calls with ids the
 gateway makes (`call_<random>_<n>`, unique per answer: Gemini sends none);
-`finishReason` a finish reason, the safety reasons (`SAFETY`, `RECITATION`,
-`BLOCKLIST`, `PROHIBITED_CONTENT`, `SPII`, `IMAGE_SAFETY`) `content_filter`,
-`MALFORMED_FUNCTION_CALL` a 502 (the answer is lost; a retry may succeed);
+`finishReason` a finish reason or an error, each of Gemini's values deliberately
+(`_FINISHES`, `_FAILED`; the table is in docs/providers.md): a filter's or a
+policy's `content_filter`, a failure of the model (`MALFORMED_FUNCTION_CALL`,
+`UNEXPECTED_TOOL_CALL`, ...) a 502 `UnusableAnswer` (the answer is lost; a retry
+or another target may succeed), a reason that says nothing of the answer
+(`OTHER`, a value added after this list) `stop` unless the candidate is empty;
 `usageMetadata` OpenAI's usage (cached content tokens as
 `prompt_tokens_details.cached_tokens`). A prompt Gemini blocks
 (`promptFeedback.blockReason`) is a 400 `content_policy_violation`.
@@ -14,13 +17,14 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import time
 from collections.abc import Callable
 from typing import Any
 
 import msgspec
 
-from ..errors import ContentPolicyViolation, GatewayError, UnusableAnswer
+from ..errors import ContentPolicyViolation, GatewayError, Unsupported, UnusableAnswer, UpstreamError
 from ..schemas.events import DONE, StreamEvent, UsageReport
 from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage
 from .common import ChunkWriter, StreamProtocolError
@@ -29,9 +33,34 @@ __all__ = ["GeminiEvents", "chat_completion"]
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
-_SAFETY = frozenset({"SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "IMAGE_SAFETY"})
-_FINISH = {"STOP": "stop", "MAX_TOKENS": "length", "OTHER": "stop", "FINISH_REASON_UNSPECIFIED": "stop"}
-_MALFORMED = "MALFORMED_FUNCTION_CALL"  # an error, not a finish reason (`_malformed`)
+# Gemini's `FinishReason`s (google-genai's `types.FinishReason`, 24 values in 2026), each placed on purpose.
+# The reasons that end a usable answer: their finish reason (`stop` becomes `tool_calls` beside a call: `_finish`).
+_FINISHES = {
+    "STOP": "stop",
+    "MAX_TOKENS": "length", "CONTINUATION": "length",  # (CONTINUATION: cut at a per-request limit, not complete)
+    # A filter or a policy cut or withheld (part of) the answer: what OpenAI's `content_filter` says. LANGUAGE is
+    # Gemini's flag on a language it does not serve; IMAGE_OTHER an image withheld for a reason it does not
+    # name (in practice its output checks); ESCALATION an escalation rule's filter; MODEL_ARMOR Vertex AI's filter.
+    **dict.fromkeys(("SAFETY", "RECITATION", "BLOCKLIST", "PROHIBITED_CONTENT", "SPII", "LANGUAGE", "IMAGE_SAFETY",
+                     "IMAGE_PROHIBITED_CONTENT", "IMAGE_RECITATION", "IMAGE_OTHER", "ESCALATION", "MODEL_ARMOR"),
+                    "content_filter"),
+}
+_AGAIN = "the same request may succeed if sent again"
+# The model failed: what it failed at, and what may help. As `stop` each was an answer that looked whole (often an
+# empty one) where the model did not do its task; each is an `UnusableAnswer` (`_unusable`).
+_FAILED = {
+    "MALFORMED_FUNCTION_CALL": ("could not produce a valid function call", _AGAIN),
+    "UNEXPECTED_TOOL_CALL": ("called a function it was not given, or while function calling was off", _AGAIN),
+    "TOO_MANY_TOOL_CALLS": ("made too many tool calls before a final answer", _AGAIN),
+    "MALFORMED_RESPONSE": ("produced a malformed answer", _AGAIN),
+    "NO_IMAGE": ("produced no image where one was expected", _AGAIN),
+}
+# The request's fault, not the model's: a Gemini tool call sent back without its `extra_content`, or a history from
+# another model. The same request fails again on this target (a retry is spent in vain), another target may answer
+# it: `Unsupported`, as a field the target lacks (the next target is tried; a 400 when none could).
+_UNSIGNED = "MISSING_THOUGHT_SIGNATURE"
+_DENIED = "PUP_LIMITED_DISABLED"  # the account behind the key, not the model: a failure of the target (`_unusable`)
+_SHOWN = re.compile(r"[A-Z][A-Z_]{0,39}")  # an unknown reason that may be named in an error message
 
 
 def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
@@ -55,11 +84,11 @@ def _int(value: Any) -> int:
 
 
 def _finish(reason: Any, has_calls: bool) -> str:
-    if reason in _SAFETY:
-        return "content_filter"
-    if has_calls and reason != "MAX_TOKENS":  # (a call cut by the token limit is a truncated answer: `length`)
-        return "tool_calls"
-    return _FINISH.get(str(reason), "stop")
+    """The finish reason of a candidate `_unusable` let through: a reason that says nothing of the answer (`OTHER`,
+    `FINISH_REASON_UNSPECIFIED`, one added after `_FINISHES`) is `stop`. A call cut by the token limit is a truncated
+    answer (`length`), one cut by a filter a filtered one (`content_filter`): only `stop` becomes `tool_calls`."""
+    finish = _FINISHES.get(reason, "stop") if type(reason) is str else "stop"
+    return "tool_calls" if has_calls and finish == "stop" else finish
 
 
 def _id_prefix() -> str:
@@ -69,13 +98,41 @@ def _id_prefix() -> str:
     return f"call_{os.urandom(6).hex()}_"
 
 
-def _malformed(name: str) -> UnusableAnswer:
-    """`MALFORMED_FUNCTION_CALL`: the model's call was not valid (often Python code instead of a call) and is not in
-    the answer, which then holds nothing or its text before the call. As `stop` it was an empty answer a client took
-    for the model's last word; as a 502, routing retries it or falls back (`retry_on: server_error`), and a client
-    sees the failure (docs/providers.md)."""
-    return UnusableAnswer(f"upstream `{name}` could not produce a valid function call (Gemini's finish reason "
-                          f"{_MALFORMED}); the same request may succeed if sent again")
+def _unusable(reason: Any, said: bool, name: str) -> GatewayError | None:
+    """The error a candidate's finish `reason` (not one of `_FINISHES`) is instead of a finish reason, if any;
+    `said`: whether the candidate has any content (text, a call).
+
+    A failure of the model (`_FAILED`; `MALFORMED_FUNCTION_CALL`: a call that was not valid, often Python code, left
+    out of the answer, which then holds nothing or its text before the call): as `stop` it was an answer a client
+    took for the model's last word; as an `UnusableAnswer`, a 502, routing retries it or falls back (`retry_on:
+    server_error`), its target's breaker is not blamed, and the client sees the failure. `PUP_LIMITED_DISABLED`
+    says the key's account is limited: a plain 502, which the breaker counts (every request will fail so).
+    `MISSING_THOUGHT_SIGNATURE` is the request's (`_UNSIGNED`): `Unsupported`, the next target tried. Any other
+    reason (`OTHER`, a value Google adds later) says nothing of the answer: one with content is kept as `stop`
+    (throwing text away on a guess is worse), an empty one is no answer (docs/providers.md)."""
+    if reason == _UNSIGNED:
+        return Unsupported(f"a conversation whose Gemini tool calls came back without their thought signatures "
+                           f"(Gemini's finish reason {_UNSIGNED} from upstream `{name}`): each tool call of Gemini's "
+                           "must come back with its `extra_content`", param="messages")
+    failed = _FAILED.get(reason) if type(reason) is str else None
+    if failed is not None:
+        return UnusableAnswer(f"upstream `{name}` {failed[0]} (Gemini's finish reason {reason}); {failed[1]}")
+    if reason == _DENIED:
+        return UpstreamError(f"upstream `{name}` refused to answer: the account of its API key is limited or disabled "
+                             f"under Google's Prohibited Use Policy (Gemini's finish reason {_DENIED})")
+    if said:
+        return None
+    shown = reason if type(reason) is str and _SHOWN.fullmatch(reason) else "missing" if reason is None else "garbled"
+    return UnusableAnswer(f"upstream `{name}` returned an empty answer (Gemini's finish reason {shown}); {_AGAIN}")
+
+
+def _says(candidate: dict[str, Any]) -> bool:
+    """Whether a candidate has text or a call (read only for a reason `_unusable` refuses when it is empty)."""
+    for part in (candidate.get("content") or {}).get("parts") or ():
+        text = part.get("text")
+        if (isinstance(text, str) and text and not part.get("thought")) or isinstance(part.get("functionCall"), dict):
+            return True
+    return False
 
 
 def _signed(call: dict[str, Any], part: dict[str, Any]) -> dict[str, Any]:
@@ -106,8 +163,6 @@ def chat_completion(answer: dict[str, Any], name: str = "gemini") -> tuple[dict[
     prefix = ""  # made at the first call without an id
     choices = []
     for position, candidate in enumerate(answer.get("candidates") or ()):
-        if candidate.get("finishReason") == _MALFORMED:
-            raise _malformed(name)
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         for part in (candidate.get("content") or {}).get("parts") or ():
@@ -118,12 +173,17 @@ def chat_completion(answer: dict[str, Any], name: str = "gemini") -> tuple[dict[
                 prefix = prefix or _id_prefix()
                 calls.append(_signed({"id": call.get("id") or f"{prefix}{next(ids)}", "type": "function", "function": {
                     "name": call.get("name"), "arguments": _encode(call.get("args") or {}).decode()}}, part))
+        reason = candidate.get("finishReason")
+        if type(reason) is not str or reason not in _FINISHES:
+            error = _unusable(reason, bool(calls) or any(texts), name)
+            if error is not None:
+                raise error
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
                                    "refusal": None}
         if calls:
             message["tool_calls"] = calls
         choices.append({"index": candidate.get("index", position), "message": message, "logprobs": None,
-                        "finish_reason": _finish(candidate.get("finishReason"), bool(calls))})
+                        "finish_reason": _finish(reason, bool(calls))})
     usage = _usage(answer.get("usageMetadata"))
     body: dict[str, Any] = {"id": str(answer.get("responseId") or "gemini"), "object": "chat.completion",
                             "created": int(time.time()), "model": answer.get("modelVersion"), "choices": choices}
@@ -184,8 +244,12 @@ class GeminiEvents:
                         "function": {"name": call.get("name"), "arguments": _encode(call.get("args") or {}).decode()},
                     }, part)]}, index=index))
             reason = candidate.get("finishReason")
-            if reason == _MALFORMED:  # (the events of this one are dropped: before any content, it can fall back)
-                raise _malformed(self._name)
+            if reason and (type(reason) is not str or reason not in _FINISHES):
+                # (this event's chunks are dropped: before any content, the stream can still fall back; an
+                # earlier event of the candidate is taken to have held content)
+                error = _unusable(reason, not first or self._calls[index] > 0 or _says(candidate), self._name)
+                if error is not None:
+                    raise error
             if reason:
                 self._finished.add(index)
                 events.append(writer.chunk({}, _finish(reason, self._calls[index] > 0), index=index))

@@ -30,7 +30,7 @@ def stream_payloads(gateway: RunningGateway, path: str, body: dict[str, object])
     with httpx.stream("POST", gateway.base_url + path, headers=AUTH, json=body, timeout=20) as response:
         assert response.status_code == 200
         text = response.read().decode()
-    return [event.removeprefix("data: ") for event in text.split("\n\n") if event]
+    return [event.rpartition("\n")[2].removeprefix("data: ") for event in text.split("\n\n") if event]  # (no `event:`)
 
 
 def wait_for(condition: Callable[[], bool], timeout: float = 5.0) -> bool:

@@ -689,14 +689,15 @@ AUTH = {"Authorization": f"Bearer {FULL_KEY}"}
 
 
 def responses_stream(gw: RunningGateway, model: str, text: str, **extra: Any) -> tuple[str, list[dict[str, Any]]]:
-    """The raw SSE text of a streamed Responses answer, and its events (`[DONE]` checked and left off)."""
+    """The raw SSE text of a streamed Responses answer, and its events (each named by its `type`, as OpenAI frames
+    them, and no `[DONE]`)."""
     body = {"model": model, "input": text, "stream": True, **extra}
     with httpx.stream("POST", gw.base_url + "/responses", headers=AUTH, json=body, timeout=20) as response:
         assert response.status_code == 200
         raw = response.read().decode()
-    frames = [frame.removeprefix("data: ") for frame in raw.split("\n\n") if frame]
-    assert frames[-1] == "[DONE]"
-    events = [json.loads(frame) for frame in frames[:-1]]
+    frames = [frame.partition("\ndata: ") for frame in raw.split("\n\n") if frame]
+    events = [json.loads(data) for _, _, data in frames]
+    assert [name for name, _, _ in frames] == ["event: " + event["type"] for event in events]
     assert [e["sequence_number"] for e in events] == list(range(len(events)))  # consecutive, whatever was held
     return raw, events
 

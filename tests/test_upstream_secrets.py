@@ -168,11 +168,13 @@ def client(leaky: RunningGateway) -> Iterator[openai.OpenAI]:
 
 
 def raw_stream(gateway: RunningGateway, path: str, body: dict[str, Any]) -> list[str]:
-    """The `data:` payloads the client receives, as text (the gateway's closing `[DONE]` left out)."""
+    """The `data:` payloads the client receives, as text (the closing `[DONE]` of a chat stream left out, and the
+    `event:` line of a Responses event)."""
     with httpx.stream("POST", gateway.base_url + path, headers=AUTH, json=body, timeout=15) as response:
         assert response.status_code == 200
         text = response.read().decode()
-    return [event.removeprefix("data: ") for event in text.split("\n\n") if event and event != "data: [DONE]"]
+    return [event.rpartition("\n")[2].removeprefix("data: ") for event in text.split("\n\n")
+            if event and event != "data: [DONE]"]
 
 
 # -- Responses API: a failed answer, streamed and not -----------------------------------------------------------

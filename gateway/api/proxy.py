@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import GatewayError, InternalError, ShuttingDown
@@ -25,12 +26,15 @@ from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamDone, StreamError, StreamEvent
 from .asgi import JSON, ChunkWriter, RequestHeaders, RequestIds, chunk_writer, connection_gone, send_body, send_error
+from .responses_frames import ResponsesFrames
 from .sse import error_frame, frame
 from .whole_reply import send_head, send_whole
 
 __all__ = ["EdgeHost", "ProxyEndpoint"]
 
 log = logging.getLogger("gateway.proxy")
+# The endpoints whose streams OpenAI frames otherwise than chat's (`responses_frames`).
+_FRAMERS: dict[Endpoint, Callable[[RequestContext], StreamFramer]] = {Endpoint.RESPONSES: lambda ctx: ResponsesFrames()}
 _ENDS = (StreamDone, StreamError)  # the events that end a stream's last batch
 _SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
@@ -55,6 +59,9 @@ class ProxyEndpoint:
         self.host = host
         self.endpoint = endpoint
         self.dialect = dialect  # the client's API when it is not OpenAI's (translated at ingress and here)
+        # A stream's framer, when the client's wire format is not chat's `data:` lines and `[DONE]`: the dialect's,
+        # or the endpoint's own (the Responses API's named events). None: `sse.frame`, and a lone chunk's fast path.
+        self.framer = dialect.framer if dialect is not None else _FRAMERS.get(endpoint)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         started = time.perf_counter()
@@ -86,7 +93,7 @@ class ProxyEndpoint:
             else:
                 # The stream is sent here, not in a helper coroutine: the task resumes through every frame
                 # between it and the upstream read on every event (about 1,500 instructions a frame).
-                framer = dialect.framer(ctx) if dialect is not None else None
+                framer = self.framer(ctx) if self.framer is not None else None
                 try:
                     writer = await _start_stream(ctx, reply, send)
                     sse = writer if framer is None else None  # OpenAI's framing: a lone chunk in one formatting

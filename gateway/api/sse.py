@@ -1,7 +1,9 @@
-"""Server-Sent Events framing at the HTTP edge: the one place a stream becomes bytes.
+"""Server-Sent Events framing at the HTTP edge, for Chat Completions and Completions streams.
 
 Stages and providers deal in typed events; here they are written as OpenAI
-writes them. A usage report is forwarded only to a client that asked for usage
+writes them (the Responses API's named events are framed in
+`responses_frames.py`, the Messages API's in `translate/anthropic_answer.py`).
+A usage report is forwarded only to a client that asked for usage
 (`stream_options.include_usage`), so the gateway's own request for usage never
 shows; an error becomes the in-band `data: {"error": ...}` event that the SDKs
 raise as `APIError`.

@@ -12,7 +12,8 @@ A blocked answer keeps the Responses API's own way of saying that a content
 filter stopped it: `status: "incomplete"` with `incomplete_details.reason:
 "content_filter"`. Not streamed, its texts are emptied and its tool calls
 removed. Streamed, the stream ends with a `response.incomplete` event whose
-output is what was released so far, then `[DONE]`.
+output is what was released so far (the edge writes no `[DONE]` after it:
+`api/responses_frames.py`).
 
 Streamed, each of those texts (by `output_index`, and the part's
 `content_index` or `summary_index`) is a lane of the shared window

@@ -86,6 +86,8 @@ def _script(model: str, prompt: str) -> list[bytes]:
     cut = OPENING + 2  # two deltas, then the failure
     if model in ("stops", "resets"):  # the body ends (cleanly, or with an RST) before `response.completed`
         return frames[:cut]
+    if model == "done-early":  # a `[DONE]` (as chat-style servers write) before `response.completed`
+        return [*frames[:cut], b"data: [DONE]\n\n"]
     if model == "fails":  # OpenAI's own `error` event, its message naming the key the gateway sent
         return [*frames[:cut], _openai_frame({"type": "error", "sequence_number": cut, "error": {
             "type": "server_error", "code": "server_error", "message": f"backend refused key {UPSTREAM_KEY}",
@@ -153,7 +155,8 @@ class _Upstream:
 def gw() -> Iterator[RunningGateway]:
     with _Upstream() as upstream:
         models = "\n".join(f"  {name}: {{provider: up, model: {name}}}"
-                           for name in ("openai", "plain-data", "stops", "resets", "fails", "slow", "echo"))
+                           for name in ("openai", "plain-data", "stops", "done-early", "resets", "fails", "slow",
+                                        "echo"))
         text = textwrap.dedent(f"""\
             version: 1
             server: {{host: 127.0.0.1}}
@@ -305,6 +308,7 @@ def test_the_sdks_stream_helper_reads_the_text_and_the_final_response(gw: Runnin
 
 @pytest.mark.parametrize(("model", "message"), [
     ("stops", "ended the stream before the response completed"),
+    ("done-early", "ended the stream before the response completed"),
     ("resets", "mid-stream"),
     ("fails", "backend refused key"),
 ])
@@ -318,7 +322,7 @@ def test_a_mid_stream_failure_is_the_responses_error_event(gw: RunningGateway, m
     assert [data["delta"] for _, data in frames if data["type"] == "response.output_text.delta"] == PIECES[:2]
 
 
-@pytest.mark.parametrize("model", ["stops", "resets", "fails"])
+@pytest.mark.parametrize("model", ["stops", "done-early", "resets", "fails"])
 def test_the_sdk_raises_api_error_for_a_mid_stream_failure(gw: RunningGateway, model: str) -> None:
     client, tee = _sdk(gw)
     received: list[str] = []

@@ -134,8 +134,8 @@ class ResponsesEvents:
         self._done = False
 
     def feed(self, payload: bytes) -> list[StreamEvent]:
-        if payload == b"[DONE]":
-            return [DONE]
+        if payload == b"[DONE]":  # (OpenAI sends none; a chat-style server may): the end only after the response's
+            return [DONE] if self._done else self.end()
         if not payload.isascii() and not is_utf8(payload):  # forwarded as it is: it must be what charset=utf-8 says
             return [StreamError(UpstreamError(f"upstream `{self._provider.name}` sent invalid UTF-8"))]
         peek = _peek_event(payload)

@@ -4,6 +4,7 @@ official `openai` SDK (memory store here; Redis and two processes in test_accoun
 from __future__ import annotations
 
 import asyncio
+import json
 import re
 import textwrap
 from collections.abc import Callable, Iterator
@@ -381,6 +382,26 @@ def test_a_hard_budget_cuts_a_stream_mid_way(start: Callable[..., RunningGateway
     assert 0 < len(text.split()) < ANSWER_WORDS
     spent = usage_of(gateway, "key", "main")["cost_usd"]
     assert 0 < float(str(spent)) <= 0.008
+
+
+def test_a_hard_budget_cuts_a_responses_stream_with_the_responses_error_event(
+    start: Callable[..., RunningGateway],
+) -> None:
+    """A Responses stream the budget cuts ends with the Responses API's `error` event, after the events it released:
+    no chat-shaped `finish_reason: length` chunk, which no Responses client can read."""
+    gateway = start(key="budget: {usd: 0.008}", accounting="default_max_tokens: 5")
+    body = {"model": "chat", "input": "hello there", "stream": True}
+    with httpx.stream("POST", gateway.base_url + "/responses", json=body, timeout=20,
+                      headers={"Authorization": f"Bearer {KEY}"}) as response:
+        assert response.status_code == 200
+        raw = response.read().decode()
+    frames = [frame.split("\n") for frame in raw.split("\n\n") if frame]
+    assert all(lines[0].startswith("event: ") for lines in frames), raw
+    events = [json.loads(lines[-1].removeprefix("data: ")) for lines in frames]
+    assert not any("choices" in event for event in events), raw
+    assert events[-1]["type"] == "error" and "budget" in events[-1]["error"]["message"]
+    assert any(event["type"] == "response.output_text.delta" for event in events[:-1])
+    assert "[DONE]" not in raw
 
 
 def _raw_stream(gateway: RunningGateway) -> bytes:

@@ -20,6 +20,7 @@ from typing import Any
 from ..errors import BudgetExceeded
 from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
+from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamError, StreamEvent
 from ..schemas.openai import Usage
 from ..store._common import AMOUNT_SCALE, to_units
@@ -294,9 +295,11 @@ class StreamBill:
         for index, event in enumerate(events):
             if type(event) is Chunk and ctx.chunks + index + 1 > bill.completion_cap:
                 if not await self._stage.extend(ctx, bill):
-                    return [*events[: index + 1], _final(ctx, event),
-                            StreamError(BudgetExceeded("the budget for this period ran out during the answer; "
-                                                       "it was cut off"))]
+                    cut = StreamError(BudgetExceeded("the budget for this period ran out during the answer; it "
+                                                     "was cut off"))
+                    if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it
+                        return [*events[: index + 1], cut]
+                    return [*events[: index + 1], _final(ctx, event), cut]
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:

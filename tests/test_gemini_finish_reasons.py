@@ -7,10 +7,12 @@ message names the answer the mock gives: `"<REASON> <shape>"`.
 
 Gemini's newer reasons were all `stop`, so that a failed answer looked like a
 good one: a model's failure (`UNEXPECTED_TOOL_CALL`, `TOO_MANY_TOOL_CALLS`,
-`MALFORMED_RESPONSE`, `MISSING_THOUGHT_SIGNATURE`, `NO_IMAGE`) is now a 502 that
-routing retries and falls back from (as `MALFORMED_FUNCTION_CALL` was already:
-tests/test_gemini_tool_ids.py); a filter's or a policy's (`LANGUAGE`, the image
-filters, `ESCALATION`, `MODEL_ARMOR`) `content_filter`; `CONTINUATION` `length`;
+`MALFORMED_RESPONSE`, `NO_IMAGE`) is now a 502 that routing retries and falls
+back from (as `MALFORMED_FUNCTION_CALL` was already: tests/test_gemini_tool_ids.py);
+a missing thought signature (`MISSING_THOUGHT_SIGNATURE`) is the request's fault:
+the next target, not retried on Gemini, else a 400 `unsupported_parameter`; a
+filter's or a policy's (`LANGUAGE`, the image filters, `ESCALATION`, `MODEL_ARMOR`)
+`content_filter`; `CONTINUATION` `length`;
 a limited account (`PUP_LIMITED_DISABLED`) a 502 that counts against the target;
 an empty answer with a reason that says nothing of it (`OTHER`, a value Google
 adds later) a 502, where one with content stays `stop`.

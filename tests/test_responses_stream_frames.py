@@ -21,7 +21,6 @@ import json
 import socket
 import struct
 import textwrap
-import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -33,6 +32,7 @@ from aiohttp import web
 
 from gateway.auth.keys import hash_key
 from tests.conftest import FULL_KEY, UPSTREAM_KEY, RunningGateway
+from tests.support.threaded_app import ThreadedApp
 
 AUTH = {"Authorization": f"Bearer {FULL_KEY}"}
 PIECES = ["Hello", " from", " the", " gateway"]
@@ -95,18 +95,13 @@ def _script(model: str, prompt: str) -> list[bytes]:
     return frames
 
 
-class _Upstream:
+class _Upstream(ThreadedApp):
     """`/v1/responses` on a loop in a thread of its own, answering every request by its script (`_script`)."""
 
     def __init__(self) -> None:
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
+        super().__init__()
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
+    def routes(self, app: web.Application) -> None:
         async def handle(request: web.Request) -> web.StreamResponse:
             body = await request.json()
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -127,28 +122,7 @@ class _Upstream:
             await response.write_eof()
             return response
 
-        async def start() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/responses", handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
-
-    def __enter__(self) -> _Upstream:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        app.router.add_post("/v1/responses", handle)
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,6 @@ End to end: an upstream that writes each event on its own and then holds the str
 
 from __future__ import annotations
 
-import asyncio
 import json
 import textwrap
 import threading
@@ -24,25 +23,23 @@ from aiohttp import web
 from gateway.auth.keys import hash_key
 from gateway.upstream.sse import SSEDecoder
 from tests.conftest import FULL_KEY, RunningGateway
+from tests.support.threaded_app import ThreadedApp
 
 HOLD_S = 2.0  # how long the upstream waits for the client to see an event before it writes on anyway
 HOLD = None  # in a script: wait until the client saw one more content chunk
 
 
-class _ScriptedUpstream:
+class _ScriptedUpstream(ThreadedApp):
     """An OpenAI-compatible upstream in a thread of its own that answers every chat request with `script`: byte
     strings, each written (a write of its own), and `HOLD`s, where it waits until the client saw one more content
     chunk (`saw`). `late` counts the holds it had to wait out: events the gateway did not forward in time."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.script: list[bytes | None] = []
         self.late = 0
         self._seen = 0
         self._cond = threading.Condition()
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
 
     def start(self, script: list[bytes | None]) -> None:
         with self._cond:
@@ -57,9 +54,7 @@ class _ScriptedUpstream:
         with self._cond:
             return self._cond.wait_for(lambda: self._seen >= count, HOLD_S)
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
+    def routes(self, app: web.Application) -> None:
         async def handle(request: web.Request) -> web.StreamResponse:
             await request.read()
             response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
@@ -68,35 +63,14 @@ class _ScriptedUpstream:
             for part in self.script:
                 if part is None:
                     holds += 1
-                    if not await self._loop.run_in_executor(None, self._wait_seen, holds):
+                    if not await self.loop.run_in_executor(None, self._wait_seen, holds):
                         self.late += 1
                 else:
                     await response.write(part)
             await response.write_eof()
             return response
 
-        async def start() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
-
-    def __enter__(self) -> _ScriptedUpstream:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        app.router.add_post("/v1/chat/completions", handle)
 
 
 @pytest.fixture(scope="module")

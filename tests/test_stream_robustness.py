@@ -40,6 +40,7 @@ from gateway.schemas.events import StreamDone, StreamError, StreamEvent
 from gateway.upstream.client import transport_error
 from gateway.upstream.read_timer import HeldPastDeadline, ReadTimer
 from tests.conftest import FULL_KEY, RunningGateway
+from tests.support.threaded_app import ThreadedApp
 
 # --- 1. a deadline that passes while the consumer holds the stream -------------------------------------------
 
@@ -119,20 +120,15 @@ async def test_a_body_wholly_received_before_the_deadline_is_read_to_its_end() -
     timer.stop()
 
 
-class _Upstream:
+class _Upstream(ThreadedApp):
     """An OpenAI-compatible upstream in a thread of its own that answers every request with `self.answer`:
     (content type, the body's parts)."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.answer: tuple[str, list[bytes]] = ("application/json", [b"{}"])
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
+    def routes(self, app: web.Application) -> None:
         async def handle(request: web.Request) -> web.StreamResponse:
             await request.read()
             kind, parts = self.answer
@@ -143,28 +139,7 @@ class _Upstream:
             await response.write_eof()
             return response
 
-        async def start() -> None:
-            app = web.Application()
-            app.router.add_post("/v1/chat/completions", handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
-
-    def __enter__(self) -> _Upstream:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        app.router.add_post("/v1/chat/completions", handle)
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,8 @@ without one cost nothing more; one mark is dropped, not two, and what follows it
 
 from __future__ import annotations
 
-import asyncio
 import json
 import textwrap
-import threading
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
@@ -27,6 +25,7 @@ from gateway.providers.base import Call
 from gateway.providers.openai_compat import OpenAICompatProvider
 from gateway.schemas.endpoints import Endpoint
 from tests.conftest import FULL_KEY, RunningGateway
+from tests.support.threaded_app import ThreadedApp
 
 BOM = b"\xef\xbb\xbf"
 USAGE = {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}
@@ -41,47 +40,21 @@ EMBEDDINGS = {"object": "list", "model": "m", "data": [{"object": "embedding", "
               "usage": {"prompt_tokens": 1, "total_tokens": 1}}
 
 
-class _Upstream:
+class _Upstream(ThreadedApp):
     """An OpenAI-compatible upstream in a thread of its own that answers every request with `self.body`, as
     application/json, in one write."""
 
     def __init__(self) -> None:
+        super().__init__()
         self.body = b"{}"
-        self._loop = asyncio.new_event_loop()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self.port = 0
 
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-
+    def routes(self, app: web.Application) -> None:
         async def handle(request: web.Request) -> web.Response:
             await request.read()
             return web.Response(body=self.body, content_type="application/json")
 
-        async def start() -> None:
-            app = web.Application()
-            for path in ("/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
-                app.router.add_post(path, handle)
-            self._runner = web.AppRunner(app)
-            await self._runner.setup()
-            site = web.TCPSite(self._runner, "127.0.0.1", 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
-            self._ready.set()
-
-        self._loop.run_until_complete(start())
-        self._loop.run_forever()
-
-    def __enter__(self) -> _Upstream:
-        self._thread.start()
-        self._ready.wait(5)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        for path in ("/v1/chat/completions", "/v1/responses", "/v1/embeddings"):
+            app.router.add_post(path, handle)
 
 
 @pytest.fixture(scope="module")

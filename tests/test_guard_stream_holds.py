@@ -232,6 +232,28 @@ def test_a_private_key_block_longer_than_the_window_leaves_nothing_of_itself(run
     assert not any(body[:8] in piece or "-----BEGIN" in piece for _, piece in pieces)
 
 
+@pytest.mark.parametrize("size", [1, 3, 7])
+def test_a_private_key_block_cut_before_its_end_line_leaves_nothing_of_itself(runtime: GuardRuntime,
+                                                                             size: int) -> None:
+    """An answer cut at `max_tokens` inside a key: the open block is held to the stream's end, then redacted (it
+    was released whole: no detector matched a block without its END line)."""
+    body = "MIIEowIBAAKCAQEAq8Zr1Lx0Vb7Tn4Wk2Pm9Qx7Lr3Ta5Yb0Nc8Vd6We4Xf2Zg1Hh"
+    text = f"Here is the key:\n-----BEGIN RSA PRIVATE KEY-----\n{body}\n{body[::-1]}"
+    pieces = stream(runtime, text, size)
+    assert joined(pieces) == "Here is the key:\n<PRIVATE_KEY>"
+    assert not any(body[:8] in piece or "-----BEGIN" in piece for _, piece in pieces)
+
+
+def test_text_after_a_whole_private_key_block_leaves_before_the_stream_ends(runtime: GuardRuntime) -> None:
+    """The detector's branch for a block without its END line reaches the text's end: what follows a whole block
+    still leaves as it comes (a stream's holds look back one window only), not at the stream's end."""
+    block = "-----BEGIN PRIVATE KEY-----\nMIIEowIBAAKCAQEAq8Zr1Lx0Vb7Tn4Wk2Pm9\n-----END PRIVATE KEY-----"
+    text = f"{block}\nThat was the key, and this sentence goes on for a good while after it, word by word."
+    pieces = stream(runtime, text, 5)
+    assert joined(pieces) == text.replace(block, "<PRIVATE_KEY>")
+    assert "word by" in "".join(piece for sent, piece in pieces if sent <= len(text))
+
+
 # -- what leaves beside the text ------------------------------------------------------------------
 
 

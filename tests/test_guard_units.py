@@ -62,6 +62,17 @@ def test_secrets(text: str, label: str) -> None:
     assert [f.type for f in guard.scan(text)] == [label]
 
 
+def test_a_private_key_block_without_its_end_line_is_found_to_the_texts_end() -> None:
+    """An answer cut at `max_tokens` inside a key, or a key pasted short: from its header to the end (PEM header
+    lines allowed before the key material); a header alone, as prose mentions it, is no key."""
+    guard = SecretsGuard("s", SecretsGuardSpec())
+    for text in ("Here:\n-----BEGIN RSA PRIVATE KEY-----\nMIIEowIBAAKCAQEA7bq1m2QQQQ\nQQ",
+                 "Here:\n-----BEGIN RSA PRIVATE KEY-----\nProc-Type: 4,ENCRYPTED\nDEK-Info: AES-128-CBC,AB12\n\n"
+                 "MIIEowIBAAKCAQEA7bq1m2"):
+        assert [(f.type, f.start, f.end) for f in guard.scan(text)] == [("PRIVATE_KEY", 6, len(text))], text
+    assert guard.scan("what is -----BEGIN RSA PRIVATE KEY----- for? It opens a PEM file.") == []
+
+
 def test_secrets_look_alikes_pass() -> None:
     guard = SecretsGuard("s", SecretsGuardSpec())
     for text in ("password: changeme", "token = YOUR_API_KEY_HERE", "sk-... is the prefix", "see the sha " + "ab" * 20):

@@ -30,6 +30,8 @@ from .slices import Searchable, Sliced
 
 __all__ = ["DETECTORS", "FOLDED_LEADS", "LEADS", "NEEDS", "SecretsGuard", "entropy"]
 
+_KEY_HEADER = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
+_KEY_FOOTER = r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 _B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
 _E = r"(?![A-Za-z0-9_\-])"
 DETECTORS: dict[str, list[tuple[str, str]]] = {
@@ -48,8 +50,10 @@ DETECTORS: dict[str, list[tuple[str, str]]] = {
     "huggingface": [("HUGGINGFACE_TOKEN", _B + r"hf_[A-Za-z0-9]{30,}" + _E)],
     "sendgrid": [("SENDGRID_KEY", _B + r"SG\.[A-Za-z0-9_\-]{16,}\.[A-Za-z0-9_\-]{16,}" + _E)],
     "npm": [("NPM_TOKEN", _B + r"npm_[A-Za-z0-9]{36}" + _E)],
-    "private_key": [("PRIVATE_KEY", r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----[\s\S]*?"
-                                    r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")],
+    # A whole block, or one with no END line after it (an answer cut at `max_tokens` inside a key, a pasted key cut
+    # short) from its header to the text's end, once key material follows the header (PEM header lines allowed).
+    "private_key": [("PRIVATE_KEY", _KEY_HEADER + r"(?:[\s\S]*?" + _KEY_FOOTER + r"|(?=\s*(?:[A-Za-z-]+:[^\n]*\n\s*)*"
+                                    r"[A-Za-z0-9+/]{16})[\s\S]*\Z)")],
     "jwt": [("JWT", _B + r"eyJ[A-Za-z0-9_\-]{8,}\.eyJ[A-Za-z0-9_\-]{8,}\.[A-Za-z0-9_\-]{8,}" + _E)],
     "connection_string": [("CONNECTION_STRING",
                            r"\b[a-z][a-z0-9+.\-]{1,20}://[^\s:/@\"'<>]{1,64}:([^\s@/\"'<>]{3,128})@[^\s/\"'<>]{2,}")],
@@ -77,7 +81,7 @@ NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {
 _KEYWORD_FOLDED = "(?:" + _KEYWORD.removeprefix("(?i:")
 _KEYWORD_TOKEN = re.compile(_KEYWORD + r"[\"']?\s*(?:[:=]|=>|\bis\b)\s*[\"']?([A-Za-z0-9/+_\-.=]{16,})")
 _OPEN_KEY = re.compile(r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY")
-_CLOSE_KEY = re.compile(r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----")  # as the block's own pattern
+_CLOSE_KEY = re.compile(_KEY_FOOTER)  # as the block's own pattern
 _SCORE = 0.95
 
 

@@ -298,17 +298,31 @@ class ResponsesChunks:
         return before
 
     async def _ended(self, response: dict[str, Any]) -> list[dict[str, Any]]:
-        """The final response: its output items as released; lanes it does not list released too."""
+        """The final response: its output items as released; lanes it does not list released too. Items are
+        matched to their lanes by id: their places may differ from the stream's (an item left out, or listed in
+        another order), and by place a text would be checked in another item's lane and sent twice."""
         before: list[dict[str, Any]] = []
         output = response.get("output")
-        for index, item in enumerate(output if isinstance(output, list) else ()):
-            if isinstance(item, dict):
-                before += await self._item(index, item)
+        for index, item in self._placed(output if isinstance(output, list) else []):
+            before += await self._item(index, item)
         for key in list(self.window.lanes):
             before += await self._settle(key, None)
         if isinstance(response.get("output_text"), str):
             response["output_text"] = "".join(self.sent[k] for k in sorted(self.sent) if k[1] == "text")
         return before
+
+    def _placed(self, output: list[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
+        """Each final item and the `output_index` it streamed at, by its id (an item without one: its place; an
+        item the stream never showed: its place, or a new index if a streamed item has that one)."""
+        streamed = {item_id: index for index, item_id in self.ids.items()}
+        for place, item in enumerate(output):
+            item_id = item.get("id") if isinstance(item, dict) else None
+            if isinstance(item_id, str) and item_id not in streamed:
+                taken = {*self.items, *self.ids}
+                new = streamed[item_id] = place if place not in taken else max(taken) + 1
+                self.ids[new] = item_id
+            if isinstance(item, dict):
+                yield (streamed[item_id] if isinstance(item_id, str) else place), item
 
     # -- lanes
 

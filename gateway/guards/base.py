@@ -85,3 +85,8 @@ class Guard(Protocol):
         """Streams: where a finding that is still being written may start and must be held even past
         the window (an open private key block); None when nothing is open."""
         ...
+
+    def context_reach(self) -> int:
+        """Streams: how many characters past a match a context word may still arrive and make it a finding (the
+        `patterns` engine's context words, `holds.RegexHolds.reach`); 0 for a guard without any."""
+        ...

@@ -28,3 +28,6 @@ class GuardBase:
 
     def hold_from(self, text: str) -> int | None:
         return None
+
+    def context_reach(self) -> int:
+        return 0

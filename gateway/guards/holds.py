@@ -75,6 +75,11 @@ class RegexHolds:
             except (regex.error, ValueError, OverflowError):
                 self.broken = True  # a policy's regex this module reads otherwise: cannot tell
 
+    @property
+    def reach(self) -> int:
+        """How many characters past a match a context word may still come (the largest `after`; 0 for none)."""
+        return max((after for _, after in self.after), default=0)
+
     def open_from(self, text: str, start: int = 0) -> int:
         """The earliest offset at or after `start` where a match may start that more text could still
         make or change; `len(text)` when there is none; 0 when this cannot tell."""

@@ -291,10 +291,17 @@ class PiiGuard(GuardBase):
     _holds_built = False
 
     def open_from(self, text: str, start: int) -> int:
-        if not self._holds_built:
-            self._holds = pii_holds(analyzer(self.engine).recognizers) if self.engine.kind == "patterns" else None
-            self._holds_built = True
-        return 0 if self._holds is None else self._holds.open_from(text, start)
+        holds = self._holds if self._holds_built else self._build_holds()
+        return 0 if holds is None else holds.open_from(text, start)
+
+    def context_reach(self) -> int:
+        holds = self._holds if self._holds_built else self._build_holds()
+        return 0 if holds is None else holds.reach
+
+    def _build_holds(self) -> RegexHolds | None:
+        self._holds = pii_holds(analyzer(self.engine).recognizers) if self.engine.kind == "patterns" else None
+        self._holds_built = True
+        return self._holds
 
 
 _DOTTED_QUAD = re.compile(r"\d{1,3}(?:\.\d{1,3}){3}")

@@ -194,7 +194,9 @@ class ChatChunks:
         """The texts beside the content (`BESIDE_CONTENT`: reasoning, refusal), each a lane of its own: what of each
         may leave now, written back. A lane's text is over at the choice's end, once the answer begins
         (`answering`: content or tool calls), or once another of them brings text (the model moved on): what it
-        holds then leaves whole, in this chunk. A field the delta did not have is added only with text."""
+        holds then leaves whole, in this chunk (a client shows the reasoning before the answer; one that goes on
+        later has a finding that reaches back into what left blocked: `Window`'s sealed lanes). A field the delta
+        did not have is added only with text."""
         window = self.window
         texts = {field: text for field in BESIDE_CONTENT if isinstance(text := holder.get(field), str) and text}
         for field, where in BESIDE_CONTENT.items():

@@ -10,18 +10,22 @@ number); the text before the earliest such offset, less the trailing word
 `window_chars` as left context) and released at once, cut at a whitespace (or
 beside a character of a script written without spaces), never inside a finding,
 an open private key block, or a placeholder that may still be completing. No
-more than `window_chars` is held for a possible finding past where a cut may go
-(only an open private key block is held longer; a word without a cut in it waits
-whole, up to `max_hold_chars`): a guard that cannot
+more than `window_chars` is held for a possible finding past where a cut may go,
+plus how far past a match a guard's context word may still come (`span`: a date
+of birth waits whole for its "born" in a small window too); only an open private
+key block is held longer; a word without a cut in it waits whole, up to
+`max_hold_chars`. A guard that cannot
 say where a finding may start (the `ner` engine) holds the whole window, and
-then, as before early release, the lane is scanned once `window_chars +
-step_chars` are waiting and again after every `step_chars`, releasing all but
-the last `window_chars`. Either way any entity shorter than the window is whole
+then, as before early release, the lane is scanned once `span + step_chars`
+are waiting and again after every `step_chars`, releasing all but the last
+`span`. Either way any entity shorter than the window is whole
 in some scan before its first character leaves, whatever the chunking. Chunks
 that arrive in one upstream read are released together, the holds looked for
 once, at the last. The released text is rewritten (redact, mask, pseudonymize)
 and its placeholders restored; a blocking finding raises `Blocked`, and
-whoever drives the window ends the stream in its own format.
+whoever drives the window ends the stream in its own format. A lane released
+whole (`final`) that then goes on (a reasoning resumed after the answer began)
+is `sealed`: a finding reaching back into the text already sent blocks.
 
 The window knows nothing of any wire format: the chunk shapes (Chat
 Completions, Completions, the Responses API's events) are adapters around it
@@ -34,6 +38,8 @@ import re
 import time
 from functools import partial
 from typing import TYPE_CHECKING
+
+from msgspec.structs import replace
 
 from ..policy.guard_schema import StreamScanSpec
 from .base import Finding, Guard, Where
@@ -59,7 +65,7 @@ class Blocked(Exception):
 
 
 class Lane:
-    __slots__ = ("context", "json", "open", "pending", "released", "scanned")
+    __slots__ = ("context", "json", "open", "pending", "released", "scanned", "sealed")
 
     def __init__(self, json: bool) -> None:
         self.pending = ""
@@ -70,6 +76,9 @@ class Lane:
         # Upstream offset before which no guard's finding may still start (`Guard.open_from`): a start
         # from which no match reaches the end of the text seen never will, so the next look starts here.
         self.open = 0
+        # Released whole (`final`): the lane was taken as over, its tail sent unheld. Only a lane that goes on after
+        # that (a reasoning resumed after the answer began) can have a finding reach back into sent text.
+        self.sealed = False
 
 
 class Window:
@@ -86,6 +95,9 @@ class Window:
         # More chunks of the same upstream read follow (set by the stream stage): they leave together with
         # the last, so the holds are looked for once, at the last (a fast upstream's many chunks at once).
         self.more = False
+        # How far back holds are looked for and kept: the window, plus how far past a match a guard's context
+        # word still counts (`holds.py`): a match shorter than the window waits for its context word whole.
+        self.span = spec.window_chars + max((guard.context_reach() for guard in guards), default=0)
 
     def lane(self, key: LaneKey, json: bool) -> Lane:
         lane = self.lanes.get(key)
@@ -116,6 +128,9 @@ class Window:
                 return ""
         lane.scanned = len(text)
         enforced, shadow = await self.runtime.detect(self.guards, full, where)
+        if lane.sealed:
+            self._reached_back(enforced, offset, where)
+        lane.sealed = lane.sealed or final
         enforced = _shift(enforced, offset)
         shadow = _shift(shadow, offset)
         if any(f.action == "block" for f in enforced):
@@ -127,26 +142,36 @@ class Window:
             cut -= Pseudonyms.open_tail(text[:cut])
         return self._emit(lane, text, cut, enforced, shadow, where)
 
+    def _reached_back(self, findings: list[Finding], offset: int, where: Where) -> None:
+        """A lane released whole went on: an enforced finding that starts in the text already sent (the left
+        context) and goes on past it was split by that release; redacting only its rest would send a finding in
+        part (its start is out), so the answer is blocked instead, counted as the guard's block."""
+        reached = [f for f in findings if f.start < offset < f.end and f.type != "GUARD_FAILURE"]
+        if reached:
+            self.session.note_findings([replace(f, action="block") for f in reached], "enforce", where.place)
+            raise Blocked
+
     def _hold(self, lane: Lane, text: str, full: str, offset: int) -> int:
         """Where the held text may be cut before scanning it: before the earliest offset where a guard
         says a finding may still start, and before the trailing word (it may go on in the next chunk);
-        never holding more than `window_chars`, except for an open private key block. When some guard
+        never holding more than `span`, except for an open private key block. When some guard
         holds the whole window (it cannot tell), scans wait for `step_chars` of new text, as they did
         before early release. 0: nothing may leave yet."""
         spec = self.spec
-        bound = len(text) - spec.window_chars
+        span = self.span
+        bound = len(text) - span
         hold = bound
         if bound < 0 and self._words(text, len(text) - (not text[-1].isspace())) <= 0:
             return 0  # nothing but the trailing word waits (a token that continues it): no holds to look for
         if not self.more:
             base = lane.released - offset  # the upstream offset of full[0]
             # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.
-            start = max(0, len(full) - spec.window_chars, lane.open - base)
+            start = max(0, len(full) - span, lane.open - base)
             found = min(guard.open_from(full, start) for guard in self.guards)
             lane.open = base + found
             hold = found - offset
         if hold <= bound:
-            if len(text) < spec.window_chars + spec.step_chars or len(text) - lane.scanned < spec.step_chars:
+            if len(text) < span + spec.step_chars or len(text) - lane.scanned < spec.step_chars:
                 return 0
             cut = bound
         else:

@@ -12,9 +12,10 @@ Request: `system` becomes a system message; text, image (base64 or URL) and
 an assistant's `tool_calls`; `thinking` and `redacted_thinking` blocks the
 assistant's `reasoning_content` and `reasoning_blocks` (see `thinking.py`); tools,
 `tool_choice`, `stop_sequences`, `metadata.user_id` (as `user`) and the sampling
-fields map to theirs. `thinking` and `top_k` travel as they are, for an Anthropic
-upstream only: named in `common.ANTHROPIC_ONLY` (with the mark), every other
-provider removes them. No `stream_options` is set: each provider asks for a
+fields map to theirs, their types checked as the body is decoded (`CountTokensRequest`):
+a mistyped field is a 400 naming it, as Anthropic answers. `thinking` and `top_k` travel
+as they are, for an Anthropic upstream only: named in `common.ANTHROPIC_ONLY` (with
+the mark), every other provider removes them. No `stream_options` is set: each provider asks for a
 stream's usage as it does for Chat Completions clients. Blocks with no
 Chat Completions form (documents, search results, server tools) are a 400.
 `cache_control` is kept where LiteLLM's clients put it (see `cache_control.py`),
@@ -27,7 +28,7 @@ translated back in `anthropic_answer.py`.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 import msgspec
 
@@ -49,26 +50,74 @@ _PASSED = ("temperature", "top_p", "top_k", "thinking", "stream")
 _ANTHROPIC_ONLY = ("top_k", "thinking")  # for an Anthropic upstream only (`common.ANTHROPIC_ONLY`)
 _KNOWN = frozenset({"model", "messages", "max_tokens", "system", "stop_sequences", "tools", "tool_choice",
                     "metadata", "service_tier", *_PASSED})
+_TOOL_CHOICES = {"auto": "auto", "any": "required", "none": "none"}  # and `tool`: the function named
+_MIN_THINKING_BUDGET = 1024
 
 
-class MessagesRequest(msgspec.Struct, kw_only=True):
-    """What is checked of a Messages request before translation (the rest is checked while translating)."""
+class _Tool(msgspec.Struct, kw_only=True):
+    """A tool's translated fields, typed (a server tool's `type` is refused while translating, `_tool`)."""
 
-    model: str
-    max_tokens: int
-    messages: list[dict[str, Any]]
-    system: str | list[dict[str, Any]] | None = None
-    stream: bool | None = None
-    stop_sequences: list[str] | None = None
-    tools: list[dict[str, Any]] | None = None
+    name: str
+    description: str | None = None
+    input_schema: dict[str, Any] | None = None
+
+
+class _ToolChoiceAuto(msgspec.Struct, kw_only=True, tag_field="type", tag="auto"):
+    disable_parallel_tool_use: bool | None = None
+
+
+class _ToolChoiceAny(msgspec.Struct, kw_only=True, tag_field="type", tag="any"):
+    disable_parallel_tool_use: bool | None = None
+
+
+class _ToolChoiceTool(msgspec.Struct, kw_only=True, tag_field="type", tag="tool"):
+    name: str
+    disable_parallel_tool_use: bool | None = None
+
+
+class _ToolChoiceNone(msgspec.Struct, tag_field="type", tag="none"):
+    pass
+
+
+class _Metadata(msgspec.Struct, kw_only=True):
+    user_id: str | None = None
+
+
+class _ThinkingConfig(msgspec.Struct, kw_only=True):
+    """`enabled` with its budget, `disabled`, or a newer type (`adaptive`, `between_tools` in SDK 2.17): `thinking`
+    goes as it is to an Anthropic upstream only (every other provider removes it), which judges a type the gateway
+    does not know; refusing it here would refuse what newer SDKs send. A missing `type` passes as before."""
+
+    type: str | None = None
+    budget_tokens: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.type == "enabled" and (self.budget_tokens is None or self.budget_tokens < _MIN_THINKING_BUDGET):
+            raise ValueError(f"`thinking.budget_tokens` must be an integer of at least {_MIN_THINKING_BUDGET} when "
+                             "`thinking.type` is `enabled`")
 
 
 class CountTokensRequest(msgspec.Struct, kw_only=True):
+    """What is checked of a `count_tokens` request as it is decoded: the types of the fields read (a message's blocks
+    are checked while translating). A mistyped field is a 400 naming it, as Anthropic's own API answers, rather than
+    a value dropped or made up on the way (a null tool name, a dropped `metadata.user_id`)."""
+
     model: str
     messages: list[dict[str, Any]]
     system: str | list[dict[str, Any]] | None = None
-    tools: list[dict[str, Any]] | None = None
+    tools: list[_Tool] | None = None
     stop_sequences: list[str] | None = None
+    tool_choice: _ToolChoiceAuto | _ToolChoiceAny | _ToolChoiceTool | _ToolChoiceNone | None = None
+    metadata: _Metadata | None = None
+    top_k: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    thinking: _ThinkingConfig | None = None
+
+
+class MessagesRequest(CountTokensRequest, kw_only=True):
+    """What is checked of a Messages request as it is decoded (as `CountTokensRequest`)."""
+
+    max_tokens: int
+    stream: bool | None = None
 
 
 def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
@@ -87,7 +136,7 @@ def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
         msgspec.convert(body, shape, str_keys=True)
     except msgspec.ValidationError as exc:
         message, _, where = str(exc).partition(" - at `$")
-        param = where.rstrip("`").lstrip(".") or None
+        param = where.rstrip("`").replace("[", ".").replace("]", "").lstrip(".") or None  # `tools.0`, as elsewhere
         raise InvalidRequest(f"{message}" + (f" at `{param}`" if param else ""), param=param) from exc
     return body
 
@@ -161,18 +210,15 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
         chat["stop"] = list(body["stop_sequences"])
     if body.get("tools"):
         chat["tools"] = [_tool(tool, i, cache) for i, tool in enumerate(body["tools"])]
-    choice = body.get("tool_choice")
-    if isinstance(choice, dict):
-        kind = choice.get("type")
-        mapped = {"auto": "auto", "any": "required", "none": "none"}.get(str(kind))
-        chat["tool_choice"] = mapped or {"type": "function", "function": {"name": choice.get("name")}}
-        if kind == "tool" and not isinstance(choice.get("name"), str):
-            raise InvalidRequest("`tool_choice.name` is required for type `tool`", param="tool_choice.name")
+    choice = body.get("tool_choice")  # typed: `CountTokensRequest`
+    if choice is not None:
+        chat["tool_choice"] = _TOOL_CHOICES.get(choice["type"]) or {"type": "function",
+                                                                    "function": {"name": choice["name"]}}
         if choice.get("disable_parallel_tool_use") and not count_only:
             chat["parallel_tool_calls"] = False
-    metadata = body.get("metadata")
-    if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
-        chat["user"] = metadata["user_id"]
+    user = (body.get("metadata") or {}).get("user_id")
+    if user is not None:
+        chat["user"] = user
     if cache.count or cache.thinking:
         chat[CACHE_MARK] = True  # a provider other than Anthropic's removes them (and this mark) before sending
     return chat
@@ -230,14 +276,13 @@ def _message(message: Any, index: int, cache: _Cache, thought: bool = True) -> l
             url = _image_url(block["source"], at)
             parts.append(cache.carry(block, {"type": "image_url", "image_url": {"url": url}}, at))
         elif kind == "tool_use" and role == "assistant":
-            calls.append(cache.carry(block, {"id": str(block.get("id")), "type": "function", "function": {
-                "name": block.get("name"), "arguments": _encode(block.get("input") or {}).decode()}}, at))
+            calls.append(cache.carry(block, _call(block, at), at))
         elif kind == "tool_result" and role == "user":
             inner = block.get("content")
             result = inner if isinstance(inner, str) else _result_content(inner or [], f"{at}.content", cache)
             if block.get("is_error"):
                 result = _as_error(result)
-            results.append(cache.carry(block, {"role": "tool", "tool_call_id": str(block.get("tool_use_id")),
+            results.append(cache.carry(block, {"role": "tool", "tool_call_id": _string(block, "tool_use_id", at),
                                                "content": result}, at))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             if not thinking.add(block, len(calls)):  # kept for an Anthropic upstream, which checks the signatures
@@ -258,6 +303,24 @@ def _message(message: Any, index: int, cache: _Cache, thought: bool = True) -> l
     elif parts:
         out.append({"role": "user", "content": parts})
     return out
+
+
+def _call(block: dict[str, Any], at: str) -> dict[str, Any]:
+    """A `tool_use` block as a tool call. Its `id` and `name` are required, as Anthropic requires them (a missing
+    one went on as the text "None" or a null name); a missing or null `input` is an empty object, as before."""
+    arguments = block.get("input")
+    if arguments is not None and not isinstance(arguments, dict):
+        raise InvalidRequest(f"`{at}.input` must be an object", param=f"{at}.input")
+    return {"id": _string(block, "id", at), "type": "function",
+            "function": {"name": _string(block, "name", at), "arguments": _encode(arguments or {}).decode()}}
+
+
+def _string(block: dict[str, Any], field: str, at: str) -> str:
+    """A block's required string field, or a 400 naming it."""
+    value = block.get(field)
+    if not isinstance(value, str):
+        raise InvalidRequest(f"`{at}.{field}` is required and must be a string", param=f"{at}.{field}")
+    return value
 
 
 def _result_content(blocks: Any, where: str, cache: _Cache) -> str | list[dict[str, Any]]:
@@ -303,8 +366,9 @@ def _image_url(source: dict[str, Any], where: str) -> str:
     raise InvalidRequest(f"`{where}.source` must be a base64 or url image source", param=f"{where}.source")
 
 
-def _tool(tool: Any, index: int, cache: _Cache) -> dict[str, Any]:
-    if not isinstance(tool, dict) or not isinstance(tool.get("name"), str) or tool.get("type") not in (None, "custom"):
+def _tool(tool: dict[str, Any], index: int, cache: _Cache) -> dict[str, Any]:
+    """A custom tool (its fields typed: `_Tool`) as a function tool; a server tool (another `type`) is a 400."""
+    if tool.get("type") not in (None, "custom"):
         raise InvalidRequest(f"`tools.{index}`: only custom tools (name, input_schema) are supported",
                              param=f"tools.{index}")
     function: dict[str, Any] = {"name": tool["name"], "parameters": tool.get("input_schema") or {"type": "object"}}

@@ -9,6 +9,10 @@ Two jobs, one background flush (a runtime `Service`):
 * reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
   here as a delta per budget counter and added when the store answers again, so spend while Redis was away
   is not lost. The first flush after recovery brings every budget up to date.
+* counters the store refuses while it answers (another program's value where a counter lives: a hash, a
+  string that is not a number): a usage counter's addition is dropped, a budget counter's delta is sent again
+  for at most `OP_RETRY_S`, then dropped; each logged once per counter, and the other counters written
+  meanwhile. Only a store that is away stops a flush (everything then waits for the next one).
 * operations in doubt: a settle whose answer was lost (a timeout: it may have been applied all the same), a
   reservation whose answer was lost (settled to nothing: given back if it was applied, stopped if it arrives
   later), and a settle that replaces what its reservation's record holds are kept one by one with their
@@ -47,6 +51,7 @@ FIELDS = ("cost_usd", "requests", "prompt_tokens", "cached_tokens", "completion_
 _USAGE_TTL_S = USAGE_DAYS_KEPT * 86_400.0
 _MAX_RELEASES = 100_000  # slots owed at once (each a few hundred bytes)
 _MAX_OPS = 100_000  # operations in doubt at once: those in flight when the store stalled (each a few hundred bytes)
+_MAX_REFUSED = 10_000  # refused counters remembered, to log each once (names hold their day: the set turns over)
 OP_RETRY_S = OP_TTL_S - 60.0
 """How long an operation in doubt is sent again: within its record's life (`OP_TTL_S`), with a minute to spare
 for the last attempt to be applied late in its turn. Past it, it is dropped (logged): the store did not answer
@@ -71,10 +76,13 @@ class Ledger:
         # (alias, key, tenant, day) -> counters: requests as they finish, added to each of their scopes' counters
         # at the flush (one look-up per request instead of one per scope)
         self._requests: dict[tuple[str, str | None, str | None, str], list[int]] = {}
-        self._pending: dict[str, tuple[int, float]] = {}  # budget counter -> (delta in micro-units, ttl)
+        # budget counter -> (delta in micro-units, ttl, until when it is sent again (monotonic): `math.inf`
+        # unless the store refused it while answering, `_keep_refused`)
+        self._pending: dict[str, tuple[int, float, float]] = {}
         self._releases: dict[tuple[str, str], float] = {}  # (slot key, holder) -> when its lease ends (monotonic)
         # (counter, op) -> (reserved, actual, ttl, until when it is sent again (monotonic)): `owe_op`
         self._ops: dict[tuple[str, str], tuple[float, float, float, float]] = {}
+        self._refused: set[str] = set()  # counters whose refusal was logged (`_first_refusal`)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._gauge = metrics_pending
@@ -116,9 +124,12 @@ class Ledger:
         """A settle the store did not take: add `delta_units` (may be negative) to `key` later."""
         if delta_units == 0:
             return
-        earlier, _ = self._pending.get(key, (0, ttl_s))
-        self._pending[key] = (earlier + delta_units, ttl_s)
+        self._keep(key, delta_units, ttl_s, math.inf)
         self._show()
+
+    def _keep(self, key: str, delta_units: int, ttl_s: float, until: float) -> None:
+        earlier, _, earlier_until = self._pending.get(key, (0, ttl_s, math.inf))
+        self._pending[key] = (earlier + delta_units, ttl_s, min(until, earlier_until))
 
     def owe_release(self, key: str, holder: str, lease_s: float) -> None:
         """A slot the store may still hold for `holder`: given back at the next flushes, for at most `lease_s`
@@ -156,7 +167,7 @@ class Ledger:
 
     def pending_usd(self) -> float:
         """What the store has not been told yet about spend on budget counters (positive deltas)."""
-        return sum(units for units, _ in self._pending.values() if units > 0) / AMOUNT_SCALE
+        return sum(units for units, _, _ in self._pending.values() if units > 0) / AMOUNT_SCALE
 
     async def start(self) -> None:
         if self._task is None:
@@ -198,14 +209,16 @@ class Ledger:
         for (key, op), (reserved, actual, ttl, until) in list(ops.items()):
             if until <= now:
                 del ops[(key, op)]
-                log.error("accounting: gave up an operation on %s that the store did not answer for %.0f s: the "
+                log.error("accounting: gave up an operation on %s that the store did not take for %.0f s: the "
                           "counter may be off by it", key, OP_RETRY_S)
                 continue
             try:
                 await self.store.settle(key, reserved, actual, ttl, op)
             except StoreUnavailable as exc:
-                if exc.maybe_applied:
-                    self.owe_op(key, op, reserved, actual, ttl)  # (its time to be sent again runs from now)
+                # its time to be sent again runs from now if it was not running: sent, or refused by a store
+                # that answers (the counter is not one), which would refuse it at every flush for good
+                if exc.maybe_applied or self.store.healthy:
+                    self.owe_op(key, op, reserved, actual, ttl)
                 if not self.store.healthy:
                     break  # the store is away: the rest at the next flush
                 continue  # this one refused: kept, and the others sent meanwhile
@@ -217,7 +230,8 @@ class Ledger:
     async def _flush_pending(self) -> None:
         pending, self._pending = self._pending, {}
         items = list(pending.items())
-        for index, (key, (units, ttl)) in enumerate(items):
+        taken = 0
+        for index, (key, (units, ttl, until)) in enumerate(items):
             op = new_op()
             reserved, actual = (0.0, units / AMOUNT_SCALE) if units > 0 else (-units / AMOUNT_SCALE, 0.0)
             try:
@@ -225,16 +239,49 @@ class Ledger:
             except StoreUnavailable as exc:
                 if exc.maybe_applied:  # sent: from now on under its id
                     self.owe_op(key, op, reserved, actual, ttl)
-                    index += 1
-                for later_key, (later_units, later_ttl) in items[index:]:
-                    self.owe(later_key, later_units, later_ttl)
-                break
+                elif self.store.healthy:  # the store answers, and refused this counter alone
+                    self._keep_refused(key, units, ttl, until)
+                else:
+                    self._keep(key, units, ttl, until)
+                if not self.store.healthy:  # the store is away: the rest at the next flush
+                    for later_key, (later_units, later_ttl, later_until) in items[index + 1:]:
+                        self._keep(later_key, later_units, later_ttl, later_until)
+                    break
+                continue
             except ValueError:
                 log.error("accounting: dropped an unreconcilable amount on %s", key)
-        else:
-            if pending:
-                log.info("accounting: reconciled %d budget counter(s) with the store", len(pending))
+                continue
+            taken += 1
+        if taken:
+            log.info("accounting: reconciled %d budget counter(s) with the store", taken)
         self._show()
+
+    def _keep_refused(self, key: str, units: int, ttl: float, until: float) -> None:
+        """A budget delta the store refused while it answered (the counter holds another program's value): sent
+        again at each flush for at most `OP_RETRY_S` from its first refusal, as an operation in doubt is, then
+        dropped (logged with its amount): kept for good, it would be sent every second for good. Spend owed
+        to the counter meanwhile joins it, and is dropped with it."""
+        now = time.monotonic()
+        if until == math.inf:
+            until = now + OP_RETRY_S
+            if self._first_refusal(key):
+                log.error("accounting: the store refused budget counter %s (not a counter: another program's "
+                          "value there?); its spend is sent again for %.0f s, then dropped", key, OP_RETRY_S)
+        if until > now:
+            self._keep(key, units, ttl, until)
+        else:
+            log.error("accounting: dropped %+.6f USD owed to budget counter %s, which the store refused for "
+                      "%.0f s: the budget does not count it", units / AMOUNT_SCALE, key, OP_RETRY_S)
+
+    def _first_refusal(self, counter: str) -> bool:
+        """Whether `counter` is refused for the first time here (to log it once, not at every flush)."""
+        refused = self._refused
+        if counter in refused:
+            return False
+        if len(refused) >= _MAX_REFUSED:
+            refused.clear()  # (bounded: a name may then be logged again)
+        refused.add(counter)
+        return True
 
     async def _flush_releases(self) -> None:
         now = time.monotonic()
@@ -253,28 +300,35 @@ class Ledger:
     async def _flush_usage(self) -> None:
         usage, self._usage = self._usage, {}
         items = list(usage.items())
-        for index, ((scope, name, day), values) in enumerate(items):
-            try:
-                for position, field in enumerate(FIELDS):
-                    value = values[position]
-                    if value:
-                        amount = value / AMOUNT_SCALE if field == "cost_usd" else float(value)
-                        counter, op = usage_key(scope, name, day, field), new_op()
-                        try:
-                            await self.store.settle(counter, 0.0, amount, _USAGE_TTL_S, op)
-                        except StoreUnavailable as exc:
-                            if exc.maybe_applied:  # sent: from now on under its id, not added again below
-                                self.owe_op(counter, op, 0.0, amount, _USAGE_TTL_S)
-                                values[position] = 0
-                            raise
-                        values[position] = 0  # taken: a retry must not add it twice
-            except StoreUnavailable:
-                for (key, rest) in items[index:]:
-                    self._usage.setdefault(key, [0] * len(FIELDS))
-                    merged = self._usage[key]
-                    for position, value in enumerate(rest):
-                        merged[position] += value
+        for index, (scope, values) in enumerate(items):
+            if not await self._write_usage(scope, values):  # the store is away: the rest at the next flush
+                for (later, rest) in items[index:]:
+                    self._add(later, rest)
                 return
+
+    async def _write_usage(self, scope: tuple[str, str, str], values: list[int]) -> bool:
+        """Add one scope's counters to the store, each zeroed in `values` once it is off this replica's
+        hands. False: the store is away, and what it did not take is left in `values`."""
+        for position, field in enumerate(FIELDS):
+            value = values[position]
+            if not value:
+                continue
+            amount = value / AMOUNT_SCALE if field == "cost_usd" else float(value)
+            counter, op = usage_key(*scope, field), new_op()
+            try:
+                await self.store.settle(counter, 0.0, amount, _USAGE_TTL_S, op)
+            except StoreUnavailable as exc:
+                if exc.maybe_applied:  # sent: from now on under its id (the next one fails fast if it is away)
+                    self.owe_op(counter, op, 0.0, amount, _USAGE_TTL_S)
+                elif not self.store.healthy:
+                    return False
+                # else it answers, and refused this counter alone: dropped. Kept, it would be refused at every
+                # flush and lead every flush's queue (a request's alias is folded first), holding back the rest.
+                elif self._first_refusal(counter):
+                    log.error("accounting: the store refused usage counter %s (not a counter: another program's "
+                              "value there?); what this replica adds to it is dropped", counter)
+            values[position] = 0  # taken, owed under its id, or dropped: a retry must not add it twice
+        return True
 
     def _show(self) -> None:
         gauge = self._gauge

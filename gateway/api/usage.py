@@ -60,9 +60,10 @@ def usage_routes(host: OpsHost) -> list[Any]:
                 await service.ledger.flush()
         try:
             rows = await read_usage(runtime.store, scope, names, days)
-        except StoreUnavailable as exc:
-            raise LimitsUnavailable("the store that keeps usage did not answer; retry shortly",
-                                    code="store_unavailable") from exc
+        except StoreUnavailable as exc:  # a store that answers refused a counter: retrying will not help
+            reason = ("a usage counter in the store does not hold a count (the gateway's log names it)"
+                      if runtime.store.healthy else "the store that keeps usage did not answer; retry shortly")
+            raise LimitsUnavailable(reason, code="store_unavailable") from exc
         body = {"scope": scope, "period": period, "date": label, "usage": rows}
         return Response(_encode(body), media_type="application/json",
                         headers={"x-request-id": headers.request_id})

@@ -628,6 +628,35 @@ async def test_redis_that_stops_answering_is_bounded_by_the_timeout(private_redi
         await store.aclose()
 
 
+async def test_a_redis_busy_with_another_clients_script_is_an_outage_not_a_refusal(
+        private_redis: RedisServer) -> None:
+    """A `BUSY` reply (another client's script past its time limit) says the server serves nothing now, not that the
+    operation is wrong: the store is marked down, so what a flush carried is kept for the next one (a refusal of
+    one operation by a Redis that answers drops it: the ledger's refused counters)."""
+    store = await started_store(private_redis.url)
+    blocker = aioredis.Redis.from_url(private_redis.url)
+    killer = aioredis.Redis.from_url(private_redis.url)
+    try:
+        await store.set("k", b"v")
+        await killer.config_set("busy-reply-threshold", 50)  # (milliseconds: Redis 7's name of lua-time-limit)
+        script = asyncio.create_task(blocker.eval("while true do end", 0))
+        await asyncio.sleep(0.3)  # past the threshold: every other client gets BUSY
+        took, exc = await elapsed(store.settle("b", 0.0, 1.0, None))
+        assert isinstance(exc, StoreUnavailable) and "unavailable" in str(exc), exc
+        assert took < OP_TIMEOUT + STALL_MARGIN  # the reply came at once: no wait on the op timeout
+        assert exc.maybe_applied is False  # an error reply: not applied
+        assert not store.healthy
+        await killer.script_kill()
+        with pytest.raises(aioredis.ResponseError):
+            await script
+        await wait_for(lambda: store.healthy, timeout=3)
+        assert await store.get("k") == b"v"
+    finally:
+        await blocker.aclose()
+        await killer.aclose()
+        await store.aclose()
+
+
 async def test_subscriber_survives_a_restart(private_redis: RedisServer) -> None:
     store = await started_store(private_redis.url)
     try:

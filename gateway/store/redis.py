@@ -59,6 +59,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OP_TTL_MS = ttl_ms(OP_TTL_S)
 _OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError)
+# Error replies that redis-py has no class for and that say the server cannot serve anything now, not that this
+# operation is wrong: another client's script running past its time limit, a replica without its master.
+# A refusal of one operation by a Redis that answers drops what the operation carried (the ledger's refused
+# counters): these must count as an outage instead, kept for the next flush.
+_OUTAGE_CODES = ("BUSY ", "MASTERDOWN ", "NOREPLICAS ", "LOADING ")
 
 
 class RedisStore:
@@ -259,7 +264,7 @@ class RedisStore:
                 result = await op(handle.client)
         except (RedisError, OSError, TimeoutError) as exc:
             replied = isinstance(exc, (ResponseError, DataError))  # an error reply (or refused before it was sent)
-            if replied and not isinstance(exc, _OUTAGE_REPLIES):
+            if replied and not isinstance(exc, _OUTAGE_REPLIES) and not str(exc).startswith(_OUTAGE_CODES):
                 raise StoreUnavailable(f"redis rejected the operation: {exc}", maybe_applied=False) from exc  # alive
             self._mark_down(exc)
             raise StoreUnavailable(f"redis unavailable: {_describe(exc)}", maybe_applied=not replied) from exc

@@ -29,7 +29,7 @@ from .base import Guard
 from .responses import ResponsesChunks
 from .session import GuardSession
 from .texts import BESIDE_CONTENT, UNREAD_TEXTS, spread_parts, text_arguments
-from .window import ANSWER, TOOL, Blocked, Window
+from .window import ANSWER, TOOL, Blocked, Lane, Window
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
@@ -162,7 +162,10 @@ class ChatChunks:
             if isinstance(text, str) and text:
                 window.feed(lane, text)
             if lane.pending or (isinstance(text, str) and text):
-                holder[self.key] = await window.release(lane, final, ANSWER)
+                if calls and not final and index not in self.calling:  # (rare: once per choice that calls)
+                    await self._text_before_call(lane, holder)
+                else:
+                    holder[self.key] = await window.release(lane, final, ANSWER)
             entries = list(calls) if isinstance(calls, list) else []
             for position, call in enumerate(entries):
                 sub = call.get("index", 0) if isinstance(call, dict) else 0
@@ -211,6 +214,15 @@ class ChatChunks:
             out = await window.release(lane, over, where)
             if out or isinstance(holder.get(field), str):
                 holder[field] = out
+
+    async def _text_before_call(self, lane: Lane, holder: dict[str, Any]) -> None:
+        """A choice's first tool call begins in this chunk: its text so far is over, and what the lane holds of it
+        leaves whole, scanned as at the text's end, in this chunk ahead of the call. Held until the finish chunk,
+        it would reach a client after the call (Anthropic's Messages stream: a text block after the tool_use)
+        though the model wrote it before. Text that goes on after the call is scanned with what left as its left
+        context; a finding reaching back into it blocks (`Window`'s sealed lanes)."""
+        holder[self.key] = await self.window.release(lane, True, ANSWER)
+        holder["tool_calls"] = holder.pop("tool_calls")  # after the text in the chunk's JSON too
 
     async def _close_beside(self, index: int, holder: dict[str, Any]) -> None:
         """Whatever the lanes beside the content hold of choice `index`, released whole into `holder`."""

@@ -24,8 +24,8 @@ that arrive in one upstream read are released together, the holds looked for
 once, at the last. The released text is rewritten (redact, mask, pseudonymize)
 and its placeholders restored; a blocking finding raises `Blocked`, and
 whoever drives the window ends the stream in its own format. A lane released
-whole (`final`) that then goes on (a reasoning resumed after the answer began)
-is `sealed`: a finding reaching back into the text already sent blocks.
+whole (`final`) that then goes on (a reasoning resumed after the answer began, an
+answer's text after its first tool call) is `sealed`: a finding reaching back into the text already sent blocks.
 
 The window knows nothing of any wire format: the chunk shapes (Chat
 Completions, Completions, the Responses API's events) are adapters around it
@@ -77,7 +77,8 @@ class Lane:
         # from which no match reaches the end of the text seen never will, so the next look starts here.
         self.open = 0
         # Released whole (`final`): the lane was taken as over, its tail sent unheld. Only a lane that goes on after
-        # that (a reasoning resumed after the answer began) can have a finding reach back into sent text.
+        # that (a reasoning resumed after the answer began, a text after a tool call) can have a finding reach back
+        # into sent text.
         self.sealed = False
 
 

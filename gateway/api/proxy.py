@@ -5,7 +5,9 @@ ourselves and watching for the client's disconnect with one task keeps the
 per-request cost to what the gateway needs, and gives exact control over a
 request's life: events are written as they arrive, a client that goes away
 cancels the upstream call at once (waiting for the first byte, or mid-stream),
-and a stream cut on shutdown ends with an error event.
+and a stream cut on shutdown ends with an error event. So does one that fails
+once its head went (a framer that meets a malformed upstream chunk, a bug): its
+error in the stream's own format (`_fail_stream`), never a second response head.
 """
 
 from __future__ import annotations
@@ -131,10 +133,13 @@ class ProxyEndpoint:
                     await _cut_stream(stream, framer, send)
                 except OSError:  # the server reports a write to a closed connection
                     life.reason = life.reason or "client_gone"
-                except RuntimeError:  # uvloop's, for a write once the connection is lost
-                    if not connection_gone(send):
+                except Exception as exc:  # once the head went: the stream's error event, never a new reply
+                    if isinstance(exc, RuntimeError) and connection_gone(send):  # uvloop's, for a write once the
+                        life.reason = life.reason or "client_gone"  # connection is lost
+                    elif life.response_started and not isinstance(exc, ClientGone):
+                        await _fail_stream(stream, framer, send, exc, request_id)
+                    else:
                         raise
-                    life.reason = life.reason or "client_gone"
                 finally:
                     await stream.aclose("client_gone" if life.reason != "shutdown" else "shutdown")
         except asyncio.CancelledError:
@@ -148,14 +153,19 @@ class ProxyEndpoint:
         except ClientGone:
             pass
         except GatewayError as exc:
-            await _send_error(send, exc, request_id, version, dialect)
+            if life.response_started:  # ending the stream with its error event failed too: no reply can follow
+                log.error("a stream failed after its head went", exc_info=exc,
+                          extra={"fields": {"request_id": request_id}})
+            else:
+                await _send_error(send, exc, request_id, version, dialect)
         except Exception as exc:
             if isinstance(exc, (OSError, RuntimeError)) and connection_gone(send):
                 life.reason = life.reason or "client_gone"  # a write to a connection lost meanwhile: no one to tell
             else:
                 log.exception("unhandled error", extra={"fields": {"request_id": request_id}})
-                bug = InternalError("the gateway failed to handle this request")
-                await _send_error(send, bug, request_id, version, dialect)
+                if not life.response_started:  # (after the head, a second one would only break the connection)
+                    bug = InternalError("the gateway failed to handle this request")
+                    await _send_error(send, bug, request_id, version, dialect)
         finally:
             life.stop()
             host.active.discard(life)
@@ -186,7 +196,27 @@ async def _cut_stream(stream: ReplyStream, framer: StreamFramer | None, send: An
     cut = ShuttingDown("the stream was cut at the drain deadline (the gateway is shutting down, or its policy was "
                        "reloaded)")
     await stream.aclose("shutdown", cut)
-    last = error_frame(cut) if framer is None else framer.frame([StreamError(cut)])
+    await _end_with_error(framer, send, cut)
+
+
+async def _fail_stream(stream: ReplyStream, framer: StreamFramer | None, send: Any, exc: Exception,
+                       request_id: str) -> None:
+    """End a stream that failed after its head went: a `GatewayError` as it is (a framer's `UpstreamError` for a
+    malformed upstream chunk), anything else as an internal error, logged. The client reads the stream's error
+    event, as for an upstream's failure mid-stream: a cut connection would be retried by its SDK (the upstream
+    called, and billed, again)."""
+    if isinstance(exc, GatewayError):
+        error = exc
+    else:
+        log.error("unhandled error mid-stream", exc_info=exc, extra={"fields": {"request_id": request_id}})
+        error = InternalError("the gateway failed while streaming the answer")
+    await stream.aclose("error", error)
+    await _end_with_error(framer, send, error)
+
+
+async def _end_with_error(framer: StreamFramer | None, send: Any, error: GatewayError) -> None:
+    """A started stream's error event, in its client's format, then the end of the body."""
+    last = error_frame(error) if framer is None else framer.frame([StreamError(error)])
     await _send_quietly(send({"type": "http.response.body", "body": last, "more_body": True}))
     await _send_quietly(send({"type": "http.response.body", "body": b"", "more_body": False}))
 

@@ -7,11 +7,17 @@ bytes into SSE payloads, hand each payload to the request's translator, and
 yield what it made, one batch per network read, as soon as it arrives (nothing
 is buffered beyond one incomplete SSE event). A translator that meets an event
 it cannot place (malformed JSON, an event out of order) raises
-`StreamProtocolError`: the stream then ends with an error event.
+`StreamProtocolError`: the stream then ends with an error event. So does an
+event of valid JSON whose values a translator's lookups cannot read (a string
+where an object belongs: `AttributeError`, `TypeError`, `LookupError`): what it
+reads is the upstream's JSON, so such an event is malformed, never the
+gateway's failure (which would cut the stream), as the providers' complete
+answers treat theirs (`AnthropicProvider._completion`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -31,6 +37,9 @@ from .scrub import ResponsesEventScrubPeek, scrubbed_error
 __all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]
 
 _peek_event = msgspec.json.Decoder(ResponsesEventScrubPeek).decode
+_MALFORMED = (StreamProtocolError, msgspec.DecodeError, msgspec.ValidationError, ValueError)
+_MISSHAPEN = (AttributeError, TypeError, LookupError)  # a lookup on a value of another type than the API's
+log = logging.getLogger("gateway.providers")
 
 
 class StreamHost(Protocol):
@@ -105,9 +114,13 @@ class TranslatedStream:
                     else:
                         if not data:
                             events += translator.end()
-                except (StreamProtocolError, msgspec.DecodeError, msgspec.ValidationError, ValueError) as exc:
+                except _MALFORMED as exc:
                     what = str(exc) if isinstance(exc, StreamProtocolError) else "a malformed stream event"
                     events.append(StreamError(UpstreamError(f"upstream `{self._provider.name}` sent {what}")))
+                except _MISSHAPEN:
+                    log.debug("a stream event the translator could not read", exc_info=True)  # (a bug would show here)
+                    events.append(StreamError(UpstreamError(f"upstream `{self._provider.name}` sent a malformed "
+                                                            "stream event")))
                 except GatewayError as exc:
                     events.append(StreamError(exc))
                 if events:

@@ -11,6 +11,10 @@ before its text and tool calls (`thinking.ordered`).
 A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
 `stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
 Anthropic upstream's translated answer and vLLM do); else `end_turn`.
+
+An upstream answer (or chunk) whose choices, message, delta, tool calls or function are of another type than
+OpenAI's (`"delta": "oops"`, `"choices": [null]`) is malformed: an `UpstreamError`, a 502 for a complete answer
+and the stream's `error` event mid-stream (`api.proxy` sends it), as an answer that is not JSON is.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidRequest
+from ..errors import InvalidRequest, UpstreamError
 from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
@@ -86,17 +90,39 @@ def _text_of(content: Any) -> str:
     return ""
 
 
+def _object(value: Any, what: str) -> dict[str, Any]:
+    """`value` when it is an object; of any other type the upstream's answer is malformed (`_malformed`)."""
+    if isinstance(value, dict):
+        return value
+    raise _malformed(what, "an object")
+
+
+def _array(value: Any, what: str) -> list[Any]:
+    """`value` when it is an array; else the upstream's answer is malformed."""
+    if isinstance(value, list):
+        return value
+    raise _malformed(what, "an array")
+
+
+def _malformed(what: str, kind: str) -> UpstreamError:
+    """The upstream's answer has a wrong-typed value where the translation reads it: a 502, as invalid JSON is (the
+    message names the field, never the value: it is upstream text)."""
+    return UpstreamError(f"the upstream sent a malformed answer ({what} is not {kind})")
+
+
 def messages_response(body: bytes, alias: str, estimate: Usage | None = None) -> bytes:
     """A `chat.completion` as Anthropic's `message` (the model named as the client asked for it). `estimate`: the
     gateway's own count, reported when the upstream's answer has no usage (Messages always has one)."""
-    data = _decode(body)
-    choice = (data.get("choices") or [{}])[0]
-    message = choice.get("message") or {}
+    data = _object(_decode(body), "the answer")
+    choices = _array(data.get("choices") or [], "`choices`")
+    choice = _object(choices[0], "`choices[0]`") if choices else {}
+    message = _object(choice.get("message") or {}, "`choices[0].message`")
     text = _text_of(message.get("content"))
     texts = [{"type": "text", "text": text}] if text else []
     tools: list[dict[str, Any]] = []
-    for call in message.get("tool_calls") or ():
-        function = call.get("function") or {}
+    for found in _array(message.get("tool_calls") or [], "`message.tool_calls`"):
+        call = _object(found, "a tool call")
+        function = _object(call.get("function") or {}, "a tool call's `function`")
         tools.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
                       "input": _tool_input(function.get("arguments"))})
     content = texts + tools
@@ -211,17 +237,25 @@ class MessagesStream:
             self._text_open = False
 
     def _chunk(self, data: dict[str, Any], out: list[bytes]) -> None:
+        """One chunk's events; an `UpstreamError` (`_malformed`) for a chunk whose choices, delta, tool calls or
+        function are of another type than OpenAI's: `api.proxy` ends the stream with its `error` event."""
         self._start(out, data.get("id"))
-        for choice in data.get("choices") or ():
+        choices = data.get("choices") or []
+        if type(choices) is not list:
+            raise _malformed("a chunk's `choices`", "an array")
+        for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-                continue
+                continue  # (a choice that is not an object is skipped, as before: it holds nothing to write)
             delta = choice.get("delta") or {}
+            if type(delta) is not dict:
+                raise _malformed("a chunk's `delta`", "an object")
             if REASONING in delta or BLOCKS in delta:
                 self._reasoning(delta.get(REASONING), delta.get(BLOCKS), out)
             text = _text_of(delta.get("content"))
             if text:
                 self._text(text, out)
-            for call in delta.get("tool_calls") or ():
+            calls = delta.get("tool_calls")
+            for call in _array(calls, "a chunk's `tool_calls`") if calls else ():
                 if isinstance(call, dict):
                     self._tool_piece(call, out)
             if choice.get("finish_reason"):
@@ -253,7 +287,7 @@ class MessagesStream:
     def _tool_piece(self, call: dict[str, Any], out: list[bytes]) -> None:
         found = call.get("index", 0)
         position = found if type(found) is int else 0
-        function = call.get("function") or {}
+        function = _object(call.get("function") or {}, "a tool call's `function`")
         held = self._calls.get(position)
         if held is None:
             held = self._calls[position] = _HeldCall(call.get("id"), function.get("name"))

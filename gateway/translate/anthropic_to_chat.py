@@ -13,7 +13,8 @@ counts cache reads and writes, as OpenAI's does;
 Stream: `AnthropicEvents` turns each Messages event into chunks as it arrives;
 an event out of order (a delta before its block started, anything before
 `message_start`) raises `StreamProtocolError`, which ends the client's stream
-with an error event.
+with an error event; so does an event whose message, block, delta or usage is
+not an object (`_object`).
 """
 
 from __future__ import annotations
@@ -129,16 +130,16 @@ class AnthropicEvents:
         if kind == "message_start":
             if self._started:
                 raise _order("a second message_start")
-            message = event.get("message") or {}
+            message = _object(event.get("message"), "message")
             self._started = True
-            self._usage.update(message.get("usage") or {})
+            self._usage.update(_object(message.get("usage"), "message.usage"))
             self._writer = ChunkWriter(str(message.get("id") or "msg"), message.get("model"))
             return []  # the role chunk waits for the first block: an `error` before it is a failed attempt
         writer = self._writer
         if writer is None:
             raise _order(f"`{_name(kind)}` before message_start")
         if kind == "content_block_start":
-            index, block = event.get("index"), event.get("content_block") or {}
+            index, block = event.get("index"), _object(event.get("content_block"), "content_block")
             if not isinstance(index, int) or index in self._blocks:
                 raise _order("content_block_start for a block already started")
             events = self._role(writer)
@@ -159,7 +160,9 @@ class AnthropicEvents:
                 events.append(writer.chunk({"content": text}))
             return events
         if kind == "content_block_delta":
-            index, delta = event.get("index"), event.get("delta") or {}
+            index, delta = event.get("index"), event.get("delta")
+            if type(delta) is not dict:  # (the stream's most frequent event: one check on its common path)
+                delta = _object(delta, "delta")
             if index not in self._blocks:
                 raise _order("content_block_delta for a block that was not started")
             dtype = delta.get("type")
@@ -197,8 +200,9 @@ class AnthropicEvents:
                 return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})]
             return []
         if kind == "message_delta":
-            self._usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
-            delta = event.get("delta") or {}
+            counts = _object(event.get("usage"), "usage")
+            self._usage.update({k: v for k, v in counts.items() if v is not None})
+            delta = _object(event.get("delta"), "delta")
             reason = delta.get("stop_reason")
             self._finish = FINISH_REASONS.get(str(reason), "stop")
             sequence = matched_stop(reason, delta.get("stop_sequence"))
@@ -242,6 +246,16 @@ class AnthropicEvents:
 
 def _name(kind: Any) -> str:
     return kind if isinstance(kind, str) and kind.isidentifier() and len(kind) < 40 else "an unknown event"
+
+
+def _object(value: Any, field: str) -> dict[str, Any]:
+    """An event's object field (absent or null: empty); of another type the event is malformed, which ends the stream
+    with an error event (the message names the field, never its value: upstream text)."""
+    if isinstance(value, dict):
+        return value
+    if value is None:
+        return {}
+    raise StreamProtocolError(f"a malformed stream event (`{field}` is not an object)")
 
 
 def _order(what: str) -> StreamProtocolError:

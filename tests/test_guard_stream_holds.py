@@ -414,3 +414,19 @@ def test_content_parts_become_openais_fields_where_the_guards_read_them(runtime:
     assert joined == {"reasoning_content": "mail <EMAIL_ADDRESS> later. ", "content": "Done.",
                       "refusal": "not <EMAIL_ADDRESS>"}
     assert EMAIL not in json.dumps(sent)
+
+
+@pytest.mark.parametrize("gap", ["\n", "\r\n", "\t", "  ", "\n\n  ", "\u2028", "\u00a0"])
+def test_a_deny_term_of_several_words_is_found_whatever_white_space_parts_them(runtime: GuardRuntime,
+                                                                                gap: str) -> None:
+    """A model that wraps lines writes `project\\nfalcon`: the term `project falcon` was found only with one space
+    (its words were escaped as one string); whole or streamed in pieces of any size, it is redacted whole."""
+    deny = DenyListGuard("deny", msgspec.convert({"kind": "denylist", "terms": ["Project Falcon", "x"]},
+                                                DenyListGuardSpec))
+    text = f"The codename is project{gap}falcon, as agreed."
+    (found,) = [f for f in deny.rules.find(text) if f.type == "DENIED_TERM"]
+    assert text[found.start:found.end] == f"project{gap}falcon"
+    assert deny.rules.find(f"projects{gap}falcon and project{gap}falconry") == []  # whole words only
+    for size in (1, 3, 8, len(text)):
+        out = joined(stream(runtime, text, size))
+        assert out == "The codename is <DENIED_TERM>, as agreed.", (size, out)

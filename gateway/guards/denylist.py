@@ -35,11 +35,16 @@ _Rule = tuple[str, re.Pattern[str], str | None, int, tuple[str, ...]]
 
 
 def _keywords(words: list[str]) -> tuple[re.Pattern[str], str, int, tuple[str, ...]]:
-    """The whole-word regex of `words` (folded); its lead, the words anywhere; how far the lead reads; the
+    """The whole-word regex of `words` (folded), a term's words apart by any run of white space (a line break, a
+    tab, two spaces: `project\nfalcon` is the term `project falcon`); its lead, each term's first word anywhere (a
+    match starts with one, and the lead reads a bounded length, `slices.py`); how far the lead reads; the first
     words."""
-    folded = sorted({fold(w)[0] for w in words}, key=len, reverse=True)
-    lead = "(?:" + "|".join(re.escape(w) for w in folded) + ")"
-    return re.compile(r"(?<!\w)" + lead + r"(?!\w)"), lead, len(folded[0]) + 1, tuple(folded)
+    terms = sorted({tuple(fold(w)[0].split()) for w in words if w.split()}, key=lambda t: len(" ".join(t)),
+                   reverse=True)
+    whole = "(?:" + "|".join(r"\s+".join(re.escape(part) for part in term) for term in terms) + ")"
+    firsts = sorted({term[0] for term in terms}, key=len, reverse=True)
+    lead = "(?:" + "|".join(re.escape(first) for first in firsts) + ")"
+    return re.compile(r"(?<!\w)" + whole + r"(?!\w)"), lead, len(firsts[0]) + 1, tuple(firsts)
 
 
 class Rules:
@@ -88,12 +93,13 @@ class DenyListGuard(GuardBase):
         super().__init__(name, spec)
         self.action = spec.action
         rules: list[_Rule] = []
-        if spec.terms:
+        if any(term.split() for term in spec.terms):  # (a term of white space alone matches nothing)
             rules.append(("DENIED_TERM", *_keywords(spec.terms)))
         for pattern in spec.patterns:
             rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE), None, 0, ()))
         for topic, words in spec.topics.items():
-            rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", *_keywords(words)))
+            if any(word.split() for word in words):
+                rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", *_keywords(words)))
         self.rules = Rules(name, self.action, rules)
         self.pool = pool
         self.holds = RegexHolds([(p.pattern, p.flags & re.IGNORECASE, 0) for _, p, _, _, _ in rules],

@@ -108,8 +108,23 @@ def _sent(upstream: MockUpstream) -> str:
                               {"type": "custom_tool_call_output", "call_id": "c1", "output": "ok"}]}),
     ("/responses", {"input": [{"type": "reasoning", "id": "rs_1", "summary": [{"type": "summary_text", "text": TEXT}]},
                               {"role": "user", "content": "go on"}]}),
+    ("/responses", {"input": [{"type": "shell_call_output", "call_id": "c1", "output": [
+        {"stdout": f"config: {TEXT}\n", "stderr": "", "outcome": {"type": "exit", "exit_code": 0}}]}]}),
+    ("/responses", {"input": [{"type": "shell_call_output", "call_id": "c1", "output": [
+        {"stdout": "", "stderr": f"cannot reach {EMAIL}", "outcome": {"type": "exit", "exit_code": 1}}]}]}),
+    ("/responses", {"input": [{"type": "shell_call", "call_id": "c1", "status": "completed",
+                               "action": {"commands": ["cd /srv", f"mail {EMAIL} < plan.txt"]}}]}),
+    ("/responses", {"input": [{"type": "mcp_call", "id": "mcp_1", "server_label": "crm", "name": "send",
+                               "arguments": json.dumps({"to": EMAIL}), "output": "ok"}]}),
+    ("/responses", {"input": [{"type": "mcp_approval_response", "approval_request_id": "mcpr_1", "approve": False,
+                               "reason": f"do not write to {EMAIL}"}]}),
+    ("/responses", {"input": [{"type": "code_interpreter_call", "id": "ci_1", "container_id": "c",
+                               "code": f"send('{EMAIL}')", "outputs": []}]}),
+    ("/responses", {"input": [{"type": "apply_patch_call", "call_id": "c1", "status": "completed", "operation": {
+        "type": "update_file", "path": "a.txt", "diff": f"@@\n-old\n+{TEXT}\n"}}]}),
 ], ids=["object-arguments", "legacy-call", "refusal-part", "prediction", "suffix", "output-parts",
-        "call-item", "prompt-variables", "custom-call", "custom-call-item", "reasoning-summary"])
+        "call-item", "prompt-variables", "custom-call", "custom-call-item", "reasoning-summary", "shell-stdout",
+        "shell-stderr", "shell-commands", "mcp-call", "mcp-approval-reason", "code-interpreter", "patch-diff"])
 def test_every_input_text_is_guarded(gw: RunningGateway, upstream: MockUpstream, path: str,
                                      body: dict[str, Any]) -> None:
     response = _post(gw, path, {"model": "in", **body})

@@ -156,16 +156,44 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
         if isinstance(output, str):
             yield item, "output", Where("input", "tool_result")
         for part in output if isinstance(output, list) else ():
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                yield part, "text", Where("input", "tool_result")
-        if item.get("type") == "function_call" and text_arguments(item):
+            for field in _OUTPUT_PART_TEXTS:  # a part's text, a shell command's output (`shell_call_output`)
+                if isinstance(part, dict) and isinstance(part.get(field), str):
+                    yield part, field, Where("input", "tool_result")
+        kind = item.get("type")
+        if kind in _CALLS_WITH_ARGUMENTS and text_arguments(item):
             yield item, "arguments", Where("input", "tool_arguments")
-        if item.get("type") == "custom_tool_call" and isinstance(item.get("input"), str):
-            yield item, "input", Where("input", "tool_arguments")
+        if kind in _CALL_TEXTS and isinstance(item.get(_CALL_TEXTS[kind]), str):
+            yield item, _CALL_TEXTS[kind], Where("input", "tool_arguments")
+        if kind == "mcp_approval_response" and isinstance(item.get("reason"), str):
+            yield item, "reason", Where("input", "message")
+        yield from _action_texts(item, kind)
         for part in item.get("summary") or () if item.get("type") == "reasoning" else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 yield part, "text", Where("input", "message")
         yield from _content(item, "content", Where("input", "message"))
+
+
+# The text fields of a Responses tool output's parts (`function_call_output`'s text parts, `shell_call_output`'s
+# command outputs), the calls whose `arguments` are a JSON string (a function's, a remote MCP server tool's), and the
+# calls whose one field holds what the model wrote for the tool (a custom tool's input, the code interpreter's code).
+_OUTPUT_PART_TEXTS = ("text", "stdout", "stderr")
+_CALLS_WITH_ARGUMENTS = frozenset({"function_call", "mcp_call"})
+_CALL_TEXTS = {"custom_tool_call": "input", "code_interpreter_call": "code"}
+
+
+def _action_texts(item: dict[str, Any], kind: Any) -> Iterator[Ref]:
+    """What a shell call ran (`action.commands`) and the diff of an `apply_patch_call` (`operation.diff`): the
+    model's earlier output sent back as history, and a place a secret it read may sit in."""
+    if kind == "shell_call" or kind == "local_shell_call":
+        action = item.get("action")
+        commands = action.get("commands") or action.get("command") if isinstance(action, dict) else None
+        for index, command in enumerate(commands) if isinstance(commands, list) else ():
+            if isinstance(command, str):
+                yield commands, index, Where("input", "tool_arguments")
+    elif kind == "apply_patch_call":
+        operation = item.get("operation")
+        if isinstance(operation, dict) and isinstance(operation.get("diff"), str):
+            yield operation, "diff", Where("input", "tool_arguments")
 
 
 def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:

@@ -248,6 +248,20 @@ def test_output_block_not_streamed(gw: RunningGateway) -> None:
     assert chat(gw, "out", f"mail {EMAIL}").json()["choices"][0]["message"]["content"] == "mail <EMAIL_ADDRESS>"
 
 
+def test_the_header_lists_every_guard_that_read_a_complete_answer(gw: RunningGateway) -> None:
+    """An alias guarded on its output only: a complete answer's header lists each output guard, with what it acted
+    on (the guards that found nothing were left out, and a clean answer had an empty header); a stream's header
+    leaves before its output is read, so such a stream has none."""
+    clean = chat(gw, "out", "nothing to see here")
+    assert clean.status_code == 200 and clean.headers["x-gateway-guards"] == "pii.redact=0,secrets.block=0"
+    found = chat(gw, "out", f"write to {EMAIL}")
+    assert found.headers["x-gateway-guards"] == "pii.redact=1,secrets.block=0"
+    body = {"model": "out", "messages": [{"role": "user", "content": "hi"}], "stream": True}
+    with httpx.stream("POST", gw.base_url + "/chat/completions", headers=AUTH, json=body, timeout=20) as streamed:
+        streamed.read()
+    assert streamed.status_code == 200 and "x-gateway-guards" not in streamed.headers
+
+
 def test_shadow_mode_changes_nothing_and_records(gw: RunningGateway, upstream: MockUpstream) -> None:
     text = f"mail {EMAIL} key {SECRET}"
     response = chat(gw, "shadow", text)

@@ -85,8 +85,12 @@ class GuardStage:
                 reply.stream.add(StreamGuard(self.guards, guard_set.output, session, self.stream_spec,
                                              ctx.endpoint, ctx.route.alias))
         elif reply.body is not None and reply.status == 200 and (guard_set.output or session.pseudonyms):
+            for guard in guard_set.output:  # (a stream's header leaves before its output is read: input only)
+                session.expect(guard.name, str(getattr(guard, "action", "block")))
             reply.body = await self._output(ctx, guard_set, session, reply.body)
-        ctx.headers = [*(ctx.headers or ()), (HEADER, session.header())]
+        header = session.header()
+        if header:  # (none for a stream whose guards are all on its output)
+            ctx.headers = [*(ctx.headers or ()), (HEADER, header)]
         return reply
 
     async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> None:

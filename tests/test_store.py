@@ -18,6 +18,7 @@ import redis.asyncio as aioredis
 from gateway.store import MemoryStore, RedisStore, Store, StoreConfig, StoreUnavailable, build_store
 from gateway.store.redis_pubsub import RedisChannel
 from gateway.store.redis_url import parse_redis_url
+from gateway.telemetry.feedback import record_key
 from tests.support.redis_server import RedisServer, free_port, suite_redis_url
 
 OP_TIMEOUT = 0.25
@@ -473,6 +474,30 @@ async def test_memory_store_evicts_cache_entries_before_counters_at_its_key_boun
     await store.set("again", b"1")
     assert len(store) == 4 and await store.get("keys:record") is None and store.evictions == 11
     await store.aclose()
+
+
+async def test_memory_store_evicts_feedback_records_before_keys_budgets_and_usage() -> None:
+    """Each answered request leaves a feedback record while feedback is on: one tenant's traffic filled the memory
+    store with them and pushed out another tenant's run-time key (401 for good), budget and usage counters, the
+    least recently used keys. Records that may be lost go after the cache entries and before any other key."""
+    store = MemoryStore(StoreConfig(max_entries=5, max_bytes=1_000_000))
+    await store.set("keys:rec:b", b"{}")  # tenant B's run-time key, budget and usage, idle from now on
+    await store.reserve("acct:budget:tenant:tb", 2.5, 10.0, None)
+    await store.settle("acct:usage:tenant:tb:requests", 0.0, 1.0, None)
+    for n in range(200):  # tenant A's traffic: a cache entry and a feedback record a request
+        await store.set(f"cache:{n}", b"x")
+        await store.set(record_key("ta", f"req-{n}"), b"{}", ttl_s=86_400)
+    assert len(store) == 5
+    assert await store.get("keys:rec:b") == b"{}"
+    assert (await store.reserve("acct:budget:tenant:tb", 0.0, 10.0, None)).total == 2.5
+    assert await store.get("acct:usage:tenant:tb:requests") is not None
+    assert await store.get(record_key("ta", "req-199")) == b"{}"  # the newest record: the oldest went first
+    assert await store.get(record_key("ta", "req-0")) is None
+    await store.aclose()
+
+
+def test_feedback_records_are_under_an_expendable_prefix() -> None:
+    assert record_key("t", "r").startswith(StoreConfig().expendable_prefixes)
 
 
 async def test_memory_store_hands_out_each_eviction_once() -> None:

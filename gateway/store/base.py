@@ -91,6 +91,10 @@ class StoreConfig:
     The one setting a running store takes anew (`MemoryStore.rebound`), which replaces its copy of the config:
     a reload that changes only it keeps the store's keys, counters and spend."""
     bytes_prefix: str = "cache:"
+    expendable_prefixes: tuple[str, ...] = ("fb:",)
+    """Memory backend: keys that may be lost without harm (feedback records: a request then cannot be rated), evicted
+    after cache entries and before any other key, so that one tenant's traffic never pushes out another's
+    run-time keys, budgets or usage counters (each request leaves a feedback record while feedback is on)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("memory", "redis"):

@@ -63,6 +63,7 @@ class MemoryStore(Keyspace):
         self._channels.clear()
         self._data.clear()
         self._sized.clear()
+        self._expendable.clear()
         self.bytes = 0
         self._slots.clear()
 
@@ -75,7 +76,8 @@ class MemoryStore(Keyspace):
         (its key prefix, timeouts, connections) is for Redis: a memory store never reads it."""
         own = self._config
         return (config.backend == "memory" and config.max_entries == own.max_entries
-                and config.channel_buffer == own.channel_buffer and config.bytes_prefix == own.bytes_prefix)
+                and config.channel_buffer == own.channel_buffer and config.bytes_prefix == own.bytes_prefix
+                and config.expendable_prefixes == own.expendable_prefixes)
 
     def reconfigure(self, config: StoreConfig) -> int:
         """Take on a new policy's `config` (see `takes`): its `on_unavailable` and its byte bound (`rebound`);

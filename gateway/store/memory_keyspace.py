@@ -2,7 +2,8 @@
 
 What `MemoryStore` answers its operations from (`gateway.store.memory`), kept apart so that each module fits
 on a few screens. Every structure is bounded: keys by `max_entries` (least recently used evicted first, like
-Redis's `allkeys-lru`, except that cache entries go before any other key), cache entries (keys under
+Redis's `allkeys-lru`, except that cache entries go first, then other keys that may be lost without harm:
+`expendable_prefixes`, then any other key), cache entries (keys under
 `bytes_prefix`) also by `max_bytes` in all, expired keys by lazy expiry plus a periodic sweep (`sweep`).
 Values are kept as bytes; counters as Python integers (read back as ASCII digits, exactly what Redis
 returns for them), so that counting needs no parsing and formatting per operation.
@@ -46,6 +47,8 @@ class Keyspace:
         # Keys are kept without `key_prefix`: it keeps stores that share a backend apart, and no other store
         # shares these maps (and a key the caller keeps has its hash computed once, not per operation).
         self._sized_prefix = self._config.bytes_prefix
+        self._expendable_prefixes = self._config.expendable_prefixes
+        self._expendable: OrderedDict[str, None] = OrderedDict()  # keys under those prefixes, in LRU order
         self.bytes = 0  # the sum of `_sized`
         self.evictions = 0  # keys dropped to stay within max_entries or max_bytes (not expiries)
         self._evictions_taken = 0  # of `evictions`, those `take_evictions` handed out
@@ -144,6 +147,9 @@ class Keyspace:
             value = b"%d" % value
         self._data[key] = Entry(value, expires_at)
         self._data.move_to_end(key)
+        if key.startswith(self._expendable_prefixes):
+            self._expendable[key] = None
+            self._expendable.move_to_end(key)
         if sized:
             assert limit is not None and isinstance(value, bytes)
             if len(value) > limit:  # could never fit: drop it rather than everything else
@@ -154,8 +160,10 @@ class Keyspace:
             while self.bytes > limit and self._sized:
                 self._evict(next(iter(self._sized)))
         while len(self._data) > self._config.max_entries:  # cache entries go first: they can be made again,
-            cached = self._sized  # a counter (a budget's spend, a window's count) cannot
-            self._evict(next(iter(cached)) if cached else next(iter(self._data)))
+            # then records that may be lost (a feedback record); a counter (a budget's spend, a window's count)
+            # or a run-time key cannot
+            victims = self._sized or self._expendable or self._data
+            self._evict(next(iter(victims)))
 
     def take_evictions(self) -> int:
         """Evictions since the last call: what the cache adds to its counter. Kept here, not by the cache, so
@@ -170,6 +178,7 @@ class Keyspace:
 
     def _drop(self, key: str) -> None:
         self._data.pop(key, None)
+        self._expendable.pop(key, None)
         size = self._sized.pop(key, None)
         if size is not None:
             self.bytes -= size

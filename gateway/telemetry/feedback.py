@@ -49,7 +49,9 @@ class FeedbackStoreUnavailable(GatewayError):
 
 
 def record_key(tenant: str, request_id: str) -> str:
-    return f"fb:{len(tenant)}:{tenant}:{request_id}"  # length-prefixed: no tenant name can forge another's key
+    """Under `fb:`, one of the memory store's `expendable_prefixes` (a record is evicted before any counter or key);
+    length-prefixed: no tenant name can forge another's key."""
+    return f"fb:{len(tenant)}:{tenant}:{request_id}"
 
 
 class FeedbackRecorder:

@@ -17,6 +17,7 @@ import yaml
 
 from .accounting_schema import BudgetSpec
 from .compiled import ModelRoute
+from .includes import MAX_POLICY_BYTES, read_capped
 from .loader import PolicyIssue, _check, _Located
 from .schema import PolicySpec, PriceSpec
 
@@ -36,9 +37,13 @@ def load_prices_file(spec: PolicySpec, doc: _Located) -> dict[str, PriceSpec]:
         return {}
     path = Path(doc.file).parent / spec.prices_file
     try:
-        text = path.read_text(encoding="utf-8")
+        text = read_capped(path, MAX_POLICY_BYTES)  # (bounded again: it may have grown since `read_tree`)
     except (OSError, UnicodeDecodeError) as exc:
         doc.issue(("prices_file",), f"cannot read the prices file `{path}`: {exc.__class__.__name__}")
+        return {}
+    if text is None:
+        doc.issue(("prices_file",), f"the prices file `{path}` is over {MAX_POLICY_BYTES:,} bytes, the most a policy "
+                                    "may be; refused before it is parsed")
         return {}
     try:
         prices_doc = _Located(str(path), text)

@@ -15,6 +15,9 @@ may be written in one file only. `version` may be repeated.
 The policy's version is a content hash over every file (its path relative to the root file and its
 text), the `prices_file` included, so a change to any of them is a new version (and the file watcher
 watches them all); a single file with no prices file keeps the hash of its text.
+
+A policy is at most `MAX_POLICY_BYTES`, its files together (the prices file counted), checked as each file is
+read and before it is parsed: a file of any size is refused at once, in bounded memory.
 """
 
 from __future__ import annotations
@@ -28,13 +31,17 @@ from typing import Any
 
 from .loader import PolicyError, PolicyIssue, _Located, _Path, format_path, parse_file
 
-__all__ = ["PolicyTree", "read_tree"]
+__all__ = ["MAX_POLICY_BYTES", "PolicyTree", "read_capped", "read_tree"]
 
 _NAMED = frozenset({"providers", "models", "tenants", "prices"})
 _LISTED = {"keys": "name", "rules": "name"}  # concatenated; the field whose value must be unique
 _GUARD_NAMED = frozenset({"global"})  # guards.global.<guard>
 _GUARD_NESTED = frozenset({"models", "tenants"})  # guards.models.<alias>.<guard>
 _MAX_FILES = 1_000
+# The most a policy may be, all its files together. Parsed and checked, a file takes ~200 times its size in memory
+# and ~2 s a MB (a reload does it beside the traffic): 2 MiB is ~10,000 keys written in the policy, several times
+# the largest real one (a deployment with more keys creates them at run time: `dynamic_keys`).
+MAX_POLICY_BYTES = 2 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,9 +57,8 @@ class PolicyTree:
 def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
     """Read the policy at `path` (or `text`, named `path`) and everything it includes; raise `PolicyError`."""
     root = str(path)
-    if text is None:
-        text = _read(root, None)
     reader = _Reader(Path(root).parent)
+    text = reader.read(root, None) if text is None else reader.count(root, text)
     doc = parse_file(text, root)
     reader.texts.append((root, text))
     fragments = reader.expand(doc, [os.path.realpath(root)])
@@ -65,31 +71,46 @@ def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
             merger.merge(fragment)
     # (the merge's issues are raised with the schema's, by `check_doc`: every error at once, as for one file)
     files = tuple(file for file, _ in reader.texts)
-    hashed = reader.texts + _prices_file(doc.data, root)
+    hashed = reader.texts + _prices_file(doc, root, reader.left)
     watched = files + tuple(file for file, _ in hashed[len(reader.texts):]) + tuple(sorted(reader.folders))
     return PolicyTree(doc, _version(hashed, Path(root).parent), files, watched)
 
 
-def _prices_file(data: Any, root: str) -> list[tuple[str, str]]:
+def _prices_file(doc: _Located, root: str, left: int) -> list[tuple[str, str]]:
     """The `prices_file` (relative to the root file) with its text, for the version and the watch list: a price
     change is a new policy version, which a reload then applies. Absent or unreadable: nothing (its errors are
-    reported where it is loaded, `accounting_check.load_prices_file`)."""
-    name = data.get("prices_file") if isinstance(data, dict) else None
+    reported where it is loaded, `accounting_check.load_prices_file`); past the size of a policy, refused."""
+    name = doc.data.get("prices_file") if isinstance(doc.data, dict) else None
     if not isinstance(name, str) or not name:
         return []
     file = str(Path(root).parent / name)
     try:
-        return [(file, Path(file).read_text(encoding="utf-8"))]
+        text = read_capped(file, left)
     except (OSError, UnicodeDecodeError):
         return []
+    if text is None:
+        raise PolicyError([_too_large(file, doc.locate(("prices_file",)), left)])
+    return [(file, text)]
 
 
-def _read(file: str, at: tuple[str, int] | None) -> str:
-    try:
-        return Path(file).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        where = at or (file, 1)
-        raise PolicyError([PolicyIssue(where[0], where[1], "", f"cannot read the policy file {file}: {exc}")]) from exc
+def read_capped(file: str | Path, limit: int) -> str | None:
+    """The text of `file` as `Path.read_text` gives it, or None if it is over `limit` bytes: no more than that is
+    read, so that a file of any size (or a device that never ends) is refused at once, in bounded memory."""
+    with open(file, "rb") as stream:
+        data = stream.read(limit + 1)
+    if len(data) > limit:
+        return None
+    return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # (read_text's universal newlines)
+
+
+def _too_large(file: str, at: tuple[str, int] | None, left: int) -> PolicyIssue:
+    where = at or (file, 1)
+    limit = f"{MAX_POLICY_BYTES // 2**20} MiB ({MAX_POLICY_BYTES:,} bytes)"
+    if left >= MAX_POLICY_BYTES:
+        problem = f"{file} is over {limit}, the most a policy may be"
+    else:
+        problem = f"{file} takes the policy's files together over {limit}, the most a policy may be"
+    return PolicyIssue(where[0], where[1], "", f"{problem}; refused before it is parsed (see docs/policies.md)")
 
 
 def _version(texts: list[tuple[str, str]], base: Path) -> str:
@@ -112,6 +133,25 @@ class _Reader:
         self.folders: set[str] = set()
         self.issues: list[PolicyIssue] = []
         self.seen: dict[str, tuple[str, int]] = {}  # real path -> where it was included
+        self.left = MAX_POLICY_BYTES  # bytes the files not read yet may take
+
+    def read(self, file: str, at: tuple[str, int] | None) -> str:
+        """The text of `file` (included at `at`), counted against the policy's size; raise `PolicyError`."""
+        try:
+            text = read_capped(file, self.left)
+        except (OSError, UnicodeDecodeError) as exc:
+            where = at or (file, 1)
+            message = f"cannot read the policy file {file}: {exc}"
+            raise PolicyError([PolicyIssue(where[0], where[1], "", message)]) from exc
+        return self.count(file, text, at)
+
+    def count(self, file: str, text: str | None, at: tuple[str, int] | None = None) -> str:
+        """`text` (None: the file was over the size left), counted against the policy's size; else `PolicyError`."""
+        size = -1 if text is None else len(text.encode())
+        if text is None or size > self.left:
+            raise PolicyError([_too_large(file, at, self.left)])
+        self.left -= size
+        return text
 
     def expand(self, doc: _Located, stack: list[str]) -> list[_Located]:
         data = doc.data
@@ -141,7 +181,7 @@ class _Reader:
                     self._issue(where, f"a policy may not have more than {_MAX_FILES} files")
                     return fragments
                 try:
-                    text = _read(file, where)
+                    text = self.read(file, where)
                     fragment = parse_file(text, file)
                 except PolicyError as exc:
                     self.issues.extend(exc.issues)

@@ -9,6 +9,8 @@ their marks), then checked field by field against the structs of
 
 from __future__ import annotations
 
+import functools
+import re
 import types
 import typing
 from dataclasses import dataclass
@@ -19,7 +21,7 @@ import yaml
 
 from .schema import HeaderName, PolicySpec
 
-__all__ = ["PolicyError", "PolicyIssue", "check_doc", "parse_file", "parse_spec"]
+__all__ = ["PolicyError", "PolicyIssue", "check_doc", "parse_file"]
 
 _PathPart = str | int
 _Path = tuple[_PathPart, ...]
@@ -53,31 +55,63 @@ def format_path(path: _Path) -> str:
 
 
 MAX_NODES = 1_000_000  # values a policy file may expand to, its aliases (`*name`) expanded: far above any real one
+MAX_DEPTH = 100  # levels of nesting, aliases expanded: a real policy has about 10; the checks recurse once a level
+_CORE_BOOL = ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))  # YAML 1.2's booleans
+
+class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """PyYAML's safe loader, on libyaml where installed (same nodes and marks, parsed in C), with YAML 1.2's booleans:
+    only true and false. YAML 1.1's on/off/yes/no turned the documented `mode: on` into `true`, an unknown mode."""
+
+    yaml_implicit_resolvers: typing.ClassVar[dict[Any, list[Any]]] = {
+        first: [resolver for resolver in resolvers if resolver[0] != _CORE_BOOL[0]] + [_CORE_BOOL] * (first in "tTfF")
+        for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
+    }
 
 
-def _check_size(root: yaml.Node, file: str) -> None:
-    """A `PolicyError` for a document whose aliases expand it past `MAX_NODES` values: a few lines of nested
-    aliases ("billion laughs") would otherwise take the memory of the process that reads them. Each node's
-    expanded size is counted once (an alias is the node it names), so the count is linear in the text."""
-    sizes: dict[int, int] = {}
+def _check_shape(root: yaml.Node, file: str, text: str) -> None:
+    """Refuse aliases expanding the document past `MAX_NODES` values (a few lines of "billion laughs" would take the
+    memory of the process), nesting past `MAX_DEPTH` (the checks recurse), an alias inside its own anchor (`a: &x
+    [*x]`). Linear in the text: each node is counted once (an alias is the node it names)."""
+    sizes: dict[int, int] = {}  # node -> values, its aliases expanded; 0 while it is being counted
 
-    def size(node: yaml.Node) -> int:
+    def size(node: yaml.Node, depth: int) -> int:
         found = sizes.get(id(node))
-        if found is not None:
-            return found
-        sizes[id(node)] = 1  # (a recursive alias: counted once, as PyYAML constructs it)
-        total = 1
-        if isinstance(node, yaml.MappingNode):
-            total += sum(size(key) + size(value) for key, value in node.value)
-        elif isinstance(node, yaml.SequenceNode):
-            total += sum(size(item) for item in node.value)
-        total = min(total, MAX_NODES + 1)
-        sizes[id(node)] = total
-        return total
+        if found == 0:  # met again inside itself
+            line, name = _recursive_alias(text)
+            raise _refusal(file, line, f"a recursive YAML alias: `*{name}` is inside the `&{name}` it names")
+        if found is None:
+            if depth > MAX_DEPTH:
+                raise _refusal(file, node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
+            sizes[id(node)] = 0
+            found = sizes[id(node)] = min(1 + sum(size(child, depth + 1) for child in _children(node)), MAX_NODES + 1)
+        return found
 
-    if size(root) > MAX_NODES:
-        raise PolicyError([PolicyIssue(file, root.start_mark.line + 1, "", f"the document expands to more than "
-                                       f"{MAX_NODES:,} values (through its YAML aliases); refused")])
+    if size(root, 0) > MAX_NODES:
+        raise _refusal(file, root.start_mark.line + 1, f"the document expands to more than {MAX_NODES:,} values "
+                                                       "(through its YAML aliases)")
+
+
+def _refusal(file: str, line: int, problem: str) -> PolicyError:
+    return PolicyError([PolicyIssue(file, line, "", f"{problem}; refused")])
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.MappingNode):
+        return [item for pair in node.value for item in pair]
+    return node.value if isinstance(node, yaml.SequenceNode) else []
+
+
+def _recursive_alias(text: str) -> tuple[int, str]:
+    """The line and name of the first alias inside its anchor, read again: a node keeps no mark of its aliases."""
+    anchors: list[str | None] = []  # those of the mappings and lists around the event
+    for event in yaml.parse(text, Loader=_Loader):
+        if isinstance(event, yaml.CollectionStartEvent):
+            anchors.append(event.anchor)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchors.pop()
+        elif isinstance(event, yaml.AliasEvent) and event.anchor in anchors and event.start_mark:
+            return event.start_mark.line + 1, str(event.anchor)
+    return 1, "?"
 
 
 class _Located:
@@ -90,11 +124,11 @@ class _Located:
         # A list item merged in at another index (`keys[3]` was `keys[0]` in its file): its path there, for errors.
         self.origins: dict[_Path, _Path] = {}
         self.issues: list[PolicyIssue] = []
-        loader = yaml.SafeLoader(text)
+        loader = _Loader(text)
         try:
             node = loader.get_single_node()
             if node is not None:
-                _check_size(node, file)
+                _check_shape(node, file, text)
                 # Indexed before it is constructed: constructing flattens merge keys (`<<: *base`) into the mapping's
                 # own, where a key that overrides a merged one would read as a duplicate.
                 self._index(node, ())
@@ -103,6 +137,9 @@ class _Located:
             loader.dispose()
 
     def _index(self, node: yaml.Node, path: _Path) -> None:
+        if len(path) > MAX_DEPTH:  # through aliases (as written, `_check_shape` refused it): the checks recurse
+            raise _refusal(self.file, node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep through "
+                                                                "its YAML aliases (this anchor's)")
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             seen: set[object] = set()
@@ -221,7 +258,7 @@ def _check_struct(doc: _Located, value: Any, struct: type[msgspec.Struct], path:
     if not isinstance(value, dict):
         doc.issue(path, f"expected a mapping, got {_kind(value)}")
         return
-    fields = {field.encode_name: field for field in msgspec.structs.fields(struct)}
+    fields = _fields(struct)
     tag_field = struct.__struct_config__.tag_field
     for key in value:
         if key not in fields and key != tag_field:
@@ -232,6 +269,12 @@ def _check_struct(doc: _Located, value: Any, struct: type[msgspec.Struct], path:
             _check(doc, value[name], field.type, path + (name,))
         elif field.required:
             doc.issue(path, f"missing required field `{name}`")
+
+
+@functools.cache
+def _fields(struct: type[msgspec.Struct]) -> dict[str, msgspec.structs.FieldInfo]:
+    """Cached (read only): `msgspec.structs.fields` evaluates annotations on each call, 90% of a policy's check."""
+    return {field.encode_name: field for field in msgspec.structs.fields(struct)}
 
 
 def _convert(doc: _Located, value: Any, tp: Any, path: _Path, what: str = "value") -> None:
@@ -254,6 +297,8 @@ def _friendly(exc: msgspec.ValidationError, value: Any, tp: Any, what: str) -> s
             shown = repr(value) if quoted else _show(value)
             return f"unknown value `{shown}` (allowed: {choices})"
         return f"expected one of {choices}, got {_kind(value)}"
+    if isinstance(value, str) and value.lower() in ("on", "off", "yes", "no") and bool in (tp, *typing.get_args(tp)):
+        return f"expected true or false, got `{value}` (a string: write true or false)"
     if _is_header_name(tp):
         if isinstance(value, str):
             return f"invalid header name `{value}` (a header name is {_HEADER_NAME_CHARACTERS}; no spaces or colons)"
@@ -326,12 +371,6 @@ def _check_references(doc: _Located, data: Any) -> None:
                 doc.issue(("keys", index, "models"), f"unknown model alias(es): {', '.join(unknown)}")
 
 
-def parse_spec(text: str, file: str = "<policy>") -> tuple[PolicySpec, _Located]:
-    """Decode policy text, or raise `PolicyError` listing every problem."""
-    doc = parse_file(text, file)
-    return check_doc(doc), doc
-
-
 def parse_file(text: str, file: str) -> _Located:
     """One file's YAML with the line of every path; raises `PolicyError` on a syntax error or an empty file."""
     try:
@@ -342,6 +381,8 @@ def parse_file(text: str, file: str) -> _Located:
         raise PolicyError([PolicyIssue(file, line, "", f"YAML syntax error: {exc.problem or exc}")]) from exc
     except yaml.YAMLError as exc:
         raise PolicyError([PolicyIssue(file, 1, "", f"YAML error: {exc}")]) from exc
+    except RecursionError as exc:  # (PyYAML's own parser, without libyaml; libyaml stops at 1000 levels)
+        raise PolicyError([PolicyIssue(file, 1, "", f"nested more than {MAX_DEPTH} levels deep; refused")]) from exc
     if doc.data is None:
         raise PolicyError([PolicyIssue(file, 1, "", "the policy file is empty")])
     return doc

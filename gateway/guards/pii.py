@@ -36,6 +36,7 @@ from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSp
 from .base import Finding, Where
 from .common import GuardBase
 from .holds import RegexHolds, pii_holds
+from .normalize import canonical, canonical_open_from, original_span
 from .pool import INLINE_CHARS, GuardPool
 
 __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
@@ -208,15 +209,21 @@ class _Direct:
 
 
 def analyze(engine: Engine, text: str, threshold: float) -> list[tuple[str, int, int, float, str]]:
-    """(type, start, end, score, recognizer) for every result; module-level so a process pool can call it."""
+    """(type, start, end, score, recognizer) for every result; module-level so a process pool can call it. The
+    engines (gates, recognizers, spaCy) read the canonical text (`normalize.canonical`: a card with no-break
+    spaces or full-width digits is the ASCII one); spans are mapped back onto the original characters."""
+    shown, where = canonical(text)
     found: list[tuple[str, int, int, float, str]] = []
     built = analyzer(engine)
     for lang in engine.languages:
-        for r in built.analyze(text, language=lang, entities=list(engine.entities), score_threshold=threshold,
+        for r in built.analyze(shown, language=lang, entities=list(engine.entities), score_threshold=threshold,
                                regex_flags=re.DOTALL | re.MULTILINE):
             recognizer = (r.recognition_metadata or {}).get("recognizer_name", "presidio")
             found.append((r.entity_type, r.start, r.end, float(r.score), str(recognizer)))
-    return found
+    if where is None:
+        return found
+    return [(entity, *original_span(where, len(text), start, end), score, recognizer)
+            for entity, start, end, score, recognizer in found]
 
 
 class PiiGuard(GuardBase):
@@ -267,6 +274,8 @@ class PiiGuard(GuardBase):
             if score < self.thresholds.get(entity, 1.1):
                 continue
             value = text[start:end]
+            if not value.isascii():  # the value as the recognizer read it (`analyze`): for the tests below
+                value = canonical(value)[0]
             if entity == "PHONE_NUMBER" and _DOTTED_QUAD.fullmatch(value):
                 continue  # an IPv4 address, which libphonenumber accepts as a number with dots
             if entity == "PERSON" and recognizer == "SpacyRecognizer":
@@ -292,7 +301,7 @@ class PiiGuard(GuardBase):
 
     def open_from(self, text: str, start: int) -> int:
         holds = self._holds if self._holds_built else self._build_holds()
-        return 0 if holds is None else holds.open_from(text, start)
+        return 0 if holds is None else canonical_open_from(holds.open_from, text, start)  # what `analyze` reads
 
     def context_reach(self) -> int:
         holds = self._holds if self._holds_built else self._build_holds()
@@ -351,6 +360,10 @@ class _Prefilter:
         self.words = words
 
     def may_match(self, text: str) -> bool:
+        # (a full-width at sign is an `@` to the recognizers, which read the canonical text: `analyze`)
+        return self._may_match(text) or (not text.isascii() and self._may_match(canonical(text)[0]))
+
+    def _may_match(self, text: str) -> bool:
         if self.digits and _DIGIT.search(text) is not None:
             return True
         if self.words:

@@ -21,10 +21,13 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
+from msgspec.structs import replace
+
 from ..policy.guard_schema import Action, SecretsGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
 from .holds import RegexHolds
+from .normalize import canonical, canonical_open_from, original_offset, original_span
 from .pool import INLINE_CHARS, GuardPool
 from .slices import Searchable, Sliced
 
@@ -109,6 +112,15 @@ class Scanner:
         self.keyword: Searchable = Sliced(_KEYWORD_TOKEN, _KEYWORD, math.inf, folded=_KEYWORD_FOLDED)
 
     def scan(self, text: str) -> list[Finding]:
+        """The findings in `text`'s canonical form (`normalize.canonical`, case and other scripts' digits kept: a
+        key in full-width letters or with a zero-width space inside is the key), as spans of the original text."""
+        shown, where = canonical(text, digits=False)
+        found = self._scan(shown)
+        if where is None:
+            return found
+        return [_spanned(f, where, len(text)) for f in found]
+
+    def _scan(self, text: str) -> list[Finding]:
         found: list[Finding] = []
         for label, pattern in self.patterns:
             for match in pattern.finditer(text):
@@ -179,18 +191,26 @@ class SecretsGuard(GuardBase):
         return self.scanner.scan(text)
 
     def open_from(self, text: str, start: int) -> int:
-        """Where a key, token or `password = ...` may still be being written (`holds.py`)."""
-        return self.holds.open_from(text, start)
+        """Where a key, token or `password = ...` may still be being written (`holds.py`), as `scan` reads it."""
+        return canonical_open_from(self.holds.open_from, text, start, digits=False)
 
     def hold_from(self, text: str) -> int | None:
         """An opened private key block must be held until its END line is complete (or the stream's end):
-        the block is found whole or not at all, and may be longer than the window."""
+        the block is found whole or not at all, and may be longer than the window. (In the canonical text, as
+        `scan` reads it.)"""
+        shown, where = canonical(text, digits=False)
         match = None
-        for match in _OPEN_KEY.finditer(text):  # noqa: B007 -- the last one
+        for match in _OPEN_KEY.finditer(shown):  # noqa: B007 -- the last one
             pass
-        if match is None or _CLOSE_KEY.search(text, match.end()) is not None:
+        if match is None or _CLOSE_KEY.search(shown, match.end()) is not None:
             return None
-        return match.start()
+        return match.start() if where is None else original_offset(where, len(text), match.start())
+
+
+def _spanned(finding: Finding, where: Sequence[int], size: int) -> Finding:
+    """`finding` in a canonical text, as a finding in the original one (`normalize.original_span`)."""
+    start, end = original_span(where, size, finding.start, finding.end)
+    return replace(finding, start=start, end=end)
 
 
 def _mixed(token: str) -> bool:

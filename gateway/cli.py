@@ -41,7 +41,7 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--policy", type=Path, default=None,
                        help="policy file (default: ./policies/gateway.yaml if it exists, else the built-in one)")
     serve.add_argument("--host", help="listen address (default: the policy's server.host)")
-    serve.add_argument("--port", type=int, help="listen port (default: the policy's server.port)")
+    serve.add_argument("--port", type=_port, help="listen port, 1 to 65535 (default: the policy's server.port)")
     serve.add_argument("--workers", type=int, default=1, help="worker processes (default: 1)")
     serve.add_argument("--allow-open", action="store_true",
                        help="serve a non-loopback address with `auth: none` and real providers "
@@ -79,6 +79,19 @@ def _parser() -> argparse.ArgumentParser:
     _key_api_commands(key_commands)
     add_usage_command(commands)
     return parser
+
+
+def _port(text: str) -> int:
+    """A TCP port, 1 to 65535, as the policy's `server.port`. Unchecked, the socket layer took 99999 as 34463
+    (modulo 65536) while the log said 99999; and 0 (elsewhere "any free port") silently meant the policy's port."""
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a port number: {text!r}") from None
+    if not 1 <= port <= 65_535:
+        raise argparse.ArgumentTypeError(f"{port} is not a port: give 1 to 65535 (0, any free port, is not "
+                                         "supported: clients and probes need to know the port)")
+    return port
 
 
 def _key_api_commands(key_commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

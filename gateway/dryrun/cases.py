@@ -28,6 +28,8 @@ from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compile import key_record
 from ..policy.compiled import Policy
 from ..policy.loader import PolicyError, PolicyIssue, _check, parse_file
+from ..policy.schema import HeaderName
+from ..routing.explain import wire_headers
 from ..schemas.endpoints import Endpoint
 from .decide import Decider, DecisionRequest, endpoint_of
 from .decisions import Decisions
@@ -110,7 +112,7 @@ class CaseSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     request: dict[str, Any]  # the request body, as JSON would carry it
     endpoint: Literal["chat", "completions", "embeddings"] | None = None  # default: guessed from the body
     caller: CallerSpec = CallerSpec()
-    headers: dict[str, str] = {}
+    headers: dict[HeaderName, str] = {}  # values as a client sends them (UTF-8); a name no server takes is refused
     expect: ExpectSpec
 
 
@@ -180,7 +182,7 @@ async def run_case(decider: Decider, file: str, line: int, case: CaseSpec) -> Ca
     if error is not None:
         return CaseResult(file, line, case.name, [error])
     endpoint = _ENDPOINTS[case.endpoint] if case.endpoint else endpoint_of(case.request)
-    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in case.headers.items()]
+    headers = wire_headers(list(case.headers.items()))
     decided = await decider.decide(DecisionRequest(msgspec.json.encode(case.request), endpoint, credential, key,
                                                    headers))
     return CaseResult(file, line, case.name, compare(case.expect, decided), decided)

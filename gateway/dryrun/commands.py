@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import re
 import sys
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import msgspec
 
 from ..policy import Policy, PolicyError, load_policy
 from ..policy.default import resolve_policy_path
+from ..routing.explain import wire_headers
 from ..telemetry.tokens import TokenCounter
 from .cases import CallerSpec, CaseFile, CaseResult, caller_of, load_cases, report, run_case
 from .decide import Decider, DecisionRequest, endpoint_of
@@ -23,6 +25,8 @@ from .diff import diff_specs, render_changes
 from .render import render
 
 __all__ = ["add_commands"]
+
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+")  # an HTTP token, as the policy's header names
 
 
 def add_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -81,8 +85,9 @@ def read_request_args(args: argparse.Namespace) -> tuple[bytes, list[tuple[str, 
     headers = []
     for header in args.header:
         name, colon, value = header.partition(":")
-        if not colon or not name.strip():
-            print(f"gateway: --header wants 'Name: value', not {header!r}", file=sys.stderr)
+        if not colon or _HEADER_NAME.fullmatch(name.strip()) is None:  # the served gateway refuses such a name
+            print(f"gateway: --header wants 'Name: value' (a name of letters, digits and !#$%&'*+.^_`|~-), "
+                  f"not {header!r}", file=sys.stderr)
             return None
         headers.append((name, value))
     return raw, headers
@@ -95,7 +100,7 @@ def _explain(args: argparse.Namespace) -> int:
     if given is None:
         return 2
     raw = given[0]
-    headers = [(name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")) for name, value in given[1]]
+    headers = wire_headers(given[1])
     key = None
     if args.key_name is not None:
         key, _, error = caller_of(policy, CallerSpec(key_name=args.key_name))

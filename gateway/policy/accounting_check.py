@@ -88,7 +88,7 @@ def check_accounting(spec: PolicySpec, doc: _Located, models: Mapping[str, Model
     tenants = {key.tenant for key in spec.keys}
     for name, tenant in spec.tenants.items():
         if spec.keys and name not in tenants:
-            warnings.append(f"{doc.file}:{doc.line_of(('tenants', name))}: tenants.{name}: no key of the policy "
+            warnings.append(f"{doc.where(('tenants', name))}: tenants.{name}: no key of the policy "
                             "has this tenant (keys created at run time may)")
         _check_budget(tenant.budget, ("tenants", name, "budget"), doc, models)
     for alias, model in spec.models.items():
@@ -99,7 +99,7 @@ def check_accounting(spec: PolicySpec, doc: _Located, models: Mapping[str, Model
         for target in route.targets:
             if target.price is None:
                 warnings.append(
-                    f"{doc.file}:{doc.line_of(('models', alias))}: models.{alias}: no price for `{target.name}` "
+                    f"{doc.where(('models', alias))}: models.{alias}: no price for `{target.name}` "
                     "(add it to `prices` or the prices file): its requests count as costing 0 "
                     "(gateway_cost_unpriced_total)")
 

@@ -28,8 +28,9 @@ from .includes import PolicyTree, read_tree
 from .loader import PolicyError, PolicyIssue, _Located, check_doc, format_path
 from .provider_schema import KIND_TRAITS, AzureSpec
 from .routes import compile_routing
-from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec
+from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec, gateway_fields_in_extra_body
 from .telemetry_check import metric_labels
+from .token_file import header_credential
 
 log = logging.getLogger("gateway.policy")
 
@@ -111,6 +112,7 @@ def compile_policy(
         name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
     }
     models, rules, prices = compile_routing(spec, doc, providers, load_prices_file(spec, doc))
+    gateway_fields_in_extra_body(spec, doc.issue)
     check_accounting(spec, doc, models, warnings)
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
@@ -131,7 +133,7 @@ def compile_policy(
         warnings.append(f"{doc.where(('telemetry', 'quality', 'enabled'))}: telemetry.quality.enabled: the quality "
                         "signals are metrics, and server.metrics is false: no answer is checked")
     if spec.dynamic_keys.enabled and spec.server.admin_token_env is None:
-        warnings.append(f"{doc.file}:{doc.line_of(('dynamic_keys', 'enabled'))}: dynamic_keys.enabled: without "
+        warnings.append(f"{doc.where(('dynamic_keys', 'enabled'))}: dynamic_keys.enabled: without "
                         "server.admin_token_env this gateway cannot create keys; it only accepts those another "
                         "replica sharing its store created")
     if doc.issues:
@@ -295,14 +297,16 @@ def _provider(
             doc.issue(path + ("headers", header), "the API key header is set from api_key_env; do not repeat it")
         if _looks_secret(header, value, own_keys):
             doc.issue(path + ("headers", header), "put secrets in headers_env (an environment variable), not inline")
-        headers[header] = value
+        headers[header], problem = header_credential(value)
+        if problem is not None:
+            doc.issue(path + ("headers", header), f"the value {problem}")
     for param, value in spec.query.items():
         if _looks_secret(param, value):
             doc.issue(path + ("query", param), "put secrets in environment variables, not inline: a query parameter "
                       f"cannot come from one, so send this credential in a header (api_key_env sends `{key_header}`, "
                       "headers_env any other)")
     secret_vars = dict(spec.headers_env)
-    secret_fields: dict[str, tuple[str, ...]] = {header: ("headers_env",) for header in spec.headers_env}
+    secret_fields: dict[str, tuple[str, ...]] = {header: ("headers_env", header) for header in spec.headers_env}
     if spec.api_key_env:
         secret_vars[key_header] = spec.api_key_env
         secret_fields[key_header] = ("api_key_env",)
@@ -313,18 +317,11 @@ def _provider(
             secret_fields["Authorization"] = ("azure", "entra_token_env")
     secret_values: list[str] = []
     for header, var in secret_vars.items():
-        secret = env.get(var)
-        if secret is None:
-            message = f"environment variable `{var}` is not set"
-            field = path + secret_fields[header]
-            if require_env:
-                doc.issue(field, message)
-            else:
-                warnings.append(f"{doc.where(field)}: {format_path(field)}: {message}")
-            continue
-        bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
-        headers[header] = f"Bearer {secret}" if bearer else secret
-        secret_values.append(secret)
+        secret = _credential(env.get(var), var, path + secret_fields[header], doc, require_env, warnings)
+        if secret is not None:
+            bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
+            headers[header] = f"Bearer {secret}" if bearer else secret
+            secret_values.append(secret)
     return ProviderConfig(
         name=name,
         kind=spec.kind,
@@ -342,6 +339,24 @@ def _provider(
         public_hosts=_public_hosts(base_url),
         options=options,
     )
+
+
+def _credential(value: str | None, var: str, field: tuple[str, ...], doc: _Located, require_env: bool,
+                warnings: list[str]) -> str | None:
+    """The credential in `var` as its header carries it; None when unset or no header could carry it, reported
+    at load (an issue; a warning for `gateway check`) rather than each request failing to send it."""
+    secret, problem = (None, "is not set") if value is None else header_credential(value)
+    if secret is not None and problem is None:
+        if secret != value:  # a secret mounted from a file ends in a newline
+            warnings.append(f"{doc.where(field)}: {format_path(field)}: environment variable `{var}` ends or starts "
+                            "with whitespace (a line break...); it is sent without it")
+        return secret
+    message = f"environment variable `{var}` {problem}"
+    if require_env:
+        doc.issue(field, message)
+    else:
+        warnings.append(f"{doc.where(field)}: {format_path(field)}: {message}")
+    return None
 
 
 def _public_hosts(base_url: str) -> tuple[str, ...]:

@@ -9,6 +9,8 @@ turned into the runtime objects of `policy.compiled` by `policy.compile`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from types import MappingProxyType
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -22,6 +24,7 @@ from .provider_schema import AnthropicSpec, AzureSpec, GeminiSpec
 from .telemetry_schema import TelemetrySpec
 
 __all__ = [
+    "GATEWAY_BODY_FIELDS",
     "AuthMode",
     "BreakerSpec",
     "HealthCheckSpec",
@@ -42,6 +45,7 @@ __all__ = [
     "TargetSpec",
     "TargetTimeoutSpec",
     "TimeoutSpec",
+    "gateway_fields_in_extra_body",
     "json_schema",
 ]
 
@@ -57,6 +61,16 @@ KeyHash = Annotated[
     Meta(pattern=r"^sha256:[0-9a-f]{64}(?!\n)$", description="output of `gateway keys hash`"),
 ]
 ProviderKind = Literal["openai", "azure", "anthropic", "gemini", "demo"]
+# The request fields a target's `extra_body` may not set, each with what the gateway does with it: merged over the
+# client's request, such a field would replace the client's text or model, or change the framing of the answer the
+# gateway reads (a stream where one JSON body is awaited), and the target would fail every request.
+GATEWAY_BODY_FIELDS = MappingProxyType({
+    "model": "the target's own `model` names the upstream's model",
+    "messages": "it is the client's text", "input": "it is the client's text", "prompt": "it is the client's text",
+    "stream": "the client chooses it, and the gateway reads the upstream's answer by it",
+    "stream_options": "the gateway asks for the usage chunk itself (the provider's `stream_usage`)",
+})
+_GATEWAY_MARK = "_gateway_"  # the fields the ingress marks a request with for the providers (`translate.common`)
 AuthMode = Literal["none", "keys"]
 
 
@@ -210,6 +224,7 @@ class TargetSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     timeouts: TargetTimeoutSpec | None = None
     retry: RetrySpec | None = None  # default: the alias's, else routing.retry
     price: PriceSpec | None = None  # default: the `prices` table
+    # The fields of `GATEWAY_BODY_FIELDS` are refused (`gateway_fields_in_extra_body`).
     extra_body: dict[str, Any] = {}  # fields merged into the request sent to this target
     health_check: HealthCheckSpec | None = None
 
@@ -313,6 +328,20 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     guards: GuardsSpec = GuardsSpec()
     telemetry: TelemetrySpec = TelemetrySpec()  # label caps, quality signals, feedback, payload log, tracing
     cache: CacheSettingsSpec = CacheSettingsSpec()  # gateway-wide cache settings (per alias: models.<a>.cache)
+
+
+def gateway_fields_in_extra_body(spec: PolicySpec, issue: Callable[[tuple[str | int, ...], str], None]) -> None:
+    """Report (`issue(path, message)`) each target's `extra_body` field that the gateway sets or reads itself."""
+    targets: list[tuple[tuple[str | int, ...], TargetSpec]] = [
+        (("models", alias, "targets", index), target)
+        for alias, model in spec.models.items() for index, target in enumerate(model.targets)]
+    targets += [(("rules", number, "targets", index), target)
+                for number, rule in enumerate(spec.rules) for index, target in enumerate(rule.targets or ())]
+    for path, target in targets:
+        for field in target.extra_body:
+            if field in GATEWAY_BODY_FIELDS or field.startswith(_GATEWAY_MARK):
+                reason = GATEWAY_BODY_FIELDS.get(field, "the gateway marks requests with such fields")
+                issue(path + ("extra_body", field), f"extra_body may not set `{field}`: {reason}")
 
 
 def json_schema() -> dict[str, object]:

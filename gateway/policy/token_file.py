@@ -8,6 +8,9 @@ both read it with `read_token_file`, so that a file the check accepts is one the
 A change is noticed by the metadata of `os.stat(path)`, which follows symlinks: a Kubernetes
 volume swaps its `..data` symlink rather than writing the file, and the swap shows as another
 inode. What is reported (`TokenRead.problem`) never holds any of the file's text.
+
+A credential read from an environment variable (`api_key_env`, `headers_env`, `azure.entra_token_env`)
+travels in a header too: `header_credential` is what `policy.compile` makes of one.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import re
 import stat
 from dataclasses import dataclass, field
 
-__all__ = ["EMPTY", "MISSING", "Fingerprint", "TokenRead", "fingerprint_of", "read_token_file"]
+__all__ = ["EMPTY", "MISSING", "Fingerprint", "TokenRead", "fingerprint_of", "header_credential", "read_token_file"]
 
 # (st_ino, st_mtime_ns, st_size): what changes when the file is rewritten, replaced or swapped.
 Fingerprint = tuple[int, int, int]
@@ -28,6 +31,9 @@ MIN_TOKEN_CHARS = 16
 # A token travels in a header: visible ASCII, no spaces or line breaks (a JWT's alphabet fits).
 _TOKEN = re.compile(r"[!-~]+")
 _BEARER = re.compile(r"bearer(?:\s+|$)", re.IGNORECASE)  # the scheme, tolerated in front of the token
+# What no header value may hold: aiohttp refuses CR, LF and the other C0 controls but the tab (every request would
+# fail), and a tab inside a credential is a paste error, not part of it.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 # A file whose metadata changes while it is read is read again, this many times at most.
 _READ_TRIES = 3
 
@@ -67,6 +73,23 @@ def read_token_file(path: str) -> TokenRead:
             break
         read = _read_once(path)
     return read
+
+
+def header_credential(value: str) -> tuple[str, str | None]:
+    """(`value` with its surrounding whitespace stripped, what is wrong with it or None).
+
+    Stripped as a token file's text is: a secret mounted from a file, or written with `echo`, ends in a
+    newline, and no credential ends in whitespace. What is left must be one header value: no control
+    character, and text that UTF-8 can spell (undecodable bytes in the environment reach Python as lone
+    surrogates). The problem never holds any of the value."""
+    text = value.strip()
+    if _CONTROL.search(text) is not None:
+        return text, "holds a control character (a line break, a tab...) inside it, which no header value may"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text, "is not UTF-8 text (undecodable bytes), which no header value may be"
+    return text, None
 
 
 def _read_once(path: str) -> TokenRead:

@@ -24,7 +24,21 @@ from .router import Router
 from .rules import Facts, first_match
 from .strategies import order_targets
 
-__all__ = ["explain_route", "route_plan"]
+__all__ = ["explain_route", "route_plan", "wire_headers"]
+
+
+def wire_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
+    """Headers given as text (`--header`, a case file), as the served gateway receives them from a client: the
+    bytes a client sends, UTF-8, which the rules then read as the server hands them on (as latin-1). So a rule
+    matches the same requests in a dry run as when serving."""
+    return [(_wire(name.strip().lower()), _wire(value.strip())) for name, value in headers]
+
+
+def _wire(text: str) -> bytes:
+    try:
+        return text.encode("utf-8", "surrogateescape")  # a command line's undecodable bytes: the bytes as given
+    except UnicodeEncodeError:  # a lone surrogate from a YAML escape: no client could send it
+        return text.encode("utf-8", "replace")
 
 
 def explain_route(
@@ -40,8 +54,7 @@ def explain_route(
     tokens = TokenCounter()
     if any(rule.match.needs_tokens for rule in policy.rules):
         tokens.load(route.upstream_model for route in policy.models.values())
-    raw_headers = [(name.strip().lower().encode("latin-1"), value.strip().encode("latin-1")) for name, value in headers]
-    facts = Facts(body, virtual_key, raw_headers, tokens, policy.models[alias].upstream_model)
+    facts = Facts(body, virtual_key, wire_headers(headers), tokens, policy.models[alias].upstream_model)
     router = Router(policy, {}, None, Metrics(), tokens)
     stream = body.get("stream") is True
     rule, route, order = route_plan(router, facts, alias, stream, endpoint)

@@ -6,9 +6,10 @@ One `Router` per runtime (so per policy version), built with its providers and s
 
 The walk: for each candidate in order, skip it while its breaker is open; try it,
 retrying the same target on a retryable failure (backoff with full jitter, or the
-upstream's Retry-After up to a cap); on a failure `retry_on` does not list, answer
-at once; on "context length exceeded", go on with the alias's `context_fallback`;
-otherwise fall back to the next candidate (of an alias whose targets' providers serve
+upstream's Retry-After up to a cap) for as long as its breaker allows it (a retry asks
+again: not once it opened, not beside another request's probe); on a failure `retry_on`
+does not list, answer at once; on "context length exceeded", go on with the alias's
+`context_fallback`; otherwise fall back to the next candidate (of an alias whose targets' providers serve
 different endpoints, those that serve the request's). A deadline bounds the whole walk:
 a retry whose wait would outlast it gives way to the next candidate, and the walk stops
 once it has passed (an attempt it cuts short says nothing about the target's health).
@@ -41,7 +42,7 @@ from ..telemetry.metrics import Metrics
 from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
 from .attempts import DeadlineExceeded, Replay, TargetsUnavailable, aggregate, backoff, breaker_verdict, classify, peek
-from .breaker import Breakers
+from .breaker import OPEN, Breakers
 from .rules import Facts, first_match
 from .stats import TargetStats
 from .strategies import order_targets
@@ -167,6 +168,10 @@ class Router:
             candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
             if id(route) in self._mixed:
                 candidates = self.serving(ctx.endpoint, candidates)
+        if not failures and deadline is not None and asyncio.get_running_loop().time() >= deadline:
+            # The deadline passed before any target was tried (a tiny `deadline_s`): the deadline's own 504.
+            raise self._tagged(ctx, DeadlineExceeded(f"`{ctx.alias_label}` found no answer within its deadline "
+                                                     "(it passed before any target was tried)"))
         raise self._tagged(ctx, aggregate(ctx.alias_label, failures))
 
     async def _walk(
@@ -225,7 +230,8 @@ class Router:
                 self._failed(ctx, target, exc, kind, time.perf_counter() - started, failures)
                 if isinstance(exc, DeadlineExceeded):
                     return "stop"
-                if kind == "unsupported":  # nothing was sent: the next target may do what this one cannot
+                if kind == "unsupported":  # nothing was sent (no attempt made): the next target may do it
+                    ctx.attempt_count -= 1
                     return "next"
                 if kind not in route.retry_on and kind != "busy":  # a full local pool: try the next target
                     raise self._tagged(ctx, exc) from None
@@ -233,13 +239,15 @@ class Router:
                     if route.context_fallback is None:
                         raise self._tagged(ctx, exc) from None
                     return "context"
-                if retry >= target.retry.attempts or kind == "busy":
-                    return "next"
+                if retry >= target.retry.attempts or kind == "busy" or self.breakers.state(target.name) == OPEN:
+                    return "next"  # (open: this failure or another request's opened it; `breaker` says why)
                 delay = backoff(target.retry, retry, exc, self.rng)
                 if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
                     return "next"  # the wait would outlast the deadline: the next target instead (if time is left)
-                self._count(self.metrics.retries, target.name, kind).inc()
                 await asyncio.sleep(delay)
+                if not self.breakers.allow(target.name):  # opened meanwhile, or half-open with another's probe
+                    return "next"
+                self._count(self.metrics.retries, target.name, kind).inc()
                 retry += 1
             except BaseException:
                 self.breakers.release(target.name)  # cancelled (client gone, shutdown): no verdict
@@ -344,6 +352,7 @@ class Router:
         failures: list[tuple[Target, GatewayError, str]],
     ) -> None:
         failures.append((target, error, kind))
+        self.stats[target.name].failed(kind, ctx.stream, seconds)  # (the latency strategy: see `stats`)
         if isinstance(error, DeadlineExceeded):
             # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
             # cancelled request), or one strict alias would open the breaker every other alias shares.

@@ -14,10 +14,17 @@ them). Anything else takes aiohttp's own `send`.
 
 The override mirrors the tail of aiohttp 3.14's `send` (the head's defaults, the response
 object), so it is used only with the releases it was checked against (`request_class`).
+
+A header aiohttp refuses to write (a control character in a credential, which the policy's load
+refuses, or anything else it cannot spell) raises `ValueError` from `send`, which the providers'
+transport errors do not catch: every request would be a 500. `send` raises `HeaderNotSent`
+instead, a client error, so that the provider answers 502 and names itself, and the failure's
+message names the headers, never their values.
 """
 
 from __future__ import annotations
 
+import re
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -30,10 +37,32 @@ from aiohttp.payload import BytesPayload
 if TYPE_CHECKING:
     from aiohttp.connector import Connection
 
-__all__ = ["INLINE_BODY_LIMIT", "InlineBodyRequest", "request_class"]
+__all__ = ["INLINE_BODY_LIMIT", "HeaderNotSent", "InlineBodyRequest", "request_class"]
 
 _CHECKED_RELEASES = ("3.14.",)  # aiohttp releases whose `ClientRequest.send` the override mirrors
 INLINE_BODY_LIMIT = 32 * 1024  # well under a socket's send buffer: writing it does not wait
+_UNWRITABLE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # what aiohttp refuses in a head (RFC 9110 5.5)
+
+
+class HeaderNotSent(aiohttp.ClientError):
+    """A header of the request could not be written (see the module); the message names the headers only."""
+
+    @classmethod
+    def of(cls, request: ClientRequest) -> HeaderNotSent:
+        names = [name for name, value in request.headers.items() if not _writable(name) or not _writable(value)]
+        return cls(f"the request's header(s) {', '.join(names) or '(unknown)'} hold a control character or text "
+                   "that UTF-8 cannot spell, and cannot be sent")
+
+
+def _writable(text: str) -> bool:
+    """Whether aiohttp writes `text` in a head (its own test: no control character but the tab, UTF-8)."""
+    if _UNWRITABLE.search(text) is not None:
+        return False
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 class InlineBodyRequest(ClientRequest):
@@ -50,7 +79,10 @@ class InlineBodyRequest(ClientRequest):
 
     async def send(self, conn: Connection) -> ClientResponse:
         if not self._inline_body(conn):
-            return await super().send(conn)
+            try:
+                return await super().send(conn)
+            except ValueError as exc:  # a header it cannot write (the module says why)
+                raise HeaderNotSent.of(self) from exc
         protocol = conn.protocol
         assert protocol is not None  # checked by `_inline_body`
         writer = StreamWriter(protocol, self.loop)
@@ -66,8 +98,11 @@ class InlineBodyRequest(ClientRequest):
                     self.headers[hdrs.CONNECTION] = "close"
             elif version == HttpVersion10:
                 self.headers[hdrs.CONNECTION] = "keep-alive"
-        await writer.write_headers(f"{self.method} {self.url.raw_path_qs} HTTP/{version.major}.{version.minor}",
-                                   self.headers)
+        try:
+            await writer.write_headers(f"{self.method} {self.url.raw_path_qs} HTTP/{version.major}.{version.minor}",
+                                       self.headers)
+        except ValueError as exc:  # a header it cannot write (the module says why)
+            raise HeaderNotSent.of(self) from exc
         await self.write_bytes(writer, conn, self._get_content_length())  # head and body, one write
         response_class = self.response_class
         response = response_class(

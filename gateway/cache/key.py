@@ -48,7 +48,7 @@ _SCOPE_EXCLUDED = EXCLUDED | SEMANTIC_TEXT_FIELDS
 
 _encode = msgspec.msgpack.Encoder().encode  # maps in the order given: the top level is sorted by `_fields`
 _BIG_INT = 1  # the msgpack extension type of an integer past 64 bits
-_NUMBER = re.compile(r"\d+")
+_NUMBER = re.compile(r"[-\u2212]?\d+")  # a digit run and its sign: -5 is not 5 (U+2212, the minus sign, as "-")
 # "not", "n't" and "cannot" count as one word; words that start with un-, non-, dis- (unsafe, uninstall, disable)
 # count as they are.
 _NEGATION = re.compile(r"n['\u2019]t\b|\b(?:not|no|never|none|nothing|nobody|nowhere|neither|nor|cannot|without)\b"
@@ -87,12 +87,16 @@ def cache_key(tenant: str, version: str, endpoint: Endpoint, alias: str, targets
 
 
 def polarity(text: str) -> tuple[list[str], list[str]]:
-    """What a semantic match must share word for word: the numbers (digit runs, in order: "9.11 or 9.9" is not
-    "9.9 or 9.11") and the negations as a multiset (`not`/`n't`/`cannot` as one word, `no`, `never`, `without`...,
-    and words of un-, non-, dis- and three letters more, as written: `unsafe`, `disable`, but also `under`). The
-    embedding barely tells "safe" from "unsafe" or 100 from 250 (docs/cache.md)."""
+    """What a semantic match must share word for word: the numbers (digit runs with a minus sign written against
+    them, in order: "9.11 or 9.9" is not "9.9 or 9.11", "-5 degrees" not "5 degrees") and the negations as a
+    multiset (`not`/`n't`/`cannot` as one word, `no`, `never`, `without`..., and words of un-, non-, dis- and
+    three letters more, as written: `unsafe`, `disable`, but also `under`). The embedding barely tells "safe" from
+    "unsafe" or 100 from 250 (docs/cache.md)."""
     negations = sorted("not" if word.lower() in _NOT else word.lower() for word in _NEGATION.findall(text))
-    return _NUMBER.findall(text), negations
+    numbers = _NUMBER.findall(text)
+    if "\u2212" in text:
+        numbers = [number.replace("\u2212", "-") for number in numbers]
+    return numbers, negations
 
 
 def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],

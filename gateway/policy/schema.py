@@ -225,7 +225,7 @@ class TargetSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     retry: RetrySpec | None = None  # default: the alias's, else routing.retry
     price: PriceSpec | None = None  # default: the `prices` table
     # The fields of `GATEWAY_BODY_FIELDS` are refused (`gateway_fields_in_extra_body`).
-    extra_body: dict[str, Any] = {}  # fields merged into the request sent to this target
+    extra_body: dict[str, Any] = {}  # fields merged into the request, but not the gateway's (model, stream...)
     health_check: HealthCheckSpec | None = None
 
 

@@ -199,8 +199,8 @@ rules:
 
 
 def test_a_non_latin1_header_is_read_by_the_dry_runs_as_the_served_gateway_reads_it(tmp_path: Path) -> None:
-    """A client sends the header's UTF-8 bytes: the rule the served gateway matches is the one `route`,
-    `explain` and `test` report."""
+    """A client sends the header's UTF-8 bytes: the served gateway matches the rule written with that text, and
+    `route`, `explain` and `test` report the same rule."""
     running = RunningGateway(_RULED, {}).start()
     try:
         answer = httpx.post(running.base_url + "/chat/completions", json={"model": "chat", "messages": MESSAGES},
@@ -209,6 +209,7 @@ def test_a_non_latin1_header_is_read_by_the_dry_runs_as_the_served_gateway_reads
         running.stop()
     assert answer.status_code == 200, answer.text
     served_rule = {"demo-2": "snowman", "demo-3": "anyone"}[answer.json()["model"]]
+    assert served_rule == "snowman"  # the rule's value as the client wrote it (read as latin-1, it matched nothing)
     (tmp_path / "p.yaml").write_text(_RULED)
     (tmp_path / "r.json").write_text(json.dumps({"model": "chat", "messages": MESSAGES}))
     routed = gateway_cli("route", "r.json", "--policy", "p.yaml", "--header", "X-User: \u2603", cwd=tmp_path)

@@ -29,8 +29,8 @@ __all__ = ["explain_route", "route_plan", "wire_headers"]
 
 def wire_headers(headers: Sequence[tuple[str, str]]) -> list[tuple[bytes, bytes]]:
     """Headers given as text (`--header`, a case file), as the served gateway receives them from a client: the
-    bytes a client sends, UTF-8, which the rules then read as the server hands them on (as latin-1). So a rule
-    matches the same requests in a dry run as when serving."""
+    bytes a client sends, UTF-8, which the rules then read as UTF-8 (`Facts.header`). So a rule matches the same
+    requests in a dry run as when serving."""
     return [(_wire(name.strip().lower()), _wire(value.strip())) for name, value in headers]
 
 

@@ -46,10 +46,14 @@ class Facts:
         return self.key.name if self.key is not None else None
 
     def header(self, name: bytes) -> str | None:
-        """A request header's value (`name` lower-case); the first one when repeated."""
+        """A request header's value (`name` lower-case); the first one when repeated. Read as UTF-8, as clients send
+        text (a rule's `x-user: ["\u2603"]` matched no request when read as latin-1), else as latin-1 (any bytes)."""
         for raw_name, value in self.headers:
             if raw_name == name:
-                return value.decode("latin-1")
+                try:
+                    return value.decode()
+                except UnicodeDecodeError:
+                    return value.decode("latin-1")
         return None
 
     @property

@@ -339,14 +339,15 @@ def status_error(
     provider: str, status: int, detail: str, retry_after: str | None, code: str | None = None, raw: str = "",
 ) -> GatewayError:
     """The client-facing error for an upstream's HTTP status (`detail` already sanitized; `code` and `raw`,
-    the upstream's own error code and message, are only read to recognise a context window overflow)."""
+    the upstream's own error code and message, are only read to recognise a context window overflow), with
+    the upstream's `Retry-After` when it is a 429 or a server error."""
     suffix = f": {detail}" if detail else ""
     if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(raw[:2000])):
         return ContextLengthExceeded(f"upstream `{provider}` rejected the request: the prompt exceeds its context "
                                      f"window{suffix}")
+    hint = retry_after_seconds(retry_after)
+    headers = {"Retry-After": client_retry_after(hint)} if hint is not None else {}
     if status == 429:
-        hint = retry_after_seconds(retry_after)
-        headers = {"Retry-After": client_retry_after(hint)} if hint is not None else {}
         return RateLimited(f"upstream `{provider}` is rate limited{suffix}", headers=headers)
     if 300 <= status < 400:  # not followed (`_send`); its body and Location are not repeated: they name a host
         return UpstreamError(f"upstream `{provider}` answered with a redirect (HTTP {status}), which the gateway "
@@ -359,7 +360,10 @@ def status_error(
         return UpstreamTimeout(f"upstream `{provider}` timed out (HTTP {status})")
     if status in (401, 403):
         return UpstreamError(f"upstream `{provider}` rejected the gateway's credentials (HTTP {status})")
-    return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}")
+    # A server error's Retry-After (a 503's above all) is the routing's wait before a retry, up to the target's
+    # `retry_after_max_s`, and the client's when this is the answer it gets, as a 429's and a 529's are.
+    return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}",
+                         headers=headers if status >= 500 else None)
 
 
 async def _error_body(response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:

@@ -5,10 +5,10 @@ is exponential with full jitter (a random wait between zero and the ceiling), so
 that clients failing together do not retry together; an upstream's Retry-After
 replaces it, up to the target's cap. `aggregate` turns every failed attempt into
 the one error the client gets (a 429 from every target tells the client the smallest
-Retry-After, capped at a day). `peek` reads a stream up to its first content event,
-so that a stream that fails before any content (even with a 200 and an in-band
-error, or a body that ends without one) can still fall back; `Replay` then hands
-the buffered batches on, unchanged.
+Retry-After, capped at a day, as does a 502 whose every attempt sent one). `peek`
+reads a stream up to its first content event, so that a stream that fails before any
+content (even with a 200 and an in-band error, or a body that ends without one) can
+still fall back; `Replay` then hands the buffered batches on, unchanged.
 """
 
 from __future__ import annotations
@@ -39,6 +39,9 @@ __all__ = ["BREAKER_FAILURES", "DeadlineExceeded", "Replay", "TargetsUnavailable
 # covers it), a full local pool says the gateway is, a client error says nothing about the target.
 BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error"})
 _MAX_MESSAGE = 900
+# Failures that hand the request on rather than fail it: a context overflow (to `context_fallback`), a field the
+# target lacks (nothing sent: to the next target).
+_PASSED_ON = frozenset({"context_length", "unsupported"})
 
 
 class DeadlineExceeded(UpstreamTimeout):
@@ -102,24 +105,29 @@ def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Ra
 
 def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) -> GatewayError:
     """One error for all attempts: 429 when every one was rate limited (with the smallest Retry-After),
-    504 when every one timed out, 400 when no target supports the request, else 502; its message lists each
-    attempt."""
+    504 when every one timed out, 400 when no target supports the request, else 502 (with the smallest
+    Retry-After when every attempt sent one: a 503's); its message lists each attempt.
+
+    The status and Retry-After are those of the attempts that could have answered: a target that passed the
+    request on (`_PASSED_ON`: to the context fallback, or to the next target) says nothing of why the request
+    found no answer, and would turn the last target's 429 and its Retry-After into a bare 502."""
     if len(failures) == 1:
         return failures[0][1]
-    kinds = {kind for _, _, kind in failures}
+    deciding = [failure for failure in failures if failure[2] not in _PASSED_ON] or failures
+    kinds = {kind for _, _, kind in deciding}
+    hints = [h for _, error, _ in deciding if (h := retry_after_s(error)) is not None]
+    wait = {"Retry-After": client_retry_after(max(1.0, min(hints)))} if hints else {}
     listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
     if len(listed) > _MAX_MESSAGE:
         listed = listed[:_MAX_MESSAGE] + "..."
     what = f"all {len(failures)} attempts for `{alias}` failed ({listed})"
     if kinds == {"rate_limit"}:
-        hints = [h for _, error, _ in failures if (h := retry_after_s(error)) is not None]
-        headers = {"Retry-After": client_retry_after(max(1.0, min(hints)))} if hints else {}
-        return RateLimited(what, headers=headers)
+        return RateLimited(what, headers=wait)
     if kinds == {"timeout"}:
         return UpstreamTimeout(what)
     if kinds == {"unsupported"}:
         return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param)
-    return AllTargetsFailed(what)
+    return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)
 
 
 async def peek(source: EventSource) -> tuple[list[list[StreamEvent]], AsyncIterator[list[StreamEvent]]]:

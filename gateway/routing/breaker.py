@@ -10,7 +10,10 @@ are logged and ignored: the local breaker keeps working on its own.
 
 States: closed (traffic flows; consecutive failures and a per-window failure ratio
 are counted) -> open (skipped for `cooldown_s`) -> half-open (exactly one request of
-this process probes it) -> closed on success, open again on failure.
+this process probes it) -> closed on success, open again on failure. A failure while it
+is open (an attempt that began before it opened) changes nothing: the cooldown runs from the
+opening. A retry of a target asks `allow` again, so that no retry follows a failure that
+opened the breaker, nor runs beside another request's probe.
 
 A stream is judged by its whole stream (`opened`, then `ended`): its opening closes a
 breaker that is not closed (a probe's verdict cannot wait for a stream of minutes while
@@ -139,9 +142,8 @@ class Breakers:
         self._count(entry, failed=True)
         if not self.spec.enabled:
             return
-        if entry.state != CLOSED:  # a failed probe (or the forced try of an all-open alias): open again
-            entry.probing = False
-            self._open(target, entry, now, self.spec.cooldown_s)
+        if entry.state != CLOSED:
+            self._failed_while_open(target, entry, now)
             return
         spec = self.spec
         tripped = entry.consecutive >= spec.failures or (
@@ -150,6 +152,16 @@ class Breakers:
         )
         if tripped:
             self._open(target, entry, now, spec.cooldown_s)
+
+    def _failed_while_open(self, target: str, entry: _State, now: float) -> None:
+        """A failure once the breaker is not closed. Half-open (a failed probe), or open past its cooldown with
+        no probe taken yet: open again, once, for a fresh cooldown. Open within its cooldown (an attempt that
+        began before it opened, or the forced try of an alias whose targets are all open): nothing more, or each
+        such failure would put the probe off by another cooldown and log the opening again."""
+        if entry.state == OPEN and now < entry.open_until:
+            return
+        entry.probing = False
+        self._open(target, entry, now, self.spec.cooldown_s)
 
     # -- streams: judged by the whole stream --------------------------------------------------------------
 

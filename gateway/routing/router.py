@@ -352,7 +352,8 @@ class Router:
         failures: list[tuple[Target, GatewayError, str]],
     ) -> None:
         failures.append((target, error, kind))
-        self.stats[target.name].failed(kind, ctx.stream, seconds)  # (the latency strategy: see `stats`)
+        if not isinstance(error, DeadlineExceeded):  # a slow sample for `latency` (cut short: nothing of its speed)
+            self.stats[target.name].failed(kind, ctx.stream, seconds)
         if isinstance(error, DeadlineExceeded):
             # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
             # cancelled request), or one strict alias would open the breaker every other alias shares.

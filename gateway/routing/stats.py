@@ -7,9 +7,17 @@ read, not a store round trip. (Breaker state, which replicas must agree on, is i
 
 from __future__ import annotations
 
-__all__ = ["ALPHA", "TargetStats"]
+__all__ = ["ALPHA", "FAILED_SAMPLE_S", "TargetStats"]
 
 ALPHA = 0.3  # weight of the newest sample: a slowed target is noticed within a few requests
+# A failed attempt is a sample this slow (or its own time, if longer): slower than a target that answers, so one that
+# keeps failing goes behind those that answer, and its answers bring it back (`explore` tries it; each answer takes
+# ALPHA of the gap off, so about ten of them undo one failure). Without it, a target that never
+# answered stayed unmeasured (0: tried first) forever, and one that began failing kept its old, fast average.
+FAILED_SAMPLE_S = 10.0
+# The failures (`attempts.classify`) that say the target could not answer. Not a client error, a context overflow or
+# a field the target lacks (the request's doing), a full local pool (this process's) or the alias's deadline.
+_SLOW_FAILURES = frozenset({"connect", "timeout", "server_error", "rate_limit"})
 
 
 class TargetStats:
@@ -33,6 +41,11 @@ class TargetStats:
         else:
             old = self.full_answer_s
             self.full_answer_s = seconds if old is None else old + ALPHA * (seconds - old)
+
+    def failed(self, kind: str, stream: bool, seconds: float) -> None:
+        """A failed attempt of kind `kind` (`attempts.classify`) that took `seconds`."""
+        if kind in _SLOW_FAILURES:
+            self.observe(stream, max(seconds, FAILED_SAMPLE_S))
 
     def latency(self, stream: bool) -> float:
         """The average that matters for this request; 0 when unknown, so an unmeasured target is tried."""

@@ -57,7 +57,8 @@ def sticky_point(value: str) -> float:
 
 def _latency(route: ModelRoute, facts: Facts | None, stats: _Stats, stream: bool, rng: random.Random
              ) -> Sequence[Target]:
-    """Fastest average first. With probability `explore`, another target goes first, so that a
+    """Fastest average first (a failed attempt counts as a slow answer, `stats.FAILED_SAMPLE_S`, so a target
+    that keeps failing goes behind those that answer). With probability `explore`, another target goes first, so that a
     recovered target is measured again and wins its traffic back."""
     ordered = sorted(route.targets, key=lambda t: stats[t.name].latency(stream))
     if route.explore and rng.random() < route.explore:

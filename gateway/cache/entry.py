@@ -15,7 +15,11 @@ every request of the process; a thread hop costs about 0.1-0.2 ms.
 
 Decoding never trusts the bytes: anything that does not decode to a well-formed
 entry (a corrupt value, another program's key) is `None`, which the cache treats
-as a miss.
+as a miss. Nor does a hit trust the answer inside: served in its own form it goes
+out as stored, so `load_entry` also refuses an entry that is not an answer of
+the request's endpoint (`holds_answer`), checked as it is decoded (in the same
+worker thread for a large one), so that a decoded entry the cache keeps is never
+checked again.
 """
 
 from __future__ import annotations
@@ -26,10 +30,11 @@ from typing import Literal
 
 import msgspec
 
+from ..schemas.endpoints import Endpoint
 from ..schemas.openai import Usage
 
-__all__ = ["DECODE_INLINE_BYTES", "ENCODE_INLINE_BYTES", "Entry", "decode_entry", "encode_entry", "load_entry",
-           "pack_entry"]
+__all__ = ["DECODE_INLINE_BYTES", "ENCODE_INLINE_BYTES", "Entry", "decode_entry", "encode_entry", "holds_answer",
+           "load_entry", "pack_entry"]
 
 _RAW, _ZLIB = b"\x00", b"\x01"
 _MAX_INFLATE = 256 * 1024 * 1024  # a decompression bomb in a shared Redis is a miss, not an outage
@@ -126,11 +131,74 @@ def decode_entry(value: bytes, max_inflate: int = _MAX_INFLATE) -> Entry | None:
         return None
 
 
-async def load_entry(value: bytes) -> Entry | None:
-    """`decode_entry` on the event loop for small values, in a worker thread for large ones."""
+async def load_entry(value: bytes, endpoint: Endpoint | None) -> Entry | None:
+    """`decode_entry` on the event loop for small values, in a worker thread for large ones; None too for an entry
+    that is not an answer of `endpoint` (None: not checked)."""
     if len(value) <= DECODE_INLINE_BYTES:
         try:
-            return decode_entry(value, DECODE_INLINE_BYTES)
+            return _answer(decode_entry(value, DECODE_INLINE_BYTES), endpoint)
         except _TooLarge:
             pass
-    return await asyncio.to_thread(decode_entry, value)
+    return await asyncio.to_thread(_load_large, value, endpoint)
+
+
+def _load_large(value: bytes, endpoint: Endpoint | None) -> Entry | None:
+    return _answer(decode_entry(value), endpoint)
+
+
+def _answer(entry: Entry | None, endpoint: Endpoint | None) -> Entry | None:
+    return entry if entry is None or endpoint is None or holds_answer(entry, endpoint) else None
+
+
+# What a hit needs of a stored answer to go out as one: the shape an SDK parses, nothing more. Each field the
+# check does not need is skipped by the decoder, not built (an embeddings answer of megabytes included).
+class _Object(msgspec.Struct, gc=False):
+    """Any JSON object."""
+
+
+class _Answer(msgspec.Struct, gc=False):
+    """A complete chat or text completion: `choices`, a list of objects."""
+
+    choices: list[_Object]
+
+
+class _Embeddings(msgspec.Struct, gc=False):
+    data: list[msgspec.Raw]
+
+
+class _Piece(msgspec.Struct, gc=False):
+    """A stream chunk: one without `choices` (an upstream's extra piece) is kept as the upstream sent it."""
+
+    choices: list[_Object] | None = None
+
+
+_read_answer = msgspec.json.Decoder(_Answer).decode
+_read_embeddings = msgspec.json.Decoder(_Embeddings).decode
+_read_piece = msgspec.json.Decoder(_Piece).decode
+
+
+def holds_answer(entry: Entry, endpoint: Endpoint) -> bool:
+    """Whether `entry` is an answer of `endpoint` that a client can read: a complete one a JSON object with its
+    `choices` a list of objects (`data` a list: embeddings), a stream's every piece a JSON object whose `choices`
+    are objects (a usage-only piece has none) and some piece with a choice (a stream of nothing answers nothing).
+
+    Run once per distinct stored value, as it is decoded: a stream's pieces are each decoded here (about 0.2 us
+    a usual chunk, measured), which a hit of a value the cache keeps decoded never pays again."""
+    try:
+        if entry.kind == "body":
+            if endpoint is Endpoint.EMBEDDINGS:
+                _read_embeddings(entry.body)
+            else:
+                _read_answer(entry.body)
+            return True
+        if endpoint is Endpoint.EMBEDDINGS:  # never streamed
+            return False
+        if entry.usage_chunk is not None:
+            _read_piece(entry.usage_chunk)
+        answered = False
+        for payload in entry.chunks:
+            if _read_piece(payload).choices:
+                answered = True
+        return answered
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        return False

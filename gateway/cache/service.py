@@ -19,6 +19,7 @@ from ..policy.cache_schema import CacheSpec
 from ..policy.compiled import Policy
 from ..providers.base import Provider
 from ..routing.rules import Facts, first_match
+from ..schemas.endpoints import Endpoint
 from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
@@ -104,7 +105,8 @@ class ResponseCache:
         self._exact_lookup = metrics.cache_lookup.labels("exact")
         # a shared store is read in batches (one MGET per loop turn); the memory store answers at once
         self._gets = BatchedGets(store.get_many, self.spawn) if policy.state.backend != "memory" else None
-        self._decoded: dict[str, tuple[bytes, Entry]] = {}  # key: (the stored value, its entry), oldest first
+        # key: (the stored value, its entry or None when it is none, the endpoint it was checked for), oldest first
+        self._decoded: dict[str, tuple[bytes, Entry | None, Endpoint | None]] = {}
 
     async def start(self) -> None:
         for local in self._local.values():
@@ -147,7 +149,10 @@ class ResponseCache:
 
     # -- reading ----------------------------------------------------------------------------------------
 
-    async def read(self, key: str, max_age: float | None, alias: str) -> Entry | None:
+    async def read(self, key: str, max_age: float | None, alias: str, endpoint: Endpoint | None = None
+                   ) -> Entry | None:
+        """The entry stored under `key`, if it is usable: it decodes, it is an answer of `endpoint` (None: any
+        entry that decodes), and it is at most `max_age` old. One that is not is counted `corrupt`."""
         started = time.perf_counter()
         try:
             gets = self._gets
@@ -160,38 +165,42 @@ class ResponseCache:
         if value is None:
             return None
         known = self._decoded.get(key)
-        if known is not None and (known[0] is value or known[0] == value):  # the same bytes: decoded already
-            entry: Entry | None = known[1]
+        if known is not None and known[2] is endpoint and (known[0] is value or known[0] == value):
+            entry = known[1]  # the same bytes: decoded and checked already
         else:
-            entry = await self._decode(key, value)
+            entry = await self._decode(key, value, endpoint)
         if entry is None:
             self.metrics.cache_errors.labels("corrupt").inc()
-            log.warning("cache: an entry could not be decoded; served as a miss", extra={"fields": {"model": alias}})
+            log.warning("cache: an entry could not be decoded, or is not an answer; served as a miss",
+                        extra={"fields": {"model": alias}})
             return None
         if max_age is not None and time.time() - entry.created > max_age:
             return None
         return entry
 
-    async def _decode(self, key: str, value: bytes) -> Entry | None:
-        """The entry stored as `value`, kept to be reused while the same bytes come back for `key` (`read`).
+    async def _decode(self, key: str, value: bytes, endpoint: Endpoint | None) -> Entry | None:
+        """The entry stored as `value` if it is an answer of `endpoint` (`load_entry`), kept to be reused while
+        the same bytes come back for `key` (`read`): a hit on a hot key neither decodes nor checks it again.
 
         Reused only for the very same stored bytes (the memory store's own object, or equal bytes from
-        Redis): a key written again with another answer is decoded afresh. A large one is decoded in a
-        worker thread, on every hit (`load_entry`).
+        Redis): a key written again with another answer is decoded afresh. One that is not an answer is kept
+        too (as None), so that a cache that may not replace it (`read-only`) does not check it on every
+        request. A large one is decoded and checked in a worker thread, on every hit (`load_entry`).
         """
-        entry = await load_entry(value)
-        if entry is not None and len(value) <= DECODED_MAX_BYTES and answer_bytes(entry) <= DECODED_MAX_BYTES:
+        entry = await load_entry(value, endpoint)
+        if len(value) <= DECODED_MAX_BYTES and (entry is None or answer_bytes(entry) <= DECODED_MAX_BYTES):
             decoded = self._decoded
             decoded.pop(key, None)
             if len(decoded) >= DECODED_ENTRIES:
                 del decoded[next(iter(decoded))]
-            decoded[key] = (value, entry)
+            decoded[key] = (value, entry, endpoint)
         return entry
 
-    async def present(self, key: str) -> bool:
-        """Whether a usable entry is stored under `key` (a corrupt one is not: its key needs a leader)."""
+    async def present(self, key: str, endpoint: Endpoint) -> bool:
+        """Whether a usable entry is stored under `key` (a corrupt one, or one that is not an answer of `endpoint`,
+        is not: its key needs a leader)."""
         value = await self.store.get(ENTRY + key)
-        return value is not None and await load_entry(value) is not None
+        return value is not None and await load_entry(value, endpoint) is not None
 
     async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None
                             ) -> tuple[Entry | None, float | None, SemanticProbe | None]:
@@ -218,7 +227,7 @@ class ResponseCache:
         self.metrics.cache_similarity.labels(route.alias).observe(max(0.0, similarity))
         if similarity < semantic.threshold:
             return None, similarity, probe
-        entry = await self.read(key, max_age, route.alias)
+        entry = await self.read(key, max_age, route.alias, ctx.endpoint)
         if entry is None:
             index.remove(scope, key)
         return entry, similarity, probe

@@ -21,7 +21,9 @@ at a time would spare no call and make the last wait for all the others.
 A hit the client asked for in the other form (a stored stream for a non-streamed
 request, or the other way round) is served only when the conversion is exact
 (`replay.Unconvertible`); otherwise it is a miss, and the new answer replaces the
-entry in its own form.
+entry in its own form. A stored entry that is not an answer at all (not a JSON
+object, a null choice) is never served, in either form: the cache reads it as a
+corrupt entry (`ResponseCache.read`), a miss, and the new answer replaces it.
 """
 
 from __future__ import annotations
@@ -75,7 +77,7 @@ class CacheStage:
         read, write = decided.lookup, decided.store
         probe: SemanticProbe | None = None
         if read:
-            entry = await cache.read(key, control.max_age, alias)
+            entry = await cache.read(key, control.max_age, alias, ctx.endpoint)
             if entry is not None and (reply := self._hit(ctx, entry, "hit", None)) is not None:
                 return reply
             if spec.semantic is not None:
@@ -88,9 +90,9 @@ class CacheStage:
             return await self._pass(ctx, call_next, CacheResult("miss"), alias)
         flight: Flight | None = None
         if spec.coalesce and read:
-            flight = await cache.flights.join(key, spec.coalesce_timeout_s, partial(cache.present, key))
+            flight = await cache.flights.join(key, spec.coalesce_timeout_s, partial(cache.present, key, ctx.endpoint))
             if flight is None:  # another request went upstream: its answer may be here now
-                entry = await cache.read(key, control.max_age, alias)
+                entry = await cache.read(key, control.max_age, alias, ctx.endpoint)
                 if entry is not None and (reply := self._hit(ctx, entry, "hit", None)) is not None:
                     return reply
         try:

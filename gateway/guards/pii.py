@@ -96,12 +96,11 @@ def build_analyzer(engine: Engine) -> Any:
         IbanRecognizer,
         SpacyRecognizer,
         UkNinoRecognizer,
-        UrlRecognizer,
         UsSsnRecognizer,
     )
 
     from .recognizers import VALIDATORS, ContextRecognizer, gateway_recognizers
-    from .windowed import EmailWindows, IpWindows, PhoneWindows
+    from .windowed import EmailWindows, IpWindows, PhoneWindows, UrlWindows
 
     quiet_network()
     # Presidio logs matched text in places (an IBAN that fails validation, context words at debug):
@@ -113,7 +112,7 @@ def build_analyzer(engine: Engine) -> Any:
         # The windowed ones keep presidio's names: findings and metrics name the recognizer.
         "EMAIL_ADDRESS": partial(EmailWindows, name="EmailRecognizer"), "CREDIT_CARD": CreditCardRecognizer,
         "IBAN_CODE": IbanRecognizer, "IP_ADDRESS": partial(IpWindows, name="IpRecognizer"),
-        "US_SSN": UsSsnRecognizer, "UK_NINO": UkNinoRecognizer, "URL": UrlRecognizer,
+        "US_SSN": UsSsnRecognizer, "UK_NINO": UkNinoRecognizer, "URL": partial(UrlWindows, name="UrlRecognizer"),
         "DATE_TIME": DateRecognizer,
     }
     for lang in engine.languages:

@@ -276,19 +276,30 @@ _DOB_SHAPE = AnyGate(AllGates(RunGate(6), ShapeGate("0000-00-00", "0[./-]00?[./-
                 rf"(?:{'|'.join(letters(m[::-1]) for m in _MONTHS)})")],
 ))
 _streets_before = "|".join(literal(w[::-1]) for w in _STREETS_BEFORE)
+# In the form for a text with other characters, DEL is a digit and a space at once, so a gate that reads
+# `[0 DEL]` then `_S+` would start at every DEL of a run of spaces and DEL and read on to the run's end:
+# quadratic over Chinese or Cyrillic prose (seconds at 16K characters, on the event loop). A match that
+# starts at a later DEL of such a run also starts at its first DEL (the run that follows is longer), so the
+# run is entered at its first DEL only (the look-behind fails at once anywhere else): the same verdicts.
+_RUN_DIGIT = rf"(?<![\s{OTHER}])\s*+{OTHER}"
+_street_words = "|".join(literal(w[::-1]) for w in _STREET_WORDS)
+_voie_words = "|".join(letters(w) for w in _VOIE_WORDS)
 # Possessive where the class that follows cannot match what the repeat gives back (letters, then spaces,
 # then a capital; a word, then spaces): the same matches, without trying every shorter repeat.
 _ADDRESS_SHAPE = AnyGate(
-    ShapeGate(rf"0[A-Za-z]?+{_S}++[A-Z]",
+    ShapeGate((rf"0[A-Za-z]?+{_S}++[A-Z]", rf"(?:0[A-Za-z]?+|{OTHER}[A-Za-z]|{_RUN_DIGIT}){_S}++[A-Z]"),
               # the house number, then the street word (Hauptstraße 12)
-              backwards=[rf"0{_S}+(?:{'|'.join(literal(w[::-1]) for w in _STREET_WORDS)})"]),
+              backwards=[(rf"0{_S}+(?:{_street_words})", rf"(?:0|{_RUN_DIGIT}){_S}++(?:{_street_words})")]),
     # the house number, then the French word (12 rue de la Paix): only when one is there at all
-    AllGates(AsciiWordGate(_VOIE_WORDS), ShapeGate(rf"0,?{_S}+(?:{'|'.join(letters(w) for w in _VOIE_WORDS)})")),
+    AllGates(AsciiWordGate(_VOIE_WORDS), ShapeGate((rf"0,?{_S}+(?:{_voie_words})",
+                                                    rf"(?:0,?|{OTHER},|{_RUN_DIGIT}){_S}+(?:{_voie_words})"))),
     # the house number, then a few words, then the word before them (Calle Mayor 5): only when that word is
-    # there at all, which a few substring tests tell for a third of the regex's cost
+    # there at all, which a few substring tests tell for a third of the regex's cost. In a text with other
+    # characters, DEL is a letter and a space at once, and the words between could be split every way
+    # (polynomial, for each start): there the gate asks only for the word and a space after it.
     AllGates(LiteralGate(_STREETS_BEFORE), ShapeGate(backwards=[(
         rf"0[ \t\n\r\f\v]++(?:[0A-Za-z_'\-]++[ \t\n\r\f\v]++){{0,4}}?(?:{_streets_before})",
-        rf"0{_S}+(?:[\w'\-{OTHER}]+{_S}+){{0,4}}(?:{_streets_before})")])),
+        rf"{_S}(?:{_streets_before})")])),
 )
 _CARD = r"\b(?:2[2-7]\d{2}|62\d{2}|50[12]\d|6759)(?:[ -]?\d{4}){2}[ -]?\d{4,7}\b"
 _PHONE_INTL = r"(?<![\w+])\+[1-9]\d{0,2}(?:[ .-]?\(?\d{1,4}\)?){2,5}(?![\w.-]?\d)"

@@ -203,12 +203,17 @@ def _token(
     value = env.get(var)
     if value:
         return value
-    message = f"environment variable `{var}` is not set"
+    _unusable(doc, path, f"environment variable `{var}` is not set", require_env, warnings, f"; {consequence}")
+    return None if path[-1] == "admin_token_env" else ""
+
+
+def _unusable(doc: _Located, path: tuple[str, ...], message: str, require_env: bool, warnings: list[str],
+              then: str = "") -> None:
+    """A named variable that cannot serve: an issue when serving, else a warning (`check` needs no credentials)."""
     if require_env:
         doc.issue(path, message)
     else:
-        warnings.append(f"{doc.where(path)}: {'.'.join(path)}: {message}; {consequence}")
-    return None if path[-1] == "admin_token_env" else ""
+        warnings.append(f"{doc.where(path)}: {format_path(path)}: {message}{then}")
 
 
 def _state(
@@ -351,11 +356,7 @@ def _credential(value: str | None, var: str, field: tuple[str, ...], doc: _Locat
             warnings.append(f"{doc.where(field)}: {format_path(field)}: environment variable `{var}` ends or starts "
                             "with whitespace (a line break...); it is sent without it")
         return secret
-    message = f"environment variable `{var}` {problem}"
-    if require_env:
-        doc.issue(field, message)
-    else:
-        warnings.append(f"{doc.where(field)}: {format_path(field)}: {message}")
+    _unusable(doc, field, f"environment variable `{var}` {problem}", require_env, warnings)
     return None
 
 

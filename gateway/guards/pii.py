@@ -37,7 +37,7 @@ from .base import Finding, Where
 from .common import GuardBase
 from .holds import RegexHolds, pii_holds
 from .normalize import canonical, canonical_open_from, original_span
-from .pool import INLINE_CHARS, GuardPool
+from .pool import INLINE_CHARS, INLINE_DIGITS, GuardPool, digit_count
 
 __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
 
@@ -236,6 +236,7 @@ class PiiGuard(GuardBase):
         self.pool = pool
         self.action = spec.action
         self.offload = spec.engine == "ner"
+        self.phones = "PHONE_NUMBER" in entities  # a text of many digits goes to the pool (`INLINE_DIGITS`)
         self.actions: dict[str, Action] = {e: _own(spec, e).action or spec.action for e in entities}
         self.thresholds = {e: _threshold(spec, e) for e in entities}
         self.keep = {e: _keep(_own(spec, e).keep) for e in entities}
@@ -260,10 +261,11 @@ class PiiGuard(GuardBase):
 
     def detect_now(self, text: str, where: Where) -> list[Finding] | None:
         """The findings, when they are computed on the loop without waiting for anything (the patterns
-        engine on a text of at most `INLINE_CHARS` characters); None when `detect` has to hand the text to the pool."""
+        engine on a text of at most `INLINE_CHARS` characters and, looking for phone numbers, `INLINE_DIGITS`
+        digits); None when `detect` has to hand the text to the pool."""
         if not text.strip() or (self.prefilter is not None and not self.prefilter.may_match(text)):
             return []
-        if self.offload or len(text) > INLINE_CHARS:
+        if self.offload or len(text) > INLINE_CHARS or (self.phones and digit_count(text) > INLINE_DIGITS):
             return None
         return self.findings(text, analyze(self.engine, text, self.floor))
 

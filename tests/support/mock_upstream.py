@@ -60,6 +60,7 @@ from . import mock_reasoning
 
 STALL_SECONDS = 60.0
 POLL_SECONDS = 0.05
+REASONING_PACE_S = 0.01  # between the events of a streamed reasoning answer or refusal: each its own read
 SLOW_STREAM_CHUNKS = 50
 PARTIAL_BODY_BYTES = 10
 DEFAULT_DIMENSIONS = 8
@@ -505,7 +506,8 @@ async def _deliver_error_slowly(request: web.BaseRequest, fault: Fault) -> web.S
 
 
 async def _deliver_stream(request: web.BaseRequest, answer: SseAnswer,
-                          fault: Fault | None) -> web.StreamResponse:
+                          fault: Fault | None, pace: float = 0.0) -> web.StreamResponse:
+    """The answer's events, one write each, `pace` seconds apart (else as a fault says)."""
     await _before_first_byte(request, fault)
     kind, value = (fault.kind, fault.value) if fault else (None, 0)
     events = list(answer.events)
@@ -518,7 +520,7 @@ async def _deliver_stream(request: web.BaseRequest, answer: SseAnswer,
     if kind == "end-after":  # the body ends cleanly there: no finish reason, no [DONE]
         events = events[:answer.first_content + value]
     cut = answer.first_content + value if kind in ("stall-after", "reset-after") else -1
-    gap = value / 1000 if kind == "slow-stream" else 0.0
+    gap = value / 1000 if kind == "slow-stream" else pace
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream",
                                        "Cache-Control": "no-cache"})
     request[_RESPONSE] = resp
@@ -854,8 +856,8 @@ class MockUpstream:
             if fault and fault.kind in mock_reasoning.KINDS:  # reasoning or a refusal: `mock_reasoning`
                 build_kind = mock_reasoning.responses if request.path.endswith("/responses") else mock_reasoning.chat
                 made = build_kind(fault.kind, body, " ".join(_echo_words(body)), next(self._serials))
-                if isinstance(made, list):
-                    return await _deliver_stream(request, SseAnswer(made, 1), None)
+                if isinstance(made, list):  # paced: a test may count the pieces the gateway passed on
+                    return await _deliver_stream(request, SseAnswer(made, 1), None, REASONING_PACE_S)
                 return await _send(request, web.json_response(made))
             if fault and fault.kind in ODD_CHAT_ANSWERS and request.path.endswith("/chat/completions"):
                 odd = _odd_chat_answer(fault.kind, body, _echo_words(body), next(self._serials))

@@ -98,8 +98,10 @@ class Gateway:
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         shadow = Shadow(policy, policy.shadow, self.metrics, self.tokens) if policy.shadow is not None else None
         cache = ResponseCache(policy, store, providers, self.metrics, self.tokens) if policy.cache.enabled else None
-        accounting = Accounting(policy, store, Ledger(store, self.metrics.accounting_pending), self.metrics,
-                                CountTokens(self.tokens)) if policy.has_accounting or keys is not None else None
+        metrics = self.metrics
+        accounting = Accounting(policy, store, Ledger(store, metrics.accounting_pending, metrics.accounting_dropped),
+                                metrics, CountTokens(self.tokens)) \
+            if policy.has_accounting or keys is not None else None
         pipeline = Pipeline([
             Telemetry(self.metrics, observers.quality),  # the quality signals (on) run in its frame
             *observers.stages,

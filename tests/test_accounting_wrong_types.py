@@ -15,6 +15,8 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 import redis
+from prometheus_client import CollectorRegistry, Counter
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.accounting import ledger as ledger_module
 from gateway.accounting.ledger import Ledger
@@ -78,6 +80,13 @@ def _wait(condition: Callable[[], object], timeout: float = 10.0) -> None:
         time.sleep(0.1)
 
 
+def _dropped(exposition: str) -> dict[str, float]:
+    """`gateway_accounting_dropped_total` by kind."""
+    return {sample.labels["kind"]: sample.value for family in text_string_to_metric_families(exposition)
+            if family.name == "gateway_accounting_dropped" for sample in family.samples
+            if sample.name.endswith("_total")}
+
+
 @pytest.mark.parametrize("kind", ["hash", "string"])
 def test_a_usage_counter_another_program_overwrote_drops_only_its_own_writes(
     shared: tuple[str, str, redis.Redis], upstream: MockUpstream, caplog: pytest.LogCaptureFixture, kind: str,
@@ -119,6 +128,9 @@ def test_a_usage_counter_another_program_overwrote_drops_only_its_own_writes(
         assert _row(gateway, "key", "main")["requests"] == 2
         refused = _logged(caplog, "refused usage counter")
         assert [record.args for record in refused] == [(bad,)]
+        # logged once, counted each time: an alert can see that usage is being dropped
+        dropped = _dropped(gateway.metrics())  # (one a flush that had cost for it: two or three)
+        assert dropped["usage"] >= 2 and (dropped["budget"], dropped["operation"]) == (0.0, 0.0), dropped
         assert not [record for record in caplog.records if KEY in record.getMessage() or OTHER in record.getMessage()]
         assert raw.type(prefix + bad) == (b"hash" if kind == "hash" else b"string")  # left as it was found
     finally:
@@ -179,7 +191,8 @@ async def test_a_budget_delta_the_store_refuses_holds_back_no_other_and_is_dropp
                                    connect_timeout_s=5.0))
     await store.start()
     try:
-        ledger = Ledger(store)
+        dropped = Counter("gateway_accounting_dropped", "", ("kind",), registry=CollectorRegistry())
+        ledger = Ledger(store, metrics_dropped=dropped)
         ledger.owe(bad, 20_000, 3600)
         ledger.owe(good, 30_000, 3600)
         ledger.owe_op(bad, "never-sent", 0.0, 0.01, 3600, sent=False)  # (sent until the store answers: unbounded)
@@ -195,6 +208,8 @@ async def test_a_budget_delta_the_store_refuses_holds_back_no_other_and_is_dropp
         assert len(_logged(caplog, f"refused budget counter {bad}")) == 1
         assert _logged(caplog, f"dropped +0.030000 USD owed to budget counter {bad}")
         assert _logged(caplog, f"gave up an operation on {bad}")
+        assert {s.labels["kind"]: s.value for s in dropped.collect()[0].samples if s.name.endswith("_total")} == {
+            "usage": 0.0, "budget": 1.0, "operation": 1.0}
         assert raw.type(prefix + bad) == b"hash"
     finally:
         await store.aclose()

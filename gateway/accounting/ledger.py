@@ -25,7 +25,8 @@ Two jobs, one background flush (a runtime `Service`):
 
 The maps are bounded by the policy's finite scopes (the per-request one: by the key and alias pairs seen in a
 second) times the days and periods they span; the number of pending budget entries is exported as
-`gateway_accounting_pending_counters`.
+`gateway_accounting_pending_counters`, and every write given up as `gateway_accounting_dropped_total` by kind
+(`usage`, `budget`, `operation`): a count an operator can alert on, since each is spend or usage not counted.
 """
 
 from __future__ import annotations
@@ -37,13 +38,13 @@ import math
 import os
 import time
 
-from prometheus_client import Gauge
+from prometheus_client import Counter, Gauge
 
 from ..store._common import AMOUNT_SCALE
 from ..store.base import OP_TTL_S, Store, StoreUnavailable
 from .periods import USAGE_DAYS_KEPT
 
-__all__ = ["FIELDS", "OP_RETRY_S", "Ledger", "new_op", "usage_key"]
+__all__ = ["DROPPED_KINDS", "FIELDS", "OP_RETRY_S", "Ledger", "new_op", "usage_key"]
 
 log = logging.getLogger("gateway.accounting")
 FLUSH_INTERVAL_S = 1.0
@@ -51,6 +52,7 @@ FIELDS = ("cost_usd", "requests", "prompt_tokens", "cached_tokens", "completion_
 _USAGE_TTL_S = USAGE_DAYS_KEPT * 86_400.0
 _MAX_RELEASES = 100_000  # slots owed at once (each a few hundred bytes)
 _MAX_OPS = 100_000  # operations in doubt at once: those in flight when the store stalled (each a few hundred bytes)
+DROPPED_KINDS = ("usage", "budget", "operation")  # what a write given up was (the dropped counter's label)
 _MAX_REFUSED = 10_000  # refused counters remembered, to log each once (names hold their day: the set turns over)
 OP_RETRY_S = OP_TTL_S - 60.0
 """How long an operation in doubt is sent again: within its record's life (`OP_TTL_S`), with a minute to spare
@@ -70,7 +72,8 @@ def usage_key(scope: str, name: str, day: str, field: str) -> str:
 class Ledger:
     """Per-runtime buffer between requests and the store; `flush()` runs every second while started."""
 
-    def __init__(self, store: Store, metrics_pending: Gauge | None = None) -> None:
+    def __init__(self, store: Store, metrics_pending: Gauge | None = None,
+                 metrics_dropped: Counter | None = None) -> None:
         self.store = store
         self._usage: dict[tuple[str, str, str], list[int]] = {}  # (scope, name, day) -> counters (`FIELDS`)
         # (alias, key, tenant, day) -> counters: requests as they finish, added to each of their scopes' counters
@@ -86,6 +89,8 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._gauge = metrics_pending
+        # Each kind's child made now: its series shows 0 before any drop (an alert's expression has data).
+        self._dropped = {kind: metrics_dropped.labels(kind) for kind in DROPPED_KINDS} if metrics_dropped else {}
 
     def record(self, alias: str, key: str | None, tenant: str | None, day: str, cost_micro: int, prompt: int,
                cached: int, completion: int, reasoning: int) -> None:
@@ -157,6 +162,7 @@ class Ledger:
                 del ops[dropped]
                 log.error("accounting: dropped an operation in doubt on %s (too many waiting): the counter may be "
                           "off by it", dropped[0])
+                self._count_dropped("operation")
             self._show()
         elif until < found[3]:
             ops[(key, op)] = (*found[:3], until)
@@ -211,6 +217,7 @@ class Ledger:
                 del ops[(key, op)]
                 log.error("accounting: gave up an operation on %s that the store did not take for %.0f s: the "
                           "counter may be off by it", key, OP_RETRY_S)
+                self._count_dropped("operation")
                 continue
             try:
                 await self.store.settle(key, reserved, actual, ttl, op)
@@ -224,6 +231,7 @@ class Ledger:
                 continue  # this one refused: kept, and the others sent meanwhile
             except ValueError:
                 log.error("accounting: dropped an unreconcilable amount on %s", key)
+                self._count_dropped("operation")
             ops.pop((key, op), None)
         self._show()
 
@@ -250,6 +258,7 @@ class Ledger:
                 continue
             except ValueError:
                 log.error("accounting: dropped an unreconcilable amount on %s", key)
+                self._count_dropped("budget")
                 continue
             taken += 1
         if taken:
@@ -272,6 +281,7 @@ class Ledger:
         else:
             log.error("accounting: dropped %+.6f USD owed to budget counter %s, which the store refused for "
                       "%.0f s: the budget does not count it", units / AMOUNT_SCALE, key, OP_RETRY_S)
+            self._count_dropped("budget")
 
     def _first_refusal(self, counter: str) -> bool:
         """Whether `counter` is refused for the first time here (to log it once, not at every flush)."""
@@ -324,11 +334,18 @@ class Ledger:
                     return False
                 # else it answers, and refused this counter alone: dropped. Kept, it would be refused at every
                 # flush and lead every flush's queue (a request's alias is folded first), holding back the rest.
-                elif self._first_refusal(counter):
-                    log.error("accounting: the store refused usage counter %s (not a counter: another program's "
-                              "value there?); what this replica adds to it is dropped", counter)
+                else:
+                    self._count_dropped("usage")
+                    if self._first_refusal(counter):
+                        log.error("accounting: the store refused usage counter %s (not a counter: another program's "
+                                  "value there?); what this replica adds to it is dropped", counter)
             values[position] = 0  # taken, owed under its id, or dropped: a retry must not add it twice
         return True
+
+    def _count_dropped(self, kind: str) -> None:
+        child = self._dropped.get(kind)
+        if child is not None:
+            child.inc()
 
     def _show(self) -> None:
         gauge = self._gauge

@@ -302,6 +302,10 @@ class Metrics:
             "gateway_accounting_store_errors", "Store failures met by limits and budgets, by what was done.",
             ("action",), registry=registry,
         )
+        self.accounting_dropped = Counter(
+            "gateway_accounting_dropped", "Spend or usage writes the ledger gave up, by kind (`accounting/ledger.py`).",
+            ("kind",), registry=registry,
+        )
         self.accounting_pending = Gauge(
             "gateway_accounting_pending_counters",
             "Budget counters with spend the store has not taken yet, and operations in doubt.",

@@ -32,6 +32,7 @@ from ..errors import (
 from ..policy.compiled import Policy
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import StreamOptions
+from ..translate.common import MARKS
 from .context import Reply, RequestContext
 from .runner import Next
 
@@ -251,6 +252,9 @@ def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec
         raise InvalidRequest(f"the request body is not valid JSON: {reason}") from exc
     if not isinstance(body, dict):
         raise InvalidRequest("the request body must be a JSON object")
+    if not MARKS.isdisjoint(body):  # the gateway's own marks (`translate.common.MARKS`): one C call a request
+        field = min(MARKS.intersection(body))
+        raise InvalidRequest(f"`{field}` is the gateway's own field; a request may not set it", param=field)
     check_depth(raw, body)
     try:
         typed = msgspec.convert(body, endpoint.request_type, str_keys=True)

@@ -46,7 +46,7 @@ from typing import Any
 from ..errors import InvalidRequest, Unsupported
 from .anthropic_to_chat import FINISH_REASONS, AnthropicEvents, chat_completion, chat_usage
 from .cache_control import CACHE, CACHE_MARK
-from .common import ANTHROPIC_ONLY, BETA, data_url, json_instruction, parse_arguments, unsupported
+from .common import ANTHROPIC_ONLY, BETA, data_url, json_instruction, parse_arguments, tool_calls_of, unsupported
 from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 
 __all__ = ["FINISH_REASONS", "AnthropicEvents", "anthropic_request", "chat_completion", "chat_usage"]
@@ -186,7 +186,7 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
         blocks = _blocks(content, where, target, images=False) if content else []
         tools: list[dict[str, Any]] = []
         calls: list[tuple[str, str]] = []  # (the client's id or "", the id sent)
-        for position, call in enumerate(message.get("tool_calls") or ()):
+        for position, call in enumerate(tool_calls_of(message, where)):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise InvalidRequest(f"`{where}.tool_calls.{position}` needs a function name",

@@ -18,7 +18,7 @@ from typing import Any
 import msgspec
 
 from ..errors import InvalidRequest
-from .common import data_url, parse_arguments, unsupported
+from .common import data_url, json_schema_of, parse_arguments, tool_calls_of, unsupported
 from .gemini_to_chat import GeminiEvents, _finish, chat_completion  # noqa: F401 -- (`_finish`: read by tests)
 
 __all__ = ["GeminiEvents", "chat_completion", "gemini_request"]
@@ -76,7 +76,7 @@ def gemini_request(body: dict[str, Any], target: str) -> dict[str, Any]:
     response_format = body.get("response_format")
     if isinstance(response_format, dict) and response_format.get("type") in ("json_object", "json_schema"):
         config["responseMimeType"] = "application/json"
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        schema = json_schema_of(response_format)
         if response_format["type"] == "json_schema" and isinstance(schema, dict):
             config["responseJsonSchema"] = schema
     if config:
@@ -126,7 +126,7 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
         _append(contents, "user", _parts(content, where, target, images=True))
     elif role == "assistant":
         parts = _parts(content, where, target, images=False) if content else []
-        for position, call in enumerate(message.get("tool_calls") or ()):
+        for position, call in enumerate(tool_calls_of(message, where)):
             function = call.get("function") if isinstance(call, dict) else None
             if not isinstance(function, dict) or not isinstance(function.get("name"), str):
                 raise InvalidRequest(f"`{where}.tool_calls.{position}` needs a function name",

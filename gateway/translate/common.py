@@ -11,8 +11,8 @@ import msgspec
 from ..errors import InvalidRequest, Unsupported
 from ..schemas.events import Chunk
 
-__all__ = ["ANTHROPIC_ONLY", "BETA", "CACHE_MARK", "ChunkWriter", "StreamProtocolError", "data_url",
-           "json_instruction", "parse_arguments", "unsupported"]
+__all__ = ["ANTHROPIC_ONLY", "BETA", "CACHE_MARK", "MARKS", "ChunkWriter", "StreamProtocolError", "data_url",
+           "json_instruction", "json_schema_of", "parse_arguments", "tool_calls_of", "unsupported"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -27,6 +27,9 @@ BETA = "_gateway_anthropic_beta"
 # set by the ingress with `CACHE_MARK`, so that every other provider removes them with the mark (OpenAI's and Azure's
 # APIs refuse `top_k`: "Unrecognized request argument"). A target's own `extra_body` fields are not listed.
 ANTHROPIC_ONLY = "_gateway_anthropic_only"
+# Every mark: the gateway's own, never a client's (`pipeline.stages.decode_body` refuses a body that holds one: a
+# client's would strip its own `max_tokens` past a budget's reservation, or its `stream`, and fail the upstream).
+MARKS = frozenset((CACHE_MARK, BETA, ANTHROPIC_ONLY))
 _DATA_URL = re.compile(r"data:([a-z]+/[a-z0-9.+-]+);base64,(.*)", re.IGNORECASE | re.DOTALL)
 
 
@@ -64,6 +67,27 @@ def parse_arguments(arguments: Any, where: str) -> Any:
         raise InvalidRequest(f"`{where}.function.arguments` is not valid JSON", param=where) from exc
 
 
+def json_schema_of(response_format: dict[str, Any]) -> Any:
+    """The schema of a `json_schema` response format (None when it has none); a `json_schema` that is not an
+    object is the client's error (400), not a translator's crash."""
+    spec = response_format.get("json_schema")
+    if spec is None:
+        return None
+    if not isinstance(spec, dict):
+        raise InvalidRequest("`response_format.json_schema` must be an object", param="response_format.json_schema")
+    return spec.get("schema")
+
+
+def tool_calls_of(message: dict[str, Any], where: str) -> list[Any]:
+    """An assistant message's `tool_calls` (none: empty); anything but a list is the client's error (400)."""
+    calls = message.get("tool_calls")
+    if calls is None:
+        return []
+    if not isinstance(calls, list):
+        raise InvalidRequest(f"`{where}.tool_calls` must be an array", param=f"{where}.tool_calls")
+    return calls
+
+
 def json_instruction(response_format: Any) -> str | None:
     """JSON mode as an instruction, for APIs without it (Anthropic): json_object, or json_schema with its schema."""
     if not isinstance(response_format, dict):
@@ -72,7 +96,7 @@ def json_instruction(response_format: Any) -> str | None:
     if kind == "json_object":
         return "Respond only with one valid JSON object, with no other text."
     if kind == "json_schema":
-        schema = (response_format.get("json_schema") or {}).get("schema")
+        schema = json_schema_of(response_format)
         return ("Respond only with one valid JSON object, with no other text, that matches this JSON Schema: "
                 + _encode(schema).decode())
     return None

@@ -414,7 +414,8 @@ async def test_a_budget_stream_is_cut_on_the_polled_path_as_when_iterated_and_it
     assert polled[:-1] == iterated[:-1]
     assert [b.count(b"data: ") for b in sent] == [1, 2, 2, 3] and last == "StreamError" and "budget" in str(message)
     assert b'"finish_reason":"length"' in sent[-1].split(b"\n\n")[1]
-    assert chunks == 7 and closed == 1 and settled == 1 and asked == 2 and cap == 5  # the "length" chunk counts
+    # billed for the six chunks it sent: not the gateway's own "length" chunk (no token of the upstream's)
+    assert chunks == 6 and closed == 1 and settled == 1 and asked == 2 and cap == 5
     assert unread == 2  # [g] and [DONE]: the source was closed, not read on
 
 

@@ -289,18 +289,37 @@ class StreamBill:
         return self._bill.completion_cap
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        """`ctx.chunks` is the upstream's chunks so far, this batch's included (counted before any stage read it):
+        past the cap, each chunk of the batch that crosses it asks for one more step. A stage before this one (an
+        output guard) may have held or merged chunks: the batch then holds fewer than the upstream sent, the first
+        of them crosses the cap (an earlier cut than the upstream's own chunks would give), and a batch with none
+        still asks for the steps the upstream's chunks took: the bill follows what the upstream generated. A cut
+        stream is billed for what it sent (`docs/accounting.md`): the chunks up to the one that crossed."""
         bill = self._bill
-        if ctx.chunks + len(events) <= bill.completion_cap:
+        if ctx.chunks <= bill.completion_cap:
             return events
-        for index, event in enumerate(events):
-            if type(event) is Chunk and ctx.chunks + index + 1 > bill.completion_cap:
+        positions = [index for index, event in enumerate(events) if type(event) is Chunk]
+        seen = ctx.chunks - len(positions) if len(positions) < ctx.chunks else 0
+        for index in positions or (None,):
+            seen = seen + 1 if index is not None else ctx.chunks
+            while seen > bill.completion_cap:
+                cap = bill.completion_cap
                 if not await self._stage.extend(ctx, bill):
-                    cut = StreamError(BudgetExceeded("the budget for this period ran out during the answer; it "
-                                                     "was cut off"))
-                    if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it
-                        return [*events[: index + 1], cut]
-                    return [*events[: index + 1], _final(ctx, event), cut]
+                    ctx.chunks = seen  # billed for what it sent: the chunks after the cut are not
+                    return self._cut(ctx, events, index)
+                if bill.completion_cap == cap:  # no price to reserve for: nothing to refuse either
+                    break
         return events
+
+    @staticmethod
+    def _cut(ctx: RequestContext, events: list[StreamEvent], index: int | None) -> list[StreamEvent]:
+        """The batch up to the chunk at `index` (None: all of it), then the end of a cut stream."""
+        cut = StreamError(BudgetExceeded("the budget for this period ran out during the answer; it was cut off"))
+        if index is None:
+            return [*events, cut]
+        if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it
+            return [*events[: index + 1], cut]
+        return [*events[: index + 1], _final(ctx, events[index]), cut]  # type: ignore[arg-type]
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         stage = self._stage

@@ -81,7 +81,7 @@ class RequestContext:
     first_chunk_seconds: float | None = None
     read_choices: bool = False  # a stage reads every chunk's text (quality signals): see `Call.read_choices`
     quality_reader: Any = None  # a common stream's quality reader, ended by the telemetry stage (`read_stream`)
-    chunks: int = 0  # content batches forwarded (a token estimate when nothing else is known)
+    chunks: int = 0  # the source's chunks, before stages hold or merge them (a token estimate without usage)
     status: int = 200
     error_code: str | None = None
     usage: Usage | None = None

@@ -61,8 +61,9 @@ class StreamStage(Protocol):
     # A stage may also set `looks_only = True` and offer `look(ctx, events) -> None`: it never changes a batch
     # (its `on_events` returns the events it was given), so the edge may show it batches directly.
     # A stage may instead offer `passes_up_to(ctx) -> int`: its `on_events` returns a batch untouched, and does
-    # nothing else, while `ctx.chunks` (the chunks before the batch) plus the batch's length stays at or under
-    # that number, so a polled source runs it only on a batch that may cross it (asked again after each).
+    # nothing else, while `ctx.chunks` (the source's chunks so far, the batch's included: counted before any stage
+    # reads it) stays at or under that number, so a polled source runs it only on a batch that may cross it
+    # (asked again after each).
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]: ...
 
@@ -171,8 +172,9 @@ class ReplyStream:
             batch = [StreamError(InternalError("the stream ended unexpectedly"))]
         except GatewayError as exc:
             batch = [StreamError(exc)]
+        self._ctx.chunks += _chunks_in(batch)  # the source's, before a stage holds, merges or adds any
         batch = await self._through_readers(batch)
-        self._note(batch)
+        self._note(batch, counted=True)
         return batch
 
     async def _through_readers(self, batch: list[StreamEvent]) -> list[StreamEvent]:
@@ -187,7 +189,7 @@ class ReplyStream:
                 batch = _stage_failed(ctx)
         return batch
 
-    def _look(self, batch: list[StreamEvent]) -> None:
+    def _look(self, batch: list[StreamEvent], counted: bool = False) -> None:
         """`_note`, after the stages that only look have seen the batch (the direct path)."""
         ctx = self._ctx
         for stage in self._lookers:
@@ -197,7 +199,7 @@ class ReplyStream:
                 log.exception("stream stage failed", extra={"fields": {"request_id": ctx.request_id}})
                 self._readers = tuple(reader for reader in self._readers if reader is not stage)
                 self._lookers = tuple(looker for looker in self._lookers if looker is not stage)
-        self._note(batch)
+        self._note(batch, counted)
 
     def _watched_length(self) -> int:
         """The least of the watching stages' lengths (a loop: `min` of a generator costs a frame more)."""
@@ -213,12 +215,14 @@ class ReplyStream:
     def _watch(self, batch: list[StreamEvent]) -> None:
         """The source's observer behind watching stages: a batch within their length is looked at and noted as
         on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on."""
-        if self._ctx.chunks + len(batch) > self._limit:
+        ctx = self._ctx
+        ctx.chunks += _chunks_in(batch)
+        if ctx.chunks > self._limit:
             self._held = batch
         elif self._lookers:
-            self._look(batch)
+            self._look(batch, True)
         else:
-            self._note(batch)
+            self._note(batch, True)
 
     def _ready_watched(self) -> list[StreamEvent] | None:
         """`ready()` behind watching stages: what the readers made of a held batch; None while one is held (wait
@@ -248,16 +252,18 @@ class ReplyStream:
     async def _pass(self, batch: list[StreamEvent]) -> None:
         """A held batch through every reader, as `__anext__` takes it; noted, and kept for `_ready_watched`."""
         batch = await self._through_readers(batch)
-        self._note(batch)
+        self._note(batch, counted=True)
         self._passed = batch
         self._limit = self._watched_length()
 
-    def _note(self, batch: list[StreamEvent]) -> None:
-        """What the request keeps of a batch about to be sent: counts, usage, the end, the first chunk's time."""
+    def _note(self, batch: list[StreamEvent], counted: bool = False) -> None:
+        """What the request keeps of a batch about to be sent: usage, the end, the first chunk's time; and, unless
+        `counted` (before the readers, which may hold, merge or add chunks), its chunks (`ctx.chunks`)."""
         ctx = self._ctx
         for event in batch:
             if isinstance(event, Chunk):
-                ctx.chunks += 1
+                if not counted:
+                    ctx.chunks += 1
             elif isinstance(event, UsageReport):
                 ctx.usage = event.usage
             elif isinstance(event, StreamDone):
@@ -291,6 +297,14 @@ class ReplyStream:
                     await stage.on_end(ctx, end)
                 except Exception:
                     log.exception("stream end hook failed", extra={"fields": {"request_id": ctx.request_id}})
+
+
+def _chunks_in(batch: list[StreamEvent]) -> int:
+    count = 0
+    for event in batch:
+        if type(event) is Chunk:
+            count += 1
+    return count
 
 
 def _stage_failed(ctx: RequestContext) -> list[StreamEvent]:

@@ -30,6 +30,7 @@ from ..telemetry.metrics import Metrics
 from .base import Finding, Guard, Where
 from .denylist import DenyListGuard
 from .injection import InjectionGuard
+from .json_view import json_view, whole_escapes
 from .limits import LimitsGuard
 from .pii import Engine, PiiGuard, analyzer
 from .pool import GuardPool, QueueFull
@@ -124,10 +125,16 @@ class GuardRuntime:
         return decide(text, enforced, shadow, session.pseudonyms)
 
     async def detect(self, guards: Sequence[Guard], text: str, where: Where) -> tuple[list[Finding], list[Finding]]:
-        """Every guard's findings on `text`, split into enforced and shadow ones (counted per verdict)."""
+        """Every guard's findings on `text`, split into enforced and shadow ones (counted per verdict). A tool call's
+        arguments are read with their JSON escapes as the characters they stand for (`json_view`)."""
+        escapes: list[tuple[int, int]] = []
+        if where.part == "tool_arguments" and "\\" in text:
+            text, escapes = json_view(text)
         # One after the other: all but the ner engine, the injection model and long texts run on the loop
         # anyway, and tasks for a gather would cost more than they overlap.
         results = [await self._detect(g, text, where) for g in guards]
+        if escapes:
+            results = [whole_escapes(found, escapes) for found in results]
         enforced: list[Finding] = []
         shadow: list[Finding] = []
         for guard, found in zip(guards, results, strict=True):

@@ -43,6 +43,7 @@ from msgspec.structs import replace
 
 from ..policy.guard_schema import StreamScanSpec
 from .base import Finding, Guard, Where
+from .json_view import json_view
 from .pseudonyms import Pseudonyms
 from .session import GuardSession
 from .verdict import apply
@@ -123,8 +124,8 @@ class Window:
         full = lane.context + text
         offset = len(lane.context)
         cut = len(text)
-        if not final:
-            cut = self._hold(lane, text, full, offset)
+        if not final:  # (a tool call's arguments: the guards' holds read them as `runtime.detect` does)
+            cut = self._hold(lane, text, json_view(full)[0] if where.part == "tool_arguments" else full, offset)
             if cut <= 0:  # nothing can leave yet: no scan
                 return ""
         lane.scanned = len(text)

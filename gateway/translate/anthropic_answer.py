@@ -118,6 +118,10 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
     choice = _object(choices[0], "`choices[0]`") if choices else {}
     message = _object(choice.get("message") or {}, "`choices[0].message`")
     text = _text_of(message.get("content"))
+    refusal = message.get("refusal")
+    refused = not text and isinstance(refusal, str) and bool(refusal)  # OpenAI's refusal: its text, and its reason
+    if refused:
+        text = str(refusal)
     texts = [{"type": "text", "text": text}] if text else []
     tools: list[dict[str, Any]] = []
     for found in _array(message.get("tool_calls") or [], "`message.tool_calls`"):
@@ -131,6 +135,8 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
                           tools)
     usage = _anthropic_usage(data.get("usage")) or _usage_shape(estimate) or dict(_NO_USAGE)
     reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
+    if refused and reason == "end_turn":
+        reason = "refusal"
     return _encode({
         "id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": alias,
         "content": content, "stop_reason": reason, "stop_sequence": sequence, "usage": usage,
@@ -171,8 +177,8 @@ class MessagesStream:
     sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet).
     """
 
-    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_matched", "_quiet", "_started",
-                 "_stopped", "_text_open", "_thinking", "_usage")
+    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_matched", "_quiet", "_refused",
+                 "_started", "_stopped", "_text_open", "_thinking", "_usage")
 
     def __init__(self, alias: str, estimate: Callable[[], Usage | None] | None = None) -> None:
         self._alias = alias
@@ -188,6 +194,7 @@ class MessagesStream:
         self._finish: str | None = None
         self._matched: str | None = None  # the stop sequence that ended the answer, when the upstream named it
         self._usage: dict[str, Any] | None = None
+        self._refused = False  # OpenAI's `refusal` text came (written as text): the stop reason is `refusal`
 
     def frame(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
@@ -226,6 +233,8 @@ class MessagesStream:
             self._write_held(block, out)
         usage = self._usage or (_usage_shape(self._estimate()) if self._estimate is not None else None)
         reason, sequence = _stop(self._finish, self._matched)
+        if self._refused and reason == "end_turn":
+            reason = "refusal"
         out.append(_event("message_delta", {
             "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage or dict(_NO_USAGE)}))
         out.append(_event("message_stop", {}))
@@ -254,6 +263,10 @@ class MessagesStream:
             text = _text_of(delta.get("content"))
             if text:
                 self._text(text, out)
+            refusal = delta.get("refusal")
+            if isinstance(refusal, str) and refusal:
+                self._refused = True
+                self._text(refusal, out)
             calls = delta.get("tool_calls")
             for call in _array(calls, "a chunk's `tool_calls`") if calls else ():
                 if isinstance(call, dict):

@@ -137,3 +137,40 @@ def _workers(pgid: int) -> list[int]:
         if b"spawn_main" in command:
             found.append(pid)
     return found
+
+
+def test_policy_info_keeps_its_bound_over_many_reloads_with_two_workers(tmp_path: Path) -> None:
+    """prometheus_client's multiprocess files cannot forget a gauge's series (`remove` does nothing there and warns
+    on stderr, in the middle of the JSON log): every version a worker ever served stayed a series."""
+    policy = tmp_path / "policy.yaml"
+
+    def write(n: int) -> None:
+        policy.write_text(textwrap.dedent(f"""\
+            version: 1
+            server: {{host: 127.0.0.1, port: 8080, watch_policy: false}}
+            auth: none
+            providers: {{demo: {{kind: demo}}}}
+            models: {{demo: {{provider: demo, model: demo-1}}, extra-{n}: {{provider: demo, model: demo-1}}}}
+            """))
+
+    write(0)
+    port = free_port()
+    args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port), "--workers", "2"]
+    with serving(args, port, env={"TMPDIR": str(tmp_path)}) as server:
+        for n in range(1, 25):  # each a version of its own, loaded by both workers before the next
+            write(n)
+            server.send_signal(signal.SIGHUP)  # the supervisor passes it to every worker
+            deadline = time.monotonic() + 20
+            while not all(any(model["id"] == f"extra-{n}" for model in listed["data"]) for listed in (
+                    httpx.get(f"http://127.0.0.1:{port}/v1/models").json() for _ in range(6))):
+                assert time.monotonic() < deadline, f"the workers did not load policy {n}"
+                time.sleep(0.05)
+            time.sleep(0.5)  # (a signal the supervisor takes within its half-second tick: one a tick)
+        views = [httpx.get(f"http://127.0.0.1:{port}/metrics").text for _ in range(6)]  # from either worker
+        for metrics in views:
+            served = _samples(metrics, "gateway_policy_info")
+            assert [value for _, value in served].count(1.0) == 1 and len(served) <= 17, served
+        server.signal_group(signal.SIGTERM)
+        assert server.wait(20) in (0, -signal.SIGTERM), server.text()
+        assert "Removal of labels" not in server.text()
+    assert not group_members(server.pgid)

@@ -31,6 +31,7 @@ import os
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 
 from .batches import Batches, request_series
+from .policy_info import PolicyVersions
 from .series import Children, RequestSeries, loop_child
 
 __all__ = ["CONTENT_TYPE", "HTTP_REFUSED", "Metrics"]
@@ -46,7 +47,6 @@ _TTFT_BUCKETS = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1, 1.5, 2, 3, 5, 8, 13, 
 _OPERATION_BUCKETS = (0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92, 300)
 _TPOT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5)
 _TOKEN_BUCKETS = (1, 4, 16, 64, 256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304)
-_EARLIER_VERSIONS = 16  # policy versions served before this one whose `gateway_policy_info` series are kept
 _SCORE_BUCKETS = (0, 0.25, 0.5, 0.75, 1)  # non-negative: prometheus_client drops `_sum` otherwise
 
 # The HTTP server belongs to the process, not to one gateway: what it refuses before a request
@@ -99,10 +99,7 @@ class Metrics:
             "gateway_policy_reload", "Policy reloads, by result (ok, invalid, failed, unchanged).",
             ("result",), registry=registry,
         )
-        self.policy_info = Gauge(
-            "gateway_policy_info", "The policy version being served (1) and the ones before it (0).",
-            ("version",), registry=registry, multiprocess_mode="livemax",
-        )
+        self.policy_info = PolicyVersions(self.registry)  # its own collector, in either mode (`policy_info.py`)
         self.store_up = Gauge(
             "gateway_store_up", "Whether the shared-state store answered its last operations (1) or not (0).",
             ("backend",), registry=registry, multiprocess_mode="livemin",
@@ -313,7 +310,6 @@ class Metrics:
         )
         self._series: dict[tuple[str, str, int, str | None, str, str, str, str | None], RequestSeries] = {}
         self._batches = Batches()  # the finished requests' values `_series` have not written yet
-        self._versions: dict[str, None] = {}  # the versions served, oldest first (a dict keeps their order)
         self._shadow_metrics(registry)
 
     # ConnectionGate's observer (upstream/client.py)
@@ -324,17 +320,8 @@ class Metrics:
         self.pool_timeouts.labels(provider).inc()
 
     def serving(self, version: str) -> None:
-        """Mark `version` as the policy being served; earlier versions drop to 0, and past the last 16 of them
-        the oldest series are removed (a bounded set over many reloads)."""
-        self._versions.pop(version, None)  # served again: the newest now
-        for old in self._versions:
-            self.policy_info.labels(old).set(0)
-        while len(self._versions) > _EARLIER_VERSIONS:
-            oldest = next(iter(self._versions))
-            del self._versions[oldest]
-            self.policy_info.remove(oldest)
-        self._versions[version] = None
-        self.policy_info.labels(version).set(1)
+        """Mark `version` as the policy being served (`gateway_policy_info`)."""
+        self.policy_info.serving(version)
 
     def render(self) -> bytes:
         """The exposition, after every batch of finished requests waiting in this process is written."""

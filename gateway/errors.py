@@ -11,7 +11,12 @@ without going through `sanitize.sanitize_upstream_message`.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import msgspec
+
+if TYPE_CHECKING:
+    from .schemas.openai import Usage
 
 __all__ = [
     "AllTargetsFailed",
@@ -69,6 +74,11 @@ class GatewayError(Exception):
     # `code` is the upstream's own (passed on to the client: `OpenAICompatProvider._pass_fields`), not one of the
     # gateway's: telemetry labels the error by its `type` instead (`label`), so an upstream cannot add series.
     passed_code: bool = False
+    # The usage an upstream reported with an answer the gateway refused (Gemini's `MALFORMED_FUNCTION_CALL`, ...):
+    # generated, so billed by the provider. Set by the translator that refused it; routing keeps it with the
+    # attempt, and the request's cost counts it (`accounting.cost.request_cost`). A class attribute: no error
+    # pays for it unless set.
+    usage: Usage | None = None
 
     def __init__(
         self,

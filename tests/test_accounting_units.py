@@ -448,7 +448,7 @@ async def test_settling_gives_the_slots_back_whatever_fails(monkeypatch: pytest.
     monkeypatch.setattr(store, "settle", broken_async)
     stage = Accounting(policy, store, Ledger(store), Metrics(), CountTokens(TokenCounter()))
     ctx: Any = SimpleNamespace(usage=None, usage_estimated=False, upstream_started=0.0, route=None, key=None,
-                               target=None, cost_usd=0.0)
+                               target=None, cost_usd=0.0, rejected=None)
     for settle in ("in line", "through the store"):
         assert store.acquire_slot_now("slot:key:main", "first", 1, 900)[0]
         bill = Bill()
@@ -488,7 +488,7 @@ async def test_a_token_reservation_whose_window_ended_is_not_settled_into_the_ne
     store = MemoryStore()
     stage = Accounting(policy, store, Ledger(store), Metrics(), CountTokens(TokenCounter()))
     ctx: Any = SimpleNamespace(usage=Usage(40, 10, 50), usage_estimated=False, upstream_started=1.0, route=None,
-                               key=None, target=None, cost_usd=0.0)
+                               key=None, target=None, cost_usd=0.0, rejected=None)
     window = "tpm:key:main"
     for settle in ("in line", "through the store"):
         for ended in (True, False):

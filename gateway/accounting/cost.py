@@ -1,7 +1,11 @@
-"""What one answer cost: its usage at the answering target's prices.
+"""What one request cost: its answer's usage at the answering target's prices, and the usage of every answer the
+gateway refused on the way (`RequestContext.rejected`) at the prices of the target that gave it.
 
 A request that never reached an upstream (refused, a cache hit) cost nothing upstream; one whose target has
 no price counts as 0 and is flagged (`gateway_cost_unpriced_total`, and a warning when the policy loads).
+An answer the gateway refused (Gemini's `MALFORMED_FUNCTION_CALL`, ...: a 502 that routing retries or falls
+back from) was generated and billed upstream: it counts, whether a later attempt answered or the request ended
+in the error.
 """
 
 from __future__ import annotations
@@ -9,7 +13,7 @@ from __future__ import annotations
 from ..pipeline.context import RequestContext
 from ..schemas.openai import Usage
 
-__all__ = ["request_cost", "usage_cost"]
+__all__ = ["rejected_tokens", "request_cost", "usage_cost"]
 
 
 def usage_cost(ctx: RequestContext, usage: Usage | None) -> float | None:
@@ -30,8 +34,32 @@ def usage_cost(ctx: RequestContext, usage: Usage | None) -> float | None:
     return price.cost(prompt, completion, usage.cached_tokens, usage.cache_write_tokens, usage.reasoning_tokens)
 
 
+def _with_rejected(ctx: RequestContext, cost: float | None) -> float | None:
+    """`cost` (the answer's) plus the refused answers': None only when no part had a price (an unpriced part
+    counts 0, as an unpriced answer does; flagged only when nothing of the request was priced)."""
+    for target, usage in ctx.rejected or ():
+        price = target.price
+        if price is not None:
+            cost = (cost or 0.0) + price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
+                                              usage.cache_write_tokens, usage.reasoning_tokens)
+    return cost
+
+
 def request_cost(ctx: RequestContext) -> float | None:
     """The request's cost (set once by accounting when it runs, else computed here)."""
     if ctx.cost_usd is None:
-        ctx.cost_usd = usage_cost(ctx, ctx.usage)
+        cost = usage_cost(ctx, ctx.usage)
+        ctx.cost_usd = cost if ctx.rejected is None else _with_rejected(ctx, cost)
     return ctx.cost_usd
+
+
+def rejected_tokens(ctx: RequestContext) -> tuple[int, int, int, int]:
+    """The refused answers' prompt, cached, completion and reasoning tokens, together (the usage counters and the
+    token windows count them beside the answer's, as the cost does)."""
+    prompt = cached = completion = reasoning = 0
+    for _, usage in ctx.rejected or ():
+        prompt += usage.prompt_tokens
+        cached += usage.cached_tokens
+        completion += usage.completion_tokens
+        reasoning += usage.reasoning_tokens
+    return prompt, cached, completion, reasoning

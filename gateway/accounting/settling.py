@@ -27,7 +27,7 @@ from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
 from ..telemetry.usage import estimate_stream_usage
 from .bill import WINDOW_S, Bill, StageState
-from .cost import request_cost
+from .cost import rejected_tokens, request_cost
 from .ledger import new_op
 from .outright import MAX_TOKENS
 from .periods import day_span
@@ -127,8 +127,7 @@ class Settling(StageState):
                 except StoreUnavailable:
                     self._unsettled("spend", (key, 0.0, units / AMOUNT_SCALE, ttl))
             if bill.tokens:
-                usage = ctx.usage
-                tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+                tokens = _request_tokens(ctx)
                 actual = (tokens if 0 <= tokens <= 2 * MAX_TOKENS else _tokens(tokens)) * AMOUNT_SCALE
                 now = time.monotonic()
                 for held in bill.tokens:
@@ -155,8 +154,7 @@ class Settling(StageState):
             for key, ttl, _ in bill.unreserved:
                 ops.append(("spend", (key, 0.0, cost, ttl, spend)))
         if bill.tokens:
-            usage = ctx.usage
-            actual = float(_tokens(usage.prompt_tokens + usage.completion_tokens) if usage is not None else 0)
+            actual = float(_tokens(_request_tokens(ctx)))
             now = time.monotonic()
             for held in bill.tokens:
                 if held.until > now:  # (else its window ended, and its reservation with it)
@@ -213,6 +211,9 @@ class Settling(StageState):
         if not today[0] <= now < today[1]:
             today = self._today = day_span(now)
         day = today[2]
+        if ctx.rejected is not None:  # answers refused on the way: their tokens counted with the answer's
+            self._record_rejected(ctx, alias, name, tenant, day, cost_micro)
+            return
         if usage is None:
             self.ledger.record(alias, name, tenant, day, cost_micro, 0, 0, 0, 0)
             return
@@ -220,6 +221,19 @@ class Settling(StageState):
         self.ledger.record(alias, name, tenant, day, cost_micro, usage.prompt_tokens,
                            (given.cached_tokens or 0) if given is not None else 0, usage.completion_tokens,
                            (made.reasoning_tokens or 0) if made is not None else 0)  # `usage.cached_tokens`, ...
+
+    def _record_rejected(self, ctx: RequestContext, alias: str, name: str | None, tenant: str | None, day: str,
+                         cost_micro: int) -> None:
+        """`_record` for a request that had answers refused (`RequestContext.rejected`): their tokens beside the
+        answer's, as its cost counts them (`cost.request_cost`)."""
+        prompt, cached, completion, reasoning = rejected_tokens(ctx)
+        usage = ctx.usage
+        if usage is not None:
+            prompt += usage.prompt_tokens
+            cached += usage.cached_tokens
+            completion += usage.completion_tokens
+            reasoning += usage.reasoning_tokens
+        self.ledger.record(alias, name, tenant, day, cost_micro, prompt, cached, completion, reasoning)
 
     async def extend(self, ctx: RequestContext, bill: Bill) -> bool:
         """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses."""
@@ -333,6 +347,16 @@ class StreamBill:
             stage._settle_in_line(ctx, self._bill, cost)
         else:
             await stage._settle(ctx, self._bill)
+
+
+def _request_tokens(ctx: RequestContext) -> int:
+    """The request's tokens for its token windows: the answer's, and those of any answer refused on the way."""
+    usage = ctx.usage
+    tokens = usage.prompt_tokens + usage.completion_tokens if usage is not None else 0
+    if ctx.rejected is not None:
+        prompt, _, completion, _ = rejected_tokens(ctx)
+        tokens += prompt + completion
+    return tokens
 
 
 def _tokens(tokens: int) -> int:

@@ -85,6 +85,10 @@ class RequestContext:
     status: int = 200
     error_code: str | None = None
     usage: Usage | None = None
+    # The usage upstreams reported with answers the gateway refused (`GatewayError.usage`), with each attempt's
+    # target, in order: billed by the provider, so counted in the request's cost and tokens (`accounting.cost`).
+    # None on a request that had none (every successful first attempt).
+    rejected: list[tuple[Target, Usage]] | None = None
     usage_estimated: bool = False
     headers: list[tuple[bytes, bytes]] | None = None  # extra response headers set by stages (x-gateway-guards)
     cost_usd: float | None = None  # what the answer cost, once accounting knows (the access log reads it)

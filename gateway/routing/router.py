@@ -368,6 +368,11 @@ class Router:
         if ctx.attempts is None:
             ctx.attempts = []
         ctx.attempts.append((target.name, kind, round(seconds * 1000, 2)))
+        usage = error.usage
+        if usage is not None and usage.usable():  # an answer refused, billed upstream: the request's cost counts it
+            if ctx.rejected is None:
+                ctx.rejected = []
+            ctx.rejected.append((target, usage))
 
     def _fallback(self, ctx: RequestContext, reason: str) -> None:
         ctx.fallback_reason = reason

@@ -9,7 +9,9 @@ policy's `content_filter`, a failure of the model (`MALFORMED_FUNCTION_CALL`,
 or another target may succeed), a reason that says nothing of the answer
 (`OTHER`, a value added after this list) `stop` unless the candidate is empty;
 `usageMetadata` OpenAI's usage (cached content tokens as
-`prompt_tokens_details.cached_tokens`). A prompt Gemini blocks
+`prompt_tokens_details.cached_tokens`); an answer refused as an error keeps
+its usage on the error (`_billed`: Google generated it, and bills it; the
+request's cost counts it, docs/accounting.md). A prompt Gemini blocks
 (`promptFeedback.blockReason`) is a 400 `content_policy_violation`.
 """
 
@@ -25,7 +27,7 @@ from typing import Any
 import msgspec
 
 from ..errors import ContentPolicyViolation, GatewayError, Unsupported, UnusableAnswer, UpstreamError
-from ..schemas.events import DONE, StreamEvent, UsageReport
+from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage
 from .common import ChunkWriter, StreamProtocolError
 
@@ -126,6 +128,14 @@ def _unusable(reason: Any, said: bool, name: str) -> GatewayError | None:
     return UnusableAnswer(f"upstream `{name}` returned an empty answer (Gemini's finish reason {shown}); {_AGAIN}")
 
 
+def _billed(error: GatewayError, usage: tuple[Usage, dict[str, Any]] | None) -> GatewayError:
+    """`error`, for an answer `_unusable` refused, with the usage Gemini reported with it (`GatewayError.usage`):
+    the answer was generated, and Google bills it whatever the gateway makes of it."""
+    if usage is not None:
+        error.usage = usage[0]
+    return error
+
+
 def _says(candidate: dict[str, Any]) -> bool:
     """Whether a candidate has text or a call (read only for a reason `_unusable` refuses when it is empty)."""
     for part in (candidate.get("content") or {}).get("parts") or ():
@@ -177,7 +187,7 @@ def chat_completion(answer: dict[str, Any], name: str = "gemini") -> tuple[dict[
         if type(reason) is not str or reason not in _FINISHES:
             error = _unusable(reason, bool(calls) or any(texts), name)
             if error is not None:
-                raise error
+                raise _billed(error, _usage(answer.get("usageMetadata")))
         message: dict[str, Any] = {"role": "assistant", "content": "".join(texts) if texts or not calls else None,
                                    "refusal": None}
         if calls:
@@ -249,7 +259,7 @@ class GeminiEvents:
                 # earlier event of the candidate is taken to have held content)
                 error = _unusable(reason, not first or self._calls[index] > 0 or _says(candidate), self._name)
                 if error is not None:
-                    raise error
+                    return self._refused(error, answer, writer)
             if reason:
                 self._finished.add(index)
                 events.append(writer.chunk({}, _finish(reason, self._calls[index] > 0), index=index))
@@ -257,6 +267,16 @@ class GeminiEvents:
         if usage is not None:
             self._usage = usage
         return events
+
+    def _refused(self, error: GatewayError, answer: dict[str, Any], writer: ChunkWriter) -> list[StreamEvent]:
+        """The end of a stream whose answer `_unusable` refused: its usage (this event's, else the latest event's:
+        each is the answer's so far) on the error, which routing counts when the stream can still fall back (before
+        any content, `routing.attempts.peek`), and as a `UsageReport` before the error's event, which the bill reads
+        when the client already has content. The error as the last event, as `TranslatedStream` makes a raised one."""
+        usage = _usage(answer.get("usageMetadata")) or self._usage
+        if usage is None:
+            return [StreamError(error)]
+        return [UsageReport(usage[0], writer.usage_chunk(usage[1])), StreamError(_billed(error, usage))]
 
     def end(self) -> list[StreamEvent]:
         if not self._finished or self._writer is None or len(self._finished) < len(self._calls):

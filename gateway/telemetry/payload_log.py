@@ -36,6 +36,7 @@ from ..policy.telemetry_schema import PayloadLogSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..store.base import StoreConfig
+from .access import CLIENT_CLOSED
 from .metrics import Metrics
 
 _TEXT_DELTA = "response.output_text.delta"  # a Responses stream's event that carries answer text
@@ -230,4 +231,16 @@ class _StreamText:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        self.stage.add(ctx, self.texts, "".join(self.parts), ctx.status)
+        self.stage.add(ctx, self.texts, "".join(self.parts), ended_status(ctx, end))
+
+
+def ended_status(ctx: RequestContext, end: StreamEnd) -> int:
+    """The status a stream that ended so is recorded with, as the telemetry stage sets it (`Telemetry.on_end`):
+    this hook runs before that one (end hooks run innermost first), so `ctx.status` is not set yet."""
+    if end.outcome == "error" and end.error is not None:
+        return end.error.status
+    if end.outcome == "client_gone":
+        return CLIENT_CLOSED
+    if end.outcome == "shutdown":
+        return 503
+    return ctx.status

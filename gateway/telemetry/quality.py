@@ -12,8 +12,6 @@ the text is kept or logged: the signals are counters.
 
 from __future__ import annotations
 
-import json
-from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,43 +24,17 @@ from .metrics import Metrics
 from .quality_reading import JSON_KINDS, NOTHING_ASKED, PlainStreamQuality, StreamQuality, read_payload, read_typed
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import NOT_INITIALS, cannot_become_refusal, looks_like_refusal
+from .schema_check import SchemaChecks, load
 from .series import Children, loop_value
 
 __all__ = ["Answer", "Asked", "QualitySignals", "chat_asked", "signals_for", "signals_of"]
 
 _decode = msgspec.json.Decoder().decode
 _FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
-_VALIDATORS: OrderedDict[str, Any] = OrderedDict()  # schema JSON -> compiled validator (bounded LRU)
-_MAX_VALIDATORS = 256
 
 
 _CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 _MAX_SERIES = 10_000  # (alias, target) pairs whose labels are kept; past this, looked up each time
-
-
-def _validator(schema: Any) -> Any:
-    """A compiled jsonschema validator for `schema`, cached (the same schemas come back request after request)."""
-    key = json.dumps(schema, sort_keys=True, default=str)
-    found = _VALIDATORS.get(key)
-    if found is not None:
-        _VALIDATORS.move_to_end(key)
-        return found
-    import jsonschema  # imported on first use: a gateway without quality checks never loads it
-
-    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
-    try:
-        cls.check_schema(schema)
-        validator: Any = cls(schema)
-    except jsonschema.SchemaError:
-        validator = False  # the client's schema is broken: its answers are not held against the target
-    _VALIDATORS[key] = validator
-    if len(_VALIDATORS) > _MAX_VALIDATORS:
-        _VALIDATORS.popitem(last=False)
-    return validator
-
-
-def _fits(validator: Any, value: Any) -> bool:
-    return validator is False or validator.is_valid(value)
 
 
 def _parse(text: str) -> tuple[bool, Any]:
@@ -112,7 +84,8 @@ def signals_for(answer: Answer, asked: Asked) -> list[str]:
         ok, value = _parse(text)
         if not ok:
             found.append("invalid_json")
-        elif kind == "json_schema" and isinstance(asked.schema, dict) and not _fits(_validator(asked.schema), value):
+        elif kind == "json_schema" and isinstance(asked.schema, dict) and (
+                SchemaChecks().violates(asked.schema, value, len(text))):  # (bounded: `schema_check`)
             found.append("schema_violation")
     if answer.tool_calls and _malformed_tool_call(answer, asked.tools):
         found.append("malformed_tool_call")
@@ -120,6 +93,7 @@ def signals_for(answer: Answer, asked: Asked) -> list[str]:
 
 
 def _malformed_tool_call(answer: Answer, schemas: dict[str, Any]) -> bool:
+    checks = SchemaChecks()  # every call's arguments checked within one budget
     for parts in answer.tool_calls.values():
         name, arguments = parts[0], "".join(parts[1:])
         ok, value = _parse(arguments or "{}")
@@ -128,7 +102,7 @@ def _malformed_tool_call(answer: Answer, schemas: dict[str, Any]) -> bool:
         if schemas and name not in schemas:
             return True
         schema = schemas.get(name)
-        if isinstance(schema, dict) and not _fits(_validator(schema), value):
+        if isinstance(schema, dict) and checks.violates(schema, value, len(arguments)):
             return True
     return False
 
@@ -141,6 +115,7 @@ class QualitySignals:
     def __init__(self, metrics: Metrics, max_text_bytes: int) -> None:
         self.metrics = metrics
         self.limit = max_text_bytes
+        load()  # the schema checks' libraries, imported now rather than on the event loop at the first answer
         # Labels: aliases, targets, closed sets. Counted on the event loop's thread only (`loop_child`).
         self._checked = Children(metrics.quality_checked, loop_only=True)
         self._finish_reasons = Children(metrics.finish_reasons, loop_only=True)

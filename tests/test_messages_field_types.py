@@ -217,3 +217,20 @@ def test_a_newer_thinking_type_is_forwarded_as_it_is(gw: RunningGateway, upstrea
     refused = _post(gw, "/v1/messages", {**BASE, "model": "claude", "thinking": thinking})
     assert _last(claude_mock).json["thinking"] == thinking
     assert "Input tag does not match" in _refusal(refused)  # Anthropic's own answer, relayed
+
+
+@pytest.mark.parametrize(("fields", "named"), [
+    ({"temperature": 1.5}, "temperature"),  # Anthropic's range is 0 to 1 (a Chat Completions target takes 2)
+    ({"temperature": -0.1}, "temperature"),
+    ({"top_p": 1.2}, "top_p"),
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"max_tokens": 2048, "thinking": {"type": "enabled", "budget_tokens": 2048}}, "thinking.budget_tokens"),
+])
+@pytest.mark.parametrize("alias", ["gpt", "claude"])
+def test_a_value_out_of_anthropics_range_is_a_400(fields: dict[str, Any], named: str, alias: str,
+                                                   gw: RunningGateway, upstream: MockUpstream,
+                                                   claude_mock: MockAnthropic) -> None:
+    claude_mock.clear()
+    message = _refusal(_post(gw, "/v1/messages", {**BASE, **fields, "model": alias}))
+    assert named in message, message
+    assert not upstream.requests and not claude_mock.requests

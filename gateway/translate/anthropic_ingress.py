@@ -114,10 +114,19 @@ class CountTokensRequest(msgspec.Struct, kw_only=True):
 
 
 class MessagesRequest(CountTokensRequest, kw_only=True):
-    """What is checked of a Messages request as it is decoded (as `CountTokensRequest`)."""
+    """What is checked of a Messages request as it is decoded (as `CountTokensRequest`), with Anthropic's own
+    ranges: `temperature` and `top_p` from 0 to 1 (a Chat Completions target takes a temperature to 2, so 1.5
+    would have passed to one), `max_tokens` at least 1 and above an enabled thinking budget."""
 
-    max_tokens: int
+    max_tokens: Annotated[int, msgspec.Meta(ge=1)]
     stream: bool | None = None
+    temperature: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+    top_p: Annotated[float, msgspec.Meta(ge=0, le=1)] | None = None
+
+    def __post_init__(self) -> None:
+        thinking = self.thinking
+        if thinking is not None and thinking.type == "enabled" and (thinking.budget_tokens or 0) >= self.max_tokens:
+            raise ValueError("`max_tokens` must be greater than `thinking.budget_tokens`")
 
 
 def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:

@@ -139,3 +139,15 @@ def test_tool_calls_that_are_not_a_list_are_a_400(gw: RunningGateway, alias: str
     message = _bad_request(_post(gw, "/v1/chat/completions", {"model": alias, "messages": messages}),
                            "messages.1.tool_calls")
     assert "must be an array" in message
+
+
+def test_a_background_response_is_refused(gw: RunningGateway, upstream: MockUpstream,
+                                          mocks: tuple[MockAnthropic, MockGemini]) -> None:
+    """`background: true` queues the answer upstream, to be read by `GET /v1/responses/{id}`, which the gateway does
+    not serve: the client could never read it, and the request settled its budget at the prompt's estimate while
+    the upstream went on generating. Refused before anything is sent."""
+    before = _sent(upstream, mocks)
+    refused = _post(gw, "/v1/responses", {"model": "gpt", "input": "hi", "background": True})
+    assert "background" in _bad_request(refused, "background")
+    assert refused.json()["error"]["code"] == "unsupported_parameter" and _sent(upstream, mocks) == before
+    assert _post(gw, "/v1/responses", {"model": "gpt", "input": "hi", "background": False}).status_code == 200

@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 from msgspec import Meta, Struct
 
+from ..errors import Unsupported
 from .openai import CompletionTokensDetails, PromptTokensDetails, Usage
 
 __all__ = ["ResponsesEventPeek", "ResponsesPeek", "ResponsesRequest", "ResponsesUsage", "responses_usage"]
@@ -29,6 +30,12 @@ class ResponsesRequest(Struct, kw_only=True):
     tools: list[dict[str, Any]] | None = None
     user: str | None = None
     metadata: dict[str, str] | None = None
+    background: bool | None = None
+
+    def __post_init__(self) -> None:
+        if self.background:  # its answer is read later (`GET /v1/responses/{id}`, not served) and billed unseen
+            raise Unsupported("`background` responses are not supported by this gateway: the answer could not be "
+                              "retrieved through it, nor billed; send the request without it", param="background")
 
 
 class _InputDetails(Struct):

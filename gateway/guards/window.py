@@ -14,11 +14,16 @@ more than `window_chars` is held for a possible finding past where a cut may go,
 plus how far past a match a guard's context word may still come (`span`: a date
 of birth waits whole for its "born" in a small window too); only an open private
 key block is held longer; a word without a cut in it waits whole, up to
-`max_hold_chars`. A guard that cannot
+`max_hold_chars`, and is cut there: a finding that covers the cut (an address
+that keeps growing) is rewritten up to it as one entity and the rest of its run
+dropped as it comes (`_split`), so a lane holds a bounded text and no text is
+scanned whole again and again. A guard that cannot
 say where a finding may start (the `ner` engine) holds the whole window, and
 then, as before early release, the lane is scanned once `span + step_chars`
 are waiting and again after every `step_chars`, releasing all but the last
-`span`. Either way any entity shorter than the window is whole
+`span`; so is a lane whose earliest possible start sits at the window's far end
+(a list of figures), which a scan at every chunk would rescan for each number.
+Either way any entity shorter than the window is whole
 in some scan before its first character leaves, whatever the chunking. Chunks
 that arrive in one upstream read are released together, the holds looked for
 once, at the last. The released text is rewritten (redact, mask, pseudonymize)
@@ -66,7 +71,7 @@ class Blocked(Exception):
 
 
 class Lane:
-    __slots__ = ("context", "json", "open", "pending", "released", "scanned", "sealed")
+    __slots__ = ("carry", "context", "json", "open", "pending", "released", "scanned", "sealed", "waiting")
 
     def __init__(self, json: bool) -> None:
         self.pending = ""
@@ -81,6 +86,10 @@ class Lane:
         # that (a reasoning resumed after the answer began, a text after a tool call) can have a finding reach back
         # into sent text.
         self.sealed = False
+        # The last look for holds found the earliest at the window's far end: the next waits for `step_chars`.
+        self.waiting = False
+        # The rest of an entity rewritten at `max_hold_chars` is still coming: dropped up to its run's end (`_split`).
+        self.carry = False
 
 
 class Window:
@@ -109,11 +118,15 @@ class Window:
 
     def feed(self, lane: Lane, text: str) -> None:
         lane.pending += text
+        if lane.carry:
+            self._swallow(lane)
         if self.first_in is None:
             self.first_in = time.perf_counter()
 
     async def release(self, lane: Lane, final: bool, where: Where) -> str:
         """What of the lane may leave now, rewritten; all of it when `final`. Raises `Blocked`."""
+        if lane.carry and final:
+            self._swallow(lane, final)
         text = lane.pending
         if not text:
             return ""
@@ -138,11 +151,24 @@ class Window:
         if any(f.action == "block" for f in enforced):
             self.session.note_findings([f for f in enforced if f.action == "block"], "enforce", where.place)
             raise Blocked
+        split = False
         if not final:
-            cut = self._settle(text, cut, enforced + shadow)
-        if pseudonyms and cut < len(text):
+            settled = self._settle(text, cut, enforced + shadow)
+            # Nothing could leave, the lane past `max_hold_chars`: a finding covers the held text up to the cut.
+            split = settled <= 0 < cut and len(text) > self.spec.max_hold_chars
+            if split:
+                cut = self._split(lane, full, offset, cut, enforced, where)
+                enforced, shadow = _clipped(enforced, cut), _clipped(shadow, cut)
+            else:
+                # A finding that started before the window covers the cut: the next scan waits for `step_chars`.
+                lane.waiting = lane.waiting or settled <= 0
+                cut = settled
+        if pseudonyms and cut < len(text) and not split:
             cut -= Pseudonyms.open_tail(text[:cut])
-        return self._emit(lane, text, cut, enforced, shadow, where)
+        out = self._emit(lane, text, cut, enforced, shadow, where)
+        if lane.carry:
+            self._swallow(lane)
+        return out
 
     def _reached_back(self, findings: list[Finding], offset: int, where: Where) -> None:
         """A lane released whole went on: an enforced finding that starts in the text already sent (the left
@@ -156,24 +182,33 @@ class Window:
     def _hold(self, lane: Lane, text: str, full: str, offset: int) -> int:
         """Where the held text may be cut before scanning it: before the earliest offset where a guard
         says a finding may still start, and before the trailing word (it may go on in the next chunk);
-        never holding more than `span`, except for an open private key block. When some guard
-        holds the whole window (it cannot tell), scans wait for `step_chars` of new text, as they did
-        before early release. 0: nothing may leave yet."""
+        never holding more than `span`, except for an open private key block. When the earliest such
+        offset is at the window's far end (within `step_chars` of it: a guard that cannot tell holds the
+        whole window; a stretch of figures is held from its first digit in reach), scans wait for
+        `step_chars` of new text, as they did before early release. 0: nothing may leave yet."""
         spec = self.spec
         span = self.span
         bound = len(text) - span
         hold = bound
         if bound < 0 and self._words(text, len(text) - (not text[-1].isspace())) <= 0:
             return 0  # nothing but the trailing word waits (a token that continues it): no holds to look for
+        fresh = len(text) - lane.scanned >= spec.step_chars  # new text enough for a scan of the whole window
         if not self.more:
+            if lane.waiting and not fresh:
+                return 0  # (the holds only move on as text comes: none can let text leave before the next step)
             base = lane.released - offset  # the upstream offset of full[0]
             # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.
             start = max(0, len(full) - span, lane.open - base)
             found = min(guard.open_from(full, start) for guard in self.guards)
             lane.open = base + found
             hold = found - offset
+            # What may leave would grow a chunk at a time while a whole window stays held: a scan per chunk
+            # rescanned that window every time (a list of numbers cost 30 to 80 times a check of the whole text).
+            lane.waiting = hold - bound < spec.step_chars
+        if hold - bound < spec.step_chars and not fresh:
+            return 0
         if hold <= bound:
-            if len(text) < span + spec.step_chars or len(text) - lane.scanned < spec.step_chars:
+            if len(text) < span + spec.step_chars:
                 return 0
             cut = bound
         else:
@@ -185,6 +220,40 @@ class Window:
             if opened is not None:
                 cut = min(cut, opened - offset)
         return self._words(text, cut)
+
+    def _split(self, lane: Lane, full: str, offset: int, cut: int, enforced: list[Finding], where: Where) -> int:
+        """Where a finding that covers the held text past `max_hold_chars` (an address or a key that keeps growing)
+        ends, as one entity: at `cut` (moved out of a JSON escape). It is rewritten up to there, and the rest of its
+        run (up to the next white space) is dropped as it comes (`carry`): held, it was rescanned whole at every step
+        (quadratic), and its tail, scanned alone, is no finding (`.com.com`, the letters of a key without its
+        `sk-`). One that holds white space may go on past the run's end: it blocks, counted as its guard's block."""
+        tool = where.part == "tool_arguments"
+        view, escapes = json_view(full) if tool else (full, [])
+        for start, end in escapes:
+            if start - offset < cut < end - offset:
+                cut = start - offset
+        hidden = [f for f in enforced if f.start < cut < f.end and f.action in _REWRITING]
+        spaced = [f for f in hidden if _SPACE.search(view, offset + f.start, offset + cut)]
+        if spaced:
+            self.session.note_findings([replace(f, action="block") for f in spaced], "enforce", where.place)
+            raise Blocked
+        lane.carry = bool(hidden) and cut > 0
+        return cut
+
+    def _swallow(self, lane: Lane, final: bool = False) -> None:
+        """Drops the held text that goes on an entity split at `max_hold_chars` (`_split`), up to the end of its
+        run: the first white space (in tool arguments, also the string's closing quote or an escaped white space;
+        a trailing escape that may still be completing waits, unless the lane is over). What is dropped is still
+        the next scan's context."""
+        text = lane.pending
+        end, over = _run_end(text, lane.json)
+        if final and not over:
+            end = len(text)
+        lane.context = (lane.context + text[:end])[-self.spec.window_chars:]
+        lane.released += end
+        lane.pending = text[end:]
+        lane.scanned = max(0, lane.scanned - end)
+        lane.carry = not over
 
     def _settle(self, text: str, cut: int, findings: list[Finding]) -> int:
         """The cut, moved back out of any finding it would split (and to a word's start)."""
@@ -246,6 +315,27 @@ def _unspaced_before(text: str, start: int, cut: int) -> int:
     return last if last > start else -1
 
 
+_REWRITING = frozenset({"redact", "mask", "pseudonymize"})
+_SPACE = re.compile(r"\s")
+# A run in a JSON string: characters other than white space, quotes and backslashes, and escapes that stand for
+# none of them (`\"`, `\\`, `\/`, `\b`, a `\u` escape) or that begin no escape at all.
+_JSON_RUN = re.compile(r'(?:[^\s"\\]|\\[^nrtfu\s]|\\u[0-9a-fA-F]{4}|\\u(?![0-9a-fA-F]{0,3}\Z))*')
+# An escape that may still be completing at the text's end.
+_OPEN_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?\Z")
+
+
+def _run_end(text: str, json: bool) -> tuple[int, bool]:
+    """How much of `text` is the run it starts with (up to its first white space; in a JSON string also up to its
+    closing quote or an escaped white space), and whether the run ended in it."""
+    if not json:
+        space = _SPACE.search(text)
+        return (len(text), False) if space is None else (space.start(), True)
+    end = _JSON_RUN.match(text).end()  # type: ignore[union-attr]  # (`*`: always)
+    if end < len(text) and _OPEN_ESCAPE.match(text, end):
+        return end, False  # `\` or `\u00` at the end: the next chunk says what it is
+    return end, end < len(text)
+
+
 def _shift(findings: list[Finding], offset: int) -> list[Finding]:
     """Findings in the scanned text, as spans of the held text (those wholly in the context dropped)."""
     out = []
@@ -256,3 +346,10 @@ def _shift(findings: list[Finding], offset: int) -> list[Finding]:
             out.append(Finding(f.guard, f.type, max(0, f.start - offset), f.end - offset, f.score, f.recognizer,
                                f.action, f.keep))
     return out
+
+
+def _clipped(findings: list[Finding], cut: int) -> list[Finding]:
+    """Findings split by `cut` (`Window._split`), ending there: a mask keeps nothing (the characters before the cut
+    are the entity's middle, not its end)."""
+    return [replace(f, end=cut, keep=0) if f.start < cut < f.end and f.type != "GUARD_FAILURE" else f
+            for f in findings]

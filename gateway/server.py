@@ -158,6 +158,15 @@ class _Supervisor(Multiprocess):
             if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
                 mark_process_dead(pid)  # type: ignore[no-untyped-call]
 
+    def terminate_all(self) -> None:
+        """uvicorn's stop of every worker (each drains), then this process's copy of the listening socket closed:
+        kept, it held the socket open after every worker had closed its own, so that the kernel went on accepting
+        connections that no process would read (a client hung until the last worker exited, then was reset),
+        where a closed socket refuses them (README "Shutdown")."""
+        super().terminate_all()
+        for listening in self.sockets:
+            listening.close()
+
     def handle_hup(self) -> None:
         for process in self.processes:
             if process.pid is not None:

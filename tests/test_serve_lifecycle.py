@@ -120,6 +120,31 @@ def test_sigterm_keeps_serving_through_the_drain_delay_with_readyz_503_and_exits
         assert server.wait(timeout=20) == 0
 
 
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_connection_made_while_draining_is_refused_not_left_hanging(tmp_path: Path, workers: str) -> None:
+    """With `drain_delay_s: 0` the listening socket closes at once (README "Shutdown"). With `--workers 2` the
+    supervisor kept its own copy open: the kernel accepted a new connection that no process read, and its request
+    hung until the last stream ended, then was reset (a POST so cut cannot safely be retried)."""
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, drain_delay_s=0, drain_timeout_s=10))
+    with serving(policy, port, "--workers", workers) as server:
+        body = {"model": "slow", "stream": True, "messages": MESSAGES}  # about 3 s: the drain waits for them
+        clients = [httpx.Client(timeout=30) for _ in range(4)]
+        streams = [client.send(client.build_request("POST", f"http://127.0.0.1:{port}/v1/chat/completions",
+                                                    json=body), stream=True) for client in clients]
+        server.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # the supervisor's tick (0.5 s) and the workers' drain delay (0) are past
+        started = time.monotonic()
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=10)
+        assert time.monotonic() - started < 1  # refused, not accepted and left hanging
+        for stream, client in zip(streams, clients, strict=True):
+            assert stream.status_code == 200 and "[DONE]" in stream.read().decode()  # the open streams finish
+            client.close()
+        assert server.wait(timeout=20) == 0
+
+
 def test_a_stream_cut_at_the_drain_deadline_gets_an_error_event_and_no_traceback(tmp_path: Path) -> None:
     port = free_port()
     policy = tmp_path / "gateway.yaml"

@@ -63,7 +63,10 @@ class Gateway:
     """One serving gateway: process-level services, and the runtime of the policy in force."""
 
     def __init__(self, policy: Policy, *, source: Path | None = None, tokens: TokenCounter | None = None,
-                 listener: Listener | None = None) -> None:
+                 listener: Listener | None = None, read_from: Fingerprints | None = None) -> None:
+        """`read_from`: the root file's metadata taken before `policy` was read from it (`gateway serve`), so that
+        the file watcher, which starts later, reloads a change written in between (else it took the changed
+        file as the one loaded, and served the old policy for good)."""
         self.metrics = Metrics()
         self.tokens = tokens or TokenCounter()
         self.request_ids = RequestIds()
@@ -82,6 +85,9 @@ class Gateway:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._retiring: set[Runtime] = set()  # replaced by a reload, still finishing requests
         self._loaded_files: Fingerprints | None = None  # the policy files as the last reload read them
+        if read_from is not None and source is not None:
+            now = fingerprints(self._watched())  # (the included files' as they are now: read moments ago)
+            self._loaded_files = (*read_from[:1], *now[1:]) if now is not None else read_from
 
     def _build(self, policy: Policy, guards: GuardRuntime | None, previous: Runtime | None = None) -> Runtime:
         """A runtime for `policy` with its `guards` (`_guards`: built beforehand, off the loop on a reload); after a

@@ -116,7 +116,7 @@ async def watch_policy_files(
     reload by signal or by the admin API has already read is not read again (and an invalid file is not
     reported twice).
     """
-    last = fingerprints(paths())
+    last = loaded() or fingerprints(paths())  # (as the policy in force read them, when known)
     while True:
         await asyncio.sleep(interval_s())
         current = fingerprints(paths())

@@ -387,3 +387,47 @@ def _stream_cut_by_sigterm(server: ManagedProcess, port: int) -> tuple[dict[str,
     assert server.wait(timeout=20) == 0
     last = [event for event in received.decode().split("\n\n") if event][-1]
     return json.loads(last.removeprefix("data: ")), server.text()
+
+
+def _ready(port: int) -> dict[str, Any] | None:
+    try:
+        answer = httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1)
+    except httpx.TransportError:
+        return None
+    return answer.json() if answer.status_code == 200 else None  # type: ignore[no-any-return]
+
+
+def test_a_change_written_while_the_gateway_starts_is_loaded_by_the_watcher(tmp_path: Path) -> None:
+    """The watcher took its first look at the file when it started, after the policy was read: a change written in
+    between was taken as the one loaded, and the old policy served for good."""
+    from gateway.policy import load_policy
+
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, watch_interval_s=0.2))
+    with running([*GATEWAY, "serve", "--policy", str(policy)], env={"PYTHONUNBUFFERED": "1"}) as server:
+        assert server.wait_for_output("Waiting for application startup", 30), server.text()
+        policy.write_text(demo_policy(port, watch_interval_s=0.2) + "# changed while starting\n")
+        wanted = load_policy(policy).version
+        assert wait_for(lambda: _ready(port) is not None, 30), server.text()
+        assert wait_for(lambda: (_ready(port) or {}).get("policy_version") == wanted, 10), _ready(port)
+
+
+def test_a_sighup_while_the_gateway_starts_reloads_once_it_serves(tmp_path: Path) -> None:
+    """A SIGHUP before the process had its handler killed it (SIGHUP's default action)."""
+    from gateway.policy import load_policy
+
+    port = free_port()
+    policy = tmp_path / "gateway.yaml"
+    policy.write_text(demo_policy(port, watch_policy="false"))
+    with running([*GATEWAY, "serve", "--policy", str(policy)], env={"PYTHONUNBUFFERED": "1"}) as server:
+        assert server.wait_for_output("Waiting for application startup", 30), server.text()
+        policy.write_text(demo_policy(port, watch_policy="false") + "# changed, then signalled\n")
+        server.send_signal(signal.SIGHUP)
+        wanted = load_policy(policy).version
+        assert wait_for(lambda: _ready(port) is not None, 30), server.text()
+        assert server.poll() is None
+        assert wait_for(lambda: (_ready(port) or {}).get("policy_version") == wanted, 10), _ready(port)
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=20) == 0
+

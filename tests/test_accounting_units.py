@@ -97,7 +97,8 @@ def test_reset_headers_read_as_duration(reset: float) -> None:
 def test_prompt_estimate_counts_overhead_tools_and_images() -> None:
     from types import SimpleNamespace
 
-    from gateway.accounting.prompt import IMAGE_TOKENS, PromptEstimator
+    from gateway.accounting.prompt import PromptEstimator
+    from gateway.translate.image_tokens import MAX_IMAGE_TOKENS as IMAGE_TOKENS  # an image of unknown size
 
     tokens = TokenCounter()
     tokens.load(["gpt-4o"])
@@ -328,7 +329,8 @@ def test_responses_input_and_instructions_are_counted_as_the_chat_messages_they_
     """A Responses request is estimated like the chat it stands for: `instructions` a system message, a string
     `input` a user message, message items (string or content-part text) as chat messages, tool calls and
     outputs as the chat messages that carry them; before, a list `input` read 0 and instructions were ignored."""
-    from gateway.accounting.prompt import IMAGE_TOKENS, PromptEstimator
+    from gateway.accounting.prompt import PromptEstimator
+    from gateway.translate.image_tokens import MAX_IMAGE_TOKENS as IMAGE_TOKENS  # an image of unknown size
 
     tokens = TokenCounter()
     tokens.load(["gpt-4o"])

@@ -6,10 +6,11 @@ request is translated into the internal chat request at ingress
 `/v1/chat/completions`; the answer, its stream and its errors are written in
 Anthropic's format here. `count_tokens` needs no upstream: it checks the key and
 the alias like any request and answers with the gateway's own count (tiktoken,
-the same estimate accounting uses when an upstream reports none; images by
-Anthropic's size rule, thinking only in the current turn, as Anthropic counts
-them: docs/providers.md), in a thread when the body is large, so that a long
-count does not hold up other requests.
+`accounting.prompt.PromptEstimator.estimate_body`: the estimate a reservation
+makes, and the `input_tokens` a `/v1/messages` answer carries and is billed for
+when its upstream reports none; images by Anthropic's size rule, thinking only
+in the current turn, as Anthropic counts them: docs/providers.md), in a thread
+when the body is large, so that a long count does not hold up other requests.
 
 Both answer with the request id also as `request-id` (and errors with `request_id`
 in the body), where the Anthropic SDK reads it (`message._request_id`,
@@ -29,6 +30,7 @@ from typing import Any, Protocol
 
 import msgspec
 
+from ..accounting.prompt import estimate_prompt
 from ..auth.dynamic import find_key
 from ..errors import GatewayError, InternalError, MethodNotAllowed, UpstreamOverloaded
 from ..pipeline.context import RequestContext
@@ -41,8 +43,6 @@ from ..telemetry.usage import CountTokens, estimate_on_loop
 from ..translate.anthropic_answer import MessagesStream, messages_response
 from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
 from ..translate.common import BETA, CACHE_MARK
-from ..translate.image_tokens import image_tokens
-from ..translate.thinking import BLOCKS, REASONING
 from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
 
 __all__ = ["CountTokensEndpoint", "MessagesDialect"]
@@ -188,32 +188,9 @@ class CountTokensEndpoint:
 
 
 def _count(tokens: TokenCounter, chat: dict[str, Any], model: str) -> int:
-    """The chat messages' tokens (text, tool calls and results, with the chat format's overhead), the ids that tie
-    tool results to their calls, the images (`translate.image_tokens`), the current turn's thinking (the only
-    thinking left in a count's chat request) and the tools' definitions."""
-    messages = chat["messages"]
-    count = tokens.count_messages(messages, model)
-    for message in messages:
-        if "tool_call_id" in message:
-            count += tokens.count(message["tool_call_id"], model)
-        for call in message.get("tool_calls") or ():
-            count += tokens.count(call["id"], model)
-        content = message.get("content")
-        for part in content if isinstance(content, list) else ():
-            if part.get("type") == "image_url":
-                count += image_tokens(part["image_url"]["url"])
-        thinking = message.get(REASONING)
-        if thinking:
-            count += tokens.count(thinking, model)
-        for block in message.get(BLOCKS) or ():
-            if block.get("type") == "redacted_thinking":  # encrypted: about the text its base64 holds
-                count += _estimate(len(block["data"]) * 3 // 4)
-    if chat.get("tools"):
-        count += tokens.count(_encode(chat["tools"]).decode(), model)
-    return count
-
-
-def _estimate(characters: int) -> int:
-    """Tokens of a text of `characters` the gateway cannot read: about 4 characters a token (`TokenCounter`'s own
-    estimate for a text it cannot encode)."""
-    return (characters + 3) // 4 if characters > 0 else 0
+    """The gateway's estimate of the prompt (`accounting.prompt.PromptEstimator.estimate_body`), the one it bills
+    with when an upstream reports no usage: the chat messages' tokens (text, tool calls and results, with the chat
+    format's overhead), the ids that tie tool results to their calls, the images (`translate.image_tokens`), the
+    current turn's thinking (the only thinking left in a count's chat request) and the tools' definitions. By an
+    estimator that keeps no counts: it may run in a thread."""
+    return estimate_prompt(tokens, chat, model)

@@ -10,6 +10,13 @@ cost never reads below 0. It reads a stream's content only when the provider is
 known not to report usage; when a provider that should have reported it does not,
 that stream's answer is estimated from its chunk count (OpenAI-compatible servers
 send about one token a chunk) and the provider's later streams are counted.
+
+The prompt is counted as the reservation estimates it and as `/v1/messages/count_tokens` answers
+(`accounting.prompt.PromptEstimator.estimate_body`: messages with their format's overhead, tool calls and their
+ids, images, the current turn's thinking, tool definitions), in the encoding of the alias's upstream model: a
+Messages client's `count_tokens` figure is the `input_tokens` its answer carries and the figure it is billed for.
+A body past `_OFF_LOOP_CHARS` is counted in a thread; a stream's (whose provider reports no usage) from its
+start, so that its figure is ready when a Messages stream's last event is written.
 """
 
 from __future__ import annotations
@@ -19,18 +26,19 @@ from typing import Any
 
 import msgspec
 
+from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
-from .tokens import TokenCounter, message_text, responses_messages
+from .tokens import TokenCounter, message_text
 
 __all__ = ["CountTokens", "StreamText", "answer_text", "count_on_loop", "count_text", "estimate_on_loop",
            "estimate_stream_usage", "estimate_usage", "stream_text"]
 
-_OFF_LOOP_CHARS = 64 * 1024  # count larger texts in a thread: tiktoken holds the GIL but not the loop
-_MESSAGE_OVERHEAD = 3  # OpenAI's chat format: tokens per message, and for the reply's priming
+_OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
+_ROUGH = PromptEstimator(TokenCounter(), keep=False)  # no encoding loaded: every text at four characters a token
 
 
 class CountTokens:
@@ -39,13 +47,18 @@ class CountTokens:
 
     def __init__(self, tokens: TokenCounter) -> None:
         self.tokens = tokens
+        # Runs only when no usage came: it keeps no counts (unlike the reservation's), so it may count in a thread.
+        self.prompts = PromptEstimator(tokens, keep=False)
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         reply = await call_next(ctx)
         if reply.stream is not None:
             provider = ctx.provider
             if provider is not None and not getattr(provider, "stream_usage_expected", True):
-                stream_text(ctx, reply.stream)
+                text = stream_text(ctx, reply.stream)
+                if text.prompt is None and len(ctx.raw_body) > _OFF_LOOP_CHARS:  # counted while the answer comes
+                    text.prompt = asyncio.ensure_future(asyncio.to_thread(
+                        self.prompts.estimate_body, ctx.body, _model(ctx)))
                 reply.stream.add(_CountText(self))
             else:
                 reply.stream.add(self)
@@ -62,11 +75,19 @@ class CountTokens:
             ctx.usage = await self._usage(ctx, ctx.chunks)
 
     async def _usage(self, ctx: RequestContext, completion_tokens: int) -> Usage:
-        prompt = await self._count(_prompt_text(ctx.body))
-        if isinstance(ctx.body.get("messages"), list):
-            prompt += _MESSAGE_OVERHEAD * (len(ctx.body["messages"]) + 1)
+        prompt = await self._prompt(ctx)
         ctx.usage_estimated = True
         return Usage(prompt, completion_tokens, prompt + completion_tokens)
+
+    async def _prompt(self, ctx: RequestContext) -> int:
+        """The prompt's estimate: the one counted since the stream began, else counted now (in a thread when the
+        body is large)."""
+        text = ctx.answer_text
+        if text is not None and text.prompt is not None:
+            return await text.prompt  # type: ignore[no-any-return]
+        if len(ctx.raw_body) > _OFF_LOOP_CHARS:
+            return await asyncio.to_thread(self.prompts.estimate_body, ctx.body, _model(ctx))
+        return self.prompts.estimate_body(ctx.body, _model(ctx))
 
     async def _count(self, text: str) -> int:
         if len(text) > _OFF_LOOP_CHARS:
@@ -76,13 +97,15 @@ class CountTokens:
 
 class StreamText:
     """A stream's answer text, collected as its chunks pass (only when its provider reports no usage): one per
-    request (`ctx.answer_text`, made by `stream_text`), read at the stream's end by every stage that counts it."""
+    request (`ctx.answer_text`, made by `stream_text`), read at the stream's end by every stage that counts it.
+    `prompt`: the prompt's estimate of a large body, counted in a thread from the stream's start (`CountTokens`)."""
 
-    __slots__ = ("_parts",)
+    __slots__ = ("_parts", "prompt")
     reads_events = True
 
     def __init__(self) -> None:
         self._parts: list[str] = []
+        self.prompt: asyncio.Future[int] | None = None
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         for event in events:
@@ -167,19 +190,10 @@ def _answer_text(body: bytes) -> str:
     return "".join(parts)
 
 
-def _prompt_text(body: dict[str, Any]) -> str:
-    if "messages" in body:
-        return "\n".join(message_text(body["messages"]))
-    instructions, items = body.get("instructions"), body.get("input")
-    if (isinstance(instructions, str) and instructions) or (isinstance(items, list) and items
-                                                           and type(items[0]) is dict):  # the Responses API
-        return "\n".join(message_text(responses_messages(items, instructions)))
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, str):
-        return prompt
-    if isinstance(prompt, list):
-        return "\n".join(p for p in prompt if isinstance(p, str))
-    return ""
+def _model(ctx: RequestContext) -> str | None:
+    """The model whose encoding counts the prompt: the alias's upstream model, as the reservation counts it."""
+    route = ctx.route
+    return route.upstream_model if route is not None else None
 
 
 # -- for the accounting stage, which bills a request before this stage's own end hook runs -------------
@@ -192,15 +206,21 @@ async def estimate_usage(counter: CountTokens, ctx: RequestContext, completion_t
 
 def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
     """The estimate this stage makes, made at once on the event loop (a caller that must write it before this
-    stage's end hook runs: a Messages stream's last event), without marking it: a text past `_OFF_LOOP_CHARS`,
-    which this stage counts in a thread, is taken at four characters a token instead of holding the loop."""
-    prompt = count_on_loop(tokens, _prompt_text(ctx.body))
-    messages = ctx.body.get("messages")
-    if isinstance(messages, list):
-        prompt += _MESSAGE_OVERHEAD * (len(messages) + 1)
+    stage's end hook runs: a Messages stream's last event), and kept as the request's usage (marked), so that the
+    bill and this stage read the figure the client got. A large body's prompt is the one counted since the stream
+    began; when there is none (a provider found not to report usage only at this stream's end), its texts are
+    taken at four characters a token instead of holding the loop, as is an answer text past `_OFF_LOOP_CHARS`."""
     text = ctx.answer_text
+    early = text.prompt if text is not None else None
+    if early is not None and early.done() and not early.cancelled() and early.exception() is None:
+        prompt = early.result()
+    elif len(ctx.raw_body) <= _OFF_LOOP_CHARS:
+        prompt = estimate_prompt(tokens, ctx.body, _model(ctx))
+    else:
+        prompt = _ROUGH.estimate_body(ctx.body, None)
     completion = count_on_loop(tokens, text.text()) if text is not None else ctx.chunks
-    return Usage(prompt, completion, prompt + completion)
+    ctx.usage, ctx.usage_estimated = Usage(prompt, completion, prompt + completion), True
+    return ctx.usage
 
 
 def count_on_loop(tokens: TokenCounter, text: str) -> int:

@@ -13,7 +13,6 @@ import asyncio
 import random
 import re
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 
@@ -22,6 +21,7 @@ import pytest
 
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.mock_upstream import MockUpstream
+from tests.support.probe import healthz_probe
 
 
 def _full_width(text: str) -> str:
@@ -166,25 +166,10 @@ def test_a_table_with_a_phone_number_reaches_the_upstream_with_only_the_number_r
 def test_a_text_that_is_slow_to_read_for_numbers_does_not_hold_up_other_requests(gw: RunningGateway) -> None:
     """16,000 characters of `1/1/1...`: about 3 s of libphonenumber, which held the loop (and every other
     request) when it ran there."""
-    done = threading.Event()
-    slowest = [0.0]
-
-    def probe() -> None:
-        while not done.is_set():
-            started = time.monotonic()
-            assert httpx.get(gw.url + "/healthz", timeout=60).status_code == 200
-            slowest[0] = max(slowest[0], time.monotonic() - started)
-            time.sleep(0.02)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
+    with healthz_probe(gw.url) as slowest:
         started = time.monotonic()
         response = _ask(gw, "1/" * 8_000)
         took = time.monotonic() - started
-    finally:
-        done.set()
-        prober.join()
     assert response.status_code == 200, response.text
     assert took > 0.3, took  # long enough for the probe to have seen a blocked loop
     assert slowest[0] < max(0.25, took / 3), (slowest[0], took)

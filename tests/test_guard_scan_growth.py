@@ -12,7 +12,6 @@ import json
 import random
 import textwrap
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,6 +32,7 @@ from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import DONE, Chunk
 from gateway.telemetry.metrics import Metrics
 from tests.conftest import FULL_KEY, UPSTREAM_KEY, RunningGateway
+from tests.support.probe import healthz_probe
 from tests.support.threaded_app import ThreadedApp
 
 SPEC = StreamScanSpec()  # window 48, step 24, max_hold 4,096
@@ -338,35 +338,22 @@ def test_a_growing_address_reaches_the_client_at_the_bound() -> None:
               global:
                 pii: {{kind: pii, places: [output]}}
             """), {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}).start()
-        slowest = [0.0]
-        done = threading.Event()
-
-        def probe() -> None:
-            while not done.is_set():
-                started = time.monotonic()
-                assert httpx.get(running.url + "/healthz", timeout=30).status_code == 200
-                slowest[0] = max(slowest[0], time.monotonic() - started)
-                time.sleep(0.02)
-
-        prober = threading.Thread(target=probe)
-        prober.start()
         content = ""
         try:
-            body = {"model": "held", "stream": True,
-                    "messages": [{"role": "user", "content": "Mail jane@x" + ".com" * 8_000}]}
-            with httpx.stream("POST", running.base_url + "/chat/completions", json=body, timeout=60,
-                              headers={"Authorization": f"Bearer {FULL_KEY}"}) as response:
-                assert response.status_code == 200
-                for line in response.iter_lines():
-                    data = line.removeprefix("data: ")
-                    if line.startswith("data: {"):
-                        content += "".join(c["delta"].get("content") or "" for c in json.loads(data)["choices"])
-                    if "<EMAIL_ADDRESS>" in content:
-                        held.seen.set()
+            with healthz_probe(running.url) as slowest:
+                body = {"model": "held", "stream": True,
+                        "messages": [{"role": "user", "content": "Mail jane@x" + ".com" * 8_000}]}
+                with httpx.stream("POST", running.base_url + "/chat/completions", json=body, timeout=60,
+                                  headers={"Authorization": f"Bearer {FULL_KEY}"}) as response:
+                    assert response.status_code == 200
+                    for line in response.iter_lines():
+                        data = line.removeprefix("data: ")
+                        if line.startswith("data: {"):
+                            content += "".join(c["delta"].get("content") or "" for c in json.loads(data)["choices"])
+                        if "<EMAIL_ADDRESS>" in content:
+                            held.seen.set()
         finally:
             held.seen.set()
-            done.set()
-            prober.join()
             running.stop()
     assert content == "Mail <EMAIL_ADDRESS> bye"
     assert not held.waited_out  # the address left while the upstream still waited for it

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 
@@ -20,6 +19,7 @@ import pytest
 
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.mock_upstream import MockUpstream
+from tests.support.probe import healthz_probe
 
 SPACES = " " * 1_000_000  # one more than tiktoken's regex survives
 
@@ -80,25 +80,10 @@ def test_a_million_spaces_through_every_path_that_counts(gw: RunningGateway, pat
 
 def test_a_large_count_does_not_hold_up_other_requests(gw: RunningGateway) -> None:
     body = json.dumps({"model": "gpt", "messages": [{"role": "user", "content": "a" * 3_000_000}]}).encode()
-    done = threading.Event()
-    slowest = [0.0]
-
-    def probe() -> None:
-        while not done.is_set():
-            started = time.monotonic()
-            assert httpx.get(gw.url + "/healthz", timeout=60).status_code == 200
-            slowest[0] = max(slowest[0], time.monotonic() - started)
-            time.sleep(0.02)
-
-    prober = threading.Thread(target=probe)
-    prober.start()
-    try:
+    with healthz_probe(gw.url) as slowest:
         started = time.monotonic()
         response = httpx.post(gw.url + "/v1/messages/count_tokens", content=body, timeout=120)
         took = time.monotonic() - started
-    finally:
-        done.set()
-        prober.join()
     assert response.status_code == 200 and response.json()["input_tokens"] > 300_000
     assert took > 0.3, took  # long enough for the probe to have seen a blocked loop
     assert slowest[0] < max(0.25, took / 3), (slowest[0], took)

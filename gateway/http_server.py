@@ -31,6 +31,8 @@ arguments that fix this with subclasses of uvicorn's own protocols. Who enforces
   `100-continue` pending are not counted): past it, the same `408`. A client trickling a byte
   per period holds its request slot for 4 periods (2 minutes at the default 30 s), not forever;
   the app's reading (`pipeline.stages.read_body`) has no deadline of its own.
+* `Expect: 100-continue` answered before the body was asked for (a 401, a 413 from the declared length):
+  `connection: close`, and closed (`_closing_if_unread`), so a client's next request is not read as the body.
 * Trailer fields of a chunked body (httptools; h11 drops them and bounds them as a head): read
   and dropped, never request headers (`scope["headers"]` is the head's, frozen at its end: a
   trailer `Authorization` or `X-Request-Id` changes nothing). Their bytes count against
@@ -98,6 +100,19 @@ __all__ = ["HAVE_HTTPTOOLS", "HttpLimits", "LimitedH11Protocol", "LimitedHttpToo
 
 _FD_RESERVE = 1024  # file descriptors to keep for upstream connections, logs, files
 _UNPARSABLE = "the request is not valid HTTP/1.1"
+
+
+def _closing_if_unread(cycle: Any) -> Any:
+    """`cycle.send` that closes after an answer given before the body was asked for (RFC 9110 10.1.1): kept open,
+    the next request was read as that body. (Not a method: `whole_reply` takes `send`'s path, which closes.)"""
+    send = cycle.send
+
+    async def send_closing(message: Any) -> None:
+        if message["type"] == "http.response.start" and cycle.waiting_for_100_continue:
+            cycle.keep_alive = False
+        await send(message)
+
+    return send_closing
 
 
 class _HeadComplete(list[tuple[bytes, bytes]]):
@@ -257,6 +272,8 @@ if HAVE_HTTPTOOLS:
                 slim_cycle(cycle)
                 setattr(cycle, DISCONNECT_HOOK, None)  # this protocol calls the request back on a lost connection
                 setattr(cycle, DIRECT_BODY, True)  # and its body parts may be written directly (`api.asgi.ChunkWriter`)
+                if cycle.waiting_for_100_continue:  # (`Expect: 100-continue`: rare; only then a wrapper)
+                    cycle.send = _closing_if_unread(cycle)
 
         def _queued_behind(self, before: Any) -> None:
             """`cycle` waits behind `before` (pipelining): keep `before`, and the cycles before it still in

@@ -180,3 +180,27 @@ def test_a_pipelining_client_that_leaves_cancels_the_request_in_flight(
         served.stop()
     errors = [record.getMessage() for record in caplog.records if record.levelno >= logging.ERROR]
     assert not errors, errors
+
+
+def _expecting(body: bytes, key: str | None = None) -> bytes:
+    auth = f"Authorization: Bearer {key}\r\n" if key else ""
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            + auth.encode() + b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body))
+
+
+def test_an_answer_before_an_expected_body_closes_the_connection(ruled: RunningGateway) -> None:
+    """A 401 to `Expect: 100-continue` before the body was asked for kept the connection open: the body was still
+    awaited, so the client's next request on it was read as that body, never answered, until `body_timeout_s`."""
+    with socket.create_connection(("127.0.0.1", ruled.port), timeout=10) as sock:
+        sock.sendall(_expecting(chat("demo")))
+        status, headers, _ = read_response(sock)
+        assert status == 401 and headers.get("connection") == "close", headers
+        assert closed_by_server(sock, 5)
+    with socket.create_connection(("127.0.0.1", ruled.port), timeout=10) as sock:  # asked for, sent: kept open
+        sock.sendall(_expecting(chat("demo"), FULL_KEY))
+        assert read_response(sock)[0] == 100
+        sock.sendall(chat("demo"))
+        status, headers, _ = read_response(sock)
+        assert status == 200 and headers.get("connection") != "close"
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response(sock)[0] == 200

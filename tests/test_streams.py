@@ -485,3 +485,15 @@ async def test_a_polled_stream_whose_end_a_watching_stage_held_back_ends_as_when
                          end.error.message if end.error else None, stage.seen))
     assert outcomes[0] == outcomes[1]
     assert outcomes[1][2:] == ("error", "the stream ended unexpectedly", [1, 2, 1])
+
+
+async def test_a_budget_past_its_cap_with_no_chunk_to_cut_at_keeps_an_ended_answer_and_cuts_one_going_on() -> None:
+    """Behind a stage that held every chunk (an output guard), a batch may hold none: past the cap with the budget
+    refused, the stream ends with the budget's error, unless the batch ends the answer (nothing left to cut)."""
+    from gateway.accounting.settling import StreamBill
+    ctx = context()
+    ctx.chunks = 9  # the upstream's chunks so far, this batch's included: past the cap of 3
+    done = await StreamBill(Extends(0), budget_bill(3)).on_events(ctx, [DONE])  # type: ignore[arg-type]
+    assert done == [DONE]
+    cut = await StreamBill(Extends(0), budget_bill(3)).on_events(ctx, [])  # type: ignore[arg-type]
+    assert [type(event).__name__ for event in cut] == ["StreamError"] and "budget" in cut[0].error.message

@@ -21,7 +21,7 @@ from ..errors import BudgetExceeded
 from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
-from ..schemas.events import Chunk, StreamError, StreamEvent
+from ..schemas.events import Chunk, StreamDone, StreamError, StreamEvent
 from ..schemas.openai import Usage
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
@@ -329,8 +329,8 @@ class StreamBill:
     def _cut(ctx: RequestContext, events: list[StreamEvent], index: int | None) -> list[StreamEvent]:
         """The batch up to the chunk at `index` (None: all of it), then the end of a cut stream."""
         cut = StreamError(BudgetExceeded("the budget for this period ran out during the answer; it was cut off"))
-        if index is None:
-            return [*events, cut]
+        if index is None:  # no chunk in the batch (held by a stage): the end of an answer already sent is kept
+            return events if any(type(event) is StreamDone for event in events) else [*events, cut]
         if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it
             return [*events[: index + 1], cut]
         return [*events[: index + 1], _final(ctx, events[index]), cut]  # type: ignore[arg-type]

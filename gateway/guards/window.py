@@ -1,36 +1,28 @@
 """The stream scanner's window: hold back a bounded tail of each lane of text, release the rest.
 
-A lane is one run of answer text as it streams (a choice's content, a tool
-call's arguments, a Responses output text part). New text waits in the lane.
-After each chunk, every guard says from which offset a finding may still start
-that the text seen so far does not complete (`Guard.open_from`, `holds.py`: an
-e-mail address still being written, a number that may grow into a phone
-number); the text before the earliest such offset, less the trailing word
-(which the next chunk may continue), is scanned (with the last released
-`window_chars` as left context) and released at once, cut at a whitespace (or
-beside a character of a script written without spaces), never inside a finding,
-an open private key block, or a placeholder that may still be completing. No
-more than `window_chars` is held for a possible finding past where a cut may go,
-plus how far past a match a guard's context word may still come (`span`: a date
-of birth waits whole for its "born" in a small window too); only an open private
-key block is held longer; a word without a cut in it waits whole, up to
-`max_hold_chars`, and is cut there: a finding that covers the cut (an address
-that keeps growing) is rewritten up to it as one entity and the rest of its run
-dropped as it comes (`_split`), so a lane holds a bounded text and no text is
-scanned whole again and again. A guard that cannot
-say where a finding may start (the `ner` engine) holds the whole window, and
-then, as before early release, the lane is scanned once `span + step_chars`
-are waiting and again after every `step_chars`, releasing all but the last
-`span`; so is a lane whose earliest possible start sits at the window's far end
-(a list of figures), which a scan at every chunk would rescan for each number.
-Either way any entity shorter than the window is whole
-in some scan before its first character leaves, whatever the chunking. Chunks
-that arrive in one upstream read are released together, the holds looked for
-once, at the last. The released text is rewritten (redact, mask, pseudonymize)
-and its placeholders restored; a blocking finding raises `Blocked`, and
-whoever drives the window ends the stream in its own format. A lane released
-whole (`final`) that then goes on (a reasoning resumed after the answer began, an
-answer's text after its first tool call) is `sealed`: a finding reaching back into the text already sent blocks.
+A lane is one run of answer text as it streams (a choice's content, a tool call's arguments, a Responses output text
+part). New text waits in the lane. After each chunk, every guard says from which offset a finding may still start
+that the text seen so far does not complete (`Guard.open_from`, `holds.py`: an e-mail address still being written, a
+number that may grow into a phone number); the text before the earliest such offset, less the trailing word (which
+the next chunk may continue), is scanned (with the last released `window_chars` as left context) and released at
+once, cut at a whitespace (or beside a character of a script written without spaces), never inside a finding, an open
+private key block, or a placeholder that may still be completing. No more than `window_chars` is held for a possible
+finding past where a cut may go, plus how far past a match a guard's context word may still come (`span`: a date of
+birth waits whole for its "born" in a small window too); a word without a cut in it waits whole, up to
+`max_hold_chars`, and is cut there: a finding that covers the cut (an address that keeps growing) is rewritten up to
+it as one entity and the rest of its run dropped as it comes (`_split`). Only an open private key block is held
+longer than the window, whole until its END line, but no longer than `max_hold_chars` either: past it, the block is
+rewritten there as one entity (or blocks) and its rest dropped as it comes, up to and including its END line
+(`_cut_key`). So a lane holds a bounded text and no text is scanned whole again and again. A guard that cannot say
+where a finding may start (the `ner` engine) holds the whole window, and then, as before early release, the lane is
+scanned once `span + step_chars` are waiting and again after every `step_chars`, releasing all but the last `span`;
+so is a lane whose earliest possible start sits at the window's far end (a list of figures), which a scan at every
+chunk would rescan for each number. Either way any entity shorter than the window is whole in some scan before its
+first character leaves, whatever the chunking. Chunks that arrive in one upstream read are released together, the
+holds looked for once, at the last. The released text is rewritten (redact, mask, pseudonymize) and its placeholders
+restored; a blocking finding raises `Blocked`, and whoever drives the window ends the stream in its own format. A
+lane released whole (`final`) that then goes on (a reasoning resumed after the answer began, an answer's text after
+its first tool call) is `sealed`: a finding reaching back into the text already sent blocks.
 
 The window knows nothing of any wire format: the chunk shapes (Chat
 Completions, Completions, the Responses API's events) are adapters around it
@@ -44,12 +36,15 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING
 
+import regex  # type: ignore[import-untyped]  # no stubs
 from msgspec.structs import replace
 
 from ..policy.guard_schema import StreamScanSpec
 from .base import Finding, Guard, Where
 from .json_view import json_view
+from .normalize import canonical, original_offset
 from .pseudonyms import Pseudonyms
+from .secrets import _KEY_FOOTER
 from .session import GuardSession
 from .verdict import apply
 
@@ -71,7 +66,8 @@ class Blocked(Exception):
 
 
 class Lane:
-    __slots__ = ("carry", "context", "json", "open", "pending", "released", "scanned", "sealed", "waiting")
+    __slots__ = ("block", "carry", "context", "json", "keyed", "open", "pending", "released", "scanned", "sealed",
+                 "waiting")
 
     def __init__(self, json: bool) -> None:
         self.pending = ""
@@ -90,6 +86,11 @@ class Lane:
         self.waiting = False
         # The rest of an entity rewritten at `max_hold_chars` is still coming: dropped up to its run's end (`_split`).
         self.carry = False
+        # The rest carried is a private key block's: dropped up to and including its END line (`_cut_key`).
+        self.keyed = False
+        # The upstream offset of the private key block the last look found open (-1: none): if it ends in the next
+        # chunk past `max_hold_chars`, it is taken whole there too (`_hold`).
+        self.block = -1
 
 
 class Window:
@@ -125,7 +126,9 @@ class Window:
 
     async def release(self, lane: Lane, final: bool, where: Where) -> str:
         """What of the lane may leave now, rewritten; all of it when `final`. Raises `Blocked`."""
-        if lane.carry and final:
+        if lane.carry:  # (what waits may be a key block's END line still coming: it leaves with none of it)
+            if not final:
+                return ""
             self._swallow(lane, final)
         text = lane.pending
         if not text:
@@ -136,9 +139,9 @@ class Window:
             return self._emit(lane, text, cut, [], [], where)
         full = lane.context + text
         offset = len(lane.context)
-        cut = len(text)
+        cut, key = len(text), -1
         if not final:  # (a tool call's arguments: the guards' holds read them as `runtime.detect` does)
-            cut = self._hold(lane, text, json_view(full)[0] if where.part == "tool_arguments" else full, offset)
+            cut, key = self._hold(lane, text, json_view(full)[0] if where.part == "tool_arguments" else full, offset)
             if cut <= 0:  # nothing can leave yet: no scan
                 return ""
         lane.scanned = len(text)
@@ -151,8 +154,10 @@ class Window:
         if any(f.action == "block" for f in enforced):
             self.session.note_findings([f for f in enforced if f.action == "block"], "enforce", where.place)
             raise Blocked
-        split = False
-        if not final:
+        split = key >= 0
+        if split:
+            enforced, shadow = self._cut_key(lane, key, cut, enforced), _clipped(shadow, cut)
+        elif not final:
             settled = self._settle(text, cut, enforced + shadow)
             # Nothing could leave, the lane past `max_hold_chars`: a finding covers the held text up to the cut.
             split = settled <= 0 < cut and len(text) > self.spec.max_hold_chars
@@ -179,23 +184,24 @@ class Window:
             self.session.note_findings([replace(f, action="block") for f in reached], "enforce", where.place)
             raise Blocked
 
-    def _hold(self, lane: Lane, text: str, full: str, offset: int) -> int:
+    def _hold(self, lane: Lane, text: str, full: str, offset: int) -> tuple[int, int]:
         """Where the held text may be cut before scanning it: before the earliest offset where a guard
         says a finding may still start, and before the trailing word (it may go on in the next chunk);
-        never holding more than `span`, except for an open private key block. When the earliest such
-        offset is at the window's far end (within `step_chars` of it: a guard that cannot tell holds the
-        whole window; a stretch of figures is held from its first digit in reach), scans wait for
-        `step_chars` of new text, as they did before early release. 0: nothing may leave yet."""
+        never holding more than `span`, except for an open private key block (up to `max_hold_chars`). When the
+        earliest such offset is at the window's far end (within `step_chars` of it: a guard that cannot tell holds
+        the whole window; a stretch of figures is held from its first digit in reach), scans wait for `step_chars`
+        of new text, as they did before early release. 0: nothing may leave yet. With it, where a key block held past
+        `max_hold_chars` starts (cut at its END line, or before what may be its start: `_cut_key`); -1: none."""
         spec = self.spec
         span = self.span
         bound = len(text) - span
         hold = bound
         if bound < 0 and self._words(text, len(text) - (not text[-1].isspace())) <= 0:
-            return 0  # nothing but the trailing word waits (a token that continues it): no holds to look for
+            return 0, -1  # nothing but the trailing word waits (a token that continues it): no holds to look for
         fresh = len(text) - lane.scanned >= spec.step_chars  # new text enough for a scan of the whole window
         if not self.more:
             if lane.waiting and not fresh:
-                return 0  # (the holds only move on as text comes: none can let text leave before the next step)
+                return 0, -1  # (the holds only move on as text comes: none can let text leave before the next step)
             base = lane.released - offset  # the upstream offset of full[0]
             # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.
             start = max(0, len(full) - span, lane.open - base)
@@ -206,20 +212,35 @@ class Window:
             # rescanned that window every time (a list of numbers cost 30 to 80 times a check of the whole text).
             lane.waiting = hold - bound < spec.step_chars
         if hold - bound < spec.step_chars and not fresh:
-            return 0
+            return 0, -1
         if hold <= bound:
             if len(text) < span + spec.step_chars:
-                return 0
+                return 0, -1
             cut = bound
         else:
             cut = min(hold, len(text))
             if cut == len(text) and not text[-1].isspace():
                 cut -= 1  # inside the trailing word: `_words` moves it to the word's start
-        for guard in self.guards:
-            opened = guard.hold_from(full)
-            if opened is not None:
-                cut = min(cut, opened - offset)
-        return self._words(text, cut)
+        opened = min((at for at in (guard.hold_from(full) for guard in self.guards) if at is not None), default=None)
+        held = opened if opened is not None or lane.block < lane.released else lane.block - lane.released + offset
+        lane.block = -1 if opened is None else lane.released - offset + opened
+        if held is not None and len(full) - held > spec.max_hold_chars:  # taken whole now, up to its END line if
+            key = max(0, held - offset)  # it came, else all but what may be its start (`_cut_key`)
+            end, over = _key_end(text[key:], lane.json)
+            lane.block = -1 if over else lane.block
+            return key + end, key
+        if opened is not None:
+            cut = min(cut, opened - offset)
+        return self._words(text, cut), -1
+
+    def _cut_key(self, lane: Lane, key: int, cut: int, enforced: list[Finding]) -> list[Finding]:
+        """A key block held past `max_hold_chars` (`key` to `cut`): the enforced findings over it from its header (a
+        block action has blocked) are rewritten up to the cut; if it is still open, keeping none of it, its rest is
+        dropped up to and including its END line (`carry`, `keyed`). One no enforced finding covers (no key material
+        after the header, as at the stream's end; a shadow guard's) leaves as it is."""
+        hidden = [f for f in enforced if f.start <= key < f.end and f.end >= cut and f.action in _REWRITING]
+        lane.carry = lane.keyed = bool(hidden) and lane.block >= 0
+        return _clipped([replace(f, end=cut, keep=0) if lane.carry and f in hidden else f for f in enforced], cut)
 
     def _split(self, lane: Lane, full: str, offset: int, cut: int, enforced: list[Finding], where: Where) -> int:
         """Where a finding that covers the held text past `max_hold_chars` (an address or a key that keeps growing)
@@ -242,11 +263,11 @@ class Window:
 
     def _swallow(self, lane: Lane, final: bool = False) -> None:
         """Drops the held text that goes on an entity split at `max_hold_chars` (`_split`), up to the end of its
-        run: the first white space (in tool arguments, also the string's closing quote or an escaped white space;
-        a trailing escape that may still be completing waits, unless the lane is over). What is dropped is still
-        the next scan's context."""
+        run: the first white space (in tool arguments, also the string's closing quote or an escaped white space; a
+        trailing escape that may still be completing waits, unless the lane is over); a key block's, up to and
+        including its END line (`_key_end`). What is dropped is still the next scan's context."""
         text = lane.pending
-        end, over = _run_end(text, lane.json)
+        end, over = _key_end(text, lane.json) if lane.keyed else _run_end(text, lane.json)
         if final and not over:
             end = len(text)
         lane.context = (lane.context + text[:end])[-self.spec.window_chars:]
@@ -254,6 +275,7 @@ class Window:
         lane.pending = text[end:]
         lane.scanned = max(0, lane.scanned - end)
         lane.carry = not over
+        lane.keyed = lane.keyed and not over
 
     def _settle(self, text: str, cut: int, findings: list[Finding]) -> int:
         """The cut, moved back out of any finding it would split (and to a word's start)."""
@@ -334,6 +356,28 @@ def _run_end(text: str, json: bool) -> tuple[int, bool]:
     if end < len(text) and _OPEN_ESCAPE.match(text, end):
         return end, False  # `\` or `\u00` at the end: the next chunk says what it is
     return end, end < len(text)
+
+
+_FOOTER = regex.compile(_KEY_FOOTER)  # a private key block's END line, as the secrets guard's pattern reads it
+_FOOTER_TAIL = 128  # the most of a possible END line a lane keeps (longer: dropped; the block goes on to the end)
+# A JSON string's text up to its closing quote, or up to an escape at its end that may still be completing.
+_JSON_STRING = re.compile(r'(?:[^"\\]|\\[^u]|\\u[0-9a-fA-F]{4}|\\u(?![0-9a-fA-F]{0,3}\Z))*')
+
+
+def _key_end(text: str, json: bool) -> tuple[int, bool]:
+    """How much of `text` is the rest of an open private key block (`Window._cut_key`), and whether the block ended in
+    it: up to and including its END line, read as the secrets guard reads it (in tool arguments, also up to the
+    string's closing quote); else all but what may be the END line's start, or an escape still completing."""
+    shown, where = canonical(json_view(text)[0] if json else text, digits=False)
+    found = _FOOTER.search(shown, partial=True)
+    if found is None or found.partial:
+        end, over = len(shown) if found is None else max(found.start(), len(shown) - _FOOTER_TAIL), False
+    else:
+        end, over = found.end(), True
+    end = end if where is None else original_offset(where, len(text), end)
+    if json and (quote := _JSON_STRING.match(text).end()) < min(end, len(text)):  # type: ignore[union-attr]
+        return quote, text[quote] == '"'
+    return end, over
 
 
 def _shift(findings: list[Finding], offset: int) -> list[Finding]:

@@ -89,5 +89,6 @@ def test_a_hard_budget_cuts_a_guarded_stream(start: Callable[..., RunningGateway
                 text += choice.delta.content or ""
     assert "budget" in str(caught.value.message)
     billed = _usage(gateway, "key", "main")
-    assert int(str(billed["completion_tokens"])) >= len(text.split()) > 0, (billed, text)
+    # (an answer that arrived in one read may be cut before the guard let any of it out: nothing sent, still billed)
+    assert int(str(billed["completion_tokens"])) >= max(1, len(text.split())), (billed, text)
     assert float(str(billed["cost_usd"])) == pytest.approx(int(str(billed["completion_tokens"])) * 0.001)

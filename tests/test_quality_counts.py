@@ -12,6 +12,7 @@ import pytest
 
 from gateway.pipeline.context import Reply
 from gateway.pipeline.streams import ReplyStream, StreamEnd
+from gateway.providers.openai_chunks import peek_chunk
 from gateway.providers.openai_stream import OpenAIStream
 from gateway.routing.attempts import Replay
 from gateway.schemas.endpoints import Endpoint
@@ -64,6 +65,21 @@ _STREAMS: dict[str, tuple[dict[str, Any], list[bytes]]] = {
 }
 
 
+# Streams that a request asking for no JSON, offering no tools and one answer does not get from OpenAI (a second
+# choice, a refusal field, text after the finish): the common stream's reader, which skims the chunks between its
+# first text and the last chunk (`PlainStreamQuality`), counts them as the first text and the last chunk read alone.
+_OUTSIDE_PLAIN = frozenset({"two finish reasons", "a refusal field late", "text after the finish",
+                            "an odd refusal late", "a second choice"})
+
+
+def _skimmed(payloads: list[bytes]) -> list[bytes]:
+    """The chunks a skimming reader reads: up to the first with text, and the last."""
+    for position, payload in enumerate(payloads):
+        if b'"content":"' in payload and b'"content":""' not in payload:
+            return payloads[:position + 1] + payloads[-1:] if position + 1 < len(payloads) else payloads
+    return payloads
+
+
 def _counts(metrics: Metrics) -> dict[str, float]:
     return {f"{s.name}{sorted(s.labels.items())}": s.value for m in metrics.registry.collect()
             if m.name.startswith("gateway_quality") for s in m.samples if not s.name.endswith("_created")}
@@ -114,12 +130,14 @@ def _source() -> OpenAIStream:
 
 
 @pytest.mark.parametrize("name", list(_STREAMS))
-@pytest.mark.parametrize("batches", ["one", "each", "replayed"])
+@pytest.mark.parametrize("batches", ["one", "each", "replayed", "all replayed"])
 def test_a_stream_read_by_the_providers_decode_counts_as_one_read_from_its_events(name: str, batches: str) -> None:
     """The quality signals' reader handed to the provider's stream (`ReplyStream.read_choices`: the common
     stream's `PlainStreamQuality`, else `StreamQuality`), which then decodes a chunk with its choices only while
-    the reader wants its text or when it carries more than text, counts what the reader of the events counts:
-    chunks in one batch, one a batch, or some read before the reader came (a routed attempt's `Replay`)."""
+    the reader wants its text or, for `StreamQuality`, when it carries more than text, counts what the reader of
+    the events counts: chunks in one batch, one a batch, or some or all read before the reader came (a routed
+    attempt's `Replay`). The common stream's reader skims: outside what such a request gets (`_OUTSIDE_PLAIN`),
+    it counts what the reader of the first text's chunks and the last chunk counts."""
     asked, payloads = _STREAMS[name]
     ctx = _ctx(asked)
     source = _source()
@@ -127,8 +145,8 @@ def test_a_stream_read_by_the_providers_decode_counts_as_one_read_from_its_event
     looking = StreamQuality(QualitySignals(looked, 1 << 20), chat_asked(asked), True)
     stage = QualitySignals(fed, 1 << 20)
     held: list[Any] = []
-    if batches == "replayed":  # the attempt's first batch, decoded before the reader came, with typed choices
-        held = [source._events(payloads[:1])[0]]
+    if batches.endswith("replayed"):  # the attempt's first batch, decoded before the reader came
+        held = [source._events(payloads[:1] if batches == "replayed" else payloads)[0]]
         stream = ReplyStream(Replay(source, held, None, lambda: None), ctx)  # type: ignore[arg-type]
     else:
         stream = ReplyStream(source, ctx)
@@ -139,16 +157,53 @@ def test_a_stream_read_by_the_providers_decode_counts_as_one_read_from_its_event
     else:  # the common stream: no stage, ended by the telemetry stage
         reader = ctx.quality_reader
         assert isinstance(reader, PlainStreamQuality) and not stream._stages
-    rest = payloads[1:] if held else payloads
+    rest = payloads[len(held[0]):] if held else payloads
     for batch in [rest] if batches == "one" else [[payload] for payload in rest]:
         source._events(batch)
     events = _source()  # the same chunks as events with their typed choices, for the reader that looks at them
+    read = _skimmed(payloads) if name in _OUTSIDE_PLAIN and not asked else payloads
 
     async def run() -> None:
-        await looking.on_events(ctx, events._events(payloads)[0])
+        await looking.on_events(ctx, events._events(read)[0])
         await looking.on_end(ctx, StreamEnd("done"))
         reader.end(ctx, StreamEnd("done"))
 
     asyncio.run(run())
     assert _counts(fed) == _counts(looked)
     assert any(value for key, value in _counts(fed).items() if "checked" in key)
+
+
+@pytest.mark.parametrize("batches", ["each", "all replayed"])
+def test_the_common_streams_reader_takes_no_chunk_between_its_first_text_and_the_last(batches: str) -> None:
+    """The common stream's reader skims: after the chunk whose text settled the checks, the provider's stream
+    decodes no chunk's choices (as with no reader) and hands the reader none, until the last one's at the end;
+    chunks read before the reader came carry typed choices only up to the first text."""
+    payloads = [_chunk({"role": "assistant", "content": ""}), _chunk({"content": "Hello"}),
+                *[_chunk({"content": f" word{n}"}) for n in range(6)], _chunk({}, "length")]
+    taken: list[Any] = []
+
+    class Counting(PlainStreamQuality):
+        def take(self, choices: Any) -> bool:
+            taken.append(choices)
+            return super().take(choices)
+
+    ctx = _ctx({})
+    source = _source()
+    fed = Metrics()
+    stage = QualitySignals(fed, 1 << 20)
+    reader = Counting(stage)
+    if batches == "each":
+        assert source.read_choices(reader)
+        for payload in payloads:
+            source._events([payload])
+    else:
+        events, _ = source._events(payloads)
+        assert [event.choices is not None for event in events] == [True, True] + [False] * 7
+        assert Replay(source, [events], None, lambda: None).read_choices(reader)  # type: ignore[arg-type]
+    assert source._peek is peek_chunk and len(taken) == 2  # the role's chunk and the first text's
+    reader.end(ctx, StreamEnd("done"))
+    assert len(taken) == 3 and taken[-1][0].finish_reason == "length"
+    assert _counts(fed) == {
+        "gateway_quality_checked_total[('model', 'a'), ('target', 't')]": 1,
+        "gateway_quality_finish_reasons_total[('model', 'a'), ('reason', 'length'), ('target', 't')]": 1,
+        "gateway_quality_signals_total[('model', 'a'), ('signal', 'truncated'), ('target', 't')]": 1}

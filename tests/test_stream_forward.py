@@ -17,7 +17,8 @@ import httpx
 import pytest
 
 from gateway.api.sse import frame
-from gateway.providers.openai_stream import OpenAIStream, _peek_chunk, _peek_chunk_choices
+from gateway.providers.openai_chunks import peek_chunk, peek_chunk_choices
+from gateway.providers.openai_stream import OpenAIStream
 from gateway.schemas.events import Chunk, StreamEvent
 from gateway.upstream.handler import install
 from tests.conftest import FULL_KEY, RunningGateway, policy_text
@@ -240,7 +241,7 @@ async def test_a_chunk_a_reader_cannot_type_passes_as_when_nobody_reads_it() -> 
             for read_choices in (False, True):
                 stream = await _stream(session, port, 5)
                 stream._read_choices = read_choices
-                stream._peek = _peek_chunk_choices if read_choices else _peek_chunk
+                stream._peek = peek_chunk_choices if read_choices else peek_chunk
                 written.append((await asyncio.wait_for(_read(stream, None), 10))[0])
     finally:
         server.close()

@@ -229,7 +229,7 @@ def test_the_typed_request_is_kept_beside_the_forwarded_body() -> None:
 def test_the_gateways_own_null_usage_is_stripped_and_nothing_else(payload: bytes, expected: bytes) -> None:
     import json
 
-    from gateway.providers.openai_stream import strip_null_usage
+    from gateway.providers.openai_chunks import strip_null_usage
 
     stripped = strip_null_usage(payload)
     assert stripped == expected

@@ -9,8 +9,7 @@ adds: `strip_null_usage`).
 
 from __future__ import annotations
 
-import re
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -18,72 +17,30 @@ import msgspec
 
 from ..errors import UpstreamError
 from ..schemas.events import DONE, ChoicesReader, Chunk, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import ChunkChoicesPeek, ChunkPeek, ChunkTextOnlyPeek, has_choices
+from ..schemas.openai import ChoicePeek, ChunkChoicesPeek, has_choices
 from ..upstream.client import transport_error
 from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import DONE as DONE_PAYLOAD
 from ..upstream.sse import SSEDecoder
+from .openai_chunks import (
+    COMPACT_CUT,
+    COMPACT_NULL_USAGE,
+    EndPeek,
+    decode_choices,
+    has_text,
+    is_utf8,
+    peek_chunk,
+    peek_chunk_choices,
+    peek_end,
+    peek_or_none,
+    peek_text_only,
+    strip_null_usage,
+)
 
 if TYPE_CHECKING:
     from .openai_compat import OpenAICompatProvider
 
-__all__ = ["OpenAIStream", "is_utf8", "strip_null_usage"]
-
-_peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
-_peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
-_peek_text_only = msgspec.json.Decoder(ChunkTextOnlyPeek).decode  # when its reader needs no more text
-
-
-class _EndChoice(msgspec.Struct):
-    index: Any = 0
-    finish_reason: Any = None
-
-
-class _EndPeek(msgspec.Struct):
-    """A body's last chunk, read only when the body ended without [DONE] (`OpenAIStream._end`)."""
-
-    usage: Any = None
-    choices: list[_EndChoice] | None = None
-
-
-_peek_end = msgspec.json.Decoder(_EndPeek).decode
-
-
-def _peek_or_none(payload: bytes) -> tuple[ChunkPeek | None, bool]:
-    """The chunk as `_peek_chunk` reads it (its choices left raw) and whether usage rides on a content chunk,
-    or (None, False) when even that fails (as it does when no stage reads the choices)."""
-    try:
-        peek: ChunkPeek = _peek_chunk(payload)
-        return peek, peek.usage is not None and has_choices(peek.choices)
-    except (msgspec.DecodeError, msgspec.ValidationError):
-        return None, False
-
-
-def is_utf8(payload: bytes) -> bool:
-    """Whether a payload that is not ASCII is valid UTF-8 (the JSON decode skips what it does not read: the choices
-    left raw, fields no peek names)."""
-    try:
-        payload.decode()
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
-# The `"usage": null` an upstream adds to every chunk once asked for usage. A JSON key
-# cannot occur inside a string unescaped, so this never matches content text.
-_NULL_USAGE_AFTER = re.compile(rb',\s*"usage"\s*:\s*null(?=\s*[,}])')
-_NULL_USAGE_FIRST = re.compile(rb'"usage"\s*:\s*null\s*,\s*')
-_COMPACT_NULL_USAGE = b',"usage":null}'
-_COMPACT_CUT = -len(_COMPACT_NULL_USAGE)
-
-
-def strip_null_usage(payload: bytes) -> bytes:
-    """Remove the top-level `"usage": null` that the gateway's own usage request added."""
-    if payload.endswith(_COMPACT_NULL_USAGE):  # OpenAI's own compact form, last key: the common case
-        return payload[:_COMPACT_CUT] + b"}"
-    stripped, count = _NULL_USAGE_AFTER.subn(b"", payload, count=1)
-    return stripped if count else _NULL_USAGE_FIRST.sub(b"", payload, count=1)
-
+__all__ = ["OpenAIStream"]
 
 def _unobserved(batch: list[StreamEvent]) -> None:
     """No one observes the stream's batches (see `OpenAIStream.observe`)."""
@@ -100,8 +57,8 @@ class OpenAIStream:
     batches to a sink that writes them from the upstream connection's read, its task left asleep."""
 
     __slots__ = ("_asked_for_usage", "_choices", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s",
-                 "_observer", "_peek", "_provider", "_read_choices", "_reader", "_response", "_saw_usage", "_sink",
-                 "_tail", "_timer")
+                 "_last_choices", "_observer", "_peek", "_provider", "_read_choices", "_reader", "_response",
+                 "_saw_usage", "_sink", "_skims", "_tail", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -109,8 +66,10 @@ class OpenAIStream:
     ) -> None:
         self._read_choices = read_choices
         self._choices = choices  # the answers asked for (`n`): each must finish (`_end`)
-        self._peek: Any = _peek_chunk_choices if read_choices else _peek_chunk
+        self._peek: Any = peek_chunk_choices if read_choices else peek_chunk
         self._reader: ChoicesReader | None = None  # takes the choices as they are decoded (`read_choices`)
+        self._skims = False  # the reader needs only the last chunk's choices once it has the text it needs
+        self._last_choices: Any = None  # the last chunk's, typed or raw, while a reader may want them (`last_choices`)
         self._idle_s = idle_s
         self._provider = provider
         self._response = response
@@ -135,18 +94,42 @@ class OpenAIStream:
         `StreamError`."""
         self._observer = observer
 
-    def read_choices(self, reader: ChoicesReader) -> bool:
-        """Hand `reader` the typed choices of every chunk decoded from now on (those decoded before are the
-        caller's to hand over), instead of putting them on the chunk events. False (not taken) when no stage
-        asked for the choices (`Call.read_choices`).
+    def read_choices(self, reader: ChoicesReader, earlier: Sequence[Chunk] = ()) -> bool:
+        """Hand `reader` the choices of `earlier` (this stream's chunks decoded before it came: typed up to the
+        first text, after it as payloads) and the typed choices of every chunk decoded from now on, instead of
+        putting them on the chunk events. False (not taken) when no stage asked for the choices
+        (`Call.read_choices`).
 
-        While `reader.take` says it wants them, every chunk's choices are decoded and handed over; after, a
-        chunk is decoded as `ChunkTextOnlyPeek` (about as cheap as without the choices), and only one that
-        fails to (it carries more than text) is decoded again with its choices and handed over."""
+        While `reader.take` says it wants them, every chunk's choices are decoded and handed over. After, a reader
+        that skims (`ChoicesReader.skim`) gets nothing more as chunks pass (they are decoded as with no reader:
+        a typed decode of the choices cost about 1,900 instructions a chunk), only the last chunk's choices at the
+        end (`last_choices`); any other reader gets the chunks that carry more than text: each is decoded as
+        `ChunkTextOnlyPeek`, and only one that fails to is decoded again with its choices and handed over."""
         if not self._read_choices:
             return False
         self._reader = reader
+        wants = True
+        for chunk in earlier:
+            if chunk.choices is not None:
+                wants = reader.take(chunk.choices)
+                if not wants and reader.skim(self.last_choices):
+                    self._skims = True
+                    break
+            else:
+                reader.take_payload(chunk.payload)
+        self._peek = peek_chunk_choices if wants else peek_chunk if self._skims else peek_text_only
         return True
+
+    def last_choices(self) -> list[ChoicePeek] | None:
+        """The typed choices of the last chunk read that had any (its usage chunk aside), for a reader that skims;
+        None when there was none, or they do not fit the typed form."""
+        last = self._last_choices
+        if isinstance(last, msgspec.Raw):
+            try:
+                return decode_choices(last)
+            except (msgspec.DecodeError, msgspec.ValidationError):
+                return None
+        return last  # type: ignore[no-any-return]
 
     def reads(self) -> tuple[Callable[[], list[StreamEvent] | None], Callable[[], Awaitable[object]]]:
         """(`ready`, `wait`) for reading this stream without iterating it: `ready()` is the next batch, None
@@ -187,6 +170,7 @@ class OpenAIStream:
             self._closed = True
             self._sink = None
             self._observer = _unobserved  # it is usually the ReplyStream that holds this stream: no cycle left
+            self._reader = None  # nor with a reader that holds `last_choices` (`ChoicesReader.skim`)
             if self._timer is not None:
                 self._timer.stop()
             self._response.close()
@@ -266,7 +250,7 @@ class OpenAIStream:
         empty answer."""
         if tail:
             try:
-                peek = _peek_end(tail[-1])
+                peek = peek_end(tail[-1])
             except (msgspec.DecodeError, msgspec.ValidationError):
                 peek = None
             if peek is not None and ((peek.usage is not None and not peek.choices)
@@ -275,7 +259,7 @@ class OpenAIStream:
             return self._fail("ended the stream before the answer was complete")
         return self._fail("ended the stream without sending anything")
 
-    def _all_finished(self, tail: list[bytes], last: _EndPeek) -> bool:
+    def _all_finished(self, tail: list[bytes], last: EndPeek) -> bool:
         """Whether the last payloads finish every answer asked for: the last chunk's finish reason, and with
         `n` > 1 one for each of the `n` choices among the last read's chunks (a body cut after one choice's finish
         chunk left the others unfinished, and was stored whole by the cache)."""
@@ -286,7 +270,7 @@ class OpenAIStream:
         finished: set[Any] = set()
         for payload in tail:
             try:
-                peek = _peek_end(payload)
+                peek = peek_end(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 continue
             finished.update(choice.index for choice in peek.choices or () if choice.finish_reason)
@@ -303,8 +287,12 @@ class OpenAIStream:
         events: list[StreamEvent] = []
         hide = self._asked_for_usage
         reader = self._reader
-        read = self._read_choices and reader is None  # the chunk events carry their typed choices
-        reading = reader is not None and self._peek is _peek_chunk_choices  # the reader takes every chunk's
+        peek_typed = self._peek is peek_chunk_choices
+        # No reader yet: the chunk events carry their typed choices, up to the first text (a reader that comes later
+        # gets the later ones as payloads: `read_choices`).
+        read = reader is None and peek_typed
+        reading = reader is not None and peek_typed  # the reader takes every chunk's
+        keep = (reader is None and self._read_choices) or self._skims  # the last chunk's choices (`last_choices`)
         for payload in payloads:
             if payload == DONE_PAYLOAD:
                 events.append(DONE)
@@ -326,7 +314,11 @@ class OpenAIStream:
             else:
                 if reading and peek.choices and not reader.take(peek.choices):  # type: ignore[union-attr]
                     reading = False  # it has the text it needs: from the next chunk on, only what carries more
-                    self._peek = _peek_text_only
+                    keep = self._skims = reader.skim(self.last_choices)  # type: ignore[union-attr]
+                    self._peek = peek_chunk if keep else peek_text_only
+                elif read and has_text(peek.choices):
+                    read = False  # its first text: the chunks after it are decoded as with no reader
+                    self._peek = peek_chunk
             if peek.error is not None:
                 detail = self._provider.sanitize(peek.error.message)
                 events.append(self._fail(f"failed mid-stream: {detail}"))
@@ -334,37 +326,41 @@ class OpenAIStream:
             if peek.usage is not None:
                 self._saw_usage = True
                 if riding:
+                    if keep:
+                        self._last_choices = peek.choices
                     events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
                     events.append(UsageReport(peek.usage))
                 else:
                     events.append(UsageReport(peek.usage, payload))
                 continue
             if hide:
-                if payload[_COMPACT_CUT:] == _COMPACT_NULL_USAGE:  # the common case, without a call (strip_null_usage;
+                if payload[COMPACT_CUT:] == COMPACT_NULL_USAGE:  # the common case, without a call (strip_null_usage;
                     # a slice compared, not `endswith`: see upstream/sse.py)
-                    payload = payload[:_COMPACT_CUT] + b"}"
+                    payload = payload[:COMPACT_CUT] + b"}"
                 elif payload.find(b'"usage"') >= 0:  # not `in`: see upstream/sse.py
                     payload = strip_null_usage(payload)
+            if keep:
+                self._last_choices = peek.choices
             events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
         return events, False
 
     def _peek_odd(self, payload: bytes) -> tuple[Any, bool]:
-        """A chunk that failed to decode as `_peek` reads it: `_peek_or_none`'s when a stage reads the choices (else
+        """A chunk that failed to decode as `_peek` reads it: `peek_or_none`'s when a stage reads the choices (else
         it is malformed). With a reader: one that needs no more text gets a chunk that carries more than text
         with its choices (when they fit the typed form), and any reader a chunk whose choices do not, as JSON."""
         reader = self._reader
         if reader is None:
-            return _peek_or_none(payload) if self._read_choices else (None, False)
-        if self._peek is _peek_text_only:
+            return peek_or_none(payload) if self._read_choices else (None, False)
+        if self._peek is peek_text_only:
             try:
-                peek: ChunkChoicesPeek = _peek_chunk_choices(payload)
+                peek: ChunkChoicesPeek = peek_chunk_choices(payload)
             except (msgspec.DecodeError, msgspec.ValidationError):
                 pass
             else:
                 if peek.choices:
                     reader.take(peek.choices)
                 return peek, peek.usage is not None and has_choices(peek.choices)
-        found = _peek_or_none(payload)
+        found = peek_or_none(payload)
         if found[0] is not None:
             reader.take_payload(payload)
         return found

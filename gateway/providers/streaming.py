@@ -31,7 +31,7 @@ from ..translate.common import StreamProtocolError
 from ..upstream.client import transport_error
 from ..upstream.read_timer import ReadTimer
 from ..upstream.sse import SSEDecoder
-from .openai_stream import is_utf8
+from .openai_chunks import is_utf8
 from .scrub import ResponsesEventScrubPeek, scrubbed_error
 
 __all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]

@@ -164,19 +164,14 @@ class Replay:
         self._closed = False
 
     def read_choices(self, reader: ChoicesReader) -> bool:
-        """The source's `read_choices(reader)`; when it took `reader`, `reader` takes the buffered chunks' choices
-        too (decoded while the attempt was peeked at, so on the events), first."""
+        """The source's `read_choices(reader, earlier)`, `earlier` the buffered chunks (decoded while the attempt
+        was peeked at: their choices on the events up to the first text), which `reader` takes first. (None of the
+        source's later chunks is decoded before this stream is read.)"""
         take = getattr(self._source, "read_choices", None)
-        if take is None or not take(reader):
+        if take is None:
             return False
-        for batch in self._buffered:  # (none of the source's later chunks is decoded before this stream is read)
-            for event in batch:
-                if isinstance(event, Chunk):
-                    if event.choices is not None:
-                        reader.take(event.choices)
-                    else:  # choices that do not fit the typed form
-                        reader.take_payload(event.payload)
-        return True
+        earlier = [event for batch in self._buffered for event in batch if isinstance(event, Chunk)]
+        return bool(take(reader, earlier))
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()

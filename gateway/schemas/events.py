@@ -13,7 +13,7 @@ write to the client, not twenty.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
 import msgspec
@@ -96,7 +96,15 @@ class ChoicesReader(Protocol):
         ...
 
     def take_payload(self, payload: bytes) -> None:
-        """A chunk whose choices do not fit the typed form (`"content": 5`), as its JSON."""
+        """A chunk whose choices do not fit the typed form (`"content": 5`), or that the source did not type (read
+        before the reader came, after the first text: `OpenAIStream`), as its JSON."""
+        ...
+
+    def skim(self, last: Callable[[], list[ChoicePeek] | None]) -> bool:
+        """Asked once `take` said False: whether the reader now needs no chunk at all as it passes, only the
+        stream's last chunk with choices at its end, `last()` (typed; None: none, or not of the typed form). The
+        source then decodes the later chunks as it does when no stage reads them (the common stream's reader,
+        whose request can get nothing but text between its first text and its finish: `PlainStreamQuality`)."""
         ...
 
 

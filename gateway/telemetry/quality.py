@@ -161,14 +161,14 @@ class QualitySignals:
     def read_stream(self, ctx: RequestContext, reply: Reply) -> None:
         """A stream (`reply.stream`), whose chunks are read as they pass and counted at its end.
 
-        The common stream first, in line: a chat stream to a request that asked for no JSON and offered no tools
-        gets a `PlainStreamQuality`, fed by the provider's decode (`ReplyStream.read_choices`) and kept on
-        `ctx.quality_reader` for the telemetry stage to end (`PlainStreamQuality.end`) in its own end hook: it is
-        no stream stage (one end hook fewer to run, no coroutine for it). Any other stream gets a
-        `StreamQuality` stage (`_read`)."""
+        The common stream first, in line: a chat stream to a request that asked for no JSON, offered no tools and
+        asked for one answer (`n`) gets a `PlainStreamQuality`, fed by the provider's decode
+        (`ReplyStream.read_choices`) and kept on `ctx.quality_reader` for the telemetry stage to end
+        (`PlainStreamQuality.end`) in its own end hook: it is no stream stage (one end hook fewer to run, no
+        coroutine for it). Any other stream gets a `StreamQuality` stage (`_read`)."""
         if ctx.endpoint is _CHAT and reply.status == 200:
             body = ctx.body
-            if "response_format" not in body and "tools" not in body:
+            if "response_format" not in body and "tools" not in body and ("n" not in body or body["n"] == 1):
                 plain = PlainStreamQuality(self)
                 if reply.stream.read_choices(plain):  # type: ignore[union-attr]
                     ctx.quality_reader = plain

@@ -8,6 +8,7 @@ dict); an answer whose fields have other types than OpenAI's is read the slow wa
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -162,8 +163,13 @@ class StreamQuality:
             return False
         return not self.settled
 
+    def skim(self, last: Callable[[], list[ChoicePeek] | None]) -> bool:
+        """Not a skimmer (`ChoicesReader`): a settled reader still reads what carries more than text."""
+        return False
+
     def take_payload(self, payload: bytes) -> None:
-        """A chunk whose choices do not fit the typed form (`ChoicesReader`): read as a dict."""
+        """A chunk whose choices do not fit the typed form, or that the source did not type (`ChoicesReader`):
+        read as its JSON."""
         if self.broken:
             return
         try:
@@ -239,22 +245,28 @@ class StreamQuality:
 
 
 class PlainStreamQuality:
-    """The reader of a chat stream whose request asked for no JSON and offered no tools, fed by the provider's
-    stream (a `ChoicesReader`): it follows the common answer (one choice of text only, whose first text opens with
-    a letter no refusal opens with, `NOT_INITIALS`, then one finish reason) in a few steps, and counts it by its
-    finish reason (`QualitySignals.count_finish`), as `StreamQuality` does such an answer. Anything else (another
-    choice, tool calls, a refusal, a first text that may open a refusal, a second finish reason, choices of odd
-    types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and judges.
+    """The reader of a chat stream whose request asked for no JSON, offered no tools and asked for one answer, fed
+    by the provider's stream (a `ChoicesReader`): it follows the common answer (one choice of text only, whose first
+    text opens with a letter no refusal opens with, `NOT_INITIALS`, then one finish reason) in a few steps, and
+    counts it by its finish reason (`QualitySignals.count_finish`), as `StreamQuality` does such an answer. Anything
+    else (another choice, tool calls, a refusal, a first text that may open a refusal, a second finish reason,
+    choices of odd types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and judges.
+
+    It skims (`skim`): once its first text settled the text checks, it reads no chunk as it passes, only the
+    stream's last chunk with choices at the end, for its finish reason. Such a request gets nothing else between:
+    no tool calls (it offered none), no other choice (it asked for one), no `refusal` field (OpenAI sets it for
+    structured outputs: it asked for no JSON), and later text changes no verdict.
 
     No stream stage: it reads no events, and its owner (the telemetry stage's end hook) calls `end`."""
 
-    __slots__ = ("first", "full", "reason", "stage")
+    __slots__ = ("first", "full", "last", "reason", "stage")
 
     def __init__(self, stage: QualitySignals) -> None:
         self.stage = stage
         self.first: str | None = None  # the first text, once read (it settled the text checks)
         self.reason: str | None = None  # the finish reason, once read
         self.full: StreamQuality | None = None  # the reader it handed over to
+        self.last: Callable[[], list[ChoicePeek] | None] | None = None  # the source's last choices, once skimming
 
     def take(self, choices: list[ChoicePeek]) -> bool:
         if self.full is None and len(choices) == 1:
@@ -280,8 +292,19 @@ class PlainStreamQuality:
     def take_payload(self, payload: bytes) -> None:
         self._hand_over().take_payload(payload)
 
+    def skim(self, last: Callable[[], list[ChoicePeek] | None]) -> bool:
+        if self.full is not None:  # handed over: its reader reads on
+            return False
+        self.last = last
+        return True
+
     def end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        """The stream ended: counted when it ended well (`done`)."""
+        """The stream ended: counted when it ended well (`done`); the finish reason from its last chunk when the
+        source skimmed the chunks after the first text."""
+        if self.full is None and self.reason is None and self.first is not None and self.last is not None:
+            last = self.last()
+            if last:
+                self.take(last)
         if self.full is None and self.reason is not None:
             if end.outcome == "done":
                 self.stage.count_finish(ctx, self.reason)

@@ -479,6 +479,47 @@ def test_log_access_writes_what_logging_would_whatever_logging_is_changed_to(dir
         assert written(True) == as_served and logs._direct == [handler]
 
 
+def test_lines_queued_before_logging_changed_go_where_logging_sends_a_record_when_written(direct: io.StringIO) -> None:
+    """`log_access_of` queues a line for the handler found when logging was last checked. Changed any way that
+    matters before the line is written (up to `_FLUSH_AFTER_S` later), logging gets it then, as it gets a record
+    logged then; changed back, the handler writes the lines itself again."""
+    lines = AccessLines()
+    ctx, total = _cases()["success"]
+    records: list[logging.LogRecord] = []
+    capture = logging.Handler()
+    capture.emit = records.append  # type: ignore[method-assign]
+
+    def taken() -> tuple[str, list[Any]]:
+        fields = [record.fields for record in records]  # type: ignore[attr-defined]
+        records.clear()
+        return _taken(direct), fields
+
+    def queued_then(change: Any) -> tuple[str, list[Any]]:
+        async def run() -> None:
+            logs.log_access_of(lines, ctx, total, _names(ctx), None)
+            change()
+            assert _taken(direct) == "" and not records  # not written yet
+            await asyncio.sleep(logs._FLUSH_AFTER_S * 3)
+
+        asyncio.run(run())
+        return taken()
+
+    def logged_now() -> tuple[str, list[Any]]:
+        logs.access_log.info("request", extra={"fields": lines.line(ctx, total, _names(ctx)).fields()})
+        return taken()
+
+    as_served = (HEAD + EXPECTED["success"] + "\n", [])
+    with _served(direct) as handler:
+        for change, make, undo in _changes(handler, capture):
+            logs.log_access(lines.line(ctx, total, _names(ctx)))  # logging checked: the handler's own
+            assert taken() == as_served and logs._direct == [handler], change
+            try:
+                assert queued_then(make) == logged_now(), change
+            finally:
+                undo()
+        assert queued_then(lambda: None) == as_served
+
+
 @pytest.mark.parametrize("times", [
     [NOW, NOW + 0.0005, NOW + 0.001, NOW + 0.8765, NOW + 1.0001, NOW + 0.5, NOW + 86_400.999, NOW - 3.25],
     [1_780_392_700.0, 1_780_392_700.999999, 1_780_392_701.0, 1_780_392_699.9999999],

@@ -8,12 +8,14 @@ wait); `log_access` hands it a line already made. The line is the one `JsonForma
 Configured any other way (another handler, a test's log capture, a level, a filter), the line goes
 through `logging` as any record does.
 
-Logging may be reconfigured at any time, so that is checked on every line (`log_access_of`), but only
-where a change shows at the cost of a comparison or two: the root's handlers (the list found, `_direct`), whether
-the access logger is enabled for INFO (logging's own memo, `Logger._cache`, which it empties on any
-`setLevel` or `disable`), the handler's level, and the handlers, propagation, filters and `disabled`
-of the access logger and its parent. Anything else (the handler's filters and formatter, changed
-through its methods) is checked in full (`_direct_handler`) when one of those changed.
+Logging may be reconfigured at any time. A request's line goes to the handler found when logging was last
+checked (`_direct`) while the root's handlers are still that one and the access logger is still enabled for
+INFO (logging's own memo, `Logger._cache`, which it empties on any `setLevel` or `disable`): two comparisons a
+line, which see the usual changes (another handler on the root, as a test's log capture adds, a level) at once.
+Logging is checked in full (`_direct_handler`) whenever the lines that wait are written (`JsonLinesHandler._pack`,
+at most 50 ms later): lines queued under a configuration that has changed since in another way (a handler or
+filter on the access logger or its parent, their propagation) go through `logging` then, as any record does.
+A change to the handler's own level, filters or formatter (through its methods) is seen at once.
 """
 
 from __future__ import annotations
@@ -139,15 +141,23 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         field of the struct has a JSON type, so it cannot fail)."""
         pending, self._pending = self._pending, []
         made: list[PackedLine] = []
+        direct: bool | None = None  # whether logging is still as it was when `log_access_of` queued its lines
         for item in pending:
-            if isinstance(item, PackedLine):
+            if isinstance(item, PackedLine):  # (`write_access`'s: this handler's to write)
                 made.append(item)
                 continue
             lines, ctx, total, names, part, now = item
             try:
-                made.append(lines.line(ctx, total, names, part, now))
+                line = lines.line(ctx, total, names, part, now)
             except Exception:  # noqa: BLE001 -- a bug: its line is lost (reported), the others are written
                 traceback.print_exc()
+                continue
+            if direct is None:
+                direct = _direct_handler() is self
+            if direct:
+                made.append(line)
+            else:  # logging changed since it was queued: through `logging`, as any record
+                access_log.info("request", extra={"fields": line.fields()})
         self._buffer += _encode_lines(made)
 
     def _write_buffer(self) -> None:
@@ -201,6 +211,10 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         super().setFormatter(fmt)
         _forget()
 
+    def setLevel(self, level: int | str) -> None:
+        super().setLevel(level)
+        _forget()
+
 
 def configure_logging(level: int = logging.INFO) -> None:
     root = logging.getLogger()
@@ -210,8 +224,8 @@ def configure_logging(level: int = logging.INFO) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-# The root's handlers when logging was last found as `configure_logging` leaves it (`_direct_handler`): the one
-# `JsonLinesHandler`; `[None]` (never the root's) when it was not, or since `_forget`.
+# The handler when logging was last found as `configure_logging` leaves it (`_direct_handler`): the root's one
+# `JsonLinesHandler`; `[None]` when it was not, or since `_forget`.
 _direct: list[Any] = [None]
 
 
@@ -228,12 +242,10 @@ def log_access(line: PackedLine) -> None:
 def log_access_of(lines: AccessLines, ctx: RequestContext, total: float, names: Names,
                   part: AccessPart | None) -> None:
     """`log_access(lines.line(ctx, total, names, part))`, the line made when it is written when it goes straight to
-    the handler (made with the others that wait, as they are encoded: a request's end then does less)."""
-    handler = _direct[0]
-    if (_root.handlers == _direct and access_log._cache.get(_INFO)  # type: ignore[attr-defined]
-            and not access_log.handlers and access_log.propagate and not access_log.filters
-            and not access_log.disabled and not _gateway.handlers and _gateway.propagate
-            and handler.level <= _INFO):
+    the handler found when logging was last checked (made with the others that wait, as they are encoded, and
+    logging checked again then: a request's end does less)."""
+    if _root.handlers == _direct and access_log._cache.get(_INFO):  # type: ignore[attr-defined]
+        handler = _direct[0]
         handler._pending.append((lines, ctx, total, names, part, time.time()))
         handler._lines += 1
         if handler._lines >= handler._due_at:

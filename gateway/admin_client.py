@@ -1,7 +1,11 @@
-"""A small client of the gateway's admin API, for the `gateway keys ...` commands (standard library only).
+"""A small client of the gateway's admin API, for the `gateway keys ...` commands (standard library only, and the
+policy's own cleaning of a credential read from the environment).
 
 The admin token is read from an environment variable named on the command line, never taken as an
-argument: arguments show in `ps` and shell history.
+argument: arguments show in `ps` and shell history. It is cleaned as the gateway cleans the token it
+compares against (`header_credential`: a secret mounted from a file ends in a newline), and no message
+holds it: a refused header value is reported by the variable's name, never by the text of the exception,
+which quotes the header.
 """
 
 from __future__ import annotations
@@ -12,6 +16,8 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from typing import Any
+
+from .policy.token_file import header_credential
 
 __all__ = ["AdminClient", "AdminError"]
 
@@ -29,11 +35,14 @@ class AdminClient:
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise AdminError(f"--url wants http(s)://host:port, not {url!r}")
-        token = os.environ.get(token_env)
+        token, problem = header_credential(os.environ.get(token_env) or "")
         if not token:
             raise AdminError(f"the environment variable {token_env} (the admin token) is not set")
+        if problem is not None:
+            raise AdminError(f"the environment variable {token_env} (the admin token) {problem}")
         self.base = url.rstrip("/")
         self._token = token
+        self._token_env = token_env
         self.timeout_s = timeout_s
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
@@ -46,12 +55,19 @@ class AdminClient:
         })
         try:  # the scheme was checked in __init__: http(s) only
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
-                answer: dict[str, Any] = json.loads(response.read() or b"{}")
-                return answer
+                raw = response.read()
         except urllib.error.HTTPError as exc:
             raise AdminError(_message(exc.read()), exc.code) from None
-        except (urllib.error.URLError, OSError, ValueError) as exc:
+        except (urllib.error.URLError, OSError) as exc:
             raise AdminError(f"cannot reach {self.base}: {getattr(exc, 'reason', exc)}") from None
+        except ValueError:  # a URL or header http.client refuses; its text would quote the header (the token)
+            raise AdminError(f"the request to {self.base} could not be sent: its URL or a header value (the "
+                             f"admin token in {self._token_env}) holds characters HTTP does not allow") from None
+        try:
+            answer: dict[str, Any] = json.loads(raw or b"{}")
+        except ValueError:
+            raise AdminError(f"{self.base} answered {method} {path} with no JSON: is it the gateway?") from None
+        return answer
 
 
 def _message(raw: bytes) -> str:

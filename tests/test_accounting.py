@@ -578,6 +578,14 @@ def test_gateway_usage_command_prints_the_same_figures(start: Callable[..., Runn
     assert refused.returncode == 1 and "401" in refused.stderr
     missing = subprocess.run(command, capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin"})
     assert missing.returncode == 2 and "GATEWAY_ADMIN_TOKEN" in missing.stderr
+    # a token mounted from a file ends in a newline: cleaned as the gateway cleans its own (it was sent as is,
+    # refused by http.client, and the refusal printed with the token in it)
+    mounted = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                             env={**env, "GATEWAY_ADMIN_TOKEN": ADMIN + "\n"})
+    assert mounted.returncode == 0 and "main " in mounted.stdout
+    bad = subprocess.run(command, capture_output=True, text=True, timeout=60,
+                         env={**env, "GATEWAY_ADMIN_TOKEN": ADMIN + "\x01x"})
+    assert bad.returncode == 2 and "GATEWAY_ADMIN_TOKEN" in bad.stderr and ADMIN not in bad.stderr
 
 
 # -- usage an upstream gets wrong ----------------------------------------------------------------------

@@ -56,7 +56,7 @@ def tree(tmp_path: Path) -> Path:
           chat: {provider: demo, model: demo-1}
           big: {provider: demo, model: demo-2}
         rules:
-          - {name: root-rule, when: {tenant: [nobody]}, deny: "not for nobody"}
+          - {name: root-rule, when: {tenant: [ads], alias: [big]}, deny: "not for ads"}
         """)
 
 

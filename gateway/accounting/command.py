@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import urllib.error
-import urllib.parse
-import urllib.request
+
+from ..admin_client import AdminClient, AdminError
 
 __all__ = ["add_usage_command"]
 
@@ -32,22 +30,17 @@ def add_usage_command(commands: argparse._SubParsersAction[argparse.ArgumentPars
 
 
 def _usage(args: argparse.Namespace) -> int:
-    token = os.environ.get(args.token_env)
-    if not token:
-        print(f"gateway: set {args.token_env} to the gateway's admin token", file=sys.stderr)
-        return 2
     query = {k: v for k, v in (("scope", args.scope), ("name", args.name), ("period", args.period),
                                 ("date", args.date)) if v}
-    request = urllib.request.Request(f"{args.url.rstrip('/')}/admin/usage?{urllib.parse.urlencode(query)}",
-                                     headers={"Authorization": f"Bearer {token}"})
+    try:  # (the admin client cleans the token as the gateway does, and none of its messages holds the token)
+        client = AdminClient(args.url, args.token_env)
+    except AdminError as exc:  # no token, or a bad URL: the command's use
+        print(f"gateway: {exc}", file=sys.stderr)
+        return 2
     try:
-        with urllib.request.urlopen(request, timeout=30) as response:
-            report = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        print(f"gateway: {exc.code}: {_message(exc.read())}", file=sys.stderr)
-        return 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"gateway: cannot reach {args.url}: {exc}", file=sys.stderr)
+        report = client.call("GET", "/admin/usage", query=query)
+    except AdminError as exc:
+        print(f"gateway: {exc.status}: {exc}" if exc.status else f"gateway: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(report, indent=2))
@@ -67,10 +60,3 @@ def _usage(args: argparse.Namespace) -> int:
 
 def _cell(value: object) -> str:
     return f"{value:.6f}" if isinstance(value, float) else str(value)
-
-
-def _message(body: bytes) -> str:
-    try:
-        return str(json.loads(body)["error"]["message"])
-    except (ValueError, KeyError, TypeError):
-        return body[:200].decode("utf-8", "replace")

@@ -111,7 +111,7 @@ def compile_policy(
     providers = {
         name: _provider(name, provider, doc, env, require_env, warnings) for name, provider in spec.providers.items()
     }
-    models, rules, prices = compile_routing(spec, doc, providers, load_prices_file(spec, doc))
+    models, rules, prices = compile_routing(spec, doc, providers, load_prices_file(spec, doc), warnings)
     gateway_fields_in_extra_body(spec, doc.issue)
     check_accounting(spec, doc, models, warnings)
     keys = _keys(spec, doc)
@@ -120,9 +120,9 @@ def compile_policy(
     cache = compile_cache(spec, doc)
     state = _state(spec.state, doc, env, require_env, warnings, spec.cache.memory_max_bytes)
     metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
-                           warnings, "`gateway serve` refuses this policy until it is set")
+                           warnings, "`gateway serve` refuses this policy until it holds a token")
     admin_token = _token(spec.server.admin_token_env, ("server", "admin_token_env"), doc, env, require_env,
-                         warnings, "`gateway serve` refuses this policy until it is set")
+                         warnings, "`gateway serve` refuses this policy until it holds a token")
     if not is_loopback(spec.server.host) and spec.auth == "none" and _spends(spec):
         warnings.append(
             f"{doc.where(('server', 'host'))}: server.host: SECURITY: `{spec.server.host}` serves the "
@@ -197,13 +197,20 @@ def _token(
     var: str | None, path: tuple[str, ...], doc: _Located, env: Mapping[str, str], require_env: bool,
     warnings: list[str], consequence: str,
 ) -> str | None:
-    """A bearer token from the environment. Named but unset: the feature fails closed."""
+    """A bearer token from the environment, stripped as a provider credential is (a secret mounted from a file
+    ends in a newline, which no presented token carries). Unset, blank, or holding a control character: the
+    feature fails closed; what is reported names the variable, never its value."""
     if var is None:
         return None
     value = env.get(var)
-    if value:
-        return value
-    _unusable(doc, path, f"environment variable `{var}` is not set", require_env, warnings, f"; {consequence}")
+    token, problem = header_credential(value) if value else ("", "is not set")
+    problem = problem or (None if token else "holds only whitespace")
+    if problem is None:
+        if token != value:
+            warnings.append(f"{doc.where(path)}: {format_path(path)}: environment variable `{var}` ends or starts "
+                            "with whitespace (a line break...); the token is compared without it")
+        return token
+    _unusable(doc, path, f"environment variable `{var}` {problem}", require_env, warnings, f"; {consequence}")
     return None if path[-1] == "admin_token_env" else ""
 
 

@@ -24,19 +24,22 @@ from .compiled import (
     Target,
     Timeouts,
 )
-from .loader import _Located
+from .loader import _Located, format_path
 from .schema import MatchSpec, ModelSpec, PolicySpec, PriceSpec, RetrySpec, RuleSpec, TargetSpec
 
 __all__ = ["compile_routing"]
 
 _Path = tuple[str | int, ...]
+# How many defined names a message about an unknown one lists (a policy may have thousands of keys).
+_NAMES_SHOWN = 10
 
 
 def compile_routing(
     spec: PolicySpec, doc: _Located, providers: Mapping[str, ProviderConfig],
-    file_prices: Mapping[str, PriceSpec] | None = None,
+    file_prices: Mapping[str, PriceSpec] | None = None, warnings: list[str] | None = None,
 ) -> tuple[dict[str, ModelRoute], tuple[Rule, ...], PriceTable]:
-    """Aliases, rules and the price table (`file_prices`, from `prices_file`, under the inline `prices`)."""
+    """Aliases, rules and the price table (`file_prices`, from `prices_file`, under the inline `prices`).
+    What may be a mistake but is not certainly one goes to `warnings`."""
     prices = PriceTable({name: Price.of(p) for name, p in {**(file_prices or {}), **spec.prices}.items()})
     routes: dict[str, ModelRoute] = {}
     for alias, model in spec.models.items():
@@ -47,6 +50,7 @@ def compile_routing(
         rule for index, rule_spec in enumerate(spec.rules)
         if (rule := _rule(index, rule_spec, spec, doc, providers, prices)) is not None
     )
+    _check_callers(spec, doc, warnings if warnings is not None else [])
     _check_cycles(spec, doc)
     for alias, route in list(routes.items()):  # attach the rules that can apply to each alias, in order
         applicable = tuple(r for r in rules if r.match.alias is None or alias in r.match.alias)
@@ -239,6 +243,35 @@ def _match(spec: MatchSpec, path: _Path, policy: PolicySpec, doc: _Located) -> M
         prompt_tokens_over=over, prompt_tokens_under=under, has_tools=spec.has_tools,
         has_images=spec.has_images, json_response=spec.json_response,
     )
+
+
+def _check_callers(policy: PolicySpec, doc: _Located, warnings: list[str]) -> None:
+    """A rule's `when.key` or `when.tenant` naming no caller the policy has: a typo that turns the rule off (a
+    `deny` fencing off one key then lets it through). An error when no caller can carry the name; a warning with
+    `dynamic_keys`, whose keys, made at run time, may. With `auth: none` every caller is `anonymous`, keyless."""
+    keyed = policy.auth == "keys"
+    keys = {key.name or f"key-{index}" for index, key in enumerate(policy.keys)} if keyed else set()
+    tenants = {key.tenant for key in policy.keys} if keyed else {"anonymous"}
+    for index, rule in enumerate(policy.rules):
+        for field, defined, wanted in (("key", keys, rule.when.key), ("tenant", tenants, rule.when.tenant)):
+            unknown = ", ".join(f"`{name}`" for name in sorted(set(wanted or ()) - defined))
+            if not unknown:
+                continue
+            message = (f"no key of the policy is named {unknown} (keys: {_listed(keys)})" if field == "key" else
+                       f"no key of the policy has the tenant {unknown} (tenants: {_listed(tenants)})")
+            where: _Path = ("rules", index, "when", field)
+            if policy.dynamic_keys.enabled:
+                warnings.append(f"{doc.where(where)}: {format_path(doc.shown(where))}: {message}; keys created at "
+                                "run time may carry it")
+            else:
+                doc.issue(where, f"{message}: no caller can carry it, so the rule never applies")
+
+
+def _listed(names: set[str]) -> str:
+    """Up to `_NAMES_SHOWN` of `names`, sorted, and how many more."""
+    shown = sorted(names)[:_NAMES_SHOWN]
+    more = f" and {len(names) - len(shown)} more" if len(names) > len(shown) else ""
+    return (", ".join(shown) or "none") + more
 
 
 def _set(values: list[str] | None) -> frozenset[str] | None:

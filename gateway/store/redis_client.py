@@ -1,8 +1,12 @@
 """Building the redis-py asyncio client (one connection pool) for a store URL.
 
-The client's own retry is reduced to one immediate reconnect on a dropped connection (a pooled connection
-that died with a Redis restart), never on a timeout, so a command is not re-sent after it may have run; the
-store's own timeout and back-off do the rest.
+The client never re-sends a command: redis-py's retry wraps sending a command and reading its reply as one
+step, so a connection that drops after Redis ran the command but before its reply arrived would run it twice
+(a counter counted twice, a compare-and-set that then fails against its own write). A dropped connection
+surfaces as the store's unavailable error, "maybe applied", which callers handle under operation ids. A pooled
+connection the server closed meanwhile (a Redis restart) is replaced by the standalone and Sentinel pools before
+a command is sent on it; on a cluster its first command fails instead. The store's own timeout and back-off do
+the rest.
 """
 
 from __future__ import annotations
@@ -15,7 +19,6 @@ from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway.store.base import StoreConfig
 from gateway.store.redis_url import RedisTarget
@@ -44,7 +47,7 @@ def open_client(target: RedisTarget, config: StoreConfig) -> RedisHandle:
     common: dict[str, Any] = {
         "socket_connect_timeout": config.connect_timeout_s,
         "socket_timeout": config.connect_timeout_s + config.op_timeout_s,  # a backstop: ops have their own
-        "retry": Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+        "retry": Retry(NoBackoff(), 0),  # no re-send; with a cluster, no retry at the cluster level either
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
     }
     if target.mode == "standalone":

@@ -218,7 +218,8 @@ class Metrics:
             ("model", "target", "label"), registry=registry,
         )
         self.telemetry_dropped = Counter(
-            "gateway_telemetry_dropped", "Payload log entries and spans dropped (queue full, sink failing).",
+            "gateway_telemetry_dropped",
+            "Payload log entries and spans dropped (queue full, sink failing, not written at close).",
             ("sink", "reason"), registry=registry,
         )
         self.spans_exported = Counter(

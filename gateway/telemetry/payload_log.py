@@ -8,7 +8,10 @@ a `pii` patterns guard and a `secrets` guard: every finding is replaced,
 whatever its action says; a text a guard failed to check, timed out or refused
 by a full queue, is withheld whole) and writes them: to a file rotated at `max_bytes`
 (writes in a thread, never on the event loop) or to a Redis stream capped at
-`max_entries` (`XADD MAXLEN ~`), which is its retention.
+`max_entries` (`XADD MAXLEN ~`), which is its retention, through a client built as the store's
+(`open_client`: every URL form the store takes, its timeouts; each write bounded by `op_timeout_s`).
+At close, what is still queued is written within `FINAL_DRAIN_S` in all; the rest is dropped and counted,
+so a stalled sink never holds a shutdown or a reload.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import logging
 import logging.handlers
 import time
 from collections import deque
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgspec
 
@@ -39,6 +42,9 @@ from ..store.base import StoreConfig
 from .access import CLIENT_CLOSED
 from .metrics import Metrics
 
+if TYPE_CHECKING:
+    from ..store.redis_client import RedisHandle
+
 _TEXT_DELTA = "response.output_text.delta"  # a Responses stream's event that carries answer text
 
 __all__ = ["PayloadLog", "PayloadWriter"]
@@ -51,6 +57,8 @@ _encode = msgspec.json.Encoder().encode
 _decode = msgspec.json.Decoder().decode
 _DEFAULT_REDACT: dict[str, GuardSpec] = {"pii": PiiGuardSpec(), "secrets": SecretsGuardSpec(action="redact")}
 _INPUT, _OUTPUT = Where("input", "message"), Where("output", "message")
+FINAL_DRAIN_S = 2.0
+"""At close, the entries still queued get this long in all to be redacted and written; the rest are dropped."""
 
 
 @dataclasses.dataclass(slots=True)
@@ -71,15 +79,16 @@ class PayloadWriter:
     def __init__(self, spec: PayloadLogSpec, metrics: Metrics, state: StoreConfig, count: Any) -> None:
         self.spec = spec
         self.metrics = metrics
-        self.redis_url = state.url
+        self.state = state
         self.stream_key = state.key_prefix + spec.stream
         self.guards = GuardRuntime(GuardsSpec(global_=dict(spec.redact or _DEFAULT_REDACT)), metrics, count)
         self.guard_list = [g for g in self.guards.resolve("", "").input]
         self._queue: deque[_Entry] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
         self._file: logging.handlers.RotatingFileHandler | None = None
-        self._redis: Any = None
+        self._redis: RedisHandle | None = None  # with `sink: redis`
 
     def add(self, entry: _Entry) -> None:
         if len(self._queue) >= self.spec.queue:
@@ -95,17 +104,14 @@ class PayloadWriter:
                 logging.handlers.RotatingFileHandler, self.spec.path, maxBytes=self.spec.max_bytes,
                 backupCount=self.spec.backups, encoding="utf-8")
         else:
-            import redis.asyncio as aioredis
+            from ..store.redis_client import open_client  # redis-py: loaded only for this sink
+            from ..store.redis_url import parse_redis_url
 
-            self._redis = aioredis.Redis.from_url(self.redis_url or "redis://127.0.0.1:6379/0")
+            self._redis = open_client(parse_redis_url(self.state.url or "redis://127.0.0.1:6379/0"), self.state)
         self._task = asyncio.create_task(self._run())
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self._drain()  # what is queued still goes out
+        await self._final_drain()
         await self.guards.aclose()
         if self._file is not None:
             await asyncio.to_thread(self._file.close)
@@ -113,19 +119,37 @@ class PayloadWriter:
             await self._redis.aclose()
 
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             await self._wake.wait()
             self._wake.clear()
             await self._drain()
 
+    async def _final_drain(self) -> None:
+        """The task writes what is still queued, then ends, within `FINAL_DRAIN_S`: a sink that stalls must not
+        hold the close. It is cut only then, so an entry being written is never cut short and written again."""
+        if self._task is None:
+            return
+        self._closing = True
+        self._wake.set()
+        done, _ = await asyncio.wait({self._task}, timeout=FINAL_DRAIN_S)
+        if not done:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            left = len(self._queue)  # the one being written at the deadline among them
+            self._queue.clear()
+            self.metrics.telemetry_dropped.labels("payload_log", "close_timeout").inc(left)
+            log.warning("payload log: %d entries dropped at close: not written within %.0f s", left, FINAL_DRAIN_S)
+
     async def _drain(self) -> None:
         while self._queue:
-            entry = self._queue.popleft()
+            entry = self._queue[0]  # taken off once written or failed: one cut at the close deadline is counted
             try:
                 await self._write(await self._redacted(entry))
             except Exception:
                 self.metrics.telemetry_dropped.labels("payload_log", "sink_failed").inc()
                 log.warning("payload log entry dropped: the sink failed", exc_info=True)
+            self._queue.popleft()
 
     async def redact(self, text: str, where: Where) -> str:
         if not text:
@@ -147,9 +171,10 @@ class PayloadWriter:
         if self._file is not None:
             record = logging.makeLogRecord({"msg": line.decode(), "levelno": logging.INFO})
             await asyncio.to_thread(self._file.emit, record)
-        else:
-            await self._redis.xadd(self.stream_key, {"entry": line}, maxlen=self.spec.max_entries,
-                                   approximate=True)
+        elif self._redis is not None:
+            async with asyncio.timeout(self.state.op_timeout_s):  # as every store operation
+                await self._redis.client.xadd(self.stream_key, {"entry": line}, maxlen=self.spec.max_entries,
+                                              approximate=True)
 
 
 class PayloadLog:

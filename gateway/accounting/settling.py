@@ -236,7 +236,11 @@ class Settling(StageState):
         self.ledger.record(alias, name, tenant, day, cost_micro, prompt, cached, completion, reasoning)
 
     async def extend(self, ctx: RequestContext, bill: Bill) -> bool:
-        """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses."""
+        """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses. A
+        stream no upstream generates (a cache hit's replay: `upstream_started` never set) spends nothing: no step
+        to reserve, nothing to refuse, so it is never cut (asked only past the cap: a miss pays nothing for it)."""
+        if not ctx.upstream_started:
+            return True
         _, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
         step = self.default_cap * rate_out / 1_000_000
         if step <= 0:
@@ -321,7 +325,7 @@ class StreamBill:
                 if not await self._stage.extend(ctx, bill):
                     ctx.chunks = seen  # billed for what it sent: the chunks after the cut are not
                     return self._cut(ctx, events, index)
-                if bill.completion_cap == cap:  # no price to reserve for: nothing to refuse either
+                if bill.completion_cap == cap:  # no price (or no upstream) to reserve for: nothing to refuse either
                     break
         return events
 

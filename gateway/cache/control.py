@@ -45,6 +45,8 @@ class Directives:
 
 
 NONE = Directives()
+_MAX_DELTA_S = 2**31  # RFC 9111's greatest delta-seconds: any larger one reads as this
+_DELTA_DIGITS = len(str(_MAX_DELTA_S))
 
 
 def directives(headers: Sequence[tuple[bytes, bytes]]) -> Directives:
@@ -60,11 +62,20 @@ def directives(headers: Sequence[tuple[bytes, bytes]]) -> Directives:
         elif name == "no-store":
             no_store = True
         elif name == "max-age":
-            try:
-                max_age = max(0.0, float(int(arg.strip().strip('"'))))
-            except ValueError:
-                max_age = 0.0  # an unreadable max-age: the safe reading is "nothing stale"
+            max_age = _delta_seconds(arg.strip().strip('"'))
     return Directives(no_cache, no_store, max_age)
+
+
+def _delta_seconds(text: str) -> float:
+    """A `max-age` in seconds, never raising on what a client sends: past 2^31 it is 2^31 (RFC 9111, 1.2.2: a
+    number of any length, 400 digits included, which `float` could not hold); below 0, 0; an unreadable one also
+    0 (the safe reading is "nothing stale")."""
+    if text.isascii() and text.isdigit() and len(text.lstrip("0")) > _DELTA_DIGITS:
+        return float(_MAX_DELTA_S)  # (not parsed: `int` refuses more than 4300 digits)
+    try:
+        return float(min(max(int(text), 0), _MAX_DELTA_S))
+    except ValueError:
+        return 0.0
 
 
 def cacheable(endpoint: Endpoint, request: object, when: CacheWhenSpec) -> bool:

@@ -14,8 +14,9 @@ took about 0.6 ms, a 6 MB embeddings answer 0.8 s, which on the event loop stall
 every request of the process; a thread hop costs about 0.1-0.2 ms.
 
 Decoding never trusts the bytes: anything that does not decode to a well-formed
-entry (a corrupt value, another program's key) is `None`, which the cache treats
-as a miss. Nor does a hit trust the answer inside: served in its own form it goes
+entry (a corrupt value, another program's key, figures no answer has: an infinite
+`created`, a negative cost, usage that is not `usable`) is `None`, which the cache
+treats as a miss. Nor does a hit trust the answer inside: served in its own form it goes
 out as stored, so `load_entry` also refuses an entry that is not an answer of
 the request's endpoint (`holds_answer`), checked as it is decoded (in the same
 worker thread for a large one), so that a decoded entry the cache keeps is never
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import zlib
+from math import isfinite
 from typing import Literal
 
 import msgspec
@@ -126,9 +128,19 @@ def decode_entry(value: bytes, max_inflate: int = _MAX_INFLATE) -> Entry | None:
             raw = value[1:]
         else:
             return None
-        return _decoder.decode(raw)
+        entry = _decoder.decode(raw)
     except (zlib.error, msgspec.DecodeError, msgspec.ValidationError):
         return None
+    return entry if _believable(entry) else None
+
+
+def _believable(entry: Entry) -> bool:
+    """Whether the figures a hit counts can be: a finite `created` (its `age`), a cost finite and not below 0 (or
+    not known), usage `usable` (or none). Any other (a bad write, another program's key) would make every hit of
+    the key fail (a counter cannot go down, an infinite age has no header): a corrupt entry, a miss, replaced."""
+    cost, usage = entry.cost_usd, entry.usage
+    return (isfinite(entry.created) and (cost is None or (isfinite(cost) and cost >= 0.0))
+            and (usage is None or usage.usable()))
 
 
 async def load_entry(value: bytes, endpoint: Endpoint | None) -> Entry | None:

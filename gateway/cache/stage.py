@@ -171,9 +171,12 @@ class CacheStage:
                          _stream_hands_over(ctx, recorder, too_large))
             return
         provider, model = _answered_by(ctx)
-        entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=recorder.usage,
-                      usage_chunk=recorder.usage_chunk, provider=provider, model=model,
-                      cost_usd=usage_cost(ctx, recorder.usage) or 0.0)
+        usage, estimated = recorder.usage, False
+        if usage is not None and not usage.usable():
+            usage, estimated = _estimate(ctx)
+        entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=usage, usage_chunk=recorder.usage_chunk,
+                      provider=provider, model=model, cost_usd=usage_cost(ctx, usage) or 0.0,
+                      usage_estimated=estimated)
         self._write(ctx, entry, spec, key, probe, flight)
 
     def _write(self, ctx: RequestContext, entry: Entry, spec: CacheSpec, key: str, probe: SemanticProbe | None,
@@ -207,6 +210,17 @@ def _add_header(ctx: RequestContext, header: tuple[bytes, bytes]) -> None:
 def _answered_by(ctx: RequestContext) -> tuple[str, str]:
     target = ctx.target
     return (target.provider, target.upstream_model) if target is not None else ("", "")
+
+
+def _estimate(ctx: RequestContext) -> tuple[Usage | None, bool]:
+    """What a stream whose upstream reported unusable usage (negative or absurd counts) is stored with, as a body
+    is: the gateway's estimate, which accounting billed (none if there is none), marked `usage_estimated`; its
+    replay still sends the upstream's own usage chunk as it came. Stored as sent, its figures would make every hit
+    of the entry fail (a counter of saved tokens cannot go down)."""
+    usage = ctx.usage
+    if ctx.usage_estimated and usage is not None and usage.usable():
+        return usage, True
+    return None, False
 
 
 def _alike(status: int) -> bool:

@@ -226,6 +226,7 @@ class Gateway:
             old.owns_store, new.owns_store = False, True
             if isinstance(new.store, MemoryStore):  # only now: a policy that failed to start changed nothing
                 new.store.reconfigure(policy.state)
+        self._bequeath_ledger(old, new)
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
@@ -244,6 +245,29 @@ class Gateway:
             await old.retire(old.policy.server.drain_timeout_s, partial(self.cut_all, old))
         finally:
             self._retiring.discard(old)
+
+    @staticmethod
+    def _bequeath_ledger(old: Runtime, new: Runtime) -> None:
+        """At a reload onto the same data (`_same_data`), what the old runtime's ledger still holds for the store
+        when it closes (spend Redis did not take while it was away, operations in doubt, slots owed) passes to the
+        new runtime's ledger, which sends it once Redis answers. Onto another store, or to a policy without
+        accounting, the old ledger's last flush takes what it can and the rest is counted as dropped
+        (`Ledger.aclose`)."""
+        before, after = Gateway._ledger(old), Gateway._ledger(new)
+        if before is not None and after is not None and Gateway._same_data(old, new):
+            before.bequeath(after)
+
+    @staticmethod
+    def _ledger(runtime: Runtime) -> Ledger | None:
+        return next((s.ledger for s in runtime.services if isinstance(s, Accounting)), None)
+
+    @staticmethod
+    def _same_data(old: Runtime, new: Runtime) -> bool:
+        """Whether `new` reads and writes the counters `old` did: the memory store it passed on, or the same Redis
+        (URL and key prefix; its timeouts and pool may differ)."""
+        before, after = old.policy.state, new.policy.state
+        return new.store is old.store or (after.backend == "redis" and (before.backend, before.url, before.key_prefix)
+                                          == ("redis", after.url, after.key_prefix))
 
     def _announce(self, policy: Policy) -> None:
         self.metrics.serving(policy.version)

@@ -22,6 +22,9 @@ Two jobs, one background flush (a runtime `Service`):
 * releases: a concurrency slot the store could not give back (its release failed, or its take timed out and
   may have been applied all the same) is given back at a later flush, until the store takes it or the slot's
   lease has run out anyway: a Redis stall of a second must not hold a key's slots for the lease's 15 minutes.
+* reloads: a retired runtime's ledger, once its last flush is done, passes what is left to the new runtime's
+  ledger when both write the same data (`bequeath`); with no such heir (another store, a shutdown) what is left
+  is dropped and counted (`_drop_unsent`).
 
 The maps are bounded by the policy's finite scopes (the per-request one: by the key and alias pairs seen in a
 second) times the days and periods they span; the number of pending budget entries is exported as
@@ -88,6 +91,8 @@ class Ledger:
         self._refused: set[str] = set()  # counters whose refusal was logged (`_first_refusal`)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
+        self._heir: Ledger | None = None  # who takes what is left at the close (`bequeath`)
+        self._closed = False
         self._gauge = metrics_pending
         # Each kind's child made now: its series shows 0 before any drop (an alert's expression has data).
         self._dropped = {kind: metrics_dropped.labels(kind) for kind in DROPPED_KINDS} if metrics_dropped else {}
@@ -140,8 +145,11 @@ class Ledger:
         """A slot the store may still hold for `holder`: given back at the next flushes, for at most `lease_s`
         (then the store has let it go itself). Releasing a slot not held changes nothing, so owing one that was
         never taken is harmless. Bounded: past `_MAX_RELEASES`, the oldest are left to their leases."""
+        self._releases[(key, holder)] = time.monotonic() + lease_s
+        self._trim_releases()
+
+    def _trim_releases(self) -> None:
         releases = self._releases
-        releases[(key, holder)] = time.monotonic() + lease_s
         while len(releases) > _MAX_RELEASES:
             del releases[next(iter(releases))]
 
@@ -157,15 +165,19 @@ class Ledger:
         until = time.monotonic() + OP_RETRY_S if sent else math.inf
         if found is None:
             ops[(key, op)] = (reserved, actual, ttl_s, until)
-            while len(ops) > _MAX_OPS:
-                dropped = next(iter(ops))
-                del ops[dropped]
-                log.error("accounting: dropped an operation in doubt on %s (too many waiting): the counter may be "
-                          "off by it", dropped[0])
-                self._count_dropped("operation")
+            self._trim_ops()
             self._show()
         elif until < found[3]:
             ops[(key, op)] = (*found[:3], until)
+
+    def _trim_ops(self) -> None:
+        ops = self._ops
+        while len(ops) > _MAX_OPS:
+            dropped = next(iter(ops))
+            del ops[dropped]
+            log.error("accounting: dropped an operation in doubt on %s (too many waiting): the counter may be "
+                      "off by it", dropped[0])
+            self._count_dropped("operation")
 
     @property
     def pending(self) -> int:
@@ -179,6 +191,12 @@ class Ledger:
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name="accounting-ledger")
 
+    def bequeath(self, heir: Ledger) -> None:
+        """What this ledger still holds when it closes passes to `heir`: the ledger of the runtime that replaced
+        this one on the same store (the same Redis data), which sends it once the store answers. Without an heir
+        (shutdown, or a reload onto another store) it is dropped at the close, and counted (`_drop_unsent`)."""
+        self._heir = heir
+
     async def aclose(self) -> None:
         if self._task is not None:
             self._task.cancel()
@@ -186,6 +204,51 @@ class Ledger:
                 await self._task
             self._task = None
         await self.flush()  # the last second's usage (bounded: every store call has its timeout)
+        self._closed = True
+        heir = self._heir
+        while heir is not None and heir._closed:  # closed meanwhile (reloads in quick succession): its own heir
+            heir = heir._heir
+        if heir is not None:
+            heir._inherit(self)
+        else:
+            self._drop_unsent()
+
+    def _inherit(self, old: Ledger) -> None:
+        """Take on what `old` (a retired runtime's ledger, closed) holds for the store: usage, budget deltas, operations
+        in doubt (under their ids and their deadlines) and slots owed, within this ledger's bounds."""
+        old._fold()
+        for scope, values in old._usage.items():
+            self._add(scope, values)
+        for key, (units, ttl, until) in old._pending.items():
+            self._keep(key, units, ttl, until)
+        self._ops.update(old._ops)
+        self._trim_ops()
+        releases = self._releases
+        for slot, until in old._releases.items():
+            releases[slot] = max(until, releases.get(slot, until))
+        self._trim_releases()
+        if old._pending or old._ops:
+            log.info("accounting: %d budget counter(s) and %d operation(s) the store has not taken passed to the "
+                     "new policy's ledger", len(old._pending), len(old._ops))
+        old._usage, old._pending, old._ops, old._releases = {}, {}, {}, {}
+        self._show()
+
+    def _drop_unsent(self) -> None:
+        """At a close with no heir, what the last flush left (the store away) is lost: each counter and operation
+        counted in `gateway_accounting_dropped_total`, and one line logged. Slots owed are left to their leases."""
+        self._fold()
+        usage = sum(1 for values in self._usage.values() for value in values if value)
+        budget = [units for units, _, _ in self._pending.values() if units]
+        operations = len(self._ops)
+        if usage or budget or operations:
+            log.error("accounting: closed with %d budget counter(s) (%+.6f USD), %d operation(s) in doubt and %d "
+                      "usage counter(s) the store did not take: dropped, not counted", len(budget),
+                      sum(budget) / AMOUNT_SCALE, operations, usage)
+            self._count_dropped("budget", len(budget))
+            self._count_dropped("operation", operations)
+            self._count_dropped("usage", usage)
+        self._usage, self._pending, self._ops, self._releases = {}, {}, {}, {}
+        self._show()
 
     async def _run(self) -> None:
         while True:
@@ -342,10 +405,10 @@ class Ledger:
             values[position] = 0  # taken, owed under its id, or dropped: a retry must not add it twice
         return True
 
-    def _count_dropped(self, kind: str) -> None:
+    def _count_dropped(self, kind: str, count: int = 1) -> None:
         child = self._dropped.get(kind)
-        if child is not None:
-            child.inc()
+        if child is not None and count:
+            child.inc(count)
 
     def _show(self) -> None:
         gauge = self._gauge

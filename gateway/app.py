@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from .api.feedback import feedback_routes
 from .api.proxy import ProxyEndpoint
 from .api.routes import ops_routes
 from .api.usage import usage_routes
-from .auth.dynamic import DynamicKeys
 from .cache import CacheStage, ResponseCache
 from .dryrun.shadow import Shadow, ShadowStage
 from .guards.runtime import GuardRuntime
@@ -39,11 +38,12 @@ from .pipeline.runner import Pipeline
 from .pipeline.stages import Admit, Authenticate, Authorize, CallUpstream, Ingress, SelectTarget
 from .policy import Policy, PolicyError, load_policy
 from .providers import build_provider
-from .reload import Fingerprints, Listener, fingerprints, serving_refusals, watch_policy_files
+from .reload import Fingerprints, Listener, fingerprints, fingerprints_as_read, serving_refusals, watch_policy_files
 from .routing import Router
 from .runtime import Runtime, Service
+from .runtime_handover import bequeath_ledger, dynamic_keys
 from .schemas.endpoints import Endpoint
-from .store import MemoryStore, Store, build_store
+from .store import MemoryStore, build_store
 from .telemetry.metrics import Metrics
 from .telemetry.stage import Telemetry, TelemetryStages
 from .telemetry.tokens import TokenCounter
@@ -98,7 +98,7 @@ class Gateway:
         # applied to the running store once this runtime is swapped in (`_reload`).
         shared = previous is not None and isinstance(previous.store, MemoryStore) and previous.store.takes(policy.state)
         store = previous.store if shared and previous is not None else build_store(policy.state)
-        keys = _dynamic_keys(policy, store, self.metrics, previous)
+        keys = dynamic_keys(policy, store, self.metrics, previous)
         earlier = [s for s in previous.services if isinstance(s, Router)] if previous is not None else []
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
@@ -157,10 +157,31 @@ class Gateway:
         self._spawn(self._watch_store(interval))
         self.started = True
 
+    # After a refused reload: the version it left in force, and the files (and glob folders) that only the refused
+    # version read or looked for, watched too while that version is in force (`_watch_refused`).
+    _refused_files: tuple[str, tuple[Path, ...]] | None = None
+
     def _watched(self) -> list[Path]:
-        """The files (and glob folders) of the policy in force, the root file first."""
+        """The files (and glob folders) of the policy in force, the root file first; after a refused reload, then
+        those only the refused version names, until another version loads: a new `include` that was missing or
+        wrong refused it, and its arrival or fix must reload."""
+        files = self._files_in_force()
+        if self._refused_files is not None and self._refused_files[0] == self.runtime.policy.version:
+            files.extend(self._refused_files[1])
+        return files
+
+    def _files_in_force(self) -> list[Path]:
         assert self.source is not None
         return [self.source, *(Path(p) for p in self.runtime.policy.watch[1:])]
+
+    def _watch_refused(self, watch: Sequence[str], missing: Collection[str] = ()) -> None:
+        """After a refused reload: watch what it read or looked for (`PolicyError.watch`, bounded by the loader's
+        limits) beside the policy in force's, and take it as that load read it, so that the watcher neither reloads
+        it again (reporting it twice) nor misses a file it found `missing` that has appeared since."""
+        in_force = set(self._files_in_force())
+        only = tuple(dict.fromkeys(path for path in map(Path, watch) if path not in in_force))
+        self._refused_files = (self.runtime.policy.version, only) if only else None
+        self._loaded_files = fingerprints_as_read(self._loaded_files, self._watched(), set(map(Path, missing)))
 
     async def stop(self) -> None:
         self.draining = True
@@ -201,10 +222,12 @@ class Gateway:
         try:
             policy = await asyncio.to_thread(load_policy, self.source)
         except PolicyError as exc:
+            self._watch_refused(exc.watch, exc.missing)
             return self._refused(trigger, [str(issue) for issue in exc.issues])
         if self.listener is not None:  # the rules `gateway serve` checked at start, which a reload cannot escape
             refusals = serving_refusals(policy, self.listener)
             if refusals:
+                self._watch_refused(policy.watch)
                 return self._refused(trigger, [f"{self.source}: {refusal}" for refusal in refusals])
         if policy.version == old.policy.version and _shadow_version(policy) == _shadow_version(old.policy):
             return {"result": "unchanged", "trigger": trigger, "version": policy.version}
@@ -226,7 +249,7 @@ class Gateway:
             old.owns_store, new.owns_store = False, True
             if isinstance(new.store, MemoryStore):  # only now: a policy that failed to start changed nothing
                 new.store.reconfigure(policy.state)
-        self._bequeath_ledger(old, new)
+        bequeath_ledger(old, new)
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
@@ -245,29 +268,6 @@ class Gateway:
             await old.retire(old.policy.server.drain_timeout_s, partial(self.cut_all, old))
         finally:
             self._retiring.discard(old)
-
-    @staticmethod
-    def _bequeath_ledger(old: Runtime, new: Runtime) -> None:
-        """At a reload onto the same data (`_same_data`), what the old runtime's ledger still holds for the store
-        when it closes (spend Redis did not take while it was away, operations in doubt, slots owed) passes to the
-        new runtime's ledger, which sends it once Redis answers. Onto another store, or to a policy without
-        accounting, the old ledger's last flush takes what it can and the rest is counted as dropped
-        (`Ledger.aclose`)."""
-        before, after = Gateway._ledger(old), Gateway._ledger(new)
-        if before is not None and after is not None and Gateway._same_data(old, new):
-            before.bequeath(after)
-
-    @staticmethod
-    def _ledger(runtime: Runtime) -> Ledger | None:
-        return next((s.ledger for s in runtime.services if isinstance(s, Accounting)), None)
-
-    @staticmethod
-    def _same_data(old: Runtime, new: Runtime) -> bool:
-        """Whether `new` reads and writes the counters `old` did: the memory store it passed on, or the same Redis
-        (URL and key prefix; its timeouts and pool may differ)."""
-        before, after = old.policy.state, new.policy.state
-        return new.store is old.store or (after.backend == "redis" and (before.backend, before.url, before.key_prefix)
-                                          == ("redis", after.url, after.key_prefix))
 
     def _announce(self, policy: Policy) -> None:
         self.metrics.serving(policy.version)
@@ -289,22 +289,6 @@ class Gateway:
         task = asyncio.ensure_future(work)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-
-
-def _dynamic_keys(policy: Policy, store: Store, metrics: Metrics, previous: Runtime | None) -> DynamicKeys | None:
-    """The run-time key look-up, only when the policy turns it on (off: authentication never calls the store).
-    After a reload onto the same store, it starts with the keys the previous runtime had found."""
-    spec = policy.dynamic_keys
-    if not spec.enabled:
-        return None
-    keys = DynamicKeys(spec, store, policy.keys.names, spec.on_unavailable or policy.state.on_unavailable, metrics)
-    if previous is not None and previous.dynamic_keys is not None:
-        old, new = previous.policy.state, policy.state
-        same_redis = new.backend == "redis" and (old.backend, old.url, old.key_prefix) == ("redis", new.url,
-                                                                                             new.key_prefix)
-        if store is previous.store or same_redis:  # the same keys behind it
-            keys.adopt(previous.dynamic_keys)
-    return keys
 
 
 def _shadow_version(policy: Policy) -> str | None:

@@ -6,7 +6,10 @@ start (`gateway serve`, every worker) and every reload (file, SIGHUP, admin API)
 that they cannot drift apart. A policy it refuses is refused like an invalid one.
 
 Every file a policy is made of is watched (its `include:`s, and the shadow policy's), and
-the folder of every include glob, so that a file added to `tenants/` is noticed too.
+the folder of every include glob, so that a file added to `tenants/` is noticed too. After a
+refused reload, so are the files the refused version read or looked for (`PolicyError.watch`),
+until a version loads: the include whose absence or error refused it may be one that only the
+refused version names, and its arrival or fix must reload.
 
 Polling (one `stat` every `server.watch_interval_s`) rather than inotify: it works
 the same on every filesystem, in containers and for Kubernetes ConfigMaps (which
@@ -20,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +31,10 @@ from .policy import Policy
 from .policy.accounting_check import has_limits
 from .policy.compile import open_to_network
 
-__all__ = ["Fingerprints", "Listener", "fingerprints", "serving_refusals", "watch_policy_file", "watch_policy_files"]
+__all__ = [
+    "Fingerprints", "Listener", "fingerprints", "fingerprints_as_read", "serving_refusals", "watch_policy_file",
+    "watch_policy_files",
+]
 
 Fingerprints = tuple[tuple[Path, tuple[int, int, int] | None], ...]
 # After a change, the files must keep their metadata this long before they are read: an editor or `cp`
@@ -106,6 +112,21 @@ def fingerprints(paths: Sequence[Path]) -> Fingerprints | None:
     return None if found and found[0][1] is None else found  # the root file missing: mid-swap, wait
 
 
+def fingerprints_as_read(
+    before: Fingerprints | None, paths: Sequence[Path], missing: Collection[Path],
+) -> Fingerprints | None:
+    """The metadata of `paths` as the last load read them, whose files are known only once it has read them (a new
+    include; what a refused load looked for): those in `before` (taken before it read) as taken then, those it found
+    `missing` as missing (one that has appeared since is still a change), any other as it is now. None while the
+    root file is missing, or when `before` is (nothing known: the watcher then reloads on any change)."""
+    if before is None:
+        return None
+    taken = dict(before)
+    found = tuple((path, taken[path] if path in taken else None if path in missing else _fingerprint(path))
+                  for path in paths)
+    return None if found and found[0][1] is None else found
+
+
 async def watch_policy_files(
     paths: Callable[[], Sequence[Path]], interval_s: Callable[[], float], on_change: Callable[[], Awaitable[object]],
     loaded: Callable[[], Fingerprints | None] = lambda: None,
@@ -133,4 +154,6 @@ async def watch_policy_files(
             await on_change()
         except Exception:
             log.exception("policy reload failed")
-        last = fingerprints(paths())  # the reload may have changed which files make the policy
+        # The reload may have changed which files are watched: those it read, as it read them (a change during the
+        # reload is a change still to read, a file a refused one found missing is missing), the others as they are.
+        last = fingerprints_as_read(loaded(), paths(), ()) or fingerprints(paths())

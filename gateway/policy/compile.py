@@ -78,6 +78,16 @@ def _checked(file: str, build: Callable[[], Policy]) -> Policy:
 
 
 def _compile_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_env: bool) -> Policy:
+    """The policy `tree` makes; a refusal names the tree's files (`PolicyError.watch`: a reload watches them until a
+    version loads, so that fixing one reloads)."""
+    try:
+        return _compile_read_tree(tree, env, require_env)
+    except PolicyError as exc:
+        exc.watching(tree.watch)
+        raise
+
+
+def _compile_read_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_env: bool) -> Policy:
     spec = check_doc(tree.doc)
     env = os.environ if env is None else env
     policy = compile_policy(spec, tree.doc, env, tree.version, require_env=require_env, files=tree.files,
@@ -96,7 +106,7 @@ def _shadow(given: str, doc: _Located, env: Mapping[str, str]) -> Policy:
     except PolicyError as exc:
         file, line = doc.locate(("server", "shadow_policy"))
         raise PolicyError([PolicyIssue(file, line, "server.shadow_policy", f"the shadow policy {path} is invalid"),
-                           *exc.issues]) from exc
+                           *exc.issues], exc.watch, exc.missing) from exc
     if shadow.shadow is not None:
         doc.issue(("server", "shadow_policy"), f"the shadow policy {path} has a shadow policy of its own")
         raise PolicyError(doc.issues)

@@ -55,9 +55,18 @@ class PolicyTree:
 
 
 def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
-    """Read the policy at `path` (or `text`, named `path`) and everything it includes; raise `PolicyError`."""
+    """Read the policy at `path` (or `text`, named `path`) and everything it includes; raise `PolicyError`, naming
+    every file read or looked for so far (`PolicyError.watch`: a reload watches them until a version loads)."""
     root = str(path)
     reader = _Reader(Path(root).parent)
+    try:
+        return _read_tree(reader, root, text)
+    except PolicyError as exc:
+        exc.watching(reader.watched(root), reader.missing)
+        raise
+
+
+def _read_tree(reader: _Reader, root: str, text: str | None) -> PolicyTree:
     text = reader.read(root, None) if text is None else reader.count(root, text)
     doc = parse_file(text, root)
     reader.texts.append((root, text))
@@ -71,25 +80,26 @@ def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
             merger.merge(fragment)
     # (the merge's issues are raised with the schema's, by `check_doc`: every error at once, as for one file)
     files = tuple(file for file, _ in reader.texts)
-    hashed = reader.texts + _prices_file(doc, root, reader.left)
-    watched = files + tuple(file for file, _ in hashed[len(reader.texts):]) + tuple(sorted(reader.folders))
-    return PolicyTree(doc, _version(hashed, Path(root).parent), files, watched)
+    hashed = reader.texts + _prices_file(doc, root, reader)
+    return PolicyTree(doc, _version(hashed, Path(root).parent), files, reader.watched(root))
 
 
-def _prices_file(doc: _Located, root: str, left: int) -> list[tuple[str, str]]:
-    """The `prices_file` (relative to the root file) with its text, for the version and the watch list: a price
-    change is a new policy version, which a reload then applies. Absent or unreadable: nothing (its errors are
-    reported where it is loaded, `accounting_check.load_prices_file`); past the size of a policy, refused."""
+def _prices_file(doc: _Located, root: str, reader: _Reader) -> list[tuple[str, str]]:
+    """The `prices_file` (relative to the root file) with its text, for the version; watched even when absent (a
+    version naming a missing one is refused, and its arrival must reload): a price change is a new policy version,
+    which a reload then applies. Absent or unreadable: no text (its errors are reported where it is loaded,
+    `accounting_check.load_prices_file`); past the size of a policy, refused."""
     name = doc.data.get("prices_file") if isinstance(doc.data, dict) else None
     if not isinstance(name, str) or not name:
         return []
     file = str(Path(root).parent / name)
+    reader.looked.append(file)
     try:
-        text = read_capped(file, left)
+        text = read_capped(file, reader.left)
     except (OSError, UnicodeDecodeError):
         return []
     if text is None:
-        raise PolicyError([_too_large(file, doc.locate(("prices_file",)), left)])
+        raise PolicyError([_too_large(file, doc.locate(("prices_file",)), reader.left)])
     return [(file, text)]
 
 
@@ -130,10 +140,17 @@ class _Reader:
     def __init__(self, base: Path) -> None:
         self.base = base
         self.texts: list[tuple[str, str]] = []
+        self.looked: list[str] = []  # every file (but the root) looked for, in order: read, missing or refused
+        self.missing: list[str] = []  # those of them not found
         self.folders: set[str] = set()
         self.issues: list[PolicyIssue] = []
         self.seen: dict[str, tuple[str, int]] = {}  # real path -> where it was included
         self.left = MAX_POLICY_BYTES  # bytes the files not read yet may take
+
+    def watched(self, root: str) -> tuple[str, ...]:
+        """The root file, every file looked for and the folders of the globs: a new file there, a missing one that
+        appears, or a change to any changes the policy (or what refused it)."""
+        return tuple(dict.fromkeys((root, *self.looked, *sorted(self.folders))))
 
     def read(self, file: str, at: tuple[str, int] | None) -> str:
         """The text of `file` (included at `at`), counted against the policy's size; raise `PolicyError`."""
@@ -180,6 +197,7 @@ class _Reader:
                 if len(self.texts) >= _MAX_FILES:
                     self._issue(where, f"a policy may not have more than {_MAX_FILES} files")
                     return fragments
+                self.looked.append(file)
                 try:
                     text = self.read(file, where)
                     fragment = parse_file(text, file)
@@ -203,6 +221,8 @@ class _Reader:
             return []
         if not found:
             self._issue(where, f"included file not found: {entry} (looked for {path})")
+            self.looked.append(str(path))
+            self.missing.append(str(path))
             return []
         return [str(path)]
 

@@ -13,6 +13,7 @@ import functools
 import re
 import types
 import typing
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +41,26 @@ class PolicyIssue:
 
 
 class PolicyError(Exception):
-    """A policy file that cannot be used; carries every issue found."""
+    """A policy file that cannot be used; carries every issue found, and the files the refused version is made of.
 
-    def __init__(self, issues: list[PolicyIssue]) -> None:
+    `watch`: the files it read or looked for, missing ones included, and the folders of its globs, the root file
+    first (the includes' `PolicyTree.watch`, as far as the load got). A served gateway watches them beside the policy
+    in force's until a version loads: the file whose absence or error refused it is often one only this version
+    names (a new `include`), and its arrival or fix must reload. `missing`: those of them it found missing.
+    """
+
+    def __init__(self, issues: list[PolicyIssue], watch: Sequence[str] = (), missing: Collection[str] = ()) -> None:
         self.issues = sorted(issues, key=lambda issue: (issue.file, issue.line))
+        self.watch = tuple(watch)
+        self.missing = frozenset(missing)
         super().__init__("\n".join(str(issue) for issue in issues))
+
+    def watching(self, watch: Sequence[str], missing: Collection[str] = ()) -> PolicyError:
+        """This refusal, naming `watch` (the files of the document refused) before the files it named already, once
+        each; returned, for `raise`."""
+        self.watch = tuple(dict.fromkeys((*watch, *self.watch)))
+        self.missing = self.missing.union(missing)
+        return self
 
 
 def format_path(path: _Path) -> str:

@@ -87,7 +87,7 @@ class MessagesDialect:
 
     def reply(self, ctx: RequestContext, body: bytes) -> bytes:
         _identify(ctx)
-        return messages_response(body, ctx.alias_label, ctx.usage if ctx.usage_estimated else None)
+        return messages_response(body, ctx.alias_label, _estimate(ctx))
 
     def framer(self, ctx: RequestContext) -> StreamFramer:
         _identify(ctx)
@@ -109,9 +109,19 @@ def _identify(ctx: RequestContext) -> None:
     ctx.headers = [*(ctx.headers or ()), (_REQUEST_ID, ctx.request_id.encode())]
 
 
+def _estimate(ctx: RequestContext) -> Usage | None:
+    """An answer's usage when its upstream sent none: the gateway's estimate, billed; on a cache hit (which bills
+    nothing) the stored answer's own, the estimate its miss carried (`ctx.shown_usage`)."""
+    if ctx.shown_usage is not None:
+        return ctx.shown_usage
+    return ctx.usage if ctx.usage_estimated else None
+
+
 def _stream_estimate(ctx: RequestContext) -> Usage | None:
     """A stream's usage when its upstream sent none, as `telemetry.usage.CountTokens` estimates it (whose end hook
-    runs only once the last event is written): `estimate_on_loop`."""
+    runs only once the last event is written): `estimate_on_loop`; on a cache hit, the stored answer's own."""
+    if ctx.shown_usage is not None:
+        return ctx.shown_usage
     if ctx.usage is not None or ctx.provider is None or not isinstance(ctx.body.get("messages"), list):
         return None
     counter = _gateway_counter(ctx)

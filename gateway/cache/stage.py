@@ -135,6 +135,7 @@ class CacheStage:
         else:
             ctx.headers += status_header
         ctx.usage = Usage()  # nothing was spent upstream; the client still sees the answer's own usage
+        ctx.shown_usage = entry.usage  # (the one a dialect writes where the answer carries none: an estimate)
         if ctx.stream:
             stream = ReplyStream(source, ctx)
             stream.add(_HIT_END)
@@ -172,7 +173,7 @@ class CacheStage:
             return
         provider, model = _answered_by(ctx)
         usage, estimated = recorder.usage, False
-        if usage is not None and not usage.usable():
+        if usage is None or not usage.usable():
             usage, estimated = _estimate(ctx)
         entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=usage, usage_chunk=recorder.usage_chunk,
                       provider=provider, model=model, cost_usd=usage_cost(ctx, usage) or 0.0,
@@ -213,10 +214,11 @@ def _answered_by(ctx: RequestContext) -> tuple[str, str]:
 
 
 def _estimate(ctx: RequestContext) -> tuple[Usage | None, bool]:
-    """What a stream whose upstream reported unusable usage (negative or absurd counts) is stored with, as a body
-    is: the gateway's estimate, which accounting billed (none if there is none), marked `usage_estimated`; its
-    replay still sends the upstream's own usage chunk as it came. Stored as sent, its figures would make every hit
-    of the entry fail (a counter of saved tokens cannot go down)."""
+    """What a stream whose upstream reported no usage, or unusable usage (negative or absurd counts), is stored
+    with, as a body is: the gateway's estimate, which accounting billed and a Messages client was shown (none if
+    there is none), marked `usage_estimated`; its replay still sends the upstream's own usage chunk as it came (or
+    none). Stored as sent, unusable figures would make every hit of the entry fail (a counter of saved tokens
+    cannot go down)."""
     usage = ctx.usage
     if ctx.usage_estimated and usage is not None and usage.usable():
         return usage, True

@@ -90,6 +90,10 @@ class RequestContext:
     # None on a request that had none (every successful first attempt).
     rejected: list[tuple[Target, Usage]] | None = None
     usage_estimated: bool = False
+    # The usage the client is shown when it is not the one billed: a cache hit's, the stored answer's own (the
+    # gateway's estimate included), while `usage` is zero (a hit spends nothing). Read by a dialect that writes an
+    # answer's usage where the upstream sent none (`api.anthropic`).
+    shown_usage: Usage | None = None
     headers: list[tuple[bytes, bytes]] | None = None  # extra response headers set by stages (x-gateway-guards)
     cost_usd: float | None = None  # what the answer cost, once accounting knows (the access log reads it)
     cache_result: str | None = None  # hit, miss, bypass... once the cache stage knows (the access log reads it)

@@ -5,6 +5,15 @@ names already lower-case bytes, thresholds as ints. Nothing is parsed here. The
 facts a rule reads come from the request that is already decoded; the only costly
 one, the prompt's token count, is computed at most once per request and only when a
 rule that needs it is reached.
+
+Each fact reads the fields of the endpoint the request came in by: a chat's `messages`
+and `response_format`; a Responses request's `instructions`, `input` items (their
+`input_image` parts) and `text.format`; a completion's `prompt`. A `/v1/messages`
+request is already the chat request here (translated at ingress). The token count is
+the gateway's one prompt estimate (`accounting.prompt.PromptEstimator.estimate_body`,
+the figure token limits reserve with and `count_tokens` answers): message texts with
+their overhead, tool definitions and images, so that a rule on the prompt's size sees
+what fills the upstream's context.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..auth.keys import VirtualKey
 from ..policy.compiled import Match, Rule
 from ..telemetry.tokens import TokenCounter
@@ -19,6 +29,10 @@ from ..telemetry.tokens import TokenCounter
 __all__ = ["Facts", "first_match", "matches"]
 
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
+_IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and the Responses API's
+# Without a counter (a router made without one): every text at about four characters a token, as a counter with no
+# encoding loaded estimates it.
+_ROUGH = PromptEstimator(TokenCounter(), keep=False)
 
 
 class Facts:
@@ -68,30 +82,38 @@ class Facts:
 
     @property
     def prompt_tokens(self) -> int:
-        """The prompt's token count (tiktoken; an estimate without the encoding), counted once."""
+        """The prompt's token count (`estimate_body`: tiktoken, an estimate without the encoding), counted once."""
         if self._prompt_tokens is None:
-            self._prompt_tokens = _count_prompt(self.body, self.tokens, self.model)
+            if self.tokens is None:
+                self._prompt_tokens = _ROUGH.estimate_body(self.body, self.model)
+            else:
+                self._prompt_tokens = estimate_prompt(self.tokens, self.body, self.model)
         return self._prompt_tokens
 
     @property
     def has_tools(self) -> bool:
+        """Chat's and the Responses API's `tools` (a Messages request's are chat tools by now), or `functions`."""
         tools = self.body.get("tools") or self.body.get("functions")
         return isinstance(tools, list) and bool(tools)
 
     @property
     def has_images(self) -> bool:
-        messages = self.body.get("messages")
-        for message in messages if isinstance(messages, list) else ():
+        """A chat message or a Responses input item has an image part."""
+        for message in _messages(self.body):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list) and any(
-                isinstance(part, dict) and part.get("type") in ("image_url", "input_image") for part in content
+                isinstance(part, dict) and part.get("type") in _IMAGE_PARTS for part in content
             ):
                 return True
         return False
 
     @property
     def json_response(self) -> bool:
+        """Chat's `response_format`, or the Responses API's `text.format`, asks for JSON (an object or a schema)."""
         response_format = self.body.get("response_format")
+        if response_format is None:
+            text = self.body.get("text")
+            response_format = text.get("format") if isinstance(text, dict) else None
         return isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS
 
     def sticky_value(self, sticky: str) -> str | None:
@@ -105,19 +127,14 @@ class Facts:
         return self.header(sticky.removeprefix("header:").lower().encode("latin-1"))
 
 
-def _count_prompt(body: dict[str, Any], tokens: TokenCounter | None, model: str | None) -> int:
+def _messages(body: dict[str, Any]) -> list[Any]:
+    """The messages whose content parts may hold an image: a chat's `messages`, else a Responses request's `input`
+    items (an embedding's or a string input has none)."""
     messages = body.get("messages")
-    if tokens is None:
-        text = str(messages if messages is not None else body.get("prompt", body.get("input", "")))
-        return (len(text) + 3) // 4
     if isinstance(messages, list):
-        return tokens.count_messages(messages, model)
-    prompt = body.get("prompt", body.get("input"))
-    if isinstance(prompt, str):
-        return tokens.count(prompt, model)
-    if isinstance(prompt, list):
-        return sum(tokens.count(p, model) if isinstance(p, str) else 1 for p in prompt)
-    return 0
+        return messages
+    items = body.get("input")
+    return items if isinstance(items, list) else []
 
 
 def matches(match: Match, alias: str, facts: Facts) -> bool:

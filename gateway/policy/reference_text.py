@@ -72,7 +72,7 @@ DESCRIPTIONS: dict[str, str] = {
     "ModelSpec.retry": "Retries of each target (default: routing.retry).",
     "ModelSpec.description": "A note for readers of the policy (not served by /v1/models).",
     "MatchSpec.has_tools": "The request carries tools (or functions).",
-    "MatchSpec.has_images": "A message has an image part.",
+    "MatchSpec.has_images": "A message (or Responses input item) has an image part.",
     "RuleSpec.name": "Names the rule in headers, logs, metrics and `gateway explain`.",
     "RuleSpec.when": "The conditions; all given must hold (none: always).",
     "RuleSpec.alias": "Send the request to this alias instead.",

@@ -257,11 +257,11 @@ class MatchSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     header: dict[HeaderName, list[str]] | None = None  # exact values; ["*"]: present with any value
     user: list[str] | None = None  # the request's `user` field
     metadata: dict[str, list[str]] | None = None  # the request's `metadata` fields
-    prompt_tokens_over: Annotated[int, Meta(ge=0)] | None = None  # estimated with tiktoken
+    prompt_tokens_over: Annotated[int, Meta(ge=0)] | None = None  # the gateway's prompt estimate (tiktoken)
     prompt_tokens_under: Annotated[int, Meta(ge=1)] | None = None
     has_tools: bool | None = None
     has_images: bool | None = None
-    json_response: bool | None = None  # response_format json_object or json_schema
+    json_response: bool | None = None  # json_object or json_schema (response_format; Responses: text.format)
 
 
 class RuleSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):

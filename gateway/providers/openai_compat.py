@@ -22,6 +22,7 @@ import msgspec
 from ..errors import (
     BodyTooLarge,
     ContextLengthExceeded,
+    CredentialsRejected,
     GatewayError,
     InvalidRequest,
     RateLimited,
@@ -43,7 +44,7 @@ from .openai_stream import OpenAIStream
 from .scrub import AnswerChoicesPeek, AnswerPeek, ResponsesAnswerPeek, scrubbed_error
 from .streaming import ResponsesEvents, TranslatedStream
 
-__all__ = ["OpenAICompatProvider", "status_error"]
+__all__ = ["CredentialsRejected", "OpenAICompatProvider", "status_error"]
 
 _encode = msgspec.json.Encoder().encode
 # Read per request: an attribute of an enum class goes through its metaclass's `__getattr__` hook on
@@ -359,7 +360,7 @@ def status_error(
     if status in (408, 504):
         return UpstreamTimeout(f"upstream `{provider}` timed out (HTTP {status})")
     if status in (401, 403):
-        return UpstreamError(f"upstream `{provider}` rejected the gateway's credentials (HTTP {status})")
+        return CredentialsRejected(f"upstream `{provider}` rejected the gateway's credentials (HTTP {status})")
     # A server error's Retry-After (a 503's above all) is the routing's wait before a retry, up to the target's
     # `retry_after_max_s`, and the client's when this is the answer it gets, as a 429's and a 529's are.
     return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}",

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from ..errors import (
     AllTargetsFailed,
     ContextLengthExceeded,
+    CredentialsRejected,
     GatewayBusy,
     GatewayError,
     InternalError,
@@ -32,12 +33,16 @@ from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
-__all__ = ["BREAKER_FAILURES", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate", "backoff",
-           "breaker_verdict", "classify", "peek", "retry_after_s"]
+__all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate",
+           "backoff", "breaker_verdict", "classify", "peek", "retry_after_s"]
 
 # Failures that say something about the target's health. A 429 says it is busy (Retry-After
-# covers it), a full local pool says the gateway is, a client error says nothing about the target.
-BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error"})
+# covers it), a full local pool says the gateway is, a client error says nothing about the target;
+# a refused credential says the target cannot be used until its key is fixed.
+BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error", "credentials"})
+# Failures that go to the next target at once, whatever `retry_on` says, and are never retried on the same one: a
+# full local pool (nothing was sent), the gateway's own credential refused (the same key would be refused again).
+NEXT_AT_ONCE = frozenset({"busy", "credentials"})
 _MAX_MESSAGE = 900
 # Failures that hand the request on rather than fail it: a context overflow (to `context_fallback`), a field the
 # target lacks (nothing sent: to the next target).
@@ -60,7 +65,8 @@ class TargetsUnavailable(GatewayError):
 
 def classify(error: GatewayError) -> str:
     """The `retry_on` name of a failure, or `client_error` (never retried) / `busy` (the local pool) /
-    `unsupported` (the target cannot do what the request asks: the next one may)."""
+    `credentials` (the upstream refused the gateway's own key) / `unsupported` (the target cannot do what the
+    request asks: the next one may)."""
     if isinstance(error, Unsupported):
         return "unsupported"
     if isinstance(error, ContextLengthExceeded):
@@ -71,10 +77,12 @@ def classify(error: GatewayError) -> str:
         return "timeout"
     if isinstance(error, GatewayBusy):
         return "busy"
+    if isinstance(error, CredentialsRejected):
+        return "credentials"  # a 401/403 (or Gemini's 400 for a bad key): the gateway's fault, not the client's
     if isinstance(error, UpstreamError):
         status = error.upstream_status
         if status is not None and 400 <= status < 500:
-            return "client_error"  # 401, 403, 404...: the spec says no retry on other 4xx
+            return "client_error"  # 404, 405...: the spec says no retry on other 4xx
         return "connect" if error.code == "upstream_unavailable" else "server_error"
     return "client_error"
 
@@ -105,8 +113,9 @@ def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Ra
 
 def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) -> GatewayError:
     """One error for all attempts: 429 when every one was rate limited (with the smallest Retry-After),
-    504 when every one timed out, 400 when no target supports the request, else 502 (with the smallest
-    Retry-After when every attempt sent one: a 503's); its message lists each attempt.
+    504 when every one timed out, 503 `gateway_busy` when every target's local pool was full (nothing was
+    sent), 400 when no target supports the request, else 502 (with the smallest Retry-After when every
+    attempt sent one: a 503's); its message lists each attempt.
 
     The status and Retry-After are those of the attempts that could have answered: a target that passed the
     request on (`_PASSED_ON`: to the context fallback, or to the next target) says nothing of why the request
@@ -125,6 +134,8 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
         return RateLimited(what, headers=wait)
     if kinds == {"timeout"}:
         return UpstreamTimeout(what)
+    if kinds == {"busy"}:
+        return GatewayBusy(what, headers={"Retry-After": "1"})
     if kinds == {"unsupported"}:
         return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param)
     return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)

@@ -10,10 +10,12 @@ are logged and ignored: the local breaker keeps working on its own.
 
 States: closed (traffic flows; consecutive failures and a per-window failure ratio
 are counted) -> open (skipped for `cooldown_s`) -> half-open (exactly one request of
-this process probes it) -> closed on success, open again on failure. A failure while it
-is open (an attempt that began before it opened) changes nothing: the cooldown runs from the
-opening. A retry of a target asks `allow` again, so that no retry follows a failure that
-opened the breaker, nor runs beside another request's probe.
+this process probes it) -> closed on success, open again on failure. An attempt that began
+before it opened changes nothing when it ends within the cooldown: its failure does not put the probe
+off (the cooldown runs from the opening), its success does not close it (on this replica, nor, through
+the shared close, on the others). Within the cooldown only the forced try of an alias whose targets are all
+open, or an active health check, closes it. A retry of a target asks `allow` again, so that no
+retry follows a failure that opened the breaker, nor runs beside another request's probe.
 
 A stream is judged by its whole stream (`opened`, then `ended`): its opening closes a
 breaker that is not closed (a probe's verdict cannot wait for a stream of minutes while
@@ -31,6 +33,7 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Iterable
+from contextvars import ContextVar
 
 from ..policy.schema import BreakerSpec
 from ..store.base import Store, StoreUnavailable
@@ -56,6 +59,14 @@ class _State:
         self.open_until = 0.0
         self.last_failure = 0.0
         self.probing = False
+
+
+# The breaker that last admitted an attempt of the current request (each request runs in its own task, so
+# its own context; its attempts run one after another). `allow` admits attempts only while a breaker is
+# closed or as its probe, so an answer that finds its breaker open within the cooldown with this mark on
+# it began before the opening: stale. The forced try (`least_recently_failed`) and the health check carry
+# no mark: they close the breaker as an answer should.
+_ADMITTED: ContextVar[_State | None] = ContextVar("breaker_admitted", default=None)
 
 
 class Breakers:
@@ -101,6 +112,7 @@ class Breakers:
             return True
         entry = self._states[target]
         if entry.state == CLOSED:
+            _ADMITTED.set(entry)
             return True
         if entry.state == OPEN:
             if self._clock() < entry.open_until:
@@ -109,6 +121,7 @@ class Breakers:
         if entry.probing:
             return False
         entry.probing = True
+        _ADMITTED.set(entry)
         return True
 
     def release(self, target: str) -> None:
@@ -116,6 +129,9 @@ class Breakers:
         self._states[target].probing = False
 
     def least_recently_failed(self, targets: Iterable[str]) -> str:
+        """The target to try anyway when every one is open (the router's forced try, which follows at once in
+        this request): the current request's mark is lifted, so that the forced try's answer closes the breaker."""
+        _ADMITTED.set(None)
         return min(targets, key=lambda name: self._states[name].last_failure)
 
     def retry_in(self, targets: Iterable[str]) -> float:
@@ -129,10 +145,16 @@ class Breakers:
         entry = self._states[target]
         entry.consecutive = 0
         self._count(entry, failed=False)
-        if entry.state != CLOSED:
+        if entry.state != CLOSED and not self._stale(entry):
             entry.probing = False
             self._set(target, entry, CLOSED)
             self._share(target, None)
+
+    def _stale(self, entry: _State) -> bool:
+        """Whether an answer of this request's attempt comes from before the opening of `entry`'s breaker, which is
+        still within its cooldown: then it leaves the breaker open, as a failure from before leaves it (and the
+        probe is not put off either). Past the cooldown any answer closes it, as any failure opens it again."""
+        return entry.state == OPEN and _ADMITTED.get() is entry and self._clock() < entry.open_until
 
     def failure(self, target: str) -> None:
         entry = self._states[target]
@@ -169,9 +191,10 @@ class Breakers:
         """A stream of `target` answered; its verdict waits for its end (`ended`), and until then it neither counts
         nor resets the consecutive failures. A breaker that is not closed (the stream is its probe, or the forced try
         of an alias whose targets are all open) closes now, as for any answer: every other request is refused while
-        a probe runs, and a stream may run for minutes."""
+        a probe runs, and a stream may run for minutes. A stream that began before the breaker opened closes
+        nothing within the cooldown (`_stale`), and its verdict is dropped (`ended`)."""
         entry = self._states[target]
-        if entry.state != CLOSED:
+        if entry.state != CLOSED and not self._stale(entry):
             entry.probing = False
             self._set(target, entry, CLOSED)
             self._share(target, None)

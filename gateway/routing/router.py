@@ -41,7 +41,17 @@ from ..store.base import Store
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
-from .attempts import DeadlineExceeded, Replay, TargetsUnavailable, aggregate, backoff, breaker_verdict, classify, peek
+from .attempts import (
+    NEXT_AT_ONCE,
+    DeadlineExceeded,
+    Replay,
+    TargetsUnavailable,
+    aggregate,
+    backoff,
+    breaker_verdict,
+    classify,
+    peek,
+)
 from .breaker import OPEN, Breakers
 from .rules import Facts, first_match
 from .stats import TargetStats
@@ -233,13 +243,13 @@ class Router:
                 if kind == "unsupported":  # nothing was sent (no attempt made): the next target may do it
                     ctx.attempt_count -= 1
                     return "next"
-                if kind not in route.retry_on and kind != "busy":  # a full local pool: try the next target
+                if kind not in route.retry_on and kind not in NEXT_AT_ONCE:  # a full pool, a refused key: the next
                     raise self._tagged(ctx, exc) from None
                 if kind == "context_length":
                     if route.context_fallback is None:
                         raise self._tagged(ctx, exc) from None
                     return "context"
-                if retry >= target.retry.attempts or kind == "busy" or self.breakers.state(target.name) == OPEN:
+                if retry >= target.retry.attempts or kind in NEXT_AT_ONCE or self.breakers.state(target.name) == OPEN:
                     return "next"  # (open: this failure or another request's opened it; `breaker` says why)
                 delay = backoff(target.retry, retry, exc, self.rng)
                 if deadline is not None and asyncio.get_running_loop().time() + delay >= deadline:
@@ -375,7 +385,9 @@ class Router:
             ctx.rejected.append((target, usage))
 
     def _fallback(self, ctx: RequestContext, reason: str) -> None:
-        ctx.fallback_reason = reason
+        """Count a hop by its reason; the request's `fallback_reason` (header, log) stays why the first was left."""
+        if ctx.fallback_reason is None:
+            ctx.fallback_reason = reason
         self._count(self.metrics.fallbacks, ctx.alias_label, reason).inc()
 
     def _tagged(self, ctx: RequestContext, error: GatewayError) -> GatewayError:

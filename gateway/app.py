@@ -118,7 +118,7 @@ class Gateway:
             *([ShadowStage(shadow)] if shadow is not None else []),  # no shadow policy: no stage
             Authorize(),
             *([accounting] if accounting is not None else []),  # limits and budgets; none: no cost at all
-            *([GuardStage(guards, policy.guards.stream)] if guards is not None else []),  # none: no cost at all
+            *([GuardStage(guards, policy.guards.stream, self.tokens)] if guards is not None else []),  # none: no cost
             *([CacheStage(cache)] if cache is not None else []),  # only when an alias caches
             SelectTarget(router),
             CallUpstream(router),

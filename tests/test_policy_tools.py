@@ -336,3 +336,27 @@ def test_a_run_time_key_is_accepted_only_by_a_policy_with_dynamic_keys() -> None
     assert accepted.limits is not None and accepted.limits.limits[0].rpm == 5
     refused = asyncio.run(decide(base + "keys: [{name: k, tenant: t, hash: 'sha256:" + "0" * 64 + "'}]\n"))
     assert refused.blocked and refused.status == 401
+
+
+def test_the_dry_run_shows_the_guards_of_the_alias_a_rule_sends_the_request_to() -> None:
+    """As the guard stage runs them: a rule that moves a request from an unguarded alias to a guarded one brings that
+    alias's guards (they were the named alias's: none, so a dry run said nothing would be redacted)."""
+    text = ("version: 1\nauth: none\nproviders: {d: {kind: demo}}\n"
+            "models: {local: {provider: d, model: x}, external: {provider: d, model: y}}\n"
+            "rules: [{name: long, when: {alias: [local], prompt_tokens_over: 30}, alias: external}]\n"
+            "guards: {models: {external: {pii: {kind: pii, engine: patterns}}}}\n")
+
+    async def decide(content: str) -> Decisions:
+        decider = Decider(compile_text(text, "p.yaml"))
+        await decider.start()
+        try:
+            body = json.dumps({"model": "local", "messages": [{"role": "user", "content": content}]}).encode()
+            return await decider.decide(DecisionRequest(body))
+        finally:
+            await decider.aclose()
+
+    moved = asyncio.run(decide("please write to jane.doe@mailbox.org about the invoice for last month " * 3))
+    assert moved.route is not None and moved.route.route == "external"
+    assert moved.guards is not None and [(v.guard, v.verdict) for v in moved.guards.guards] == [("pii", "redact")]
+    stayed = asyncio.run(decide("hi"))
+    assert stayed.route is not None and stayed.route.route == "local" and stayed.guards is None

@@ -10,6 +10,7 @@ from litestar import HttpMethod, Request, Response, get, route
 
 from ..auth.dynamic import find_key
 from ..errors import AuthenticationFailed, GatewayError, NotFound
+from ..guards.runtime import GuardRuntime
 from ..pipeline.stages import authenticate, model_not_found
 from ..runtime import Runtime
 from ..telemetry.metrics import CONTENT_TYPE, Metrics
@@ -90,9 +91,15 @@ def ops_routes(host: OpsHost) -> list[Any]:
         }
         if host.last_reload is not None:
             detail["last_reload"] = host.last_reload
+        guards = next((service for service in runtime.services if isinstance(service, GuardRuntime)), None)
+        if guards is not None:
+            pool = guards.pool
+            detail["guard_pool"] = {"kind": pool.spec.kind, "healthy": pool.healthy, "replacements": pool.replacements}
         if host.draining or not host.started:
             state = "draining" if host.draining else "starting"
             return _json({"status": state, **detail}, request_id, status=503)
+        if guards is not None and not guards.pool.healthy:  # this replica's workers died and are not replaced yet
+            return _json({"status": "unhealthy", **detail}, request_id, status=503)
         return _json({"status": "ready", **detail}, request_id)
 
     @get("/metrics", sync_to_thread=False)

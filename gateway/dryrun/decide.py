@@ -31,7 +31,7 @@ from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy
 from ..routing.explain import route_plan
 from ..routing.router import Router
-from ..routing.rules import Facts
+from ..routing.rules import Facts, first_match
 from ..schemas.endpoints import Endpoint
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
@@ -126,7 +126,7 @@ class Decider:
             stream = body.get("stream") is True
             found["auth"] = self._authorize(found["auth"], key, alias)
             found["limits"] = self._limits(request.endpoint, body, key, alias)
-            found["guards"] = await self._guards(request.endpoint, body, key, alias)
+            found["guards"] = await self._guards(request.endpoint, body, key, alias, request.headers)
             found["cache"] = self._cache(request.endpoint, body, request.headers, alias)
             found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream,
                                                            request.endpoint)
@@ -217,13 +217,26 @@ class Decider:
             for scope, name, _, b in scopes if b is not None)
         return LimitsDecision(limits=limits, budgets=budgets)
 
+    def _served_alias(self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]],
+                      alias: str) -> str:
+        """The alias whose guards the guard stage runs: the one a rule sends the request to, as `GuardStage` finds it
+        (its redactions, which may move the request again, are not made here)."""
+        route = self.policy.models[alias]
+        if route.rules:
+            rule = first_match(route.rules, alias, Facts(body, key, headers, self.tokens, route.upstream_model))
+            if rule is not None and rule.alias is not None:
+                return rule.alias
+        return alias
+
     async def _guards(
         self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str,
+        headers: Sequence[tuple[bytes, bytes]] = (),
     ) -> GuardsDecision | None:
         """Every input guard's verdict on the request's text, each guard on its own (what it would do)."""
         if self.guards is None:
             return None
-        guard_set = self.guards.resolve(key.tenant if key is not None else "anonymous", alias)
+        guard_set = self.guards.served(key.tenant if key is not None else "anonymous", self._served_alias(
+            body, key, headers, alias), self.policy.models)
         if not guard_set:
             return None
         refs = list(input_texts(endpoint, body))

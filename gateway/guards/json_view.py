@@ -10,22 +10,62 @@ two quotes: white space and punctuation either way), or, for a `\\uXXXX`, that c
 reads as six zero-width spaces. The same length keeps every offset: what the guards find in the view is redacted in
 the text at the same place, widened where it would split an escape (`whole_escapes`), so the arguments stay JSON.
 A backslash that begins no escape (a plain text's `C:\\Users`) is read as it is.
+
+A card or a phone number may also be a JSON number (`{"card": 4111111111111111}`), which a placeholder cannot
+stand in for (`{"card": <CREDIT_CARD>}` is no JSON: an upstream gets broken arguments, and translating them for
+another API fails). So a finding that covers a number of a JSON object or array text (`json_numbers`) is widened to
+the whole number and its replacement written as a JSON string (`whole_numbers`): `{"card": "<CREDIT_CARD>"}`.
 """
 
 from __future__ import annotations
 
 import re
-from bisect import bisect_right
+from bisect import bisect_left, bisect_right
 
+import msgspec
 from msgspec.structs import replace
 
 from .base import Finding
 
-__all__ = ["json_view", "whole_escapes"]
+__all__ = ["json_numbers", "json_view", "whole_escapes", "whole_numbers"]
 
 _ESCAPE = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
 _STANDS_FOR = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
 _FILL = "\u200b"  # zero-width space: not white space, not a word character, dropped by `normalize.canonical`
+_OPENS_CONTAINER = re.compile(r"[ \t\r\n]*[\[{]")
+# A JSON text's strings (matched whole, so that nothing inside one is taken) and numbers: in a valid JSON text, what
+# this finds that is no string is a number (no other token holds a digit or a minus sign).
+_STRING_OR_NUMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
+_STRUCTURE = re.compile(r"[\[\]{}:]")  # between two numbers of one array, only commas and white space
+_validate = msgspec.json.Decoder(msgspec.Raw).decode  # checks the syntax, builds nothing
+
+
+def json_numbers(text: str) -> list[tuple[int, int]]:
+    """Where the numbers of `text` are (start, end), when it is a JSON object or array; none for any other text (a
+    sentence's numbers are no JSON numbers, and a JSON text cut short cannot be told apart from one)."""
+    if not _OPENS_CONTAINER.match(text):
+        return []
+    try:
+        _validate(text)
+    except msgspec.DecodeError:
+        return []
+    return [token.span() for token in _STRING_OR_NUMBER.finditer(text) if text[token.start()] != '"']
+
+
+def whole_numbers(text: str, numbers: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:
+    """The span of the JSON numbers that the span `start` to `end` covers part of, when it covers one and no part of
+    a string (what it covers besides, the white space and punctuation around them, is kept): its replacement is then
+    written as a JSON string. None for any other span, and for numbers apart in the JSON's structure."""
+    first = bisect_left(numbers, (start + 1, -1)) - 1  # the last number starting at or before `start`
+    if first < 0 or numbers[first][1] <= start:
+        first += 1
+    if first >= len(numbers) or numbers[first][0] >= end:
+        return None
+    last = bisect_left(numbers, (end, -1)) - 1  # the last number starting before `end`
+    covered = text[min(start, numbers[first][0]):max(end, numbers[last][1])]
+    if '"' in covered or (first != last and _STRUCTURE.search(text, numbers[first][1], numbers[last][0])):
+        return None
+    return numbers[first][0], numbers[last][1]
 
 
 def json_view(text: str) -> tuple[str, list[tuple[int, int]]]:

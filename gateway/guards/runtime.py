@@ -3,7 +3,10 @@ timeout and a failure policy.
 
 Resolution merges the scopes by guard name, the most specific winning (tenant,
 then alias, then global), and is cached per (tenant, alias): both come from the
-policy, so the cache is bounded. Every guard of a request sees the same text;
+policy, so the cache is bounded. A request is checked by the guards of the alias
+that may serve it (`served`): its own and those of every alias its
+`context_fallback` chain leads to, which the router may switch to after the
+guards ran. Every guard of a request sees the same text;
 an error, a timeout or a full pool queue is a `GuardFailure`, which blocks the
 text under `fail: closed` (the default) and is skipped under `fail: open`; both
 are counted.
@@ -14,9 +17,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
+from ..policy.compiled import ModelRoute
 from ..policy.guard_schema import (
     DenyListGuardSpec,
     GuardSpec,
@@ -41,6 +46,7 @@ from .verdict import Verdict, decide
 __all__ = ["GuardRuntime", "GuardSet"]
 
 log = logging.getLogger("gateway.guards")
+G = TypeVar("G")
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,6 +72,7 @@ class GuardRuntime:
         self._models = {alias: self._scope(f"model:{alias}", g) for alias, g in spec.models.items()}
         self._tenants = {tenant: self._scope(f"tenant:{tenant}", g) for tenant, g in spec.tenants.items()}
         self._sets: dict[tuple[str, str], GuardSet] = {}
+        self._served: dict[tuple[str, str], GuardSet] = {}
 
     def _scope(self, scope: str, guards: dict[str, GuardSpec]) -> dict[str, Guard]:
         return {name: self._build(name, spec) for name, spec in guards.items()}
@@ -115,6 +122,23 @@ class GuardRuntime:
             found = self._sets[key] = GuardSet(
                 tuple(g for g in text if "input" in g.places), tuple(g for g in text if "output" in g.places), limits,
             )
+        return found
+
+    def served(self, tenant: str, alias: str, models: Mapping[str, ModelRoute]) -> GuardSet:
+        """The guards of a request served by `alias`, cached per (tenant, alias): its own, and those of each alias
+        its `context_fallback` chain leads to. The router takes that fallback after an upstream's "context length
+        exceeded", long after the guards ran, so the text it resends must already have passed the guards of the
+        alias that receives it; a chain whose aliases share their guards (the common case) is the alias's own set.
+        `models` is the policy this runtime was built for (one `GuardRuntime` per policy)."""
+        key = (tenant, alias)
+        found = self._served.get(key)
+        if found is None:
+            chain = [alias]
+            route = models.get(alias)
+            while route is not None and route.context_fallback is not None and route.context_fallback not in chain:
+                chain.append(route.context_fallback)  # (a loop is refused at load; `not in chain` is a backstop)
+                route = models.get(route.context_fallback)
+            found = self._served[key] = _union([self.resolve(tenant, name) for name in chain])
         return found
 
     async def check(self, guards: Sequence[Guard], text: str, where: Where, session: GuardSession) -> Verdict:
@@ -168,6 +192,18 @@ class GuardRuntime:
         if guard.fail == "open":
             return []
         return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]
+
+
+def _union(sets: list[GuardSet]) -> GuardSet:
+    """Every guard of `sets` once (the same object may be in several: a global or tenant guard), in order."""
+    first = sets[0]
+    if all(s == first for s in sets[1:]):
+        return first
+    return GuardSet(_once(s.input for s in sets), _once(s.output for s in sets), _once(s.limits for s in sets))
+
+
+def _once(groups: Iterable[tuple[G, ...]]) -> tuple[G, ...]:
+    return tuple({id(guard): guard for group in groups for guard in group}.values())
 
 
 def _warm(engines: tuple[Engine, ...], model_dirs: tuple[str, ...] = (), classifiers: tuple[str, ...] = ()) -> None:

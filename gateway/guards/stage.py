@@ -6,6 +6,12 @@ upstream. It is built only when the policy defines guards, so a gateway without
 guards pays nothing, not even a stage call; and a request whose (tenant, alias)
 has no guard passes straight through, its stream bytes untouched.
 
+The guards are those of the alias that will serve the request (`GuardRuntime.served`),
+not only of the one it named: when that alias has routing rules, the stage finds the
+rule the router will apply (`first_match` on the same facts, the body as the guards
+leave it) and takes the guards of the alias it sends the request to. A rule with its
+own targets keeps the named alias's guards; a `deny` rule is the router's to refuse.
+
 Input: every text a request carries (found by `texts.py`: message text parts,
 tool call arguments, tool results, a completion's prompt, an embedding's input)
 is checked and rewritten in `ctx.body`, the dict that is forwarded. Output: a complete answer
@@ -15,7 +21,8 @@ stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
 
 from __future__ import annotations
 
-from collections.abc import Awaitable
+import asyncio
+from collections.abc import Awaitable, Sequence
 from functools import partial
 
 import msgspec
@@ -24,8 +31,11 @@ from ..errors import ContentPolicyViolation
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.guard_schema import StreamScanSpec
+from ..routing.rules import Facts, first_match
 from ..schemas.endpoints import Endpoint
-from .base import Finding
+from ..telemetry.tokens import TokenCounter
+from .base import Finding, Guard
+from .pool import INLINE_CHARS
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
@@ -38,6 +48,11 @@ __all__ = ["GuardStage"]
 HEADER = b"x-gateway-guards"
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
+# The characters of one request checked on the event loop between two yields to it: a request of many texts, each
+# short enough to be checked inline, would otherwise hold the loop for all of them at once (240 of 16,384 characters:
+# 2 s). About one inline text's worth, so a request of a few texts (most) never yields.
+YIELD_CHARS = INLINE_CHARS
+_SETTLE = 4  # guard sets applied to a request whose redactions change the rule that serves it (a backstop)
 
 
 def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:
@@ -52,27 +67,37 @@ def _blocked(place: str, findings: list[Finding]) -> ContentPolicyViolation:
 class GuardStage:
     name = "guards"
 
-    def __init__(self, guards: GuardRuntime, stream_spec: StreamScanSpec) -> None:
+    def __init__(self, guards: GuardRuntime, stream_spec: StreamScanSpec, tokens: TokenCounter | None = None) -> None:
         self.guards = guards
         self.stream_spec = stream_spec
+        self.tokens = tokens  # the router's counter: a rule on the prompt's size decides here as in `select`
 
     def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         """An alias without guards passes the request on unawaited (one coroutine frame fewer: see
         `pipeline.runner`); a guarded one goes through `_guarded`."""
-        assert ctx.route is not None
-        guard_set = self.guards.resolve(ctx.tenant, ctx.route.alias)
+        guard_set = self._served(ctx)
         if not guard_set:
             return call_next(ctx)
         return self._guarded(ctx, call_next, guard_set)
+
+    def _served(self, ctx: RequestContext) -> GuardSet:
+        """The guards of the alias that will serve the request, as the body stands (see the module's docstring)."""
+        route = ctx.route
+        assert route is not None
+        alias = route.alias
+        if route.rules:  # (most aliases have none: no facts, no token count)
+            facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
+            rule = first_match(route.rules, route.alias, facts)
+            if rule is not None and rule.alias is not None:
+                alias = rule.alias
+        return self.guards.served(ctx.tenant, alias, ctx.runtime.policy.models)
 
     async def _guarded(self, ctx: RequestContext, call_next: Next, guard_set: GuardSet) -> Reply:
         assert ctx.route is not None
         session = GuardSession(self.guards.metrics)
         ctx.guard_session = session
-        for guard in (*guard_set.limits, *guard_set.input):
-            session.expect(guard.name, str(getattr(guard, "action", "block")))
         try:
-            await self._input(ctx, guard_set, session)
+            guard_set = await self._settled(ctx, guard_set, session)
         except ContentPolicyViolation as exc:
             header = session.header()
             exc.headers = {HEADER.decode(): header.decode()}
@@ -85,15 +110,32 @@ class GuardStage:
                 reply.stream.add(StreamGuard(self.guards, guard_set.output, session, self.stream_spec,
                                              ctx.endpoint, ctx.route.alias))
         elif reply.body is not None and reply.status == 200 and (guard_set.output or session.pseudonyms):
-            for guard in guard_set.output:  # (a stream's header leaves before its output is read: input only)
-                session.expect(guard.name, str(getattr(guard, "action", "block")))
+            _expect(session, guard_set.output)  # (a stream's header leaves before its output is read: input only)
             reply.body = await self._output(ctx, guard_set, session, reply.body)
         header = session.header()
         if header:  # (none for a stream whose guards are all on its output)
             ctx.headers = [*(ctx.headers or ()), (HEADER, header)]
         return reply
 
-    async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> None:
+    async def _settled(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> GuardSet:
+        """Run `guard_set`'s input guards; when they changed the body of an alias with rules, the rule that serves it
+        may have changed too (a redaction changes the prompt's token count): run the guards of the one it names now,
+        until the body leaves a set's guards unchanged or the set is the one just run. The set that serves it."""
+        assert ctx.route is not None
+        for _ in range(_SETTLE):
+            _expect(session, (*guard_set.limits, *guard_set.input))
+            changed = await self._input(ctx, guard_set, session)
+            if not changed or not ctx.route.rules:
+                return guard_set
+            now = self._served(ctx)
+            if now is guard_set:
+                return guard_set
+            guard_set = now
+        raise ContentPolicyViolation("The request was blocked by the gateway's content policy: its guards' changes "
+                                     "kept moving it to another alias with other guards.")
+
+    async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> bool:
+        """Check and rewrite the request's texts; whether any was rewritten."""
         if guard_set.input or guard_set.limits:
             refuse_unreadable(ctx.endpoint, ctx.body)
         refs = list(input_texts(ctx.endpoint, ctx.body))
@@ -101,21 +143,30 @@ class GuardStage:
             texts = [container[key] for container, key, _ in refs]
             messages = len(ctx.body.get("messages") or ()) if ctx.endpoint is Endpoint.CHAT else len(texts)
             for limit in guard_set.limits:
-                found = limit.check_request(texts, messages)
+                found = await limit.check_request_off_loop(texts, messages)
                 session.note_findings(found, limit.mode, "input")
                 if limit.mode == "enforce" and any(f.action == "block" for f in found):
                     raise _blocked("request", found)
         if not guard_set.input:
-            return
+            return False
         blocking: list[Finding] = []
+        changed = False
+        checked = 0  # characters since the last yield to the loop (`YIELD_CHARS`)
         for container, key, where in refs:
-            verdict = await self.guards.check(guard_set.input, container[key], where, session)
+            text = container[key]
+            verdict = await self.guards.check(guard_set.input, text, where, session)
             if verdict.decision == "block":
                 blocking.extend(verdict.blocking)
             elif verdict.decision == "redact":
                 container[key] = verdict.text
+                changed = True
+            checked += len(text)
+            if checked >= YIELD_CHARS:
+                checked = 0
+                await asyncio.sleep(0)
         if blocking:
             raise _blocked("request", blocking)
+        return changed
 
     async def _output(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession, body: bytes) -> bytes:
         try:
@@ -132,6 +183,7 @@ class GuardStage:
             return body
         chat = ctx.endpoint is Endpoint.CHAT
         scrub = any(guard.mode == "enforce" for guard in guard_set.output)
+        checked = 0  # characters since the last yield to the loop (`YIELD_CHARS`): `n` choices of long answers
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -145,6 +197,10 @@ class GuardStage:
             key = "content" if chat else "text"
             for container, field, where, json_string in answer_refs(holder, key, chat):
                 text = container[field]
+                checked += len(text)
+                if checked >= YIELD_CHARS:
+                    checked = 0
+                    await asyncio.sleep(0)
                 enforced: list[Finding] = []
                 if guard_set.output:
                     enforced, shadow = await self.guards.detect(guard_set.output, text, where)
@@ -159,3 +215,9 @@ class GuardStage:
                 restore = partial(session.pseudonyms.restore, json_string=json_string)
                 container[field] = apply(text, enforced, session.pseudonyms, restore)
         return _encode(data)
+
+
+def _expect(session: GuardSession, guards: Sequence[Guard]) -> None:
+    """Name each guard in the request's header before it runs."""
+    for guard in guards:
+        session.expect(guard.name, str(getattr(guard, "action", "block")))

@@ -106,6 +106,8 @@ def _chat_texts(body: dict[str, Any]) -> Iterator[Ref]:
             continue
         part: Part = "tool_result" if message.get("role") in ("tool", "function") else "message"
         yield from _content(message, "content", Where("input", part))
+        if isinstance(message.get("refusal"), str):  # an assistant turn's refusal, sent back as history
+            yield message, "refusal", Where("input", "message")
         for call in message.get("tool_calls") or ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and text_arguments(function):
@@ -135,7 +137,7 @@ def _content(holder: dict[str, Any], key: str, where: Where) -> Iterator[Ref]:
 
 def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
     """A Responses request's texts: instructions, a prompt template's variables, the input string or its items'
-    text parts, tool calls' arguments and tool outputs."""
+    text parts, tool calls' arguments and tool outputs, and the hosted tools' texts (`_hosted_texts`)."""
     if isinstance(body.get("instructions"), str):
         yield body, "instructions", Where("input", "message")
     prompt = body.get("prompt")
@@ -167,6 +169,7 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
         if kind == "mcp_approval_response" and isinstance(item.get("reason"), str):
             yield item, "reason", Where("input", "message")
         yield from _action_texts(item, kind)
+        yield from _hosted_texts(item, kind)
         for part in item.get("summary") or () if item.get("type") == "reasoning" else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 yield part, "text", Where("input", "message")
@@ -194,6 +197,35 @@ def _action_texts(item: dict[str, Any], kind: Any) -> Iterator[Ref]:
         operation = item.get("operation")
         if isinstance(operation, dict) and isinstance(operation.get("diff"), str):
             yield operation, "diff", Where("input", "tool_arguments")
+
+
+def _hosted_texts(item: dict[str, Any], kind: Any) -> Iterator[Ref]:
+    """The texts of the Responses API's hosted tools' items sent back as history: what the tool gave (the code
+    interpreter's logs, the file search's results, an MCP call's error) and what the model wrote for it (the file
+    search's queries, the web search's query or pattern, the text a computer call typed). An MCP call's `output` is
+    any tool's output, read as one (`_responses_texts`)."""
+    if kind == "code_interpreter_call":
+        for output in item.get("outputs") or ():
+            if isinstance(output, dict) and isinstance(output.get("logs"), str):
+                yield output, "logs", Where("input", "tool_result")
+    elif kind == "file_search_call":
+        for result in item.get("results") or ():
+            if isinstance(result, dict) and isinstance(result.get("text"), str):
+                yield result, "text", Where("input", "tool_result")
+        queries = item.get("queries")
+        for index, query in enumerate(queries) if isinstance(queries, list) else ():
+            if isinstance(query, str):
+                yield queries, index, Where("input", "tool_arguments")
+    elif kind == "mcp_call" and isinstance(item.get("error"), str):
+        yield item, "error", Where("input", "tool_result")
+    elif kind in _ACTION_TEXTS and isinstance(action := item.get("action"), dict):
+        for field in _ACTION_TEXTS[kind]:
+            if isinstance(action.get(field), str):
+                yield action, field, Where("input", "tool_arguments")
+
+
+# The fields of a hosted tool call's `action` that hold what the model wrote for it.
+_ACTION_TEXTS = {"web_search_call": ("query", "pattern"), "computer_call": ("text",)}
 
 
 def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:

@@ -12,7 +12,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Literal
 
+import msgspec
+
 from .base import Finding
+from .json_view import json_numbers, whole_numbers
 from .pseudonyms import PLACEHOLDER, Pseudonyms
 
 __all__ = ["Verdict", "apply", "decide", "replacement"]
@@ -70,7 +73,8 @@ def _disjoint(ordered: list[Finding]) -> bool:
 
 def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
           restore: Callable[[str], str] | None = None) -> str:
-    """`text` with every rewriting finding replaced; placeholders already in it are never touched.
+    """`text` with every rewriting finding replaced; placeholders already in it are never touched. In a JSON object
+    or array (tool call arguments), a finding on a number replaces the whole number with a JSON string.
 
     `restore` (output: placeholders back to originals) applies to the text between findings only,
     so that a placeholder made for a finding of the answer itself stays a placeholder.
@@ -79,17 +83,28 @@ def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
     if not rewriting:
         return text if restore is None else restore(text)
     guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
+    numbers = json_numbers(text)  # (none unless the text is a JSON object or array: tool call arguments)
     out: list[str] = []
     at = 0
     for f in resolve(rewriting):
-        if f.start < at or (guarded and any(f.start < e and f.end > s for s, e in guarded)):
+        start, end = f.start, f.end
+        number = whole_numbers(text, numbers, start, end) if numbers else None
+        if number is not None:
+            start, end = number
+        if start < at or (guarded and any(start < e and end > s for s, e in guarded)):
             continue
         # (the common cases inline: no restore on input, a redaction's fixed placeholder)
-        out.append(text[at:f.start] if restore is None else restore(text[at:f.start]))
-        out.append(f"<{f.type}>" if f.action == "redact" else replacement(f, text[f.start:f.end], pseudonyms))
-        at = f.end
+        out.append(text[at:start] if restore is None else restore(text[at:start]))
+        new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
+        out.append(new if number is None else _json_string(new))
+        at = end
     out.append(text[at:] if restore is None else restore(text[at:]))
     return "".join(out)
+
+
+def _json_string(replaced: str) -> str:
+    """A replacement written where a JSON number was (`json_view.whole_numbers`): as a JSON string."""
+    return msgspec.json.encode(replaced).decode()
 
 
 def replacement(finding: Finding, original: str, pseudonyms: Pseudonyms | None) -> str:

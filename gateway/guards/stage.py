@@ -22,7 +22,7 @@ stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Sequence
+from collections.abc import Awaitable, Mapping, Sequence
 from functools import partial
 
 import msgspec
@@ -30,6 +30,7 @@ import msgspec
 from ..errors import ContentPolicyViolation
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
+from ..policy.compiled import ModelRoute
 from ..policy.guard_schema import StreamScanSpec
 from ..routing.rules import Facts, first_match
 from ..schemas.endpoints import Endpoint
@@ -71,6 +72,7 @@ class GuardStage:
         self.guards = guards
         self.stream_spec = stream_spec
         self.tokens = tokens  # the router's counter: a rule on the prompt's size decides here as in `select`
+        self._moves: dict[tuple[str, str], bool] = {}  # (tenant, alias): whether its rules may change its guards
 
     def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         """An alias without guards passes the request on unawaited (one coroutine frame fewer: see
@@ -85,12 +87,26 @@ class GuardStage:
         route = ctx.route
         assert route is not None
         alias = route.alias
-        if route.rules:  # (most aliases have none: no facts, no token count)
+        models = ctx.runtime.policy.models
+        named = self.guards.served(ctx.tenant, alias, models)
+        # (most aliases have no rules, and most rules keep the guards: no facts, no token count for them)
+        if route.rules and self._rules_move(ctx.tenant, route, named, models):
             facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
-            rule = first_match(route.rules, route.alias, facts)
+            rule = first_match(route.rules, alias, facts)
             if rule is not None and rule.alias is not None:
-                alias = rule.alias
-        return self.guards.served(ctx.tenant, alias, ctx.runtime.policy.models)
+                return self.guards.served(ctx.tenant, rule.alias, models)
+        return named
+
+    def _rules_move(self, tenant: str, route: ModelRoute, named: GuardSet, models: Mapping[str, ModelRoute]) -> bool:
+        """Whether a rule of `route` may send a request of `tenant` to an alias with other guards (kept per tenant
+        and alias: the policy's finite sets)."""
+        key = (tenant, route.alias)
+        moves = self._moves.get(key)
+        if moves is None:
+            moves = self._moves[key] = any(
+                rule.alias is not None and self.guards.served(tenant, rule.alias, models) != named
+                for rule in route.rules)
+        return moves
 
     async def _guarded(self, ctx: RequestContext, call_next: Next, guard_set: GuardSet) -> Reply:
         assert ctx.route is not None

@@ -170,7 +170,15 @@ def matches(match: Match, alias: str, facts: Facts) -> bool:
 
 
 def first_match(rules: Sequence[Rule], alias: str, facts: Facts) -> Rule | None:
+    """The first rule that applies to the request: its conditions hold, and, if it sends the request to another
+    alias, the caller's key may use that alias (`VirtualKey.allows`, as a budget downgrade asks). A rule whose alias
+    the key's `models` exclude is skipped, not applied: else a client meeting its conditions (a header it sends) is
+    answered by an alias it may not name. The router, the guard and cache stages and the dry run all ask here, so
+    they agree on the rule. A rule with its own targets, or a `deny`, applies to every key."""
+    key = facts.key
     for rule in rules:
+        if rule.alias is not None and key is not None and not key.allows(rule.alias):
+            continue
         if matches(rule.match, alias, facts):
             return rule
     return None

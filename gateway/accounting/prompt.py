@@ -11,7 +11,8 @@ is the `input_tokens` it is billed for by an upstream that reports none. What it
   assistant turn only (`reasoning_content`, and a redacted block as about a quarter of the bytes its base64 holds),
   as Anthropic counts it;
 - a Responses API request's `instructions` and `input` the same way, as the chat messages they stand for; a
-  completion's prompt or an embedding's input as text and token ids;
+  completion's prompt and its `suffix` (the text after the insertion point, which the upstream reads and bills),
+  or an embedding's input, as text and token ids;
 - tool definitions as their JSON text (without Anthropic's `cache_control`), which is longer than the forms
   upstreams render them in;
 - each image by one rule whatever the upstream, Anthropic's published one (`translate.image_tokens`: about
@@ -69,17 +70,23 @@ class PromptEstimator:
     def estimate_body(self, body: dict[str, Any], model: str | None) -> int:
         """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`):
         a chat's messages; a Responses request's `instructions` and `input` items, counted as the chat messages
-        they stand for; a completion's prompt or an embedding's input, as text and token ids."""
+        they stand for; a completion's prompt and `suffix`, or an embedding's input, as text and token ids."""
         messages = body.get("messages")
         if isinstance(messages, list):
             return self._chat(messages, body, model)
         prompt = body.get("prompt")
-        if not isinstance(prompt, (str, list)):  # no completion prompt (a Responses `prompt` is a template)
-            prompt = body.get("input")
-            instructions = body.get("instructions")
-            if (isinstance(instructions, str) and instructions) or (
-                    isinstance(prompt, list) and prompt and type(prompt[0]) is dict):  # the Responses API
-                return self._chat(responses_messages(prompt, instructions), body, model)
+        if isinstance(prompt, (str, list)):  # a completion: its prompt, and the text after the insertion point
+            suffix = body.get("suffix")
+            return self._text(prompt, model) + (self.tokens.count(suffix, model) if isinstance(suffix, str) else 0)
+        prompt = body.get("input")  # no completion prompt (a Responses `prompt` is a template)
+        instructions = body.get("instructions")
+        if (isinstance(instructions, str) and instructions) or (
+                isinstance(prompt, list) and prompt and type(prompt[0]) is dict):  # the Responses API
+            return self._chat(responses_messages(prompt, instructions), body, model)
+        return self._text(prompt, model)
+
+    def _text(self, prompt: Any, model: str | None) -> int:
+        """A completion's prompt or an embedding's input: a text, token ids, or a list of either."""
         if isinstance(prompt, str):
             return self.tokens.count(prompt, model)
         if isinstance(prompt, list):

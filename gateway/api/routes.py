@@ -83,14 +83,15 @@ def ops_routes(host: OpsHost) -> list[Any]:
 
     @route("/readyz", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)
     def readyz(request: Request[Any, Any, Any]) -> Response[bytes]:
-        request_id = RequestHeaders(request.scope["headers"], host.request_ids).request_id
+        headers = RequestHeaders(request.scope["headers"], host.request_ids)
+        request_id = headers.request_id
         runtime = host.runtime
         detail: dict[str, Any] = {
             "policy_version": runtime.policy.version,
             "store": {"backend": runtime.policy.state.backend, "healthy": runtime.store.healthy},
         }
         if host.last_reload is not None:
-            detail["last_reload"] = host.last_reload
+            detail["last_reload"] = _reload_shown(host.last_reload, headers, runtime.policy.admin_token)
         guards = next((service for service in runtime.services if isinstance(service, GuardRuntime)), None)
         if guards is not None:
             pool = guards.pool
@@ -114,6 +115,21 @@ def ops_routes(host: OpsHost) -> list[Any]:
         return Response(host.metrics.render(), media_type=CONTENT_TYPE, headers={"x-request-id": headers.request_id})
 
     return [list_models, get_model, healthz, readyz, metrics]
+
+
+# What /readyz shows anyone of the last reload. Its errors quote the policy (every alias of a mistyped one, provider
+# names, file paths, what was pasted into a field), which a caller without a key, or with a key that may see only
+# some aliases, must not read: anyone sees how many there were; the admin token, what they say.
+_RELOAD_PUBLIC = ("result", "trigger", "version", "previous")
+
+
+def _reload_shown(last: dict[str, Any], headers: RequestHeaders, admin_token: str | None) -> dict[str, Any]:
+    """The last reload as /readyz shows it: its errors in full to the admin token's bearer, else only counted
+    (a probe with no or another credential is not refused: it sees the count)."""
+    errors = last.get("errors")
+    if errors is None or bearer_matches(headers, admin_token):
+        return last
+    return {**{field: last[field] for field in _RELOAD_PUBLIC if field in last}, "error_count": len(errors)}
 
 
 def _unauthorized(message: str) -> GatewayError:

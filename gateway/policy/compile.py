@@ -23,9 +23,10 @@ from .accounting_check import check_accounting, load_prices_file, uses_accountin
 from .cache_check import compile_cache
 from .compiled import Policy, ProviderConfig, Timeouts
 from .entra_check import check_azure_credentials
+from .env_credentials import credential, token
 from .guard_check import check_guards
 from .includes import PolicyTree, read_tree
-from .loader import PolicyError, PolicyIssue, _Located, check_doc, format_path
+from .loader import PolicyError, PolicyIssue, _Located, check_doc
 from .provider_schema import KIND_TRAITS, AzureSpec
 from .routes import compile_routing
 from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec, gateway_fields_in_extra_body
@@ -129,9 +130,9 @@ def compile_policy(
     labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
     cache = compile_cache(spec, doc)
     state = _state(spec.state, doc, env, require_env, warnings, spec.cache.memory_max_bytes)
-    metrics_token = _token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
+    metrics_token = token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
                            warnings, "`gateway serve` refuses this policy until it holds a token")
-    admin_token = _token(spec.server.admin_token_env, ("server", "admin_token_env"), doc, env, require_env,
+    admin_token = token(spec.server.admin_token_env, ("server", "admin_token_env"), doc, env, require_env,
                          warnings, "`gateway serve` refuses this policy until it holds a token")
     if not is_loopback(spec.server.host) and spec.auth == "none" and _spends(spec):
         warnings.append(
@@ -201,36 +202,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-def _token(
-    var: str | None, path: tuple[str, ...], doc: _Located, env: Mapping[str, str], require_env: bool,
-    warnings: list[str], consequence: str,
-) -> str | None:
-    """A bearer token from the environment, stripped as a provider credential is (a secret mounted from a file
-    ends in a newline, which no presented token carries). Unset, blank, or holding a control character: the
-    feature fails closed; what is reported names the variable, never its value."""
-    if var is None:
-        return None
-    value = env.get(var)
-    token, problem = header_credential(value) if value else ("", "is not set")
-    problem = problem or (None if token else "holds only whitespace")
-    if problem is None:
-        if token != value:
-            warnings.append(f"{doc.where(path)}: {format_path(path)}: environment variable `{var}` ends or starts "
-                            "with whitespace (a line break...); the token is compared without it")
-        return token
-    _unusable(doc, path, f"environment variable `{var}` {problem}", require_env, warnings, f"; {consequence}")
-    return None if path[-1] == "admin_token_env" else ""
-
-
-def _unusable(doc: _Located, path: tuple[str, ...], message: str, require_env: bool, warnings: list[str],
-              then: str = "") -> None:
-    """A named variable that cannot serve: an issue when serving, else a warning (`check` needs no credentials)."""
-    if require_env:
-        doc.issue(path, message)
-    else:
-        warnings.append(f"{doc.where(path)}: {format_path(path)}: {message}{then}")
 
 
 def _state(
@@ -339,7 +310,7 @@ def _provider(
             secret_fields["Authorization"] = ("azure", "entra_token_env")
     secret_values: list[str] = []
     for header, var in secret_vars.items():
-        secret = _credential(env.get(var), var, path + secret_fields[header], doc, require_env, warnings)
+        secret = credential(env.get(var), var, path + secret_fields[header], doc, require_env, warnings)
         if secret is not None:
             bearer = header.lower() == "authorization" and not secret.lower().startswith(("bearer ", "basic "))
             headers[header] = f"Bearer {secret}" if bearer else secret
@@ -361,20 +332,6 @@ def _provider(
         public_hosts=_public_hosts(base_url),
         options=options,
     )
-
-
-def _credential(value: str | None, var: str, field: tuple[str, ...], doc: _Located, require_env: bool,
-                warnings: list[str]) -> str | None:
-    """The credential in `var` as its header carries it; None when unset or no header could carry it, reported
-    at load (an issue; a warning for `gateway check`) rather than each request failing to send it."""
-    secret, problem = (None, "is not set") if value is None else header_credential(value)
-    if secret is not None and problem is None:
-        if secret != value:  # a secret mounted from a file ends in a newline
-            warnings.append(f"{doc.where(field)}: {format_path(field)}: environment variable `{var}` ends or starts "
-                            "with whitespace (a line break...); it is sent without it")
-        return secret
-    _unusable(doc, field, f"environment variable `{var}` {problem}", require_env, warnings)
-    return None
 
 
 def _public_hosts(base_url: str) -> tuple[str, ...]:

@@ -1,0 +1,80 @@
+"""Credentials and tokens read from the environment variables a policy names (`*_env` fields): cleaned as a
+header carries them (`token_file.header_credential`: a secret mounted from a file ends in a newline), and
+reported, when unusable, by the variable's name, never by its value; a credential pasted where the variable's
+name belongs is not echoed either.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+from .loader import _Located, format_path
+from .token_file import header_credential
+
+__all__ = ["credential", "token", "unusable"]
+
+_PASTED = ("its value looks like a credential, not the name of an environment variable (so it is not shown): put "
+           "the credential in a variable and name the variable here")
+
+
+def token(
+    var: str | None, path: tuple[str, ...], doc: _Located, env: Mapping[str, str], require_env: bool,
+    warnings: list[str], consequence: str,
+) -> str | None:
+    """A bearer token from the environment, stripped as a provider credential is (a secret mounted from a file
+    ends in a newline, which no presented token carries). Unset, blank, or holding a control character: the
+    feature fails closed; what is reported names the variable, never its value."""
+    if var is None:
+        return None
+    value = env.get(var)
+    if value is None and _pasted_credential(var):  # the error would echo it into the logs, /admin/reload...
+        unusable(doc, path, _PASTED, require_env, warnings, f"; {consequence}")
+        return None if path[-1] == "admin_token_env" else ""
+    cleaned, problem = header_credential(value) if value else ("", "is not set")
+    problem = problem or (None if cleaned else "holds only whitespace")
+    if problem is None:
+        if cleaned != value:
+            warnings.append(f"{doc.where(path)}: {format_path(path)}: environment variable `{var}` ends or starts "
+                            "with whitespace (a line break...); the token is compared without it")
+        return cleaned
+    unusable(doc, path, f"environment variable `{var}` {problem}", require_env, warnings, f"; {consequence}")
+    return None if path[-1] == "admin_token_env" else ""
+
+
+def unusable(doc: _Located, path: tuple[str, ...], message: str, require_env: bool, warnings: list[str],
+              then: str = "") -> None:
+    """A named variable that cannot serve: an issue when serving, else a warning (`check` needs no credentials)."""
+    if require_env:
+        doc.issue(path, message)
+    else:
+        warnings.append(f"{doc.where(path)}: {format_path(path)}: {message}{then}")
+
+
+def credential(value: str | None, var: str, field: tuple[str, ...], doc: _Located, require_env: bool,
+                warnings: list[str]) -> str | None:
+    """The credential in `var` as its header carries it; None when unset or no header could carry it, reported
+    at load (an issue; a warning for `gateway check`) rather than each request failing to send it."""
+    if value is None and _pasted_credential(var):  # the error would echo it into the logs, /admin/reload...
+        unusable(doc, field, _PASTED, require_env, warnings)
+        return None
+    secret, problem = (None, "is not set") if value is None else header_credential(value)
+    if secret is not None and problem is None:
+        if secret != value:  # a secret mounted from a file ends in a newline
+            warnings.append(f"{doc.where(field)}: {format_path(field)}: environment variable `{var}` ends or starts "
+                            "with whitespace (a line break...); it is sent without it")
+        return secret
+    unusable(doc, field, f"environment variable `{var}` {problem}", require_env, warnings)
+    return None
+
+
+# A key's own shape where a variable's name belongs (Google AIza..., AWS AKIA/ASIA..., GitHub, Stripe sk_, Hugging
+# Face hf_, Slack xox...), or a long name mixing lower case, upper case and digits, as generated keys do and
+# variable names do not.
+_KEY_PREFIX = re.compile(r"(?:AIza|AKIA|ASIA|gh[pousr]_|github_pat_|sk_|rk_|hf_|xox[a-z]?_)\w{12}")
+_MIXED_CASE_AND_DIGITS = re.compile(r"(?=.*[a-z])(?=.*[A-Z])(?=.*[0-9])\w{24,}")
+
+
+def _pasted_credential(var: str) -> bool:
+    """Whether an unset `*_env` name is a credential pasted where its variable's name goes: never echoed."""
+    return _KEY_PREFIX.match(var) is not None or _MIXED_CASE_AND_DIGITS.fullmatch(var) is not None

@@ -18,7 +18,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TypeVar
 
 from ..policy.compiled import ModelRoute
@@ -51,11 +51,16 @@ G = TypeVar("G")
 
 @dataclass(frozen=True, slots=True)
 class GuardSet:
-    """The guards that apply to one (tenant, alias), by place."""
+    """The guards that apply to one (tenant, alias), by place. `pseudonymizing`: whether an enforced input guard
+    may pseudonymize (numbered per request: a conversation kept at the upstream cannot be continued), set once."""
 
     input: tuple[Guard, ...]
     output: tuple[Guard, ...]
     limits: tuple[LimitsGuard, ...]
+    pseudonymizing: bool = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "pseudonymizing", any(_pseudonymizes(guard) for guard in self.input))
 
     def __bool__(self) -> bool:
         return bool(self.input or self.output or self.limits)
@@ -192,6 +197,16 @@ class GuardRuntime:
         if guard.fail == "open":
             return []
         return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]
+
+
+def _pseudonymizes(guard: Guard) -> bool:
+    """Whether an enforced `guard` may pseudonymize: its action, or (a pii guard's) one of its entities'."""
+    if guard.mode != "enforce":
+        return False
+    actions = getattr(guard, "actions", None)  # (a pii guard's, per entity: the guard's action where unset)
+    if isinstance(actions, dict):
+        return "pseudonymize" in actions.values()
+    return getattr(guard, "action", None) == "pseudonymize"
 
 
 def _union(sets: list[GuardSet]) -> GuardSet:

@@ -27,7 +27,7 @@ from functools import partial
 
 import msgspec
 
-from ..errors import ContentPolicyViolation
+from ..errors import ContentPolicyViolation, InvalidRequest
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import ModelRoute
@@ -139,6 +139,8 @@ class GuardStage:
         until the body leaves a set's guards unchanged or the set is the one just run. The set that serves it."""
         assert ctx.route is not None
         for _ in range(_SETTLE):
+            if guard_set.pseudonymizing and ctx.endpoint is Endpoint.RESPONSES:
+                _refuse_upstream_history(ctx.body)
             _expect(session, (*guard_set.limits, *guard_set.input))
             changed = await self._input(ctx, guard_set, session)
             if not changed or not ctx.route.rules:
@@ -231,6 +233,18 @@ class GuardStage:
                 restore = partial(session.pseudonyms.restore, json_string=json_string)
                 container[field] = apply(text, enforced, session.pseudonyms, restore)
         return _encode(data)
+
+
+def _refuse_upstream_history(body: Mapping[str, object]) -> None:
+    """Refuse a Responses request that continues a conversation kept at the upstream (`previous_response_id`,
+    `conversation`) when its guards pseudonymize: pseudonyms are numbered per request, so this turn's
+    `<EMAIL_ADDRESS_1>` would be another value than the earlier turn's, and the answer would be restored wrong."""
+    for param in ("previous_response_id", "conversation"):
+        if body.get(param):
+            raise InvalidRequest(
+                f"`{param}` cannot be used on this model: its guards pseudonymize personal data, and pseudonyms are "
+                "numbered per request, so the earlier turns kept at the upstream would not match this one's. Send "
+                "the whole conversation in `input` instead (with `store: false`).", param=param)
 
 
 def _expect(session: GuardSession, guards: Sequence[Guard]) -> None:

@@ -27,6 +27,7 @@ from ..errors import (
     Unsupported,
     UnusableAnswer,
     UpstreamError,
+    UpstreamOverloaded,
     UpstreamTimeout,
 )
 from ..policy.compiled import RetryPolicy, Target
@@ -114,8 +115,9 @@ def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Ra
 def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) -> GatewayError:
     """One error for all attempts: 429 when every one was rate limited (with the smallest Retry-After),
     504 when every one timed out, 503 `gateway_busy` when every target's local pool was full (nothing was
-    sent), 400 when no target supports the request, else 502 (with the smallest Retry-After when every
-    attempt sent one: a 503's); its message lists each attempt.
+    sent), 503 `upstream_overloaded` when every one was overloaded (with the smallest Retry-After; Anthropic's
+    529 to a Messages client, as a single attempt's is), 400 when no target supports the request, else 502 (with
+    the smallest Retry-After when every attempt sent one: a 503's); its message lists each attempt.
 
     The status and Retry-After are those of the attempts that could have answered: a target that passed the
     request on (`_PASSED_ON`: to the context fallback, or to the next target) says nothing of why the request
@@ -136,9 +138,17 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
         return UpstreamTimeout(what)
     if kinds == {"busy"}:
         return GatewayBusy(what, headers={"Retry-After": "1"})
+    if _all_overloaded(deciding):
+        return UpstreamOverloaded(what, headers=wait)
     if kinds == {"unsupported"}:
         return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param)
     return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)
+
+
+def _all_overloaded(failures: Sequence[tuple[Target, GatewayError, str]]) -> bool:
+    """Whether every attempt was told the upstream is overloaded (`classify` names it a `server_error`, as any 5xx:
+    the client is told the overload, which it may retry, not a bare 502)."""
+    return all(isinstance(error, UpstreamOverloaded) for _, error, _ in failures)
 
 
 async def peek(source: EventSource) -> tuple[list[list[StreamEvent]], AsyncIterator[list[StreamEvent]]]:

@@ -8,6 +8,10 @@ calls (and anything after them) whole, at the end, since a chat stream may
 interleave the pieces of its tool calls. A complete answer's thinking blocks come
 before its text and tool calls (`thinking.ordered`).
 
+A tool call's Gemini thought signature (`extra_content.google.thought_signature`) has no field of its own in
+Messages: it rides in the tool_use id, after `SIGNED` (`_signed_id`), which the client sends back unchanged with
+the call and its result; the ingress takes it out again (`anthropic_ingress._unsigned`).
+
 A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
 `stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
 Anthropic upstream's translated answer and vLLM do); else `end_turn`.
@@ -32,6 +36,7 @@ from .anthropic_ingress import STOP_REASONS, error_type
 from .common import parse_arguments
 from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 from .thinking_stream import HeldThinking, ThinkingStream
+from .tool_id_signature import signature_of, signed_id
 
 __all__ = ["MessagesStream", "messages_response"]
 
@@ -127,8 +132,8 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
     for found in _array(message.get("tool_calls") or [], "`message.tool_calls`"):
         call = _object(found, "a tool call")
         function = _object(call.get("function") or {}, "a tool call's `function`")
-        tools.append({"type": "tool_use", "id": call.get("id"), "name": function.get("name"),
-                      "input": _tool_input(function.get("arguments"))})
+        tools.append({"type": "tool_use", "id": signed_id(call.get("id"), signature_of(call)),
+                      "name": function.get("name"), "input": _tool_input(function.get("arguments"))})
     content = texts + tools
     if message.get(REASONING) or message.get(BLOCKS):
         content = ordered(messages_blocks(message.get(REASONING), message.get(BLOCKS), signed_only=False), texts,
@@ -158,12 +163,13 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
 class _HeldCall:
     """A streamed tool call, held until the answer ends: its pieces may come between another call's."""
 
-    __slots__ = ("arguments", "id", "name")
+    __slots__ = ("arguments", "id", "name", "signature")
 
     def __init__(self, id_: Any, name: Any) -> None:
         self.id = id_
         self.name = name
         self.arguments: list[str] = []
+        self.signature: str | None = None  # its Gemini thought signature (`_signed_id`)
 
 
 class MessagesStream:
@@ -309,6 +315,7 @@ class MessagesStream:
             self._close_text(out)
         held.id = held.id or call.get("id")  # a server that names the call in a later piece
         held.name = held.name or function.get("name")
+        held.signature = held.signature or signature_of(call)
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             held.arguments.append(arguments)
@@ -348,7 +355,7 @@ class MessagesStream:
             start: dict[str, Any] = {"type": "text", "text": ""}
             delta = {"type": "text_delta", "text": "".join(block)}
         else:
-            start = {"type": "tool_use", "id": block.id, "name": block.name, "input": {}}
+            start = {"type": "tool_use", "id": signed_id(block.id, block.signature), "name": block.name, "input": {}}
             delta = {"type": "input_json_delta",
                      "partial_json": _encode(_tool_input("".join(block.arguments))).decode()}
         out.append(_event("content_block_start", {"index": index, "content_block": start}))

@@ -9,7 +9,8 @@ raises its matching exception class.
 
 Request: `system` becomes a system message; text, image (base64 or URL) and
 `tool_result` blocks become message parts and `tool` messages; `tool_use` blocks
-an assistant's `tool_calls`; `thinking` and `redacted_thinking` blocks the
+an assistant's `tool_calls` (a Gemini thought signature carried in the id, `tool_id_signature`, back on the call's
+`extra_content`); `thinking` and `redacted_thinking` blocks the
 assistant's `reasoning_content` and `reasoning_blocks` (see `thinking.py`); tools,
 `tool_choice`, `stop_sequences`, `metadata.user_id` (as `user`) and the sampling
 fields map to theirs, their types checked as the body is decoded (`CountTokensRequest`):
@@ -39,6 +40,7 @@ from .anthropic_errors import anthropic_error_body, error_type
 from .cache_control import CACHE, CACHE_MARK
 from .common import ANTHROPIC_ONLY
 from .thinking import Thinking
+from .tool_id_signature import unsigned
 
 __all__ = ["anthropic_error_body", "chat_request", "count_tokens_request", "error_type"]
 
@@ -291,8 +293,8 @@ def _message(message: Any, index: int, cache: _Cache, thought: bool = True) -> l
             result = inner if isinstance(inner, str) else _result_content(inner or [], f"{at}.content", cache)
             if block.get("is_error"):
                 result = _as_error(result)
-            results.append(cache.carry(block, {"role": "tool", "tool_call_id": _string(block, "tool_use_id", at),
-                                               "content": result}, at))
+            answered = unsigned(_string(block, "tool_use_id", at))[0]
+            results.append(cache.carry(block, {"role": "tool", "tool_call_id": answered, "content": result}, at))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             if not thinking.add(block, len(calls)):  # kept for an Anthropic upstream, which checks the signatures
                 field = "thinking` and `signature" if kind == "thinking" else "data"
@@ -316,12 +318,17 @@ def _message(message: Any, index: int, cache: _Cache, thought: bool = True) -> l
 
 def _call(block: dict[str, Any], at: str) -> dict[str, Any]:
     """A `tool_use` block as a tool call. Its `id` and `name` are required, as Anthropic requires them (a missing
-    one went on as the text "None" or a null name); a missing or null `input` is an empty object, as before."""
+    one went on as the text "None" or a null name); a missing or null `input` is an empty object, as before. A
+    Gemini thought signature in the id (`tool_id_signature.unsigned`) goes back where Gemini's translator reads it."""
     arguments = block.get("input")
     if arguments is not None and not isinstance(arguments, dict):
         raise InvalidRequest(f"`{at}.input` must be an object", param=f"{at}.input")
-    return {"id": _string(block, "id", at), "type": "function",
+    id_, signature = unsigned(_string(block, "id", at))
+    call = {"id": id_, "type": "function",
             "function": {"name": _string(block, "name", at), "arguments": _encode(arguments or {}).decode()}}
+    if signature is not None:
+        call["extra_content"] = {"google": {"thought_signature": signature}}
+    return call
 
 
 def _string(block: dict[str, Any], field: str, at: str) -> str:

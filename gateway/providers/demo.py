@@ -35,7 +35,7 @@ _EMBEDDING_DIMENSIONS = 256
 _MAX_DEMO_DIMENSIONS = 4096
 _MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own cap on an embeddings request's inputs
 _MAX_DEMO_VALUES = _MAX_EMBEDDING_INPUTS * 1024  # inputs x dimensions: ~2M numbers, ~20 MB of JSON
-_ON_LOOP_VALUES = 4096  # made on the event loop up to this many numbers (16 inputs of 256 dimensions: ~2 ms)
+_SLICE_VALUES = 16_384  # numbers made between two turns other requests get at the event loop (~8 ms of hashing)
 
 
 def demo_reply(prompt: str) -> str:
@@ -122,8 +122,10 @@ class DemoProvider:
         return DemoStream(self, call)
 
     async def _embeddings(self, call: Call) -> Completion:
-        """Deterministic vectors of the inputs, checked first; a large batch is made in a worker thread (hashing
-        and JSON for up to `_MAX_DEMO_VALUES` numbers would hold every other request of the process)."""
+        """Deterministic vectors of the inputs, checked first, made and encoded an input at a time on the event loop,
+        which other requests get between slices of about `_SLICE_VALUES` numbers: hashing up to `_MAX_DEMO_VALUES`
+        numbers at once held every other request of the process (a worker thread did not help: the hashing is
+        Python, and the loop then waited for the GIL)."""
         inputs = _embedding_inputs(call.body.get("input"))
         dims = call.body.get("dimensions") or _EMBEDDING_DIMENSIONS
         if dims > _MAX_DEMO_DIMENSIONS:
@@ -132,25 +134,21 @@ class DemoProvider:
             raise InvalidRequest(f"the demo model makes at most {_MAX_DEMO_VALUES} numbers a request (inputs x "
                                  f"dimensions: {len(inputs)} x {dims})", param="input")
         as_base64 = call.body.get("encoding_format") == "base64"
-        if len(inputs) * dims > _ON_LOOP_VALUES:
-            return await asyncio.to_thread(self._embed, inputs, dims, as_base64, call.body["model"])
-        return self._embed(inputs, dims, as_base64, call.body["model"])
-
-    def _embed(self, inputs: list[str | list[int]], dims: int, as_base64: bool, model: str) -> Completion:
-        """The embeddings answer (changes nothing shared: it may run in a thread)."""
-        data, prompt_tokens = [], 0
+        items: list[bytes] = []
+        prompt_tokens = made = 0
         for index, item in enumerate(inputs):
             text = item if isinstance(item, str) else " ".join(map(str, item))
             prompt_tokens += self.tokens.count(item) if isinstance(item, str) else len(item)
             vector = _vector(text, dims)
             embedding: Any = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode() if as_base64 else vector
-            data.append({"object": "embedding", "index": index, "embedding": embedding})
-        usage = Usage(prompt_tokens, 0, prompt_tokens)
-        # `_encode` of the whole body, an item at a time: one call on ~2M numbers would hold the GIL (and so the
-        # event loop's thread) for ~0.1 s.
-        body = b"".join((b'{"object":"list","data":[', b",".join(map(_encode, data)), b'],"model":', _encode(model),
+            items.append(_encode({"object": "embedding", "index": index, "embedding": embedding}))
+            made += dims
+            if made >= _SLICE_VALUES:
+                made = 0
+                await asyncio.sleep(0)
+        body = b"".join((b'{"object":"list","data":[', b",".join(items), b'],"model":', _encode(call.body["model"]),
                          b',"usage":', _encode({"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}), b"}"))
-        return Completion(body, usage)
+        return Completion(body, Usage(prompt_tokens, 0, prompt_tokens))
 
 
 def _embedding_inputs(raw: Any) -> list[str | list[int]]:

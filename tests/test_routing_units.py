@@ -481,3 +481,15 @@ def test_the_offline_plan_skips_targets_that_cannot_serve_the_endpoint() -> None
     assert [t.name for t in order] == ["gpt/g"]
     _, _, order = route_plan(router, facts, "mixed", False, Endpoint.CHAT)
     assert [t.name for t in order] == ["claude/c", "gpt/g"]
+
+
+@pytest.mark.parametrize(("kind", "slow"), [("credentials", True), ("server_error", True), ("busy", False),
+                                            ("client_error", False)])
+def test_a_target_whose_key_is_refused_goes_behind_those_that_answer(kind: str, slow: bool) -> None:
+    """The latency strategy's sample of a failed attempt: a refused credential (it will not answer until its key is
+    fixed) counts as a slow answer, as a server error does; the request's own faults and a full local pool do not."""
+    from gateway.routing.stats import FAILED_SAMPLE_S, TargetStats
+
+    stats = TargetStats()
+    stats.failed(kind, False, 0.01)
+    assert stats.latency(False) == (FAILED_SAMPLE_S if slow else 0.0)

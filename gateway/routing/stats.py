@@ -15,9 +15,10 @@ ALPHA = 0.3  # weight of the newest sample: a slowed target is noticed within a 
 # ALPHA of the gap off, so about ten of them undo one failure). Without it, a target that never
 # answered stayed unmeasured (0: tried first) forever, and one that began failing kept its old, fast average.
 FAILED_SAMPLE_S = 10.0
-# The failures (`attempts.classify`) that say the target could not answer. Not a client error, a context overflow or
+# The failures (`attempts.classify`) that say the target could not answer (a refused credential included: it will
+# not answer until its key is fixed). Not a client error, a context overflow or
 # a field the target lacks (the request's doing), a full local pool (this process's) or the alias's deadline.
-_SLOW_FAILURES = frozenset({"connect", "timeout", "server_error", "rate_limit"})
+_SLOW_FAILURES = frozenset({"connect", "timeout", "server_error", "rate_limit", "credentials"})
 
 
 class TargetStats:

@@ -12,7 +12,7 @@ ended (`Breakers.ended`), and only then counts it in `gateway_upstream_attempts_
 - the upstream ended it (its last event is the upstream's failure, raised as an `UpstreamError`, an
   `UpstreamTimeout` or the upstream's `RateLimited`: a reset connection, a read timeout, an error event, a body cut
   before its end): the outcome is `classify`'s name for it, as for an attempt that failed before answering:
-  `connect`, `timeout` and `server_error` are a breaker failure, `client_error` a success (it answered),
+  `connect`, `timeout`, `server_error` and `credentials` are a breaker failure, `client_error` a success (it answered),
   `rate_limit` no verdict; in `ctx.attempts` (listed by the access log once an attempt before it failed) it
   replaces the stream's `ok`;
 - anything else ended it (the client left, a shutdown or a drain deadline, a guard, a budget, a gateway bug; the

@@ -493,3 +493,23 @@ def test_a_target_whose_key_is_refused_goes_behind_those_that_answer(kind: str, 
     stats = TargetStats()
     stats.failed(kind, False, 0.01)
     assert stats.latency(False) == (FAILED_SAMPLE_S if slow else 0.0)
+
+
+@pytest.mark.parametrize(("body", "endpoint"), [
+    ('{"model": "chat", "input": "hi"}', "embeddings"),
+    ('{"model": "chat", "input": ["a", "b"], "dimensions": 8}', "embeddings"),
+    ('{"model": "chat", "input": [{"role": "user", "content": "hi"}]}', "responses"),
+    ('{"model": "chat", "input": "hi", "instructions": "be brief"}', "responses"),
+    ('{"model": "chat", "input": "hi", "stream": true}', "responses"),
+    ('{"model": "chat", "prompt": "hi"}', "completions"),
+])
+def test_gateway_route_tells_a_responses_body_from_an_embeddings_one(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, endpoint: str) -> None:
+    """Both carry `input` (a Responses body was routed as an embeddings request)."""
+    file = tmp_path / "p.yaml"
+    file.write_text("version: 1\nauth: none\nproviders: {a: {kind: openai, base_url: 'http://127.0.0.1:9/v1'}}\n"
+                    "models: {chat: {provider: a, model: m}}\n")
+    request = tmp_path / "r.json"
+    request.write_text(body)
+    assert main(["route", "--policy", str(file), str(request)]) == 0
+    assert f"endpoint: /v1/{endpoint}" in capsys.readouterr().out

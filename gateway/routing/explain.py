@@ -83,10 +83,23 @@ def _endpoint(raw: bytes) -> Endpoint:
         return Endpoint.CHAT  # decode_body reports it
     if isinstance(data, dict) and "messages" not in data:
         if "input" in data:
-            return Endpoint.EMBEDDINGS
+            return Endpoint.RESPONSES if _responses(data) else Endpoint.EMBEDDINGS
         if "prompt" in data:
             return Endpoint.COMPLETIONS
     return Endpoint.CHAT
+
+
+# A Responses request's own fields (an embeddings request has `input` too, but none of these).
+_RESPONSES_FIELDS = frozenset({"instructions", "previous_response_id", "conversation", "text", "reasoning", "tools",
+                               "tool_choice", "store", "stream", "max_output_tokens", "include", "background"})
+
+
+def _responses(data: dict[str, Any]) -> bool:
+    """Whether a body with `input` is a Responses request, not an embeddings one: a field only Responses has, or
+    items (objects) in `input`, where embeddings take texts and token ids."""
+    items = data.get("input")
+    return not _RESPONSES_FIELDS.isdisjoint(data) or (
+        isinstance(items, list) and any(isinstance(item, dict) for item in items))
 
 
 def _strategy_note(route: ModelRoute, facts: Facts) -> str:

@@ -105,13 +105,17 @@ async def send(url: str, body: bytes, key: str, requests: int, connections: int 
         await asyncio.gather(*(client(session) for _ in range(connections)))
 
 
-def wait_ready(url: str, body: bytes, key: str, timeout: float = 600.0) -> None:
+def wait_ready(url: str, body: bytes, key: str, timeout: float = 600.0, service: Service | None = None) -> None:
+    """Until the gateway answers (under callgrind it starts slowly); at once when its process has ended (a policy
+    it refused: its log says why)."""
     deadline = time.monotonic() + timeout
     while True:
         try:
             asyncio.run(send(url, body, key, 1, 1))
             return
         except (aiohttp.ClientError, OSError, BenchError):
+            if service is not None and service.proc is not None and service.proc.poll() is not None:
+                raise BenchError(f"the gateway exited before it answered (see {service.name}'s log)") from None
             if time.monotonic() > deadline:
                 raise
             time.sleep(0.5)
@@ -144,7 +148,7 @@ def _count(spec: str, port: int, policy: Path, wd: Path, key: str, alias: str, m
     with Service(f"gateway-{port}", argv, log_dir=wd, cpu="1", env=env) as service:
         url = f"http://{HOST}:{port}/v1/chat/completions"
         body = features.body(alias, mode == "sse", prompt)
-        wait_ready(url, body, key)
+        wait_ready(url, body, key, service=service)
         asyncio.run(send(url, body, key, WARM_UP))
         pid = str(service.pid)
         for step in (["-z"], ["-i", "on"]):

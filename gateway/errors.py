@@ -20,6 +20,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AllTargetsFailed",
+    "AmbiguousCredentials",
     "AuthenticationFailed",
     "BodyTooLarge",
     "BudgetExceeded",
@@ -109,6 +110,16 @@ class GatewayError(Exception):
 class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
+
+
+class AmbiguousCredentials(InvalidRequest):
+    """400: the request carries two different credentials (`Authorization`, `api-key`, `x-api-key`): whichever the
+    gateway picked, a front proxy that adds its own would decide which tenant pays."""
+
+    code = "ambiguous_credentials"
+
+    def __init__(self) -> None:
+        super().__init__("the request carries two different credentials (Authorization, api-key, x-api-key): send one")
 
 
 class Unsupported(InvalidRequest):

@@ -64,3 +64,21 @@ def test_admin_and_metrics_tokens_beside_another_credential_are_refused(
     _refused(httpx.post(running.url + "/admin/reload", headers=[_bearer(FULL_KEY), _bearer(ADMIN)]))
     _refused(httpx.get(running.url + "/metrics", headers=[_bearer(FULL_KEY), _bearer(METRICS)]))
     assert httpx.get(running.url + "/metrics", headers=[_bearer(METRICS), _bearer(METRICS)]).status_code == 200
+
+
+def _requests_400(gateway: RunningGateway) -> float:
+    """`gateway_requests_total` of embeddings requests answered 400 (no key: its alias label is `unknown`)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(gateway.url + "/metrics").text
+    return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+               if sample.name == "gateway_requests_total" and sample.labels.get("status") == "400"
+               and sample.labels.get("endpoint") == "embeddings")
+
+
+def test_a_proxied_request_with_two_credentials_is_recorded_as_every_answer_is(gateway: RunningGateway) -> None:
+    """Refused inside the pipeline (`Authenticate`), not before it: the refusal is counted (and logged) like any 400."""
+    before = _requests_400(gateway)
+    two = [_bearer(FULL_KEY), _bearer(LIMITED_KEY)]
+    _refused(httpx.post(gateway.base_url + "/embeddings", json=EMBED, headers=two))
+    assert _requests_400(gateway) == before + 1

@@ -8,7 +8,8 @@ import secrets
 from collections.abc import Iterable
 from typing import Any
 
-from ..errors import GatewayError, InvalidRequest
+from ..errors import AmbiguousCredentials, GatewayError
+from ..pipeline.context import AMBIGUOUS
 from ..schemas.events import Chunk, StreamEvent
 
 __all__ = ["DIRECT_BODY", "ChunkWriter", "RequestHeaders", "RequestIds", "chunk_writer", "connection_gone",
@@ -82,9 +83,13 @@ class RequestHeaders:
     def credential(self) -> str | None:
         """The presented key (None: none); raises `InvalidRequest` when the request carries two different ones."""
         if self._ambiguous:
-            raise InvalidRequest("the request carries two different credentials (Authorization, api-key, x-api-key): "
-                                 "send one", code="ambiguous_credentials")
+            raise AmbiguousCredentials()
         return self._credential
+
+    @property
+    def presented(self) -> str | None:
+        """`credential` for the proxied endpoints' pipeline, which refuses `AMBIGUOUS` itself (`Authenticate`)."""
+        return AMBIGUOUS if self._ambiguous else self._credential
 
 
 def error_header_map(error: GatewayError, request_id: str) -> dict[str, str]:

@@ -78,9 +78,8 @@ class ProxyEndpoint:
         dialect = self.dialect
         version = runtime.version_header
         try:
-            # In the `try`: reading the credential raises for two different ones (`RequestHeaders`), answered below.
-            head = RequestHead(scope["method"], headers.credential, headers.content_length, headers.size,
-                               scope["headers"])
+            head = RequestHead(scope["method"], headers.presented, headers.content_length, headers.size,
+                               scope["headers"])  # (two different credentials: `AMBIGUOUS`, refused in the pipeline)
             ctx = RequestContext(request_id, self.endpoint, runtime, head, receive, life, started)
             ctx.dialect = dialect
             reply = await runtime.pipeline.run(ctx)

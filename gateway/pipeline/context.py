@@ -29,12 +29,17 @@ if TYPE_CHECKING:
 __all__ = ["Reply", "RequestContext", "RequestHead"]
 
 
+# A request's `credential` when it carried two different ones (`api.asgi.RequestHeaders`): compared by identity, and
+# refused by `Authenticate` (inside the telemetry stage, so the refusal is logged and counted as every answer is).
+AMBIGUOUS = "\x00two credentials"
+
+
 @dataclass(slots=True)
 class RequestHead:
     """What the edge read from the request line and headers (one pass, see `api.asgi`)."""
 
     method: str
-    credential: str | None  # the presented virtual key, if any: never logged
+    credential: str | None  # the presented virtual key, if any (`AMBIGUOUS`: two): never logged
     content_length: int | None
     header_bytes: int
     raw_headers: Sequence[tuple[bytes, bytes]] = ()  # the ASGI list as received (rules and sticky read it)

@@ -21,6 +21,7 @@ import msgspec
 from ..auth.dynamic import DynamicKeys, find_key
 from ..auth.keys import VirtualKey
 from ..errors import (
+    AmbiguousCredentials,
     AuthenticationFailed,
     BodyTooLarge,
     GatewayBusy,
@@ -33,7 +34,7 @@ from ..policy.compiled import Policy
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import StreamOptions
 from ..translate.common import MARKS
-from .context import Reply, RequestContext
+from .context import AMBIGUOUS, Reply, RequestContext
 from .runner import Next
 
 if TYPE_CHECKING:
@@ -109,6 +110,8 @@ class Authenticate:
         self.dynamic = dynamic
 
     def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
+        if ctx.head.credential is AMBIGUOUS:  # two different keys: which tenant pays must not be the gateway's guess
+            raise AmbiguousCredentials()
         if self.dynamic is None:
             ctx.key = authenticate(ctx.runtime.policy, ctx.head.credential)
             return call_next(ctx)

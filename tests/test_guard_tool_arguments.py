@@ -56,10 +56,14 @@ def gw(upstream: MockUpstream) -> Iterator[RunningGateway]:
     running.stop()
 
 
-def _arguments(gw: RunningGateway, content: str, stream: bool) -> str:
-    """The arguments of the tool call `fault-echo-tool` makes of `content` (`{"text": content}`), as the client got
-    them."""
-    body = {"model": "tool", "messages": [{"role": "user", "content": content}], "stream": stream}
+def _arguments(gw: RunningGateway, content: str, stream: bool, raw: bool = False, chunk: int = 5) -> str:
+    """The arguments of the tool call `fault-echo-tool` makes of `content` (`{"text": content}`; `raw`: `content`
+    itself), as the client got them (streamed in pieces of `chunk` characters)."""
+    body: dict[str, Any] = {"model": "tool", "messages": [{"role": "user", "content": content}], "stream": stream}
+    if raw:
+        body["echo_raw_arguments"] = True
+    if chunk != 5:
+        body["echo_chunk"] = chunk
     if not stream:
         answer = httpx.post(gw.url + "/v1/chat/completions", json=body, timeout=30)
         assert answer.status_code == 200, answer.text
@@ -123,3 +127,16 @@ def test_a_finding_that_would_split_an_escape_covers_it_whole() -> None:
     assert [(f.start, f.end) for f in whole_escapes([found], escapes)] == [(2, 12)]
     inside = Finding("g", "T", 0, 2, 1.0, "r", "redact")
     assert whole_escapes([inside], escapes) == [inside]
+
+
+@pytest.mark.parametrize("chunk", [3, 5, 64])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_card_written_as_a_json_number_in_tool_arguments_becomes_a_json_string(
+        gw: RunningGateway, stream: bool, chunk: int) -> None:
+    """`{"card": 4111111111111111}`: its placeholder in place of the number was no JSON; streamed, the arguments come
+    in pieces, none a JSON text of its own (`json_view.JsonPieces` follows them). A number inside a string, and the
+    other numbers, are left as they are."""
+    content = '{"note": "call 4111111111111111 \\" 7", "card": 4111111111111111, "n": [1, -2.5e3]}'
+    arguments = json.loads(_arguments(gw, content, stream, raw=True, chunk=chunk))  # still JSON
+    assert arguments["card"] == "<CREDIT_CARD>" and arguments["n"] == [1, -2500.0], arguments
+    assert "4111111111111111" not in json.dumps(arguments) and arguments["note"].startswith("call <"), arguments

@@ -15,6 +15,8 @@ A card or a phone number may also be a JSON number (`{"card": 4111111111111111}`
 stand in for (`{"card": <CREDIT_CARD>}` is no JSON: an upstream gets broken arguments, and translating them for
 another API fails). So a finding that covers a number of a JSON object or array text (`json_numbers`) is widened to
 the whole number and its replacement written as a JSON string (`whole_numbers`): `{"card": "<CREDIT_CARD>"}`.
+A stream's arguments come in pieces, none a JSON text of its own: `JsonPieces` follows them, piece by piece, for
+whether each starts inside a string, and so where its numbers are.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from msgspec.structs import replace
 
 from .base import Finding
 
-__all__ = ["json_numbers", "json_view", "whole_escapes", "whole_numbers"]
+__all__ = ["JsonPieces", "json_numbers", "json_view", "whole_escapes", "whole_numbers"]
 
 _ESCAPE = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
 _STANDS_FOR = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -50,6 +52,41 @@ def json_numbers(text: str) -> list[tuple[int, int]]:
     except msgspec.DecodeError:
         return []
     return [token.span() for token in _STRING_OR_NUMBER.finditer(text) if text[token.start()] != '"']
+
+
+_QUOTE_OR_ESCAPE = re.compile(r'\\.?|"', re.DOTALL)  # a quote, or an escape (a lone backslash: the piece's last)
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+
+
+class JsonPieces:
+    """A JSON text read in pieces (a stream's tool call arguments, as the stream guard releases them): where each
+    piece's numbers are, outside its strings (`json_numbers` for a whole text), and whether the next piece starts
+    inside a string. Every piece must pass through `numbers`, in order."""
+
+    __slots__ = ("escaped", "inside")
+
+    def __init__(self) -> None:
+        self.inside = False  # the next piece starts inside a string
+        self.escaped = False  # ... and its first character is escaped (the last piece ended in a backslash)
+
+    def numbers(self, text: str) -> list[tuple[int, int]]:
+        spans: list[tuple[int, int]] = []
+        inside = self.inside
+        at = 1 if self.escaped and text else 0
+        self.escaped = self.escaped and not text
+        outside_from = at
+        for token in _QUOTE_OR_ESCAPE.finditer(text, at):
+            if token.group() == '"':
+                if not inside:
+                    spans.extend(number.span() for number in _NUMBER.finditer(text, outside_from, token.start()))
+                inside = not inside
+                outside_from = token.end()
+            elif token.end() - token.start() == 1:  # a backslash that ends the piece
+                self.escaped = True
+        if not inside:
+            spans.extend(number.span() for number in _NUMBER.finditer(text, outside_from))
+        self.inside = inside
+        return spans
 
 
 def whole_numbers(text: str, numbers: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:

@@ -72,9 +72,10 @@ def _disjoint(ordered: list[Finding]) -> bool:
 
 
 def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
-          restore: Callable[[str], str] | None = None) -> str:
+          restore: Callable[[str], str] | None = None, numbers: list[tuple[int, int]] | None = None) -> str:
     """`text` with every rewriting finding replaced; placeholders already in it are never touched. In a JSON object
-    or array (tool call arguments), a finding on a number replaces the whole number with a JSON string.
+    or array (tool call arguments), a finding on a number replaces the whole number with a JSON string; `numbers`:
+    where they are, for a piece of one (a stream's: `json_view.JsonPieces`), else found here.
 
     `restore` (output: placeholders back to originals) applies to the text between findings only,
     so that a placeholder made for a finding of the answer itself stays a placeholder.
@@ -83,7 +84,8 @@ def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
     if not rewriting:
         return text if restore is None else restore(text)
     guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
-    numbers = json_numbers(text)  # (none unless the text is a JSON object or array: tool call arguments)
+    if numbers is None:
+        numbers = json_numbers(text)  # (none unless the text is a JSON object or array: tool call arguments)
     out: list[str] = []
     at = 0
     for f in resolve(rewriting):

@@ -41,7 +41,7 @@ from msgspec.structs import replace
 
 from ..policy.guard_schema import StreamScanSpec
 from .base import Finding, Guard, Where
-from .json_view import json_view
+from .json_view import JsonPieces, json_view
 from .normalize import canonical, original_offset
 from .pseudonyms import Pseudonyms
 from .secrets import _KEY_FOOTER
@@ -66,17 +66,17 @@ class Blocked(Exception):
 
 
 class Lane:
-    __slots__ = ("block", "carry", "context", "json", "keyed", "open", "pending", "released", "scanned", "sealed",
-                 "waiting")
+    __slots__ = ("block", "carry", "context", "json", "keyed", "open", "pending", "pieces", "released", "scanned",
+                 "sealed", "waiting")
 
     def __init__(self, json: bool) -> None:
         self.pending = ""
         self.context = ""  # the last released upstream text: left context for the next scan
-        self.json = json  # tool arguments: restored originals are JSON-escaped
+        self.json = json  # tool arguments: restored originals are JSON-escaped, a number's replacement is a string
+        self.pieces = JsonPieces() if json else None
         self.scanned = 0  # len(pending) at the last scan
         self.released = 0  # upstream characters released so far
-        # Upstream offset before which no guard's finding may still start (`Guard.open_from`): a start
-        # from which no match reaches the end of the text seen never will, so the next look starts here.
+        # Upstream offset before which no guard's finding may still start (`Guard.open_from`: the next look's start).
         self.open = 0
         # Released whole (`final`): the lane was taken as over, its tail sent unheld. Only a lane that goes on after
         # that (a reasoning resumed after the answer began, a text after a tool call) can have a finding reach back
@@ -310,7 +310,8 @@ class Window:
         self.session.note_findings(applied, "enforce", where.place)
         self.session.note_findings([f for f in shadow if f.start < cut], "shadow", where.place)
         pseudonyms = self.session.pseudonyms
-        out = apply(released, applied, pseudonyms, partial(pseudonyms.restore, json_string=lane.json))
+        numbers = lane.pieces.numbers(released) if lane.pieces is not None else None
+        out = apply(released, applied, pseudonyms, partial(pseudonyms.restore, json_string=lane.json), numbers)
         lane.context = (lane.context + released)[-self.spec.window_chars:]
         lane.released += cut
         lane.pending = text[cut:]

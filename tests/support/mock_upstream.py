@@ -572,8 +572,9 @@ def _responses_input_text(value: Any) -> str:
 
 async def _deliver_tool_echo(request: web.BaseRequest, body: dict[str, Any], text: str,
                              serial: int) -> web.StreamResponse:
-    """The echoed text as the arguments of one tool call (JSON), streamed in pieces or whole."""
-    arguments = json.dumps({"text": text})
+    """The echoed text as the arguments of one tool call (JSON), streamed in pieces or whole; with
+    `"echo_raw_arguments": true` in the request, the text is the arguments themselves."""
+    arguments = text if body.get("echo_raw_arguments") is True else json.dumps({"text": text})
     base = {"id": f"chatcmpl-mock-{serial}", "object": "chat.completion", "created": int(time.time()),
             "model": body.get("model"), "system_fingerprint": "fp_mock"}
     call = {"id": "call_mock", "type": "function", "function": {"name": "echo", "arguments": arguments}}

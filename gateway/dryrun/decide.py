@@ -31,7 +31,7 @@ from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy
 from ..routing.explain import route_plan
 from ..routing.router import Router
-from ..routing.rules import Facts, first_match
+from ..routing.rules import Facts, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
@@ -222,11 +222,9 @@ class Decider:
         """The alias whose guards the guard stage runs: the one a rule sends the request to, as `GuardStage` finds it
         (its redactions, which may move the request again, are not made here)."""
         route = self.policy.models[alias]
-        if route.rules:
-            rule = first_match(route.rules, alias, Facts(body, key, headers, self.tokens, route.upstream_model))
-            if rule is not None and rule.alias is not None:
-                return rule.alias
-        return alias
+        if not route.rules:
+            return alias
+        return rule_alias(route.rules, alias, Facts(body, key, headers, self.tokens, route.upstream_model))
 
     async def _guards(
         self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str,

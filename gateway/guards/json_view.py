@@ -37,7 +37,8 @@ _FILL = "\u200b"  # zero-width space: not white space, not a word character, dro
 _OPENS_CONTAINER = re.compile(r"[ \t\r\n]*[\[{]")
 # A JSON text's strings (matched whole, so that nothing inside one is taken) and numbers: in a valid JSON text, what
 # this finds that is no string is a number (no other token holds a digit or a minus sign).
-_STRING_OR_NUMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?')
+_NUMBER_TEXT = r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?"
+_STRING_OR_NUMBER = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|' + _NUMBER_TEXT)
 _STRUCTURE = re.compile(r"[\[\]{}:]")  # between two numbers of one array, only commas and white space
 _validate = msgspec.json.Decoder(msgspec.Raw).decode  # checks the syntax, builds nothing
 
@@ -55,7 +56,7 @@ def json_numbers(text: str) -> list[tuple[int, int]]:
 
 
 _QUOTE_OR_ESCAPE = re.compile(r'\\.?|"', re.DOTALL)  # a quote, or an escape (a lone backslash: the piece's last)
-_NUMBER = re.compile(r"-?\d+(?:\.\d+)?(?:[eE][+-]?\d+)?")
+_NUMBER = re.compile(_NUMBER_TEXT)
 
 
 class JsonPieces:

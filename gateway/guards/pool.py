@@ -159,13 +159,17 @@ class GuardPool:
         if executor is not self._executor or self._recovery is not None or self._closed:
             return
         quiet = time.monotonic() - self._last_attempt
-        self._delay_s = 0.0 if quiet >= _CALM_S else min(max(2 * self._delay_s, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
+        self._delay_s = 0.0 if quiet >= _CALM_S else self._longer_delay()
         wait = max(0.0, self._delay_s - quiet)
         if wait:
             self._state = "down"
         else:
             self._begin_attempt()
         self._recovery = asyncio.get_running_loop().create_task(self._recover(executor, wait))
+
+    def _longer_delay(self) -> float:
+        """The back-off after the last one: `_BACKOFF_FIRST_S`, then doubled, up to `_BACKOFF_MAX_S`."""
+        return min(max(2 * self._delay_s, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
 
     def _begin_attempt(self) -> None:
         self._state = "replacing"
@@ -186,8 +190,7 @@ class GuardPool:
                     return
                 assert self._executor is not None
                 broken = self._executor
-                self._delay_s = min(max(2 * self._delay_s, _BACKOFF_FIRST_S), _BACKOFF_MAX_S)
-                wait = self._delay_s
+                wait = self._delay_s = self._longer_delay()
         finally:
             self._end_attempt()
             self._recovery = None

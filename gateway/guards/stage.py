@@ -8,7 +8,7 @@ has no guard passes straight through, its stream bytes untouched.
 
 The guards are those of the alias that will serve the request (`GuardRuntime.served`),
 not only of the one it named: when that alias has routing rules, the stage finds the
-rule the router will apply (`first_match` on the same facts, the body as the guards
+rule the router will apply (`rule_alias`: `first_match` on the same facts, the body as the guards
 leave it) and takes the guards of the alias it sends the request to. A rule with its
 own targets keeps the named alias's guards; a `deny` rule is the router's to refuse.
 
@@ -32,7 +32,7 @@ from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import ModelRoute
 from ..policy.guard_schema import StreamScanSpec
-from ..routing.rules import Facts, first_match
+from ..routing.rules import Facts, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.tokens import TokenCounter
 from .base import Finding, Guard
@@ -92,9 +92,9 @@ class GuardStage:
         # (most aliases have no rules, and most rules keep the guards: no facts, no token count for them)
         if route.rules and self._rules_move(ctx.tenant, route, named, models):
             facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
-            rule = first_match(route.rules, alias, facts)
-            if rule is not None and rule.alias is not None:
-                return self.guards.served(ctx.tenant, rule.alias, models)
+            served = rule_alias(route.rules, alias, facts)
+            if served != alias:
+                return self.guards.served(ctx.tenant, served, models)
         return named
 
     def _rules_move(self, tenant: str, route: ModelRoute, named: GuardSet, models: Mapping[str, ModelRoute]) -> bool:

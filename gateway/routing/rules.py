@@ -26,7 +26,7 @@ from ..auth.keys import VirtualKey
 from ..policy.compiled import Match, Rule
 from ..telemetry.tokens import TokenCounter
 
-__all__ = ["Facts", "first_match", "matches"]
+__all__ = ["Facts", "first_match", "matches", "rule_alias"]
 
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and the Responses API's
@@ -182,3 +182,11 @@ def first_match(rules: Sequence[Rule], alias: str, facts: Facts) -> Rule | None:
         if matches(rule.match, alias, facts):
             return rule
     return None
+
+
+def rule_alias(rules: Sequence[Rule], alias: str, facts: Facts) -> str:
+    """The alias a request for `alias` is served by, as far as its rules decide: the one the first rule that applies
+    names; `alias` itself when none applies, or when that rule has its own targets or denies (the guard stage and the
+    dry run ask which alias's guards run)."""
+    rule = first_match(rules, alias, facts)
+    return rule.alias if rule is not None and rule.alias is not None else alias

@@ -30,7 +30,7 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
-from ..errors import GatewayError, NoRoute, UpstreamTimeout
+from ..errors import GatewayError, NoRoute
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream
 from ..policy.compiled import ModelRoute, Policy, Target
@@ -44,15 +44,14 @@ from ..telemetry.tokens import TokenCounter
 from .attempts import (
     NEXT_AT_ONCE,
     DeadlineExceeded,
-    Replay,
     TargetsUnavailable,
     aggregate,
     backoff,
     breaker_verdict,
     classify,
-    peek,
 )
 from .breaker import OPEN, Breakers
+from .exchange import exchange, within
 from .rules import Facts, first_match
 from .stats import TargetStats
 from .strategies import order_targets
@@ -280,64 +279,10 @@ class Router:
         ctx.attempt_count += 1
         if not ctx.upstream_started:
             ctx.upstream_started = time.perf_counter()
-        if deadline is None:
-            return self._exchange(ctx, route, target, provider, call)
-        return self._within(deadline, ctx, route, target, provider, call)
-
-    async def _within(self, deadline: float, ctx: RequestContext, route: ModelRoute, target: Target,
-                      provider: Provider, call: Call) -> Reply:
-        try:
-            async with asyncio.timeout_at(deadline):
-                return await self._exchange(ctx, route, target, provider, call)
-        except TimeoutError:
-            raise DeadlineExceeded(
-                f"`{ctx.alias_label}` found no answer within its deadline (last tried: {target.name})") from None
-
-    async def _exchange(
-        self, ctx: RequestContext, route: ModelRoute, target: Target, provider: Provider, call: Call,
-    ) -> Reply:
         stats = self.stats[target.name]
-        started = time.perf_counter()
-        stats.in_flight += 1
-        if not ctx.stream:
-            try:
-                completion = await provider.complete(call)
-            finally:
-                stats.in_flight -= 1
-                ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-            stats.observe(False, time.perf_counter() - started)
-            ctx.usage = completion.usage
-            if completion.choices is not None:  # read for a stage (`Call.read_choices`): handed on with the body
-                return Reply(body=completion.body, choices_of=(completion.body, completion.choices))
-            return Reply(body=completion.body)
-        try:
-            source = await provider.open_stream(call)
-        except BaseException:
-            stats.in_flight -= 1
-            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-            raise
-        if route.single and target.retry.attempts == 0 and route.context_fallback is None:
-            # Nothing to fall back to: no need to hold the first events back.
-            stats.in_flight -= 1
-            stats.observe(True, time.perf_counter() - started)
-            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-            return Reply(stream=ReplyStream(source, ctx))
-        first_byte_s = (target.timeouts or provider.config.timeouts).first_byte_s
-        try:
-            async with asyncio.timeout(max(0.0, first_byte_s - (time.perf_counter() - started))):
-                buffered, iterator = await peek(source)
-        except TimeoutError:
-            stats.in_flight -= 1
-            await source.aclose()
-            raise UpstreamTimeout(f"upstream `{target.provider}` sent no content within {first_byte_s:g} s") from None
-        except BaseException:
-            stats.in_flight -= 1
-            await source.aclose()
-            raise
-        finally:
-            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        stats.observe(True, time.perf_counter() - started)
-        return Reply(stream=ReplyStream(Replay(source, buffered, iterator, stats.release), ctx))
+        if deadline is None:
+            return exchange(ctx, route, target, provider, call, stats)
+        return within(deadline, ctx, route, target, provider, call, stats)
 
     # -- recording ----------------------------------------------------------------------------------
 

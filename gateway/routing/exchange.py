@@ -1,0 +1,80 @@
+"""One attempt's exchange with its upstream (`exchange`), and the same within the alias's deadline (`within`).
+
+The router's walk decides which target to try and what a failure means; this is what one try does: call the
+provider, time it for the target's measurements (`TargetStats`), and hand back the reply. A stream that
+may still fall back is held until its first content event (`peek`, within the target's first-byte timeout),
+so that an upstream failing before it says anything can be left for the next target.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+from ..errors import UpstreamTimeout
+from ..pipeline.context import Reply, RequestContext
+from ..pipeline.streams import ReplyStream
+from ..policy.compiled import ModelRoute, Target
+from ..providers.base import Call, Provider
+from .attempts import DeadlineExceeded, Replay, peek
+from .stats import TargetStats
+
+__all__ = ["exchange", "within"]
+
+
+async def within(deadline: float, ctx: RequestContext, route: ModelRoute, target: Target, provider: Provider,
+                 call: Call, stats: TargetStats) -> Reply:
+    """`exchange`, cut at the alias's `deadline` (the loop's clock) with a 504 naming the target tried last."""
+    try:
+        async with asyncio.timeout_at(deadline):
+            return await exchange(ctx, route, target, provider, call, stats)
+    except TimeoutError:
+        raise DeadlineExceeded(
+            f"`{ctx.alias_label}` found no answer within its deadline (last tried: {target.name})") from None
+
+
+async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provider: Provider, call: Call,
+                   stats: TargetStats) -> Reply:
+    """One call of `target`'s provider: a complete answer (with its usage on `ctx`), or a stream, held until its
+    first content event unless nothing could replace it (a lone target, no retries, no context fallback)."""
+    started = time.perf_counter()
+    stats.in_flight += 1
+    if not ctx.stream:
+        try:
+            completion = await provider.complete(call)
+        finally:
+            stats.in_flight -= 1
+            ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+        stats.observe(False, time.perf_counter() - started)
+        ctx.usage = completion.usage
+        if completion.choices is not None:  # read for a stage (`Call.read_choices`): handed on with the body
+            return Reply(body=completion.body, choices_of=(completion.body, completion.choices))
+        return Reply(body=completion.body)
+    try:
+        source = await provider.open_stream(call)
+    except BaseException:
+        stats.in_flight -= 1
+        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+        raise
+    if route.single and target.retry.attempts == 0 and route.context_fallback is None:
+        # Nothing to fall back to: no need to hold the first events back.
+        stats.in_flight -= 1
+        stats.observe(True, time.perf_counter() - started)
+        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+        return Reply(stream=ReplyStream(source, ctx))
+    first_byte_s = (target.timeouts or provider.config.timeouts).first_byte_s
+    try:
+        async with asyncio.timeout(max(0.0, first_byte_s - (time.perf_counter() - started))):
+            buffered, iterator = await peek(source)
+    except TimeoutError:
+        stats.in_flight -= 1
+        await source.aclose()
+        raise UpstreamTimeout(f"upstream `{target.provider}` sent no content within {first_byte_s:g} s") from None
+    except BaseException:
+        stats.in_flight -= 1
+        await source.aclose()
+        raise
+    finally:
+        ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+    stats.observe(True, time.perf_counter() - started)
+    return Reply(stream=ReplyStream(Replay(source, buffered, iterator, stats.release), ctx))

@@ -19,9 +19,7 @@ Two jobs, one background flush (a runtime `Service`):
   operation id and sent again under it (`Store.settle` with `op`: applied once however often it is sent), at
   each flush until the store answers, for at most `OP_RETRY_S`. Every usage or reconciliation write goes under
   an id of its own too, so that one whose answer was lost is sent again under it rather than added twice.
-* releases: a concurrency slot the store could not give back (its release failed, or its take timed out and
-  may have been applied all the same) is given back at a later flush, until the store takes it or the slot's
-  lease has run out anyway: a Redis stall of a second must not hold a key's slots for the lease's 15 minutes.
+* releases: a concurrency slot the store could not give back is given back at a later flush (`owed_slots`).
 * reloads: a retired runtime's ledger, once its last flush is done, passes what is left to the new runtime's
   ledger when both write the same data (`bequeath`); with no such heir (another store, a shutdown) what is left
   is dropped and counted (`_drop_unsent`).
@@ -45,6 +43,7 @@ from prometheus_client import Counter, Gauge
 
 from ..store._common import AMOUNT_SCALE
 from ..store.base import OP_TTL_S, Store, StoreUnavailable
+from .owed_slots import OwedSlots
 from .periods import USAGE_DAYS_KEPT
 
 __all__ = ["DROPPED_KINDS", "FIELDS", "OP_RETRY_S", "Ledger", "new_op", "usage_key"]
@@ -53,7 +52,6 @@ log = logging.getLogger("gateway.accounting")
 FLUSH_INTERVAL_S = 1.0
 FIELDS = ("cost_usd", "requests", "prompt_tokens", "cached_tokens", "completion_tokens", "reasoning_tokens")
 _USAGE_TTL_S = USAGE_DAYS_KEPT * 86_400.0
-_MAX_RELEASES = 100_000  # slots owed at once (each a few hundred bytes)
 _MAX_OPS = 100_000  # operations in doubt at once: those in flight when the store stalled (each a few hundred bytes)
 DROPPED_KINDS = ("usage", "budget", "operation")  # what a write given up was (the dropped counter's label)
 _MAX_REFUSED = 10_000  # refused counters remembered, to log each once (names hold their day: the set turns over)
@@ -85,7 +83,7 @@ class Ledger:
         # budget counter -> (delta in micro-units, ttl, until when it is sent again (monotonic): `math.inf`
         # unless the store refused it while answering, `_keep_refused`)
         self._pending: dict[str, tuple[int, float, float]] = {}
-        self._releases: dict[tuple[str, str], float] = {}  # (slot key, holder) -> when its lease ends (monotonic)
+        self._releases = OwedSlots()
         # (counter, op) -> (reserved, actual, ttl, until when it is sent again (monotonic)): `owe_op`
         self._ops: dict[tuple[str, str], tuple[float, float, float, float]] = {}
         self._refused: set[str] = set()  # counters whose refusal was logged (`_first_refusal`)
@@ -142,16 +140,8 @@ class Ledger:
         self._pending[key] = (earlier + delta_units, ttl_s, min(until, earlier_until))
 
     def owe_release(self, key: str, holder: str, lease_s: float) -> None:
-        """A slot the store may still hold for `holder`: given back at the next flushes, for at most `lease_s`
-        (then the store has let it go itself). Releasing a slot not held changes nothing, so owing one that was
-        never taken is harmless. Bounded: past `_MAX_RELEASES`, the oldest are left to their leases."""
-        self._releases[(key, holder)] = time.monotonic() + lease_s
-        self._trim_releases()
-
-    def _trim_releases(self) -> None:
-        releases = self._releases
-        while len(releases) > _MAX_RELEASES:
-            del releases[next(iter(releases))]
+        """A slot the store may still hold for `holder`: given back at the next flushes (`OwedSlots.owe`)."""
+        self._releases.owe(key, holder, lease_s)
 
     def owe_op(self, key: str, op: str, reserved: float, actual: float, ttl_s: float, sent: bool = True) -> None:
         """A settle of `key` under `op` (`Store.settle`'s arguments) the store has not taken: sent again, under the
@@ -223,14 +213,11 @@ class Ledger:
             self._keep(key, units, ttl, until)
         self._ops.update(old._ops)
         self._trim_ops()
-        releases = self._releases
-        for slot, until in old._releases.items():
-            releases[slot] = max(until, releases.get(slot, until))
-        self._trim_releases()
+        self._releases.take(old._releases)
         if old._pending or old._ops:
             log.info("accounting: %d budget counter(s) and %d operation(s) the store has not taken passed to the "
                      "new policy's ledger", len(old._pending), len(old._ops))
-        old._usage, old._pending, old._ops, old._releases = {}, {}, {}, {}
+        old._usage, old._pending, old._ops = {}, {}, {}
         self._show()
 
     def _drop_unsent(self) -> None:
@@ -247,7 +234,8 @@ class Ledger:
             self._count_dropped("budget", len(budget))
             self._count_dropped("operation", operations)
             self._count_dropped("usage", usage)
-        self._usage, self._pending, self._ops, self._releases = {}, {}, {}, {}
+        self._usage, self._pending, self._ops = {}, {}, {}
+        self._releases.clear()
         self._show()
 
     async def _run(self) -> None:
@@ -262,7 +250,7 @@ class Ledger:
         """Add what is buffered to the store; what it does not take stays for the next flush."""
         async with self._flushing:
             if self._releases:
-                await self._flush_releases()
+                await self._releases.give_back(self.store)
             if self._ops:
                 await self._flush_ops()
             if self._pending:
@@ -355,20 +343,6 @@ class Ledger:
             refused.clear()  # (bounded: a name may then be logged again)
         refused.add(counter)
         return True
-
-    async def _flush_releases(self) -> None:
-        now = time.monotonic()
-        for slot, until in list(self._releases.items()):
-            if until <= now:  # its lease ran out: the store dropped it
-                del self._releases[slot]
-                continue
-            try:
-                await self.store.release_slot(*slot)
-            except StoreUnavailable:
-                if not self.store.healthy:
-                    return  # the store is away: the rest at the next flush
-                continue  # this one refused: kept, and the others given back meanwhile
-            self._releases.pop(slot, None)
 
     async def _flush_usage(self) -> None:
         usage, self._usage = self._usage, {}

@@ -73,6 +73,21 @@ def test_the_prompt_estimate_counts_a_completions_suffix() -> None:
     assert ids == 3 + tokens.count("x", "gpt-4o-mini")
     no_suffix = estimate_prompt(tokens, {"prompt": "a", "suffix": None}, None)
     assert no_suffix == estimate_prompt(tokens, {"prompt": "a"}, None)
+    two = estimate_prompt(tokens, {"prompt": ["a", "b"], "suffix": SUFFIX}, "gpt-4o-mini")  # read with each prompt
+    two_alone = estimate_prompt(tokens, {"prompt": ["a", "b"]}, "gpt-4o-mini")
+    assert two == two_alone + 2 * tokens.count(SUFFIX, "gpt-4o-mini")
+
+
+def test_the_demo_model_bills_a_completions_suffix(start: Callable[..., RunningGateway]) -> None:
+    gw = start()
+    body = {"model": "demo", "prompt": "def f():", "max_tokens": 5}
+    alone = httpx.post(gw.base_url + "/completions", headers=AUTH, timeout=20, json=body).json()["usage"]
+    with_suffix = httpx.post(gw.base_url + "/completions", headers=AUTH, timeout=20,
+                             json={**body, "suffix": SUFFIX}).json()["usage"]
+    assert with_suffix["prompt_tokens"] == alone["prompt_tokens"] + 400, (alone, with_suffix)
+    two = httpx.post(gw.base_url + "/completions", headers=AUTH, timeout=20,
+                     json={**body, "prompt": ["def f():", "def f():"], "suffix": SUFFIX}).json()["usage"]
+    assert two["prompt_tokens"] == 2 * with_suffix["prompt_tokens"]
 
 
 def test_a_suffix_is_billed_when_the_upstream_reports_no_usage(

@@ -38,6 +38,7 @@ from typing import Any
 import msgspec
 
 from ..pipeline.context import RequestContext
+from ..schemas.openai import listed_prompts
 from ..telemetry.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter, responses_messages
 from ..translate.cache_control import CACHE
 from ..translate.image_tokens import MAX_IMAGE_TOKENS, image_tokens
@@ -76,8 +77,9 @@ class PromptEstimator:
             return self._chat(messages, body, model)
         prompt = body.get("prompt")
         if isinstance(prompt, (str, list)):  # a completion: its prompt, and the text after the insertion point
-            suffix = body.get("suffix")
-            return self._text(prompt, model) + (self.tokens.count(suffix, model) if isinstance(suffix, str) else 0)
+            suffix = body.get("suffix")  # (read with each prompt: a list of prompts is answered prompt by prompt)
+            return self._text(prompt, model) + (self.tokens.count(suffix, model) * len(listed_prompts(prompt))
+                                                if isinstance(suffix, str) and suffix else 0)
         prompt = body.get("input")  # no completion prompt (a Responses `prompt` is a template)
         instructions = body.get("instructions")
         if (isinstance(instructions, str) and instructions) or (

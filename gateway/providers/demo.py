@@ -84,9 +84,13 @@ class DemoProvider:
         if call.endpoint is Endpoint.CHAT:
             texts = message_text(call.body.get("messages"))
             prompt_tokens = sum(self.tokens.count(t) for t in texts) + 3 * len(call.body.get("messages") or ()) + 3
-        else:
+        else:  # each prompt, and the suffix (the text after the insertion point) read with each
+            prompts = listed_prompts(call.body.get("prompt"))
             prompt_tokens = sum(self.tokens.count(item) if isinstance(item, str) else len(item)
-                                if isinstance(item, list) else 0 for item in listed_prompts(call.body.get("prompt")))
+                                if isinstance(item, list) else 0 for item in prompts)
+            suffix = call.body.get("suffix")
+            if isinstance(suffix, str) and suffix:
+                prompt_tokens += self.tokens.count(suffix) * len(prompts)
         completion_tokens = sum(self.tokens.count(answer) for answer in answers)
         return Usage(prompt_tokens, completion_tokens, prompt_tokens + completion_tokens)
 

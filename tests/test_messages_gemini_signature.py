@@ -177,3 +177,14 @@ def test_only_a_signature_encoded_after_the_mark_is_taken_out() -> None:
         assert call["id"] == own == chat["messages"][2]["tool_call_id"], sent
         extra = {"google": {"thought_signature": signature}} if signature else None
         assert call.get("extra_content") == extra, sent
+
+
+def test_a_refused_field_is_named_as_the_messages_client_sent_it(ant: anthropic.Anthropic) -> None:
+    """Gemini has no way to forbid parallel calls: the 400 names `tool_choice.disable_parallel_tool_use`, the field
+    the client sent, not `parallel_tool_calls`, the Chat Completions field the ingress wrote from it."""
+    with pytest.raises(anthropic.BadRequestError) as refused:
+        ant.messages.create(model="gem-tool", max_tokens=50, tools=[TOOL],
+                            tool_choice={"type": "any", "disable_parallel_tool_use": True},
+                            messages=[{"role": "user", "content": "echo hi"}])
+    message = refused.value.body["error"]["message"]  # type: ignore[index]
+    assert "`tool_choice.disable_parallel_tool_use`" in message and "parallel_tool_calls" not in message, message

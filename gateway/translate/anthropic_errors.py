@@ -47,8 +47,19 @@ def error_envelope(message: str, type_: str, request_id: str | None = None) -> b
     return _encode(body)
 
 
+# Chat Completions fields the Messages ingress writes from fields of other names (`anthropic_ingress.chat_request`):
+# a target refusing one (Gemini: `parallel_tool_calls: false`) is named to a Messages client by the field it sent.
+_MESSAGES_NAMES = {"`parallel_tool_calls`": "`tool_choice.disable_parallel_tool_use`",
+                   "`stop`": "`stop_sequences`", "`user`": "`metadata.user_id`"}
+
+
 def anthropic_error_body(error: GatewayError, request_id: str | None = None) -> bytes:
-    return error_envelope(error.message, error_type(error), request_id)
+    message = error.message
+    if error.status == 400 and "`" in message:
+        for chat, messages in _MESSAGES_NAMES.items():
+            if chat in message:
+                message = message.replace(chat, messages)
+    return error_envelope(message, error_type(error), request_id)
 
 
 def messages_path(path: str) -> bool:

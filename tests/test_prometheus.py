@@ -24,6 +24,7 @@ import httpx
 import pytest
 import yaml
 
+from gateway.policy import load_policy
 from tests.conftest import FULL_KEY, OTHER_TENANT_KEY, RunningGateway, free_port, policy_text
 from tests.support.processes import running
 
@@ -106,6 +107,27 @@ def test_helm_lints_and_renders_the_chart() -> None:
         "runAsNonRoot"] is True
     rules = kinds["PrometheusRule"]["spec"]["groups"][0]["rules"]
     assert [r["alert"] for r in rules] == [r for r, _ in alert_queries()]
+
+
+def test_the_charts_policy_folder_holds_further_files(tmp_path: Path) -> None:
+    """The ConfigMap is the policy's whole folder (it hides the image's files there): a policy whose `prices_file`
+    names a file of `policyFiles` loads from what the chart renders, with those prices."""
+    helm = _tool("helm")
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({
+        "policy": "version: 1\nauth: none\nprices_file: prices.yaml\nproviders:\n  demo: {kind: demo}\n"
+                  "models:\n  chat: {provider: demo, model: demo-1}\n",
+        "policyFiles": {"prices.yaml": (REPO / "policies" / "prices.yaml").read_text()}}))
+    rendered = subprocess.run([helm, "template", "gw", str(CHART), "-f", str(values)], capture_output=True, timeout=120)
+    assert rendered.returncode == 0, rendered.stderr.decode()
+    config = next(d for d in yaml.safe_load_all(rendered.stdout) if d and d["kind"] == "ConfigMap")
+    assert set(config["data"]) == {"gateway.yaml", "prices.yaml"}
+    folder = tmp_path / "policies"
+    folder.mkdir()
+    for name, text in config["data"].items():
+        (folder / name).write_text(text)
+    prices = load_policy(folder / "gateway.yaml").prices
+    assert prices.price("openai", "gpt-4o-mini") is not None and len(prices) > 10, sorted(prices.entries())
 
 
 def test_load_balancer_config_passes_nginx_t(tmp_path: Path) -> None:

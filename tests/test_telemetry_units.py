@@ -80,9 +80,18 @@ def test_traceparent_parsing() -> None:
     assert parse_traceparent(f"00-{trace}-{span}-01".encode()) == (trace.encode(), span.encode(), b"01")
     assert parse_traceparent(f" 00-{trace}-{span}-00\t".encode()) == (trace.encode(), span.encode(), b"00")
     # W3C: lower-case hex only; an invalid header starts a new trace (an upper-case id was read as the same one)
-    for bad in ("", "00-xyz", f"01-{trace}-{span}-01", f"00-{'0' * 32}-{span}-01", f"00-{trace}-{'0' * 16}-01",
+    # A higher version is read by version 00's rules, what follows its flags ignored (W3C "Versioning of
+    # traceparent"); it keeps only the flag version 00 defines (sampled), as the gateway forwards version 00
+    for future, flags in ((f"01-{trace}-{span}-01", b"01"), (f"cc-{trace}-{span}-01", b"01"),
+                          (f"02-{trace}-{span}-03-what-the-future-will-be-like", b"01"),
+                          (f"fe-{trace}-{span}-02-", b"00")):
+        assert parse_traceparent(future.encode()) == (trace.encode(), span.encode(), flags), future
+    for bad in ("", "00-xyz", f"00-{'0' * 32}-{span}-01", f"00-{trace}-{'0' * 16}-01",
                 f"00-{trace}-{span}-01-extra", f"00-{trace}-{span}", f"00-{trace.upper()}-{span}-00",
-                f"00-{trace}-{span.upper()}-01", f"00-{trace}-{span}-0A"):
+                f"00-{trace}-{span.upper()}-01", f"00-{trace}-{span}-0A",
+                f"ff-{trace}-{span}-01", f"CC-{trace}-{span}-01", f"cc-{trace}-{span}-01.extra", f"cc-{trace}-{span}",
+                f"cc-{'0' * 32}-{span}-01", f"cc-{trace}-{'0' * 16}-01", f"cc-{trace.upper()}-{span}-01",
+                f"cc-{trace}-{span}-0A", f"cc-{trace}x-{span}-01"):
         assert parse_traceparent(bad.encode()) is None, bad
 
 

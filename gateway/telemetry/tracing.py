@@ -9,13 +9,16 @@ its own `traceparent` in the answer, so a client can find the gateway's span.
 Export needs no OpenTelemetry SDK: a span is a small dict in the OTLP JSON shape
 (GenAI attributes: `gen_ai.operation.name`, `gen_ai.request.model`,
 `gen_ai.usage.input_tokens`...), queued (bounded; beyond it dropped and
-counted) and posted in batches by one background task.
+counted) and posted in batches by one background task. At close, what is still
+queued is posted within `FINAL_DRAIN_S` in all; the rest is dropped and counted,
+so a collector that stalls never holds a shutdown or a reload.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
 import re
@@ -38,19 +41,30 @@ from .metrics import Metrics
 __all__ = ["SpanExporter", "Tracing", "parse_traceparent"]
 
 log = logging.getLogger("gateway.tracing")
-_TRACEPARENT = re.compile(rb"00-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})")
+# version-trace id-parent id-flags, then (only in a version above 00) `-` and whatever that version adds
+_TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
 _encode = msgspec.json.Encoder().encode
 _OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+FINAL_DRAIN_S = 2.0
+"""At close, the spans still queued get this long in all to be posted; the rest are dropped."""
 
 
 def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bytes] | None:
-    """(trace id, parent span id, flags) of a valid version-00 header, else None (then a new trace starts). W3C's
-    ids are lower-case hex: an upper-case one is invalid, not to be read as the same trace."""
+    """(trace id, parent span id, flags) of a valid header, else None (then a new trace starts). W3C's ids are
+    lower-case hex: an upper-case one is invalid, not to be read as the same trace. Version 00 is exactly its 55
+    characters; a higher version is read by version 00's rules, what follows its flags ignored, so a newer client's
+    trace goes on; only version ff is invalid. The gateway speaks version 00: what it forwards and echoes for a
+    higher version is the version-00 form of the same trace, keeping only the flag version 00 defines (sampled)."""
     match = _TRACEPARENT.fullmatch(value.strip(b" \t"))
-    if match is None or match.group(1) == _ZERO_TRACE or match.group(2) == _ZERO_SPAN:
+    if match is None or match.group(2) == _ZERO_TRACE or match.group(3) == _ZERO_SPAN:
         return None
-    return match.group(1), match.group(2), match.group(3)
+    version, flags = match.group(1), match.group(4)
+    if version == b"ff" or (version == b"00" and match.group(5) is not None):
+        return None
+    if version != b"00":
+        flags = b"01" if int(flags, 16) & 1 else b"00"
+    return match.group(2), match.group(3), flags
 
 
 def _find_header(raw: Any, name: bytes) -> bytes | None:
@@ -74,7 +88,7 @@ class _Span:
         self.start_ns = time.time_ns() - int((time.perf_counter() - ctx.started) * 1e9)
 
     @property
-    def header(self) -> bytes:
+    def header(self) -> bytes:  # version 00 whatever version came in: the one the gateway speaks
         return b"00-" + self.trace_id + b"-" + self.span_id + b"-" + self.flags
 
 
@@ -179,9 +193,14 @@ class SpanExporter:
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._closing = False
+        self._closed = False
         self._session: aiohttp.ClientSession | None = None
 
     def add(self, span: dict[str, Any]) -> None:
+        if self._closed:  # a request that ended after the close: nothing will post its span
+            self.metrics.telemetry_dropped.labels("otlp", "close_timeout").inc()
+            return
         if len(self._queue) >= self.spec.queue:
             self.metrics.telemetry_dropped.labels("otlp", "queue_full").inc()
             return
@@ -194,25 +213,41 @@ class SpanExporter:
         self._task = asyncio.create_task(self._run())
 
     async def aclose(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        with contextlib.suppress(Exception):
-            await self._flush()
+        await self._final_drain()
         if self._session is not None:
             await self._session.close()
 
+    async def _final_drain(self) -> None:
+        """The task posts what is still queued, then ends, within `FINAL_DRAIN_S`: a collector that accepts and
+        never answers must not hold the close (each post may wait the session's 10 s). It is cut only then, and a
+        batch leaves the queue only once counted, so a batch cut mid-post is counted with the rest, once."""
+        if self._task is not None:
+            self._closing = True
+            self._wake.set()
+            done, _ = await asyncio.wait({self._task}, timeout=FINAL_DRAIN_S)
+            if not done:
+                self._task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._task
+            elif not self._task.cancelled() and self._task.exception() is not None:
+                log.warning("the OTLP exporter had stopped", exc_info=self._task.exception())
+        self._closed = True
+        if left := len(self._queue):
+            self._queue.clear()
+            self.metrics.telemetry_dropped.labels("otlp", "close_timeout").inc(left)
+            log.warning("OTLP export: %d spans dropped at close: not posted within %.0f s", left, FINAL_DRAIN_S)
+
     async def _run(self) -> None:
-        while True:
+        while not self._closing:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self.spec.flush_interval_s)
             self._wake.clear()
             await self._flush()
+        await self._flush()  # at close: what was queued since (or before the task first ran)
 
     async def _flush(self) -> None:
         while self._queue and self._session is not None:
-            batch = [self._queue.popleft() for _ in range(min(len(self._queue), self.spec.batch_size))]
+            batch = list(itertools.islice(self._queue, self.spec.batch_size))  # taken off once counted
             payload = {"resourceSpans": [{
                 "resource": {"attributes": [_attr("service.name", self.spec.service_name)]},
                 "scopeSpans": [{"scope": {"name": "llm-gateway"}, "spans": batch}],
@@ -225,6 +260,9 @@ class SpanExporter:
             except (aiohttp.ClientError, OSError, TimeoutError):
                 ok = False
             self.metrics.spans_exported.labels("ok" if ok else "failed").inc(len(batch))
+            for _ in batch:
+                self._queue.popleft()
             if not ok:
                 log.warning("OTLP export failed; %d spans dropped", len(batch))
-                return
+                if not self._closing:  # the next try waits for the next interval; at close, the rest are tried now
+                    return

@@ -7,7 +7,9 @@ translated (`translate.chat_to_anthropic`), sent to `{base_url}/messages` with
 translated back. Anthropic's error types map to the gateway's statuses:
 `overloaded_error` (HTTP 529) is a 503 that routing retries and falls back on,
 `rate_limit_error` a 429 with its Retry-After, a prompt too long for the window a
-context-length error. A 200 answer that is no Message (`type` other than
+context-length error, a 400 that refuses the account (its credit balance too low, its
+usage limit reached, its organization disabled: `account_state`) the gateway's
+credential failing, which routing falls back from. A 200 answer that is no Message (`type` other than
 `message`, no `content` list) is never an empty success: Anthropic's error
 envelope in it is the error its type gives with its own status, anything else a
 502 `UpstreamError`; routing retries or falls back on both.
@@ -28,6 +30,7 @@ from ..schemas.events import EventSource
 from ..translate.chat_to_anthropic import AnthropicEvents, anthropic_request, chat_completion
 from ..translate.common import BETA
 from ..upstream.client import ConnectionGate
+from .account_state import anthropic_account_refusal
 from .base import Call, Completion
 from .openai_compat import OpenAICompatProvider, status_error
 from .streaming import TranslatedStream
@@ -111,6 +114,9 @@ class AnthropicProvider(OpenAICompatProvider):
             suffix = f": {detail}" if detail else ""
             hint = {"Retry-After": retry_after} if retry_after and retry_after.isdigit() else {}
             return UpstreamOverloaded(f"upstream `{self.name}` is overloaded{suffix}", headers=hint)
+        refused = anthropic_account_refusal(self.name, status, raw)
+        if refused is not None:  # a 400 for the account (out of credit, disabled): the gateway's, not the client's
+            return refused
         return status_error(self.name, status, detail, retry_after, code, raw)
 
     def _event_error(self, detail: dict[str, Any]) -> GatewayError:

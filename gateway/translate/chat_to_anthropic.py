@@ -31,6 +31,8 @@ before it): a call without an id gets `toolu_<message>_<position>`, and a result
 of the assistant turn before it that had no id and has no result yet (none left: `Unsupported`); a call whose id an
 earlier call already had (older gateway versions gave Gemini's calls `call_0`, `call_1`... in every turn) is sent as
 `<id>_<n>` (the first n not taken), and the results after it with that id answer it, one result a call, in order.
+An id with characters outside Messages' alphabet (`[a-zA-Z0-9_-]`: Kimi's `functions.get_weather:0`, `call 1`) is sent
+with each of them as `_` (then made unique as above), its results with the id its call was sent with.
 A request with nothing but system and developer messages is `Unsupported` (Messages needs a turn; OpenAI answers
 it, so routing's next target may), never sent with invented text.
 
@@ -40,6 +42,7 @@ The answer, complete or streamed, is translated back in `anthropic_to_chat.py`
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from typing import Any
 
@@ -76,6 +79,9 @@ _HANDLED = frozenset({
 _IMAGE_TYPES = frozenset({"image/jpeg", "image/png", "image/gif", "image/webp"})
 # Messages' own fields, passed as they are (a target's `extra_body` may set them).
 _NATIVE = frozenset({"top_k", "thinking"})
+# A character Messages refuses in a `tool_use` id or a `tool_use_id` ("String should match pattern
+# '^[a-zA-Z0-9_-]+$'"): other APIs' ids have them (Kimi's `functions.get_weather:0`).
+_NOT_ID = re.compile(r"[^a-zA-Z0-9_-]")
 
 
 def anthropic_request(body: dict[str, Any], default_max_tokens: int, target: str) -> dict[str, Any]:
@@ -161,12 +167,19 @@ class _ToolIds:
         self.open: dict[str, list[str]] = {}
 
     def unique(self, wanted: str) -> str:
-        """`wanted`, or `<wanted>_<n>` when an earlier call took it (the same for the same history)."""
+        """`wanted` in Messages' alphabet (`_sendable`), or `<that>_<n>` when an earlier call took it (the same for
+        the same history)."""
+        wanted = _sendable(wanted)
         sent, n = wanted, 1
         while sent in self.used:
             sent, n = f"{wanted}_{n}", n + 1
         self.used.add(sent)
         return sent
+
+
+def _sendable(given: str) -> str:
+    """A client's tool call id as Messages takes it: each character outside its alphabet replaced by `_`."""
+    return _NOT_ID.sub("_", given)
 
 
 def _add_message(message: Any, index: int, system: list[dict[str, Any]], messages: list[dict[str, Any]],
@@ -214,7 +227,7 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
         if not waiting and not given:
             raise unsupported(f"{where}.tool_call_id", target, "a tool result without a `tool_call_id` that no "
                               "tool call without an id, in the assistant turn before it, is left for")
-        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": waiting.pop(0) if waiting else given}
+        result: dict[str, Any] = {"type": "tool_result", "tool_use_id": waiting.pop(0) if waiting else _sendable(given)}
         parts = content if isinstance(content, str) else _blocks(content, where, target, images=True)
         if parts:
             result["content"] = parts

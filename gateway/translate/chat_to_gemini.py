@@ -8,6 +8,13 @@ tool calls `functionCall` parts and `tool` messages `functionResponse` parts
 `functionCallingConfig`; sampling fields, `stop`, `n`, `seed`, penalties and JSON
 mode (`responseMimeType`, `responseSchema`) `generationConfig`. A field Gemini
 has no equivalent for is a 400 naming it.
+
+What Gemini refuses is not sent: an empty text (`content: ""`, a `{"type": "text",
+"text": ""}` part) leaves the part's `data` unset ("required oneof field 'data' must
+have one initialized field"), so it is left out, and so is a turn (or the
+`systemInstruction`) left with no part; a request left with no turn at all (only
+system messages) is `Unsupported`, so that routing tries the next target (Gemini
+refuses `contents: []`; OpenAI answers it), never sent with invented text.
 """
 
 from __future__ import annotations
@@ -59,6 +66,10 @@ def gemini_request(body: dict[str, Any], target: str) -> dict[str, Any]:
     places: dict[int, int] = {}  # a result part (by identity) -> the place of the call it answers
     for index, message in enumerate(body["messages"]):
         _add_message(message, index, system, contents, calls, places, target)
+    if not contents:  # Gemini refuses `contents: []` ("contents is not specified"), a 400 the client would get as
+        # the upstream's: the next target (an OpenAI one answers a system prompt alone) is tried instead
+        raise unsupported("messages", target, "a request with only system or developer messages, or only empty ones "
+                                              "(Gemini needs a user or model turn)")
     _results_in_call_order(contents, places)
     out: dict[str, Any] = {"contents": contents}
     if system:
@@ -164,6 +175,9 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
 
 
 def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any]]) -> None:
+    """Consecutive turns of one role become one turn; a turn with no part (all its text empty) is left out."""
+    if not parts:  # (Gemini refuses a content without parts)
+        return
     if contents and contents[-1]["role"] == role:
         contents[-1]["parts"].extend(parts)
     else:
@@ -171,8 +185,8 @@ def _append(contents: list[dict[str, Any]], role: str, parts: list[dict[str, Any
 
 
 def _parts(content: Any, where: str, target: str, *, images: bool) -> list[dict[str, Any]]:
-    if isinstance(content, str):
-        return [{"text": content}]
+    if isinstance(content, str):  # an empty text leaves the part's `data` unset, which Gemini refuses: left out
+        return [{"text": content}] if content else []
     if content is None:
         return []
     if not isinstance(content, list):
@@ -181,7 +195,8 @@ def _parts(content: Any, where: str, target: str, *, images: bool) -> list[dict[
     for position, part in enumerate(content):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind == "text" and isinstance(part.get("text"), str):
-            parts.append({"text": part["text"]})
+            if part["text"]:
+                parts.append({"text": part["text"]})
         elif kind == "image_url" and images:
             url = part.get("image_url", {}).get("url") if isinstance(part.get("image_url"), dict) else None
             if not isinstance(url, str):

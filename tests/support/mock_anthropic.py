@@ -6,7 +6,8 @@ It speaks the wire format of Anthropic's documentation: `x-api-key` and
 content_block_start, ping, content_block_delta with text_delta / input_json_delta,
 content_block_stop, message_delta, message_stop), and errors as
 `{"type": "error", "error": {"type": ..., "message": ...}}` with Anthropic's
-statuses (529 for `overloaded_error`).
+statuses (529 for `overloaded_error`). As the real API, tool ids (`tool_use.id`,
+`tool_result.tool_use_id`) must match `^[a-zA-Z0-9_-]+$`.
 
 Faults are chosen by the model name, as in `mock_upstream` (`fault-status-529`,
 `fault-slow-first-byte-3000`, `fault-stall-after-3`, `fault-malformed-json`,
@@ -33,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -96,6 +98,7 @@ def _user_text(body: dict[str, Any]) -> str:
 
 
 _MAX_BREAKPOINTS = 4
+_TOOL_ID = re.compile(r"[a-zA-Z0-9_-]+")  # a `tool_use` id's and a `tool_result`'s `tool_use_id`'s alphabet
 
 
 def _cache_problem(body: dict[str, Any]) -> str | None:
@@ -214,7 +217,12 @@ def _check(body: Any) -> str | None:
         if index and messages[index - 1].get("role") == message.get("role"):
             return f"messages.{index}: roles must alternate between user and assistant"
         content = message.get("content")
-        for block in content if isinstance(content, list) else ():
+        for position, block in enumerate(content if isinstance(content, list) else ()):
+            for field in ("id", "tool_use_id"):
+                if block.get("type") in ("tool_use", "tool_result") and field in block \
+                        and not _TOOL_ID.fullmatch(str(block[field])):
+                    return (f"messages.{index}.content.{position}.{block['type']}.{field}: String should match "
+                            "pattern '^[a-zA-Z0-9_-]+$'")
             if block.get("type") == "tool_use":
                 seen_tools.add(block.get("id"))
             if block.get("type") == "tool_result" and block.get("tool_use_id") not in seen_tools:

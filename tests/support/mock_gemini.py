@@ -11,6 +11,9 @@ Faults come from the model in the URL (`fault-status-429`, `fault-stall-after-3`
 with `finishReason: SAFETY`), `fault-prompt-blocked` (`promptFeedback.blockReason`
 and no candidates), `fault-out-of-order` (text after the finish reason) and
 `fault-overloaded-midstream` (an `{"error": ...}` event, 429 RESOURCE_EXHAUSTED, after two chunks).
+
+As the real API, it refuses `contents: []`, a content without parts, and a part that sets no data (`{"text": ""}`:
+"required oneof field 'data' must have one initialized field"), in `contents` and in `systemInstruction`.
 """
 
 from __future__ import annotations
@@ -71,14 +74,34 @@ def _user_text(body: dict[str, Any]) -> str:
     return ""
 
 
+# A part's `data` oneof: a part must set one (an empty `text` sets none: proto3 reads "" as unset).
+_DATA = ("inlineData", "fileData", "functionCall", "functionResponse", "executableCode", "codeExecutionResult")
+
+
+def _empty_part(parts: Any, where: str) -> str | None:
+    """Gemini's 400 for the first part with no data (e.g. `{"text": ""}`), None when every part has some."""
+    for position, part in enumerate(parts if isinstance(parts, list) else ()):
+        if isinstance(part, dict) and not part.get("text") and not any(key in part for key in _DATA):
+            return (f"* GenerateContentRequest.{where}.parts[{position}].data: required oneof field 'data' must have "
+                    "one initialized field")
+    return None
+
+
 def _check(body: Any) -> str | None:
     if not isinstance(body, dict) or not isinstance(body.get("contents"), list) or not body["contents"]:
         return "* GenerateContentRequest.contents: contents is not specified"
+    system = body.get("systemInstruction")
+    problem = _empty_part(system.get("parts"), "system_instruction") if isinstance(system, dict) else None
+    if problem is not None:
+        return problem
     for index, content in enumerate(body["contents"]):
         if content.get("role") not in ("user", "model"):
             return f"* GenerateContentRequest.contents[{index}].role: must be user or model"
         if not content.get("parts"):
             return f"* GenerateContentRequest.contents[{index}].parts: contents.parts must not be empty."
+        problem = _empty_part(content["parts"], f"contents[{index}]")
+        if problem is not None:
+            return problem
     return None
 
 

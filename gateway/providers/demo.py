@@ -36,6 +36,11 @@ _MAX_DEMO_DIMENSIONS = 4096
 _MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own cap on an embeddings request's inputs
 _MAX_DEMO_VALUES = _MAX_EMBEDDING_INPUTS * 1024  # inputs x dimensions: ~2M numbers, ~20 MB of JSON
 _SLICE_VALUES = 16_384  # numbers made between two turns other requests get at the event loop (~8 ms of hashing)
+# Answers (choices) a chat or completions request may ask for: prompts x `n`. OpenAI's own cap on `n`, so any chat
+# request is answered; a completions request's prompts multiply it, and its answers are made, counted and (streamed)
+# re-sent in every chunk on the event loop: 4,000 prompts x 128 made half a million answers (100 MB), holding every
+# other request of the process for seconds. 128 take about a millisecond, streamed or not.
+_MAX_DEMO_ANSWERS = 128
 
 
 def demo_reply(prompt: str) -> str:
@@ -76,8 +81,13 @@ class DemoProvider:
         return [item if isinstance(item, str) else "" for item in listed_prompts(body.get("prompt"))]
 
     def _answers(self, call: Call) -> list[str]:
-        """Each choice's answer, in order: `n` for each prompt (as OpenAI numbers a completions request's)."""
+        """Each choice's answer, in order: `n` for each prompt (as OpenAI numbers a completions request's), at most
+        `_MAX_DEMO_ANSWERS` of them, checked before any is made."""
         n = _choices(call)
+        prompts = 1 if call.endpoint is Endpoint.CHAT else len(listed_prompts(call.body.get("prompt")))
+        if prompts * n > _MAX_DEMO_ANSWERS:
+            raise InvalidRequest(f"the demo model makes at most {_MAX_DEMO_ANSWERS} answers a request (prompts x n: "
+                                 f"{prompts} x {n})", param="prompt" if prompts > _MAX_DEMO_ANSWERS else "n")
         return [demo_reply(prompt) for prompt in self._prompts(call) for _ in range(n)]
 
     def _usage(self, call: Call, answers: list[str]) -> Usage:
@@ -123,7 +133,7 @@ class DemoProvider:
 
     async def open_stream(self, call: Call) -> DemoStream:
         check_endpoint(self, call.endpoint)
-        return DemoStream(self, call)
+        return DemoStream(self, call, self._answers(call))  # made here: a request over the bound is refused, not cut
 
     async def _embeddings(self, call: Call) -> Completion:
         """Deterministic vectors of the inputs, checked first, made and encoded an input at a time on the event loop,
@@ -199,9 +209,10 @@ def _vector(text: str, dims: int) -> list[float]:
 class DemoStream:
     """The demo answer as OpenAI chunk events, one word a chunk (one batch each, like a real upstream)."""
 
-    def __init__(self, provider: DemoProvider, call: Call) -> None:
+    def __init__(self, provider: DemoProvider, call: Call, answers: list[str]) -> None:
         self._provider = provider
         self._call = call
+        self._answers = answers
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
@@ -212,7 +223,7 @@ class DemoStream:
     async def _batches(self) -> AsyncIterator[list[StreamEvent]]:
         call, provider = self._call, self._provider
         chat = call.endpoint is Endpoint.CHAT
-        answers = provider._answers(call)
+        answers = self._answers
         words = [answer.split(" ") for answer in answers]
         base = {
             "id": f"{'chatcmpl' if chat else 'cmpl'}-demo-{next(provider._ids)}",

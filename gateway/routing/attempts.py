@@ -35,7 +35,7 @@ from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, Stre
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
 __all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate",
-           "backoff", "breaker_verdict", "classify", "peek", "retry_after_s"]
+           "backoff", "breaker_verdict", "classify", "final", "peek", "retry_after_s"]
 
 # Failures that say something about the target's health. A 429 says it is busy (Retry-After
 # covers it), a full local pool says the gateway is, a client error says nothing about the target;
@@ -48,6 +48,9 @@ _MAX_MESSAGE = 900
 # Failures that hand the request on rather than fail it: a context overflow (to `context_fallback`), a field the
 # target lacks (nothing sent: to the next target).
 _PASSED_ON = frozenset({"context_length", "unsupported"})
+# Failures the same request would meet again at once: the gateway's own key refused, a field no target has, a prompt
+# too long (a client error is judged by its status: `final`).
+_FINAL = frozenset({"credentials", "unsupported", "context_length"})
 
 
 class DeadlineExceeded(UpstreamTimeout):
@@ -143,6 +146,26 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     if kinds == {"unsupported"}:
         return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param)
     return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)
+
+
+def final(failures: Sequence[tuple[Target, GatewayError, str]]) -> bool:
+    """Whether the client sending the request again would meet the same error: every attempt that could have
+    answered (as `aggregate` judges them) failed for a reason a retry does not change. The error then says
+    `x-should-retry: false`, which the openai and anthropic SDKs obey: without it they send a 502 (an upstream's
+    404, a refused key) twice more. Not for a 429, a 5xx, a timeout, a full pool or an open breaker, which may clear;
+    nor for an upstream's 409, which OpenAI's SDK retries (a conflict may clear), nor for an error of the gateway's
+    own with a 5xx (`classify` names it a `client_error` too)."""
+    deciding = [failure for failure in failures if failure[2] not in _PASSED_ON] or failures
+    return bool(deciding) and all(_final(error, kind) for _, error, kind in deciding)
+
+
+def _final(error: GatewayError, kind: str) -> bool:
+    if kind in _FINAL:
+        return True
+    if kind != "client_error":
+        return False
+    status = error.upstream_status
+    return status != 409 if status is not None else error.status < 500
 
 
 def _all_overloaded(failures: Sequence[tuple[Target, GatewayError, str]]) -> bool:

@@ -49,6 +49,7 @@ from .attempts import (
     backoff,
     breaker_verdict,
     classify,
+    final,
 )
 from .breaker import OPEN, Breakers
 from .exchange import exchange, within
@@ -181,7 +182,7 @@ class Router:
             # The deadline passed before any target was tried (a tiny `deadline_s`): the deadline's own 504.
             raise self._tagged(ctx, DeadlineExceeded(f"`{ctx.alias_label}` found no answer within its deadline "
                                                      "(it passed before any target was tried)"))
-        raise self._tagged(ctx, aggregate(ctx.alias_label, failures))
+        raise self._tagged(ctx, aggregate(ctx.alias_label, failures), failures)
 
     async def _walk(
         self, ctx: RequestContext, route: ModelRoute, candidates: Sequence[Target], deadline: float | None,
@@ -243,10 +244,10 @@ class Router:
                     ctx.attempt_count -= 1
                     return "next"
                 if kind not in route.retry_on and kind not in NEXT_AT_ONCE:  # a full pool, a refused key: the next
-                    raise self._tagged(ctx, exc) from None
+                    raise self._tagged(ctx, exc, failures) from None
                 if kind == "context_length":
                     if route.context_fallback is None:
-                        raise self._tagged(ctx, exc) from None
+                        raise self._tagged(ctx, exc, failures) from None
                     return "context"
                 if retry >= target.retry.attempts or kind in NEXT_AT_ONCE or self.breakers.state(target.name) == OPEN:
                     return "next"  # (open: this failure or another request's opened it; `breaker` says why)
@@ -335,9 +336,13 @@ class Router:
             ctx.fallback_reason = reason
         self._count(self.metrics.fallbacks, ctx.alias_label, reason).inc()
 
-    def _tagged(self, ctx: RequestContext, error: GatewayError) -> GatewayError:
-        """The error the client gets, with the routing headers."""
+    def _tagged(self, ctx: RequestContext, error: GatewayError,
+                failures: Sequence[tuple[Target, GatewayError, str]] = ()) -> GatewayError:
+        """The error the client gets, with the routing headers, and `x-should-retry: false` when the walk's
+        `failures` say a retry would meet it again (`attempts.final`)."""
         error.headers = {**error.headers, "x-gateway-attempts": str(ctx.attempt_count)}
+        if final(failures):
+            error.headers["x-should-retry"] = "false"
         if ctx.target is not None:
             error.headers["x-gateway-target"] = ctx.target.header[1].decode("latin-1")
         if ctx.fallback_reason is not None:

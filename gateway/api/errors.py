@@ -39,8 +39,9 @@ def error_handlers(ids: RequestIds) -> dict[Any, Any]:
         error: GatewayError
         if status == 404:
             error = NotFound(f"no route for {request.method} {request.url.path[:200]}")
-        elif status == 405:
-            error = MethodNotAllowed(f"method {request.method} is not allowed here")
+        elif status == 405:  # with the route's `Allow` (RFC 9110 15.5.6), which litestar's exception carries
+            allowed = {k: v for k, v in (exc.headers or {}).items() if k.lower() == "allow"}
+            error = MethodNotAllowed(f"method {request.method} is not allowed here", headers=allowed)
         elif status == 413:
             error = BodyTooLarge("the request body is too large")
         elif status < 500:

@@ -12,9 +12,10 @@ Chat and Completions: per choice, the content (or a completion's text), the
 texts beside it (reasoning, refusal: `texts.BESIDE_CONTENT`), each tool call's
 arguments (a custom tool's input) and a legacy `function_call`'s arguments are
 lanes. Chunks keep OpenAI's shape (ids, roles, tool call deltas, usage,
-finish_reason; content sent as a list of parts becomes OpenAI's fields); a chunk
-left with nothing to say is dropped; a block ends with `finish_reason:
-"content_filter"`.
+finish_reason; content sent as a list of parts becomes OpenAI's fields); with an
+enforcing guard, what repeats the text where the guards do not read it is not
+sent (`logprobs` emptied, a `message` beside the delta dropped); a chunk left with
+nothing to say is dropped; a block ends with `finish_reason: "content_filter"`.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from ..schemas.events import DONE, Chunk, StreamDone, StreamEvent, UsageReport
 from .base import Guard
 from .responses import ResponsesChunks
 from .session import GuardSession
-from .texts import BESIDE_CONTENT, UNREAD_TEXTS, spread_parts, text_arguments
+from .texts import BESIDE_CONTENT, UNREAD_CHOICE_TEXTS, UNREAD_TEXTS, spread_parts, text_arguments
 from .window import ANSWER, TOOL, Blocked, Lane, Window
 
 if TYPE_CHECKING:
@@ -124,8 +125,10 @@ class ChatChunks:
         self.key = "content" if chat else "text"
         self.meta: dict[str, Any] = {}
         # With an enforcing guard, a choice's `logprobs` are emptied: their tokens are the upstream's text, which
-        # the window holds back and rewrites; left, they would carry a redacted value, or a blocked one, out.
+        # the window holds back and rewrites; left, they would carry a redacted value, or a blocked one, out. For the
+        # same reason the fields that repeat its text where no guard reads it are dropped (`UNREAD_CHOICE_TEXTS`).
         self.scrub = any(guard.mode == "enforce" for guard in window.guards)
+        self.unread = UNREAD_CHOICE_TEXTS[chat]
         self.besides = False  # a lane beside the content (reasoning, refusal) was opened (`_beside`)
         self.calling: dict[int, int] = {}  # per choice, the tool call whose arguments last came (`_next_call`)
         self.arguments: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> its arguments so far (`_next_call`)
@@ -141,8 +144,11 @@ class ChatChunks:
         keep = False
         for choice in choices:
             index = choice.get("index", 0)
-            if self.scrub and choice.get("logprobs") is not None:
-                choice["logprobs"] = None
+            if self.scrub:
+                if choice.get("logprobs") is not None:
+                    choice["logprobs"] = None
+                for field in self.unread:
+                    choice.pop(field, None)
             holder = choice.get("delta") if self.chat else choice
             if not isinstance(holder, dict):
                 keep = True

@@ -141,7 +141,8 @@ class Window:
         offset = len(lane.context)
         cut, key = len(text), -1
         if not final:  # (a tool call's arguments: the guards' holds read them as `runtime.detect` does)
-            cut, key = self._hold(lane, text, json_view(full)[0] if where.part == "tool_arguments" else full, offset)
+            tool = where.part == "tool_arguments"
+            cut, key = self._hold(lane, text, json_view(full)[0] if tool else full, offset, tool)
             if cut <= 0:  # nothing can leave yet: no scan
                 return ""
         lane.scanned = len(text)
@@ -184,14 +185,17 @@ class Window:
             self.session.note_findings([replace(f, action="block") for f in reached], "enforce", where.place)
             raise Blocked
 
-    def _hold(self, lane: Lane, text: str, full: str, offset: int) -> tuple[int, int]:
+    def _hold(self, lane: Lane, text: str, full: str, offset: int, tool: bool) -> tuple[int, int]:
         """Where the held text may be cut before scanning it: before the earliest offset where a guard
         says a finding may still start, and before the trailing word (it may go on in the next chunk);
         never holding more than `span`, except for an open private key block (up to `max_hold_chars`). When the
         earliest such offset is at the window's far end (within `step_chars` of it: a guard that cannot tell holds
         the whole window; a stretch of figures is held from its first digit in reach), scans wait for `step_chars`
         of new text, as they did before early release. 0: nothing may leave yet. With it, where a key block held past
-        `max_hold_chars` starts (cut at its END line, or before what may be its start: `_cut_key`); -1: none."""
+        `max_hold_chars` starts (cut at its END line, or before what may be its start: `_cut_key`); -1: none.
+        A tool call's arguments (`tool`: `full` is their JSON view) are read for holds only up to an escape at their
+        end that may still be completing (`\\`, `\\u00`): read as it is, its backslash ended any finding before it
+        that its character may yet go on (`Jaur\\` then `u00e8s`), and the window released the finding's start."""
         spec = self.spec
         span = self.span
         bound = len(text) - span
@@ -205,7 +209,8 @@ class Window:
             base = lane.released - offset  # the upstream offset of full[0]
             # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.
             start = max(0, len(full) - span, lane.open - base)
-            found = min(guard.open_from(full, start) for guard in self.guards)
+            seen = full[:offset + _open_escape(text)] if tool else full  # (never past an escape still completing)
+            found = min(guard.open_from(seen, min(start, len(seen))) for guard in self.guards)
             lane.open = base + found
             hold = found - offset
             # What may leave would grow a chunk at a time while a whole window stays held: a scan per chunk
@@ -345,6 +350,18 @@ _SPACE = re.compile(r"\s")
 _JSON_RUN = re.compile(r'(?:[^\s"\\]|\\[^nrtfu\s]|\\u[0-9a-fA-F]{4}|\\u(?![0-9a-fA-F]{0,3}\Z))*')
 # An escape that may still be completing at the text's end.
 _OPEN_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?\Z")
+
+
+def _open_escape(text: str) -> int:
+    """Where an escape that may still be completing (`_OPEN_ESCAPE`) starts at the end of a JSON string's text;
+    `len(text)` when none does. A backslash after an odd number of them is the second of an escaped backslash."""
+    found = _OPEN_ESCAPE.search(text, max(0, len(text) - 6))  # (`\u` and three digits at most)
+    if found is None:
+        return len(text)
+    at = before = found.start()
+    while before > 0 and text[before - 1] == "\\":
+        before -= 1
+    return len(text) if (at - before) % 2 else at
 
 
 def _run_end(text: str, json: bool) -> tuple[int, bool]:

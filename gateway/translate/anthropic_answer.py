@@ -5,8 +5,9 @@ content_block_start / delta / stop, message_delta with the usage, message_stop)
 from the chat chunks, one block per text run, thinking block or tool call: text and
 thinking (`thinking_stream.py`) as they come, up to the first tool call; the tool
 calls (and anything after them) whole, at the end, since a chat stream may
-interleave the pieces of its tool calls. A complete answer's thinking blocks come
-before its text and tool calls (`thinking.ordered`).
+interleave the pieces of its tool calls (the calls not at all when the stream ends
+blocked). A complete answer's thinking blocks come before its text and tool calls
+(`thinking.ordered`).
 
 A tool call's Gemini thought signature (`extra_content.google.thought_signature`) has no field of its own in
 Messages: it rides in the tool_use id, after `SIGNED` (`_signed_id`), which the client sends back unchanged with
@@ -180,7 +181,10 @@ class MessagesStream:
     while a chat stream may interleave its tool calls' pieces (call 0, then 1, then 0 again); and a tool call's
     input is checked as a complete answer's is (`_tool_input`: invalid JSON under `_raw_arguments`, any other
     value than an object under `value`) only once all of it came. `estimate`, called at the end when the upstream
-    sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet).
+    sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet). A stream
+    that ends blocked (`content_filter`: an output guard's block, or the upstream's filter) writes none of its held
+    tool calls: their arguments stop where the stream was cut, and a client would get a call to run (a `tool_use`
+    block, its input `_raw_arguments`) with the refusal; a complete answer blocked has no tool calls either.
     """
 
     __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_matched", "_quiet", "_refused",
@@ -235,8 +239,10 @@ class MessagesStream:
         self._start(out, None)
         self._thinking.flush(out)
         self._close_text(out)
+        blocked = self._finish == "content_filter"
         for block in self._held:
-            self._write_held(block, out)
+            if not (blocked and isinstance(block, _HeldCall)):
+                self._write_held(block, out)
         usage = self._usage or (_usage_shape(self._estimate()) if self._estimate is not None else None)
         reason, sequence = _stop(self._finish, self._matched)
         if self._refused and reason == "end_turn":

@@ -41,7 +41,7 @@ from .providers import build_provider
 from .reload import Fingerprints, Listener, fingerprints, fingerprints_as_read, serving_refusals, watch_policy_files
 from .routing import Router
 from .runtime import Runtime, Service
-from .runtime_handover import bequeath_ledger, dynamic_keys
+from .runtime_handover import bequeath_ledger, drop_series, dynamic_keys, show_budgets
 from .schemas.endpoints import Endpoint
 from .store import MemoryStore, build_store
 from .telemetry.metrics import Metrics
@@ -250,6 +250,8 @@ class Gateway:
             if isinstance(new.store, MemoryStore):  # only now: a policy that failed to start changed nothing
                 new.store.reconfigure(policy.state)
         bequeath_ledger(old, new)
+        drop_series(old, new, self.metrics)  # the gauges only the old policy set: their alerts must clear
+        self._spawn(show_budgets(new))  # (a store read: off the reload's path)
         self._announce(policy)
         log.info("policy reloaded", extra={"fields": {
             "trigger": trigger, "version": policy.version, "previous": old.policy.version}})
@@ -268,6 +270,10 @@ class Gateway:
             await old.retire(old.policy.server.drain_timeout_s, partial(self.cut_all, old))
         finally:
             self._retiring.discard(old)
+            # What its last requests and its breakers' syncing wrote since the swap, dropped (or set) again.
+            drop_series(old, self.runtime, self.metrics)
+            if not self.draining:
+                self._spawn(show_budgets(self.runtime))
 
     def _announce(self, policy: Policy) -> None:
         self.metrics.serving(policy.version)
@@ -282,7 +288,8 @@ class Gateway:
             backend = runtime.policy.state.backend
             if backend != "memory":
                 await runtime.store.ping()
-            self.metrics.store_up.labels(backend).set(1 if runtime.store.healthy else 0)
+            if runtime is self.runtime:  # a reload during the ping retired it: its backend's series is dropped
+                self.metrics.store_up.labels(backend).set(1 if runtime.store.healthy else 0)
             await asyncio.sleep(interval())
 
     def _spawn(self, work: Awaitable[Any]) -> None:

@@ -20,7 +20,7 @@ from ..pipeline.context import RequestContext
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op, StageState
-from .gauges import BudgetLeft
+from .gauges import BudgetLeft, policy_budgets
 from .headers import duration, rate_limit_headers, request_headers, tightest
 from .ledger import new_op
 from .outright import completion_cap
@@ -325,6 +325,35 @@ class Admission(StageState):
                 self._gauges[(scope.kind, scope.name)] = left
         scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
         return left
+
+    async def show_budgets(self) -> None:
+        """Every budget of the policy shown in its gauges as the store counts it now: once this stage's policy is
+        swapped in (and again when the one it replaced has retired). Until a scope's next request its gauges read
+        what the retired policy's stage last saw: a budget raised by a reload to end `GatewayBudgetNearlySpent`
+        went on reading spent, for good without traffic. Off the request path: one read of every counter, and a
+        store that does not answer (or a counter that holds something else) leaves those gauges as they were."""
+        budgets = policy_budgets(self.policy)
+        if not budgets:
+            return
+        now = time.time()
+        scopes = [Scope(kind, name, None, budget) for (kind, name), budget in budgets.items()]
+        keys = [scope.budget_keys.at(now)[0] for scope in scopes if scope.budget_keys is not None]
+        try:
+            counts = await self.store.get_many(keys)
+        except StoreUnavailable:
+            return
+        for scope, raw in zip(scopes, counts, strict=True):
+            budget = scope.budget
+            assert budget is not None
+            try:
+                spent = int(raw) / AMOUNT_SCALE if raw is not None else 0.0
+            except ValueError:  # not a counter: the scope's next request answers for it
+                continue
+            left = budget.usd - spent
+            left = left if left > 0.0 else 0.0
+            gauges = self._budget_left(scope)
+            gauges.claim()
+            gauges.show(left, left / budget.usd)
 
     async def _release(self, bill: Bill) -> None:
         """Undo what a refused request reserved (so it does not count against the others)."""

@@ -25,14 +25,14 @@ is an upstream's error (settling.py `usable`). Twice this, in the store's millio
 
 
 def requested_cap(body: dict[str, Any]) -> int | None:
-    """The completion tokens a request allows itself (`max_completion_tokens`, else `max_tokens`; a Responses
-    API request: `max_output_tokens`), times `n` (or a completion's `best_of`, if more) and the number of prompts
-    a completions request lists, at most `MAX_TOKENS`.
+    """The completion tokens a request allows itself (`max_completion_tokens`, else, when it is absent or null,
+    `max_tokens`; a Responses API request: `max_output_tokens`), times `n` (or a completion's `best_of`, if more)
+    and the number of prompts a completions request lists, at most `MAX_TOKENS`.
 
     Each field counts only in the API that honours it (a chat or completions body always has `messages` or
     `prompt`), since an upstream that ignores a field would not stop at it: the reservation must not trust it."""
     if "messages" in body or "prompt" in body:
-        cap = body.get("max_completion_tokens", body.get("max_tokens"))
+        cap = body.get("max_completion_tokens") or body.get("max_tokens")  # (as the translations read them)
     else:
         cap = body.get("max_output_tokens")
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:

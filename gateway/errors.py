@@ -233,6 +233,12 @@ class UpstreamTimeout(GatewayError):
     code = "upstream_timeout"
 
 
+class UpstreamConnectTimeout(UpstreamTimeout):
+    """504: no connection to the upstream within its connect timeout (every attempt's, when several ran): the
+    request was never sent, so the upstream did no work for it (accounting bills it nothing, where a request that
+    timed out waiting for its answer is billed its prompt). Routing treats it as any timeout."""
+
+
 class StreamDeadlinePassed(GatewayError):
     """504: a stream's exchange deadline (`total_s`) passed while the gateway was not waiting on the upstream but
     held by its own side (writing to a client that reads slowly: `upstream.read_timer`). The stream ends as it

@@ -281,7 +281,7 @@ class UsageOnly:
         if usage is not None and not usable(usage):  # an upstream's error: counted as when it reports none
             stage._drop_unusable(ctx)
         if ctx.usage is None and ctx.upstream_started:
-            ctx.usage = await estimate_stream_usage(stage.counter, ctx)
+            ctx.usage = await estimate_stream_usage(stage.counter, ctx, end.usage_so_far)
         stage._record(ctx, stage._price(ctx))
 
 
@@ -345,7 +345,7 @@ class StreamBill:
         if usage is not None and not usable(usage):  # an upstream's error: counted as when it reports none
             stage._drop_unusable(ctx)
         if ctx.usage is None and ctx.upstream_started:
-            ctx.usage = await estimate_stream_usage(stage.counter, ctx)
+            ctx.usage = await estimate_stream_usage(stage.counter, ctx, end.usage_so_far)
         cost = stage._price(ctx)
         if stage._in_line is not None:
             stage._settle_in_line(ctx, self._bill, cost)

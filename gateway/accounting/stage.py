@@ -15,7 +15,9 @@ Between `Authorize` and the guards, only in a policy that sets a limit or a budg
    in-process store and in a task beside the reply on Redis (the client does not wait for the round trip),
    and at the end of a stream (`StreamBill`, settling.py), however it ends;
    a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
-   and an error event) when a hard budget refuses it.
+   and an error event) when a hard budget refuses it; a request that ends without an answer after its upstream
+   was called, in a way that leaves the upstream working (the client gone, cancelled, timed out waiting), is
+   billed its prompt estimate (`_left_usage`), as a stream left early is.
 
 The caller's limits and budget are read from its `VirtualKey` only, so keys from the policy file and keys
 created at run time go through this one path. When the store fails, `on_unavailable` decides: `closed`
@@ -26,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import GatewayError
+from ..errors import GatewayError, UpstreamConnectTimeout, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import Policy
@@ -119,11 +121,19 @@ class Accounting(Admission, Settling):
             for name, value in bill.headers:
                 exc.headers.setdefault(name.decode(), value.decode())
             self._drop_unusable(ctx)
-            self._spawn(self._settle(ctx, bill))
+            try:
+                if isinstance(exc, UpstreamTimeout) and exc.upstream_status is None \
+                        and not isinstance(exc, UpstreamConnectTimeout):  # (a connect timeout: nothing was sent)
+                    await self._left_usage(ctx)  # (not an upstream's 408 or 504: an error status it sent, as a 4xx)
+            finally:
+                self._spawn(self._settle(ctx, bill))
             raise
-        except BaseException:
+        except BaseException:  # the client gone, the request cancelled (shutdown), a bug
             self._drop_unusable(ctx)
-            self._spawn(self._settle(ctx, bill))
+            try:
+                await self._left_usage(ctx)
+            finally:
+                self._spawn(self._settle(ctx, bill))
             raise
         if reply.stream is not None:
             reply.stream.add(StreamBill(self, bill))
@@ -140,6 +150,14 @@ class Accounting(Admission, Settling):
         else:
             self._spawn(self._settle(ctx, bill))
         return reply
+
+    async def _left_usage(self, ctx: RequestContext) -> None:
+        """A request that ended without an answer after its upstream was called, in a way that leaves the upstream
+        reading the prompt and generating (the client gone, cancelled, timed out waiting): billed its prompt
+        estimate, marked, as a stream left early is (`StreamBill.on_end`); nothing of the answer it never got.
+        Set before the error goes on, so that the access log and the metrics read the figure the bill does."""
+        if ctx.usage is None and ctx.upstream_started:
+            ctx.usage = await estimate_usage(self.counter, ctx, 0)
 
     async def _answer_usage(self, ctx: RequestContext, reply: Reply) -> None:
         """A complete answer without usage, or with usage the upstream got wrong (`usable`): counted now (the

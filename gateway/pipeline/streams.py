@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import GatewayError, InternalError
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent, UsageReport
+from ..schemas.openai import Usage
 
 if TYPE_CHECKING:
     from .context import RequestContext
@@ -44,13 +45,17 @@ Outcome = Literal["done", "error", "client_gone", "shutdown"]
 
 
 class StreamEnd:
-    """How a stream ended. `error` is set for "error" (what the client was told)."""
+    """How a stream ended. `error` is set for "error" (what the client was told). `usage_so_far`: for a stream that
+    ended without its usage, what the upstream reported before its last event, when its source kept it (a source's
+    `usage_so_far`: Anthropic's `message_start`, Gemini's latest `usageMetadata`); the estimate of such a stream
+    keeps its prompt figures (`telemetry.usage.estimate_stream_usage`)."""
 
-    __slots__ = ("error", "outcome")
+    __slots__ = ("error", "outcome", "usage_so_far")
 
     def __init__(self, outcome: Outcome, error: GatewayError | None = None) -> None:
         self.outcome = outcome
         self.error = error
+        self.usage_so_far: Usage | None = None
 
 
 class StreamStage(Protocol):
@@ -292,6 +297,8 @@ class ReplyStream:
         finally:
             if ctx.upstream_started:
                 ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
+            if ctx.usage is None:  # (asked only of a stream that ended without its usage)
+                end.usage_so_far = getattr(self._source, "usage_so_far", None)
             for stage in self._stages:
                 try:
                     await stage.on_end(ctx, end)

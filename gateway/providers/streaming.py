@@ -12,7 +12,9 @@ event of valid JSON whose values a translator's lookups cannot read (a string
 where an object belongs: `AttributeError`, `TypeError`, `LookupError`): what it
 reads is the upstream's JSON, so such an event is malformed, never the
 gateway's failure (which would cut the stream), as the providers' complete
-answers treat theirs (`AnthropicProvider._completion`).
+answers treat theirs (`AnthropicProvider._completion`). A translator that reads usage
+before the stream's last event (`usage_so_far`) has it read when the stream ends
+without its usage.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import msgspec
 
 from ..errors import GatewayError, UpstreamError
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
+from ..schemas.openai import Usage
 from ..schemas.responses import responses_usage
 from ..translate.common import StreamProtocolError
 from ..upstream.client import transport_error
@@ -81,6 +84,14 @@ class TranslatedStream:
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()
+
+    @property
+    def usage_so_far(self) -> Usage | None:
+        """The usage the upstream reported before its last event (Anthropic's `message_start`, Gemini's latest
+        `usageMetadata`), for a stream that ends without its usage (an error, the client gone, a cut): the bill
+        keeps its prompt figures (`pipeline.streams.StreamEnd.usage_so_far`)."""
+        so_far: Usage | None = getattr(self._translator, "usage_so_far", None)
+        return so_far
 
     async def aclose(self) -> None:
         if not self._closed:

@@ -26,12 +26,14 @@ from ..errors import (
     RateLimited,
     Unsupported,
     UnusableAnswer,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamOverloaded,
     UpstreamTimeout,
 )
 from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
+from ..schemas.openai import Usage
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
 __all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate",
@@ -137,8 +139,9 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     what = f"all {len(failures)} attempts for `{alias}` failed ({listed})"
     if kinds == {"rate_limit"}:
         return RateLimited(what, headers=wait)
-    if kinds == {"timeout"}:
-        return UpstreamTimeout(what)
+    if kinds == {"timeout"}:  # (none sent: a connect timeout each, which the upstreams did no work for)
+        connect = all(isinstance(error, UpstreamConnectTimeout) for _, error, _ in deciding)
+        return UpstreamConnectTimeout(what) if connect else UpstreamTimeout(what)
     if kinds == {"busy"}:
         return GatewayBusy(what, headers={"Retry-After": "1"})
     if _all_overloaded(deciding):
@@ -216,6 +219,13 @@ class Replay:
             return False
         earlier = [event for batch in self._buffered for event in batch if isinstance(event, Chunk)]
         return bool(take(reader, earlier))
+
+    @property
+    def usage_so_far(self) -> Usage | None:
+        """The source's (`pipeline.streams.StreamEnd.usage_so_far`): a routed stream that ends early keeps the
+        upstream's prompt figures too."""
+        so_far: Usage | None = getattr(self._source, "usage_so_far", None)
+        return so_far
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()

@@ -17,6 +17,10 @@ ids, images, the current turn's thinking, tool definitions), in the encoding of 
 Messages client's `count_tokens` figure is the `input_tokens` its answer carries and the figure it is billed for.
 A body past `_OFF_LOOP_CHARS` is counted in a thread; a stream's (whose provider reports no usage) from its
 start, so that its figure is ready when a Messages stream's last event is written.
+
+A stream that ends before its usage came (an error mid-stream, the client gone, a budget's cut), whose upstream
+reported the prompt's figures on the way (Anthropic's `message_start`, Gemini's `usageMetadata`:
+`StreamEnd.usage_so_far`), keeps them: only its completion is estimated, from what was sent.
 """
 
 from __future__ import annotations
@@ -72,9 +76,14 @@ class CountTokens:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if (ctx.usage is None or not ctx.usage.usable()) and ctx.provider is not None:
-            ctx.usage = await self._usage(ctx, ctx.chunks)
+            ctx.usage = await self._usage(ctx, ctx.chunks, end.usage_so_far)
 
-    async def _usage(self, ctx: RequestContext, completion_tokens: int) -> Usage:
+    async def _usage(self, ctx: RequestContext, completion_tokens: int, so_far: Usage | None = None) -> Usage:
+        """The estimate, marked; with `so_far` (a stream that ended early: `StreamEnd.usage_so_far`), its prompt
+        figures are the upstream's (`_after_prompt`)."""
+        if so_far is not None and so_far.usable():
+            ctx.usage_estimated = True
+            return _after_prompt(so_far, completion_tokens)
         prompt = await self._prompt(ctx)
         ctx.usage_estimated = True
         return Usage(prompt, completion_tokens, prompt + completion_tokens)
@@ -147,7 +156,18 @@ class _CountText:
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if ctx.usage is None or not ctx.usage.usable():
             completion = await self._counter._count(ctx.answer_text.text() if ctx.answer_text is not None else "")
-            ctx.usage = await self._counter._usage(ctx, completion)
+            ctx.usage = await self._counter._usage(ctx, completion, end.usage_so_far)
+
+
+def _after_prompt(so_far: Usage, completion_tokens: int) -> Usage:
+    """A stream that ended before its usage, whose upstream reported the prompt's (`StreamEnd.usage_so_far`): the
+    upstream's prompt, cached and cache-write figures, as it bills them (a re-count would bill cache reads at the
+    full input price); the completion is what was sent, estimated, plus the reasoning the upstream reported so far
+    (it sends no chunk)."""
+    reasoning = so_far.reasoning_tokens
+    completion = completion_tokens + reasoning
+    return Usage(so_far.prompt_tokens, completion, so_far.prompt_tokens + completion, so_far.prompt_tokens_details,
+                 so_far.completion_tokens_details if reasoning else None)
 
 
 def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
@@ -227,12 +247,13 @@ def count_on_loop(tokens: TokenCounter, text: str) -> int:
     return tokens.count(text) if len(text) <= _OFF_LOOP_CHARS else len(text) // 4
 
 
-async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext) -> Usage:
+async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext, so_far: Usage | None = None) -> Usage:
     """A stream's estimate at its end, as this stage makes it: from its text when it was collected (its provider
-    reports no usage: `stream_text`), else from its chunk count (a provider that should have reported it)."""
+    reports no usage: `stream_text`), else from its chunk count (a provider that should have reported it); with
+    `so_far` (`StreamEnd.usage_so_far`), the prompt's figures are the upstream's."""
     text = ctx.answer_text
     completion = await counter._count(text.text()) if text is not None else ctx.chunks
-    return await counter._usage(ctx, completion)
+    return await counter._usage(ctx, completion, so_far)
 
 
 async def count_text(counter: CountTokens, text: str) -> int:

@@ -14,7 +14,8 @@ Stream: `AnthropicEvents` turns each Messages event into chunks as it arrives;
 an event out of order (a delta before its block started, anything before
 `message_start`) raises `StreamProtocolError`, which ends the client's stream
 with an error event; so does an event whose message, block, delta or usage is
-not an object (`_object`).
+not an object (`_object`). The usage known so far is kept for a stream that ends
+early (`usage_so_far`).
 """
 
 from __future__ import annotations
@@ -242,6 +243,13 @@ class AnthropicEvents:
 
     def end(self) -> list[StreamEvent]:
         raise _order("the end of the stream before message_stop")
+
+    @property
+    def usage_so_far(self) -> Usage | None:
+        """The usage `message_start` reported (and a `message_delta`'s, if one came), for a stream that ends before
+        `message_stop` (None before `message_start`): Anthropic bills the prompt as it counted it there, its cache
+        reads and writes apart, whatever followed (`TranslatedStream.usage_so_far`)."""
+        return chat_usage(self._usage)[0] if self._started else None
 
 
 def _name(kind: Any) -> str:

@@ -278,6 +278,12 @@ class GeminiEvents:
             return [StreamError(error)]
         return [UsageReport(usage[0], writer.usage_chunk(usage[1])), StreamError(_billed(error, usage))]
 
+    @property
+    def usage_so_far(self) -> Usage | None:
+        """The latest event's `usageMetadata` (each is the answer's so far), for a stream that ends before its last
+        event: its prompt and cached figures are Google's (`TranslatedStream.usage_so_far`)."""
+        return self._usage[0] if self._usage is not None else None
+
     def end(self) -> list[StreamEvent]:
         if not self._finished or self._writer is None or len(self._finished) < len(self._calls):
             raise StreamProtocolError("the end of the stream before a finish reason")

@@ -19,6 +19,7 @@ from ..errors import (
     GatewayBusy,
     GatewayError,
     StreamDeadlinePassed,
+    UpstreamConnectTimeout,
     UpstreamError,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -118,6 +119,8 @@ def transport_error(exc: BaseException, provider: str, phase: str) -> GatewayErr
     if isinstance(exc, HeldPastDeadline):  # not the upstream's timeout: the gateway was held on the client's side
         return StreamDeadlinePassed(f"the exchange with upstream `{provider}` passed its deadline while the gateway "
                                     f"waited on the client, which reads too slowly ({phase})")
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):  # (a `ServerTimeoutError`: first) nothing was sent
+        return UpstreamConnectTimeout(f"upstream `{provider}` timed out ({phase}: connecting)")
     if isinstance(exc, (asyncio.TimeoutError, TimeoutError, aiohttp.ServerTimeoutError)):
         return UpstreamTimeout(f"upstream `{provider}` timed out ({phase})")
     if isinstance(exc, aiohttp.ClientConnectorError):

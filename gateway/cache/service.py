@@ -3,6 +3,11 @@
 Built only when some alias caches (`Policy.cache.enabled`). Every store failure
 is a miss, never an error: with Redis down, requests are served as if there were
 no cache, and the cache comes back with Redis (the store probes it by itself).
+
+A semantic cache that embeds through an alias of the policy sends the prompt to
+that alias's upstream, so the prompt must first pass what that alias's input
+guards would let through for the request's tenant (`_embeddable`): a prompt they
+would block or rewrite is not embedded, and its request has no semantic lookup.
 """
 
 from __future__ import annotations
@@ -13,10 +18,13 @@ import time
 from collections.abc import Coroutine, Mapping
 from typing import Any
 
+from ..guards.base import Where
+from ..guards.runtime import GuardRuntime
+from ..guards.verdict import decide
 from ..pipeline.context import RequestContext
 from ..policy.cache_check import default_model_dir
 from ..policy.cache_schema import CacheSpec
-from ..policy.compiled import Policy
+from ..policy.compiled import Policy, Rule
 from ..providers.base import Provider
 from ..routing.rules import Facts, first_match
 from ..schemas.endpoints import Endpoint
@@ -43,6 +51,8 @@ DECODED_MAX_BYTES = 64 * 1024
 # At close, the writes (and unlocks) still running get this long to finish: an answer that completed while the
 # gateway drained is stored, not cut.
 CLOSE_WAIT_S = 2.0
+# Where a prompt sent to an embeddings alias stands for its input guards: an embeddings request's input.
+EMBEDDING_INPUT = Where("input", "embedding_input")
 
 
 class Series:
@@ -86,6 +96,7 @@ class ResponseCache:
         self.indexes: dict[str, SemanticIndex] = {}
         self.embedders: dict[str, Embedder] = {}
         self._local: dict[str, LocalEmbedder] = {}
+        self._embeddings: dict[str, str] = {}  # alias: the embeddings alias its semantic cache embeds through
         for alias, spec in self.specs.items():
             semantic = spec.semantic
             if semantic is None:
@@ -94,11 +105,16 @@ class ResponseCache:
             if semantic.embeddings is not None:
                 target = policy.models[semantic.embeddings].targets[0]
                 self.embedders[alias] = AliasEmbedder(providers[target.provider], target.upstream_model)
+                self._embeddings[alias] = semantic.embeddings
             else:
                 model_dir = semantic.model_dir or str(default_model_dir())
                 local = self._local.get(model_dir) or LocalEmbedder(model_dir)
                 self._local[model_dir] = self.embedders[alias] = local
         self.share = SemanticShare(store, self.indexes) if self.indexes and policy.state.backend != "memory" else None
+        # The guards of this policy's runtime, taken from it on the first semantic read that may need them
+        # (`_guard_runtime`); known to be none when no alias embeds through another or the policy has no guards.
+        self._guards: GuardRuntime | None = None
+        self._guards_known = not (self._embeddings and policy.has_guards)
         self.requests = Series(metrics.cache_requests)  # (alias, status)
         self.saved_tokens = Series(metrics.cache_saved_tokens)  # (alias, kind)
         self.saved_usd = Series(metrics.cache_saved_usd)  # (alias,)
@@ -131,21 +147,22 @@ class ResponseCache:
 
     # -- keys -------------------------------------------------------------------------------------------
 
-    def key(self, ctx: RequestContext) -> str:
-        route = ctx.route
-        assert route is not None
-        return cache_key(ctx.tenant, self.policy.version, ctx.endpoint, self._plan(ctx), self._targets[route.alias],
-                         ctx.body)
-
-    def _plan(self, ctx: RequestContext) -> str:
-        """The alias, and the routing rule that will apply: a rule may send the same body elsewhere."""
+    def rule(self, ctx: RequestContext) -> Rule | None:
+        """The routing rule that will apply to the request, decided as the router will (None: none, or the alias
+        has no rules). Decided once per request: the key and the semantic scope both hold it, and a `deny` rule
+        keeps the request from the cache altogether (`CacheStage`)."""
         route = ctx.route
         assert route is not None
         if not route.rules:
-            return route.alias
-        rule = first_match(route.rules, route.alias, Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens,
-                                                          route.upstream_model))
-        return route.alias if rule is None else f"{route.alias}\x00{rule.name}"
+            return None
+        return first_match(route.rules, route.alias, Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens,
+                                                           route.upstream_model))
+
+    def key(self, ctx: RequestContext, rule: Rule | None) -> str:
+        route = ctx.route
+        assert route is not None
+        return cache_key(ctx.tenant, self.policy.version, ctx.endpoint, _plan(route.alias, rule),
+                         self._targets[route.alias], ctx.body)
 
     # -- reading ----------------------------------------------------------------------------------------
 
@@ -202,17 +219,22 @@ class ResponseCache:
         value = await self.store.get(ENTRY + key)
         return value is not None and await load_entry(value, endpoint) is not None
 
-    async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None
+    async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None, rule: Rule | None
                             ) -> tuple[Entry | None, float | None, SemanticProbe | None]:
-        """The answer of the most similar stored prompt above the threshold, its similarity, and the probe."""
+        """The answer of the most similar stored prompt above the threshold, its similarity, and the probe (None:
+        the prompt is not embedded, and its answer is stored without a vector)."""
         semantic = spec.semantic
         route = ctx.route
         assert semantic is not None and route is not None
-        found = semantic_scope(ctx.tenant, self.policy.version, ctx.endpoint, self._plan(ctx),
+        found = semantic_scope(ctx.tenant, self.policy.version, ctx.endpoint, _plan(route.alias, rule),
                                self._targets[route.alias], ctx.body)
         if found is None or len(found[1]) > semantic.max_chars:
             return None, None, None
         scope, text = found
+        guards = self._guards if self._guards_known else self._guard_runtime(ctx)
+        if guards is not None and not await self._embeddable(guards, ctx.tenant, self._embeddings[route.alias], text):
+            self.metrics.cache_errors.labels("semantic_guarded").inc()
+            return None, None, None
         started = time.perf_counter()
         vector = await self.embedders[route.alias].embed(text)
         probe = SemanticProbe(scope, vector)
@@ -231,6 +253,31 @@ class ResponseCache:
         if entry is None:
             index.remove(scope, key)
         return entry, similarity, probe
+
+    def _guard_runtime(self, ctx: RequestContext) -> GuardRuntime | None:
+        """The guards of the runtime this cache belongs to (one of its services, as the admin API finds them)."""
+        self._guards = next((s for s in ctx.runtime.services if isinstance(s, GuardRuntime)), None)
+        self._guards_known = True
+        return self._guards
+
+    async def _embeddable(self, guards: GuardRuntime, tenant: str, embeddings: str, text: str) -> bool:
+        """Whether `text` may go to the `embeddings` alias's upstream as it is: the input guards a request of `tenant`
+        to that alias would meet (`GuardRuntime.served`) neither block it nor change it. Run as the guard stage runs
+        them (the pool, timeouts, `fail:`), their verdicts counted in the guard metrics, their findings kept out of
+        the request's own guard session (its header, and whether its answer is stored). A text they would rewrite
+        is not embedded rewritten either: its vector would stand for another prompt than the answer stored under
+        it. No guard: nothing is run."""
+        guard_set = guards.served(tenant, embeddings, self.policy.models)
+        if not guard_set:
+            return True
+        for limit in guard_set.limits:
+            found = await limit.check_request_off_loop([text], 1)  # (an embeddings request of one input)
+            if limit.mode == "enforce" and any(f.action == "block" for f in found):
+                return False
+        if not guard_set.input:
+            return True
+        enforced, _ = await guards.detect(guard_set.input, text, EMBEDDING_INPUT)
+        return decide(text, enforced, [], None).decision == "allow"
 
     def result(self, entry: Entry, status: str, similarity: float | None) -> CacheResult:
         usage = entry.usage
@@ -268,3 +315,8 @@ class ResponseCache:
             self.indexes[alias].add(probe.scope, key, probe.vector)
             if self.share is not None:
                 await self.share.publish(alias, probe.scope, key, probe.vector)
+
+
+def _plan(alias: str, rule: Rule | None) -> str:
+    """The alias, and the routing rule that will apply: a rule may send the same body elsewhere."""
+    return alias if rule is None else f"{alias}\x00{rule.name}"

@@ -10,6 +10,10 @@ stored. Every miss the stage meant to store ends in one `gateway_cache_stores_to
 outcome: `stored`, `too_large`, `unavailable`, or `uncacheable` (an error, a cut
 or cancelled answer, a guard's change).
 
+A request a routing rule `deny`s passes on as a bypass, for the router to refuse:
+it is neither looked up, nor embedded (the semantic cache's embeddings alias is
+an upstream too), nor coalesced.
+
 A coalesced miss's leader that stores nothing tells its waiters why
 (`Flight.release`): a failure the next request of the key may not meet (an
 upstream error, a timeout, a 408/409/429, a cut stream, its client gone) hands
@@ -73,7 +77,10 @@ class CacheStage:
         if decided.bypass:
             return await self._pass(ctx, call_next, CacheResult("bypass"), alias)
         cache = self.cache
-        key = cache.key(ctx)
+        rule = cache.rule(ctx)
+        if rule is not None and rule.deny is not None:  # the router refuses it: nothing to look up, embed or wait for
+            return await self._pass(ctx, call_next, CacheResult("bypass"), alias)
+        key = cache.key(ctx, rule)
         read, write = decided.lookup, decided.store
         probe: SemanticProbe | None = None
         if read:
@@ -81,11 +88,11 @@ class CacheStage:
             if entry is not None and (reply := self._hit(ctx, entry, "hit", None)) is not None:
                 return reply
             if spec.semantic is not None:
-                entry, similarity, probe = await cache.semantic_read(ctx, spec, control.max_age)
+                entry, similarity, probe = await cache.semantic_read(ctx, spec, control.max_age, rule)
                 if entry is not None and (reply := self._hit(ctx, entry, "semantic-hit", similarity)) is not None:
                     return reply
         elif spec.semantic is not None and write:
-            probe = (await cache.semantic_read(ctx, spec, None))[2]
+            probe = (await cache.semantic_read(ctx, spec, None, rule))[2]
         if not write:
             return await self._pass(ctx, call_next, CacheResult("miss"), alias)
         flight: Flight | None = None

@@ -31,7 +31,7 @@ from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy
 from ..routing.explain import route_plan
 from ..routing.router import Router
-from ..routing.rules import Facts, rule_alias
+from ..routing.rules import Facts, first_match, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
@@ -127,7 +127,7 @@ class Decider:
             found["auth"] = self._authorize(found["auth"], key, alias)
             found["limits"] = self._limits(request.endpoint, body, key, alias)
             found["guards"] = await self._guards(request.endpoint, body, key, alias, request.headers)
-            found["cache"] = self._cache(request.endpoint, body, request.headers, alias)
+            found["cache"] = self._cache(request.endpoint, body, request.headers, alias, key)
             found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream,
                                                            request.endpoint)
         except _Refused as refused:
@@ -258,13 +258,19 @@ class Decider:
                 f"The request was blocked by the gateway's content policy: guard {', '.join(blockers)}."), decided)
         return decided
 
-    def _cache(self, endpoint: Endpoint, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]], alias: str
-               ) -> CacheDecision | None:
+    def _cache(self, endpoint: Endpoint, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]], alias: str,
+               key: VirtualKey | None) -> CacheDecision | None:
         """Whether the alias's cache would look up and store (None: the alias has no cache), decided by the
-        cache stage's own `plan`; what the store holds is not read."""
+        cache stage's own `plan`; what the store holds is not read. A request a `deny` rule refuses never reaches
+        the cache (the stage passes it on to the router's refusal)."""
         spec = self.policy.cache.aliases.get(alias)
         if spec is None:
             return None
+        route = self.policy.models[alias]
+        if route.rules:
+            rule = first_match(route.rules, alias, Facts(body, key, headers, self.tokens, route.upstream_model))
+            if rule is not None and rule.deny is not None:
+                return CacheDecision(lookup=False, store=False, semantic=False, reason="deny")
         decided = plan(spec, endpoint, _Sampling(body.get("temperature"), body.get("seed")), directives(headers))
         return CacheDecision(lookup=decided.lookup, store=decided.store,
                              semantic=decided.lookup and spec.semantic is not None, reason=decided.reason)

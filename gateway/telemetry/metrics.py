@@ -259,7 +259,8 @@ class Metrics:
             registry=registry,
         )
         self.cache_errors = Counter(
-            "gateway_cache_errors", "Cache reads served as misses: store unavailable, or a corrupt entry.",
+            "gateway_cache_errors", "Cache reads served as misses: store unavailable, a corrupt entry, or a "
+            "prompt the embeddings alias's input guards keep from it (semantic_guarded).",
             ("reason",), registry=registry,
         )
         # Accounting (gateway/accounting/): scopes are key, tenant, model; names come from the policy

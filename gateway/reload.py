@@ -16,24 +16,36 @@ the same on every filesystem, in containers and for Kubernetes ConfigMaps (which
 swap a symlink rather than write the file), and costs nothing measurable. A change
 of metadata only triggers a reload; the reload itself compares the content's hash
 with the policy being served, so a touch without a change is a no-op.
+
+With several workers, the last policy the workers accepted is kept in a snapshot (`keep_snapshot`): a worker
+restarted after a crash while the file on disk is refused serves it (`load_snapshot`), as its siblings do, rather
+than dying at start and being restarted again and again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 
-from .policy import Policy
+import msgspec
+
+from .policy import Policy, PolicyError, PolicyIssue, load_policy
 from .policy.accounting_check import has_limits
 from .policy.compile import open_to_network
+from .policy.includes import MAX_POLICY_BYTES, read_capped, read_tree
+from .policy.provider_schema import AzureSpec
 
 __all__ = [
-    "Fingerprints", "Listener", "fingerprints", "fingerprints_as_read", "serving_refusals", "watch_policy_file",
-    "watch_policy_files",
+    "Fingerprints", "Listener", "fingerprints", "fingerprints_as_read", "keep_snapshot", "load_snapshot",
+    "serving_refusals", "watch_policy_file", "watch_policy_files",
 ]
 
 Fingerprints = tuple[tuple[Path, tuple[int, int, int] | None], ...]
@@ -157,3 +169,128 @@ async def watch_policy_files(
         # The reload may have changed which files are watched: those it read, as it read them (a change during the
         # reload is a change still to read, a file a refused one found missing is missing), the others as they are.
         last = fingerprints_as_read(loaded(), paths(), ()) or fingerprints(paths())
+
+
+_SNAPSHOT = "current"  # the snapshot folder's link to the copy of the last policy accepted
+
+
+def keep_snapshot(policy: Policy, folder: Path) -> bool:
+    """Keep the files `policy` is made of (its includes, prices file and shadow policy's) in `folder`, the process
+    group's own, as the last policy accepted; False if they changed since they were read (it is not kept).
+
+    A copy of the texts, not of the compiled policy: it holds what the files hold (credentials stay in the
+    environment), and compiling it again gives the same version, its names relative to the root file being the
+    same. Each copy is checked against the version it stands for, so that a file written while it was copied is
+    not kept under the version of the file before. Workers all keep the policies they load: the first to copy a
+    version keeps it, the others find it there."""
+    name = f"v-{policy.version}" + (f"-{policy.shadow.version}" if policy.shadow is not None else "")
+    link = folder / _SNAPSHOT
+    try:
+        if os.readlink(link) == name:
+            return True
+    except OSError:
+        pass
+    kept = folder / name
+    if not kept.is_dir():
+        staging = Path(tempfile.mkdtemp(prefix=".copy-", dir=folder))
+        try:
+            if not _copied(policy, staging):
+                log.warning("policy %s changed while it was kept for restarted workers: not kept", policy.version)
+                return False
+            try:
+                os.rename(staging, kept)
+            except OSError:  # another worker kept it first
+                pass
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    pointer = folder / f".link-{os.getpid()}"
+    pointer.unlink(missing_ok=True)
+    os.symlink(name, pointer)
+    os.replace(pointer, link)  # (atomic: a worker starting reads one snapshot or the other, whole)
+    for old in folder.iterdir():
+        if old.name.startswith("v-") and old.name != name:
+            shutil.rmtree(old, ignore_errors=True)
+    return True
+
+
+def _copied(policy: Policy, staging: Path) -> bool:
+    """Whether the files of `policy` (those it read; the folders of its globs hold only those) copied under
+    `staging` make the same version; an Entra token file the policy names is linked, not copied (a secret, and one
+    refreshed in place): a compile of the copy checks it where the original is."""
+    for file in policy.watch:
+        if not os.path.isfile(file):
+            continue  # a glob's folder, or a file looked for and missing
+        text = read_capped(file, MAX_POLICY_BYTES)
+        if text is None:
+            return False
+        copy = _mirrored(staging, file)
+        copy.parent.mkdir(parents=True, exist_ok=True)
+        with open(copy, "w", encoding="utf-8", newline="") as stream:
+            stream.write(text)
+    for compiled in (policy, policy.shadow):
+        if compiled is None:
+            continue
+        for token_file in _token_files(compiled):
+            linked = _mirrored(staging, token_file)
+            linked.parent.mkdir(parents=True, exist_ok=True)
+            linked.unlink(missing_ok=True)
+            os.symlink(token_file, linked)
+        try:
+            if read_tree(_mirrored(staging, compiled.source)).version != compiled.version:
+                return False
+        except PolicyError:
+            return False
+    return True
+
+
+def load_snapshot(folder: Path, source: Path) -> Policy | None:
+    """The last policy kept in `folder` (`keep_snapshot`), compiled again as if read from `source` (its file names,
+    and what is watched, are those of `source`'s files); None if none is kept. Raises `PolicyError`."""
+    try:
+        name = os.readlink(folder / _SNAPSHOT)
+    except OSError:
+        return None
+    base = str(folder / name)
+    try:
+        policy = load_policy(_mirrored(Path(base), str(source)))
+    except PolicyError as exc:  # (named as the originals: the copy's names mean nothing to the operator)
+        raise PolicyError([PolicyIssue(_original(issue.file, base), issue.line, issue.path,
+                                       issue.message.replace(base + os.sep, os.sep)) for issue in exc.issues]) from None
+    return _unmirrored(policy, base)
+
+
+def _original(name: str, base: str) -> str:
+    """The original's name of the copy `name` under `base` (other names as they are)."""
+    return name[len(base):] if name.startswith(base + os.sep) else name
+
+
+def _mirrored(base: Path, file: str) -> Path:
+    """Where `file` is kept under `base`: at its absolute path, so that every name relative to the root file (the
+    includes, the prices file, the shadow policy, the version's hash) is the same there."""
+    return base / os.path.abspath(file).lstrip(os.sep)
+
+
+def _unmirrored(policy: Policy, base: str) -> Policy:
+    """`policy` compiled from the copy under `base`, with the names of the copy made those of the originals: the
+    file watcher watches the originals, the Entra token refresher reads the original token file."""
+    def original(name: str) -> str:
+        return _original(name, base)
+
+    providers = {}
+    for name, config in policy.providers.items():
+        if isinstance(config.options, AzureSpec) and config.options.entra_token_file is not None:
+            options = msgspec.structs.replace(config.options,
+                                              entra_token_file=original(config.options.entra_token_file))
+            config = dataclasses.replace(config, options=options)
+        providers[name] = config
+    return dataclasses.replace(
+        policy, source=original(policy.source), files=tuple(map(original, policy.files)),
+        watch=tuple(map(original, policy.watch)), providers=MappingProxyType(providers),
+        warnings=tuple(warning.replace(base + os.sep, os.sep) for warning in policy.warnings),
+        shadow=_unmirrored(policy.shadow, base) if policy.shadow is not None else None)
+
+
+def _token_files(policy: Policy) -> list[str]:
+    """The Entra token files `policy` names (absolute: the compile made them so)."""
+    return [config.options.entra_token_file for config in policy.providers.values()
+            if isinstance(config.options, AzureSpec) and config.options.entra_token_file is not None]

@@ -13,8 +13,13 @@ Shutdown: SIGTERM marks the gateway draining (`/readyz` answers 503) and, after
 `server.drain_delay_s`, stops accepting connections; requests in flight, streams
 included, get `server.drain_timeout_s` to finish; at that deadline the gateway
 ends the rest itself (streams with an error event, others with 503) before
-uvicorn would cancel them. A clean drain exits with status 0. SIGHUP reloads the
+uvicorn would cancel them; SIGINT skips the delay, and so does one that comes during it (the deadline moves
+earlier with it). A clean drain exits with status 0. SIGHUP reloads the
 policy (with several workers, the supervisor passes it to every worker).
+
+Several workers: the supervisor restarts one that dies. The restarted worker serves the policy the others serve
+even when the file on disk has been refused since (`reload.keep_snapshot`); one that dies soon after its start
+is restarted after a wait that doubles each time, so that a worker that cannot start does not burn a core.
 """
 
 from __future__ import annotations
@@ -30,19 +35,22 @@ import signal
 import sys
 import tempfile
 import threading
+import time
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, NamedTuple
 
 import uvicorn
 from prometheus_client.multiprocess import mark_process_dead
-from uvicorn.supervisors import Multiprocess
+from uvicorn.config import STARTUP_FAILURE
+from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from .app import ASGIApp, Gateway, create_app, served_app
 from .http_server import server_limits
-from .policy import Policy, load_policy
-from .reload import Listener, fingerprints, serving_refusals
+from .policy import Policy, PolicyError, load_policy
+from .reload import Listener, fingerprints, keep_snapshot, load_snapshot, serving_refusals
 from .telemetry.logs import configure_logging
 
 __all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
@@ -56,6 +64,11 @@ _PR_SET_PDEATHSIG = 1
 # counts, so a larger young generation mostly delays cycles (failed requests' tracebacks) by a few seconds.
 _GC_THRESHOLDS = (20_000, 20, 20)
 _GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so the gateway cuts first
+# A worker that dies within `_YOUNG_S` of its start, after one that did too, is restarted after a wait, doubled at
+# each such death from the first to the longest: one that cannot start at all is tried twice a minute, not twice a
+# second. A worker's first death (a crash, an OOM kill) restarts it at once, as uvicorn does.
+_YOUNG_S = 30.0
+_RESTART_WAIT_S = (1.0, 30.0)
 
 
 @dataclass(frozen=True, slots=True)
@@ -63,33 +76,104 @@ class ServeSettings:
     policy_path: Path
     listener: Listener  # what every policy this process serves must suit, the first and each reloaded one
     supervised: bool = False  # a worker of `--workers N`: reloads are passed to every worker
+    snapshots: Path | None = None  # with workers: the folder keeping the last policy they accepted (`keep_snapshot`)
 
 
 def build_served_app(settings: ServeSettings) -> ASGIApp:
     """The app factory uvicorn calls in each serving process.
 
     The policy is read again here, after `gateway serve` checked its own reading: the file may have
-    changed since, and a worker the supervisor restarts reads it anew. So it is checked again, and a
-    policy `gateway serve` would refuse stops the process rather than serving.
+    changed since, and a worker the supervisor restarts reads it anew. So it is checked again. A policy
+    `gateway serve` would refuse stops the process rather than serving, unless the workers keep a snapshot of
+    the last one they accepted: the one its siblings serve (they refused the file too), which it then serves.
     """
     configure_logging()
     early: list[int] = []  # a SIGHUP before the process serves (its default action ends the process): kept
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda signum, frame: early.append(signum))
     before = fingerprints([settings.policy_path])  # (a change after this is one the file watcher reloads)
-    policy = load_policy(settings.policy_path)
-    refusals = serving_refusals(policy, settings.listener)
-    if refusals:
-        for refusal in refusals:
-            log.error("gateway: %s", refusal)
-        raise SystemExit(2)
-    gateway = Gateway(policy, source=settings.policy_path, listener=settings.listener, read_from=before)
+    policy, refused = _read_policy(settings)
+    options: dict[str, Any] = {"source": settings.policy_path, "listener": settings.listener, "read_from": before}
+    gateway = Gateway(policy, **options) if settings.snapshots is None else \
+        _WorkerGateway(policy, snapshots=settings.snapshots, **options)
+    if refused is not None:  # serving the snapshot: the file is watched (and shown) as a refused reload leaves it
+        gateway._watch_refused(refused.watch, refused.missing)
+        gateway.last_reload = {"result": "invalid", "trigger": "start", "version": policy.version,
+                               "errors": refused.errors}
+    elif isinstance(gateway, _WorkerGateway):
+        gateway.keep()
     if settings.supervised:
         parent = os.getppid()
         gateway.reload_requested = lambda: os.kill(parent, signal.SIGHUP)
         _die_with(parent)
     process = _ServedProcess(gateway, early)
     return served_app(create_app(gateway, on_startup=[process.started]))
+
+
+class _Refused(NamedTuple):
+    """Why the policy file was refused at a worker's start, and what the refused version read or looked for."""
+
+    errors: list[str]
+    watch: Sequence[str]
+    missing: Collection[str] = ()
+
+
+def _read_policy(settings: ServeSettings) -> tuple[Policy, _Refused | None]:
+    """The policy file's, checked as `gateway serve` checked it; refused, the last one accepted (`_last_accepted`)
+    with why the file was refused."""
+    try:
+        policy = load_policy(settings.policy_path)
+    except PolicyError as exc:
+        refused = _Refused([str(issue) for issue in exc.issues], exc.watch, exc.missing)
+    else:
+        refusals = serving_refusals(policy, settings.listener)
+        if not refusals:
+            return policy, None
+        refused = _Refused([f"{settings.policy_path}: {refusal}" for refusal in refusals], policy.watch)
+    return _last_accepted(settings, refused.errors), refused
+
+
+def _last_accepted(settings: ServeSettings, errors: list[str]) -> Policy:
+    """The policy file is refused: the last policy the workers accepted, if they keep one, else the process ends
+    (status 2). The file's issues are logged one a line, as `gateway check` prints them, never as a traceback."""
+    for issue in errors:
+        log.error("gateway: policy refused: %s", issue)
+    kept = None
+    if settings.snapshots is not None:
+        try:
+            kept = load_snapshot(settings.snapshots, settings.policy_path)
+        except PolicyError as exc:
+            for problem in exc.issues:
+                log.error("gateway: the last policy accepted is refused too: %s", problem)
+    if kept is None or serving_refusals(kept, settings.listener):
+        raise SystemExit(2)
+    log.warning("gateway: serving the last policy the workers accepted, %s, until %s is fixed", kept.version,
+                settings.policy_path)
+    return kept
+
+
+class _WorkerGateway(Gateway):
+    """A worker's gateway: each policy it puts in force is kept for the workers restarted after it."""
+
+    def __init__(self, policy: Policy, *, snapshots: Path, **options: Any) -> None:
+        super().__init__(policy, **options)
+        self.snapshots = snapshots
+
+    def keep(self) -> None:
+        _keep(self.runtime.policy, self.snapshots)
+
+    async def reload(self, trigger: str) -> dict[str, Any]:
+        result = await super().reload(trigger)
+        if result["result"] == "ok":
+            await asyncio.to_thread(self.keep)
+        return result
+
+
+def _keep(policy: Policy, snapshots: Path) -> None:
+    try:
+        keep_snapshot(policy, snapshots)
+    except (OSError, ValueError):  # (a file gone, or no longer text, since it was read: not kept)
+        log.warning("could not keep policy %s for restarted workers", policy.version, exc_info=True)
 
 
 def _die_with(parent: int) -> None:
@@ -113,6 +197,7 @@ class _ServedProcess:
         # The server's own drain deadline is set at start (`uvicorn_config`, this policy's `drain_timeout_s` plus
         # `_GRACE_S`): a reload to a longer one cannot move it, so the gateway cuts at the earlier of the two.
         self._started_drain_s = gateway.runtime.policy.server.drain_timeout_s
+        self._deadline: asyncio.TimerHandle | None = None  # the drain deadline's `cut_all`, once set
 
     def started(self) -> None:
         self.loop = asyncio.get_running_loop()
@@ -140,10 +225,20 @@ class _ServedProcess:
         def stop_accepting() -> None:
             if callable(previous):
                 previous(signum, frame)
-            if first:
-                loop.call_later(min(server.drain_timeout_s, self._started_drain_s), self.gateway.cut_all)
+            self._cut_at(loop.time() + min(server.drain_timeout_s, self._started_drain_s))
 
         loop.call_soon_threadsafe(loop.call_later, delay, stop_accepting)
+
+    def _cut_at(self, when: float) -> None:
+        """The drain deadline at `when`, or earlier if one is set already: a signal that ends a SIGTERM's delay
+        (SIGINT) starts the server's own deadline at once, and the gateway's must come before it."""
+        loop = self.loop
+        assert loop is not None
+        if self._deadline is not None:
+            if self._deadline.when() <= when:
+                return
+            self._deadline.cancel()
+        self._deadline = loop.call_at(when, self.gateway.cut_all)
 
     def _on_hup(self, signum: int, frame: FrameType | None) -> None:
         loop = self.loop
@@ -153,17 +248,62 @@ class _ServedProcess:
 
 class _Supervisor(Multiprocess):
     """uvicorn's supervisor, except that SIGHUP reloads every worker's policy instead of
-    restarting the workers (a restart would drop their streams)."""
+    restarting the workers (a restart would drop their streams), and that a worker dying soon after its
+    start is restarted after a wait (`_YOUNG_S`)."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[Any]) -> None:
+        super().__init__(config, sockets)
+        self._born: dict[int, float] = {}  # worker slot -> when its process started
+        self._young: dict[int, int] = {}  # worker slot -> its workers' deaths in a row within `_YOUNG_S` of start
+        self._due: dict[int, float] = {}  # worker slot -> when its dead worker is restarted
+
+    def init_processes(self) -> None:
+        super().init_processes()
+        self._born = dict.fromkeys(range(len(self.processes)), time.monotonic())
 
     def keep_subprocess_alive(self) -> None:
-        """uvicorn's restart of a dead worker, and then the dead worker's live gauges (`livesum`: requests in
-        flight; `livemax`: breaker states, the store's health, the policy served) dropped from `/metrics`: left,
-        a worker killed with 5 streams open added 5 in flight to every scrape for good."""
-        before = {process.pid for process in self.processes}
-        super().keep_subprocess_alive()
-        for pid in before - {process.pid for process in self.processes}:
-            if pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-                mark_process_dead(pid)  # type: ignore[no-untyped-call]
+        """uvicorn's restart of a dead worker, but after a wait when it died young (a worker that cannot start, a
+        crash at start, restarted at once, looped: 15 deaths and 28 tracebacks in 20 s), and then the dead
+        worker's live gauges (`livesum`: requests in flight; `livemax`: breaker states, the store's health, the
+        policy served) dropped from `/metrics`: left, a worker killed with 5 streams open added 5 in flight to
+        every scrape for good."""
+        if self.should_exit.is_set():
+            return
+        for idx, process in enumerate(self.processes):
+            due = self._due.get(idx)
+            if due is not None:
+                if time.monotonic() >= due and not self.should_exit.is_set():
+                    del self._due[idx]
+                    self._restart(idx)
+                continue
+            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
+                continue
+            process.kill()  # (hung: killed)
+            process.join()
+            if process.exitcode == STARTUP_FAILURE:  # uvicorn's: the app, TLS or socket cannot work, stop
+                log.error("worker [%s] failed to start; stopping", process.pid)
+                self.should_exit.set()
+                return
+            if self.should_exit.is_set():
+                return
+            if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+                mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
+            lived = time.monotonic() - self._born.get(idx, 0.0)
+            young = self._young[idx] = self._young.get(idx, 0) + 1 if lived < _YOUNG_S else 0
+            wait = 0.0 if young < 2 else min(_RESTART_WAIT_S[0] * 2 ** (young - 2), _RESTART_WAIT_S[1])
+            if wait:
+                log.warning("worker [%s] died %.1f s after it started (exit status %s); restarting it in %.0f s",
+                            process.pid, lived, process.exitcode, wait)
+                self._due[idx] = time.monotonic() + wait
+            else:
+                log.info("Child process [%s] died", process.pid)  # (uvicorn's words)
+                self._restart(idx)
+
+    def _restart(self, idx: int) -> None:
+        process = Process(self.config, self.sockets)
+        process.start()
+        self.processes[idx] = process
+        self._born[idx] = time.monotonic()
 
     def terminate_all(self) -> None:
         """uvicorn's stop of every worker (each drains), then this process's copy of the listening socket closed:
@@ -176,7 +316,7 @@ class _Supervisor(Multiprocess):
 
     def handle_hup(self) -> None:
         for process in self.processes:
-            if process.pid is not None:
+            if process.pid is not None and process.exitcode is None:  # (a dead one's pid may be another's now)
                 try:
                     os.kill(process.pid, signal.SIGHUP)
                 except ProcessLookupError:
@@ -220,7 +360,11 @@ def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | Non
     workers = listener.workers
     if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
-    settings = ServeSettings(policy_path, listener, supervised=workers > 1)
+    snapshots = None
+    if workers > 1:  # the last policy accepted, for a worker restarted while the file is refused
+        snapshots = Path(tempfile.mkdtemp(prefix="gateway-policy-"))
+        _keep(policy, snapshots)
+    settings = ServeSettings(policy_path, listener, supervised=workers > 1, snapshots=snapshots)
     config = uvicorn_config(
         functools.partial(build_served_app, settings), policy, factory=True, workers=workers,
         host=listener.host, port=port or policy.server.port,
@@ -237,8 +381,9 @@ def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | Non
         else:
             uvicorn.Server(config).run()
     finally:
-        if metrics_dir is not None:
-            shutil.rmtree(metrics_dir, ignore_errors=True)
+        for folder in (metrics_dir, snapshots):
+            if folder is not None:
+                shutil.rmtree(folder, ignore_errors=True)
     return 0
 
 

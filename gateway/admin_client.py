@@ -32,8 +32,12 @@ class AdminError(Exception):
 
 class AdminClient:
     def __init__(self, url: str, token_env: str, timeout_s: float = 30.0) -> None:
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:  # (a bracket left open, a port out of range or not a number: ValueError)
+            parts = urllib.parse.urlsplit(url)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+        except ValueError:
+            usable = False
+        if not usable:
             raise AdminError(f"--url wants http(s)://host:port, not {url!r}")
         token, problem = header_credential(os.environ.get(token_env) or "")
         if not token:

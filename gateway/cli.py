@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 import urllib.parse
 from pathlib import Path
@@ -29,7 +30,17 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "command", None):
         parser.print_help()
         return 2
-    return int(args.run(args))
+    try:
+        code = int(args.run(args))
+        sys.stdout.flush()  # (here: a reader gone is met below, not in the interpreter's flush at exit)
+    except BrokenPipeError:
+        # The reader stopped reading (`gateway schema | head`): stop quietly, as CLIs do, with stdout pointed at
+        # /dev/null so that the interpreter's own flush at exit does not fail again with a second message.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return 1
+    return code
 
 
 def _parser() -> argparse.ArgumentParser:

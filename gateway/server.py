@@ -17,9 +17,7 @@ uvicorn would cancel them; SIGINT skips the delay, and so does one that comes du
 earlier with it). A clean drain exits with status 0. SIGHUP reloads the
 policy (with several workers, the supervisor passes it to every worker).
 
-Several workers: the supervisor restarts one that dies. The restarted worker serves the policy the others serve
-even when the file on disk has been refused since (`reload.keep_snapshot`); one that dies soon after its start
-is restarted after a wait that doubles each time, so that a worker that cannot start does not burn a core.
+Several workers: the supervisor and what a worker does at its start are in `workers.py`.
 """
 
 from __future__ import annotations
@@ -35,23 +33,19 @@ import signal
 import sys
 import tempfile
 import threading
-import time
-from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any, NamedTuple
+from typing import Any
 
 import uvicorn
-from prometheus_client.multiprocess import mark_process_dead
-from uvicorn.config import STARTUP_FAILURE
-from uvicorn.supervisors.multiprocess import Multiprocess, Process
 
 from .app import ASGIApp, Gateway, create_app, served_app
 from .http_server import server_limits
-from .policy import Policy, PolicyError, load_policy
-from .reload import Listener, fingerprints, keep_snapshot, load_snapshot, serving_refusals
+from .policy import Policy
+from .reload import Listener, fingerprints
 from .telemetry.logs import configure_logging
+from .workers import Supervisor, WorkerGateway, keep, read_policy
 
 __all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
 
@@ -64,13 +58,6 @@ _PR_SET_PDEATHSIG = 1
 # counts, so a larger young generation mostly delays cycles (failed requests' tracebacks) by a few seconds.
 _GC_THRESHOLDS = (20_000, 20, 20)
 _GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so the gateway cuts first
-# A worker that dies within `_YOUNG_S` of its start, after one that did too, is restarted after a wait, doubled at
-# each such death from the first to the longest: one that cannot start at all is tried twice a minute, not twice a
-# second. A worker's first death (a crash, an OOM kill) restarts it at once, as uvicorn does.
-_YOUNG_S = 30.0
-_RESTART_WAIT_S = (1.0, 30.0)
-
-
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
     policy_path: Path
@@ -92,88 +79,18 @@ def build_served_app(settings: ServeSettings) -> ASGIApp:
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda signum, frame: early.append(signum))
     before = fingerprints([settings.policy_path])  # (a change after this is one the file watcher reloads)
-    policy, refused = _read_policy(settings)
+    policy, refused = read_policy(settings.policy_path, settings.listener, settings.snapshots)
     options: dict[str, Any] = {"source": settings.policy_path, "listener": settings.listener, "read_from": before}
     gateway = Gateway(policy, **options) if settings.snapshots is None else \
-        _WorkerGateway(policy, snapshots=settings.snapshots, **options)
-    if refused is not None:  # serving the snapshot: the file is watched (and shown) as a refused reload leaves it
-        gateway._watch_refused(refused.watch, refused.missing)
-        gateway.last_reload = {"result": "invalid", "trigger": "start", "version": policy.version,
-                               "errors": refused.errors}
-    elif isinstance(gateway, _WorkerGateway):
-        gateway.keep()
+        WorkerGateway(policy, snapshots=settings.snapshots, **options)
+    if isinstance(gateway, WorkerGateway):
+        gateway.begin(refused)
     if settings.supervised:
         parent = os.getppid()
         gateway.reload_requested = lambda: os.kill(parent, signal.SIGHUP)
         _die_with(parent)
     process = _ServedProcess(gateway, early)
     return served_app(create_app(gateway, on_startup=[process.started]))
-
-
-class _Refused(NamedTuple):
-    """Why the policy file was refused at a worker's start, and what the refused version read or looked for."""
-
-    errors: list[str]
-    watch: Sequence[str]
-    missing: Collection[str] = ()
-
-
-def _read_policy(settings: ServeSettings) -> tuple[Policy, _Refused | None]:
-    """The policy file's, checked as `gateway serve` checked it; refused, the last one accepted (`_last_accepted`)
-    with why the file was refused."""
-    try:
-        policy = load_policy(settings.policy_path)
-    except PolicyError as exc:
-        refused = _Refused([str(issue) for issue in exc.issues], exc.watch, exc.missing)
-    else:
-        refusals = serving_refusals(policy, settings.listener)
-        if not refusals:
-            return policy, None
-        refused = _Refused([f"{settings.policy_path}: {refusal}" for refusal in refusals], policy.watch)
-    return _last_accepted(settings, refused.errors), refused
-
-
-def _last_accepted(settings: ServeSettings, errors: list[str]) -> Policy:
-    """The policy file is refused: the last policy the workers accepted, if they keep one, else the process ends
-    (status 2). The file's issues are logged one a line, as `gateway check` prints them, never as a traceback."""
-    for issue in errors:
-        log.error("gateway: policy refused: %s", issue)
-    kept = None
-    if settings.snapshots is not None:
-        try:
-            kept = load_snapshot(settings.snapshots, settings.policy_path)
-        except PolicyError as exc:
-            for problem in exc.issues:
-                log.error("gateway: the last policy accepted is refused too: %s", problem)
-    if kept is None or serving_refusals(kept, settings.listener):
-        raise SystemExit(2)
-    log.warning("gateway: serving the last policy the workers accepted, %s, until %s is fixed", kept.version,
-                settings.policy_path)
-    return kept
-
-
-class _WorkerGateway(Gateway):
-    """A worker's gateway: each policy it puts in force is kept for the workers restarted after it."""
-
-    def __init__(self, policy: Policy, *, snapshots: Path, **options: Any) -> None:
-        super().__init__(policy, **options)
-        self.snapshots = snapshots
-
-    def keep(self) -> None:
-        _keep(self.runtime.policy, self.snapshots)
-
-    async def reload(self, trigger: str) -> dict[str, Any]:
-        result = await super().reload(trigger)
-        if result["result"] == "ok":
-            await asyncio.to_thread(self.keep)
-        return result
-
-
-def _keep(policy: Policy, snapshots: Path) -> None:
-    try:
-        keep_snapshot(policy, snapshots)
-    except (OSError, ValueError):  # (a file gone, or no longer text, since it was read: not kept)
-        log.warning("could not keep policy %s for restarted workers", policy.version, exc_info=True)
 
 
 def _die_with(parent: int) -> None:
@@ -246,83 +163,6 @@ class _ServedProcess:
         loop.call_soon_threadsafe(lambda: self.gateway._spawn(self.gateway.reload("signal")))
 
 
-class _Supervisor(Multiprocess):
-    """uvicorn's supervisor, except that SIGHUP reloads every worker's policy instead of
-    restarting the workers (a restart would drop their streams), and that a worker dying soon after its
-    start is restarted after a wait (`_YOUNG_S`)."""
-
-    def __init__(self, config: uvicorn.Config, sockets: list[Any]) -> None:
-        super().__init__(config, sockets)
-        self._born: dict[int, float] = {}  # worker slot -> when its process started
-        self._young: dict[int, int] = {}  # worker slot -> its workers' deaths in a row within `_YOUNG_S` of start
-        self._due: dict[int, float] = {}  # worker slot -> when its dead worker is restarted
-
-    def init_processes(self) -> None:
-        super().init_processes()
-        self._born = dict.fromkeys(range(len(self.processes)), time.monotonic())
-
-    def keep_subprocess_alive(self) -> None:
-        """uvicorn's restart of a dead worker, but after a wait when it died young (a worker that cannot start, a
-        crash at start, restarted at once, looped: 15 deaths and 28 tracebacks in 20 s), and then the dead
-        worker's live gauges (`livesum`: requests in flight; `livemax`: breaker states, the store's health, the
-        policy served) dropped from `/metrics`: left, a worker killed with 5 streams open added 5 in flight to
-        every scrape for good."""
-        if self.should_exit.is_set():
-            return
-        for idx, process in enumerate(self.processes):
-            due = self._due.get(idx)
-            if due is not None:
-                if time.monotonic() >= due and not self.should_exit.is_set():
-                    del self._due[idx]
-                    self._restart(idx)
-                continue
-            if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                continue
-            process.kill()  # (hung: killed)
-            process.join()
-            if process.exitcode == STARTUP_FAILURE:  # uvicorn's: the app, TLS or socket cannot work, stop
-                log.error("worker [%s] failed to start; stopping", process.pid)
-                self.should_exit.set()
-                return
-            if self.should_exit.is_set():
-                return
-            if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-                mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-            lived = time.monotonic() - self._born.get(idx, 0.0)
-            young = self._young[idx] = self._young.get(idx, 0) + 1 if lived < _YOUNG_S else 0
-            wait = 0.0 if young < 2 else min(_RESTART_WAIT_S[0] * 2 ** (young - 2), _RESTART_WAIT_S[1])
-            if wait:
-                log.warning("worker [%s] died %.1f s after it started (exit status %s); restarting it in %.0f s",
-                            process.pid, lived, process.exitcode, wait)
-                self._due[idx] = time.monotonic() + wait
-            else:
-                log.info("Child process [%s] died", process.pid)  # (uvicorn's words)
-                self._restart(idx)
-
-    def _restart(self, idx: int) -> None:
-        process = Process(self.config, self.sockets)
-        process.start()
-        self.processes[idx] = process
-        self._born[idx] = time.monotonic()
-
-    def terminate_all(self) -> None:
-        """uvicorn's stop of every worker (each drains), then this process's copy of the listening socket closed:
-        kept, it held the socket open after every worker had closed its own, so that the kernel went on accepting
-        connections that no process would read (a client hung until the last worker exited, then was reset),
-        where a closed socket refuses them (README "Shutdown")."""
-        super().terminate_all()
-        for listening in self.sockets:
-            listening.close()
-
-    def handle_hup(self) -> None:
-        for process in self.processes:
-            if process.pid is not None and process.exitcode is None:  # (a dead one's pid may be another's now)
-                try:
-                    os.kill(process.pid, signal.SIGHUP)
-                except ProcessLookupError:
-                    pass
-
-
 def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config:
     """The server settings, shared by `gateway serve` and the test harness."""
     server = policy.server
@@ -363,7 +203,7 @@ def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | Non
     snapshots = None
     if workers > 1:  # the last policy accepted, for a worker restarted while the file is refused
         snapshots = Path(tempfile.mkdtemp(prefix="gateway-policy-"))
-        _keep(policy, snapshots)
+        keep(policy, snapshots)
     settings = ServeSettings(policy_path, listener, supervised=workers > 1, snapshots=snapshots)
     config = uvicorn_config(
         functools.partial(build_served_app, settings), policy, factory=True, workers=workers,
@@ -377,7 +217,7 @@ def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | Non
         signal.signal(sig, lambda signum, frame: None)
     try:
         if workers > 1:
-            _Supervisor(config, sockets=[config.bind_socket()]).run()
+            Supervisor(config, sockets=[config.bind_socket()]).run()
         else:
             uvicorn.Server(config).run()
     finally:

@@ -44,7 +44,7 @@ from .app import ASGIApp, Gateway, create_app, served_app
 from .http_server import server_limits
 from .policy import Policy
 from .reload import Listener, fingerprints
-from .telemetry.logs import configure_logging
+from .telemetry.logs import configure_logging, count_dropped_lines
 from .workers import Supervisor, WorkerGateway, keep, read_policy
 
 __all__ = ["ServeSettings", "build_served_app", "serve", "uvicorn_config"]
@@ -83,6 +83,7 @@ def build_served_app(settings: ServeSettings) -> ASGIApp:
     options: dict[str, Any] = {"source": settings.policy_path, "listener": settings.listener, "read_from": before}
     gateway = Gateway(policy, **options) if settings.snapshots is None else \
         WorkerGateway(policy, snapshots=settings.snapshots, **options)
+    count_dropped_lines(gateway.metrics.telemetry_dropped)  # the log lines a stalled stderr reader cost
     if isinstance(gateway, WorkerGateway):
         gateway.begin(refused)
     if settings.supervised:

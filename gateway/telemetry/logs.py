@@ -16,12 +16,21 @@ Logging is checked in full (`_direct_handler`) whenever the lines that wait are 
 at most 50 ms later): lines queued under a configuration that has changed since in another way (a handler or
 filter on the access logger or its parent, their propagation) go through `logging` then, as any record does.
 A change to the handler's own level, filters or formatter (through its methods) is seen at once.
+
+On a stream that can block (a pipe, a terminal, a socket: stderr a pipe nobody reads, as a stalled log shipper
+or Docker's blocking log mode leaves it), the handler's lines are written by a thread of its own (`_LineWriter`),
+never by the thread that logs: a blocked write holds that thread, not the event loop, which hands it a batch of
+lines (bytes) where it wrote them. Up to `_QUEUE_BYTES` wait for it; beyond, new lines are dropped and counted
+(`count_dropped_lines`: `gateway_telemetry_dropped_total{sink="log"}`), and the first line written after them
+says how many were. A stream that cannot block (a file, one in memory) is written at once, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import queue
 import sys
 import threading
 import time
@@ -33,12 +42,15 @@ import msgspec
 from .access import AccessLines, AccessPart, Names, PackedLine
 
 if TYPE_CHECKING:
+    from prometheus_client import Counter
+
     from ..pipeline.context import RequestContext
 
 # An access line to make when it is written: `AccessLines.line`'s arguments (`log_access_of`).
 _Unmade = tuple[AccessLines, "RequestContext", float, Names, "AccessPart | None", float]
 
-__all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "log_access", "log_access_of"]
+__all__ = ["JsonFormatter", "JsonLinesHandler", "configure_logging", "count_dropped_lines", "log_access",
+           "log_access_of"]
 
 _encoder = msgspec.json.Encoder()
 _encode = _encoder.encode
@@ -52,6 +64,9 @@ _root = logging.root
 _INFO = logging.INFO
 _FLUSH_LINES = 64  # access lines written at once when this many wait (~40 KB: one write costs least per line)
 _FLUSH_AFTER_S = 0.05  # else this long after the first waiting line
+_QUEUE_BYTES = 4 << 20  # lines waiting for the writer thread (~6,000 access lines); beyond, new ones are dropped
+_FLUSH_WAIT_S = 2.0  # `flush` (at exit: `logging.shutdown`) waits this long at most for the queued lines' write
+_WRITER_IDLE_S = 1.0  # the writer thread ends after this long with nothing to write (a new one starts with the next)
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
 
 
@@ -88,7 +103,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     about twice as much CPU in a served request as in a loop of lines. Another record from the loop's thread
     first writes what waits, so lines keep their order. The buffer of other lines (`write_line`) keeps its
     memory from one write to the next (grown again from empty, it cost 3 k instructions a line at 64 lines a
-    write)."""
+    write). On a stream that can block, "written" is handed to the writer thread (`_LineWriter`), a batch at a
+    time: whatever thread logs, the stream's write never holds it."""
 
     def __init__(self, stream: TextIO) -> None:
         super().__init__(stream)
@@ -99,6 +115,8 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._due_at = 1  # `_due` runs once this many lines wait: `_FLUSH_LINES` while a timed write is due
         self._timed: asyncio.AbstractEventLoop | None = None  # the loop a timed write is due on
         self._owner = -1  # the thread that writes lines (the event loop's)
+        self._writes_to: object = None  # the stream `_writer` was chosen for
+        self._writer: _LineWriter | None = None  # the stream's writer thread, if it can block (`_writer_now`)
 
     def write_access(self, line: PackedLine) -> None:
         """Queue one access line (the line `JsonFormatter` would make of its record), encoded when written."""
@@ -137,8 +155,12 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._write_buffer()
 
     def _pack(self) -> None:
-        """The access lines that wait, made (`log_access_of`'s) and encoded at the buffer's end (in one call: every
-        field of the struct has a JSON type, so it cannot fail)."""
+        """The access lines that wait, made and encoded at the buffer's end."""
+        self._buffer += self._packed()
+
+    def _packed(self) -> bytes:
+        """The access lines that wait, made (`log_access_of`'s) and encoded (in one call: every field of the struct
+        has a JSON type, so it cannot fail)."""
         pending, self._pending = self._pending, []
         made: list[PackedLine] = []
         direct: bool | None = None  # whether logging is still as it was when `log_access_of` queued its lines
@@ -158,9 +180,23 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 made.append(line)
             else:  # logging changed since it was queued: through `logging`, as any record
                 access_log.info("request", extra={"fields": line.fields()})
-        self._buffer += _encode_lines(made)
+        return _encode_lines(made)
 
     def _write_buffer(self) -> None:
+        writer = self._writer if self.stream is self._writes_to else self._writer_now()
+        if writer is not None:  # one batch to the writer thread
+            self._lines = 0
+            buffer = self._buffer
+            if not buffer:  # access lines alone (the usual batch): their encoding is the batch, not copied again
+                batch = self._packed() if self._pending else b""
+                if batch:
+                    writer.put(batch)
+                return
+            if self._pending:
+                self._pack()
+            writer.put(bytes(buffer))
+            _encode_into(_NOTHING, buffer, 0)  # its memory kept
+            return
         if self._pending:
             self._pack()
         buffer = self._buffer
@@ -182,21 +218,60 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             _encode_into(_NOTHING, buffer, 0)  # written (or failed: dropped), its memory kept
             self.release()
 
+    def _writer_now(self) -> _LineWriter | None:
+        """The writer thread of the stream now set, when it can block; None: the stream is written at once."""
+        self.acquire()  # (not two writers for one stream: the loop's thread and another may both ask first)
+        try:
+            stream = self.stream
+            if stream is not self._writes_to:
+                fd = _pipe_fd(stream)
+                self._writer = None if fd is None else _LineWriter(self, fd)
+                self._writes_to = stream
+            return self._writer
+        finally:
+            self.release()
+
     def flush(self) -> None:
         """Everything queued written, then the stream flushed: by the thread that queues lines, or by any once
-        that thread has ended (at exit, `logging.shutdown`); another thread's flush leaves the queue to it."""
+        that thread has ended (at exit, `logging.shutdown`); another thread's flush leaves the queue to it. On a
+        stream that can block, "written" waits for the writer thread off a running loop, `_FLUSH_WAIT_S` at most:
+        a stream that blocks holds no exit for longer (what still waits then is lost with the process)."""
         if (self._buffer or self._pending) and (
                 self._owner in (-1, threading.get_ident())
                 or all(thread.ident != self._owner for thread in threading.enumerate())):
             self._write_buffer()
+            if self._writer is None:
+                return
+        writer = self._writer_now()
+        if writer is None:
+            super().flush()
             return
-        super().flush()
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            writer.wait_written(_FLUSH_WAIT_S)
 
     def emit(self, record: logging.LogRecord) -> None:
-        # (another thread's record does not wait)
-        if (self._buffer or self._pending) and self._owner == threading.get_ident():
+        writer = self._writer if self.stream is self._writes_to else self._writer_now()
+        if writer is None:  # written at once (another thread's record does not wait)
+            if (self._buffer or self._pending) and self._owner == threading.get_ident():
+                self._write_buffer()
+            super().emit(record)
+            return
+        # To the writer thread as the other lines: from the loop's thread, after the lines that wait and with them;
+        # from another, on its own (it does not wait for the loop's lines).
+        try:
+            line = (self.format(record) + self.terminator).encode("utf-8", "backslashreplace")
+        except Exception:  # noqa: BLE001 -- as `StreamHandler.emit`: reported (`logging.raiseExceptions`)
+            self.handleError(record)
+            return
+        if self._owner == threading.get_ident():
+            if self._pending:
+                self._pack()
+            self._buffer += line
             self._write_buffer()
-        super().emit(record)
+        else:
+            writer.put(line)
 
     # What `_direct_handler` reads and `log_access` does not: a change has logging checked again.
     def addFilter(self, filter: logging._FilterType) -> None:
@@ -214,6 +289,131 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def setLevel(self, level: int | str) -> None:
         super().setLevel(level)
         _forget()
+
+
+class _LineWriter:
+    """Writes a handler's batches of lines to its stream's file descriptor on a thread of its own, in the order
+    they were queued (`put`): a stream that blocks holds this thread, never the one that logs. Up to
+    `_QUEUE_BYTES` wait (the batch being written included); a batch beyond that is dropped, its lines counted
+    (`_count_dropped`), and so is every batch after it until all that waited is written (one gap, not lines
+    missing here and there as batches of other sizes fit): the first batch queued then is preceded by a warning
+    that says how many lines were dropped. The thread ends once it has had nothing to write for `_WRITER_IDLE_S`
+    (a handler left idle keeps none), and a new one starts with the next batch. A batch costs the thread that
+    queues it a lock and a `SimpleQueue.put` (C): no `Condition`, whose Python cost was ~10 k instructions a
+    batch."""
+
+    def __init__(self, handler: JsonLinesHandler, fd: int) -> None:
+        self._handler = handler  # (its `format`, for the warning of lines dropped)
+        self._fd = fd
+        self._batches: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._lock = threading.Lock()  # for the three below
+        self._bytes = 0  # queued or being written
+        self._thread: threading.Thread | None = None
+        self._unreported = 0  # lines dropped since the last warning queued
+
+    def put(self, batch: bytes) -> None:
+        """Queue `batch` (whole lines) to be written, or drop it: `_QUEUE_BYTES` would be exceeded, or lines were
+        dropped and what waited is not all written yet."""
+        with self._lock:
+            if self._bytes + len(batch) > _QUEUE_BYTES or (self._unreported and self._bytes):
+                dropped = batch.count(b"\n")
+                self._unreported += dropped
+            else:
+                dropped = 0
+                if self._unreported:
+                    self._queue(self._dropped_warning())
+                self._queue(batch)
+        if dropped:
+            _count_dropped("queue_full", dropped)
+
+    def wait_written(self, timeout: float) -> None:
+        """Until every batch queued is written (and the warning of lines dropped before, if there is room), at most
+        `timeout` s (looked at every 5 ms: at exit and off the loop only)."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if self._unreported and not self._bytes:
+                self._queue(self._dropped_warning())
+        while self._bytes and time.monotonic() < deadline:
+            time.sleep(0.005)
+
+    def _queue(self, batch: bytes) -> None:  # (the lock held)
+        if not batch:
+            return
+        self._bytes += len(batch)
+        self._batches.put(batch)
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="gateway-log-writer", daemon=True)
+            self._thread.start()
+
+    def _dropped_warning(self) -> bytes:  # (the lock held)
+        """The line of a warning record, as the handler formats any: how many lines were dropped before it."""
+        dropped, self._unreported = self._unreported, 0
+        record = logging.LogRecord(__name__, logging.WARNING, __file__, 0, "log lines dropped: the stream was not "
+                                   "read fast enough", None, None)
+        record.fields = {"dropped_lines": dropped}
+        try:
+            return (self._handler.format(record) + self._handler.terminator).encode("utf-8", "backslashreplace")
+        except Exception:  # noqa: BLE001 -- a formatter's bug: no warning, the lines go on
+            return b""
+
+    def _run(self) -> None:
+        batches = self._batches
+        while True:
+            try:
+                batch = batches.get(True, _WRITER_IDLE_S)
+            except queue.Empty:
+                with self._lock:  # (`_queue` starts a thread when there is none: under the lock, one or the other)
+                    if batches.empty():
+                        self._thread = None
+                        return
+                continue
+            try:
+                self._write(batch)
+            except Exception as exc:  # noqa: BLE001 -- the stream failed (closed, its reader gone): lines dropped
+                _count_dropped("sink_failed", batch.count(b"\n"))
+                if not isinstance(exc, (OSError, ValueError)):  # a bug rather than the stream: reported
+                    traceback.print_exc()
+            with self._lock:
+                self._bytes -= len(batch)
+
+    def _write(self, batch: bytes) -> None:
+        """To the descriptor itself, not through the stream's layers: blocked, the write holds no lock of the
+        stream's (`sys.stderr`'s) that the interpreter's exit would wait for (it aborts: "could not acquire")."""
+        view = memoryview(batch)
+        while view:
+            view = view[os.write(self._fd, view):]
+
+
+def _pipe_fd(stream: TextIO) -> int | None:
+    """The file descriptor under `stream` if it cannot seek (a pipe, a terminal, a socket: what can block), else
+    None (a file, or no descriptor: written through the stream's own layers)."""
+    try:
+        return None if stream.seekable() else stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+# The lines this process dropped by reason (`queue_full`, `sink_failed`), and the counter they go to as well.
+_dropped: dict[str, int] = {}
+_dropped_counter: list[Counter | None] = [None]
+_dropped_lock = threading.Lock()
+
+
+def count_dropped_lines(counter: Counter) -> None:
+    """Count the log lines this process drops in `counter` (`gateway_telemetry_dropped_total`, labels `sink` and
+    `reason`) as `sink="log"`, those dropped before included."""
+    with _dropped_lock:
+        _dropped_counter[0] = counter
+        for reason, lines in _dropped.items():
+            counter.labels("log", reason).inc(lines)
+
+
+def _count_dropped(reason: str, lines: int) -> None:
+    with _dropped_lock:
+        _dropped[reason] = _dropped.get(reason, 0) + lines
+        counter = _dropped_counter[0]
+        if counter is not None:
+            counter.labels("log", reason).inc(lines)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

@@ -219,7 +219,7 @@ class Metrics:
         )
         self.telemetry_dropped = Counter(
             "gateway_telemetry_dropped",
-            "Payload log entries and spans dropped (queue full, sink failing, not written at close).",
+            "Log lines, payload log entries and spans dropped (queue full, sink failing, not written at close).",
             ("sink", "reason"), registry=registry,
         )
         self.spans_exported = Counter(

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from prometheus_client import CollectorRegistry, Counter
 
-from gateway.telemetry import logs
+from gateway.telemetry import log_writer, logs
 from tests.conftest import free_port
 from tests.support.processes import STARTED_GROUPS, group_members
 
@@ -127,7 +127,7 @@ def test_a_stalled_stderr_reader_holds_no_request_and_the_lines_it_missed_are_co
     assert len(warnings) == 1, lines[-10:]
     gap = warnings[0]
     warning = lines[gap]
-    assert warning["level"] == "warning" and warning["logger"] == "gateway.telemetry.logs"
+    assert warning["level"] == "warning" and warning["logger"] == "gateway.telemetry.log_writer"
     ids = [[line["request_id"] for line in part if line["logger"] == "gateway.access"]
            for part in (lines[:gap], lines[gap + 1:])]
     assert len(ids[0]) < len(stalled) and ids[0] == stalled[:len(ids[0])]  # in order, up to the first one dropped
@@ -208,7 +208,7 @@ def test_on_a_pipe_lines_and_records_keep_their_order_and_the_writer_thread_ends
         assert [json.loads(line).get("n", json.loads(line).get("msg")) for line in text.splitlines()] == \
             ["other", 1, 2, "loop"]
         assert len(_writers()) == 1
-        deadline = time.monotonic() + logs._WRITER_IDLE_S + 5
+        deadline = time.monotonic() + log_writer._WRITER_IDLE_S + 5
         while _writers() and time.monotonic() < deadline:
             time.sleep(0.05)
         assert not _writers()  # idle: no thread left behind
@@ -222,8 +222,8 @@ def test_on_a_pipe_nobody_reads_lines_are_dropped_counted_and_flush_waits_2_s_at
     monkeypatch.setattr(logs, "_QUEUE_BYTES", 32 << 10)  # two batches of 64 lines
     registry = CollectorRegistry()
     counter = Counter("dropped", "test", ("sink", "reason"), registry=registry)
-    previous = logs._dropped_counter[0]
-    logs.count_dropped_lines(counter)
+    previous = log_writer._dropped_counter[0]
+    log_writer.count_dropped_lines(counter)
     line = b'{"n":%d,"pad":"' + b"x" * 200 + b'"}\n'
     try:
         with _pipe_handler(full=True) as (handler, read_end):
@@ -249,4 +249,4 @@ def test_on_a_pipe_nobody_reads_lines_are_dropped_counted_and_flush_waits_2_s_at
         assert len(warning) == 1 and warning[0]["dropped_lines"] == counted == 2000 - (len(numbers) - 1)
         assert parsed[-2] == warning[0]  # written before the next line
     finally:
-        logs._dropped_counter[0] = previous
+        log_writer._dropped_counter[0] = previous

@@ -18,19 +18,18 @@ filter on the access logger or its parent, their propagation) go through `loggin
 A change to the handler's own level, filters or formatter (through its methods) is seen at once.
 
 On a stream that can block (a pipe, a terminal, a socket: stderr a pipe nobody reads, as a stalled log shipper
-or Docker's blocking log mode leaves it), the handler's lines are written by a thread of its own (`_LineWriter`),
-never by the thread that logs: a blocked write holds that thread, not the event loop, which hands it a batch of
-lines (bytes) where it wrote them. Up to `_QUEUE_BYTES` wait for it; beyond, new lines are dropped and counted
-(`count_dropped_lines`: `gateway_telemetry_dropped_total{sink="log"}`), and the first line written after them
-says how many were. A stream that cannot block (a file, one in memory) is written at once, as before.
+or Docker's blocking log mode leaves it), the handler's lines are written by a thread of its own
+(`log_writer.LineWriter`), never by the thread that logs: a blocked write holds that thread, not the event loop,
+which hands it a batch of lines (bytes) where it wrote them. Up to `_QUEUE_BYTES` wait for it; beyond, new lines
+are dropped and counted (`count_dropped_lines`: `gateway_telemetry_dropped_total{sink="log"}`), and the first
+line written after them says how many were. A stream that cannot block (a file, one in memory) is written at
+once, as before.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
-import queue
 import sys
 import threading
 import time
@@ -40,9 +39,9 @@ from typing import TYPE_CHECKING, Any, TextIO
 import msgspec
 
 from .access import AccessLines, AccessPart, Names, PackedLine
+from .log_writer import LineWriter, count_dropped_lines, pipe_fd
 
 if TYPE_CHECKING:
-    from prometheus_client import Counter
 
     from ..pipeline.context import RequestContext
 
@@ -66,7 +65,6 @@ _FLUSH_LINES = 64  # access lines written at once when this many wait (~40 KB: o
 _FLUSH_AFTER_S = 0.05  # else this long after the first waiting line
 _QUEUE_BYTES = 4 << 20  # lines waiting for the writer thread (~6,000 access lines); beyond, new ones are dropped
 _FLUSH_WAIT_S = 2.0  # `flush` (at exit: `logging.shutdown`) waits this long at most for the queued lines' write
-_WRITER_IDLE_S = 1.0  # the writer thread ends after this long with nothing to write (a new one starts with the next)
 _second: list[object] = [None, ""]  # the last whole second formatted, and its text
 
 
@@ -103,7 +101,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     about twice as much CPU in a served request as in a loop of lines. Another record from the loop's thread
     first writes what waits, so lines keep their order. The buffer of other lines (`write_line`) keeps its
     memory from one write to the next (grown again from empty, it cost 3 k instructions a line at 64 lines a
-    write). On a stream that can block, "written" is handed to the writer thread (`_LineWriter`), a batch at a
+    write). On a stream that can block, "written" is handed to the writer thread (`log_writer.LineWriter`), a batch at a
     time: whatever thread logs, the stream's write never holds it."""
 
     def __init__(self, stream: TextIO) -> None:
@@ -116,7 +114,7 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
         self._timed: asyncio.AbstractEventLoop | None = None  # the loop a timed write is due on
         self._owner = -1  # the thread that writes lines (the event loop's)
         self._writes_to: object = None  # the stream `_writer` was chosen for
-        self._writer: _LineWriter | None = None  # the stream's writer thread, if it can block (`_writer_now`)
+        self._writer: LineWriter | None = None  # the stream's writer thread, if it can block (`_writer_now`)
 
     def write_access(self, line: PackedLine) -> None:
         """Queue one access line (the line `JsonFormatter` would make of its record), encoded when written."""
@@ -218,14 +216,14 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
             _encode_into(_NOTHING, buffer, 0)  # written (or failed: dropped), its memory kept
             self.release()
 
-    def _writer_now(self) -> _LineWriter | None:
+    def _writer_now(self) -> LineWriter | None:
         """The writer thread of the stream now set, when it can block; None: the stream is written at once."""
         self.acquire()  # (not two writers for one stream: the loop's thread and another may both ask first)
         try:
             stream = self.stream
             if stream is not self._writes_to:
-                fd = _pipe_fd(stream)
-                self._writer = None if fd is None else _LineWriter(self, fd)
+                fd = pipe_fd(stream)
+                self._writer = None if fd is None else LineWriter(self, fd, _QUEUE_BYTES)
                 self._writes_to = stream
             return self._writer
         finally:
@@ -289,131 +287,6 @@ class JsonLinesHandler(logging.StreamHandler):  # type: ignore[type-arg]
     def setLevel(self, level: int | str) -> None:
         super().setLevel(level)
         _forget()
-
-
-class _LineWriter:
-    """Writes a handler's batches of lines to its stream's file descriptor on a thread of its own, in the order
-    they were queued (`put`): a stream that blocks holds this thread, never the one that logs. Up to
-    `_QUEUE_BYTES` wait (the batch being written included); a batch beyond that is dropped, its lines counted
-    (`_count_dropped`), and so is every batch after it until all that waited is written (one gap, not lines
-    missing here and there as batches of other sizes fit): the first batch queued then is preceded by a warning
-    that says how many lines were dropped. The thread ends once it has had nothing to write for `_WRITER_IDLE_S`
-    (a handler left idle keeps none), and a new one starts with the next batch. A batch costs the thread that
-    queues it a lock and a `SimpleQueue.put` (C): no `Condition`, whose Python cost was ~10 k instructions a
-    batch."""
-
-    def __init__(self, handler: JsonLinesHandler, fd: int) -> None:
-        self._handler = handler  # (its `format`, for the warning of lines dropped)
-        self._fd = fd
-        self._batches: queue.SimpleQueue[bytes] = queue.SimpleQueue()
-        self._lock = threading.Lock()  # for the three below
-        self._bytes = 0  # queued or being written
-        self._thread: threading.Thread | None = None
-        self._unreported = 0  # lines dropped since the last warning queued
-
-    def put(self, batch: bytes) -> None:
-        """Queue `batch` (whole lines) to be written, or drop it: `_QUEUE_BYTES` would be exceeded, or lines were
-        dropped and what waited is not all written yet."""
-        with self._lock:
-            if self._bytes + len(batch) > _QUEUE_BYTES or (self._unreported and self._bytes):
-                dropped = batch.count(b"\n")
-                self._unreported += dropped
-            else:
-                dropped = 0
-                if self._unreported:
-                    self._queue(self._dropped_warning())
-                self._queue(batch)
-        if dropped:
-            _count_dropped("queue_full", dropped)
-
-    def wait_written(self, timeout: float) -> None:
-        """Until every batch queued is written (and the warning of lines dropped before, if there is room), at most
-        `timeout` s (looked at every 5 ms: at exit and off the loop only)."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            if self._unreported and not self._bytes:
-                self._queue(self._dropped_warning())
-        while self._bytes and time.monotonic() < deadline:
-            time.sleep(0.005)
-
-    def _queue(self, batch: bytes) -> None:  # (the lock held)
-        if not batch:
-            return
-        self._bytes += len(batch)
-        self._batches.put(batch)
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="gateway-log-writer", daemon=True)
-            self._thread.start()
-
-    def _dropped_warning(self) -> bytes:  # (the lock held)
-        """The line of a warning record, as the handler formats any: how many lines were dropped before it."""
-        dropped, self._unreported = self._unreported, 0
-        record = logging.LogRecord(__name__, logging.WARNING, __file__, 0, "log lines dropped: the stream was not "
-                                   "read fast enough", None, None)
-        record.fields = {"dropped_lines": dropped}
-        try:
-            return (self._handler.format(record) + self._handler.terminator).encode("utf-8", "backslashreplace")
-        except Exception:  # noqa: BLE001 -- a formatter's bug: no warning, the lines go on
-            return b""
-
-    def _run(self) -> None:
-        batches = self._batches
-        while True:
-            try:
-                batch = batches.get(True, _WRITER_IDLE_S)
-            except queue.Empty:
-                with self._lock:  # (`_queue` starts a thread when there is none: under the lock, one or the other)
-                    if batches.empty():
-                        self._thread = None
-                        return
-                continue
-            try:
-                self._write(batch)
-            except Exception as exc:  # noqa: BLE001 -- the stream failed (closed, its reader gone): lines dropped
-                _count_dropped("sink_failed", batch.count(b"\n"))
-                if not isinstance(exc, (OSError, ValueError)):  # a bug rather than the stream: reported
-                    traceback.print_exc()
-            with self._lock:
-                self._bytes -= len(batch)
-
-    def _write(self, batch: bytes) -> None:
-        """To the descriptor itself, not through the stream's layers: blocked, the write holds no lock of the
-        stream's (`sys.stderr`'s) that the interpreter's exit would wait for (it aborts: "could not acquire")."""
-        view = memoryview(batch)
-        while view:
-            view = view[os.write(self._fd, view):]
-
-
-def _pipe_fd(stream: TextIO) -> int | None:
-    """The file descriptor under `stream` if it cannot seek (a pipe, a terminal, a socket: what can block), else
-    None (a file, or no descriptor: written through the stream's own layers)."""
-    try:
-        return None if stream.seekable() else stream.fileno()
-    except (AttributeError, OSError, ValueError):
-        return None
-
-
-# The lines this process dropped by reason (`queue_full`, `sink_failed`), and the counter they go to as well.
-_dropped: dict[str, int] = {}
-_dropped_counter: list[Counter | None] = [None]
-_dropped_lock = threading.Lock()
-
-
-def count_dropped_lines(counter: Counter) -> None:
-    """Count the log lines this process drops in `counter` (`gateway_telemetry_dropped_total`, labels `sink` and
-    `reason`) as `sink="log"`, those dropped before included."""
-    with _dropped_lock:
-        _dropped_counter[0] = counter
-        for reason, lines in _dropped.items():
-            counter.labels("log", reason).inc(lines)
-
-
-def _count_dropped(reason: str, lines: int) -> None:
-    with _dropped_lock:
-        _dropped[reason] = _dropped.get(reason, 0) + lines
-        counter = _dropped_counter[0]
-        if counter is not None:
-            counter.labels("log", reason).inc(lines)
 
 
 def configure_logging(level: int = logging.INFO) -> None:

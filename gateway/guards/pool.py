@@ -35,7 +35,7 @@ from typing import Any, Literal, TypeVar
 
 from ..policy.guard_schema import GuardPoolSpec
 
-__all__ = ["INLINE_CHARS", "INLINE_DIGITS", "GuardPool", "QueueFull", "digit_count"]
+__all__ = ["INLINE_CHARS", "INLINE_DIGITS", "PER_TEXT", "YIELD_CHARS", "GuardPool", "QueueFull", "digit_count"]
 
 T = TypeVar("T")
 PoolState = Literal["up", "replacing", "down"]
@@ -50,6 +50,15 @@ INLINE_CHARS = 16_384
 # libphonenumber tries each cluster of digits once per region, up to 0.4 ms a digit ("1/1/1...": 3 s for 16K
 # characters on the loop; this bounds what one text holds it to about 25 ms, a few phone numbers to 1 or 2 ms).
 INLINE_DIGITS = 64
+# The characters of one request (or answer) checked on the event loop between two yields to it: a request of many
+# texts, each short enough to be checked inline, would otherwise hold the loop for all of them at once (240 of 16,384
+# characters: 2 s). About one inline text's worth, so a request of a few texts (most) never yields.
+YIELD_CHARS = INLINE_CHARS
+# What one text counts for beside its characters: a check costs 12-40 us however short the text (the guards' calls,
+# the verdict, the metrics), what 100-400 characters of prose cost the pii, secrets and injection guards; counted as
+# characters, 128,000 empty messages never reached `YIELD_CHARS` and held the loop 2.9 s. At most 64 texts between
+# two yields, a few milliseconds; a request of a few dozen short texts still never yields.
+PER_TEXT = 256
 _ASCII_DIGITS = b"0123456789"
 _DIGIT = re.compile(r"\d")
 # A broken process pool is replaced at once the first time; a replacement within `_CALM_S` of the last one waits

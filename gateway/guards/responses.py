@@ -31,12 +31,14 @@ rewritten), in an answer where its text was rewritten.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from ..schemas.events import Chunk
 from .base import Finding, Guard, Where
+from .pool import PER_TEXT, YIELD_CHARS
 from .session import GuardSession
 from .verdict import apply
 from .window import ANSWER, REASONING, TOOL, Lane, LaneKey, Window
@@ -134,8 +136,13 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
     parts = [ref for ref in refs if ref[0].get("type") == "output_text"]
     if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
         refs.append((answer, "output_text", ANSWER, False))
+    checked = 0  # as the guard stage's (`YIELD_CHARS`): an answer of many short texts checked in one go held the loop
     for container, key, where, json_string in refs:
         text = container[key]
+        checked += len(text) + PER_TEXT
+        if checked >= YIELD_CHARS:
+            checked = 0
+            await asyncio.sleep(0)
         enforced: list[Finding] = []
         if guards:
             enforced, shadow = await runtime.detect(guards, text, where)

@@ -22,8 +22,9 @@ stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Mapping, Sequence
+from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from functools import partial
+from typing import TypeVar
 
 import msgspec
 
@@ -36,7 +37,7 @@ from ..routing.rules import Facts, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.tokens import TokenCounter
 from .base import Finding, Guard
-from .pool import INLINE_CHARS
+from .pool import PER_TEXT, YIELD_CHARS
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
@@ -49,10 +50,10 @@ __all__ = ["GuardStage"]
 HEADER = b"x-gateway-guards"
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
-# The characters of one request checked on the event loop between two yields to it: a request of many texts, each
-# short enough to be checked inline, would otherwise hold the loop for all of them at once (240 of 16,384 characters:
-# 2 s). About one inline text's worth, so a request of a few texts (most) never yields.
-YIELD_CHARS = INLINE_CHARS
+# The texts of a request found between two yields to the loop while they are listed: finding one costs 2-4 us, so
+# listing 128,000 at once held the loop 0.4 s before the first was checked.
+FOUND_TEXTS = 1024
+T = TypeVar("T")
 _SETTLE = 4  # guard sets applied to a request whose redactions change the rule that serves it (a backstop)
 
 
@@ -156,7 +157,7 @@ class GuardStage:
         """Check and rewrite the request's texts; whether any was rewritten."""
         if guard_set.input or guard_set.limits:
             refuse_unreadable(ctx.endpoint, ctx.body)
-        refs = list(input_texts(ctx.endpoint, ctx.body))
+        refs = await _gathered(input_texts(ctx.endpoint, ctx.body))
         if guard_set.limits:
             texts = [container[key] for container, key, _ in refs]
             messages = len(ctx.body.get("messages") or ()) if ctx.endpoint is Endpoint.CHAT else len(texts)
@@ -169,7 +170,7 @@ class GuardStage:
             return False
         blocking: list[Finding] = []
         changed = False
-        checked = 0  # characters since the last yield to the loop (`YIELD_CHARS`)
+        checked = 0  # characters (and `PER_TEXT` per text) since the last yield to the loop (`YIELD_CHARS`)
         for container, key, where in refs:
             text = container[key]
             verdict = await self.guards.check(guard_set.input, text, where, session)
@@ -178,7 +179,7 @@ class GuardStage:
             elif verdict.decision == "redact":
                 container[key] = verdict.text
                 changed = True
-            checked += len(text)
+            checked += len(text) + PER_TEXT
             if checked >= YIELD_CHARS:
                 checked = 0
                 await asyncio.sleep(0)
@@ -201,7 +202,7 @@ class GuardStage:
             return body
         chat = ctx.endpoint is Endpoint.CHAT
         scrub = any(guard.mode == "enforce" for guard in guard_set.output)
-        checked = 0  # characters since the last yield to the loop (`YIELD_CHARS`): `n` choices of long answers
+        checked = 0  # as `_input`'s: `n` choices of long answers, or of many tool calls
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -215,7 +216,7 @@ class GuardStage:
             key = "content" if chat else "text"
             for container, field, where, json_string in answer_refs(holder, key, chat):
                 text = container[field]
-                checked += len(text)
+                checked += len(text) + PER_TEXT
                 if checked >= YIELD_CHARS:
                     checked = 0
                     await asyncio.sleep(0)
@@ -233,6 +234,16 @@ class GuardStage:
                 restore = partial(session.pseudonyms.restore, json_string=json_string)
                 container[field] = apply(text, enforced, session.pseudonyms, restore)
         return _encode(data)
+
+
+async def _gathered(found: Iterable[T]) -> list[T]:
+    """`found` as a list, yielding to the loop after each `FOUND_TEXTS` of it (a request of a few texts never)."""
+    gathered: list[T] = []
+    for item in found:
+        gathered.append(item)
+        if len(gathered) % FOUND_TEXTS == 0:
+            await asyncio.sleep(0)
+    return gathered
 
 
 def _refuse_upstream_history(body: Mapping[str, object]) -> None:

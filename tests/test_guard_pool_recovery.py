@@ -106,10 +106,14 @@ def test_a_killed_pool_worker_is_replaced_and_the_next_requests_are_guarded(
 _BACKOFF_SCRIPT = """
 import asyncio, os, time
 from concurrent.futures.process import BrokenProcessPool
+import gateway.guards.pool as pool_module
 from gateway.guards.pool import GuardPool
 from gateway.policy.guard_schema import GuardPoolSpec
 
 async def main():
+    # The back-off is counted from the start of the replacement before: longer than a replacement can take on a busy
+    # machine (at 1 s, one that took longer left no back-off to see).
+    pool_module._BACKOFF_FIRST_S = 5.0
     pool = GuardPool(GuardPoolSpec(kind="process", workers=1))
     pool.start()
     try:
@@ -124,7 +128,9 @@ async def main():
             await pool.run(os.getpid)
         except BrokenProcessPool:
             print("during back-off: refused", time.monotonic() - started < 0.5, pool.replacements)
-        await asyncio.sleep(1.5)
+        deadline = time.monotonic() + 60
+        while not pool.healthy and time.monotonic() < deadline:  # the back-off over, the pool replaced again
+            await asyncio.sleep(0.1)
         second = await pool.run(os.getpid)
         print("after back-off: served", second != first, "replacements", pool.replacements, "healthy", pool.healthy)
     finally:

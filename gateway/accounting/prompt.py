@@ -197,8 +197,10 @@ _IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and
 
 
 def _image(part: dict[str, Any]) -> int:
-    """An image part's tokens (`translate.image_tokens`); 0 for any other part."""
-    if part.get("type") not in _IMAGE_PARTS:
+    """An image part's tokens (`translate.image_tokens`); 0 for any other part (one whose `type` is no string too:
+    a client's object there is no image, and must not fail the set's look-up)."""
+    kind = part.get("type")
+    if type(kind) is not str or kind not in _IMAGE_PARTS:
         return 0
     url = part.get("image_url")  # chat: {"url": ...}; the Responses API: the URL itself (or a `file_id`)
     url = url.get("url") if isinstance(url, dict) else url

@@ -105,14 +105,18 @@ def refuse_unreadable(endpoint: Endpoint, body: dict[str, Any]) -> None:
 
 
 def _chat_texts(body: dict[str, Any]) -> Iterator[Ref]:
-    for message in body.get("messages") or ():
+    """A chat's texts. Each field is read only as the type it must have (a list, a dict, a string): any other
+    value holds no text to check, and goes on as sent, for the upstream to refuse."""
+    messages = body.get("messages")
+    for message in messages if isinstance(messages, list) else ():
         if not isinstance(message, dict):
             continue
         part: Part = "tool_result" if message.get("role") in ("tool", "function") else "message"
         yield from _content(message, "content", Where("input", part))
         if isinstance(message.get("refusal"), str):  # an assistant turn's refusal, sent back as history
             yield message, "refusal", Where("input", "message")
-        for call in message.get("tool_calls") or ():
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
             function = call.get("function") if isinstance(call, dict) else None
             if isinstance(function, dict) and text_arguments(function):
                 yield function, "arguments", Where("input", "tool_arguments")
@@ -141,7 +145,8 @@ def _content(holder: dict[str, Any], key: str, where: Where) -> Iterator[Ref]:
 
 def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
     """A Responses request's texts: instructions, a prompt template's variables, the input string or its items'
-    text parts, tool calls' arguments and tool outputs, and the hosted tools' texts (`_hosted_texts`)."""
+    text parts, tool calls' arguments and tool outputs, and the hosted tools' texts (`_hosted_texts`). An item's
+    `type` is read only as a string (any other value: no type, and never a failed look-up in the sets below)."""
     if isinstance(body.get("instructions"), str):
         yield body, "instructions", Where("input", "message")
     prompt = body.get("prompt")
@@ -166,6 +171,8 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
                 if isinstance(part, dict) and isinstance(part.get(field), str):
                     yield part, field, Where("input", "tool_result")
         kind = item.get("type")
+        if not isinstance(kind, str):
+            kind = None
         if kind in _CALLS_WITH_ARGUMENTS and text_arguments(item):
             yield item, "arguments", Where("input", "tool_arguments")
         if kind in _CALL_TEXTS and isinstance(item.get(_CALL_TEXTS[kind]), str):
@@ -174,7 +181,8 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
             yield item, "reason", Where("input", "message")
         yield from _action_texts(item, kind)
         yield from _hosted_texts(item, kind)
-        for part in item.get("summary") or () if item.get("type") == "reasoning" else ():
+        summary = item.get("summary") if kind == "reasoning" else None
+        for part in summary if isinstance(summary, list) else ():
             if isinstance(part, dict) and isinstance(part.get("text"), str):
                 yield part, "text", Where("input", "message")
         yield from _content(item, "content", Where("input", "message"))
@@ -188,7 +196,7 @@ _CALLS_WITH_ARGUMENTS = frozenset({"function_call", "mcp_call"})
 _CALL_TEXTS = {"custom_tool_call": "input", "code_interpreter_call": "code"}
 
 
-def _action_texts(item: dict[str, Any], kind: Any) -> Iterator[Ref]:
+def _action_texts(item: dict[str, Any], kind: str | None) -> Iterator[Ref]:
     """What a shell call ran (`action.commands`) and the diff of an `apply_patch_call` (`operation.diff`): the
     model's earlier output sent back as history, and a place a secret it read may sit in."""
     if kind == "shell_call" or kind == "local_shell_call":
@@ -203,17 +211,19 @@ def _action_texts(item: dict[str, Any], kind: Any) -> Iterator[Ref]:
             yield operation, "diff", Where("input", "tool_arguments")
 
 
-def _hosted_texts(item: dict[str, Any], kind: Any) -> Iterator[Ref]:
+def _hosted_texts(item: dict[str, Any], kind: str | None) -> Iterator[Ref]:
     """The texts of the Responses API's hosted tools' items sent back as history: what the tool gave (the code
     interpreter's logs, the file search's results, an MCP call's error) and what the model wrote for it (the file
     search's queries, the web search's query or pattern, the text a computer call typed). An MCP call's `output` is
     any tool's output, read as one (`_responses_texts`)."""
     if kind == "code_interpreter_call":
-        for output in item.get("outputs") or ():
+        outputs = item.get("outputs")
+        for output in outputs if isinstance(outputs, list) else ():
             if isinstance(output, dict) and isinstance(output.get("logs"), str):
                 yield output, "logs", Where("input", "tool_result")
     elif kind == "file_search_call":
-        for result in item.get("results") or ():
+        results = item.get("results")
+        for result in results if isinstance(results, list) else ():
             if isinstance(result, dict) and isinstance(result.get("text"), str):
                 yield result, "text", Where("input", "tool_result")
         queries = item.get("queries")

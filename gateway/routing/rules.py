@@ -98,11 +98,13 @@ class Facts:
 
     @property
     def has_images(self) -> bool:
-        """A chat message or a Responses input item has an image part."""
+        """A chat message or a Responses input item has an image part (a part's `type` read only as a string: a
+        client's object there is no image, and must not fail the set's look-up)."""
         for message in _messages(self.body):
             content = message.get("content") if isinstance(message, dict) else None
             if isinstance(content, list) and any(
-                isinstance(part, dict) and part.get("type") in _IMAGE_PARTS for part in content
+                isinstance(part, dict) and isinstance(kind := part.get("type"), str) and kind in _IMAGE_PARTS
+                for part in content
             ):
                 return True
         return False
@@ -114,7 +116,8 @@ class Facts:
         if response_format is None:
             text = self.body.get("text")
             response_format = text.get("format") if isinstance(text, dict) else None
-        return isinstance(response_format, dict) and response_format.get("type") in _JSON_FORMATS
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        return isinstance(kind, str) and kind in _JSON_FORMATS
 
     def sticky_value(self, sticky: str) -> str | None:
         """The caller's identity for sticky assignment; None (then drawn at random) when absent."""

@@ -41,9 +41,16 @@ class StreamOptions(Struct):
     include_usage: bool | None = None
 
 
+class ContentPart(Struct):
+    """A message's content part, as far as ingress checks it: a `type` that is a string when given (OpenAI refuses
+    any other; the gateway looks it up in sets). Its other fields are not typed, and the dict travels on whole."""
+
+    type: str = ""
+
+
 class Message(Struct):
     role: Literal["system", "developer", "user", "assistant", "tool", "function"]
-    content: str | list[dict[str, Any]] | None = None
+    content: str | list[ContentPart] | None = None
     name: str | None = None
 
 

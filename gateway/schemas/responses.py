@@ -19,9 +19,16 @@ from .openai import CompletionTokensDetails, PromptTokensDetails, Usage
 __all__ = ["ResponsesEventPeek", "ResponsesPeek", "ResponsesRequest", "ResponsesUsage", "responses_usage"]
 
 
+class InputItem(Struct):
+    """An input item, as far as ingress checks it: a `type` that is a string when given (a message item may leave
+    it out; OpenAI refuses any other value). Its other fields are not typed, and the dict travels on whole."""
+
+    type: str = ""
+
+
 class ResponsesRequest(Struct, kw_only=True):
     model: Annotated[str, Meta(min_length=1, max_length=256)]
-    input: str | Annotated[list[dict[str, Any]], Meta(min_length=1)] | None = None
+    input: str | Annotated[list[InputItem], Meta(min_length=1)] | None = None
     instructions: str | None = None
     stream: bool | None = False
     max_output_tokens: Annotated[int, Meta(ge=1)] | None = None

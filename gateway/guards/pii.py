@@ -31,7 +31,7 @@ from typing import Any
 
 import msgspec
 
-from ..policy.guard_check import NER_ENTITIES, default_entities
+from ..policy.guard_check import NER_ENTITIES, default_entities, spacy_pipeline_found
 from ..policy.guard_schema import Action, EntitySpec, PiiGuardSpec, RecognizerSpec
 from .base import Finding, Where
 from .common import GuardBase
@@ -139,6 +139,9 @@ def build_analyzer(engine: Engine) -> Any:
             if isinstance(recognizer, (EmailWindows, IpWindows)):
                 recognizer.explain = False  # read by the AnalyzerEngine's context enhancer only
         return _Direct(list(registry.recognizers))
+    if not spacy_pipeline_found(engine.model or ""):  # presidio would pip-install it (`spacy.cli.download`)
+        raise OSError(f"the spaCy pipeline `{engine.model}` is not installed (nor a directory); the gateway never "
+                      "downloads one")
     models = [{"lang_code": lang, "model_name": engine.model or ""} for lang in engine.languages]
     nlp_engine = SpacyNlpEngine(models=models, ner_model_configuration=NerModelConfiguration(
         labels_to_ignore=["CARDINAL", "ORDINAL", "QUANTITY", "PERCENT", "MONEY", "WORK_OF_ART", "LAW",

@@ -8,17 +8,17 @@ A prices file is a second YAML file, read and checked like the policy, its error
 
 from __future__ import annotations
 
+import datetime
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 import msgspec
-import yaml
 
 from .accounting_schema import BudgetSpec
 from .compiled import ModelRoute
 from .includes import MAX_POLICY_BYTES, read_capped
-from .loader import PolicyIssue, _check, _Located
+from .loader import PolicyError, _check, _Located, parse_file
 from .schema import PolicySpec, PriceSpec
 
 __all__ = ["PricesFileSpec", "check_accounting", "has_limits", "load_prices_file", "uses_accounting"]
@@ -36,6 +36,9 @@ def load_prices_file(spec: PolicySpec, doc: _Located) -> dict[str, PriceSpec]:
     if spec.prices_file is None:
         return {}
     path = Path(doc.file).parent / spec.prices_file
+    if "\0" in spec.prices_file:  # (`open` raises ValueError)
+        doc.issue(("prices_file",), "a file name cannot hold a NUL character (`\\0`)")
+        return {}
     try:
         text = read_capped(path, MAX_POLICY_BYTES)  # (bounded again: it may have grown since `read_tree`)
     except (OSError, UnicodeDecodeError) as exc:
@@ -46,23 +49,17 @@ def load_prices_file(spec: PolicySpec, doc: _Located) -> dict[str, PriceSpec]:
                                     "may be; refused before it is parsed")
         return {}
     try:
-        prices_doc = _Located(str(path), text)
-    except yaml.MarkedYAMLError as exc:
-        mark = exc.problem_mark or exc.context_mark
-        doc.issues.append(PolicyIssue(str(path), mark.line + 1 if mark else 1, "",
-                                      f"YAML syntax error: {exc.problem or exc}"))
-        return {}
-    except yaml.YAMLError as exc:
-        doc.issues.append(PolicyIssue(str(path), 1, "", f"YAML error: {exc}"))
-        return {}
-    if prices_doc.data is None:
-        doc.issues.append(PolicyIssue(str(path), 1, "", "the prices file is empty"))
+        prices_doc = parse_file(text, str(path), "prices file")
+    except PolicyError as exc:  # its syntax, a value YAML cannot make, nothing in it: with its own name
+        doc.issues.extend(exc.issues)
         return {}
     _check(prices_doc, prices_doc.data, PricesFileSpec, ())
+    prices = {} if prices_doc.issues else dict(msgspec.convert(prices_doc.data, PricesFileSpec).prices)
+    _check_dates(prices, prices_doc, ("prices",))
     if prices_doc.issues:
         doc.issues.extend(prices_doc.issues)
         return {}
-    return dict(msgspec.convert(prices_doc.data, PricesFileSpec).prices)
+    return prices
 
 
 def uses_accounting(spec: PolicySpec) -> bool:
@@ -83,6 +80,13 @@ def check_accounting(spec: PolicySpec, doc: _Located, models: Mapping[str, Model
     """Cross-checks of limits and budgets, and a warning for each target accounting cannot price when the
     accounting stage is built: by the policy's own limits, budgets or `accounting.always`, or for the limits
     and budgets of keys created at run time (`dynamic_keys`)."""
+    _check_dates(spec.prices, doc, ("prices",))
+    for alias, model in spec.models.items():
+        for index, written in enumerate(model.targets):
+            _check_dates({"price": written.price}, doc, ("models", alias, "targets", index))
+    for number, rule in enumerate(spec.rules):
+        for index, written in enumerate(rule.targets or ()):
+            _check_dates({"price": written.price}, doc, ("rules", number, "targets", index))
     for index, key in enumerate(spec.keys):
         _check_budget(key.budget, ("keys", index, "budget"), doc, models)
     tenants = {key.tenant for key in spec.keys}
@@ -121,3 +125,13 @@ def _check_budget(
             doc.issue(path + ("downgrade", "alias"), f"unknown model alias `{downgrade.alias}` (defined: {known})")
         elif downgrade.alias == alias:
             doc.issue(path + ("downgrade", "alias"), "a budget cannot downgrade an alias to itself")
+
+
+def _check_dates(prices: Mapping[str, PriceSpec | None], doc: _Located, path: tuple[str | int, ...]) -> None:
+    """Each price's `date` a day of the calendar: its type only says YYYY-MM-DD, and `2025-02-29` is not one."""
+    for name, price in prices.items():
+        if price is not None and price.date is not None:
+            try:
+                datetime.date.fromisoformat(price.date)
+            except ValueError:
+                doc.issue(path + (name, "date"), f"`{price.date}` is not a day of the calendar (YYYY-MM-DD)")

@@ -101,6 +101,9 @@ def _compile_read_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_
 
 def _shadow(given: str, doc: _Located, env: Mapping[str, str]) -> Policy:
     """The candidate policy decided beside this one (never served, so its credentials need not be set)."""
+    if "\0" in given:  # (`open` raises ValueError)
+        doc.issue(("server", "shadow_policy"), "a file name cannot hold a NUL character (`\\0`)")
+        raise PolicyError(doc.issues)
     path = Path(doc.file).parent / given
     try:
         shadow = _compile_tree(read_tree(path), env, False)
@@ -126,8 +129,9 @@ def compile_policy(
     gateway_fields_in_extra_body(spec, doc.issue)
     check_accounting(spec, doc, models, warnings)
     keys = _keys(spec, doc)
-    check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()})
-    labels = metric_labels(spec, doc, models, rules, keys.values())  # and checks the telemetry section
+    check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()}, require_env, warnings)
+    # (and checks the telemetry section)
+    labels = metric_labels(spec, doc, models, rules, keys.values(), require_env, warnings)
     cache = compile_cache(spec, doc)
     state = _state(spec.state, doc, env, require_env, warnings, spec.cache.memory_max_bytes)
     metrics_token = token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,
@@ -352,7 +356,11 @@ def _base_url(url: str | None, doc: _Located, path: tuple[str, ...], kind: str) 
         article = "an" if kind[0] in "aeiou" else "a"
         doc.issue(path, f"{article} `{kind}` provider needs `base_url` (e.g. https://api.openai.com/v1)")
         return ""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # an IPv6 address's bracket left open: "Invalid IPv6 URL"
+        doc.issue(path + ("base_url",), f"`{url[:100]}` is not a URL ({exc})")
+        return ""
     if parts.scheme not in ("http", "https") or not parts.hostname:
         doc.issue(path + ("base_url",), f"`{url}` is not an http(s) URL with a host")
     if parts.query or parts.fragment:

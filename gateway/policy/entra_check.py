@@ -51,6 +51,9 @@ def check_azure_credentials(
             doc.issue(refresh, "entra_token_refresh_s applies to azure.entra_token_file, which is not given")
         return options
     field = path + ("azure", "entra_token_file")
+    if "\0" in options.entra_token_file:  # (`os.stat` raises ValueError)
+        doc.issue(field, "a file name cannot hold a NUL character (`\\0`)")
+        return options
     # Made absolute, not resolved: the symlinks in it are followed at every read (a Kubernetes volume swaps one).
     file = os.path.abspath(Path(doc.locate(field)[0]).parent / options.entra_token_file)
     problem = read_token_file(file).problem

@@ -2,14 +2,17 @@
 
 Scopes name aliases and tenants that exist; entity types are ones an engine can
 find (or a custom recognizer of the guard adds); every regex compiles; a `ner`
-engine names its spaCy pipeline; a classifier's import path resolves; an injection
-`model` engine's all-MiniLM-L6-v2 files are there. The entity catalog lives here,
-below the guards package, so that the policy layer needs nothing above it.
+engine names a spaCy pipeline that is there (presidio would download a missing
+one at start); a classifier's import path resolves; an injection `model` engine's
+all-MiniLM-L6-v2 files are there. The entity catalog lives here, below the guards
+package, so that the policy layer needs nothing above it.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
+import importlib.util
 from pathlib import Path
 from typing import Any
 
@@ -22,9 +25,9 @@ from .guard_schema import (
     LimitsGuardSpec,
     PiiGuardSpec,
 )
-from .loader import _Located
+from .loader import _Located, format_path
 
-__all__ = ["NER_ENTITIES", "PATTERN_ENTITIES", "check_guards", "default_entities"]
+__all__ = ["NER_ENTITIES", "PATTERN_ENTITIES", "check_guards", "default_entities", "spacy_pipeline_found"]
 
 # What the `patterns` engine finds: presidio's pattern recognizers plus the gateway's own.
 PATTERN_ENTITIES = frozenset({
@@ -44,31 +47,37 @@ def default_entities(engine: str) -> tuple[str, ...]:
     return (*_DEFAULT_PATTERNS, "PERSON") if engine == "ner" else _DEFAULT_PATTERNS
 
 
-def check_guards(spec: GuardsSpec, doc: _Located, aliases: set[str], tenants: set[str]) -> None:
+def check_guards(
+    spec: GuardsSpec, doc: _Located, aliases: set[str], tenants: set[str], require_env: bool, warnings: list[str],
+) -> None:
+    """`require_env` false (`gateway check` without --strict-env, test, explain): what only the serving machine
+    must have (a spaCy package) is a warning, in `warnings`, as an unset environment variable is."""
     base = ("guards",)
     for name, guard in spec.global_.items():
-        _check_guard(guard, doc, base + ("global", name))
+        _check_guard(guard, doc, base + ("global", name), require_env, warnings)
     for alias, guards in spec.models.items():
         if alias not in aliases:
             known = ", ".join(sorted(aliases))
             doc.issue(base + ("models", alias), f"unknown model alias `{alias}` (defined: {known})")
         for name, guard in guards.items():
-            _check_guard(guard, doc, base + ("models", alias, name))
+            _check_guard(guard, doc, base + ("models", alias, name), require_env, warnings)
     for tenant, guards in spec.tenants.items():
         if tenants and tenant not in tenants:
             known = ", ".join(sorted(tenants))
             doc.issue(base + ("tenants", tenant), f"no key has tenant `{tenant}` (tenants: {known})")
         for name, guard in guards.items():
-            _check_guard(guard, doc, base + ("tenants", tenant, name))
+            _check_guard(guard, doc, base + ("tenants", tenant, name), require_env, warnings)
     if spec.stream.step_chars > spec.stream.max_hold_chars or spec.stream.window_chars > spec.stream.max_hold_chars:
         doc.issue(base + ("stream",), "window_chars and step_chars must not exceed max_hold_chars")
 
 
-def _check_guard(guard: GuardSpec, doc: _Located, path: tuple[Any, ...]) -> None:
+def _check_guard(
+    guard: GuardSpec, doc: _Located, path: tuple[Any, ...], require_env: bool, warnings: list[str],
+) -> None:
     if not guard.places:
         doc.issue(path + ("places",), "name at least one place: input, output")
     if isinstance(guard, PiiGuardSpec):
-        _check_pii(guard, doc, path)
+        _check_pii(guard, doc, path, require_env, warnings)
     elif isinstance(guard, DenyListGuardSpec):
         if not (guard.terms or guard.patterns or guard.topics):
             doc.issue(path, "a denylist guard needs terms, patterns or topics")
@@ -106,12 +115,24 @@ def _check_injection(guard: InjectionGuardSpec, doc: _Located, path: tuple[Any, 
                 doc.issue(path + ("classifier",), f"`{guard.classifier}` is not a callable in that module")
 
 
-def _check_pii(guard: PiiGuardSpec, doc: _Located, path: tuple[Any, ...]) -> None:
+def _check_pii(
+    guard: PiiGuardSpec, doc: _Located, path: tuple[Any, ...], require_env: bool, warnings: list[str],
+) -> None:
     if guard.engine == "ner":
         if guard.model is None:
             doc.issue(path + ("model",), "the ner engine needs `model`: a spaCy package name or a pipeline directory")
-        elif ("/" in guard.model or guard.model.startswith(".")) and not Path(guard.model).is_dir():
-            doc.issue(path + ("model",), f"no spaCy pipeline directory at `{guard.model}`")
+        elif "/" in guard.model or guard.model.startswith("."):
+            if not Path(guard.model).is_dir():
+                doc.issue(path + ("model",), f"no spaCy pipeline directory at `{guard.model}`")
+        elif not spacy_pipeline_found(guard.model):
+            message = (f"the spaCy package `{guard.model[:100]}` is not installed: install it (`python -m spacy "
+                       f"download {guard.model[:100]}`) or set `model` to a pipeline directory; the gateway never "
+                       "downloads one")
+            if require_env:
+                doc.issue(path + ("model",), message)
+            else:
+                warnings.append(f"{doc.where(path + ('model',))}: {format_path(doc.shown(path + ('model',)))}: "
+                                f"{message} (`gateway serve` refuses this policy until it is)")
     elif guard.model is not None:
         doc.issue(path + ("model",), "the patterns engine loads no model; use `engine: ner` for one")
     custom = {r.entity for r in guard.recognizers.values()}
@@ -132,9 +153,20 @@ def _check_pii(guard: PiiGuardSpec, doc: _Located, path: tuple[Any, ...]) -> Non
         _regex(allowed, doc, path + ("allow_patterns", index))
 
 
+def spacy_pipeline_found(name: str) -> bool:
+    """Whether spaCy loads pipeline `name` as it is: an installed package (spaCy's `is_package`: a distribution of
+    that name, here importable too) or an existing path. Else presidio's engine downloads it at start
+    (`spacy.cli.download`: pip, at run time; offline, the gateway fails to start). Nothing is imported."""
+    try:
+        importlib.metadata.distribution(name)
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return Path(name).exists()
+    return (name.isidentifier() and importlib.util.find_spec(name) is not None) or Path(name).exists()
+
+
 def _regex(pattern: str, doc: _Located, path: tuple[Any, ...], engine: str = "re") -> None:
     module: Any = importlib.import_module(engine)
     try:
         module.compile(pattern)
-    except module.error as exc:
+    except (module.error, OverflowError, ValueError, RecursionError) as exc:  # `a{99999999999}`, groups 1000 deep
         doc.issue(path, f"invalid regular expression: {exc}")

@@ -29,12 +29,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .loader import PolicyError, PolicyIssue, _Located, _Path, format_path, parse_file
+from .loader import PolicyError, PolicyIssue, _Located, _Path, _show, format_path, parse_file
 
 __all__ = ["MAX_POLICY_BYTES", "PolicyTree", "read_capped", "read_tree"]
 
 _NAMED = frozenset({"providers", "models", "tenants", "prices"})
 _LISTED = {"keys": "name", "rules": "name"}  # concatenated; the field whose value must be unique
+_FROM_PATH = object()  # `_Merger._single`'s key when it is the path's last part
 _GUARD_NAMED = frozenset({"global"})  # guards.global.<guard>
 _GUARD_NESTED = frozenset({"models", "tenants"})  # guards.models.<alias>.<guard>
 _MAX_FILES = 1_000
@@ -96,7 +97,7 @@ def _prices_file(doc: _Located, root: str, reader: _Reader) -> list[tuple[str, s
     reader.looked.append(file)
     try:
         text = read_capped(file, reader.left)
-    except (OSError, UnicodeDecodeError):
+    except (OSError, UnicodeDecodeError, ValueError):  # (ValueError: a NUL in the name)
         return []
     if text is None:
         raise PolicyError([_too_large(file, doc.locate(("prices_file",)), reader.left)])
@@ -156,7 +157,7 @@ class _Reader:
         """The text of `file` (included at `at`), counted against the policy's size; raise `PolicyError`."""
         try:
             text = read_capped(file, self.left)
-        except (OSError, UnicodeDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, ValueError) as exc:  # (ValueError: a NUL in the name, a shadow policy's)
             where = at or (file, 1)
             message = f"cannot read the policy file {file}: {exc}"
             raise PolicyError([PolicyIssue(where[0], where[1], "", message)]) from exc
@@ -210,6 +211,9 @@ class _Reader:
         return fragments
 
     def _files(self, folder: Path, entry: str, where: tuple[str, int]) -> list[str]:
+        if "\0" in entry:  # (the file system calls raise ValueError)
+            self._issue(where, "a file name cannot hold a NUL character (`\\0`)")
+            return []
         path = folder / entry
         if glob.has_magic(entry):
             self.folders.add(str(path.parent))
@@ -252,7 +256,7 @@ class _Merger:
             elif section == "guards" and isinstance(value, dict):
                 self._guards(fragment, value)
             else:
-                self._single(fragment, (section,), self.data, value)
+                self._single(fragment, (_show(section),), self.data, value, key=section)  # (`null:`: None)
 
     def _guards(self, fragment: _Located, guards: dict[str, Any]) -> None:
         target = self._container(fragment, ("guards",), self.data)
@@ -266,10 +270,12 @@ class _Merger:
                 for name, guards_of in value.items():
                     if isinstance(guards_of, dict):
                         self._named(fragment, (*path, name), guards_of)
-                    else:
-                        self._single(fragment, (*path, name), self._container(fragment, path, target) or {}, guards_of)
+                    else:  # (not a mapping: merged as it is, for the checks to refuse)
+                        container = self._container(fragment, path, target)
+                        if container is not None:  # (else the root's, not a mapping, is refused)
+                            self._single(fragment, (*path, _show(name)), container, guards_of, key=name)
             else:
-                self._single(fragment, path, target, value)
+                self._single(fragment, ("guards", _show(scope)), target, value, key=scope)
 
     def _container(self, fragment: _Located, path: _Path, parent: dict[str, Any]) -> dict[str, Any] | None:
         """The mapping at `path` in the merged data (made if absent); None if it is not a mapping."""
@@ -293,7 +299,7 @@ class _Merger:
             self._single(fragment, path, parent, entries)
             return
         for name, value in entries.items():
-            self._single(fragment, (*path, str(name)), target, value, key=name)
+            self._single(fragment, (*path, _show(name)), target, value, key=name)
 
     def _listed(self, fragment: _Located, section: str, items: list[Any]) -> None:
         existing = self.data.setdefault(section, [])
@@ -318,8 +324,12 @@ class _Merger:
             self._copy(fragment, (section, index), (section, len(existing)))
             existing.append(item)
 
-    def _single(self, fragment: _Located, path: _Path, parent: dict[str, Any], value: Any, key: Any = None) -> None:
-        key = str(path[-1]) if key is None else key
+    def _single(
+        self, fragment: _Located, path: _Path, parent: dict[str, Any], value: Any, key: Any = _FROM_PATH,
+    ) -> None:
+        """Merge `value` at `path`, as `key` of `parent` (default: the path's last part; a key that is not a string,
+        as `null:`, is given as it is, its path part being its name as the checks show it)."""
+        key = str(path[-1]) if key is _FROM_PATH else key
         if key in parent:
             self._conflict(fragment, path)
             return

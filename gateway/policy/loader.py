@@ -73,15 +73,38 @@ def format_path(path: _Path) -> str:
 MAX_NODES = 1_000_000  # values a policy file may expand to, its aliases (`*name`) expanded: far above any real one
 MAX_DEPTH = 100  # levels of nesting, aliases expanded: a real policy has about 10; the checks recurse once a level
 _CORE_BOOL = ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))  # YAML 1.2's booleans
+_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
+_NULL_TAG = "tag:yaml.org,2002:null"
+
 
 class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
     """PyYAML's safe loader, on libyaml where installed (same nodes and marks, parsed in C), with YAML 1.2's booleans:
-    only true and false. YAML 1.1's on/off/yes/no turned the documented `mode: on` into `true`, an unknown mode."""
+    only true and false. YAML 1.1's on/off/yes/no turned the documented `mode: on` into `true`, an unknown mode.
+    Nor YAML 1.1's timestamps: a price's `date: 2024-06-01` is the string its field takes, not a `date` (refused as
+    one), and `2025-02-29` is a string the checks refuse, not a crash; an explicit `!!timestamp` still makes one."""
 
     yaml_implicit_resolvers: typing.ClassVar[dict[Any, list[Any]]] = {
-        first: [resolver for resolver in resolvers if resolver[0] != _CORE_BOOL[0]] + [_CORE_BOOL] * (first in "tTfF")
+        first: [resolver for resolver in resolvers if resolver[0] not in (_CORE_BOOL[0], _TIMESTAMP_TAG)]
+        + [_CORE_BOOL] * (first in "tTfF")
         for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
     }
+
+    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
+        """PyYAML's, its constructors' own errors made YAML ones at the value: `!!int eighty` raises ValueError,
+        `!!bool maybe` KeyError, `!!timestamp soon` AttributeError."""
+        try:
+            return super().construct_object(node, deep)
+        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
+            tag = node.tag.removeprefix("tag:yaml.org,2002:")
+            shown = f"!!{tag}" if tag != node.tag else tag
+            raise _Unreadable(f"`{str(node.value)[:100]}` is not a valid `{shown}` value", node.start_mark) from exc
+
+
+class _Unreadable(yaml.constructor.ConstructorError):
+    """A value PyYAML's constructor for its tag refuses (`_Loader.construct_object`)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark) -> None:
+        super().__init__(None, None, problem, mark)
 
 
 def _check_shape(root: yaml.Node, file: str, text: str) -> None:
@@ -130,6 +153,39 @@ def _recursive_alias(text: str) -> tuple[int, str]:
     return 1, "?"
 
 
+def _key_name(node: yaml.ScalarNode) -> str:
+    """A key as the checks name it in a path: `null:` and `~:` are the key None, shown `null` (`_show`), and so is
+    `True:`, shown `true`; any other key as written."""
+    if node.tag == _NULL_TAG:
+        return "null"
+    return str(node.value).lower() if node.tag == _CORE_BOOL[0] else str(node.value)
+
+
+def _path_at(node: yaml.Node, index: int, path: _Path, seen: set[int] | None = None) -> _Path | None:
+    """The path of the value at `index` in the text (a key there: its mapping's), for an error PyYAML's constructor
+    reports by its mark only. Searched once the document is refused: nothing is kept for it while it loads."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias: the anchor came first
+        return None
+    seen.add(id(node))
+    if node.start_mark.index == index:
+        return path
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if _path_at(key_node, index, path, seen) is not None:
+                return path
+            merged = not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<"
+            found = _path_at(value_node, index, path if merged else path + (_key_name(key_node),), seen)
+            if found is not None:
+                return found
+    elif isinstance(node, yaml.SequenceNode):
+        for number, item in enumerate(node.value):
+            found = _path_at(item, index, path + (number,), seen)
+            if found is not None:
+                return found
+    return None
+
+
 class _Located:
     """The YAML document as plain data, plus the line of every path in it."""
 
@@ -148,9 +204,22 @@ class _Located:
                 # Indexed before it is constructed: constructing flattens merge keys (`<<: *base`) into the mapping's
                 # own, where a key that overrides a merged one would read as a duplicate.
                 self._index(node, ())
-            self.data: Any = None if node is None else loader.construct_document(node)
+            self.data: Any = None if node is None else self._construct(loader, node)
         finally:
             loader.dispose()
+
+    def _construct(self, loader: _Loader, node: yaml.Node) -> Any:
+        """The document as plain data; a value YAML cannot make (`!!int eighty`, a list as a key) is refused with
+        its line and field."""
+        try:
+            return loader.construct_document(node)
+        except yaml.constructor.ConstructorError as exc:
+            mark = exc.problem_mark or exc.context_mark
+            if mark is None:
+                raise
+            problem = exc.problem if isinstance(exc, _Unreadable) else f"YAML error: {exc.problem}"
+            path = format_path(_path_at(node, mark.index, ()) or ())
+            raise PolicyError([PolicyIssue(self.file, mark.line + 1, path, str(problem))]) from exc
 
     def _index(self, node: yaml.Node, path: _Path) -> None:
         if len(path) > MAX_DEPTH:  # through aliases (as written, `_check_shape` refused it): the checks recurse
@@ -160,9 +229,9 @@ class _Located:
         if isinstance(node, yaml.MappingNode):
             seen: set[object] = set()
             for key_node, value_node in node.value:
-                key = key_node.value
-                if key == "<<" or not isinstance(key_node, yaml.ScalarNode):  # (a list as a key: PyYAML refuses it)
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":  # (a list as a key: refused)
                     continue
+                key = _key_name(key_node)
                 if key in seen:
                     self.issue(path + (key,), f"duplicate key `{key}`", key_node.start_mark.line + 1)
                 seen.add(key)
@@ -222,8 +291,8 @@ def _check(doc: _Located, value: Any, tp: Any, path: _Path) -> None:
     if origin is dict:  # each key and each value on its own, so that an error names the entry at fault
         if isinstance(value, dict):
             for key, item in value.items():
-                _convert(doc, key, args[0], path + (str(key),), what="name")
-                _check(doc, item, args[1], path + (str(key),))
+                _convert(doc, key, args[0], path + (_show(key),), what="name")
+                _check(doc, item, args[1], path + (_show(key),))
             return
         if _struct_type(args[1]) is not None:
             doc.issue(path, f"expected a mapping, got {_kind(value)}")
@@ -277,9 +346,9 @@ def _check_struct(doc: _Located, value: Any, struct: type[msgspec.Struct], path:
     fields = _fields(struct)
     tag_field = struct.__struct_config__.tag_field
     for key in value:
-        if key not in fields and key != tag_field:
+        if not isinstance(key, str) or (key not in fields and key != tag_field):  # (`null:` is None, no tag field)
             allowed = ", ".join(sorted(fields))
-            doc.issue(path + (str(key),), f"unknown field `{key}` (allowed: {allowed})")
+            doc.issue(path + (_show(key),), f"unknown field `{_show(key)}` (allowed: {allowed})")
     for name, field in fields.items():
         if name in value:
             _check(doc, value[name], field.type, path + (name,))
@@ -324,7 +393,7 @@ def _friendly(exc: msgspec.ValidationError, value: Any, tp: Any, what: str) -> s
     if suffix.startswith("$") and len(suffix) > 1:
         message = f"{message} (at {suffix[1:].lstrip('.')})"
     if what == "name":
-        message = f"invalid name `{value}`: {message}"
+        message = f"invalid name `{_show(value)}`: {message}"
     return message[0].lower() + message[1:]
 
 
@@ -387,8 +456,9 @@ def _check_references(doc: _Located, data: Any) -> None:
                 doc.issue(("keys", index, "models"), f"unknown model alias(es): {', '.join(unknown)}")
 
 
-def parse_file(text: str, file: str) -> _Located:
-    """One file's YAML with the line of every path; raises `PolicyError` on a syntax error or an empty file."""
+def parse_file(text: str, file: str, what: str = "policy file") -> _Located:
+    """One file's YAML with the line of every path; raises `PolicyError` on a syntax error, a value YAML cannot make,
+    or an empty file (`what` names it: a policy file, the prices file)."""
     try:
         doc = _Located(file, text)
     except yaml.MarkedYAMLError as exc:
@@ -400,7 +470,7 @@ def parse_file(text: str, file: str) -> _Located:
     except RecursionError as exc:  # (PyYAML's own parser, without libyaml; libyaml stops at 1000 levels)
         raise PolicyError([PolicyIssue(file, 1, "", f"nested more than {MAX_DEPTH} levels deep; refused")]) from exc
     if doc.data is None:
-        raise PolicyError([PolicyIssue(file, 1, "", "the policy file is empty")])
+        raise PolicyError([PolicyIssue(file, 1, "", f"the {what} is empty")])
     return doc
 
 

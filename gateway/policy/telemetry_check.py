@@ -17,9 +17,9 @@ __all__ = ["metric_labels"]
 
 def metric_labels(
     spec: PolicySpec, doc: _Located, models: Mapping[str, ModelRoute], rules: Iterable[Rule],
-    keys: Iterable[VirtualKey],
+    keys: Iterable[VirtualKey], require_env: bool, warnings: list[str],
 ) -> MetricLabels:
-    _check(spec, doc)
+    _check(spec, doc, require_env, warnings)
     caps = spec.telemetry.labels
     keys = list(keys)
     targets = {t.name for route in models.values() for t in route.targets}
@@ -33,16 +33,21 @@ def metric_labels(
     )
 
 
-def _check(spec: PolicySpec, doc: _Located) -> None:
+def _check(spec: PolicySpec, doc: _Located, require_env: bool, warnings: list[str]) -> None:
     telemetry = spec.telemetry
     if telemetry.payload_log.enabled and telemetry.payload_log.sink == "redis" and spec.state.backend != "redis":
         doc.issue(("telemetry", "payload_log", "sink"),
                   "a `redis` payload log writes to the shared store: set `state.backend: redis`")
+    if "\0" in telemetry.payload_log.path:  # (`open` raises ValueError, at start)
+        doc.issue(("telemetry", "payload_log", "path"), "a file name cannot hold a NUL character (`\\0`)")
     for name, guard in telemetry.payload_log.redact.items():
-        _check_guard(guard, doc, ("telemetry", "payload_log", "redact", name))
+        _check_guard(guard, doc, ("telemetry", "payload_log", "redact", name), require_env, warnings)
     endpoint = telemetry.tracing.otlp_endpoint
     if endpoint is not None:
-        parts = urlsplit(endpoint)
+        try:
+            parts = urlsplit(endpoint)
+        except ValueError:  # an IPv6 address's bracket left open
+            parts = urlsplit("")
         if parts.scheme not in ("http", "https") or not parts.hostname:
             doc.issue(("telemetry", "tracing", "otlp_endpoint"),
                       f"`{endpoint[:100]}` is not an http(s) URL (OTLP/HTTP, e.g. http://collector:4318/v1/traces)")

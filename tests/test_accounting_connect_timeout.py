@@ -1,6 +1,7 @@
-"""A request whose upstream could not even be connected to within `connect_s` is billed nothing: the request was never
-sent, so nothing was read or generated (a request that timed out waiting for its answer is billed its prompt:
-tests/test_accounting_early_endings.py). Alone or when every target of an alias timed out connecting alike.
+"""A request no upstream got is billed nothing: one whose upstream could not even be connected to within `connect_s`
+(alone, or when every target of an alias timed out connecting alike), and one whose client left while the gateway
+was still connecting or waiting out a Retry-After before a retry (a request that timed out waiting for its answer,
+or whose client left while its upstream had it, is billed its prompt: tests/test_accounting_early_endings.py).
 
 The upstream that never connects is a real listening socket whose accept queue is full (nothing accepts from it), so
 the kernel leaves new connections unanswered and aiohttp's `sock_connect` timeout fires, as against a dead host.
@@ -64,12 +65,24 @@ def gw(unanswered: int, upstream: MockUpstream) -> Iterator[RunningGateway]:
                   timeouts: {timeouts}}}
           dead2: {{kind: openai, base_url: "http://127.0.0.1:{unanswered}/v1", api_key_env: MOCK_UPSTREAM_KEY,
                    timeouts: {timeouts}}}
+          dead-slow: {{kind: openai, base_url: "http://127.0.0.1:{unanswered}/v1", api_key_env: MOCK_UPSTREAM_KEY,
+                       timeouts: {{connect_s: 3, first_byte_s: 5, idle_s: 5, total_s: 10}}}}
           slow: {{kind: openai, base_url: {upstream.base_url}, api_key_env: MOCK_UPSTREAM_KEY,
                   timeouts: {timeouts}}}
         prices:
           m: {{input_per_mtok: 1000, output_per_mtok: 1000}}
           fault-slow-first-byte-3000: {{input_per_mtok: 1000, output_per_mtok: 1000}}
+          fault-retry-after-3: {{input_per_mtok: 1000, output_per_mtok: 1000}}
         models:
+          connecting-left: {{provider: dead-slow, model: m}}
+          limited-left:
+            targets:
+              - {{provider: slow, model: fault-retry-after-3, retry: {{attempts: 1}}}}
+            retry_on: [rate_limit]
+          limited-waited:
+            targets:
+              - {{provider: slow, model: fault-retry-after-3, retry: {{attempts: 1}}}}
+            retry_on: [rate_limit]
           lone: {{provider: dead, model: m}}
           both:
             targets:
@@ -129,3 +142,28 @@ def test_only_timeouts_connecting_everywhere_aggregate_to_a_connect_timeout() ->
     assert type(aggregate("x", both)) is UpstreamConnectTimeout
     mixed: Any = [(Target("a"), connect, "timeout"), (Target("b"), waiting, "timeout")]
     assert type(aggregate("x", mixed)) is UpstreamTimeout
+
+
+def _left(gw: RunningGateway, alias: str, after_s: float) -> None:
+    """The request, its client gone after `after_s`."""
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(gw.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"}, timeout=after_s,
+                   json={"model": alias, "max_tokens": 5, "messages": [{"role": "user", "content": "hello " * 50}]})
+
+
+def test_a_client_that_waits_for_the_429_is_billed_nothing(gw: RunningGateway) -> None:
+    answer = _ask(gw, "limited-waited")
+    assert answer.status_code == 429, answer.text
+    row = _row(gw, "limited-waited")
+    assert (row["prompt_tokens"], row["cost_usd"]) == (0, 0), row
+
+
+@pytest.mark.parametrize("alias", ["limited-left", "connecting-left"])
+def test_a_client_that_left_before_any_upstream_had_the_request_is_billed_nothing(gw: RunningGateway,
+                                                                                   alias: str) -> None:
+    """Left while the gateway waited out the upstream's Retry-After (3 s) before its retry, or while it still
+    connected (3 s to a port that never answers)."""
+    _left(gw, alias, 1.0)
+    row = _row(gw, alias)
+    assert (row["prompt_tokens"], row["cost_usd"]) == (0, 0), row
+

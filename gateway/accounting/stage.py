@@ -15,9 +15,9 @@ Between `Authorize` and the guards, only in a policy that sets a limit or a budg
    in-process store and in a task beside the reply on Redis (the client does not wait for the round trip),
    and at the end of a stream (`StreamBill`, settling.py), however it ends;
    a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
-   and an error event) when a hard budget refuses it; a request that ends without an answer after its upstream
-   was called, in a way that leaves the upstream working (the client gone, cancelled, timed out waiting), is
-   billed its prompt estimate (`_left_usage`), as a stream left early is.
+   and an error event) when a hard budget refuses it; a request that ends without an answer while an upstream
+   had it (the client gone or the request cancelled after it went out, or timed out waiting), is billed its
+   prompt estimate (`_left_usage`), as a stream left early is.
 
 The caller's limits and budget are read from its `VirtualKey` only, so keys from the policy file and keys
 created at run time go through this one path. When the store fails, `on_unavailable` decides: `closed`
@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import GatewayError, UpstreamConnectTimeout, UpstreamTimeout
+from ..errors import GatewayError, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import Policy
@@ -37,6 +37,7 @@ from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import Children
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage, stream_text
+from ..upstream.request import SENDING
 from .admission import Admission
 from .bill import Bill
 from .ledger import Ledger
@@ -115,6 +116,7 @@ class Accounting(Admission, Settling):
             await self._admit(ctx, bill, scopes)
         if bill.headers:
             ctx.headers = [*(ctx.headers or ()), *bill.headers]
+        sending = SENDING.set(ctx)  # (`ctx.upstream_sent`: whether a request left leaves an upstream at work)
         try:
             reply = await call_next(ctx)
         except GatewayError as exc:
@@ -122,19 +124,24 @@ class Accounting(Admission, Settling):
                 exc.headers.setdefault(name.decode(), value.decode())
             self._drop_unusable(ctx)
             try:
-                if isinstance(exc, UpstreamTimeout) and exc.upstream_status is None \
-                        and not isinstance(exc, UpstreamConnectTimeout):  # (a connect timeout: nothing was sent)
-                    await self._left_usage(ctx)  # (not an upstream's 408 or 504: an error status it sent, as a 4xx)
+                # The gateway's own timeout waiting for an answer to a request it sent (not a connect timeout, when
+                # nothing was sent; not the alias's deadline, which may cut a wait before a retry; not an upstream's
+                # 408 or 504, an error status it sent, as a 4xx)
+                if type(exc) is UpstreamTimeout and exc.upstream_status is None:
+                    await self._left_usage(ctx)
             finally:
                 self._spawn(self._settle(ctx, bill))
             raise
         except BaseException:  # the client gone, the request cancelled (shutdown), a bug
             self._drop_unusable(ctx)
             try:
-                await self._left_usage(ctx)
+                if ctx.upstream_sent:  # (sent, and not failed since: an upstream at work)
+                    await self._left_usage(ctx)
             finally:
                 self._spawn(self._settle(ctx, bill))
             raise
+        finally:
+            SENDING.reset(sending)
         if reply.stream is not None:
             reply.stream.add(StreamBill(self, bill))
             _text_without_usage(ctx, reply)  # after the bill, which may cut: the text the client got
@@ -152,8 +159,8 @@ class Accounting(Admission, Settling):
         return reply
 
     async def _left_usage(self, ctx: RequestContext) -> None:
-        """A request that ended without an answer after its upstream was called, in a way that leaves the upstream
-        reading the prompt and generating (the client gone, cancelled, timed out waiting): billed its prompt
+        """A request that ended without an answer while an upstream had it (the client gone, or the request cancelled,
+        after its request went out: `ctx.upstream_sent`; or timed out waiting for the answer): billed its prompt
         estimate, marked, as a stream left early is (`StreamBill.on_end`); nothing of the answer it never got.
         Set before the error goes on, so that the access log and the metrics read the figure the bill does."""
         if ctx.usage is None and ctx.upstream_started:

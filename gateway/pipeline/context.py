@@ -82,6 +82,9 @@ class RequestContext:
     fallback_reason: str | None = None
     provider: Provider | None = None
     upstream_started: float = 0.0
+    # An attempt's request went out (its head was being written: `upstream.request.SENDING`, marked only where the
+    # accounting stage asks) and no attempt has failed since: a request left now leaves an upstream at work.
+    upstream_sent: bool = False
     upstream_seconds: float = 0.0
     first_chunk_seconds: float | None = None
     read_choices: bool = False  # a stage reads every chunk's text (quality signals): see `Call.read_choices`

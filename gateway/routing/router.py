@@ -308,6 +308,7 @@ class Router:
         failures: list[tuple[Target, GatewayError, str]],
     ) -> None:
         failures.append((target, error, kind))
+        ctx.upstream_sent = False  # (answered, or failed: a request left from now on leaves no upstream at work)
         if not isinstance(error, DeadlineExceeded):  # a slow sample for `latency` (cut short: nothing of its speed)
             self.stats[target.name].failed(kind, ctx.stream, seconds)
         if isinstance(error, DeadlineExceeded):

@@ -25,6 +25,7 @@ message names the headers, never their values.
 from __future__ import annotations
 
 import re
+from contextvars import ContextVar
 from typing import TYPE_CHECKING, Any, cast
 
 import aiohttp
@@ -37,7 +38,12 @@ from aiohttp.payload import BytesPayload
 if TYPE_CHECKING:
     from aiohttp.connector import Connection
 
-__all__ = ["INLINE_BODY_LIMIT", "HeaderNotSent", "InlineBodyRequest", "request_class"]
+__all__ = ["INLINE_BODY_LIMIT", "SENDING", "HeaderNotSent", "InlineBodyRequest", "request_class"]
+
+# What a request sent from this task marks as sent (`upstream_sent = True`) once its connection is made and its head
+# is being written: set by the accounting stage (a request left after that is billed its prompt; one left while
+# it waited, connected or backed off before a retry, is not). None: nothing to mark (the usual request).
+SENDING: ContextVar[Any] = ContextVar("gateway_upstream_sending", default=None)
 
 _CHECKED_RELEASES = ("3.14.",)  # aiohttp releases whose `ClientRequest.send` the override mirrors
 INLINE_BODY_LIMIT = 32 * 1024  # well under a socket's send buffer: writing it does not wait
@@ -78,6 +84,9 @@ class InlineBodyRequest(ClientRequest):
                 and self._upload_tracker is None and self.proxy is None and self.method != hdrs.METH_CONNECT)
 
     async def send(self, conn: Connection) -> ClientResponse:
+        owner = SENDING.get()
+        if owner is not None:
+            owner.upstream_sent = True
         if not self._inline_body(conn):
             try:
                 return await super().send(conn)

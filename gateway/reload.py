@@ -40,7 +40,7 @@ import msgspec
 from .policy import Policy, PolicyError, PolicyIssue, load_policy
 from .policy.accounting_check import has_limits
 from .policy.compile import open_to_network
-from .policy.includes import MAX_POLICY_BYTES, read_capped, read_tree
+from .policy.includes import MAX_POLICY_BYTES, copied_under, read_capped, read_tree
 from .policy.provider_schema import AzureSpec
 
 __all__ = [
@@ -180,7 +180,8 @@ def keep_snapshot(policy: Policy, folder: Path) -> bool:
 
     A copy of the texts, not of the compiled policy: it holds what the files hold (credentials stay in the
     environment), and compiling it again gives the same version, its names relative to the root file being the
-    same. Each copy is checked against the version it stands for, so that a file written while it was copied is
+    same (a name given by absolute path too: the copy is read `copied_under` its folder, where that file's copy is
+    found). Each copy is checked against the version it stands for, so that a file written while it was copied is
     not kept under the version of the file before. Workers all keep the policies they load: the first to copy a
     version keeps it, the others find it there."""
     name = f"v-{policy.version}" + (f"-{policy.shadow.version}" if policy.shadow is not None else "")
@@ -236,8 +237,9 @@ def _copied(policy: Policy, staging: Path) -> bool:
             linked.unlink(missing_ok=True)
             os.symlink(token_file, linked)
         try:
-            if read_tree(_mirrored(staging, compiled.source)).version != compiled.version:
-                return False
+            with copied_under(staging):
+                if read_tree(_mirrored(staging, compiled.source)).version != compiled.version:
+                    return False
         except PolicyError:
             return False
     return True
@@ -252,7 +254,8 @@ def load_snapshot(folder: Path, source: Path) -> Policy | None:
         return None
     base = str(folder / name)
     try:
-        policy = load_policy(_mirrored(Path(base), str(source)))
+        with copied_under(base):  # (a file named by absolute path too is read from the copy)
+            policy = load_policy(_mirrored(Path(base), str(source)))
     except PolicyError as exc:  # (named as the originals: the copy's names mean nothing to the operator)
         raise PolicyError([PolicyIssue(_original(issue.file, base), issue.line, issue.path,
                                        issue.message.replace(base + os.sep, os.sep)) for issue in exc.issues]) from None
@@ -266,7 +269,8 @@ def _original(name: str, base: str) -> str:
 
 def _mirrored(base: Path, file: str) -> Path:
     """Where `file` is kept under `base`: at its absolute path, so that every name relative to the root file (the
-    includes, the prices file, the shadow policy, the version's hash) is the same there."""
+    includes, the prices file, the shadow policy, the version's hash) is the same there, and a name given by absolute
+    path is found there by a read `copied_under` `base`."""
     return base / os.path.abspath(file).lstrip(os.sep)
 
 

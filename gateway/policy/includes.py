@@ -18,6 +18,11 @@ watches them all); a single file with no prices file keeps the hash of its text.
 
 A policy is at most `MAX_POLICY_BYTES`, its files together (the prices file counted), checked as each file is
 read and before it is parsed: a file of any size is refused at once, in bounded memory.
+
+A copy of a policy's files kept under a folder at their absolute paths (the last policy the workers accepted,
+`reload.keep_snapshot`) is read `copied_under` that folder: a name outside it (an include, prices file or shadow
+policy named by absolute path) is read at its place in the copy, so that the copy reads only copied files and its
+names relative to the root file, hence its version, are the original's.
 """
 
 from __future__ import annotations
@@ -25,13 +30,16 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from .loader import PolicyError, PolicyIssue, _Located, _Path, _show, format_path, parse_file
 
-__all__ = ["MAX_POLICY_BYTES", "PolicyTree", "read_capped", "read_tree"]
+__all__ = ["MAX_POLICY_BYTES", "PolicyTree", "copied_under", "read_capped", "read_tree"]
 
 _NAMED = frozenset({"providers", "models", "tenants", "prices"})
 _LISTED = {"keys": "name", "rules": "name"}  # concatenated; the field whose value must be unique
@@ -43,6 +51,9 @@ _MAX_FILES = 1_000
 # and ~2 s a MB (a reload does it beside the traffic): 2 MiB is ~10,000 keys written in the policy, several times
 # the largest real one (a deployment with more keys creates them at run time: `dynamic_keys`).
 MAX_POLICY_BYTES = 2 * 1024 * 1024
+# The folder holding the copy being read (`copied_under`), set only while a copy is compiled; None: the files are read
+# where they are.
+_COPY: ContextVar[str | None] = ContextVar("policy_copy", default=None)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,10 +66,32 @@ class PolicyTree:
     watch: tuple[str, ...]  # files, and the folders of globs (a new file there changes the policy)
 
 
+@contextmanager
+def copied_under(folder: str | Path) -> Iterator[None]:
+    """Within it, policies are read from a copy of their files kept under `folder` at their absolute paths: a name
+    outside `folder` is read at its place in the copy (`_in_copy`)."""
+    token = _COPY.set(os.path.abspath(folder))
+    try:
+        yield
+    finally:
+        _COPY.reset(token)
+
+
+def _in_copy(file: str | Path) -> str:
+    """Where `file` is read: where it is, or (`copied_under` a folder) at its place in the copy if it is outside."""
+    copy = _COPY.get()
+    if copy is None:
+        return str(file)
+    absolute = os.path.abspath(file)
+    if absolute == copy or absolute.startswith(copy + os.sep):
+        return str(file)
+    return os.path.join(copy, absolute.lstrip(os.sep))
+
+
 def read_tree(path: str | Path, text: str | None = None) -> PolicyTree:
     """Read the policy at `path` (or `text`, named `path`) and everything it includes; raise `PolicyError`, naming
     every file read or looked for so far (`PolicyError.watch`: a reload watches them until a version loads)."""
-    root = str(path)
+    root = _in_copy(path)
     reader = _Reader(Path(root).parent)
     try:
         return _read_tree(reader, root, text)
@@ -93,7 +126,7 @@ def _prices_file(doc: _Located, root: str, reader: _Reader) -> list[tuple[str, s
     name = doc.data.get("prices_file") if isinstance(doc.data, dict) else None
     if not isinstance(name, str) or not name:
         return []
-    file = str(Path(root).parent / name)
+    file = _in_copy(Path(root).parent / name)
     reader.looked.append(file)
     try:
         text = read_capped(file, reader.left)
@@ -107,7 +140,7 @@ def _prices_file(doc: _Located, root: str, reader: _Reader) -> list[tuple[str, s
 def read_capped(file: str | Path, limit: int) -> str | None:
     """The text of `file` as `Path.read_text` gives it, or None if it is over `limit` bytes: no more than that is
     read, so that a file of any size (or a device that never ends) is refused at once, in bounded memory."""
-    with open(file, "rb") as stream:
+    with open(_in_copy(file), "rb") as stream:
         data = stream.read(limit + 1)
     if len(data) > limit:
         return None
@@ -214,7 +247,7 @@ class _Reader:
         if "\0" in entry:  # (the file system calls raise ValueError)
             self._issue(where, "a file name cannot hold a NUL character (`\\0`)")
             return []
-        path = folder / entry
+        path = Path(_in_copy(folder / entry))
         if glob.has_magic(entry):
             self.folders.add(str(path.parent))
             return sorted(p for p in glob.glob(str(path)) if os.path.isfile(p))  # none matching: fine

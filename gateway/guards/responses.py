@@ -41,7 +41,7 @@ from .base import Finding, Guard, Where
 from .pool import PER_TEXT, YIELD_CHARS
 from .session import GuardSession
 from .verdict import apply
-from .window import ANSWER, REASONING, TOOL, Lane, LaneKey, Window
+from .window import ANSWER, REASONING, TOOL, Lane, LaneKey, Window, lane_index
 
 if TYPE_CHECKING:
     from .runtime import GuardRuntime
@@ -93,12 +93,20 @@ _ITEM_TEXTS: dict[str, tuple[tuple[str | None, str], ...]] = {
 }
 _ITEM_KINDS = {"function_call": "tool", "custom_tool_call": "custom"}
 # What a blocked answer keeps of its output, texts emptied: tool calls go, and so do the hosted tools' items (code,
-# searches, MCP calls), whose texts the guards do not read.
-_KEPT = frozenset({"message", "reasoning"})
+# searches, MCP calls), whose texts the guards do not read. (A tuple: an item's `type` may be a list, which no set
+# lookup takes.)
+_KEPT = ("message", "reasoning")
 
 Ref = tuple[dict[str, Any], str, Where, bool]  # (container, key, where, JSON string): container[key] is the text
 # One text of an output item: its lane kind, its part's position (0: the item's own field), its container and key.
 _Text = tuple[str, int, dict[str, Any], str]
+
+
+def _part_kind(part: dict[str, Any]) -> tuple[str, str] | None:
+    """A part's lane kind and its text's field (`_PARTS`); None for a part of another type (or a type that is no
+    string: a list would not hash)."""
+    kind = part.get("type")
+    return _PARTS.get(kind) if isinstance(kind, str) else None
 
 
 def item_texts(item: dict[str, Any]) -> Iterator[_Text]:
@@ -198,6 +206,8 @@ class ResponsesChunks:
     async def chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data()
         kind = data.get("type")
+        if not isinstance(kind, str):  # (a list would not hash: no event of the API's)
+            kind = ""
         before: list[dict[str, Any]] = []  # events the gateway adds ahead of this one
         changed = True
         if kind in _DELTAS:
@@ -205,21 +215,21 @@ class ResponsesChunks:
                 return []
         elif kind in _DONES:
             lane, part, field = _DONES[kind]
-            key = (_int(data.get("output_index")), lane, _int(data.get(part)) if part else 0)
+            key = (lane_index(data.get("output_index")), lane, lane_index(data.get(part)) if part else 0)
             before = await self._settle(key, data.get(field))
             data[field] = self.sent.get(key, "")
             self._scrub(data)
         elif kind in _PART_DONE and isinstance(data.get("part"), dict):
             part = data["part"]
-            found = _PARTS.get(part.get("type"))
+            found = _part_kind(part)
             if found is not None:
                 position = data.get("summary_index" if found[0] == "summary" else "content_index")
-                key = (_int(data.get("output_index")), found[0], _int(position))
+                key = (lane_index(data.get("output_index")), found[0], lane_index(position))
                 before = await self._settle(key, part.get(found[1]))
                 part[found[1]] = self.sent.get(key, "")
                 self._scrub(part)
         elif kind == _ITEM_DONE and isinstance(data.get("item"), dict):
-            index = _int(data.get("output_index"))
+            index = lane_index(data.get("output_index"))
             before = await self._item(index, data["item"])
             self.items[index] = data["item"]
         elif kind in _ENDED and isinstance(data.get("response"), dict):
@@ -248,9 +258,9 @@ class ResponsesChunks:
 
     async def _delta(self, data: dict[str, Any], found: tuple[str, str | None]) -> bool:
         """A text's delta: the part of it (and of what was held) that may leave now, if any."""
-        index = _int(data.get("output_index"))
+        index = lane_index(data.get("output_index"))
         kind, part = found
-        key = (index, kind, _int(data.get(part)) if part else 0)
+        key = (index, kind, lane_index(data.get(part)) if part else 0)
         if isinstance(data.get("item_id"), str):
             self.ids.setdefault(index, data["item_id"])
         delta = data.get("delta")
@@ -273,7 +283,7 @@ class ResponsesChunks:
             self.response = data["response"]
         elif kind == _ITEM_ADDED and isinstance(data.get("item"), dict):
             item = data["item"]
-            index = _int(data.get("output_index"))
+            index = lane_index(data.get("output_index"))
             self.items[index] = {**item, **{field: list(item[field]) for field in ("content", "summary")
                                             if isinstance(item.get(field), list)}}
             if isinstance(item.get("id"), str):
@@ -284,22 +294,25 @@ class ResponsesChunks:
             return bool(texts)
         elif kind in _PART_ADDED and isinstance(data.get("part"), dict):
             part = data["part"]
-            item = self.items.get(_int(data.get("output_index")))
+            item = self.items.get(lane_index(data.get("output_index")))
             if item is not None:
-                item.setdefault("summary" if kind == "response.reasoning_summary_part.added" else "content",
-                                []).append(part)
-            found = _PARTS.get(part.get("type"))
+                field = "summary" if kind == "response.reasoning_summary_part.added" else "content"
+                if not isinstance(item.get(field), list):  # (`"content": null` in the item as added)
+                    item[field] = []
+                item[field].append(part)
+            found = _part_kind(part)
             if found is not None and part.get(found[1]):
                 data["part"] = {**part, found[1]: ""}
                 return True
         return False
 
-    async def _item(self, index: int, item: dict[str, Any]) -> list[dict[str, Any]]:
-        """An output item that repeats its texts: released in full first, then written as released."""
+    async def _item(self, index: int, item: dict[str, Any], announced: bool = True) -> list[dict[str, Any]]:
+        """An output item that repeats its texts: released in full first (as delta events, for an item the stream
+        `announced`), then written as released."""
         before: list[dict[str, Any]] = []
         for kind, position, container, key in item_texts(item):
             lane_key = (index, kind, position)
-            before += await self._settle(lane_key, container[key])
+            before += await self._settle(lane_key, container[key], announced)
             container[key] = self.sent.get(lane_key, "")
             self._scrub(container)
         return before
@@ -307,11 +320,13 @@ class ResponsesChunks:
     async def _ended(self, response: dict[str, Any]) -> list[dict[str, Any]]:
         """The final response: its output items as released; lanes it does not list released too. Items are
         matched to their lanes by id: their places may differ from the stream's (an item left out, or listed in
-        another order), and by place a text would be checked in another item's lane and sent twice."""
+        another order), and by place a text would be checked in another item's lane and sent twice. An item no
+        `response.output_item.added` announced gets no delta events (a client's stream reader fails on a delta for
+        an item it never saw): its texts are checked and written, as released, in the final response alone."""
         before: list[dict[str, Any]] = []
         output = response.get("output")
         for index, item in self._placed(output if isinstance(output, list) else []):
-            before += await self._item(index, item)
+            before += await self._item(index, item, index in self.items)
         for key in list(self.window.lanes):
             before += await self._settle(key, None)
         if isinstance(response.get("output_text"), str):
@@ -336,9 +351,10 @@ class ResponsesChunks:
     def _lane(self, key: LaneKey) -> Lane:
         return self.window.lane(key, _KINDS[key[1]][1])
 
-    async def _settle(self, key: LaneKey, full: object) -> list[dict[str, Any]]:
+    async def _settle(self, key: LaneKey, full: object, announced: bool = True) -> list[dict[str, Any]]:
         """The lane's text is complete (`full`: the upstream's whole text, if the event repeats it): what it
-        still holds, and any of `full` no delta brought, released as one more delta event."""
+        still holds, and any of `full` no delta brought, released as one more delta event (none for an item the
+        stream never `announced`: what is released is only in `sent`)."""
         lane = self._lane(key)
         fed = self.fed.get(key, 0)
         if isinstance(full, str) and len(full) > fed:
@@ -349,6 +365,8 @@ class ResponsesChunks:
         if not released:
             return []
         self.sent[key] = self.sent.get(key, "") + released
+        if not announced:
+            return []
         event_type, part = _DELTA_OF[kind]
         event: dict[str, Any] = {"type": event_type, "item_id": self.ids.get(index, ""), "output_index": index}
         if part is not None:
@@ -363,7 +381,8 @@ class ResponsesChunks:
         """The output items so far, with what was released of their texts: a blocked stream's output."""
         output = []
         for index in sorted(self.items):
-            if self.items[index].get("type") not in _ITEM_TEXTS:  # a hosted tool's item: its texts are not read
+            kind = self.items[index].get("type")
+            if not isinstance(kind, str) or kind not in _ITEM_TEXTS:  # a hosted tool's item: its texts are not read
                 continue
             item = _copied(self.items[index])
             for kind, position, container, key in item_texts(item):
@@ -398,7 +417,3 @@ def _copied(item: dict[str, Any]) -> dict[str, Any]:
     """An output item whose part lists and parts are its own (the item as added is not changed)."""
     return {**item, **{field: [dict(part) if isinstance(part, dict) else part for part in item[field]]
                        for field in ("content", "summary") if isinstance(item.get(field), list)}}
-
-
-def _int(value: object) -> int:
-    return value if isinstance(value, int) else 0

@@ -16,21 +16,30 @@ finish_reason; content sent as a list of parts becomes OpenAI's fields); with an
 enforcing guard, what repeats the text where the guards do not read it is not
 sent (`logprobs` emptied, a `message` beside the delta dropped); a chunk left with
 nothing to say is dropped; a block ends with `finish_reason: "content_filter"`.
+
+The chunks are the upstream's JSON: a value of another type than the API's (a
+choice that is `null`, an `index` that is a list) is read as absent or as 0,
+never as the gateway's failure. One an adapter still cannot read ends the
+stream with the upstream's error, as the providers' translators end theirs
+(`providers.streaming`), logged with its traceback (it may be a bug of the
+adapter's).
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+from ..errors import UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
-from ..schemas.events import DONE, Chunk, StreamDone, StreamEvent, UsageReport
+from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
 from .base import Guard
 from .responses import ResponsesChunks
 from .session import GuardSession
 from .texts import BESIDE_CONTENT, UNREAD_CHOICE_TEXTS, UNREAD_TEXTS, spread_parts, text_arguments
-from .window import ANSWER, TOOL, Blocked, Lane, Window
+from .window import ANSWER, TOOL, Blocked, Lane, Window, lane_index
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
@@ -38,6 +47,11 @@ if TYPE_CHECKING:
     from .runtime import GuardRuntime
 
 __all__ = ["ChatChunks", "ChunkFormat", "StreamGuard"]
+
+log = logging.getLogger("gateway.guards")
+# What a lookup on an upstream value of another type than the API's raises (as `providers.streaming` reads them);
+# `RecursionError`: msgspec's, for a chunk nested too deep to decode here.
+_MISSHAPEN = (AttributeError, TypeError, LookupError, RecursionError)
 
 
 def _complete_json(pieces: list[str] | None) -> bool:
@@ -110,6 +124,13 @@ class StreamGuard:
             self.blocked = True
             usage = [e for e in events if isinstance(e, UsageReport)]  # tokens spent all the same: accounted
             return [*(e for e in out if isinstance(e, Chunk)), self.format.blocked(), *usage, DONE]
+        except _MISSHAPEN:  # an upstream event the adapter cannot read: the upstream's error, what it holds dropped
+            log.warning("an output guard could not read an upstream stream event: the stream ends with an "
+                        "upstream error", exc_info=True, extra={"fields": {"request_id": ctx.request_id}})
+            usage = [e for e in events if isinstance(e, UsageReport)]
+            name = ctx.provider.name if ctx.provider is not None else "the upstream"
+            error = UpstreamError(f"upstream `{name}` sent a malformed stream event")
+            return [*(e for e in out if isinstance(e, Chunk)), *usage, StreamError(error)]
         return out
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
@@ -136,14 +157,17 @@ class ChatChunks:
     async def chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data()
         choices = data.get("choices")
-        if not choices:
+        if not choices or not isinstance(choices, list):  # (`"choices": 7`: no text a client reads either)
             return [chunk]
         if not self.meta:
             self.meta = {k: data[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in data}
         window = self.window
         keep = False
         for choice in choices:
-            index = choice.get("index", 0)
+            if not isinstance(choice, dict):  # (`null`: passed as it is, as without a guard)
+                keep = True
+                continue
+            index = lane_index(choice.get("index", 0))  # (a lane's key: `[0]` would not hash)
             if self.scrub:
                 if choice.get("logprobs") is not None:
                     choice["logprobs"] = None
@@ -174,9 +198,9 @@ class ChatChunks:
                     holder[self.key] = await window.release(lane, final, ANSWER)
             entries = list(calls) if isinstance(calls, list) else []
             for position, call in enumerate(entries):
-                sub = call.get("index", 0) if isinstance(call, dict) else 0
+                sub = lane_index(call.get("index", 0)) if isinstance(call, dict) else 0
                 if isinstance(call, dict) and sub != self.calling.setdefault(index, sub):
-                    later = {c.get("index", 0) for c in entries[position + 1:] if isinstance(c, dict)}
+                    later = {lane_index(c.get("index", 0)) for c in entries[position + 1:] if isinstance(c, dict)}
                     await self._next_call(index, holder, call, later)
                 found = _call_text(call)
                 if found is not None:
@@ -244,7 +268,7 @@ class ChatChunks:
         Released whole only when they are complete JSON (the call is over); else as any chunk's (a stream may
         come back to a call: a value still being written stays held), and not at all for a call that goes on
         later in this chunk (`later`)."""
-        sub = call.get("index", 0)
+        sub = lane_index(call.get("index", 0))
         self.calling[index] = sub
         released: list[dict[str, Any]] = []
         for (i, kind, other), lane in list(self.window.lanes.items()):
@@ -267,11 +291,15 @@ class ChatChunks:
                 continue
             rest = await self.window.release(lane, True, TOOL)
             if kind == "function_call":  # a legacy call's arguments
-                legacy = holder.setdefault("function_call", {})
+                legacy = holder.get("function_call")
+                if not isinstance(legacy, dict):
+                    legacy = holder["function_call"] = {}
                 legacy["arguments"] = (legacy.get("arguments") or "") + rest
                 continue
             place, field = _CALL_FIELDS[kind]
-            calls = holder.setdefault("tool_calls", [])
+            calls = holder.get("tool_calls")
+            if not isinstance(calls, list):  # (none, or `true`: what is released is the calls')
+                calls = holder["tool_calls"] = []
             entry = next((c for c in calls if isinstance(c, dict) and c.get("index") == sub), None)
             if entry is None:
                 calls.append({"index": sub, place: {field: rest}})

@@ -51,7 +51,7 @@ from .verdict import apply
 if TYPE_CHECKING:
     from .runtime import GuardRuntime
 
-__all__ = ["ANSWER", "REASONING", "TOOL", "Blocked", "Lane", "LaneKey", "Window"]
+__all__ = ["ANSWER", "REASONING", "TOOL", "Blocked", "Lane", "LaneKey", "Window", "lane_index"]
 
 ANSWER = Where("output", "answer")
 TOOL = Where("output", "tool_arguments")
@@ -59,6 +59,12 @@ REASONING = Where("output", "reasoning")  # the model's reasoning (or its summar
 # (choice or output index, what the lane is: "text", "tool", or a field of text beside them, such as "reasoning_content"
 # or "refusal"; content part, summary part or tool call index)
 LaneKey = tuple[int, str, int]
+
+
+def lane_index(value: object) -> int:
+    """An index of a lane's key as the upstream's event gives it (a choice's, an output item's, a part's, a tool
+    call's): an int, else 0 (`[0]`, `"1"`, `null`: a list would not even hash)."""
+    return value if isinstance(value, int) else 0
 
 
 class Blocked(Exception):

@@ -79,13 +79,13 @@ class AnthropicProvider(OpenAICompatProvider):
     def _completion(self, call: Call, body: bytes) -> Completion:
         try:
             answer = _decode(body)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # (Recursion: nested too deep)
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         if answer.get("type") != "message" or not isinstance(answer.get("content"), list):
             raise self._not_a_message(answer)
         try:
             chat, usage = chat_completion(answer)
-        except (AttributeError, TypeError) as exc:
+        except (AttributeError, TypeError, RecursionError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with an invalid message") from exc
         return Completion(_encode(chat), usage, chat)
 

@@ -72,7 +72,7 @@ class GeminiProvider(OpenAICompatProvider):
             chat, usage = chat_completion(_decode(body), self.name)
         except ContentPolicyViolation:
             raise
-        except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError, RecursionError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(_encode(chat), usage, chat)
 

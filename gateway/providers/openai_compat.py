@@ -204,7 +204,7 @@ class OpenAICompatProvider:
             plain = _peek_usage(body)
             if plain.error is not None:  # absent from an answer, in the common case
                 raise self._in_band_error(plain.error)
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # (Recursion: nested too deep)
             if body[:3] == _BOM and body[3:6] != _BOM:  # (one mark: looked for only once the decoding failed)
                 return self._completion(call, body[3:])
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
@@ -292,7 +292,8 @@ class OpenAICompatProvider:
         try:
             peeked = _peek_error(await _error_body(response, deadline, idle_s))
             message, code = self._error_detail(peeked)
-        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError):
+        except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError,
+                RecursionError):  # (a body nested too deep to decode: no message)
             message = code = None
         hint = self._retry_hint(response, peeked)
         error = self._map_status(response.status, self.sanitize(message),

@@ -127,7 +127,7 @@ class OpenAIStream:
         if isinstance(last, msgspec.Raw):
             try:
                 return decode_choices(last)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 return None
         return last  # type: ignore[no-any-return]
 
@@ -251,7 +251,7 @@ class OpenAIStream:
         if tail:
             try:
                 peek = peek_end(tail[-1])
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 peek = None
             if peek is not None and ((peek.usage is not None and not peek.choices)
                                      or self._all_finished(tail, peek)):
@@ -271,7 +271,7 @@ class OpenAIStream:
         for payload in tail:
             try:
                 peek = peek_end(payload)
-            except (msgspec.DecodeError, msgspec.ValidationError):
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 continue
             finished.update(choice.index for choice in peek.choices or () if choice.finish_reason)
         return len(finished) >= self._choices
@@ -306,11 +306,17 @@ class OpenAIStream:
                 riding = peek.usage is not None and has_choices(peek.choices)  # usage on a content chunk
             except (msgspec.DecodeError, msgspec.ValidationError):
                 # choices a reader cannot type (`"content": 5`) pass as they do when no stage reads them
-                peek, riding = self._peek_odd(payload)
+                try:
+                    peek, riding = self._peek_odd(payload)
+                except RecursionError:  # (the typed peek refused it before its depth: too deep for any peek)
+                    peek, riding = None, False
                 if peek is None:
                     events.append(self._fail("sent a malformed stream event"))
                     return events, True
                 typed = False
+            except RecursionError:  # msgspec's, for JSON nested past the recursion limit: no peek reads it
+                events.append(self._fail("sent a malformed stream event"))
+                return events, True
             else:
                 if reading and peek.choices and not reader.take(peek.choices):  # type: ignore[union-attr]
                     reading = False  # it has the text it needs: from the next chunk on, only what carries more

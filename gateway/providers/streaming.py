@@ -40,7 +40,9 @@ from .scrub import ResponsesEventScrubPeek, scrubbed_error
 __all__ = ["ResponsesEvents", "StreamHost", "StreamProtocolError", "StreamTranslator", "TranslatedStream"]
 
 _peek_event = msgspec.json.Decoder(ResponsesEventScrubPeek).decode
-_MALFORMED = (StreamProtocolError, msgspec.DecodeError, msgspec.ValidationError, ValueError)
+# (`RecursionError`: msgspec's, for JSON nested past the interpreter's recursion limit: ~1,000 levels, 3 KB; every
+# decode of an upstream's bytes takes it for a malformed answer)
+_MALFORMED = (StreamProtocolError, msgspec.DecodeError, msgspec.ValidationError, ValueError, RecursionError)
 _MISSHAPEN = (AttributeError, TypeError, LookupError)  # a lookup on a value of another type than the API's
 log = logging.getLogger("gateway.providers")
 
@@ -149,17 +151,18 @@ class ResponsesEvents:
     strings scrubbed, and those beside it (`scrub`): the event is re-encoded only when one of them
     changes, so every other event, and a clean failure, keeps its bytes. An `error` event, or any
     event with an `error` of its own (as chat-style servers write theirs), ends the stream with the
-    scrubbed message."""
+    scrubbed message. The response's last event (`response.completed` / `.incomplete` / `.failed`)
+    ends the stream, as `message_stop` ends Anthropic's: what the upstream writes after it, or a
+    connection it then holds open or drops, is never read (the client has its answer whole)."""
 
-    __slots__ = ("_done", "_provider")
+    __slots__ = ("_provider",)
 
     def __init__(self, provider: StreamHost) -> None:
         self._provider = provider
-        self._done = False
 
     def feed(self, payload: bytes) -> list[StreamEvent]:
-        if payload == b"[DONE]":  # (OpenAI sends none; a chat-style server may): the end only after the response's
-            return [DONE] if self._done else self.end()
+        if payload == b"[DONE]":  # (OpenAI sends none; a chat-style server may): before the response's end, a cut
+            return self.end()
         if not payload.isascii() and not is_utf8(payload):  # forwarded as it is: it must be what charset=utf-8 says
             return [StreamError(UpstreamError(f"upstream `{self._provider.name}` sent invalid UTF-8"))]
         peek = _peek_event(payload)
@@ -175,14 +178,10 @@ class ResponsesEvents:
         if response is not None and response.error is not None:  # not null: the upstream's own error text
             payload = scrubbed_error(payload, self._provider.sanitize, self._provider.unsecret, "response")
         if peek.type in ("response.completed", "response.incomplete", "response.failed"):
-            self._done = True
             usage = responses_usage(response.usage) if response is not None else None
-            if usage is not None:
-                return [Chunk(payload), UsageReport(usage)]
+            return [Chunk(payload), UsageReport(usage), DONE] if usage is not None else [Chunk(payload), DONE]
         return [Chunk(payload)]
 
     def end(self) -> list[StreamEvent]:
-        if self._done:
-            return [DONE]
         return [StreamError(UpstreamError(f"upstream `{self._provider.name}` ended the stream before the response "
                                           "completed"))]

@@ -53,7 +53,8 @@ def read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None
         answer.add_text(message["content"], limit)
     if message.get("refusal"):
         answer.refusal = True
-    for position, call in enumerate(message.get("tool_calls") or ()):
+    calls = message.get("tool_calls")
+    for position, call in enumerate(calls if isinstance(calls, list) else ()):  # (`true`, `7`: no calls to read)
         if not isinstance(call, dict):
             continue
         index = call.get("index", position)
@@ -92,13 +93,18 @@ def read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, lim
 
 
 def read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:
-    """Read one body or chunk: only the fields the checks need, or, for unusual types, its whole dict."""
+    """Read one body or chunk: only the fields the checks need, or, for unusual types, its whole dict (whose
+    values of other types than OpenAI's are skipped: `"choices": 7` reads as none). Raises `msgspec.DecodeError`
+    for a payload that is not JSON, or nested too deep to decode (msgspec's `RecursionError`)."""
     try:
         read_typed(answer, _decode_choices(payload).choices, chat, limit)
         return
     except msgspec.ValidationError:
         decoded = _decode(payload)  # the dict reader skips what it cannot use
-    for choice in decoded.get("choices") or () if isinstance(decoded, dict) else ():
+    except RecursionError:  # (the typed decode meets the depth first)
+        raise msgspec.DecodeError("the JSON is nested too deep") from None
+    choices = decoded.get("choices") if isinstance(decoded, dict) else None
+    for choice in choices if isinstance(choices, list) else ():
         read_choice(answer, choice, delta_key, limit)
 
 
@@ -231,7 +237,7 @@ class StreamQuality:
         limit = self.stage.limit
         try:  # decoded whole before any is read: a failure leaves the answer as it was
             chunks = _decode_batch(b"[" + b",".join(payloads) + b"]")
-        except (msgspec.DecodeError, msgspec.ValidationError):
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
             chunks = None  # one odd chunk: read them one by one (a malformed one is skipped)
         if chunks is not None:
             for chunk in chunks:

@@ -116,7 +116,7 @@ class ResponsesStreamQuality:
             if type(event) is Chunk and any(marker in event.payload for marker in _TERMINAL):
                 try:
                     terminal = _decode_event(event.payload)
-                except (msgspec.DecodeError, msgspec.ValidationError):
+                except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # (Recursion: nested too deep)
                     continue
                 if terminal.response is not None:
                     self.answer = answer_of(terminal.response, self.stage.limit)

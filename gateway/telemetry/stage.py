@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import traceback
 from collections.abc import Callable
 from typing import Any
 
@@ -39,6 +40,7 @@ __all__ = ["Telemetry", "TelemetryStages"]
 
 log = logging.getLogger("gateway.telemetry")
 _MAX_NAMED = 10_000  # label name combinations whose series are kept by their names; past this, looked up each time
+_MAX_QUALITY_FAILURES = 100  # kinds of quality reading failure remembered (logged once each); past this, none logged
 # What a finished request's names map to: its series, its model label, its cost counter (`loop_value`), and what
 # its access lines say alike (`AccessPart`).
 _Named = tuple[RequestSeries, str, Any, AccessPart]
@@ -64,6 +66,9 @@ class Telemetry:
         # so a request's names are mapped once, not per request.
         self._named: dict[Names, _Named] = {}
         self._policy: Policy | None = None
+        # The kinds of failure of the quality signals' reading already logged (each once: an upstream that answers
+        # so answers so every time).
+        self._quality_failures: set[str] = set()
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         if ctx.runtime.policy.server.metrics:  # off (`server.metrics: false`): nothing recorded
@@ -75,10 +80,13 @@ class Telemetry:
             else:
                 quality.prepare(ctx)
                 reply = await call_next(ctx)
-                if reply.stream is None:
-                    quality.read(ctx, reply)
-                else:  # its reader is ended in `on_end` (the common stream's) or is a stage added before this one
-                    quality.read_stream(ctx, reply)
+                try:  # (free in CPython 3.11 when nothing is raised)
+                    if reply.stream is None:
+                        quality.read(ctx, reply)
+                    else:  # its reader is ended in `on_end` (the common stream's) or is a stage added before this one
+                        quality.read_stream(ctx, reply)
+                except Exception as exc:  # noqa: BLE001 -- a reader's bug: a metric lost, never the answer
+                    self._quality_failed(exc)
         except GatewayError as exc:
             ctx.status, ctx.error_code = exc.status, exc.label
             self._finish(ctx)
@@ -120,6 +128,17 @@ class Telemetry:
                 log.exception("quality signals failed at a stream's end",
                               extra={"fields": {"request_id": ctx.request_id}})
         self._finish(ctx)
+
+    def _quality_failed(self, exc: Exception) -> None:
+        """The quality signals failed to read an answer: logged once per kind (the exception's type and where it
+        was raised, never its message nor a traceback's values: they may hold the answer's text)."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f"{frames[-1].filename.rsplit('/', 1)[-1]}:{frames[-1].lineno}" if frames else "?"
+        kind = f"{type(exc).__name__} at {where}"
+        if kind not in self._quality_failures and len(self._quality_failures) < _MAX_QUALITY_FAILURES:
+            self._quality_failures.add(kind)
+            log.error("quality signals failed to read an answer (%s): the answer goes on uncounted; further "
+                      "failures of this kind are not logged", kind)
 
     def _finish(self, ctx: RequestContext, reply: Reply | None = None) -> None:
         policy = ctx.runtime.policy

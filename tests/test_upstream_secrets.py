@@ -31,7 +31,7 @@ from gateway.providers.scrub import scrub_strings, scrubbed_error
 from gateway.providers.streaming import ResponsesEvents
 from gateway.sanitize import remove_secrets, sanitize_upstream_message
 from gateway.schemas.endpoints import Endpoint
-from gateway.schemas.events import Chunk, StreamError, UsageReport
+from gateway.schemas.events import DONE, Chunk, StreamError, UsageReport
 from gateway.upstream.client import ConnectionGate
 from tests.conftest import FULL_KEY, RunningGateway
 from tests.support.mock_gemini import MockGemini, gemini_error
@@ -269,10 +269,10 @@ def test_responses_events_keep_their_bytes_unless_an_error_needs_scrubbing() -> 
     usage = b'"usage":{"input_tokens":3,"output_tokens":2,"total_tokens":5}'
     clean = b'{"type":"response.failed","response":{"status":"failed","error":{"code":"x","message":"busy"},' + \
         usage + b'}}'
-    chunk, report = events.feed(clean)
-    assert isinstance(chunk, Chunk) and chunk.payload is clean and isinstance(report, UsageReport)
+    chunk, report, done = events.feed(clean)  # (the response's last event: the stream ends there)
+    assert isinstance(chunk, Chunk) and chunk.payload is clean and isinstance(report, UsageReport) and done is DONE
     dirty = clean.replace(b"busy", b"key " + KEY.encode() + b" at " + INTERNAL.encode())
-    chunk, report = events.feed(dirty)
+    chunk, report, done = events.feed(dirty)
     assert isinstance(chunk, Chunk) and isinstance(report, UsageReport) and report.usage.total_tokens == 5
     sent = json.loads(chunk.payload)
     assert sent["response"]["error"] == {"code": "x", "message": "key [redacted] at [address]"}

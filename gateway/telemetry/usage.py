@@ -170,8 +170,13 @@ def _after_prompt(so_far: Usage, completion_tokens: int) -> Usage:
                  so_far.completion_tokens_details if reasoning else None)
 
 
+def _listed(value: Any) -> list[Any]:
+    """An upstream's list, or none (a value of another type than the API's holds no text here)."""
+    return value if isinstance(value, list) else []
+
+
 def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
-    for choice in chunk.get("choices") or ():
+    for choice in _listed(chunk.get("choices")):
         if not isinstance(choice, dict):
             continue
         delta = choice.get("delta")
@@ -184,7 +189,7 @@ def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
 def _text_of_message(message: dict[str, Any], parts: list[str]) -> None:
     if isinstance(message.get("content"), str):
         parts.append(message["content"])
-    for call in message.get("tool_calls") or ():
+    for call in _listed(message.get("tool_calls")):
         function = call.get("function") if isinstance(call, dict) else None
         if isinstance(function, dict) and isinstance(function.get("arguments"), str):
             parts.append(function["arguments"])
@@ -193,16 +198,16 @@ def _text_of_message(message: dict[str, Any], parts: list[str]) -> None:
 def _answer_text(body: bytes) -> str:
     try:
         data = msgspec.json.decode(body)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # (an upstream's JSON nested past the recursion limit)
         return ""
     parts: list[str] = []
-    for choice in data.get("choices") or () if isinstance(data, dict) else ():
+    for choice in _listed(data.get("choices")) if isinstance(data, dict) else ():
         if isinstance(choice, dict):
             if isinstance(choice.get("message"), dict):
                 _text_of_message(choice["message"], parts)
             elif isinstance(choice.get("text"), str):
                 parts.append(choice["text"])
-    for item in data.get("output") or () if isinstance(data, dict) else ():  # a Responses answer
+    for item in _listed(data.get("output")) if isinstance(data, dict) else ():  # a Responses answer
         if isinstance(item, dict):
             if isinstance(item.get("arguments"), str):  # a function call
                 parts.append(item["arguments"])

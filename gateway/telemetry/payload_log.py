@@ -17,7 +17,6 @@ so a stalled sink never holds a shutdown or a reload.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
 import logging
 import logging.handlers
@@ -40,6 +39,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent
 from ..store.base import StoreConfig
 from .access import CLIENT_CLOSED
+from .final_drain import finish_within
 from .metrics import Metrics
 
 if TYPE_CHECKING:
@@ -130,13 +130,8 @@ class PayloadWriter:
         if self._task is None:
             return
         self._closing = True
-        self._wake.set()
-        done, _ = await asyncio.wait({self._task}, timeout=FINAL_DRAIN_S)
-        if not done:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            left = len(self._queue)  # the one being written at the deadline among them
+        await finish_within(self._task, self._wake, FINAL_DRAIN_S, log, "the payload log's writer")
+        if left := len(self._queue):  # cut at the deadline: the one being written among them
             self._queue.clear()
             self.metrics.telemetry_dropped.labels("payload_log", "close_timeout").inc(left)
             log.warning("payload log: %d entries dropped at close: not written within %.0f s", left, FINAL_DRAIN_S)

@@ -36,6 +36,7 @@ from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
 from ..policy.telemetry_schema import TracingSpec
 from ..schemas.events import StreamEvent
+from .final_drain import finish_within
 from .metrics import Metrics
 
 __all__ = ["SpanExporter", "Tracing", "parse_traceparent"]
@@ -223,14 +224,7 @@ class SpanExporter:
         batch leaves the queue only once counted, so a batch cut mid-post is counted with the rest, once."""
         if self._task is not None:
             self._closing = True
-            self._wake.set()
-            done, _ = await asyncio.wait({self._task}, timeout=FINAL_DRAIN_S)
-            if not done:
-                self._task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._task
-            elif not self._task.cancelled() and self._task.exception() is not None:
-                log.warning("the OTLP exporter had stopped", exc_info=self._task.exception())
+            await finish_within(self._task, self._wake, FINAL_DRAIN_S, log, "the OTLP exporter")
         self._closed = True
         if left := len(self._queue):
             self._queue.clear()

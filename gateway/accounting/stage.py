@@ -16,8 +16,8 @@ Between `Authorize` and the guards, only in a policy that sets a limit or a budg
    and at the end of a stream (`StreamBill`, settling.py), however it ends;
    a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
    and an error event) when a hard budget refuses it; a request that ends without an answer while an upstream
-   had it (the client gone or the request cancelled after it went out, or timed out waiting), is billed its
-   prompt estimate (`_left_usage`), as a stream left early is.
+   had it (the client gone, the request cancelled or the alias's deadline passed after it went out, or timed out
+   waiting), is billed its prompt estimate (`_left_usage`), as a stream left early is.
 
 The caller's limits and budget are read from its `VirtualKey` only, so keys from the policy file and keys
 created at run time go through this one path. When the store fails, `on_unavailable` decides: `closed`
@@ -124,10 +124,11 @@ class Accounting(Admission, Settling):
                 exc.headers.setdefault(name.decode(), value.decode())
             self._drop_unusable(ctx)
             try:
-                # The gateway's own timeout waiting for an answer to a request it sent (not a connect timeout, when
-                # nothing was sent; not the alias's deadline, which may cut a wait before a retry; not an upstream's
-                # 408 or 504, an error status it sent, as a 4xx)
-                if type(exc) is UpstreamTimeout and exc.upstream_status is None:
+                # An upstream at work on it (`ctx.upstream_sent`: an attempt sent, and none failed since, which the
+                # alias's deadline cut), or the gateway's own timeout waiting for an answer to a request it sent (not
+                # a connect timeout, when nothing was sent; not an upstream's 408 or 504, an error status it sent, as
+                # a 4xx). Not the deadline cutting a connect, or passing after an attempt failed: nothing at work.
+                if ctx.upstream_sent or (type(exc) is UpstreamTimeout and exc.upstream_status is None):
                     await self._left_usage(ctx)
             finally:
                 self._spawn(self._settle(ctx, bill))
@@ -159,10 +160,11 @@ class Accounting(Admission, Settling):
         return reply
 
     async def _left_usage(self, ctx: RequestContext) -> None:
-        """A request that ended without an answer while an upstream had it (the client gone, or the request cancelled,
-        after its request went out: `ctx.upstream_sent`; or timed out waiting for the answer): billed its prompt
-        estimate, marked, as a stream left early is (`StreamBill.on_end`); nothing of the answer it never got.
-        Set before the error goes on, so that the access log and the metrics read the figure the bill does."""
+        """A request that ended without an answer while an upstream had it (the client gone, the request cancelled or
+        the alias's deadline passed, after its request went out: `ctx.upstream_sent`; or timed out waiting for the
+        answer): billed its prompt estimate, marked, as a stream left early is (`StreamBill.on_end`); nothing of the
+        answer it never got. Set before the error goes on, so that the access log and the metrics read the figure
+        the bill does."""
         if ctx.usage is None and ctx.upstream_started:
             ctx.usage = await estimate_usage(self.counter, ctx, 0)
 

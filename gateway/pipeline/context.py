@@ -83,7 +83,8 @@ class RequestContext:
     provider: Provider | None = None
     upstream_started: float = 0.0
     # An attempt's request went out (its head was being written: `upstream.request.SENDING`, marked only where the
-    # accounting stage asks) and no attempt has failed since: a request left now leaves an upstream at work.
+    # accounting stage asks) and no attempt has failed since (the alias's deadline cutting it is no failure: the
+    # upstream goes on): a request left now leaves an upstream at work.
     upstream_sent: bool = False
     upstream_seconds: float = 0.0
     first_chunk_seconds: float | None = None

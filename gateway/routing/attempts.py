@@ -36,8 +36,8 @@ from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, Stre
 from ..schemas.openai import Usage
 from ..upstream.retry_after import client_retry_after, retry_after_seconds
 
-__all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "DeadlineExceeded", "Replay", "TargetsUnavailable", "aggregate",
-           "backoff", "breaker_verdict", "classify", "final", "peek", "retry_after_s"]
+__all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "NOT_SENT", "DeadlineExceeded", "Replay", "TargetsUnavailable",
+           "aggregate", "backoff", "breaker_verdict", "classify", "final", "peek", "retry_after_s"]
 
 # Failures that say something about the target's health. A 429 says it is busy (Retry-After
 # covers it), a full local pool says the gateway is, a client error says nothing about the target;
@@ -46,6 +46,9 @@ BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error", "credentials
 # Failures that go to the next target at once, whatever `retry_on` says, and are never retried on the same one: a
 # full local pool (nothing was sent), the gateway's own credential refused (the same key would be refused again).
 NEXT_AT_ONCE = frozenset({"busy", "credentials"})
+# Failures of a target that sent nothing upstream: no attempt (`x-gateway-attempts` counts what was sent, or being
+# sent), and the next target at once: a full local pool, a field the target lacks.
+NOT_SENT = frozenset({"busy", "unsupported"})
 _MAX_MESSAGE = 900
 # Failures that hand the request on rather than fail it: a context overflow (to `context_fallback`), a field the
 # target lacks (nothing sent: to the next target).

@@ -14,7 +14,8 @@ this process probes it) -> closed on success, open again on failure. An attempt 
 before it opened changes nothing when it ends within the cooldown: its failure does not put the probe
 off (the cooldown runs from the opening), its success does not close it (on this replica, nor, through
 the shared close, on the others). Within the cooldown only the forced try of an alias whose targets are all
-open, or an active health check, closes it. A retry of a target asks `allow` again, so that no
+open, or an active health check sent after the opening, closes it (a check is an attempt too: one sent before
+the opening is no news of a recovery, `checked`). A retry of a target asks `allow` again, so that no
 retry follows a failure that opened the breaker, nor runs beside another request's probe.
 
 A stream is judged by its whole stream (`opened`, then `ended`): its opening closes a
@@ -47,7 +48,7 @@ _KEY = "breaker:"
 
 
 class _State:
-    __slots__ = ("consecutive", "last_failure", "open_until", "probing", "state", "window_failures",
+    __slots__ = ("consecutive", "last_failure", "open_until", "openings", "probing", "state", "window_failures",
                  "window_requests", "window_start")
 
     def __init__(self, now: float) -> None:
@@ -59,13 +60,15 @@ class _State:
         self.open_until = 0.0
         self.last_failure = 0.0
         self.probing = False
+        self.openings = 0  # how many times it opened (here or, as learnt, on another replica): a check's mark
 
 
 # The breaker that last admitted an attempt of the current request (each request runs in its own task, so
 # its own context; its attempts run one after another). `allow` admits attempts only while a breaker is
 # closed or as its probe, so an answer that finds its breaker open within the cooldown with this mark on
-# it began before the opening: stale. The forced try (`least_recently_failed`) and the health check carry
-# no mark: they close the breaker as an answer should.
+# it began before the opening: stale. The forced try (`least_recently_failed`) carries no mark: it closes the
+# breaker as an answer should. The health check, which `allow` does not admit, is marked by the openings so far
+# (`check_began`, `checked`).
 _ADMITTED: ContextVar[_State | None] = ContextVar("breaker_admitted", default=None)
 
 
@@ -150,6 +153,23 @@ class Breakers:
             self._set(target, entry, CLOSED)
             self._share(target, None)
 
+    def check_began(self, target: str) -> int:
+        """The mark of a health check of `target` about to be sent, for `checked`: its breaker's openings so far."""
+        return self._states[target].openings
+
+    def checked(self, target: str, began: int) -> None:
+        """A health check's success (`began`: its `check_began`): `success`, but one sent before an opening that is
+        still within its cooldown leaves the breaker open, as an attempt's does (`_stale`): it was sent while the
+        target still looked up (or before the probe that failed), and says nothing of a recovery since."""
+        entry = self._states[target]
+        entry.consecutive = 0
+        self._count(entry, failed=False)
+        stale = entry.openings != began and entry.state == OPEN and self._clock() < entry.open_until
+        if entry.state != CLOSED and not stale:  # (not `success`: its mark is of the requests `allow` admitted)
+            entry.probing = False
+            self._set(target, entry, CLOSED)
+            self._share(target, None)
+
     def _stale(self, entry: _State) -> bool:
         """Whether an answer of this request's attempt comes from before the opening of `entry`'s breaker, which is
         still within its cooldown: then it leaves the breaker open, as a failure from before leaves it (and the
@@ -229,6 +249,7 @@ class Breakers:
 
     def _open(self, target: str, entry: _State, now: float, seconds: float) -> None:
         entry.open_until = now + seconds
+        entry.openings += 1
         entry.consecutive = 0
         entry.window_start, entry.window_requests, entry.window_failures = now, 0, 0
         self._set(target, entry, OPEN)
@@ -292,6 +313,7 @@ class Breakers:
         if entry.state == OPEN and entry.open_until >= now + remaining - 0.05:
             return  # already open as long (our own message, or an older one)
         entry.open_until = now + remaining
+        entry.openings += 1
         entry.last_failure = max(entry.last_failure, now)
         entry.probing = False
         self._set(target, entry, OPEN)

@@ -43,6 +43,7 @@ from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
 from .attempts import (
     NEXT_AT_ONCE,
+    NOT_SENT,
     DeadlineExceeded,
     TargetsUnavailable,
     aggregate,
@@ -240,7 +241,7 @@ class Router:
                 self._failed(ctx, target, exc, kind, time.perf_counter() - started, failures)
                 if isinstance(exc, DeadlineExceeded):
                     return "stop"
-                if kind == "unsupported":  # nothing was sent (no attempt made): the next target may do it
+                if kind in NOT_SENT:  # no attempt made (the access log lists it): the next target may take it
                     ctx.attempt_count -= 1
                     return "next"
                 if kind not in route.retry_on and kind not in NEXT_AT_ONCE:  # a full pool, a refused key: the next
@@ -308,12 +309,14 @@ class Router:
         failures: list[tuple[Target, GatewayError, str]],
     ) -> None:
         failures.append((target, error, kind))
-        ctx.upstream_sent = False  # (answered, or failed: a request left from now on leaves no upstream at work)
-        if not isinstance(error, DeadlineExceeded):  # a slow sample for `latency` (cut short: nothing of its speed)
-            self.stats[target.name].failed(kind, ctx.stream, seconds)
+        if not isinstance(error, DeadlineExceeded):  # (cut short by the deadline: see below)
+            ctx.upstream_sent = False  # failed: a request ending from now on leaves no upstream at work
+            self.stats[target.name].failed(kind, ctx.stream, seconds)  # a slow sample for `latency`
         if isinstance(error, DeadlineExceeded):
             # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
-            # cancelled request), or one strict alias would open the breaker every other alias shares.
+            # cancelled request), or one strict alias would open the breaker every other alias shares; no sample of
+            # its speed. `upstream_sent` stays: an attempt already sent leaves its upstream at work, and the request
+            # is billed its prompt (`accounting.stage`), as when it times out waiting; one still connecting, nothing.
             self.breakers.release(target.name)
         elif (failed := breaker_verdict(kind, error)) is None:
             self.breakers.release(target.name)

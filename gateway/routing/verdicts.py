@@ -105,13 +105,15 @@ class StreamVerdicts:
 
 
 async def check_health(target: Target, provider: Provider, breakers: Breakers, attempts: Any) -> None:
-    """A one-token request on an interval; its outcome feeds the breaker (a success closes it) and is counted in
-    `attempts` (`gateway_upstream_attempts_total`) as `health_<outcome>`."""
+    """A one-token request on an interval; its outcome feeds the breaker (a success closes it, unless the breaker
+    opened after it was sent: `Breakers.checked`) and is counted in `attempts` (`gateway_upstream_attempts_total`)
+    as `health_<outcome>`."""
     assert target.health_check is not None
     check = target.health_check
     body = {"model": target.upstream_model, "max_tokens": 1, "messages": [{"role": "user", "content": "ping"}]}
     while True:
         await asyncio.sleep(check.interval_s)
+        began = breakers.check_began(target.name)
         try:
             async with asyncio.timeout(check.timeout_s):
                 await provider.complete(Call(Endpoint.CHAT, {**body, **target.extra_body}, False, "health-check",
@@ -122,5 +124,5 @@ async def check_health(target: Target, provider: Provider, breakers: Breakers, a
                 breakers.failure(target.name)
             attempts.labels(target.name, "health_" + kind).inc()
         else:
-            breakers.success(target.name)
+            breakers.checked(target.name, began)
             attempts.labels(target.name, "health_ok").inc()

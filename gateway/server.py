@@ -40,7 +40,8 @@ from typing import Any
 
 import uvicorn
 
-from .app import ASGIApp, Gateway, create_app, served_app
+from .app import Gateway, create_app, served_app
+from .direct_routes import ASGIApp
 from .http_server import server_limits
 from .policy import Policy
 from .reload import Listener, fingerprints

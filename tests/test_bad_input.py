@@ -216,7 +216,7 @@ def test_the_gateway_still_answers_after_the_sweep(gateway: RunningGateway) -> N
 
 
 def test_the_proxied_paths_answer_alike_directly_and_through_the_router(gateway: RunningGateway) -> None:
-    # exact paths skip litestar's router (app.DirectRoutes); other spellings and bad Host headers still reach it
+    # exact paths skip litestar's router (`direct_routes`); other spellings and bad Host headers still reach it
     body = {"model": "chat", "messages": [{"role": "user", "content": "hi"}]}
     direct = httpx.post(gateway.base_url + "/chat/completions", headers=AUTH, json=body)
     routed = httpx.post(gateway.base_url + "/chat/completions/", headers=AUTH, json=body)

@@ -20,7 +20,7 @@ import pytest
 
 from gateway.policy import PolicyError, compile_text, load_policy
 from gateway.policy.includes import MAX_POLICY_BYTES
-from gateway.policy.loader import MAX_DEPTH
+from gateway.policy.yaml_nodes import MAX_DEPTH
 from tests.conftest import FULL_KEY, REPO, UPSTREAM_KEY, RunningGateway, policy_text
 from tests.support.mock_upstream import MockUpstream
 

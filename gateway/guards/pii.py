@@ -37,6 +37,7 @@ from .base import Finding, Where
 from .common import GuardBase
 from .holds import RegexHolds, pii_holds
 from .normalize import canonical, canonical_open_from, original_span
+from .pii_prefilter import prefilter
 from .pool import INLINE_CHARS, INLINE_DIGITS, GuardPool, digit_count
 
 __all__ = ["Engine", "PiiGuard", "analyze", "build_analyzer", "quiet_network"]
@@ -244,7 +245,7 @@ class PiiGuard(GuardBase):
         self.thresholds = {e: _threshold(spec, e) for e in entities}
         self.keep = {e: _keep(_own(spec, e).keep) for e in entities}
         self.floor = min(self.thresholds.values(), default=spec.threshold)
-        self.prefilter = None if spec.recognizers else _prefilter(entities)
+        self.prefilter = None if spec.recognizers else prefilter(entities)
         self.allow = frozenset(v.casefold() for v in spec.allow)
         self.allow_patterns = [re.compile(p) for p in spec.allow_patterns]
         # `round(score, 3)` goes through a decimal conversion (about as costly as building the finding):
@@ -340,51 +341,6 @@ def _name_score(text: str, start: int, end: int, score: float) -> float:
         if not before or before[-1] in ".!?:\n":
             return score - 0.3
     return score
-
-
-# What a text must contain for each pattern-found type to be in it at all: a text without any of
-# them ("hello", most chat turns without a digit) skips the analysis. Types missing here (names,
-# custom recognizers) turn the shortcut off. Substring tests, not one regex: they run at C speed.
-_DIGIT_TYPES = frozenset({"PHONE_NUMBER", "CREDIT_CARD", "IBAN_CODE", "US_SSN", "UK_NINO", "GOV_ID",
-                          "STREET_ADDRESS", "DATE_OF_BIRTH", "DATE_TIME", "IP_ADDRESS"})
-_NEEDS: dict[str, tuple[str, ...]] = {
-    "EMAIL_ADDRESS": ("@",), "URL": (".",), "IP_ADDRESS": ("::",),
-    "DATE_TIME": ("jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"),
-    "PERSONAL_URL": ("linkedin", "github", "gitlab", "twitter", "x.com", "facebook", "instagram", "tiktok",
-                     "medium", "mastodon", "keybase"),
-}
-_DIGIT = re.compile(r"\d")
-
-
-class _Prefilter:
-    __slots__ = ("digits", "words")
-
-    def __init__(self, digits: bool, words: tuple[str, ...]) -> None:
-        self.digits = digits
-        self.words = words
-
-    def may_match(self, text: str) -> bool:
-        # (a full-width at sign is an `@` to the recognizers, which read the canonical text: `analyze`)
-        return self._may_match(text) or (not text.isascii() and self._may_match(canonical(text)[0]))
-
-    def _may_match(self, text: str) -> bool:
-        if self.digits and _DIGIT.search(text) is not None:
-            return True
-        if self.words:
-            lowered = text.lower()
-            return any(word in lowered for word in self.words)
-        return False
-
-
-def _prefilter(entities: tuple[str, ...]) -> _Prefilter | None:
-    words: set[str] = set()
-    digits = False
-    for entity in entities:
-        if entity not in _DIGIT_TYPES and entity not in _NEEDS:
-            return None
-        digits = digits or entity in _DIGIT_TYPES
-        words.update(_NEEDS.get(entity, ()))
-    return _Prefilter(digits, tuple(sorted(words)))
 
 
 def _own(spec: PiiGuardSpec, entity: str) -> EntitySpec:

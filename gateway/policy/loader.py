@@ -3,14 +3,14 @@
 Why not just `msgspec.yaml.decode`: it stops at the first error and knows no line
 numbers. An operator fixing a file wants all of its errors at once, each with
 file, line and field path. So the YAML is composed into nodes first (which carry
-their marks), then checked field by field against the structs of
-`policy.schema`, collecting issues, and only then decoded.
+their marks; `yaml_nodes`: the dialect, the limits, the construction errors), then
+checked field by field against the structs of `policy.schema`, collecting issues,
+and only then decoded.
 """
 
 from __future__ import annotations
 
 import functools
-import re
 import types
 import typing
 from collections.abc import Collection, Sequence
@@ -21,6 +21,7 @@ import msgspec
 import yaml
 
 from .schema import HeaderName, PolicySpec
+from .yaml_nodes import MAX_DEPTH, Refused, YamlLoader, check_shape, construct, key_name, refusal
 
 __all__ = ["PolicyError", "PolicyIssue", "check_doc", "parse_file"]
 
@@ -70,122 +71,6 @@ def format_path(path: _Path) -> str:
     return out
 
 
-MAX_NODES = 1_000_000  # values a policy file may expand to, its aliases (`*name`) expanded: far above any real one
-MAX_DEPTH = 100  # levels of nesting, aliases expanded: a real policy has about 10; the checks recurse once a level
-_CORE_BOOL = ("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"))  # YAML 1.2's booleans
-_TIMESTAMP_TAG = "tag:yaml.org,2002:timestamp"
-_NULL_TAG = "tag:yaml.org,2002:null"
-
-
-class _Loader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """PyYAML's safe loader, on libyaml where installed (same nodes and marks, parsed in C), with YAML 1.2's booleans:
-    only true and false. YAML 1.1's on/off/yes/no turned the documented `mode: on` into `true`, an unknown mode.
-    Nor YAML 1.1's timestamps: a price's `date: 2024-06-01` is the string its field takes, not a `date` (refused as
-    one), and `2025-02-29` is a string the checks refuse, not a crash; an explicit `!!timestamp` still makes one."""
-
-    yaml_implicit_resolvers: typing.ClassVar[dict[Any, list[Any]]] = {
-        first: [resolver for resolver in resolvers if resolver[0] not in (_CORE_BOOL[0], _TIMESTAMP_TAG)]
-        + [_CORE_BOOL] * (first in "tTfF")
-        for first, resolvers in yaml.resolver.Resolver.yaml_implicit_resolvers.items()
-    }
-
-    def construct_object(self, node: yaml.Node, deep: bool = False) -> Any:
-        """PyYAML's, its constructors' own errors made YAML ones at the value: `!!int eighty` raises ValueError,
-        `!!bool maybe` KeyError, `!!timestamp soon` AttributeError."""
-        try:
-            return super().construct_object(node, deep)
-        except (ValueError, KeyError, AttributeError, TypeError, OverflowError) as exc:
-            tag = node.tag.removeprefix("tag:yaml.org,2002:")
-            shown = f"!!{tag}" if tag != node.tag else tag
-            raise _Unreadable(f"`{str(node.value)[:100]}` is not a valid `{shown}` value", node.start_mark) from exc
-
-
-class _Unreadable(yaml.constructor.ConstructorError):
-    """A value PyYAML's constructor for its tag refuses (`_Loader.construct_object`)."""
-
-    def __init__(self, problem: str, mark: yaml.Mark) -> None:
-        super().__init__(None, None, problem, mark)
-
-
-def _check_shape(root: yaml.Node, file: str, text: str) -> None:
-    """Refuse aliases expanding the document past `MAX_NODES` values (a few lines of "billion laughs" would take the
-    memory of the process), nesting past `MAX_DEPTH` (the checks recurse), an alias inside its own anchor (`a: &x
-    [*x]`). Linear in the text: each node is counted once (an alias is the node it names)."""
-    sizes: dict[int, int] = {}  # node -> values, its aliases expanded; 0 while it is being counted
-
-    def size(node: yaml.Node, depth: int) -> int:
-        found = sizes.get(id(node))
-        if found == 0:  # met again inside itself
-            line, name = _recursive_alias(text)
-            raise _refusal(file, line, f"a recursive YAML alias: `*{name}` is inside the `&{name}` it names")
-        if found is None:
-            if depth > MAX_DEPTH:
-                raise _refusal(file, node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep")
-            sizes[id(node)] = 0
-            found = sizes[id(node)] = min(1 + sum(size(child, depth + 1) for child in _children(node)), MAX_NODES + 1)
-        return found
-
-    if size(root, 0) > MAX_NODES:
-        raise _refusal(file, root.start_mark.line + 1, f"the document expands to more than {MAX_NODES:,} values "
-                                                       "(through its YAML aliases)")
-
-
-def _refusal(file: str, line: int, problem: str) -> PolicyError:
-    return PolicyError([PolicyIssue(file, line, "", f"{problem}; refused")])
-
-
-def _children(node: yaml.Node) -> list[yaml.Node]:
-    if isinstance(node, yaml.MappingNode):
-        return [item for pair in node.value for item in pair]
-    return node.value if isinstance(node, yaml.SequenceNode) else []
-
-
-def _recursive_alias(text: str) -> tuple[int, str]:
-    """The line and name of the first alias inside its anchor, read again: a node keeps no mark of its aliases."""
-    anchors: list[str | None] = []  # those of the mappings and lists around the event
-    for event in yaml.parse(text, Loader=_Loader):
-        if isinstance(event, yaml.CollectionStartEvent):
-            anchors.append(event.anchor)
-        elif isinstance(event, yaml.CollectionEndEvent):
-            anchors.pop()
-        elif isinstance(event, yaml.AliasEvent) and event.anchor in anchors and event.start_mark:
-            return event.start_mark.line + 1, str(event.anchor)
-    return 1, "?"
-
-
-def _key_name(node: yaml.ScalarNode) -> str:
-    """A key as the checks name it in a path: `null:` and `~:` are the key None, shown `null` (`_show`), and so is
-    `True:`, shown `true`; any other key as written."""
-    if node.tag == _NULL_TAG:
-        return "null"
-    return str(node.value).lower() if node.tag == _CORE_BOOL[0] else str(node.value)
-
-
-def _path_at(node: yaml.Node, index: int, path: _Path, seen: set[int] | None = None) -> _Path | None:
-    """The path of the value at `index` in the text (a key there: its mapping's), for an error PyYAML's constructor
-    reports by its mark only. Searched once the document is refused: nothing is kept for it while it loads."""
-    seen = set() if seen is None else seen
-    if id(node) in seen:  # an alias: the anchor came first
-        return None
-    seen.add(id(node))
-    if node.start_mark.index == index:
-        return path
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            if _path_at(key_node, index, path, seen) is not None:
-                return path
-            merged = not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<"
-            found = _path_at(value_node, index, path if merged else path + (_key_name(key_node),), seen)
-            if found is not None:
-                return found
-    elif isinstance(node, yaml.SequenceNode):
-        for number, item in enumerate(node.value):
-            found = _path_at(item, index, path + (number,), seen)
-            if found is not None:
-                return found
-    return None
-
-
 class _Located:
     """The YAML document as plain data, plus the line of every path in it."""
 
@@ -196,42 +81,31 @@ class _Located:
         # A list item merged in at another index (`keys[3]` was `keys[0]` in its file): its path there, for errors.
         self.origins: dict[_Path, _Path] = {}
         self.issues: list[PolicyIssue] = []
-        loader = _Loader(text)
+        loader = YamlLoader(text)
         try:
             node = loader.get_single_node()
             if node is not None:
-                _check_shape(node, file, text)
+                check_shape(node, text)
                 # Indexed before it is constructed: constructing flattens merge keys (`<<: *base`) into the mapping's
                 # own, where a key that overrides a merged one would read as a duplicate.
                 self._index(node, ())
-            self.data: Any = None if node is None else self._construct(loader, node)
+            self.data: Any = None if node is None else construct(loader, node)
+        except Refused as exc:
+            raise PolicyError([PolicyIssue(file, exc.line, format_path(exc.path), exc.problem)]) from exc.__cause__
         finally:
             loader.dispose()
 
-    def _construct(self, loader: _Loader, node: yaml.Node) -> Any:
-        """The document as plain data; a value YAML cannot make (`!!int eighty`, a list as a key) is refused with
-        its line and field."""
-        try:
-            return loader.construct_document(node)
-        except yaml.constructor.ConstructorError as exc:
-            mark = exc.problem_mark or exc.context_mark
-            if mark is None:
-                raise
-            problem = exc.problem if isinstance(exc, _Unreadable) else f"YAML error: {exc.problem}"
-            path = format_path(_path_at(node, mark.index, ()) or ())
-            raise PolicyError([PolicyIssue(self.file, mark.line + 1, path, str(problem))]) from exc
-
     def _index(self, node: yaml.Node, path: _Path) -> None:
-        if len(path) > MAX_DEPTH:  # through aliases (as written, `_check_shape` refused it): the checks recurse
-            raise _refusal(self.file, node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep through "
-                                                                "its YAML aliases (this anchor's)")
+        if len(path) > MAX_DEPTH:  # through aliases (as written, `check_shape` refused it): the checks recurse
+            raise refusal(node.start_mark.line + 1, f"nested more than {MAX_DEPTH} levels deep through its YAML "
+                                                    "aliases (this anchor's)")
         self.lines.setdefault(path, node.start_mark.line + 1)
         if isinstance(node, yaml.MappingNode):
             seen: set[object] = set()
             for key_node, value_node in node.value:
                 if not isinstance(key_node, yaml.ScalarNode) or key_node.value == "<<":  # (a list as a key: refused)
                     continue
-                key = _key_name(key_node)
+                key = key_name(key_node)
                 if key in seen:
                     self.issue(path + (key,), f"duplicate key `{key}`", key_node.start_mark.line + 1)
                 seen.add(key)

@@ -81,7 +81,7 @@ class Unconvertible(Exception):
 def json_object(payload: bytes) -> dict[str, Any]:
     try:
         return _decode(payload)
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         raise Unconvertible("not a JSON object") from None
 
 
@@ -138,7 +138,16 @@ def function_call(call: Any, known: frozenset[str]) -> dict[str, Any]:
 
 def assemble_body(entry: Entry, endpoint: Endpoint) -> bytes:
     """A stored stream as the complete answer a non-streamed request would have got. `Unconvertible` when the
-    complete answer would not carry it exactly."""
+    complete answer would not carry it exactly, or holds a value nested too deep to read or write here: the check
+    of a stored answer (`entry.holds_answer`) ran on another stack, shallower or in a thread, and decoding and
+    encoding nest as deep as the value."""
+    try:
+        return _assemble(entry, endpoint)
+    except RecursionError:
+        raise Unconvertible("nested too deep") from None
+
+
+def _assemble(entry: Entry, endpoint: Endpoint) -> bytes:
     chat = endpoint is Endpoint.CHAT
     choices: dict[int, dict[str, Any]] = {}
     base: dict[str, Any] = {}

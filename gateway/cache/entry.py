@@ -14,13 +14,16 @@ took about 0.6 ms, a 6 MB embeddings answer 0.8 s, which on the event loop stall
 every request of the process; a thread hop costs about 0.1-0.2 ms.
 
 Decoding never trusts the bytes: anything that does not decode to a well-formed
-entry (a corrupt value, another program's key, figures no answer has: an infinite
+entry (a corrupt value, another program's key, a value nested past Python's
+recursion limit, figures no answer has: an infinite
 `created`, a negative cost, usage that is not `usable`) is `None`, which the cache
 treats as a miss. Nor does a hit trust the answer inside: served in its own form it goes
 out as stored, so `load_entry` also refuses an entry that is not an answer of
 the request's endpoint (`holds_answer`), checked as it is decoded (in the same
 worker thread for a large one), so that a decoded entry the cache keeps is never
-checked again.
+checked again. A miss's answer is checked so before it is stored (`pack_entry`):
+an upstream's 200 that is not an answer is never written, to be read back as
+corrupt by every later request of its key.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ import msgspec
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import Usage
 
-__all__ = ["DECODE_INLINE_BYTES", "ENCODE_INLINE_BYTES", "Entry", "decode_entry", "encode_entry", "holds_answer",
-           "load_entry", "pack_entry"]
+__all__ = ["DECODE_INLINE_BYTES", "ENCODE_INLINE_BYTES", "Entry", "NotAnAnswer", "decode_entry", "encode_entry",
+           "holds_answer", "load_entry", "pack_entry"]
 
 _RAW, _ZLIB = b"\x00", b"\x01"
 _MAX_INFLATE = 256 * 1024 * 1024  # a decompression bomb in a shared Redis is a miss, not an outage
@@ -106,11 +109,24 @@ def _compress(raw: bytes, limit: int) -> bytes | None:
     return None if size + len(parts[-1]) > limit else b"".join(parts)
 
 
-async def pack_entry(entry: Entry, compress_min_bytes: int, max_bytes: int) -> bytes | None:
-    """`encode_entry`, in a worker thread when the entry is large."""
+class NotAnAnswer(Exception):
+    """What a miss would store is not an answer of its endpoint (`holds_answer`): an upstream's 200 `{}`, a stream
+    without a choice. Stored, every hit of its key would read it back as a corrupt entry until it expired."""
+
+
+async def pack_entry(entry: Entry, compress_min_bytes: int, max_bytes: int,
+                     endpoint: Endpoint | None = None) -> bytes | None:
+    """`encode_entry`, in a worker thread when the entry is large; `NotAnAnswer` when `entry` is not an answer of
+    `endpoint` (None: not checked), checked in that same thread."""
     if answer_bytes(entry) <= ENCODE_INLINE_BYTES:
-        return encode_entry(entry, compress_min_bytes, max_bytes)
-    return await asyncio.to_thread(encode_entry, entry, compress_min_bytes, max_bytes)
+        return _pack(entry, compress_min_bytes, max_bytes, endpoint)
+    return await asyncio.to_thread(_pack, entry, compress_min_bytes, max_bytes, endpoint)
+
+
+def _pack(entry: Entry, compress_min_bytes: int, max_bytes: int, endpoint: Endpoint | None) -> bytes | None:
+    if endpoint is not None and not holds_answer(entry, endpoint):
+        raise NotAnAnswer
+    return encode_entry(entry, compress_min_bytes, max_bytes)
 
 
 def decode_entry(value: bytes, max_inflate: int = _MAX_INFLATE) -> Entry | None:
@@ -129,7 +145,7 @@ def decode_entry(value: bytes, max_inflate: int = _MAX_INFLATE) -> Entry | None:
         else:
             return None
         entry = _decoder.decode(raw)
-    except (zlib.error, msgspec.DecodeError, msgspec.ValidationError):
+    except (zlib.error, msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # (nested past the limit)
         return None
     return entry if _believable(entry) else None
 
@@ -212,5 +228,5 @@ def holds_answer(entry: Entry, endpoint: Endpoint) -> bool:
             if _read_piece(payload).choices:
                 answered = True
         return answered
-    except (msgspec.DecodeError, msgspec.ValidationError):
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return False

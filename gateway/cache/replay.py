@@ -62,7 +62,15 @@ def split_body(body: bytes, endpoint: Endpoint) -> tuple[list[bytes], dict[str, 
 
 
 def _split(body: bytes, endpoint: Endpoint) -> tuple[list[bytes], dict[str, Any], bytes | None]:
-    """`split_body`, and the usage chunk of the body's own usage object (None: the body has none)."""
+    """`split_body`, and the usage chunk of the body's own usage object (None: the body has none). A value nested
+    too deep to read or write here is `Unconvertible` too (see `assemble_body`)."""
+    try:
+        return _split_body(body, endpoint)
+    except RecursionError:
+        raise Unconvertible("nested too deep") from None
+
+
+def _split_body(body: bytes, endpoint: Endpoint) -> tuple[list[bytes], dict[str, Any], bytes | None]:
     data = only(json_object(body), TOP)
     chat = endpoint is Endpoint.CHAT
     base = chunk_base(data, "chat.completion.chunk" if chat else "text_completion")

@@ -195,8 +195,8 @@ class SemanticShare:
         async for message in channel:
             try:
                 shared = decode(message)
-            except (msgspec.DecodeError, msgspec.ValidationError):
-                continue
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):  # any client of the store may
+                continue  # publish here: a message that is not a vector is dropped, and the listening goes on
             alias, _, scope = shared.scope.partition("\x00")
             index = self.indexes.get(alias)
             if shared.origin == self.origin or index is None or len(shared.vector) % 4:

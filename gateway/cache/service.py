@@ -35,7 +35,7 @@ from ..telemetry.tokens import TokenCounter
 from .batch import BatchedGets
 from .coalesce import Flights
 from .control import CacheResult
-from .entry import Entry, answer_bytes, load_entry, pack_entry
+from .entry import Entry, NotAnAnswer, answer_bytes, load_entry, pack_entry
 from .key import cache_key, semantic_scope
 from .semantic import AliasEmbedder, Embedder, LocalEmbedder, SemanticIndex, SemanticShare, Vector
 
@@ -118,6 +118,7 @@ class ResponseCache:
         self.requests = Series(metrics.cache_requests)  # (alias, status)
         self.saved_tokens = Series(metrics.cache_saved_tokens)  # (alias, kind)
         self.saved_usd = Series(metrics.cache_saved_usd)  # (alias,)
+        self.semantic_skips = Series(metrics.cache_semantic_skips)  # (alias, reason)
         self._exact_lookup = metrics.cache_lookup.labels("exact")
         # a shared store is read in batches (one MGET per loop turn); the memory store answers at once
         self._gets = BatchedGets(store.get_many, self.spawn) if policy.state.backend != "memory" else None
@@ -205,13 +206,17 @@ class ResponseCache:
         request. A large one is decoded and checked in a worker thread, on every hit (`load_entry`).
         """
         entry = await load_entry(value, endpoint)
+        self._keep(key, value, entry, endpoint)
+        return entry
+
+    def _keep(self, key: str, value: bytes, entry: Entry | None, endpoint: Endpoint | None) -> None:
+        """Keep `value`'s entry (checked for `endpoint`) decoded for `key`, if both are small."""
         if len(value) <= DECODED_MAX_BYTES and (entry is None or answer_bytes(entry) <= DECODED_MAX_BYTES):
             decoded = self._decoded
             decoded.pop(key, None)
             if len(decoded) >= DECODED_ENTRIES:
                 del decoded[next(iter(decoded))]
             decoded[key] = (value, entry, endpoint)
-        return entry
 
     async def present(self, key: str, endpoint: Endpoint) -> bool:
         """Whether a usable entry is stored under `key` (a corrupt one, or one that is not an answer of `endpoint`,
@@ -233,7 +238,7 @@ class ResponseCache:
         scope, text = found
         guards = self._guards if self._guards_known else self._guard_runtime(ctx)
         if guards is not None and not await self._embeddable(guards, ctx.tenant, self._embeddings[route.alias], text):
-            self.metrics.cache_errors.labels("semantic_guarded").inc()
+            self.semantic_skips(route.alias, "guarded").inc()
             return None, None, None
         started = time.perf_counter()
         vector = await self.embedders[route.alias].embed(text)
@@ -295,18 +300,25 @@ class ResponseCache:
     # -- writing ----------------------------------------------------------------------------------------
 
     async def write(self, alias: str, key: str, entry: Entry, ttl_s: float, probe: SemanticProbe | None,
-                    max_bytes: int) -> None:
-        value = await pack_entry(entry, self.compress_min_bytes, max_bytes)  # a large one in a worker thread
+                    max_bytes: int, endpoint: Endpoint | None = None) -> str:
+        """Store a miss's answer; what became of it (its `gateway_cache_stores_total` outcome). An `entry` that is
+        not an answer of `endpoint` (None: not checked) is not stored: `uncacheable`."""
+        try:
+            value = await pack_entry(entry, self.compress_min_bytes, max_bytes, endpoint)  # large: in a thread
+        except NotAnAnswer:
+            log.warning("cache: an upstream's answer is not one a hit could replay; not stored",
+                        extra={"fields": {"model": alias}})
+            return self._stored(alias, "uncacheable")
         if value is None:
-            self.metrics.cache_stores.labels(alias, "too_large").inc()
-            return
+            return self._stored(alias, "too_large")
         try:
             await self.store.set(ENTRY + key, value, ttl_s)
         except StoreUnavailable:
-            self.metrics.cache_stores.labels(alias, "unavailable").inc()
-            return
+            return self._stored(alias, "unavailable")
         self.metrics.cache_stores.labels(alias, "stored").inc()
         self.metrics.cache_bytes.labels(alias).inc(len(value))
+        if endpoint is not None:
+            self._keep(key, value, entry, endpoint)  # checked: its first hit need not decode nor check it again
         if isinstance(self.store, MemoryStore):
             evicted = self.store.take_evictions()
             if evicted > 0:
@@ -315,6 +327,11 @@ class ResponseCache:
             self.indexes[alias].add(probe.scope, key, probe.vector)
             if self.share is not None:
                 await self.share.publish(alias, probe.scope, key, probe.vector)
+        return "stored"
+
+    def _stored(self, alias: str, outcome: str) -> str:
+        self.metrics.cache_stores.labels(alias, outcome).inc()
+        return outcome
 
 
 def _plan(alias: str, rule: Rule | None) -> str:

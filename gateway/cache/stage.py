@@ -8,7 +8,8 @@ stream that ended cleanly, that no guard changed or blocked, within the alias's
 size bound. Errors, cut or cancelled streams and guarded-away answers are never
 stored. Every miss the stage meant to store ends in one `gateway_cache_stores_total`
 outcome: `stored`, `too_large`, `unavailable`, or `uncacheable` (an error, a cut
-or cancelled answer, a guard's change).
+or cancelled answer, a guard's change, a 200 that is not an answer a hit could
+replay: `entry.holds_answer`, checked before the write).
 
 A request a routing rule `deny`s passes on as a bypass, for the router to refuse:
 it is neither looked up, nor embedded (the semantic cache's embeddings alias is
@@ -16,11 +17,12 @@ an upstream too), nor coalesced.
 
 A coalesced miss's leader that stores nothing tells its waiters why
 (`Flight.release`): a failure the next request of the key may not meet (an
-upstream error, a timeout, a 408/409/429, a cut stream, its client gone) hands
-the key to one waiter, which leads next; one every waiter would meet alike (a
-4xx the request itself caused, a guard's change, an answer too large to store,
-a store that cannot take it) lets them all go upstream at once, as leading one
-at a time would spare no call and make the last wait for all the others.
+upstream error, a timeout, a 408/409/429, a cut stream, a 200 that is not an
+answer, its client gone) hands the key to one waiter, which leads next; one
+every waiter would meet alike (a 4xx the request itself caused, a guard's
+change, an answer too large to store, a store that cannot take it) lets them all
+go upstream at once, as leading one at a time would spare no call and make the
+last wait for all the others.
 
 A hit the client asked for in the other form (a stored stream for a non-streamed
 request, or the other way round) is served only when the conversion is exact
@@ -192,11 +194,13 @@ class CacheStage:
         alias = ctx.route.alias if ctx.route is not None else "unknown"
 
         async def write() -> None:
+            outcome = ""
             try:
-                await self.cache.write(alias, key, entry, spec.ttl_s, probe, spec.max_entry_bytes)
+                outcome = await self.cache.write(alias, key, entry, spec.ttl_s, probe, spec.max_entry_bytes,
+                                                 ctx.endpoint)
             finally:
-                if flight is not None:
-                    flight.release()
+                if flight is not None:  # an upstream's non-answer may not come again: hand over, as for its error
+                    flight.release(hand_over=outcome == "uncacheable")
 
         self.cache.spawn(write())
 

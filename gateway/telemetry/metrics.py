@@ -259,9 +259,15 @@ class Metrics:
             registry=registry,
         )
         self.cache_errors = Counter(
-            "gateway_cache_errors", "Cache reads served as misses: store unavailable, a corrupt entry, or a "
-            "prompt the embeddings alias's input guards keep from it (semantic_guarded).",
+            "gateway_cache_errors", "Cache reads served as misses: store unavailable, or a corrupt entry.",
             ("reason",), registry=registry,
+        )
+        # A skip is the policy at work, not a fault: counted apart, so that an alert on the errors never fires
+        # for a guard doing its job.
+        self.cache_semantic_skips = Counter(
+            "gateway_cache_semantic_skips", "Semantic lookups not made, by alias and reason (guarded: the "
+            "embeddings alias's input guards would block or change the prompt, so it is not embedded).",
+            ("model", "reason"), registry=registry,
         )
         # Accounting (gateway/accounting/): scopes are key, tenant, model; names come from the policy
         # (aliases, tenants, named keys) and past `accounting.label_cap` distinct ones read `other`.

@@ -131,7 +131,7 @@ def test_sanitizer_keeps_plain_messages_and_bounds_length() -> None:
 
 def test_status_mapping() -> None:
     limited = status_error("p", 429, "slow down", "12")
-    assert isinstance(limited, RateLimited) and limited.headers == {"Retry-After": "12"}
+    assert isinstance(limited, RateLimited) and limited.headers == {"Retry-After": "12", "retry-after-ms": "12000"}
     assert status_error("p", 429, None, "12; DROP TABLE").headers == {}
     assert isinstance(status_error("p", 503, None, None), UpstreamError)
     assert status_error("p", 401, "bad key sk-xxxxxxxxxxxx", None).status == 502

@@ -6,7 +6,7 @@ translated (`translate.chat_to_anthropic`), sent to `{base_url}/messages` with
 `x-api-key` and `anthropic-version`, and the answer or each stream event is
 translated back. Anthropic's error types map to the gateway's statuses:
 `overloaded_error` (HTTP 529) is a 503 that routing retries and falls back on,
-`rate_limit_error` a 429 with its Retry-After, a prompt too long for the window a
+`rate_limit_error` a 429 with its wait (`retry-after-ms`, else `retry-after`), a prompt too long for the window a
 context-length error, a 400 that refuses the account (its credit balance too low, its
 usage limit reached, its organization disabled: `account_state`) the gateway's
 credential failing, which routing falls back from. A 200 answer that is no Message (`type` other than
@@ -30,9 +30,10 @@ from ..schemas.events import EventSource
 from ..translate.chat_to_anthropic import AnthropicEvents, anthropic_request, chat_completion
 from ..translate.common import BETA
 from ..upstream.client import ConnectionGate
+from ..upstream.retry_after import wait_headers
 from .account_state import anthropic_account_refusal
 from .base import Call, Completion
-from .openai_compat import OpenAICompatProvider, status_error
+from .openai_compat import OpenAICompatProvider, status_error, without_bom
 from .streaming import TranslatedStream
 
 __all__ = ["AnthropicProvider"]
@@ -80,6 +81,9 @@ class AnthropicProvider(OpenAICompatProvider):
         try:
             answer = _decode(body)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # (Recursion: nested too deep)
+            bare = without_bom(body)
+            if bare is not None:
+                return self._completion(call, bare)
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         if answer.get("type") != "message" or not isinstance(answer.get("content"), list):
             raise self._not_a_message(answer)
@@ -108,11 +112,11 @@ class AnthropicProvider(OpenAICompatProvider):
             return detail.get("message"), detail.get("type")
         return None, None
 
-    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+    def _map_status(self, status: int, detail: str, retry_after: float | None, code: str | None, raw: str
                     ) -> GatewayError:
         if status == _OVERLOADED or code == "overloaded_error":
             suffix = f": {detail}" if detail else ""
-            hint = {"Retry-After": retry_after} if retry_after and retry_after.isdigit() else {}
+            hint = wait_headers(retry_after) if retry_after is not None else {}
             return UpstreamOverloaded(f"upstream `{self.name}` is overloaded{suffix}", headers=hint)
         refused = anthropic_account_refusal(self.name, status, raw)
         if refused is not None:  # a 400 for the account (out of credit, disabled): the gateway's, not the client's

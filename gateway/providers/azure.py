@@ -84,7 +84,7 @@ class AzureProvider(OpenAICompatProvider):
     def _params(self, call: Call) -> dict[str, str]:
         return self._azure_query
 
-    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+    def _map_status(self, status: int, detail: str, retry_after: float | None, code: str | None, raw: str
                     ) -> GatewayError:
         if status == 400 and code == "content_filter":
             suffix = f": {detail}" if detail else ""

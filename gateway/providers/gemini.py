@@ -26,7 +26,7 @@ from ..translate.chat_to_gemini import gemini_request
 from ..translate.gemini_to_chat import GeminiEvents, chat_completion
 from ..upstream.client import ConnectionGate
 from .base import Call, Completion
-from .openai_compat import OpenAICompatProvider, status_error
+from .openai_compat import OpenAICompatProvider, status_error, without_bom
 from .streaming import TranslatedStream
 
 __all__ = ["GeminiProvider"]
@@ -36,7 +36,7 @@ _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _TOO_LONG = re.compile(r"exceeds the maximum number of tokens", re.IGNORECASE)
 # Google's reasons for a 400 that is the gateway's credential, not the client's request.
 _BAD_KEY = re.compile(r'"(?:API_KEY_INVALID|API_KEY_EXPIRED)"|API key not valid|API key expired', re.IGNORECASE)
-_RETRY_DELAY = re.compile(r"^(\d{1,6})(?:\.\d+)?s(?!\n)$")  # google.rpc.RetryInfo's `retryDelay`: "37s", "1.5s"
+_RETRY_DELAY = re.compile(r"^(\d{1,6}(?:\.\d+)?)s(?!\n)$")  # google.rpc.RetryInfo's `retryDelay`: "37s", "1.5s"
 
 
 class GeminiProvider(OpenAICompatProvider):
@@ -69,10 +69,17 @@ class GeminiProvider(OpenAICompatProvider):
 
     def _completion(self, call: Call, body: bytes) -> Completion:
         try:
-            chat, usage = chat_completion(_decode(body), self.name)
+            answer = _decode(body)
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            bare = without_bom(body)
+            if bare is not None:
+                return self._completion(call, bare)
+            raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
+        try:
+            chat, usage = chat_completion(answer, self.name)
         except ContentPolicyViolation:
             raise
-        except (msgspec.DecodeError, msgspec.ValidationError, AttributeError, TypeError, RecursionError) as exc:
+        except (AttributeError, TypeError, RecursionError) as exc:
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(_encode(chat), usage, chat)
 
@@ -100,7 +107,7 @@ class GeminiProvider(OpenAICompatProvider):
         hint = super()._retry_hint(response, body)
         return hint if hint is not None else _retry_delay(body)
 
-    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+    def _map_status(self, status: int, detail: str, retry_after: float | None, code: str | None, raw: str
                     ) -> GatewayError:
         if status == 400 and _TOO_LONG.search(raw[:2000]):
             return ContextLengthExceeded(f"upstream `{self.name}` rejected the request: the prompt exceeds its "
@@ -118,6 +125,6 @@ def _retry_delay(body: dict[str, Any]) -> float | None:
     for detail in details if isinstance(details, list) else ():
         delay = detail.get("retryDelay") if isinstance(detail, dict) else None
         found = _RETRY_DELAY.match(delay) if isinstance(delay, str) else None
-        if found is not None:
-            return float(found[1]) + (1.0 if "." in found[0] else 0.0)
+        if found is not None:  # (a fraction is passed on as it is: `retry-after-ms`)
+            return float(found[1])
     return None

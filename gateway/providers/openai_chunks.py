@@ -12,8 +12,8 @@ import msgspec
 
 from ..schemas.openai import ChoicePeek, ChunkChoicesPeek, ChunkPeek, ChunkTextOnlyPeek, has_choices
 
-__all__ = ["COMPACT_CUT", "COMPACT_NULL_USAGE", "EndPeek", "decode_choices", "has_text", "is_utf8", "peek_chunk",
-           "peek_chunk_choices", "peek_end", "peek_or_none", "peek_text_only", "strip_null_usage"]
+__all__ = ["COMPACT_CUT", "COMPACT_NULL_USAGE", "EndPeek", "decode_choices", "flat_error", "has_text", "is_utf8",
+           "peek_chunk", "peek_chunk_choices", "peek_end", "peek_or_none", "peek_text_only", "strip_null_usage"]
 
 peek_chunk = msgspec.json.Decoder(ChunkPeek).decode
 peek_chunk_choices = msgspec.json.Decoder(ChunkChoicesPeek).decode  # when a stage reads every chunk's text
@@ -34,6 +34,26 @@ class EndPeek(msgspec.Struct):
 
 
 peek_end = msgspec.json.Decoder(EndPeek).decode
+
+
+class _FlatErrorPeek(msgspec.Struct):
+    object: Any = None
+    message: Any = None
+
+
+_peek_flat_error = msgspec.json.Decoder(_FlatErrorPeek).decode
+
+
+def flat_error(payload: bytes) -> tuple[bool, object]:
+    """Whether a chunk with neither choices nor usage is an error written flat, `{"object": "error", "message": ...,
+    "type": ..., "code": ...}` (vLLM's before 0.10, and other OpenAI-compatible servers', mid-stream too), with no
+    `error` key for the peeks to find; and its message. Asked only of such a chunk: a chunk of an answer has
+    `choices`, the usage chunk `usage`."""
+    try:
+        peek = _peek_flat_error(payload)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return False, None
+    return peek.object == "error", peek.message
 
 
 def peek_or_none(payload: bytes) -> tuple[ChunkPeek | None, bool]:

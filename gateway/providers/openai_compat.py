@@ -37,14 +37,14 @@ from ..schemas.openai import listed_prompts
 from ..schemas.responses import responses_usage
 from ..translate.cache_control import CACHE_MARK, without_cache_control, without_extra_content
 from ..upstream.client import ConnectionGate, new_session, transport_error
-from ..upstream.retry_after import client_retry_after, retry_after_seconds
+from ..upstream.retry_after import retry_after_seconds, upstream_wait, wait_headers
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
 from .deadline import deadline_in
 from .openai_stream import OpenAIStream
 from .scrub import AnswerChoicesPeek, AnswerPeek, ResponsesAnswerPeek, scrubbed_error
 from .streaming import ResponsesEvents, TranslatedStream
 
-__all__ = ["CredentialsRejected", "OpenAICompatProvider", "status_error"]
+__all__ = ["CredentialsRejected", "OpenAICompatProvider", "status_error", "without_bom"]
 
 _encode = msgspec.json.Encoder().encode
 # Read per request: an attribute of an enum class goes through its metaclass's `__getattr__` hook on
@@ -57,7 +57,7 @@ _peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a s
 _peek_responses = msgspec.json.Decoder(ResponsesAnswerPeek).decode
 _peek_error = msgspec.json.Decoder(dict[str, Any]).decode
 _MAX_ERROR_BODY = 64 * 1024
-_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark (`_completion`)
+_BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark (`without_bom`)
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_value`, `unsupported_parameter`...
 _ERROR_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]{0,127}")  # a request field's path: `messages[0].content`
 # How OpenAI, vLLM, Azure, Anthropic and others word a prompt that does not fit the model's window (Anthropic's
@@ -205,8 +205,9 @@ class OpenAICompatProvider:
             if plain.error is not None:  # absent from an answer, in the common case
                 raise self._in_band_error(plain.error)
         except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # (Recursion: nested too deep)
-            if body[:3] == _BOM and body[3:6] != _BOM:  # (one mark: looked for only once the decoding failed)
-                return self._completion(call, body[3:])
+            bare = without_bom(body)  # (looked for only once the decoding failed)
+            if bare is not None:
+                return self._completion(call, bare)
             raise UpstreamError(f"upstream `{self.name}` answered with invalid JSON") from exc
         return Completion(body, plain.usage)
 
@@ -286,18 +287,18 @@ class OpenAICompatProvider:
 
         Its body is read to its end (up to `_MAX_ERROR_BODY`) however many reads it arrives in, each read
         under the call's idle timeout and all of them within its total: a JSON error cut at its first read
-        would not parse, and a context window overflow would go unrecognised. The `Retry-After` handed on is
-        strictly read (`upstream.retry_after`): delta-seconds, capped, or none."""
+        would not parse, and a context window overflow would go unrecognised. The wait handed on is strictly
+        read (`upstream.retry_after`): `retry-after-ms`, else `Retry-After`, capped, or none."""
         peeked: dict[str, Any] = {}
         try:
-            peeked = _peek_error(await _error_body(response, deadline, idle_s))
+            body = await _error_body(response, deadline, idle_s)
+            peeked = _peek_error(without_bom(body) or body)  # (a mark before it: `without_bom`)
             message, code = self._error_detail(peeked)
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError,
                 RecursionError):  # (a body nested too deep to decode: no message)
             message = code = None
         hint = self._retry_hint(response, peeked)
-        error = self._map_status(response.status, self.sanitize(message),
-                                 client_retry_after(hint) if hint is not None else None,
+        error = self._map_status(response.status, self.sanitize(message), hint,
                                  code if isinstance(code, str) else None, message if isinstance(message, str) else "")
         error.upstream_status = response.status
         if type(error) is InvalidRequest and self.passes_error_fields:
@@ -315,19 +316,29 @@ class OpenAICompatProvider:
             error.param = param
 
     def _retry_hint(self, response: aiohttp.ClientResponse, body: dict[str, Any]) -> float | None:
-        """The seconds an error answer asks to wait before a retry (here: its `Retry-After`), or None."""
-        return retry_after_seconds(response.headers.get("Retry-After"))
+        """The seconds an error answer asks to wait before a retry (here: its `retry-after-ms`, else its
+        `Retry-After`), or None."""
+        return upstream_wait(response.headers)
 
     def _error_detail(self, body: dict[str, Any]) -> tuple[object, object]:
-        """The message and code of an upstream's error body (here: OpenAI's `{"error": {...}}`)."""
+        """The message and code of an upstream's error body (here: OpenAI's `{"error": {...}}`, or the flat
+        `{"object": "error", "message": ..., "type": ..., "code": ...}` of vLLM before 0.10 and other servers)."""
         detail = body.get("error")
         if isinstance(detail, dict):
             return detail.get("message"), detail.get("code")
+        if detail is None and body.get("object") == "error":
+            return body.get("message"), body.get("code")
         return detail, None
 
-    def _map_status(self, status: int, detail: str, retry_after: str | None, code: str | None, raw: str
+    def _map_status(self, status: int, detail: str, retry_after: float | None, code: str | None, raw: str
                     ) -> GatewayError:
         return status_error(self.name, status, detail, retry_after, code, raw)
+
+
+def without_bom(body: bytes) -> bytes | None:
+    """`body` after the UTF-8 byte order mark it opens with (some servers and proxies write one before an answer or
+    an error: see `_completion`), or None when it has none, or two (one mark is dropped, not any number)."""
+    return body[3:] if body[:3] == _BOM and body[3:6] != _BOM else None
 
 
 def _answers(body: dict[str, Any]) -> int:
@@ -338,17 +349,19 @@ def _answers(body: dict[str, Any]) -> int:
 
 
 def status_error(
-    provider: str, status: int, detail: str, retry_after: str | None, code: str | None = None, raw: str = "",
+    provider: str, status: int, detail: str, retry_after: str | float | None, code: str | None = None,
+    raw: str = "",
 ) -> GatewayError:
     """The client-facing error for an upstream's HTTP status (`detail` already sanitized; `code` and `raw`,
     the upstream's own error code and message, are only read to recognise a context window overflow), with
-    the upstream's `Retry-After` when it is a 429 or a server error."""
+    the upstream's wait when it is a 429 or a server error: `retry_after` a `Retry-After` value as sent, or the
+    seconds already read (`upstream_wait`), passed on as `Retry-After` and `retry-after-ms` (`wait_headers`)."""
     suffix = f": {detail}" if detail else ""
     if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(raw[:2000])):
         return ContextLengthExceeded(f"upstream `{provider}` rejected the request: the prompt exceeds its context "
                                      f"window{suffix}")
-    hint = retry_after_seconds(retry_after)
-    headers = {"Retry-After": client_retry_after(hint)} if hint is not None else {}
+    hint = retry_after_seconds(retry_after) if isinstance(retry_after, str) else retry_after
+    headers = wait_headers(hint) if hint is not None else {}
     if status == 429:
         return RateLimited(f"upstream `{provider}` is rate limited{suffix}", headers=headers)
     if 300 <= status < 400:  # not followed (`_send`); its body and Location are not repeated: they name a host

@@ -27,6 +27,7 @@ from .openai_chunks import (
     COMPACT_NULL_USAGE,
     EndPeek,
     decode_choices,
+    flat_error,
     has_text,
     is_utf8,
     peek_chunk,
@@ -273,7 +274,9 @@ class OpenAIStream:
                 peek = peek_end(payload)
             except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
                 continue
-            finished.update(choice.index for choice in peek.choices or () if choice.finish_reason)
+            # (an index that is no number is no choice asked for: a list or an object would not even hash)
+            finished.update(choice.index for choice in peek.choices or ()
+                            if choice.finish_reason and type(choice.index) is int)
         return len(finished) >= self._choices
 
     def _last(self, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -339,6 +342,11 @@ class OpenAIStream:
                 else:
                     events.append(UsageReport(peek.usage, payload))
                 continue
+            if not peek.choices:  # (no choices, no usage: an odd chunk, or an error written flat)
+                failed, message = flat_error(payload)
+                if failed:
+                    events.append(self._fail(f"failed mid-stream: {self._provider.sanitize(message)}"))
+                    return events, True
             if hide:
                 if payload[COMPACT_CUT:] == COMPACT_NULL_USAGE:  # the common case, without a call (strip_null_usage;
                     # a slice compared, not `endswith`: see upstream/sse.py)

@@ -66,11 +66,13 @@ class ResponsesAnswerPeek(ResponsesPeek):
 
 
 class ResponsesEventScrubPeek(ResponsesEventPeek):
-    """A Responses stream event, with what may carry an upstream's error text: `response.error`, and the
-    `error` object some servers nest an `error` event's message in."""
+    """A Responses stream event, with what may carry an upstream's error text: `response.error`, the
+    `error` object some servers nest an `error` event's message in, and the `"object": "error"` of an error
+    written flat (vLLM's before 0.10: its message beside it, its `type` the server's own)."""
 
     response: ResponsesAnswerPeek | None = None
     error: Any = None
+    object: Any = None
 
 
 def scrub_strings(value: Any, sanitize: Sanitize) -> bool:

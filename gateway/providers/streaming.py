@@ -149,11 +149,12 @@ class ResponsesEvents:
 
     An event whose `response` carries an `error` (`response.failed`) is forwarded with that error's
     strings scrubbed, and those beside it (`scrub`): the event is re-encoded only when one of them
-    changes, so every other event, and a clean failure, keeps its bytes. An `error` event, or any
-    event with an `error` of its own (as chat-style servers write theirs), ends the stream with the
-    scrubbed message. The response's last event (`response.completed` / `.incomplete` / `.failed`)
-    ends the stream, as `message_stop` ends Anthropic's: what the upstream writes after it, or a
-    connection it then holds open or drops, is never read (the client has its answer whole)."""
+    changes, so every other event, and a clean failure, keeps its bytes. An `error` event, any event
+    with an `error` of its own (as chat-style servers write theirs), or one of `"object": "error"` (an
+    error written flat: vLLM's), ends the stream with the scrubbed message. The response's last event
+    (`response.completed` / `.incomplete` / `.failed`) ends the stream, as `message_stop` ends
+    Anthropic's: what the upstream writes after it, or a connection it then holds open or drops, is
+    never read (the client has its answer whole)."""
 
     __slots__ = ("_provider",)
 
@@ -166,7 +167,8 @@ class ResponsesEvents:
         if not payload.isascii() and not is_utf8(payload):  # forwarded as it is: it must be what charset=utf-8 says
             return [StreamError(UpstreamError(f"upstream `{self._provider.name}` sent invalid UTF-8"))]
         peek = _peek_event(payload)
-        if peek.type == "error" or peek.error is not None:  # (a top-level `error`: a chat-style server's error event)
+        # (a top-level `error`: a chat-style server's error event; `"object": "error"`: one written flat, vLLM's)
+        if peek.type == "error" or peek.error is not None or peek.object == "error":
             message = peek.message
             if message is None and isinstance(peek.error, dict):  # `{"type": "error", "error": {"message": ...}}`
                 message = peek.error.get("message")

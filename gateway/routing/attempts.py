@@ -34,7 +34,7 @@ from ..errors import (
 from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..schemas.openai import Usage
-from ..upstream.retry_after import client_retry_after, retry_after_seconds
+from ..upstream.retry_after import upstream_wait, wait_headers
 
 __all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "NOT_SENT", "DeadlineExceeded", "Replay", "TargetsUnavailable",
            "aggregate", "backoff", "breaker_verdict", "classify", "final", "peek", "retry_after_s"]
@@ -106,9 +106,9 @@ def breaker_verdict(kind: str, error: GatewayError) -> bool | None:
 
 
 def retry_after_s(error: GatewayError) -> float | None:
-    """The upstream's Retry-After in seconds (delta or HTTP date, strictly read: `upstream.retry_after`), if it
-    sent one."""
-    return retry_after_seconds(error.headers.get("Retry-After"))
+    """The upstream's wait in seconds, if it sent one: its `retry-after-ms` (the finer), else its Retry-After
+    (delta or HTTP date), strictly read (`upstream.retry_after`)."""
+    return upstream_wait(error.headers)
 
 
 def backoff(policy: RetryPolicy, retry: int, error: GatewayError, rng: random.Random) -> float:
@@ -135,7 +135,7 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     deciding = [failure for failure in failures if failure[2] not in _PASSED_ON] or failures
     kinds = {kind for _, _, kind in deciding}
     hints = [h for _, error, _ in deciding if (h := retry_after_s(error)) is not None]
-    wait = {"Retry-After": client_retry_after(max(1.0, min(hints)))} if hints else {}
+    wait = wait_headers(max(1.0, min(hints))) if hints else {}
     listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
     if len(listed) > _MAX_MESSAGE:
         listed = listed[:_MAX_MESSAGE] + "..."

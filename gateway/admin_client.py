@@ -5,7 +5,8 @@ The admin token is read from an environment variable named on the command line, 
 argument: arguments show in `ps` and shell history. It is cleaned as the gateway cleans the token it
 compares against (`header_credential`: a secret mounted from a file ends in a newline), and no message
 holds it: a refused header value is reported by the variable's name, never by the text of the exception,
-which quotes the header.
+which quotes the header. Redirects are refused, not followed: urllib would send every header but the content
+ones to where a 3xx points, the admin token to another host (an ingress's login page, a moved host).
 """
 
 from __future__ import annotations
@@ -20,6 +21,16 @@ from typing import Any
 from .policy.token_file import header_credential
 
 __all__ = ["AdminClient", "AdminError"]
+
+
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    """Follow no redirect: the 3xx is then raised as an `HTTPError`, which `AdminClient.call` reports."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+_open = urllib.request.build_opener(_RefuseRedirects).open
 
 
 class AdminError(Exception):
@@ -58,9 +69,11 @@ class AdminClient:
             "Authorization": f"Bearer {self._token}", "Content-Type": "application/json", "Accept": "application/json",
         })
         try:  # the scheme was checked in __init__: http(s) only
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
+            with _open(request, timeout=self.timeout_s) as response:
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if 300 <= exc.code < 400:
+                raise AdminError(_redirected(url, method, path, exc), exc.code) from None
             raise AdminError(_message(exc.read()), exc.code) from None
         except (urllib.error.URLError, OSError) as exc:
             raise AdminError(f"cannot reach {self.base}: {getattr(exc, 'reason', exc)}") from None
@@ -72,6 +85,19 @@ class AdminClient:
         except ValueError:
             raise AdminError(f"{self.base} answered {method} {path} with no JSON: is it the gateway?") from None
         return answer
+
+
+def _redirected(url: str, method: str, path: str, exc: urllib.error.HTTPError) -> str:
+    """What a refused redirect says: its status and the host it pointed to (never the whole Location: it may hold
+    a query the operator should not have to paste anywhere)."""
+    location = exc.headers.get("Location") if exc.headers is not None else None
+    try:
+        host = urllib.parse.urlsplit(urllib.parse.urljoin(url, location)).hostname if location else None
+    except ValueError:
+        host = None
+    where = f"host {host!r}" if host else "no usable Location"
+    return (f"{method} {path} was answered {exc.code}, a redirect to {where}, which the admin client does not "
+            f"follow (it would carry the admin token there): give --url the gateway's own address")
 
 
 def _message(raw: bytes) -> str:

@@ -10,11 +10,10 @@ own, run only on error paths.
 from __future__ import annotations
 
 import ipaddress
-import json
 import re
 from collections.abc import Iterable
 from functools import lru_cache
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 __all__ = ["remove_secrets", "sanitize_upstream_message"]
 
@@ -108,10 +107,12 @@ def sanitize_upstream_message(
     Removed, in this order:
 
     - every configured secret, by value, anywhere in the whole message (before the
-      message is cut, so no cut can leave half of one): the value as given, without
-      a `Bearer `/`Basic ` prefix, and their JSON-escaped and percent-encoded forms,
-      each replaced by `[redacted]`. Values shorter than 6 characters are skipped
-      (too many false hits on ordinary words). Partially masked echoes are not
+      message is cut, so no cut can leave half of one): the value as given and
+      without a `Bearer `/`Basic ` prefix, each character as itself or escaped
+      (percent-encoded, JSON `\\uXXXX`/`\\/`, an HTML character reference: an
+      encoder escapes some characters and keeps others), replaced by `[redacted]`.
+      Values shorter than 6 characters are skipped (too many false hits on
+      ordinary words). Partially masked echoes are not
       the secret and are not touched by this step (`sk-***1234` still goes below,
       by its key shape; `ending in 1234` stays).
     - URLs (`scheme://...`) -> `[url]`, whatever their host.
@@ -193,58 +194,65 @@ def _in_word(char: str) -> bool:
     return char.isprintable() and not char.isspace()
 
 
-def _secret_forms(secrets: Iterable[str]) -> list[str]:
-    """Every spelling of the configured secrets to remove, longest first: as given, without a `Bearer `/`Basic `
-    scheme, JSON-escaped (`/` as `\\/` too) and percent-encoded.
-
-    Longest first so that `Bearer sk-x...` goes as one piece before its bare value.
-    """
+def _secret_values(secrets: Iterable[str]) -> list[str]:
+    """The configured secrets to remove, longest first: each as given and without a `Bearer `/`Basic ` scheme,
+    those of at least `_MIN_SECRET_LENGTH` characters. Longest first so that `Bearer sk-x...` goes as one piece
+    before its bare value."""
     if isinstance(secrets, str):  # one secret passed bare: do not split it into characters
         secrets = (secrets,)
-    forms: set[str] = set()
+    values: set[str] = set()
     for secret in secrets:
         if not isinstance(secret, str):
             continue
         value = secret.strip()
         scheme = _AUTH_SCHEME.match(value)
         for variant in (value, value[scheme.end():] if scheme else value):
-            escaped = json.dumps(variant)[1:-1]
-            for form in (variant, escaped, escaped.replace("/", "\\/"), quote(variant, safe="")):
-                if len(form) >= _MIN_SECRET_LENGTH:
-                    forms.add(form)
-    return sorted(forms, key=len, reverse=True)
+            if len(variant) >= _MIN_SECRET_LENGTH:
+                values.add(variant)
+    return sorted(values, key=len, reverse=True)
 
 
 # What an upstream may put between a secret's characters when it echoes one: white space (a line wrapped),
 # control and format characters (a zero-width space). The removal reads across them.
 _GAP = "[\\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]*+"
-_PERCENT = re.compile(r"%([0-9A-F])([0-9A-F])")
+# The JSON short escapes and HTML named entities of the characters that have one.
+_JSON_SHORT = {'"': '\\"', "\\": "\\\\", "/": "\\/"}
+_HTML_NAMED = {"&": "amp", "<": "lt", ">": "gt", '"': "quot", "'": "apos"}
+
+
+def _spellings(char: str) -> str:
+    """A pattern for one character of a secret as an upstream may echo it: as itself, or escaped: percent-encoded
+    (its UTF-8 bytes, `%2B`/`%2b`), JSON (`\\u002B`, `\\/`), an HTML character reference (`&#43;`, `&#x2B;`,
+    `&amp;`). An encoder escapes some characters and keeps others (Python's `quote` keeps `/`, Go's `PathEscape`
+    keeps `+` and `=`), so each character is matched on its own, whatever its neighbours became. Escape hex digits
+    and `x`/`u` in either case; the character itself exactly."""
+    code = ord(char)
+    escapes = ["%" + "%".join(f"{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")),
+               f"&\\#x0*{code:x};"]
+    if code < 0x10000:
+        escapes.append(f"\\\\u{code:04x}")
+    else:  # a JSON escape of a character beyond the BMP: its surrogate pair
+        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
+        escapes.append(f"\\\\u{high:04x}\\\\u{low:04x}")
+    if char in _HTML_NAMED:
+        escapes.append(f"&{_HTML_NAMED[char]};")
+    exact = [re.escape(char), f"&\\#0*{code};"]
+    if char in _JSON_SHORT:
+        exact.append(re.escape(_JSON_SHORT[char]))
+    return "(?:" + "|".join(exact) + "|(?i:" + "|".join(escapes) + "))"
 
 
 @lru_cache(maxsize=256)
 def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One pattern for every spelling of `secrets` (`_secret_forms`), each matched also with `_GAP` characters
-    between its own, and with a percent escape's hex digits in either case; None for none. Made once per set of
-    secrets (a provider's: they change only with the policy)."""
-    forms = _secret_forms(secrets)
-    if not forms:
+    """One pattern for every configured secret (`_secret_values`), each character spelled any way `_spellings`
+    knows and `_GAP` characters allowed between them; None for none. Made once per set of secrets (a provider's:
+    they change only with the policy or a token file's rotation), never per message."""
+    values = _secret_values(secrets)
+    if not values:
         return None
-    alternatives = []
-    for form in forms:
-        pieces: list[str] = []
-        position = 0
-        while position < len(form):
-            escape = _PERCENT.match(form, position)
-            if escape is not None:  # `%3D` or `%3d`
-                pieces.append("%[" + escape[1] + escape[1].lower() + "][" + escape[2] + escape[2].lower() + "]")
-                position += 3
-                continue
-            char = form[position]
-            position += 1
-            if not char.isspace():  # (the gaps read the secret's own white space too)
-                pieces.append(re.escape(char))
-        alternatives.append(_GAP.join(pieces))
-    return re.compile("|".join(alternatives))
+    # (the secret's own white space, the space after `Bearer`, is read by the gaps)
+    return re.compile("|".join(_GAP.join(_spellings(char) for char in value if not char.isspace())
+                               for value in values))
 
 
 def _host_names(hosts: Iterable[str]) -> frozenset[str]:

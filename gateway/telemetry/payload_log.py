@@ -12,6 +12,16 @@ by a full queue, is withheld whole) and writes them: to a file rotated at `max_b
 (`open_client`: every URL form the store takes, its timeouts; each write bounded by `op_timeout_s`).
 At close, what is still queued is written within `FINAL_DRAIN_S` in all; the rest is dropped and counted,
 so a stalled sink never holds a shutdown or a reload.
+
+A text is redacted before it is cut to `max_text_chars`: a cut first would split a finding (a card number cut
+to 14 digits fails its Luhn check) and leave its pieces in clear. The work stays bounded all the same: of a
+text longer than `2 x max_text_chars + _UNSURE_TAIL` characters only that much is read and redacted, and only
+what comes from its first `2 x max_text_chars` characters is written (a finding across that line is left out
+whole): the last `_UNSURE_TAIL` characters read are never written, since a finding that the read's end splits
+and that no guard recognises cut lies there. Only redactions that shorten the text by more than
+`max_text_chars` make that line matter (the entry may then be shorter than `max_text_chars`), and only a finding
+longer than the tail, split by the read's end and not recognised cut, could show a piece (a cut private key
+block is recognised, as is a cut API key of 20 characters or more after its prefix).
 """
 
 from __future__ import annotations
@@ -26,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 import msgspec
 
-from ..guards.base import Where
+from ..guards.base import Finding, Where
 from ..guards.runtime import GuardRuntime
 from ..guards.texts import input_texts
 from ..guards.verdict import apply
@@ -59,6 +69,14 @@ _DEFAULT_REDACT: dict[str, GuardSpec] = {"pii": PiiGuardSpec(), "secrets": Secre
 _INPUT, _OUTPUT = Where("input", "message"), Where("output", "message")
 FINAL_DRAIN_S = 2.0
 """At close, the entries still queued get this long in all to be redacted and written; the rest are dropped."""
+_UNSURE_TAIL = 4_096
+"""Of a text read only in part, the characters at its end that are redacted and never written (a JWT, a long
+key, an e-mail address or a card number fit in it)."""
+
+
+def read_chars(spec: PayloadLogSpec) -> int:
+    """How much of one text is read and redacted; a text handed over with more was cut (see the docstring)."""
+    return 2 * spec.max_text_chars + _UNSURE_TAIL
 
 
 @dataclasses.dataclass(slots=True)
@@ -147,12 +165,20 @@ class PayloadWriter:
             self._queue.popleft()
 
     async def redact(self, text: str, where: Where) -> str:
+        """`text` redacted, then cut to `max_text_chars`; a text longer than `read_chars` is read that far, and
+        only what comes from its first `2 x max_text_chars` characters is written (see the module's docstring)."""
         if not text:
             return text
+        read = read_chars(self.spec)
+        cut = len(text) > read
+        if cut:
+            text = text[:read]
         enforced, shadow = await self.guards.detect(self.guard_list, text, where)
         if any(f.type == _FAILED for f in (*enforced, *shadow)):  # a guard failed (timed out on a long text, its
             return _WITHHELD  # queue full): the text was not checked, so none of it is written
         findings = [msgspec.structs.replace(f, action="redact") for f in (*enforced, *shadow)]
+        if cut:
+            text, findings = _before(text, findings, read - _UNSURE_TAIL)
         return apply(text, findings, None)[: self.spec.max_text_chars]
 
     async def _redacted(self, entry: _Entry) -> bytes:
@@ -182,7 +208,7 @@ class PayloadLog:
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         reply = await call_next(ctx)  # ctx.body is read by then (and already redacted by input guards, if any)
-        limit = self.writer.spec.max_text_chars * 2  # redaction may shorten; the cut is after it
+        limit = read_chars(self.writer.spec) + 1  # (one more: the writer sees that it was cut)
         texts = [str(c[k])[:limit] for c, k, _ in input_texts(ctx.endpoint, ctx.body)]
         if reply.stream is not None:
             reply.stream.add(_StreamText(self, texts))
@@ -193,6 +219,21 @@ class PayloadLog:
     def add(self, ctx: RequestContext, texts: list[str], output: str, status: int) -> None:
         self.writer.add(_Entry(time.time(), ctx.request_id, ctx.tenant, ctx.alias_label,
                                ctx.target.name if ctx.target else None, status, texts, output))
+
+
+def _before(text: str, findings: list[Finding], line: int) -> tuple[str, list[Finding]]:
+    """`text` up to `line` and the findings wholly before it; the line is moved back to the start of any finding
+    across it, so that no finding is cut in two."""
+    spans = sorted((f.start, f.end) for f in findings)
+    start = end = -1  # the findings that overlap, run together
+    for span in spans:
+        if span[0] >= line:
+            break
+        start, end = (start, max(end, span[1])) if span[0] < end else span
+        if start < line < end:  # (no finding before this group reaches into it: it would be in it)
+            line = start
+            break
+    return text[:line], [f for f in findings if f.end <= line]
 
 
 def _answer_text(endpoint: Endpoint, body: bytes | None) -> str:
@@ -230,9 +271,9 @@ class _StreamText:
         self.size = 0
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
-        limit = self.stage.writer.spec.max_text_chars * 2
+        limit = read_chars(self.stage.writer.spec)
         for event in events:
-            if isinstance(event, Chunk) and self.size < limit:
+            if isinstance(event, Chunk) and self.size <= limit:  # (past it: the writer sees that it was cut)
                 data = event.data()
                 if data.get("type") == _TEXT_DELTA:  # a Responses stream: its first output's text
                     text = data.get("delta")

@@ -11,7 +11,8 @@ Export needs no OpenTelemetry SDK: a span is a small dict in the OTLP JSON shape
 `gen_ai.usage.input_tokens`...), queued (bounded; beyond it dropped and
 counted) and posted in batches by one background task. At close, what is still
 queued is posted within `FINAL_DRAIN_S` in all; the rest is dropped and counted,
-so a collector that stalls never holds a shutdown or a reload.
+so a collector that stalls never holds a shutdown or a reload. A redirect is not followed (it would carry the
+spans and the `otlp_headers_env` credentials to another host): a 3xx is a failed export.
 """
 
 from __future__ import annotations
@@ -247,16 +248,19 @@ class SpanExporter:
                 "scopeSpans": [{"scope": {"name": "llm-gateway"}, "spans": batch}],
             }]}
             assert self.spec.otlp_endpoint is not None
+            status: int | None = None
             try:
-                async with self._session.post(self.spec.otlp_endpoint, data=_encode(payload),
-                                              headers=self.headers) as response:
-                    ok = response.status < 300
+                async with self._session.post(self.spec.otlp_endpoint, data=_encode(payload), headers=self.headers,
+                                              allow_redirects=False) as response:
+                    status = response.status
             except (aiohttp.ClientError, OSError, TimeoutError):
-                ok = False
+                pass
+            ok = status is not None and status < 300  # a 3xx too is a failure: the redirect is not followed
             self.metrics.spans_exported.labels("ok" if ok else "failed").inc(len(batch))
             for _ in batch:
                 self._queue.popleft()
             if not ok:
-                log.warning("OTLP export failed; %d spans dropped", len(batch))
+                why = "no answer" if status is None else f"HTTP {status}" + (", a redirect" if status < 400 else "")
+                log.warning("OTLP export failed (%s); %d spans dropped", why, len(batch))
                 if not self._closing:  # the next try waits for the next interval; at close, the rest are tried now
                     return

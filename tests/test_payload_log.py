@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import stat
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -66,6 +67,9 @@ def test_file_sink_redacts_and_rotates(make_gateway: Make, upstream: Any, tmp_pa
         time.sleep(0.05)
     assert not (tmp_path / "payloads.jsonl.3").exists()
     assert all(f.stat().st_size <= 2048 + 1024 for f in tmp_path.glob("payloads.jsonl*"))
+    # Prompts and answers: readable by the gateway's user alone, whatever the umask, the rotated files too
+    assert {f.name: oct(stat.S_IMODE(f.stat().st_mode)) for f in tmp_path.glob("payloads.jsonl*")} == {
+        f.name: "0o600" for f in tmp_path.glob("payloads.jsonl*")}
 
 
 def test_a_responses_answer_is_logged_with_its_text(make_gateway: Make, upstream: Any, tmp_path: Path) -> None:

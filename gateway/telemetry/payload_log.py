@@ -30,6 +30,7 @@ import asyncio
 import dataclasses
 import logging
 import logging.handlers
+import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -91,6 +92,16 @@ class _Entry:
     output: str
 
 
+class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """A rotating file created readable by its owner alone (0600, whatever the process's umask): its lines are
+    prompts and answers, redacted by the guards only as far as the guards recognise what they hold. A file that
+    exists keeps its mode (an operator's choice)."""
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+
+
 class PayloadWriter:
     """The queue, the redacting guards and the sink; a `Service` (started and closed with the runtime)."""
 
@@ -119,7 +130,7 @@ class PayloadWriter:
         await self.guards.start()
         if self.spec.sink == "file":
             self._file = await asyncio.to_thread(
-                logging.handlers.RotatingFileHandler, self.spec.path, maxBytes=self.spec.max_bytes,
+                PrivateRotatingFile, self.spec.path, maxBytes=self.spec.max_bytes,
                 backupCount=self.spec.backups, encoding="utf-8")
         else:
             from ..store.redis_client import open_client  # redis-py: loaded only for this sink

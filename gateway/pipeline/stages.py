@@ -7,7 +7,8 @@ target selection, so that a cache lookup can sit between them: after the key's
 rights are known, before any upstream is chosen.
 
 Every stage here but `Ingress` (which awaits the body) only looks before it passes the request
-on: they return `call_next(ctx)` unawaited, one coroutine frame fewer each (`pipeline.runner`).
+on: they return `call_next(ctx)` unawaited, one coroutine frame fewer each (`pipeline.runner`);
+`Authorize` keeps a frame for a keyed Responses request only (`response_owners`, which records its answer).
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.openai import StreamOptions
 from ..translate.common import MARKS
 from .context import AMBIGUOUS, Reply, RequestContext
+from .response_owners import guarded as owned_responses_only
 from .runner import Next
 
 if TYPE_CHECKING:
@@ -306,17 +308,34 @@ def _deeper_than(value: Any, depth: int) -> bool:
 
 class Authorize:
     """Alias to its route, if this key may use it. An alias that does not exist and one the key
-    may not use get the same 404, as OpenAI answers, so that a key cannot enumerate aliases."""
+    may not use get the same 404, as OpenAI answers, so that a key cannot enumerate aliases.
+
+    A keyed Responses request may also use only its own tenant's responses kept at the upstream, where
+    callers may belong to different tenants (`response_owners`: checked here, before limits, guards or
+    cache see it; its answer recorded)."""
 
     name = "authorize"
 
     def __call__(self, ctx: RequestContext, call_next: Next) -> Awaitable[Reply]:
         alias = ctx.body["model"]
         route = ctx.runtime.policy.models.get(alias)
-        if route is None or (ctx.key is not None and not ctx.key.allows(alias)):
+        key = ctx.key
+        if route is None or (key is not None and not key.allows(alias)):
             raise model_not_found(alias)
         ctx.route = route
+        if ctx.endpoint is _RESPONSES and key is not None and _tenants_apart(ctx.runtime.policy):
+            return owned_responses_only(ctx, call_next)
         return call_next(ctx)
+
+
+_RESPONSES = Endpoint.RESPONSES
+
+
+def _tenants_apart(policy: Any) -> bool:
+    """Whether callers may belong to different tenants: the policy names more than one, or keys are made at run
+    time (each with a tenant of its own). With one tenant there is no one to keep its responses from, and a
+    continuation must not depend on which worker of a memory store made the response."""
+    return len(policy.tenant_names) > 1 or policy.dynamic_keys.enabled
 
 
 def model_not_found(alias: str) -> ModelNotFound:

@@ -91,10 +91,12 @@ class StoreConfig:
     The one setting a running store takes anew (`MemoryStore.rebound`), which replaces its copy of the config:
     a reload that changes only it keeps the store's keys, counters and spend."""
     bytes_prefix: str = "cache:"
-    expendable_prefixes: tuple[str, ...] = ("fb:",)
-    """Memory backend: keys that may be lost without harm (feedback records: a request then cannot be rated), evicted
+    expendable_prefixes: tuple[str, ...] = ("fb:", "resp:")
+    """Memory backend: keys that may be lost without harm (feedback records: a request then cannot be rated; the
+    owners of Responses answers, `pipeline.response_owners`: the response then cannot be continued), evicted
     after cache entries and before any other key, so that one tenant's traffic never pushes out another's
-    run-time keys, budgets or usage counters (each request leaves a feedback record while feedback is on)."""
+    run-time keys, budgets or usage counters (each request leaves a feedback record while feedback is on, each
+    Responses answer an owner record)."""
 
     def __post_init__(self) -> None:
         if self.backend not in ("memory", "redis"):

@@ -27,7 +27,7 @@ from .env_credentials import credential, token
 from .guard_check import check_guards
 from .includes import PolicyTree, read_tree
 from .loader import PolicyError, PolicyIssue, _Located, check_doc
-from .provider_schema import KIND_TRAITS, AzureSpec
+from .provider_schema import KIND_TRAITS, AzureSpec, OpenAISpec
 from .routes import compile_routing
 from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec, gateway_fields_in_extra_body
 from .telemetry_check import metric_labels
@@ -283,6 +283,8 @@ def _provider(
             doc.issue(path + (other,), f"`{other}` options apply to `kind: {other}` providers, not `{spec.kind}`")
     if traits.options is not None and traits.options_field is not None:
         options = getattr(spec, traits.options_field) or traits.options()
+    if isinstance(options, OpenAISpec):  # the output cap's field, by host unless the policy names one
+        options = options.for_host(base_url)
     key_header = spec.api_key_header or traits.default_key_header
     t = spec.timeouts
     if t.first_byte_s > t.total_s or t.connect_s > t.total_s:

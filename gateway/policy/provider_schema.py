@@ -2,7 +2,7 @@
 
 The common `ProviderSpec` fields (base URL, key variable, headers, timeouts) serve
 every kind; what only one upstream API needs lives in that kind's block here
-(`azure:`, `anthropic:`, `gemini:`). `KIND_TRAITS` is the policy side of the
+(`openai:`, `azure:`, `anthropic:`, `gemini:`). `KIND_TRAITS` is the policy side of the
 provider registry: the compiler reads a kind's defaults from it, so no kind name
 is compared as a string outside this table and `providers/__init__.py`.
 """
@@ -10,14 +10,41 @@ is compared as a string outside this table and `providers/__init__.py`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, Literal
+from urllib.parse import urlsplit
 
-from msgspec import Meta, Struct
+from msgspec import Meta, Struct, structs
 
-__all__ = ["KIND_TRAITS", "AnthropicSpec", "AzureSpec", "GeminiSpec", "KindTraits", "ProviderOptions"]
+__all__ = ["KIND_TRAITS", "AnthropicSpec", "AzureSpec", "GeminiSpec", "KindTraits", "MaxTokensField", "OpenAISpec",
+           "ProviderOptions"]
 
 EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]*(?!\n)$",
                                   description="name of an environment variable")]
+
+
+# The field a chat request's output cap (`max_tokens`, or `max_completion_tokens`) goes upstream in.
+# `max_completion_tokens`: a request's `max_tokens` is sent as that (unless it has its own: never both), as
+# OpenAI's reasoning models (o1, o3, o4-mini, gpt-5) refuse `max_tokens`; `max_tokens`: the request as it is.
+MaxTokensField = Literal["max_tokens", "max_completion_tokens"]
+_OPENAI_API_HOST = "api.openai.com"  # OpenAI's own API (and its regional hosts, `us.api.openai.com`)
+
+
+class OpenAISpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
+    """OpenAI's API and OpenAI-compatible servers (vLLM, Ollama, LM Studio, ...): what a policy leaves unset is
+    decided by the provider's host (`for_host`)."""
+
+    # Unset: `max_completion_tokens` when base_url's host is OpenAI's API (it takes that field for every chat
+    # model), `max_tokens` for any other (Ollama, LM Studio and older vLLM know no other).
+    max_tokens_field: MaxTokensField | None = None
+
+    def for_host(self, base_url: str) -> OpenAISpec:
+        """These options with `max_tokens_field` decided, by `base_url`'s host when the policy left it unset:
+        once per load, so that a request reads one attribute."""
+        if self.max_tokens_field is not None:
+            return self
+        host = (urlsplit(base_url).hostname or "").lower()
+        own = host == _OPENAI_API_HOST or host.endswith("." + _OPENAI_API_HOST)
+        return structs.replace(self, max_tokens_field="max_completion_tokens" if own else "max_tokens")
 
 
 class AzureSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -39,6 +66,10 @@ class AzureSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # How often entra_token_file's metadata (inode, mtime, size) is checked; the file is read only when it
     # changed, or while it is missing or unusable (the last good token is sent meanwhile).
     entra_token_refresh_s: Annotated[float, Meta(ge=0.1, le=300, description="seconds")] = 10.0
+    # The field a chat request's output cap goes in: `max_completion_tokens` (its `max_tokens` sent as that,
+    # unless it has its own) for deployments of OpenAI's reasoning models (o1, o3, o4-mini, gpt-5), which refuse
+    # `max_tokens`, with an api_version that takes the field; `max_tokens`: the request as it is.
+    max_tokens_field: MaxTokensField = "max_tokens"
 
 
 class AnthropicSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -59,7 +90,7 @@ class GeminiSpec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     # result back to its function by the id it gave.
 
 
-ProviderOptions = AzureSpec | AnthropicSpec | GeminiSpec
+ProviderOptions = OpenAISpec | AzureSpec | AnthropicSpec | GeminiSpec
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,7 +105,7 @@ class KindTraits:
 
 
 KIND_TRAITS: dict[str, KindTraits] = {
-    "openai": KindTraits(None, "Authorization", None, None),
+    "openai": KindTraits(None, "Authorization", OpenAISpec, "openai"),
     "azure": KindTraits(None, "api-key", AzureSpec, "azure"),
     "anthropic": KindTraits("https://api.anthropic.com/v1", "x-api-key", AnthropicSpec, "anthropic"),
     "gemini": KindTraits("https://generativelanguage.googleapis.com/v1beta", "x-goog-api-key", GeminiSpec, "gemini"),

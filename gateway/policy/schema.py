@@ -20,7 +20,7 @@ from .accounting_schema import AccountingSpec, BudgetSpec, LimitSpec, TenantSpec
 from .cache_schema import CacheSettingsSpec, CacheSpec
 from .guard_schema import GuardsSpec
 from .keys_schema import DynamicKeysSpec
-from .provider_schema import AnthropicSpec, AzureSpec, GeminiSpec
+from .provider_schema import AnthropicSpec, AzureSpec, GeminiSpec, OpenAISpec
 from .telemetry_schema import TelemetrySpec
 
 __all__ = [
@@ -166,6 +166,7 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     # A non-streamed answer larger than this is refused (502) while it is read.
     max_response_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
+    openai: OpenAISpec | None = None  # kind: openai (policy/provider_schema.py)
     azure: AzureSpec | None = None  # kind: azure (policy/provider_schema.py)
     anthropic: AnthropicSpec | None = None  # kind: anthropic
     gemini: GeminiSpec | None = None  # kind: gemini

@@ -19,17 +19,9 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from ..errors import (
-    BodyTooLarge,
-    ContextLengthExceeded,
-    CredentialsRejected,
-    GatewayError,
-    InvalidRequest,
-    RateLimited,
-    UpstreamError,
-    UpstreamTimeout,
-)
+from ..errors import CredentialsRejected, GatewayError, InvalidRequest, UpstreamError
 from ..policy.compiled import ProviderConfig
+from ..policy.provider_schema import AzureSpec, OpenAISpec
 from ..sanitize import remove_secrets, sanitize_upstream_message
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
@@ -37,11 +29,12 @@ from ..schemas.openai import listed_prompts
 from ..schemas.responses import responses_usage
 from ..translate.cache_control import CACHE_MARK, without_cache_control, without_extra_content
 from ..upstream.client import ConnectionGate, new_session, transport_error
-from ..upstream.retry_after import retry_after_seconds, upstream_wait, wait_headers
+from ..upstream.retry_after import upstream_wait
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
 from .deadline import deadline_in
 from .openai_stream import OpenAIStream
 from .scrub import AnswerChoicesPeek, AnswerPeek, ResponsesAnswerPeek, scrubbed_error
+from .status_errors import status_error
 from .streaming import ResponsesEvents, TranslatedStream
 
 __all__ = ["CredentialsRejected", "OpenAICompatProvider", "status_error", "without_bom"]
@@ -50,6 +43,7 @@ _encode = msgspec.json.Encoder().encode
 # Read per request: an attribute of an enum class goes through its metaclass's `__getattr__` hook on
 # CPython 3.11 (about 900 instructions), a module global does not.
 _RESPONSES = Endpoint.RESPONSES
+_CHAT = Endpoint.CHAT
 _peek_usage = msgspec.json.Decoder(AnswerPeek).decode
 _peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a stage reads the answer's text
 
@@ -60,10 +54,6 @@ _MAX_ERROR_BODY = 64 * 1024
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark (`without_bom`)
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_value`, `unsupported_parameter`...
 _ERROR_PARAM = re.compile(r"[A-Za-z_][A-Za-z0-9_.\[\]-]{0,127}")  # a request field's path: `messages[0].content`
-# How OpenAI, vLLM, Azure, Anthropic and others word a prompt that does not fit the model's window (Anthropic's
-# "prompt is too long: ..." and "input length and `max_tokens` exceed context limit: 199759 + 4096 > 200000").
-_CONTEXT_LENGTH = re.compile(r"context[ _]length|context window|context limit|maximum context|prompt is too long",
-                             re.IGNORECASE)
 # Google's own OpenAI-compatible APIs (Gemini's, Vertex AI's): they read a tool call's `extra_content` (`_payload`).
 _GOOGLE_HOSTS = ("generativelanguage.googleapis.com", "aiplatform.googleapis.com")
 
@@ -82,6 +72,10 @@ class OpenAICompatProvider:
         self._gate = gate
         self._session: aiohttp.ClientSession | None = None
         self._keeps_extra_content = (urlsplit(config.base_url).hostname or "").endswith(_GOOGLE_HOSTS)
+        # (decided per provider when the policy compiles: by host for `kind: openai`, `OpenAISpec.for_host`)
+        options = config.options
+        self._sends_max_completion_tokens = (isinstance(options, (OpenAISpec, AzureSpec))
+                                             and options.max_tokens_field == "max_completion_tokens")
 
     async def start(self) -> None:
         if self._session is None:
@@ -102,6 +96,8 @@ class OpenAICompatProvider:
         body = call.body
         if not self._keeps_extra_content:  # Gemini's thought signature on a tool call, from a Gemini answer
             body = without_extra_content(body)  # (`translate.cache_control`: the same body when there is none)
+        if self._sends_max_completion_tokens and "max_tokens" in body and call.endpoint is _CHAT:
+            body = with_max_completion_tokens(body)
         if self._asks_for_usage(call):
             # Ask for the usage chunk so that accounting has real figures; the stream undoes
             # every trace of this request before the client sees it (see `OpenAIStream`).
@@ -341,44 +337,23 @@ def without_bom(body: bytes) -> bytes | None:
     return body[3:] if body[:3] == _BOM and body[3:6] != _BOM else None
 
 
+def with_max_completion_tokens(body: dict[str, Any]) -> dict[str, Any]:
+    """A chat request's `max_tokens` as `max_completion_tokens`, for an upstream that refuses the first (OpenAI's
+    reasoning models do): the request's own `max_completion_tokens` wins when it has one, never both are sent. The
+    cap is the one accounting read (`max_completion_tokens`, else `max_tokens`: `accounting.outright`). A copy:
+    the client's body is what a fallback target gets."""
+    body = dict(body)
+    cap = body.pop("max_tokens")
+    if body.get("max_completion_tokens") is None and cap is not None:
+        body["max_completion_tokens"] = cap
+    return body
+
+
 def _answers(body: dict[str, Any]) -> int:
     """How many answers a streamed request asks for, each of which must finish: `n`, times the prompts a
     completions request lists (not token ids: one prompt)."""
     n = body.get("n")
     return (n if type(n) is int and n > 1 else 1) * (len(listed_prompts(body["prompt"])) if "prompt" in body else 1)
-
-
-def status_error(
-    provider: str, status: int, detail: str, retry_after: str | float | None, code: str | None = None,
-    raw: str = "",
-) -> GatewayError:
-    """The client-facing error for an upstream's HTTP status (`detail` already sanitized; `code` and `raw`,
-    the upstream's own error code and message, are only read to recognise a context window overflow), with
-    the upstream's wait when it is a 429 or a server error: `retry_after` a `Retry-After` value as sent, or the
-    seconds already read (`upstream_wait`), passed on as `Retry-After` and `retry-after-ms` (`wait_headers`)."""
-    suffix = f": {detail}" if detail else ""
-    if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(raw[:2000])):
-        return ContextLengthExceeded(f"upstream `{provider}` rejected the request: the prompt exceeds its context "
-                                     f"window{suffix}")
-    hint = retry_after_seconds(retry_after) if isinstance(retry_after, str) else retry_after
-    headers = wait_headers(hint) if hint is not None else {}
-    if status == 429:
-        return RateLimited(f"upstream `{provider}` is rate limited{suffix}", headers=headers)
-    if 300 <= status < 400:  # not followed (`_send`); its body and Location are not repeated: they name a host
-        return UpstreamError(f"upstream `{provider}` answered with a redirect (HTTP {status}), which the gateway "
-                             "does not follow")
-    if status in (400, 422):
-        return InvalidRequest(f"upstream `{provider}` rejected the request{suffix}")
-    if status == 413:
-        return BodyTooLarge(f"upstream `{provider}` rejected the request as too large")
-    if status in (408, 504):
-        return UpstreamTimeout(f"upstream `{provider}` timed out (HTTP {status})")
-    if status in (401, 403):
-        return CredentialsRejected(f"upstream `{provider}` rejected the gateway's credentials (HTTP {status})")
-    # A server error's Retry-After (a 503's above all) is the routing's wait before a retry, up to the target's
-    # `retry_after_max_s`, and the client's when this is the answer it gets, as a 429's and a 529's are.
-    return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}",
-                         headers=headers if status >= 500 else None)
 
 
 async def _error_body(response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:

@@ -8,9 +8,9 @@ stream event whose `response` carries one (`response.failed`), and a 200 answer 
 OpenAI-compatible server fills with `{"error": ...}`. The strings of those error
 objects go through the same `sanitize` here, so that no configured secret, internal
 address or host name an upstream echoes reaches a client on any path
-(docs/security.md); every other string of such a body or event loses the configured
-secrets only (`unsecret`): an upstream may echo one beside its error, and the shape
-rules would mangle the rest of an answer (ids, code, instructions).
+(docs/security.md); every other string of such a body or event, at any depth and keys
+too, loses the configured secrets only (`unsecret`): an upstream may echo one beside its
+error, and the shape rules would mangle the rest of an answer (ids, code, instructions).
 
 A body or event is decoded and re-encoded only when one of its error strings
 actually changes: a clean one, the common case, goes on byte for byte.
@@ -111,41 +111,55 @@ def _scrub(value: Any, sanitize: Sanitize, depth: int, budget: list[int]) -> boo
 def scrubbed_error(body: bytes, sanitize: Sanitize, unsecret: Callable[[str], str], within: str | None = None
                    ) -> bytes:
     """`body` (a JSON object) with its `error` (or `within`'s `error`) scrubbed (`sanitize`: credentials,
-    addresses, key shapes), and every other string of it, at any depth, rid of the configured credentials alone
-    (`unsecret`: an upstream may echo one in `detail` or `incomplete_details`; the shape rules would mangle an
-    answer's ids, code or instructions); `body` itself when nothing changes. Raises msgspec's errors for a body
-    that is not a JSON object."""
+    addresses, key shapes), and every other string of it, keys included, at any depth, rid of the configured
+    credentials alone (`unsecret`: an upstream may echo one in `detail`, `incomplete_details` or metadata; the shape
+    rules would mangle an answer's ids, code or instructions); `body` itself when nothing changes. Raises msgspec's
+    errors for a body that is not a JSON object (a `RecursionError` for one nested past the decoder's limit)."""
     data = _decode(body)
     holder = data.get(within) if within is not None else data
     if not isinstance(holder, dict):
         return body
     error = holder.get("error")
-    holder["error"] = None  # (set back below, in its place: the rest is walked without it)
-    changed = _unsecret(data, unsecret, 0)
     if isinstance(error, str):
-        clean = sanitize(error)
-        changed = changed or clean != error
-        error = clean
-    elif scrub_strings(error, sanitize):  # False too for null, a number, a boolean
+        holder["error"] = clean = sanitize(error)
+        changed = clean != error
+    else:
+        changed = scrub_strings(error, sanitize)  # False for null, a number, a boolean
+    if _unsecret(data, unsecret):  # (the error's strings again, clean already: its keys are what this adds)
         changed = True
-    holder["error"] = error
     return _encode(data) if changed else body
 
 
-def _unsecret(value: Any, unsecret: Callable[[str], str], depth: int) -> bool:
-    """Every string inside `value` (a decoded JSON object or array) through `unsecret`, in place (past
-    `_MAX_DEPTH`, containers are left as they are: no credential is removed from them, none is cut either)."""
-    if depth > _MAX_DEPTH:
-        return False
+def _unsecret(value: Any, unsecret: Callable[[str], str]) -> bool:
+    """Every string inside `value` (a decoded JSON object or array), keys too, through `unsecret`, in place.
+
+    No depth bound, unlike `_scrub`: an upstream echoes a request (its metadata, a tool's schema) at any
+    depth, and what is not walked is not rid of a credential; nulling it would mangle an answer. The walk
+    keeps its own stack, so no nesting the decoder accepted can exhaust Python's, and the body's size,
+    capped by `max_response_bytes`, bounds the work."""
     changed = False
-    keys: Any = list(value) if isinstance(value, dict) else range(len(value)) if isinstance(value, list) else ()
-    for key in keys:
-        item = value[key]
-        if isinstance(item, str):
-            clean = unsecret(item)
-            if clean != item:
-                value[key] = clean
+    pending = [value]
+    while pending:
+        container = pending.pop()
+        keys: Any
+        if isinstance(container, dict):
+            keys = list(container)
+            renamed = [unsecret(key) for key in keys]
+            if renamed != keys:  # (rare: an echoed header map keyed by the credential) rebuilt, order kept
+                items = list(container.values())
+                container.clear()
+                container.update(zip(renamed, items, strict=True))
+                keys = renamed
                 changed = True
-        elif isinstance(item, (dict, list)) and _unsecret(item, unsecret, depth + 1):
-            changed = True
+        else:
+            keys = range(len(container))
+        for key in keys:
+            item = container[key]
+            if isinstance(item, str):
+                clean = unsecret(item)
+                if clean != item:
+                    container[key] = clean
+                    changed = True
+            elif isinstance(item, (dict, list)):
+                pending.append(item)
     return changed

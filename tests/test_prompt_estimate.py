@@ -34,9 +34,11 @@ from tests.support.mock_upstream import MockUpstream
 
 KEY = "gw-prompt-estimate-key-00000000000000000000"
 ADMIN = "admin-token-for-prompt-estimate-tests"
-TPM = 10_000_000  # each alias's tokens-per-minute limit: its first answer's headers show the reservation
+TPM = 10_000_000  # the tokens-per-minute limit of each alias's own key: its first answer's headers show the reservation
 MAX_TOKENS = 50
 ALIASES = ("answer", "stream", "quiet", "chat", "large", "large-quiet")
+# One key per alias, each with its own window (an alias's own limits are every tenant's: never in the headers).
+ALIAS_KEYS = {alias: f"gw-prompt-estimate-{alias}-".ljust(43, "0") for alias in ALIASES}
 
 TOOLS = [{"name": "lookup", "description": "Look a customer record up by its id and return every field of it.",
           "input_schema": {"type": "object", "properties": {
@@ -79,7 +81,8 @@ def messages_request(question: str = "Find customer C-1042, and tell me what thi
 
 
 def policy(upstream: MockUpstream) -> str:
-    limits = f"limits: {{tpm: {TPM}}}"
+    alias_keys = "".join(f'\n  - {{name: {alias}, tenant: acme, hash: "{hash_key(key)}", limits: {{tpm: {TPM}}}}}'
+                         for alias, key in ALIAS_KEYS.items())
     return textwrap.dedent(f"""\
         version: 1
         server: {{host: 127.0.0.1, admin_token_env: PE_ADMIN, max_body_bytes: 4194304}}
@@ -103,13 +106,13 @@ def policy(upstream: MockUpstream) -> str:
           fault-no-usage: {{input_per_mtok: 1000, output_per_mtok: 0}}
           fault-slow-stream-100: {{input_per_mtok: 1000, output_per_mtok: 0}}
         models:
-          answer: {{provider: mock, model: fault-no-usage, {limits}}}
-          stream: {{provider: mock, model: fault-no-usage, {limits}}}
-          quiet: {{provider: quiet, model: mock-model, {limits}}}
-          chat: {{provider: mock, model: fault-no-usage, {limits}}}
-          large: {{provider: mock, model: fault-no-usage, {limits}}}
-          large-quiet: {{provider: quiet, model: fault-slow-stream-100, {limits}}}
-        """)
+          answer: {{provider: mock, model: fault-no-usage}}
+          stream: {{provider: mock, model: fault-no-usage}}
+          quiet: {{provider: quiet, model: mock-model}}
+          chat: {{provider: mock, model: fault-no-usage}}
+          large: {{provider: mock, model: fault-no-usage}}
+          large-quiet: {{provider: quiet, model: fault-slow-stream-100}}
+        """).replace("\nkeys:", "\nkeys:" + alias_keys, 1)
 
 
 @pytest.fixture(scope="module")
@@ -148,7 +151,9 @@ def test_count_tokens_is_the_usage_of_an_answer_without_usage(gateway: RunningGa
                                                               sdk: anthropic.Anthropic) -> None:
     request = messages_request()
     counted = sdk.messages.count_tokens(model="answer", **request).input_tokens  # type: ignore[arg-type]
-    raw = sdk.messages.with_raw_response.create(model="answer", max_tokens=MAX_TOKENS, **request)  # type: ignore[arg-type]
+    own = sdk.with_options(api_key=ALIAS_KEYS["answer"])
+    raw = own.messages.with_raw_response.create(model="answer", max_tokens=MAX_TOKENS,
+                                                **request)  # type: ignore[arg-type]
     answer = raw.parse()
     assert counted > 400  # the image (160 tokens by its size), tools, the call and its result, the thinking
     assert answer.usage.input_tokens == counted
@@ -163,7 +168,8 @@ def test_count_tokens_is_the_usage_of_a_stream_without_usage(gateway: RunningGat
                                                              alias: str) -> None:
     request = messages_request()
     counted = sdk.messages.count_tokens(model=alias, **request).input_tokens  # type: ignore[arg-type]
-    with sdk.messages.stream(model=alias, max_tokens=MAX_TOKENS, **request) as stream:  # type: ignore[arg-type]
+    own = sdk.with_options(api_key=ALIAS_KEYS[alias])
+    with own.messages.stream(model=alias, max_tokens=MAX_TOKENS, **request) as stream:  # type: ignore[arg-type]
         final = stream.get_final_message()
         headers = stream.response.headers
     assert final.content and final.usage.output_tokens > 0
@@ -200,7 +206,7 @@ def test_a_chat_with_tools_and_tool_calls_is_billed_at_its_reservation(gateway: 
     ]
     tools = [{"type": "function", "function": {"name": "lookup", "description": TOOLS[0]["description"],
                                                "parameters": TOOLS[0]["input_schema"]}}]
-    client = openai.OpenAI(base_url=gateway.base_url, api_key=KEY, max_retries=0, timeout=20)
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=ALIAS_KEYS["chat"], max_retries=0, timeout=20)
     raw = client.chat.completions.with_raw_response.create(model="chat", messages=messages,  # type: ignore[arg-type]
                                                            tools=tools, max_tokens=MAX_TOKENS)  # type: ignore[arg-type]
     assert raw.parse().choices

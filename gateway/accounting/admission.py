@@ -21,7 +21,7 @@ from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op, StageState
 from .gauges import BudgetLeft, policy_budgets
-from .headers import duration, rate_limit_headers, request_headers, tightest
+from .headers import duration, rate_limit_headers, refused_windows, request_headers, tightest
 from .ledger import new_op
 from .outright import completion_cap
 from .scopes import Scope, Scopes
@@ -58,10 +58,11 @@ class Admission(StageState):
         downgrade) are taken here, without a call per step. A counter that fails stops the checks there."""
         if scopes.needs_tokens:  # `_size`, in line
             body = ctx.body
-            messages = body.get("messages")
-            estimate = self.prompts.plain(messages, scopes.model) if type(messages) is list and "tools" not in body \
-                else None  # (the general count's answer for such a chat, without its steps)
-            bill.prompt_estimate = self.prompts.estimate_body(body, scopes.model) if estimate is None else estimate
+            if not bill.prompt_estimate:  # (else a large body's, counted in a thread: `presize`)
+                messages = body.get("messages")
+                estimate = self.prompts.plain(messages, scopes.model) if type(messages) is list \
+                    and "tools" not in body else None  # (the general count's answer for such a chat, without its steps)
+                bill.prompt_estimate = self.prompts.estimate_body(body, scopes.model) if estimate is None else estimate
             if ("max_tokens" in body or "max_completion_tokens" in body or "max_output_tokens" in body
                     or not ctx.endpoint.streams):
                 bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
@@ -73,17 +74,20 @@ class Admission(StageState):
             if scopes.rpm_only:  # `_limits_in_line` for requests-per-minute limits only
                 requests: WindowReservation | None = None
                 refused: tuple[Scope, float] | None = None
+                full: WindowReservation | None = None
                 for scope in scopes.limited:
                     answer = store.reserve_window_units_now(scope.rpm_key, AMOUNT_SCALE, scope.rpm_cap,
                                                             scope.rpm, WINDOW_S)
-                    if requests is None or _tighter(answer, requests):
+                    if scope.shown and (requests is None or _tighter(answer, requests)):
                         requests = answer
                     if answer[0]:  # `answer.ok`
                         bill.requests.append(scope.rpm_key)
                     elif refused is None:
-                        refused = (scope, answer[3])  # `answer.reset_s`
-                assert requests is not None
-                bill.headers = request_headers(requests)
+                        refused, full = (scope, answer[3]), answer  # `answer.reset_s`
+                if refused is not None and not refused[0].shown:  # an alias's window: shown in its 429 only
+                    requests = full
+                if requests is not None:
+                    bill.headers = request_headers(requests)
                 if refused is not None:
                     self._refuse(bill, "rpm", *refused)
             elif scopes.limited:
@@ -118,8 +122,9 @@ class Admission(StageState):
         store = self._in_line
         assert store is not None
         refused: tuple[str, Scope, float] | None = None
-        requests: WindowReservation | None = None
+        requests: WindowReservation | None = None  # the tightest of the caller's own (`Scope.shown`)
         token_window: WindowReservation | None = None
+        full: WindowReservation | None = None  # the window that refused, when it is an alias's
         holder = ""
         for scope in scopes:
             limits = scope.limits
@@ -133,30 +138,34 @@ class Admission(StageState):
             if limits.rpm:
                 answer = store.reserve_window_units_now(scope.rpm_key, AMOUNT_SCALE, scope.rpm_cap, limits.rpm,
                                                         WINDOW_S)
-                if requests is None or _tighter(answer, requests):
+                if scope.shown and (requests is None or _tighter(answer, requests)):
                     requests = answer
                 if answer.ok:
                     bill.requests.append(scope.rpm_key)
                 elif refused is None:
-                    refused = ("rpm", scope, answer.reset_s)
+                    refused, full = ("rpm", scope, answer.reset_s), answer
             if limits.tpm:
                 tokens = bill.prompt_estimate + bill.completion_cap
                 answer = store.reserve_window_units_now(scope.tpm_key, tokens * AMOUNT_SCALE, scope.tpm_cap,
                                                         limits.tpm, WINDOW_S)
-                if token_window is None or _tighter(answer, token_window):
+                if scope.shown and (token_window is None or _tighter(answer, token_window)):
                     token_window = answer
                 if answer.ok:
                     bill.tokens = (*bill.tokens, Held(scope.tpm_key, float(tokens), WINDOW_S, scope, None,
                                                       tokens * AMOUNT_SCALE, time.monotonic() + answer.reset_s))
                 elif refused is None:
-                    refused = ("tpm", scope, answer.reset_s)
+                    refused, full = ("tpm", scope, answer.reset_s), answer
+        if refused is not None:
+            requests, token_window = refused_windows(refused[0], refused[1].shown, full, requests, token_window)
         bill.headers = rate_limit_headers(requests, token_window)
         if refused is not None:
             self._refuse(bill, *refused)
 
     def _size(self, ctx: RequestContext, bill: Bill) -> None:
         route = ctx.route
-        bill.prompt_estimate = self.prompts.estimate_body(ctx.body, route.upstream_model if route is not None else None)
+        if not bill.prompt_estimate:  # (else a large body's, counted in a thread: `presize`)
+            model = route.upstream_model if route is not None else None
+            bill.prompt_estimate = self.prompts.estimate_body(ctx.body, model)
         bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
 
     def _unavailable(self, bill: Bill, budgeted: list[Scope]) -> None:
@@ -193,8 +202,9 @@ class Admission(StageState):
 
     def _limits(self, bill: Bill, ops: list[Op], results: list[Any]) -> None:
         refused: tuple[str, Scope, float] | None = None
-        requests: list[WindowReservation] = []
+        requests: list[WindowReservation] = []  # the caller's own windows (`Scope.shown`)
         token_windows: list[WindowReservation] = []
+        full: WindowReservation | None = None  # the window that refused, when it is an alias's
         failure: BaseException | None = None
         for index, (kind, scope, args) in enumerate(ops):  # results[index] answers ops[index]
             result = results[index]
@@ -212,7 +222,8 @@ class Admission(StageState):
                     refused = (kind, scope, 1.0)
                 continue
             answer: WindowReservation = result
-            (requests if kind == "rpm" else token_windows).append(answer)
+            if scope.shown:
+                (requests if kind == "rpm" else token_windows).append(answer)
             if answer.ok:
                 if kind == "tpm":
                     bill.tokens = (*bill.tokens, Held(key, float(args[1]), WINDOW_S, scope, None, 0,
@@ -220,12 +231,15 @@ class Admission(StageState):
                 else:
                     bill.requests.append(key)
             elif refused is None:
-                refused = (kind, scope, answer.reset_s)
+                refused, full = (kind, scope, answer.reset_s), answer
         if failure is not None:
             raise failure
         # One window of a kind (the usual case) is its own tightest: no call to find it.
-        bill.headers = rate_limit_headers(requests[0] if len(requests) == 1 else tightest(requests),
-                                          token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
+        shown = (requests[0] if len(requests) == 1 else tightest(requests),
+                 token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
+        if refused is not None:
+            shown = refused_windows(refused[0], refused[1].shown, full, *shown)
+        bill.headers = rate_limit_headers(*shown)
         if refused is not None:
             self._refuse(bill, *refused)
 

@@ -12,6 +12,7 @@ import math
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
+from ..pipeline.context import RequestContext
 from ..policy.accounting_schema import BudgetSpec
 from ..policy.compiled import Policy
 from ..store._common import to_units
@@ -19,10 +20,11 @@ from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import Children
+from ..telemetry.usage import _OFF_LOOP_CHARS as OFF_LOOP_CHARS
 from ..telemetry.usage import CountTokens
 from .gauges import BudgetLeft
 from .ledger import Ledger
-from .prompt import PromptEstimator
+from .prompt import PromptEstimator, estimate_prompt
 from .scopes import BoundedLabels, Scope, ScopeIndex
 
 __all__ = ["NO_RATES", "WINDOW_S", "Bill", "Held", "Op", "StageState"]
@@ -89,6 +91,7 @@ class StageState:
     labels: BoundedLabels
     rates: dict[str, tuple[float, float]]
     scopes: ScopeIndex
+    hop_scopes: dict[str, Scope]  # by alias: the limits a request reaching it by a hop takes (`hops`)
     _tasks: set[asyncio.Task[Any]]
     _remote: dict[str, Callable[..., Awaitable[Any]]]  # the store's counter operations by what they do
     _in_line: MemoryStore | None  # the in-process store, answered in line (None: a remote one)
@@ -99,6 +102,12 @@ class StageState:
     _drifts: dict[str, tuple[Any, Any]]
     _today: tuple[float, float, str]  # (start, end, id) of the UTC day usage was last recorded on
     _warned_usage: set[str]  # targets whose invalid usage was logged as a warning (`Settling._drop_unusable`)
+
+    async def presize(self, ctx: RequestContext, bill: Bill, model: str | None) -> None:
+        """A body past `OFF_LOOP_CHARS`: its prompt estimate counted in a thread, which the sizing then keeps
+        (`Admission._size`): on the loop, tiktoken takes seconds over a few MB, every other request waiting."""
+        if len(ctx.raw_body) > OFF_LOOP_CHARS:
+            bill.prompt_estimate = await asyncio.to_thread(estimate_prompt, self.counter.tokens, ctx.body, model)
 
     async def _quietly(self, op: Awaitable[Any]) -> None:
         try:

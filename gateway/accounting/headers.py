@@ -2,14 +2,16 @@
 
 OpenAI sends `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` on every answer; clients (the official
 SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits may apply to one request
-(its key's, its tenant's, its alias's): the headers describe the tightest one, the one with the least left.
+(its key's, its tenant's, its alias's): the headers describe the tightest of the caller's own, its key's and its
+tenant's, the one with the least left. An alias's window counts every tenant's requests together: shown, it would
+tell one tenant how much the others sent, so it shows only in the 429 it causes (`refused_windows`).
 """
 
 from __future__ import annotations
 
 from ..store.base import WindowReservation
 
-__all__ = ["duration", "rate_limit_headers", "request_headers", "tightest"]
+__all__ = ["duration", "rate_limit_headers", "refused_windows", "request_headers", "tightest"]
 
 
 def duration(seconds: float) -> str:
@@ -33,6 +35,16 @@ def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
     if len(answers) == 1:
         return answers[0]
     return min(answers, key=lambda a: a.remaining / a.limit if a.limit else 0.0)
+
+
+def refused_windows(kind: str, shown: bool, full: WindowReservation | None, requests: WindowReservation | None,
+                    tokens: WindowReservation | None) -> tuple[WindowReservation | None, WindowReservation | None]:
+    """The windows a 429 shows: the caller's own (`requests`, `tokens`), but the window that refused (`full`, of
+    `kind`) in its kind's place when it is an alias's (not `shown`): the client learns it is full, and when it will
+    not be, which the refusal and its `Retry-After` tell it anyway."""
+    if shown or full is None:
+        return requests, tokens
+    return (full, tokens) if kind == "rpm" else (requests, full)
 
 
 _REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")

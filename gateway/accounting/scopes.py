@@ -1,4 +1,5 @@
-"""Who a request is limited and billed as: its key, its key's tenant, the alias it asked for.
+"""Who a request is limited and billed as: its key, its key's tenant, the alias it asked for (and an alias it
+reaches by a hop: `hops`).
 
 Limits and budgets of the key come from the `VirtualKey` the request authenticated with (filled from the
 policy for static keys, by the admin API for keys made at run time), never from the policy's key list.
@@ -15,7 +16,7 @@ from .gauges import BudgetLeft
 from .outright import reach_rates
 from .periods import PeriodKeys
 
-__all__ = ["OTHER", "BoundedLabels", "Scope", "ScopeIndex", "Scopes", "scopes_of"]
+__all__ = ["OTHER", "BoundedLabels", "Scope", "ScopeIndex", "Scopes", "hop_scopes", "may_hop", "scopes_of"]
 
 OTHER = "other"
 
@@ -24,12 +25,15 @@ class Scope:
     """One scope's limits and budget, with the store keys it counts under (made once, not per request)."""
 
     __slots__ = ("budget", "budget_cap", "budget_keys", "budget_left", "kind", "limits", "name", "rpm", "rpm_cap",
-                 "rpm_key", "slot_key", "tpm_cap", "tpm_key")
+                 "rpm_key", "shown", "slot_key", "tpm_cap", "tpm_key")
 
     def __init__(self, kind: str, name: str, limits: LimitSpec | None, budget: BudgetSpec | None,
                  counted: str | None = None) -> None:
         self.kind = kind  # "key", "tenant" or "model"
         self.name = name  # (its metrics' label)
+        # The caller's own (its key's, its tenant's) windows are what the `x-ratelimit-*` headers show; an alias's is
+        # every tenant's traffic together, which no tenant may read: it shows only in the 429 it causes.
+        self.shown = kind != "model"
         self.limits = limits
         self.budget = budget
         # What its counters are kept under: its name, or a key made at run time's id (`counted`): a new key that
@@ -54,12 +58,13 @@ class Scope:
 class Scopes:
     """The scopes of one request, and what follows from them alone (looked up, not rebuilt, per request)."""
 
-    __slots__ = ("_key_budget", "_key_limits", "_tenant", "all", "budgeted", "limited", "model", "needs_tokens",
-                 "rates", "rpm_only")
+    __slots__ = ("_key_budget", "_key_limits", "_tenant", "all", "budgeted", "hops", "limited", "model",
+                 "needs_tokens", "rates", "rpm_only")
 
     def __init__(self, scopes: list[Scope], key: VirtualKey | None, route: ModelRoute | None = None,
-                 rates: tuple[float, float] = (0.0, 0.0)) -> None:
+                 rates: tuple[float, float] = (0.0, 0.0), hops: bool = False) -> None:
         self.all = scopes
+        self.hops = hops  # a rule or a context fallback may take it to an alias with limits (`may_hop`)
         self.limited = [s for s in scopes if s.limits is not None]
         self.budgeted = [s for s in scopes if s.budget is not None]
         # A reservation's size (prompt estimate, completion cap) is needed by budgets and token windows only.
@@ -88,10 +93,11 @@ class ScopeIndex:
     pairs; past that, made per request). Tenants' and aliases' limits are the policy's and never change;
     a key's are re-read when its record is another (a run-time key updated by the admin API)."""
 
-    __slots__ = ("_cap", "_found", "_policy", "rates")
+    __slots__ = ("_cap", "_found", "_hops", "_policy", "rates")
 
     def __init__(self, policy: Policy, cap: int = 10_000) -> None:
         self._policy = policy
+        self._hops = may_hop(policy)
         self.rates = reach_rates(policy.models)  # by alias: the dearest a request for it may reach
         self._cap = cap
         self._found: dict[tuple[str | None, str], Scopes] = {}
@@ -104,7 +110,8 @@ class ScopeIndex:
                                   key.limits is found._key_limits and key.budget is found._key_budget
                                   and key.tenant == found._tenant):
             return found
-        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route, self.rates.get(ctx.alias_label, (0.0, 0.0)))
+        found = Scopes(scopes_of(ctx, self._policy), key, ctx.route, self.rates.get(ctx.alias_label, (0.0, 0.0)),
+                       ctx.alias_label in self._hops)
         if pair in self._found or len(self._found) < self._cap:
             self._found[pair] = found
         return found
@@ -125,6 +132,35 @@ def scopes_of(ctx: RequestContext, policy: Policy) -> list[Scope]:
     if limits is not None or budget is not None:
         scopes.append(Scope("model", alias, limits, budget))
     return scopes
+
+
+def hop_scopes(policy: Policy) -> dict[str, Scope]:
+    """Every alias with limits, as the scope a request that reaches it by a hop takes (`hops`): the counters a
+    request naming it counts under."""
+    return {alias: Scope("model", alias, limits, None) for alias, limits in policy.alias_limits.items()}
+
+
+def may_hop(policy: Policy) -> frozenset[str]:
+    """The aliases from which a request may reach, by a rule or a context fallback (followed through), an alias with
+    limits other than itself: such a request has a bill (`hops`) even when no limit or budget of its own applies.
+    (A downgrade comes from a budget, and a budgeted request has its bill.)"""
+    limited = frozenset(policy.alias_limits)
+    found: set[str] = set()
+    for alias, route in policy.models.items():
+        todo = [rule.alias for rule in route.rules if rule.alias is not None]
+        if route.context_fallback is not None:
+            todo.append(route.context_fallback)
+        reached: set[str] = set()
+        while todo:
+            hop = todo.pop()
+            if hop not in reached:
+                reached.add(hop)
+                after = policy.models.get(hop)
+                if after is not None and after.context_fallback is not None:
+                    todo.append(after.context_fallback)
+        if (reached - {alias}) & limited:
+            found.add(alias)
+    return frozenset(found)
 
 
 class BoundedLabels:

@@ -36,13 +36,15 @@ from ..store.base import Store
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import Children
+from ..telemetry.usage import _OFF_LOOP_CHARS as OFF_LOOP_CHARS
 from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage, stream_text
 from ..upstream.request import SENDING
 from .admission import Admission
 from .bill import Bill
+from .hops import HOP, AliasHop
 from .ledger import Ledger
 from .prompt import PromptEstimator
-from .scopes import BoundedLabels, ScopeIndex
+from .scopes import BoundedLabels, ScopeIndex, hop_scopes
 from .settling import Settling, StreamBill, UsageOnly, usable
 
 __all__ = ["Accounting"]
@@ -65,6 +67,7 @@ class Accounting(Admission, Settling):
         self.lease_s = spec.lease_s
         self.labels = BoundedLabels(policy, spec.label_cap)
         self.scopes = ScopeIndex(policy)
+        self.hop_scopes = hop_scopes(policy)  # the limits of an alias a request reaches by a hop (`hops`)
         self.rates = self.scopes.rates  # by alias: the dearest a request for it may reach (`reach_rates`)
         self._tasks = set()
         # The store's counter operations by what they do, awaited on a remote store.
@@ -96,7 +99,7 @@ class Accounting(Admission, Settling):
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         scopes = self.scopes.of(ctx)
-        if not scopes.all:  # nothing to enforce: only count the usage, with no task and no store call
+        if not scopes.all and not scopes.hops:  # nothing to enforce: only count the usage, no task, no store call
             if not self.record_all:  # built only for keys made at run time: the others pass untouched
                 return await call_next(ctx)
             reply = await call_next(ctx)
@@ -110,6 +113,9 @@ class Accounting(Admission, Settling):
                 self._record(ctx, self._price(ctx))
             return reply
         bill = Bill()
+        asked = ctx.route  # (a downgrade changes the route: the alias it sends to is a hop)
+        if scopes.needs_tokens and len(ctx.raw_body) > OFF_LOOP_CHARS:
+            await self.presize(ctx, bill, scopes.model)
         if self._in_line is not None:
             self._admit_in_line(ctx, bill, scopes)
         else:
@@ -117,6 +123,10 @@ class Accounting(Admission, Settling):
         if bill.headers:
             ctx.headers = [*(ctx.headers or ()), *bill.headers]
         sending = SENDING.set(ctx)  # (`ctx.upstream_sent`: whether a request left leaves an upstream at work)
+        # A rule or a context fallback may take it to an alias with limits, or a budget downgraded it: the router
+        # asks for that alias's limits (`hops`). Else nothing to set.
+        hop = HOP.set(AliasHop(self, bill, asked.alias if asked is not None else "unknown")) \
+            if scopes.hops or bill.downgrade is not None else None
         try:
             reply = await call_next(ctx)
         except GatewayError as exc:
@@ -143,6 +153,8 @@ class Accounting(Admission, Settling):
             raise
         finally:
             SENDING.reset(sending)
+            if hop is not None:
+                HOP.reset(hop)
         if reply.stream is not None:
             reply.stream.add(StreamBill(self, bill))
             _text_without_usage(ctx, reply)  # after the bill, which may cut: the text the client got

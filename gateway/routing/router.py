@@ -9,8 +9,10 @@ retrying the same target on a retryable failure (backoff with full jitter, or th
 upstream's Retry-After up to a cap) for as long as its breaker allows it (a retry asks
 again: not once it opened, not beside another request's probe); on a failure `retry_on`
 does not list, answer at once; on "context length exceeded", go on with the alias's
-`context_fallback`; otherwise fall back to the next candidate (of an alias whose targets' providers serve
-different endpoints, those that serve the request's). A deadline bounds the whole walk:
+`context_fallback` if the key may use it (else that 400); otherwise fall back to the next candidate (of an
+alias whose targets' providers serve different endpoints, those that serve the request's). An alias with
+limits that a request reaches without naming it (a rule, a downgrade, a context fallback) counts it against
+them, or refuses it (`accounting.hops`). A deadline bounds the whole walk:
 a retry whose wait would outlast it gives way to the next candidate, and the walk stops
 once it has passed (an attempt it cuts short says nothing about the target's health).
 Each attempt builds its upstream body from the client's original request. A stream may
@@ -18,7 +20,8 @@ fall back until its first content event; after that its errors reach the client,
 breaker verdict and its count as an attempt wait for its end (`verdicts`).
 
 A single-target alias costs one dictionary merge (the body, as before routing) and
-two counter increments: everything else is precomputed at load.
+two counter increments: everything else is precomputed at load. Rules that weigh a
+prompt past `OFF_LOOP_BYTES` have it counted in a thread (`call` chooses, not `select`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import time
 from collections.abc import Awaitable, Mapping, Sequence
 from typing import Any
 
+from ..accounting.hops import HOP
 from ..errors import GatewayError, NoRoute
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream
@@ -54,7 +58,7 @@ from .attempts import (
 )
 from .breaker import OPEN, Breakers
 from .exchange import exchange, within
-from .rules import Facts, first_match
+from .rules import OFF_LOOP_BYTES, Facts, first_match, reads_tokens
 from .stats import TargetStats
 from .strategies import order_targets
 from .verdicts import StreamVerdicts, check_health
@@ -105,6 +109,9 @@ class Router:
         self._counters: dict[tuple[Any, ...], Any] = {}
         self._answers: dict[tuple[str, str], tuple[Any, Any]] = {}  # the success path's two counters' values
         self._verdicts = StreamVerdicts(self.breakers, metrics.attempts)  # a stream's, at its end
+        # Aliases whose rules weigh the prompt, and those with limits (hops): empty, and free, in most policies.
+        self._counting = frozenset(id(route) for route in policy.models.values() if reads_tokens(route.rules))
+        self._limited = frozenset(policy.alias_limits)
 
     # -- life ---------------------------------------------------------------------------------------
 
@@ -133,11 +140,16 @@ class Router:
     # -- choosing -----------------------------------------------------------------------------------
 
     def select(self, ctx: RequestContext) -> None:
-        """Rules, then the strategy: set `ctx.plan` and `ctx.candidates` (or refuse with 400)."""
+        """Rules, then the strategy: set `ctx.plan` and `ctx.candidates` (or refuse with 400); left to `call` for a
+        body past `OFF_LOOP_BYTES` that a rule weighs (its prompt counted in a thread; no stage between reads it)."""
         route = ctx.route
         assert route is not None
-        facts = None
-        if route.rules or route.sticky is not None:
+        if self._counting and id(route) in self._counting and len(ctx.raw_body) > OFF_LOOP_BYTES:
+            return
+        self._choose(ctx, route, None)
+
+    def _choose(self, ctx: RequestContext, route: ModelRoute, facts: Facts | None) -> None:
+        if facts is None and (route.rules or route.sticky is not None):
             facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
         if route.rules:
             assert facts is not None
@@ -163,7 +175,16 @@ class Router:
 
     async def call(self, ctx: RequestContext) -> Reply:
         route = ctx.plan
-        assert route is not None
+        if route is None:  # left by `select`: a large prompt its alias's rules weigh, counted in a thread first
+            route = ctx.route
+            assert route is not None
+            counted = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
+            await counted.count_in_thread()
+            self._choose(ctx, route, counted)
+            route = ctx.plan
+            assert route is not None
+        if self._limited and route.alias in self._limited:
+            await self._enter(ctx, route)
         deadline = asyncio.get_running_loop().time() + route.deadline_s if route.deadline_s is not None else None
         failures: list[tuple[Target, GatewayError, str]] = []
         candidates = ctx.candidates
@@ -175,6 +196,8 @@ class Router:
                 break
             self._fallback(ctx, "context_length")
             route = fallback
+            if self._limited and route.alias in self._limited:
+                await self._enter(ctx, route)
             facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens) if route.sticky else None
             candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
             if id(route) in self._mixed:
@@ -184,6 +207,17 @@ class Router:
             raise self._tagged(ctx, DeadlineExceeded(f"`{ctx.alias_label}` found no answer within its deadline "
                                                      "(it passed before any target was tried)"))
         raise self._tagged(ctx, aggregate(ctx.alias_label, failures), failures)
+
+    async def _enter(self, ctx: RequestContext, route: ModelRoute) -> None:
+        """About to be served by an alias with limits of its own, which it reached by a hop (a rule, a budget
+        downgrade, a context fallback), not by its name (whose limits admission took): counted against them, or
+        refused (429; no `x-should-retry: false`, whatever failed before: the window clears) (`accounting.hops`)."""
+        hop = HOP.get()
+        if hop is not None and route.alias not in hop.entered and self.policy.models.get(route.alias) is route:
+            try:
+                await hop.enter(ctx, route.alias)
+            except GatewayError as exc:
+                raise self._tagged(ctx, exc) from None
 
     async def _walk(
         self, ctx: RequestContext, route: ModelRoute, candidates: Sequence[Target], deadline: float | None,
@@ -247,8 +281,9 @@ class Router:
                 if kind not in route.retry_on and kind not in NEXT_AT_ONCE:  # a full pool, a refused key: the next
                     raise self._tagged(ctx, exc, failures) from None
                 if kind == "context_length":
-                    if route.context_fallback is None:
-                        raise self._tagged(ctx, exc, failures) from None
+                    fallback = route.context_fallback
+                    if fallback is None or (ctx.key is not None and not ctx.key.allows(fallback)):
+                        raise self._tagged(ctx, exc, failures) from None  # never an alias the key may not use
                     return "context"
                 if retry >= target.retry.attempts or kind in NEXT_AT_ONCE or self.breakers.state(target.name) == OPEN:
                     return "next"  # (open: this failure or another request's opened it; `breaker` says why)

@@ -4,7 +4,8 @@ Rules arrive compiled (`policy.compiled.Match`): sets to test membership in, hea
 names already lower-case bytes, thresholds as ints. Nothing is parsed here. The
 facts a rule reads come from the request that is already decoded; the only costly
 one, the prompt's token count, is computed at most once per request and only when a
-rule that needs it is reached.
+rule that needs it is reached; for a body past `OFF_LOOP_BYTES`, in a thread, before the
+rules are matched (`Facts.count_in_thread`, which the router awaits).
 
 Each fact reads the fields of the endpoint the request came in by: a chat's `messages`
 and `response_format`; a Responses request's `instructions`, `input` items (their
@@ -18,6 +19,7 @@ what fills the upstream's context.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -25,14 +27,16 @@ from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..auth.keys import VirtualKey
 from ..policy.compiled import Match, Rule
 from ..telemetry.tokens import TokenCounter
+from ..telemetry.usage import _OFF_LOOP_CHARS
 
-__all__ = ["Facts", "first_match", "matches", "rule_alias"]
+__all__ = ["OFF_LOOP_BYTES", "Facts", "first_match", "matches", "reads_tokens", "rule_alias"]
 
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and the Responses API's
 # Without a counter (a router made without one): every text at about four characters a token, as a counter with no
 # encoding loaded estimates it.
 _ROUGH = PromptEstimator(TokenCounter(), keep=False)
+OFF_LOOP_BYTES = _OFF_LOOP_CHARS  # a body larger than this has its prompt counted in a thread (`count_in_thread`)
 
 
 class Facts:
@@ -84,11 +88,20 @@ class Facts:
     def prompt_tokens(self) -> int:
         """The prompt's token count (`estimate_body`: tiktoken, an estimate without the encoding), counted once."""
         if self._prompt_tokens is None:
-            if self.tokens is None:
-                self._prompt_tokens = _ROUGH.estimate_body(self.body, self.model)
-            else:
-                self._prompt_tokens = estimate_prompt(self.tokens, self.body, self.model)
+            self._prompt_tokens = self._count()
         return self._prompt_tokens
+
+    async def count_in_thread(self) -> None:
+        """Count the prompt now, in a thread: tiktoken holds the event loop, not the GIL, and a prompt of a few MB
+        takes it seconds, every other request of the process waiting (the router asks for a body past
+        `OFF_LOOP_BYTES`, as the usage count does: `telemetry.usage`)."""
+        if self._prompt_tokens is None:
+            self._prompt_tokens = await asyncio.to_thread(self._count)
+
+    def _count(self) -> int:
+        if self.tokens is None:
+            return _ROUGH.estimate_body(self.body, self.model)
+        return estimate_prompt(self.tokens, self.body, self.model)
 
     @property
     def has_tools(self) -> bool:
@@ -170,6 +183,11 @@ def matches(match: Match, alias: str, facts: Facts) -> bool:
         if match.prompt_tokens_under is not None and count >= match.prompt_tokens_under:
             return False
     return True
+
+
+def reads_tokens(rules: Sequence[Rule]) -> bool:
+    """Whether a rule among `rules` reads the prompt's token count (the only fact worth counting off the loop)."""
+    return any(rule.match.needs_tokens for rule in rules)
 
 
 def first_match(rules: Sequence[Rule], alias: str, facts: Facts) -> Rule | None:

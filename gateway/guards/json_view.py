@@ -16,7 +16,8 @@ stand in for (`{"card": <CREDIT_CARD>}` is no JSON: an upstream gets broken argu
 another API fails). So a finding that covers a number of a JSON object or array text (`json_numbers`) is widened to
 the whole number and its replacement written as a JSON string (`whole_numbers`): `{"card": "<CREDIT_CARD>"}`.
 A stream's arguments come in pieces, none a JSON text of its own: `JsonPieces` follows them, piece by piece, for
-whether each starts inside a string, and so where its numbers are.
+whether each starts inside a string, and so where its numbers are; `number_around` keeps the stream's window from
+cutting one of them in two (its start sent before the string that replaces the rest).
 """
 
 from __future__ import annotations
@@ -88,6 +89,26 @@ class JsonPieces:
             spans.extend(number.span() for number in _NUMBER.finditer(text, outside_from))
         self.inside = inside
         return spans
+
+
+    def number_around(self, text: str, cut: int, longest: int) -> int:
+        """`cut` in `text`, the next piece, moved back to the start of the number outside a string that it would
+        split (a finding on a number is replaced by a JSON string in place of the whole number: `-` or `12.` sent
+        before it, in a piece of its own, were left outside the string). A number that the piece starts with is
+        split all the same when it is longer than `longest` (the window: a lane's text stays bounded)."""
+        if not 0 < cut < len(text) or text[cut - 1] not in _NUMBER_CHARS or text[cut] not in _NUMBER_CHARS:
+            return cut  # (nearly every cut: beside white space or a letter)
+        probe = JsonPieces()
+        probe.inside, probe.escaped = self.inside, self.escaped
+        for start, end in probe.numbers(text):
+            if start >= cut:
+                break
+            if cut < end:
+                return start if start > 0 or end - start <= longest else cut
+        return cut
+
+
+_NUMBER_CHARS = frozenset("0123456789-+.eE")
 
 
 def whole_numbers(text: str, numbers: list[tuple[int, int]], start: int, end: int) -> tuple[int, int] | None:

@@ -1,18 +1,11 @@
-"""Output guards on the Responses API (`POST /v1/responses`): the complete answer and its event stream.
+"""Output guards on the Responses API (`POST /v1/responses`): its event stream (the complete answer:
+`responses_answer.py`).
 
-The texts of an answer are the `text` of each `output_text` part and the
-`refusal` of each `refusal` part of its `message` items; the `text` of each
-summary and content part of its `reasoning` items (the model's reasoning, which
-often repeats what the prompt held); the `arguments` (a JSON string: restored
-pseudonyms are JSON-escaped) of its `function_call` items; and the `input` of
-its `custom_tool_call` items. They are checked and rewritten like a chat
-answer's content and tool call arguments.
+The texts of an answer are those `responses_answer.item_texts` finds in its output items (message parts, reasoning
+summary and content parts, function call arguments, custom tool call input).
 
-A blocked answer keeps the Responses API's own way of saying that a content
-filter stopped it: `status: "incomplete"` with `incomplete_details.reason:
-"content_filter"`. Not streamed, its texts are emptied and its tool calls
-removed. Streamed, the stream ends with a `response.incomplete` event whose
-output is what was released so far (the edge writes no `[DONE]` after it:
+A blocked stream ends with a `response.incomplete` event whose output is what
+was released so far, `incomplete_details.reason: "content_filter"` (the edge writes no `[DONE]` after it:
 `api/responses_frames.py`).
 
 Streamed, each of those texts (by `output_index`, and the part's
@@ -24,27 +17,18 @@ events of each text, `response.content_part.done`,
 final response's output) first release what their lane still holds, as one more
 delta event, and then carry exactly the text that was released, never the
 upstream's. Sequence numbers are renumbered to stay consecutive when events are
-dropped or added. `logprobs` are emptied (their tokens are the upstream's
-text): in a stream whenever a guard enforces (what is held may yet be
-rewritten), in an answer where its text was rewritten.
+dropped or added. `logprobs` are emptied whenever a guard enforces (their tokens are the upstream's
+text, and what is held may yet be rewritten).
 """
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Iterator
-from functools import partial
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ..schemas.events import Chunk
-from .base import Finding, Guard, Where
-from .pool import PER_TEXT, YIELD_CHARS
-from .session import GuardSession
-from .verdict import apply
-from .window import ANSWER, REASONING, TOOL, Lane, LaneKey, Window, lane_index
-
-if TYPE_CHECKING:
-    from .runtime import GuardRuntime
+from .responses_answer import FILTERED, ITEM_TEXTS, KINDS, guard_answer, item_texts, part_kind
+from .window import Lane, LaneKey, Window, lane_index
 
 __all__ = ["ResponsesChunks", "guard_answer"]
 
@@ -55,13 +39,6 @@ _ITEM_ADDED = "response.output_item.added"
 _ITEM_DONE = "response.output_item.done"
 _STARTED = frozenset({"response.created", "response.queued", "response.in_progress"})
 _ENDED = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_FILTERED = {"reason": "content_filter"}
-_REWRITING = frozenset({"redact", "mask", "pseudonymize"})
-# A lane's kind: where its text is, and whether it is a JSON string (restored pseudonyms are JSON-escaped).
-_KINDS: dict[str, tuple[Where, bool]] = {
-    "text": (ANSWER, False), "refusal": (ANSWER, False), "summary": (REASONING, False),
-    "reasoning": (REASONING, False), "tool": (TOOL, True), "custom": (TOOL, False),
-}
 # The delta events of a text: lane kind, and the event's field that says which part (None: the item's only text).
 _DELTAS: dict[str, tuple[str, str | None]] = {
     _TEXT_DELTA: ("text", "content_index"),
@@ -81,112 +58,6 @@ _DONES: dict[str, tuple[str, str | None, str]] = {
     "response.function_call_arguments.done": ("tool", None, "arguments"),
     "response.custom_tool_call_input.done": ("custom", None, "input"),
 }
-# A part's type: its lane kind and its text's field.
-_PARTS = {"output_text": ("text", "text"), "refusal": ("refusal", "refusal"), "summary_text": ("summary", "text"),
-          "reasoning_text": ("reasoning", "text")}
-# An output item's texts: where its parts are (a list field, or None: the item's own field) and what they may be.
-_ITEM_TEXTS: dict[str, tuple[tuple[str | None, str], ...]] = {
-    "message": (("content", "output_text"), ("content", "refusal")),
-    "reasoning": (("summary", "summary_text"), ("content", "reasoning_text")),
-    "function_call": ((None, "arguments"),),
-    "custom_tool_call": ((None, "input"),),
-}
-_ITEM_KINDS = {"function_call": "tool", "custom_tool_call": "custom"}
-# What a blocked answer keeps of its output, texts emptied: tool calls go, and so do the hosted tools' items (code,
-# searches, MCP calls), whose texts the guards do not read. (A tuple: an item's `type` may be a list, which no set
-# lookup takes.)
-_KEPT = ("message", "reasoning")
-
-Ref = tuple[dict[str, Any], str, Where, bool]  # (container, key, where, JSON string): container[key] is the text
-# One text of an output item: its lane kind, its part's position (0: the item's own field), its container and key.
-_Text = tuple[str, int, dict[str, Any], str]
-
-
-def _part_kind(part: dict[str, Any]) -> tuple[str, str] | None:
-    """A part's lane kind and its text's field (`_PARTS`); None for a part of another type (or a type that is no
-    string: a list would not hash)."""
-    kind = part.get("type")
-    return _PARTS.get(kind) if isinstance(kind, str) else None
-
-
-def item_texts(item: dict[str, Any]) -> Iterator[_Text]:
-    """Every text of an output item (`_ITEM_TEXTS`), found where it is, whatever its value."""
-    kind = item.get("type")
-    for field, what in _ITEM_TEXTS.get(kind if isinstance(kind, str) else "", ()):
-        if field is None:
-            if what in item:
-                yield _ITEM_KINDS[str(kind)], 0, item, what
-            continue
-        parts = item.get(field)
-        for position, part in enumerate(parts if isinstance(parts, list) else ()):
-            if isinstance(part, dict) and part.get("type") == what:
-                lane, key = _PARTS[what]
-                yield lane, position, part, key
-
-
-# -- the complete answer
-
-
-def answer_texts(answer: dict[str, Any]) -> Iterator[Ref]:
-    """Every text of a Responses answer, as a place it can be written back to."""
-    output = answer.get("output")
-    for item in output if isinstance(output, list) else ():
-        if isinstance(item, dict):
-            for kind, _, container, key in item_texts(item):
-                if isinstance(container[key], str):
-                    yield container, key, *_KINDS[kind]
-
-
-async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
-                       answer: dict[str, Any]) -> None:
-    """Check and rewrite a Responses answer in place; on a block, empty it and mark it incomplete."""
-    refs = list(answer_texts(answer))
-    parts = [ref for ref in refs if ref[0].get("type") == "output_text"]
-    if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
-        refs.append((answer, "output_text", ANSWER, False))
-    checked = 0  # as the guard stage's (`YIELD_CHARS`): an answer of many short texts checked in one go held the loop
-    for container, key, where, json_string in refs:
-        text = container[key]
-        checked += len(text) + PER_TEXT
-        if checked >= YIELD_CHARS:
-            checked = 0
-            await asyncio.sleep(0)
-        enforced: list[Finding] = []
-        if guards:
-            enforced, shadow = await runtime.detect(guards, text, where)
-            session.note_findings(enforced, "enforce", "output")
-            session.note_findings(shadow, "shadow", "output")
-            if any(f.action == "block" for f in enforced):
-                filtered(answer)
-                return
-            if "logprobs" in container and any(f.action in _REWRITING for f in enforced):
-                container["logprobs"] = []  # their tokens are the upstream's text
-        container[key] = apply(text, enforced, session.pseudonyms,
-                               partial(session.pseudonyms.restore, json_string=json_string))
-    if parts and isinstance(answer.get("output_text"), str):
-        answer["output_text"] = "".join(part["text"] for part, _, _, _ in parts)
-
-
-def filtered(answer: dict[str, Any]) -> None:
-    """A blocked answer: texts emptied, tool calls (and hosted tools' items) removed, status incomplete (content
-    filter)."""
-    output = answer.get("output")
-    if isinstance(output, list):
-        answer["output"] = [item for item in output if isinstance(item, dict) and item.get("type") in _KEPT]
-    for part, key, _, _ in answer_texts(answer):
-        part[key] = ""
-        for field in ("annotations", "logprobs"):
-            if field in part:
-                part[field] = []
-    for item in answer.get("output") or ():
-        if isinstance(item, dict) and item.get("type") in ("message", "reasoning"):
-            item["status"] = "incomplete"
-    if "output_text" in answer:
-        answer["output_text"] = ""
-    answer["status"] = "incomplete"
-    answer["incomplete_details"] = dict(_FILTERED)
-
-
 # -- the stream
 
 
@@ -221,7 +92,7 @@ class ResponsesChunks:
             self._scrub(data)
         elif kind in _PART_DONE and isinstance(data.get("part"), dict):
             part = data["part"]
-            found = _part_kind(part)
+            found = part_kind(part)
             if found is not None:
                 position = data.get("summary_index" if found[0] == "summary" else "content_index")
                 key = (lane_index(data.get("output_index")), found[0], lane_index(position))
@@ -248,7 +119,7 @@ class ResponsesChunks:
 
     def blocked(self) -> Chunk:
         response = {**self.response, "object": "response", "status": "incomplete",
-                    "incomplete_details": dict(_FILTERED), "output": self._released()}
+                    "incomplete_details": dict(FILTERED), "output": self._released()}
         response.pop("output_text", None)
         event: dict[str, Any] = {"type": "response.incomplete", "response": response}
         self._number(event)
@@ -268,7 +139,7 @@ class ResponsesChunks:
         if isinstance(delta, str) and delta:
             self.window.feed(lane, delta)
             self.fed[key] = self.fed.get(key, 0) + len(delta)
-        released = await self.window.release(lane, False, _KINDS[kind][0])
+        released = await self.window.release(lane, False, KINDS[kind][0])
         if not released:
             return False
         self.sent[key] = self.sent.get(key, "") + released
@@ -300,7 +171,7 @@ class ResponsesChunks:
                 if not isinstance(item.get(field), list):  # (`"content": null` in the item as added)
                     item[field] = []
                 item[field].append(part)
-            found = _part_kind(part)
+            found = part_kind(part)
             if found is not None and part.get(found[1]):
                 data["part"] = {**part, found[1]: ""}
                 return True
@@ -349,7 +220,7 @@ class ResponsesChunks:
     # -- lanes
 
     def _lane(self, key: LaneKey) -> Lane:
-        return self.window.lane(key, _KINDS[key[1]][1])
+        return self.window.lane(key, KINDS[key[1]][1])
 
     async def _settle(self, key: LaneKey, full: object, announced: bool = True) -> list[dict[str, Any]]:
         """The lane's text is complete (`full`: the upstream's whole text, if the event repeats it): what it
@@ -361,7 +232,7 @@ class ResponsesChunks:
             self.window.feed(lane, full[fed:])
             self.fed[key] = len(full)
         index, kind, position = key
-        released = await self.window.release(lane, True, _KINDS[kind][0])
+        released = await self.window.release(lane, True, KINDS[kind][0])
         if not released:
             return []
         self.sent[key] = self.sent.get(key, "") + released
@@ -382,7 +253,7 @@ class ResponsesChunks:
         output = []
         for index in sorted(self.items):
             kind = self.items[index].get("type")
-            if not isinstance(kind, str) or kind not in _ITEM_TEXTS:  # a hosted tool's item: its texts are not read
+            if not isinstance(kind, str) or kind not in ITEM_TEXTS:  # a hosted tool's item: its texts are not read
                 continue
             item = _copied(self.items[index])
             for kind, position, container, key in item_texts(item):

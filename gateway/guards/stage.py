@@ -42,7 +42,7 @@ from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
 from .stream import StreamGuard
-from .texts import BESIDE_CONTENT, UNREAD_TEXTS, answer_refs, input_texts, refuse_unreadable
+from .texts import BESIDE_CONTENT, UNREAD_ANSWER_TEXTS, UNREAD_TEXTS, answer_refs, input_texts, refuse_unreadable
 from .verdict import apply
 
 __all__ = ["GuardStage"]
@@ -206,8 +206,11 @@ class GuardStage:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            if scrub and choice.get("logprobs") is not None:  # their tokens are the upstream's text: a redacted or
-                choice["logprobs"] = None  # blocked value would leave in them (a stream's are emptied too)
+            if scrub:
+                if choice.get("logprobs") is not None:  # their tokens are the upstream's text: a redacted or
+                    choice["logprobs"] = None  # blocked value would leave in them (a stream's are emptied too)
+                for field in UNREAD_ANSWER_TEXTS[chat]:  # a stray copy of the text beside the one read
+                    choice.pop(field, None)
             holder = choice.get("message") if chat else choice
             if not isinstance(holder, dict):
                 continue

@@ -19,8 +19,8 @@ from ..schemas.endpoints import Endpoint
 from .base import Part, Where
 from .window import ANSWER, REASONING, TOOL
 
-__all__ = ["BESIDE_CONTENT", "UNREAD_CHOICE_TEXTS", "UNREAD_TEXTS", "answer_refs", "input_texts", "joined_parts",
-           "refuse_unreadable", "spread_parts", "text_arguments"]
+__all__ = ["BESIDE_CONTENT", "UNREAD_ANSWER_TEXTS", "UNREAD_CHOICE_TEXTS", "UNREAD_TEXTS", "answer_refs", "input_texts",
+           "joined_parts", "refuse_unreadable", "spread_parts", "text_arguments"]
 
 _encode = msgspec.json.Encoder().encode
 Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the text
@@ -34,6 +34,9 @@ UNREAD_TEXTS = "reasoning_details"
 # text too: some OpenAI-compatible servers (Perplexity) send the whole message so far in `message` beside `delta`.
 # Not read by the guards, so dropped from chunks when one enforces. By whether the stream is a chat one.
 UNREAD_CHOICE_TEXTS: dict[bool, tuple[str, ...]] = {True: ("message", "text"), False: ("message", "delta")}
+# The same for a complete answer's choice, beside its `message` (a completion's: its `text`): a stray `delta` or `text`
+# (some OpenAI-compatible servers send them) would reach the client unread.
+UNREAD_ANSWER_TEXTS: dict[bool, tuple[str, ...]] = {True: ("delta", "text"), False: ("message", "delta")}
 _PROMPT_FIELDS: dict[Endpoint, tuple[str, Part]] = {Endpoint.COMPLETIONS: ("prompt", "prompt"),
                                                     Endpoint.EMBEDDINGS: ("input", "embedding_input")}
 

@@ -1,28 +1,30 @@
 """The stream scanner's window: hold back a bounded tail of each lane of text, release the rest.
 
 A lane is one run of answer text as it streams (a choice's content, a tool call's arguments, a Responses output text
-part). New text waits in the lane. After each chunk, every guard says from which offset a finding may still start
-that the text seen so far does not complete (`Guard.open_from`, `holds.py`: an e-mail address still being written, a
-number that may grow into a phone number); the text before the earliest such offset, less the trailing word (which
-the next chunk may continue), is scanned (with the last released `window_chars` as left context) and released at
-once, cut at a whitespace (or beside a character of a script written without spaces), never inside a finding, an open
-private key block, or a placeholder that may still be completing. No more than `window_chars` is held for a possible
-finding past where a cut may go, plus how far past a match a guard's context word may still come (`span`: a date of
-birth waits whole for its "born" in a small window too); a word without a cut in it waits whole, up to
-`max_hold_chars`, and is cut there: a finding that covers the cut (an address that keeps growing) is rewritten up to
-it as one entity and the rest of its run dropped as it comes (`_split`). Only an open private key block is held
-longer than the window, whole until its END line, but no longer than `max_hold_chars` either: past it, the block is
-rewritten there as one entity (or blocks) and its rest dropped as it comes, up to and including its END line
+part). New text waits in the lane. After each chunk, every guard says from which offset a finding may still start that
+the text seen so far does not complete (`Guard.open_from`, `holds.py`: an e-mail address still being written, a number
+that may grow into a phone number); the text before the earliest such offset, less the trailing word (which the next
+chunk may continue), is scanned (with the last released `window_chars` as left context) and released at once, cut at a
+whitespace (or beside a character of a script written without spaces), never inside a finding, an open private key
+block, or a placeholder that may still be completing. No more than `window_chars` is held for a possible finding past
+where a cut may go, plus how far past a match a guard's context word may still come (`span`: a date of birth waits
+whole for its "born" in a small window too); a word without a cut in it waits whole, up to `max_hold_chars`, and is
+cut there: a finding that covers the cut (an address that keeps growing) is rewritten up to it as one entity and the
+rest of its run dropped as it comes (`_split`); a text ending inside an address's domain waits for the domain, a
+label's length at most (`window_runs.domain_open`), and a tool call's arguments are never cut inside a JSON number
+(`JsonPieces.number_around`: its replacement is a JSON string in place of all of it). Only an open private key block
+is held longer than the window, whole until its END line, but no longer than `max_hold_chars` either: past it, the
+block is rewritten there as one entity (or blocks) and its rest dropped as it comes, up to and including its END line
 (`_cut_key`). So a lane holds a bounded text and no text is scanned whole again and again. A guard that cannot say
 where a finding may start (the `ner` engine) holds the whole window, and then, as before early release, the lane is
-scanned once `span + step_chars` are waiting and again after every `step_chars`, releasing all but the last `span`;
-so is a lane whose earliest possible start sits at the window's far end (a list of figures), which a scan at every
-chunk would rescan for each number. Either way any entity shorter than the window is whole in some scan before its
-first character leaves, whatever the chunking. Chunks that arrive in one upstream read are released together, the
-holds looked for once, at the last. The released text is rewritten (redact, mask, pseudonymize) and its placeholders
-restored; a blocking finding raises `Blocked`, and whoever drives the window ends the stream in its own format. A
-lane released whole (`final`) that then goes on (a reasoning resumed after the answer began, an answer's text after
-its first tool call) is `sealed`: a finding reaching back into the text already sent blocks.
+scanned once `span + step_chars` are waiting and again after every `step_chars`, releasing all but the last `span`; so
+is a lane whose earliest possible start sits at the window's far end (a list of figures), which a scan at every chunk
+would rescan for each number. Either way any entity shorter than the window is whole in some scan before its first
+character leaves, whatever the chunking. Chunks that arrive in one upstream read are released together, the holds
+looked for once, at the last. The released text is rewritten (redact, mask, pseudonymize) and its placeholders
+restored; a blocking finding raises `Blocked`, and whoever drives the window ends the stream in its own format. A lane
+released whole (`final`) that then goes on (a reasoning resumed after the answer began, an answer's text after its
+first tool call) is `sealed`: a finding reaching back into the text already sent blocks.
 
 The window knows nothing of any wire format: the chunk shapes (Chat
 Completions, Completions, the Responses API's events) are adapters around it
@@ -36,17 +38,15 @@ import time
 from functools import partial
 from typing import TYPE_CHECKING
 
-import regex  # type: ignore[import-untyped]  # no stubs
 from msgspec.structs import replace
 
 from ..policy.guard_schema import StreamScanSpec
 from .base import Finding, Guard, Where
 from .json_view import JsonPieces, json_view
-from .normalize import canonical, original_offset
 from .pseudonyms import Pseudonyms
-from .secrets import _KEY_FOOTER
 from .session import GuardSession
 from .verdict import apply
+from .window_runs import DOMAIN_REACH, domain_open, key_end, open_escape, run_end
 
 if TYPE_CHECKING:
     from .runtime import GuardRuntime
@@ -174,7 +174,7 @@ class Window:
             else:
                 # A finding that started before the window covers the cut: the next scan waits for `step_chars`.
                 lane.waiting = lane.waiting or settled <= 0
-                cut = settled
+                cut = settled if lane.pieces is None else lane.pieces.number_around(text, settled, self.span)
         if pseudonyms and cut < len(text) and not split:
             cut -= Pseudonyms.open_tail(text[:cut])
         out = self._emit(lane, text, cut, enforced, shadow, where)
@@ -208,6 +208,8 @@ class Window:
         hold = bound
         if bound < 0 and self._words(text, len(text) - (not text[-1].isspace())) <= 0:
             return 0, -1  # nothing but the trailing word waits (a token that continues it): no holds to look for
+        if spec.max_hold_chars < len(text) <= spec.max_hold_chars + DOMAIN_REACH and domain_open(text):
+            return 0, -1  # cut inside the domain, an address would be no finding yet: its start would leave in clear
         fresh = len(text) - lane.scanned >= spec.step_chars  # new text enough for a scan of the whole window
         if not self.more:
             if lane.waiting and not fresh:
@@ -215,7 +217,7 @@ class Window:
             base = lane.released - offset  # the upstream offset of full[0]
             # A finding starting before the window is cut at the window anyway; before `lane.open`, none can.
             start = max(0, len(full) - span, lane.open - base)
-            seen = full[:offset + _open_escape(text)] if tool else full  # (never past an escape still completing)
+            seen = full[:offset + open_escape(text)] if tool else full  # (never past an escape still completing)
             found = min(guard.open_from(seen, min(start, len(seen))) for guard in self.guards)
             lane.open = base + found
             hold = found - offset
@@ -237,7 +239,7 @@ class Window:
         lane.block = -1 if opened is None else lane.released - offset + opened
         if held is not None and len(full) - held > spec.max_hold_chars:  # taken whole now, up to its END line if
             key = max(0, held - offset)  # it came, else all but what may be its start (`_cut_key`)
-            end, over = _key_end(text[key:], lane.json)
+            end, over = key_end(text[key:], lane.json)
             lane.block = -1 if over else lane.block
             return key + end, key
         if opened is not None:
@@ -276,9 +278,9 @@ class Window:
         """Drops the held text that goes on an entity split at `max_hold_chars` (`_split`), up to the end of its
         run: the first white space (in tool arguments, also the string's closing quote or an escaped white space; a
         trailing escape that may still be completing waits, unless the lane is over); a key block's, up to and
-        including its END line (`_key_end`). What is dropped is still the next scan's context."""
+        including its END line (`window_runs.key_end`). What is dropped is still the next scan's context."""
         text = lane.pending
-        end, over = _key_end(text, lane.json) if lane.keyed else _run_end(text, lane.json)
+        end, over = key_end(text, lane.json) if lane.keyed else run_end(text, lane.json)
         if final and not over:
             end = len(text)
         lane.context = (lane.context + text[:end])[-self.spec.window_chars:]
@@ -351,57 +353,6 @@ def _unspaced_before(text: str, start: int, cut: int) -> int:
 
 _REWRITING = frozenset({"redact", "mask", "pseudonymize"})
 _SPACE = re.compile(r"\s")
-# A run in a JSON string: characters other than white space, quotes and backslashes, and escapes that stand for
-# none of them (`\"`, `\\`, `\/`, `\b`, a `\u` escape) or that begin no escape at all.
-_JSON_RUN = re.compile(r'(?:[^\s"\\]|\\[^nrtfu\s]|\\u[0-9a-fA-F]{4}|\\u(?![0-9a-fA-F]{0,3}\Z))*')
-# An escape that may still be completing at the text's end.
-_OPEN_ESCAPE = re.compile(r"\\(?:u[0-9a-fA-F]{0,3})?\Z")
-
-
-def _open_escape(text: str) -> int:
-    """Where an escape that may still be completing (`_OPEN_ESCAPE`) starts at the end of a JSON string's text;
-    `len(text)` when none does. A backslash after an odd number of them is the second of an escaped backslash."""
-    found = _OPEN_ESCAPE.search(text, max(0, len(text) - 6))  # (`\u` and three digits at most)
-    if found is None:
-        return len(text)
-    at = before = found.start()
-    while before > 0 and text[before - 1] == "\\":
-        before -= 1
-    return len(text) if (at - before) % 2 else at
-
-
-def _run_end(text: str, json: bool) -> tuple[int, bool]:
-    """How much of `text` is the run it starts with (up to its first white space; in a JSON string also up to its
-    closing quote or an escaped white space), and whether the run ended in it."""
-    if not json:
-        space = _SPACE.search(text)
-        return (len(text), False) if space is None else (space.start(), True)
-    end = _JSON_RUN.match(text).end()  # type: ignore[union-attr]  # (`*`: always)
-    if end < len(text) and _OPEN_ESCAPE.match(text, end):
-        return end, False  # `\` or `\u00` at the end: the next chunk says what it is
-    return end, end < len(text)
-
-
-_FOOTER = regex.compile(_KEY_FOOTER)  # a private key block's END line, as the secrets guard's pattern reads it
-_FOOTER_TAIL = 128  # the most of a possible END line a lane keeps (longer: dropped; the block goes on to the end)
-# A JSON string's text up to its closing quote, or up to an escape at its end that may still be completing.
-_JSON_STRING = re.compile(r'(?:[^"\\]|\\[^u]|\\u[0-9a-fA-F]{4}|\\u(?![0-9a-fA-F]{0,3}\Z))*')
-
-
-def _key_end(text: str, json: bool) -> tuple[int, bool]:
-    """How much of `text` is the rest of an open private key block (`Window._cut_key`), and whether the block ended in
-    it: up to and including its END line, read as the secrets guard reads it (in tool arguments, also up to the
-    string's closing quote); else all but what may be the END line's start, or an escape still completing."""
-    shown, where = canonical(json_view(text)[0] if json else text, digits=False)
-    found = _FOOTER.search(shown, partial=True)
-    if found is None or found.partial:
-        end, over = len(shown) if found is None else max(found.start(), len(shown) - _FOOTER_TAIL), False
-    else:
-        end, over = found.end(), True
-    end = end if where is None else original_offset(where, len(text), end)
-    if json and (quote := _JSON_STRING.match(text).end()) < min(end, len(text)):  # type: ignore[union-attr]
-        return quote, text[quote] == '"'
-    return end, over
 
 
 def _shift(findings: list[Finding], offset: int) -> list[Finding]:

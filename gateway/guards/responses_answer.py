@@ -1,0 +1,144 @@
+"""Output guards on a complete Responses answer (`POST /v1/responses`, not streamed), and where an answer's texts are.
+
+The texts of an answer are the `text` of each `output_text` part and the
+`refusal` of each `refusal` part of its `message` items; the `text` of each
+summary and content part of its `reasoning` items (the model's reasoning, which
+often repeats what the prompt held); the `arguments` (a JSON string: restored
+pseudonyms are JSON-escaped) of its `function_call` items; and the `input` of
+its `custom_tool_call` items (`item_texts`: the stream adapter, `responses.py`,
+reads an item's texts where this module does). They are checked and rewritten like a chat
+answer's content and tool call arguments; `logprobs` are emptied where a text was rewritten.
+
+A blocked answer keeps the Responses API's own way of saying that a content
+filter stopped it: `status: "incomplete"` with `incomplete_details.reason:
+"content_filter"`, its texts emptied and its tool calls removed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from functools import partial
+from typing import TYPE_CHECKING, Any
+
+from .base import Finding, Guard, Where
+from .pool import PER_TEXT, YIELD_CHARS
+from .session import GuardSession
+from .verdict import apply
+from .window import ANSWER, REASONING, TOOL
+
+if TYPE_CHECKING:
+    from .runtime import GuardRuntime
+
+__all__ = ["FILTERED", "ITEM_TEXTS", "KINDS", "answer_texts", "filtered", "guard_answer", "item_texts", "part_kind"]
+
+FILTERED = {"reason": "content_filter"}
+_REWRITING = frozenset({"redact", "mask", "pseudonymize"})
+# A lane's kind: where its text is, and whether it is a JSON string (restored pseudonyms are JSON-escaped).
+KINDS: dict[str, tuple[Where, bool]] = {
+    "text": (ANSWER, False), "refusal": (ANSWER, False), "summary": (REASONING, False),
+    "reasoning": (REASONING, False), "tool": (TOOL, True), "custom": (TOOL, False),
+}
+# A part's type: its lane kind and its text's field.
+_PARTS = {"output_text": ("text", "text"), "refusal": ("refusal", "refusal"), "summary_text": ("summary", "text"),
+          "reasoning_text": ("reasoning", "text")}
+# An output item's texts: where its parts are (a list field, or None: the item's own field) and what they may be.
+ITEM_TEXTS: dict[str, tuple[tuple[str | None, str], ...]] = {
+    "message": (("content", "output_text"), ("content", "refusal")),
+    "reasoning": (("summary", "summary_text"), ("content", "reasoning_text")),
+    "function_call": ((None, "arguments"),),
+    "custom_tool_call": ((None, "input"),),
+}
+_ITEM_KINDS = {"function_call": "tool", "custom_tool_call": "custom"}
+# What a blocked answer keeps of its output, texts emptied: tool calls go, and so do the hosted tools' items (code,
+# searches, MCP calls), whose texts the guards do not read. (A tuple: an item's `type` may be a list, which no set
+# lookup takes.)
+_KEPT = ("message", "reasoning")
+
+Ref = tuple[dict[str, Any], str, Where, bool]  # (container, key, where, JSON string): container[key] is the text
+# One text of an output item: its lane kind, its part's position (0: the item's own field), its container and key.
+_Text = tuple[str, int, dict[str, Any], str]
+
+
+def part_kind(part: dict[str, Any]) -> tuple[str, str] | None:
+    """A part's lane kind and its text's field (`_PARTS`); None for a part of another type (or a type that is no
+    string: a list would not hash)."""
+    kind = part.get("type")
+    return _PARTS.get(kind) if isinstance(kind, str) else None
+
+
+def item_texts(item: dict[str, Any]) -> Iterator[_Text]:
+    """Every text of an output item (`ITEM_TEXTS`), found where it is, whatever its value."""
+    kind = item.get("type")
+    for field, what in ITEM_TEXTS.get(kind if isinstance(kind, str) else "", ()):
+        if field is None:
+            if what in item:
+                yield _ITEM_KINDS[str(kind)], 0, item, what
+            continue
+        parts = item.get(field)
+        for position, part in enumerate(parts if isinstance(parts, list) else ()):
+            if isinstance(part, dict) and part.get("type") == what:
+                lane, key = _PARTS[what]
+                yield lane, position, part, key
+
+
+
+
+def answer_texts(answer: dict[str, Any]) -> Iterator[Ref]:
+    """Every text of a Responses answer, as a place it can be written back to."""
+    output = answer.get("output")
+    for item in output if isinstance(output, list) else ():
+        if isinstance(item, dict):
+            for kind, _, container, key in item_texts(item):
+                if isinstance(container[key], str):
+                    yield container, key, *KINDS[kind]
+
+
+async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
+                       answer: dict[str, Any]) -> None:
+    """Check and rewrite a Responses answer in place; on a block, empty it and mark it incomplete."""
+    refs = list(answer_texts(answer))
+    parts = [ref for ref in refs if ref[0].get("type") == "output_text"]
+    if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
+        refs.append((answer, "output_text", ANSWER, False))
+    checked = 0  # as the guard stage's (`YIELD_CHARS`): an answer of many short texts checked in one go held the loop
+    for container, key, where, json_string in refs:
+        text = container[key]
+        checked += len(text) + PER_TEXT
+        if checked >= YIELD_CHARS:
+            checked = 0
+            await asyncio.sleep(0)
+        enforced: list[Finding] = []
+        if guards:
+            enforced, shadow = await runtime.detect(guards, text, where)
+            session.note_findings(enforced, "enforce", "output")
+            session.note_findings(shadow, "shadow", "output")
+            if any(f.action == "block" for f in enforced):
+                filtered(answer)
+                return
+            if "logprobs" in container and any(f.action in _REWRITING for f in enforced):
+                container["logprobs"] = []  # their tokens are the upstream's text
+        container[key] = apply(text, enforced, session.pseudonyms,
+                               partial(session.pseudonyms.restore, json_string=json_string))
+    if parts and isinstance(answer.get("output_text"), str):
+        answer["output_text"] = "".join(part["text"] for part, _, _, _ in parts)
+
+
+def filtered(answer: dict[str, Any]) -> None:
+    """A blocked answer: texts emptied, tool calls (and hosted tools' items) removed, status incomplete (content
+    filter)."""
+    output = answer.get("output")
+    if isinstance(output, list):
+        answer["output"] = [item for item in output if isinstance(item, dict) and item.get("type") in _KEPT]
+    for part, key, _, _ in answer_texts(answer):
+        part[key] = ""
+        for field in ("annotations", "logprobs"):
+            if field in part:
+                part[field] = []
+    for item in answer.get("output") or ():
+        if isinstance(item, dict) and item.get("type") in ("message", "reasoning"):
+            item["status"] = "incomplete"
+    if "output_text" in answer:
+        answer["output_text"] = ""
+    answer["status"] = "incomplete"
+    answer["incomplete_details"] = dict(FILTERED)

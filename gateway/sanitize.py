@@ -12,14 +12,16 @@ from __future__ import annotations
 import ipaddress
 import re
 from collections.abc import Iterable
-from functools import lru_cache
 from urllib.parse import urlsplit
 
-__all__ = ["remove_secrets", "sanitize_upstream_message"]
+from .secret_removal import prepare_secrets, remove_secrets
+
+__all__ = ["prepare_secrets", "remove_secrets", "sanitize_upstream_message"]
 
 # The scrub is a set of shape rules plus removal of the configured secrets by
 # value. It runs only on error paths, but it runs on text an upstream controls,
-# so every pattern is compiled once at import and written to be linear: runs are
+# so every pattern is compiled once (at import; the configured secrets' in a
+# worker thread, see `secret_removal`) and written to be linear: runs are
 # matched possessively or by one unambiguous class, starts are pinned to token
 # boundaries by look-behinds, and anything not decidable by a cheap regex is
 # decided in a small Python callback instead of by backtracking.
@@ -28,17 +30,11 @@ _MAX_UPSTREAM_MESSAGE = 500
 # The shape rules read at most this much of a message (secret removal reads all
 # of it, see `sanitize_upstream_message`).
 _SCAN_WINDOW = 2 * _MAX_UPSTREAM_MESSAGE
-# Configured secrets shorter than this are not removed by value: a short string
-# ("abc", "test") hits ordinary words far more often than it hits an echo of the
-# credential, and a credential that short is not protected by hiding it anyway.
-_MIN_SECRET_LENGTH = 6
 
 _REDACTED = "[redacted]"
 _HOST = "[host]"
 _ADDRESS = "[address]"
 
-# "Bearer " / "Basic " in front of a configured header value.
-_AUTH_SCHEME = re.compile(r"(?:bearer|basic)\s+", re.IGNORECASE)
 
 # scheme://anything up to white space, quotes, angle brackets, parentheses or
 # braces; a bracketed IPv6 host is allowed. Trailing sentence punctuation is given
@@ -114,7 +110,12 @@ def sanitize_upstream_message(
       Values shorter than 6 characters are skipped (too many false hits on
       ordinary words). Partially masked echoes are not
       the secret and are not touched by this step (`sk-***1234` still goes below,
-      by its key shape; `ending in 1234` stays).
+      by its key shape; `ending in 1234` stays). Called on an event loop before
+      the pattern for these secrets is built (`prepare_secrets`, which providers
+      run when they start and before a new token is used), one for up to 256
+      characters of secrets is built there (milliseconds), a longer one in a
+      worker thread, and meanwhile the secrets are removed as given and a
+      message that may hold one escaped (a `%`, `&` or `\\`) is replaced whole.
     - URLs (`scheme://...`) -> `[url]`, whatever their host.
     - `Bearer <token>` / `Basic <token>` -> `[redacted]`, unless the token is plain
       prose: letters only and lower case or shorter than 6 ("Basic auth").
@@ -162,10 +163,7 @@ def sanitize_upstream_message(
     """
     if not isinstance(message, str) or not message:
         return ""
-    text = message
-    pattern = _secrets_pattern(tuple(secrets) if not isinstance(secrets, str) else (secrets,))
-    if pattern is not None:
-        text = pattern.sub(_REDACTED, text)
+    text = remove_secrets(message, secrets)
     cut_word = len(text) > _SCAN_WINDOW and _in_word(text[_SCAN_WINDOW - 1]) and _in_word(text[_SCAN_WINDOW])
     text = " ".join("".join(c if c.isprintable() else " " for c in text[:_SCAN_WINDOW]).split())
     if cut_word:  # the window ends inside a word: drop it rather than show half an address or key
@@ -182,77 +180,8 @@ def sanitize_upstream_message(
     return text[:_MAX_UPSTREAM_MESSAGE].rstrip()
 
 
-def remove_secrets(text: str, secrets: Iterable[str]) -> str:
-    """`text` with every spelling of the configured `secrets` replaced (the first step of
-    `sanitize_upstream_message` alone: no cut, no shape rules), for the text an upstream put beside its error
-    (an answer's ids, code, instructions), which the shape rules would mangle."""
-    pattern = _secrets_pattern(tuple(secrets) if not isinstance(secrets, str) else (secrets,))
-    return pattern.sub(_REDACTED, text) if pattern is not None else text
-
-
 def _in_word(char: str) -> bool:
     return char.isprintable() and not char.isspace()
-
-
-def _secret_values(secrets: Iterable[str]) -> list[str]:
-    """The configured secrets to remove, longest first: each as given and without a `Bearer `/`Basic ` scheme,
-    those of at least `_MIN_SECRET_LENGTH` characters. Longest first so that `Bearer sk-x...` goes as one piece
-    before its bare value."""
-    if isinstance(secrets, str):  # one secret passed bare: do not split it into characters
-        secrets = (secrets,)
-    values: set[str] = set()
-    for secret in secrets:
-        if not isinstance(secret, str):
-            continue
-        value = secret.strip()
-        scheme = _AUTH_SCHEME.match(value)
-        for variant in (value, value[scheme.end():] if scheme else value):
-            if len(variant) >= _MIN_SECRET_LENGTH:
-                values.add(variant)
-    return sorted(values, key=len, reverse=True)
-
-
-# What an upstream may put between a secret's characters when it echoes one: white space (a line wrapped),
-# control and format characters (a zero-width space). The removal reads across them.
-_GAP = "[\\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]*+"
-# The JSON short escapes and HTML named entities of the characters that have one.
-_JSON_SHORT = {'"': '\\"', "\\": "\\\\", "/": "\\/"}
-_HTML_NAMED = {"&": "amp", "<": "lt", ">": "gt", '"': "quot", "'": "apos"}
-
-
-def _spellings(char: str) -> str:
-    """A pattern for one character of a secret as an upstream may echo it: as itself, or escaped: percent-encoded
-    (its UTF-8 bytes, `%2B`/`%2b`), JSON (`\\u002B`, `\\/`), an HTML character reference (`&#43;`, `&#x2B;`,
-    `&amp;`). An encoder escapes some characters and keeps others (Python's `quote` keeps `/`, Go's `PathEscape`
-    keeps `+` and `=`), so each character is matched on its own, whatever its neighbours became. Escape hex digits
-    and `x`/`u` in either case; the character itself exactly."""
-    code = ord(char)
-    escapes = ["%" + "%".join(f"{byte:02x}" for byte in char.encode("utf-8", "surrogatepass")),
-               f"&\\#x0*{code:x};"]
-    if code < 0x10000:
-        escapes.append(f"\\\\u{code:04x}")
-    else:  # a JSON escape of a character beyond the BMP: its surrogate pair
-        high, low = 0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)
-        escapes.append(f"\\\\u{high:04x}\\\\u{low:04x}")
-    if char in _HTML_NAMED:
-        escapes.append(f"&{_HTML_NAMED[char]};")
-    exact = [re.escape(char), f"&\\#0*{code};"]
-    if char in _JSON_SHORT:
-        exact.append(re.escape(_JSON_SHORT[char]))
-    return "(?:" + "|".join(exact) + "|(?i:" + "|".join(escapes) + "))"
-
-
-@lru_cache(maxsize=256)
-def _secrets_pattern(secrets: tuple[str, ...]) -> re.Pattern[str] | None:
-    """One pattern for every configured secret (`_secret_values`), each character spelled any way `_spellings`
-    knows and `_GAP` characters allowed between them; None for none. Made once per set of secrets (a provider's:
-    they change only with the policy or a token file's rotation), never per message."""
-    values = _secret_values(secrets)
-    if not values:
-        return None
-    # (the secret's own white space, the space after `Bearer`, is read by the gaps)
-    return re.compile("|".join(_GAP.join(_spellings(char) for char in value if not char.isspace())
-                               for value in values))
 
 
 def _host_names(hosts: Iterable[str]) -> frozenset[str]:

@@ -18,6 +18,7 @@ from urllib.parse import quote
 from ..errors import ContentPolicyViolation, GatewayError
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec
+from ..sanitize import prepare_secrets
 from ..schemas.endpoints import Endpoint
 from ..upstream.client import ConnectionGate
 from .base import Call
@@ -45,7 +46,8 @@ class AzureProvider(OpenAICompatProvider):
             self.stream_usage_expected = False
         self._deployments: dict[tuple[str, Endpoint], str] = {}  # (deployment, endpoint) -> URL, built once
         self.token_file = None if options.entra_token_file is None else TokenFileRefresher(
-            config.name, options.entra_token_file, options.entra_token_refresh_s, self._use_token)
+            config.name, options.entra_token_file, options.entra_token_refresh_s, self._use_token,
+            lambda tokens: prepare_secrets((*config.secrets, *tokens)))  # what `secrets` will be: see below
 
     def _asks_for_usage(self, call: Call) -> bool:
         return self._streams_usage and super()._asks_for_usage(call)

@@ -6,7 +6,8 @@ Entra access tokens expire within about an hour. A sidecar, a Vault agent or a m
 its metadata every `azure.entra_token_refresh_s` (`policy.token_file`: inode, mtime and size of
 the path, symlinks followed) and reads it again only when it changed. All file I/O runs in a worker
 thread (`asyncio.to_thread`); a request never touches the file: the provider puts each new token
-where its requests already read their headers (`AzureProvider._use_token`).
+where its requests already read their headers (`AzureProvider._use_token`), once the pattern that
+removes it from an upstream's errors is built, in a worker thread too (`prepare`).
 
 A file that goes missing, empty or unreadable does not stop the gateway: the last good token is
 kept (it may still be valid), a warning is logged once per change of the file's state (never the
@@ -29,14 +30,17 @@ log = logging.getLogger("gateway.providers.token_refresh")
 class TokenFileRefresher:
     """The current token of one provider's token file, re-read in the background when the file changes.
 
-    `on_token` is called on the event loop with every new token, the first one included.
+    `on_token` is called on the event loop with every new token, the first one included; before it, `prepare`
+    (if any) in a worker thread with what `secrets` will then be.
     """
 
-    def __init__(self, provider: str, path: str, interval_s: float, on_token: Callable[[str], None]) -> None:
+    def __init__(self, provider: str, path: str, interval_s: float, on_token: Callable[[str], None],
+                 prepare: Callable[[tuple[str, ...]], None] | None = None) -> None:
         self.provider = provider
         self.path = path
         self.interval_s = interval_s
         self._on_token = on_token
+        self._prepare = prepare
         self._token: str | None = None
         self._previous: str | None = None  # the token the current one replaced
         self._seen: Fingerprint | None = None  # the file's metadata when its token was last taken
@@ -60,6 +64,8 @@ class TokenFileRefresher:
         if self._task is not None or self._closed:
             return
         read = await asyncio.to_thread(read_token_file, self.path)
+        if not self._closed:
+            await self._prepare_for(read)
         if self._closed:  # closed while the file was read: no token for a closed provider, no task to outlive it
             return
         self._take(read)
@@ -81,9 +87,15 @@ class TokenFileRefresher:
             try:
                 read = await asyncio.to_thread(_read_if_changed, self.path, unchanged)
                 if read is not None:
+                    await self._prepare_for(read)
                     self._take(read)
             except Exception:  # not expected (problems are reported, not raised): the checks go on
                 log.exception("provider %s: checking the token file %s failed", self.provider, self.path)
+
+    async def _prepare_for(self, read: TokenRead) -> None:
+        """`prepare` what `secrets` will be once `read`'s token is taken, if it is a new one."""
+        if self._prepare is not None and read.token is not None and read.token != self._token:
+            await asyncio.to_thread(self._prepare, (read.token, *(() if self._token is None else (self._token,))))
 
     def _take(self, read: TokenRead) -> None:
         """Use a new token; or keep the last one, and say so once, when the file stops holding one."""

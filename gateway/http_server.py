@@ -1,81 +1,69 @@
 """uvicorn's HTTP/1.1 protocol with the limits it lacks: head size, head and body timeouts, connections.
 
-uvicorn's httptools protocol buffers a request head of any size (httptools accumulates a
-header value in memory until it ends), waits forever for a head that never comes and
-accepts connections without bound. `server_limits()` returns the `uvicorn.Config` keyword
-arguments that fix this with subclasses of uvicorn's own protocols. Who enforces what:
+uvicorn's httptools protocol buffers a request head of any size (httptools accumulates a header value in memory until
+it ends), waits forever for a head that never comes and accepts connections without bound. `server_limits()` returns
+the `uvicorn.Config` keyword arguments that fix this with subclasses of uvicorn's own protocols. Who enforces what:
 
-* Request head size (`max_header_bytes`, request line + headers): this protocol, in
-  `data_received`. The bytes of a head are counted as they arrive, before the parser sees
-  them, and the parser is never fed more than the limit (a read that crosses the limit is
-  fed up to the limit only; if the head ends inside, the rest is body). Over the limit:
-  `431` with an OpenAI error body (Anthropic's under `/v1/messages`, as for every refusal
-  here: `http_replies`), the connection is half-closed, what the client still sends is
-  read and dropped for up to 2 s (so that it reads the 431 instead of a reset),
-  then it is closed. One gap, bounded: a pipelined request that starts in the same read
-  as the end of the previous one is counted from the next read (a read is at most ~256 KB,
-  and uvicorn stops reading behind a pipelined request). These refusals happen before
-  the app: they are not in its metrics or access log (a warning is logged, at most one
-  per kind per 10 s).
-* Head timeout (`header_timeout_s`): this protocol. A head must be complete within it,
-  counted from the connection's start, or on a keep-alive connection from the first bytes
-  of the next head; then `408` (if part of a head came) and close; a silent connection is
-  just closed. The idle time between requests stays uvicorn's `timeout_keep_alive`.
+* Request head size (`max_header_bytes`, request line + headers): this protocol, in `data_received`. The bytes of a
+  head are counted as they arrive, before the parser sees them, and the parser is never fed more than the limit (a
+  read that crosses the limit is fed up to the limit only; if the head ends inside, the rest is body). Over the limit:
+  `431` with an OpenAI error body (Anthropic's under `/v1/messages`, as for every refusal here: `http_replies`), the
+  connection is half-closed, what the client still sends is read and dropped for up to 2 s (so that it reads the 431
+  instead of a reset), then it is closed. One gap, bounded: a pipelined request that starts in the same read as the
+  end of the previous one is counted from the next read (a read is at most ~256 KB, and uvicorn stops reading behind a
+  pipelined request). These refusals happen before the app: they are not in its metrics or access log (a warning is
+  logged, at most one per kind per 10 s).
+* Head timeout (`header_timeout_s`): this protocol. A head must be complete within it, counted from the connection's
+  start, or on a keep-alive connection from the first bytes of the next head; then `408` (if part of a head came) and
+  close; a silent connection is just closed. The idle time between requests stays uvicorn's `timeout_keep_alive`.
   Deadlines are checked by one timer per server (`http_guard._Shared`), not one per connection.
-* Body idle timeout and whole-body deadline (`body_timeout_s`): this protocol, one timer per
-  request whose body did not arrive with its head. When no body bytes came for `body_timeout_s`
-  while the body is incomplete, reading is not paused by flow control (the app not reading) and
-  no `100-continue` is pending: `408` if no response started, and close; the app's `receive()`
-  returns `http.disconnect`. And the whole body is due within `http_guard.BODY_PERIODS` (4)
-  periods of `body_timeout_s` from the end of its head (periods in which reading was paused or a
-  `100-continue` pending are not counted): past it, the same `408`. A client trickling a byte
-  per period holds its request slot for 4 periods (2 minutes at the default 30 s), not forever;
-  the app's reading (`pipeline.stages.read_body`) has no deadline of its own.
+* Body idle timeout and whole-body deadline (`body_timeout_s`): this protocol, one timer per request whose body did
+  not arrive with its head. When no body bytes came for `body_timeout_s` while the body is incomplete, reading is not
+  paused by flow control (the app not reading) and no `100-continue` is pending: `408` if no response started, and
+  close; the app's `receive()` returns `http.disconnect`. And the whole body is due within `http_guard.BODY_PERIODS`
+  (4) periods of `body_timeout_s` from the end of its head (periods in which reading was paused or a `100-continue`
+  pending are not counted): past it, the same `408`. A client trickling a byte per period holds its request slot for 4
+  periods (2 minutes at the default 30 s), not forever (the app's reading, `pipeline.stages.read_body`, has none).
 * `Expect: 100-continue` answered before the body was asked for (a 401, a 413 from the declared length):
   `connection: close`, and closed (`_closing_if_unread`), so a client's next request is not read as the body.
-* Trailer fields of a chunked body (httptools; h11 drops them and bounds them as a head): read
-  and dropped, never request headers (`scope["headers"]` is the head's, frozen at its end: a
-  trailer `Authorization` or `X-Request-Id` changes nothing). Their bytes count against
-  `max_header_bytes`: over it, `431` and close, the app's `receive()` returns `http.disconnect`.
-  One gap, bounded: the trailer bytes in the read where the last chunk starts are not counted.
-* What the parser refuses (conflicting lengths, a malformed head or chunk): `400` with an
-  OpenAI error body (`invalid_http_request`, the parser's reason in the message) and
-  `connection: close`, after the response in flight if there is one. A WebSocket upgrade:
-  `400` (`websocket_not_supported`): the gateway serves no WebSocket route.
-* A lost connection (httptools): every request of the connection, the one running first, then
-  those pipelined behind it, is marked disconnected and its disconnect hook called
-  (`pipeline.lifecycle`): uvicorn itself tells only the last request parsed.
-* Bytes held in incomplete heads, all connections together (`max_pending_head_bytes`):
-  this protocol. Above it, the connection whose head grew gets `503` and is closed. Without
-  it `max_connections` slow heads could hold `max_connections * max_header_bytes` (1 GiB at
-  the defaults); a head that arrives in one read is never held, so normal traffic is not
-  affected.
-* Concurrent requests (`max_requests`): this protocol, at the end of each head. With that
-  many requests in flight (uvicorn's task set): `503` with an OpenAI error body,
-  `retry-after: 1`, `connection: close`. It replaces uvicorn's `limit_concurrency`, which
-  also counts idle and silent connections: a few thousand silent connections would then
+* Trailer fields of a chunked body (httptools; h11 drops them and bounds them as a head): read and dropped, never
+  request headers (`scope["headers"]` is the head's, frozen at its end: a trailer `Authorization` or `X-Request-Id`
+  changes nothing). Their bytes count against `max_header_bytes`: over it, `431` and close, the app's `receive()`
+  returns `http.disconnect`. One gap, bounded: those in the read where the last chunk starts are not counted.
+* What the parser refuses (conflicting lengths, a malformed head or chunk): `400` with an OpenAI error body
+  (`invalid_http_request`, the parser's reason in the message) and `connection: close`, after the response in flight
+  if there is one. A WebSocket upgrade: `400` (`websocket_not_supported`): the gateway serves no WebSocket route.
+* A lost connection (httptools): every request of the connection, the one running first, then those pipelined behind
+  it, is marked disconnected and its disconnect hook called (`pipeline.lifecycle`); uvicorn tells the last one only.
+* Bytes held in incomplete heads, all connections together (`max_pending_head_bytes`): this protocol. Above it, the
+  connection whose head grew gets `503` and is closed. Without it `max_connections` slow heads could hold
+  `max_connections * max_header_bytes` (1 GiB at the defaults); a head that arrives in one read is never held, so
+  normal traffic is not affected.
+* Concurrent requests (`max_requests`): this protocol, at the end of each head. With that many requests in flight
+  (uvicorn's task set) a request runs `_saturated`'s app: `503` with an OpenAI error body, `retry-after: 1`,
+  `connection: close`; but `GET`/`HEAD` of `/healthz` and `/metrics` pass (a saturated process is alive and worth
+  scraping; a refused liveness probe would restart it, cutting every stream), bounded by `max_connections` (uvicorn
+  runs one request of a connection at a time). Not `/readyz`: a saturated replica is not ready. It replaces uvicorn's
+  `limit_concurrency`, which also counts idle and silent connections: a few thousand silent connections would then
   answer every real request, on every connection, with 503.
-* Open connections (`max_connections`): this protocol, in `connection_made`. Above it a new
-  connection is closed at once, without a byte, so that a flood cannot use up the file
-  descriptors the gateway also needs upstream. Silent connections count until the head
-  timeout evicts them.
+* Open connections (`max_connections`): this protocol, in `connection_made`. Above it a new connection is closed at
+  once, without a byte, so that a flood cannot use up the file descriptors the gateway also needs upstream. Silent
+  connections count until the head timeout evicts them.
 
-Cost: per read, one integer comparison and addition; per connection a dict entry for its
-head deadline; per request a few attribute reads and stores; no timer, no allocation per
-keep-alive request whose head arrives in one read. Chunked bodies only: a call per chunk.
+Cost: per read, one integer comparison and addition; per connection a dict entry for its head deadline; per request a
+few attribute reads and stores; no timer, no allocation per keep-alive request whose head arrives in one read; chunked
+bodies, a call per chunk.
 
-The protocol is a `functools.partial` of a module-level class: uvicorn calls
-`config.http_protocol_class(config=..., server_state=..., app_state=..., _loop=...)`, and a
-partial pickles, which `--workers N` needs (uvicorn spawns workers with a pickled Config).
-Without httptools the same limits apply to uvicorn's h11 protocol, the fallback.
-"""
+The protocol is a `functools.partial` of a module-level class: uvicorn calls `config.http_protocol_class(config=...,
+server_state=..., app_state=..., _loop=...)`, and a partial pickles, which `--workers N` needs (uvicorn spawns workers
+with a pickled Config). Without httptools the same limits apply to uvicorn's h11 protocol, the fallback."""
 
 from __future__ import annotations
 
 import asyncio
 import functools
 import sys
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, Literal
 
 import h11
@@ -116,10 +104,10 @@ def _closing_if_unread(cycle: Any) -> Any:
 
 
 class _HeadComplete(list[tuple[bytes, bytes]]):
-    """Where uvicorn's httptools protocol appends header fields once a request's head is complete (its
-    `headers`): nowhere. The fields it would append then are a chunked body's trailer fields, which must not join
-    the head's (`scope["headers"]`, the same list uvicorn appended the head's fields to): they are read and
-    dropped (RFC 9110 6.5.1 lets a recipient discard them), counted as they arrive (`_chunk_received`)."""
+    """Where uvicorn's httptools protocol appends header fields once a request's head is complete (its `headers`):
+    nowhere. The fields it would append then are a chunked body's trailer fields, which must not join the head's
+    (`scope["headers"]`, the list uvicorn appended the head's fields to): they are read and dropped (RFC 9110 6.5.1
+    lets a recipient discard them), counted as they arrive (`_chunk_received`)."""
 
     __slots__ = ()
 
@@ -128,6 +116,22 @@ class _HeadComplete(list[tuple[bytes, bytes]]):
 
 
 _HEAD_COMPLETE = _HeadComplete()  # one for all connections: it never holds anything
+_PROBES = frozenset((method, path) for method in ("GET", "HEAD") for path in ("/healthz", "/metrics"))  # api.routes
+
+
+def _saturated(app: Any, max_requests: int) -> Callable[..., Awaitable[None]]:
+    """The app a request runs with `max_requests` in flight (made only then: no cost below the limit): liveness
+    probes and scrapes (`_PROBES`) run `app` as any request; anything else is refused, counted and logged here."""
+
+    async def probe_or_overloaded(scope: Any, receive: Any, send: Any) -> None:
+        if (scope["method"], scope["path"]) in _PROBES:
+            await app(scope, receive, send)
+            return
+        warn_once("503", "503: %d requests in flight (max_requests)", max_requests)
+        count_refusal("too_many_requests")
+        await overloaded(scope, receive, send)
+
+    return probe_or_overloaded
 
 
 def server_limits(
@@ -142,17 +146,14 @@ def server_limits(
 ) -> dict[str, Any]:
     """The `uvicorn.Config` keyword arguments that bound request heads, timeouts and connections.
 
-    `max_header_bytes`: a request line and its headers, line ends included. `header_timeout_s`:
-    to receive a whole head. `body_timeout_s`: without a body byte while a body is expected.
-    `max_connections`: open connections (more are closed at accept). `max_requests`: requests
-    in flight (more get 503). `max_pending_head_bytes`: the bytes of incomplete heads held
-    across all connections (more get 503): without it, `max_connections` slow heads could
-    hold `max_connections * max_header_bytes` (1 GiB at the defaults). `keep_alive_s`:
-    uvicorn's idle timeout between requests. `http`: "auto" is httptools when installed, else h11.
+    `max_header_bytes`: a request line and its headers, line ends included. `header_timeout_s`: to receive a whole
+    head. `body_timeout_s`: without a body byte while a body is expected. `max_connections`: open connections (more
+    are closed at accept). `max_requests`: requests in flight (more get 503, probes aside: `_saturated`).
+    `max_pending_head_bytes`: incomplete heads' bytes, all connections (more get 503). `keep_alive_s`: uvicorn's
+    idle timeout between requests. `http`: "auto" is httptools when installed, else h11.
 
-    The result sets `http`, `timeout_keep_alive`, `limit_concurrency` (None: `max_requests`
-    and `max_connections` replace it) and `h11_max_incomplete_event_size`: drop those from
-    the other Config arguments (given twice as keywords, they are a TypeError).
+    The result sets `http`, `timeout_keep_alive`, `limit_concurrency` (None: `max_requests` and `max_connections`
+    replace it) and `h11_max_incomplete_event_size`: drop those from the other Config arguments (else a TypeError).
     """
     limits = HttpLimits(max_header_bytes, header_timeout_s, body_timeout_s, max_connections, max_requests,
                         max_pending_head_bytes)
@@ -248,9 +249,7 @@ if HAVE_HTTPTOOLS:
                 self._head_done()
             before = self.cycle
             if len(self.tasks) >= self._max_requests:
-                warn_once("503", "503: %d requests in flight (max_requests)", len(self.tasks))
-                count_refusal("too_many_requests")
-                app, self.app = self.app, overloaded
+                app, self.app = self.app, _saturated(self.app, self._max_requests)
                 try:
                     HttpToolsProtocol.on_headers_complete(self)
                 finally:
@@ -361,7 +360,7 @@ class LimitedH11Protocol(Guard, H11Protocol):
 
     def _feed(self, data: bytes) -> None:
         if len(self.tasks) >= self._max_requests:
-            app, self.app = self.app, overloaded
+            app, self.app = self.app, _saturated(self.app, self._max_requests)
             try:
                 H11Protocol.data_received(self, data)
             finally:

@@ -468,7 +468,7 @@ def test_a_trickled_body_is_cut_at_the_whole_body_deadline_and_frees_its_slot(
         sock.sendall(request_bytes("POST", "/echo", body=b"x" * 1000)[:-1000])
     started = time.monotonic()
     wait_until(lambda: len(server.server.server_state.tasks) == 2)
-    assert get(server)[0] == 503  # both slots held
+    assert get(server, "/whole")[0] == 503  # both slots held (a liveness probe, /healthz, would pass)
     answered: set[socket.socket] = set()
     while len(answered) < len(tricklers) and time.monotonic() - started < 6:
         for sock in tricklers:
@@ -632,9 +632,10 @@ def test_requests_over_the_limit_get_503(serve: Callable[..., Server],
         sock.sendall(request_bytes("GET", "/hold"))
     wait_until(lambda: server.state.holding == 5)
     idle = [connect(server) for _ in range(10)]  # idle connections do not count as requests
-    status, headers, body = get(server)
+    status, headers, body = get(server, "/whole")
     assert_error(status, headers, body, 503, "server_overloaded")
     assert headers["retry-after"] == "1"
+    assert get(server)[0] == 200  # /healthz: a liveness probe passes (tests/test_b11_probes_at_max_requests.py)
     server.state.release.set()
     for sock in held:
         assert read_response(sock)[0] == 200

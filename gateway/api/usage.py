@@ -1,8 +1,9 @@
 """`GET /admin/usage`: spend and tokens per key, tenant or alias, per UTC day or month (admin token).
 
-Off, like every admin route, unless the policy names an admin token that is set (404 otherwise); a wrong
-token is 401; a bad parameter is 400. Rows come from the store (`accounting/report.py`), so with Redis they
-cover every replica; this replica's last second is flushed first, the others' may be up to a second behind.
+Off, like every admin route, unless the policy names an admin token that is set (otherwise 404, to every method:
+`admin.while_admin_on`); a wrong token is 401; a bad parameter is 400. Rows come from the store
+(`accounting/report.py`), so with Redis they cover every replica; this replica's last second is flushed first, the
+others' may be up to a second behind.
 
     curl -H "Authorization: Bearer $ADMIN" 'http://127.0.0.1:8080/admin/usage?scope=tenant&period=month'
 """
@@ -19,6 +20,7 @@ from ..accounting.report import ReportPeriod, ScopeKind, days_of, names_of, read
 from ..accounting.stage import Accounting
 from ..errors import AuthenticationFailed, InvalidRequest, LimitsUnavailable, NotFound
 from ..store.base import StoreUnavailable
+from .admin import while_admin_on
 from .asgi import RequestHeaders
 from .routes import OpsHost, bearer_matches
 
@@ -68,5 +70,5 @@ def usage_routes(host: OpsHost) -> list[Any]:
         return Response(_encode(body), media_type="application/json",
                         headers={"x-request-id": headers.request_id})
 
-    return [usage]
+    return while_admin_on(host, [usage])
 

@@ -102,7 +102,8 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     body_timeout_s: Seconds = 30.0
     # Open connections per process; more are closed at accept.
     max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 16_384
-    # Requests in flight per process (streams count until they end); more get 503.
+    # Requests in flight per process (streams count until they end); more get 503 (GET/HEAD /healthz and /metrics
+    # still pass, bounded by max_connections).
     max_requests: Annotated[int, Meta(ge=1, le=1_000_000)] = 12_288
     drain_timeout_s: Seconds = 30.0
     # On SIGTERM: keep serving, with /readyz answering 503, this long before closing the

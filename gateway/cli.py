@@ -246,17 +246,20 @@ def _admin(args: argparse.Namespace, method: str, path: str, body: dict[str, Any
         return None
 
 
+_SHOWN = ("id", "name", "tenant", "models", "expires_at", "rotated_at", "previous_key_valid_until", "limits", "budget")
+_WIDTH = max(len(field) for field in _SHOWN) + 2  # every value in one column, after the longest name and its colon
+
+
 def _show_key(key: dict[str, Any], as_json: bool) -> None:
     if as_json:
         print(json.dumps(key, indent=2))
         return
     if "key" in key:
-        print(f"key:     {key['key']}\n         (shown this once: give it to its owner now)")
-    for field in ("id", "name", "tenant", "models", "expires_at", "rotated_at", "previous_key_valid_until",
-                  "limits", "budget"):
+        print(f"{'key:':<{_WIDTH}}{key['key']}\n{'':<{_WIDTH}}(shown this once: give it to its owner now)")
+    for field in _SHOWN:
         value = key.get(field)
         if value is not None:
-            print(f"{field + ':':<9}{', '.join(value) if field == 'models' else value}")
+            print(f"{field + ':':<{_WIDTH}}{', '.join(value) if field == 'models' else value}")
 
 
 def _keys_create(args: argparse.Namespace) -> int:

@@ -336,6 +336,8 @@ def test_the_keys_commands(keyed: RunningGateway) -> None:
     assert listed.returncode == 0 and "cli-key" in listed.stdout and answer["key"] not in listed.stdout
     shown = _cli(keyed, "get", answer["id"])
     assert shown.returncode == 0 and "cli-key" in shown.stdout and answer["key"] not in shown.stdout
+    fields = dict(line.split(":", 1) for line in shown.stdout.splitlines() if line and not line.startswith(" "))
+    assert fields["expires_at"].startswith(" ") and fields["name"].strip() == "cli-key"  # a name, a space, its value
     rotated = _cli(keyed, "rotate", answer["id"])
     assert rotated.returncode == 0 and "shown this once" in rotated.stdout
     new_key = next(line.split()[1] for line in rotated.stdout.splitlines() if line.startswith("key:"))

@@ -1,11 +1,12 @@
 """The accounting stage before the call: limits, then budgets (see stage.py for the whole).
 
 Limits first, then budgets: on a remote store each group's operations are planned (`_limit_ops`,
-`_budget_ops`), run at once, and their answers applied (`_limits`, `_budgets`); on the in-process store each
-operation is answered in line as it is planned (`_admit_in_line`, which takes the usual shapes itself and
-leaves token and concurrency limits to `_limits_in_line`), on the store's integer operations: each scope's
-limits are converted to the store's millionths once (`Scope.rpm_cap`...), a request's reservation once for
-all its budgets. Both share the refusals and the per-budget step.
+`_budget_ops`), taken together, all or nothing (`taking`), and their answers applied (`_limits`, `_budgets`);
+on the in-process store each operation is answered in line as it is planned (`_admit_in_line`, which takes the
+usual shapes itself and leaves token and concurrency limits to `_limits_in_line`), on the store's integer
+operations: each scope's limits are converted to the store's millionths once (`Scope.rpm_cap`...), a request's
+reservation once for all its budgets. Both share the refusals and the per-budget step; a refused request
+gives back what it took before its refusal is answered (`taking`).
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ from ..errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from ..pipeline.context import RequestContext
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
-from .bill import NO_RATES, WINDOW_S, Bill, Held, Op, StageState
+from .bill import NO_RATES, WINDOW_S, Bill, Held, Op
 from .gauges import BudgetLeft, policy_budgets
 from .headers import duration, rate_limit_headers, refused_windows, request_headers, tightest
 from .ledger import new_op
 from .outright import completion_cap
 from .scopes import Scope, Scopes
+from .taking import Taking
 
 __all__ = ["Admission"]
 
@@ -33,23 +35,25 @@ _FOREVER = math.inf  # a budget's `Held.until`: its counter has no window to lea
 _FAST_AMOUNT = 9e9  # costs in [0, this) become millionths in line (`to_units` checks the rest, and refuses NaN)
 
 
-class Admission(StageState):
+class Admission(Taking):
     """Limits and budgets before the call: what a request may take, and the headers that say so."""
 
     async def _admit(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:
-        """On a remote store: each group's operations at once (one round trip's wait for all)."""
+        """On a remote store: each group's operations together (one round trip's wait for all)."""
         if scopes.needs_tokens:
             self._size(ctx, bill)
-        remote = self._remote
         try:
             if scopes.limited:
                 ops = self._limit_ops(ctx, bill, scopes.limited)
-                self._limits(bill, ops, await self._all([remote[kind](*args) for kind, _, args in ops]))
+                self._limits(bill, ops, *await self._taken(ops))
             if scopes.budgeted:
                 ops = self._budget_ops(ctx, bill, scopes.budgeted)
-                self._budgets(ctx, bill, ops, await self._all([remote[kind](*args) for kind, _, args in ops]))
+                self._budgets(ctx, bill, ops, *await self._taken(ops))
         except StoreUnavailable:
             self._unavailable(bill, scopes.budgeted)
+        except (RateLimited, BudgetExceeded):  # what it took (limits, when a budget refused) given back first
+            await self._given_back(bill)
+            raise
 
     def _admit_in_line(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:
         """`_admit` on the in-process store: the same steps, each operation answered in line as it is planned
@@ -200,7 +204,8 @@ class Admission(StageState):
                 ops.append(("tpm", scope, (scope.tpm_key, tokens, limits.tpm, WINDOW_S)))
         return ops
 
-    def _limits(self, bill: Bill, ops: list[Op], results: list[Any]) -> None:
+    def _limits(self, bill: Bill, ops: list[Op], results: list[Any], taken: bool = True) -> None:
+        """The limits' answers (`taken`: whether those that fit are held, `Store.reserve_together`)."""
         refused: tuple[str, Scope, float] | None = None
         requests: list[WindowReservation] = []  # the caller's own windows (`Scope.shown`)
         token_windows: list[WindowReservation] = []
@@ -215,9 +220,10 @@ class Admission(StageState):
                 continue
             key = args[0]
             if kind == "concurrent":
-                taken, _held = result
-                if taken:
-                    bill.slots = (*bill.slots, (key, args[1]))
+                ok, _held = result
+                if ok:
+                    if taken:
+                        bill.slots = (*bill.slots, (key, args[1]))
                 elif refused is None:
                     refused = (kind, scope, 1.0)
                 continue
@@ -225,6 +231,8 @@ class Admission(StageState):
             if scope.shown:
                 (requests if kind == "rpm" else token_windows).append(answer)
             if answer.ok:
+                if not taken:
+                    continue
                 if kind == "tpm":
                     bill.tokens = (*bill.tokens, Held(key, float(args[1]), WINDOW_S, scope, None, 0,
                                                       time.monotonic() + answer.reset_s))
@@ -246,7 +254,7 @@ class Admission(StageState):
     def _refuse(self, bill: Bill, kind: str, scope: Scope, reset: float) -> None:
         """A limit refused: undo what the request took, answer 429 with `Retry-After`."""
         self.metrics.limit_rejections.labels(kind, scope.kind).inc()
-        self._spawn(self._release(bill))
+        self._give_back(bill)
         what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
         headers = {n.decode(): v.decode() for n, v in bill.headers}
         headers["Retry-After"] = str(max(1, math.ceil(reset)))
@@ -272,16 +280,18 @@ class Admission(StageState):
             ops.append(("budget", scope, (key, cost, budget.usd, ttl, op)))
         return ops
 
-    def _budgets(self, ctx: RequestContext, bill: Bill, ops: list[Op], results: list[Any]) -> None:
+    def _budgets(self, ctx: RequestContext, bill: Bill, ops: list[Op], results: list[Any], taken: bool = True) -> None:
+        """The budgets' answers (`taken`: whether those that fit are held; if not, a hard one refused)."""
         failure: BaseException | None = None
         hard: Scope | None = None
+        held = bill if taken else Bill()  # (not taken: what fit is shown in the gauges, and held nowhere)
         for index, (_, scope, (key, cost, _, ttl, op)) in enumerate(ops):  # results[index] answers ops[index]
             result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result
                 if isinstance(result, StoreUnavailable) and result.maybe_applied:  # it may be applied all the same
                     self.ledger.owe_op(key, op, 0.0, 0.0, ttl)  # (late): settled to nothing, given back or stopped
-            elif not self._budget_answer(bill, scope, key, cost, ttl, result, op=op):
+            elif not self._budget_answer(held, scope, key, cost, ttl, result, op=op):
                 hard = hard or scope
         if failure is not None:
             raise failure
@@ -314,7 +324,7 @@ class Admission(StageState):
         """After every budget answered: refuse (a hard one had no room), or downgrade (one is past its mark)."""
         if hard is not None:
             self.metrics.limit_rejections.labels("budget", hard.kind).inc()
-            self._spawn(self._release(bill))
+            self._give_back(bill)
             raise BudgetExceeded(f"the {hard.kind}'s budget for this period is spent",
                                  headers={n.decode(): v.decode() for n, v in bill.headers})
         downgrade = bill.downgrade
@@ -368,28 +378,6 @@ class Admission(StageState):
             gauges = self._budget_left(scope)
             gauges.claim()
             gauges.show(left, left / budget.usd)
-
-    async def _release(self, bill: Bill) -> None:
-        """Undo what a refused request reserved (so it does not count against the others)."""
-        for key in bill.requests:
-            await self._quietly(self.store.settle(key, 1, 0, WINDOW_S))
-        for held in bill.tokens:
-            await self._quietly(self.store.settle(held.key, held.reserved, 0, held.ttl_s))
-        for held in bill.budgets:  # settled to nothing, under the reservation's id: the ledger owes it if need be
-            try:
-                await self.store.settle(held.key, held.reserved, 0.0, held.ttl_s, held.op)
-            except StoreUnavailable as exc:
-                self._owe_spend(held.key, held.reserved, 0.0, held.ttl_s, held.op, exc)
-        for key, holder in bill.slots:
-            try:
-                await self.store.release_slot(key, holder)
-            except StoreUnavailable:
-                self._owe_release(key, holder)
-        bill.requests.clear()
-        bill.tokens = ()
-        bill.budgets.clear()
-        bill.slots = ()
-        bill.settled = True
 
 
 def _tighter(answer: WindowReservation, than: WindowReservation) -> bool:

@@ -109,12 +109,6 @@ class StageState:
         if len(ctx.raw_body) > OFF_LOOP_CHARS:
             bill.prompt_estimate = await asyncio.to_thread(estimate_prompt, self.counter.tokens, ctx.body, model)
 
-    async def _quietly(self, op: Awaitable[Any]) -> None:
-        try:
-            await op
-        except StoreUnavailable:
-            self.metrics.accounting_store_errors.labels("unsettled").inc()
-
     def _owe_spend(self, key: str, reserved: float, actual: float, ttl_s: float, op: str = "",
                    exc: StoreUnavailable | None = None) -> None:
         """A budget settle (`Store.settle`'s arguments) the store did not take, owed by the ledger: under its `op`

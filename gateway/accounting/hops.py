@@ -16,6 +16,7 @@ from __future__ import annotations
 from contextvars import ContextVar
 from typing import TYPE_CHECKING
 
+from ..errors import RateLimited
 from ..pipeline.context import RequestContext
 from ..store.base import StoreUnavailable
 from .bill import Bill
@@ -61,9 +62,12 @@ class AliasHop:
                 stage._limits_in_line(ctx, taken, [scope])
             else:
                 ops = stage._limit_ops(ctx, taken, [scope])
-                stage._limits(taken, ops, await stage._all([stage._remote[kind](*args) for kind, _, args in ops]))
+                stage._limits(taken, ops, *await stage._taken(ops))
         except StoreUnavailable:
             stage._unavailable(taken, [])  # (`closed`: what it took given back, 503; `open`: served)
+        except RateLimited:  # (in line: given back already)
+            await stage._given_back(taken)
+            raise
         bill.requests.extend(taken.requests)
         if taken.tokens:
             bill.tokens = (*bill.tokens, *taken.tokens)

@@ -14,6 +14,7 @@ from gateway.store.base import (
     Store,
     StoreConfig,
     StoreUnavailable,
+    Take,
     WindowCount,
 )
 from gateway.store.memory import MemoryStore
@@ -29,6 +30,7 @@ __all__ = [
     "Store",
     "StoreConfig",
     "StoreUnavailable",
+    "Take",
     "WindowCount",
     "build_store",
 ]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, Self
+from typing import Any, Literal, NamedTuple, Protocol, Self
 
 __all__ = [
     "OP_TTL_S",
@@ -22,6 +22,7 @@ __all__ = [
     "Store",
     "StoreConfig",
     "StoreUnavailable",
+    "Take",
     "WindowCount",
     "WindowReservation",
 ]
@@ -162,6 +163,16 @@ class WindowReservation(NamedTuple):
         return left if left > 0.0 else 0.0
 
 
+class Take(NamedTuple):
+    """One reservation of `Store.reserve_together`: `what` names the operation that makes it alone
+    (`acquire_slot`, `reserve_window` or `reserve`), `args` are that operation's arguments."""
+
+    what: Literal["acquire_slot", "reserve_window", "reserve"]
+    args: tuple[Any, ...]
+    required: bool = True
+    """Whether its refusal refuses them all (a soft budget's does not: the others are taken without it)."""
+
+
 class Channel(Protocol):
     """One subscription to a pub/sub channel: iterate it for messages, `aclose()` it when done.
 
@@ -290,6 +301,16 @@ class Store(Protocol):
         the window (for `Retry-After`) in one round trip. A later `settle` on the same key replaces the
         reservation by the actual amount (pass `window_s` as its `ttl_s`).
         """
+        ...
+
+    async def reserve_together(self, takes: Sequence[Take]) -> tuple[bool, list[Any]] | None:
+        """Every reservation of `takes`, all or nothing, in one atomic step: (whether they were taken, each one's
+        answer as its own operation gives it). When one that is `required` does not fit, none is taken (the
+        answers then report the totals as they stand), so that no other caller ever counts what a refused request
+        held for an instant (taken one by one, a request over its key's limit held its tenant's room until it gave
+        it back, and the tenant refused others with room left). A `required=False` one that does not fit is left
+        out alone. None: the backend cannot take these keys in one step (Redis Cluster: keys of different hash
+        slots); the caller takes them one by one."""
         ...
 
     async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:

@@ -14,9 +14,18 @@ import contextlib
 import dataclasses
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 from gateway.store._common import AMOUNT_SCALE, QueueChannel, check_window, to_units, ttl_ms
-from gateway.store.base import Channel, OnUnavailable, Reservation, StoreConfig, WindowCount, WindowReservation
+from gateway.store.base import (
+    Channel,
+    OnUnavailable,
+    Reservation,
+    StoreConfig,
+    Take,
+    WindowCount,
+    WindowReservation,
+)
 from gateway.store.memory_keyspace import Keyspace, as_bytes
 
 __all__ = ["MemoryStore"]
@@ -156,6 +165,34 @@ class MemoryStore(Keyspace):
 
     async def release_slot(self, key: str, holder: str) -> None:
         self.release_slot_now(key, holder)
+
+    async def reserve_together(self, takes: Sequence[Take]) -> tuple[bool, list[Any]]:
+        """Taken one by one and, when one that is required does not fit, given back, all in one step that never
+        awaits (no other caller sees them between). A slot its holder held already is given back too (holders
+        are per request: never the case for the accounting stage)."""
+        answers: list[Any] = []
+        fits = True
+        for what, args, required in takes:
+            if what == "acquire_slot":
+                answer: Any = self.acquire_slot_now(*args)
+            elif what == "reserve_window":
+                answer = self.reserve_window_now(*args)
+            else:
+                answer = self.reserve_now(*args[:4])
+            answers.append(answer)
+            fits = fits and (answer[0] or not required)
+        if fits:
+            return True, answers
+        for index, ((what, args, _), answer) in enumerate(zip(takes, answers, strict=True)):
+            if not answer[0]:
+                continue
+            if what == "acquire_slot":
+                self.release_slot_now(args[0], args[1])
+                answers[index] = (True, answer[1] - 1)
+            else:
+                total = self.settle_now(args[0], args[1], 0.0, args[3])
+                answers[index] = answer._replace(total=total)
+        return False, answers
 
     # The counter operations answered in line: the same contract as their `async` forms above, without a
     # coroutine per call (the accounting stage makes several per request, and nothing here ever waits).

@@ -46,6 +46,7 @@ from gateway.store.base import (
     Reservation,
     StoreConfig,
     StoreUnavailable,
+    Take,
     WindowCount,
     WindowReservation,
 )
@@ -105,7 +106,7 @@ class RedisStore:
         self._scripts = {
             name: client.register_script(getattr(lua, name))
             for name in ("COMPARE_AND_SET", "COMPARE_AND_DELETE", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE",
-                         "RESERVE_WINDOW", "ACQUIRE_SLOT", "RELEASE_SLOT")
+                         "RESERVE_WINDOW", "RESERVE_TOGETHER", "ACQUIRE_SLOT", "RELEASE_SLOT")
         }
         if not await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
             log.warning("store: redis did not answer at start; serving without it until it does")
@@ -213,6 +214,43 @@ class RedisStore:
         units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
         ok, total, pttl = await self._script("RESERVE_WINDOW", key, [units, cap, window])
         return WindowReservation(int(ok) == 1, from_units(int(total)), limit, int(pttl) / 1000)
+
+    async def reserve_together(self, takes: Sequence[Take]) -> tuple[bool, list[Any]] | None:
+        """One script over every key (`lua.RESERVE_TOGETHER`); None on a cluster, whose keys of different hash
+        slots no script can take together."""
+        if self._cluster:
+            return None
+        keys: list[str] = []
+        args: list[Any] = [len(takes)]
+        for what, given, required in takes:
+            if what == "acquire_slot":
+                key, holder, limit, lease_s = given
+                if limit < 1:
+                    raise ValueError(f"limit must be at least 1, not {limit!r}")
+                keys.append(self._prefix + key)
+                args += ["slot", holder, limit, ttl_ms(lease_s), "", "", ""]
+            elif what == "reserve_window":
+                key, amount, limit, window_s = given
+                keys.append(self._prefix + key)
+                args += ["window", to_units(amount), to_units(limit, "limit"), ttl_ms(window_s), "", "", ""]
+            else:
+                key, amount, limit, ttl_s, *op = given
+                units, ttl = to_units(amount), ttl_ms(ttl_s)
+                named = self._keys(key, op[0] if op else None)
+                keys += named
+                record: list[Any] = [_OP_TTL_MS, units] if len(named) > 1 else ["", ""]
+                args += ["budget", units, to_units(limit, "limit"), "" if ttl is None else ttl, int(required), *record]
+        taken, *answers = await self._script_keys("RESERVE_TOGETHER", keys, args)
+        results: list[Any] = []
+        for (what, given, _), answer in zip(takes, answers, strict=True):
+            ok = int(answer[0]) == 1
+            if what == "acquire_slot":
+                results.append((ok, int(answer[1])))
+            elif what == "reserve_window":
+                results.append(WindowReservation(ok, from_units(int(answer[1])), given[2], int(answer[2]) / 1000))
+            else:
+                results.append(Reservation(ok, from_units(int(answer[1])), given[2]))
+        return int(taken) == 1, results
 
     async def acquire_slot(self, key: str, holder: str, limit: int, lease_s: float) -> tuple[bool, int]:
         lease = ttl_ms(lease_s)

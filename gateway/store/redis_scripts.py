@@ -13,7 +13,7 @@ from __future__ import annotations
 
 __all__ = [
     "ACQUIRE_SLOT", "COMPARE_AND_DELETE", "COMPARE_AND_SET", "GET_WINDOW", "INCR_WINDOW", "RELEASE_SLOT", "RESERVE",
-    "RESERVE_WINDOW", "SETTLE", "op_key",
+    "RESERVE_TOGETHER", "RESERVE_WINDOW", "SETTLE", "op_key",
 ]
 
 COMPARE_AND_SET = """
@@ -135,6 +135,87 @@ return {1, held + 1}
 """ARGV: holder, limit, lease_ms. A sorted set of holders scored by lease expiry (Redis's clock: replicas
 need not agree on time). TIME before a write needs replication by effects: the default from Redis 5 on,
 asked for explicitly for older ones. Returns {1 if taken, slots held}."""
+
+RESERVE_TOGETHER = """
+if redis.replicate_commands then redis.replicate_commands() end
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local function counter(key)
+  local current = tonumber(redis.call('GET', key) or '0')
+  if current == nil then return redis.error_reply('ERR the value at this key is not an integer') end
+  return current
+end
+local n, fits, keyed, plans = tonumber(ARGV[1]), true, 1, {}
+for i = 1, n do
+  local a = 2 + (i - 1) * 7
+  local kind, key, plan = ARGV[a], KEYS[keyed], {}
+  keyed = keyed + 1
+  plan.kind, plan.key, plan.a = kind, key, a
+  if kind == 'slot' then
+    local mine = redis.call('ZSCORE', key, ARGV[a + 1])
+    plan.mine = mine and tonumber(mine) > ms
+    plan.held = redis.call('ZCOUNT', key, '(' .. ms, '+inf')
+    plan.ok = plan.mine or plan.held < tonumber(ARGV[a + 2])
+  else
+    local current = counter(key)
+    if type(current) == 'table' then return current end
+    plan.current = current
+    plan.ok = current + tonumber(ARGV[a + 1]) <= tonumber(ARGV[a + 2])
+    if kind == 'window' then
+      plan.ttl = redis.call('PTTL', key)
+      if plan.ttl < 0 then plan.ttl = tonumber(ARGV[a + 3]) end
+    elseif ARGV[a + 5] ~= '' then
+      plan.record = KEYS[keyed]
+      keyed = keyed + 1
+      local mark = redis.call('GET', plan.record)
+      if mark == 's' then
+        plan.ok = false
+      elseif mark and tonumber(mark) == nil then
+        return redis.error_reply('ERR the operation record is not a counter')
+      end
+    end
+  end
+  if not plan.ok and (kind ~= 'budget' or ARGV[a + 4] == '1') then fits = false end
+  plans[i] = plan
+end
+local answers = {fits and 1 or 0}
+for i = 1, n do
+  local plan = plans[i]
+  local kind, key, a = plan.kind, plan.key, plan.a
+  local take = fits and plan.ok
+  if kind == 'slot' then
+    local held = plan.held
+    if take then
+      redis.call('ZREMRANGEBYSCORE', key, '-inf', ms)
+      if not plan.mine then
+        redis.call('ZADD', key, ms + tonumber(ARGV[a + 3]), ARGV[a + 1])
+        redis.call('PEXPIRE', key, ARGV[a + 3])
+        held = held + 1
+      end
+    end
+    answers[i + 1] = {plan.ok and 1 or 0, held}
+  else
+    local total = plan.current
+    if take then
+      if plan.record and not redis.call('SET', plan.record, ARGV[a + 6], 'NX', 'PX', ARGV[a + 5]) then
+        redis.call('INCRBY', plan.record, ARGV[a + 1])
+        redis.call('PEXPIRE', plan.record, ARGV[a + 5])
+      end
+      total = redis.call('INCRBY', key, ARGV[a + 1])
+      if ARGV[a + 3] ~= '' and redis.call('PTTL', key) < 0 then redis.call('PEXPIRE', key, ARGV[a + 3]) end
+    end
+    answers[i + 1] = {plan.ok and 1 or 0, total, plan.ttl or 0}
+  end
+end
+return answers
+"""
+"""`RESERVE_WINDOW`, `RESERVE` and `ACQUIRE_SLOT` of one request, all or nothing: each is checked first (reading
+only), then all are applied, or none when one that is required does not fit. ARGV: the count, then seven per
+reservation: `window` (amount, limit, window_ms), `slot` (holder, limit, lease_ms) or `budget` (amount, limit,
+ttl_ms, required '1' or '0', and with an operation record: its ttl_ms and what it holds after this step), padded
+with empty strings. KEYS: each reservation's key in order, a budget's record after its counter. Returns {1 if
+taken, then per reservation {1 if it fits, total (or slots held) after, window ms left (0: not a window)}}; a
+refusal leaves every total as it stood. Several keys: one server only (no cluster: slots differ)."""
 
 RELEASE_SLOT = """
 return redis.call('ZREM', KEYS[1], ARGV[1])

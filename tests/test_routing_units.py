@@ -396,6 +396,10 @@ def test_what_a_client_is_told_is_whole_seconds_up_to_a_day() -> None:
     odd = aggregate("x", [(a, RateLimited("r", headers={"Retry-After": "²"}), "rate_limit"),
                           (b, RateLimited("r", headers={"Retry-After": "①"}), "rate_limit")])
     assert odd.status == 429 and "Retry-After" not in odd.headers
+    # Every attempt asked for 250 ms: the client is told 250 ms (the SDKs read it first), `Retry-After` at least 1 s
+    fine = aggregate("x", [(a, status_error("a", 429, "", 0.25), "rate_limit"),
+                           (b, status_error("b", 429, "", 0.4), "rate_limit")])
+    assert (fine.headers["retry-after-ms"], fine.headers["Retry-After"]) == ("250", "1")
     assert backoff(retry, 0, RateLimited("r", headers={"Retry-After": "²"}), random.Random(1)) <= 0.1  # jitter
 
 

@@ -34,7 +34,7 @@ from ..errors import (
 from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..schemas.openai import Usage
-from ..upstream.retry_after import upstream_wait, wait_headers
+from ..upstream.retry_after import client_retry_after, upstream_wait, wait_headers
 
 __all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "NOT_SENT", "DeadlineExceeded", "Replay", "TargetsUnavailable",
            "aggregate", "backoff", "breaker_verdict", "classify", "final", "peek", "retry_after_s"]
@@ -135,7 +135,9 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     deciding = [failure for failure in failures if failure[2] not in _PASSED_ON] or failures
     kinds = {kind for _, _, kind in deciding}
     hints = [h for _, error, _ in deciding if (h := retry_after_s(error)) is not None]
-    wait = wait_headers(max(1.0, min(hints))) if hints else {}
+    wait: dict[str, str] = {}
+    if hints:  # the smallest wait, as the upstream gave it; `Retry-After`, in whole seconds, at least one
+        wait = {**wait_headers(min(hints)), "Retry-After": client_retry_after(max(1.0, min(hints)))}
     listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
     if len(listed) > _MAX_MESSAGE:
         listed = listed[:_MAX_MESSAGE] + "..."

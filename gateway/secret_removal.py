@@ -3,18 +3,20 @@ encoder may leave them in, by a pattern built once per set of credentials, off t
 
 The first step of `sanitize.sanitize_upstream_message`, and the whole of what the text beside an upstream's error
 goes through (`remove_secrets`). Its own module because it has a life of its own: a pattern per set of secrets,
-costly to build for a long token and so built ahead of need, in a worker thread (`prepare_secrets`).
+costly to build for a long token and so built ahead of need, in a worker thread (`prepare_secrets`), and large
+(1.4 MB for two 2,000-character tokens), so kept only while in use (`use_secrets`) or within a budget of bytes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import re
+import sys
 import threading
 from bisect import bisect_right
 from collections.abc import Iterable
 
-__all__ = ["prepare_secrets", "remove_secrets"]
+__all__ = ["prepare_secrets", "remove_secrets", "use_secrets"]
 
 # Configured secrets shorter than this are not removed by value: a short string
 # ("abc", "test") hits ordinary words far more often than it hits an echo of the
@@ -29,7 +31,7 @@ def remove_secrets(text: str, secrets: Iterable[str]) -> str:
     """`text` with every spelling of the configured `secrets` replaced (the first step of
     `sanitize.sanitize_upstream_message` alone: no cut, no shape rules), for the text an upstream put beside its error
     (an answer's ids, code, instructions), which the shape rules would mangle."""
-    return _without_secrets(text, tuple(secrets) if not isinstance(secrets, str) else (secrets,))
+    return _without_secrets(text, _key(secrets))
 
 
 def prepare_secrets(secrets: Iterable[str]) -> None:
@@ -37,9 +39,28 @@ def prepare_secrets(secrets: Iterable[str]) -> None:
     need. It blocks for up to a few tenths of a second (a 2,000-character Entra token): run it in a worker thread
     (`asyncio.to_thread`) when a provider starts and before a new credential is used, so that no upstream error
     waits for it and the event loop never builds one (see `_without_secrets` for when it has to)."""
-    key = tuple(secrets) if not isinstance(secrets, str) else (secrets,)
+    key = _key(secrets)
     if key not in _PATTERNS:
         _store(key, _secrets_pattern(_secret_values(key)))
+
+
+def use_secrets(owner: object, secrets: Iterable[str] | None) -> None:
+    """Say that `owner` (a provider, by identity) now passes `secrets` to its errors, None once it is closed. The
+    pattern of the set it passed before goes as soon as no owner passes that set: a token file's rotation makes a
+    new set each time (the new token and the one it replaced), and the replaced ones would otherwise stay. A set
+    in use is never dropped; one nobody uses (prepared by a provider that does not say, or replaced) is kept within
+    `_MAX_SPARE_BYTES`. Cheap (no build): call it on the event loop, after `prepare_secrets` of the new set."""
+    key = None if secrets is None else _key(secrets)
+    with _LOCK:
+        before = _USERS.pop(id(owner), None)
+        if key is not None:
+            _USERS[id(owner)] = key
+        if before is not None and before != key and before not in _USERS.values():
+            _PATTERNS.pop(before, None)
+
+
+def _key(secrets: Iterable[str]) -> tuple[str, ...]:
+    return tuple(secrets) if not isinstance(secrets, str) else (secrets,)
 
 
 # What an upstream may put between a secret's characters when it echoes one: white space (a line wrapped),
@@ -48,12 +69,17 @@ def prepare_secrets(secrets: Iterable[str]) -> None:
 # (that class, compiled once per character, was most of the cost of building a pattern).
 _GAP_RUN = re.compile("[\\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]++")
 # The patterns built, by the secrets as a provider passes them. A dict rather than `lru_cache`: the event loop
-# asks whether one is ready without building it. Written from worker threads (`prepare_secrets`), under `_LOCK`;
-# bounded, the oldest out first.
+# asks whether one is ready without building it. Written from worker threads (`prepare_secrets`), under `_LOCK`.
+# Those of a set some owner uses (`_USERS`) stay; the others ("spare") are bounded by count and by size in bytes
+# (`_pattern_bytes`: 1.4 MB for two 2,000-character tokens), the oldest out first, the newest always kept.
 _PATTERNS: dict[tuple[str, ...], re.Pattern[str] | None] = {}
+_USERS: dict[int, tuple[str, ...]] = {}  # the set each owner uses, by the owner's id (`use_secrets`)
 _BUILDING: set[tuple[str, ...]] = set()  # those a worker thread is building for the loop
+_STAND_INS: dict[tuple[str, ...], re.Pattern[str]] = {}  # `_before_ready`'s, while their pattern is built
 _LOCK = threading.Lock()
 _MAX_PATTERNS = 256
+_MAX_SPARE_BYTES = 32 << 20
+_MAX_STAND_INS = 8
 # The size (characters of secret) of a missing pattern the event loop builds itself, a few milliseconds' work;
 # a larger one is built in a worker thread while `_before_ready` stands in.
 _INLINE_CHARS = 256
@@ -78,7 +104,7 @@ def _without_secrets(text: str, key: tuple[str, ...]) -> str:
                 _BUILDING.add(key)
             if new:
                 loop.run_in_executor(None, _build_for_loop, key)
-            return _before_ready(text, values)
+            return _before_ready(text, key, values)
     return _sub_across_gaps(pattern, text) if isinstance(pattern, re.Pattern) else text
 
 
@@ -92,22 +118,56 @@ def _build_for_loop(key: tuple[str, ...]) -> None:
 
 def _store(key: tuple[str, ...], pattern: re.Pattern[str] | None) -> None:
     with _LOCK:
-        if len(_PATTERNS) >= _MAX_PATTERNS:
-            del _PATTERNS[next(iter(_PATTERNS))]
         _PATTERNS[key] = pattern
+        _STAND_INS.pop(key, None)
+        in_use = set(_USERS.values())
+        spare = [(old, _pattern_bytes(_PATTERNS[old])) for old in _PATTERNS if old not in in_use]
+        count, size = len(spare), sum(size for _, size in spare)
+        for old, old_size in spare[:-1]:  # the oldest first; the newest stays, however large
+            if count <= _MAX_PATTERNS and size <= _MAX_SPARE_BYTES:
+                break
+            del _PATTERNS[old]
+            count, size = count - 1, size - old_size
 
 
-def _before_ready(text: str, values: dict[str, set[str]]) -> str:
+def _pattern_bytes(pattern: re.Pattern[str] | None) -> int:
+    """What a pattern holds: its compiled code (`sys.getsizeof` counts it) and its source."""
+    return 0 if pattern is None else sys.getsizeof(pattern) + sys.getsizeof(pattern.pattern)
+
+
+def _compile_uncached(source: str) -> re.Pattern[str]:
+    """`re.compile(source)`, left out of the `re` module's own cache: it keeps the last 512 patterns compiled
+    (3.12 adds a second cache of 256), so every replaced set's pattern would stay there, whatever this module
+    drops. Those caches are private: a Python that keeps them elsewhere leaves the pattern there (the test
+    `tests/test_b15_secret_pattern_memory.py` checks where they are)."""
+    pattern = re.compile(source)
+    for name in ("_cache", "_cache2"):
+        cache = getattr(re, name, None)
+        if isinstance(cache, dict):
+            cache.pop((str, source, 0), None)
+    return pattern
+
+
+def _before_ready(text: str, key: tuple[str, ...], values: dict[str, set[str]]) -> str:
     """What stands in for the pattern while a worker thread builds it: the secrets as given are removed exactly
-    (across gaps, by a pattern of plain text, built in microseconds); a text that may hold one escaped (it has a
-    `%`, `&` or `\\`) is replaced as a whole, rather than let a spelling through."""
+    (across gaps, by a pattern of plain text, built in milliseconds and kept until the pattern is ready); a text
+    that may hold one escaped (it has a `%`, `&` or `\\`) is replaced as a whole, rather than let a spelling
+    through."""
     if not values:
         return text
     if "%" in text or "&" in text or "\\" in text:
         return _REDACTED
-    forms = sorted({prefix + value for value, prefixes in values.items() for prefix in (*prefixes, "")},
-                   key=len, reverse=True)
-    return _sub_across_gaps(re.compile("|".join(map(re.escape, forms))), text)
+    stand_in = _STAND_INS.get(key)
+    if stand_in is None:
+        forms = sorted({prefix + value for value, prefixes in values.items() for prefix in (*prefixes, "")},
+                       key=len, reverse=True)
+        stand_in = _compile_uncached("|".join(map(re.escape, forms)))
+        with _LOCK:
+            if key not in _PATTERNS:  # else its pattern is ready: no need to keep this one
+                if len(_STAND_INS) >= _MAX_STAND_INS:
+                    del _STAND_INS[next(iter(_STAND_INS))]
+                _STAND_INS[key] = stand_in
+    return _sub_across_gaps(stand_in, text)
 
 
 def _sub_across_gaps(pattern: re.Pattern[str], text: str) -> str:
@@ -203,7 +263,7 @@ def _secrets_pattern(values: dict[str, set[str]]) -> re.Pattern[str] | None:
     for value in sorted(values, key=len, reverse=True):
         schemes = "|".join(map(_spelled, sorted(values[value], key=len, reverse=True)))
         branches.append((f"(?:{schemes})?" if schemes else "") + _spelled(value))
-    return re.compile("|".join(branches))
+    return _compile_uncached("|".join(branches))
 
 
 def _spelled(text: str) -> str:

@@ -20,6 +20,7 @@ from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec
 from ..sanitize import prepare_secrets
 from ..schemas.endpoints import Endpoint
+from ..secret_removal import use_secrets
 from ..upstream.client import ConnectionGate
 from .base import Call
 from .openai_compat import OpenAICompatProvider, status_error
@@ -60,6 +61,7 @@ class AzureProvider(OpenAICompatProvider):
     async def close(self) -> None:
         if self.token_file is not None:
             await self.token_file.aclose()
+            use_secrets(self, None)
         await super().close()
 
     def _use_token(self, token: str) -> None:
@@ -67,6 +69,7 @@ class AzureProvider(OpenAICompatProvider):
         copies into every request it makes anyway: a request reads nothing more than with a fixed key."""
         assert self._session is not None, "provider not started"
         self._session.headers["Authorization"] = f"Bearer {token}"
+        use_secrets(self, self.secrets())  # the set before it (built for the last rotation) goes: 1.4 MB each
 
     def secrets(self) -> tuple[str, ...]:
         if self.token_file is None:

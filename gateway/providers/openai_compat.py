@@ -27,6 +27,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
 from ..schemas.openai import listed_prompts
 from ..schemas.responses import responses_usage
+from ..secret_removal import use_secrets
 from ..translate.cache_control import CACHE_MARK, without_cache_control, without_extra_content
 from ..upstream.client import ConnectionGate, new_session, transport_error
 from ..upstream.retry_after import upstream_wait
@@ -83,8 +84,10 @@ class OpenAICompatProvider:
         # The credentials' removal pattern, built off the loop now rather than on it at the first upstream error
         # (`sanitize.prepare_secrets`: tenths of a second for a long token).
         await asyncio.to_thread(prepare_secrets, self.secrets())
+        use_secrets(self, self.secrets())  # kept while this provider uses it (dropped at close: a reload)
 
     async def close(self) -> None:
+        use_secrets(self, None)
         if self._session is not None:
             await self._session.close()
             self._session = None

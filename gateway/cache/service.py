@@ -26,7 +26,7 @@ from ..policy.cache_check import default_model_dir
 from ..policy.cache_schema import CacheSpec
 from ..policy.compiled import Policy, Rule
 from ..providers.base import Provider
-from ..routing.rules import Facts, first_match
+from ..routing.rules import Facts, count_first, first_match, reads_tokens
 from ..schemas.endpoints import Endpoint
 from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
@@ -91,6 +91,7 @@ class ResponseCache:
         self.specs: Mapping[str, CacheSpec] = policy.cache.aliases
         self.compress_min_bytes = policy.cache.settings.compress_min_bytes
         self._targets = {alias: tuple(t.name for t in policy.models[alias].targets) for alias in self.specs}
+        self._counting = frozenset(alias for alias in self.specs if reads_tokens(policy.models[alias].rules))
         self._tasks: set[asyncio.Task[Any]] = set()
         self.flights = Flights(store, policy.state.backend != "memory", self.spawn)
         self.indexes: dict[str, SemanticIndex] = {}
@@ -148,16 +149,24 @@ class ResponseCache:
 
     # -- keys -------------------------------------------------------------------------------------------
 
+    def counts_first(self, ctx: RequestContext, alias: str) -> bool:
+        """Whether `rule` would count a prompt past `OFF_LOOP_BYTES` on the loop: the stage awaits `count` first."""
+        return alias in self._counting and count_first(ctx)
+
+    async def count(self, ctx: RequestContext) -> None:
+        """Count the request's prompt in a thread, for `rule` and the router after it (`ctx.prompt_tokens`)."""
+        await Facts.of(ctx, self.tokens).count_in_thread()
+
     def rule(self, ctx: RequestContext) -> Rule | None:
         """The routing rule that will apply to the request, decided as the router will (None: none, or the alias
         has no rules). Decided once per request: the key and the semantic scope both hold it, and a `deny` rule
-        keeps the request from the cache altogether (`CacheStage`)."""
+        keeps the request from the cache altogether (`CacheStage`). The prompt's count, when a rule weighs it, is the
+        request's (`Facts.of`): the guard stage's before, or the router's after."""
         route = ctx.route
         assert route is not None
         if not route.rules:
             return None
-        return first_match(route.rules, route.alias, Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens,
-                                                           route.upstream_model))
+        return first_match(route.rules, route.alias, Facts.of(ctx, self.tokens))
 
     def key(self, ctx: RequestContext, rule: Rule | None) -> str:
         route = ctx.route

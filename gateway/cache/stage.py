@@ -79,6 +79,8 @@ class CacheStage:
         if decided.bypass:
             return await self._pass(ctx, call_next, CacheResult("bypass"), alias)
         cache = self.cache
+        if cache.counts_first(ctx, alias):  # a large prompt a rule weighs: counted in a thread, not on the loop
+            await cache.count(ctx)
         rule = cache.rule(ctx)
         if rule is not None and rule.deny is not None:  # the router refuses it: nothing to look up, embed or wait for
             return await self._pass(ctx, call_next, CacheResult("bypass"), alias)

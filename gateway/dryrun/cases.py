@@ -100,7 +100,8 @@ class ExpectSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     targets: list[str] | UnsetType = UNSET  # in the order they would be tried
     guards: Verdict | UnsetType = UNSET  # the enforced verdict on the request
     guard_verdicts: dict[str, Verdict] | UnsetType = UNSET  # by guard name
-    limits: dict[Scope, LimitExpect] | UnsetType = UNSET  # exactly the rate limits that apply, by scope
+    # Exactly the rate limits that apply, by scope: the caller's and the alias asked for's (not a rule's alias's).
+    limits: dict[Scope, LimitExpect] | UnsetType = UNSET
     budgets: dict[Scope, BudgetExpect] | UnsetType = UNSET  # exactly the budgets that apply, by scope
     # The limit no counter could let the request through (`tpm of key ci-bot`, `budget of alias gpt-4o`); null: none.
     limits_refused: str | UnsetType | None = UNSET
@@ -198,7 +199,7 @@ def compare(expect: ExpectSpec, d: Decisions) -> list[str]:
         "guards": d.guards.verdict if d.guards else "allow",
         "guard_verdicts": {g.guard: g.verdict for g in d.guards.guards} if d.guards else {},
         "limits": {limit.scope: LimitExpect(rpm=limit.rpm, tpm=limit.tpm, concurrent=limit.concurrent)
-                   for limit in d.limits.limits} if d.limits else {},
+                   for limit in d.limits.limits if limit.by_rule is None} if d.limits else {},
         "budgets": {b.scope: BudgetExpect(usd=b.usd, period=b.period, mode=b.mode)
                     for b in d.limits.budgets} if d.limits else {},
         "limits_refused": d.limits.refused if d.limits else None,

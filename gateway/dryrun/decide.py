@@ -7,6 +7,10 @@ latency statistic is read or updated (an offline decider sees no traffic: breake
 as closed, latency and load as unknown), no store is touched, and the guard runtime has
 metrics of its own, so the live ones count only served requests. One decision per kind,
 one function per kind, called in pipeline order (see `dryrun.decisions` for adding one).
+The routing rule that applies is found once (its facts' prompt count, past `OFF_LOOP_BYTES`,
+in a thread: a shadow policy decides on the gateway's loop) and read by every kind: the
+limits of the alias it sends the request to count too (`accounting.hops`), its guards run,
+and a `deny` keeps the request from the cache.
 """
 
 from __future__ import annotations
@@ -28,10 +32,10 @@ from ..guards.runtime import GuardRuntime
 from ..guards.texts import input_texts
 from ..pipeline.stages import authenticate, decode_body, model_not_found
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
-from ..policy.compiled import Policy
+from ..policy.compiled import Policy, Rule
 from ..routing.explain import route_plan
 from ..routing.router import Router
-from ..routing.rules import Facts, first_match, rule_alias
+from ..routing.rules import OFF_LOOP_BYTES, Facts, first_match, reads_tokens
 from ..schemas.endpoints import Endpoint
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
@@ -57,6 +61,7 @@ _REWRITES = frozenset({"redact", "mask", "pseudonymize"})
 _RANK = {"allow": 0, "record": 1, "redact": 2, "block": 3}
 _MEMO_SIZE = 4_096
 _ScopeLimits = tuple[Scope, str, LimitSpec | None, BudgetSpec | None]  # (scope, its name, its limits, its budget)
+_Hop = tuple[str, str] | None  # (the rule, the alias it sends the request to) when that alias has limits of its own
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,7 +105,7 @@ class Decider:
         self.router = Router(policy, {}, None, metrics, tokens, rng=random.Random(0))
         count = tokens.count if tokens is not None else (lambda text: (len(text) + 3) // 4)
         self.guards = GuardRuntime(policy.guards, metrics, count) if policy.has_guards else None
-        self._limits_memo: dict[tuple[bytes, str], LimitsDecision] = {}  # both parts come from the policy
+        self._limits_memo: dict[tuple[bytes, str, _Hop], LimitsDecision] = {}  # every part comes from the policy
         self._prompts = PromptEstimator(tokens) if tokens is not None else None
         self._rates = reach_rates(policy.models)  # as the accounting stage reserves
 
@@ -125,11 +130,15 @@ class Decider:
             alias = body["model"]
             stream = body.get("stream") is True
             found["auth"] = self._authorize(found["auth"], key, alias)
-            found["limits"] = self._limits(request.endpoint, body, key, alias)
-            found["guards"] = await self._guards(request.endpoint, body, key, alias, request.headers)
-            found["cache"] = self._cache(request.endpoint, body, request.headers, alias, key)
-            found["route"], found["targets"] = self._route(body, key, request.headers, alias, stream,
-                                                           request.endpoint)
+            route = self.policy.models[alias]
+            facts = Facts(body, key, request.headers, self.tokens, route.upstream_model)
+            if route.rules and len(request.body) > OFF_LOOP_BYTES and reads_tokens(route.rules):
+                await facts.count_in_thread()
+            rule = first_match(route.rules, alias, facts) if route.rules else None
+            found["limits"] = self._limits(request.endpoint, body, key, alias, self._hop(alias, rule))
+            found["guards"] = await self._guards(request.endpoint, body, key, _served_alias(alias, rule))
+            found["cache"] = self._cache(request.endpoint, body, request.headers, alias, rule)
+            found["route"], found["targets"] = self._route(facts, alias, stream, request.endpoint)
         except _Refused as refused:
             error = refused.error
             if refused.kind is not None and refused.decision is not None:
@@ -163,16 +172,24 @@ class Decider:
             raise _Refused("auth", model_not_found(alias), decided) from None
         return decided
 
-    def _limits(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str
+    def _hop(self, alias: str, rule: Rule | None) -> _Hop:
+        """The rule and the alias it sends the request to, when that alias (not `alias`) has limits: the router
+        counts the request against them too (`Router._enter`). A rule with its own targets, or a `deny`, has none."""
+        if rule is None or rule.alias is None or rule.alias == alias or rule.alias not in self.policy.alias_limits:
+            return None
+        return rule.name, rule.alias
+
+    def _limits(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str, hop: _Hop = None
                 ) -> LimitsDecision:
-        """What applies (key, tenant, alias), read from the accounting shapes, and what the request would
-        reserve; refused when it needs more than a whole tpm window or hard budget. Live counters are not read."""
-        memo = (key.digest if key is not None else b"", alias)
+        """What applies (key, tenant, alias, and the limits of `hop`'s alias), read from the accounting shapes, and
+        what the request would reserve; refused when it needs more than a whole tpm window or hard budget. Live
+        counters are not read."""
+        memo = (key.digest if key is not None else b"", alias, hop)
         applied = self._limits_memo.get(memo)
         if applied is None:
             if len(self._limits_memo) >= _MEMO_SIZE:
                 self._limits_memo.clear()
-            applied = self._limits_memo[memo] = self._applied(key, alias)
+            applied = self._limits_memo[memo] = self._applied(key, alias, hop)
         if not applied.budgets and not any(limit.tpm for limit in applied.limits):
             return applied
         route = self.policy.models[alias]
@@ -180,7 +197,7 @@ class Decider:
         cap, _ = completion_cap(endpoint.streams, body, self.policy.accounting.default_max_tokens)
         rate_in, rate_out = self._rates.get(alias, (0.0, 0.0))
         tokens, cost = prompt + cap, (prompt * rate_in + cap * rate_out) / 1_000_000
-        refused = refused_outright(self._scopes(key, alias), tokens, cost)
+        refused = refused_outright(self._scopes(key, alias, hop), tokens, cost)
         decided = LimitsDecision(limits=applied.limits, budgets=applied.budgets, tokens=tokens, max_usd=cost,
                                  refused=f"{refused[0]} of {refused[1]} {refused[2]}" if refused else None)
         if refused is not None:
@@ -192,8 +209,9 @@ class Decider:
             raise _Refused("limits", error, decided)
         return decided
 
-    def _scopes(self, key: VirtualKey | None, alias: str) -> list[_ScopeLimits]:
-        """The scopes limits and budgets apply to, in the accounting stage's order (key, tenant, alias)."""
+    def _scopes(self, key: VirtualKey | None, alias: str, hop: _Hop = None) -> list[_ScopeLimits]:
+        """The scopes limits and budgets apply to, in the accounting stage's order (key, tenant, alias), then the
+        alias of `hop` (its limits only: a hop takes no budget, `accounting.hops`)."""
         spec = self.policy.spec
         scopes: list[_ScopeLimits] = []
         if key is not None:
@@ -204,12 +222,18 @@ class Decider:
         model = spec.models.get(alias) if spec is not None else None
         if model is not None:
             scopes.append(("alias", alias, model.limits, model.budget))
+        if hop is not None:
+            scopes.append(("alias", hop[1], self.policy.alias_limits[hop[1]], None))
         return scopes
 
-    def _applied(self, key: VirtualKey | None, alias: str) -> LimitsDecision:
+    def _applied(self, key: VirtualKey | None, alias: str, hop: _Hop) -> LimitsDecision:
         scopes = self._scopes(key, alias)
         limits = tuple(AppliedLimit(scope=scope, name=name, rpm=lim.rpm, tpm=lim.tpm, concurrent=lim.concurrent)
                        for scope, name, lim, _ in scopes if lim is not None)
+        if hop is not None:
+            lim = self.policy.alias_limits[hop[1]]
+            limits += (AppliedLimit(scope="alias", name=hop[1], rpm=lim.rpm, tpm=lim.tpm, concurrent=lim.concurrent,
+                                    by_rule=hop[0]),)
         budgets = tuple(
             AppliedBudget(scope=scope, name=name, usd=b.usd, period=b.period, mode=b.mode,
                           downgrade_at=b.downgrade.at if b.downgrade else None,
@@ -217,24 +241,13 @@ class Decider:
             for scope, name, _, b in scopes if b is not None)
         return LimitsDecision(limits=limits, budgets=budgets)
 
-    def _served_alias(self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]],
-                      alias: str) -> str:
-        """The alias whose guards the guard stage runs: the one a rule sends the request to, as `GuardStage` finds it
-        (its redactions, which may move the request again, are not made here)."""
-        route = self.policy.models[alias]
-        if not route.rules:
-            return alias
-        return rule_alias(route.rules, alias, Facts(body, key, headers, self.tokens, route.upstream_model))
-
-    async def _guards(
-        self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str,
-        headers: Sequence[tuple[bytes, bytes]] = (),
-    ) -> GuardsDecision | None:
-        """Every input guard's verdict on the request's text, each guard on its own (what it would do)."""
+    async def _guards(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, served: str
+                      ) -> GuardsDecision | None:
+        """Every input guard's verdict on the request's text, each guard on its own (what it would do), those of the
+        alias that serves it (`served`)."""
         if self.guards is None:
             return None
-        guard_set = self.guards.served(key.tenant if key is not None else "anonymous", self._served_alias(
-            body, key, headers, alias), self.policy.models)
+        guard_set = self.guards.served(key.tenant if key is not None else "anonymous", served, self.policy.models)
         if not guard_set:
             return None
         refs = list(input_texts(endpoint, body))
@@ -259,28 +272,22 @@ class Decider:
         return decided
 
     def _cache(self, endpoint: Endpoint, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]], alias: str,
-               key: VirtualKey | None) -> CacheDecision | None:
+               rule: Rule | None) -> CacheDecision | None:
         """Whether the alias's cache would look up and store (None: the alias has no cache), decided by the
         cache stage's own `plan`; what the store holds is not read. A request a `deny` rule refuses never reaches
         the cache (the stage passes it on to the router's refusal)."""
         spec = self.policy.cache.aliases.get(alias)
         if spec is None:
             return None
-        route = self.policy.models[alias]
-        if route.rules:
-            rule = first_match(route.rules, alias, Facts(body, key, headers, self.tokens, route.upstream_model))
-            if rule is not None and rule.deny is not None:
-                return CacheDecision(lookup=False, store=False, semantic=False, reason="deny")
+        if rule is not None and rule.deny is not None:
+            return CacheDecision(lookup=False, store=False, semantic=False, reason="deny")
         decided = plan(spec, endpoint, _Sampling(body.get("temperature"), body.get("seed")), directives(headers))
         return CacheDecision(lookup=decided.lookup, store=decided.store,
                              semantic=decided.lookup and spec.semantic is not None, reason=decided.reason)
 
-    def _route(
-        self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]], alias: str,
-        stream: bool, endpoint: Endpoint,
-    ) -> tuple[RouteDecision, TargetsDecision]:
+    def _route(self, facts: Facts, alias: str, stream: bool, endpoint: Endpoint
+               ) -> tuple[RouteDecision, TargetsDecision]:
         route = self.policy.models[alias]
-        facts = Facts(body, key, headers, self.tokens, route.upstream_model)
         try:
             rule, plan, order = route_plan(self.router, facts, alias, stream, endpoint)
         except NoRoute as exc:
@@ -290,6 +297,12 @@ class Decider:
         deterministic = plan.single or not (random_draw or plan.strategy in ("latency", "least_busy"))
         return (RouteDecision(rule=rule, route=plan.alias, strategy=plan.strategy),
                 TargetsDecision(order=tuple(t.name for t in order), deterministic=deterministic))
+
+
+def _served_alias(alias: str, rule: Rule | None) -> str:
+    """The alias whose guards the guard stage runs: the one `rule` sends the request to, as `GuardStage` finds it
+    (`rule_alias`; its redactions, which may move the request again, are not made here)."""
+    return rule.alias if rule is not None and rule.alias is not None else alias
 
 
 def decoded(request: DecisionRequest) -> tuple[dict[str, Any], msgspec.Struct]:

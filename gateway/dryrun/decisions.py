@@ -63,6 +63,9 @@ class AppliedLimit(_Decision, frozen=True, kw_only=True):
     rpm: int | None = None
     tpm: int | None = None
     concurrent: int | None = None
+    # The rule that sends the request to this alias, which it did not name: its limits count the request too (a
+    # hop: `accounting.hops`). None: the caller's, or the alias asked for.
+    by_rule: str | None = None
 
 
 class AppliedBudget(_Decision, frozen=True, kw_only=True):
@@ -76,7 +79,8 @@ class AppliedBudget(_Decision, frozen=True, kw_only=True):
 
 
 class LimitsDecision(_Decision, frozen=True, kw_only=True):
-    """Every limit and budget that applies to this caller and alias; none applying is an empty decision.
+    """Every limit and budget that applies to this caller and alias, and the limits of the alias a rule sends the
+    request to (`AppliedLimit.by_rule`); none applying is an empty decision.
 
     Live counters are not read, so a budget's downgrade or a full window cannot be known: `tokens` and
     `max_usd` are what the request would reserve (its prompt estimate plus its completion cap, at the

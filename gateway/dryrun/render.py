@@ -52,7 +52,8 @@ def render(d: Decisions, source: str) -> list[str]:
 def _limit(limit: AppliedLimit) -> str:
     parts = [f"{name} {value}" for name, value in (("rpm", limit.rpm), ("tpm", limit.tpm),
                                                    ("concurrent", limit.concurrent)) if value is not None]
-    return f"{limit.scope} {limit.name}: {', '.join(parts) or 'no rate limit'}"
+    by = f" (by rule {limit.by_rule})" if limit.by_rule is not None else ""
+    return f"{limit.scope} {limit.name}{by}: {', '.join(parts) or 'no rate limit'}"
 
 
 def _budget(budget: AppliedBudget) -> str:

@@ -10,7 +10,10 @@ The guards are those of the alias that will serve the request (`GuardRuntime.ser
 not only of the one it named: when that alias has routing rules, the stage finds the
 rule the router will apply (`rule_alias`: `first_match` on the same facts, the body as the guards
 leave it) and takes the guards of the alias it sends the request to. A rule with its
-own targets keeps the named alias's guards; a `deny` rule is the router's to refuse.
+own targets keeps the named alias's guards; a `deny` rule is the router's to refuse. A
+rule on the prompt's size has a body past `OFF_LOOP_BYTES` counted in a thread first
+(`_counted`), and the count is the request's (`ctx.prompt_tokens`: the cache stage and
+the router read it), forgotten when a guard rewrites the body.
 
 Input: every text a request carries (found by `texts.py`: message text parts,
 tool call arguments, tool results, a completion's prompt, an embedding's input)
@@ -33,7 +36,7 @@ from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import ModelRoute
 from ..policy.guard_schema import StreamScanSpec
-from ..routing.rules import Facts, rule_alias
+from ..routing.rules import Facts, count_first, reads_tokens, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.tokens import TokenCounter
 from .base import Finding, Guard
@@ -79,12 +82,33 @@ class GuardStage:
         """An alias without guards passes the request on unawaited (one coroutine frame fewer: see
         `pipeline.runner`); a guarded one goes through `_guarded`."""
         guard_set = self._served(ctx)
+        if guard_set is None:
+            return self._counted(ctx, call_next)
         if not guard_set:
             return call_next(ctx)
         return self._guarded(ctx, call_next, guard_set)
 
-    def _served(self, ctx: RequestContext) -> GuardSet:
-        """The guards of the alias that will serve the request, as the body stands (see the module's docstring)."""
+    async def _counted(self, ctx: RequestContext, call_next: Next) -> Reply:
+        """A large prompt a rule weighs: counted in a thread, then served as any request."""
+        await Facts.of(ctx, self.tokens).count_in_thread()
+        guard_set = self._served(ctx)
+        assert guard_set is not None  # (counted now)
+        if not guard_set:
+            return await call_next(ctx)
+        return await self._guarded(ctx, call_next, guard_set)
+
+    async def _served_counted(self, ctx: RequestContext) -> GuardSet:
+        """`_served`, the prompt counted in a thread first when it asks for that."""
+        guard_set = self._served(ctx)
+        if guard_set is None:
+            await Facts.of(ctx, self.tokens).count_in_thread()
+            guard_set = self._served(ctx)
+            assert guard_set is not None  # (counted now)
+        return guard_set
+
+    def _served(self, ctx: RequestContext) -> GuardSet | None:
+        """The guards of the alias that will serve the request, as the body stands (see the module's docstring); None
+        when that takes counting a prompt past `OFF_LOOP_BYTES` (`count_first`), to be counted in a thread first."""
         route = ctx.route
         assert route is not None
         alias = route.alias
@@ -92,8 +116,9 @@ class GuardStage:
         named = self.guards.served(ctx.tenant, alias, models)
         # (most aliases have no rules, and most rules keep the guards: no facts, no token count for them)
         if route.rules and self._rules_move(ctx.tenant, route, named, models):
-            facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
-            served = rule_alias(route.rules, alias, facts)
+            if count_first(ctx) and reads_tokens(route.rules):
+                return None
+            served = rule_alias(route.rules, alias, Facts.of(ctx, self.tokens))
             if served != alias:
                 return self.guards.served(ctx.tenant, served, models)
         return named
@@ -144,9 +169,11 @@ class GuardStage:
                 _refuse_upstream_history(ctx.body)
             _expect(session, (*guard_set.limits, *guard_set.input))
             changed = await self._input(ctx, guard_set, session)
+            if changed:
+                ctx.prompt_tokens = None  # counted on the body before: a rule weighs the new one
             if not changed or not ctx.route.rules:
                 return guard_set
-            now = self._served(ctx)
+            now = await self._served_counted(ctx)
             if now is guard_set:
                 return guard_set
             guard_set = now

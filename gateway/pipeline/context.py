@@ -76,6 +76,10 @@ class RequestContext:
     plan: ModelRoute | None = None  # where routing sends it (the alias, or a rule's alias or targets)
     candidates: Sequence[Target] = ()  # in the order the fallback walks them
     rule: str | None = None  # the rule that matched
+    # The prompt's token count as routing rules weigh it (`routing.rules.Facts.of`), once a stage needed it: counted
+    # once for the guard and cache stages and the router alike (each matches the rules), with `route`'s tokenizer (set
+    # before them all). None until then, and again once a guard rewrote the body.
+    prompt_tokens: int | None = None
     target: Target | None = None  # the target that answered (or was tried last)
     attempt_count: int = 0
     attempts: list[tuple[str, str, float]] | None = None  # (target, outcome, ms) once more than one ran

@@ -20,8 +20,8 @@ fall back until its first content event; after that its errors reach the client,
 breaker verdict and its count as an attempt wait for its end (`verdicts`).
 
 A single-target alias costs one dictionary merge (the body, as before routing) and
-two counter increments: everything else is precomputed at load. Rules that weigh a
-prompt past `OFF_LOOP_BYTES` have it counted in a thread (`call` chooses, not `select`).
+two counter increments: everything else is precomputed at load. Rules that weigh a prompt past
+`OFF_LOOP_BYTES` have it counted in a thread (`call` chooses), unless a stage before did (`ctx.prompt_tokens`).
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ from .attempts import (
 )
 from .breaker import OPEN, Breakers
 from .exchange import exchange, within
-from .rules import OFF_LOOP_BYTES, Facts, first_match, reads_tokens
+from .rules import Facts, count_first, first_match, reads_tokens
 from .stats import TargetStats
 from .strategies import order_targets
 from .verdicts import StreamVerdicts, check_health
@@ -141,16 +141,16 @@ class Router:
 
     def select(self, ctx: RequestContext) -> None:
         """Rules, then the strategy: set `ctx.plan` and `ctx.candidates` (or refuse with 400); left to `call` for a
-        body past `OFF_LOOP_BYTES` that a rule weighs (its prompt counted in a thread; no stage between reads it)."""
+        body past `OFF_LOOP_BYTES` that a rule weighs, not counted yet (then in a thread; no stage between reads it)."""
         route = ctx.route
         assert route is not None
-        if self._counting and id(route) in self._counting and len(ctx.raw_body) > OFF_LOOP_BYTES:
+        if self._counting and id(route) in self._counting and count_first(ctx):
             return
         self._choose(ctx, route, None)
 
     def _choose(self, ctx: RequestContext, route: ModelRoute, facts: Facts | None) -> None:
         if facts is None and (route.rules or route.sticky is not None):
-            facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
+            facts = Facts.of(ctx, self.tokens)  # (`route` is `ctx.route`)
         if route.rules:
             assert facts is not None
             rule = first_match(route.rules, route.alias, facts)
@@ -178,7 +178,7 @@ class Router:
         if route is None:  # left by `select`: a large prompt its alias's rules weigh, counted in a thread first
             route = ctx.route
             assert route is not None
-            counted = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens, route.upstream_model)
+            counted = Facts.of(ctx, self.tokens)
             await counted.count_in_thread()
             self._choose(ctx, route, counted)
             route = ctx.plan

@@ -5,7 +5,10 @@ names already lower-case bytes, thresholds as ints. Nothing is parsed here. The
 facts a rule reads come from the request that is already decoded; the only costly
 one, the prompt's token count, is computed at most once per request and only when a
 rule that needs it is reached; for a body past `OFF_LOOP_BYTES`, in a thread, before the
-rules are matched (`Facts.count_in_thread`, which the router awaits).
+rules are matched (`Facts.count_in_thread`, which an async caller awaits first:
+`count_first`). The guard and cache stages and the router each match the rules, so the
+count is kept on the request (`RequestContext.prompt_tokens`, through `Facts.of`) for
+whichever asks next; a guard that rewrites the body forgets it.
 
 Each fact reads the fields of the endpoint the request came in by: a chat's `messages`
 and `response_format`; a Responses request's `instructions`, `input` items (their
@@ -21,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..auth.keys import VirtualKey
@@ -29,7 +32,10 @@ from ..policy.compiled import Match, Rule
 from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import _OFF_LOOP_CHARS
 
-__all__ = ["OFF_LOOP_BYTES", "Facts", "first_match", "matches", "reads_tokens", "rule_alias"]
+if TYPE_CHECKING:
+    from ..pipeline.context import RequestContext
+
+__all__ = ["OFF_LOOP_BYTES", "Facts", "count_first", "first_match", "matches", "reads_tokens", "rule_alias"]
 
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and the Responses API's
@@ -42,18 +48,27 @@ OFF_LOOP_BYTES = _OFF_LOOP_CHARS  # a body larger than this has its prompt count
 class Facts:
     """What rules and sticky assignment may read about one request."""
 
-    __slots__ = ("_prompt_tokens", "body", "headers", "key", "model", "tokens")
+    __slots__ = ("_ctx", "_prompt_tokens", "body", "headers", "key", "model", "tokens")
 
     def __init__(
         self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]],
-        tokens: TokenCounter | None, model: str | None = None,
+        tokens: TokenCounter | None, model: str | None = None, ctx: RequestContext | None = None,
     ) -> None:
         self.body = body
         self.key = key
         self.headers = headers
         self.tokens = tokens
         self.model = model  # for the tokenizer: the upstream model of the alias asked for
+        self._ctx = ctx  # the request whose `prompt_tokens` holds the count (None: kept here, for this one's reader)
         self._prompt_tokens: int | None = None
+
+    @classmethod
+    def of(cls, ctx: RequestContext, tokens: TokenCounter | None) -> Facts:
+        """The facts of a request being served: its prompt counted at most once for every stage that asks (on
+        `ctx`), with the tokenizer of the alias it is routed from (`ctx.route`, the same for every one of them)."""
+        route = ctx.route
+        return cls(ctx.body, ctx.key, ctx.head.raw_headers, tokens, route.upstream_model if route is not None else None,
+                   ctx)
 
     @property
     def tenant(self) -> str:
@@ -87,16 +102,26 @@ class Facts:
     @property
     def prompt_tokens(self) -> int:
         """The prompt's token count (`estimate_body`: tiktoken, an estimate without the encoding), counted once."""
-        if self._prompt_tokens is None:
-            self._prompt_tokens = self._count()
-        return self._prompt_tokens
+        ctx = self._ctx
+        count = self._prompt_tokens if ctx is None else ctx.prompt_tokens
+        if count is None:
+            count = self._count()
+            self._keep(count)
+        return count
 
     async def count_in_thread(self) -> None:
         """Count the prompt now, in a thread: tiktoken holds the event loop, not the GIL, and a prompt of a few MB
-        takes it seconds, every other request of the process waiting (the router asks for a body past
-        `OFF_LOOP_BYTES`, as the usage count does: `telemetry.usage`)."""
-        if self._prompt_tokens is None:
-            self._prompt_tokens = await asyncio.to_thread(self._count)
+        takes it seconds, every other request of the process waiting (asked for a body past `OFF_LOOP_BYTES`, as
+        the usage count does: `telemetry.usage`)."""
+        ctx = self._ctx
+        if (self._prompt_tokens if ctx is None else ctx.prompt_tokens) is None:
+            self._keep(await asyncio.to_thread(self._count))
+
+    def _keep(self, count: int) -> None:
+        if self._ctx is None:
+            self._prompt_tokens = count
+        else:
+            self._ctx.prompt_tokens = count
 
     def _count(self) -> int:
         if self.tokens is None:
@@ -188,6 +213,12 @@ def matches(match: Match, alias: str, facts: Facts) -> bool:
 def reads_tokens(rules: Sequence[Rule]) -> bool:
     """Whether a rule among `rules` reads the prompt's token count (the only fact worth counting off the loop)."""
     return any(rule.match.needs_tokens for rule in rules)
+
+
+def count_first(ctx: RequestContext) -> bool:
+    """Whether the request's prompt, when a rule about to be matched weighs it (`reads_tokens`), is to be counted in a
+    thread first (`await Facts.of(...).count_in_thread()`): not counted yet, and a body past `OFF_LOOP_BYTES`."""
+    return ctx.prompt_tokens is None and len(ctx.raw_body) > OFF_LOOP_BYTES
 
 
 def first_match(rules: Sequence[Rule], alias: str, facts: Facts) -> Rule | None:

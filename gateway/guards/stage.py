@@ -261,7 +261,9 @@ class GuardStage:
                             holder.pop(dropped, None)
                         choice["finish_reason"] = "content_filter"
                         break
-                restore = partial(session.pseudonyms.restore, json_string=json_string)
+                # (never into the reasoning: Anthropic signed it as written, and it comes back unread: `pseudonyms.py`)
+                restore = None if where.part == "reasoning" else partial(session.pseudonyms.restore,
+                                                                         json_string=json_string)
                 container[field] = apply(text, enforced, session.pseudonyms, restore)
         return _encode(data)
 

@@ -35,11 +35,11 @@ from ..errors import UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
-from .base import Guard
+from .base import Guard, Where
 from .responses import ResponsesChunks
 from .session import GuardSession
 from .texts import BESIDE_CONTENT, UNREAD_CHOICE_TEXTS, UNREAD_TEXTS, spread_parts, text_arguments
-from .window import ANSWER, TOOL, Blocked, Lane, Window, lane_index
+from .window import ANSWER, REASONING, TOOL, Blocked, Lane, Window, lane_index
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
@@ -241,7 +241,7 @@ class ChatChunks:
             if lane is None or not lane.pending:
                 continue
             over = final or answering or (bool(texts) and field not in texts)
-            out = await window.release(lane, over, where)
+            out = await self._release_beside(lane, over, where)
             if out or isinstance(holder.get(field), str):
                 holder[field] = out
 
@@ -259,7 +259,15 @@ class ChatChunks:
         for field, where in BESIDE_CONTENT.items():
             lane = self.window.lanes.get((index, field, 0))
             if lane is not None and lane.pending:
-                holder[field] = await self.window.release(lane, True, where)
+                holder[field] = await self._release_beside(lane, True, where)
+
+    async def _release_beside(self, lane: Lane, final: bool, where: Where) -> str:
+        """A lane beside the content released; a reasoning's with its placeholders kept (`pseudonyms.py`: a signed
+        thinking's text must stay what Anthropic signed, and no reasoning a client sends back is read on input)."""
+        if where != REASONING:
+            return await self.window.release(lane, final, where)
+        with self.window.session.pseudonyms.keeping():
+            return await self.window.release(lane, final, where)
 
     async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any], later: set[int]) -> None:
         """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls): what is held of the

@@ -13,6 +13,7 @@ On an assistant message (of a complete answer or of the history) and on a stream
 
 Text rewritten by a guard no longer matches its signature (Anthropic refuses the next turn that sends it back),
 nor, when its length changed, the blocks' lengths: it then goes whole into the turn's first thinking block.
+Pseudonyms are never restored into it (`guards/pseudonyms.py`): the signature covers the placeholders.
 The ingress marks a body carrying `reasoning_blocks` as it marks `cache_control` (`CACHE_MARK`): every provider
 but Anthropic's removes them, with the `reasoning_content` beside them (`cache_control.without_cache_control`).
 """

@@ -10,16 +10,19 @@ blocked). A complete answer's thinking blocks come before its text and tool call
 (`thinking.ordered`).
 
 A tool call's Gemini thought signature (`extra_content.google.thought_signature`) has no field of its own in
-Messages: it rides in the tool_use id, after `SIGNED` (`_signed_id`), which the client sends back unchanged with
-the call and its result; the ingress takes it out again (`anthropic_ingress._unsigned`).
+Messages: it rides in the tool_use id, after `SIGNED` (`tool_id_signature.signed_id`), which the client sends back
+unchanged with the call and its result; the ingress takes it out again (`tool_id_signature.unsigned`).
+Every chat tool call is a tool_use block: a legacy `function_call` too (with an id made for it, as for any call
+without one), and a custom tool's call, its free text as `{"input": text}` (`_input`: Messages' input is an object).
 
 A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
 `stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
 Anthropic upstream's translated answer and vLLM do); else `end_turn`.
 
 An upstream answer (or chunk) whose choices, message, delta, tool calls or function are of another type than
-OpenAI's (`"delta": "oops"`, `"choices": [null]`) is malformed: an `UpstreamError`, a 502 for a complete answer
-and the stream's `error` event mid-stream (`api.proxy` sends it), as an answer that is not JSON is.
+OpenAI's (`"delta": "oops"`, `"choices": [null]`), or with a tool call without a name, is malformed: an
+`UpstreamError`, a 502 for a complete answer and the stream's `error` event (`api.proxy` sends it; for a nameless
+call, in place of the answer's end), as an answer that is not JSON is.
 """
 
 from __future__ import annotations
@@ -30,11 +33,11 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidRequest, UpstreamError
+from ..errors import InvalidRequest
 from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
-from .common import parse_arguments
+from .common import malformed, parse_arguments, upstream_array, upstream_object
 from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 from .thinking_stream import HeldThinking, ThinkingStream
 from .tool_id_signature import signature_of, signed_id
@@ -44,6 +47,10 @@ __all__ = ["MessagesStream", "messages_response"]
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 _NO_USAGE = {"input_tokens": 0, "output_tokens": 0}
+# Where a chat tool call holds its name and what the model wrote: a function call, or (True) a custom tool's call.
+_PART = {False: "a tool call's `function`", True: "a tool call's `custom`"}
+_TEXT = {False: "arguments", True: "input"}
+_LEGACY = -1  # a streamed legacy `delta.function_call`'s place among the tool calls (theirs count from 0)
 _PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
 
 
@@ -96,45 +103,23 @@ def _text_of(content: Any) -> str:
     return ""
 
 
-def _object(value: Any, what: str) -> dict[str, Any]:
-    """`value` when it is an object; of any other type the upstream's answer is malformed (`_malformed`)."""
-    if isinstance(value, dict):
-        return value
-    raise _malformed(what, "an object")
-
-
-def _array(value: Any, what: str) -> list[Any]:
-    """`value` when it is an array; else the upstream's answer is malformed."""
-    if isinstance(value, list):
-        return value
-    raise _malformed(what, "an array")
-
-
-def _malformed(what: str, kind: str) -> UpstreamError:
-    """The upstream's answer has a wrong-typed value where the translation reads it: a 502, as invalid JSON is (the
-    message names the field, never the value: it is upstream text)."""
-    return UpstreamError(f"the upstream sent a malformed answer ({what} is not {kind})")
-
-
 def messages_response(body: bytes, alias: str, estimate: Usage | None = None) -> bytes:
     """A `chat.completion` as Anthropic's `message` (the model named as the client asked for it). `estimate`: the
     gateway's own count, reported when the upstream's answer has no usage (Messages always has one)."""
-    data = _object(_decode(body), "the answer")
-    choices = _array(data.get("choices") or [], "`choices`")
-    choice = _object(choices[0], "`choices[0]`") if choices else {}
-    message = _object(choice.get("message") or {}, "`choices[0].message`")
+    data = upstream_object(_decode(body), "the answer")
+    choices = upstream_array(data.get("choices") or [], "`choices`")
+    choice = upstream_object(choices[0], "`choices[0]`") if choices else {}
+    message = upstream_object(choice.get("message") or {}, "`choices[0].message`")
     text = _text_of(message.get("content"))
     refusal = message.get("refusal")
     refused = not text and isinstance(refusal, str) and bool(refusal)  # OpenAI's refusal: its text, and its reason
     if refused:
         text = str(refusal)
     texts = [{"type": "text", "text": text}] if text else []
-    tools: list[dict[str, Any]] = []
-    for found in _array(message.get("tool_calls") or [], "`message.tool_calls`"):
-        call = _object(found, "a tool call")
-        function = _object(call.get("function") or {}, "a tool call's `function`")
-        tools.append({"type": "tool_use", "id": signed_id(call.get("id"), signature_of(call)),
-                      "name": function.get("name"), "input": _tool_input(function.get("arguments"))})
+    tools = [_tool_use(upstream_object(found, "a tool call"))
+             for found in upstream_array(message.get("tool_calls") or [], "`message.tool_calls`")]
+    if message.get("function_call") is not None:  # the legacy form: one call, without an id
+        tools.append(_tool_use({"function": upstream_object(message["function_call"], "`message.function_call`")}))
     content = texts + tools
     if message.get(REASONING) or message.get(BLOCKS):
         content = ordered(messages_blocks(message.get(REASONING), message.get(BLOCKS), signed_only=False), texts,
@@ -149,11 +134,41 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
     })
 
 
-def _tool_input(arguments: Any) -> Any:
+def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
+    """A complete answer's tool call as a `tool_use` block: a function call's or a custom one's (`_input`)."""
+    custom = call.get("custom") is not None
+    part = upstream_object(call["custom"] if custom else call.get("function") or {}, _PART[custom])
+    text = part.get(_TEXT[custom])
+    if custom and not isinstance(text, str | None):
+        raise malformed("a custom tool call's `input`", "a string")
+    return {"type": "tool_use", "id": _tool_use_id(call.get("id"), signature_of(call)), "name": _name(part.get("name")),
+            "input": _input(text, custom)}
+
+
+def _name(name: Any) -> str:
+    """A tool call's name. A call without one cannot be carried (the client has nothing to run, and would send back
+    a block the ingress refuses): the answer is the upstream's error rather than a call without content."""
+    if isinstance(name, str) and name:
+        return name
+    raise malformed("a tool call's `name`", "a non-empty string")
+
+
+def _tool_use_id(id_: Any, signature: str | None) -> str:
+    """The call's id (`signed_id`), or one made for a call without one (a legacy `function_call` never has one) in
+    Messages' form and alphabet: a client sends it back, and the ingress requires it."""
+    own = id_ if isinstance(id_, str) and id_ else "toolu_" + secrets.token_hex(12)
+    return str(signed_id(own, signature))
+
+
+def _input(text: Any, custom: bool) -> dict[str, Any]:
+    """A tool_use `input` (an object, always): a custom call's free text under `input`; a function call's JSON
+    arguments, with invalid JSON kept under `_raw_arguments` and a value that is not an object under `value`."""
+    if custom:
+        return {"input": text or ""}
     try:
-        value = parse_arguments(arguments, "tool_calls")
+        value = parse_arguments(text, "tool_calls")
     except InvalidRequest:
-        return {"_raw_arguments": arguments}  # the model wrote invalid JSON: kept, visibly, rather than lost
+        return {"_raw_arguments": text}  # the model wrote invalid JSON: kept, visibly, rather than lost
     return value if isinstance(value, dict) else {"value": value}
 
 
@@ -164,13 +179,14 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
 class _HeldCall:
     """A streamed tool call, held until the answer ends: its pieces may come between another call's."""
 
-    __slots__ = ("arguments", "id", "name", "signature")
+    __slots__ = ("arguments", "custom", "id", "name", "signature")
 
     def __init__(self, id_: Any, name: Any) -> None:
         self.id = id_
         self.name = name
+        self.custom = False  # a custom tool's call: `arguments` hold its free text input (`_input`)
         self.arguments: list[str] = []
-        self.signature: str | None = None  # its Gemini thought signature (`_signed_id`)
+        self.signature: str | None = None  # its Gemini thought signature (`signed_id`)
 
 
 class MessagesStream:
@@ -179,7 +195,7 @@ class MessagesStream:
     Text is written as it comes, up to the first tool call. From there on the blocks are held and written at
     the end, whole, in the order they began: Messages writes one block after the other and cannot reopen one,
     while a chat stream may interleave its tool calls' pieces (call 0, then 1, then 0 again); and a tool call's
-    input is checked as a complete answer's is (`_tool_input`: invalid JSON under `_raw_arguments`, any other
+    input is checked as a complete answer's is (`_input`: invalid JSON under `_raw_arguments`, any other
     value than an object under `value`) only once all of it came. `estimate`, called at the end when the upstream
     sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet). A stream
     that ends blocked (`content_filter`: an output guard's block, or the upstream's filter) writes none of its held
@@ -236,10 +252,13 @@ class MessagesStream:
 
     def _end(self, out: list[bytes]) -> None:
         """The held blocks, then the stop reason and the usage (the upstream's, else the gateway's estimate)."""
+        blocked = self._finish == "content_filter"
+        for block in () if blocked else self._held:
+            if isinstance(block, _HeldCall):
+                block.name = _name(block.name)  # (before any event: a call that cannot be carried ends in an error)
         self._start(out, None)
         self._thinking.flush(out)
         self._close_text(out)
-        blocked = self._finish == "content_filter"
         for block in self._held:
             if not (blocked and isinstance(block, _HeldCall)):
                 self._write_held(block, out)
@@ -258,18 +277,18 @@ class MessagesStream:
             self._text_open = False
 
     def _chunk(self, data: dict[str, Any], out: list[bytes]) -> None:
-        """One chunk's events; an `UpstreamError` (`_malformed`) for a chunk whose choices, delta, tool calls or
+        """One chunk's events; an `UpstreamError` (`common.malformed`) for a chunk whose choices, delta, tool calls or
         function are of another type than OpenAI's: `api.proxy` ends the stream with its `error` event."""
         self._start(out, data.get("id"))
         choices = data.get("choices") or []
         if type(choices) is not list:
-            raise _malformed("a chunk's `choices`", "an array")
+            raise malformed("a chunk's `choices`", "an array")
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # (a choice that is not an object is skipped, as before: it holds nothing to write)
             delta = choice.get("delta") or {}
             if type(delta) is not dict:
-                raise _malformed("a chunk's `delta`", "an object")
+                raise malformed("a chunk's `delta`", "an object")
             if REASONING in delta or BLOCKS in delta:
                 self._reasoning(delta.get(REASONING), delta.get(BLOCKS), out)
             text = _text_of(delta.get("content"))
@@ -280,9 +299,13 @@ class MessagesStream:
                 self._refused = True
                 self._text(refusal, out)
             calls = delta.get("tool_calls")
-            for call in _array(calls, "a chunk's `tool_calls`") if calls else ():
+            for call in upstream_array(calls, "a chunk's `tool_calls`") if calls else ():
                 if isinstance(call, dict):
-                    self._tool_piece(call, out)
+                    found = call.get("index", 0)
+                    self._tool_piece(call, found if type(found) is int else 0, out)
+            if delta.get("function_call") is not None:  # the legacy form: one call, without an id
+                self._tool_piece({"function": upstream_object(delta["function_call"], "a chunk's `function_call`")},
+                                 _LEGACY, out)
             if choice.get("finish_reason"):
                 self._finish = choice["finish_reason"]
                 matched = choice.get("stop_reason")
@@ -309,22 +332,26 @@ class MessagesStream:
                                                       "content_block": {"type": "text", "text": ""}}))
         out.append(_event("content_block_delta", {"index": self._index, "delta": {"type": "text_delta", "text": text}}))
 
-    def _tool_piece(self, call: dict[str, Any], out: list[bytes]) -> None:
-        found = call.get("index", 0)
-        position = found if type(found) is int else 0
-        function = _object(call.get("function") or {}, "a tool call's `function`")
+    def _tool_piece(self, call: dict[str, Any], position: int, out: list[bytes]) -> None:
+        """A piece of the call at `position`: a function's (arguments as a string, or a whole JSON object as some
+        servers send them) or a custom tool's (its input text)."""
+        custom = call.get("custom") is not None
+        part = upstream_object(call["custom"] if custom else call.get("function") or {}, _PART[custom])
         held = self._calls.get(position)
         if held is None:
-            held = self._calls[position] = _HeldCall(call.get("id"), function.get("name"))
+            held = self._calls[position] = _HeldCall(call.get("id"), part.get("name"))
             self._held.append(held)
             self._thinking.flush(out)  # the thinking and the text before the first tool call are complete
             self._close_text(out)
         held.id = held.id or call.get("id")  # a server that names the call in a later piece
-        held.name = held.name or function.get("name")
+        held.name = held.name or part.get("name")
+        held.custom = held.custom or custom
         held.signature = held.signature or signature_of(call)
-        arguments = function.get("arguments")
-        if isinstance(arguments, str) and arguments:
-            held.arguments.append(arguments)
+        text = part.get(_TEXT[custom])
+        if isinstance(text, str) and text:
+            held.arguments.append(text)
+        elif isinstance(text, dict) and not custom:
+            held.arguments.append(_encode(text).decode())
         self._quiet += 1
 
     def _next_index(self) -> int:
@@ -361,9 +388,9 @@ class MessagesStream:
             start: dict[str, Any] = {"type": "text", "text": ""}
             delta = {"type": "text_delta", "text": "".join(block)}
         else:
-            start = {"type": "tool_use", "id": signed_id(block.id, block.signature), "name": block.name, "input": {}}
+            start = {"type": "tool_use", "id": _tool_use_id(block.id, block.signature), "name": block.name, "input": {}}
             delta = {"type": "input_json_delta",
-                     "partial_json": _encode(_tool_input("".join(block.arguments))).decode()}
+                     "partial_json": _encode(_input("".join(block.arguments), block.custom)).decode()}
         out.append(_event("content_block_start", {"index": index, "content_block": start}))
         out.append(_event("content_block_delta", {"index": index, "delta": delta}))
         out.append(_event("content_block_stop", {"index": index}))

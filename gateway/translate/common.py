@@ -8,11 +8,12 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidRequest, Unsupported
+from ..errors import InvalidRequest, Unsupported, UpstreamError
 from ..schemas.events import Chunk
 
 __all__ = ["ANTHROPIC_ONLY", "BETA", "CACHE_MARK", "MARKS", "ChunkWriter", "StreamProtocolError", "data_url",
-           "json_instruction", "json_schema_of", "parse_arguments", "tool_calls_of", "unsupported"]
+           "json_instruction", "json_schema_of", "malformed", "parse_arguments", "tool_calls_of", "unsupported",
+           "upstream_array", "upstream_object"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
@@ -42,6 +43,26 @@ def unsupported(field: str, target: str, what: str | None = None) -> Unsupported
     shown = what or f"`{field}`"
     return Unsupported(f"{shown} is not supported by {target}; remove it or route to a model that supports it",
                        param=field)
+
+
+def malformed(what: str, kind: str) -> UpstreamError:
+    """The upstream's answer has a wrong-typed value where a translation reads it: a 502, as invalid JSON is (the
+    message names the field, never the value: it is upstream text)."""
+    return UpstreamError(f"the upstream sent a malformed answer ({what} is not {kind})")
+
+
+def upstream_object(value: Any, what: str) -> dict[str, Any]:
+    """`value` of an upstream's answer when it is an object; of any other type the answer is `malformed`."""
+    if isinstance(value, dict):
+        return value
+    raise malformed(what, "an object")
+
+
+def upstream_array(value: Any, what: str) -> list[Any]:
+    """`value` of an upstream's answer when it is an array; else the answer is `malformed`."""
+    if isinstance(value, list):
+        return value
+    raise malformed(what, "an array")
 
 
 def data_url(url: str) -> tuple[str, str] | None:

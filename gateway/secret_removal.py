@@ -139,7 +139,7 @@ def _compile_uncached(source: str) -> re.Pattern[str]:
     """`re.compile(source)`, left out of the `re` module's own cache: it keeps the last 512 patterns compiled
     (3.12 adds a second cache of 256), so every replaced set's pattern would stay there, whatever this module
     drops. Those caches are private: a Python that keeps them elsewhere leaves the pattern there (the test
-    `tests/test_b15_secret_pattern_memory.py` checks where they are)."""
+    `tests/test_secret_pattern_memory.py` checks where they are)."""
     pattern = re.compile(source)
     for name in ("_cache", "_cache2"):
         cache = getattr(re, name, None)

@@ -635,7 +635,7 @@ def test_requests_over_the_limit_get_503(serve: Callable[..., Server],
     status, headers, body = get(server, "/whole")
     assert_error(status, headers, body, 503, "server_overloaded")
     assert headers["retry-after"] == "1"
-    assert get(server)[0] == 200  # /healthz: a liveness probe passes (tests/test_b11_probes_at_max_requests.py)
+    assert get(server)[0] == 200  # /healthz: a liveness probe passes (tests/test_probes_at_max_requests.py)
     server.state.release.set()
     for sock in held:
         assert read_response(sock)[0] == 200

@@ -15,7 +15,7 @@ import pytest
 from gateway.auth.keys import hash_key
 from tests.conftest import RunningGateway
 from tests.support.mock_upstream import MockUpstream
-from tests.test_b9_hop_limits import store_states
+from tests.test_accounting_hop_limits import store_states
 
 ACME = "gw-b9-headers-acme-key-000000000000000000"
 GLOBEX = "gw-b9-headers-globex-key-1111111111111111"

@@ -4,7 +4,7 @@ of test_cache_leader_failure (its first call misbehaves as scripted, later ones 
 
 These ways passed before this change too (test_cache_leader_failure covers an upstream error, a non-streamed
 leader's client leaving and a cut stream): they hold the rest of the claim in place. A leader whose upstream
-answers a 200 that is not an answer is in test_b3_cache_non_answers.py.
+answers a 200 that is not an answer is in test_cache_non_answers.py.
 """
 
 from __future__ import annotations

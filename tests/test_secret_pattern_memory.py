@@ -25,8 +25,8 @@ from gateway.policy import compile_text
 from gateway.providers.azure import AzureProvider
 from gateway.sanitize import remove_secrets
 from gateway.upstream.client import ConnectionGate
-from tests.test_b8_secret_spellings import SPELLINGS, EchoingUpstream
-from tests.test_b12_secret_warmup import first_error, leaked, long_secret, until
+from tests.test_secret_pattern_warmup import first_error, leaked, long_secret, until
+from tests.test_secret_spellings import SPELLINGS, EchoingUpstream
 
 
 def alive(refs: list[weakref.ref[re.Pattern[str]]]) -> list[re.Pattern[str]]:

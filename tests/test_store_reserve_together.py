@@ -1,7 +1,7 @@
 """`Store.reserve_together`: a request's reservations on several keys, all or nothing, on every backend.
 
 A request one key refuses must hold nothing on the others, not even for an instant: another request counting it
-is refused with room left (`tests/test_b13_burst_limits.py` shows it through the gateway). A Redis Cluster
+is refused with room left (`tests/test_accounting_burst_limits.py` shows it through the gateway). A Redis Cluster
 cannot take keys of different slots in one script: it answers None and the caller takes them one by one.
 """
 

@@ -6,7 +6,7 @@ on the event loop at the first upstream error after a provider started or its cr
 whole gateway stood still meanwhile. A ticker task's largest gap measures the stall around that first error, through
 real providers in front of the project's mock upstreams; each test uses credentials of its own (random), so
 that no test finds a pattern another one built. The secret must still be gone from that first error, in every
-spelling (tests/test_b8_secret_spellings.py), also when the pattern is not ready yet (`sanitize`'s fallback).
+spelling (tests/test_secret_spellings.py), also when the pattern is not ready yet (`sanitize`'s fallback).
 """
 
 from __future__ import annotations
@@ -33,7 +33,7 @@ from gateway.schemas.endpoints import Endpoint
 from gateway.server import _GC_THRESHOLDS
 from gateway.upstream.client import ConnectionGate
 from tests.support.mock_upstream import MockUpstream
-from tests.test_b8_secret_spellings import SPELLINGS, EchoingUpstream
+from tests.test_secret_spellings import SPELLINGS, EchoingUpstream
 
 # A stall of the loop the tests tolerate: generous (a busy machine), far below the seconds the build took on it.
 MAX_GAP_S = 0.3

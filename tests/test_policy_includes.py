@@ -132,7 +132,7 @@ def test_cycles_missing_files_and_errors_inside_an_included_file(tmp_path: Path)
     root.write_text("version: 1\nauth: none\ninclude: [a.yaml]\nmodels: {m: {provider: demo, model: x}}\n")
     assert issues(root) == [f"{tmp_path / 'a.yaml'}:2: providers.demo.bogus: unknown field `bogus` (allowed: "
                             "anthropic, api_key_env, api_key_header, azure, base_url, chunk_delay_ms, gemini, "
-                            "headers, headers_env, keepalive_s, kind, max_response_bytes, pool_size, "
+                            "headers, headers_env, keepalive_s, kind, max_response_bytes, openai, pool_size, "
                             "pool_timeout_s, query, stream_usage, timeouts)"]
     root.write_text("version: 1\nauth: none\ninclude: a.yaml\nmodels: {m: {provider: demo, model: x}}\n")
     assert issues(root) == [f"{root}:3: include: expected a list of file names or globs, relative to this file"]

@@ -20,8 +20,7 @@ from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import Children
-from ..telemetry.usage import _OFF_LOOP_CHARS as OFF_LOOP_CHARS
-from ..telemetry.usage import CountTokens
+from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens
 from .gauges import BudgetLeft
 from .ledger import Ledger
 from .prompt import PromptEstimator, estimate_prompt

@@ -36,8 +36,7 @@ from ..store.base import Store
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import Children
-from ..telemetry.usage import _OFF_LOOP_CHARS as OFF_LOOP_CHARS
-from ..telemetry.usage import CountTokens, answer_text, count_text, estimate_usage, stream_text
+from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens, answer_text, count_text, estimate_usage, stream_text
 from ..upstream.request import SENDING
 from .admission import Admission
 from .bill import Bill

@@ -39,7 +39,7 @@ from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found,
 from ..runtime import Runtime
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter
-from ..telemetry.usage import CountTokens, estimate_on_loop
+from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens, estimate_on_loop
 from ..translate.anthropic_answer import MessagesStream, messages_response
 from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
 from ..translate.common import BETA, CACHE_MARK
@@ -49,7 +49,6 @@ __all__ = ["CountTokensEndpoint", "MessagesDialect"]
 
 _encode = msgspec.json.Encoder().encode
 log = logging.getLogger("gateway.proxy")
-_OFF_LOOP_BYTES = 64 * 1024  # a larger body is counted in a thread (as `telemetry.usage` counts large texts)
 _REQUEST_ID = b"request-id"  # the header the Anthropic SDK reads the request id from
 _OVERLOADED = 529  # Anthropic's status for `overloaded_error`
 
@@ -188,7 +187,7 @@ class CountTokensEndpoint:
             route = policy.models.get(alias)
             if route is None or (key is not None and not key.allows(alias)):
                 raise model_not_found(alias)
-            if len(raw) > _OFF_LOOP_BYTES:
+            if len(raw) > OFF_LOOP_CHARS:
                 count = await asyncio.to_thread(_count, self.host.tokens, chat, route.upstream_model)
             else:
                 count = _count(self.host.tokens, chat, route.upstream_model)

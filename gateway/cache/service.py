@@ -150,7 +150,7 @@ class ResponseCache:
     # -- keys -------------------------------------------------------------------------------------------
 
     def counts_first(self, ctx: RequestContext, alias: str) -> bool:
-        """Whether `rule` would count a prompt past `OFF_LOOP_BYTES` on the loop: the stage awaits `count` first."""
+        """Whether `rule` would count a prompt past `OFF_LOOP_CHARS` on the loop: the stage awaits `count` first."""
         return alias in self._counting and count_first(ctx)
 
     async def count(self, ctx: RequestContext) -> None:

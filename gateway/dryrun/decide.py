@@ -7,7 +7,7 @@ latency statistic is read or updated (an offline decider sees no traffic: breake
 as closed, latency and load as unknown), no store is touched, and the guard runtime has
 metrics of its own, so the live ones count only served requests. One decision per kind,
 one function per kind, called in pipeline order (see `dryrun.decisions` for adding one).
-The routing rule that applies is found once (its facts' prompt count, past `OFF_LOOP_BYTES`,
+The routing rule that applies is found once (its facts' prompt count, past `OFF_LOOP_CHARS`,
 in a thread: a shadow policy decides on the gateway's loop) and read by every kind: the
 limits of the alias it sends the request to count too (`accounting.hops`), its guards run,
 and a `deny` keeps the request from the cache.
@@ -35,10 +35,11 @@ from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy, Rule
 from ..routing.explain import route_plan
 from ..routing.router import Router
-from ..routing.rules import OFF_LOOP_BYTES, Facts, first_match, reads_tokens
+from ..routing.rules import Facts, first_match, reads_tokens
 from ..schemas.endpoints import Endpoint
 from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
+from ..telemetry.usage import OFF_LOOP_CHARS
 from .decisions import (
     AppliedBudget,
     AppliedLimit,
@@ -132,7 +133,7 @@ class Decider:
             found["auth"] = self._authorize(found["auth"], key, alias)
             route = self.policy.models[alias]
             facts = Facts(body, key, request.headers, self.tokens, route.upstream_model)
-            if route.rules and len(request.body) > OFF_LOOP_BYTES and reads_tokens(route.rules):
+            if route.rules and len(request.body) > OFF_LOOP_CHARS and reads_tokens(route.rules):
                 await facts.count_in_thread()
             rule = first_match(route.rules, alias, facts) if route.rules else None
             found["limits"] = self._limits(request.endpoint, body, key, alias, self._hop(alias, rule))

@@ -11,7 +11,7 @@ not only of the one it named: when that alias has routing rules, the stage finds
 rule the router will apply (`rule_alias`: `first_match` on the same facts, the body as the guards
 leave it) and takes the guards of the alias it sends the request to. A rule with its
 own targets keeps the named alias's guards; a `deny` rule is the router's to refuse. A
-rule on the prompt's size has a body past `OFF_LOOP_BYTES` counted in a thread first
+rule on the prompt's size has a body past `OFF_LOOP_CHARS` counted in a thread first
 (`_counted`), and the count is the request's (`ctx.prompt_tokens`: the cache stage and
 the router read it), forgotten when a guard rewrites the body.
 
@@ -108,7 +108,7 @@ class GuardStage:
 
     def _served(self, ctx: RequestContext) -> GuardSet | None:
         """The guards of the alias that will serve the request, as the body stands (see the module's docstring); None
-        when that takes counting a prompt past `OFF_LOOP_BYTES` (`count_first`), to be counted in a thread first."""
+        when that takes counting a prompt past `OFF_LOOP_CHARS` (`count_first`), to be counted in a thread first."""
         route = ctx.route
         assert route is not None
         alias = route.alias

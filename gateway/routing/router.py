@@ -21,7 +21,7 @@ breaker verdict and its count as an attempt wait for its end (`verdicts`).
 
 A single-target alias costs one dictionary merge (the body, as before routing) and
 two counter increments: everything else is precomputed at load. Rules that weigh a prompt past
-`OFF_LOOP_BYTES` have it counted in a thread (`call` chooses), unless a stage before did (`ctx.prompt_tokens`).
+`OFF_LOOP_CHARS` have it counted in a thread (`call` chooses), unless a stage before did (`ctx.prompt_tokens`).
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ class Router:
 
     def select(self, ctx: RequestContext) -> None:
         """Rules, then the strategy: set `ctx.plan` and `ctx.candidates` (or refuse with 400); left to `call` for a
-        body past `OFF_LOOP_BYTES` that a rule weighs, not counted yet (then in a thread; no stage between reads it)."""
+        body past `OFF_LOOP_CHARS` that a rule weighs, not counted yet (then in a thread; no stage between reads it)."""
         route = ctx.route
         assert route is not None
         if self._counting and id(route) in self._counting and count_first(ctx):

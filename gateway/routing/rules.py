@@ -4,7 +4,7 @@ Rules arrive compiled (`policy.compiled.Match`): sets to test membership in, hea
 names already lower-case bytes, thresholds as ints. Nothing is parsed here. The
 facts a rule reads come from the request that is already decoded; the only costly
 one, the prompt's token count, is computed at most once per request and only when a
-rule that needs it is reached; for a body past `OFF_LOOP_BYTES`, in a thread, before the
+rule that needs it is reached; for a body past `OFF_LOOP_CHARS`, in a thread, before the
 rules are matched (`Facts.count_in_thread`, which an async caller awaits first:
 `count_first`). The guard and cache stages and the router each match the rules, so the
 count is kept on the request (`RequestContext.prompt_tokens`, through `Facts.of`) for
@@ -30,19 +30,18 @@ from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..auth.keys import VirtualKey
 from ..policy.compiled import Match, Rule
 from ..telemetry.tokens import TokenCounter
-from ..telemetry.usage import _OFF_LOOP_CHARS
+from ..telemetry.usage import OFF_LOOP_CHARS
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
 
-__all__ = ["OFF_LOOP_BYTES", "Facts", "count_first", "first_match", "matches", "reads_tokens", "rule_alias"]
+__all__ = ["Facts", "count_first", "first_match", "matches", "reads_tokens", "rule_alias"]
 
 _JSON_FORMATS = frozenset({"json_object", "json_schema"})
 _IMAGE_PARTS = frozenset({"image_url", "input_image"})  # chat's image part, and the Responses API's
 # Without a counter (a router made without one): every text at about four characters a token, as a counter with no
 # encoding loaded estimates it.
 _ROUGH = PromptEstimator(TokenCounter(), keep=False)
-OFF_LOOP_BYTES = _OFF_LOOP_CHARS  # a body larger than this has its prompt counted in a thread (`count_in_thread`)
 
 
 class Facts:
@@ -111,7 +110,7 @@ class Facts:
 
     async def count_in_thread(self) -> None:
         """Count the prompt now, in a thread: tiktoken holds the event loop, not the GIL, and a prompt of a few MB
-        takes it seconds, every other request of the process waiting (asked for a body past `OFF_LOOP_BYTES`, as
+        takes it seconds, every other request of the process waiting (asked for a body past `OFF_LOOP_CHARS`, as
         the usage count does: `telemetry.usage`)."""
         ctx = self._ctx
         if (self._prompt_tokens if ctx is None else ctx.prompt_tokens) is None:
@@ -217,8 +216,8 @@ def reads_tokens(rules: Sequence[Rule]) -> bool:
 
 def count_first(ctx: RequestContext) -> bool:
     """Whether the request's prompt, when a rule about to be matched weighs it (`reads_tokens`), is to be counted in a
-    thread first (`await Facts.of(...).count_in_thread()`): not counted yet, and a body past `OFF_LOOP_BYTES`."""
-    return ctx.prompt_tokens is None and len(ctx.raw_body) > OFF_LOOP_BYTES
+    thread first (`await Facts.of(...).count_in_thread()`): not counted yet, and a body past `OFF_LOOP_CHARS`."""
+    return ctx.prompt_tokens is None and len(ctx.raw_body) > OFF_LOOP_CHARS
 
 
 def first_match(rules: Sequence[Rule], alias: str, facts: Facts) -> Rule | None:

@@ -15,7 +15,7 @@ The prompt is counted as the reservation estimates it and as `/v1/messages/count
 (`accounting.prompt.PromptEstimator.estimate_body`: messages with their format's overhead, tool calls and their
 ids, images, the current turn's thinking, tool definitions), in the encoding of the alias's upstream model: a
 Messages client's `count_tokens` figure is the `input_tokens` its answer carries and the figure it is billed for.
-A body past `_OFF_LOOP_CHARS` is counted in a thread; a stream's (whose provider reports no usage) from its
+A body past `OFF_LOOP_CHARS` is counted in a thread; a stream's (whose provider reports no usage) from its
 start, so that its figure is ready when a Messages stream's last event is written.
 
 A stream that ends before its usage came (an error mid-stream, the client gone, a budget's cut), whose upstream
@@ -38,10 +38,10 @@ from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import Usage
 from .tokens import TokenCounter, message_text
 
-__all__ = ["CountTokens", "StreamText", "answer_text", "count_on_loop", "count_text", "estimate_on_loop",
-           "estimate_stream_usage", "estimate_usage", "stream_text"]
+__all__ = ["OFF_LOOP_CHARS", "CountTokens", "StreamText", "answer_text", "count_on_loop", "count_text",
+           "estimate_on_loop", "estimate_stream_usage", "estimate_usage", "stream_text"]
 
-_OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
+OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
 _ROUGH = PromptEstimator(TokenCounter(), keep=False)  # no encoding loaded: every text at four characters a token
 
 
@@ -60,7 +60,7 @@ class CountTokens:
             provider = ctx.provider
             if provider is not None and not getattr(provider, "stream_usage_expected", True):
                 text = stream_text(ctx, reply.stream)
-                if text.prompt is None and len(ctx.raw_body) > _OFF_LOOP_CHARS:  # counted while the answer comes
+                if text.prompt is None and len(ctx.raw_body) > OFF_LOOP_CHARS:  # counted while the answer comes
                     text.prompt = asyncio.ensure_future(asyncio.to_thread(
                         self.prompts.estimate_body, ctx.body, _model(ctx)))
                 reply.stream.add(_CountText(self))
@@ -94,12 +94,12 @@ class CountTokens:
         text = ctx.answer_text
         if text is not None and text.prompt is not None:
             return await text.prompt  # type: ignore[no-any-return]
-        if len(ctx.raw_body) > _OFF_LOOP_CHARS:
+        if len(ctx.raw_body) > OFF_LOOP_CHARS:
             return await asyncio.to_thread(self.prompts.estimate_body, ctx.body, _model(ctx))
         return self.prompts.estimate_body(ctx.body, _model(ctx))
 
     async def _count(self, text: str) -> int:
-        if len(text) > _OFF_LOOP_CHARS:
+        if len(text) > OFF_LOOP_CHARS:
             return await asyncio.to_thread(self.tokens.count, text)
         return self.tokens.count(text)
 
@@ -234,12 +234,12 @@ def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
     stage's end hook runs: a Messages stream's last event), and kept as the request's usage (marked), so that the
     bill and this stage read the figure the client got. A large body's prompt is the one counted since the stream
     began; when there is none (a provider found not to report usage only at this stream's end), its texts are
-    taken at four characters a token instead of holding the loop, as is an answer text past `_OFF_LOOP_CHARS`."""
+    taken at four characters a token instead of holding the loop, as is an answer text past `OFF_LOOP_CHARS`."""
     text = ctx.answer_text
     early = text.prompt if text is not None else None
     if early is not None and early.done() and not early.cancelled() and early.exception() is None:
         prompt = early.result()
-    elif len(ctx.raw_body) <= _OFF_LOOP_CHARS:
+    elif len(ctx.raw_body) <= OFF_LOOP_CHARS:
         prompt = estimate_prompt(tokens, ctx.body, _model(ctx))
     else:
         prompt = _ROUGH.estimate_body(ctx.body, None)
@@ -249,7 +249,7 @@ def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
 
 
 def count_on_loop(tokens: TokenCounter, text: str) -> int:
-    return tokens.count(text) if len(text) <= _OFF_LOOP_CHARS else len(text) // 4
+    return tokens.count(text) if len(text) <= OFF_LOOP_CHARS else len(text) // 4
 
 
 async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext, so_far: Usage | None = None) -> Usage:

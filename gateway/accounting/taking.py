@@ -32,16 +32,33 @@ class Taking(StageState):
     async def _taken(self, ops: list[Op]) -> tuple[list[Any], bool]:
         """Each op's answer (or the `StoreUnavailable` it met), and whether the ones that fit are held: in one
         store step (`Store.reserve_together`), else each alone, at once (one round trip's wait for all)."""
-        if len(ops) > 1:
-            try:
-                together = await self.store.reserve_together(
-                    [Take(_WHAT[kind], args, kind != "budget" or scope.budget is None or scope.budget.mode == "hard")
-                     for kind, scope, args in ops])
-            except StoreUnavailable as exc:  # every op met it (each one's caller owes what may be applied)
-                return [exc] * len(ops), True
-            if together is not None:
-                return together[1], together[0]
-        return await self._all([self._remote[kind](*args) for kind, _, args in ops]), True
+        try:
+            if len(ops) > 1:
+                try:
+                    together = await self.store.reserve_together([
+                        Take(_WHAT[kind], args, kind != "budget" or scope.budget is None or scope.budget.mode == "hard")
+                        for kind, scope, args in ops])
+                except StoreUnavailable as exc:  # every op met it (each one's caller owes what may be applied)
+                    return [exc] * len(ops), True
+                if together is not None:
+                    return together[1], together[0]
+            return await self._all([self._remote[kind](*args) for kind, _, args in ops]), True
+        except asyncio.CancelledError:  # the client left (or a shutdown) while the store had them
+            self._owe_taken(ops)
+            raise
+
+    def _owe_taken(self, ops: list[Op]) -> None:
+        """Operations the store may have applied after their request was cancelled waiting for the answer: owed to
+        the ledger as a timed-out take's are, a slot given back and a budget's reservation settled to nothing under
+        its id (given back if it was applied, stopped if it arrives later). A slot held for the rest of its lease
+        (`accounting.lease_s`) would refuse the key's next requests meanwhile, a budget's reservation would count
+        as spend for the rest of its period. A window's request or tokens are not given back (no id tells whether
+        that was applied): they count until the window ends, a minute at most."""
+        for kind, _, args in ops:
+            if kind == "concurrent":
+                self._owe_release(args[0], args[1])
+            elif kind == "budget" and args[4]:
+                self.ledger.owe_op(args[0], args[4], 0.0, 0.0, args[3])
 
     def _give_back(self, bill: Bill) -> None:
         """A refusal's first step: on the in-process store, what the request took given back in line (no other

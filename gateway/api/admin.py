@@ -54,7 +54,7 @@ def admin_routes(host: AdminHost) -> list[Any]:
         return Response(_encode(result), status_code=status, media_type="application/json",
                         headers={"x-request-id": request_id})
 
-    return while_admin_on(host, [reload, *key_routes(check, lambda: host.runtime, host.metrics)])
+    return while_admin_on(host, [reload, *key_routes(check, host.acquire_runtime, host.metrics)])
 
 
 def while_admin_on(host: OpsHost, handlers: list[HTTPRouteHandler]) -> list[Any]:

@@ -21,7 +21,7 @@ from litestar.exceptions import HTTPException
 from msgspec import Meta, Struct
 
 from ..auth.records import CorruptRecord, is_key_id, public_view
-from ..auth.registry import KeyRegistry
+from ..auth.registry import KeyRegistry, LeftBehind
 from ..errors import GatewayError, InvalidRequest, KeysUnavailable, NotFound
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..runtime import Runtime
@@ -58,24 +58,33 @@ class RotateKey(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
     grace_s: Annotated[float, Meta(ge=0, le=7 * 86_400)] = 0.0
 
 
-def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable[[], Runtime],
+def key_routes(check: Callable[[Request[Any, Any, Any]], str], acquire_runtime: Callable[[], Runtime],
                metrics: Metrics) -> list[Any]:
-    """The handlers; `check` is the admin token check (returns the request id), `runtime` the one in force."""
+    """The handlers; `check` is the admin token check (returns the request id), `acquire_runtime` holds the
+    runtime in force until its `release()`.
 
-    def registry() -> tuple[Runtime, KeyRegistry]:
-        current = runtime()
+    Each call holds the runtime it started with to its end, as a proxied request does: a reload during the call
+    retires that runtime (and closes its store) only after the call, so that no change to a key is cut half-way
+    by a closed store while Redis itself is fine."""
+
+    def registry(current: Runtime) -> KeyRegistry:
         dynamic = current.dynamic_keys
         if dynamic is None:
             raise NotFound("keys created at run time are off in this policy (set dynamic_keys.enabled)")
         policy = current.policy
-        return current, KeyRegistry(current.store, max_keys=policy.dynamic_keys.max_keys,
-                                    static_names=policy.keys.names, dynamic=dynamic)
+        return KeyRegistry(current.store, max_keys=policy.dynamic_keys.max_keys, static_names=policy.keys.names,
+                           dynamic=dynamic)
 
-    async def run(operation: str, request: Request[Any, Any, Any], work: Callable[[str], Awaitable[T]]) -> T:
+    async def run(operation: str, request: Request[Any, Any, Any],
+                  work: Callable[[str, Runtime], Awaitable[T]]) -> T:
         status = "500"
         try:
             request_id = check(request)
-            result = await work(request_id)
+            runtime = acquire_runtime()
+            try:
+                result = await work(request_id, runtime)
+            finally:
+                runtime.release()
             status = "ok"
             return result
         except GatewayError as exc:
@@ -86,8 +95,9 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
             raise
         except StoreUnavailable as exc:
             status = "503"
-            raise KeysUnavailable("the key store cannot be reached; retry shortly", headers={"Retry-After": "1"}
-                                  ) from exc
+            left = f" ({exc.left})" if isinstance(exc, LeftBehind) else ""
+            raise KeysUnavailable(f"the key store cannot be reached; retry shortly{left}",
+                                  headers={"Retry-After": "1"}) from exc
         except CorruptRecord as exc:
             status = "503"
             raise KeysUnavailable("the key store holds a value this gateway cannot read") from exc
@@ -96,8 +106,8 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
 
     @post("/admin/keys", status_code=201)
     async def create_key(request: Request[Any, Any, Any]) -> Response[bytes]:
-        async def work(request_id: str) -> Response[bytes]:
-            current, keys = registry()
+        async def work(request_id: str, current: Runtime) -> Response[bytes]:
+            keys = registry(current)
             spec = _decode(await request.body(), CreateKey)
             models = _check_create(spec, current)
             now = time.time()
@@ -114,8 +124,8 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
 
     @get("/admin/keys")
     async def list_keys(request: Request[Any, Any, Any]) -> Response[bytes]:
-        async def work(request_id: str) -> Response[bytes]:
-            _, keys = registry()
+        async def work(request_id: str, current: Runtime) -> Response[bytes]:
+            keys = registry(current)
             query = request.query_params
             tenant, after = query.get("tenant"), query.get("after")
             limit = _limit(query.get("limit"))
@@ -134,16 +144,16 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
 
     @get("/admin/keys/{key_id:str}")
     async def get_key(request: Request[Any, Any, Any], key_id: str) -> Response[bytes]:
-        async def work(request_id: str) -> Response[bytes]:
-            _, keys = registry()
+        async def work(request_id: str, current: Runtime) -> Response[bytes]:
+            keys = registry(current)
             return _json(public_view(_found(await keys.get(key_id), key_id), time.time()), request_id)
 
         return await run("get", request, work)
 
     @delete("/admin/keys/{key_id:str}", status_code=200)
     async def revoke_key(request: Request[Any, Any, Any], key_id: str) -> Response[bytes]:
-        async def work(request_id: str) -> Response[bytes]:
-            _, keys = registry()
+        async def work(request_id: str, current: Runtime) -> Response[bytes]:
+            keys = registry(current)
             if not await keys.revoke(key_id):
                 raise _no_such_key(key_id)
             _audit("key revoked", key_id, request_id)
@@ -153,8 +163,8 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], runtime: Callable
 
     @post("/admin/keys/{key_id:str}/rotate", status_code=200)
     async def rotate_key(request: Request[Any, Any, Any], key_id: str) -> Response[bytes]:
-        async def work(request_id: str) -> Response[bytes]:
-            _, keys = registry()
+        async def work(request_id: str, current: Runtime) -> Response[bytes]:
+            keys = registry(current)
             raw = await request.body()
             spec = _decode(raw, RotateKey) if raw.strip() else RotateKey()
             record, secret = _found(await keys.rotate(key_id, spec.grace_s), key_id)

@@ -23,16 +23,20 @@ def feedback_routes(host: OpsHost) -> list[Any]:
     @post("/v1/feedback", status_code=200)
     async def feedback(request: Request[Any, Any, Any]) -> Response[bytes]:
         headers = RequestHeaders(request.scope["headers"], host.request_ids)
-        runtime = host.runtime
-        spec = runtime.policy.telemetry.feedback
-        if not spec.enabled:
-            raise NotFound("feedback is turned off in this policy (telemetry.feedback)")
-        if runtime.dynamic_keys is None:
-            key = authenticate(runtime.policy, headers.credential)
-        else:  # keys created at run time may rate their answers too
-            key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
-        tenant = key.tenant if key is not None else "anonymous"
-        result = await take_feedback(runtime.store, host.metrics, tenant, await request.body(), frozenset(spec.labels))
+        runtime = host.acquire_runtime()  # held to the end: a reload closes its store only after this call
+        try:
+            spec = runtime.policy.telemetry.feedback
+            if not spec.enabled:
+                raise NotFound("feedback is turned off in this policy (telemetry.feedback)")
+            if runtime.dynamic_keys is None:
+                key = authenticate(runtime.policy, headers.credential)
+            else:  # keys created at run time may rate their answers too
+                key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
+            tenant = key.tenant if key is not None else "anonymous"
+            result = await take_feedback(runtime.store, host.metrics, tenant, await request.body(),
+                                         frozenset(spec.labels))
+        finally:
+            runtime.release()
         return Response(_encode(result), status_code=200, media_type="application/json",
                         headers={"x-request-id": headers.request_id})
 

@@ -31,6 +31,11 @@ class OpsHost(Protocol):
     draining: bool
     last_reload: dict[str, Any] | None
 
+    def acquire_runtime(self) -> Runtime:
+        """The runtime in force, held until `release()`: a route that awaits (a store call) holds it so that a
+        reload retires it only after the route is done, not with its store closed under it."""
+        ...
+
 
 def _json(data: Any, request_id: str, status: int = 200) -> Response[bytes]:
     return Response(_encode(data), status_code=status, media_type="application/json",
@@ -50,16 +55,19 @@ def ops_routes(host: OpsHost) -> list[Any]:
 
     async def visible_models(request: Request[Any, Any, Any]) -> tuple[str, list[dict[str, Any]]]:
         headers = RequestHeaders(request.scope["headers"], host.request_ids)
-        runtime = host.runtime
-        if runtime.dynamic_keys is None:
-            key = authenticate(runtime.policy, headers.credential)
-        else:
-            key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
-        models = [
-            {"id": alias, "object": "model", "created": runtime.created, "owned_by": route.provider}
-            for alias, route in runtime.policy.models.items()
-            if key is None or key.allows(alias)
-        ]
+        runtime = host.acquire_runtime()  # a key created at run time is looked up in its store
+        try:
+            if runtime.dynamic_keys is None:
+                key = authenticate(runtime.policy, headers.credential)
+            else:
+                key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
+            models = [
+                {"id": alias, "object": "model", "created": runtime.created, "owned_by": route.provider}
+                for alias, route in runtime.policy.models.items()
+                if key is None or key.allows(alias)
+            ]
+        finally:
+            runtime.release()
         return headers.request_id, models
 
     @get("/v1/models")

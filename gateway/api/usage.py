@@ -19,6 +19,7 @@ from litestar import Request, Response, get
 from ..accounting.report import ReportPeriod, ScopeKind, days_of, names_of, read_usage
 from ..accounting.stage import Accounting
 from ..errors import AuthenticationFailed, InvalidRequest, LimitsUnavailable, NotFound
+from ..runtime import Runtime
 from ..store.base import StoreUnavailable
 from .admin import while_admin_on
 from .asgi import RequestHeaders
@@ -35,40 +36,48 @@ def usage_routes(host: OpsHost) -> list[Any]:
     @get("/admin/usage")
     async def usage(request: Request[Any, Any, Any]) -> Response[bytes]:
         headers = RequestHeaders(request.scope["headers"], host.request_ids)
-        runtime = host.runtime
-        token = runtime.policy.admin_token
-        if token is None:
-            raise NotFound(f"no route for {request.method} {request.url.path[:200]}")
-        if not bearer_matches(headers, token):
-            raise AuthenticationFailed("the admin API needs `Authorization: Bearer <admin token>`",
-                                       code="invalid_admin_token")
-        query = request.query_params
-        scope, period = _SCOPES.get(query.get("scope", "tenant")), _PERIODS.get(query.get("period", "day"))
-        if scope is None:
-            raise InvalidRequest(f"`scope` must be one of {', '.join(_SCOPES)}", param="scope")
-        if period is None:
-            raise InvalidRequest(f"`period` must be one of {', '.join(_PERIODS)}", param="period")
+        runtime = host.acquire_runtime()  # held to the end: a reload closes its store only after this call
         try:
-            label, days = days_of(period, query.get("date"), time.time())
-        except ValueError:
-            form = "YYYY-MM-DD" if period == "day" else "YYYY-MM"
-            raise InvalidRequest(f"`date` must be {form}", param="date") from None
-        name = query.get("name")
-        if name is not None and not (0 < len(name) <= 256):
-            raise InvalidRequest("`name` must be 1 to 256 characters", param="name")
-        names = [name] if name is not None else names_of(runtime.policy, scope)
-        for service in runtime.services:
-            if isinstance(service, Accounting):
-                await service.ledger.flush()
-        try:
-            rows = await read_usage(runtime.store, scope, names, days)
-        except StoreUnavailable as exc:  # a store that answers refused a counter: retrying will not help
-            reason = ("a usage counter in the store does not hold a count (the gateway's log names it)"
-                      if runtime.store.healthy else "the store that keeps usage did not answer; retry shortly")
-            raise LimitsUnavailable(reason, code="store_unavailable") from exc
-        body = {"scope": scope, "period": period, "date": label, "usage": rows}
-        return Response(_encode(body), media_type="application/json",
-                        headers={"x-request-id": headers.request_id})
+            return await _report(request, headers, runtime)
+        finally:
+            runtime.release()
 
     return while_admin_on(host, [usage])
+
+
+async def _report(request: Request[Any, Any, Any], headers: RequestHeaders, runtime: Runtime) -> Response[bytes]:
+    """The answer, from `runtime` alone (the one the call holds): token, names, ledger and store agree."""
+    token = runtime.policy.admin_token
+    if token is None:
+        raise NotFound(f"no route for {request.method} {request.url.path[:200]}")
+    if not bearer_matches(headers, token):
+        raise AuthenticationFailed("the admin API needs `Authorization: Bearer <admin token>`",
+                                   code="invalid_admin_token")
+    query = request.query_params
+    scope, period = _SCOPES.get(query.get("scope", "tenant")), _PERIODS.get(query.get("period", "day"))
+    if scope is None:
+        raise InvalidRequest(f"`scope` must be one of {', '.join(_SCOPES)}", param="scope")
+    if period is None:
+        raise InvalidRequest(f"`period` must be one of {', '.join(_PERIODS)}", param="period")
+    try:
+        label, days = days_of(period, query.get("date"), time.time())
+    except ValueError:
+        form = "YYYY-MM-DD" if period == "day" else "YYYY-MM"
+        raise InvalidRequest(f"`date` must be {form}", param="date") from None
+    name = query.get("name")
+    if name is not None and not (0 < len(name) <= 256):
+        raise InvalidRequest("`name` must be 1 to 256 characters", param="name")
+    names = [name] if name is not None else names_of(runtime.policy, scope)
+    for service in runtime.services:
+        if isinstance(service, Accounting):
+            await service.ledger.flush()
+    try:
+        rows = await read_usage(runtime.store, scope, names, days)
+    except StoreUnavailable as exc:  # a store that answers refused a counter: retrying will not help
+        reason = ("a usage counter in the store does not hold a count (the gateway's log names it)"
+                  if runtime.store.healthy else "the store that keeps usage did not answer; retry shortly")
+        raise LimitsUnavailable(reason, code="store_unavailable") from exc
+    body = {"scope": scope, "period": period, "date": label, "usage": rows}
+    return Response(_encode(body), media_type="application/json",
+                    headers={"x-request-id": headers.request_id})
 

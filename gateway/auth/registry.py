@@ -2,38 +2,51 @@
 
 The store offers single-key atomic operations only, so each change is ordered so that a failure
 half-way (Redis gone between two writes) never leaves a key that works but cannot be seen or
-revoked:
+revoked, nor a key that holds a name while nobody was given its secret:
 
-* create writes the record, then claims its name in the index (compare-and-set), then the digest
-  pointer: until the pointer exists, the key opens nothing; a record whose index claim failed is
-  deleted again. A name (or a place under `max_keys`) held in the index by a key whose record
-  the store has dropped since (expired past its retention, evicted) is reclaimed;
+* create writes the record (a fresh id, compare-and-set on an absent key), then the digest pointer,
+  and only then claims its name in the index (compare-and-set). The index is what makes a key seen:
+  listed, holding its name, counted under `max_keys`; written last, it is the one write a failure
+  can leave the caller unsure of. Whatever fails after the first write (a lost reply, a store that
+  goes away, a name taken) is undone (`_undo`: pointer, record, index entry, in that order, retried
+  a bounded number of times, each retry after a PING). The record goes before the index entry: an
+  entry whose record is gone is dropped by the next create that wants its name or room (and by a
+  listing), so a retry of the same name then succeeds. When the undo fails too (the store really
+  is down), the 503 and the log name the key id left behind; `DELETE /admin/keys/<id>` removes
+  whatever of it is left. A name (or a place under `max_keys`) held in the index by a key whose
+  record the store has dropped since (expired past its retention, evicted) is reclaimed;
 * revoke swaps the record for a `Revoked` marker by compare-and-set (a concurrent change wins,
   this one answers 409): from then on the key opens nothing. It then publishes the id and deletes
   the digest pointers, the marker and the index entry: a retry after a failure finds the marker
   and finishes the job;
 * rotate writes the new pointer, then swaps the record by compare-and-set (a concurrent change,
-  a revocation included, wins, this one answers 409), then removes or shortens the old pointer.
-  A look-up always checks the record itself, so a pointer left behind opens nothing.
+  a revocation included, wins, this one answers 409) and publishes the id; a failure in these
+  steps puts the old record back (compare-and-set from the new one: only if the swap happened)
+  and deletes the new pointer, so that a 503 leaves the old secret working rather than a key whose
+  new secret nobody was given. Once the record is swapped and published, the rotation has
+  happened: removing or shortening the old pointer is cleanup, logged if it fails, as a look-up
+  always checks the record itself, so a pointer left behind opens nothing.
 
 Revoke and rotate both change the record by compare-and-set against the value they read, so of
 a revocation and a rotation of one key at the same moment exactly one succeeds.
 
-Every `StoreUnavailable` propagates: the caller answers 503 and the operation may be retried.
+Every `StoreUnavailable` propagates (`LeftBehind` when an undo failed): the caller answers 503 and
+the operation may be retried.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import TYPE_CHECKING
 
 import msgspec
 
 from ..errors import KeyConflict
-from ..store.base import Store
+from ..store.base import Store, StoreUnavailable
 from .keys import digest_of, generate_key
 from .records import (
     CHANNEL,
@@ -55,14 +68,26 @@ if TYPE_CHECKING:
     from ..policy.accounting_schema import BudgetSpec, LimitSpec
     from .dynamic import DynamicKeys
 
-__all__ = ["RETENTION_S", "KeyRegistry"]
+__all__ = ["RETENTION_S", "KeyRegistry", "LeftBehind"]
+
+log = logging.getLogger("gateway.keys")
 
 RETENTION_S = 86_400.0
 """An expired key's record stays this long (listed as expired), then the store drops it."""
 _CAS_ATTEMPTS = 16
 _READ_BATCH = 32
+_UNDO_ATTEMPTS = 3  # an undo's tries; each retry follows a PING, which ends the store's fail-fast once Redis answers
 
 Index = dict[str, tuple[str, str]]
+Undo = tuple[str, Callable[[], Awaitable[object]]]  # what a step removes (for the log), and the step
+
+
+class LeftBehind(StoreUnavailable):
+    """A change failed half-way and undoing it failed too: `left` says what of it the store may still hold."""
+
+    def __init__(self, message: str, left: str) -> None:
+        super().__init__(message)
+        self.left = left
 
 
 class KeyRegistry:
@@ -87,25 +112,72 @@ class KeyRegistry:
             raise KeyConflict(f"the name `{name}` is a key of the policy file", param="name", code="name_taken")
         now = self._wall()
         secret = generate_key()
-        for _ in range(_CAS_ATTEMPTS):  # a fresh id until one is free (a collision is all but impossible)
+        record, stored = await self._new_record(tenant, name, models, digest_of(secret).hex(), now, expires_at,
+                                                limits, budget)
+        try:
+            await self.store.set(digest_key(record.digest), record.id.encode(), _pointer_ttl(record.expires_at, now))
+            await self._claim(record)  # last: the one write that makes the key seen (see the module's doc)
+        except BaseException as exc:
+            await self._undo_create(record, stored, exc)
+            raise
+        return record, secret
+
+    async def _new_record(
+        self, tenant: str, name: str | None, models: Sequence[str] | None, digest: str, now: float,
+        expires_at: float | None, limits: LimitSpec | None, budget: BudgetSpec | None,
+    ) -> tuple[KeyRecord, bytes]:
+        """The record written under a fresh id (a collision is all but impossible), and its stored form."""
+        for _ in range(_CAS_ATTEMPTS):
             key_id = new_key_id()
             record = KeyRecord(
                 id=key_id, name=name or key_id, tenant=tenant, models=None if models is None else tuple(models),
-                digest=digest_of(secret).hex(), created_at=now, expires_at=expires_at, limits=limits, budget=budget,
+                digest=digest, created_at=now, expires_at=expires_at, limits=limits, budget=budget,
             )
-            written = await self.store.compare_and_set(record_key(key_id), None, encode_record(record),
-                                                       _record_ttl(record, now))
+            stored = encode_record(record)
+            try:
+                written = await self.store.compare_and_set(record_key(key_id), None, stored,
+                                                           _record_ttl(record, now))
+            except BaseException as exc:
+                if not isinstance(exc, StoreUnavailable) or exc.maybe_applied:  # its answer lost: written, maybe
+                    await self._undo_create(record, stored, exc)
+                raise
             if written:
-                break
-        else:
-            raise KeyConflict("could not allocate a key id; retry")
-        try:
-            await self._claim(record)
-        except BaseException:
-            await self.store.delete(record_key(record.id))
-            raise
-        await self.store.set(digest_key(record.digest), record.id.encode(), _pointer_ttl(record.expires_at, now))
-        return record, secret
+                return record, stored
+        raise KeyConflict("could not allocate a key id; retry")
+
+    async def _undo_create(self, record: KeyRecord, stored: bytes, cause: BaseException) -> None:
+        """Remove what a create that failed may have written; `LeftBehind` (from `cause`) when that fails too."""
+        key_id = record.id
+        left = await self._undo([
+            ("digest pointer", lambda: self.store.delete(digest_key(record.digest))),
+            ("record", lambda: self.store.compare_and_delete(record_key(key_id), stored)),
+            ("index entry", lambda: self._update_index(
+                lambda index: {k: v for k, v in index.items() if k != key_id})),
+        ])
+        if left:
+            what = f"key {key_id} may be left half-created ({', '.join(left)}): its secret was never shown, so " \
+                   f"nobody can use it; `DELETE /admin/keys/{key_id}` removes it"
+            log.warning("a failed key creation could not be undone", extra={"fields": {
+                "key_id": key_id, "name": record.name, "left": left}})
+            if isinstance(cause, StoreUnavailable):
+                raise LeftBehind(str(cause), what) from cause
+
+    async def _undo(self, steps: list[Undo]) -> list[str]:
+        """Run `steps` in order, best effort and bounded (`_UNDO_ATTEMPTS`); what those not done remove.
+
+        Each step is idempotent. A step that fails stops the attempt (the order matters: see the module's doc);
+        the next attempt, after a PING, starts from the step that failed."""
+        pending = list(steps)
+        for attempt in range(_UNDO_ATTEMPTS):
+            try:
+                while pending:
+                    await pending[0][1]()
+                    pending.pop(0)
+                return []
+            except Exception:  # noqa: BLE001 - an undo never replaces the failure that called for it
+                if attempt + 1 < _UNDO_ATTEMPTS:
+                    await self.store.ping()
+        return [what for what, _ in pending]
 
     async def _claim(self, record: KeyRecord) -> None:
         def add(index: Index) -> Index:
@@ -194,7 +266,7 @@ class KeyRegistry:
             return None
         raw = await self.store.get(record_key(key_id))
         record = _live(raw)
-        if record is None:  # never created, expired past its retention, or revoked
+        if record is None or raw is None:  # never created, expired past its retention, or revoked
             return None
         now = self._wall()
         if record.expires_at is not None and record.expires_at <= now:  # listed a day more, but a secret would not work
@@ -207,20 +279,58 @@ class KeyRegistry:
             record, digest=digest_of(secret).hex(), rotated_at=now,
             previous_digest=record.digest if grace_until is not None else None, previous_until=grace_until,
         )
-        new_pointer = digest_key(rotated.digest)
-        await self.store.set(new_pointer, key_id.encode(), _pointer_ttl(record.expires_at, now))
-        if not await self.store.compare_and_set(record_key(key_id), raw, encode_record(rotated),
-                                                _record_ttl(rotated, now)):
-            await self.store.delete(new_pointer)
+        new_pointer, stored = digest_key(rotated.digest), encode_record(rotated)
+        before = (raw, _record_ttl(record, now))
+        try:
+            await self.store.set(new_pointer, key_id.encode(), _pointer_ttl(record.expires_at, now))
+        except StoreUnavailable as exc:  # nothing else written yet; a pointer to a record not naming it opens nothing
+            if exc.maybe_applied:
+                await self._undo([("the new digest pointer", lambda: self.store.delete(new_pointer))])
+            raise
+        try:
+            swapped = await self.store.compare_and_set(record_key(key_id), raw, stored, _record_ttl(rotated, now))
+            if swapped:
+                await self._announce(key_id)
+        except BaseException as exc:
+            await self._undo_rotate(key_id, before, stored, new_pointer, exc)
+            raise
+        if not swapped:  # a concurrent change won: only the new pointer to remove
+            await self._undo([("the new digest pointer", lambda: self.store.delete(new_pointer))])
             raise KeyConflict("the key changed while it was being rotated; retry")
-        if grace_until is not None and grace_until > now:
-            await self.store.set(digest_key(record.digest), key_id.encode(), grace_until - now)
-        else:
-            await self.store.delete(digest_key(record.digest))
-        if record.previous_digest is not None:  # an earlier rotation's grace period ends now
-            await self.store.delete(digest_key(record.previous_digest))
-        await self._announce(key_id)
+        await self._drop_old_pointers(key_id, record, grace_until, now)
         return rotated, secret
+
+    async def _undo_rotate(self, key_id: str, before: tuple[bytes, float | None], stored: bytes, new_pointer: str,
+                           cause: BaseException) -> None:
+        """The key as it was before a rotation that failed: the old record back with its TTL (only if the swap
+        happened), the new pointer gone, every cache told; `LeftBehind` (from `cause`) when that fails too."""
+        raw, ttl = before
+        left = await self._undo([
+            ("the rotated record", lambda: self.store.compare_and_set(record_key(key_id), stored, raw, ttl)),
+            ("the new digest pointer", lambda: self.store.delete(new_pointer)),
+            ("the caches' copies", lambda: self._announce(key_id)),
+        ])
+        if left:
+            log.warning("a failed key rotation could not be undone", extra={"fields": {"key_id": key_id,
+                                                                                       "left": left}})
+            if isinstance(cause, StoreUnavailable):
+                raise LeftBehind(str(cause), f"key {key_id} may hold a secret nobody was given: rotate it again, "
+                                             "or revoke it") from cause
+
+    async def _drop_old_pointers(self, key_id: str, record: KeyRecord, grace_until: float | None,
+                                 now: float) -> None:
+        """After a rotation: the old pointer removed, or kept only through the grace period; an earlier rotation's
+        grace ends now. Cleanup only (the record names the digests that open the key): a failure is logged."""
+        try:
+            if grace_until is not None and grace_until > now:
+                await self.store.set(digest_key(record.digest), key_id.encode(), grace_until - now)
+            else:
+                await self.store.delete(digest_key(record.digest))
+            if record.previous_digest is not None:
+                await self.store.delete(digest_key(record.previous_digest))
+        except StoreUnavailable:
+            log.warning("a rotated key's old digest pointer was not removed (it opens nothing)",
+                        extra={"fields": {"key_id": key_id}})
 
     # -- internals -------------------------------------------------------------------------------------
 

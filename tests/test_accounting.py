@@ -240,6 +240,22 @@ def test_a_reservation_covers_the_context_fallback(upstream: MockUpstream) -> No
     assert rates["detailed"] == (100.0, 2000.0) and rates["chat"] == (0.0, OUT_PER_MTOK)
 
 
+def test_the_cost_header_rounds_half_a_nanodollar_as_the_access_log_does(upstream: MockUpstream) -> None:
+    """A prompt of 5 tokens at $0.0125 a million is 62.5 nanodollars: the access log's `cost_usd` says 6.3e-08
+    (`AccessLines.line`: half rounded up); the header said 0.000000062 (the format's rounding of the binary value)."""
+    text = accounting_policy(upstream).replace(
+        "cheap-model: {input_per_mtok: 0, output_per_mtok: 1}",
+        "cheap-model: {input_per_mtok: 0.0125, output_per_mtok: 0}")
+    running = RunningGateway(text, {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "ACCT_ADMIN": ADMIN}).start()
+    try:
+        raw = client(running).chat.completions.with_raw_response.create(model="cheap", messages=MESSAGES)
+        usage = raw.parse().usage
+        assert usage is not None and usage.prompt_tokens == 5
+        assert raw.headers["x-gateway-cost-usd"] == "0.000000063"
+    finally:
+        running.stop()
+
+
 def test_requests_under_a_millionth_of_a_dollar_add_up(upstream: MockUpstream) -> None:
     """100 answers of $0.0000002 each (20 tokens at $0.01 a million): rounded to the nearest millionth, each added
     nothing to the usage and the budgets; rounded up with the probability of the fraction, they add up to about

@@ -17,6 +17,7 @@ import logging
 import time
 import traceback
 from collections.abc import Callable
+from math import floor
 from typing import Any
 
 from ..accounting.cost import request_cost
@@ -215,7 +216,10 @@ class Telemetry:
         if cost is None:
             return
         if reply is not None and ctx.target is not None and ctx.upstream_started:
-            ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{cost:.9f}".encode())]
+            # Rounded as the access line rounds it (`AccessLines.line`), so that both say the same nanodollars: the
+            # format's own rounding (of the binary value, ties to even) differed by one at half a nanodollar.
+            rounded = floor(cost * 1e9 + 0.5) / 1e9
+            ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{rounded:.9f}".encode())]
 
 
 class TelemetryStages:

@@ -268,7 +268,8 @@ class Admission(Taking):
 
     def _budget_ops(self, ctx: RequestContext, bill: Bill, scopes: list[Scope]) -> list[Op]:
         """Every budget's reservation, under the request's operation id (one per request: the store keeps each
-        counter's record apart), which its steps and its settle go under too."""
+        counter's record apart), which its steps and its settle go under too, leased for `accounting.lease_s` (a
+        remote store gives back one its dead replica never settled, after that)."""
         cost = bill.cost_reserved = self._reservation(ctx, bill)
         now = time.time()
         op = bill.op = new_op()
@@ -277,7 +278,7 @@ class Admission(Taking):
             budget, keys = scope.budget, scope.budget_keys
             assert budget is not None and keys is not None
             key, ttl = keys.at(now)
-            ops.append(("budget", scope, (key, cost, budget.usd, ttl, op)))
+            ops.append(("budget", scope, (key, cost, budget.usd, ttl, op, 0.0, self.lease_s)))  # `Store.reserve`'s
         return ops
 
     def _budgets(self, ctx: RequestContext, bill: Bill, ops: list[Op], results: list[Any], taken: bool = True) -> None:
@@ -285,7 +286,7 @@ class Admission(Taking):
         failure: BaseException | None = None
         hard: Scope | None = None
         held = bill if taken else Bill()  # (not taken: what fit is shown in the gauges, and held nowhere)
-        for index, (_, scope, (key, cost, _, ttl, op)) in enumerate(ops):  # results[index] answers ops[index]
+        for index, (_, scope, (key, cost, _, ttl, op, *_)) in enumerate(ops):  # results[index] answers ops[index]
             result = results[index]
             if isinstance(result, BaseException):
                 failure = failure or result

@@ -248,8 +248,10 @@ class Settling(StageState):
         for index, held in enumerate(bill.budgets):
             assert held.budget is not None
             try:
-                # under the reservation's id: a step whose answer is lost is still replaced by the settle
-                answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s, held.op, held.reserved)
+                # under the reservation's id: a step whose answer is lost is still replaced by the settle; its lease
+                # renewed (a stream that steps at least once per `lease_s` is never swept)
+                answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s, held.op, held.reserved,
+                                                  self.lease_s)
             except StoreUnavailable:
                 if not self.fail_open:
                     return False

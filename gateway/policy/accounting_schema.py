@@ -66,7 +66,9 @@ class AccountingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
     # A request without `max_tokens` reserves this many completion tokens (budgets, tpm); a stream that
     # goes past it reserves another step, and is cut off when a hard budget refuses the step.
     default_max_tokens: Annotated[int, Meta(ge=1, le=10_000_000)] = 4_096
-    # A concurrency slot is a lease: one held by a replica that died frees itself after this long.
+    # A concurrency slot is a lease: one held by a replica that died frees itself after this long. So is a budget
+    # reservation on Redis (renewed by each step of a stream): one whose replica died is given back by the next
+    # reservation on its budget after this long; a request still running then counts its actual cost when it ends.
     lease_s: Annotated[float, Meta(ge=1, le=86_400)] = 900.0
     # Tenant and key names the policy does not list (run-time keys) that become labels of the budget
     # metrics; past this many, `other`. The policy's own names are always labels.

@@ -165,7 +165,8 @@ class WindowReservation(NamedTuple):
 
 class Take(NamedTuple):
     """One reservation of `Store.reserve_together`: `what` names the operation that makes it alone
-    (`acquire_slot`, `reserve_window` or `reserve`), `args` are that operation's arguments."""
+    (`acquire_slot`, `reserve_window` or `reserve`), `args` are that operation's arguments (positional: a budget's
+    `lease_s` comes after its `op` and `held`)."""
 
     what: Literal["acquire_slot", "reserve_window", "reserve"]
     args: tuple[Any, ...]
@@ -267,7 +268,7 @@ class Store(Protocol):
         ...
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None, op: str | None = None,
-                      held: float = 0.0) -> Reservation:
+                      held: float = 0.0, lease_s: float | None = None) -> Reservation:
         """Add `amount` only if the total stays at or under `limit`, atomically (reserve-then-settle budgets).
 
         `ttl_s` applies when the key is created (or has no TTL); later calls do not extend it, so a budget
@@ -279,6 +280,12 @@ class Store(Protocol):
         (`settle`), a reserve with it changes nothing and answers not ok: a reservation whose answer was lost, and
         which the caller gave up (settled to nothing), is not applied if it arrives after that. A store whose
         operations are never in doubt (memory) may ignore `op` and `held`.
+
+        `lease_s` (with an `op`): the reservation is a lease, renewed by each step, dropped by its `settle`. One not
+        settled within `lease_s` of its last step (its replica died) is given back by a later reservation on the
+        same key; a settle that comes after all still replaces it by the actual amount, once, while the store keeps
+        its record. Without it, a reservation counts until it is settled or the key expires. A store that dies with
+        its process (memory) ignores it: nothing outlives the replica that reserved.
         """
         ...
 

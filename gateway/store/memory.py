@@ -147,10 +147,11 @@ class MemoryStore(Keyspace):
         return WindowCount(current, self._remaining(entry.expires_at, window))
 
     # Operation ids (`op`, `held`) are not kept: an operation here is never in doubt (it never times out, and
-    # fails only before it changes anything), so it is never repeated.
+    # fails only before it changes anything), so it is never repeated. Nor are leases (`lease_s`): the counters die
+    # with the process whose requests held them.
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None, op: str | None = None,
-                      held: float = 0.0) -> Reservation:
+                      held: float = 0.0, lease_s: float | None = None) -> Reservation:
         return self.reserve_now(key, amount, limit, ttl_s)
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,

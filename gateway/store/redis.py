@@ -58,7 +58,8 @@ __all__ = ["RedisStore"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-_OP_TTL_MS = ttl_ms(OP_TTL_S)
+_OP_TTL_MS = round(OP_TTL_S * 1000)
+_PAD = ("", "", "", "", "")  # `lua.RESERVE_TOGETHER`'s nine arguments per reservation, after those one uses
 _OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError)
 # Error replies that redis-py has no class for and that say the server cannot serve anything now, not that this
 # operation is wrong: another client's script running past its time limit, a replica without its master.
@@ -177,12 +178,17 @@ class RedisStore:
         return WindowCount(int(count), (int(pttl) if int(pttl) >= 0 else window) / 1000)
 
     async def reserve(self, key: str, amount: float, limit: float, ttl_s: float | None, op: str | None = None,
-                      held: float = 0.0) -> Reservation:
+                      held: float = 0.0, lease_s: float | None = None) -> Reservation:
         units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
-        keys = self._keys(key, op)
+        full = self._prefix + key
+        keys = [full]
         args: list[Any] = [units, cap, "" if ttl is None else ttl]
-        if len(keys) > 1:
-            args += [_OP_TTL_MS, to_units(held, "held") + units]
+        if op and (head := self._head(full)) is not None:
+            keys.append(head + op)
+            args += [self._record_ms(lease_s), to_units(held, "held") + units]
+            if lease_s is not None:
+                keys.append(head + lua.LEASES)
+                args += [ttl_ms(lease_s), head]
         ok, total = await self._script_keys("RESERVE", keys, args)
         return Reservation(int(ok) == 1, from_units(int(total)), limit)
 
@@ -190,25 +196,31 @@ class RedisStore:
                      op: str | None = None) -> float:
         actual_units, reserved_units = to_units(actual, "actual"), to_units(reserved, "reserved")
         ttl = ttl_ms(ttl_s)
-        keys = self._keys(key, op)
+        full = self._prefix + key
+        keys = [full]
         args: list[Any] = [actual_units - reserved_units, "" if ttl is None else ttl]
-        if len(keys) > 1:
-            args += [_OP_TTL_MS, actual_units, reserved_units]
+        if op and (head := self._head(full)) is not None:  # (its lease dropped, if it had one)
+            keys += [head + op, head + lua.LEASES]
+            args += [_OP_TTL_MS, actual_units, reserved_units, op]
         total = await self._script_keys("SETTLE", keys, args)
         return from_units(int(total))
 
-    def _keys(self, key: str, op: str | None) -> list[str]:
-        """The counter's key and, with an operation id, its record's (in the counter's hash slot: `lua.op_key`).
-        A key no record can share a slot with, on a cluster, goes without one (repeats are then not recognised)."""
-        full = self._prefix + key
-        if not op:
-            return [full]
-        marker = lua.op_key(full, op, self._prefix)
-        if marker is None:
-            if self._cluster:
-                return [full]
-            marker = f"{full}:op:{op}"  # one server: any key is in its slot
-        return [full, marker]
+    def _head(self, full: str) -> str | None:
+        """The name of counter `full`'s operation records but their op id (a record is `head + op`; its leases
+        `head + lua.LEASES`), in the counter's hash slot (`lua.op_key`). None for a key no record can share a slot
+        with on a cluster: it goes without records (repeats are then not recognised) and leases."""
+        head = lua.op_key(full, "", self._prefix)
+        if head is None and not self._cluster:
+            return f"{full}:op:"  # one server: any key is in its slot
+        return head
+
+    @staticmethod
+    def _record_ms(lease_s: float | None) -> int:
+        """An unsettled record's ttl_ms: `OP_TTL_S`, and with a lease the lease plus that margin (a sweep must find
+        the record of a reservation whose lease ran out; the script keeps it as long as its counter too); a settle
+        gives it back `OP_TTL_S`."""
+        lease = ttl_ms(lease_s)
+        return _OP_TTL_MS if lease is None else _OP_TTL_MS + lease
 
     async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:
         units, cap, window = to_units(amount), to_units(limit, "limit"), ttl_ms(window_s)
@@ -228,18 +240,29 @@ class RedisStore:
                 if limit < 1:
                     raise ValueError(f"limit must be at least 1, not {limit!r}")
                 keys.append(self._prefix + key)
-                args += ["slot", holder, limit, ttl_ms(lease_s), "", "", ""]
+                args += ["slot", holder, limit, ttl_ms(lease_s), *_PAD]
             elif what == "reserve_window":
                 key, amount, limit, window_s = given
                 keys.append(self._prefix + key)
-                args += ["window", to_units(amount), to_units(limit, "limit"), ttl_ms(window_s), "", "", ""]
-            else:
-                key, amount, limit, ttl_s, *op = given
+                args += ["window", to_units(amount), to_units(limit, "limit"), ttl_ms(window_s), *_PAD]
+            else:  # `reserve`'s arguments: key, amount, limit, ttl_s[, op[, held[, lease_s]]]
+                key, amount, limit, ttl_s, *more = given
+                op: str | None = more[0] if more else None
+                lease: float | None = more[2] if len(more) > 2 else None
                 units, ttl = to_units(amount), ttl_ms(ttl_s)
-                named = self._keys(key, op[0] if op else None)
-                keys += named
-                record: list[Any] = [_OP_TTL_MS, units] if len(named) > 1 else ["", ""]
-                args += ["budget", units, to_units(limit, "limit"), "" if ttl is None else ttl, int(required), *record]
+                full = self._prefix + key
+                keys.append(full)
+                args += ["budget", units, to_units(limit, "limit"), "" if ttl is None else ttl, int(required)]
+                if not op or (head := self._head(full)) is None:
+                    args += _PAD[:4]
+                    continue
+                keys.append(head + op)
+                args += [self._record_ms(lease), to_units(more[1] if len(more) > 1 else 0.0, "held") + units]
+                if lease is None:
+                    args += _PAD[:2]
+                else:
+                    keys.append(head + lua.LEASES)
+                    args += [ttl_ms(lease), head]
         taken, *answers = await self._script_keys("RESERVE_TOGETHER", keys, args)
         results: list[Any] = []
         for (what, given, _), answer in zip(takes, answers, strict=True):

@@ -5,7 +5,8 @@ that step waits for Redis, the request's task is cancelled, and Redis may still 
 was slow, not gone. The key's concurrency slot used to stay held for the rest of its lease (`accounting.lease_s`,
 15 minutes by default: a key with `concurrent: 1` refused every request meanwhile) and the budget's reservation
 stayed in its counter as spend for the rest of the period. Now the ledger gives both back as it does a take that
-timed out. The stall runs on a private redis-server (`tests/test_accounting_idempotent.py`, which this reuses).
+timed out. The stall runs on a private redis-server (`tests/test_accounting_idempotent.py`, which this reuses);
+the held reply of one chosen command on a proxy in front of the suite's Redis (`tests/support/delay_proxy.py`).
 """
 
 from __future__ import annotations
@@ -14,25 +15,29 @@ import textwrap
 import time
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
+from urllib.parse import urlsplit
 
 import httpx
 import pytest
+import redis
 
 from gateway.auth.keys import hash_key
 from tests.conftest import UPSTREAM_KEY, RunningGateway
+from tests.support.delay_proxy import DelayProxy
 from tests.support.mock_upstream import MockUpstream
-from tests.support.redis_server import RedisServer
+from tests.support.redis_server import RedisServer, suite_redis_url
 from tests.test_accounting_idempotent import ADMIN, COST, KEY, Stalled, _wait
 
 STALL_S = 1.5  # Redis busy: every command waits this long
 OP_TIMEOUT_S = 4.0  # longer than the stall: the reservation is still waiting for its answer when the client leaves
 
 
-def _policy(upstream: MockUpstream, prefix: str, limits: str) -> str:
+def _policy(upstream: MockUpstream, prefix: str, limits: str, op_timeout_s: float = OP_TIMEOUT_S) -> str:
     return textwrap.dedent(f"""\
         version: 1
         server: {{host: 127.0.0.1, admin_token_env: ACCT_ADMIN, watch_interval_s: 3600}}
-        state: {{backend: redis, url_env: GW_STALLED_REDIS, key_prefix: "{prefix}", op_timeout_s: {OP_TIMEOUT_S},
+        state: {{backend: redis, url_env: GW_STALLED_REDIS, key_prefix: "{prefix}", op_timeout_s: {op_timeout_s},
                  on_unavailable: closed}}
         routing: {{breaker: {{sync_interval_s: 60}}}}
         auth: keys
@@ -106,3 +111,41 @@ def test_a_request_whose_client_left_while_redis_had_its_reservations_holds_no_s
     assert answer.status_code == 200, answer.text
     _wait(lambda: gateway.budget() == pytest.approx(2 * COST))
     assert gateway.budget() == pytest.approx(2 * COST, abs=1e-9)
+
+
+def test_a_request_whose_client_left_while_its_budget_was_asked_gives_back_the_slot_its_limits_took(
+        upstream: MockUpstream) -> None:
+    """Limits, then budgets: two steps. The client leaves while Redis has the budget's reservation (its reply held
+    by a proxy), after the limits' step took the key's slot: the slot used to stay held for its lease."""
+    with suite_redis_url() as url, DelayProxy(urlsplit(url).port or 6379) as proxy:
+        db = int(urlsplit(url).path.lstrip("/") or "0")
+        prefix = f"gwtest:{uuid.uuid4().hex}:"
+        env = {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY, "GW_STALLED_REDIS": proxy.url(db), "ACCT_ADMIN": ADMIN}
+        running = RunningGateway(_policy(upstream, prefix, "limits: {concurrent: 1}", op_timeout_s=30), env).start()
+        raw = redis.Redis.from_url(url)
+        budget_key = f"{prefix}acct:budget:key:main:{datetime.now(UTC).strftime('d%Y%m%d')}"
+        try:
+            def ask(timeout: float = 20) -> httpx.Response:
+                return httpx.post(running.base_url + "/chat/completions", headers={"Authorization": f"Bearer {KEY}"},
+                                  json={"model": "chat", "messages": [{"role": "user", "content": "hi"}],
+                                        "max_tokens": 20}, timeout=timeout)
+
+            assert ask().status_code == 200  # connections made and scripts loaded
+            _wait(lambda: int(raw.get(budget_key) or 0) == round(COST * 1_000_000))
+            proxy.hold(b"acct:budget")  # the budget's reservation: it runs in Redis, its reply waits
+            with pytest.raises(httpx.ReadTimeout):
+                ask(timeout=1.0)
+            assert proxy.held.is_set()  # the client left while the budget's step waited (the slot taken before)
+            proxy.release()
+            slots = f"{prefix}acct:conc:*"
+            _wait(lambda: not any(raw.zcard(key) for key in raw.scan_iter(match=slots)))
+            assert not any(raw.zcard(key) for key in raw.scan_iter(match=slots))  # the slot given back
+            _wait(lambda: int(raw.get(budget_key) or 0) == round(COST * 1_000_000))
+            assert int(raw.get(budget_key) or 0) == round(COST * 1_000_000)  # the lost reservation given back
+            answer = ask()  # `concurrent: 1`: admitted only with the slot free
+            assert answer.status_code == 200, answer.text
+        finally:
+            running.stop()
+            for key in raw.scan_iter(match=f"{prefix}*"):
+                raw.delete(key)
+            raw.close()

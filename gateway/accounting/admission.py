@@ -11,6 +11,7 @@ gives back what it took before its refusal is answered (`taking`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import time
@@ -53,6 +54,10 @@ class Admission(Taking):
             self._unavailable(bill, scopes.budgeted)
         except (RateLimited, BudgetExceeded):  # what it took (limits, when a budget refused) given back first
             await self._given_back(bill)
+            raise
+        except asyncio.CancelledError:  # the client left while the budgets were asked: the limits' given back
+            if bill.requests or bill.tokens or bill.slots:  # (the step cut owes its own: `Taking._taken`)
+                self._spawn(self._release(bill))
             raise
 
     def _admit_in_line(self, ctx: RequestContext, bill: Bill, scopes: Scopes) -> None:

@@ -4,7 +4,10 @@
 request is translated into the internal chat request at ingress
 (`translate.anthropic_ingress`) and runs the same pipeline as
 `/v1/chat/completions`; the answer, its stream and its errors are written in
-Anthropic's format here. `count_tokens` needs no upstream: it checks the key and
+Anthropic's format here. A complete answer is translated within its attempt
+(`MessagesDialect.translate`, called by `routing.exchange`): one the translation
+refuses fails that attempt, which is retried and fallen back from as any 502.
+`count_tokens` needs no upstream: it checks the key and
 the alias like any request and answers with the gateway's own count (tiktoken,
 `accounting.prompt.PromptEstimator.estimate_body`: the estimate a reservation
 makes, and the `input_tokens` a `/v1/messages` answer carries and is billed for
@@ -25,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+from collections.abc import Callable
 from functools import partial
 from typing import Any, Protocol
 
@@ -40,7 +44,7 @@ from ..runtime import Runtime
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens, estimate_on_loop
-from ..translate.anthropic_answer import MessagesStream, messages_response
+from ..translate.anthropic_answer import MessagesStream, messages_answer, messages_body, messages_response
 from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
 from ..translate.common import BETA, CACHE_MARK
 from .asgi import JSON, RequestHeaders, RequestIds, send_body, send_error
@@ -88,6 +92,11 @@ class MessagesDialect:
         _identify(ctx)
         return messages_response(body, ctx.alias_label, _estimate(ctx))
 
+    def translate(self, body: bytes) -> Callable[[RequestContext], bytes]:
+        """A complete answer translated within its attempt (`routing.exchange`), so that one the translation refuses
+        (an `UpstreamError`) is the attempt's failure: the writer of its body, called once its usage is known."""
+        return partial(_written, messages_answer(body))
+
     def framer(self, ctx: RequestContext) -> StreamFramer:
         _identify(ctx)
         return MessagesStream(ctx.alias_label, partial(_stream_estimate, ctx))
@@ -101,6 +110,12 @@ class MessagesDialect:
         if isinstance(error, UpstreamOverloaded):
             error.status = _OVERLOADED
         return anthropic_error_body(error, request_id), [(_REQUEST_ID, request_id.encode())]
+
+
+def _written(answer: dict[str, Any], ctx: RequestContext) -> bytes:
+    """A `MessagesDialect.translate`d answer's body: `reply`'s, without translating it again."""
+    _identify(ctx)
+    return messages_body(answer, ctx.alias_label, _estimate(ctx))
 
 
 def _identify(ctx: RequestContext) -> None:

@@ -24,6 +24,7 @@ from ..pipeline.dialect import Dialect, StreamFramer
 from ..pipeline.lifecycle import Lifecycle
 from ..pipeline.stages import ClientGone
 from ..pipeline.streams import ReplyStream
+from ..routing.exchange import TranslatedReply
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamDone, StreamError, StreamEvent
@@ -87,8 +88,10 @@ class ProxyEndpoint:
             if stream is None:
                 life.protect()
                 assert reply.body is not None
-                if dialect is not None:
-                    reply.body = dialect.reply(ctx, reply.body)
+                if dialect is not None:  # (translated within the attempt, unless a stage rewrote it or a cache hit)
+                    written = reply.write if type(reply) is TranslatedReply and reply.translated_of is reply.body \
+                        else None
+                    reply.body = dialect.reply(ctx, reply.body) if written is None else written(ctx)
                 body = reply.body
                 tail = [(b"x-request-id", request_id.encode()), version, *routing_headers(ctx), *(ctx.headers or ())]
                 if not send_whole(send, reply.status, JSON, tail, body):  # else the server's `send`, in two messages

@@ -28,6 +28,10 @@ class StreamFramer(Protocol):
 
 
 class Dialect(Protocol):
+    """A dialect may also have `translate(body) -> Callable[[RequestContext], bytes]`: a complete answer translated
+    within its attempt (`routing.exchange`, which looks for it by name), an `UpstreamError` when it cannot be (the
+    attempt's failure), else the writer of the client's body that the edge calls instead of `reply`."""
+
     label: str  # the endpoint's metric label
 
     def decode(self, raw: bytes, headers: Any) -> tuple[dict[str, Any], msgspec.Struct]:

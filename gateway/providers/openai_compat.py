@@ -45,7 +45,16 @@ _encode = msgspec.json.Encoder().encode
 # CPython 3.11 (about 900 instructions), a module global does not.
 _RESPONSES = Endpoint.RESPONSES
 _CHAT = Endpoint.CHAT
-_peek_usage = msgspec.json.Decoder(AnswerPeek).decode
+
+
+class _ShapedAnswerPeek(AnswerPeek):
+    """`AnswerPeek`, and `choices` an array when present (each choice left raw, unread): an answer of another shape
+    (`"choices": "x"`) is malformed, a 502, not an answer the client's SDK cannot read (`_completion`)."""
+
+    choices: list[msgspec.Raw] | None = None
+
+
+_peek_usage = msgspec.json.Decoder(_ShapedAnswerPeek).decode
 _peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a stage reads the answer's text
 
 
@@ -180,8 +189,9 @@ class OpenAICompatProvider:
         A failed Responses answer (`"status": "failed"`, its `error` object) reaches the client inside that
         body: its strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept. A
         chat, completions or embeddings answer that is `{"error": ...}` with a 200 is the upstream's failure, as
-        the same object in a stream is (`_in_band_error`): retried and fallen back from, never cached or billed. A
-        body that is not UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII
+        the same object in a stream is (`_in_band_error`): retried and fallen back from, never cached or billed; so is
+        one whose `choices` is not an array, or whose usage is not OpenAI's (a malformed answer). A body that is
+        not UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII
         (`isascii`: C). A UTF-8 byte order mark before the JSON (some servers and proxies write one) is dropped, from
         the client's answer as well: JSON has none (RFC 8259 8.1), but a parser may ignore one."""
         if not body.isascii():
@@ -206,7 +216,9 @@ class OpenAICompatProvider:
             plain = _peek_usage(body)
             if plain.error is not None:  # absent from an answer, in the common case
                 raise self._in_band_error(plain.error)
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:  # (Recursion: nested too deep)
+        except msgspec.ValidationError as exc:  # JSON of another shape than an answer's (`"choices": "x"`)
+            raise UpstreamError(f"upstream `{self.name}` answered with a malformed answer ({exc})") from exc
+        except (msgspec.DecodeError, RecursionError) as exc:  # (Recursion: nested too deep)
             bare = without_bom(body)  # (looked for only once the decoding failed)
             if bare is not None:
                 return self._completion(call, bare)

@@ -4,7 +4,8 @@ Each chunk is decoded just enough to account for it and to spot an in-band error
 stage reads the answer's text: on the events, or handed to the stage's reader as they are decoded, which
 then gets only the chunks that carry more than text once it needs no more of it), and its bytes go on
 untouched unless the gateway itself changed what the upstream sends (the `"usage": null` its usage request
-adds: `strip_null_usage`).
+adds: `strip_null_usage`). A `[DONE]` before any chunk with a choice or the usage is no answer: the stream fails
+as one whose body ends before any event does (`_end`: a lone `[DONE]` then falls back), never an empty answer.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ class OpenAIStream:
 
     __slots__ = ("_asked_for_usage", "_choices", "_closed", "_deadline", "_decoder", "_finished", "_held", "_idle_s",
                  "_last_choices", "_observer", "_peek", "_provider", "_read_choices", "_reader", "_response",
-                 "_saw_usage", "_sink", "_skims", "_tail", "_timer")
+                 "_said", "_saw_usage", "_sink", "_skims", "_tail", "_timer")
 
     def __init__(
         self, provider: OpenAICompatProvider, response: aiohttp.ClientResponse, deadline: float,
@@ -79,6 +80,7 @@ class OpenAIStream:
         self._closed = False
         self._finished = False  # the batch that ends the stream was handed over
         self._saw_usage = False
+        self._said = False  # a chunk with a choice, or the usage, came (`_events`): a [DONE] ends an answer
         self._tail: list[bytes] | None = None  # the payloads of the last batch (see `_end`)
         self._timer: ReadTimer | None = None
         self._decoder = SSEDecoder()
@@ -296,8 +298,11 @@ class OpenAIStream:
         read = reader is None and peek_typed
         reading = reader is not None and peek_typed  # the reader takes every chunk's
         keep = (reader is None and self._read_choices) or self._skims  # the last chunk's choices (`last_choices`)
+        said = self._said
         for payload in payloads:
             if payload == DONE_PAYLOAD:
+                if not said:  # [DONE] with no choice nor usage before it: no answer (`_end`)
+                    return [self._fail("ended the stream without sending anything")], True
                 events.append(DONE)
                 return events, True
             if not payload.isascii() and not is_utf8(payload):  # (~30 ns for an ASCII event: C, no copy)
@@ -333,7 +338,7 @@ class OpenAIStream:
                 events.append(self._fail(f"failed mid-stream: {detail}"))
                 return events, True
             if peek.usage is not None:
-                self._saw_usage = True
+                self._saw_usage = said = True
                 if riding:
                     if keep:
                         self._last_choices = peek.choices
@@ -355,7 +360,10 @@ class OpenAIStream:
                     payload = strip_null_usage(payload)
             if keep:
                 self._last_choices = peek.choices
+            if not said:  # (until the first chunk with a choice: `"choices": []` is none)
+                said = has_choices(peek.choices)
             events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
+        self._said = said
         return events, False
 
     def _peek_odd(self, payload: bytes) -> tuple[Any, bool]:

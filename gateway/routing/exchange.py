@@ -3,23 +3,39 @@
 The router's walk decides which target to try and what a failure means; this is what one try does: call the
 provider, time it for the target's measurements (`TargetStats`), and hand back the reply. A stream that
 may still fall back is held until its first content event (`peek`, within the target's first-byte timeout),
-so that an upstream failing before it says anything can be left for the next target.
+so that an upstream failing before it says anything can be left for the next target. A complete answer for a
+client whose API is not OpenAI's (`/v1/messages`) is translated here, within the attempt (`_translated`): one the
+translation refuses is the attempt's failure (retried, fallen back from, never cached), not a 502 written after
+routing, the breaker, the cache and the telemetry took it for an answer.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
-from ..errors import UpstreamTimeout
+from ..errors import UpstreamError, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream
 from ..policy.compiled import ModelRoute, Target
-from ..providers.base import Call, Provider
+from ..providers.base import Call, Completion, Provider
 from .attempts import DeadlineExceeded, Replay, peek
 from .stats import TargetStats
 
-__all__ = ["exchange", "within"]
+__all__ = ["TranslatedReply", "exchange", "within"]
+
+
+@dataclass(slots=True)
+class TranslatedReply(Reply):
+    """A complete answer its client's dialect translated within the attempt: `write(ctx)` is the client's body,
+    once the usage is known (`api.proxy`), while `body` is still `translated_of` (a stage that rewrites the body
+    leaves it behind: the dialect translates the new one)."""
+
+    write: Callable[[RequestContext], bytes] | None = None
+    translated_of: bytes | None = None
 
 
 async def within(deadline: float, ctx: RequestContext, route: ModelRoute, target: Target, provider: Provider,
@@ -46,6 +62,8 @@ async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provi
             stats.in_flight -= 1
             ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
         stats.observe(False, time.perf_counter() - started)
+        if ctx.dialect is not None:
+            return _translated(ctx, completion)
         ctx.usage = completion.usage
         if completion.choices is not None:  # read for a stage (`Call.read_choices`): handed on with the body
             return Reply(body=completion.body, choices_of=(completion.body, completion.choices))
@@ -78,3 +96,21 @@ async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provi
         ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
     stats.observe(True, time.perf_counter() - started)
     return Reply(stream=ReplyStream(Replay(source, buffered, iterator, stats.release), ctx))
+
+
+def _translated(ctx: RequestContext, completion: Completion) -> Reply:
+    """A complete answer for a dialect's client, translated by the dialect's `translate` when it has one
+    (`api.anthropic.MessagesDialect`) before anything takes it for an answer: one it refuses (`UpstreamError`: a
+    tool call without a name) fails the attempt, with the usage the upstream reported for it (`GatewayError.usage`:
+    generated, so billed by the provider, and counted as a refused answer's)."""
+    translate: Any = getattr(ctx.dialect, "translate", None)
+    write = None
+    if translate is not None:
+        try:
+            write = translate(completion.body)
+        except UpstreamError as exc:
+            exc.usage = completion.usage
+            raise
+    ctx.usage = completion.usage
+    choices_of = (completion.body, completion.choices) if completion.choices is not None else None
+    return TranslatedReply(body=completion.body, choices_of=choices_of, write=write, translated_of=completion.body)

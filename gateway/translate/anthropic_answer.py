@@ -12,8 +12,9 @@ blocked). A complete answer's thinking blocks come before its text and tool call
 A tool call's Gemini thought signature (`extra_content.google.thought_signature`) has no field of its own in
 Messages: it rides in the tool_use id, after `SIGNED` (`tool_id_signature.signed_id`), which the client sends back
 unchanged with the call and its result; the ingress takes it out again (`tool_id_signature.unsigned`).
-Every chat tool call is a tool_use block: a legacy `function_call` too (with an id made for it, as for any call
-without one), and a custom tool's call, its free text as `{"input": text}` (`_input`: Messages' input is an object).
+Every chat tool call is a tool_use block (`anthropic_tool_use`): a legacy `function_call` too (with an id made for
+it, as for any call without one), and a custom tool's call, its free text as `{"input": text}` (Messages' input is
+an object).
 
 A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
 `stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
@@ -21,8 +22,9 @@ Anthropic upstream's translated answer and vLLM do); else `end_turn`.
 
 An upstream answer (or chunk) whose choices, message, delta, tool calls or function are of another type than
 OpenAI's (`"delta": "oops"`, `"choices": [null]`), or with a tool call without a name, is malformed: an
-`UpstreamError`, a 502 for a complete answer and the stream's `error` event (`api.proxy` sends it; for a nameless
-call, in place of the answer's end), as an answer that is not JSON is.
+`UpstreamError`. A complete answer is translated within its attempt (`messages_answer`), which then fails as one
+that is not JSON does (retried, fallen back from, a 502 at the end); a stream's ends with its `error` event
+(`api.proxy` sends it; for a nameless call, in place of the answer's end).
 """
 
 from __future__ import annotations
@@ -33,23 +35,20 @@ from typing import Any
 
 import msgspec
 
-from ..errors import InvalidRequest
 from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
-from .common import malformed, parse_arguments, upstream_array, upstream_object
+from .anthropic_tool_use import CALL_PART, CALL_TEXT, tool_input, tool_name, tool_use, tool_use_id
+from .common import malformed, upstream_array, upstream_object
 from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 from .thinking_stream import HeldThinking, ThinkingStream
-from .tool_id_signature import signature_of, signed_id
+from .tool_id_signature import signature_of
 
-__all__ = ["MessagesStream", "messages_response"]
+__all__ = ["MessagesStream", "messages_answer", "messages_body", "messages_response"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 _NO_USAGE = {"input_tokens": 0, "output_tokens": 0}
-# Where a chat tool call holds its name and what the model wrote: a function call, or (True) a custom tool's call.
-_PART = {False: "a tool call's `function`", True: "a tool call's `custom`"}
-_TEXT = {False: "arguments", True: "input"}
 _LEGACY = -1  # a streamed legacy `delta.function_call`'s place among the tool calls (theirs count from 0)
 _PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
 
@@ -104,8 +103,13 @@ def _text_of(content: Any) -> str:
 
 
 def messages_response(body: bytes, alias: str, estimate: Usage | None = None) -> bytes:
-    """A `chat.completion` as Anthropic's `message` (the model named as the client asked for it). `estimate`: the
-    gateway's own count, reported when the upstream's answer has no usage (Messages always has one)."""
+    """`messages_answer` and `messages_body` in one (a cache hit's answer, one a stage rewrote)."""
+    return messages_body(messages_answer(body), alias, estimate)
+
+
+def messages_answer(body: bytes) -> dict[str, Any]:
+    """A `chat.completion` as Anthropic's `message`, its model and (when the upstream sent none) its usage left to
+    `messages_body`: the translation that may refuse the answer, made within the attempt (`routing.exchange`)."""
     data = upstream_object(_decode(body), "the answer")
     choices = upstream_array(data.get("choices") or [], "`choices`")
     choice = upstream_object(choices[0], "`choices[0]`") if choices else {}
@@ -116,60 +120,29 @@ def messages_response(body: bytes, alias: str, estimate: Usage | None = None) ->
     if refused:
         text = str(refusal)
     texts = [{"type": "text", "text": text}] if text else []
-    tools = [_tool_use(upstream_object(found, "a tool call"))
+    tools = [tool_use(upstream_object(found, "a tool call"))
              for found in upstream_array(message.get("tool_calls") or [], "`message.tool_calls`")]
     if message.get("function_call") is not None:  # the legacy form: one call, without an id
-        tools.append(_tool_use({"function": upstream_object(message["function_call"], "`message.function_call`")}))
+        tools.append(tool_use({"function": upstream_object(message["function_call"], "`message.function_call`")}))
     content = texts + tools
     if message.get(REASONING) or message.get(BLOCKS):
         content = ordered(messages_blocks(message.get(REASONING), message.get(BLOCKS), signed_only=False), texts,
                           tools)
-    usage = _anthropic_usage(data.get("usage")) or _usage_shape(estimate) or dict(_NO_USAGE)
     reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
     if refused and reason == "end_turn":
         reason = "refusal"
-    return _encode({
-        "id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": alias,
-        "content": content, "stop_reason": reason, "stop_sequence": sequence, "usage": usage,
-    })
+    return {"id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": None,
+            "content": content, "stop_reason": reason, "stop_sequence": sequence,
+            "usage": _anthropic_usage(data.get("usage"))}
 
 
-def _tool_use(call: dict[str, Any]) -> dict[str, Any]:
-    """A complete answer's tool call as a `tool_use` block: a function call's or a custom one's (`_input`)."""
-    custom = call.get("custom") is not None
-    part = upstream_object(call["custom"] if custom else call.get("function") or {}, _PART[custom])
-    text = part.get(_TEXT[custom])
-    if custom and not isinstance(text, str | None):
-        raise malformed("a custom tool call's `input`", "a string")
-    return {"type": "tool_use", "id": _tool_use_id(call.get("id"), signature_of(call)), "name": _name(part.get("name")),
-            "input": _input(text, custom)}
-
-
-def _name(name: Any) -> str:
-    """A tool call's name. A call without one cannot be carried (the client has nothing to run, and would send back
-    a block the ingress refuses): the answer is the upstream's error rather than a call without content."""
-    if isinstance(name, str) and name:
-        return name
-    raise malformed("a tool call's `name`", "a non-empty string")
-
-
-def _tool_use_id(id_: Any, signature: str | None) -> str:
-    """The call's id (`signed_id`), or one made for a call without one (a legacy `function_call` never has one) in
-    Messages' form and alphabet: a client sends it back, and the ingress requires it."""
-    own = id_ if isinstance(id_, str) and id_ else "toolu_" + secrets.token_hex(12)
-    return str(signed_id(own, signature))
-
-
-def _input(text: Any, custom: bool) -> dict[str, Any]:
-    """A tool_use `input` (an object, always): a custom call's free text under `input`; a function call's JSON
-    arguments, with invalid JSON kept under `_raw_arguments` and a value that is not an object under `value`."""
-    if custom:
-        return {"input": text or ""}
-    try:
-        value = parse_arguments(text, "tool_calls")
-    except InvalidRequest:
-        return {"_raw_arguments": text}  # the model wrote invalid JSON: kept, visibly, rather than lost
-    return value if isinstance(value, dict) else {"value": value}
+def messages_body(answer: dict[str, Any], alias: str, estimate: Usage | None = None) -> bytes:
+    """The `message` of `messages_answer`, named for `alias`, with the upstream's usage, else the gateway's
+    `estimate` (Messages always has one)."""
+    answer["model"] = alias
+    if answer["usage"] is None:
+        answer["usage"] = _usage_shape(estimate) or dict(_NO_USAGE)
+    return _encode(answer)
 
 
 def _event(kind: str, data: dict[str, Any]) -> bytes:
@@ -184,7 +157,7 @@ class _HeldCall:
     def __init__(self, id_: Any, name: Any) -> None:
         self.id = id_
         self.name = name
-        self.custom = False  # a custom tool's call: `arguments` hold its free text input (`_input`)
+        self.custom = False  # a custom tool's call: `arguments` hold its free text input (`tool_input`)
         self.arguments: list[str] = []
         self.signature: str | None = None  # its Gemini thought signature (`signed_id`)
 
@@ -195,7 +168,7 @@ class MessagesStream:
     Text is written as it comes, up to the first tool call. From there on the blocks are held and written at
     the end, whole, in the order they began: Messages writes one block after the other and cannot reopen one,
     while a chat stream may interleave its tool calls' pieces (call 0, then 1, then 0 again); and a tool call's
-    input is checked as a complete answer's is (`_input`: invalid JSON under `_raw_arguments`, any other
+    input is checked as a complete answer's is (`tool_input`: invalid JSON under `_raw_arguments`, any other
     value than an object under `value`) only once all of it came. `estimate`, called at the end when the upstream
     sent no usage, is the gateway's own count (the usage of `message_start` is 0: nothing is known yet). A stream
     that ends blocked (`content_filter`: an output guard's block, or the upstream's filter) writes none of its held
@@ -255,7 +228,7 @@ class MessagesStream:
         blocked = self._finish == "content_filter"
         for block in () if blocked else self._held:
             if isinstance(block, _HeldCall):
-                block.name = _name(block.name)  # (before any event: a call that cannot be carried ends in an error)
+                block.name = tool_name(block.name)  # (before any event: a call that cannot be carried ends in an error)
         self._start(out, None)
         self._thinking.flush(out)
         self._close_text(out)
@@ -336,7 +309,7 @@ class MessagesStream:
         """A piece of the call at `position`: a function's (arguments as a string, or a whole JSON object as some
         servers send them) or a custom tool's (its input text)."""
         custom = call.get("custom") is not None
-        part = upstream_object(call["custom"] if custom else call.get("function") or {}, _PART[custom])
+        part = upstream_object(call["custom"] if custom else call.get("function") or {}, CALL_PART[custom])
         held = self._calls.get(position)
         if held is None:
             held = self._calls[position] = _HeldCall(call.get("id"), part.get("name"))
@@ -347,7 +320,7 @@ class MessagesStream:
         held.name = held.name or part.get("name")
         held.custom = held.custom or custom
         held.signature = held.signature or signature_of(call)
-        text = part.get(_TEXT[custom])
+        text = part.get(CALL_TEXT[custom])
         if isinstance(text, str) and text:
             held.arguments.append(text)
         elif isinstance(text, dict) and not custom:
@@ -388,9 +361,9 @@ class MessagesStream:
             start: dict[str, Any] = {"type": "text", "text": ""}
             delta = {"type": "text_delta", "text": "".join(block)}
         else:
-            start = {"type": "tool_use", "id": _tool_use_id(block.id, block.signature), "name": block.name, "input": {}}
+            start = {"type": "tool_use", "id": tool_use_id(block.id, block.signature), "name": block.name, "input": {}}
             delta = {"type": "input_json_delta",
-                     "partial_json": _encode(_input("".join(block.arguments), block.custom)).decode()}
+                     "partial_json": _encode(tool_input("".join(block.arguments), block.custom)).decode()}
         out.append(_event("content_block_start", {"index": index, "content_block": start}))
         out.append(_event("content_block_delta", {"index": index, "delta": delta}))
         out.append(_event("content_block_stop", {"index": index}))

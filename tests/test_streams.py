@@ -13,6 +13,7 @@ from gateway.api.sse import frame
 from gateway.errors import GatewayError, UpstreamError
 from gateway.pipeline.lifecycle import Lifecycle
 from gateway.pipeline.streams import ReplyStream, StreamEnd
+from gateway.schemas.endpoints import Endpoint
 from gateway.schemas.events import DONE, Chunk, StreamError, StreamEvent, UsageReport
 from gateway.schemas.openai import Usage
 
@@ -56,8 +57,8 @@ class Recorder:
 def context() -> Any:
     task = asyncio.current_task()
     assert task is not None
-    return SimpleNamespace(request_id="r", chunks=0, usage=None, first_chunk_seconds=None, started=0.0,
-                           upstream_started=0.0, upstream_seconds=0.0, lifecycle=Lifecycle(task))
+    return SimpleNamespace(request_id="r", endpoint=Endpoint.CHAT, chunks=0, usage=None, first_chunk_seconds=None,
+                           started=0.0, upstream_started=0.0, upstream_seconds=0.0, lifecycle=Lifecycle(task))
 
 
 def chunk(text: str) -> Chunk:

@@ -290,8 +290,9 @@ class UsageOnly:
 class StreamBill:
     """Per stream: follows the answer's length (for the cut-off) and settles the bill once at its end.
 
-    The length is the number of content chunks (about one token each from OpenAI-compatible servers), so
-    that following it costs no decoding; the exact figure comes with the upstream's usage at the end. Below
+    The length is the number of content chunks (about one token each from OpenAI-compatible servers; of a
+    Responses stream, its `*.delta` events only: `Chunk.content`, `pipeline.streams`), so that following it costs
+    no decoding; the exact figure comes with the upstream's usage at the end. Below
     the reserved length it does nothing (`passes_up_to`), so the edge keeps polling the provider's stream."""
 
     __slots__ = ("_bill", "_stage", "reads_events")
@@ -309,16 +310,18 @@ class StreamBill:
         return self._bill.completion_cap
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
-        """`ctx.chunks` is the upstream's chunks so far, this batch's included (counted before any stage read it):
-        past the cap, each chunk of the batch that crosses it asks for one more step. A stage before this one (an
-        output guard) may have held or merged chunks: the batch then holds fewer than the upstream sent, the first
-        of them crosses the cap (an earlier cut than the upstream's own chunks would give), and a batch with none
-        still asks for the steps the upstream's chunks took: the bill follows what the upstream generated. A cut
-        stream is billed for what it sent (`docs/accounting.md`): the chunks up to the one that crossed."""
+        """`ctx.chunks` is the upstream's content chunks so far, this batch's included (counted before any stage
+        read it): past the cap, each content chunk of the batch that crosses it asks for one more step (a Responses
+        stream's lifecycle events, `Chunk.content` False, take none, and the cut never falls on one). A stage
+        before this one (an output guard) may have held or merged chunks: the batch then holds fewer than the
+        upstream sent, the first of them crosses the cap (an earlier cut than the upstream's own chunks would
+        give), and a batch with none still asks for the steps the upstream's chunks took: the bill follows what the
+        upstream generated. A cut stream is billed for what it sent (`docs/accounting.md`): the content chunks up
+        to the one that crossed."""
         bill = self._bill
         if ctx.chunks <= bill.completion_cap:
             return events
-        positions = [index for index, event in enumerate(events) if type(event) is Chunk]
+        positions = [index for index, event in enumerate(events) if type(event) is Chunk and event.content]
         seen = ctx.chunks - len(positions) if len(positions) < ctx.chunks else 0
         for index in positions or (None,):
             seen = seen + 1 if index is not None else ctx.chunks

@@ -22,6 +22,12 @@ cut-off, which may reserve more or end the stream) keeps a polled source polled:
 stay within every such stage's length are looked at and noted as on the direct path; one that
 may cross it is held, and `wait()` runs every reader's `on_events` on it (as iterating would)
 before `ready()` hands over what they made of it.
+
+A stream's length (`ctx.chunks`: a budget's cut and the bill of a stream that ends without its usage follow it)
+is its source's content events, counted as each batch arrives, before any stage holds, merges or adds one: every
+`Chunk` of a chat or completions stream (`_chunks_in`, on every batch: a type test a chunk); of a Responses stream,
+only those that carry generated content (`_content_in`: its `*.delta` events, `Chunk.content`), not the
+lifecycle events beside them (`response.created`, `.output_item.added`, ...), which carry no tokens.
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 from ..errors import GatewayError, InternalError
+from ..schemas.endpoints import Endpoint
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 
@@ -66,9 +73,9 @@ class StreamStage(Protocol):
     # A stage may also set `looks_only = True` and offer `look(ctx, events) -> None`: it never changes a batch
     # (its `on_events` returns the events it was given), so the edge may show it batches directly.
     # A stage may instead offer `passes_up_to(ctx) -> int`: its `on_events` returns a batch untouched, and does
-    # nothing else, while `ctx.chunks` (the source's chunks so far, the batch's included: counted before any stage
-    # reads it) stays at or under that number, so a polled source runs it only on a batch that may cross it
-    # (asked again after each).
+    # nothing else, while `ctx.chunks` (the source's content chunks so far, the batch's included: counted before any
+    # stage reads it; see the module's docstring) stays at or under that number, so a polled source runs it only on a
+    # batch that may cross it (asked again after each).
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]: ...
 
@@ -78,8 +85,8 @@ class StreamStage(Protocol):
 class ReplyStream:
     """Iterate for batches of events; `aclose(outcome)` when the consumer stops early."""
 
-    __slots__ = ("_ctx", "_end", "_held", "_iterator", "_limit", "_lookers", "_passed", "_readers", "_source",
-                 "_source_ready", "_source_wait", "_stages", "_terminal", "_watchers")
+    __slots__ = ("_count", "_ctx", "_end", "_held", "_iterator", "_limit", "_lookers", "_passed", "_readers",
+                 "_source", "_source_ready", "_source_wait", "_stages", "_terminal", "_watchers")
     # A polled source behind watching stages: the chunks the stream may reach before a batch is held (`_held`)
     # for the readers, the batch they made of it (`_passed`) for the next `ready()`, and the source's own `ready`
     # and `wait`. Set by `reads()` and read only on that path: a stream without such stages never sets them.
@@ -92,6 +99,9 @@ class ReplyStream:
     def __init__(self, source: EventSource, ctx: RequestContext) -> None:
         self._source = source
         self._ctx = ctx
+        # A batch's content chunks, for `ctx.chunks` (see the module's docstring): chosen once, so that a chat
+        # stream's count is what it was, a type test a chunk.
+        self._count = _content_in if ctx.endpoint is Endpoint.RESPONSES else _chunks_in
         self._iterator: Any = None
         self._stages: list[StreamStage] = []  # in the order added: innermost (closest to the upstream) first
         self._readers: tuple[StreamStage, ...] = ()
@@ -125,7 +135,8 @@ class ReplyStream:
         each batch to `_note` itself (`observe(callback)`; its batches then end with a terminal event).
         Either way, `finish()` after the last batch."""
         readers = self._readers
-        direct = self._iterator is None and len(self._lookers) == len(readers)
+        # (`_note` counts every chunk on the direct path: a stream whose count is another's is iterated here)
+        direct = self._iterator is None and len(self._lookers) == len(readers) and self._count is _chunks_in
         observe = getattr(self._source, "observe", None) if direct else None
         if observe is None:
             return self
@@ -147,6 +158,8 @@ class ReplyStream:
         while `wait()` is pending: the task then resumes only for a batch `sink` declines (returns False for)."""
         source_reads = getattr(self._source, "reads", None)
         if source_reads is None or self._iterator is not None or not hasattr(self._source, "observe"):
+            return None
+        if self._count is not _chunks_in:  # (as in `__aiter__`)
             return None
         readers = self._readers
         if len(self._lookers) + len(self._watchers) != len(readers):
@@ -177,7 +190,7 @@ class ReplyStream:
             batch = [StreamError(InternalError("the stream ended unexpectedly"))]
         except GatewayError as exc:
             batch = [StreamError(exc)]
-        self._ctx.chunks += _chunks_in(batch)  # the source's, before a stage holds, merges or adds any
+        self._ctx.chunks += self._count(batch)  # the source's, before a stage holds, merges or adds any
         batch = await self._through_readers(batch)
         self._note(batch, counted=True)
         return batch
@@ -221,7 +234,7 @@ class ReplyStream:
         """The source's observer behind watching stages: a batch within their length is looked at and noted as
         on the direct path; one that may cross it is held, for `_wait_watched` to run the readers on."""
         ctx = self._ctx
-        ctx.chunks += _chunks_in(batch)
+        ctx.chunks += self._count(batch)
         if ctx.chunks > self._limit:
             self._held = batch
         elif self._lookers:
@@ -263,7 +276,8 @@ class ReplyStream:
 
     def _note(self, batch: list[StreamEvent], counted: bool = False) -> None:
         """What the request keeps of a batch about to be sent: usage, the end, the first chunk's time; and, unless
-        `counted` (before the readers, which may hold, merge or add chunks), its chunks (`ctx.chunks`)."""
+        `counted` (before the readers, which may hold, merge or add chunks), its chunks (`ctx.chunks`: every one,
+        as `_chunks_in` counts them; uncounted only on the direct path, which a Responses stream never takes)."""
         ctx = self._ctx
         for event in batch:
             if isinstance(event, Chunk):
@@ -307,9 +321,19 @@ class ReplyStream:
 
 
 def _chunks_in(batch: list[StreamEvent]) -> int:
+    """A chat or completions batch's content chunks: all of them."""
     count = 0
     for event in batch:
         if type(event) is Chunk:
+            count += 1
+    return count
+
+
+def _content_in(batch: list[StreamEvent]) -> int:
+    """A Responses batch's content chunks: its events of generated content (`Chunk.content`)."""
+    count = 0
+    for event in batch:
+        if type(event) is Chunk and event.content:
             count += 1
     return count
 

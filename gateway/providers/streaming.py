@@ -154,7 +154,14 @@ class ResponsesEvents:
     error written flat: vLLM's), ends the stream with the scrubbed message. The response's last event
     (`response.completed` / `.incomplete` / `.failed`) ends the stream, as `message_stop` ends
     Anthropic's: what the upstream writes after it, or a connection it then holds open or drops, is
-    never read (the client has its answer whole)."""
+    never read (the client has its answer whole).
+
+    Only an event of generated content, a `*.delta` (`response.output_text.delta`, `.refusal.delta`,
+    `.function_call_arguments.delta`, `.reasoning_text.delta`, `.reasoning_summary_text.delta`, ...: about a
+    token each, as a chat chunk), is a `Chunk` that counts (`Chunk.content`): a stream's length, which a budget's
+    cut and the bill of a stream that ends without its usage follow, is theirs. The others (`response.created`,
+    `.in_progress`, `.output_item.added`/`.done`, `.content_part.added`/`.done`, `.output_text.done`, the
+    response's last event) carry no tokens of their own, only what the deltas carried, or nothing."""
 
     __slots__ = ("_provider",)
 
@@ -179,10 +186,14 @@ class ResponsesEvents:
         response = peek.response
         if response is not None and response.error is not None:  # not null: the upstream's own error text
             payload = scrubbed_error(payload, self._provider.sanitize, self._provider.unsecret, "response")
-        if peek.type in ("response.completed", "response.incomplete", "response.failed"):
+        kind = peek.type
+        if kind.endswith(".delta"):  # generated content: about a token each (see the class's docstring)
+            return [Chunk(payload)]
+        if kind in ("response.completed", "response.incomplete", "response.failed"):
             usage = responses_usage(response.usage) if response is not None else None
-            return [Chunk(payload), UsageReport(usage), DONE] if usage is not None else [Chunk(payload), DONE]
-        return [Chunk(payload)]
+            last = Chunk(payload, None, None, False)
+            return [last, UsageReport(usage), DONE] if usage is not None else [last, DONE]
+        return [Chunk(payload, None, None, False)]
 
     def end(self) -> list[StreamEvent]:
         return [StreamError(UpstreamError(f"upstream `{self._provider.name}` ended the stream before the response "

@@ -30,15 +30,20 @@ _encode = msgspec.json.Encoder().encode
 class Chunk(msgspec.Struct, gc=False, eq=False):
     """One content event in OpenAI's chunk shape: its JSON bytes, decoded on demand, at most once.
 
-    `Chunk(payload, data=None, choices=None)`, positionally. A struct, not a class with `__init__`: one is
-    made for every event forwarded, and a Python `__init__` cost about 1,200 instructions more a chunk
-    (CPython 3.11). Compared by identity, as a plain object; untracked by the garbage collector (its
+    `Chunk(payload, data=None, choices=None, content=True)`, positionally. A struct, not a class with
+    `__init__`: one is made for every event forwarded, and a Python `__init__` cost about 1,200 instructions
+    more a chunk (CPython 3.11). Compared by identity, as a plain object; untracked by the garbage collector (its
     decoded JSON holds no cycles)."""
 
     payload: bytes
     _data: dict[str, Any] | None = None
     # The typed view of its choices, when the provider decoded them anyway (`Call.read_choices`).
     choices: list[ChoicePeek] | None = None
+    # Whether the event carries generated content (about a token): False for the Responses API's events that carry
+    # none (`response.created`, `.output_item.added`, `.completed`, ...: `ResponsesEvents`), which a stream's length
+    # does not count (`pipeline.streams`). A chat stream's count never reads it (a budget's cut does, only past the
+    # stream's reservation); a default field costs a chunk's construction about 3 ns.
+    content: bool = True
 
     @classmethod
     def of(cls, data: dict[str, Any]) -> Chunk:

@@ -254,7 +254,8 @@ def count_on_loop(tokens: TokenCounter, text: str) -> int:
 
 async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext, so_far: Usage | None = None) -> Usage:
     """A stream's estimate at its end, as this stage makes it: from its text when it was collected (its provider
-    reports no usage: `stream_text`), else from its chunk count (a provider that should have reported it); with
+    reports no usage: `stream_text`), else from its chunk count (a provider that should have reported it; of a
+    Responses stream, its `*.delta` events only: `pipeline.streams`); with
     `so_far` (`StreamEnd.usage_so_far`), the prompt's figures are the upstream's."""
     text = ctx.answer_text
     completion = await counter._count(text.text()) if text is not None else ctx.chunks

@@ -4,12 +4,14 @@ Off unless `telemetry.payload_log.enabled`, and configured apart from the access
 log, which never holds text. A request only hands its texts to a bounded queue
 (full: the entry is dropped and counted in `gateway_telemetry_dropped_total`);
 one background task redacts them with the log's own guards (`redact`, by default
-a `pii` patterns guard and a `secrets` guard: every finding is replaced,
-whatever its action says; a text a guard failed to check, timed out or refused
-by a full queue, is withheld whole) and writes them: to a file rotated at `max_bytes`
-(writes in a thread, never on the event loop) or to a Redis stream capped at
+a `pii` patterns guard and a `secrets` guard; each reads every text, whatever its `places`: every finding is
+replaced, whatever its action says; a text a guard failed to check, timed out or refused
+by a full queue, is withheld whole, whatever its `fail` says) and writes them: to a file rotated at `max_bytes`
+(writes in a thread, never on the event loop: `payload_file.py`) or to a Redis stream capped at
 `max_entries` (`XADD MAXLEN ~`), which is its retention, through a client built as the store's
 (`open_client`: every URL form the store takes, its timeouts; each write bounded by `op_timeout_s`).
+An entry whose write fails (a full disk, a Redis down) is dropped and counted (`sink_failed`), and the next one
+is tried; the failure is logged once until a write succeeds again, never with the entry's text.
 At close, what is still queued is written within `FINAL_DRAIN_S` in all; the rest is dropped and counted,
 so a stalled sink never holds a shutdown or a reload.
 
@@ -29,8 +31,6 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-import logging.handlers
-import os
 import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
@@ -52,6 +52,7 @@ from ..store.base import StoreConfig
 from .access import CLIENT_CLOSED
 from .final_drain import finish_within
 from .metrics import Metrics
+from .payload_file import PrivateRotatingFile
 
 if TYPE_CHECKING:
     from ..store.redis_client import RedisHandle
@@ -92,16 +93,6 @@ class _Entry:
     output: str
 
 
-class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
-    """A rotating file created readable by its owner alone (0600, whatever the process's umask): its lines are
-    prompts and answers, redacted by the guards only as far as the guards recognise what they hold. A file that
-    exists keeps its mode (an operator's choice)."""
-
-    def _open(self) -> Any:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
-
-
 class PayloadWriter:
     """The queue, the redacting guards and the sink; a `Service` (started and closed with the runtime)."""
 
@@ -110,16 +101,21 @@ class PayloadWriter:
         self.metrics = metrics
         self.state = state
         self.stream_key = state.key_prefix + spec.stream
-        self.guards = GuardRuntime(GuardsSpec(global_=dict(spec.redact or _DEFAULT_REDACT)), metrics, count)
-        self.guard_list = [g for g in self.guards.resolve("", "").input]
+        self.guards = GuardRuntime(GuardsSpec(global_=redacting(spec.redact or _DEFAULT_REDACT)), metrics, count)
+        self.guard_list = list(self.guards.resolve("", "").input)  # (every text guard: `redacting`)
         self._queue: deque[_Entry] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
-        self._file: logging.handlers.RotatingFileHandler | None = None
+        self._closed = False  # the task is done: what is added now would never be written
+        self._failing = False  # the last write failed (logged once, until a write succeeds)
+        self._file: PrivateRotatingFile | None = None
         self._redis: RedisHandle | None = None  # with `sink: redis`
 
     def add(self, entry: _Entry) -> None:
+        if self._closed:  # a request that ended after the close (a stream of a retired policy): nothing writes it
+            self.metrics.telemetry_dropped.labels("payload_log", "close_timeout").inc()
+            return
         if len(self._queue) >= self.spec.queue:
             self.metrics.telemetry_dropped.labels("payload_log", "queue_full").inc()
             return
@@ -129,9 +125,15 @@ class PayloadWriter:
     async def start(self) -> None:
         await self.guards.start()
         if self.spec.sink == "file":
-            self._file = await asyncio.to_thread(
-                PrivateRotatingFile, self.spec.path, maxBytes=self.spec.max_bytes,
-                backupCount=self.spec.backups, encoding="utf-8")
+            try:
+                self._file = await asyncio.to_thread(
+                    PrivateRotatingFile, self.spec.path, maxBytes=self.spec.max_bytes,
+                    backupCount=self.spec.backups, encoding="utf-8")
+            except OSError as exc:  # (a start that fails: the gateway does not start, a reload keeps the policy)
+                error = PayloadLogPathError(f"telemetry.payload_log.path: cannot open {self.spec.path!r} to append: "
+                                            f"{exc.strerror or type(exc).__name__}")
+                log.error("%s", error)  # (a line of its own: the start's traceback holds it deep inside)
+                raise error from None
         else:
             from ..store.redis_client import open_client  # redis-py: loaded only for this sink
             from ..store.redis_url import parse_redis_url
@@ -156,10 +158,10 @@ class PayloadWriter:
     async def _final_drain(self) -> None:
         """The task writes what is still queued, then ends, within `FINAL_DRAIN_S`: a sink that stalls must not
         hold the close. It is cut only then, so an entry being written is never cut short and written again."""
-        if self._task is None:
-            return
         self._closing = True
-        await finish_within(self._task, self._wake, FINAL_DRAIN_S, log, "the payload log's writer")
+        if self._task is not None:
+            await finish_within(self._task, self._wake, FINAL_DRAIN_S, log, "the payload log's writer")
+        self._closed = True
         if left := len(self._queue):  # cut at the deadline: the one being written among them
             self._queue.clear()
             self.metrics.telemetry_dropped.labels("payload_log", "close_timeout").inc(left)
@@ -170,9 +172,16 @@ class PayloadWriter:
             entry = self._queue[0]  # taken off once written or failed: one cut at the close deadline is counted
             try:
                 await self._write(await self._redacted(entry))
-            except Exception:
+            except Exception as exc:  # noqa: BLE001 -- counted, and logged once a run of failures: never the text
                 self.metrics.telemetry_dropped.labels("payload_log", "sink_failed").inc()
-                log.warning("payload log entry dropped: the sink failed", exc_info=True)
+                if not self._failing:
+                    self._failing = True
+                    log.warning("payload log: entries dropped until a write succeeds: the %s sink failed (%s)",
+                                self.spec.sink, _failure(exc))
+            else:
+                if self._failing:
+                    self._failing = False
+                    log.info("payload log: writing again after a failure")
             self._queue.popleft()
 
     async def redact(self, text: str, where: Where) -> str:
@@ -201,12 +210,31 @@ class PayloadWriter:
 
     async def _write(self, line: bytes) -> None:
         if self._file is not None:
-            record = logging.makeLogRecord({"msg": line.decode(), "levelno": logging.INFO})
-            await asyncio.to_thread(self._file.emit, record)
+            await asyncio.to_thread(self._file.write, line.decode())
         elif self._redis is not None:
             async with asyncio.timeout(self.state.op_timeout_s):  # as every store operation
                 await self._redis.client.xadd(self.stream_key, {"entry": line}, maxlen=self.spec.max_entries,
                                               approximate=True)
+
+
+class PayloadLogPathError(OSError):
+    """`telemetry.payload_log.path` cannot be opened (its folder missing, not writable): named in the error."""
+
+
+def redacting(guards: dict[str, GuardSpec]) -> dict[str, GuardSpec]:
+    """`guards` as the payload log runs them: each checks every text the log writes, prompts and answers alike,
+    whatever its `places` says (only the log's texts reach them: a guard scoped to answers left the prompts in
+    clear), and a text one failed to check is withheld whole whatever its `fail` says (`fail: open` wrote it
+    in clear). Both settings weigh a request's delivery against its checks; here nothing waits on the log."""
+    return {name: msgspec.structs.replace(spec, places=["input", "output"], fail="closed")
+            for name, spec in guards.items()}
+
+
+def _failure(exc: Exception) -> str:
+    """What failed, without the exception's message, which might quote the line (an `OSError`'s is the system's)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"{type(exc).__name__}: {exc.strerror}"
+    return type(exc).__name__
 
 
 class PayloadLog:
@@ -272,7 +300,11 @@ def _answer_text(endpoint: Endpoint, body: bytes | None) -> str:
 
 
 class _StreamText:
-    __slots__ = ("parts", "size", "stage", "texts")
+    """A stream's answer text as `_answer_text` reads the complete answer: a chat stream's first choice; a Responses
+    stream's `output_text` parts, one line each, wherever their message is in `output` (after a reasoning item, it
+    is not the first: only the first output's text was kept, and such an answer was logged empty)."""
+
+    __slots__ = ("part", "parts", "size", "stage", "texts")
     reads_events = True
 
     def __init__(self, stage: PayloadLog, texts: list[str]) -> None:
@@ -280,15 +312,20 @@ class _StreamText:
         self.texts = texts
         self.parts: list[str] = []
         self.size = 0
+        self.part: tuple[Any, Any] | None = None  # a Responses stream: the (output, content) index of the last delta
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         limit = read_chars(self.stage.writer.spec)
         for event in events:
             if isinstance(event, Chunk) and self.size <= limit:  # (past it: the writer sees that it was cut)
                 data = event.data()
-                if data.get("type") == _TEXT_DELTA:  # a Responses stream: its first output's text
+                if data.get("type") == _TEXT_DELTA:  # a Responses stream: a message's text (only they have any)
                     text = data.get("delta")
-                    if data.get("output_index", 0) == 0 and isinstance(text, str):
+                    if isinstance(text, str):
+                        part = (data.get("output_index"), data.get("content_index"))
+                        if self.part is not None and part != self.part:  # another text part: another line
+                            self.parts.append("\n")
+                        self.part = part
                         self.parts.append(text)
                         self.size += len(text)
                     continue

@@ -111,6 +111,7 @@ class RequestContext:
     cost_usd: float | None = None  # what the answer cost, once accounting knows (the access log reads it)
     cache_result: str | None = None  # hit, miss, bypass... once the cache stage knows (the access log reads it)
     traceparent: bytes | None = None  # W3C trace context sent upstream (tracing on): the gateway's span as parent
+    tracestate: bytes | None = None  # the client's W3C `tracestate`, sent upstream with it (a trace that goes on)
     dialect: Dialect | None = None  # the client's wire format when it is not OpenAI's (/v1/messages)
     cache: CacheResult | None = None  # what the response cache did and what a hit saved (`cache_result`: its status)
     on_finish: Callable[[], None] | None = None  # run once the request left every stage (the cache stores a miss)

@@ -37,6 +37,7 @@ class Call:
     timeouts: Timeouts | None = None  # a target's own timeouts; None: the provider's
     traceparent: bytes | None = None  # W3C trace context to forward (tracing on)
     read_choices: bool = False  # a stage reads the text: the peek decodes choices (`Chunk.choices`, `Completion`'s)
+    tracestate: bytes | None = None  # the client's W3C `tracestate`, forwarded beside `traceparent` (tracing on)
 
     @property
     def client_wants_usage(self) -> bool:

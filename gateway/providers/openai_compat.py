@@ -121,9 +121,13 @@ class OpenAICompatProvider:
         return _encode(body)
 
     def _headers(self, call: Call) -> dict[str, str]:
+        """Every kind's request headers (the others add theirs): with tracing on, the W3C trace context too."""
         if call.traceparent is None:
             return {"X-Request-Id": call.request_id}
-        return {"X-Request-Id": call.request_id, "traceparent": call.traceparent.decode("ascii")}
+        if call.tracestate is None:
+            return {"X-Request-Id": call.request_id, "traceparent": call.traceparent.decode("ascii")}
+        return {"X-Request-Id": call.request_id, "traceparent": call.traceparent.decode("ascii"),
+                "tracestate": call.tracestate.decode("ascii")}
 
     def _asks_for_usage(self, call: Call) -> bool:
         """Whether the gateway adds `stream_options.include_usage` itself (Chat and Completions streams)."""

@@ -310,7 +310,8 @@ class Router:
         body = ctx.body
         body = {**body, **target.extra_body, "model": target.upstream_model} if target.extra_body else {
             **body, "model": target.upstream_model}
-        call = Call(ctx.endpoint, body, ctx.stream, ctx.request_id, target.timeouts, ctx.traceparent, ctx.read_choices)
+        call = Call(ctx.endpoint, body, ctx.stream, ctx.request_id, target.timeouts, ctx.traceparent, ctx.read_choices,
+                    ctx.tracestate)
         ctx.provider = provider
         ctx.target = target
         ctx.attempt_count += 1

@@ -3,8 +3,10 @@
 Built only when `telemetry.tracing.enabled`: without it no stage reads
 `traceparent`, nothing is forwarded, nothing is exported. When on, the gateway
 is one span per request: it takes the client's `traceparent` as its parent (or
-starts a trace), forwards its own span as the parent to the upstream, and echoes
-its own `traceparent` in the answer, so a client can find the gateway's span.
+starts a trace), forwards its own span as the parent to the upstream, with the
+client's `tracestate` when the trace goes on (W3C: a vendor receiving one MUST
+send it on), and echoes its own `traceparent` in the answer, so a client can find
+the gateway's span.
 
 Export needs no OpenTelemetry SDK: a span is a small dict in the OTLP JSON shape
 (GenAI attributes: `gen_ai.operation.name`, `gen_ai.request.model`,
@@ -40,14 +42,31 @@ from ..schemas.events import StreamEvent
 from .final_drain import finish_within
 from .metrics import Metrics
 
-__all__ = ["SpanExporter", "Tracing", "parse_traceparent"]
+__all__ = ["SpanExporter", "Tracing", "parse_traceparent", "parse_tracestate"]
 
 log = logging.getLogger("gateway.tracing")
 # version-trace id-parent id-flags, then (only in a version above 00) `-` and whatever that version adds
 _TRACEPARENT = re.compile(rb"([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?", re.DOTALL)
 _ZERO_TRACE, _ZERO_SPAN = b"0" * 32, b"0" * 16
+# W3C tracestate list members: a simple key or a multi-tenant `tenant@system` one, and a value of printable ASCII
+# but `,` and `=` that does not end in a space.
+_TRACESTATE_KEY = re.compile(rb"[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13}")
+_TRACESTATE_VALUE = re.compile(rb"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]")
+TRACESTATE_MEMBERS = 32
+"""W3C: a tracestate list has at most 32 members; one with more is invalid, and dropped whole."""
+TRACESTATE_CHARS = 512
+"""What the gateway forwards of a tracestate at most (W3C: vendors SHOULD propagate at least 512 characters)."""
+_TRACESTATE_READ = TRACESTATE_MEMBERS * 520
+"""`tracestate` headers longer than this together are dropped unread: 32 members of at most 513 characters, their
+commas and a little whitespace fit in it."""
+_TRACESTATE_LONG_MEMBER = 128
 _encode = msgspec.json.Encoder().encode
-_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings"}
+# The conventions' values: the Responses API is a chat operation (they tell it apart with OpenAI's own
+# `openai.api.type`; the span's `gateway.endpoint` does here).
+_OPERATIONS = {"chat": "chat", "completions": "text_completion", "embeddings": "embeddings", "responses": "chat"}
+# `gen_ai.provider.name` by the provider's kind; the built-in demo model is none of the conventions' providers.
+_PROVIDER_NAMES = {"openai": "openai", "azure": "azure.ai.openai", "anthropic": "anthropic", "gemini": "gcp.gemini",
+                   "demo": "gateway.demo"}
 FINAL_DRAIN_S = 2.0
 """At close, the spans still queued get this long in all to be posted; the rest are dropped."""
 
@@ -56,32 +75,74 @@ def parse_traceparent(value: bytes) -> tuple[bytes, bytes, bytes] | None:
     """(trace id, parent span id, flags) of a valid header, else None (then a new trace starts). W3C's ids are
     lower-case hex: an upper-case one is invalid, not to be read as the same trace. Version 00 is exactly its 55
     characters; a higher version is read by version 00's rules, what follows its flags ignored, so a newer client's
-    trace goes on; only version ff is invalid. The gateway speaks version 00: what it forwards and echoes for a
-    higher version is the version-00 form of the same trace, keeping only the flag version 00 defines (sampled)."""
+    trace goes on; only version ff is invalid. The gateway speaks version 00: what it forwards and echoes is the
+    version-00 form of the trace, keeping only the flag version 00 defines (sampled), whatever version came in: W3C
+    reserves the other bits, and vendors MUST set them to zero."""
     match = _TRACEPARENT.fullmatch(value.strip(b" \t"))
     if match is None or match.group(2) == _ZERO_TRACE or match.group(3) == _ZERO_SPAN:
         return None
-    version, flags = match.group(1), match.group(4)
+    version = match.group(1)
     if version == b"ff" or (version == b"00" and match.group(5) is not None):
         return None
-    if version != b"00":
-        flags = b"01" if int(flags, 16) & 1 else b"00"
-    return match.group(2), match.group(3), flags
+    return match.group(2), match.group(3), b"01" if int(match.group(4), 16) & 1 else b"00"
 
 
-def _find_header(raw: Any, name: bytes) -> bytes | None:
+def parse_tracestate(values: list[bytes]) -> bytes | None:
+    """What the gateway forwards of the `tracestate` headers received (joined with commas, as HTTP combines
+    repeated fields): their list members, without the optional whitespace, or None. A list W3C calls invalid (a
+    member that is not `key=value` by its grammar, a key twice, more than 32 members) is dropped whole, as the W3C
+    test suite expects. One over `TRACESTATE_CHARS` loses whole members, as W3C prescribes: first those over 128
+    characters, then from the end (the right, the oldest)."""
+    joined = b",".join(values)
+    if len(joined) > _TRACESTATE_READ:
+        return None
+    members: list[bytes] = []
+    keys: set[bytes] = set()
+    for member in joined.split(b","):
+        member = member.strip(b" \t")
+        if not member:  # empty members are allowed (a repeated header may add one)
+            continue
+        key, equals, value = member.partition(b"=")
+        if (not equals or key in keys or _TRACESTATE_KEY.fullmatch(key) is None
+                or _TRACESTATE_VALUE.fullmatch(value) is None or len(members) == TRACESTATE_MEMBERS):
+            return None
+        keys.add(key)
+        members.append(member)
+    if sum(map(len, members)) + len(members) - 1 > TRACESTATE_CHARS:
+        members = _truncated(members)
+    return b",".join(members) or None
+
+
+def _truncated(members: list[bytes]) -> list[bytes]:
+    kept = [member for member in members if len(member) <= _TRACESTATE_LONG_MEMBER]
+    while kept and sum(map(len, kept)) + len(kept) - 1 > TRACESTATE_CHARS:
+        kept.pop()
+    return kept
+
+
+def _incoming(raw: Any) -> tuple[tuple[bytes, bytes, bytes] | None, bytes | None]:
+    """The client's trace (its `traceparent` parsed) and its `tracestate`, read only for a valid `traceparent`
+    (W3C: a vendor that failed to parse `traceparent` MUST NOT parse `tracestate`). Two `traceparent` headers are
+    an invalid one: which of them would be the parent is unknowable, so a new trace starts (the W3C test suite's
+    `test_traceparent_duplicated`)."""
+    parent: bytes | None = None
+    states: list[bytes] = []
     for key, value in raw:
-        if key == name:
-            return bytes(value)
-    return None
+        if key == b"traceparent":
+            if parent is not None:
+                return None, None
+            parent = bytes(value)
+        elif key == b"tracestate":
+            states.append(bytes(value))
+    found = parse_traceparent(parent) if parent is not None else None
+    return found, parse_tracestate(states) if found is not None and states else None
 
 
 class _Span:
-    __slots__ = ("flags", "parent", "span_id", "start_ns", "trace_id")
+    __slots__ = ("flags", "parent", "span_id", "start_ns", "trace_id", "tracestate")
 
     def __init__(self, ctx: RequestContext) -> None:
-        parent = _find_header(ctx.head.raw_headers, b"traceparent")
-        found = parse_traceparent(parent) if parent is not None else None
+        found, self.tracestate = _incoming(ctx.head.raw_headers)
         if found is None:
             self.trace_id, self.parent, self.flags = os.urandom(16).hex().encode(), None, b"01"
         else:
@@ -107,6 +168,7 @@ class Tracing:
         span = _Span(ctx)
         header = span.header
         ctx.traceparent = header
+        ctx.tracestate = span.tracestate
         try:
             reply = await call_next(ctx)
         except GatewayError as exc:
@@ -145,18 +207,25 @@ class _StreamSpan:
 
 
 def _otlp_span(ctx: RequestContext, span: _Span, status: int) -> dict[str, Any]:
-    """One span in the OTLP JSON shape, with the GenAI attributes the conventions define."""
+    """One span in the OTLP JSON shape, with the GenAI attributes the conventions define. Its status follows the
+    HTTP server span conventions: a 5xx is an error (the gateway's or its upstream's), a 4xx (the client's request,
+    499 a client that left) leaves it unset, as does a success (`error.type` still says what a 4xx was)."""
     alias = ctx.alias_label
+    operation = _OPERATIONS.get(ctx.endpoint.label, ctx.endpoint.label)
     attributes: list[dict[str, Any]] = [
-        _attr("gen_ai.operation.name", _OPERATIONS.get(ctx.endpoint.label, ctx.endpoint.label)),
+        _attr("gen_ai.operation.name", operation),
         _attr("gen_ai.request.model", alias),
         _attr("http.response.status_code", status),
+        _attr("gateway.endpoint", ctx.endpoint_label),
         _attr("gateway.request_id", ctx.request_id),
         _attr("gateway.tenant", ctx.runtime.policy.labels.tenant(ctx.tenant)),
     ]
     if ctx.target is not None:
         attributes.append(_attr("gen_ai.response.model", ctx.target.upstream_model))
-        attributes.append(_attr("gen_ai.provider.name", ctx.target.provider))
+        if ctx.provider is not None:
+            kind = ctx.provider.config.kind
+            attributes.append(_attr("gen_ai.provider.name", _PROVIDER_NAMES.get(kind, kind)))
+        attributes.append(_attr("gateway.provider", ctx.target.provider))
         attributes.append(_attr("gateway.target", ctx.target.name))
     if ctx.usage is not None:
         attributes.append(_attr("gen_ai.usage.input_tokens", ctx.usage.prompt_tokens))
@@ -165,11 +234,11 @@ def _otlp_span(ctx: RequestContext, span: _Span, status: int) -> dict[str, Any]:
         attributes.append(_attr("error.type", ctx.error_code or str(status)))
     body: dict[str, Any] = {
         "traceId": span.trace_id.decode(), "spanId": span.span_id.decode(),
-        "name": f"{_OPERATIONS.get(ctx.endpoint.label, ctx.endpoint.label)} {alias}",
+        "name": f"{operation} {alias}",
         "kind": 2,  # SPAN_KIND_SERVER
         "startTimeUnixNano": str(span.start_ns), "endTimeUnixNano": str(time.time_ns()),
         "attributes": attributes,
-        "status": {"code": 2 if status >= 500 else 1},
+        "status": {"code": 2} if status >= 500 else {},  # STATUS_CODE_ERROR, or unset
     }
     if span.parent is not None:
         body["parentSpanId"] = span.parent.decode()

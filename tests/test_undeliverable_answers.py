@@ -51,7 +51,10 @@ def _sse(*payloads: dict[str, Any] | str) -> bytes:
 GOOD_STREAM = _sse(*({**CHUNK, "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
                      for delta, finish in (({"role": "assistant", "content": ""}, None), ({"content": "fine"}, None),
                                            ({}, "stop"))), "[DONE]")
-STREAMS = {"done-only": _sse("[DONE]"), "blank-then-done": _sse(BLANK, "[DONE]")}
+STREAMS = {"done-only": _sse("[DONE]"), "blank-then-done": _sse(BLANK, "[DONE]"),
+           # A first chunk whose `choices` is no array, then a good answer: the first is malformed.
+           **{f"odd-{name}": _sse({**CHUNK, "choices": odd}) + GOOD_STREAM
+              for name, odd in (("object", {"index": 0}), ("string", "nope"), ("number", 5))}}
 ANSWERS = {"nameless": NAMELESS, "choices-str": {"id": "x", "object": "chat.completion", "choices": "nope"}}
 
 
@@ -107,6 +110,10 @@ def served(scripted: Upstream) -> Iterator[RunningGateway]:
           done-only: {{provider: up, model: done-only}}
           done-only-then-good: {{targets: [{{provider: up, model: done-only}}, {{provider: up, model: good}}]}}
           blank-then-done: {{provider: up, model: blank-then-done}}
+          odd-object: {{provider: up, model: odd-object}}
+          odd-string: {{provider: up, model: odd-string}}
+          odd-number: {{provider: up, model: odd-number}}
+          odd-then-good: {{targets: [{{provider: up, model: odd-object}}, {{provider: up, model: good}}]}}
         """)
     running = RunningGateway(text, {"UP_KEY": UPSTREAM_KEY}).start()
     yield running
@@ -232,3 +239,20 @@ def test_an_answer_whose_choices_is_no_array_is_malformed(served: RunningGateway
     scripted.calls.clear()
     completion = _openai(served).chat.completions.create(model="choices-str-then-good", messages=USER)  # type: ignore[arg-type]
     assert completion.choices[0].message.content == "fine" and scripted.calls == ["choices-str", "good"]
+
+
+@pytest.mark.parametrize("alias", ["odd-object", "odd-string", "odd-number"])
+def test_a_stream_whose_first_chunks_choices_is_no_array_is_malformed(served: RunningGateway, alias: str) -> None:
+    """It reached a check that raised outside the stream's error handling: an `internal_error` event (a 500 with a
+    fallback target), an ERROR with a traceback in the log."""
+    with pytest.raises(openai.APIError, match="malformed stream event"):
+        for _ in _openai(served).chat.completions.create(model=alias, messages=USER, stream=True):  # type: ignore[arg-type]
+            pass
+
+
+def test_a_stream_whose_first_chunks_choices_is_no_array_falls_back(served: RunningGateway,
+                                                                     scripted: Upstream) -> None:
+    scripted.calls.clear()
+    chunks = _openai(served).chat.completions.create(model="odd-then-good", messages=USER, stream=True)  # type: ignore[arg-type]
+    text = "".join(chunk.choices[0].delta.content or "" for chunk in chunks if chunk.choices)
+    assert text == "fine" and scripted.calls == ["odd-object", "good"]  # (was: a 500)

@@ -361,7 +361,11 @@ class OpenAIStream:
             if keep:
                 self._last_choices = peek.choices
             if not said:  # (until the first chunk with a choice: `"choices": []` is none)
-                said = has_choices(peek.choices)
+                try:
+                    said = has_choices(peek.choices)
+                except msgspec.ValidationError:  # `"choices": {}`: no answer's chunk (a complete answer's: 502)
+                    events.append(self._fail("sent a malformed stream event"))
+                    return events, True
             events.append(Chunk(payload, None, peek.choices) if typed else Chunk(payload))
         self._said = said
         return events, False

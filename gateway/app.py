@@ -72,6 +72,7 @@ class Gateway:
         self.listener = listener
         self.active: set[Lifecycle] = set()
         self.runtime = self._build(policy, self._guards(policy))
+        self.startup_problem: str | None = None  # why `start` failed, when the configuration is why (`start`)
         self.started = False
         self.draining = False
         self.last_reload: dict[str, Any] | None = None
@@ -144,7 +145,14 @@ class Gateway:
         self.loop = asyncio.get_running_loop()
         self._reload_lock = asyncio.Lock()
         await asyncio.to_thread(self.tokens.load)
-        await self.runtime.start()
+        try:
+            await self.runtime.start()
+        except OSError as exc:
+            # A service cannot open what the policy or the machine gives it (a file's folder, a model not
+            # installed): the configuration's problem, not a bug. Its message names it; the server reports that
+            # line, not a traceback (`_StartupReport`). Any other error is a bug, and keeps its traceback.
+            self.startup_problem = f"the gateway cannot start: {str(exc) or type(exc).__name__}"
+            raise
         self._announce(self.runtime.policy)
         interval = lambda: self.runtime.policy.server.watch_interval_s  # noqa: E731 - read per tick: reloads change it
         if self.source is not None and self.runtime.policy.server.watch_policy:
@@ -308,7 +316,33 @@ def served_app(app: Litestar) -> ASGIApp:
     The server must be told the interface (`asgi3`): the front is not a coroutine function.
     """
     inner = getattr(app, "asgi_handler", None)
-    return inner.in_front_of(app) if isinstance(inner, DirectRoutes) else app
+    gateway = getattr(app.state, "gateway", None)
+    front = _StartupReport(app, gateway) if isinstance(gateway, Gateway) else app
+    return inner.in_front_of(front) if isinstance(inner, DirectRoutes) else front
+
+
+class _StartupReport:
+    """litestar, with a start that failed on a configuration problem (`Gateway.startup_problem`) reported in one
+    line: litestar sends the server its traceback, which the server logs (a bug's keeps it). Not a coroutine
+    function: a request litestar serves resumes through no frame of this."""
+
+    __slots__ = ("app", "gateway")
+
+    def __init__(self, app: Litestar, gateway: Gateway) -> None:
+        self.app = app
+        self.gateway = gateway
+
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Awaitable[None]:
+        if scope["type"] != "lifespan":
+            return self.app(scope, receive, send)
+        gateway = self.gateway
+
+        async def report(message: Any) -> None:
+            if message["type"] == "lifespan.startup.failed" and gateway.startup_problem is not None:
+                message = {**message, "message": gateway.startup_problem}
+            await send(message)
+
+        return self.app(scope, receive, report)
 
 
 def _proxy_route(gateway: Gateway, endpoint: Endpoint, direct: dict[str, ASGIApp]) -> Any:

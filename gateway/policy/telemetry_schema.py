@@ -75,7 +75,8 @@ class PayloadLogSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
 
 
 class TracingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
-    """W3C trace context: accept `traceparent`, forward it upstream, echo it; optionally export spans (OTLP)."""
+    """W3C trace context: accept `traceparent`, forward it upstream with the client's `tracestate`, echo it;
+    optionally export spans (OTLP), those of sampled traces."""
 
     enabled: bool = False
     otlp_endpoint: str | None = None  # e.g. http://collector:4318/v1/traces (OTLP/HTTP, JSON encoding)

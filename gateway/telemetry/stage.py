@@ -35,7 +35,6 @@ from .logs import log_access_of
 from .metrics import Metrics
 from .quality import QualitySignals
 from .series import Children, RequestSeries, loop_child, loop_value
-from .tracing import SpanExporter, Tracing
 
 __all__ = ["Telemetry", "TelemetryStages"]
 
@@ -88,20 +87,8 @@ class Telemetry:
                         quality.read_stream(ctx, reply)
                 except Exception as exc:  # noqa: BLE001 -- a reader's bug: a metric lost, never the answer
                     self._quality_failed(exc)
-        except GatewayError as exc:
-            ctx.status, ctx.error_code = exc.status, exc.label
-            self._finish(ctx)
-            raise
-        except (asyncio.CancelledError, ClientGone):
-            reason = ctx.lifecycle.reason
-            if reason == "shutdown":
-                ctx.status, ctx.error_code = 503, "shutting_down"
-            else:
-                ctx.status, ctx.error_code = CLIENT_CLOSED, "client_closed_request"
-            self._finish(ctx)
-            raise
-        except BaseException:
-            ctx.status, ctx.error_code = 500, "internal_error"
+        except BaseException as exc:
+            ctx.status, ctx.error_code = raised_ending(ctx, exc)
             self._finish(ctx)
             raise
         if reply.stream is None:
@@ -115,12 +102,7 @@ class Telemetry:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        if end.outcome == "error" and end.error is not None:
-            ctx.status, ctx.error_code = end.error.status, end.error.label
-        elif end.outcome == "client_gone":
-            ctx.status, ctx.error_code = CLIENT_CLOSED, "client_closed_request"
-        elif end.outcome == "shutdown":
-            ctx.status, ctx.error_code = 503, "shutting_down"
+        ctx.status, ctx.error_code = stream_ending(ctx, end)
         reader = ctx.quality_reader
         if reader is not None:
             try:
@@ -222,6 +204,31 @@ class Telemetry:
             ctx.headers = [*(ctx.headers or ()), (b"x-gateway-cost-usd", f"{rounded:.9f}".encode())]
 
 
+def raised_ending(ctx: RequestContext, exc: BaseException) -> tuple[int, str]:
+    """The status and error code of a request that ended with `exc` raised, as its access line and metrics say
+    them. A stage inside this one that records the request (the span) reads them here: `ctx.status` and
+    `ctx.error_code` are set only when the error reaches the telemetry stage, after it."""
+    if isinstance(exc, GatewayError):
+        return exc.status, exc.label
+    if isinstance(exc, (asyncio.CancelledError, ClientGone)):
+        if ctx.lifecycle.reason == "shutdown":
+            return 503, "shutting_down"
+        return CLIENT_CLOSED, "client_closed_request"
+    return 500, "internal_error"
+
+
+def stream_ending(ctx: RequestContext, end: StreamEnd) -> tuple[int, str | None]:
+    """The status and error code of a stream that ended so, as its access line and metrics say them (a finished
+    one keeps what it had). Stream end hooks run innermost first: one before the telemetry stage's reads them here."""
+    if end.outcome == "error" and end.error is not None:
+        return end.error.status, end.error.label
+    if end.outcome == "client_gone":
+        return CLIENT_CLOSED, "client_closed_request"
+    if end.outcome == "shutdown":
+        return 503, "shutting_down"
+    return ctx.status, ctx.error_code
+
+
 class TelemetryStages:
     """The optional telemetry stages a policy turns on, in pipeline order, and their background services; the
     quality signals (`quality`) are for the `Telemetry` stage to run in its own frame."""
@@ -231,6 +238,8 @@ class TelemetryStages:
         stages: list[Stage] = []
         services: list[Service] = []
         if spec.tracing.enabled:
+            from .tracing import SpanExporter, Tracing  # (it reads this module's endings)
+
             exporter = SpanExporter(spec.tracing, metrics) if spec.tracing.otlp_endpoint else None
             stages.append(Tracing(exporter))
             services += [exporter] if exporter is not None else []

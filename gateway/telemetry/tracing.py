@@ -6,7 +6,9 @@ is one span per request: it takes the client's `traceparent` as its parent (or
 starts a trace), forwards its own span as the parent to the upstream, with the
 client's `tracestate` when the trace goes on (W3C: a vendor receiving one MUST
 send it on), and echoes its own `traceparent` in the answer, so a client can find
-the gateway's span.
+the gateway's span. A span is exported only when sampled, as OpenTelemetry's default sampler (ParentBased, AlwaysOn
+at the root) decides: not when the client's valid `traceparent` says not sampled (flag 00; that flag still goes
+upstream and back), always otherwise.
 
 Export needs no OpenTelemetry SDK: a span is a small dict in the OTLP JSON shape
 (GenAI attributes: `gen_ai.operation.name`, `gen_ai.request.model`,
@@ -41,6 +43,7 @@ from ..policy.telemetry_schema import TracingSpec
 from ..schemas.events import StreamEvent
 from .final_drain import finish_within
 from .metrics import Metrics
+from .stage import raised_ending, stream_ending
 
 __all__ = ["SpanExporter", "Tracing", "parse_traceparent", "parse_tracestate"]
 
@@ -156,7 +159,8 @@ class _Span:
 
 
 class Tracing:
-    """The span of one request: parent from `traceparent`, forwarded upstream, echoed, exported at the end."""
+    """The span of one request: parent from `traceparent`, forwarded upstream, echoed, exported at the end (when
+    sampled)."""
 
     name = "tracing"
     reads_events = False
@@ -169,44 +173,43 @@ class Tracing:
         header = span.header
         ctx.traceparent = header
         ctx.tracestate = span.tracestate
+        # Exported only when sampled: OpenTelemetry's default sampler, ParentBased(AlwaysOn), records no span whose
+        # remote parent says not sampled (flag 00); one with no parent (or an invalid one) starts a sampled trace.
+        exporter = self.exporter if span.flags == b"01" else None
         try:
             reply = await call_next(ctx)
-        except GatewayError as exc:
-            exc.headers = {**exc.headers, "traceparent": header.decode()}
-            self._end(ctx, span, exc.status)
-            raise
-        except BaseException:
-            self._end(ctx, span, 500)
+        except BaseException as exc:
+            if isinstance(exc, GatewayError):
+                exc.headers = {**exc.headers, "traceparent": header.decode()}
+            if exporter is not None:
+                exporter.add(_otlp_span(ctx, span, *raised_ending(ctx, exc)))
             raise
         ctx.headers = [*(ctx.headers or ()), (b"traceparent", header)]
+        if exporter is None:
+            return reply
         if reply.stream is None:
-            self._end(ctx, span, reply.status)
+            exporter.add(_otlp_span(ctx, span, reply.status, ctx.error_code))
         else:
-            reply.stream.add(_StreamSpan(self, span))
+            reply.stream.add(_StreamSpan(exporter, span))
         return reply
-
-    def _end(self, ctx: RequestContext, span: _Span, status: int) -> None:
-        if self.exporter is not None:
-            self.exporter.add(_otlp_span(ctx, span, status))
 
 
 class _StreamSpan:
-    __slots__ = ("span", "tracing")
+    __slots__ = ("exporter", "span")
     reads_events = False
 
-    def __init__(self, tracing: Tracing, span: _Span) -> None:
-        self.tracing = tracing
+    def __init__(self, exporter: SpanExporter, span: _Span) -> None:
+        self.exporter = exporter
         self.span = span
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        status = end.error.status if end.error is not None else (200 if end.outcome == "done" else 499)
-        self.tracing._end(ctx, self.span, status)
+        self.exporter.add(_otlp_span(ctx, self.span, *stream_ending(ctx, end)))
 
 
-def _otlp_span(ctx: RequestContext, span: _Span, status: int) -> dict[str, Any]:
+def _otlp_span(ctx: RequestContext, span: _Span, status: int, error: str | None) -> dict[str, Any]:
     """One span in the OTLP JSON shape, with the GenAI attributes the conventions define. Its status follows the
     HTTP server span conventions: a 5xx is an error (the gateway's or its upstream's), a 4xx (the client's request,
     499 a client that left) leaves it unset, as does a success (`error.type` still says what a 4xx was)."""
@@ -230,8 +233,8 @@ def _otlp_span(ctx: RequestContext, span: _Span, status: int) -> dict[str, Any]:
     if ctx.usage is not None:
         attributes.append(_attr("gen_ai.usage.input_tokens", ctx.usage.prompt_tokens))
         attributes.append(_attr("gen_ai.usage.output_tokens", ctx.usage.completion_tokens))
-    if ctx.error_code is not None or status >= 400:
-        attributes.append(_attr("error.type", ctx.error_code or str(status)))
+    if error is not None or status >= 400:  # the error's code, as the access log names it (`error`)
+        attributes.append(_attr("error.type", error or str(status)))
     body: dict[str, Any] = {
         "traceId": span.trace_id.decode(), "spanId": span.span_id.decode(),
         "name": f"{operation} {alias}",

@@ -102,7 +102,8 @@ class Telemetry:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        ctx.status, ctx.error_code = stream_ending(ctx, end)
+        if end.outcome != "done":  # (a stream that finished keeps its status: no call on the usual path)
+            ctx.status, ctx.error_code = stream_ending(ctx, end)
         reader = ctx.quality_reader
         if reader is not None:
             try:

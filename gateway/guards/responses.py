@@ -108,14 +108,14 @@ class ResponsesChunks:
         else:
             changed = self._opening(data, kind)
         numbered = self._number(data)
-        return [*(Chunk.of(event) for event in before), Chunk.of(data) if changed or numbered else chunk]
+        return [*(_rebuilt(event) for event in before), _rebuilt(data) if changed or numbered else chunk]
 
     async def finish(self) -> list[Chunk]:
         """The upstream sent `[DONE]` without ending the response: release what every lane holds."""
         out: list[dict[str, Any]] = []
         for key in list(self.window.lanes):
             out += await self._settle(key, None)
-        return [Chunk.of(event) for event in out]
+        return [_rebuilt(event) for event in out]
 
     def blocked(self) -> Chunk:
         response = {**self.response, "object": "response", "status": "incomplete",
@@ -123,7 +123,7 @@ class ResponsesChunks:
         response.pop("output_text", None)
         event: dict[str, Any] = {"type": "response.incomplete", "response": response}
         self._number(event)
-        return Chunk.of(event)
+        return _rebuilt(event)
 
     # -- events
 
@@ -282,6 +282,16 @@ class ResponsesChunks:
         event["sequence_number"] = given
         self.seq += 1
         return number != given
+
+
+def _rebuilt(event: dict[str, Any]) -> Chunk:
+    """An event the guard rewrote or added, as a chunk that counts as content only if it is a `*.delta` event, as
+    `ResponsesEvents.feed` marks the upstream's (`Chunk.content`): a budget's cut, after the guard, looks for the
+    delta that crossed its step among the content chunks, and a rewritten lifecycle event counted there moved it."""
+    chunk = Chunk.of(event)
+    kind = event.get("type")
+    chunk.content = isinstance(kind, str) and kind.endswith(".delta")
+    return chunk
 
 
 def _copied(item: dict[str, Any]) -> dict[str, Any]:

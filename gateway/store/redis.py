@@ -60,6 +60,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OP_TTL_MS = round(OP_TTL_S * 1000)
 _PAD = ("", "", "", "", "")  # `lua.RESERVE_TOGETHER`'s nine arguments per reservation, after those one uses
+# Connections a start opens (one PING each), at most `max_connections`: for the subscriptions a runtime holds (each
+# keeps one: key revocations, breaker sync, the semantic cache) and the first operations after it is swapped in.
+WARM_CONNECTIONS = 8
 _OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError)
 # Error replies that redis-py has no class for and that say the server cannot serve anything now, not that this
 # operation is wrong: another client's script running past its time limit, a replica without its master.
@@ -98,7 +101,10 @@ class RedisStore:
         return self._healthy
 
     async def start(self) -> None:
-        """Create the pool and try one PING; if Redis does not answer, run degraded and recover by itself."""
+        """Create the pool and open `WARM_CONNECTIONS` of it (a PING each, within `connect_timeout_s +
+        op_timeout_s`): a connection's setup (TCP, CLIENT SETINFO, SELECT: several round trips) paid by a first
+        operation under `op_timeout_s` overran it on a slow link, failing the first requests after a reload while
+        Redis was fine. If Redis does not answer, run degraded and recover by itself."""
         if self._handle is not None:
             return
         self._closed = False
@@ -109,7 +115,11 @@ class RedisStore:
             for name in ("COMPARE_AND_SET", "COMPARE_AND_DELETE", "INCR_WINDOW", "GET_WINDOW", "RESERVE", "SETTLE",
                          "RESERVE_WINDOW", "RESERVE_TOGETHER", "ACQUIRE_SLOT", "RELEASE_SLOT")
         }
-        if not await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
+        timeout_s = self._config.connect_timeout_s + self._config.op_timeout_s
+        warm = min(WARM_CONNECTIONS, self._config.max_connections) - 1
+        # Concurrent, so that each takes a connection of its own from the pool (and opens it).
+        answered, *_ = await asyncio.gather(self._check(timeout_s), *(self._open_one(timeout_s) for _ in range(warm)))
+        if not answered:
             log.warning("store: redis did not answer at start; serving without it until it does")
 
     async def aclose(self) -> None:
@@ -344,6 +354,18 @@ class RedisStore:
             return False
         self._mark_up()
         return True
+
+    async def _open_one(self, timeout_s: float) -> None:
+        """One more pooled connection opened (by a PING); a failure here changes nothing (`_check`'s PING, beside
+        it, says whether Redis answers): that connection is opened on first use instead."""
+        handle = self._handle
+        if handle is None:
+            return
+        try:
+            async with asyncio.timeout(timeout_s):
+                await handle.client.ping()
+        except (RedisError, OSError, TimeoutError) as exc:
+            log.debug("store: a connection opened at start did not answer (%s)", _describe(exc))
 
     def _mark_up(self) -> None:
         if not self._healthy and not self._closed:

@@ -9,7 +9,8 @@ policy's `content_filter`, a failure of the model (`MALFORMED_FUNCTION_CALL`,
 or another target may succeed), a reason that says nothing of the answer
 (`OTHER`, a value added after this list) `stop` unless the candidate is empty;
 `usageMetadata` OpenAI's usage (cached content tokens as
-`prompt_tokens_details.cached_tokens`); an answer refused as an error keeps
+`prompt_tokens_details.cached_tokens`, tool-use prompt tokens in
+`prompt_tokens`); an answer refused as an error keeps
 its usage on the error (`_billed`: Google generated it, and bills it; the
 request's cost counts it, docs/accounting.md). A prompt Gemini blocks
 (`promptFeedback.blockReason`) is a 400 `content_policy_violation`.
@@ -68,7 +69,9 @@ _SHOWN = re.compile(r"[A-Z][A-Z_]{0,39}")  # an unknown reason that may be named
 def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
     if not isinstance(metadata, dict):
         return None
-    prompt = _int(metadata.get("promptTokenCount"))
+    # The results of built-in tools (URL context, code execution, ...) read back by the model: input tokens Google
+    # counts apart from the prompt (and in `totalTokenCount`), and bills as input.
+    prompt = _int(metadata.get("promptTokenCount")) + _int(metadata.get("toolUsePromptTokenCount"))
     thoughts = _int(metadata.get("thoughtsTokenCount"))
     completion = _int(metadata.get("candidatesTokenCount")) + thoughts
     total = _int(metadata.get("totalTokenCount")) or prompt + completion

@@ -11,6 +11,8 @@ Faults come from the model in the URL (`fault-status-429`, `fault-stall-after-3`
 with `finishReason: SAFETY`), `fault-prompt-blocked` (`promptFeedback.blockReason`
 and no candidates), `fault-out-of-order` (text after the finish reason) and
 `fault-overloaded-midstream` (an `{"error": ...}` event, 429 RESOURCE_EXHAUSTED, after two chunks).
+Gemini's own `fault-tool-use-prompt` (`TOOL_USE_MODEL`) answers as a well-behaved model, and its usage reports
+`toolUsePromptTokenCount` (`TOOL_USE_PROMPT`, in every event's usage when streamed), as a built-in tool's use does.
 
 As the real API, it refuses `contents: []`, a content without parts, and a part that sets no data (`{"text": ""}`:
 "required oneof field 'data' must have one initialized field"), in `contents` and in `systemInstruction`.
@@ -36,10 +38,12 @@ from .mock_upstream import (
     parse_fault,
 )
 
-__all__ = ["CACHED", "MockGemini", "gemini_error"]
+__all__ = ["CACHED", "TOOL_USE_MODEL", "TOOL_USE_PROMPT", "MockGemini", "gemini_error"]
 
 CACHED = 4  # cachedContentTokenCount on every answer
 THOUGHTS = 6  # thoughtsTokenCount of `fault-cached-reasoning`
+TOOL_USE_MODEL = "fault-tool-use-prompt"  # (no fault of `parse_fault`'s: a well-behaved answer but for its usage)
+TOOL_USE_PROMPT = 9  # its toolUsePromptTokenCount
 SIGNATURE = "c2lnbmF0dXJlLW9mLWEtdGhvdWdodA=="  # the thoughtSignature of the mock's function calls (Gemini 3's)
 _STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
            429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
@@ -158,6 +162,11 @@ class MockGemini(MockUpstream):
                  "totalTokenCount": prompt + len(words), "cachedContentTokenCount": CACHED}
         if fault and fault.kind == "cached-reasoning":  # a thinking model: its thoughts beside the candidates
             usage.update(thoughtsTokenCount=THOUGHTS, totalTokenCount=prompt + len(words) + THOUGHTS)
+        so_far: dict[str, Any] = {"promptTokenCount": prompt, "totalTokenCount": prompt}  # a stream's before its end
+        if (self.override or model) == TOOL_USE_MODEL:  # a built-in tool's results read: counted beside the prompt
+            for metadata in (usage, so_far):
+                metadata.update(toolUsePromptTokenCount=TOOL_USE_PROMPT,
+                                totalTokenCount=metadata["totalTokenCount"] + TOOL_USE_PROMPT)
         base = {"modelVersion": model, "responseId": f"resp-mock-{next(self._serials)}"}
         if fault and fault.kind == "prompt-blocked":
             blocked = {**base, "promptFeedback": {"blockReason": "SAFETY"}, "usageMetadata": usage}
@@ -178,7 +187,7 @@ class MockGemini(MockUpstream):
         else:
             pieces = [[{"text": w if i == 0 else " " + w}] for i, w in enumerate(words)]
         events = [_sse({**base, "candidates": [{"content": {"role": "model", "parts": part}, "index": 0}],
-                        "usageMetadata": {"promptTokenCount": prompt, "totalTokenCount": prompt}})
+                        "usageMetadata": so_far})
                   for part in pieces]
         events.append(_sse({**base, "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
                                                     "finishReason": finish, "index": 0}], "usageMetadata": usage}))

@@ -191,7 +191,10 @@ def test_a_chain_of_failing_leaders_never_makes_a_wait_longer_than_the_coalesce_
     calls = [at - scripted.started[0] for at in scripted.started]
     assert len(calls) == count
     assert len([at for at in calls if at < 1.45]) == 3  # one leader at a time while the waits lasted
-    assert took < 2.8  # about 1.5 + 0.6 s
+    # The rest went up together at about 1.5 s, so all was over by about 2.1 s; one by one, the last call would have
+    # started at 4.2 s and ended at 4.8 s. Bounds halfway between, so that a loaded machine does not fail them.
+    assert max(calls) < 3.0
+    assert took < 4.0
 
 
 def test_across_replicas_a_failed_leader_hands_its_key_to_one_waiter(

@@ -19,33 +19,28 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
-from typing import Self
+from collections.abc import Coroutine
+from typing import Any
 
-from tests.support.redis_server import free_port
+from tests.support.tcp_proxy import ThreadedProxy
 
 __all__ = ["HOLD_LIMIT_S", "DelayProxy"]
 
 HOLD_LIMIT_S = 30.0  # a held reply goes on after this even without `release()`: a failed test never hangs
 
 
-class DelayProxy:
+class DelayProxy(ThreadedProxy):
     """Forwards 127.0.0.1:`port` to 127.0.0.1:`target_port`; `cuts` counts the replies it lost."""
 
     def __init__(self, target_port: int) -> None:
-        self.target_port = target_port
-        self.port = free_port()
+        super().__init__(target_port, "redis-delay-proxy")
         self.cuts = 0
         self.held = threading.Event()  # the command to hold has gone up to Redis
         self.down = False  # every new connection is refused (`cut(..., then_down=True)` until `up()`)
         self._hold: tuple[bytes, ...] | None = None
         self._cut: tuple[bytes, ...] | None = None
         self._cut_then_down = False
-        self._loop = asyncio.new_event_loop()
         self._released = asyncio.Event()
-        self._ready = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="redis-delay-proxy")
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
@@ -69,50 +64,16 @@ class DelayProxy:
         """Redis reachable again through the proxy."""
         self.down = False
 
-    def start(self) -> Self:
-        self._thread.start()
-        if not self._ready.wait(5):
-            raise RuntimeError("the proxy did not start")
-        return self
-
     def stop(self) -> None:
-        if not self._thread.is_alive():
-            return
-        self.release()
-        asyncio.run_coroutine_threadsafe(self._close(), self._loop).result(5)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
-        self._loop.close()
+        if self._thread.is_alive():
+            self.release()
+        super().stop()
 
-    def __enter__(self) -> Self:
-        return self.start()
+    def _accept(self, writer: asyncio.StreamWriter) -> bool:
+        return not self.down
 
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._client, "127.0.0.1", self.port))
-        self._ready.set()
-        self._loop.run_forever()
-
-    async def _close(self) -> None:
-        assert self._server is not None
-        self._server.close()
-        for writer in list(self._writers):
-            writer.transport.abort()
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        await self._server.wait_closed()
-
-    async def _client(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        if self.down:
-            writer.transport.abort()
-            return
-        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
-        self._writers.update((writer, up_writer))
+    def _relay(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, up_reader: asyncio.StreamReader,
+               up_writer: asyncio.StreamWriter) -> list[Coroutine[Any, Any, None]]:
         holding = asyncio.Event()  # the command whose reply waits went up on this connection
         doomed = asyncio.Event()  # the command whose reply is lost went up on this connection
 
@@ -149,13 +110,4 @@ class DelayProxy:
                 await writer.drain()
             writer.close()
 
-        try:
-            await asyncio.gather(up(), down())
-        except (OSError, asyncio.CancelledError):
-            pass
-        finally:
-            writer.transport.abort()
-            up_writer.transport.abort()
-            self._writers.difference_update((writer, up_writer))
-            with contextlib.suppress(Exception):
-                await writer.wait_closed()
+        return [up(), down()]

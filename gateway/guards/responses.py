@@ -26,7 +26,7 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Any
 
-from ..schemas.events import Chunk
+from ..schemas.events import Chunk, is_content_event
 from .responses_answer import FILTERED, ITEM_TEXTS, KINDS, guard_answer, item_texts, part_kind
 from .window import Lane, LaneKey, Window, lane_index
 
@@ -289,8 +289,7 @@ def _rebuilt(event: dict[str, Any]) -> Chunk:
     `ResponsesEvents.feed` marks the upstream's (`Chunk.content`): a budget's cut, after the guard, looks for the
     delta that crossed its step among the content chunks, and a rewritten lifecycle event counted there moved it."""
     chunk = Chunk.of(event)
-    kind = event.get("type")
-    chunk.content = isinstance(kind, str) and kind.endswith(".delta")
+    chunk.content = is_content_event(event.get("type"))
     return chunk
 
 

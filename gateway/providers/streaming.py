@@ -27,7 +27,7 @@ import aiohttp
 import msgspec
 
 from ..errors import GatewayError, UpstreamError
-from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
+from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, is_content_event
 from ..schemas.openai import Usage
 from ..schemas.responses import responses_usage
 from ..translate.common import StreamProtocolError
@@ -187,7 +187,7 @@ class ResponsesEvents:
         if response is not None and response.error is not None:  # not null: the upstream's own error text
             payload = scrubbed_error(payload, self._provider.sanitize, self._provider.unsecret, "response")
         kind = peek.type
-        if kind.endswith(".delta"):  # generated content: about a token each (see the class's docstring)
+        if is_content_event(kind):  # generated content: about a token each (see the class's docstring)
             return [Chunk(payload)]
         if kind in ("response.completed", "response.incomplete", "response.failed"):
             usage = responses_usage(response.usage) if response is not None else None

@@ -21,10 +21,17 @@ import msgspec
 from ..errors import GatewayError
 from .openai import ChoicePeek, Usage
 
-__all__ = ["DONE", "ChoicesReader", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport"]
+__all__ = ["DONE", "ChoicesReader", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport",
+           "is_content_event"]
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
+
+
+def is_content_event(kind: object) -> bool:
+    """Whether a Responses stream event of this `type` carries generated content (`Chunk.content`): its `*.delta`
+    events (`response.output_text.delta`, `.function_call_arguments.delta`, ...), about a token each."""
+    return isinstance(kind, str) and kind.endswith(".delta")
 
 
 class Chunk(msgspec.Struct, gc=False, eq=False):

@@ -191,15 +191,9 @@ class RedisStore:
                       held: float = 0.0, lease_s: float | None = None) -> Reservation:
         units, cap, ttl = to_units(amount), to_units(limit, "limit"), ttl_ms(ttl_s)
         full = self._prefix + key
-        keys = [full]
-        args: list[Any] = [units, cap, "" if ttl is None else ttl]
-        if op and (head := self._head(full)) is not None:
-            keys.append(head + op)
-            args += [self._record_ms(lease_s), to_units(held, "held") + units]
-            if lease_s is not None:
-                keys.append(head + lua.LEASES)
-                args += [ttl_ms(lease_s), head]
-        ok, total = await self._script_keys("RESERVE", keys, args)
+        record_keys, record_args = self._record(full, op, units, held, lease_s)
+        ok, total = await self._script_keys("RESERVE", [full, *record_keys],
+                                            [units, cap, "" if ttl is None else ttl, *record_args])
         return Reservation(int(ok) == 1, from_units(int(total)), limit)
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
@@ -214,6 +208,20 @@ class RedisStore:
             args += [_OP_TTL_MS, actual_units, reserved_units, op]
         total = await self._script_keys("SETTLE", keys, args)
         return from_units(int(total))
+
+    def _record(self, full: str, op: str | None, units: int, held: float, lease_s: float | None
+                ) -> tuple[list[str], list[Any]]:
+        """A budget reservation's operation record and, with a lease, its counter's leases: the keys and the script
+        arguments they add after counter `full`'s (`RESERVE`'s, and a budget's in `RESERVE_TOGETHER`); none without
+        an op, or for a key no record can share a slot with."""
+        if not op or (head := self._head(full)) is None:
+            return [], []
+        keys = [head + op]
+        args: list[Any] = [self._record_ms(lease_s), to_units(held, "held") + units]
+        if lease_s is not None:
+            keys.append(head + lua.LEASES)
+            args += [ttl_ms(lease_s), head]
+        return keys, args
 
     def _head(self, full: str) -> str | None:
         """The name of counter `full`'s operation records but their op id (a record is `head + op`; its leases
@@ -257,22 +265,14 @@ class RedisStore:
                 args += ["window", to_units(amount), to_units(limit, "limit"), ttl_ms(window_s), *_PAD]
             else:  # `reserve`'s arguments: key, amount, limit, ttl_s[, op[, held[, lease_s]]]
                 key, amount, limit, ttl_s, *more = given
-                op: str | None = more[0] if more else None
-                lease: float | None = more[2] if len(more) > 2 else None
                 units, ttl = to_units(amount), ttl_ms(ttl_s)
                 full = self._prefix + key
-                keys.append(full)
-                args += ["budget", units, to_units(limit, "limit"), "" if ttl is None else ttl, int(required)]
-                if not op or (head := self._head(full)) is None:
-                    args += _PAD[:4]
-                    continue
-                keys.append(head + op)
-                args += [self._record_ms(lease), to_units(more[1] if len(more) > 1 else 0.0, "held") + units]
-                if lease is None:
-                    args += _PAD[:2]
-                else:
-                    keys.append(head + lua.LEASES)
-                    args += [ttl_ms(lease), head]
+                record_keys, record_args = self._record(full, more[0] if more else None, units,
+                                                        more[1] if len(more) > 1 else 0.0,
+                                                        more[2] if len(more) > 2 else None)
+                keys += [full, *record_keys]
+                args += ["budget", units, to_units(limit, "limit"), "" if ttl is None else ttl, int(required),
+                         *record_args, *_PAD[:4 - len(record_args)]]
         taken, *answers = await self._script_keys("RESERVE_TOGETHER", keys, args)
         results: list[Any] = []
         for (what, given, _), answer in zip(takes, answers, strict=True):

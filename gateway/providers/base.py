@@ -15,7 +15,7 @@ from typing import Any, Protocol
 
 import msgspec
 
-from ..errors import InvalidRequest
+from ..errors import Unsupported
 from ..policy.compiled import ProviderConfig, Timeouts
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
@@ -68,9 +68,11 @@ ALL_ENDPOINTS = frozenset(Endpoint)
 
 
 def check_endpoint(provider: Provider, endpoint: Endpoint) -> None:
-    """A clear 400 when this provider's upstream API has no such endpoint (never a silent translation)."""
+    """A clear 400 when this provider's upstream API has no such endpoint (never a silent translation). Raised
+    before anything is sent, as an `Unsupported`: routing counts it no attempt and tries the next target (which may
+    serve it); the client gets it, `unsupported_endpoint`, when none does."""
     if endpoint not in provider.endpoints:
-        raise InvalidRequest(
+        raise Unsupported(
             f"the routed target's provider `{provider.name}` (kind `{provider.config.kind}`) cannot serve "
             f"/v1/{endpoint.path}; route this model to a provider that does", param="model",
             code="unsupported_endpoint")

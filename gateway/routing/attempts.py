@@ -47,7 +47,7 @@ BREAKER_FAILURES = frozenset({"connect", "timeout", "server_error", "credentials
 # full local pool (nothing was sent), the gateway's own credential refused (the same key would be refused again).
 NEXT_AT_ONCE = frozenset({"busy", "credentials"})
 # Failures of a target that sent nothing upstream: no attempt (`x-gateway-attempts` counts what was sent, or being
-# sent), and the next target at once: a full local pool, a field the target lacks.
+# sent), and the next target at once: a full local pool, a field (or an endpoint) the target's API lacks.
 NOT_SENT = frozenset({"busy", "unsupported"})
 _MAX_MESSAGE = 900
 # Failures that hand the request on rather than fail it: a context overflow (to `context_fallback`), a field the
@@ -152,8 +152,16 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     if _all_overloaded(deciding):
         return UpstreamOverloaded(what, headers=wait)
     if kinds == {"unsupported"}:
-        return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param)
+        return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param,
+                           code=_shared_code(failures))
     return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)
+
+
+def _shared_code(failures: Sequence[tuple[Target, GatewayError, str]]) -> str | None:
+    """The code every failure gave (`unsupported_endpoint` when no target's API has the endpoint), else None (the
+    class's own, `unsupported_parameter`)."""
+    codes = {error.code for _, error, _ in failures}
+    return codes.pop() if len(codes) == 1 else None
 
 
 def final(failures: Sequence[tuple[Target, GatewayError, str]]) -> bool:

@@ -120,7 +120,10 @@ def ops_routes(host: OpsHost) -> list[Any]:
         if policy.metrics_token is not None and not bearer_matches(headers, policy.metrics_token):
             raise _unauthorized("/metrics needs `Authorization: Bearer <metrics token>`")
         host.metrics.store_up.labels(policy.state.backend).set(1 if host.runtime.store.healthy else 0)
-        return Response(host.metrics.render(), media_type=CONTENT_TYPE, headers={"x-request-id": headers.request_id})
+        # The content type as a header, as is: given as the media type, litestar appends a second `; charset=utf-8`
+        # (it adds one to every `text/` type, and the exposition format's already names its charset).
+        return Response(host.metrics.render(),
+                        headers={"content-type": CONTENT_TYPE, "x-request-id": headers.request_id})
 
     return [list_models, get_model, healthz, readyz, metrics]
 

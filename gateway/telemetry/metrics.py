@@ -71,7 +71,8 @@ class Metrics:
             ("endpoint", "model", "status"), registry=registry,
         )
         self.duration = Histogram(
-            "gateway_request_duration_seconds", "Time from request arrival to the last byte sent.",
+            "gateway_request_duration_seconds",
+            "Time from request arrival to the answer being ready (complete answers and errors) or the stream's end.",
             ("endpoint", "model"), buckets=_LATENCY_BUCKETS, registry=registry,
         )
         self.upstream_duration = Histogram(
@@ -92,13 +93,16 @@ class Metrics:
             registry=registry, multiprocess_mode="livesum",
         )
         self.tokens = Counter(
-            "gateway_tokens", "Tokens reported by upstreams, by model alias and kind (prompt, completion).",
+            "gateway_tokens", "Tokens by model alias and kind (prompt, cached_prompt, completion, reasoning): the "
+            "upstream's count, else the gateway's estimate.",
             ("model", "kind"), registry=registry,
         )
         self.reloads = Counter(
             "gateway_policy_reload", "Policy reloads, by result (ok, invalid, failed, unchanged).",
             ("result",), registry=registry,
         )
+        for result in ("ok", "invalid", "failed", "unchanged"):  # exported at 0 from the start: `increase()` sees
+            self.reloads.labels(result)  # the first refused reload (a series born at 1 has no sample before it)
         self.policy_info = PolicyVersions(self.registry)  # its own collector, in either mode (`policy_info.py`)
         self.store_up = Gauge(
             "gateway_store_up", "Whether the shared-state store answered its last operations (1) or not (0).",

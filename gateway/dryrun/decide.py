@@ -26,9 +26,10 @@ from ..accounting.outright import completion_cap, reach_rates, refused_outright
 from ..accounting.prompt import PromptEstimator
 from ..auth.keys import VirtualKey
 from ..cache.control import directives, plan
-from ..errors import BudgetExceeded, ContentPolicyViolation, GatewayError, NoRoute, RateLimited
+from ..errors import BudgetExceeded, GatewayError, NoRoute, RateLimited
 from ..guards.base import Finding, Where
 from ..guards.runtime import GuardRuntime
+from ..guards.stage import _blocked as blocked_error  # the live refusal's wording
 from ..guards.texts import input_texts
 from ..pipeline.stages import authenticate, decode_body, model_not_found
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
@@ -255,21 +256,26 @@ class Decider:
         texts: list[tuple[str, Where]] = [(container[k], where) for container, k, where in refs]
         messages = len(body.get("messages") or ()) if endpoint is Endpoint.CHAT else len(texts)
         verdicts: list[GuardVerdict] = []
+        limit_blocking: list[Finding] = []  # the findings of the first enforced limit that blocks
         for limit in guard_set.limits:
-            verdicts.append(_verdict(limit.name, limit.mode, limit.check_request([t for t, _ in texts], messages)))
+            found = limit.check_request([t for t, _ in texts], messages)
+            verdicts.append(_verdict(limit.name, limit.mode, found))
+            if not limit_blocking and limit.mode == "enforce" and any(f.action == "block" for f in found):
+                limit_blocking = found
+        blocking: list[Finding] = []  # the enforced input guards' findings that block
         for guard in guard_set.input:
-            found: list[Finding] = []
+            found = []
             for text, where in texts:
                 enforced, shadow = await self.guards.detect([guard], text, where)
                 found.extend(enforced or shadow)
+                blocking.extend(f for f in enforced if f.action == "block")
             verdicts.append(_verdict(guard.name, guard.mode, found))
         enforced_verdicts = [v.verdict for v in verdicts if v.mode == "enforce"]
         verdict: Verdict = max(enforced_verdicts, key=_RANK.__getitem__, default="allow")
         decided = GuardsDecision(verdict=verdict, guards=tuple(verdicts))
         if verdict == "block":
-            blockers = sorted({v.guard for v in verdicts if v.mode == "enforce" and v.verdict == "block"})
-            raise _Refused("guards", ContentPolicyViolation(
-                f"The request was blocked by the gateway's content policy: guard {', '.join(blockers)}."), decided)
+            # The live stage's refusal, word for word: it stops at the first limit that blocks, before the guards.
+            raise _Refused("guards", blocked_error("request", limit_blocking or blocking), decided)
         return decided
 
     def _cache(self, endpoint: Endpoint, body: dict[str, Any], headers: Sequence[tuple[bytes, bytes]], alias: str,

@@ -66,7 +66,8 @@ class CacheSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     max_entry_bytes: Annotated[int, Meta(ge=256, le=64 * 1024 * 1024)] = 1024 * 1024
     # Which requests are cacheable (default: temperature 0, or a `seed`).
     when: CacheWhenSpec = CacheWhenSpec()
-    # Identical misses at the same time: one goes upstream, the others wait for its answer this long at most.
+    # Identical misses at the same time: one goes upstream, the others wait for its answer (at most
+    # `coalesce_timeout_s`); false: each goes upstream.
     coalesce: bool = True
     # How long a coalesced request waits for the first one's answer before it calls the upstream itself.
     coalesce_timeout_s: Annotated[float, Meta(gt=0, le=600)] = 30.0

@@ -66,10 +66,11 @@ class PatternSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
 
 class RecognizerSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True):
     """A custom recognizer: regex patterns (with context words that raise the score, and an
-    optional checksum validator) and/or a deny list of exact terms."""
+    optional checksum validator) and/or a deny list of terms."""
 
     entity: EntityType
     patterns: list[PatternSpec] = []
+    # Terms found as whole words, in any case (`acme` finds `ACME`, not `acmeco`); a match scores 1.0.
     deny_list: list[Annotated[str, Meta(min_length=1)]] = []
     context: list[str] = []
     validator: Literal["none", "luhn", "iban", "not_repeated"] = "none"

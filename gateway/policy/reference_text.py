@@ -104,7 +104,6 @@ DESCRIPTIONS: dict[str, str] = {
     "PatternSpec.score": "The score of a match before context words raise it.",
     "RecognizerSpec.entity": "The entity type it finds.",
     "RecognizerSpec.patterns": "Regex patterns.",
-    "RecognizerSpec.deny_list": "Exact terms.",
     "RecognizerSpec.context": "Words near a match that raise its score.",
     "RecognizerSpec.validator": "A checksum a match must pass.",
     "PiiGuardSpec.engine": "`patterns` (regexes, fast) or `ner` (presidio with a spaCy model).",

@@ -22,8 +22,9 @@ from ..pipeline.context import RequestContext
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op
-from .gauges import BudgetLeft, policy_budgets
+from .gauges import policy_budgets
 from .headers import duration, rate_limit_headers, refused_windows, request_headers, tightest
+from .headers import tighter as _tighter  # (the name the in-line paths, and their unit test, use)
 from .ledger import new_op
 from .outright import completion_cap
 from .scopes import Scope, Scopes
@@ -341,21 +342,6 @@ class Admission(Taking):
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 
-    def _budget_left(self, scope: Scope) -> BudgetLeft:
-        """A scope's budget-left gauges. One per label pair (scopes past the label cap share `other`'s, so that
-        it shows the last one written), found per scope in one look-up; both maps bounded like the labels."""
-        left = self._gauges.get((scope.kind, scope.name))
-        if left is None:
-            label = (scope.kind, self.labels.name(scope))
-            left = self._gauges_by_label.get(label)
-            if left is None:
-                left = self._gauges_by_label[label] = BudgetLeft(self.metrics.budget_remaining.labels(*label),
-                                                                 self.metrics.budget_remaining_ratio.labels(*label))
-            if len(self._gauges) < 10_000:
-                self._gauges[(scope.kind, scope.name)] = left
-        scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
-        return left
-
     async def show_budgets(self) -> None:
         """Every budget of the policy shown in its gauges as the store counts it now: once this stage's policy is
         swapped in (and again when the one it replaced has retired). Until a scope's next request its gauges read
@@ -385,9 +371,3 @@ class Admission(Taking):
             gauges.claim()
             gauges.show(left, left / budget.usd)
 
-
-def _tighter(answer: WindowReservation, than: WindowReservation) -> bool:
-    """Whether `answer` has less room left than `than` (by share of its limit), as `tightest` ranks them: the
-    first of equals stays."""
-    return (answer.remaining / answer.limit if answer.limit else 0.0) < (than.remaining / than.limit if than.limit
-                                                                         else 0.0)

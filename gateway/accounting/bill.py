@@ -102,6 +102,33 @@ class StageState:
     _today: tuple[float, float, str]  # (start, end, id) of the UTC day usage was last recorded on
     _warned_usage: set[str]  # targets whose invalid usage was logged as a warning (`Settling._drop_unusable`)
 
+    def _budget_left(self, scope: Scope) -> BudgetLeft:
+        """A scope's budget-left gauges. One per label pair (scopes past the label cap share `other`'s, so that
+        it shows the last one written), found per scope in one look-up; both maps bounded like the labels."""
+        left = self._gauges.get((scope.kind, scope.name))
+        if left is None:
+            label = (scope.kind, self.labels.name(scope))
+            left = self._gauges_by_label.get(label)
+            if left is None:
+                left = self._gauges_by_label[label] = BudgetLeft(self.metrics.budget_remaining.labels(*label),
+                                                                 self.metrics.budget_remaining_ratio.labels(*label))
+            if len(self._gauges) < 10_000:
+                self._gauges[(scope.kind, scope.name)] = left
+        scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
+        return left
+
+    def _show_total(self, scope: Scope, total: float) -> None:
+        """A budget's gauges from its counter's `total` (USD) as the store answered a settle or a give-back: what
+        is spent and what open reservations (others') hold. Shown at the reservation alone, they kept counting
+        the request's whole reservation (its cap at the dearest target) after it settled for far less, and an idle
+        key's gauge read nearly spent for good (`GatewayBudgetNearlySpent`)."""
+        budget = scope.budget
+        if budget is None:
+            return
+        left = budget.usd - total
+        left = left if left > 0.0 else 0.0
+        (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
+
     async def presize(self, ctx: RequestContext, bill: Bill, model: str | None) -> None:
         """A body past `OFF_LOOP_CHARS`: its prompt estimate counted in a thread, which the sizing then keeps
         (`Admission._size`): on the loop, tiktoken takes seconds over a few MB, every other request waiting."""

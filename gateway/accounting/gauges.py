@@ -1,7 +1,8 @@
 """A budget's two gauges (USD left, share left), written on every budgeted request.
 
-The gauges show the remaining amount as the last reservation in this process saw it, or as the store counted
-it when a policy was swapped in (`Admission.show_budgets`). In one process they read it when scraped
+The gauges show the remaining amount as the store answered the last reservation, settle or give-back in this
+process (`StageState._show_total`: the budget less what was spent and what requests in flight hold), or as the
+store counted it when a policy was swapped in (`Admission.show_budgets`). In one process they read it when scraped
 (`set_function`), so that a request stores two floats instead of taking two gauge locks; with several worker
 processes (prometheus_client's multiprocess mode, where a gauge's value lives in a file that a function cannot
 feed) each value is written to its gauge, as before.

@@ -3,15 +3,17 @@
 OpenAI sends `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` on every answer; clients (the official
 SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits may apply to one request
 (its key's, its tenant's, its alias's): the headers describe the tightest of the caller's own, its key's and its
-tenant's, the one with the least left. An alias's window counts every tenant's requests together: shown, it would
-tell one tenant how much the others sent, so it shows only in the 429 it causes (`refused_windows`).
+tenant's, the one with the fewest left (`tighter`: requests among the request windows, tokens among the token
+windows), since that count is what a client paces itself by. An alias's window counts every tenant's requests
+together: shown, it would tell one tenant how much the others sent, so it shows only in the 429 it causes
+(`refused_windows`).
 """
 
 from __future__ import annotations
 
 from ..store.base import WindowReservation
 
-__all__ = ["duration", "rate_limit_headers", "refused_windows", "request_headers", "tightest"]
+__all__ = ["duration", "rate_limit_headers", "refused_windows", "request_headers", "tighter", "tightest"]
 
 
 def duration(seconds: float) -> str:
@@ -28,13 +30,31 @@ def duration(seconds: float) -> str:
     return f"{secs}s"
 
 
+def tighter(answer: WindowReservation, than: WindowReservation) -> bool:
+    """Whether `answer` has fewer left than `than` (requests, or tokens: both windows of one kind), as the
+    `x-ratelimit-remaining-*` header reads it (never below 0). Ranked by share of the limit, a key's `rpm: 2` with 1
+    left lost to its tenant's `rpm: 100` with 39 left: the client read 39, sent again, and met a 429.
+
+    Of two with as many left, the one that resets later: once the client has spent what is left, that is when it
+    may send again (the earlier reset frees the other window, while the later one still refuses). A few float
+    comparisons, no division and no property call: asked per shown window on every request with more than one
+    (`Admission._admit_in_line`)."""
+    left = answer[2] - answer[1]  # `answer.remaining`, without its property call
+    other = than[2] - than[1]
+    left = left if left > 0.0 else 0.0
+    other = other if other > 0.0 else 0.0
+    return left < other or (left == other and answer[3] > than[3])  # (`reset_s`)
+
+
 def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
-    """The answer with the least room left (by share of its limit)."""
+    """The answer with the fewest left (`tighter`)."""
     if not answers:
         return None
-    if len(answers) == 1:
-        return answers[0]
-    return min(answers, key=lambda a: a.remaining / a.limit if a.limit else 0.0)
+    found = answers[0]
+    for answer in answers[1:]:
+        if tighter(answer, found):
+            found = answer
+    return found
 
 
 def refused_windows(kind: str, shown: bool, full: WindowReservation | None, requests: WindowReservation | None,

@@ -31,6 +31,7 @@ from .cost import rejected_tokens, request_cost
 from .ledger import new_op
 from .outright import MAX_TOKENS
 from .periods import day_span
+from .scopes import Scope
 
 __all__ = ["MAX_TOKENS", "Settling", "StreamBill", "UsageOnly", "micro", "usable"]
 
@@ -39,6 +40,7 @@ _FAST_AMOUNT = 9e9  # costs in [0, this) become micro-USD in line (`_price` keep
 _MAX_COST = 1e9  # what an absurd cost is billed as (`usable` usage costs at most $2e8: 2 x MAX_TOKENS at the
 # schema's top price, $1 a token)
 _WARNED_TARGETS = 256  # targets whose invalid usage was logged as a warning (later ones: at debug level)
+_SettleOp = tuple[str, tuple[Any, ...], Scope | None]  # what, its arguments, whose budget gauges it sets
 
 
 def micro(cost: float) -> int:
@@ -96,13 +98,16 @@ class Settling(StageState):
         units = micro(self._price(ctx))
         cost = units / AMOUNT_SCALE  # (what the store makes of it again is `units`: every budget and the ledger agree)
         remote = self._remote
-        for kind, args in self._settle_ops(ctx, bill, cost):
+        for kind, args, budget in self._settle_ops(ctx, bill, cost):
             try:
-                await remote[kind](*args)
+                answer = await remote[kind](*args)
             except StoreUnavailable as exc:
                 self._unsettled(kind, args, exc)
             except Exception:  # a bug: logged, and the later operations (the slots given back) still run
                 log.exception("accounting: a settle operation failed (%s)", kind)
+            else:
+                if budget is not None:  # a budget's new total: its gauges show what is left now
+                    self._show_total(budget, answer)
         self._settled(ctx, bill, cost, units)
 
     def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
@@ -118,14 +123,22 @@ class Settling(StageState):
         try:
             for held in bill.budgets:
                 try:
-                    store.settle_units_now(held.key, units - held.units, held.ttl_s)
+                    total = store.settle_units_now(held.key, units - held.units, held.ttl_s)
                 except StoreUnavailable:  # owed: the rounded figure, as the ledger records it
                     self._unsettled("spend", (held.key, held.reserved, units / AMOUNT_SCALE, held.ttl_s))
-            for key, ttl, _ in bill.unreserved:
+                    continue
+                budget = held.budget  # `_show_total`, in line: the gauges show what is left after the settle
+                assert budget is not None
+                left = budget.usd - total / AMOUNT_SCALE
+                left = left if left > 0.0 else 0.0
+                (held.scope.budget_left or self._budget_left(held.scope)).show(left, left / budget.usd)
+            for key, ttl, scope in bill.unreserved:
                 try:
-                    store.settle_units_now(key, units, ttl)
+                    total = store.settle_units_now(key, units, ttl)
                 except StoreUnavailable:
                     self._unsettled("spend", (key, 0.0, units / AMOUNT_SCALE, ttl))
+                    continue
+                self._show_total(scope, total / AMOUNT_SCALE)
             if bill.tokens:
                 tokens = _request_tokens(ctx)
                 actual = (tokens if 0 <= tokens <= 2 * MAX_TOKENS else _tokens(tokens)) * AMOUNT_SCALE
@@ -142,25 +155,26 @@ class Settling(StageState):
                 store.release_slot_now(key, holder)
         self._settled(ctx, bill, cost, units)
 
-    def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[tuple[str, tuple[Any, ...]]]:
+    def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[_SettleOp]:
         """What settling asks of the store, in order: every budget to the actual cost (`spend`: a reservation under
         its id; a budget not reserved under an id of its own, apart from a reservation of it whose answer was lost
-        and which the ledger settles to nothing), every token window to the actual tokens, every slot given back."""
-        ops: list[tuple[str, tuple[Any, ...]]] = []
+        and which the ledger settles to nothing), every token window to the actual tokens, every slot given back.
+        Each with the scope whose budget gauges its answer (the counter's new total) sets, if any."""
+        ops: list[_SettleOp] = []
         for held in bill.budgets:
-            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s, held.op)))
+            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s, held.op), held.scope))
         if bill.unreserved:
             spend = (bill.op or new_op()) + ".s"
-            for key, ttl, _ in bill.unreserved:
-                ops.append(("spend", (key, 0.0, cost, ttl, spend)))
+            for key, ttl, scope in bill.unreserved:
+                ops.append(("spend", (key, 0.0, cost, ttl, spend), scope))
         if bill.tokens:
             actual = float(_tokens(_request_tokens(ctx)))
             now = time.monotonic()
             for held in bill.tokens:
                 if held.until > now:  # (else its window ended, and its reservation with it)
-                    ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S)))
+                    ops.append(("settle", (held.key, held.reserved, actual, WINDOW_S), None))
         for slot in bill.slots:
-            ops.append(("release", slot))
+            ops.append(("release", slot, None))
         return ops
 
     def _unsettled(self, kind: str, args: tuple[Any, ...], exc: StoreUnavailable | None = None) -> None:

@@ -82,8 +82,10 @@ class Taking(StageState):
         assert store is not None
         for key in bill.requests:
             store.settle_units_now(key, -AMOUNT_SCALE, WINDOW_S)
-        for held in (*bill.tokens, *bill.budgets):
+        for held in bill.tokens:
             store.settle_units_now(held.key, -held.units, held.ttl_s)
+        for held in bill.budgets:  # the gauges then show what is left without it (`_show_total`)
+            self._show_total(held.scope, store.settle_units_now(held.key, -held.units, held.ttl_s) / AMOUNT_SCALE)
         for key, holder in bill.slots:
             store.release_slot_now(key, holder)
         _cleared(bill)
@@ -103,6 +105,8 @@ class Taking(StageState):
         failure: BaseException | None = None
         for index, result in enumerate(results):
             if not isinstance(result, BaseException):
+                if windows <= index < windows + len(budgets):  # a budget's new total: shown without it
+                    self._show_total(budgets[index - windows].scope, result)
                 continue
             if not isinstance(result, StoreUnavailable):  # a bug: raised once the rest are owed
                 failure = failure or result

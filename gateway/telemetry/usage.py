@@ -9,7 +9,9 @@ then: this stage counts the prompt and the answer itself and marks the figure
 cost never reads below 0. It reads a stream's content only when the provider is
 known not to report usage; when a provider that should have reported it does not,
 that stream's answer is estimated from its chunk count (OpenAI-compatible servers
-send about one token a chunk) and the provider's later streams are counted.
+send about one token a chunk) and the provider's later streams are counted. A
+stream's text is what its client got: a chat stream's message content and tool
+call arguments; a Responses stream's `*.delta` texts (`ResponsesText`).
 
 The prompt is counted as the reservation estimates it and as `/v1/messages/count_tokens` answers
 (`accounting.prompt.PromptEstimator.estimate_body`: messages with their format's overhead, tool calls and their
@@ -34,11 +36,12 @@ from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
-from ..schemas.events import Chunk, StreamEvent
+from ..schemas.endpoints import Endpoint
+from ..schemas.events import Chunk, StreamEvent, is_content_event
 from ..schemas.openai import Usage
 from .tokens import TokenCounter, message_text
 
-__all__ = ["OFF_LOOP_CHARS", "CountTokens", "StreamText", "answer_text", "count_on_loop", "count_text",
+__all__ = ["OFF_LOOP_CHARS", "CountTokens", "ResponsesText", "StreamText", "answer_text", "count_on_loop", "count_text",
            "estimate_on_loop", "estimate_stream_usage", "estimate_usage", "stream_text"]
 
 OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
@@ -128,16 +131,67 @@ class StreamText:
     def text(self) -> str:
         return "".join(self._parts)
 
+    def tokens(self, ctx: RequestContext, counted: int) -> int:
+        """The answer's tokens, given `counted`, those of `text()`: a chat stream's are its text's alone (its role
+        and finish chunks carry none)."""
+        return counted
+
+
+class ResponsesText(StreamText):
+    """A Responses stream's text: the `delta` of each of its events of generated content (`*.delta`, `Chunk.content`:
+    a message's text or refusal, reasoning and its summary, a function call's arguments, a custom tool's input),
+    as chat's is its content and tool call arguments. One whose `delta` is no text (audio's base64 bytes, a value
+    of another type) counts a token, as the stream's length counts it (`pipeline.streams`); and an answer whose
+    text counts no token while its upstream sent content (every delta empty, or held back from the client) is
+    billed that length rather than nothing."""
+
+    __slots__ = ("_untexted",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._untexted = 0  # content events without text to count: a token each
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        for event in events:
+            # (lifecycle events, `content` False, are not decoded: `response.created` and the last one are large)
+            if type(event) is Chunk and event.content:
+                data = event.data()
+                kind = data.get("type")
+                if not is_content_event(kind):  # (a gateway's `Chunk.of` counts as content unless it says not)
+                    continue
+                delta = data.get("delta")
+                if isinstance(delta, str) and kind not in _DATA_DELTAS:
+                    self._parts.append(delta)
+                else:
+                    self._untexted += 1
+        return events
+
+    def tokens(self, ctx: RequestContext, counted: int) -> int:
+        return counted + self._untexted or ctx.chunks
+
+
+# A Responses stream's deltas that carry data, not text: base64 audio, about a token an event.
+_DATA_DELTAS = frozenset({"response.audio.delta", "response.output_audio.delta"})
+
 
 def stream_text(ctx: RequestContext, stream: Any) -> StreamText:
-    """The request's `StreamText`, added to `stream` (a `ReplyStream`) by the first stage that asks for it. A stage
-    that may cut the stream (the accounting stage's bill) asks after adding itself: the text is what the client
-    got."""
+    """The request's `StreamText` (of a Responses stream, a `ResponsesText`: chosen once, so that a chat stream's
+    chunks pay nothing for the Responses events), added to `stream` (a `ReplyStream`) by the first stage that asks
+    for it. A stage that may cut the stream (the accounting stage's bill) asks after adding itself: the text is
+    what the client got."""
     found = ctx.answer_text
     if found is None:
-        found = ctx.answer_text = StreamText()
+        found = ctx.answer_text = ResponsesText() if ctx.endpoint is Endpoint.RESPONSES else StreamText()
         stream.add(found)
     return found  # type: ignore[no-any-return]
+
+
+async def _stream_completion(counter: CountTokens, ctx: RequestContext) -> int:
+    """A stream's completion tokens: of its text when it was collected (`stream_text`), else its length."""
+    text = ctx.answer_text
+    if text is None:
+        return ctx.chunks
+    return text.tokens(ctx, await counter._count(text.text()))  # type: ignore[no-any-return]
 
 
 class _CountText:
@@ -155,7 +209,7 @@ class _CountText:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         if ctx.usage is None or not ctx.usage.usable():
-            completion = await self._counter._count(ctx.answer_text.text() if ctx.answer_text is not None else "")
+            completion = await _stream_completion(self._counter, ctx)
             ctx.usage = await self._counter._usage(ctx, completion, end.usage_so_far)
 
 
@@ -243,7 +297,7 @@ def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
         prompt = estimate_prompt(tokens, ctx.body, _model(ctx))
     else:
         prompt = _ROUGH.estimate_body(ctx.body, None)
-    completion = count_on_loop(tokens, text.text()) if text is not None else ctx.chunks
+    completion = text.tokens(ctx, count_on_loop(tokens, text.text())) if text is not None else ctx.chunks
     ctx.usage, ctx.usage_estimated = Usage(prompt, completion, prompt + completion), True
     return ctx.usage
 
@@ -254,12 +308,10 @@ def count_on_loop(tokens: TokenCounter, text: str) -> int:
 
 async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext, so_far: Usage | None = None) -> Usage:
     """A stream's estimate at its end, as this stage makes it: from its text when it was collected (its provider
-    reports no usage: `stream_text`), else from its chunk count (a provider that should have reported it; of a
-    Responses stream, its `*.delta` events only: `pipeline.streams`); with
-    `so_far` (`StreamEnd.usage_so_far`), the prompt's figures are the upstream's."""
-    text = ctx.answer_text
-    completion = await counter._count(text.text()) if text is not None else ctx.chunks
-    return await counter._usage(ctx, completion, so_far)
+    reports no usage: `stream_text`, `StreamText.tokens`), else from its chunk count (a provider that should have
+    reported it; of a Responses stream, its `*.delta` events only: `pipeline.streams`); with `so_far`
+    (`StreamEnd.usage_so_far`), the prompt's figures are the upstream's."""
+    return await counter._usage(ctx, await _stream_completion(counter, ctx), so_far)
 
 
 async def count_text(counter: CountTokens, text: str) -> int:

@@ -137,6 +137,7 @@ def test_many_texts_checked_on_the_loop_do_not_hold_it_for_the_whole_request(gw:
                                       timeout=120).status_code
 
     worker = threading.Thread(target=send)
+    began = time.monotonic()
     worker.start()
     time.sleep(0.5)  # the body is read and the check runs
     worst = 0.0
@@ -146,5 +147,8 @@ def test_many_texts_checked_on_the_loop_do_not_hold_it_for_the_whole_request(gw:
         worst = max(worst, time.monotonic() - started)
         time.sleep(0.05)
     worker.join()
+    elapsed = time.monotonic() - began
     assert result["status"] == 200
-    assert worst < 1.0, f"/healthz waited {worst:.1f} s behind one guarded request"
+    # Judged against the request's own time: held in one stretch, a probe waits nearly all of it; on a loaded
+    # machine the yields themselves come later (a CI run saw 1.002 s with the request taking several).
+    assert worst < max(1.0, elapsed / 2), f"/healthz waited {worst:.1f} s behind one guarded request ({elapsed:.1f} s)"

@@ -10,8 +10,13 @@ cost never reads below 0. It reads a stream's content only when the provider is
 known not to report usage; when a provider that should have reported it does not,
 that stream's answer is estimated from its chunk count (OpenAI-compatible servers
 send about one token a chunk) and the provider's later streams are counted. A
-stream's text is what its client got: a chat stream's message content and tool
-call arguments; a Responses stream's `*.delta` texts (`ResponsesText`).
+stream's text is what its client got: a chat stream's reasoning (`reasoning_content`,
+or `reasoning`: counted once, though vLLM sends both), content, refusal and tool
+call arguments; a Responses stream's `*.delta` texts (`ResponsesText`). A complete
+answer's text is the same: a chat message's fields; a Responses answer's message
+text and refusal parts, reasoning content and summary, tool call arguments and a
+custom tool's input. A stream whose text counts no token while its upstream sent
+some (an output guard held it all back) is billed its length instead.
 
 The prompt is counted as the reservation estimates it and as `/v1/messages/count_tokens` answers
 (`accounting.prompt.PromptEstimator.estimate_body`: messages with their format's overhead, tool calls and their
@@ -39,10 +44,11 @@ from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent, is_content_event
 from ..schemas.openai import Usage
-from .tokens import TokenCounter, message_text
+from .tokens import TokenCounter
 
-__all__ = ["OFF_LOOP_CHARS", "CountTokens", "ResponsesText", "StreamText", "answer_text", "count_on_loop", "count_text",
-           "estimate_on_loop", "estimate_stream_usage", "estimate_usage", "stream_text"]
+__all__ = ["OFF_LOOP_CHARS", "OWN_TEXT_FIELDS", "REASONING_FIELDS", "CountTokens", "ResponsesText", "StreamText",
+           "answer_text", "count_on_loop", "count_text", "estimate_on_loop", "estimate_stream_usage", "estimate_usage",
+           "stream_text"]
 
 OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
 _ROUGH = PromptEstimator(TokenCounter(), keep=False)  # no encoding loaded: every text at four characters a token
@@ -112,17 +118,22 @@ class StreamText:
     request (`ctx.answer_text`, made by `stream_text`), read at the stream's end by every stage that counts it.
     `prompt`: the prompt's estimate of a large body, counted in a thread from the stream's start (`CountTokens`)."""
 
-    __slots__ = ("_parts", "prompt")
+    __slots__ = ("_parts", "_textless", "prompt")
     reads_events = True
 
     def __init__(self) -> None:
         self._parts: list[str] = []
+        self._textless = 0  # chunks without text the client got (a chat stream's role and finish chunks)
         self.prompt: asyncio.Future[int] | None = None
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        parts = self._parts
         for event in events:
             if isinstance(event, Chunk):
-                _collect(event.data(), self._parts)
+                before = len(parts)
+                _collect(event.data(), parts)
+                if len(parts) == before:
+                    self._textless += 1
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
@@ -132,9 +143,11 @@ class StreamText:
         return "".join(self._parts)
 
     def tokens(self, ctx: RequestContext, counted: int) -> int:
-        """The answer's tokens, given `counted`, those of `text()`: a chat stream's are its text's alone (its role
-        and finish chunks carry none)."""
-        return counted
+        """The answer's tokens, given `counted`, those of `text()`. A chat stream's are its text's; one whose text
+        counts no token while its upstream sent text (an output guard held it all back) is billed the stream's
+        length (`ctx.chunks`, the upstream's chunks) less the chunks without text its client got, as a Responses
+        stream is billed its content events: an empty answer stays 0."""
+        return counted or max(ctx.chunks - self._textless, 0)
 
 
 class ResponsesText(StreamText):
@@ -236,17 +249,67 @@ def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
         delta = choice.get("delta")
         if isinstance(delta, dict):
             _text_of_message(delta, parts)
-        elif isinstance(choice.get("text"), str):
+        elif isinstance(choice.get("text"), str) and choice["text"]:  # a completion's
             parts.append(choice["text"])
 
 
+# A chat message's (or delta's) texts beside `content` (those the guards read there: `guards.texts.BESIDE_CONTENT`):
+# its reasoning, under the first of its names that holds a text (vLLM writes each piece under both, DeepSeek under
+# `reasoning_content`, OpenRouter, Groq and Ollama under `reasoning`), and its refusal. (Not imported from the guards:
+# they import the routing rules, which import this module.)
+REASONING_FIELDS = ("reasoning_content", "reasoning")
+OWN_TEXT_FIELDS = ("refusal",)
+
+
 def _text_of_message(message: dict[str, Any], parts: list[str]) -> None:
-    if isinstance(message.get("content"), str):
-        parts.append(message["content"])
+    """A chat message's (or a streamed delta's) generated text, in the order a model writes it: its reasoning
+    (counted once, `REASONING_FIELDS`), content, refusal, tool call arguments. Empty strings are left out (so a
+    chunk of none, such as a stream's role chunk, adds no part: `StreamText.tokens`)."""
+    for field in REASONING_FIELDS:
+        reasoning = message.get(field)
+        if isinstance(reasoning, str) and reasoning:
+            parts.append(reasoning)
+            break
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        parts.append(content)
+    for field in OWN_TEXT_FIELDS:
+        text = message.get(field)
+        if isinstance(text, str) and text:
+            parts.append(text)
     for call in _listed(message.get("tool_calls")):
         function = call.get("function") if isinstance(call, dict) else None
-        if isinstance(function, dict) and isinstance(function.get("arguments"), str):
-            parts.append(function["arguments"])
+        arguments = function.get("arguments") if isinstance(function, dict) else None
+        if isinstance(arguments, str) and arguments:
+            parts.append(arguments)
+
+
+# A complete Responses answer's texts, as its stream carries them in `*.delta` events (`ResponsesText`; the guards read
+# them there too: `guards.responses_answer.ITEM_TEXTS`): its output items' parts (a message's text and refusal parts,
+# a reasoning item's summary and content), and their own text fields: a tool call's arguments (a hosted tool's too),
+# a custom tool's input.
+_ITEM_PARTS = ("summary", "content")
+# An item's own text fields, and the item type each is read of (None: any).
+_ITEM_FIELDS: dict[str, str | None] = {"arguments": None, "input": "custom_tool_call"}
+
+
+def _text_of_item(item: dict[str, Any], parts: list[str]) -> None:
+    """An output item's texts: its own fields' (`_ITEM_FIELDS`), then its summary's and its content's, a part's `text`
+    (a refusal part's `refusal`)."""
+    kind = item.get("type")
+    for field, of in _ITEM_FIELDS.items():
+        text = item.get(field)
+        if isinstance(text, str) and (of is None or kind == of):
+            parts.append(text)
+    for field in _ITEM_PARTS:
+        content = item.get(field)
+        if isinstance(content, str):  # (a message's content as a string, as a chat message has it)
+            parts.append(content)
+        for part in _listed(content):
+            if isinstance(part, dict):
+                text = part.get("refusal" if part.get("type") == "refusal" else "text")
+                if isinstance(text, str):
+                    parts.append(text)
 
 
 def _answer_text(body: bytes) -> str:
@@ -263,9 +326,7 @@ def _answer_text(body: bytes) -> str:
                 parts.append(choice["text"])
     for item in _listed(data.get("output")) if isinstance(data, dict) else ():  # a Responses answer
         if isinstance(item, dict):
-            if isinstance(item.get("arguments"), str):  # a function call
-                parts.append(item["arguments"])
-            parts.extend(message_text([item]))  # a message's `output_text` parts
+            _text_of_item(item, parts)
     return "".join(parts)
 
 
@@ -319,5 +380,6 @@ async def count_text(counter: CountTokens, text: str) -> int:
 
 
 def answer_text(body: bytes) -> str:
-    """The text of a complete answer's choices (message content, tool call arguments)."""
+    """The text of a complete answer: its choices' (a message's reasoning, content, refusal and tool call arguments;
+    a completion's text), or its output items' (`_text_of_item`)."""
     return _answer_text(body)

@@ -428,11 +428,11 @@ def test_the_sdk_reads_a_guarded_stream_whose_end_lists_an_unannounced_item(guar
 def test_the_usage_estimate_reads_an_odd_answer_as_holding_no_text() -> None:
     """The text a usage estimate counts (an upstream without usage) is read from lists only: `"choices": 7`, a
     `tool_calls: true` or an answer nested past the recursion limit hold no text, and fail nothing."""
-    from gateway.telemetry.usage import _answer_text, _collect
+    from gateway.telemetry.answer_text import answer_text, chunk_text
 
     parts: list[str] = []
-    _collect({"choices": 7}, parts)
-    _collect({"choices": [{"delta": {"content": "a", "tool_calls": True}}]}, parts)
+    chunk_text({"choices": 7}, parts)
+    chunk_text({"choices": [{"delta": {"content": "a", "tool_calls": True}}]}, parts)
     assert parts == ["a"]
-    assert _answer_text(b'{"choices": true, "output": 3}') == ""
-    assert _answer_text(b'{"choices": ' + b"[" * 5000 + b"]" * 5000 + b"}") == ""
+    assert answer_text(b'{"choices": true, "output": 3}') == ""
+    assert answer_text(b'{"choices": ' + b"[" * 5000 + b"]" * 5000 + b"}") == ""

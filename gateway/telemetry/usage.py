@@ -11,12 +11,14 @@ known not to report usage; when a provider that should have reported it does not
 that stream's answer is estimated from its chunk count (OpenAI-compatible servers
 send about one token a chunk) and the provider's later streams are counted. A
 stream's text is what its client got: a chat stream's reasoning (`reasoning_content`,
-or `reasoning`: counted once, though vLLM sends both), content, refusal and tool
-call arguments; a Responses stream's `*.delta` texts (`ResponsesText`). A complete
-answer's text is the same: a chat message's fields; a Responses answer's message
-text and refusal parts, reasoning content and summary, tool call arguments and a
-custom tool's input. A stream whose text counts no token while its upstream sent
-some (an output guard held it all back) is billed its length instead.
+or `reasoning`: counted once, though vLLM sends both), content (a string, or a list
+of parts), refusal, tool call arguments, custom tool input and legacy function call
+arguments (read by the module `answer_text`); a Responses stream's `*.delta` texts
+(`ResponsesText`). A complete answer's text is the same: a chat message's fields; a
+Responses answer's message text and refusal parts, reasoning content and summary,
+tool call arguments and a custom tool's input. A stream whose text counts no token
+while its upstream sent some (an output guard held it all back) is billed its
+length instead.
 
 The prompt is counted as the reservation estimates it and as `/v1/messages/count_tokens` answers
 (`accounting.prompt.PromptEstimator.estimate_body`: messages with their format's overhead, tool calls and their
@@ -35,8 +37,6 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import msgspec
-
 from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
@@ -44,6 +44,7 @@ from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamEvent, is_content_event
 from ..schemas.openai import Usage
+from .answer_text import OWN_TEXT_FIELDS, REASONING_FIELDS, answer_text, chunk_text
 from .tokens import TokenCounter
 
 __all__ = ["OFF_LOOP_CHARS", "OWN_TEXT_FIELDS", "REASONING_FIELDS", "CountTokens", "ResponsesText", "StreamText",
@@ -76,7 +77,7 @@ class CountTokens:
             else:
                 reply.stream.add(self)
         elif reply.body is not None and (ctx.usage is None or not ctx.usage.usable()):
-            completion = await self._count(_answer_text(reply.body))
+            completion = await self._count(answer_text(reply.body))
             ctx.usage = await self._usage(ctx, completion)
         return reply
 
@@ -131,7 +132,7 @@ class StreamText:
         for event in events:
             if isinstance(event, Chunk):
                 before = len(parts)
-                _collect(event.data(), parts)
+                chunk_text(event.data(), parts)
                 if len(parts) == before:
                     self._textless += 1
         return events
@@ -237,99 +238,6 @@ def _after_prompt(so_far: Usage, completion_tokens: int) -> Usage:
                  so_far.completion_tokens_details if reasoning else None)
 
 
-def _listed(value: Any) -> list[Any]:
-    """An upstream's list, or none (a value of another type than the API's holds no text here)."""
-    return value if isinstance(value, list) else []
-
-
-def _collect(chunk: dict[str, Any], parts: list[str]) -> None:
-    for choice in _listed(chunk.get("choices")):
-        if not isinstance(choice, dict):
-            continue
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            _text_of_message(delta, parts)
-        elif isinstance(choice.get("text"), str) and choice["text"]:  # a completion's
-            parts.append(choice["text"])
-
-
-# A chat message's (or delta's) texts beside `content` (those the guards read there: `guards.texts.BESIDE_CONTENT`):
-# its reasoning, under the first of its names that holds a text (vLLM writes each piece under both, DeepSeek under
-# `reasoning_content`, OpenRouter, Groq and Ollama under `reasoning`), and its refusal. (Not imported from the guards:
-# they import the routing rules, which import this module.)
-REASONING_FIELDS = ("reasoning_content", "reasoning")
-OWN_TEXT_FIELDS = ("refusal",)
-
-
-def _text_of_message(message: dict[str, Any], parts: list[str]) -> None:
-    """A chat message's (or a streamed delta's) generated text, in the order a model writes it: its reasoning
-    (counted once, `REASONING_FIELDS`), content, refusal, tool call arguments. Empty strings are left out (so a
-    chunk of none, such as a stream's role chunk, adds no part: `StreamText.tokens`)."""
-    for field in REASONING_FIELDS:
-        reasoning = message.get(field)
-        if isinstance(reasoning, str) and reasoning:
-            parts.append(reasoning)
-            break
-    content = message.get("content")
-    if isinstance(content, str) and content:
-        parts.append(content)
-    for field in OWN_TEXT_FIELDS:
-        text = message.get(field)
-        if isinstance(text, str) and text:
-            parts.append(text)
-    for call in _listed(message.get("tool_calls")):
-        function = call.get("function") if isinstance(call, dict) else None
-        arguments = function.get("arguments") if isinstance(function, dict) else None
-        if isinstance(arguments, str) and arguments:
-            parts.append(arguments)
-
-
-# A complete Responses answer's texts, as its stream carries them in `*.delta` events (`ResponsesText`; the guards read
-# them there too: `guards.responses_answer.ITEM_TEXTS`): its output items' parts (a message's text and refusal parts,
-# a reasoning item's summary and content), and their own text fields: a tool call's arguments (a hosted tool's too),
-# a custom tool's input.
-_ITEM_PARTS = ("summary", "content")
-# An item's own text fields, and the item type each is read of (None: any).
-_ITEM_FIELDS: dict[str, str | None] = {"arguments": None, "input": "custom_tool_call"}
-
-
-def _text_of_item(item: dict[str, Any], parts: list[str]) -> None:
-    """An output item's texts: its own fields' (`_ITEM_FIELDS`), then its summary's and its content's, a part's `text`
-    (a refusal part's `refusal`)."""
-    kind = item.get("type")
-    for field, of in _ITEM_FIELDS.items():
-        text = item.get(field)
-        if isinstance(text, str) and (of is None or kind == of):
-            parts.append(text)
-    for field in _ITEM_PARTS:
-        content = item.get(field)
-        if isinstance(content, str):  # (a message's content as a string, as a chat message has it)
-            parts.append(content)
-        for part in _listed(content):
-            if isinstance(part, dict):
-                text = part.get("refusal" if part.get("type") == "refusal" else "text")
-                if isinstance(text, str):
-                    parts.append(text)
-
-
-def _answer_text(body: bytes) -> str:
-    try:
-        data = msgspec.json.decode(body)
-    except (msgspec.DecodeError, RecursionError):  # (an upstream's JSON nested past the recursion limit)
-        return ""
-    parts: list[str] = []
-    for choice in _listed(data.get("choices")) if isinstance(data, dict) else ():
-        if isinstance(choice, dict):
-            if isinstance(choice.get("message"), dict):
-                _text_of_message(choice["message"], parts)
-            elif isinstance(choice.get("text"), str):
-                parts.append(choice["text"])
-    for item in _listed(data.get("output")) if isinstance(data, dict) else ():  # a Responses answer
-        if isinstance(item, dict):
-            _text_of_item(item, parts)
-    return "".join(parts)
-
-
 def _model(ctx: RequestContext) -> str | None:
     """The model whose encoding counts the prompt: the alias's upstream model, as the reservation counts it."""
     route = ctx.route
@@ -377,9 +285,3 @@ async def estimate_stream_usage(counter: CountTokens, ctx: RequestContext, so_fa
 
 async def count_text(counter: CountTokens, text: str) -> int:
     return await counter._count(text)
-
-
-def answer_text(body: bytes) -> str:
-    """The text of a complete answer: its choices' (a message's reasoning, content, refusal and tool call arguments;
-    a completion's text), or its output items' (`_text_of_item`)."""
-    return _answer_text(body)

@@ -124,23 +124,26 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     """One error for all attempts: 429 when every one was rate limited (with the smallest Retry-After),
     504 when every one timed out, 503 `gateway_busy` when every target's local pool was full (nothing was
     sent), 503 `upstream_overloaded` when every one was overloaded (with the smallest Retry-After; Anthropic's
-    529 to a Messages client, as a single attempt's is), 400 when no target supports the request, else 502 (with
-    the smallest Retry-After when every attempt sent one: a 503's); its message lists each attempt.
+    529 to a Messages client, as a single attempt's is), a 400 when every target passed the request on
+    (`_handed_on`), else 502 (with the smallest Retry-After when every attempt sent one: a 503's); its message
+    lists each attempt.
 
     The status and Retry-After are those of the attempts that could have answered: a target that passed the
     request on (`_PASSED_ON`: to the context fallback, or to the next target) says nothing of why the request
     found no answer, and would turn the last target's 429 and its Retry-After into a bare 502."""
     if len(failures) == 1:
         return failures[0][1]
-    deciding = [failure for failure in failures if failure[2] not in _PASSED_ON] or failures
+    listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
+    if len(listed) > _MAX_MESSAGE:
+        listed = listed[:_MAX_MESSAGE] + "..."
+    deciding = [failure for failure in failures if failure[2] not in _PASSED_ON]
+    if not deciding:
+        return _handed_on(alias, failures, listed)
     kinds = {kind for _, _, kind in deciding}
     hints = [h for _, error, _ in deciding if (h := retry_after_s(error)) is not None]
     wait: dict[str, str] = {}
     if hints:  # the smallest wait, as the upstream gave it; `Retry-After`, in whole seconds, at least one
         wait = {**wait_headers(min(hints)), "Retry-After": client_retry_after(max(1.0, min(hints)))}
-    listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
-    if len(listed) > _MAX_MESSAGE:
-        listed = listed[:_MAX_MESSAGE] + "..."
     what = f"all {len(failures)} attempts for `{alias}` failed ({listed})"
     if kinds == {"rate_limit"}:
         return RateLimited(what, headers=wait)
@@ -151,10 +154,20 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
         return GatewayBusy(what, headers={"Retry-After": "1"})
     if _all_overloaded(deciding):
         return UpstreamOverloaded(what, headers=wait)
-    if kinds == {"unsupported"}:
-        return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param,
-                           code=_shared_code(failures))
     return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)
+
+
+def _handed_on(alias: str, failures: Sequence[tuple[Target, GatewayError, str]], listed: str) -> GatewayError:
+    """The client's 400 when every target passed the request on, none could have answered: a 502 would blame the
+    upstreams (and count as their failure) for a request the client can change. The prompt too long when a target
+    refused it so (a shorter one fits there; the context fallback's targets lack the endpoint or a field the request
+    asks, or refused it too), else what no target supports, with the code they all gave (`unsupported_endpoint`)."""
+    too_long = [error for _, error, kind in failures if kind == "context_length"]
+    if too_long:
+        return ContextLengthExceeded(f"the prompt is too long for `{alias}`, whose context fallback could not take "
+                                     f"the request ({listed})", param=too_long[-1].param)
+    return Unsupported(f"no target of `{alias}` supports this request ({listed})", param=failures[0][1].param,
+                       code=_shared_code(failures))
 
 
 def _shared_code(failures: Sequence[tuple[Target, GatewayError, str]]) -> str | None:

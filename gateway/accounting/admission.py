@@ -94,7 +94,7 @@ class Admission(Taking):
                         bill.requests.append(scope.rpm_key)
                     elif refused is None:
                         refused, full = (scope, answer[3]), answer  # `answer.reset_s`
-                if refused is not None and not refused[0].shown:  # an alias's window: shown in its 429 only
+                if refused is not None:  # the window that refused (`refused_windows`)
                     requests = full
                 if requests is not None:
                     bill.headers = request_headers(requests)
@@ -134,7 +134,7 @@ class Admission(Taking):
         refused: tuple[str, Scope, float] | None = None
         requests: WindowReservation | None = None  # the tightest of the caller's own (`Scope.shown`)
         token_window: WindowReservation | None = None
-        full: WindowReservation | None = None  # the window that refused, when it is an alias's
+        full: WindowReservation | None = None  # the window that refused (`refused_windows`)
         holder = ""
         for scope in scopes:
             limits = scope.limits
@@ -166,7 +166,7 @@ class Admission(Taking):
                 elif refused is None:
                     refused, full = ("tpm", scope, answer.reset_s), answer
         if refused is not None:
-            requests, token_window = refused_windows(refused[0], refused[1].shown, full, requests, token_window)
+            requests, token_window = refused_windows(refused[0], full, requests, token_window)
         bill.headers = rate_limit_headers(requests, token_window)
         if refused is not None:
             self._refuse(bill, *refused)
@@ -215,7 +215,7 @@ class Admission(Taking):
         refused: tuple[str, Scope, float] | None = None
         requests: list[WindowReservation] = []  # the caller's own windows (`Scope.shown`)
         token_windows: list[WindowReservation] = []
-        full: WindowReservation | None = None  # the window that refused, when it is an alias's
+        full: WindowReservation | None = None  # the window that refused (`refused_windows`)
         failure: BaseException | None = None
         for index, (kind, scope, args) in enumerate(ops):  # results[index] answers ops[index]
             result = results[index]
@@ -252,7 +252,7 @@ class Admission(Taking):
         shown = (requests[0] if len(requests) == 1 else tightest(requests),
                  token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
         if refused is not None:
-            shown = refused_windows(refused[0], refused[1].shown, full, *shown)
+            shown = refused_windows(refused[0], full, *shown)
         bill.headers = rate_limit_headers(*shown)
         if refused is not None:
             self._refuse(bill, *refused)
@@ -346,13 +346,26 @@ class Admission(Taking):
         """Every budget of the policy shown in its gauges as the store counts it now: once this stage's policy is
         swapped in (and again when the one it replaced has retired). Until a scope's next request its gauges read
         what the retired policy's stage last saw: a budget raised by a reload to end `GatewayBudgetNearlySpent`
-        went on reading spent, for good without traffic. Off the request path: one read of every counter, and a
-        store that does not answer (or a counter that holds something else) leaves those gauges as they were."""
+        went on reading spent, for good without traffic."""
         budgets = policy_budgets(self.policy)
-        if not budgets:
+        await self._show_counted([Scope(kind, name, None, budget) for (kind, name), budget in budgets.items()], True)
+
+    async def refresh_budgets(self) -> None:
+        """`show_budgets` after the ledger wrote spend the store had missed (`Ledger.on_budget_writes`: a settle, a
+        give-back, while Redis was away), which no settle's answer showed: an idle key went on reading its
+        reservation as spent. The policy's budgets and those of keys made at run time this stage served; not
+        claimed (`BudgetLeft.claim`: a retiring stage's ledger flushes too, and must not take the gauges back)."""
+        policy = [Scope(kind, name, None, budget) for (kind, name), budget in policy_budgets(self.policy).items()]
+        scopes = {scope.slot_key: scope for scope in (*policy, *self.scopes.budgeted())}  # one per counter
+        await self._show_counted(list(scopes.values()), False)
+
+    async def _show_counted(self, scopes: list[Scope], claim: bool) -> None:
+        """`scopes`' budgets shown as the store counts them now (`claim`: the gauges read this stage's figures from
+        now on). Off the request path: one read of every counter, and a store that does not answer (or a counter
+        that holds something else) leaves those gauges as they were."""
+        if not scopes:
             return
         now = time.time()
-        scopes = [Scope(kind, name, None, budget) for (kind, name), budget in budgets.items()]
         keys = [scope.budget_keys.at(now)[0] for scope in scopes if scope.budget_keys is not None]
         try:
             counts = await self.store.get_many(keys)
@@ -368,6 +381,6 @@ class Admission(Taking):
             left = budget.usd - spent
             left = left if left > 0.0 else 0.0
             gauges = self._budget_left(scope)
-            gauges.claim()
+            if claim:
+                gauges.claim()
             gauges.show(left, left / budget.usd)
-

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, NamedTuple
 
@@ -117,13 +118,15 @@ class StageState:
         scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
         return left
 
-    def _show_total(self, scope: Scope, total: float) -> None:
+    def _show_total(self, scope: Scope, key: str, total: float) -> None:
         """A budget's gauges from its counter's `total` (USD) as the store answered a settle or a give-back: what
         is spent and what open reservations (others') hold. Shown at the reservation alone, they kept counting
         the request's whole reservation (its cap at the dearest target) after it settled for far less, and an idle
-        key's gauge read nearly spent for good (`GatewayBudgetNearlySpent`)."""
-        budget = scope.budget
-        if budget is None:
+        key's gauge read nearly spent for good (`GatewayBudgetNearlySpent`). Not when `key`, the counter that
+        answered, is a period's before the current one (a request reserved before its budget's period ended,
+        settled after): its total would stand for the new period's."""
+        budget, keys = scope.budget, scope.budget_keys
+        if budget is None or keys is None or keys.at(time.time())[0] != key:
             return
         left = budget.usd - total
         left = left if left > 0.0 else 0.0

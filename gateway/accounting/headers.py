@@ -5,8 +5,8 @@ SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits 
 (its key's, its tenant's, its alias's): the headers describe the tightest of the caller's own, its key's and its
 tenant's, the one with the fewest left (`tighter`: requests among the request windows, tokens among the token
 windows), since that count is what a client paces itself by. An alias's window counts every tenant's requests
-together: shown, it would tell one tenant how much the others sent, so it shows only in the 429 it causes
-(`refused_windows`).
+together: shown, it would tell one tenant how much the others sent, so it shows only in the 429 it causes. A 429
+shows the window that refused it, whoever's it is (`refused_windows`): the one its `Retry-After` is about.
 """
 
 from __future__ import annotations
@@ -57,12 +57,15 @@ def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
     return found
 
 
-def refused_windows(kind: str, shown: bool, full: WindowReservation | None, requests: WindowReservation | None,
+def refused_windows(kind: str, full: WindowReservation | None, requests: WindowReservation | None,
                     tokens: WindowReservation | None) -> tuple[WindowReservation | None, WindowReservation | None]:
-    """The windows a 429 shows: the caller's own (`requests`, `tokens`), but the window that refused (`full`, of
-    `kind`) in its kind's place when it is an alias's (not `shown`): the client learns it is full, and when it will
-    not be, which the refusal and its `Retry-After` tell it anyway."""
-    if shown or full is None:
+    """The windows a 429 shows: the window that refused (`full`, of `kind`) in its kind's place, the caller's own
+    tightest (`requests`, `tokens`) in the other's. Its remaining count is 0 and its reset is the 429's
+    `Retry-After`. Ranked with the others (`tighter`), it could lose a tie: a window the refused request had just
+    filled itself (given back with the refusal) has 0 left as well, and a later reset (a key's `rpm: 2` refused with
+    47 s to go, its tenant's `rpm: 3` shown instead: 0 left, 58 s, beside `Retry-After: 47`). An alias's window
+    shows there too: the client learns it is full, and when it will not be, which the refusal tells it anyway."""
+    if full is None:  # (a concurrency limit: no window)
         return requests, tokens
     return (full, tokens) if kind == "rpm" else (requests, full)
 

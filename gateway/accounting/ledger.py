@@ -8,7 +8,8 @@ Two jobs, one background flush (a runtime `Service`):
   second behind) and one counter look-up instead of one per scope;
 * reconciliation: a settle that the store could not take (Redis down, `on_unavailable: open`) is kept
   here as a delta per budget counter and added when the store answers again, so spend while Redis was away
-  is not lost. The first flush after recovery brings every budget up to date.
+  is not lost. The first flush after recovery brings every budget up to date, and its accounting stage's budget
+  gauges with it (`on_budget_writes`).
 * counters the store refuses while it answers (another program's value where a counter lives: a hash, a
   string that is not a number): a usage counter's addition is dropped, a budget counter's delta is sent again
   for at most `OP_RETRY_S`, then dropped; each logged once per counter, and the other counters written
@@ -38,6 +39,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Awaitable, Callable
 
 from prometheus_client import Counter, Gauge
 
@@ -59,6 +61,9 @@ OP_RETRY_S = OP_TTL_S - 60.0
 """How long an operation in doubt is sent again: within its record's life (`OP_TTL_S`), with a minute to spare
 for the last attempt to be applied late in its turn. Past it, it is dropped (logged): the store did not answer
 for that long, and a repeat could no longer be told from the first."""
+
+
+BUDGET_COUNTERS = "acct:budget:"  # what a budget counter's key starts with (`Scope.budget_keys`)
 
 
 def new_op() -> str:
@@ -90,6 +95,9 @@ class Ledger:
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
         self._heir: Ledger | None = None  # who takes what is left at the close (`bequeath`)
+        # Asked after a flush that wrote owed spend to a budget counter (its accounting stage's gauges read the
+        # store again, `Admission.refresh_budgets`): no settle's answer shows that spend.
+        self.on_budget_writes: Callable[[], Awaitable[None]] | None = None
         self._closed = False
         self._gauge = metrics_pending
         # Each kind's child made now: its series shows 0 before any drop (an alert's expression has data).
@@ -188,6 +196,7 @@ class Ledger:
         self._heir = heir
 
     async def aclose(self) -> None:
+        self.on_budget_writes = None  # (its stage is closing: the gauges are the next one's)
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -247,22 +256,28 @@ class Ledger:
                 log.exception("accounting flush failed")
 
     async def flush(self) -> None:
-        """Add what is buffered to the store; what it does not take stays for the next flush."""
+        """Add what is buffered to the store; what it does not take stays for the next flush. Then, if a budget
+        counter took spend owed to it, `on_budget_writes`."""
+        wrote = False
         async with self._flushing:
             if self._releases:
                 await self._releases.give_back(self.store)
             if self._ops:
-                await self._flush_ops()
+                wrote = await self._flush_ops()
             if self._pending:
-                await self._flush_pending()
+                wrote = await self._flush_pending() or wrote
             if self._requests:
                 self._fold()
             if self._usage:
                 await self._flush_usage()
+        if wrote and self.on_budget_writes is not None:
+            await self.on_budget_writes()
 
-    async def _flush_ops(self) -> None:
+    async def _flush_ops(self) -> bool:
+        """Every operation in doubt sent again; whether a budget counter took one."""
         now = time.monotonic()
         ops = self._ops
+        wrote = False
         for (key, op), (reserved, actual, ttl, until) in list(ops.items()):
             if until <= now:
                 del ops[(key, op)]
@@ -283,10 +298,14 @@ class Ledger:
             except ValueError:
                 log.error("accounting: dropped an unreconcilable amount on %s", key)
                 self._count_dropped("operation")
+            else:
+                wrote = wrote or key.startswith(BUDGET_COUNTERS)
             ops.pop((key, op), None)
         self._show()
+        return wrote
 
-    async def _flush_pending(self) -> None:
+    async def _flush_pending(self) -> bool:
+        """Every budget counter's owed spend sent; whether one took it."""
         pending, self._pending = self._pending, {}
         items = list(pending.items())
         taken = 0
@@ -315,6 +334,7 @@ class Ledger:
         if taken:
             log.info("accounting: reconciled %d budget counter(s) with the store", taken)
         self._show()
+        return taken > 0
 
     def _keep_refused(self, key: str, units: int, ttl: float, until: float) -> None:
         """A budget delta the store refused while it answered (the counter holds another program's value): sent

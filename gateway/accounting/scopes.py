@@ -117,6 +117,11 @@ class ScopeIndex:
         return found
 
 
+    def budgeted(self) -> list[Scope]:
+        """The budgeted scopes of the requests seen (`of`), with repeats (one per alias a key asked for)."""
+        return [scope for scopes in list(self._found.values()) for scope in scopes.budgeted]
+
+
 def scopes_of(ctx: RequestContext, policy: Policy) -> list[Scope]:
     """Every scope with a limit or a budget that applies to this request (maybe none)."""
     scopes: list[Scope] = []

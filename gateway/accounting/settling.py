@@ -107,7 +107,7 @@ class Settling(StageState):
                 log.exception("accounting: a settle operation failed (%s)", kind)
             else:
                 if budget is not None:  # a budget's new total: its gauges show what is left now
-                    self._show_total(budget, answer)
+                    self._show_total(budget, args[0], answer)
         self._settled(ctx, bill, cost, units)
 
     def _settle_in_line(self, ctx: RequestContext, bill: Bill, cost: float) -> None:
@@ -121,24 +121,27 @@ class Settling(StageState):
         assert store is not None
         units = micro(cost)  # (`_price` keeps `cost` in its fast range)
         try:
+            now = time.time() if bill.budgets else 0.0  # (the period each budget's gauges show: `_show_total`)
             for held in bill.budgets:
                 try:
                     total = store.settle_units_now(held.key, units - held.units, held.ttl_s)
                 except StoreUnavailable:  # owed: the rounded figure, as the ledger records it
                     self._unsettled("spend", (held.key, held.reserved, units / AMOUNT_SCALE, held.ttl_s))
                     continue
-                budget = held.budget  # `_show_total`, in line: the gauges show what is left after the settle
-                assert budget is not None
+                budget, scope = held.budget, held.scope  # `_show_total`, in line: what is left after the settle
+                assert budget is not None and scope.budget_keys is not None
+                if scope.budget_keys.at(now)[0] != held.key:  # reserved in a period that has ended since
+                    continue
                 left = budget.usd - total / AMOUNT_SCALE
                 left = left if left > 0.0 else 0.0
-                (held.scope.budget_left or self._budget_left(held.scope)).show(left, left / budget.usd)
+                (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
             for key, ttl, scope in bill.unreserved:
                 try:
                     total = store.settle_units_now(key, units, ttl)
                 except StoreUnavailable:
                     self._unsettled("spend", (key, 0.0, units / AMOUNT_SCALE, ttl))
                     continue
-                self._show_total(scope, total / AMOUNT_SCALE)
+                self._show_total(scope, key, total / AMOUNT_SCALE)
             if bill.tokens:
                 tokens = _request_tokens(ctx)
                 actual = (tokens if 0 <= tokens <= 2 * MAX_TOKENS else _tokens(tokens)) * AMOUNT_SCALE

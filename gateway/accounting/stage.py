@@ -86,6 +86,7 @@ class Accounting(Admission, Settling):
         self._drifts = {}  # alias -> both drift children (aliases: the policy's)
         self._today = (0.0, 0.0, "")  # no day yet: the first usage recorded looks it up
         self._warned_usage = set()  # targets whose invalid usage was logged as a warning (bounded)
+        ledger.on_budget_writes = self.refresh_budgets  # spend the store had missed, written: the gauges read again
 
     async def start(self) -> None:
         await self.ledger.start()

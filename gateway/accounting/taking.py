@@ -85,7 +85,8 @@ class Taking(StageState):
         for held in bill.tokens:
             store.settle_units_now(held.key, -held.units, held.ttl_s)
         for held in bill.budgets:  # the gauges then show what is left without it (`_show_total`)
-            self._show_total(held.scope, store.settle_units_now(held.key, -held.units, held.ttl_s) / AMOUNT_SCALE)
+            total = store.settle_units_now(held.key, -held.units, held.ttl_s)
+            self._show_total(held.scope, held.key, total / AMOUNT_SCALE)
         for key, holder in bill.slots:
             store.release_slot_now(key, holder)
         _cleared(bill)
@@ -106,7 +107,8 @@ class Taking(StageState):
         for index, result in enumerate(results):
             if not isinstance(result, BaseException):
                 if windows <= index < windows + len(budgets):  # a budget's new total: shown without it
-                    self._show_total(budgets[index - windows].scope, result)
+                    held = budgets[index - windows]
+                    self._show_total(held.scope, held.key, result)
                 continue
             if not isinstance(result, StoreUnavailable):  # a bug: raised once the rest are owed
                 failure = failure or result

@@ -285,11 +285,11 @@ class Metrics:
         )
         self.budget_remaining = Gauge(
             "gateway_budget_remaining_usd", "USD left in the current period of a budget, as last seen here.",
-            ("scope", "name"), registry=registry, multiprocess_mode="livemin",
+            ("scope", "name"), registry=registry, multiprocess_mode="livemostrecent",
         )
         self.budget_remaining_ratio = Gauge(
             "gateway_budget_remaining_ratio", "Share (0 to 1) of a budget's current period left, as last seen here.",
-            ("scope", "name"), registry=registry, multiprocess_mode="livemin",
+            ("scope", "name"), registry=registry, multiprocess_mode="livemostrecent",
         )
         self.limit_rejections = Counter(
             "gateway_limit_rejections", "Requests refused by the gateway's own limits, by kind and scope.",

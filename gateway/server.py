@@ -15,7 +15,11 @@ included, get `server.drain_timeout_s` to finish; at that deadline the gateway
 ends the rest itself (streams with an error event, others with 503) before
 uvicorn would cancel them; SIGINT skips the delay, and so does one that comes during it (the deadline moves
 earlier with it). A clean drain exits with status 0. SIGHUP reloads the
-policy (with several workers, the supervisor passes it to every worker).
+policy (with several workers, the supervisor passes it to every worker). A start that fails (uvicorn's
+STARTUP_FAILURE) exits with status 3, with one worker or several.
+
+Metrics: a `PROMETHEUS_MULTIPROC_DIR` the operator sets is claimed, and emptied of an earlier run's files
+(`_claim_metrics_folder`); without one, several workers get a private folder, removed at exit.
 
 Several workers: the supervisor and what a worker does at its start are in `workers.py`.
 """
@@ -28,6 +32,7 @@ import functools
 import gc
 import logging
 import os
+import re
 import shutil
 import signal
 import sys
@@ -36,9 +41,10 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import IO, Any
 
 import uvicorn
+from uvicorn.config import STARTUP_FAILURE
 
 from .app import Gateway, create_app, served_app
 from .direct_routes import ASGIApp
@@ -59,6 +65,9 @@ _PR_SET_PDEATHSIG = 1
 # counts, so a larger young generation mostly delays cycles (failed requests' tracebacks) by a few seconds.
 _GC_THRESHOLDS = (20_000, 20, 20)
 _GRACE_S = 2.0  # uvicorn's own deadline sits this far after the gateway's, so the gateway cuts first
+# prometheus_client's files in a multiprocess folder: `<type>_<pid>.db`, a gauge's type with its mode (values.py)
+_METRICS_FILE = re.compile(r"(counter|histogram|summary|gauge_(live)?(all|min|max|sum|mostrecent))_(\d+)\.db")
+_METRICS_LOCK = "gateway.lock"
 @dataclass(frozen=True, slots=True)
 class ServeSettings:
     policy_path: Path
@@ -79,6 +88,8 @@ def build_served_app(settings: ServeSettings) -> ASGIApp:
     early: list[int] = []  # a SIGHUP before the process serves (its default action ends the process): kept
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGHUP, lambda signum, frame: early.append(signum))
+        # A worker starts with SIGHUP blocked (`Supervisor._spawn`): one that came while it imported, delivered now
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGHUP})
     before = fingerprints([settings.policy_path])  # (a change after this is one the file watcher reloads)
     policy, refused = read_policy(settings.policy_path, settings.listener, settings.snapshots)
     options: dict[str, Any] = {"source": settings.policy_path, "listener": settings.listener, "read_from": before}
@@ -194,13 +205,19 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
 
 
 def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | None) -> int:
-    """Serve `policy` (read from `policy_path`, and checked against `listener` by the caller) until stopped."""
+    """Serve `policy` (read from `policy_path`, and checked against `listener` by the caller) until stopped: the
+    exit status, 0 after a clean drain, 3 when the first start failed, 2 when the metrics folder set is refused."""
     # Absolute, not resolved: a ConfigMap's file is a symlink through `..data` into a timestamped folder that the
     # kubelet deletes on the next update; the path as given is the one that keeps naming the current policy.
     policy_path = policy_path.absolute()
     metrics_dir = None
+    metrics_lock = None
     workers = listener.workers
-    if workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        metrics_lock = _claim_metrics_folder(Path(os.environ["PROMETHEUS_MULTIPROC_DIR"]))
+        if metrics_lock is None:
+            return 2
+    elif workers > 1:
         metrics_dir = os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="gateway-metrics-")
     snapshots = None
     if workers > 1:  # the last policy accepted, for a worker restarted while the file is refused
@@ -218,15 +235,68 @@ def serve(policy_path: Path, policy: Policy, listener: Listener, port: int | Non
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     try:
-        if workers > 1:
-            Supervisor(config, sockets=[config.bind_socket()]).run()
-        else:
-            uvicorn.Server(config).run()
+        if workers == 1:
+            uvicorn.Server(config).run()  # (a failed start: SystemExit(STARTUP_FAILURE))
+            return 0
+        supervisor = Supervisor(config, sockets=[config.bind_socket()])
+        supervisor.run()
+        return STARTUP_FAILURE if supervisor.start_failed else 0
     finally:
         for folder in (metrics_dir, snapshots):
             if folder is not None:
                 shutil.rmtree(folder, ignore_errors=True)
-    return 0
+        if metrics_lock is not None:
+            metrics_lock.close()
+
+
+def _claim_metrics_folder(folder: Path) -> IO[str] | None:
+    """The operator's `PROMETHEUS_MULTIPROC_DIR`, held for this gateway (its lock file, open until it exits) and
+    emptied of prometheus_client's files; None, with the reason on stderr, when it cannot be.
+
+    Files left by a run that was killed were summed by every later one: its workers' live gauges (requests in flight,
+    breaker states, the store's health) never went away, and alerts on them kept firing. They are all removed, the
+    counters' and histograms' too, so that a set folder holds one run's metrics, as the private one does.
+    Two gateways on one folder by mistake would each show the sum of both and each remove the other's files at
+    its start: the folder is claimed with an exclusive `flock` on `gateway.lock` in it, which the kernel drops when
+    the process ends however it ends, and a second gateway is refused (status 2) while the first runs. Not
+    refusing a folder that is not empty: after a kill (an OOM-killed container keeps its emptyDir) the gateway would
+    never start again without a hand. Not removing only the files of processes that are gone: a container
+    restarted numbers its processes from 1 again, so a new worker may have a dead one's pid (and would carry on the
+    values in its file), and pids mean nothing to another container sharing the volume. (The workers of a killed
+    supervisor drain before they exit, `_die_with`: what they write to removed files is no longer read.)"""
+    import fcntl
+
+    try:
+        lock = (folder / _METRICS_LOCK).open("a+")
+    except OSError as exc:
+        print(f"gateway: PROMETHEUS_MULTIPROC_DIR: {exc}", file=sys.stderr)
+        return None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "?"
+        lock.close()
+        print(f"gateway: PROMETHEUS_MULTIPROC_DIR {folder} is in use by another gateway (pid {holder}): give each "
+              "gateway a folder of its own", file=sys.stderr)
+        return None
+    except OSError as exc:  # (a file system without locks)
+        lock.close()
+        print(f"gateway: PROMETHEUS_MULTIPROC_DIR {folder} cannot be locked: {exc}", file=sys.stderr)
+        return None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")  # (named to the next gateway refused)
+    lock.flush()
+    _remove_metrics_files(folder)
+    return lock
+
+
+def _remove_metrics_files(folder: Path) -> None:
+    """prometheus_client's files in `folder`, but this process's own (already open, if any), and no other file."""
+    for entry in folder.iterdir():
+        found = _METRICS_FILE.fullmatch(entry.name)
+        if found is not None and int(found.group(4)) != os.getpid():
+            entry.unlink(missing_ok=True)
 
 
 def _raise_open_file_limit(max_connections: int) -> None:

@@ -5,7 +5,10 @@ The supervisor restarts a worker that dies. The restarted worker reads the polic
 been refused since (a reload of it was refused, and its siblings serve the last good policy), it serves the last
 policy the workers accepted, kept in a private folder (`reload.keep_snapshot`), the version its siblings serve,
 rather than dying at start and being restarted again and again. A worker that dies soon after its start is
-restarted after a wait that doubles each time, so that one that cannot start at all does not burn a core.
+restarted after a wait that doubles each time, so that one that cannot start at all does not burn a core. Only the
+first start's failure (uvicorn's STARTUP_FAILURE: the app, TLS or the socket cannot work) stops the supervisor, and
+`gateway serve` exits 3 as with one worker; a restarted worker that fails so (its payload-log folder removed since)
+is one dying young, retried while the others serve.
 """
 
 from __future__ import annotations
@@ -117,25 +120,30 @@ def keep(policy: Policy, snapshots: Path) -> None:
 
 class Supervisor(Multiprocess):
     """uvicorn's supervisor, except that SIGHUP reloads every worker's policy instead of
-    restarting the workers (a restart would drop their streams), and that a worker dying soon after its
-    start is restarted after a wait (`_YOUNG_S`)."""
+    restarting the workers (a restart would drop their streams), that a worker dying soon after its
+    start is restarted after a wait (`_YOUNG_S`), that only a failed first start stops it (`start_failed`), and
+    that it starts its workers its own way (`_spawn`)."""
 
     def __init__(self, config: uvicorn.Config, sockets: list[Any]) -> None:
         super().__init__(config, sockets)
+        self.start_failed = False  # a worker of the first start failed to start: stopped (`gateway serve` exits 3)
+        self._first: set[int] = set()  # worker slots still holding the worker of the first start
         self._born: dict[int, float] = {}  # worker slot -> when its process started
         self._young: dict[int, int] = {}  # worker slot -> its workers' deaths in a row within `_YOUNG_S` of start
         self._due: dict[int, float] = {}  # worker slot -> when its dead worker is restarted
 
     def init_processes(self) -> None:
-        super().init_processes()
+        self.processes = [self._spawn() for _ in range(self.processes_num)]
         self._born = dict.fromkeys(range(len(self.processes)), time.monotonic())
+        self._first = set(range(len(self.processes)))
 
     def keep_subprocess_alive(self) -> None:
         """uvicorn's restart of a dead worker, but after a wait when it died young (a worker that cannot start, a
         crash at start, restarted at once, looped: 15 deaths and 28 tracebacks in 20 s), and then the dead
-        worker's live gauges (`livesum`: requests in flight; `livemax`: breaker states, the store's health, the
-        policy served) dropped from `/metrics`: left, a worker killed with 5 streams open added 5 in flight to
-        every scrape for good."""
+        worker's live gauges (`livesum`: requests in flight, pool waits, pending counters; `livemax`: breaker
+        states; `livemin`: the store's health; `livemostrecent`: the budgets left) dropped from `/metrics`: left,
+        a worker killed with 5 streams open added 5 in flight to every scrape for good. (`gateway_policy_info` is
+        per process, in no file.)"""
         if self.should_exit.is_set():
             return
         for idx, process in enumerate(self.processes):
@@ -149,30 +157,61 @@ class Supervisor(Multiprocess):
                 continue
             process.kill()  # (hung: killed)
             process.join()
-            if process.exitcode == STARTUP_FAILURE:  # uvicorn's: the app, TLS or socket cannot work, stop
+            if process.exitcode == STARTUP_FAILURE and idx in self._first:  # the app, TLS or socket cannot work
                 log.error("worker [%s] failed to start; stopping", process.pid)
+                self.start_failed = True
                 self.should_exit.set()
                 return
             if self.should_exit.is_set():
                 return
-            if process.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
-                mark_process_dead(process.pid)  # type: ignore[no-untyped-call]
-            lived = time.monotonic() - self._born.get(idx, 0.0)
-            young = self._young[idx] = self._young.get(idx, 0) + 1 if lived < _YOUNG_S else 0
-            wait = 0.0 if young < 2 else min(_RESTART_WAIT_S[0] * 2 ** (young - 2), _RESTART_WAIT_S[1])
-            if wait:
-                log.warning("worker [%s] died %.1f s after it started (exit status %s); restarting it in %.0f s",
-                            process.pid, lived, process.exitcode, wait)
-                self._due[idx] = time.monotonic() + wait
-            else:
-                log.info("Child process [%s] died", process.pid)  # (uvicorn's words)
-                self._restart(idx)
+            self._replace(idx, process)
+
+    def _replace(self, idx: int, dead: Process) -> None:
+        """`dead`'s live gauges dropped, and a worker started in its place: at once, or after a wait when it died
+        young (a restarted worker that failed to start included: the others serve on meanwhile)."""
+        if dead.pid is not None and os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+            mark_process_dead(dead.pid)  # type: ignore[no-untyped-call]
+        lived = time.monotonic() - self._born.get(idx, 0.0)
+        young = self._young[idx] = self._young.get(idx, 0) + 1 if lived < _YOUNG_S else 0
+        wait = 0.0 if young < 2 else min(_RESTART_WAIT_S[0] * 2 ** (young - 2), _RESTART_WAIT_S[1])
+        if wait:
+            log.warning("worker [%s] died %.1f s after it started (exit status %s); restarting it in %.0f s",
+                        dead.pid, lived, dead.exitcode, wait)
+            self._due[idx] = time.monotonic() + wait
+        else:
+            log.info("Child process [%s] died", dead.pid)  # (uvicorn's words)
+            self._restart(idx)
 
     def _restart(self, idx: int) -> None:
-        process = Process(self.config, self.sockets)
-        process.start()
-        self.processes[idx] = process
+        self.processes[idx] = self._spawn()
         self._born[idx] = time.monotonic()
+        self._first.discard(idx)
+
+    def _spawn(self) -> Process:
+        """A worker started, with SIGHUP blocked: it inherits the mask, so that a SIGHUP passed on to it while it
+        imports the gateway waits until it has its handler (`server.build_served_app` unblocks it), where SIGHUP's
+        default action killed it. Then this process's copy of the worker's end of their ping pipe is closed (the
+        worker has its own): kept, it hid the pipe's end when the worker died, and the supervisor, waiting for the
+        answer to its ping to a starting worker, saw it dead only at the ping's timeout (30 s), handling no signal
+        meanwhile."""
+        process = Process(self.config, self.sockets)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGHUP})
+        try:
+            process.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+        process.child_conn.close()
+        return process
+
+    def handle_ttin(self) -> None:
+        """uvicorn's one worker more, started as the others are."""
+        log.info("Received SIGTTIN, increasing the number of processes.")
+        self.processes_num += 1
+        self.processes.append(self._spawn())
+        idx = len(self.processes) - 1
+        self._born[idx] = time.monotonic()
+        self._due.pop(idx, None)  # (a slot's restart and deaths from before a SIGTTOU took it)
+        self._young.pop(idx, None)
 
     def terminate_all(self) -> None:
         """uvicorn's stop of every worker (each drains), then this process's copy of the listening socket closed:

@@ -35,6 +35,7 @@ import os
 import re
 import shutil
 import signal
+import stat
 import sys
 import tempfile
 import threading
@@ -266,10 +267,15 @@ def _claim_metrics_folder(folder: Path) -> IO[str] | None:
     supervisor drain before they exit, `_die_with`: what they write to removed files is no longer read.)"""
     import fcntl
 
-    try:
-        lock = (folder / _METRICS_LOCK).open("a+")
+    try:  # not through a symbolic link (one planted there would have the gateway truncate what it points to)
+        fd = os.open(folder / _METRICS_LOCK, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        lock = os.fdopen(fd, "r+")
     except OSError as exc:
         print(f"gateway: PROMETHEUS_MULTIPROC_DIR: {exc}", file=sys.stderr)
+        return None
+    if not stat.S_ISREG(os.fstat(lock.fileno()).st_mode):
+        lock.close()
+        print(f"gateway: PROMETHEUS_MULTIPROC_DIR {folder}: {_METRICS_LOCK} is not a regular file", file=sys.stderr)
         return None
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -284,18 +290,25 @@ def _claim_metrics_folder(folder: Path) -> IO[str] | None:
         lock.close()
         print(f"gateway: PROMETHEUS_MULTIPROC_DIR {folder} cannot be locked: {exc}", file=sys.stderr)
         return None
-    lock.truncate(0)
-    lock.write(f"{os.getpid()}\n")  # (named to the next gateway refused)
-    lock.flush()
-    _remove_metrics_files(folder)
+    try:
+        lock.truncate(0)
+        lock.write(f"{os.getpid()}\n")  # (named to the next gateway refused)
+        lock.flush()
+        _remove_metrics_files(folder)
+    except OSError as exc:  # (a file another user owns in a sticky folder, a folder this user cannot write)
+        lock.close()
+        print(f"gateway: PROMETHEUS_MULTIPROC_DIR {folder} cannot be emptied of an earlier run's files: {exc}",
+              file=sys.stderr)
+        return None
     return lock
 
 
 def _remove_metrics_files(folder: Path) -> None:
-    """prometheus_client's files in `folder`, but this process's own (already open, if any), and no other file."""
+    """prometheus_client's files in `folder`, and no other file. This process's own too: it has opened none yet
+    (its `Metrics` is made later), and one named with its pid is a killed run's (a container's gateway is pid 1
+    again after a restart, and would carry on that run's values)."""
     for entry in folder.iterdir():
-        found = _METRICS_FILE.fullmatch(entry.name)
-        if found is not None and int(found.group(4)) != os.getpid():
+        if _METRICS_FILE.fullmatch(entry.name) is not None:
             entry.unlink(missing_ok=True)
 
 

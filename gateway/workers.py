@@ -212,6 +212,7 @@ class Supervisor(Multiprocess):
         self._born[idx] = time.monotonic()
         self._due.pop(idx, None)  # (a slot's restart and deaths from before a SIGTTOU took it)
         self._young.pop(idx, None)
+        self._first.discard(idx)  # (not the first start's: its failure to start is retried, as a restart's)
 
     def terminate_all(self) -> None:
         """uvicorn's stop of every worker (each drains), then this process's copy of the listening socket closed:

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import logging
 import textwrap
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 
@@ -25,6 +23,7 @@ from gateway.auth.keys import hash_key
 from gateway.providers.streaming import ResponsesEvents
 from gateway.schemas.events import Chunk
 from tests.conftest import UPSTREAM_KEY, RunningGateway
+from tests.support.billing import access_line, usage_row
 from tests.support.mock_upstream import MockUpstream
 
 KEY = "gw-responses-billing-key-00000000000000000"
@@ -82,29 +81,7 @@ def _deltas(gw: RunningGateway, alias: str, leave_after: int | None = None) -> t
 
 
 def _row(gw: RunningGateway, alias: str) -> dict[str, Any]:
-    """The alias's usage once its one request is counted (the ledger writes each second)."""
-    for _ in range(100):
-        response = httpx.get(gw.url + "/admin/usage", params={"scope": "model", "name": alias},
-                             headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-        assert response.status_code == 200, response.text
-        rows = response.json()["usage"]
-        if rows and rows[0]["requests"] >= 1:
-            assert rows[0]["requests"] == 1, rows
-            return dict(rows[0])
-        time.sleep(0.1)
-    raise AssertionError(f"no usage counted for {alias}")
-
-
-def _logged(caplog: pytest.LogCaptureFixture, alias: str) -> dict[str, Any]:
-    """The alias's one access line (written once the request's end hooks ran)."""
-    for _ in range(100):
-        lines = [fields for record in caplog.records if record.name == "gateway.access"
-                 and (fields := getattr(record, "fields", {})).get("model") == alias]
-        if lines:
-            assert len(lines) == 1, lines
-            return lines[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {alias}")
+    return usage_row(gw.url, ADMIN, alias)
 
 
 def _metric(gw: RunningGateway, name: str, alias: str, kind: str | None = None) -> float:
@@ -117,7 +94,7 @@ def _billed_exactly(gw: RunningGateway, caplog: pytest.LogCaptureFixture, alias:
     row = _row(gw, alias)
     assert row["completion_tokens"] == deltas, row
     assert row["cost_usd"] == pytest.approx(deltas * TOKEN_USD, abs=2e-6), row
-    line = _logged(caplog, alias)
+    line = access_line(caplog, alias)
     assert line["completion_tokens"] == deltas, line
     assert line["tokens_estimated"] is True, line
     assert line["cost_usd"] == pytest.approx(deltas * TOKEN_USD, abs=2e-6), line

@@ -16,12 +16,10 @@ import asyncio
 import json
 import logging
 import textwrap
-import time
 from collections.abc import Iterator
 from types import SimpleNamespace
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -31,6 +29,7 @@ from gateway.schemas.events import Chunk
 from gateway.telemetry.tokens import TokenCounter
 from gateway.telemetry.usage import ResponsesText
 from tests.conftest import UPSTREAM_KEY, RunningGateway
+from tests.support.billing import access_line, usage_row
 from tests.support.mock_upstream import MockUpstream
 from tests.support.threaded_app import ThreadedApp
 
@@ -161,29 +160,7 @@ def _received(gw: RunningGateway, alias: str) -> tuple[str, str | None]:
 
 
 def _row(gw: RunningGateway, alias: str) -> dict[str, Any]:
-    """The alias's usage once its one request is counted (the ledger writes each second)."""
-    for _ in range(100):
-        response = httpx.get(gw.url + "/admin/usage", params={"scope": "model", "name": alias},
-                             headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-        assert response.status_code == 200, response.text
-        rows = response.json()["usage"]
-        if rows and rows[0]["requests"] >= 1:
-            assert rows[0]["requests"] == 1, rows
-            return dict(rows[0])
-        time.sleep(0.1)
-    raise AssertionError(f"no usage counted for {alias}")
-
-
-def _logged(caplog: pytest.LogCaptureFixture, alias: str) -> dict[str, Any]:
-    """The alias's one access line (written once the request's end hooks ran)."""
-    for _ in range(100):
-        lines = [fields for record in caplog.records if record.name == "gateway.access"
-                 and (fields := getattr(record, "fields", {})).get("model") == alias]
-        if lines:
-            assert len(lines) == 1, lines
-            return lines[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {alias}")
+    return usage_row(gw.url, ADMIN, alias)
 
 
 def _billed(gw: RunningGateway, caplog: pytest.LogCaptureFixture, alias: str, completion: int) -> None:
@@ -192,7 +169,7 @@ def _billed(gw: RunningGateway, caplog: pytest.LogCaptureFixture, alias: str, co
     row = _row(gw, alias)
     assert row["completion_tokens"] == completion, row
     assert row["cost_usd"] == pytest.approx(completion * TOKEN_USD, abs=2e-6), row
-    line = _logged(caplog, alias)
+    line = access_line(caplog, alias)
     assert (line["completion_tokens"], line["tokens_estimated"]) == (completion, True), line
 
 
@@ -250,7 +227,7 @@ def test_a_responses_stream_whose_text_a_guard_held_back_is_billed_what_its_upst
     assert text == ""
     row = _row(gw, "blocked")
     assert 0 < row["completion_tokens"] <= len(EMAIL_DELTAS[0][1]), row  # was 0
-    line = _logged(caplog, "blocked")
+    line = access_line(caplog, "blocked")
     assert (line["completion_tokens"], line["tokens_estimated"]) == (row["completion_tokens"], True), line
 
 
@@ -274,7 +251,7 @@ def test_without_accounting_a_responses_stream_is_logged_and_counted_with_the_to
         text, _ = _received(plain_gw, alias)
         completion = tokens.count(text)
         assert completion > 0
-        line = _logged(caplog, alias)
+        line = access_line(caplog, alias)
         assert (line["completion_tokens"], line["tokens_estimated"]) == (completion, True), line
         metric = f'gateway_tokens_total{{kind="completion",model="{alias}"}}'
         assert [float(row.rsplit(" ", 1)[1]) for row in plain_gw.metrics().splitlines()

@@ -19,11 +19,9 @@ from __future__ import annotations
 import json
 import logging
 import textwrap
-import time
 from collections.abc import Iterator
 from typing import Any
 
-import httpx
 import openai
 import pytest
 from aiohttp import web
@@ -32,6 +30,7 @@ from gateway.auth.keys import hash_key
 from gateway.telemetry.tokens import TokenCounter
 from gateway.telemetry.usage import answer_text
 from tests.conftest import UPSTREAM_KEY, RunningGateway
+from tests.support.billing import access_line, usage_row
 from tests.support.mock_upstream import MockUpstream
 from tests.support.threaded_app import ThreadedApp
 
@@ -186,29 +185,7 @@ def _whole(gw: RunningGateway, alias: str) -> dict[str, Any]:
 
 
 def _row(gw: RunningGateway, alias: str) -> dict[str, Any]:
-    """The alias's usage once its one request is counted (the ledger writes each second)."""
-    for _ in range(100):
-        response = httpx.get(gw.url + "/admin/usage", params={"scope": "model", "name": alias},
-                             headers={"Authorization": f"Bearer {ADMIN}"}, timeout=10)
-        assert response.status_code == 200, response.text
-        rows = response.json()["usage"]
-        if rows and rows[0]["requests"] >= 1:
-            assert rows[0]["requests"] == 1, rows
-            return dict(rows[0])
-        time.sleep(0.1)
-    raise AssertionError(f"no usage counted for {alias}")
-
-
-def _logged(caplog: pytest.LogCaptureFixture, alias: str) -> dict[str, Any]:
-    """The alias's one access line (written once the request's end hooks ran)."""
-    for _ in range(100):
-        lines = [fields for record in caplog.records if record.name == "gateway.access"
-                 and (fields := getattr(record, "fields", {})).get("model") == alias]
-        if lines:
-            assert len(lines) == 1, lines
-            return lines[0]
-        time.sleep(0.05)
-    raise AssertionError(f"no access line for {alias}")
+    return usage_row(gw.url, ADMIN, alias)
 
 
 def _billed(gw: RunningGateway, caplog: pytest.LogCaptureFixture, alias: str, estimated: bool = True) -> int:
@@ -216,7 +193,7 @@ def _billed(gw: RunningGateway, caplog: pytest.LogCaptureFixture, alias: str, es
     row = _row(gw, alias)
     completion = int(row["completion_tokens"])
     assert row["cost_usd"] == pytest.approx(completion * TOKEN_USD, abs=2e-6), row
-    line = _logged(caplog, alias)
+    line = access_line(caplog, alias)
     assert (line["completion_tokens"], line["tokens_estimated"]) == (completion, estimated), line
     return completion
 

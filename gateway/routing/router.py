@@ -166,9 +166,8 @@ class Router:
         ctx.provider = self.providers[ctx.candidates[0].provider]
 
     def serving(self, endpoint: Endpoint, candidates: Sequence[Target]) -> Sequence[Target]:
-        """The candidates whose provider serves the request's endpoint, in order; all if none does (each then refuses
-        it before sending, and the client gets 400 `unsupported_endpoint`). A fallback to one that could not turned an
-        upstream's 5xx into a 400, never retried."""
+        """The candidates whose provider serves the request's endpoint, in order; all if none does (each refuses it
+        unsent: 400 `unsupported_endpoint`). A fallback to one that could not made an upstream's 5xx a 400."""
         serving = [target for target in candidates if endpoint in self._endpoints.get(target.provider, ())]
         return serving or candidates
 

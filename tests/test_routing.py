@@ -43,7 +43,8 @@ def _clear_b(request: pytest.FixtureRequest) -> None:
 
 
 def routing_policy(a: MockUpstream, b: MockUpstream, models: str, extra: str = "", state: str = "",
-                   providers: str = "") -> str:
+                   providers: str = "", timeouts: str = FAST) -> str:
+    """Providers a and b on the two mock upstreams, with `FAST` timeouts unless a test needs none cut short."""
     from gateway.auth.keys import hash_key
 
     return textwrap.dedent(f"""\
@@ -54,8 +55,8 @@ def routing_policy(a: MockUpstream, b: MockUpstream, models: str, extra: str = "
         keys:
           - {{name: full, tenant: acme, hash: "{hash_key(FULL_KEY)}"}}
         providers:
-          a: {{kind: openai, base_url: "{a.base_url}", api_key_env: MOCK_UPSTREAM_KEY, {FAST}}}
-          b: {{kind: openai, base_url: "{b.base_url}", api_key_env: MOCK_UPSTREAM_KEY, {FAST}}}
+          a: {{kind: openai, base_url: "{a.base_url}", api_key_env: MOCK_UPSTREAM_KEY, {timeouts}}}
+          b: {{kind: openai, base_url: "{b.base_url}", api_key_env: MOCK_UPSTREAM_KEY, {timeouts}}}
           dead: {{kind: openai, base_url: "http://127.0.0.1:{free_port()}/v1", api_key_env: MOCK_UPSTREAM_KEY}}
         """) + providers + extra + "models:\n" + textwrap.indent(textwrap.dedent(models), "  ")
 

@@ -18,6 +18,8 @@ from tests.test_routing import AUTH, routing_policy
 
 LONG = "word " * 400  # about 400 tokens: over the rules' 100
 SMALL, BIG = "a/mock-model", "b/mock-model"
+# No fault here needs a short timeout: a 1 s first byte once cut a loaded suite's request off with a 504
+PATIENT = "timeouts: {connect_s: 5, first_byte_s: 20, idle_s: 20, total_s: 30}"
 IMAGE = "data:image/png;base64,iVBORw0KGgo="
 
 RULES = """\
@@ -41,7 +43,7 @@ def gateway(make_gateway: Any, upstream: MockUpstream, upstream_b: MockUpstream)
         images: {provider: a, model: mock-model}
         json: {provider: a, model: mock-model}
         big: {provider: b, model: mock-model}
-        """, extra=RULES))
+        """, extra=RULES, timeouts=PATIENT))
     return running
 
 

@@ -272,10 +272,10 @@ class MessagesStream:
                 self._refused = True
                 self._text(refusal, out)
             calls = delta.get("tool_calls")
-            for call in upstream_array(calls, "a chunk's `tool_calls`") if calls else ():
-                if isinstance(call, dict):
-                    found = call.get("index", 0)
-                    self._tool_piece(call, found if type(found) is int else 0, out)
+            for position, call in enumerate(upstream_array(calls, "a chunk's `tool_calls`") if calls else ()):
+                if isinstance(call, dict):  # (no `index`: older Ollama, Gemini's OpenAI API; its place in the list)
+                    found = call.get("index", position)
+                    self._tool_piece(call, found if type(found) is int else position, out)
             if delta.get("function_call") is not None:  # the legacy form: one call, without an id
                 self._tool_piece({"function": upstream_object(delta["function_call"], "a chunk's `function_call`")},
                                  _LEGACY, out)
@@ -307,16 +307,19 @@ class MessagesStream:
 
     def _tool_piece(self, call: dict[str, Any], position: int, out: list[bytes]) -> None:
         """A piece of the call at `position`: a function's (arguments as a string, or a whole JSON object as some
-        servers send them) or a custom tool's (its input text)."""
+        servers send them) or a custom tool's (its input text). A piece with an id other than the held call's
+        begins another call at that position: Ollama 0.20 streams each of its parallel calls whole, all at
+        `index: 0`, each with its own id (joined, the client got one call, its input both calls' arguments)."""
         custom = call.get("custom") is not None
         part = upstream_object(call["custom"] if custom else call.get("function") or {}, CALL_PART[custom])
         held = self._calls.get(position)
-        if held is None:
-            held = self._calls[position] = _HeldCall(call.get("id"), part.get("name"))
+        named = call.get("id")  # (a conformant stream names a call on its first piece only, or repeats its id)
+        if held is None or (named and held.id and named != held.id):
+            held = self._calls[position] = _HeldCall(named, part.get("name"))
             self._held.append(held)
             self._thinking.flush(out)  # the thinking and the text before the first tool call are complete
             self._close_text(out)
-        held.id = held.id or call.get("id")  # a server that names the call in a later piece
+        held.id = held.id or named  # a server that names the call in a later piece
         held.name = held.name or part.get("name")
         held.custom = held.custom or custom
         held.signature = held.signature or signature_of(call)

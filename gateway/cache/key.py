@@ -50,10 +50,13 @@ _encode = msgspec.msgpack.Encoder().encode  # maps in the order given: the top l
 _BIG_INT = 1  # the msgpack extension type of an integer past 64 bits
 _NUMBER = re.compile(r"[-\u2212]?\d+")  # a digit run and its sign: -5 is not 5 (U+2212, the minus sign, as "-")
 # "not", "n't" and "cannot" count as one word; words that start with un-, non-, dis- (unsafe, uninstall, disable)
-# count as they are.
+# count as they are, the prefix written with a hyphen or not ("non-toxic" is "nontoxic"): a hyphen-minus, U+2010,
+# the non-breaking U+2011, or a soft hyphen (U+00AD, which the embedder's tokenizer drops).
+_HYPHENS = "-\u00ad\u2010\u2011"
 _NEGATION = re.compile(r"n['\u2019]t\b|\b(?:not|no|never|none|nothing|nobody|nowhere|neither|nor|cannot|without)\b"
-                       r"|\b(?:un|non|dis)[a-z]{3,}", re.IGNORECASE)
+                       rf"|\b(?:un|non|dis)[{_HYPHENS}]?[a-z]{{3,}}", re.IGNORECASE)
 _NOT = frozenset({"n't", "n\u2019t", "cannot"})
+_UNHYPHENATED = str.maketrans("", "", _HYPHENS)
 
 
 def _digest(parts: list[Any]) -> str:
@@ -90,13 +93,20 @@ def polarity(text: str) -> tuple[list[str], list[str]]:
     """What a semantic match must share word for word: the numbers (digit runs with a minus sign written against
     them, in order: "9.11 or 9.9" is not "9.9 or 9.11", "-5 degrees" not "5 degrees") and the negations as a
     multiset (`not`/`n't`/`cannot` as one word, `no`, `never`, `without`..., and words of un-, non-, dis- and
-    three letters more, as written: `unsafe`, `disable`, but also `under`). The embedding barely tells "safe" from
-    "unsafe" or 100 from 250 (docs/cache.md)."""
-    negations = sorted("not" if word.lower() in _NOT else word.lower() for word in _NEGATION.findall(text))
+    three letters more, as written but for a hyphen after the prefix: `unsafe`, `disable`, `non-toxic` (as
+    `nontoxic`), but also `under`). The embedding barely tells "safe" from "unsafe" or 100 from 250
+    (docs/cache.md)."""
+    negations = sorted(_negation(word) for word in _NEGATION.findall(text))
     numbers = _NUMBER.findall(text)
     if "\u2212" in text:
         numbers = [number.replace("\u2212", "-") for number in numbers]
     return numbers, negations
+
+
+def _negation(word: str) -> str:
+    """How a negation counts: `not` for its contractions, other words lower-cased and without their hyphen."""
+    word = word.lower()
+    return "not" if word in _NOT else word.translate(_UNHYPHENATED)
 
 
 def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],

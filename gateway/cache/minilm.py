@@ -42,12 +42,19 @@ class WordPiece:
         self.unk, self.cls, self.sep = self.vocab["[UNK]"], self.vocab["[CLS]"], self.vocab["[SEP]"]
 
     def ids(self, text: str, limit: int = MAX_TOKENS) -> list[int]:
+        """The token ids of `text`, cut to `limit` ([CLS] and [SEP] included), as the model reads it."""
+        return self.window(text, limit)[0]
+
+    def window(self, text: str, limit: int = MAX_TOKENS) -> tuple[list[int], bool]:
+        """The token ids of `text` cut to `limit`, and whether the cut dropped any: a caller that must not
+        compare part of a text for the whole (the semantic cache) learns it from the same pass."""
+        room = limit - 2  # beside [CLS] and [SEP]
         pieces: list[int] = []
         for word in self._words(text):
             pieces.extend(self._pieces(word))
-            if len(pieces) >= limit - 2:
+            if len(pieces) > room:
                 break
-        return [self.cls, *pieces[: limit - 2], self.sep]
+        return [self.cls, *pieces[:room], self.sep], len(pieces) > room
 
     def _words(self, text: str) -> list[str]:
         spaced: list[str] = []
@@ -175,7 +182,16 @@ class MiniLM:
 
     def embed(self, text: str) -> Vector:
         """The unit-length embedding of `text` (truncated to the model's 256 tokens)."""
-        ids = self.tokenizer.ids(text)
+        return self._forward(self.tokenizer.ids(text))
+
+    def embed_whole(self, text: str) -> Vector | None:
+        """The embedding of `text` if the model reads all of it; None when it would read only its first 254 word
+        pieces: two texts that differ past them would get the same vector (one tokenization either way)."""
+        ids, cut = self.tokenizer.window(text)
+        return None if cut else self._forward(ids)
+
+    def _forward(self, ids: list[int]) -> Vector:
+        """BERT's forward pass over `ids`, mean-pooled and L2-normalized."""
         n = len(ids)
         x = _layer_norm(self._word[ids] + self._position[:n] + self._type0, *self._norm)
         width = x.shape[1]

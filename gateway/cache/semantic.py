@@ -37,7 +37,7 @@ from ..schemas.endpoints import Endpoint
 from ..store.base import Channel, Store, StoreUnavailable
 from .minilm import MiniLM
 
-__all__ = ["AliasEmbedder", "Embedder", "LocalEmbedder", "SemanticIndex", "SemanticShare"]
+__all__ = ["AliasEmbedder", "Embedder", "LocalEmbedder", "SemanticIndex", "SemanticShare", "TooLong"]
 
 log = logging.getLogger("gateway.cache")
 Vector = npt.NDArray[np.float32]
@@ -45,9 +45,15 @@ CHANNEL = "cache:semantic"
 MAX_SCOPES = 10_000
 
 
+class TooLong(Exception):
+    """The text is longer than the embedder reads: its vector would stand for its beginning only, and a prompt
+    that shares that beginning (a long document, another question after it) would be served its answer."""
+
+
 class Embedder(Protocol):
     async def embed(self, text: str) -> Vector | None:
-        """The unit vector of `text`, or None when it cannot be had now (busy, failed): a miss."""
+        """The unit vector of `text`, or None when it cannot be had now (busy, failed): a miss. Raises `TooLong`
+        when the model would read only part of `text` (the prompt is then not comparable)."""
         ...
 
 
@@ -72,13 +78,19 @@ class LocalEmbedder:
             return None
         self._pending += 1
         try:
-            return await asyncio.to_thread(self.model.embed, text)
+            vector = await asyncio.to_thread(self.model.embed_whole, text)
         finally:
             self._pending -= 1
+        if vector is None:
+            raise TooLong  # past the model's 256 word pieces (the tokenizer's own count, no second pass)
+        return vector
 
 
 class AliasEmbedder:
-    """Embeddings from an alias of the policy: its first target, called like any embeddings request."""
+    """Embeddings from an alias of the policy: its first target, called like any embeddings request.
+
+    Its model's window is the upstream's to enforce: OpenAI's and Azure's refuse a longer input (an error here:
+    no semantic lookup), but a server that truncates silently cannot be seen from here (docs/cache.md)."""
 
     def __init__(self, provider: Provider, upstream_model: str) -> None:
         self.provider = provider

@@ -37,7 +37,7 @@ from .coalesce import Flights
 from .control import CacheResult
 from .entry import Entry, NotAnAnswer, answer_bytes, load_entry, pack_entry
 from .key import cache_key, semantic_scope
-from .semantic import AliasEmbedder, Embedder, LocalEmbedder, SemanticIndex, SemanticShare, Vector
+from .semantic import AliasEmbedder, Embedder, LocalEmbedder, SemanticIndex, SemanticShare, TooLong, Vector
 
 __all__ = ["ENTRY", "ResponseCache", "SemanticProbe"]
 
@@ -236,7 +236,8 @@ class ResponseCache:
     async def semantic_read(self, ctx: RequestContext, spec: CacheSpec, max_age: float | None, rule: Rule | None
                             ) -> tuple[Entry | None, float | None, SemanticProbe | None]:
         """The answer of the most similar stored prompt above the threshold, its similarity, and the probe (None:
-        the prompt is not embedded, and its answer is stored without a vector)."""
+        the prompt is not embedded, and its answer is stored without a vector): a prompt longer than `max_chars`, or
+        than the local model reads (`TooLong`, told by the embedding's own tokenization), is not comparable."""
         semantic = spec.semantic
         route = ctx.route
         assert semantic is not None and route is not None
@@ -250,7 +251,10 @@ class ResponseCache:
             self.semantic_skips(route.alias, "guarded").inc()
             return None, None, None
         started = time.perf_counter()
-        vector = await self.embedders[route.alias].embed(text)
+        try:
+            vector = await self.embedders[route.alias].embed(text)
+        except TooLong:  # as past `max_chars`: no lookup, and its answer is stored for exact hits only
+            return None, None, None
         probe = SemanticProbe(scope, vector)
         if vector is None:
             return None, None, probe

@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from urllib.parse import urlsplit
 
-from .secret_removal import prepare_secrets, remove_secrets
+from .secret_removal import prepare_secrets, remove_secrets, spaced
 
 __all__ = ["prepare_secrets", "remove_secrets", "sanitize_upstream_message"]
 
@@ -106,7 +106,9 @@ def sanitize_upstream_message(
       message is cut, so no cut can leave half of one): the value as given and
       without a `Bearer `/`Basic ` prefix, each character as itself or escaped
       (percent-encoded, JSON `\\uXXXX`/`\\/`, an HTML character reference: an
-      encoder escapes some characters and keeps others), replaced by `[redacted]`.
+      encoder escapes some characters and keeps others), also when white space or
+      an invisible character (any of those shown as a space below) splits it,
+      replaced by `[redacted]`.
       Values shorter than 6 characters are skipped (too many false hits on
       ordinary words). Partially masked echoes are not
       the secret and are not touched by this step (`sk-***1234` still goes below,
@@ -158,14 +160,16 @@ def sanitize_upstream_message(
 
     Only the first 1,000 characters are scanned by the shape rules; when that cut
     falls inside a word, the word is dropped so that no half of an address or key
-    survives it. Non-printable characters become spaces, runs
-    of white space collapse, and the result is at most 500 characters.
+    survives it. Characters a reader does not see as one (control, format,
+    separator, private-use, unassigned and default-ignorable ones: those the
+    secret removal reads across) become spaces, runs of white space collapse,
+    and the result is at most 500 characters.
     """
     if not isinstance(message, str) or not message:
         return ""
     text = remove_secrets(message, secrets)
     cut_word = len(text) > _SCAN_WINDOW and _in_word(text[_SCAN_WINDOW - 1]) and _in_word(text[_SCAN_WINDOW])
-    text = " ".join("".join(c if c.isprintable() else " " for c in text[:_SCAN_WINDOW]).split())
+    text = " ".join(spaced(text[:_SCAN_WINDOW]).split())
     if cut_word:  # the window ends inside a word: drop it rather than show half an address or key
         text = text.rpartition(" ")[0]
     public = _host_names(public_hosts)

@@ -16,7 +16,9 @@ import threading
 from bisect import bisect_right
 from collections.abc import Iterable
 
-__all__ = ["prepare_secrets", "remove_secrets", "use_secrets"]
+import regex  # type: ignore[import-untyped]  # no stubs
+
+__all__ = ["prepare_secrets", "remove_secrets", "spaced", "use_secrets"]
 
 # Configured secrets shorter than this are not removed by value: a short string
 # ("abc", "test") hits ordinary words far more often than it hits an echo of the
@@ -32,6 +34,15 @@ def remove_secrets(text: str, secrets: Iterable[str]) -> str:
     `sanitize.sanitize_upstream_message` alone: no cut, no shape rules), for the text an upstream put beside its error
     (an answer's ids, code, instructions), which the shape rules would mangle."""
     return _without_secrets(text, _key(secrets))
+
+
+def spaced(text: str) -> str:
+    """`text` with each run of the characters the removal reads across (`_GAP_RUN`: white space and every
+    character a reader does not see as one) as one space: how `sanitize` shows an upstream's message. By the same
+    class, so that no character the removal did not read across becomes a space (Python's own idea of what is
+    printable follows an older Unicode than the `regex` module's: a character assigned since would have)."""
+    shown: str = _GAP_RUN.sub(" ", text)
+    return shown
 
 
 def prepare_secrets(secrets: Iterable[str]) -> None:
@@ -63,11 +74,15 @@ def _key(secrets: Iterable[str]) -> tuple[str, ...]:
     return tuple(secrets) if not isinstance(secrets, str) else (secrets,)
 
 
-# What an upstream may put between a secret's characters when it echoes one: white space (a line wrapped),
-# control and format characters (a zero-width space). The removal reads across them: it matches the text with
-# them taken out (`_sub_across_gaps`), so that the pattern need not allow them between every two characters
-# (that class, compiled once per character, was most of the cost of building a pattern).
-_GAP_RUN = re.compile("[\\s\x00-\x1f\x7f-\x9f\u00ad\u200b-\u200f\u2028-\u202e\u2060-\u2064\ufeff]++")
+# What an upstream may put between a secret's characters when it echoes one: white space (a line wrapped) and
+# every character a client does not see as one: Unicode's "other" characters (control, format such as a zero-width
+# space, a bidi isolate or a tag, private-use, unassigned, surrogate) and separators, which `sanitize` shows as a
+# space (`spaced`), and the default-ignorable ones (a Hangul filler, a variation selector), which show as nothing.
+# The removal reads across them: it matches the text with them taken out (`_sub_across_gaps`), so that the pattern
+# need not allow them between every two characters (that class, compiled once per character, was most of the cost
+# of building a pattern). By the `regex` module, for its Unicode properties (the class spelled out for `re` is 700
+# ranges, slower to match): it runs only on what an upstream's error carries.
+_GAP_RUN = regex.compile(r"[\s\p{C}\p{Z}\p{Default_Ignorable_Code_Point}]++")
 # The patterns built, by the secrets as a provider passes them. A dict rather than `lru_cache`: the event loop
 # asks whether one is ready without building it. Written from worker threads (`prepare_secrets`), under `_LOCK`.
 # Those of a set some owner uses (`_USERS`) stay; the others ("spare") are bounded by count and by size in bytes

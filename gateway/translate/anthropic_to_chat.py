@@ -252,8 +252,14 @@ class AnthropicEvents:
         return chat_usage(self._usage)[0] if self._started else None
 
 
+# The event types Anthropic's Messages stream sends: the only ones an error names. Any other `type` is upstream
+# text (a provider's key, echoed as one, is an identifier too), which no error may carry to a client.
+_EVENT_TYPES = frozenset({"message_start", "content_block_start", "content_block_delta", "content_block_stop",
+                          "message_delta", "message_stop", "ping", "error"})
+
+
 def _name(kind: Any) -> str:
-    return kind if isinstance(kind, str) and kind.isidentifier() and len(kind) < 40 else "an unknown event"
+    return kind if isinstance(kind, str) and kind in _EVENT_TYPES else "an unknown event"
 
 
 def _object(value: Any, field: str) -> dict[str, Any]:

@@ -13,7 +13,8 @@ or another target may succeed), a reason that says nothing of the answer
 `prompt_tokens`); an answer refused as an error keeps
 its usage on the error (`_billed`: Google generated it, and bills it; the
 request's cost counts it, docs/accounting.md). A prompt Gemini blocks
-(`promptFeedback.blockReason`) is a 400 `content_policy_violation`.
+(`promptFeedback.blockReason`) is a 400 `content_policy_violation`; an answer with no candidates and no
+`blockReason` (Gemini sends some) an `UnusableAnswer`, as an empty candidate.
 """
 
 from __future__ import annotations
@@ -167,15 +168,26 @@ def _blocked(answer: dict[str, Any]) -> ContentPolicyViolation | None:
     return None
 
 
+def _no_candidates(name: str) -> UnusableAnswer:
+    """The error an answer with no candidates (`[]` or none, and no `blockReason`: `_blocked`) is, complete or
+    streamed: no answer, as an empty candidate is (`_unusable`), retried, fallen back from, and billed. As a
+    `chat.completion` with no choices it was a 200 that billed the prompt, was never fallen back from, and broke
+    clients (`choices[0]`; an empty Anthropic message that ended its turn)."""
+    return UnusableAnswer(f"upstream `{name}` returned no candidates (no answer, and no blockReason); {_AGAIN}")
+
+
 def chat_completion(answer: dict[str, Any], name: str = "gemini") -> tuple[dict[str, Any], Usage | None]:
     """A `generateContent` answer as a `chat.completion`, and its usage (`name`: the provider's, for an error)."""
     blocked = _blocked(answer)
     if blocked is not None:
         raise blocked
+    candidates = answer.get("candidates")
+    if not candidates:
+        raise _billed(_no_candidates(name), _usage(answer.get("usageMetadata")))
     ids = itertools.count()
     prefix = ""  # made at the first call without an id
     choices = []
-    for position, candidate in enumerate(answer.get("candidates") or ()):
+    for position, candidate in enumerate(candidates):
         texts: list[str] = []
         calls: list[dict[str, Any]] = []
         for part in (candidate.get("content") or {}).get("parts") or ():
@@ -288,6 +300,8 @@ class GeminiEvents:
         return self._usage[0] if self._usage is not None else None
 
     def end(self) -> list[StreamEvent]:
+        if self._writer is not None and not self._calls:  # events, none with a candidate: as a complete answer's
+            return self._refused(_no_candidates(self._name), {}, self._writer)
         if not self._finished or self._writer is None or len(self._finished) < len(self._calls):
             raise StreamProtocolError("the end of the stream before a finish reason")
         if self._usage is None:

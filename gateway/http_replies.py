@@ -11,16 +11,18 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any, NamedTuple
 
 from .errors import error_body
 from .telemetry.metrics import HTTP_REFUSED
 from .translate.anthropic_errors import error_envelope, messages_path, status_type
 
-__all__ = ["NOT_WEBSOCKET", "Refusal", "bad_request", "count_refusal", "heads_held", "overloaded", "peer",
-           "timed_out", "too_large", "warn_once"]
+__all__ = ["NOT_WEBSOCKET", "UNPARSABLE", "Refusal", "bad_request", "count_refusal", "heads_held", "overloaded", "peer",
+           "saturated", "timed_out", "too_large", "warn_once"]
 
 log = logging.getLogger("gateway.http")
+UNPARSABLE = "the request is not valid HTTP/1.1"  # what the parser refused (its reason after it, when it has one)
 
 
 class Refusal(NamedTuple):
@@ -93,6 +95,24 @@ async def overloaded(scope: Any, receive: Any, send: Any) -> None:
         head, body = _OVERLOADED_HEADERS, _OVERLOADED_BODY
     await send({"type": "http.response.start", "status": 503, "headers": head})
     await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+_PROBES = frozenset((method, path) for method in ("GET", "HEAD") for path in ("/healthz", "/metrics"))  # api.routes
+
+
+def saturated(app: Any, max_requests: int) -> Callable[..., Awaitable[None]]:
+    """The app a request runs with `max_requests` in flight (made only then: no cost below the limit): liveness
+    probes and scrapes (`_PROBES`) run `app` as any request; anything else is refused, counted and logged here."""
+
+    async def probe_or_overloaded(scope: Any, receive: Any, send: Any) -> None:
+        if (scope["method"], scope["path"]) in _PROBES:
+            await app(scope, receive, send)
+            return
+        warn_once("503", "503: %d requests in flight (max_requests)", max_requests)
+        count_refusal("too_many_requests")
+        await overloaded(scope, receive, send)
+
+    return probe_or_overloaded
 
 
 def timed_out(message: str) -> Refusal:

@@ -33,6 +33,10 @@ the `uvicorn.Config` keyword arguments that fix this with subclasses of uvicorn'
 * What the parser refuses (conflicting lengths, a malformed head or chunk): `400` with an OpenAI error body
   (`invalid_http_request`, the parser's reason in the message) and `connection: close`, after the response in flight
   if there is one. A WebSocket upgrade: `400` (`websocket_not_supported`): the gateway serves no WebSocket route.
+* Any other upgrade (`Upgrade: h2c`, as `curl --http2` sends to an http:// URL) and CONNECT: ignored, as nginx and h11
+  do: the request is served as HTTP/1.1, its body read by its `Content-Length` or chunks; its answer is never a `101`
+  (nor a 2xx to a CONNECT: no route takes one), so a proxy in front stays in HTTP/1.1 too. httptools ends such a
+  request at its head: its body was dropped, or read as the next request (smuggled): `http_upgrade` reads it.
 * A lost connection (httptools): every request of the connection, the one running first, then those pipelined behind
   it, is marked disconnected and its disconnect hook called (`pipeline.lifecycle`); uvicorn tells the last one only.
 * Bytes held in incomplete heads, all connections together (`max_pending_head_bytes`): this protocol. Above it, the
@@ -40,12 +44,12 @@ the `uvicorn.Config` keyword arguments that fix this with subclasses of uvicorn'
   `max_connections * max_header_bytes` (1 GiB at the defaults); a head that arrives in one read is never held, so
   normal traffic is not affected.
 * Concurrent requests (`max_requests`): this protocol, at the end of each head. With that many requests in flight
-  (uvicorn's task set) a request runs `_saturated`'s app: `503` with an OpenAI error body, `retry-after: 1`,
-  `connection: close`; but `GET`/`HEAD` of `/healthz` and `/metrics` pass (a saturated process is alive and worth
-  scraping; a refused liveness probe would restart it, cutting every stream), bounded by `max_connections` (uvicorn
-  runs one request of a connection at a time). Not `/readyz`: a saturated replica is not ready. It replaces uvicorn's
-  `limit_concurrency`, which also counts idle and silent connections: a few thousand silent connections would then
-  answer every real request, on every connection, with 503.
+  (uvicorn's task set) a request runs `http_replies.saturated`'s app: `503` with an OpenAI error body,
+  `retry-after: 1`, `connection: close`; but `GET`/`HEAD` of `/healthz` and `/metrics` pass (a saturated process is
+  alive and worth scraping; a refused liveness probe would restart it, cutting every stream), bounded by
+  `max_connections` (uvicorn runs one request of a connection at a time). Not `/readyz`: a saturated replica is not
+  ready. It replaces uvicorn's `limit_concurrency`, which also counts idle and silent connections: a few thousand
+  silent connections would then answer every real request, on every connection, with 503.
 * Open connections (`max_connections`): this protocol, in `connection_made`. Above it a new connection is closed at
   once, without a byte, so that a flood cannot use up the file descriptors the gateway also needs upstream. Silent
   connections count until the head timeout evicts them.
@@ -63,7 +67,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, Literal
 
 import h11
@@ -73,7 +77,7 @@ from .api.asgi import DIRECT_BODY
 from .head_joined import HeadJoined
 from .http_guard import BODY, CHUNK, DONE, GUARD_SLOTS, Guard, HttpLimits
 from .http_memory import slim_cycle
-from .http_replies import bad_request, count_refusal, overloaded, peer, too_large, warn_once
+from .http_replies import UNPARSABLE, bad_request, count_refusal, peer, saturated, too_large, warn_once
 from .pipeline.lifecycle import DISCONNECT_HOOK
 
 try:
@@ -87,7 +91,6 @@ else:
 __all__ = ["HAVE_HTTPTOOLS", "HttpLimits", "LimitedH11Protocol", "LimitedHttpToolsProtocol", "server_limits"]
 
 _FD_RESERVE = 1024  # file descriptors to keep for upstream connections, logs, files
-_UNPARSABLE = "the request is not valid HTTP/1.1"
 
 
 def _closing_if_unread(cycle: Any) -> Any:
@@ -116,24 +119,6 @@ class _HeadComplete(list[tuple[bytes, bytes]]):
 
 
 _HEAD_COMPLETE = _HeadComplete()  # one for all connections: it never holds anything
-_PROBES = frozenset((method, path) for method in ("GET", "HEAD") for path in ("/healthz", "/metrics"))  # api.routes
-
-
-def _saturated(app: Any, max_requests: int) -> Callable[..., Awaitable[None]]:
-    """The app a request runs with `max_requests` in flight (made only then: no cost below the limit): liveness
-    probes and scrapes (`_PROBES`) run `app` as any request; anything else is refused, counted and logged here."""
-
-    async def probe_or_overloaded(scope: Any, receive: Any, send: Any) -> None:
-        if (scope["method"], scope["path"]) in _PROBES:
-            await app(scope, receive, send)
-            return
-        warn_once("503", "503: %d requests in flight (max_requests)", max_requests)
-        count_refusal("too_many_requests")
-        await overloaded(scope, receive, send)
-
-    return probe_or_overloaded
-
-
 def server_limits(
     max_header_bytes: int = 64 * 1024,
     header_timeout_s: float = 10.0,
@@ -148,7 +133,7 @@ def server_limits(
 
     `max_header_bytes`: a request line and its headers, line ends included. `header_timeout_s`: to receive a whole
     head. `body_timeout_s`: without a body byte while a body is expected. `max_connections`: open connections (more
-    are closed at accept). `max_requests`: requests in flight (more get 503, probes aside: `_saturated`).
+    are closed at accept). `max_requests`: requests in flight (more get 503, probes aside: `http_replies.saturated`).
     `max_pending_head_bytes`: incomplete heads' bytes, all connections (more get 503). `keep_alive_s`: uvicorn's
     idle timeout between requests. `http`: "auto" is httptools when installed, else h11.
 
@@ -189,7 +174,9 @@ def _warn_if_few_descriptors(max_connections: int) -> None:
 
 if HAVE_HTTPTOOLS:
 
-    class LimitedHttpToolsProtocol(Guard, HttpToolsProtocol):
+    from .http_upgrade import IgnoredUpgrades
+
+    class LimitedHttpToolsProtocol(IgnoredUpgrades, Guard, HttpToolsProtocol):
         """uvicorn's httptools protocol with `HttpLimits`. See the module docstring."""
 
         __slots__ = GUARD_SLOTS
@@ -202,12 +189,12 @@ if HAVE_HTTPTOOLS:
                     self._head_overflow(data)
                     return
                 self._state = n
-                HttpToolsProtocol.data_received(self, data)
+                self._parse(data)
                 if self._state != 0:  # else: the whole request came in this read, as usual
                     self._after_head_feed()
             elif n == BODY:
                 self._body_seen += 1
-                HttpToolsProtocol.data_received(self, data)
+                self._parse(data)
             elif n == CHUNK:
                 self._chunk_received(data)
             # else DONE: refused; drop
@@ -224,7 +211,7 @@ if HAVE_HTTPTOOLS:
             self._body_seen += 1
             cycle = self.cycle
             had = len(cycle.body)
-            HttpToolsProtocol.data_received(self, data)
+            self._parse(data)
             if self._state == CHUNK and self.cycle is cycle and len(cycle.body) == had:
                 self._trailer += len(data)
                 if self._trailer > self._max_head:
@@ -234,7 +221,7 @@ if HAVE_HTTPTOOLS:
                     self._refuse_request(too_large(self._max_head, "the trailer fields"))
 
         def _feed(self, data: bytes) -> None:
-            HttpToolsProtocol.data_received(self, data)
+            self._parse(data)
 
         def _head_pending(self) -> bool:
             return self._state >= 0
@@ -249,7 +236,7 @@ if HAVE_HTTPTOOLS:
                 self._head_done()
             before = self.cycle
             if len(self.tasks) >= self._max_requests:
-                app, self.app = self.app, _saturated(self.app, self._max_requests)
+                app, self.app = self.app, saturated(self.app, self._max_requests)
                 try:
                     HttpToolsProtocol.on_headers_complete(self)
                 finally:
@@ -323,12 +310,13 @@ if HAVE_HTTPTOOLS:
             if self._state == DONE:
                 return
             error = sys.exc_info()[1]
-            reason = _UNPARSABLE if error is None or isinstance(error, HttpParserCallbackError) \
-                else f"{_UNPARSABLE}: {error}"
+            reason = UNPARSABLE if error is None or isinstance(error, HttpParserCallbackError) \
+                else f"{UNPARSABLE}: {error}"
             warn_once("400", "400: %s from %s", reason, peer(self.client))
             count_refusal("bad_request")
-            if self._state >= 0:
-                self._refuse_head(bad_request(reason))
+            cycle = self.cycle
+            if self._state >= 0 or cycle is None or cycle.scope is not self.scope:  # a head, or one no request has
+                self._refuse_head(bad_request(reason))  # (`on_headers_complete` failed: a CONNECT's authority)
             else:
                 self._refuse_request(bad_request(reason))
 
@@ -360,7 +348,7 @@ class LimitedH11Protocol(Guard, H11Protocol):
 
     def _feed(self, data: bytes) -> None:
         if len(self.tasks) >= self._max_requests:
-            app, self.app = self.app, _saturated(self.app, self._max_requests)
+            app, self.app = self.app, saturated(self.app, self._max_requests)
             try:
                 H11Protocol.data_received(self, data)
             finally:
@@ -388,7 +376,7 @@ class LimitedH11Protocol(Guard, H11Protocol):
             reply = too_large(self._max_head)
         else:  # h11's reasons may quote the request's bytes: not sent back
             count_refusal("bad_request")
-            reply = bad_request(_UNPARSABLE)
+            reply = bad_request(UNPARSABLE)
         cycle = self.cycle
         if cycle is not None and cycle.more_body:  # in a request's body
             self._refuse_request(reply)

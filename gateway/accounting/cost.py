@@ -6,6 +6,8 @@ no price counts as 0 and is flagged (`gateway_cost_unpriced_total`, and a warnin
 An answer the gateway refused (Gemini's `MALFORMED_FUNCTION_CALL`, ...: a 502 that routing retries or falls
 back from) was generated and billed upstream: it counts, whether a later attempt answered or the request ended
 in the error.
+Writes to Anthropic's 1-hour prompt cache are part of the cache writes, billed at their own rate
+(`Price.cost`); an answer without cache reads or writes never looks at them.
 """
 
 from __future__ import annotations
@@ -31,7 +33,8 @@ def usage_cost(ctx: RequestContext, usage: Usage | None) -> float | None:
         # Every token plain (the usual answer): `Price.cost`'s figure without its clamps, whose other terms
         # are all 0 here (adding 0.0 leaves a sum as it was: the same float; a test checks).
         return (prompt * price.input_per_mtok + completion * price.output_per_mtok) / 1_000_000
-    return price.cost(prompt, completion, usage.cached_tokens, usage.cache_write_tokens, usage.reasoning_tokens)
+    return price.cost(prompt, completion, usage.cached_tokens, usage.cache_write_tokens, usage.reasoning_tokens,
+                      usage.cache_write_1h_tokens)
 
 
 def _with_rejected(ctx: RequestContext, cost: float | None) -> float | None:
@@ -41,7 +44,8 @@ def _with_rejected(ctx: RequestContext, cost: float | None) -> float | None:
         price = target.price
         if price is not None:
             cost = (cost or 0.0) + price.cost(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens,
-                                              usage.cache_write_tokens, usage.reasoning_tokens)
+                                              usage.cache_write_tokens, usage.reasoning_tokens,
+                                              usage.cache_write_1h_tokens)
     return cost
 
 

@@ -61,7 +61,8 @@ def max_rates(targets: Any) -> tuple[float, float]:
     for target in targets:
         price = target.price
         if price is not None:
-            rate_in = max(rate_in, price.input_per_mtok, price.cache_write_per_mtok or 0.0)
+            rate_in = max(rate_in, price.input_per_mtok, price.cache_write_per_mtok or 0.0,
+                          price.cache_write_1h_per_mtok or 0.0)  # (an Anthropic prompt written to the 1-hour cache)
             rate_out = max(rate_out, price.output_per_mtok, price.reasoning_per_mtok or 0.0)
     return rate_in, rate_out
 

@@ -7,7 +7,7 @@ with and never sees a half-applied change (a reload swaps the whole object).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
@@ -23,6 +23,7 @@ from .schema import AuthMode, BreakerSpec, PolicySpec, PriceSpec, ProviderKind, 
 from .telemetry_schema import TelemetrySpec
 
 __all__ = [
+    "ANTHROPIC_1H_WRITE_FACTOR",
     "HealthCheck",
     "Match",
     "ModelRoute",
@@ -35,6 +36,11 @@ __all__ = [
     "Target",
     "Timeouts",
 ]
+
+# Anthropic bills a write to its 1-hour prompt cache (`cache_control: {ttl: "1h"}`) at twice the input price
+# (https://docs.claude.com/en/docs/build-with-claude/prompt-caching#pricing): an Anthropic target's rate for them
+# when its price gives none (`Price.for_kind`).
+ANTHROPIC_1H_WRITE_FACTOR = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,7 +73,8 @@ class ProviderConfig:
 @dataclass(frozen=True, slots=True)
 class Price:
     """USD per million tokens, by kind. Unset kinds fall back: cached input and cache writes to input,
-    reasoning to output (what OpenAI, Anthropic and Google bill them at unless they say otherwise)."""
+    reasoning to output (what OpenAI, Anthropic and Google bill them at unless they say otherwise), and writes to
+    Anthropic's 1-hour cache to the cache write rate (`for_kind` sets Anthropic's own: twice the input)."""
 
     input_per_mtok: float
     output_per_mtok: float
@@ -76,29 +83,43 @@ class Price:
     reasoning_per_mtok: float | None = None
     date: str | None = None
     source: str | None = None
+    cache_write_1h_per_mtok: float | None = None  # (last: the fields above keep their positions)
 
     @classmethod
     def of(cls, spec: PriceSpec) -> Price:
         return cls(spec.input_per_mtok, spec.output_per_mtok, spec.cached_input_per_mtok,
-                   spec.cache_write_per_mtok, spec.reasoning_per_mtok, spec.date, spec.source)
+                   spec.cache_write_per_mtok, spec.reasoning_per_mtok, spec.date, spec.source,
+                   spec.cache_write_1h_per_mtok)
+
+    def for_kind(self, kind: ProviderKind) -> Price:
+        """This price as a target of a `kind` provider pays it: an Anthropic target's 1-hour cache writes, when the
+        price does not say, at Anthropic's rate for them (twice the input price, where a 5-minute write is
+        1.25 times it); any other kind's at the cache write rate. Decided once, when the policy is compiled."""
+        if kind != "anthropic" or self.cache_write_1h_per_mtok is not None:
+            return self
+        return replace(self, cache_write_1h_per_mtok=ANTHROPIC_1H_WRITE_FACTOR * self.input_per_mtok)
 
     @property
     def per_token(self) -> float:
         """One figure to rank targets by: input and output prices, equally weighted."""
         return (self.input_per_mtok + self.output_per_mtok) / 2_000_000
 
-    def cost(self, prompt: int, completion: int, cached: int = 0, cache_write: int = 0, reasoning: int = 0) -> float:
+    def cost(self, prompt: int, completion: int, cached: int = 0, cache_write: int = 0, reasoning: int = 0,
+             cache_write_1h: int = 0) -> float:
         """USD for one answer. `prompt` includes cached and written tokens, `completion` includes reasoning
-        (as OpenAI reports them); each part is billed at its own rate."""
+        (as OpenAI reports them), `cache_write` the writes to a 1-hour cache (`cache_write_1h`, as Anthropic's
+        `cache_creation_input_tokens` counts them); each part is billed at its own rate."""
         cached = min(max(cached, 0), prompt)
         cache_write = min(max(cache_write, 0), prompt - cached)
+        cache_write_1h = min(max(cache_write_1h, 0), cache_write)
         reasoning = min(max(reasoning, 0), completion)
         cached_rate = self.input_per_mtok if self.cached_input_per_mtok is None else self.cached_input_per_mtok
         write_rate = self.input_per_mtok if self.cache_write_per_mtok is None else self.cache_write_per_mtok
+        hour_rate = write_rate if self.cache_write_1h_per_mtok is None else self.cache_write_1h_per_mtok
         reasoning_rate = self.output_per_mtok if self.reasoning_per_mtok is None else self.reasoning_per_mtok
         micro = ((prompt - cached - cache_write) * self.input_per_mtok + cached * cached_rate
-                 + cache_write * write_rate + (completion - reasoning) * self.output_per_mtok
-                 + reasoning * reasoning_rate)
+                 + (cache_write - cache_write_1h) * write_rate + cache_write_1h * hour_rate
+                 + (completion - reasoning) * self.output_per_mtok + reasoning * reasoning_rate)
         return micro / 1_000_000
 
 

@@ -150,8 +150,9 @@ def _target(
         _check_retry(spec.retry, path + ("retry",), doc)
         retry = spec.retry
     name = f"{spec.provider}/{spec.model}"
-    price = Price.of(spec.price) if spec.price else prices.price(
-        spec.provider, spec.model)
+    price = Price.of(spec.price) if spec.price else prices.price(spec.provider, spec.model)
+    if price is not None:
+        price = price.for_kind(provider.kind)  # (Anthropic's own rate for 1-hour cache writes, unless it says)
     timeouts = None
     if spec.timeouts is not None:
         base, over = provider.timeouts, spec.timeouts

@@ -189,6 +189,9 @@ class PriceSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     output_per_mtok: Price
     cached_input_per_mtok: Price | None = None  # prompt tokens read from the provider's cache; default: input
     cache_write_per_mtok: Price | None = None  # prompt tokens written to the provider's cache; default: input
+    # prompt tokens written to Anthropic's 1-hour cache (`ttl: "1h"`; part of the cache writes); default: 2 x input
+    # for a target of an `anthropic` provider (Anthropic's rate), else the cache write price
+    cache_write_1h_per_mtok: Price | None = None
     reasoning_per_mtok: Price | None = None  # reasoning (hidden) completion tokens; default: output
     date: Annotated[str, Meta(pattern=r"^\d{4}-\d{2}-\d{2}(?!\n)$")] | None = None  # when the figures were taken
     source: Annotated[str, Meta(max_length=512)] | None = None  # where from (a URL)

@@ -95,10 +95,12 @@ class EmbeddingRequest(Struct, kw_only=True):
 
 
 class PromptTokensDetails(Struct, omit_defaults=True):
-    """Of the prompt tokens: read from the provider's prompt cache, and (some providers) written to it."""
+    """Of the prompt tokens: read from the provider's prompt cache, and (some providers) written to it; of those
+    written, the ones written to a 1-hour cache (Anthropic's `ttl: "1h"`, billed at a rate of their own)."""
 
     cached_tokens: int | None = 0  # some OpenAI-compatible servers send null
     cache_write_tokens: int | None = 0
+    cache_write_1h_tokens: int | None = 0  # part of `cache_write_tokens` (0: absent from the shape)
 
 
 class CompletionTokensDetails(Struct, omit_defaults=True):
@@ -128,6 +130,11 @@ class Usage(Struct, omit_defaults=True):
     def cache_write_tokens(self) -> int:
         details = self.prompt_tokens_details
         return (details.cache_write_tokens or 0) if details is not None else 0
+
+    @property
+    def cache_write_1h_tokens(self) -> int:
+        details = self.prompt_tokens_details
+        return (details.cache_write_1h_tokens or 0) if details is not None else 0
 
     @property
     def reasoning_tokens(self) -> int:

@@ -51,16 +51,29 @@ def matched_stop(reason: Any, sequence: Any) -> str | None:
 
 def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object, both with the cache reads and
-    writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports)."""
+    writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports), and of
+    the writes those to the 1-hour cache (`cache_write_1h_tokens`, only when there are some)."""
     fresh = _int(usage.get("input_tokens"))
     read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))
     output = _int(usage.get("output_tokens"))
     prompt = fresh + read + written
+    shown: dict[str, int] = {"cached_tokens": read, "cache_write_tokens": written}
     shape = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
-             "prompt_tokens_details": {"cached_tokens": read, "cache_write_tokens": written}}
-    details = PromptTokensDetails(cached_tokens=read, cache_write_tokens=written) if read or written else None
+             "prompt_tokens_details": shown}
+    if not (read or written):
+        return Usage(prompt, output, prompt + output), shape
+    hour = _hour_writes(usage.get("cache_creation"), written)
+    if hour:
+        shown["cache_write_1h_tokens"] = hour
+    details = PromptTokensDetails(cached_tokens=read, cache_write_tokens=written, cache_write_1h_tokens=hour)
     return Usage(prompt, output, prompt + output, details), shape
+
+
+def _hour_writes(breakdown: Any, written: int) -> int:
+    """Of the cache writes, those to the 1-hour cache (`cache_creation.ephemeral_1h_input_tokens`, billed at twice
+    the input price where a 5-minute write is 1.25 times it); at most the writes' total."""
+    return min(_int(breakdown.get("ephemeral_1h_input_tokens")), written) if isinstance(breakdown, dict) else 0
 
 
 def _int(value: Any) -> int:

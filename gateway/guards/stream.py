@@ -9,9 +9,13 @@ is sent. Chat Completions and Completions chunks are adapted here
 (`ChatChunks`); the Responses API's events in `responses.py`.
 
 Chat and Completions: per choice, the content (or a completion's text), the
-texts beside it (reasoning, refusal: `texts.BESIDE_CONTENT`), each tool call's
-arguments (a custom tool's input) and a legacy `function_call`'s arguments are
-lanes. Chunks keep OpenAI's shape (ids, roles, tool call deltas, usage,
+texts beside it (reasoning, refusal: `texts.BESIDE_CONTENT`), an audio answer's
+transcript, each tool call's arguments (a custom tool's input) and a legacy
+`function_call`'s arguments are lanes. A tool call's lane is keyed by its
+`index`, else (older Ollama, Gemini's OpenAI-compatible API send none) by its
+place in the chunk's `tool_calls`, written into it; a piece with another id than
+the call held at its index begins another call there (Ollama 0.20 gives each of
+its parallel calls `index: 0`). Chunks keep OpenAI's shape (ids, roles, tool call deltas, usage,
 finish_reason; content sent as a list of parts becomes OpenAI's fields); with an
 enforcing guard, what repeats the text where the guards do not read it is not
 sent (`logprobs` emptied, a `message` beside the delta dropped); a chunk left with
@@ -79,6 +83,16 @@ def _call_text(call: Any) -> tuple[dict[str, Any], str, str] | None:
                 container.get(field), str)) and container[field]:
             return container, field, kind
     return None
+
+
+def _call_index(call: dict[str, Any], position: int) -> int:
+    """A tool call delta's index: the upstream's, else (none, or not an int) its place in the chunk's `tool_calls`,
+    written into it: what the window releases of the call later names it by its index."""
+    found = call.get("index")
+    if type(found) is int:
+        return found
+    call["index"] = position
+    return position
 
 
 class ChunkFormat(Protocol):
@@ -151,6 +165,8 @@ class ChatChunks:
         self.scrub = any(guard.mode == "enforce" for guard in window.guards)
         self.unread = UNREAD_CHOICE_TEXTS[chat]
         self.besides = False  # a lane beside the content (reasoning, refusal) was opened (`_beside`)
+        self.transcribing = False  # an audio answer's transcript lane was opened (`_transcript`)
+        self.ids: dict[tuple[int, int], Any] = {}  # (choice, call index) -> the id of the call held there
         self.calling: dict[int, int] = {}  # per choice, the tool call whose arguments last came (`_next_call`)
         self.arguments: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> its arguments so far (`_next_call`)
 
@@ -196,21 +212,10 @@ class ChatChunks:
                     await self._text_before_call(lane, holder)
                 else:
                     holder[self.key] = await window.release(lane, final, ANSWER)
-            entries = list(calls) if isinstance(calls, list) else []
-            for position, call in enumerate(entries):
-                sub = lane_index(call.get("index", 0)) if isinstance(call, dict) else 0
-                if isinstance(call, dict) and sub != self.calling.setdefault(index, sub):
-                    later = {lane_index(c.get("index", 0)) for c in entries[position + 1:] if isinstance(c, dict)}
-                    await self._next_call(index, holder, call, later)
-                found = _call_text(call)
-                if found is not None:
-                    container, field, kind = found
-                    piece = container[field]
-                    if kind == "tool":
-                        self.arguments.setdefault((index, sub), []).append(piece)
-                    tool = window.lane((index, kind, sub), kind == "tool")
-                    window.feed(tool, piece)
-                    container[field] = await window.release(tool, False, TOOL)
+            if self.chat and (self.transcribing or "audio" in holder):  # (most streams: no audio)
+                await self._transcript(index, holder, final)
+            if isinstance(calls, list) and calls:
+                await self._tool_calls(index, holder, list(calls))
             legacy = holder.get("function_call") if self.chat else None
             if isinstance(legacy, dict) and text_arguments(legacy) and legacy["arguments"]:
                 tool = window.lane((index, "function_call", 0), True)
@@ -245,6 +250,48 @@ class ChatChunks:
             if out or isinstance(holder.get(field), str):
                 holder[field] = out
 
+    async def _tool_calls(self, index: int, holder: dict[str, Any], entries: list[Any]) -> None:
+        """A chunk's tool call deltas (`entries`, a copy of `holder`'s), each call's text fed to its lane and what
+        of it may leave now written back. The call a delta belongs to: `_call_index`; one that begins another call
+        releases what is held of the others first (`_next_call`)."""
+        window = self.window
+        for position, call in enumerate(entries):
+            sub = _call_index(call, position) if isinstance(call, dict) else 0
+            if isinstance(call, dict):
+                named = call.get("id")  # (a conformant stream names a call on its first piece only, or repeats it)
+                replaced = bool(named) and self.ids.setdefault((index, sub), named) != named
+                if replaced or sub != self.calling.setdefault(index, sub):
+                    later = {_call_index(c, p) for p, c in enumerate(entries) if p > position and isinstance(c, dict)}
+                    await self._next_call(index, holder, call, sub, later, replaced)
+            found = _call_text(call)
+            if found is not None:
+                container, field, kind = found
+                piece = container[field]
+                if kind == "tool":
+                    self.arguments.setdefault((index, sub), []).append(piece)
+                tool = window.lane((index, kind, sub), kind == "tool")
+                window.feed(tool, piece)
+                container[field] = await window.release(tool, False, TOOL)
+
+    async def _transcript(self, index: int, holder: dict[str, Any], final: bool) -> None:
+        """An audio answer's transcript (`delta.audio.transcript`), a lane of its own as the refusal is: held,
+        scanned, rewritten, or blocking (a complete answer's is checked as its text). What the lane still holds
+        leaves whole at the choice's end, in that chunk's `audio`. The audio itself no guard reads."""
+        audio = holder.get("audio")
+        piece = audio.get("transcript") if isinstance(audio, dict) else None
+        lane = self.window.lanes.get((index, "transcript", 0))
+        if isinstance(piece, str) and piece:
+            self.transcribing = True
+            lane = lane or self.window.lane((index, "transcript", 0), False)
+            self.window.feed(lane, piece)
+        if lane is None or not lane.pending:
+            return
+        out = await self.window.release(lane, final, ANSWER)
+        if isinstance(audio, dict):
+            audio["transcript"] = out
+        elif out:
+            holder["audio"] = {"transcript": out}
+
     async def _text_before_call(self, lane: Lane, holder: dict[str, Any]) -> None:
         """A choice's first tool call begins in this chunk: its text so far is over, and what the lane holds of it
         leaves whole, scanned as at the text's end, in this chunk ahead of the call. Held until the finish chunk,
@@ -269,21 +316,30 @@ class ChatChunks:
         with self.window.session.pseudonyms.keeping():
             return await self.window.release(lane, final, where)
 
-    async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any], later: set[int]) -> None:
-        """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls): what is held of the
-        others' arguments is released in this chunk, before it. A client (the SDK's stream helper) takes a call's
-        arguments as complete once the next call starts: held until the finish chunk, they read as `""` there.
-        Released whole only when they are complete JSON (the call is over); else as any chunk's (a stream may
+    async def _next_call(self, index: int, holder: dict[str, Any], call: dict[str, Any], sub: int, later: set[int],
+                         replaced: bool) -> None:
+        """Another tool call of a choice begins (`call`, an entry of `holder`'s tool calls, at index `sub`): what is
+        held of the others' arguments is released in this chunk, before it. A client (the SDK's stream helper) takes
+        a call's arguments as complete once the next call starts: held until the finish chunk, they read as `""`
+        there. Released whole only when they are complete JSON (the call is over); else as any chunk's (a stream may
         come back to a call: a value still being written stays held), and not at all for a call that goes on
-        later in this chunk (`later`)."""
-        sub = lane_index(call.get("index", 0))
+        later in this chunk (`later`). `replaced`: `call` has another id than the call held at `sub`, which is over:
+        its lanes are released whole, and the new call's begin empty."""
         self.calling[index] = sub
+        if replaced:
+            self.ids[(index, sub)] = call["id"]
         released: list[dict[str, Any]] = []
         for (i, kind, other), lane in list(self.window.lanes.items()):
-            if i != index or kind not in _CALL_FIELDS or other == sub or other in later or not lane.pending:
+            over = replaced and other == sub
+            if i != index or kind not in _CALL_FIELDS or (not over and (other == sub or other in later)):
+                continue
+            if over:  # (also when it holds nothing: the next call's text must not join the earlier call's)
+                del self.window.lanes[(i, kind, other)]
+                self.arguments.pop((index, other), None)
+            if not lane.pending:
                 continue
             # whole: complete JSON arguments (the call is over), or a custom tool's input (a call never resumed)
-            whole = kind == "custom" or _complete_json(self.arguments.get((index, other)))
+            whole = over or kind == "custom" or _complete_json(self.arguments.get((index, other)))
             text = await self.window.release(lane, whole, TOOL)
             if text:
                 place, field = _CALL_FIELDS[kind]
@@ -308,7 +364,8 @@ class ChatChunks:
             calls = holder.get("tool_calls")
             if not isinstance(calls, list):  # (none, or `true`: what is released is the calls')
                 calls = holder["tool_calls"] = []
-            entry = next((c for c in calls if isinstance(c, dict) and c.get("index") == sub), None)
+            # (the last: a call that another id replaced at `sub` in this chunk came before it)
+            entry = next((c for c in reversed(calls) if isinstance(c, dict) and c.get("index") == sub), None)
             if entry is None:
                 calls.append({"index": sub, place: {field: rest}})
             else:
@@ -326,6 +383,8 @@ class ChatChunks:
             lane = self.window.lanes.get((index, "text", 0))
             if lane is not None and lane.pending:
                 delta[self.key] = await self.window.release(lane, True, ANSWER)
+            if self.transcribing:
+                await self._transcript(index, delta, True)
             if self.chat:
                 await self._flush_tools(index, delta)
             choices.append({"index": index, "delta": delta} if self.chat else {"index": index, **delta})

@@ -1,7 +1,8 @@
 """A stored stream as the complete answer a non-streamed request gets, and what both conversions check.
 
 The chunks' texts (`content`, `refusal`, `reasoning_content`, `reasoning`) are
-joined per choice and function tool calls per index, as the SDKs join them; the
+joined per choice and function tool calls per index (else per place in the chunk's
+list; another id at an index is not joined: `Unconvertible`), as the SDKs join them; the
 usage is the upstream's own object, from its usage-only chunk or the content
 chunk it rode on. A conversion is exact or it is not made: anything the other
 form would not carry as it is raises `Unconvertible` (see `replay`). A chunk of
@@ -263,8 +264,8 @@ def _merge_typed(choices: dict[int, dict[str, Any]], choice: _Choice) -> None:
         value = getattr(delta, name)
         if value is not None:
             texts.setdefault(name, []).append(value)
-    for call in delta.tool_calls or ():
-        _merge_call(slot["calls"], call)
+    for position, call in enumerate(delta.tool_calls or ()):
+        _merge_call(slot["calls"], call, position)
 
 
 def _slot(index: int) -> dict[str, Any]:
@@ -278,17 +279,22 @@ def _merge_delta(slot: dict[str, Any], name: str, value: Any) -> None:
             raise Unconvertible(name)
         slot["role"] = value
     elif name == "tool_calls":
-        for call in json_list(value):
-            _merge_call(slot["calls"], call)
+        for position, call in enumerate(json_list(value)):
+            _merge_call(slot["calls"], call, position)
     elif name in _TEXT_NAMES or value not in _EMPTY:
         raise Unconvertible(name)  # content as a list of parts; a field no complete message carries as it is
 
 
-def _merge_call(calls: dict[int, dict[str, Any]], call: Any) -> None:
+def _merge_call(calls: dict[int, dict[str, Any]], call: Any, position: int) -> None:
+    """A piece of the call at its `index`, else (older Ollama, Gemini's OpenAI-compatible API send none) at its
+    place in the chunk's `tool_calls`. A piece with another id than the call at its index is another call there
+    (Ollama 0.20 gives each of its parallel calls `index: 0`): joined, they would be one broken call."""
     function_call(call, _CALL_PIECE)
-    found = calls.setdefault(int_field(call, "index", 0), {
+    found = calls.setdefault(int_field(call, "index", position), {
         "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
     if call.get("id") is not None:
+        if found["id"] is not None and found["id"] != call["id"]:
+            raise Unconvertible("tool_calls")
         found["id"] = call["id"]
     for name, value in (call.get("function") or {}).items():
         if value is not None:

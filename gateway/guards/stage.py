@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Iterable, Mapping, Sequence
 from functools import partial
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import msgspec
 
@@ -187,7 +187,7 @@ class GuardStage:
         refs = await _gathered(input_texts(ctx.endpoint, ctx.body))
         if guard_set.limits:
             texts = [container[key] for container, key, _ in refs]
-            messages = len(ctx.body.get("messages") or ()) if ctx.endpoint is Endpoint.CHAT else len(texts)
+            messages = _messages(ctx.endpoint, ctx.body)
             for limit in guard_set.limits:
                 found = await limit.check_request_off_loop(texts, messages)
                 session.note_findings(found, limit.mode, "input")
@@ -288,6 +288,21 @@ def _refuse_upstream_history(body: Mapping[str, object]) -> None:
                 f"`{param}` cannot be used on this model: its guards pseudonymize personal data, and pseudonyms are "
                 "numbered per request, so the earlier turns kept at the upstream would not match this one's. Send "
                 "the whole conversation in `input` instead (with `store: false`).", param=param)
+
+
+def _messages(endpoint: Endpoint, body: dict[str, Any]) -> int:
+    """How many messages a request holds, as `max_messages` counts them: a chat's messages (its system message one of
+    them; a `/v1/messages` request arrives as chat, its `system` one of them too); a Responses request's `input` items
+    (an input string: one) and its `instructions` as one more, the chat's system message; a completion's prompts and
+    an embedding's inputs (a string: one). Never the texts: a message of three text parts is one message."""
+    if endpoint is Endpoint.CHAT:
+        return len(body.get("messages") or ())
+    value = body.get("prompt" if endpoint is Endpoint.COMPLETIONS else "input")
+    count = 1 if isinstance(value, str) else len(value) if isinstance(value, list) else 0
+    if endpoint is Endpoint.RESPONSES:
+        instructions = body.get("instructions")
+        count += isinstance(instructions, str) and bool(instructions)
+    return count
 
 
 def _expect(session: GuardSession, guards: Sequence[Guard]) -> None:

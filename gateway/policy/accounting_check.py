@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import datetime
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Literal
 
 import msgspec
 
 from .accounting_schema import BudgetSpec
 from .compiled import ModelRoute
-from .includes import MAX_POLICY_BYTES, read_capped
+from .includes import MAX_POLICY_BYTES, beside, read_capped
 from .loader import PolicyError, _check, _Located, parse_file
 from .schema import PolicySpec, PriceSpec
 
@@ -35,7 +34,7 @@ def load_prices_file(spec: PolicySpec, doc: _Located) -> dict[str, PriceSpec]:
     """The prices file's entries (empty when there is none or it has errors, which go to `doc.issues`)."""
     if spec.prices_file is None:
         return {}
-    path = Path(doc.file).parent / spec.prices_file
+    path = beside(doc, ("prices_file",), spec.prices_file)  # relative to the file naming it
     if "\0" in spec.prices_file:  # (`open` raises ValueError)
         doc.issue(("prices_file",), "a file name cannot hold a NUL character (`\\0`)")
         return {}

@@ -12,6 +12,7 @@ import ipaddress
 import logging
 import os
 import re
+import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from types import MappingProxyType
@@ -25,7 +26,7 @@ from .compiled import Policy, ProviderConfig, Timeouts
 from .entra_check import check_azure_credentials
 from .env_credentials import credential, token
 from .guard_check import check_guards
-from .includes import PolicyTree, read_tree
+from .includes import PolicyTree, beside, read_tree
 from .loader import PolicyError, PolicyIssue, _Located, check_doc
 from .provider_schema import KIND_TRAITS, AzureSpec, OpenAISpec
 from .routes import compile_routing
@@ -73,9 +74,25 @@ def _checked(file: str, build: Callable[[], Policy]) -> Policy:
     except PolicyError:
         raise
     except Exception as exc:  # a bug in the checks, or a file system's refusal: refused, and logged
-        log.exception("the policy %s could not be checked", file)
-        raise PolicyError([PolicyIssue(file, 1, "", f"the policy could not be checked ({type(exc).__name__}: a "
-                                                    "gateway bug; the log has its traceback)")]) from exc
+        raise PolicyError([_bug(file, exc)]) from exc
+
+
+def _bug(file: str, exc: Exception) -> PolicyIssue:
+    """The issue a bug in the checks is: its traceback goes to the log when logging is configured (`gateway
+    serve`), never to a command's output (`gateway check` configures none: Python would print it on stderr), which
+    names where it was raised instead."""
+    if log.hasHandlers():
+        log.error("the policy %s could not be checked", file, exc_info=exc)
+        told = "the log has its traceback"
+    else:
+        told = f"raised at {_raised_at(exc)}; please report it"
+    return PolicyIssue(file, 1, "", f"the policy could not be checked ({type(exc).__name__}: a gateway bug; {told})")
+
+
+def _raised_at(exc: BaseException) -> str:
+    """`module.py:line` of the frame that raised `exc` (the file's name only: no path of this machine)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    return f"{Path(frames[-1].filename).name}:{frames[-1].lineno}" if frames else "an unknown place"
 
 
 def _compile_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_env: bool) -> Policy:
@@ -104,7 +121,7 @@ def _shadow(given: str, doc: _Located, env: Mapping[str, str]) -> Policy:
     if "\0" in given:  # (`open` raises ValueError)
         doc.issue(("server", "shadow_policy"), "a file name cannot hold a NUL character (`\\0`)")
         raise PolicyError(doc.issues)
-    path = Path(doc.file).parent / given
+    path = beside(doc, ("server", "shadow_policy"), given)
     try:
         shadow = _compile_tree(read_tree(path), env, False)
     except PolicyError as exc:
@@ -131,7 +148,7 @@ def compile_policy(
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()}, require_env, warnings)
     # (and checks the telemetry section)
-    labels = metric_labels(spec, doc, models, rules, keys.values(), require_env, warnings)
+    labels = metric_labels(spec, doc, models, rules, keys.values(), env, require_env, warnings)
     cache = compile_cache(spec, doc)
     state = _state(spec.state, doc, env, require_env, warnings, spec.cache.memory_max_bytes)
     metrics_token = token(spec.server.metrics_token_env, ("server", "metrics_token_env"), doc, env, require_env,

@@ -10,7 +10,10 @@ Precedence, the one rule: nothing is overridden. The entries of a named section 
 in two files is an error naming both places. `keys` and `rules` are concatenated: the including
 file's own first, then each included file's in `include` order, depth first (rule order matters:
 the first match wins). Every other section (`server`, `state`, `auth`, `routing`, `guards.pool`, ...)
-may be written in one file only. `version` may be repeated.
+may be written in one file only. `version` may be repeated (each file's is checked).
+
+A file named in a file (an include, the `prices_file`, `server.shadow_policy`) is relative to the file that names
+it, wherever that file is included from (`beside`).
 
 The policy's version is a content hash over every file (its path relative to the root file and its
 text), the `prices_file` included, so a change to any of them is a new version (and the file watcher
@@ -35,11 +38,11 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from .loader import PolicyError, PolicyIssue, _Located, _Path, _show, format_path, parse_file
+from .loader import PolicyError, PolicyIssue, _check, _Located, _Path, _show, format_path, parse_file
 
-__all__ = ["MAX_POLICY_BYTES", "PolicyTree", "copied_under", "read_capped", "read_tree"]
+__all__ = ["MAX_POLICY_BYTES", "PolicyTree", "beside", "copied_under", "read_capped", "read_tree"]
 
 _NAMED = frozenset({"providers", "models", "tenants", "prices"})
 _LISTED = {"keys": "name", "rules": "name"}  # concatenated; the field whose value must be unique
@@ -114,19 +117,25 @@ def _read_tree(reader: _Reader, root: str, text: str | None) -> PolicyTree:
             merger.merge(fragment)
     # (the merge's issues are raised with the schema's, by `check_doc`: every error at once, as for one file)
     files = tuple(file for file, _ in reader.texts)
-    hashed = reader.texts + _prices_file(doc, root, reader)
+    hashed = reader.texts + _prices_file(doc, reader)
     return PolicyTree(doc, _version(hashed, Path(root).parent), files, reader.watched(root))
 
 
-def _prices_file(doc: _Located, root: str, reader: _Reader) -> list[tuple[str, str]]:
-    """The `prices_file` (relative to the root file) with its text, for the version; watched even when absent (a
+def beside(doc: _Located, field: _Path, name: str) -> Path:
+    """The file `name` given at `field`, relative to the file that gives it: an included file names its files as
+    they are beside it, wherever it is included from."""
+    return Path(doc.locate(field)[0]).parent / name
+
+
+def _prices_file(doc: _Located, reader: _Reader) -> list[tuple[str, str]]:
+    """The `prices_file` (relative to the file naming it) with its text, for the version; watched even when absent (a
     version naming a missing one is refused, and its arrival must reload): a price change is a new policy version,
     which a reload then applies. Absent or unreadable: no text (its errors are reported where it is loaded,
     `accounting_check.load_prices_file`); past the size of a policy, refused."""
     name = doc.data.get("prices_file") if isinstance(doc.data, dict) else None
     if not isinstance(name, str) or not name:
         return []
-    file = _in_copy(Path(root).parent / name)
+    file = _in_copy(beside(doc, ("prices_file",), name))
     reader.looked.append(file)
     try:
         text = read_capped(file, reader.left)
@@ -155,6 +164,16 @@ def _too_large(file: str, at: tuple[str, int] | None, left: int) -> PolicyIssue:
     else:
         problem = f"{file} takes the policy's files together over {limit}, the most a policy may be"
     return PolicyIssue(where[0], where[1], "", f"{problem}; refused before it is parsed (see docs/policies.md)")
+
+
+def _line_of(exc: UnicodeDecodeError) -> int:
+    """The line of the first byte UTF-8 cannot decode, counted as `read_capped` reads lines (`\\r\\n`, `\\r`, `\\n`)."""
+    before = bytes(exc.object[:exc.start])
+    return before.replace(b"\r\n", b"\n").replace(b"\r", b"\n").count(b"\n") + 1
+
+
+def _byte(exc: UnicodeDecodeError) -> str:
+    return f"0x{exc.object[exc.start]:02x}" if exc.start < len(exc.object) else "at the end"
 
 
 def _version(texts: list[tuple[str, str]], base: Path) -> str:
@@ -190,7 +209,10 @@ class _Reader:
         """The text of `file` (included at `at`), counted against the policy's size; raise `PolicyError`."""
         try:
             text = read_capped(file, self.left)
-        except (OSError, UnicodeDecodeError, ValueError) as exc:  # (ValueError: a NUL in the name, a shadow policy's)
+        except UnicodeDecodeError as exc:  # at its own line: the byte is in this file, not in the include entry
+            message = f"cannot read the policy file {file}: it is not UTF-8 text ({exc.reason}, byte {_byte(exc)})"
+            raise PolicyError([PolicyIssue(file, _line_of(exc), "", message)]) from exc
+        except (OSError, ValueError) as exc:  # (ValueError: a NUL in the name, a shadow policy's)
             where = at or (file, 1)
             message = f"cannot read the policy file {file}: {exc}"
             raise PolicyError([PolicyIssue(where[0], where[1], "", message)]) from exc
@@ -280,7 +302,10 @@ class _Merger:
             self.doc.issues.append(PolicyIssue(fragment.file, 1, "", "an included file must be a mapping of sections"))
             return
         for section, value in data.items():
-            if section == "include" or (section == "version" and "version" in self.data):
+            if section == "version" and "version" in self.data:  # repeated: checked here, in its own file
+                self._version(fragment, value)
+                continue
+            if section == "include":
                 continue
             if section in _NAMED and isinstance(value, dict):
                 self._named(fragment, (section,), value)
@@ -291,6 +316,12 @@ class _Merger:
             else:
                 self._single(fragment, (_show(section),), self.data, value, key=section)  # (`null:`: None)
 
+    def _version(self, fragment: _Located, value: Any) -> None:
+        """An included file's own `version`, checked as the root file's is (the schema checks the merged one)."""
+        issues = len(fragment.issues)
+        _check(fragment, value, Literal[1], ("version",))
+        self.doc.issues.extend(fragment.issues[issues:])
+
     def _guards(self, fragment: _Located, guards: dict[str, Any]) -> None:
         target = self._container(fragment, ("guards",), self.data)
         if target is None:
@@ -300,15 +331,22 @@ class _Merger:
             if scope in _GUARD_NAMED and isinstance(value, dict):
                 self._named(fragment, path, value)
             elif scope in _GUARD_NESTED and isinstance(value, dict):
-                for name, guards_of in value.items():
-                    if isinstance(guards_of, dict):
-                        self._named(fragment, (*path, name), guards_of)
-                    else:  # (not a mapping: merged as it is, for the checks to refuse)
-                        container = self._container(fragment, path, target)
-                        if container is not None:  # (else the root's, not a mapping, is refused)
-                            self._single(fragment, (*path, _show(name)), container, guards_of, key=name)
+                self._nested_guards(fragment, path, target, value)
             else:
                 self._single(fragment, ("guards", _show(scope)), target, value, key=scope)
+
+    def _nested_guards(self, fragment: _Located, path: _Path, target: dict[str, Any], value: dict[str, Any]) -> None:
+        """`guards.models` or `guards.tenants` (`path`): its mapping made first if the root file has none, then each
+        alias's or tenant's guards merged by name."""
+        container = self._container(fragment, path, target)
+        if container is None:  # the root's is not a mapping: this one is a second definition
+            self._single(fragment, path, target, value)
+            return
+        for name, guards_of in value.items():
+            if isinstance(guards_of, dict):
+                self._named(fragment, (*path, name), guards_of)
+            else:  # (not a mapping: merged as it is, for the checks to refuse)
+                self._single(fragment, (*path, _show(name)), container, guards_of, key=name)
 
     def _container(self, fragment: _Located, path: _Path, parent: dict[str, Any]) -> dict[str, Any] | None:
         """The mapping at `path` in the merged data (made if absent); None if it is not a mapping."""

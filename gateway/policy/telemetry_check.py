@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 from ..auth.keys import VirtualKey
 from ..telemetry.labels import MetricLabels, capped
 from .compiled import ModelRoute, Rule
+from .env_credentials import credential
 from .guard_check import _check_guard
 from .loader import _Located
 from .schema import PolicySpec
@@ -17,9 +18,10 @@ __all__ = ["metric_labels"]
 
 def metric_labels(
     spec: PolicySpec, doc: _Located, models: Mapping[str, ModelRoute], rules: Iterable[Rule],
-    keys: Iterable[VirtualKey], require_env: bool, warnings: list[str],
+    keys: Iterable[VirtualKey], env: Mapping[str, str], require_env: bool, warnings: list[str],
 ) -> MetricLabels:
     _check(spec, doc, require_env, warnings)
+    _check_collector_headers(spec, doc, env, require_env, warnings)
     caps = spec.telemetry.labels
     keys = list(keys)
     targets = {t.name for route in models.values() for t in route.targets}
@@ -51,3 +53,16 @@ def _check(spec: PolicySpec, doc: _Located, require_env: bool, warnings: list[st
         if parts.scheme not in ("http", "https") or not parts.hostname:
             doc.issue(("telemetry", "tracing", "otlp_endpoint"),
                       f"`{endpoint[:100]}` is not an http(s) URL (OTLP/HTTP, e.g. http://collector:4318/v1/traces)")
+
+
+def _check_collector_headers(
+    spec: PolicySpec, doc: _Located, env: Mapping[str, str], require_env: bool, warnings: list[str],
+) -> None:
+    """The variables `otlp_headers_env` names, checked at load as a provider's `headers_env` are (an issue, or a
+    warning for `gateway check`): unset or unusable, the exporter could only post without the header (the
+    collector's credential, usually), every export refused."""
+    tracing = spec.telemetry.tracing
+    if not tracing.enabled or tracing.otlp_endpoint is None:  # (no exporter: nothing sends them)
+        return
+    for header, var in tracing.otlp_headers_env.items():
+        credential(env.get(var), var, ("telemetry", "tracing", "otlp_headers_env", header), doc, require_env, warnings)

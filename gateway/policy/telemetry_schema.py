@@ -24,6 +24,8 @@ __all__ = [
 
 LabelValue = Annotated[str, Meta(pattern=r"^[a-z][a-z0-9_-]{0,31}(?!\n)$", description="a lower-case label value")]
 EnvVarName = Annotated[str, Meta(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,127}(?!\n)$")]
+# `schema.HeaderName`, equal to it (so that an error says what a header name is): `schema` imports this module.
+HeaderName = Annotated[str, Meta(pattern=r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+(?!\n)$")]
 
 
 class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -80,7 +82,7 @@ class TracingSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
 
     enabled: bool = False
     otlp_endpoint: str | None = None  # e.g. http://collector:4318/v1/traces (OTLP/HTTP, JSON encoding)
-    otlp_headers_env: dict[str, EnvVarName] = {}  # header name -> environment variable holding its value
+    otlp_headers_env: dict[HeaderName, EnvVarName] = {}  # header name -> environment variable holding its value
     service_name: Annotated[str, Meta(min_length=1, max_length=128)] = "llm-gateway"
     batch_size: Annotated[int, Meta(ge=1, le=10_000)] = 512
     flush_interval_s: Annotated[float, Meta(ge=0.05, le=60)] = 2.0

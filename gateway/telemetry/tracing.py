@@ -40,6 +40,7 @@ from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
 from ..policy.telemetry_schema import TracingSpec
+from ..policy.token_file import header_credential
 from ..schemas.events import StreamEvent
 from .final_drain import finish_within
 from .metrics import Metrics
@@ -254,6 +255,22 @@ def _attr(key: str, value: str | int) -> dict[str, Any]:
     return {"key": key, "value": {"stringValue": value}}
 
 
+def _collector_headers(spec: TracingSpec, env: Mapping[str, str]) -> dict[str, str]:
+    """The headers of every post: `otlp_headers_env`'s values, cleaned as a provider's credentials are (a secret
+    mounted from a file ends in a newline). One unset or unusable is left out, with a warning, never sent empty or
+    broken (the policy check already refused it, or warned, naming it)."""
+    headers = {"Content-Type": "application/json"}
+    for name, var in spec.otlp_headers_env.items():
+        given = env.get(var)
+        value, problem = header_credential(given or "")
+        if problem is None and value:
+            headers[name] = value
+        else:
+            log.warning("OTLP export: header %s is not sent: environment variable `%s` %s", name, var,
+                        problem or ("is not set" if given is None else "is empty"))
+    return headers
+
+
 class SpanExporter:
     """A bounded queue of finished spans, posted to the OTLP endpoint in batches by one task (a `Service`)."""
 
@@ -262,8 +279,7 @@ class SpanExporter:
         self.spec = spec
         self.metrics = metrics
         env = os.environ if env is None else env
-        self.headers = {"Content-Type": "application/json",
-                        **{name: env.get(var, "") for name, var in spec.otlp_headers_env.items()}}
+        self.headers = _collector_headers(spec, env)
         self._queue: deque[dict[str, Any]] = deque()
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -325,8 +341,8 @@ class SpanExporter:
                 async with self._session.post(self.spec.otlp_endpoint, data=_encode(payload), headers=self.headers,
                                               allow_redirects=False) as response:
                     status = response.status
-            except (aiohttp.ClientError, OSError, TimeoutError):
-                pass
+            except (aiohttp.ClientError, OSError, TimeoutError, ValueError):  # (ValueError: a header aiohttp refuses)
+                pass  # a failed export, counted below: the task never ends on one
             ok = status is not None and status < 300  # a 3xx too is a failure: the redirect is not followed
             self.metrics.spans_exported.labels("ok" if ok else "failed").inc(len(batch))
             for _ in batch:

@@ -51,7 +51,8 @@ class SemanticSpec(_Spec, forbid_unknown_fields=True, frozen=True, kw_only=True)
     model_dir: Annotated[str, Meta(min_length=1)] | None = None
     # Vectors kept per (tenant, alias, parameters) in each process; the oldest go first.
     max_entries: Annotated[int, Meta(ge=1, le=1_000_000)] = 10_000
-    # Longer prompts are not embedded (a miss, then an exact-cache answer only).
+    # Longer prompts are not embedded (a miss, then an exact-cache answer only); nor are prompts past the local
+    # model's window of 256 word pieces, whatever their length in characters (docs/cache.md).
     max_chars: Annotated[int, Meta(ge=1, le=100_000)] = 8_000
 
 

@@ -328,7 +328,8 @@ class PolicySpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     rules: list[RuleSpec] = []
     # Prices by upstream model name, or `provider/model` for one provider's (USD per million tokens).
     prices: dict[str, PriceSpec] = {}
-    prices_file: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None  # relative to the policy file
+    # relative to the policy file that names it
+    prices_file: Annotated[str, Meta(min_length=1, max_length=1024)] | None = None
     accounting: AccountingSpec = AccountingSpec()  # how limits and budgets are enforced (docs/accounting.md)
     guards: GuardsSpec = GuardsSpec()
     telemetry: TelemetrySpec = TelemetrySpec()  # label caps, quality signals, feedback, payload log, tracing

@@ -56,6 +56,14 @@ SCRIPTS: dict[str, tuple[list[list[dict[str, Any]]], bool]] = {
         [_piece(0, None, None, '"Paris"}')],
         [_piece(1, None, None, ': "CET"}')],
     ], True),
+    # Poolside's API, mlx-openai-server before its PR 216: a call's later pieces carry another id, without the name:
+    # one call, its first id kept
+    "unstable-ids": ([
+        [_piece(0, "call_a", "get_weather", "")],
+        [{"index": 0, "id": "call_a2", "function": {"arguments": '{"c": "Paris"}'}}],
+        [_piece(1, "call_b", "get_time", "")],
+        [{"index": 1, "id": "call_b2", "function": {"arguments": '{"tz": "CET"}'}}],
+    ], True),
 }
 
 
@@ -117,7 +125,10 @@ def _ask(gw: RunningGateway, alias: str, text: str, stream: bool) -> httpx.Respo
 def test_a_stored_streams_calls_are_served_whole_exactly_or_not_at_all(gw: RunningGateway, alias: str) -> None:
     text = f"weather and time? {uuid.uuid4().hex[:8]}"
     assert _ask(gw, alias, text, stream=True).headers.get("x-gateway-cache") == "miss"
-    time.sleep(0.2)  # the entry is written after the answer
+    deadline = time.monotonic() + 10  # the entry is written after the answer: a streamed hit shows it stored
+    while _ask(gw, alias, text, stream=True).headers.get("x-gateway-cache") != "hit":
+        assert time.monotonic() < deadline, "the stream was never stored"
+        time.sleep(0.1)
     served = _ask(gw, alias, text, stream=False)
     assert served.headers.get("x-gateway-cache") == ("hit" if SCRIPTS[alias][1] else "miss")
     (choice,) = served.json()["choices"]

@@ -58,6 +58,15 @@ SCRIPTS: dict[str, list[list[dict[str, Any]]]] = {
         [_piece(1, None, None, f': "{EMAIL[:7]}')],
         [_piece(1, None, None, f'{EMAIL[7:]}"}}')],
     ],
+    # Poolside's API, mlx-openai-server before its PR 216: a call's later pieces carry another id than its first,
+    # without the name: one call still (split by id, the address's two halves were scanned apart and let through)
+    "unstable-ids": [
+        [_piece(0, "call_a", "get_weather", "")],
+        [{"index": 0, "id": "call_a2", "function": {"arguments": '{"c": "Paris"}'}}],
+        [_piece(1, "call_b", "send_mail", "")],
+        [{"index": 1, "id": "call_b2", "function": {"arguments": f'{{"to": "{EMAIL[:7]}'}}],
+        [{"index": 1, "id": "call_b3", "function": {"arguments": f'{EMAIL[7:]}"}}'}}],
+    ],
 }
 
 
@@ -106,7 +115,8 @@ def gw() -> Iterator[RunningGateway]:
 
 def _wire_calls(gw: RunningGateway, alias: str) -> tuple[list[tuple[Any, Any, Any]], str | None]:
     """The chat stream's tool calls as a client puts them together: each piece names its call by `index` (which
-    must be there), a piece with another id than the call at its index begins another call; and the finish."""
+    must be there), a piece with another id and a name than the call at its index begins another call; and the
+    finish."""
     calls: list[dict[str, Any]] = []
     at: dict[int, dict[str, Any]] = {}
     finish = None
@@ -123,10 +133,10 @@ def _wire_calls(gw: RunningGateway, alias: str) -> tuple[list[tuple[Any, Any, An
                 for piece in choice["delta"].get("tool_calls") or ():
                     assert type(piece.get("index")) is int, piece
                     held, named = at.get(piece["index"]), piece.get("id")
-                    if held is None or (named and held["id"] and named != held["id"]):
+                    function = piece.get("function") or {}
+                    if held is None or (named and held["id"] and named != held["id"] and function.get("name")):
                         held = at[piece["index"]] = {"id": named, "name": None, "arguments": ""}
                         calls.append(held)
-                    function = piece.get("function") or {}
                     held["id"] = held["id"] or named
                     held["name"] = held["name"] or function.get("name")
                     held["arguments"] += function.get("arguments") or ""

@@ -50,6 +50,15 @@ SCRIPTS: dict[str, list[list[dict[str, Any]]]] = {
         [_piece(0, None, None, '"Paris"}')],
         [_piece(1, None, None, ': "CET"}')],
     ],
+    # Poolside's API, mlx-openai-server before its PR 216: a call's later pieces carry another id than its first,
+    # without the name: they go on the call (as before the rule above; split, a block had no name: an error)
+    "unstable-ids": [
+        [_piece(0, "call_a", "get_weather", "")],
+        [{"index": 0, "id": "call_a2", "function": {"arguments": '{"c": '}}],
+        [{"index": 0, "id": "call_a3", "function": {"arguments": '"Paris"}'}}],
+        [_piece(1, "call_b", "get_time", "")],
+        [{"index": 1, "id": "call_b2", "function": {"arguments": '{"tz": "CET"}'}}],
+    ],
 }
 
 

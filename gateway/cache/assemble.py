@@ -18,6 +18,7 @@ from typing import Any
 import msgspec
 
 from ..schemas.endpoints import Endpoint
+from ..schemas.events import begins_another_call
 from ..schemas.openai import Usage
 from .entry import Entry
 
@@ -287,15 +288,17 @@ def _merge_delta(slot: dict[str, Any], name: str, value: Any) -> None:
 
 def _merge_call(calls: dict[int, dict[str, Any]], call: Any, position: int) -> None:
     """A piece of the call at its `index`, else (older Ollama, Gemini's OpenAI-compatible API send none) at its
-    place in the chunk's `tool_calls`. A piece with another id than the call at its index is another call there
-    (Ollama 0.20 gives each of its parallel calls `index: 0`): joined, they would be one broken call."""
+    place in the chunk's `tool_calls`. A piece that begins another call at its index (`begins_another_call`: Ollama
+    0.20 gives each of its parallel calls `index: 0`) makes the answer unconvertible: joined, they would be one broken
+    call. A later piece of the same call keeps the call's first id."""
     function_call(call, _CALL_PIECE)
     found = calls.setdefault(int_field(call, "index", position), {
         "id": None, "type": "function", "function": {"name": "", "arguments": ""}})
     if call.get("id") is not None:
-        if found["id"] is not None and found["id"] != call["id"]:
+        if found["id"] is None:
+            found["id"] = call["id"]
+        elif begins_another_call(call, found["id"]):
             raise Unconvertible("tool_calls")
-        found["id"] = call["id"]
     for name, value in (call.get("function") or {}).items():
         if value is not None:
             found["function"][name] += value

@@ -38,7 +38,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from ..errors import UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
-from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport
+from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
 from .base import Guard, Where
 from .responses import ResponsesChunks
 from .session import GuardSession
@@ -259,7 +259,7 @@ class ChatChunks:
             sub = _call_index(call, position) if isinstance(call, dict) else 0
             if isinstance(call, dict):
                 named = call.get("id")  # (a conformant stream names a call on its first piece only, or repeats it)
-                replaced = bool(named) and self.ids.setdefault((index, sub), named) != named
+                replaced = bool(named) and begins_another_call(call, self.ids.setdefault((index, sub), named))
                 if replaced or sub != self.calling.setdefault(index, sub):
                     later = {_call_index(c, p) for p, c in enumerate(entries) if p > position and isinstance(c, dict)}
                     await self._next_call(index, holder, call, sub, later, replaced)

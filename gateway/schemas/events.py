@@ -22,7 +22,7 @@ from ..errors import GatewayError
 from .openai import ChoicePeek, Usage
 
 __all__ = ["DONE", "ChoicesReader", "Chunk", "EventSource", "StreamDone", "StreamError", "StreamEvent", "UsageReport",
-           "is_content_event"]
+           "begins_another_call", "is_content_event"]
 
 _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
@@ -132,3 +132,16 @@ class EventSource(Protocol):
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]: ...
 
     async def aclose(self) -> None: ...
+
+
+def begins_another_call(piece: dict[str, Any], held_id: Any) -> bool:
+    """Whether a streamed tool call delta at an index that holds a call (named `held_id`) begins another call there:
+    it names itself, another id than the held call's, and its tool (a call's first piece does). Ollama 0.20 streams
+    each of its parallel calls whole at `index: 0`, each with its own id; but some servers give the later pieces of
+    one call another id than its first (Poolside's API; mlx-openai-server before its PR 216 a new one each piece),
+    without the name: those pieces go on the held call."""
+    named = piece.get("id")
+    if not named or not held_id or named == held_id:
+        return False
+    tool = piece.get("function") or piece.get("custom")
+    return isinstance(tool, dict) and bool(tool.get("name"))

@@ -35,7 +35,7 @@ from typing import Any
 
 import msgspec
 
-from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport
+from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport, begins_another_call
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
 from .anthropic_tool_use import CALL_PART, CALL_TEXT, tool_input, tool_name, tool_use, tool_use_id
@@ -314,7 +314,7 @@ class MessagesStream:
         part = upstream_object(call["custom"] if custom else call.get("function") or {}, CALL_PART[custom])
         held = self._calls.get(position)
         named = call.get("id")  # (a conformant stream names a call on its first piece only, or repeats its id)
-        if held is None or (named and held.id and named != held.id):
+        if held is None or begins_another_call(call, held.id):
             held = self._calls[position] = _HeldCall(named, part.get("name"))
             self._held.append(held)
             self._thinking.flush(out)  # the thinking and the text before the first tool call are complete

@@ -4,11 +4,14 @@ A tool call's arguments are JSON text, and a string in it writes a line break as
 `\\"`. Read as they are, the `n` of `\\n` sits before the next value: a key on the line after `Details:` was
 `nAKIA...` to the secrets guard (whose patterns want no letter before a key) and an address was `njane@...` to the
 pii guard, which redacted the `n` and left a lone backslash (arguments no longer JSON). So the guards read a view of
-the same length in which each escape is the character it stands for, written twice (`\\n` is two line breaks, `\\"`
-two quotes: white space and punctuation either way), or, for a `\\uXXXX`, that character and five zero-width spaces
-(which the pii and secrets guards drop as they read: `normalize.canonical`); a surrogate, no part of any finding,
-reads as six zero-width spaces. The same length keeps every offset: what the guards find in the view is redacted in
-the text at the same place, widened where it would split an escape (`whole_escapes`), so the arguments stay JSON.
+the same length in which each escape is the character it stands for and zero-width spaces (`\\n` a line break and
+one, `\\uXXXX` its character and five), which every guard drops as it reads (`normalize.canonical`, `fold`); a
+surrogate, no part of any finding, reads as six zero-width spaces. Not the character written twice (as it once was):
+`\\/\\/` read `////`, so `https:\\/\\/hooks.slack.com\\/...` (PHP's `json_encode` writes every `/` so) was no
+webhook, no connection string, no profile URL; `\\"` read `""`, so `key=\\"...\\"` was no quoted key; and
+`4111\\u00201111 1111 1111` read six spaces where a card has one. The same length keeps every offset: what the
+guards find in the view is redacted in the text at the same place, widened where it would split an escape
+(`whole_escapes`), so the arguments stay JSON.
 A backslash that begins no escape (a plain text's `C:\\Users`) is read as it is.
 
 A card or a phone number may also be a JSON number (`{"card": 4111111111111111}`), which a placeholder cannot
@@ -34,7 +37,7 @@ __all__ = ["JsonPieces", "json_numbers", "json_view", "whole_escapes", "whole_nu
 
 _ESCAPE = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
 _STANDS_FOR = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
-_FILL = "\u200b"  # zero-width space: not white space, not a word character, dropped by `normalize.canonical`
+_FILL = "\u200b"  # zero-width space: not white space, not a word character, dropped by `normalize.canonical`, `fold`
 _OPENS_CONTAINER = re.compile(r"[ \t\r\n]*[\[{]")
 # A JSON text's strings (matched whole, so that nothing inside one is taken) and numbers: in a valid JSON text, what
 # this finds that is no string is a number (no other token holds a digit or a minus sign).
@@ -139,11 +142,10 @@ def json_view(text: str) -> tuple[str, list[tuple[int, int]]]:
         parts.append(text[last:start])
         kind = text[start + 1]
         if kind != "u":
-            parts.append(_STANDS_FOR[kind] * 2)
+            parts.append(_STANDS_FOR[kind] + _FILL)
         else:
             char = chr(int(text[start + 2:end], 16))
-            parts.append(_FILL * 6 if 0xD800 <= ord(char) <= 0xDFFF
-                         else char * 6 if char.isspace() else char + _FILL * 5)
+            parts.append(_FILL * 6 if 0xD800 <= ord(char) <= 0xDFFF else char + _FILL * 5)
         escapes.append((start, end))
         last = end
     if not escapes:

@@ -15,7 +15,8 @@ from collections.abc import Callable, Sequence
 
 import regex  # type: ignore[import-untyped]  # no stubs
 
-__all__ = ["canonical", "canonical_open_from", "fold", "fold_native", "original_offset", "original_span"]
+__all__ = ["canonical", "canonical_open_from", "fold", "fold_native", "fold_pattern", "original_offset",
+           "original_span"]
 
 # Look-alikes of Latin letters in Cyrillic and Greek (lower case, after casefold), plus common digit swaps.
 _HOMOGLYPHS = str.maketrans(
@@ -26,8 +27,38 @@ _HOMOGLYPHS = str.maketrans(
 )
 
 
+# Characters that show nothing: every format character (Unicode's `Cf`, as `unicodedata` knows them in Python 3.11)
+# and the other default-ignorable code points. A text with none of them, whose case-folding keeps its length, is
+# folded by `fold_native` at C speed; the slow path drops the same characters (tests check the set against `Cf`).
+_INVISIBLE_CLASS = (
+    "\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f\u1160\u17b4\u17b5\u180b-\u180f"
+    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd"
+    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff")
+_INVISIBLE = re.compile(f"[{_INVISIBLE_CLASS}]")
+
+
+def _members(chars: str) -> frozenset[str]:
+    """The characters of a class's inside made of characters and ranges (`a-z`), no escapes."""
+    out: set[str] = set()
+    at = 0
+    while at < len(chars):
+        if at + 2 < len(chars) and chars[at + 1] == "-":
+            out.update(map(chr, range(ord(chars[at]), ord(chars[at + 2]) + 1)))
+            at += 3
+        else:
+            out.add(chars[at])
+            at += 1
+    return frozenset(out)
+
+
+_INVISIBLE_CHARS = _members(_INVISIBLE_CLASS)  # (for `fold`'s loop: a set's lookup costs a fraction of a match)
+
+
 def fold(text: str) -> tuple[str, Sequence[int]]:
-    """The folded text, and for each of its characters the offset of the original character."""
+    """The folded text, and for each of its characters the offset of the original character. Every invisible
+    character (`_INVISIBLE`) is dropped, not only the format ones: a Hangul filler (U+3164, U+FFA0, U+115F, U+1160),
+    a letter to Unicode that shows nothing, inside `falc\\u3164on` or `Ign\\u3164ore` hid the word from the deny
+    list and the injection patterns."""
     if text.isascii():  # the common case, at C speed
         return text.lower(), range(len(text))
     out: list[str] = []
@@ -37,7 +68,7 @@ def fold(text: str) -> tuple[str, Sequence[int]]:
             out.append(char.lower())
             where.append(index)
             continue
-        if unicodedata.category(char) == "Cf":  # zero-width spaces, joiners, direction marks
+        if char in _INVISIBLE_CHARS or unicodedata.category(char) == "Cf":  # zero-width spaces, joiners, fillers
             continue
         for piece in unicodedata.normalize("NFKD", char).casefold().translate(_HOMOGLYPHS):
             if unicodedata.category(piece) == "Mn":  # accents, split off by NFKD
@@ -45,15 +76,6 @@ def fold(text: str) -> tuple[str, Sequence[int]]:
             out.append(piece)
             where.append(index)
     return "".join(out), where
-
-
-# Characters that show nothing: every format character (Unicode's `Cf`, as `unicodedata` knows them in Python 3.11)
-# and the other default-ignorable code points. A text with none of them, whose case-folding keeps its length, is
-# folded by `fold_native` at C speed; the slow path drops the same characters (tests check the set against `Cf`).
-_INVISIBLE = re.compile(
-    "[\u00ad\u034f\u0600-\u0605\u061c\u06dd\u070f\u0890-\u0891\u08e2\u115f\u1160\u17b4\u17b5\u180b-\u180f"
-    "\u200b-\u200f\u202a-\u202e\u2060-\u206f\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufffb\U000110bd\U000110cd"
-    "\U00013430-\U00013438\U0001bca0-\U0001bca3\U0001d173-\U0001d17a\U000e0000-\U000e0fff]")
 
 
 def fold_native(text: str) -> tuple[str, Sequence[int]]:
@@ -220,3 +242,126 @@ def canonical_open_from(open_from: Callable[[str, int], int], text: str, start: 
     if where is None:
         return open_from(text, start)
     return original_offset(where, len(text), open_from(shown, bisect_left(where, start)))
+
+
+# A regex escape that stands for one character by its code: `\u00e9`, `\U0001d41a`, `\xe9`, `\N{...}`, octal `\351`.
+_CODE_ESCAPE = re.compile(r"\\(?:u([0-9a-fA-F]{4})|U([0-9a-fA-F]{8})|x([0-9a-fA-F]{2})|N\{([^}]+)\}"
+                          r"|(0[0-7]{0,2}|[0-3][0-7]{2}))")
+_LETTER_ESCAPES = {"a": 7, "f": 12, "n": 10, "r": 13, "t": 9, "v": 11}
+_NAMES_AND_COMMENTS = {"(?P<": ">", "(?P=": ")", "(?#": ")"}  # written as they are, up to their end
+_CLASS_LIMIT = 1 << 15  # the most non-ASCII characters a pattern's classes may hold (each folded: about 7 µs)
+
+
+def fold_pattern(pattern: str) -> str:
+    """`pattern` (a deny list's regex, compiled with IGNORECASE) written for the text it is matched on, `fold`'s: a
+    non-ASCII character that it matches as itself (written, or as an escape such as `\\u00e9`) is folded as the text
+    is (`café` is `cafe`, `straße` `stra(?:ss)e`, `пароль` `пapoль`), and a class gets the folded forms of its
+    non-ASCII members (a range of Cyrillic letters holds `a`, `e`, `o`... too). ASCII is left as written
+    (IGNORECASE folds its case), as are escapes for a class or an assertion (`\\d`, `\\b`), group names and
+    comments. As written, such a pattern never matched: the text it was searched in had no `é`, `ß` or Cyrillic a
+    left. Raises ValueError for one that cannot be so written: a negated class with a member that folds to two
+    characters (`[^ß]`), classes of more than `_CLASS_LIMIT` non-ASCII characters, or a result that does not compile
+    (a lookbehind made of variable width)."""
+    out: list[str] = []
+    budget = [_CLASS_LIMIT]
+    at = 0
+    while at < len(pattern):
+        char = pattern[at]
+        opening = next((o for o in _NAMES_AND_COMMENTS if pattern.startswith(o, at)), None)
+        if char == "\\":
+            code, end = _escaped(pattern, at)
+            out.append(pattern[at:end] if code is None or code < 0x80 else _folded_literal(chr(code)))
+        elif char == "[":
+            text, end = _folded_class(pattern, at, budget)
+            out.append(text)
+        elif opening is not None:
+            end = pattern.find(_NAMES_AND_COMMENTS[opening], at + len(opening)) + 1 or len(pattern)
+            out.append(pattern[at:end])
+        else:
+            end = at + 1
+            out.append(char if char.isascii() else _folded_literal(char))
+        at = end
+    folded = "".join(out)
+    if folded == pattern:
+        return pattern
+    re.compile(pattern)  # (one that does not compile as written: its own error, `re.error`)
+    try:
+        re.compile(folded, re.IGNORECASE)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise _unfoldable(f"folded, it does not compile ({exc})") from None
+    return folded
+
+
+def _unfoldable(reason: str) -> ValueError:
+    return ValueError(f"cannot be matched on the folded text: {reason}; write its non-ASCII letters as the text "
+                      f"folds them (`é` as `e`, `ß` as `ss`)")
+
+
+def _folded_literal(char: str) -> str:
+    """A character matched as itself, as the folded text holds it (a group for none or several: `ß+` is `(?:ss)+`)."""
+    folded = fold(char)[0]
+    return re.escape(folded) if len(folded) == 1 else f"(?:{re.escape(folded)})"
+
+
+def _escaped(pattern: str, at: int) -> tuple[int | None, int]:
+    """The code of the character the escape at `at` stands for (None for a class or an assertion, `\\d`, `\\b`, or
+    a group's number), and where the escape ends."""
+    found = _CODE_ESCAPE.match(pattern, at)
+    if found is None:
+        end = min(at + 2, len(pattern))
+        after = pattern[at + 1:end]
+        if not after or (after.isascii() and after.isalnum()):
+            return _LETTER_ESCAPES.get(after), end
+        return ord(after), end  # `\.`, `\-`, `\é`: the character itself
+    hexa = found.group(1) or found.group(2) or found.group(3)
+    if hexa:
+        return int(hexa, 16), found.end()
+    if found.group(4):
+        try:
+            return ord(unicodedata.lookup(found.group(4))), found.end()
+        except KeyError:
+            return None, found.end()  # (no such name: the pattern does not compile as written either)
+    return int(found.group(5), 8), found.end()
+
+
+def _class_char(pattern: str, at: int) -> tuple[int | None, int]:
+    """The code of the class member at `at` (None for an escape of a class: `\\w`), and where it ends."""
+    return _escaped(pattern, at) if pattern[at] == "\\" else (ord(pattern[at]), at + 1)
+
+
+def _folded_class(pattern: str, at: int, budget: list[int]) -> tuple[str, int]:
+    """The class `[...]` at `at`, with the folded forms of its non-ASCII members added after its `[` (or `[^`), and
+    where it ends. A member that folds to several characters is an alternative to it (`[aß]` is `(?:[a]|ss)`)."""
+    start = end = at + 1 + pattern.startswith("^", at + 1)
+    codes: list[range] = []
+    while end < len(pattern) and (pattern[end] != "]" or end == start):
+        low, end = _class_char(pattern, end)
+        high = low
+        if low is not None and pattern.startswith("-", end) and end + 1 < len(pattern) and pattern[end + 1] != "]":
+            high, after = _class_char(pattern, end + 1)
+            high, end = (high, after) if high is not None else (low, end)
+        if low is not None and high is not None and high >= 0x80:
+            codes.append(range(max(low, 0x80), high + 1))
+    if end >= len(pattern):
+        return pattern[at:], len(pattern)  # (not closed: the pattern does not compile as written either)
+    budget[0] -= sum(map(len, codes))
+    if budget[0] < 0:
+        raise _unfoldable(f"its classes hold more than {_CLASS_LIMIT:,} non-ASCII characters, too many to fold")
+    singles: set[str] = set()
+    longer: set[str] = set()
+    for code in (code for span in codes for code in span):
+        folded = fold(chr(code))[0]
+        if folded and folded != chr(code):
+            (singles if len(folded) == 1 else longer).add(folded)
+    inside = pattern[start:end]
+    if not singles and not longer:
+        return pattern[at:end + 1], end + 1
+    if inside[:1] in ("]", "-"):  # (a first `]` or `-`, literal there, would close the class or make a range)
+        inside = "\\" + inside
+    text = pattern[at:start] + "".join(map(re.escape, sorted(singles))) + inside + "]"
+    if not longer:
+        return text, end + 1
+    if start > at + 1:
+        raise _unfoldable(f"the negated class `{pattern[at:end + 1]}` holds a character that folds to several "
+                          f"({', '.join(sorted(longer))})")
+    return "(?:" + text + "|" + "|".join(map(re.escape, sorted(longer, key=len, reverse=True))) + ")", end + 1

@@ -13,6 +13,7 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
+import re
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +84,7 @@ def _check_guard(
             doc.issue(path, "a denylist guard needs terms, patterns or topics")
         for index, regex in enumerate(guard.patterns):
             _regex(regex, doc, path + ("patterns", index))
+            _folded(regex, doc, path + ("patterns", index))
     elif isinstance(guard, LimitsGuardSpec):
         if "output" in guard.places:
             doc.issue(path + ("places",), "limits apply to the input only")
@@ -162,6 +164,19 @@ def spacy_pipeline_found(name: str) -> bool:
     except (importlib.metadata.PackageNotFoundError, ValueError):
         return Path(name).exists()
     return (name.isidentifier() and importlib.util.find_spec(name) is not None) or Path(name).exists()
+
+
+def _folded(pattern: str, doc: _Located, path: tuple[Any, ...]) -> None:
+    """A deny list's regex is matched on the folded text, its non-ASCII letters folded alike when it is compiled
+    (`normalize.fold_pattern`): one that cannot be (`[^ß]`) is refused here, not when the guard is built."""
+    from ..guards.normalize import fold_pattern  # (here: the guards import the policy's schema)
+
+    try:
+        fold_pattern(pattern)
+    except ValueError as exc:
+        doc.issue(path, str(exc))
+    except (re.error, OverflowError, RecursionError):
+        return  # (no regex as written: `_regex` said so)
 
 
 def _regex(pattern: str, doc: _Located, path: tuple[Any, ...], engine: str = "re") -> None:

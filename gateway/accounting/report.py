@@ -4,9 +4,16 @@ What the ledger added (`ledger.py`): per (scope, name, day) counters of cost, re
 is the sum of its days. Names are the policy's (its aliases, tenants and named keys) unless one is asked
 for: a key created at run time is reported when named.
 
+Read in few round trips, few at a time: a row's counters (a month: 31 days of six) in one `get_many` (an MGET),
+at most `_ROWS_AT_ONCE` rows at once, and the first failure cancels the rest. A GET per counter, all at once, put
+thousands of operations in the store's pool for a month of a few dozen aliases: they waited past `op_timeout_s`,
+the report answered 503, and the store was marked down for every request of the process.
+
 A counter that holds something other than a count (another program's hash, or a string that is not a number)
-makes the report unavailable (`StoreUnavailable`: the route's 503), named in the log, rather than left out:
-figures read to bill by must not silently miss a part, and the one to repair is in the log.
+makes the report unavailable (`UnreadableCounter`: the route's 503, which says so), named in the log, rather
+than left out: figures read to bill by must not silently miss a part, and the one to repair is in the log. An
+MGET reads a hash as absent, so the counters absent on a day that has any other are read again one by one (a
+day's six are written together: those absent beside a present one are the few that stayed zero, or such a hash).
 """
 
 from __future__ import annotations
@@ -14,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import calendar
 import logging
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Literal
 
@@ -22,12 +30,23 @@ from ..store._common import AMOUNT_SCALE
 from ..store.base import Store, StoreUnavailable
 from .ledger import FIELDS, usage_key
 
-__all__ = ["ReportPeriod", "ScopeKind", "days_of", "names_of", "read_usage"]
+__all__ = ["ReportPeriod", "ScopeKind", "UnreadableCounter", "days_of", "names_of", "read_usage"]
 
 ScopeKind = Literal["key", "tenant", "model"]
 ReportPeriod = Literal["day", "month"]
 
 log = logging.getLogger("gateway.accounting")
+_ROWS_AT_ONCE = 4  # rows read at once: the store's connections serve the requests meanwhile
+_KEYS_PER_READ = 512  # counters per `get_many` (a month's row is 186: one read)
+
+
+class UnreadableCounter(StoreUnavailable):
+    """A usage counter the store holds, or refuses to read, that is not a count: repairing it, not retrying,
+    is what helps (the store answers). Its name is logged where this is raised."""
+
+    def __init__(self, key: str) -> None:
+        super().__init__(f"usage counter {key} does not hold a count", maybe_applied=False)
+        self.key = key
 
 
 def days_of(period: ReportPeriod, date: str | None, now: float) -> tuple[str, list[str]]:
@@ -51,13 +70,37 @@ def names_of(policy: Policy, scope: ScopeKind) -> list[str]:
 
 
 async def read_usage(store: Store, scope: ScopeKind, names: list[str], days: list[str]) -> list[dict[str, object]]:
-    """One row per name: cost in USD and the counts, summed over `days`."""
-    return list(await asyncio.gather(*(_row(store, scope, name, days) for name in names)))
+    """One row per name: cost in USD and the counts, summed over `days`.
+
+    `UnreadableCounter` for a counter that is not a count; any other `StoreUnavailable`: the store did not answer."""
+    gate = asyncio.Semaphore(_ROWS_AT_ONCE)
+
+    async def bounded(name: str) -> dict[str, object]:
+        async with gate:
+            return await _row(store, scope, name, days)
+
+    try:
+        async with asyncio.TaskGroup() as group:  # the first failure cancels the rows still to read
+            tasks = [group.create_task(bounded(name)) for name in names]
+    except ExceptionGroup as failed:
+        error = _first_failure(failed)
+        raise error from error.__cause__
+    return [task.result() for task in tasks]
+
+
+def _first_failure(failed: ExceptionGroup) -> BaseException:
+    """What a report that failed answers: a bad counter before an outage (others met meanwhile were cancelled)."""
+    for kind in (UnreadableCounter, StoreUnavailable):
+        found = failed.subgroup(kind)
+        if found is not None:
+            return found.exceptions[0]
+    return failed
 
 
 async def _row(store: Store, scope: ScopeKind, name: str, days: list[str]) -> dict[str, object]:
     keys = [usage_key(scope, name, day, field) for day in days for field in FIELDS]
-    values = await asyncio.gather(*(_read(store, key) for key in keys))
+    values = await _read(store, keys)
+    await _read_again_absent(store, keys, values)
     sums = dict.fromkeys(FIELDS, 0)
     for key_index, raw in enumerate(values):
         if raw is not None:
@@ -67,12 +110,32 @@ async def _row(store: Store, scope: ScopeKind, name: str, days: list[str]) -> di
     return row
 
 
-async def _read(store: Store, key: str) -> bytes | None:
+async def _read(store: Store, keys: Sequence[str]) -> list[bytes | None]:
+    values: list[bytes | None] = []
+    for start in range(0, len(keys), _KEYS_PER_READ):
+        values += await store.get_many(keys[start:start + _KEYS_PER_READ])
+    return values
+
+
+async def _read_again_absent(store: Store, keys: Sequence[str], values: list[bytes | None]) -> None:
+    """Tell absent from not a string (which `get_many` reads as absent) on the days that have some counter."""
+    width = len(FIELDS)
+    for start in range(0, len(keys), width):
+        day = values[start:start + width]
+        if all(raw is None for raw in day):
+            continue  # no usage that day (or none of its counters readable: nothing to tell them from)
+        for index in range(start, start + width):
+            if values[index] is None:
+                values[index] = await _get(store, keys[index])
+
+
+async def _get(store: Store, key: str) -> bytes | None:
     try:
         return await store.get(key)
-    except StoreUnavailable:
-        if store.healthy:  # it answered, and refused to read this one (not a string: another program's value)
+    except StoreUnavailable as exc:
+        if not exc.maybe_applied and store.healthy:  # an error reply from a store that answers: this key's value
             _log_unreadable(key)
+            raise UnreadableCounter(key) from exc
         raise
 
 
@@ -81,7 +144,7 @@ def _count(key: str, raw: bytes) -> int:
         return int(raw)
     except ValueError:
         _log_unreadable(key)
-        raise StoreUnavailable("a usage counter does not hold a count", maybe_applied=False) from None
+        raise UnreadableCounter(key) from None
 
 
 def _log_unreadable(key: str) -> None:

@@ -16,7 +16,7 @@ from typing import Any
 import msgspec
 from litestar import Request, Response, get
 
-from ..accounting.report import ReportPeriod, ScopeKind, days_of, names_of, read_usage
+from ..accounting.report import ReportPeriod, ScopeKind, UnreadableCounter, days_of, names_of, read_usage
 from ..accounting.stage import Accounting
 from ..errors import AuthenticationFailed, InvalidRequest, LimitsUnavailable, NotFound
 from ..runtime import Runtime
@@ -73,10 +73,12 @@ async def _report(request: Request[Any, Any, Any], headers: RequestHeaders, runt
             await service.ledger.flush()
     try:
         rows = await read_usage(runtime.store, scope, names, days)
-    except StoreUnavailable as exc:  # a store that answers refused a counter: retrying will not help
-        reason = ("a usage counter in the store does not hold a count (the gateway's log names it)"
-                  if runtime.store.healthy else "the store that keeps usage did not answer; retry shortly")
-        raise LimitsUnavailable(reason, code="store_unavailable") from exc
+    except UnreadableCounter as exc:  # the store answers, and a counter is not a count: retrying will not help
+        raise LimitsUnavailable(f"a usage counter in the store does not hold a count: `{exc.key}` (also in the "
+                                "gateway's log); delete or repair it", code="store_unavailable") from exc
+    except StoreUnavailable as exc:
+        raise LimitsUnavailable("the store that keeps usage did not answer; retry shortly",
+                                code="store_unavailable") from exc
     body = {"scope": scope, "period": period, "date": label, "usage": rows}
     return Response(_encode(body), media_type="application/json",
                     headers={"x-request-id": headers.request_id})

@@ -17,8 +17,9 @@ revoked, nor a key that holds a name while nobody was given its secret:
   record the store has dropped since (expired past its retention, evicted) is reclaimed;
 * revoke swaps the record for a `Revoked` marker by compare-and-set (a concurrent change wins,
   this one answers 409): from then on the key opens nothing. It then publishes the id and deletes
-  the digest pointers, the marker and the index entry: a retry after a failure finds the marker
-  and finishes the job;
+  the digest pointers and the marker: a retry after a failure finds the marker and finishes the
+  job. Last it removes the index entry, which is cleanup (logged if it fails): the revocation has
+  happened, and a listing drops an entry whose record is gone;
 * rotate writes the new pointer, then swaps the record by compare-and-set (a concurrent change,
   a revocation included, wins, this one answers 409) and publishes the id; a failure in these
   steps puts the old record back (compare-and-set from the new one: only if the swap happened)
@@ -243,7 +244,7 @@ class KeyRegistry:
         if raw is None:  # no such key; or a revocation stopped it and dropped its record, then failed: finished here
             if key_id not in decode_index(await self.store.get(INDEX)):
                 return False
-            await self._update_index(lambda index: {k: v for k, v in index.items() if k != key_id})
+            await self._unlist(key_id)
             return True
         stored = decode_stored(raw)
         if isinstance(stored, Revoked):
@@ -257,8 +258,18 @@ class KeyRegistry:
         for digest in marker.digests:
             await self.store.delete(digest_key(digest))
         await self.store.delete(record_key(key_id))  # the marker: nothing but a revocation writes over one
-        await self._update_index(lambda index: {k: v for k, v in index.items() if k != key_id})
+        await self._unlist(key_id)
         return True
+
+    async def _unlist(self, key_id: str) -> None:
+        """A revoked key's index entry removed: cleanup, logged if it fails. Its record is gone, so the entry
+        opens nothing, and a listing (or a create that wants its name or room) drops it; answering 409 or 503
+        for a key that was revoked (many revocations at once race for the index) told its caller otherwise."""
+        try:
+            await self._update_index(lambda index: {k: v for k, v in index.items() if k != key_id})
+        except (KeyConflict, StoreUnavailable) as exc:
+            log.warning("a revoked key's index entry was not removed (the next listing drops it): %s", exc,
+                        extra={"fields": {"key_id": key_id}})
 
     async def rotate(self, key_id: str, grace_s: float) -> tuple[KeyRecord, str] | None:
         """A new secret for the same record; the old one stops now, or after `grace_s` seconds."""

@@ -7,6 +7,9 @@ compares against (`header_credential`: a secret mounted from a file ends in a ne
 holds it: a refused header value is reported by the variable's name, never by the text of the exception,
 which quotes the header. Redirects are refused, not followed: urllib would send every header but the content
 ones to where a 3xx points, the admin token to another host (an ingress's login page, a moved host).
+
+A body is sent only if its numbers are finite: Python's JSON writes `NaN` and `Infinity`, which are not JSON, and
+the gateway answered "the request body is not valid JSON" (the commands' own arguments refuse them before).
 """
 
 from __future__ import annotations
@@ -64,7 +67,10 @@ class AdminClient:
              query: dict[str, str] | None = None) -> dict[str, Any]:
         """The decoded JSON answer of a 2xx; `AdminError` with the gateway's message otherwise."""
         url = self.base + path + ("?" + urllib.parse.urlencode(query) if query else "")
-        data = json.dumps(body).encode() if body is not None else None
+        try:
+            data = json.dumps(body, allow_nan=False).encode() if body is not None else None
+        except ValueError:  # NaN or an infinity (a number of `--limits` JSON, say): not JSON, never sent
+            raise AdminError(f"{method} {path} was not sent: a number in it is not finite (NaN or infinite)") from None
         request = urllib.request.Request(url, data=data, method=method, headers={
             "Authorization": f"Bearer {self._token}", "Content-Type": "application/json", "Accept": "application/json",
         })

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 import urllib.parse
@@ -118,8 +119,8 @@ def _key_api_commands(key_commands: argparse._SubParsersAction[argparse.Argument
     create.add_argument("--model", action="append", dest="models", metavar="ALIAS",
                         help="an alias the key may use (repeat; default: every alias)")
     expiry = create.add_mutually_exclusive_group()
-    expiry.add_argument("--ttl", type=float, metavar="SECONDS", help="expire this many seconds from now")
-    expiry.add_argument("--expires-at", type=float, metavar="UNIX_SECONDS", help="expire at this time")
+    expiry.add_argument("--ttl", type=_finite_number, metavar="SECONDS", help="expire this many seconds from now")
+    expiry.add_argument("--expires-at", type=_finite_number, metavar="UNIX_SECONDS", help="expire at this time")
     create.add_argument("--limits", type=_json_object, metavar="JSON", help='e.g. \'{"rpm": 60, "tpm": 100000}\'')
     create.add_argument("--budget", type=_json_object, metavar="JSON", help='e.g. \'{"usd": 50, "period": "month"}\'')
     create.set_defaults(run=_keys_create)
@@ -132,7 +133,7 @@ def _key_api_commands(key_commands: argparse._SubParsersAction[argparse.Argument
         command.set_defaults(run=_keys_get if verb == "get" else _keys_revoke)
     rotate = key_commands.add_parser("rotate", parents=[common], help="a new secret for a key; the old one stops")
     rotate.add_argument("id", help="the key's id (vk_...)")
-    rotate.add_argument("--grace", type=float, default=0.0, metavar="SECONDS",
+    rotate.add_argument("--grace", type=_finite_number, default=0.0, metavar="SECONDS",
                         help="the old secret keeps working this long (default: 0, it stops at once)")
     rotate.set_defaults(run=_keys_rotate)
 
@@ -221,6 +222,18 @@ def _keys_generate(args: argparse.Namespace) -> int:
     key = generate_key()
     print(f"key:  {key}\nhash: {hash_key(key)}")
     return 0
+
+
+def _finite_number(text: str) -> float:
+    """Seconds or a unix time: `float` takes `nan` and `inf`, which JSON cannot carry (the gateway answered
+    "the request body is not valid JSON")."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"not a finite number: {text!r}")
+    return value
 
 
 def _json_object(text: str) -> dict[str, Any]:

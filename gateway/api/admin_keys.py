@@ -113,6 +113,8 @@ def key_routes(check: Callable[[Request[Any, Any, Any]], str], acquire_runtime: 
             now = time.time()
             expires_at = spec.expires_at if spec.ttl_s is None else now + spec.ttl_s
             if expires_at is not None and not (now < expires_at <= now + _HUNDRED_YEARS_S):
+                if spec.ttl_s is not None:  # now plus it is now (a unix time float: steps of ~0.24 µs)
+                    raise InvalidRequest("ttl_s is too small: the expiry it gives is not after now", param="ttl_s")
                 raise InvalidRequest("expires_at must be a future unix time (seconds), within 100 years",
                                      param="expires_at")
             record, secret = await keys.create(tenant=spec.tenant, name=spec.name, models=models,

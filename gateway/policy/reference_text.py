@@ -34,7 +34,9 @@ DESCRIPTIONS: dict[str, str] = {
     "StateSpec.key_prefix": "Prefix of every key the gateway writes in Redis.",
     "StateSpec.connect_timeout_s": "Connecting to Redis.",
     "StateSpec.op_timeout_s": "One Redis operation; slower counts as unavailable.",
-    "StateSpec.max_connections": "Redis connections per process.",
+    "StateSpec.max_connections": ("Redis connections per process for operations; each subscription (breaker sync, "
+                                  "`dynamic_keys` revocations, the semantic cache) holds one more of its own "
+                                  "(docs/operations.md)."),
     "TimeoutSpec.connect_s": "Opening a connection to the provider.",
     "TimeoutSpec.idle_s": "Longest silence between two reads of the answer, streamed or not.",
     "TimeoutSpec.total_s": "The whole exchange, from sending the request to the answer's last byte.",

@@ -21,6 +21,7 @@ __all__ = [
     "Reservation",
     "Store",
     "StoreConfig",
+    "StoreRefused",
     "StoreUnavailable",
     "Take",
     "WindowCount",
@@ -57,6 +58,14 @@ class StoreUnavailable(Exception):
     def __init__(self, message: str = "", *, maybe_applied: bool = True) -> None:
         super().__init__(message)
         self.maybe_applied = maybe_applied
+
+
+class StoreRefused(StoreUnavailable):
+    """A live store answered this operation with an error (a key of another type, a bad argument): not applied, and
+    about this operation's keys, not the store's health (a caller that reads many keys names the one at fault)."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message, maybe_applied=False)
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,6 +7,8 @@ Failure handling, the reason this module exists rather than plain redis-py calls
 * the first failure marks the store unhealthy; from then on operations fail fast (no network, no wait)
   while one background probe PINGs Redis after `backoff_min_s`, doubling up to `backoff_max_s`; the first
   answer (probe, `ping()`, or any operation still in flight) marks it healthy again, without a new store;
+* an operation that finds every pooled connection busy (`max_connections` in use: this process is short of
+  connections, see `redis_client`) fails alone and was not sent; Redis is not marked down;
 * a command error from a live server (wrong type, bad argument) is also `StoreUnavailable` to the caller,
   but does not mark Redis down (one bad key must not stop every request); out-of-memory, read-only
   replica and cluster-down errors do;
@@ -30,6 +32,7 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import (
     ClusterDownError,
     DataError,
+    MaxConnectionsError,
     OutOfMemoryError,
     ReadOnlyError,
     RedisError,
@@ -45,12 +48,13 @@ from gateway.store.base import (
     OnUnavailable,
     Reservation,
     StoreConfig,
+    StoreRefused,
     StoreUnavailable,
     Take,
     WindowCount,
     WindowReservation,
 )
-from gateway.store.redis_client import Client, RedisHandle, open_client
+from gateway.store.redis_client import Client, RedisHandle, open_client, warn_short_of_connections
 from gateway.store.redis_pubsub import RedisChannel
 from gateway.store.redis_url import parse_redis_url
 
@@ -60,8 +64,8 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 _OP_TTL_MS = round(OP_TTL_S * 1000)
 _PAD = ("", "", "", "", "")  # `lua.RESERVE_TOGETHER`'s nine arguments per reservation, after those one uses
-# Connections a start opens (one PING each), at most `max_connections`: for the subscriptions a runtime holds (each
-# keeps one: key revocations, breaker sync, the semantic cache) and the first operations after it is swapped in.
+# Connections of the operations' pool a start opens (one PING each), at most `max_connections`: for the first
+# operations after the runtime is swapped in. (Subscriptions have connections of their own: `redis_client`.)
 WARM_CONNECTIONS = 8
 _OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainError)
 # Error replies that redis-py has no class for and that say the server cannot serve anything now, not that this
@@ -304,7 +308,7 @@ class RedisStore:
         """Subscribe now when Redis is up (publishes after this returns are seen); else keep trying in the back."""
         if self._handle is None:
             raise StoreUnavailable("the store is not started", maybe_applied=False)
-        subscriber = RedisChannel(channel, self._prefix + channel, self._handle.client, self._config, self._forget)
+        subscriber = RedisChannel(channel, self._prefix + channel, self._handle.subscriber, self._config, self._forget)
         self._channels.add(subscriber)
         await subscriber.open(try_now=self._healthy)
         return subscriber
@@ -333,10 +337,13 @@ class RedisStore:
         try:
             async with asyncio.timeout(self._config.op_timeout_s):
                 result = await op(handle.client)
+        except MaxConnectionsError as exc:  # (a `RedisError`: first) no connection free, nothing sent: Redis is fine
+            warn_short_of_connections(exc)
+            raise StoreUnavailable(f"no free redis connection: {exc}", maybe_applied=False) from exc
         except (RedisError, OSError, TimeoutError) as exc:
             replied = isinstance(exc, (ResponseError, DataError))  # an error reply (or refused before it was sent)
             if replied and not isinstance(exc, _OUTAGE_REPLIES) and not str(exc).startswith(_OUTAGE_CODES):
-                raise StoreUnavailable(f"redis rejected the operation: {exc}", maybe_applied=False) from exc  # alive
+                raise StoreRefused(f"redis rejected the operation: {exc}") from exc  # alive
             self._mark_down(exc)
             raise StoreUnavailable(f"redis unavailable: {_describe(exc)}", maybe_applied=not replied) from exc
         self._mark_up()
@@ -349,6 +356,8 @@ class RedisStore:
         try:
             async with asyncio.timeout(timeout_s):
                 await handle.client.ping()
+        except MaxConnectionsError:  # every pooled connection busy: says nothing of Redis, nothing changes
+            return self._healthy
         except (RedisError, OSError, TimeoutError) as exc:
             self._mark_down(exc)
             return False

@@ -3,6 +3,8 @@
 A background task owns one PubSub connection and feeds the channel's bounded buffer. When the connection
 breaks (Redis restarted, network cut, no answer to an idle ping) it closes it and subscribes again with a
 doubling back-off, so consumers just keep iterating; what was published in between is lost (at most once).
+The connection comes from the store's subscription client, not from the operations' pool: it is held for as
+long as the subscription lives, and a pool of few connections would be left with none for operations.
 """
 
 from __future__ import annotations

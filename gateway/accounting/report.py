@@ -27,7 +27,7 @@ from typing import Literal
 
 from ..policy.compiled import Policy
 from ..store._common import AMOUNT_SCALE
-from ..store.base import Store, StoreUnavailable
+from ..store.base import Store, StoreRefused, StoreUnavailable
 from .ledger import FIELDS, usage_key
 
 __all__ = ["ReportPeriod", "ScopeKind", "UnreadableCounter", "days_of", "names_of", "read_usage"]
@@ -132,11 +132,9 @@ async def _read_again_absent(store: Store, keys: Sequence[str], values: list[byt
 async def _get(store: Store, key: str) -> bytes | None:
     try:
         return await store.get(key)
-    except StoreUnavailable as exc:
-        if not exc.maybe_applied and store.healthy:  # an error reply from a store that answers: this key's value
-            _log_unreadable(key)
-            raise UnreadableCounter(key) from exc
-        raise
+    except StoreRefused as exc:  # an error reply from a store that answers: this key's value (not a busy pool)
+        _log_unreadable(key)
+        raise UnreadableCounter(key) from exc
 
 
 def _count(key: str, raw: bytes) -> int:

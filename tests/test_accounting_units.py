@@ -98,22 +98,27 @@ def test_prompt_estimate_counts_overhead_tools_and_images() -> None:
     from types import SimpleNamespace
 
     from gateway.accounting.prompt import PromptEstimator
+    from gateway.schemas.endpoints import Endpoint
     from gateway.translate.image_tokens import MAX_IMAGE_TOKENS as IMAGE_TOKENS  # an image of unknown size
 
     tokens = TokenCounter()
     tokens.load(["gpt-4o"])
     estimator = PromptEstimator(tokens)
     route = SimpleNamespace(upstream_model="gpt-4o")
+
+    def request(body: dict[str, object], endpoint: Endpoint = Endpoint.CHAT) -> SimpleNamespace:
+        return SimpleNamespace(body=body, route=route, endpoint=endpoint)
+
     text = {"messages": [{"role": "user", "content": "hello world"}]}
-    base = estimator.estimate(SimpleNamespace(body=text, route=route))  # type: ignore[arg-type]
+    base = estimator.estimate(request(text))  # type: ignore[arg-type]
     assert base == 3 + 3 + tokens.count("user", "gpt-4o") + tokens.count("hello world", "gpt-4o")
     image = {"messages": [{"role": "user", "content": [{"type": "text", "text": "hello world"},
                                                        {"type": "image_url", "image_url": {"url": "x"}}]}]}
-    assert estimator.estimate(SimpleNamespace(body=image, route=route)) == base + IMAGE_TOKENS  # type: ignore[arg-type]
+    assert estimator.estimate(request(image)) == base + IMAGE_TOKENS  # type: ignore[arg-type]
     tools = {**text, "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {}}}]}
-    assert estimator.estimate(SimpleNamespace(body=tools, route=route)) > base  # type: ignore[arg-type]
+    assert estimator.estimate(request(tools)) > base  # type: ignore[arg-type]
     completion = {"prompt": ["hello world", [1, 2, 3]]}
-    assert estimator.estimate(SimpleNamespace(body=completion, route=route)) == (  # type: ignore[arg-type]
+    assert estimator.estimate(request(completion, Endpoint.COMPLETIONS)) == (  # type: ignore[arg-type]
         tokens.count("hello world", "gpt-4o") + 3)
 
 

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from ..pipeline.context import RequestContext
+from ..schemas.endpoints import Endpoint
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op
@@ -35,6 +36,7 @@ __all__ = ["Admission"]
 _new = tuple.__new__  # a named tuple made without its Python-level __new__ (`Held`, per budget per request)
 _FOREVER = math.inf  # a budget's `Held.until`: its counter has no window to leave
 _FAST_AMOUNT = 9e9  # costs in [0, this) become millionths in line (`to_units` checks the rest, and refuses NaN)
+_CHAT = Endpoint.CHAT
 
 
 class Admission(Taking):
@@ -68,14 +70,17 @@ class Admission(Taking):
         downgrade) are taken here, without a call per step. A counter that fails stops the checks there."""
         if scopes.needs_tokens:  # `_size`, in line
             body = ctx.body
+            endpoint = ctx.endpoint
             if not bill.prompt_estimate:  # (else a large body's, counted in a thread: `presize`)
-                messages = body.get("messages")
+                messages = body.get("messages") if endpoint is _CHAT else None  # (another API's: not read)
                 estimate = self.prompts.plain(messages, scopes.model) if type(messages) is list \
                     and "tools" not in body else None  # (the general count's answer for such a chat, without its steps)
-                bill.prompt_estimate = self.prompts.estimate_body(body, scopes.model) if estimate is None else estimate
+                bill.prompt_estimate = (self.prompts.estimate_body(body, scopes.model, endpoint) if estimate is None
+                                        else estimate)
             if ("max_tokens" in body or "max_completion_tokens" in body or "max_output_tokens" in body
-                    or not ctx.endpoint.streams):
-                bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, body, self.default_cap)
+                    or not endpoint.streams):
+                bill.completion_cap, bill.explicit_cap = completion_cap(endpoint.streams, body, self.default_cap,
+                                                                        endpoint)
             else:  # no cap asked for (the usual case): `completion_cap`'s answer, without its two calls
                 bill.completion_cap = self.default_cap  # (`explicit_cap` stays False)
         store = self._in_line
@@ -175,8 +180,9 @@ class Admission(Taking):
         route = ctx.route
         if not bill.prompt_estimate:  # (else a large body's, counted in a thread: `presize`)
             model = route.upstream_model if route is not None else None
-            bill.prompt_estimate = self.prompts.estimate_body(ctx.body, model)
-        bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap)
+            bill.prompt_estimate = self.prompts.estimate_body(ctx.body, model, ctx.endpoint)
+        bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap,
+                                                                ctx.endpoint)
 
     def _unavailable(self, bill: Bill, budgeted: list[Scope]) -> None:
         """The store failed: refuse (`closed`), or serve and owe each budget not reserved what is spent."""

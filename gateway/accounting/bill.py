@@ -136,7 +136,8 @@ class StageState:
         """A body past `OFF_LOOP_CHARS`: its prompt estimate counted in a thread, which the sizing then keeps
         (`Admission._size`): on the loop, tiktoken takes seconds over a few MB, every other request waiting."""
         if len(ctx.raw_body) > OFF_LOOP_CHARS:
-            bill.prompt_estimate = await asyncio.to_thread(estimate_prompt, self.counter.tokens, ctx.body, model)
+            bill.prompt_estimate = await asyncio.to_thread(estimate_prompt, self.counter.tokens, ctx.body, model,
+                                                           ctx.endpoint)
 
     def _owe_spend(self, key: str, reserved: float, actual: float, ttl_s: float, op: str = "",
                    exc: StoreUnavailable | None = None) -> None:

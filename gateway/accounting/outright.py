@@ -13,9 +13,13 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
+from ..schemas.endpoints import Endpoint
 from ..schemas.openai import MAX_USAGE_TOKENS, listed_prompts
 
-__all__ = ["MAX_TOKENS", "completion_cap", "max_rates", "reach_rates", "refused_outright", "requested_cap"]
+__all__ = ["MAX_TOKENS", "completion_cap", "endpoint_named", "max_rates", "reach_rates", "refused_outright",
+           "requested_cap"]
+
+_CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 
 MAX_TOKENS = MAX_USAGE_TOKENS  # the most tokens one count may hold (`Usage.usable`)
 """The most tokens one request is reserved, or billed, in one count: 10x the largest context window, with room
@@ -24,34 +28,63 @@ limit refuses it, and no amount reaches the store that it cannot keep); a larger
 is an upstream's error (settling.py `usable`). Twice this, in the store's millionths, is exact."""
 
 
-def requested_cap(body: dict[str, Any]) -> int | None:
-    """The completion tokens a request allows itself (`max_completion_tokens`, else, when it is absent or null,
-    `max_tokens`; a Responses API request: `max_output_tokens`), times `n` (or a completion's `best_of`, if more)
-    and the number of prompts a completions request lists, at most `MAX_TOKENS`.
+def requested_cap(body: dict[str, Any], endpoint: Endpoint | None = None) -> int | None:
+    """The completion tokens a request allows itself, in the field the API it came in by honours: a chat's
+    `max_completion_tokens` (else, when it is absent or null, `max_tokens`) times `n`; a completion's `max_tokens`
+    times `n` (or `best_of`, if more) and the number of prompts it lists; a Responses request's
+    `max_output_tokens`. At most `MAX_TOKENS`; None when it sets none.
 
-    Each field counts only in the API that honours it (a chat or completions body always has `messages` or
-    `prompt`), since an upstream that ignores a field would not stop at it: the reservation must not trust it."""
-    if "messages" in body or "prompt" in body:
-        cap = body.get("max_completion_tokens") or body.get("max_tokens")  # (as the translations read them)
-    else:
+    Read by `endpoint`, never by the fields a body has: an upstream ignores a field its API lacks and would not
+    stop at it (`max_completion_tokens: 1` beside a completion's real `max_tokens` was reserved as 1, and its
+    stream never cut). `endpoint` None: the API the body's fields name (`endpoint_named`; an `input` the Responses
+    API's, as embeddings ask for no cap), for a caller that does not know it."""
+    if endpoint is None:
+        endpoint = endpoint_named(body)
+        endpoint = _RESPONSES if endpoint is Endpoint.EMBEDDINGS else endpoint
+    if endpoint is _CHAT:
+        cap = body.get("max_completion_tokens")
+        if cap is None:
+            cap = body.get("max_tokens")  # (as the translations and `with_max_completion_tokens` read them)
+    elif endpoint is _COMPLETIONS:
+        cap = body.get("max_tokens")
+    elif endpoint is _RESPONSES:
         cap = body.get("max_output_tokens")
+    else:
+        return None  # embeddings generate nothing
     if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
         return None
-    if "prompt" not in body:  # (only the completions API has `best_of` and lists of prompts)
+    if endpoint is _CHAT:
         cap *= _count(body.get("n"))
-    else:
+    elif endpoint is _COMPLETIONS:
         cap *= max(_count(body.get("n")), _count(body.get("best_of")))  # `best_of` answers are generated and billed
         cap *= len(listed_prompts(body.get("prompt")))  # a completion (or `n`) for each prompt listed
     return cap if cap <= MAX_TOKENS else MAX_TOKENS
+
+
+def endpoint_named(body: dict[str, Any]) -> Endpoint:
+    """The API a body's own fields name (a list of `messages` chat; a `prompt` completions, unless an object: a
+    Responses template; `input` with `instructions` or items the Responses API, else embeddings): only for a
+    caller that does not know the endpoint it came in by (a unit test); the gateway passes its own, as a body may
+    carry any field."""
+    if isinstance(body.get("messages"), list):
+        return _CHAT
+    if "prompt" in body and not isinstance(body["prompt"], dict):
+        return _COMPLETIONS
+    given, instructions = body.get("input"), body.get("instructions")
+    if (isinstance(instructions, str) and instructions) or (
+            isinstance(given, list) and given and type(given[0]) is dict):
+        return _RESPONSES
+    return Endpoint.EMBEDDINGS
 
 
 def _count(value: Any) -> int:
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 1 else 1
 
 
-def completion_cap(streams: bool, body: dict[str, Any], default: int) -> tuple[int, bool]:
+def completion_cap(streams: bool, body: dict[str, Any], default: int, endpoint: Endpoint | None = None
+                   ) -> tuple[int, bool]:
     """(the completion tokens reserved, whether the request set them); embeddings (no stream) generate none."""
-    cap = 0 if not streams else requested_cap(body)
+    cap = 0 if not streams else requested_cap(body, endpoint)
     return (cap, True) if cap is not None else (default, False)
 
 

@@ -4,15 +4,17 @@
 `PromptEstimator.estimate_body` is the gateway's figure for a request's prompt, in the encoding of the alias's
 upstream model. The accounting stage reserves with it before the call, `telemetry.usage.CountTokens` bills with it
 when the upstream reports no usage, and `count_tokens` answers with it: a Messages client's `count_tokens` figure
-is the `input_tokens` it is billed for by an upstream that reports none. What it counts:
+is the `input_tokens` it is billed for by an upstream that reports none. It reads the fields of the endpoint the
+request came in by, never others the body carries (an upstream ignores them). What it counts:
 
 - chat messages with the chat format's overhead (`TokenCounter.count_messages`: role, text, name, tool calls'
   names and arguments), the ids that tie tool calls and results together, and the thinking of the current
   assistant turn only (`reasoning_content`, and a redacted block as about a quarter of the bytes its base64 holds),
   as Anthropic counts it;
-- a Responses API request's `instructions` and `input` the same way, as the chat messages they stand for; a
-  completion's prompt and its `suffix` (the text after the insertion point, which the upstream reads and bills),
-  or an embedding's input, as text and token ids;
+- a Responses API request's `instructions` and `input` the same way, as the chat messages they stand for (its
+  `prompt` is a template stored upstream, unknown here); a completion's prompt (null: none) and its `suffix` (the
+  text after the insertion point, which the upstream reads and bills), or an embedding's input, as text and
+  token ids;
 - tool definitions as their JSON text (without Anthropic's `cache_control`), which is longer than the forms
   upstreams render them in;
 - each image by one rule whatever the upstream, Anthropic's published one (`translate.image_tokens`: about
@@ -38,11 +40,13 @@ from typing import Any
 import msgspec
 
 from ..pipeline.context import RequestContext
+from ..schemas.endpoints import Endpoint
 from ..schemas.openai import listed_prompts
 from ..telemetry.tokens import REPLY_PRIMING, TOKENS_PER_MESSAGE, TokenCounter, responses_messages
 from ..translate.cache_control import CACHE
 from ..translate.image_tokens import MAX_IMAGE_TOKENS, image_tokens
 from ..translate.thinking import BLOCKS, REASONING
+from .outright import endpoint_named
 
 __all__ = ["PromptEstimator", "estimate_prompt"]
 
@@ -50,6 +54,7 @@ TEXTS_KEPT = 512  # message texts whose counts are kept, per model (the oldest d
 TEXT_CHARS_KEPT = 2048  # longer texts are counted every time (the kept texts stay under ~1M characters per model)
 _MODELS_KEPT = 16  # models with kept texts (a policy's upstream models; others are counted every time)
 _encode = msgspec.json.Encoder().encode
+_CHAT, _COMPLETIONS, _RESPONSES = Endpoint.CHAT, Endpoint.COMPLETIONS, Endpoint.RESPONSES
 
 
 _ROLES = frozenset({"system", "developer", "user", "assistant", "tool", "function"})
@@ -66,26 +71,27 @@ class PromptEstimator:
 
     def estimate(self, ctx: RequestContext) -> int:
         route = ctx.route
-        return self.estimate_body(ctx.body, route.upstream_model if route is not None else None)
+        return self.estimate_body(ctx.body, route.upstream_model if route is not None else None, ctx.endpoint)
 
-    def estimate_body(self, body: dict[str, Any], model: str | None) -> int:
-        """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`):
-        a chat's messages; a Responses request's `instructions` and `input` items, counted as the chat messages
-        they stand for; a completion's prompt and `suffix`, or an embedding's input, as text and token ids."""
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            return self._chat(messages, body, model)
-        prompt = body.get("prompt")
-        if isinstance(prompt, (str, list)):  # a completion: its prompt, and the text after the insertion point
-            suffix = body.get("suffix")  # (read with each prompt: a list of prompts is answered prompt by prompt)
+    def estimate_body(self, body: dict[str, Any], model: str | None, endpoint: Endpoint | None = None) -> int:
+        """The prompt tokens of a decoded body, in `model`'s encoding (also used offline by `gateway explain`), read
+        from the fields of the API it came in by (`endpoint`), whatever others it carries (an upstream ignores
+        them: a completion with an extra `messages: []` was estimated at 3 tokens): a chat's messages; a Responses
+        request's `instructions` and `input` items, counted as the chat messages they stand for; a completion's
+        prompt and `suffix`; an embedding's input. `endpoint` None: the API the body's fields name
+        (`outright.endpoint_named`), for a caller that does not know it."""
+        if endpoint is None:
+            endpoint = endpoint_named(body)
+        if endpoint is _CHAT:
+            messages = body.get("messages")
+            return self._chat(messages, body, model) if isinstance(messages, list) else 0
+        if endpoint is _COMPLETIONS:  # its prompt (null: `<|endoftext|>`, none), and the text after the insertion
+            prompt, suffix = body.get("prompt"), body.get("suffix")  # point, read with each prompt listed
             return self._text(prompt, model) + (self.tokens.count(suffix, model) * len(listed_prompts(prompt))
                                                 if isinstance(suffix, str) and suffix else 0)
-        prompt = body.get("input")  # no completion prompt (a Responses `prompt` is a template)
-        instructions = body.get("instructions")
-        if (isinstance(instructions, str) and instructions) or (
-                isinstance(prompt, list) and prompt and type(prompt[0]) is dict):  # the Responses API
-            return self._chat(responses_messages(prompt, instructions), body, model)
-        return self._text(prompt, model)
+        if endpoint is _RESPONSES:  # (its `prompt` is a template, stored upstream: not counted)
+            return self._chat(responses_messages(body.get("input"), body.get("instructions")), body, model)
+        return self._text(body.get("input"), model)
 
     def _text(self, prompt: Any, model: str | None) -> int:
         """A completion's prompt or an embedding's input: a text, token ids, or a list of either."""
@@ -165,9 +171,10 @@ class PromptEstimator:
 _NOTHING_KEPT: tuple[dict[str, int], dict[str, int]] = ({}, {})
 
 
-def estimate_prompt(tokens: TokenCounter, body: dict[str, Any], model: str | None) -> int:
+def estimate_prompt(tokens: TokenCounter, body: dict[str, Any], model: str | None,
+                    endpoint: Endpoint | None = None) -> int:
     """`estimate_body` by an estimator that keeps nothing: for a count in a thread, or one made now and then."""
-    return PromptEstimator(tokens, keep=False).estimate_body(body, model)
+    return PromptEstimator(tokens, keep=False).estimate_body(body, model, endpoint)
 
 
 def _current_turn(messages: list[Any]) -> int:

@@ -22,7 +22,7 @@ from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import Chunk, StreamDone, StreamError, StreamEvent
-from ..schemas.openai import Usage
+from ..schemas.openai import Usage, listed_prompts
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import StoreUnavailable
 from ..telemetry.usage import estimate_stream_usage
@@ -359,7 +359,7 @@ class StreamBill:
             return events if any(type(event) is StreamDone for event in events) else [*events, cut]
         if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it
             return [*events[: index + 1], cut]
-        return [*events[: index + 1], _final(ctx, events[index]), cut]  # type: ignore[arg-type]
+        return [*events[: index + 1], *_final(ctx, events[: index + 1]), cut]
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         stage = self._stage
@@ -390,13 +390,24 @@ def _tokens(tokens: int) -> int:
     return 0 if tokens < 0 else min(tokens, 2 * MAX_TOKENS)
 
 
-def _final(ctx: RequestContext, last: Chunk) -> Chunk:
-    """The chunk that ends a cut stream: `finish_reason: "length"`, in the shape of the stream's chunks."""
-    data = last.data()
+def _final(ctx: RequestContext, batch: list[StreamEvent]) -> list[StreamEvent]:
+    """The chunk that ends a cut stream (none when no choice is open): `finish_reason: "length"` for each choice
+    the request asked for (`n` of them; of a completion, `n` for each prompt listed) that `batch`, the events up
+    to the cut, did not finish, in the shape of the stream's chunks. Read from the request: the earlier batches
+    passed unread (`passes_up_to`), so a choice they finished is finished again."""
+    last = batch[-1]  # (the content chunk that crossed the reservation)
+    data = last.data() if type(last) is Chunk else {}
     meta: dict[str, Any] = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-    choice: dict[str, Any] = {"index": 0, "finish_reason": "length", "logprobs": None}
-    if ctx.endpoint.label == "chat":
-        choice["delta"] = {}
-    else:
-        choice["text"] = ""
-    return Chunk.of({**meta, "choices": [choice]})
+    body, chat = ctx.body, ctx.endpoint is Endpoint.CHAT
+    n = body.get("n")
+    count = (n if type(n) is int and n > 1 else 1) * (1 if chat else len(listed_prompts(body.get("prompt"))))
+    done = {choice.get("index") for event in batch if type(event) is Chunk
+            for choice in _choices(event) if choice.get("finish_reason") is not None}
+    part: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
+    choices = [{"index": i, **part, "finish_reason": "length", "logprobs": None} for i in range(count) if i not in done]
+    return [Chunk.of({**meta, "choices": choices})] if choices else []
+
+
+def _choices(chunk: Chunk) -> list[Any]:
+    choices = chunk.data().get("choices")
+    return [choice for choice in choices if isinstance(choice, dict)] if isinstance(choices, list) else []

@@ -41,6 +41,7 @@ from ..pipeline.context import RequestContext
 from ..pipeline.dialect import StreamFramer
 from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
 from ..runtime import Runtime
+from ..schemas.endpoints import Endpoint
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens, estimate_on_loop
@@ -217,4 +218,4 @@ def _count(tokens: TokenCounter, chat: dict[str, Any], model: str) -> int:
     format's overhead), the ids that tie tool results to their calls, the images (`translate.image_tokens`), the
     current turn's thinking (the only thinking left in a count's chat request) and the tools' definitions. By an
     estimator that keeps no counts: it may run in a thread."""
-    return estimate_prompt(tokens, chat, model)
+    return estimate_prompt(tokens, chat, model, Endpoint.CHAT)

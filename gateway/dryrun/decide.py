@@ -133,7 +133,7 @@ class Decider:
             stream = body.get("stream") is True
             found["auth"] = self._authorize(found["auth"], key, alias)
             route = self.policy.models[alias]
-            facts = Facts(body, key, request.headers, self.tokens, route.upstream_model)
+            facts = Facts(body, key, request.headers, self.tokens, route.upstream_model, endpoint=request.endpoint)
             if route.rules and len(request.body) > OFF_LOOP_CHARS and reads_tokens(route.rules):
                 await facts.count_in_thread()
             rule = first_match(route.rules, alias, facts) if route.rules else None
@@ -195,8 +195,8 @@ class Decider:
         if not applied.budgets and not any(limit.tpm for limit in applied.limits):
             return applied
         route = self.policy.models[alias]
-        prompt = self._prompts.estimate_body(body, route.upstream_model) if self._prompts is not None else 0
-        cap, _ = completion_cap(endpoint.streams, body, self.policy.accounting.default_max_tokens)
+        prompt = self._prompts.estimate_body(body, route.upstream_model, endpoint) if self._prompts is not None else 0
+        cap, _ = completion_cap(endpoint.streams, body, self.policy.accounting.default_max_tokens, endpoint)
         rate_in, rate_out = self._rates.get(alias, (0.0, 0.0))
         tokens, cost = prompt + cap, (prompt * rate_in + cap * rate_out) / 1_000_000
         refused = refused_outright(self._scopes(key, alias, hop), tokens, cost)

@@ -54,7 +54,8 @@ def explain_route(
     tokens = TokenCounter()
     if any(rule.match.needs_tokens for rule in policy.rules):
         tokens.load(route.upstream_model for route in policy.models.values())
-    facts = Facts(body, virtual_key, wire_headers(headers), tokens, policy.models[alias].upstream_model)
+    facts = Facts(body, virtual_key, wire_headers(headers), tokens, policy.models[alias].upstream_model,
+                  endpoint=endpoint)
     router = Router(policy, {}, None, Metrics(), tokens)
     stream = body.get("stream") is True
     rule, route, order = route_plan(router, facts, alias, stream, endpoint)

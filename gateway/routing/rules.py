@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 from ..accounting.prompt import PromptEstimator, estimate_prompt
 from ..auth.keys import VirtualKey
 from ..policy.compiled import Match, Rule
+from ..schemas.endpoints import Endpoint
 from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import OFF_LOOP_CHARS
 
@@ -47,13 +48,16 @@ _ROUGH = PromptEstimator(TokenCounter(), keep=False)
 class Facts:
     """What rules and sticky assignment may read about one request."""
 
-    __slots__ = ("_ctx", "_prompt_tokens", "body", "headers", "key", "model", "tokens")
+    __slots__ = ("_ctx", "_prompt_tokens", "body", "endpoint", "headers", "key", "model", "tokens")
 
     def __init__(
         self, body: dict[str, Any], key: VirtualKey | None, headers: Sequence[tuple[bytes, bytes]],
         tokens: TokenCounter | None, model: str | None = None, ctx: RequestContext | None = None,
+        endpoint: Endpoint | None = None,
     ) -> None:
         self.body = body
+        # The API the body came in by, whose fields the prompt count reads (`ctx`'s; None: the one its fields name).
+        self.endpoint = ctx.endpoint if ctx is not None else endpoint
         self.key = key
         self.headers = headers
         self.tokens = tokens
@@ -124,8 +128,8 @@ class Facts:
 
     def _count(self) -> int:
         if self.tokens is None:
-            return _ROUGH.estimate_body(self.body, self.model)
-        return estimate_prompt(self.tokens, self.body, self.model)
+            return _ROUGH.estimate_body(self.body, self.model, self.endpoint)
+        return estimate_prompt(self.tokens, self.body, self.model, self.endpoint)
 
     @property
     def has_tools(self) -> bool:

@@ -22,7 +22,8 @@ length instead.
 
 The prompt is counted as the reservation estimates it and as `/v1/messages/count_tokens` answers
 (`accounting.prompt.PromptEstimator.estimate_body`: messages with their format's overhead, tool calls and their
-ids, images, the current turn's thinking, tool definitions), in the encoding of the alias's upstream model: a
+ids, images, the current turn's thinking, tool definitions; a completion's prompt, an embedding's input: the fields
+of the endpoint the request came in by), in the encoding of the alias's upstream model: a
 Messages client's `count_tokens` figure is the `input_tokens` its answer carries and the figure it is billed for.
 A body past `OFF_LOOP_CHARS` is counted in a thread; a stream's (whose provider reports no usage) from its
 start, so that its figure is ready when a Messages stream's last event is written.
@@ -72,7 +73,7 @@ class CountTokens:
                 text = stream_text(ctx, reply.stream)
                 if text.prompt is None and len(ctx.raw_body) > OFF_LOOP_CHARS:  # counted while the answer comes
                     text.prompt = asyncio.ensure_future(asyncio.to_thread(
-                        self.prompts.estimate_body, ctx.body, _model(ctx)))
+                        self.prompts.estimate_body, ctx.body, _model(ctx), ctx.endpoint))
                 reply.stream.add(_CountText(self))
             else:
                 reply.stream.add(self)
@@ -105,8 +106,8 @@ class CountTokens:
         if text is not None and text.prompt is not None:
             return await text.prompt  # type: ignore[no-any-return]
         if len(ctx.raw_body) > OFF_LOOP_CHARS:
-            return await asyncio.to_thread(self.prompts.estimate_body, ctx.body, _model(ctx))
-        return self.prompts.estimate_body(ctx.body, _model(ctx))
+            return await asyncio.to_thread(self.prompts.estimate_body, ctx.body, _model(ctx), ctx.endpoint)
+        return self.prompts.estimate_body(ctx.body, _model(ctx), ctx.endpoint)
 
     async def _count(self, text: str) -> int:
         if len(text) > OFF_LOOP_CHARS:
@@ -263,9 +264,9 @@ def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
     if early is not None and early.done() and not early.cancelled() and early.exception() is None:
         prompt = early.result()
     elif len(ctx.raw_body) <= OFF_LOOP_CHARS:
-        prompt = estimate_prompt(tokens, ctx.body, _model(ctx))
+        prompt = estimate_prompt(tokens, ctx.body, _model(ctx), ctx.endpoint)
     else:
-        prompt = _ROUGH.estimate_body(ctx.body, None)
+        prompt = _ROUGH.estimate_body(ctx.body, None, ctx.endpoint)
     completion = text.tokens(ctx, count_on_loop(tokens, text.text())) if text is not None else ctx.chunks
     ctx.usage, ctx.usage_estimated = Usage(prompt, completion, prompt + completion), True
     return ctx.usage

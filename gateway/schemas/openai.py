@@ -79,7 +79,7 @@ class ChatRequest(_Sampling, kw_only=True):
 
 
 class CompletionRequest(_Sampling, kw_only=True):
-    prompt: Prompt
+    prompt: Prompt | None  # null: the upstream's `<|endoftext|>` (OpenAI's default), counted as no tokens
     max_tokens: Annotated[int, Meta(ge=0)] | None = None  # 0 with `echo` and `logprobs`: a prompt scored, nothing made
     echo: bool | None = None
     logprobs: Annotated[int, Meta(ge=0, le=5)] | None = None

@@ -44,7 +44,7 @@ from collections.abc import Awaitable, Callable
 from prometheus_client import Counter, Gauge
 
 from ..store._common import AMOUNT_SCALE
-from ..store.base import OP_TTL_S, Store, StoreUnavailable
+from ..store.base import OP_TTL_S, Store, StoreRefused, StoreUnavailable
 from .owed_slots import OwedSlots
 from .periods import USAGE_DAYS_KEPT
 
@@ -290,10 +290,10 @@ class Ledger:
             except StoreUnavailable as exc:
                 # its time to be sent again runs from now if it was not running: sent, or refused by a store
                 # that answers (the counter is not one), which would refuse it at every flush for good
-                if exc.maybe_applied or self.store.healthy:
+                if exc.maybe_applied or isinstance(exc, StoreRefused):
                     self.owe_op(key, op, reserved, actual, ttl)
-                if not self.store.healthy:
-                    break  # the store is away: the rest at the next flush
+                if not isinstance(exc, StoreRefused):
+                    break  # the store is away (or its pool is busy: nothing sent): the rest at the next flush
                 continue  # this one refused: kept, and the others sent meanwhile
             except ValueError:
                 log.error("accounting: dropped an unreconcilable amount on %s", key)
@@ -317,11 +317,11 @@ class Ledger:
             except StoreUnavailable as exc:
                 if exc.maybe_applied:  # sent: from now on under its id
                     self.owe_op(key, op, reserved, actual, ttl)
-                elif self.store.healthy:  # the store answers, and refused this counter alone
+                elif isinstance(exc, StoreRefused):  # the store answers, and refused this counter alone
                     self._keep_refused(key, units, ttl, until)
                 else:
                     self._keep(key, units, ttl, until)
-                if not self.store.healthy:  # the store is away: the rest at the next flush
+                if not isinstance(exc, StoreRefused):  # the store is away (or its pool busy): the rest next flush
                     for later_key, (later_units, later_ttl, later_until) in items[index + 1:]:
                         self._keep(later_key, later_units, later_ttl, later_until)
                     break
@@ -387,7 +387,7 @@ class Ledger:
             except StoreUnavailable as exc:
                 if exc.maybe_applied:  # sent: from now on under its id (the next one fails fast if it is away)
                     self.owe_op(counter, op, 0.0, amount, _USAGE_TTL_S)
-                elif not self.store.healthy:
+                elif not isinstance(exc, StoreRefused):  # away, or its pool busy (nothing sent): the next flush
                     return False
                 # else it answers, and refused this counter alone: dropped. Kept, it would be refused at every
                 # flush and lead every flush's queue (a request's alias is folded first), holding back the rest.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 
-from ..store.base import Store, StoreUnavailable
+from ..store.base import Store, StoreRefused, StoreUnavailable
 
 __all__ = ["OwedSlots"]
 
@@ -64,8 +64,8 @@ class OwedSlots:
                 continue
             try:
                 await store.release_slot(*slot)
-            except StoreUnavailable:
-                if not store.healthy:
+            except StoreUnavailable as exc:
+                if not isinstance(exc, StoreRefused):  # away, or its pool busy: the rest at the next turn
                     return
                 continue
             slots.pop(slot, None)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from gateway.store._common import to_units, ttl_ms
-from gateway.store.base import StoreConfig, StoreUnavailable
+from gateway.store.base import StoreConfig, StoreRefused
 
 __all__ = ["Entry", "Keyspace", "as_bytes"]
 
@@ -110,7 +110,7 @@ class Keyspace:
         try:
             return entry, int(value)
         except ValueError:
-            raise StoreUnavailable(_NOT_A_COUNTER, maybe_applied=False) from None
+            raise StoreRefused(_NOT_A_COUNTER) from None
 
     def _cap(self, limit: float) -> int:
         """`to_units(limit)`, checked, and kept for the next operations (a policy has few limits)."""

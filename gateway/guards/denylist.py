@@ -4,9 +4,8 @@ Keywords match whole words, whatever their case, accents, homoglyphs or the
 zero-width characters slipped into them; a topic is a named keyword list whose
 findings are reported as `TOPIC_<NAME>`. Spans map back to the original text, so
 `action: redact` removes exactly what matched. A policy's own regexes are searched
-in the same folded text, so their non-ASCII letters are folded as it is, when they
-are compiled (`normalize.fold_pattern`: `café` is `cafe`, `straße` `stra(?:ss)e`);
-as written, `café\\s+secret` never matched.
+in the same folded text, as written: a non-ASCII letter in one never matches (the
+policy check warns of it; write `cafe`, not `café`).
 
 The terms and topics are searched from their lead, the word list itself (`slices.py`: a match of bounded
 length, and a text holding none of the words is not searched at all), and a policy's own regexes (`patterns`,
@@ -25,7 +24,7 @@ from ..policy.guard_schema import Action, DenyListGuardSpec
 from .base import Finding, Where
 from .common import GuardBase
 from .holds import HOLD_TIMEOUT_S, RegexHolds
-from .normalize import fold, fold_pattern
+from .normalize import fold
 from .pool import INLINE_CHARS, GuardPool
 from .slices import Searchable, Sliced
 
@@ -99,7 +98,7 @@ class DenyListGuard(GuardBase):
         if any(term.split() for term in spec.terms):  # (a term of white space alone matches nothing)
             rules.append(("DENIED_TERM", *_keywords(spec.terms)))
         for pattern in spec.patterns:
-            rules.append(("DENIED_PATTERN", re.compile(fold_pattern(pattern), re.IGNORECASE), None, 0, ()))
+            rules.append(("DENIED_PATTERN", re.compile(pattern, re.IGNORECASE), None, 0, ()))
         for topic, words in spec.topics.items():
             if any(word.split() for word in words):
                 rules.append((f"TOPIC_{topic.upper().replace('-', '_')}", *_keywords(words)))

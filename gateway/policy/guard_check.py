@@ -13,7 +13,6 @@ from __future__ import annotations
 import importlib
 import importlib.metadata
 import importlib.util
-import re
 from pathlib import Path
 from typing import Any
 
@@ -84,7 +83,7 @@ def _check_guard(
             doc.issue(path, "a denylist guard needs terms, patterns or topics")
         for index, regex in enumerate(guard.patterns):
             _regex(regex, doc, path + ("patterns", index))
-            _folded(regex, doc, path + ("patterns", index))
+            _unfolded(regex, doc, path + ("patterns", index), warnings)
     elif isinstance(guard, LimitsGuardSpec):
         if "output" in guard.places:
             doc.issue(path + ("places",), "limits apply to the input only")
@@ -166,17 +165,18 @@ def spacy_pipeline_found(name: str) -> bool:
     return (name.isidentifier() and importlib.util.find_spec(name) is not None) or Path(name).exists()
 
 
-def _folded(pattern: str, doc: _Located, path: tuple[Any, ...]) -> None:
-    """A deny list's regex is matched on the folded text, its non-ASCII letters folded alike when it is compiled
-    (`normalize.fold_pattern`): one that cannot be (`[^ß]`) is refused here, not when the guard is built."""
-    from ..guards.normalize import fold_pattern  # (here: the guards import the policy's schema)
+def _unfolded(pattern: str, doc: _Located, path: tuple[Any, ...], warnings: list[str]) -> None:
+    """A deny list's regex is searched, as written, in the folded text (accents removed, `ß` as `ss`, look-alikes as
+    Latin letters: `normalize.fold`): a letter that folding changes never matches there. A warning, not an error: a
+    policy that loaded before still loads (folding the pattern itself made some patterns backtrack without end)."""
+    from ..guards.normalize import fold  # (here: the guards import the policy's schema)
 
-    try:
-        fold_pattern(pattern)
-    except ValueError as exc:
-        doc.issue(path, str(exc))
-    except (re.error, OverflowError, RecursionError):
-        return  # (no regex as written: `_regex` said so)
+    changed = sorted({char for char in pattern if ord(char) > 127 and fold(char)[0] != char.lower()})
+    if changed:
+        shown = ", ".join(changed[:5]) + (", ..." if len(changed) > 5 else "")
+        warnings.append(f"{doc.where(path)}: {format_path(doc.shown(path))}: the pattern holds letters the text it is "
+                        f"searched in never holds ({shown}): deny lists match the folded text (accents removed, "
+                        "look-alikes as Latin letters); write them folded (`cafe`, `strasse`)")
 
 
 def _regex(pattern: str, doc: _Located, path: tuple[Any, ...], engine: str = "re") -> None:

@@ -5,16 +5,19 @@ last chunk finished choice 0 only, and a client's other choices never ended.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import textwrap
 from typing import Any
 
 import httpx
 import pytest
+from aiohttp import web
 
 from gateway.auth.keys import hash_key
 from tests.conftest import FULL_KEY, UPSTREAM_KEY, RunningGateway
 from tests.support.mock_upstream import MockUpstream
+from tests.support.threaded_app import ThreadedApp
 
 
 def _policy(upstream: MockUpstream) -> str:
@@ -70,3 +73,45 @@ def test_a_cut_stream_finishes_every_choice_it_asked_for(
     earlier = [choice for event in events[:-2] for choice in event.get("choices", ())]
     assert {choice["index"] for choice in earlier} == set(range(choices))  # each one was open: none had finished
     assert not any(choice.get("finish_reason") for choice in earlier)
+
+
+class _OneChoiceEarly(ThreadedApp):
+    """An upstream whose choice 1 finishes at once, then, a read later, choice 0 runs long (past the budget)."""
+
+    def routes(self, app: web.Application) -> None:
+        app.router.add_post("/v1/chat/completions", self._answer)
+
+    async def _answer(self, request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(index: int, content: str | None, finish: str | None = None) -> None:
+            delta = {} if content is None else {"content": content}
+            chunk = {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": "mock-model",
+                     "choices": [{"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}]}
+            await response.write(b"data: %s\n\n" % json.dumps(chunk).encode())
+
+        await send(1, "Done.")
+        await send(1, None, "stop")
+        await asyncio.sleep(0.3)  # (another read: choice 1's finish passed in an earlier batch than the cut)
+        for _ in range(60):
+            await send(0, "word ")
+            await asyncio.sleep(0.01)
+        await send(0, None, "stop")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+
+def test_a_choice_finished_before_the_cut_is_not_finished_again() -> None:
+    with _OneChoiceEarly() as wire:
+        upstream = type("Wire", (), {"base_url": f"http://127.0.0.1:{wire.port}/v1"})()
+        gateway = RunningGateway(_policy(upstream), {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY}).start()  # type: ignore[arg-type]
+        try:
+            events = _events(gateway, "/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "n": 2})
+        finally:
+            gateway.stop()
+    assert events[-1]["error"]["code"] == "budget_exceeded"
+    finishes = [(choice["index"], choice["finish_reason"]) for event in events[:-1]
+                for choice in event.get("choices", ()) if choice.get("finish_reason")]
+    assert finishes == [(1, "stop"), (0, "length")]  # choice 1 once, as the upstream finished it

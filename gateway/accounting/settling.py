@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable
 from math import floor
 from random import random
 from typing import Any
@@ -312,7 +313,7 @@ class StreamBill:
     no decoding; the exact figure comes with the upstream's usage at the end. Below
     the reserved length it does nothing (`passes_up_to`), so the edge keeps polling the provider's stream."""
 
-    __slots__ = ("_bill", "_stage", "reads_events")
+    __slots__ = ("_bill", "_finished", "_stage", "reads_events")
     looks_only = False  # (it may cut: `passes_up_to` says when; found here, `ReplyStream.add` asks no further)
 
     def __init__(self, stage: Settling, bill: Bill) -> None:
@@ -320,11 +321,18 @@ class StreamBill:
         self._bill = bill
         # Events are read only when a stream can outgrow its reservation (a budget, no max_tokens).
         self.reads_events = bool(bill.budgets) and not bill.explicit_cap
+        # Of a stream of several choices (`n`, or a completion's prompts): the choices finished so far, read from
+        # every batch, so that a cut finishes only the others (`_final`); None until known (one choice: stays ())
+        self._finished: set[int] | tuple[()] | None = None
 
     def passes_up_to(self, ctx: RequestContext) -> int:
         """The length up to which `on_events` passes batches untouched: a polled stream stays polled, and runs
-        `on_events` only on a batch that may cross it (`pipeline.streams`)."""
-        return self._bill.completion_cap
+        `on_events` only on a batch that may cross it (`pipeline.streams`); of several choices, none (each batch is
+        read for the choices it finishes)."""
+        finished = self._finished
+        if finished is None:
+            finished = self._finished = set() if _choice_count(ctx) > 1 else ()
+        return self._bill.completion_cap if finished == () else -1
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         """`ctx.chunks` is the upstream's content chunks so far, this batch's included (counted before any stage
@@ -337,6 +345,8 @@ class StreamBill:
         to the one that crossed."""
         bill = self._bill
         if ctx.chunks <= bill.completion_cap:
+            if type(self._finished) is set:  # several choices: each batch is read for those it finishes
+                _note_finished(self._finished, events)
             return events
         positions = [index for index, event in enumerate(events) if type(event) is Chunk and event.content]
         seen = ctx.chunks - len(positions) if len(positions) < ctx.chunks else 0
@@ -349,17 +359,18 @@ class StreamBill:
                     return self._cut(ctx, events, index)
                 if bill.completion_cap == cap:  # no price (or no upstream) to reserve for: nothing to refuse either
                     break
+        if type(self._finished) is set:
+            _note_finished(self._finished, events)
         return events
 
-    @staticmethod
-    def _cut(ctx: RequestContext, events: list[StreamEvent], index: int | None) -> list[StreamEvent]:
+    def _cut(self, ctx: RequestContext, events: list[StreamEvent], index: int | None) -> list[StreamEvent]:
         """The batch up to the chunk at `index` (None: all of it), then the end of a cut stream."""
         cut = StreamError(BudgetExceeded("the budget for this period ran out during the answer; it was cut off"))
         if index is None:  # no chunk in the batch (held by a stage): the end of an answer already sent is kept
             return events if any(type(event) is StreamDone for event in events) else [*events, cut]
         if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it
             return [*events[: index + 1], cut]
-        return [*events[: index + 1], *_final(ctx, events[: index + 1]), cut]
+        return [*events[: index + 1], *_final(ctx, events[: index + 1], self._finished or ()), cut]
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         stage = self._stage
@@ -390,19 +401,32 @@ def _tokens(tokens: int) -> int:
     return 0 if tokens < 0 else min(tokens, 2 * MAX_TOKENS)
 
 
-def _final(ctx: RequestContext, batch: list[StreamEvent]) -> list[StreamEvent]:
+def _note_finished(finished: set[int], events: list[StreamEvent]) -> None:
+    """The choices `events` finish, added to `finished` (`StreamBill._finished`)."""
+    finished.update(choice.get("index") for event in events if type(event) is Chunk
+                    for choice in _choices(event) if choice.get("finish_reason") is not None)
+
+
+def _choice_count(ctx: RequestContext) -> int:
+    """The choices a stream's request asked for: `n` of them; of a completion, `n` for each prompt listed."""
+    body = ctx.body
+    n = body.get("n")
+    return (n if type(n) is int and n > 1 else 1) * (
+        1 if ctx.endpoint is Endpoint.CHAT else len(listed_prompts(body.get("prompt"))))
+
+
+def _final(ctx: RequestContext, batch: list[StreamEvent], finished: Iterable[Any]) -> list[StreamEvent]:
     """The chunk that ends a cut stream (none when no choice is open): `finish_reason: "length"` for each choice
-    the request asked for (`n` of them; of a completion, `n` for each prompt listed) that `batch`, the events up
-    to the cut, did not finish, in the shape of the stream's chunks. Read from the request: the earlier batches
-    passed unread (`passes_up_to`), so a choice they finished is finished again."""
+    the request asked for (`_choice_count`) that neither `batch`, the events up to the cut, nor an earlier batch
+    (`finished`: read by `StreamBill.on_events`) finished, in the shape of the stream's chunks."""
     last = batch[-1]  # (the content chunk that crossed the reservation)
     data = last.data() if type(last) is Chunk else {}
     meta: dict[str, Any] = {k: data[k] for k in ("id", "object", "created", "model") if k in data}
-    body, chat = ctx.body, ctx.endpoint is Endpoint.CHAT
-    n = body.get("n")
-    count = (n if type(n) is int and n > 1 else 1) * (1 if chat else len(listed_prompts(body.get("prompt"))))
+    chat = ctx.endpoint is Endpoint.CHAT
+    count = _choice_count(ctx)
     done = {choice.get("index") for event in batch if type(event) is Chunk
             for choice in _choices(event) if choice.get("finish_reason") is not None}
+    done.update(finished)
     part: dict[str, Any] = {"delta": {}} if chat else {"text": ""}
     choices = [{"index": i, **part, "finish_reason": "length", "logprobs": None} for i in range(count) if i not in done]
     return [Chunk.of({**meta, "choices": choices})] if choices else []

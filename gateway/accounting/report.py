@@ -4,8 +4,10 @@ What the ledger added (`ledger.py`): per (scope, name, day) counters of cost, re
 is the sum of its days. Names are the policy's (its aliases, tenants and named keys) unless one is asked
 for: a key created at run time is reported when named.
 
-Read in few round trips, few at a time: a row's counters (a month: 31 days of six) in one `get_many` (an MGET),
-at most `_ROWS_AT_ONCE` rows at once, and the first failure cancels the rest. A GET per counter, all at once, put
+Read few at a time: a row's counters (a month: 31 days of six) in one `get_many` (an MGET), then a GET for each
+counter a day with usage left unwritten (below: usually its cached and reasoning tokens, two a day, one after the
+other), at most `_ROWS_AT_ONCE` rows at once, and the first failure cancels the rest. A GET per counter, all at
+once, put
 thousands of operations in the store's pool for a month of a few dozen aliases: they waited past `op_timeout_s`,
 the report answered 503, and the store was marked down for every request of the process.
 

@@ -7,9 +7,8 @@ for: a key created at run time is reported when named.
 Read few at a time: a row's counters (a month: 31 days of six) in one `get_many` (an MGET), then a GET for each
 counter a day with usage left unwritten (below: usually its cached and reasoning tokens, two a day, one after the
 other), at most `_ROWS_AT_ONCE` rows at once, and the first failure cancels the rest. A GET per counter, all at
-once, put
-thousands of operations in the store's pool for a month of a few dozen aliases: they waited past `op_timeout_s`,
-the report answered 503, and the store was marked down for every request of the process.
+once, put thousands of operations in the store's pool for a month of a few dozen aliases: they waited past
+`op_timeout_s`, the report answered 503, and the store was marked down for every request of the process.
 
 A counter that holds something other than a count (another program's hash, or a string that is not a number)
 makes the report unavailable (`UnreadableCounter`: the route's 503, which says so), named in the log, rather

@@ -41,7 +41,7 @@ def spaced(text: str) -> str:
     character a reader does not see as one) as one space: how `sanitize` shows an upstream's message. By the same
     class, so that no character the removal did not read across becomes a space (Python's own idea of what is
     printable follows an older Unicode than the `regex` module's: a character assigned since would have)."""
-    shown: str = _GAP_RUN.sub(" ", text)
+    shown: str = _GAP_RUN.sub(" ", text, concurrent=False)
     return shown
 
 
@@ -83,6 +83,15 @@ def _key(secrets: Iterable[str]) -> tuple[str, ...]:
 # of building a pattern). By the `regex` module, for its Unicode properties (the class spelled out for `re` is 700
 # ranges, slower to match): it runs only on what an upstream's error carries.
 _GAP_RUN = regex.compile(r"[\s\p{C}\p{Z}\p{Default_Ignorable_Code_Point}]++")
+# Its every use passes `concurrent=False`: by default the `regex` module lets go of the GIL while it matches a
+# `str`, and taking it back waits for any other thread's turn (a pattern being built in a worker thread: tenths of
+# a second at a time); the gaps of one message, read on the event loop, stalled it for 0.7 s.
+
+
+def _squeezed(text: str) -> str:
+    """`text` with its `_GAP_RUN`s taken out."""
+    out: str = _GAP_RUN.sub("", text, concurrent=False)
+    return out
 # The patterns built, by the secrets as a provider passes them. A dict rather than `lru_cache`: the event loop
 # asks whether one is ready without building it. Written from worker threads (`prepare_secrets`), under `_LOCK`.
 # Those of a set some owner uses (`_USERS`) stay; the others ("spare") are bounded by count and by size in bytes
@@ -188,7 +197,7 @@ def _before_ready(text: str, key: tuple[str, ...], values: dict[str, set[str]]) 
 def _sub_across_gaps(pattern: re.Pattern[str], text: str) -> str:
     """`text` with every match of `pattern` in it, read with its `_GAP_RUN`s taken out, replaced: each match's
     span in `text` runs from its first character to its last, the gaps between them included."""
-    squeezed = _GAP_RUN.sub("", text)
+    squeezed = _squeezed(text)
     if len(squeezed) == len(text):
         return pattern.sub(_REDACTED, text)
     spans = [match.span() for match in pattern.finditer(squeezed)]
@@ -197,7 +206,7 @@ def _sub_across_gaps(pattern: re.Pattern[str], text: str) -> str:
     starts: list[int] = []  # where each gap was, in `squeezed`
     removed: list[int] = []  # the characters taken out up to the end of each gap
     total = 0
-    for gap in _GAP_RUN.finditer(text):
+    for gap in _GAP_RUN.finditer(text, concurrent=False):
         starts.append(gap.start() - total)
         total += gap.end() - gap.start()
         removed.append(total)
@@ -229,9 +238,9 @@ def _secret_values(secrets: Iterable[str]) -> dict[str, set[str]]:
         scheme = _AUTH_SCHEME.match(value)
         rest = value[scheme.end():] if scheme else value
         if len(rest) >= _MIN_SECRET_LENGTH:
-            values.setdefault(_GAP_RUN.sub("", rest), set()).update((_GAP_RUN.sub("", scheme[0]),) if scheme else ())
+            values.setdefault(_squeezed(rest), set()).update((_squeezed(scheme[0]),) if scheme else ())
         elif len(value) >= _MIN_SECRET_LENGTH:
-            values.setdefault(_GAP_RUN.sub("", value), set())
+            values.setdefault(_squeezed(value), set())
     return values
 
 

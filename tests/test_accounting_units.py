@@ -518,13 +518,13 @@ async def test_a_slot_release_the_store_refuses_does_not_hold_back_the_others() 
     """Owed releases are given back in turn; one the store refuses while it answers (a bad key) is kept for the
     next flush, and the others behind it are given back now."""
     from gateway.accounting.ledger import Ledger
-    from gateway.store.base import StoreUnavailable
+    from gateway.store.base import StoreRefused
     from gateway.store.memory import MemoryStore
 
     class Refusing(MemoryStore):
         async def release_slot(self, key: str, holder: str) -> None:
             if key == "bad":
-                raise StoreUnavailable("test: refused")
+                raise StoreRefused("test: refused")  # (an error reply: a store that answers refused it)
             await super().release_slot(key, holder)
 
     store = Refusing()

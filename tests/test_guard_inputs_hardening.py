@@ -190,7 +190,9 @@ def test_a_limits_guard_counts_a_large_request_off_the_loop(gw: RunningGateway) 
     """3.8 MB without a space takes tiktoken seconds: counted on the loop, /healthz waited all that time."""
     status, worst = _worst_healthz(gw, {"model": "big", "messages": [{"role": "user", "content": "a" * 3_800_000}]})
     assert status == 200
-    assert worst < 0.5, f"/healthz waited {worst:.1f} s behind the limits guard's count"
+    # Counted on the loop, the probe waits seconds; off it, about 0.15 s here, and up to 0.6 s in two full suites on
+    # a loaded machine (the 3.8 MB body and its echo are read and written on the loop)
+    assert worst < 1.0, f"/healthz waited {worst:.1f} s behind the limits guard's count"
 
 
 def test_check_request_off_loop_leaves_the_loop_free() -> None:

@@ -22,6 +22,7 @@ import pytest
 import gateway.routing.rules as rules
 from gateway.accounting.prompt import estimate_prompt
 from gateway.auth.keys import hash_key
+from gateway.schemas.endpoints import Endpoint
 from gateway.telemetry.tokens import TokenCounter
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.mock_upstream import MockUpstream
@@ -81,8 +82,9 @@ def test_a_large_prompt_is_counted_once_and_off_the_loop(
     lock = threading.Lock()
     real = rules.estimate_prompt
 
-    def counting_estimate(tokens: TokenCounter, counted_body: dict[str, Any], model: str | None) -> int:
-        found = real(tokens, counted_body, model)
+    def counting_estimate(tokens: TokenCounter, counted_body: dict[str, Any], model: str | None,
+                          endpoint: Endpoint | None = None) -> int:
+        found = real(tokens, counted_body, model, endpoint)
         if found > 500_000:
             with lock:
                 counted.append(found)

@@ -381,6 +381,7 @@ async def _through_bill(polled: bool, steps: int, looker: Looker | None = None) 
     source = PolledSource(batches) if polled else Source(batches)
     ctx = context()
     ctx.endpoint = SimpleNamespace(label="chat")
+    ctx.body = {"messages": []}  # one choice (`n` absent): the bill reads no batch below its cap
     settling, bill = Extends(steps), budget_bill(3)
     stream = ReplyStream(source, ctx)
     billed = StreamBill(settling, bill)  # type: ignore[arg-type]

@@ -662,6 +662,7 @@ async def test_a_redis_busy_with_another_clients_script_is_an_outage_not_a_refus
     blocker = aioredis.Redis.from_url(private_redis.url)
     killer = aioredis.Redis.from_url(private_redis.url)
     try:
+        await wait_for(lambda: store.healthy, timeout=5)  # (a loaded suite's start once missed its 0.75 s)
         await store.set("k", b"v")
         await killer.config_set("busy-reply-threshold", 50)  # (milliseconds: Redis 7's name of lua-time-limit)
         script = asyncio.create_task(blocker.eval("while true do end", 0))

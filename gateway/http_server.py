@@ -33,9 +33,10 @@ the `uvicorn.Config` keyword arguments that fix this with subclasses of uvicorn'
 * What the parser refuses (conflicting lengths, a malformed head or chunk): `400` with an OpenAI error body
   (`invalid_http_request`, the parser's reason in the message) and `connection: close`, after the response in flight
   if there is one. A WebSocket upgrade: `400` (`websocket_not_supported`): the gateway serves no WebSocket route.
-* Any other upgrade (`Upgrade: h2c`, as `curl --http2` sends to an http:// URL) and CONNECT: ignored, as nginx and h11
-  do: the request is served as HTTP/1.1, its body read by its `Content-Length` or chunks; its answer is never a `101`
-  (nor a 2xx to a CONNECT: no route takes one), so a proxy in front stays in HTTP/1.1 too. httptools ends such a
+* Any other upgrade (`Upgrade: h2c`, as `curl --http2` sends to an http:// URL): ignored, as nginx and h11 do: the
+  request is served as HTTP/1.1, its body read by its `Content-Length` or chunks; its answer is never a `101`, so a
+  proxy in front stays in HTTP/1.1 too. CONNECT is never a tunnel: an authority-form target (`host:443`) is a `400`,
+  an origin-form one a request as any other (no route takes the method). httptools ends such a
   request at its head: its body was dropped, or read as the next request (smuggled): `http_upgrade` reads it.
 * A lost connection (httptools): every request of the connection, the one running first, then those pipelined behind
   it, is marked disconnected and its disconnect hook called (`pipeline.lifecycle`); uvicorn tells the last one only.

@@ -27,18 +27,12 @@ from aiohttp import web
 
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.threaded_app import ThreadedApp
+from tests.support.tool_call_pieces import piece
 
 WEATHER = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"c": "Paris"}'}}
 TIME = {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}
 TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}}
          for name in ("get_weather", "get_time")]
-
-
-def _piece(index: int, call_id: str | None, name: str | None, arguments: str) -> dict[str, Any]:
-    """A conformant stream's piece of a call: the id, type and name on its first piece only."""
-    if call_id is None:
-        return {"index": index, "function": {"arguments": arguments}}
-    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
 
 
 # The `delta.tool_calls` of each chunk, per upstream model; and whether the stream is served to a complete request.
@@ -47,21 +41,21 @@ SCRIPTS: dict[str, tuple[list[list[dict[str, Any]]], bool]] = {
     "index-zero": ([[{**WEATHER, "index": 0}], [{**TIME, "index": 0}]], False),  # Ollama 0.20
     "index-zero-together": ([[{**WEATHER, "index": 0}, {**TIME, "index": 0}]], False),
     "no-index-apart": ([[WEATHER], [TIME]], False),
-    "repeated-ids": ([[_piece(0, "call_a", "get_weather", "")], [{"index": 0, "id": "call_a", "function": {
+    "repeated-ids": ([[piece(0, "call_a", "get_weather", "")], [{"index": 0, "id": "call_a", "function": {
         "arguments": '{"c": "Paris"}'}}], [{**TIME, "index": 1}]], True),
     "conformant": ([
-        [_piece(0, "call_a", "get_weather", "")],
-        [_piece(0, None, None, '{"c": ')],
-        [_piece(1, "call_b", "get_time", '{"tz"')],
-        [_piece(0, None, None, '"Paris"}')],
-        [_piece(1, None, None, ': "CET"}')],
+        [piece(0, "call_a", "get_weather", "")],
+        [piece(0, None, None, '{"c": ')],
+        [piece(1, "call_b", "get_time", '{"tz"')],
+        [piece(0, None, None, '"Paris"}')],
+        [piece(1, None, None, ': "CET"}')],
     ], True),
     # Poolside's API, mlx-openai-server before its PR 216: a call's later pieces carry another id, without the name:
     # one call, its first id kept
     "unstable-ids": ([
-        [_piece(0, "call_a", "get_weather", "")],
+        [piece(0, "call_a", "get_weather", "")],
         [{"index": 0, "id": "call_a2", "function": {"arguments": '{"c": "Paris"}'}}],
-        [_piece(1, "call_b", "get_time", "")],
+        [piece(1, "call_b", "get_time", "")],
         [{"index": 1, "id": "call_b2", "function": {"arguments": '{"tz": "CET"}'}}],
     ], True),
 }

@@ -28,6 +28,7 @@ from aiohttp import web
 
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.threaded_app import ThreadedApp
+from tests.support.tool_call_pieces import piece
 
 EMAIL = "jane.doe@mailbox.org"
 WEATHER = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"c": "Paris"}'}}
@@ -37,13 +38,6 @@ TOOLS: Any = [{"name": "get_weather", "input_schema": {"type": "object"}},
               {"name": "send_mail", "input_schema": {"type": "object"}}]
 
 
-def _piece(index: int, call_id: str | None, name: str | None, arguments: str) -> dict[str, Any]:
-    """A conformant stream's piece of a call: the id, type and name on its first piece only."""
-    if call_id is None:
-        return {"index": index, "function": {"arguments": arguments}}
-    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
 # The `delta.tool_calls` of each chunk, per upstream model.
 SCRIPTS: dict[str, list[list[dict[str, Any]]]] = {
     "no-index": [[WEATHER, MAIL]],  # older Ollama, Gemini's OpenAI-compatible API
@@ -51,19 +45,19 @@ SCRIPTS: dict[str, list[list[dict[str, Any]]]] = {
     "index-zero": [[{**WEATHER, "index": 0}], [{**MAIL, "index": 0}]],  # Ollama 0.20
     "index-zero-together": [[{**WEATHER, "index": 0}, {**MAIL, "index": 0}]],
     "conformant": [
-        [_piece(0, "call_a", "get_weather", "")],
-        [_piece(0, None, None, '{"c": ')],
-        [_piece(1, "call_b", "send_mail", '{"to"')],
-        [_piece(0, None, None, '"Paris"}')],
-        [_piece(1, None, None, f': "{EMAIL[:7]}')],
-        [_piece(1, None, None, f'{EMAIL[7:]}"}}')],
+        [piece(0, "call_a", "get_weather", "")],
+        [piece(0, None, None, '{"c": ')],
+        [piece(1, "call_b", "send_mail", '{"to"')],
+        [piece(0, None, None, '"Paris"}')],
+        [piece(1, None, None, f': "{EMAIL[:7]}')],
+        [piece(1, None, None, f'{EMAIL[7:]}"}}')],
     ],
     # Poolside's API, mlx-openai-server before its PR 216: a call's later pieces carry another id than its first,
     # without the name: one call still (split by id, the address's two halves were scanned apart and let through)
     "unstable-ids": [
-        [_piece(0, "call_a", "get_weather", "")],
+        [piece(0, "call_a", "get_weather", "")],
         [{"index": 0, "id": "call_a2", "function": {"arguments": '{"c": "Paris"}'}}],
-        [_piece(1, "call_b", "send_mail", "")],
+        [piece(1, "call_b", "send_mail", "")],
         [{"index": 1, "id": "call_b2", "function": {"arguments": f'{{"to": "{EMAIL[:7]}'}}],
         [{"index": 1, "id": "call_b3", "function": {"arguments": f'{EMAIL[7:]}"}}'}}],
     ],

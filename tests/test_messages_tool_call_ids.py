@@ -24,6 +24,7 @@ from aiohttp import web
 
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.threaded_app import ThreadedApp
+from tests.support.tool_call_pieces import piece
 
 WEATHER = {"id": "call_a", "type": "function", "function": {"name": "get_weather", "arguments": '{"c": "Paris"}'}}
 TIME = {"id": "call_b", "type": "function", "function": {"name": "get_time", "arguments": '{"tz": "CET"}'}}
@@ -32,31 +33,24 @@ TOOLS: Any = [{"name": "get_weather", "input_schema": {"type": "object"}},
               {"name": "get_time", "input_schema": {"type": "object"}}]
 
 
-def _piece(index: int, call_id: str | None, name: str | None, arguments: str) -> dict[str, Any]:
-    """A conformant stream's piece of a call: the id, type and name on its first piece only."""
-    if call_id is None:
-        return {"index": index, "function": {"arguments": arguments}}
-    return {"index": index, "id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
-
-
 # The `delta.tool_calls` of each chunk, per upstream model.
 SCRIPTS: dict[str, list[list[dict[str, Any]]]] = {
     "no-index": [[WEATHER, TIME]],  # older Ollama, Gemini's OpenAI-compatible API
     "index-zero": [[{**WEATHER, "index": 0}], [{**TIME, "index": 0}]],  # Ollama 0.20
     "conformant": [
-        [_piece(0, "call_a", "get_weather", "")],
-        [_piece(0, None, None, '{"c": ')],
-        [_piece(1, "call_b", "get_time", '{"tz"')],
-        [_piece(0, None, None, '"Paris"}')],
-        [_piece(1, None, None, ': "CET"}')],
+        [piece(0, "call_a", "get_weather", "")],
+        [piece(0, None, None, '{"c": ')],
+        [piece(1, "call_b", "get_time", '{"tz"')],
+        [piece(0, None, None, '"Paris"}')],
+        [piece(1, None, None, ': "CET"}')],
     ],
     # Poolside's API, mlx-openai-server before its PR 216: a call's later pieces carry another id than its first,
     # without the name: they go on the call (as before the rule above; split, a block had no name: an error)
     "unstable-ids": [
-        [_piece(0, "call_a", "get_weather", "")],
+        [piece(0, "call_a", "get_weather", "")],
         [{"index": 0, "id": "call_a2", "function": {"arguments": '{"c": '}}],
         [{"index": 0, "id": "call_a3", "function": {"arguments": '"Paris"}'}}],
-        [_piece(1, "call_b", "get_time", "")],
+        [piece(1, "call_b", "get_time", "")],
         [{"index": 1, "id": "call_b2", "function": {"arguments": '{"tz": "CET"}'}}],
     ],
 }

@@ -617,7 +617,10 @@ async def test_redis_killed_then_restarted(private_redis: RedisServer) -> None:
             assert took < OP_TIMEOUT + STALL_MARGIN
         assert not store.healthy
         took, exc = await elapsed(store.get("k"))
-        assert isinstance(exc, StoreUnavailable) and took < 0.2  # failing fast while down
+        # failing fast while down: sent nowhere, as its message says (a loaded suite's loop can take longer than any
+        # tight bound to run even that)
+        assert isinstance(exc, StoreUnavailable) and "failing fast" in str(exc) and not exc.maybe_applied, exc
+        assert took < OP_TIMEOUT + STALL_MARGIN
         assert await store.ping() is False
         await asyncio.to_thread(private_redis.start)  # same port, empty data
         await wait_for(lambda: store.healthy, timeout=3)  # the background probe, no request needed
@@ -726,8 +729,9 @@ async def test_nothing_listening_fails_fast_without_crashing() -> None:
         assert not store.healthy
         assert await store.ping() is False
         for op in OPERATIONS:
-            took, exc = await elapsed(op(store))
-            assert isinstance(exc, StoreUnavailable) and took < 0.2  # fails fast while marked down
+            took, exc = await elapsed(op(store))  # fails fast while marked down: sent nowhere
+            assert isinstance(exc, StoreUnavailable) and "failing fast" in str(exc) and not exc.maybe_applied, exc
+            assert took < OP_TIMEOUT + STALL_MARGIN
         channel = await store.subscribe("ch")  # a subscription waits for Redis in the background
         await channel.aclose()
     finally:

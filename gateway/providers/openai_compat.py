@@ -194,7 +194,9 @@ class OpenAICompatProvider:
         body: its strings are scrubbed like any upstream error message (`scrub`), the rest of the body kept. A
         chat, completions or embeddings answer that is `{"error": ...}` with a 200 is the upstream's failure, as
         the same object in a stream is (`_in_band_error`): retried and fallen back from, never cached or billed; so is
-        one whose `choices` is not an array, or whose usage is not OpenAI's (a malformed answer). A body that is
+        an error written flat, `{"object": "error", "message": ...}` (vLLM's before 0.10, other servers), on every
+        endpoint, the Responses API's too (it is no Response); so is one whose `choices` is not an array, or whose
+        usage is not OpenAI's (a malformed answer). A body that is
         not UTF-8 is refused (the peeks skip what they do not read): checked only when it is not ASCII
         (`isascii`: C). A UTF-8 byte order mark before the JSON (some servers and proxies write one) is dropped, from
         the client's answer as well: JSON has none (RFC 8259 8.1), but a parser may ignore one."""
@@ -206,20 +208,22 @@ class OpenAICompatProvider:
         try:
             if call.endpoint is _RESPONSES:
                 answer = _peek_responses(body)
+                if answer.object == "error":  # a flat error: no Response (a failed one's `object` is "response")
+                    raise self._in_band_error(answer.error if answer.error is not None else answer.message)
                 if answer.error is not None:  # `"error": null` unless the response failed
                     body = scrubbed_error(body, self.sanitize, self.unsecret)
                 return Completion(body, responses_usage(answer.usage))
             if call.read_choices:  # a stage reads the answer's text: its choices in the same decode
                 try:
                     peek = _peek_usage_choices(body)
-                    if peek.error is not None:
-                        raise self._in_band_error(peek.error)
+                    if peek.error is not None or peek.object == "error":
+                        raise self._in_band_error(peek.error if peek.error is not None else peek.message)
                     return Completion(body, peek.usage, choices=peek.choices or [])
                 except msgspec.ValidationError:
                     pass  # choices of unusual types: the usage alone (the stage reads the body its own way)
             plain = _peek_usage(body)
-            if plain.error is not None:  # absent from an answer, in the common case
-                raise self._in_band_error(plain.error)
+            if plain.error is not None or plain.object == "error":  # absent from an answer, in the common case
+                raise self._in_band_error(plain.error if plain.error is not None else plain.message)
         except msgspec.ValidationError as exc:  # JSON of another shape than an answer's (`"choices": "x"`)
             raise UpstreamError(f"upstream `{self.name}` answered with a malformed answer ({exc})") from exc
         except (msgspec.DecodeError, RecursionError) as exc:  # (Recursion: nested too deep)
@@ -231,8 +235,8 @@ class OpenAICompatProvider:
 
     def _in_band_error(self, error: Any) -> UpstreamError:
         """A 200 answer that is an error (`{"error": {"message": ...}}` or `{"error": "..."}`: vLLM, proxies,
-        overloaded servers): a 502 with its message scrubbed, as a stream's in-band error ends the stream
-        (`openai_stream`)."""
+        overloaded servers; or flat, `{"object": "error", "message": "..."}`, its `message` given here): a 502 with
+        its message scrubbed, as a stream's in-band error ends the stream (`openai_stream`)."""
         message = error.get("message") if isinstance(error, dict) else error
         message = message if isinstance(message, str) else ""
         detail = self.sanitize(message)[:500] if message else "no message"

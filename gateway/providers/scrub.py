@@ -5,7 +5,9 @@ message already through the provider's `sanitize` (`status_error`, a `StreamErro
 A few travel inside a body or an event that the gateway forwards as it is: a
 Responses answer with `"status": "failed"` and its `error` object, a Responses
 stream event whose `response` carries one (`response.failed`), and a 200 answer an
-OpenAI-compatible server fills with `{"error": ...}`. The strings of those error
+OpenAI-compatible server fills with `{"error": ...}` or writes as a flat error (`"object": "error"`, its
+`message` beside it: vLLM's before 0.10 and other servers; the provider makes both its own error, a 502,
+`OpenAICompatProvider._completion`). The strings of those error
 objects go through the same `sanitize` here, so that no configured secret, internal
 address or host name an upstream echoes reaches a client on any path
 (docs/security.md); every other string of such a body or event, at any depth and keys
@@ -43,26 +45,36 @@ _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
 
 
-# The peeks the providers decode anyway, each with the `error` that may ride along: reading it costs no
-# second pass over the body (the key is absent, or null, in the common case).
+# The peeks the providers decode anyway, each with the `error` that may ride along, and the `object` and `message`
+# of an error written flat (`{"object": "error", "message": ..., "type": ..., "code": ...}`): reading them costs no
+# second pass over the body (`error` and `message` are absent, or null, and `object` a short string, in the common
+# case). `object` and `message` are read as anything: an answer's own `object` of an unusual type is not malformed.
 
 
 class AnswerPeek(UsagePeek):
-    """A complete answer's usage, and the `{"error": ...}` some OpenAI-compatible servers answer with a 200."""
+    """A complete answer's usage, and the `{"error": ...}` or the flat error some OpenAI-compatible servers answer
+    with a 200."""
 
     error: Any = None
+    object: Any = None
+    message: Any = None
 
 
 class AnswerChoicesPeek(UsageChoicesPeek, gc=False):
     """`AnswerPeek` with the choices read too (`UsageChoicesPeek`)."""
 
     error: Any = None
+    object: Any = None
+    message: Any = None
 
 
 class ResponsesAnswerPeek(ResponsesPeek):
-    """A Responses answer (or the `response` of a stream event): its usage and its `error`, null unless it failed."""
+    """A Responses answer (or the `response` of a stream event): its usage and its `error`, null unless it failed;
+    `object` and `message` those of a flat error, which is no Response (whose `object` is `"response"`)."""
 
     error: Any = None
+    object: Any = None
+    message: Any = None
 
 
 class ResponsesEventScrubPeek(ResponsesEventPeek):

@@ -17,7 +17,7 @@ from typing import Any
 
 import msgspec
 
-from ..errors import GatewayError
+from ..errors import GatewayError, Unsupported
 
 __all__ = ["MESSAGES_PATH", "anthropic_error_body", "error_envelope", "error_type", "messages_path",
            "messages_target", "status_type"]
@@ -49,16 +49,18 @@ def error_envelope(message: str, type_: str, request_id: str | None = None) -> b
 
 # Chat Completions fields the Messages ingress writes from fields of other names (`anthropic_ingress.chat_request`):
 # a target refusing one (Gemini: `parallel_tool_calls: false`) is named to a Messages client by the field it sent.
-_MESSAGES_NAMES = {"`parallel_tool_calls`": "`tool_choice.disable_parallel_tool_use`",
-                   "`stop`": "`stop_sequences`", "`user`": "`metadata.user_id`"}
+# Only a target's refusal of that field (an `Unsupported` whose `param` it is) is renamed, and only the field's
+# backticked name in it: any other 400 (the ingress's own wording, "`user` or `assistant`", or its refusal of a
+# top-level `user` the client sent; an upstream's text) is left as it was written.
+_MESSAGES_NAMES = {"parallel_tool_calls": ("`parallel_tool_calls`", "`tool_choice.disable_parallel_tool_use`"),
+                   "stop": ("`stop`", "`stop_sequences`"), "user": ("`user`", "`metadata.user_id`")}
 
 
 def anthropic_error_body(error: GatewayError, request_id: str | None = None) -> bytes:
     message = error.message
-    if error.status == 400 and "`" in message:
-        for chat, messages in _MESSAGES_NAMES.items():
-            if chat in message:
-                message = message.replace(chat, messages)
+    renamed = _MESSAGES_NAMES.get(error.param) if isinstance(error, Unsupported) and error.param else None
+    if renamed is not None:
+        message = message.replace(*renamed)
     return error_envelope(message, error_type(error), request_id)
 
 

@@ -206,8 +206,9 @@ def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
         messages.append({"role": "system",
                          "content": system if isinstance(system, str) else _system(system, cache)})
     current = _current_turn(body["messages"]) if count_only else 0
+    last = len(body["messages"]) - 1
     for index, message in enumerate(body["messages"]):
-        messages.extend(_message(message, index, cache, index >= current))
+        messages.extend(_message(message, index, cache, index >= current, final=index == last))
     chat: dict[str, Any] = {"model": body["model"], "messages": messages, "max_tokens": body["max_tokens"]}
     for field in _PASSED:
         if body.get(field) is not None:
@@ -264,12 +265,19 @@ def _current_turn(messages: list[Any]) -> int:
     return 0
 
 
-def _message(message: Any, index: int, cache: _Cache, thought: bool = True) -> list[dict[str, Any]]:
-    """A Messages message as chat messages; `thought`: with its thinking (else checked and left out)."""
+def _message(message: Any, index: int, cache: _Cache, thought: bool = True, *, final: bool = False,
+             ) -> list[dict[str, Any]]:
+    """A Messages message as chat messages; `thought`: with its thinking (else checked and left out). Empty content
+    (`""`, `[]`) is a 400 naming it, as Anthropic answers, except on the final assistant message (Anthropic's empty
+    prefill, the same as none): left out, a message would change the conversation (two turns of a role joined, the
+    last user turn gone and the assistant's before it taken for a prefill, a conversation begun by the assistant)."""
     where = f"messages.{index}"
     if not isinstance(message, dict) or message.get("role") not in ("user", "assistant"):
         raise InvalidRequest(f"`{where}.role` must be `user` or `assistant`", param=f"{where}.role")
     role, content = message["role"], message.get("content")
+    if (content == "" or content == []) and not (final and role == "assistant"):
+        raise InvalidRequest(f"`{where}.content`: all messages must have non-empty content except for the optional "
+                             "final assistant message", param=f"{where}.content")
     if isinstance(content, str):
         return [{"role": role, "content": content}]
     if not isinstance(content, list):

@@ -18,7 +18,9 @@ class Answer:
         self.text: list[str] = []
         self.refusal = False
         self.finish_reasons: list[str] = []
-        self.tool_calls: dict[int, list[str]] = {}  # index -> [name, arguments...]
+        # index -> [name, arguments...]: a function call's (a chat call of another type, a custom tool's, whose name
+        # and input are not in `function`, reads as [""]: `quality._malformed_tool_call`)
+        self.tool_calls: dict[int, list[str]] = {}
         self.size = 0
         self.overflow = False
 
@@ -34,8 +36,12 @@ class Answer:
 
 class Asked(NamedTuple):
     """What a request asked of its answer's form, whatever its API: a JSON kind (`json_object`,
-    `json_schema` or None), that schema, and the offered tools' parameter schemas by name."""
+    `json_schema` or None), that schema, the offered function tools' parameter schemas by name, the names
+    of all the tools it offered, whatever their type (None when they cannot all be told: a Responses request's
+    stored `prompt` may offer more), and whether it offered any tool at all (the defaults: none)."""
 
     json_kind: str | None
     schema: Any
     tools: dict[str, Any]
+    names: frozenset[str] | None = frozenset()
+    offers_tools: bool = False

@@ -45,9 +45,11 @@ def _parse(text: str) -> tuple[bool, Any]:
 
 
 def chat_asked(request: dict[str, Any]) -> Asked:
-    """Chat and completions: `response_format` and `tools` (`{"type": "function", "function": {...}}`)."""
-    if "response_format" not in request and "tools" not in request:  # the common request asks neither
-        return NOTHING_ASKED
+    """Chat and completions: `response_format`, `tools` (`{"type": "function", "function": {...}}`, or of another
+    type, named in the part of that type: `{"type": "custom", "custom": {"name": ...}}`) and the legacy
+    `functions` (`[{"name": ..., "parameters": ...}]`)."""
+    if "response_format" not in request and "tools" not in request and "functions" not in request:
+        return NOTHING_ASKED  # the common request asks none of them
     response_format = request.get("response_format")
     kind = schema = None
     if isinstance(response_format, dict):
@@ -55,12 +57,27 @@ def chat_asked(request: dict[str, Any]) -> Asked:
         spec = response_format.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
     tools: dict[str, Any] = {}
-    offered = request.get("tools")
-    for tool in offered if isinstance(offered, list) else ():
-        function = tool.get("function") if isinstance(tool, dict) else None
+    names: set[str] = set()
+    offered, legacy = request.get("tools"), request.get("functions")
+    offered, legacy = offered if isinstance(offered, list) else [], legacy if isinstance(legacy, list) else []
+    for tool in offered:
+        if not isinstance(tool, dict):
+            continue
+        function = tool.get("function")
         if isinstance(function, dict) and isinstance(function.get("name"), str):
             tools[function["name"]] = function.get("parameters")
-    return Asked(kind if isinstance(kind, str) else None, schema, tools)
+            names.add(function["name"])
+            continue
+        typed = tool.get("type")
+        part = tool.get(typed) if isinstance(typed, str) else None
+        name = part.get("name") if isinstance(part, dict) else tool.get("name")
+        if isinstance(name, str):
+            names.add(name)
+    for function in legacy:
+        if isinstance(function, dict) and isinstance(function.get("name"), str):
+            tools.setdefault(function["name"], function.get("parameters"))
+            names.add(function["name"])
+    return Asked(kind if isinstance(kind, str) else None, schema, tools, frozenset(names), bool(offered or legacy))
 
 
 def signals_of(answer: Answer, request: dict[str, Any]) -> list[str]:
@@ -87,19 +104,28 @@ def signals_for(answer: Answer, asked: Asked) -> list[str]:
         elif kind == "json_schema" and isinstance(asked.schema, dict) and (
                 SchemaChecks().violates(asked.schema, value, len(text))):  # (bounded: `schema_check`)
             found.append("schema_violation")
-    if answer.tool_calls and _malformed_tool_call(answer, asked.tools):
+    if (answer.tool_calls or "tool_calls" in answer.finish_reasons) and _malformed_tool_call(answer, asked):
         found.append("malformed_tool_call")
     return found
 
 
-def _malformed_tool_call(answer: Answer, schemas: dict[str, Any]) -> bool:
+def _malformed_tool_call(answer: Answer, asked: Asked) -> bool:
+    """A tool call (or a `tool_calls` finish reason: a skimmed stream's calls are not read) when the request offered
+    no tool; or a function call whose arguments are not a JSON object, that names no tool the request offered, or
+    whose arguments do not fit that tool's `parameters`. A call of another type (a chat custom tool's: no name nor
+    arguments in `function`, read as [""]) is judged only by the first rule."""
+    if not asked.offers_tools:
+        return True
+    names, schemas = asked.names, asked.tools
     checks = SchemaChecks()  # every call's arguments checked within one budget
     for parts in answer.tool_calls.values():
+        if len(parts) == 1 and not parts[0]:  # not a function call
+            continue
         name, arguments = parts[0], "".join(parts[1:])
         ok, value = _parse(arguments or "{}")
         if not ok or not isinstance(value, dict):
             return True
-        if schemas and name not in schemas:
+        if names is not None and name not in names:
             return True
         schema = schemas.get(name)
         if isinstance(schema, dict) and checks.violates(schema, value, len(arguments)):
@@ -140,7 +166,8 @@ class QualitySignals:
         The common answer first, in line (this runs for every request): a chat answer whose choices the provider
         read (`ctx.read_choices`), to a request that asked for no JSON and offered no tools, with one choice of
         text that cannot be a refusal (so not empty either), no tool calls, no refusal field and a finish
-        reason: no check can fail but `truncated` (`length`), so only its finish reason is counted
+        reason other than `tool_calls` (one string compared: such a reason counts as a call, which the request
+        offered no tool for): no check can fail but `truncated` (`length`), so only its finish reason is counted
         (`count_finish`); what `signals_for` finds is the same."""
         read = reply.choices_of
         if read is not None and read[0] is reply.body and reply.status == 200 and ctx.endpoint is _CHAT:
@@ -151,7 +178,7 @@ class QualitySignals:
                 message = choice.message
                 reason = choice.finish_reason
                 if (message is not None and reason is not None and choice.index == 0 and choice.text is None
-                        and not message.tool_calls and not message.refusal):
+                        and not message.tool_calls and not message.refusal and reason != "tool_calls"):
                     content = message.content
                     if content and (content[:1] in NOT_INITIALS or cannot_become_refusal(content)):
                         self.count_finish(ctx, reason)
@@ -161,14 +188,15 @@ class QualitySignals:
     def read_stream(self, ctx: RequestContext, reply: Reply) -> None:
         """A stream (`reply.stream`), whose chunks are read as they pass and counted at its end.
 
-        The common stream first, in line: a chat stream to a request that asked for no JSON, offered no tools and
-        asked for one answer (`n`) gets a `PlainStreamQuality`, fed by the provider's decode
+        The common stream first, in line: a chat stream to a request that asked for no JSON, offered no tools (nor
+        legacy `functions`) and asked for one answer (`n`) gets a `PlainStreamQuality`, fed by the provider's decode
         (`ReplyStream.read_choices`) and kept on `ctx.quality_reader` for the telemetry stage to end
         (`PlainStreamQuality.end`) in its own end hook: it is no stream stage (one end hook fewer to run, no
         coroutine for it). Any other stream gets a `StreamQuality` stage (`_read`)."""
         if ctx.endpoint is _CHAT and reply.status == 200:
             body = ctx.body
-            if "response_format" not in body and "tools" not in body and ("n" not in body or body["n"] == 1):
+            if ("response_format" not in body and "tools" not in body and "functions" not in body
+                    and ("n" not in body or body["n"] == 1)):
                 plain = PlainStreamQuality(self)
                 if reply.stream.read_choices(plain):  # type: ignore[union-attr]
                     ctx.quality_reader = plain

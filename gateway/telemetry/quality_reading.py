@@ -210,8 +210,10 @@ class StreamQuality:
             if self.payloads:
                 self._read(ctx)
             answer = self.answer
-            if self.plain and len(answer.finish_reasons) == 1 and not answer.tool_calls and not answer.refusal:
-                # The common stream: only `truncated` can be found (as `QualitySignals.read`'s common answer).
+            if (self.plain and len(answer.finish_reasons) == 1 and not answer.tool_calls and not answer.refusal
+                    and answer.finish_reasons[0] != "tool_calls"):
+                # The common stream: only `truncated` can be found (as `QualitySignals.read`'s common answer; a
+                # `tool_calls` finish counts as a call: `quality._malformed_tool_call`).
                 self.stage.count_finish(ctx, answer.finish_reasons[0])
                 return
             self.stage.count(ctx, answer, self.asked)
@@ -251,17 +253,20 @@ class StreamQuality:
 
 
 class PlainStreamQuality:
-    """The reader of a chat stream whose request asked for no JSON, offered no tools and asked for one answer, fed
-    by the provider's stream (a `ChoicesReader`): it follows the common answer (one choice of text only, whose first
-    text opens with a letter no refusal opens with, `NOT_INITIALS`, then one finish reason) in a few steps, and
-    counts it by its finish reason (`QualitySignals.count_finish`), as `StreamQuality` does such an answer. Anything
-    else (another choice, tool calls, a refusal, a first text that may open a refusal, a second finish reason,
-    choices of odd types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and judges.
+    """The reader of a chat stream whose request asked for no JSON, offered no tools (nor `functions`) and asked for
+    one answer, fed by the provider's stream (a `ChoicesReader`): it follows the common answer (one choice of text
+    only, whose first text opens with a letter no refusal opens with, `NOT_INITIALS`, then one finish reason) in a
+    few steps, and counts it by its finish reason (`QualitySignals.count_finish`), as `StreamQuality` does such an
+    answer. Anything else (another choice, tool calls, a refusal, a first text that may open a refusal, a second
+    finish reason, choices of odd types, no finish reason) hands what it saw to a `StreamQuality`, which reads on and
+    judges.
 
     It skims (`skim`): once its first text settled the text checks, it reads no chunk as it passes, only the
     stream's last chunk with choices at the end, for its finish reason. Such a request gets nothing else between:
     no tool calls (it offered none), no other choice (it asked for one), no `refusal` field (OpenAI sets it for
-    structured outputs: it asked for no JSON), and later text changes no verdict.
+    structured outputs: it asked for no JSON), and later text changes no verdict. An answer that calls a tool
+    anyway ends with the finish reason `tool_calls`: that stream is handed over at its end, and the call, unread,
+    is a `malformed_tool_call` all the same (its request offered no tool: `quality._malformed_tool_call`).
 
     No stream stage: it reads no events, and its owner (the telemetry stage's end hook) calls `end`."""
 
@@ -311,7 +316,7 @@ class PlainStreamQuality:
             last = self.last()
             if last:
                 self.take(last)
-        if self.full is None and self.reason is not None:
+        if self.full is None and self.reason is not None and self.reason != "tool_calls":
             if end.outcome == "done":
                 self.stage.count_finish(ctx, self.reason)
             return

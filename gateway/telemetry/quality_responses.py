@@ -7,8 +7,8 @@ its `status` (with `incomplete_details.reason`). A stream's last event (`respons
 `response.incomplete`) carries the whole `response`, so a stream is read once, at that event:
 the deltas before it pass with one byte search each. What the request asked is in `text.format`
 (a JSON object or a JSON schema, flat: `{"type": "json_schema", "schema": ...}`) and in `tools`
-(`{"type": "function", "name": ..., "parameters": ...}`). A `failed` response is not an answer
-and is not counted.
+(`{"type": "function", "name": ..., "parameters": ...}`; the names of other types' too, and a stored
+`prompt`'s tools are unknown). A `failed` response is not an answer and is not counted.
 """
 
 from __future__ import annotations
@@ -88,17 +88,25 @@ def answer_of(response: ResponsePeek, limit: int) -> Answer | None:
 
 
 def responses_asked(request: dict[str, Any]) -> Asked:
-    """`text.format` and the function tools of a Responses request."""
+    """`text.format` and the tools of a Responses request: the function tools' parameters, every tool's name (flat,
+    whatever its type: `custom` too; built-in tools have none), and whether it offered any. A stored `prompt` may
+    offer tools of its own: with one, a call of any name is taken as offered (only its arguments are checked)."""
     text = request.get("text")
     fmt = text.get("format") if isinstance(text, dict) else None
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     schema = fmt.get("schema") if isinstance(fmt, dict) else None
     tools: dict[str, Any] = {}
+    names: set[str] = set()
     offered = request.get("tools")
-    for tool in offered if isinstance(offered, list) else ():
-        if isinstance(tool, dict) and tool.get("type") == "function" and isinstance(tool.get("name"), str):
-            tools[tool["name"]] = tool.get("parameters")
-    return Asked(kind if isinstance(kind, str) else None, schema, tools)
+    offered = offered if isinstance(offered, list) else []
+    for tool in offered:
+        if isinstance(tool, dict) and isinstance(tool.get("name"), str):
+            names.add(tool["name"])
+            if tool.get("type") == "function":
+                tools[tool["name"]] = tool.get("parameters")
+    prompted = request.get("prompt") is not None
+    return Asked(kind if isinstance(kind, str) else None, schema, tools, None if prompted else frozenset(names),
+                 bool(offered) or prompted)
 
 
 class ResponsesStreamQuality:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import glob
 import hashlib
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -148,12 +149,24 @@ def _prices_file(doc: _Located, reader: _Reader) -> list[tuple[str, str]]:
 
 def read_capped(file: str | Path, limit: int) -> str | None:
     """The text of `file` as `Path.read_text` gives it, or None if it is over `limit` bytes: no more than that is
-    read, so that a file of any size (or a device that never ends) is refused at once, in bounded memory."""
-    with open(_in_copy(file), "rb") as stream:
+    read, so that a file of any size is refused at once, in bounded memory.
+
+    Only a regular file is read (else `NotRegularFile`, an `OSError`): it is opened without blocking, since a named
+    pipe (FIFO) opened the usual way waits for a writer, for good if none comes, and a reload waiting on it holds
+    the reload lock (every later reload, `POST /admin/reload` and `SIGHUP` wait behind it) and a thread that the
+    interpreter's exit waits for (SIGTERM no longer ends the process)."""
+    descriptor = os.open(_in_copy(file), os.O_RDONLY | os.O_NONBLOCK)
+    with open(descriptor, "rb") as stream:  # (closes the descriptor, whatever happens below)
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise NotRegularFile("it is not a regular file (a named pipe, a device or a socket)")
         data = stream.read(limit + 1)
     if len(data) > limit:
         return None
     return data.decode("utf-8").replace("\r\n", "\n").replace("\r", "\n")  # (read_text's universal newlines)
+
+
+class NotRegularFile(OSError):
+    """A policy's file that is a named pipe, a device or a socket: never read (`read_capped`)."""
 
 
 def _too_large(file: str, at: tuple[str, int] | None, left: int) -> PolicyIssue:

@@ -24,7 +24,7 @@ from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op
 from .gauges import policy_budgets
-from .headers import duration, rate_limit_headers, refused_windows, request_headers, tightest
+from .headers import duration, given_back, rate_limit_headers, refused_windows, request_headers, tightest
 from .headers import tighter as _tighter  # (the name the in-line paths, and their unit test, use)
 from .ledger import new_op
 from .outright import completion_cap
@@ -37,6 +37,13 @@ _new = tuple.__new__  # a named tuple made without its Python-level __new__ (`He
 _FOREVER = math.inf  # a budget's `Held.until`: its counter has no window to leave
 _FAST_AMOUNT = 9e9  # costs in [0, this) become millionths in line (`to_units` checks the rest, and refuses NaN)
 _CHAT = Endpoint.CHAT
+
+
+def _too_large(refused: tuple[str, Scope, float], tokens: float) -> bool:
+    """Whether a refusal is a tokens-per-minute window's of a request larger than the whole window: one no wait
+    makes room for (`outright.refused_outright`, which `gateway explain` asks offline)."""
+    limits = refused[1].limits
+    return refused[0] == "tpm" and limits is not None and limits.tpm is not None and tokens > limits.tpm
 
 
 class Admission(Taking):
@@ -140,6 +147,8 @@ class Admission(Taking):
         requests: WindowReservation | None = None  # the tightest of the caller's own (`Scope.shown`)
         token_window: WindowReservation | None = None
         full: WindowReservation | None = None  # the window that refused (`refused_windows`)
+        requests_over: WindowReservation | None = None  # the tightest of the caller's own that did not fit (a
+        tokens_over: WindowReservation | None = None  # refusal's only: the tightest once it gave back, if any)
         holder = ""
         for scope in scopes:
             limits = scope.limits
@@ -157,8 +166,11 @@ class Admission(Taking):
                     requests = answer
                 if answer.ok:
                     bill.requests.append(scope.rpm_key)
-                elif refused is None:
-                    refused, full = ("rpm", scope, answer.reset_s), answer
+                else:
+                    if scope.shown and (requests_over is None or _tighter(answer, requests_over)):
+                        requests_over = answer
+                    if refused is None:
+                        refused, full = ("rpm", scope, answer.reset_s), answer
             if limits.tpm:
                 tokens = bill.prompt_estimate + bill.completion_cap
                 answer = store.reserve_window_units_now(scope.tpm_key, tokens * AMOUNT_SCALE, scope.tpm_cap,
@@ -168,10 +180,18 @@ class Admission(Taking):
                 if answer.ok:
                     bill.tokens = (*bill.tokens, Held(scope.tpm_key, float(tokens), WINDOW_S, scope, None,
                                                       tokens * AMOUNT_SCALE, time.monotonic() + answer.reset_s))
-                elif refused is None:
-                    refused, full = ("tpm", scope, answer.reset_s), answer
-        if refused is not None:
-            requests, token_window = refused_windows(refused[0], full, requests, token_window)
+                else:
+                    if scope.shown and (tokens_over is None or _tighter(answer, tokens_over)):
+                        tokens_over = answer
+                    if refused is None or (tokens > limits.tpm and not _too_large(refused, tokens)):
+                        refused, full = ("tpm", scope, answer.reset_s), answer  # (one no wait fits: it, `_refuse`)
+        if refused is not None:  # shown as they stand once it gave back what it took (as `reserve_together` does):
+            # of a kind, a window that did not fit has fewer left than any that did, once they are given back
+            tokens = bill.prompt_estimate + bill.completion_cap
+            requests, token_window = refused_windows(
+                refused[0], full, requests_over if requests_over is not None else given_back(requests, 1.0),
+                tokens_over if tokens_over is not None else given_back(token_window, float(tokens)),
+                _too_large(refused, tokens))
         bill.headers = rate_limit_headers(requests, token_window)
         if refused is not None:
             self._refuse(bill, *refused)
@@ -250,25 +270,41 @@ class Admission(Taking):
                                                       time.monotonic() + answer.reset_s))
                 else:
                     bill.requests.append(key)
-            elif refused is None:
+            elif refused is None or (kind == "tpm" and not _too_large(refused, args[1])
+                                     and _too_large((kind, scope, 0.0), args[1])):  # (one no wait fits: it)
                 refused, full = (kind, scope, answer.reset_s), answer
         if failure is not None:
             raise failure
+        tokens = bill.prompt_estimate + bill.completion_cap
+        if refused is not None and taken:  # what fit is held, and given back with the refusal: shown without it
+            requests = [given_back(answer, 1.0) or answer for answer in requests]
+            token_windows = [given_back(answer, float(tokens)) or answer for answer in token_windows]
         # One window of a kind (the usual case) is its own tightest: no call to find it.
         shown = (requests[0] if len(requests) == 1 else tightest(requests),
                  token_windows[0] if len(token_windows) == 1 else tightest(token_windows))
         if refused is not None:
-            shown = refused_windows(refused[0], full, *shown)
+            shown = refused_windows(refused[0], full, *shown, _too_large(refused, tokens))
         bill.headers = rate_limit_headers(*shown)
         if refused is not None:
             self._refuse(bill, *refused)
 
     def _refuse(self, bill: Bill, kind: str, scope: Scope, reset: float) -> None:
-        """A limit refused: undo what the request took, answer 429 with `Retry-After`."""
+        """A limit refused: undo what the request took, answer 429 with `Retry-After`; a request larger than a
+        whole tokens-per-minute window, which no wait makes room for, without it, and with `x-should-retry: false`
+        (the OpenAI and Anthropic SDKs then do not retry it): OpenAI answers such a request 429 as well."""
         self.metrics.limit_rejections.labels(kind, scope.kind).inc()
         self._give_back(bill)
-        what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
         headers = {n.decode(): v.decode() for n, v in bill.headers}
+        prompt, cap = bill.prompt_estimate, bill.completion_cap
+        if _too_large((kind, scope, reset), prompt + cap):
+            assert scope.limits is not None
+            headers["x-should-retry"] = "false"
+            raise RateLimited(
+                f"request too large for the tokens per minute of this {scope.kind}: it may use up to {prompt + cap} "
+                f"tokens (a prompt of about {prompt}, and up to {cap} for the completion), more than the whole "
+                f"limit of {scope.limits.tpm}, so it is refused however long it waits; ask for fewer completion tokens "
+                f"(max_tokens, or max_output_tokens on the Responses API) or send a shorter prompt", headers=headers)
+        what = {"rpm": "requests per minute", "tpm": "tokens per minute", "concurrent": "concurrent requests"}
         headers["Retry-After"] = str(max(1, math.ceil(reset)))
         raise RateLimited(f"rate limit reached: {what[kind]} of this {scope.kind}; retry after "
                           f"{duration(reset)}", headers=headers)

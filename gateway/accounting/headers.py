@@ -6,14 +6,15 @@ SDKs' retry logic, LangChain, ...) read them to pace themselves. Several limits 
 tenant's, the one with the fewest left (`tighter`: requests among the request windows, tokens among the token
 windows), since that count is what a client paces itself by. An alias's window counts every tenant's requests
 together: shown, it would tell one tenant how much the others sent, so it shows only in the 429 it causes. A 429
-shows the window that refused it, whoever's it is (`refused_windows`): the one its `Retry-After` is about.
+shows the window that refused it, whoever's it is, with nothing left (`refused_windows`): the one its `Retry-After`
+is about; its other windows as they stand once the refused request gave back what it took (`given_back`).
 """
 
 from __future__ import annotations
 
 from ..store.base import WindowReservation
 
-__all__ = ["duration", "rate_limit_headers", "refused_windows", "request_headers", "tighter", "tightest"]
+__all__ = ["duration", "given_back", "rate_limit_headers", "refused_windows", "request_headers", "tighter", "tightest"]
 
 
 def duration(seconds: float) -> str:
@@ -58,16 +59,31 @@ def tightest(answers: list[WindowReservation]) -> WindowReservation | None:
 
 
 def refused_windows(kind: str, full: WindowReservation | None, requests: WindowReservation | None,
-                    tokens: WindowReservation | None) -> tuple[WindowReservation | None, WindowReservation | None]:
+                    tokens: WindowReservation | None, too_large: bool = False,
+                    ) -> tuple[WindowReservation | None, WindowReservation | None]:
     """The windows a 429 shows: the window that refused (`full`, of `kind`) in its kind's place, the caller's own
-    tightest (`requests`, `tokens`) in the other's. Its remaining count is 0 and its reset is the 429's
-    `Retry-After`. Ranked with the others (`tighter`), it could lose a tie: a window the refused request had just
-    filled itself (given back with the refusal) has 0 left as well, and a later reset (a key's `rpm: 2` refused with
-    47 s to go, its tenant's `rpm: 3` shown instead: 0 left, 58 s, beside `Retry-After: 47`). An alias's window
-    shows there too: the client learns it is full, and when it will not be, which the refusal tells it anyway."""
+    tightest (`requests`, `tokens`, as they stand once the refused request gave back what it took: `given_back`)
+    in the other's. The refusing window shows nothing left (a `tpm` window refuses a request larger than what is
+    left, which may be more than 0) and its reset is the 429's `Retry-After`; `too_large`: a request larger than
+    the whole window, which no wait makes room for (no `Retry-After`), shows the window as it is. Ranked with the
+    others (`tighter`), it could lose a tie: another window with nothing left and a later reset (a key's `rpm: 2`
+    refused with 47 s to go, its tenant's `rpm: 3` shown instead: 0 left, 58 s, beside `Retry-After: 47`). An
+    alias's window shows there too: the client learns it is full, and when it will not be, which the refusal tells
+    it anyway."""
     if full is None:  # (a concurrency limit: no window)
         return requests, tokens
+    if not too_large and full[1] < full[2]:  # (`total`, `limit`): nothing left
+        full = full._replace(total=full[2])
     return (full, tokens) if kind == "rpm" else (requests, full)
+
+
+def given_back(answer: WindowReservation | None, amount: float) -> WindowReservation | None:
+    """A window's answer as it stands once a refused request gave back what it took there (`amount`, when the
+    answer took it: `ok`), as a store that takes a request's reservations together answers it
+    (`Store.reserve_together`); a refusal's only, never an admitted request's."""
+    if answer is None or not answer[0]:
+        return answer
+    return answer._replace(total=answer[1] - amount)
 
 
 _REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")

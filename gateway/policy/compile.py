@@ -27,10 +27,18 @@ from .entra_check import check_azure_credentials
 from .env_credentials import credential, token
 from .guard_check import check_guards
 from .includes import PolicyTree, beside, read_tree
-from .loader import PolicyError, PolicyIssue, _Located, check_doc
+from .loader import PolicyError, PolicyIssue, _Located, check_doc, format_path
 from .provider_schema import KIND_TRAITS, AzureSpec, OpenAISpec
 from .routes import compile_routing
-from .schema import KeySpec, PolicySpec, ProviderSpec, StateSpec, gateway_fields_in_extra_body
+from .schema import (
+    HealthCheckSpec,
+    KeySpec,
+    PolicySpec,
+    ProviderSpec,
+    StateSpec,
+    TargetSpec,
+    gateway_fields_in_extra_body,
+)
 from .telemetry_check import metric_labels
 from .token_file import header_credential
 
@@ -134,6 +142,29 @@ def _shadow(given: str, doc: _Located, env: Mapping[str, str]) -> Policy:
     return shadow
 
 
+def _check_health_checks(spec: PolicySpec, doc: _Located) -> None:
+    """A target (`provider/model`) has one breaker and one health check, whichever aliases and rules list it: a
+    listing without a `health_check` shares another's (`routing.all_targets`), but two listings that give it different
+    ones are refused (only one could run)."""
+    listings: list[tuple[tuple[str | int, ...], TargetSpec]] = [
+        (("models", alias, "targets", index), target) for alias, model in spec.models.items()
+        for index, target in enumerate(model.targets)]
+    listings += [(("rules", number, "targets", index), target) for number, rule in enumerate(spec.rules)
+                 for index, target in enumerate(rule.targets or ())]
+    first: dict[str, tuple[HealthCheckSpec, tuple[str | int, ...]]] = {}
+    for path, target in listings:
+        check = target.health_check
+        if check is None:
+            continue
+        name = f"{target.provider}/{target.model}"
+        seen, where = first.setdefault(name, (check, path))
+        if where is not path and seen != check:
+            doc.issue(path + ("health_check",),
+                      f"target `{name}` has another `health_check` at {format_path(doc.shown(where))} "
+                      f"(interval_s {seen.interval_s:g}, timeout_s {seen.timeout_s:g}; here {check.interval_s:g} and "
+                      f"{check.timeout_s:g}): one check runs per provider and model, so its listings must agree")
+
+
 def compile_policy(
     spec: PolicySpec, doc: _Located, env: Mapping[str, str], version: str, *, require_env: bool = True,
     files: tuple[str, ...] = (), watch: tuple[str, ...] = (),
@@ -144,6 +175,7 @@ def compile_policy(
     }
     models, rules, prices = compile_routing(spec, doc, providers, load_prices_file(spec, doc), warnings)
     gateway_fields_in_extra_body(spec, doc.issue)
+    _check_health_checks(spec, doc)
     check_accounting(spec, doc, models, warnings)
     keys = _keys(spec, doc)
     check_guards(spec.guards, doc, set(models), {key.tenant for key in keys.values()}, require_env, warnings)

@@ -3,7 +3,10 @@
 The router's walk decides which target to try and what a failure means; this is what one try does: call the
 provider, time it for the target's measurements (`TargetStats`), and hand back the reply. A stream that
 may still fall back is held until its first content event (`peek`, within the target's first-byte timeout),
-so that an upstream failing before it says anything can be left for the next target. A complete answer for a
+so that an upstream failing before it says anything can be left for the next target; so is a lone target's
+under an alias's `deadline_s` (within the deadline alone), which runs until the first chunk. A lone target's
+stream that is not held is counted in flight until it ends and timed to its first content only when a strategy
+reads its measurements (`TargetStats.read`: an end hook, `_Measured`), else at no cost. A complete answer for a
 client whose API is not OpenAI's (`/v1/messages`) is translated here, within the attempt (`_translated`): one the
 translation refuses is the attempt's failure (retried, fallen back from, never cached), not a 502 written after
 routing, the breaker, the cache and the telemetry took it for an answer.
@@ -19,10 +22,11 @@ from typing import Any
 
 from ..errors import UpstreamError, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
-from ..pipeline.streams import ReplyStream
+from ..pipeline.streams import ReplyStream, StreamEnd
 from ..policy.compiled import ModelRoute, Target
 from ..providers.base import Call, Completion, Provider
-from .attempts import DeadlineExceeded, Replay, peek
+from ..schemas.events import StreamEvent
+from .attempts import DeadlineExceeded, Replay, classify, peek
 from .stats import TargetStats
 
 __all__ = ["TranslatedReply", "exchange", "within"]
@@ -52,7 +56,8 @@ async def within(deadline: float, ctx: RequestContext, route: ModelRoute, target
 async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provider: Provider, call: Call,
                    stats: TargetStats) -> Reply:
     """One call of `target`'s provider: a complete answer (with its usage on `ctx`), or a stream, held until its
-    first content event unless nothing could replace it (a lone target, no retries, no context fallback)."""
+    first content event unless nothing could replace it (a lone target, no retries, no context fallback) and no
+    deadline bounds it (`deadline_s` runs until a stream's first chunk)."""
     started = time.perf_counter()
     stats.in_flight += 1
     if not ctx.stream:
@@ -74,15 +79,21 @@ async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provi
         stats.in_flight -= 1
         ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
         raise
-    if route.single and target.retry.attempts == 0 and route.context_fallback is None:
-        # Nothing to fall back to: no need to hold the first events back.
-        stats.in_flight -= 1
-        stats.observe(True, time.perf_counter() - started)
+    lone = route.single and target.retry.attempts == 0 and route.context_fallback is None
+    if lone and route.deadline_s is None:
+        # Nothing to fall back to, no deadline to keep: no need to hold the first events back.
         ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
-        return Reply(stream=ReplyStream(source, ctx))
+        stream = ReplyStream(source, ctx)
+        if stats.read:  # an alias's strategy reads them: counted in flight to its end, timed to its first content
+            stream.add(_Measured(stats, started))
+        else:  # nobody reads them (`Router.start`): no more work than that
+            stats.in_flight -= 1
+        return Reply(stream=stream)
+    # Held until its first content event: within the target's first-byte timeout when something could replace it
+    # (a fallback, a retry), else (a lone target, held for its alias's deadline) within that deadline alone.
     first_byte_s = (target.timeouts or provider.config.timeouts).first_byte_s
     try:
-        async with asyncio.timeout(max(0.0, first_byte_s - (time.perf_counter() - started))):
+        async with asyncio.timeout(None if lone else max(0.0, first_byte_s - (time.perf_counter() - started))):
             buffered, iterator = await peek(source)
     except TimeoutError:
         stats.in_flight -= 1
@@ -96,6 +107,31 @@ async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provi
         ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
     stats.observe(True, time.perf_counter() - started)
     return Reply(stream=ReplyStream(Replay(source, buffered, iterator, stats.release), ctx))
+
+
+class _Measured:
+    """The end hook of a lone target's stream (not held: nothing could replace it) whose `TargetStats` a strategy
+    reads: the stream stays in flight until it ends, and its time to first content (the first batch the client
+    was sent, `ctx.first_chunk_seconds`, when any content came) is its sample; no work per event."""
+
+    __slots__ = ("_started", "_stats")
+    reads_events = False
+
+    def __init__(self, stats: TargetStats, started: float) -> None:
+        self._stats = stats
+        self._started = started
+
+    async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        return events  # (never called: `reads_events` is False)
+
+    async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
+        stats = self._stats
+        stats.in_flight -= 1
+        first = ctx.first_chunk_seconds
+        if first is not None and ctx.chunks:
+            stats.observe(True, max(0.0, ctx.started + first - self._started))
+        elif end.error is not None and end.outcome == "error":  # failed before any content: as a held stream's
+            stats.failed(classify(end.error), True, time.perf_counter() - self._started)
 
 
 def _translated(ctx: RequestContext, completion: Completion) -> Reply:

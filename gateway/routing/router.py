@@ -60,7 +60,7 @@ from .breaker import OPEN, Breakers
 from .exchange import exchange, within
 from .rules import Facts, count_first, first_match, reads_tokens
 from .stats import TargetStats
-from .strategies import order_targets
+from .strategies import order_targets, reads_stats
 from .verdicts import StreamVerdicts, check_health
 
 __all__ = ["DeadlineExceeded", "Router", "TargetsUnavailable", "all_targets"]
@@ -74,10 +74,15 @@ def _routes(policy: Policy) -> list[ModelRoute]:
 
 
 def all_targets(policy: Policy) -> dict[str, Target]:
-    """Every target the policy names (aliases and rules), once per `provider/model` (the first, in order)."""
+    """Every target the policy names (aliases and rules), once per `provider/model`: its first listing, in order, or
+    its first with a `health_check` when one gives it (the check runs with that listing's `extra_body` and `timeouts`,
+    whichever alias comes first; two listings cannot give different checks: `policy.compile`). Only the names and
+    that check are read from it: each request is sent with its own alias's listing."""
     found: dict[str, Target] = {}
     for target in (target for route in _routes(policy) for target in route.targets):
-        found.setdefault(target.name, target)
+        known = found.get(target.name)
+        if known is None or (known.health_check is None and target.health_check is not None):
+            found[target.name] = target
     return found
 
 
@@ -116,6 +121,11 @@ class Router:
     # -- life ---------------------------------------------------------------------------------------
 
     async def start(self) -> None:
+        # The targets whose measurements a strategy reads (`latency`, `least_busy`): only their lone streams pay for
+        # keeping them (`exchange`). Set here, as this policy starts serving (the objects outlive a reload).
+        read = {target.name for route in _routes(self.policy) if reads_stats(route) for target in route.targets}
+        for name, stats in self.stats.items():
+            stats.read = name in read
         self.breakers.start()
         for name in self.targets:
             self.metrics.breaker_state.labels(name).set(self.breakers.state(name))

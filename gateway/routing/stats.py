@@ -25,10 +25,14 @@ class TargetStats:
     """In-flight count and exponentially weighted moving averages of the time to the first content
     event (streams) and to the full answer (non-streamed); None until the first sample."""
 
-    __slots__ = ("first_event_s", "full_answer_s", "in_flight")
+    __slots__ = ("first_event_s", "full_answer_s", "in_flight", "read")
 
     def __init__(self) -> None:
         self.in_flight = 0
+        # Whether a strategy of the running policy reads these (`strategies.reads_stats`, set by `Router.start`): only
+        # then is a lone target's stream, which is not held, counted in flight to its end and timed to its first
+        # content (`exchange`); otherwise it costs nothing beyond the request's own.
+        self.read = False
         self.first_event_s: float | None = None
         self.full_answer_s: float | None = None
 

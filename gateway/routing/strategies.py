@@ -18,7 +18,7 @@ from ..policy.compiled import ModelRoute, Target
 from .rules import Facts
 from .stats import TargetStats
 
-__all__ = ["order_targets", "sticky_point"]
+__all__ = ["order_targets", "reads_stats", "sticky_point"]
 
 _Stats = Mapping[str, TargetStats]
 _UNPRICED = float("inf")
@@ -31,6 +31,11 @@ def order_targets(
     if route.single:
         return route.targets
     return _STRATEGIES[route.strategy](route, facts, stats, stream, rng)
+
+
+def reads_stats(route: ModelRoute) -> bool:
+    """Whether ordering `route` reads its targets' `TargetStats` (a lone target is never ordered)."""
+    return not route.single and route.strategy in _READS_STATS
 
 
 def _priority(route: ModelRoute, facts: Facts | None, stats: _Stats, stream: bool, rng: random.Random
@@ -79,6 +84,7 @@ def _cost(route: ModelRoute, facts: Facts | None, stats: _Stats, stream: bool, r
     return sorted(route.targets, key=lambda t: t.price.per_token if t.price is not None else _UNPRICED)
 
 
+_READS_STATS = frozenset({"latency", "least_busy"})  # the strategies whose order depends on `TargetStats`
 _STRATEGIES: dict[str, Callable[[ModelRoute, Facts | None, _Stats, bool, random.Random], Sequence[Target]]] = {
     "priority": _priority,
     "weighted": _weighted,

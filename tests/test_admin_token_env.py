@@ -72,6 +72,20 @@ def test_a_control_character_inside_a_token_refuses_the_policy_naming_the_variab
     assert all("secret-part" not in w for w in checked.warnings)
 
 
+@pytest.mark.parametrize("var", ["GW_ADMIN_TOKEN", "GW_METRICS_TOKEN"])
+@pytest.mark.parametrize("value", ["admin-tok-\u20ac-secret-part", "t\u00f6k-secret-part", "tok\u00a0secret-part",
+                                   "tok\u200bsecret-part"])
+def test_a_token_no_client_can_present_refuses_the_policy_naming_the_variable(
+    upstream: MockUpstream, var: str, value: str,
+) -> None:
+    """A character outside ASCII: a client sends it as UTF-8 (or not at all), the gateway reads a header's bytes as
+    Latin-1 (as HTTP has it), so the token never matched and the API stayed locked while it looked configured."""
+    with pytest.raises(PolicyError) as refused:
+        compile_text(_policy(upstream), "p.yaml", {**_env(TOKEN), var: value})
+    text = str(refused.value)
+    assert var in text and "outside ASCII" in text and "secret-part" not in text, text
+
+
 def test_a_blank_token_is_not_a_token(upstream: MockUpstream) -> None:
     with pytest.raises(PolicyError) as refused:
         compile_text(_policy(upstream), "p.yaml", _env(" \n"))

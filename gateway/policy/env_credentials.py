@@ -23,8 +23,8 @@ def token(
     warnings: list[str], consequence: str,
 ) -> str | None:
     """A bearer token from the environment, stripped as a provider credential is (a secret mounted from a file
-    ends in a newline, which no presented token carries). Unset, blank, or holding a control character: the
-    feature fails closed; what is reported names the variable, never its value."""
+    ends in a newline, which no presented token carries). Unset, blank, or holding a control character or one
+    outside ASCII: the feature fails closed; what is reported names the variable, never its value."""
     if var is None:
         return None
     value = env.get(var)
@@ -33,6 +33,10 @@ def token(
         return None if path[-1] == "admin_token_env" else ""
     cleaned, problem = header_credential(value) if value else ("", "is not set")
     problem = problem or (None if cleaned else "holds only whitespace")
+    if problem is None and not cleaned.isascii():  # (`bearer_matches` takes a header's bytes as Latin-1, as HTTP has
+        # it; a client sends UTF-8, or cannot send the character at all: the token would never match, locked for good)
+        problem = "holds a character outside ASCII (an accented letter, a no-break or zero-width space...), which " \
+                  "no client can present in a header as it is written"
     if problem is None:
         if cleaned != value:
             warnings.append(f"{doc.where(path)}: {format_path(path)}: environment variable `{var}` ends or starts "

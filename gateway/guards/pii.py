@@ -60,6 +60,9 @@ class Engine:
     languages: tuple[str, ...]
     entities: tuple[str, ...]
     recognizers: tuple[tuple[str, bytes], ...]  # (name, the RecognizerSpec as JSON): hashable
+    # Types in `entities` only because a custom recognizer names them (the policy lists no `entities`): only
+    # that recognizer looks for them, the engine's own (presidio's URL, spaCy's LOCATION...) are not added.
+    custom_only: tuple[str, ...] = ()
 
 
 _lock = threading.Lock()
@@ -107,7 +110,7 @@ def build_analyzer(engine: Engine) -> Any:
     # Presidio logs matched text in places (an IBAN that fails validation, context words at debug):
     # the gateway never logs a finding's text, so its logger is silenced.
     logging.getLogger("presidio-analyzer").disabled = True
-    wanted = set(engine.entities)
+    wanted = set(engine.entities) - set(engine.custom_only)  # the types the engine's own recognizers look for
     registry = RecognizerRegistry(supported_languages=list(engine.languages))
     builtin: dict[str, Any] = {
         # The windowed ones keep presidio's names: findings and metrics name the recognizer.
@@ -235,8 +238,14 @@ class PiiGuard(GuardBase):
     def __init__(self, name: str, spec: PiiGuardSpec, pool: GuardPool) -> None:
         super().__init__(name, spec)
         entities = tuple(spec.entities) or default_entities(spec.engine)
+        # With no `entities` (the default set), each custom recognizer's type is looked for as well, at the
+        # guard's threshold and action; listed `entities` must name it (`guard_check`: else never found).
+        custom_only = () if spec.entities else tuple(sorted({r.entity for r in spec.recognizers.values()}
+                                                             - set(entities)))
+        entities += custom_only
         self.engine = Engine(spec.engine, spec.model, tuple(spec.languages), entities,
-                             tuple((n, msgspec.json.encode(r)) for n, r in sorted(spec.recognizers.items())))
+                             tuple((n, msgspec.json.encode(r)) for n, r in sorted(spec.recognizers.items())),
+                             custom_only)
         self.pool = pool
         self.action = spec.action
         self.offload = spec.engine == "ner"

@@ -1,7 +1,8 @@
 """Cross-checks of the `guards:` section that types cannot express, each with file, line and field.
 
 Scopes name aliases and tenants that exist; entity types are ones an engine can
-find (or a custom recognizer of the guard adds); every regex compiles; a `ner`
+find (or a custom recognizer of the guard adds); listed entity types include every
+custom recognizer's (else it never fires); every regex compiles; a `ner`
 engine names a spaCy pipeline that is there (presidio would download a missing
 one at start); a classifier's import path resolves; an injection `model` engine's
 all-MiniLM-L6-v2 files are there. The entity catalog lives here, below the guards
@@ -148,6 +149,11 @@ def _check_pii(
         where = path + ("recognizers", name)
         if not recognizer.patterns and not recognizer.deny_list:
             doc.issue(where, "a recognizer needs patterns or a deny_list")
+        if guard.entities and recognizer.entity not in guard.entities:  # (none listed: the default set plus it)
+            doc.issue(where + ("entity",), f"`{recognizer.entity}` is not under this guard's `entities`, so this "
+                      f"recognizer never finds anything: add `{recognizer.entity}: {{}}` there (listed `entities` "
+                      "replace the default set; with none listed, the default set and every recognizer's type are "
+                      "looked for)")
         for index, pattern in enumerate(recognizer.patterns):  # presidio matches with `regex` (\p{Lu} and all)
             _regex(pattern.regex, doc, where + ("patterns", index, "regex"), engine="regex")
     for index, allowed in enumerate(guard.allow_patterns):

@@ -112,7 +112,8 @@ DESCRIPTIONS: dict[str, str] = {
     "PiiGuardSpec.languages": "Languages of the text (ner).",
     "PiiGuardSpec.action": "Default action: block, redact, mask, pseudonymize or record.",
     "PiiGuardSpec.threshold": "Default lowest score acted on.",
-    "PiiGuardSpec.recognizers": "Custom recognizers by name.",
+    "PiiGuardSpec.recognizers": "Custom recognizers by name. With `entities` empty, each one's entity is looked "
+                                 "for beside the default set; with `entities` listed, it must be among them.",
     "SecretsGuardSpec.action": "What a found secret does to the request.",
     "SecretsGuardSpec.allow": "Values never reported (exact).",
     "InjectionGuardSpec.places": "Where it runs (input only by default).",

@@ -15,11 +15,11 @@ rule on the prompt's size has a body past `OFF_LOOP_CHARS` counted in a thread f
 (`_counted`), and the count is the request's (`ctx.prompt_tokens`: the cache stage and
 the router read it), forgotten when a guard rewrites the body.
 
-Input: every text a request carries (found by `texts.py`: message text parts,
-tool call arguments, tool results, a completion's prompt, an embedding's input)
-is checked and rewritten in `ctx.body`, the dict that is forwarded. Output: a complete answer
-is decoded, checked and re-encoded (a Responses answer by `responses.py`); a
-stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
+Input: every text a request carries (found by `texts.py`: message text parts, a message's
+adjacent ones as the one text the model reads (`joined.py`), tool call arguments, tool results,
+a completion's prompt, an embedding's input) is checked and rewritten in `ctx.body`, the dict
+that is forwarded. Output: a complete answer is decoded, checked and re-encoded (a Responses
+answer by `responses.py`); a stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from ..routing.rules import Facts, count_first, reads_tokens, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.tokens import TokenCounter
 from .base import Finding, Guard
+from .joined import Joined
 from .pool import PER_TEXT, YIELD_CHARS
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
@@ -204,7 +205,10 @@ class GuardStage:
             if verdict.decision == "block":
                 blocking.extend(verdict.blocking)
             elif verdict.decision == "redact":
-                container[key] = verdict.text
+                if type(container) is Joined:  # adjacent text parts read as one (`joined.py`)
+                    container.rewrite(verdict.text, verdict.findings, session.pseudonyms)
+                else:
+                    container[key] = verdict.text
                 changed = True
             checked += len(text) + PER_TEXT
             if checked >= YIELD_CHARS:

@@ -4,7 +4,9 @@ A text the guards do not find is a text they let through unread, so every shape 
 may use is found here, or refused when it cannot be read (a prompt sent as token ids, under input
 guards). Two shapes are normalized so that they can be read: tool call arguments sent as a JSON
 object instead of a string become that object's JSON (the form OpenAI's API takes and gives), and an
-answer's content sent as a list of parts becomes OpenAI's fields (`spread_parts`).
+answer's content sent as a list of parts becomes OpenAI's fields (`spread_parts`). A request's adjacent text parts
+are read as one text, joined as an answer's are (`_parts`, `joined.py`): the model reads them so, and a value cut
+across two parts was found in neither.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import msgspec
 from ..errors import InvalidRequest
 from ..schemas.endpoints import Endpoint
 from .base import Part, Where
+from .joined import TEXT, Joined
 from .window import ANSWER, REASONING, TOOL
 
 __all__ = ["BESIDE_CONTENT", "UNREAD_ANSWER_TEXTS", "UNREAD_CHOICE_TEXTS", "UNREAD_TEXTS", "answer_refs", "input_texts",
@@ -135,15 +138,43 @@ def _chat_texts(body: dict[str, Any]) -> Iterator[Ref]:
 
 
 def _content(holder: dict[str, Any], key: str, where: Where) -> Iterator[Ref]:
-    """A message's content: a string, or its text and refusal parts."""
+    """A message's content: a string, or its text and refusal parts (adjacent text parts as one text: `_parts`)."""
     content = holder.get(key)
     if isinstance(content, str):
         yield holder, key, where
-    for item in content if isinstance(content, list) else ():
-        if isinstance(item, dict):
-            field = "refusal" if item.get("type") == "refusal" else "text"
+    elif isinstance(content, list):
+        yield from _parts(content, where)
+
+
+def _parts(items: list[Any], where: Where, beside: tuple[str, ...] = ()) -> Iterator[Ref]:
+    """A list of parts' texts: each run of adjacent text parts (a string `text`) as one text, the model's reading
+    of them (`joined.Joined`; a run of one: that part, as it is), each refusal part's on its own, and each part's
+    fields in `beside` (a shell command's `stdout`, `stderr`) on their own. Any other part (an image, a refusal)
+    ends a run: only adjacent text parts are joined."""
+    run: list[dict[str, Any]] = []
+    for item in items:
+        if not isinstance(item, dict):
+            if run:  # (a value that is no part: the upstream's to refuse)
+                yield _run(run, where)
+                run = []
+            continue
+        if item.get("type") != "refusal" and isinstance(item.get(TEXT), str):
+            run.append(item)
+        elif run:
+            yield _run(run, where)
+            run = []
+        if item.get("type") == "refusal" and isinstance(item.get("refusal"), str):
+            yield item, "refusal", where
+        for field in beside:
             if isinstance(item.get(field), str):
                 yield item, field, where
+    if run:
+        yield _run(run, where)
+
+
+def _run(run: list[dict[str, Any]], where: Where) -> Ref:
+    """A run of adjacent text parts as one text: a single part as it is, more as a `Joined`."""
+    return (run[0], TEXT, where) if len(run) == 1 else (Joined(run), TEXT, where)
 
 
 def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
@@ -169,10 +200,8 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
         output = item.get("output")
         if isinstance(output, str):
             yield item, "output", Where("input", "tool_result")
-        for part in output if isinstance(output, list) else ():
-            for field in _OUTPUT_PART_TEXTS:  # a part's text, a shell command's output (`shell_call_output`)
-                if isinstance(part, dict) and isinstance(part.get(field), str):
-                    yield part, field, Where("input", "tool_result")
+        if isinstance(output, list):  # its text parts, a shell command's output (`shell_call_output`)
+            yield from _parts(output, Where("input", "tool_result"), _OUTPUT_PART_TEXTS)
         kind = item.get("type")
         if not isinstance(kind, str):
             kind = None
@@ -185,16 +214,16 @@ def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:
         yield from _action_texts(item, kind)
         yield from _hosted_texts(item, kind)
         summary = item.get("summary") if kind == "reasoning" else None
-        for part in summary if isinstance(summary, list) else ():
-            if isinstance(part, dict) and isinstance(part.get("text"), str):
-                yield part, "text", Where("input", "message")
+        if isinstance(summary, list):
+            yield from _parts(summary, Where("input", "message"))
         yield from _content(item, "content", Where("input", "message"))
 
 
-# The text fields of a Responses tool output's parts (`function_call_output`'s text parts, `shell_call_output`'s
-# command outputs), the calls whose `arguments` are a JSON string (a function's, a remote MCP server tool's), and the
-# calls whose one field holds what the model wrote for the tool (a custom tool's input, the code interpreter's code).
-_OUTPUT_PART_TEXTS = ("text", "stdout", "stderr")
+# The text fields of a Responses tool output's parts beside their `text` (`shell_call_output`'s command outputs; text
+# parts, `function_call_output`'s, are read as any parts' text: `_parts`), the calls whose `arguments` are a JSON
+# string (a function's, a remote MCP server tool's), and the calls whose one field holds what the model wrote for the
+# tool (a custom tool's input, the code interpreter's code).
+_OUTPUT_PART_TEXTS = ("stdout", "stderr")
 _CALLS_WITH_ARGUMENTS = frozenset({"function_call", "mcp_call"})
 _CALL_TEXTS = {"custom_tool_call": "input", "code_interpreter_call": "code"}
 

@@ -1,0 +1,107 @@
+"""Adjacent text parts of one message, read by the input guards as the one text the model reads.
+
+A message's content sent as a list of parts is read by the model as its text parts' text joined as it is (no
+separator: what `texts.spread_parts` makes of an answer's parts, and what the gateway's own translators send a
+provider that takes one string). Checked one part at a time, a value cut in two (`key AKIAZ3MQ` then
+`7XJ4K2PLW9QA`, `project` then ` falcon`) was found in neither part, and reached the upstream whole. So a run of
+two or more adjacent text parts is checked as one text (`Joined`, the container of a `texts.Ref`), and what the
+guards rewrite in it is written back onto the parts (`Joined.rewrite`): a finding's replacement in the part where
+the finding starts, the rest of the finding removed from the parts after it, so that the parts joined are the
+rewritten text. A run ends at any other part (an image, a refusal): only text parts are joined. A single text
+part is read as before, on its own.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from .base import Finding
+from .json_view import json_numbers, whole_numbers
+from .pseudonyms import PLACEHOLDER, Pseudonyms
+from .verdict import replacement, resolve
+
+__all__ = ["TEXT", "Joined"]
+
+TEXT = "text"  # the key of a `Joined` in its `Ref` (and the field of each of its parts)
+_REWRITING = ("redact", "mask", "pseudonymize")
+
+
+class Joined:
+    """Two or more adjacent text parts of one message (dicts with a string `text`), read as their texts joined:
+    `joined[TEXT]` is that text; `rewrite` writes a rewritten one back onto the parts."""
+
+    __slots__ = ("ends", "parts", "text")
+
+    def __init__(self, parts: list[dict[str, Any]]) -> None:
+        self.parts = parts
+        texts = [part[TEXT] for part in parts]
+        self.text = "".join(texts)
+        ends: list[int] = []
+        at = 0
+        for text in texts:
+            at += len(text)
+            ends.append(at)
+        self.ends = ends  # where each part's text ends in the joined text
+
+    def __getitem__(self, key: str) -> str:
+        return self.text
+
+    def rewrite(self, new: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None) -> None:
+        """Write `new` (`verdict.apply` of `findings` on the joined text) back onto the parts: the text between
+        findings stays in the part it was in, a finding's replacement goes where the finding starts, and the rest
+        of a finding that runs into later parts leaves them. The edits are those `apply` makes (the same findings
+        resolved, placeholders already in the text left alone, a JSON number replaced whole); should they ever
+        differ from `new`, the first part takes all of `new` and the others are emptied: never a piece of a
+        finding sent on."""
+        text = self.text
+        pieces: list[list[str]] = [[] for _ in self.parts]
+        at = 0
+        for start, end, replaced in _edits(text, findings, pseudonyms):
+            self._keep(pieces, at, start)
+            pieces[self._part_of(start)].append(replaced)
+            at = end
+        self._keep(pieces, at, len(text))
+        written = ["".join(piece) for piece in pieces]
+        if "".join(written) != new:  # (a backstop: `_edits` is `apply`'s walk)
+            written = [new] + [""] * (len(self.parts) - 1)
+        for part, piece in zip(self.parts, written, strict=True):
+            part[TEXT] = piece
+
+    def _part_of(self, offset: int) -> int:
+        """The part holding the character at `offset` (an empty part holds none; the end of the text: the last)."""
+        return min(bisect_right(self.ends, offset), len(self.ends) - 1)
+
+    def _keep(self, pieces: list[list[str]], start: int, end: int) -> None:
+        """The joined text's `[start, end)` as it was, each character in the part it came from."""
+        text, ends = self.text, self.ends
+        while start < end:
+            index = self._part_of(start)
+            stop = min(end, ends[index])
+            pieces[index].append(text[start:stop])
+            start = stop
+
+
+def _edits(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None) -> list[tuple[int, int, str]]:
+    """The replacements `verdict.apply` makes in `text` on input (no restore), as (start, end, replacement)."""
+    rewriting = [f for f in findings if f.action in _REWRITING]
+    if not rewriting:
+        return []
+    guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
+    numbers = json_numbers(text)
+    edits: list[tuple[int, int, str]] = []
+    at = 0
+    for f in resolve(rewriting):
+        start, end = f.start, f.end
+        number = whole_numbers(text, numbers, start, end) if numbers else None
+        if number is not None:
+            start, end = number
+        if start < at or (guarded and any(start < e and end > s for s, e in guarded)):
+            continue
+        new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
+        edits.append((start, end, new if number is None else msgspec.json.encode(new).decode()))
+        at = end
+    return edits

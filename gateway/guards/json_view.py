@@ -11,7 +11,10 @@ surrogate, no part of any finding, reads as six zero-width spaces. Not the chara
 webhook, no connection string, no profile URL; `\\"` read `""`, so `key=\\"...\\"` was no quoted key; and
 `4111\\u00201111 1111 1111` read six spaces where a card has one. The same length keeps every offset: what the
 guards find in the view is redacted in the text at the same place, widened where it would split an escape
-(`whole_escapes`), so the arguments stay JSON.
+(`whole_escapes`), so the arguments stay JSON. A finding so widened that holds an escape is an `EscapedFinding`: what
+it stands for is its text read (`unescaped`), which a pseudonym is made for (and restored as, escaped again where it
+goes: `pseudonyms.py`) and a mask keeps the end of: `zo\\u00eb@gmail.com` in arguments and `zoë@gmail.com` in a message
+are one `<EMAIL_ADDRESS_1>`, restored as `zoë@gmail.com` in an answer's text (it came back as `zo\\u00eb@...`).
 A backslash that begins no escape (a plain text's `C:\\Users`) is read as it is.
 
 A card or a phone number may also be a JSON number (`{"card": 4111111111111111}`), which a placeholder cannot
@@ -33,7 +36,7 @@ from msgspec.structs import replace
 
 from .base import Finding
 
-__all__ = ["JsonPieces", "json_numbers", "json_view", "whole_escapes", "whole_numbers"]
+__all__ = ["EscapedFinding", "JsonPieces", "json_numbers", "json_view", "unescaped", "whole_escapes", "whole_numbers"]
 
 _ESCAPE = re.compile(r'\\(?:u[0-9a-fA-F]{4}|["\\/bfnrt])')
 _STANDS_FOR = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
@@ -154,12 +157,21 @@ def json_view(text: str) -> tuple[str, list[tuple[int, int]]]:
     return "".join(parts), escapes
 
 
+class EscapedFinding(Finding, frozen=True):
+    """A finding in a JSON string's text (a tool call's arguments) that holds an escape: the value it stands for is
+    its text read (`unescaped`). Only a pseudonym and a mask read the value (`verdict.replacement`)."""
+
+
+_READS_VALUE = frozenset({"pseudonymize", "mask"})
+
+
 def whole_escapes(findings: list[Finding], escapes: list[tuple[int, int]]) -> list[Finding]:
-    """`findings`, each widened to the whole of an escape it would start or end inside of."""
+    """`findings`, each widened to the whole of an escape it would start or end inside of; one whose value is read
+    (pseudonymized, masked) and that holds an escape is an `EscapedFinding`."""
     if not escapes or not findings:
         return findings
     starts = [start for start, _ in escapes]
-    out = []
+    out: list[Finding] = []
     for finding in findings:
         start, end = finding.start, finding.end
         at = bisect_right(starts, start) - 1  # the last escape starting at or before the finding's start
@@ -168,5 +180,30 @@ def whole_escapes(findings: list[Finding], escapes: list[tuple[int, int]]) -> li
         at = bisect_right(starts, end - 1) - 1  # the escape holding the finding's last character, if any
         if at >= 0 and escapes[at][0] < end < escapes[at][1]:
             end = escapes[at][1]
-        out.append(finding if (start, end) == (finding.start, finding.end) else replace(finding, start=start, end=end))
+        if finding.action in _READS_VALUE and at >= 0 and escapes[at][1] > start:  # (it holds that escape)
+            out.append(EscapedFinding(finding.guard, finding.type, start, end, finding.score, finding.recognizer,
+                                      finding.action, finding.keep))
+        elif (start, end) != (finding.start, finding.end):
+            out.append(replace(finding, start=start, end=end))
+        else:
+            out.append(finding)
     return out
+
+
+def unescaped(text: str) -> str:
+    """A JSON string's text (or a piece of one) with its escapes read: `zo\\u00eb` is `zoë`, a surrogate pair one
+    character. A lone surrogate, which no text can carry (no UTF-8), leaves the text as it is."""
+    read = _ESCAPE.sub(_character, text)
+    try:
+        read.encode()
+    except UnicodeEncodeError:
+        try:
+            return read.encode("utf-16", "surrogatepass").decode("utf-16")
+        except UnicodeDecodeError:
+            return text
+    return read
+
+
+def _character(escape: re.Match[str]) -> str:
+    kind = escape.group()[1]
+    return _STANDS_FOR[kind] if kind != "u" else chr(int(escape.group()[2:], 16))

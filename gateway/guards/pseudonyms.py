@@ -7,6 +7,11 @@ them, in text, in JSON tool arguments (escaped as JSON), and in streams where a
 placeholder may be split across chunks at any offset (`open_tail` says how much
 of a text's end could still become one).
 
+Inside JSON a placeholder may come back escaped: Go's `json.Marshal` (Ollama's OpenAI-compatible API) writes `<` and
+`>` as `\\u003c` and `\\u003e`, so `{"to": "\\u003cEMAIL_ADDRESS_1\\u003e"}` is restored as well (either hex case, split
+across chunks too). An original is kept as the value it stands for (a pseudonym made in JSON-escaped arguments is the
+value read: `json_view.EscapedFinding`), written plain in text and escaped in JSON.
+
 Never into the model's reasoning (`keeping`): Anthropic signs its thinking over the text it wrote, placeholders
 included, and a client sends that thinking back in a tool loop; input guards do not read an assistant turn's
 reasoning, so an original restored there would reach the upstream in clear on the next turn (and, signed, be
@@ -23,8 +28,13 @@ from contextlib import contextmanager
 __all__ = ["PLACEHOLDER", "Pseudonyms"]
 
 PLACEHOLDER = re.compile(r"<([A-Z][A-Z0-9_]{0,47})_(\d{1,6})>")
-_MAX_PLACEHOLDER = 58
-_OPEN = re.compile(r"<(?:[A-Z][A-Z0-9_]{0,47}(?:_\d{0,6})?)?\Z")
+# In a JSON string, also with `<` and `>` written as escapes (`\u003c`, `\u003e`, either case): the name is group 1.
+_JSON_PLACEHOLDER = re.compile(r"(?:<|\\u003[cC])([A-Z][A-Z0-9_]{0,47}_\d{1,6})(?:>|\\u003[eE])")
+_MAX_PLACEHOLDER = 67  # `\u003c`, a name of 48, `_`, 6 digits, `\u003e`
+# What may still become a placeholder (at a text's end): its start, written `<` or escaped, and, once its digits
+# came, the start of an escaped `>`; or the start of an escaped `<` alone.
+_OPEN = re.compile(r"(?:<|\\u003[cC])(?:[A-Z][A-Z0-9_]{0,47}(?:_\d{0,6}|_\d{1,6}\\(?:u(?:0(?:03?)?)?)?)?)?\Z"
+                   r"|\\(?:u(?:0(?:03?)?)?)?\Z")
 
 
 class Pseudonyms:
@@ -49,17 +59,25 @@ class Pseudonyms:
         return found
 
     def restore(self, text: str, *, json_string: bool = False) -> str:
-        """`text` with every known placeholder replaced by its original (JSON-escaped inside JSON)."""
-        if self._kept or not self._by_placeholder or "<" not in text:
+        """`text` with every known placeholder replaced by its original (JSON-escaped inside JSON, where a
+        placeholder may be written with `\\u003c` and `\\u003e` too)."""
+        if self._kept or not self._by_placeholder:
             return text
+        if json_string:
+            if "<" in text or "\\u003" in text:
+                return _JSON_PLACEHOLDER.sub(self._json_back, text)
+            return text
+        return PLACEHOLDER.sub(self._back, text) if "<" in text else text
 
-        def back(match: re.Match[str]) -> str:
-            original = self._by_placeholder.get(match.group(0))
-            if original is None:
-                return match.group(0)
-            return json.dumps(original, ensure_ascii=False)[1:-1] if json_string else original
+    def _back(self, match: re.Match[str]) -> str:
+        return self._by_placeholder.get(match.group(0), match.group(0))
 
-        return PLACEHOLDER.sub(back, text)
+    def _json_back(self, match: re.Match[str]) -> str:
+        written = match.group(0)
+        if written[0] == "\\" and _escaped(match.string, match.start()):
+            return written  # `\\u003c...`: a backslash, then the letters `u003c`
+        original = self._by_placeholder.get(f"<{match.group(1)}>")
+        return written if original is None else json.dumps(original, ensure_ascii=False)[1:-1]
 
     @contextmanager
     def keeping(self) -> Iterator[None]:
@@ -73,8 +91,22 @@ class Pseudonyms:
 
     @staticmethod
     def open_tail(text: str) -> int:
-        """How many characters at the end of `text` could be the start of a placeholder."""
-        start = text.rfind("<", max(0, len(text) - _MAX_PLACEHOLDER))
-        if start < 0 or not _OPEN.match(text, start):
-            return 0
-        return len(text) - start
+        """How many characters at the end of `text` could be the start of a placeholder, written `<` or, as in a
+        JSON string, `\\u003c` (in a plain text, such a start too waits for the next chunk: a moment, no more)."""
+        size = len(text)
+        low = max(0, size - _MAX_PLACEHOLDER)
+        starts = [text.rfind("<", low)]
+        if text.find("\\", low) >= 0:  # (the earliest start that is one: an escaped `>` begins with `\\` too)
+            starts += (text.rfind("\\u003c", low), text.rfind("\\u003C", low), text.rfind("\\", max(0, size - 5)))
+        for start in sorted(starts):
+            if start >= 0 and _OPEN.match(text, start):
+                return size - start
+        return 0
+
+
+def _escaped(text: str, at: int) -> bool:
+    """Whether the backslash at `at` is escaped: an odd number of backslashes before it."""
+    before = at
+    while before > 0 and text[before - 1] == "\\":
+        before -= 1
+    return (at - before) % 2 == 1

@@ -15,7 +15,7 @@ from typing import Literal
 import msgspec
 
 from .base import Finding
-from .json_view import json_numbers, whole_numbers
+from .json_view import EscapedFinding, json_numbers, unescaped, whole_numbers
 from .pseudonyms import PLACEHOLDER, Pseudonyms
 
 __all__ = ["Verdict", "apply", "decide", "replacement"]
@@ -110,6 +110,11 @@ def _json_string(replaced: str) -> str:
 
 
 def replacement(finding: Finding, original: str, pseudonyms: Pseudonyms | None) -> str:
+    """What replaces `original`, the text of `finding`. In a tool call's arguments, one that holds a JSON escape
+    (`json_view.EscapedFinding`) stands for its text read: the pseudonym of `zo\\u00eb@gmail.com` is that of
+    `zoë@gmail.com` elsewhere in the request, and restores as `zoë@gmail.com` (escaped again inside JSON)."""
+    if type(finding) is EscapedFinding:
+        original = unescaped(original)
     if finding.action == "mask":
         kept = "".join(c for c in original if c.isalnum())[-finding.keep:] if finding.keep else ""
         return "****" + kept

@@ -362,8 +362,8 @@ def _shift(findings: list[Finding], offset: int) -> list[Finding]:
         if f.type == "GUARD_FAILURE":
             out.append(f)
         elif f.end > offset:
-            out.append(Finding(f.guard, f.type, max(0, f.start - offset), f.end - offset, f.score, f.recognizer,
-                               f.action, f.keep))
+            out.append(type(f)(f.guard, f.type, max(0, f.start - offset), f.end - offset, f.score, f.recognizer,
+                               f.action, f.keep))  # (an `EscapedFinding` stays one: its value is its text read)
     return out
 
 

@@ -17,17 +17,13 @@ from bisect import bisect_right
 from collections.abc import Iterable
 from typing import Any
 
-import msgspec
-
 from .base import Finding
-from .json_view import json_numbers, whole_numbers
-from .pseudonyms import PLACEHOLDER, Pseudonyms
-from .verdict import replacement, resolve
+from .pseudonyms import Pseudonyms
+from .verdict import edits
 
 __all__ = ["TEXT", "Joined"]
 
 TEXT = "text"  # the key of a `Joined` in its `Ref` (and the field of each of its parts)
-_REWRITING = ("redact", "mask", "pseudonymize")
 
 
 class Joined:
@@ -60,13 +56,13 @@ class Joined:
         text = self.text
         pieces: list[list[str]] = [[] for _ in self.parts]
         at = 0
-        for start, end, replaced in _edits(text, findings, pseudonyms):
+        for start, end, replaced in edits(text, findings, pseudonyms):
             self._keep(pieces, at, start)
             pieces[self._part_of(start)].append(replaced)
             at = end
         self._keep(pieces, at, len(text))
         written = ["".join(piece) for piece in pieces]
-        if "".join(written) != new:  # (a backstop: `_edits` is `apply`'s walk)
+        if "".join(written) != new:  # (a backstop: `edits` is `apply`'s own walk)
             written = [new] + [""] * (len(self.parts) - 1)
         for part, piece in zip(self.parts, written, strict=True):
             part[TEXT] = piece
@@ -83,25 +79,3 @@ class Joined:
             stop = min(end, ends[index])
             pieces[index].append(text[start:stop])
             start = stop
-
-
-def _edits(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None) -> list[tuple[int, int, str]]:
-    """The replacements `verdict.apply` makes in `text` on input (no restore), as (start, end, replacement)."""
-    rewriting = [f for f in findings if f.action in _REWRITING]
-    if not rewriting:
-        return []
-    guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
-    numbers = json_numbers(text)
-    edits: list[tuple[int, int, str]] = []
-    at = 0
-    for f in resolve(rewriting):
-        start, end = f.start, f.end
-        number = whole_numbers(text, numbers, start, end) if numbers else None
-        if number is not None:
-            start, end = number
-        if start < at or (guarded and any(start < e and end > s for s, e in guarded)):
-            continue
-        new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
-        edits.append((start, end, new if number is None else msgspec.json.encode(new).decode()))
-        at = end
-    return edits

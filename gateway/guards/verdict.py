@@ -18,7 +18,7 @@ from .base import Finding
 from .json_view import EscapedFinding, json_numbers, unescaped, whole_numbers
 from .pseudonyms import PLACEHOLDER, Pseudonyms
 
-__all__ = ["Verdict", "apply", "decide", "replacement"]
+__all__ = ["Verdict", "apply", "decide", "edits", "replacement"]
 
 Decision = Literal["allow", "redact", "block"]
 
@@ -73,20 +73,38 @@ def _disjoint(ordered: list[Finding]) -> bool:
 
 def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
           restore: Callable[[str], str] | None = None, numbers: list[tuple[int, int]] | None = None) -> str:
-    """`text` with every rewriting finding replaced; placeholders already in it are never touched. In a JSON object
-    or array (tool call arguments), a finding on a number replaces the whole number with a JSON string; `numbers`:
-    where they are, for a piece of one (a stream's: `json_view.JsonPieces`), else found here.
+    """`text` with every rewriting finding replaced (`edits`); placeholders already in it are never touched.
 
     `restore` (output: placeholders back to originals) applies to the text between findings only,
     so that a placeholder made for a finding of the answer itself stays a placeholder.
     """
+    changes = edits(text, findings, pseudonyms, numbers)
+    if not changes:
+        return text if restore is None else restore(text)
+    out: list[str] = []
+    at = 0
+    for start, end, new in changes:  # (the common case inline: no restore on input)
+        out.append(text[at:start] if restore is None else restore(text[at:start]))
+        out.append(new)
+        at = end
+    out.append(text[at:] if restore is None else restore(text[at:]))
+    return "".join(out)
+
+
+def edits(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
+          numbers: list[tuple[int, int]] | None = None) -> list[tuple[int, int, str]]:
+    """The replacements `apply` makes in `text`, in order, as (start, end, replacement): each rewriting finding's,
+    but where it overlaps one before it or a placeholder already in the text. In a JSON object or array (tool call
+    arguments), a finding on a number replaces the whole number with a JSON string; `numbers`: where they are, for
+    a piece of one (a stream's: `json_view.JsonPieces`), else found here. (`joined.Joined.rewrite` writes them
+    back onto a message's parts.)"""
     rewriting = [f for f in findings if f.action in ("redact", "mask", "pseudonymize")]
     if not rewriting:
-        return text if restore is None else restore(text)
+        return []
     guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
     if numbers is None:
         numbers = json_numbers(text)  # (none unless the text is a JSON object or array: tool call arguments)
-    out: list[str] = []
+    changes: list[tuple[int, int, str]] = []
     at = 0
     for f in resolve(rewriting):
         start, end = f.start, f.end
@@ -95,13 +113,10 @@ def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
             start, end = number
         if start < at or (guarded and any(start < e and end > s for s, e in guarded)):
             continue
-        # (the common cases inline: no restore on input, a redaction's fixed placeholder)
-        out.append(text[at:start] if restore is None else restore(text[at:start]))
         new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
-        out.append(new if number is None else _json_string(new))
+        changes.append((start, end, new if number is None else _json_string(new)))
         at = end
-    out.append(text[at:] if restore is None else restore(text[at:]))
-    return "".join(out)
+    return changes
 
 
 def _json_string(replaced: str) -> str:

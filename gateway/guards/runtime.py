@@ -9,7 +9,8 @@ that may serve it (`served`): its own and those of every alias its
 guards ran. Every guard of a request sees the same text;
 an error, a timeout or a full pool queue is a `GuardFailure`, which blocks the
 text under `fail: closed` (the default) and is skipped under `fail: open`; both
-are counted.
+are counted (in the request guard series; a runtime built `counted=False`, the payload log's, counts
+nothing there: its owner counts what it needs in its own series).
 """
 
 from __future__ import annotations
@@ -67,9 +68,13 @@ class GuardSet:
 
 
 class GuardRuntime:
-    def __init__(self, spec: GuardsSpec, metrics: Metrics, count_tokens: Callable[[str], int]) -> None:
+    def __init__(self, spec: GuardsSpec, metrics: Metrics, count_tokens: Callable[[str], int], *,
+                 counted: bool = True) -> None:
         self.spec = spec
         self.metrics = metrics
+        # Whether `detect` counts verdicts, durations and failures in the request guard series
+        # (`gateway_guard_*`); the payload log's guards are not a request's, and it counts their failures itself.
+        self.counted = counted
         self.pool = GuardPool(spec.pool)
         self._count_tokens = count_tokens
         self._built: dict[tuple[str, int], Guard] = {}  # one object per defined guard (scope, name)
@@ -168,8 +173,9 @@ class GuardRuntime:
         shadow: list[Finding] = []
         for guard, found in zip(guards, results, strict=True):
             (enforced if guard.mode == "enforce" else shadow).extend(found)
-            decision = "block" if any(f.action == "block" for f in found) else ("redact" if found else "allow")
-            self.metrics.guard_verdicts_of(guard.name, decision, guard.mode, where.place).inc()
+            if self.counted:
+                decision = "block" if any(f.action == "block" for f in found) else ("redact" if found else "allow")
+                self.metrics.guard_verdicts_of(guard.name, decision, guard.mode, where.place).inc()
         return enforced, shadow
 
     async def _detect(self, guard: Guard, text: str, where: Where) -> list[Finding]:
@@ -192,8 +198,10 @@ class GuardRuntime:
             log.error("guard %s failed: %s", guard.name, type(exc).__name__)  # never the text
             reason = "error"
         finally:
-            self.metrics.guard_duration_of(guard.name, where.place).observe(time.perf_counter() - started)
-        self.metrics.guard_failures.labels(guard.name, reason, guard.fail).inc()
+            if self.counted:
+                self.metrics.guard_duration_of(guard.name, where.place).observe(time.perf_counter() - started)
+        if self.counted:
+            self.metrics.guard_failures.labels(guard.name, reason, guard.fail).inc()
         if guard.fail == "open":
             return []
         return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]

@@ -62,14 +62,16 @@ class PayloadLogSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=Tru
 
     enabled: bool = False
     sink: Literal["file", "redis"] = "file"
-    # file: where; rotated at `max_bytes`, `backups` old files kept (0: the file is emptied at `max_bytes`)
+    # file: where; rotated at `max_bytes`, `backups` old files kept (0: the file is emptied at `max_bytes`); with
+    # `--workers N`, the workers write and rotate this one file together
     path: str = "gateway-payloads.jsonl"
     max_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     backups: Annotated[int, Meta(ge=0, le=100)] = 5
     stream: Annotated[str, Meta(pattern=r"^[A-Za-z0-9:_.{}-]{1,64}(?!\n)$")] = "payloads"  # redis: stream key
     max_entries: Annotated[int, Meta(ge=100, le=100_000_000)] = 100_000  # redis: MAXLEN ~ (retention)
     max_text_chars: Annotated[int, Meta(ge=64, le=1_000_000)] = 16_384  # per text, after redaction
-    queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000  # entries waiting to be written; beyond: dropped
+    # entries waiting to be written (and 16 Mi characters of text in all); beyond: dropped
+    queue: Annotated[int, Meta(ge=16, le=1_000_000)] = 10_000
     # The guards that redact every logged text, prompts and answers, whatever their `places` say: any finding is
     # replaced, whatever its action, and a text a guard failed to check (an error, a timeout) is withheld whole,
     # whatever its `fail` says; empty: a `pii` guard (patterns engine) and a `secrets` guard.

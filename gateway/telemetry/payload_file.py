@@ -1,54 +1,110 @@
 """The payload log's file: prompts and answers, so created readable by its owner alone, rotated at `max_bytes`, and
 written so that a failure reaches the writer (which counts it) rather than stderr.
 
+Several processes may write the same file: the workers of `gateway serve --workers N` each run a payload log with
+the same `path`. Each write holds an exclusive lock (`flock`) on the file at the path, taken on the descriptor
+the process holds and kept only if that file is still the one at the path (another worker rotated it, or it was
+removed: the path is opened anew, and locked so in turn). So the size checked against `max_bytes` is the file's,
+whatever worker wrote it; one worker rotates it, the others waiting; and no worker writes into a file renamed
+away or removed. (Each worker used to count its own bytes and rotate on its own: one wrote into a backup, or
+into a file another had deleted, and those lines were lost.) A rotation renames the file while holding its lock
+and locks the new file before letting the old one go, so that a worker waiting on the old one finds it moved.
+Locks are taken oldest file first (the file at the path is always newer than one renamed away): none waits on
+another in a circle. No other file is made (a lock file would sit next to the log).
+
 Split from `payload_log.py`, which holds the queue, the redaction and the Redis sink.
 """
 
 from __future__ import annotations
 
-import contextlib
-import logging
-import logging.handlers
+import fcntl
 import os
-from typing import Any
+import stat
 
 __all__ = ["PrivateRotatingFile"]
 
 
-class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+class PrivateRotatingFile:
     """A rotating file created readable by its owner alone (0600, whatever the process's umask): its lines are
     prompts and answers, redacted by the guards only as far as the guards recognise what they hold. A file that
-    exists keeps its mode (an operator's choice).
+    exists keeps its mode (an operator's choice), and so do the files it is rotated to.
 
-    A write that fails raises (`write`), where logging's handler would print the whole record, a line of prompts
-    and answers, to stderr and carry on as if it had been written: the writer counts it. `backups: 0` empties the
-    file at `max_bytes` (logging's handler reopened it to append, and it grew without bound)."""
+    A write that fails raises (`write`), where logging's handler printed the whole record, a line of prompts and
+    answers, to stderr and carried on as if it had been written: the writer counts it; the file is closed, and the
+    next line opens the path anew. `backups: 0` empties the file at `max_bytes` (logging's handler reopened it to
+    append, and it grew without bound). Only a regular file is rotated (a path that names a device is written).
+    Writes and rotations are serialised across processes (the module's docstring); the writer calls `write` in a
+    thread, never on the event loop, since it may wait for another process's write."""
 
-    def _open(self) -> Any:
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        return open(fd, self.mode, encoding=self.encoding, errors=self.errors)
+    def __init__(self, filename: str, max_bytes: int, backups: int) -> None:
+        self.path = os.path.abspath(filename)
+        self.max_bytes = max_bytes
+        self.backups = backups
+        self._fd: int | None = self._open()  # (a path that cannot be opened: the start fails, naming it)
 
-    def write(self, line: str) -> None:
-        """Append `line`, rotating first if it would pass `max_bytes`; a failure raises, and the file is closed
-        so that the next line is written to a file opened anew, not after what the failed write left buffered."""
+    def _open(self) -> int:
+        return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+
+    def write(self, line: bytes) -> None:
+        """Append `line` and a newline, rotating first if it would take the file past `max_bytes`."""
+        data = line + b"\n"
+        fd = self._locked()
         try:
-            self.emit(logging.makeLogRecord({"msg": line, "levelno": logging.INFO}))
+            held = os.fstat(fd)
+            if stat.S_ISREG(held.st_mode) and 0 < held.st_size and held.st_size + len(data) > self.max_bytes:
+                fd = self._rotate(fd)
+            view = memoryview(data)
+            while view:  # (a regular file takes it in one write; a short one leaves the rest to the next, or raises)
+                view = view[os.write(fd, view):]
         except BaseException:
-            stream, self.stream = self.stream, None  # (`emit` and `shouldRollover` open it again when None)
-            if stream is not None:
-                with contextlib.suppress(Exception):  # (its flush fails again; the descriptor is closed all the same)
-                    stream.close()
+            self.close()  # (closing the descriptor lets the lock go)
             raise
+        fcntl.flock(fd, fcntl.LOCK_UN)
 
-    def handleError(self, record: logging.LogRecord) -> None:
-        raise  # (called in `emit`'s `except`): what failed goes to `write`'s caller, not to stderr
+    def _locked(self) -> int:
+        """The descriptor of the file at the path, locked: the one held if it is still there, else the path's
+        opened anew (after a rotation by another process, or a removal)."""
+        while True:
+            if self._fd is None:
+                self._fd = self._open()
+            fd = self._fd
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                if _same(fd, self.path):
+                    return fd
+            except BaseException:
+                self.close()
+                raise
+            self.close()  # moved or removed: its lock goes with it, and the path is opened again
 
-    def doRollover(self) -> None:
-        if self.backupCount > 0:
-            super().doRollover()
-            return
-        if self.stream is not None:
-            self.stream.close()
-            self.stream = None
-        os.close(os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
-        self.stream = self._open()
+    def _rotate(self, fd: int) -> int:
+        """The file (locked, at the path) rotated: renamed to `.1` (the older ones moved up, the oldest past
+        `backups` replaced), and the new one at the path, locked, returned; or, with `backups: 0`, emptied."""
+        if not self.backups:
+            os.ftruncate(fd, 0)  # (other processes' descriptors are this file's: they append from its new end)
+            return fd
+        for n in range(self.backups - 1, 0, -1):
+            older = f"{self.path}.{n}"
+            if os.path.exists(older):
+                os.replace(older, f"{self.path}.{n + 1}")
+        os.replace(self.path, f"{self.path}.1")
+        self._fd = None  # the old one is held (and locked) until the new one is: a waiting writer finds it moved
+        try:
+            return self._locked()
+        finally:
+            os.close(fd)
+
+    def close(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+def _same(fd: int, path: str) -> bool:
+    """Whether the file open at `fd` is the one at `path` (a file renamed away or removed is not)."""
+    try:
+        at_path = os.stat(path)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (held.st_dev, held.st_ino) == (at_path.st_dev, at_path.st_ino)

@@ -1,13 +1,18 @@
 """The payload log: prompts and answers, PII redacted, to a rotating file or a Redis stream.
 
 Off unless `telemetry.payload_log.enabled`, and configured apart from the access
-log, which never holds text. A request only hands its texts to a bounded queue
-(full: the entry is dropped and counted in `gateway_telemetry_dropped_total`);
-one background task redacts them with the log's own guards (`redact`, by default
+log, which never holds text. A request only hands its texts to a queue bounded by entries (`queue`) and by the
+characters they hold (`QUEUE_CHARS`; full: the entry is dropped and counted in `gateway_telemetry_dropped_total`,
+`queue_full`): an entry holds at most `read_chars` characters of prompts in all (the texts in order, the one across
+that line cut, those after it left out) and as many of answer, so that a sink that stalls, or redaction slower
+than big prompts arrive, holds a bounded memory. One background task redacts them with the log's own guards
+(`redact`, by default
 a `pii` patterns guard and a `secrets` guard; each reads every text, whatever its `places`: every finding is
 replaced, whatever its action says; a text a guard failed to check, timed out or refused
-by a full queue, is withheld whole, whatever its `fail` says) and writes them: to a file rotated at `max_bytes`
-(writes in a thread, never on the event loop: `payload_file.py`) or to a Redis stream capped at
+by a full queue, is withheld whole, whatever its `fail` says, and counted, `redact_failed`; these guards are not
+a request's: they count nothing in the request guard series, `gateway_guard_*`) and writes them: to a file rotated
+at `max_bytes` (writes in a thread, never on the event loop; the workers of `--workers N` share the file and its
+rotation: `payload_file.py`) or to a Redis stream capped at
 `max_entries` (`XADD MAXLEN ~`), which is its retention, through a client built as the store's
 (`open_client`: every URL form the store takes, its timeouts; each write bounded by `op_timeout_s`).
 An entry whose write fails (a full disk, a Redis down) is dropped and counted (`sink_failed`), and the next one
@@ -33,6 +38,7 @@ import dataclasses
 import logging
 import time
 from collections import deque
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -74,6 +80,11 @@ FINAL_DRAIN_S = 2.0
 _UNSURE_TAIL = 4_096
 """Of a text read only in part, the characters at its end that are redacted and never written (a JWT, a long
 key, an e-mail address or a card number fit in it)."""
+QUEUE_CHARS = 16 * 1024 * 1024
+"""The characters (prompts and answers) the queue holds at most, over all its entries; beyond, an entry is dropped
+as at `queue` entries. At most 64 MiB of text per process (a character takes 1 to 4 bytes in Python), where
+10,000 entries of big prompts took gigabytes; it holds 227 entries of the largest size under the default
+`max_text_chars` (16,384: 36,864 characters of prompts and as many of answer), and thousands of common ones."""
 
 
 def read_chars(spec: PayloadLogSpec) -> int:
@@ -91,6 +102,12 @@ class _Entry:
     status: int
     input: list[str]
     output: str
+    cut: bool = False  # the last text of `input` was cut at the entry's `read_chars` (`_entry_texts`)
+
+    @property
+    def size(self) -> int:
+        """The characters the entry holds, as the queue counts them."""
+        return sum(map(len, self.input)) + len(self.output)
 
 
 class PayloadWriter:
@@ -101,9 +118,14 @@ class PayloadWriter:
         self.metrics = metrics
         self.state = state
         self.stream_key = state.key_prefix + spec.stream
-        self.guards = GuardRuntime(GuardsSpec(global_=redacting(spec.redact or _DEFAULT_REDACT)), metrics, count)
+        # Not counted in the request guard series (`gateway_guard_*`): no request ran these guards, and a guard of
+        # the policy's with the same name would have had the log's counts added. A text one fails to check is
+        # counted here, `redact_failed`.
+        self.guards = GuardRuntime(GuardsSpec(global_=redacting(spec.redact or _DEFAULT_REDACT)), metrics, count,
+                                   counted=False)
         self.guard_list = list(self.guards.resolve("", "").input)  # (every text guard: `redacting`)
         self._queue: deque[_Entry] = deque()
+        self._held = 0  # the characters the queued entries hold (`_Entry.size`), at most `QUEUE_CHARS`
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._closing = False
@@ -116,19 +138,25 @@ class PayloadWriter:
         if self._closed:  # a request that ended after the close (a stream of a retired policy): nothing writes it
             self.metrics.telemetry_dropped.labels("payload_log", "close_timeout").inc()
             return
-        if len(self._queue) >= self.spec.queue:
+        size = entry.size
+        if len(self._queue) >= self.spec.queue or self._held + size > QUEUE_CHARS:
             self.metrics.telemetry_dropped.labels("payload_log", "queue_full").inc()
             return
         self._queue.append(entry)
+        self._held += size
         self._wake.set()
+
+    @property
+    def held_chars(self) -> int:
+        """The characters the queued entries hold (at most `QUEUE_CHARS`)."""
+        return self._held
 
     async def start(self) -> None:
         await self.guards.start()
         if self.spec.sink == "file":
             try:
                 self._file = await asyncio.to_thread(
-                    PrivateRotatingFile, self.spec.path, maxBytes=self.spec.max_bytes,
-                    backupCount=self.spec.backups, encoding="utf-8")
+                    PrivateRotatingFile, self.spec.path, self.spec.max_bytes, self.spec.backups)
             except OSError as exc:  # (a start that fails: the gateway does not start, a reload keeps the policy)
                 error = PayloadLogPathError(f"telemetry.payload_log.path: cannot open {self.spec.path!r} to append: "
                                             f"{exc.strerror or type(exc).__name__}")
@@ -164,6 +192,7 @@ class PayloadWriter:
         self._closed = True
         if left := len(self._queue):  # cut at the deadline: the one being written among them
             self._queue.clear()
+            self._held = 0
             self.metrics.telemetry_dropped.labels("payload_log", "close_timeout").inc(left)
             log.warning("payload log: %d entries dropped at close: not written within %.0f s", left, FINAL_DRAIN_S)
 
@@ -182,35 +211,41 @@ class PayloadWriter:
                 if self._failing:
                     self._failing = False
                     log.info("payload log: writing again after a failure")
-            self._queue.popleft()
+            self._held -= self._queue.popleft().size
 
-    async def redact(self, text: str, where: Where) -> str:
+    async def redact(self, text: str, where: Where, cut: bool = False) -> str:
         """`text` redacted, then cut to `max_text_chars`; a text longer than `read_chars` is read that far, and
-        only what comes from its first `2 x max_text_chars` characters is written (see the module's docstring)."""
+        only what comes from its first `2 x max_text_chars` characters is written (see the module's docstring).
+        A text `cut` already (at its entry's `read_chars`) is read whole, and its last `_UNSURE_TAIL` characters
+        are not written, for the same reason."""
         if not text:
             return text
         read = read_chars(self.spec)
-        cut = len(text) > read
-        if cut:
+        if len(text) > read:
             text = text[:read]
+            cut = True
         enforced, shadow = await self.guards.detect(self.guard_list, text, where)
         if any(f.type == _FAILED for f in (*enforced, *shadow)):  # a guard failed (timed out on a long text, its
-            return _WITHHELD  # queue full): the text was not checked, so none of it is written
+            # queue full): the text was not checked, so none of it is written; counted as the log's own
+            self.metrics.telemetry_dropped.labels("payload_log", "redact_failed").inc()
+            return _WITHHELD
         findings = [msgspec.structs.replace(f, action="redact") for f in (*enforced, *shadow)]
         if cut:
-            text, findings = _before(text, findings, read - _UNSURE_TAIL)
+            text, findings = _before(text, findings, max(0, len(text) - _UNSURE_TAIL))
         return apply(text, findings, None)[: self.spec.max_text_chars]
 
     async def _redacted(self, entry: _Entry) -> bytes:
         data = dataclasses.asdict(entry)
-        data["input"] = [await self.redact(text, _INPUT) for text in entry.input]
+        del data["cut"]
+        last = len(entry.input) - 1
+        data["input"] = [await self.redact(text, _INPUT, entry.cut and n == last) for n, text in enumerate(entry.input)]
         data["output"] = await self.redact(entry.output, _OUTPUT)
         data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
         return _encode(data)
 
     async def _write(self, line: bytes) -> None:
         if self._file is not None:
-            await asyncio.to_thread(self._file.write, line.decode())
+            await asyncio.to_thread(self._file.write, line)
         elif self._redis is not None:
             async with asyncio.timeout(self.state.op_timeout_s):  # as every store operation
                 await self._redis.client.xadd(self.stream_key, {"entry": line}, maxlen=self.spec.max_entries,
@@ -247,17 +282,34 @@ class PayloadLog:
 
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         reply = await call_next(ctx)  # ctx.body is read by then (and already redacted by input guards, if any)
-        limit = read_chars(self.writer.spec) + 1  # (one more: the writer sees that it was cut)
-        texts = [str(c[k])[:limit] for c, k, _ in input_texts(ctx.endpoint, ctx.body)]
+        read = read_chars(self.writer.spec)
+        texts, cut = _entry_texts((str(c[k]) for c, k, _ in input_texts(ctx.endpoint, ctx.body)), read)
         if reply.stream is not None:
-            reply.stream.add(_StreamText(self, texts))
-        else:
-            self.add(ctx, texts, _answer_text(ctx.endpoint, reply.body), reply.status)
+            reply.stream.add(_StreamText(self, texts, cut))
+        else:  # (one more than is read: the writer sees that it was cut)
+            self.add(ctx, texts, cut, _answer_text(ctx.endpoint, reply.body)[: read + 1], reply.status)
         return reply
 
-    def add(self, ctx: RequestContext, texts: list[str], output: str, status: int) -> None:
+    def add(self, ctx: RequestContext, texts: list[str], cut: bool, output: str, status: int) -> None:
         self.writer.add(_Entry(time.time(), ctx.request_id, ctx.tenant, ctx.alias_label,
-                               ctx.target.name if ctx.target else None, status, texts, output))
+                               ctx.target.name if ctx.target else None, status, texts, output, cut))
+
+
+def _entry_texts(texts: Iterable[str], read: int) -> tuple[list[str], bool]:
+    """An entry's prompts, `read` characters at most in all: the texts in order, the one across that line cut
+    (and then said to be: `_Entry.cut`) unless what would be left of it is all in the unsure tail, which is never
+    written; the texts after it are left out. A text alone longer than `read` is cut so too."""
+    kept: list[str] = []
+    left = read
+    for text in texts:
+        if len(text) > left:
+            if left > _UNSURE_TAIL:
+                kept.append(text[:left])
+                return kept, True
+            return kept, False
+        kept.append(text)
+        left -= len(text)
+    return kept, False
 
 
 def _before(text: str, findings: list[Finding], line: int) -> tuple[str, list[Finding]]:
@@ -304,12 +356,13 @@ class _StreamText:
     stream's `output_text` parts, one line each, wherever their message is in `output` (after a reasoning item, it
     is not the first: only the first output's text was kept, and such an answer was logged empty)."""
 
-    __slots__ = ("part", "parts", "size", "stage", "texts")
+    __slots__ = ("cut", "part", "parts", "size", "stage", "texts")
     reads_events = True
 
-    def __init__(self, stage: PayloadLog, texts: list[str]) -> None:
+    def __init__(self, stage: PayloadLog, texts: list[str], cut: bool) -> None:
         self.stage = stage
         self.texts = texts
+        self.cut = cut
         self.parts: list[str] = []
         self.size = 0
         self.part: tuple[Any, Any] | None = None  # a Responses stream: the (output, content) index of the last delta
@@ -340,7 +393,8 @@ class _StreamText:
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        self.stage.add(ctx, self.texts, "".join(self.parts), ended_status(ctx, end))
+        read = read_chars(self.stage.writer.spec)  # (one more than is read: the writer sees that it was cut)
+        self.stage.add(ctx, self.texts, self.cut, "".join(self.parts)[: read + 1], ended_status(ctx, end))
 
 
 def ended_status(ctx: RequestContext, end: StreamEnd) -> int:

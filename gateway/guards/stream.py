@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import UpstreamError
@@ -58,15 +59,97 @@ log = logging.getLogger("gateway.guards")
 _MISSHAPEN = (AttributeError, TypeError, LookupError, RecursionError)
 
 
-def _complete_json(pieces: list[str] | None) -> bool:
-    """Whether a tool call's arguments so far are a whole JSON value (the call is over)."""
-    if not pieces:
-        return False
-    try:
-        json.loads("".join(pieces))
-    except ValueError:
-        return False
-    return True
+# A JSON text's tokens that `JsonEnd` follows: a bracket, a quote, or an escape (a lone backslash: the piece's last).
+_JSON_TOKEN = re.compile(r'\\.?|[][{}"]', re.DOTALL)
+_NOT_BLANK = re.compile(r"[^ \t\n\r]")  # (JSON's white space)
+_SCALAR_CHARS = 64  # a top-level number or literal longer than this is taken as never complete
+
+
+class JsonEnd:
+    """Whether a tool call's arguments so far are a whole JSON value (the call is over), fed each piece once, in
+    order, keeping only the bracket depth and whether it is inside a string: the arguments themselves are not kept
+    (a call may stream megabytes, and another call's start asks this of every call held). A value in brackets or
+    quotes is whole once its brackets close (or its string does), with nothing but white space after it; what lies
+    between is not checked (`[}` closes), since this only decides whether held arguments leave whole when another
+    call begins, and a call that goes on after that is scanned with what left as its context all the same. A
+    top-level number or literal (`true`, `12`) is kept, up to `_SCALAR_CHARS`, and parsed."""
+
+    __slots__ = ("bad", "depth", "done", "escaped", "inside", "scalar")
+
+    def __init__(self) -> None:
+        self.depth = 0  # brackets open
+        self.inside = False  # inside a string
+        self.escaped = False  # ... and the last piece ended in a backslash: the next's first character is escaped
+        self.done = False  # the value is whole (only white space may follow)
+        self.bad = False  # not a JSON value, or more after a whole one: never complete
+        self.scalar: str | None = None  # a top-level number or literal's text so far
+
+    def feed(self, piece: str) -> None:
+        if self.bad or not piece:
+            return
+        if self.scalar is not None:
+            self._scalar(piece)
+            return
+        at = 0
+        if self.done:
+            self.bad = _NOT_BLANK.search(piece) is not None
+            return
+        if self.escaped:
+            self.escaped = False
+            at = 1
+        elif not self.depth and not self.inside:  # before the value
+            first = _NOT_BLANK.search(piece)
+            if first is None:
+                return
+            at = first.start()
+            if piece[at] not in '{["':
+                self.scalar = ""
+                self._scalar(piece[at:])
+                return
+        inside, depth = self.inside, self.depth
+        for token in _JSON_TOKEN.finditer(piece, at):
+            char = token.group()
+            if inside:
+                if char == "\\":
+                    self.escaped = True  # (a backslash and its character match as one: this one ends the piece)
+                if char != '"':
+                    continue
+                inside = False
+                if depth:
+                    continue
+            elif char == '"':
+                inside = True
+                continue
+            elif char in "{[":
+                depth += 1
+                continue
+            elif char in "}]" and depth:
+                depth -= 1
+                if depth:
+                    continue
+            else:  # an escape outside a string, a bracket closing none
+                self.bad = True
+                return
+            self.done = True  # the value is whole: white space may follow, nothing else
+            self.bad = _NOT_BLANK.search(piece, token.end()) is not None
+            break
+        self.inside, self.depth = inside, depth
+
+    def _scalar(self, piece: str) -> None:
+        text = self.scalar = (self.scalar or "") + piece
+        if len(text) > _SCALAR_CHARS:
+            self.scalar, self.bad = None, True
+
+    def complete(self) -> bool:
+        if self.bad:
+            return False
+        if self.scalar is not None:
+            try:
+                json.loads(self.scalar)
+            except ValueError:
+                return False
+            return True
+        return self.done
 
 
 # A tool call's lane kind -> where its text is in a call's delta: a function's arguments, a custom tool's input.
@@ -168,7 +251,8 @@ class ChatChunks:
         self.transcribing = False  # an audio answer's transcript lane was opened (`_transcript`)
         self.ids: dict[tuple[int, int], Any] = {}  # (choice, call index) -> the id of the call held there
         self.calling: dict[int, int] = {}  # per choice, the tool call whose arguments last came (`_next_call`)
-        self.arguments: dict[tuple[int, int], list[str]] = {}  # (choice, call) -> its arguments so far (`_next_call`)
+        # (choice, call) -> whether its arguments so far are whole JSON (`_next_call`); not the arguments themselves
+        self.arguments: dict[tuple[int, int], JsonEnd] = {}
 
     async def chunk(self, chunk: Chunk) -> list[Chunk]:
         data = chunk.data()
@@ -268,7 +352,10 @@ class ChatChunks:
                 container, field, kind = found
                 piece = container[field]
                 if kind == "tool":
-                    self.arguments.setdefault((index, sub), []).append(piece)
+                    ends = self.arguments.get((index, sub))
+                    if ends is None:
+                        ends = self.arguments[(index, sub)] = JsonEnd()
+                    ends.feed(piece)
                 tool = window.lane((index, kind, sub), kind == "tool")
                 window.feed(tool, piece)
                 container[field] = await window.release(tool, False, TOOL)
@@ -339,7 +426,8 @@ class ChatChunks:
             if not lane.pending:
                 continue
             # whole: complete JSON arguments (the call is over), or a custom tool's input (a call never resumed)
-            whole = over or kind == "custom" or _complete_json(self.arguments.get((index, other)))
+            ends = self.arguments.get((index, other))
+            whole = over or kind == "custom" or (ends is not None and ends.complete())
             text = await self.window.release(lane, whole, TOOL)
             if text:
                 place, field = _CALL_FIELDS[kind]

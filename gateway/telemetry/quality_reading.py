@@ -34,6 +34,7 @@ _decode_batch = msgspec.json.Decoder(list[ChoicesPeek]).decode
 JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is checked
 _BATCH = 256  # stream chunks held before they are read
 NOTHING_ASKED = Asked(None, None, {})  # what the common request asks of its answer's form: shared, never written to
+_UNREAD = [""]  # a tool call past `max_text_bytes` (`add_call`): read as no function call; shared, never written to
 
 
 def read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -58,13 +59,43 @@ def read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None
         if not isinstance(call, dict):
             continue
         index = call.get("index", position)
-        parts = answer.tool_calls.setdefault(index if isinstance(index, int) else position, [""])
         function = call.get("function")
+        name = arguments = None
         if isinstance(function, dict):
             if isinstance(function.get("name"), str):
-                parts[0] += function["name"]
+                name = function["name"]
             if isinstance(function.get("arguments"), str):
-                parts.append(function["arguments"])
+                arguments = function["arguments"]
+        add_call(answer, index if isinstance(index, int) else position, name, arguments, limit)
+
+
+def add_call(answer: Answer, index: int, name: str | None, arguments: str | None, limit: int) -> None:
+    """A tool call's piece (its name, its arguments or a part of them) kept for the checks. Its arguments count
+    toward the text's `limit` (`max_text_bytes`): past it (`Answer.overflow`, which the text may have reached
+    first), a call's piece is not kept, and every call of the answer is forgotten as a function call (`_UNREAD`,
+    `[""]`): the checks then judge its calls only by whether its request offered a tool
+    (`quality._malformed_tool_call`), not by names and arguments they do not have whole."""
+    calls = answer.tool_calls
+    if answer.overflow:
+        parts = calls.get(index)
+        if parts is not _UNREAD:
+            # (forgotten all at once, and a call that comes later is unread too: the first call tells)
+            if next(iter(calls.values()), _UNREAD) is not _UNREAD or parts is not None:
+                for other in calls:
+                    calls[other] = _UNREAD
+            calls[index] = _UNREAD
+        return
+    parts = calls.setdefault(index, [""])
+    if name is not None:
+        parts[0] += name
+    if arguments is not None:
+        answer.size += len(arguments)
+        if answer.size > limit:
+            answer.overflow = True
+            for other in calls:
+                calls[other] = _UNREAD
+            return
+        parts.append(arguments)
 
 
 def read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, limit: int) -> None:
@@ -84,12 +115,10 @@ def read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, lim
         if message.refusal:
             answer.refusal = True
         for position, call in enumerate(message.tool_calls or ()):
-            parts = answer.tool_calls.setdefault(call.index if call.index is not None else position, [""])
-            if call.function is not None:
-                if call.function.name is not None:
-                    parts[0] += call.function.name
-                if call.function.arguments is not None:
-                    parts.append(call.function.arguments)
+            function = call.function
+            add_call(answer, call.index if call.index is not None else position,
+                     function.name if function is not None else None,
+                     function.arguments if function is not None else None, limit)
 
 
 def read_payload(answer: Answer, payload: bytes, chat: bool, delta_key: str, limit: int) -> None:

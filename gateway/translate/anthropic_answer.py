@@ -35,6 +35,7 @@ from typing import Any
 
 import msgspec
 
+from ..errors import UpstreamError
 from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport, begins_another_call
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
@@ -44,13 +45,18 @@ from .thinking import BLOCKS, REASONING, messages_blocks, ordered
 from .thinking_stream import HeldThinking, ThinkingStream
 from .tool_id_signature import signature_of
 
-__all__ = ["MessagesStream", "messages_answer", "messages_body", "messages_response"]
+__all__ = ["HELD_CALL_CHARS", "HELD_CHARS", "MessagesStream", "messages_answer", "messages_body", "messages_response"]
 
 _decode = msgspec.json.Decoder().decode
 _encode = msgspec.json.Encoder().encode
 _NO_USAGE = {"input_tokens": 0, "output_tokens": 0}
 _LEGACY = -1  # a streamed legacy `delta.function_call`'s place among the tool calls (theirs count from 0)
 _PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
+# What a stream holds from its first tool call on (characters; `MessagesStream`): past either, the stream ends with an
+# `error` event. A call's arguments: the 8 MiB an upstream stream's event may carry; all held blocks together: the
+# 64 MiB of a complete answer (`max_response_bytes`' default).
+HELD_CALL_CHARS = 8 * 1024 * 1024
+HELD_CHARS = 64 * 1024 * 1024
 
 
 def _usage_split(prompt: int, completion: int, read: int, written: int) -> dict[str, Any]:
@@ -152,7 +158,7 @@ def _event(kind: str, data: dict[str, Any]) -> bytes:
 class _HeldCall:
     """A streamed tool call, held until the answer ends: its pieces may come between another call's."""
 
-    __slots__ = ("arguments", "custom", "id", "name", "signature")
+    __slots__ = ("arguments", "custom", "id", "name", "signature", "size")
 
     def __init__(self, id_: Any, name: Any) -> None:
         self.id = id_
@@ -160,6 +166,7 @@ class _HeldCall:
         self.custom = False  # a custom tool's call: `arguments` hold its free text input (`tool_input`)
         self.arguments: list[str] = []
         self.signature: str | None = None  # its Gemini thought signature (`signed_id`)
+        self.size = 0  # the characters of `arguments`, at most `HELD_CALL_CHARS`
 
 
 class MessagesStream:
@@ -174,10 +181,14 @@ class MessagesStream:
     that ends blocked (`content_filter`: an output guard's block, or the upstream's filter) writes none of its held
     tool calls: their arguments stop where the stream was cut, and a client would get a call to run (a `tool_use`
     block, its input `_raw_arguments`) with the refusal; a complete answer blocked has no tool calls either.
+
+    What is held is bounded: a call's arguments (or input) by `HELD_CALL_CHARS`, all the held blocks' text together
+    by `HELD_CHARS`; past either, an `UpstreamError` (`_hold`), and `api.proxy` ends the stream with its `error`
+    event, none of the held blocks written (the answer cannot be carried whole).
     """
 
-    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_index", "_matched", "_quiet", "_refused",
-                 "_started", "_stopped", "_text_open", "_thinking", "_usage")
+    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_held_chars", "_index", "_matched", "_quiet",
+                 "_refused", "_started", "_stopped", "_text_open", "_thinking", "_usage")
 
     def __init__(self, alias: str, estimate: Callable[[], Usage | None] | None = None) -> None:
         self._alias = alias
@@ -188,6 +199,7 @@ class MessagesStream:
         self._text_open = False  # a text block written as it comes is open (at `_index`)
         self._calls: dict[int, _HeldCall] = {}  # the chat tool call index -> its held call
         self._held: list[_HeldCall | list[str] | HeldThinking] = []  # the blocks from the first tool call on
+        self._held_chars = 0  # the characters they hold (`_hold`)
         self._thinking = ThinkingStream(_event, self._next_index)  # the thinking before it, as it comes
         self._quiet = 0  # pieces held since the last byte written
         self._finish: str | None = None
@@ -289,6 +301,7 @@ class MessagesStream:
     def _text(self, text: str, out: list[bytes]) -> None:
         """Text before any tool call is written as it comes; after one, it is held with the blocks before it."""
         if self._held:
+            self._hold(len(text))
             last = self._held[-1]
             if isinstance(last, list):
                 last.append(text)
@@ -324,11 +337,23 @@ class MessagesStream:
         held.custom = held.custom or custom
         held.signature = held.signature or signature_of(call)
         text = part.get(CALL_TEXT[custom])
+        if isinstance(text, dict) and not custom:
+            text = _encode(text).decode()
         if isinstance(text, str) and text:
+            held.size += len(text)
+            if held.size > HELD_CALL_CHARS:
+                raise UpstreamError(f"the upstream streamed a tool call of more than {HELD_CALL_CHARS >> 20} MiB of "
+                                    "arguments, more than /v1/messages holds of a call to write it whole")
+            self._hold(len(text))
             held.arguments.append(text)
-        elif isinstance(text, dict) and not custom:
-            held.arguments.append(_encode(text).decode())
         self._quiet += 1
+
+    def _hold(self, size: int) -> None:
+        """`size` more characters held: an `UpstreamError` past `HELD_CHARS`."""
+        self._held_chars += size
+        if self._held_chars > HELD_CHARS:
+            raise UpstreamError(f"the upstream streamed more than {HELD_CHARS >> 20} MiB after its first tool call, "
+                                "more than /v1/messages holds to write it whole")
 
     def _next_index(self) -> int:
         self._index += 1
@@ -346,6 +371,7 @@ class MessagesStream:
                 self._thinking.text(text, out)
             self._thinking.entries(entries, out)
             return
+        self._hold(len(text))
         last = self._held[-1]
         if not isinstance(last, HeldThinking):
             last = HeldThinking()

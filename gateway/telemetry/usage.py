@@ -48,9 +48,9 @@ from ..schemas.openai import Usage
 from .answer_text import OWN_TEXT_FIELDS, REASONING_FIELDS, answer_text, chunk_text
 from .tokens import TokenCounter
 
-__all__ = ["OFF_LOOP_CHARS", "OWN_TEXT_FIELDS", "REASONING_FIELDS", "CountTokens", "ResponsesText", "StreamText",
-           "answer_text", "count_on_loop", "count_text", "estimate_on_loop", "estimate_stream_usage", "estimate_usage",
-           "stream_text"]
+__all__ = ["KEEP_CHARS", "OFF_LOOP_CHARS", "OWN_TEXT_FIELDS", "REASONING_FIELDS", "CountTokens", "ResponsesText",
+           "StreamText", "answer_text", "count_on_loop", "count_text", "estimate_on_loop", "estimate_stream_usage",
+           "estimate_usage", "stream_text"]
 
 OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
 _ROUGH = PromptEstimator(TokenCounter(), keep=False)  # no encoding loaded: every text at four characters a token
@@ -115,17 +115,27 @@ class CountTokens:
         return self.tokens.count(text)
 
 
+KEEP_CHARS = 1 << 20  # a stream's text kept for its count: past it, the rest is counted by its length (`StreamText`)
+
+
 class StreamText:
     """A stream's answer text, collected as its chunks pass (only when its provider reports no usage): one per
     request (`ctx.answer_text`, made by `stream_text`), read at the stream's end by every stage that counts it.
-    `prompt`: the prompt's estimate of a large body, counted in a thread from the stream's start (`CountTokens`)."""
+    `prompt`: the prompt's estimate of a large body, counted in a thread from the stream's start (`CountTokens`).
 
-    __slots__ = ("_parts", "_textless", "prompt")
+    At most `KEEP_CHARS` of it are kept (and the chunk that crosses them): a stream runs as long as `total_s` lets
+    it, and its text (tool call arguments included) held whole grew without bound, and took tiktoken seconds to count
+    at its end. The text past them is counted by its length only, at the rate of the text kept (`_whole`: its tokens
+    per character), so a long answer is billed about what its tokens would count."""
+
+    __slots__ = ("_beyond", "_kept", "_parts", "_textless", "prompt")
     reads_events = True
 
     def __init__(self) -> None:
         self._parts: list[str] = []
         self._textless = 0  # chunks without text the client got (a chat stream's role and finish chunks)
+        self._kept = 0  # characters in `_parts`
+        self._beyond = 0  # characters past `KEEP_CHARS`, not kept
         self.prompt: asyncio.Future[int] | None = None
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
@@ -136,20 +146,32 @@ class StreamText:
                 chunk_text(event.data(), parts)
                 if len(parts) == before:
                     self._textless += 1
+                elif self._kept > KEEP_CHARS:  # counted by its length, not kept
+                    self._beyond += sum(map(len, parts[before:]))
+                    del parts[before:]
+                else:
+                    self._kept += sum(map(len, parts[before:]))
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         return None
 
     def text(self) -> str:
+        """The text kept (all of it, unless past `KEEP_CHARS`)."""
         return "".join(self._parts)
+
+    def _whole(self, counted: int) -> int:
+        """`counted`, the tokens of `text()`, and those of the text past `KEEP_CHARS` at the same rate (rounded up)."""
+        if not self._beyond or not self._kept:
+            return counted
+        return counted + -(-counted * self._beyond // self._kept)
 
     def tokens(self, ctx: RequestContext, counted: int) -> int:
         """The answer's tokens, given `counted`, those of `text()`. A chat stream's are its text's; one whose text
         counts no token while its upstream sent text (an output guard held it all back) is billed the stream's
         length (`ctx.chunks`, the upstream's chunks) less the chunks without text its client got, as a Responses
         stream is billed its content events: an empty answer stays 0."""
-        return counted or max(ctx.chunks - self._textless, 0)
+        return self._whole(counted) or max(ctx.chunks - self._textless, 0)
 
 
 class ResponsesText(StreamText):
@@ -176,13 +198,17 @@ class ResponsesText(StreamText):
                     continue
                 delta = data.get("delta")
                 if isinstance(delta, str) and kind not in _DATA_DELTAS:
-                    self._parts.append(delta)
+                    if self._kept > KEEP_CHARS:
+                        self._beyond += len(delta)
+                    else:
+                        self._parts.append(delta)
+                        self._kept += len(delta)
                 else:
                     self._untexted += 1
         return events
 
     def tokens(self, ctx: RequestContext, counted: int) -> int:
-        return counted + self._untexted or ctx.chunks
+        return self._whole(counted) + self._untexted or ctx.chunks
 
 
 # A Responses stream's deltas that carry data, not text: base64 audio, about a token an event.

@@ -8,7 +8,7 @@ Shadow findings are reported but change nothing.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -73,38 +73,48 @@ def _disjoint(ordered: list[Finding]) -> bool:
 
 def apply(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
           restore: Callable[[str], str] | None = None, numbers: list[tuple[int, int]] | None = None) -> str:
-    """`text` with every rewriting finding replaced (`edits`); placeholders already in it are never touched.
+    """`text` with every rewriting finding replaced (where `spans` puts them); placeholders already in it are never
+    touched. In a JSON object or array (tool call arguments), a finding on a number replaces the whole number with a
+    JSON string; `numbers`: where they are, for a piece of one (a stream's: `json_view.JsonPieces`), else found here.
 
-    `restore` (output: placeholders back to originals) applies to the text between findings only,
-    so that a placeholder made for a finding of the answer itself stays a placeholder.
+    `restore` (output: placeholders back to originals) applies to the text between findings only, each piece before
+    the finding after it is replaced: so that a placeholder made for a finding of the answer itself stays a
+    placeholder, and one the answer wrote before that finding (`<PERSON_1>`, which the finding then becomes) is not
+    taken for it.
     """
-    changes = edits(text, findings, pseudonyms, numbers)
-    if not changes:
-        return text if restore is None else restore(text)
     out: list[str] = []
     at = 0
-    for start, end, new in changes:  # (the common case inline: no restore on input)
+    for start, end, f, number in spans(text, findings, numbers):
         out.append(text[at:start] if restore is None else restore(text[at:start]))
-        out.append(new)
+        new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
+        out.append(new if not number else _json_string(new))
         at = end
+    if not out:
+        return text if restore is None else restore(text)
     out.append(text[at:] if restore is None else restore(text[at:]))
     return "".join(out)
 
 
-def edits(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
-          numbers: list[tuple[int, int]] | None = None) -> list[tuple[int, int, str]]:
-    """The replacements `apply` makes in `text`, in order, as (start, end, replacement): each rewriting finding's,
-    but where it overlaps one before it or a placeholder already in the text. In a JSON object or array (tool call
-    arguments), a finding on a number replaces the whole number with a JSON string; `numbers`: where they are, for
-    a piece of one (a stream's: `json_view.JsonPieces`), else found here. (`joined.Joined.rewrite` writes them
-    back onto a message's parts.)"""
+def edits(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None) -> list[tuple[int, int, str]]:
+    """The replacements `apply` makes in `text` on input (no restore), in order, as (start, end, replacement)
+    (`joined.Joined.rewrite` writes them back onto a message's parts)."""
+    changes: list[tuple[int, int, str]] = []
+    for start, end, f, number in spans(text, findings, None):
+        new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
+        changes.append((start, end, new if not number else _json_string(new)))
+    return changes
+
+
+def spans(text: str, findings: Iterable[Finding], numbers: list[tuple[int, int]] | None,
+          ) -> Iterator[tuple[int, int, Finding, bool]]:
+    """Where `apply` replaces, in order: each rewriting finding's span (a JSON number's whole, and then True), but
+    where it overlaps one before it or a placeholder already in the text."""
     rewriting = [f for f in findings if f.action in ("redact", "mask", "pseudonymize")]
     if not rewriting:
-        return []
+        return
     guarded = [(m.start(), m.end()) for m in PLACEHOLDER.finditer(text)] if "<" in text else []
     if numbers is None:
         numbers = json_numbers(text)  # (none unless the text is a JSON object or array: tool call arguments)
-    changes: list[tuple[int, int, str]] = []
     at = 0
     for f in resolve(rewriting):
         start, end = f.start, f.end
@@ -113,10 +123,8 @@ def edits(text: str, findings: Iterable[Finding], pseudonyms: Pseudonyms | None,
             start, end = number
         if start < at or (guarded and any(start < e and end > s for s, e in guarded)):
             continue
-        new = f"<{f.type}>" if f.action == "redact" else replacement(f, text[start:end], pseudonyms)
-        changes.append((start, end, new if number is None else _json_string(new)))
+        yield start, end, f, number is not None
         at = end
-    return changes
 
 
 def _json_string(replaced: str) -> str:

@@ -136,28 +136,38 @@ def test_a_stalled_sink_holds_a_bounded_queue(make_gateway: Make, upstream: Any,
 
 
 def test_an_entry_holds_read_chars_of_prompts_in_all(make_gateway: Make, upstream: Any, tmp_path: Path) -> None:
-    """25 messages of 10,000 characters: the entry keeps the first 36,864 characters in all (`read_chars` under
-    the default `max_text_chars`): three texts whole and the fourth cut, its last 4,096 characters not written
-    (a finding the cut splits lies there: the e-mail address across the cut is not written, not even in part);
-    the others are left out. Each of the 25 was kept (and written, cut to 16,384 characters)."""
+    """25 messages of 10,000 characters, then a question: the entry keeps the last 36,864 characters in all
+    (`read_chars` under the default `max_text_chars`), counted from the question back: the question and the three
+    texts before it whole, in order, and the one before them cut to its head, its last 4,096 characters not written
+    (a finding the cut splits lies there: the e-mail address across the cut is not written, not even in part); the
+    older ones are left out. (Kept from the first text on, the entry left out the newest turn, the question.)
+    And a system prompt of 40,000 characters before a question: its head is written, and the question."""
     path = tmp_path / "payloads.jsonl"
     running = make_gateway(policy_text(upstream.base_url) + (
         f"telemetry:\n  payload_log: {{enabled: true, path: '{path}'}}\n"))
+    question = "what is the capital of France?"
     texts = [f"{n:02d} " + "word " * 1_999 + "en" for n in range(25)]
     assert {len(t) for t in texts} == {10_000}
-    left = 36_864 - 30_000
-    texts[3] = texts[3][: left - 10] + "jane.roe@example.com " + texts[3][left + 11:]  # across the cut
-    assert len(texts[3]) == 10_000
-    body = {"model": "chat", "messages": [{"role": "user", "content": t} for t in texts], "max_tokens": 5}
-    answer = httpx.post(f"{running.base_url}/chat/completions", json=body, headers=AUTH, timeout=30)
-    assert answer.status_code == 200
+    left = 36_864 - 30_000 - len(question)  # what is kept of texts[21], the oldest one kept
+    texts[21] = texts[21][: left - 10] + "jane.roe@example.com " + texts[21][left + 11:]  # across the cut
+    assert len(texts[21]) == 10_000
+    system = "sys " + "word " * 7_999 + "e"
+    assert len(system) == 40_000
+    bodies = [[{"role": "user", "content": t} for t in [*texts, question]],
+              [{"role": "system", "content": system}, {"role": "user", "content": question}]]
+    for messages in bodies:
+        body = {"model": "chat", "messages": messages, "max_tokens": 5}
+        answer = httpx.post(f"{running.base_url}/chat/completions", json=body, headers=AUTH, timeout=30)
+        assert answer.status_code == 200
     deadline = time.monotonic() + 20
-    while not (path.exists() and path.read_text()):
-        assert time.monotonic() < deadline, "the entry was never written"
+    while not (path.exists() and len(path.read_text().splitlines()) >= 2):
+        assert time.monotonic() < deadline, "the entries were never written"
         time.sleep(0.05)
-    entry = json.loads(path.read_text().splitlines()[0])
-    assert entry["input"][:3] == texts[:3]
-    assert len(entry["input"]) == 4
-    assert entry["input"][3] == texts[3][: left - _UNSURE_TAIL]
+    long_talk, long_system = (json.loads(line) for line in path.read_text().splitlines()[:2])
+    assert long_talk["input"][-1] == question  # the newest turn
+    assert long_talk["input"][1:] == [*texts[22:], question]
+    assert len(long_talk["input"]) == 5
+    assert long_talk["input"][0] == texts[21][: left - _UNSURE_TAIL]
+    assert long_system["input"] == [system[:16_384], question]
     logged = path.read_text()
     assert "jane" not in logged and "example.com" not in logged

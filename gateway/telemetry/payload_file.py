@@ -20,8 +20,16 @@ from __future__ import annotations
 import fcntl
 import os
 import stat
+import threading
 
-__all__ = ["PrivateRotatingFile"]
+__all__ = ["CLOSE_WAIT_S", "PrivateRotatingFile"]
+
+CLOSE_WAIT_S = 1.0
+"""How long `close` waits for a write under way (in a thread) to end; past it, the write closes the file itself."""
+
+
+class FileClosed(OSError):
+    """A write to the file after `close`: nothing is written."""
 
 
 class PrivateRotatingFile:
@@ -34,20 +42,39 @@ class PrivateRotatingFile:
     next line opens the path anew. `backups: 0` empties the file at `max_bytes` (logging's handler reopened it to
     append, and it grew without bound). Only a regular file is rotated (a path that names a device is written).
     Writes and rotations are serialised across processes (the module's docstring); the writer calls `write` in a
-    thread, never on the event loop, since it may wait for another process's write."""
+    thread, never on the event loop, since it may wait for another process's write.
+
+    A write and `close` hold a lock (`_lock`): the writer's close comes after its deadline, while a write it gave up
+    on may still run in its thread (waiting for another worker's lock), and closing the descriptor under it let the
+    write go on with a number that was closed, or already reused by another file (it reopened the path, wrote, and
+    kept that descriptor open). `close` waits `CLOSE_WAIT_S` at most for a write under way, never for a lock another
+    process holds: past it, `closed` is set, and the write, which checks it before it opens the path and once it
+    holds the lock, closes the file itself and writes nothing."""
 
     def __init__(self, filename: str, max_bytes: int, backups: int) -> None:
         self.path = os.path.abspath(filename)
         self.max_bytes = max_bytes
         self.backups = backups
+        self.closed = False
+        self._lock = threading.Lock()  # a write, or the close: only they touch `_fd`
         self._fd: int | None = self._open()  # (a path that cannot be opened: the start fails, naming it)
 
     def _open(self) -> int:
+        if self.closed:
+            raise FileClosed("the payload log's file is closed")
         return os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
 
     def write(self, line: bytes) -> None:
         """Append `line` and a newline, rotating first if it would take the file past `max_bytes`."""
         data = line + b"\n"
+        with self._lock:
+            try:
+                self._write(data)
+            finally:
+                if self.closed:  # closed meanwhile (`close` gave up waiting): the descriptor is closed here
+                    self._close()
+
+    def _write(self, data: bytes) -> None:
         fd = self._locked()
         try:
             held = os.fstat(fd)
@@ -57,7 +84,7 @@ class PrivateRotatingFile:
             while view:  # (a regular file takes it in one write; a short one leaves the rest to the next, or raises)
                 view = view[os.write(fd, view):]
         except BaseException:
-            self.close()  # (closing the descriptor lets the lock go)
+            self._close()  # (closing the descriptor lets the lock go)
             raise
         fcntl.flock(fd, fcntl.LOCK_UN)
 
@@ -69,13 +96,15 @@ class PrivateRotatingFile:
                 self._fd = self._open()
             fd = self._fd
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
+                fcntl.flock(fd, fcntl.LOCK_EX)  # (may wait for another process: `close` may come meanwhile)
+                if self.closed:
+                    raise FileClosed("the payload log's file is closed")
                 if _same(fd, self.path):
                     return fd
             except BaseException:
-                self.close()
+                self._close()
                 raise
-            self.close()  # moved or removed: its lock goes with it, and the path is opened again
+            self._close()  # moved or removed: its lock goes with it, and the path is opened again
 
     def _rotate(self, fd: int) -> int:
         """The file (locked, at the path) rotated: renamed to `.1` (the older ones moved up, the oldest past
@@ -95,6 +124,16 @@ class PrivateRotatingFile:
             os.close(fd)
 
     def close(self) -> None:
+        """No write after this one; the descriptor closed now, or by a write under way once it ends (after
+        `CLOSE_WAIT_S`: it may wait for another process's lock, and the close must not)."""
+        self.closed = True
+        if self._lock.acquire(timeout=CLOSE_WAIT_S):
+            try:
+                self._close()
+            finally:
+                self._lock.release()
+
+    def _close(self) -> None:
         fd, self._fd = self._fd, None
         if fd is not None:
             os.close(fd)

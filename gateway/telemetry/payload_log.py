@@ -3,17 +3,16 @@
 Off unless `telemetry.payload_log.enabled`, and configured apart from the access
 log, which never holds text. A request only hands its texts to a queue bounded by entries (`queue`) and by the
 characters they hold (`QUEUE_CHARS`; full: the entry is dropped and counted in `gateway_telemetry_dropped_total`,
-`queue_full`): an entry holds at most `read_chars` characters of prompts in all (the texts in order, the one across
-that line cut, those after it left out) and as many of answer, so that a sink that stalls, or redaction slower
-than big prompts arrive, holds a bounded memory. One background task redacts them with the log's own guards
-(`redact`, by default
-a `pii` patterns guard and a `secrets` guard; each reads every text, whatever its `places`: every finding is
-replaced, whatever its action says; a text a guard failed to check, timed out or refused
-by a full queue, is withheld whole, whatever its `fail` says, and counted, `redact_failed`; these guards are not
-a request's: they count nothing in the request guard series, `gateway_guard_*`) and writes them: to a file rotated
-at `max_bytes` (writes in a thread, never on the event loop; the workers of `--workers N` share the file and its
-rotation: `payload_file.py`) or to a Redis stream capped at
-`max_entries` (`XADD MAXLEN ~`), which is its retention, through a client built as the store's
+`queue_full`): an entry holds at most `read_chars` characters of prompts in all (the newest texts, counted from the
+last one back and kept in order; the one across that line cut, those before it left out) and as many of answer,
+so that a sink that stalls, or redaction slower than big prompts arrive, holds a bounded memory. One background
+task redacts them with the log's own guards (`redact`, by default a `pii` patterns guard and a `secrets` guard;
+each reads every text, whatever its `places`: every finding is replaced, whatever its action says;
+a text a guard failed to check, timed out or refused by a full queue, is withheld whole, whatever its `fail`
+says, and counted, `redact_failed`; these guards are not a request's: they count nothing in the request guard
+series, `gateway_guard_*`) and writes them: to a file rotated at `max_bytes` (writes in a thread, never on the
+event loop; the workers of `--workers N` share the file and its rotation: `payload_file.py`) or to a Redis stream
+capped at `max_entries` (`XADD MAXLEN ~`), which is its retention, through a client built as the store's
 (`open_client`: every URL form the store takes, its timeouts; each write bounded by `op_timeout_s`).
 An entry whose write fails (a full disk, a Redis down) is dropped and counted (`sink_failed`), and the next one
 is tried; the failure is logged once until a write succeeds again, never with the entry's text.
@@ -102,7 +101,7 @@ class _Entry:
     status: int
     input: list[str]
     output: str
-    cut: bool = False  # the last text of `input` was cut at the entry's `read_chars` (`_entry_texts`)
+    cut: bool = False  # the first text of `input` was cut at the entry's `read_chars` (`_entry_texts`)
 
     @property
     def size(self) -> int:
@@ -237,8 +236,7 @@ class PayloadWriter:
     async def _redacted(self, entry: _Entry) -> bytes:
         data = dataclasses.asdict(entry)
         del data["cut"]
-        last = len(entry.input) - 1
-        data["input"] = [await self.redact(text, _INPUT, entry.cut and n == last) for n, text in enumerate(entry.input)]
+        data["input"] = [await self.redact(text, _INPUT, entry.cut and n == 0) for n, text in enumerate(entry.input)]
         data["output"] = await self.redact(entry.output, _OUTPUT)
         data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
         return _encode(data)
@@ -296,20 +294,21 @@ class PayloadLog:
 
 
 def _entry_texts(texts: Iterable[str], read: int) -> tuple[list[str], bool]:
-    """An entry's prompts, `read` characters at most in all: the texts in order, the one across that line cut
-    (and then said to be: `_Entry.cut`) unless what would be left of it is all in the unsure tail, which is never
-    written; the texts after it are left out. A text alone longer than `read` is cut so too."""
-    kept: list[str] = []
+    """An entry's prompts, `read` characters at most in all: the newest kept, filled from the last text back, in
+    their order; the one across that line (the oldest kept) cut to its head, as a long text is (and then said to
+    be: `_Entry.cut`) unless what would be left of it is all in the unsure tail, which is never written; the texts
+    before it are left out. A text alone longer than `read` is cut so too. (In order from the first, a long system
+    prompt or a long conversation left out the question it ends with.)"""
+    every = list(texts)  # (the body's own strings: nothing copied)
     left = read
-    for text in texts:
+    for n in range(len(every) - 1, -1, -1):
+        text = every[n]
         if len(text) > left:
             if left > _UNSURE_TAIL:
-                kept.append(text[:left])
-                return kept, True
-            return kept, False
-        kept.append(text)
+                return [text[:left], *every[n + 1:]], True
+            return every[n + 1:], False
         left -= len(text)
-    return kept, False
+    return every, False
 
 
 def _before(text: str, findings: list[Finding], line: int) -> tuple[str, list[Finding]]:

@@ -38,7 +38,7 @@ from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway.guards import stream as stream_module
-from gateway.telemetry import quality_reading
+from gateway.telemetry import quality, quality_reading, quality_responses
 from gateway.translate import anthropic_answer
 from tests.conftest import UPSTREAM_KEY, RunningGateway
 from tests.support.threaded_app import ThreadedApp
@@ -46,7 +46,7 @@ from tests.support.threaded_app import ThreadedApp
 TOOLS = [{"type": "function", "function": {"name": name, "parameters": {"type": "object"}}} for name in ("f", "g")]
 LIMIT = 1024  # the quality signals' `max_text_bytes` here (its least)
 MODELS = ("tool-1024-1024", "inter-16384-100", "bad-16-50", "bad-64-1024", "tool-64-1024", "tool-128-65536",
-          "calls-3-8-65536")
+          "calls-3-8-65536", "thinking-4-524288", "names-4-524288", "empties-1-20000", "rbad-16-50", "rbad-64-1024")
 
 
 def _chunk(delta: dict[str, Any], finish: str | None = None) -> bytes:
@@ -66,6 +66,24 @@ def _piece(index: int, arguments: str, name: str | None = None) -> bytes:
 class _Upstream(ThreadedApp):
     def routes(self, app: web.Application) -> None:
         app.router.add_post("/v1/chat/completions", self._answer)
+        app.router.add_post("/v1/responses", self._response)
+
+    async def _response(self, request: web.Request) -> web.StreamResponse:
+        """`rbad-N-K`: a `response` whose one `function_call` item (of `f`) has arguments that are not JSON
+        (`{"a": xxx...}`, N times K characters); streamed, only its `response.completed` event."""
+        body = await request.json()
+        _, count, size = body["model"].split("-")
+        item = {"id": "fc_1", "type": "function_call", "status": "completed", "call_id": "call_1", "name": "f",
+                "arguments": '{"a": ' + "x" * (int(count) * int(size)) + "}"}
+        answer = {"id": "resp_1", "object": "response", "created_at": 1, "status": "completed", "model": "m",
+                  "output": [item], "usage": {"input_tokens": 5, "output_tokens": 9, "total_tokens": 14}}
+        if not body.get("stream"):
+            return web.json_response(answer)
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        event = {"type": "response.completed", "sequence_number": 0, "response": answer}
+        await response.write(b"event: response.completed\ndata: " + json.dumps(event).encode() + b"\n\n")
+        return response
 
     async def _answer(self, request: web.Request) -> web.StreamResponse:
         kind, *sizes = (await request.json())["model"].split("-")
@@ -74,7 +92,20 @@ class _Upstream(ThreadedApp):
         await response.write(_chunk({"role": "assistant", "content": None}))
         count, size = int(sizes[-2]), int(sizes[-1])
         piece = "x" * size
-        if kind == "calls":
+        if kind in ("thinking", "names", "empties"):  # after a first call (of `f`, `{}`), what /v1/messages holds
+            await response.write(_chunk({"tool_calls": [{"index": 0, "id": "t0", "type": "function",
+                                                         "function": {"name": "f", "arguments": "{}"}}]}))
+            if kind == "thinking":  # redacted thinking blocks of K characters each
+                for _ in range(count):
+                    await response.write(_chunk({"reasoning_blocks": [{"type": "redacted_thinking", "data": piece}]}))
+            elif kind == "names":  # calls named with K characters, without arguments
+                for call in range(1, count + 1):
+                    await response.write(_chunk({"tool_calls": [{"index": call, "id": f"t{call}", "type": "function",
+                                                                 "function": {"name": "n" * size}}]}))
+            else:  # one event of K calls of `f` without arguments, each with an index and an id of its own
+                await response.write(_chunk({"tool_calls": [{"index": call, "id": f"t{call}", "function": {"name": "f"}}
+                                                            for call in range(1, size + 1)]}))
+        elif kind == "calls":
             for call in range(int(sizes[0])):
                 await response.write(_piece(call, '{"a": "', "f"))
                 for _ in range(count):
@@ -330,3 +361,68 @@ def test_messages_ends_what_it_holds_past_its_cap(plain: RunningGateway, monkeyp
     kinds = [kind for kind, _ in events]
     assert kinds[-1] == "error", kinds[-3:]
     assert "message_stop" not in kinds
+
+
+@pytest.mark.parametrize("model", ["thinking-4-524288", "names-4-524288", "empties-1-20000"])
+def test_messages_counts_all_it_holds(plain: RunningGateway, monkeypatch: pytest.MonkeyPatch, model: str) -> None:
+    """After the first tool call, what a stream holds counts toward `HELD_CHARS` (made 1 MiB here) whatever it is:
+    redacted thinking's data (4 x 512 KiB), calls' names (4 x 512 KiB, no arguments), and the blocks themselves
+    (20,000 calls of `f` without arguments, in one event): each ends the stream with an `error`."""
+    monkeypatch.setattr(anthropic_answer, "HELD_CHARS", 1024 * 1024, raising=False)
+    events = _messages_events(plain, model)
+    kinds = [kind for kind, _ in events]
+    assert kinds[-1] == "error", kinds[-3:]
+    assert "message_stop" not in kinds and "content_block_start" not in kinds
+    assert events[-1][1]["error"]["type"] == "api_error" and "1 MiB" in events[-1][1]["error"]["message"]
+
+
+def test_messages_writes_what_it_holds_within_the_cap(plain: RunningGateway) -> None:
+    """The same streams within the cap (64 MiB) are written whole: the thinking after the call, the named calls."""
+    events = _messages_events(plain, "thinking-4-524288")
+    assert [kind for kind, _ in events][-1] == "message_stop"
+    blocks = [data["content_block"] for kind, data in events if kind == "content_block_start"]
+    assert [block["type"] for block in blocks] == ["tool_use"] + ["redacted_thinking"] * 4
+    assert all(block["data"] == "x" * 524288 for block in blocks[1:])
+    events = _messages_events(plain, "names-4-524288")
+    blocks = [data["content_block"] for kind, data in events if kind == "content_block_start"]
+    assert [block["name"] for block in blocks] == ["f"] + ["n" * 524288] * 4
+
+
+# -- the quality signals of a Responses answer
+
+
+def _response_signals(gw: RunningGateway, model: str, stream: bool) -> set[str]:
+    before = _counts(gw)
+    body = {"model": model, "input": "call", "stream": stream,
+            "tools": [{"type": "function", "name": "f", "parameters": {"type": "object"}}]}
+    with httpx.stream("POST", f"{gw.base_url}/responses", json=body, timeout=120) as response:
+        assert response.status_code == 200
+        response.read()
+    after = _counts(gw)
+    assert after.get("checked", 0) == before.get("checked", 0) + 1
+    return {name for name, value in after.items() if name != "checked" and value > before.get(name, 0)}
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_quality_reads_responses_arguments_up_to_the_text_cap(plain: RunningGateway, monkeypatch: pytest.MonkeyPatch,
+                                                              stream: bool) -> None:
+    """A Responses answer's `function_call` arguments count toward `max_text_bytes` as a chat answer's do: within it
+    they are checked (not JSON: `malformed_tool_call`), past it the call is not read (the request offered a tool: no
+    signal), and none of its arguments are kept."""
+    answers: list[Any] = []
+    original = quality_responses.answer_of
+
+    def recorded(*args: Any) -> Any:
+        answer = original(*args)
+        answers.append(answer)
+        return answer
+
+    monkeypatch.setattr(quality_responses, "answer_of", recorded)
+    monkeypatch.setattr(quality, "answer_of", recorded)
+    assert _response_signals(plain, "rbad-16-50", stream) == {"malformed_tool_call"}  # 800 characters: checked
+    answers.clear()
+    assert _response_signals(plain, "rbad-64-1024", stream) == set()  # 64 KiB: past the cap, not checked
+    assert answers
+    for answer in answers:
+        assert answer.overflow
+        assert sum(len(part) for parts in answer.tool_calls.values() for part in parts) <= LIMIT

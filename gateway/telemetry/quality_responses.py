@@ -8,7 +8,9 @@ its `status` (with `incomplete_details.reason`). A stream's last event (`respons
 the deltas before it pass with one byte search each. What the request asked is in `text.format`
 (a JSON object or a JSON schema, flat: `{"type": "json_schema", "schema": ...}`) and in `tools`
 (`{"type": "function", "name": ..., "parameters": ...}`; the names of other types' too, and a stored
-`prompt`'s tools are unknown). A `failed` response is not an answer and is not counted.
+`prompt`'s tools are unknown). A `failed` response is not an answer and is not counted. A `function_call` item's
+arguments count toward `max_text_bytes` as a chat call's do (`quality_reading.add_call`): past it, the answer's calls
+are judged only by whether the request offered a tool.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import msgspec
 from ..pipeline.streams import StreamEnd
 from ..schemas.events import Chunk, StreamEvent
 from .answers import Answer, Asked
+from .quality_reading import add_call
 
 if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
@@ -78,7 +81,7 @@ def answer_of(response: ResponsePeek, limit: int) -> Answer | None:
                 elif part.type == "refusal":
                     answer.refusal = True
         elif item.type == "function_call":
-            answer.tool_calls[len(answer.tool_calls)] = [item.name or "", item.arguments or ""]
+            add_call(answer, len(answer.tool_calls), item.name, item.arguments or "", limit)
     if response.status == "incomplete":
         reason = response.incomplete_details.reason if response.incomplete_details is not None else None
         answer.finish_reasons.append(_INCOMPLETE_REASONS.get(reason or "", "other"))

@@ -53,10 +53,13 @@ _NO_USAGE = {"input_tokens": 0, "output_tokens": 0}
 _LEGACY = -1  # a streamed legacy `delta.function_call`'s place among the tool calls (theirs count from 0)
 _PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
 # What a stream holds from its first tool call on (characters; `MessagesStream`): past either, the stream ends with an
-# `error` event. A call's arguments: the 8 MiB an upstream stream's event may carry; all held blocks together: the
-# 64 MiB of a complete answer (`max_response_bytes`' default).
+# `error` event. A call's arguments: the 8 MiB an upstream stream's event may carry; all held blocks together (every
+# string they hold, and `_BLOCK_CHARS` for each block) the 64 MiB of a complete answer (`max_response_bytes`' default).
 HELD_CALL_CHARS = 8 * 1024 * 1024
 HELD_CHARS = 64 * 1024 * 1024
+_BLOCK_CHARS = 256  # what a held block (a call, a text run, a thinking run or entry) counts beyond its strings: about
+# the memory its objects take, so that many empty blocks (an event of 100,000 calls without arguments) count too
+_ENTRY_FIELDS = (("data", str), ("signature", str), ("length", int), ("after_tool_calls", int))  # (`messages_blocks`)
 
 
 def _usage_split(prompt: int, completion: int, read: int, written: int) -> dict[str, Any]:
@@ -151,6 +154,29 @@ def messages_body(answer: dict[str, Any], alias: str, estimate: Usage | None = N
     return _encode(answer)
 
 
+def _chars(value: Any) -> int:
+    """What a value held from an upstream's chunk counts toward `HELD_CHARS`: a string its characters; anything else
+    (a name or an id of another type than OpenAI's, refused or replaced when written) its JSON's."""
+    if value is None:
+        return 0
+    if isinstance(value, str):
+        return len(value)
+    return len(_encode(value))
+
+
+def _held_entry(entry: Any) -> dict[str, Any] | None:
+    """A thinking entry held after the first tool call (`thinking.messages_blocks`): only the fields written, of the
+    types written; None for one that writes no block (not an object, of another type)."""
+    if not isinstance(entry, dict) or entry.get("type") not in ("thinking", "redacted_thinking"):
+        return None
+    held = {"type": entry["type"]}
+    for field, kind in _ENTRY_FIELDS:
+        value = entry.get(field)
+        if type(value) is kind:
+            held[field] = value
+    return held
+
+
 def _event(kind: str, data: dict[str, Any]) -> bytes:
     return b"event: " + kind.encode() + b"\ndata: " + _encode({"type": kind, **data}) + b"\n\n"
 
@@ -182,8 +208,9 @@ class MessagesStream:
     tool calls: their arguments stop where the stream was cut, and a client would get a call to run (a `tool_use`
     block, its input `_raw_arguments`) with the refusal; a complete answer blocked has no tool calls either.
 
-    What is held is bounded: a call's arguments (or input) by `HELD_CALL_CHARS`, all the held blocks' text together
-    by `HELD_CHARS`; past either, an `UpstreamError` (`_hold`), and `api.proxy` ends the stream with its `error`
+    What is held is bounded: a call's arguments (or input) by `HELD_CALL_CHARS`, all the held blocks together by
+    `HELD_CHARS` (their text, arguments, names, ids, signatures and thinking entries' data, and `_BLOCK_CHARS` for
+    each block and entry); past either, an `UpstreamError` (`_hold`), and `api.proxy` ends the stream with its `error`
     event, none of the held blocks written (the answer cannot be carried whole).
     """
 
@@ -301,11 +328,12 @@ class MessagesStream:
     def _text(self, text: str, out: list[bytes]) -> None:
         """Text before any tool call is written as it comes; after one, it is held with the blocks before it."""
         if self._held:
-            self._hold(len(text))
             last = self._held[-1]
             if isinstance(last, list):
+                self._hold(len(text))
                 last.append(text)
             else:
+                self._hold(_BLOCK_CHARS + len(text))
                 self._held.append([text])
             self._quiet += 1
             return
@@ -328,14 +356,24 @@ class MessagesStream:
         held = self._calls.get(position)
         named = call.get("id")  # (a conformant stream names a call on its first piece only, or repeats its id)
         if held is None or begins_another_call(call, held.id):
-            held = self._calls[position] = _HeldCall(named, part.get("name"))
+            self._hold(_BLOCK_CHARS)
+            held = self._calls[position] = _HeldCall(None, None)
             self._held.append(held)
             self._thinking.flush(out)  # the thinking and the text before the first tool call are complete
             self._close_text(out)
-        held.id = held.id or named  # a server that names the call in a later piece
-        held.name = held.name or part.get("name")
+        if not held.id and named:  # (a server that names the call in a later piece)
+            self._hold(_chars(named))
+            held.id = named
+        name = part.get("name")
+        if not held.name and name:
+            self._hold(_chars(name))
+            held.name = name
         held.custom = held.custom or custom
-        held.signature = held.signature or signature_of(call)
+        if held.signature is None:
+            signature = signature_of(call)
+            if signature is not None:
+                self._hold(len(signature))
+                held.signature = signature
         text = part.get(CALL_TEXT[custom])
         if isinstance(text, dict) and not custom:
             text = _encode(text).decode()
@@ -371,13 +409,17 @@ class MessagesStream:
                 self._thinking.text(text, out)
             self._thinking.entries(entries, out)
             return
-        self._hold(len(text))
+        held = [entry for entry in map(_held_entry, entries) if entry is not None]
+        self._hold(len(text) + sum(_BLOCK_CHARS + len(entry.get("data", "")) + len(entry.get("signature", ""))
+                                   for entry in held))
         last = self._held[-1]
         if not isinstance(last, HeldThinking):
+            self._hold(_BLOCK_CHARS)
             last = HeldThinking()
             self._held.append(last)
-        last.texts.append(text)
-        last.entries.extend(entries)
+        if text:
+            last.texts.append(text)
+        last.entries.extend(held)
         self._quiet += 1
 
     def _write_held(self, block: _HeldCall | list[str] | HeldThinking, out: list[bytes]) -> None:

@@ -178,7 +178,7 @@ def test_a_full_queue_drops_and_counts_without_waiting() -> None:
     shadow = Shadow(live, live, metrics, None)  # not started: nothing takes requests off the queue
     head = SimpleNamespace(credential=ACME, raw_headers=())
     ctx: Any = SimpleNamespace(raw_body=b'{"model":"chat","messages":[]}', endpoint=Endpoint.CHAT, head=head,
-                               key=None)
+                               key=None, dialect=None)
     for _ in range(5):
         shadow.submit(ctx)
     assert shadow.queue.qsize() == 2

@@ -149,7 +149,7 @@ def _diff(args: argparse.Namespace) -> int:
     old, new = _load(args.old), _load(args.new)
     if old is None or new is None or old.spec is None or new.spec is None:
         return 2
-    changes = diff_specs(old.spec, new.spec, old.prices.entries(), new.prices.entries())
+    changes = diff_specs(old.spec, new.spec, old.prices.entries(), new.prices.entries(), truncate=not args.json)
     if args.json:
         print(msgspec.json.format(msgspec.json.encode(changes)).decode())
     else:

@@ -4,13 +4,15 @@ The same functions that serve traffic make each decision: the key ring authentic
 the router's `explain` applies the rules and the strategy, the guard runtime checks the
 request's text. What differs is only what is left out: nothing is sent, no breaker or
 latency statistic is read or updated (an offline decider sees no traffic: breakers read
-as closed, latency and load as unknown), no store is touched, and the guard runtime has
-metrics of its own, so the live ones count only served requests. One decision per kind,
-one function per kind, called in pipeline order (see `dryrun.decisions` for adding one).
+as closed, latency and load as unknown), no store is touched, and the router and guard
+runtime count into metrics that record nothing (`dryrun.unrecorded`), so the live ones count
+only served requests, with several workers too. One decision per kind, one function per kind,
+called in pipeline order (see `dryrun.decisions` for adding one).
 The routing rule that applies is found once (its facts' prompt count, past `OFF_LOOP_CHARS`,
 in a thread: a shadow policy decides on the gateway's loop) and read by every kind: the
-limits of the alias it sends the request to count too (`accounting.hops`), its guards run,
-and a `deny` keeps the request from the cache.
+limits of the alias it sends the request to count too (`accounting.hops`: at the route, after
+the guards and the cache, as the router takes them), its guards run, and a `deny` keeps the
+request from the cache.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from ..guards.base import Finding, Where
 from ..guards.runtime import GuardRuntime
 from ..guards.stage import _blocked as blocked_error  # the live refusal's wording
 from ..guards.texts import input_texts
+from ..pipeline.dialect import Dialect
 from ..pipeline.stages import authenticate, decode_body, model_not_found
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..policy.compiled import Policy, Rule
@@ -38,7 +41,6 @@ from ..routing.explain import route_plan
 from ..routing.router import Router
 from ..routing.rules import Facts, first_match, reads_tokens
 from ..schemas.endpoints import Endpoint
-from ..telemetry.metrics import Metrics
 from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import OFF_LOOP_CHARS
 from .decisions import (
@@ -56,6 +58,7 @@ from .decisions import (
     TargetsDecision,
     Verdict,
 )
+from .unrecorded import UnrecordedMetrics
 
 __all__ = ["Decider", "DecisionRequest", "decoded", "endpoint_of"]
 
@@ -78,6 +81,9 @@ class DecisionRequest:
     # A key created at run time (admin API) that the credential stands for: it is in the store, not the
     # policy, so a policy with `dynamic_keys` on accepts it as the live gateway found it.
     run_time_key: VirtualKey | None = None
+    # The client's wire format when it is not OpenAI's (`/v1/messages`): `body` is decoded by it into the internal
+    # request (`endpoint` CHAT), as Ingress decoded it for the live pipeline.
+    dialect: Dialect | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,7 +109,9 @@ class Decider:
     def __init__(self, policy: Policy, tokens: TokenCounter | None = None) -> None:
         self.policy = policy
         self.tokens = tokens
-        metrics = Metrics()  # private: deciding counts nothing in the gateway's own metrics
+        # Deciding counts nothing in the gateway's metrics, with several workers too (a private `Metrics()` writes
+        # to the shared multiprocess files there): metrics that record nothing.
+        metrics = UnrecordedMetrics()
         self.router = Router(policy, {}, None, metrics, tokens, rng=random.Random(0))
         count = tokens.count if tokens is not None else (lambda text: (len(text) + 3) // 4)
         self.guards = GuardRuntime(policy.guards, metrics, count) if policy.has_guards else None
@@ -137,10 +145,16 @@ class Decider:
             if route.rules and len(request.body) > OFF_LOOP_CHARS and reads_tokens(route.rules):
                 await facts.count_in_thread()
             rule = first_match(route.rules, alias, facts) if route.rules else None
-            found["limits"] = self._limits(request.endpoint, body, key, alias, self._hop(alias, rule))
+            hop = self._hop(alias, rule)
+            # Serving's order: admission (the caller's and the named alias's limits), the guards, the cache, then the
+            # router, which takes the limits of the alias a rule moves the request to (`Router._enter`) once it is
+            # routed: a request the guards block, or the cache answers, never reaches them.
+            found["limits"] = self._limits(request.endpoint, body, key, alias, hop)
             found["guards"] = await self._guards(request.endpoint, body, key, _served_alias(alias, rule))
             found["cache"] = self._cache(request.endpoint, body, request.headers, alias, rule)
             found["route"], found["targets"] = self._route(facts, alias, stream, request.endpoint)
+            if hop is not None:
+                self._hop_limits(found["limits"], hop)
         except _Refused as refused:
             error = refused.error
             if refused.kind is not None and refused.decision is not None:
@@ -184,7 +198,8 @@ class Decider:
     def _limits(self, endpoint: Endpoint, body: dict[str, Any], key: VirtualKey | None, alias: str, hop: _Hop = None
                 ) -> LimitsDecision:
         """What applies (key, tenant, alias, and the limits of `hop`'s alias), read from the accounting shapes, and
-        what the request would reserve; refused when it needs more than a whole tpm window or hard budget. Live
+        what the request would reserve; refused when it needs more than a whole tpm window or hard budget of the
+        caller or the named alias (admission's; `hop`'s alias refuses later, at the route: `_hop_limits`). Live
         counters are not read."""
         memo = (key.digest if key is not None else b"", alias, hop)
         applied = self._limits_memo.get(memo)
@@ -199,21 +214,25 @@ class Decider:
         cap, _ = completion_cap(endpoint.streams, body, self.policy.accounting.default_max_tokens, endpoint)
         rate_in, rate_out = self._rates.get(alias, (0.0, 0.0))
         tokens, cost = prompt + cap, (prompt * rate_in + cap * rate_out) / 1_000_000
-        refused = refused_outright(self._scopes(key, alias, hop), tokens, cost)
+        refused = refused_outright(self._scopes(key, alias), tokens, cost)
         decided = LimitsDecision(limits=applied.limits, budgets=applied.budgets, tokens=tokens, max_usd=cost,
                                  refused=f"{refused[0]} of {refused[1]} {refused[2]}" if refused else None)
         if refused is not None:
-            what, kind, _ = refused
-            error: GatewayError = (
-                RateLimited(f"the request needs {tokens} tokens, more than the tokens per minute of this {kind}")
-                if what == "tpm" else
-                BudgetExceeded(f"the request may cost ${cost:.6f}, more than the {kind}'s whole budget"))
-            raise _Refused("limits", error, decided)
+            raise _Refused("limits", _outright(refused, tokens, cost), decided)
         return decided
 
-    def _scopes(self, key: VirtualKey | None, alias: str, hop: _Hop = None) -> list[_ScopeLimits]:
-        """The scopes limits and budgets apply to, in the accounting stage's order (key, tenant, alias), then the
-        alias of `hop` (its limits only: a hop takes no budget, `accounting.hops`)."""
+    def _hop_limits(self, decided: LimitsDecision, hop: tuple[str, str]) -> None:
+        """The router's check, once the request is routed: the alias a rule moved it to refuses it (429) when it needs
+        more than that alias's whole tpm window (a hop takes no budget), as `Router._enter` would."""
+        refused = refused_outright([("alias", hop[1], self.policy.alias_limits[hop[1]], None)], decided.tokens, 0.0)
+        if refused is not None:
+            raise _Refused("limits", _outright(refused, decided.tokens, decided.max_usd),
+                           msgspec.structs.replace(decided, refused=f"{refused[0]} of {refused[1]} {refused[2]}"))
+
+    def _scopes(self, key: VirtualKey | None, alias: str) -> list[_ScopeLimits]:
+        """The scopes admission applies limits and budgets to, in the accounting stage's order (key, tenant,
+        alias); a hop's alias adds its limits only, at the route (`_hop_limits`: a hop takes no budget,
+        `accounting.hops`)."""
         spec = self.policy.spec
         scopes: list[_ScopeLimits] = []
         if key is not None:
@@ -224,8 +243,6 @@ class Decider:
         model = spec.models.get(alias) if spec is not None else None
         if model is not None:
             scopes.append(("alias", alias, model.limits, model.budget))
-        if hop is not None:
-            scopes.append(("alias", hop[1], self.policy.alias_limits[hop[1]], None))
         return scopes
 
     def _applied(self, key: VirtualKey | None, alias: str, hop: _Hop) -> LimitsDecision:
@@ -306,6 +323,14 @@ class Decider:
                 TargetsDecision(order=tuple(t.name for t in order), deterministic=deterministic))
 
 
+def _outright(refused: tuple[str, str, str], tokens: int, cost: float) -> GatewayError:
+    """The refusal of a request no counter could let through (`refused_outright`'s answer)."""
+    what, kind, _ = refused
+    if what == "tpm":
+        return RateLimited(f"the request needs {tokens} tokens, more than the tokens per minute of this {kind}")
+    return BudgetExceeded(f"the request may cost ${cost:.6f}, more than the {kind}'s whole budget")
+
+
 def _served_alias(alias: str, rule: Rule | None) -> str:
     """The alias whose guards the guard stage runs: the one `rule` sends the request to, as `GuardStage` finds it
     (`rule_alias`; its redactions, which may move the request again, are not made here)."""
@@ -313,8 +338,11 @@ def _served_alias(alias: str, rule: Rule | None) -> str:
 
 
 def decoded(request: DecisionRequest) -> tuple[dict[str, Any], msgspec.Struct]:
-    """The body as the gateway decodes it; a refusal (400) when it would refuse it."""
+    """The body as the gateway decodes it (Ingress: by the request's dialect, if any); a refusal (400) when it would
+    refuse it."""
     try:
+        if request.dialect is not None:
+            return request.dialect.decode(request.body, request.headers)
         return decode_body(request.body, request.endpoint)
     except GatewayError as exc:
         raise _Refused(None, exc) from None

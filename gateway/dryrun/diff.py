@@ -44,19 +44,23 @@ class Change(Struct, frozen=True, kw_only=True, omit_defaults=True):
 
 
 def diff_specs(old: PolicySpec, new: PolicySpec, old_prices: Mapping[str, Price] | None = None,
-               new_prices: Mapping[str, Price] | None = None) -> list[Change]:
+               new_prices: Mapping[str, Price] | None = None, *, truncate: bool = True) -> list[Change]:
     """The changes from `old` to `new`; `old_prices` and `new_prices`: their prices as they take effect
-    (`PriceTable.entries()`, a prices file's included), compared instead of the inline `prices:` alone."""
+    (`PriceTable.entries()`, a prices file's included), compared instead of the inline `prices:` alone.
+    `truncate`: a long value is shortened (for reading; `--json` keeps every value whole)."""
     changes: list[Change] = []
-    _named(changes, "aliases", _by_name(old.models), _by_name(new.models), split=("targets", "limits", "budget"))
-    _rules(changes, old, new)
-    _named(changes, "guards", _guards(old), _guards(new))
-    _named(changes, "prices", _prices(old, old_prices), _prices(new, new_prices))
-    _named(changes, "keys", _keys(old), _keys(new), split=("limits", "budget"))
-    _named(changes, "providers", _by_name(old.providers), _by_name(new.providers))
-    _named(changes, "tenants", _by_name(old.tenants), _by_name(new.tenants), split=("limits", "budget"))
+    width = _MAX_VALUE if truncate else None
+    _named(changes, "aliases", _by_name(old.models), _by_name(new.models), width,
+           split=("targets", "limits", "budget"))
+    _rules(changes, old, new, width)
+    _named(changes, "guards", _guards(old), _guards(new), width)
+    _named(changes, "prices", _prices(old, old_prices), _prices(new, new_prices), width)
+    _named(changes, "keys", _keys(old), _keys(new), width, split=("limits", "budget"))
+    _named(changes, "providers", _by_name(old.providers), _by_name(new.providers), width)
+    _named(changes, "tenants", _by_name(old.tenants), _by_name(new.tenants), width, split=("limits", "budget"))
     for section in _SETTINGS:
-        details = _fields(msgspec.to_builtins(getattr(old, section)), msgspec.to_builtins(getattr(new, section)))
+        details = _fields(msgspec.to_builtins(getattr(old, section)), msgspec.to_builtins(getattr(new, section)),
+                          width=width)
         if details:
             changes.append(Change(section="settings", name=section, change="changed", details=tuple(details)))
     return sorted(changes, key=lambda c: _ORDER.index(c.section))
@@ -103,7 +107,7 @@ def _guards(spec: PolicySpec) -> dict[str, Any]:
     return found
 
 
-def _named(changes: list[Change], section: Section, old: dict[str, Any], new: dict[str, Any],
+def _named(changes: list[Change], section: Section, old: dict[str, Any], new: dict[str, Any], width: int | None,
            split: tuple[str, ...] = ()) -> None:
     """Added, removed and changed entries; the fields in `split` are reported in their own section."""
     for name in sorted(old.keys() - new.keys()):
@@ -121,12 +125,12 @@ def _named(changes: list[Change], section: Section, old: dict[str, Any], new: di
             part_b = b.pop(field, None) if isinstance(b, dict) else None
             if part_a != part_b:
                 own = _SPLIT[field]
-                details = _fields(part_a, part_b, field)
+                details = _fields(part_a, part_b, field, width)
                 if field == "targets" and _names(part_a) != _names(part_b):
                     details = [f"targets: {_names(part_a) or '(none)'} -> {_names(part_b) or '(none)'}"]
                 changes.append(Change(section=own, name=name, change="changed",
                                       details=tuple(details)))
-        details = credential + _fields(a, b)
+        details = credential + _fields(a, b, width=width)
         if details:
             changes.append(Change(section=section, name=name, change="changed", details=tuple(details)))
 
@@ -136,10 +140,10 @@ def _names(targets: Any) -> str:
     return ", ".join(f"{t.get('provider')}/{t.get('model')}" for t in items if isinstance(t, dict))
 
 
-def _rules(changes: list[Change], old: PolicySpec, new: PolicySpec) -> None:
+def _rules(changes: list[Change], old: PolicySpec, new: PolicySpec, width: int | None) -> None:
     a = {rule.name: msgspec.to_builtins(rule) for rule in old.rules}
     b = {rule.name: msgspec.to_builtins(rule) for rule in new.rules}
-    _named(changes, "rules", a, b)
+    _named(changes, "rules", a, b, width)
     common = [name for name in a if name in b]
     after = [name for name in b if name in a]
     if common != after:
@@ -147,20 +151,33 @@ def _rules(changes: list[Change], old: PolicySpec, new: PolicySpec) -> None:
                               details=(f"{' > '.join(common)} -> {' > '.join(after)}",)))
 
 
-def _fields(a: Any, b: Any, path: str = "") -> list[str]:
-    """`path: old -> new` for every differing leaf (lists compared whole)."""
+def _fields(a: Any, b: Any, path: str = "", width: int | None = _MAX_VALUE) -> list[str]:
+    """`path: old -> new` for every differing leaf. Lists are compared whole, but for a list of targets naming the
+    same targets in the same order (an alias's, a rule's), compared target by target: `targets[1].weight: 3 -> 9`."""
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in sorted(a.keys() | b.keys(), key=str):
-            out.extend(_fields(a.get(key), b.get(key), f"{path}.{key}" if path else str(key)))
+            out.extend(_fields(a.get(key), b.get(key), f"{path}.{key}" if path else str(key), width))
         return out
     if a == b:
         return []
-    return [f"{path or 'value'}: {_show(a)} -> {_show(b)}"]
+    if _same_targets(path, a, b):
+        return [line for index, (x, y) in enumerate(zip(a, b, strict=True))
+                for line in _fields(x, y, f"{path}[{index}]", width)]
+    old, new = _show(a, width), _show(b, width)
+    if old == new:  # they differ past the width: shown whole, never as two identical shortened values
+        old, new = _show(a, None), _show(b, None)
+    return [f"{path or 'value'}: {old} -> {new}"]
 
 
-def _show(value: Any) -> str:
+def _same_targets(path: str, a: Any, b: Any) -> bool:
+    """Two target lists (`targets`, at any depth) of the same targets in the same order."""
+    return (path.rpartition(".")[2] == "targets" and isinstance(a, list) and isinstance(b, list) and len(a) == len(b)
+            and all(isinstance(t, dict) for t in (*a, *b)) and _names(a) == _names(b))
+
+
+def _show(value: Any, width: int | None = _MAX_VALUE) -> str:
     if value is None:
         return "(unset)"
     text = value if isinstance(value, str) else msgspec.json.encode(value).decode()
-    return text if len(text) <= _MAX_VALUE else text[:_MAX_VALUE - 3] + "..."
+    return text if width is None or len(text) <= width else text[:width - 3] + "..."

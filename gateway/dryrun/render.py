@@ -42,7 +42,11 @@ def render(d: Decisions, source: str) -> list[str]:
         note = "" if d.targets.deterministic else "  (the order depends on chance or live traffic)"
         lines.append(f"targets:  {order}{note}")
     if d.blocked:
-        lines.append(f"outcome:  refused with {d.status} by {d.blocked_by}: {d.error}")
+        # Refused by limits after the cache's lookup (the limits of the alias a rule moves it to, taken at the route):
+        # an answer the store holds would be served before that refusal.
+        first = " (unless the cache answers it first)" if d.blocked_by == "limits" and d.route is not None \
+            and d.cache is not None and d.cache.lookup else ""
+        lines.append(f"outcome:  refused with {d.status} by {d.blocked_by}: {d.error}{first}")
     else:
         lines.append("outcome:  sent to the first target")
     lines.append("(offline: nothing was sent; breakers read as closed, latency and load as unknown)")

@@ -1,13 +1,15 @@
 """Shadow policies: a candidate policy decides every request beside the live one, and the two are compared.
 
 The request's path pays one `put_nowait` on a bounded queue (the request's raw body, its
-credential and headers): never a wait, and when the queue is full the request is dropped
-from the comparison and counted. One background task takes requests off the queue and
-decides each under both policies with `dryrun.decide` (the live policy is re-decided the
-same offline way, so the two sides are compared like for like), then counts each kind of
-decision on which they differ. Nothing is sent upstream; no breaker, statistic, store or
-live metric is touched (each decider has its own private guard metrics). Promoting the
-candidate is a reload: point `server.shadow_policy` at nothing and copy the candidate in.
+credential, headers and dialect): never a wait, and when the queue is full the request is
+dropped from the comparison and counted. One background task takes requests off the queue,
+decodes each as Ingress did (a `/v1/messages` body into the chat request the live pipeline
+decided), and decides it under both policies with `dryrun.decide` (the live policy is
+re-decided the same offline way, so the two sides are compared like for like), then counts
+each kind of decision on which they differ. Nothing is sent upstream; no breaker, statistic,
+store or live metric is touched (each decider counts into metrics that record nothing,
+`dryrun.unrecorded`). Promoting the candidate is a reload: point `server.shadow_policy` at
+nothing and copy the candidate in.
 """
 
 from __future__ import annotations
@@ -61,8 +63,10 @@ class Shadow:
         """Offer a request (its body already read) for comparison; never waits."""
         if self.sample < 1.0 and self._rng.random() >= self.sample:
             return
+        # The raw body (a later stage may rewrite `ctx.body` in place: a guard's redaction) and its dialect: decoded
+        # off the request's path into the body the live pipeline decides (`/v1/messages`: the translated chat body).
         request = DecisionRequest(ctx.raw_body, ctx.endpoint, ctx.head.credential, None, ctx.head.raw_headers,
-                                  ctx.key)
+                                  ctx.key, ctx.dialect)
         try:
             self.queue.put_nowait(request)
         except asyncio.QueueFull:

@@ -54,11 +54,15 @@ _LEGACY = -1  # a streamed legacy `delta.function_call`'s place among the tool c
 _PING_EVERY = 64  # held pieces in a row without a byte written: then a `ping`, so that no proxy finds the stream idle
 # What a stream holds from its first tool call on (characters; `MessagesStream`): past either, the stream ends with an
 # `error` event. A call's arguments: the 8 MiB an upstream stream's event may carry; all held blocks together (every
-# string they hold, and `_BLOCK_CHARS` for each block) the 64 MiB of a complete answer (`max_response_bytes`' default).
+# string they hold, `_BLOCK_CHARS` for each block and `_PIECE_CHARS` for each piece) the 64 MiB of a complete answer
+# (`max_response_bytes`' default).
 HELD_CALL_CHARS = 8 * 1024 * 1024
 HELD_CHARS = 64 * 1024 * 1024
 _BLOCK_CHARS = 256  # what a held block (a call, a text run, a thinking run or entry) counts beyond its strings: about
 # the memory its objects take, so that many empty blocks (an event of 100,000 calls without arguments) count too
+_PIECE_CHARS = 64  # what a held piece (of text, thinking or a call's arguments) counts beyond its characters: its
+# string's object (49 bytes for ASCII, 74 and more else) and its list slot (8), so that a stream of 1-character
+# pieces counts about the memory it takes (64 Mi characters in pieces of one or two could take GiBs)
 _ENTRY_FIELDS = (("data", str), ("signature", str), ("length", int), ("after_tool_calls", int))  # (`messages_blocks`)
 
 
@@ -73,13 +77,21 @@ def _usage_split(prompt: int, completion: int, read: int, written: int) -> dict[
 
 
 def _anthropic_usage(usage: Any) -> dict[str, Any] | None:
-    """OpenAI's usage object (JSON) as Anthropic's; None when there is none."""
+    """OpenAI's usage object (JSON) as Anthropic's; None when there is none. The cache writes split by lifetime
+    (`cache_creation`) when the usage gives the 1-hour ones (`cache_write_1h_tokens`: an Anthropic upstream's, which
+    `anthropic_to_chat.chat_usage` shows whenever Anthropic split them, 0 too)."""
     if not isinstance(usage, dict):
         return None
     found = usage.get("prompt_tokens_details")
     details: dict[str, Any] = found if isinstance(found, dict) else {}
-    return _usage_split(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
-                        details.get("cached_tokens") or 0, details.get("cache_write_tokens") or 0)
+    written = details.get("cache_write_tokens") or 0
+    out = _usage_split(usage.get("prompt_tokens") or 0, usage.get("completion_tokens") or 0,
+                       details.get("cached_tokens") or 0, written)
+    hour = details.get("cache_write_1h_tokens")
+    if type(hour) is int and type(written) is int and "cache_creation_input_tokens" in out:
+        hour = min(max(hour, 0), written)
+        out["cache_creation"] = {"ephemeral_5m_input_tokens": written - hour, "ephemeral_1h_input_tokens": hour}
+    return out
 
 
 def _usage_shape(usage: Usage | None) -> dict[str, Any] | None:
@@ -209,9 +221,10 @@ class MessagesStream:
     block, its input `_raw_arguments`) with the refusal; a complete answer blocked has no tool calls either.
 
     What is held is bounded: a call's arguments (or input) by `HELD_CALL_CHARS`, all the held blocks together by
-    `HELD_CHARS` (their text, arguments, names, ids, signatures and thinking entries' data, and `_BLOCK_CHARS` for
-    each block and entry); past either, an `UpstreamError` (`_hold`), and `api.proxy` ends the stream with its `error`
-    event, none of the held blocks written (the answer cannot be carried whole).
+    `HELD_CHARS` (their text, arguments, names, ids, signatures and thinking entries' data, `_BLOCK_CHARS` for
+    each block and entry, and `_PIECE_CHARS` for each piece of text, thinking or arguments: memory, not only
+    characters); past either, an `UpstreamError` (`_hold`), and `api.proxy` ends the stream with its `error` event,
+    none of the held blocks written (the answer cannot be carried whole).
     """
 
     __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_held_chars", "_index", "_matched", "_quiet",
@@ -330,10 +343,10 @@ class MessagesStream:
         if self._held:
             last = self._held[-1]
             if isinstance(last, list):
-                self._hold(len(text))
+                self._hold(_PIECE_CHARS + len(text))
                 last.append(text)
             else:
-                self._hold(_BLOCK_CHARS + len(text))
+                self._hold(_BLOCK_CHARS + _PIECE_CHARS + len(text))
                 self._held.append([text])
             self._quiet += 1
             return
@@ -382,7 +395,7 @@ class MessagesStream:
             if held.size > HELD_CALL_CHARS:
                 raise UpstreamError(f"the upstream streamed a tool call of more than {HELD_CALL_CHARS >> 20} MiB of "
                                     "arguments, more than /v1/messages holds of a call to write it whole")
-            self._hold(len(text))
+            self._hold(_PIECE_CHARS + len(text))
             held.arguments.append(text)
         self._quiet += 1
 
@@ -410,8 +423,8 @@ class MessagesStream:
             self._thinking.entries(entries, out)
             return
         held = [entry for entry in map(_held_entry, entries) if entry is not None]
-        self._hold(len(text) + sum(_BLOCK_CHARS + len(entry.get("data", "")) + len(entry.get("signature", ""))
-                                   for entry in held))
+        self._hold((_PIECE_CHARS + len(text) if text else 0)
+                   + sum(_BLOCK_CHARS + len(entry.get("data", "")) + len(entry.get("signature", "")) for entry in held))
         last = self._held[-1]
         if not isinstance(last, HeldThinking):
             self._hold(_BLOCK_CHARS)

@@ -52,7 +52,8 @@ def matched_stop(reason: Any, sequence: Any) -> str | None:
 def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object, both with the cache reads and
     writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports), and of
-    the writes those to the 1-hour cache (`cache_write_1h_tokens`, only when there are some)."""
+    the writes those to the 1-hour cache (`cache_write_1h_tokens`, when Anthropic split its writes by lifetime in
+    `cache_creation`, as its current API does)."""
     fresh = _int(usage.get("input_tokens"))
     read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))
@@ -63,8 +64,9 @@ def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
              "prompt_tokens_details": shown}
     if not (read or written):
         return Usage(prompt, output, prompt + output), shape
-    hour = _hour_writes(usage.get("cache_creation"), written)
-    if hour:
+    breakdown = usage.get("cache_creation")
+    hour = _hour_writes(breakdown, written)
+    if isinstance(breakdown, dict):  # (0 too: a `/v1/messages` client gets the split back, `anthropic_answer`)
         shown["cache_write_1h_tokens"] = hour
     details = PromptTokensDetails(cached_tokens=read, cache_write_tokens=written, cache_write_1h_tokens=hour)
     return Usage(prompt, output, prompt + output, details), shape

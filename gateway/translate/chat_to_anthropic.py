@@ -13,7 +13,7 @@ routing) is left out. A field Messages has no equivalent for (`n > 1`,
 `logprobs`, penalties, `seed`, audio...) is a 400 naming it, never a silent drop.
 
 What Messages refuses is not sent: empty or whitespace-only text (a part, a
-`content: ""`, the `"\n\n"` some servers put beside `tool_calls`) is left out,
+`content: ""`, the `"\n\n"` some servers put beside `tool_calls`, a tool result's) is left out,
 and a turn left empty with it (an assistant's: its neighbours join; a user's that
 joins another user message) goes; a user turn left empty between two assistant
 turns, or at either end, is refused (`Unsupported`: routing tries the next
@@ -228,7 +228,9 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], message
             raise unsupported(f"{where}.tool_call_id", target, "a tool result without a `tool_call_id` that no "
                               "tool call without an id, in the assistant turn before it, is left for")
         result: dict[str, Any] = {"type": "tool_result", "tool_use_id": waiting.pop(0) if waiting else _sendable(given)}
-        parts = content if isinstance(content, str) else _blocks(content, where, target, images=True)
+        # Empty or whitespace-only text (a command's "\n"), a string or parts (`_blocks`), is no `content` at all
+        parts: str | list[dict[str, Any]] = (content if content.strip() else "") if isinstance(content, str) \
+            else _blocks(content, where, target, images=True)
         if parts:
             result["content"] = parts
         _append(messages, "user", _cached([result], message))

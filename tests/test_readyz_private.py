@@ -61,9 +61,16 @@ def test_readyz_counts_a_refused_reloads_errors_and_shows_them_to_the_admin_toke
         assert HIDDEN not in ready.text and "dmeo" not in ready.text and "gateway.yaml" not in ready.text, ready.text
         assert ready.json()["last_reload"] == {"result": "invalid", "trigger": "admin", "version": refused["version"],
                                                "error_count": len(refused["errors"])}
-    assert _readyz(served, ADMIN).json()["last_reload"] == refused
+    # The admin token's bearer reads the errors and the count a probe reads (one field for every caller)
+    assert _readyz(served, ADMIN).json()["last_reload"] == {**refused, "error_count": len(refused["errors"])}
     head = httpx.head(served.url + "/readyz")
     assert head.status_code == 200 and not head.content
+
+
+def test_metrics_answers_head_as_the_max_requests_gate_lets_it_through(served: RunningGateway) -> None:
+    head = httpx.head(served.url + "/metrics")
+    assert head.status_code == 200 and not head.content, head.status_code
+    assert head.headers["content-type"].startswith("text/plain") and head.headers["x-request-id"]
 
 
 def test_a_credential_pasted_as_a_variable_name_is_never_echoed(served: RunningGateway) -> None:

@@ -111,7 +111,8 @@ def ops_routes(host: OpsHost) -> list[Any]:
             return _json({"status": "unhealthy", **detail}, request_id, status=503)
         return _json({"status": "ready", **detail}, request_id)
 
-    @get("/metrics", sync_to_thread=False)
+    # GET and HEAD, as /healthz: the `max_requests` gate lets both through (`http_replies._PROBES`).
+    @route("/metrics", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)
     def metrics(request: Request[Any, Any, Any]) -> Response[bytes]:
         headers = RequestHeaders(request.scope["headers"], host.request_ids)
         policy = host.runtime.policy
@@ -135,11 +136,13 @@ _RELOAD_PUBLIC = ("result", "trigger", "version", "previous")
 
 
 def _reload_shown(last: dict[str, Any], headers: RequestHeaders, admin_token: str | None) -> dict[str, Any]:
-    """The last reload as /readyz shows it: its errors in full to the admin token's bearer, else only counted
-    (a probe with no or another credential is not refused: it sees the count)."""
+    """The last reload as /readyz shows it: its errors counted for anyone (a probe with no or another credential
+    is not refused: it sees the count), and in full too for the admin token's bearer."""
     errors = last.get("errors")
-    if errors is None or bearer_matches(headers, admin_token):
+    if errors is None:
         return last
+    if bearer_matches(headers, admin_token):
+        return {**last, "error_count": len(errors)}
     return {**{field: last[field] for field in _RELOAD_PUBLIC if field in last}, "error_count": len(errors)}
 
 

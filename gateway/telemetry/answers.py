@@ -19,7 +19,8 @@ class Answer:
         self.refusal = False
         self.finish_reasons: list[str] = []
         # index -> [name, arguments...]: a function call's (a chat call of another type, a custom tool's, whose name
-        # and input are not in `function`, reads as [""]: `quality._malformed_tool_call`)
+        # and input are not in `function`, reads as [""]: `quality._malformed_tool_call`); a chat answer's legacy
+        # `function_call` is one more, at -1 (`quality_reading.add_legacy_call`)
         self.tool_calls: dict[int, list[str]] = {}
         self.size = 0
         self.overflow = False

@@ -4,7 +4,8 @@ Off unless `telemetry.payload_log.enabled`, and configured apart from the access
 log, which never holds text. A request only hands its texts to a queue bounded by entries (`queue`) and by the
 characters they hold (`QUEUE_CHARS`; full: the entry is dropped and counted in `gateway_telemetry_dropped_total`,
 `queue_full`): an entry holds at most `read_chars` characters of prompts in all (the newest texts, counted from the
-last one back and kept in order; the one across that line cut, those before it left out) and as many of answer,
+last one back and kept in order; the one across that line cut, those before it left out, and counted in the entry's
+`input_dropped`, so that a reader tells a cut history from a whole one) and as many of answer,
 so that a sink that stalls, or redaction slower than big prompts arrive, holds a bounded memory. One background
 task redacts them with the log's own guards (`redact`, by default a `pii` patterns guard and a `secrets` guard;
 each reads every text, whatever its `places`: every finding is replaced, whatever its action says;
@@ -102,6 +103,7 @@ class _Entry:
     input: list[str]
     output: str
     cut: bool = False  # the first text of `input` was cut at the entry's `read_chars` (`_entry_texts`)
+    dropped: int = 0  # the prompt texts before `input`'s first left out (`_entry_texts`): `input_dropped`
 
     @property
     def size(self) -> int:
@@ -234,12 +236,16 @@ class PayloadWriter:
         return apply(text, findings, None)[: self.spec.max_text_chars]
 
     async def _redacted(self, entry: _Entry) -> bytes:
-        data = dataclasses.asdict(entry)
-        del data["cut"]
-        data["input"] = [await self.redact(text, _INPUT, entry.cut and n == 0) for n, text in enumerate(entry.input)]
-        data["output"] = await self.redact(entry.output, _OUTPUT)
-        data["ts"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts))
-        return _encode(data)
+        """The entry's line: `input_dropped`, the number of prompt texts left out before `input`'s first (0: the
+        request's texts are all there), written always, so that a reader need not know the bounds to tell."""
+        return _encode({
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(entry.ts)),
+            "request_id": entry.request_id, "tenant": entry.tenant, "model": entry.model, "target": entry.target,
+            "status": entry.status,
+            "input": [await self.redact(text, _INPUT, entry.cut and n == 0) for n, text in enumerate(entry.input)],
+            "input_dropped": entry.dropped,
+            "output": await self.redact(entry.output, _OUTPUT),
+        })
 
     async def _write(self, line: bytes) -> None:
         if self._file is not None:
@@ -281,34 +287,35 @@ class PayloadLog:
     async def __call__(self, ctx: RequestContext, call_next: Next) -> Reply:
         reply = await call_next(ctx)  # ctx.body is read by then (and already redacted by input guards, if any)
         read = read_chars(self.writer.spec)
-        texts, cut = _entry_texts((str(c[k]) for c, k, _ in input_texts(ctx.endpoint, ctx.body)), read)
+        texts, cut, dropped = _entry_texts((str(c[k]) for c, k, _ in input_texts(ctx.endpoint, ctx.body)), read)
         if reply.stream is not None:
-            reply.stream.add(_StreamText(self, texts, cut))
+            reply.stream.add(_StreamText(self, texts, cut, dropped))
         else:  # (one more than is read: the writer sees that it was cut)
-            self.add(ctx, texts, cut, _answer_text(ctx.endpoint, reply.body)[: read + 1], reply.status)
+            self.add(ctx, texts, cut, dropped, _answer_text(ctx.endpoint, reply.body)[: read + 1], reply.status)
         return reply
 
-    def add(self, ctx: RequestContext, texts: list[str], cut: bool, output: str, status: int) -> None:
+    def add(self, ctx: RequestContext, texts: list[str], cut: bool, dropped: int, output: str, status: int) -> None:
         self.writer.add(_Entry(time.time(), ctx.request_id, ctx.tenant, ctx.alias_label,
-                               ctx.target.name if ctx.target else None, status, texts, output, cut))
+                               ctx.target.name if ctx.target else None, status, texts, output, cut, dropped))
 
 
-def _entry_texts(texts: Iterable[str], read: int) -> tuple[list[str], bool]:
+def _entry_texts(texts: Iterable[str], read: int) -> tuple[list[str], bool, int]:
     """An entry's prompts, `read` characters at most in all: the newest kept, filled from the last text back, in
     their order; the one across that line (the oldest kept) cut to its head, as a long text is (and then said to
     be: `_Entry.cut`) unless what would be left of it is all in the unsure tail, which is never written; the texts
-    before it are left out. A text alone longer than `read` is cut so too. (In order from the first, a long system
-    prompt or a long conversation left out the question it ends with.)"""
+    before it are left out, and counted (`_Entry.dropped`: the entry says how many). A text alone longer than
+    `read` is cut so too. (In order from the first, a long system prompt or a long conversation left out the
+    question it ends with.)"""
     every = list(texts)  # (the body's own strings: nothing copied)
     left = read
     for n in range(len(every) - 1, -1, -1):
         text = every[n]
         if len(text) > left:
             if left > _UNSURE_TAIL:
-                return [text[:left], *every[n + 1:]], True
-            return every[n + 1:], False
+                return [text[:left], *every[n + 1:]], True, n
+            return every[n + 1:], False, n + 1
         left -= len(text)
-    return every, False
+    return every, False, 0
 
 
 def _before(text: str, findings: list[Finding], line: int) -> tuple[str, list[Finding]]:
@@ -355,13 +362,14 @@ class _StreamText:
     stream's `output_text` parts, one line each, wherever their message is in `output` (after a reasoning item, it
     is not the first: only the first output's text was kept, and such an answer was logged empty)."""
 
-    __slots__ = ("cut", "part", "parts", "size", "stage", "texts")
+    __slots__ = ("cut", "dropped", "part", "parts", "size", "stage", "texts")
     reads_events = True
 
-    def __init__(self, stage: PayloadLog, texts: list[str], cut: bool) -> None:
+    def __init__(self, stage: PayloadLog, texts: list[str], cut: bool, dropped: int) -> None:
         self.stage = stage
         self.texts = texts
         self.cut = cut
+        self.dropped = dropped
         self.parts: list[str] = []
         self.size = 0
         self.part: tuple[Any, Any] | None = None  # a Responses stream: the (output, content) index of the last delta
@@ -393,7 +401,8 @@ class _StreamText:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         read = read_chars(self.stage.writer.spec)  # (one more than is read: the writer sees that it was cut)
-        self.stage.add(ctx, self.texts, self.cut, "".join(self.parts)[: read + 1], ended_status(ctx, end))
+        self.stage.add(ctx, self.texts, self.cut, self.dropped, "".join(self.parts)[: read + 1],
+                       ended_status(ctx, end))
 
 
 def ended_status(ctx: RequestContext, end: StreamEnd) -> int:

@@ -21,7 +21,16 @@ from ..pipeline.context import Reply, RequestContext
 from ..schemas.endpoints import Endpoint
 from .answers import Answer, Asked
 from .metrics import Metrics
-from .quality_reading import JSON_KINDS, NOTHING_ASKED, PlainStreamQuality, StreamQuality, read_payload, read_typed
+from .quality_reading import (
+    CALL_FINISHES,
+    JSON_KINDS,
+    NOTHING_ASKED,
+    PlainStreamQuality,
+    StreamQuality,
+    add_legacy_call,
+    read_payload,
+    read_typed,
+)
 from .quality_responses import ResponsesStreamQuality, answer_of, decode_response, responses_asked
 from .refusals import NOT_INITIALS, cannot_become_refusal, looks_like_refusal
 from .schema_check import SchemaChecks, load
@@ -89,12 +98,13 @@ def signals_for(answer: Answer, asked: Asked) -> list[str]:
     """The quality problems of one answer, given what its request asked (response format and tools)."""
     found: list[str] = []
     text = answer.text[0] if len(answer.text) == 1 else "".join(answer.text)
-    truncated = "length" in answer.finish_reasons
-    if truncated:
+    reasons = answer.finish_reasons
+    if "length" in reasons:
         found.append("truncated")
     if answer.refusal or looks_like_refusal(text):
         found.append("refusal")
-    elif (not text or text.isspace()) and not answer.tool_calls and not answer.overflow:  # (a refusal is not empty)
+    elif ((not text or text.isspace()) and not answer.tool_calls and not answer.overflow  # (a refusal is not empty)
+          and "function_call" not in reasons):  # (a legacy call that was not read: `_malformed_tool_call`)
         found.append("empty")
     kind = asked.json_kind
     if kind in JSON_KINDS and not answer.overflow and not answer.tool_calls and text.strip():
@@ -104,16 +114,18 @@ def signals_for(answer: Answer, asked: Asked) -> list[str]:
         elif kind == "json_schema" and isinstance(asked.schema, dict) and (
                 SchemaChecks().violates(asked.schema, value, len(text))):  # (bounded: `schema_check`)
             found.append("schema_violation")
-    if (answer.tool_calls or "tool_calls" in answer.finish_reasons) and _malformed_tool_call(answer, asked):
+    if (answer.tool_calls or "tool_calls" in reasons or "function_call" in reasons) and (
+            _malformed_tool_call(answer, asked)):
         found.append("malformed_tool_call")
     return found
 
 
 def _malformed_tool_call(answer: Answer, asked: Asked) -> bool:
-    """A tool call (or a `tool_calls` finish reason: a skimmed stream's calls are not read) when the request offered
-    no tool; or a function call whose arguments are not a JSON object, that names no tool the request offered, or
-    whose arguments do not fit that tool's `parameters`. A call of another type (a chat custom tool's: no name nor
-    arguments in `function`, read as [""]) is judged only by the first rule."""
+    """A tool call (or a `tool_calls` finish reason: a skimmed stream's calls are not read; a legacy `function_call`,
+    or its finish reason, alike) when the request offered no tool; or a function call whose arguments are not a JSON
+    object, that names no tool the request offered, or whose arguments do not fit that tool's `parameters`. A call
+    of another type (a chat custom tool's: no name nor arguments in `function`, read as [""]) is judged only by the
+    first rule."""
     if not asked.offers_tools:
         return True
     names, schemas = asked.names, asked.tools
@@ -166,9 +178,10 @@ class QualitySignals:
         The common answer first, in line (this runs for every request): a chat answer whose choices the provider
         read (`ctx.read_choices`), to a request that asked for no JSON and offered no tools, with one choice of
         text that cannot be a refusal (so not empty either), no tool calls, no refusal field and a finish
-        reason other than `tool_calls` (one string compared: such a reason counts as a call, which the request
-        offered no tool for): no check can fail but `truncated` (`length`), so only its finish reason is counted
-        (`count_finish`); what `signals_for` finds is the same."""
+        reason `stop`, or another than `tool_calls` and `function_call` (a call's, a legacy call's, which the typed
+        view does not read: the common answer's `stop` passes at the first comparison): no check can fail but
+        `truncated` (`length`), so only its finish reason is counted (`count_finish`); what `signals_for` finds is
+        the same."""
         read = reply.choices_of
         if read is not None and read[0] is reply.body and reply.status == 200 and ctx.endpoint is _CHAT:
             choices = read[1]
@@ -178,7 +191,8 @@ class QualitySignals:
                 message = choice.message
                 reason = choice.finish_reason
                 if (message is not None and reason is not None and choice.index == 0 and choice.text is None
-                        and not message.tool_calls and not message.refusal and reason != "tool_calls"):
+                        and not message.tool_calls and not message.refusal
+                        and (reason == "stop" or reason not in CALL_FINISHES)):
                     content = message.content
                     if content and (content[:1] in NOT_INITIALS or cannot_become_refusal(content)):
                         self.count_finish(ctx, reason)
@@ -217,7 +231,9 @@ class QualitySignals:
         stream = reply.stream
         if stream is not None:
             reader = StreamQuality(self, chat_asked(ctx.body), chat)
-            if stream.read_choices(reader):
+            if chat and "functions" in ctx.body:  # a legacy call's pieces are in the chunks' payloads only
+                reader.legacy = True
+            elif stream.read_choices(reader):
                 reader.reads_events = False
             stream.add(reader)
         elif reply.body is not None:
@@ -231,6 +247,9 @@ class QualitySignals:
                     read_payload(answer, reply.body, chat, "message" if chat else "_", self.limit)
                 except msgspec.DecodeError:
                     return
+            if chat and not answer.tool_calls and (not answer.size or "function_call" in answer.finish_reasons):
+                # a legacy call's candidate (no text, or that finish reason): read apart, as no typed view holds it
+                add_legacy_call(answer, reply.body, self.limit)
             self.count(ctx, answer, asked)
 
     def count_finish(self, ctx: RequestContext, reason: str) -> None:

@@ -24,8 +24,8 @@ if TYPE_CHECKING:
     from ..pipeline.context import RequestContext
     from .quality import QualitySignals
 
-__all__ = ["JSON_KINDS", "NOTHING_ASKED", "PlainStreamQuality", "StreamQuality", "read_choice", "read_payload",
-           "read_typed"]
+__all__ = ["CALL_FINISHES", "JSON_KINDS", "NOTHING_ASKED", "PlainStreamQuality", "StreamQuality", "add_legacy_call",
+           "read_choice", "read_payload", "read_typed"]
 
 log = logging.getLogger("gateway.telemetry")
 _decode = msgspec.json.Decoder().decode
@@ -35,6 +35,33 @@ JSON_KINDS = ("json_object", "json_schema")  # asked for, the whole text is chec
 _BATCH = 256  # stream chunks held before they are read
 NOTHING_ASKED = Asked(None, None, {})  # what the common request asks of its answer's form: shared, never written to
 _UNREAD = [""]  # a tool call past `max_text_bytes` (`add_call`): read as no function call; shared, never written to
+# The finish reasons of an answer that calls: a tool (`tool_calls`), or a function in the legacy form (`function_call`).
+CALL_FINISHES = frozenset({"tool_calls", "function_call"})
+_LEGACY = b'"function_call"'  # in a chat answer's JSON, only a legacy call's key (or that finish reason): quotes
+# inside a string value would be escaped
+_LEGACY_INDEX = -1  # a legacy call's key in `Answer.tool_calls`, apart from any tool call's index
+
+
+class _LegacyFunction(msgspec.Struct, gc=False):
+    name: Any = None  # (read only when a string, as a tool call's: `read_choice`)
+    arguments: Any = None
+
+
+class _LegacyMessage(msgspec.Struct, gc=False):
+    function_call: _LegacyFunction | None = None
+
+
+class _LegacyChoice(msgspec.Struct, gc=False):
+    index: Any = 0
+    message: _LegacyMessage | None = None  # a complete answer's
+    delta: _LegacyMessage | None = None  # a chunk's
+
+
+class _LegacyChoices(msgspec.Struct, gc=False):
+    choices: list[_LegacyChoice] | None = None
+
+
+_decode_legacy = msgspec.json.Decoder(_LegacyChoices).decode
 
 
 def read_choice(answer: Answer, choice: Any, delta_key: str, limit: int) -> None:
@@ -98,6 +125,26 @@ def add_call(answer: Answer, index: int, name: str | None, arguments: str | None
         parts.append(arguments)
 
 
+def add_legacy_call(answer: Answer, payload: bytes, limit: int) -> None:
+    """A chat answer's (or chunk's) call in the legacy form, `message.function_call` (`delta.function_call`: a piece
+    of it), of its first choice, kept as a tool call is (`add_call`): the typed views read only `tool_calls`. Read
+    only from a payload that holds `"function_call"` (one byte search; a caller reads none but a legacy call's
+    candidates, `quality.QualitySignals._read`), and skipped when its choices are not of OpenAI's types."""
+    if _LEGACY not in payload:
+        return
+    try:
+        choices = _decode_legacy(payload).choices
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return
+    for choice in choices or ():
+        message = choice.message if choice.message is not None else choice.delta
+        if choice.index != 0 or message is None or message.function_call is None:
+            continue
+        name, arguments = message.function_call.name, message.function_call.arguments
+        add_call(answer, _LEGACY_INDEX, name if isinstance(name, str) else None,
+                 arguments if isinstance(arguments, str) else None, limit)
+
+
 def read_typed(answer: Answer, choices: list[ChoicePeek] | None, chat: bool, limit: int) -> None:
     """`read_choice` for the typed view (the same rules, on msgspec structs)."""
     for choice in choices or ():
@@ -148,10 +195,14 @@ class StreamQuality:
 
     Once later text cannot change a verdict (`settled`: no JSON asked, and the text's first word character
     opens no refusal, or its first 300 characters are in and not blank; or the text overflowed), the common
-    chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is."""
+    chunk's text is no longer kept: what else a chunk carries (finish reasons, tool calls, refusals) still is.
 
-    __slots__ = ("answer", "asked", "broken", "chat", "json", "limit", "payloads", "plain", "reads_events", "settled",
-                 "stage")
+    A stream whose request offered the legacy `functions` (`legacy`) is not handed to the provider: it reads the
+    events, and each chunk's payload for a `delta.function_call` piece (`add_legacy_call`), which no typed view
+    holds. To any other request, a streamed legacy call is judged by its finish reason (`function_call`) alone."""
+
+    __slots__ = ("answer", "asked", "broken", "chat", "json", "legacy", "limit", "payloads", "plain", "reads_events",
+                 "settled", "stage")
     looks_only = True  # never changes a batch: the edge may show it batches directly (`pipeline.streams`)
 
     def __init__(self, stage: QualitySignals, asked: Asked, chat: bool) -> None:
@@ -166,12 +217,17 @@ class StreamQuality:
         self.plain = False  # settled on text that cannot be a refusal, no JSON asked (see `on_end`)
         self.reads_events = True  # False once the provider's stream took it (`ReplyStream.read_choices`)
         self.broken = False  # `take` failed (a bug, logged): the stream is not counted
+        self.legacy = False  # its request offered `functions`: each chunk's payload is read for a legacy call too
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         self.look(ctx, events)
         return events
 
     def look(self, ctx: RequestContext, events: list[StreamEvent]) -> None:
+        if self.legacy:  # (one look a batch: a legacy call's pieces are in no typed view, `add_legacy_call`)
+            for event in events:
+                if event.__class__ is Chunk:
+                    add_legacy_call(self.answer, event.payload, self.limit)
         for event in events:
             if event.__class__ is not Chunk:
                 continue
@@ -239,12 +295,13 @@ class StreamQuality:
             if self.payloads:
                 self._read(ctx)
             answer = self.answer
-            if (self.plain and len(answer.finish_reasons) == 1 and not answer.tool_calls and not answer.refusal
-                    and answer.finish_reasons[0] != "tool_calls"):
+            if self.plain and len(answer.finish_reasons) == 1 and not answer.tool_calls and not answer.refusal:
                 # The common stream: only `truncated` can be found (as `QualitySignals.read`'s common answer; a
-                # `tool_calls` finish counts as a call: `quality._malformed_tool_call`).
-                self.stage.count_finish(ctx, answer.finish_reasons[0])
-                return
+                # `tool_calls` or `function_call` finish counts as a call: `quality._malformed_tool_call`).
+                reason = answer.finish_reasons[0]
+                if reason == "stop" or reason not in CALL_FINISHES:
+                    self.stage.count_finish(ctx, reason)
+                    return
             self.stage.count(ctx, answer, self.asked)
 
     def _settles(self) -> bool:
@@ -345,9 +402,10 @@ class PlainStreamQuality:
             last = self.last()
             if last:
                 self.take(last)
-        if self.full is None and self.reason is not None and self.reason != "tool_calls":
+        reason = self.reason
+        if self.full is None and reason is not None and (reason == "stop" or reason not in CALL_FINISHES):
             if end.outcome == "done":
-                self.stage.count_finish(ctx, self.reason)
+                self.stage.count_finish(ctx, reason)
             return
         self._hand_over().end(ctx, end)
 

@@ -24,7 +24,15 @@ from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
 from .bill import NO_RATES, WINDOW_S, Bill, Held, Op
 from .gauges import policy_budgets
-from .headers import duration, given_back, rate_limit_headers, refused_windows, request_headers, tightest
+from .headers import (
+    duration,
+    given_back,
+    headers_given_back,
+    rate_limit_headers,
+    refused_windows,
+    request_headers,
+    tightest,
+)
 from .headers import tighter as _tighter  # (the name the in-line paths, and their unit test, use)
 from .ledger import new_op
 from .outright import completion_cap
@@ -44,6 +52,29 @@ def _too_large(refused: tuple[str, Scope, float], tokens: float) -> bool:
     makes room for (`outright.refused_outright`, which `gateway explain` asks offline)."""
     limits = refused[1].limits
     return refused[0] == "tpm" and limits is not None and limits.tpm is not None and tokens > limits.tpm
+
+
+def _refuses(refused: tuple[str, Scope, float] | None, kind: str, scope: Scope, tokens: float) -> bool:
+    """Whether a window that did not fit (`kind`, of `scope`) is the refusal to answer, rather than `refused` (the
+    first found, if any): the first, unless this one is a tokens-per-minute window smaller than the whole request
+    and the first is not (one no wait makes room for: `_refuse` tells the client so). Asked only of a window that
+    did not fit (`_limits_in_line`, `_limits`): an admitted request never calls it."""
+    return refused is None or (_too_large((kind, scope, 0.0), tokens) and not _too_large(refused, tokens))
+
+
+def _harder(hard: Scope | None, scope: Scope, units: int) -> Scope:
+    """The hard budget a refusal names, of `hard` (the first found, if any) and `scope` (one more that refused): the
+    first, unless `scope`'s whole amount is smaller than the request's reservation (`units`, the store's
+    millionths, as it compares them) and the first's is not: no period makes room for it (`_budgets_done` tells
+    the client so). Asked only of a hard budget that refused."""
+    if hard is None:
+        return scope
+    return scope if scope.budget_cap < units <= hard.budget_cap else hard
+
+
+def _usd(amount: float) -> str:
+    """An amount in USD as a message shows it: to the millionth the budgets count in, without trailing zeros."""
+    return f"{amount:.6f}".rstrip("0").rstrip(".")
 
 
 class Admission(Taking):
@@ -132,7 +163,7 @@ class Admission(Taking):
                         (scope.budget_left or self._budget_left(scope)).show(left, left / budget.usd)
                         bill.budgets.append(_new(Held, (key, cost, ttl, scope, budget, units, _FOREVER, "")))
                     elif not self._budget_answer(bill, scope, key, cost, ttl, reservation, units):
-                        hard = hard or scope
+                        hard = _harder(hard, scope, units)
                 if hard is not None or bill.downgrade is not None:
                     self._budgets_done(ctx, bill, hard)
         except StoreUnavailable:
@@ -183,8 +214,8 @@ class Admission(Taking):
                 else:
                     if scope.shown and (tokens_over is None or _tighter(answer, tokens_over)):
                         tokens_over = answer
-                    if refused is None or (tokens > limits.tpm and not _too_large(refused, tokens)):
-                        refused, full = ("tpm", scope, answer.reset_s), answer  # (one no wait fits: it, `_refuse`)
+                    if _refuses(refused, "tpm", scope, tokens):
+                        refused, full = ("tpm", scope, answer.reset_s), answer
         if refused is not None:  # shown as they stand once it gave back what it took (as `reserve_together` does):
             # of a kind, a window that did not fit has fewer left than any that did, once they are given back
             tokens = bill.prompt_estimate + bill.completion_cap
@@ -270,8 +301,7 @@ class Admission(Taking):
                                                       time.monotonic() + answer.reset_s))
                 else:
                     bill.requests.append(key)
-            elif refused is None or (kind == "tpm" and not _too_large(refused, args[1])
-                                     and _too_large((kind, scope, 0.0), args[1])):  # (one no wait fits: it)
+            elif _refuses(refused, kind, scope, args[1]):
                 refused, full = (kind, scope, answer.reset_s), answer
         if failure is not None:
             raise failure
@@ -341,7 +371,7 @@ class Admission(Taking):
                 if isinstance(result, StoreUnavailable) and result.maybe_applied:  # it may be applied all the same
                     self.ledger.owe_op(key, op, 0.0, 0.0, ttl)  # (late): settled to nothing, given back or stopped
             elif not self._budget_answer(held, scope, key, cost, ttl, result, op=op):
-                hard = hard or scope
+                hard = _harder(hard, scope, to_units(cost))
         if failure is not None:
             raise failure
         self._budgets_done(ctx, bill, hard)
@@ -370,12 +400,31 @@ class Admission(Taking):
         return True
 
     def _budgets_done(self, ctx: RequestContext, bill: Bill, hard: Scope | None) -> None:
-        """After every budget answered: refuse (a hard one had no room), or downgrade (one is past its mark)."""
+        """After every budget answered: refuse (a hard one had no room), or downgrade (one is past its mark).
+
+        A refusal gives back what the request took, its limits' windows too: its headers show them as they then
+        stand (`headers_given_back`), as a limit's refusal does. A request whose reservation alone is more than the
+        budget's whole amount is refused on an empty counter too, in every period (the reservation is the same
+        each time it is sent): no `Retry-After` (no budget refusal has one: a period may be a month), and
+        `x-should-retry: false`, as a request larger than a whole `tpm` window (`_refuse`)."""
         if hard is not None:
             self.metrics.limit_rejections.labels("budget", hard.kind).inc()
             self._give_back(bill)
-            raise BudgetExceeded(f"the {hard.kind}'s budget for this period is spent",
-                                 headers={n.decode(): v.decode() for n, v in bill.headers})
+            prompt, cap = bill.prompt_estimate, bill.completion_cap
+            bill.headers = headers_given_back(bill.headers, prompt + cap)
+            headers = {n.decode(): v.decode() for n, v in bill.headers}
+            cost = bill.cost_reserved
+            if to_units(cost) > hard.budget_cap:
+                budget = hard.budget
+                assert budget is not None
+                headers["x-should-retry"] = "false"
+                raise BudgetExceeded(
+                    f"request too large for the budget of this {hard.kind}: it may cost up to {_usd(cost)} USD (a "
+                    f"prompt of about {prompt} tokens, and up to {cap} for the completion, at the dearest prices of "
+                    f"the models it may reach), more than the whole budget of {_usd(budget.usd)} USD a period, so it "
+                    f"is refused however long it waits; ask for fewer completion tokens (max_tokens, or "
+                    f"max_output_tokens on the Responses API) or send a shorter prompt", headers=headers)
+            raise BudgetExceeded(f"the {hard.kind}'s budget for this period is spent", headers=headers)
         downgrade = bill.downgrade
         if downgrade is not None and downgrade != ctx.alias_label:
             route = ctx.runtime.policy.models.get(downgrade)

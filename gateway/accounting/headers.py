@@ -7,14 +7,16 @@ tenant's, the one with the fewest left (`tighter`: requests among the request wi
 windows), since that count is what a client paces itself by. An alias's window counts every tenant's requests
 together: shown, it would tell one tenant how much the others sent, so it shows only in the 429 it causes. A 429
 shows the window that refused it, whoever's it is, with nothing left (`refused_windows`): the one its `Retry-After`
-is about; its other windows as they stand once the refused request gave back what it took (`given_back`).
+is about; its other windows as they stand once the refused request gave back what it took (`given_back`). A
+request a budget refuses after its limits admitted it shows its windows so too (`headers_given_back`).
 """
 
 from __future__ import annotations
 
 from ..store.base import WindowReservation
 
-__all__ = ["duration", "given_back", "rate_limit_headers", "refused_windows", "request_headers", "tighter", "tightest"]
+__all__ = ["duration", "given_back", "headers_given_back", "rate_limit_headers", "refused_windows", "request_headers",
+           "tighter", "tightest"]
 
 
 def duration(seconds: float) -> str:
@@ -84,6 +86,23 @@ def given_back(answer: WindowReservation | None, amount: float) -> WindowReserva
     if answer is None or not answer[0]:
         return answer
     return answer._replace(total=answer[1] - amount)
+
+
+def headers_given_back(headers: list[tuple[bytes, bytes]], tokens: int) -> list[tuple[bytes, bytes]]:
+    """An admitted request's window headers (`rate_limit_headers`, among others) as they stand once it gave back what
+    its limits took (a request, `tokens`): a request a budget refused after its limits admitted it (`given_back` for
+    windows no longer at hand: kept, each admitted request would pay for them). Every window shown took it (one
+    that did not fit would have refused it first), so each has that much more left: the tightest stays the
+    tightest (`tighter`), and what it shows, `limit - total` in whole numbers and never below 0 as `total` was at
+    most `limit`, is that many more."""
+    given: list[tuple[bytes, bytes]] = []
+    for name, value in headers:
+        if name == b"x-ratelimit-remaining-requests":
+            value = b"%d" % (int(value) + 1)
+        elif name == b"x-ratelimit-remaining-tokens":
+            value = b"%d" % (int(value) + tokens)
+        given.append((name, value))
+    return given
 
 
 _REQUESTS = (b"x-ratelimit-limit-requests", b"x-ratelimit-remaining-requests", b"x-ratelimit-reset-requests")

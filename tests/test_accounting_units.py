@@ -544,3 +544,14 @@ def test_a_cost_is_rounded_to_a_millionth_up_with_the_probability_of_its_fractio
     assert micro(0.0) == 0 and micro(0.02) == 20_000 and micro(2.5e-6) in (2, 3)
     total = sum(micro(3e-7) for _ in range(100_000))  # 0.3 millionths each: 30,000 on average (sd 145)
     assert 29_000 < total < 31_000
+
+
+def test_refused_outright_compares_budgets_in_the_stores_millionths() -> None:
+    """`gateway explain` decides as the stage does: a cost within half a millionth above the budget rounds to it,
+    which the store admits (whole millionths), so explain does not call it refused; one millionth more is."""
+    from gateway.accounting.outright import refused_outright
+
+    budget = BudgetSpec(usd=0.05)
+    scopes = [("key", "k", None, budget)]
+    assert refused_outright(scopes, 10, 0.0500004) is None
+    assert refused_outright(scopes, 10, 0.050001) == ("budget", "key", "k")

@@ -3,8 +3,9 @@ no counter can change.
 
 A request reserves its prompt estimate plus its completion cap on every tokens-per-minute window, and its
 largest possible cost on every budget. One that needs more than a whole window or a whole hard budget is
-refused on an empty counter too, so `gateway explain`/`gateway test` can say so offline; the stage and
-the decider share these functions so they cannot disagree.
+refused on an empty counter too, so `gateway explain`/`gateway test` can say so offline. The stage and the
+decider share the request's size (`completion_cap`); `refused_outright` is the decider's, comparing as the stage
+does (a cost in the store's whole millionths, `to_units`) so that the two cannot disagree.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import MAX_USAGE_TOKENS, listed_prompts
+from ..store._common import to_units
 
 __all__ = ["MAX_TOKENS", "completion_cap", "endpoint_named", "max_rates", "reach_rates", "refused_outright",
            "requested_cap"]
@@ -133,6 +135,6 @@ def refused_outright(
         if limits is not None and limits.tpm and tokens > limits.tpm:
             return "tpm", kind, name
     for kind, name, _, budget in scopes:
-        if budget is not None and budget.mode == "hard" and cost_usd > budget.usd:
+        if budget is not None and budget.mode == "hard" and to_units(cost_usd) > to_units(budget.usd):
             return "budget", kind, name
     return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import socket
 import textwrap
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import redis
 import uvicorn
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,8 +24,10 @@ from gateway.app import Gateway, create_app, served_app  # noqa: E402
 from gateway.auth.keys import hash_key  # noqa: E402
 from gateway.policy import compile_text  # noqa: E402
 from gateway.server import uvicorn_config  # noqa: E402
-from tests.support.leakcheck import pytest_sessionfinish, pytest_sessionstart  # noqa: E402,F401 -- suite-end leak check
+from tests.support import leakcheck  # noqa: E402
+from tests.support.leakcheck import pytest_sessionstart  # noqa: E402,F401 -- suite-end leak check
 from tests.support.mock_upstream import MockUpstream  # noqa: E402
+from tests.support.redis_server import sweep_test_keys  # noqa: E402
 
 UPSTREAM_KEY = "sk-upstream-test"
 FULL_KEY = "gw-test-full-access-key-000000000000000000"
@@ -35,6 +39,43 @@ FAULTS = (
     "fault-reset-after-3", "fault-malformed-json", "fault-slow-stream-100", "fault-slow-stream-250", "fault-no-usage",
     "fault-echo-secrets", "fault-echo-secrets-midstream", "fault-huge-body-512", "fault-echo", "fault-echo-tool",
 )
+
+
+_SWEPT: list[str] = []  # what the sweep of the suite's Redis did, for the summary
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    """The suite-end leak check (which also stops whatever the session left running), then the sweep of the keys
+    tests left in the suite's Redis: only then can nothing of the session write there any more (a gateway's ledger
+    flushes its counters as it stops, after the test that started it may have deleted its keys)."""
+    leakcheck.pytest_sessionfinish(session, exitstatus)
+    url = os.environ.get("GATEWAY_TEST_REDIS_URL")
+    if url and not hasattr(session.config, "workerinput"):  # (a worker of a parallel run: its peers still run)
+        _sweep_suite_redis(url)
+
+
+def _sweep_suite_redis(url: str) -> None:
+    """Delete what tests left under their prefixes (`sweep_test_keys`); say how much, by prefix, so that a test
+    that leaves keys is seen (the run does not fail for it: nothing is left once this has run)."""
+    try:
+        deleted = sweep_test_keys(url)
+    except redis.RedisError as exc:
+        lines = [f"could not sweep the tests' keys from the suite's Redis: {exc}"]
+    else:
+        if not deleted:
+            return
+        by_prefix = collections.Counter(key.split(":", 1)[0] for key in deleted)
+        counts = ", ".join(f"{prefix}: {count}" for prefix, count in sorted(by_prefix.items()))
+        lines = [f"deleted {len(deleted)} keys tests left in the suite's Redis ({counts})"]
+    _SWEPT.extend(lines)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    """What the sweep did (it ran in `pytest_sessionfinish`, which the terminal's summary follows)."""
+    if _SWEPT:
+        terminalreporter.write_sep("-", "suite Redis")
+        for line in _SWEPT:
+            terminalreporter.write_line(line)
 
 
 def free_port() -> int:

@@ -202,10 +202,10 @@ def test_budget_gauges_after_a_reload_read_what_the_shared_store_counts(tmp_path
         usd = _until(lambda: _samples(idle, "gateway_budget_remaining_usd"))
         assert usd[(("name", "demo"), ("scope", "model"))] == pytest.approx(2.0 - spent)
     finally:
+        spender.stop()  # first: a ledger flushes its usage counters as it stops
+        idle.stop()
         store.delete(*store.keys(prefix + "*") or [prefix])
         store.close()
-        spender.stop()
-        idle.stop()
 
 
 def test_the_store_left_behind_no_longer_reads_down(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -154,11 +154,20 @@ def read_capped(file: str | Path, limit: int) -> str | None:
     Only a regular file is read (else `NotRegularFile`, an `OSError`): it is opened without blocking, since a named
     pipe (FIFO) opened the usual way waits for a writer, for good if none comes, and a reload waiting on it holds
     the reload lock (every later reload, `POST /admin/reload` and `SIGHUP` wait behind it) and a thread that the
-    interpreter's exit waits for (SIGTERM no longer ends the process)."""
+    interpreter's exit waits for (SIGTERM no longer ends the process).
+
+    A directory is refused too, before `open` wraps the descriptor: `open` refuses it itself, but with the
+    descriptor's number for a name (`[Errno 21] Is a directory: 3`) and the descriptor left open."""
     descriptor = os.open(_in_copy(file), os.O_RDONLY | os.O_NONBLOCK)
-    with open(descriptor, "rb") as stream:  # (closes the descriptor, whatever happens below)
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-            raise NotRegularFile("it is not a regular file (a named pipe, a device or a socket)")
+    try:
+        mode = os.fstat(descriptor).st_mode
+        if not stat.S_ISREG(mode):
+            raise NotRegularFile(_NOT_A_DIRECTORY if stat.S_ISDIR(mode) else _NOT_REGULAR)
+        stream = open(descriptor, "rb")  # (owns the descriptor from here: closed by `with`)
+    except BaseException:
+        os.close(descriptor)
+        raise
+    with stream:
         data = stream.read(limit + 1)
     if len(data) > limit:
         return None
@@ -166,7 +175,13 @@ def read_capped(file: str | Path, limit: int) -> str | None:
 
 
 class NotRegularFile(OSError):
-    """A policy's file that is a named pipe, a device or a socket: never read (`read_capped`)."""
+    """A policy's file that is a directory, a named pipe, a device or a socket: never read (`read_capped`)."""
+
+
+_NOT_REGULAR = "it is not a regular file (a named pipe, a device or a socket)"
+# (`gateway check policies/`: a policy is one file, which names any others in its `include`)
+_NOT_A_DIRECTORY = ("it is a directory; give a policy file (a policy split across files names the others in its "
+                    "`include`)")
 
 
 def _too_large(file: str, at: tuple[str, int] | None, left: int) -> PolicyIssue:
@@ -290,6 +305,11 @@ class _Reader:
             found = path.is_file()
         except OSError as exc:  # a name too long for the file system, say
             self._issue(where, f"included file cannot be looked for: {entry} ({exc.strerror or exc})")
+            return []
+        if not found and path.is_dir():  # (was "not found", which it is not; a glob takes a folder's files)
+            self._issue(where, f"included file is a directory: {entry}; include its files with a glob, as "
+                               f"`{entry.rstrip('/')}/*.yaml`")
+            self.looked.append(str(path))
             return []
         if not found:
             self._issue(where, f"included file not found: {entry} (looked for {path})")

@@ -3,6 +3,9 @@
 Each server runs in a new session, so `stop()` signals its whole process group; `close()` stops it and
 removes the directory. `pause()`/`resume()` (SIGSTOP/SIGCONT) make a server that accepts connections but
 never answers, the hardest case for timeouts. `start()` again reuses the same port, as a restart would.
+
+`sweep_test_keys(url)` deletes what tests left under their key prefixes in the suite's Redis
+(`GATEWAY_TEST_REDIS_URL`), which tests/conftest.py runs once the session has stopped everything it started.
 """
 
 from __future__ import annotations
@@ -21,9 +24,12 @@ from typing import Self
 
 import redis
 
-__all__ = ["REDIS_SERVER", "RedisServer", "free_port", "suite_redis_url"]
+__all__ = ["REDIS_SERVER", "TEST_KEY_PATTERNS", "RedisServer", "free_port", "suite_redis_url", "sweep_test_keys"]
 
 REDIS_SERVER = shutil.which("redis-server") or "/usr/bin/redis-server"
+# The key prefixes tests give the suite's Redis (each with a uuid of its own: `gwtest:<hex>:`, `gwtest-gauges:<hex>:`,
+# `{gwtest<hex>}:`, `gw-test-warm-<hex>:`, `b13:<12 hex>:`), as SCAN patterns: nothing else is ever swept.
+TEST_KEY_PATTERNS = ("gwtest*", "{gwtest*", "gw-test-*", "b13:" + "[0-9a-f]" * 12 + ":*")
 
 
 def free_port() -> int:
@@ -149,3 +155,24 @@ def suite_redis_url() -> Iterator[str]:
         return
     with RedisServer() as server:
         yield server.url
+
+
+def sweep_test_keys(url: str, patterns: tuple[str, ...] = TEST_KEY_PATTERNS) -> list[str]:
+    """Delete every key of `url`'s database under the tests' prefixes (`patterns`); the keys deleted, sorted.
+
+    A test deletes its prefix's keys when it ends, but a gateway still running then writes more: the ledger
+    flushes its usage counters when it stops, and a test that deleted before it stopped its gateway left them
+    (`gwtest-gauges:<hex>:acct:usage:...`). Run once everything the session started has stopped, this leaves no
+    key under the tests' prefixes, whichever test was late (an earlier run's leftovers go too); nothing else is
+    touched (the suite's Redis may be a machine's own, `tests/run.sh`)."""
+    client = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=5)
+    deleted: list[str] = []
+    try:
+        for pattern in patterns:
+            keys = list(client.scan_iter(match=pattern, count=1000))
+            for start in range(0, len(keys), 1000):
+                client.unlink(*keys[start:start + 1000])
+            deleted.extend(key.decode(errors="replace") for key in keys)
+    finally:
+        client.close()
+    return sorted(set(deleted))

@@ -84,10 +84,13 @@ ESCAPED = json.dumps({"addr": ADDRESS, "mail": EMAIL})  # Python's default: `Hau
 def test_a_pseudonym_of_escaped_arguments_comes_back_as_the_value_in_text(env, stream: bool) -> None:
     gateway, up = env
     assert "\\u00df" in ESCAPED and "\\u00eb" in ESCAPED
+    # (the values again, plain: the same placeholders, which the echo writes back; a prompt's own placeholder-shaped
+    # text is never issued, so the echo of one would stay that text)
     answer = _post(gateway, {"model": "fault-echo", "stream": stream,
-                             "messages": _history(ESCAPED, last="repeat: <STREET_ADDRESS_1> / <EMAIL_ADDRESS_1>")})
+                             "messages": _history(ESCAPED, last=f"repeat: {ADDRESS} / {EMAIL}")})
     sent = up.requests[-1].json["messages"][1]["tool_calls"][0]["function"]["arguments"]
     assert sent == '{"addr": "<STREET_ADDRESS_1>", "mail": "<EMAIL_ADDRESS_1>"}'
+    assert up.requests[-1].json["messages"][-1]["content"] == "repeat: <STREET_ADDRESS_1> / <EMAIL_ADDRESS_1>"
     assert _content(answer, stream) == f"repeat: {ADDRESS} / {EMAIL}"  # no `Hauptstra\u00dfe`, backslash and all
 
 
@@ -95,7 +98,7 @@ def test_a_pseudonym_of_escaped_arguments_comes_back_as_the_value_in_text(env, s
 def test_a_pseudonym_of_escaped_arguments_comes_back_escaped_once_in_arguments(env, stream: bool) -> None:
     gateway, _ = env
     answer = _post(gateway, {"model": "fault-echo-tool", "stream": stream,
-                             "messages": _history(ESCAPED, last="<STREET_ADDRESS_1> and <EMAIL_ADDRESS_1>")})
+                             "messages": _history(ESCAPED, last=f"{ADDRESS} and {EMAIL}")})
     arguments = _arguments(answer, stream)
     assert arguments == f'{{"text": "{ADDRESS} and {EMAIL}"}}'  # not `Hauptstra\\u00dfe` (escaped twice)
     assert json.loads(arguments) == {"text": f"{ADDRESS} and {EMAIL}"}

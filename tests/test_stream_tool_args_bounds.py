@@ -37,6 +37,7 @@ import pytest
 from aiohttp import web
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.guards import json_end as json_end_module
 from gateway.guards import stream as stream_module
 from gateway.telemetry import quality, quality_reading, quality_responses
 from gateway.translate import anthropic_answer
@@ -233,7 +234,7 @@ def test_alternating_calls_cost_their_bytes(guarded: RunningGateway, monkeypatch
         parsed[0] += len(text)
         return json.loads(text, *args, **kwargs)
 
-    monkeypatch.setattr(stream_module, "json", SimpleNamespace(loads=loads))
+    monkeypatch.setattr(json_end_module, "json", SimpleNamespace(loads=loads))
     done = threading.Event()
     health: list[int] = []
 
@@ -263,7 +264,7 @@ def test_json_end_follows_pieces() -> None:
     for text in texts:
         for cut in range(len(text) + 1):
             for second in range(cut, len(text) + 1):
-                ends = stream_module.JsonEnd()
+                ends = json_end_module.JsonEnd()
                 for piece in (text[:cut], text[cut:second], text[second:]):
                     ends.feed(piece)
                 try:

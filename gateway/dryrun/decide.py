@@ -30,6 +30,7 @@ from ..auth.keys import VirtualKey
 from ..cache.control import directives, plan
 from ..errors import BudgetExceeded, GatewayError, NoRoute, RateLimited
 from ..guards.base import Finding, Where
+from ..guards.joined import Joined
 from ..guards.runtime import GuardRuntime
 from ..guards.stage import _blocked as blocked_error  # the live refusal's wording
 from ..guards.texts import input_texts
@@ -270,20 +271,22 @@ class Decider:
         if not guard_set:
             return None
         refs = list(input_texts(endpoint, body))
-        texts: list[tuple[str, Where]] = [(container[k], where) for container, k, where in refs]
+        # (a message's text parts with an image between them are read as the live stage reads them: `Joined.seams`)
+        texts: list[tuple[str, Where, list[int]]] = [
+            (container[k], where, container.seams if type(container) is Joined else []) for container, k, where in refs]
         messages = len(body.get("messages") or ()) if endpoint is Endpoint.CHAT else len(texts)
         verdicts: list[GuardVerdict] = []
         limit_blocking: list[Finding] = []  # the findings of the first enforced limit that blocks
         for limit in guard_set.limits:
-            found = limit.check_request([t for t, _ in texts], messages)
+            found = limit.check_request([t for t, _, _ in texts], messages)
             verdicts.append(_verdict(limit.name, limit.mode, found))
             if not limit_blocking and limit.mode == "enforce" and any(f.action == "block" for f in found):
                 limit_blocking = found
         blocking: list[Finding] = []  # the enforced input guards' findings that block
         for guard in guard_set.input:
             found = []
-            for text, where in texts:
-                enforced, shadow = await self.guards.detect([guard], text, where)
+            for text, where, seams in texts:
+                enforced, shadow = await self.guards.detect([guard], text, where, seams)
                 found.extend(enforced or shadow)
                 blocking.extend(f for f in enforced if f.action == "block")
             verdicts.append(_verdict(guard.name, guard.mode, found))

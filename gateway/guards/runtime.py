@@ -20,7 +20,10 @@ import logging
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import TypeVar
+
+from msgspec.structs import replace
 
 from ..policy.compiled import ModelRoute
 from ..policy.guard_schema import (
@@ -151,16 +154,22 @@ class GuardRuntime:
             found = self._served[key] = _union([self.resolve(tenant, name) for name in chain])
         return found
 
-    async def check(self, guards: Sequence[Guard], text: str, where: Where, session: GuardSession) -> Verdict:
-        """Run `guards` on `text` together; resolve and apply their enforced findings once."""
-        enforced, shadow = await self.detect(guards, text, where)
+    async def check(self, guards: Sequence[Guard], text: str, where: Where, session: GuardSession,
+                    seams: Sequence[int] = ()) -> Verdict:
+        """Run `guards` on `text` together; resolve and apply their enforced findings once. `seams`: see `detect`."""
+        enforced, shadow = await self.detect(guards, text, where, seams)
         session.note_findings(enforced, "enforce", where.place)
         session.note_findings(shadow, "shadow", where.place)
         return decide(text, enforced, shadow, session.pseudonyms)
 
-    async def detect(self, guards: Sequence[Guard], text: str, where: Where) -> tuple[list[Finding], list[Finding]]:
+    async def detect(self, guards: Sequence[Guard], text: str, where: Where, seams: Sequence[int] = (),
+                     ) -> tuple[list[Finding], list[Finding]]:
         """Every guard's findings on `text`, split into enforced and shadow ones (counted per verdict). A tool call's
-        arguments are read with their JSON escapes as the characters they stand for (`json_view`)."""
+        arguments are read with their JSON escapes as the characters they stand for (`json_view`). `seams`: where a
+        message's text parts joined had a part without text between them (`joined.Joined.seams`): read both ways
+        (`_detect_apart`)."""
+        if seams:
+            return await self._detect_apart(guards, text, where, seams)
         escapes: list[tuple[int, int]] = []
         if where.part == "tool_arguments" and "\\" in text:
             text, escapes = json_view(text)
@@ -177,6 +186,26 @@ class GuardRuntime:
                 decision = "block" if any(f.action == "block" for f in found) else ("redact" if found else "allow")
                 self.metrics.guard_verdicts_of(guard.name, decision, guard.mode, where.place).inc()
         return enforced, shadow
+
+    async def _detect_apart(self, guards: Sequence[Guard], text: str, where: Where, seams: Sequence[int],
+                            ) -> tuple[list[Finding], list[Finding]]:
+        """A message's text parts with an image (an audio clip, a file) between some (`seams`), read both ways: whole,
+        for a value that runs across a seam (a key cut in two around an image), and each stretch between seams on its
+        own, for a value that ends at one (`jane.doe@gmail.com` before an image and `or` after it: whole,
+        `gmail.comor` is no address; the model reads the image between). Of the whole reading only the findings that
+        cross a seam are kept (the rest are the stretches' to find), and a stretch's finding that one of them covers in
+        part, a guard's own, is dropped (`sk-proj-...` before an image, read on into the next part's word: one key, the
+        longer span), so no finding is counted twice; a guard's failure once. Only a message with a part without text
+        between two text parts is read twice."""
+        enforced, shadow = await self.detect(guards, text, where)
+        enforced, shadow = _across(enforced, seams), _across(shadow, seams)
+        bounds = [0, *seams, len(text)]
+        for start, end in pairwise(bounds):
+            if start < end:
+                apart, apart_shadow = await self.detect(guards, text[start:end], where)
+                enforced += _uncovered(_moved(apart, start), enforced)
+                shadow += _uncovered(_moved(apart_shadow, start), shadow)
+        return _failed_once(enforced), _failed_once(shadow)
 
     async def _detect(self, guard: Guard, text: str, where: Where) -> list[Finding]:
         started = time.perf_counter()
@@ -205,6 +234,38 @@ class GuardRuntime:
         if guard.fail == "open":
             return []
         return [Finding(guard.name, "GUARD_FAILURE", 0, 0, 1.0, f"failure.{reason}", "block")]
+
+
+def _across(findings: list[Finding], seams: Sequence[int]) -> list[Finding]:
+    """The findings that run across a seam (and guard failures: `_failed_once` keeps one a guard)."""
+    return [f for f in findings if f.type == _FAILURE or any(f.start < seam < f.end for seam in seams)]
+
+
+def _moved(findings: list[Finding], offset: int) -> list[Finding]:
+    """Findings of a stretch of a text, as spans of the whole (a guard failure's stays 0, 0)."""
+    return [f if f.type == _FAILURE else replace(f, start=f.start + offset, end=f.end + offset) for f in findings]
+
+
+def _uncovered(findings: list[Finding], across: list[Finding]) -> list[Finding]:
+    """`findings` (a stretch's) but those that a finding of the same guard in `across` overlaps."""
+    return [f for f in findings if f.type == _FAILURE or not any(
+        c.guard == f.guard and c.type != _FAILURE and c.start < f.end and f.start < c.end for c in across)]
+
+
+def _failed_once(findings: list[Finding]) -> list[Finding]:
+    """`findings` with one guard failure a guard (each reading that failed made one)."""
+    failed: set[str] = set()
+    out = []
+    for f in findings:
+        if f.type == _FAILURE:
+            if f.guard in failed:
+                continue
+            failed.add(f.guard)
+        out.append(f)
+    return out
+
+
+_FAILURE = "GUARD_FAILURE"
 
 
 def _pseudonymizes(guard: Guard) -> bool:

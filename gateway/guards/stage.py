@@ -16,7 +16,7 @@ rule on the prompt's size has a body past `OFF_LOOP_CHARS` counted in a thread f
 the router read it), forgotten when a guard rewrites the body.
 
 Input: every text a request carries (found by `texts.py`: message text parts, a message's
-adjacent ones as the one text the model reads (`joined.py`), tool call arguments, tool results,
+read as the one text the model reads (`joined.py`), tool call arguments, tool results,
 a completion's prompt, an embedding's input) is checked and rewritten in `ctx.body`, the dict
 that is forwarded. Output: a complete answer is decoded, checked and re-encoded (a Responses
 answer by `responses.py`); a stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
@@ -147,6 +147,7 @@ class GuardStage:
             # On the context too, for the access line (an error answer sends only the exception's headers).
             ctx.headers = [*(ctx.headers or ()), (HEADER, header)]
             raise
+        session.pseudonyms.seal()  # (a placeholder made from now on is the answer's own: never restored)
         reply = await call_next(ctx)
         if reply.stream is not None:
             if guard_set.output or session.pseudonyms:
@@ -166,8 +167,10 @@ class GuardStage:
         until the body leaves a set's guards unchanged or the set is the one just run. The set that serves it."""
         assert ctx.route is not None
         for _ in range(_SETTLE):
-            if guard_set.pseudonymizing and ctx.endpoint is Endpoint.RESPONSES:
-                _refuse_upstream_history(ctx.body)
+            if guard_set.pseudonymizing:
+                if ctx.endpoint is Endpoint.RESPONSES:
+                    _refuse_upstream_history(ctx.body)
+                session.pseudonyms.reserve(ctx.raw_body)  # (names the request holds are never issued)
             _expect(session, (*guard_set.limits, *guard_set.input))
             changed = await self._input(ctx, guard_set, session)
             if changed:
@@ -201,11 +204,12 @@ class GuardStage:
         checked = 0  # characters (and `PER_TEXT` per text) since the last yield to the loop (`YIELD_CHARS`)
         for container, key, where in refs:
             text = container[key]
-            verdict = await self.guards.check(guard_set.input, text, where, session)
+            seams = container.seams if type(container) is Joined else ()  # (an image between text parts: `joined.py`)
+            verdict = await self.guards.check(guard_set.input, text, where, session, seams)
             if verdict.decision == "block":
                 blocking.extend(verdict.blocking)
             elif verdict.decision == "redact":
-                if type(container) is Joined:  # adjacent text parts read as one (`joined.py`)
+                if type(container) is Joined:  # a message's text parts read as one (`joined.py`)
                     container.rewrite(verdict.text, verdict.findings, session.pseudonyms)
                 else:
                     container[key] = verdict.text

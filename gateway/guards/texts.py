@@ -4,9 +4,9 @@ A text the guards do not find is a text they let through unread, so every shape 
 may use is found here, or refused when it cannot be read (a prompt sent as token ids, under input
 guards). Two shapes are normalized so that they can be read: tool call arguments sent as a JSON
 object instead of a string become that object's JSON (the form OpenAI's API takes and gives), and an
-answer's content sent as a list of parts becomes OpenAI's fields (`spread_parts`). A request's adjacent text parts
-are read as one text, joined as an answer's are (`_parts`, `joined.py`): the model reads them so, and a value cut
-across two parts was found in neither.
+answer's content sent as a list of parts becomes OpenAI's fields (`spread_parts`). A request's text parts of one
+message are read as one text, joined as an answer's are, across an image between them too (`_parts`, `joined.py`): the
+model reads them so, and a value cut across two parts was found in neither.
 """
 
 from __future__ import annotations
@@ -138,7 +138,7 @@ def _chat_texts(body: dict[str, Any]) -> Iterator[Ref]:
 
 
 def _content(holder: dict[str, Any], key: str, where: Where) -> Iterator[Ref]:
-    """A message's content: a string, or its text and refusal parts (adjacent text parts as one text: `_parts`)."""
+    """A message's content: a string, or its text and refusal parts (its text parts as one text: `_parts`)."""
     content = holder.get(key)
     if isinstance(content, str):
         yield holder, key, where
@@ -147,34 +147,39 @@ def _content(holder: dict[str, Any], key: str, where: Where) -> Iterator[Ref]:
 
 
 def _parts(items: list[Any], where: Where, beside: tuple[str, ...] = ()) -> Iterator[Ref]:
-    """A list of parts' texts: each run of adjacent text parts (a string `text`) as one text, the model's reading
-    of them (`joined.Joined`; a run of one: that part, as it is), each refusal part's on its own, and each part's
-    fields in `beside` (a shell command's `stdout`, `stderr`) on their own. Any other part (an image, a refusal)
-    ends a run: only adjacent text parts are joined."""
+    """A list of parts' texts: each run of text parts (a string `text`) as one text, the model's reading of them
+    (`joined.Joined`; a run of one: that part, as it is), each refusal part's on its own, and each part's fields in
+    `beside` (a shell command's `stdout`, `stderr`) on their own. A part with no text (an image, an audio clip, a
+    file, a value that is no part) is passed over, not a run's end: the model reads the texts on either side of an
+    image one after the other, and a key cut in two around one reached the upstream whole. A part with a text of its
+    own (a refusal, a `beside` field) ends a run: that text sits between the two."""
     run: list[dict[str, Any]] = []
+    gaps: list[int] = []  # the parts of the run that come after a part without text (`Joined.seams`)
     for item in items:
         if not isinstance(item, dict):
-            if run:  # (a value that is no part: the upstream's to refuse)
-                yield _run(run, where)
-                run = []
-            continue
-        if item.get("type") != "refusal" and isinstance(item.get(TEXT), str):
+            continue  # (a value that is no part: the upstream's to refuse)
+        refusal = item.get("type") == "refusal"
+        own = ["refusal"] if refusal and isinstance(item.get("refusal"), str) else []
+        own += [field for field in beside if isinstance(item.get(field), str)]
+        if not refusal and isinstance(item.get(TEXT), str):
             run.append(item)
-        elif run:
-            yield _run(run, where)
-            run = []
-        if item.get("type") == "refusal" and isinstance(item.get("refusal"), str):
-            yield item, "refusal", where
-        for field in beside:
-            if isinstance(item.get(field), str):
-                yield item, field, where
+        elif own:
+            if run:
+                yield _run(run, gaps, where)
+                run, gaps = [], []
+        elif run and (not gaps or gaps[-1] != len(run)):
+            gaps.append(len(run))
+        for field in own:
+            yield item, field, where
     if run:
-        yield _run(run, where)
+        yield _run(run, gaps, where)
 
 
-def _run(run: list[dict[str, Any]], where: Where) -> Ref:
-    """A run of adjacent text parts as one text: a single part as it is, more as a `Joined`."""
-    return (run[0], TEXT, where) if len(run) == 1 else (Joined(run), TEXT, where)
+def _run(run: list[dict[str, Any]], gaps: list[int], where: Where) -> Ref:
+    """A run of text parts as one text: a single part as it is, more as a `Joined`."""
+    if len(run) == 1:
+        return run[0], TEXT, where
+    return Joined(run, [gap for gap in gaps if gap < len(run)]), TEXT, where
 
 
 def _responses_texts(body: dict[str, Any]) -> Iterator[Ref]:

@@ -286,14 +286,18 @@ class Gateway:
 
     async def _watch_store(self, interval: Callable[[], float]) -> None:
         """Ping a remote store now and then, so that /readyz and `gateway_store_up` show its health
-        even when no request has used it lately (and a recovery is noticed)."""
+        even when no request has used it lately (and a recovery is noticed). No error ends it: a store's
+        bug (an exception its `ping` let out) would otherwise freeze the gauge and /readyz for good."""
         while True:
             runtime = self.runtime
             backend = runtime.policy.state.backend
-            if backend != "memory":
-                await runtime.store.ping()
-            if runtime is self.runtime:  # a reload during the ping retired it: its backend's series is dropped
-                self.metrics.store_up.labels(backend).set(1 if runtime.store.healthy else 0)
+            try:
+                if backend != "memory":
+                    await runtime.store.ping()
+                if runtime is self.runtime:  # a reload during the ping retired it: its backend's series is dropped
+                    self.metrics.store_up.labels(backend).set(1 if runtime.store.healthy else 0)
+            except Exception:  # logged; the next round pings again
+                log.error("store health check failed unexpectedly", exc_info=True)
             await asyncio.sleep(interval())
 
     def _spawn(self, work: Awaitable[Any]) -> None:

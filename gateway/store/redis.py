@@ -2,11 +2,16 @@
 
 Failure handling, the reason this module exists rather than plain redis-py calls:
 
-* every operation runs under `asyncio.timeout(op_timeout_s)`; every redis, OS and timeout error becomes
-  `StoreUnavailable`, so a request never waits longer than that on shared state and never crashes;
+* every operation runs under `asyncio.timeout(op_timeout_s)`; every redis (the cluster client's own errors too), OS
+  and timeout error becomes `StoreUnavailable`, so no store call waits longer than that and none crashes;
 * the first failure marks the store unhealthy; from then on operations fail fast (no network, no wait)
   while one background probe PINGs Redis after `backoff_min_s`, doubling up to `backoff_max_s`; the first
-  answer (probe, `ping()`, or any operation still in flight) marks it healthy again, without a new store;
+  answer (probe, `ping()`, or any operation still in flight) marks it healthy again, without a new store.
+  A store that was up for less than `backoff_max_s` keeps the back-off it had (a flapping link is not probed
+  ever faster), and the down/up log lines are rate-limited (`LOG_EVERY_S`), the probe's failures too;
+* a Redis marked down by an outage reply (out of memory, read-only replica, ...) answers PING and reads all the
+  while it refuses writes: only a write marks it up again (the probe and `ping()` SET a short-lived key under
+  the prefix instead of PINGing; a read in flight does not count), or health flapped with every PING;
 * an operation that finds every pooled connection busy (`max_connections` in use: this process is short of
   connections, see `redis_client`) fails alone and was not sent; Redis is not marked down;
 * a command error from a live server (wrong type, bad argument) is also `StoreUnavailable` to the caller,
@@ -24,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
@@ -35,7 +41,7 @@ from redis.exceptions import (
     MaxConnectionsError,
     OutOfMemoryError,
     ReadOnlyError,
-    RedisError,
+    RedisClusterException,
     ResponseError,
     TryAgainError,
 )
@@ -54,7 +60,7 @@ from gateway.store.base import (
     WindowCount,
     WindowReservation,
 )
-from gateway.store.redis_client import Client, RedisHandle, open_client, warn_short_of_connections
+from gateway.store.redis_client import ERRORS, Client, RedisHandle, open_client, warn_short_of_connections
 from gateway.store.redis_pubsub import RedisChannel
 from gateway.store.redis_url import parse_redis_url
 
@@ -73,6 +79,17 @@ _OUTAGE_REPLIES = (ClusterDownError, OutOfMemoryError, ReadOnlyError, TryAgainEr
 # A refusal of one operation by a Redis that answers drops what the operation carried (the ledger's refused
 # counters): these must count as an outage instead, kept for the next flush.
 _OUTAGE_CODES = ("BUSY ", "MASTERDOWN ", "NOREPLICAS ", "LOADING ")
+# The cluster client's errors raised before anything is sent, for an operation no cluster can route (keys of
+# several hash slots, no key): refusals of that operation, as a live server's error reply; any other of its own
+# errors (no node reachable, a slot not covered, a topology refresh that failed) is an outage.
+_MISROUTED = ("all keys must map to the same key slot", "No way to dispatch", "Invalid args in command")
+PROBE_KEY = "store:probe"
+"""The key (under the prefix) the probe SETs, `PROBE_TTL_MS` long, while Redis refuses writes: a PING says nothing."""
+PROBE_TTL_MS = 10_000
+LOG_EVERY_S = 10.0
+"""At most one "unavailable" warning per this long: the next says how many outages it stood for. A probe that
+still fails after it logs its cause (every `STILL_DOWN_EVERY_S` once its outage has been logged)."""
+STILL_DOWN_EVERY_S = 60.0
 
 
 class RedisStore:
@@ -91,6 +108,14 @@ class RedisStore:
         self._closed = False
         self._probe: asyncio.Task[None] | None = None
         self._channels: set[RedisChannel] = set()
+        # Failure state, touched on the transitions only (never by an operation that succeeds while up).
+        self._refusing = False  # down by an outage reply: only a write marks it up
+        self._delay = config.backoff_min_s  # the probe's next wait
+        self._up_since = -config.backoff_max_s
+        self._last_error: BaseException | None = None
+        self._warned_at = -LOG_EVERY_S  # the last "unavailable" warning (monotonic)
+        self._down_logged = False  # the current outage was logged: its end is too
+        self._unlogged = 0  # outages since the last warning that were not logged
 
     @property
     def on_unavailable(self) -> OnUnavailable:
@@ -124,7 +149,9 @@ class RedisStore:
         # Concurrent, so that each takes a connection of its own from the pool (and opens it).
         answered, *_ = await asyncio.gather(self._check(timeout_s), *(self._open_one(timeout_s) for _ in range(warm)))
         if not answered:
-            log.warning("store: redis did not answer at start; serving without it until it does")
+            self._warned_at, self._down_logged = time.monotonic(), True
+            log.warning("store: redis did not answer at start (%s); serving without it until it does",
+                        self._cause())
 
     async def aclose(self) -> None:
         self._closed = True
@@ -132,18 +159,19 @@ class RedisStore:
             await channel.aclose()
         if self._probe is not None:
             self._probe.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
+            with contextlib.suppress(asyncio.CancelledError, *ERRORS):
                 await self._probe
             self._probe = None
         handle, self._handle = self._handle, None
         self._healthy = False
         if handle is not None:
-            with contextlib.suppress(RedisError, OSError, TimeoutError):
+            with contextlib.suppress(*ERRORS):
                 async with asyncio.timeout(self._config.connect_timeout_s):
                     await handle.aclose()
 
     async def ping(self) -> bool:
-        """A real PING even while backing off (readiness checks want the truth), bounded by `op_timeout_s`."""
+        """A real PING even while backing off (readiness checks want the truth), bounded by `op_timeout_s`; while
+        Redis refuses writes, a write instead (`PROBE_KEY`)."""
         return await self._check(self._config.op_timeout_s)
 
     # -- keys ------------------------------------------------------------------------------------------
@@ -340,11 +368,11 @@ class RedisStore:
         except MaxConnectionsError as exc:  # (a `RedisError`: first) no connection free, nothing sent: Redis is fine
             warn_short_of_connections(exc)
             raise StoreUnavailable(f"no free redis connection: {exc}", maybe_applied=False) from exc
-        except (RedisError, OSError, TimeoutError) as exc:
+        except ERRORS as exc:
             replied = isinstance(exc, (ResponseError, DataError))  # an error reply (or refused before it was sent)
-            if replied and not isinstance(exc, _OUTAGE_REPLIES) and not str(exc).startswith(_OUTAGE_CODES):
+            if (replied and not _outage_reply(exc)) or _misrouted(exc):
                 raise StoreRefused(f"redis rejected the operation: {exc}") from exc  # alive
-            self._mark_down(exc)
+            self._mark_down(exc, refusing=replied)
             raise StoreUnavailable(f"redis unavailable: {_describe(exc)}", maybe_applied=not replied) from exc
         self._mark_up()
         return result
@@ -353,15 +381,21 @@ class RedisStore:
         handle = self._handle
         if handle is None:
             return False
+        refusing = self._refusing
         try:
             async with asyncio.timeout(timeout_s):
-                await handle.client.ping()
+                if refusing:
+                    await handle.client.set(self._prefix + PROBE_KEY, b"1", px=PROBE_TTL_MS)
+                else:
+                    await handle.client.ping()
         except MaxConnectionsError:  # every pooled connection busy: says nothing of Redis, nothing changes
             return self._healthy
-        except (RedisError, OSError, TimeoutError) as exc:
-            self._mark_down(exc)
-            return False
-        self._mark_up()
+        except ERRORS as exc:
+            # the probe's write refused for its own sake (an ACL, say) by a Redis not short of anything: it writes
+            if not (refusing and isinstance(exc, ResponseError) and not _outage_reply(exc)):
+                self._mark_down(exc, refusing=isinstance(exc, ResponseError))
+                return False
+        self._mark_up(wrote=refusing)
         return True
 
     async def _open_one(self, timeout_s: float) -> None:
@@ -373,30 +407,67 @@ class RedisStore:
         try:
             async with asyncio.timeout(timeout_s):
                 await handle.client.ping()
-        except (RedisError, OSError, TimeoutError) as exc:
+        except ERRORS as exc:
             log.debug("store: a connection opened at start did not answer (%s)", _describe(exc))
 
-    def _mark_up(self) -> None:
-        if not self._healthy and not self._closed:
-            log.info("store: redis is answering again")
+    def _mark_up(self, wrote: bool = False) -> None:
+        """Healthy again; after an outage reply, only on a write (`wrote`): a Redis refusing writes still answers
+        reads and PING. The usual caller, an operation that succeeded while healthy, stops at the first test."""
+        if not self._healthy and not self._closed and (wrote or not self._refusing):
+            self._refusing = False
             self._healthy = True
+            self._up_since = time.monotonic()
+            if self._down_logged:  # (an outage whose warning was held back ends quietly too)
+                log.info("store: redis is answering again")
+            self._down_logged = False
 
-    def _mark_down(self, exc: BaseException) -> None:
+    def _mark_down(self, exc: BaseException, refusing: bool = False) -> None:
         if self._closed:
             return
+        self._last_error = exc
+        self._refusing = self._refusing or refusing
         if self._healthy:
-            log.warning("store: redis unavailable (%s); failing fast and probing", _describe(exc))
-        self._healthy = False
+            self._healthy = False
+            now = time.monotonic()
+            if now - self._up_since >= self._config.backoff_max_s:  # a flap keeps the back-off it had
+                self._delay = self._config.backoff_min_s
+            if now - self._warned_at >= LOG_EVERY_S:
+                more = f"; {self._unlogged} more outage(s) since the last warning" if self._unlogged else ""
+                log.warning("store: redis unavailable (%s); failing fast and probing%s", _describe(exc), more)
+                self._warned_at, self._down_logged, self._unlogged = now, True, 0
+            else:
+                self._unlogged += 1
         if self._probe is None or self._probe.done():
             self._probe = asyncio.create_task(self._recover(), name="redis-store-probe")
 
     async def _recover(self) -> None:
-        delay = self._config.backoff_min_s
+        """Probe until Redis answers; no error ends it (it alone brings a store marked down back)."""
         while not self._healthy and not self._closed:
-            await asyncio.sleep(delay)
-            if await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
-                return
-            delay = min(delay * 2, self._config.backoff_max_s)
+            await asyncio.sleep(self._delay)
+            self._delay = min(self._delay * 2, self._config.backoff_max_s)
+            try:
+                if await self._check(self._config.connect_timeout_s + self._config.op_timeout_s):
+                    return
+            except Exception as exc:  # a bug or an error redis-py added: the probe must go on
+                self._last_error = exc
+                log.error("store: the redis probe failed unexpectedly; probing on", exc_info=True)
+            now = time.monotonic()
+            if now - self._warned_at >= (STILL_DOWN_EVERY_S if self._down_logged else LOG_EVERY_S):
+                log.warning("store: redis still unavailable (%s); probing again in %.3g s",
+                            self._cause(), self._delay)
+                self._warned_at, self._down_logged, self._unlogged = now, True, 0
+
+    def _cause(self) -> str:
+        return _describe(self._last_error) if self._last_error is not None else "no answer"
+
+
+def _outage_reply(exc: BaseException) -> bool:
+    """An error reply that says the server cannot serve now (or cannot write), not that the operation is wrong."""
+    return isinstance(exc, _OUTAGE_REPLIES) or str(exc).startswith(_OUTAGE_CODES)
+
+
+def _misrouted(exc: BaseException) -> bool:
+    return isinstance(exc, RedisClusterException) and any(text in str(exc) for text in _MISROUTED)
 
 
 def _describe(exc: BaseException) -> str:

@@ -31,16 +31,20 @@ from redis.asyncio.retry import Retry
 from redis.asyncio.sentinel import Sentinel
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import MaxConnectionsError
+from redis.exceptions import MaxConnectionsError, RedisClusterException, RedisError
 
 from gateway.store.base import StoreConfig
 from gateway.store.redis_url import RedisTarget
 
-__all__ = ["Client", "RedisHandle", "open_client", "warn_short_of_connections"]
+__all__ = ["ERRORS", "Client", "RedisHandle", "open_client", "warn_short_of_connections"]
 
 log = logging.getLogger(__name__)
 
 Client = Redis | RedisCluster
+ERRORS = (RedisError, RedisClusterException, OSError, TimeoutError)
+"""What a call of either client raises when Redis cannot serve it. The cluster client's own errors are no `RedisError`:
+`RedisClusterUnreachableError` (no node answers), `SlotNotCoveredError`, a topology refresh that failed; caught as
+`RedisError` only, one escaped and killed the store's probe, and a cluster blip became an outage for good."""
 HEALTH_CHECK_INTERVAL_S = 30
 POOL_WAIT_SHARE = 0.5
 """The share of `op_timeout_s` an operation waits for a free pooled connection; the rest is for Redis to answer."""

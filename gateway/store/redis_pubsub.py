@@ -16,11 +16,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any, cast
 
 from redis.asyncio.client import PubSub
-from redis.exceptions import RedisError
 
 from gateway.store._common import QueueChannel
 from gateway.store.base import StoreConfig
-from gateway.store.redis_client import Client
+from gateway.store.redis_client import ERRORS, Client
 
 __all__ = ["RedisChannel"]
 
@@ -28,7 +27,6 @@ log = logging.getLogger(__name__)
 IDLE_PING_S = 5.0
 """A quiet subscription sends a PING this often; no answer in time means the connection is dead."""
 READ_SLICE_S = 1.0
-ERRORS = (RedisError, OSError, TimeoutError)
 
 
 class RedisChannel(QueueChannel):
@@ -89,7 +87,10 @@ class RedisChannel(QueueChannel):
                 if pubsub is None:
                     try:
                         pubsub = await self._subscribe()
-                    except ERRORS:
+                    except Exception as exc:  # a redis error, or a bug: this task must go on
+                        if not isinstance(exc, ERRORS):
+                            log.error("store subscription %r: subscribing failed unexpectedly", self.name,
+                                      exc_info=True)
                         await asyncio.sleep(delay)
                         delay = min(delay * 2, self._config.backoff_max_s)
                         continue
@@ -100,6 +101,9 @@ class RedisChannel(QueueChannel):
                     await self._pump(pubsub)
                 except ERRORS as exc:
                     log.warning("store subscription %r lost (%s); reconnecting", self.name, exc)
+                except Exception:  # a bug: logged; the subscription must outlive it
+                    log.error("store subscription %r failed unexpectedly; reconnecting", self.name, exc_info=True)
+                    await asyncio.sleep(delay)  # (not at once: a bug that fails every read would spin)
                 await _close(pubsub)
                 pubsub = None
         finally:

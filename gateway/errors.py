@@ -208,10 +208,11 @@ class UpstreamError(GatewayError):
 
 
 class CredentialsRejected(UpstreamError):
-    """502: the upstream refused the gateway's own credential (a 401 or 403; Gemini's 400 for a bad key; Anthropic's
-    400 for an account out of credit or disabled), not the client's request: nothing the client can change, and the
-    target is unusable until its key is fixed, so routing falls back to the next target and counts it against this
-    one's breaker (`routing.attempts.classify`). Its message names the provider and the status only, never the key."""
+    """502: the upstream refused the gateway's own credential or account (a 401, 402 or 403; Gemini's 400 for a bad key,
+    or for a location or free tier it does not serve; Anthropic's 400 for an account out of credit or disabled), not
+    the client's request: nothing the client can change, and the target is unusable until its key or account is
+    fixed, so routing falls back to the next target and counts it against this one's breaker
+    (`routing.attempts.classify`). Its message names the provider, the status and an account's state, never the key."""
 
 
 class UnusableAnswer(UpstreamError):

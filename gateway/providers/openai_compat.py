@@ -59,7 +59,7 @@ _peek_usage_choices = msgspec.json.Decoder(AnswerChoicesPeek).decode  # when a s
 
 
 _peek_responses = msgspec.json.Decoder(ResponsesAnswerPeek).decode
-_peek_error = msgspec.json.Decoder(dict[str, Any]).decode
+_peek_error = msgspec.json.Decoder(dict[str, Any] | list[Any]).decode  # (a list: `_error_object`)
 _MAX_ERROR_BODY = 64 * 1024
 _BOM = b"\xef\xbb\xbf"  # UTF-8's byte order mark (`without_bom`)
 _ERROR_CODE = re.compile(r"[a-z][a-z0-9_.-]{0,63}")  # OpenAI's codes: `invalid_value`, `unsupported_parameter`...
@@ -314,7 +314,7 @@ class OpenAICompatProvider:
         peeked: dict[str, Any] = {}
         try:
             body = await _error_body(response, deadline, idle_s)
-            peeked = _peek_error(without_bom(body) or body)  # (a mark before it: `without_bom`)
+            peeked = _error_object(_peek_error(without_bom(body) or body))  # (a mark before it: `without_bom`)
             message, code = self._error_detail(peeked)
         except (aiohttp.ClientError, OSError, TimeoutError, msgspec.DecodeError, msgspec.ValidationError,
                 RecursionError):  # (a body nested too deep to decode: no message)
@@ -380,6 +380,15 @@ def _answers(body: dict[str, Any]) -> int:
     completions request lists (not token ids: one prompt)."""
     n = body.get("n")
     return (n if type(n) is int and n > 1 else 1) * (len(listed_prompts(body["prompt"])) if "prompt" in body else 1)
+
+
+def _error_object(decoded: dict[str, Any] | list[Any]) -> dict[str, Any]:
+    """An error body's object: Google wraps the error of a streamed request (`streamGenerateContent?alt=sse`) in a
+    one-element array, `[{"error": {...}}]` (as google-genai's `APIError` unwraps it): read as the object it holds,
+    its message, code, `RetryInfo` and a context window's overflow were lost. Any other array holds none."""
+    if isinstance(decoded, dict):
+        return decoded
+    return decoded[0] if len(decoded) == 1 and type(decoded[0]) is dict else {}
 
 
 async def _error_body(response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:

@@ -2,7 +2,8 @@
 
 A status maps to the gateway error whose status, code and retry policy fit it: a 429 is rate limited (its wait
 passed on), a 400 naming the context window is `context_length_exceeded` (routing may fall back to a larger
-window), a 3xx is the upstream's failure (never followed), a 401 or 403 the gateway's credentials rejected.
+window), a 3xx is the upstream's failure (never followed), a 401 or 403 the gateway's credentials rejected, a 402
+(Payment Required: Gemini's prepaid account out of credit, an OpenAI-compatible reseller's) the gateway's account.
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def status_error(
         return UpstreamTimeout(f"upstream `{provider}` timed out (HTTP {status})")
     if status in (401, 403):
         return CredentialsRejected(f"upstream `{provider}` rejected the gateway's credentials (HTTP {status})")
+    if status == 402:  # the account that pays is the gateway's: the next target may serve (its message not repeated)
+        return CredentialsRejected(f"upstream `{provider}` refused the gateway's account (HTTP 402): payment required")
     # A server error's Retry-After (a 503's above all) is the routing's wait before a retry, up to the target's
     # `retry_after_max_s`, and the client's when this is the answer it gets, as a 429's and a 529's are.
     return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}",

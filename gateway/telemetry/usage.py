@@ -30,7 +30,8 @@ start, so that its figure is ready when a Messages stream's last event is writte
 
 A stream that ends before its usage came (an error mid-stream, the client gone, a budget's cut), whose upstream
 reported the prompt's figures on the way (Anthropic's `message_start`, Gemini's `usageMetadata`:
-`StreamEnd.usage_so_far`), keeps them: only its completion is estimated, from what was sent.
+`StreamEnd.usage_so_far`), keeps them: only its completion is estimated, from what was sent, unless the upstream
+reported more completion tokens so far (Gemini's cumulative `candidatesTokenCount`): then its figure (`_after_prompt`).
 """
 
 from __future__ import annotations
@@ -258,9 +259,13 @@ def _after_prompt(so_far: Usage, completion_tokens: int) -> Usage:
     """A stream that ended before its usage, whose upstream reported the prompt's (`StreamEnd.usage_so_far`): the
     upstream's prompt, cached and cache-write figures, as it bills them (a re-count would bill cache reads at the
     full input price); the completion is what was sent, estimated, plus the reasoning the upstream reported so far
-    (it sends no chunk)."""
+    (it sends no chunk), or the completion the upstream reported so far when it is more. Gemini's `usageMetadata`
+    is cumulative (its `candidatesTokenCount` grows with each event, tens of tokens an event, where the estimate of
+    a provider that reports usage counts about one a chunk) and its `completion_tokens` already hold the reasoning
+    (`thoughtsTokenCount`), as Anthropic's `output_tokens` hold the thinking: the larger figure, never their sum,
+    so reasoning is counted once."""
     reasoning = so_far.reasoning_tokens
-    completion = completion_tokens + reasoning
+    completion = max(completion_tokens + reasoning, so_far.completion_tokens)
     return Usage(so_far.prompt_tokens, completion, so_far.prompt_tokens + completion, so_far.prompt_tokens_details,
                  so_far.completion_tokens_details if reasoning else None)
 

@@ -11,6 +11,15 @@ Faults come from the model in the URL (`fault-status-429`, `fault-stall-after-3`
 with `finishReason: SAFETY`), `fault-prompt-blocked` (`promptFeedback.blockReason`
 and no candidates), `fault-out-of-order` (text after the finish reason) and
 `fault-overloaded-midstream` (an `{"error": ...}` event, 429 RESOURCE_EXHAUSTED, after two chunks).
+`fault-wrapped-<fault>` is `fault-<fault>` whose error answer to a stream (`alt=sse`) is wrapped in a one-element
+array, `[{"error": {...}}]`, as Google sends a `streamGenerateContent` error (`fault-wrapped-status-429`,
+`fault-wrapped-context-length`, `fault-wrapped-key-not-found`). The account's states Google answers with
+(`ACCOUNT_FAULTS`): `fault-prepay-depleted` (402 RESOURCE_EXHAUSTED), `fault-location` and `fault-free-tier` (400
+FAILED_PRECONDITION), `fault-key-not-found` (400 INVALID_ARGUMENT whose message names no key error, only its
+`ErrorInfo.reason`, API_KEY_INVALID; the mock's answer to a wrong key carries that reason too).
+`fault-thinking-reset-after-<n>` and `fault-thinking-slow-stream-<ms>`: a thinking model's stream whose events report
+their usage so far, as Gemini 2.5 does (`candidatesTokenCount` `EVENT_TOKENS` more each event, `thoughtsTokenCount`
+`THOUGHTS`), cut by a reset after <n> content events, or its events `<ms>` apart.
 Gemini's own `fault-tool-use-prompt` (`TOOL_USE_MODEL`) answers as a well-behaved model, and its usage reports
 `toolUsePromptTokenCount` (`TOOL_USE_PROMPT`, in every event's usage when streamed), as a built-in tool's use does.
 
@@ -21,6 +30,7 @@ As the real API, it refuses `contents: []`, a content without parts, and a part 
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from aiohttp import web
@@ -28,6 +38,7 @@ from aiohttp import web
 from .mock_upstream import (
     _RECORD,
     LEAKY_DETAIL,
+    Fault,
     MockUpstream,
     SseAnswer,
     _deliver_json,
@@ -38,23 +49,43 @@ from .mock_upstream import (
     parse_fault,
 )
 
-__all__ = ["CACHED", "TOOL_USE_MODEL", "TOOL_USE_PROMPT", "MockGemini", "gemini_error"]
+__all__ = ["ACCOUNT_FAULTS", "CACHED", "EVENT_TOKENS", "THOUGHTS", "TOOL_USE_MODEL", "TOOL_USE_PROMPT", "MockGemini",
+           "gemini_error"]
 
 CACHED = 4  # cachedContentTokenCount on every answer
 THOUGHTS = 6  # thoughtsTokenCount of `fault-cached-reasoning`
 TOOL_USE_MODEL = "fault-tool-use-prompt"  # (no fault of `parse_fault`'s: a well-behaved answer but for its usage)
 TOOL_USE_PROMPT = 9  # its toolUsePromptTokenCount
 SIGNATURE = "c2lnbmF0dXJlLW9mLWEtdGhvdWdodA=="  # the thoughtSignature of the mock's function calls (Gemini 3's)
-_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
-           429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+EVENT_TOKENS = 40  # candidatesTokenCount each event of `fault-thinking-...` adds (Gemini 2.5's: tens)
+_STATUS = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 402: "RESOURCE_EXHAUSTED", 403: "PERMISSION_DENIED",
+           404: "NOT_FOUND", 429: "RESOURCE_EXHAUSTED", 500: "INTERNAL", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED"}
+# A bad key's google.rpc.ErrorInfo, as Google sends it beside "API key not valid" and "API Key not found".
+_KEY_INVALID = [{"@type": "type.googleapis.com/google.rpc.ErrorInfo", "reason": "API_KEY_INVALID",
+                 "domain": "googleapis.com", "metadata": {"service": "generativelanguage.googleapis.com"}}]
+# Google's answers to an account it will not serve: (HTTP status, `status`, message, details), by fault name.
+ACCOUNT_FAULTS: dict[str, tuple[int, str, str, list[dict[str, Any]] | None]] = {
+    "fault-prepay-depleted": (402, "RESOURCE_EXHAUSTED", "Your prepayment credit balance is depleted. Please go to "
+                              "AI Studio at https://ai.studio/projects to manage your project and billing.", None),
+    "fault-location": (400, "FAILED_PRECONDITION", "User location is not supported for the API use.", None),
+    "fault-free-tier": (400, "FAILED_PRECONDITION", "Gemini API free tier is not available in your country. Please "
+                        "enable billing on your project in Google AI Studio.", None),
+    "fault-key-not-found": (400, "INVALID_ARGUMENT", "API Key not found. Please pass a valid API key.", _KEY_INVALID),
+}
+_THINKING = re.compile(r"fault-thinking-(reset-after|slow-stream)-(\d+)")
 
 
-def gemini_error(status: int, message: str) -> web.Response:
-    error: dict[str, Any] = {"code": status, "message": message, "status": _STATUS.get(status, "UNKNOWN")}
+def gemini_error(status: int, message: str, kind: str | None = None, details: list[dict[str, Any]] | None = None,
+                 wrapped: bool = False) -> web.Response:
+    """Google's error answer (`kind`: its `status`, by default the HTTP status's); `wrapped`: in a one-element array,
+    as Google answers a stream's request (`streamGenerateContent?alt=sse`)."""
+    error: dict[str, Any] = {"code": status, "message": message, "status": kind or _STATUS.get(status, "UNKNOWN")}
     if status == 429:  # Google sends no Retry-After: the wait is in the body's RetryInfo
         error["details"] = [{"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": []},
                             {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "7s"}]
-    return web.json_response({"error": error}, status=status)
+    if details is not None:
+        error["details"] = details
+    return web.json_response([{"error": error}] if wrapped else {"error": error}, status=status)
 
 
 def _unsigned_call(body: dict[str, Any]) -> bool:
@@ -130,7 +161,7 @@ class MockGemini(MockUpstream):
 
     def _auth_error(self, request: web.Request) -> web.Response | None:
         if self.api_key is not None and request.headers.get("x-goog-api-key") != self.api_key:
-            return gemini_error(400, "API key not valid. Please pass a valid API key.")
+            return gemini_error(400, "API key not valid. Please pass a valid API key.", details=_KEY_INVALID)
         return None
 
     async def _generate(self, request: web.Request) -> web.StreamResponse:
@@ -145,12 +176,20 @@ class MockGemini(MockUpstream):
         if problem is not None:
             return await _send(request, gemini_error(400, problem))
         assert isinstance(body, dict)
-        fault = parse_fault(self.override or model)
+        name = self.override or model
+        wrapped = stream and name.startswith("fault-wrapped-")  # its error in an array, as Google answers a stream
+        name = "fault-" + name.removeprefix("fault-wrapped-") if name.startswith("fault-wrapped-") else name
+        if name in ACCOUNT_FAULTS:
+            status, kind, message, details = ACCOUNT_FAULTS[name]
+            return await _send(request, gemini_error(status, message, kind, details, wrapped))
+        thinking = _THINKING.fullmatch(name)
+        fault = Fault(thinking[1], int(thinking[2])) if thinking else parse_fault(name)
         if fault and fault.kind == "status":
-            return await _send(request, gemini_error(fault.value, f"Mock failure: {LEAKY_DETAIL}"))
+            return await _send(request, gemini_error(fault.value, f"Mock failure: {LEAKY_DETAIL}", wrapped=wrapped))
         if fault and fault.kind == "context-length":
             return await _send(request, gemini_error(
-                400, "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576)."))
+                400, "The input token count (1200000) exceeds the maximum number of tokens allowed (1048576).",
+                wrapped=wrapped))
         if fault and fault.kind == "echo-tool" and _unsigned_call(body):  # as Gemini 3 answers its own call sent back
             return await _send(request, gemini_error(     # without its thought signature
                 400, "Function call is missing a thought_signature in functionCall parts."))
@@ -162,8 +201,10 @@ class MockGemini(MockUpstream):
                  "totalTokenCount": prompt + len(words), "cachedContentTokenCount": CACHED}
         if fault and fault.kind == "cached-reasoning":  # a thinking model: its thoughts beside the candidates
             usage.update(thoughtsTokenCount=THOUGHTS, totalTokenCount=prompt + len(words) + THOUGHTS)
+        if thinking:  # (its answer's whole usage, as its events' add up to)
+            usage = {**_thinking(prompt, len(words)), "cachedContentTokenCount": CACHED}
         so_far: dict[str, Any] = {"promptTokenCount": prompt, "totalTokenCount": prompt}  # a stream's before its end
-        if (self.override or model) == TOOL_USE_MODEL:  # a built-in tool's results read: counted beside the prompt
+        if name == TOOL_USE_MODEL:  # a built-in tool's results read: counted beside the prompt
             for metadata in (usage, so_far):
                 metadata.update(toolUsePromptTokenCount=TOOL_USE_PROMPT,
                                 totalTokenCount=metadata["totalTokenCount"] + TOOL_USE_PROMPT)
@@ -187,8 +228,8 @@ class MockGemini(MockUpstream):
         else:
             pieces = [[{"text": w if i == 0 else " " + w}] for i, w in enumerate(words)]
         events = [_sse({**base, "candidates": [{"content": {"role": "model", "parts": part}, "index": 0}],
-                        "usageMetadata": so_far})
-                  for part in pieces]
+                        "usageMetadata": _thinking(prompt, count) if thinking else so_far})
+                  for count, part in enumerate(pieces, 1)]
         events.append(_sse({**base, "candidates": [{"content": {"role": "model", "parts": [{"text": ""}]},
                                                     "finishReason": finish, "index": 0}], "usageMetadata": usage}))
         if fault and fault.kind == "out-of-order":
@@ -198,3 +239,10 @@ class MockGemini(MockUpstream):
             error = {"code": 429, "status": "RESOURCE_EXHAUSTED", "message": f"Quota exhausted: {LEAKY_DETAIL}"}
             events = [*events[:2], _sse({"error": error})]
         return await _deliver_stream(request, SseAnswer(events, 0), fault)
+
+
+def _thinking(prompt: int, events: int) -> dict[str, Any]:
+    """A thinking model's `usageMetadata` after `events` events, as Gemini 2.5 reports it on each: cumulative."""
+    candidates = EVENT_TOKENS * events
+    return {"promptTokenCount": prompt, "candidatesTokenCount": candidates, "thoughtsTokenCount": THOUGHTS,
+            "totalTokenCount": prompt + candidates + THOUGHTS}

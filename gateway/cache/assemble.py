@@ -2,7 +2,10 @@
 
 The chunks' texts (`content`, `refusal`, `reasoning_content`, `reasoning`) are
 joined per choice and function tool calls per index (else per place in the chunk's
-list; another id at an index is not joined: `Unconvertible`), as the SDKs join them; the
+list; another id at an index is not joined: `Unconvertible`), as the SDKs join them;
+Anthropic's `reasoning_blocks` entries (`translate/thinking.py`: each whole, at the
+next `index`, or without one in entries stored before they had it) are listed in
+order, without their `index`, as the complete message has them; the
 usage is the upstream's own object, from its usage-only chunk or the content
 chunk it rode on. A conversion is exact or it is not made: anything the other
 form would not carry as it is raises `Unconvertible` (see `replay`). A chunk of
@@ -20,9 +23,10 @@ import msgspec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import begins_another_call
 from ..schemas.openai import Usage
+from ..translate.thinking import BLOCKS
 from .entry import Entry
 
-__all__ = ["CALL", "CHAT_CHOICE", "MESSAGE", "TEXTS", "TEXT_CHOICE", "TOP", "Unconvertible", "assemble_body",
+__all__ = ["BLOCKS", "CALL", "CHAT_CHOICE", "MESSAGE", "TEXTS", "TEXT_CHOICE", "TOP", "Unconvertible", "assemble_body",
            "chunk_base", "encode", "function_call", "int_field", "json_list", "json_object", "only", "reported_usage",
            "text_field"]
 
@@ -37,7 +41,7 @@ TOP = frozenset({*_BASE_FIELDS, "object", "choices", "usage"})
 _CHUNK_TOP = TOP | {"obfuscation"}  # OpenAI's random padding of stream chunks: not part of the answer
 CHAT_CHOICE = frozenset({"index", "message", "logprobs", "finish_reason"})
 TEXT_CHOICE = frozenset({"index", "text", "logprobs", "finish_reason"})
-MESSAGE = frozenset({"role", *TEXTS, "tool_calls"})
+MESSAGE = frozenset({"role", *TEXTS, "tool_calls", BLOCKS})
 CALL = frozenset({"id", "type", "function"})
 _CALL_PIECE = CALL | {"index"}
 _FUNCTION = frozenset({"name", "arguments"})
@@ -50,6 +54,7 @@ class _Delta(msgspec.Struct, forbid_unknown_fields=True, gc=False):
     reasoning_content: str | None = None
     reasoning: str | None = None
     tool_calls: list[Any] | None = None
+    reasoning_blocks: list[Any] | None = None
 
 
 class _Choice(msgspec.Struct, forbid_unknown_fields=True, gc=False):
@@ -267,10 +272,13 @@ def _merge_typed(choices: dict[int, dict[str, Any]], choice: _Choice) -> None:
             texts.setdefault(name, []).append(value)
     for position, call in enumerate(delta.tool_calls or ()):
         _merge_call(slot["calls"], call, position)
+    for entry in delta.reasoning_blocks or ():
+        _merge_entry(slot["blocks"], entry)
 
 
 def _slot(index: int) -> dict[str, Any]:
-    return {"index": index, "role": "assistant", "texts": {}, "calls": {}, "finish_reason": None, "logprobs": None}
+    return {"index": index, "role": "assistant", "texts": {}, "calls": {}, "blocks": [], "finish_reason": None,
+            "logprobs": None}
 
 
 def _merge_delta(slot: dict[str, Any], name: str, value: Any) -> None:
@@ -282,6 +290,9 @@ def _merge_delta(slot: dict[str, Any], name: str, value: Any) -> None:
     elif name == "tool_calls":
         for position, call in enumerate(json_list(value)):
             _merge_call(slot["calls"], call, position)
+    elif name == BLOCKS:
+        for entry in json_list(value):
+            _merge_entry(slot["blocks"], entry)
     elif name in _TEXT_NAMES or value not in _EMPTY:
         raise Unconvertible(name)  # content as a list of parts; a field no complete message carries as it is
 
@@ -302,6 +313,18 @@ def _merge_call(calls: dict[int, dict[str, Any]], call: Any, position: int) -> N
     for name, value in (call.get("function") or {}).items():
         if value is not None:
             found["function"][name] += value
+
+
+def _merge_entry(blocks: list[dict[str, Any]], entry: Any) -> None:
+    """A `reasoning_blocks` entry, whole, at the next place of the list: at its `index` when it has one (the
+    gateway's), else (stored before entries had it) after those before it. An object at another `index` (out of
+    order, a repeat: the gateway never sends one) makes the answer unconvertible."""
+    if type(entry) is not dict:
+        raise Unconvertible(BLOCKS)
+    index = entry.get("index")
+    if index is not None and (type(index) is not int or index != len(blocks)):
+        raise Unconvertible(BLOCKS)
+    blocks.append({name: value for name, value in entry.items() if name != "index"})
 
 
 def _merge_logprobs(slot: dict[str, Any], logprobs: Any) -> None:
@@ -336,4 +359,6 @@ def _finish(slot: dict[str, Any], chat: bool) -> dict[str, Any]:
             message[name] = "".join(texts[name])
     if slot["calls"]:
         message["tool_calls"] = [slot["calls"][i] for i in sorted(slot["calls"])]
+    if slot["blocks"]:
+        message[BLOCKS] = slot["blocks"]
     return {"index": slot["index"], "message": message, "logprobs": logprobs, "finish_reason": slot["finish_reason"]}

@@ -9,11 +9,19 @@ a stored stream is assembled into the complete answer: texts and tool calls
 joined per choice (as the SDKs join them), the usage object of the upstream's own
 chunk at the end.
 
+Anthropic's `reasoning_blocks` (`translate/thinking.py`) convert both ways: a
+stream's entries, each with its `index`, are the complete message's list in
+order (without it); the list streams in the one delta, each entry with its place
+as `index`, given before the delta's `reasoning_content` by `/v1/messages`
+(`translate/anthropic_answer.py`). An entry that came after a tool call
+(`after_tool_calls`, interleaved thinking) does not stream from a complete answer:
+the one delta would carry it before the calls.
+
 A conversion is served only when it is exact: the stored answer must hold nothing
 but what the other form carries as it is. Texts (`content`, `refusal`,
 `reasoning_content`, `reasoning`) as strings, function tool calls with string
-arguments, logprobs, finish reasons, the answer's id, model, fingerprint and
-service tier, and the usage object whole. Anything else (a custom tool call, a
+arguments, `reasoning_blocks` entries as objects, logprobs, finish reasons, the
+answer's id, model, fingerprint and service tier, and the usage object whole. Anything else (a custom tool call, a
 legacy `function_call`, content as a list of parts, arguments as a JSON object,
 `reasoning_details`, `audio`, `annotations`, any field the gateway does not know)
 that is not null or empty raises `Unconvertible`, and the stage serves the
@@ -31,6 +39,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .assemble import (
+    BLOCKS,
     CALL,
     CHAT_CHOICE,
     MESSAGE,
@@ -110,7 +119,20 @@ def _delta(message: Any) -> dict[str, Any]:
     calls = json_list(message.get("tool_calls"))
     if calls:
         delta["tool_calls"] = [{"index": i, **function_call(call, CALL)} for i, call in enumerate(calls)]
+    entries = json_list(message.get(BLOCKS))
+    if entries:
+        delta[BLOCKS] = [_entry(entry, i) for i, entry in enumerate(entries)]
     return delta
+
+
+def _entry(entry: Any, index: int) -> dict[str, Any]:
+    """A `reasoning_blocks` entry as a stream has it: with its `index` (`translate/thinking.py`). One that came after
+    a tool call (`after_tool_calls`) is `Unconvertible`: in the one delta it would come before the calls, and a
+    `/v1/messages` stream would put its block before them."""
+    if type(entry) is not dict or entry.get("after_tool_calls") is not None \
+            or entry.get("index", index) not in (None, index):
+        raise Unconvertible(BLOCKS)
+    return {**entry, "index": index}
 
 
 class ReplaySource:

@@ -411,16 +411,18 @@ class MessagesStream:
         return self._index
 
     def _reasoning(self, text: Any, entries: Any, out: list[bytes]) -> None:
-        """Thinking (`thinking.py`): written as it comes before the first tool call; held after it."""
+        """Thinking (`thinking.py`): written as it comes before the first tool call; held after it. A delta with
+        both (a stored answer replayed as one chunk, `cache/replay.py`) gives its entries first: the text then
+        fills each block up to its entry's length, where taken first it would all go into one block."""
         text = text if isinstance(text, str) else ""
         entries = entries if isinstance(entries, list) else []
         if not text and not entries:
             return
         if not self._held:
             self._close_text(out)  # a block once stopped cannot take more: later text is a block of its own
+            self._thinking.entries(entries, out)
             if text:
                 self._thinking.text(text, out)
-            self._thinking.entries(entries, out)
             return
         held = [entry for entry in map(_held_entry, entries) if entry is not None]
         self._hold((_PIECE_CHARS + len(text) if text else 0)

@@ -3,7 +3,7 @@
 Answer: text blocks become `content`, `tool_use` blocks `tool_calls`, thinking
 and redacted_thinking blocks `reasoning_content` and `reasoning_blocks` (see
 `thinking.py`: in a stream, `delta.reasoning_content` as the thinking comes and a
-`delta.reasoning_blocks` entry once each block is over), stop
+`delta.reasoning_blocks` entry, with its `index`, once each block is over), stop
 reasons finish reasons (a matched stop sequence also as the choice's
 `stop_reason`, as vLLM reports it), and usage OpenAI's shape (`prompt_tokens`
 counts cache reads and writes, as OpenAI's does;
@@ -120,8 +120,8 @@ def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | Non
 class AnthropicEvents:
     """Per stream: Messages events in, chat.completion.chunk events out, one by one as they come."""
 
-    __slots__ = ("_blocks", "_error", "_filled", "_finish", "_opened", "_started", "_thinking", "_tools", "_usage",
-                 "_writer")
+    __slots__ = ("_blocks", "_entries", "_error", "_filled", "_finish", "_opened", "_started", "_thinking", "_tools",
+                 "_usage", "_writer")
 
     def __init__(self, error: Callable[[dict[str, Any]], GatewayError]) -> None:
         self._writer: ChunkWriter | None = None
@@ -130,6 +130,7 @@ class AnthropicEvents:
         self._tools = 0
         self._filled: set[int] = set()  # tool calls whose input has come (`content_block_stop`)
         self._thinking: dict[int, dict[str, Any]] = {}  # open thinking block index -> its entry (`thinking.py`)
+        self._entries = 0  # `reasoning_blocks` entries sent: the next one's `index`
         self._usage: dict[str, Any] = {}
         self._finish: str | None = None
         self._started = False
@@ -210,7 +211,7 @@ class AnthropicEvents:
             position = self._blocks[index]
             entry = self._thinking.pop(index, None)
             if entry is not None:  # a thinking block's signature and length: its text came as `reasoning_content`
-                return [writer.chunk({BLOCKS: [entry]})]
+                return [self._entry(writer, entry)]
             if position is not None and position not in self._filled:  # a tool without input sends only `""`: its
                 # arguments are `{}`, as the complete answer's (a client parsing `""` as JSON fails)
                 return [writer.chunk({"tool_calls": [{"index": position, "function": {"arguments": "{}"}}]})]
@@ -238,7 +239,7 @@ class AnthropicEvents:
             entry = {"type": "redacted_thinking", "data": str(block.get("data") or "")}
             if self._tools:
                 entry["after_tool_calls"] = self._tools
-            return [writer.chunk({BLOCKS: [entry]})]
+            return [self._entry(writer, entry)]
         text = block.get("thinking")
         text = text if isinstance(text, str) else ""
         signature = block.get("signature")
@@ -248,6 +249,14 @@ class AnthropicEvents:
             entry["after_tool_calls"] = self._tools
         self._thinking[index] = entry
         return [writer.chunk({REASONING: text})] if text else []
+
+    def _entry(self, writer: ChunkWriter, entry: dict[str, Any]) -> StreamEvent:
+        """A block's `reasoning_blocks` entry, with its `index` (its place in the turn's list), as a tool call's
+        delta has: the SDKs join a list of objects by it (the `openai` SDK's stream helper refuses an entry
+        without one as soon as a second comes)."""
+        index = self._entries
+        self._entries += 1
+        return writer.chunk({BLOCKS: [{"index": index, **entry}]})
 
     def _role(self, writer: ChunkWriter) -> list[StreamEvent]:
         """OpenAI's first chunk (the role), once, before the first content."""

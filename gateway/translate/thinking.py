@@ -8,8 +8,10 @@ On an assistant message (of a complete answer or of the history) and on a stream
   text: `{"type": "thinking", "signature": s, "length": n}` (`n`: how many characters of `reasoning_content`
   are that block's) or `{"type": "redacted_thinking", "data": d}` (Anthropic's encrypted thinking), each with
   `"after_tool_calls": k` when it came after the turn's k-th tool call. In a stream, each block's entry comes
-  once the block is over (a thinking block's after its text), in a chunk of its own: a list of one, which a
-  client joins to the others.
+  once the block is over (a thinking block's after its text), in a chunk of its own: a list of one whose entry
+  has an `"index"`, its place in the turn's list (per choice), by which a client joins it to the others, as it
+  joins `tool_calls` pieces (the `openai` SDK's stream helper refuses a list of objects without). A complete
+  message's list has no `index` (the place is the index); an entry sent back with one, or without, reads the same.
 
 Text rewritten by a guard no longer matches its signature (Anthropic refuses the next turn that sends it back),
 nor, when its length changed, the blocks' lengths: it then goes whole into the turn's first thinking block.

@@ -5,8 +5,9 @@ The texts of an answer are those `responses_answer.item_texts` finds in its outp
 summary and content parts, function call arguments, custom tool call input).
 
 A blocked stream ends with a `response.incomplete` event whose output is what
-was released so far, `incomplete_details.reason: "content_filter"` (the edge writes no `[DONE]` after it:
-`api/responses_frames.py`).
+was released so far, `incomplete_details.reason: "content_filter"`, and the request's usage (the upstream's if it
+came, else the gateway's estimate: `stream.StreamGuard._blocked`); the edge writes no `[DONE]` after it
+(`api/responses_frames.py`).
 
 Streamed, each of those texts (by `output_index`, and the part's
 `content_index` or `summary_index`) is a lane of the shared window
@@ -24,11 +25,15 @@ text, and what is held may yet be rewritten).
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ..schemas.events import Chunk, is_content_event
+from ..schemas.events import Chunk, UsageReport, is_content_event
+from ..schemas.openai import Usage
 from .responses_answer import FILTERED, ITEM_TEXTS, KINDS, guard_answer, item_texts, part_kind
 from .window import Lane, LaneKey, Window, lane_index
+
+if TYPE_CHECKING:
+    from ..pipeline.context import RequestContext
 
 __all__ = ["ResponsesChunks", "guard_answer"]
 
@@ -117,10 +122,21 @@ class ResponsesChunks:
             out += await self._settle(key, None)
         return [_rebuilt(event) for event in out]
 
-    def blocked(self) -> Chunk:
+    def shows_usage(self, ctx: RequestContext) -> bool:
+        """Always: the response a blocked stream ends with has its usage, as a complete blocked answer has."""
+        return True
+
+    def usage_report(self, usage: Usage) -> UsageReport:
+        return UsageReport(usage)  # (the edge writes none: the usage is in `response.incomplete`)
+
+    def blocked(self, usage: Usage | None = None) -> Chunk:
+        """`response.incomplete`, as `response.created` described the response, with the output released so far
+        and `usage` (else the one `response.created` had: null)."""
         response = {**self.response, "object": "response", "status": "incomplete",
                     "incomplete_details": dict(FILTERED), "output": self._released()}
         response.pop("output_text", None)
+        if usage is not None:
+            response["usage"] = _usage_shape(usage)
         event: dict[str, Any] = {"type": "response.incomplete", "response": response}
         self._number(event)
         return _rebuilt(event)
@@ -291,6 +307,13 @@ def _rebuilt(event: dict[str, Any]) -> Chunk:
     chunk = Chunk.of(event)
     chunk.content = is_content_event(event.get("type"))
     return chunk
+
+
+def _usage_shape(usage: Usage) -> dict[str, Any]:
+    """The gateway's `Usage` in the Responses API's shape (its details too: the SDK's `ResponseUsage` has them)."""
+    return {"input_tokens": usage.prompt_tokens, "input_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "output_tokens": usage.completion_tokens,
+            "output_tokens_details": {"reasoning_tokens": usage.reasoning_tokens}, "total_tokens": usage.total_tokens}
 
 
 def _copied(item: dict[str, Any]) -> dict[str, Any]:

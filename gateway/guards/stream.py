@@ -5,7 +5,8 @@ each chunk to the adapter of the endpoint's format, which feeds the lanes of
 the shared window and rewrites the chunk with what may leave; at the upstream's
 end it releases what is still held; on a block it ends the stream at once in the
 format's own way, then `[DONE]`: held text is dropped, so nothing of the finding
-is sent. Chat Completions and Completions chunks are adapted here
+is sent; the usage a client is shown comes with it (the upstream's if it came, else
+the gateway's estimate: `StreamGuard._blocked`). Chat Completions and Completions chunks are adapted here
 (`ChatChunks`); the Responses API's events in `responses.py`.
 
 Chat and Completions: per choice, the content (or a completion's text), the
@@ -34,10 +35,14 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Any, Protocol
 
+import msgspec
+
 from ..errors import UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
+from ..schemas.openai import Usage
+from ..telemetry.usage import CountTokens, estimate_on_loop
 from .base import Guard, Where
 from .json_end import JsonEnd
 from .responses import ResponsesChunks
@@ -93,8 +98,14 @@ class ChunkFormat(Protocol):
     async def finish(self) -> list[Chunk]:
         """The upstream ended (`[DONE]`): chunks that release what the lanes still hold."""
 
-    def blocked(self) -> Chunk:
-        """The chunk that ends a blocked stream."""
+    def blocked(self, usage: Usage | None) -> Chunk:
+        """The chunk that ends a blocked stream (`usage`: the request's, when the format carries it there)."""
+
+    def shows_usage(self, ctx: RequestContext) -> bool:
+        """Whether the client is shown the usage of a blocked stream (else it is left to the end hooks)."""
+
+    def usage_report(self, usage: Usage) -> UsageReport:
+        """The gateway's estimate as the usage event the edge writes (or not) after the blocked chunk."""
 
 
 class StreamGuard:
@@ -125,8 +136,7 @@ class StreamGuard:
                     out.append(event)
         except Blocked:  # what this batch released before the block was scanned like any earlier batch: sent
             self.blocked = True
-            usage = [e for e in events if isinstance(e, UsageReport)]  # tokens spent all the same: accounted
-            return [*(e for e in out if isinstance(e, Chunk)), self.format.blocked(), *usage, DONE]
+            return [*(e for e in out if isinstance(e, Chunk)), *self._blocked(ctx, events), DONE]
         except _MISSHAPEN:  # an upstream event the adapter cannot read: the upstream's error, what it holds dropped
             log.warning("an output guard could not read an upstream stream event: the stream ends with an "
                         "upstream error", exc_info=True, extra={"fields": {"request_id": ctx.request_id}})
@@ -138,6 +148,31 @@ class StreamGuard:
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         return None
+
+    def _blocked(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
+        """The events that end a blocked stream: the format's last one, and the usage (tokens spent all the same:
+        accounted). The upstream's, if it came in this batch; else, for a client that is shown usage (a chat
+        client that asked for it, `include_usage`; a Responses client, in `response.incomplete`), the gateway's
+        estimate, made now as a Messages stream's is (`telemetry.usage.estimate_on_loop`: kept as the request's
+        usage, marked estimated, so that the bill and the access log read the figure the client got): the
+        upstream's usage chunk, which often comes after the finish, is not waited for."""
+        reports = [e for e in events if isinstance(e, UsageReport)]
+        usage = reports[-1].usage if reports else None
+        if usage is None and ctx is not None and self.format.shows_usage(ctx):  # (None: a unit test's driving)
+            # a cache hit's own (its bill stays 0), or one that came before this batch (already sent), else estimated
+            usage = ctx.shown_usage or ctx.usage
+            if usage is None and ctx.provider is not None and (usage := _estimate(ctx)) is not None:
+                reports = [self.format.usage_report(usage)]
+        return [self.format.blocked(usage), *reports]
+
+
+def _estimate(ctx: RequestContext) -> Usage | None:
+    """The gateway's estimate of the request's usage, with the counter of its pipeline's `CountTokens` stage
+    (encodings loaded), kept as `ctx.usage` and marked (`estimate_on_loop`)."""
+    for stage in ctx.runtime.pipeline.stages:
+        if isinstance(stage, CountTokens):
+            return estimate_on_loop(stage.tokens, ctx)
+    return None
 
 
 class ChatChunks:
@@ -384,7 +419,16 @@ class ChatChunks:
             choices.append({"index": index, "delta": delta} if self.chat else {"index": index, **delta})
         return [Chunk.of({**self.meta, "choices": choices})] if choices else []
 
-    def blocked(self) -> Chunk:
+    def shows_usage(self, ctx: RequestContext) -> bool:
+        """A client that asked for usage (`include_usage`) in OpenAI's format (a Messages client's framer writes
+        its own estimate: `api.anthropic`)."""
+        return ctx.wants_usage and ctx.dialect is None
+
+    def usage_report(self, usage: Usage) -> UsageReport:
+        """OpenAI's usage-only last chunk, as the upstream's would have been."""
+        return UsageReport(usage, msgspec.json.encode({**self.meta, "choices": [], "usage": usage}))
+
+    def blocked(self, usage: Usage | None = None) -> Chunk:
         indexes = sorted({index for index, _, _ in self.window.lanes}) or [0]
         choices: list[dict[str, Any]]
         if self.chat:

@@ -1,8 +1,9 @@
 """The cache key: everything that changes the answer, and nothing that does not.
 
-The key is the SHA-256 of one msgpack array: a format tag, the tenant, the policy
-version, the endpoint, the alias with the targets it may reach, and the request
-body minus the fields below. msgpack arrays and strings carry their lengths, so
+The key is the SHA-256 of one msgpack array: a format tag, the tenant, the alias's
+answer basis (`answer_basis`: what of the policy makes its answers, never its
+cache settings), the endpoint, the alias with the targets it may reach, and the
+request body minus the fields below. msgpack arrays and strings carry their lengths, so
 the encoding is prefix-free (no two different inputs give the same bytes). The
 body's top-level fields are sorted by name, so the order in which a client wrote
 them does not matter; nested objects keep the order they were written in: a JSON
@@ -14,7 +15,7 @@ digits in a msgpack extension type of its own, which no other value encodes to.
 What is left out, on purpose (`EXCLUDED`), and why:
 
 * `model`: replaced by the resolved alias and its target set (an alias that now
-  points elsewhere gets new keys; the policy version changes too);
+  points elsewhere gets new keys; its answer basis changes too);
 * `stream`, `stream_options`: how the answer is delivered, not what it is (a
   streamed answer serves a non-streamed request and the other way round);
 * `user`, `metadata`, `store`, `prompt_cache_key`, `safety_identifier`: tags for
@@ -30,15 +31,20 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Mapping
 from typing import Any
 
 import msgspec
 
+from ..policy.compiled import ModelRoute, ProviderConfig, Rule, Target
 from ..schemas.endpoints import Endpoint
 
-__all__ = ["EXCLUDED", "KEY_FORMAT", "SEMANTIC_TEXT_FIELDS", "cache_key", "polarity", "semantic_scope"]
+__all__ = ["EXCLUDED", "KEY_FORMAT", "SEMANTIC_TEXT_FIELDS", "answer_basis", "cache_key", "polarity", "semantic_scope",
+           "target_basis"]
 
-KEY_FORMAT = "gw-cache-2"  # 2: nested objects in their own order, big integers (1 sorted every map)
+# 3: the alias's answer basis in place of the policy version; 2: nested objects in their own order, big integers
+# (1 sorted every map)
+KEY_FORMAT = "gw-cache-3"
 EXCLUDED = frozenset({
     "model", "stream", "stream_options", "user", "metadata", "store", "prompt_cache_key", "safety_identifier",
 })
@@ -83,10 +89,49 @@ def _fields(body: dict[str, Any], leave_out: frozenset[str]) -> dict[str, Any]:
     return {name: body[name] for name in sorted(body) if name not in leave_out}
 
 
-def cache_key(tenant: str, version: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],
+def cache_key(tenant: str, basis: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],
               body: dict[str, Any]) -> str:
-    """The exact key of one request (hex SHA-256)."""
-    return _digest([KEY_FORMAT, tenant, version, endpoint.label, alias, targets, _fields(body, EXCLUDED)])
+    """The exact key of one request (hex SHA-256); `basis`: its plan's `answer_basis`."""
+    return _digest([KEY_FORMAT, tenant, basis, endpoint.label, alias, targets, _fields(body, EXCLUDED)])
+
+
+def answer_basis(models: Mapping[str, ModelRoute], providers: Mapping[str, ProviderConfig], alias: str,
+                 rule: Rule | None, *more: Any) -> str:
+    """What of the policy makes the answers of `alias` when `rule` applies (None: no rule), as a hex digest: a
+    reload that changes any of it starts fresh keys for the alias, one that changes nothing of it keeps them.
+
+    That is every target the request may reach: the route the rule sends it to (its own targets, another alias,
+    or the alias itself) and, followed through, each `context_fallback`; of each target, `target_basis`. Not in
+    it: the alias's `cache:` block (a `write-only` fill is served once the mode is `on`, an `on` cache is frozen
+    by `read-only`, replicas in different modes share entries), weights, strategy, retries, timeouts, prices,
+    limits, budgets, keys, and guards (an input guard's rewrite is keyed as the text it forwards; an answer a
+    guard changed is never stored, and a hit passes the output guards of the policy serving it). `more`: what
+    else the caller keys by (the semantic cache's embedder). Computed once per policy load, not per request.
+    """
+    route = rule.route if rule is not None and rule.route is not None else \
+        models[rule.alias if rule is not None and rule.alias is not None else alias]
+    reach: list[Any] = []
+    seen: set[str] = set()
+    while True:
+        reach.append([target_basis(target, providers[target.provider]) for target in route.targets])
+        seen.add(route.alias)
+        fallback = route.context_fallback
+        if fallback is None or fallback in seen or fallback not in models:
+            break
+        route = models[fallback]
+    return _digest([KEY_FORMAT + "/basis", reach, list(more)])
+
+
+def target_basis(target: Target, provider: ProviderConfig) -> list[Any]:
+    """What of one target makes its answers: its provider (kind, URL, query, options, the headers it sends but its
+    credentials: rotating a key changes no answer) and model, the fields it adds to the body (`extra_body`), and
+    whether its streams ask for usage (a stored stream holds that chunk)."""
+    secrets = provider.secrets
+    headers = sorted((name.lower(), value) for name, value in provider.headers.items()
+                     if not any(secret and secret in value for secret in secrets))
+    options = None if provider.options is None else msgspec.to_builtins(provider.options)
+    return [provider.name, provider.kind, provider.base_url, sorted(provider.query.items()), headers, options,
+            provider.stream_usage, target.upstream_model, msgspec.to_builtins(dict(target.extra_body))]
 
 
 def polarity(text: str) -> tuple[list[str], list[str]]:
@@ -109,7 +154,7 @@ def _negation(word: str) -> str:
     return "not" if word in _NOT else word.translate(_UNHYPHENATED)
 
 
-def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],
+def semantic_scope(tenant: str, basis: str, endpoint: Endpoint, alias: str, targets: tuple[str, ...],
                    body: dict[str, Any]) -> tuple[str, str] | None:
     """The namespace a semantic match is looked for in, and the text compared by meaning; None: not comparable.
 
@@ -137,6 +182,6 @@ def semantic_scope(tenant: str, version: str, endpoint: Endpoint, alias: str, ta
         context = None
     else:
         return None
-    scope = _digest([KEY_FORMAT + "/semantic", tenant, version, endpoint.label, alias, targets, fields, context,
+    scope = _digest([KEY_FORMAT + "/semantic", tenant, basis, endpoint.label, alias, targets, fields, context,
                      polarity(text)])
     return scope, text

@@ -36,7 +36,7 @@ from .batch import BatchedGets
 from .coalesce import Flights
 from .control import CacheResult
 from .entry import Entry, NotAnAnswer, answer_bytes, load_entry, pack_entry
-from .key import cache_key, semantic_scope
+from .key import answer_basis, cache_key, semantic_scope, target_basis
 from .semantic import AliasEmbedder, Embedder, LocalEmbedder, SemanticIndex, SemanticShare, TooLong, Vector
 
 __all__ = ["ENTRY", "ResponseCache", "SemanticProbe"]
@@ -91,6 +91,7 @@ class ResponseCache:
         self.specs: Mapping[str, CacheSpec] = policy.cache.aliases
         self.compress_min_bytes = policy.cache.settings.compress_min_bytes
         self._targets = {alias: tuple(t.name for t in policy.models[alias].targets) for alias in self.specs}
+        self._bases, self._scopes = _bases(policy)
         self._counting = frozenset(alias for alias in self.specs if reads_tokens(policy.models[alias].rules))
         self._tasks: set[asyncio.Task[Any]] = set()
         self.flights = Flights(store, policy.state.backend != "memory", self.spawn)
@@ -171,21 +172,25 @@ class ResponseCache:
     def key(self, ctx: RequestContext, rule: Rule | None) -> str:
         route = ctx.route
         assert route is not None
-        return cache_key(ctx.tenant, self.policy.version, ctx.endpoint, _plan(route.alias, rule),
-                         self._targets[route.alias], ctx.body)
+        plan = _plan(route.alias, rule)
+        return cache_key(ctx.tenant, self._bases[plan], ctx.endpoint, plan, self._targets[route.alias], ctx.body)
 
     # -- reading ----------------------------------------------------------------------------------------
 
-    async def read(self, key: str, max_age: float | None, alias: str, endpoint: Endpoint | None = None
-                   ) -> Entry | None:
+    async def read(self, key: str, max_age: float | None, alias: str, endpoint: Endpoint | None = None,
+                   unavailable: bool = False) -> Entry | None:
         """The entry stored under `key`, if it is usable: it decodes, it is an answer of `endpoint` (None: any
-        entry that decodes), and it is at most `max_age` old. One that is not is counted `corrupt`."""
+        entry that decodes), and it is at most `max_age` old. One that is not is counted `corrupt`. A store that
+        does not answer is a miss too, or, when `unavailable`, raises `StoreUnavailable` (counted all the same):
+        the semantic cache must not take it for an entry that is gone."""
         started = time.perf_counter()
         try:
             gets = self._gets
             value = await (self.store.get(ENTRY + key) if gets is None else gets.get(ENTRY + key))
         except StoreUnavailable:
             self.metrics.cache_errors.labels("unavailable").inc()
+            if unavailable:
+                raise
             return None
         finally:
             self._exact_lookup.observe(time.perf_counter() - started)
@@ -241,8 +246,9 @@ class ResponseCache:
         semantic = spec.semantic
         route = ctx.route
         assert semantic is not None and route is not None
-        found = semantic_scope(ctx.tenant, self.policy.version, ctx.endpoint, _plan(route.alias, rule),
-                               self._targets[route.alias], ctx.body)
+        plan = _plan(route.alias, rule)
+        found = semantic_scope(ctx.tenant, self._scopes[plan], ctx.endpoint, plan, self._targets[route.alias],
+                               ctx.body)
         if found is None or len(found[1]) > semantic.max_chars:
             return None, None, None
         scope, text = found
@@ -267,9 +273,14 @@ class ResponseCache:
         self.metrics.cache_similarity.labels(route.alias).observe(max(0.0, similarity))
         if similarity < semantic.threshold:
             return None, similarity, probe
-        entry = await self.read(key, max_age, route.alias, ctx.endpoint)
-        if entry is None:
+        try:  # (no `max_age` here: an entry too old for this request is still stored, and its vector stays)
+            entry = await self.read(key, None, route.alias, ctx.endpoint, unavailable=True)
+        except StoreUnavailable:  # not known to be gone: the vector stays for when the store answers again
+            return None, similarity, probe
+        if entry is None:  # expired (or corrupt, which the answer of this miss replaces): its vector goes
             index.remove(scope, key)
+        elif max_age is not None and time.time() - entry.created > max_age:
+            return None, similarity, probe
         return entry, similarity, probe
 
     def _guard_runtime(self, ctx: RequestContext) -> GuardRuntime | None:
@@ -345,6 +356,31 @@ class ResponseCache:
     def _stored(self, alias: str, outcome: str) -> str:
         self.metrics.cache_stores.labels(alias, outcome).inc()
         return outcome
+
+
+def _bases(policy: Policy) -> tuple[dict[str, str], dict[str, str]]:
+    """By plan (`_plan`) of every alias that caches, with no rule and with each rule that may apply to it: its
+    `answer_basis` (the exact keys), and, for an alias with a semantic cache, that basis with its embedder (the
+    semantic scopes: a vector is compared only with vectors of the same embedder, here and on other replicas)."""
+    models, providers = policy.models, policy.providers
+    bases: dict[str, str] = {}
+    scopes: dict[str, str] = {}
+    for alias, spec in policy.cache.aliases.items():
+        semantic = spec.semantic
+        embedder: list[Any] = []
+        if semantic is not None and semantic.embeddings is not None:
+            target = models[semantic.embeddings].targets[0]
+            embedder = ["alias", target_basis(target, providers[target.provider])]
+        elif semantic is not None:
+            embedder = ["local", semantic.model_dir]
+        for rule in (None, *models[alias].rules):
+            if rule is not None and rule.deny is not None:
+                continue  # refused: never looked up
+            plan = _plan(alias, rule)
+            bases[plan] = answer_basis(models, providers, alias, rule)
+            if semantic is not None:
+                scopes[plan] = answer_basis(models, providers, alias, rule, *embedder)
+    return bases, scopes
 
 
 def _plan(alias: str, rule: Rule | None) -> str:

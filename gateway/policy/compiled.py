@@ -240,7 +240,7 @@ class Rule:
 @dataclass(frozen=True, slots=True)
 class Policy:
     source: str
-    version: str  # sha256 over the policy's files, short: names this policy in headers, metrics, logs, cache keys
+    version: str  # sha256 over the policy's files, short: names this policy in headers, metrics, logs
     server: ServerSpec
     state: StoreConfig
     auth: AuthMode

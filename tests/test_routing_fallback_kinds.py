@@ -118,7 +118,7 @@ def test_every_target_refusing_its_credential_is_a_502_that_names_no_key(
     error = response.json()["error"]
     assert error["code"] == "all_targets_failed"
     assert "upstream `c` rejected the gateway's credentials (HTTP 401)" in error["message"]
-    assert "upstream `g` rejected the gateway's credentials (HTTP 401)" in error["message"]
+    assert "upstream `g` rejected the gateway's credentials (HTTP 400: its API key is not valid" in error["message"]
     assert response.headers["x-gateway-attempts"] == "2"
     for secret in (WRONG_ANTHROPIC, WRONG_GEMINI, "rotated-away"):
         assert secret not in response.text and secret not in str(response.headers)

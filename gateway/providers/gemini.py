@@ -21,7 +21,7 @@ from urllib.parse import quote
 import aiohttp
 import msgspec
 
-from ..errors import ContentPolicyViolation, ContextLengthExceeded, GatewayError, UpstreamError
+from ..errors import ContentPolicyViolation, ContextLengthExceeded, CredentialsRejected, GatewayError, UpstreamError
 from ..policy.compiled import ProviderConfig
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import EventSource
@@ -121,7 +121,9 @@ class GeminiProvider(OpenAICompatProvider):
             return ContextLengthExceeded(f"upstream `{self.name}` rejected the request: the prompt exceeds its "
                                          f"context window: {detail}")
         if status == 400 and (code in _KEY_REASONS or _BAD_KEY.search(raw[:4000])):  # Google's 400 for a bad key:
-            return status_error(self.name, 401, detail, None, code, raw)  # the gateway's, not the client's
+            # the gateway's, not the client's (its message says the status Google sent)
+            return CredentialsRejected(f"upstream `{self.name}` rejected the gateway's credentials (HTTP 400: its API "
+                                       "key is not valid, expired or not found)")
         if status in (400, 402):  # an account Google will not serve (out of credit, its location): not the client's
             refused = gemini_account_refusal(self.name, status, raw)
             if refused is not None:

@@ -141,6 +141,28 @@ def test_refused_credentials_open_the_targets_breaker(make_gateway: Make, upstre
     assert len(upstream.requests) == 2  # not asked again with the key it refuses
 
 
+
+def test_a_forced_try_of_the_only_open_target_is_no_fallback(make_gateway: Make, upstream: MockUpstream,
+                                                             upstream_b: MockUpstream) -> None:
+    """Every target's circuit open (`when_all_open: try_least_recent`, the default): the target tried anyway is
+    the one passed over, so nothing fell back; with another target closed, passing over the open one is one."""
+    running = make_gateway(routing_policy(upstream, upstream_b, """\
+        dead: {provider: a, model: fault-status-500}
+        m:
+          targets: [{provider: a, model: fault-status-500}, {provider: b, model: mock-model}]
+        """, extra="routing: {breaker: {failures: 2, cooldown_s: 30}}\n"))
+    for _ in range(2):
+        assert chat(running, "dead").status_code == 502
+    assert metric(running, "gateway_breaker_state", target="a/fault-status-500") == 2  # open
+    forced = chat(running, "dead")
+    assert forced.status_code == 502 and forced.headers["x-gateway-attempts"] == "1"
+    assert "x-gateway-fallback-reason" not in forced.headers
+    assert metric(running, "gateway_fallbacks_total", model="dead", reason="breaker_open") == 0
+    skipped = chat(running, "m")
+    assert target(skipped) == "b/mock-model" and skipped.headers["x-gateway-fallback-reason"] == "breaker_open"
+    assert metric(running, "gateway_fallbacks_total", model="m", reason="breaker_open") == 1
+
+
 # -- every local pool full ----------------------------------------------------------------------------------------
 
 

@@ -235,14 +235,18 @@ class Router:
     ) -> tuple[Reply | None, ModelRoute | None]:
         """Try the candidates in order. Returns a reply, or the context fallback's route, or (None, None)."""
         tried = False
+        skipped = 0  # candidates passed over, their circuit open: fallbacks once a later one is tried
         for target in candidates:
             if deadline is not None and asyncio.get_running_loop().time() >= deadline:
                 return None, None  # no time left for another target
             if not self.breakers.allow(target.name):
-                self._count(self.metrics.fallbacks, ctx.alias_label, "breaker_open").inc()
+                skipped += 1
+                continue
+            if skipped:  # (counted only now: with none left to try, the forced try below is no fallback)
+                self._count(self.metrics.fallbacks, ctx.alias_label, "breaker_open").inc(skipped)
                 if ctx.fallback_reason is None:
                     ctx.fallback_reason = "breaker_open"
-                continue
+                skipped = 0
             if tried:
                 self._fallback(ctx, failures[-1][2] if failures else "breaker_open")
             tried = True

@@ -100,7 +100,10 @@ class Gateway:
         router = Router(policy, providers, store, self.metrics, self.tokens, previous=earlier[0] if earlier else None)
         observers = TelemetryStages(policy, self.metrics, self.tokens.count)  # the optional ones the policy turns on
         shadow = Shadow(policy, policy.shadow, self.metrics, self.tokens) if policy.shadow is not None else None
-        cache = ResponseCache(policy, store, providers, self.metrics, self.tokens) if policy.cache.enabled else None
+        earlier_cache = next((s for s in previous.services if isinstance(s, ResponseCache)), None) \
+            if previous is not None else None  # (its semantic vectors stay: `ResponseCache`)
+        cache = ResponseCache(policy, store, providers, self.metrics, self.tokens, earlier_cache) \
+            if policy.cache.enabled else None
         metrics = self.metrics
         accounting = Accounting(policy, store, Ledger(store, metrics.accounting_pending, metrics.accounting_dropped),
                                 metrics, CountTokens(self.tokens)) \

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import httpx
@@ -124,3 +125,30 @@ def test_a_store_that_does_not_answer_keeps_the_vector(
     finally:
         running.stop()
         client.close()
+
+
+def test_a_reload_keeps_the_semantic_index(tmp_path: Path, upstream: MockUpstream,
+                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """A reload that changes nothing of what answers (here the entries' TTL) keeps the alias's vectors: a paraphrase
+    of a prompt stored before it is a semantic hit; one that changes the bound (`max_entries`) starts afresh."""
+    from tests.test_reload import on_loop
+
+    monkeypatch.setenv("MOCK_UPSTREAM_KEY", UPSTREAM_KEY)  # (a reload reads the environment)
+    source = tmp_path / "policy.yaml"
+    running = RunningGateway(cache_policy(upstream.base_url, models=SEMANTIC), {"MOCK_UPSTREAM_KEY": UPSTREAM_KEY},
+                             source=source).start()
+
+    def reload_to(semantic: str) -> None:
+        source.write_text(cache_policy(upstream.base_url, models=semantic))
+        assert on_loop(running, running.gateway.reload("test"))["result"] == "ok"
+
+    try:
+        assert ask(running, QUESTION).headers["x-gateway-cache"] == "miss"
+        reload_to(SEMANTIC.replace("cache: {", "cache: {ttl_s: 900, "))
+        kept = ask(running, PARAPHRASE)
+        assert kept.headers["x-gateway-cache"] == "semantic-hit" and answer(kept) == QUESTION
+        reload_to(SEMANTIC.replace("threshold: 0.8", "threshold: 0.8, max_entries: 50"))
+        fresh = ask(running, PARAPHRASE)  # a new index: the entry is stored, its vector is not
+        assert fresh.headers["x-gateway-cache"] == "miss" and answer(fresh) == PARAPHRASE
+    finally:
+        running.stop()

@@ -82,8 +82,13 @@ class SemanticProbe:
 
 
 class ResponseCache:
+    """The response cache of one policy. `previous`: the cache of the policy a reload replaces, whose semantic
+    indexes an alias keeps when its bound (`max_entries`) is the same: its vectors' scopes name what makes the
+    answers (`key.answer_basis`) and the embedder, so a vector of a scope the new policy no longer looks up is
+    never compared, and one whose entry went with the store is removed at its first match (`semantic_read`)."""
+
     def __init__(self, policy: Policy, store: Store, providers: Mapping[str, Provider], metrics: Metrics,
-                 tokens: TokenCounter) -> None:
+                 tokens: TokenCounter, previous: ResponseCache | None = None) -> None:
         self.policy = policy
         self.store = store
         self.metrics = metrics
@@ -103,7 +108,9 @@ class ResponseCache:
             semantic = spec.semantic
             if semantic is None:
                 continue
-            self.indexes[alias] = SemanticIndex(semantic.max_entries)
+            kept = previous.indexes.get(alias) if previous is not None else None
+            self.indexes[alias] = kept if kept is not None and kept.max_entries == semantic.max_entries else \
+                SemanticIndex(semantic.max_entries)
             if semantic.embeddings is not None:
                 target = policy.models[semantic.embeddings].targets[0]
                 self.embedders[alias] = AliasEmbedder(providers[target.provider], target.upstream_model)

@@ -113,8 +113,8 @@ class Admission(Taking):
                 messages = body.get("messages") if endpoint is _CHAT else None  # (another API's: not read)
                 estimate = self.prompts.plain(messages, scopes.model) if type(messages) is list \
                     and "tools" not in body else None  # (the general count's answer for such a chat, without its steps)
-                bill.prompt_estimate = (self.prompts.estimate_body(body, scopes.model, endpoint) if estimate is None
-                                        else estimate)
+                bill.prompt_estimate = (self.prompts.estimate_body(body, scopes.model, endpoint)
+                                        + ctx.continued_tokens if estimate is None else estimate)
             if ("max_tokens" in body or "max_completion_tokens" in body or "max_output_tokens" in body
                     or not endpoint.streams):
                 bill.completion_cap, bill.explicit_cap = completion_cap(endpoint.streams, body, self.default_cap,
@@ -231,7 +231,7 @@ class Admission(Taking):
         route = ctx.route
         if not bill.prompt_estimate:  # (else a large body's, counted in a thread: `presize`)
             model = route.upstream_model if route is not None else None
-            bill.prompt_estimate = self.prompts.estimate_body(ctx.body, model, ctx.endpoint)
+            bill.prompt_estimate = self.prompts.estimate_body(ctx.body, model, ctx.endpoint) + ctx.continued_tokens
         bill.completion_cap, bill.explicit_cap = completion_cap(ctx.endpoint.streams, ctx.body, self.default_cap,
                                                                 ctx.endpoint)
 

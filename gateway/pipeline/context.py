@@ -80,6 +80,9 @@ class RequestContext:
     # once for the guard and cache stages and the router alike (each matches the rules), with `route`'s tokenizer (set
     # before them all). None until then, and again once a guard rewrote the body.
     prompt_tokens: int | None = None
+    # A Responses continuation's context kept at the upstream, in tokens (`pipeline.response_owners`: the size of the
+    # response it continues, where tenants are apart), which the upstream bills as input: an estimate counts it.
+    continued_tokens: int = 0
     target: Target | None = None  # the target that answered (or was tried last)
     attempt_count: int = 0
     attempts: list[tuple[str, str, float]] | None = None  # (target, outcome, ms) once more than one ran

@@ -10,7 +10,8 @@ which names no other tenant, and is never forwarded.
 
 State the gateway cannot tie to a tenant is refused (400, naming the field): a `conversation` (an id of the
 Conversations API, which the gateway does not serve: such an id was made outside it, under the provider's key)
-and an input item of type `item_reference` (a stored item named by id, another response's as well).
+and an item reference (a stored item named by id, another response's as well): an input item of type
+`item_reference`, or one with no `type` (or null, whose default that type is) naming an `id` that is not a message.
 
 Called by `stages.Authorize` for the Responses endpoint only, and only under `auth: keys` where callers may belong
 to different tenants (the policy names more than one, or `dynamic_keys` is on): under `auth: none` every caller is
@@ -18,7 +19,8 @@ the one tenant, `anonymous`, and with one tenant named there is nothing to keep 
 checked or recorded (and a continuation then works with `--workers` on the memory store). A response made while
 there was one tenant is recorded for no one: once a reload names a second, it cannot be continued.
 Other endpoints pay one comparison. A Responses answer costs one store write (none with `store:
-false`: the upstream keeps nothing); a continuation, one read. The write is awaited before the answer (or,
+false`: the upstream keeps nothing), a streamed one a second at its end (the record's value, the answer's size in
+tokens, known once its usage came); a continuation, one read. The write is awaited before the answer (or,
 streamed, its first event naming the response) reaches the client, so that the id can be continued as soon as
 the client has it, on any replica sharing the store.
 
@@ -39,6 +41,7 @@ import msgspec
 
 from ..errors import GatewayError, InvalidRequest, Unsupported
 from ..schemas.events import Chunk, StreamEvent
+from ..schemas.openai import MAX_USAGE_TOKENS
 from ..store.base import StoreUnavailable
 from .context import Reply, RequestContext
 from .runner import Next
@@ -87,7 +90,7 @@ async def guarded(ctx: RequestContext, call_next: Next) -> Reply:
     """A Responses request of a keyed tenant: its references to upstream state checked, its answer recorded."""
     body = ctx.body
     tenant = ctx.tenant
-    _refuse_untied(body, ctx.request)
+    _refuse_untied(body)
     previous = body.get("previous_response_id")
     if previous is not None:
         await _check(ctx, tenant, previous)
@@ -97,23 +100,35 @@ async def guarded(ctx: RequestContext, call_next: Next) -> Reply:
     if reply.stream is not None:
         reply.stream.add(_RecordFirstId(tenant))
     elif reply.body is not None:
-        await _record(ctx, tenant, _answer_id(reply.body))
+        await _record(ctx, tenant, _answer_id(reply.body), _size(ctx))
     return reply
 
 
-def _refuse_untied(body: dict[str, Any], request: Any) -> None:
+def _refuse_untied(body: dict[str, Any]) -> None:
     if body.get("conversation") is not None:
         raise Unsupported(
             "`conversation` is not supported by this gateway: it does not serve the Conversations API, so it cannot "
             "tell whose conversation this is. Chain responses with `previous_response_id`, or send the conversation "
             "in `input`.", param="conversation")
-    items = getattr(request, "input", None)
-    if isinstance(items, list):
+    items = body.get("input")
+    if type(items) is list:  # (a list of objects: ingress checked it)
         for at, item in enumerate(items):
-            if item.type == "item_reference":
+            if _names_a_stored_item(item):
                 raise Unsupported(
-                    "input items of type `item_reference` are not supported by this gateway: it cannot tell whose "
-                    "stored item this is. Send the item itself.", param=f"input[{at}]")
+                    "input items of type `item_reference` (or with no `type` that name an item by `id`) are not "
+                    "supported by this gateway: it cannot tell whose stored item this is. Send the item itself.",
+                    param=f"input[{at}]")
+
+
+def _names_a_stored_item(item: dict[str, Any]) -> bool:
+    """An item reference, which OpenAI resolves against the provider account's stored items, whoever's: `type:
+    "item_reference"`, or no `type` (or null: the type's default is `item_reference`, OpenAI's schema and SDKs
+    send `{"id": ...}` alone) on an item with an `id` that is not a message (a `role` and its `content`: a message
+    may leave out its `type` too, and carries its text itself)."""
+    kind: object = item.get("type")
+    if kind is None:
+        return "id" in item and not ("role" in item and "content" in item)
+    return kind == "item_reference"
 
 
 async def _check(ctx: RequestContext, tenant: str, previous: Any) -> None:
@@ -128,6 +143,8 @@ async def _check(ctx: RequestContext, tenant: str, previous: Any) -> None:
     if owned is None:  # never made for this tenant (another's, expired, `store: false`, or unknown): OpenAI's words
         raise InvalidRequest(f"Previous response with id '{_printable(previous)}' not found.",
                              param="previous_response_id", code="previous_response_not_found")
+    if owned.isdigit():  # its size (`_size`): what the upstream bills this request's input at least
+        ctx.continued_tokens = min(int(owned), MAX_USAGE_TOKENS)
 
 
 def _answer_id(body: bytes) -> Any:
@@ -137,11 +154,22 @@ def _answer_id(body: bytes) -> Any:
         return None
 
 
-async def _record(ctx: RequestContext, tenant: str, response_id: Any) -> None:
+def _size(ctx: RequestContext) -> int:
+    """The tokens of the context a continuation of this answer carries at the upstream: its input and its output
+    (which the upstream bills as the continuation's input), as far as they are known (else 1)."""
+    usage = ctx.usage
+    if usage is None or not usage.usable():
+        return 1
+    return max(1, usage.prompt_tokens + usage.completion_tokens)
+
+
+async def _record(ctx: RequestContext, tenant: str, response_id: Any, size: int = 1) -> None:
+    """The record's value is the answer's size in tokens (`_size`): a continuation's bill, when the upstream's
+    usage never comes (the client left first), counts at least that as its input (`ctx.continued_tokens`)."""
     if type(response_id) is not str or not response_id:
         return
     try:
-        await ctx.runtime.store.set(record_key(tenant, response_id), b"1", OWNER_TTL_S)
+        await ctx.runtime.store.set(record_key(tenant, response_id), str(size).encode(), OWNER_TTL_S)
     except StoreUnavailable:  # the answer is made and paid for: served; only its continuation will be refused
         log.warning("a response's owner was not recorded (the store did not answer): it cannot be continued",
                     extra={"fields": {"request_id": ctx.request_id}})
@@ -156,7 +184,7 @@ class _RecordFirstId:
 
     def __init__(self, tenant: str) -> None:
         self.tenant = tenant
-        self.done = False
+        self.done: Any = False  # then the id recorded
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         if self.done:
@@ -165,13 +193,15 @@ class _RecordFirstId:
             if type(event) is Chunk:
                 response_id = _event_response_id(event.payload)
                 if response_id is not None:
-                    self.done = True
+                    self.done = response_id
                     await _record(ctx, self.tenant, response_id)
                     break
         return events
 
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
-        return None
+        """The record again, with the answer's size, once its usage came (a second write, at the stream's end)."""
+        if self.done is not False and end.outcome == "done" and ctx.usage is not None:
+            await _record(ctx, self.tenant, self.done, _size(ctx))
 
 
 def _event_response_id(payload: bytes) -> Any:

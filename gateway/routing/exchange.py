@@ -20,11 +20,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import UpstreamError, UpstreamTimeout
+from ..errors import Unsupported, UpstreamError, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.streams import ReplyStream, StreamEnd
 from ..policy.compiled import ModelRoute, Target
 from ..providers.base import Call, Completion, Provider
+from ..schemas.endpoints import Endpoint
 from ..schemas.events import StreamEvent
 from .attempts import DeadlineExceeded, Replay, classify, peek
 from .stats import TargetStats
@@ -58,6 +59,8 @@ async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provi
     """One call of `target`'s provider: a complete answer (with its usage on `ctx`), or a stream, held until its
     first content event unless nothing could replace it (a lone target, no retries, no context fallback) and no
     deadline bounds it (`deadline_s` runs until a stream's first chunk)."""
+    if ctx.attempts is not None and ctx.endpoint is _RESPONSES:  # (None until an attempt failed: the usual request)
+        _stay_with_the_state(ctx, route, target)
     started = time.perf_counter()
     stats.in_flight += 1
     if not ctx.stream:
@@ -107,6 +110,29 @@ async def exchange(ctx: RequestContext, route: ModelRoute, target: Target, provi
         ctx.upstream_seconds = time.perf_counter() - ctx.upstream_started
     stats.observe(True, time.perf_counter() - started)
     return Reply(stream=ReplyStream(Replay(source, buffered, iterator, stats.release), ctx))
+
+
+_RESPONSES = Endpoint.RESPONSES
+
+
+def _stay_with_the_state(ctx: RequestContext, route: ModelRoute, target: Target) -> None:
+    """A Responses continuation (`previous_response_id`) after a failed attempt goes only to a target of the
+    provider the walk tried first: that upstream keeps the response it continues, another one (another account, or
+    another API altogether) answers a permanent 400 `previous_response_not_found`, which the SDKs do not retry, in
+    place of the first one's error (a 5xx, a timeout: worth a retry). A target of another provider is passed over as
+    one that lacks a field is (`Unsupported`: nothing sent, no attempt counted), so the client gets the error of the
+    attempts that could have answered (`attempts.aggregate`). Retries on the first provider's targets go on."""
+    if ctx.body.get("previous_response_id") is None:
+        return
+    assert ctx.attempts is not None
+    first = ctx.attempts[0][0]
+    if first == target.name:
+        return
+    holder = next((t.provider for t in (*ctx.candidates, *route.targets) if t.name == first), None)
+    if holder != target.provider:
+        raise Unsupported(f"`previous_response_id` names a response kept by the upstream tried first "
+                          f"(`{holder}`), which `{target.provider}` cannot continue: not sent there",
+                          param="previous_response_id")
 
 
 class _Measured:

@@ -21,9 +21,10 @@ __all__ = ["ResponsesEventPeek", "ResponsesPeek", "ResponsesRequest", "Responses
 
 class InputItem(Struct):
     """An input item, as far as ingress checks it: a `type` that is a string when given (a message item may leave
-    it out; OpenAI refuses any other value). Its other fields are not typed, and the dict travels on whole."""
+    it out, and an item reference may leave it out or send null, its default being `item_reference`: OpenAI
+    refuses any other value). Its other fields are not typed, and the dict travels on whole."""
 
-    type: str = ""
+    type: str | None = ""
 
 
 class ResponsesRequest(Struct, kw_only=True):

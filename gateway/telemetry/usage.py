@@ -96,7 +96,7 @@ class CountTokens:
         if so_far is not None and so_far.usable():
             ctx.usage_estimated = True
             return _after_prompt(so_far, completion_tokens)
-        prompt = await self._prompt(ctx)
+        prompt = await self._prompt(ctx) + ctx.continued_tokens  # (a continuation's kept context: billed as input)
         ctx.usage_estimated = True
         return Usage(prompt, completion_tokens, prompt + completion_tokens)
 

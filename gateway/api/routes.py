@@ -1,4 +1,5 @@
-"""The non-proxied routes: model listing, health, readiness, metrics."""
+"""The non-proxied routes: model listing (in OpenAI's shape, or Anthropic's: `api/models.py`), health, readiness,
+metrics."""
 
 from __future__ import annotations
 
@@ -12,9 +13,12 @@ from ..auth.dynamic import find_key
 from ..errors import AuthenticationFailed, GatewayError, NotFound
 from ..guards.runtime import GuardRuntime
 from ..pipeline.stages import authenticate, model_not_found
+from ..policy.compiled import ModelRoute
 from ..runtime import Runtime
 from ..telemetry.metrics import CONTENT_TYPE, Metrics
-from .asgi import RequestHeaders, RequestIds
+from ..translate.anthropic_errors import anthropic_error_body
+from .asgi import RequestHeaders, RequestIds, error_header_map
+from .models import anthropic_client, anthropic_model, anthropic_page, openai_model
 
 __all__ = ["OpsHost", "bearer_matches", "ops_routes"]
 
@@ -53,36 +57,61 @@ def bearer_matches(headers: RequestHeaders, token: str | None) -> bool:
 def ops_routes(host: OpsHost) -> list[Any]:
     """Route handlers bound to one gateway (closures over `host`, so several gateways can share a process)."""
 
-    async def visible_models(request: Request[Any, Any, Any]) -> tuple[str, list[dict[str, Any]]]:
-        headers = RequestHeaders(request.scope["headers"], host.request_ids)
+    async def visible_models(headers: RequestHeaders) -> tuple[int, list[ModelRoute]]:
+        """The runtime's `created` and the routes of the aliases the request's key may use, in policy order (no
+        key or a wrong one is refused: `authenticate`)."""
         runtime = host.acquire_runtime()  # a key created at run time is looked up in its store
         try:
             if runtime.dynamic_keys is None:
                 key = authenticate(runtime.policy, headers.credential)
             else:
                 key = await find_key(runtime.policy, headers.credential, runtime.dynamic_keys)
-            models = [
-                {"id": alias, "object": "model", "created": runtime.created, "owned_by": route.provider}
-                for alias, route in runtime.policy.models.items()
-                if key is None or key.allows(alias)
-            ]
+            routes = [route for alias, route in runtime.policy.models.items() if key is None or key.allows(alias)]
+            return runtime.created, routes
         finally:
             runtime.release()
-        return headers.request_id, models
 
     @get("/v1/models")
     async def list_models(request: Request[Any, Any, Any]) -> Response[bytes]:
-        request_id, models = await visible_models(request)
-        return _json({"object": "list", "data": models}, request_id)
+        headers = RequestHeaders(request.scope["headers"], host.request_ids)
+        if anthropic_client(request.scope["headers"]):
+            return await anthropic_models(request, headers, None)
+        created, routes = await visible_models(headers)
+        return _json({"object": "list", "data": [openai_model(model, created) for model in routes]},
+                     headers.request_id)
 
     @get("/v1/models/{model_id:path}")
     async def get_model(request: Request[Any, Any, Any], model_id: str) -> Response[bytes]:
-        request_id, models = await visible_models(request)
+        headers = RequestHeaders(request.scope["headers"], host.request_ids)
         wanted = model_id.lstrip("/")
-        for model in models:
-            if model["id"] == wanted:
-                return _json(model, request_id)
+        if anthropic_client(request.scope["headers"]):
+            return await anthropic_models(request, headers, wanted)
+        created, routes = await visible_models(headers)
+        for model in routes:
+            if model.alias == wanted:
+                return _json(openai_model(model, created), headers.request_id)
         raise model_not_found(wanted)
+
+    async def anthropic_models(request: Request[Any, Any, Any], headers: RequestHeaders,
+                               wanted: str | None) -> Response[bytes]:
+        """Anthropic's Models API: the list (`wanted` None) or one model; a refusal in Anthropic's envelope with
+        `request-id`, as `/v1/messages` answers (the app's error handlers choose the envelope by the path alone)."""
+        request_id = headers.request_id
+        try:
+            created, routes = await visible_models(headers)
+            if wanted is None:
+                body = anthropic_page(routes, created, request.query_params)
+            else:
+                model = next((model for model in routes if model.alias == wanted), None)
+                if model is None:
+                    raise model_not_found(wanted)
+                body = anthropic_model(model, created)
+        except GatewayError as error:
+            return Response(anthropic_error_body(error, request_id), status_code=error.status,
+                            media_type="application/json",
+                            headers={**error_header_map(error, request_id), "request-id": request_id})
+        return Response(_encode(body), media_type="application/json",
+                        headers={"x-request-id": request_id, "request-id": request_id})
 
     # GET and HEAD: load balancers' health checks use either (HEAD: the same status and headers, no body).
     @route("/healthz", http_method=[HttpMethod.GET, HttpMethod.HEAD], sync_to_thread=False)

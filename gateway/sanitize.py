@@ -1,10 +1,15 @@
-"""What of an upstream's error message a client may see: the scrub of credentials and addresses.
+"""What of an error message a client may see: an upstream's, scrubbed of credentials and addresses; its own, bounded.
 
 An upstream's error text is useful to a client ("max_tokens is too large") but may
 carry what must never reach one: the gateway's own provider credential echoed back,
 internal addresses and host names, credential-shaped tokens. It is kept apart from
 the error tree (`errors`) because it is a parser of hostile text with rules of its
 own, run only on error paths.
+
+A 400 that quotes what the client sent (an unknown model, field or enum value) quotes
+it through `printable` (msgspec's messages through `validation_error`): a bounded,
+printable form, not a megabyte of it with the escape sequences a terminal or log
+viewer showing the error would act on.
 """
 
 from __future__ import annotations
@@ -16,7 +21,20 @@ from urllib.parse import urlsplit
 
 from .secret_removal import prepare_secrets, remove_secrets, spaced
 
-__all__ = ["prepare_secrets", "remove_secrets", "sanitize_upstream_message"]
+__all__ = ["ECHO_LIMIT", "prepare_secrets", "printable", "remove_secrets", "sanitize_upstream_message",
+           "validation_error"]
+
+# The characters of a client's value an error message quotes: enough to recognise it.
+ECHO_LIMIT = 64
+# msgspec's path to a bad value (`messages[0].content[2].type`): the schema's names and indexes, but nested arrays
+# and objects make it long, and where no path follows, the tail of the client's own text may look like one.
+_PATH_LIMIT = 200
+# A message the gateway did not expect to quote client text: bounded all the same.
+_MESSAGE_LIMIT = 500
+# msgspec's messages that quote the client's value: as its repr (`Invalid enum value 'x'`), or a field name as it
+# is (`Object contains unknown field `x``, control characters and all).
+_QUOTING = ("Invalid enum value ", "Invalid value ", "Object contains unknown field ")
+_QUOTES = frozenset("'\"`")
 
 # The scrub is a set of shape rules plus removal of the configured secrets by
 # value. It runs only on error paths, but it runs on text an upstream controls,
@@ -89,6 +107,39 @@ _HOST_SUFFIXES = frozenset(
         "private", "priv", "svc", "cluster", "consul", "test", "example", "invalid", "arpa",
     }
 )
+
+
+def printable(text: str, limit: int = ECHO_LIMIT) -> str:
+    """`text` as an error message quotes it: its first `limit` characters, each one not printable as `?` (escape
+    sequences, line breaks), and `...` when cut. The one form every 400 quoting a client's value uses."""
+    short = text[:limit]
+    if not short.isprintable():
+        short = "".join(c if c.isprintable() else "?" for c in short)
+    return short + "..." if len(text) > limit else short
+
+
+def validation_error(exc: Exception) -> tuple[str, str]:
+    """A msgspec `ValidationError` as (message, path) a client may be shown, the path without its `$.` (`""`: none).
+
+    msgspec quotes the bad value whole (`Invalid enum value '<a megabyte>'`), an unknown field's name even with its
+    control characters: that value is cut to `ECHO_LIMIT` printable characters, the path (what follows the last
+    ` - at `$`) to `_PATH_LIMIT`, any other message to `_MESSAGE_LIMIT`. Error path only."""
+    text = str(exc)
+    message, at, path = text.rpartition(" - at `$")
+    if not at or not path.endswith("`"):
+        message, path = text, "`"
+    return _bounded(message), printable(path[:-1].lstrip("."), _PATH_LIMIT)
+
+
+def _bounded(message: str) -> str:
+    for prefix in _QUOTING:
+        if message.startswith(prefix):
+            value = message[len(prefix):]
+            quote = value[:1]
+            if len(value) > 1 and quote in _QUOTES and value.endswith(quote):
+                return f"{prefix}{quote}{printable(value[1:-1])}{quote}"
+            return prefix + printable(value)
+    return printable(message, _MESSAGE_LIMIT)
 
 
 def sanitize_upstream_message(

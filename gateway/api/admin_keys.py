@@ -25,6 +25,7 @@ from ..auth.registry import KeyRegistry, LeftBehind
 from ..errors import GatewayError, InvalidRequest, KeysUnavailable, NotFound
 from ..policy.accounting_schema import BudgetSpec, LimitSpec
 from ..runtime import Runtime
+from ..sanitize import printable, validation_error
 from ..store.base import StoreUnavailable
 from ..telemetry.metrics import Metrics
 
@@ -198,7 +199,7 @@ def _check_create(spec: CreateKey, runtime: Runtime) -> list[str] | None:
     else:
         for index, alias in enumerate(spec.models):
             if alias not in aliases:
-                raise InvalidRequest(f"models[{index}]: no alias `{_printable(alias)}` in the policy",
+                raise InvalidRequest(f"models[{index}]: no alias `{printable(alias)}` in the policy",
                                      param=f"models[{index}]")
         models = list(dict.fromkeys(spec.models))
     budget = spec.budget
@@ -207,7 +208,8 @@ def _check_create(spec: CreateKey, runtime: Runtime) -> list[str] | None:
             raise InvalidRequest("budget.window_s is needed with `period: rolling`, and only then",
                                  param="budget.window_s")
         if budget.downgrade is not None and budget.downgrade.alias not in aliases:
-            raise InvalidRequest(f"budget.downgrade.alias: no alias `{budget.downgrade.alias}` in the policy",
+            missing = printable(budget.downgrade.alias)
+            raise InvalidRequest(f"budget.downgrade.alias: no alias `{missing}` in the policy",
                                  param="budget.downgrade.alias")
     return models
 
@@ -218,8 +220,8 @@ def _decode(raw: bytes, kind: type[T]) -> T:
     try:
         return msgspec.json.decode(raw, type=kind)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        param = where.rstrip("`").lstrip(".") or None
+        message, where = validation_error(exc)  # msgspec quotes the bad value: bounded, printable
+        param = where or None
         unknown = _UNKNOWN_FIELD.search(message)
         if unknown is not None:
             param = ".".join(p for p in (param, unknown.group(1)) if p)
@@ -244,11 +246,7 @@ def _found(found: T | None, key_id: str) -> T:
 
 
 def _no_such_key(key_id: str) -> NotFound:
-    return NotFound(f"no key `{_printable(key_id)}` (never created, or revoked)", code="key_not_found")
-
-
-def _printable(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text[:64])
+    return NotFound(f"no key `{printable(key_id)}` (never created, or revoked)", code="key_not_found")
 
 
 def _json(data: dict[str, Any], request_id: str, status: int = 200) -> Response[bytes]:

@@ -52,6 +52,7 @@ from typing import Any
 import msgspec
 
 from ..errors import GatewayError, InvalidRequest, Unsupported
+from ..sanitize import printable
 from ..schemas.events import Chunk, StreamEvent
 from ..schemas.openai import MAX_USAGE_TOKENS
 from ..store.base import StoreUnavailable
@@ -228,7 +229,7 @@ async def _check(ctx: RequestContext, tenant: str, previous: Any, named: dict[An
     if previous is not None:
         owned = found[0]
         if owned is None:  # never made for this tenant (another's, expired, `store: false`, unknown): OpenAI's words
-            raise InvalidRequest(f"Previous response with id '{_printable(previous)}' not found.",
+            raise InvalidRequest(f"Previous response with id '{printable(previous)}' not found.",
                                  param="previous_response_id", code="previous_response_not_found")
         if owned.isdigit():  # its size (`_size`): what the upstream bills this request's input at least
             ctx.continued_tokens = min(int(owned), MAX_USAGE_TOKENS)
@@ -358,8 +359,3 @@ def _event_reasoning_id(payload: bytes) -> str | None:
     if event.type not in _ITEM_EVENTS or item is None or item.type != "reasoning":
         return None
     return item.id if type(item.id) is str and item.id else None
-
-
-def _printable(text: str) -> str:
-    short = text[:64]
-    return "".join(c if c.isprintable() else "?" for c in short) + ("..." if len(text) > 64 else "")

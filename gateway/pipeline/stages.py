@@ -32,6 +32,7 @@ from ..errors import (
     ModelNotFound,
 )
 from ..policy.compiled import Policy
+from ..sanitize import printable, validation_error
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import StreamOptions
 from ..translate.common import MARKS
@@ -45,8 +46,10 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BODIES",
+    "MAX_JSON_CONTAINERS",
     "MAX_JSON_DEPTH",
     "TOO_DEEP",
+    "TOO_MANY_CONTAINERS",
     "Admit",
     "Authenticate",
     "Authorize",
@@ -55,6 +58,7 @@ __all__ = [
     "Ingress",
     "SelectTarget",
     "authenticate",
+    "check_containers",
     "check_depth",
     "model_not_found",
 ]
@@ -65,6 +69,13 @@ _decode_json = msgspec.json.Decoder().decode
 # recursion limit, about 1,000 levels less the frames below). serde_json's default is the same 128.
 MAX_JSON_DEPTH = 128
 TOO_DEEP = f"the request body nests arrays and objects more than {MAX_JSON_DEPTH} deep"
+# Arrays and objects a request body may hold in all: each costs the event loop about half a microsecond to decode
+# and as much again to walk for its depth, all in one go (msgspec holds the GIL), so a 4 MiB body of 2 million empty
+# arrays held every request of the process for seconds. Far more than any API's request needs (2,048 embedding
+# inputs as token arrays are 2,049; a long agent conversation with its tools' schemas, a few thousand); at most
+# some 30 ms of the loop.
+MAX_JSON_CONTAINERS = 50_000
+TOO_MANY_CONTAINERS = f"the request body holds more than {MAX_JSON_CONTAINERS} arrays and objects"
 
 
 class BodiesInFlight:
@@ -248,6 +259,7 @@ def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec
     """The body as a dict (forwarded, unknown fields and all) and as the endpoint's typed struct."""
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object")
+    check_containers(raw)
     try:
         body = _decode_json(raw)
     except RecursionError as exc:
@@ -264,14 +276,39 @@ def decode_body(raw: bytes, endpoint: Endpoint) -> tuple[dict[str, Any], msgspec
     try:
         typed = msgspec.convert(body, endpoint.request_type, str_keys=True)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        at = where.rstrip("`").lstrip(".") or None
+        message, where = validation_error(exc)  # msgspec quotes the bad value: bounded, printable
+        at = where or None
         param = at
         missing = _MISSING.match(message)  # a required field absent: the parameter is that field, where it belongs
         if missing is not None:
             param = f"{at}.{missing[1]}" if at else missing[1]
         raise InvalidRequest(f"invalid request: {message}" + (f" at `{at}`" if at else ""), param=param) from exc
     return body, typed
+
+
+def check_containers(raw: bytes) -> None:
+    """400 when `raw` holds more than `MAX_JSON_CONTAINERS` arrays and objects, before it is decoded.
+
+    Free for a body shorter than twice the limit (each takes two bytes at least): nearly every body, one
+    comparison. A longer one has its `[` and `{` bytes counted (in C: about 0.3 ms a MB each); only when those
+    are more than the limit are the ones inside strings told apart (`_containers`).
+    """
+    if len(raw) > 2 * MAX_JSON_CONTAINERS and _containers(raw) > MAX_JSON_CONTAINERS:
+        raise InvalidRequest(TOO_MANY_CONTAINERS)
+
+
+def _containers(raw: bytes) -> int:
+    """The `[` and `{` of `raw` outside its strings: its arrays and objects, when it is JSON at all.
+
+    Escaped backslashes, then escaped quotes, are taken out, so that the quotes left delimit the strings: every
+    other piece between them is outside one. All in C: a few ms a MB, at worst some 20 ms a MB for a body of
+    nothing but one-character strings (which takes some 7 ms a MB to decode).
+    """
+    count = raw.count(b"[") + raw.count(b"{")
+    if count <= MAX_JSON_CONTAINERS:
+        return count
+    outside = b"".join(raw.replace(b"\\\\", b"").replace(b'\\"', b"").split(b'"')[::2])
+    return outside.count(b"[") + outside.count(b"{")
 
 
 def check_depth(raw: bytes, body: Any) -> None:
@@ -340,13 +377,8 @@ def _tenants_apart(policy: Any) -> bool:
 
 def model_not_found(alias: str) -> ModelNotFound:
     return ModelNotFound(
-        f"The model `{_printable(alias)}` does not exist or you do not have access to it.", param="model",
+        f"The model `{printable(alias)}` does not exist or you do not have access to it.", param="model",
     )
-
-
-def _printable(text: str) -> str:
-    short = text[:64]
-    return "".join(c if c.isprintable() else "?" for c in short) + ("..." if len(text) > 64 else "")
 
 
 class SelectTarget:

@@ -22,6 +22,7 @@ from ..errors import GatewayError, InvalidRequest, NotFound
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import StreamEnd
+from ..sanitize import validation_error
 from ..schemas.events import StreamEvent
 from ..store.base import Store, StoreUnavailable
 from .labels import OTHER
@@ -96,7 +97,8 @@ async def take_feedback(
     try:
         body = msgspec.json.decode(raw, type=FeedbackBody)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid feedback: {exc}") from exc
+        message, at = validation_error(exc)  # msgspec quotes the bad value (an unknown field's name): bounded
+        raise InvalidRequest(f"invalid feedback: {message}" + (f" at `{at}`" if at else ""), param=at or None) from exc
     except msgspec.DecodeError as exc:
         raise InvalidRequest("the feedback body is not valid JSON") from exc
     key = record_key(tenant, body.request_id)

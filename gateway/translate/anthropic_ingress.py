@@ -34,7 +34,8 @@ from typing import Annotated, Any
 import msgspec
 
 from ..errors import InvalidRequest
-from ..pipeline.stages import TOO_DEEP, check_depth
+from ..pipeline.stages import TOO_DEEP, check_containers, check_depth
+from ..sanitize import printable, validation_error
 from ..schemas.openai import ChatRequest
 from .anthropic_errors import anthropic_error_body, error_type
 from .cache_control import CACHE, CACHE_MARK
@@ -134,6 +135,7 @@ class MessagesRequest(CountTokensRequest, kw_only=True):
 def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
     if not raw:
         raise InvalidRequest("the request body is empty; expected a JSON object")
+    check_containers(raw)
     try:
         body = _decode(raw)
     except RecursionError as exc:
@@ -146,8 +148,8 @@ def _checked(raw: bytes, shape: type[Any]) -> dict[str, Any]:
     try:
         msgspec.convert(body, shape, str_keys=True)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).partition(" - at `$")
-        param = where.rstrip("`").replace("[", ".").replace("]", "").lstrip(".") or None  # `tools.0`, as elsewhere
+        message, where = validation_error(exc)  # msgspec quotes the bad value: bounded, printable
+        param = where.replace("[", ".").replace("]", "").lstrip(".") or None  # `tools.0`, as elsewhere
         raise InvalidRequest(f"{message}" + (f" at `{param}`" if param else ""), param=param) from exc
     return body
 
@@ -169,7 +171,8 @@ def chat_request(raw: bytes) -> tuple[dict[str, Any], msgspec.Struct]:
     try:
         typed = msgspec.convert(chat, ChatRequest, str_keys=True)
     except msgspec.ValidationError as exc:
-        raise InvalidRequest(f"invalid request: {exc}") from exc
+        message, at = validation_error(exc)  # (of the translated request: no `param` of the client's)
+        raise InvalidRequest(f"invalid request: {message}" + (f" at `{at}`" if at else "")) from exc
     return chat, typed
 
 
@@ -198,6 +201,7 @@ class _Cache:
 def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     for field in body:
         if field not in _KNOWN:
+            field = printable(field)
             raise InvalidRequest(f"`{field}` is not supported by this gateway's /v1/messages", param=field)
     cache = _Cache(keep=not count_only)
     messages: list[dict[str, Any]] = []
@@ -308,6 +312,7 @@ def _message(message: Any, index: int, cache: _Cache, thought: bool = True, *, f
                 field = "thinking` and `signature" if kind == "thinking" else "data"
                 raise InvalidRequest(f"`{at}`: a `{kind}` block needs `{field}` as strings", param=at)
         else:
+            kind = printable(str(kind))
             raise InvalidRequest(f"`{at}`: a `{kind}` block is not supported here by this gateway", param=at)
     out: list[dict[str, Any]] = list(results)
     if role == "assistant":

@@ -321,11 +321,15 @@ def served_app(app: Litestar) -> ASGIApp:
     event; served in front of it, that frame is gone. Whatever they do not take (other paths, bad
     `Host` headers, lifespan) goes to litestar as before, whose inner direct routes pass it on.
     The server must be told the interface (`asgi3`): the front is not a coroutine function.
+    The front also holds the gateway's `Host` and `Origin` checks without keys (`direct_routes.LoopbackGate`), on
+    every request it serves: it is there, without routes, even when litestar's had none installed.
     """
     inner = getattr(app, "asgi_handler", None)
     gateway = getattr(app.state, "gateway", None)
-    front = _StartupReport(app, gateway) if isinstance(gateway, Gateway) else app
-    return inner.in_front_of(front) if isinstance(inner, DirectRoutes) else front
+    if not isinstance(gateway, Gateway):
+        return inner.in_front_of(app) if isinstance(inner, DirectRoutes) else app
+    front = _StartupReport(app, gateway)
+    return (inner if isinstance(inner, DirectRoutes) else DirectRoutes({}, front)).in_front_of(front, gateway)
 
 
 class _StartupReport:

@@ -170,6 +170,8 @@ DESCRIPTIONS: dict[str, str] = {
 EXAMPLES: dict[str, list[Any]] = {
     "PolicySpec.include": [["providers.yaml", "tenants/*.yaml"]],
     "ServerSpec.shadow_policy": ["candidate.yaml"],
+    "ServerSpec.allowed_hosts": [["llm.internal", "*.corp.example"]],
+    "ServerSpec.allowed_origins": [["https://chat.corp.example"]],
     "ProviderSpec.base_url": ["https://api.openai.com/v1", "http://127.0.0.1:8000/v1"],
     "ProviderSpec.api_key_env": ["OPENAI_API_KEY"],
     "KeySpec.hash": ["sha256:" + "0" * 64],

@@ -72,6 +72,14 @@ GATEWAY_BODY_FIELDS = MappingProxyType({
 })
 _GATEWAY_MARK = "_gateway_"  # the fields the ingress marks a request with for the providers (`translate.common`)
 AuthMode = Literal["none", "keys"]
+# `server.allowed_hosts`: a DNS name, or `*.` and the suffix whose names it allows (no port: any port is).
+AllowedHost = Annotated[str, Meta(
+    pattern=r"^(\*\.)?[A-Za-z0-9_]([A-Za-z0-9_-]{0,62})(\.[A-Za-z0-9_]([A-Za-z0-9_-]{0,62}))*(?!\n)$",
+    max_length=253, description="a host name, or `*.` and a domain")]
+# `server.allowed_origins`: `scheme://host[:port]`, as browsers send it in `Origin`.
+AllowedOrigin = Annotated[str, Meta(
+    pattern=r"^[A-Za-z][A-Za-z0-9+.-]*://(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9_.-]+)(:[0-9]{1,5})?(?!\n)$",
+    max_length=300, description="an origin: scheme://host[:port]")]
 
 
 class _Spec(Struct, forbid_unknown_fields=True, frozen=True, kw_only=True):
@@ -124,6 +132,15 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     shadow_policy: str | None = None  # a candidate policy decided beside this one (`docs/policies.md`)
     shadow_queue: Annotated[int, Meta(ge=1, le=100_000)] = 1_024  # requests waiting to be shadowed; more are dropped
     shadow_sample: Annotated[float, Meta(gt=0, le=1)] = 1.0  # the share of requests the shadow policy decides
+    # `auth: none` only (no effect with `auth: keys`): host names, besides `localhost` and IP addresses, this
+    # gateway answers requests for (the `Host` header, its port ignored); any other gets 403 `host_not_allowed`, a
+    # defence against DNS rebinding. Exact names, or `*.example.com` for the names under it.
+    allowed_hosts: Annotated[list[AllowedHost], Meta(max_length=256)] = []
+    # `auth: none` only (no effect with `auth: keys`): the web origins, besides loopback ones (http or https, on
+    # localhost, 127.0.0.1 or [::1], any port), whose pages may call this gateway; a request with any other `Origin`
+    # header (`null` included) gets 403 `origin_not_allowed`, so that no web page can make a cross-site request
+    # spend through it. Written as a browser sends it: `scheme://host[:port]`, no path, no default port.
+    allowed_origins: Annotated[list[AllowedOrigin], Meta(max_length=256)] = []
 
 
 class StateSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):

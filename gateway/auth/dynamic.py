@@ -26,7 +26,6 @@ costs what it always did. For a key it does reach:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import time
 from collections import OrderedDict
@@ -36,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from ..errors import AuthenticationFailed, KeysUnavailable
 from ..store.base import OnUnavailable, Store, StoreUnavailable
+from ..store.redis_pubsub import cancel_and_wait
 from .keys import VirtualKey, digest_of
 from .records import (
     CHANNEL,
@@ -211,10 +211,8 @@ class DynamicKeys:
             self._listener = asyncio.get_running_loop().create_task(self._listen(), name="dynamic-keys-listener")
 
     async def aclose(self) -> None:
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
+        if self._listener is not None:  # bounded: a shutdown, or a reload under its lock, waits on this
+            await cancel_and_wait(self._listener, "dynamic keys listener")
             self._listener = None
         for task in list(self._inflight.values()):
             task.cancel()

@@ -38,6 +38,7 @@ from contextvars import ContextVar
 
 from ..policy.schema import BreakerSpec
 from ..store.base import Store, StoreUnavailable
+from ..store.redis_pubsub import cancel_and_wait, raise_if_cancelling
 
 __all__ = ["CLOSED", "HALF_OPEN", "OPEN", "Breakers"]
 
@@ -328,11 +329,10 @@ class Breakers:
                     await self._read_all()
                 except Exception:  # keep syncing whatever one round did
                     log.exception("reading shared breaker state failed")
+                raise_if_cancelling()  # (redis-py can return from a cancelled read: see `store.redis_pubsub`)
                 await asyncio.sleep(self.spec.sync_interval_s)
         finally:
-            listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await listener
+            await cancel_and_wait(listener, "breaker state listener")  # bounded: a shutdown waits on this
 
     async def _read_all(self) -> None:
         assert self._store is not None

@@ -5,6 +5,12 @@ breaks (Redis restarted, network cut, no answer to an idle ping) it closes it an
 doubling back-off, so consumers just keep iterating; what was published in between is lost (at most once).
 The connection comes from the store's subscription client, not from the operations' pool: it is held for as
 long as the subscription lives, and a pool of few connections would be left with none for operations.
+
+redis-py can lose a cancellation: on Python 3.11 its socket writes run under `asyncio.wait_for`, which returns the
+write's result when the cancel lands as the write completes, so `subscribe` (or a ping) returns normally in a task
+being cancelled. The cancel is then gone: a listener that goes on to wait on its channel sits there for good, and
+whoever cancelled it and waits (a shutdown, a reload) hangs with it. So every await into redis-py here is followed
+by `raise_if_cancelling`, and a task that owns a subscription is stopped with `cancel_and_wait` (re-cancels, bounded).
 """
 
 from __future__ import annotations
@@ -21,12 +27,16 @@ from gateway.store._common import QueueChannel
 from gateway.store.base import StoreConfig
 from gateway.store.redis_client import ERRORS, Client
 
-__all__ = ["RedisChannel"]
+__all__ = ["RedisChannel", "cancel_and_wait", "raise_if_cancelling"]
 
 log = logging.getLogger(__name__)
 IDLE_PING_S = 5.0
 """A quiet subscription sends a PING this often; no answer in time means the connection is dead."""
 READ_SLICE_S = 1.0
+STOP_WITHIN_S = 5.0
+"""`cancel_and_wait` gives a cancelled task this long to end before leaving it behind (logged)."""
+RECANCEL_EVERY_S = 0.5
+"""... and cancels it again this often meanwhile, in case a cancel was swallowed."""
 
 
 class RedisChannel(QueueChannel):
@@ -55,6 +65,9 @@ class RedisChannel(QueueChannel):
                 pubsub = await self._subscribe()
             except ERRORS as exc:
                 log.warning("store subscription %r not established yet (%s); retrying", self.name, exc)
+            except BaseException:  # cancelled: nobody gets this channel, so the store must not keep it either
+                await self.aclose()
+                raise
         self._task = asyncio.create_task(self._read_forever(pubsub), name=f"store-subscriber:{self.name}")
 
     async def aclose(self) -> None:
@@ -62,9 +75,7 @@ class RedisChannel(QueueChannel):
             return
         await super().aclose()
         if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_and_wait(self._task, f"store subscription {self.name!r}")
             self._task = None
 
     async def _subscribe(self) -> PubSub:
@@ -72,8 +83,10 @@ class RedisChannel(QueueChannel):
         try:
             async with asyncio.timeout(self._config.connect_timeout_s + self._config.op_timeout_s):
                 await pubsub.subscribe(self._full_name)
+                raise_if_cancelling()
                 while True:  # the confirmation: from here on the server delivers every publish to us
                     message = await pubsub.get_message(timeout=None)
+                    raise_if_cancelling()
                     if message is not None and message["type"] == "subscribe":
                         return pubsub
         except BaseException:
@@ -117,6 +130,7 @@ class RedisChannel(QueueChannel):
         answer_within = self._config.connect_timeout_s + self._config.op_timeout_s
         while True:
             message: dict[str, Any] | None = await pubsub.get_message(timeout=READ_SLICE_S)
+            raise_if_cancelling()
             now = loop.time()
             if message is not None:
                 last_seen, ping_sent = now, None
@@ -127,6 +141,7 @@ class RedisChannel(QueueChannel):
             elif ping_sent is None and now - last_seen > IDLE_PING_S:
                 async with asyncio.timeout(self._config.op_timeout_s):
                     await pubsub.ping()
+                    raise_if_cancelling()  # (inside: a swallowed expiry of this timeout reads as one)
                 ping_sent = now
 
 
@@ -134,3 +149,36 @@ async def _close(pubsub: PubSub) -> None:
     with contextlib.suppress(*ERRORS):
         async with asyncio.timeout(1.0):
             await cast(Any, pubsub).aclose()  # (through Any: annotated in some redis-py releases only)
+
+
+def raise_if_cancelling() -> None:
+    """Raise the cancellation the current task was asked for, if an await into redis-py swallowed it (see the
+    module's docstring). A cheap check, for after each such await: the usual answer is 0."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
+
+
+async def cancel_and_wait(task: asyncio.Task[Any], what: str, within_s: float = STOP_WITHIN_S) -> bool:
+    """Cancel `task` and wait until it ends, cancelling it again every `RECANCEL_EVERY_S` (a cancel redis-py
+    swallowed is not requested again by anyone else), for at most `within_s`: a shutdown or a reload waits on
+    this, and must not hang on a task that will not end; one left behind is logged. Cancelled itself meanwhile,
+    the caller still waits (bounded) and then raises: the task is not left running unawaited. True when it ended."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within_s
+    interrupted = False
+    while not task.done():
+        remaining = deadline - loop.time()
+        if remaining <= 0:
+            log.error("%s did not end within %.1fs of being cancelled; left behind", what, within_s)
+            break
+        task.cancel()
+        try:
+            await asyncio.wait((task,), timeout=min(remaining, RECANCEL_EVERY_S))
+        except asyncio.CancelledError:
+            interrupted = True
+    if task.done() and not task.cancelled() and task.exception() is not None:
+        log.warning("%s failed while stopping", what, exc_info=task.exception())
+    if interrupted:
+        raise asyncio.CancelledError
+    return task.done()

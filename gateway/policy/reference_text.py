@@ -13,7 +13,10 @@ DESCRIPTIONS: dict[str, str] = {
     "PolicySpec.server": "The HTTP server, metrics, admin API, reload and shadow policy.",
     "PolicySpec.state": "Where shared state lives (memory, or Redis shared by replicas).",
     "PolicySpec.auth": "`keys`: every request needs a virtual key, listed under `keys` or created at run time "
-                       "(`dynamic_keys`); `none`: no keys (local use).",
+                       "(`dynamic_keys`); `none`: no keys (local use; a request for another host name than "
+                       "`localhost`, an IP address and `server.allowed_hosts`, or from a web page of another origin "
+                       "than loopback's and "
+                       "`server.allowed_origins`, gets 403: docs/security.md).",
     "PolicySpec.keys": "Virtual keys: each a hash, a tenant, the aliases it may use, its limits and budget.",
     "PolicySpec.providers": "Upstream APIs by name; aliases and targets name them.",
     "PolicySpec.models": "The model aliases clients ask for, each with its targets and strategy.",

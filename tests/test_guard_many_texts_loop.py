@@ -3,6 +3,8 @@
 The guard stage yielded to the loop only per 16,384 characters checked (`YIELD_CHARS`), but a guard check costs tens
 of microseconds however short its text: one 3.7 MB body of 128,001 empty messages held the loop (and every other
 request, `/healthz` here) 2.9 s. Each text now counts `PER_TEXT` characters more, and listing the texts yields too.
+Such a body is now refused before it is decoded (more than `MAX_JSON_CONTAINERS` objects: `test_nested_body_bound`);
+the bodies here hold just fewer, 49,001 texts (the old code held the loop about 1.1 s for them).
 
 The gateway runs in a process of its own: a probe in the gateway's process would wait for the GIL behind the
 guards' work, yields or none, and measure that instead of the loop.
@@ -21,6 +23,7 @@ from typing import Any
 import httpx
 import pytest
 
+from gateway.pipeline.stages import MAX_JSON_CONTAINERS
 from tests.conftest import free_port
 from tests.support.probe import healthz_probe
 from tests.support.processes import running
@@ -41,7 +44,7 @@ POLICY = textwrap.dedent("""\
           secrets: {kind: secrets}
           words: {kind: denylist, terms: [forbiddenword]}
     """)
-TEXTS = 128_000  # ~3.7 MB of them: the body limit allows 4 MB
+TEXTS = MAX_JSON_CONTAINERS - 1_000  # empty texts, one object each: just under the limit on a body's objects
 BOUND_S = 0.5  # the old code held the probe 2-3 s; a loaded CI machine may take a few times today's ~0.1 s
 ATTEMPTS = 2  # a busy machine may stall the probe once; a held loop stalls it every time
 
@@ -78,8 +81,8 @@ def _responses(texts: int) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(("path", "body"), [
-    ("/v1/chat/completions", _chat),  # 128,001 empty messages, the last with a deny-list term
-    ("/v1/responses", _responses),  # 128,001 input items, likewise
+    ("/v1/chat/completions", _chat),  # 49,001 empty messages, the last with a deny-list term
+    ("/v1/responses", _responses),  # 49,001 input items, likewise
 ])
 def test_many_empty_texts_do_not_hold_the_loop(url: str, path: str, body: Any) -> None:
     raw = json.dumps(body(TEXTS), separators=(",", ":")).encode()

@@ -11,7 +11,7 @@ without going through `sanitize.sanitize_upstream_message`.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import msgspec
 
@@ -49,6 +49,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
+    "with_detail",
 ]
 
 
@@ -81,6 +82,10 @@ class GatewayError(Exception):
     # attempt, and the request's cost counts it (`accounting.cost.request_cost`). A class attribute: no error
     # pays for it unless set.
     usage: Usage | None = None
+    # The message without the upstream's own words where they were appended to it (`with_detail`), else None: what a
+    # request with an enforcing output guard is told instead (`guards.stream.withhold`): an upstream's error may quote
+    # the answer's text, which no guard reads. A class attribute: most errors hold no upstream words.
+    bare: str | None = None
 
     def __init__(
         self,
@@ -326,6 +331,19 @@ class LimitsUnavailable(GatewayError):
     status = 503
     type = "server_error"
     code = "limits_unavailable"
+
+
+E = TypeVar("E", bound=GatewayError)
+
+
+def with_detail(kind: type[E], base: str, detail: str, **kwargs: Any) -> E:
+    """A `kind` error saying `base`, then the upstream's own words (`detail`, sanitized already) when it gave any;
+    its `bare` message is `base` then (see `GatewayError.bare`)."""
+    if not detail:
+        return kind(base, **kwargs)
+    error = kind(f"{base}: {detail}", **kwargs)
+    error.bare = base
+    return error
 
 
 def error_body(message: str, type_: str, param: str | None = None, code: str | None = None) -> bytes:

@@ -9,21 +9,21 @@ was released so far, `incomplete_details.reason: "content_filter"`, and the requ
 came, else the gateway's estimate: `stream.StreamGuard._blocked`); the edge writes no `[DONE]` after it
 (`api/responses_frames.py`).
 
-Streamed, each of those texts (by `output_index`, and the part's
-`content_index` or `summary_index`) is a lane of the shared window
-(`window.py`): the `...delta` events carry what may leave (an event whose text
-is all held back is dropped). The events that repeat a whole text (the `...done`
-events of each text, `response.content_part.done`,
-`response.reasoning_summary_part.done`, `response.output_item.done`, and the
-final response's output) first release what their lane still holds, as one more
-delta event, and then carry exactly the text that was released, never the
-upstream's. Sequence numbers are renumbered to stay consecutive when events are
-dropped or added. `logprobs` are emptied whenever a guard enforces (their tokens are the upstream's
-text, and what is held may yet be rewritten).
+Streamed, each of those texts (by `output_index`, and the part's `content_index` or `summary_index`) is a lane of
+the shared window (`window.py`), but a message's `output_text` parts share one (`_lane_key`: the client reads them
+joined): the `...delta` events carry what may leave (an event whose text is all held back is dropped). The events
+that repeat a whole text (the `...done` events of each text, `response.content_part.done`,
+`response.reasoning_summary_part.done`, `response.output_item.done`, and the final response's output) first release
+what their lane still holds, as one more delta event, and then carry exactly the text that was released, never the
+upstream's (of a repeated text that does not go on from its deltas, none of the rest is sent: `_goes_on`). The
+lifecycle events (`response.created`, `.queued`, `.in_progress`) list the output with its texts as released so far.
+Sequence numbers are renumbered to stay consecutive when events are dropped or added. `logprobs` are emptied
+whenever a guard enforces (their tokens are the upstream's text, and what is held may yet be rewritten).
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -75,8 +75,12 @@ class ResponsesChunks:
         self.response: dict[str, Any] = {}  # as `response.created` described it: for `response.incomplete`
         self.items: dict[int, dict[str, Any]] = {}  # output items as added (and done), by output_index
         self.ids: dict[int, str] = {}  # their ids, for the delta events the gateway adds
-        self.fed: dict[LaneKey, int] = {}  # upstream characters fed into each lane
-        self.sent: dict[LaneKey, str] = {}  # what each lane released, rewritten: what summary events repeat
+        # By text (its lane's key, but a message's output text parts share one lane: `_lane_key`): how many upstream
+        # characters it fed, and their digest (a `...done` text is fed on only where it goes on from them: `_settle`)
+        self.fed: dict[LaneKey, int] = {}
+        self.digests: dict[LaneKey, hashlib.blake2b] = {}
+        self.sent: dict[LaneKey, str] = {}  # what each text released, rewritten: what summary events repeat
+        self.current: dict[LaneKey, LaneKey] = {}  # the text a shared lane is fed by now (`_lane_key`)
         self.seq: int | None = None  # the next sequence number, once the upstream numbers its events
 
     async def chunk(self, chunk: Chunk) -> list[Chunk]:
@@ -119,7 +123,7 @@ class ResponsesChunks:
         """The upstream sent `[DONE]` without ending the response: release what every lane holds."""
         out: list[dict[str, Any]] = []
         for key in list(self.window.lanes):
-            out += await self._settle(key, None)
+            out += await self._settle(self.current.get(key, key), None)
         return [_rebuilt(event) for event in out]
 
     def shows_usage(self, ctx: RequestContext) -> bool:
@@ -153,8 +157,7 @@ class ResponsesChunks:
         delta = data.get("delta")
         lane = self._lane(key)
         if isinstance(delta, str) and delta:
-            self.window.feed(lane, delta)
-            self.fed[key] = self.fed.get(key, 0) + len(delta)
+            self._feed(key, lane, delta)
         released = await self.window.release(lane, False, KINDS[kind][0])
         if not released:
             return False
@@ -168,6 +171,7 @@ class ResponsesChunks:
         emptied (it is released by the deltas the done events add). Whether the event changed."""
         if kind in _STARTED and isinstance(data.get("response"), dict):
             self.response = data["response"]
+            return self._lifecycle(data["response"])
         elif kind == _ITEM_ADDED and isinstance(data.get("item"), dict):
             item = data["item"]
             index = lane_index(data.get("output_index"))
@@ -215,10 +219,40 @@ class ResponsesChunks:
         for index, item in self._placed(output if isinstance(output, list) else []):
             before += await self._item(index, item, index in self.items)
         for key in list(self.window.lanes):
-            before += await self._settle(key, None)
+            before += await self._settle(self.current.get(key, key), None)
         if isinstance(response.get("output_text"), str):
-            response["output_text"] = "".join(self.sent[k] for k in sorted(self.sent) if k[1] == "text")
+            response["output_text"] = self._output_text()
         return before
+
+    def _lifecycle(self, response: dict[str, Any]) -> bool:
+        """`response.created`, `.queued` or `.in_progress`: the output it lists (an upstream may list the output so
+        far) with each text as released so far (an item the stream has not shown: emptied), and `output_text` as
+        the final response's would be. Whether it changed. (Left as the upstream's, the text reached the client
+        unread; emptied rather than left out, a client's reader that takes the listed items keeps them.)"""
+        changed = False
+        output = response.get("output")
+        if isinstance(output, list) and output:
+            streamed = {item_id: index for index, item_id in self.ids.items()}
+            for item in output:
+                if not isinstance(item, dict):
+                    continue
+                item_id = item.get("id")
+                index = streamed.get(item_id) if isinstance(item_id, str) else None
+                for kind, position, container, key in item_texts(item):
+                    text = self.sent.get((index, kind, position), "") if index is not None else ""
+                    if container[key] and container[key] != text:
+                        container[key] = text
+                        if "logprobs" in container:
+                            container["logprobs"] = []
+                        changed = True
+        if response.get("output_text") and isinstance(response["output_text"], str):
+            response["output_text"] = self._output_text()
+            changed = True
+        return changed
+
+    def _output_text(self) -> str:
+        """The final response's `output_text`: the output texts released, in order."""
+        return "".join(self.sent[k] for k in sorted(self.sent) if k[1] == "text")
 
     def _placed(self, output: list[Any]) -> Iterator[tuple[int, dict[str, Any]]]:
         """Each final item and the `output_index` it streamed at, by its id (an item without one: its place; an
@@ -236,17 +270,42 @@ class ResponsesChunks:
     # -- lanes
 
     def _lane(self, key: LaneKey) -> Lane:
-        return self.window.lane(key, KINDS[key[1]][1])
+        return self.window.lane(_lane_key(key), KINDS[key[1]][1])
+
+    def _feed(self, key: LaneKey, lane: Lane, text: str) -> None:
+        """Feed the text `key`'s lane (the text its lane is fed by from now on), and note what it was fed."""
+        self.window.feed(lane, text)
+        self.current[_lane_key(key)] = key
+        self.fed[key] = self.fed.get(key, 0) + len(text)
+        digest = self.digests.get(key)
+        if digest is None:
+            digest = self.digests[key] = hashlib.blake2b(digest_size=16)
+        digest.update(text.encode("utf-8", "surrogatepass"))
+
+    def _goes_on(self, key: LaneKey, full: str, fed: int) -> bool:
+        """Whether `full` (a `...done` event's whole text, longer than what its deltas brought) starts with what they
+        brought, and its lane is still fed by this text: only then is its rest the text's rest. A text that does
+        not (another string, or a part done after the next one began) would have its rest checked as if it went on
+        from the deltas (a key after 18 characters of other text left cut, unrecognised): the rest is not sent, and
+        the events that repeat the text carry what was released."""
+        if not fed:  # (a text no delta brought: it goes on from what its lane holds, as a delta of it would)
+            return True
+        if self.current.get(_lane_key(key), key) != key:
+            return False
+        digest = hashlib.blake2b(full[:fed].encode("utf-8", "surrogatepass"), digest_size=16)
+        return digest.digest() == self.digests[key].digest()
 
     async def _settle(self, key: LaneKey, full: object, announced: bool = True) -> list[dict[str, Any]]:
-        """The lane's text is complete (`full`: the upstream's whole text, if the event repeats it): what it
-        still holds, and any of `full` no delta brought, released as one more delta event (none for an item the
-        stream never `announced`: what is released is only in `sent`)."""
+        """The text is complete (`full`: the upstream's whole text, if the event repeats it): what its lane
+        still holds, and any of `full` no delta brought (`_goes_on`), released as one more delta event (none for an
+        item the stream never `announced`: what is released is only in `sent`). A text whose shared lane has gone
+        on to the next part releases nothing more: what the lane holds leaves in that part."""
         lane = self._lane(key)
         fed = self.fed.get(key, 0)
-        if isinstance(full, str) and len(full) > fed:
-            self.window.feed(lane, full[fed:])
-            self.fed[key] = len(full)
+        if isinstance(full, str) and len(full) > fed and self._goes_on(key, full, fed):
+            self._feed(key, lane, full[fed:])
+        if self.current.get(_lane_key(key), key) != key:
+            return []
         index, kind, position = key
         released = await self.window.release(lane, True, KINDS[kind][0])
         if not released:
@@ -298,6 +357,14 @@ class ResponsesChunks:
         event["sequence_number"] = given
         self.seq += 1
         return number != given
+
+
+def _lane_key(key: LaneKey) -> LaneKey:
+    """The window's lane for a text: a message's output text parts share one (the parts joined are the text the
+    client reads, `response.output_text`; a key cut at a part's end is seen whole), each other text has its own. A
+    part's text is released whole at its `...done` (the part is over), so a finding that reaches back from the next
+    part into it blocks the stream (`Lane.sealed`)."""
+    return (key[0], "text", 0) if key[1] == "text" else key
 
 
 def _rebuilt(event: dict[str, Any]) -> Chunk:

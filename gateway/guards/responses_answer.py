@@ -7,7 +7,8 @@ often repeats what the prompt held); the `arguments` (a JSON string: restored
 pseudonyms are JSON-escaped) of its `function_call` items; and the `input` of
 its `custom_tool_call` items (`item_texts`: the stream adapter, `responses.py`,
 reads an item's texts where this module does). They are checked and rewritten like a chat
-answer's content and tool call arguments; `logprobs` are emptied where a text was rewritten.
+answer's content and tool call arguments (a message's two or more output text parts as one text, as the client
+reads them: `_checked_texts`); `logprobs` are emptied where a text was rewritten.
 
 A blocked answer keeps the Responses API's own way of saying that a content
 filter stopped it: `status: "incomplete"` with `incomplete_details.reason:
@@ -22,6 +23,7 @@ from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from .base import Finding, Guard, Where
+from .joined import TEXT, Joined
 from .pool import PER_TEXT, YIELD_CHARS
 from .session import GuardSession
 from .verdict import apply
@@ -94,11 +96,32 @@ def answer_texts(answer: dict[str, Any]) -> Iterator[Ref]:
                     yield container, key, *KINDS[kind]
 
 
+def _checked_texts(answer: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | Joined, str, Where, bool]]:
+    """The texts of a Responses answer as the guards check them: a message's two or more output text parts as one
+    text (a `joined.Joined`, written back with `rewrite`), as the client reads them (`output_text`, the SDK's
+    `response.output_text`): checked one part at a time, a key cut at a part's end was left whole."""
+    output = answer.get("output")
+    for item in output if isinstance(output, list) else ():
+        if isinstance(item, dict):
+            parts: list[dict[str, Any]] = []
+            for kind, _, container, key in item_texts(item):
+                if not isinstance(container[key], str):
+                    continue
+                if kind == "text":
+                    parts.append(container)
+                else:
+                    yield container, key, *KINDS[kind]
+            if len(parts) == 1:
+                yield parts[0], TEXT, *KINDS["text"]
+            elif parts:
+                yield Joined(parts), TEXT, *KINDS["text"]
+
+
 async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
                        answer: dict[str, Any]) -> None:
     """Check and rewrite a Responses answer in place; on a block, empty it and mark it incomplete."""
-    refs = list(answer_texts(answer))
-    parts = [ref for ref in refs if ref[0].get("type") == "output_text"]
+    refs = list(_checked_texts(answer))
+    parts = [part for part, _, _, _ in answer_texts(answer) if part.get("type") == "output_text"]
     if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
         refs.append((answer, "output_text", ANSWER, False))
     checked = 0  # as the guard stage's (`YIELD_CHARS`): an answer of many short texts checked in one go held the loop
@@ -116,12 +139,17 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
             if any(f.action == "block" for f in enforced):
                 filtered(answer)
                 return
-            if "logprobs" in container and any(f.action in _REWRITING for f in enforced):
-                container["logprobs"] = []  # their tokens are the upstream's text
-        container[key] = apply(text, enforced, session.pseudonyms,
-                               partial(session.pseudonyms.restore, json_string=json_string))
+            if any(f.action in _REWRITING for f in enforced):  # (logprobs' tokens are the upstream's text)
+                for holder in container.parts if isinstance(container, Joined) else (container,):
+                    if "logprobs" in holder:
+                        holder["logprobs"] = []
+        new = apply(text, enforced, session.pseudonyms, partial(session.pseudonyms.restore, json_string=json_string))
+        if not isinstance(container, Joined):
+            container[key] = new
+        elif new != text:  # (a message's text parts read as one: the edits go back onto the parts)
+            container.rewrite(new, enforced, session.pseudonyms)
     if parts and isinstance(answer.get("output_text"), str):
-        answer["output_text"] = "".join(part["text"] for part, _, _, _ in parts)
+        answer["output_text"] = "".join(part["text"] for part in parts)
 
 
 def filtered(answer: dict[str, Any]) -> None:

@@ -19,7 +19,9 @@ Input: every text a request carries (found by `texts.py`: message text parts, a 
 read as the one text the model reads (`joined.py`), tool call arguments, tool results,
 a completion's prompt, an embedding's input) is checked and rewritten in `ctx.body`, the dict
 that is forwarded. Output: a complete answer is decoded, checked and re-encoded (a Responses
-answer by `responses.py`); a stream gets a `StreamGuard`, which speaks the endpoint's chunk format.
+answer by `responses.py`); a stream gets a `StreamGuard`, which speaks the endpoint's chunk format. An error
+raised for the request (an upstream's 4xx or 5xx, a 200 that is an error, a stream that failed before it began)
+loses the upstream's own words when an output guard enforces (`stream.withhold`): they may quote the answer.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from typing import Any, TypeVar
 
 import msgspec
 
-from ..errors import ContentPolicyViolation, InvalidRequest
+from ..errors import ContentPolicyViolation, GatewayError, InvalidRequest
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import ModelRoute
@@ -45,7 +47,7 @@ from .pool import PER_TEXT, YIELD_CHARS
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
-from .stream import StreamGuard
+from .stream import StreamGuard, enforcing, withhold
 from .texts import BESIDE_CONTENT, UNREAD_ANSWER_TEXTS, UNREAD_TEXTS, answer_refs, input_texts, refuse_unreadable
 from .verdict import apply
 
@@ -148,7 +150,12 @@ class GuardStage:
             ctx.headers = [*(ctx.headers or ()), (HEADER, header)]
             raise
         session.pseudonyms.seal()  # (a placeholder made from now on is the answer's own: never restored)
-        reply = await call_next(ctx)
+        try:
+            reply = await call_next(ctx)
+        except GatewayError as exc:
+            if exc.bare is not None and enforcing(guard_set.output):  # (an error that quotes an upstream)
+                withhold(exc)
+            raise
         if reply.stream is not None:
             if guard_set.output or session.pseudonyms:
                 reply.stream.add(StreamGuard(self.guards, guard_set.output, session, self.stream_spec,

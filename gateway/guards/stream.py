@@ -28,6 +28,10 @@ never as the gateway's failure. One an adapter still cannot read ends the
 stream with the upstream's error, as the providers' translators end theirs
 (`providers.streaming`), logged with its traceback (it may be a bug of the
 adapter's).
+
+An upstream's error that ends the stream (`StreamError`) may quote the answer's text ("Failed to parse tool call
+output: ..."), which no guard reads: with an enforcing output guard (`enforcing`), its message loses the upstream's
+own words, the gateway's text for the error kept (`withhold`); a complete answer's error is the guard stage's.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from ..errors import UpstreamError
+from ..errors import GatewayError, UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
@@ -55,12 +59,38 @@ if TYPE_CHECKING:
     from ..pipeline.streams import StreamEnd
     from .runtime import GuardRuntime
 
-__all__ = ["ChatChunks", "ChunkFormat", "StreamGuard"]
+__all__ = ["ChatChunks", "ChunkFormat", "StreamGuard", "enforcing", "withhold"]
 
 log = logging.getLogger("gateway.guards")
 # What a lookup on an upstream value of another type than the API's raises (as `providers.streaming` reads them);
 # `RecursionError`: msgspec's, for a chunk nested too deep to decode here.
 _MISSHAPEN = (AttributeError, TypeError, LookupError, RecursionError)
+
+
+WITHHELD = "its message withheld: output guards are on"
+
+
+def enforcing(guards: tuple[Guard, ...]) -> bool:
+    """Whether any of `guards` (output guards) changes or stops what leaves: in enforce mode, with another action than
+    `record` (its own, or a pii guard's for one of its entities)."""
+    for guard in guards:
+        if guard.mode != "enforce":
+            continue
+        actions = getattr(guard, "actions", None)
+        if getattr(guard, "action", "block") != "record" or (
+                isinstance(actions, dict) and any(action != "record" for action in actions.values())):
+            return True
+    return False
+
+
+def withhold(error: GatewayError) -> None:
+    """`error` told without the upstream's own words (`GatewayError.bare`: its status, type, code and headers kept), in
+    place: the words may quote the answer's text ("Failed to parse tool call output: ..."), which no output guard
+    read. Withheld whole, not scanned: simpler, and nothing of the answer can leave in them. Nothing for an error
+    whose message holds no upstream words."""
+    if error.bare is not None:
+        error.message = f"{error.bare} ({WITHHELD})"
+        error.args = (error.message,)
 
 
 # A tool call's lane kind -> where its text is in a call's delta: a function's arguments, a custom tool's input.
@@ -120,6 +150,7 @@ class StreamGuard:
         else:
             self.format = ChatChunks(self.window, endpoint is Endpoint.CHAT)
         self.blocked = False
+        self.withholds = enforcing(guards)  # an upstream's error loses its own words (`withhold`)
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         out: list[StreamEvent] = []
@@ -133,6 +164,8 @@ class StreamGuard:
                     out += await self.format.finish()
                     out.append(event)
                 else:
+                    if type(event) is StreamError and self.withholds:  # (the last event, once: not per chunk)
+                        withhold(event.error)
                     out.append(event)
         except Blocked:  # what this batch released before the block was scanned like any earlier batch: sent
             self.blocked = True

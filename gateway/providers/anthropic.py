@@ -22,7 +22,7 @@ from typing import Any
 import aiohttp
 import msgspec
 
-from ..errors import GatewayError, UpstreamError, UpstreamOverloaded
+from ..errors import GatewayError, UpstreamError, UpstreamOverloaded, with_detail
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AnthropicSpec
 from ..schemas.endpoints import Endpoint
@@ -115,9 +115,8 @@ class AnthropicProvider(OpenAICompatProvider):
     def _map_status(self, status: int, detail: str, retry_after: float | None, code: str | None, raw: str
                     ) -> GatewayError:
         if status == _OVERLOADED or code == "overloaded_error":
-            suffix = f": {detail}" if detail else ""
             hint = wait_headers(retry_after) if retry_after is not None else {}
-            return UpstreamOverloaded(f"upstream `{self.name}` is overloaded{suffix}", headers=hint)
+            return with_detail(UpstreamOverloaded, f"upstream `{self.name}` is overloaded", detail, headers=hint)
         refused = anthropic_account_refusal(self.name, status, raw)
         if refused is not None:  # a 400 for the account (out of credit, disabled): the gateway's, not the client's
             return refused

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from ..errors import CredentialsRejected, GatewayError, InvalidRequest, UpstreamError
+from ..errors import CredentialsRejected, GatewayError, InvalidRequest, UpstreamError, with_detail
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec, OpenAISpec
 from ..sanitize import prepare_secrets, remove_secrets, sanitize_upstream_message
@@ -239,8 +239,9 @@ class OpenAICompatProvider:
         its message scrubbed, as a stream's in-band error ends the stream (`openai_stream`)."""
         message = error.get("message") if isinstance(error, dict) else error
         message = message if isinstance(message, str) else ""
-        detail = self.sanitize(message)[:500] if message else "no message"
-        return UpstreamError(f"upstream `{self.name}` answered 200 with an error: {detail}")
+        base = f"upstream `{self.name}` answered 200 with an error"
+        return with_detail(UpstreamError, base, self.sanitize(message)[:500]) if message else UpstreamError(
+            f"{base}: no message")
 
     async def _read_body(self, response: aiohttp.ClientResponse, deadline: float, idle_s: float) -> bytes:
         """Read a whole body with the idle timeout between reads and the size cap while reading.

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 import aiohttp
 import msgspec
 
-from ..errors import UpstreamError
+from ..errors import UpstreamError, with_detail
 from ..schemas.events import DONE, ChoicesReader, Chunk, StreamError, StreamEvent, UsageReport
 from ..schemas.openai import ChoicePeek, ChunkChoicesPeek, has_choices
 from ..upstream.client import transport_error
@@ -334,8 +334,7 @@ class OpenAIStream:
                     read = False  # its first text: the chunks after it are decoded as with no reader
                     self._peek = peek_chunk
             if peek.error is not None:
-                detail = self._provider.sanitize(peek.error.message)
-                events.append(self._fail(f"failed mid-stream: {detail}"))
+                events.append(self._fail("failed mid-stream", self._provider.sanitize(peek.error.message)))
                 return events, True
             if peek.usage is not None:
                 self._saw_usage = said = True
@@ -350,7 +349,7 @@ class OpenAIStream:
             if not peek.choices:  # (no choices, no usage: an odd chunk, or an error written flat)
                 failed, message = flat_error(payload)
                 if failed:
-                    events.append(self._fail(f"failed mid-stream: {self._provider.sanitize(message)}"))
+                    events.append(self._fail("failed mid-stream", self._provider.sanitize(message)))
                     return events, True
             if hide:
                 if payload[COMPACT_CUT:] == COMPACT_NULL_USAGE:  # the common case, without a call (strip_null_usage;
@@ -391,5 +390,6 @@ class OpenAIStream:
             reader.take_payload(payload)
         return found
 
-    def _fail(self, what: str) -> StreamError:
-        return StreamError(UpstreamError(f"upstream `{self._provider.name}` {what}"))
+    def _fail(self, what: str, detail: str = "") -> StreamError:
+        """The stream's end with an error: the upstream `what`, then its own words (`detail`, sanitized), if any."""
+        return StreamError(with_detail(UpstreamError, f"upstream `{self._provider.name}` {what}", detail))

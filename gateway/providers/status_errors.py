@@ -19,6 +19,7 @@ from ..errors import (
     RateLimited,
     UpstreamError,
     UpstreamTimeout,
+    with_detail,
 )
 from ..upstream.retry_after import retry_after_seconds, wait_headers
 
@@ -38,19 +39,18 @@ def status_error(
     the upstream's own error code and message, are only read to recognise a context window overflow), with
     the upstream's wait when it is a 429 or a server error: `retry_after` a `Retry-After` value as sent, or the
     seconds already read (`upstream_wait`), passed on as `Retry-After` and `retry-after-ms` (`wait_headers`)."""
-    suffix = f": {detail}" if detail else ""
     if status in (400, 413, 422) and (code == "context_length_exceeded" or _CONTEXT_LENGTH.search(raw[:2000])):
-        return ContextLengthExceeded(f"upstream `{provider}` rejected the request: the prompt exceeds its context "
-                                     f"window{suffix}")
+        return with_detail(ContextLengthExceeded, f"upstream `{provider}` rejected the request: the prompt exceeds its "
+                           "context window", detail)
     hint = retry_after_seconds(retry_after) if isinstance(retry_after, str) else retry_after
     headers = wait_headers(hint) if hint is not None else {}
     if status == 429:
-        return RateLimited(f"upstream `{provider}` is rate limited{suffix}", headers=headers)
+        return with_detail(RateLimited, f"upstream `{provider}` is rate limited", detail, headers=headers)
     if 300 <= status < 400:  # not followed (`_send`); its body and Location are not repeated: they name a host
         return UpstreamError(f"upstream `{provider}` answered with a redirect (HTTP {status}), which the gateway "
                              "does not follow")
     if status in (400, 422):
-        return InvalidRequest(f"upstream `{provider}` rejected the request{suffix}")
+        return with_detail(InvalidRequest, f"upstream `{provider}` rejected the request", detail)
     if status == 413:
         return BodyTooLarge(f"upstream `{provider}` rejected the request as too large")
     if status in (408, 504):
@@ -61,5 +61,5 @@ def status_error(
         return CredentialsRejected(f"upstream `{provider}` refused the gateway's account (HTTP 402): payment required")
     # A server error's Retry-After (a 503's above all) is the routing's wait before a retry, up to the target's
     # `retry_after_max_s`, and the client's when this is the answer it gets, as a 429's and a 529's are.
-    return UpstreamError(f"upstream `{provider}` failed with HTTP {status}{suffix}",
-                         headers=headers if status >= 500 else None)
+    return with_detail(UpstreamError, f"upstream `{provider}` failed with HTTP {status}", detail,
+                       headers=headers if status >= 500 else None)

@@ -26,7 +26,7 @@ from typing import Protocol
 import aiohttp
 import msgspec
 
-from ..errors import GatewayError, UpstreamError
+from ..errors import GatewayError, UpstreamError, with_detail
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, is_content_event
 from ..schemas.openai import Usage
 from ..schemas.responses import responses_usage
@@ -181,8 +181,8 @@ class ResponsesEvents:
                 message = peek.error.get("message")
             elif message is None and isinstance(peek.error, str):  # `{"error": "..."}`
                 message = peek.error
-            detail = self._provider.sanitize(message)
-            return [StreamError(UpstreamError(f"upstream `{self._provider.name}` failed mid-stream: {detail}"))]
+            base = f"upstream `{self._provider.name}` failed mid-stream"
+            return [StreamError(with_detail(UpstreamError, base, self._provider.sanitize(message)))]
         response = peek.response
         if response is not None and response.error is not None:  # not null: the upstream's own error text
             payload = scrubbed_error(payload, self._provider.sanitize, self._provider.unsecret, "response")

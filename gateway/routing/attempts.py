@@ -133,9 +133,21 @@ def aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]]) 
     found no answer, and would turn the last target's 429 and its Retry-After into a bare 502."""
     if len(failures) == 1:
         return failures[0][1]
-    listed = "; ".join(f"{target.name}: {error.message}" for target, error, _ in failures)
-    if len(listed) > _MAX_MESSAGE:
-        listed = listed[:_MAX_MESSAGE] + "..."
+    error = _aggregate(alias, failures, _listed(failures, False))
+    if any(failed.bare is not None for _, failed, _ in failures):  # (rare: an upstream's words in an attempt's)
+        error.bare = _aggregate(alias, failures, _listed(failures, True)).message
+    return error
+
+
+def _listed(failures: Sequence[tuple[Target, GatewayError, str]], bare: bool) -> str:
+    """Each attempt's message (`bare`: without the upstream's words, `GatewayError.bare`), in one bounded text."""
+    listed = "; ".join(f"{target.name}: {error.bare if bare and error.bare is not None else error.message}"
+                       for target, error, _ in failures)
+    return listed[:_MAX_MESSAGE] + "..." if len(listed) > _MAX_MESSAGE else listed
+
+
+def _aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]], listed: str) -> GatewayError:
+    """`aggregate`'s error, its message listing the attempts as `listed`."""
     deciding = [failure for failure in failures if failure[2] not in _PASSED_ON]
     if not deciding:
         return _handed_on(alias, failures, listed)

@@ -64,8 +64,16 @@ def _anthropic() -> list[bytes]:
     return [_frame(e, e["type"]) for e in events]
 
 
+def _responses_failed() -> list[bytes]:
+    failed = {**RESP, "status": "failed", "error": {"code": "server_error", "message": TEXT}}
+    events = [{"type": "response.created", "response": RESP}, {"type": "response.failed", "response": failed}]
+    return [_frame({**e, "sequence_number": i}, e["type"]) for i, e in enumerate(events)]
+
+
 # upstream model -> (status, JSON body) or SSE frames
 ANSWERS: dict[str, Any] = {
+    "responses-failed": _responses_failed(),
+    "failed-whole": (200, {**RESP, "status": "failed", "error": {"code": "server_error", "message": TEXT}}),
     "chat-nested": _chat({"error": {"message": TEXT, "type": "server_error", "code": 500}}),
     "chat-flat": _chat({"object": "error", "message": TEXT, "type": "BadRequestError", "code": 400}),
     "responses": _responses(),
@@ -175,3 +183,15 @@ def test_complete_answer_error_withheld(gw: RunningGateway, model: str, status: 
     assert error["message"].endswith(f"({WITHHELD})")
     plain = _post(gw, "/v1/chat/completions", f"o-{model}", stream)
     assert plain.status_code == status and KEY in plain.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(("model", "stream"), [("responses-failed", True), ("failed-whole", False)])
+def test_a_failed_responses_answers_error_is_withheld_under_output_guards(gw: RunningGateway, model: str,
+                                                                          stream: bool) -> None:
+    """A Responses answer that failed carries the upstream's error in the answer itself (`response.failed`'s
+    response, a complete answer's `error`): its message is the gateway's under an enforcing output guard."""
+    guarded = _post(gw, "/v1/responses", f"g-{model}", stream)
+    assert guarded.status_code == 200 and "server_error" in guarded.text
+    assert KEY not in guarded.text and "tool call output" not in guarded.text and WITHHELD in guarded.text
+    plain = _post(gw, "/v1/responses", f"o-{model}", stream)
+    assert KEY in plain.text and WITHHELD not in plain.text

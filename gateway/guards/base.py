@@ -17,7 +17,7 @@ import msgspec
 
 from ..policy.guard_schema import Action
 
-__all__ = ["Action", "Finding", "Guard", "GuardFailure", "Part", "Place", "Where"]
+__all__ = ["WITHHELD", "Action", "Finding", "Guard", "GuardFailure", "Part", "Place", "Where", "enforcing"]
 
 Place = Literal["input", "output"]
 # Which part of a request or answer a text is: what a guard may treat differently.
@@ -90,3 +90,19 @@ class Guard(Protocol):
         """Streams: how many characters past a match a context word may still arrive and make it a finding (the
         `patterns` engine's context words, `holds.RegexHolds.reach`); 0 for a guard without any."""
         ...
+
+
+WITHHELD = "its message withheld: output guards are on"
+
+
+def enforcing(guards: tuple[Guard, ...]) -> bool:
+    """Whether any of `guards` (output guards) changes or stops what leaves: in enforce mode, with another action than
+    `record` (its own, or a pii guard's for one of its entities)."""
+    for guard in guards:
+        if guard.mode != "enforce":
+            continue
+        actions = getattr(guard, "actions", None)
+        if getattr(guard, "action", "block") != "record" or (
+                isinstance(actions, dict) and any(action != "record" for action in actions.values())):
+            return True
+    return False

@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 
 from ..schemas.events import Chunk, UsageReport, is_content_event
 from ..schemas.openai import Usage
-from .responses_answer import FILTERED, ITEM_TEXTS, KINDS, guard_answer, item_texts, part_kind
+from .base import enforcing
+from .responses_answer import FILTERED, ITEM_TEXTS, KINDS, guard_answer, item_texts, part_kind, withhold_error
 from .window import Lane, LaneKey, Window, lane_index
 
 if TYPE_CHECKING:
@@ -72,6 +73,7 @@ class ResponsesChunks:
     def __init__(self, window: Window) -> None:
         self.window = window
         self.scrub = any(guard.mode == "enforce" for guard in window.guards)
+        self.withholds = enforcing(window.guards)  # a failed response's error loses the upstream's words
         self.response: dict[str, Any] = {}  # as `response.created` described it: for `response.incomplete`
         self.items: dict[int, dict[str, Any]] = {}  # output items as added (and done), by output_index
         self.ids: dict[int, str] = {}  # their ids, for the delta events the gateway adds
@@ -215,6 +217,8 @@ class ResponsesChunks:
         `response.output_item.added` announced gets no delta events (a client's stream reader fails on a delta for
         an item it never saw): its texts are checked and written, as released, in the final response alone."""
         before: list[dict[str, Any]] = []
+        if self.withholds:
+            withhold_error(response)
         output = response.get("output")
         for index, item in self._placed(output if isinstance(output, list) else []):
             before += await self._item(index, item, index in self.items)

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from functools import partial
 from typing import TYPE_CHECKING, Any
 
-from .base import Finding, Guard, Where
+from .base import WITHHELD, Finding, Guard, Where, enforcing
 from .joined import TEXT, Joined
 from .pool import PER_TEXT, YIELD_CHARS
 from .session import GuardSession
@@ -119,7 +119,10 @@ def _checked_texts(answer: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | Jo
 
 async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
                        answer: dict[str, Any]) -> None:
-    """Check and rewrite a Responses answer in place; on a block, empty it and mark it incomplete."""
+    """Check and rewrite a Responses answer in place; on a block, empty it and mark it incomplete. A failed answer's
+    error loses the upstream's words when a guard enforces (`withhold_error`)."""
+    if enforcing(guards):
+        withhold_error(answer)
     refs = list(_checked_texts(answer))
     parts = [part for part, _, _, _ in answer_texts(answer) if part.get("type") == "output_text"]
     if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
@@ -170,3 +173,12 @@ def filtered(answer: dict[str, Any]) -> None:
         answer["output_text"] = ""
     answer["status"] = "incomplete"
     answer["incomplete_details"] = dict(FILTERED)
+
+
+def withhold_error(response: dict[str, Any]) -> None:
+    """A Responses answer's (or a `response.failed` event's) `error.message`, the upstream's own words, which may quote
+    the answer's text no output guard read, replaced by the gateway's (its `code` kept), as `stream.withhold` does
+    for the errors the gateway raises."""
+    error = response.get("error")
+    if isinstance(error, dict) and isinstance(error.get("message"), str) and error["message"]:
+        error["message"] = f"the response failed ({WITHHELD})"

@@ -47,7 +47,7 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
 from ..schemas.openai import Usage
 from ..telemetry.usage import CountTokens, estimate_on_loop
-from .base import Guard, Where
+from .base import WITHHELD, Guard, Where, enforcing
 from .json_end import JsonEnd
 from .responses import ResponsesChunks
 from .session import GuardSession
@@ -65,22 +65,6 @@ log = logging.getLogger("gateway.guards")
 # What a lookup on an upstream value of another type than the API's raises (as `providers.streaming` reads them);
 # `RecursionError`: msgspec's, for a chunk nested too deep to decode here.
 _MISSHAPEN = (AttributeError, TypeError, LookupError, RecursionError)
-
-
-WITHHELD = "its message withheld: output guards are on"
-
-
-def enforcing(guards: tuple[Guard, ...]) -> bool:
-    """Whether any of `guards` (output guards) changes or stops what leaves: in enforce mode, with another action than
-    `record` (its own, or a pii guard's for one of its entities)."""
-    for guard in guards:
-        if guard.mode != "enforce":
-            continue
-        actions = getattr(guard, "actions", None)
-        if getattr(guard, "action", "block") != "record" or (
-                isinstance(actions, dict) and any(action != "record" for action in actions.values())):
-            return True
-    return False
 
 
 def withhold(error: GatewayError) -> None:

@@ -44,7 +44,7 @@ from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter
-from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens, estimate_on_loop
+from ..telemetry.usage import OFF_LOOP_CHARS, estimate_on_loop, pipeline_counter
 from ..translate.anthropic_answer import MessagesStream, messages_answer, messages_body, messages_response
 from ..translate.anthropic_ingress import anthropic_error_body, chat_request, count_tokens_request
 from ..translate.common import BETA, CACHE_MARK
@@ -139,16 +139,8 @@ def _stream_estimate(ctx: RequestContext) -> Usage | None:
         return ctx.shown_usage
     if ctx.usage is not None or ctx.provider is None or not isinstance(ctx.body.get("messages"), list):
         return None
-    counter = _gateway_counter(ctx)
+    counter = pipeline_counter(ctx)
     return estimate_on_loop(counter, ctx) if counter is not None else None
-
-
-def _gateway_counter(ctx: RequestContext) -> TokenCounter | None:
-    """The counter the request's pipeline estimates usage with (its `CountTokens` stage's: encodings loaded)."""
-    for stage in ctx.runtime.pipeline.stages:
-        if isinstance(stage, CountTokens):
-            return stage.tokens
-    return None
 
 
 class TokensHost(Protocol):

@@ -46,7 +46,7 @@ from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
 from ..schemas.openai import Usage
-from ..telemetry.usage import CountTokens, estimate_on_loop
+from ..telemetry.usage import estimate_on_loop, pipeline_counter
 from .base import WITHHELD, Guard, Where, enforcing
 from .json_end import JsonEnd
 from .responses import ResponsesChunks
@@ -184,12 +184,10 @@ class StreamGuard:
 
 
 def _estimate(ctx: RequestContext) -> Usage | None:
-    """The gateway's estimate of the request's usage, with the counter of its pipeline's `CountTokens` stage
-    (encodings loaded), kept as `ctx.usage` and marked (`estimate_on_loop`)."""
-    for stage in ctx.runtime.pipeline.stages:
-        if isinstance(stage, CountTokens):
-            return estimate_on_loop(stage.tokens, ctx)
-    return None
+    """The gateway's estimate of the request's usage, with its pipeline's counter (`pipeline_counter`), kept as
+    `ctx.usage` and marked (`estimate_on_loop`)."""
+    counter = pipeline_counter(ctx)
+    return estimate_on_loop(counter, ctx) if counter is not None else None
 
 
 class ChatChunks:

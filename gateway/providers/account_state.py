@@ -23,15 +23,17 @@ from ..errors import CredentialsRejected
 
 __all__ = ["anthropic_account_refusal", "gemini_account_refusal"]
 
-# Anthropic's wording for each account state, and what the error says of it (never the upstream's own text: it
-# speaks to the account's owner, "Your credit balance", and would read as the tenant's).
-_STATES = (
-    (re.compile(r"credit\s+balance\s+is\s+too\s+low", re.IGNORECASE), "its credit balance is too low"),
-    (re.compile(r"reached\s+your\s+specified\s+API\s+usage\s+limits", re.IGNORECASE), "its API usage limit is reached"),
-    (re.compile(r"organization\s+has\s+been\s+disabled", re.IGNORECASE), "its organization is disabled"),
-)
-# Gemini's, by the status it sends them with (`FAILED_PRECONDITION` is also a file not yet processed: the client's).
-_GEMINI_STATES = {
+# Each provider's wording for each account state, by the status it sends it with, and what the error says of it
+# (never the upstream's own text: it speaks to the account's owner, "Your credit balance", and would read as the
+# tenant's). Gemini's `FAILED_PRECONDITION` is also a file not yet processed: the client's, so its wording decides.
+_State = tuple[re.Pattern[str], str]
+_ANTHROPIC: dict[int, tuple[_State, ...]] = {
+    400: ((re.compile(r"credit\s+balance\s+is\s+too\s+low", re.IGNORECASE), "its credit balance is too low"),
+          (re.compile(r"reached\s+your\s+specified\s+API\s+usage\s+limits", re.IGNORECASE),
+           "its API usage limit is reached"),
+          (re.compile(r"organization\s+has\s+been\s+disabled", re.IGNORECASE), "its organization is disabled")),
+}
+_GEMINI: dict[int, tuple[_State, ...]] = {
     402: ((re.compile(r"prepayment\s+credit\s+balance\s+is\s+depleted", re.IGNORECASE),
            "its prepaid credit is depleted"),),
     400: ((re.compile(r"user\s+location\s+is\s+not\s+supported", re.IGNORECASE),
@@ -45,20 +47,19 @@ _READ = 2000  # how much of the message is searched (an upstream controls its le
 def anthropic_account_refusal(provider: str, status: int, message: str) -> CredentialsRejected | None:
     """The error for Anthropic's 400 whose `message` (the upstream's own, unsanitized) refuses the gateway's account,
     naming the provider and the account's state; None for any other answer (the client's error, mapped as usual)."""
-    if status != 400 or not message:
-        return None
-    head = message[:_READ]
-    for pattern, state in _STATES:
-        if pattern.search(head):
-            return CredentialsRejected(f"upstream `{provider}` refused the gateway's account (HTTP {status}): {state}")
-    return None
+    return _refusal(_ANTHROPIC, provider, status, message)
 
 
 def gemini_account_refusal(provider: str, status: int, message: str) -> CredentialsRejected | None:
     """The error for Gemini's 402 or 400 whose `message` (the upstream's own, unsanitized) refuses the gateway's
     account or its location, naming the provider and that state; None for any other answer (a 402 of another wording
     is still the account's: `status_errors.status_error`)."""
-    states = _GEMINI_STATES.get(status)
+    return _refusal(_GEMINI, provider, status, message)
+
+
+def _refusal(table: dict[int, tuple[_State, ...]], provider: str, status: int, message: str,
+             ) -> CredentialsRejected | None:
+    states = table.get(status)
     if states is None or not message:
         return None
     head = message[:_READ]

@@ -51,7 +51,7 @@ from .tokens import TokenCounter
 
 __all__ = ["KEEP_CHARS", "OFF_LOOP_CHARS", "OWN_TEXT_FIELDS", "REASONING_FIELDS", "CountTokens", "ResponsesText",
            "StreamText", "answer_text", "count_on_loop", "count_text", "estimate_on_loop", "estimate_stream_usage",
-           "estimate_usage", "stream_text"]
+           "estimate_usage", "pipeline_counter", "stream_text"]
 
 OFF_LOOP_CHARS = 64 * 1024  # count larger texts and bodies in a thread: tiktoken holds the GIL but not the loop
 _ROUGH = PromptEstimator(TokenCounter(), keep=False)  # no encoding loaded: every text at four characters a token
@@ -301,6 +301,15 @@ def estimate_on_loop(tokens: TokenCounter, ctx: RequestContext) -> Usage:
     completion = text.tokens(ctx, count_on_loop(tokens, text.text())) if text is not None else ctx.chunks
     ctx.usage, ctx.usage_estimated = Usage(prompt, completion, prompt + completion), True
     return ctx.usage
+
+
+def pipeline_counter(ctx: RequestContext) -> TokenCounter | None:
+    """The counter the request's pipeline estimates usage with (its `CountTokens` stage's: encodings loaded), for a
+    caller that must estimate before this stage's end hook runs (a Messages stream's last event, a blocked stream)."""
+    for stage in ctx.runtime.pipeline.stages:
+        if isinstance(stage, CountTokens):
+            return stage.tokens
+    return None
 
 
 def count_on_loop(tokens: TokenCounter, text: str) -> int:

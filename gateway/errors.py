@@ -227,6 +227,17 @@ class UnusableAnswer(UpstreamError):
     verdict of health for the target's circuit breaker, not against it: the model misbehaved, the endpoint served."""
 
 
+class AnswerTooLarge(UpstreamError):
+    """502: the upstream's complete answer passed its provider's `max_response_bytes` while it was read. The request
+    itself asked for that much (2,048 inputs at 3,072 dimensions is an 80 MB embeddings answer), so every target
+    and every retry would answer as large: not retried nor fallen back from, no verdict against the target's
+    circuit breaker (it answered: one tenant's big requests must not open a breaker every tenant shares), and
+    `x-should-retry: false` (`routing.attempts`). The upstream generated, and bills, the answer: accounting bills
+    its prompt estimate, as for an answer waited for in vain."""
+
+    code = "upstream_answer_too_large"
+
+
 class AllTargetsFailed(UpstreamError):
     """502: every target of an alias was tried and failed (the message lists the attempts)."""
 

@@ -241,7 +241,7 @@ def test_an_oversized_answer_is_refused_while_it_is_read(make_gateway: Make, ups
     running = make_gateway(text)
     response = httpx.post(running.base_url + "/chat/completions", headers=AUTH,
                           json={"model": "big", "messages": MESSAGES}, timeout=20)
-    assert response.status_code == 502 and "oversized" in response.json()["error"]["message"]
+    assert response.status_code == 502 and response.json()["error"]["code"] == "upstream_answer_too_large"
 
 
 def test_a_non_streamed_body_that_arrives_in_pieces_is_read_whole(make_gateway: Make, upstream: MockUpstream) -> None:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import GatewayError, UpstreamTimeout
+from ..errors import AnswerTooLarge, GatewayError, UpstreamTimeout
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import Policy
@@ -137,8 +137,10 @@ class Accounting(Admission, Settling):
                 # An upstream at work on it (`ctx.upstream_sent`: an attempt sent, and none failed since, which the
                 # alias's deadline cut), or the gateway's own timeout waiting for an answer to a request it sent (not
                 # a connect timeout, when nothing was sent; not an upstream's 408 or 504, an error status it sent, as
-                # a 4xx). Not the deadline cutting a connect, or passing after an attempt failed: nothing at work.
-                if ctx.upstream_sent or (type(exc) is UpstreamTimeout and exc.upstream_status is None):
+                # a 4xx), or an answer too large to read (generated, so billed). Not the deadline cutting a connect,
+                # or passing after an attempt failed: nothing at work.
+                if (ctx.upstream_sent or (type(exc) is UpstreamTimeout and exc.upstream_status is None)
+                        or type(exc) is AnswerTooLarge):
                     await self._left_usage(ctx)
             finally:
                 self._spawn(self._settle(ctx, bill))

@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from ..errors import CredentialsRejected, GatewayError, InvalidRequest, UpstreamError, with_detail
+from ..errors import AnswerTooLarge, CredentialsRejected, GatewayError, InvalidRequest, UpstreamError, with_detail
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec, OpenAISpec
 from ..sanitize import prepare_secrets, remove_secrets, sanitize_upstream_message
@@ -265,7 +265,8 @@ class OpenAICompatProvider:
                         break
                 size += len(data)
                 if size > self.config.max_response_bytes:
-                    raise UpstreamError(f"upstream `{self.name}` answered with an oversized body")
+                    raise AnswerTooLarge(f"upstream `{self.name}` answered with a body of more than "
+                                         f"{self.config.max_response_bytes} bytes (its `max_response_bytes`)")
                 parts.append(data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             response.close()

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 
 from ..errors import (
     AllTargetsFailed,
+    AnswerTooLarge,
     ContextLengthExceeded,
     CredentialsRejected,
     GatewayBusy,
@@ -54,8 +55,8 @@ _MAX_MESSAGE = 900
 # target lacks (nothing sent: to the next target).
 _PASSED_ON = frozenset({"context_length", "unsupported"})
 # Failures the same request would meet again at once: the gateway's own key refused, a field no target has, a prompt
-# too long (a client error is judged by its status: `final`).
-_FINAL = frozenset({"credentials", "unsupported", "context_length"})
+# too long, an answer too large to read (a client error is judged by its status: `final`).
+_FINAL = frozenset({"credentials", "unsupported", "context_length", "too_large"})
 
 
 class DeadlineExceeded(UpstreamTimeout):
@@ -75,7 +76,8 @@ class TargetsUnavailable(GatewayError):
 def classify(error: GatewayError) -> str:
     """The `retry_on` name of a failure, or `client_error` (never retried) / `busy` (the local pool) /
     `credentials` (the upstream refused the gateway's own key) / `unsupported` (the target cannot do what the
-    request asks: the next one may)."""
+    request asks: the next one may) / `too_large` (an answer past `max_response_bytes`: never retried nor fallen
+    back from, as every target would answer as large)."""
     if isinstance(error, Unsupported):
         return "unsupported"
     if isinstance(error, ContextLengthExceeded):
@@ -86,6 +88,8 @@ def classify(error: GatewayError) -> str:
         return "timeout"
     if isinstance(error, GatewayBusy):
         return "busy"
+    if isinstance(error, AnswerTooLarge):
+        return "too_large"  # the request's own doing: the same size from every target (see `AnswerTooLarge`)
     if isinstance(error, CredentialsRejected):
         return "credentials"  # a 401/403 (or Gemini's 400 for a bad key): the gateway's fault, not the client's
     if isinstance(error, UpstreamError):
@@ -100,7 +104,7 @@ def breaker_verdict(kind: str, error: GatewayError) -> bool | None:
     """What a failed attempt (`classify`'s `kind`) says of its target's health: True a failure, False a success (it
     answered: a client error, a context overflow, an `UnusableAnswer`, the model's fault), None nothing (a 429, a
     full local pool, a field it lacks)."""
-    if kind in ("client_error", "context_length") or isinstance(error, UnusableAnswer):
+    if kind in ("client_error", "context_length", "too_large") or isinstance(error, UnusableAnswer):
         return False
     return True if kind in BREAKER_FAILURES else None
 

@@ -181,7 +181,9 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     # may be sent on a connection the upstream is closing and fail with a 502.
     keepalive_s: Annotated[float, Meta(gt=0, le=3_600)] = 4.0
     stream_usage: bool = True
-    # A non-streamed answer larger than this is refused (502) while it is read.
+    # A non-streamed answer larger than this is refused (502 `upstream_answer_too_large`, `x-should-retry: false`) while
+    # it is read: the request asked for that much, so it is not retried nor fallen back from, is no breaker failure,
+    # and is billed its prompt estimate (the upstream generated it).
     max_response_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
     openai: OpenAISpec | None = None  # kind: openai (policy/provider_schema.py)

@@ -25,6 +25,7 @@ __all__ = [
     "Usage",
     "UsagePeek",
     "listed_prompts",
+    "unusable_usage",
 ]
 
 Unit = Annotated[float, Meta(ge=0, le=2)]
@@ -152,6 +153,13 @@ class Usage(Struct, omit_defaults=True):
                                       and 0 <= (given.cache_write_tokens or 0) <= MAX_USAGE_TOKENS):
             return False
         return made is None or 0 <= (made.reasoning_tokens or 0) <= MAX_USAGE_TOKENS
+
+
+def unusable_usage() -> Usage:
+    """The usage of an answer whose upstream reported counts that are no counts (a string, a negative number), in a
+    shape the gateway translates (Anthropic's, Gemini's): not `usable`, so billed at the gateway's own count, as an
+    OpenAI-shaped answer with negative counts is (a translation that read them as 0 billed the answer nothing)."""
+    return Usage(-1, -1, -1)
 
 
 class UsagePeek(Struct):

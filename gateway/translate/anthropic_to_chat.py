@@ -28,7 +28,7 @@ import msgspec
 
 from ..errors import GatewayError
 from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import PromptTokensDetails, Usage
+from ..schemas.openai import PromptTokensDetails, Usage, unusable_usage
 from .common import ChunkWriter, StreamProtocolError
 from .thinking import BLOCKS, REASONING, Thinking
 
@@ -38,6 +38,7 @@ _decode = msgspec.json.Decoder(dict[str, Any]).decode
 _encode = msgspec.json.Encoder().encode
 
 _THINKING = frozenset({"thinking", "redacted_thinking"})
+_COUNTS = ("input_tokens", "cache_read_input_tokens", "cache_creation_input_tokens", "output_tokens")
 FINISH_REASONS = {
     "end_turn": "stop", "stop_sequence": "stop", "pause_turn": "stop", "max_tokens": "length",
     "tool_use": "tool_calls", "refusal": "content_filter", "model_context_window_exceeded": "length",
@@ -53,7 +54,9 @@ def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     """Anthropic's usage as the gateway's `Usage` and as OpenAI's usage object, both with the cache reads and
     writes (what accounting prices apart, and what an answer replayed from the gateway's cache reports), and of
     the writes those to the 1-hour cache (`cache_write_1h_tokens`, when Anthropic split its writes by lifetime in
-    `cache_creation`, as its current API does)."""
+    `cache_creation`, as its current API does). A count that is there but no count (a string, a negative number)
+    makes the usage unusable (`unusable_usage`): the answer is billed at the gateway's own count, as one without
+    usage is, not at 0."""
     fresh = _int(usage.get("input_tokens"))
     read = _int(usage.get("cache_read_input_tokens"))
     written = _int(usage.get("cache_creation_input_tokens"))
@@ -62,6 +65,8 @@ def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     shown: dict[str, int] = {"cached_tokens": read, "cache_write_tokens": written}
     shape = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
              "prompt_tokens_details": shown}
+    if not all(_count(usage.get(name)) for name in _COUNTS):
+        return unusable_usage(), shape
     if not (read or written):
         return Usage(prompt, output, prompt + output), shape
     breakdown = usage.get("cache_creation")
@@ -80,6 +85,11 @@ def _hour_writes(breakdown: Any, written: int) -> int:
 
 def _int(value: Any) -> int:
     return value if type(value) is int and value >= 0 else 0
+
+
+def _count(value: Any) -> bool:
+    """Whether a usage field is absent (null) or a count: anything else is an upstream's error, not a zero."""
+    return value is None or (type(value) is int and value >= 0)
 
 
 def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:

@@ -30,7 +30,7 @@ import msgspec
 
 from ..errors import ContentPolicyViolation, GatewayError, Unsupported, UnusableAnswer, UpstreamError
 from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage
+from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage, unusable_usage
 from .common import ChunkWriter, StreamProtocolError
 
 __all__ = ["GeminiEvents", "chat_completion"]
@@ -65,6 +65,8 @@ _FAILED = {
 _UNSIGNED = "MISSING_THOUGHT_SIGNATURE"
 _DENIED = "PUP_LIMITED_DISABLED"  # the account behind the key, not the model: a failure of the target (`_unusable`)
 _SHOWN = re.compile(r"[A-Z][A-Z_]{0,39}")  # an unknown reason that may be named in an error message
+_COUNTS = ("promptTokenCount", "toolUsePromptTokenCount", "thoughtsTokenCount", "candidatesTokenCount",
+           "totalTokenCount", "cachedContentTokenCount")  # `usageMetadata`'s counts (`_usage`)
 
 
 def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
@@ -80,6 +82,10 @@ def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
     shape = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total,
              "prompt_tokens_details": {"cached_tokens": cached},
              "completion_tokens_details": {"reasoning_tokens": thoughts}}
+    if not all(_count(metadata.get(name)) for name in _COUNTS):
+        # A count that is there but no count (a string, a negative number): billed at the gateway's own count, as
+        # an answer without usage is, not at 0 (`unusable_usage`).
+        return unusable_usage(), shape
     # The cached and thinking tokens priced apart (`cached_input_per_mtok`, `reasoning_per_mtok`), as OpenAI's are.
     return Usage(prompt, completion, total, PromptTokensDetails(cached_tokens=cached) if cached else None,
                  CompletionTokensDetails(reasoning_tokens=thoughts) if thoughts else None), shape
@@ -87,6 +93,11 @@ def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
 
 def _int(value: Any) -> int:
     return value if type(value) is int and value >= 0 else 0
+
+
+def _count(value: Any) -> bool:
+    """Whether a usage field is absent (null) or a count: anything else is an upstream's error, not a zero."""
+    return value is None or (type(value) is int and value >= 0)
 
 
 def _finish(reason: Any, has_calls: bool) -> str:

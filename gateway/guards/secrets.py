@@ -35,8 +35,8 @@ __all__ = ["DETECTORS", "FOLDED_LEADS", "LEADS", "NEEDS", "SecretsGuard", "entro
 
 _KEY_HEADER = r"-----BEGIN (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
 _KEY_FOOTER = r"-----END (?:[A-Z0-9]+ )*PRIVATE KEY(?: BLOCK)?-----"
-_B = r"(?<![A-Za-z0-9_\-])"  # a token starts here
-_E = r"(?![A-Za-z0-9_\-])"
+_B = r"(?<![A-Za-z0-9])"  # a token starts here (after `-`, `_` or `/` too: `id_AKIA...`, `token-ghp_...`)
+_E = r"(?![A-Za-z0-9])"  # and ends (a `-` or `_` after a key of fixed length: `AKIA...-prod`)
 DETECTORS: dict[str, list[tuple[str, str]]] = {
     "openai": [("OPENAI_API_KEY", _B + r"sk-(?:proj-|svcacct-|admin-)?[A-Za-z0-9_\-]{20,}" + _E)],
     "anthropic": [("ANTHROPIC_API_KEY", _B + r"sk-ant-[a-z0-9]{2,8}-[A-Za-z0-9_\-]{20,}" + _E)],

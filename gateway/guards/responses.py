@@ -2,7 +2,8 @@
 `responses_answer.py`).
 
 The texts of an answer are those `responses_answer.item_texts` finds in its output items (message parts, reasoning
-summary and content parts, function call arguments, custom tool call input).
+summary and content parts, function call arguments, custom tool call input), and a stream's audio transcript
+(`response.audio.transcript.delta`, in no item).
 
 A blocked stream ends with a `response.incomplete` event whose output is what
 was released so far, `incomplete_details.reason: "content_filter"`, and the request's usage (the upstream's if it
@@ -10,8 +11,9 @@ came, else the gateway's estimate: `stream.StreamGuard._blocked`); the edge writ
 (`api/responses_frames.py`).
 
 Streamed, each of those texts (by `output_index`, and the part's `content_index` or `summary_index`) is a lane of
-the shared window (`window.py`), but a message's `output_text` parts share one (`_lane_key`: the client reads them
-joined): the `...delta` events carry what may leave (an event whose text is all held back is dropped). The events
+the shared window (`window.py`), but the output text parts of all the message items share one (`_lane_key`: the
+client reads them joined, the SDK's `response.output_text`): the `...delta` events carry what may leave (an event
+whose text is all held back is dropped). The events
 that repeat a whole text (the `...done` events of each text, `response.content_part.done`,
 `response.reasoning_summary_part.done`, `response.output_item.done`, and the final response's output) first release
 what their lane still holds, as one more delta event, and then carry exactly the text that was released, never the
@@ -19,6 +21,11 @@ upstream's (of a repeated text that does not go on from its deltas, none of the 
 lifecycle events (`response.created`, `.queued`, `.in_progress`) list the output with its texts as released so far.
 Sequence numbers are renumbered to stay consecutive when events are dropped or added. `logprobs` are emptied
 whenever a guard enforces (their tokens are the upstream's text, and what is held may yet be rewritten).
+
+An event of a type the guard does not know (`_known`) that carries any text (`_carries_text`) is withheld (dropped)
+when a guard enforces: passed on, its text reached the client unread (a type the API adds, or a server's own). The
+events whose texts no guard reads by design (`_UNREAD`: the hosted tools', a text's annotations, the audio's bytes)
+pass as they are, as do events of any type with no text (ids and indexes only).
 """
 
 from __future__ import annotations
@@ -53,6 +60,7 @@ _DELTAS: dict[str, tuple[str, str | None]] = {
     "response.reasoning_text.delta": ("reasoning", "content_index"),
     "response.function_call_arguments.delta": ("tool", None),
     "response.custom_tool_call_input.delta": ("custom", None),
+    "response.audio.transcript.delta": ("transcript", None),
 }
 _DELTA_OF = {kind: (event, index) for event, (kind, index) in _DELTAS.items()}  # the delta event the gateway adds
 # The done events that repeat a whole text: lane kind, the part's field (as for deltas), the text's field.
@@ -63,7 +71,19 @@ _DONES: dict[str, tuple[str, str | None, str]] = {
     "response.reasoning_text.done": ("reasoning", "content_index", "text"),
     "response.function_call_arguments.done": ("tool", None, "arguments"),
     "response.custom_tool_call_input.done": ("custom", None, "input"),
+    "response.audio.transcript.done": ("transcript", None, "transcript"),  # (OpenAI's repeats no text: none added)
 }
+_TRANSCRIPT_DONE = "response.audio.transcript.done"
+_KNOWN = frozenset({*_DELTAS, *_DONES, *_PART_ADDED, *_PART_DONE, _ITEM_ADDED, _ITEM_DONE, *_STARTED, *_ENDED})
+# The events whose texts no guard reads (docs/guards.md, "Not checked on output"), by the start of their type: the
+# hosted tools' (code interpreter, searches, image generation, MCP calls, shell calls), a text's annotations
+# (citations), the audio itself, a compaction's (no text), and the client's own steering input repeated.
+_UNREAD = ("response.code_interpreter_call", "response.file_search_call", "response.web_search_call",
+           "response.image_generation_call", "response.mcp_call", "response.mcp_list_tools", "response.shell_call",
+           "response.output_text.annotation.added", "response.audio.delta", "response.audio.done",
+           "response.compaction.", "response.steer")
+# The fields of an event (or of anything in it) that name or place it rather than say anything: no text of the answer.
+_NAMING = frozenset({"type", "id", "item_id", "call_id", "status", "object", "role", "obfuscation"})
 # -- the stream
 
 
@@ -99,7 +119,8 @@ class ResponsesChunks:
             lane, part, field = _DONES[kind]
             key = (lane_index(data.get("output_index")), lane, lane_index(data.get(part)) if part else 0)
             before = await self._settle(key, data.get(field))
-            data[field] = self.sent.get(key, "")
+            if field in data or kind != _TRANSCRIPT_DONE:
+                data[field] = self.sent.get(key, "")
             self._scrub(data)
         elif kind in _PART_DONE and isinstance(data.get("part"), dict):
             part = data["part"]
@@ -116,6 +137,8 @@ class ResponsesChunks:
             self.items[index] = data["item"]
         elif kind in _ENDED and isinstance(data.get("response"), dict):
             before = await self._ended(data["response"])
+        elif self.withholds and not _known(kind) and _carries_text(data):  # (see the module's docstring)
+            return []
         else:
             changed = self._opening(data, kind)
         numbered = self._number(data)
@@ -318,7 +341,9 @@ class ResponsesChunks:
         if not announced:
             return []
         event_type, part = _DELTA_OF[kind]
-        event: dict[str, Any] = {"type": event_type, "item_id": self.ids.get(index, ""), "output_index": index}
+        event: dict[str, Any] = {"type": event_type}
+        if kind != "transcript":  # (the transcript's events name no item)
+            event.update(item_id=self.ids.get(index, ""), output_index=index)
         if part is not None:
             event[part] = position
         event["delta"] = released
@@ -364,11 +389,33 @@ class ResponsesChunks:
 
 
 def _lane_key(key: LaneKey) -> LaneKey:
-    """The window's lane for a text: a message's output text parts share one (the parts joined are the text the
-    client reads, `response.output_text`; a key cut at a part's end is seen whole), each other text has its own. A
-    part's text is released whole at its `...done` (the part is over), so a finding that reaches back from the next
-    part into it blocks the stream (`Lane.sealed`)."""
-    return (key[0], "text", 0) if key[1] == "text" else key
+    """The window's lane for a text: the output text parts of all the message items share one (the parts joined,
+    across items too, are the text the client reads, the SDK's `response.output_text`; a key cut at a part's or an
+    item's end is seen whole), each other text has its own. A part's text is released whole at its `...done` (the
+    part is over), so a finding that reaches back from the next part, or the next item, into it blocks the stream
+    (`Lane.sealed`)."""
+    return (0, "text", 0) if key[1] == "text" else key
+
+
+def _known(kind: str) -> bool:
+    """Whether the guard knows an event of this type: reads its texts, or knows that no guard reads them (`_UNREAD`)."""
+    return kind in _KNOWN or kind.startswith(_UNREAD)
+
+
+def _carries_text(event: dict[str, Any]) -> bool:
+    """Whether an event holds a non-empty string anywhere but in the fields that name or place it (`_NAMING`).
+    Walked without recursion: an upstream's event may nest deeper than the interpreter's stack."""
+    stack: list[Any] = [event]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, str):
+            if value:
+                return True
+        elif isinstance(value, dict):
+            stack.extend(inner for name, inner in value.items() if name not in _NAMING)
+        elif isinstance(value, list):
+            stack.extend(value)
+    return False
 
 
 def _rebuilt(event: dict[str, Any]) -> Chunk:

@@ -1,14 +1,14 @@
 """Output guards on a complete Responses answer (`POST /v1/responses`, not streamed), and where an answer's texts are.
 
-The texts of an answer are the `text` of each `output_text` part and the
-`refusal` of each `refusal` part of its `message` items; the `text` of each
+The texts of an answer are the `text` of each `output_text` part (and of a `text` part, as some servers write it)
+and the `refusal` of each `refusal` part of its `message` items; the `text` of each
 summary and content part of its `reasoning` items (the model's reasoning, which
 often repeats what the prompt held); the `arguments` (a JSON string: restored
 pseudonyms are JSON-escaped) of its `function_call` items; and the `input` of
 its `custom_tool_call` items (`item_texts`: the stream adapter, `responses.py`,
 reads an item's texts where this module does). They are checked and rewritten like a chat
-answer's content and tool call arguments (a message's two or more output text parts as one text, as the client
-reads them: `_checked_texts`); `logprobs` are emptied where a text was rewritten.
+answer's content and tool call arguments (the output text parts of all its messages as one text, as the client
+reads them, the SDK's `response.output_text`: `_checked_texts`); `logprobs` are emptied where a text was rewritten.
 
 A blocked answer keeps the Responses API's own way of saying that a content
 filter stopped it: `status: "incomplete"` with `incomplete_details.reason:
@@ -40,13 +40,15 @@ _REWRITING = frozenset({"redact", "mask", "pseudonymize"})
 KINDS: dict[str, tuple[Where, bool]] = {
     "text": (ANSWER, False), "refusal": (ANSWER, False), "summary": (REASONING, False),
     "reasoning": (REASONING, False), "tool": (TOOL, True), "custom": (TOOL, False),
+    "transcript": (ANSWER, False),  # (a stream's audio transcript, `response.audio.transcript.delta`: in no item)
 }
-# A part's type: its lane kind and its text's field.
-_PARTS = {"output_text": ("text", "text"), "refusal": ("refusal", "refusal"), "summary_text": ("summary", "text"),
-          "reasoning_text": ("reasoning", "text")}
+# A part's type: its lane kind and its text's field. A message's `text` part (some OpenAI-compatible servers write
+# their answer's text so, for `output_text`) is read as output text: left unread, it reached the client unchecked.
+_PARTS = {"output_text": ("text", "text"), "text": ("text", "text"), "refusal": ("refusal", "refusal"),
+          "summary_text": ("summary", "text"), "reasoning_text": ("reasoning", "text")}
 # An output item's texts: where its parts are (a list field, or None: the item's own field) and what they may be.
 ITEM_TEXTS: dict[str, tuple[tuple[str | None, str], ...]] = {
-    "message": (("content", "output_text"), ("content", "refusal")),
+    "message": (("content", "output_text"), ("content", "text"), ("content", "refusal")),
     "reasoning": (("summary", "summary_text"), ("content", "reasoning_text")),
     "function_call": ((None, "arguments"),),
     "custom_tool_call": ((None, "input"),),
@@ -70,20 +72,20 @@ def part_kind(part: dict[str, Any]) -> tuple[str, str] | None:
 
 
 def item_texts(item: dict[str, Any]) -> Iterator[_Text]:
-    """Every text of an output item (`ITEM_TEXTS`), found where it is, whatever its value."""
+    """Every text of an output item (`ITEM_TEXTS`), found where it is, whatever its value: a list field's parts in
+    their order (a message's text parts joined are the text the client reads: `_checked_texts`)."""
     kind = item.get("type")
-    for field, what in ITEM_TEXTS.get(kind if isinstance(kind, str) else "", ()):
-        if field is None:
-            if what in item:
-                yield _ITEM_KINDS[str(kind)], 0, item, what
-            continue
+    texts = ITEM_TEXTS.get(kind if isinstance(kind, str) else "", ())
+    for field, what in texts:
+        if field is None and what in item:
+            yield _ITEM_KINDS[str(kind)], 0, item, what
+    for field in dict.fromkeys(field for field, _ in texts if field is not None):
+        types = [what for listed, what in texts if listed == field]
         parts = item.get(field)
         for position, part in enumerate(parts if isinstance(parts, list) else ()):
-            if isinstance(part, dict) and part.get("type") == what:
-                lane, key = _PARTS[what]
+            if isinstance(part, dict) and part.get("type") in types:
+                lane, key = _PARTS[part["type"]]
                 yield lane, position, part, key
-
-
 
 
 def answer_texts(answer: dict[str, Any]) -> Iterator[Ref]:
@@ -97,13 +99,17 @@ def answer_texts(answer: dict[str, Any]) -> Iterator[Ref]:
 
 
 def _checked_texts(answer: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | Joined, str, Where, bool]]:
-    """The texts of a Responses answer as the guards check them: a message's two or more output text parts as one
-    text (a `joined.Joined`, written back with `rewrite`), as the client reads them (`output_text`, the SDK's
-    `response.output_text`): checked one part at a time, a key cut at a part's end was left whole."""
+    """The texts of a Responses answer as the guards check them: the output text parts of all its messages as one
+    text (a `joined.Joined`, written back with `rewrite`), as the client reads them (`output_text`; the SDK's
+    `response.output_text` joins every message item's): checked one part, or one item, at a time, a key cut at a
+    part's or an item's end was left whole. Where one message item ends and the next begins is a seam (read both
+    ways, whole and cut: `Joined.seams`): a client that shows each item on its own reads a value that ends there."""
+    parts: list[dict[str, Any]] = []
+    starts: list[int] = []  # the parts that begin a message item after the first: its seams
     output = answer.get("output")
     for item in output if isinstance(output, list) else ():
         if isinstance(item, dict):
-            parts: list[dict[str, Any]] = []
+            first = len(parts)
             for kind, _, container, key in item_texts(item):
                 if not isinstance(container[key], str):
                     continue
@@ -111,10 +117,19 @@ def _checked_texts(answer: dict[str, Any]) -> Iterator[tuple[dict[str, Any] | Jo
                     parts.append(container)
                 else:
                     yield container, key, *KINDS[kind]
-            if len(parts) == 1:
-                yield parts[0], TEXT, *KINDS["text"]
-            elif parts:
-                yield Joined(parts), TEXT, *KINDS["text"]
+            if 0 < first < len(parts):
+                starts.append(first)
+    if len(parts) == 1:
+        yield parts[0], TEXT, *KINDS["text"]
+    elif parts:
+        yield Joined(parts, starts), TEXT, *KINDS["text"]
+
+
+def _output_parts(answer: dict[str, Any]) -> list[dict[str, Any]]:
+    """The output text parts of an answer's messages, in order: what its `output_text` joins."""
+    output = answer.get("output")
+    return [container for item in (output if isinstance(output, list) else ()) if isinstance(item, dict)
+            for kind, _, container, key in item_texts(item) if kind == "text" and isinstance(container[key], str)]
 
 
 async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
@@ -124,7 +139,7 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
     if enforcing(guards):
         withhold_error(answer)
     refs = list(_checked_texts(answer))
-    parts = [part for part, _, _, _ in answer_texts(answer) if part.get("type") == "output_text"]
+    parts = _output_parts(answer)
     if not parts and isinstance(answer.get("output_text"), str):  # a server's convenience field, alone
         refs.append((answer, "output_text", ANSWER, False))
     checked = 0  # as the guard stage's (`YIELD_CHARS`): an answer of many short texts checked in one go held the loop
@@ -136,7 +151,8 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
             await asyncio.sleep(0)
         enforced: list[Finding] = []
         if guards:
-            enforced, shadow = await runtime.detect(guards, text, where)
+            seams = container.seams if isinstance(container, Joined) else ()
+            enforced, shadow = await runtime.detect(guards, text, where, seams)
             session.note_findings(enforced, "enforce", "output")
             session.note_findings(shadow, "shadow", "output")
             if any(f.action == "block" for f in enforced):
@@ -149,7 +165,7 @@ async def guard_answer(runtime: GuardRuntime, guards: tuple[Guard, ...], session
         new = apply(text, enforced, session.pseudonyms, partial(session.pseudonyms.restore, json_string=json_string))
         if not isinstance(container, Joined):
             container[key] = new
-        elif new != text:  # (a message's text parts read as one: the edits go back onto the parts)
+        elif new != text:  # (the messages' text parts read as one: the edits go back onto the parts)
             container.rewrite(new, enforced, session.pseudonyms)
     if parts and isinstance(answer.get("output_text"), str):
         answer["output_text"] = "".join(part["text"] for part in parts)

@@ -311,7 +311,12 @@ class StreamBill:
     The length is the number of content chunks (about one token each from OpenAI-compatible servers; of a
     Responses stream, its `*.delta` events only: `Chunk.content`, `pipeline.streams`), so that following it costs
     no decoding; the exact figure comes with the upstream's usage at the end. Below
-    the reserved length it does nothing (`passes_up_to`), so the edge keeps polling the provider's stream."""
+    the reserved length it does nothing (`passes_up_to`), so the edge keeps polling the provider's stream.
+
+    It reads the upstream's own events: `ReplyStream.add_at_source` puts it before an output guard, which
+    holds text back and releases it merged. Behind the guard, a cut could fall only where the guard released text,
+    past the chunk that crossed the budget, and what the guard still held was dropped though billed; before it, the
+    cut falls on the upstream's chunk that crossed, and the guard checks and releases what it held up to there."""
 
     __slots__ = ("_bill", "_finished", "_stage", "reads_events")
     looks_only = False  # (it may cut: `passes_up_to` says when; found here, `ReplyStream.add` asks no further)
@@ -337,12 +342,11 @@ class StreamBill:
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         """`ctx.chunks` is the upstream's content chunks so far, this batch's included (counted before any stage
         read it): past the cap, each content chunk of the batch that crosses it asks for one more step (a Responses
-        stream's lifecycle events, `Chunk.content` False, take none, and the cut never falls on one). A stage
-        before this one (an output guard) may have held or merged chunks: the batch then holds fewer than the
-        upstream sent, the first of them crosses the cap (an earlier cut than the upstream's own chunks would
-        give), and a batch with none still asks for the steps the upstream's chunks took: the bill follows what the
-        upstream generated. A cut stream is billed for what it sent (`docs/accounting.md`): the content chunks up
-        to the one that crossed."""
+        stream's lifecycle events, `Chunk.content` False, take none, and the cut never falls on one). An output
+        guard comes after this stage (`ReplyStream.add_at_source`); should a stage before it hold or merge chunks, the
+        batch holds fewer than the upstream sent, the first of them crosses the cap, and a batch with none still asks
+        for the steps the upstream's chunks took: the bill follows what the upstream generated. A cut stream is billed
+        for what it sent (`docs/accounting.md`): the content chunks up to the one that crossed (`_billed_at_cut`)."""
         bill = self._bill
         if ctx.chunks <= bill.completion_cap:
             if type(self._finished) is set:  # several choices: each batch is read for those it finishes
@@ -355,7 +359,7 @@ class StreamBill:
             while seen > bill.completion_cap:
                 cap = bill.completion_cap
                 if not await self._stage.extend(ctx, bill):
-                    ctx.chunks = seen  # billed for what it sent: the chunks after the cut are not
+                    ctx.chunks = _billed_at_cut(seen, cap, index)  # the chunks after the cut are not billed
                     return self._cut(ctx, events, index)
                 if bill.completion_cap == cap:  # no price (or no upstream) to reserve for: nothing to refuse either
                     break
@@ -384,6 +388,14 @@ class StreamBill:
             stage._settle_in_line(ctx, self._bill, cost)
         else:
             await stage._settle(ctx, self._bill)
+
+
+def _billed_at_cut(seen: int, cap: int, index: int | None) -> int:
+    """The chunks a cut stream is billed for: those up to the one that crossed its last step (`seen`, the count at
+    the chunk the cut falls on). With no chunk in the batch to cut at (`index` None: a stage before the bill holds
+    them), `seen` is every chunk the upstream sent so far, held ones too, which the cut drops unsent: the bill stops
+    at the chunk that crossed (`cap` + 1), as the upstream's own chunks would have cut it, never past the budget."""
+    return seen if index is not None or seen <= cap else cap + 1
 
 
 def _request_tokens(ctx: RequestContext) -> int:

@@ -158,7 +158,7 @@ class Accounting(Admission, Settling):
             if hop is not None:
                 HOP.reset(hop)
         if reply.stream is not None:
-            reply.stream.add(StreamBill(self, bill))
+            reply.stream.add_at_source(StreamBill(self, bill))  # (before an output guard: `StreamBill`)
             _text_without_usage(ctx, reply)  # after the bill, which may cut: the text the client got
             return reply
         usage = ctx.usage

@@ -21,7 +21,9 @@ a completion's prompt, an embedding's input) is checked and rewritten in `ctx.bo
 that is forwarded. Output: a complete answer is decoded, checked and re-encoded (a Responses
 answer by `responses.py`); a stream gets a `StreamGuard`, which speaks the endpoint's chunk format. An error
 raised for the request (an upstream's 4xx or 5xx, a 200 that is an error, a stream that failed before it began)
-loses the upstream's own words when an output guard enforces (`stream.withhold`): they may quote the answer.
+loses the upstream's own words when an output guard enforces (`stream.withhold`): they may quote the answer; so
+does a complete answer's choice's `error`. A complete answer passes, under an enforcing guard, only the fields the
+gateway knows, as a stream's chunks do (`stream.CHUNK_FIELDS`, `ANSWER_CHOICE_FIELDS`, `DELTA_FIELDS`).
 """
 
 from __future__ import annotations
@@ -47,8 +49,19 @@ from .pool import PER_TEXT, YIELD_CHARS
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
-from .stream import StreamGuard, enforcing, withhold
-from .texts import BESIDE_CONTENT, UNREAD_ANSWER_TEXTS, UNREAD_TEXTS, answer_refs, input_texts, refuse_unreadable
+from .stream import (
+    ANSWER_CHOICE_FIELDS,
+    CHUNK_FIELDS,
+    DELTA_FIELDS,
+    StreamGuard,
+    drop_unknown,
+    enforcing,
+    shape_beside,
+    shape_content,
+    withheld_error,
+    withhold,
+)
+from .texts import BESIDE_CONTENT, answer_refs, input_texts, refuse_unreadable
 from .verdict import apply
 
 __all__ = ["GuardStage"]
@@ -244,6 +257,10 @@ class GuardStage:
             return body
         chat = ctx.endpoint is Endpoint.CHAT
         scrub = any(guard.mode == "enforce" for guard in guard_set.output)
+        withholds = enforcing(guard_set.output)
+        if scrub:  # only the fields the gateway knows: any other may hold text no guard reads (`stream.CHUNK_FIELDS`)
+            drop_unknown(data, CHUNK_FIELDS)
+        key = "content" if chat else "text"
         checked = 0  # as `_input`'s: `n` choices of long answers, or of many tool calls
         for choice in choices:
             if not isinstance(choice, dict):
@@ -251,14 +268,18 @@ class GuardStage:
             if scrub:
                 if choice.get("logprobs") is not None:  # their tokens are the upstream's text: a redacted or
                     choice["logprobs"] = None  # blocked value would leave in them (a stream's are emptied too)
-                for field in UNREAD_ANSWER_TEXTS[chat]:  # a stray copy of the text beside the one read
-                    choice.pop(field, None)
+                # a stray copy of the text beside the one read (a `delta`, a `text`), or any field not known
+                drop_unknown(choice, ANSWER_CHOICE_FIELDS[chat])
+                if withholds and "error" in choice:  # (OpenRouter's, `finish_reason: "error"`: may quote the answer)
+                    choice["error"] = withheld_error(choice["error"])
             holder = choice.get("message") if chat else choice
             if not isinstance(holder, dict):
                 continue
-            if scrub and chat:
-                holder.pop(UNREAD_TEXTS, None)
-            key = "content" if chat else "text"
+            shape_content(holder, key, chat, scrub)  # (a list of parts read; another type dropped)
+            if chat:
+                shape_beside(holder, scrub)
+                if scrub:  # (OpenRouter's `reasoning_details` among the fields dropped)
+                    drop_unknown(holder, DELTA_FIELDS)
             for container, field, where, json_string in answer_refs(holder, key, chat):
                 text = container[field]
                 checked += len(text) + PER_TEXT

@@ -6,8 +6,11 @@ the shared window and rewrites the chunk with what may leave; at the upstream's
 end it releases what is still held; on a block it ends the stream at once in the
 format's own way, then `[DONE]`: held text is dropped, so nothing of the finding
 is sent; the usage a client is shown comes with it (the upstream's if it came, else
-the gateway's estimate: `StreamGuard._blocked`). Chat Completions and Completions chunks are adapted here
-(`ChatChunks`); the Responses API's events in `responses.py`.
+the gateway's estimate: `StreamGuard._blocked`). A hard budget's cut (`StreamBill`,
+which reads the upstream's chunks before this stage) releases what is held, checked,
+before its error event: the client gets the text it is billed for. Chat Completions
+and Completions chunks are adapted here (`ChatChunks`); the Responses API's events in
+`responses.py`.
 
 Chat and Completions: per choice, the content (or a completion's text), the
 texts beside it (reasoning, refusal: `texts.BESIDE_CONTENT`), an audio answer's
@@ -17,10 +20,13 @@ transcript, each tool call's arguments (a custom tool's input) and a legacy
 place in the chunk's `tool_calls`, written into it; a piece with another id than
 the call held at its index begins another call there (Ollama 0.20 gives each of
 its parallel calls `index: 0`). Chunks keep OpenAI's shape (ids, roles, tool call deltas, usage,
-finish_reason; content sent as a list of parts becomes OpenAI's fields); with an
-enforcing guard, what repeats the text where the guards do not read it is not
-sent (`logprobs` emptied, a `message` beside the delta dropped); a chunk left with
-nothing to say is dropped; a block ends with `finish_reason: "content_filter"`.
+finish_reason; content sent as a list of parts becomes OpenAI's fields, a reasoning or refusal sent as a list its
+parts' text); a tool call's name is checked whole as it comes. With an enforcing guard, what no guard reads is not
+sent: `logprobs` are emptied, and only the fields the gateway knows pass (`CHUNK_FIELDS`, `CHOICE_FIELDS`,
+`DELTA_FIELDS`: an allowlist, since an upstream may write the answer's text, or an error quoting it, in any field
+it invents; the fields real servers add that hold no answer text are on it), a text of another type dropped;
+a chunk left with nothing to say is dropped; a block ends with `finish_reason: "content_filter"`. The usual chunk
+(a string `delta.content`, no other field) is told apart with one set look-up per level (`_PLAIN_DELTA`).
 
 The chunks are the upstream's JSON: a value of another type than the API's (a
 choice that is `null`, an `index` that is a list) is read as absent or as 0,
@@ -31,17 +37,21 @@ adapter's).
 
 An upstream's error that ends the stream (`StreamError`) may quote the answer's text ("Failed to parse tool call
 output: ..."), which no guard reads: with an enforcing output guard (`enforcing`), its message loses the upstream's
-own words, the gateway's text for the error kept (`withhold`); a complete answer's error is the guard stage's.
+own words, the gateway's text for the error kept (`withhold`); a complete answer's error is the guard stage's. So
+does an error written as a chunk without choices (`{"message": ...}`, `{"detail": ...}`, an `event: error`'s data,
+which the provider passes as a chunk: `UpstreamFailed`), and a choice's own `error` (OpenRouter's) keeps only its
+code (`withheld_error`).
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from ..errors import GatewayError, UpstreamError
+from ..errors import BudgetExceeded, GatewayError, UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
@@ -51,7 +61,7 @@ from .base import WITHHELD, Guard, Where, enforcing
 from .json_end import JsonEnd
 from .responses import ResponsesChunks
 from .session import GuardSession
-from .texts import BESIDE_CONTENT, UNREAD_CHOICE_TEXTS, UNREAD_TEXTS, spread_parts, text_arguments
+from .texts import BESIDE_CONTENT, spread_parts, text_arguments
 from .window import ANSWER, REASONING, TOOL, Blocked, Lane, Window, lane_index
 
 if TYPE_CHECKING:
@@ -59,7 +69,9 @@ if TYPE_CHECKING:
     from ..pipeline.streams import StreamEnd
     from .runtime import GuardRuntime
 
-__all__ = ["ChatChunks", "ChunkFormat", "StreamGuard", "enforcing", "withhold"]
+__all__ = ["ANSWER_CHOICE_FIELDS", "CHOICE_FIELDS", "CHUNK_FIELDS", "DELTA_FIELDS", "ChatChunks", "ChunkFormat",
+           "StreamGuard", "UpstreamFailed", "drop_unknown", "enforcing", "known_usage_chunk", "parts_text",
+           "shape_beside", "shape_content", "withheld_error", "withhold"]
 
 log = logging.getLogger("gateway.guards")
 # What a lookup on an upstream value of another type than the API's raises (as `providers.streaming` reads them);
@@ -79,6 +91,41 @@ def withhold(error: GatewayError) -> None:
 
 # A tool call's lane kind -> where its text is in a call's delta: a function's arguments, a custom tool's input.
 _CALL_FIELDS = {"tool": ("function", "arguments"), "custom": ("custom", "input")}
+
+# With an enforcing output guard a chat (or completion) chunk passes only the fields the gateway knows: any other may
+# hold text no guard reads (an upstream's note quoting the answer), so it is dropped. The chunk's own (OpenAI's, and
+# the metadata of the servers in use: OpenRouter's `provider`, Azure's `prompt_filter_results`, Perplexity's
+# `citations` and `search_results`, which are the citations' URLs and titles, as `annotations` are; none is read).
+CHUNK_FIELDS = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation",
+                          "choices", "usage", "provider", "prompt_filter_results", "citations", "search_results"})
+# A choice's (by whether the stream is a chat one): a choice's `error` (OpenRouter's) is kept, its message withheld
+# (`withheld_error`); its finish reasons and filter results are no text.
+_CHOICE_COMMON = ("index", "finish_reason", "logprobs", "error", "native_finish_reason", "stop_reason", "matched_stop",
+                  "content_filter_results")
+CHOICE_FIELDS = {True: frozenset({*_CHOICE_COMMON, "delta"}), False: frozenset({*_CHOICE_COMMON, "text"})}
+ANSWER_CHOICE_FIELDS = {True: frozenset({*_CHOICE_COMMON, "message"}), False: CHOICE_FIELDS[False]}  # (`stage.py`)
+# A delta's: the texts the guards read, the tool calls (each call's other fields pass: Gemini's `extra_content`
+# carries its thought signature), Anthropic's signed thinking (`reasoning_blocks`, the gateway's own: its text is the
+# reasoning's, read there; `translate/thinking.py`), and what is no text a guard could read (`audio` beside its
+# transcript, OpenRouter's `images`) or is passed unread by design (`annotations`: citations' URLs and titles).
+DELTA_FIELDS = frozenset({"role", "content", *BESIDE_CONTENT, "tool_calls", "function_call", "audio", "annotations",
+                          "images", "reasoning_blocks"})
+# A choice, a delta with no more than these (most chunks): nothing to drop or reshape (`ChatChunks._odd_choice`,
+# `_odd_delta`), and (a delta) no tool call, audio or reasoning to look for. A chunk's fields that are no news (a
+# chunk left with only these is dropped).
+_PLAIN_CHOICE = {True: frozenset({"index", "delta", "finish_reason", "logprobs"}),
+                 False: frozenset({"index", "text", "finish_reason", "logprobs"})}
+_PLAIN_DELTA = frozenset({"role", "content"})
+_CHUNK_META = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation"})
+# What a chunk without choices that is an upstream's error has (`{"message": ...}`, `{"detail": ...}`, an `event:
+# error`'s data, vLLM's `"object": "error"`): the upstream's words, withheld (`UpstreamFailed`).
+_ERROR_FIELDS = ("error", "message", "detail")
+_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # an error's code kept beside a withheld message: a name, never words
+
+
+class UpstreamFailed(Exception):
+    """A chunk is an upstream's error (`_ERROR_FIELDS`) under an enforcing output guard: the stream ends with the
+    gateway's error, the upstream's words withheld, what the lanes hold dropped (as for any error that ends it)."""
 
 
 def _call_text(call: Any) -> tuple[dict[str, Any], str, str] | None:
@@ -124,6 +171,7 @@ class ChunkFormat(Protocol):
 
 class StreamGuard:
     reads_events = True
+    rewrites = True  # a budget's cut reads the upstream's chunks before this stage holds them (`add_at_source`)
 
     def __init__(self, runtime: GuardRuntime, guards: tuple[Guard, ...], session: GuardSession,
                  spec: StreamScanSpec, endpoint: Endpoint, model: str) -> None:
@@ -132,9 +180,11 @@ class StreamGuard:
         if endpoint is Endpoint.RESPONSES:
             self.format = ResponsesChunks(self.window)
         else:
-            self.format = ChatChunks(self.window, endpoint is Endpoint.CHAT)
+            self.format = ChatChunks(self.window, endpoint is Endpoint.CHAT, enforcing(guards))
         self.blocked = False
         self.withholds = enforcing(guards)  # an upstream's error loses its own words (`withhold`)
+        # A chat usage chunk passes its known fields only (`known_usage_chunk`), as the format's chunks do.
+        self.scrubs_usage = isinstance(self.format, ChatChunks) and self.format.scrub
 
     async def on_events(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         out: list[StreamEvent] = []
@@ -148,16 +198,25 @@ class StreamGuard:
                     out += await self.format.finish()
                     out.append(event)
                 else:
+                    if type(event) is StreamError and type(event.error) is BudgetExceeded:  # a budget's cut
+                        out += await self.format.finish()  # (`StreamBill`, before this stage): what is held leaves
                     if type(event) is StreamError and self.withholds:  # (the last event, once: not per chunk)
                         withhold(event.error)
+                    elif type(event) is UsageReport and self.scrubs_usage:  # (once a stream)
+                        event = self._known(event)
                     out.append(event)
         except Blocked:  # what this batch released before the block was scanned like any earlier batch: sent
             self.blocked = True
             return [*(e for e in out if isinstance(e, Chunk)), *self._blocked(ctx, events), DONE]
+        except UpstreamFailed:  # an error written as a chunk: the upstream's error, its words withheld
+            usage = self._reports(events)
+            name = ctx.provider.name if ctx is not None and ctx.provider is not None else "the upstream"
+            error = UpstreamError(f"upstream `{name}` failed mid-stream ({WITHHELD})")
+            return [*(e for e in out if isinstance(e, Chunk)), *usage, StreamError(error)]
         except _MISSHAPEN:  # an upstream event the adapter cannot read: the upstream's error, what it holds dropped
             log.warning("an output guard could not read an upstream stream event: the stream ends with an "
                         "upstream error", exc_info=True, extra={"fields": {"request_id": ctx.request_id}})
-            usage = [e for e in events if isinstance(e, UsageReport)]
+            usage = self._reports(events)
             name = ctx.provider.name if ctx.provider is not None else "the upstream"
             error = UpstreamError(f"upstream `{name}` sent a malformed stream event")
             return [*(e for e in out if isinstance(e, Chunk)), *usage, StreamError(error)]
@@ -166,6 +225,17 @@ class StreamGuard:
     async def on_end(self, ctx: RequestContext, end: StreamEnd) -> None:
         return None
 
+    def _reports(self, events: list[StreamEvent]) -> list[UsageReport]:
+        """The usage events of a batch that ends the stream early (a block, an error), as they are sent (`_known`)."""
+        reports = [e for e in events if isinstance(e, UsageReport)]
+        return [self._known(report) for report in reports] if self.scrubs_usage else reports
+
+    def _known(self, report: UsageReport) -> UsageReport:
+        """A usage event whose chunk passes only what the gateway knows (`known_usage_chunk`)."""
+        if report.payload is None:
+            return report
+        return UsageReport(report.usage, known_usage_chunk(report.payload))
+
     def _blocked(self, ctx: RequestContext, events: list[StreamEvent]) -> list[StreamEvent]:
         """The events that end a blocked stream: the format's last one, and the usage (tokens spent all the same:
         accounted). The upstream's, if it came in this batch; else, for a client that is shown usage (a chat
@@ -173,7 +243,7 @@ class StreamGuard:
         estimate, made now as a Messages stream's is (`telemetry.usage.estimate_on_loop`: kept as the request's
         usage, marked estimated, so that the bill and the access log read the figure the client got): the
         upstream's usage chunk, which often comes after the finish, is not waited for."""
-        reports = [e for e in events if isinstance(e, UsageReport)]
+        reports = self._reports(events)
         usage = reports[-1].usage if reports else None
         if usage is None and ctx is not None and self.format.shows_usage(ctx):  # (None: a unit test's driving)
             # a cache hit's own (its bill stays 0), or one that came before this batch (already sent), else estimated
@@ -190,19 +260,96 @@ def _estimate(ctx: RequestContext) -> Usage | None:
     return estimate_on_loop(counter, ctx) if counter is not None else None
 
 
+def drop_unknown(holder: dict[str, Any], known: frozenset[str]) -> None:
+    """`holder` without the fields not in `known`, in place."""
+    for field in [field for field in holder if field not in known]:
+        del holder[field]
+
+
+def parts_text(parts: list[Any]) -> str:
+    """A text beside the content sent as a list: its strings' and its parts' text (a part's `text`, `refusal` or
+    `thinking`, when a string), joined; anything else in it no guard reads."""
+    texts: list[str] = []
+    for part in parts:
+        if isinstance(part, str):
+            texts.append(part)
+        elif isinstance(part, dict):
+            texts.append(next((text for field in ("text", "refusal", "thinking")
+                               if isinstance(text := part.get(field), str)), ""))
+    return "".join(texts)
+
+
+def shape_content(holder: dict[str, Any], key: str, chat: bool, scrub: bool) -> None:
+    """A chat content (`key`) sent as a list of parts: read (and sent) as OpenAI's fields (`spread_parts`). Of any
+    other type than a string (an object; a completion's text as a list) it holds text no guard reads: dropped under
+    an enforcing guard (`scrub`)."""
+    value = holder.get(key)
+    if type(value) is str or value is None:
+        return
+    if chat and isinstance(value, list):
+        spread_parts(holder, key)
+    elif scrub:
+        del holder[key]
+
+
+def shape_beside(holder: dict[str, Any], scrub: bool) -> None:
+    """The texts beside a chat content (reasoning, refusal): one sent as a list is read as its parts' text
+    (`parts_text`); of another type (an object) it holds text no guard reads: dropped under an enforcing guard."""
+    for field in BESIDE_CONTENT:
+        value = holder.get(field)
+        if type(value) is str or value is None:
+            continue
+        if isinstance(value, list):
+            holder[field] = parts_text(value)
+        elif scrub:
+            del holder[field]
+
+
+def withheld_error(error: object) -> dict[str, Any]:
+    """A choice's `error` without the upstream's words: the gateway's, and its `code` when that is a number or a
+    name (`_CODE`)."""
+    withheld: dict[str, Any] = {"message": f"the upstream failed ({WITHHELD})"}
+    code = error.get("code") if isinstance(error, dict) else None
+    if type(code) is int or (isinstance(code, str) and _CODE.fullmatch(code)):
+        withheld["code"] = code
+    return withheld
+
+
+def known_usage_chunk(payload: bytes) -> bytes:
+    """A usage-only chunk under an enforcing guard: its known fields (`CHUNK_FIELDS`), and of its usage the figures
+    (any string in it dropped: a usage holds numbers, OpenRouter's `is_byok` a boolean). Once a stream."""
+    data = msgspec.json.decode(payload)
+    if not isinstance(data, dict):
+        return payload
+    drop_unknown(data, CHUNK_FIELDS)
+    if "usage" in data:
+        data["usage"] = _figures(data["usage"])
+    return msgspec.json.encode(data)
+
+
+def _figures(value: Any) -> Any:
+    """`value` without its strings (a dict's or a list's, at any depth)."""
+    if isinstance(value, dict):
+        return {k: _figures(v) for k, v in value.items() if not isinstance(v, str)}
+    if isinstance(value, list):
+        return [_figures(v) for v in value if not isinstance(v, str)]
+    return value
+
+
 class ChatChunks:
     """Chat Completions chunks (`delta.content`, `delta.tool_calls`) and Completions chunks (`text`)."""
 
-    def __init__(self, window: Window, chat: bool) -> None:
+    def __init__(self, window: Window, chat: bool, withholds: bool = False) -> None:
         self.window = window
         self.chat = chat
         self.key = "content" if chat else "text"
         self.meta: dict[str, Any] = {}
-        # With an enforcing guard, a choice's `logprobs` are emptied: their tokens are the upstream's text, which
-        # the window holds back and rewrites; left, they would carry a redacted value, or a blocked one, out. For the
-        # same reason the fields that repeat its text where no guard reads it are dropped (`UNREAD_CHOICE_TEXTS`).
+        # With an enforcing guard, what no guard reads is not sent: a choice's `logprobs` (`_odd_choice`), the fields
+        # the gateway does not know (`CHUNK_FIELDS`, `CHOICE_FIELDS`, `DELTA_FIELDS`), a text of another type.
         self.scrub = any(guard.mode == "enforce" for guard in window.guards)
-        self.unread = UNREAD_CHOICE_TEXTS[chat]
+        self.withholds = withholds  # (`enforcing`) a choice's `error` loses the upstream's words (`withheld_error`)
+        self.choice_fields = CHOICE_FIELDS[chat]
+        self.plain_choice = _PLAIN_CHOICE[chat]
         self.besides = False  # a lane beside the content (reasoning, refusal) was opened (`_beside`)
         self.transcribing = False  # an audio answer's transcript lane was opened (`_transcript`)
         self.ids: dict[tuple[int, int], Any] = {}  # (choice, call index) -> the id of the call held there
@@ -214,36 +361,39 @@ class ChatChunks:
         data = chunk.data()
         choices = data.get("choices")
         if not choices or not isinstance(choices, list):  # (`"choices": 7`: no text a client reads either)
-            return [chunk]
+            return self._without_choices(chunk, data)
         if not self.meta:
             self.meta = {k: data[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in data}
+        scrub = self.scrub
+        if scrub and not CHUNK_FIELDS.issuperset(data):  # (`issuperset`: no view made, the fastest)
+            drop_unknown(data, CHUNK_FIELDS)
         window = self.window
         keep = False
         for choice in choices:
             if not isinstance(choice, dict):  # (`null`: passed as it is, as without a guard)
                 keep = True
                 continue
-            index = lane_index(choice.get("index", 0))  # (a lane's key: `[0]` would not hash)
-            if self.scrub:
-                if choice.get("logprobs") is not None:
-                    choice["logprobs"] = None
-                for field in self.unread:
-                    choice.pop(field, None)
+            index = choice.get("index", 0)
+            if type(index) is not int:  # (a lane's key: `[0]` would not hash; inline: the hot path's)
+                index = lane_index(index)
+            if scrub and (choice.get("logprobs") is not None or not self.plain_choice.issuperset(choice)):
+                self._odd_choice(choice)
             holder = choice.get("delta") if self.chat else choice
             if not isinstance(holder, dict):
                 keep = True
                 continue
             final = choice.get("finish_reason") is not None
-            calls = holder.get("tool_calls") if self.chat else None
             text = holder.get(self.key)
-            if self.chat:
-                if isinstance(text, list):  # content as a list of parts: read (and sent) as OpenAI's fields
-                    spread_parts(holder, self.key)
-                    text = holder[self.key]
-                if self.scrub:
-                    holder.pop(UNREAD_TEXTS, None)
-                if self.besides or not holder.keys().isdisjoint(BESIDE_CONTENT):  # (most streams: neither)
-                    await self._beside(index, holder, final, bool(calls) or (isinstance(text, str) and bool(text)))
+            if type(text) is not str and text is not None:  # (rare: content as a list of parts, or another type)
+                text = self._odd_text(holder)
+            # (most chunks: a content, a role, and no other field: no tool call, audio or reasoning to look for)
+            plain = not self.chat or _PLAIN_DELTA.issuperset(holder)
+            calls = None
+            if not plain:
+                self._odd_delta(holder)
+                calls = holder.get("tool_calls")
+            if self.besides or (not plain and not holder.keys().isdisjoint(BESIDE_CONTENT)):
+                await self._beside(index, holder, final, bool(calls) or (isinstance(text, str) and bool(text)))
             lane = window.lane((index, "text", 0), False)
             if isinstance(text, str) and text:
                 window.feed(lane, text)
@@ -252,21 +402,84 @@ class ChatChunks:
                     await self._text_before_call(lane, holder)
                 else:
                     holder[self.key] = await window.release(lane, final, ANSWER)
-            if self.chat and (self.transcribing or "audio" in holder):  # (most streams: no audio)
+            if self.transcribing or (not plain and "audio" in holder):  # (most streams: no audio)
                 await self._transcript(index, holder, final)
-            if isinstance(calls, list) and calls:
-                await self._tool_calls(index, holder, list(calls))
-            legacy = holder.get("function_call") if self.chat else None
-            if isinstance(legacy, dict) and text_arguments(legacy) and legacy["arguments"]:
-                tool = window.lane((index, "function_call", 0), True)
-                window.feed(tool, legacy["arguments"])
-                legacy["arguments"] = await window.release(tool, final, TOOL)
+            if not plain:
+                await self._calls(index, holder, calls, final)
             if final:
                 await self._flush_tools(index, holder)
             keep = keep or final or bool(holder.get(self.key)) or any(
                 v not in (None, "", []) for k, v in holder.items() if k not in (self.key, "logprobs", "finish_reason",
                                                                                "index", "text"))
         return [Chunk.of(data)] if keep else []
+
+    async def _calls(self, index: int, holder: dict[str, Any], calls: Any, final: bool) -> None:
+        """A delta's tool calls (`_tool_calls`) and a legacy `function_call` (its name, and its arguments: a lane)."""
+        if isinstance(calls, list) and calls:
+            await self._tool_calls(index, holder, list(calls))
+        legacy = holder.get("function_call")
+        if not isinstance(legacy, dict):
+            return
+        if "name" in legacy:
+            await self._name(legacy)
+        if text_arguments(legacy) and legacy["arguments"]:
+            window = self.window
+            tool = window.lane((index, "function_call", 0), True)
+            window.feed(tool, legacy["arguments"])
+            legacy["arguments"] = await window.release(tool, final, TOOL)
+
+    def _without_choices(self, chunk: Chunk, data: dict[str, Any]) -> list[Chunk]:
+        """A chunk with no choice to read (`"choices": []`: Azure's prompt filter results; none: an odd chunk, or an
+        upstream's error written as one, which the provider passed: `{"message": ...}`, `{"detail": ...}`, an `event:
+        error`'s data). Under an enforcing guard an error ends the stream, its words withheld (`UpstreamFailed`), and
+        any other passes its known fields (`CHUNK_FIELDS`), dropped when they say nothing (`_CHUNK_META`)."""
+        if not self.scrub:
+            return [chunk]
+        if self.withholds and (data.get("object") == "error" or not data.keys().isdisjoint(_ERROR_FIELDS)):
+            raise UpstreamFailed
+        if data.keys() <= CHUNK_FIELDS:
+            return [chunk]
+        drop_unknown(data, CHUNK_FIELDS)
+        return [] if data.keys() <= _CHUNK_META else [Chunk.of(data)]
+
+    def _odd_choice(self, choice: dict[str, Any]) -> None:
+        """A choice under an enforcing guard with more than the usual fields. Its `logprobs` are emptied: their tokens
+        are the upstream's text, which the window holds back and rewrites; left, they would carry a redacted value,
+        or a blocked one, out. The fields the gateway does not know are dropped (`CHOICE_FIELDS`: a `message` beside
+        the delta repeats the text unread, Perplexity's). Its `error` (OpenRouter's, with `finish_reason: "error"`)
+        may quote the answer, as any upstream error's words may (`withhold`): kept, its words withheld."""
+        if choice.get("logprobs") is not None:
+            choice["logprobs"] = None
+        if not choice.keys() <= self.choice_fields:
+            drop_unknown(choice, self.choice_fields)
+        if self.withholds and "error" in choice:
+            choice["error"] = withheld_error(choice["error"])
+
+    def _odd_text(self, holder: dict[str, Any]) -> Any:
+        """A content (a completion's text) of another type than a string: `shape_content`. The text as it is now."""
+        shape_content(holder, self.key, self.chat, self.scrub)
+        return holder.get(self.key)
+
+    def _odd_delta(self, holder: dict[str, Any]) -> None:
+        """A delta with more than the usual fields: the texts beside the content read (`shape_beside`), and under
+        an enforcing guard the fields the gateway does not know dropped (`DELTA_FIELDS`; OpenRouter's
+        `reasoning_details`, a structured copy of the reasoning, among them)."""
+        shape_beside(holder, self.scrub)
+        if self.scrub and not holder.keys() <= DELTA_FIELDS:
+            drop_unknown(holder, DELTA_FIELDS)
+
+    async def _name(self, container: dict[str, Any]) -> None:
+        """A tool call's name (a function's, a custom tool's, a legacy `function_call`'s): a text the model wrote,
+        checked whole as it comes (a call names its tool in one piece), redacted or blocking as its arguments would.
+        A name of another type is dropped under an enforcing guard."""
+        name = container["name"]
+        if isinstance(name, str):
+            if name:
+                lane = Lane(False)
+                lane.pending = name  # (not `Window.feed`: a name is no text the first-text delay measures)
+                container["name"] = await self.window.release(lane, True, TOOL)
+        elif self.scrub and name is not None:
+            del container["name"]
 
     async def _beside(self, index: int, holder: dict[str, Any], final: bool, answering: bool) -> None:
         """The texts beside the content (`BESIDE_CONTENT`: reasoning, refusal), each a lane of its own: what of each
@@ -298,6 +511,10 @@ class ChatChunks:
         for position, call in enumerate(entries):
             sub = _call_index(call, position) if isinstance(call, dict) else 0
             if isinstance(call, dict):
+                for place in ("function", "custom"):
+                    container = call.get(place)
+                    if isinstance(container, dict) and "name" in container:  # (a call's first piece)
+                        await self._name(container)
                 named = call.get("id")  # (a conformant stream names a call on its first piece only, or repeats it)
                 replaced = bool(named) and begins_another_call(call, self.ids.setdefault((index, sub), named))
                 if replaced or sub != self.calling.setdefault(index, sub):

@@ -22,8 +22,8 @@ from .base import Part, Where
 from .joined import TEXT, Joined
 from .window import ANSWER, REASONING, TOOL
 
-__all__ = ["BESIDE_CONTENT", "UNREAD_ANSWER_TEXTS", "UNREAD_CHOICE_TEXTS", "UNREAD_TEXTS", "answer_refs", "input_texts",
-           "joined_parts", "refuse_unreadable", "spread_parts", "text_arguments"]
+__all__ = ["BESIDE_CONTENT", "answer_refs", "input_texts", "joined_parts", "refuse_unreadable", "spread_parts",
+           "text_arguments"]
 
 _encode = msgspec.json.Encoder().encode
 Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the text
@@ -31,15 +31,9 @@ Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the t
 # and the reasoning that OpenAI-compatible servers of reasoning models return (`reasoning_content`: DeepSeek, vLLM;
 # `reasoning`: OpenRouter, Groq, Ollama), which often repeats what the prompt held. By field, where its text is.
 BESIDE_CONTENT: dict[str, Where] = {"refusal": ANSWER, "reasoning_content": REASONING, "reasoning": REASONING}
-# OpenRouter's structured copy of the reasoning: not read by the guards, so dropped when one enforces.
-UNREAD_TEXTS = "reasoning_details"
-# A streamed choice's fields beside the one the guards read (`delta`; a completion's `text`) that hold the answer's
-# text too: some OpenAI-compatible servers (Perplexity) send the whole message so far in `message` beside `delta`.
-# Not read by the guards, so dropped from chunks when one enforces. By whether the stream is a chat one.
-UNREAD_CHOICE_TEXTS: dict[bool, tuple[str, ...]] = {True: ("message", "text"), False: ("message", "delta")}
-# The same for a complete answer's choice, beside its `message` (a completion's: its `text`): a stray `delta` or `text`
-# (some OpenAI-compatible servers send them) would reach the client unread.
-UNREAD_ANSWER_TEXTS: dict[bool, tuple[str, ...]] = {True: ("delta", "text"), False: ("message", "delta")}
+# The fields of an answer (and of a chunk) no guard reads (OpenRouter's `reasoning_details`, a `message` beside a
+# chunk's `delta`, an upstream's note) are not listed here: an enforcing guard passes only the fields the gateway
+# knows (`stream.CHUNK_FIELDS`, `CHOICE_FIELDS`, `DELTA_FIELDS`).
 _PROMPT_FIELDS: dict[Endpoint, tuple[str, Part]] = {Endpoint.COMPLETIONS: ("prompt", "prompt"),
                                                     Endpoint.EMBEDDINGS: ("input", "embedding_input")}
 
@@ -279,11 +273,18 @@ def _hosted_texts(item: dict[str, Any], kind: str | None) -> Iterator[Ref]:
 _ACTION_TEXTS = {"web_search_call": ("query", "pattern"), "computer_call": ("text",)}
 
 
+def _name(call: Any) -> Iterator[tuple[Any, Any, Where, bool]]:
+    """A tool call's name (a function's, a custom tool's, a legacy `function_call`'s): a text the model wrote, checked
+    as its arguments are (a stream's: `stream.ChatChunks._name`)."""
+    if isinstance(call, dict) and isinstance(call.get("name"), str) and call["name"]:
+        yield call, "name", TOOL, False
+
+
 def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[Any, Any, Where, bool]]:
     """Every text of a chat answer's message (or a completion's choice: `key` "text"), as a place it can be written
     back to, and whether it is a JSON string (tool arguments): the content (a list of parts made its text), the
-    texts beside it, each tool call's arguments (a custom tool's input, as plain text), a legacy `function_call`'s
-    arguments, and an audio answer's transcript."""
+    texts beside it, each tool call's name and arguments (a custom tool's input, as plain text), a legacy
+    `function_call`'s, and an audio answer's transcript."""
     if chat and isinstance(holder.get(key), list):
         spread_parts(holder, key)
     if isinstance(holder.get(key), str):
@@ -298,11 +299,14 @@ def answer_refs(holder: dict[str, Any], key: str, chat: bool) -> Iterator[tuple[
         if not isinstance(call, dict):
             continue
         function, custom = call.get("function"), call.get("custom")
+        yield from _name(function)
+        yield from _name(custom)
         if isinstance(function, dict) and text_arguments(function):
             yield function, "arguments", TOOL, True
         if isinstance(custom, dict) and isinstance(custom.get("input"), str):
             yield custom, "input", TOOL, False
     legacy = holder.get("function_call")
+    yield from _name(legacy)
     if isinstance(legacy, dict) and text_arguments(legacy):
         yield legacy, "arguments", TOOL, True
     audio = holder.get("audio")

@@ -111,13 +111,29 @@ class ReplyStream:
         self._end: StreamEnd | None = None  # set once the end hooks ran
 
     def add(self, stage: StreamStage) -> None:
+        """`stage`, after those added so far (closer to the client)."""
         self._stages.append(stage)
         if stage.reads_events:
             self._readers = (*self._readers, stage)
-            if getattr(stage, "looks_only", False):
-                self._lookers = (*self._lookers, stage)
-            elif hasattr(stage, "passes_up_to"):
-                self._watchers = (*self._watchers, stage)
+            self._classify(stage)
+
+    def add_at_source(self, stage: StreamStage) -> None:
+        """`stage`, before the stages added so far that rewrite the source's events (`rewrites`: an output guard,
+        which holds text back and releases it merged), after any other: for a stage that must read the upstream's
+        own events (a budget's cut, which counts and cuts the upstream's chunks: `accounting.settling.StreamBill`).
+        A method of its own, so that `add` (every other stage) looks for no such stage."""
+        stages = self._stages
+        at = next((i for i, added in enumerate(stages) if getattr(added, "rewrites", False)), len(stages))
+        stages.insert(at, stage)
+        if stage.reads_events:
+            self._readers = tuple(added for added in stages if added.reads_events)
+            self._classify(stage)
+
+    def _classify(self, stage: StreamStage) -> None:
+        if getattr(stage, "looks_only", False):
+            self._lookers = (*self._lookers, stage)
+        elif hasattr(stage, "passes_up_to"):
+            self._watchers = (*self._watchers, stage)
 
     def read_choices(self, reader: ChoicesReader) -> bool:
         """Have the source hand `reader` each chunk's typed choices as it decodes them (a source with

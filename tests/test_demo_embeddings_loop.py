@@ -19,7 +19,7 @@ import pytest
 
 from tests.conftest import free_port
 from tests.support.probe import healthz_probe
-from tests.support.processes import running
+from tests.test_serve import serving
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = textwrap.dedent("""\
@@ -38,20 +38,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     policy = tmp_path_factory.mktemp("demo-embeddings") / "policy.yaml"
     policy.write_text(POLICY)
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port)]
-    with running(args, cwd=REPO, env={"PYTHONUNBUFFERED": "1"}) as server:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not become ready:\n{server.text()}")
-            time.sleep(0.1)
-        yield base
+    with serving([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port)], port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def test_demo_embeddings_do_not_stall_the_event_loop(url: str) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ import pytest
 from gateway.pipeline.stages import MAX_JSON_CONTAINERS
 from tests.conftest import free_port
 from tests.support.probe import healthz_probe
-from tests.support.processes import running
+from tests.test_serve import serving
 
 REPO = Path(__file__).resolve().parents[1]
 POLICY = textwrap.dedent("""\
@@ -54,20 +53,8 @@ def url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     policy = tmp_path_factory.mktemp("many-texts") / "policy.yaml"
     policy.write_text(POLICY)
     port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    args = [sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port)]
-    with running(args, cwd=REPO, env={"PYTHONUNBUFFERED": "1"}) as server:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"gateway did not become ready:\n{server.text()}")
-            time.sleep(0.1)
-        yield base
+    with serving([sys.executable, "-m", "gateway", "serve", "--policy", str(policy), "--port", str(port)], port):
+        yield f"http://127.0.0.1:{port}"
 
 
 def _chat(texts: int) -> dict[str, Any]:

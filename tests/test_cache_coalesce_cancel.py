@@ -67,7 +67,10 @@ def test_a_client_that_gives_up_while_another_replica_leads_leaves_no_waiter_beh
         async def scene() -> float:
             async with httpx.AsyncClient(timeout=20) as client:
                 leader = asyncio.ensure_future(client.post(f"{b.base_url}/chat/completions", json=body, headers=AUTH))
-                await asyncio.sleep(0.4)  # B holds the lock now
+                for _ in range(200):  # B holds the lock once its upstream call began (a fixed 0.4 s lost the race on a
+                    if any(r.path.endswith("/chat/completions") for r in upstream.requests):  # slow machine)
+                        break
+                    await asyncio.sleep(0.01)
                 with pytest.raises(httpx.ReadTimeout):  # A's client gives up while A polls for B's answer
                     await client.post(f"{a.base_url}/chat/completions", json=body, headers=AUTH, timeout=0.4)
                 assert (await leader).headers["x-gateway-cache"] == "miss"

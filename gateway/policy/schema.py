@@ -183,7 +183,7 @@ class ProviderSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True)
     stream_usage: bool = True
     # A non-streamed answer larger than this is refused (502 `upstream_answer_too_large`, `x-should-retry: false`) while
     # it is read: the request asked for that much, so it is not retried nor fallen back from, is no breaker failure,
-    # and is billed its prompt estimate (the upstream generated it).
+    # and is billed its prompt estimate where a limit or budget applies (the upstream generated it).
     max_response_bytes: Annotated[int, Meta(ge=1_024, le=1024 * 1024 * 1024)] = 64 * 1024 * 1024
     chunk_delay_ms: Annotated[float, Meta(ge=0, le=10_000)] = 0.0
     openai: OpenAISpec | None = None  # kind: openai (policy/provider_schema.py)

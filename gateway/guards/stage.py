@@ -23,7 +23,7 @@ answer by `responses.py`); a stream gets a `StreamGuard`, which speaks the endpo
 raised for the request (an upstream's 4xx or 5xx, a 200 that is an error, a stream that failed before it began)
 loses the upstream's own words when an output guard enforces (`stream.withhold`): they may quote the answer; so
 does a complete answer's choice's `error`. A complete answer passes, under an enforcing guard, only the fields the
-gateway knows, as a stream's chunks do (`stream.CHUNK_FIELDS`, `ANSWER_CHOICE_FIELDS`, `DELTA_FIELDS`).
+gateway knows, as a stream's chunks do (`answer_fields.CHUNK_FIELDS`, `ANSWER_CHOICE_FIELDS`, `DELTA_FIELDS`).
 """
 
 from __future__ import annotations
@@ -43,24 +43,22 @@ from ..policy.guard_schema import StreamScanSpec
 from ..routing.rules import Facts, count_first, reads_tokens, rule_alias
 from ..schemas.endpoints import Endpoint
 from ..telemetry.tokens import TokenCounter
+from .answer_fields import (
+    ANSWER_CHOICE_FIELDS,
+    CHUNK_FIELDS,
+    DELTA_FIELDS,
+    drop_unknown,
+    shape_beside,
+    shape_content,
+    withheld_error,
+)
 from .base import Finding, Guard
 from .joined import Joined
 from .pool import PER_TEXT, YIELD_CHARS
 from .responses import guard_answer
 from .runtime import GuardRuntime, GuardSet
 from .session import GuardSession
-from .stream import (
-    ANSWER_CHOICE_FIELDS,
-    CHUNK_FIELDS,
-    DELTA_FIELDS,
-    StreamGuard,
-    drop_unknown,
-    enforcing,
-    shape_beside,
-    shape_content,
-    withheld_error,
-    withhold,
-)
+from .stream import StreamGuard, enforcing, withhold
 from .texts import BESIDE_CONTENT, answer_refs, input_texts, refuse_unreadable
 from .verdict import apply
 
@@ -258,7 +256,7 @@ class GuardStage:
         chat = ctx.endpoint is Endpoint.CHAT
         scrub = any(guard.mode == "enforce" for guard in guard_set.output)
         withholds = enforcing(guard_set.output)
-        if scrub:  # only the fields the gateway knows: any other may hold text no guard reads (`stream.CHUNK_FIELDS`)
+        if scrub:  # only the fields the gateway knows: any other may hold text no guard reads (`answer_fields`)
             drop_unknown(data, CHUNK_FIELDS)
         key = "content" if chat else "text"
         checked = 0  # as `_input`'s: `n` choices of long answers, or of many tool calls

@@ -22,9 +22,9 @@ the call held at its index begins another call there (Ollama 0.20 gives each of
 its parallel calls `index: 0`). Chunks keep OpenAI's shape (ids, roles, tool call deltas, usage,
 finish_reason; content sent as a list of parts becomes OpenAI's fields, a reasoning or refusal sent as a list its
 parts' text); a tool call's name is checked whole as it comes. With an enforcing guard, what no guard reads is not
-sent: `logprobs` are emptied, and only the fields the gateway knows pass (`CHUNK_FIELDS`, `CHOICE_FIELDS`,
-`DELTA_FIELDS`: an allowlist, since an upstream may write the answer's text, or an error quoting it, in any field
-it invents; the fields real servers add that hold no answer text are on it), a text of another type dropped;
+sent: `logprobs` are emptied, and only the fields the gateway knows pass (`answer_fields`: an allowlist, since an
+upstream may write the answer's text, or an error quoting it, in any field it invents; the fields real servers add
+that hold no answer text are on it), a text of another type dropped;
 a chunk left with nothing to say is dropped; a block ends with `finish_reason: "content_filter"`. The usual chunk
 (a string `delta.content`, no other field) is told apart with one set look-up per level (`_PLAIN_DELTA`).
 
@@ -46,7 +46,6 @@ code (`withheld_error`).
 from __future__ import annotations
 
 import logging
-import re
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
@@ -57,11 +56,21 @@ from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
 from ..schemas.openai import Usage
 from ..telemetry.usage import estimate_on_loop, pipeline_counter
+from .answer_fields import (
+    CHOICE_FIELDS,
+    CHUNK_FIELDS,
+    DELTA_FIELDS,
+    drop_unknown,
+    known_usage_chunk,
+    shape_beside,
+    shape_content,
+    withheld_error,
+)
 from .base import WITHHELD, Guard, Where, enforcing
 from .json_end import JsonEnd
 from .responses import ResponsesChunks
 from .session import GuardSession
-from .texts import BESIDE_CONTENT, spread_parts, text_arguments
+from .texts import BESIDE_CONTENT, text_arguments
 from .window import ANSWER, REASONING, TOOL, Blocked, Lane, Window, lane_index
 
 if TYPE_CHECKING:
@@ -69,9 +78,7 @@ if TYPE_CHECKING:
     from ..pipeline.streams import StreamEnd
     from .runtime import GuardRuntime
 
-__all__ = ["ANSWER_CHOICE_FIELDS", "CHOICE_FIELDS", "CHUNK_FIELDS", "DELTA_FIELDS", "ChatChunks", "ChunkFormat",
-           "StreamGuard", "UpstreamFailed", "drop_unknown", "enforcing", "known_usage_chunk", "parts_text",
-           "shape_beside", "shape_content", "withheld_error", "withhold"]
+__all__ = ["ChatChunks", "ChunkFormat", "StreamGuard", "UpstreamFailed", "enforcing", "withhold"]
 
 log = logging.getLogger("gateway.guards")
 # What a lookup on an upstream value of another type than the API's raises (as `providers.streaming` reads them);
@@ -92,24 +99,6 @@ def withhold(error: GatewayError) -> None:
 # A tool call's lane kind -> where its text is in a call's delta: a function's arguments, a custom tool's input.
 _CALL_FIELDS = {"tool": ("function", "arguments"), "custom": ("custom", "input")}
 
-# With an enforcing output guard a chat (or completion) chunk passes only the fields the gateway knows: any other may
-# hold text no guard reads (an upstream's note quoting the answer), so it is dropped. The chunk's own (OpenAI's, and
-# the metadata of the servers in use: OpenRouter's `provider`, Azure's `prompt_filter_results`, Perplexity's
-# `citations` and `search_results`, which are the citations' URLs and titles, as `annotations` are; none is read).
-CHUNK_FIELDS = frozenset({"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation",
-                          "choices", "usage", "provider", "prompt_filter_results", "citations", "search_results"})
-# A choice's (by whether the stream is a chat one): a choice's `error` (OpenRouter's) is kept, its message withheld
-# (`withheld_error`); its finish reasons and filter results are no text.
-_CHOICE_COMMON = ("index", "finish_reason", "logprobs", "error", "native_finish_reason", "stop_reason", "matched_stop",
-                  "content_filter_results")
-CHOICE_FIELDS = {True: frozenset({*_CHOICE_COMMON, "delta"}), False: frozenset({*_CHOICE_COMMON, "text"})}
-ANSWER_CHOICE_FIELDS = {True: frozenset({*_CHOICE_COMMON, "message"}), False: CHOICE_FIELDS[False]}  # (`stage.py`)
-# A delta's: the texts the guards read, the tool calls (each call's other fields pass: Gemini's `extra_content`
-# carries its thought signature), Anthropic's signed thinking (`reasoning_blocks`, the gateway's own: its text is the
-# reasoning's, read there; `translate/thinking.py`), and what is no text a guard could read (`audio` beside its
-# transcript, OpenRouter's `images`) or is passed unread by design (`annotations`: citations' URLs and titles).
-DELTA_FIELDS = frozenset({"role", "content", *BESIDE_CONTENT, "tool_calls", "function_call", "audio", "annotations",
-                          "images", "reasoning_blocks"})
 # A choice, a delta with no more than these (most chunks): nothing to drop or reshape (`ChatChunks._odd_choice`,
 # `_odd_delta`), and (a delta) no tool call, audio or reasoning to look for. A chunk's fields that are no news (a
 # chunk left with only these is dropped).
@@ -120,7 +109,6 @@ _CHUNK_META = frozenset({"id", "object", "created", "model", "system_fingerprint
 # What a chunk without choices that is an upstream's error has (`{"message": ...}`, `{"detail": ...}`, an `event:
 # error`'s data, vLLM's `"object": "error"`): the upstream's words, withheld (`UpstreamFailed`).
 _ERROR_FIELDS = ("error", "message", "detail")
-_CODE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # an error's code kept beside a withheld message: a name, never words
 
 
 class UpstreamFailed(Exception):
@@ -258,82 +246,6 @@ def _estimate(ctx: RequestContext) -> Usage | None:
     `ctx.usage` and marked (`estimate_on_loop`)."""
     counter = pipeline_counter(ctx)
     return estimate_on_loop(counter, ctx) if counter is not None else None
-
-
-def drop_unknown(holder: dict[str, Any], known: frozenset[str]) -> None:
-    """`holder` without the fields not in `known`, in place."""
-    for field in [field for field in holder if field not in known]:
-        del holder[field]
-
-
-def parts_text(parts: list[Any]) -> str:
-    """A text beside the content sent as a list: its strings' and its parts' text (a part's `text`, `refusal` or
-    `thinking`, when a string), joined; anything else in it no guard reads."""
-    texts: list[str] = []
-    for part in parts:
-        if isinstance(part, str):
-            texts.append(part)
-        elif isinstance(part, dict):
-            texts.append(next((text for field in ("text", "refusal", "thinking")
-                               if isinstance(text := part.get(field), str)), ""))
-    return "".join(texts)
-
-
-def shape_content(holder: dict[str, Any], key: str, chat: bool, scrub: bool) -> None:
-    """A chat content (`key`) sent as a list of parts: read (and sent) as OpenAI's fields (`spread_parts`). Of any
-    other type than a string (an object; a completion's text as a list) it holds text no guard reads: dropped under
-    an enforcing guard (`scrub`)."""
-    value = holder.get(key)
-    if type(value) is str or value is None:
-        return
-    if chat and isinstance(value, list):
-        spread_parts(holder, key)
-    elif scrub:
-        del holder[key]
-
-
-def shape_beside(holder: dict[str, Any], scrub: bool) -> None:
-    """The texts beside a chat content (reasoning, refusal): one sent as a list is read as its parts' text
-    (`parts_text`); of another type (an object) it holds text no guard reads: dropped under an enforcing guard."""
-    for field in BESIDE_CONTENT:
-        value = holder.get(field)
-        if type(value) is str or value is None:
-            continue
-        if isinstance(value, list):
-            holder[field] = parts_text(value)
-        elif scrub:
-            del holder[field]
-
-
-def withheld_error(error: object) -> dict[str, Any]:
-    """A choice's `error` without the upstream's words: the gateway's, and its `code` when that is a number or a
-    name (`_CODE`)."""
-    withheld: dict[str, Any] = {"message": f"the upstream failed ({WITHHELD})"}
-    code = error.get("code") if isinstance(error, dict) else None
-    if type(code) is int or (isinstance(code, str) and _CODE.fullmatch(code)):
-        withheld["code"] = code
-    return withheld
-
-
-def known_usage_chunk(payload: bytes) -> bytes:
-    """A usage-only chunk under an enforcing guard: its known fields (`CHUNK_FIELDS`), and of its usage the figures
-    (any string in it dropped: a usage holds numbers, OpenRouter's `is_byok` a boolean). Once a stream."""
-    data = msgspec.json.decode(payload)
-    if not isinstance(data, dict):
-        return payload
-    drop_unknown(data, CHUNK_FIELDS)
-    if "usage" in data:
-        data["usage"] = _figures(data["usage"])
-    return msgspec.json.encode(data)
-
-
-def _figures(value: Any) -> Any:
-    """`value` without its strings (a dict's or a list's, at any depth)."""
-    if isinstance(value, dict):
-        return {k: _figures(v) for k, v in value.items() if not isinstance(v, str)}
-    if isinstance(value, list):
-        return [_figures(v) for v in value if not isinstance(v, str)]
-    return value
 
 
 class ChatChunks:

@@ -33,7 +33,7 @@ Ref = tuple[Any, Any, Where]  # (container, key, where): container[key] is the t
 BESIDE_CONTENT: dict[str, Where] = {"refusal": ANSWER, "reasoning_content": REASONING, "reasoning": REASONING}
 # The fields of an answer (and of a chunk) no guard reads (OpenRouter's `reasoning_details`, a `message` beside a
 # chunk's `delta`, an upstream's note) are not listed here: an enforcing guard passes only the fields the gateway
-# knows (`stream.CHUNK_FIELDS`, `CHOICE_FIELDS`, `DELTA_FIELDS`).
+# knows (`answer_fields.CHUNK_FIELDS`, `CHOICE_FIELDS`, `DELTA_FIELDS`).
 _PROMPT_FIELDS: dict[Endpoint, tuple[str, Part]] = {Endpoint.COMPLETIONS: ("prompt", "prompt"),
                                                     Endpoint.EMBEDDINGS: ("input", "embedding_input")}
 

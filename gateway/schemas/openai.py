@@ -24,6 +24,7 @@ __all__ = [
     "StreamOptions",
     "Usage",
     "UsagePeek",
+    "is_count",
     "listed_prompts",
     "unusable_usage",
 ]
@@ -153,6 +154,12 @@ class Usage(Struct, omit_defaults=True):
                                       and 0 <= (given.cache_write_tokens or 0) <= MAX_USAGE_TOKENS):
             return False
         return made is None or 0 <= (made.reasoning_tokens or 0) <= MAX_USAGE_TOKENS
+
+
+def is_count(value: Any) -> bool:
+    """Whether an upstream's usage field in a shape the gateway translates is absent (null) or a count: anything else
+    (a string, a negative number) is an upstream's error, not a zero (`unusable_usage`)."""
+    return value is None or (type(value) is int and value >= 0)
 
 
 def unusable_usage() -> Usage:

@@ -28,7 +28,7 @@ import msgspec
 
 from ..errors import GatewayError
 from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import PromptTokensDetails, Usage, unusable_usage
+from ..schemas.openai import PromptTokensDetails, Usage, is_count, unusable_usage
 from .common import ChunkWriter, StreamProtocolError
 from .thinking import BLOCKS, REASONING, Thinking
 
@@ -65,7 +65,7 @@ def chat_usage(usage: dict[str, Any]) -> tuple[Usage, dict[str, Any]]:
     shown: dict[str, int] = {"cached_tokens": read, "cache_write_tokens": written}
     shape = {"prompt_tokens": prompt, "completion_tokens": output, "total_tokens": prompt + output,
              "prompt_tokens_details": shown}
-    if not all(_count(usage.get(name)) for name in _COUNTS):
+    if not all(is_count(usage.get(name)) for name in _COUNTS):
         return unusable_usage(), shape
     if not (read or written):
         return Usage(prompt, output, prompt + output), shape
@@ -85,11 +85,6 @@ def _hour_writes(breakdown: Any, written: int) -> int:
 
 def _int(value: Any) -> int:
     return value if type(value) is int and value >= 0 else 0
-
-
-def _count(value: Any) -> bool:
-    """Whether a usage field is absent (null) or a count: anything else is an upstream's error, not a zero."""
-    return value is None or (type(value) is int and value >= 0)
 
 
 def chat_completion(answer: dict[str, Any]) -> tuple[dict[str, Any], Usage | None]:

@@ -30,7 +30,7 @@ import msgspec
 
 from ..errors import ContentPolicyViolation, GatewayError, Unsupported, UnusableAnswer, UpstreamError
 from ..schemas.events import DONE, StreamError, StreamEvent, UsageReport
-from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage, unusable_usage
+from ..schemas.openai import CompletionTokensDetails, PromptTokensDetails, Usage, is_count, unusable_usage
 from .common import ChunkWriter, StreamProtocolError
 
 __all__ = ["GeminiEvents", "chat_completion"]
@@ -82,7 +82,7 @@ def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
     shape = {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": total,
              "prompt_tokens_details": {"cached_tokens": cached},
              "completion_tokens_details": {"reasoning_tokens": thoughts}}
-    if not all(_count(metadata.get(name)) for name in _COUNTS):
+    if not all(is_count(metadata.get(name)) for name in _COUNTS):
         # A count that is there but no count (a string, a negative number): billed at the gateway's own count, as
         # an answer without usage is, not at 0 (`unusable_usage`).
         return unusable_usage(), shape
@@ -93,11 +93,6 @@ def _usage(metadata: Any) -> tuple[Usage, dict[str, Any]] | None:
 
 def _int(value: Any) -> int:
     return value if type(value) is int and value >= 0 else 0
-
-
-def _count(value: Any) -> bool:
-    """Whether a usage field is absent (null) or a count: anything else is an upstream's error, not a zero."""
-    return value is None or (type(value) is int and value >= 0)
 
 
 def _finish(reason: Any, has_calls: bool) -> str:

@@ -145,6 +145,49 @@ async def test_a_record_lives_op_ttl_s_in_the_counters_slot_and_its_absence_fall
     assert OP_TTL_S * 1000 - 5_000 < await handle.client.pttl(record) <= OP_TTL_S * 1000
 
 
+async def test_a_leased_reservation_whose_record_redis_lost_is_settled_to_its_actual_cost_alone(
+    remote: tuple[RedisStore, str],
+) -> None:
+    """Redis lost its data (restarted without persistence) while a budget's reservation was in flight: its record
+    went with the counter, and a newer request made the counter again. A leased record lives as long as its
+    counter, so the settle (`leased`) adds the actual cost alone; `actual - reserved` took the lost reservation
+    off the newer request's spend (a budget then let that much more through)."""
+    from gateway.store.redis_scripts import LEASES, op_key
+
+    store, prefix = remote
+    handle = store._handle
+    assert handle is not None
+
+    async def lose(counter: str, *ops: str) -> None:  # what a restart without persistence does to these keys
+        for name in [prefix + counter, *(op_key(prefix + counter, op, prefix) for op in (*ops, LEASES))]:
+            assert name is not None
+            await handle.client.delete(name)
+
+    key = "acct:budget:key:main:d20260101"
+    assert (await store.reserve(key, 1.0, 10.0, 3600, "g", lease_s=900)).total == 1.0
+    await lose(key, "g")
+    assert (await store.reserve(key, 2.0, 10.0, 3600, "h", lease_s=900)).total == 2.0  # after the restart
+    assert await store.settle(key, 1.0, 0.3, 3600, "g", leased=True) == pytest.approx(2.3)
+    assert await store.settle(key, 1.0, 0.3, 3600, "g", leased=True) == pytest.approx(2.3)  # once
+    # a record kept: replaced as before, in one step or by what the record says
+    assert await store.settle(key, 2.0, 0.5, 3600, "h", leased=True) == pytest.approx(0.8)
+    # a record a sweep released (`0`): the actual cost, as before
+    assert (await store.reserve(key, 1.0, 10.0, 3600, "k", lease_s=900)).total == pytest.approx(1.8)
+    record = op_key(prefix + key, "k", prefix)
+    assert record is not None and await handle.client.get(record) == b"1000000"
+    await handle.client.set(record, "0", keepttl=True)
+    await handle.client.decrby(prefix + key, 1_000_000)
+    assert await store.settle(key, 1.0, 0.2, 3600, "k", leased=True) == pytest.approx(1.0)
+    # nothing left at all (nothing came since the restart): the actual cost, in a counter that expires
+    other = "acct:budget:tenant:acme:d20260101"
+    assert (await store.reserve(other, 1.0, 10.0, 3600, "i", lease_s=900)).total == 1.0
+    await lose(other, "i")
+    assert await store.settle(other, 1.0, 0.3, 3600, "i", leased=True) == pytest.approx(0.3)
+    assert 0 < await handle.client.pttl(prefix + other) <= 3_600_000
+    # not leased (a give-back the ledger owes, under an id of its own: no record by design): `reserved` is taken
+    assert await store.settle(key, 0.5, 0.0, 3600, "j") == pytest.approx(0.5)
+
+
 def test_an_operation_record_hashes_to_its_counters_slot() -> None:
     from gateway.store.redis_scripts import op_key
 
@@ -174,12 +217,12 @@ async def test_the_ledger_sends_an_operation_in_doubt_again_under_its_id_for_its
         failures = 0
 
         async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
-                         op: str | None = None) -> float:
+                         op: str | None = None, leased: bool = False) -> float:
             calls.append((key, reserved, actual, op))
             if self.failures:
                 self.failures -= 1
                 raise StoreUnavailable("test: timed out", maybe_applied=True)
-            return await super().settle(key, reserved, actual, ttl_s, op)
+            return await super().settle(key, reserved, actual, ttl_s, op, leased)
 
     store = Flaky()
     ledger = Ledger(store)
@@ -352,6 +395,32 @@ def test_a_settle_a_stall_applied_late_is_not_applied_again_by_the_ledger(stalle
     _wait(gateway.owes_budget, 2.0)
     assert gateway.owes_budget()  # the settle timed out: the ledger owes it
     busy.join()
+    gateway.settled()
+    assert gateway.budget() == pytest.approx(COST + SLOW_COST, abs=1e-9)
+
+
+def test_a_reservation_redis_lost_in_a_restart_is_settled_to_its_actual_cost(stalled: Callable[[str], Stalled]) -> None:
+    """Redis restarts without persistence while a request holds a budget reservation ($0.10): the counter and the
+    reservation's record are gone, and a newer request makes the counter again. When the first request ends, its
+    settle adds its actual cost ($0.05): the budget holds exactly what was spent since the restart. It used to
+    replace a reservation the counter no longer held, taking $0.10 off the newer spend (a budget then let that
+    much more through)."""
+    gateway = stalled("open")
+    gateway.settled()
+    answers: list[httpx.Response] = []
+    slow = threading.Thread(target=lambda: answers.append(gateway.ask("slow", max_tokens=100)))
+    slow.start()
+    try:
+        _wait(lambda: gateway.budget() == pytest.approx(COST + 0.1))  # reserved; its answer comes a second later
+        assert gateway.budget() == pytest.approx(COST + 0.1)
+        gateway.server.stop()
+        gateway.server.start()  # (`--save ""`, no AOF: every key is gone)
+        assert gateway.budget() == 0.0
+        assert gateway.ask().status_code == 200  # the newer request, on a new counter (or owed, then sent)
+    finally:
+        slow.join(20)
+    assert [answer.status_code for answer in answers] == [200]
+    assert float(answers[0].headers["x-gateway-cost-usd"]) == pytest.approx(SLOW_COST)
     gateway.settled()
     assert gateway.budget() == pytest.approx(COST + SLOW_COST, abs=1e-9)
 

@@ -140,15 +140,15 @@ class StageState:
                                                            ctx.endpoint)
 
     def _owe_spend(self, key: str, reserved: float, actual: float, ttl_s: float, op: str = "",
-                   exc: StoreUnavailable | None = None) -> None:
+                   exc: StoreUnavailable | None = None, leased: bool = False) -> None:
         """A budget settle (`Store.settle`'s arguments) the store did not take, owed by the ledger: under its `op`
         (sent again as it is: applied once) when it may have been applied, or when it replaces a reservation (whose
         record may hold steps whose answers were lost; these are as many as the requests in flight when the store
         went away); else (surely not applied, nothing reserved: spend served while the store was away, however
-        much of it) added to the counter's other owed spend."""
+        much of it) added to the counter's other owed spend. `leased`: `Store.settle`'s (a budget's reservation)."""
         sent = exc is None or exc.maybe_applied
         if op and (sent or reserved > 0.0):
-            self.ledger.owe_op(key, op, reserved, actual, ttl_s, sent)
+            self.ledger.owe_op(key, op, reserved, actual, ttl_s, sent, leased)
         else:
             self.ledger.owe(key, to_units(actual) - to_units(reserved), ttl_s)
 

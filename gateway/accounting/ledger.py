@@ -89,8 +89,8 @@ class Ledger:
         # unless the store refused it while answering, `_keep_refused`)
         self._pending: dict[str, tuple[int, float, float]] = {}
         self._releases = OwedSlots()
-        # (counter, op) -> (reserved, actual, ttl, until when it is sent again (monotonic)): `owe_op`
-        self._ops: dict[tuple[str, str], tuple[float, float, float, float]] = {}
+        # (counter, op) -> (reserved, actual, ttl, until when it is sent again (monotonic), leased): `owe_op`
+        self._ops: dict[tuple[str, str], tuple[float, float, float, float, bool]] = {}
         self._refused: set[str] = set()  # counters whose refusal was logged (`_first_refusal`)
         self._task: asyncio.Task[None] | None = None
         self._flushing = asyncio.Lock()
@@ -151,22 +151,24 @@ class Ledger:
         """A slot the store may still hold for `holder`: given back at the next flushes (`OwedSlots.owe`)."""
         self._releases.owe(key, holder, lease_s)
 
-    def owe_op(self, key: str, op: str, reserved: float, actual: float, ttl_s: float, sent: bool = True) -> None:
+    def owe_op(self, key: str, op: str, reserved: float, actual: float, ttl_s: float, sent: bool = True,
+               leased: bool = False) -> None:
         """A settle of `key` under `op` (`Store.settle`'s arguments) the store has not taken: sent again, under the
         same `op`, at the next flushes until the store answers (applied once, whether or not an earlier attempt
         was). `sent`: whether an attempt may have been applied (its answer was lost); from then on it is sent for
         at most `OP_RETRY_S`, the time a repeat is recognised in. A reservation whose answer was lost is owed as
-        `reserved=actual=0`: given back if it was applied, and not applied if it arrives later. Bounded: past
+        `reserved=actual=0`: given back if it was applied, and not applied if it arrives later. `leased`:
+        `Store.settle`'s (the settle of a budget's reservation). Bounded: past
         `_MAX_OPS`, the oldest are dropped (logged)."""
         ops = self._ops
         found = ops.get((key, op))
         until = time.monotonic() + OP_RETRY_S if sent else math.inf
         if found is None:
-            ops[(key, op)] = (reserved, actual, ttl_s, until)
+            ops[(key, op)] = (reserved, actual, ttl_s, until, leased)
             self._trim_ops()
             self._show()
         elif until < found[3]:
-            ops[(key, op)] = (*found[:3], until)
+            ops[(key, op)] = (*found[:3], until, found[4])
 
     def _trim_ops(self) -> None:
         ops = self._ops
@@ -278,7 +280,7 @@ class Ledger:
         now = time.monotonic()
         ops = self._ops
         wrote = False
-        for (key, op), (reserved, actual, ttl, until) in list(ops.items()):
+        for (key, op), (reserved, actual, ttl, until, leased) in list(ops.items()):
             if until <= now:
                 del ops[(key, op)]
                 log.error("accounting: gave up an operation on %s that the store did not take for %.0f s: the "
@@ -286,12 +288,12 @@ class Ledger:
                 self._count_dropped("operation")
                 continue
             try:
-                await self.store.settle(key, reserved, actual, ttl, op)
+                await self.store.settle(key, reserved, actual, ttl, op, leased)
             except StoreUnavailable as exc:
                 # its time to be sent again runs from now if it was not running: sent, or refused by a store
                 # that answers (the counter is not one), which would refuse it at every flush for good
                 if exc.maybe_applied or isinstance(exc, StoreRefused):
-                    self.owe_op(key, op, reserved, actual, ttl)
+                    self.owe_op(key, op, reserved, actual, ttl, leased=leased)
                 if not isinstance(exc, StoreRefused):
                     break  # the store is away (or its pool is busy: nothing sent): the rest at the next flush
                 continue  # this one refused: kept, and the others sent meanwhile

@@ -161,12 +161,13 @@ class Settling(StageState):
 
     def _settle_ops(self, ctx: RequestContext, bill: Bill, cost: float) -> list[_SettleOp]:
         """What settling asks of the store, in order: every budget to the actual cost (`spend`: a reservation under
-        its id; a budget not reserved under an id of its own, apart from a reservation of it whose answer was lost
-        and which the ledger settles to nothing), every token window to the actual tokens, every slot given back.
+        its id, leased: `Store.settle`'s `leased`; a budget not reserved under an id of its own, apart from a
+        reservation of it whose answer was lost and which the ledger settles to nothing), every token window to the
+        actual tokens, every slot given back.
         Each with the scope whose budget gauges its answer (the counter's new total) sets, if any."""
         ops: list[_SettleOp] = []
         for held in bill.budgets:
-            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s, held.op), held.scope))
+            ops.append(("spend", (held.key, held.reserved, cost, held.ttl_s, held.op, True), held.scope))
         if bill.unreserved:
             spend = (bill.op or new_op()) + ".s"
             for key, ttl, scope in bill.unreserved:
@@ -185,8 +186,8 @@ class Settling(StageState):
         """A settle the store did not take: a budget's is owed by the ledger (`_owe_spend`), and so is a slot's
         release (retried until taken or its lease ends); a token window's is only counted."""
         if kind == "spend":
-            key, reserved, actual, ttl_s, *op = args  # (the in-line store's have no id: never in doubt)
-            self._owe_spend(key, reserved, actual, ttl_s, op[0] if op else "", exc)
+            key, reserved, actual, ttl_s, *rest = args  # (the in-line store's have no id: never in doubt)
+            self._owe_spend(key, reserved, actual, ttl_s, rest[0] if rest else "", exc, len(rest) > 1 and rest[1])
         elif kind == "release":
             self._owe_release(*args)
         else:

@@ -98,7 +98,7 @@ class Taking(StageState):
         ops: list[Awaitable[Any]] = [*(store.settle(key, 1, 0, WINDOW_S) for key in bill.requests),
                *(store.settle(held.key, held.reserved, 0, held.ttl_s) for held in bill.tokens),
                # settled to nothing, under the reservation's id: the ledger owes it if need be
-               *(store.settle(held.key, held.reserved, 0.0, held.ttl_s, held.op) for held in budgets),
+               *(store.settle(held.key, held.reserved, 0.0, held.ttl_s, held.op, True) for held in budgets),
                *(store.release_slot(key, holder) for key, holder in slots)]
         windows = len(bill.requests) + len(bill.tokens)
         _cleared(bill)
@@ -116,7 +116,7 @@ class Taking(StageState):
                 self.metrics.accounting_store_errors.labels("unsettled").inc()
             elif index < windows + len(budgets):
                 held = budgets[index - windows]
-                self._owe_spend(held.key, held.reserved, 0.0, held.ttl_s, held.op, result)
+                self._owe_spend(held.key, held.reserved, 0.0, held.ttl_s, held.op, result, True)
             else:
                 self._owe_release(*slots[index - windows - len(budgets)])
         if failure is not None:

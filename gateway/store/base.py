@@ -299,7 +299,7 @@ class Store(Protocol):
         ...
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
-                     op: str | None = None) -> float:
+                     op: str | None = None, leased: bool = False) -> float:
         """Replace an earlier reservation by the actual amount (total never below 0); the new total.
 
         `op`: the reservation's id (`reserve`), or a new one for a settle without a reservation: the settle is
@@ -307,6 +307,10 @@ class Store(Protocol):
         recorded under `op` (its steps that were applied although their answer was lost included), `reserved`
         when it recorded nothing (never applied, or its record expired). Settling an `op` whose reservation timed
         out to `reserved=0, actual=0` gives it back if it was applied, and stops it if it arrives later.
+        `leased`: `reserved` was reserved under `op` with a lease (`reserve`'s `lease_s`: a budget's, whose answer
+        came). A remote store keeps such a record as long as the key, so a record gone means the key no longer
+        holds `reserved` either (the store lost its data, or the key expired): only `actual` is added, where
+        `reserved` would take newer amounts off. A store that dies with its process ignores it.
         """
         ...
 

@@ -155,7 +155,7 @@ class MemoryStore(Keyspace):
         return self.reserve_now(key, amount, limit, ttl_s)
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
-                     op: str | None = None) -> float:
+                     op: str | None = None, leased: bool = False) -> float:
         return self.settle_now(key, reserved, actual, ttl_s)
 
     async def reserve_window(self, key: str, amount: float, limit: float, window_s: float) -> WindowReservation:

@@ -229,7 +229,7 @@ class RedisStore:
         return Reservation(int(ok) == 1, from_units(int(total)), limit)
 
     async def settle(self, key: str, reserved: float, actual: float, ttl_s: float | None,
-                     op: str | None = None) -> float:
+                     op: str | None = None, leased: bool = False) -> float:
         actual_units, reserved_units = to_units(actual, "actual"), to_units(reserved, "reserved")
         ttl = ttl_ms(ttl_s)
         full = self._prefix + key
@@ -237,7 +237,7 @@ class RedisStore:
         args: list[Any] = [actual_units - reserved_units, "" if ttl is None else ttl]
         if op and (head := self._head(full)) is not None:  # (its lease dropped, if it had one)
             keys += [head + op, head + lua.LEASES]
-            args += [_OP_TTL_MS, actual_units, reserved_units, op]
+            args += [_OP_TTL_MS, actual_units, reserved_units, op, "1" if leased else "0"]
         total = await self._script_keys("SETTLE", keys, args)
         return from_units(int(total))
 

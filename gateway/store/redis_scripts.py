@@ -152,6 +152,8 @@ local total
 if mark and mark ~= ARGV[5] then
   redis.call('INCRBY', KEYS[1], ARGV[4])
   total = redis.call('DECRBY', KEYS[1], mark)
+elseif not mark and ARGV[7] == '1' then
+  total = redis.call('INCRBY', KEYS[1], ARGV[4])
 else
   total = redis.call('INCRBY', KEYS[1], ARGV[1])
 end
@@ -169,7 +171,9 @@ ttl_ms, the actual amount and `reserved` (units): the settle replaces what the r
 INCRBY of `delta` when that is `reserved`, the usual case; `reserved` when there is no record), is applied once
 (the record says `s` after it), and a repeat returns the total unchanged; with the counter's leases (KEYS[3]) and
 the op id (ARGV[6]) its lease, if it had one, is dropped. A record a sweep released (`0`) is replaced like any other:
-a late settle counts its actual cost. Returns the new total (never below 0)."""
+a late settle counts its actual cost. ARGV[7] `1`: the reservation was leased (a budget's), so its record lived as
+long as the counter (`lease`); without the record the counter no longer holds it either (Redis lost its data, or
+the counter ended with its period), and the actual amount alone is added. Returns the new total (never below 0)."""
 
 RESERVE_WINDOW = """
 local current = tonumber(redis.call('GET', KEYS[1]) or '0')

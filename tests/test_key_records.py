@@ -389,6 +389,45 @@ def test_a_reload_adopts_the_keys_found_before() -> None:
     asyncio.run(main())
 
 
+def test_a_key_revoked_between_a_reloads_adoption_and_its_start_is_forgotten_by_the_new_runtime() -> None:
+    """A reload's runtime adopts the keys found before when it is built, and listens only once it starts (a guard's
+    analyzers may take seconds in between). A revocation heard meanwhile, by the old runtime's listener (another
+    replica's call) or its admin call (`forget`), is passed on: the new runtime used to be swapped in holding the
+    revoked key, and to accept it for `cache_ttl_s`."""
+    async def main() -> None:
+        store, dynamic, registry = await _setup(cache_ttl_s=300)
+        await dynamic.start()
+        heard, told = await _create(registry, "heard"), await _create(registry, "told")
+        for _, secret in (heard, told):
+            assert await dynamic.find(digest_of(secret), secret) is not None
+        after = DynamicKeys(DynamicKeysSpec(enabled=True, cache_ttl_s=300), store, frozenset(), "open")
+        after.adopt(dynamic)
+        assert len(after) == 2
+        lone = KeyRegistry(store, max_keys=10, static_names=frozenset())  # another replica: pub/sub only
+        assert await lone.revoke(heard[0].id)
+        for _ in range(100):
+            if len(after) == 1:
+                break
+            await asyncio.sleep(0.01)
+        dynamic.forget(told[0].id)  # this replica's own admin call, on the runtime it acquired
+        assert len(after) == 0
+        assert await after.find(digest_of(heard[1]), heard[1]) is None
+        await after.start()  # listening before it serves: the old runtime may stop listening once it does
+        await dynamic.aclose()
+        other = await _create(registry, "other")
+        assert await after.find(digest_of(other[1]), other[1]) is not None
+        assert await lone.revoke(other[0].id)
+        for _ in range(100):
+            if len(after) == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert await after.find(digest_of(other[1]), other[1]) is None
+        await after.aclose()
+        await store.aclose()
+
+    asyncio.run(main())
+
+
 def test_a_redis_state_without_its_url_is_an_error_or_a_warning_never_a_crash() -> None:
     text = _POLICY.format(auth="keys", extra="state: {backend: redis, url_env: GW_UNSET_REDIS_URL}\n"
                                              "dynamic_keys: {enabled: true}\n")

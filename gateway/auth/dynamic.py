@@ -58,6 +58,7 @@ __all__ = ["DynamicKeys", "find_key"]
 
 log = logging.getLogger("gateway.keys")
 _RESUBSCRIBE_S = 1.0
+_SUBSCRIBED_WITHIN_S = 2.0  # how long `start` waits for its subscription (a store that is down answers at once)
 
 
 async def find_key(policy: Policy, credential: str | None, dynamic: DynamicKeys) -> VirtualKey:
@@ -99,6 +100,7 @@ class DynamicKeys:
         self._gate = asyncio.Semaphore(spec.max_lookups)
         self._epoch = 0  # bumped by every invalidation: a look-up that overlapped one is not cached
         self._listener: asyncio.Task[None] | None = None
+        self._successor: DynamicKeys | None = None  # the next runtime's, once it adopted this one's keys
         self.store_lookups = 0  # store look-ups made (tests and the lead's check that static keys cost none)
         self._count = _Counters(metrics)
 
@@ -191,7 +193,11 @@ class DynamicKeys:
     def adopt(self, previous: DynamicKeys) -> None:
         """After a reload: keep the keys the previous runtime had found (with their freshness), so that a
         store outage right after a reload does not refuse keys this process had seen. A key whose name a
-        policy key now takes is dropped (looked up again, it goes by its id)."""
+        policy key now takes is dropped (looked up again, it goes by its id). From now on every key `previous`
+        forgets (a revocation its runtime's admin call or listener hears of) is forgotten here too: the new runtime
+        may only serve once this one listens (`start`), and a revocation that comes before must not leave it an
+        entry it copied."""
+        previous._successor = self
         for digest, found in previous._found.items():
             if found.key.name not in self.static_names:
                 self._found[digest] = found
@@ -201,14 +207,27 @@ class DynamicKeys:
     # -- invalidation ----------------------------------------------------------------------------------
 
     def forget(self, key_id: str) -> None:
-        """Drop every cached secret of this key (its current one and one in a grace period)."""
+        """Drop every cached secret of this key (its current one and one in a grace period), here and in the runtime
+        that adopted this one's keys (`adopt`)."""
         self._epoch += 1
         for digest in [d for d, found in self._found.items() if found.key.key_id == key_id]:
             del self._found[digest]
+        if self._successor is not None:
+            self._successor.forget(key_id)
 
     async def start(self) -> None:
+        """The listener started, and (for at most `_SUBSCRIBED_WITHIN_S`) subscribed: a runtime starts before it
+        serves, and its predecessor's listener, which passes revocations on (`adopt`), may stop once it serves."""
         if self._listener is None:
-            self._listener = asyncio.get_running_loop().create_task(self._listen(), name="dynamic-keys-listener")
+            subscribed = asyncio.Event()
+            self._listener = asyncio.get_running_loop().create_task(self._listen(subscribed),
+                                                                    name="dynamic-keys-listener")
+            waiting = asyncio.ensure_future(subscribed.wait())
+            try:
+                await asyncio.wait([waiting, self._listener], timeout=_SUBSCRIBED_WITHIN_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                waiting.cancel()
 
     async def aclose(self) -> None:
         if self._listener is not None:  # bounded: a shutdown, or a reload under its lock, waits on this
@@ -217,14 +236,15 @@ class DynamicKeys:
         for task in list(self._inflight.values()):
             task.cancel()
 
-    async def _listen(self) -> None:
+    async def _listen(self, subscribed: asyncio.Event) -> None:
         while True:
             try:
                 async with await self.store.subscribe(CHANNEL) as channel:
+                    subscribed.set()
                     async for message in channel:
                         self.forget(message.decode("ascii", "replace"))
             except StoreUnavailable:
-                pass
+                subscribed.set()  # (no store to wait for: it keeps trying below)
             except Exception:  # the cache TTL still bounds what a lost message costs
                 log.exception("listening for key revocations failed")
             await asyncio.sleep(_RESUBSCRIBE_S)  # the subscription ended (store closing or failing): again

@@ -130,6 +130,9 @@ def test_an_invalid_policy_keeps_the_last_good_one_and_reports_every_error(reloa
     ready = httpx.get(reloadable.url + "/readyz").json()
     assert ready["status"] == "ready" and ready["policy_version"] == before
     assert ready["last_reload"]["result"] == "invalid"
+    # a probe with two credentials that differ (an ingress's and a client's) still reads it: it used to get a 400
+    probe = httpx.get(reloadable.url + "/readyz", headers={"Authorization": "Bearer one", "x-api-key": "two"})
+    assert probe.status_code == 200 and probe.json()["last_reload"] == {**ready["last_reload"]}
     # >= 1: the file watcher (every 0.2 s) may have tried the same invalid file as well
     invalid = re.search(r'^gateway_policy_reload_total\{result="invalid"\} (\S+)$', reloadable.metrics(), re.M)
     assert invalid is not None and float(invalid.group(1)) >= 1

@@ -8,6 +8,7 @@ it arrives. A body counts until its request ends: the whole answer, or the end o
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -133,4 +134,28 @@ def test_a_lone_body_is_always_taken_and_refused_bodies_are_given_back(gw: Runni
     too_large = post(gw, "/v1/chat/completions", chunked(body("chat", 2_000_000)))
     assert too_large.status_code == 413
     assert post(gw, "/v1/chat/completions", b'{"model": "chat", "messages": [').status_code == 400
+    wait_until(lambda: BODIES.held == base, "every body given back")
+
+
+def test_heads_that_declare_bodies_and_send_none_hold_nothing(gw: RunningGateway) -> None:
+    """A body's bytes count as they arrive, not as its Content-Length declares them: four heads declaring the
+    largest bodies (a few hundred bytes in all) and sending none held the whole bound, and every other request got
+    the 503 until their body timeouts (H52)."""
+    base = BODIES.held
+    idle: list[socket.socket] = []
+    try:
+        for _ in range(4):
+            sock = socket.create_connection(("127.0.0.1", gw.port))
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+                         + FULL_KEY.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+                         % BIG)
+            idle.append(sock)
+        time.sleep(0.3)  # (their heads read: they wait on their bodies)
+        assert BODIES.held == base
+        assert post(gw, "/v1/chat/completions", body("chat", BIG)).status_code == 200
+        idle[0].sendall(body("chat", BIG)[:100_000])  # what arrives counts, and is given back when it ends
+        wait_until(lambda: BODIES.held == base + 100_000, "the bytes that arrived are held")
+    finally:
+        for sock in idle:
+            sock.close()
     wait_until(lambda: BODIES.held == base, "every body given back")

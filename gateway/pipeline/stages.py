@@ -204,8 +204,10 @@ class ClientGone(Exception):
 async def read_body(receive: Any, content_length: int | None, limit: int, held_limit: int) -> bytes:
     """The request body: 413 past `limit` bytes; 503 when holding it would take the bytes of bodies in flight
     past `held_limit` while another body is held (before reading it when its Content-Length says so, else
-    as it arrives). Its bytes are added to `BODIES.held`; the caller takes `len(body)` off when done with it
-    (on any failure here, they are taken off here)."""
+    as it arrives). Its bytes are added to `BODIES.held` as they arrive, not as its Content-Length declares
+    them: a few heads declaring the largest bodies and sending none held the whole bound, and every other request
+    got the 503, until their body timeouts. The caller takes `len(body)` off when done with it (on any failure
+    here, they are taken off here)."""
     bodies = BODIES
     claimed = 0
     if content_length is not None:
@@ -216,8 +218,6 @@ async def read_body(receive: Any, content_length: int | None, limit: int, held_l
         held = bodies.held
         if held + content_length > held_limit and held:
             raise _too_many_bodies()
-        bodies.held = held + content_length
-        claimed = content_length
     chunks: list[bytes] = []
     size = 0
     try:
@@ -230,20 +230,17 @@ async def read_body(receive: Any, content_length: int | None, limit: int, held_l
                 size += len(chunk)
                 if size > limit:
                     raise BodyTooLarge(f"the request body exceeds the limit of {limit} bytes")
-                if size > claimed:  # no Content-Length (or a body longer than it): counted as it arrives
-                    held = bodies.held
-                    if held + size - claimed > held_limit and held > claimed:
-                        raise _too_many_bodies()
-                    bodies.held = held + size - claimed
-                    claimed = size
+                held = bodies.held
+                if held + len(chunk) > held_limit and held > claimed:
+                    raise _too_many_bodies()
+                bodies.held = held + len(chunk)
+                claimed = size
                 chunks.append(chunk)
             if not message.get("more_body", False):
                 break
     except BaseException:
         bodies.held -= claimed
         raise
-    if claimed != size:  # shorter than its Content-Length
-        bodies.held -= claimed - size
     return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 

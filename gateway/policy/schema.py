@@ -95,9 +95,10 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     host: str = "127.0.0.1"
     port: Annotated[int, Meta(ge=1, le=65_535)] = 8080
     max_body_bytes: Annotated[int, Meta(ge=1_024, le=256 * 1024 * 1024)] = 4 * 1024 * 1024
-    # The bytes of request bodies that requests in flight hold together, per process (a stream's until it ends);
-    # past it a request gets 503 (`server_overloaded`, Retry-After: 1), before its body is read when its
-    # Content-Length says so, else as it is read (a body is always taken when no other is held). Decoded, a JSON
+    # The bytes of request bodies that requests in flight hold together, per process (a stream's until it ends;
+    # a body's bytes as they arrive, not as its Content-Length declares them); past it a request gets 503
+    # (`server_overloaded`, Retry-After: 1), before its body is read when its Content-Length says so, else as it
+    # is read (a body is always taken when no other is held). Decoded, a JSON
     # body takes up to about 25 times its size in memory (4 MiB of `{}` take ~100 MB; plain text about its size),
     # so request bodies can hold up to about 25 times this: size it to the process's memory.
     max_body_bytes_in_flight: Annotated[int, Meta(ge=1_024, le=64 * 1024 * 1024 * 1024)] = 256 * 1024 * 1024

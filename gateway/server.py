@@ -149,9 +149,14 @@ class _ServedProcess:
         loop = self.loop
         assert loop is not None
         first = not self.gateway.draining
+        if signum == signal.SIGTERM and not first:
+            # a SIGTERM while draining changes nothing: sent to a process group (systemd, dumb-init) it reaches a
+            # worker twice, from the kernel and from its supervisor, and the second skipped the delay (only SIGINT
+            # does: `_cut_at`)
+            return
         self.gateway.begin_drain()
         server = self.gateway.runtime.policy.server
-        delay = server.drain_delay_s if signum == signal.SIGTERM and first else 0.0
+        delay = server.drain_delay_s if signum == signal.SIGTERM else 0.0
 
         def stop_accepting() -> None:
             if callable(previous):

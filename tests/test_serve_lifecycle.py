@@ -105,15 +105,22 @@ def test_the_access_lines_of_the_last_requests_are_written_when_a_worker_stops(t
     assert {line["request_id"] for line in lines} >= set(ids)
 
 
+@pytest.mark.parametrize("to_group", [False, True], ids=["to-the-server", "to-its-process-group"])
 @pytest.mark.parametrize("workers", ["1", "2"])
 def test_sigterm_keeps_serving_through_the_drain_delay_with_readyz_503_and_exits_0(
-    tmp_path: Path, workers: str,
+    tmp_path: Path, workers: str, to_group: bool,
 ) -> None:
+    """Sent to the process group (as systemd and dumb-init stop a service), the SIGTERM reaches each of two workers
+    twice, from the kernel and from the supervisor: the second skipped the delay, and new connections were refused
+    from the start (H52)."""
     port = free_port()
     policy = tmp_path / "gateway.yaml"
     policy.write_text(demo_policy(port, drain_delay_s=5, drain_timeout_s=5))
     with serving(policy, port, "--workers", workers) as server:
-        server.send_signal(signal.SIGTERM)
+        if to_group:
+            server.signal_group(signal.SIGTERM)
+        else:
+            server.send_signal(signal.SIGTERM)
         # uvicorn's supervisor looks at its signals every 0.5 s, then signals its workers
         assert wait_for(lambda: httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=5).status_code == 503, 4)
         assert chat(port).status_code == 200  # still served while the load balancer catches up

@@ -147,6 +147,8 @@ def ops_routes(host: OpsHost) -> list[Any]:
         policy = host.runtime.policy
         if not policy.server.metrics:
             raise NotFound("metrics are turned off in this policy (server.metrics)")
+        if request.scope.get("raw_path") not in _METRICS_PATHS:  # litestar matches `/metrics/` and `/metrics//` too
+            raise NotFound("no route here; the metrics are at /metrics")  # (a balancer hiding `/metrics` missed them)
         if policy.metrics_token is not None and not bearer_matches(headers, policy.metrics_token):
             raise _unauthorized("/metrics needs `Authorization: Bearer <metrics token>`")
         host.metrics.store_up.labels(policy.state.backend).set(1 if host.runtime.store.healthy else 0)
@@ -162,6 +164,9 @@ def ops_routes(host: OpsHost) -> list[Any]:
 # names, file paths, what was pasted into a field), which a caller without a key, or with a key that may see only
 # some aliases, must not read: anyone sees how many there were; the admin token, what they say.
 _RELOAD_PUBLIC = ("result", "trigger", "version", "previous")
+
+
+_METRICS_PATHS = (b"/metrics", None)  # as the client sent it (ASGI's `raw_path`; None: a server that gives none)
 
 
 def _reload_shown(last: dict[str, Any], headers: RequestHeaders, admin_token: str | None) -> dict[str, Any]:

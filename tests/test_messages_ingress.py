@@ -956,11 +956,11 @@ def test_thinking_is_carried_in_the_chat_form_and_marked() -> None:
     assert anthropic_request(chat, 10, "t")["messages"][1]["content"] == blocks  # order kept around the tool call
 
 
-def chat_chunk(delta: dict[str, Any]) -> Any:
+def chat_chunk(delta: dict[str, Any], finish: str | None = None) -> Any:
     from gateway.schemas.events import Chunk
 
     return Chunk.of({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": "m",
-                     "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
 
 def test_streamed_thinking_whose_text_comes_after_its_signature_keeps_its_blocks() -> None:
@@ -976,7 +976,7 @@ def test_streamed_thinking_whose_text_comes_after_its_signature_keeps_its_blocks
               {"reasoning_content": "deXY"},
               {"reasoning_blocks": [{"type": "thinking", "signature": "s2", "length": 2}]},
               {"content": "hi"}]
-    raw = framer.frame([chat_chunk(delta) for delta in chunks]) + framer.frame([DONE])
+    raw = framer.frame([chat_chunk(delta) for delta in chunks]) + framer.frame([chat_chunk({}, "stop"), DONE])
     events = [json.loads(frame.split("\n")[1].removeprefix("data: ")) for frame in raw.decode().split("\n\n") if frame]
     assert_blocks_one_after_another(events)
     import pydantic

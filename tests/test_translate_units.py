@@ -296,7 +296,9 @@ def test_messages_stream_usage_on_a_content_chunk_keeps_the_cache_split() -> Non
     delta = next(e for e in framed(out) if e["type"] == "message_delta")
     split = {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 80, "cache_creation_input_tokens": 10}
     assert delta["usage"] == split
-    assert json.loads(messages_response(json.dumps({"choices": [], "usage": usage}).encode(), "a"))["usage"] == split
+    answer = {"choices": [{"index": 0, "message": {"role": "assistant", "content": "hey"}, "finish_reason": "stop"}],
+              "usage": usage}  # (an answer without a choice is none: `anthropic_answer._failure`)
+    assert json.loads(messages_response(json.dumps(answer).encode(), "a"))["usage"] == split
 
 
 def test_messages_answers_report_the_estimate_when_the_upstream_sent_no_usage() -> None:

@@ -18,7 +18,20 @@ an object).
 
 A stop sequence that ended the answer is `stop_reason: "stop_sequence"` with its
 `stop_sequence` when the chat answer's choice names it in `stop_reason` (as an
-Anthropic upstream's translated answer and vLLM do); else `end_turn`.
+Anthropic upstream's translated answer and vLLM do); else `end_turn`, or `tool_use` when the answer holds a tool
+call: OpenAI's API ends a call it was made to make (a named `tool_choice`, Messages' `{"type": "tool"}`) with
+`finish_reason: "stop"`, and vLLM, SGLang and Ollama any call, where the Anthropic SDK's tool runner takes
+`end_turn` for the end of the loop and runs no tool (Gemini's translator does the same: `gemini_to_chat._finish`).
+
+An answer that is none is no `message` either (`_failure`), where a Chat Completions client reads the failure in the
+answer itself: a choice that failed (`finish_reason: "error"`, with OpenRouter's choice `error`), one without a
+finish reason (the upstream stopped before its end, its stream reached `[DONE]` all the same) and an answer without
+a choice (`"choices": []`; a stream of only its usage). Written as Messages has them, each would be a clean
+`end_turn`, the text so far taken for the model's last word. A complete answer is then an `UpstreamError` (as a
+malformed one, below); a stream ends with its `error` event instead of `message_delta` and `message_stop`. The
+choice's own error words go with it (sanitized, and withheld under an enforcing output guard: from a complete
+answer's error by the guard stage, `GatewayError.bare`; from a stream's choice before it reaches the framer,
+`answer_fields.withheld_error`).
 
 An upstream answer (or chunk) whose choices, message, delta, tool calls or function are of another type than
 OpenAI's (`"delta": "oops"`, `"choices": [null]`), or with a tool call without a name, is malformed: an
@@ -35,7 +48,8 @@ from typing import Any
 
 import msgspec
 
-from ..errors import UpstreamError
+from ..errors import UnusableAnswer, UpstreamError, with_detail
+from ..sanitize import sanitize_upstream_message
 from ..schemas.events import Chunk, StreamError, StreamEvent, UsageReport, begins_another_call
 from ..schemas.openai import Usage
 from .anthropic_ingress import STOP_REASONS, error_type
@@ -101,11 +115,30 @@ def _usage_shape(usage: Usage | None) -> dict[str, Any] | None:
     return _usage_split(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens, usage.cache_write_tokens)
 
 
-def _stop(finish: Any, matched: Any) -> tuple[str, str | None]:
-    """Anthropic's `stop_reason` and `stop_sequence` for a chat finish reason and the choice's `stop_reason`."""
+def _stop(finish: Any, matched: Any, called: bool) -> tuple[str, str | None]:
+    """Anthropic's `stop_reason` and `stop_sequence` for a chat finish reason and the choice's `stop_reason`;
+    `called`: the answer holds a tool call (`tool_use`, where the reason would be `end_turn`)."""
     if finish == "stop" and isinstance(matched, str):
         return "stop_sequence", matched
-    return STOP_REASONS.get(str(finish), "end_turn"), None
+    reason = STOP_REASONS.get(str(finish), "end_turn")
+    return "tool_use" if called and reason == "end_turn" else reason, None
+
+
+def _failure(answered: bool, finish: Any, error: Any) -> UpstreamError | None:
+    """The error an answer is instead of a `message`, if it is none: no choice (`answered`: an `UnusableAnswer`, as
+    Gemini's answer without a candidate is, `gemini_to_chat`), a choice that failed (`finish_reason: "error"`, with
+    its `error`: the upstream's words, sanitized, as the error's detail) or one without a finish reason. None for a
+    finished answer."""
+    if not answered:
+        return UnusableAnswer("the upstream's answer holds no choice: there is no message to write")
+    if finish == "error":
+        words = error.get("message") if isinstance(error, dict) else error
+        return with_detail(UpstreamError, "the upstream's answer failed (its finish reason is `error`)",
+                           sanitize_upstream_message(words) if isinstance(words, str) else "")
+    if not finish:
+        return UpstreamError("the upstream's answer ended without a finish reason: it may be cut short, and is not "
+                             "written as a whole message")
+    return None
 
 
 def _message_id(chat_id: Any) -> str:
@@ -134,6 +167,9 @@ def messages_answer(body: bytes) -> dict[str, Any]:
     data = upstream_object(_decode(body), "the answer")
     choices = upstream_array(data.get("choices") or [], "`choices`")
     choice = upstream_object(choices[0], "`choices[0]`") if choices else {}
+    failure = _failure(bool(choices), choice.get("finish_reason"), choice.get("error"))
+    if failure is not None:
+        raise failure
     message = upstream_object(choice.get("message") or {}, "`choices[0].message`")
     text = _text_of(message.get("content"))
     refusal = message.get("refusal")
@@ -149,7 +185,7 @@ def messages_answer(body: bytes) -> dict[str, Any]:
     if message.get(REASONING) or message.get(BLOCKS):
         content = ordered(messages_blocks(message.get(REASONING), message.get(BLOCKS), signed_only=False), texts,
                           tools)
-    reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"))
+    reason, sequence = _stop(choice.get("finish_reason"), choice.get("stop_reason"), bool(tools))
     if refused and reason == "end_turn":
         reason = "refusal"
     return {"id": _message_id(data.get("id")), "type": "message", "role": "assistant", "model": None,
@@ -224,11 +260,14 @@ class MessagesStream:
     `HELD_CHARS` (their text, arguments, names, ids, signatures and thinking entries' data, `_BLOCK_CHARS` for
     each block and entry, and `_PIECE_CHARS` for each piece of text, thinking or arguments: memory, not only
     characters); past either, an `UpstreamError` (`_hold`), and `api.proxy` ends the stream with its `error` event,
-    none of the held blocks written (the answer cannot be carried whole).
+    none of the held blocks written (the answer cannot be carried whole). So does a stream that reaches its end
+    without a finished answer (`_failure`: no choice, a choice that failed, no finish reason): `_end` raises its
+    `UpstreamError`, and the events of the batch framed before it are written before the `error` event (`_unsent`).
     """
 
-    __slots__ = ("_alias", "_calls", "_estimate", "_finish", "_held", "_held_chars", "_index", "_matched", "_quiet",
-                 "_refused", "_started", "_stopped", "_text_open", "_thinking", "_usage")
+    __slots__ = ("_alias", "_answered", "_calls", "_error", "_estimate", "_finish", "_held", "_held_chars", "_index",
+                 "_matched", "_quiet", "_refused", "_started", "_stopped", "_text_open", "_thinking", "_unsent",
+                 "_usage")
 
     def __init__(self, alias: str, estimate: Callable[[], Usage | None] | None = None) -> None:
         self._alias = alias
@@ -246,21 +285,30 @@ class MessagesStream:
         self._matched: str | None = None  # the stop sequence that ended the answer, when the upstream named it
         self._usage: dict[str, Any] | None = None
         self._refused = False  # OpenAI's `refusal` text came (written as text): the stop reason is `refusal`
+        self._answered = False  # a chunk had the choice (index 0): else the stream held no answer (`_failure`)
+        self._error: Any = None  # the choice's `error`, when it failed (`finish_reason: "error"`)
+        self._unsent: list[bytes] = []  # the events a batch framed before an `UpstreamError` (`frame`)
 
     def frame(self, events: list[StreamEvent]) -> bytes:
         out: list[bytes] = []
-        for event in events:
-            if isinstance(event, Chunk):
-                self._chunk(event.data(), out)
-            elif isinstance(event, UsageReport):
-                self._usage = (_anthropic_usage(_decode(event.payload).get("usage")) if event.payload else None) \
-                    or _usage_shape(event.usage)
-            elif isinstance(event, StreamError):
-                out.append(_event("error", {"error": {"type": error_type(event.error),
-                                                      "message": event.error.message}}))
-                self._stopped = True
-            elif not self._stopped:
-                self._end(out)
+        try:
+            for event in events:
+                if isinstance(event, Chunk):
+                    self._chunk(event.data(), out)
+                elif isinstance(event, UsageReport):
+                    self._usage = (_anthropic_usage(_decode(event.payload).get("usage")) if event.payload
+                                   else None) or _usage_shape(event.usage)
+                elif isinstance(event, StreamError):
+                    out = [*self._unsent, *out]  # (the events framed before the error that `api.proxy` sends here)
+                    self._unsent = []
+                    out.append(_event("error", {"error": {"type": error_type(event.error),
+                                                          "message": event.error.message}}))
+                    self._stopped = True
+                elif not self._stopped:
+                    self._end(out)
+        except UpstreamError:  # `api.proxy` ends the stream with it (a `StreamError`): what came before it goes first
+            self._unsent = out
+            raise
         if out:
             self._quiet = 0
         elif self._quiet >= _PING_EVERY:
@@ -276,7 +324,11 @@ class MessagesStream:
                 "content": [], "stop_reason": None, "stop_sequence": None, "usage": dict(_NO_USAGE)}}))
 
     def _end(self, out: list[bytes]) -> None:
-        """The held blocks, then the stop reason and the usage (the upstream's, else the gateway's estimate)."""
+        """The held blocks, then the stop reason and the usage (the upstream's, else the gateway's estimate); an
+        `UpstreamError` instead for a stream that ended without a finished answer (`_failure`)."""
+        failure = _failure(self._answered, self._finish, self._error)
+        if failure is not None:
+            raise failure
         blocked = self._finish == "content_filter"
         for block in () if blocked else self._held:
             if isinstance(block, _HeldCall):
@@ -288,7 +340,7 @@ class MessagesStream:
             if not (blocked and isinstance(block, _HeldCall)):
                 self._write_held(block, out)
         usage = self._usage or (_usage_shape(self._estimate()) if self._estimate is not None else None)
-        reason, sequence = _stop(self._finish, self._matched)
+        reason, sequence = _stop(self._finish, self._matched, bool(self._calls))
         if self._refused and reason == "end_turn":
             reason = "refusal"
         out.append(_event("message_delta", {
@@ -311,6 +363,7 @@ class MessagesStream:
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue  # (a choice that is not an object is skipped, as before: it holds nothing to write)
+            self._answered = True
             delta = choice.get("delta") or {}
             if type(delta) is not dict:
                 raise malformed("a chunk's `delta`", "an object")
@@ -335,6 +388,7 @@ class MessagesStream:
                 self._finish = choice["finish_reason"]
                 matched = choice.get("stop_reason")
                 self._matched = matched if isinstance(matched, str) else None
+                self._error = choice.get("error")
         if isinstance(data.get("usage"), dict):
             self._usage = _anthropic_usage(data["usage"])
 

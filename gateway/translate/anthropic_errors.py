@@ -6,21 +6,22 @@ layer refuses it: the pipeline and the endpoints (`api/anthropic.py`), litestar'
 route under `/v1/messages/`, an invalid `Host`) and the HTTP server's refusals before the app (`http_replies.py`,
 `http_guard.py`: a head too large, malformed HTTP, a slow head or body, too many requests). Every other path keeps
 OpenAI's. The type follows the status, as Anthropic's docs list them (other 4xx are `invalid_request_error`, other
-5xx `api_error`); the status, and so the SDK's exception class and its retries, is the gateway's.
+5xx `api_error`); the status, and so the SDK's exception class and its retries, is the gateway's. A refusal the
+Anthropic SDK recovers from when told why (`ThreadUnsupported`) carries Anthropic's `error.details` for it.
 
 Light on purpose: the HTTP server imports it, so it imports nothing of the pipeline.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import msgspec
 
-from ..errors import GatewayError, Unsupported
+from ..errors import GatewayError, InvalidRequest, Unsupported
 
-__all__ = ["MESSAGES_PATH", "anthropic_error_body", "error_envelope", "error_type", "messages_path",
-           "messages_target", "status_type"]
+__all__ = ["MESSAGES_PATH", "ThreadUnsupported", "anthropic_error_body", "error_envelope", "error_type",
+           "messages_path", "messages_target", "status_type"]
 
 MESSAGES_PATH = "/v1/messages"
 _MESSAGES_TARGET = MESSAGES_PATH.encode()
@@ -39,9 +40,27 @@ def error_type(error: GatewayError) -> str:
     return status_type(error.status)
 
 
-def error_envelope(message: str, type_: str, request_id: str | None = None) -> bytes:
-    """Anthropic's error envelope; with `request_id`, which the Anthropic SDK shows with the error."""
-    body: dict[str, Any] = {"type": "error", "error": {"type": type_, "message": message}}
+class ThreadUnsupported(InvalidRequest):
+    """400: a Messages request with `thread` (server-side message threads, a beta), which the gateway does not keep.
+    Its `details` are Anthropic's for a request a server cannot thread: the Anthropic SDK's tool runner sends
+    `thread: {"type": "create"}` by default and, told so (`anthropic/lib/threads/_thread_state.py`,
+    `recovers_from`), sends the turn again without it, the whole history each time, instead of failing the run."""
+
+    details: ClassVar[dict[str, Any]] = {"error_code": "thread_unsupported_request", "unsupported": ["thread"]}
+
+    def __init__(self) -> None:
+        super().__init__("`thread` is not supported by this gateway's /v1/messages: it keeps no conversation; send "
+                         "the whole history without it", param="thread")
+
+
+def error_envelope(message: str, type_: str, request_id: str | None = None,
+                   details: dict[str, Any] | None = None) -> bytes:
+    """Anthropic's error envelope; with `request_id`, which the Anthropic SDK shows with the error, and the error's
+    `details` when it has any (`ThreadUnsupported`)."""
+    error: dict[str, Any] = {"type": type_, "message": message}
+    if details is not None:
+        error["details"] = details
+    body: dict[str, Any] = {"type": "error", "error": error}
     if request_id is not None:
         body["request_id"] = request_id
     return _encode(body)
@@ -61,7 +80,8 @@ def anthropic_error_body(error: GatewayError, request_id: str | None = None) -> 
     renamed = _MESSAGES_NAMES.get(error.param) if isinstance(error, Unsupported) and error.param else None
     if renamed is not None:
         message = message.replace(*renamed)
-    return error_envelope(message, error_type(error), request_id)
+    details = error.details if isinstance(error, ThreadUnsupported) else None
+    return error_envelope(message, error_type(error), request_id, details)
 
 
 def messages_path(path: str) -> bool:

@@ -18,7 +18,9 @@ a mistyped field is a 400 naming it, as Anthropic answers. `thinking` and `top_k
 as they are, for an Anthropic upstream only: named in `common.ANTHROPIC_ONLY` (with
 the mark), every other provider removes them. No `stream_options` is set: each provider asks for a
 stream's usage as it does for Chat Completions clients. Blocks with no
-Chat Completions form (documents, search results, server tools) are a 400.
+Chat Completions form (documents, search results, server tools) are a 400; so is
+`thread` (server-side message threads), with the `details` that tell the Anthropic
+SDK to go on without it (`ThreadUnsupported`).
 `cache_control` is kept where LiteLLM's clients put it (see `cache_control.py`),
 for an Anthropic upstream; every other provider removes it, and the thinking's
 fields with it (the body is marked when it has either).
@@ -37,7 +39,7 @@ from ..errors import InvalidRequest
 from ..pipeline.stages import TOO_DEEP, check_containers, check_depth
 from ..sanitize import printable, validation_error
 from ..schemas.openai import ChatRequest
-from .anthropic_errors import anthropic_error_body, error_type
+from .anthropic_errors import ThreadUnsupported, anthropic_error_body, error_type
 from .cache_control import CACHE, CACHE_MARK
 from .common import ANTHROPIC_ONLY
 from .thinking import Thinking
@@ -201,6 +203,8 @@ class _Cache:
 def _translate(body: dict[str, Any], *, count_only: bool) -> dict[str, Any]:
     for field in body:
         if field not in _KNOWN:
+            if field == "thread":  # (the SDK's tool runner sends it by default, and goes on without when told so)
+                raise ThreadUnsupported()
             field = printable(field)
             raise InvalidRequest(f"`{field}` is not supported by this gateway's /v1/messages", param=field)
     cache = _Cache(keep=not count_only)

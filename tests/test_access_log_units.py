@@ -57,6 +57,11 @@ def _names(ctx: RequestContext) -> Names:
             ctx.error_code if status >= 400 else None)
 
 
+def _session(header: bytes) -> Any:
+    """A guard session as the access line reads it (`GuardSession.header`: what the guards did)."""
+    return SimpleNamespace(header=lambda: header)
+
+
 def _cases() -> dict[str, tuple[RequestContext, float]]:
     guards = (b"x-gateway-guards", b"pii:redact,injection:record")
     return {
@@ -71,8 +76,9 @@ def _cases() -> dict[str, tuple[RequestContext, float]]:
                            upstream_started=0.0, upstream_seconds=0.0,
                            headers=[(b"x-gateway-cache", b"hit"), (b"age", b"3")]), 0.0012),
         "cache miss": (_ctx(cache_result="miss", headers=[(b"x-gateway-cache", b"miss")]), 0.9),
-        "guards": (_ctx(guard_session=object(), headers=[guards, (b"x-gateway-cost-usd", b"0.000023")]), 0.9),
-        "guards blocked": (_ctx(status=400, error_code="content_policy_violation", guard_session=object(),
+        "guards": (_ctx(guard_session=_session(guards[1]), headers=[guards, (b"x-gateway-cost-usd", b"0.000023")]),
+                   0.9),
+        "guards blocked": (_ctx(status=400, error_code="content_policy_violation", guard_session=_session(b""),
                                 target=None, provider=None, upstream_started=0.0, upstream_seconds=0.0, usage=None,
                                 cost_usd=None, headers=None), 0.01),
         "attempts": (_ctx(attempts=[("openai/gpt-4o-mini", "error", 12.5), ("azure/gpt-4o", "ok", 800.25)],

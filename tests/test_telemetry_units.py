@@ -627,7 +627,8 @@ def test_an_access_line_written_by_the_handler_is_the_line_logging_would_make() 
         request_id="req_\u2028x", runtime=SimpleNamespace(policy=SimpleNamespace(version="sha256:abc")),
         usage=Usage(3, 4), upstream_seconds=0.001, first_chunk_seconds=0.00025, cost_usd=0.000125, attempts=None,
         rule=None, fallback_reason=None, stream=True, error_code=None, usage_estimated=False, cache_result="miss",
-        guard_session=object(), headers=[(b"x-gateway-guards", b"pii:redact")], traceparent=None)
+        guard_session=SimpleNamespace(header=lambda: b"pii:redact"), headers=[(b"x-gateway-guards", b"pii:redact")],
+        traceparent=None)
     names = ("chat", "model-\u00e9", 200, "openai", 't"1', "acme", None, None)
     line = AccessLines().line(ctx, 0.0015, names)  # type: ignore[arg-type]
     stream = io.StringIO()

@@ -177,6 +177,8 @@ class GuardStage:
         header = session.header()
         if header:  # (none for a stream whose guards are all on its output)
             ctx.headers = [*(ctx.headers or ()), (HEADER, header)]
+        if reply.stream is not None:  # listed after the header, in the access line (made at the stream's end)
+            _expect(session, guard_set.output)
         return reply
 
     async def _settled(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> GuardSet:

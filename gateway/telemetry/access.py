@@ -35,8 +35,6 @@ Names = tuple[str, str, int, str | None, str | None, str, str | None, str | None
 # one (`ctx.attempts` None: the target that answered, if any), and the policy's version.
 AccessPart = tuple[msgspec.Raw, msgspec.Raw, msgspec.Raw]
 
-# Set by the guard stage (not imported: it would load the guards), and only once it set `ctx.guard_session`.
-GUARDS_HEADER = b"x-gateway-guards"
 CLIENT_CLOSED = 499
 _UPSTREAM_FAILED = frozenset({502, 504})  # how an upstream's stream failing after it answered ends a request
 _OVERLOADED = "upstream_overloaded"  # and a 503 that is the upstream's (Anthropic's `overloaded_error` mid-stream)
@@ -200,8 +198,9 @@ def _attempts(attempts: list[tuple[str, str, float]]) -> list[dict[str, Any]]:
 
 
 def _guard_actions(ctx: RequestContext) -> str | None:
-    """What the guards did, as the `x-gateway-guards` header tells the client (guard names and actions)."""
-    for name, value in ctx.headers or ():
-        if name == GUARDS_HEADER:
-            return value.decode("latin-1")
-    return None
+    """What the guards did (guard names and actions, as the `x-gateway-guards` header tells a complete answer's
+    client), from the request's guard session when the line is made: a stream's header leaves before its output is
+    read, and the line copied it, so that a streamed answer an output guard blocked or redacted was logged as
+    `words.block=0`, or with no guards at all."""
+    header = ctx.guard_session.header()  # type: ignore[union-attr]  # (called only with a session)
+    return header.decode("latin-1") if header else None

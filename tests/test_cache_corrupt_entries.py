@@ -188,7 +188,6 @@ CHAT_BODY = (b'{"id":"c","object":"chat.completion","choices":[{"index":0,"messa
 @pytest.mark.parametrize("entry,endpoint", [
     (Entry("body", 0, body=CHAT_BODY), CHAT),
     (Entry("body", 0, body=b'{"object":"text_completion","choices":[{"index":0,"text":"hi"}]}'), Endpoint.COMPLETIONS),
-    (Entry("body", 0, body=b'{"id":"c","choices":[]}'), CHAT),  # no choice: what the upstream said, as it said it
     (Entry("body", 0, body=b'{"object":"list","data":[{"embedding":[0.1]}],"model":"m"}'), EMBEDDINGS),
     (Entry("stream", 0, chunks=[PIECE, USAGE_PIECE]), CHAT),  # a usage-only piece has no choice
     (Entry("stream", 0, chunks=[PIECE], usage_chunk=USAGE_PIECE), CHAT),

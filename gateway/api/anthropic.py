@@ -7,6 +7,10 @@ request is translated into the internal chat request at ingress
 Anthropic's format here. A complete answer is translated within its attempt
 (`MessagesDialect.translate`, called by `routing.exchange`): one the translation
 refuses fails that attempt, which is retried and fallen back from as any 502.
+A stream is translated at the edge, once its head went: one the translation
+refuses ends with its `error` event, and is recorded as that error (`_Framer`),
+never cached; a cache hit the translation would refuse is a miss
+(`check_stream`, `cache.stage`).
 `count_tokens` needs no upstream: it checks the key and
 the alias like any request and answers with the gateway's own count (tiktoken,
 `accounting.prompt.PromptEstimator.estimate_body`: the estimate a reservation
@@ -42,6 +46,7 @@ from ..pipeline.dialect import StreamFramer
 from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
+from ..schemas.events import StreamEvent
 from ..schemas.openai import Usage
 from ..telemetry.tokens import TokenCounter
 from ..telemetry.usage import OFF_LOOP_CHARS, estimate_on_loop, pipeline_counter
@@ -100,7 +105,13 @@ class MessagesDialect:
 
     def framer(self, ctx: RequestContext) -> StreamFramer:
         _identify(ctx)
-        return MessagesStream(ctx.alias_label, partial(_stream_estimate, ctx))
+        return _Framer(ctx, MessagesStream(ctx.alias_label, partial(_stream_estimate, ctx)))
+
+    def check_stream(self, events: list[StreamEvent]) -> None:
+        """Frame a whole stream to no one (a cache hit's, before it is served: `cache.stage`): the `UpstreamError`
+        its translation would end it with, if any (a tool call without a name). A hit the client would get as an
+        error is a miss instead: retried and fallen back from as a live answer would be."""
+        MessagesStream("").frame(events)
 
     def error_body(self, error: GatewayError) -> bytes:
         return anthropic_error_body(error)
@@ -111,6 +122,30 @@ class MessagesDialect:
         if isinstance(error, UpstreamOverloaded):
             error.status = _OVERLOADED
         return anthropic_error_body(error, request_id), [(_REQUEST_ID, request_id.encode())]
+
+
+class _Framer:
+    """A request's `MessagesStream`, which marks the request failed when it refuses the stream: once the head went, the
+    edge ends the stream with the error's event (`api.proxy._fail_stream`), but when the refused batch was the last
+    one, the stream had ended whole for its stages, whose end hooks then take it for finished. Marked (its status and
+    error code, as a stream ended by the error has them: `telemetry.stage.stream_ending`), it is recorded as the
+    error, and the cache does not store an answer its client got as an error (`cache.stage`)."""
+
+    __slots__ = ("_ctx", "_stream")
+
+    def __init__(self, ctx: RequestContext, stream: MessagesStream) -> None:
+        self._ctx = ctx
+        self._stream = stream
+
+    def frame(self, events: list[StreamEvent]) -> bytes:
+        try:
+            return self._stream.frame(events)
+        except GatewayError as exc:
+            self._ctx.status, self._ctx.error_code = exc.status, exc.label
+            raise
+        except Exception:  # a bug: the edge ends the stream with an internal error
+            self._ctx.status, self._ctx.error_code = InternalError.status, InternalError.code
+            raise
 
 
 def _written(answer: dict[str, Any], ctx: RequestContext) -> bytes:

@@ -64,6 +64,9 @@ class Entry(msgspec.Struct, array_like=True, frozen=True):
     model: str = ""
     cost_usd: float | None = None  # what the answer cost, as accounting priced it: what a hit saves (None: not known)
     usage_estimated: bool = False  # `usage` is the gateway's estimate (the upstream sent none): never replayed
+    # A stream that came without usage for a client that had not asked for it (`stream_options.include_usage`): its
+    # upstream may not have been asked (a provider's `stream_usage: false`), so it is a miss for a client that asks
+    usage_unasked: bool = False
 
 
 class _TooLarge(Exception):
@@ -110,8 +113,9 @@ def _compress(raw: bytes, limit: int) -> bytes | None:
 
 
 class NotAnAnswer(Exception):
-    """What a miss would store is not an answer of its endpoint (`holds_answer`): an upstream's 200 `{}`, a stream
-    without a choice. Stored, every hit of its key would read it back as a corrupt entry until it expired."""
+    """What a miss would store is not an answer of its endpoint (`holds_answer`): an upstream's 200 `{}` or
+    `{"choices": []}`, a stream without a choice. Stored, every hit of its key would read it back as a corrupt entry
+    until it expired."""
 
 
 async def pack_entry(entry: Entry, compress_min_bytes: int, max_bytes: int,
@@ -207,8 +211,8 @@ _read_piece = msgspec.json.Decoder(_Piece).decode
 
 def holds_answer(entry: Entry, endpoint: Endpoint) -> bool:
     """Whether `entry` is an answer of `endpoint` that a client can read: a complete one a JSON object with its
-    `choices` a list of objects (`data` a list: embeddings), a stream's every piece a JSON object whose `choices`
-    are objects (a usage-only piece has none) and some piece with a choice (a stream of nothing answers nothing).
+    `choices` a list of objects, at least one (`data` a list: embeddings), a stream's every piece a JSON object whose
+    `choices` are objects (a usage-only piece has none) and some piece with a choice (nothing answers nothing).
 
     Run once per distinct stored value, as it is decoded: a stream's pieces are each decoded here (about 0.2 us
     a usual chunk, measured), which a hit of a value the cache keeps decoded never pays again."""
@@ -216,9 +220,8 @@ def holds_answer(entry: Entry, endpoint: Endpoint) -> bool:
         if entry.kind == "body":
             if endpoint is Endpoint.EMBEDDINGS:
                 _read_embeddings(entry.body)
-            else:
-                _read_answer(entry.body)
-            return True
+                return True
+            return bool(_read_answer(entry.body).choices)  # `choices: []` answers nothing, as a stream without one
         if endpoint is Endpoint.EMBEDDINGS:  # never streamed
             return False
         if entry.usage_chunk is not None:

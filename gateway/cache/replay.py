@@ -27,7 +27,9 @@ legacy `function_call`, content as a list of parts, arguments as a JSON object,
 that is not null or empty raises `Unconvertible`, and the stage serves the
 request as a miss: the upstream's new answer then replaces the entry, in its own
 form. A usage the gateway estimated (an upstream that sent none) is never
-replayed as if the upstream had sent it.
+replayed as if the upstream had sent it; a client that asked for usage
+(`stream_options.include_usage`) of a stream stored without usage for a client
+that had not (its upstream perhaps not asked for it) is a miss.
 """
 
 from __future__ import annotations
@@ -137,13 +139,20 @@ def _entry(entry: Any, index: int) -> dict[str, Any]:
 
 class ReplaySource:
     """An `EventSource` over a stored answer: one batch, as a fast upstream would send it. `Unconvertible` (from
-    the constructor) when a stored complete answer would not stream exactly."""
+    the constructor) when a stored complete answer would not stream exactly, or when the client asked for usage
+    (`wants_usage`: `stream_options.include_usage`, not in the key) of a stream stored without usage for a client
+    that had not (`usage_unasked`): its upstream may not have been asked (a provider's `stream_usage: false`), where
+    this client's own `include_usage` would bring the usage live; the miss's answer replaces the entry. A stream
+    stored for a client that asked, without usage, is what its upstream sends: replayed without it, as a complete
+    answer without a usage object is (the gateway's estimate is never sent as the upstream's usage)."""
 
     __slots__ = ("_events",)
 
-    def __init__(self, entry: Entry, endpoint: Endpoint) -> None:
+    def __init__(self, entry: Entry, endpoint: Endpoint, wants_usage: bool = False) -> None:
         usage: Usage | None
         if entry.kind == "stream":
+            if wants_usage and entry.usage_unasked:
+                raise Unconvertible("usage")
             payloads, usage_chunk, usage = entry.chunks, entry.usage_chunk, entry.usage
         else:
             payloads, base, usage_chunk = _split(entry.body, endpoint)
@@ -158,6 +167,10 @@ class ReplaySource:
             events.append(UsageReport(usage, usage_chunk))
         events.append(DONE)
         self._events: list[StreamEvent] | None = events
+
+    def events(self) -> list[StreamEvent]:
+        """The one batch, before it is read (a dialect's check of the replay: `cache.stage`)."""
+        return self._events or []
 
     def __aiter__(self) -> AsyncIterator[list[StreamEvent]]:
         return self._batches()

@@ -27,16 +27,23 @@ last wait for all the others.
 A hit the client asked for in the other form (a stored stream for a non-streamed
 request, or the other way round) is served only when the conversion is exact
 (`replay.Unconvertible`); otherwise it is a miss, and the new answer replaces the
-entry in its own form. A stored entry that is not an answer at all (not a JSON
-object, a null choice) is never served, in either form: the cache reads it as a
-corrupt entry (`ResponseCache.read`), a miss, and the new answer replaces it.
+entry in its own form. So is a hit its client's API would refuse (`/v1/messages`,
+whose body has its chat translation's key: an answer a chat client stored, that
+the Messages translation refuses, `_translate`, `_check_stream`), where a live
+answer so refused would be retried and fallen back from; only a client of another
+API than OpenAI's pays for that check. A Messages stream the translation refused
+at the edge is not stored: its status is the error's (`api.anthropic._Framer`).
+A stored entry that is not an answer at all (not a JSON object, no choice or a
+null one) is never served, in either form: the cache reads it as a corrupt entry
+(`ResponseCache.read`), a miss, and the new answer replaces it.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from functools import partial
+from typing import Any
 
 from ..accounting.cost import usage_cost
 from ..errors import GatewayError
@@ -44,6 +51,7 @@ from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..pipeline.streams import ReplyStream, StreamEnd
 from ..policy.cache_schema import CacheSpec
+from ..routing.exchange import TranslatedReply
 from ..schemas.events import Chunk, StreamEvent, UsageReport
 from ..schemas.openai import Usage
 from .coalesce import Flight
@@ -123,11 +131,16 @@ class CacheStage:
     def _hit(self, ctx: RequestContext, entry: Entry, status: str, similarity: float | None) -> Reply | None:
         """The stored answer in the form the client asked for; None (a miss) when that form would not carry it
         exactly."""
+        write: Callable[[RequestContext], bytes] | None = None
         try:
             if ctx.stream:
-                source = ReplaySource(entry, ctx.endpoint)
+                source = ReplaySource(entry, ctx.endpoint, ctx.wants_usage)
+                if ctx.dialect is not None:
+                    _check_stream(ctx, source)
             else:
                 body = entry.body if entry.kind == "body" else assemble_body(entry, ctx.endpoint)
+                if ctx.dialect is not None:
+                    write = _translate(ctx, body)
         except Unconvertible:
             return None
         result = self.cache.result(entry, status, similarity)
@@ -151,6 +164,8 @@ class CacheStage:
             stream = ReplyStream(source, ctx)
             stream.add(_HIT_END)
             return Reply(stream=stream)
+        if write is not None:  # translated already: the edge writes it (unless a stage rewrites the body)
+            return TranslatedReply(body=body, write=write, translated_of=body)
         return Reply(body=body)
 
     def _arrange_store(self, ctx: RequestContext, reply: Reply, spec: CacheSpec, key: str,
@@ -188,7 +203,7 @@ class CacheStage:
             usage, estimated = _estimate(ctx)
         entry = Entry("stream", time.time(), chunks=recorder.chunks, usage=usage, usage_chunk=recorder.usage_chunk,
                       provider=provider, model=model, cost_usd=usage_cost(ctx, usage) or 0.0,
-                      usage_estimated=estimated)
+                      usage_estimated=estimated, usage_unasked=recorder.usage is None and not ctx.wants_usage)
         self._write(ctx, entry, spec, key, probe, flight)
 
     def _write(self, ctx: RequestContext, entry: Entry, spec: CacheSpec, key: str, probe: SemanticProbe | None,
@@ -219,6 +234,32 @@ def _add_header(ctx: RequestContext, header: tuple[bytes, bytes]) -> None:
         ctx.headers = [header]
     else:
         ctx.headers.append(header)
+
+
+def _translate(ctx: RequestContext, body: bytes) -> Callable[[RequestContext], bytes] | None:
+    """A complete hit for a client whose API is not OpenAI's, translated as a miss's answer is within its attempt
+    (the dialect's `translate`: `routing.exchange`), the writer of its body; `Unconvertible` when the translation
+    refuses it (`/v1/messages`: a tool call without a name). Live, such an answer fails its attempt and is retried
+    or fallen back from; from the cache it would be a 502 to every request of the key until the entry expired (an
+    entry a chat client stored, valid for it: a Messages body has its chat translation's key)."""
+    translate: Any = getattr(ctx.dialect, "translate", None)
+    if translate is None:
+        return None
+    try:
+        return translate(body)  # type: ignore[no-any-return]
+    except GatewayError:
+        raise Unconvertible("refused by the client's API") from None
+
+
+def _check_stream(ctx: RequestContext, source: ReplaySource) -> None:
+    """`_translate` for a streamed hit: `Unconvertible` when the dialect would end its stream with an error
+    (`check_stream`: the replay framed to no one; its chunks keep what they decoded, for the edge's framing)."""
+    check: Any = getattr(ctx.dialect, "check_stream", None)
+    if check is not None:
+        try:
+            check(source.events())
+        except GatewayError:
+            raise Unconvertible("refused by the client's API") from None
 
 
 def _answered_by(ctx: RequestContext) -> tuple[str, str]:

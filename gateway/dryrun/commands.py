@@ -109,7 +109,7 @@ def _explain(args: argparse.Namespace) -> int:
             return 2
     try:
         body = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # (nested too deep: the decider refuses it, as the gateway does)
         body = None
     request = DecisionRequest(raw, endpoint_of(body), args.key, key, headers)
     try:

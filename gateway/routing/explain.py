@@ -80,7 +80,7 @@ def explain_route(
 def _endpoint(raw: bytes) -> Endpoint:
     try:
         data: Any = msgspec.json.decode(raw)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, RecursionError):  # (msgspec: RecursionError past ~1,000 levels of nesting)
         return Endpoint.CHAT  # decode_body reports it
     if isinstance(data, dict) and "messages" not in data:
         if "input" in data:

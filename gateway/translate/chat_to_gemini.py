@@ -163,7 +163,7 @@ def _add_message(message: Any, index: int, system: list[dict[str, Any]], content
             content, where, target, images=False))
         try:
             result = _decode(text)
-        except msgspec.DecodeError:
+        except (msgspec.DecodeError, RecursionError):  # (nested past ~1,000 levels: as text too)
             result = None
         response = result if isinstance(result, dict) else {"result": text}
         name, place = found

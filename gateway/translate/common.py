@@ -84,7 +84,7 @@ def parse_arguments(arguments: Any, where: str) -> Any:
         return arguments
     try:
         return _decode(arguments)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # (msgspec: RecursionError past ~1,000 levels of nesting)
         raise InvalidRequest(f"`{where}.function.arguments` is not valid JSON", param=where) from exc
 
 

@@ -6,6 +6,12 @@ event loop, it froze the whole gateway (requests, `/healthz`). `logs.JsonLinesHa
 batches of lines to a `LineWriter`, whose thread a blocked write holds instead. What waits is bounded; lines
 beyond are dropped and counted (`count_dropped_lines`: `gateway_telemetry_dropped_total{sink="log"}`), and the
 first line written after them says how many were.
+
+Several workers share their supervisor's stderr. A write to a pipe is whole (never interleaved with another
+process's) only up to `PIPE_BUF` bytes (4,096 on Linux): a batch of lines written at once, when the pipe was full,
+was cut mid-line by the other worker's (about one line in 40 under a lagging reader). To a pipe, a batch is written
+in pieces of whole lines of at most `PIPE_BUF` bytes; a single line longer than that is written whole but may still
+be interleaved (an access line is about 600 bytes).
 """
 
 from __future__ import annotations
@@ -13,6 +19,8 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import select
+import stat
 import threading
 import time
 import traceback
@@ -24,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ["LineWriter", "count_dropped_lines", "pipe_fd"]
 
 _WRITER_IDLE_S = 1.0  # the writer thread ends after this long with nothing to write (a new one starts with the next)
+_PIPE_BUF = select.PIPE_BUF  # the most a write to a pipe puts whole, never interleaved with another process's
 
 
 class LineWriter:
@@ -40,6 +49,7 @@ class LineWriter:
     def __init__(self, handler: logging.StreamHandler, fd: int, limit: int) -> None:  # type: ignore[type-arg]
         self._handler = handler  # (its `format` and `terminator`, for the warning of lines dropped)
         self._fd = fd
+        self._pipe = _is_pipe(fd)  # (written in pieces of whole lines, each whole: see the module's docstring)
         self._limit = limit  # bytes that may wait
         self._batches: queue.SimpleQueue[bytes] = queue.SimpleQueue()
         self._lock = threading.Lock()  # for the three below
@@ -114,10 +124,43 @@ class LineWriter:
 
     def _write(self, batch: bytes) -> None:
         """To the descriptor itself, not through the stream's layers: blocked, the write holds no lock of the
-        stream's (`sys.stderr`'s) that the interpreter's exit would wait for (it aborts: "could not acquire")."""
-        view = memoryview(batch)
+        stream's (`sys.stderr`'s) that the interpreter's exit would wait for (it aborts: "could not acquire"). To a
+        pipe, in pieces of whole lines of at most `_PIPE_BUF` bytes."""
+        if self._pipe and len(batch) > _PIPE_BUF:
+            for piece in line_pieces(batch, _PIPE_BUF):
+                self._write_all(piece)
+        else:
+            self._write_all(batch)
+
+    def _write_all(self, data: bytes | memoryview) -> None:
+        view = memoryview(data)
         while view:
             view = view[os.write(self._fd, view):]
+
+
+def line_pieces(batch: bytes, most: int) -> list[memoryview]:
+    """`batch` (whole lines) cut after a newline into pieces of at most `most` bytes; a line longer than that is a
+    piece of its own."""
+    pieces: list[memoryview] = []
+    view = memoryview(batch)
+    start, size = 0, len(batch)
+    while start < size:
+        if size - start <= most:
+            cut = size
+        else:
+            cut = batch.rfind(b"\n", start, start + most) + 1
+            if cut <= start:  # one line longer than `most`
+                cut = batch.find(b"\n", start + most) + 1 or size
+        pieces.append(view[start:cut])
+        start = cut
+    return pieces
+
+
+def _is_pipe(fd: int) -> bool:
+    try:
+        return stat.S_ISFIFO(os.fstat(fd).st_mode)
+    except OSError:
+        return False
 
 
 def pipe_fd(stream: TextIO) -> int | None:

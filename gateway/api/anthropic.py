@@ -40,9 +40,10 @@ import msgspec
 
 from ..accounting.prompt import estimate_prompt
 from ..auth.dynamic import find_key
-from ..errors import GatewayError, InternalError, MethodNotAllowed, UpstreamOverloaded
+from ..errors import GatewayError, InternalError, MethodNotAllowed, ShuttingDown, UpstreamOverloaded
 from ..pipeline.context import RequestContext
 from ..pipeline.dialect import StreamFramer
+from ..pipeline.lifecycle import Lifecycle
 from ..pipeline.stages import BODIES, ClientGone, authenticate, model_not_found, read_body
 from ..runtime import Runtime
 from ..schemas.endpoints import Endpoint
@@ -181,24 +182,41 @@ def _stream_estimate(ctx: RequestContext) -> Usage | None:
 class TokensHost(Protocol):
     request_ids: RequestIds
     tokens: TokenCounter
+    active: set[Lifecycle]
 
     def acquire_runtime(self) -> Runtime: ...
 
 
 class CountTokensEndpoint:
-    """`POST /v1/messages/count_tokens`: `{"input_tokens": n}` for a Messages request, counted locally."""
+    """`POST /v1/messages/count_tokens`: `{"input_tokens": n}` for a Messages request, counted locally. Among the
+    requests the drain deadline ends (`Gateway.cut_all`): one still reading its body then gets the 503 in Anthropic's
+    envelope, where uvicorn, cancelling it later, answered a plain-text 500 and logged a traceback."""
 
     def __init__(self, host: TokensHost) -> None:
         self.host = host
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        headers = RequestHeaders(scope["headers"], self.host.request_ids)
-        runtime = self.host.acquire_runtime()
+        host = self.host
+        headers = RequestHeaders(scope["headers"], host.request_ids)
+        runtime = host.acquire_runtime()
+        task = asyncio.current_task()
+        assert task is not None
+        life = Lifecycle(task, runtime)
+        host.active.add(life)
         try:
             body = await self._count(scope, receive, headers, runtime)
             request_id = headers.request_id.encode()
+            life.protect()
             await send_body(send, 200, [(b"content-type", JSON), (b"content-length", str(len(body)).encode()),
                                         (b"x-request-id", request_id), (_REQUEST_ID, request_id)], body)
+        except asyncio.CancelledError:
+            if life.reason is None:
+                raise  # not ours (the server is cancelling its tasks): let it through
+            task.uncancel()
+            if life.reason == "shutdown":
+                await self._error(send, ShuttingDown("the request was cut at the drain deadline (the gateway is "
+                                                     "shutting down, or its policy was reloaded); retry"),
+                                  headers.request_id)
         except ClientGone:
             pass
         except GatewayError as exc:
@@ -207,6 +225,7 @@ class CountTokensEndpoint:
             log.exception("unhandled error", extra={"fields": {"request_id": headers.request_id}})
             await self._error(send, InternalError("the gateway failed to handle this request"), headers.request_id)
         finally:
+            host.active.discard(life)
             runtime.release()
 
     @staticmethod

@@ -108,6 +108,8 @@ class Gateway:
         accounting = Accounting(policy, store, Ledger(store, metrics.accounting_pending, metrics.accounting_dropped),
                                 metrics, CountTokens(self.tokens)) \
             if policy.has_accounting or keys is not None else None
+        if keys is not None and accounting is not None:
+            keys.on_forget = accounting.forget_key  # a revoked key's budget gauges dropped
         pipeline = Pipeline([
             Telemetry(self.metrics, observers.quality),  # the quality signals (on) run in its frame
             *observers.stages,

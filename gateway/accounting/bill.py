@@ -25,7 +25,7 @@ from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens
 from .gauges import BudgetLeft
 from .ledger import Ledger
 from .prompt import PromptEstimator, estimate_prompt
-from .scopes import BoundedLabels, Scope, ScopeIndex
+from .scopes import OTHER, BoundedLabels, Scope, ScopeIndex
 
 __all__ = ["NO_RATES", "WINDOW_S", "Bill", "Held", "Op", "StageState"]
 
@@ -117,6 +117,33 @@ class StageState:
                 self._gauges[(scope.kind, scope.name)] = left
         scope.budget_left = left  # the scope's own, from now on (scopes live as long as this stage)
         return left
+
+    def forget_key(self, key_id: str) -> None:
+        """A key made at run time was revoked or rotated (`DynamicKeys.on_forget`): its budget's gauges dropped, and
+        what this stage kept of them. They kept the key's last figure for the life of the process, so that an alert
+        on a nearly spent budget fired for good for a key that was gone, and a new key of its name (whose counters
+        are its own id's) showed the old one's figure. A rotated key's come back with its next request. In
+        multiprocess mode a series cannot be removed: it reads as all left (ratio 1, USD +Inf), as a reload's
+        dropped budgets do (`runtime_handover.drop_series`)."""
+        counted = f"acct:conc:key:{key_id}"  # (a run-time key's scope counts under its id: `Scope`)
+        for scope in self.scopes.budgeted():
+            if scope.slot_key != counted:
+                continue
+            scope.budget_left = None
+            label = ("key", self.labels.name(scope))
+            dropped = self._gauges.pop(("key", scope.name), None)
+            if dropped is None or label[1] == OTHER:  # (`other` is every capped name's)
+                continue
+            self._gauges_by_label.pop(label, None)
+            for gauge, neutral in ((self.metrics.budget_remaining, math.inf),
+                                   (self.metrics.budget_remaining_ratio, 1.0)):
+                if not self.metrics.multiprocess:
+                    try:
+                        gauge.remove(*label)
+                    except KeyError:  # (another runtime's stage dropped it first)
+                        pass
+                else:
+                    gauge.labels(*label).set(neutral)
 
     def _show_total(self, scope: Scope, key: str, total: float) -> None:
         """A budget's gauges from its counter's `total` (USD) as the store answered a settle or a give-back: what

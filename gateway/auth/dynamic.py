@@ -101,6 +101,8 @@ class DynamicKeys:
         self._epoch = 0  # bumped by every invalidation: a look-up that overlapped one is not cached
         self._listener: asyncio.Task[None] | None = None
         self._successor: DynamicKeys | None = None  # the next runtime's, once it adopted this one's keys
+        # Told of every key forgotten (its id): the accounting stage's, which drops the key's budget gauges.
+        self.on_forget: Callable[[str], None] | None = None
         self.store_lookups = 0  # store look-ups made (tests and the lead's check that static keys cost none)
         self._count = _Counters(metrics)
 
@@ -212,6 +214,11 @@ class DynamicKeys:
         self._epoch += 1
         for digest in [d for d, found in self._found.items() if found.key.key_id == key_id]:
             del self._found[digest]
+        if self.on_forget is not None:
+            try:
+                self.on_forget(key_id)
+            except Exception:  # a bug: logged, the key is forgotten all the same
+                log.exception("a key's forget hook failed")
         if self._successor is not None:
             self._successor.forget(key_id)
 

@@ -73,7 +73,9 @@ class GatewayError(Exception):
     status: int = 500
     type: str = "server_error"
     code: str | None = None
-    upstream_status: int | None = None  # the upstream's HTTP status, when it answered with an error
+    # The upstream's HTTP status, when it answered with an error; or its answer's 2xx, when the answer was cut after its
+    # head (`upstream.client.transport_error`: the upstream had the request and was sending, which it bills: `at_work`).
+    upstream_status: int | None = None
     # `code` is the upstream's own (passed on to the client: `OpenAICompatProvider._pass_fields`), not one of the
     # gateway's: telemetry labels the error by its `type` instead (`label`), so an upstream cannot add series.
     passed_code: bool = False

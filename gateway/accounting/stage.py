@@ -16,8 +16,9 @@ Between `Authorize` and the guards, only in a policy that sets a limit or a budg
    and at the end of a stream (`StreamBill`, settling.py), however it ends;
    a stream that outgrows its reservation reserves another step, and is cut off (`finish_reason: "length"`
    and an error event) when a hard budget refuses it; a request that ends without an answer while an upstream
-   had it (the client gone, the request cancelled or the alias's deadline passed after it went out, or timed out
-   waiting), is billed its prompt estimate (`_left_usage`), as a stream left early is.
+   had it (the client gone, the request cancelled or the alias's deadline passed after it went out; or an attempt
+   timed out waiting, or had its answer cut or too large: `ctx.upstream_sent`, as the router judged them), is
+   billed its prompt estimate (`_left_usage`), as a stream left early is.
 
 The caller's limits and budget are read from its `VirtualKey` only, so keys from the policy file and keys
 created at run time go through this one path. When the store fails, `on_unavailable` decides: `closed`
@@ -28,7 +29,7 @@ from __future__ import annotations
 
 import asyncio
 
-from ..errors import AnswerTooLarge, GatewayError, UpstreamTimeout
+from ..errors import GatewayError
 from ..pipeline.context import Reply, RequestContext
 from ..pipeline.runner import Next
 from ..policy.compiled import Policy
@@ -134,13 +135,14 @@ class Accounting(Admission, Settling):
                 exc.headers.setdefault(name.decode(), value.decode())
             self._drop_unusable(ctx)
             try:
-                # An upstream at work on it (`ctx.upstream_sent`: an attempt sent, and none failed since, which the
-                # alias's deadline cut), or the gateway's own timeout waiting for an answer to a request it sent (not
-                # a connect timeout, when nothing was sent; not an upstream's 408 or 504, an error status it sent, as
-                # a 4xx), or an answer too large to read (generated, so billed). Not the deadline cutting a connect,
-                # or passing after an attempt failed: nothing at work.
-                if (ctx.upstream_sent or (type(exc) is UpstreamTimeout and exc.upstream_status is None)
-                        or type(exc) is AnswerTooLarge):
+                # An upstream at work on it (`ctx.upstream_sent`), as the router judged its attempts, however many
+                # and whatever the error it answers with says: an attempt sent and cut by the alias's deadline, or one
+                # that failed with its upstream at work (`upstream.client.at_work`: the gateway's own timeout waiting
+                # for the answer to a request it sent, an answer cut after its head by a stall or a reset alike, or
+                # too large to read: generated, so billed). Not a connect timeout (nothing sent), nor an upstream's
+                # error status (its 408 or 504 too, as a 4xx), nor the deadline cutting a connect or passing after
+                # such failures: nothing at work.
+                if ctx.upstream_sent:
                     await self._left_usage(ctx)
             finally:
                 self._spawn(self._settle(ctx, bill))
@@ -148,7 +150,7 @@ class Accounting(Admission, Settling):
         except BaseException:  # the client gone, the request cancelled (shutdown), a bug
             self._drop_unusable(ctx)
             try:
-                if ctx.upstream_sent:  # (sent, and not failed since: an upstream at work)
+                if ctx.upstream_sent:  # (sent, and not failed since, or failed at work: an upstream at work)
                     await self._left_usage(ctx)
             finally:
                 self._spawn(self._settle(ctx, bill))
@@ -175,10 +177,10 @@ class Accounting(Admission, Settling):
 
     async def _left_usage(self, ctx: RequestContext) -> None:
         """A request that ended without an answer while an upstream had it (the client gone, the request cancelled or
-        the alias's deadline passed, after its request went out: `ctx.upstream_sent`; or timed out waiting for the
-        answer): billed its prompt estimate, marked, as a stream left early is (`StreamBill.on_end`); nothing of the
-        answer it never got. Set before the error goes on, so that the access log and the metrics read the figure
-        the bill does."""
+        the alias's deadline passed, after its request went out; or an attempt timed out waiting for the answer, or
+        had it cut or too large: `ctx.upstream_sent`): billed its prompt estimate, once, marked, as a stream left early
+        is (`StreamBill.on_end`); nothing of the answer it never got. Set before the error goes on, so that the access
+        log and the metrics read the figure the bill does."""
         if ctx.usage is None and ctx.upstream_started:
             ctx.usage = await estimate_usage(self.counter, ctx, 0)
 

@@ -91,7 +91,8 @@ class RequestContext:
     upstream_started: float = 0.0
     # An attempt's request went out (its head was being written: `upstream.request.SENDING`, marked only where the
     # accounting stage asks) and no attempt has failed since (the alias's deadline cutting it is no failure: the
-    # upstream goes on): a request left now leaves an upstream at work.
+    # upstream goes on): a request left now leaves an upstream at work. Set again when the walk ends (its error, the
+    # request cancelled) after an attempt that failed with its upstream at work (`routing.router._left_at_work`).
     upstream_sent: bool = False
     upstream_seconds: float = 0.0
     first_chunk_seconds: float | None = None

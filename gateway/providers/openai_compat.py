@@ -19,7 +19,15 @@ from urllib.parse import urlsplit
 import aiohttp
 import msgspec
 
-from ..errors import AnswerTooLarge, CredentialsRejected, GatewayError, InvalidRequest, UpstreamError, with_detail
+from ..errors import (
+    AnswerTooLarge,
+    CredentialsRejected,
+    GatewayError,
+    InvalidRequest,
+    UpstreamConnectTimeout,
+    UpstreamError,
+    with_detail,
+)
 from ..policy.compiled import ProviderConfig
 from ..policy.provider_schema import AzureSpec, OpenAISpec
 from ..sanitize import prepare_secrets, remove_secrets, sanitize_upstream_message
@@ -30,6 +38,7 @@ from ..schemas.responses import responses_usage
 from ..secret_removal import use_secrets
 from ..translate.cache_control import CACHE_MARK, without_cache_control, without_extra_content
 from ..upstream.client import ConnectionGate, new_session, transport_error
+from ..upstream.request import SENDING
 from ..upstream.retry_after import upstream_wait
 from .base import ALL_ENDPOINTS, Call, Completion, check_endpoint
 from .deadline import deadline_in
@@ -169,6 +178,9 @@ class OpenAICompatProvider:
                     headers=self._headers(call), allow_redirects=False, **extra,
                 )
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if type(exc) is TimeoutError and not _sent():  # the first-byte timer, which runs while connecting too
+                raise UpstreamConnectTimeout(f"upstream `{self.name}` timed out (connecting: its first-byte "
+                                             "timeout passed before the connection was made)") from exc
             raise transport_error(exc, self.name, "waiting for the response") from exc
         if response.status != 200:
             try:
@@ -270,7 +282,8 @@ class OpenAICompatProvider:
                 parts.append(data)
         except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             response.close()
-            raise transport_error(exc, self.name, "reading the response") from exc
+            # (cut after its head, by a stall or a reset alike: an answer begun, which the upstream bills: `at_work`)
+            raise transport_error(exc, self.name, "reading the response", response.status) from exc
         except BaseException:
             # An oversized body, or this task cancelled (the alias's deadline, the client gone): the connection
             # is closed now, not left to the upstream, which would otherwise hold it, outside the gate's count
@@ -357,6 +370,15 @@ class OpenAICompatProvider:
     def _map_status(self, status: int, detail: str, retry_after: float | None, code: str | None, raw: str
                     ) -> GatewayError:
         return status_error(self.name, status, detail, retry_after, code, raw)
+
+
+def _sent() -> bool:
+    """Whether the request that just failed had gone out (its connection made, its head being written), as far as
+    the gateway knows: marked where the accounting stage asks (`upstream.request.SENDING`: the request's
+    `upstream_sent`, False at each attempt's start), which is where it matters (a request never sent is billed
+    nothing). Unmarked, it counts as sent: a timeout waiting for the answer, as before."""
+    owner = SENDING.get()
+    return owner is None or bool(owner.upstream_sent)
 
 
 def without_bom(body: bytes) -> bytes | None:

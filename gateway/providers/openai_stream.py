@@ -219,7 +219,8 @@ class OpenAIStream:
             try:  # not `read()` nor `readany()`: no coroutine frames between the task and the wait
                 data = timer.ready()
             except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                return self._last([StreamError(transport_error(exc, self._provider.name, "mid-stream"))])
+                return self._last([StreamError(transport_error(exc, self._provider.name, "mid-stream",
+                                                               self._response.status))])  # (its head came: `at_work`)
             if data is None:
                 return None
             try:

@@ -116,7 +116,8 @@ class TranslatedStream:
                         timer.end()
                         data = timer.ready()
                 except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-                    yield [StreamError(transport_error(exc, self._provider.name, "mid-stream"))]
+                    yield [StreamError(transport_error(exc, self._provider.name, "mid-stream",
+                                                       self._response.status))]  # (its head came: `at_work`)
                     return
                 events: list[StreamEvent] = []
                 try:

@@ -35,6 +35,7 @@ from ..errors import (
 from ..policy.compiled import RetryPolicy, Target
 from ..schemas.events import ChoicesReader, Chunk, EventSource, StreamDone, StreamError, StreamEvent
 from ..schemas.openai import Usage
+from ..upstream.client import at_work
 from ..upstream.retry_after import client_retry_after, upstream_wait, wait_headers
 
 __all__ = ["BREAKER_FAILURES", "NEXT_AT_ONCE", "NOT_SENT", "DeadlineExceeded", "Replay", "TargetsUnavailable",
@@ -163,14 +164,29 @@ def _aggregate(alias: str, failures: Sequence[tuple[Target, GatewayError, str]],
     what = f"all {len(failures)} attempts for `{alias}` failed ({listed})"
     if kinds == {"rate_limit"}:
         return RateLimited(what, headers=wait)
-    if kinds == {"timeout"}:  # (none sent: a connect timeout each, which the upstreams did no work for)
-        connect = all(isinstance(error, UpstreamConnectTimeout) for _, error, _ in deciding)
-        return UpstreamConnectTimeout(what) if connect else UpstreamTimeout(what)
+    if kinds == {"timeout"}:
+        return _timed_out(what, [error for _, error, _ in deciding])
     if kinds == {"busy"}:
         return GatewayBusy(what, headers={"Retry-After": "1"})
     if _all_overloaded(deciding):
         return UpstreamOverloaded(what, headers=wait)
     return AllTargetsFailed(what, headers=wait if len(hints) == len(deciding) else None)
+
+
+def _timed_out(what: str, errors: Sequence[GatewayError]) -> UpstreamTimeout:
+    """The 504 of attempts that all timed out, keeping what they said of the upstreams' work (`at_work`): a connect
+    timeout when every one was one (nothing was sent); the upstream's own status (its 504 or 408, the last one's)
+    when none had its upstream at work and some answered one (the others connect timeouts, or cut by the alias's
+    deadline), as a single such attempt's error holds it; else a plain timeout, the gateway's own wait. (Whether the
+    request is billed is the router's to say, from every attempt: `router._left_at_work`.)"""
+    if all(isinstance(error, UpstreamConnectTimeout) for error in errors):
+        return UpstreamConnectTimeout(what)
+    error = UpstreamTimeout(what)
+    if not any(at_work(failed) for failed in errors):
+        statuses = [failed.upstream_status for failed in errors if failed.upstream_status is not None]
+        if statuses:
+            error.upstream_status = statuses[-1]
+    return error
 
 
 def _handed_on(alias: str, failures: Sequence[tuple[Target, GatewayError, str]], listed: str) -> GatewayError:

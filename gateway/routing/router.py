@@ -17,7 +17,10 @@ a retry whose wait would outlast it gives way to the next candidate, and the wal
 once it has passed (an attempt it cuts short says nothing about the target's health).
 Each attempt builds its upstream body from the client's original request. A stream may
 fall back until its first content event; after that its errors reach the client, and its
-breaker verdict and its count as an attempt wait for its end (`verdicts`).
+breaker verdict and its count as an attempt wait for its end (`verdicts`). A walk that ends
+without an answer after an attempt that failed with its upstream at work on the request (a
+timeout waiting for the answer, an answer cut) leaves `ctx.upstream_sent` set, whatever the
+attempts after it met: the accounting stage bills its prompt (`_left_at_work`).
 
 A single-target alias costs one dictionary merge (the body, as before routing) and
 two counter increments: everything else is precomputed at load. Rules that weigh a prompt past
@@ -45,6 +48,8 @@ from ..store.base import Store
 from ..telemetry.metrics import Metrics
 from ..telemetry.series import loop_child, loop_value
 from ..telemetry.tokens import TokenCounter
+from ..upstream.client import at_work
+from ..upstream.retry_after import wait_headers
 from .attempts import (
     NEXT_AT_ONCE,
     NOT_SENT,
@@ -67,6 +72,23 @@ __all__ = ["DeadlineExceeded", "Router", "TargetsUnavailable", "all_targets"]
 
 log = logging.getLogger("gateway.routing")
 _MAX_ROUTES = 8  # context fallbacks followed per request (cycles are refused at load; this is a backstop)
+
+
+def _left_at_work(ctx: RequestContext, failures: Sequence[tuple[Target, GatewayError, str]]) -> None:
+    """A walk that ends without an answer (its error, or the request cancelled: the client gone, during a backoff
+    too) after an attempt that failed with its upstream at work on the request (`upstream.client.at_work`: it timed
+    out waiting for the answer, or the answer was cut or too large): `upstream_sent`, which the accounting stage
+    bills the prompt for, whatever the attempts after it met (an upstream's own 504, a connect timeout, a 5xx)."""
+    if any(at_work(error) for _, error, _ in failures):
+        ctx.upstream_sent = True
+
+
+def _reopens_in(seconds: float) -> dict[str, str]:
+    """The wait a 503 `targets_unavailable` tells: until the first breaker may be probed, rounded up, in
+    `Retry-After` (a second at least) and `retry-after-ms` (which the SDKs read first: `upstream.retry_after`), so a
+    client that waits it finds the cooldown over; a second when it is already over (half-open, another request's probe
+    in flight: nothing says when that ends)."""
+    return wait_headers(seconds if seconds > 0 else 1.0)
 
 
 def _routes(policy: Policy) -> list[ModelRoute]:
@@ -198,25 +220,31 @@ class Router:
         deadline = asyncio.get_running_loop().time() + route.deadline_s if route.deadline_s is not None else None
         failures: list[tuple[Target, GatewayError, str]] = []
         candidates = ctx.candidates
-        for _ in range(_MAX_ROUTES):
-            reply, fallback = await self._walk(ctx, route, candidates, deadline, failures)
-            if reply is not None:
-                return reply
-            if fallback is None:
-                break
-            self._fallback(ctx, "context_length")
-            route = fallback
-            if self._limited and route.alias in self._limited:
-                await self._enter(ctx, route)
-            facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens) if route.sticky else None
-            candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
-            if id(route) in self._mixed:
-                candidates = self.serving(ctx.endpoint, candidates)
-        if not failures and deadline is not None and asyncio.get_running_loop().time() >= deadline:
-            # The deadline passed before any target was tried (a tiny `deadline_s`): the deadline's own 504.
-            raise self._tagged(ctx, DeadlineExceeded(f"`{ctx.alias_label}` found no answer within its deadline "
-                                                     "(it passed before any target was tried)"))
-        raise self._tagged(ctx, aggregate(ctx.alias_label, failures), failures)
+        ctx.upstream_sent = False  # (the walk's own requests: not a stage's before it, a semantic cache's embedding)
+        try:
+            for _ in range(_MAX_ROUTES):
+                reply, fallback = await self._walk(ctx, route, candidates, deadline, failures)
+                if reply is not None:
+                    return reply
+                if fallback is None:
+                    break
+                self._fallback(ctx, "context_length")
+                route = fallback
+                if self._limited and route.alias in self._limited:
+                    await self._enter(ctx, route)
+                facts = Facts(ctx.body, ctx.key, ctx.head.raw_headers, self.tokens) if route.sticky else None
+                candidates = order_targets(route, facts, self.stats, ctx.stream, self.rng)
+                if id(route) in self._mixed:
+                    candidates = self.serving(ctx.endpoint, candidates)
+            if not failures and deadline is not None and asyncio.get_running_loop().time() >= deadline:
+                # The deadline passed before any target was tried (a tiny `deadline_s`): the deadline's own 504.
+                raise self._tagged(ctx, DeadlineExceeded(f"`{ctx.alias_label}` found no answer within its deadline "
+                                                         "(it passed before any target was tried)"))
+            raise self._tagged(ctx, aggregate(ctx.alias_label, failures), failures)
+        except BaseException:
+            if failures and not ctx.upstream_sent:
+                _left_at_work(ctx, failures)
+            raise
 
     async def _enter(self, ctx: RequestContext, route: ModelRoute) -> None:
         """About to be served by an alias with limits of its own, which it reached by a hop (a rule, a budget
@@ -261,10 +289,9 @@ class Router:
             return None, None
         names = [t.name for t in candidates]
         if self.policy.breaker.when_all_open == "refuse":
-            wait = max(1, round(self.breakers.retry_in(names)))
             raise self._tagged(ctx, TargetsUnavailable(
                 f"every target of `{ctx.alias_label}` is failing (circuit open); retry later",
-                headers={"Retry-After": str(wait)}))
+                headers=_reopens_in(self.breakers.retry_in(names))))
         forced = self.breakers.least_recently_failed(names)
         target = next(t for t in candidates if t.name == forced)
         outcome = await self._target(ctx, route, target, deadline, failures)
@@ -360,13 +387,16 @@ class Router:
     ) -> None:
         failures.append((target, error, kind))
         if not isinstance(error, DeadlineExceeded):  # (cut short by the deadline: see below)
-            ctx.upstream_sent = False  # failed: a request ending from now on leaves no upstream at work
+            # Failed: a request ending from now on leaves no upstream at work, unless an attempt's failure did (it
+            # timed out waiting, its answer was cut): `upstream_sent` again once the walk ends (`_left_at_work`).
+            ctx.upstream_sent = False
             self.stats[target.name].failed(kind, ctx.stream, seconds)  # a slow sample for `latency`
         if isinstance(error, DeadlineExceeded):
             # The alias's own deadline ran out, not the target's timeouts: no verdict on its health (as for a
             # cancelled request), or one strict alias would open the breaker every other alias shares; no sample of
             # its speed. `upstream_sent` stays: an attempt already sent leaves its upstream at work, and the request
-            # is billed its prompt (`accounting.stage`), as when it times out waiting; one still connecting, nothing.
+            # is billed its prompt (`accounting.stage`), as when it times out waiting; one still connecting, nothing
+            # (but for an earlier attempt's upstream left at work: `_left_at_work`).
             self.breakers.release(target.name)
         elif (failed := breaker_verdict(kind, error)) is None:
             self.breakers.release(target.name)

@@ -16,6 +16,7 @@ from typing import Protocol
 import aiohttp
 
 from ..errors import (
+    AnswerTooLarge,
     GatewayBusy,
     GatewayError,
     StreamDeadlinePassed,
@@ -29,7 +30,7 @@ from .handler import install
 from .read_timer import HeldPastDeadline
 from .request import request_class
 
-__all__ = ["ConnectionGate", "GateObserver", "new_session", "transport_error"]
+__all__ = ["ConnectionGate", "GateObserver", "at_work", "new_session", "transport_error"]
 
 
 class GateObserver(Protocol):
@@ -114,8 +115,19 @@ def new_session(config: ProviderConfig) -> aiohttp.ClientSession:
     )
 
 
-def transport_error(exc: BaseException, provider: str, phase: str) -> GatewayError:
-    """Map an aiohttp/asyncio failure to what a client may see (no addresses, no internals)."""
+def transport_error(exc: BaseException, provider: str, phase: str, answering: int | None = None) -> GatewayError:
+    """Map an aiohttp/asyncio failure to what a client may see (no addresses, no internals).
+
+    `answering`: the status of the answer's head when the failure came after it (its body cut by a stall or a
+    reset), set as the error's `upstream_status`: the upstream had the request and had begun sending its answer,
+    which it bills (`at_work`), however the body was cut."""
+    error = _transport_error(exc, provider, phase)
+    if answering is not None:
+        error.upstream_status = answering
+    return error
+
+
+def _transport_error(exc: BaseException, provider: str, phase: str) -> GatewayError:
     if isinstance(exc, HeldPastDeadline):  # not the upstream's timeout: the gateway was held on the client's side
         return StreamDeadlinePassed(f"the exchange with upstream `{provider}` passed its deadline while the gateway "
                                     f"waited on the client, which reads too slowly ({phase})")
@@ -132,3 +144,18 @@ def transport_error(exc: BaseException, provider: str, phase: str) -> GatewayErr
     if isinstance(exc, aiohttp.ClientResponseError):
         return UpstreamError(f"upstream `{provider}` sent an invalid response ({phase})")
     return UpstreamError(f"upstream `{provider}` request failed ({phase})")
+
+
+def at_work(error: GatewayError) -> bool:
+    """Whether a failed attempt left its upstream at work on the request, which the upstream then bills (and the
+    gateway bills its prompt: `accounting.stage`): the answer's head had come (`upstream_status` a 2xx: its body, or
+    a stream before its first content, cut by a stall or a reset: `transport_error`'s `answering`), or the gateway
+    stopped waiting for it after the request went out (a plain `UpstreamTimeout`), or it was too large to read
+    (`AnswerTooLarge`: generated). Not an error status the upstream answered with (its own 408 or 504 too), nor a
+    connect timeout (nothing was sent), nor the alias's deadline (`ctx.upstream_sent` says whether that cut a request
+    that had gone out)."""
+    status = error.upstream_status
+    if status is not None:
+        return 200 <= status < 300
+    kind = type(error)
+    return kind is UpstreamTimeout or kind is AnswerTooLarge

@@ -11,7 +11,6 @@ import dataclasses
 import ipaddress
 import logging
 import os
-import re
 import traceback
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,7 +23,7 @@ from .accounting_check import check_accounting, load_prices_file, uses_accountin
 from .cache_check import compile_cache
 from .compiled import Policy, ProviderConfig, Timeouts
 from .entra_check import check_azure_credentials
-from .env_credentials import credential, token
+from .env_credentials import credential, looks_secret, token, url_shown
 from .guard_check import check_guards
 from .includes import PolicyTree, beside, read_tree
 from .loader import PolicyError, PolicyIssue, _Located, check_doc, format_path
@@ -48,17 +47,6 @@ __all__ = ["PolicyError", "compile_policy", "is_loopback", "key_record", "load_p
 
 DEMO_BASE_URL = "demo://in-process"
 _INTERNAL_SUFFIXES = (".internal", ".local", ".lan", ".svc", ".cluster.local", ".localdomain", ".home.arpa")
-# What marks an inline header or query parameter as a credential, which must come from an environment
-# variable instead (`_looks_secret`). Names are compared lower case, `_` read as `-`. A false alarm costs
-# a line in headers_env; a miss puts a credential in the policy file and outside the error scrub.
-_SECRET_NAMES = frozenset(
-    {trait.default_key_header.lower() for trait in KIND_TRAITS.values()}  # authorization, api-key, x-goog-api-key...
-    | {"proxy-authorization", "cookie", "ocp-apim-subscription-key"}
-)
-_SECRET_PARTS = ("auth", "token", "secret", "passw", "credential", "cookie", "apikey", "api-key", "signature")
-_SECRET_WORDS = frozenset({"key", "sig", "pwd"})  # whole words only: `x-functions-key`, `key`, `sig`, not `keep-alive`
-_WORD = re.compile(r"[^a-z0-9]+")
-_CREDENTIAL_VALUE = re.compile(r"\s*(?:bearer|basic)\s+\S", re.IGNORECASE)  # an Authorization value, whatever its name
 
 
 def load_policy(path: str | Path, env: Mapping[str, str] | None = None, *, require_env: bool = True) -> Policy:
@@ -125,21 +113,38 @@ def _compile_read_tree(tree: PolicyTree, env: Mapping[str, str] | None, require_
 
 
 def _shadow(given: str, doc: _Located, env: Mapping[str, str]) -> Policy:
-    """The candidate policy decided beside this one (never served, so its credentials need not be set)."""
+    """The candidate policy decided beside this one (never served, so its credentials need not be set).
+
+    A candidate naming a shadow policy of its own is refused as soon as its files are read, before they are checked
+    and without reading the one it names: compiled, it would load its own candidate, and a policy that names itself
+    (`cp gateway.yaml candidate.yaml` with the live one naming `candidate.yaml`), or two naming each other, would
+    recurse until Python's stack ran out, in time and memory the policy's size times the depth."""
+    field = ("server", "shadow_policy")
     if "\0" in given:  # (`open` raises ValueError)
-        doc.issue(("server", "shadow_policy"), "a file name cannot hold a NUL character (`\\0`)")
+        doc.issue(field, "a file name cannot hold a NUL character (`\\0`)")
         raise PolicyError(doc.issues)
-    path = beside(doc, ("server", "shadow_policy"), given)
+    path = beside(doc, field, given)
+    if os.path.realpath(path) == os.path.realpath(doc.file):
+        doc.issue(field, f"the shadow policy {path} is the policy itself (a candidate is another file)")
+        raise PolicyError(doc.issues)
     try:
-        shadow = _compile_tree(read_tree(path), env, False)
+        tree = read_tree(path)
+        shadow = None if _names_a_shadow(tree.doc) else _compile_tree(tree, env, False)
     except PolicyError as exc:
-        file, line = doc.locate(("server", "shadow_policy"))
+        file, line = doc.locate(field)
         raise PolicyError([PolicyIssue(file, line, "server.shadow_policy", f"the shadow policy {path} is invalid"),
                            *exc.issues], exc.watch, exc.missing) from exc
-    if shadow.shadow is not None:
-        doc.issue(("server", "shadow_policy"), f"the shadow policy {path} has a shadow policy of its own")
-        raise PolicyError(doc.issues)
+    if shadow is None:
+        doc.issue(field, f"the shadow policy {path} has a shadow policy of its own (a candidate names none: drop its "
+                         "`server.shadow_policy`)")
+        raise PolicyError(doc.issues, tree.watch)
     return shadow
+
+
+def _names_a_shadow(doc: _Located) -> bool:
+    """Whether the document, as written (before it is checked), gives `server.shadow_policy` a value."""
+    server = doc.data.get("server") if isinstance(doc.data, dict) else None
+    return isinstance(server, dict) and server.get("shadow_policy") is not None
 
 
 def _check_health_checks(spec: PolicySpec, doc: _Located) -> None:
@@ -343,13 +348,13 @@ def _provider(
     for header, value in spec.headers.items():
         if header.lower() in ("authorization", key_header.lower()) and spec.api_key_env:
             doc.issue(path + ("headers", header), "the API key header is set from api_key_env; do not repeat it")
-        if _looks_secret(header, value, own_keys):
+        if looks_secret(header, value, own_keys):
             doc.issue(path + ("headers", header), "put secrets in headers_env (an environment variable), not inline")
         headers[header], problem = header_credential(value)
         if problem is not None:
             doc.issue(path + ("headers", header), f"the value {problem}")
     for param, value in spec.query.items():
-        if _looks_secret(param, value):
+        if looks_secret(param, value):
             doc.issue(path + ("query", param), "put secrets in environment variables, not inline: a query parameter "
                       f"cannot come from one, so send this credential in a header (api_key_env sends `{key_header}`, "
                       "headers_env any other)")
@@ -410,24 +415,13 @@ def _base_url(url: str | None, doc: _Located, path: tuple[str, ...], kind: str) 
     try:
         parts = urlsplit(url)
     except ValueError as exc:  # an IPv6 address's bracket left open: "Invalid IPv6 URL"
-        doc.issue(path + ("base_url",), f"`{url[:100]}` is not a URL ({exc})")
+        doc.issue(path + ("base_url",), f"{url_shown(url)} is not a URL ({exc})")
         return ""
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        doc.issue(path + ("base_url",), f"`{url}` is not an http(s) URL with a host")
+        doc.issue(path + ("base_url",), f"{url_shown(url)} is not an http(s) URL with a host")
     if parts.query or parts.fragment:
         doc.issue(path + ("base_url",), "put query parameters under `query`, not in base_url")
     if parts.username or parts.password:
         doc.issue(path + ("base_url",), "credentials in base_url are not allowed; use api_key_env")
     return url.rstrip("/")
 
-
-def _looks_secret(name: str, value: str, own: tuple[str, ...] = ()) -> bool:
-    """Whether an inline header or query parameter carries a credential.
-
-    Inline credentials are refused: they would sit in the policy file (and its repository), and only the
-    values read from environment variables are scrubbed by value from upstream errors. `own` are names that
-    are secret for this provider whatever they look like (its kind's key header, its `api_key_header`)."""
-    lowered = name.lower().replace("_", "-")
-    if lowered in _SECRET_NAMES or lowered in own or any(part in lowered for part in _SECRET_PARTS):
-        return True
-    return not _SECRET_WORDS.isdisjoint(_WORD.split(lowered)) or _CREDENTIAL_VALUE.match(value) is not None

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from urllib.parse import urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from ..auth.keys import VirtualKey
+from ..sanitize import printable
 from ..telemetry.labels import MetricLabels, capped
 from .compiled import ModelRoute, Rule
-from .env_credentials import credential
+from .env_credentials import credential, looks_secret, url_shown
 from .guard_check import _check_guard
 from .loader import _Located
 from .schema import PolicySpec
@@ -44,15 +45,29 @@ def _check(spec: PolicySpec, doc: _Located, require_env: bool, warnings: list[st
         doc.issue(("telemetry", "payload_log", "path"), "a file name cannot hold a NUL character (`\\0`)")
     for name, guard in telemetry.payload_log.redact.items():
         _check_guard(guard, doc, ("telemetry", "payload_log", "redact", name), require_env, warnings)
-    endpoint = telemetry.tracing.otlp_endpoint
-    if endpoint is not None:
-        try:
-            parts = urlsplit(endpoint)
-        except ValueError:  # an IPv6 address's bracket left open
-            parts = urlsplit("")
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            doc.issue(("telemetry", "tracing", "otlp_endpoint"),
-                      f"`{endpoint[:100]}` is not an http(s) URL (OTLP/HTTP, e.g. http://collector:4318/v1/traces)")
+    if telemetry.tracing.otlp_endpoint is not None:
+        _check_endpoint(telemetry.tracing.otlp_endpoint, doc)
+
+
+def _check_endpoint(endpoint: str, doc: _Located) -> None:
+    """The collector's URL: http(s), and no credential in it, refused as in a provider's `base_url` (the policy file,
+    its repository, `gateway diff`'s output in CI logs would hold it, and aiohttp sends user information as Basic
+    auth): it belongs in `otlp_headers_env`. No message quotes a value (a parameter's name at most)."""
+    field = ("telemetry", "tracing", "otlp_endpoint")
+    try:
+        parts = urlsplit(endpoint)
+    except ValueError:  # an IPv6 address's bracket left open
+        parts = urlsplit("")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        doc.issue(field, f"{url_shown(endpoint)} is not an http(s) URL (OTLP/HTTP, e.g. "
+                         "http://collector:4318/v1/traces)")
+    if parts.username or parts.password:
+        doc.issue(field, "credentials in otlp_endpoint are not allowed; send the collector's credential in a header "
+                         "from an environment variable (otlp_headers_env, e.g. `Authorization: COLLECTOR_TOKEN`)")
+    secret = [name for name, value in parse_qsl(parts.query, keep_blank_values=True) if looks_secret(name, value)]
+    if secret:
+        doc.issue(field, f"the query parameter `{printable(secret[0])}` looks like a credential: put secrets in "
+                         "environment variables, not inline; send it in a header from one (otlp_headers_env)")
 
 
 def _check_collector_headers(

@@ -144,10 +144,14 @@ class Usage(Struct, omit_defaults=True):
         return (details.reasoning_tokens or 0) if details is not None else 0
 
     def usable(self) -> bool:
-        """Whether the counts can be believed: every one in [0, `MAX_USAGE_TOKENS`] (details may be None). An
-        upstream's negative or absurd figures are neither billed nor counted: the answer is estimated instead,
-        as when no usage came (a counter must never go down, a cost never below 0)."""
-        if not (0 <= self.prompt_tokens <= MAX_USAGE_TOKENS and 0 <= self.completion_tokens <= MAX_USAGE_TOKENS):
+        """Whether the counts can be believed: every one in [0, `MAX_USAGE_TOKENS`] (details may be None), and
+        together as many as the total the upstream reported, if any. An upstream's negative or absurd figures are
+        neither billed nor counted: the answer is estimated instead, as when no usage came (a counter must never go
+        down, a cost never below 0). So is a total the counts fall short of, a breakdown missing (Voyage AI's
+        embeddings report `{"total_tokens": N}` alone): read as 0 prompt tokens, it billed the answer nothing."""
+        prompt, completion = self.prompt_tokens, self.completion_tokens
+        if not (0 <= prompt <= MAX_USAGE_TOKENS and 0 <= completion <= MAX_USAGE_TOKENS
+                and self.total_tokens <= prompt + completion):
             return False
         given, made = self.prompt_tokens_details, self.completion_tokens_details
         if given is not None and not (0 <= (given.cached_tokens or 0) <= MAX_USAGE_TOKENS

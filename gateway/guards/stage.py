@@ -207,7 +207,7 @@ class GuardStage:
     async def _input(self, ctx: RequestContext, guard_set: GuardSet, session: GuardSession) -> bool:
         """Check and rewrite the request's texts; whether any was rewritten."""
         if guard_set.input or guard_set.limits:
-            refuse_unreadable(ctx.endpoint, ctx.body)
+            refuse_unreadable(ctx.endpoint, ctx.body, guard_set)
         refs = await _gathered(input_texts(ctx.endpoint, ctx.body))
         if guard_set.limits:
             texts = [container[key] for container, key, _ in refs]

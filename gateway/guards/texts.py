@@ -18,7 +18,7 @@ import msgspec
 
 from ..errors import InvalidRequest
 from ..schemas.endpoints import Endpoint
-from .base import Part, Where
+from .base import Part, Where, enforcing
 from .joined import TEXT, Joined
 from .window import ANSWER, REASONING, TOOL
 
@@ -95,11 +95,15 @@ def input_texts(endpoint: Endpoint, body: dict[str, Any]) -> Iterator[Ref]:
             yield body, "suffix", Where("input", "prompt")
 
 
-def refuse_unreadable(endpoint: Endpoint, body: dict[str, Any]) -> None:
-    """A 400 for a prompt the input guards cannot read: token ids (the upstream decodes them into any text)."""
+def refuse_unreadable(endpoint: Endpoint, body: dict[str, Any], guard_set: Any) -> None:
+    """A 400 for a prompt `guard_set`'s input guards and limits cannot read, token ids (the upstream decodes them
+    into any text), when one of them would change or stop the request (`enforcing`). Guards in shadow mode, or that
+    only record, change nothing: turned on to be watched, they refused every client that sends token ids
+    (LangChain's embeddings do), and now let them pass, unread."""
     field = _PROMPT_FIELDS[endpoint][0] if endpoint in _PROMPT_FIELDS else None
     value = body.get(field) if field else None
-    if isinstance(value, list) and any(isinstance(item, int) or isinstance(item, list) for item in value):
+    if (isinstance(value, list) and any(isinstance(item, int) or isinstance(item, list) for item in value)
+            and enforcing((*guard_set.limits, *guard_set.input))):
         raise InvalidRequest(f"`{field}` as token ids cannot be checked by this alias's input guards: send it as text",
                              param=field, code="unsupported_value")
 

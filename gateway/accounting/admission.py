@@ -19,6 +19,7 @@ from typing import Any
 
 from ..errors import BudgetExceeded, LimitsUnavailable, RateLimited
 from ..pipeline.context import RequestContext
+from ..policy.compiled import ModelRoute
 from ..schemas.endpoints import Endpoint
 from ..store._common import AMOUNT_SCALE, to_units
 from ..store.base import Reservation, StoreUnavailable, WindowReservation
@@ -429,7 +430,10 @@ class Admission(Taking):
         if downgrade is not None and downgrade != ctx.alias_label:
             route = ctx.runtime.policy.models.get(downgrade)
             key = ctx.key
-            if route is not None and (key is None or key.allows(downgrade)):  # never an alias the key may not use
+            # never an alias the key may not use, nor one no target of which serves the request's endpoint (an
+            # Anthropic-only alias for a Responses or an embeddings request: a 400 `unsupported_endpoint` to every
+            # such request past the mark, where the alias asked for serves it)
+            if route is not None and (key is None or key.allows(downgrade)) and _serves(ctx, route):
                 ctx.route = route
                 bill.headers.append((b"x-gateway-budget-downgrade", downgrade.encode()))
 
@@ -475,3 +479,10 @@ class Admission(Taking):
             if claim:
                 gauges.claim()
             gauges.show(left, left / budget.usd)
+
+
+def _serves(ctx: RequestContext, route: ModelRoute) -> bool:
+    """Whether a target of `route` has a provider that serves the request's endpoint (`Provider.endpoints`)."""
+    providers = ctx.runtime.providers
+    return any(ctx.endpoint in providers[target.provider].endpoints for target in route.targets
+               if target.provider in providers)

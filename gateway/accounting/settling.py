@@ -18,7 +18,7 @@ from math import floor
 from random import random
 from typing import Any
 
-from ..errors import BudgetExceeded
+from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable
 from ..pipeline.context import RequestContext
 from ..pipeline.streams import StreamEnd
 from ..schemas.endpoints import Endpoint
@@ -254,16 +254,18 @@ class Settling(StageState):
             reasoning += usage.reasoning_tokens
         self.ledger.record(alias, name, tenant, day, cost_micro, prompt, cached, completion, reasoning)
 
-    async def extend(self, ctx: RequestContext, bill: Bill) -> bool:
-        """A stream past its reservation: reserve one more step on every budget; False if a hard one refuses. A
+    async def extend(self, ctx: RequestContext, bill: Bill) -> GatewayError | None:
+        """A stream past its reservation: reserve one more step on every budget; the error to cut it with if a hard
+        one refuses (`BudgetExceeded`), or cannot be asked and limits fail closed (`LimitsUnavailable`: the store's
+        outage, not a spent budget; a soft budget, which never refuses, is not asked again then), else None. A
         stream no upstream generates (a cache hit's replay: `upstream_started` never set) spends nothing: no step
         to reserve, nothing to refuse, so it is never cut (asked only past the cap: a miss pays nothing for it)."""
         if not ctx.upstream_started:
-            return True
+            return None
         _, rate_out = self.rates.get(ctx.alias_label, (0.0, 0.0))
         step = self.default_cap * rate_out / 1_000_000
         if step <= 0:
-            return True
+            return None
         for index, held in enumerate(bill.budgets):
             assert held.budget is not None
             try:
@@ -272,16 +274,18 @@ class Settling(StageState):
                 answer = await self.store.reserve(held.key, step, held.budget.usd, held.ttl_s, held.op, held.reserved,
                                                   self.lease_s)
             except StoreUnavailable:
-                if not self.fail_open:
-                    return False
+                if not self.fail_open and held.budget.mode == "hard":
+                    self.metrics.accounting_store_errors.labels("refused").inc()
+                    return LimitsUnavailable("limits and budgets could not be checked as the answer went on; it was "
+                                             "cut off (retry shortly)")
                 continue
             if answer.ok:  # (`units`, as the store counted it)
                 bill.budgets[index] = held._replace(reserved=held.reserved + step, units=held.units + to_units(step))
             elif held.budget.mode == "hard":
-                return False
+                return BudgetExceeded("the budget for this period ran out during the answer; it was cut off")
         bill.cost_reserved += step
         bill.completion_cap += self.default_cap
-        return True
+        return None
 
 
 class UsageOnly:
@@ -359,18 +363,20 @@ class StreamBill:
             seen = seen + 1 if index is not None else ctx.chunks
             while seen > bill.completion_cap:
                 cap = bill.completion_cap
-                if not await self._stage.extend(ctx, bill):
+                refused = await self._stage.extend(ctx, bill)
+                if refused is not None:
                     ctx.chunks = _billed_at_cut(seen, cap, index)  # the chunks after the cut are not billed
-                    return self._cut(ctx, events, index)
+                    return self._cut(ctx, events, index, refused)
                 if bill.completion_cap == cap:  # no price (or no upstream) to reserve for: nothing to refuse either
                     break
         if type(self._finished) is set:
             _note_finished(self._finished, events)
         return events
 
-    def _cut(self, ctx: RequestContext, events: list[StreamEvent], index: int | None) -> list[StreamEvent]:
-        """The batch up to the chunk at `index` (None: all of it), then the end of a cut stream."""
-        cut = StreamError(BudgetExceeded("the budget for this period ran out during the answer; it was cut off"))
+    def _cut(self, ctx: RequestContext, events: list[StreamEvent], index: int | None,
+             error: GatewayError) -> list[StreamEvent]:
+        """The batch up to the chunk at `index` (None: all of it), then the end of a cut stream (with `error`)."""
+        cut = StreamError(error)
         if index is None:  # no chunk in the batch (held by a stage): the end of an answer already sent is kept
             return events if any(type(event) is StreamDone for event in events) else [*events, cut]
         if ctx.endpoint is Endpoint.RESPONSES:  # its events have no chunk shape: the error event ends it

@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 
-from ..errors import BudgetExceeded, GatewayError, UpstreamError
+from ..errors import BudgetExceeded, GatewayError, LimitsUnavailable, UpstreamError
 from ..policy.guard_schema import StreamScanSpec
 from ..schemas.endpoints import Endpoint
 from ..schemas.events import DONE, Chunk, StreamDone, StreamError, StreamEvent, UsageReport, begins_another_call
@@ -84,6 +84,7 @@ log = logging.getLogger("gateway.guards")
 # What a lookup on an upstream value of another type than the API's raises (as `providers.streaming` reads them);
 # `RecursionError`: msgspec's, for a chunk nested too deep to decode here.
 _MISSHAPEN = (AttributeError, TypeError, LookupError, RecursionError)
+_BILL_CUTS = (BudgetExceeded, LimitsUnavailable)  # a stream the bill cut (`StreamBill`): what the guards hold leaves
 
 
 def withhold(error: GatewayError) -> None:
@@ -186,7 +187,7 @@ class StreamGuard:
                     out += await self.format.finish()
                     out.append(event)
                 else:
-                    if type(event) is StreamError and type(event.error) is BudgetExceeded:  # a budget's cut
+                    if type(event) is StreamError and type(event.error) in _BILL_CUTS:  # a budget's cut
                         out += await self.format.finish()  # (`StreamBill`, before this stage): what is held leaves
                     if type(event) is StreamError and self.withholds:  # (the last event, once: not per chunk)
                         withhold(event.error)

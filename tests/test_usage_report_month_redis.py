@@ -184,5 +184,6 @@ def test_a_store_that_does_not_answer_is_said_so(upstream: MockUpstream) -> None
         assert report.status_code == 503, report.text
         error = report.json()["error"]
         assert error["code"] == "store_unavailable" and "did not answer" in error["message"], error
+        assert report.headers["retry-after"] == "1"  # (as every other outage's 503: it had none, H59)
     finally:
         gateway.stop()

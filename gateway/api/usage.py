@@ -78,7 +78,7 @@ async def _report(request: Request[Any, Any, Any], headers: RequestHeaders, runt
                                 "gateway's log); delete or repair it", code="store_unavailable") from exc
     except StoreUnavailable as exc:
         raise LimitsUnavailable("the store that keeps usage did not answer; retry shortly",
-                                code="store_unavailable") from exc
+                                code="store_unavailable", headers={"Retry-After": "1"}) from exc
     body = {"scope": scope, "period": period, "date": label, "usage": rows}
     return Response(_encode(body), media_type="application/json",
                     headers={"x-request-id": headers.request_id})

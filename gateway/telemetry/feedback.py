@@ -106,7 +106,8 @@ async def take_feedback(
         raw_record = await store.get(key)
         taken = raw_record is not None and await store.delete(key)
     except StoreUnavailable as exc:
-        raise FeedbackStoreUnavailable("the gateway's store did not answer; retry") from exc
+        raise FeedbackStoreUnavailable("the gateway's store did not answer; retry",
+                                       headers={"Retry-After": "1"}) from exc
     if not taken or raw_record is None:
         raise NotFound(f"no request `{body.request_id}` of yours to rate (unknown, expired or already rated)",
                        param="request_id", code="request_not_found")

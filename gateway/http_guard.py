@@ -47,6 +47,7 @@ class HttpLimits:
     max_connections: int = 16_384
     max_requests: int = 12_288
     max_pending_head_bytes: int = 64 * 1024 * 1024
+    send_timeout_s: float = 60.0
 
 
 class _Shared:
@@ -119,6 +120,8 @@ class Guard:
     _head_armed: bool  # in `_shared.deadlines`
     _body_timer: asyncio.TimerHandle | None
     _linger_timer: asyncio.TimerHandle | None
+    _send_timer: asyncio.TimerHandle | None  # while writing is paused (the client does not read): `send_timeout_s`
+    _send_left: int  # the bytes waiting to be sent when `_send_timer` was armed (less at its end: progress)
     _body_seen: int  # data_received calls while reading a body
     _body_mark: int  # its value when the body timer was (re)armed
     _body_periods: int  # `body_timeout_s` periods the current body has taken so far (the whole-body deadline)
@@ -151,13 +154,46 @@ class Guard:
     def connection_lost(self, exc: Exception | None) -> None:
         self._state = DONE
         self._stop_watching()
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
         super().connection_lost(exc)  # type: ignore[misc]
+
+    # Writing paused: the transport holds more than its high-water mark of bytes the client has not read. When none of
+    # them left for `send_timeout_s` (nginx's `send_timeout`: between two writes), the connection is aborted (`close`
+    # would wait for those bytes to leave, which they never do): a client that stopped reading a complete answer held
+    # it in the gateway's memory for as long as it kept the connection open, the request long over (up to
+    # `max_response_bytes` a connection). A stream's request is then cancelled as a client that left (499), and its
+    # upstream released. A client that reads, however slowly, is never cut.
+    def pause_writing(self) -> None:
+        super().pause_writing()  # type: ignore[misc]
+        if self._send_timer is None:
+            self._send_left = self.transport.get_write_buffer_size()
+            self._send_timer = self.loop.call_later(self._shared.limits.send_timeout_s, self._send_stalled)
+
+    def resume_writing(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+        super().resume_writing()  # type: ignore[misc]
+
+    def _send_stalled(self) -> None:
+        left = self.transport.get_write_buffer_size()
+        if left < self._send_left:  # some left meanwhile: the client reads (slowly)
+            self._send_left = left
+            self._send_timer = self.loop.call_later(self._shared.limits.send_timeout_s, self._send_stalled)
+            return
+        self._send_timer = None
+        log.info("closed a connection whose client read nothing for %.0f s (server.send_timeout_s)",
+                 self._shared.limits.send_timeout_s)
+        self.transport.abort()
 
     def _guard_init(self, limits: HttpLimits, server_state: ServerState) -> None:
         self._state = self._held = self._body_seen = self._body_mark = self._body_periods = self._trailer = 0
         self._earlier = None
         self._head_armed = False
-        self._body_timer = self._linger_timer = None
+        self._body_timer = self._linger_timer = self._send_timer = None
+        self._send_left = 0
         self._max_head = limits.max_header_bytes
         self._max_requests = limits.max_requests
         shared = getattr(server_state, "_gateway_http_limits", None)
@@ -395,5 +431,6 @@ class Guard:
         self._write_reply(*timed_out(message).reply(self._messages_head()))
 
 
-GUARD_SLOTS = ("_state", "_held", "_head_armed", "_body_timer", "_linger_timer", "_body_seen", "_body_mark",
-          "_body_periods", "_trailer", "_earlier", "_max_head", "_max_requests", "_shared")
+GUARD_SLOTS = ("_state", "_held", "_head_armed", "_body_timer", "_linger_timer", "_send_timer", "_send_left",
+               "_body_seen", "_body_mark", "_body_periods", "_trailer", "_earlier", "_max_head", "_max_requests",
+               "_shared")

@@ -128,6 +128,7 @@ def server_limits(
     max_requests: int = 12_288,
     max_pending_head_bytes: int = 64 * 1024 * 1024,
     keep_alive_s: int = 30,
+    send_timeout_s: float = 60.0,
     http: Literal["auto", "httptools", "h11"] = "auto",
 ) -> dict[str, Any]:
     """The `uvicorn.Config` keyword arguments that bound request heads, timeouts and connections.
@@ -136,13 +137,14 @@ def server_limits(
     head. `body_timeout_s`: without a body byte while a body is expected. `max_connections`: open connections (more
     are closed at accept). `max_requests`: requests in flight (more get 503, probes aside: `http_replies.saturated`).
     `max_pending_head_bytes`: incomplete heads' bytes, all connections (more get 503). `keep_alive_s`: uvicorn's
-    idle timeout between requests. `http`: "auto" is httptools when installed, else h11.
+    idle timeout between requests. `send_timeout_s`: a connection whose client reads nothing of what waits to be sent
+    (writing paused) for this long is aborted. `http`: "auto" is httptools when installed, else h11.
 
     The result sets `http`, `timeout_keep_alive`, `limit_concurrency` (None: `max_requests` and `max_connections`
     replace it) and `h11_max_incomplete_event_size`: drop those from the other Config arguments (else a TypeError).
     """
     limits = HttpLimits(max_header_bytes, header_timeout_s, body_timeout_s, max_connections, max_requests,
-                        max_pending_head_bytes)
+                        max_pending_head_bytes, send_timeout_s)
     for name in HttpLimits.__slots__:
         if not getattr(limits, name) > 0:
             raise ValueError(f"{name} must be positive")

@@ -203,7 +203,7 @@ def uvicorn_config(app: Any, policy: Policy, **overrides: Any) -> uvicorn.Config
         **server_limits(
             max_header_bytes=server.max_header_bytes, header_timeout_s=server.header_timeout_s,
             body_timeout_s=server.body_timeout_s, max_connections=server.max_connections,
-            max_requests=server.max_requests, keep_alive_s=30,
+            max_requests=server.max_requests, keep_alive_s=30, send_timeout_s=server.send_timeout_s,
         ),
     }
     options.update(overrides)

@@ -109,6 +109,9 @@ class ServerSpec(_Spec, kw_only=True, frozen=True, forbid_unknown_fields=True):
     # A request body that sends nothing for this long, or is not complete 4 x this after its head, is answered
     # 408 and closed.
     body_timeout_s: Seconds = 30.0
+    # A connection whose client reads nothing of what waits to be sent to it (more than the socket's buffer) for this
+    # long is closed, its request ended as a client that left: an answer nobody reads is not held in memory for good.
+    send_timeout_s: Seconds = 60.0
     # Open connections per process; more are closed at accept.
     max_connections: Annotated[int, Meta(ge=16, le=1_000_000)] = 16_384
     # Requests in flight per process (streams count until they end); more get 503 (GET/HEAD /healthz and /metrics

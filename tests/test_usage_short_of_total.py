@@ -72,3 +72,13 @@ def test_total_tokens_only_usage_is_billed(setup: tuple[Upstream, RunningGateway
     total_only = _cost(gateway, {"total_tokens": 3000}, upstream)  # Voyage AI's usage object
     assert total_only == pytest.approx(estimated), f"3,000 embedded tokens billed ${total_only}"
     assert _cost(gateway, {"prompt_tokens": 0, "total_tokens": 3000}, upstream) == pytest.approx(estimated)
+
+
+def test_a_total_that_counts_the_reasoning_beside_the_completion_is_believed() -> None:
+    """xAI reports reasoning tokens beside the completion's (`total = prompt + completion + reasoning`): its counts add
+    up, and are not estimated away."""
+    from gateway.schemas.openai import CompletionTokensDetails, Usage
+
+    assert Usage(32, 9, 135, completion_tokens_details=CompletionTokensDetails(reasoning_tokens=94)).usable()
+    assert Usage(32, 9, 41).usable() and Usage(32, 9).usable()
+    assert not Usage(0, 0, 3000).usable() and not Usage(32, 9, 136).usable()

@@ -148,16 +148,17 @@ class Usage(Struct, omit_defaults=True):
         together as many as the total the upstream reported, if any. An upstream's negative or absurd figures are
         neither billed nor counted: the answer is estimated instead, as when no usage came (a counter must never go
         down, a cost never below 0). So is a total the counts fall short of, a breakdown missing (Voyage AI's
-        embeddings report `{"total_tokens": N}` alone): read as 0 prompt tokens, it billed the answer nothing."""
+        embeddings report `{"total_tokens": N}` alone): read as 0 prompt tokens, it billed the answer nothing. (The
+        reasoning tokens are counted toward the total too: xAI reports them beside the completion's, not in it.)"""
         prompt, completion = self.prompt_tokens, self.completion_tokens
-        if not (0 <= prompt <= MAX_USAGE_TOKENS and 0 <= completion <= MAX_USAGE_TOKENS
-                and self.total_tokens <= prompt + completion):
+        if not (0 <= prompt <= MAX_USAGE_TOKENS and 0 <= completion <= MAX_USAGE_TOKENS):
             return False
         given, made = self.prompt_tokens_details, self.completion_tokens_details
         if given is not None and not (0 <= (given.cached_tokens or 0) <= MAX_USAGE_TOKENS
                                       and 0 <= (given.cache_write_tokens or 0) <= MAX_USAGE_TOKENS):
             return False
-        return made is None or 0 <= (made.reasoning_tokens or 0) <= MAX_USAGE_TOKENS
+        reasoning = (made.reasoning_tokens or 0) if made is not None else 0
+        return 0 <= reasoning <= MAX_USAGE_TOKENS and self.total_tokens <= prompt + completion + reasoning
 
 
 def is_count(value: Any) -> bool:

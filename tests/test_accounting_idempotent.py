@@ -186,6 +186,14 @@ async def test_a_leased_reservation_whose_record_redis_lost_is_settled_to_its_ac
     assert 0 < await handle.client.pttl(prefix + other) <= 3_600_000
     # not leased (a give-back the ledger owes, under an id of its own: no record by design): `reserved` is taken
     assert await store.settle(key, 0.5, 0.0, 3600, "j") == pytest.approx(0.5)
+    # a stream's next step after the loss (`Settling.extend`, `held` the $1 Redis lost): the record it makes holds the
+    # step alone, so the settle still adds the actual cost (it held `held` + the step, and took the lost $1 off)
+    third = "acct:budget:key:other:d20260101"
+    assert (await store.reserve(third, 1.0, 10.0, 3600, "m", lease_s=900)).total == 1.0
+    await lose(third, "m")
+    assert (await store.reserve(third, 2.0, 10.0, 3600, "n", lease_s=900)).total == 2.0
+    assert (await store.reserve(third, 0.5, 10.0, 3600, "m", 1.0, 900)).total == pytest.approx(2.5)
+    assert await store.settle(third, 1.5, 0.3, 3600, "m", leased=True) == pytest.approx(2.3)
 
 
 def test_an_operation_record_hashes_to_its_counters_slot() -> None:

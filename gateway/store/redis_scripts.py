@@ -119,7 +119,7 @@ if KEYS[3] then
   if sweep(KEYS[1], KEYS[3], ARGV[7], now) then current = tonumber(redis.call('GET', KEYS[1]) or '0') end
 end
 if current + tonumber(ARGV[1]) > tonumber(ARGV[2]) then return {0, current} end
-if KEYS[2] and not redis.call('SET', KEYS[2], ARGV[5], 'NX', 'PX', ARGV[4]) then
+if KEYS[2] and not redis.call('SET', KEYS[2], KEYS[3] and ARGV[1] or ARGV[5], 'NX', 'PX', ARGV[4]) then
   local mark = redis.call('GET', KEYS[2])
   if mark == 's' then return {0, current} end
   if tonumber(mark) == nil then return redis.error_reply('ERR the operation record is not a counter') end
@@ -132,9 +132,11 @@ if KEYS[3] then lease(KEYS[1], KEYS[2], KEYS[3], ARGV[4], ARGV[6], ARGV[7], now)
 return {1, total}
 """
 """ARGV: amount, limit (units), ttl_ms; with an operation record (KEYS[2]) also its ttl_ms and what it holds after
-this step should it be absent (the caller's `held` plus `amount`). The record holds the units the operation
-reserved (a new one is made by the SET NX, the usual case: one call more than without it), or `s` once it was
-settled: then a step (a reservation whose answer was lost, arriving after it was given up) changes nothing.
+this step should it be absent (the caller's `held` plus `amount`; with a lease, `amount` alone: a leased record
+lives as long as its counter, so one that is gone went with what it held, in a restart that lost Redis's data, and
+a stream's next step must not bring that back for its settle to take off newer spend). The record holds the units
+the operation reserved (a new one is made by the SET NX, the usual case: one call more than without it), or `s` once
+it was settled: then a step (a reservation whose answer was lost, arriving after it was given up) changes nothing.
 With a lease (KEYS[3], the counter's leases; ARGV also lease_ms and the records' head) the counter's expired leases
 are swept first (`_SWEEP`; the op's own record checked before, so that a refusal still comes before any write),
 and the op is leased (renewed by a stream's next step); the record's ttl_ms is then the lease's plus a margin,

@@ -139,7 +139,18 @@ class SemanticIndex:
         return sum(len(scope.rows) for scope in self._scopes.values())
 
     def add(self, scope_id: str, key: str, vector: Vector) -> None:
+        """Remember `vector` under `key`. A vector that is not one row of the scope's width, or not finite, is dropped
+        before anything changes: another embedder's (a replica mid-deploy, a reload that changed it), whose row write
+        failed after its bookkeeping and left a key on another entry's vector (served at similarity 1.0), or a NaN,
+        which would win every look-up."""
+        if vector.ndim != 1 or not np.isfinite(vector).all():
+            log.warning("semantic cache: dropped a vector that is not one finite row")
+            return
         scope = self._scopes.get(scope_id)
+        if scope is not None and scope.vectors.shape[1] != vector.shape[0]:
+            log.warning("semantic cache: dropped a vector of %d dimensions where its scope holds %d",
+                        vector.shape[0], scope.vectors.shape[1])
+            return
         if scope is None:
             scope = self._scopes[scope_id] = _Scope(np.empty((min(16, self.max_entries), vector.shape[0]), np.float32))
             while len(self._scopes) > MAX_SCOPES:
@@ -236,7 +247,10 @@ class SemanticShare:
                 continue  # publish here: a message that is not a vector is dropped, and the listening goes on
             alias, _, scope = shared.scope.partition("\x00")
             index = self.indexes.get(alias)
-            if shared.origin == self.origin or index is None or len(shared.vector) % 4:
+            if shared.origin == self.origin or index is None or not shared.vector or len(shared.vector) % 4:
                 continue
-            index.add(scope, shared.key, np.frombuffer(shared.vector, dtype=np.float32).copy())
+            try:
+                index.add(scope, shared.key, np.frombuffer(shared.vector, dtype=np.float32).copy())
+            except Exception:  # a bug: logged, and the listening goes on (one message must not end it)
+                log.exception("semantic cache: a shared vector could not be added")
 

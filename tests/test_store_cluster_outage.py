@@ -162,7 +162,9 @@ def test_a_gateway_on_a_cluster_that_blips_recovers(make_gateway: Make, upstream
         time.sleep(0.2)
     cluster.start()
     assert eventually(lambda: store_up(running).endswith(" 1.0"))  # the watch goes on, the store recovered
-    assert store_healthy(running)
+    # (a command on a connection the restart closed may mark it away once more, until the watch's next ping: seen
+    # in a full run, the gauge read 1 and `healthy` was False a moment later)
+    assert eventually(lambda: store_healthy(running))
     assert chat_ok(running)
 
 

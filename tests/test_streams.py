@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from gateway.api.sse import frame
-from gateway.errors import GatewayError, UpstreamError
+from gateway.errors import BudgetExceeded, GatewayError, UpstreamError
 from gateway.pipeline.lifecycle import Lifecycle
 from gateway.pipeline.streams import ReplyStream, StreamEnd
 from gateway.schemas.endpoints import Endpoint
@@ -334,13 +334,13 @@ class Extends:
         self.steps, self.step, self.asked, self.settled = steps, step, 0, 0
         self._in_line = None
 
-    async def extend(self, ctx: Any, bill: Any) -> bool:
+    async def extend(self, ctx: Any, bill: Any) -> BudgetExceeded | None:
         self.asked += 1
         if self.steps == 0:
-            return False
+            return BudgetExceeded("the budget for this period ran out during the answer; it was cut off")
         self.steps -= 1
         bill.completion_cap += self.step
-        return True
+        return None
 
     def _price(self, ctx: Any) -> float:
         return 0.0

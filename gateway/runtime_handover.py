@@ -18,6 +18,7 @@ from .routing import all_targets
 from .runtime import Runtime
 from .store import Store
 from .telemetry.metrics import Metrics
+from .telemetry.series import drop_child
 
 __all__ = ["bequeath_ledger", "drop_series", "dynamic_keys", "show_budgets"]
 
@@ -90,7 +91,4 @@ async def show_budgets(runtime: Runtime) -> None:
 
 
 def _drop(metrics: Metrics, gauge: Any, labels: tuple[str, ...], neutral: float) -> None:
-    if not metrics.multiprocess:
-        gauge.remove(*labels)
-    elif labels in getattr(gauge, "_metrics", (labels,)):  # only a series this process wrote (or may have)
-        gauge.labels(*labels).set(neutral)
+    drop_child(gauge, labels, neutral, metrics.multiprocess)

@@ -20,7 +20,7 @@ from ..store._common import to_units
 from ..store.base import Store, StoreUnavailable
 from ..store.memory import MemoryStore
 from ..telemetry.metrics import Metrics
-from ..telemetry.series import Children
+from ..telemetry.series import Children, drop_child
 from ..telemetry.usage import OFF_LOOP_CHARS, CountTokens
 from .gauges import BudgetLeft
 from .ledger import Ledger
@@ -135,15 +135,8 @@ class StageState:
             if dropped is None or label[1] == OTHER:  # (`other` is every capped name's)
                 continue
             self._gauges_by_label.pop(label, None)
-            for gauge, neutral in ((self.metrics.budget_remaining, math.inf),
-                                   (self.metrics.budget_remaining_ratio, 1.0)):
-                if not self.metrics.multiprocess:
-                    try:
-                        gauge.remove(*label)
-                    except KeyError:  # (another runtime's stage dropped it first)
-                        pass
-                else:
-                    gauge.labels(*label).set(neutral)
+            drop_child(self.metrics.budget_remaining, label, math.inf, self.metrics.multiprocess)
+            drop_child(self.metrics.budget_remaining_ratio, label, 1.0, self.metrics.multiprocess)
 
     def _show_total(self, scope: Scope, key: str, total: float) -> None:
         """A budget's gauges from its counter's `total` (USD) as the store answered a settle or a give-back: what

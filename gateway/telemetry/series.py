@@ -22,7 +22,7 @@ from typing import Any
 from prometheus_client import Counter, Gauge, Histogram
 from prometheus_client.values import MutexValue
 
-__all__ = ["Children", "RequestSeries", "fast_child", "loop_child", "loop_value"]
+__all__ = ["Children", "RequestSeries", "drop_child", "fast_child", "loop_child", "loop_value"]
 
 _INF = float("inf")
 
@@ -283,3 +283,16 @@ class RequestSeries:
         if completion_tokens:
             self.completion_tokens.inc(completion_tokens)
             self.output_usage.observe(completion_tokens)
+
+
+def drop_child(gauge: Any, labels: tuple[str, ...], neutral: float, multiprocess: bool) -> None:
+    """A gauge series nothing will write again, dropped so that an alert reading it can clear: removed; in
+    multiprocess mode, where prometheus_client cannot remove one (each worker's value stays in its file), set to
+    `neutral`, what its alert reads as fine, if this process wrote it (or may have). A series already gone is left."""
+    if not multiprocess:
+        try:
+            gauge.remove(*labels)
+        except KeyError:  # (never written, or another runtime dropped it first)
+            pass
+    elif labels in getattr(gauge, "_metrics", (labels,)):
+        gauge.labels(*labels).set(neutral)
